@@ -1,0 +1,1 @@
+//! clt (being written).

@@ -1,0 +1,1 @@
+//! The synthetic ground-truth generator (planted cross-layer features).

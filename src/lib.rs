@@ -1,0 +1,18 @@
+//! # clt: cross-layer transcoders, fast and exact
+//!
+//! A single engine for the whole cross-layer-transcoder pipeline: caching a language model's MLP activations,
+//! training JumpReLU cross-layer transcoders (CLTs) and per-layer transcoders on them, and analysing the result.
+//!
+//! The modules follow the data:
+//! - [`data`]: the [`data::ActivationSource`] seam and the in-memory and synthetic sources;
+//! - [`clt`]: the model (configuration, parameters, initialisation, checkpoints, export/import);
+//! - [`backend`]: the operations (encode, sparse decode, backward, Adam) on the CPU, and the CUDA seam;
+//! - [`train`]: the objective, the optimiser, schedules, metrics and the training loop.
+
+pub mod backend;
+pub mod clt;
+pub mod data;
+pub mod error;
+pub mod train;
+
+pub use error::{Error, Result};
