@@ -12,7 +12,10 @@
 pub mod backend;
 pub mod clt;
 pub mod data;
+pub mod demo;
 pub mod error;
+pub mod eval;
+pub mod rng;
 pub mod train;
 
 pub use error::{Error, Result};

@@ -1,1 +1,92 @@
-//! backend (being written).
+//! The seam between the algorithms and the hardware.
+//!
+//! [`Backend`] is the only thing that knows CPU from GPU: the trainer calls its operations (a step's loss and
+//! gradient, the optimiser update), never kernels. The CPU backend is always present, in two flavours: the fast
+//! sparse path and the dense reference. The CUDA backend exists behind the `cuda` cargo feature; without it
+//! (or without a driver) asking for it returns [`Error::BackendUnavailable`].
+
+pub mod cpu;
+pub mod grads;
+
+pub use grads::{Grads, Objective, StepStats};
+
+use crate::clt::{CltConfig, Params};
+use crate::{Error, Result};
+
+/// Which implementation runs the training step.
+#[derive(
+    Clone,
+    Copy,
+    Debug,
+    Default,
+    PartialEq,
+    Eq,
+    serde::Serialize,
+    serde::Deserialize,
+    clap::ValueEnum,
+)]
+#[serde(rename_all = "snake_case")]
+pub enum BackendKind {
+    /// Sparse CPU path (the default).
+    #[default]
+    Cpu,
+    /// Dense CPU reference (every feature decoded; for tests and as the benchmark baseline).
+    CpuDense,
+    /// CUDA (requires the `cuda` feature and an NVIDIA driver).
+    Cuda,
+}
+
+/// A ready-to-use backend.
+#[derive(Debug)]
+pub enum Backend {
+    Cpu,
+    CpuDense,
+}
+
+impl Backend {
+    /// Opens the requested backend, or explains why it cannot be had.
+    pub fn new(kind: BackendKind) -> Result<Self> {
+        match kind {
+            BackendKind::Cpu => Ok(Backend::Cpu),
+            BackendKind::CpuDense => Ok(Backend::CpuDense),
+            BackendKind::Cuda => Err(cuda_unavailable()),
+        }
+    }
+
+    /// The step's loss and gradient on a normalised batch.
+    #[allow(clippy::too_many_arguments)]
+    pub fn loss_and_grad(
+        &self,
+        cfg: &CltConfig,
+        params: &Params,
+        dec_norms: &[Vec<f32>],
+        x: &[f32],
+        y: &[f32],
+        n_tokens: usize,
+        obj: &Objective,
+        grads: &mut Grads,
+    ) -> StepStats {
+        match self {
+            Backend::Cpu => {
+                cpu::sparse::loss_and_grad(cfg, params, dec_norms, x, y, n_tokens, obj, grads)
+            }
+            Backend::CpuDense => cpu::dense::loss_and_grad(cfg, params, x, y, n_tokens, obj, grads),
+        }
+    }
+}
+
+#[cfg(not(feature = "cuda"))]
+fn cuda_unavailable() -> Error {
+    Error::BackendUnavailable {
+        backend: "cuda".into(),
+        reason: "built without CUDA support (rebuild with `--features cuda`)".into(),
+    }
+}
+
+#[cfg(feature = "cuda")]
+fn cuda_unavailable() -> Error {
+    Error::BackendUnavailable {
+        backend: "cuda".into(),
+        reason: "the CUDA training step is not implemented yet in this version".into(),
+    }
+}

@@ -1,1 +1,10 @@
-//! train (being written).
+//! Training: configuration, schedules, data-dependent initialisation, metrics, and the loop with its checkpoints.
+
+pub mod config;
+pub mod init;
+pub mod metrics;
+pub mod schedule;
+pub mod trainer;
+
+pub use config::{DataConfig, LambdaRamp, RunConfig, TrainConfig};
+pub use trainer::{StepReport, Trainer, resolve_checkpoint};

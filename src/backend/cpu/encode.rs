@@ -1,0 +1,331 @@
+//! The encoder: a blocked GEMM whose epilogue turns pre-activations straight into sparse per-token lists.
+//!
+//! For each layer, tokens are processed in blocks of [`TOKEN_BLOCK`]: one GEMM `h = x W_encᵀ + b_enc` fills a
+//! block-sized buffer, and the epilogue keeps only what the rest of the step needs:
+//! - the active entries (`h > θ` for JumpReLU, the selected ones for TopK/BatchTopK), with `h`;
+//! - for JumpReLU, the near-threshold entries `|h − θ| < ε/2` that the threshold's straight-through gradient
+//!   needs, with `h` and activation 0;
+//! - for JumpReLU, per feature, `Σ_b ReLU(θ − h)` and the number of inactive tokens, which is all the
+//!   pre-activation loss needs from the inactive entries.
+//!
+//! The dense `[B, F]` pre-activation matrix is never materialised (except for BatchTopK, whose selection is
+//! global over the batch). Blocks run in parallel and are merged in token order, so the result is the same
+//! for any number of threads.
+
+use super::gemm::{Mat, Threads, matmul};
+use crate::clt::{Activation, CltConfig, Params};
+use rayon::prelude::*;
+
+/// Tokens per encoder block.
+pub const TOKEN_BLOCK: usize = 64;
+
+/// The sparse encoding of one layer for a batch: entries grouped by token (CSR).
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct LayerCodes {
+    /// `offsets[b]..offsets[b + 1]` are token b's entries.
+    pub offsets: Vec<usize>,
+    /// Feature index of each entry.
+    pub feat: Vec<u32>,
+    /// Pre-activation `h` of each entry.
+    pub pre: Vec<f32>,
+    /// Activation of each entry (0 for near-threshold entries that are not active).
+    pub act: Vec<f32>,
+    /// Per feature: `Σ_b ReLU(θ − h)` over the batch (JumpReLU only; f64 for an order-independent sum).
+    pub preact_sum: Vec<f64>,
+    /// Per feature: the number of tokens on which it is active.
+    pub active_count: Vec<u32>,
+}
+
+impl LayerCodes {
+    /// Number of active entries (entries with nonzero activation).
+    pub fn n_active(&self) -> usize {
+        self.act.iter().filter(|a| **a != 0.0).count()
+    }
+}
+
+/// Encodes layer `l` of a `[B][L][d]` batch.
+///
+/// `theta` holds `exp(log θ)` (ignored for TopK/BatchTopK); `bandwidth` is ε.
+pub fn encode_layer(
+    cfg: &CltConfig,
+    params: &Params,
+    l: usize,
+    x: &[f32],
+    n_tokens: usize,
+    theta: &[f32],
+    bandwidth: f32,
+) -> LayerCodes {
+    let (d, f_n, l_n) = (cfg.d_model, cfg.n_features, cfg.n_layers);
+    let n_blocks = n_tokens.div_ceil(TOKEN_BLOCK);
+    let w = &params.w_enc[l];
+    let bias = &params.b_enc[l];
+    let parts: Vec<BlockOut> = (0..n_blocks)
+        .into_par_iter()
+        .map_init(
+            || vec![0.0f32; TOKEN_BLOCK * f_n],
+            |buf, blk| {
+                let b0 = blk * TOKEN_BLOCK;
+                let tb = TOKEN_BLOCK.min(n_tokens - b0);
+                let xs = &x[(b0 * l_n + l) * d..];
+                let xm = Mat {
+                    data: xs,
+                    rows: tb,
+                    cols: d,
+                    rs: l_n * d,
+                    cs: 1,
+                };
+                matmul(
+                    buf,
+                    f_n,
+                    xm,
+                    Mat::rows(w, f_n, d).t(),
+                    0.0,
+                    1.0,
+                    Threads::One,
+                );
+                let mut out = BlockOut::new(tb, f_n, cfg.activation);
+                for t in 0..tb {
+                    let h = &mut buf[t * f_n..(t + 1) * f_n];
+                    h.iter_mut().zip(bias).for_each(|(v, b)| *v += b);
+                    out.push_token(cfg.activation, h, theta, bandwidth);
+                }
+                out
+            },
+        )
+        .collect();
+    merge(parts, n_tokens, f_n)
+}
+
+/// Encodes every layer; for BatchTopK the selection is global over the batch (and over layers when
+/// `across_layers`).
+pub fn encode_all(
+    cfg: &CltConfig,
+    params: &Params,
+    x: &[f32],
+    n_tokens: usize,
+    thetas: &[Vec<f32>],
+    bandwidth: f32,
+) -> Vec<LayerCodes> {
+    match cfg.activation {
+        Activation::BatchTopK { k, across_layers } => {
+            let pre: Vec<Vec<f32>> = (0..cfg.n_layers)
+                .map(|l| dense_preact(cfg, params, l, x, n_tokens, Threads::All))
+                .collect();
+            batch_topk_codes(&pre, n_tokens, cfg.n_features, k, across_layers)
+        }
+        _ => (0..cfg.n_layers)
+            .map(|l| encode_layer(cfg, params, l, x, n_tokens, &thetas[l], bandwidth))
+            .collect(),
+    }
+}
+
+/// The dense `[B][F]` pre-activations of layer `l` (for BatchTopK and the dense reference).
+pub fn dense_preact(
+    cfg: &CltConfig,
+    params: &Params,
+    l: usize,
+    x: &[f32],
+    n_tokens: usize,
+    threads: Threads,
+) -> Vec<f32> {
+    let (d, f_n, l_n) = (cfg.d_model, cfg.n_features, cfg.n_layers);
+    let mut h = vec![0.0f32; n_tokens * f_n];
+    if n_tokens == 0 {
+        return h;
+    }
+    let xm = Mat {
+        data: &x[l * d..],
+        rows: n_tokens,
+        cols: d,
+        rs: l_n * d,
+        cs: 1,
+    };
+    matmul(
+        &mut h,
+        f_n,
+        xm,
+        Mat::rows(&params.w_enc[l], f_n, d).t(),
+        0.0,
+        1.0,
+        threads,
+    );
+    for row in h.chunks_exact_mut(f_n) {
+        row.iter_mut()
+            .zip(&params.b_enc[l])
+            .for_each(|(v, b)| *v += b);
+    }
+    h
+}
+
+/// The indices of the `k` largest values of `h` (ties broken by the lower index), in increasing index order.
+pub fn topk_indices(h: &[f32], k: usize) -> Vec<u32> {
+    let mut idx: Vec<u32> = (0..h.len() as u32).collect();
+    let k = k.min(h.len());
+    if k == 0 {
+        return Vec::new();
+    }
+    let cmp = |a: &u32, b: &u32| h[*b as usize].total_cmp(&h[*a as usize]).then(a.cmp(b));
+    if k < idx.len() {
+        idx.select_nth_unstable_by(k - 1, cmp);
+    }
+    idx.truncate(k);
+    idx.sort_unstable();
+    idx
+}
+
+/// BatchTopK selection over dense per-layer pre-activations: the `k · B` (per layer) or `k · B · L` (across
+/// layers) largest values, ties broken by position, then a ReLU.
+pub fn batch_topk_codes(
+    pre: &[Vec<f32>],
+    n_tokens: usize,
+    f_n: usize,
+    k: usize,
+    across_layers: bool,
+) -> Vec<LayerCodes> {
+    let l_n = pre.len();
+    let mut selected: Vec<Vec<bool>> = pre.iter().map(|p| vec![false; p.len()]).collect();
+    let groups: Vec<Vec<usize>> = if across_layers {
+        vec![(0..l_n).collect()]
+    } else {
+        (0..l_n).map(|l| vec![l]).collect()
+    };
+    for g in groups {
+        let mut cand: Vec<(f32, u32, u32)> = Vec::new(); // (value, layer, flat index)
+        for &l in &g {
+            cand.extend(
+                pre[l]
+                    .iter()
+                    .enumerate()
+                    .map(|(i, &v)| (v, l as u32, i as u32)),
+            );
+        }
+        let budget = (k * n_tokens * g.len()).min(cand.len());
+        if budget == 0 {
+            continue;
+        }
+        let cmp = |a: &(f32, u32, u32), b: &(f32, u32, u32)| {
+            b.0.total_cmp(&a.0).then((a.1, a.2).cmp(&(b.1, b.2)))
+        };
+        if budget < cand.len() {
+            cand.select_nth_unstable_by(budget - 1, cmp);
+        }
+        for &(v, l, i) in &cand[..budget] {
+            if v > 0.0 {
+                selected[l as usize][i as usize] = true;
+            }
+        }
+    }
+    (0..l_n)
+        .map(|l| {
+            let mut c = LayerCodes {
+                offsets: vec![0],
+                active_count: vec![0; f_n],
+                preact_sum: vec![0.0; f_n],
+                ..Default::default()
+            };
+            for b in 0..n_tokens {
+                for f in 0..f_n {
+                    let i = b * f_n + f;
+                    if selected[l][i] {
+                        c.feat.push(f as u32);
+                        c.pre.push(pre[l][i]);
+                        c.act.push(pre[l][i]);
+                        c.active_count[f] += 1;
+                    }
+                }
+                c.offsets.push(c.feat.len());
+            }
+            c
+        })
+        .collect()
+}
+
+/// What one token block produces.
+struct BlockOut {
+    lens: Vec<usize>,
+    feat: Vec<u32>,
+    pre: Vec<f32>,
+    act: Vec<f32>,
+    preact_sum: Vec<f64>,
+    active_count: Vec<u32>,
+}
+
+impl BlockOut {
+    fn new(tb: usize, f_n: usize, act: Activation) -> Self {
+        let jump = matches!(act, Activation::JumpRelu);
+        BlockOut {
+            lens: Vec::with_capacity(tb),
+            feat: Vec::new(),
+            pre: Vec::new(),
+            act: Vec::new(),
+            preact_sum: if jump { vec![0.0; f_n] } else { Vec::new() },
+            active_count: vec![0; f_n],
+        }
+    }
+
+    fn push_token(&mut self, activation: Activation, h: &mut [f32], theta: &[f32], eps: f32) {
+        let start = self.feat.len();
+        match activation {
+            Activation::JumpRelu => {
+                let half = 0.5 * eps;
+                for (f, (&v, &th)) in h.iter().zip(theta).enumerate() {
+                    if v > th {
+                        self.feat.push(f as u32);
+                        self.pre.push(v);
+                        self.act.push(v);
+                        self.active_count[f] += 1;
+                    } else {
+                        self.preact_sum[f] += (th - v) as f64;
+                        if (v - th).abs() < half {
+                            self.feat.push(f as u32);
+                            self.pre.push(v);
+                            self.act.push(0.0);
+                        }
+                    }
+                }
+            }
+            Activation::TopK { k } => {
+                for f in topk_indices(h, k) {
+                    let v = h[f as usize];
+                    if v > 0.0 {
+                        self.feat.push(f);
+                        self.pre.push(v);
+                        self.act.push(v);
+                        self.active_count[f as usize] += 1;
+                    }
+                }
+            }
+            Activation::BatchTopK { .. } => unreachable!("BatchTopK is encoded densely"),
+        }
+        self.lens.push(self.feat.len() - start);
+    }
+}
+
+fn merge(parts: Vec<BlockOut>, n_tokens: usize, f_n: usize) -> LayerCodes {
+    let total: usize = parts.iter().map(|p| p.feat.len()).sum();
+    let mut c = LayerCodes {
+        offsets: Vec::with_capacity(n_tokens + 1),
+        feat: Vec::with_capacity(total),
+        pre: Vec::with_capacity(total),
+        act: Vec::with_capacity(total),
+        preact_sum: vec![0.0; f_n],
+        active_count: vec![0; f_n],
+    };
+    c.offsets.push(0);
+    for p in parts {
+        for len in &p.lens {
+            let last = *c.offsets.last().unwrap_or(&0);
+            c.offsets.push(last + len);
+        }
+        c.feat.extend_from_slice(&p.feat);
+        c.pre.extend_from_slice(&p.pre);
+        c.act.extend_from_slice(&p.act);
+        for (s, v) in c.preact_sum.iter_mut().zip(&p.preact_sum) {
+            *s += v;
+        }
+        for (s, v) in c.active_count.iter_mut().zip(&p.active_count) {
+            *s += v;
+        }
+    }
+    c
+}

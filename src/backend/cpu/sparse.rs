@@ -1,0 +1,386 @@
+//! The fast CPU training step: sparse decode, loss, and sparse backward.
+//!
+//! What is subtle here:
+//! - Only the active entries of each (token, layer) are decoded: each one adds `a · W_dec[l, f]` (a contiguous
+//!   row covering all target layers) into the token's contiguous `[L][d]` reconstruction.
+//! - `∂L/∂a` is a dot product of the token's residual with that same row, computed only at the active and
+//!   near-threshold entries.
+//! - The pre-activation loss `λ_p Σ_b ReLU(θ − h) ‖W_dec‖` has a gradient at *every* inactive entry. It is
+//!   applied without touching them: `Σ_{b inactive} x_b = Σ_b x_b − Σ_{b active} x_b`, so the encoder
+//!   gradient of feature f is `Σ_{b active} (∂L/∂h_b + κ_f) x_b − κ_f Σ_b x_b` with `κ_f = λ_p ‖W_dec[l,f]‖ / B`.
+//!   Inactive here means `h ≤ θ` (the subgradient of ReLU(θ − h) at the tie is taken as 1; the dense reference
+//!   uses the same convention).
+//! - Gradients are grouped per feature (a counting sort of the entries), so each decoder and encoder row is
+//!   written by one task, in token order: no atomics, and the same bits for any number of threads.
+
+use super::encode::{LayerCodes, encode_all};
+use super::gemm::{Mat, Threads, matmul};
+use crate::backend::grads::{Grads, Objective, StepStats, target_variance};
+use crate::clt::{CltConfig, Params};
+use rayon::prelude::*;
+
+/// `y += a * x`.
+#[inline]
+pub fn axpy(a: f32, x: &[f32], y: &mut [f32]) {
+    for (yv, xv) in y.iter_mut().zip(x) {
+        *yv += a * xv;
+    }
+}
+
+/// Dot product with eight independent accumulators (vectorises; fixed order, so deterministic).
+#[inline]
+pub fn dot(a: &[f32], b: &[f32]) -> f32 {
+    let mut acc = [0.0f32; 8];
+    let (ac, ar) = a.split_at(a.len() - a.len() % 8);
+    let (bc, br) = b.split_at(ac.len());
+    for (x, y) in ac.chunks_exact(8).zip(bc.chunks_exact(8)) {
+        for i in 0..8 {
+            acc[i] += x[i] * y[i];
+        }
+    }
+    let mut s = ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7]));
+    for (x, y) in ar.iter().zip(br) {
+        s += x * y;
+    }
+    s
+}
+
+/// `exp(log θ)` per layer.
+pub fn thresholds(params: &Params) -> Vec<Vec<f32>> {
+    params
+        .log_theta
+        .iter()
+        .map(|t| t.iter().map(|v| v.exp()).collect())
+        .collect()
+}
+
+/// Sparse decode of a batch: `ŷ[b] = b_dec + Σ_l Σ_{f active} a · W_dec[l, f] (+ W_skip x)`, `[B][L][d]`.
+pub fn decode(
+    cfg: &CltConfig,
+    params: &Params,
+    codes: &[LayerCodes],
+    x: &[f32],
+    n_tokens: usize,
+) -> Vec<f32> {
+    let (l_n, d) = (cfg.n_layers, cfg.d_model);
+    let row = l_n * d;
+    let mut yhat = vec![0.0f32; n_tokens * row];
+    yhat.par_chunks_mut(row).enumerate().for_each(|(b, yr)| {
+        for (k, bias) in params.b_dec.iter().enumerate() {
+            yr[k * d..(k + 1) * d].copy_from_slice(bias);
+        }
+        for (l, c) in codes.iter().enumerate() {
+            let rl = cfg.dec_row_len(l);
+            let w = &params.w_dec[l];
+            for e in c.offsets[b]..c.offsets[b + 1] {
+                let a = c.act[e];
+                if a != 0.0 {
+                    let f = c.feat[e] as usize;
+                    axpy(a, &w[f * rl..(f + 1) * rl], &mut yr[l * d..l * d + rl]);
+                }
+            }
+        }
+    });
+    if cfg.skip {
+        for l in 0..l_n {
+            let xm = Mat {
+                data: &x[l * d..],
+                rows: n_tokens,
+                cols: d,
+                rs: row,
+                cs: 1,
+            };
+            if n_tokens > 0 {
+                matmul(
+                    &mut yhat[l * d..],
+                    row,
+                    xm,
+                    Mat::rows(&params.w_skip[l], d, d).t(),
+                    1.0,
+                    1.0,
+                    Threads::All,
+                );
+            }
+        }
+    }
+    yhat
+}
+
+/// Encodes and decodes a batch (inference): the sparse codes and the reconstruction.
+pub fn forward(
+    cfg: &CltConfig,
+    params: &Params,
+    x: &[f32],
+    n_tokens: usize,
+    bandwidth: f32,
+) -> (Vec<LayerCodes>, Vec<f32>) {
+    let thetas = thresholds(params);
+    let codes = encode_all(cfg, params, x, n_tokens, &thetas, bandwidth);
+    let yhat = decode(cfg, params, &codes, x, n_tokens);
+    (codes, yhat)
+}
+
+/// Residual `r = (2/B)(ŷ − y)` and per-layer squared errors.
+pub fn residual(
+    yhat: &[f32],
+    y: &[f32],
+    n_tokens: usize,
+    l_n: usize,
+    d: usize,
+) -> (Vec<f32>, Vec<f64>) {
+    let row = l_n * d;
+    let scale = 2.0 / n_tokens.max(1) as f32;
+    let mut r = vec![0.0f32; yhat.len()];
+    let per_tok: Vec<Vec<f64>> = r
+        .par_chunks_mut(row)
+        .enumerate()
+        .map(|(b, rr)| {
+            let mut sq = vec![0.0f64; l_n];
+            for (l, s) in sq.iter_mut().enumerate() {
+                let o = b * row + l * d;
+                for i in 0..d {
+                    let diff = yhat[o + i] - y[o + i];
+                    *s += (diff as f64) * (diff as f64);
+                    rr[l * d + i] = scale * diff;
+                }
+            }
+            sq
+        })
+        .collect();
+    let mut sq_err = vec![0.0f64; l_n];
+    for t in per_tok {
+        sq_err.iter_mut().zip(t).for_each(|(s, v)| *s += v);
+    }
+    (r, sq_err)
+}
+
+/// One training step's loss and gradient on the sparse path. `dec_norms` are the current decoder norms.
+///
+/// Writes the gradient into `grads` (see [`Grads`] for the decoder's two-part form) and returns the step's
+/// statistics. `x` and `y` are normalised `[B][L][d]` batches.
+#[allow(clippy::too_many_arguments)]
+pub fn loss_and_grad(
+    cfg: &CltConfig,
+    params: &Params,
+    dec_norms: &[Vec<f32>],
+    x: &[f32],
+    y: &[f32],
+    n_tokens: usize,
+    obj: &Objective,
+    grads: &mut Grads,
+) -> StepStats {
+    let (l_n, d) = (cfg.n_layers, cfg.d_model);
+    let row = l_n * d;
+    let bf = n_tokens.max(1) as f32;
+    let jump = cfg.has_threshold();
+    let thetas = thresholds(params);
+    let codes = encode_all(cfg, params, x, n_tokens, &thetas, obj.bandwidth);
+    let yhat = decode(cfg, params, &codes, x, n_tokens);
+    let (r, sq_err) = residual(&yhat, y, n_tokens, l_n, d);
+    drop(yhat);
+
+    let tanh_scale = obj.lambda / bf;
+    let mut stats = StepStats {
+        n_tokens,
+        recon: sq_err.iter().sum::<f64>() / bf as f64,
+        sq_err,
+        target_var: target_variance(y, n_tokens, l_n, d),
+        ..Default::default()
+    };
+
+    for (l, c) in codes.iter().enumerate() {
+        let rl = cfg.dec_row_len(l);
+        let w_dec = &params.w_dec[l];
+        let norms = &dec_norms[l];
+        let theta = &thetas[l];
+        let nnz = c.feat.len();
+
+        // ∂L/∂a at every listed entry: residual · decoder row, plus the tanh term.
+        let mut g = vec![0.0f32; nnz];
+        let bounds = token_block_bounds(&c.offsets, n_tokens);
+        split_by_bounds(&mut g, &bounds)
+            .into_par_iter()
+            .enumerate()
+            .for_each(|(blk, gs)| {
+                let b0 = blk * BACKWARD_BLOCK;
+                let base = c.offsets[b0];
+                for b in b0..(b0 + BACKWARD_BLOCK).min(n_tokens) {
+                    let rr = &r[b * row + l * d..b * row + l * d + rl];
+                    for e in c.offsets[b]..c.offsets[b + 1] {
+                        let f = c.feat[e] as usize;
+                        let n = norms[f];
+                        let t = (obj.c * c.act[e] * n).tanh();
+                        gs[e - base] = dot(rr, &w_dec[f * rl..(f + 1) * rl])
+                            + tanh_scale * obj.c * n * (1.0 - t * t);
+                    }
+                }
+            });
+
+        // Loss terms of this layer.
+        let mut sparsity = 0.0f64;
+        for e in 0..nnz {
+            if c.act[e] != 0.0 {
+                let n = norms[c.feat[e] as usize];
+                sparsity += (obj.c * c.act[e] * n).tanh() as f64;
+            }
+        }
+        stats.sparsity += sparsity * obj.lambda as f64 / bf as f64;
+        if jump {
+            let p: f64 = c
+                .preact_sum
+                .iter()
+                .zip(norms)
+                .map(|(s, n)| s * *n as f64)
+                .sum();
+            stats.preact += p * obj.lambda_preact as f64 / bf as f64;
+        }
+        let n_active = c.act.iter().filter(|a| **a != 0.0).count();
+        stats.n_active.push(n_active);
+        stats.n_window.push(nnz - n_active);
+
+        // Group the entries by feature (stable: token order within a feature).
+        let mut start = vec![0usize; cfg.n_features + 1];
+        for &f in &c.feat {
+            start[f as usize + 1] += 1;
+        }
+        for f in 0..cfg.n_features {
+            start[f + 1] += start[f];
+        }
+        let mut order = vec![(0u32, 0u32); nnz]; // (entry, token)
+        let mut fill = start.clone();
+        for b in 0..n_tokens {
+            for e in c.offsets[b]..c.offsets[b + 1] {
+                let f = c.feat[e] as usize;
+                order[fill[f]] = (e as u32, b as u32);
+                fill[f] += 1;
+            }
+        }
+
+        // Σ_b x_b for the pre-activation term.
+        let mut xsum = vec![0.0f64; d];
+        if jump && obj.lambda_preact != 0.0 {
+            for b in 0..n_tokens {
+                xsum.iter_mut()
+                    .zip(&x[(b * l_n + l) * d..][..d])
+                    .for_each(|(s, v)| *s += *v as f64);
+            }
+        }
+        let xsum: Vec<f32> = xsum.iter().map(|v| *v as f32).collect();
+
+        let half = 0.5 * obj.bandwidth;
+        let pre_scale = obj.lambda_preact / bf;
+        let gp = &mut grads.p;
+        gp.w_enc[l]
+            .par_chunks_mut(d)
+            .zip(gp.w_dec[l].par_chunks_mut(rl))
+            .zip(gp.b_enc[l].par_iter_mut())
+            .zip(gp.log_theta[l].par_iter_mut())
+            .zip(grads.dec_coef[l].par_iter_mut())
+            .zip(grads.dec_touched[l].par_iter_mut())
+            .enumerate()
+            .for_each(|(f, (((((enc_row, dec_row), db), dlt), coef), touched))| {
+                let ents = &order[start[f]..start[f + 1]];
+                let n = norms[f];
+                let th = theta[f];
+                let kappa = if jump { pre_scale * n } else { 0.0 };
+                let has_active = ents.iter().any(|&(e, _)| c.act[e as usize] != 0.0);
+                if *touched || has_active {
+                    dec_row.iter_mut().for_each(|v| *v = 0.0);
+                }
+                *touched = has_active;
+                enc_row.iter_mut().for_each(|v| *v = 0.0);
+                let (mut dn, mut dth, mut dbs) = (0.0f32, 0.0f32, 0.0f32);
+                for &(e, b) in ents {
+                    let (e, b) = (e as usize, b as usize);
+                    let (a, h, ge) = (c.act[e], c.pre[e], g[e]);
+                    if jump && (h - th).abs() < half {
+                        dth += ge * (-th / obj.bandwidth);
+                    }
+                    if a != 0.0 {
+                        let t = (obj.c * a * n).tanh();
+                        dn += tanh_scale * obj.c * a * (1.0 - t * t);
+                        dbs += ge;
+                        axpy(a, &r[b * row + l * d..b * row + l * d + rl], dec_row);
+                        axpy(ge + kappa, &x[(b * l_n + l) * d..][..d], enc_row);
+                    }
+                }
+                let n_inactive = (n_tokens - c.active_count[f] as usize) as f32;
+                if jump {
+                    if kappa != 0.0 {
+                        axpy(-kappa, &xsum, enc_row);
+                    }
+                    dbs -= kappa * n_inactive;
+                    dn += pre_scale * c.preact_sum[f] as f32;
+                    *dlt = th * (dth + kappa * n_inactive);
+                } else {
+                    *dlt = 0.0;
+                }
+                *db = dbs;
+                *coef = if n > 0.0 { dn / n } else { 0.0 };
+            });
+    }
+    stats.active_count = codes.into_iter().map(|c| c.active_count).collect();
+
+    // Decoder bias and skip gradients.
+    for k in 0..l_n {
+        let mut s = vec![0.0f64; d];
+        for b in 0..n_tokens {
+            s.iter_mut()
+                .zip(&r[b * row + k * d..][..d])
+                .for_each(|(a, v)| *a += *v as f64);
+        }
+        grads.p.b_dec[k]
+            .iter_mut()
+            .zip(&s)
+            .for_each(|(g, v)| *g = *v as f32);
+    }
+    if cfg.skip {
+        skip_grad(cfg, &r, x, n_tokens, &mut grads.p.w_skip);
+    }
+    stats
+}
+
+/// `dW_skip[l] = R_lᵀ X_l` (as (out, in)).
+pub fn skip_grad(cfg: &CltConfig, r: &[f32], x: &[f32], n_tokens: usize, out: &mut [Vec<f32>]) {
+    let (l_n, d) = (cfg.n_layers, cfg.d_model);
+    let row = l_n * d;
+    for (l, g) in out.iter_mut().enumerate() {
+        if n_tokens == 0 {
+            g.iter_mut().for_each(|v| *v = 0.0);
+            continue;
+        }
+        let rm = Mat {
+            data: &r[l * d..],
+            rows: n_tokens,
+            cols: d,
+            rs: row,
+            cs: 1,
+        };
+        let xm = Mat {
+            data: &x[l * d..],
+            rows: n_tokens,
+            cols: d,
+            rs: row,
+            cs: 1,
+        };
+        matmul(g, d, rm.t(), xm, 0.0, 1.0, Threads::All);
+    }
+}
+
+const BACKWARD_BLOCK: usize = 64;
+
+fn token_block_bounds(offsets: &[usize], n_tokens: usize) -> Vec<usize> {
+    (0..=n_tokens.div_ceil(BACKWARD_BLOCK))
+        .map(|i| offsets[(i * BACKWARD_BLOCK).min(n_tokens)])
+        .collect()
+}
+
+fn split_by_bounds<'a>(mut v: &'a mut [f32], bounds: &[usize]) -> Vec<&'a mut [f32]> {
+    let mut out = Vec::with_capacity(bounds.len().saturating_sub(1));
+    for w in bounds.windows(2) {
+        let (head, tail) = v.split_at_mut(w[1] - w[0]);
+        out.push(head);
+        v = tail;
+    }
+    out
+}

@@ -1,0 +1,351 @@
+//! circuit-tracer's transcoder formats: export (normalisation folded into the weights) and import.
+//!
+//! Cross-layer transcoder directory (`model_kind: cross_layer_transcoder`), for each layer i:
+//! `W_enc_{i}.safetensors` with `W_enc_{i}` [F, d], `b_enc_{i}` [F], `b_dec_{i}` [d], `threshold_{i}` [F]
+//! (and, as an extension of ours, `W_skip_{i}` [d, d] when the model has skip connections), and
+//! `W_dec_{i}.safetensors` with `W_dec_{i}` [F, L − i, d]. Per-layer transcoders (`model_kind: transcoder_set`):
+//! `layer_{i}.safetensors` with `W_enc` [F, d], `W_dec` [F, d], `b_enc`, `b_dec`,
+//! `activation_function.threshold`, optional `W_skip` [d, d]. Both come with a `config.yaml`.
+//!
+//! Folding: the transcoder was trained on `x' = s_in x` and `y' = s_out y`. In raw units the encoder rows are
+//! multiplied by `s_in[l]`, decoder rows and biases of target k divided by `s_out[k]`, skip weights multiplied
+//! by `s_in[l] / s_out[l]`; thresholds are unchanged (pre-activations are the same numbers).
+
+use super::checkpoint::{TensorFile, TensorOut, write_atomic, write_tensors};
+use super::{Activation, CltConfig, DecoderKind, NormScales, Params, Transcoder};
+use crate::{Error, Result};
+use std::path::Path;
+
+/// Hook names recorded in `config.yaml`.
+#[derive(Clone, Debug)]
+pub struct ExportMeta {
+    pub model_name: String,
+    pub feature_input_hook: String,
+    pub feature_output_hook: String,
+}
+
+impl Default for ExportMeta {
+    fn default() -> Self {
+        ExportMeta {
+            model_name: "unknown".into(),
+            feature_input_hook: "hook_resid_mid".into(),
+            feature_output_hook: "mlp.hook_out".into(),
+        }
+    }
+}
+
+/// The parameters in raw (unnormalised) units, normalisation scalars folded in.
+pub fn fold_norms(t: &Transcoder) -> Params {
+    let cfg = &t.cfg;
+    let (d, s) = (cfg.d_model, &t.norms);
+    let mut p = t.params.clone();
+    for l in 0..cfg.n_layers {
+        p.w_enc[l].iter_mut().for_each(|v| *v *= s.input[l]);
+        let rl = cfg.dec_row_len(l);
+        for row in p.w_dec[l].chunks_exact_mut(rl) {
+            for (j, slot) in row.chunks_exact_mut(d).enumerate() {
+                let k = l + j;
+                slot.iter_mut().for_each(|v| *v /= s.target[k]);
+            }
+        }
+        p.b_dec[l].iter_mut().for_each(|v| *v /= s.target[l]);
+        if cfg.skip {
+            let f = s.input[l] / s.target[l];
+            p.w_skip[l].iter_mut().for_each(|v| *v *= f);
+        }
+    }
+    p
+}
+
+/// Writes `t` in circuit-tracer's format into `dir`.
+pub fn export_circuit_tracer(t: &Transcoder, dir: &Path, meta: &ExportMeta) -> Result<()> {
+    let cfg = &t.cfg;
+    if !matches!(cfg.activation, Activation::JumpRelu) {
+        return Err(Error::Unsupported(
+            "circuit-tracer files hold JumpReLU or ReLU transcoders: convert a TopK/BatchTopK model first \
+             (`clt convert-batchtopk`)"
+                .into(),
+        ));
+    }
+    std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+    let p = fold_norms(t);
+    let (d, f) = (cfg.d_model, cfg.n_features);
+    let thresholds: Vec<Vec<f32>> = p
+        .log_theta
+        .iter()
+        .map(|l| l.iter().map(|v| v.exp()).collect())
+        .collect();
+    let kind = match cfg.decoder {
+        DecoderKind::CrossLayer => "cross_layer_transcoder",
+        DecoderKind::PerLayer => "transcoder_set",
+    };
+    for l in 0..cfg.n_layers {
+        match cfg.decoder {
+            DecoderKind::CrossLayer => {
+                let mut enc = vec![
+                    TensorOut {
+                        name: format!("W_enc_{l}"),
+                        shape: vec![f, d],
+                        data: &p.w_enc[l],
+                    },
+                    TensorOut {
+                        name: format!("b_enc_{l}"),
+                        shape: vec![f],
+                        data: &p.b_enc[l],
+                    },
+                    TensorOut {
+                        name: format!("b_dec_{l}"),
+                        shape: vec![d],
+                        data: &p.b_dec[l],
+                    },
+                    TensorOut {
+                        name: format!("threshold_{l}"),
+                        shape: vec![f],
+                        data: &thresholds[l],
+                    },
+                ];
+                if cfg.skip {
+                    enc.push(TensorOut {
+                        name: format!("W_skip_{l}"),
+                        shape: vec![d, d],
+                        data: &p.w_skip[l],
+                    });
+                }
+                write_tensors(&dir.join(format!("W_enc_{l}.safetensors")), &enc, None)?;
+                let dec = [TensorOut {
+                    name: format!("W_dec_{l}"),
+                    shape: vec![f, cfg.n_layers - l, d],
+                    data: &p.w_dec[l],
+                }];
+                write_tensors(&dir.join(format!("W_dec_{l}.safetensors")), &dec, None)?;
+            }
+            DecoderKind::PerLayer => {
+                let mut ts = vec![
+                    TensorOut {
+                        name: "W_enc".into(),
+                        shape: vec![f, d],
+                        data: &p.w_enc[l],
+                    },
+                    TensorOut {
+                        name: "W_dec".into(),
+                        shape: vec![f, d],
+                        data: &p.w_dec[l],
+                    },
+                    TensorOut {
+                        name: "b_enc".into(),
+                        shape: vec![f],
+                        data: &p.b_enc[l],
+                    },
+                    TensorOut {
+                        name: "b_dec".into(),
+                        shape: vec![d],
+                        data: &p.b_dec[l],
+                    },
+                    TensorOut {
+                        name: "activation_function.threshold".into(),
+                        shape: vec![f],
+                        data: &thresholds[l],
+                    },
+                ];
+                if cfg.skip {
+                    ts.push(TensorOut {
+                        name: "W_skip".into(),
+                        shape: vec![d, d],
+                        data: &p.w_skip[l],
+                    });
+                }
+                write_tensors(&dir.join(format!("layer_{l}.safetensors")), &ts, None)?;
+            }
+        }
+    }
+    let mut yaml = format!(
+        "model_kind: {kind}\nmodel_name: {}\nfeature_input_hook: {}\nfeature_output_hook: {}\n",
+        meta.model_name, meta.feature_input_hook, meta.feature_output_hook
+    );
+    if cfg.decoder == DecoderKind::PerLayer {
+        yaml.push_str("transcoders:\n");
+        for l in 0..cfg.n_layers {
+            yaml.push_str(&format!("  - layer_{l}.safetensors\n"));
+        }
+    }
+    write_atomic(&dir.join("config.yaml"), yaml.as_bytes())
+}
+
+/// The `key: value` pairs and list items of a flat `config.yaml` (the subset circuit-tracer writes).
+fn read_yaml(path: &Path) -> Result<(Vec<(String, String)>, Vec<String>)> {
+    let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+    let mut keys = Vec::new();
+    let mut items = Vec::new();
+    for line in text.lines() {
+        let t = line.trim();
+        if t.is_empty() || t.starts_with('#') {
+            continue;
+        }
+        if let Some(item) = t.strip_prefix("- ") {
+            items.push(
+                item.trim()
+                    .trim_matches(|c| c == '"' || c == '\'')
+                    .to_string(),
+            );
+        } else if let Some((k, v)) = t.split_once(':') {
+            keys.push((
+                k.trim().to_string(),
+                v.trim().trim_matches(|c| c == '"' || c == '\'').to_string(),
+            ));
+        }
+    }
+    Ok((keys, items))
+}
+
+/// Reads a circuit-tracer transcoder directory (no normalisation: scales of one). Layers are counted from the
+/// files present; every tensor's shape is checked and a missing or misshapen one is named in the error.
+pub fn import_circuit_tracer(dir: &Path) -> Result<Transcoder> {
+    let yaml_path = dir.join("config.yaml");
+    let (keys, items) = read_yaml(&yaml_path)?;
+    let kind = keys
+        .iter()
+        .find(|(k, _)| k == "model_kind")
+        .map(|(_, v)| v.as_str())
+        .unwrap_or("");
+    match kind {
+        "cross_layer_transcoder" => import_clt(dir),
+        "transcoder_set" => import_plt(dir, &items),
+        other => Err(Error::Format {
+            path: yaml_path,
+            offset: 0,
+            reason: format!(
+                "model_kind `{other}` is neither cross_layer_transcoder nor transcoder_set"
+            ),
+        }),
+    }
+}
+
+fn count_layers(dir: &Path, prefix: &str) -> usize {
+    (0..)
+        .take_while(|i| dir.join(format!("{prefix}{i}.safetensors")).exists())
+        .count()
+}
+
+fn import_clt(dir: &Path) -> Result<Transcoder> {
+    let l_n = count_layers(dir, "W_enc_");
+    if l_n == 0 {
+        return Err(Error::Format {
+            path: dir.join("W_enc_0.safetensors"),
+            offset: 0,
+            reason: "missing".into(),
+        });
+    }
+    let mut first = TensorFile::read(&dir.join("W_enc_0.safetensors"))?;
+    let shape = first
+        .shape("W_enc_0")
+        .map(|s| s.to_vec())
+        .ok_or_else(|| Error::Tensor {
+            path: first.path.clone(),
+            tensor: "W_enc_0".into(),
+            reason: "missing".into(),
+        })?;
+    if shape.len() != 2 {
+        return Err(Error::Tensor {
+            path: first.path.clone(),
+            tensor: "W_enc_0".into(),
+            reason: format!("shape {shape:?} is not [F, d]"),
+        });
+    }
+    let (f, d) = (shape[0], shape[1]);
+    let has_skip = first.has("W_skip_0");
+    drop(first.take("W_enc_0", &[f, d])?);
+    let cfg = CltConfig {
+        n_layers: l_n,
+        d_model: d,
+        n_features: f,
+        decoder: DecoderKind::CrossLayer,
+        activation: Activation::JumpRelu,
+        skip: has_skip,
+    };
+    cfg.validate()?;
+    let mut p = Params::zeros(&cfg);
+    for l in 0..l_n {
+        let mut enc = TensorFile::read(&dir.join(format!("W_enc_{l}.safetensors")))?;
+        p.w_enc[l] = enc.take(&format!("W_enc_{l}"), &[f, d])?;
+        p.b_enc[l] = enc.take(&format!("b_enc_{l}"), &[f])?;
+        p.b_dec[l] = enc.take(&format!("b_dec_{l}"), &[d])?;
+        p.log_theta[l] = if enc.has(&format!("threshold_{l}")) {
+            enc.take(&format!("threshold_{l}"), &[f])?
+                .iter()
+                .map(|t| t.ln())
+                .collect()
+        } else {
+            vec![f32::NEG_INFINITY; f] // θ = 0: a ReLU transcoder
+        };
+        if has_skip {
+            p.w_skip[l] = enc.take(&format!("W_skip_{l}"), &[d, d])?;
+        }
+        let mut dec = TensorFile::read(&dir.join(format!("W_dec_{l}.safetensors")))?;
+        p.w_dec[l] = dec.take(&format!("W_dec_{l}"), &[f, l_n - l, d])?;
+    }
+    Ok(Transcoder {
+        norms: NormScales::identity(l_n),
+        cfg,
+        params: p,
+    })
+}
+
+fn import_plt(dir: &Path, items: &[String]) -> Result<Transcoder> {
+    let files: Vec<std::path::PathBuf> = if items.is_empty() {
+        (0..count_layers(dir, "layer_"))
+            .map(|i| dir.join(format!("layer_{i}.safetensors")))
+            .collect()
+    } else {
+        items.iter().map(|i| dir.join(i)).collect()
+    };
+    if files.is_empty() {
+        return Err(Error::Format {
+            path: dir.join("layer_0.safetensors"),
+            offset: 0,
+            reason: "missing".into(),
+        });
+    }
+    let first = TensorFile::read(&files[0])?;
+    let shape = first.shape("W_enc").map(|s| s.to_vec()).unwrap_or_default();
+    if shape.len() != 2 {
+        return Err(Error::Tensor {
+            path: files[0].clone(),
+            tensor: "W_enc".into(),
+            reason: format!("missing or shape {shape:?} is not [F, d]"),
+        });
+    }
+    let (f, d) = (shape[0], shape[1]);
+    let cfg = CltConfig {
+        n_layers: files.len(),
+        d_model: d,
+        n_features: f,
+        decoder: DecoderKind::PerLayer,
+        activation: Activation::JumpRelu,
+        skip: first.has("W_skip"),
+    };
+    cfg.validate()?;
+    let mut p = Params::zeros(&cfg);
+    for (l, path) in files.iter().enumerate() {
+        let mut t = TensorFile::read(path)?;
+        p.w_enc[l] = t.take("W_enc", &[f, d])?;
+        p.w_dec[l] = t.take("W_dec", &[f, d])?;
+        p.b_enc[l] = t.take("b_enc", &[f])?;
+        p.b_dec[l] = t.take("b_dec", &[d])?;
+        p.log_theta[l] = if t.has("activation_function.threshold") {
+            t.take("activation_function.threshold", &[f])?
+                .iter()
+                .map(|v| v.ln())
+                .collect()
+        } else {
+            vec![f32::NEG_INFINITY; f]
+        };
+        if cfg.skip {
+            p.w_skip[l] = t.take("W_skip", &[d, d])?;
+        }
+    }
+    Ok(Transcoder {
+        norms: NormScales::identity(cfg.n_layers),
+        cfg,
+        params: p,
+    })
+}

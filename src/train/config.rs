@@ -1,0 +1,273 @@
+//! The training configuration (a TOML file), with defaults that reproduce CLT-Forge's objective.
+//!
+//! ```toml
+//! [model]
+//! n_layers = 5
+//! d_model = 64
+//! n_features = 4096
+//!
+//! [train]
+//! steps = 1000
+//! batch_size = 4096
+//!
+//! [data]
+//! kind = "synthetic"
+//! ```
+//! Every field of `[train]` has a default; see `docs/objective.md` for what each one means and the
+//! alternatives the other trainers use.
+
+use crate::backend::BackendKind;
+use crate::clt::CltConfig;
+use crate::data::synthetic::SyntheticConfig;
+use crate::{Error, Result};
+use std::path::Path;
+
+/// A whole training run: the model, the optimisation, the data.
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RunConfig {
+    pub model: CltConfig,
+    #[serde(default)]
+    pub train: TrainConfig,
+    pub data: DataConfig,
+}
+
+/// Where the activations come from.
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case", deny_unknown_fields)]
+pub enum DataConfig {
+    /// The synthetic ground-truth generator.
+    Synthetic(SyntheticConfig),
+}
+
+/// How λ grows from 0 to its final value.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LambdaRamp {
+    /// CLT-Forge: zero for `lambda_wait_fraction` of the run, then a half-cosine over `lambda_ramp_fraction`.
+    Cosine,
+    /// Anthropic: linear over `lambda_ramp_fraction` of the run (after the wait).
+    Linear,
+    /// λ at its final value from the first step.
+    Constant,
+}
+
+/// Optimisation settings. Defaults follow CLT-Forge's runners (see `docs/objective.md`).
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct TrainConfig {
+    /// Number of optimiser steps.
+    pub steps: u64,
+    /// Tokens per batch.
+    pub batch_size: usize,
+    /// Peak learning rate.
+    pub lr: f32,
+    /// Linear warm-up steps.
+    pub warmup_steps: u64,
+    /// Fraction of the run, at its end, over which the learning rate decays linearly to zero.
+    pub decay_fraction: f64,
+    /// Final sparsity coefficient λ.
+    pub lambda_sparsity: f32,
+    pub lambda_ramp: LambdaRamp,
+    pub lambda_wait_fraction: f64,
+    pub lambda_ramp_fraction: f64,
+    /// The tanh scale c.
+    pub tanh_c: f32,
+    /// Pre-activation loss coefficient λ_p.
+    pub lambda_preact: f32,
+    /// Bandwidth ε of the threshold's straight-through gradient.
+    pub bandwidth: f32,
+    /// Initial threshold θ₀.
+    pub theta_init: f32,
+    /// Target firing rate for the `b_enc` calibration; `None` means 10,000 / (L·F), clamped to 1.
+    pub init_fire_rate: Option<f64>,
+    /// Batches used to estimate the normalisation scalars and calibrate `b_enc`.
+    pub calibration_batches: usize,
+    /// Whether inputs and targets are normalised per layer to mean norm √d.
+    pub normalize: bool,
+    /// Global gradient-norm clipping threshold (0 disables clipping).
+    pub clip_norm: f32,
+    pub adam_beta1: f32,
+    pub adam_beta2: f32,
+    pub adam_eps: f32,
+    /// Seed of every random draw (initialisation, synthetic data).
+    pub seed: u64,
+    /// A feature that has not fired for this many steps counts as dead.
+    pub dead_window: u64,
+    /// Metrics are logged every this many steps.
+    pub log_every: u64,
+    /// A checkpoint is written every this many steps (0: only at the end).
+    pub checkpoint_every: u64,
+    /// How many checkpoints to keep.
+    pub keep_checkpoints: usize,
+    /// The backend running the step.
+    pub backend: BackendKind,
+}
+
+impl Default for TrainConfig {
+    fn default() -> Self {
+        TrainConfig {
+            steps: 1000,
+            batch_size: 4096,
+            lr: 2e-4,
+            warmup_steps: 1000,
+            decay_fraction: 0.05,
+            lambda_sparsity: 2.0,
+            lambda_ramp: LambdaRamp::Cosine,
+            lambda_wait_fraction: 0.0,
+            lambda_ramp_fraction: 0.9,
+            tanh_c: 4.0,
+            lambda_preact: 1e-5,
+            bandwidth: 1.0,
+            theta_init: 0.03,
+            init_fire_rate: None,
+            calibration_batches: 10,
+            normalize: true,
+            clip_norm: 1.0,
+            adam_beta1: 0.9,
+            adam_beta2: 0.999,
+            adam_eps: 1e-8,
+            seed: 0,
+            dead_window: 250,
+            log_every: 50,
+            checkpoint_every: 0,
+            keep_checkpoints: 2,
+            backend: BackendKind::Cpu,
+        }
+    }
+}
+
+impl RunConfig {
+    /// Reads and validates a TOML file.
+    pub fn from_file(path: &Path) -> Result<Self> {
+        let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+        Self::from_toml(&text).map_err(|e| match e {
+            Error::Config { field, reason } => {
+                Error::config(field, format!("{reason} (in {})", path.display()))
+            }
+            other => other,
+        })
+    }
+
+    /// Parses and validates TOML text.
+    pub fn from_toml(text: &str) -> Result<Self> {
+        let cfg: RunConfig = toml::from_str(text).map_err(|e| {
+            let field = e
+                .span()
+                .map(|s| field_at(text, s.start))
+                .unwrap_or_default();
+            Error::config(field, e.message().to_string())
+        })?;
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    /// Checks every value; the error names the field.
+    pub fn validate(&self) -> Result<()> {
+        self.model.validate()?;
+        let t = &self.train;
+        let pos = |v: f64, name: &str| {
+            if v.is_finite() && v > 0.0 {
+                Ok(())
+            } else {
+                Err(Error::config(name, format!("must be positive, got {v}")))
+            }
+        };
+        let nonneg = |v: f64, name: &str| {
+            if v.is_finite() && v >= 0.0 {
+                Ok(())
+            } else {
+                Err(Error::config(
+                    name,
+                    format!("must be non-negative, got {v}"),
+                ))
+            }
+        };
+        let frac = |v: f64, name: &str| {
+            if (0.0..=1.0).contains(&v) {
+                Ok(())
+            } else {
+                Err(Error::config(name, format!("must be in [0, 1], got {v}")))
+            }
+        };
+        if t.steps == 0 {
+            return Err(Error::config("train.steps", "must be at least 1"));
+        }
+        if t.batch_size == 0 {
+            return Err(Error::config("train.batch_size", "must be at least 1"));
+        }
+        pos(t.lr as f64, "train.lr")?;
+        frac(t.decay_fraction, "train.decay_fraction")?;
+        nonneg(t.lambda_sparsity as f64, "train.lambda_sparsity")?;
+        frac(t.lambda_wait_fraction, "train.lambda_wait_fraction")?;
+        frac(t.lambda_ramp_fraction, "train.lambda_ramp_fraction")?;
+        if t.lambda_wait_fraction + t.lambda_ramp_fraction > 1.0 + 1e-9 {
+            return Err(Error::config(
+                "train.lambda_ramp_fraction",
+                "wait + ramp fractions exceed 1",
+            ));
+        }
+        pos(t.tanh_c as f64, "train.tanh_c")?;
+        nonneg(t.lambda_preact as f64, "train.lambda_preact")?;
+        pos(t.bandwidth as f64, "train.bandwidth")?;
+        pos(t.theta_init as f64, "train.theta_init")?;
+        if let Some(r) = t.init_fire_rate
+            && !(r > 0.0 && r <= 1.0)
+        {
+            return Err(Error::config(
+                "train.init_fire_rate",
+                format!("must be in (0, 1], got {r}"),
+            ));
+        }
+        if t.calibration_batches == 0 {
+            return Err(Error::config(
+                "train.calibration_batches",
+                "must be at least 1",
+            ));
+        }
+        nonneg(t.clip_norm as f64, "train.clip_norm")?;
+        frac(t.adam_beta1 as f64, "train.adam_beta1")?;
+        frac(t.adam_beta2 as f64, "train.adam_beta2")?;
+        pos(t.adam_eps as f64, "train.adam_eps")?;
+        if t.log_every == 0 {
+            return Err(Error::config("train.log_every", "must be at least 1"));
+        }
+        if t.keep_checkpoints == 0 {
+            return Err(Error::config(
+                "train.keep_checkpoints",
+                "must be at least 1",
+            ));
+        }
+        match &self.data {
+            DataConfig::Synthetic(s) => s.validate(&self.model),
+        }
+    }
+}
+
+/// The dotted path of the TOML key whose value starts at byte `pos` (best effort, for error messages).
+fn field_at(text: &str, pos: usize) -> String {
+    let mut table = String::new();
+    let mut key = String::new();
+    let mut at = 0;
+    for line in text.lines() {
+        let trimmed = line.trim();
+        if at > pos {
+            break;
+        }
+        if trimmed.starts_with('[') {
+            table = trimmed
+                .trim_matches(|c| c == '[' || c == ']')
+                .trim()
+                .to_string();
+            key.clear();
+        } else if let Some((k, _)) = trimmed.split_once('=') {
+            key = k.trim().to_string();
+        }
+        at += line.len() + 1;
+    }
+    match (table.is_empty(), key.is_empty()) {
+        (true, _) => key,
+        (false, true) => table,
+        (false, false) => format!("{table}.{key}"),
+    }
+}

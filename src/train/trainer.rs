@@ -1,0 +1,464 @@
+//! The training loop, its checkpoints, and resuming from them.
+//!
+//! A run directory holds `metrics.jsonl` and `checkpoints/`: each checkpoint is a directory `step_NNNNNNNN`
+//! that is a complete native transcoder (`model.safetensors`, `config.json`) plus `optimizer.safetensors`
+//! (Adam's moments) and `state.json` (step, run configuration, data position, dead-feature clocks). It is
+//! written under a temporary name and renamed when complete; then `checkpoints/LATEST` is replaced atomically
+//! to name it. A resumed run restores everything a step depends on, so it continues bit for bit.
+
+use super::config::{DataConfig, RunConfig};
+use super::init::{calibrate_b_enc, default_fire_rate, estimate_norms};
+use super::metrics::{Interval, MetricsLine};
+use super::schedule;
+use crate::backend::cpu::adam::{self, AdamHyper, AdamState};
+use crate::backend::{Backend, Grads, Objective, StepStats};
+use crate::clt::checkpoint::{
+    TensorFile, load_transcoder, params_out, read_params, save_transcoder, write_atomic,
+    write_tensors,
+};
+use crate::clt::params::decoder_norms;
+use crate::clt::{NormScales, Params, Transcoder};
+use crate::data::synthetic::SyntheticGenerator;
+use crate::data::{ActDims, ActivationSource, Batch};
+use crate::rng::Rng;
+use crate::{Error, Result};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+const STATE_FORMAT: &str = "clt-train-state";
+const STATE_VERSION: u32 = 1;
+
+/// Everything that `state.json` holds.
+#[derive(serde::Serialize, serde::Deserialize)]
+struct TrainState {
+    format: String,
+    version: u32,
+    step: u64,
+    adam_t: u64,
+    tokens_seen: u64,
+    rng: Rng,
+    source_position: serde_json::Value,
+    last_fired: Vec<Vec<u64>>,
+    run: RunConfig,
+}
+
+/// Builds the activation source a configuration names.
+pub fn make_source(run: &RunConfig) -> Result<Box<dyn ActivationSource>> {
+    let dims = ActDims {
+        n_layers: run.model.n_layers,
+        d_model: run.model.d_model,
+    };
+    match &run.data {
+        DataConfig::Synthetic(s) => Ok(Box::new(SyntheticGenerator::new(dims, s.clone()))),
+    }
+}
+
+/// A training run in progress.
+pub struct Trainer {
+    pub run: RunConfig,
+    pub params: Params,
+    pub norms: NormScales,
+    pub step: u64,
+    pub tokens_seen: u64,
+    adam: AdamState,
+    hyper: AdamHyper,
+    grads: Grads,
+    dec_norms: Vec<Vec<f32>>,
+    last_fired: Vec<Vec<u64>>,
+    rng: Rng,
+    backend: Backend,
+    source: Box<dyn ActivationSource>,
+    batch: Batch,
+}
+
+/// What one step reports.
+pub struct StepReport {
+    pub stats: StepStats,
+    pub grad_norm: f64,
+    pub lr: f32,
+    pub lambda: f32,
+}
+
+impl Trainer {
+    /// A fresh run on the source its configuration names.
+    pub fn new(run: RunConfig) -> Result<Self> {
+        let source = make_source(&run)?;
+        Self::with_source(run, source)
+    }
+
+    /// A fresh run on a given source: estimates the normalisation, initialises and calibrates the parameters.
+    pub fn with_source(run: RunConfig, mut source: Box<dyn ActivationSource>) -> Result<Self> {
+        run.validate()?;
+        let cfg = &run.model;
+        let dims = source.dims();
+        if dims.n_layers != cfg.n_layers || dims.d_model != cfg.d_model {
+            return Err(Error::Shape {
+                what: "activation source vs model".into(),
+                expected: vec![cfg.n_layers, cfg.d_model],
+                got: vec![dims.n_layers, dims.d_model],
+            });
+        }
+        let t = &run.train;
+        let backend = Backend::new(t.backend)?;
+        let mut rng = Rng::seed(t.seed);
+        let (mut norms, mut calib) =
+            estimate_norms(source.as_mut(), t.batch_size, t.calibration_batches)?;
+        if !t.normalize {
+            norms = NormScales::identity(cfg.n_layers);
+        }
+        norms.apply(cfg.d_model, &mut calib.x, &mut calib.y);
+        let mut params = Params::init(cfg, t.theta_init, &mut rng);
+        let rate = t.init_fire_rate.unwrap_or_else(|| default_fire_rate(cfg));
+        calibrate_b_enc(cfg, &mut params, &calib.x, calib.n_tokens, rate);
+        let dec_norms = decoder_norms(cfg, &params.w_dec);
+        Ok(Trainer {
+            adam: AdamState::new(cfg),
+            hyper: AdamHyper {
+                beta1: t.adam_beta1,
+                beta2: t.adam_beta2,
+                eps: t.adam_eps,
+            },
+            grads: Grads::zeros(cfg),
+            last_fired: vec![vec![0; cfg.n_features]; cfg.n_layers],
+            dec_norms,
+            params,
+            norms,
+            step: 0,
+            tokens_seen: 0,
+            rng,
+            backend,
+            source,
+            batch: Batch::default(),
+            run,
+        })
+    }
+
+    /// Resumes from a run directory (its latest checkpoint) or a checkpoint directory, on the source its
+    /// configuration names. `steps` overrides the run length (which changes the schedules' end).
+    pub fn resume(path: &Path, steps: Option<u64>) -> Result<Self> {
+        let dir = resolve_checkpoint(path)?;
+        let state = read_state(&dir)?;
+        let source = make_source(&state.run)?;
+        Self::resume_with_source(&dir, source, steps)
+    }
+
+    /// Resumes from a checkpoint directory on a given source.
+    pub fn resume_with_source(
+        path: &Path,
+        mut source: Box<dyn ActivationSource>,
+        steps: Option<u64>,
+    ) -> Result<Self> {
+        let dir = resolve_checkpoint(path)?;
+        let mut state = read_state(&dir)?;
+        if let Some(s) = steps {
+            state.run.train.steps = s;
+        }
+        state.run.validate()?;
+        let t = load_transcoder(&dir)?;
+        if t.cfg != state.run.model {
+            return Err(Error::Checkpoint {
+                path: dir,
+                reason: "config.json and state.json disagree on the model".into(),
+            });
+        }
+        let cfg = &t.cfg;
+        let mut opt = TensorFile::read(&dir.join("optimizer.safetensors"))?;
+        let m = read_params(&mut opt, cfg, "adam.m.")?;
+        let v = read_params(&mut opt, cfg, "adam.v.")?;
+        if state.last_fired.len() != cfg.n_layers
+            || state.last_fired.iter().any(|l| l.len() != cfg.n_features)
+        {
+            return Err(Error::Checkpoint {
+                path: dir,
+                reason: "state.json: last_fired has the wrong shape".into(),
+            });
+        }
+        source.restore(&state.source_position)?;
+        let backend = Backend::new(state.run.train.backend)?;
+        let tc = &state.run.train;
+        Ok(Trainer {
+            hyper: AdamHyper {
+                beta1: tc.adam_beta1,
+                beta2: tc.adam_beta2,
+                eps: tc.adam_eps,
+            },
+            adam: AdamState {
+                m,
+                v,
+                t: state.adam_t,
+            },
+            grads: Grads::zeros(cfg),
+            dec_norms: decoder_norms(cfg, &t.params.w_dec),
+            params: t.params,
+            norms: t.norms,
+            step: state.step,
+            tokens_seen: state.tokens_seen,
+            last_fired: state.last_fired,
+            rng: state.rng,
+            backend,
+            source,
+            batch: Batch::default(),
+            run: state.run,
+        })
+    }
+
+    /// The trained transcoder (a copy).
+    pub fn transcoder(&self) -> Transcoder {
+        Transcoder {
+            cfg: self.run.model.clone(),
+            params: self.params.clone(),
+            norms: self.norms.clone(),
+        }
+    }
+
+    /// Runs one optimiser step.
+    pub fn step(&mut self) -> Result<StepReport> {
+        let cfg = &self.run.model;
+        let t = &self.run.train;
+        self.source.next_batch(t.batch_size, &mut self.batch)?;
+        self.norms
+            .apply(cfg.d_model, &mut self.batch.x, &mut self.batch.y);
+        let lambda = schedule::lambda(t, self.step);
+        let obj = Objective {
+            lambda,
+            c: t.tanh_c,
+            lambda_preact: t.lambda_preact,
+            bandwidth: t.bandwidth,
+        };
+        let stats = self.backend.loss_and_grad(
+            cfg,
+            &self.params,
+            &self.dec_norms,
+            &self.batch.x,
+            &self.batch.y,
+            self.batch.n_tokens,
+            &obj,
+            &mut self.grads,
+        );
+        if !stats.loss().is_finite() {
+            return Err(Error::NonFinite {
+                what: "loss".into(),
+                step: self.step,
+            });
+        }
+        let grad_norm = adam::grad_norm(cfg, &self.params, &self.grads, &self.dec_norms);
+        if !grad_norm.is_finite() {
+            return Err(Error::NonFinite {
+                what: "gradient norm".into(),
+                step: self.step,
+            });
+        }
+        let scale = if t.clip_norm > 0.0 {
+            (t.clip_norm as f64 / (grad_norm + 1e-6)).min(1.0) as f32
+        } else {
+            1.0
+        };
+        let lr = schedule::learning_rate(t, self.step);
+        adam::step(
+            cfg,
+            &self.hyper,
+            &mut self.params,
+            &mut self.adam,
+            &self.grads,
+            lr,
+            scale,
+            &mut self.dec_norms,
+        );
+        for (l, counts) in stats.active_count.iter().enumerate() {
+            for (f, c) in counts.iter().enumerate() {
+                if *c > 0 {
+                    self.last_fired[l][f] = self.step + 1;
+                }
+            }
+        }
+        self.step += 1;
+        self.tokens_seen += self.batch.n_tokens as u64;
+        Ok(StepReport {
+            stats,
+            grad_norm,
+            lr,
+            lambda,
+        })
+    }
+
+    /// Dead features per layer: those that have not fired in the last `dead_window` steps.
+    pub fn dead_per_layer(&self) -> Vec<usize> {
+        let w = self.run.train.dead_window;
+        self.last_fired
+            .iter()
+            .map(|l| {
+                l.iter()
+                    .filter(|s| self.step.saturating_sub(**s) > w)
+                    .count()
+            })
+            .collect()
+    }
+
+    /// Trains to the configured number of steps, logging to `out/metrics.jsonl` (and the terminal unless
+    /// `quiet`) and checkpointing into `out/checkpoints/`.
+    pub fn train(&mut self, out: &Path, quiet: bool) -> Result<Option<MetricsLine>> {
+        std::fs::create_dir_all(out).map_err(|e| Error::io(out, e))?;
+        let metrics_path = out.join("metrics.jsonl");
+        let mut metrics = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&metrics_path)
+            .map_err(|e| Error::io(&metrics_path, e))?;
+        let total = self.run.train.steps;
+        let bar = if quiet {
+            indicatif::ProgressBar::hidden()
+        } else {
+            let b = indicatif::ProgressBar::new(total);
+            b.set_style(
+                indicatif::ProgressStyle::with_template(
+                    "{bar:30} {pos}/{len} steps  [{elapsed_precise} < {eta_precise}]  {msg}",
+                )
+                .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+            );
+            b.set_position(self.step);
+            b
+        };
+        let mut iv = Interval::default();
+        let mut clock = Instant::now();
+        let mut last = None;
+        while self.step < total {
+            let rep = self.step()?;
+            iv.add(&rep.stats, rep.grad_norm);
+            bar.inc(1);
+            let t = &self.run.train;
+            if self.step % t.log_every == 0 || self.step == total {
+                let line = MetricsLine::from_interval(
+                    &iv,
+                    self.step,
+                    self.tokens_seen,
+                    rep.lambda,
+                    rep.lr,
+                    self.dead_per_layer(),
+                    clock.elapsed().as_secs_f64(),
+                );
+                let json =
+                    serde_json::to_string(&line).map_err(|e| Error::Source(e.to_string()))?;
+                writeln!(metrics, "{json}").map_err(|e| Error::io(&metrics_path, e))?;
+                bar.set_message(format!(
+                    "nmse {:.4}  L0 {:.1}",
+                    line.nmse,
+                    mean(&line.l0_per_layer)
+                ));
+                if quiet {
+                } else {
+                    bar.println(line.summary());
+                }
+                last = Some(line);
+                iv = Interval::default();
+                clock = Instant::now();
+            }
+            let every = t.checkpoint_every;
+            if (every > 0 && self.step % every == 0) || self.step == total {
+                self.save_checkpoint(out)?;
+            }
+        }
+        bar.finish_and_clear();
+        Ok(last)
+    }
+
+    /// Writes a checkpoint of the current state into `out/checkpoints/` and points `LATEST` at it.
+    pub fn save_checkpoint(&self, out: &Path) -> Result<PathBuf> {
+        let root = out.join("checkpoints");
+        std::fs::create_dir_all(&root).map_err(|e| Error::io(&root, e))?;
+        let name = format!("step_{:08}", self.step);
+        let final_dir = root.join(&name);
+        let tmp = root.join(format!(".{name}.tmp-{}", std::process::id()));
+        if tmp.exists() {
+            std::fs::remove_dir_all(&tmp).map_err(|e| Error::io(&tmp, e))?;
+        }
+        save_transcoder(&tmp, &self.transcoder())?;
+        let cfg = &self.run.model;
+        let mut opt = params_out(&self.adam.m, cfg, "adam.m.");
+        opt.extend(params_out(&self.adam.v, cfg, "adam.v."));
+        write_tensors(&tmp.join("optimizer.safetensors"), &opt, None)?;
+        let state = TrainState {
+            format: STATE_FORMAT.into(),
+            version: STATE_VERSION,
+            step: self.step,
+            adam_t: self.adam.t,
+            tokens_seen: self.tokens_seen,
+            rng: self.rng.clone(),
+            source_position: self.source.position(),
+            last_fired: self.last_fired.clone(),
+            run: self.run.clone(),
+        };
+        let json = serde_json::to_vec_pretty(&state).map_err(|e| Error::Checkpoint {
+            path: tmp.clone(),
+            reason: e.to_string(),
+        })?;
+        write_atomic(&tmp.join("state.json"), &json)?;
+        if final_dir.exists() {
+            std::fs::remove_dir_all(&final_dir).map_err(|e| Error::io(&final_dir, e))?;
+        }
+        std::fs::rename(&tmp, &final_dir).map_err(|e| Error::io(&final_dir, e))?;
+        write_atomic(&root.join("LATEST"), name.as_bytes())?;
+        self.prune_checkpoints(&root, &name)?;
+        Ok(final_dir)
+    }
+
+    fn prune_checkpoints(&self, root: &Path, keep_latest: &str) -> Result<()> {
+        let mut dirs: Vec<String> = std::fs::read_dir(root)
+            .map_err(|e| Error::io(root, e))?
+            .filter_map(|e| e.ok())
+            .map(|e| e.file_name().to_string_lossy().to_string())
+            .filter(|n| n.starts_with("step_") && n.len() == 13)
+            .collect();
+        dirs.sort();
+        let keep = self.run.train.keep_checkpoints;
+        if dirs.len() > keep {
+            for d in &dirs[..dirs.len() - keep] {
+                if d != keep_latest {
+                    let p = root.join(d);
+                    std::fs::remove_dir_all(&p).map_err(|e| Error::io(&p, e))?;
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+fn mean(v: &[f64]) -> f64 {
+    v.iter().sum::<f64>() / v.len().max(1) as f64
+}
+
+/// A checkpoint directory from a path that is either one or a run directory (whose `checkpoints/LATEST` names one).
+pub fn resolve_checkpoint(path: &Path) -> Result<PathBuf> {
+    if path.join("config.json").exists() {
+        return Ok(path.to_path_buf());
+    }
+    let latest = path.join("checkpoints").join("LATEST");
+    let name = std::fs::read_to_string(&latest).map_err(|e| Error::io(&latest, e))?;
+    let dir = path.join("checkpoints").join(name.trim());
+    if !dir.join("config.json").exists() {
+        return Err(Error::Checkpoint {
+            path: dir,
+            reason: "named by LATEST but incomplete or missing".into(),
+        });
+    }
+    Ok(dir)
+}
+
+fn read_state(dir: &Path) -> Result<TrainState> {
+    let p = dir.join("state.json");
+    let text = std::fs::read_to_string(&p).map_err(|e| Error::io(&p, e))?;
+    let state: TrainState = serde_json::from_str(&text).map_err(|e| Error::Checkpoint {
+        path: p.clone(),
+        reason: format!("bad state.json: {e}"),
+    })?;
+    if state.format != STATE_FORMAT || state.version != STATE_VERSION {
+        return Err(Error::Checkpoint {
+            path: p,
+            reason: format!(
+                "format {} v{} is not {STATE_FORMAT} v{STATE_VERSION}",
+                state.format, state.version
+            ),
+        });
+    }
+    Ok(state)
+}
