@@ -1,0 +1,262 @@
+//! The `clt` command line: parses arguments and calls the library. No logic lives here.
+
+use clap::{Parser, Subcommand};
+use clt::backend::BackendKind;
+use clt::clt::checkpoint::{load_transcoder, save_transcoder};
+use clt::clt::export::{ExportMeta, export_circuit_tracer, import_circuit_tracer};
+use clt::train::{RunConfig, Trainer, resolve_checkpoint};
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+#[derive(Parser)]
+#[command(
+    name = "clt",
+    version,
+    about = "Cross-layer transcoders: cache activations, train, analyse"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Train a transcoder from a TOML configuration (or resume a run).
+    Train {
+        /// The run configuration (TOML). Optional with --resume (the checkpoint holds it).
+        #[arg(long)]
+        config: Option<PathBuf>,
+        /// The run directory (metrics.jsonl, checkpoints/).
+        #[arg(long, default_value = "runs/clt")]
+        out: PathBuf,
+        /// Continue from the latest checkpoint in --out.
+        #[arg(long)]
+        resume: bool,
+        /// Override the number of steps.
+        #[arg(long)]
+        steps: Option<u64>,
+        /// Override the backend.
+        #[arg(long, value_enum)]
+        backend: Option<BackendKind>,
+        /// No progress bar or per-interval lines.
+        #[arg(long)]
+        quiet: bool,
+    },
+    /// Run a demonstration end to end.
+    Demo {
+        /// Train on the synthetic ground truth and report recovery of the planted features.
+        #[arg(long)]
+        synthetic: bool,
+        /// Where to write the run.
+        #[arg(long, default_value = "runs/demo")]
+        out: PathBuf,
+    },
+    /// Evaluate a checkpoint on fresh activations from its run's data source.
+    Eval {
+        /// A checkpoint directory or a run directory.
+        #[arg(long)]
+        checkpoint: PathBuf,
+        /// Tokens to evaluate on.
+        #[arg(long, default_value_t = 4096)]
+        tokens: usize,
+    },
+    /// Export a checkpoint to another tool's format.
+    Export {
+        /// A checkpoint directory or a run directory.
+        #[arg(long)]
+        checkpoint: PathBuf,
+        /// The target format.
+        #[arg(long, value_enum, default_value = "circuit-tracer")]
+        format: ExportFormat,
+        /// The output directory.
+        #[arg(long)]
+        out: PathBuf,
+        /// Model name written to config.yaml.
+        #[arg(long, default_value = "unknown")]
+        model_name: String,
+        /// Feature input hook written to config.yaml.
+        #[arg(long, default_value = "hook_resid_mid")]
+        input_hook: String,
+        /// Feature output hook written to config.yaml.
+        #[arg(long, default_value = "mlp.hook_out")]
+        output_hook: String,
+    },
+    /// Import a transcoder in circuit-tracer's format as a native checkpoint.
+    Import {
+        /// The circuit-tracer transcoder directory.
+        #[arg(long)]
+        from: PathBuf,
+        /// The native checkpoint directory to write.
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// Print a checkpoint's configuration and sizes.
+    Info {
+        #[arg(long)]
+        checkpoint: PathBuf,
+    },
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum ExportFormat {
+    CircuitTracer,
+}
+
+fn main() -> ExitCode {
+    match run(Cli::parse()) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(cli: Cli) -> clt::Result<()> {
+    match cli.command {
+        Command::Train {
+            config,
+            out,
+            resume,
+            steps,
+            backend,
+            quiet,
+        } => {
+            let mut trainer = if resume {
+                let t = Trainer::resume(&out, steps)?;
+                if let Some(path) = config {
+                    let mut given = RunConfig::from_file(&path)?;
+                    given.train.steps = t.run.train.steps;
+                    if given != t.run {
+                        return Err(clt::Error::config(
+                            "config",
+                            format!(
+                                "{} differs from the configuration stored in the checkpoint",
+                                path.display()
+                            ),
+                        ));
+                    }
+                }
+                eprintln!("resuming at step {} of {}", t.step, t.run.train.steps);
+                t
+            } else {
+                let path = config.ok_or_else(|| {
+                    clt::Error::config("config", "--config is required unless --resume")
+                })?;
+                let mut run = RunConfig::from_file(&path)?;
+                if let Some(s) = steps {
+                    run.train.steps = s;
+                }
+                if let Some(b) = backend {
+                    run.train.backend = b;
+                }
+                Trainer::new(run)?
+            };
+            let last = trainer.train(&out, quiet)?;
+            if let Some(line) = last {
+                print_layers(
+                    &line.nmse_per_layer,
+                    &line.l0_per_layer,
+                    &line.dead_per_layer,
+                );
+            }
+            println!("checkpoint: {}", resolve_checkpoint(&out)?.display());
+            Ok(())
+        }
+        Command::Demo { synthetic: _, out } => {
+            let run = clt::demo::synthetic_config();
+            println!(
+                "synthetic ground truth: {} layers, d = {}, {} features per layer ({} steps of {} tokens)",
+                run.model.n_layers,
+                run.model.d_model,
+                run.model.n_features,
+                run.train.steps,
+                run.train.batch_size
+            );
+            let r = clt::demo::run_synthetic(run, &out, false)?;
+            println!("held-out evaluation:");
+            print_layers(&r.nmse_per_layer, &r.l0_per_layer, &[]);
+            let n = r.recovery.len();
+            let ok = r.recovery.iter().filter(|c| **c >= 0.9).count();
+            println!(
+                "NMSE {:.4}; planted features recovered (decoder cosine ≥ 0.9): {ok}/{n} ({:.1}%)",
+                r.nmse,
+                100.0 * r.recovered_fraction
+            );
+            println!(
+                "trained in {:.1} s; run directory {}",
+                r.seconds,
+                out.display()
+            );
+            Ok(())
+        }
+        Command::Eval { checkpoint, tokens } => {
+            let dir = resolve_checkpoint(&checkpoint)?;
+            let t = load_transcoder(&dir)?;
+            let trainer = Trainer::resume(&dir, None)?;
+            let mut source = clt::train::trainer::make_source(&trainer.run)?;
+            let r = clt::eval::evaluate(&t, source.as_mut(), tokens, 1u64 << 40)?;
+            print_layers(&r.nmse_per_layer, &r.l0_per_layer, &[]);
+            println!("NMSE {:.4} over {} tokens", r.nmse, r.n_tokens);
+            Ok(())
+        }
+        Command::Export {
+            checkpoint,
+            format: ExportFormat::CircuitTracer,
+            out,
+            model_name,
+            input_hook,
+            output_hook,
+        } => {
+            let t = load_transcoder(&resolve_checkpoint(&checkpoint)?)?;
+            let meta = ExportMeta {
+                model_name,
+                feature_input_hook: input_hook,
+                feature_output_hook: output_hook,
+            };
+            export_circuit_tracer(&t, &out, &meta)?;
+            println!("wrote {}", out.display());
+            Ok(())
+        }
+        Command::Import { from, out } => {
+            let t = import_circuit_tracer(&from)?;
+            save_transcoder(&out, &t)?;
+            println!(
+                "imported {} layers × {} features (d = {}) into {}",
+                t.cfg.n_layers,
+                t.cfg.n_features,
+                t.cfg.d_model,
+                out.display()
+            );
+            Ok(())
+        }
+        Command::Info { checkpoint } => {
+            let dir = resolve_checkpoint(&checkpoint)?;
+            let t = load_transcoder(&dir)?;
+            println!("{}", dir.display());
+            println!(
+                "{}",
+                serde_json::to_string_pretty(&t.cfg).unwrap_or_default()
+            );
+            println!("parameters: {}", t.params.len());
+            Ok(())
+        }
+    }
+}
+
+fn print_layers(nmse: &[f64], l0: &[f64], dead: &[usize]) {
+    println!("layer    NMSE     EV      L0   dead");
+    for l in 0..nmse.len() {
+        let d = dead
+            .get(l)
+            .map(|v| v.to_string())
+            .unwrap_or_else(|| "-".into());
+        println!(
+            "{l:>5} {:>7.4} {:>6.3} {:>7.2} {:>6}",
+            nmse[l],
+            1.0 - nmse[l],
+            l0[l],
+            d
+        );
+    }
+}

@@ -1,0 +1,300 @@
+//! Training-loop properties: resume is bit-for-bit, checkpoints and exports round-trip, bad configurations and
+//! bad files give errors that name the culprit.
+
+use clt::Error;
+use clt::backend::BackendKind;
+use clt::clt::checkpoint::{load_transcoder, save_transcoder};
+use clt::clt::export::{ExportMeta, export_circuit_tracer, fold_norms, import_circuit_tracer};
+use clt::clt::{Activation, DecoderKind, NormScales, Transcoder};
+use clt::data::synthetic::SyntheticGenerator;
+use clt::data::{ActDims, ActivationSource, Batch};
+use clt::train::{RunConfig, Trainer};
+
+fn small_run(decoder: DecoderKind, skip: bool) -> RunConfig {
+    let mut run = clt::demo::synthetic_config();
+    run.model.n_features = 24;
+    run.model.decoder = decoder;
+    run.model.skip = skip;
+    run.train.steps = 12;
+    run.train.batch_size = 64;
+    run.train.warmup_steps = 3;
+    run.train.log_every = 4;
+    run.train.calibration_batches = 2;
+    run
+}
+
+#[test]
+fn resume_reproduces_the_uninterrupted_run_bit_for_bit() {
+    for (decoder, skip) in [
+        (DecoderKind::CrossLayer, false),
+        (DecoderKind::PerLayer, true),
+    ] {
+        let run = small_run(decoder, skip);
+        let full_dir = tempfile::tempdir().unwrap();
+        let mut full = Trainer::new(run.clone()).unwrap();
+        full.train(full_dir.path(), true).unwrap();
+
+        let part_dir = tempfile::tempdir().unwrap();
+        let mut first = Trainer::new(RunConfig {
+            train: clt::train::TrainConfig {
+                checkpoint_every: 5,
+                ..run.train.clone()
+            },
+            ..run.clone()
+        })
+        .unwrap();
+        for _ in 0..5 {
+            first.step().unwrap();
+        }
+        first.save_checkpoint(part_dir.path()).unwrap();
+        drop(first);
+        let mut resumed = Trainer::resume(part_dir.path(), None).unwrap();
+        assert_eq!(resumed.step, 5);
+        resumed.train(part_dir.path(), true).unwrap();
+        assert_eq!(resumed.step, 12);
+        assert!(
+            resumed.params == full.params,
+            "parameters differ after resume ({decoder:?}, skip {skip})"
+        );
+        assert_eq!(resumed.tokens_seen, full.tokens_seen);
+    }
+}
+
+#[test]
+fn checkpoint_round_trips() {
+    let run = small_run(DecoderKind::CrossLayer, true);
+    let mut t = Trainer::new(run).unwrap();
+    t.step().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let tc = t.transcoder();
+    save_transcoder(dir.path(), &tc).unwrap();
+    assert_eq!(load_transcoder(dir.path()).unwrap(), tc);
+}
+
+/// The raw-unit reconstruction of a transcoder on raw activations.
+fn raw_reconstruction(t: &Transcoder, x: &[f32], n: usize) -> Vec<f32> {
+    let d = t.cfg.d_model;
+    let mut xs = x.to_vec();
+    let mut dummy = vec![0.0; x.len()];
+    t.norms.apply(d, &mut xs, &mut dummy);
+    let (_, mut yhat) = clt::backend::cpu::sparse::forward(&t.cfg, &t.params, &xs, n, 1.0);
+    for (i, row) in yhat.chunks_exact_mut(d).enumerate() {
+        let s = t.norms.target[i % t.cfg.n_layers];
+        row.iter_mut().for_each(|v| *v /= s);
+    }
+    yhat
+}
+
+#[test]
+fn circuit_tracer_export_import_round_trips_with_norms_folded() {
+    for (decoder, skip) in [
+        (DecoderKind::CrossLayer, false),
+        (DecoderKind::CrossLayer, true),
+        (DecoderKind::PerLayer, true),
+    ] {
+        let run = small_run(decoder, skip);
+        let mut tr = Trainer::new(run.clone()).unwrap();
+        for _ in 0..3 {
+            tr.step().unwrap();
+        }
+        let t = tr.transcoder();
+        assert!(
+            t.norms.input.iter().any(|s| (s - 1.0).abs() > 1e-3),
+            "the test needs non-trivial norms"
+        );
+        let dir = tempfile::tempdir().unwrap();
+        export_circuit_tracer(&t, dir.path(), &ExportMeta::default()).unwrap();
+        let back = import_circuit_tracer(dir.path()).unwrap();
+        assert_eq!(back.cfg, t.cfg);
+        assert_eq!(back.norms, NormScales::identity(t.cfg.n_layers));
+        let folded = fold_norms(&t);
+        for (a, b) in back.params.tensors().iter().zip(folded.tensors()) {
+            for (u, v) in a.iter().zip(b.iter()) {
+                assert!((u - v).abs() <= 1e-6 * (1.0 + v.abs()), "{u} vs {v}");
+            }
+        }
+        // Same reconstruction of raw activations.
+        let dims = ActDims {
+            n_layers: t.cfg.n_layers,
+            d_model: t.cfg.d_model,
+        };
+        let clt::train::DataConfig::Synthetic(s) = &run.data;
+        let mut source = SyntheticGenerator::new(dims, s.clone());
+        let mut batch = Batch::default();
+        source.next_batch(50, &mut batch).unwrap();
+        let a = raw_reconstruction(&t, &batch.x, 50);
+        let b = raw_reconstruction(&back, &batch.x, 50);
+        for (u, v) in a.iter().zip(&b) {
+            assert!((u - v).abs() <= 1e-4 * (1.0 + v.abs()), "{u} vs {v}");
+        }
+    }
+}
+
+#[test]
+fn import_names_missing_and_misshapen_tensors() {
+    let run = small_run(DecoderKind::CrossLayer, false);
+    let t = Trainer::new(run).unwrap().transcoder();
+    let dir = tempfile::tempdir().unwrap();
+    export_circuit_tracer(&t, dir.path(), &ExportMeta::default()).unwrap();
+    // Misshapen: overwrite W_dec_1 with a wrong shape.
+    let f = t.cfg.n_features;
+    let bad = vec![0.0f32; f * 2];
+    clt::clt::checkpoint::write_tensors(
+        &dir.path().join("W_dec_1.safetensors"),
+        &[clt::clt::checkpoint::TensorOut {
+            name: "W_dec_1".into(),
+            shape: vec![f, 2],
+            data: &bad,
+        }],
+        None,
+    )
+    .unwrap();
+    match import_circuit_tracer(dir.path()) {
+        Err(Error::Tensor {
+            tensor,
+            reason,
+            path,
+        }) => {
+            assert_eq!(tensor, "W_dec_1");
+            assert!(reason.contains("shape"), "{reason}");
+            assert!(path.ends_with("W_dec_1.safetensors"));
+        }
+        other => panic!("expected a tensor error, got {other:?}"),
+    }
+    // Missing: a file without b_enc_0.
+    let w = vec![0.0f32; f * t.cfg.d_model];
+    clt::clt::checkpoint::write_tensors(
+        &dir.path().join("W_enc_0.safetensors"),
+        &[clt::clt::checkpoint::TensorOut {
+            name: "W_enc_0".into(),
+            shape: vec![f, t.cfg.d_model],
+            data: &w,
+        }],
+        None,
+    )
+    .unwrap();
+    match import_circuit_tracer(dir.path()) {
+        Err(Error::Tensor { tensor, reason, .. }) => {
+            assert_eq!(tensor, "b_enc_0");
+            assert_eq!(reason, "missing");
+        }
+        other => panic!("expected a missing-tensor error, got {other:?}"),
+    }
+}
+
+#[test]
+fn truncated_checkpoint_is_a_clear_error() {
+    let t = Trainer::new(small_run(DecoderKind::CrossLayer, false))
+        .unwrap()
+        .transcoder();
+    let dir = tempfile::tempdir().unwrap();
+    save_transcoder(dir.path(), &t).unwrap();
+    let path = dir.path().join("model.safetensors");
+    let bytes = std::fs::read(&path).unwrap();
+    std::fs::write(&path, &bytes[..bytes.len() / 2]).unwrap();
+    match load_transcoder(dir.path()) {
+        Err(Error::Format { path: p, .. }) => assert!(p.ends_with("model.safetensors")),
+        other => panic!("expected a format error, got {other:?}"),
+    }
+    std::fs::write(
+        dir.path().join("config.json"),
+        b"{\"format\": \"something-else\"",
+    )
+    .unwrap();
+    assert!(matches!(
+        load_transcoder(dir.path()),
+        Err(Error::Checkpoint { .. })
+    ));
+}
+
+#[test]
+fn bad_config_values_name_the_field() {
+    let base = r#"
+[model]
+n_layers = 2
+d_model = 8
+n_features = 16
+
+[train]
+steps = 10
+batch_size = 32
+
+[data]
+kind = "synthetic"
+"#;
+    assert!(RunConfig::from_toml(base).is_ok());
+    let cases = [
+        ("n_features = 16", "n_features = 0", "model.n_features"),
+        ("batch_size = 32", "batch_size = 0", "train.batch_size"),
+        ("steps = 10", "steps = 10\nlr = -1.0", "train.lr"),
+        (
+            "steps = 10",
+            "steps = 10\nbandwidth = 0.0",
+            "train.bandwidth",
+        ),
+        (
+            "steps = 10",
+            "steps = 10\ndecay_fraction = 1.5",
+            "train.decay_fraction",
+        ),
+        (
+            "steps = 10",
+            "steps = 10\nlambda_sparsity = -2.0",
+            "train.lambda_sparsity",
+        ),
+        ("steps = 10", "steps = 10\nlearning_rate = 0.1", "train"),
+        ("steps = 10", "steps = \"ten\"", "train.steps"),
+        (
+            "kind = \"synthetic\"",
+            "kind = \"synthetic\"\nfire_prob = 2.0",
+            "data.fire_prob",
+        ),
+        (
+            "n_features = 16",
+            "n_features = 16\n[model.activation]\nkind = \"topk\"\nk = 40",
+            "model.activation.k",
+        ),
+    ];
+    for (from, to, field) in cases {
+        let text = base.replace(from, to);
+        match RunConfig::from_toml(&text) {
+            Err(Error::Config { field: f, reason }) => {
+                assert!(
+                    f.starts_with(field),
+                    "for `{to}`: field `{f}` ({reason}), expected `{field}`"
+                )
+            }
+            other => panic!("for `{to}`: expected a config error, got {other:?}"),
+        }
+    }
+}
+
+#[test]
+fn cuda_backend_without_support_is_a_clear_error() {
+    let mut run = small_run(DecoderKind::CrossLayer, false);
+    run.train.backend = BackendKind::Cuda;
+    match Trainer::new(run) {
+        Err(Error::BackendUnavailable { backend, reason }) => {
+            assert_eq!(backend, "cuda");
+            assert!(!reason.is_empty());
+        }
+        Err(other) => panic!("expected BackendUnavailable, got {other}"),
+        Ok(_) => panic!("expected BackendUnavailable, got a trainer"),
+    }
+}
+
+#[test]
+fn topk_models_train_and_refuse_circuit_tracer_export_until_converted() {
+    let mut run = small_run(DecoderKind::CrossLayer, false);
+    run.model.activation = Activation::TopK { k: 3 };
+    let mut tr = Trainer::new(run).unwrap();
+    let rep = tr.step().unwrap();
+    for l in 0..tr.run.model.n_layers {
+        assert!(rep.stats.l0(l) <= 3.0);
+    }
+    let dir = tempfile::tempdir().unwrap();
+    assert!(matches!(
+        export_circuit_tracer(&tr.transcoder(), dir.path(), &ExportMeta::default()),
+        Err(Error::Unsupported(_))
+    ));
+}
