@@ -298,3 +298,40 @@ fn topk_models_train_and_refuse_circuit_tracer_export_until_converted() {
         Err(Error::Unsupported(_))
     ));
 }
+
+#[test]
+fn batchtopk_converts_to_jumprelu_with_matching_l0() {
+    use clt::clt::convert::batchtopk_to_jumprelu;
+    let mut run = small_run(DecoderKind::CrossLayer, false);
+    run.model.activation = Activation::BatchTopK {
+        k: 2,
+        across_layers: false,
+    };
+    run.train.steps = 40;
+    let mut tr = Trainer::new(run.clone()).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    tr.train(dir.path(), true).unwrap();
+    let t = tr.transcoder();
+    let dims = ActDims {
+        n_layers: t.cfg.n_layers,
+        d_model: t.cfg.d_model,
+    };
+    let clt::train::DataConfig::Synthetic(s) = &run.data;
+    let mut source = SyntheticGenerator::new(dims, s.clone());
+    let (j, rep) = batchtopk_to_jumprelu(&t, &mut source, 256, 4).unwrap();
+    assert_eq!(j.cfg.activation, Activation::JumpRelu);
+    for l in 0..t.cfg.n_layers {
+        assert!(
+            (rep.target_l0[l] - 2.0).abs() < 1e-9,
+            "BatchTopK L0 is k per token: {}",
+            rep.target_l0[l]
+        );
+        assert!(
+            (rep.jumprelu_l0[l] - rep.target_l0[l]).abs() <= 0.1 * rep.target_l0[l],
+            "layer {l}: {rep:?}"
+        );
+    }
+    // The converted model now exports.
+    let out = tempfile::tempdir().unwrap();
+    export_circuit_tracer(&j, out.path(), &ExportMeta::default()).unwrap();
+}

@@ -4,6 +4,7 @@ use clap::{Parser, Subcommand};
 use clt::backend::BackendKind;
 use clt::clt::checkpoint::{load_transcoder, save_transcoder};
 use clt::clt::export::{ExportMeta, export_circuit_tracer, import_circuit_tracer};
+use clt::train::trainer::{make_source, run_config_of};
 use clt::train::{RunConfig, Trainer, resolve_checkpoint};
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -89,6 +90,21 @@ enum Command {
         /// The native checkpoint directory to write.
         #[arg(long)]
         out: PathBuf,
+    },
+    /// Convert a TopK/BatchTopK checkpoint to JumpReLU (thresholds calibrated on its run's data source).
+    ConvertBatchtopk {
+        /// A checkpoint directory or a run directory.
+        #[arg(long)]
+        checkpoint: PathBuf,
+        /// The native checkpoint directory to write.
+        #[arg(long)]
+        out: PathBuf,
+        /// Calibration batches.
+        #[arg(long, default_value_t = 10)]
+        batches: usize,
+        /// Tokens per calibration batch.
+        #[arg(long, default_value_t = 4096)]
+        batch_size: usize,
     },
     /// Print a checkpoint's configuration and sizes.
     Info {
@@ -193,8 +209,7 @@ fn run(cli: Cli) -> clt::Result<()> {
         Command::Eval { checkpoint, tokens } => {
             let dir = resolve_checkpoint(&checkpoint)?;
             let t = load_transcoder(&dir)?;
-            let trainer = Trainer::resume(&dir, None)?;
-            let mut source = clt::train::trainer::make_source(&trainer.run)?;
+            let mut source = make_source(&run_config_of(&dir)?)?;
             let r = clt::eval::evaluate(&t, source.as_mut(), tokens, 1u64 << 40)?;
             print_layers(&r.nmse_per_layer, &r.l0_per_layer, &[]);
             println!("NMSE {:.4} over {} tokens", r.nmse, r.n_tokens);
@@ -228,6 +243,28 @@ fn run(cli: Cli) -> clt::Result<()> {
                 t.cfg.d_model,
                 out.display()
             );
+            Ok(())
+        }
+        Command::ConvertBatchtopk {
+            checkpoint,
+            out,
+            batches,
+            batch_size,
+        } => {
+            let dir = resolve_checkpoint(&checkpoint)?;
+            let t = load_transcoder(&dir)?;
+            let mut source = make_source(&run_config_of(&dir)?)?;
+            let (j, rep) =
+                clt::clt::convert::batchtopk_to_jumprelu(&t, source.as_mut(), batch_size, batches)?;
+            save_transcoder(&out, &j)?;
+            println!("layer  target L0  JumpReLU L0  threshold scale");
+            for l in 0..rep.scale.len() {
+                println!(
+                    "{l:>5} {:>10.2} {:>12.2} {:>16.4}",
+                    rep.target_l0[l], rep.jumprelu_l0[l], rep.scale[l]
+                );
+            }
+            println!("wrote {}", out.display());
             Ok(())
         }
         Command::Info { checkpoint } => {

@@ -14,11 +14,12 @@ pub enum DecoderKind {
 }
 
 /// The activation function that turns pre-activations into feature activations.
-#[derive(Clone, Copy, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, serde::Serialize, serde::Deserialize)]
 #[serde(tag = "kind", rename_all = "snake_case")]
 pub enum Activation {
     /// `a = h · 1[h > θ]` with a learned per-feature threshold θ = exp(log θ).
     #[serde(rename = "jumprelu")]
+    #[default]
     JumpRelu,
     /// The `k` largest pre-activations of each (token, layer), passed through a ReLU.
     #[serde(rename = "topk")]
@@ -31,12 +32,6 @@ pub enum Activation {
         #[serde(default)]
         across_layers: bool,
     },
-}
-
-impl Default for Activation {
-    fn default() -> Self {
-        Activation::JumpRelu
-    }
 }
 
 /// The shape and kind of a transcoder.

@@ -17,7 +17,7 @@ impl MemorySource {
     /// Wraps inputs and targets of `n_tokens = x.len() / (L d)` tokens.
     pub fn new(dims: ActDims, x: Vec<f32>, y: Vec<f32>) -> Result<Self> {
         let row = dims.n_layers * dims.d_model;
-        if row == 0 || x.is_empty() || x.len() % row != 0 || y.len() != x.len() {
+        if row == 0 || x.is_empty() || !x.len().is_multiple_of(row) || y.len() != x.len() {
             return Err(Error::Shape {
                 what: "in-memory activations (x, y)".into(),
                 expected: vec![x.len() / row.max(1), dims.n_layers, dims.d_model],

@@ -327,7 +327,7 @@ impl Trainer {
             iv.add(&rep.stats, rep.grad_norm);
             bar.inc(1);
             let t = &self.run.train;
-            if self.step % t.log_every == 0 || self.step == total {
+            if self.step.is_multiple_of(t.log_every) || self.step == total {
                 let line = MetricsLine::from_interval(
                     &iv,
                     self.step,
@@ -345,8 +345,7 @@ impl Trainer {
                     line.nmse,
                     mean(&line.l0_per_layer)
                 ));
-                if quiet {
-                } else {
+                if !quiet {
                     bar.println(line.summary());
                 }
                 last = Some(line);
@@ -354,7 +353,7 @@ impl Trainer {
                 clock = Instant::now();
             }
             let every = t.checkpoint_every;
-            if (every > 0 && self.step % every == 0) || self.step == total {
+            if (every > 0 && self.step.is_multiple_of(every)) || self.step == total {
                 self.save_checkpoint(out)?;
             }
         }
@@ -442,6 +441,11 @@ pub fn resolve_checkpoint(path: &Path) -> Result<PathBuf> {
         });
     }
     Ok(dir)
+}
+
+/// The run configuration stored in a training checkpoint (a checkpoint or run directory).
+pub fn run_config_of(path: &Path) -> Result<RunConfig> {
+    Ok(read_state(&resolve_checkpoint(path)?)?.run)
 }
 
 fn read_state(dir: &Path) -> Result<TrainState> {
