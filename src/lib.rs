@@ -10,6 +10,7 @@
 //! - [`train`]: the objective, the optimiser, schedules, metrics and the training loop.
 
 pub mod backend;
+pub mod bench;
 pub mod clt;
 pub mod data;
 pub mod demo;

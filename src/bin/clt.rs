@@ -106,6 +106,27 @@ enum Command {
         #[arg(long, default_value_t = 4096)]
         batch_size: usize,
     },
+    /// Measure training-step throughput: the sparse step against the dense reference, in one run.
+    Bench {
+        /// Problem size.
+        #[arg(long, value_enum, default_value = "small")]
+        preset: clt::bench::Preset,
+        /// Active features per token and layer.
+        #[arg(long, default_value_t = 32.0)]
+        l0: f64,
+        /// Bandwidth ε of the threshold gradient (CLT-Forge: 1.0).
+        #[arg(long, default_value_t = 1.0)]
+        bandwidth: f32,
+        /// Timed sparse steps.
+        #[arg(long, default_value_t = 5)]
+        steps: usize,
+        /// Timed dense steps (0 skips the dense reference).
+        #[arg(long, default_value_t = 2)]
+        dense_steps: usize,
+        /// Write the results as JSON here.
+        #[arg(long)]
+        json: Option<PathBuf>,
+    },
     /// Print a checkpoint's configuration and sizes.
     Info {
         #[arg(long)]
@@ -265,6 +286,65 @@ fn run(cli: Cli) -> clt::Result<()> {
                 );
             }
             println!("wrote {}", out.display());
+            Ok(())
+        }
+        Command::Bench {
+            preset,
+            l0,
+            bandwidth,
+            steps,
+            dense_steps,
+            json,
+        } => {
+            let (l_n, d, f, b) = preset.dims();
+            println!(
+                "problem: {l_n} layers, d = {d}, {f} features per layer, batch {b}, target L0 {l0}, ε = {bandwidth}"
+            );
+            let p = clt::bench::Problem::new(l_n, d, f, b, l0, bandwidth, 0);
+            let ceiling = clt::bench::gemm_ceiling(b, d, f, 3);
+            let mut rows = vec![clt::bench::time_steps(&p, BackendKind::Cpu, steps)?];
+            if dense_steps > 0 {
+                rows.push(clt::bench::time_steps(
+                    &p,
+                    BackendKind::CpuDense,
+                    dense_steps,
+                )?);
+            }
+            println!(
+                "{:<10} {:>10} {:>12} {:>10} {:>12} {:>8} {:>12}",
+                "backend", "step s", "tokens/s", "encode s", "enc GFLOP/s", "L0", "near-θ"
+            );
+            for r in &rows {
+                println!(
+                    "{:<10} {:>10.3} {:>12.0} {:>10} {:>12} {:>8.1} {:>12.1}",
+                    r.backend,
+                    r.step_s,
+                    r.tokens_per_s,
+                    r.encode_s
+                        .map(|v| format!("{v:.3}"))
+                        .unwrap_or_else(|| "-".into()),
+                    r.encoder_gflops
+                        .map(|v| format!("{v:.1}"))
+                        .unwrap_or_else(|| "-".into()),
+                    r.l0_per_layer,
+                    r.near_threshold_per_layer
+                );
+            }
+            println!("GEMM ceiling ({b}×{d}·{d}×{f}, all threads): {ceiling:.1} GFLOP/s");
+            if let Some(e) = rows[0].encoder_gflops {
+                println!("encoder at {:.0}% of the GEMM ceiling", 100.0 * e / ceiling);
+            }
+            if rows.len() == 2 {
+                println!(
+                    "sparse step speed-up over dense: {:.1}×",
+                    rows[1].step_s / rows[0].step_s
+                );
+            }
+            if let Some(path) = json {
+                let v = serde_json::json!({ "preset": format!("{preset:?}"), "l0": l0, "bandwidth": bandwidth, "gemm_ceiling_gflops": ceiling, "rows": rows });
+                std::fs::write(&path, serde_json::to_vec_pretty(&v).unwrap_or_default())
+                    .map_err(|e| clt::Error::io(&path, e))?;
+            }
             Ok(())
         }
         Command::Info { checkpoint } => {

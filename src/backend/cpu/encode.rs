@@ -3,8 +3,12 @@
 //! For each layer, tokens are processed in blocks of [`TOKEN_BLOCK`]: one GEMM `h = x W_encᵀ + b_enc` fills a
 //! block-sized buffer, and the epilogue keeps only what the rest of the step needs:
 //! - the active entries (`h > θ` for JumpReLU, the selected ones for TopK/BatchTopK), with `h`;
-//! - for JumpReLU, the near-threshold entries `|h − θ| < ε/2` that the threshold's straight-through gradient
-//!   needs, with `h` and activation 0;
+//! - for JumpReLU, what the threshold's straight-through gradient needs from the inactive near-threshold
+//!   entries `θ − ε/2 < h ≤ θ`. It needs, per feature, the sum of the residuals over those tokens. When they are
+//!   few, the block lists them (activation 0). With a wide bandwidth they can be nearly every inactive entry, and
+//!   then the block lists the complement instead (the inactive entries at or below `θ − ε/2`, activation 0) and is
+//!   marked in `block_complement`: the backward pass takes the block's residual total and subtracts the listed
+//!   and active tokens. Each block picks whichever list is shorter, so the lists stay short for any ε;
 //! - for JumpReLU, per feature, `Σ_b ReLU(θ − h)` and the number of inactive tokens, which is all the
 //!   pre-activation loss needs from the inactive entries.
 //!
@@ -34,6 +38,11 @@ pub struct LayerCodes {
     pub preact_sum: Vec<f64>,
     /// Per feature: the number of tokens on which it is active.
     pub active_count: Vec<u32>,
+    /// Per feature: the number of inactive near-threshold tokens (`θ − ε/2 < h ≤ θ`), JumpReLU only.
+    pub window_inactive: Vec<u32>,
+    /// Per block of [`TOKEN_BLOCK`] tokens: whether its zero-activation entries are the far-below complement
+    /// (`h ≤ θ − ε/2`) rather than the near-threshold entries.
+    pub block_complement: Vec<bool>,
 }
 
 impl LayerCodes {
@@ -87,7 +96,27 @@ pub fn encode_layer(
                 for t in 0..tb {
                     let h = &mut buf[t * f_n..(t + 1) * f_n];
                     h.iter_mut().zip(bias).for_each(|(v, b)| *v += b);
-                    out.push_token(cfg.activation, h, theta, bandwidth);
+                }
+                if matches!(cfg.activation, Activation::JumpRelu) {
+                    // Which zero-activation list is shorter for this block?
+                    let half = 0.5 * bandwidth;
+                    let (mut near, mut far) = (0usize, 0usize);
+                    for row in buf[..tb * f_n].chunks_exact(f_n) {
+                        for (&v, &th) in row.iter().zip(theta) {
+                            if v <= th {
+                                if v > th - half { near += 1 } else { far += 1 }
+                            }
+                        }
+                    }
+                    out.complement = far < near;
+                }
+                for t in 0..tb {
+                    out.push_token(
+                        cfg.activation,
+                        &buf[t * f_n..(t + 1) * f_n],
+                        theta,
+                        bandwidth,
+                    );
                 }
                 out
             },
@@ -221,6 +250,8 @@ pub fn batch_topk_codes(
                 offsets: vec![0],
                 active_count: vec![0; f_n],
                 preact_sum: vec![0.0; f_n],
+                window_inactive: vec![0; f_n],
+                block_complement: vec![false; n_tokens.div_ceil(TOKEN_BLOCK)],
                 ..Default::default()
             };
             for b in 0..n_tokens {
@@ -248,6 +279,8 @@ struct BlockOut {
     act: Vec<f32>,
     preact_sum: Vec<f64>,
     active_count: Vec<u32>,
+    window_inactive: Vec<u32>,
+    complement: bool,
 }
 
 impl BlockOut {
@@ -260,10 +293,12 @@ impl BlockOut {
             act: Vec::new(),
             preact_sum: if jump { vec![0.0; f_n] } else { Vec::new() },
             active_count: vec![0; f_n],
+            window_inactive: if jump { vec![0; f_n] } else { Vec::new() },
+            complement: false,
         }
     }
 
-    fn push_token(&mut self, activation: Activation, h: &mut [f32], theta: &[f32], eps: f32) {
+    fn push_token(&mut self, activation: Activation, h: &[f32], theta: &[f32], eps: f32) {
         let start = self.feat.len();
         match activation {
             Activation::JumpRelu => {
@@ -276,7 +311,11 @@ impl BlockOut {
                         self.active_count[f] += 1;
                     } else {
                         self.preact_sum[f] += (th - v) as f64;
-                        if (v - th).abs() < half {
+                        let near = v > th - half;
+                        if near {
+                            self.window_inactive[f] += 1;
+                        }
+                        if near != self.complement {
                             self.feat.push(f as u32);
                             self.pre.push(v);
                             self.act.push(0.0);
@@ -310,6 +349,8 @@ fn merge(parts: Vec<BlockOut>, n_tokens: usize, f_n: usize) -> LayerCodes {
         act: Vec::with_capacity(total),
         preact_sum: vec![0.0; f_n],
         active_count: vec![0; f_n],
+        window_inactive: vec![0; f_n],
+        block_complement: Vec::with_capacity(parts.len()),
     };
     c.offsets.push(0);
     for p in parts {
@@ -326,6 +367,10 @@ fn merge(parts: Vec<BlockOut>, n_tokens: usize, f_n: usize) -> LayerCodes {
         for (s, v) in c.active_count.iter_mut().zip(&p.active_count) {
             *s += v;
         }
+        for (s, v) in c.window_inactive.iter_mut().zip(&p.window_inactive) {
+            *s += v;
+        }
+        c.block_complement.push(p.complement);
     }
     c
 }

@@ -3,8 +3,10 @@
 //! What is subtle here:
 //! - Only the active entries of each (token, layer) are decoded: each one adds `a · W_dec[l, f]` (a contiguous
 //!   row covering all target layers) into the token's contiguous `[L][d]` reconstruction.
-//! - `∂L/∂a` is a dot product of the token's residual with that same row, computed only at the active and
-//!   near-threshold entries.
+//! - `∂L/∂a` is a dot product of the token's residual with that same row, computed only at the listed entries:
+//!   the active ones, and for the threshold's gradient either the near-threshold ones or, in blocks where those
+//!   are the majority, the far-below ones, whose projections are subtracted from the block's residual total
+//!   (see [`super::encode`]).
 //! - The pre-activation loss `λ_p Σ_b ReLU(θ − h) ‖W_dec‖` has a gradient at *every* inactive entry. It is
 //!   applied without touching them: `Σ_{b inactive} x_b = Σ_b x_b − Σ_{b active} x_b`, so the encoder
 //!   gradient of feature f is `Σ_{b active} (∂L/∂h_b + κ_f) x_b − κ_f Σ_b x_b` with `κ_f = λ_p ‖W_dec[l,f]‖ / B`.
@@ -208,10 +210,17 @@ pub fn loss_and_grad(
                     let rr = &r[b * row + l * d..b * row + l * d + rl];
                     for e in c.offsets[b]..c.offsets[b + 1] {
                         let f = c.feat[e] as usize;
-                        let n = norms[f];
-                        let t = (obj.c * c.act[e] * n).tanh();
-                        gs[e - base] = dot(rr, &w_dec[f * rl..(f + 1) * rl])
-                            + tanh_scale * obj.c * n * (1.0 - t * t);
+                        let a = c.act[e];
+                        let dotp = dot(rr, &w_dec[f * rl..(f + 1) * rl]);
+                        // Active entries: ∂L/∂a with the tanh term. Zero-activation entries: the residual
+                        // projection only (their tanh term is a per-feature constant, applied by count).
+                        gs[e - base] = if a != 0.0 {
+                            let n = norms[f];
+                            let t = (obj.c * a * n).tanh();
+                            dotp + tanh_scale * obj.c * n * (1.0 - t * t)
+                        } else {
+                            dotp
+                        };
                     }
                 }
             });
@@ -236,7 +245,9 @@ pub fn loss_and_grad(
         }
         let n_active = c.act.iter().filter(|a| **a != 0.0).count();
         stats.n_active.push(n_active);
-        stats.n_window.push(nnz - n_active);
+        stats
+            .n_window
+            .push(c.window_inactive.iter().map(|v| *v as usize).sum());
 
         // Group the entries by feature (stable: token order within a feature).
         let mut start = vec![0usize; cfg.n_features + 1];
@@ -267,7 +278,24 @@ pub fn loss_and_grad(
         }
         let xsum: Vec<f32> = xsum.iter().map(|v| *v as f32).collect();
 
+        // The residual total of the blocks that list the complement of the near-threshold entries, and its
+        // projection on every feature's decoder row.
+        let complement_dot: Vec<f32> = if c.block_complement.iter().any(|m| *m) {
+            let mut total = vec![0.0f64; rl];
+            for b in 0..n_tokens {
+                if c.block_complement[b / BACKWARD_BLOCK] {
+                    let rr = &r[b * row + l * d..][..rl];
+                    total.iter_mut().zip(rr).for_each(|(s, v)| *s += *v as f64);
+                }
+            }
+            let total: Vec<f32> = total.iter().map(|v| *v as f32).collect();
+            w_dec.par_chunks(rl).map(|w| dot(w, &total)).collect()
+        } else {
+            Vec::new()
+        };
+
         let half = 0.5 * obj.bandwidth;
+        debug_assert_eq!(BACKWARD_BLOCK, super::encode::TOKEN_BLOCK);
         let pre_scale = obj.lambda_preact / bf;
         let gp = &mut grads.p;
         gp.w_enc[l]
@@ -289,29 +317,44 @@ pub fn loss_and_grad(
                 }
                 *touched = has_active;
                 enc_row.iter_mut().for_each(|v| *v = 0.0);
-                let (mut dn, mut dth, mut dbs) = (0.0f32, 0.0f32, 0.0f32);
+                let (mut dn, mut dbs) = (0.0f32, 0.0f32);
+                // Σ over the near-threshold tokens of ∂L/∂a (without the zero-activation tanh constant).
+                let mut near = 0.0f32;
                 for &(e, b) in ents {
                     let (e, b) = (e as usize, b as usize);
                     let (a, h, ge) = (c.act[e], c.pre[e], g[e]);
-                    if jump && (h - th).abs() < half {
-                        dth += ge * (-th / obj.bandwidth);
-                    }
+                    let complement = jump && c.block_complement[b / BACKWARD_BLOCK];
                     if a != 0.0 {
                         let t = (obj.c * a * n).tanh();
                         dn += tanh_scale * obj.c * a * (1.0 - t * t);
                         dbs += ge;
                         axpy(a, &r[b * row + l * d..b * row + l * d + rl], dec_row);
                         axpy(ge + kappa, &x[(b * l_n + l) * d..][..d], enc_row);
+                        if jump && h - th < half {
+                            near += ge;
+                        }
+                        if complement {
+                            // The block total counts this active token: take its projection back out.
+                            near -= ge - tanh_scale * obj.c * n * (1.0 - t * t);
+                        }
+                    } else if complement {
+                        near -= ge; // a far-below token of a complement block
+                    } else {
+                        near += ge; // a listed near-threshold token
                     }
                 }
                 let n_inactive = (n_tokens - c.active_count[f] as usize) as f32;
                 if jump {
+                    if let Some(cd) = complement_dot.get(f) {
+                        near += cd;
+                    }
+                    near += tanh_scale * obj.c * n * c.window_inactive[f] as f32;
                     if kappa != 0.0 {
                         axpy(-kappa, &xsum, enc_row);
                     }
                     dbs -= kappa * n_inactive;
                     dn += pre_scale * c.preact_sum[f] as f32;
-                    *dlt = th * (dth + kappa * n_inactive);
+                    *dlt = th * (near * (-th / obj.bandwidth) + kappa * n_inactive);
                 } else {
                     *dlt = 0.0;
                 }

@@ -1,0 +1,209 @@
+//! Throughput measurements of the training step (behind `clt bench step` and the criterion benches).
+//!
+//! A benchmark problem is a transcoder with random parameters whose encoder biases are calibrated (as at the
+//! start of training) so that about `l0` features per token and layer fire, and one batch of random activations
+//! reused for every step. The sparse step and the dense reference run on the same problem in the same process,
+//! so their ratio is meaningful on a noisy machine.
+
+use crate::Result;
+use crate::backend::cpu::adam::{self, AdamHyper, AdamState};
+use crate::backend::cpu::encode::encode_all;
+use crate::backend::cpu::gemm::{Mat, Threads, matmul};
+use crate::backend::cpu::sparse::thresholds;
+use crate::backend::{Backend, BackendKind, Grads, Objective};
+use crate::clt::params::decoder_norms;
+use crate::clt::{Activation, CltConfig, DecoderKind, Params};
+use crate::rng::Rng;
+use crate::train::init::calibrate_b_enc;
+use std::time::Instant;
+
+/// A benchmark problem.
+pub struct Problem {
+    pub cfg: CltConfig,
+    pub params: Params,
+    pub x: Vec<f32>,
+    pub y: Vec<f32>,
+    pub n_tokens: usize,
+    pub obj: Objective,
+}
+
+/// Named problem sizes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum Preset {
+    /// stories260K-sized: 5 layers, d = 64, 4096 features per layer, batch 4096.
+    Small,
+    /// GPT-2-small-sized: 12 layers, d = 768, 3072 features per layer, batch 2048.
+    Large,
+}
+
+impl Preset {
+    /// (layers, d, features, batch)
+    pub fn dims(self) -> (usize, usize, usize, usize) {
+        match self {
+            Preset::Small => (5, 64, 4096, 4096),
+            Preset::Large => (12, 768, 3072, 2048),
+        }
+    }
+}
+
+impl Problem {
+    /// A problem of the given sizes with about `l0` active features per token and layer.
+    pub fn new(
+        n_layers: usize,
+        d_model: usize,
+        n_features: usize,
+        n_tokens: usize,
+        l0: f64,
+        bandwidth: f32,
+        seed: u64,
+    ) -> Self {
+        let cfg = CltConfig {
+            n_layers,
+            d_model,
+            n_features,
+            decoder: DecoderKind::CrossLayer,
+            activation: Activation::JumpRelu,
+            skip: false,
+        };
+        let mut rng = Rng::seed(seed);
+        let mut params = Params::init(&cfg, 0.03, &mut rng);
+        let n = n_tokens * n_layers * d_model;
+        let x: Vec<f32> = (0..n).map(|_| rng.normal() as f32).collect();
+        let y: Vec<f32> = (0..n).map(|_| rng.normal() as f32).collect();
+        calibrate_b_enc(
+            &cfg,
+            &mut params,
+            &x,
+            n_tokens,
+            (l0 / n_features as f64).min(1.0),
+        );
+        Problem {
+            cfg,
+            params,
+            x,
+            y,
+            n_tokens,
+            obj: Objective {
+                lambda: 2.0,
+                c: 4.0,
+                lambda_preact: 1e-5,
+                bandwidth,
+            },
+        }
+    }
+
+    /// Floating-point operations of the encoder GEMM (2·B·d·F per layer).
+    pub fn encoder_flops(&self) -> f64 {
+        2.0 * (self.n_tokens * self.cfg.d_model * self.cfg.n_features * self.cfg.n_layers) as f64
+    }
+}
+
+/// Timings of one backend on a problem.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct StepTiming {
+    pub backend: String,
+    /// Median seconds per full step (loss, gradient, clipping norm, Adam).
+    pub step_s: f64,
+    pub tokens_per_s: f64,
+    /// Median seconds of the encoder alone (GEMM + epilogue), sparse path only.
+    pub encode_s: Option<f64>,
+    pub encoder_gflops: Option<f64>,
+    pub l0_per_layer: f64,
+    pub near_threshold_per_layer: f64,
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    v[v.len() / 2]
+}
+
+/// Times `steps` full training steps (after one warm-up step) on `kind`.
+pub fn time_steps(p: &Problem, kind: BackendKind, steps: usize) -> Result<StepTiming> {
+    let backend = Backend::new(kind)?;
+    let cfg = &p.cfg;
+    let mut params = p.params.clone();
+    let mut grads = Grads::zeros(cfg);
+    let mut state = AdamState::new(cfg);
+    let mut norms = decoder_norms(cfg, &params.w_dec);
+    let hyper = AdamHyper::default();
+    let mut times = Vec::new();
+    let mut stats = None;
+    for i in 0..=steps.max(1) {
+        let t0 = Instant::now();
+        let s = backend.loss_and_grad(
+            cfg, &params, &norms, &p.x, &p.y, p.n_tokens, &p.obj, &mut grads,
+        );
+        let gn = adam::grad_norm(cfg, &params, &grads, &norms);
+        let scale = (1.0 / (gn + 1e-6)).min(1.0) as f32;
+        // A tiny learning rate keeps the problem's sparsity where it was calibrated.
+        adam::step(
+            cfg,
+            &hyper,
+            &mut params,
+            &mut state,
+            &grads,
+            1e-7,
+            scale,
+            &mut norms,
+        );
+        if i > 0 {
+            times.push(t0.elapsed().as_secs_f64());
+        }
+        stats = Some(s);
+    }
+    let stats = stats.expect("at least one step");
+    let step_s = median(times);
+    let l_n = cfg.n_layers as f64;
+    let (encode_s, encoder_gflops) = if kind == BackendKind::Cpu {
+        let th = thresholds(&p.params);
+        let mut et = Vec::new();
+        for _ in 0..3 {
+            let t0 = Instant::now();
+            let codes = encode_all(cfg, &p.params, &p.x, p.n_tokens, &th, p.obj.bandwidth);
+            et.push(t0.elapsed().as_secs_f64());
+            drop(codes);
+        }
+        let e = median(et);
+        (Some(e), Some(p.encoder_flops() / e / 1e9))
+    } else {
+        (None, None)
+    };
+    Ok(StepTiming {
+        backend: format!("{kind:?}"),
+        step_s,
+        tokens_per_s: p.n_tokens as f64 / step_s,
+        encode_s,
+        encoder_gflops,
+        l0_per_layer: stats.n_active.iter().sum::<usize>() as f64 / p.n_tokens as f64 / l_n,
+        near_threshold_per_layer: stats.n_window.iter().sum::<usize>() as f64
+            / p.n_tokens as f64
+            / l_n,
+    })
+}
+
+/// The machine's single-precision GEMM ceiling as this build reaches it: the best of `reps` products of
+/// `m × k` by `k × n` on all threads, in GFLOP/s.
+pub fn gemm_ceiling(m: usize, k: usize, n: usize, reps: usize) -> f64 {
+    let a: Vec<f32> = (0..m * k)
+        .map(|i| ((i % 97) as f32 - 48.0) / 97.0)
+        .collect();
+    let b: Vec<f32> = (0..k * n)
+        .map(|i| ((i % 89) as f32 - 44.0) / 89.0)
+        .collect();
+    let mut c = vec![0.0f32; m * n];
+    let mut best = f64::INFINITY;
+    for _ in 0..reps.max(1) {
+        let t0 = Instant::now();
+        matmul(
+            &mut c,
+            n,
+            Mat::rows(&a, m, k),
+            Mat::rows(&b, n, k).t(),
+            0.0,
+            1.0,
+            Threads::All,
+        );
+        best = best.min(t0.elapsed().as_secs_f64());
+    }
+    2.0 * (m * n * k) as f64 / best / 1e9
+}
