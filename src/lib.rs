@@ -7,12 +7,14 @@
 //! - [`data`]: the [`data::ActivationSource`] seam and the in-memory and synthetic sources;
 //! - [`clt`]: the model (configuration, parameters, initialisation, checkpoints, export/import);
 //! - [`backend`]: the operations (encode, sparse decode, backward, Adam) on the CPU, and the CUDA seam;
+//! - [`store`]: the activation store (compressed shards, the shuffling shard loader, importers);
 //! - [`train`]: the objective, the optimiser, schedules, metrics and the training loop.
 
 pub mod backend;
 pub mod clt;
 pub mod data;
 pub mod error;
+pub mod store;
 pub mod train;
 
 pub use error::{Error, Result};
