@@ -56,6 +56,9 @@ pub struct TokenIds<'a> {
     pub doc_ids: &'a [u64],
 }
 
+/// A compressed block: frame, raw length, raw xxh3, tokens.
+type EncodedBlock = (Vec<u8>, u64, u64, u32);
+
 /// What a finished shard holds (the manifest's record of it).
 pub type ShardInfo = ShardRecord;
 
@@ -230,7 +233,7 @@ impl ShardWriter {
         let (cfg, dims) = (&self.cfg, self.dims);
         let (px, py, pids) = (&self.px, &self.py, &self.pids);
         let starts: Vec<usize> = (0..n).step_by(bt).collect();
-        let work = || -> Vec<std::io::Result<(Vec<u8>, u64, u64, u32)>> {
+        let work = || -> Vec<std::io::Result<EncodedBlock>> {
             starts
                 .par_iter()
                 .map(|&s| {
@@ -430,7 +433,7 @@ impl DatasetWriter {
     /// Appends tokens (see [`ShardWriter::push`]), rolling over to new shards as they fill.
     pub fn push(&mut self, x: &[f32], y: &[f32], ids: Option<TokenIds<'_>>) -> Result<()> {
         let row = self.dims.n_layers * self.dims.d_model;
-        if x.len() % row != 0 || y.len() != x.len() {
+        if !x.len().is_multiple_of(row) || y.len() != x.len() {
             return Err(Error::Shape {
                 what: "tokens pushed to a dataset (x, y)".into(),
                 expected: vec![x.len() / row, self.dims.n_layers, self.dims.d_model],
