@@ -539,3 +539,186 @@ proptest! {
         let _ = format::parse(&b, Path::new("fuzz.clts"));
     }
 }
+
+fn write_npy(path: &Path, descr: &str, shape: &[usize], data: &[u8]) {
+    let shape_s = match shape {
+        [n] => format!("({n},)"),
+        s => format!(
+            "({})",
+            s.iter()
+                .map(|v| v.to_string())
+                .collect::<Vec<_>>()
+                .join(", ")
+        ),
+    };
+    let mut h = format!("{{'descr': '{descr}', 'fortran_order': False, 'shape': {shape_s}, }}");
+    while (10 + h.len() + 1) % 64 != 0 {
+        h.push(' ');
+    }
+    h.push('\n');
+    let mut b = b"\x93NUMPY\x01\x00".to_vec();
+    b.extend((h.len() as u16).to_le_bytes());
+    b.extend(h.as_bytes());
+    b.extend(data);
+    std::fs::write(path, b).unwrap();
+}
+
+fn encode_args(codec: Codec) -> clt::store::cli::EncodeArgs {
+    clt::store::cli::EncodeArgs {
+        codec,
+        no_byte_planes: false,
+        block_tokens: 32,
+        shard_tokens: 100,
+        zstd_level: 3,
+        threads: 1,
+    }
+}
+
+#[test]
+fn import_npy_and_clt_forge_then_convert() {
+    use clt::store::cli::{StoreCommand, convert, import, run, verify};
+    use clt::store::import::ImportSource;
+    let dir = tempfile::tempdir().unwrap();
+    let n = 150;
+    let (x, y) = synth(n, 21);
+    let shape = [n, DIMS.n_layers, DIMS.d_model];
+    let f32s = |v: &[f32]| v.iter().flat_map(|f| f.to_le_bytes()).collect::<Vec<u8>>();
+    let toks: Vec<i64> = (0..n as i64).map(|t| t * 3).collect();
+    let tok_bytes: Vec<u8> = toks.iter().flat_map(|t| t.to_le_bytes()).collect();
+
+    // .npy: f32 inputs, f16 targets, i64 tokens.
+    let y16: Vec<u8> = y
+        .iter()
+        .flat_map(|v| half::f16::from_f32(*v).to_le_bytes())
+        .collect();
+    write_npy(&dir.path().join("x.npy"), "<f4", &shape, &f32s(&x));
+    write_npy(&dir.path().join("y.npy"), "<f2", &shape, &y16);
+    write_npy(&dir.path().join("t.npy"), "<i8", &[n], &tok_bytes);
+    let src = ImportSource::npy(
+        &dir.path().join("x.npy"),
+        &dir.path().join("y.npy"),
+        Some(&dir.path().join("t.npy")),
+    )
+    .unwrap();
+    let out = dir.path().join("from-npy");
+    let m = import(&[src], &out, &encode_args(Codec::F32), "m").unwrap();
+    assert_eq!((m.n_tokens, m.shards.len()), (n as u64, 2));
+    let (rx, ry, rt, _, _) = read_all(&out);
+    assert_eq!(rx, x);
+    assert!(
+        ry.iter()
+            .zip(&y)
+            .all(|(a, b)| (a - b).abs() <= b.abs() * 1e-3 + 1e-4)
+    );
+    assert_eq!(rt, (0..n as u32).map(|t| t * 3).collect::<Vec<_>>());
+
+    // CLT-Forge split: two files appended, tokens as I64.
+    let xb = f32s(&x);
+    let yb = f32s(&y);
+    let mut files = Vec::new();
+    for (i, half_range) in [(0, 0..80), (1, 80..n)].into_iter() {
+        let row = DIMS.n_layers * DIMS.d_model * 4;
+        let (a, b) = (half_range.start, half_range.end);
+        let sh = vec![b - a, DIMS.n_layers, DIMS.d_model];
+        let views = vec![
+            (
+                "act_in",
+                safetensors::tensor::TensorView::new(
+                    safetensors::Dtype::F32,
+                    sh.clone(),
+                    &xb[a * row..b * row],
+                )
+                .unwrap(),
+            ),
+            (
+                "act_out",
+                safetensors::tensor::TensorView::new(
+                    safetensors::Dtype::F32,
+                    sh,
+                    &yb[a * row..b * row],
+                )
+                .unwrap(),
+            ),
+            (
+                "tokens",
+                safetensors::tensor::TensorView::new(
+                    safetensors::Dtype::I64,
+                    vec![b - a],
+                    &tok_bytes[a * 8..b * 8],
+                )
+                .unwrap(),
+            ),
+        ];
+        let p = dir.path().join(format!("split{i}.safetensors"));
+        std::fs::write(&p, safetensors::serialize(views, None).unwrap()).unwrap();
+        files.push(p);
+    }
+    let out2 = dir.path().join("from-forge");
+    run(StoreCommand::Import {
+        format: clt::store::cli::ImportFormat::CltForge,
+        out: out2.clone(),
+        x: None,
+        y: None,
+        tokens: None,
+        files: files.clone(),
+        model: "forge".into(),
+        encode: encode_args(Codec::Bf16),
+    })
+    .unwrap();
+    assert_eq!(verify(&out2).unwrap().tokens, n as u64);
+    let (fx, _, ft, _, _) = read_all(&out2);
+    assert!(
+        fx.iter()
+            .zip(&x)
+            .all(|(a, b)| (a - b).abs() <= b.abs() / 256.0)
+    );
+    assert_eq!(ft, rt);
+
+    // A split missing `act_out` is a typed error naming the tensor.
+    let bad = dir.path().join("bad.safetensors");
+    let v =
+        safetensors::tensor::TensorView::new(safetensors::Dtype::F32, vec![1, 3, 20], &xb[..240])
+            .unwrap();
+    std::fs::write(
+        &bad,
+        safetensors::serialize(vec![("act_in", v)], None).unwrap(),
+    )
+    .unwrap();
+    assert!(
+        matches!(ImportSource::clt_forge(&bad), Err(Error::Tensor { ref tensor, .. }) if tensor == "act_out")
+    );
+    // A truncated .npy is a format error.
+    let b = std::fs::read(dir.path().join("x.npy")).unwrap();
+    std::fs::write(dir.path().join("x.npy"), &b[..b.len() - 5]).unwrap();
+    let src =
+        ImportSource::npy(&dir.path().join("x.npy"), &dir.path().join("y.npy"), None).unwrap();
+    let e = import(
+        &[src],
+        &dir.path().join("trunc"),
+        &encode_args(Codec::F32),
+        "",
+    )
+    .unwrap_err();
+    assert!(matches!(e, Error::Format { .. }), "{e}");
+
+    // Convert f32 -> int8 keeps ids and stays within the int8 bound.
+    let out3 = dir.path().join("int8");
+    let m = convert(&out, &out3, &encode_args(Codec::Int8)).unwrap();
+    assert_eq!(m.codec, Codec::Int8);
+    let (cx, _, ct, _, _) = read_all(&out3);
+    assert_eq!(ct, rt);
+    for (ro, rb) in x.chunks(DIMS.d_model).zip(cx.chunks(DIMS.d_model)) {
+        let absmax = ro.iter().fold(0f32, |m, v| m.max(v.abs()));
+        assert!(
+            ro.iter()
+                .zip(rb)
+                .all(|(a, b)| (a - b).abs() <= absmax / 254.0 * 1.0001)
+        );
+    }
+    run(StoreCommand::Inspect {
+        path: out3.clone(),
+        blocks: true,
+    })
+    .unwrap();
+    run(StoreCommand::Verify { path: out3 }).unwrap();
+}
