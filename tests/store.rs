@@ -172,6 +172,24 @@ fn writer_rejects_non_finite_and_bad_shapes() {
         w.push(&x[1..], &y, None),
         Err(Error::Shape { .. })
     ));
+    let cfg = WriterConfig {
+        codec: Codec::F16,
+        ..Default::default()
+    };
+    let mut w = DatasetWriter::create(dir.path().join("f16"), DIMS, cfg, ShardMeta::default(), 100)
+        .unwrap();
+    let (mut x, y) = synth(2, 1);
+    x[7] = 1e5;
+    assert!(matches!(
+        w.push(&x, &y, None),
+        Err(Error::InvalidData { .. })
+    ));
+    // Nothing valid was written: finishing an empty dataset is an error, and no shard file is left behind.
+    assert!(matches!(w.finish(), Err(Error::InvalidData { .. })));
+    assert_eq!(
+        std::fs::read_dir(dir.path().join("f16")).unwrap().count(),
+        0
+    );
 }
 
 fn one_shard(dir: &Path) -> PathBuf {

@@ -192,6 +192,19 @@ impl ShardWriter {
         }
         check_finite("shard inputs x", x, self.dims.d_model)?;
         check_finite("shard targets y", y, self.dims.d_model)?;
+        if self.cfg.codec == Codec::F16 {
+            for (what, v) in [("shard inputs x", x), ("shard targets y", y)] {
+                if let Some(i) = v.iter().position(|v| v.abs() > f32::from(half::f16::MAX)) {
+                    return Err(Error::InvalidData {
+                        what: what.into(),
+                        reason: format!(
+                            "value {} at index {i} is outside the f16 range; use bf16 or int8",
+                            v[i]
+                        ),
+                    });
+                }
+            }
+        }
         let d = self.dims.d_model;
         for (k, src) in [x, y].into_iter().enumerate() {
             for (i, r) in src.chunks_exact(d).enumerate() {
