@@ -7,7 +7,9 @@ use criterion::{Criterion, Throughput, criterion_group, criterion_main};
 
 use clt::data::{ActDims, ActivationSource, Batch};
 use clt::store::format::ShardMeta;
-use clt::store::{BlockReader, Codec, Dataset, DatasetWriter, LoaderConfig, ShardLoader, WriterConfig};
+use clt::store::{
+    BlockReader, Codec, Dataset, DatasetWriter, LoaderConfig, ShardLoader, WriterConfig,
+};
 
 const DIMS: ActDims = ActDims {
     n_layers: 4,
@@ -18,11 +20,15 @@ const TOKENS: usize = 4096;
 fn data() -> (Vec<f32>, Vec<f32>) {
     let mut s = 1u64;
     let mut next = move || {
-        s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        s = s
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
         ((s >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * 4.0
     };
     let n = TOKENS * DIMS.n_layers * DIMS.d_model;
-    let x: Vec<f32> = (0..n).map(|i| if i % 97 == 0 { next() * 30.0 } else { next() }).collect();
+    let x: Vec<f32> = (0..n)
+        .map(|i| if i % 97 == 0 { next() * 30.0 } else { next() })
+        .collect();
     let y = x.iter().rev().copied().collect();
     (x, y)
 }

@@ -10,7 +10,9 @@ use std::time::Instant;
 
 use clt::data::{ActDims, ActivationSource, Batch};
 use clt::store::format::ShardMeta;
-use clt::store::{BlockReader, Codec, Dataset, DatasetWriter, LoaderConfig, ShardLoader, WriterConfig};
+use clt::store::{
+    BlockReader, Codec, Dataset, DatasetWriter, LoaderConfig, ShardLoader, WriterConfig,
+};
 use rayon::prelude::*;
 
 struct Rng(u64);
@@ -38,7 +40,11 @@ fn synth(t: usize, dims: ActDims, seed: u64) -> Vec<f32> {
     let d = dims.d_model;
     let mut r = Rng(seed);
     let outliers: Vec<Vec<(usize, f32)>> = (0..dims.n_layers)
-        .map(|_| (0..4).map(|k| ((r.u64() % d as u64) as usize, 20.0 + 10.0 * k as f32)).collect())
+        .map(|_| {
+            (0..4)
+                .map(|k| ((r.u64() % d as u64) as usize, 20.0 + 10.0 * k as f32))
+                .collect()
+        })
         .collect();
     let mut v = vec![0f32; t * dims.n_layers * d];
     for (i, row) in v.chunks_exact_mut(d).enumerate() {
@@ -57,7 +63,11 @@ fn synth(t: usize, dims: ActDims, seed: u64) -> Vec<f32> {
 fn rel_err_per_layer(x: &[f32], xh: &[f32], dims: ActDims) -> (f64, Vec<f64>) {
     let l = dims.n_layers;
     let (mut num, mut den) = (vec![0f64; l], vec![0f64; l]);
-    for (i, (a, b)) in x.chunks_exact(dims.d_model).zip(xh.chunks_exact(dims.d_model)).enumerate() {
+    for (i, (a, b)) in x
+        .chunks_exact(dims.d_model)
+        .zip(xh.chunks_exact(dims.d_model))
+        .enumerate()
+    {
         for (&p, &q) in a.iter().zip(b) {
             num[i % l] += ((p - q) as f64).powi(2);
             den[i % l] += (p as f64).powi(2);
@@ -81,7 +91,8 @@ fn forge_baseline(x: &[f32], y: &[f32], dims: ActDims, t: usize) -> (f64, Vec<f3
             .enumerate()
             .flat_map(|(i, row)| {
                 let s = sc[i % l];
-                row.iter().map(move |x| (x / s).round().clamp(-127.0, 127.0) as i8)
+                row.iter()
+                    .map(move |x| (x / s).round().clamp(-127.0, 127.0) as i8)
             })
             .collect();
         (q, sc)
@@ -120,7 +131,10 @@ fn decode_all(ds: &Dataset, row: usize, threads: usize) -> f64 {
         .enumerate()
         .flat_map(|(s, sh)| (0..sh.blocks().len()).map(move |b| (s, b)))
         .collect();
-    let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
+    let pool = rayon::ThreadPoolBuilder::new()
+        .num_threads(threads)
+        .build()
+        .unwrap();
     let mut best = 0f64;
     for _ in 0..3 {
         let t0 = Instant::now();
@@ -145,7 +159,10 @@ fn decode_all(ds: &Dataset, row: usize, threads: usize) -> f64 {
 }
 
 fn main() {
-    let a: Vec<usize> = std::env::args().skip(1).map(|s| s.parse().expect("numbers")).collect();
+    let a: Vec<usize> = std::env::args()
+        .skip(1)
+        .map(|s| s.parse().expect("numbers"))
+        .collect();
     let t = a.first().copied().unwrap_or(8192);
     let dims = ActDims {
         n_layers: a.get(1).copied().unwrap_or(4),
@@ -156,8 +173,13 @@ fn main() {
     let x = synth(t, dims, 1);
     let y = synth(t, dims, 2);
     let f32_bpt = (row * 8) as f64;
-    println!("tokens {t}, L {}, d {}, f32 bytes/token (x+y) {f32_bpt}, threads {threads}\n", dims.n_layers, dims.d_model);
-    println!("| codec | planes | bytes/token | vs f32 | rel. err x | decode GB/s 1 thr | decode GB/s {threads} thr | write s |");
+    println!(
+        "tokens {t}, L {}, d {}, f32 bytes/token (x+y) {f32_bpt}, threads {threads}\n",
+        dims.n_layers, dims.d_model
+    );
+    println!(
+        "| codec | planes | bytes/token | vs f32 | rel. err x | decode GB/s 1 thr | decode GB/s {threads} thr | write s |"
+    );
     println!("|---|---|---:|---:|---:|---:|---:|---:|");
     let tmp = tempfile::tempdir().unwrap();
     let mut int8_bpt = 0.0;
@@ -181,7 +203,8 @@ fn main() {
             threads: 0,
         };
         let t0 = Instant::now();
-        let mut w = DatasetWriter::create(&dir, dims, cfg, ShardMeta::default(), (t / 2) as u64).unwrap();
+        let mut w =
+            DatasetWriter::create(&dir, dims, cfg, ShardMeta::default(), (t / 2) as u64).unwrap();
         w.push(&x, &y, None).unwrap();
         let m = w.finish().unwrap();
         let wsec = t0.elapsed().as_secs_f64();
@@ -203,7 +226,11 @@ fn main() {
         println!(
             "| {} | {} | {:.0} | {:.2}× | {:.2e} | {:.2} | {:.2} | {:.2} |",
             codec.name(),
-            if codec.is_16bit() { planes.to_string() } else { "-".into() },
+            if codec.is_16bit() {
+                planes.to_string()
+            } else {
+                "-".into()
+            },
             bpt,
             f32_bpt / bpt,
             err.0,
@@ -224,11 +251,20 @@ fn main() {
         f32_bpt / fb,
         ferr.0
     );
-    println!("\nint8 per-row vs CLT-Forge: size ratio {:.3}, error ratio (forge / ours) {:.1}×", int8_bpt / fb, ferr.0 / int8_err.0);
+    println!(
+        "\nint8 per-row vs CLT-Forge: size ratio {:.3}, error ratio (forge / ours) {:.1}×",
+        int8_bpt / fb,
+        ferr.0 / int8_err.0
+    );
     println!("\n| layer | rel. err int8 per-row | rel. err CLT-Forge int8 | ratio |");
     println!("|---:|---:|---:|---:|");
     for l in 0..dims.n_layers {
-        println!("| {l} | {:.2e} | {:.2e} | {:.1}× |", int8_err.1[l], ferr.1[l], ferr.1[l] / int8_err.1[l]);
+        println!(
+            "| {l} | {:.2e} | {:.2e} | {:.1}× |",
+            int8_err.1[l],
+            ferr.1[l],
+            ferr.1[l] / int8_err.1[l]
+        );
     }
 
     // Outlier-aware variant (estimate, not a codec of format v1): the 4 largest-|mean square| dims of each layer kept
@@ -251,7 +287,11 @@ fn main() {
     let mut oxh = x.clone();
     for (i, r) in oxh.chunks_exact_mut(dims.d_model).enumerate() {
         let od = &out_dims[i % l];
-        let amax = r.iter().enumerate().filter(|(j, _)| !od.contains(j)).fold(0f32, |m, (_, v)| m.max(v.abs()));
+        let amax = r
+            .iter()
+            .enumerate()
+            .filter(|(j, _)| !od.contains(j))
+            .fold(0f32, |m, (_, v)| m.max(v.abs()));
         let s = amax / 127.0;
         for (j, v) in r.iter_mut().enumerate() {
             *v = if od.contains(&j) {

@@ -9,18 +9,20 @@
 //! timing, so the stream is deterministic and [`position`](ActivationSource::position) — `(epoch, window,
 //! cursor)` — restores it exactly.
 //!
-//! **Pipeline.** With `workers > 0`, background threads decode whole windows (window `g` of the stream on worker
-//! `g mod workers`) into f32 buffers in shuffled order — each block is decompressed once and each token
-//! dequantised straight into its shuffled slot — and hand them over bounded channels (`prefetch` windows per
-//! worker); the caller's thread only copies rows into the batch. With `workers = 0` the caller's thread decodes.
-//! Memory held: about `workers × (prefetch + 1) + 1` windows of `window_blocks × block_tokens × L × d × 8` bytes.
+//! **Pipeline.** With `workers > 0`, background threads prepare whole windows (window `g` of the stream on worker
+//! `g mod workers`): they decompress each block once into a pooled buffer, checking both checksums, and compute the
+//! window's row order; the windows travel over bounded channels (`prefetch` windows per worker). The caller's thread
+//! then dequantises each served row straight from the decompressed block into the batch (one fused pass, no
+//! intermediate f32 copy). With `workers = 0` the caller's thread also decompresses. Memory held: about
+//! `(workers × (prefetch + 1) + 1) × window_blocks` decompressed blocks (the codec's size, not f32).
 
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{Receiver, SyncSender, sync_channel};
+use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 
-use super::reader::{BlockReader, Dataset};
+use super::format::BlockLayout;
+use super::reader::{Block, BlockReader, Dataset};
 use crate::data::{ActDims, ActivationSource, Batch};
 use crate::{Error, Result};
 
@@ -95,6 +97,8 @@ struct Plan {
     cfg: LoaderConfig,
     n_windows: u64,
     row: usize,
+    /// Decompression buffers returned by served windows, reused by the next ones.
+    pool: Mutex<Vec<Vec<u8>>>,
 }
 
 impl Plan {
@@ -115,7 +119,7 @@ impl Plan {
         }
     }
 
-    /// Decodes window `g` of the stream into shuffled f32 rows.
+    /// Decompresses the blocks of window `g` of the stream (checking their checksums) and computes its row order.
     fn decode(
         &self,
         g: u64,
@@ -126,44 +130,58 @@ impl Plan {
         if plan.as_ref().is_none_or(|p| p.epoch != e) {
             *plan = Some(self.epoch(e));
         }
-        let blocks = &plan.as_ref().unwrap().windows[w];
-        let n: usize = blocks
-            .iter()
-            .map(|&b| self.blocks[b as usize].2 as usize)
-            .sum();
-        let mut perm: Vec<u32> = (0..n as u32).collect();
+        let ids = &plan.as_ref().unwrap().windows[w];
+        let mut blocks = Vec::with_capacity(ids.len());
+        // (block in window, token in block) of each source token, in window order.
+        let mut owner = Vec::new();
+        for (j, &b) in ids.iter().enumerate() {
+            let (si, bi, nt) = self.blocks[b as usize];
+            let mut buf = self
+                .pool
+                .lock()
+                .ok()
+                .and_then(|mut p| p.pop())
+                .unwrap_or_default();
+            let layout = reader
+                .read_into(&self.ds.shards()[si as usize], bi as usize, &mut buf)?
+                .layout;
+            blocks.push((layout, buf));
+            owner.extend((0..nt).map(|t| (j as u32, t)));
+        }
+        let mut perm: Vec<u32> = (0..owner.len() as u32).collect();
         shuffle(
             &mut perm,
             seed_of(&[self.cfg.seed, e, self.cfg.rank as u64, w as u64]),
         );
-        // perm[i] = source token of output slot i; we need the slot of each source token.
-        let mut slot = vec![0u32; n];
-        for (i, &s) in perm.iter().enumerate() {
-            slot[s as usize] = i as u32;
-        }
-        let row = self.row;
-        let mut x = vec![0f32; n * row];
-        let mut y = vec![0f32; n * row];
-        let mut base = 0usize;
-        for &b in blocks {
-            let (si, bi, nt) = self.blocks[b as usize];
-            let blk = reader.read(&self.ds.shards()[si as usize], bi as usize)?;
-            for t in 0..nt as usize {
-                let d = slot[base + t] as usize * row;
-                blk.x_rows(t, &mut x[d..d + row]);
-                blk.y_rows(t, &mut y[d..d + row]);
+        let src = perm.into_iter().map(|s| owner[s as usize]).collect();
+        Ok(Window {
+            g,
+            n: owner.len(),
+            blocks,
+            src,
+        })
+    }
+
+    /// Returns a window's buffers to the pool.
+    fn recycle(&self, w: Window) {
+        if let Ok(mut p) = self.pool.lock() {
+            let cap = (self.cfg.workers + 1) * (self.cfg.prefetch + 2) * self.cfg.window_blocks;
+            for (_, buf) in w.blocks {
+                if p.len() < cap {
+                    p.push(buf);
+                }
             }
-            base += nt as usize;
         }
-        Ok(Window { g, n, x, y })
     }
 }
 
+/// A window of decompressed blocks and the order in which its rows are served.
 struct Window {
     g: u64,
     n: usize,
-    x: Vec<f32>,
-    y: Vec<f32>,
+    blocks: Vec<(BlockLayout, Vec<u8>)>,
+    /// Output row `i` is token `src[i].1` of block `src[i].0`.
+    src: Vec<(u32, u32)>,
 }
 
 struct Pipeline {
@@ -291,6 +309,7 @@ impl ShardLoader {
         let plan = Plan {
             n_windows: mine.div_ceil(cfg.window_blocks) as u64,
             row: dims.n_layers * dims.d_model,
+            pool: Mutex::new(Vec::new()),
             ds,
             blocks,
             cfg,
@@ -378,16 +397,19 @@ impl ActivationSource for ShardLoader {
             }
             let w = self.current.as_ref().unwrap();
             let k = (w.n - self.cursor).min(n_tokens - filled);
-            let (src, dst) = (
-                self.cursor * row..(self.cursor + k) * row,
-                filled * row..(filled + k) * row,
-            );
-            batch.x[dst.clone()].copy_from_slice(&w.x[src.clone()]);
-            batch.y[dst].copy_from_slice(&w.y[src]);
+            let nl = self.plan.ds.dims().n_layers;
+            for (i, &(j, t)) in w.src[self.cursor..self.cursor + k].iter().enumerate() {
+                let (layout, raw) = &w.blocks[j as usize];
+                let blk = Block::from_parts(*layout, raw, nl);
+                let dst = (filled + i) * row..(filled + i + 1) * row;
+                blk.x_rows(t as usize, &mut batch.x[dst.clone()]);
+                blk.y_rows(t as usize, &mut batch.y[dst]);
+            }
             filled += k;
             self.cursor += k;
             if self.cursor == w.n {
-                self.current = None;
+                let done = self.current.take().unwrap();
+                self.plan.recycle(done);
                 self.cursor = 0;
                 self.g += 1;
             }

@@ -109,7 +109,17 @@ pub struct Block<'a> {
     n_layers: usize,
 }
 
-impl Block<'_> {
+impl<'a> Block<'a> {
+    /// A view of a block previously decompressed by [`BlockReader::read_into`] (`raw` is its first
+    /// `layout.raw_len()` bytes, which the reader checked).
+    pub(crate) fn from_parts(layout: BlockLayout, raw: &'a [u8], n_layers: usize) -> Self {
+        Block {
+            layout,
+            raw: &raw[..layout.raw_len()],
+            n_layers,
+        }
+    }
+
     pub fn n_tokens(&self) -> usize {
         self.layout.n_tokens
     }
@@ -169,57 +179,77 @@ impl BlockReader {
         })
     }
 
-    /// Reads block `b` of `shard`: checksum of the frame, decompression into the buffer, checksum of the result.
+    /// Reads block `b` of `shard`: checksum of the frame, decompression into the reader's buffer, checksum of the
+    /// result.
     pub fn read<'a>(&'a mut self, shard: &Shard, b: usize) -> Result<Block<'a>> {
-        let Some(e) = shard.blocks.get(b) else {
-            return Err(Error::Source(format!(
-                "{}: block {b} out of range ({} blocks)",
-                shard.path.display(),
-                shard.blocks.len()
-            )));
-        };
-        let comp = shard.compressed(b);
-        let sum = xxh3_64(comp);
-        if sum != e.comp_xxh3 {
-            return Err(shard.corrupt(
-                b,
-                format!(
-                    "compressed checksum {sum:016x}, index says {:016x}",
-                    e.comp_xxh3
-                ),
-            ));
-        }
-        let raw_len = e.raw_len as usize;
-        if self.buf.len() < raw_len {
-            self.buf.resize(raw_len, 0);
-        }
-        let dst = &mut self.buf[..raw_len];
-        let n = self
-            .dctx
-            .decompress_to_buffer(comp, dst)
-            .map_err(|err| shard.corrupt(b, format!("zstd: {err}")))?;
-        if n != raw_len {
-            return Err(shard.corrupt(
-                b,
-                format!("decompressed to {n} bytes, index says {raw_len}"),
-            ));
-        }
-        let sum = xxh3_64(dst);
-        if sum != e.raw_xxh3 {
-            return Err(shard.corrupt(
-                b,
-                format!(
-                    "decompressed checksum {sum:016x}, index says {:016x}",
-                    e.raw_xxh3
-                ),
-            ));
-        }
-        Ok(Block {
-            layout: shard.header.block_layout(e.n_tokens as usize),
-            raw: &self.buf[..raw_len],
-            n_layers: shard.header.n_layers as usize,
-        })
+        read_block(&mut self.dctx, shard, b, &mut self.buf)
     }
+
+    /// Like [`read`](Self::read), decompressing into the caller's buffer `buf` (grown as needed, never shrunk), so
+    /// that several decompressed blocks can be held at once without allocating per block.
+    pub fn read_into<'a>(
+        &mut self,
+        shard: &Shard,
+        b: usize,
+        buf: &'a mut Vec<u8>,
+    ) -> Result<Block<'a>> {
+        read_block(&mut self.dctx, shard, b, buf)
+    }
+}
+
+fn read_block<'a>(
+    dctx: &mut zstd::bulk::Decompressor<'static>,
+    shard: &Shard,
+    b: usize,
+    buf: &'a mut Vec<u8>,
+) -> Result<Block<'a>> {
+    let Some(e) = shard.blocks.get(b) else {
+        return Err(Error::Source(format!(
+            "{}: block {b} out of range ({} blocks)",
+            shard.path.display(),
+            shard.blocks.len()
+        )));
+    };
+    let comp = shard.compressed(b);
+    let sum = xxh3_64(comp);
+    if sum != e.comp_xxh3 {
+        return Err(shard.corrupt(
+            b,
+            format!(
+                "compressed checksum {sum:016x}, index says {:016x}",
+                e.comp_xxh3
+            ),
+        ));
+    }
+    let raw_len = e.raw_len as usize;
+    if buf.len() < raw_len {
+        buf.resize(raw_len, 0);
+    }
+    let dst = &mut buf[..raw_len];
+    let n = dctx
+        .decompress_to_buffer(comp, dst)
+        .map_err(|err| shard.corrupt(b, format!("zstd: {err}")))?;
+    if n != raw_len {
+        return Err(shard.corrupt(
+            b,
+            format!("decompressed to {n} bytes, index says {raw_len}"),
+        ));
+    }
+    let sum = xxh3_64(dst);
+    if sum != e.raw_xxh3 {
+        return Err(shard.corrupt(
+            b,
+            format!(
+                "decompressed checksum {sum:016x}, index says {:016x}",
+                e.raw_xxh3
+            ),
+        ));
+    }
+    Ok(Block {
+        layout: shard.header.block_layout(e.n_tokens as usize),
+        raw: &buf[..raw_len],
+        n_layers: shard.header.n_layers as usize,
+    })
 }
 
 /// An open dataset: its manifest and its shards, checked against each other.
