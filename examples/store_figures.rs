@@ -217,6 +217,7 @@ fn main() {
         (Codec::F16, false),
         (Codec::F16, true),
         (Codec::Int8, false),
+        (Codec::Int8o, false),
         (Codec::Int4, false),
     ] {
         let dir = tmp.path().join(format!("{}-{planes}", codec.name()));
@@ -226,6 +227,7 @@ fn main() {
             block_tokens: 256,
             zstd_level: 3,
             threads: 0,
+            outlier_dims: 4,
         };
         let t0 = Instant::now();
         let mut w =

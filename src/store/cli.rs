@@ -35,6 +35,9 @@ pub struct EncodeArgs {
     /// Compression threads (0: all cores).
     #[arg(long, default_value_t = 0)]
     pub threads: usize,
+    /// Outlier dimensions per layer kept in bf16 (int8o codec only).
+    #[arg(long, default_value_t = 8)]
+    pub outlier_dims: usize,
 }
 
 impl EncodeArgs {
@@ -45,6 +48,7 @@ impl EncodeArgs {
             block_tokens: self.block_tokens,
             zstd_level: self.zstd_level,
             threads: self.threads,
+            outlier_dims: self.outlier_dims,
         }
     }
 }

@@ -6,9 +6,12 @@
 //!   (all low bytes, then all high bytes) before zstd;
 //! - [`Codec::Int8`]: one f32 absmax scale per row (`scale = max|x| / 127`), values `round(x / scale)` in `[-127, 127]`;
 //! - [`Codec::Int4`]: one f32 absmax scale per row (`scale = max|x| / 7`), values in `[-7, 7]` stored offset by 8,
-//!   two per byte (even index in the low nibble), each row padded to a whole byte.
+//!   two per byte (even index in the low nibble), each row padded to a whole byte;
+//! - [`Codec::Int8o`]: outlier-aware int8: per block and layer, the `k` dimensions with the largest sum of squares
+//!   are kept as bf16, and the rest quantised like int8 with a per-row scale over the remaining dimensions only.
 //!
-//! Quantised sections store all the row scales first, then all the codes. Decoding writes straight into the
+//! Quantised sections store all the row scales first, then all the codes (int8o: outlier indices, scales, outlier
+//! values, codes). Decoding writes straight into the
 //! caller's f32 buffer: dequantisation is fused with the copy out of the decompressed block.
 
 use crate::{Error, Result};
@@ -24,16 +27,20 @@ pub enum Codec {
     F16 = 2,
     Int8 = 3,
     Int4 = 4,
+    #[serde(rename = "int8o")]
+    #[value(name = "int8o")]
+    Int8o = 5,
 }
 
 impl Codec {
     /// All codecs, in discriminant order.
-    pub const ALL: [Codec; 5] = [
+    pub const ALL: [Codec; 6] = [
         Codec::F32,
         Codec::Bf16,
         Codec::F16,
         Codec::Int8,
         Codec::Int4,
+        Codec::Int8o,
     ];
 
     /// The codec stored as byte `b`, if any.
@@ -49,6 +56,7 @@ impl Codec {
             Codec::F16 => "f16",
             Codec::Int8 => "int8",
             Codec::Int4 => "int4",
+            Codec::Int8o => "int8o",
         }
     }
 
@@ -59,7 +67,7 @@ impl Codec {
 
     /// True for the codecs with a per-row scale.
     pub fn is_quantised(self) -> bool {
-        matches!(self, Codec::Int8 | Codec::Int4)
+        matches!(self, Codec::Int8 | Codec::Int4 | Codec::Int8o)
     }
 
     /// Bytes of codes (without scales) for one row of `d` values.
@@ -67,7 +75,7 @@ impl Codec {
         match self {
             Codec::F32 => 4 * d,
             Codec::Bf16 | Codec::F16 => 2 * d,
-            Codec::Int8 => d,
+            Codec::Int8 | Codec::Int8o => d,
             Codec::Int4 => d.div_ceil(2),
         }
     }
@@ -81,6 +89,10 @@ pub struct Section {
     pub planes: bool,
     pub rows: usize,
     pub d: usize,
+    /// Layers per token (rows are token-major: row `r` is layer `r % layers`).
+    pub layers: usize,
+    /// Outlier dimensions per layer (int8o only; 0 otherwise).
+    pub outliers: usize,
 }
 
 impl Section {
@@ -92,12 +104,110 @@ impl Section {
             0
         };
         let codes = self.rows.checked_mul(self.codec.row_code_bytes(self.d))?;
-        scales.checked_add(codes)
+        let extra = if self.codec == Codec::Int8o {
+            let idx = self.layers.checked_mul(self.outliers)?.checked_mul(2)?;
+            idx.checked_add(self.rows.checked_mul(self.outliers)?.checked_mul(2)?)?
+        } else {
+            0
+        };
+        scales.checked_add(codes)?.checked_add(extra)
     }
 
     /// Bytes of the encoded section.
     pub fn bytes(&self) -> usize {
         self.checked_bytes().expect("section size overflows usize")
+    }
+
+    /// Byte offsets of the int8o parts: scales, outlier values, codes (indices start at 0).
+    fn int8o_offsets(&self) -> (usize, usize, usize) {
+        let s = 2 * self.layers * self.outliers;
+        let v = s + 4 * self.rows;
+        (s, v, v + 2 * self.rows * self.outliers)
+    }
+
+    /// Checks the parts of an encoded section that decoding indexes by (int8o outlier indices must be distinct,
+    /// ascending and below `d`); other codecs need no check.
+    pub fn validate(&self, sec: &[u8]) -> std::result::Result<(), String> {
+        if sec.len() != self.bytes() {
+            return Err(format!(
+                "section of {} bytes, expected {}",
+                sec.len(),
+                self.bytes()
+            ));
+        }
+        if self.codec == Codec::Int8o {
+            for l in 0..self.layers {
+                let mut prev = None;
+                for j in 0..self.outliers {
+                    let i = self.outlier_index(sec, l, j);
+                    if i >= self.d || prev.is_some_and(|p| p >= i) {
+                        return Err(format!(
+                            "layer {l}: outlier index {i} is out of order or range"
+                        ));
+                    }
+                    prev = Some(i);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn outlier_index(&self, sec: &[u8], l: usize, j: usize) -> usize {
+        let at = 2 * (l * self.outliers + j);
+        u16::from_le_bytes([sec[at], sec[at + 1]]) as usize
+    }
+
+    fn encode_int8o(&self, src: &[f32], out: &mut Vec<u8>) {
+        let (d, nl, k) = (self.d, self.layers, self.outliers);
+        let mut chosen = Vec::with_capacity(nl);
+        for l in 0..nl {
+            let mut ss = vec![0f64; d];
+            for row in src.chunks_exact(d).skip(l).step_by(nl) {
+                for (a, &v) in ss.iter_mut().zip(row) {
+                    *a += (v as f64) * (v as f64);
+                }
+            }
+            let mut idx: Vec<usize> = (0..d).collect();
+            idx.sort_by(|a, b| ss[*b].total_cmp(&ss[*a]).then(a.cmp(b)));
+            idx.truncate(k);
+            idx.sort_unstable();
+            for &i in &idx {
+                out.extend_from_slice(&(i as u16).to_le_bytes());
+            }
+            chosen.push(idx);
+        }
+        let mut scales = Vec::with_capacity(self.rows);
+        for (r, row) in src.chunks_exact(d).enumerate() {
+            let o = &chosen[r % nl];
+            let mut absmax = 0f32;
+            let mut next = 0;
+            for (i, v) in row.iter().enumerate() {
+                if next < o.len() && o[next] == i {
+                    next += 1;
+                } else {
+                    absmax = absmax.max(v.abs());
+                }
+            }
+            scales.push(absmax / 127.0);
+            out.extend_from_slice(&(absmax / 127.0).to_le_bytes());
+        }
+        for (r, row) in src.chunks_exact(d).enumerate() {
+            for &i in &chosen[r % nl] {
+                out.extend_from_slice(&half::bf16::from_f32(row[i]).to_bits().to_le_bytes());
+            }
+        }
+        for (r, row) in src.chunks_exact(d).enumerate() {
+            let s = scales[r];
+            let inv = if s > 0.0 { 1.0 / s } else { 0.0 };
+            let start = out.len();
+            out.extend(
+                row.iter()
+                    .map(|&v| (v * inv).round().clamp(-127.0, 127.0) as i8 as u8),
+            );
+            for &i in &chosen[r % nl] {
+                out[start + i] = 0;
+            }
+        }
     }
 
     fn scales_bytes(&self) -> usize {
@@ -114,6 +224,11 @@ impl Section {
         debug_assert_eq!(src.len(), self.rows * d);
         let start = out.len();
         out.reserve(self.bytes());
+        if self.codec == Codec::Int8o {
+            self.encode_int8o(src, out);
+            debug_assert_eq!(out.len() - start, self.bytes());
+            return;
+        }
         match self.codec {
             Codec::F32 => {
                 for v in src {
@@ -137,7 +252,7 @@ impl Section {
                     }
                 }
             }
-            Codec::Int8 | Codec::Int4 => {
+            _ => {
                 let qmax = if self.codec == Codec::Int8 {
                     127.0
                 } else {
@@ -207,6 +322,27 @@ impl Section {
                         .zip(sec[2 * v0..2 * (v0 + n)].chunks_exact(2))
                     {
                         *o = conv(u16::from_le_bytes([b[0], b[1]]));
+                    }
+                }
+            }
+            Codec::Int8o => {
+                let (so, vo, co) = self.int8o_offsets();
+                let k = self.outliers;
+                for (i, orow) in out.chunks_exact_mut(d).enumerate() {
+                    let r = r0 + i;
+                    let s = f32::from_le_bytes(sec[so + 4 * r..so + 4 * r + 4].try_into().unwrap());
+                    for (o, &c) in orow.iter_mut().zip(&sec[co + r * d..co + (r + 1) * d]) {
+                        *o = (c as i8) as f32 * s;
+                    }
+                    for j in 0..k {
+                        let at = vo + 2 * (r * k + j);
+                        let v = f32::from_bits(
+                            (u16::from_le_bytes([sec[at], sec[at + 1]]) as u32) << 16,
+                        );
+                        // Indices were validated when the block was read; `get_mut` keeps a bad one from panicking.
+                        if let Some(o) = orow.get_mut(self.outlier_index(sec, r % self.layers, j)) {
+                            *o = v;
+                        }
                     }
                 }
             }

@@ -71,6 +71,8 @@ pub struct Header {
     pub version: u32,
     pub codec: Codec,
     pub byte_planes: bool,
+    /// Outlier dimensions per layer (int8o; 0 for other codecs).
+    pub outliers: u16,
     pub n_tokens: u64,
     pub n_layers: u32,
     pub d_model: u32,
@@ -107,9 +109,11 @@ pub struct BlockLayout {
 
 impl BlockLayout {
     /// The layout of a block of `n_tokens` tokens under the header's codec and dims.
+    /// `outliers` is the int8o outlier count per layer (ignored for other codecs).
     pub fn new(
         codec: Codec,
         byte_planes: bool,
+        outliers: usize,
         n_layers: usize,
         d_model: usize,
         n_tokens: usize,
@@ -121,6 +125,8 @@ impl BlockLayout {
                 planes: byte_planes && codec.is_16bit(),
                 rows: n_tokens * n_layers,
                 d: d_model,
+                layers: n_layers,
+                outliers: if codec == Codec::Int8o { outliers } else { 0 },
             },
         }
     }
@@ -164,6 +170,7 @@ impl Header {
         } else {
             0
         };
+        b[14..16].copy_from_slice(&self.outliers.to_le_bytes());
         b[16..24].copy_from_slice(&self.n_tokens.to_le_bytes());
         b[24..28].copy_from_slice(&self.n_layers.to_le_bytes());
         b[28..32].copy_from_slice(&self.d_model.to_le_bytes());
@@ -180,6 +187,7 @@ impl Header {
         BlockLayout::new(
             self.codec,
             self.byte_planes,
+            self.outliers as usize,
             self.n_layers as usize,
             self.d_model as usize,
             n_tokens,
@@ -262,13 +270,14 @@ pub fn parse(file: &[u8], path: &Path) -> Result<ParsedShard> {
     if flags & !FLAG_BYTE_PLANES != 0 {
         return Err(err(13, format!("unknown flags {flags:#04x}")));
     }
-    if file[14..16] != [0, 0] || file[52..56] != [0, 0, 0, 0] {
+    if file[52..56] != [0, 0, 0, 0] {
         return Err(err(14, "reserved header bytes are not zero".into()));
     }
     let h = Header {
         version,
         codec,
         byte_planes: flags & FLAG_BYTE_PLANES != 0,
+        outliers: u16::from_le_bytes([file[14], file[15]]),
         n_tokens: u64_at(file, 16),
         n_layers: u32_at(file, 24),
         d_model: u32_at(file, 28),
@@ -282,6 +291,19 @@ pub fn parse(file: &[u8], path: &Path) -> Result<ParsedShard> {
         return Err(err(
             13,
             format!("byte-plane flag set for codec {}", codec.name()),
+        ));
+    }
+    if (codec == Codec::Int8o) != (h.outliers > 0)
+        || (codec == Codec::Int8o && (h.outliers as u32 >= h.d_model || h.d_model > 1 << 16))
+    {
+        return Err(err(
+            14,
+            format!(
+                "{} outlier dims per layer is invalid for codec {} and d_model {}",
+                h.outliers,
+                codec.name(),
+                h.d_model
+            ),
         ));
     }
     if h.n_layers == 0 || h.d_model == 0 || h.block_tokens == 0 {

@@ -34,6 +34,9 @@ pub struct Manifest {
     pub dims: ActDims,
     pub codec: Codec,
     pub byte_planes: bool,
+    /// Outlier dimensions per layer (int8o; 0 otherwise).
+    #[serde(default)]
+    pub outlier_dims: u64,
     pub block_tokens: u64,
     #[serde(default)]
     pub model: String,

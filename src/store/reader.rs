@@ -245,8 +245,16 @@ fn read_block<'a>(
             ),
         ));
     }
+    let layout = shard.header.block_layout(e.n_tokens as usize);
+    let r = layout.ranges();
+    for k in 0..2 {
+        layout
+            .section
+            .validate(&buf[r[k].clone()])
+            .map_err(|why| shard.corrupt(b, why))?;
+    }
     Ok(Block {
-        layout: shard.header.block_layout(e.n_tokens as usize),
+        layout,
         raw: &buf[..raw_len],
         n_layers: shard.header.n_layers as usize,
     })
@@ -331,6 +339,12 @@ impl Dataset {
                 diffs.push(format!(
                     "codec {:?}/planes {} (manifest {:?}/{})",
                     h.codec, h.byte_planes, manifest.codec, manifest.byte_planes
+                ));
+            }
+            if h.outliers as u64 != manifest.outlier_dims {
+                diffs.push(format!(
+                    "outlier_dims {} (manifest {})",
+                    h.outliers, manifest.outlier_dims
                 ));
             }
             if h.block_tokens as u64 != manifest.block_tokens {

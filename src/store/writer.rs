@@ -34,6 +34,13 @@ pub struct WriterConfig {
     pub zstd_level: i32,
     /// Threads compressing blocks in parallel (0: rayon's global pool).
     pub threads: usize,
+    /// Outlier dimensions per layer kept in bf16 by the int8o codec (1 ≤ k < d_model; ignored by other codecs).
+    #[serde(default = "default_outliers")]
+    pub outlier_dims: usize,
+}
+
+fn default_outliers() -> usize {
+    8
 }
 
 impl Default for WriterConfig {
@@ -44,6 +51,7 @@ impl Default for WriterConfig {
             block_tokens: 256,
             zstd_level: 3,
             threads: 0,
+            outlier_dims: default_outliers(),
         }
     }
 }
@@ -94,6 +102,17 @@ fn validate_cfg(cfg: &WriterConfig, dims: ActDims) -> Result<()> {
             format!("{} is outside 1..=22", cfg.zstd_level),
         ));
     }
+    if cfg.codec == Codec::Int8o
+        && (cfg.outlier_dims == 0 || cfg.outlier_dims >= dims.d_model || dims.d_model > 1 << 16)
+    {
+        return Err(Error::config(
+            "store.outlier_dims",
+            format!(
+                "int8o needs 1 <= outlier_dims ({}) < d_model ({}) <= 65536",
+                cfg.outlier_dims, dims.d_model
+            ),
+        ));
+    }
     if dims.n_layers == 0 || dims.d_model == 0 {
         return Err(Error::config(
             "store.dims",
@@ -103,6 +122,7 @@ fn validate_cfg(cfg: &WriterConfig, dims: ActDims) -> Result<()> {
     let raw = BlockLayout::new(
         cfg.codec,
         cfg.byte_planes,
+        cfg.outlier_dims,
         dims.n_layers,
         dims.d_model,
         cfg.block_tokens,
@@ -163,6 +183,14 @@ impl ShardWriter {
             n_tokens: 0,
             sums: [vec![0.0; l], vec![0.0; l], vec![0.0; l], vec![0.0; l]],
         })
+    }
+
+    fn outliers(&self) -> u16 {
+        if self.cfg.codec == Codec::Int8o {
+            self.cfg.outlier_dims as u16
+        } else {
+            0
+        }
     }
 
     /// Tokens accepted so far.
@@ -254,6 +282,7 @@ impl ShardWriter {
                     let layout = BlockLayout::new(
                         cfg.codec,
                         cfg.byte_planes,
+                        cfg.outlier_dims,
                         dims.n_layers,
                         dims.d_model,
                         e - s,
@@ -328,6 +357,7 @@ impl ShardWriter {
             version: VERSION,
             codec: self.cfg.codec,
             byte_planes: self.cfg.byte_planes && self.cfg.codec.is_16bit(),
+            outliers: self.outliers(),
             n_tokens: self.n_tokens,
             n_layers: self.dims.n_layers as u32,
             d_model: self.dims.d_model as u32,
@@ -501,6 +531,11 @@ impl DatasetWriter {
             dims: self.dims,
             codec: self.cfg.codec,
             byte_planes: self.cfg.byte_planes && self.cfg.codec.is_16bit(),
+            outlier_dims: if self.cfg.codec == Codec::Int8o {
+                self.cfg.outlier_dims as u64
+            } else {
+                0
+            },
             block_tokens: self.cfg.block_tokens as u64,
             model: self.meta.model.clone(),
             n_tokens: self.shards.iter().map(|s| s.n_tokens).sum(),
