@@ -751,3 +751,44 @@ fn import_npy_and_clt_forge_then_convert() {
     .unwrap();
     run(StoreCommand::Verify { path: out3 }).unwrap();
 }
+
+#[test]
+fn int8o_rejects_bad_outlier_indices_without_panicking() {
+    use clt::store::codec::Section;
+    let sec = Section {
+        codec: Codec::Int8o,
+        planes: false,
+        rows: 4,
+        d: 8,
+        layers: 2,
+        outliers: 2,
+    };
+    let (x, _) = synth(1, 5);
+    let src: Vec<f32> = x[..32].to_vec();
+    let mut enc = Vec::new();
+    sec.encode(&src, &mut enc);
+    assert!(sec.validate(&enc).is_ok());
+    // Index 0 of layer 1 pointing past d, then a repeated index: both refused; decoding still does not panic.
+    for bad in [[200u8, 0], [0, 0]] {
+        let mut e = enc.clone();
+        e[4..6].copy_from_slice(&bad);
+        e[6..8].copy_from_slice(&[0, 0]);
+        assert!(sec.validate(&e).is_err());
+        let mut out = vec![0f32; 32];
+        sec.decode_rows(&e, 0, &mut out);
+    }
+}
+
+#[test]
+fn unfinished_shard_leaves_nothing_under_its_name() {
+    use clt::store::ShardWriter;
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("s.clts");
+    let mut w =
+        ShardWriter::create(&p, DIMS, WriterConfig::default(), ShardMeta::default()).unwrap();
+    let (x, y) = synth(3000, 2);
+    w.push(&x, &y, None).unwrap();
+    drop(w); // as if the process stopped before finish()
+    assert!(!p.exists());
+    assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0);
+}
