@@ -212,7 +212,7 @@ fn inspect(path: &Path, blocks: bool) -> Result<()> {
     for s in &shards {
         let h = s.header();
         println!(
-            "{}: v{} {} tokens in {} blocks of {}, L={} d={}, codec {}, checksum {:016x}",
+            "{}: v{} {} tokens in {} blocks of {}, L={} d={}, codec {} (outlier dims {}), checksum {:016x}",
             s.path().display(),
             h.version,
             h.n_tokens,
@@ -221,6 +221,7 @@ fn inspect(path: &Path, blocks: bool) -> Result<()> {
             h.n_layers,
             h.d_model,
             h.codec.name(),
+            h.outliers,
             h.checksum
         );
         println!(

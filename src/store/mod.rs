@@ -2,7 +2,7 @@
 //!
 //! Training reads every layer's MLP inputs and outputs for hundreds of millions of tokens; this module stores them
 //! compactly and serves them fast:
-//! - [`format`]: the versioned shard layout (header, block index, independent zstd blocks; `docs/shard-format.md`);
+//! - [`format`](mod@format): the versioned shard layout (header, block index, independent zstd blocks; `docs/shard-format.md`);
 //! - [`codec`]: f32, bf16, f16, and int8/int4 with one absmax scale per (token, layer) row;
 //! - [`writer`]: streaming, parallel, crash-safe shard and dataset writers, and the dataset [`manifest`];
 //! - [`reader`]: memory-mapped shards with O(1), checksummed block access, and datasets checked against their manifest;

@@ -370,17 +370,23 @@ impl ShardWriter {
         };
         h.checksum = header_checksum(&h.to_bytes(), &index, &meta);
         let tmp = self.tmp.clone();
-        let mut file = self.file.take().expect("finish called once");
-        file.write_all(&index).map_err(io_err(&tmp))?;
-        file.write_all(&meta).map_err(io_err(&tmp))?;
-        let mut f = file
-            .into_inner()
-            .map_err(|e| Error::io(&tmp, e.into_error()))?;
-        f.seek(SeekFrom::Start(0)).map_err(io_err(&tmp))?;
-        f.write_all(&h.to_bytes()).map_err(io_err(&tmp))?;
-        f.sync_all().map_err(io_err(&tmp))?;
-        drop(f);
-        std::fs::rename(&tmp, &self.path).map_err(io_err(&self.path))?;
+        let file = self.file.take().expect("finish called once");
+        let write = |mut file: BufWriter<File>| -> Result<()> {
+            file.write_all(&index).map_err(io_err(&tmp))?;
+            file.write_all(&meta).map_err(io_err(&tmp))?;
+            let mut f = file
+                .into_inner()
+                .map_err(|e| Error::io(&tmp, e.into_error()))?;
+            f.seek(SeekFrom::Start(0)).map_err(io_err(&tmp))?;
+            f.write_all(&h.to_bytes()).map_err(io_err(&tmp))?;
+            f.sync_all().map_err(io_err(&tmp))?;
+            drop(f);
+            std::fs::rename(&tmp, &self.path).map_err(io_err(&self.path))
+        };
+        if let Err(e) = write(file) {
+            let _ = std::fs::remove_file(&tmp);
+            return Err(e);
+        }
         sync_dir(&self.path)?;
         Ok(ShardRecord {
             file: self
