@@ -233,11 +233,13 @@ fn flipped_byte_in_a_block_names_shard_block_and_offset() {
     let p = one_shard(dir.path());
     let shard = Shard::open(&p).unwrap();
     let e = shard.blocks()[2];
+    let e4 = shard.blocks()[4];
     drop(shard);
     let mut bytes = std::fs::read(&p).unwrap();
     bytes[(e.offset + e.comp_len / 2) as usize] ^= 0x10;
+    bytes[(e4.offset + 1) as usize] ^= 0x01;
     std::fs::write(&p, &bytes).unwrap();
-    // The header and index are intact, so the shard opens; reading block 2 fails, the others do not.
+    // The header and index are intact, so the shard opens; reading blocks 2 and 4 fails, the others do not.
     let shard = Shard::open(&p).unwrap();
     let mut r = BlockReader::new().unwrap();
     assert!(r.read(&shard, 1).is_ok());
