@@ -65,7 +65,12 @@ pub fn run_synthetic(run: RunConfig, out: &Path, quiet: bool) -> Result<Syntheti
     let t0 = std::time::Instant::now();
     let mut trainer = Trainer::new(run.clone())?;
     trainer.train(out, quiet)?;
-    let DataConfig::Synthetic(s) = &run.data;
+    let DataConfig::Synthetic(s) = &run.data else {
+        return Err(crate::Error::config(
+            "data.kind",
+            "the synthetic demo needs kind = \"synthetic\"",
+        ));
+    };
     let dims = ActDims {
         n_layers: run.model.n_layers,
         d_model: run.model.d_model,

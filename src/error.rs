@@ -67,6 +67,24 @@ pub enum Error {
     /// A request that is well-formed but not supported (yet) by this build.
     #[error("unsupported: {0}")]
     Unsupported(String),
+
+    /// A block of an activation-store shard fails its checksum or does not decompress; `offset` is the
+    /// byte offset of the block in the file.
+    #[error("{path}: block {block} at byte {offset} is corrupt: {reason}")]
+    Corrupt {
+        path: PathBuf,
+        block: u64,
+        offset: u64,
+        reason: String,
+    },
+
+    /// A dataset manifest disagrees with its shards (missing or unlisted shard, other dims, other counts).
+    #[error("dataset manifest {path}: {reason}")]
+    Manifest { path: PathBuf, reason: String },
+
+    /// Input data that cannot be stored as given (non-finite values, wrong lengths, inconsistent arrays).
+    #[error("invalid data for {what}: {reason}")]
+    InvalidData { what: String, reason: String },
 }
 
 impl Error {

@@ -7,6 +7,7 @@
 //! - [`data`]: the [`data::ActivationSource`] seam and the in-memory and synthetic sources;
 //! - [`clt`]: the model (configuration, parameters, initialisation, checkpoints, export/import);
 //! - [`backend`]: the operations (encode, sparse decode, backward, Adam) on the CPU, and the CUDA seam;
+//! - [`store`]: the activation store (compressed shards, the shuffling shard loader, importers);
 //! - [`train`]: the objective, the optimiser, schedules, metrics and the training loop.
 
 pub mod backend;
@@ -17,6 +18,7 @@ pub mod demo;
 pub mod error;
 pub mod eval;
 pub mod rng;
+pub mod store;
 pub mod train;
 
 pub use error::{Error, Result};

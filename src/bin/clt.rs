@@ -127,6 +127,9 @@ enum Command {
         #[arg(long)]
         json: Option<PathBuf>,
     },
+    /// The activation store: inspect, verify, convert and import shards.
+    #[command(subcommand)]
+    Store(clt::store::cli::StoreCommand),
     /// Print a checkpoint's configuration and sizes.
     Info {
         #[arg(long)]
@@ -347,6 +350,7 @@ fn run(cli: Cli) -> clt::Result<()> {
             }
             Ok(())
         }
+        Command::Store(cmd) => clt::store::cli::run(cmd),
         Command::Info { checkpoint } => {
             let dir = resolve_checkpoint(&checkpoint)?;
             let t = load_transcoder(&dir)?;

@@ -38,6 +38,36 @@ pub struct RunConfig {
 pub enum DataConfig {
     /// The synthetic ground-truth generator.
     Synthetic(SyntheticConfig),
+    /// A dataset of activation-store shards (`clt cache` or `clt store import` writes them).
+    Store(StoreDataConfig),
+}
+
+/// The `[data]` table with `kind = "store"`.
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StoreDataConfig {
+    /// The dataset directory (or its `manifest.json`).
+    pub path: std::path::PathBuf,
+    /// Seed of the global shuffle.
+    #[serde(default)]
+    pub seed: u64,
+    /// Blocks per shuffle window.
+    #[serde(default = "default_window_blocks")]
+    pub window_blocks: usize,
+    /// Background decoding threads.
+    #[serde(default = "default_workers")]
+    pub workers: usize,
+    /// Decoded windows queued per worker.
+    #[serde(default = "default_workers")]
+    pub prefetch: usize,
+}
+
+fn default_window_blocks() -> usize {
+    16
+}
+
+fn default_workers() -> usize {
+    2
 }
 
 /// How λ grows from 0 to its final value.
@@ -240,6 +270,12 @@ impl RunConfig {
         }
         match &self.data {
             DataConfig::Synthetic(s) => s.validate(&self.model),
+            DataConfig::Store(s) => {
+                if s.window_blocks == 0 {
+                    return Err(Error::config("data.window_blocks", "must be at least 1"));
+                }
+                Ok(())
+            }
         }
     }
 }

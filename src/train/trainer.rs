@@ -51,6 +51,17 @@ pub fn make_source(run: &RunConfig) -> Result<Box<dyn ActivationSource>> {
     };
     match &run.data {
         DataConfig::Synthetic(s) => Ok(Box::new(SyntheticGenerator::new(dims, s.clone()))),
+        DataConfig::Store(s) => {
+            let cfg = crate::store::LoaderConfig {
+                seed: s.seed,
+                window_blocks: s.window_blocks,
+                workers: s.workers,
+                prefetch: s.prefetch,
+                rank: 0,
+                world: 1,
+            };
+            Ok(Box::new(crate::store::ShardLoader::open(&s.path, cfg)?))
+        }
     }
 }
 
