@@ -6,9 +6,12 @@
 //! - for JumpReLU, what the threshold's straight-through gradient needs from the inactive near-threshold
 //!   entries `θ − ε/2 < h ≤ θ`. It needs, per feature, the sum of the residuals over those tokens. When they are
 //!   few, the block lists them (activation 0). With a wide bandwidth they can be nearly every inactive entry, and
-//!   then the block lists the complement instead (the inactive entries at or below `θ − ε/2`, activation 0) and is
-//!   marked in `block_complement`: the backward pass takes the block's residual total and subtracts the listed
-//!   and active tokens. Each block picks whichever list is shorter, so the lists stay short for any ε;
+//!   then the block lists the complement instead (the inactive entries at or below `θ − ε/2`, activation 0):
+//!   the backward pass takes the block's residual total and subtracts the listed and active tokens. When both
+//!   lists are long (a wide bandwidth over a broad pre-activation distribution), the block keeps a bitmask of
+//!   its near-threshold entries instead, and the backward pass projects the block's residuals on every decoder
+//!   row with one GEMM. Each block picks its [`BlockMode`] from its own counts, so any ε costs at most a dense
+//!   projection and usually far less;
 //! - for JumpReLU, per feature, `Σ_b ReLU(θ − h)` and the number of inactive tokens, which is all the
 //!   pre-activation loss needs from the inactive entries.
 //!
@@ -40,9 +43,23 @@ pub struct LayerCodes {
     pub active_count: Vec<u32>,
     /// Per feature: the number of inactive near-threshold tokens (`θ − ε/2 < h ≤ θ`), JumpReLU only.
     pub window_inactive: Vec<u32>,
-    /// Per block of [`TOKEN_BLOCK`] tokens: whether its zero-activation entries are the far-below complement
-    /// (`h ≤ θ − ε/2`) rather than the near-threshold entries.
-    pub block_complement: Vec<bool>,
+    /// Per block of [`TOKEN_BLOCK`] tokens: what its zero-activation entries are.
+    pub block_mode: Vec<BlockMode>,
+    /// Per block in [`BlockMode::Bits`]: for each feature, a word whose bit t marks token t of the block as an
+    /// inactive near-threshold entry (empty for the other blocks).
+    pub block_bits: Vec<Vec<u64>>,
+}
+
+/// How a block of tokens records its inactive near-threshold entries (JumpReLU only).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum BlockMode {
+    /// The zero-activation entries are the near-threshold ones (`θ − ε/2 < h ≤ θ`).
+    #[default]
+    Near,
+    /// The zero-activation entries are the far-below ones (`h ≤ θ − ε/2`), the complement.
+    Far,
+    /// No zero-activation entries; the near-threshold ones are in `block_bits`.
+    Bits,
 }
 
 impl LayerCodes {
@@ -108,11 +125,19 @@ pub fn encode_layer(
                             }
                         }
                     }
-                    out.complement = far < near;
+                    out.mode = if near.min(far) * 8 > tb * f_n {
+                        out.bits = vec![0; f_n];
+                        BlockMode::Bits
+                    } else if far < near {
+                        BlockMode::Far
+                    } else {
+                        BlockMode::Near
+                    };
                 }
                 for t in 0..tb {
                     out.push_token(
                         cfg.activation,
+                        t,
                         &buf[t * f_n..(t + 1) * f_n],
                         theta,
                         bandwidth,
@@ -251,7 +276,8 @@ pub fn batch_topk_codes(
                 active_count: vec![0; f_n],
                 preact_sum: vec![0.0; f_n],
                 window_inactive: vec![0; f_n],
-                block_complement: vec![false; n_tokens.div_ceil(TOKEN_BLOCK)],
+                block_mode: vec![BlockMode::Near; n_tokens.div_ceil(TOKEN_BLOCK)],
+                block_bits: vec![Vec::new(); n_tokens.div_ceil(TOKEN_BLOCK)],
                 ..Default::default()
             };
             for b in 0..n_tokens {
@@ -280,7 +306,8 @@ struct BlockOut {
     preact_sum: Vec<f64>,
     active_count: Vec<u32>,
     window_inactive: Vec<u32>,
-    complement: bool,
+    mode: BlockMode,
+    bits: Vec<u64>,
 }
 
 impl BlockOut {
@@ -294,11 +321,12 @@ impl BlockOut {
             preact_sum: if jump { vec![0.0; f_n] } else { Vec::new() },
             active_count: vec![0; f_n],
             window_inactive: if jump { vec![0; f_n] } else { Vec::new() },
-            complement: false,
+            mode: BlockMode::Near,
+            bits: Vec::new(),
         }
     }
 
-    fn push_token(&mut self, activation: Activation, h: &[f32], theta: &[f32], eps: f32) {
+    fn push_token(&mut self, activation: Activation, t: usize, h: &[f32], theta: &[f32], eps: f32) {
         let start = self.feat.len();
         match activation {
             Activation::JumpRelu => {
@@ -315,7 +343,17 @@ impl BlockOut {
                         if near {
                             self.window_inactive[f] += 1;
                         }
-                        if near != self.complement {
+                        let listed = match self.mode {
+                            BlockMode::Near => near,
+                            BlockMode::Far => !near,
+                            BlockMode::Bits => {
+                                if near {
+                                    self.bits[f] |= 1u64 << t;
+                                }
+                                false
+                            }
+                        };
+                        if listed {
                             self.feat.push(f as u32);
                             self.pre.push(v);
                             self.act.push(0.0);
@@ -350,7 +388,8 @@ fn merge(parts: Vec<BlockOut>, n_tokens: usize, f_n: usize) -> LayerCodes {
         preact_sum: vec![0.0; f_n],
         active_count: vec![0; f_n],
         window_inactive: vec![0; f_n],
-        block_complement: Vec::with_capacity(parts.len()),
+        block_mode: Vec::with_capacity(parts.len()),
+        block_bits: Vec::with_capacity(parts.len()),
     };
     c.offsets.push(0);
     for p in parts {
@@ -370,7 +409,8 @@ fn merge(parts: Vec<BlockOut>, n_tokens: usize, f_n: usize) -> LayerCodes {
         for (s, v) in c.window_inactive.iter_mut().zip(&p.window_inactive) {
             *s += v;
         }
-        c.block_complement.push(p.complement);
+        c.block_mode.push(p.mode);
+        c.block_bits.push(p.bits);
     }
     c
 }

@@ -15,7 +15,7 @@
 //! - Gradients are grouped per feature (a counting sort of the entries), so each decoder and encoder row is
 //!   written by one task, in token order: no atomics, and the same bits for any number of threads.
 
-use super::encode::{LayerCodes, encode_all};
+use super::encode::{BlockMode, LayerCodes, encode_all};
 use super::gemm::{Mat, Threads, matmul};
 use crate::backend::grads::{Grads, Objective, StepStats, target_variance};
 use crate::clt::{CltConfig, Params};
@@ -83,7 +83,7 @@ pub fn decode(
             }
         }
     });
-    if cfg.skip {
+    if cfg.skip && n_tokens > 0 {
         for l in 0..l_n {
             let xm = Mat {
                 data: &x[l * d..],
@@ -280,16 +280,66 @@ pub fn loss_and_grad(
 
         // The residual total of the blocks that list the complement of the near-threshold entries, and its
         // projection on every feature's decoder row.
-        let complement_dot: Vec<f32> = if c.block_complement.iter().any(|m| *m) {
+        let complement_dot: Vec<f32> = if c.block_mode.contains(&BlockMode::Far) {
             let mut total = vec![0.0f64; rl];
             for b in 0..n_tokens {
-                if c.block_complement[b / BACKWARD_BLOCK] {
+                if c.block_mode[b / BACKWARD_BLOCK] == BlockMode::Far {
                     let rr = &r[b * row + l * d..][..rl];
                     total.iter_mut().zip(rr).for_each(|(s, v)| *s += *v as f64);
                 }
             }
             let total: Vec<f32> = total.iter().map(|v| *v as f32).collect();
             w_dec.par_chunks(rl).map(|w| dot(w, &total)).collect()
+        } else {
+            Vec::new()
+        };
+        // Blocks with a bitmask: project their residuals on every decoder row (one GEMM per block) and sum the
+        // projections at the marked entries.
+        let bits_dot: Vec<f32> = if c.block_mode.contains(&BlockMode::Bits) {
+            let f_n = cfg.n_features;
+            let parts: Vec<Vec<f32>> = (0..c.block_mode.len())
+                .into_par_iter()
+                .filter(|blk| c.block_mode[*blk] == BlockMode::Bits)
+                .map(|blk| {
+                    let b0 = blk * BACKWARD_BLOCK;
+                    let tb = BACKWARD_BLOCK.min(n_tokens - b0);
+                    let mut proj = vec![0.0f32; tb * f_n];
+                    let rm = Mat {
+                        data: &r[b0 * row + l * d..],
+                        rows: tb,
+                        cols: rl,
+                        rs: row,
+                        cs: 1,
+                    };
+                    matmul(
+                        &mut proj,
+                        f_n,
+                        rm,
+                        Mat::rows(w_dec, f_n, rl).t(),
+                        0.0,
+                        1.0,
+                        Threads::One,
+                    );
+                    let bits = &c.block_bits[blk];
+                    (0..f_n)
+                        .map(|f| {
+                            let mut word = bits[f];
+                            let mut s = 0.0f32;
+                            while word != 0 {
+                                let t = word.trailing_zeros() as usize;
+                                s += proj[t * f_n + f];
+                                word &= word - 1;
+                            }
+                            s
+                        })
+                        .collect()
+                })
+                .collect();
+            let mut total = vec![0.0f32; f_n];
+            for p in parts {
+                total.iter_mut().zip(p).for_each(|(t, v)| *t += v);
+            }
+            total
         } else {
             Vec::new()
         };
@@ -323,7 +373,7 @@ pub fn loss_and_grad(
                 for &(e, b) in ents {
                     let (e, b) = (e as usize, b as usize);
                     let (a, h, ge) = (c.act[e], c.pre[e], g[e]);
-                    let complement = jump && c.block_complement[b / BACKWARD_BLOCK];
+                    let complement = jump && c.block_mode[b / BACKWARD_BLOCK] == BlockMode::Far;
                     if a != 0.0 {
                         let t = (obj.c * a * n).tanh();
                         dn += tanh_scale * obj.c * a * (1.0 - t * t);
@@ -347,6 +397,9 @@ pub fn loss_and_grad(
                 if jump {
                     if let Some(cd) = complement_dot.get(f) {
                         near += cd;
+                    }
+                    if let Some(bd) = bits_dot.get(f) {
+                        near += bd;
                     }
                     near += tanh_scale * obj.c * n * c.window_inactive[f] as f32;
                     if kappa != 0.0 {
