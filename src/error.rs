@@ -67,6 +67,10 @@ pub enum Error {
     /// A request that is well-formed but not supported (yet) by this build.
     #[error("unsupported: {0}")]
     Unsupported(String),
+
+    /// A token id outside the model's vocabulary.
+    #[error("token id {id} is outside the vocabulary of {vocab_size} tokens")]
+    TokenOutOfRange { id: u32, vocab_size: usize },
 }
 
 impl Error {

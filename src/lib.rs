@@ -8,11 +8,13 @@
 //! - [`clt`]: the model (configuration, parameters, initialisation, checkpoints, export/import);
 //! - [`backend`]: the operations (encode, sparse decode, backward, Adam) on the CPU, and the CUDA seam;
 //! - [`train`]: the objective, the optimiser, schedules, metrics and the training loop.
+//! - [`model`]: the language models (Llama family) that activations come from, their loaders and tokenizers.
 
 pub mod backend;
 pub mod clt;
 pub mod data;
 pub mod error;
+pub mod model;
 pub mod train;
 
 pub use error::{Error, Result};
