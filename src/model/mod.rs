@@ -2,12 +2,15 @@
 //!
 //! - [`llama`]: the Llama-family forward on the CPU, with hooks and interventions;
 //! - [`llama2c`]: llama2.c checkpoints and tokenizers;
+//! - [`gguf`]: GGUF v3 files (metadata, tensors, Llama models) and [`bpe`], their byte-level BPE tokenizers;
 //! - [`cli`]: `clt run`, which tokenises a prompt, runs the model and prints or dumps the logits.
 //!
 //! [`load`] opens a model file of any supported kind (detected by its magic bytes and its extension) together
 //! with its tokenizer, as a [`LoadedModel`].
 
+pub mod bpe;
 pub mod cli;
+pub mod gguf;
 pub mod llama;
 pub mod llama2c;
 
@@ -19,6 +22,7 @@ pub use llama::{
     ForwardOptions, ForwardOutput, ForwardRecord, Hooks, Intervention, LayerRecord, LayerWeights,
     LlamaConfig, LlamaModel, Logits, RopeStyle,
 };
+pub use bpe::BpeTokenizer;
 pub use llama2c::Llama2cTokenizer;
 
 /// The kinds of model file the engine reads.
@@ -26,6 +30,8 @@ pub use llama2c::Llama2cTokenizer;
 pub enum ModelFormat {
     /// A llama2.c "v0" checkpoint (`.bin`, no magic; recognised by a header that matches the file size).
     Llama2c,
+    /// A GGUF v2/v3 file (magic `GGUF`).
+    Gguf,
 }
 
 /// Detects the format of the model file at `path`, with an error that says what the file seems to be
@@ -42,12 +48,13 @@ pub fn detect_format(path: &Path) -> Result<ModelFormat> {
     std::fs::File::open(path)
         .and_then(|f| f.take(64).read_to_end(&mut head))
         .map_err(|e| Error::io(path, e))?;
+    if head.starts_with(gguf::MAGIC) {
+        return Ok(ModelFormat::Gguf);
+    }
     if llama2c::looks_like_checkpoint(&head, meta.len()) {
         return Ok(ModelFormat::Llama2c);
     }
-    let what = if head.starts_with(b"GGUF") {
-        "a GGUF file (not supported in this build)".to_string()
-    } else if head.starts_with(b"ak42") {
+    let what = if head.starts_with(b"ak42") {
         "a llama2.c v1+ checkpoint (only v0 is supported)".to_string()
     } else if head.starts_with(b"PK\x03\x04") {
         "a zip archive (a PyTorch or wheel file?)".to_string()
@@ -70,6 +77,7 @@ pub fn detect_format(path: &Path) -> Result<ModelFormat> {
 #[derive(Clone, Debug)]
 pub enum Tokenizer {
     Llama2c(Llama2cTokenizer),
+    Bpe(BpeTokenizer),
 }
 
 impl Tokenizer {
@@ -77,6 +85,7 @@ impl Tokenizer {
     pub fn encode(&self, text: &str) -> Result<Vec<u32>> {
         match self {
             Tokenizer::Llama2c(t) => Ok(t.encode(text, true)),
+            Tokenizer::Bpe(t) => t.encode(text),
         }
     }
 
@@ -84,6 +93,7 @@ impl Tokenizer {
     pub fn decode(&self, tokens: &[u32]) -> String {
         match self {
             Tokenizer::Llama2c(t) => t.decode(tokens),
+            Tokenizer::Bpe(t) => t.decode(tokens),
         }
     }
 
@@ -91,6 +101,7 @@ impl Tokenizer {
     pub fn piece(&self, token: u32) -> String {
         match self {
             Tokenizer::Llama2c(t) => t.piece(token),
+            Tokenizer::Bpe(t) => t.piece(token),
         }
     }
 
@@ -98,12 +109,14 @@ impl Tokenizer {
     pub fn eos(&self) -> Option<u32> {
         match self {
             Tokenizer::Llama2c(_) => Some(llama2c::EOS),
+            Tokenizer::Bpe(t) => t.eos,
         }
     }
 
     pub fn vocab_size(&self) -> usize {
         match self {
             Tokenizer::Llama2c(t) => t.vocab_size(),
+            Tokenizer::Bpe(t) => t.vocab_size(),
         }
     }
 }
@@ -146,6 +159,23 @@ pub fn load(path: &Path, tokenizer: Option<&Path>) -> Result<LoadedModel> {
             Ok(LoadedModel {
                 model,
                 tokenizer: Tokenizer::Llama2c(tok),
+                format,
+                path: path.to_path_buf(),
+            })
+        }
+        ModelFormat::Gguf => {
+            if let Some(t) = tokenizer {
+                return Err(Error::Unsupported(format!(
+                    "--tokenizer {}: a GGUF model uses the tokenizer stored in it",
+                    t.display()
+                )));
+            }
+            let file = gguf::GgufFile::open(path)?;
+            let model = file.llama_model()?;
+            let tok = file.tokenizer()?;
+            Ok(LoadedModel {
+                model,
+                tokenizer: Tokenizer::Bpe(tok),
                 format,
                 path: path.to_path_buf(),
             })
