@@ -70,9 +70,11 @@ impl BpeTokenizer {
         };
         let mut pairs = Vec::with_capacity(merges.len());
         for (i, m) in merges.iter().enumerate() {
-            let (a, b) = m
-                .split_once(' ')
-                .ok_or_else(|| err(format!("merge {i} `{m}` is not two tokens separated by a space")))?;
+            let (a, b) = m.split_once(' ').ok_or_else(|| {
+                err(format!(
+                    "merge {i} `{m}` is not two tokens separated by a space"
+                ))
+            })?;
             pairs.push((a.to_string(), b.to_string()));
         }
         let specials: Vec<AddedToken> = special
@@ -80,8 +82,11 @@ impl BpeTokenizer {
             .filter_map(|&id| tokens.get(id as usize))
             .map(|t| AddedToken::from(t.clone(), true))
             .collect();
-        let vocab: tokenizers::models::bpe::Vocab =
-            tokens.into_iter().enumerate().map(|(i, t)| (t, i as u32)).collect();
+        let vocab: tokenizers::models::bpe::Vocab = tokens
+            .into_iter()
+            .enumerate()
+            .map(|(i, t)| (t, i as u32))
+            .collect();
         let bpe = BPE::builder()
             .vocab_and_merges(vocab, pairs)
             .build()

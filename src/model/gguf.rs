@@ -98,9 +98,9 @@ impl TensorInfo {
 /// The name of a GGML type id.
 pub fn type_name(t: u32) -> &'static str {
     const NAMES: [&str; 31] = [
-        "F32", "F16", "Q4_0", "Q4_1", "Q4_2", "Q4_3", "Q5_0", "Q5_1", "Q8_0", "Q8_1", "Q2_K", "Q3_K", "Q4_K",
-        "Q5_K", "Q6_K", "Q8_K", "IQ2_XXS", "IQ2_XS", "IQ3_XXS", "IQ1_S", "IQ4_NL", "IQ3_S", "IQ2_S", "IQ4_XS", "I8",
-        "I16", "I32", "I64", "F64", "IQ1_M", "BF16",
+        "F32", "F16", "Q4_0", "Q4_1", "Q4_2", "Q4_3", "Q5_0", "Q5_1", "Q8_0", "Q8_1", "Q2_K",
+        "Q3_K", "Q4_K", "Q5_K", "Q6_K", "Q8_K", "IQ2_XXS", "IQ2_XS", "IQ3_XXS", "IQ1_S", "IQ4_NL",
+        "IQ3_S", "IQ2_S", "IQ4_XS", "I8", "I16", "I32", "I64", "F64", "IQ1_M", "BF16",
     ];
     NAMES.get(t as usize).copied().unwrap_or("unknown")
 }
@@ -250,7 +250,9 @@ impl GgufFile {
         }
         let version = c.u32("the version")?;
         if version != 3 && version != 2 {
-            return Err(c.err(format!("GGUF version {version} is not supported (only 2 and 3)")));
+            return Err(c.err(format!(
+                "GGUF version {version} is not supported (only 2 and 3)"
+            )));
         }
         let n_tensors = c.count("the tensor count", 8)?;
         let n_kv = c.count("the metadata count", 12)?;
@@ -278,7 +280,11 @@ impl GgufFile {
                 offset,
             });
         }
-        let align = metadata.get("general.alignment").and_then(Value::as_u64).unwrap_or(32).max(1) as usize;
+        let align = metadata
+            .get("general.alignment")
+            .and_then(Value::as_u64)
+            .unwrap_or(32)
+            .max(1) as usize;
         let data_offset = c.pos.div_ceil(align) * align;
         Ok(GgufFile {
             path: path.to_path_buf(),
@@ -326,7 +332,10 @@ impl GgufFile {
         if n % block != 0 || info.dims[0] % block != 0 {
             return Err(self.tensor_err(
                 name,
-                format!("dims {:?} are not a multiple of the {block}-element block", info.dims),
+                format!(
+                    "dims {:?} are not a multiple of the {block}-element block",
+                    info.dims
+                ),
             ));
         }
         let nbytes = n / block * block_bytes;
@@ -352,7 +361,12 @@ impl GgufFile {
             0 => out.par_chunks_mut(chunk).enumerate().for_each(|(i, o)| {
                 let src = &raw[i * chunk * 4..];
                 for (j, v) in o.iter_mut().enumerate() {
-                    *v = f32::from_le_bytes([src[4 * j], src[4 * j + 1], src[4 * j + 2], src[4 * j + 3]]);
+                    *v = f32::from_le_bytes([
+                        src[4 * j],
+                        src[4 * j + 1],
+                        src[4 * j + 2],
+                        src[4 * j + 3],
+                    ]);
                 }
             }),
             1 | 30 => {
@@ -403,7 +417,10 @@ impl GgufFile {
         if info.dims != want {
             return Err(self.tensor_err(
                 name,
-                format!("dims {:?} disagree with the config, which implies {want:?}", info.dims),
+                format!(
+                    "dims {:?} disagree with the config, which implies {want:?}",
+                    info.dims
+                ),
             ));
         }
         Ok(self.tensor_f32(name)?.0)
@@ -418,11 +435,14 @@ impl GgufFile {
     }
 
     fn meta_usize(&self, key: &str) -> Result<usize> {
-        self.meta(key)?.as_u64().map(|v| v as usize).ok_or_else(|| Error::Format {
-            path: self.path.clone(),
-            offset: 0,
-            reason: format!("metadata key `{key}` is not an unsigned integer"),
-        })
+        self.meta(key)?
+            .as_u64()
+            .map(|v| v as usize)
+            .ok_or_else(|| Error::Format {
+                path: self.path.clone(),
+                offset: 0,
+                reason: format!("metadata key `{key}` is not an unsigned integer"),
+            })
     }
 
     fn meta_strings(&self, key: &str) -> Result<Vec<String>> {
@@ -432,14 +452,21 @@ impl GgufFile {
             reason: format!("metadata key `{key}` is not an array of strings"),
         };
         match self.meta(key)? {
-            Value::Array(a) => a.iter().map(|v| v.as_str().map(str::to_string).ok_or_else(bad)).collect(),
+            Value::Array(a) => a
+                .iter()
+                .map(|v| v.as_str().map(str::to_string).ok_or_else(bad))
+                .collect(),
             _ => Err(bad()),
         }
     }
 
     /// The Llama configuration in the metadata (architecture `llama`).
     pub fn llama_config(&self) -> Result<LlamaConfig> {
-        let arch = self.meta("general.architecture")?.as_str().unwrap_or("").to_string();
+        let arch = self
+            .meta("general.architecture")?
+            .as_str()
+            .unwrap_or("")
+            .to_string();
         if arch != "llama" {
             return Err(Error::Unsupported(format!(
                 "{}: GGUF architecture `{arch}` (only `llama` is supported)",
@@ -459,10 +486,15 @@ impl GgufFile {
         };
         let vocab = match self.metadata.get(&k("vocab_size")) {
             Some(_) => self.meta_usize(&k("vocab_size"))?,
-            None => self.tensor_info("token_embd.weight").map_or(0, |t| t.dims.get(1).copied().unwrap_or(0) as usize),
+            None => self
+                .tensor_info("token_embd.weight")
+                .map_or(0, |t| t.dims.get(1).copied().unwrap_or(0) as usize),
         };
         let f = |key: String, default: f64| {
-            self.metadata.get(&key).and_then(Value::as_f64).unwrap_or(default) as f32
+            self.metadata
+                .get(&key)
+                .and_then(Value::as_f64)
+                .unwrap_or(default) as f32
         };
         let c = LlamaConfig {
             d_model: d,
@@ -493,7 +525,9 @@ impl GgufFile {
         };
         let mut layers = Vec::with_capacity(c.n_layers);
         for l in 0..c.n_layers {
-            let t = |name: &str, dims: &[usize]| self.tensor_shaped(&format!("blk.{l}.{name}.weight"), dims);
+            let t = |name: &str, dims: &[usize]| {
+                self.tensor_shaped(&format!("blk.{l}.{name}.weight"), dims)
+            };
             layers.push(LayerWeights {
                 attn_norm: t("attn_norm", &[d])?,
                 wq: t("attn_q", &[d, q])?,
@@ -543,13 +577,22 @@ impl GgufFile {
             .get("tokenizer.ggml.pre")
             .and_then(Value::as_str)
             .unwrap_or("default");
-        let id = |key: &str| self.metadata.get(key).and_then(Value::as_u64).map(|v| v as u32);
+        let id = |key: &str| {
+            self.metadata
+                .get(key)
+                .and_then(Value::as_u64)
+                .map(|v| v as u32)
+        };
         let add_bos = self
             .metadata
             .get("tokenizer.ggml.add_bos_token")
             .and_then(Value::as_bool)
             .unwrap_or(false);
-        let bos = if add_bos { id("tokenizer.ggml.bos_token_id") } else { None };
+        let bos = if add_bos {
+            id("tokenizer.ggml.bos_token_id")
+        } else {
+            None
+        };
         BpeTokenizer::from_vocab(
             &self.path,
             tokens,
@@ -611,9 +654,18 @@ mod tests {
         q41.extend((0..16u8).map(|j| j | ((15 - j) << 4)));
         let mut q80 = f16::from_f32(0.25).to_le_bytes().to_vec();
         q80.extend((0..32i8).map(|j| (j - 16) as u8));
-        let f32s: Vec<u8> = [1.5f32, -2.0].iter().flat_map(|v| v.to_le_bytes()).collect();
-        let f16s: Vec<u8> = [1.5f32, -2.0].iter().flat_map(|&v| f16::from_f32(v).to_le_bytes()).collect();
-        let bf16s: Vec<u8> = [1.5f32, -2.0].iter().flat_map(|&v| bf16::from_f32(v).to_le_bytes()).collect();
+        let f32s: Vec<u8> = [1.5f32, -2.0]
+            .iter()
+            .flat_map(|v| v.to_le_bytes())
+            .collect();
+        let f16s: Vec<u8> = [1.5f32, -2.0]
+            .iter()
+            .flat_map(|&v| f16::from_f32(v).to_le_bytes())
+            .collect();
+        let bf16s: Vec<u8> = [1.5f32, -2.0]
+            .iter()
+            .flat_map(|&v| bf16::from_f32(v).to_le_bytes())
+            .collect();
         let file = build(&[
             ("a", vec![32], 3, q41),
             ("b", vec![32], 8, q80),
@@ -636,7 +688,10 @@ mod tests {
             assert_eq!(g.tensor_f32(n).unwrap().0, vec![1.5, -2.0]);
         }
         let e = g.tensor_f32("f").unwrap_err().to_string();
-        assert!(e.contains("unsupported tensor type Q4_0") && e.contains("`f`") && e.contains("t.gguf"), "{e}");
+        assert!(
+            e.contains("unsupported tensor type Q4_0") && e.contains("`f`") && e.contains("t.gguf"),
+            "{e}"
+        );
         assert!(matches!(g.tensor_f32("zz"), Err(Error::Tensor { .. })));
     }
 
@@ -652,7 +707,13 @@ mod tests {
                 Err(Error::Format { .. })
             ));
         }
-        assert!(GgufFile::parse(Path::new("x.bin"), b"\x40\0\0\0xxxxxxxxxxxxxxxxxxxxxxxx".to_vec()).is_err());
+        assert!(
+            GgufFile::parse(
+                Path::new("x.bin"),
+                b"\x40\0\0\0xxxxxxxxxxxxxxxxxxxxxxxx".to_vec()
+            )
+            .is_err()
+        );
         let g = GgufFile::parse(Path::new("t.gguf"), file).unwrap();
         assert!(g.llama_config().is_err());
     }

@@ -18,11 +18,11 @@ use std::io::Read;
 use std::path::{Path, PathBuf};
 
 use crate::{Error, Result};
+pub use bpe::BpeTokenizer;
 pub use llama::{
     ForwardOptions, ForwardOutput, ForwardRecord, Hooks, Intervention, LayerRecord, LayerWeights,
     LlamaConfig, LlamaModel, Logits, RopeStyle,
 };
-pub use bpe::BpeTokenizer;
 pub use llama2c::Llama2cTokenizer;
 
 /// The kinds of model file the engine reads.
@@ -77,7 +77,7 @@ pub fn detect_format(path: &Path) -> Result<ModelFormat> {
 #[derive(Clone, Debug)]
 pub enum Tokenizer {
     Llama2c(Llama2cTokenizer),
-    Bpe(BpeTokenizer),
+    Bpe(Box<BpeTokenizer>),
 }
 
 impl Tokenizer {
@@ -175,7 +175,7 @@ pub fn load(path: &Path, tokenizer: Option<&Path>) -> Result<LoadedModel> {
             let tok = file.tokenizer()?;
             Ok(LoadedModel {
                 model,
-                tokenizer: Tokenizer::Bpe(tok),
+                tokenizer: Tokenizer::Bpe(Box::new(tok)),
                 format,
                 path: path.to_path_buf(),
             })
