@@ -1,5 +1,5 @@
-//! Byte-level BPE tokenizers (GPT-2 style) built with the `tokenizers` crate, from a GGUF file's vocabulary
-//! and merges.
+//! Tokenizers built with the `tokenizers` crate: the byte-level BPE (GPT-2 style) of a GGUF file's vocabulary
+//! and merges, and any Hugging Face `tokenizer.json`.
 
 use std::path::Path;
 
@@ -21,6 +21,8 @@ pub struct BpeTokenizer {
     pub bos: Option<u32>,
     /// Ends generation.
     pub eos: Option<u32>,
+    /// Whether encoding runs the tokenizer's own post-processor (which adds BOS for `tokenizer.json` files).
+    add_special: bool,
 }
 
 impl std::fmt::Debug for BpeTokenizer {
@@ -97,14 +99,34 @@ impl BpeTokenizer {
         inner
             .add_special_tokens(specials)
             .map_err(|e| err(format!("cannot add the special tokens: {e}")))?;
-        Ok(BpeTokenizer { inner, bos, eos })
+        Ok(BpeTokenizer {
+            inner,
+            bos,
+            eos,
+            add_special: false,
+        })
+    }
+
+    /// Loads a Hugging Face `tokenizer.json`; its post-processor decides about BOS.
+    pub fn from_file(path: &Path, eos: Option<u32>) -> Result<Self> {
+        let inner = Tokenizer::from_file(path).map_err(|e| Error::Format {
+            path: path.to_path_buf(),
+            offset: 0,
+            reason: format!("cannot load the tokenizer: {e}"),
+        })?;
+        Ok(BpeTokenizer {
+            inner,
+            bos: None,
+            eos,
+            add_special: true,
+        })
     }
 
     /// Token ids of `text` (special-token strings in the text are recognised), with BOS when the model adds it.
     pub fn encode(&self, text: &str) -> Result<Vec<u32>> {
         let enc = self
             .inner
-            .encode(text, false)
+            .encode(text, self.add_special)
             .map_err(|e| Error::Unsupported(format!("tokenising {text:?}: {e}")))?;
         let mut ids: Vec<u32> = self.bos.into_iter().collect();
         ids.extend_from_slice(enc.get_ids());

@@ -11,7 +11,7 @@ use crate::{Error, Result};
 /// Arguments of `clt run`.
 #[derive(clap::Args, Clone, Debug)]
 pub struct RunArgs {
-    /// Model file: a llama2.c v0 checkpoint (.bin) or a GGUF file.
+    /// Model: a llama2.c v0 checkpoint (.bin), a GGUF file or a Hugging Face model directory.
     #[arg(long)]
     pub model: PathBuf,
     /// Tokenizer file (default: the one inside or beside the model).

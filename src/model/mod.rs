@@ -2,6 +2,7 @@
 //!
 //! - [`llama`]: the Llama-family forward on the CPU, with hooks and interventions;
 //! - [`llama2c`]: llama2.c checkpoints and tokenizers;
+//! - [`hf`]: Hugging Face model directories (`config.json`, `*.safetensors`, `tokenizer.json`);
 //! - [`gguf`]: GGUF v3 files (metadata, tensors, Llama models) and [`bpe`], their byte-level BPE tokenizers;
 //! - [`cli`]: `clt run`, which tokenises a prompt, runs the model and prints or dumps the logits.
 //!
@@ -11,6 +12,7 @@
 pub mod bpe;
 pub mod cli;
 pub mod gguf;
+pub mod hf;
 pub mod llama;
 pub mod llama2c;
 
@@ -32,6 +34,8 @@ pub enum ModelFormat {
     Llama2c,
     /// A GGUF v2/v3 file (magic `GGUF`).
     Gguf,
+    /// A Hugging Face model directory (`config.json`, `*.safetensors`, `tokenizer.json`).
+    HfDir,
 }
 
 /// Detects the format of the model file at `path`, with an error that says what the file seems to be
@@ -39,10 +43,14 @@ pub enum ModelFormat {
 pub fn detect_format(path: &Path) -> Result<ModelFormat> {
     let meta = std::fs::metadata(path).map_err(|e| Error::io(path, e))?;
     if meta.is_dir() {
-        return Err(Error::Unsupported(format!(
-            "{}: a directory (Hugging Face model directories are not supported yet)",
-            path.display()
-        )));
+        if hf::is_model_dir(path) {
+            return Ok(ModelFormat::HfDir);
+        }
+        return Err(Error::Format {
+            path: path.to_path_buf(),
+            offset: 0,
+            reason: "a directory without config.json (not a Hugging Face model directory)".into(),
+        });
     }
     let mut head = Vec::with_capacity(64);
     std::fs::File::open(path)
@@ -163,6 +171,12 @@ pub fn load(path: &Path, tokenizer: Option<&Path>) -> Result<LoadedModel> {
                 path: path.to_path_buf(),
             })
         }
+        ModelFormat::HfDir => Ok(LoadedModel {
+            model: hf::load_model(path)?,
+            tokenizer: Tokenizer::Bpe(Box::new(hf::load_tokenizer(path, tokenizer)?)),
+            format,
+            path: path.to_path_buf(),
+        }),
         ModelFormat::Gguf => {
             if let Some(t) = tokenizer {
                 return Err(Error::Unsupported(format!(
