@@ -249,6 +249,14 @@ impl Llama2cTokenizer {
             *pos += 4;
             Ok([b[0], b[1], b[2], b[3]])
         };
+        if vocab_size < 259 {
+            return Err(fmt(
+                0,
+                format!(
+                    "a vocabulary of {vocab_size} tokens cannot hold the 3 special and 256 byte tokens"
+                ),
+            ));
+        }
         let max_token_length = u32::from_le_bytes(read4(&mut pos, "max_token_length")?);
         let mut pieces = Vec::with_capacity(vocab_size);
         let mut scores = Vec::with_capacity(vocab_size);
@@ -413,8 +421,10 @@ mod tests {
 
     #[test]
     fn truncated_files_are_typed_errors() {
-        let e = Llama2cTokenizer::parse(Path::new("t.bin"), &[1, 0, 0], 4).unwrap_err();
+        let e = Llama2cTokenizer::parse(Path::new("t.bin"), &[1, 0, 0], 300).unwrap_err();
         assert!(matches!(e, Error::Format { .. }), "{e}");
+        let e = Llama2cTokenizer::parse(Path::new("t.bin"), &[1, 0, 0], 4).unwrap_err();
+        assert!(e.to_string().contains("byte tokens"), "{e}");
         let mut ck = Vec::new();
         for v in [8i32, 16, 1, 2, 2, 4, 4] {
             ck.extend(v.to_le_bytes());
