@@ -212,3 +212,27 @@ fn greedy_continuations_match_llama_cpp() {
         "{near_ties:?}"
     );
 }
+
+#[test]
+fn cli_run_on_the_gguf() {
+    let m = model();
+    let args = model::cli::RunArgs {
+        model: m.path.clone(),
+        tokenizer: None,
+        prompt: "The capital of France is".into(),
+        generate: 2,
+        dump_logits: None,
+        top: 3,
+    };
+    let mut out = Vec::new();
+    model::cli::run_to(&args, &mut out).unwrap();
+    let text = String::from_utf8(out).unwrap();
+    assert!(
+        text.contains("Gguf") && text.contains("[504, 3575, 282, 4649, 314]"),
+        "{text}"
+    );
+    assert!(
+        text.contains("generated ids: [7042, 30]") && text.contains("\" Paris\""),
+        "{text}"
+    );
+}

@@ -224,3 +224,22 @@ fn wrong_kind_of_file_is_a_clear_error() {
         .to_string();
     assert!(e.contains("trunc.bin") && e.contains("tensor"), "{e}");
 }
+
+proptest::proptest! {
+    #![proptest_config(proptest::prelude::ProptestConfig::with_cases(64))]
+    /// Byte fallback makes the tokenizer total: any text decodes back to itself.
+    #[test]
+    fn tokenizer_round_trips_any_text(text in "\\PC{0,40}") {
+        let loaded = tokenizer_only();
+        let ids = loaded.encode(&text, true);
+        proptest::prop_assert_eq!(ids[0], 1);
+        proptest::prop_assert_eq!(loaded.decode(&ids), text);
+    }
+}
+
+fn tokenizer_only() -> &'static model::Llama2cTokenizer {
+    static T: std::sync::OnceLock<model::Llama2cTokenizer> = std::sync::OnceLock::new();
+    T.get_or_init(|| {
+        model::Llama2cTokenizer::load(&shared().join("models/stories260K/tok512.bin"), 512).unwrap()
+    })
+}
