@@ -22,11 +22,17 @@ fn train_step(c: &mut Criterion) {
         let backend = Backend::new(kind).expect("cpu backends exist");
         let mut grads = Grads::zeros(&p.cfg);
         group.bench_function(format!("{kind:?}/loss_and_grad"), |bench| {
-            bench.iter(|| backend.loss_and_grad(&p.cfg, &p.params, &norms, &p.x, &p.y, p.n_tokens, &p.obj, &mut grads))
+            bench.iter(|| {
+                backend.loss_and_grad(
+                    &p.cfg, &p.params, &norms, &p.x, &p.y, p.n_tokens, &p.obj, &mut grads,
+                )
+            })
         });
     }
     let th = thresholds(&p.params);
-    group.bench_function("Cpu/encode", |bench| bench.iter(|| encode_all(&p.cfg, &p.params, &p.x, p.n_tokens, &th, 1.0)));
+    group.bench_function("Cpu/encode", |bench| {
+        bench.iter(|| encode_all(&p.cfg, &p.params, &p.x, p.n_tokens, &th, 1.0))
+    });
     group.finish();
 }
 

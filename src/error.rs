@@ -85,6 +85,10 @@ pub enum Error {
     /// Input data that cannot be stored as given (non-finite values, wrong lengths, inconsistent arrays).
     #[error("invalid data for {what}: {reason}")]
     InvalidData { what: String, reason: String },
+
+    /// A token id outside the model's vocabulary.
+    #[error("token id {id} is outside the vocabulary of {vocab_size} tokens")]
+    TokenOutOfRange { id: u32, vocab_size: usize },
 }
 
 impl Error {

@@ -9,6 +9,7 @@
 //! - [`backend`]: the operations (encode, sparse decode, backward, Adam) on the CPU, and the CUDA seam;
 //! - [`store`]: the activation store (compressed shards, the shuffling shard loader, importers);
 //! - [`train`]: the objective, the optimiser, schedules, metrics and the training loop.
+//! - [`model`]: the language models (Llama family) that activations come from, their loaders and tokenizers.
 
 pub mod backend;
 pub mod bench;
@@ -17,6 +18,7 @@ pub mod data;
 pub mod demo;
 pub mod error;
 pub mod eval;
+pub mod model;
 pub mod rng;
 pub mod store;
 pub mod train;

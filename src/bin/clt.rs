@@ -127,6 +127,8 @@ enum Command {
         #[arg(long)]
         json: Option<PathBuf>,
     },
+    /// Run a language model on a prompt: token ids, next-token probabilities, greedy continuation, logits dump.
+    Run(clt::model::cli::RunArgs),
     /// The activation store: inspect, verify, convert and import shards.
     #[command(subcommand)]
     Store(clt::store::cli::StoreCommand),
@@ -351,6 +353,7 @@ fn run(cli: Cli) -> clt::Result<()> {
             Ok(())
         }
         Command::Store(cmd) => clt::store::cli::run(cmd),
+        Command::Run(args) => clt::model::cli::run(args),
         Command::Info { checkpoint } => {
             let dir = resolve_checkpoint(&checkpoint)?;
             let t = load_transcoder(&dir)?;

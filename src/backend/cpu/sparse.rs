@@ -198,33 +198,6 @@ pub fn loss_and_grad(
         let nnz = c.feat.len();
 
         // ∂L/∂a at every listed entry: residual · decoder row, plus the tanh term.
-        let mut g = vec![0.0f32; nnz];
-        let bounds = token_block_bounds(&c.offsets, n_tokens);
-        split_by_bounds(&mut g, &bounds)
-            .into_par_iter()
-            .enumerate()
-            .for_each(|(blk, gs)| {
-                let b0 = blk * BACKWARD_BLOCK;
-                let base = c.offsets[b0];
-                for b in b0..(b0 + BACKWARD_BLOCK).min(n_tokens) {
-                    let rr = &r[b * row + l * d..b * row + l * d + rl];
-                    for e in c.offsets[b]..c.offsets[b + 1] {
-                        let f = c.feat[e] as usize;
-                        let a = c.act[e];
-                        let dotp = dot(rr, &w_dec[f * rl..(f + 1) * rl]);
-                        // Active entries: ∂L/∂a with the tanh term. Zero-activation entries: the residual
-                        // projection only (their tanh term is a per-feature constant, applied by count).
-                        gs[e - base] = if a != 0.0 {
-                            let n = norms[f];
-                            let t = (obj.c * a * n).tanh();
-                            dotp + tanh_scale * obj.c * n * (1.0 - t * t)
-                        } else {
-                            dotp
-                        };
-                    }
-                }
-            });
-
         // Loss terms of this layer.
         let mut sparsity = 0.0f64;
         for e in 0..nnz {
@@ -345,7 +318,6 @@ pub fn loss_and_grad(
         };
 
         let half = 0.5 * obj.bandwidth;
-        debug_assert_eq!(BACKWARD_BLOCK, super::encode::TOKEN_BLOCK);
         let pre_scale = obj.lambda_preact / bf;
         let gp = &mut grads.p;
         gp.w_enc[l]
@@ -358,6 +330,7 @@ pub fn loss_and_grad(
             .enumerate()
             .for_each(|(f, (((((enc_row, dec_row), db), dlt), coef), touched))| {
                 let ents = &order[start[f]..start[f + 1]];
+                let w_row = &w_dec[f * rl..(f + 1) * rl];
                 let n = norms[f];
                 let th = theta[f];
                 let kappa = if jump { pre_scale * n } else { 0.0 };
@@ -372,25 +345,31 @@ pub fn loss_and_grad(
                 let mut near = 0.0f32;
                 for &(e, b) in ents {
                     let (e, b) = (e as usize, b as usize);
-                    let (a, h, ge) = (c.act[e], c.pre[e], g[e]);
+                    let (a, h) = (c.act[e], c.pre[e]);
+                    // ∂L/∂a: the token's residual projected on the feature's decoder row (read once here, while
+                    // the same residual row also feeds the decoder gradient), plus the tanh term when active.
+                    let rr = &r[b * row + l * d..b * row + l * d + rl];
+                    let proj = dot(rr, w_row);
                     let complement = jump && c.block_mode[b / BACKWARD_BLOCK] == BlockMode::Far;
                     if a != 0.0 {
                         let t = (obj.c * a * n).tanh();
+                        let tanh_term = tanh_scale * obj.c * n * (1.0 - t * t);
+                        let ge = proj + tanh_term;
                         dn += tanh_scale * obj.c * a * (1.0 - t * t);
                         dbs += ge;
-                        axpy(a, &r[b * row + l * d..b * row + l * d + rl], dec_row);
+                        axpy(a, rr, dec_row);
                         axpy(ge + kappa, &x[(b * l_n + l) * d..][..d], enc_row);
                         if jump && h - th < half {
                             near += ge;
                         }
                         if complement {
                             // The block total counts this active token: take its projection back out.
-                            near -= ge - tanh_scale * obj.c * n * (1.0 - t * t);
+                            near -= proj;
                         }
                     } else if complement {
-                        near -= ge; // a far-below token of a complement block
+                        near -= proj; // a far-below token of a complement block
                     } else {
-                        near += ge; // a listed near-threshold token
+                        near += proj; // a listed near-threshold token
                     }
                 }
                 let n_inactive = (n_tokens - c.active_count[f] as usize) as f32;
@@ -463,20 +442,5 @@ pub fn skip_grad(cfg: &CltConfig, r: &[f32], x: &[f32], n_tokens: usize, out: &m
     }
 }
 
-const BACKWARD_BLOCK: usize = 64;
-
-fn token_block_bounds(offsets: &[usize], n_tokens: usize) -> Vec<usize> {
-    (0..=n_tokens.div_ceil(BACKWARD_BLOCK))
-        .map(|i| offsets[(i * BACKWARD_BLOCK).min(n_tokens)])
-        .collect()
-}
-
-fn split_by_bounds<'a>(mut v: &'a mut [f32], bounds: &[usize]) -> Vec<&'a mut [f32]> {
-    let mut out = Vec::with_capacity(bounds.len().saturating_sub(1));
-    for w in bounds.windows(2) {
-        let (head, tail) = v.split_at_mut(w[1] - w[0]);
-        out.push(head);
-        v = tail;
-    }
-    out
-}
+/// Tokens per block in the backward pass: the encoder's block size, since block modes are per encoder block.
+const BACKWARD_BLOCK: usize = super::encode::TOKEN_BLOCK;

@@ -1,0 +1,76 @@
+//! Forward throughput of the Llama CPU forward (tokens/s and GFLOP/s) at 128 tokens, for stories260K and
+//! SmolLM2-135M, against the GEMM ceiling of the same machine (one 128×576 · 576×1536 product, the SmolLM2
+//! MLP shape). Throughput is reported in FLOP/s ("elem/s"); tokens/s = 128 / time.
+//!
+//! `cargo bench --bench model` (SmolLM2 is fetched by `scripts/fetch-smollm2.sh` when not cached).
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use clt::model::{self, ForwardOptions, Logits, llama::matmul_wt};
+use criterion::{Criterion, Throughput, criterion_group, criterion_main};
+
+const N: usize = 128;
+
+fn shared() -> PathBuf {
+    PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../shared"))
+}
+
+fn smollm2() -> PathBuf {
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/fetch-smollm2.sh");
+    let out = Command::new("bash")
+        .arg(script)
+        .output()
+        .expect("run fetch-smollm2.sh");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    PathBuf::from(String::from_utf8(out.stdout).unwrap().trim())
+}
+
+fn bench_gemm(c: &mut Criterion) {
+    let (m, k, n) = (N, 576, 1536);
+    let x: Vec<f32> = (0..m * k).map(|i| (i as f32 * 0.01).sin()).collect();
+    let w: Vec<f32> = (0..n * k).map(|i| (i as f32 * 0.02).cos()).collect();
+    let mut out = vec![0.0f32; m * n];
+    let mut g = c.benchmark_group("gemm_ceiling");
+    g.throughput(Throughput::Elements((2 * m * k * n) as u64));
+    g.bench_function("128x576x1536", |b| {
+        b.iter(|| matmul_wt(&x, m, k, &w, n, &mut out))
+    });
+    g.finish();
+}
+
+fn bench_forward(c: &mut Criterion) {
+    let models = [
+        (
+            "stories260K",
+            shared().join("models/stories260K/stories260K.bin"),
+        ),
+        ("smollm2_135m", smollm2()),
+    ];
+    let mut g = c.benchmark_group("forward_128_tokens");
+    g.sample_size(10);
+    for (name, path) in models {
+        let loaded = model::load(&path, None).unwrap_or_else(|e| panic!("{e}"));
+        let m = &loaded.model;
+        let v = m.config.vocab_size as u32;
+        let toks: Vec<u32> = (0..N as u32).map(|i| (i * 7919 + 3) % v).collect();
+        // Logits of every position, as activation caching or a logits dump would not need; `All` measures
+        // the worst case of a full forward.
+        let opts = ForwardOptions {
+            logits: Logits::All,
+            ..Default::default()
+        };
+        let flops = m.config.forward_flops(N, N);
+        eprintln!("{name}: {:.3} GFLOP per forward of {N} tokens", flops / 1e9);
+        g.throughput(Throughput::Elements(flops as u64));
+        g.bench_function(name, |b| b.iter(|| m.forward_with(&toks, &opts).unwrap()));
+    }
+    g.finish();
+}
+
+criterion_group!(benches, bench_gemm, bench_forward);
+criterion_main!(benches);

@@ -1,0 +1,720 @@
+//! Reading GGUF v3 files: metadata, the tensor index, tensors dequantised to f32, and the Llama models and
+//! byte-level BPE tokenizers they hold.
+//!
+//! Supported tensor types: F32, F16, BF16, Q8_0 and Q4_1 (dequantised on load); any other type is refused with
+//! an "unsupported tensor type" error naming the tensor. llama.cpp's converter permutes the Q and K weights of
+//! Llama models so that its rotary embedding rotates adjacent pairs, so GGUF Llama models use
+//! [`RopeStyle::AdjacentPairs`].
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use half::{bf16, f16};
+use rayon::prelude::*;
+
+use super::bpe::BpeTokenizer;
+use super::llama::{LayerWeights, LlamaConfig, LlamaModel, RopeStyle};
+use crate::{Error, Result};
+
+/// The magic bytes at the start of every GGUF file.
+pub const MAGIC: &[u8; 4] = b"GGUF";
+
+/// A metadata value.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Value {
+    U8(u8),
+    I8(i8),
+    U16(u16),
+    I16(i16),
+    U32(u32),
+    I32(i32),
+    U64(u64),
+    I64(i64),
+    F32(f32),
+    F64(f64),
+    Bool(bool),
+    String(String),
+    Array(Vec<Value>),
+}
+
+impl Value {
+    /// The value as an unsigned integer, if it is a non-negative integer.
+    pub fn as_u64(&self) -> Option<u64> {
+        match *self {
+            Value::U8(v) => Some(v as u64),
+            Value::U16(v) => Some(v as u64),
+            Value::U32(v) => Some(v as u64),
+            Value::U64(v) => Some(v),
+            Value::I8(v) => u64::try_from(v).ok(),
+            Value::I16(v) => u64::try_from(v).ok(),
+            Value::I32(v) => u64::try_from(v).ok(),
+            Value::I64(v) => u64::try_from(v).ok(),
+            _ => None,
+        }
+    }
+
+    /// The value as a float, if it is a number.
+    pub fn as_f64(&self) -> Option<f64> {
+        match *self {
+            Value::F32(v) => Some(v as f64),
+            Value::F64(v) => Some(v),
+            _ => self.as_u64().map(|v| v as f64),
+        }
+    }
+
+    pub fn as_str(&self) -> Option<&str> {
+        match self {
+            Value::String(s) => Some(s),
+            _ => None,
+        }
+    }
+
+    pub fn as_bool(&self) -> Option<bool> {
+        match *self {
+            Value::Bool(b) => Some(b),
+            _ => None,
+        }
+    }
+}
+
+/// One entry of the tensor index.
+#[derive(Clone, Debug, PartialEq)]
+pub struct TensorInfo {
+    pub name: String,
+    /// GGML dimensions, innermost first (`[in, out]` for a matrix stored `(out, in)` row-major).
+    pub dims: Vec<u64>,
+    /// GGML type id.
+    pub ggml_type: u32,
+    /// Offset from the start of the data section.
+    pub offset: u64,
+}
+
+impl TensorInfo {
+    pub fn n_elements(&self) -> u64 {
+        self.dims.iter().product()
+    }
+}
+
+/// The name of a GGML type id.
+pub fn type_name(t: u32) -> &'static str {
+    const NAMES: [&str; 31] = [
+        "F32", "F16", "Q4_0", "Q4_1", "Q4_2", "Q4_3", "Q5_0", "Q5_1", "Q8_0", "Q8_1", "Q2_K",
+        "Q3_K", "Q4_K", "Q5_K", "Q6_K", "Q8_K", "IQ2_XXS", "IQ2_XS", "IQ3_XXS", "IQ1_S", "IQ4_NL",
+        "IQ3_S", "IQ2_S", "IQ4_XS", "I8", "I16", "I32", "I64", "F64", "IQ1_M", "BF16",
+    ];
+    NAMES.get(t as usize).copied().unwrap_or("unknown")
+}
+
+/// (elements per block, bytes per block) of the supported types.
+fn block_layout(t: u32) -> Option<(u64, u64)> {
+    match t {
+        0 => Some((1, 4)),   // F32
+        1 => Some((1, 2)),   // F16
+        30 => Some((1, 2)),  // BF16
+        8 => Some((32, 34)), // Q8_0: f16 d, 32 × i8
+        3 => Some((32, 20)), // Q4_1: f16 d, f16 m, 16 bytes of nibbles
+        _ => None,
+    }
+}
+
+/// A parsed GGUF file held in memory.
+pub struct GgufFile {
+    pub path: PathBuf,
+    pub version: u32,
+    pub metadata: BTreeMap<String, Value>,
+    pub tensors: Vec<TensorInfo>,
+    data_offset: usize,
+    bytes: Vec<u8>,
+}
+
+impl std::fmt::Debug for GgufFile {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("GgufFile")
+            .field("path", &self.path)
+            .field("version", &self.version)
+            .field("n_metadata", &self.metadata.len())
+            .field("n_tensors", &self.tensors.len())
+            .finish()
+    }
+}
+
+struct Cursor<'a> {
+    path: &'a Path,
+    bytes: &'a [u8],
+    pos: usize,
+}
+
+impl<'a> Cursor<'a> {
+    fn err(&self, reason: impl Into<String>) -> Error {
+        Error::Format {
+            path: self.path.to_path_buf(),
+            offset: self.pos as u64,
+            reason: reason.into(),
+        }
+    }
+
+    fn take(&mut self, n: usize, what: &str) -> Result<&'a [u8]> {
+        match self.pos.checked_add(n).filter(|&e| e <= self.bytes.len()) {
+            Some(end) => {
+                let s = &self.bytes[self.pos..end];
+                self.pos = end;
+                Ok(s)
+            }
+            None => Err(self.err(format!("truncated while reading {what}"))),
+        }
+    }
+
+    fn arr<const N: usize>(&mut self, what: &str) -> Result<[u8; N]> {
+        let s = self.take(N, what)?;
+        let mut a = [0u8; N];
+        a.copy_from_slice(s);
+        Ok(a)
+    }
+
+    fn u32(&mut self, what: &str) -> Result<u32> {
+        Ok(u32::from_le_bytes(self.arr(what)?))
+    }
+
+    fn u64(&mut self, what: &str) -> Result<u64> {
+        Ok(u64::from_le_bytes(self.arr(what)?))
+    }
+
+    /// A count that must fit in the rest of the file at `min_size` bytes per item.
+    fn count(&mut self, what: &str, min_size: usize) -> Result<usize> {
+        let n = self.u64(what)?;
+        let left = (self.bytes.len() - self.pos) as u64;
+        if n.saturating_mul(min_size as u64) > left {
+            return Err(self.err(format!("{what} = {n} does not fit in the file")));
+        }
+        Ok(n as usize)
+    }
+
+    fn string(&mut self, what: &str) -> Result<String> {
+        let n = self.count(what, 1)?;
+        let s = self.take(n, what)?;
+        String::from_utf8(s.to_vec()).map_err(|_| self.err(format!("{what} is not UTF-8")))
+    }
+
+    fn value(&mut self, ty: u32, what: &str, depth: u32) -> Result<Value> {
+        Ok(match ty {
+            0 => Value::U8(self.arr::<1>(what)?[0]),
+            1 => Value::I8(self.arr::<1>(what)?[0] as i8),
+            2 => Value::U16(u16::from_le_bytes(self.arr(what)?)),
+            3 => Value::I16(i16::from_le_bytes(self.arr(what)?)),
+            4 => Value::U32(self.u32(what)?),
+            5 => Value::I32(i32::from_le_bytes(self.arr(what)?)),
+            6 => Value::F32(f32::from_le_bytes(self.arr(what)?)),
+            7 => Value::Bool(self.arr::<1>(what)?[0] != 0),
+            8 => Value::String(self.string(what)?),
+            9 => {
+                if depth > 4 {
+                    return Err(self.err(format!("{what}: arrays nested too deeply")));
+                }
+                let et = self.u32(what)?;
+                let n = self.count(what, 1)?;
+                let mut v = Vec::with_capacity(n.min(1 << 20));
+                for _ in 0..n {
+                    v.push(self.value(et, what, depth + 1)?);
+                }
+                Value::Array(v)
+            }
+            10 => Value::U64(self.u64(what)?),
+            11 => Value::I64(i64::from_le_bytes(self.arr(what)?)),
+            12 => Value::F64(f64::from_le_bytes(self.arr(what)?)),
+            other => return Err(self.err(format!("{what}: unknown metadata value type {other}"))),
+        })
+    }
+}
+
+impl GgufFile {
+    /// Reads and indexes the GGUF file at `path`.
+    pub fn open(path: &Path) -> Result<Self> {
+        let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
+        Self::parse(path, bytes)
+    }
+
+    /// Indexes a GGUF file held in memory; `path` is used for errors.
+    pub fn parse(path: &Path, bytes: Vec<u8>) -> Result<Self> {
+        let mut c = Cursor {
+            path,
+            bytes: &bytes,
+            pos: 0,
+        };
+        let magic = c.arr::<4>("the magic")?;
+        if &magic != MAGIC {
+            return Err(Error::Format {
+                path: path.to_path_buf(),
+                offset: 0,
+                reason: format!("not a GGUF file (magic {magic:?})"),
+            });
+        }
+        let version = c.u32("the version")?;
+        if version != 3 && version != 2 {
+            return Err(c.err(format!(
+                "GGUF version {version} is not supported (only 2 and 3)"
+            )));
+        }
+        let n_tensors = c.count("the tensor count", 8)?;
+        let n_kv = c.count("the metadata count", 12)?;
+        let mut metadata = BTreeMap::new();
+        for i in 0..n_kv {
+            let key = c.string(&format!("metadata key {i}"))?;
+            let ty = c.u32(&key)?;
+            let v = c.value(ty, &key, 0)?;
+            metadata.insert(key, v);
+        }
+        let mut tensors = Vec::with_capacity(n_tensors);
+        for i in 0..n_tensors {
+            let name = c.string(&format!("the name of tensor {i}"))?;
+            let nd = c.u32(&name)?;
+            if nd == 0 || nd > 4 {
+                return Err(c.err(format!("tensor `{name}` has {nd} dimensions")));
+            }
+            let dims = (0..nd).map(|_| c.u64(&name)).collect::<Result<Vec<_>>>()?;
+            let ggml_type = c.u32(&name)?;
+            let offset = c.u64(&name)?;
+            tensors.push(TensorInfo {
+                name,
+                dims,
+                ggml_type,
+                offset,
+            });
+        }
+        let align = metadata
+            .get("general.alignment")
+            .and_then(Value::as_u64)
+            .unwrap_or(32)
+            .max(1) as usize;
+        let data_offset = c.pos.div_ceil(align) * align;
+        Ok(GgufFile {
+            path: path.to_path_buf(),
+            version,
+            metadata,
+            tensors,
+            data_offset,
+            bytes,
+        })
+    }
+
+    pub fn tensor_info(&self, name: &str) -> Option<&TensorInfo> {
+        self.tensors.iter().find(|t| t.name == name)
+    }
+
+    fn tensor_err(&self, tensor: &str, reason: String) -> Error {
+        Error::Tensor {
+            path: self.path.clone(),
+            tensor: tensor.into(),
+            reason,
+        }
+    }
+
+    /// The tensor `name` dequantised to f32, with its GGML dims (innermost first).
+    pub fn tensor_f32(&self, name: &str) -> Result<(Vec<f32>, Vec<u64>)> {
+        let info = self
+            .tensor_info(name)
+            .ok_or_else(|| self.tensor_err(name, "missing".into()))?;
+        let (block, block_bytes) = block_layout(info.ggml_type).ok_or_else(|| {
+            self.tensor_err(
+                name,
+                format!(
+                    "unsupported tensor type {} ({}); supported: F32, F16, BF16, Q8_0, Q4_1",
+                    type_name(info.ggml_type),
+                    info.ggml_type
+                ),
+            )
+        })?;
+        let n = info
+            .dims
+            .iter()
+            .try_fold(1u64, |a, &d| a.checked_mul(d))
+            .filter(|&n| n < 1 << 40)
+            .ok_or_else(|| self.tensor_err(name, format!("dims {:?} are too large", info.dims)))?;
+        if n % block != 0 || info.dims[0] % block != 0 {
+            return Err(self.tensor_err(
+                name,
+                format!(
+                    "dims {:?} are not a multiple of the {block}-element block",
+                    info.dims
+                ),
+            ));
+        }
+        let nbytes = n / block * block_bytes;
+        let start = (self.data_offset as u64).checked_add(info.offset);
+        let end = start.and_then(|s| s.checked_add(nbytes));
+        let (start, end) = match (start, end) {
+            (Some(s), Some(e)) if e <= self.bytes.len() as u64 => (s as usize, e as usize),
+            _ => {
+                return Err(self.tensor_err(
+                    name,
+                    format!(
+                        "truncated: {nbytes} bytes at data offset {} run past the end of the file ({} bytes)",
+                        info.offset,
+                        self.bytes.len()
+                    ),
+                ));
+            }
+        };
+        let raw = &self.bytes[start..end];
+        let mut out = vec![0.0f32; n as usize];
+        let chunk = 4096usize;
+        match info.ggml_type {
+            0 => out.par_chunks_mut(chunk).enumerate().for_each(|(i, o)| {
+                let src = &raw[i * chunk * 4..];
+                for (j, v) in o.iter_mut().enumerate() {
+                    *v = f32::from_le_bytes([
+                        src[4 * j],
+                        src[4 * j + 1],
+                        src[4 * j + 2],
+                        src[4 * j + 3],
+                    ]);
+                }
+            }),
+            1 | 30 => {
+                let bf = info.ggml_type == 30;
+                out.par_chunks_mut(chunk).enumerate().for_each(|(i, o)| {
+                    let src = &raw[i * chunk * 2..];
+                    for (j, v) in o.iter_mut().enumerate() {
+                        let b = [src[2 * j], src[2 * j + 1]];
+                        *v = if bf {
+                            bf16::from_le_bytes(b).to_f32()
+                        } else {
+                            f16::from_le_bytes(b).to_f32()
+                        };
+                    }
+                })
+            }
+            8 => out
+                .par_chunks_mut(32)
+                .zip(raw.par_chunks(34))
+                .for_each(|(o, b)| {
+                    let d = f16::from_le_bytes([b[0], b[1]]).to_f32();
+                    for (v, &q) in o.iter_mut().zip(&b[2..]) {
+                        *v = d * (q as i8) as f32;
+                    }
+                }),
+            3 => out
+                .par_chunks_mut(32)
+                .zip(raw.par_chunks(20))
+                .for_each(|(o, b)| {
+                    let d = f16::from_le_bytes([b[0], b[1]]).to_f32();
+                    let m = f16::from_le_bytes([b[2], b[3]]).to_f32();
+                    for (j, &q) in b[4..20].iter().enumerate() {
+                        o[j] = (q & 0x0F) as f32 * d + m;
+                        o[j + 16] = (q >> 4) as f32 * d + m;
+                    }
+                }),
+            _ => unreachable!("block_layout accepted only the types handled here"),
+        }
+        Ok((out, info.dims.clone()))
+    }
+
+    /// The tensor `name` as f32, checked to have GGML dims `dims` (innermost first).
+    pub fn tensor_shaped(&self, name: &str, dims: &[usize]) -> Result<Vec<f32>> {
+        let info = self
+            .tensor_info(name)
+            .ok_or_else(|| self.tensor_err(name, "missing".into()))?;
+        let want: Vec<u64> = dims.iter().map(|&d| d as u64).collect();
+        if info.dims != want {
+            return Err(self.tensor_err(
+                name,
+                format!(
+                    "dims {:?} disagree with the config, which implies {want:?}",
+                    info.dims
+                ),
+            ));
+        }
+        Ok(self.tensor_f32(name)?.0)
+    }
+
+    fn meta(&self, key: &str) -> Result<&Value> {
+        self.metadata.get(key).ok_or_else(|| Error::Format {
+            path: self.path.clone(),
+            offset: 0,
+            reason: format!("metadata key `{key}` is missing"),
+        })
+    }
+
+    fn meta_usize(&self, key: &str) -> Result<usize> {
+        self.meta(key)?
+            .as_u64()
+            .map(|v| v as usize)
+            .ok_or_else(|| Error::Format {
+                path: self.path.clone(),
+                offset: 0,
+                reason: format!("metadata key `{key}` is not an unsigned integer"),
+            })
+    }
+
+    fn meta_strings(&self, key: &str) -> Result<Vec<String>> {
+        let bad = || Error::Format {
+            path: self.path.clone(),
+            offset: 0,
+            reason: format!("metadata key `{key}` is not an array of strings"),
+        };
+        match self.meta(key)? {
+            Value::Array(a) => a
+                .iter()
+                .map(|v| v.as_str().map(str::to_string).ok_or_else(bad))
+                .collect(),
+            _ => Err(bad()),
+        }
+    }
+
+    /// The Llama configuration in the metadata (architecture `llama`).
+    pub fn llama_config(&self) -> Result<LlamaConfig> {
+        let arch = self
+            .meta("general.architecture")?
+            .as_str()
+            .unwrap_or("")
+            .to_string();
+        if arch != "llama" {
+            return Err(Error::Unsupported(format!(
+                "{}: GGUF architecture `{arch}` (only `llama` is supported)",
+                self.path.display()
+            )));
+        }
+        let k = |s: &str| format!("{arch}.{s}");
+        let d = self.meta_usize(&k("embedding_length"))?;
+        let n_heads = self.meta_usize(&k("attention.head_count"))?;
+        let n_kv = match self.metadata.get(&k("attention.head_count_kv")) {
+            Some(_) => self.meta_usize(&k("attention.head_count_kv"))?,
+            None => n_heads,
+        };
+        let head_dim = match self.metadata.get(&k("attention.key_length")) {
+            Some(_) => self.meta_usize(&k("attention.key_length"))?,
+            None => d / n_heads.max(1),
+        };
+        let vocab = match self.metadata.get(&k("vocab_size")) {
+            Some(_) => self.meta_usize(&k("vocab_size"))?,
+            None => self
+                .tensor_info("token_embd.weight")
+                .map_or(0, |t| t.dims.get(1).copied().unwrap_or(0) as usize),
+        };
+        let f = |key: String, default: f64| {
+            self.metadata
+                .get(&key)
+                .and_then(Value::as_f64)
+                .unwrap_or(default) as f32
+        };
+        let c = LlamaConfig {
+            d_model: d,
+            hidden_dim: self.meta_usize(&k("feed_forward_length"))?,
+            n_layers: self.meta_usize(&k("block_count"))?,
+            n_heads,
+            n_kv_heads: n_kv,
+            head_dim,
+            vocab_size: vocab,
+            max_seq_len: self.meta_usize(&k("context_length"))?,
+            norm_eps: f(k("attention.layer_norm_rms_epsilon"), 1e-5),
+            rope_theta: f(k("rope.freq_base"), 10000.0),
+            rope_style: RopeStyle::AdjacentPairs,
+        };
+        c.validate(&self.path)?;
+        Ok(c)
+    }
+
+    /// The Llama model in this file, dequantised to f32.
+    pub fn llama_model(&self) -> Result<LlamaModel> {
+        let c = self.llama_config()?;
+        let (d, h, q, kv, v) = (c.d_model, c.hidden_dim, c.q_dim(), c.kv_dim(), c.vocab_size);
+        let tok_embeddings = self.tensor_shaped("token_embd.weight", &[d, v])?;
+        let final_norm = self.tensor_shaped("output_norm.weight", &[d])?;
+        let output = match self.tensor_info("output.weight") {
+            Some(_) => Some(self.tensor_shaped("output.weight", &[d, v])?),
+            None => None,
+        };
+        let mut layers = Vec::with_capacity(c.n_layers);
+        for l in 0..c.n_layers {
+            let t = |name: &str, dims: &[usize]| {
+                self.tensor_shaped(&format!("blk.{l}.{name}.weight"), dims)
+            };
+            layers.push(LayerWeights {
+                attn_norm: t("attn_norm", &[d])?,
+                wq: t("attn_q", &[d, q])?,
+                wk: t("attn_k", &[d, kv])?,
+                wv: t("attn_v", &[d, kv])?,
+                wo: t("attn_output", &[q, d])?,
+                mlp_norm: t("ffn_norm", &[d])?,
+                w_gate: t("ffn_gate", &[d, h])?,
+                w_up: t("ffn_up", &[d, h])?,
+                w_down: t("ffn_down", &[h, d])?,
+            });
+        }
+        let model = LlamaModel {
+            config: c,
+            tok_embeddings,
+            layers,
+            final_norm,
+            output,
+        };
+        model.validate(&self.path)?;
+        Ok(model)
+    }
+
+    /// The byte-level BPE tokenizer in the metadata (`tokenizer.ggml.model = "gpt2"`).
+    pub fn tokenizer(&self) -> Result<BpeTokenizer> {
+        let kind = self.meta("tokenizer.ggml.model")?.as_str().unwrap_or("");
+        if kind != "gpt2" {
+            return Err(Error::Unsupported(format!(
+                "{}: GGUF tokenizer model `{kind}` (only the byte-level BPE `gpt2` is supported)",
+                self.path.display()
+            )));
+        }
+        let tokens = self.meta_strings("tokenizer.ggml.tokens")?;
+        let merges = self.meta_strings("tokenizer.ggml.merges")?;
+        let special: Vec<u32> = match self.metadata.get("tokenizer.ggml.token_type") {
+            // 3 = control, 4 = user-defined: matched as whole strings before BPE.
+            Some(Value::Array(types)) => types
+                .iter()
+                .enumerate()
+                .filter(|(_, t)| matches!(t.as_u64(), Some(3) | Some(4)))
+                .map(|(i, _)| i as u32)
+                .collect(),
+            _ => Vec::new(),
+        };
+        let pre = self
+            .metadata
+            .get("tokenizer.ggml.pre")
+            .and_then(Value::as_str)
+            .unwrap_or("default");
+        let id = |key: &str| {
+            self.metadata
+                .get(key)
+                .and_then(Value::as_u64)
+                .map(|v| v as u32)
+        };
+        let add_bos = self
+            .metadata
+            .get("tokenizer.ggml.add_bos_token")
+            .and_then(Value::as_bool)
+            .unwrap_or(false);
+        let bos = if add_bos {
+            id("tokenizer.ggml.bos_token_id")
+        } else {
+            None
+        };
+        BpeTokenizer::from_vocab(
+            &self.path,
+            tokens,
+            &merges,
+            &special,
+            pre,
+            bos,
+            id("tokenizer.ggml.eos_token_id"),
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A minimal GGUF with one metadata key and the given tensors (name, dims, type, payload).
+    fn build(tensors: &[(&str, Vec<u64>, u32, Vec<u8>)]) -> Vec<u8> {
+        let mut b = Vec::new();
+        b.extend(MAGIC);
+        b.extend(3u32.to_le_bytes());
+        b.extend((tensors.len() as u64).to_le_bytes());
+        b.extend(1u64.to_le_bytes());
+        let s = |b: &mut Vec<u8>, s: &str| {
+            b.extend((s.len() as u64).to_le_bytes());
+            b.extend(s.as_bytes());
+        };
+        s(&mut b, "general.architecture");
+        b.extend(8u32.to_le_bytes());
+        s(&mut b, "llama");
+        let mut off = 0u64;
+        for (name, dims, ty, data) in tensors {
+            s(&mut b, name);
+            b.extend((dims.len() as u32).to_le_bytes());
+            for d in dims {
+                b.extend(d.to_le_bytes());
+            }
+            b.extend(ty.to_le_bytes());
+            b.extend(off.to_le_bytes());
+            off += (data.len() as u64).div_ceil(32) * 32;
+        }
+        while b.len() % 32 != 0 {
+            b.push(0);
+        }
+        for (_, _, _, data) in tensors {
+            b.extend(data);
+            while b.len() % 32 != 0 {
+                b.push(0);
+            }
+        }
+        b
+    }
+
+    #[test]
+    fn dequantises_the_supported_types() {
+        let mut q41 = Vec::new();
+        q41.extend(f16::from_f32(0.5).to_le_bytes());
+        q41.extend(f16::from_f32(-1.0).to_le_bytes());
+        q41.extend((0..16u8).map(|j| j | ((15 - j) << 4)));
+        let mut q80 = f16::from_f32(0.25).to_le_bytes().to_vec();
+        q80.extend((0..32i8).map(|j| (j - 16) as u8));
+        let f32s: Vec<u8> = [1.5f32, -2.0]
+            .iter()
+            .flat_map(|v| v.to_le_bytes())
+            .collect();
+        let f16s: Vec<u8> = [1.5f32, -2.0]
+            .iter()
+            .flat_map(|&v| f16::from_f32(v).to_le_bytes())
+            .collect();
+        let bf16s: Vec<u8> = [1.5f32, -2.0]
+            .iter()
+            .flat_map(|&v| bf16::from_f32(v).to_le_bytes())
+            .collect();
+        let file = build(&[
+            ("a", vec![32], 3, q41),
+            ("b", vec![32], 8, q80),
+            ("c", vec![2], 0, f32s),
+            ("d", vec![2], 1, f16s),
+            ("e", vec![2], 30, bf16s),
+            ("f", vec![32], 2, vec![0; 18]),
+        ]);
+        let g = GgufFile::parse(Path::new("t.gguf"), file).unwrap();
+        assert_eq!(g.metadata["general.architecture"].as_str(), Some("llama"));
+        let a = g.tensor_f32("a").unwrap().0;
+        assert_eq!(a[0], -1.0);
+        assert_eq!(a[1], -0.5);
+        assert_eq!(a[16], 6.5);
+        assert_eq!(a[31], -1.0);
+        let b = g.tensor_f32("b").unwrap().0;
+        assert_eq!(b[0], -4.0);
+        assert_eq!(b[31], 3.75);
+        for n in ["c", "d", "e"] {
+            assert_eq!(g.tensor_f32(n).unwrap().0, vec![1.5, -2.0]);
+        }
+        let e = g.tensor_f32("f").unwrap_err().to_string();
+        assert!(
+            e.contains("unsupported tensor type Q4_0") && e.contains("`f`") && e.contains("t.gguf"),
+            "{e}"
+        );
+        assert!(matches!(g.tensor_f32("zz"), Err(Error::Tensor { .. })));
+    }
+
+    #[test]
+    fn truncated_and_foreign_files_are_typed_errors() {
+        let file = build(&[("a", vec![64], 0, vec![0; 256])]);
+        let g = GgufFile::parse(Path::new("t.gguf"), file[..file.len() - 64].to_vec()).unwrap();
+        let e = g.tensor_f32("a").unwrap_err().to_string();
+        assert!(e.contains("truncated") && e.contains("`a`"), "{e}");
+        for cut in [3, 10, 30, 60] {
+            assert!(matches!(
+                GgufFile::parse(Path::new("t.gguf"), file[..cut].to_vec()),
+                Err(Error::Format { .. })
+            ));
+        }
+        assert!(
+            GgufFile::parse(
+                Path::new("x.bin"),
+                b"\x40\0\0\0xxxxxxxxxxxxxxxxxxxxxxxx".to_vec()
+            )
+            .is_err()
+        );
+        let g = GgufFile::parse(Path::new("t.gguf"), file).unwrap();
+        assert!(g.llama_config().is_err());
+    }
+}

@@ -1,0 +1,198 @@
+//! Running the language models that CLTs are trained on and attribute through.
+//!
+//! - [`llama`]: the Llama-family forward on the CPU, with hooks and interventions;
+//! - [`llama2c`]: llama2.c checkpoints and tokenizers;
+//! - [`hf`]: Hugging Face model directories (`config.json`, `*.safetensors`, `tokenizer.json`);
+//! - [`gguf`]: GGUF v3 files (metadata, tensors, Llama models) and [`bpe`], their byte-level BPE tokenizers;
+//! - [`cli`]: `clt run`, which tokenises a prompt, runs the model and prints or dumps the logits.
+//!
+//! [`load`] opens a model file of any supported kind (detected by its magic bytes and its extension) together
+//! with its tokenizer, as a [`LoadedModel`].
+
+pub mod bpe;
+pub mod cli;
+pub mod gguf;
+pub mod hf;
+pub mod llama;
+pub mod llama2c;
+
+use std::io::Read;
+use std::path::{Path, PathBuf};
+
+use crate::{Error, Result};
+pub use bpe::BpeTokenizer;
+pub use llama::{
+    ForwardOptions, ForwardOutput, ForwardRecord, Hooks, Intervention, LayerRecord, LayerWeights,
+    LlamaConfig, LlamaModel, Logits, RopeStyle,
+};
+pub use llama2c::Llama2cTokenizer;
+
+/// The kinds of model file the engine reads.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ModelFormat {
+    /// A llama2.c "v0" checkpoint (`.bin`, no magic; recognised by a header that matches the file size).
+    Llama2c,
+    /// A GGUF v2/v3 file (magic `GGUF`).
+    Gguf,
+    /// A Hugging Face model directory (`config.json`, `*.safetensors`, `tokenizer.json`).
+    HfDir,
+}
+
+/// Detects the format of the model file at `path`, with an error that says what the file seems to be
+/// when it is none of the supported kinds.
+pub fn detect_format(path: &Path) -> Result<ModelFormat> {
+    let meta = std::fs::metadata(path).map_err(|e| Error::io(path, e))?;
+    if meta.is_dir() {
+        if hf::is_model_dir(path) {
+            return Ok(ModelFormat::HfDir);
+        }
+        return Err(Error::Format {
+            path: path.to_path_buf(),
+            offset: 0,
+            reason: "a directory without config.json (not a Hugging Face model directory)".into(),
+        });
+    }
+    let mut head = Vec::with_capacity(64);
+    std::fs::File::open(path)
+        .and_then(|f| f.take(64).read_to_end(&mut head))
+        .map_err(|e| Error::io(path, e))?;
+    if head.starts_with(gguf::MAGIC) {
+        return Ok(ModelFormat::Gguf);
+    }
+    if llama2c::looks_like_checkpoint(&head, meta.len()) {
+        return Ok(ModelFormat::Llama2c);
+    }
+    let what = if head.starts_with(b"ak42") {
+        "a llama2.c v1+ checkpoint (only v0 is supported)".to_string()
+    } else if head.starts_with(b"PK\x03\x04") {
+        "a zip archive (a PyTorch or wheel file?)".to_string()
+    } else if head.len() >= 8
+        && u64::from_le_bytes(head[..8].try_into().unwrap_or_default()) < meta.len()
+        && head.get(8) == Some(&b'{')
+    {
+        "a safetensors file (load its model directory instead)".to_string()
+    } else {
+        "not a llama2.c v0 checkpoint (its header does not match its size)".to_string()
+    };
+    Err(Error::Format {
+        path: path.to_path_buf(),
+        offset: 0,
+        reason: format!("unrecognised model file: {what}"),
+    })
+}
+
+/// A tokenizer of any supported kind.
+#[derive(Clone, Debug)]
+pub enum Tokenizer {
+    Llama2c(Llama2cTokenizer),
+    Bpe(Box<BpeTokenizer>),
+}
+
+impl Tokenizer {
+    /// The token ids of `text`, with the model's beginning-of-sequence token when it uses one.
+    pub fn encode(&self, text: &str) -> Result<Vec<u32>> {
+        match self {
+            Tokenizer::Llama2c(t) => Ok(t.encode(text, true)),
+            Tokenizer::Bpe(t) => t.encode(text),
+        }
+    }
+
+    /// The text of `tokens` (special tokens dropped).
+    pub fn decode(&self, tokens: &[u32]) -> String {
+        match self {
+            Tokenizer::Llama2c(t) => t.decode(tokens),
+            Tokenizer::Bpe(t) => t.decode(tokens),
+        }
+    }
+
+    /// One token's piece as stored in the vocabulary, for display.
+    pub fn piece(&self, token: u32) -> String {
+        match self {
+            Tokenizer::Llama2c(t) => t.piece(token),
+            Tokenizer::Bpe(t) => t.piece(token),
+        }
+    }
+
+    /// The token that ends generation, if the model has one.
+    pub fn eos(&self) -> Option<u32> {
+        match self {
+            Tokenizer::Llama2c(_) => Some(llama2c::EOS),
+            Tokenizer::Bpe(t) => t.eos,
+        }
+    }
+
+    pub fn vocab_size(&self) -> usize {
+        match self {
+            Tokenizer::Llama2c(t) => t.vocab_size(),
+            Tokenizer::Bpe(t) => t.vocab_size(),
+        }
+    }
+}
+
+/// A model and its tokenizer, loaded from files.
+#[derive(Clone, Debug)]
+pub struct LoadedModel {
+    pub model: LlamaModel,
+    pub tokenizer: Tokenizer,
+    pub format: ModelFormat,
+    pub path: PathBuf,
+}
+
+/// Loads the model at `path` and its tokenizer: `tokenizer` when given, else the one stored with the model
+/// (GGUF) or found beside it (llama2.c: `tok{vocab_size}.bin`, then `tokenizer.bin`).
+pub fn load(path: &Path, tokenizer: Option<&Path>) -> Result<LoadedModel> {
+    let format = detect_format(path)?;
+    match format {
+        ModelFormat::Llama2c => {
+            let model = llama2c::load_checkpoint(path)?;
+            let v = model.config.vocab_size;
+            let tok_path = match tokenizer {
+                Some(p) => p.to_path_buf(),
+                None => {
+                    let dir = path.parent().unwrap_or(Path::new("."));
+                    let candidates = [dir.join(format!("tok{v}.bin")), dir.join("tokenizer.bin")];
+                    candidates.iter().find(|p| p.is_file()).cloned().ok_or_else(|| {
+                        Error::Checkpoint {
+                            path: path.to_path_buf(),
+                            reason: format!(
+                                "no tokenizer given and neither {} nor {} exists (pass --tokenizer)",
+                                candidates[0].display(),
+                                candidates[1].display()
+                            ),
+                        }
+                    })?
+                }
+            };
+            let tok = Llama2cTokenizer::load(&tok_path, v)?;
+            Ok(LoadedModel {
+                model,
+                tokenizer: Tokenizer::Llama2c(tok),
+                format,
+                path: path.to_path_buf(),
+            })
+        }
+        ModelFormat::HfDir => Ok(LoadedModel {
+            model: hf::load_model(path)?,
+            tokenizer: Tokenizer::Bpe(Box::new(hf::load_tokenizer(path, tokenizer)?)),
+            format,
+            path: path.to_path_buf(),
+        }),
+        ModelFormat::Gguf => {
+            if let Some(t) = tokenizer {
+                return Err(Error::Unsupported(format!(
+                    "--tokenizer {}: a GGUF model uses the tokenizer stored in it",
+                    t.display()
+                )));
+            }
+            let file = gguf::GgufFile::open(path)?;
+            let model = file.llama_model()?;
+            let tok = file.tokenizer()?;
+            Ok(LoadedModel {
+                model,
+                tokenizer: Tokenizer::Bpe(Box::new(tok)),
+                format,
+                path: path.to_path_buf(),
+            })
+        }
+    }
+}
