@@ -100,3 +100,129 @@ pub fn run_synthetic(run: RunConfig, out: &Path, quiet: bool) -> Result<Syntheti
         seconds: t0.elapsed().as_secs_f64(),
     })
 }
+
+/// Where the real-pipeline demo finds its inputs and writes its outputs.
+#[derive(Clone, Debug)]
+pub struct StoriesDemo {
+    pub model: std::path::PathBuf,
+    pub tokenizer: Option<std::path::PathBuf>,
+    pub train_corpus: std::path::PathBuf,
+    pub eval_corpus: std::path::PathBuf,
+    pub out: std::path::PathBuf,
+    pub train_tokens: u64,
+    pub steps: u64,
+    pub quiet: bool,
+}
+
+impl StoriesDemo {
+    /// The stories260K fixture and TinyStories from `shared` (the project's `../shared`).
+    pub fn from_shared(shared: &Path, out: &Path) -> Self {
+        StoriesDemo {
+            model: shared.join("models/stories260K/stories260K.bin"),
+            tokenizer: Some(shared.join("models/stories260K/tok512.bin")),
+            train_corpus: shared.join("corpus/tinystories_train_head.txt"),
+            eval_corpus: shared.join("corpus/tinystories_valid_head.txt"),
+            out: out.to_path_buf(),
+            train_tokens: 200_000,
+            steps: 2000,
+            quiet: false,
+        }
+    }
+}
+
+/// What the real-pipeline demo measured.
+#[derive(Clone, Debug)]
+pub struct StoriesReport {
+    pub cached_tokens: u64,
+    pub cache_seconds: f64,
+    pub train_seconds: f64,
+    pub eval: crate::eval::EvalReport,
+    pub checkpoint: std::path::PathBuf,
+    pub export: std::path::PathBuf,
+}
+
+/// The whole pipeline on a real model: cache its MLP activations over a corpus into the store, train a CLT
+/// from the store, evaluate on held-out text, export for circuit-tracer.
+pub fn run_stories(demo: &StoriesDemo) -> Result<StoriesReport> {
+    use crate::cache::{CacheConfig, InputHook, cache};
+    let m = crate::model::load(&demo.model, demo.tokenizer.as_deref())?;
+    let acts = demo.out.join("acts");
+    let held_out = demo.out.join("acts-valid");
+    let t0 = std::time::Instant::now();
+    let base = CacheConfig {
+        corpus: vec![demo.train_corpus.clone()],
+        out: acts.clone(),
+        context: 128,
+        max_tokens: Some(demo.train_tokens),
+        input_hook: InputHook::MlpInNormed,
+        codec: crate::store::Codec::Int8,
+        shard_tokens: 65_536,
+        contexts_per_batch: 64,
+        quiet: demo.quiet,
+    };
+    let rec = cache(&m, &base)?;
+    cache(
+        &m,
+        &CacheConfig {
+            corpus: vec![demo.eval_corpus.clone()],
+            out: held_out.clone(),
+            max_tokens: Some(8192),
+            ..base.clone()
+        },
+    )?;
+    let cache_seconds = t0.elapsed().as_secs_f64();
+
+    let mc = &m.model.config;
+    let run = RunConfig {
+        model: CltConfig {
+            n_layers: mc.n_layers,
+            d_model: mc.d_model,
+            n_features: 8 * mc.d_model,
+            decoder: DecoderKind::CrossLayer,
+            activation: Activation::JumpRelu,
+            skip: false,
+        },
+        train: TrainConfig {
+            steps: demo.steps,
+            batch_size: 1024,
+            lr: 1e-3,
+            warmup_steps: 100,
+            lambda_sparsity: 0.05,
+            theta_init: 0.5,
+            init_fire_rate: Some(0.05),
+            log_every: 200,
+            ..TrainConfig::default()
+        },
+        data: DataConfig::Store(crate::train::config::StoreDataConfig {
+            path: acts.clone(),
+            seed: 0,
+            window_blocks: 16,
+            workers: 2,
+            prefetch: 2,
+        }),
+    };
+    let t1 = std::time::Instant::now();
+    let run_dir = demo.out.join("run");
+    let mut trainer = Trainer::new(run)?;
+    trainer.train(&run_dir, demo.quiet)?;
+    let train_seconds = t1.elapsed().as_secs_f64();
+    let t = trainer.transcoder();
+    let mut valid =
+        crate::store::ShardLoader::open(&held_out, crate::store::LoaderConfig::default())?;
+    let eval = crate::eval::evaluate(&t, &mut valid, 8000, 0)?;
+    let export = demo.out.join("circuit-tracer");
+    let meta = crate::clt::export::ExportMeta {
+        model_name: "stories260K".into(),
+        feature_input_hook: "ln2.hook_normalized".into(),
+        feature_output_hook: "hook_mlp_out".into(),
+    };
+    crate::clt::export::export_circuit_tracer(&t, &export, &meta)?;
+    Ok(StoriesReport {
+        cached_tokens: rec.n_tokens,
+        cache_seconds,
+        train_seconds,
+        eval,
+        checkpoint: crate::train::resolve_checkpoint(&run_dir)?,
+        export,
+    })
+}

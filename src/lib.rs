@@ -13,6 +13,7 @@
 
 pub mod backend;
 pub mod bench;
+pub mod cache;
 pub mod clt;
 pub mod data;
 pub mod demo;

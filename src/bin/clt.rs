@@ -43,14 +43,54 @@ enum Command {
         #[arg(long)]
         quiet: bool,
     },
-    /// Run a demonstration end to end.
+    /// Run a demonstration end to end: by default the real pipeline on stories260K and TinyStories (cache →
+    /// train → evaluate → export); with --synthetic, training on planted ground truth.
     Demo {
         /// Train on the synthetic ground truth and report recovery of the planted features.
         #[arg(long)]
         synthetic: bool,
-        /// Where to write the run.
+        /// The project's shared folder (model fixture and corpus).
+        #[arg(long, default_value = "../shared")]
+        shared: PathBuf,
+        /// Tokens to cache for training.
+        #[arg(long, default_value_t = 200_000)]
+        tokens: u64,
+        /// Training steps.
+        #[arg(long, default_value_t = 2000)]
+        steps: u64,
+        /// Where to write the run (a fresh folder is best: finished caches are reused).
         #[arg(long, default_value = "runs/demo")]
         out: PathBuf,
+    },
+    /// Cache a language model's MLP inputs and outputs over a corpus into the activation store (resumable).
+    Cache {
+        /// The model: llama2.c checkpoint, GGUF file or Hugging Face directory.
+        #[arg(long)]
+        model: PathBuf,
+        /// The tokenizer, for llama2.c checkpoints.
+        #[arg(long)]
+        tokenizer: Option<PathBuf>,
+        /// Corpus files: plain text (blank-line-separated documents) or .jsonl with a "text" field.
+        #[arg(long, required = true, num_args = 1..)]
+        corpus: Vec<PathBuf>,
+        /// The dataset directory to write.
+        #[arg(long)]
+        out: PathBuf,
+        /// Tokens per context (BOS included).
+        #[arg(long, default_value_t = 128)]
+        context: usize,
+        /// Stop after this many cached tokens.
+        #[arg(long)]
+        max_tokens: Option<u64>,
+        /// The encoder input hook.
+        #[arg(long, value_enum, default_value = "mlp-in-normed")]
+        input_hook: clt::cache::InputHook,
+        /// Storage codec.
+        #[arg(long, value_enum, default_value = "int8")]
+        codec: clt::store::Codec,
+        /// Tokens per shard.
+        #[arg(long, default_value_t = 65_536)]
+        shard_tokens: u64,
     },
     /// Evaluate a checkpoint on fresh activations from its run's data source.
     Eval {
@@ -205,7 +245,11 @@ fn run(cli: Cli) -> clt::Result<()> {
             println!("checkpoint: {}", resolve_checkpoint(&out)?.display());
             Ok(())
         }
-        Command::Demo { synthetic: _, out } => {
+        Command::Demo {
+            synthetic: true,
+            out,
+            ..
+        } => {
             let run = clt::demo::synthetic_config();
             println!(
                 "synthetic ground truth: {} layers, d = {}, {} features per layer ({} steps of {} tokens)",
@@ -229,6 +273,69 @@ fn run(cli: Cli) -> clt::Result<()> {
                 "trained in {:.1} s; run directory {}",
                 r.seconds,
                 out.display()
+            );
+            Ok(())
+        }
+        Command::Demo {
+            synthetic: false,
+            shared,
+            tokens,
+            steps,
+            out,
+        } => {
+            let mut demo = clt::demo::StoriesDemo::from_shared(&shared, &out);
+            demo.train_tokens = tokens;
+            demo.steps = steps;
+            println!(
+                "stories260K on TinyStories: cache {tokens} tokens, train a CLT for {steps} steps, evaluate, export"
+            );
+            let r = clt::demo::run_stories(&demo)?;
+            println!(
+                "cached {} tokens in {:.1} s",
+                r.cached_tokens, r.cache_seconds
+            );
+            println!(
+                "trained in {:.1} s; held-out evaluation on {} tokens:",
+                r.train_seconds, r.eval.n_tokens
+            );
+            print_layers(&r.eval.nmse_per_layer, &r.eval.l0_per_layer, &[]);
+            println!("NMSE {:.4}", r.eval.nmse);
+            println!("checkpoint {}", r.checkpoint.display());
+            println!("circuit-tracer export {}", r.export.display());
+            Ok(())
+        }
+        Command::Cache {
+            model,
+            tokenizer,
+            corpus,
+            out,
+            context,
+            max_tokens,
+            input_hook,
+            codec,
+            shard_tokens,
+        } => {
+            let m = clt::model::load(&model, tokenizer.as_deref())?;
+            let cfg = clt::cache::CacheConfig {
+                corpus,
+                out: out.clone(),
+                context,
+                max_tokens,
+                input_hook,
+                codec,
+                shard_tokens,
+                contexts_per_batch: 64,
+                quiet: false,
+            };
+            let t0 = std::time::Instant::now();
+            let rec = clt::cache::cache(&m, &cfg)?;
+            let s = t0.elapsed().as_secs_f64();
+            println!(
+                "{} tokens in {} ({:.1} s, {:.0} tokens/s)",
+                rec.n_tokens,
+                out.display(),
+                s,
+                rec.n_tokens as f64 / s
             );
             Ok(())
         }

@@ -113,6 +113,14 @@ impl Tokenizer {
         }
     }
 
+    /// The beginning-of-sequence token that [`encode`](Self::encode) prepends, if any.
+    pub fn bos(&self) -> Option<u32> {
+        match self {
+            Tokenizer::Llama2c(_) => Some(llama2c::BOS),
+            Tokenizer::Bpe(t) => t.bos,
+        }
+    }
+
     /// The token that ends generation, if the model has one.
     pub fn eos(&self) -> Option<u32> {
         match self {

@@ -479,6 +479,55 @@ impl DatasetWriter {
         })
     }
 
+    /// Reopens an unfinished dataset (shards written, no manifest yet, as an interrupted writer leaves it):
+    /// keeps every complete shard `shard-00000.clts`, `shard-00001.clts`, … in sequence (shards are renamed
+    /// into place only when complete, so each one found is whole; each is opened and checked), and returns the
+    /// writer positioned after them with the number of tokens they hold. A dataset whose manifest exists is
+    /// finished: that is an error naming it.
+    pub fn resume(
+        dir: impl AsRef<Path>,
+        dims: ActDims,
+        cfg: WriterConfig,
+        meta: ShardMeta,
+        shard_tokens: u64,
+    ) -> Result<(Self, u64)> {
+        let dir = dir.as_ref().to_path_buf();
+        if dir.join(MANIFEST_FILE).exists() {
+            return Err(Error::config(
+                "store.out",
+                format!("{} already holds a finished dataset", dir.display()),
+            ));
+        }
+        let mut w = DatasetWriter::create(&dir, dims, cfg, meta, shard_tokens)?;
+        let mut tokens = 0u64;
+        loop {
+            let name = format!("shard-{:05}.clts", w.shards.len());
+            let path = dir.join(&name);
+            if !path.exists() {
+                break;
+            }
+            let shard = super::reader::Shard::open(&path)?;
+            if shard.dims() != dims {
+                return Err(Error::Shape {
+                    what: format!("resumed shard {}", path.display()),
+                    expected: vec![dims.n_layers, dims.d_model],
+                    got: vec![shard.dims().n_layers, shard.dims().d_model],
+                });
+            }
+            let h = shard.header();
+            let bytes = std::fs::metadata(&path).map_err(io_err(&path))?.len();
+            tokens += h.n_tokens;
+            w.shards.push(ShardRecord {
+                file: name,
+                n_tokens: h.n_tokens,
+                n_blocks: h.n_blocks as u64,
+                bytes,
+                checksum: format!("{:016x}", h.checksum),
+            });
+        }
+        Ok((w, tokens))
+    }
+
     /// Appends tokens (see [`ShardWriter::push`]), rolling over to new shards as they fill.
     pub fn push(&mut self, x: &[f32], y: &[f32], ids: Option<TokenIds<'_>>) -> Result<()> {
         let row = self.dims.n_layers * self.dims.d_model;

@@ -1,0 +1,322 @@
+//! Activation caching: run a language model over a corpus and write every layer's MLP inputs and outputs
+//! into the activation store.
+//!
+//! Documents are the blank-line-separated blocks of plain-text files, or the `"text"` field of each line of a
+//! `.jsonl` file. Each document is tokenised with the model's beginning-of-sequence token (when it has one)
+//! and cut into contexts of at most `context` tokens; every context after a document's first starts again with
+//! that token, so every context looks like the start of a sequence to the model. The BOS position itself is
+//! not cached (its activations are outliers that no transcoder should spend features on, and attribution
+//! zeroes it). Contexts are run in parallel batches; tokens reach the store in corpus order, so an interrupted
+//! cache resumes by skipping as many tokens as its complete shards hold.
+
+use crate::data::ActDims;
+use crate::model::{ForwardOptions, Hooks, LoadedModel, Logits};
+use crate::store::format::ShardMeta;
+use crate::store::{Codec, DatasetWriter, TokenIds, WriterConfig};
+use crate::{Error, Result};
+use rayon::prelude::*;
+use std::path::{Path, PathBuf};
+
+/// Which hook feeds the transcoder's encoders (targets are always the MLP outputs).
+#[derive(
+    Clone,
+    Copy,
+    Debug,
+    Default,
+    PartialEq,
+    Eq,
+    clap::ValueEnum,
+    serde::Serialize,
+    serde::Deserialize,
+)]
+#[serde(rename_all = "snake_case")]
+pub enum InputHook {
+    /// The MLP's input after its norm (CLT-Forge's `ln2.hook_normalized`).
+    #[default]
+    MlpInNormed,
+    /// The residual stream before the MLP's norm (circuit-tracer's Llama configs).
+    ResidMid,
+}
+
+impl InputHook {
+    /// The TransformerLens-style hook name recorded in the store.
+    pub fn hook_name(self, layer: usize) -> String {
+        match self {
+            InputHook::MlpInNormed => format!("blocks.{layer}.ln2.hook_normalized"),
+            InputHook::ResidMid => format!("blocks.{layer}.hook_resid_mid"),
+        }
+    }
+}
+
+/// What to cache and how.
+#[derive(Clone, Debug)]
+pub struct CacheConfig {
+    pub corpus: Vec<PathBuf>,
+    pub out: PathBuf,
+    pub context: usize,
+    pub max_tokens: Option<u64>,
+    pub input_hook: InputHook,
+    pub codec: Codec,
+    pub shard_tokens: u64,
+    pub contexts_per_batch: usize,
+    pub quiet: bool,
+}
+
+/// The `cache.json` written beside the dataset: where the activations come from.
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
+pub struct CacheRecord {
+    pub model: String,
+    /// xxh3-64 of the model file (hex); for a model directory, of its `config.json`.
+    pub model_checksum: String,
+    pub tokenizer: String,
+    pub corpus: Vec<String>,
+    pub context: usize,
+    pub input_hook: InputHook,
+    pub hooks_in: Vec<String>,
+    pub hooks_out: Vec<String>,
+    pub n_tokens: u64,
+}
+
+/// Reads the documents of the corpus files.
+pub fn read_documents(paths: &[PathBuf]) -> Result<Vec<String>> {
+    let mut docs = Vec::new();
+    for p in paths {
+        let text = std::fs::read_to_string(p).map_err(|e| Error::io(p, e))?;
+        if p.extension().is_some_and(|e| e == "jsonl") {
+            for (i, line) in text
+                .lines()
+                .enumerate()
+                .filter(|(_, l)| !l.trim().is_empty())
+            {
+                let v: serde_json::Value =
+                    serde_json::from_str(line).map_err(|e| Error::Format {
+                        path: p.clone(),
+                        offset: i as u64,
+                        reason: format!("line {}: not JSON: {e}", i + 1),
+                    })?;
+                let t = v
+                    .get("text")
+                    .and_then(|t| t.as_str())
+                    .ok_or_else(|| Error::Format {
+                        path: p.clone(),
+                        offset: i as u64,
+                        reason: format!("line {}: no \"text\" string field", i + 1),
+                    })?;
+                docs.push(t.to_string());
+            }
+        } else {
+            docs.extend(
+                text.split("\n\n")
+                    .map(str::trim)
+                    .filter(|d| !d.is_empty())
+                    .map(String::from),
+            );
+        }
+    }
+    Ok(docs)
+}
+
+/// One context: its tokens, the document it comes from and the position of its first token in the document.
+struct Context {
+    tokens: Vec<u32>,
+    doc: u64,
+    start: u32,
+}
+
+fn contexts(m: &LoadedModel, docs: &[String], context: usize) -> Result<Vec<Context>> {
+    let mut out = Vec::new();
+    for (i, doc) in docs.iter().enumerate() {
+        let ids = m.tokenizer.encode(doc)?;
+        let bos = m.tokenizer.bos().filter(|b| ids.first() == Some(b));
+        let body = if bos.is_some() { &ids[1..] } else { &ids[..] };
+        let room = if bos.is_some() { context - 1 } else { context };
+        for (c, chunk) in body.chunks(room.max(1)).enumerate() {
+            let mut tokens = Vec::with_capacity(context);
+            tokens.extend(bos);
+            tokens.extend_from_slice(chunk);
+            if tokens.len() > bos.is_some() as usize {
+                out.push(Context {
+                    tokens,
+                    doc: i as u64,
+                    start: (c * room) as u32,
+                });
+            }
+        }
+    }
+    Ok(out)
+}
+
+fn checksum_file(path: &Path) -> Result<String> {
+    let target = if path.is_dir() {
+        path.join("config.json")
+    } else {
+        path.to_path_buf()
+    };
+    let bytes = std::fs::read(&target).map_err(|e| Error::io(&target, e))?;
+    Ok(format!("{:016x}", xxhash_rust::xxh3::xxh3_64(&bytes)))
+}
+
+/// Caches the activations; returns the record written to `out/cache.json`.
+pub fn cache(m: &LoadedModel, cfg: &CacheConfig) -> Result<CacheRecord> {
+    if cfg.context < 2 {
+        return Err(Error::config("cache.context", "must be at least 2 tokens"));
+    }
+    let mc = &m.model.config;
+    let (l_n, d) = (mc.n_layers, mc.d_model);
+    if cfg.context > mc.max_seq_len {
+        return Err(Error::config(
+            "cache.context",
+            format!("exceeds the model's max_seq_len {}", mc.max_seq_len),
+        ));
+    }
+    let dims = ActDims {
+        n_layers: l_n,
+        d_model: d,
+    };
+    let hooks_in: Vec<String> = (0..l_n).map(|l| cfg.input_hook.hook_name(l)).collect();
+    let hooks_out: Vec<String> = (0..l_n)
+        .map(|l| format!("blocks.{l}.hook_mlp_out"))
+        .collect();
+    let model_name = m.path.display().to_string();
+    let record = |n_tokens| -> Result<CacheRecord> {
+        Ok(CacheRecord {
+            model: model_name.clone(),
+            model_checksum: checksum_file(&m.path)?,
+            tokenizer: format!("{:?}", m.format),
+            corpus: cfg.corpus.iter().map(|p| p.display().to_string()).collect(),
+            context: cfg.context,
+            input_hook: cfg.input_hook,
+            hooks_in: hooks_in.clone(),
+            hooks_out: hooks_out.clone(),
+            n_tokens,
+        })
+    };
+    if cfg.out.join(crate::store::manifest::MANIFEST_FILE).exists() {
+        let ds = crate::store::Dataset::open(&cfg.out)?;
+        eprintln!(
+            "{} is already complete ({} tokens)",
+            cfg.out.display(),
+            ds.n_tokens()
+        );
+        return record(ds.n_tokens());
+    }
+    let meta = ShardMeta {
+        model: model_name.clone(),
+        hooks_in: hooks_in.clone(),
+        hooks_out: hooks_out.clone(),
+        norm: None,
+    };
+    let wcfg = WriterConfig {
+        codec: cfg.codec,
+        ..WriterConfig::default()
+    };
+    let (mut writer, done) = DatasetWriter::resume(&cfg.out, dims, wcfg, meta, cfg.shard_tokens)?;
+    if done > 0 {
+        eprintln!("resuming: {done} tokens already in complete shards");
+    }
+
+    let docs = read_documents(&cfg.corpus)?;
+    let ctxs = contexts(m, &docs, cfg.context)?;
+    let cached_per_ctx = |c: &Context| {
+        (c.tokens.len()
+            - m.tokenizer
+                .bos()
+                .filter(|b| c.tokens[0] == *b)
+                .map_or(0, |_| 1)) as u64
+    };
+    let available: u64 = ctxs.iter().map(cached_per_ctx).sum();
+    let total = cfg.max_tokens.map_or(available, |t| t.min(available));
+    let bar = if cfg.quiet {
+        indicatif::ProgressBar::hidden()
+    } else {
+        indicatif::ProgressBar::new(total)
+    };
+    bar.set_style(
+        indicatif::ProgressStyle::with_template(
+            "{bar:30} {pos}/{len} tokens  {per_sec}  [{elapsed_precise} < {eta_precise}]",
+        )
+        .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+    );
+    bar.set_position(done.min(total));
+
+    let hooks = Hooks {
+        mlp_in_normed: cfg.input_hook == InputHook::MlpInNormed,
+        resid_mid: cfg.input_hook == InputHook::ResidMid,
+        mlp_out: true,
+        ..Hooks::default()
+    };
+    let opts = ForwardOptions {
+        hooks,
+        logits: Logits::None,
+        ..Default::default()
+    };
+    let mut seen = 0u64; // tokens of the stream passed so far (cached earlier or now)
+    let mut written = done;
+    for batch in ctxs.chunks(cfg.contexts_per_batch.max(1)) {
+        if written >= total {
+            break;
+        }
+        let outs: Vec<Result<(Vec<f32>, Vec<f32>)>> = batch
+            .par_iter()
+            .map(|c| {
+                let out = m.model.forward_with(&c.tokens, &opts)?;
+                let t = c.tokens.len();
+                let mut x = vec![0.0f32; t * l_n * d];
+                let mut y = vec![0.0f32; t * l_n * d];
+                for (l, rec) in out.record.layers.iter().enumerate() {
+                    let xin = match cfg.input_hook {
+                        InputHook::MlpInNormed => rec.mlp_in_normed.as_ref(),
+                        InputHook::ResidMid => rec.resid_mid.as_ref(),
+                    };
+                    let (Some(xin), Some(yout)) = (xin, rec.mlp_out.as_ref()) else {
+                        return Err(Error::Unsupported(
+                            "the model did not record the requested hooks".into(),
+                        ));
+                    };
+                    for p in 0..t {
+                        x[(p * l_n + l) * d..][..d].copy_from_slice(&xin[p * d..(p + 1) * d]);
+                        y[(p * l_n + l) * d..][..d].copy_from_slice(&yout[p * d..(p + 1) * d]);
+                    }
+                }
+                Ok((x, y))
+            })
+            .collect();
+        for (c, res) in batch.iter().zip(outs) {
+            let (x, y) = res?;
+            let skip_bos = m.tokenizer.bos().is_some_and(|b| c.tokens[0] == b) as usize;
+            let n = c.tokens.len() - skip_bos;
+            // Tokens of this context already in the store (resume) or beyond the budget.
+            let already = done.saturating_sub(seen).min(n as u64) as usize;
+            seen += n as u64;
+            let budget = (total - written.min(total)) as usize;
+            let take = (n - already).min(budget);
+            if take > 0 {
+                let s = skip_bos + already;
+                let e = s + take;
+                let row = l_n * d;
+                let positions: Vec<u32> = (s..e).map(|p| c.start + p as u32).collect();
+                let doc_ids = vec![c.doc; take];
+                writer.push(
+                    &x[s * row..e * row],
+                    &y[s * row..e * row],
+                    Some(TokenIds {
+                        tokens: &c.tokens[s..e],
+                        positions: &positions,
+                        doc_ids: &doc_ids,
+                    }),
+                )?;
+                written += take as u64;
+                bar.set_position(written);
+            }
+        }
+    }
+    bar.finish_and_clear();
+    let manifest = writer.finish()?;
+    let rec = record(manifest.n_tokens)?;
+    let json = serde_json::to_vec_pretty(&rec).map_err(|e| Error::InvalidData {
+        what: "cache.json".into(),
+        reason: e.to_string(),
+    })?;
+    crate::clt::checkpoint::write_atomic(&cfg.out.join("cache.json"), &json)?;
+    Ok(rec)
+}
