@@ -207,3 +207,20 @@ pub fn gemm_ceiling(m: usize, k: usize, n: usize, reps: usize) -> f64 {
     }
     2.0 * (m * n * k) as f64 / best / 1e9
 }
+
+/// The machine's memory bandwidth as a parallel copy reaches it: the best of `reps` copies of `bytes` bytes,
+/// in GB/s of bytes read plus bytes written.
+pub fn copy_bandwidth(bytes: usize, reps: usize) -> f64 {
+    use rayon::prelude::*;
+    let n = bytes / 4;
+    let src: Vec<f32> = (0..n).map(|i| i as f32).collect();
+    let mut dst = vec![0.0f32; n];
+    let mut best = f64::INFINITY;
+    for _ in 0..reps.max(1) {
+        let t0 = Instant::now();
+        dst.par_chunks_mut(1 << 16).zip(src.par_chunks(1 << 16)).for_each(|(d, s)| d.copy_from_slice(s));
+        best = best.min(t0.elapsed().as_secs_f64());
+    }
+    std::hint::black_box(&dst);
+    2.0 * (n * 4) as f64 / best / 1e9
+}

@@ -442,7 +442,8 @@ fn run(cli: Cli) -> clt::Result<()> {
                     r.near_threshold_per_layer
                 );
             }
-            println!("GEMM ceiling ({b}×{d}·{d}×{f}, all threads): {ceiling:.1} GFLOP/s");
+            let bandwidth_gbs = clt::bench::copy_bandwidth(512 << 20, 3);
+            println!("GEMM ceiling ({b}×{d}·{d}×{f}, all threads): {ceiling:.1} GFLOP/s; copy bandwidth {bandwidth_gbs:.1} GB/s");
             if let Some(e) = rows[0].encoder_gflops {
                 println!("encoder at {:.0}% of the GEMM ceiling", 100.0 * e / ceiling);
             }
@@ -453,7 +454,7 @@ fn run(cli: Cli) -> clt::Result<()> {
                 );
             }
             if let Some(path) = json {
-                let v = serde_json::json!({ "preset": format!("{preset:?}"), "l0": l0, "bandwidth": bandwidth, "gemm_ceiling_gflops": ceiling, "rows": rows });
+                let v = serde_json::json!({ "preset": format!("{preset:?}"), "l0": l0, "bandwidth": bandwidth, "gemm_ceiling_gflops": ceiling, "copy_gbs": bandwidth_gbs, "rows": rows });
                 std::fs::write(&path, serde_json::to_vec_pretty(&v).unwrap_or_default())
                     .map_err(|e| clt::Error::io(&path, e))?;
             }
