@@ -198,10 +198,18 @@ pub fn step(
                 let coef = grads.dec_coef[l][f];
                 let touched = grads.dec_touched[l][f];
                 let mut sq = 0.0f32;
-                for j in 0..rl {
-                    let gj = if touched { gs[j] } else { 0.0 } + coef * p[j];
-                    update(&k, &mut p[j], &mut m[j], &mut v[j], gj);
-                    sq += p[j] * p[j];
+                if touched {
+                    for j in 0..rl {
+                        let g = gs[j] + coef * p[j];
+                        update(&k, &mut p[j], &mut m[j], &mut v[j], g);
+                        sq += p[j] * p[j];
+                    }
+                } else {
+                    for j in 0..rl {
+                        let g = coef * p[j];
+                        update(&k, &mut p[j], &mut m[j], &mut v[j], g);
+                        sq += p[j] * p[j];
+                    }
                 }
                 *norm = sq.sqrt();
             });

@@ -110,19 +110,16 @@ pub fn encode_layer(
                     Threads::One,
                 );
                 let mut out = BlockOut::new(tb, f_n, cfg.activation);
-                for t in 0..tb {
-                    let h = &mut buf[t * f_n..(t + 1) * f_n];
-                    h.iter_mut().zip(bias).for_each(|(v, b)| *v += b);
-                }
                 if matches!(cfg.activation, Activation::JumpRelu) {
-                    // Which zero-activation list is shorter for this block?
+                    // Which zero-activation list is shorter for this block? (The bias is added on the fly,
+                    // `h = (x·w) + b` exactly as the dense reference rounds it, so no pass rewrites the buffer.)
                     let half = 0.5 * bandwidth;
                     let (mut near, mut far) = (0usize, 0usize);
                     for row in buf[..tb * f_n].chunks_exact(f_n) {
-                        for (&v, &th) in row.iter().zip(theta) {
-                            if v <= th {
-                                if v > th - half { near += 1 } else { far += 1 }
-                            }
+                        for ((&v, &b), &th) in row.iter().zip(bias).zip(theta) {
+                            let h = v + b;
+                            near += (h <= th && h > th - half) as usize;
+                            far += (h <= th - half) as usize;
                         }
                     }
                     out.mode = if near.min(far) * 8 > tb * f_n {
@@ -133,15 +130,13 @@ pub fn encode_layer(
                     } else {
                         BlockMode::Near
                     };
+                } else {
+                    for row in buf[..tb * f_n].chunks_exact_mut(f_n) {
+                        row.iter_mut().zip(bias).for_each(|(v, b)| *v += b);
+                    }
                 }
                 for t in 0..tb {
-                    out.push_token(
-                        cfg.activation,
-                        t,
-                        &buf[t * f_n..(t + 1) * f_n],
-                        theta,
-                        bandwidth,
-                    );
+                    out.push_token(cfg.activation, t, &buf[t * f_n..(t + 1) * f_n], bias, theta, bandwidth);
                 }
                 out
             },
@@ -326,12 +321,15 @@ impl BlockOut {
         }
     }
 
-    fn push_token(&mut self, activation: Activation, t: usize, h: &[f32], theta: &[f32], eps: f32) {
+    /// Records token `t` of the block. For JumpReLU `h` is the product without the bias (added here); for
+    /// TopK it already includes it.
+    fn push_token(&mut self, activation: Activation, t: usize, h: &[f32], bias: &[f32], theta: &[f32], eps: f32) {
         let start = self.feat.len();
         match activation {
             Activation::JumpRelu => {
                 let half = 0.5 * eps;
-                for (f, (&v, &th)) in h.iter().zip(theta).enumerate() {
+                for (f, ((&xw, &b), &th)) in h.iter().zip(bias).zip(theta).enumerate() {
+                    let v = xw + b;
                     if v > th {
                         self.feat.push(f as u32);
                         self.pre.push(v);
