@@ -24,7 +24,7 @@ fn train_step(c: &mut Criterion) {
         group.bench_function(format!("{kind:?}/loss_and_grad"), |bench| {
             bench.iter(|| {
                 backend.loss_and_grad(
-                    &p.cfg, &p.params, &norms, &p.x, &p.y, p.n_tokens, &p.obj, &mut grads,
+                    &p.cfg, &p.params, &norms, &p.x, &p.y, p.n_tokens, &p.obj, None, &mut grads,
                 )
             })
         });

@@ -88,6 +88,7 @@ impl Problem {
                 c: 4.0,
                 lambda_preact: 1e-5,
                 bandwidth,
+                threshold_grad: Default::default(),
             },
         }
     }
@@ -131,7 +132,7 @@ pub fn time_steps(p: &Problem, kind: BackendKind, steps: usize) -> Result<StepTi
     for i in 0..=steps.max(1) {
         let t0 = Instant::now();
         let s = backend.loss_and_grad(
-            cfg, &params, &norms, &p.x, &p.y, p.n_tokens, &p.obj, &mut grads,
+            cfg, &params, &norms, &p.x, &p.y, p.n_tokens, &p.obj, None, &mut grads,
         );
         let gn = adam::grad_norm(cfg, &params, &grads, &norms);
         let scale = (1.0 / (gn + 1e-6)).min(1.0) as f32;
@@ -218,7 +219,9 @@ pub fn copy_bandwidth(bytes: usize, reps: usize) -> f64 {
     let mut best = f64::INFINITY;
     for _ in 0..reps.max(1) {
         let t0 = Instant::now();
-        dst.par_chunks_mut(1 << 16).zip(src.par_chunks(1 << 16)).for_each(|(d, s)| d.copy_from_slice(s));
+        dst.par_chunks_mut(1 << 16)
+            .zip(src.par_chunks(1 << 16))
+            .for_each(|(d, s)| d.copy_from_slice(s));
         best = best.min(t0.elapsed().as_secs_f64());
     }
     std::hint::black_box(&dst);

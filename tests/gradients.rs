@@ -3,7 +3,7 @@
 
 mod common;
 use clt::backend::cpu::{dense, sparse};
-use clt::backend::{Grads, Objective};
+use clt::backend::{Grads, Objective, ThresholdGrad};
 use clt::clt::params::decoder_norms;
 use clt::clt::{Activation, CltConfig, DecoderKind, Params};
 use clt::rng::Rng;
@@ -25,6 +25,7 @@ const OBJ: Objective = Objective {
     c: 4.0,
     lambda_preact: 0.3,
     bandwidth: 1.0,
+    threshold_grad: ThresholdGrad::Theta,
 };
 
 fn full_loss(cfg: &CltConfig, p: &Params, x: &[f32], y: &[f32], n: usize) -> f64 {
@@ -44,18 +45,22 @@ fn mask(cfg: &CltConfig, p: &Params, x: &[f32], n: usize) -> Vec<bool> {
         .collect()
 }
 
-fn check_fd(decoder: DecoderKind, skip: bool, seed: u64) {
+fn check_fd(decoder: DecoderKind, skip: bool, seed: u64, threshold_grad: ThresholdGrad) {
+    let obj = Objective {
+        threshold_grad,
+        ..OBJ
+    };
     let cfg = cfg(decoder, skip);
     let n = 6;
     let mut rng = Rng::seed(seed);
     let p = random_params(&cfg, &mut rng);
     let (x, y) = random_batch(&cfg, n, &mut rng);
     let mut g = Grads::zeros(&cfg);
-    dense::loss_and_grad(&cfg, &p, &x, &y, n, &OBJ, &mut g);
+    dense::loss_and_grad(&cfg, &p, &x, &y, n, &obj, None, &mut g);
     let g_dense = g.materialize(&cfg, &p);
     let mut gs = Grads::zeros(&cfg);
     let norms = decoder_norms(&cfg, &p.w_dec);
-    sparse::loss_and_grad(&cfg, &p, &norms, &x, &y, n, &OBJ, &mut gs);
+    sparse::loss_and_grad(&cfg, &p, &norms, &x, &y, n, &obj, None, &mut gs);
     let g_sparse = gs.materialize(&cfg, &p);
 
     let base_mask = mask(&cfg, &p, &x, n);
@@ -110,7 +115,11 @@ fn check_fd(decoder: DecoderKind, skip: bool, seed: u64) {
                     let lp = loss_given(&cfg, &p, &x, &y, n, &OBJ, &h, &ap, &th);
                     ap[l][b][f] -= 2.0 * e;
                     let lm = loss_given(&cfg, &p, &x, &y, n, &OBJ, &h, &ap, &th);
-                    pseudo += (lp - lm) / (2.0 * e) * (-th[l][f] / OBJ.bandwidth as f64);
+                    let weight = match threshold_grad {
+                        ThresholdGrad::Theta => th[l][f],
+                        ThresholdGrad::Preact => h[l][b][f],
+                    };
+                    pseudo += (lp - lm) / (2.0 * e) * (-weight / OBJ.bandwidth as f64);
                 }
             }
             let e = 1e-7;
@@ -133,15 +142,20 @@ fn check_fd(decoder: DecoderKind, skip: bool, seed: u64) {
 
 #[test]
 fn cross_layer_gradients_match_finite_differences() {
-    check_fd(DecoderKind::CrossLayer, false, 1);
+    check_fd(DecoderKind::CrossLayer, false, 1, ThresholdGrad::Theta);
 }
 
 #[test]
 fn per_layer_gradients_with_skip_match_finite_differences() {
-    check_fd(DecoderKind::PerLayer, true, 2);
+    check_fd(DecoderKind::PerLayer, true, 2, ThresholdGrad::Theta);
 }
 
 #[test]
 fn cross_layer_skip_gradients_match_finite_differences() {
-    check_fd(DecoderKind::CrossLayer, true, 3);
+    check_fd(DecoderKind::CrossLayer, true, 3, ThresholdGrad::Theta);
+}
+
+#[test]
+fn crosslayer_coding_threshold_estimate_matches_its_definition() {
+    check_fd(DecoderKind::CrossLayer, false, 4, ThresholdGrad::Preact);
 }

@@ -3,7 +3,7 @@
 
 mod common;
 use clt::backend::cpu::{dense, sparse};
-use clt::backend::{Grads, Objective};
+use clt::backend::{Grads, Objective, ThresholdGrad};
 use clt::clt::params::decoder_norms;
 use clt::clt::{Activation, CltConfig, DecoderKind};
 use clt::rng::Rng;
@@ -38,6 +38,8 @@ proptest! {
         per_layer in any::<bool>(),
         skip in any::<bool>(),
         bandwidth in prop_oneof![Just(1.0f32), Just(0.05f32)],
+        by_h in any::<bool>(),
+        masked in any::<bool>(),
         seed in any::<u64>(),
     ) {
         let cfg = CltConfig {
@@ -51,15 +53,18 @@ proptest! {
         let mut rng = Rng::seed(seed);
         let p = random_params(&cfg, &mut rng);
         let (x, y) = random_batch(&cfg, n_tokens, &mut rng);
-        let obj = Objective { lambda: 0.9, c: 4.0, lambda_preact: 0.2, bandwidth };
+        let threshold_grad = if by_h { ThresholdGrad::Preact } else { ThresholdGrad::Theta };
+        let obj = Objective { lambda: 0.9, c: 4.0, lambda_preact: 0.2, bandwidth, threshold_grad };
+        let mask: Vec<Vec<bool>> = (0..n_layers).map(|_| (0..n_features).map(|_| rng.below(2) == 0).collect()).collect();
+        let mask = masked.then_some(mask.as_slice());
         let mut gd = Grads::zeros(&cfg);
-        let sd = dense::loss_and_grad(&cfg, &p, &x, &y, n_tokens, &obj, &mut gd);
+        let sd = dense::loss_and_grad(&cfg, &p, &x, &y, n_tokens, &obj, mask, &mut gd);
         // Two sparse steps on the same buffers: the second must not see stale rows of the first.
         let mut gs = Grads::zeros(&cfg);
         let norms = decoder_norms(&cfg, &p.w_dec);
         let (x2, y2) = random_batch(&cfg, n_tokens, &mut rng);
-        sparse::loss_and_grad(&cfg, &p, &norms, &x2, &y2, n_tokens, &obj, &mut gs);
-        let ss = sparse::loss_and_grad(&cfg, &p, &norms, &x, &y, n_tokens, &obj, &mut gs);
+        sparse::loss_and_grad(&cfg, &p, &norms, &x2, &y2, n_tokens, &obj, None, &mut gs);
+        let ss = sparse::loss_and_grad(&cfg, &p, &norms, &x, &y, n_tokens, &obj, mask, &mut gs);
 
         let rel = |a: f64, b: f64| (a - b).abs() <= 1e-4 * (1.0 + b.abs());
         prop_assert!(rel(ss.recon, sd.recon), "recon {} vs {}", ss.recon, sd.recon);
@@ -130,9 +135,10 @@ fn every_block_mode_matches_the_dense_reference() {
             c: 4.0,
             lambda_preact: 0.2,
             bandwidth,
+            threshold_grad: ThresholdGrad::Theta,
         };
         let mut gd = Grads::zeros(&cfg);
-        dense::loss_and_grad(&cfg, &p, &x, &y, n, &obj, &mut gd);
+        dense::loss_and_grad(&cfg, &p, &x, &y, n, &obj, None, &mut gd);
         let mut gs = Grads::zeros(&cfg);
         sparse::loss_and_grad(
             &cfg,
@@ -142,6 +148,7 @@ fn every_block_mode_matches_the_dense_reference() {
             &y,
             n,
             &obj,
+            None,
             &mut gs,
         );
         let (a, b) = (gs.materialize(&cfg, &p), gd.materialize(&cfg, &p));

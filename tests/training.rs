@@ -401,3 +401,44 @@ fn trains_from_the_activation_store_and_resumes_bit_for_bit() {
         "store-fed run differs after resume"
     );
 }
+
+#[test]
+fn objective_alternatives_are_options() {
+    let text = r#"
+[model]
+n_layers = 3
+d_model = 16
+n_features = 32
+
+[train]
+steps = 6
+batch_size = 64
+warmup_steps = 2
+calibration_batches = 2
+lambda_ramp = "linear"
+preact_scope = "dead_only"
+threshold_grad = "preact"
+bandwidth = 0.1
+dead_window = 1
+
+[data]
+kind = "synthetic"
+"#;
+    let run = RunConfig::from_toml(text).unwrap();
+    assert_eq!(run.train.preact_scope, clt::train::PreactScope::DeadOnly);
+    assert_eq!(
+        run.train.threshold_grad,
+        clt::backend::ThresholdGrad::Preact
+    );
+    let mut t = Trainer::new(run).unwrap();
+    for _ in 0..6 {
+        assert!(t.step().unwrap().stats.loss().is_finite());
+    }
+    let bad = text.replace(
+        "threshold_grad = \"preact\"",
+        "threshold_grad = \"sigmoid\"",
+    );
+    assert!(
+        matches!(RunConfig::from_toml(&bad), Err(Error::Config { field, .. }) if field.starts_with("train"))
+    );
+}

@@ -2,6 +2,18 @@
 
 use crate::clt::{CltConfig, Params};
 
+/// Which straight-through estimate the threshold gets.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ThresholdGrad {
+    /// `∂a/∂θ = −(θ/ε) · 1[|h − θ| < ε/2]` (CLT-Forge, SAELens, the JumpReLU paper).
+    #[default]
+    Theta,
+    /// `∂a/∂θ = −(h/ε) · 1[|h − θ| < ε/2]` (crosslayer-coding). Its window entries are always listed, so a wide
+    /// bandwidth makes it slower than `Theta`.
+    Preact,
+}
+
 /// The loss coefficients in force for one step (λ after its ramp).
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct Objective {
@@ -13,6 +25,8 @@ pub struct Objective {
     pub lambda_preact: f32,
     /// Bandwidth ε of the rectangle kernel in the threshold's straight-through gradient.
     pub bandwidth: f32,
+    /// The threshold's straight-through estimate.
+    pub threshold_grad: ThresholdGrad,
 }
 
 /// What one forward/backward step measured (sums over the batch, per layer where it says so).

@@ -8,7 +8,7 @@
 pub mod cpu;
 pub mod grads;
 
-pub use grads::{Grads, Objective, StepStats};
+pub use grads::{Grads, Objective, StepStats, ThresholdGrad};
 
 use crate::clt::{CltConfig, Params};
 use crate::{Error, Result};
@@ -53,7 +53,8 @@ impl Backend {
         }
     }
 
-    /// The step's loss and gradient on a normalised batch.
+    /// The step's loss and gradient on a normalised batch. `preact_mask`, when given, restricts the
+    /// pre-activation loss to the marked features (per layer), as SAELens applies it to dead features only.
     #[allow(clippy::too_many_arguments)]
     pub fn loss_and_grad(
         &self,
@@ -64,13 +65,24 @@ impl Backend {
         y: &[f32],
         n_tokens: usize,
         obj: &Objective,
+        preact_mask: Option<&[Vec<bool>]>,
         grads: &mut Grads,
     ) -> StepStats {
         match self {
-            Backend::Cpu => {
-                cpu::sparse::loss_and_grad(cfg, params, dec_norms, x, y, n_tokens, obj, grads)
+            Backend::Cpu => cpu::sparse::loss_and_grad(
+                cfg,
+                params,
+                dec_norms,
+                x,
+                y,
+                n_tokens,
+                obj,
+                preact_mask,
+                grads,
+            ),
+            Backend::CpuDense => {
+                cpu::dense::loss_and_grad(cfg, params, x, y, n_tokens, obj, preact_mask, grads)
             }
-            Backend::CpuDense => cpu::dense::loss_and_grad(cfg, params, x, y, n_tokens, obj, grads),
         }
     }
 }

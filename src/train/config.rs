@@ -16,7 +16,7 @@
 //! Every field of `[train]` has a default; see `docs/objective.md` for what each one means and the
 //! alternatives the other trainers use.
 
-use crate::backend::BackendKind;
+use crate::backend::{BackendKind, ThresholdGrad};
 use crate::clt::CltConfig;
 use crate::data::synthetic::SyntheticConfig;
 use crate::{Error, Result};
@@ -82,6 +82,17 @@ pub enum LambdaRamp {
     Constant,
 }
 
+/// Which features the pre-activation loss applies to.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum PreactScope {
+    /// Every feature (CLT-Forge).
+    #[default]
+    All,
+    /// Only features currently counted as dead (SAELens).
+    DeadOnly,
+}
+
 /// Optimisation settings. Defaults follow CLT-Forge's runners (see `docs/objective.md`).
 #[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -105,6 +116,10 @@ pub struct TrainConfig {
     pub tanh_c: f32,
     /// Pre-activation loss coefficient λ_p.
     pub lambda_preact: f32,
+    /// Which features the pre-activation loss applies to.
+    pub preact_scope: PreactScope,
+    /// The threshold's straight-through estimate (`theta`: −θ/ε, CLT-Forge; `preact`: −h/ε, crosslayer-coding).
+    pub threshold_grad: ThresholdGrad,
     /// Bandwidth ε of the threshold's straight-through gradient.
     pub bandwidth: f32,
     /// Initial threshold θ₀.
@@ -148,6 +163,8 @@ impl Default for TrainConfig {
             lambda_ramp_fraction: 0.9,
             tanh_c: 4.0,
             lambda_preact: 1e-5,
+            preact_scope: PreactScope::All,
+            threshold_grad: ThresholdGrad::Theta,
             bandwidth: 1.0,
             theta_init: 0.03,
             init_fire_rate: None,

@@ -6,7 +6,7 @@
 //! written under a temporary name and renamed when complete; then `checkpoints/LATEST` is replaced atomically
 //! to name it. A resumed run restores everything a step depends on, so it continues bit for bit.
 
-use super::config::{DataConfig, RunConfig};
+use super::config::{DataConfig, PreactScope, RunConfig};
 use super::init::{calibrate_b_enc, default_fire_rate, estimate_norms};
 use super::metrics::{Interval, MetricsLine};
 use super::schedule;
@@ -236,6 +236,11 @@ impl Trainer {
             c: t.tanh_c,
             lambda_preact: t.lambda_preact,
             bandwidth: t.bandwidth,
+            threshold_grad: t.threshold_grad,
+        };
+        let dead_mask: Option<Vec<Vec<bool>>> = match t.preact_scope {
+            PreactScope::All => None,
+            PreactScope::DeadOnly => Some(self.dead_mask()),
         };
         let stats = self.backend.loss_and_grad(
             cfg,
@@ -245,6 +250,7 @@ impl Trainer {
             &self.batch.y,
             self.batch.n_tokens,
             &obj,
+            dead_mask.as_deref(),
             &mut self.grads,
         );
         if !stats.loss().is_finite() {
@@ -295,14 +301,18 @@ impl Trainer {
 
     /// Dead features per layer: those that have not fired in the last `dead_window` steps.
     pub fn dead_per_layer(&self) -> Vec<usize> {
+        self.dead_mask()
+            .iter()
+            .map(|l| l.iter().filter(|d| **d).count())
+            .collect()
+    }
+
+    /// Per layer, per feature: whether the feature has not fired in the last `dead_window` steps.
+    pub fn dead_mask(&self) -> Vec<Vec<bool>> {
         let w = self.run.train.dead_window;
         self.last_fired
             .iter()
-            .map(|l| {
-                l.iter()
-                    .filter(|s| self.step.saturating_sub(**s) > w)
-                    .count()
-            })
+            .map(|l| l.iter().map(|s| self.step.saturating_sub(*s) > w).collect())
             .collect()
     }
 

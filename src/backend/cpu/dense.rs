@@ -7,7 +7,7 @@
 use super::encode::{batch_topk_codes, dense_preact, topk_indices};
 use super::gemm::{Mat, Threads, matmul};
 use super::sparse::{residual, skip_grad, thresholds};
-use crate::backend::grads::{Grads, Objective, StepStats, target_variance};
+use crate::backend::grads::{Grads, Objective, StepStats, ThresholdGrad, target_variance};
 use crate::clt::params::decoder_norms;
 use crate::clt::{Activation, CltConfig, Params};
 
@@ -19,6 +19,7 @@ pub fn loss_and_grad(
     y: &[f32],
     n_tokens: usize,
     obj: &Objective,
+    preact_mask: Option<&[Vec<bool>]>,
     grads: &mut Grads,
 ) -> StepStats {
     let (l_n, d, f_n) = (cfg.n_layers, cfg.d_model, cfg.n_features);
@@ -114,6 +115,7 @@ pub fn loss_and_grad(
             for f in 0..f_n {
                 let i = b * f_n + f;
                 let (n, th) = (norms[l][f], thetas[l][f]);
+                let preact_on = jump && preact_mask.is_none_or(|m| m[l][f]);
                 let t = (obj.c * a[i] * n).tanh();
                 g[i] += obj.lambda / bf * obj.c * n * (1.0 - t * t);
                 sparsity += t as f64;
@@ -122,15 +124,25 @@ pub fn loss_and_grad(
                     dh[i] = g[i];
                     n_active += 1;
                 } else if jump {
-                    dh[i] = -obj.lambda_preact / bf * n;
+                    dh[i] = if preact_on {
+                        -obj.lambda_preact / bf * n
+                    } else {
+                        0.0
+                    };
                     n_inactive[f] += 1.0;
                 }
                 if jump {
-                    let relu = (th - h[i]).max(0.0);
-                    preact += (relu * n) as f64;
-                    dn[f] += obj.lambda_preact / bf * relu;
+                    if preact_on {
+                        let relu = (th - h[i]).max(0.0);
+                        preact += (relu * n) as f64;
+                        dn[f] += obj.lambda_preact / bf * relu;
+                    }
                     if (h[i] - th).abs() < half {
-                        dth[f] += g[i] * (-th / obj.bandwidth);
+                        let weight = match obj.threshold_grad {
+                            ThresholdGrad::Theta => th,
+                            ThresholdGrad::Preact => h[i],
+                        };
+                        dth[f] += g[i] * (-weight / obj.bandwidth);
                     }
                 }
             }
@@ -198,8 +210,14 @@ pub fn loss_and_grad(
         for f in 0..f_n {
             grads.p.b_enc[l][f] = (0..n_tokens).map(|b| dh[b * f_n + f]).sum();
             let th = thetas[l][f];
+            let on = preact_mask.is_none_or(|m| m[l][f]);
+            let preact_term = if on {
+                obj.lambda_preact / bf * norms[l][f] * n_inactive[f]
+            } else {
+                0.0
+            };
             grads.p.log_theta[l][f] = if jump {
-                th * (dth[f] + obj.lambda_preact / bf * norms[l][f] * n_inactive[f])
+                th * (dth[f] + preact_term)
             } else {
                 0.0
             };

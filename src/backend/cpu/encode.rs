@@ -43,6 +43,8 @@ pub struct LayerCodes {
     pub active_count: Vec<u32>,
     /// Per feature: the number of inactive near-threshold tokens (`θ − ε/2 < h ≤ θ`), JumpReLU only.
     pub window_inactive: Vec<u32>,
+    /// Per feature: the sum of `h` over those tokens.
+    pub window_inactive_h: Vec<f64>,
     /// Per block of [`TOKEN_BLOCK`] tokens: what its zero-activation entries are.
     pub block_mode: Vec<BlockMode>,
     /// Per block in [`BlockMode::Bits`]: for each feature, a word whose bit t marks token t of the block as an
@@ -71,7 +73,8 @@ impl LayerCodes {
 
 /// Encodes layer `l` of a `[B][L][d]` batch.
 ///
-/// `theta` holds `exp(log θ)` (ignored for TopK/BatchTopK); `bandwidth` is ε.
+/// `theta` holds `exp(log θ)` (ignored for TopK/BatchTopK); `bandwidth` is ε. With `list_near` every block
+/// lists its near-threshold entries (needed when the threshold gradient weights them individually).
 pub fn encode_layer(
     cfg: &CltConfig,
     params: &Params,
@@ -80,6 +83,7 @@ pub fn encode_layer(
     n_tokens: usize,
     theta: &[f32],
     bandwidth: f32,
+    list_near: bool,
 ) -> LayerCodes {
     let (d, f_n, l_n) = (cfg.d_model, cfg.n_features, cfg.n_layers);
     let n_blocks = n_tokens.div_ceil(TOKEN_BLOCK);
@@ -122,7 +126,9 @@ pub fn encode_layer(
                             far += (h <= th - half) as usize;
                         }
                     }
-                    out.mode = if near.min(far) * 8 > tb * f_n {
+                    out.mode = if list_near {
+                        BlockMode::Near
+                    } else if near.min(far) * 8 > tb * f_n {
                         out.bits = vec![0; f_n];
                         BlockMode::Bits
                     } else if far < near {
@@ -136,7 +142,14 @@ pub fn encode_layer(
                     }
                 }
                 for t in 0..tb {
-                    out.push_token(cfg.activation, t, &buf[t * f_n..(t + 1) * f_n], bias, theta, bandwidth);
+                    out.push_token(
+                        cfg.activation,
+                        t,
+                        &buf[t * f_n..(t + 1) * f_n],
+                        bias,
+                        theta,
+                        bandwidth,
+                    );
                 }
                 out
             },
@@ -155,6 +168,19 @@ pub fn encode_all(
     thetas: &[Vec<f32>],
     bandwidth: f32,
 ) -> Vec<LayerCodes> {
+    encode_all_with(cfg, params, x, n_tokens, thetas, bandwidth, false)
+}
+
+/// [`encode_all`], optionally forcing every block to list its near-threshold entries.
+pub fn encode_all_with(
+    cfg: &CltConfig,
+    params: &Params,
+    x: &[f32],
+    n_tokens: usize,
+    thetas: &[Vec<f32>],
+    bandwidth: f32,
+    list_near: bool,
+) -> Vec<LayerCodes> {
     match cfg.activation {
         Activation::BatchTopK { k, across_layers } => {
             let pre: Vec<Vec<f32>> = (0..cfg.n_layers)
@@ -163,7 +189,11 @@ pub fn encode_all(
             batch_topk_codes(&pre, n_tokens, cfg.n_features, k, across_layers)
         }
         _ => (0..cfg.n_layers)
-            .map(|l| encode_layer(cfg, params, l, x, n_tokens, &thetas[l], bandwidth))
+            .map(|l| {
+                encode_layer(
+                    cfg, params, l, x, n_tokens, &thetas[l], bandwidth, list_near,
+                )
+            })
             .collect(),
     }
 }
@@ -271,6 +301,7 @@ pub fn batch_topk_codes(
                 active_count: vec![0; f_n],
                 preact_sum: vec![0.0; f_n],
                 window_inactive: vec![0; f_n],
+                window_inactive_h: vec![0.0; f_n],
                 block_mode: vec![BlockMode::Near; n_tokens.div_ceil(TOKEN_BLOCK)],
                 block_bits: vec![Vec::new(); n_tokens.div_ceil(TOKEN_BLOCK)],
                 ..Default::default()
@@ -301,6 +332,7 @@ struct BlockOut {
     preact_sum: Vec<f64>,
     active_count: Vec<u32>,
     window_inactive: Vec<u32>,
+    window_inactive_h: Vec<f64>,
     mode: BlockMode,
     bits: Vec<u64>,
 }
@@ -316,6 +348,7 @@ impl BlockOut {
             preact_sum: if jump { vec![0.0; f_n] } else { Vec::new() },
             active_count: vec![0; f_n],
             window_inactive: if jump { vec![0; f_n] } else { Vec::new() },
+            window_inactive_h: if jump { vec![0.0; f_n] } else { Vec::new() },
             mode: BlockMode::Near,
             bits: Vec::new(),
         }
@@ -323,7 +356,15 @@ impl BlockOut {
 
     /// Records token `t` of the block. For JumpReLU `h` is the product without the bias (added here); for
     /// TopK it already includes it.
-    fn push_token(&mut self, activation: Activation, t: usize, h: &[f32], bias: &[f32], theta: &[f32], eps: f32) {
+    fn push_token(
+        &mut self,
+        activation: Activation,
+        t: usize,
+        h: &[f32],
+        bias: &[f32],
+        theta: &[f32],
+        eps: f32,
+    ) {
         let start = self.feat.len();
         match activation {
             Activation::JumpRelu => {
@@ -340,6 +381,7 @@ impl BlockOut {
                         let near = v > th - half;
                         if near {
                             self.window_inactive[f] += 1;
+                            self.window_inactive_h[f] += v as f64;
                         }
                         let listed = match self.mode {
                             BlockMode::Near => near,
@@ -386,6 +428,7 @@ fn merge(parts: Vec<BlockOut>, n_tokens: usize, f_n: usize) -> LayerCodes {
         preact_sum: vec![0.0; f_n],
         active_count: vec![0; f_n],
         window_inactive: vec![0; f_n],
+        window_inactive_h: vec![0.0; f_n],
         block_mode: Vec::with_capacity(parts.len()),
         block_bits: Vec::with_capacity(parts.len()),
     };
@@ -405,6 +448,9 @@ fn merge(parts: Vec<BlockOut>, n_tokens: usize, f_n: usize) -> LayerCodes {
             *s += v;
         }
         for (s, v) in c.window_inactive.iter_mut().zip(&p.window_inactive) {
+            *s += v;
+        }
+        for (s, v) in c.window_inactive_h.iter_mut().zip(&p.window_inactive_h) {
             *s += v;
         }
         c.block_mode.push(p.mode);

@@ -15,9 +15,9 @@
 //! - Gradients are grouped per feature (a counting sort of the entries), so each decoder and encoder row is
 //!   written by one task, in token order: no atomics, and the same bits for any number of threads.
 
-use super::encode::{BlockMode, LayerCodes, encode_all};
+use super::encode::{BlockMode, LayerCodes, encode_all, encode_all_with};
 use super::gemm::{Mat, Threads, matmul};
-use crate::backend::grads::{Grads, Objective, StepStats, target_variance};
+use crate::backend::grads::{Grads, Objective, StepStats, ThresholdGrad, target_variance};
 use crate::clt::{CltConfig, Params};
 use rayon::prelude::*;
 
@@ -169,14 +169,16 @@ pub fn loss_and_grad(
     y: &[f32],
     n_tokens: usize,
     obj: &Objective,
+    preact_mask: Option<&[Vec<bool>]>,
     grads: &mut Grads,
 ) -> StepStats {
     let (l_n, d) = (cfg.n_layers, cfg.d_model);
     let row = l_n * d;
     let bf = n_tokens.max(1) as f32;
     let jump = cfg.has_threshold();
+    let by_h = obj.threshold_grad == ThresholdGrad::Preact;
     let thetas = thresholds(params);
-    let codes = encode_all(cfg, params, x, n_tokens, &thetas, obj.bandwidth);
+    let codes = encode_all_with(cfg, params, x, n_tokens, &thetas, obj.bandwidth, by_h);
     let yhat = decode(cfg, params, &codes, x, n_tokens);
     let (r, sq_err) = residual(&yhat, y, n_tokens, l_n, d);
     drop(yhat);
@@ -212,7 +214,9 @@ pub fn loss_and_grad(
                 .preact_sum
                 .iter()
                 .zip(norms)
-                .map(|(s, n)| s * *n as f64)
+                .enumerate()
+                .filter(|(f, _)| preact_mask.is_none_or(|m| m[l][*f]))
+                .map(|(_, (s, n))| s * *n as f64)
                 .sum();
             stats.preact += p * obj.lambda_preact as f64 / bf as f64;
         }
@@ -333,7 +337,8 @@ pub fn loss_and_grad(
                 let w_row = &w_dec[f * rl..(f + 1) * rl];
                 let n = norms[f];
                 let th = theta[f];
-                let kappa = if jump { pre_scale * n } else { 0.0 };
+                let preact_on = jump && preact_mask.is_none_or(|m| m[l][f]);
+                let kappa = if preact_on { pre_scale * n } else { 0.0 };
                 let has_active = ents.iter().any(|&(e, _)| c.act[e as usize] != 0.0);
                 if *touched || has_active {
                     dec_row.iter_mut().for_each(|v| *v = 0.0);
@@ -341,7 +346,8 @@ pub fn loss_and_grad(
                 *touched = has_active;
                 enc_row.iter_mut().for_each(|v| *v = 0.0);
                 let (mut dn, mut dbs) = (0.0f32, 0.0f32);
-                // Σ over the near-threshold tokens of ∂L/∂a (without the zero-activation tanh constant).
+                // Σ over the near-threshold tokens of ∂L/∂a (without the zero-activation tanh constant), each
+                // weighted by h for the `Preact` estimate (whose blocks always list their near entries).
                 let mut near = 0.0f32;
                 for &(e, b) in ents {
                     let (e, b) = (e as usize, b as usize);
@@ -360,7 +366,7 @@ pub fn loss_and_grad(
                         axpy(a, rr, dec_row);
                         axpy(ge + kappa, &x[(b * l_n + l) * d..][..d], enc_row);
                         if jump && h - th < half {
-                            near += ge;
+                            near += if by_h { ge * h } else { ge };
                         }
                         if complement {
                             // The block total counts this active token: take its projection back out.
@@ -369,7 +375,7 @@ pub fn loss_and_grad(
                     } else if complement {
                         near -= proj; // a far-below token of a complement block
                     } else {
-                        near += proj; // a listed near-threshold token
+                        near += if by_h { proj * h } else { proj }; // a listed near-threshold token
                     }
                 }
                 let n_inactive = (n_tokens - c.active_count[f] as usize) as f32;
@@ -380,13 +386,25 @@ pub fn loss_and_grad(
                     if let Some(bd) = bits_dot.get(f) {
                         near += bd;
                     }
-                    near += tanh_scale * obj.c * n * c.window_inactive[f] as f32;
+                    let near_count = if by_h {
+                        c.window_inactive_h[f] as f32
+                    } else {
+                        c.window_inactive[f] as f32
+                    };
+                    near += tanh_scale * obj.c * n * near_count;
                     if kappa != 0.0 {
                         axpy(-kappa, &xsum, enc_row);
                     }
                     dbs -= kappa * n_inactive;
-                    dn += pre_scale * c.preact_sum[f] as f32;
-                    *dlt = th * (near * (-th / obj.bandwidth) + kappa * n_inactive);
+                    if preact_on {
+                        dn += pre_scale * c.preact_sum[f] as f32;
+                    }
+                    let weight = if by_h {
+                        -1.0 / obj.bandwidth
+                    } else {
+                        -th / obj.bandwidth
+                    };
+                    *dlt = th * (near * weight + kappa * n_inactive);
                 } else {
                     *dlt = 0.0;
                 }
