@@ -16,6 +16,8 @@ pub struct Interval {
     pub target_var: Vec<f64>,
     pub n_active: Vec<f64>,
     pub n_window: Vec<f64>,
+    /// Seconds spent waiting for batches.
+    pub data_wait_s: f64,
 }
 
 impl Interval {
@@ -64,6 +66,8 @@ pub struct MetricsLine {
     pub dead_per_layer: Vec<usize>,
     pub near_threshold_per_token: Vec<f64>,
     pub tokens_per_s: f64,
+    /// Fraction of the interval's wall time spent waiting for the activation source.
+    pub data_wait_fraction: f64,
 }
 
 impl MetricsLine {
@@ -105,6 +109,7 @@ impl MetricsLine {
             dead_per_layer,
             near_threshold_per_token: iv.n_window.iter().map(|a| a / toks).collect(),
             tokens_per_s: iv.tokens as f64 / seconds.max(1e-9),
+            data_wait_fraction: iv.data_wait_s / seconds.max(1e-9),
         }
     }
 

@@ -89,6 +89,8 @@ pub struct StepReport {
     pub grad_norm: f64,
     pub lr: f32,
     pub lambda: f32,
+    /// Seconds the step waited for its batch from the activation source.
+    pub data_wait_s: f64,
 }
 
 impl Trainer {
@@ -227,7 +229,9 @@ impl Trainer {
     pub fn step(&mut self) -> Result<StepReport> {
         let cfg = &self.run.model;
         let t = &self.run.train;
+        let wait = Instant::now();
         self.source.next_batch(t.batch_size, &mut self.batch)?;
+        let data_wait_s = wait.elapsed().as_secs_f64();
         self.norms
             .apply(cfg.d_model, &mut self.batch.x, &mut self.batch.y);
         let lambda = schedule::lambda(t, self.step);
@@ -296,6 +300,7 @@ impl Trainer {
             grad_norm,
             lr,
             lambda,
+            data_wait_s,
         })
     }
 
@@ -346,6 +351,7 @@ impl Trainer {
         while self.step < total {
             let rep = self.step()?;
             iv.add(&rep.stats, rep.grad_norm);
+            iv.data_wait_s += rep.data_wait_s;
             bar.inc(1);
             let t = &self.run.train;
             if self.step.is_multiple_of(t.log_every) || self.step == total {
