@@ -34,6 +34,7 @@ pub fn synthetic_config() -> RunConfig {
             // that the log-threshold (moved by Adam at about lr per step) reaches its scale within the run.
             theta_init: 1.0,
             log_every: 250,
+            checkpoint_every: 1000,
             ..TrainConfig::default()
         },
         data: DataConfig::Synthetic(SyntheticConfig {

@@ -442,3 +442,22 @@ kind = "synthetic"
         matches!(RunConfig::from_toml(&bad), Err(Error::Config { field, .. }) if field.starts_with("train"))
     );
 }
+
+#[test]
+fn shipped_configs_parse() {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("configs");
+    let mut n = 0;
+    for entry in std::fs::read_dir(&dir).unwrap() {
+        let path = entry.unwrap().path();
+        if path.extension().is_some_and(|e| e == "toml") {
+            RunConfig::from_file(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+            n += 1;
+        }
+    }
+    assert!(n >= 2);
+    // The synthetic config is the demo's.
+    assert_eq!(
+        RunConfig::from_file(&dir.join("synthetic.toml")).unwrap(),
+        clt::demo::synthetic_config()
+    );
+}

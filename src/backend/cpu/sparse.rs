@@ -199,7 +199,6 @@ pub fn loss_and_grad(
         let theta = &thetas[l];
         let nnz = c.feat.len();
 
-        // ∂L/∂a at every listed entry: residual · decoder row, plus the tanh term.
         // Loss terms of this layer.
         let mut sparsity = 0.0f64;
         for e in 0..nnz {
