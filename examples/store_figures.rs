@@ -4,7 +4,9 @@
 //! whole-file zstd); also byte planes on/off for the 16-bit codecs and the shuffling loader's throughput.
 //!
 //! Run: `cargo run --release --example store_figures -- [TOKENS] [LAYERS] [D_MODEL]` (default 8192 4 512).
-//! Data: synthetic, see `synth` (per-token norm spread, 4 outlier dimensions per layer at 20–50×).
+//! Data: synthetic, see `synth` (per-token norm spread, 4 outlier dimensions per layer at 20–50×); or real
+//! activations with `-- --real DATASET [TOKENS]`: the first TOKENS tokens of an f32 (or any) store dataset
+//! written by `clt cache`, with each layer's 4 largest-RMS dimensions taken as its outliers.
 
 use std::time::Instant;
 
@@ -183,20 +185,61 @@ fn decode_all(ds: &Dataset, row: usize, threads: usize) -> f64 {
     best
 }
 
-fn main() {
-    let a: Vec<usize> = std::env::args()
-        .skip(1)
-        .map(|s| s.parse().expect("numbers"))
+/// The first `t` tokens of a store dataset (inputs, targets), and per layer the 4 dimensions of largest RMS.
+fn real(path: &str, t: usize) -> (ActDims, usize, Vec<f32>, Vec<f32>, Vec<Vec<usize>>) {
+    let ds = Dataset::open(path).expect("open the dataset");
+    let dims = ds.dims();
+    let row = dims.n_layers * dims.d_model;
+    let mut reader = BlockReader::new().unwrap();
+    let (mut x, mut y) = (Vec::new(), Vec::new());
+    'outer: for shard in ds.shards() {
+        for b in 0..shard.blocks().len() {
+            let block = reader.read(shard, b).unwrap();
+            let n = block.n_tokens();
+            let (mut bx, mut by) = (vec![0.0; n * row], vec![0.0; n * row]);
+            block.x_rows(0, &mut bx);
+            block.y_rows(0, &mut by);
+            x.extend_from_slice(&bx);
+            y.extend_from_slice(&by);
+            if x.len() >= t * row {
+                break 'outer;
+            }
+        }
+    }
+    let t = (x.len() / row).min(t);
+    x.truncate(t * row);
+    y.truncate(t * row);
+    let d = dims.d_model;
+    let out = (0..dims.n_layers)
+        .map(|l| {
+            let mut ms: Vec<(f64, usize)> = (0..d)
+                .map(|j| ((0..t).map(|i| (x[(i * dims.n_layers + l) * d + j] as f64).powi(2)).sum::<f64>(), j))
+                .collect();
+            ms.sort_by(|a, b| b.0.total_cmp(&a.0));
+            ms.iter().take(4).map(|p| p.1).collect()
+        })
         .collect();
-    let t = a.first().copied().unwrap_or(8192);
-    let dims = ActDims {
-        n_layers: a.get(1).copied().unwrap_or(4),
-        d_model: a.get(2).copied().unwrap_or(512),
+    (dims, t, x, y, out)
+}
+
+fn main() {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let threads = rayon::current_num_threads();
+    let (dims, t, x, y, xout) = if args.first().map(String::as_str) == Some("--real") {
+        let t = args.get(2).map(|s| s.parse().expect("a token count")).unwrap_or(8192);
+        real(args.get(1).expect("--real DATASET"), t)
+    } else {
+        let a: Vec<usize> = args.iter().map(|s| s.parse().expect("numbers")).collect();
+        let t = a.first().copied().unwrap_or(8192);
+        let dims = ActDims {
+            n_layers: a.get(1).copied().unwrap_or(4),
+            d_model: a.get(2).copied().unwrap_or(512),
+        };
+        let (x, xout) = synth(t, dims, 1);
+        let (y, _) = synth(t, dims, 2);
+        (dims, t, x, y, xout)
     };
     let row = dims.n_layers * dims.d_model;
-    let threads = rayon::current_num_threads();
-    let (x, xout) = synth(t, dims, 1);
-    let (y, _) = synth(t, dims, 2);
     let f32_bpt = (row * 8) as f64;
     println!(
         "tokens {t}, L {}, d {}, f32 bytes/token (x+y) {f32_bpt}, threads {threads}\n",
