@@ -25,3 +25,8 @@ pub mod store;
 pub mod train;
 
 pub use error::{Error, Result};
+
+/// The README's examples, compiled as doctests so they stay true.
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+pub struct ReadmeDoctests;
