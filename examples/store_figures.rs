@@ -213,7 +213,14 @@ fn real(path: &str, t: usize) -> (ActDims, usize, Vec<f32>, Vec<f32>, Vec<Vec<us
     let out = (0..dims.n_layers)
         .map(|l| {
             let mut ms: Vec<(f64, usize)> = (0..d)
-                .map(|j| ((0..t).map(|i| (x[(i * dims.n_layers + l) * d + j] as f64).powi(2)).sum::<f64>(), j))
+                .map(|j| {
+                    (
+                        (0..t)
+                            .map(|i| (x[(i * dims.n_layers + l) * d + j] as f64).powi(2))
+                            .sum::<f64>(),
+                        j,
+                    )
+                })
                 .collect();
             ms.sort_by(|a, b| b.0.total_cmp(&a.0));
             ms.iter().take(4).map(|p| p.1).collect()
@@ -226,7 +233,10 @@ fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let threads = rayon::current_num_threads();
     let (dims, t, x, y, xout) = if args.first().map(String::as_str) == Some("--real") {
-        let t = args.get(2).map(|s| s.parse().expect("a token count")).unwrap_or(8192);
+        let t = args
+            .get(2)
+            .map(|s| s.parse().expect("a token count"))
+            .unwrap_or(8192);
         real(args.get(1).expect("--real DATASET"), t)
     } else {
         let a: Vec<usize> = args.iter().map(|s| s.parse().expect("numbers")).collect();

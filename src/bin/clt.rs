@@ -92,11 +92,15 @@ enum Command {
         #[arg(long, default_value_t = 65_536)]
         shard_tokens: u64,
     },
-    /// Evaluate a checkpoint on fresh activations from its run's data source.
+    /// Evaluate a checkpoint on held-out activations: a store dataset given with --data, or, for a run trained
+    /// on the synthetic generator, a region of its stream that training never reaches.
     Eval {
         /// A checkpoint directory or a run directory.
         #[arg(long)]
         checkpoint: PathBuf,
+        /// A held-out activation-store dataset (e.g. `clt cache` over other text).
+        #[arg(long)]
+        data: Option<PathBuf>,
         /// Tokens to evaluate on.
         #[arg(long, default_value_t = 4096)]
         tokens: usize,
@@ -339,11 +343,30 @@ fn run(cli: Cli) -> clt::Result<()> {
             );
             Ok(())
         }
-        Command::Eval { checkpoint, tokens } => {
+        Command::Eval {
+            checkpoint,
+            data,
+            tokens,
+        } => {
             let dir = resolve_checkpoint(&checkpoint)?;
             let t = load_transcoder(&dir)?;
-            let mut source = make_source(&run_config_of(&dir)?)?;
-            let r = clt::eval::evaluate(&t, source.as_mut(), tokens, 1u64 << 40)?;
+            let run = run_config_of(&dir)?;
+            let r = match (data, &run.data) {
+                (Some(path), _) => {
+                    let mut src = clt::store::ShardLoader::open(&path, Default::default())?;
+                    clt::eval::evaluate(&t, &mut src, tokens, 0)?
+                }
+                (None, clt::train::DataConfig::Synthetic(_)) => {
+                    let mut src = make_source(&run)?;
+                    clt::eval::evaluate(&t, src.as_mut(), tokens, 1u64 << 40)?
+                }
+                (None, clt::train::DataConfig::Store(_)) => {
+                    return Err(clt::Error::config(
+                        "data",
+                        "a run trained on a store dataset needs --data DIR with held-out activations",
+                    ));
+                }
+            };
             print_layers(&r.nmse_per_layer, &r.l0_per_layer, &[]);
             println!("NMSE {:.4} over {} tokens", r.nmse, r.n_tokens);
             Ok(())

@@ -1,0 +1,123 @@
+//! The `clt` binary end to end: train (and resume), eval, export, import, info, and errors on bad input.
+
+use std::path::Path;
+use std::process::Command;
+
+fn clt(args: &[&str]) -> (bool, String, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_clt"))
+        .args(args)
+        .output()
+        .expect("run clt");
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into(),
+        String::from_utf8_lossy(&out.stderr).into(),
+    )
+}
+
+#[test]
+fn train_resume_eval_export_import_info() {
+    let tmp = tempfile::tempdir().unwrap();
+    let run = tmp.path().join("run");
+    let cfg = Path::new(env!("CARGO_MANIFEST_DIR")).join("configs/synthetic.toml");
+    let (ok, out, err) = clt(&[
+        "train",
+        "--config",
+        cfg.to_str().unwrap(),
+        "--out",
+        run.to_str().unwrap(),
+        "--steps",
+        "40",
+        "--quiet",
+    ]);
+    assert!(ok, "{err}");
+    assert!(
+        out.contains("NMSE") && out.contains("step_00000040"),
+        "{out}"
+    );
+    let (ok, out, err) = clt(&[
+        "train",
+        "--resume",
+        "--out",
+        run.to_str().unwrap(),
+        "--steps",
+        "60",
+        "--quiet",
+    ]);
+    assert!(ok, "{err}");
+    assert!(
+        err.contains("resuming at step 40 of 60") && out.contains("step_00000060"),
+        "{out}{err}"
+    );
+    let (ok, out, err) = clt(&[
+        "eval",
+        "--checkpoint",
+        run.to_str().unwrap(),
+        "--tokens",
+        "512",
+    ]);
+    assert!(ok && out.contains("over 512 tokens"), "{out}{err}");
+    let ct = tmp.path().join("ct");
+    let (ok, _, err) = clt(&[
+        "export",
+        "--checkpoint",
+        run.to_str().unwrap(),
+        "--out",
+        ct.to_str().unwrap(),
+    ]);
+    assert!(ok, "{err}");
+    assert!(ct.join("config.yaml").exists() && ct.join("W_dec_3.safetensors").exists());
+    let native = tmp.path().join("native");
+    let (ok, out, err) = clt(&[
+        "import",
+        "--from",
+        ct.to_str().unwrap(),
+        "--out",
+        native.to_str().unwrap(),
+    ]);
+    assert!(ok && out.contains("4 layers × 64 features"), "{out}{err}");
+    let (ok, out, _) = clt(&["info", "--checkpoint", native.to_str().unwrap()]);
+    assert!(ok && out.contains("\"n_features\": 64"), "{out}");
+}
+
+#[test]
+fn bad_input_is_reported_not_panicked() {
+    let tmp = tempfile::tempdir().unwrap();
+    let bad = tmp.path().join("bad.toml");
+    std::fs::write(
+        &bad,
+        "[model]\nn_layers = 2\nd_model = 8\nn_features = 0\n[data]\nkind = \"synthetic\"\n",
+    )
+    .unwrap();
+    let (ok, _, err) = clt(&[
+        "train",
+        "--config",
+        bad.to_str().unwrap(),
+        "--out",
+        tmp.path().join("r").to_str().unwrap(),
+    ]);
+    assert!(
+        !ok && err.contains("model.n_features") && !err.contains("panicked"),
+        "{err}"
+    );
+    let (ok, _, err) = clt(&["info", "--checkpoint", tmp.path().to_str().unwrap()]);
+    assert!(!ok && err.contains("LATEST"), "{err}");
+    let (ok, _, err) = clt(&["run", "--model", bad.to_str().unwrap(), "--prompt", "hi"]);
+    assert!(
+        !ok && err.contains("bad.toml") && !err.contains("panicked"),
+        "{err}"
+    );
+    let (ok, _, err) = clt(&[
+        "train",
+        "--config",
+        Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("configs/synthetic.toml")
+            .to_str()
+            .unwrap(),
+        "--backend",
+        "cuda",
+        "--out",
+        tmp.path().join("c").to_str().unwrap(),
+    ]);
+    assert!(!ok && err.contains("CUDA"), "{err}");
+}
