@@ -443,7 +443,9 @@ fn run(cli: Cli) -> clt::Result<()> {
                 );
             }
             let bandwidth_gbs = clt::bench::copy_bandwidth(512 << 20, 3);
-            println!("GEMM ceiling ({b}×{d}·{d}×{f}, all threads): {ceiling:.1} GFLOP/s; copy bandwidth {bandwidth_gbs:.1} GB/s");
+            println!(
+                "GEMM ceiling ({b}×{d}·{d}×{f}, all threads): {ceiling:.1} GFLOP/s; copy bandwidth {bandwidth_gbs:.1} GB/s"
+            );
             if let Some(e) = rows[0].encoder_gflops {
                 println!("encoder at {:.0}% of the GEMM ceiling", 100.0 * e / ceiling);
             }

@@ -136,7 +136,14 @@ pub fn encode_layer(
                     }
                 }
                 for t in 0..tb {
-                    out.push_token(cfg.activation, t, &buf[t * f_n..(t + 1) * f_n], bias, theta, bandwidth);
+                    out.push_token(
+                        cfg.activation,
+                        t,
+                        &buf[t * f_n..(t + 1) * f_n],
+                        bias,
+                        theta,
+                        bandwidth,
+                    );
                 }
                 out
             },
@@ -323,7 +330,15 @@ impl BlockOut {
 
     /// Records token `t` of the block. For JumpReLU `h` is the product without the bias (added here); for
     /// TopK it already includes it.
-    fn push_token(&mut self, activation: Activation, t: usize, h: &[f32], bias: &[f32], theta: &[f32], eps: f32) {
+    fn push_token(
+        &mut self,
+        activation: Activation,
+        t: usize,
+        h: &[f32],
+        bias: &[f32],
+        theta: &[f32],
+        eps: f32,
+    ) {
         let start = self.feat.len();
         match activation {
             Activation::JumpRelu => {
