@@ -4,6 +4,10 @@
 //! Hugging Face checkpoints keep Q/K rows in the order `transformers` rotates them, so these models use
 //! [`RopeStyle::HalfSplit`]. Architectures with attention biases (Qwen2), Q/K norms (Qwen3) or RoPE scaling
 //! (Llama 3.1+) are refused with an "unsupported" error rather than run wrongly.
+//!
+//! `model_type: "gpt2"` loads a [`Gpt2Model`] (tensor names with or without `transformer.`; `Conv1D` weights
+//! transposed to `(out, in)`); GPT-2 variants with another activation, `scale_attn_by_inverse_layer_idx` or
+//! `reorder_and_upcast_attn` are refused likewise.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
