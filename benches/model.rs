@@ -56,7 +56,7 @@ fn bench_forward(c: &mut Criterion) {
     for (name, path) in models {
         let loaded = model::load(&path, None).unwrap_or_else(|e| panic!("{e}"));
         let m = &loaded.model;
-        let v = m.config.vocab_size as u32;
+        let v = m.vocab_size() as u32;
         let toks: Vec<u32> = (0..N as u32).map(|i| (i * 7919 + 3) % v).collect();
         // Logits of every position, as activation caching or a logits dump would not need; `All` measures
         // the worst case of a full forward.
@@ -64,7 +64,7 @@ fn bench_forward(c: &mut Criterion) {
             logits: Logits::All,
             ..Default::default()
         };
-        let flops = m.config.forward_flops(N, N);
+        let flops = m.forward_flops(N, N);
         eprintln!("{name}: {:.3} GFLOP per forward of {N} tokens", flops / 1e9);
         g.throughput(Throughput::Elements(flops as u64));
         g.bench_function(name, |b| b.iter(|| m.forward_with(&toks, &opts).unwrap()));

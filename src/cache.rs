@@ -161,12 +161,11 @@ pub fn cache(m: &LoadedModel, cfg: &CacheConfig) -> Result<CacheRecord> {
     if cfg.context < 2 {
         return Err(Error::config("cache.context", "must be at least 2 tokens"));
     }
-    let mc = &m.model.config;
-    let (l_n, d) = (mc.n_layers, mc.d_model);
-    if cfg.context > mc.max_seq_len {
+    let (l_n, d) = (m.model.n_layers(), m.model.d_model());
+    if cfg.context > m.model.max_seq_len() {
         return Err(Error::config(
             "cache.context",
-            format!("exceeds the model's max_seq_len {}", mc.max_seq_len),
+            format!("exceeds the model's max_seq_len {}", m.model.max_seq_len()),
         ));
     }
     let dims = ActDims {

@@ -173,12 +173,12 @@ pub fn run_stories(demo: &StoriesDemo) -> Result<StoriesReport> {
     )?;
     let cache_seconds = t0.elapsed().as_secs_f64();
 
-    let mc = &m.model.config;
+    let (n_layers, d_model) = (m.model.n_layers(), m.model.d_model());
     let run = RunConfig {
         model: CltConfig {
-            n_layers: mc.n_layers,
-            d_model: mc.d_model,
-            n_features: 8 * mc.d_model,
+            n_layers,
+            d_model,
+            n_features: 8 * d_model,
             decoder: DecoderKind::CrossLayer,
             activation: Activation::JumpRelu,
             skip: false,

@@ -116,11 +116,15 @@ fn write_hf_dir(m: &LlamaModel, dir: &Path, intermediate: usize) {
 fn hf_directory_matches_the_llama2c_checkpoint() {
     let base = model::load(&shared().join("models/stories260K/stories260K.bin"), None).unwrap();
     let dir = tempfile::tempdir().unwrap();
-    write_hf_dir(&base.model, dir.path(), base.model.config.hidden_dim);
+    let llama = base.model.as_llama().unwrap();
+    write_hf_dir(llama, dir.path(), llama.config.hidden_dim);
     let hf = model::load(dir.path(), None).unwrap();
     assert_eq!(hf.format, ModelFormat::HfDir);
-    assert_eq!(hf.model.config.rope_style, RopeStyle::HalfSplit);
-    assert!(hf.model.output.is_none());
+    assert_eq!(
+        hf.model.as_llama().unwrap().config.rope_style,
+        RopeStyle::HalfSplit
+    );
+    assert!(hf.model.as_llama().unwrap().output.is_none());
     assert_eq!(hf.tokenizer.encode("abab").unwrap(), vec![2, 2]);
     assert_eq!(hf.tokenizer.eos(), Some(2));
     let ids = base
@@ -146,7 +150,8 @@ fn hf_directory_matches_the_llama2c_checkpoint() {
 fn shape_disagreeing_with_the_config_names_file_and_tensor() {
     let base = model::load(&shared().join("models/stories260K/stories260K.bin"), None).unwrap();
     let dir = tempfile::tempdir().unwrap();
-    write_hf_dir(&base.model, dir.path(), base.model.config.hidden_dim + 1);
+    let llama = base.model.as_llama().unwrap();
+    write_hf_dir(llama, dir.path(), llama.config.hidden_dim + 1);
     let e = model::load(dir.path(), None).unwrap_err().to_string();
     assert!(
         e.contains("mlp.gate_proj") && e.contains(".safetensors") && e.contains("config.json"),

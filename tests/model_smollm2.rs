@@ -110,7 +110,7 @@ fn tokenizer_matches_llama_cpp() {
 #[test]
 fn logits_match_the_dequantised_reference_and_llama_cpp() {
     let m = model();
-    let v = m.model.config.vocab_size;
+    let v = m.model.vocab_size();
     let (mut worst_f64, mut worst_cpp) = (0.0f32, 0.0f32);
     for p in ["a", "b", "c", "d"] {
         let r = read(&format!("prompt_{p}.json"));
@@ -163,7 +163,7 @@ fn logits_match_the_dequantised_reference_and_llama_cpp() {
 fn greedy_continuations_match_llama_cpp() {
     const NEAR_TIE: f32 = 0.5;
     let m = model();
-    let v = m.model.config.vocab_size;
+    let v = m.model.vocab_size();
     let g = read("greedy.json");
     let mut near_ties = Vec::new();
     for key in ["a", "b"] {

@@ -99,7 +99,7 @@ fn tokens_logits_and_activations_match_the_references() {
             .enumerate()
         {
             let layers = r[*key].as_array().unwrap();
-            assert_eq!(layers.len(), m.config.n_layers);
+            assert_eq!(layers.len(), m.n_layers());
             for (l, want) in layers.iter().enumerate() {
                 let rec = &out.record.layers[l];
                 let got = match *key {

@@ -95,7 +95,7 @@ fn cached_activations_are_the_models_hooks() {
         ..Default::default()
     };
     let out = m.model.forward_with(ctx, &opts).unwrap();
-    let (l_n, d) = (m.model.config.n_layers, m.model.config.d_model);
+    let (l_n, d) = (m.model.n_layers(), m.model.d_model());
     for p in 1..ctx.len() {
         let (tok, pos, doc, x, y) = &rows[p - 1]; // BOS (position 0) is not cached
         assert_eq!((*tok, *pos, *doc), (ctx[p], p as u32, 0));

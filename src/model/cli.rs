@@ -44,17 +44,17 @@ pub fn run_to(args: &RunArgs, out: &mut dyn Write) -> Result<()> {
     let t0 = Instant::now();
     let loaded = super::load(&args.model, args.tokenizer.as_deref())?;
     let (model, tok) = (&loaded.model, &loaded.tokenizer);
-    let c = &model.config;
     writeln!(
         out,
-        "model: {} ({:?}; {} layers, d_model {}, {} heads / {} kv, vocab {}), loaded in {:.2} s",
+        "model: {} ({:?} {}; {} layers, d_model {}, {} heads / {} kv, vocab {}), loaded in {:.2} s",
         args.model.display(),
         loaded.format,
-        c.n_layers,
-        c.d_model,
-        c.n_heads,
-        c.n_kv_heads,
-        c.vocab_size,
+        model.architecture(),
+        model.n_layers(),
+        model.d_model(),
+        model.n_heads(),
+        model.n_kv_heads(),
+        model.vocab_size(),
         t0.elapsed().as_secs_f64()
     )
     .map_err(io)?;
@@ -78,7 +78,7 @@ pub fn run_to(args: &RunArgs, out: &mut dyn Write) -> Result<()> {
         ids.len() as f64 / dt.max(1e-9)
     )
     .map_err(io)?;
-    let v = c.vocab_size;
+    let v = model.vocab_size();
     let last = &logits[(ids.len() - 1) * v..];
     let probs = softmax(last);
     let mut order: Vec<usize> = (0..v).collect();

@@ -1,16 +1,23 @@
-//! Loading Hugging Face Llama-family model directories: `config.json`, one or more `*.safetensors`
+//! Loading Hugging Face Llama-family and GPT-2 model directories: `config.json`, one or more `*.safetensors`
 //! (memory-mapped; F32, F16 or BF16) and `tokenizer.json`.
 //!
 //! Hugging Face checkpoints keep Q/K rows in the order `transformers` rotates them, so these models use
 //! [`RopeStyle::HalfSplit`]. Architectures with attention biases (Qwen2), Q/K norms (Qwen3) or RoPE scaling
 //! (Llama 3.1+) are refused with an "unsupported" error rather than run wrongly.
+//!
+//! `model_type: "gpt2"` loads a [`Gpt2Model`] (tensor names with or without `transformer.`; `Conv1D` weights
+//! transposed to `(out, in)`); GPT-2 variants with another activation, `scale_attn_by_inverse_layer_idx` or
+//! `reorder_and_upcast_attn` are refused likewise.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
+use safetensors::tensor::Metadata;
 use safetensors::{Dtype, SafeTensors};
 
+use super::Model;
 use super::bpe::BpeTokenizer;
+use super::gpt2::{Gpt2Config, Gpt2LayerWeights, Gpt2Model};
 use super::llama::{LayerWeights, LlamaConfig, LlamaModel, RopeStyle};
 use crate::{Error, Result};
 
@@ -21,13 +28,7 @@ pub fn is_model_dir(dir: &Path) -> bool {
 
 /// The Llama configuration in `config.json`, and whether the unembedding is tied.
 pub fn config(dir: &Path) -> Result<(LlamaConfig, bool)> {
-    let path = dir.join("config.json");
-    let text = std::fs::read_to_string(&path).map_err(|e| Error::io(&path, e))?;
-    let j: serde_json::Value = serde_json::from_str(&text).map_err(|e| Error::Format {
-        path: path.clone(),
-        offset: 0,
-        reason: format!("invalid JSON: {e}"),
-    })?;
+    let (path, j) = config_json(dir)?;
     let field = |k: &str| Error::Format {
         path: path.clone(),
         offset: 0,
@@ -42,7 +43,7 @@ pub fn config(dir: &Path) -> Result<(LlamaConfig, bool)> {
     let model_type = j["model_type"].as_str().unwrap_or("");
     if !matches!(model_type, "llama" | "mistral") {
         return Err(Error::Unsupported(format!(
-            "{}: model_type `{model_type}` (supported: llama, mistral)",
+            "{}: model_type `{model_type}` (supported: llama, mistral, gpt2)",
             path.display()
         )));
     }
@@ -85,71 +86,82 @@ pub fn config(dir: &Path) -> Result<(LlamaConfig, bool)> {
     Ok((c, j["tie_word_embeddings"].as_bool().unwrap_or(false)))
 }
 
-/// One memory-mapped safetensors file.
-struct Mapped {
-    path: PathBuf,
-    map: memmap2::Mmap,
+/// The memory-mapped `*.safetensors` files of a model directory, with an index from tensor name to file.
+struct Tensors {
+    dir: PathBuf,
+    /// Per file: its path, its mapping, the byte where its data starts and its parsed header.
+    files: Vec<(PathBuf, memmap2::Mmap, usize, Metadata)>,
+    index: HashMap<String, usize>,
 }
 
-/// Loads the Llama model in `dir`.
-pub fn load_model(dir: &Path) -> Result<LlamaModel> {
-    let (c, tied) = config(dir)?;
-    let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
-        .map_err(|e| Error::io(dir, e))?
-        .filter_map(|e| e.ok().map(|e| e.path()))
-        .filter(|p| p.extension().is_some_and(|e| e == "safetensors"))
-        .collect();
-    files.sort();
-    if files.is_empty() {
-        return Err(Error::Checkpoint {
-            path: dir.to_path_buf(),
-            reason: "no *.safetensors file".into(),
-        });
-    }
-    let mut mapped = Vec::with_capacity(files.len());
-    for path in files {
-        let f = std::fs::File::open(&path).map_err(|e| Error::io(&path, e))?;
-        // SAFETY: the file is mapped read-only and only read while mapped; like every memory-mapped loader we
-        // rely on nobody truncating or rewriting a model file while it is being loaded.
-        let map = unsafe { memmap2::Mmap::map(&f) }.map_err(|e| Error::io(&path, e))?;
-        mapped.push(Mapped { path, map });
-    }
-    let mut parsed = Vec::with_capacity(mapped.len());
-    for m in &mapped {
-        let st = SafeTensors::deserialize(&m.map).map_err(|e| Error::Format {
-            path: m.path.clone(),
-            offset: 0,
-            reason: format!("invalid safetensors file: {e}"),
-        })?;
-        parsed.push((m.path.as_path(), st));
-    }
-    let mut index: HashMap<String, usize> = HashMap::new();
-    for (i, (_, st)) in parsed.iter().enumerate() {
-        for name in st.names() {
-            index.insert(name.to_string(), i);
+impl Tensors {
+    fn open(dir: &Path) -> Result<Self> {
+        let mut paths: Vec<PathBuf> = std::fs::read_dir(dir)
+            .map_err(|e| Error::io(dir, e))?
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| p.extension().is_some_and(|e| e == "safetensors"))
+            .collect();
+        paths.sort();
+        if paths.is_empty() {
+            return Err(Error::Checkpoint {
+                path: dir.to_path_buf(),
+                reason: "no *.safetensors file".into(),
+            });
         }
+        let mut files = Vec::with_capacity(paths.len());
+        let mut index = HashMap::new();
+        for path in paths {
+            let f = std::fs::File::open(&path).map_err(|e| Error::io(&path, e))?;
+            // SAFETY: the file is mapped read-only and only read while mapped; like every memory-mapped loader
+            // we rely on nobody truncating or rewriting a model file while it is being loaded.
+            let map = unsafe { memmap2::Mmap::map(&f) }.map_err(|e| Error::io(&path, e))?;
+            // `read_metadata` checks the header's offsets cover the data exactly.
+            let (n, meta) = SafeTensors::read_metadata(&map).map_err(|e| Error::Format {
+                path: path.clone(),
+                offset: 0,
+                reason: format!("invalid safetensors file: {e}"),
+            })?;
+            for name in meta.tensors().keys() {
+                index.insert(name.clone(), files.len());
+            }
+            files.push((path, map, 8 + n, meta));
+        }
+        Ok(Tensors {
+            dir: dir.to_path_buf(),
+            files,
+            index,
+        })
     }
-    let tensor = |name: &str, shape: &[usize]| -> Result<Vec<f32>> {
-        let &i = index.get(name).ok_or_else(|| Error::Tensor {
-            path: dir.to_path_buf(),
+
+    fn contains(&self, name: &str) -> bool {
+        self.index.contains_key(name)
+    }
+
+    /// The tensor `name` in f32, whose shape must be `shape`.
+    fn get(&self, name: &str, shape: &[usize]) -> Result<Vec<f32>> {
+        let &i = self.index.get(name).ok_or_else(|| Error::Tensor {
+            path: self.dir.clone(),
             tensor: name.into(),
             reason: "missing from every *.safetensors file".into(),
         })?;
-        let (path, st) = &parsed[i];
+        let (path, map, start, meta) = &self.files[i];
         let terr = |reason: String| Error::Tensor {
-            path: path.to_path_buf(),
+            path: path.clone(),
             tensor: name.into(),
             reason,
         };
-        let view = st.tensor(name).map_err(|e| terr(e.to_string()))?;
-        if view.shape() != shape {
+        let info = meta
+            .info(name)
+            .ok_or_else(|| terr("not in the header".into()))?;
+        if info.shape != shape {
             return Err(terr(format!(
                 "shape {:?} disagrees with config.json, which implies {shape:?}",
-                view.shape()
+                info.shape
             )));
         }
-        let b = view.data();
-        Ok(match view.dtype() {
+        let (a, b) = info.data_offsets;
+        let b = &map[start + a..start + b];
+        Ok(match info.dtype {
             Dtype::F32 => b
                 .chunks_exact(4)
                 .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
@@ -168,7 +180,36 @@ pub fn load_model(dir: &Path) -> Result<LlamaModel> {
                 )));
             }
         })
-    };
+    }
+}
+
+/// Reads `dir/config.json`.
+fn config_json(dir: &Path) -> Result<(PathBuf, serde_json::Value)> {
+    let path = dir.join("config.json");
+    let text = std::fs::read_to_string(&path).map_err(|e| Error::io(&path, e))?;
+    let j = serde_json::from_str(&text).map_err(|e| Error::Format {
+        path: path.clone(),
+        offset: 0,
+        reason: format!("invalid JSON: {e}"),
+    })?;
+    Ok((path, j))
+}
+
+/// Loads the model in `dir`: GPT-2 when `config.json` says `model_type: "gpt2"`, else a Llama-family model.
+pub fn load_model(dir: &Path) -> Result<Model> {
+    let (_, j) = config_json(dir)?;
+    if j["model_type"].as_str() == Some("gpt2") {
+        Ok(Model::Gpt2(load_gpt2(dir)?))
+    } else {
+        Ok(Model::Llama(load_llama(dir)?))
+    }
+}
+
+/// Loads the Llama model in `dir`.
+pub fn load_llama(dir: &Path) -> Result<LlamaModel> {
+    let (c, tied) = config(dir)?;
+    let st = Tensors::open(dir)?;
+    let tensor = |name: &str, shape: &[usize]| st.get(name, shape);
     let (d, h, q, kv, v) = (c.d_model, c.hidden_dim, c.q_dim(), c.kv_dim(), c.vocab_size);
     let mut layers = Vec::with_capacity(c.n_layers);
     for l in 0..c.n_layers {
@@ -185,7 +226,7 @@ pub fn load_model(dir: &Path) -> Result<LlamaModel> {
             w_down: tensor(&p("mlp.down_proj"), &[d, h])?,
         });
     }
-    let output = if tied && !index.contains_key("lm_head.weight") {
+    let output = if tied && !st.contains("lm_head.weight") {
         None
     } else {
         Some(tensor("lm_head.weight", &[v, d])?)
@@ -193,6 +234,126 @@ pub fn load_model(dir: &Path) -> Result<LlamaModel> {
     let model = LlamaModel {
         tok_embeddings: tensor("model.embed_tokens.weight", &[v, d])?,
         final_norm: tensor("model.norm.weight", &[d])?,
+        output,
+        layers,
+        config: c,
+    };
+    model.validate(dir)?;
+    Ok(model)
+}
+
+/// The GPT-2 configuration in `config.json` (`n_embd`, `n_layer`, `n_head`, `n_inner`, `vocab_size`,
+/// `n_positions`, `layer_norm_epsilon`); variants this forward does not implement are refused.
+pub fn gpt2_config(dir: &Path) -> Result<Gpt2Config> {
+    let (path, j) = config_json(dir)?;
+    let int = |k: &str| {
+        j[k].as_u64()
+            .filter(|&v| v > 0)
+            .map(|v| v as usize)
+            .ok_or_else(|| Error::Format {
+                path: path.clone(),
+                offset: 0,
+                reason: format!("`{k}` is missing or not a positive integer"),
+            })
+    };
+    let model_type = j["model_type"].as_str().unwrap_or("");
+    if model_type != "gpt2" {
+        return Err(Error::Unsupported(format!(
+            "{}: model_type `{model_type}` is not gpt2",
+            path.display()
+        )));
+    }
+    let act = j["activation_function"].as_str().unwrap_or("gelu_new");
+    if !matches!(act, "gelu_new" | "gelu_pytorch_tanh") {
+        return Err(Error::Unsupported(format!(
+            "{}: activation_function `{act}` (supported: gelu_new, gelu_pytorch_tanh)",
+            path.display()
+        )));
+    }
+    for flag in ["scale_attn_by_inverse_layer_idx", "reorder_and_upcast_attn"] {
+        if j[flag].as_bool() == Some(true) {
+            return Err(Error::Unsupported(format!("{}: {flag}", path.display())));
+        }
+    }
+    if j["scale_attn_weights"].as_bool() == Some(false) {
+        return Err(Error::Unsupported(format!(
+            "{}: scale_attn_weights = false",
+            path.display()
+        )));
+    }
+    let d = int("n_embd")?;
+    let c = Gpt2Config {
+        d_model: d,
+        d_mlp: if j["n_inner"].is_null() {
+            4 * d
+        } else {
+            int("n_inner")?
+        },
+        n_layers: int("n_layer")?,
+        n_heads: int("n_head")?,
+        vocab_size: int("vocab_size")?,
+        max_seq_len: int("n_positions")?,
+        norm_eps: j["layer_norm_epsilon"].as_f64().unwrap_or(1e-5) as f32,
+    };
+    c.validate(&path)?;
+    Ok(c)
+}
+
+/// `w` (`[rows, cols]` row-major) transposed.
+fn transpose(w: &[f32], rows: usize, cols: usize) -> Vec<f32> {
+    let mut t = vec![0.0f32; w.len()];
+    for r in 0..rows {
+        for c in 0..cols {
+            t[c * rows + r] = w[r * cols + c];
+        }
+    }
+    t
+}
+
+/// Loads the GPT-2 model in `dir`; tensor names may carry the `transformer.` prefix of `GPT2LMHeadModel`.
+/// `Conv1D` weights (stored `(in, out)`) are transposed to `(out, in)`.
+pub fn load_gpt2(dir: &Path) -> Result<Gpt2Model> {
+    let c = gpt2_config(dir)?;
+    let st = Tensors::open(dir)?;
+    let prefix = if st.contains("transformer.wte.weight") {
+        "transformer."
+    } else {
+        ""
+    };
+    let tensor = |name: &str, shape: &[usize]| st.get(&format!("{prefix}{name}"), shape);
+    // A Conv1D weight stored `[n_in, n_out]`, returned `(out, in)`.
+    let conv = |name: &str, n_in: usize, n_out: usize| -> Result<Vec<f32>> {
+        Ok(transpose(&tensor(name, &[n_in, n_out])?, n_in, n_out))
+    };
+    let (d, h, v) = (c.d_model, c.d_mlp, c.vocab_size);
+    let mut layers = Vec::with_capacity(c.n_layers);
+    for l in 0..c.n_layers {
+        let p = |s: &str| format!("h.{l}.{s}");
+        layers.push(Gpt2LayerWeights {
+            ln_1_w: tensor(&p("ln_1.weight"), &[d])?,
+            ln_1_b: tensor(&p("ln_1.bias"), &[d])?,
+            w_qkv: conv(&p("attn.c_attn.weight"), d, 3 * d)?,
+            b_qkv: tensor(&p("attn.c_attn.bias"), &[3 * d])?,
+            w_o: conv(&p("attn.c_proj.weight"), d, d)?,
+            b_o: tensor(&p("attn.c_proj.bias"), &[d])?,
+            ln_2_w: tensor(&p("ln_2.weight"), &[d])?,
+            ln_2_b: tensor(&p("ln_2.bias"), &[d])?,
+            w_fc: conv(&p("mlp.c_fc.weight"), d, h)?,
+            b_fc: tensor(&p("mlp.c_fc.bias"), &[h])?,
+            w_proj: conv(&p("mlp.c_proj.weight"), h, d)?,
+            b_proj: tensor(&p("mlp.c_proj.bias"), &[d])?,
+        });
+    }
+    let output = if st.contains("lm_head.weight") {
+        Some(st.get("lm_head.weight", &[v, d])?)
+    } else {
+        None
+    };
+    let model = Gpt2Model {
+        wte: tensor("wte.weight", &[v, d])?,
+        wpe: tensor("wpe.weight", &[c.max_seq_len, d])?,
+        ln_f_w: tensor("ln_f.weight", &[d])?,
+        ln_f_b: tensor("ln_f.bias", &[d])?,
         output,
         layers,
         config: c,

@@ -517,7 +517,7 @@ impl LlamaModel {
             });
         }
         let n = x.len() / d;
-        self.check_intervention(n, &opts.intervention)?;
+        check_intervention(n, c.n_layers, c.n_heads, d, &opts.intervention)?;
         let hooks = opts.hooks;
         let frozen = opts.intervention.frozen;
         let (cos, sin) = rope_tables(n, c.head_dim, c.rope_theta);
@@ -555,8 +555,11 @@ impl LlamaModel {
             matmul_wt(&normed, n, d, &w.wv, c.kv_dim(), &mut v);
             apply_rope(&mut q, c.n_heads, c.head_dim, c.rope_style, &cos, &sin);
             apply_rope(&mut k, c.n_kv_heads, c.head_dim, c.rope_style, &cos, &sin);
-            let pattern = self.attention(
+            let pattern = causal_attention(
                 n,
+                c.n_heads,
+                c.n_kv_heads,
+                c.head_dim,
                 &q,
                 &k,
                 &v,
@@ -645,140 +648,145 @@ impl LlamaModel {
             record,
         })
     }
+}
 
-    fn check_intervention(&self, n: usize, iv: &Intervention<'_>) -> Result<()> {
-        let c = &self.config;
-        let shape = |what: String, expected: Vec<usize>, got: usize| Error::Shape {
-            what,
-            expected,
-            got: vec![got],
-        };
-        if let Some(f) = iv.frozen {
-            if f.layers.len() != c.n_layers {
+/// Checks an intervention fits a forward over `n` tokens of a model with these sizes.
+pub(crate) fn check_intervention(
+    n: usize,
+    n_layers: usize,
+    n_heads: usize,
+    d_model: usize,
+    iv: &Intervention<'_>,
+) -> Result<()> {
+    let shape = |what: String, expected: Vec<usize>, got: usize| Error::Shape {
+        what,
+        expected,
+        got: vec![got],
+    };
+    if let Some(f) = iv.frozen {
+        if f.layers.len() != n_layers {
+            return Err(shape(
+                "frozen record layers".into(),
+                vec![n_layers],
+                f.layers.len(),
+            ));
+        }
+        let final_len = f.final_norm_scale.as_ref().map_or(0, Vec::len);
+        if final_len != n {
+            return Err(shape("frozen final_norm_scale".into(), vec![n], final_len));
+        }
+        for (l, r) in f.layers.iter().enumerate() {
+            let p = r.attn_pattern.as_ref().map_or(0, Vec::len);
+            if p != n_heads * n * n {
                 return Err(shape(
-                    "frozen record layers".into(),
-                    vec![c.n_layers],
-                    f.layers.len(),
+                    format!("frozen attn_pattern of layer {l}"),
+                    vec![n_heads, n, n],
+                    p,
                 ));
             }
-            let final_len = f.final_norm_scale.as_ref().map_or(0, Vec::len);
-            if final_len != n {
-                return Err(shape("frozen final_norm_scale".into(), vec![n], final_len));
-            }
-            for (l, r) in f.layers.iter().enumerate() {
-                let p = r.attn_pattern.as_ref().map_or(0, Vec::len);
-                if p != c.n_heads * n * n {
-                    return Err(shape(
-                        format!("frozen attn_pattern of layer {l}"),
-                        vec![c.n_heads, n, n],
-                        p,
-                    ));
-                }
-                for (name, s) in [
-                    ("attn_norm_scale", &r.attn_norm_scale),
-                    ("mlp_norm_scale", &r.mlp_norm_scale),
-                ] {
-                    let len = s.as_ref().map_or(0, Vec::len);
-                    if len != n {
-                        return Err(shape(format!("frozen {name} of layer {l}"), vec![n], len));
-                    }
+            for (name, s) in [
+                ("attn_norm_scale", &r.attn_norm_scale),
+                ("mlp_norm_scale", &r.mlp_norm_scale),
+            ] {
+                let len = s.as_ref().map_or(0, Vec::len);
+                if len != n {
+                    return Err(shape(format!("frozen {name} of layer {l}"), vec![n], len));
                 }
             }
         }
-        if let Some(m) = iv.mlp_out {
-            if m.len() != c.n_layers {
-                return Err(shape(
-                    "mlp_out replacement layers".into(),
-                    vec![c.n_layers],
-                    m.len(),
-                ));
-            }
-            for (l, r) in m.iter().enumerate() {
-                if r.len() != n * c.d_model {
-                    return Err(shape(
-                        format!("mlp_out replacement of layer {l}"),
-                        vec![n, c.d_model],
-                        r.len(),
-                    ));
-                }
-            }
-        }
-        Ok(())
     }
+    if let Some(m) = iv.mlp_out {
+        if m.len() != n_layers {
+            return Err(shape(
+                "mlp_out replacement layers".into(),
+                vec![n_layers],
+                m.len(),
+            ));
+        }
+        for (l, r) in m.iter().enumerate() {
+            if r.len() != n * d_model {
+                return Err(shape(
+                    format!("mlp_out replacement of layer {l}"),
+                    vec![n, d_model],
+                    r.len(),
+                ));
+            }
+        }
+    }
+    Ok(())
+}
 
-    /// Causal grouped-query attention: writes the concatenated head outputs `[n, q_dim]` into `out`;
-    /// uses `frozen` (`[n_heads, n, n]`) as the pattern when given; returns the pattern when `record`.
-    #[allow(clippy::too_many_arguments)]
-    fn attention(
-        &self,
-        n: usize,
-        q: &[f32],
-        k: &[f32],
-        v: &[f32],
-        frozen: Option<&[f32]>,
-        record: bool,
-        out: &mut [f32],
-    ) -> Option<Vec<f32>> {
-        let c = &self.config;
-        let (hd, qd, kvd) = (c.head_dim, c.q_dim(), c.kv_dim());
-        let group = c.n_heads / c.n_kv_heads;
-        let scale = 1.0 / (hd as f32).sqrt();
-        // Per head: pattern [n, n] and output [n, hd].
-        let per_head: Vec<(Vec<f32>, Vec<f32>)> = (0..c.n_heads)
-            .into_par_iter()
-            .map(|h| {
-                let kvh = h / group;
-                let mut pat = vec![0.0f32; n * n];
-                match frozen {
-                    Some(f) => pat.copy_from_slice(&f[h * n * n..(h + 1) * n * n]),
-                    None => {
-                        for t in 0..n {
-                            let qt = &q[t * qd + h * hd..t * qd + (h + 1) * hd];
-                            let row = &mut pat[t * n..t * n + t + 1];
-                            let mut max = f32::NEG_INFINITY;
-                            for (s, r) in row.iter_mut().enumerate() {
-                                let ks = &k[s * kvd + kvh * hd..s * kvd + (kvh + 1) * hd];
-                                let dot: f32 = qt.iter().zip(ks).map(|(a, b)| a * b).sum();
-                                *r = dot * scale;
-                                max = max.max(*r);
-                            }
-                            let mut sum = 0.0f32;
-                            for r in row.iter_mut() {
-                                *r = (*r - max).exp();
-                                sum += *r;
-                            }
-                            for r in row.iter_mut() {
-                                *r /= sum;
-                            }
+/// Causal grouped-query attention: writes the concatenated head outputs `[n, q_dim]` into `out`;
+/// uses `frozen` (`[n_heads, n, n]`) as the pattern when given; returns the pattern when `record`.
+pub(crate) fn causal_attention(
+    n: usize,
+    n_heads: usize,
+    n_kv_heads: usize,
+    hd: usize,
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    frozen: Option<&[f32]>,
+    record: bool,
+    out: &mut [f32],
+) -> Option<Vec<f32>> {
+    let (qd, kvd) = (n_heads * hd, n_kv_heads * hd);
+    let group = n_heads / n_kv_heads;
+    let scale = 1.0 / (hd as f32).sqrt();
+    // Per head: pattern [n, n] and output [n, hd].
+    let per_head: Vec<(Vec<f32>, Vec<f32>)> = (0..n_heads)
+        .into_par_iter()
+        .map(|h| {
+            let kvh = h / group;
+            let mut pat = vec![0.0f32; n * n];
+            match frozen {
+                Some(f) => pat.copy_from_slice(&f[h * n * n..(h + 1) * n * n]),
+                None => {
+                    for t in 0..n {
+                        let qt = &q[t * qd + h * hd..t * qd + (h + 1) * hd];
+                        let row = &mut pat[t * n..t * n + t + 1];
+                        let mut max = f32::NEG_INFINITY;
+                        for (s, r) in row.iter_mut().enumerate() {
+                            let ks = &k[s * kvd + kvh * hd..s * kvd + (kvh + 1) * hd];
+                            let dot: f32 = qt.iter().zip(ks).map(|(a, b)| a * b).sum();
+                            *r = dot * scale;
+                            max = max.max(*r);
+                        }
+                        let mut sum = 0.0f32;
+                        for r in row.iter_mut() {
+                            *r = (*r - max).exp();
+                            sum += *r;
+                        }
+                        for r in row.iter_mut() {
+                            *r /= sum;
                         }
                     }
                 }
-                let mut o = vec![0.0f32; n * hd];
-                for t in 0..n {
-                    let ot = &mut o[t * hd..(t + 1) * hd];
-                    for s in 0..=t {
-                        let p = pat[t * n + s];
-                        let vs = &v[s * kvd + kvh * hd..s * kvd + (kvh + 1) * hd];
-                        for (oi, vi) in ot.iter_mut().zip(vs) {
-                            *oi += p * vi;
-                        }
-                    }
-                }
-                (pat, o)
-            })
-            .collect();
-        let mut patterns = record.then(|| Vec::with_capacity(c.n_heads * n * n));
-        for (h, (pat, o)) in per_head.into_iter().enumerate() {
+            }
+            let mut o = vec![0.0f32; n * hd];
             for t in 0..n {
-                out[t * qd + h * hd..t * qd + (h + 1) * hd]
-                    .copy_from_slice(&o[t * hd..(t + 1) * hd]);
+                let ot = &mut o[t * hd..(t + 1) * hd];
+                for s in 0..=t {
+                    let p = pat[t * n + s];
+                    let vs = &v[s * kvd + kvh * hd..s * kvd + (kvh + 1) * hd];
+                    for (oi, vi) in ot.iter_mut().zip(vs) {
+                        *oi += p * vi;
+                    }
+                }
             }
-            if let Some(p) = patterns.as_mut() {
-                p.extend_from_slice(&pat);
-            }
+            (pat, o)
+        })
+        .collect();
+    let mut patterns = record.then(|| Vec::with_capacity(n_heads * n * n));
+    for (h, (pat, o)) in per_head.into_iter().enumerate() {
+        for t in 0..n {
+            out[t * qd + h * hd..t * qd + (h + 1) * hd].copy_from_slice(&o[t * hd..(t + 1) * hd]);
         }
-        patterns
+        if let Some(p) = patterns.as_mut() {
+            p.extend_from_slice(&pat);
+        }
     }
+    patterns
 }
 
 /// Index of the first largest value (NaN never wins).

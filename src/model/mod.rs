@@ -1,17 +1,20 @@
 //! Running the language models that CLTs are trained on and attribute through.
 //!
 //! - [`llama`]: the Llama-family forward on the CPU, with hooks and interventions;
+//! - [`gpt2`]: the GPT-2 forward, with the same hooks and interventions;
 //! - [`llama2c`]: llama2.c checkpoints and tokenizers;
-//! - [`hf`]: Hugging Face model directories (`config.json`, `*.safetensors`, `tokenizer.json`);
+//! - [`hf`]: Hugging Face model directories (`config.json`, `*.safetensors`, `tokenizer.json`; Llama, Mistral
+//!   and GPT-2);
 //! - [`gguf`]: GGUF v3 files (metadata, tensors, Llama models) and [`bpe`], their byte-level BPE tokenizers;
 //! - [`cli`]: `clt run`, which tokenises a prompt, runs the model and prints or dumps the logits.
 //!
 //! [`load`] opens a model file of any supported kind (detected by its magic bytes and its extension) together
-//! with its tokenizer, as a [`LoadedModel`].
+//! with its tokenizer, as a [`LoadedModel`], whose [`Model`] dispatches to the architecture's forward.
 
 pub mod bpe;
 pub mod cli;
 pub mod gguf;
+pub mod gpt2;
 pub mod hf;
 pub mod llama;
 pub mod llama2c;
@@ -21,6 +24,7 @@ use std::path::{Path, PathBuf};
 
 use crate::{Error, Result};
 pub use bpe::BpeTokenizer;
+pub use gpt2::{Gpt2Config, Gpt2LayerWeights, Gpt2Model};
 pub use llama::{
     ForwardOptions, ForwardOutput, ForwardRecord, Hooks, Intervention, LayerRecord, LayerWeights,
     LlamaConfig, LlamaModel, Logits, RopeStyle,
@@ -137,10 +141,145 @@ impl Tokenizer {
     }
 }
 
+/// A model of any supported architecture.
+#[derive(Clone, Debug)]
+pub enum Model {
+    Llama(LlamaModel),
+    Gpt2(Gpt2Model),
+}
+
+impl From<LlamaModel> for Model {
+    fn from(m: LlamaModel) -> Self {
+        Model::Llama(m)
+    }
+}
+
+impl From<Gpt2Model> for Model {
+    fn from(m: Gpt2Model) -> Self {
+        Model::Gpt2(m)
+    }
+}
+
+impl Model {
+    /// The architecture's name: `llama` or `gpt2`.
+    pub fn architecture(&self) -> &'static str {
+        match self {
+            Model::Llama(_) => "llama",
+            Model::Gpt2(_) => "gpt2",
+        }
+    }
+
+    pub fn n_layers(&self) -> usize {
+        match self {
+            Model::Llama(m) => m.config.n_layers,
+            Model::Gpt2(m) => m.config.n_layers,
+        }
+    }
+
+    /// Residual stream width.
+    pub fn d_model(&self) -> usize {
+        match self {
+            Model::Llama(m) => m.config.d_model,
+            Model::Gpt2(m) => m.config.d_model,
+        }
+    }
+
+    pub fn n_heads(&self) -> usize {
+        match self {
+            Model::Llama(m) => m.config.n_heads,
+            Model::Gpt2(m) => m.config.n_heads,
+        }
+    }
+
+    /// Key/value heads (equal to [`n_heads`](Self::n_heads) without grouped-query attention).
+    pub fn n_kv_heads(&self) -> usize {
+        match self {
+            Model::Llama(m) => m.config.n_kv_heads,
+            Model::Gpt2(m) => m.config.n_heads,
+        }
+    }
+
+    pub fn vocab_size(&self) -> usize {
+        match self {
+            Model::Llama(m) => m.config.vocab_size,
+            Model::Gpt2(m) => m.config.vocab_size,
+        }
+    }
+
+    /// Longest sequence the model accepts.
+    pub fn max_seq_len(&self) -> usize {
+        match self {
+            Model::Llama(m) => m.config.max_seq_len,
+            Model::Gpt2(m) => m.config.max_seq_len,
+        }
+    }
+
+    /// FLOPs of one forward over `n` tokens with `n_logits` unembedded positions.
+    pub fn forward_flops(&self, n: usize, n_logits: usize) -> f64 {
+        match self {
+            Model::Llama(m) => m.config.forward_flops(n, n_logits),
+            Model::Gpt2(m) => m.config.forward_flops(n, n_logits),
+        }
+    }
+
+    /// The full causal forward over `tokens`, with hooks and interventions.
+    pub fn forward_with(&self, tokens: &[u32], opts: &ForwardOptions<'_>) -> Result<ForwardOutput> {
+        match self {
+            Model::Llama(m) => m.forward_with(tokens, opts),
+            Model::Gpt2(m) => m.forward_with(tokens, opts),
+        }
+    }
+
+    /// Logits of every position, `[n_tokens, vocab_size]`.
+    pub fn forward(&self, tokens: &[u32]) -> Result<Vec<f32>> {
+        match self {
+            Model::Llama(m) => m.forward(tokens),
+            Model::Gpt2(m) => m.forward(tokens),
+        }
+    }
+
+    /// Logits of the last position, `[vocab_size]`.
+    pub fn next_logits(&self, tokens: &[u32]) -> Result<Vec<f32>> {
+        match self {
+            Model::Llama(m) => m.next_logits(tokens),
+            Model::Gpt2(m) => m.next_logits(tokens),
+        }
+    }
+
+    /// Appends up to `n_new` greedily chosen tokens (stopping at `stop` or `max_seq_len`); returns the new ones.
+    pub fn generate_greedy(
+        &self,
+        tokens: &[u32],
+        n_new: usize,
+        stop: Option<u32>,
+    ) -> Result<Vec<u32>> {
+        match self {
+            Model::Llama(m) => m.generate_greedy(tokens, n_new, stop),
+            Model::Gpt2(m) => m.generate_greedy(tokens, n_new, stop),
+        }
+    }
+
+    /// The Llama model, when it is one.
+    pub fn as_llama(&self) -> Option<&LlamaModel> {
+        match self {
+            Model::Llama(m) => Some(m),
+            Model::Gpt2(_) => None,
+        }
+    }
+
+    /// The GPT-2 model, when it is one.
+    pub fn as_gpt2(&self) -> Option<&Gpt2Model> {
+        match self {
+            Model::Gpt2(m) => Some(m),
+            Model::Llama(_) => None,
+        }
+    }
+}
+
 /// A model and its tokenizer, loaded from files.
 #[derive(Clone, Debug)]
 pub struct LoadedModel {
-    pub model: LlamaModel,
+    pub model: Model,
     pub tokenizer: Tokenizer,
     pub format: ModelFormat,
     pub path: PathBuf,
@@ -173,7 +312,7 @@ pub fn load(path: &Path, tokenizer: Option<&Path>) -> Result<LoadedModel> {
             };
             let tok = Llama2cTokenizer::load(&tok_path, v)?;
             Ok(LoadedModel {
-                model,
+                model: Model::Llama(model),
                 tokenizer: Tokenizer::Llama2c(tok),
                 format,
                 path: path.to_path_buf(),
@@ -196,7 +335,7 @@ pub fn load(path: &Path, tokenizer: Option<&Path>) -> Result<LoadedModel> {
             let model = file.llama_model()?;
             let tok = file.tokenizer()?;
             Ok(LoadedModel {
-                model,
+                model: Model::Llama(model),
                 tokenizer: Tokenizer::Bpe(Box::new(tok)),
                 format,
                 path: path.to_path_buf(),

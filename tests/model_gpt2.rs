@@ -1,0 +1,424 @@
+//! GPT-2 against an independent oracle: a tiny random GPT-2 is written as a Hugging Face directory
+//! (`config.json`, `model.safetensors` with HF's `Conv1D` `(in, out)` weights, a toy `tokenizer.json`), loaded
+//! through `clt::model::load`, and its logits and hooks are compared with `tests/gpt2_reference.py`, a
+//! pure-Python (standard library, float64) forward that reads the same files.
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::process::Command;
+
+use clt::model::{self, ForwardOptions, Hooks, Intervention, LoadedModel, Model};
+use safetensors::{Dtype, tensor::TensorView};
+
+const D: usize = 16;
+const N_HEAD: usize = 4;
+const N_LAYER: usize = 2;
+const VOCAB: usize = 64;
+const N_POS: usize = 32;
+/// Largest absolute difference allowed between the Rust (f32) and Python (f64) values.
+const TOL: f32 = 1e-4;
+
+/// Deterministic uniform values in `[-s/2, s/2)`.
+struct Rng(u64);
+
+impl Rng {
+    fn vals(&mut self, len: usize, s: f32) -> Vec<f32> {
+        (0..len)
+            .map(|_| {
+                self.0 ^= self.0 << 13;
+                self.0 ^= self.0 >> 7;
+                self.0 ^= self.0 << 17;
+                ((self.0 >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * s
+            })
+            .collect()
+    }
+}
+
+/// The tensors of a tiny random GPT-2, HF names without prefix, with shapes.
+fn tiny_tensors() -> Vec<(String, Vec<f32>, Vec<usize>)> {
+    let mut r = Rng(0x853c49e6748fea9b);
+    let mut t = vec![
+        (
+            "wte.weight".to_string(),
+            r.vals(VOCAB * D, 2.0),
+            vec![VOCAB, D],
+        ),
+        (
+            "wpe.weight".to_string(),
+            r.vals(N_POS * D, 1.0),
+            vec![N_POS, D],
+        ),
+    ];
+    for l in 0..N_LAYER {
+        let p = |s: &str| format!("h.{l}.{s}");
+        let gain = |r: &mut Rng| r.vals(D, 0.5).iter().map(|x| x + 1.0).collect::<Vec<_>>();
+        t.extend([
+            (p("ln_1.weight"), gain(&mut r), vec![D]),
+            (p("ln_1.bias"), r.vals(D, 0.2), vec![D]),
+            (
+                p("attn.c_attn.weight"),
+                r.vals(D * 3 * D, 1.0),
+                vec![D, 3 * D],
+            ),
+            (p("attn.c_attn.bias"), r.vals(3 * D, 0.2), vec![3 * D]),
+            (p("attn.c_proj.weight"), r.vals(D * D, 0.5), vec![D, D]),
+            (p("attn.c_proj.bias"), r.vals(D, 0.2), vec![D]),
+            (p("ln_2.weight"), gain(&mut r), vec![D]),
+            (p("ln_2.bias"), r.vals(D, 0.2), vec![D]),
+            (p("mlp.c_fc.weight"), r.vals(D * 4 * D, 1.0), vec![D, 4 * D]),
+            (p("mlp.c_fc.bias"), r.vals(4 * D, 0.2), vec![4 * D]),
+            (
+                p("mlp.c_proj.weight"),
+                r.vals(4 * D * D, 0.5),
+                vec![4 * D, D],
+            ),
+            (p("mlp.c_proj.bias"), r.vals(D, 0.2), vec![D]),
+        ]);
+    }
+    let gain = r.vals(D, 0.5).iter().map(|x| x + 1.0).collect();
+    t.push(("ln_f.weight".into(), gain, vec![D]));
+    t.push(("ln_f.bias".into(), r.vals(D, 0.2), vec![D]));
+    t
+}
+
+/// Writes a GPT-2 directory with these tensors, their names prefixed with `prefix`.
+fn write_dir(dir: &Path, tensors: &[(String, Vec<f32>, Vec<usize>)], prefix: &str) {
+    let bytes: Vec<(String, Vec<u8>, Vec<usize>)> = tensors
+        .iter()
+        .map(|(n, v, s)| {
+            (
+                format!("{prefix}{n}"),
+                v.iter().flat_map(|x| x.to_le_bytes()).collect(),
+                s.clone(),
+            )
+        })
+        .collect();
+    let views: HashMap<String, TensorView<'_>> = bytes
+        .iter()
+        .map(|(n, data, s)| {
+            (
+                n.clone(),
+                TensorView::new(Dtype::F32, s.clone(), data).unwrap(),
+            )
+        })
+        .collect();
+    safetensors::serialize_to_file(views, None, &dir.join("model.safetensors")).unwrap();
+    let cfg = serde_json::json!({
+        "model_type": "gpt2", "architectures": ["GPT2LMHeadModel"], "n_embd": D, "n_layer": N_LAYER,
+        "n_head": N_HEAD, "n_inner": null, "vocab_size": VOCAB, "n_positions": N_POS, "n_ctx": N_POS,
+        "layer_norm_epsilon": 1e-5, "activation_function": "gelu_new", "eos_token_id": 63,
+        "bos_token_id": 63, "tie_word_embeddings": true
+    });
+    std::fs::write(dir.join("config.json"), cfg.to_string()).unwrap();
+    // A toy tokenizer.json: characters a, b and the merge "ab".
+    let vocab: tokenizers::models::bpe::Vocab = [
+        ("a".to_string(), 0u32),
+        ("b".to_string(), 1),
+        ("ab".to_string(), 2),
+    ]
+    .into_iter()
+    .collect();
+    let bpe = tokenizers::models::bpe::BPE::builder()
+        .vocab_and_merges(vocab, vec![("a".into(), "b".into())])
+        .build()
+        .unwrap();
+    tokenizers::Tokenizer::new(bpe)
+        .save(dir.join("tokenizer.json"), false)
+        .unwrap();
+}
+
+fn seqs() -> Vec<Vec<u32>> {
+    vec![
+        vec![5],
+        vec![1, 17, 42, 3, 63, 0, 9],
+        (0..N_POS as u32)
+            .map(|i| (i * 37 + 11) % VOCAB as u32)
+            .collect(),
+    ]
+}
+
+fn reference(dir: &Path, seqs: &[Vec<u32>]) -> serde_json::Value {
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/gpt2_reference.py");
+    let out = Command::new("python3")
+        .arg(script)
+        .arg(dir)
+        .arg(serde_json::to_string(seqs).unwrap())
+        .output()
+        .unwrap_or_else(|e| {
+            panic!("running python3 {script} (the GPT-2 oracle needs python3): {e}")
+        });
+    assert!(
+        out.status.success(),
+        "{script} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+/// A nested JSON array of numbers, flattened.
+fn flat(v: &serde_json::Value) -> Vec<f32> {
+    match v {
+        serde_json::Value::Array(a) => a.iter().flat_map(flat).collect(),
+        x => vec![x.as_f64().unwrap() as f32],
+    }
+}
+
+fn max_diff(a: &[f32], b: &[f32]) -> f32 {
+    assert_eq!(a.len(), b.len());
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, f32::max)
+}
+
+fn load(prefix: &str) -> (tempfile::TempDir, LoadedModel) {
+    let dir = tempfile::tempdir().unwrap();
+    write_dir(dir.path(), &tiny_tensors(), prefix);
+    let m = model::load(dir.path(), None).unwrap();
+    (dir, m)
+}
+
+#[test]
+fn logits_and_hooks_match_the_python_reference() {
+    let (dir, m) = load("");
+    assert_eq!(m.format, model::ModelFormat::HfDir);
+    assert!(matches!(m.model, Model::Gpt2(_)));
+    assert_eq!(m.model.architecture(), "gpt2");
+    assert_eq!(
+        (
+            m.model.n_layers(),
+            m.model.d_model(),
+            m.model.vocab_size(),
+            m.model.max_seq_len()
+        ),
+        (N_LAYER, D, VOCAB, N_POS)
+    );
+    let seqs = seqs();
+    let want = reference(dir.path(), &seqs);
+    let mut worst: HashMap<&str, f32> = HashMap::new();
+    for (i, toks) in seqs.iter().enumerate() {
+        let run = &want["runs"][i];
+        let out = m
+            .model
+            .forward_with(
+                toks,
+                &ForwardOptions {
+                    hooks: Hooks::all(),
+                    ..Default::default()
+                },
+            )
+            .unwrap();
+        let mut cmp = |what: &'static str, got: &[f32], want: &serde_json::Value| {
+            let e = max_diff(got, &flat(want));
+            assert!(e < TOL, "sequence {i}: {what} differs by {e}");
+            let w = worst.entry(what).or_default();
+            *w = w.max(e);
+        };
+        cmp("logits", &out.logits, &run["logits"]);
+        cmp(
+            "final_norm_scale",
+            out.record.final_norm_scale.as_ref().unwrap(),
+            &run["final_norm_scale"],
+        );
+        for (l, rec) in out.record.layers.iter().enumerate() {
+            let r = &run["layers"][l];
+            cmp(
+                "resid_pre",
+                rec.resid_pre.as_ref().unwrap(),
+                &r["resid_pre"],
+            );
+            cmp(
+                "resid_mid",
+                rec.resid_mid.as_ref().unwrap(),
+                &r["resid_mid"],
+            );
+            cmp(
+                "mlp_in_normed",
+                rec.mlp_in_normed.as_ref().unwrap(),
+                &r["mlp_in_normed"],
+            );
+            cmp("mlp_out", rec.mlp_out.as_ref().unwrap(), &r["mlp_out"]);
+            cmp(
+                "attn_pattern",
+                rec.attn_pattern.as_ref().unwrap(),
+                &r["attn_pattern"],
+            );
+            cmp(
+                "attn_norm_scale",
+                rec.attn_norm_scale.as_ref().unwrap(),
+                &r["attn_norm_scale"],
+            );
+            cmp(
+                "mlp_norm_scale",
+                rec.mlp_norm_scale.as_ref().unwrap(),
+                &r["mlp_norm_scale"],
+            );
+        }
+        // The plain forward and greedy generation agree with the hooked one.
+        assert!(max_diff(&m.model.forward(toks).unwrap(), &out.logits) < 1e-6);
+        let last = m.model.next_logits(toks).unwrap();
+        assert!(max_diff(&last, &out.logits[(toks.len() - 1) * VOCAB..]) < 1e-6);
+    }
+    let mut worst: Vec<_> = worst.into_iter().collect();
+    worst.sort_by(|a, b| a.0.cmp(b.0));
+    eprintln!("largest |rust - python| per value: {worst:?}");
+    let g = m.model.generate_greedy(&[1, 2, 3], 5, None).unwrap();
+    assert_eq!(g.len(), 5);
+    // Generation stops at max_seq_len.
+    let long: Vec<u32> = (0..N_POS as u32 - 2).collect();
+    assert_eq!(m.model.generate_greedy(&long, 10, None).unwrap().len(), 2);
+}
+
+#[test]
+fn transformer_prefix_loads_the_same_model() {
+    let (_d1, a) = load("");
+    let (_d2, b) = load("transformer.");
+    let toks = &seqs()[1];
+    assert_eq!(
+        a.model.forward(toks).unwrap(),
+        b.model.forward(toks).unwrap()
+    );
+}
+
+#[test]
+fn frozen_state_forward_reproduces_the_plain_forward() {
+    let (_dir, m) = load("");
+    let toks = &seqs()[1];
+    let base = m
+        .model
+        .forward_with(
+            toks,
+            &ForwardOptions {
+                hooks: Hooks::all(),
+                ..Default::default()
+            },
+        )
+        .unwrap();
+    let mlp: Vec<Vec<f32>> = base
+        .record
+        .layers
+        .iter()
+        .map(|l| l.mlp_out.clone().unwrap())
+        .collect();
+    let run = |iv: Intervention<'_>| {
+        m.model
+            .forward_with(
+                toks,
+                &ForwardOptions {
+                    hooks: Hooks::all(),
+                    intervention: iv,
+                    ..Default::default()
+                },
+            )
+            .unwrap()
+    };
+    for iv in [
+        Intervention {
+            frozen: Some(&base.record),
+            mlp_out: None,
+        },
+        Intervention {
+            frozen: Some(&base.record),
+            mlp_out: Some(&mlp),
+        },
+        Intervention {
+            frozen: None,
+            mlp_out: Some(&mlp),
+        },
+    ] {
+        let again = run(iv);
+        assert!(max_diff(&base.logits, &again.logits) < 1e-5);
+        for (a, b) in base.record.layers.iter().zip(&again.record.layers) {
+            assert!(max_diff(a.resid_mid.as_ref().unwrap(), b.resid_mid.as_ref().unwrap()) < 1e-5);
+            assert!(max_diff(a.mlp_out.as_ref().unwrap(), b.mlp_out.as_ref().unwrap()) < 1e-5);
+        }
+    }
+    // With everything frozen the model is affine in the replaced MLP outputs: the midpoint of the logits for
+    // zero and doubled replacements is the logits for the recorded ones.
+    let scaled = |k: f32| -> Vec<Vec<f32>> {
+        mlp.iter()
+            .map(|v| v.iter().map(|x| x * k).collect())
+            .collect()
+    };
+    let (zero, twice) = (scaled(0.0), scaled(2.0));
+    let l0 = run(Intervention {
+        frozen: Some(&base.record),
+        mlp_out: Some(&zero),
+    })
+    .logits;
+    let l2 = run(Intervention {
+        frozen: Some(&base.record),
+        mlp_out: Some(&twice),
+    })
+    .logits;
+    let mid: Vec<f32> = l0.iter().zip(&l2).map(|(a, b)| (a + b) / 2.0).collect();
+    assert!(max_diff(&mid, &base.logits) < 1e-4);
+    // A record without the frozen state is refused.
+    let bare = m
+        .model
+        .forward_with(toks, &ForwardOptions::default())
+        .unwrap();
+    let e = m
+        .model
+        .forward_with(
+            toks,
+            &ForwardOptions {
+                intervention: Intervention {
+                    frozen: Some(&bare.record),
+                    mlp_out: None,
+                },
+                ..Default::default()
+            },
+        )
+        .unwrap_err();
+    assert!(matches!(e, clt::Error::Shape { .. }), "{e}");
+}
+
+#[test]
+fn misshapen_c_attn_names_the_tensor_and_the_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut t = tiny_tensors();
+    let bad = t
+        .iter_mut()
+        .find(|(n, _, _)| n == "h.1.attn.c_attn.weight")
+        .unwrap();
+    bad.2 = vec![3 * D, D]; // transposed: PyTorch Linear layout instead of Conv1D
+    write_dir(dir.path(), &t, "transformer.");
+    let e = model::load(dir.path(), None).unwrap_err().to_string();
+    assert!(e.contains("transformer.h.1.attn.c_attn.weight"), "{e}");
+    assert!(e.contains("model.safetensors"), "{e}");
+    assert!(e.contains("[48, 16]") && e.contains("[16, 48]"), "{e}");
+    // A missing tensor is named too.
+    let dir = tempfile::tempdir().unwrap();
+    let t: Vec<_> = tiny_tensors()
+        .into_iter()
+        .filter(|(n, _, _)| n != "h.0.mlp.c_fc.bias")
+        .collect();
+    write_dir(dir.path(), &t, "");
+    let e = model::load(dir.path(), None).unwrap_err().to_string();
+    assert!(
+        e.contains("h.0.mlp.c_fc.bias") && e.contains("missing"),
+        "{e}"
+    );
+}
+
+#[test]
+fn clt_run_reports_gpt2() {
+    let (dir, _) = load("");
+    let args = model::cli::RunArgs {
+        model: dir.path().to_path_buf(),
+        tokenizer: None,
+        prompt: "abab".into(),
+        generate: 3,
+        dump_logits: None,
+        top: 3,
+    };
+    let mut out = Vec::new();
+    model::cli::run_to(&args, &mut out).unwrap();
+    let text = String::from_utf8(out).unwrap();
+    assert!(
+        text.contains("gpt2; 2 layers, d_model 16, 4 heads / 4 kv, vocab 64"),
+        "{text}"
+    );
+    assert!(text.contains("generated ids"), "{text}");
+}
