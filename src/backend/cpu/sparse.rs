@@ -47,6 +47,25 @@ pub fn dot(a: &[f32], b: &[f32]) -> f32 {
     s
 }
 
+/// `Σ x·w` (as [`dot`], same order) while adding `a · x` into `y`: one pass over `x`.
+#[inline]
+pub fn dot_axpy(x: &[f32], w: &[f32], a: f32, y: &mut [f32]) -> f32 {
+    let mut acc = [0.0f32; 8];
+    let n8 = x.len() - x.len() % 8;
+    for ((xc, wc), yc) in x[..n8].chunks_exact(8).zip(w[..n8].chunks_exact(8)).zip(y[..n8].chunks_exact_mut(8)) {
+        for i in 0..8 {
+            acc[i] += xc[i] * wc[i];
+            yc[i] += a * xc[i];
+        }
+    }
+    let mut s = ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7]));
+    for i in n8..x.len() {
+        s += x[i] * w[i];
+        y[i] += a * x[i];
+    }
+    s
+}
+
 /// `exp(log θ)` per layer.
 pub fn thresholds(params: &Params) -> Vec<Vec<f32>> {
     params
@@ -354,7 +373,8 @@ pub fn loss_and_grad(
                     // ∂L/∂a: the token's residual projected on the feature's decoder row (read once here, while
                     // the same residual row also feeds the decoder gradient), plus the tanh term when active.
                     let rr = &r[b * row + l * d..b * row + l * d + rl];
-                    let proj = dot(rr, w_row);
+                    // Active entries also add a·r_b to the decoder gradient, in the same pass over r_b.
+                    let proj = if a != 0.0 { dot_axpy(rr, w_row, a, dec_row) } else { dot(rr, w_row) };
                     let complement = jump && c.block_mode[b / BACKWARD_BLOCK] == BlockMode::Far;
                     if a != 0.0 {
                         let t = (obj.c * a * n).tanh();
@@ -362,7 +382,6 @@ pub fn loss_and_grad(
                         let ge = proj + tanh_term;
                         dn += tanh_scale * obj.c * a * (1.0 - t * t);
                         dbs += ge;
-                        axpy(a, rr, dec_row);
                         axpy(ge + kappa, &x[(b * l_n + l) * d..][..d], enc_row);
                         if jump && h - th < half {
                             near += if by_h { ge * h } else { ge };
