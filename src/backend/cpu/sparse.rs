@@ -52,7 +52,11 @@ pub fn dot(a: &[f32], b: &[f32]) -> f32 {
 pub fn dot_axpy(x: &[f32], w: &[f32], a: f32, y: &mut [f32]) -> f32 {
     let mut acc = [0.0f32; 8];
     let n8 = x.len() - x.len() % 8;
-    for ((xc, wc), yc) in x[..n8].chunks_exact(8).zip(w[..n8].chunks_exact(8)).zip(y[..n8].chunks_exact_mut(8)) {
+    for ((xc, wc), yc) in x[..n8]
+        .chunks_exact(8)
+        .zip(w[..n8].chunks_exact(8))
+        .zip(y[..n8].chunks_exact_mut(8))
+    {
         for i in 0..8 {
             acc[i] += xc[i] * wc[i];
             yc[i] += a * xc[i];
@@ -374,7 +378,11 @@ pub fn loss_and_grad(
                     // the same residual row also feeds the decoder gradient), plus the tanh term when active.
                     let rr = &r[b * row + l * d..b * row + l * d + rl];
                     // Active entries also add a·r_b to the decoder gradient, in the same pass over r_b.
-                    let proj = if a != 0.0 { dot_axpy(rr, w_row, a, dec_row) } else { dot(rr, w_row) };
+                    let proj = if a != 0.0 {
+                        dot_axpy(rr, w_row, a, dec_row)
+                    } else {
+                        dot(rr, w_row)
+                    };
                     let complement = jump && c.block_mode[b / BACKWARD_BLOCK] == BlockMode::Far;
                     if a != 0.0 {
                         let t = (obj.c * a * n).tanh();
