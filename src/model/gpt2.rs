@@ -25,7 +25,7 @@ use std::path::Path;
 
 use super::llama::{
     ForwardOptions, ForwardOutput, ForwardRecord, LayerRecord, Logits, argmax, causal_attention,
-    check_intervention, matmul_wt,
+    check_intervention, matmul_wt, unembed,
 };
 use crate::{Error, Result};
 
@@ -423,11 +423,6 @@ impl Gpt2Model {
         }
 
         // Final LayerNorm and unembedding.
-        let rows = match opts.logits {
-            Logits::All => 0..n,
-            Logits::Last => n - 1..n,
-            Logits::None => n..n,
-        };
         let final_frozen = frozen.and_then(|f| f.final_norm_scale.as_deref());
         let s = layer_norm(
             &x,
@@ -441,18 +436,7 @@ impl Gpt2Model {
         if hooks.norm_scales {
             record.final_norm_scale = Some(s);
         }
-        let m = rows.len();
-        let mut logits = vec![0.0f32; m * c.vocab_size];
-        if m > 0 {
-            matmul_wt(
-                &normed[rows.start * d..rows.end * d],
-                m,
-                d,
-                self.unembedding(),
-                c.vocab_size,
-                &mut logits,
-            );
-        }
+        let logits = unembed(&normed, n, d, self.unembedding(), c.vocab_size, opts.logits);
         Ok(ForwardOutput {
             n_tokens: n,
             logits,

@@ -612,11 +612,6 @@ impl LlamaModel {
         }
 
         // Final norm and unembedding.
-        let rows = match opts.logits {
-            Logits::All => 0..n,
-            Logits::Last => n - 1..n,
-            Logits::None => n..n,
-        };
         let final_frozen = frozen.and_then(|f| f.final_norm_scale.as_deref());
         let s = rms_norm(
             &x,
@@ -629,18 +624,7 @@ impl LlamaModel {
         if hooks.norm_scales {
             record.final_norm_scale = Some(s);
         }
-        let m = rows.len();
-        let mut logits = vec![0.0f32; m * c.vocab_size];
-        if m > 0 {
-            matmul_wt(
-                &normed[rows.start * d..rows.end * d],
-                m,
-                d,
-                self.unembedding(),
-                c.vocab_size,
-                &mut logits,
-            );
-        }
+        let logits = unembed(&normed, n, d, self.unembedding(), c.vocab_size, opts.logits);
         Ok(ForwardOutput {
             n_tokens: n,
             logits,
@@ -651,6 +635,36 @@ impl LlamaModel {
 }
 
 /// Checks an intervention fits a forward over `n` tokens of a model with these sizes.
+/// The logits of the positions `mode` asks for: the final-normed stream `[n, d]` times the unembedding
+/// `[vocab, d]` transposed.
+pub(crate) fn unembed(
+    normed: &[f32],
+    n: usize,
+    d: usize,
+    unembedding: &[f32],
+    vocab: usize,
+    mode: Logits,
+) -> Vec<f32> {
+    let rows = match mode {
+        Logits::All => 0..n,
+        Logits::Last => n - 1..n,
+        Logits::None => n..n,
+    };
+    let m = rows.len();
+    let mut logits = vec![0.0f32; m * vocab];
+    if m > 0 {
+        matmul_wt(
+            &normed[rows.start * d..rows.end * d],
+            m,
+            d,
+            unembedding,
+            vocab,
+            &mut logits,
+        );
+    }
+    logits
+}
+
 pub(crate) fn check_intervention(
     n: usize,
     n_layers: usize,
