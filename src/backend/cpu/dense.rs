@@ -88,13 +88,7 @@ pub fn loss_and_grad(
         // G = ∂L/∂a = R_l W_dec_lᵀ + tanh term.
         let mut g = vec![0.0f32; n_tokens * f_n];
         if n_tokens > 0 {
-            let rm = Mat {
-                data: &r[l * d..],
-                rows: n_tokens,
-                cols: rl,
-                rs: row,
-                cs: 1,
-            };
+            let rm = Mat::strided(&r[l * d..], n_tokens, rl, row);
             matmul(
                 &mut g,
                 f_n,
@@ -160,13 +154,7 @@ pub fn loss_and_grad(
         // Decoder: Aᵀ R_l plus the norm term.
         let gd = &mut grads.p.w_dec[l];
         if n_tokens > 0 {
-            let rm = Mat {
-                data: &r[l * d..],
-                rows: n_tokens,
-                cols: rl,
-                rs: row,
-                cs: 1,
-            };
+            let rm = Mat::strided(&r[l * d..], n_tokens, rl, row);
             matmul(
                 gd,
                 rl,
@@ -188,13 +176,7 @@ pub fn loss_and_grad(
         }
         // Encoder: dHᵀ X_l.
         if n_tokens > 0 {
-            let xm = Mat {
-                data: &x[l * d..],
-                rows: n_tokens,
-                cols: d,
-                rs: row,
-                cs: 1,
-            };
+            let xm = Mat::strided(&x[l * d..], n_tokens, d, row);
             matmul(
                 &mut grads.p.w_enc[l],
                 d,

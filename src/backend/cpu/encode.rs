@@ -97,13 +97,7 @@ pub fn encode_layer(
                 let b0 = blk * TOKEN_BLOCK;
                 let tb = TOKEN_BLOCK.min(n_tokens - b0);
                 let xs = &x[(b0 * l_n + l) * d..];
-                let xm = Mat {
-                    data: xs,
-                    rows: tb,
-                    cols: d,
-                    rs: l_n * d,
-                    cs: 1,
-                };
+                let xm = Mat::strided(xs, tb, d, l_n * d);
                 matmul(
                     buf,
                     f_n,
@@ -212,13 +206,7 @@ pub fn dense_preact(
     if n_tokens == 0 {
         return h;
     }
-    let xm = Mat {
-        data: &x[l * d..],
-        rows: n_tokens,
-        cols: d,
-        rs: l_n * d,
-        cs: 1,
-    };
+    let xm = Mat::strided(&x[l * d..], n_tokens, d, l_n * d);
     matmul(
         &mut h,
         f_n,

@@ -26,6 +26,18 @@ impl<'a> Mat<'a> {
         }
     }
 
+    /// A row-major `rows × cols` matrix whose rows start `rs` elements apart (one layer's rows of a
+    /// `[B][L][d]` batch, say).
+    pub fn strided(data: &'a [f32], rows: usize, cols: usize, rs: usize) -> Self {
+        Mat {
+            data,
+            rows,
+            cols,
+            rs,
+            cs: 1,
+        }
+    }
+
     /// The transpose of this view (no copy).
     pub fn t(self) -> Self {
         Mat {

@@ -108,13 +108,7 @@ pub fn decode(
     });
     if cfg.skip && n_tokens > 0 {
         for l in 0..l_n {
-            let xm = Mat {
-                data: &x[l * d..],
-                rows: n_tokens,
-                cols: d,
-                rs: row,
-                cs: 1,
-            };
+            let xm = Mat::strided(&x[l * d..], n_tokens, d, row);
             if n_tokens > 0 {
                 matmul(
                     &mut yhat[l * d..],
@@ -303,13 +297,7 @@ pub fn loss_and_grad(
                     let b0 = blk * BACKWARD_BLOCK;
                     let tb = BACKWARD_BLOCK.min(n_tokens - b0);
                     let mut proj = vec![0.0f32; tb * f_n];
-                    let rm = Mat {
-                        data: &r[b0 * row + l * d..],
-                        rows: tb,
-                        cols: rl,
-                        rs: row,
-                        cs: 1,
-                    };
+                    let rm = Mat::strided(&r[b0 * row + l * d..], tb, rl, row);
                     matmul(
                         &mut proj,
                         f_n,
@@ -468,20 +456,8 @@ pub fn skip_grad(cfg: &CltConfig, r: &[f32], x: &[f32], n_tokens: usize, out: &m
             g.iter_mut().for_each(|v| *v = 0.0);
             continue;
         }
-        let rm = Mat {
-            data: &r[l * d..],
-            rows: n_tokens,
-            cols: d,
-            rs: row,
-            cs: 1,
-        };
-        let xm = Mat {
-            data: &x[l * d..],
-            rows: n_tokens,
-            cols: d,
-            rs: row,
-            cs: 1,
-        };
+        let rm = Mat::strided(&r[l * d..], n_tokens, d, row);
+        let xm = Mat::strided(&x[l * d..], n_tokens, d, row);
         matmul(g, d, rm.t(), xm, 0.0, 1.0, Threads::All);
     }
 }
