@@ -9,8 +9,10 @@
 //! - [`backend`]: the operations (encode, sparse decode, backward, Adam) on the CPU, and the CUDA seam;
 //! - [`store`]: the activation store (compressed shards, the shuffling shard loader, importers);
 //! - [`train`]: the objective, the optimiser, schedules, metrics and the training loop.
-//! - [`model`]: the language models (Llama family) that activations come from, their loaders and tokenizers.
+//! - [`model`]: the language models (Llama family) that activations come from, their loaders and tokenizers;
+//! - [`attribution`]: attribution graphs of prompts (circuit-tracer's algorithm and formats) and interventions.
 
+pub mod attribution;
 pub mod backend;
 pub mod bench;
 pub mod cache;

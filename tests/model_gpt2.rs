@@ -316,14 +316,17 @@ fn frozen_state_forward_reproduces_the_plain_forward() {
         Intervention {
             frozen: Some(&base.record),
             mlp_out: None,
+            mlp_fn: None,
         },
         Intervention {
             frozen: Some(&base.record),
             mlp_out: Some(&mlp),
+            mlp_fn: None,
         },
         Intervention {
             frozen: None,
             mlp_out: Some(&mlp),
+            mlp_fn: None,
         },
     ] {
         let again = run(iv);
@@ -344,11 +347,13 @@ fn frozen_state_forward_reproduces_the_plain_forward() {
     let l0 = run(Intervention {
         frozen: Some(&base.record),
         mlp_out: Some(&zero),
+        mlp_fn: None,
     })
     .logits;
     let l2 = run(Intervention {
         frozen: Some(&base.record),
         mlp_out: Some(&twice),
+        mlp_fn: None,
     })
     .logits;
     let mid: Vec<f32> = l0.iter().zip(&l2).map(|(a, b)| (a + b) / 2.0).collect();
@@ -366,6 +371,7 @@ fn frozen_state_forward_reproduces_the_plain_forward() {
                 intervention: Intervention {
                     frozen: Some(&bare.record),
                     mlp_out: None,
+                    mlp_fn: None,
                 },
                 ..Default::default()
             },

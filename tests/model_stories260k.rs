@@ -171,6 +171,7 @@ fn frozen_forward_reproduces_logits_on_the_real_model() {
         intervention: model::Intervention {
             frozen: Some(&base.record),
             mlp_out: Some(&mlp),
+            mlp_fn: None,
         },
         ..Default::default()
     };

@@ -43,6 +43,11 @@ enum Command {
         #[arg(long)]
         quiet: bool,
     },
+    /// Compute a prompt's attribution graph: which features cause the next-token logits (pruned graph JSON
+    /// for circuit-tracer's frontend, plus the raw adjacency).
+    Attribute(clt::attribution::cli::AttributeArgs),
+    /// Run the replacement model with chosen features set or scaled and print the new top logits.
+    Intervene(clt::attribution::cli::IntervenArgs),
     /// Run a demonstration end to end: by default the real pipeline on stories260K and TinyStories (cache →
     /// train → evaluate → export); with --synthetic, training on planted ground truth.
     Demo {
@@ -486,6 +491,8 @@ fn run(cli: Cli) -> clt::Result<()> {
             Ok(())
         }
         Command::Store(cmd) => clt::store::cli::run(cmd),
+        Command::Attribute(args) => clt::attribution::cli::run_attribute(&args),
+        Command::Intervene(args) => clt::attribution::cli::run_intervene(&args),
         Command::Run(args) => clt::model::cli::run(args),
         Command::Info { checkpoint } => {
             let dir = resolve_checkpoint(&checkpoint)?;

@@ -172,9 +172,9 @@ pub fn export_circuit_tracer(t: &Transcoder, dir: &Path, meta: &ExportMeta) -> R
 }
 
 /// The `key: value` pairs and list items of a flat `config.yaml` (the subset circuit-tracer writes).
-type YamlPairs = Vec<(String, String)>;
+pub(crate) type YamlPairs = Vec<(String, String)>;
 
-fn read_yaml(path: &Path) -> Result<(YamlPairs, Vec<String>)> {
+pub(crate) fn read_yaml(path: &Path) -> Result<(YamlPairs, Vec<String>)> {
     let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
     let mut keys = Vec::new();
     let mut items = Vec::new();

@@ -328,6 +328,12 @@ impl Gpt2Model {
         }
         let n = x.len() / d;
         check_intervention(n, c.n_layers, c.n_heads, d, &opts.intervention)?;
+        if opts.intervention.mlp_fn.is_some() {
+            return Err(Error::Unsupported(
+                "an MLP override (feature interventions) on GPT-2: only the Llama forward has it"
+                    .into(),
+            ));
+        }
         let hooks = opts.hooks;
         let frozen = opts.intervention.frozen;
         let hd = c.head_dim();
@@ -535,6 +541,7 @@ mod tests {
                     intervention: Intervention {
                         frozen: Some(&full.record),
                         mlp_out: Some(&mlp),
+                        mlp_fn: None,
                     },
                     ..Default::default()
                 },

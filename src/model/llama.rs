@@ -237,10 +237,20 @@ pub struct ForwardRecord {
 ///   attention patterns and norm scales are used instead of being recomputed; every attention norm, MLP norm,
 ///   the final norm and every softmax then become fixed linear maps.
 /// - `mlp_out`: per layer, `[n_tokens, d_model]` values that replace the MLP's output (the MLP is not run).
+/// - `mlp_fn`: computes each layer's MLP output from that layer's inputs instead (a replacement model whose
+///   features respond to the stream, as in feature interventions); `mlp_out` wins when both are given.
 #[derive(Clone, Copy, Debug, Default)]
 pub struct Intervention<'a> {
     pub frozen: Option<&'a ForwardRecord>,
     pub mlp_out: Option<&'a [Vec<f32>]>,
+    pub mlp_fn: Option<&'a dyn MlpOverride>,
+}
+
+/// A replacement for the MLPs, called once per layer in order during a forward.
+pub trait MlpOverride: Sync + std::fmt::Debug {
+    /// The MLP output `[n_tokens, d_model]` of `layer`, given the residual stream before the MLP
+    /// (`resid_mid`) and the MLP's normed input, both `[n_tokens, d_model]`.
+    fn mlp_out(&self, layer: usize, resid_mid: &[f32], normed: &[f32]) -> Vec<f32>;
 }
 
 /// Options of [`LlamaModel::forward_with`].
@@ -590,9 +600,21 @@ impl LlamaModel {
             if hooks.mlp_in_normed {
                 rec.mlp_in_normed = Some(normed.clone());
             }
-            let mlp_out: &[f32] = match opts.intervention.mlp_out {
-                Some(repl) => &repl[l],
-                None => {
+            let replaced;
+            let mlp_out: &[f32] = match (opts.intervention.mlp_out, opts.intervention.mlp_fn) {
+                (Some(repl), _) => &repl[l],
+                (None, Some(f)) => {
+                    replaced = f.mlp_out(l, &x, &normed);
+                    if replaced.len() != n * d {
+                        return Err(Error::Shape {
+                            what: format!("mlp_fn output of layer {l}"),
+                            expected: vec![n, d],
+                            got: vec![replaced.len()],
+                        });
+                    }
+                    &replaced
+                }
+                (None, None) => {
                     matmul_wt(&normed, n, d, &w.w_gate, c.hidden_dim, &mut gate);
                     matmul_wt(&normed, n, d, &w.w_up, c.hidden_dim, &mut up);
                     for (g, u) in gate.iter_mut().zip(&up) {
@@ -968,6 +990,7 @@ mod tests {
                     intervention: Intervention {
                         frozen: Some(&base.record),
                         mlp_out: Some(&mlp),
+                        mlp_fn: None,
                     },
                     ..Default::default()
                 },
@@ -988,6 +1011,7 @@ mod tests {
                     intervention: Intervention {
                         frozen: Some(&base.record),
                         mlp_out: Some(r),
+                        mlp_fn: None,
                     },
                     ..Default::default()
                 },
@@ -1013,6 +1037,7 @@ mod tests {
             intervention: Intervention {
                 frozen: Some(&bad),
                 mlp_out: None,
+                mlp_fn: None,
             },
             ..Default::default()
         };

@@ -27,7 +27,7 @@ pub use bpe::BpeTokenizer;
 pub use gpt2::{Gpt2Config, Gpt2LayerWeights, Gpt2Model};
 pub use llama::{
     ForwardOptions, ForwardOutput, ForwardRecord, Hooks, Intervention, LayerRecord, LayerWeights,
-    LlamaConfig, LlamaModel, Logits, RopeStyle,
+    LlamaConfig, LlamaModel, Logits, MlpOverride, RopeStyle,
 };
 pub use llama2c::Llama2cTokenizer;
 
@@ -342,4 +342,12 @@ pub fn load(path: &Path, tokenizer: Option<&Path>) -> Result<LoadedModel> {
             })
         }
     }
+}
+
+/// The `k` most probable tokens of `logits` under the softmax, most probable first (ties: lower id first).
+pub fn softmax_top(logits: &[f32], k: usize) -> Vec<(usize, f32)> {
+    let p = llama::softmax(logits);
+    let mut order: Vec<usize> = (0..p.len()).collect();
+    order.sort_by(|&a, &b| p[b].total_cmp(&p[a]).then(a.cmp(&b)));
+    order.into_iter().take(k).map(|t| (t, p[t])).collect()
 }

@@ -1,0 +1,393 @@
+//! The linearised backward pass of the replacement model, batched over many injected vectors, and the edge
+//! weights it yields.
+//!
+//! With attention patterns, norm scales and MLP outputs frozen, the model is linear in the residual stream.
+//! A target's row of the adjacency is one backward pass: inject the target's vector (a feature's encoder
+//! direction at its input hook, or a demeaned unembedding column at the final norm's output), propagate the
+//! gradient down through the frozen blocks, and at the output of every layer `k`'s MLP read off
+//! - each feature source `s` of a layer `l ≤ k` whose decoder reaches `k`: `a_s · W_dec[l→k][f_s] · g_k(p_s)`
+//!   (summed over `k`),
+//! - each error source `(k, p)`: `error_k(p) · g_k(p)`,
+//! - and below layer 0 each token `p`: `embedding(token_p) · g_emb(p)`.
+//!
+//! A batch of `K` targets sorted by (layer, position) runs only the positions up to its last target's and the
+//! layers below its highest target (the causal cone). Feature edges are small GEMMs per (source layer,
+//! position) group, `[m × d] × [d × K]`, run in parallel over the groups.
+
+use rayon::prelude::*;
+
+use super::replacement::{PromptState, ReplacementTranscoder};
+use crate::backend::cpu::gemm::{Mat, Threads, matmul};
+use crate::cache::InputHook;
+use crate::model::LlamaModel;
+
+/// A vector entering the linearised model.
+#[derive(Clone, Debug)]
+pub struct Injection {
+    /// `layer < L`: into the residual stream before layer `layer`'s MLP (a feature target of that layer);
+    /// `layer == L`: into the final residual stream (a logit target).
+    pub layer: usize,
+    pub pos: usize,
+    /// `[d]`, in residual-stream coordinates (see [`feature_vector`] and [`logit_vector`]).
+    pub vector: Vec<f32>,
+}
+
+/// The residual-stream vector whose dot product with `resid_mid` of (`layer`, `pos`) is feature `f`'s
+/// pre-activation (minus its bias), through the frozen input norm when the transcoder reads the normed input.
+pub fn feature_vector(
+    model: &LlamaModel,
+    tc: &ReplacementTranscoder,
+    st: &PromptState,
+    layer: usize,
+    pos: usize,
+    f: usize,
+) -> Vec<f32> {
+    let d = tc.cfg.d_model;
+    let w = &tc.params.w_enc[layer][f * d..(f + 1) * d];
+    match tc.input_hook {
+        InputHook::ResidMid => w.to_vec(),
+        InputHook::MlpInNormed => {
+            let s = st.record.layers[layer]
+                .mlp_norm_scale
+                .as_ref()
+                .expect("recorded")[pos];
+            let g = &model.layers[layer].mlp_norm;
+            w.iter().zip(g).map(|(w, g)| w * g * s).collect()
+        }
+    }
+}
+
+/// The final residual-stream vector whose dot product gives token `v`'s demeaned logit at the last position
+/// (through the frozen final norm). `mean_unembed` is the unembedding's mean over the vocabulary.
+pub fn logit_vector(
+    model: &LlamaModel,
+    st: &PromptState,
+    v: usize,
+    mean_unembed: &[f32],
+) -> Vec<f32> {
+    let d = model.config.d_model;
+    let s = st.record.final_norm_scale.as_ref().expect("recorded")[st.n - 1];
+    let u = &model.unembedding()[v * d..(v + 1) * d];
+    u.iter()
+        .zip(mean_unembed)
+        .zip(&model.final_norm)
+        .map(|((u, m), g)| (u - m) * g * s)
+        .collect()
+}
+
+/// The unembedding's mean row, `[d]` (f64 accumulation).
+pub fn mean_unembedding(model: &LlamaModel) -> Vec<f32> {
+    let d = model.config.d_model;
+    let mut acc = vec![0.0f64; d];
+    for row in model.unembedding().chunks_exact(d) {
+        acc.iter_mut().zip(row).for_each(|(a, &v)| *a += v as f64);
+    }
+    let v = model.config.vocab_size as f64;
+    acc.iter().map(|a| (a / v) as f32).collect()
+}
+
+/// The column layout of an adjacency row over every source: all active features, then the error nodes
+/// (layer-major), then the tokens.
+#[derive(Clone, Copy, Debug)]
+pub struct Columns {
+    pub n_features: usize,
+    pub n_layers: usize,
+    pub n_pos: usize,
+}
+
+impl Columns {
+    pub fn error(&self, layer: usize, pos: usize) -> usize {
+        self.n_features + layer * self.n_pos + pos
+    }
+    pub fn token(&self, pos: usize) -> usize {
+        self.n_features + self.n_layers * self.n_pos + pos
+    }
+    pub fn len(&self) -> usize {
+        self.n_features + (self.n_layers + 1) * self.n_pos
+    }
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// Computes the adjacency rows of a batch of injections: returns `[K][columns]`, row `i` the direct effect of
+/// every source on injection `i`'s target.
+pub fn attribute_batch(
+    model: &LlamaModel,
+    tc: &ReplacementTranscoder,
+    st: &PromptState,
+    inj: &[Injection],
+) -> Vec<f32> {
+    let c = &model.config;
+    let (l_n, d, n) = (c.n_layers, c.d_model, st.n);
+    let cols = Columns {
+        n_features: st.features.len(),
+        n_layers: l_n,
+        n_pos: n,
+    };
+    let k_n = inj.len();
+    // Source-major output, `[columns][K]`, so that each (layer, position) group of features owns a
+    // contiguous block; transposed at the end.
+    let mut out = vec![0.0f32; cols.len() * k_n];
+    if k_n == 0 {
+        return out;
+    }
+    let n_eff = inj.iter().map(|i| i.pos).max().unwrap_or(0) + 1;
+    let top = inj.iter().map(|i| i.layer).max().unwrap_or(0);
+    // The gradient with respect to the residual stream, `[K][n_eff][d]`.
+    let mut g = vec![0.0f32; k_n * n_eff * d];
+    for (i, v) in inj.iter().enumerate() {
+        if v.layer == l_n {
+            let at = (i * n_eff + v.pos) * d;
+            g[at..at + d]
+                .iter_mut()
+                .zip(&v.vector)
+                .for_each(|(g, v)| *g += v);
+        }
+    }
+    let mut scratch = Scratch::new(k_n * n_eff, c.q_dim().max(c.kv_dim()).max(d));
+    for l in (0..l_n.min(top + 1)).rev() {
+        if l < top {
+            emit_layer(tc, st, &cols, l, &g, k_n, n_eff, &mut out);
+        }
+        // The MLP is frozen; only the transcoder's skip path carries gradient to its input.
+        if tc.cfg.skip && l < top {
+            skip_backward(model, tc, st, l, &mut g, n_eff, &mut scratch);
+        }
+        for (i, v) in inj.iter().enumerate() {
+            if v.layer == l {
+                let at = (i * n_eff + v.pos) * d;
+                g[at..at + d]
+                    .iter_mut()
+                    .zip(&v.vector)
+                    .for_each(|(g, v)| *g += v);
+            }
+        }
+        attention_backward(model, st, l, &mut g, k_n, n_eff, &mut scratch);
+    }
+    // Token embeddings.
+    let emb = &model.tok_embeddings;
+    let tok_cols = &mut out[cols.token(0) * k_n..(cols.token(0) + n) * k_n];
+    for p in 0..n_eff {
+        let t = st.tokens[p] as usize;
+        let e = &emb[t * d..(t + 1) * d];
+        for i in 0..k_n {
+            let gi = &g[(i * n_eff + p) * d..(i * n_eff + p + 1) * d];
+            tok_cols[p * k_n + i] = dot(e, gi);
+        }
+    }
+    transpose(&out, cols.len(), k_n)
+}
+
+fn dot(a: &[f32], b: &[f32]) -> f32 {
+    a.iter().zip(b).map(|(x, y)| x * y).sum()
+}
+
+fn transpose(x: &[f32], rows: usize, cols: usize) -> Vec<f32> {
+    let mut t = vec![0.0f32; x.len()];
+    for r in 0..rows {
+        for c in 0..cols {
+            t[c * rows + r] = x[r * cols + c];
+        }
+    }
+    t
+}
+
+/// Reusable buffers of the backward.
+struct Scratch {
+    a: Vec<f32>,
+    b: Vec<f32>,
+}
+
+impl Scratch {
+    fn new(rows: usize, width: usize) -> Self {
+        Scratch {
+            a: vec![0.0; rows * width],
+            b: vec![0.0; rows * width],
+        }
+    }
+}
+
+/// Edges read at the output of layer `k`'s MLP: from every feature whose decoder writes to `k`, and from
+/// the error nodes of layer `k`.
+fn emit_layer(
+    tc: &ReplacementTranscoder,
+    st: &PromptState,
+    cols: &Columns,
+    k: usize,
+    g: &[f32],
+    k_n: usize,
+    n_eff: usize,
+    out: &mut [f32],
+) {
+    let d = tc.cfg.d_model;
+    let af = &st.features;
+    // Errors of layer k.
+    {
+        let start = cols.error(k, 0) * k_n;
+        let block = &mut out[start..start + n_eff * k_n];
+        let e = &st.errors[k];
+        block.par_chunks_mut(k_n).enumerate().for_each(|(p, o)| {
+            let ep = &e[p * d..(p + 1) * d];
+            for (i, oi) in o.iter_mut().enumerate() {
+                *oi += dot(ep, &g[(i * n_eff + p) * d..(i * n_eff + p + 1) * d]);
+            }
+        });
+    }
+    // Features of every source layer l ≤ k whose decoders reach k: one group per (l, p).
+    let mut groups: Vec<(usize, usize, &mut [f32])> = Vec::new();
+    let mut rest: &mut [f32] = &mut out[..af.len() * k_n];
+    let mut offset = 0usize;
+    for l in 0..=k {
+        if k - l >= tc.cfg.n_targets(l) {
+            continue;
+        }
+        for p in 0..n_eff {
+            let r = af.group(l, p);
+            if r.is_empty() {
+                continue;
+            }
+            let skip = (r.start - offset) * k_n;
+            let tail = std::mem::take(&mut rest);
+            let (_, tail) = tail.split_at_mut(skip);
+            let (block, tail) = tail.split_at_mut(r.len() * k_n);
+            rest = tail;
+            offset = r.end;
+            groups.push((l, p, block));
+        }
+    }
+    groups
+        .into_par_iter()
+        .for_each_init(Vec::new, |dec, (l, p, block)| {
+            let r = af.group(l, p);
+            let m = r.len();
+            dec.clear();
+            for s in r {
+                let row = tc
+                    .dec_row(l, af.index[s] as usize, k)
+                    .expect("decoder reaches k");
+                let a = af.value[s];
+                dec.extend(row.iter().map(|w| a * w));
+            }
+            // block[m × K] += dec[m × d] · g[:, p, :]ᵀ
+            let gp = Mat::strided(&g[p * d..], k_n, d, n_eff * d).t();
+            matmul(block, k_n, Mat::rows(dec, m, d), gp, 1.0, 1.0, Threads::One);
+        });
+}
+
+/// Adds the skip path's gradient: `g_mid += J_inᵀ W_skipᵀ g_post` at every position.
+fn skip_backward(
+    model: &LlamaModel,
+    tc: &ReplacementTranscoder,
+    st: &PromptState,
+    l: usize,
+    g: &mut [f32],
+    n_eff: usize,
+    s: &mut Scratch,
+) {
+    let d = tc.cfg.d_model;
+    let rows = g.len() / d;
+    let t = &mut s.a[..rows * d];
+    matmul(
+        t,
+        d,
+        Mat::rows(g, rows, d),
+        Mat::rows(&tc.params.w_skip[l], d, d),
+        0.0,
+        1.0,
+        Threads::All,
+    );
+    let (scale, gamma) = input_jacobian(model, tc, st, l);
+    for (r, (gr, tr)) in g.chunks_exact_mut(d).zip(t.chunks_exact(d)).enumerate() {
+        let sp = scale.map_or(1.0, |s| s[r % n_eff]);
+        match gamma {
+            Some(gm) => gr
+                .iter_mut()
+                .zip(tr)
+                .zip(gm)
+                .for_each(|((g, t), w)| *g += t * w * sp),
+            None => gr.iter_mut().zip(tr).for_each(|(g, t)| *g += t),
+        }
+    }
+}
+
+/// The frozen input norm of layer `l`'s transcoder input: per-position scale and weight (none for
+/// `resid_mid`).
+fn input_jacobian<'a>(
+    model: &'a LlamaModel,
+    tc: &ReplacementTranscoder,
+    st: &'a PromptState,
+    l: usize,
+) -> (Option<&'a [f32]>, Option<&'a [f32]>) {
+    match tc.input_hook {
+        InputHook::ResidMid => (None, None),
+        InputHook::MlpInNormed => (
+            st.record.layers[l].mlp_norm_scale.as_deref(),
+            Some(&model.layers[l].mlp_norm),
+        ),
+    }
+}
+
+/// `g_pre = g_mid + Attnᵀ(g_mid)` through layer `l`'s attention with its pattern and norm scale frozen.
+fn attention_backward(
+    model: &LlamaModel,
+    st: &PromptState,
+    l: usize,
+    g: &mut [f32],
+    k_n: usize,
+    n_eff: usize,
+    s: &mut Scratch,
+) {
+    let c = &model.config;
+    let w = &model.layers[l];
+    let (d, qd, kvd, hd, n) = (c.d_model, c.q_dim(), c.kv_dim(), c.head_dim, st.n);
+    let group = c.n_heads / c.n_kv_heads;
+    let rows = k_n * n_eff;
+    let rec = &st.record.layers[l];
+    let pattern = rec.attn_pattern.as_ref().expect("recorded");
+    let scale = rec.attn_norm_scale.as_ref().expect("recorded");
+    // ā = g · Wo : [rows, q_dim]
+    let abar = &mut s.a[..rows * qd];
+    matmul(
+        abar,
+        qd,
+        Mat::rows(g, rows, d),
+        Mat::rows(&w.wo, d, qd),
+        0.0,
+        1.0,
+        Threads::All,
+    );
+    // v̄[s, kvh] = Σ_{h in group} Σ_t P_h[t, s] ā[t, h]
+    let vbar = &mut s.b[..rows * kvd];
+    let abar: &[f32] = abar;
+    vbar.par_chunks_mut(n_eff * kvd)
+        .enumerate()
+        .for_each(|(i, vb)| {
+            let ai = &abar[i * n_eff * qd..(i + 1) * n_eff * qd];
+            vb.fill(0.0);
+            for h in 0..c.n_heads {
+                let kvh = h / group;
+                let p = Mat::strided(&pattern[h * n * n..], n_eff, n_eff, n).t();
+                let a = Mat::strided(&ai[h * hd..], n_eff, hd, qd);
+                matmul(&mut vb[kvh * hd..], kvd, p, a, 1.0, 1.0, Threads::One);
+            }
+        });
+    // normed̄ = v̄ · Wv : [rows, d], then through the frozen norm into the residual.
+    let nbar = &mut s.a[..rows * d];
+    matmul(
+        nbar,
+        d,
+        Mat::rows(vbar, rows, kvd),
+        Mat::rows(&w.wv, kvd, d),
+        0.0,
+        1.0,
+        Threads::All,
+    );
+    for (r, (gr, nr)) in g.chunks_exact_mut(d).zip(nbar.chunks_exact(d)).enumerate() {
+        let sp = scale[r % n_eff];
+        gr.iter_mut()
+            .zip(nr)
+            .zip(&w.attn_norm)
+            .for_each(|((g, v), w)| *g += v * w * sp);
+    }
+}

@@ -1,0 +1,188 @@
+//! `clt attribute` (a prompt's attribution graph, pruned, as the frontend's JSON plus the raw adjacency)
+//! and `clt intervene` (the replacement model with features set or scaled: the new top logits).
+
+use std::path::PathBuf;
+
+use super::graph::{AttributionConfig, attribute};
+use super::intervene::{Edit, intervene};
+use super::output::{display_token, graph_json, write_json, write_raw};
+use super::{ReplacementTranscoder, load_transcoder, prune, scores};
+use crate::cache::InputHook;
+use crate::model::{LoadedModel, softmax_top};
+use crate::{Error, Result};
+
+/// Where the model and transcoder come from (shared by both commands).
+#[derive(clap::Args, Clone, Debug)]
+pub struct Inputs {
+    /// The model (llama2.c `.bin`, GGUF or a Hugging Face directory).
+    #[arg(long)]
+    pub model: PathBuf,
+    /// Its tokenizer, when not stored with or beside the model.
+    #[arg(long)]
+    pub tokenizer: Option<PathBuf>,
+    /// The transcoder: a circuit-tracer directory (config.yaml) or one of our checkpoints or run directories.
+    #[arg(long)]
+    pub transcoder: PathBuf,
+    /// The hook the transcoder reads (default: from its config.yaml or its training cache).
+    #[arg(long, value_enum)]
+    pub input_hook: Option<InputHook>,
+    /// The prompt (the model's beginning-of-sequence token is prepended).
+    #[arg(long)]
+    pub prompt: String,
+}
+
+#[derive(clap::Args, Clone, Debug)]
+pub struct AttributeArgs {
+    #[command(flatten)]
+    pub inputs: Inputs,
+    /// The graph JSON to write (circuit-tracer's frontend format); the raw adjacency goes beside it as
+    /// `<stem>.graph.safetensors`.
+    #[arg(long)]
+    pub out: PathBuf,
+    /// The graph's name in the JSON (default: the file stem).
+    #[arg(long)]
+    pub slug: Option<String>,
+    #[arg(long, default_value_t = 10)]
+    pub max_n_logits: usize,
+    #[arg(long, default_value_t = 0.95)]
+    pub desired_logit_prob: f64,
+    /// Most feature nodes (explored by influence when fewer than the active features).
+    #[arg(long, default_value_t = 7500)]
+    pub max_feature_nodes: usize,
+    /// Feature rows per ranking batch.
+    #[arg(long, default_value_t = 512)]
+    pub batch_size: usize,
+    /// Ranking batches between influence updates.
+    #[arg(long, default_value_t = 4)]
+    pub update_interval: usize,
+    #[arg(long, default_value_t = 0.8)]
+    pub node_threshold: f64,
+    #[arg(long, default_value_t = 0.98)]
+    pub edge_threshold: f64,
+    /// No progress bar.
+    #[arg(long)]
+    pub quiet: bool,
+}
+
+#[derive(clap::Args, Clone, Debug)]
+pub struct IntervenArgs {
+    #[command(flatten)]
+    pub inputs: Inputs,
+    /// `LAYER:POS:FEATURE=VALUE` sets a feature's activation (0 silences it, a negative value flips it, a
+    /// value where it is inactive steers); `LAYER:POS:FEATURE*=FACTOR` scales it; `POS` may be `*`.
+    #[arg(long = "set", required = true)]
+    pub edits: Vec<String>,
+    /// Top logits to print.
+    #[arg(long, default_value_t = 10)]
+    pub top: usize,
+}
+
+fn open(inputs: &Inputs) -> Result<(LoadedModel, ReplacementTranscoder, String, Vec<u32>)> {
+    let m = crate::model::load(&inputs.model, inputs.tokenizer.as_deref())?;
+    let lt = load_transcoder(&inputs.transcoder, inputs.input_hook)?;
+    let tc = ReplacementTranscoder::new(&lt.transcoder, lt.input_hook)?;
+    let tokens = m.tokenizer.encode(&inputs.prompt)?;
+    if m.model.as_llama().is_none() {
+        return Err(Error::Unsupported(format!(
+            "attribution through {} models: the Llama family is supported",
+            m.model.architecture()
+        )));
+    }
+    Ok((m, tc, lt.name, tokens))
+}
+
+/// `clt attribute`.
+pub fn run_attribute(args: &AttributeArgs) -> Result<()> {
+    let (m, tc, name, tokens) = open(&args.inputs)?;
+    let llama = m.model.as_llama().expect("checked");
+    let cfg = AttributionConfig {
+        max_n_logits: args.max_n_logits,
+        desired_logit_prob: args.desired_logit_prob,
+        max_feature_nodes: Some(args.max_feature_nodes),
+        batch_size: args.batch_size,
+        update_interval: args.update_interval,
+        progress: !args.quiet,
+        ..AttributionConfig::default()
+    };
+    let g = attribute(llama, &tc, &tokens, &cfg)?;
+    let t0 = std::time::Instant::now();
+    let p = prune(
+        &g.adjacency,
+        &g.logit_probs,
+        args.node_threshold,
+        args.edge_threshold,
+    )?;
+    let s = scores(&g.adjacency, &g.logit_probs)?;
+    let prune_s = t0.elapsed().as_secs_f64();
+    let slug = args.slug.clone().unwrap_or_else(|| {
+        args.out
+            .file_stem()
+            .map(|s| s.to_string_lossy().into_owned())
+            .unwrap_or_else(|| "graph".into())
+    });
+    let j = graph_json(
+        &g,
+        &p,
+        &s,
+        &m.tokenizer,
+        &slug,
+        &name,
+        &args.inputs.prompt,
+        args.node_threshold,
+    );
+    if let Some(dir) = args.out.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+    }
+    write_json(&args.out, &j)?;
+    let raw = args.out.with_extension("graph.safetensors");
+    write_raw(&raw, &g, &args.inputs.prompt)?;
+    println!(
+        "{} tokens, {} active features, {} feature nodes, {} logit targets",
+        g.tokens.len(),
+        g.active.len(),
+        g.selected.len(),
+        g.logit_tokens.len()
+    );
+    println!(
+        "time: forward {:.2}s, logit rows {:.2}s, feature rows {:.2}s, ranking {:.2}s, pruning {:.2}s",
+        g.timings.forward, g.timings.logit_rows, g.timings.feature_rows, g.timings.ranking, prune_s
+    );
+    println!(
+        "replacement score {:.4}, completeness score {:.4}",
+        s.replacement, s.completeness
+    );
+    println!(
+        "pruned graph: {} nodes, {} links -> {}",
+        j.nodes.len(),
+        j.links.len(),
+        args.out.display()
+    );
+    println!("raw adjacency -> {}", raw.display());
+    Ok(())
+}
+
+/// `clt intervene`.
+pub fn run_intervene(args: &IntervenArgs) -> Result<()> {
+    let (m, tc, _, tokens) = open(&args.inputs)?;
+    let llama = m.model.as_llama().expect("checked");
+    let edits: Vec<Edit> = args
+        .edits
+        .iter()
+        .map(|s| s.parse())
+        .collect::<Result<_>>()?;
+    let r = intervene(llama, &tc, &tokens, &edits)?;
+    let show = |title: &str, logits: &[f32]| {
+        println!("{title}");
+        for (t, p) in softmax_top(logits, args.top) {
+            println!(
+                "  {:>8.4}  {:>7} {:?}",
+                p,
+                t,
+                display_token(&m.tokenizer.decode(&[t as u32]))
+            );
+        }
+    };
+    show("clean:", &r.clean_logits);
+    show("with the edits:", &r.logits);
+    Ok(())
+}

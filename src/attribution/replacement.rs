@@ -1,0 +1,263 @@
+//! The local replacement model of one prompt: the model's forward with its nonlinearities recorded for
+//! freezing, the transcoder's active features at every (layer, position), and the error nodes.
+//!
+//! At every layer the MLP's output is split into the transcoder's reconstruction (a sum over active features
+//! of activation × decoder row, over every earlier layer whose decoders reach this one, plus the decoder bias
+//! and the skip path) and an error term (true output − reconstruction). Position 0 (the beginning-of-sequence
+//! token) keeps no features and a zero error, as in circuit-tracer.
+
+use crate::cache::InputHook;
+use crate::clt::{Activation, CltConfig, Params, Transcoder};
+use crate::model::{ForwardOptions, ForwardRecord, Hooks, LlamaModel, Logits, llama};
+use crate::{Error, Result};
+
+/// A transcoder in the model's raw units (normalisation scalars folded in), with the hook it reads.
+#[derive(Clone, Debug)]
+pub struct ReplacementTranscoder {
+    pub cfg: CltConfig,
+    pub params: Params,
+    /// θ per feature per layer (0 for a ReLU transcoder).
+    pub thresholds: Vec<Vec<f32>>,
+    pub input_hook: InputHook,
+}
+
+impl ReplacementTranscoder {
+    /// Folds `t`'s normalisation into its weights; refuses activation functions without a per-feature
+    /// threshold (attribution needs each feature's activation to depend on its own pre-activation only).
+    pub fn new(t: &Transcoder, input_hook: InputHook) -> Result<Self> {
+        if !matches!(t.cfg.activation, Activation::JumpRelu) {
+            return Err(Error::Unsupported(
+                "attribution needs a JumpReLU or ReLU transcoder: convert a TopK/BatchTopK model first \
+                 (`clt convert-batchtopk`)"
+                    .into(),
+            ));
+        }
+        let params = crate::clt::export::fold_norms(t);
+        let thresholds = params
+            .log_theta
+            .iter()
+            .map(|l| l.iter().map(|v| v.exp()).collect())
+            .collect();
+        Ok(ReplacementTranscoder {
+            cfg: t.cfg.clone(),
+            params,
+            thresholds,
+            input_hook,
+        })
+    }
+
+    /// Checks the transcoder fits `model`.
+    pub fn check_fits(&self, model: &LlamaModel) -> Result<()> {
+        let (l, d) = (model.config.n_layers, model.config.d_model);
+        if self.cfg.n_layers != l || self.cfg.d_model != d {
+            return Err(Error::Shape {
+                what: "transcoder (layers, d_model) against the model's".into(),
+                expected: vec![l, d],
+                got: vec![self.cfg.n_layers, self.cfg.d_model],
+            });
+        }
+        Ok(())
+    }
+
+    /// The decoder row of feature `f` of source layer `l` into target layer `k` (`None` when it does not
+    /// write there).
+    pub fn dec_row(&self, l: usize, f: usize, k: usize) -> Option<&[f32]> {
+        let d = self.cfg.d_model;
+        if k < l || k - l >= self.cfg.n_targets(l) {
+            return None;
+        }
+        let rl = self.cfg.dec_row_len(l);
+        let start = f * rl + (k - l) * d;
+        Some(&self.params.w_dec[l][start..start + d])
+    }
+}
+
+/// The active features of a prompt, ordered by (layer, position, feature index): circuit-tracer's order.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct ActiveFeatures {
+    pub layer: Vec<u32>,
+    pub pos: Vec<u32>,
+    pub index: Vec<u32>,
+    pub value: Vec<f32>,
+    /// Start of each (layer, position) group: group `l * n + p` is `starts[g]..starts[g + 1]`.
+    pub starts: Vec<usize>,
+    pub n_pos: usize,
+}
+
+impl ActiveFeatures {
+    pub fn len(&self) -> usize {
+        self.index.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.index.is_empty()
+    }
+
+    /// The range of features at (`layer`, `pos`).
+    pub fn group(&self, layer: usize, pos: usize) -> std::ops::Range<usize> {
+        let g = layer * self.n_pos + pos;
+        self.starts[g]..self.starts[g + 1]
+    }
+
+    /// The range of features of `layer` (all positions).
+    pub fn layer_range(&self, layer: usize) -> std::ops::Range<usize> {
+        self.starts[layer * self.n_pos]..self.starts[(layer + 1) * self.n_pos]
+    }
+}
+
+/// Everything the attribution of one prompt needs from its forward pass.
+#[derive(Clone, Debug)]
+pub struct PromptState {
+    pub tokens: Vec<u32>,
+    pub n: usize,
+    /// Attention patterns and norm scales (frozen in the linearised model).
+    pub record: ForwardRecord,
+    /// Per layer, the transcoder's input at every position, `[n][d]`.
+    pub inputs: Vec<Vec<f32>>,
+    /// Per layer, the true MLP output, `[n][d]`.
+    pub mlp_out: Vec<Vec<f32>>,
+    /// Per layer, the error node vectors `[n][d]` (zero at position 0).
+    pub errors: Vec<Vec<f32>>,
+    pub features: ActiveFeatures,
+    /// Logits of the last position, `[vocab]`.
+    pub logits: Vec<f32>,
+}
+
+/// Runs the model over `tokens` and computes the replacement model's state.
+pub fn prompt_state(
+    model: &LlamaModel,
+    tc: &ReplacementTranscoder,
+    tokens: &[u32],
+) -> Result<PromptState> {
+    tc.check_fits(model)?;
+    let hooks = Hooks {
+        attn_pattern: true,
+        norm_scales: true,
+        mlp_out: true,
+        mlp_in_normed: tc.input_hook == InputHook::MlpInNormed,
+        resid_mid: tc.input_hook == InputHook::ResidMid,
+        ..Hooks::default()
+    };
+    let out = model.forward_with(
+        tokens,
+        &ForwardOptions {
+            hooks,
+            logits: Logits::Last,
+            ..ForwardOptions::default()
+        },
+    )?;
+    let n = out.n_tokens;
+    let mut record = out.record;
+    let mut inputs = Vec::with_capacity(record.layers.len());
+    let mut mlp_out = Vec::with_capacity(record.layers.len());
+    for r in &mut record.layers {
+        let x = match tc.input_hook {
+            InputHook::MlpInNormed => r.mlp_in_normed.take(),
+            InputHook::ResidMid => r.resid_mid.take(),
+        };
+        inputs
+            .push(x.ok_or_else(|| Error::Unsupported("forward did not record the input".into()))?);
+        mlp_out.push(
+            r.mlp_out
+                .take()
+                .ok_or_else(|| Error::Unsupported("forward did not record mlp_out".into()))?,
+        );
+    }
+    let features = encode(tc, &inputs, n);
+    let errors = errors(tc, &features, &inputs, &mlp_out, n);
+    Ok(PromptState {
+        tokens: tokens.to_vec(),
+        n,
+        record,
+        inputs,
+        mlp_out,
+        errors,
+        features,
+        logits: out.logits,
+    })
+}
+
+/// The active features at positions ≥ 1 of every layer: pre-activations above their threshold.
+pub fn encode(tc: &ReplacementTranscoder, inputs: &[Vec<f32>], n: usize) -> ActiveFeatures {
+    let (d, f_n) = (tc.cfg.d_model, tc.cfg.n_features);
+    let mut af = ActiveFeatures {
+        n_pos: n,
+        starts: vec![0],
+        ..ActiveFeatures::default()
+    };
+    let mut pre = vec![0.0f32; n * f_n];
+    for (l, x) in inputs.iter().enumerate() {
+        llama::matmul_wt(x, n, d, &tc.params.w_enc[l], f_n, &mut pre);
+        for p in 0..n {
+            if p > 0 {
+                let row = &pre[p * f_n..(p + 1) * f_n];
+                for (f, (&h, (&b, &th))) in row
+                    .iter()
+                    .zip(tc.params.b_enc[l].iter().zip(&tc.thresholds[l]))
+                    .enumerate()
+                {
+                    let h = h + b;
+                    if h > th && h > 0.0 {
+                        af.layer.push(l as u32);
+                        af.pos.push(p as u32);
+                        af.index.push(f as u32);
+                        af.value.push(h);
+                    }
+                }
+            }
+            af.starts.push(af.index.len());
+        }
+    }
+    af
+}
+
+/// The transcoder's output at every layer and position ≥ 1 (reconstruction + decoder bias + skip).
+pub fn reconstruct(
+    tc: &ReplacementTranscoder,
+    af: &ActiveFeatures,
+    inputs: &[Vec<f32>],
+    n: usize,
+) -> Vec<Vec<f32>> {
+    let (l_n, d) = (tc.cfg.n_layers, tc.cfg.d_model);
+    let mut recon = vec![vec![0.0f32; n * d]; l_n];
+    for (k, rk) in recon.iter_mut().enumerate() {
+        for p in 1..n {
+            let out = &mut rk[p * d..(p + 1) * d];
+            out.copy_from_slice(&tc.params.b_dec[k]);
+            for l in 0..=k {
+                for s in af.group(l, p) {
+                    if let Some(row) = tc.dec_row(l, af.index[s] as usize, k) {
+                        let a = af.value[s];
+                        out.iter_mut().zip(row).for_each(|(o, w)| *o += a * w);
+                    }
+                }
+            }
+            if tc.cfg.skip {
+                let x = &inputs[k][p * d..(p + 1) * d];
+                for (i, o) in out.iter_mut().enumerate() {
+                    let w = &tc.params.w_skip[k][i * d..(i + 1) * d];
+                    *o += w.iter().zip(x).map(|(a, b)| a * b).sum::<f32>();
+                }
+            }
+        }
+    }
+    recon
+}
+
+fn errors(
+    tc: &ReplacementTranscoder,
+    af: &ActiveFeatures,
+    inputs: &[Vec<f32>],
+    mlp_out: &[Vec<f32>],
+    n: usize,
+) -> Vec<Vec<f32>> {
+    let d = tc.cfg.d_model;
+    let mut e = reconstruct(tc, af, inputs, n);
+    for (ek, yk) in e.iter_mut().zip(mlp_out) {
+        ek[..d].fill(0.0);
+        for (v, y) in ek[d..].iter_mut().zip(&yk[d..]) {
+            *v = y - *v;
+        }
+    }
+    e
+}

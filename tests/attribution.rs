@@ -1,0 +1,452 @@
+//! Attribution graphs on stories260K with a CLT trained in the test, checked against the oracle: perturb one
+//! source in the frozen model, run it forward, and compare the change of every target with the adjacency.
+
+use clt::attribution::graph::{AttributionConfig, Graph, attribute};
+use clt::attribution::intervene::{Edit, intervene};
+use clt::attribution::replacement::ReplacementTranscoder;
+use clt::attribution::{load_transcoder, prune, scores};
+use clt::cache::InputHook;
+use clt::model::{ForwardOptions, ForwardRecord, Hooks, Intervention, LlamaModel, Logits};
+use std::path::{Path, PathBuf};
+use std::sync::OnceLock;
+
+fn shared() -> PathBuf {
+    let p = Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared");
+    assert!(
+        p.is_dir(),
+        "../shared is missing: these tests need the stories260K fixture and the corpus"
+    );
+    p
+}
+
+struct Fixture {
+    _dir: tempfile::TempDir,
+    model: clt::model::LoadedModel,
+    checkpoint: PathBuf,
+    export: PathBuf,
+}
+
+/// A CLT trained on cached stories260K activations (once for all tests of this file).
+fn fixture() -> &'static Fixture {
+    static F: OnceLock<Fixture> = OnceLock::new();
+    F.get_or_init(|| {
+        let dir = tempfile::tempdir().unwrap();
+        let mut demo = clt::demo::StoriesDemo::from_shared(&shared(), dir.path());
+        demo.train_tokens = 20_000;
+        demo.steps = 300;
+        demo.quiet = true;
+        let r = clt::demo::run_stories(&demo).unwrap();
+        let s = shared();
+        let model = clt::model::load(
+            &s.join("models/stories260K/stories260K.bin"),
+            Some(&s.join("models/stories260K/tok512.bin")),
+        )
+        .unwrap();
+        Fixture {
+            _dir: dir,
+            model,
+            checkpoint: r.checkpoint,
+            export: r.export,
+        }
+    })
+}
+
+const PROMPT: &str = "Once upon a time, there was a little girl named Lily. She";
+
+fn setup() -> (&'static LlamaModel, ReplacementTranscoder, Vec<u32>) {
+    let f = fixture();
+    let lt = load_transcoder(&f.checkpoint, None).unwrap();
+    assert_eq!(
+        lt.input_hook,
+        InputHook::MlpInNormed,
+        "hook from cache.json"
+    );
+    let tc = ReplacementTranscoder::new(&lt.transcoder, lt.input_hook).unwrap();
+    let tokens = f.model.tokenizer.encode(PROMPT).unwrap();
+    (f.model.model.as_llama().unwrap(), tc, tokens)
+}
+
+/// What the oracle measures in a frozen forward: every feature target's pre-activation (without bias) and
+/// the demeaned last-position logits.
+struct Measured {
+    pre: Vec<f32>,
+    logits: Vec<f32>,
+}
+
+fn measure(
+    m: &LlamaModel,
+    tc: &ReplacementTranscoder,
+    g: &Graph,
+    frozen: &ForwardRecord,
+    emb: Vec<f32>,
+    mlp: &[Vec<f32>],
+) -> Measured {
+    let out = m
+        .forward_embedded(
+            emb,
+            &ForwardOptions {
+                hooks: Hooks {
+                    mlp_in_normed: true,
+                    ..Hooks::default()
+                },
+                logits: Logits::Last,
+                intervention: Intervention {
+                    frozen: Some(frozen),
+                    mlp_out: Some(mlp),
+                    mlp_fn: None,
+                },
+            },
+        )
+        .unwrap();
+    let d = m.config.d_model;
+    let pre = (0..g.selected.len())
+        .map(|i| {
+            let (l, p, f, _) = g.feature(i);
+            let x = &out.record.layers[l].mlp_in_normed.as_ref().unwrap()[p * d..(p + 1) * d];
+            let w = &tc.params.w_enc[l][f * d..(f + 1) * d];
+            x.iter().zip(w).map(|(a, b)| a * b).sum()
+        })
+        .collect();
+    let mean = out.logits.iter().map(|&v| v as f64).sum::<f64>() / out.logits.len() as f64;
+    let logits = g
+        .logit_tokens
+        .iter()
+        .map(|&t| (out.logits[t as usize] as f64 - mean) as f32)
+        .collect();
+    Measured { pre, logits }
+}
+
+#[test]
+fn adjacency_columns_match_the_frozen_model_oracle() {
+    let (m, tc, tokens) = setup();
+    let g = attribute(m, &tc, &tokens, &AttributionConfig::default()).unwrap();
+    let n = tokens.len();
+    let l_n = m.config.n_layers;
+    let d = m.config.d_model;
+    let a = &g.adjacency;
+    assert!(
+        g.selected.len() > 100,
+        "want a graph with enough features: {} active",
+        g.selected.len()
+    );
+    assert_eq!(a.n_errors, l_n * n);
+    eprintln!(
+        "{} tokens, {} features, {} logits, {:?}",
+        n,
+        g.selected.len(),
+        g.logit_tokens.len(),
+        g.timings
+    );
+
+    // The frozen state and the clean MLP outputs.
+    let base = m
+        .forward_with(
+            &tokens,
+            &ForwardOptions {
+                hooks: Hooks {
+                    mlp_out: true,
+                    mlp_in_normed: true,
+                    ..Hooks::frozen_state()
+                },
+                logits: Logits::Last,
+                ..ForwardOptions::default()
+            },
+        )
+        .unwrap();
+    let mlp: Vec<Vec<f32>> = base
+        .record
+        .layers
+        .iter()
+        .map(|r| r.mlp_out.clone().unwrap())
+        .collect();
+    let emb = m.embed(&tokens).unwrap();
+    let clean = measure(m, &tc, &g, &base.record, emb.clone(), &mlp);
+    let st = clt::attribution::prompt_state(m, &tc, &tokens).unwrap();
+
+    // Sources: every error and token column and 100 random feature columns.
+    let mut sources: Vec<usize> = (a.n_features..a.n_sources()).collect();
+    let mut rng = clt::rng::Rng::seed(3);
+    for _ in 0..100 {
+        sources.push((rng.next_u64() % a.n_features as u64) as usize);
+    }
+    let (mut worst_pre, mut worst_logit) = (0.0f32, 0.0f32);
+    for &c in &sources {
+        let mut mlp2 = mlp.clone();
+        let mut emb2 = emb.clone();
+        if c < a.n_features {
+            // Double the feature's activation: its decoders add a·W_dec to every target layer.
+            let (l, p, f, act) = g.feature(c);
+            for k in l..l_n {
+                if let Some(row) = tc.dec_row(l, f, k) {
+                    for (o, w) in mlp2[k][p * d..(p + 1) * d].iter_mut().zip(row) {
+                        *o += act * w;
+                    }
+                }
+            }
+        } else if c < a.n_features + a.n_errors {
+            let (k, p) = ((c - a.n_features) / n, (c - a.n_features) % n);
+            for (o, e) in mlp2[k][p * d..(p + 1) * d]
+                .iter_mut()
+                .zip(&st.errors[k][p * d..(p + 1) * d])
+            {
+                *o += e;
+            }
+        } else {
+            let p = c - a.n_features - a.n_errors;
+            let t = tokens[p] as usize;
+            for (o, e) in emb2[p * d..(p + 1) * d]
+                .iter_mut()
+                .zip(&m.tok_embeddings[t * d..(t + 1) * d])
+            {
+                *o += e;
+            }
+        }
+        let got = measure(m, &tc, &g, &base.record, emb2, &mlp2);
+        for (t, (after, before)) in got.pre.iter().zip(&clean.pre).enumerate() {
+            let (delta, want) = (after - before, a.get(t, c));
+            let err = (delta - want).abs();
+            worst_pre = worst_pre.max(err);
+            assert!(
+                err <= 1e-3 * (1.0 + want.abs()),
+                "feature target {t} ← source {c}: oracle {delta}, adjacency {want}"
+            );
+        }
+        for (j, (after, before)) in got.logits.iter().zip(&clean.logits).enumerate() {
+            let (delta, want) = (after - before, a.get(a.n_sources() + j, c));
+            let err = (delta - want).abs();
+            worst_logit = worst_logit.max(err);
+            assert!(
+                err <= 1e-5 + 1e-3 * want.abs(),
+                "logit {j} ← source {c}: oracle {delta}, adjacency {want}"
+            );
+        }
+    }
+    eprintln!(
+        "{} source columns checked; worst |Δ − A|: pre-activations {worst_pre:.2e}, logits {worst_logit:.2e}",
+        sources.len()
+    );
+
+    // The graph's scores are shares.
+    let s = scores(a, &g.logit_probs).unwrap();
+    assert!((0.0..=1.0).contains(&s.replacement), "{s:?}");
+    assert!((0.0..=1.0).contains(&s.completeness), "{s:?}");
+    let p = prune(a, &g.logit_probs, 0.8, 0.98).unwrap();
+    assert!(
+        p.node_mask[a.n_sources()..].iter().all(|&k| k),
+        "logits kept"
+    );
+}
+
+#[test]
+fn explored_rows_equal_the_full_graphs_rows() {
+    let (m, tc, tokens) = setup();
+    let full = attribute(m, &tc, &tokens, &AttributionConfig::default()).unwrap();
+    let cfg = AttributionConfig {
+        max_feature_nodes: Some(full.selected.len() / 3),
+        batch_size: 16,
+        update_interval: 2,
+        backward_batch: 7,
+        ..AttributionConfig::default()
+    };
+    let part = attribute(m, &tc, &tokens, &cfg).unwrap();
+    assert_eq!(part.selected.len(), full.selected.len() / 3);
+    assert!(part.selected.windows(2).all(|w| w[0] < w[1]));
+    let (fa, pa) = (&full.adjacency, &part.adjacency);
+    // Map the explored graph's nodes back to the full graph's and compare every stored entry.
+    let src_map = |j: usize| -> usize {
+        if j < pa.n_features {
+            part.selected[j]
+        } else {
+            fa.n_features + (j - pa.n_features)
+        }
+    };
+    for r in 0..pa.n_rows() {
+        let fr = if r < pa.n_features {
+            part.selected[r]
+        } else {
+            fa.n_features + (r - pa.n_features)
+        };
+        for j in 0..pa.n_sources() {
+            let (x, y) = (pa.row(r)[j], fa.row(fr)[src_map(j)]);
+            assert!(
+                (x - y).abs() <= 1e-5 * (1.0 + y.abs()),
+                "row {r} col {j}: {x} vs {y}"
+            );
+        }
+    }
+    // The first feature rows explored are the most influential on the logits: every selected feature has
+    // a non-zero path to them, so no selected feature can have zero influence.
+    let infl = clt::attribution::prune::node_influence(pa, &part.logit_probs).unwrap();
+    assert!(infl[..pa.n_features].iter().any(|&v| v > 0.0));
+}
+
+#[test]
+fn circuit_tracer_export_gives_the_same_graph_and_json() {
+    let (m, tc, tokens) = setup();
+    let f = fixture();
+    let lt = load_transcoder(&f.export, None).unwrap();
+    assert_eq!(lt.input_hook, InputHook::MlpInNormed);
+    let tc2 = ReplacementTranscoder::new(&lt.transcoder, lt.input_hook).unwrap();
+    let a = attribute(m, &tc, &tokens, &AttributionConfig::default()).unwrap();
+    let b = attribute(m, &tc2, &tokens, &AttributionConfig::default()).unwrap();
+    assert_eq!(a.selected.len(), b.selected.len());
+    let worst = a
+        .adjacency
+        .rows
+        .iter()
+        .zip(&b.adjacency.rows)
+        .map(|(x, y)| (x - y).abs() / (1.0 + y.abs()))
+        .fold(0.0f32, f32::max);
+    assert!(worst < 1e-4, "export round trip changes edges by {worst}");
+
+    // The frontend JSON: ids, kinds and links that refer to nodes.
+    let p = prune(&a.adjacency, &a.logit_probs, 0.8, 0.98).unwrap();
+    let s = scores(&a.adjacency, &a.logit_probs).unwrap();
+    let j = clt::attribution::output::graph_json(
+        &a,
+        &p,
+        &s,
+        &f.model.tokenizer,
+        "test",
+        "stories260K",
+        PROMPT,
+        0.8,
+    );
+    let ids: std::collections::HashSet<&str> = j.nodes.iter().map(|n| n.node_id.as_str()).collect();
+    assert_eq!(ids.len(), j.nodes.len(), "node ids are unique");
+    assert!(j.links.iter().all(|l| ids.contains(l.source.as_str())));
+    assert!(j.links.iter().all(|l| ids.contains(l.target.as_str())));
+    assert_eq!(
+        j.nodes
+            .iter()
+            .filter(|n| n.feature_type == "embedding")
+            .count(),
+        tokens.len()
+    );
+    assert_eq!(
+        j.nodes.iter().filter(|n| n.feature_type == "logit").count(),
+        a.logit_tokens.len()
+    );
+    assert!(
+        j.nodes
+            .iter()
+            .any(|n| n.feature_type == "cross layer transcoder")
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("g.json");
+    clt::attribution::output::write_json(&path, &j).unwrap();
+    let v: serde_json::Value = serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
+    assert_eq!(v["metadata"]["schema_version"], 1);
+    assert!(v["nodes"][0]["jsNodeId"].is_string());
+    let raw = dir.path().join("g.graph.safetensors");
+    clt::attribution::output::write_raw(&raw, &a, PROMPT).unwrap();
+    let bytes = std::fs::read(&raw).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    assert_eq!(
+        st.tensor("adjacency").unwrap().shape(),
+        &[a.adjacency.n_rows(), a.adjacency.n_sources()]
+    );
+}
+
+#[test]
+fn damaged_transcoder_files_name_the_tensor() {
+    let f = fixture();
+    let dir = tempfile::tempdir().unwrap();
+    for e in std::fs::read_dir(&f.export).unwrap() {
+        let e = e.unwrap();
+        std::fs::copy(e.path(), dir.path().join(e.file_name())).unwrap();
+    }
+    // Rewrite layer 2's encoder file without its b_enc, then with a misshapen one.
+    let path = dir.path().join("W_enc_2.safetensors");
+    let mut file = clt::clt::checkpoint::TensorFile::read(&path).unwrap();
+    let shape = file.shape("W_enc_2").unwrap().to_vec();
+    let w = file.take("W_enc_2", &shape).unwrap();
+    let write = |b_enc: Option<Vec<f32>>| {
+        let mut t = vec![clt::clt::checkpoint::TensorOut {
+            name: "W_enc_2".into(),
+            shape: shape.clone(),
+            data: &w,
+        }];
+        let b = b_enc.unwrap_or_default();
+        if !b.is_empty() {
+            t.push(clt::clt::checkpoint::TensorOut {
+                name: "b_enc_2".into(),
+                shape: vec![b.len()],
+                data: &b,
+            });
+        }
+        clt::clt::checkpoint::write_tensors(&path, &t, None).unwrap();
+    };
+    write(None);
+    let err = load_transcoder(dir.path(), None).unwrap_err().to_string();
+    assert!(
+        err.contains("b_enc_2") && err.contains("W_enc_2.safetensors"),
+        "{err}"
+    );
+    write(Some(vec![0.0; 7]));
+    let err = load_transcoder(dir.path(), None).unwrap_err().to_string();
+    assert!(err.contains("b_enc_2"), "{err}");
+    // A transcoder for another model: wrong width.
+    let (m, _, tokens) = setup();
+    let mut t = load_transcoder(&f.checkpoint, None).unwrap().transcoder;
+    t.cfg.n_layers -= 1;
+    t.params.w_enc.pop();
+    let tc = ReplacementTranscoder {
+        cfg: t.cfg.clone(),
+        params: t.params.clone(),
+        thresholds: vec![],
+        input_hook: InputHook::MlpInNormed,
+    };
+    let err = attribute(m, &tc, &tokens, &AttributionConfig::default())
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("transcoder"), "{err}");
+}
+
+#[test]
+fn interventions_without_edits_reproduce_the_model_and_edits_move_the_logits() {
+    let (m, tc, tokens) = setup();
+    let clean = m.next_logits(&tokens).unwrap();
+    // A no-op edit (scale by one) runs the replacement model: exactly the model.
+    let g = attribute(m, &tc, &tokens, &AttributionConfig::default()).unwrap();
+    let (l, p, f, act) = g.feature(g.selected.len() - 1);
+    let noop: Edit = format!("{l}:{p}:{f}*=1").parse().unwrap();
+    let r = intervene(m, &tc, &tokens, &[noop]).unwrap();
+    let diff = r
+        .logits
+        .iter()
+        .zip(&clean)
+        .map(|(a, b)| (a - b).abs())
+        .fold(0.0f32, f32::max);
+    assert!(
+        diff < 1e-4,
+        "replacement model differs from the model by {diff}"
+    );
+    // Silencing every feature at the last position changes the prediction.
+    let last = tokens.len() - 1;
+    let edits: Vec<Edit> = (0..g.selected.len())
+        .map(|i| g.feature(i))
+        .filter(|&(_, p, _, _)| p == last)
+        .map(|(l, p, f, _)| format!("{l}:{p}:{f}=0").parse().unwrap())
+        .collect();
+    assert!(!edits.is_empty());
+    let r = intervene(m, &tc, &tokens, &edits).unwrap();
+    let moved = r
+        .logits
+        .iter()
+        .zip(&clean)
+        .map(|(a, b)| (a - b).abs())
+        .fold(0.0f32, f32::max);
+    assert!(
+        moved > 1e-2,
+        "silencing {} features moved logits by {moved}",
+        edits.len()
+    );
+    assert!(act > 0.0);
+    // Bad edits are refused with the reason.
+    for bad in ["1:2", "a:1:2=3", "1:1:2=inf"] {
+        assert!(bad.parse::<Edit>().is_err(), "{bad}");
+    }
+    let far: Edit = format!("{l}:{}:{f}=1", tokens.len()).parse().unwrap();
+    assert!(intervene(m, &tc, &tokens, &[far]).is_err());
+}
