@@ -140,7 +140,15 @@ pub struct StoriesReport {
     pub eval: crate::eval::EvalReport,
     pub checkpoint: std::path::PathBuf,
     pub export: std::path::PathBuf,
+    /// The attribution graph of [`DEMO_PROMPT`].
+    pub graph: crate::attribution::cli::Written,
+    pub graph_seconds: f64,
+    pub graph_features: usize,
 }
+
+/// The TinyStories prompt the demo attributes.
+pub const DEMO_PROMPT: &str =
+    "Once upon a time, there was a little girl named Lily. She loved to play with her";
 
 /// The whole pipeline on a real model: cache its MLP activations over a corpus into the store, train a CLT
 /// from the store, evaluate on held-out text, export for circuit-tracer.
@@ -218,7 +226,34 @@ pub fn run_stories(demo: &StoriesDemo) -> Result<StoriesReport> {
         feature_output_hook: "hook_mlp_out".into(),
     };
     crate::clt::export::export_circuit_tracer(&t, &export, &meta)?;
+
+    // The attribution graph of a TinyStories prompt through the trained CLT.
+    let t2 = std::time::Instant::now();
+    let llama = m.model.as_llama().ok_or_else(|| {
+        crate::Error::Unsupported("the demo attributes through a Llama-family model".into())
+    })?;
+    let tc = crate::attribution::ReplacementTranscoder::new(&t, InputHook::MlpInNormed)?;
+    let tokens = m.tokenizer.encode(DEMO_PROMPT)?;
+    let cfg = crate::attribution::AttributionConfig {
+        max_feature_nodes: Some(7500),
+        progress: !demo.quiet,
+        ..Default::default()
+    };
+    let g = crate::attribution::attribute(llama, &tc, &tokens, &cfg)?;
+    let graph = crate::attribution::cli::write_graph(
+        &g,
+        &m.tokenizer,
+        DEMO_PROMPT,
+        &demo.out.join("graphs").join("lily.json"),
+        "lily",
+        "stories260K-demo-clt",
+        0.8,
+        0.98,
+    )?;
     Ok(StoriesReport {
+        graph,
+        graph_seconds: t2.elapsed().as_secs_f64(),
+        graph_features: g.selected.len(),
         cached_tokens: rec.n_tokens,
         cache_seconds,
         train_seconds,

@@ -450,3 +450,86 @@ fn interventions_without_edits_reproduce_the_model_and_edits_move_the_logits() {
     let far: Edit = format!("{l}:{}:{f}=1", tokens.len()).parse().unwrap();
     assert!(intervene(m, &tc, &tokens, &[far]).is_err());
 }
+
+#[test]
+fn the_attribute_and_intervene_commands_write_a_graph_and_print_logits() {
+    let f = fixture();
+    let s = shared();
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("graphs/lily.json");
+    let model = s.join("models/stories260K/stories260K.bin");
+    let tok = s.join("models/stories260K/tok512.bin");
+    let run = |args: &[&str]| {
+        std::process::Command::new(env!("CARGO_BIN_EXE_clt"))
+            .args(args)
+            .output()
+            .unwrap()
+    };
+    let o = run(&[
+        "attribute",
+        "--model",
+        model.to_str().unwrap(),
+        "--tokenizer",
+        tok.to_str().unwrap(),
+        "--transcoder",
+        f.export.to_str().unwrap(),
+        "--prompt",
+        PROMPT,
+        "--max-feature-nodes",
+        "500",
+        "--out",
+        out.to_str().unwrap(),
+        "--quiet",
+    ]);
+    let stdout = String::from_utf8_lossy(&o.stdout);
+    assert!(
+        o.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    assert!(stdout.contains("500 feature nodes"), "{stdout}");
+    assert!(stdout.contains("replacement score"), "{stdout}");
+    let v: serde_json::Value = serde_json::from_slice(&std::fs::read(&out).unwrap()).unwrap();
+    assert_eq!(v["metadata"]["slug"], "lily");
+    assert!(v["links"].as_array().unwrap().len() > 10);
+    assert!(dir.path().join("graphs/lily.graph.safetensors").is_file());
+
+    let o = run(&[
+        "intervene",
+        "--model",
+        model.to_str().unwrap(),
+        "--tokenizer",
+        tok.to_str().unwrap(),
+        "--transcoder",
+        f.export.to_str().unwrap(),
+        "--prompt",
+        PROMPT,
+        "--set",
+        "0:3:1=5.0",
+        "--set",
+        "1:*:2*=0",
+    ]);
+    let stdout = String::from_utf8_lossy(&o.stdout);
+    assert!(
+        o.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    assert!(stdout.contains("with the edits:"), "{stdout}");
+    // A bad edit names itself.
+    let o = run(&[
+        "intervene",
+        "--model",
+        model.to_str().unwrap(),
+        "--tokenizer",
+        tok.to_str().unwrap(),
+        "--transcoder",
+        f.export.to_str().unwrap(),
+        "--prompt",
+        PROMPT,
+        "--set",
+        "0:3=5",
+    ]);
+    assert!(!o.status.success());
+    assert!(String::from_utf8_lossy(&o.stderr).contains("0:3=5"));
+}

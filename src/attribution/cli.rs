@@ -1,14 +1,14 @@
 //! `clt attribute` (a prompt's attribution graph, pruned, as the frontend's JSON plus the raw adjacency)
 //! and `clt intervene` (the replacement model with features set or scaled: the new top logits).
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
-use super::graph::{AttributionConfig, attribute};
+use super::graph::{AttributionConfig, Graph, attribute};
 use super::intervene::{Edit, intervene};
 use super::output::{display_token, graph_json, write_json, write_raw};
-use super::{ReplacementTranscoder, load_transcoder, prune, scores};
+use super::{ReplacementTranscoder, Scores, load_transcoder, prune, scores};
 use crate::cache::InputHook;
-use crate::model::{LoadedModel, softmax_top};
+use crate::model::{LoadedModel, Tokenizer, softmax_top};
 use crate::{Error, Result};
 
 /// Where the model and transcoder come from (shared by both commands).
@@ -105,37 +105,22 @@ pub fn run_attribute(args: &AttributeArgs) -> Result<()> {
         ..AttributionConfig::default()
     };
     let g = attribute(llama, &tc, &tokens, &cfg)?;
-    let t0 = std::time::Instant::now();
-    let p = prune(
-        &g.adjacency,
-        &g.logit_probs,
-        args.node_threshold,
-        args.edge_threshold,
-    )?;
-    let s = scores(&g.adjacency, &g.logit_probs)?;
-    let prune_s = t0.elapsed().as_secs_f64();
     let slug = args.slug.clone().unwrap_or_else(|| {
         args.out
             .file_stem()
             .map(|s| s.to_string_lossy().into_owned())
             .unwrap_or_else(|| "graph".into())
     });
-    let j = graph_json(
+    let w = write_graph(
         &g,
-        &p,
-        &s,
         &m.tokenizer,
+        &args.inputs.prompt,
+        &args.out,
         &slug,
         &name,
-        &args.inputs.prompt,
         args.node_threshold,
-    );
-    if let Some(dir) = args.out.parent().filter(|d| !d.as_os_str().is_empty()) {
-        std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
-    }
-    write_json(&args.out, &j)?;
-    let raw = args.out.with_extension("graph.safetensors");
-    write_raw(&raw, &g, &args.inputs.prompt)?;
+        args.edge_threshold,
+    )?;
     println!(
         "{} tokens, {} active features, {} feature nodes, {} logit targets",
         g.tokens.len(),
@@ -145,20 +130,68 @@ pub fn run_attribute(args: &AttributeArgs) -> Result<()> {
     );
     println!(
         "time: forward {:.2}s, logit rows {:.2}s, feature rows {:.2}s, ranking {:.2}s, pruning {:.2}s",
-        g.timings.forward, g.timings.logit_rows, g.timings.feature_rows, g.timings.ranking, prune_s
+        g.timings.forward,
+        g.timings.logit_rows,
+        g.timings.feature_rows,
+        g.timings.ranking,
+        w.prune_seconds
     );
     println!(
         "replacement score {:.4}, completeness score {:.4}",
-        s.replacement, s.completeness
+        w.scores.replacement, w.scores.completeness
     );
     println!(
         "pruned graph: {} nodes, {} links -> {}",
-        j.nodes.len(),
-        j.links.len(),
+        w.nodes,
+        w.links,
         args.out.display()
     );
-    println!("raw adjacency -> {}", raw.display());
+    println!("raw adjacency -> {}", w.raw.display());
     Ok(())
+}
+
+/// What [`write_graph`] wrote.
+#[derive(Clone, Debug)]
+pub struct Written {
+    pub json: PathBuf,
+    pub raw: PathBuf,
+    pub scores: Scores,
+    pub nodes: usize,
+    pub links: usize,
+    pub prune_seconds: f64,
+}
+
+/// Prunes and scores `g`, writes the frontend JSON to `out` and the raw adjacency beside it
+/// (`<stem>.graph.safetensors`).
+pub fn write_graph(
+    g: &Graph,
+    tokenizer: &Tokenizer,
+    prompt: &str,
+    out: &Path,
+    slug: &str,
+    scan: &str,
+    node_threshold: f64,
+    edge_threshold: f64,
+) -> Result<Written> {
+    let t0 = std::time::Instant::now();
+    let p = prune(&g.adjacency, &g.logit_probs, node_threshold, edge_threshold)?;
+    let s = scores(&g.adjacency, &g.logit_probs)?;
+    let prune_seconds = t0.elapsed().as_secs_f64();
+    let j = graph_json(g, &p, &s, tokenizer, slug, scan, prompt, node_threshold);
+    if let Some(dir) = out.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+    }
+    write_json(out, &j)?;
+    let raw = out.with_extension("graph.safetensors");
+    write_raw(&raw, g, prompt)?;
+    Ok(Written {
+        json: out.to_path_buf(),
+        raw,
+        scores: s,
+        nodes: j.nodes.len(),
+        links: j.links.len(),
+        prune_seconds,
+    })
 }
 
 /// `clt intervene`.

@@ -311,6 +311,22 @@ fn run(cli: Cli) -> clt::Result<()> {
             println!("NMSE {:.4}", r.eval.nmse);
             println!("checkpoint {}", r.checkpoint.display());
             println!("circuit-tracer export {}", r.export.display());
+            println!(
+                "attribution graph of {:?}: {} feature nodes in {:.1} s; replacement score {:.3}, \
+                 completeness score {:.3}",
+                clt::demo::DEMO_PROMPT,
+                r.graph_features,
+                r.graph_seconds,
+                r.graph.scores.replacement,
+                r.graph.scores.completeness
+            );
+            println!(
+                "graph JSON (circuit-tracer frontend) {} ({} nodes, {} links); raw adjacency {}",
+                r.graph.json.display(),
+                r.graph.nodes,
+                r.graph.links,
+                r.graph.raw.display()
+            );
             Ok(())
         }
         Command::Cache {
