@@ -261,3 +261,89 @@ fn errors(
     }
     e
 }
+
+/// A random JumpReLU CLT for `model` whose thresholds are set, layer by layer, so that about `l0` features
+/// per token fire on `tokens`: for timing and memory figures, whose cost depends on the number of active
+/// features and the shapes, not on what the features mean. Encoder rows are random unit vectors, decoder
+/// rows random with norm ~0.1, biases zero.
+pub fn calibrated_transcoder(
+    model: &LlamaModel,
+    tokens: &[u32],
+    n_features: usize,
+    l0: usize,
+    seed: u64,
+) -> Result<ReplacementTranscoder> {
+    let (l_n, d) = (model.config.n_layers, model.config.d_model);
+    let cfg = CltConfig {
+        n_layers: l_n,
+        d_model: d,
+        n_features,
+        decoder: crate::clt::DecoderKind::CrossLayer,
+        activation: Activation::JumpRelu,
+        skip: false,
+    };
+    cfg.validate()?;
+    let mut rng = crate::rng::Rng::seed(seed);
+    let mut p = Params::zeros(&cfg);
+    for w in &mut p.w_enc {
+        for row in w.chunks_exact_mut(d) {
+            row.iter_mut().for_each(|v| *v = rng.normal() as f32);
+            let norm = row.iter().map(|v| v * v).sum::<f32>().sqrt().max(1e-12);
+            row.iter_mut().for_each(|v| *v /= norm);
+        }
+    }
+    let dec_scale = 0.1 / (d as f64).sqrt();
+    for w in &mut p.w_dec {
+        w.iter_mut()
+            .for_each(|v| *v = (rng.normal() * dec_scale) as f32);
+    }
+    let mut tc = ReplacementTranscoder {
+        cfg,
+        params: p,
+        thresholds: vec![vec![0.0; n_features]; l_n],
+        input_hook: InputHook::MlpInNormed,
+    };
+    // Thresholds: the (l0 · (n − 1))-th largest pre-activation of each layer over positions ≥ 1.
+    let st = prompt_state_unencoded(model, &tc, tokens)?;
+    let n = tokens.len();
+    let mut pre = vec![0.0f32; n * n_features];
+    for l in 0..l_n {
+        llama::matmul_wt(&st[l], n, d, &tc.params.w_enc[l], n_features, &mut pre);
+        let mut v: Vec<f32> = pre[n_features..].to_vec();
+        let k = (l0 * (n - 1)).clamp(1, v.len());
+        v.select_nth_unstable_by(k - 1, |a, b| b.total_cmp(a));
+        let theta = v[k - 1].max(1e-6);
+        tc.thresholds[l].fill(theta * (1.0 - 1e-6));
+        tc.params.log_theta[l].fill(theta.ln());
+    }
+    Ok(tc)
+}
+
+/// The transcoder inputs of every layer for `tokens`.
+fn prompt_state_unencoded(
+    model: &LlamaModel,
+    tc: &ReplacementTranscoder,
+    tokens: &[u32],
+) -> Result<Vec<Vec<f32>>> {
+    let out = model.forward_with(
+        tokens,
+        &ForwardOptions {
+            hooks: Hooks {
+                mlp_in_normed: tc.input_hook == InputHook::MlpInNormed,
+                resid_mid: tc.input_hook == InputHook::ResidMid,
+                ..Hooks::default()
+            },
+            logits: Logits::None,
+            ..ForwardOptions::default()
+        },
+    )?;
+    Ok(out
+        .record
+        .layers
+        .into_iter()
+        .map(|r| match tc.input_hook {
+            InputHook::MlpInNormed => r.mlp_in_normed.unwrap_or_default(),
+            InputHook::ResidMid => r.resid_mid.unwrap_or_default(),
+        })
+        .collect())
+}
