@@ -110,6 +110,57 @@ impl Columns {
     }
 }
 
+/// The rows of one backward batch, each kept only over its causal cone.
+///
+/// Rows are ordered by target layer, highest first, so that the rows carrying gradient at a layer (those
+/// injected at or above it) are a prefix; each row keeps only positions `0..=pos` of its target (later
+/// positions receive no gradient in a causal model). The gradient lives in one ragged buffer: row `r`'s
+/// positions are buffer rows `off[r]..off[r + 1]`.
+struct Ragged {
+    /// Input index of each sorted row.
+    order: Vec<usize>,
+    off: Vec<usize>,
+    /// Position of each buffer row.
+    pos: Vec<usize>,
+    /// Sorted row of each buffer row.
+    row: Vec<usize>,
+    /// Target layer of each sorted row (descending).
+    layer: Vec<usize>,
+}
+
+impl Ragged {
+    fn new(inj: &[Injection]) -> Self {
+        let mut order: Vec<usize> = (0..inj.len()).collect();
+        order.sort_by_key(|&i| (std::cmp::Reverse(inj[i].layer), inj[i].pos, i));
+        let mut off = vec![0];
+        let (mut pos, mut row, mut layer) = (Vec::new(), Vec::new(), Vec::new());
+        for (r, &i) in order.iter().enumerate() {
+            for p in 0..=inj[i].pos {
+                pos.push(p);
+                row.push(r);
+            }
+            off.push(pos.len());
+            layer.push(inj[i].layer);
+        }
+        Ragged {
+            order,
+            off,
+            pos,
+            row,
+            layer,
+        }
+    }
+
+    /// Rows whose target is at layer `l` or above (a prefix).
+    fn rows_from(&self, l: usize) -> usize {
+        self.layer.partition_point(|&x| x >= l)
+    }
+
+    fn len(&self, r: usize) -> usize {
+        self.off[r + 1] - self.off[r]
+    }
+}
+
 /// Computes the adjacency rows of a batch of injections: returns `[K][columns]`, row `i` the direct effect of
 /// every source on injection `i`'s target.
 pub fn attribute_batch(
@@ -126,71 +177,83 @@ pub fn attribute_batch(
         n_pos: n,
     };
     let k_n = inj.len();
-    // Source-major output, `[columns][K]`, so that each (layer, position) group of features owns a
-    // contiguous block; transposed at the end.
+    // Source-major output, `[columns][K]` (sorted rows), so that each (layer, position) group of features
+    // owns a contiguous block; transposed into input order at the end.
     let mut out = vec![0.0f32; cols.len() * k_n];
     if k_n == 0 {
         return out;
     }
-    let n_eff = inj.iter().map(|i| i.pos).max().unwrap_or(0) + 1;
-    let top = inj.iter().map(|i| i.layer).max().unwrap_or(0);
-    // The gradient with respect to the residual stream, `[K][n_eff][d]`.
-    let mut g = vec![0.0f32; k_n * n_eff * d];
-    for (i, v) in inj.iter().enumerate() {
-        if v.layer == l_n {
-            let at = (i * n_eff + v.pos) * d;
-            g[at..at + d]
-                .iter_mut()
-                .zip(&v.vector)
-                .for_each(|(g, v)| *g += v);
-        }
-    }
-    let mut scratch = Scratch::new(k_n * n_eff, c.q_dim().max(c.kv_dim()).max(d));
-    for l in (0..l_n.min(top + 1)).rev() {
-        if l < top {
-            emit_layer(tc, st, &cols, l, &g, k_n, n_eff, &mut out);
-        }
-        // The MLP is frozen; only the transcoder's skip path carries gradient to its input.
-        if tc.cfg.skip && l < top {
-            skip_backward(model, tc, st, l, &mut g, n_eff, &mut scratch);
-        }
-        for (i, v) in inj.iter().enumerate() {
+    let rg = Ragged::new(inj);
+    let total = rg.pos.len();
+    let top = rg.layer[0];
+    let mut g = vec![0.0f32; total * d];
+    let inject = |g: &mut [f32], l: usize| {
+        for r in 0..k_n {
+            let v = &inj[rg.order[r]];
             if v.layer == l {
-                let at = (i * n_eff + v.pos) * d;
+                let at = (rg.off[r] + v.pos) * d;
                 g[at..at + d]
                     .iter_mut()
                     .zip(&v.vector)
                     .for_each(|(g, v)| *g += v);
             }
         }
-        attention_backward(model, st, l, &mut g, k_n, n_eff, &mut scratch);
+    };
+    inject(&mut g, l_n);
+    let width = c.q_dim().max(c.kv_dim()).max(d);
+    let mut scratch = Scratch {
+        a: vec![0.0; total * width],
+        b: vec![0.0; total * width],
+    };
+    for l in (0..l_n.min(top + 1)).rev() {
+        // Rows injected above layer l carry gradient at its MLP output.
+        let above = rg.rows_from(l + 1);
+        if above > 0 {
+            emit_layer(tc, st, &cols, &rg, l, &g, above, k_n, &mut out);
+            if tc.cfg.skip {
+                skip_backward(
+                    model,
+                    tc,
+                    st,
+                    &rg,
+                    l,
+                    &mut g[..rg.off[above] * d],
+                    &mut scratch,
+                );
+            }
+        }
+        inject(&mut g, l);
+        let from = rg.rows_from(l);
+        attention_backward(
+            model,
+            st,
+            &rg,
+            l,
+            &mut g[..rg.off[from] * d],
+            from,
+            &mut scratch,
+        );
     }
     // Token embeddings.
     let emb = &model.tok_embeddings;
-    let tok_cols = &mut out[cols.token(0) * k_n..(cols.token(0) + n) * k_n];
-    for p in 0..n_eff {
-        let t = st.tokens[p] as usize;
-        let e = &emb[t * d..(t + 1) * d];
-        for i in 0..k_n {
-            let gi = &g[(i * n_eff + p) * d..(i * n_eff + p + 1) * d];
-            tok_cols[p * k_n + i] = dot(e, gi);
+    for (t, gt) in g.chunks_exact(d).enumerate() {
+        let p = rg.pos[t];
+        let tok = st.tokens[p] as usize;
+        out[cols.token(p) * k_n + rg.row[t]] = dot(&emb[tok * d..(tok + 1) * d], gt);
+    }
+    // [columns][sorted rows] → [input rows][columns].
+    let n_cols = cols.len();
+    let mut rows = vec![0.0f32; k_n * n_cols];
+    for (col, src) in out.chunks_exact(k_n).enumerate() {
+        for (r, &v) in src.iter().enumerate() {
+            rows[rg.order[r] * n_cols + col] = v;
         }
     }
-    transpose(&out, cols.len(), k_n)
+    rows
 }
 
 fn dot(a: &[f32], b: &[f32]) -> f32 {
     a.iter().zip(b).map(|(x, y)| x * y).sum()
-}
-
-fn transpose(x: &[f32], rows: usize, cols: usize) -> Vec<f32> {
-    let mut t = vec![0.0f32; x.len()];
-    for r in 0..rows {
-        for c in 0..cols {
-            t[c * rows + r] = x[r * cols + c];
-        }
-    }
-    t
 }
 
 /// Reusable buffers of the backward.
@@ -199,40 +262,50 @@ struct Scratch {
     b: Vec<f32>,
 }
 
-impl Scratch {
-    fn new(rows: usize, width: usize) -> Self {
-        Scratch {
-            a: vec![0.0; rows * width],
-            b: vec![0.0; rows * width],
-        }
-    }
-}
-
-/// Edges read at the output of layer `k`'s MLP: from every feature whose decoder writes to `k`, and from
-/// the error nodes of layer `k`.
+/// Edges read at the output of layer `k`'s MLP for the first `rows` sorted rows: from every feature whose
+/// decoder writes to `k`, and from the error nodes of layer `k`.
 fn emit_layer(
     tc: &ReplacementTranscoder,
     st: &PromptState,
     cols: &Columns,
+    rg: &Ragged,
     k: usize,
     g: &[f32],
+    rows: usize,
     k_n: usize,
-    n_eff: usize,
     out: &mut [f32],
 ) {
     let d = tc.cfg.d_model;
     let af = &st.features;
+    let n_eff = (0..rows).map(|r| rg.len(r)).max().unwrap_or(0);
+    // Per position p: the rows reaching p and their gradients there, gathered into [K_p × d].
+    let per_pos: Vec<(Vec<usize>, Vec<f32>)> = (0..n_eff)
+        .into_par_iter()
+        .map(|p| {
+            let rs: Vec<usize> = (0..rows).filter(|&r| rg.len(r) > p).collect();
+            let mut gp = Vec::with_capacity(rs.len() * d);
+            for &r in &rs {
+                let t = rg.off[r] + p;
+                gp.extend_from_slice(&g[t * d..(t + 1) * d]);
+            }
+            (rs, gp)
+        })
+        .collect();
     // Errors of layer k.
     {
         let start = cols.error(k, 0) * k_n;
         let block = &mut out[start..start + n_eff * k_n];
         let e = &st.errors[k];
-        block.par_chunks_mut(k_n).enumerate().for_each(|(p, o)| {
-            let ep = &e[p * d..(p + 1) * d];
-            for (i, oi) in o.iter_mut().enumerate() {
-                *oi += dot(ep, &g[(i * n_eff + p) * d..(i * n_eff + p + 1) * d]);
-            }
-        });
+        block
+            .par_chunks_mut(k_n)
+            .zip(&per_pos)
+            .enumerate()
+            .for_each(|(p, (o, (rs, gp)))| {
+                let ep = &e[p * d..(p + 1) * d];
+                for (j, &r) in rs.iter().enumerate() {
+                    o[r] += dot(ep, &gp[j * d..(j + 1) * d]);
+                }
+            });
     }
     // Features of every source layer l ≤ k whose decoders reach k: one group per (l, p).
     let mut groups: Vec<(usize, usize, &mut [f32])> = Vec::new();
@@ -256,11 +329,12 @@ fn emit_layer(
             groups.push((l, p, block));
         }
     }
-    groups
-        .into_par_iter()
-        .for_each_init(Vec::new, |dec, (l, p, block)| {
+    groups.into_par_iter().for_each_init(
+        || (Vec::new(), Vec::new()),
+        |(dec, tmp), (l, p, block)| {
+            let (rs, gp) = &per_pos[p];
             let r = af.group(l, p);
-            let m = r.len();
+            let (m, kp) = (r.len(), rs.len());
             dec.clear();
             for s in r {
                 let row = tc
@@ -269,20 +343,35 @@ fn emit_layer(
                 let a = af.value[s];
                 dec.extend(row.iter().map(|w| a * w));
             }
-            // block[m × K] += dec[m × d] · g[:, p, :]ᵀ
-            let gp = Mat::strided(&g[p * d..], k_n, d, n_eff * d).t();
-            matmul(block, k_n, Mat::rows(dec, m, d), gp, 1.0, 1.0, Threads::One);
-        });
+            // tmp[m × K_p] = dec[m × d] · g_pᵀ, scattered into the rows' columns of the block.
+            tmp.clear();
+            tmp.resize(m * kp, 0.0);
+            matmul(
+                tmp,
+                kp,
+                Mat::rows(dec, m, d),
+                Mat::rows(gp, kp, d).t(),
+                0.0,
+                1.0,
+                Threads::One,
+            );
+            for (b, t) in block.chunks_exact_mut(k_n).zip(tmp.chunks_exact(kp)) {
+                for (&r, &v) in rs.iter().zip(t.iter()) {
+                    b[r] += v;
+                }
+            }
+        },
+    );
 }
 
-/// Adds the skip path's gradient: `g_mid += J_inᵀ W_skipᵀ g_post` at every position.
+/// Adds the skip path's gradient, `g_mid += J_inᵀ W_skipᵀ g_post`, to the buffer rows `g`.
 fn skip_backward(
     model: &LlamaModel,
     tc: &ReplacementTranscoder,
     st: &PromptState,
+    rg: &Ragged,
     l: usize,
     g: &mut [f32],
-    n_eff: usize,
     s: &mut Scratch,
 ) {
     let d = tc.cfg.d_model;
@@ -298,8 +387,8 @@ fn skip_backward(
         Threads::All,
     );
     let (scale, gamma) = input_jacobian(model, tc, st, l);
-    for (r, (gr, tr)) in g.chunks_exact_mut(d).zip(t.chunks_exact(d)).enumerate() {
-        let sp = scale.map_or(1.0, |s| s[r % n_eff]);
+    for (i, (gr, tr)) in g.chunks_exact_mut(d).zip(t.chunks_exact(d)).enumerate() {
+        let sp = scale.map_or(1.0, |s| s[rg.pos[i]]);
         match gamma {
             Some(gm) => gr
                 .iter_mut()
@@ -328,63 +417,73 @@ fn input_jacobian<'a>(
     }
 }
 
-/// `g_pre = g_mid + Attnᵀ(g_mid)` through layer `l`'s attention with its pattern and norm scale frozen.
+/// `g_pre = g_mid + Attnᵀ(g_mid)` through layer `l`'s attention with its pattern and norm scale frozen, for
+/// the first `rows` sorted rows (`g` is their part of the buffer).
 fn attention_backward(
     model: &LlamaModel,
     st: &PromptState,
+    rg: &Ragged,
     l: usize,
     g: &mut [f32],
-    k_n: usize,
-    n_eff: usize,
+    rows: usize,
     s: &mut Scratch,
 ) {
     let c = &model.config;
     let w = &model.layers[l];
     let (d, qd, kvd, hd, n) = (c.d_model, c.q_dim(), c.kv_dim(), c.head_dim, st.n);
     let group = c.n_heads / c.n_kv_heads;
-    let rows = k_n * n_eff;
+    let total = g.len() / d;
+    if total == 0 {
+        return;
+    }
     let rec = &st.record.layers[l];
     let pattern = rec.attn_pattern.as_ref().expect("recorded");
     let scale = rec.attn_norm_scale.as_ref().expect("recorded");
-    // ā = g · Wo : [rows, q_dim]
-    let abar = &mut s.a[..rows * qd];
+    // ā = g · Wo : [total, q_dim]
+    let abar = &mut s.a[..total * qd];
     matmul(
         abar,
         qd,
-        Mat::rows(g, rows, d),
+        Mat::rows(g, total, d),
         Mat::rows(&w.wo, d, qd),
         0.0,
         1.0,
         Threads::All,
     );
-    // v̄[s, kvh] = Σ_{h in group} Σ_t P_h[t, s] ā[t, h]
-    let vbar = &mut s.b[..rows * kvd];
+    // Per row: v̄[s, kvh] = Σ_{h in group} Σ_t P_h[t, s] ā[t, h] over its own positions.
     let abar: &[f32] = abar;
-    vbar.par_chunks_mut(n_eff * kvd)
-        .enumerate()
-        .for_each(|(i, vb)| {
-            let ai = &abar[i * n_eff * qd..(i + 1) * n_eff * qd];
-            vb.fill(0.0);
-            for h in 0..c.n_heads {
-                let kvh = h / group;
-                let p = Mat::strided(&pattern[h * n * n..], n_eff, n_eff, n).t();
-                let a = Mat::strided(&ai[h * hd..], n_eff, hd, qd);
-                matmul(&mut vb[kvh * hd..], kvd, p, a, 1.0, 1.0, Threads::One);
-            }
-        });
-    // normed̄ = v̄ · Wv : [rows, d], then through the frozen norm into the residual.
-    let nbar = &mut s.a[..rows * d];
+    let mut chunks: Vec<(usize, &mut [f32])> = Vec::with_capacity(rows);
+    let mut rest: &mut [f32] = &mut s.b[..total * kvd];
+    for r in 0..rows {
+        let (a, b) = std::mem::take(&mut rest).split_at_mut(rg.len(r) * kvd);
+        chunks.push((r, a));
+        rest = b;
+    }
+    chunks.into_par_iter().for_each(|(r, vb)| {
+        let len = rg.len(r);
+        let ai = &abar[rg.off[r] * qd..rg.off[r + 1] * qd];
+        vb.fill(0.0);
+        for h in 0..c.n_heads {
+            let kvh = h / group;
+            let p = Mat::strided(&pattern[h * n * n..], len, len, n).t();
+            let a = Mat::strided(&ai[h * hd..], len, hd, qd);
+            matmul(&mut vb[kvh * hd..], kvd, p, a, 1.0, 1.0, Threads::One);
+        }
+    });
+    // normed̄ = v̄ · Wv : [total, d], then through the frozen norm into the residual.
+    let vbar = &s.b[..total * kvd];
+    let nbar = &mut s.a[..total * d];
     matmul(
         nbar,
         d,
-        Mat::rows(vbar, rows, kvd),
+        Mat::rows(vbar, total, kvd),
         Mat::rows(&w.wv, kvd, d),
         0.0,
         1.0,
         Threads::All,
     );
-    for (r, (gr, nr)) in g.chunks_exact_mut(d).zip(nbar.chunks_exact(d)).enumerate() {
-        let sp = scale[r % n_eff];
+    for (t, (gr, nr)) in g.chunks_exact_mut(d).zip(nbar.chunks_exact(d)).enumerate() {
+        let sp = scale[rg.pos[t]];
         gr.iter_mut()
             .zip(nr)
             .zip(&w.attn_norm)
