@@ -18,6 +18,8 @@
 //! - Then, to a fixed point, features and errors without a kept outgoing edge and features without a kept
 //!   incoming edge are dropped.
 
+use rayon::prelude::*;
+
 use crate::{Error, Result};
 
 /// The rows of an attribution graph's adjacency that can be non-zero.
@@ -85,9 +87,13 @@ impl Adjacency {
     }
 }
 
+/// Columns per parallel block of the influence power series.
+const COL_BLOCK: usize = 2048;
+
 /// `max(Σ_j |row_j| over kept columns, clamp)` per stored row; rows of dropped nodes are zero.
 fn row_sums(a: &Adjacency, mask: Option<&[bool]>, clamp: f64) -> Vec<f64> {
     (0..a.n_rows())
+        .into_par_iter()
         .map(|r| {
             if mask.is_some_and(|m| !m[a.row_node(r)]) {
                 return clamp;
@@ -114,30 +120,40 @@ fn influence(a: &Adjacency, w: &[f64], mask: Option<&[bool]>, sums: &[f64]) -> R
     let mut cur = w.to_vec();
     for _ in 0..1000 {
         let mut next = vec![0.0f64; a.n_nodes()];
-        for r in 0..a.n_rows() {
-            let node = a.row_node(r);
-            let c = cur[node];
-            if c == 0.0 || mask.is_some_and(|m| !m[node]) {
-                continue;
-            }
-            let f = c / sums[r];
-            let row = a.row(r);
-            match mask {
-                None => next[..n_src]
-                    .iter_mut()
-                    .zip(row)
-                    .for_each(|(x, v)| *x += f * v.abs() as f64),
-                Some(m) => next[..n_src]
-                    .iter_mut()
-                    .zip(row)
-                    .zip(m)
-                    .for_each(|((x, v), k)| {
-                        if *k {
-                            *x += f * v.abs() as f64
+        // Each row's weight on the next power; rows of dropped or uninfluenced nodes contribute nothing.
+        let weight: Vec<(usize, f64)> = (0..a.n_rows())
+            .filter_map(|r| {
+                let node = a.row_node(r);
+                let c = cur[node];
+                (c != 0.0 && !mask.is_some_and(|m| !m[node])).then(|| (r, c / sums[r]))
+            })
+            .collect();
+        // Column blocks in parallel, rows in order within each: deterministic sums.
+        next[..n_src]
+            .par_chunks_mut(COL_BLOCK)
+            .enumerate()
+            .for_each(|(b, out)| {
+                let (c0, len) = (b * COL_BLOCK, out.len());
+                for &(r, f) in &weight {
+                    let row = &a.row(r)[c0..c0 + len];
+                    match mask {
+                        None => out
+                            .iter_mut()
+                            .zip(row)
+                            .for_each(|(x, v)| *x += f * v.abs() as f64),
+                        Some(m) => {
+                            out.iter_mut()
+                                .zip(row)
+                                .zip(&m[c0..c0 + len])
+                                .for_each(|((x, v), k)| {
+                                    if *k {
+                                        *x += f * v.abs() as f64
+                                    }
+                                })
                         }
-                    }),
-            }
-        }
+                    }
+                }
+            });
         if next.iter().all(|&v| v == 0.0) {
             return Ok(total);
         }
