@@ -125,7 +125,7 @@ fn influence(a: &Adjacency, w: &[f64], mask: Option<&[bool]>, sums: &[f64]) -> R
             .filter_map(|r| {
                 let node = a.row_node(r);
                 let c = cur[node];
-                (c != 0.0 && !mask.is_some_and(|m| !m[node])).then(|| (r, c / sums[r]))
+                (c != 0.0 && mask.is_none_or(|m| m[node])).then(|| (r, c / sums[r]))
             })
             .collect();
         // Column blocks in parallel, rows in order within each: deterministic sums.
