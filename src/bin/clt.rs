@@ -176,6 +176,10 @@ enum Command {
     /// The activation store: inspect, verify, convert and import shards.
     #[command(subcommand)]
     Store(clt::store::cli::StoreCommand),
+    /// Feature dashboards: top contexts, histograms, logit effects, from one pass over a store.
+    Features(clt::features::cli::FeaturesArgs),
+    /// Serve the web viewer for attribution graphs and feature dashboards.
+    Serve(clt::viewer::cli::ServeArgs),
     /// Print a checkpoint's configuration and sizes.
     Info {
         #[arg(long)]
@@ -487,6 +491,10 @@ fn run(cli: Cli) -> clt::Result<()> {
         }
         Command::Store(cmd) => clt::store::cli::run(cmd),
         Command::Run(args) => clt::model::cli::run(args),
+        Command::Features(args) => {
+            clt::features::cli::run(&args).map(|p| println!("wrote {}", p.display()))
+        }
+        Command::Serve(args) => clt::viewer::cli::run(&args),
         Command::Info { checkpoint } => {
             let dir = resolve_checkpoint(&checkpoint)?;
             let t = load_transcoder(&dir)?;
