@@ -115,12 +115,17 @@ function render(g, name) {
     if (!cells.has(key)) cells.set(key, []);
     cells.get(key).push(n);
   }
-  const spacing = 14, rowH = 64, left = 70, top = 20, bottom = 70;
+  const spacing = 14, left = 70, top = 20, bottom = 70;
+  const pane = $("graph-pane");
+  // Fill the pane when the graph is small; scroll when it is not.
+  const rowH = Math.max(48, Math.floor((pane.clientHeight - 40 - top - bottom) / ranks.length));
   const colW = new Array(nCtx).fill(60);
   for (const [key, list] of cells) {
     const c = Number(key.split(":")[1]);
     colW[c] = Math.max(colW[c], list.length * spacing + 20);
   }
+  const spare = pane.clientWidth - 30 - left - colW.reduce((a, b) => a + b, 0);
+  if (spare > 0 && nCtx > 0) for (let c = 0; c < nCtx; c++) colW[c] += spare / nCtx;
   const colX = [];
   let x = left;
   for (let c = 0; c < nCtx; c++) { colX.push(x); x += colW[c]; }
