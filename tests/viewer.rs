@@ -395,6 +395,11 @@ fn graph_and_features_in_headless_chromium() {
         let logits = c.execute("return document.querySelectorAll('#feature-panel .logits li').length", vec![]).await.unwrap();
         assert_eq!(logits, serde_json::json!(10));
 
+        // The CI artifact: the graph with a feature's dashboard open.
+        let png = c.screenshot().await.unwrap();
+        let shot = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).parent().unwrap().join("viewer-screenshot.png");
+        std::fs::write(&shot, png).unwrap();
+
         // Search highlights; the pinned subgraph hides the rest.
         c.find(Locator::Id("search")).await.unwrap().send_keys(&node_id).await.unwrap();
         let hits = c.execute("return document.querySelectorAll('.node.match').length", vec![]).await.unwrap();
@@ -406,10 +411,6 @@ fn graph_and_features_in_headless_chromium() {
             .unwrap();
         assert_eq!(shown, serde_json::json!(1));
         c.find(Locator::Id("pinned-only")).await.unwrap().click().await.unwrap();
-
-        let png = c.screenshot().await.unwrap();
-        let shot = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).parent().unwrap().join("viewer-screenshot.png");
-        std::fs::write(&shot, png).unwrap();
 
         // A malformed graph shows an error, not a blank page.
         c.goto(&format!("{base}/?graph=graph-malformed.json")).await.unwrap();
