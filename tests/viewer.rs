@@ -429,3 +429,111 @@ fn graph_and_features_in_headless_chromium() {
         c.close().await.unwrap();
     });
 }
+
+/// A one-thread OpenAI-compatible stand-in on loopback: answers each chat-completions request with
+/// "label N" and keeps the request bodies.
+fn fake_llm(n: usize) -> (String, std::thread::JoinHandle<Vec<serde_json::Value>>) {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let url = format!("http://{}/v1", listener.local_addr().unwrap());
+    let handle = std::thread::spawn(move || {
+        let mut bodies = Vec::new();
+        for i in 0..n {
+            let (mut s, _) = listener.accept().unwrap();
+            let mut buf = Vec::new();
+            let mut byte = [0u8; 1];
+            while !buf.ends_with(b"\r\n\r\n") {
+                s.read_exact(&mut byte).unwrap();
+                buf.push(byte[0]);
+            }
+            let head = String::from_utf8_lossy(&buf).to_lowercase();
+            assert!(head.starts_with("post /v1/chat/completions "), "{head}");
+            let len: usize = head
+                .lines()
+                .find_map(|l| l.strip_prefix("content-length:"))
+                .map(|v| v.trim().parse().unwrap())
+                .expect("content-length");
+            let mut body = vec![0u8; len];
+            s.read_exact(&mut body).unwrap();
+            bodies.push(serde_json::from_slice(&body).unwrap());
+            let answer = serde_json::json!({
+                "choices": [{ "index": 0, "message": { "role": "assistant", "content": format!("\"label {i}\"\n") } }]
+            })
+            .to_string();
+            write!(
+                s,
+                "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{answer}",
+                answer.len()
+            )
+            .unwrap();
+        }
+        bodies
+    });
+    (url, handle)
+}
+
+#[test]
+fn explain_labels_features_through_a_local_endpoint_and_the_server_shows_them() {
+    let f = fixture();
+    let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("viewer-test-explain");
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::copy(f.features.join(FEATURES_FILE), dir.join(FEATURES_FILE)).unwrap();
+    let (url, llm) = fake_llm(4);
+    let args = clt::features::explain::ExplainArgs {
+        features: dir.clone(),
+        url,
+        model_name: "test-model".into(),
+        api_key_env: "CLT_TEST_NO_SUCH_KEY".into(),
+        layers: vec![1],
+        limit: Some(4),
+        examples: 3,
+        overwrite: false,
+        timeout: 30,
+    };
+    assert_eq!(clt::features::explain::run(&args).unwrap(), 4);
+    let bodies = llm.join().unwrap();
+    let file = FeatureFile::open(dir.join(FEATURES_FILE)).unwrap();
+    let fired: Vec<usize> = (0..40)
+        .filter(|&i| file.get(1, i).unwrap().n_active > 0)
+        .take(4)
+        .collect();
+    let labels = clt::features::labels::Labels::read(&dir).unwrap();
+    for (k, &i) in fired.iter().enumerate() {
+        assert_eq!(labels.get(1, i), Some(format!("label {k}").as_str()));
+        // The request carried the model name and the feature's best context, its token marked.
+        let b = &bodies[k];
+        assert_eq!(b["model"], "test-model");
+        let user = b["messages"][1]["content"].as_str().unwrap();
+        let ex = &file.get(1, i).unwrap().examples_quantiles[0].examples[0];
+        let marked = format!("[[{}]]", ex.tokens[ex.train_token_ind]);
+        assert!(user.contains(&marked), "{user}");
+    }
+    assert_eq!(labels.labels.len(), 4);
+    // A second run resumes: labelled features are skipped, the rest of the layer is asked for.
+    let all_fired = (0..40)
+        .filter(|&i| file.get(1, i).unwrap().n_active > 0)
+        .count();
+    let (url, llm) = fake_llm(all_fired - 4);
+    let again = clt::features::explain::ExplainArgs {
+        url,
+        limit: None,
+        ..args.clone()
+    };
+    assert_eq!(clt::features::explain::run(&again).unwrap(), all_fired - 4);
+    llm.join().unwrap();
+    let labels = clt::features::labels::Labels::read(&dir).unwrap();
+    assert_eq!(labels.labels.len(), all_fired);
+    assert_eq!(labels.get(1, fired[0]), Some("label 0"));
+
+    let server = clt::viewer::start(&ServeConfig {
+        graphs: f.graphs.clone(),
+        features: Some(dir.clone()),
+        host: "127.0.0.1".into(),
+        port: 0,
+    })
+    .unwrap();
+    let (s, body) = get(&server, &format!("/api/features/1/{}", fired[0]));
+    assert_eq!(s, 200);
+    let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(v["label"], "label 0");
+}

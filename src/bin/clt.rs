@@ -178,6 +178,8 @@ enum Command {
     Store(clt::store::cli::StoreCommand),
     /// Feature dashboards: top contexts, histograms, logit effects, from one pass over a store.
     Features(clt::features::cli::FeaturesArgs),
+    /// Label features from their top contexts with an OpenAI-compatible chat endpoint (sends only when asked).
+    Explain(clt::features::explain::ExplainArgs),
     /// Serve the web viewer for attribution graphs and feature dashboards.
     Serve(clt::viewer::cli::ServeArgs),
     /// Print a checkpoint's configuration and sizes.
@@ -495,6 +497,9 @@ fn run(cli: Cli) -> clt::Result<()> {
             clt::features::cli::run(&args).map(|p| println!("wrote {}", p.display()))
         }
         Command::Serve(args) => clt::viewer::cli::run(&args),
+        Command::Explain(args) => {
+            clt::features::explain::run(&args).map(|n| println!("labelled {n} features"))
+        }
         Command::Info { checkpoint } => {
             let dir = resolve_checkpoint(&checkpoint)?;
             let t = load_transcoder(&dir)?;

@@ -6,6 +6,7 @@
 //! - [`record`]: one feature's dashboard record (circuit-tracer's per-feature JSON layout, extended);
 //! - [`file`]: the indexed features file the viewer reads feature by feature (`docs/viewer.md`);
 //! - [`labels`]: short labels per feature (`labels.json`), shown by the viewer;
+//! - [`explain`]: `clt explain`, labels asked of an OpenAI-compatible endpoint;
 //! - [`cli`]: `clt features` as library code.
 //!
 //! ```no_run
@@ -19,6 +20,7 @@
 
 pub mod analysis;
 pub mod cli;
+pub mod explain;
 pub mod file;
 pub mod labels;
 pub mod logits;
