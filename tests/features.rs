@@ -189,3 +189,34 @@ fn streaming_pass_matches_dense_reference_for_any_chunking() {
         }
     }
 }
+
+#[test]
+fn topk_and_batchtopk_transcoders_are_analysed_too() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut cfg, p, _, _, _) = setup(dir.path());
+    let ds = Dataset::open(dir.path()).unwrap();
+    for act in [
+        Activation::TopK { k: 2 },
+        Activation::BatchTopK {
+            k: 2,
+            across_layers: false,
+        },
+    ] {
+        cfg.activation = act;
+        let acfg = AnalysisConfig {
+            chunk_tokens: 100,
+            ..AnalysisConfig::default()
+        };
+        let a = analyse(&cfg, &p, &ds, &acfg).unwrap();
+        for l in 0..L {
+            let total: u64 = (0..F)
+                .map(|f| a.record(l, f, "s", &|t| t.to_string()).n_active)
+                .sum();
+            // At most k per token (ReLU may zero a selected entry), and most tokens fire.
+            assert!(
+                total <= (2 * N) as u64 && total > N as u64,
+                "{act:?} layer {l}: {total}"
+            );
+        }
+    }
+}
