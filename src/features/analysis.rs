@@ -134,13 +134,25 @@ fn bin_edge(i: usize) -> f32 {
     10f64.powf(LOG_MIN as f64 + i as f64 / BINS_PER_DECADE as f64) as f32
 }
 
-/// The activation of feature `f` on token `t` (0 when it is not in the token's list).
-fn act_of(codes: &LayerCodes, t: usize, f: u32) -> f32 {
+/// The activation of feature `f` on token `t` (0 when it is not in the token's list). With `sorted` (each
+/// token's entries in increasing feature order, as the encoder emits them) a binary search, else a scan.
+fn act_of(codes: &LayerCodes, sorted: bool, t: usize, f: u32) -> f32 {
     let r = codes.offsets[t]..codes.offsets[t + 1];
-    codes.feat[r.clone()]
-        .iter()
-        .position(|&g| g == f)
-        .map_or(0.0, |i| codes.act[r.start + i])
+    let feats = &codes.feat[r.clone()];
+    let i = if sorted {
+        feats.binary_search(&f).ok()
+    } else {
+        feats.iter().position(|&g| g == f)
+    };
+    i.map_or(0.0, |i| codes.act[r.start + i])
+}
+
+/// Whether every token's entries are in increasing feature order.
+fn sorted_per_token(codes: &LayerCodes) -> bool {
+    codes
+        .offsets
+        .windows(2)
+        .all(|w| codes.feat[w[0]..w[1]].windows(2).all(|p| p[0] < p[1]))
 }
 
 impl LayerState {
@@ -157,7 +169,14 @@ impl LayerState {
         }
     }
 
-    fn window(rows: &Rows, codes: &LayerCodes, t: usize, f: u32, cfg: &AnalysisConfig) -> Window {
+    fn window(
+        rows: &Rows,
+        codes: &LayerCodes,
+        sorted: bool,
+        t: usize,
+        f: u32,
+        cfg: &AnalysisConfig,
+    ) -> Window {
         let mut lo = t;
         while lo > 0 && t - lo < cfg.before && rows.joined(lo - 1) {
             lo -= 1;
@@ -168,7 +187,7 @@ impl LayerState {
         }
         Window {
             token_ids: rows.tokens[lo..=hi].to_vec(),
-            acts: (lo..=hi).map(|j| act_of(codes, j, f)).collect(),
+            acts: (lo..=hi).map(|j| act_of(codes, sorted, j, f)).collect(),
             center: t - lo,
             doc: rows.docs[t],
             position: rows.positions[t],
@@ -184,6 +203,7 @@ impl LayerState {
         cfg: &AnalysisConfig,
     ) {
         let span = (cfg.before + cfg.after) as u32;
+        let sorted = sorted_per_token(codes);
         for t in own {
             for e in codes.offsets[t]..codes.offsets[t + 1] {
                 let a = codes.act[e];
@@ -197,7 +217,7 @@ impl LayerState {
                 self.max[fi] = self.max[fi].max(a);
                 self.hist[fi * N_BINS + bin_of(a)] += 1;
                 if cfg.top_k > 0 && a > self.top_floor[fi] {
-                    self.offer_top(fi, a, rows, codes, t, cfg, span);
+                    self.offer_top(fi, a, rows, codes, sorted, t, cfg, span);
                 }
                 if cfg.n_samples > 0 {
                     let n = self.count[fi];
@@ -209,7 +229,7 @@ impl LayerState {
                     if let Some(j) = slot {
                         let entry = Entry {
                             act: a,
-                            win: Self::window(rows, codes, t, f, cfg),
+                            win: Self::window(rows, codes, sorted, t, f, cfg),
                         };
                         if j == self.samples[fi].len() {
                             self.samples[fi].push(entry);
@@ -228,6 +248,7 @@ impl LayerState {
         a: f32,
         rows: &Rows,
         codes: &LayerCodes,
+        sorted: bool,
         t: usize,
         cfg: &AnalysisConfig,
         span: u32,
@@ -248,7 +269,7 @@ impl LayerState {
         };
         let entry = Entry {
             act: a,
-            win: Self::window(rows, codes, t, fi as u32, cfg),
+            win: Self::window(rows, codes, sorted, t, fi as u32, cfg),
         };
         if slot == top.len() {
             top.push(entry);

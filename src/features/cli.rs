@@ -2,7 +2,7 @@
 //! JSON files) as library code.
 
 use super::analysis::{AnalysisConfig, analyse};
-use super::file::{FeatureFileWriter, FeaturesMeta};
+use super::file::{FeatureFileWriter, FeaturesMeta, RecordEncoder};
 use super::logits::{LogitEffects, logit_effects, slot_name};
 use crate::clt::Transcoder;
 use crate::clt::checkpoint::load_transcoder;
@@ -10,6 +10,7 @@ use crate::clt::export::{fold_norms, import_circuit_tracer};
 use crate::model::LoadedModel;
 use crate::store::Dataset;
 use crate::{Error, Result};
+use rayon::prelude::*;
 use std::path::{Path, PathBuf};
 
 /// The name of the features file inside the output directory.
@@ -142,11 +143,18 @@ pub fn run(args: &FeaturesArgs) -> Result<PathBuf> {
             .and_then(|p| p.file_name().map(|n| n.to_string_lossy().into_owned()))
             .unwrap_or_else(|| "clt".into())
     });
-    let piece = |id: u32| match &model {
-        Some(m) if (id as usize) < m.tokenizer.vocab_size() => {
-            display_piece(&m.tokenizer.piece(id))
-        }
-        _ => format!("#{id}"),
+    // Every vocabulary piece once, so that the parallel record building below only clones strings.
+    let pieces: Vec<String> = match &model {
+        Some(m) => (0..m.tokenizer.vocab_size() as u32)
+            .map(|id| display_piece(&m.tokenizer.piece(id)))
+            .collect(),
+        None => Vec::new(),
+    };
+    let piece = |id: u32| {
+        pieces
+            .get(id as usize)
+            .cloned()
+            .unwrap_or_else(|| format!("#{id}"))
     };
     std::fs::create_dir_all(&args.out).map_err(|e| Error::io(&args.out, e))?;
     let meta = FeaturesMeta {
@@ -165,24 +173,34 @@ pub fn run(args: &FeaturesArgs) -> Result<PathBuf> {
     }
     let mut w = FeatureFileWriter::create(args.out.join(FEATURES_FILE), meta)?;
     for l in 0..t.cfg.n_layers {
-        for f in 0..t.cfg.n_features {
-            let mut rec = analysis.record(l, f, &scan, &piece);
-            if let Some(e) = &effects {
-                let e = &e[l][f];
-                rec.top_logits = e.top.iter().map(|&(v, _)| piece(v)).collect();
-                rec.top_logit_values = e.top.iter().map(|&(_, x)| x).collect();
-                rec.bottom_logits = e.bottom.iter().map(|&(v, _)| piece(v)).collect();
-                rec.bottom_logit_values = e.bottom.iter().map(|&(_, x)| x).collect();
-            }
-            if args.json {
-                let p = json_dir.join(format!("{}.json", rec.index));
-                let bytes = serde_json::to_vec(&rec).map_err(|e| Error::InvalidData {
-                    what: "feature record".into(),
-                    reason: e.to_string(),
-                })?;
-                std::fs::write(&p, bytes).map_err(|e| Error::io(&p, e))?;
-            }
-            w.write(l, f, &rec)?;
+        // Records are built, serialised and compressed in parallel, then written in order.
+        let frames: Vec<Vec<u8>> = (0..t.cfg.n_features)
+            .into_par_iter()
+            .map_init(RecordEncoder::new, |enc, f| {
+                let enc = enc
+                    .as_mut()
+                    .map_err(|e| Error::Unsupported(e.to_string()))?;
+                let mut rec = analysis.record(l, f, &scan, &piece);
+                if let Some(e) = &effects {
+                    let e = &e[l][f];
+                    rec.top_logits = e.top.iter().map(|&(v, _)| piece(v)).collect();
+                    rec.top_logit_values = e.top.iter().map(|&(_, x)| x).collect();
+                    rec.bottom_logits = e.bottom.iter().map(|&(v, _)| piece(v)).collect();
+                    rec.bottom_logit_values = e.bottom.iter().map(|&(_, x)| x).collect();
+                }
+                if args.json {
+                    let p = json_dir.join(format!("{}.json", rec.index));
+                    let bytes = serde_json::to_vec(&rec).map_err(|e| Error::InvalidData {
+                        what: "feature record".into(),
+                        reason: e.to_string(),
+                    })?;
+                    std::fs::write(&p, bytes).map_err(|e| Error::io(&p, e))?;
+                }
+                enc.encode(&rec)
+            })
+            .collect::<Result<_>>()?;
+        for (f, frame) in frames.iter().enumerate() {
+            w.write_frame(l, f, frame)?;
         }
     }
     w.finish()

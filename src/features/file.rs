@@ -61,6 +61,7 @@ pub struct FeatureFileWriter {
     pos: u64,
     index: Vec<[u64; 3]>,
     meta: FeaturesMeta,
+    encoder: RecordEncoder,
 }
 
 fn io(path: &Path) -> impl FnOnce(std::io::Error) -> Error + '_ {
@@ -85,11 +86,18 @@ impl FeatureFileWriter {
             out,
             pos: HEADER_LEN,
             meta,
+            encoder: RecordEncoder::new()?,
         })
     }
 
     /// Stores the record of feature `f` of layer `l` (its layer and feature fields are not consulted).
     pub fn write(&mut self, l: usize, f: usize, rec: &FeatureRecord) -> Result<()> {
+        let frame = self.encoder.encode(rec)?;
+        self.write_frame(l, f, &frame)
+    }
+
+    /// Stores a record already encoded by a [`RecordEncoder`] (so that callers can encode in parallel).
+    pub fn write_frame(&mut self, l: usize, f: usize, frame: &[u8]) -> Result<()> {
         let (l_n, f_n) = (self.meta.n_layers, self.meta.n_features);
         if l >= l_n || f >= f_n {
             return Err(Error::InvalidData {
@@ -97,13 +105,8 @@ impl FeatureFileWriter {
                 reason: format!("feature ({l}, {f}) outside {l_n} layers × {f_n} features"),
             });
         }
-        let json = serde_json::to_vec(rec).map_err(|e| Error::InvalidData {
-            what: "feature record".into(),
-            reason: e.to_string(),
-        })?;
-        let frame = zstd::bulk::compress(&json, 3).map_err(io(&self.tmp))?;
-        self.out.write_all(&frame).map_err(io(&self.tmp))?;
-        self.index[l * f_n + f] = [self.pos, frame.len() as u64, xxh3_64(&frame)];
+        self.out.write_all(frame).map_err(io(&self.tmp))?;
+        self.index[l * f_n + f] = [self.pos, frame.len() as u64, xxh3_64(frame)];
         self.pos += frame.len() as u64;
         Ok(())
     }
@@ -140,6 +143,30 @@ impl FeatureFileWriter {
         drop(file);
         std::fs::rename(&self.tmp, &self.path).map_err(io(&self.path))?;
         Ok(self.path)
+    }
+}
+
+/// Encodes records as stored: one zstd frame of the JSON each. Holds a compression context (megabytes of
+/// tables), so reuse one per thread rather than one per record.
+pub struct RecordEncoder(zstd::bulk::Compressor<'static>);
+
+impl RecordEncoder {
+    pub fn new() -> Result<Self> {
+        zstd::bulk::Compressor::new(3)
+            .map(RecordEncoder)
+            .map_err(|e| Error::Unsupported(format!("zstd compressor: {e}")))
+    }
+
+    /// The stored bytes of `rec`.
+    pub fn encode(&mut self, rec: &FeatureRecord) -> Result<Vec<u8>> {
+        let bad = |reason: String| Error::InvalidData {
+            what: "feature record".into(),
+            reason,
+        };
+        let json = serde_json::to_vec(rec).map_err(|e| bad(e.to_string()))?;
+        self.0
+            .compress(&json)
+            .map_err(|e| bad(format!("zstd: {e}")))
     }
 }
 
