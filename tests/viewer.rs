@@ -261,9 +261,11 @@ fn which(names: &[&str]) -> Option<PathBuf> {
 fn browser() -> (PathBuf, PathBuf) {
     let chromium = std::env::var_os("CHROMIUM")
         .map(PathBuf::from)
+        .filter(|p| p.is_file())
         .or_else(|| which(&["chromium", "chromium-browser"]));
     let driver = std::env::var_os("CHROMEDRIVER")
         .map(PathBuf::from)
+        .filter(|p| p.is_file())
         .or_else(|| which(&["chromedriver"]));
     match (chromium, driver) {
         (Some(c), Some(d)) => (c, d),
