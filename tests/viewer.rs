@@ -183,7 +183,7 @@ fn features_file_holds_real_contexts_and_logit_effects() {
     // circuit-tracer's per-feature JSON files.
     let one = f
         .features
-        .join("json/test-scan")
+        .join("features/test-scan")
         .join(format!("{}.json", clt::features::cantor(1, 3)));
     let v: serde_json::Value = serde_json::from_slice(&std::fs::read(one).unwrap()).unwrap();
     assert!(v["examples_quantiles"].is_array() && v["act_max"].is_number());
@@ -233,6 +233,12 @@ fn server_api_and_traversal() {
         (Some(1), Some(3))
     );
     assert_eq!(get(&server, "/api/features/9/0").0, 404);
+    // circuit-tracer's path for the same record (Cantor id of (1, 3) = 13).
+    let (s, same) = get(&server, "/features/test-scan/13.json");
+    assert_eq!(s, 200);
+    assert_eq!(same, body);
+    assert_eq!(get(&server, "/features/other-scan/13.json").0, 404);
+    assert_eq!(get(&server, "/features/test-scan/x.json").0, 404);
     assert_eq!(get(&server, "/api/features/x/0").0, 400);
     let (s, body) = get(&server, "/");
     assert_eq!(s, 200);

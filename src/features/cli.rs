@@ -25,7 +25,7 @@ pub struct FeaturesArgs {
     /// The activation store (dataset directory) to stream.
     #[arg(long)]
     pub store: PathBuf,
-    /// Output directory (features.cltf, and json/ with --json).
+    /// Output directory (features.cltf, and features/ with --json).
     #[arg(long)]
     pub out: PathBuf,
     /// The language model, for token text and logit effects (default: the model recorded in the store's
@@ -58,7 +58,7 @@ pub struct FeaturesArgs {
     /// The scan name recorded in the records (default: the transcoder directory's name).
     #[arg(long)]
     pub scan: Option<String>,
-    /// Also write circuit-tracer's per-feature JSON files, json/{scan}/{index}.json (index: the Cantor id).
+    /// Also write circuit-tracer's per-feature JSON files, features/{scan}/{index}.json (index: the Cantor id), where its frontend fetches them.
     #[arg(long)]
     pub json: bool,
     /// No progress bar.
@@ -167,7 +167,7 @@ pub fn run(args: &FeaturesArgs) -> Result<PathBuf> {
         n_tokens: analysis.n_tokens,
         logit_slot: slot_name(&t.cfg).into(),
     };
-    let json_dir = args.out.join("json").join(&scan);
+    let json_dir = args.out.join("features").join(&scan);
     if args.json {
         std::fs::create_dir_all(&json_dir).map_err(|e| Error::io(&json_dir, e))?;
     }

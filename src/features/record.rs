@@ -82,8 +82,35 @@ pub fn cantor(layer: u64, feature: u64) -> u64 {
     (layer + feature) * (layer + feature + 1) / 2 + feature
 }
 
+/// The (layer, feature) of a Cantor id ([`cantor`]'s inverse); `None` past the range where f64 is exact.
+pub fn uncantor(z: u64) -> Option<(u64, u64)> {
+    if z > (1 << 50) {
+        return None;
+    }
+    let mut w = (((8 * z + 1) as f64).sqrt() as u64).saturating_sub(1) / 2;
+    // Correct the float estimate: w is the largest with w(w+1)/2 <= z.
+    while (w + 1) * (w + 2) / 2 <= z {
+        w += 1;
+    }
+    while w * (w + 1) / 2 > z {
+        w -= 1;
+    }
+    let f = z - w * (w + 1) / 2;
+    Some((w - f, f))
+}
+
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn uncantor_inverts_cantor() {
+        for l in 0..40 {
+            for f in [0, 1, 2, 17, 4095, 65535, 1 << 20] {
+                assert_eq!(super::uncantor(super::cantor(l, f)), Some((l, f)));
+            }
+        }
+        assert_eq!(super::uncantor(u64::MAX), None);
+    }
+
     #[test]
     fn cantor_pairing() {
         assert_eq!(super::cantor(0, 0), 0);

@@ -5,7 +5,8 @@
 //! - `GET /api/graphs`: the `*.json` files of the graphs folder, `[{name, bytes}]`;
 //! - `GET /api/graphs/{name}`: one graph file, as stored (names are plain file names inside the folder);
 //! - `GET /api/features`: the features file's metadata, or 404 without one;
-//! - `GET /api/features/{layer}/{feature}`: one feature's record, with its `label` when labels exist.
+//! - `GET /api/features/{layer}/{feature}`: one feature's record, with its `label` when labels exist;
+//! - `GET /features/{scan}/{index}.json`: the same by circuit-tracer's path (`index` the Cantor id).
 //!
 //! Errors are JSON `{"error": "…"}` with a 4xx/5xx status, so the page can show them.
 
@@ -160,6 +161,7 @@ fn router(state: Arc<AppState>) -> Router {
         .route("/api/graphs/{name}", get(graph))
         .route("/api/features", get(features_meta))
         .route("/api/features/{layer}/{feature}", get(feature))
+        .route("/features/{scan}/{file}", get(feature_by_cantor))
         .fallback(|| async { error(StatusCode::NOT_FOUND, "no such route".into()) })
         .with_state(state)
 }
@@ -267,6 +269,31 @@ async fn features_meta(State(s): State<Arc<AppState>>) -> Response {
         None => error(
             StatusCode::NOT_FOUND,
             "the server was started without --features".into(),
+        ),
+    }
+}
+
+/// circuit-tracer's frontend path: `/features/{scan}/{cantor id}.json`.
+async fn feature_by_cantor(
+    state: State<Arc<AppState>>,
+    UrlPath((scan, file)): UrlPath<(String, String)>,
+) -> Response {
+    let same_scan = state
+        .features
+        .as_ref()
+        .is_some_and(|f| f.meta().scan == scan);
+    let id = file
+        .strip_suffix(".json")
+        .and_then(|z| z.parse::<u64>().ok());
+    match (same_scan, id.and_then(crate::features::record::uncantor)) {
+        (true, Some((l, f))) => feature(state, UrlPath((l as usize, f as usize))).await,
+        (false, _) => error(
+            StatusCode::NOT_FOUND,
+            format!("no features for scan {scan:?}"),
+        ),
+        (true, None) => error(
+            StatusCode::NOT_FOUND,
+            format!("{file:?} is not a feature id"),
         ),
     }
 }
