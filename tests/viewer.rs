@@ -333,7 +333,6 @@ async fn wait_js(c: &fantoccini::Client, script: &str, want: &str) {
 fn graph_and_features_in_headless_chromium() {
     let (chromium, driver) = browser();
     let f = fixture();
-    let server = serve();
     let (_driver, port) = start_driver(&driver);
     let graph: serde_json::Value = serde_json::from_slice(
         &std::fs::read(Path::new(FIXTURES).join("graph-small.json")).unwrap(),
@@ -358,6 +357,26 @@ fn graph_and_features_in_headless_chromium() {
             Some((id.to_string(), ex.tokens.concat(), format!("{l}/{i}")))
         })
         .expect("some fixture feature fired");
+    // Serve a copy of the features with a label for that feature (as `clt explain` writes it).
+    let feats = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("viewer-test-browser");
+    let _ = std::fs::remove_dir_all(&feats);
+    std::fs::create_dir_all(&feats).unwrap();
+    std::fs::copy(f.features.join(FEATURES_FILE), feats.join(FEATURES_FILE)).unwrap();
+    let mut labels = clt::features::labels::Labels::default();
+    let (l, i) = key.split_once('/').unwrap();
+    labels.insert(
+        l.parse().unwrap(),
+        i.parse().unwrap(),
+        "Zebra-striped test label".into(),
+    );
+    labels.write(&feats).unwrap();
+    let server = clt::viewer::start(&ServeConfig {
+        graphs: f.graphs.clone(),
+        features: Some(feats),
+        host: "127.0.0.1".into(),
+        port: 0,
+    })
+    .unwrap();
 
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -409,7 +428,10 @@ fn graph_and_features_in_headless_chromium() {
         std::fs::write(&shot, png).unwrap();
 
         // Search highlights; the pinned subgraph hides the rest.
-        c.find(Locator::Id("search")).await.unwrap().send_keys(&node_id).await.unwrap();
+        let label = c.execute("return document.querySelector('#feature-panel .label').textContent", vec![]).await.unwrap();
+        assert_eq!(label, serde_json::json!("Zebra-striped test label"));
+        // Search finds the node by its label.
+        c.find(Locator::Id("search")).await.unwrap().send_keys("zebra-striped").await.unwrap();
         let hits = c.execute("return document.querySelectorAll('.node.match').length", vec![]).await.unwrap();
         assert_eq!(hits, serde_json::json!(1));
         c.find(Locator::Id("pinned-only")).await.unwrap().click().await.unwrap();
@@ -544,4 +566,8 @@ fn explain_labels_features_through_a_local_endpoint_and_the_server_shows_them() 
     assert_eq!(s, 200);
     let v: serde_json::Value = serde_json::from_str(&body).unwrap();
     assert_eq!(v["label"], "label 0");
+    let (s, body) = get(&server, "/api/labels");
+    assert_eq!(s, 200);
+    let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(v["labels"][format!("1/{}", fired[0])], "label 0");
 }

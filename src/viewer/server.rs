@@ -5,6 +5,7 @@
 //! - `GET /api/graphs`: the `*.json` files of the graphs folder, `[{name, bytes}]`;
 //! - `GET /api/graphs/{name}`: one graph file, as stored (names are plain file names inside the folder);
 //! - `GET /api/features`: the features file's metadata, or 404 without one;
+//! - `GET /api/labels`: every feature label, `{"labels": {"{layer}/{feature}": "…"}}` (empty without any);
 //! - `GET /api/features/{layer}/{feature}`: one feature's record, with its `label` when labels exist;
 //! - `GET /features/{scan}/{index}.json`: the same by circuit-tracer's path (`index` the Cantor id).
 //!
@@ -160,6 +161,7 @@ fn router(state: Arc<AppState>) -> Router {
         .route("/api/graphs", get(list_graphs))
         .route("/api/graphs/{name}", get(graph))
         .route("/api/features", get(features_meta))
+        .route("/api/labels", get(labels))
         .route("/api/features/{layer}/{feature}", get(feature))
         .route("/features/{scan}/{file}", get(feature_by_cantor))
         .fallback(|| async { error(StatusCode::NOT_FOUND, "no such route".into()) })
@@ -254,6 +256,10 @@ fn short(e: &Error) -> String {
         Error::Io { source, .. } => format!("graph not found ({source})"),
         other => other.to_string(),
     }
+}
+
+async fn labels(State(s): State<Arc<AppState>>) -> Response {
+    axum::Json(&s.labels).into_response()
 }
 
 async fn features_meta(State(s): State<Arc<AppState>>) -> Response {

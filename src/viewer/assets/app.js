@@ -5,7 +5,14 @@
 
 const SVGNS = "http://www.w3.org/2000/svg";
 const $ = (id) => document.getElementById(id);
-const state = { graph: null, name: "", pinned: new Set(), features: false };
+const state = { graph: null, name: "", pinned: new Set(), features: false, labels: {} };
+
+// A node's label: the graph's own (clerp), else the feature's label from `clt explain`.
+function labelOf(n) {
+  if (n.clerp) return n.clerp;
+  const f = featureOf(n);
+  return f ? state.labels[`${f.layer}/${f.feature}`] || "" : "";
+}
 
 function el(tag, attrs, text) {
   const e = tag.startsWith("svg:") ? document.createElementNS(SVGNS, tag.slice(4)) : document.createElement(tag);
@@ -205,7 +212,7 @@ function render(g, name) {
 function describe(n) {
   const box = el("div");
   box.appendChild(el("h3", {}, n.node_id));
-  const rows = [["type", n.feature_type], ["layer", n.layer], ["position", n.ctx_idx], ["label", n.clerp],
+  const rows = [["type", n.feature_type], ["layer", n.layer], ["position", n.ctx_idx], ["label", labelOf(n)],
     ["activation", n.activation], ["influence", n.influence], ["token prob", n.token_prob]];
   for (const [k, v] of rows) {
     if (v === undefined || v === null || v === "") continue;
@@ -223,7 +230,7 @@ function hover(n, ev, on) {
   for (const e of es) e.classList.toggle("hot", on);
   const tip = $("tooltip");
   if (on) {
-    tip.textContent = n.clerp ? `${n.node_id}: ${n.clerp}` : n.node_id;
+    tip.textContent = labelOf(n) ? `${n.node_id}: ${labelOf(n)}` : n.node_id;
     const pane = $("graph-pane").getBoundingClientRect();
     tip.style.left = `${ev.clientX - pane.left + $("graph-pane").scrollLeft + 12}px`;
     tip.style.top = `${ev.clientY - pane.top + $("graph-pane").scrollTop + 12}px`;
@@ -262,7 +269,7 @@ function refreshPins() {
   const ul = el("ul", { class: "pin-list" });
   for (const id of state.pinned) {
     const n = state.graph.byId.get(id);
-    const li = el("li", {}, n.clerp ? `${id}: ${n.clerp}` : id);
+    const li = el("li", {}, labelOf(n) ? `${id}: ${labelOf(n)}` : id);
     li.addEventListener("click", () => {
       $("node-panel").replaceChildren(describe(n));
       const f = featureOf(n);
@@ -281,7 +288,7 @@ function applySearch() {
   let hits = 0;
   for (const [id, e] of state.graph.nodeEls) {
     const n = state.graph.byId.get(id);
-    const hay = `${id} ${n.clerp || ""} ${n.feature_type || ""}`.toLowerCase();
+    const hay = `${id} ${labelOf(n)} ${n.feature_type || ""}`.toLowerCase();
     const hit = q !== "" && hay.includes(q);
     hits += hit ? 1 : 0;
     e.classList.toggle("match", hit);
@@ -442,6 +449,7 @@ async function init() {
   try {
     await fetchJson("/api/features");
     state.features = true;
+    state.labels = (await fetchJson("/api/labels")).labels || {};
   } catch (e) {
     state.features = false;
   }
