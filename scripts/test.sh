@@ -10,6 +10,8 @@ if [ ! -d ../shared ]; then
 fi
 
 rustup component add rustfmt clippy >/dev/null 2>&1 || true
+# The viewer's browser test (tests/viewer.rs) drives headless Chromium through chromedriver.
+bash scripts/install-browser.sh
 
 echo "== cargo fmt --check"
 cargo fmt --all -- --check

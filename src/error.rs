@@ -89,6 +89,10 @@ pub enum Error {
     /// A token id outside the model's vocabulary.
     #[error("token id {id} is outside the vocabulary of {vocab_size} tokens")]
     TokenOutOfRange { id: u32, vocab_size: usize },
+
+    /// A remote service (an HTTP endpoint the user configured) failed or answered something unusable.
+    #[error("{url}: {reason}")]
+    Remote { url: String, reason: String },
 }
 
 impl Error {

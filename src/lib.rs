@@ -10,7 +10,9 @@
 //! - [`store`]: the activation store (compressed shards, the shuffling shard loader, importers);
 //! - [`train`]: the objective, the optimiser, schedules, metrics and the training loop.
 //! - [`model`]: the language models (Llama family) that activations come from, their loaders and tokenizers;
-//! - [`attribution`]: attribution graphs of prompts (circuit-tracer's algorithm and formats) and interventions.
+//! - [`attribution`]: attribution graphs of prompts (circuit-tracer's algorithm and formats) and interventions;
+//! - [`features`]: feature dashboards (top contexts, histograms, logit effects) and their indexed file;
+//! - [`viewer`]: the web viewer for attribution graphs and feature dashboards (`clt serve`).
 
 pub mod attribution;
 pub mod backend;
@@ -21,10 +23,12 @@ pub mod data;
 pub mod demo;
 pub mod error;
 pub mod eval;
+pub mod features;
 pub mod model;
 pub mod rng;
 pub mod store;
 pub mod train;
+pub mod viewer;
 
 pub use error::{Error, Result};
 

@@ -181,6 +181,12 @@ enum Command {
     /// The activation store: inspect, verify, convert and import shards.
     #[command(subcommand)]
     Store(clt::store::cli::StoreCommand),
+    /// Feature dashboards: top contexts, histograms, logit effects, from one pass over a store.
+    Features(clt::features::cli::FeaturesArgs),
+    /// Label features from their top contexts with an OpenAI-compatible chat endpoint (sends only when asked).
+    Explain(clt::features::explain::ExplainArgs),
+    /// Serve the web viewer for attribution graphs and feature dashboards.
+    Serve(clt::viewer::cli::ServeArgs),
     /// Print a checkpoint's configuration and sizes.
     Info {
         #[arg(long)]
@@ -510,6 +516,13 @@ fn run(cli: Cli) -> clt::Result<()> {
         Command::Attribute(args) => clt::attribution::cli::run_attribute(&args),
         Command::Intervene(args) => clt::attribution::cli::run_intervene(&args),
         Command::Run(args) => clt::model::cli::run(args),
+        Command::Features(args) => {
+            clt::features::cli::run(&args).map(|p| println!("wrote {}", p.display()))
+        }
+        Command::Serve(args) => clt::viewer::cli::run(&args),
+        Command::Explain(args) => {
+            clt::features::explain::run(&args).map(|n| println!("labelled {n} features"))
+        }
         Command::Info { checkpoint } => {
             let dir = resolve_checkpoint(&checkpoint)?;
             let t = load_transcoder(&dir)?;

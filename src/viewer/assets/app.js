@@ -1,0 +1,462 @@
+// The clt viewer: attribution graphs (circuit-tracer's JSON) drawn as SVG, with feature dashboards.
+// Vanilla JavaScript, no dependencies, no network beyond this server. Text from graph and feature files is
+// only ever inserted with textContent, never as HTML.
+"use strict";
+
+const SVGNS = "http://www.w3.org/2000/svg";
+const $ = (id) => document.getElementById(id);
+const state = { graph: null, name: "", pinned: new Set(), features: false, labels: {} };
+
+// A node's label: the graph's own (clerp), else the feature's label from `clt explain`.
+function labelOf(n) {
+  if (n.clerp) return n.clerp;
+  const f = featureOf(n);
+  return f ? state.labels[`${f.layer}/${f.feature}`] || "" : "";
+}
+
+function el(tag, attrs, text) {
+  const e = tag.startsWith("svg:") ? document.createElementNS(SVGNS, tag.slice(4)) : document.createElement(tag);
+  for (const [k, v] of Object.entries(attrs || {})) e.setAttribute(k, v);
+  if (text !== undefined) e.textContent = text;
+  return e;
+}
+
+function showError(msg) {
+  const e = $("error");
+  e.textContent = msg;
+  e.hidden = false;
+  document.body.dataset.state = "error";
+}
+
+function clearError() {
+  $("error").hidden = true;
+  $("error").textContent = "";
+}
+
+async function fetchJson(url) {
+  const r = await fetch(url);
+  const text = await r.text();
+  let body;
+  try {
+    body = JSON.parse(text);
+  } catch (e) {
+    throw new Error(`${url}: HTTP ${r.status}, not JSON`);
+  }
+  if (!r.ok) throw new Error(body && body.error ? body.error : `${url}: HTTP ${r.status}`);
+  return body;
+}
+
+// ---- graph validation and model ----
+
+function validateGraph(g) {
+  if (g === null || typeof g !== "object" || Array.isArray(g)) throw new Error("the top level is not an object");
+  if (!Array.isArray(g.nodes)) throw new Error("`nodes` is missing or not a list");
+  if (!Array.isArray(g.links)) throw new Error("`links` is missing or not a list");
+  const ids = new Set();
+  g.nodes.forEach((n, i) => {
+    if (n === null || typeof n !== "object") throw new Error(`node ${i} is not an object`);
+    if (typeof n.node_id !== "string") throw new Error(`node ${i} has no string \`node_id\``);
+    if (ids.has(n.node_id)) throw new Error(`node id ${n.node_id} appears twice`);
+    ids.add(n.node_id);
+  });
+  g.links.forEach((l, i) => {
+    if (l === null || typeof l !== "object") throw new Error(`link ${i} is not an object`);
+    if (!ids.has(l.source)) throw new Error(`link ${i} starts at unknown node ${JSON.stringify(l.source)}`);
+    if (!ids.has(l.target)) throw new Error(`link ${i} ends at unknown node ${JSON.stringify(l.target)}`);
+    if (typeof l.weight !== "number" || !isFinite(l.weight)) throw new Error(`link ${i} has no numeric \`weight\``);
+  });
+}
+
+function kindOf(n) {
+  const t = (n.feature_type || "").toLowerCase();
+  if (t === "embedding" || n.layer === "E") return "embedding";
+  if (t === "logit") return "logit";
+  if (t.includes("error")) return "error";
+  return "feature";
+}
+
+function layerRank(n) {
+  if (kindOf(n) === "embedding") return -1;
+  const v = parseInt(n.layer, 10);
+  return isNaN(v) ? 0 : v;
+}
+
+// Layer and feature index of a transcoder feature, from its node id "{layer}_{feature}_{pos}".
+function featureOf(n) {
+  if (kindOf(n) !== "feature") return null;
+  const parts = String(n.node_id).split("_");
+  if (parts.length !== 3) return null;
+  const layer = parseInt(parts[0], 10), feature = parseInt(parts[1], 10);
+  if (isNaN(layer) || isNaN(feature) || feature < 0) return null;
+  return { layer, feature };
+}
+
+// ---- rendering ----
+
+function clearGraph() {
+  state.graph = null;
+  const svg = $("graph");
+  while (svg.firstChild) svg.removeChild(svg.firstChild);
+  svg.setAttribute("width", 0);
+  svg.setAttribute("height", 0);
+  $("graph-title").textContent = "";
+  $("node-panel").replaceChildren(el("p", { class: "hint" }, "Hover a node to see it; click to pin it."));
+  $("pinned-panel").replaceChildren();
+  $("feature-panel").replaceChildren();
+}
+
+function render(g, name) {
+  clearGraph();
+  const meta = g.metadata || {};
+  const tokens = Array.isArray(meta.prompt_tokens) ? meta.prompt_tokens : [];
+  const nodes = g.nodes, links = g.links;
+  const byId = new Map(nodes.map((n) => [n.node_id, n]));
+  const ranks = [...new Set(nodes.map(layerRank))].sort((a, b) => a - b);
+  const rowOf = new Map(ranks.map((r, i) => [r, i]));
+  let nCtx = tokens.length;
+  for (const n of nodes) nCtx = Math.max(nCtx, (Number(n.ctx_idx) || 0) + 1);
+  // Cells (row, position); each column is as wide as its most crowded cell.
+  const cells = new Map();
+  for (const n of nodes) {
+    const key = `${rowOf.get(layerRank(n))}:${Number(n.ctx_idx) || 0}`;
+    if (!cells.has(key)) cells.set(key, []);
+    cells.get(key).push(n);
+  }
+  const spacing = 14, left = 70, top = 20, bottom = 70;
+  const pane = $("graph-pane");
+  // Fill the pane when the graph is small; scroll when it is not.
+  const rowH = Math.max(48, Math.floor((pane.clientHeight - 40 - top - bottom) / ranks.length));
+  const colW = new Array(nCtx).fill(60);
+  for (const [key, list] of cells) {
+    const c = Number(key.split(":")[1]);
+    colW[c] = Math.max(colW[c], list.length * spacing + 20);
+  }
+  const spare = pane.clientWidth - 30 - left - colW.reduce((a, b) => a + b, 0);
+  if (spare > 0 && nCtx > 0) for (let c = 0; c < nCtx; c++) colW[c] += spare / nCtx;
+  const colX = [];
+  let x = left;
+  for (let c = 0; c < nCtx; c++) { colX.push(x); x += colW[c]; }
+  const width = x + 20, height = top + ranks.length * rowH + bottom;
+  const pos = new Map();
+  for (const [key, list] of cells) {
+    const [r, c] = key.split(":").map(Number);
+    list.sort((a, b) => (Number(b.influence) || 0) - (Number(a.influence) || 0) || (a.node_id < b.node_id ? -1 : 1));
+    const x0 = colX[c] + (colW[c] - (list.length - 1) * spacing) / 2;
+    list.forEach((n, i) => pos.set(n.node_id, { x: x0 + i * spacing, y: top + (ranks.length - 1 - r) * rowH + rowH / 2 }));
+  }
+
+  const svg = $("graph");
+  svg.setAttribute("width", width);
+  svg.setAttribute("height", height);
+  svg.setAttribute("viewBox", `0 0 ${width} ${height}`);
+  const grid = el("svg:g", { class: "grid" });
+  ranks.forEach((r, i) => {
+    const y = top + (ranks.length - 1 - i) * rowH + rowH / 2;
+    grid.appendChild(el("svg:line", { class: "gridline", x1: left, x2: width - 10, y1: y, y2: y }));
+    const label = r < 0 ? "Emb" : (nodes.some((n) => layerRank(n) === r && kindOf(n) === "logit") ? "Logit" : `L${r}`);
+    grid.appendChild(el("svg:text", { class: "axis", x: 8, y: y + 4 }, label));
+  });
+  for (let c = 0; c < nCtx; c++) {
+    const t = el("svg:text", { class: "axis", x: colX[c] + colW[c] / 2, y: height - bottom + 16, "text-anchor": "end",
+      transform: `rotate(-40 ${colX[c] + colW[c] / 2} ${height - bottom + 16})` }, tokens[c] !== undefined ? String(tokens[c]) : String(c));
+    grid.appendChild(t);
+  }
+  svg.appendChild(grid);
+
+  const maxW = links.reduce((m, l) => Math.max(m, Math.abs(l.weight)), 0) || 1;
+  const edgeLayer = el("svg:g", { id: "edges" });
+  const edgesOf = new Map(nodes.map((n) => [n.node_id, []]));
+  for (const l of links) {
+    const a = pos.get(l.source), b = pos.get(l.target);
+    const e = el("svg:line", { class: `edge ${l.weight >= 0 ? "pos" : "neg"}`, x1: a.x, y1: a.y, x2: b.x, y2: b.y,
+      "stroke-width": (0.4 + 3.6 * Math.abs(l.weight) / maxW).toFixed(2) });
+    e.dataset.source = l.source;
+    e.dataset.target = l.target;
+    e.dataset.weight = l.weight;
+    edgeLayer.appendChild(e);
+    edgesOf.get(l.source).push(e);
+    edgesOf.get(l.target).push(e);
+  }
+  svg.appendChild(edgeLayer);
+
+  const nodeLayer = el("svg:g", { id: "nodes" });
+  const nodeEls = new Map();
+  for (const n of nodes) {
+    const p = pos.get(n.node_id), kind = kindOf(n);
+    const shape = kind === "feature"
+      ? el("svg:circle", { cx: p.x, cy: p.y, r: 5.5 })
+      : el("svg:rect", { x: p.x - 5, y: p.y - 5, width: 10, height: 10 });
+    shape.setAttribute("class", `node ${kind}`);
+    shape.dataset.id = n.node_id;
+    shape.addEventListener("mouseenter", (ev) => hover(n, ev, true));
+    shape.addEventListener("mouseleave", (ev) => hover(n, ev, false));
+    shape.addEventListener("click", () => togglePin(n));
+    nodeLayer.appendChild(shape);
+    nodeEls.set(n.node_id, shape);
+  }
+  svg.appendChild(nodeLayer);
+
+  state.graph = { g, byId, edgesOf, nodeEls };
+  state.name = name;
+  const prompt = typeof meta.prompt === "string" ? meta.prompt : tokens.join("");
+  $("graph-title").textContent = `${name}: ${nodes.length} nodes, ${links.length} edges. Prompt: ${prompt}`;
+  const q = g.qParams || {};
+  let pins = q.pinnedIds || [];
+  if (typeof pins === "string") pins = pins.split(",").filter(Boolean);
+  for (const id of pins) if (byId.has(id)) state.pinned.add(id);
+  for (const id of [...state.pinned]) if (!byId.has(id)) state.pinned.delete(id);
+  refreshPins();
+  applySearch();
+}
+
+function describe(n) {
+  const box = el("div");
+  box.appendChild(el("h3", {}, n.node_id));
+  const rows = [["type", n.feature_type], ["layer", n.layer], ["position", n.ctx_idx], ["label", labelOf(n)],
+    ["activation", n.activation], ["influence", n.influence], ["token prob", n.token_prob]];
+  for (const [k, v] of rows) {
+    if (v === undefined || v === null || v === "") continue;
+    box.appendChild(el("div", {}, `${k}: ${typeof v === "number" ? +v.toPrecision(4) : v}`));
+  }
+  if (state.graph) {
+    const es = state.graph.edgesOf.get(n.node_id) || [];
+    box.appendChild(el("div", {}, `edges: ${es.length}`));
+  }
+  return box;
+}
+
+function hover(n, ev, on) {
+  const es = state.graph ? state.graph.edgesOf.get(n.node_id) : [];
+  for (const e of es) e.classList.toggle("hot", on);
+  const tip = $("tooltip");
+  if (on) {
+    tip.textContent = labelOf(n) ? `${n.node_id}: ${labelOf(n)}` : n.node_id;
+    const pane = $("graph-pane").getBoundingClientRect();
+    tip.style.left = `${ev.clientX - pane.left + $("graph-pane").scrollLeft + 12}px`;
+    tip.style.top = `${ev.clientY - pane.top + $("graph-pane").scrollTop + 12}px`;
+    tip.hidden = false;
+    $("node-panel").replaceChildren(describe(n));
+  } else {
+    tip.hidden = true;
+  }
+}
+
+function togglePin(n) {
+  if (state.pinned.has(n.node_id)) state.pinned.delete(n.node_id);
+  else {
+    state.pinned.add(n.node_id);
+    const f = featureOf(n);
+    if (f) loadFeature(f.layer, f.feature, n);
+  }
+  $("node-panel").replaceChildren(describe(n));
+  refreshPins();
+}
+
+function refreshPins() {
+  if (!state.graph) return;
+  const { nodeEls, g } = state.graph;
+  for (const [id, e] of nodeEls) e.classList.toggle("pinned", state.pinned.has(id));
+  const only = $("pinned-only").checked && state.pinned.size > 0;
+  for (const [id, e] of nodeEls) e.classList.toggle("hidden", only && !state.pinned.has(id));
+  for (const e of document.querySelectorAll("#edges .edge")) {
+    const keep = state.pinned.has(e.dataset.source) && state.pinned.has(e.dataset.target);
+    e.classList.toggle("hidden", only && !keep);
+  }
+  const panel = $("pinned-panel");
+  panel.replaceChildren();
+  if (state.pinned.size === 0) return;
+  panel.appendChild(el("h3", {}, `Pinned (${state.pinned.size})`));
+  const ul = el("ul", { class: "pin-list" });
+  for (const id of state.pinned) {
+    const n = state.graph.byId.get(id);
+    const li = el("li", {}, labelOf(n) ? `${id}: ${labelOf(n)}` : id);
+    li.addEventListener("click", () => {
+      $("node-panel").replaceChildren(describe(n));
+      const f = featureOf(n);
+      if (f) loadFeature(f.layer, f.feature, n);
+    });
+    ul.appendChild(li);
+  }
+  panel.appendChild(ul);
+  const sub = g.links.filter((l) => state.pinned.has(l.source) && state.pinned.has(l.target));
+  panel.appendChild(el("div", {}, `${sub.length} edges among pinned nodes`));
+}
+
+function applySearch() {
+  if (!state.graph) return;
+  const q = $("search").value.trim().toLowerCase();
+  let hits = 0;
+  for (const [id, e] of state.graph.nodeEls) {
+    const n = state.graph.byId.get(id);
+    const hay = `${id} ${labelOf(n)} ${n.feature_type || ""}`.toLowerCase();
+    const hit = q !== "" && hay.includes(q);
+    hits += hit ? 1 : 0;
+    e.classList.toggle("match", hit);
+    e.classList.toggle("dim", q !== "" && !hit);
+  }
+  $("status").textContent = q ? `${hits} matching nodes` : "";
+}
+
+// ---- feature dashboards ----
+
+function histogram(rec) {
+  const h = rec.histogram || [], edges = rec.histogram_edges || [];
+  const w = 380, ht = 90;
+  const svg = el("svg:svg", { width: w, height: ht + 18, class: "histogram" });
+  if (h.length === 0) return svg;
+  const max = Math.max(...h) || 1, bw = w / h.length;
+  h.forEach((c, i) => {
+    const bh = (ht * c) / max;
+    const r = el("svg:rect", { x: i * bw, y: ht - bh, width: Math.max(bw - 1, 1), height: bh, fill: "#f4a442" });
+    r.appendChild(el("svg:title", {}, `${edges[i] !== undefined ? (+edges[i]).toPrecision(3) : i}..${edges[i + 1] !== undefined ? (+edges[i + 1]).toPrecision(3) : ""}: ${c}`));
+    svg.appendChild(r);
+  });
+  if (edges.length) {
+    svg.appendChild(el("svg:text", { class: "axis", x: 0, y: ht + 14 }, (+edges[0]).toPrecision(2)));
+    svg.appendChild(el("svg:text", { class: "axis", x: w, y: ht + 14, "text-anchor": "end" }, (+edges[edges.length - 1]).toPrecision(2)));
+  }
+  return svg;
+}
+
+function contextEl(ex, actMax) {
+  const div = el("div", { class: "context" });
+  (ex.tokens || []).forEach((t, i) => {
+    const a = (ex.tokens_acts_list || [])[i] || 0;
+    const s = el("span", { class: i === ex.train_token_ind ? "tok center" : "tok" }, t);
+    if (a > 0 && actMax > 0) s.style.backgroundColor = `rgba(255, 140, 0, ${Math.min(1, a / actMax).toFixed(3)})`;
+    s.title = `activation ${(+a).toPrecision(3)}`;
+    div.appendChild(s);
+  });
+  return div;
+}
+
+async function loadFeature(layer, feature, node) {
+  const panel = $("feature-panel");
+  document.body.dataset.feature = "";
+  panel.replaceChildren(el("h3", {}, `Layer ${layer}, feature ${feature}`), el("p", { class: "hint" }, "loading…"));
+  if (!state.features) {
+    panel.replaceChildren(el("h3", {}, `Layer ${layer}, feature ${feature}`),
+      el("p", { class: "hint" }, "No feature dashboards: start clt serve with --features DIR."));
+    return;
+  }
+  let rec;
+  try {
+    rec = await fetchJson(`/api/features/${layer}/${feature}`);
+  } catch (e) {
+    panel.replaceChildren(el("h3", {}, `Layer ${layer}, feature ${feature}`), el("p", { class: "feature-error" }, e.message));
+    return;
+  }
+  const parts = [el("h3", {}, `Layer ${layer}, feature ${feature}`)];
+  if (rec.label) parts.push(el("p", { class: "label" }, rec.label));
+  else if (node && node.clerp) parts.push(el("p", { class: "label" }, node.clerp));
+  parts.push(el("p", {}, `Fires on ${(100 * (rec.activation_frequency || 0)).toPrecision(3)}% of ${rec.n_tokens || "?"} tokens; ` +
+    `activations ${(+rec.act_min).toPrecision(3)} to ${(+rec.act_max).toPrecision(3)}.`));
+  parts.push(el("h3", {}, "Activation histogram"), histogram(rec));
+  if ((rec.top_logits || []).length || (rec.bottom_logits || []).length) {
+    parts.push(el("h3", {}, "Logit effects"));
+    const box = el("div", { class: "logits" });
+    for (const [key, cls, title] of [["top_logits", "pos", "promotes"], ["bottom_logits", "neg", "suppresses"]]) {
+      const col = el("div");
+      col.appendChild(el("div", {}, title));
+      const ol = el("ol", { class: cls });
+      const vals = rec[key.replace("logits", "logit_values")] || [];
+      rec[key].forEach((t, i) => ol.appendChild(el("li", {}, vals[i] !== undefined ? `${JSON.stringify(t)} ${(+vals[i]).toPrecision(3)}` : JSON.stringify(t))));
+      col.appendChild(ol);
+      box.appendChild(col);
+    }
+    parts.push(box);
+  }
+  for (const q of rec.examples_quantiles || []) {
+    if (!(q.examples || []).length) continue;
+    const sec = el("section", { class: "quantile" });
+    sec.appendChild(el("h3", {}, q.quantile_name));
+    for (const ex of q.examples) sec.appendChild(contextEl(ex, rec.act_max));
+    parts.push(sec);
+  }
+  panel.replaceChildren(...parts);
+  document.body.dataset.feature = `${layer}/${feature}`;
+}
+
+// ---- loading ----
+
+function loadGraphText(text, name) {
+  let g;
+  try {
+    g = JSON.parse(text);
+    validateGraph(g);
+  } catch (e) {
+    clearGraph();
+    showError(`${name} is not a valid attribution graph: ${e.message}`);
+    return;
+  }
+  try {
+    clearError();
+    render(g, name);
+    document.body.dataset.state = "ready";
+  } catch (e) {
+    clearGraph();
+    showError(`${name} could not be drawn: ${e.message}`);
+  }
+}
+
+async function loadGraphByName(name) {
+  document.body.dataset.state = "loading";
+  clearError();
+  $("graph-select").value = name;
+  let text;
+  try {
+    const r = await fetch(`/api/graphs/${encodeURIComponent(name)}`);
+    text = await r.text();
+    if (!r.ok) {
+      let msg = `HTTP ${r.status}`;
+      try { msg = JSON.parse(text).error || msg; } catch (e) { /* keep the status */ }
+      throw new Error(msg);
+    }
+  } catch (e) {
+    clearGraph();
+    showError(`Could not load ${name}: ${e.message}`);
+    return;
+  }
+  loadGraphText(text, name);
+}
+
+async function init() {
+  $("search").addEventListener("input", applySearch);
+  $("pinned-only").addEventListener("change", refreshPins);
+  $("clear-pins").addEventListener("click", () => { state.pinned.clear(); refreshPins(); });
+  $("graph-select").addEventListener("change", (ev) => {
+    const name = ev.target.value;
+    if (!name) return;
+    history.replaceState(null, "", `?graph=${encodeURIComponent(name)}`);
+    loadGraphByName(name);
+  });
+  $("file-input").addEventListener("change", (ev) => {
+    const f = ev.target.files && ev.target.files[0];
+    if (!f) return;
+    document.body.dataset.state = "loading";
+    const reader = new FileReader();
+    reader.onload = () => loadGraphText(String(reader.result), f.name);
+    reader.onerror = () => showError(`Could not read ${f.name}`);
+    reader.readAsText(f);
+  });
+  let list = [];
+  try {
+    list = await fetchJson("/api/graphs");
+    for (const g of list) $("graph-select").appendChild(el("option", { value: g.name }, g.name));
+  } catch (e) {
+    showError(`Could not list the graphs: ${e.message}`);
+  }
+  try {
+    await fetchJson("/api/features");
+    state.features = true;
+    state.labels = (await fetchJson("/api/labels")).labels || {};
+  } catch (e) {
+    state.features = false;
+  }
+  const want = new URLSearchParams(location.search).get("graph") || (list[0] && list[0].name);
+  if (want) await loadGraphByName(want);
+  else if (document.body.dataset.state !== "error") document.body.dataset.state = "empty";
+}
+
+window.addEventListener("error", (ev) => showError(`Viewer error: ${ev.message}`));
+init();

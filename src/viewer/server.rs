@@ -1,0 +1,339 @@
+//! The HTTP server of the viewer (axum on a tokio runtime of its own thread).
+//!
+//! Routes (`docs/viewer.md`):
+//! - `GET /`, `/assets/app.js`, `/assets/style.css`: the page, compiled into the binary;
+//! - `GET /api/graphs`: the `*.json` files of the graphs folder, `[{name, bytes}]`;
+//! - `GET /api/graphs/{name}`: one graph file, as stored (names are plain file names inside the folder);
+//! - `GET /api/features`: the features file's metadata, or 404 without one;
+//! - `GET /api/labels`: every feature label, `{"labels": {"{layer}/{feature}": "…"}}` (empty without any);
+//! - `GET /api/features/{layer}/{feature}`: one feature's record, with its `label` when labels exist;
+//! - `GET /features/{scan}/{index}.json`: the same by circuit-tracer's path (`index` the Cantor id).
+//!
+//! Errors are JSON `{"error": "…"}` with a 4xx/5xx status, so the page can show them.
+
+use super::assets;
+use crate::features::cli::FEATURES_FILE;
+use crate::features::labels::Labels;
+use crate::features::{FeatureFile, file::FeaturesMeta};
+use crate::{Error, Result};
+use axum::Router;
+use axum::extract::{Path as UrlPath, State};
+use axum::http::{HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+/// What to serve and where.
+#[derive(Clone, Debug)]
+pub struct ServeConfig {
+    /// Folder of graph JSON files.
+    pub graphs: PathBuf,
+    /// Features directory (holding `features.cltf`, optionally `labels.json`) or the features file itself.
+    pub features: Option<PathBuf>,
+    pub host: String,
+    /// 0 picks a free port.
+    pub port: u16,
+}
+
+struct AppState {
+    graphs: PathBuf,
+    features: Option<FeatureFile>,
+    labels: Labels,
+}
+
+/// A running server; dropping it stops the server and waits for its thread.
+pub struct Server {
+    addr: SocketAddr,
+    shutdown: Option<tokio::sync::oneshot::Sender<()>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Server {
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// `http://host:port`.
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// Blocks until the server stops (it does not on its own: this serves until the process ends).
+    pub fn wait(mut self) {
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        if let Some(tx) = self.shutdown.take() {
+            let _ = tx.send(());
+        }
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+fn open_features(path: &std::path::Path) -> Result<(FeatureFile, Labels)> {
+    let (file, dir) = if path.is_dir() {
+        (path.join(FEATURES_FILE), path.to_path_buf())
+    } else {
+        let dir = path
+            .parent()
+            .unwrap_or(std::path::Path::new("."))
+            .to_path_buf();
+        (path.to_path_buf(), dir)
+    };
+    Ok((FeatureFile::open(file)?, Labels::read(&dir)?))
+}
+
+/// Binds `host:port` and serves in a background thread.
+pub fn start(cfg: &ServeConfig) -> Result<Server> {
+    if !cfg.graphs.is_dir() {
+        return Err(Error::config(
+            "serve.graphs",
+            format!("{} is not a directory", cfg.graphs.display()),
+        ));
+    }
+    let (features, labels) = match &cfg.features {
+        Some(p) => {
+            let (f, l) = open_features(p)?;
+            (Some(f), l)
+        }
+        None => (None, Labels::default()),
+    };
+    let state = Arc::new(AppState {
+        graphs: cfg.graphs.clone(),
+        features,
+        labels,
+    });
+    let bind_err =
+        |e: std::io::Error| Error::config("serve.host", format!("{}:{}: {e}", cfg.host, cfg.port));
+    let listener = std::net::TcpListener::bind((cfg.host.as_str(), cfg.port)).map_err(bind_err)?;
+    listener.set_nonblocking(true).map_err(bind_err)?;
+    let addr = listener.local_addr().map_err(bind_err)?;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .map_err(|e| Error::Unsupported(format!("tokio runtime: {e}")))?;
+    let listener = rt
+        .block_on(async { tokio::net::TcpListener::from_std(listener) })
+        .map_err(bind_err)?;
+    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+    let app = router(state);
+    let thread = std::thread::spawn(move || {
+        rt.block_on(async move {
+            let stop = async move {
+                let _ = rx.await;
+            };
+            if let Err(e) = axum::serve(listener, app)
+                .with_graceful_shutdown(stop)
+                .await
+            {
+                eprintln!("viewer: server error: {e}");
+            }
+        });
+    });
+    Ok(Server {
+        addr,
+        shutdown: Some(tx),
+        thread: Some(thread),
+    })
+}
+
+fn router(state: Arc<AppState>) -> Router {
+    Router::new()
+        .route("/", get(index))
+        .route(
+            "/assets/app.js",
+            get(|| async { asset("text/javascript; charset=utf-8", assets::APP_JS) }),
+        )
+        .route(
+            "/assets/style.css",
+            get(|| async { asset("text/css; charset=utf-8", assets::STYLE_CSS) }),
+        )
+        .route("/api/graphs", get(list_graphs))
+        .route("/api/graphs/{name}", get(graph))
+        .route("/api/features", get(features_meta))
+        .route("/api/labels", get(labels))
+        .route("/api/features/{layer}/{feature}", get(feature))
+        .route("/features/{scan}/{file}", get(feature_by_cantor))
+        .fallback(|| async { error(StatusCode::NOT_FOUND, "no such route".into()) })
+        .with_state(state)
+}
+
+/// The page may load only its own assets and talk only to this server.
+const CSP: &str = "default-src 'self'; img-src 'self' data:; style-src 'self' 'unsafe-inline'; \
+                   connect-src 'self'; object-src 'none'; base-uri 'none'";
+
+fn asset(mime: &'static str, body: &'static str) -> Response {
+    let mut r = body.into_response();
+    r.headers_mut()
+        .insert(header::CONTENT_TYPE, HeaderValue::from_static(mime));
+    r.headers_mut()
+        .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
+    r
+}
+
+async fn index() -> Response {
+    let mut r = asset("text/html; charset=utf-8", assets::INDEX_HTML);
+    r.headers_mut().insert(
+        header::CONTENT_SECURITY_POLICY,
+        HeaderValue::from_static(CSP),
+    );
+    r
+}
+
+fn error(status: StatusCode, msg: String) -> Response {
+    (status, axum::Json(serde_json::json!({ "error": msg }))).into_response()
+}
+
+fn json_bytes(bytes: Vec<u8>) -> Response {
+    let mut r = bytes.into_response();
+    r.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    r
+}
+
+fn status_of(e: &Error) -> StatusCode {
+    match e {
+        Error::Io { source, .. } if source.kind() == std::io::ErrorKind::NotFound => {
+            StatusCode::NOT_FOUND
+        }
+        Error::InvalidData { .. } => StatusCode::BAD_REQUEST,
+        _ => StatusCode::INTERNAL_SERVER_ERROR,
+    }
+}
+
+async fn list_graphs(State(s): State<Arc<AppState>>) -> Response {
+    let dir = s.graphs.clone();
+    let listed = tokio::task::spawn_blocking(move || -> Result<Vec<serde_json::Value>> {
+        let mut out = Vec::new();
+        for e in std::fs::read_dir(&dir).map_err(|e| Error::io(&dir, e))? {
+            let e = e.map_err(|e| Error::io(&dir, e))?;
+            let name = e.file_name().to_string_lossy().into_owned();
+            let is_file = e.file_type().map(|t| t.is_file()).unwrap_or(false);
+            if is_file && name.ends_with(".json") && !name.starts_with('.') {
+                let bytes = e.metadata().map(|m| m.len()).unwrap_or(0);
+                out.push(serde_json::json!({ "name": name, "bytes": bytes }));
+            }
+        }
+        out.sort_by(|a, b| a["name"].as_str().cmp(&b["name"].as_str()));
+        Ok(out)
+    })
+    .await;
+    match listed {
+        Ok(Ok(v)) => axum::Json(v).into_response(),
+        Ok(Err(e)) => error(status_of(&e), e.to_string()),
+        Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
+    }
+}
+
+async fn graph(State(s): State<Arc<AppState>>, UrlPath(name): UrlPath<String>) -> Response {
+    let read = tokio::task::spawn_blocking(move || -> Result<Vec<u8>> {
+        let path = super::paths::resolve(&s.graphs, &name)?;
+        std::fs::read(&path).map_err(|e| Error::io(&path, e))
+    })
+    .await;
+    match read {
+        Ok(Ok(bytes)) => json_bytes(bytes),
+        // Do not echo server paths: the name the client sent is enough.
+        Ok(Err(e)) => error(status_of(&e), short(&e)),
+        Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
+    }
+}
+
+fn short(e: &Error) -> String {
+    match e {
+        Error::Io { source, .. } => format!("graph not found ({source})"),
+        other => other.to_string(),
+    }
+}
+
+async fn labels(State(s): State<Arc<AppState>>) -> Response {
+    axum::Json(&s.labels).into_response()
+}
+
+async fn features_meta(State(s): State<Arc<AppState>>) -> Response {
+    match &s.features {
+        Some(f) => {
+            let meta: &FeaturesMeta = f.meta();
+            axum::Json(serde_json::json!({
+                "meta": meta,
+                "n_labels": s.labels.labels.len(),
+            }))
+            .into_response()
+        }
+        None => error(
+            StatusCode::NOT_FOUND,
+            "the server was started without --features".into(),
+        ),
+    }
+}
+
+/// circuit-tracer's frontend path: `/features/{scan}/{cantor id}.json`.
+async fn feature_by_cantor(
+    state: State<Arc<AppState>>,
+    UrlPath((scan, file)): UrlPath<(String, String)>,
+) -> Response {
+    let same_scan = state
+        .features
+        .as_ref()
+        .is_some_and(|f| f.meta().scan == scan);
+    let id = file
+        .strip_suffix(".json")
+        .and_then(|z| z.parse::<u64>().ok());
+    match (same_scan, id.and_then(crate::features::record::uncantor)) {
+        (true, Some((l, f))) => feature(state, UrlPath((l as usize, f as usize))).await,
+        (false, _) => error(
+            StatusCode::NOT_FOUND,
+            format!("no features for scan {scan:?}"),
+        ),
+        (true, None) => error(
+            StatusCode::NOT_FOUND,
+            format!("{file:?} is not a feature id"),
+        ),
+    }
+}
+
+async fn feature(
+    State(s): State<Arc<AppState>>,
+    UrlPath((layer, feat)): UrlPath<(usize, usize)>,
+) -> Response {
+    let read = tokio::task::spawn_blocking(move || -> Result<Option<serde_json::Value>> {
+        let Some(f) = &s.features else {
+            return Ok(None);
+        };
+        let bytes = f.json(layer, feat)?;
+        let mut v: serde_json::Value =
+            serde_json::from_slice(&bytes).map_err(|e| Error::Corrupt {
+                path: f.path().to_path_buf(),
+                block: (layer * f.n_features() + feat) as u64,
+                offset: 0,
+                reason: format!("bad record JSON: {e}"),
+            })?;
+        if let (Some(label), Some(obj)) = (s.labels.get(layer, feat), v.as_object_mut()) {
+            obj.insert("label".into(), label.into());
+        }
+        Ok(Some(v))
+    })
+    .await;
+    match read {
+        Ok(Ok(Some(v))) => axum::Json(v).into_response(),
+        Ok(Ok(None)) => error(
+            StatusCode::NOT_FOUND,
+            "the server was started without --features".into(),
+        ),
+        Ok(Err(e @ Error::InvalidData { .. })) => error(StatusCode::NOT_FOUND, e.to_string()),
+        Ok(Err(e)) => error(status_of(&e), e.to_string()),
+        Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
+    }
+}

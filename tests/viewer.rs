@@ -1,0 +1,573 @@
+//! The viewer end to end: feature dashboards computed from a real store (stories260K activations, a small
+//! random transcoder), served by `clt serve`'s server, and driven in headless Chromium through WebDriver.
+//!
+//! The browser test needs Debian's `chromium` and `chromium-driver`; `scripts/install-browser.sh` installs them
+//! (scripts/test.sh calls it). Without them it fails, naming that script.
+
+use clt::cache::{CacheConfig, InputHook, cache};
+use clt::clt::checkpoint::save_transcoder;
+use clt::clt::{Activation, CltConfig, DecoderKind, NormScales, Params, Transcoder};
+use clt::features::FeatureFile;
+use clt::features::cli::{FEATURES_FILE, FeaturesArgs};
+use clt::rng::Rng;
+use clt::viewer::{ServeConfig, Server};
+use fantoccini::{ClientBuilder, Locator};
+use std::io::{Read, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+const FIXTURES: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures");
+
+struct Fixture {
+    graphs: PathBuf,
+    features: PathBuf,
+}
+
+/// Builds once per test binary: a store of stories260K activations, a random CLT, its features file, and a
+/// graphs folder holding the fixture graphs.
+fn fixture() -> &'static Fixture {
+    static F: OnceLock<Fixture> = OnceLock::new();
+    F.get_or_init(|| {
+        let shared = PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../shared"));
+        assert!(
+            shared.is_dir(),
+            "{} is missing: the viewer tests need stories260K",
+            shared.display()
+        );
+        let root = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("viewer-test");
+        let _ = std::fs::remove_dir_all(&root);
+        std::fs::create_dir_all(&root).unwrap();
+        let m = clt::model::load(&shared.join("models/stories260K/stories260K.bin"), None).unwrap();
+        let store = root.join("store");
+        cache(
+            &m,
+            &CacheConfig {
+                corpus: vec![shared.join("corpus/tinystories_valid_head.txt")],
+                out: store.clone(),
+                context: 64,
+                max_tokens: Some(3000),
+                input_hook: InputHook::MlpInNormed,
+                codec: clt::store::Codec::F32,
+                shard_tokens: 1000,
+                contexts_per_batch: 16,
+                quiet: true,
+            },
+        )
+        .unwrap();
+        let cfg = CltConfig {
+            n_layers: 5,
+            d_model: 64,
+            n_features: 40,
+            decoder: DecoderKind::CrossLayer,
+            activation: Activation::JumpRelu,
+            skip: false,
+        };
+        let mut rng = Rng::seed(3);
+        let params = Params::init(&cfg, 0.05, &mut rng);
+        let t = Transcoder {
+            norms: NormScales::identity(cfg.n_layers),
+            cfg,
+            params,
+        };
+        let tdir = root.join("transcoder");
+        save_transcoder(&tdir, &t).unwrap();
+        let features = root.join("features");
+        clt::features::cli::run(&FeaturesArgs {
+            transcoder: tdir,
+            store,
+            out: features.clone(),
+            model: None, // from the store's cache.json
+            tokenizer: None,
+            top_k: 5,
+            samples: 6,
+            before: 8,
+            after: 3,
+            logits: 5,
+            max_tokens: None,
+            chunk_tokens: 700,
+            scan: Some("test-scan".into()),
+            json: true,
+            quiet: true,
+        })
+        .unwrap();
+        let graphs = root.join("graphs");
+        std::fs::create_dir_all(&graphs).unwrap();
+        for name in ["graph-small.json", "graph-malformed.json"] {
+            std::fs::copy(Path::new(FIXTURES).join(name), graphs.join(name)).unwrap();
+        }
+        std::fs::write(root.join("secret.json"), "{\"secret\": true}").unwrap();
+        Fixture { graphs, features }
+    })
+}
+
+fn serve() -> Server {
+    let f = fixture();
+    clt::viewer::start(&ServeConfig {
+        graphs: f.graphs.clone(),
+        features: Some(f.features.clone()),
+        host: "127.0.0.1".into(),
+        port: 0,
+    })
+    .unwrap()
+}
+
+/// A raw HTTP/1.1 GET (no client-side path normalisation): status and body.
+fn get(server: &Server, path: &str) -> (u16, String) {
+    let mut s = std::net::TcpStream::connect(server.addr()).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut text = String::new();
+    s.read_to_string(&mut text).unwrap();
+    let status = text
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    let body = text
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default();
+    (status, body)
+}
+
+#[test]
+fn features_file_holds_real_contexts_and_logit_effects() {
+    let f = fixture();
+    let file = FeatureFile::open(f.features.join(FEATURES_FILE)).unwrap();
+    assert_eq!((file.n_layers(), file.n_features()), (5, 40));
+    assert_eq!(file.meta().n_tokens, 3000);
+    assert_eq!(file.meta().logit_slot, "last layer");
+    let mut fired = 0;
+    for l in 0..5 {
+        for i in 0..40 {
+            let r = file.get(l, i).unwrap();
+            assert_eq!((r.layer, r.feature), (l as u32, i as u32));
+            assert_eq!(r.index, clt::features::cantor(l as u64, i as u64));
+            assert_eq!(
+                r.top_logits.len(),
+                5,
+                "logit effects need the model from cache.json"
+            );
+            let top = &r.examples_quantiles[0].examples;
+            if r.n_active == 0 {
+                assert!(top.is_empty());
+                continue;
+            }
+            fired += 1;
+            assert!(top.len() <= 5 && !top.is_empty());
+            // Best first; the chosen token's activation is the example's, and the best is the maximum.
+            let centre = |e: &clt::features::Example| e.tokens_acts_list[e.train_token_ind];
+            assert_eq!(centre(&top[0]), r.act_max);
+            assert!(top.windows(2).all(|w| centre(&w[0]) >= centre(&w[1])));
+            for e in top {
+                assert_eq!(e.tokens.len(), e.tokens_acts_list.len());
+                assert!(e.tokens.len() <= 8 + 1 + 3);
+                assert!(
+                    e.tokens.iter().all(|t| !t.starts_with('#')),
+                    "tokens decoded"
+                );
+            }
+            let hist: f32 = r.histogram.iter().sum();
+            assert_eq!(hist as u64, r.n_active);
+            assert_eq!(r.histogram_edges.len(), r.histogram.len() + 1);
+            assert!((r.activation_frequency - r.n_active as f64 / 3000.0).abs() < 1e-12);
+        }
+    }
+    assert!(fired > 20, "only {fired} features fired");
+    // circuit-tracer's per-feature JSON files.
+    let one = f
+        .features
+        .join("features/test-scan")
+        .join(format!("{}.json", clt::features::cantor(1, 3)));
+    let v: serde_json::Value = serde_json::from_slice(&std::fs::read(one).unwrap()).unwrap();
+    assert!(v["examples_quantiles"].is_array() && v["act_max"].is_number());
+}
+
+#[test]
+fn server_api_and_traversal() {
+    let server = serve();
+    let (s, body) = get(&server, "/api/graphs");
+    assert_eq!(s, 200, "{body}");
+    let list: serde_json::Value = serde_json::from_str(&body).unwrap();
+    let names: Vec<&str> = list
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|g| g["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(names, ["graph-malformed.json", "graph-small.json"]);
+    let (s, body) = get(&server, "/api/graphs/graph-small.json");
+    assert_eq!(s, 200);
+    assert!(body.contains("\"nodes\""));
+    for bad in [
+        "/api/graphs/..%2Fsecret.json",
+        "/api/graphs/%2e%2e%2fsecret.json",
+        "/api/graphs/..%5Csecret.json",
+        "/api/graphs/%2Fetc%2Fpasswd",
+        "/api/graphs/..",
+        "/api/graphs/../secret.json",
+        "/api/graphs/../../etc/passwd",
+        "/../secret.json",
+        "/assets/../../secret.json",
+    ] {
+        let (s, body) = get(&server, bad);
+        assert!(matches!(s, 400 | 404), "{bad}: status {s}");
+        assert!(
+            !body.contains("secret\": true") && !body.contains("root:"),
+            "{bad} leaked: {body}"
+        );
+    }
+    let (s, body) = get(&server, "/api/graphs/missing.json");
+    assert_eq!(s, 404, "{body}");
+    let (s, body) = get(&server, "/api/features/1/3");
+    assert_eq!(s, 200, "{body}");
+    let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(
+        (v["layer"].as_u64(), v["feature"].as_u64()),
+        (Some(1), Some(3))
+    );
+    assert_eq!(get(&server, "/api/features/9/0").0, 404);
+    // circuit-tracer's path for the same record (Cantor id of (1, 3) = 13).
+    let (s, same) = get(&server, "/features/test-scan/13.json");
+    assert_eq!(s, 200);
+    assert_eq!(same, body);
+    assert_eq!(get(&server, "/features/other-scan/13.json").0, 404);
+    assert_eq!(get(&server, "/features/test-scan/x.json").0, 404);
+    assert_eq!(get(&server, "/api/features/x/0").0, 400);
+    let (s, body) = get(&server, "/");
+    assert_eq!(s, 200);
+    assert!(body.contains("/assets/app.js"));
+    assert_eq!(get(&server, "/assets/app.js").0, 200);
+}
+
+/// Kills chromedriver when the test ends, however it ends.
+struct Driver(Child);
+
+impl Drop for Driver {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn which(names: &[&str]) -> Option<PathBuf> {
+    let path = std::env::var_os("PATH")?;
+    names
+        .iter()
+        .flat_map(|n| std::env::split_paths(&path).map(move |d| d.join(n)))
+        .find(|p| p.is_file())
+}
+
+fn browser() -> (PathBuf, PathBuf) {
+    let chromium = std::env::var_os("CHROMIUM")
+        .map(PathBuf::from)
+        .filter(|p| p.is_file())
+        .or_else(|| which(&["chromium", "chromium-browser"]));
+    let driver = std::env::var_os("CHROMEDRIVER")
+        .map(PathBuf::from)
+        .filter(|p| p.is_file())
+        .or_else(|| which(&["chromedriver"]));
+    match (chromium, driver) {
+        (Some(c), Some(d)) => (c, d),
+        (c, d) => panic!(
+            "the viewer's browser test needs chromium ({}) and chromedriver ({}): run `bash scripts/install-browser.sh` \
+             (as root; scripts/test.sh does) or set CHROMIUM and CHROMEDRIVER",
+            c.map_or("missing".into(), |p| p.display().to_string()),
+            d.map_or("missing".into(), |p| p.display().to_string()),
+        ),
+    }
+}
+
+fn start_driver(driver: &Path) -> (Driver, u16) {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let child = Command::new(driver)
+        .arg(format!("--port={port}"))
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap_or_else(|e| panic!("starting {}: {e}", driver.display()));
+    let guard = Driver(child);
+    let t0 = Instant::now();
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(
+            t0.elapsed() < Duration::from_secs(20),
+            "chromedriver did not listen on port {port}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    (guard, port)
+}
+
+async fn wait_js(c: &fantoccini::Client, script: &str, want: &str) {
+    let t0 = Instant::now();
+    loop {
+        let v = c.execute(script, vec![]).await.unwrap();
+        if v.as_str() == Some(want) {
+            return;
+        }
+        if t0.elapsed() > Duration::from_secs(20) {
+            let err = c
+                .execute(
+                    "return document.getElementById('error').textContent",
+                    vec![],
+                )
+                .await
+                .unwrap();
+            panic!("`{script}` is {v}, not {want:?}; error banner: {err}");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[test]
+fn graph_and_features_in_headless_chromium() {
+    let (chromium, driver) = browser();
+    let f = fixture();
+    let (_driver, port) = start_driver(&driver);
+    let graph: serde_json::Value = serde_json::from_slice(
+        &std::fs::read(Path::new(FIXTURES).join("graph-small.json")).unwrap(),
+    )
+    .unwrap();
+    let n_nodes = graph["nodes"].as_array().unwrap().len();
+    let n_links = graph["links"].as_array().unwrap().len();
+    // The first fixture feature node whose feature fired in the store, and its best context's text.
+    let file = FeatureFile::open(f.features.join(FEATURES_FILE)).unwrap();
+    let (node_id, want_text, key) = graph["nodes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|n| n["feature_type"] == "cross layer transcoder")
+        .find_map(|n| {
+            let id = n["node_id"].as_str().unwrap();
+            let mut parts = id.split('_');
+            let l: usize = parts.next()?.parse().ok()?;
+            let i: usize = parts.next()?.parse().ok()?;
+            let rec = file.get(l, i).unwrap();
+            let ex = rec.examples_quantiles[0].examples.first()?;
+            Some((id.to_string(), ex.tokens.concat(), format!("{l}/{i}")))
+        })
+        .expect("some fixture feature fired");
+    // Serve a copy of the features with a label for that feature (as `clt explain` writes it).
+    let feats = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("viewer-test-browser");
+    let _ = std::fs::remove_dir_all(&feats);
+    std::fs::create_dir_all(&feats).unwrap();
+    std::fs::copy(f.features.join(FEATURES_FILE), feats.join(FEATURES_FILE)).unwrap();
+    let mut labels = clt::features::labels::Labels::default();
+    let (l, i) = key.split_once('/').unwrap();
+    labels.insert(
+        l.parse().unwrap(),
+        i.parse().unwrap(),
+        "Zebra-striped test label".into(),
+    );
+    labels.write(&feats).unwrap();
+    let server = clt::viewer::start(&ServeConfig {
+        graphs: f.graphs.clone(),
+        features: Some(feats),
+        host: "127.0.0.1".into(),
+        port: 0,
+    })
+    .unwrap();
+
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let caps = serde_json::json!({
+            "goog:chromeOptions": {
+                "binary": chromium.display().to_string(),
+                "args": ["--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+                         "--window-size=1500,900"]
+            }
+        });
+        let caps = caps.as_object().unwrap().clone().into_iter().collect();
+        let c = ClientBuilder::new(hyper_util::client::legacy::connect::HttpConnector::new())
+            .capabilities(caps)
+            .connect(&format!("http://127.0.0.1:{port}"))
+            .await
+            .expect("a WebDriver session with headless chromium");
+        let base = server.url();
+        c.goto(&format!("{base}/?graph=graph-small.json")).await.unwrap();
+        wait_js(&c, "return document.body.dataset.state", "ready").await;
+        let counts = c
+            .execute(
+                "return [document.querySelectorAll('#nodes .node').length, document.querySelectorAll('#edges .edge').length]",
+                vec![],
+            )
+            .await
+            .unwrap();
+        assert_eq!(counts, serde_json::json!([n_nodes, n_links]));
+
+        // Click a feature node: it is pinned and its panel shows its top context.
+        let node = c.find(Locator::Css(&format!("[data-id=\"{node_id}\"]"))).await.unwrap();
+        node.click().await.unwrap();
+        wait_js(&c, "return document.body.dataset.feature", &key).await;
+        let text = c
+            .execute("return document.querySelector('#feature-panel .context').textContent", vec![])
+            .await
+            .unwrap();
+        assert_eq!(text.as_str(), Some(want_text.as_str()));
+        let pinned = c.execute("return document.querySelectorAll('.node.pinned').length", vec![]).await.unwrap();
+        assert_eq!(pinned, serde_json::json!(1));
+        let logits = c.execute("return document.querySelectorAll('#feature-panel .logits li').length", vec![]).await.unwrap();
+        assert_eq!(logits, serde_json::json!(10));
+
+        // The CI artifact: the graph with a feature's dashboard open.
+        let png = c.screenshot().await.unwrap();
+        let shot = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).parent().unwrap().join("viewer-screenshot.png");
+        std::fs::write(&shot, png).unwrap();
+
+        // Search highlights; the pinned subgraph hides the rest.
+        let label = c.execute("return document.querySelector('#feature-panel .label').textContent", vec![]).await.unwrap();
+        assert_eq!(label, serde_json::json!("Zebra-striped test label"));
+        // Search finds the node by its label.
+        c.find(Locator::Id("search")).await.unwrap().send_keys("zebra-striped").await.unwrap();
+        let hits = c.execute("return document.querySelectorAll('.node.match').length", vec![]).await.unwrap();
+        assert_eq!(hits, serde_json::json!(1));
+        c.find(Locator::Id("pinned-only")).await.unwrap().click().await.unwrap();
+        let shown = c
+            .execute("return [...document.querySelectorAll('#nodes .node')].filter(e => !e.classList.contains('hidden')).length", vec![])
+            .await
+            .unwrap();
+        assert_eq!(shown, serde_json::json!(1));
+        c.find(Locator::Id("pinned-only")).await.unwrap().click().await.unwrap();
+
+        // A malformed graph shows an error, not a blank page.
+        c.goto(&format!("{base}/?graph=graph-malformed.json")).await.unwrap();
+        wait_js(&c, "return document.body.dataset.state", "error").await;
+        let err = c.find(Locator::Id("error")).await.unwrap().text().await.unwrap();
+        assert!(err.contains("graph-malformed.json is not a valid attribution graph"), "{err}");
+
+        // A graph from disk through the file input.
+        let input = c.find(Locator::Id("file-input")).await.unwrap();
+        input.send_keys(&Path::new(FIXTURES).join("graph-small.json").display().to_string()).await.unwrap();
+        wait_js(&c, "return document.body.dataset.state", "ready").await;
+        let n = c.execute("return document.querySelectorAll('#nodes .node').length", vec![]).await.unwrap();
+        assert_eq!(n, serde_json::json!(n_nodes));
+        let hidden = c.execute("return document.getElementById('error').hidden", vec![]).await.unwrap();
+        assert_eq!(hidden, serde_json::json!(true));
+        c.close().await.unwrap();
+    });
+}
+
+/// A one-thread OpenAI-compatible stand-in on loopback: answers each chat-completions request with
+/// "label N" and keeps the request bodies.
+fn fake_llm(n: usize) -> (String, std::thread::JoinHandle<Vec<serde_json::Value>>) {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let url = format!("http://{}/v1", listener.local_addr().unwrap());
+    let handle = std::thread::spawn(move || {
+        let mut bodies = Vec::new();
+        for i in 0..n {
+            let (mut s, _) = listener.accept().unwrap();
+            let mut buf = Vec::new();
+            let mut byte = [0u8; 1];
+            while !buf.ends_with(b"\r\n\r\n") {
+                s.read_exact(&mut byte).unwrap();
+                buf.push(byte[0]);
+            }
+            let head = String::from_utf8_lossy(&buf).to_lowercase();
+            assert!(head.starts_with("post /v1/chat/completions "), "{head}");
+            let len: usize = head
+                .lines()
+                .find_map(|l| l.strip_prefix("content-length:"))
+                .map(|v| v.trim().parse().unwrap())
+                .expect("content-length");
+            let mut body = vec![0u8; len];
+            s.read_exact(&mut body).unwrap();
+            bodies.push(serde_json::from_slice(&body).unwrap());
+            let answer = serde_json::json!({
+                "choices": [{ "index": 0, "message": { "role": "assistant", "content": format!("\"label {i}\"\n") } }]
+            })
+            .to_string();
+            write!(
+                s,
+                "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{answer}",
+                answer.len()
+            )
+            .unwrap();
+        }
+        bodies
+    });
+    (url, handle)
+}
+
+#[test]
+fn explain_labels_features_through_a_local_endpoint_and_the_server_shows_them() {
+    let f = fixture();
+    let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("viewer-test-explain");
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::copy(f.features.join(FEATURES_FILE), dir.join(FEATURES_FILE)).unwrap();
+    let (url, llm) = fake_llm(4);
+    let args = clt::features::explain::ExplainArgs {
+        features: dir.clone(),
+        url,
+        model_name: "test-model".into(),
+        api_key_env: "CLT_TEST_NO_SUCH_KEY".into(),
+        layers: vec![1],
+        limit: Some(4),
+        examples: 3,
+        overwrite: false,
+        timeout: 30,
+    };
+    assert_eq!(clt::features::explain::run(&args).unwrap(), 4);
+    let bodies = llm.join().unwrap();
+    let file = FeatureFile::open(dir.join(FEATURES_FILE)).unwrap();
+    let fired: Vec<usize> = (0..40)
+        .filter(|&i| file.get(1, i).unwrap().n_active > 0)
+        .take(4)
+        .collect();
+    let labels = clt::features::labels::Labels::read(&dir).unwrap();
+    for (k, &i) in fired.iter().enumerate() {
+        assert_eq!(labels.get(1, i), Some(format!("label {k}").as_str()));
+        // The request carried the model name and the feature's best context, its token marked.
+        let b = &bodies[k];
+        assert_eq!(b["model"], "test-model");
+        let user = b["messages"][1]["content"].as_str().unwrap();
+        let ex = &file.get(1, i).unwrap().examples_quantiles[0].examples[0];
+        let marked = format!("[[{}]]", ex.tokens[ex.train_token_ind]);
+        assert!(user.contains(&marked), "{user}");
+    }
+    assert_eq!(labels.labels.len(), 4);
+    // A second run resumes: labelled features are skipped, the rest of the layer is asked for.
+    let all_fired = (0..40)
+        .filter(|&i| file.get(1, i).unwrap().n_active > 0)
+        .count();
+    let (url, llm) = fake_llm(all_fired - 4);
+    let again = clt::features::explain::ExplainArgs {
+        url,
+        limit: None,
+        ..args.clone()
+    };
+    assert_eq!(clt::features::explain::run(&again).unwrap(), all_fired - 4);
+    llm.join().unwrap();
+    let labels = clt::features::labels::Labels::read(&dir).unwrap();
+    assert_eq!(labels.labels.len(), all_fired);
+    assert_eq!(labels.get(1, fired[0]), Some("label 0"));
+
+    let server = clt::viewer::start(&ServeConfig {
+        graphs: f.graphs.clone(),
+        features: Some(dir.clone()),
+        host: "127.0.0.1".into(),
+        port: 0,
+    })
+    .unwrap();
+    let (s, body) = get(&server, &format!("/api/features/1/{}", fired[0]));
+    assert_eq!(s, 200);
+    let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(v["label"], "label 0");
+    let (s, body) = get(&server, "/api/labels");
+    assert_eq!(s, 200);
+    let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(v["labels"][format!("1/{}", fired[0])], "label 0");
+}
