@@ -142,6 +142,8 @@ pub struct StoriesReport {
     pub export: std::path::PathBuf,
     /// The attribution graph of [`DEMO_PROMPT`].
     pub graph: crate::attribution::cli::Written,
+    /// The feature dashboards (over the held-out store) that the viewer shows beside the graph.
+    pub features: std::path::PathBuf,
     pub graph_seconds: f64,
     pub graph_features: usize,
 }
@@ -250,7 +252,26 @@ pub fn run_stories(demo: &StoriesDemo) -> Result<StoriesReport> {
         0.8,
         0.98,
     )?;
+    // Dashboards of every feature over the held-out activations, for the viewer.
+    let features = crate::features::cli::run(&crate::features::cli::FeaturesArgs {
+        transcoder: crate::train::resolve_checkpoint(&run_dir)?,
+        store: held_out.clone(),
+        out: demo.out.join("features"),
+        model: Some(demo.model.clone()),
+        tokenizer: demo.tokenizer.clone(),
+        top_k: 20,
+        samples: 24,
+        before: 12,
+        after: 4,
+        logits: 10,
+        max_tokens: None,
+        chunk_tokens: 4096,
+        scan: Some("stories260K-demo-clt".into()),
+        json: false,
+        quiet: demo.quiet,
+    })?;
     Ok(StoriesReport {
+        features,
         graph,
         graph_seconds: t2.elapsed().as_secs_f64(),
         graph_features: g.selected.len(),

@@ -66,6 +66,9 @@ enum Command {
         /// Where to write the run (a fresh folder is best: finished caches are reused).
         #[arg(long, default_value = "runs/demo")]
         out: PathBuf,
+        /// At the end, serve the graph and the feature dashboards in the viewer (http://127.0.0.1:8041).
+        #[arg(long)]
+        serve: bool,
     },
     /// Cache a language model's MLP inputs and outputs over a corpus into the activation store (resumable).
     Cache {
@@ -297,12 +300,14 @@ fn run(cli: Cli) -> clt::Result<()> {
             tokens,
             steps,
             out,
+            serve,
         } => {
             let mut demo = clt::demo::StoriesDemo::from_shared(&shared, &out);
             demo.train_tokens = tokens;
             demo.steps = steps;
             println!(
-                "stories260K on TinyStories: cache {tokens} tokens, train a CLT for {steps} steps, evaluate, export"
+                "stories260K on TinyStories: cache {tokens} tokens, train a CLT for {steps} steps, evaluate, \
+                 export, attribute a prompt, build feature dashboards"
             );
             let r = clt::demo::run_stories(&demo)?;
             println!(
@@ -332,6 +337,22 @@ fn run(cli: Cli) -> clt::Result<()> {
                 r.graph.nodes,
                 r.graph.links,
                 r.graph.raw.display()
+            );
+            let graphs = r.graph.json.parent().unwrap_or(&out).to_path_buf();
+            let features = r.features.parent().unwrap_or(&out).to_path_buf();
+            println!("feature dashboards {}", r.features.display());
+            if serve {
+                return clt::viewer::cli::run(&clt::viewer::cli::ServeArgs {
+                    graphs,
+                    features: Some(features),
+                    port: 8041,
+                    host: "127.0.0.1".into(),
+                });
+            }
+            println!(
+                "view them: clt serve --graphs {} --features {}",
+                graphs.display(),
+                features.display()
             );
             Ok(())
         }
