@@ -10,6 +10,7 @@
 //! - [`store`]: the activation store (compressed shards, the shuffling shard loader, importers);
 //! - [`train`]: the objective, the optimiser, schedules, metrics and the training loop.
 //! - [`model`]: the language models (Llama family) that activations come from, their loaders and tokenizers;
+//! - [`dist`]: distributed training (feature-sharded CLTs across MPI ranks; the `mpi` feature), sharded checkpoints;
 //! - [`attribution`]: attribution graphs of prompts (circuit-tracer's algorithm and formats) and interventions.
 
 pub mod attribution;
@@ -19,6 +20,7 @@ pub mod cache;
 pub mod clt;
 pub mod data;
 pub mod demo;
+pub mod dist;
 pub mod error;
 pub mod eval;
 pub mod model;

@@ -213,6 +213,26 @@ fn run(cli: Cli) -> clt::Result<()> {
             backend,
             quiet,
         } => {
+            let args = clt::dist::cli::TrainArgs {
+                config,
+                out,
+                resume,
+                steps,
+                backend,
+                quiet,
+            };
+            if clt::dist::cli::wants_sharded(&args) {
+                // Under mpirun (feature-sharded over the ranks), or resuming a sharded checkpoint.
+                return clt::dist::cli::train(args);
+            }
+            let clt::dist::cli::TrainArgs {
+                config,
+                out,
+                resume,
+                steps,
+                backend,
+                quiet,
+            } = args;
             let mut trainer = if resume {
                 let t = Trainer::resume(&out, steps)?;
                 if let Some(path) = config {
@@ -400,7 +420,8 @@ fn run(cli: Cli) -> clt::Result<()> {
             input_hook,
             output_hook,
         } => {
-            let t = load_transcoder(&resolve_checkpoint(&checkpoint)?)?;
+            // Native or sharded (assembled from its shards).
+            let t = clt::dist::checkpoint::load_transcoder(&checkpoint)?;
             let meta = ExportMeta {
                 model_name,
                 feature_input_hook: input_hook,
