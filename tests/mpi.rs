@@ -16,6 +16,13 @@ use std::time::{Duration, Instant};
 
 const CLT: &str = env!("CARGO_BIN_EXE_clt");
 
+/// One `mpirun` job at a time (the time bounds below assume the machine is not shared with another job).
+static ONE_JOB: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+fn one_job() -> std::sync::MutexGuard<'static, ()> {
+    ONE_JOB.lock().unwrap_or_else(|e| e.into_inner())
+}
+
 fn run_config() -> RunConfig {
     let mut run = clt::demo::synthetic_config();
     run.model.n_features = 37;
@@ -120,6 +127,7 @@ fn fork_run(from: &Path, step: u64, to: &Path) {
 
 #[test]
 fn two_ranks_equal_one_process_and_checkpoints_reshard() {
+    let _job = one_job();
     let tmp = tempfile::tempdir().unwrap();
     let run = run_config();
     let cfg = write_config(tmp.path(), "run.toml", &run);
@@ -221,6 +229,7 @@ fn two_ranks_equal_one_process_and_checkpoints_reshard() {
 }
 
 fn failing_run(fault: &str) -> (String, Duration, PathBuf, tempfile::TempDir) {
+    let _job = one_job();
     let tmp = tempfile::tempdir().unwrap();
     let cfg = write_config(tmp.path(), "run.toml", &run_config());
     let out = tmp.path().join("run");
@@ -279,6 +288,7 @@ fn a_hung_rank_stops_the_job_within_the_bound_naming_it() {
 
 #[test]
 fn mismatched_configurations_are_reported_at_start_up() {
+    let _job = one_job();
     let tmp = tempfile::tempdir().unwrap();
     let run = run_config();
     let a = write_config(tmp.path(), "a.toml", &run);
