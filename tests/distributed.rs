@@ -343,3 +343,51 @@ fn topk_cannot_be_feature_sharded() {
             .all(|e| e.as_ref().is_some_and(|e| e.contains("TopK")))
     );
 }
+
+#[test]
+fn data_parallel_ranks_equal_one_process() {
+    let mut run = run_config();
+    run.train.parallel = clt::train::Parallel::Data;
+    run.model.activation = clt::clt::Activation::TopK { k: 3 }; // per token: fine when the batch is split
+    let (want, t) = single(&run, 8);
+    for n in [2, 3] {
+        let dir = tempfile::tempdir().unwrap();
+        let out = on_ranks(n, |c| {
+            let mut s = ShardedTrainer::with_source(run.clone(), source(&run), c).unwrap();
+            let reps: Vec<_> = (0..8).map(|_| s.step().unwrap()).collect();
+            s.save_checkpoint(dir.path()).unwrap();
+            (reps, s.params.clone())
+        });
+        for (r, (reps, p)) in out.iter().enumerate() {
+            let losses: Vec<f64> = reps.iter().map(|r| r.stats.loss()).collect();
+            assert_loss_close(
+                &format!("data-parallel {n} ranks, rank {r}"),
+                &losses,
+                &want,
+            );
+            assert_params_close(
+                &format!("data-parallel {n} ranks, rank {r}"),
+                p,
+                &t.params,
+                1e-5,
+            );
+            assert!(*p == out[0].1, "data-parallel replicas must stay identical");
+        }
+        let last = &out[0].0.last().unwrap().stats;
+        let mut t2 = Trainer::new(run.clone()).unwrap();
+        let one = (0..8).map(|_| t2.step().unwrap()).last().unwrap();
+        assert_eq!(last.n_active, one.stats.n_active);
+        assert!(
+            (last.nmse_total() - one.stats.nmse_total()).abs() <= 1e-5 * one.stats.nmse_total()
+        );
+        // One shard (rank 0's replica), loadable as the whole transcoder.
+        let ck = checkpoint::resolve(dir.path()).unwrap();
+        assert_eq!(checkpoint::read_manifest(&ck).unwrap().world, 1);
+        assert_params_close(
+            "data-parallel checkpoint",
+            &checkpoint::load_transcoder(&ck).unwrap().params,
+            &t.params,
+            1e-5,
+        );
+    }
+}

@@ -126,7 +126,7 @@ fn fork_run(from: &Path, step: u64, to: &Path) {
 }
 
 #[test]
-fn two_ranks_equal_one_process_and_checkpoints_reshard() {
+fn two_ranks_feature_sharded_and_data_parallel_equal_one_process_and_checkpoints_reshard() {
     let _job = one_job();
     let tmp = tempfile::tempdir().unwrap();
     let run = run_config();
@@ -174,6 +174,37 @@ fn two_ranks_equal_one_process_and_checkpoints_reshard() {
     assert!(checkpoint::is_sharded(&ck));
     assert_eq!(checkpoint::read_manifest(&ck).unwrap().world, 2);
     assert_params_close("2 ranks vs 1 process", &params(&two), &want);
+
+    // Data-parallel, 2 ranks: the same run (one process ignores `parallel`).
+    let mut dp = run.clone();
+    dp.train.parallel = clt::train::Parallel::Data;
+    let dp_cfg = write_config(tmp.path(), "dp.toml", &dp);
+    let dpo = tmp.path().join("dp");
+    let (o, _) = mpirun(
+        2,
+        &[
+            "train",
+            "--config",
+            dp_cfg.to_str().unwrap(),
+            "--out",
+            dpo.to_str().unwrap(),
+            "--quiet",
+        ],
+        &[],
+    );
+    assert!(
+        o.status.success(),
+        "data-parallel mpirun -n 2 failed:\n{}",
+        text(&o)
+    );
+    for (s, (g, w)) in losses(&dpo).iter().zip(&want_loss).enumerate() {
+        assert!(
+            (g - w).abs() <= 1e-5 * w.abs(),
+            "data-parallel loss at step {}: {g} vs {w}",
+            s + 1
+        );
+    }
+    assert_params_close("data-parallel 2 ranks vs 1 process", &params(&dpo), &want);
 
     // 2 → 1: a single process resumes the 2-rank checkpoint of step 4 and finishes the run.
     let one = tmp.path().join("one");

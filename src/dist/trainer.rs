@@ -1,6 +1,8 @@
-//! The feature-sharded training step and loop.
+//! The distributed training step and loop: feature-sharded (the default) or data-parallel
+//! (`[train] parallel = "data"`: every rank holds the whole model, takes its slice of each batch through the
+//! single-process step, and the gradients are summed across ranks, each weighted by its share of the tokens).
 //!
-//! What is subtle here:
+//! What is subtle here (feature sharding):
 //! - The step is the single-process sparse step cut in two ([`backward`] after the forward): the local
 //!   decode's partial reconstructions are summed across ranks before the residual is taken, so the loss,
 //!   the residual, and with them the decoder-bias and skip gradients are the same on every rank. Rank 0's
@@ -20,6 +22,7 @@ use super::shard::{check_shardable, feature_range, init_shard, local_config};
 use crate::backend::cpu::adam::{self, AdamHyper, AdamState};
 use crate::backend::cpu::encode::encode_all_with;
 use crate::backend::cpu::sparse::{add_skip, backward, decode_features, thresholds};
+use crate::backend::grads::target_variance;
 use crate::backend::{BackendKind, Grads, Objective, StepStats, ThresholdGrad};
 use crate::clt::params::decoder_norms;
 use crate::clt::{CltConfig, NormScales, Params, Transcoder};
@@ -28,7 +31,7 @@ use crate::rng::Rng;
 use crate::train::init::{calibrate_b_enc, default_fire_rate, estimate_norms};
 use crate::train::metrics::{Interval, MetricsLine};
 use crate::train::trainer::make_source;
-use crate::train::{PreactScope, RunConfig, StepReport, schedule};
+use crate::train::{Parallel, PreactScope, RunConfig, StepReport, schedule};
 use crate::{Error, Result};
 use std::io::Write;
 use std::ops::Range;
@@ -134,6 +137,28 @@ fn check_backend(run: &RunConfig) -> Result<()> {
     Ok(())
 }
 
+/// The features rank `rank` of `world` holds: its shard, or all of them in data-parallel mode.
+pub fn rank_range(run: &RunConfig, rank: usize, world: usize) -> Range<usize> {
+    match run.train.parallel {
+        Parallel::Features => feature_range(run.model.n_features, rank, world),
+        Parallel::Data => 0..run.model.n_features,
+    }
+}
+
+/// Checks that the model can be split over `world` ranks the way the configuration asks.
+fn check_split(run: &RunConfig, world: usize) -> Result<()> {
+    match run.train.parallel {
+        Parallel::Features => check_shardable(&run.model, world),
+        Parallel::Data => match run.model.activation {
+            crate::clt::Activation::BatchTopK { .. } if world > 1 => Err(Error::Unsupported(
+                "data-parallel BatchTopK: its selection spans the whole batch, which no rank sees"
+                    .into(),
+            )),
+            _ => Ok(()),
+        },
+    }
+}
+
 impl<C: Comm> ShardedTrainer<C> {
     /// A fresh run on the source its configuration names (every rank opens its own).
     pub fn new(run: RunConfig, comm: C) -> Result<Self> {
@@ -151,7 +176,7 @@ impl<C: Comm> ShardedTrainer<C> {
         check_same_config(&comm, &run)?;
         check_backend(&run)?;
         let cfg = &run.model;
-        check_shardable(cfg, comm.size())?;
+        check_split(&run, comm.size())?;
         let dims = source.dims();
         if dims.n_layers != cfg.n_layers || dims.d_model != cfg.d_model {
             return Err(Error::Shape {
@@ -161,7 +186,7 @@ impl<C: Comm> ShardedTrainer<C> {
             });
         }
         let t = &run.train;
-        let range = feature_range(cfg.n_features, comm.rank(), comm.size());
+        let range = rank_range(&run, comm.rank(), comm.size());
         let local = local_config(cfg, &range);
         let mut rng = Rng::seed(t.seed);
         let (mut norms, mut calib) =
@@ -202,8 +227,8 @@ impl<C: Comm> ShardedTrainer<C> {
     ) -> Result<Self> {
         let dir = checkpoint::resolve(path)?;
         let run = checkpoint::run_config(&dir)?;
-        check_shardable(&run.model, comm.size())?;
-        let range = feature_range(run.model.n_features, comm.rank(), comm.size());
+        check_split(&run, comm.size())?;
+        let range = rank_range(&run, comm.rank(), comm.size());
         let (m, data): (Manifest, ShardData) = checkpoint::load_state(&dir, &range)?;
         let mut run = m.run;
         if let Some(s) = steps {
@@ -305,7 +330,7 @@ impl<C: Comm> ShardedTrainer<C> {
             }
             std::process::abort();
         }
-        let (cfg, local) = (&self.run.model, &self.local);
+        let cfg = &self.run.model;
         let t = &self.run.train;
         let wait = Instant::now();
         self.source.next_batch(t.batch_size, &mut self.batch)?;
@@ -324,35 +349,12 @@ impl<C: Comm> ShardedTrainer<C> {
             PreactScope::All => None,
             PreactScope::DeadOnly => Some(self.dead_mask()),
         };
-        let (x, y, n) = (&self.batch.x, &self.batch.y, self.batch.n_tokens);
-        let by_h = obj.threshold_grad == ThresholdGrad::Preact;
-        let thetas = thresholds(&self.params);
-        let codes = encode_all_with(local, &self.params, x, n, &thetas, obj.bandwidth, by_h);
-        let mut yhat = decode_features(local, &self.params, &codes, n, self.comm.rank() == 0);
-        let reduce = Instant::now();
-        self.comm
-            .sum_f32("all-reduce of the partial reconstructions", &mut yhat)?;
-        self.timing.reduce_s += reduce.elapsed().as_secs_f64();
-        add_skip(local, &self.params, x, n, &mut yhat);
-        let mut stats = backward(
-            local,
-            &self.params,
-            &self.dec_norms,
-            x,
-            y,
-            n,
-            &obj,
-            dead_mask.as_deref(),
-            &thetas,
-            codes,
-            yhat,
-            &mut self.grads,
-        );
-        let (feat_sq, shared_sq) =
-            adam::grad_sq_parts(local, &self.params, &self.grads, &self.dec_norms);
-        let stats_t = Instant::now();
-        let grad_norm = self.reduce_stats(&mut stats, feat_sq, shared_sq)?;
-        self.timing.stats_s += stats_t.elapsed().as_secs_f64();
+        let n = self.batch.n_tokens;
+        let (clip_norm, lr) = (t.clip_norm, schedule::learning_rate(t, self.step));
+        let (stats, grad_norm) = match t.parallel {
+            Parallel::Features => self.feature_sharded_grads(&obj, dead_mask.as_deref())?,
+            Parallel::Data => self.data_parallel_grads(&obj, dead_mask.as_deref())?,
+        };
         if !stats.loss().is_finite() {
             return Err(Error::NonFinite {
                 what: "loss".into(),
@@ -365,14 +367,13 @@ impl<C: Comm> ShardedTrainer<C> {
                 step: self.step,
             });
         }
-        let scale = if t.clip_norm > 0.0 {
-            (t.clip_norm as f64 / (grad_norm + 1e-6)).min(1.0) as f32
+        let scale = if clip_norm > 0.0 {
+            (clip_norm as f64 / (grad_norm + 1e-6)).min(1.0) as f32
         } else {
             1.0
         };
-        let lr = schedule::learning_rate(t, self.step);
         adam::step(
-            local,
+            &self.local,
             &self.hyper,
             &mut self.params,
             &mut self.adam,
@@ -400,6 +401,130 @@ impl<C: Comm> ShardedTrainer<C> {
             lambda,
             data_wait_s,
         })
+    }
+
+    /// The feature-sharded step's loss and gradient: local encode and decode, the partials summed across
+    /// ranks, the local backward, the per-feature statistics summed.
+    fn feature_sharded_grads(
+        &mut self,
+        obj: &Objective,
+        dead_mask: Option<&[Vec<bool>]>,
+    ) -> Result<(StepStats, f64)> {
+        let local = &self.local;
+        let (x, y, n) = (&self.batch.x, &self.batch.y, self.batch.n_tokens);
+        let by_h = obj.threshold_grad == ThresholdGrad::Preact;
+        let thetas = thresholds(&self.params);
+        let codes = encode_all_with(local, &self.params, x, n, &thetas, obj.bandwidth, by_h);
+        let mut yhat = decode_features(local, &self.params, &codes, n, self.comm.rank() == 0);
+        let reduce = Instant::now();
+        self.comm
+            .sum_f32("all-reduce of the partial reconstructions", &mut yhat)?;
+        self.timing.reduce_s += reduce.elapsed().as_secs_f64();
+        add_skip(local, &self.params, x, n, &mut yhat);
+        let mut stats = backward(
+            local,
+            &self.params,
+            &self.dec_norms,
+            x,
+            y,
+            n,
+            obj,
+            dead_mask,
+            &thetas,
+            codes,
+            yhat,
+            &mut self.grads,
+        );
+        let (feat_sq, shared_sq) =
+            adam::grad_sq_parts(local, &self.params, &self.grads, &self.dec_norms);
+        let stats_t = Instant::now();
+        let grad_norm = self.reduce_stats(&mut stats, feat_sq, shared_sq)?;
+        self.timing.stats_s += stats_t.elapsed().as_secs_f64();
+        Ok((stats, grad_norm))
+    }
+
+    /// The data-parallel step's loss and gradient: this rank's slice of the batch through the single-process
+    /// step, its gradient weighted by its share of the tokens and summed over ranks (one all-reduce of every
+    /// gradient tensor), its statistics likewise.
+    fn data_parallel_grads(
+        &mut self,
+        obj: &Objective,
+        dead_mask: Option<&[Vec<bool>]>,
+    ) -> Result<(StepStats, f64)> {
+        let (rank, world) = (self.comm.rank(), self.comm.size());
+        let cfg = &self.local;
+        let row = cfg.n_layers * cfg.d_model;
+        let n = self.batch.n_tokens;
+        let (lo, hi) = (n * rank / world, n * (rank + 1) / world);
+        let x = &self.batch.x[lo * row..hi * row];
+        let y = &self.batch.y[lo * row..hi * row];
+        let mut stats = crate::backend::cpu::sparse::loss_and_grad(
+            cfg,
+            &self.params,
+            &self.dec_norms,
+            x,
+            y,
+            hi - lo,
+            obj,
+            dead_mask,
+            &mut self.grads,
+        );
+        // Every term of the loss is a mean over tokens: weighting each rank's mean by its share of the batch
+        // and summing gives the mean over the whole batch.
+        let w = (hi - lo) as f64 / n.max(1) as f64;
+        let g = &mut self.grads;
+        let mut buf: Vec<f32> = Vec::with_capacity(g.p.len() + 3 * cfg.n_layers * cfg.n_features);
+        for t in g.p.tensors() {
+            buf.extend(t.iter().map(|v| v * w as f32));
+        }
+        for c in &g.dec_coef {
+            buf.extend(c.iter().map(|v| v * w as f32));
+        }
+        for t in &g.dec_touched {
+            buf.extend(t.iter().map(|b| if *b { 1.0 } else { 0.0 }));
+        }
+        for c in &stats.active_count {
+            buf.extend(c.iter().map(|v| *v as f32));
+        }
+        let reduce = Instant::now();
+        self.comm.sum_f32("all-reduce of the gradients", &mut buf)?;
+        self.timing.reduce_s += reduce.elapsed().as_secs_f64();
+        let mut it = buf.into_iter();
+        for t in g.p.tensors_mut() {
+            t.iter_mut().zip(&mut it).for_each(|(v, s)| *v = s);
+        }
+        for c in g.dec_coef.iter_mut() {
+            c.iter_mut().zip(&mut it).for_each(|(v, s)| *v = s);
+        }
+        for t in g.dec_touched.iter_mut() {
+            t.iter_mut().zip(&mut it).for_each(|(v, s)| *v = s > 0.0);
+        }
+        for c in stats.active_count.iter_mut() {
+            c.iter_mut().zip(&mut it).for_each(|(v, s)| *v = s as u32);
+        }
+        let l_n = cfg.n_layers;
+        let mut sums = Vec::with_capacity(3 + 3 * l_n);
+        sums.extend([stats.recon * w, stats.sparsity * w, stats.preact * w]);
+        sums.extend(stats.sq_err.iter().copied());
+        sums.extend(stats.n_active.iter().map(|v| *v as f64));
+        sums.extend(stats.n_window.iter().map(|v| *v as f64));
+        let stats_t = Instant::now();
+        self.comm
+            .sum_f64("all-reduce of the step statistics", &mut sums)?;
+        self.timing.stats_s += stats_t.elapsed().as_secs_f64();
+        stats.recon = sums[0];
+        stats.sparsity = sums[1];
+        stats.preact = sums[2];
+        for l in 0..l_n {
+            stats.sq_err[l] = sums[3 + l];
+            stats.n_active[l] = sums[3 + l_n + l] as usize;
+            stats.n_window[l] = sums[3 + 2 * l_n + l] as usize;
+        }
+        // Every rank holds the whole batch: the target variance needs no communication.
+        stats.target_var = target_variance(&self.batch.y, n, l_n, cfg.d_model);
+        stats.n_tokens = n;
+        let grad_norm = adam::grad_norm(cfg, &self.params, &self.grads, &self.dec_norms);
+        Ok((stats, grad_norm))
     }
 
     /// Sums the per-feature statistics and the feature parameters' squared gradient norm across ranks (one
@@ -437,8 +562,11 @@ impl<C: Comm> ShardedTrainer<C> {
             .iter()
             .map(|l| l.iter().filter(|d| **d).count() as f64)
             .collect();
-        self.comm
-            .sum_f64("all-reduce of dead-feature counts", &mut counts)?;
+        if self.run.train.parallel == Parallel::Features {
+            // Data-parallel ranks all hold every feature's clock already.
+            self.comm
+                .sum_f64("all-reduce of dead-feature counts", &mut counts)?;
+        }
         Ok(counts.into_iter().map(|c| c as usize).collect())
     }
 
@@ -521,12 +649,19 @@ impl<C: Comm> ShardedTrainer<C> {
             v: self.adam.v.clone(),
             last_fired: self.last_fired.clone(),
         };
-        checkpoint::write_shard(&tmp, &self.run.model, rank, &self.range, &data)?;
+        // Data-parallel ranks hold identical models: rank 0 writes the one shard.
+        let writers = match self.run.train.parallel {
+            Parallel::Features => world,
+            Parallel::Data => 1,
+        };
+        if rank < writers {
+            checkpoint::write_shard(&tmp, &self.run.model, rank, &self.range, &data)?;
+        }
         self.comm.barrier("checkpoint: shards written")?;
         if rank == 0 {
-            let shards = (0..world)
+            let shards = (0..writers)
                 .map(|r| {
-                    let range = feature_range(self.run.model.n_features, r, world);
+                    let range = rank_range(&self.run, r, writers);
                     let (tensors, state) = checkpoint::shard_files(r);
                     checkpoint::ShardEntry {
                         rank: r,
@@ -540,7 +675,7 @@ impl<C: Comm> ShardedTrainer<C> {
             let m = Manifest {
                 format: checkpoint::FORMAT.into(),
                 version: checkpoint::VERSION,
-                world,
+                world: writers,
                 step: self.step,
                 adam_t: self.adam.t,
                 tokens_seen: self.tokens_seen,
