@@ -119,8 +119,12 @@ fn run<C: Comm>(c: C, args: &TrainArgs) -> Result<()> {
             }
         }
         let pct = |s: f64| 100.0 * s / t.step_s.max(1e-12);
+        let what = match trainer.run.train.parallel {
+            crate::train::Parallel::Features => "partials",
+            crate::train::Parallel::Data => "gradients",
+        };
         println!(
-            "{size} rank(s), {} steps: {:.1} ms/step; all-reduce of partials {:.1}%, of statistics {:.1}%, \
+            "{size} rank(s), {} steps: {:.1} ms/step; all-reduce of {what} {:.1}%, of statistics {:.1}%, \
              data wait {:.1}% of the step (rank 0)",
             t.steps,
             1e3 * t.step_s / t.steps.max(1) as f64,
