@@ -257,6 +257,14 @@ fn two_ranks_feature_sharded_and_data_parallel_equal_one_process_and_checkpoints
         ct.to_str().unwrap(),
     ]);
     assert!(std::fs::read_dir(&ct).unwrap().count() > 0);
+    let o = clt(&[
+        "eval",
+        "--checkpoint",
+        three.to_str().unwrap(),
+        "--tokens",
+        "512",
+    ]);
+    assert!(text(&o).contains("NMSE"), "{}", text(&o));
 }
 
 fn failing_run(fault: &str) -> (String, Duration, PathBuf, tempfile::TempDir) {

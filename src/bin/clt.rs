@@ -2,9 +2,9 @@
 
 use clap::{Parser, Subcommand};
 use clt::backend::BackendKind;
-use clt::clt::checkpoint::{load_transcoder, save_transcoder};
+use clt::clt::checkpoint::save_transcoder;
 use clt::clt::export::{ExportMeta, export_circuit_tracer, import_circuit_tracer};
-use clt::train::trainer::{make_source, run_config_of};
+use clt::train::trainer::make_source;
 use clt::train::{RunConfig, Trainer, resolve_checkpoint};
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -389,9 +389,9 @@ fn run(cli: Cli) -> clt::Result<()> {
             data,
             tokens,
         } => {
-            let dir = resolve_checkpoint(&checkpoint)?;
-            let t = load_transcoder(&dir)?;
-            let run = run_config_of(&dir)?;
+            // Native or sharded checkpoints (`clt::dist::checkpoint` reads both).
+            let t = clt::dist::checkpoint::load_transcoder(&checkpoint)?;
+            let run = clt::dist::checkpoint::run_config(&checkpoint)?;
             let r = match (data, &run.data) {
                 (Some(path), _) => {
                     let mut src = clt::store::ShardLoader::open(&path, Default::default())?;
@@ -449,9 +449,8 @@ fn run(cli: Cli) -> clt::Result<()> {
             batches,
             batch_size,
         } => {
-            let dir = resolve_checkpoint(&checkpoint)?;
-            let t = load_transcoder(&dir)?;
-            let mut source = make_source(&run_config_of(&dir)?)?;
+            let t = clt::dist::checkpoint::load_transcoder(&checkpoint)?;
+            let mut source = make_source(&clt::dist::checkpoint::run_config(&checkpoint)?)?;
             let (j, rep) =
                 clt::clt::convert::batchtopk_to_jumprelu(&t, source.as_mut(), batch_size, batches)?;
             save_transcoder(&out, &j)?;
@@ -532,8 +531,8 @@ fn run(cli: Cli) -> clt::Result<()> {
         Command::Intervene(args) => clt::attribution::cli::run_intervene(&args),
         Command::Run(args) => clt::model::cli::run(args),
         Command::Info { checkpoint } => {
-            let dir = resolve_checkpoint(&checkpoint)?;
-            let t = load_transcoder(&dir)?;
+            let dir = clt::dist::checkpoint::resolve(&checkpoint)?;
+            let t = clt::dist::checkpoint::load_transcoder(&dir)?;
             println!("{}", dir.display());
             println!(
                 "{}",
