@@ -13,9 +13,16 @@ rustup component add rustfmt clippy >/dev/null 2>&1 || true
 # The viewer's browser test (tests/viewer.rs) drives headless Chromium through chromedriver.
 bash scripts/install-browser.sh
 
+echo "== Open MPI and libclang (the mpi feature's build and tests)"
+bash scripts/install-mpi.sh
+
 echo "== cargo fmt --check"
 cargo fmt --all -- --check
 echo "== cargo clippy (warnings denied)"
 cargo clippy --all-targets --release -- -D warnings
-echo "== cargo test --release"
-cargo test --release
+cargo clippy --all-targets --release --features mpi -- -D warnings
+# One release build for the whole suite: with the mpi feature, so tests/mpi.rs runs under mpirun -n 2 and 3
+# (every other test is the same with or without it; clippy above checks the build without it).
+echo "== cargo test --release --features mpi"
+export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1
+cargo test --release --features mpi

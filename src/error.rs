@@ -64,6 +64,10 @@ pub enum Error {
     #[error("activation source: {0}")]
     Source(String),
 
+    /// A distributed run failed on, or because of, one rank (a dead or hung peer, a mismatched configuration).
+    #[error("distributed run, rank {rank}: {reason}")]
+    Distributed { rank: usize, reason: String },
+
     /// A request that is well-formed but not supported (yet) by this build.
     #[error("unsupported: {0}")]
     Unsupported(String),

@@ -12,7 +12,8 @@
 //! - [`model`]: the language models (Llama family) that activations come from, their loaders and tokenizers;
 //! - [`attribution`]: attribution graphs of prompts (circuit-tracer's algorithm and formats) and interventions;
 //! - [`features`]: feature dashboards (top contexts, histograms, logit effects) and their indexed file;
-//! - [`viewer`]: the web viewer for attribution graphs and feature dashboards (`clt serve`).
+//! - [`viewer`]: the web viewer for attribution graphs and feature dashboards (`clt serve`);
+//! - [`dist`]: distributed training (feature-sharded CLTs across MPI ranks; the `mpi` feature), sharded checkpoints.
 
 pub mod attribution;
 pub mod backend;
@@ -21,6 +22,7 @@ pub mod cache;
 pub mod clt;
 pub mod data;
 pub mod demo;
+pub mod dist;
 pub mod error;
 pub mod eval;
 pub mod features;

@@ -2,9 +2,9 @@
 
 use clap::{Parser, Subcommand};
 use clt::backend::BackendKind;
-use clt::clt::checkpoint::{load_transcoder, save_transcoder};
+use clt::clt::checkpoint::save_transcoder;
 use clt::clt::export::{ExportMeta, export_circuit_tracer, import_circuit_tracer};
-use clt::train::trainer::{make_source, run_config_of};
+use clt::train::trainer::make_source;
 use clt::train::{RunConfig, Trainer, resolve_checkpoint};
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -222,6 +222,26 @@ fn run(cli: Cli) -> clt::Result<()> {
             backend,
             quiet,
         } => {
+            let args = clt::dist::cli::TrainArgs {
+                config,
+                out,
+                resume,
+                steps,
+                backend,
+                quiet,
+            };
+            if clt::dist::cli::wants_sharded(&args) {
+                // Under mpirun (feature-sharded over the ranks), or resuming a sharded checkpoint.
+                return clt::dist::cli::train(args);
+            }
+            let clt::dist::cli::TrainArgs {
+                config,
+                out,
+                resume,
+                steps,
+                backend,
+                quiet,
+            } = args;
             let mut trainer = if resume {
                 let t = Trainer::resume(&out, steps)?;
                 if let Some(path) = config {
@@ -396,9 +416,9 @@ fn run(cli: Cli) -> clt::Result<()> {
             data,
             tokens,
         } => {
-            let dir = resolve_checkpoint(&checkpoint)?;
-            let t = load_transcoder(&dir)?;
-            let run = run_config_of(&dir)?;
+            // Native or sharded checkpoints (`clt::dist::checkpoint` reads both).
+            let t = clt::dist::checkpoint::load_transcoder(&checkpoint)?;
+            let run = clt::dist::checkpoint::run_config(&checkpoint)?;
             let r = match (data, &run.data) {
                 (Some(path), _) => {
                     let mut src = clt::store::ShardLoader::open(&path, Default::default())?;
@@ -427,7 +447,8 @@ fn run(cli: Cli) -> clt::Result<()> {
             input_hook,
             output_hook,
         } => {
-            let t = load_transcoder(&resolve_checkpoint(&checkpoint)?)?;
+            // Native or sharded (assembled from its shards).
+            let t = clt::dist::checkpoint::load_transcoder(&checkpoint)?;
             let meta = ExportMeta {
                 model_name,
                 feature_input_hook: input_hook,
@@ -455,9 +476,8 @@ fn run(cli: Cli) -> clt::Result<()> {
             batches,
             batch_size,
         } => {
-            let dir = resolve_checkpoint(&checkpoint)?;
-            let t = load_transcoder(&dir)?;
-            let mut source = make_source(&run_config_of(&dir)?)?;
+            let t = clt::dist::checkpoint::load_transcoder(&checkpoint)?;
+            let mut source = make_source(&clt::dist::checkpoint::run_config(&checkpoint)?)?;
             let (j, rep) =
                 clt::clt::convert::batchtopk_to_jumprelu(&t, source.as_mut(), batch_size, batches)?;
             save_transcoder(&out, &j)?;
@@ -545,8 +565,8 @@ fn run(cli: Cli) -> clt::Result<()> {
             clt::features::explain::run(&args).map(|n| println!("labelled {n} features"))
         }
         Command::Info { checkpoint } => {
-            let dir = resolve_checkpoint(&checkpoint)?;
-            let t = load_transcoder(&dir)?;
+            let dir = clt::dist::checkpoint::resolve(&checkpoint)?;
+            let t = clt::dist::checkpoint::load_transcoder(&dir)?;
             println!("{}", dir.display());
             println!(
                 "{}",

@@ -93,6 +93,17 @@ pub enum PreactScope {
     DeadOnly,
 }
 
+/// How the ranks of a distributed run (`mpirun -n N clt train`) divide the work; one process ignores it.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Parallel {
+    /// Each rank owns F/N features of every layer; the partial reconstructions are all-reduced.
+    #[default]
+    Features,
+    /// Each rank holds the whole model and takes 1/N of each batch; the gradients are all-reduced.
+    Data,
+}
+
 /// Optimisation settings. Defaults follow CLT-Forge's runners (see `docs/objective.md`).
 #[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -147,6 +158,8 @@ pub struct TrainConfig {
     pub keep_checkpoints: usize,
     /// The backend running the step.
     pub backend: BackendKind,
+    /// How the ranks of a distributed run divide the work (`docs/distributed.md`).
+    pub parallel: Parallel,
 }
 
 impl Default for TrainConfig {
@@ -180,6 +193,7 @@ impl Default for TrainConfig {
             checkpoint_every: 0,
             keep_checkpoints: 2,
             backend: BackendKind::Cpu,
+            parallel: Parallel::Features,
         }
     }
 }

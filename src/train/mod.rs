@@ -6,5 +6,5 @@ pub mod metrics;
 pub mod schedule;
 pub mod trainer;
 
-pub use config::{DataConfig, LambdaRamp, PreactScope, RunConfig, TrainConfig};
+pub use config::{DataConfig, LambdaRamp, Parallel, PreactScope, RunConfig, TrainConfig};
 pub use trainer::{StepReport, Trainer, resolve_checkpoint};

@@ -57,15 +57,25 @@ fn sum_sq(v: &[f32]) -> f64 {
 
 /// The global L2 norm of the full gradient (decoder norm terms included).
 pub fn grad_norm(cfg: &CltConfig, params: &Params, grads: &Grads, dec_norms: &[Vec<f32>]) -> f64 {
+    let (features, shared) = grad_sq_parts(cfg, params, grads, dec_norms);
+    (features + shared).sqrt()
+}
+
+/// The squared gradient norm in two parts: the per-feature parameters (encoder rows, biases, thresholds,
+/// decoder rows: what a feature shard owns) and the parameters every shard replicates (decoder biases, skip).
+pub fn grad_sq_parts(
+    cfg: &CltConfig,
+    params: &Params,
+    grads: &Grads,
+    dec_norms: &[Vec<f32>],
+) -> (f64, f64) {
     let g = &grads.p;
-    let mut total = 0.0f64;
+    let (mut total, mut shared) = (0.0f64, 0.0f64);
     for l in 0..cfg.n_layers {
-        total += sum_sq(&g.w_enc[l])
-            + sum_sq(&g.b_enc[l])
-            + sum_sq(&g.log_theta[l])
-            + sum_sq(&g.b_dec[l]);
+        total += sum_sq(&g.w_enc[l]) + sum_sq(&g.b_enc[l]) + sum_sq(&g.log_theta[l]);
+        shared += sum_sq(&g.b_dec[l]);
         if cfg.skip {
-            total += sum_sq(&g.w_skip[l]);
+            shared += sum_sq(&g.w_skip[l]);
         }
         let rl = cfg.dec_row_len(l);
         let parts: Vec<f64> = (0..cfg.n_features)
@@ -86,7 +96,7 @@ pub fn grad_norm(cfg: &CltConfig, params: &Params, grads: &Grads, dec_norms: &[V
             .collect();
         total += parts.iter().sum::<f64>();
     }
-    total.sqrt()
+    (total, shared)
 }
 
 #[derive(Clone, Copy)]

@@ -87,12 +87,28 @@ pub fn decode(
     x: &[f32],
     n_tokens: usize,
 ) -> Vec<f32> {
+    let mut yhat = decode_features(cfg, params, codes, n_tokens, true);
+    add_skip(cfg, params, x, n_tokens, &mut yhat);
+    yhat
+}
+
+/// The features' part of the decode, `[B][L][d]`: `Σ_l Σ_{f active} a · W_dec[l, f]`, starting from `b_dec`
+/// when `with_bias` (a feature shard's partial reconstruction starts from zero on all ranks but one).
+pub fn decode_features(
+    cfg: &CltConfig,
+    params: &Params,
+    codes: &[LayerCodes],
+    n_tokens: usize,
+    with_bias: bool,
+) -> Vec<f32> {
     let (l_n, d) = (cfg.n_layers, cfg.d_model);
     let row = l_n * d;
     let mut yhat = vec![0.0f32; n_tokens * row];
     yhat.par_chunks_mut(row).enumerate().for_each(|(b, yr)| {
-        for (k, bias) in params.b_dec.iter().enumerate() {
-            yr[k * d..(k + 1) * d].copy_from_slice(bias);
+        if with_bias {
+            for (k, bias) in params.b_dec.iter().enumerate() {
+                yr[k * d..(k + 1) * d].copy_from_slice(bias);
+            }
         }
         for (l, c) in codes.iter().enumerate() {
             let rl = cfg.dec_row_len(l);
@@ -106,23 +122,27 @@ pub fn decode(
             }
         }
     });
+    yhat
+}
+
+/// `ŷ_l += W_skip[l] x_l` for every layer (nothing without skip connections).
+pub fn add_skip(cfg: &CltConfig, params: &Params, x: &[f32], n_tokens: usize, yhat: &mut [f32]) {
+    let (l_n, d) = (cfg.n_layers, cfg.d_model);
+    let row = l_n * d;
     if cfg.skip && n_tokens > 0 {
         for l in 0..l_n {
             let xm = Mat::strided(&x[l * d..], n_tokens, d, row);
-            if n_tokens > 0 {
-                matmul(
-                    &mut yhat[l * d..],
-                    row,
-                    xm,
-                    Mat::rows(&params.w_skip[l], d, d).t(),
-                    1.0,
-                    1.0,
-                    Threads::All,
-                );
-            }
+            matmul(
+                &mut yhat[l * d..],
+                row,
+                xm,
+                Mat::rows(&params.w_skip[l], d, d).t(),
+                1.0,
+                1.0,
+                Threads::All,
+            );
         }
     }
-    yhat
 }
 
 /// Encodes and decodes a batch (inference): the sparse codes and the reconstruction.
@@ -189,14 +209,50 @@ pub fn loss_and_grad(
     preact_mask: Option<&[Vec<bool>]>,
     grads: &mut Grads,
 ) -> StepStats {
+    let by_h = obj.threshold_grad == ThresholdGrad::Preact;
+    let thetas = thresholds(params);
+    let codes = encode_all_with(cfg, params, x, n_tokens, &thetas, obj.bandwidth, by_h);
+    let yhat = decode(cfg, params, &codes, x, n_tokens);
+    backward(
+        cfg,
+        params,
+        dec_norms,
+        x,
+        y,
+        n_tokens,
+        obj,
+        preact_mask,
+        &thetas,
+        codes,
+        yhat,
+        grads,
+    )
+}
+
+/// The step after the forward: the loss of the reconstruction `yhat` (complete: with bias, skip and, for a
+/// feature shard, every rank's features) and the gradient of the features in `codes`, the decoder bias and
+/// the skip weights. `thetas` are [`thresholds`] of `params`. The loss terms that are sums over features
+/// (sparsity, pre-activation) and the counts in the statistics cover the features of `params` only.
+#[allow(clippy::too_many_arguments)]
+pub fn backward(
+    cfg: &CltConfig,
+    params: &Params,
+    dec_norms: &[Vec<f32>],
+    x: &[f32],
+    y: &[f32],
+    n_tokens: usize,
+    obj: &Objective,
+    preact_mask: Option<&[Vec<bool>]>,
+    thetas: &[Vec<f32>],
+    codes: Vec<LayerCodes>,
+    yhat: Vec<f32>,
+    grads: &mut Grads,
+) -> StepStats {
     let (l_n, d) = (cfg.n_layers, cfg.d_model);
     let row = l_n * d;
     let bf = n_tokens.max(1) as f32;
     let jump = cfg.has_threshold();
     let by_h = obj.threshold_grad == ThresholdGrad::Preact;
-    let thetas = thresholds(params);
-    let codes = encode_all_with(cfg, params, x, n_tokens, &thetas, obj.bandwidth, by_h);
-    let yhat = decode(cfg, params, &codes, x, n_tokens);
     let (r, sq_err) = residual(&yhat, y, n_tokens, l_n, d);
     drop(yhat);
 

@@ -1,0 +1,262 @@
+//! The MPI world (the `mpi` feature): one RAII handle that initialises MPI and finalises it on drop, and
+//! [`MpiComm`], the trainer's collectives over `MPI_COMM_WORLD` with a deadline.
+//!
+//! What is subtle here:
+//! - No collective blocks without a bound. Each one is started non-blocking (`MPI_Iallreduce`, ...) and
+//!   polled until it completes or its deadline passes (`CLT_DIST_TIMEOUT_S`, default 300 s). A rank that
+//!   times out then asks every other rank, point to point with a tag of its own, to answer within the same
+//!   bound; the ranks that do not answer are named in its message, and it aborts the whole job
+//!   (`MPI_Abort`). A dead or hung rank therefore stops the job within twice the timeout, with a message
+//!   naming it. (A rank that *exits* is usually noticed sooner by the launcher itself: Open MPI's `mpirun`
+//!   ends the job and names the rank as soon as one process exits without finalising.)
+//! - Only the main thread calls MPI (rayon's workers never do), so `MPI_THREAD_FUNNELED` suffices.
+//! - rsmpi's wrappers are safe; this module has no `unsafe` of its own.
+
+use super::comm::Comm;
+use crate::{Error, Result};
+use mpi::collective::SystemOperation;
+use mpi::environment::Universe;
+use mpi::topology::SimpleCommunicator;
+use mpi::traits::*;
+use std::rc::Rc;
+use std::time::{Duration, Instant};
+
+/// The tag of the liveness probe a rank sends after a collective timed out.
+const PROBE_TAG: i32 = 0x7c17;
+/// The exit code of a job aborted because a rank timed out.
+pub const TIMEOUT_EXIT: i32 = 75;
+/// The default deadline of one collective.
+pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(300);
+
+/// The MPI world of this job; MPI is finalised when it is dropped.
+pub struct World {
+    universe: Universe,
+    timeout: Duration,
+}
+
+impl World {
+    /// Initialises MPI (once per process). The collective deadline comes from `CLT_DIST_TIMEOUT_S`.
+    pub fn init() -> Result<Self> {
+        let (universe, _) =
+            mpi::initialize_with_threading(mpi::Threading::Funneled).ok_or_else(|| {
+                Error::Distributed {
+                    rank: 0,
+                    reason: "MPI is already initialised in this process".into(),
+                }
+            })?;
+        let timeout = match std::env::var("CLT_DIST_TIMEOUT_S") {
+            Ok(v) => {
+                let s: f64 = v.parse().map_err(|_| {
+                    Error::config(
+                        "CLT_DIST_TIMEOUT_S",
+                        format!("`{v}` is not a number of seconds"),
+                    )
+                })?;
+                if !(s > 0.0 && s.is_finite()) {
+                    return Err(Error::config("CLT_DIST_TIMEOUT_S", "must be positive"));
+                }
+                Duration::from_secs_f64(s)
+            }
+            Err(_) => DEFAULT_TIMEOUT,
+        };
+        Ok(World { universe, timeout })
+    }
+
+    /// The collectives over the whole world.
+    pub fn comm(&self) -> MpiComm {
+        MpiComm {
+            world: Rc::new(self.universe.world()),
+            timeout: self.timeout,
+        }
+    }
+}
+
+/// Collectives over `MPI_COMM_WORLD`, each with a deadline.
+#[derive(Clone)]
+pub struct MpiComm {
+    world: Rc<SimpleCommunicator>,
+    timeout: Duration,
+}
+
+/// Polls `test` until it reports completion or `deadline` passes; false on timeout.
+fn poll_until(deadline: Instant, mut test: impl FnMut() -> bool) -> bool {
+    let mut spins = 0u32;
+    loop {
+        if test() {
+            return true;
+        }
+        if Instant::now() >= deadline {
+            return false;
+        }
+        spins += 1;
+        if spins < 1000 {
+            std::thread::yield_now();
+        } else {
+            std::thread::sleep(Duration::from_micros(50));
+        }
+    }
+}
+
+impl MpiComm {
+    /// The collective `what` did not finish in time: find out which ranks still answer, name the others, and
+    /// end the job.
+    fn timed_out(&self, what: &str) -> ! {
+        let me = self.rank();
+        let n = self.size();
+        let mine = me as u64;
+        let mut replies = vec![u64::MAX; n];
+        mpi::request::scope(|scope| {
+            let sends: Vec<_> = (0..n)
+                .filter(|r| *r != me)
+                .map(|r| {
+                    self.world
+                        .process_at_rank(r as i32)
+                        .immediate_send_with_tag(scope, &mine, PROBE_TAG)
+                })
+                .collect();
+            let mut recvs: Vec<(usize, Option<_>)> = replies
+                .iter_mut()
+                .enumerate()
+                .filter(|(r, _)| *r != me)
+                .map(|(r, slot)| {
+                    let req = self
+                        .world
+                        .process_at_rank(r as i32)
+                        .immediate_receive_into_with_tag(scope, slot, PROBE_TAG);
+                    (r, Some(req))
+                })
+                .collect();
+            let deadline = Instant::now() + self.timeout;
+            poll_until(deadline, || {
+                for (_, slot) in recvs.iter_mut() {
+                    if let Some(req) = slot.take() {
+                        match req.test() {
+                            Ok(_) => {}
+                            Err(req) => *slot = Some(req),
+                        }
+                    }
+                }
+                recvs.iter().all(|(_, s)| s.is_none())
+            });
+            let missing: Vec<usize> = recvs
+                .iter()
+                .filter(|(_, s)| s.is_some())
+                .map(|(r, _)| *r)
+                .collect();
+            let msg = if missing.is_empty() {
+                "every rank answered the liveness probe: the ranks are in different collectives"
+                    .into()
+            } else {
+                format!(
+                    "no answer from rank(s) {missing:?} within {:.0} s: dead or hung",
+                    self.timeout.as_secs_f64()
+                )
+            };
+            eprintln!(
+                "error: rank {me}: {what} did not complete within {:.0} s; {msg}; aborting the job",
+                self.timeout.as_secs_f64()
+            );
+            // Requests still pending cannot be completed; the job ends here.
+            std::mem::forget(sends);
+            std::mem::forget(recvs);
+            self.world.abort(TIMEOUT_EXIT)
+        });
+        self.world.abort(TIMEOUT_EXIT)
+    }
+}
+
+impl Comm for MpiComm {
+    fn rank(&self) -> usize {
+        self.world.rank() as usize
+    }
+
+    fn size(&self) -> usize {
+        self.world.size() as usize
+    }
+
+    fn sum_f32(&self, what: &str, buf: &mut [f32]) -> Result<()> {
+        let send = buf.to_vec();
+        let deadline = Instant::now() + self.timeout;
+        mpi::request::scope(|scope| {
+            let mut req = Some(self.world.immediate_all_reduce_into(
+                scope,
+                &send[..],
+                buf,
+                SystemOperation::sum(),
+            ));
+            if !poll_until(deadline, || match req.take().map(|r| r.test()) {
+                Some(Ok(_)) | None => true,
+                Some(Err(r)) => {
+                    req = Some(r);
+                    false
+                }
+            }) {
+                self.timed_out(what);
+            }
+        });
+        Ok(())
+    }
+
+    fn sum_f64(&self, what: &str, buf: &mut [f64]) -> Result<()> {
+        let send = buf.to_vec();
+        let deadline = Instant::now() + self.timeout;
+        mpi::request::scope(|scope| {
+            let mut req = Some(self.world.immediate_all_reduce_into(
+                scope,
+                &send[..],
+                buf,
+                SystemOperation::sum(),
+            ));
+            if !poll_until(deadline, || match req.take().map(|r| r.test()) {
+                Some(Ok(_)) | None => true,
+                Some(Err(r)) => {
+                    req = Some(r);
+                    false
+                }
+            }) {
+                self.timed_out(what);
+            }
+        });
+        Ok(())
+    }
+
+    fn gather_u64(&self, what: &str, value: u64) -> Result<Vec<u64>> {
+        let mut out = vec![0u64; self.size()];
+        let deadline = Instant::now() + self.timeout;
+        mpi::request::scope(|scope| {
+            let mut req = Some(
+                self.world
+                    .immediate_all_gather_into(scope, &value, &mut out[..]),
+            );
+            if !poll_until(deadline, || match req.take().map(|r| r.test()) {
+                Some(Ok(_)) | None => true,
+                Some(Err(r)) => {
+                    req = Some(r);
+                    false
+                }
+            }) {
+                self.timed_out(what);
+            }
+        });
+        Ok(out)
+    }
+
+    fn barrier(&self, what: &str) -> Result<()> {
+        let deadline = Instant::now() + self.timeout;
+        let mut req = Some(self.world.immediate_barrier());
+        if !poll_until(deadline, || match req.take().map(|r| r.test()) {
+            Some(Ok(_)) | None => true,
+            Some(Err(r)) => {
+                req = Some(r);
+                false
+            }
+        }) {
+            self.timed_out(what);
+        }
+        Ok(())
+    }
+
+    fn abort(&self, code: i32) -> ! {
+        self.world.abort(code)
+    }
+}

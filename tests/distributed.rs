@@ -1,0 +1,393 @@
+//! Feature-sharded training without MPI: ranks as threads of one process (an in-memory `Comm` that sums in
+//! rank order, as a 2-rank MPI all-reduce does), so the sharded step, its statistics and the sharded
+//! checkpoints are checked in every build. `tests/mpi.rs` runs the same under `mpirun` (the `mpi` feature).
+//!
+//! Tolerance: a 2-rank step sums each token's reconstruction in a different order than one process (rank
+//! 0's features, then rank 1's partial added in the all-reduce), so float results differ by rounding; K
+//! steps of Adam keep that at about 1e-7 relative; we ask for 1e-5 (losses per step, each parameter tensor
+//! in relative L2 norm). With one rank the sharded step is the single-process step bit for bit.
+
+use clt::Result;
+use clt::clt::Params;
+use clt::data::ActivationSource;
+use clt::dist::checkpoint;
+use clt::dist::comm::{Comm, SelfComm};
+use clt::dist::shard::{copy_features, feature_range};
+use clt::dist::trainer::ShardedTrainer;
+use clt::train::{RunConfig, Trainer};
+use std::path::Path;
+use std::sync::{Arc, Barrier, Mutex};
+
+/// Ranks as threads: each collective deposits its buffer, waits for all, sums in rank order, waits again.
+#[derive(Clone)]
+struct ThreadComm {
+    rank: usize,
+    shared: Arc<Shared>,
+}
+
+struct Shared {
+    n: usize,
+    barrier: Barrier,
+    f64s: Mutex<Vec<Vec<f64>>>,
+    f32s: Mutex<Vec<Vec<f32>>>,
+}
+
+impl ThreadComm {
+    fn group(n: usize) -> Vec<ThreadComm> {
+        let shared = Arc::new(Shared {
+            n,
+            barrier: Barrier::new(n),
+            f64s: Mutex::new(vec![Vec::new(); n]),
+            f32s: Mutex::new(vec![Vec::new(); n]),
+        });
+        (0..n)
+            .map(|rank| ThreadComm {
+                rank,
+                shared: shared.clone(),
+            })
+            .collect()
+    }
+}
+
+impl Comm for ThreadComm {
+    fn rank(&self) -> usize {
+        self.rank
+    }
+    fn size(&self) -> usize {
+        self.shared.n
+    }
+    fn sum_f32(&self, _what: &str, buf: &mut [f32]) -> Result<()> {
+        self.shared.f32s.lock().unwrap()[self.rank] = buf.to_vec();
+        self.shared.barrier.wait();
+        {
+            let all = self.shared.f32s.lock().unwrap();
+            buf.copy_from_slice(&all[0]);
+            for other in &all[1..] {
+                buf.iter_mut().zip(other).for_each(|(a, b)| *a += b);
+            }
+        }
+        self.shared.barrier.wait();
+        Ok(())
+    }
+    fn sum_f64(&self, _what: &str, buf: &mut [f64]) -> Result<()> {
+        self.shared.f64s.lock().unwrap()[self.rank] = buf.to_vec();
+        self.shared.barrier.wait();
+        {
+            let all = self.shared.f64s.lock().unwrap();
+            buf.copy_from_slice(&all[0]);
+            for other in &all[1..] {
+                buf.iter_mut().zip(other).for_each(|(a, b)| *a += b);
+            }
+        }
+        self.shared.barrier.wait();
+        Ok(())
+    }
+    fn gather_u64(&self, what: &str, value: u64) -> Result<Vec<u64>> {
+        // Exact through f64 for the small test hashes' two halves.
+        let mut buf = vec![0.0f64; 2 * self.shared.n];
+        buf[2 * self.rank] = (value >> 32) as f64;
+        buf[2 * self.rank + 1] = (value & 0xffff_ffff) as f64;
+        self.sum_f64(what, &mut buf)?;
+        Ok(buf
+            .chunks(2)
+            .map(|c| ((c[0] as u64) << 32) | c[1] as u64)
+            .collect())
+    }
+    fn barrier(&self, _what: &str) -> Result<()> {
+        self.shared.barrier.wait();
+        Ok(())
+    }
+    fn abort(&self, code: i32) -> ! {
+        panic!("abort({code})")
+    }
+}
+
+fn run_config() -> RunConfig {
+    let mut run = clt::demo::synthetic_config();
+    run.model.n_features = 37; // not a multiple of the number of ranks
+    run.model.skip = true;
+    run.train.steps = 8;
+    run.train.batch_size = 96;
+    run.train.warmup_steps = 2;
+    run.train.log_every = 1;
+    run.train.calibration_batches = 2;
+    run.train.lambda_ramp = clt::train::LambdaRamp::Constant;
+    run
+}
+
+fn source(run: &RunConfig) -> Box<dyn ActivationSource> {
+    clt::train::trainer::make_source(run).unwrap()
+}
+
+/// Runs `f` on every rank of a thread group and returns the results in rank order.
+fn on_ranks<T: Send>(n: usize, f: impl Fn(ThreadComm) -> T + Sync) -> Vec<T> {
+    let comms = ThreadComm::group(n);
+    std::thread::scope(|s| {
+        let handles: Vec<_> = comms
+            .into_iter()
+            .map(|c| {
+                let f = &f;
+                s.spawn(move || f(c))
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    })
+}
+
+fn assemble(run: &RunConfig, shards: &[Params]) -> Params {
+    let cfg = &run.model;
+    let mut full = Params::zeros(cfg);
+    for (r, p) in shards.iter().enumerate() {
+        let range = feature_range(cfg.n_features, r, shards.len());
+        copy_features(cfg, p, &range, &mut full, &(0..cfg.n_features), r == 0);
+    }
+    full
+}
+
+fn rel_diff(a: &[f32], b: &[f32]) -> f64 {
+    let num: f64 = a.iter().zip(b).map(|(x, y)| ((x - y) as f64).powi(2)).sum();
+    let den: f64 = b.iter().map(|y| (*y as f64).powi(2)).sum();
+    (num / den.max(1e-30)).sqrt()
+}
+
+fn assert_params_close(what: &str, got: &Params, want: &Params, tol: f64) {
+    for (i, (g, w)) in got.tensors().iter().zip(want.tensors()).enumerate() {
+        let d = rel_diff(g, w);
+        assert!(
+            d <= tol,
+            "{what}: tensor {i} differs by {d:e} (relative L2)"
+        );
+    }
+}
+
+fn assert_loss_close(what: &str, got: &[f64], want: &[f64]) {
+    assert_eq!(got.len(), want.len());
+    for (s, (g, w)) in got.iter().zip(want).enumerate() {
+        assert!(
+            (g - w).abs() <= 1e-5 * w.abs(),
+            "{what}: loss at step {s}: {g} vs {w}"
+        );
+    }
+}
+
+fn single(run: &RunConfig, steps: usize) -> (Vec<f64>, Trainer) {
+    let mut t = Trainer::new(run.clone()).unwrap();
+    let losses = (0..steps).map(|_| t.step().unwrap().stats.loss()).collect();
+    (losses, t)
+}
+
+#[test]
+fn one_rank_is_the_single_process_step_bit_for_bit() {
+    let run = run_config();
+    let (want, t) = single(&run, 8);
+    let mut s = ShardedTrainer::with_source(run.clone(), source(&run), SelfComm).unwrap();
+    let got: Vec<f64> = (0..8).map(|_| s.step().unwrap().stats.loss()).collect();
+    assert_eq!(got, want);
+    assert!(s.params == t.params, "parameters differ");
+}
+
+#[test]
+fn two_and_three_ranks_equal_one_process() {
+    let run = run_config();
+    let (want, t) = single(&run, 8);
+    for n in [2, 3] {
+        let out = on_ranks(n, |c| {
+            let mut s = ShardedTrainer::with_source(run.clone(), source(&run), c).unwrap();
+            let reps: Vec<_> = (0..8).map(|_| s.step().unwrap()).collect();
+            let dead = s.dead_per_layer().unwrap();
+            (reps, s.params.clone(), dead)
+        });
+        for (r, (reps, _, _)) in out.iter().enumerate() {
+            let losses: Vec<f64> = reps.iter().map(|r| r.stats.loss()).collect();
+            assert_loss_close(&format!("{n} ranks, rank {r}"), &losses, &want);
+        }
+        let shards: Vec<Params> = out.iter().map(|o| o.1.clone()).collect();
+        assert_params_close(
+            &format!("{n} ranks"),
+            &assemble(&run, &shards),
+            &t.params,
+            1e-5,
+        );
+        // Statistics as one process reports them.
+        let (reps, _, dead) = &out[0];
+        let last = &reps.last().unwrap().stats;
+        assert_eq!(*dead, t.dead_per_layer());
+        let mut t2 = Trainer::new(run.clone()).unwrap();
+        let mut one = None;
+        for _ in 0..8 {
+            one = Some(t2.step().unwrap());
+        }
+        let one = one.unwrap();
+        assert_eq!(last.n_active, one.stats.n_active);
+        assert!((last.sparsity - one.stats.sparsity).abs() <= 1e-5 * one.stats.sparsity.abs());
+        assert!((reps.last().unwrap().grad_norm - one.grad_norm).abs() <= 1e-5 * one.grad_norm);
+    }
+}
+
+fn sharded_run(run: &RunConfig, n: usize, steps: u64, out: &Path) {
+    on_ranks(n, |c| {
+        let mut s = ShardedTrainer::with_source(run.clone(), source(run), c).unwrap();
+        for _ in 0..steps {
+            s.step().unwrap();
+        }
+        s.save_checkpoint(out).unwrap();
+    });
+}
+
+fn resume_on(n: usize, dir: &Path, run: &RunConfig, steps: u64) -> Params {
+    let shards = on_ranks(n, |c| {
+        let mut s = ShardedTrainer::resume_with_source(dir, source(run), None, c).unwrap();
+        for _ in 0..steps {
+            s.step().unwrap();
+        }
+        s.params.clone()
+    });
+    assemble(run, &shards)
+}
+
+#[test]
+fn checkpoints_reshard_2_to_1_to_3_and_from_native() {
+    let run = run_config();
+    let (_, t8) = single(&run, 8);
+    let dir = tempfile::tempdir().unwrap();
+    sharded_run(&run, 2, 4, dir.path());
+    let ck = checkpoint::resolve(dir.path()).unwrap();
+    assert!(checkpoint::is_sharded(&ck));
+    // The whole transcoder of a sharded checkpoint (what `clt export` reads).
+    let (_, t4) = single(&run, 4);
+    let whole = checkpoint::load_transcoder(dir.path()).unwrap();
+    assert_params_close(
+        "assembled 2-rank checkpoint",
+        &whole.params,
+        &t4.params,
+        1e-5,
+    );
+    assert_eq!(whole.norms, t4.norms);
+    for n in [1, 3] {
+        let p = resume_on(n, &ck, &run, 4);
+        assert_params_close(&format!("2 → {n} ranks"), &p, &t8.params, 1e-5);
+    }
+    // 2 → 1 → 2: one rank resumes, checkpoints, and two ranks finish.
+    let dir1 = tempfile::tempdir().unwrap();
+    let mut one = ShardedTrainer::resume_with_source(&ck, source(&run), None, SelfComm).unwrap();
+    for _ in 0..2 {
+        one.step().unwrap();
+    }
+    one.save_checkpoint(dir1.path()).unwrap();
+    let ck1 = checkpoint::resolve(dir1.path()).unwrap();
+    let p = resume_on(2, &ck1, &run, 2);
+    assert_params_close("2 → 1 → 2 ranks", &p, &t8.params, 1e-5);
+    // A native single-process checkpoint loads into 2 ranks.
+    let native = tempfile::tempdir().unwrap();
+    t4.save_checkpoint(native.path()).unwrap();
+    let ckn = clt::train::resolve_checkpoint(native.path()).unwrap();
+    let p = resume_on(2, &ckn, &run, 4);
+    assert_params_close("native → 2 ranks", &p, &t8.params, 1e-5);
+}
+
+#[test]
+fn mismatched_configurations_are_named_at_start_up() {
+    let run = run_config();
+    let errs = on_ranks(2, |c| {
+        let mut r = run.clone();
+        if c.rank() == 1 {
+            r.train.lr *= 2.0;
+        }
+        ShardedTrainer::with_source(r.clone(), source(&r), c)
+            .err()
+            .map(|e| e.to_string())
+    });
+    for e in &errs {
+        let e = e.as_ref().expect("a mismatch must fail");
+        assert!(e.contains("rank(s) [1]"), "{e}");
+    }
+}
+
+#[test]
+fn bad_sharded_checkpoints_name_the_file() {
+    let run = run_config();
+    let dir = tempfile::tempdir().unwrap();
+    sharded_run(&run, 2, 1, dir.path());
+    let ck = checkpoint::resolve(dir.path()).unwrap();
+    std::fs::remove_file(ck.join("shard_00001.safetensors")).unwrap();
+    let e = checkpoint::load_transcoder(dir.path())
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("shard_00001.safetensors"), "{e}");
+    let m = std::fs::read_to_string(ck.join("manifest.json")).unwrap();
+    std::fs::write(
+        ck.join("manifest.json"),
+        m.replace("\"world\": 2", "\"world\": 3"),
+    )
+    .unwrap();
+    let e = checkpoint::load_transcoder(dir.path())
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("manifest.json") && e.contains("2 shards listed for 3 ranks"),
+        "{e}"
+    );
+}
+
+#[test]
+fn topk_cannot_be_feature_sharded() {
+    let mut run = run_config();
+    run.model.activation = clt::clt::Activation::TopK { k: 4 };
+    let errs = on_ranks(2, |c| {
+        ShardedTrainer::with_source(run.clone(), source(&run), c)
+            .err()
+            .map(|e| e.to_string())
+    });
+    assert!(
+        errs.iter()
+            .all(|e| e.as_ref().is_some_and(|e| e.contains("TopK")))
+    );
+}
+
+#[test]
+fn data_parallel_ranks_equal_one_process() {
+    let mut run = run_config();
+    run.train.parallel = clt::train::Parallel::Data;
+    run.model.activation = clt::clt::Activation::TopK { k: 3 }; // per token: fine when the batch is split
+    let (want, t) = single(&run, 8);
+    for n in [2, 3] {
+        let dir = tempfile::tempdir().unwrap();
+        let out = on_ranks(n, |c| {
+            let mut s = ShardedTrainer::with_source(run.clone(), source(&run), c).unwrap();
+            let reps: Vec<_> = (0..8).map(|_| s.step().unwrap()).collect();
+            s.save_checkpoint(dir.path()).unwrap();
+            (reps, s.params.clone())
+        });
+        for (r, (reps, p)) in out.iter().enumerate() {
+            let losses: Vec<f64> = reps.iter().map(|r| r.stats.loss()).collect();
+            assert_loss_close(
+                &format!("data-parallel {n} ranks, rank {r}"),
+                &losses,
+                &want,
+            );
+            assert_params_close(
+                &format!("data-parallel {n} ranks, rank {r}"),
+                p,
+                &t.params,
+                1e-5,
+            );
+            assert!(*p == out[0].1, "data-parallel replicas must stay identical");
+        }
+        let last = &out[0].0.last().unwrap().stats;
+        let mut t2 = Trainer::new(run.clone()).unwrap();
+        let one = (0..8).map(|_| t2.step().unwrap()).last().unwrap();
+        assert_eq!(last.n_active, one.stats.n_active);
+        assert!(
+            (last.nmse_total() - one.stats.nmse_total()).abs() <= 1e-5 * one.stats.nmse_total()
+        );
+        // One shard (rank 0's replica), loadable as the whole transcoder.
+        let ck = checkpoint::resolve(dir.path()).unwrap();
+        assert_eq!(checkpoint::read_manifest(&ck).unwrap().world, 1);
+        assert_params_close(
+            "data-parallel checkpoint",
+            &checkpoint::load_transcoder(&ck).unwrap().params,
+            &t.params,
+            1e-5,
+        );
+    }
+}

@@ -1,0 +1,353 @@
+//! Feature-sharded training under `mpirun` (the `mpi` feature; `scripts/test.sh` installs Open MPI and runs
+//! these): N ranks equal one process, sharded checkpoints reload into another number of ranks, a dead or
+//! hung rank stops the job with an error naming it, mismatched configurations are reported at start-up.
+//!
+//! Tolerance: losses and every parameter tensor agree with the single-process run to 1e-5 relative (L2 norm
+//! per tensor). Not zero: the all-reduce adds the ranks' partial reconstructions in another order than one
+//! process sums the features, so results differ by float rounding (about 1e-7 after these few steps).
+#![cfg(feature = "mpi")]
+
+use clt::clt::Params;
+use clt::dist::checkpoint;
+use clt::train::RunConfig;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::time::{Duration, Instant};
+
+const CLT: &str = env!("CARGO_BIN_EXE_clt");
+
+/// One `mpirun` job at a time (the time bounds below assume the machine is not shared with another job).
+static ONE_JOB: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+fn one_job() -> std::sync::MutexGuard<'static, ()> {
+    ONE_JOB.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+fn run_config() -> RunConfig {
+    let mut run = clt::demo::synthetic_config();
+    run.model.n_features = 37;
+    run.model.skip = true;
+    run.train.steps = 12;
+    run.train.batch_size = 128;
+    run.train.warmup_steps = 2;
+    run.train.log_every = 1;
+    run.train.checkpoint_every = 4;
+    run.train.keep_checkpoints = 10;
+    run.train.calibration_batches = 2;
+    run
+}
+
+fn write_config(dir: &Path, name: &str, run: &RunConfig) -> PathBuf {
+    let p = dir.join(name);
+    std::fs::write(&p, toml::to_string(run).unwrap()).unwrap();
+    p
+}
+
+/// `mpirun -n <n> clt <args>` as root, oversubscribed, one thread per rank, with a job time limit.
+fn mpirun(n: usize, args: &[&str], env: &[(&str, &str)]) -> (Output, Duration) {
+    let mut c = Command::new("mpirun");
+    c.args(["--allow-run-as-root", "--oversubscribe", "--timeout", "180"])
+        .args(["-n", &n.to_string(), CLT])
+        .args(args)
+        .env("OMPI_ALLOW_RUN_AS_ROOT", "1")
+        .env("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1")
+        .env("RAYON_NUM_THREADS", "1");
+    for (k, v) in env {
+        c.env(k, v);
+    }
+    let t = Instant::now();
+    let out = c.output().expect(
+        "mpirun not found: the mpi tests need Open MPI (scripts/install-mpi.sh installs it)",
+    );
+    (out, t.elapsed())
+}
+
+fn text(o: &Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    )
+}
+
+fn clt(args: &[&str]) -> Output {
+    let o = Command::new(CLT)
+        .args(args)
+        .env("RAYON_NUM_THREADS", "1")
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "clt {args:?} failed:\n{}", text(&o));
+    o
+}
+
+fn losses(run_dir: &Path) -> Vec<f64> {
+    std::fs::read_to_string(run_dir.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| {
+            serde_json::from_str::<serde_json::Value>(l).unwrap()["loss"]
+                .as_f64()
+                .unwrap()
+        })
+        .collect()
+}
+
+fn params(path: &Path) -> Params {
+    checkpoint::load_transcoder(path).unwrap().params
+}
+
+fn assert_params_close(what: &str, got: &Params, want: &Params) {
+    for (i, (g, w)) in got.tensors().iter().zip(want.tensors()).enumerate() {
+        let num: f64 = g
+            .iter()
+            .zip(w.iter())
+            .map(|(a, b)| ((a - b) as f64).powi(2))
+            .sum();
+        let den: f64 = w.iter().map(|b| (*b as f64).powi(2)).sum();
+        let d = (num / den.max(1e-30)).sqrt();
+        assert!(
+            d <= 1e-5,
+            "{what}: tensor {i} differs by {d:e} (relative L2)"
+        );
+    }
+}
+
+/// Copies checkpoint `step` of `from` into a fresh run directory `to`, named by its `LATEST`.
+fn fork_run(from: &Path, step: u64, to: &Path) {
+    let name = format!("step_{step:08}");
+    let src = from.join("checkpoints").join(&name);
+    let dst = to.join("checkpoints").join(&name);
+    std::fs::create_dir_all(&dst).unwrap();
+    for e in std::fs::read_dir(&src).unwrap() {
+        let e = e.unwrap();
+        std::fs::copy(e.path(), dst.join(e.file_name())).unwrap();
+    }
+    std::fs::write(to.join("checkpoints").join("LATEST"), &name).unwrap();
+}
+
+#[test]
+fn two_ranks_feature_sharded_and_data_parallel_equal_one_process_and_checkpoints_reshard() {
+    let _job = one_job();
+    let tmp = tempfile::tempdir().unwrap();
+    let run = run_config();
+    let cfg = write_config(tmp.path(), "run.toml", &run);
+    let cfg = cfg.to_str().unwrap();
+    let single = tmp.path().join("single");
+    clt(&[
+        "train",
+        "--config",
+        cfg,
+        "--out",
+        single.to_str().unwrap(),
+        "--quiet",
+    ]);
+    let want_loss = losses(&single);
+    let want = params(&single);
+    assert_eq!(want_loss.len(), 12);
+
+    // 2 ranks, 12 steps.
+    let two = tmp.path().join("two");
+    let (o, _) = mpirun(
+        2,
+        &[
+            "train",
+            "--config",
+            cfg,
+            "--out",
+            two.to_str().unwrap(),
+            "--quiet",
+        ],
+        &[],
+    );
+    assert!(o.status.success(), "mpirun -n 2 failed:\n{}", text(&o));
+    assert!(text(&o).contains("2 rank(s), 12 steps"), "{}", text(&o));
+    let got_loss = losses(&two);
+    assert_eq!(got_loss.len(), 12, "rank 0 alone writes metrics");
+    for (s, (g, w)) in got_loss.iter().zip(&want_loss).enumerate() {
+        assert!(
+            (g - w).abs() <= 1e-5 * w.abs(),
+            "loss at step {}: {g} vs {w}",
+            s + 1
+        );
+    }
+    let ck = checkpoint::resolve(&two).unwrap();
+    assert!(checkpoint::is_sharded(&ck));
+    assert_eq!(checkpoint::read_manifest(&ck).unwrap().world, 2);
+    assert_params_close("2 ranks vs 1 process", &params(&two), &want);
+
+    // Data-parallel, 2 ranks: the same run (one process ignores `parallel`).
+    let mut dp = run.clone();
+    dp.train.parallel = clt::train::Parallel::Data;
+    let dp_cfg = write_config(tmp.path(), "dp.toml", &dp);
+    let dpo = tmp.path().join("dp");
+    let (o, _) = mpirun(
+        2,
+        &[
+            "train",
+            "--config",
+            dp_cfg.to_str().unwrap(),
+            "--out",
+            dpo.to_str().unwrap(),
+            "--quiet",
+        ],
+        &[],
+    );
+    assert!(
+        o.status.success(),
+        "data-parallel mpirun -n 2 failed:\n{}",
+        text(&o)
+    );
+    for (s, (g, w)) in losses(&dpo).iter().zip(&want_loss).enumerate() {
+        assert!(
+            (g - w).abs() <= 1e-5 * w.abs(),
+            "data-parallel loss at step {}: {g} vs {w}",
+            s + 1
+        );
+    }
+    assert_params_close("data-parallel 2 ranks vs 1 process", &params(&dpo), &want);
+
+    // 2 → 1: a single process resumes the 2-rank checkpoint of step 4 and finishes the run.
+    let one = tmp.path().join("one");
+    fork_run(&two, 4, &one);
+    clt(&[
+        "train",
+        "--resume",
+        "--out",
+        one.to_str().unwrap(),
+        "--quiet",
+    ]);
+    assert_eq!(
+        checkpoint::read_manifest(&checkpoint::resolve(&one).unwrap())
+            .unwrap()
+            .world,
+        1
+    );
+    assert_params_close("2 → 1 ranks", &params(&one), &want);
+
+    // 1 → 3: three ranks resume the 1-process checkpoint of step 8.
+    let three = tmp.path().join("three");
+    fork_run(&one, 8, &three);
+    let (o, _) = mpirun(
+        3,
+        &[
+            "train",
+            "--resume",
+            "--out",
+            three.to_str().unwrap(),
+            "--quiet",
+        ],
+        &[],
+    );
+    assert!(
+        o.status.success(),
+        "mpirun -n 3 --resume failed:\n{}",
+        text(&o)
+    );
+    assert_params_close("2 → 1 → 3 ranks", &params(&three), &want);
+
+    // A sharded checkpoint exports to circuit-tracer's format.
+    let ct = tmp.path().join("ct");
+    clt(&[
+        "export",
+        "--checkpoint",
+        three.to_str().unwrap(),
+        "--format",
+        "circuit-tracer",
+        "--out",
+        ct.to_str().unwrap(),
+    ]);
+    assert!(std::fs::read_dir(&ct).unwrap().count() > 0);
+    let o = clt(&[
+        "eval",
+        "--checkpoint",
+        three.to_str().unwrap(),
+        "--tokens",
+        "512",
+    ]);
+    assert!(text(&o).contains("NMSE"), "{}", text(&o));
+}
+
+fn failing_run(fault: &str) -> (String, Duration, PathBuf, tempfile::TempDir) {
+    let _job = one_job();
+    let tmp = tempfile::tempdir().unwrap();
+    let cfg = write_config(tmp.path(), "run.toml", &run_config());
+    let out = tmp.path().join("run");
+    let (o, took) = mpirun(
+        2,
+        &[
+            "train",
+            "--config",
+            cfg.to_str().unwrap(),
+            "--out",
+            out.to_str().unwrap(),
+            "--quiet",
+        ],
+        &[("CLT_DIST_FAULT", fault), ("CLT_DIST_TIMEOUT_S", "4")],
+    );
+    assert!(
+        !o.status.success(),
+        "a job with a failed rank must fail:\n{}",
+        text(&o)
+    );
+    (text(&o), took, out, tmp)
+}
+
+#[test]
+fn a_rank_that_dies_stops_the_job_naming_it() {
+    let (log, took, out, _tmp) = failing_run("kill:1:6");
+    // Open MPI's launcher notices the death first ("process rank 1 ... exited on signal"); the survivor's
+    // watchdog would name it otherwise.
+    assert!(
+        log.contains("process rank 1") || log.contains("no answer from rank(s) [1]"),
+        "the error must name rank 1:\n{log}"
+    );
+    assert!(took < Duration::from_secs(60), "took {took:?}");
+    // The last complete checkpoint (step 4) is named by LATEST and loads.
+    let ck = checkpoint::resolve(&out).unwrap();
+    assert!(ck.ends_with("step_00000004"), "{}", ck.display());
+    checkpoint::load_transcoder(&out).unwrap();
+}
+
+#[test]
+fn a_hung_rank_stops_the_job_within_the_bound_naming_it() {
+    let (log, took, out, _tmp) = failing_run("hang:1:6");
+    assert!(
+        log.contains("no answer from rank(s) [1]"),
+        "the watchdog must name rank 1:\n{log}"
+    );
+    // Bound: twice the 4 s collective timeout, plus start-up and the steps before the fault.
+    assert!(took < Duration::from_secs(40), "took {took:?}");
+    assert!(
+        checkpoint::resolve(&out)
+            .unwrap()
+            .ends_with("step_00000004")
+    );
+    checkpoint::load_transcoder(&out).unwrap();
+}
+
+#[test]
+fn mismatched_configurations_are_reported_at_start_up() {
+    let _job = one_job();
+    let tmp = tempfile::tempdir().unwrap();
+    let run = run_config();
+    let a = write_config(tmp.path(), "a.toml", &run);
+    let mut other = run.clone();
+    other.train.lr *= 2.0;
+    let b = write_config(tmp.path(), "b.toml", &other);
+    let out = tmp.path().join("run");
+    let mut c = Command::new("mpirun");
+    c.args(["--allow-run-as-root", "--oversubscribe", "--timeout", "120"])
+        .env("OMPI_ALLOW_RUN_AS_ROOT", "1")
+        .env("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1");
+    for cfg in [&a, &b] {
+        c.args(["-n", "1", CLT, "train", "--config", cfg.to_str().unwrap()])
+            .args(["--out", out.to_str().unwrap(), "--quiet"]);
+        if cfg == &a {
+            c.arg(":");
+        }
+    }
+    let o = c.output().unwrap();
+    let log = text(&o);
+    assert!(!o.status.success(), "{log}");
+    assert!(log.contains("rank(s) [1] differs from rank 0"), "{log}");
+}
