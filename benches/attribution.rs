@@ -57,9 +57,7 @@ fn env_usize(k: &str, d: usize) -> usize {
 /// Least-squares slope of log(time) against log(tokens).
 fn exponent(points: &[(f64, f64)]) -> f64 {
     let n = points.len() as f64;
-    let (sx, sy) = points
-        .iter()
-        .fold((0.0, 0.0), |(a, b), (x, y)| (a + x.ln(), b + y.ln()));
+    let (sx, sy) = points.iter().fold((0.0, 0.0), |(a, b), (x, y)| (a + x.ln(), b + y.ln()));
     let (mx, my) = (sx / n, sy / n);
     let (num, den) = points.iter().fold((0.0, 0.0), |(a, b), (x, y)| {
         (a + (x.ln() - mx) * (y.ln() - my), b + (x.ln() - mx).powi(2))
@@ -83,18 +81,8 @@ fn run(
     );
     println!(
         "{:>6} {:>8} {:>6} {:>8} {:>8} {:>8} {:>8} {:>8} {:>8} {:>9} {:>7} {:>7}",
-        "tokens",
-        "active",
-        "nodes",
-        "total s",
-        "fwd s",
-        "logit s",
-        "feat s",
-        "rank s",
-        "prune s",
-        "peak MiB",
-        "repl",
-        "compl"
+        "tokens", "active", "nodes", "total s", "fwd s", "logit s", "feat s", "rank s", "prune s",
+        "peak MiB", "repl", "compl"
     );
     let mut points = Vec::new();
     for &n in lengths {
@@ -156,14 +144,7 @@ fn main() {
         let nodes = env_usize("ATTR_NODES", 1000);
         run("SmolLM2-135M", &m, &[16, 64, 256], 2304, 16, nodes);
         if env_usize("ATTR_LONG", 1) == 1 {
-            run(
-                "SmolLM2-135M (long)",
-                &m,
-                &[1024],
-                2304,
-                16,
-                env_usize("ATTR_LONG_NODES", 256),
-            );
+            run("SmolLM2-135M (long)", &m, &[1024], 2304, 16, env_usize("ATTR_LONG_NODES", 256));
         }
     }
 }
