@@ -5,8 +5,9 @@
 //!   `OUT_DIR/ptxas-report.txt` (and to `$CLT_PTXAS_REPORT` when set); with `CLT_DENY_SPILLS=1` a spilling
 //!   kernel fails the build;
 //! - generates `ffi.rs`, the `#[repr(C)]` mirror of the parameter structs in `ffi/clt_params.h`, and
-//!   `ffi_layout.rs`, the sizes and offsets that the host C compiler (`$CC`, else `cc`) reports for the same
-//!   header, which a unit test compares with Rust's.
+//!   `ffi_layout.rs` / `ffi_asserts.rs`, the sizes and offsets that the host C compiler (`$CC`, else `cc`)
+//!   reports for the same header, as a table for a unit test and as compile-time assertions (so even
+//!   `cargo check --features cuda` fails when the two layouts disagree).
 //!
 //! Without the feature it does nothing, so the crate builds on machines with no CUDA at all.
 //!
@@ -318,4 +319,22 @@ fn ffi_bindings(out: &Path) {
     layout.push_str(&String::from_utf8_lossy(&o.stdout));
     layout.push_str("];\n");
     std::fs::write(out.join("ffi_layout.rs"), layout).expect("write ffi_layout.rs");
+    // The same numbers as compile-time assertions, so even `cargo check --features cuda` catches a mismatch.
+    let mut asserts = String::new();
+    for line in String::from_utf8_lossy(&o.stdout).lines() {
+        let parts: Vec<&str> = line
+            .trim_matches(|c| c == '(' || c == ')' || c == ',')
+            .split(", ")
+            .map(|p| p.trim_matches('"'))
+            .collect();
+        let [st, field, n] = parts[..] else {
+            panic!("unexpected ffi_layout line: {line}")
+        };
+        if field.is_empty() {
+            writeln!(asserts, "const _: () = assert!(std::mem::size_of::<{st}>() == {n}, \"size of {st} differs from ffi/clt_params.h\");").unwrap();
+        } else {
+            writeln!(asserts, "const _: () = assert!(std::mem::offset_of!({st}, {field}) == {n}, \"offset of {st}.{field} differs from ffi/clt_params.h\");").unwrap();
+        }
+    }
+    std::fs::write(out.join("ffi_asserts.rs"), asserts).expect("write ffi_asserts.rs");
 }

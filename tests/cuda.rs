@@ -34,12 +34,13 @@ mod gpu_tests {
     use clt::rng::Rng;
     use clt::store::codec::{Codec, Section};
     use proptest::prelude::*;
-    use std::sync::OnceLock;
+    use std::sync::{Mutex, OnceLock};
 
     /// Relative tolerance on sums of magnitudes (fp32 accumulation, any order, n ≤ a few thousand terms).
     const TOL_REL: f64 = 2e-5;
 
-    /// The device, or `None` after printing why the test is skipped. Panics under `CLT_REQUIRE_GPU=1`.
+    /// The device, or `None` after printing (once per test) why the test is skipped. Panics under
+    /// `CLT_REQUIRE_GPU=1`.
     fn gpu() -> Option<&'static Gpu> {
         static GPU: OnceLock<Result<Gpu, String>> = OnceLock::new();
         let g = GPU.get_or_init(|| {
@@ -54,7 +55,13 @@ mod gpu_tests {
                 if std::env::var("CLT_REQUIRE_GPU").is_ok_and(|v| v == "1") {
                     panic!("CLT_REQUIRE_GPU=1 but the GPU cannot be used: {e}");
                 }
-                eprintln!("skipped: no CUDA driver or device ({e})");
+                static SKIPPED: Mutex<Vec<String>> = Mutex::new(Vec::new());
+                let name = std::thread::current().name().unwrap_or("?").to_string();
+                let mut seen = SKIPPED.lock().unwrap_or_else(|p| p.into_inner());
+                if !seen.contains(&name) {
+                    eprintln!("{name}: skipped: no CUDA driver or device ({e})");
+                    seen.push(name);
+                }
                 None
             }
         }
@@ -168,7 +175,7 @@ mod gpu_tests {
     }
 
     proptest! {
-        #![proptest_config(ProptestConfig::with_cases(24))]
+        #![proptest_config(ProptestConfig::with_cases(cases()))]
 
         /// Encoder GEMM + JumpReLU epilogue + sort vs `encode_layer(.., list_near = true)`.
         #[test]
@@ -520,6 +527,14 @@ mod gpu_tests {
                 prop_assert_eq!(&order[start[f] as usize..start[f + 1] as usize], &want[f][..], "feature {}", f);
             }
         }
+    }
+
+    /// Cases per property: `CLT_GPU_CASES` (scripts/gpu-check.sh raises it), else 24.
+    fn cases() -> u32 {
+        std::env::var("CLT_GPU_CASES")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(24)
     }
 
     fn cpu_enc_threads() -> clt::backend::cpu::gemm::Threads {
