@@ -10,7 +10,7 @@ export NVCC CLT_DENY_SPILLS=1 CLT_PTXAS_REPORT="$PWD/target/ptxas-report.txt"
 rm -rf gpu-pack
 mkdir -p gpu-pack/bin
 # Test executables: the CUDA property tests and the library's unit tests (FFI layout) with the feature.
-cargo test --release --features cuda --lib --test cuda --no-run --message-format=json 2>/dev/null \
+cargo test --release --features cuda --lib --test cuda --no-run --message-format=json \
     | python3 -c '
 import json, sys
 for line in sys.stdin:
