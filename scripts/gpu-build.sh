@@ -24,6 +24,19 @@ for line in sys.stdin:
 while read -r name exe; do
     cp "$exe" "gpu-pack/bin/test-$name"
 done < gpu-pack/tests.txt
+# The per-kernel bench.
+cargo bench --features cuda --bench cuda --no-run --message-format=json \
+    | python3 -c '
+import json, sys
+for line in sys.stdin:
+    try:
+        m = json.loads(line)
+    except ValueError:
+        continue
+    if m.get("reason") == "compiler-artifact" and m.get("executable") and m["target"]["name"] == "cuda":
+        print(m["executable"])
+' > gpu-pack/bench.txt
+cp "$(tail -n1 gpu-pack/bench.txt)" gpu-pack/bin/bench-cuda
 # The command line (for `clt bench` / `clt train --backend cuda` once the trainer chains the kernels).
 cargo build --release --features cuda --bin clt
 cp target/release/clt gpu-pack/bin/clt

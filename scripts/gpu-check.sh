@@ -22,6 +22,12 @@ for t in bin/test-*; do
         status=1
     fi
 done
+for shape in small 1b; do
+    echo "== bin/bench-cuda (CLT_BENCH_SHAPE=$shape)" | tee -a "$LOG"
+    if ! CLT_BENCH_SHAPE=$shape bin/bench-cuda 2>&1 | tee -a "$LOG"; then
+        status=1
+    fi
+done
 echo "== exit status: $status" | tee -a "$LOG"
 if [ -n "${OUT:-}" ]; then
     cp "$LOG" "$OUT/" 2>/dev/null || true

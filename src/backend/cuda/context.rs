@@ -177,6 +177,26 @@ impl Gpu {
         Ok(())
     }
 
+    /// Milliseconds of device time that `work` queues on the stream, between two CUDA events.
+    pub fn time_ms(&self, work: impl FnOnce() -> Result<()>) -> Result<f32> {
+        let flags = Some(cudarc::driver::sys::CUevent_flags::CU_EVENT_DEFAULT);
+        let start = self
+            .ctx
+            .new_event(flags)
+            .map_err(cuda_err("creating an event"))?;
+        let end = self
+            .ctx
+            .new_event(flags)
+            .map_err(cuda_err("creating an event"))?;
+        start
+            .record(&self.stream)
+            .map_err(cuda_err("recording an event"))?;
+        work()?;
+        end.record(&self.stream)
+            .map_err(cuda_err("recording an event"))?;
+        start.elapsed_ms(&end).map_err(cuda_err("timing events"))
+    }
+
     /// Waits for all queued work.
     pub fn sync(&self) -> Result<()> {
         self.stream.synchronize().map_err(cuda_err("synchronising"))
