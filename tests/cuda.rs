@@ -174,6 +174,48 @@ mod gpu_tests {
         );
     }
 
+    /// Every kernel a wrapper launches exists as an entry of the embedded PTX of its module (runs without a
+    /// GPU: a misspelt name would otherwise surface only on the GPU machine).
+    #[test]
+    fn every_launched_kernel_is_in_the_embedded_ptx() {
+        use clt::backend::cuda::context::ptx;
+        let sources = [
+            include_str!("../src/backend/cuda/encode.rs"),
+            include_str!("../src/backend/cuda/decode.rs"),
+            include_str!("../src/backend/cuda/backward.rs"),
+            include_str!("../src/backend/cuda/topk.rs"),
+            include_str!("../src/backend/cuda/adam.rs"),
+            include_str!("../src/backend/cuda/dequant.rs"),
+        ];
+        let modules = [
+            ("Encode", ptx::ENCODE),
+            ("Decode", ptx::DECODE),
+            ("Backward", ptx::BACKWARD),
+            ("Topk", ptx::TOPK),
+            ("Adam", ptx::ADAM),
+            ("Dequant", ptx::DEQUANT),
+        ];
+        let mut checked = 0;
+        for src in sources {
+            for (i, _) in src.match_indices("Module::") {
+                let rest = &src[i + 8..];
+                let module = &rest[..rest.find(',').expect("Module::X,")];
+                let q = rest.find('"').expect("kernel name");
+                let name = &rest[q + 1..q + 1 + rest[q + 1..].find('"').expect("closing quote")];
+                let (_, text) = modules
+                    .iter()
+                    .find(|(m, _)| *m == module)
+                    .unwrap_or_else(|| panic!("unknown module {module}"));
+                assert!(
+                    text.contains(&format!(".entry {name}(")),
+                    "kernel {name} is not in the PTX of {module}"
+                );
+                checked += 1;
+            }
+        }
+        assert!(checked >= 20, "only {checked} launches found");
+    }
+
     proptest! {
         #![proptest_config(ProptestConfig::with_cases(cases()))]
 
