@@ -26,3 +26,22 @@ cargo clippy --all-targets --release --features mpi -- -D warnings
 echo "== cargo test --release --features mpi"
 export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1
 cargo test --release --features mpi
+
+# The CUDA backend: install the pinned compiler, compile every kernel to PTX (build.rs), record ptxas -v
+# (registers, spills) per kernel in target/ptxas-report.txt and fail if any kernel spills; clippy and the
+# CUDA tests with the feature (without a GPU they check the no-driver error, and the GPU property tests print
+# that they were skipped).
+echo "== CUDA: kernels, ptxas report, clippy and tests with --features cuda"
+NVCC=$(bash scripts/install-nvcc.sh)
+export NVCC CLT_DENY_SPILLS=1 CLT_PTXAS_REPORT="$PWD/target/ptxas-report.txt"
+cargo clippy --all-targets --release --features cuda -- -D warnings
+# (build.rs writes the report whenever it compiles the kernels; if they were up to date, take the last one.)
+[ -f target/ptxas-report.txt ] || cp "$(ls -t target/release/build/clt-*/out/ptxas-report.txt | head -n1)" target/ptxas-report.txt
+cat target/ptxas-report.txt
+if grep -E "spill (stores|loads)" target/ptxas-report.txt | grep -vqE "0 bytes spill stores, 0 bytes spill loads"; then
+    echo "error: a CUDA kernel spills registers (target/ptxas-report.txt)" >&2
+    exit 1
+fi
+# (The FFI layout is checked at compile time by the clippy build above; its unit test runs on the GPU machine.)
+cargo test --release --features cuda --test cuda -- --nocapture
+

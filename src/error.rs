@@ -56,6 +56,11 @@ pub enum Error {
     #[error("backend `{backend}` unavailable: {reason}")]
     BackendUnavailable { backend: String, reason: String },
 
+    /// A CUDA call failed at run time (the backend was available): what was being done, and the driver's
+    /// error.
+    #[error("CUDA: {what}: {reason}")]
+    Cuda { what: String, reason: String },
+
     /// A numerical failure during training (a non-finite loss or gradient) at a given step.
     #[error("non-finite {what} at step {step}")]
     NonFinite { what: String, step: u64 },

@@ -6,6 +6,8 @@
 //! (or without a driver) asking for it returns [`Error::BackendUnavailable`].
 
 pub mod cpu;
+#[cfg(feature = "cuda")]
+pub mod cuda;
 pub mod grads;
 
 pub use grads::{Grads, Objective, StepStats, ThresholdGrad};
@@ -49,7 +51,7 @@ impl Backend {
         match kind {
             BackendKind::Cpu => Ok(Backend::Cpu),
             BackendKind::CpuDense => Ok(Backend::CpuDense),
-            BackendKind::Cuda => Err(cuda_unavailable()),
+            BackendKind::Cuda => Err(cuda_unavailable()?),
         }
     }
 
@@ -88,17 +90,24 @@ impl Backend {
 }
 
 #[cfg(not(feature = "cuda"))]
-fn cuda_unavailable() -> Error {
-    Error::BackendUnavailable {
+fn cuda_unavailable() -> Result<Error> {
+    Ok(Error::BackendUnavailable {
         backend: "cuda".into(),
         reason: "built without CUDA support (rebuild with `--features cuda`)".into(),
-    }
+    })
 }
 
+/// With the feature: no driver (or no device) is reported by [`cuda::Gpu::open`]; with a device, the
+/// kernels exist (src/backend/cuda) but the trainer does not chain them yet.
 #[cfg(feature = "cuda")]
-fn cuda_unavailable() -> Error {
-    Error::BackendUnavailable {
+fn cuda_unavailable() -> Result<Error> {
+    let gpu = cuda::Gpu::open(0)?;
+    Ok(Error::BackendUnavailable {
         backend: "cuda".into(),
-        reason: "the CUDA training step is not implemented yet in this version".into(),
-    }
+        reason: format!(
+            "found {}, but the trainer does not chain the CUDA kernels into a training step yet \
+             (see docs/cuda.md)",
+            gpu.describe()
+        ),
+    })
 }

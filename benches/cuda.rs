@@ -1,0 +1,233 @@
+//! Per-kernel timings of the CUDA backend on the device (CUDA events, median of repeats after warm-up, on
+//! random data), with the achieved TFLOP/s or GB/s and the fraction of the H100's measured ceilings (bf16
+//! ≈ 798 TFLOP/s, copy ≈ 3.0 TB/s). Without a GPU it prints that it was skipped.
+//!
+//! `CLT_BENCH_SHAPE=1b` uses the Llama-3.2-1B shape (16 layers, d = 2048, 8192 features per layer,
+//! 16,384 tokens, L0 ≈ 64); the default is a quarter of it in tokens and features. Timings include the
+//! wrappers' allocations (and, for the encoder, the count read-back); they are upper bounds on kernel time.
+//! Run: `cargo bench --features cuda --bench cuda` (or gpu-pack/bin/bench-cuda on the GPU machine).
+
+#[cfg(not(feature = "cuda"))]
+fn main() {
+    println!("skipped: built without `--features cuda`");
+}
+
+#[cfg(feature = "cuda")]
+fn main() {
+    if let Err(e) = gpu_bench::run() {
+        println!("skipped or failed: {e}");
+        if std::env::var("CLT_REQUIRE_GPU").is_ok_and(|v| v == "1") {
+            std::process::exit(1);
+        }
+    }
+}
+
+#[cfg(feature = "cuda")]
+mod gpu_bench {
+    use clt::Result;
+    use clt::backend::cpu::adam::AdamHyper;
+    use clt::backend::cuda::{Gpu, adam, backward, decode, encode};
+    use clt::backend::{Objective, ThresholdGrad};
+    use clt::rng::Rng;
+
+    const BF16_TFLOPS: f64 = 798.0;
+    const COPY_GBS: f64 = 3000.0;
+
+    fn median(gpu: &Gpu, reps: usize, mut f: impl FnMut() -> Result<()>) -> Result<f64> {
+        for _ in 0..2 {
+            f()?;
+        }
+        let mut t: Vec<f64> = (0..reps)
+            .map(|_| gpu.time_ms(&mut f).map(|v| v as f64))
+            .collect::<Result<_>>()?;
+        t.sort_by(f64::total_cmp);
+        Ok(t[t.len() / 2])
+    }
+
+    fn report(name: &str, ms: f64, flops: f64, bytes: f64) {
+        let tf = flops / ms / 1e9;
+        let gbs = bytes / ms / 1e6;
+        println!(
+            "{name:<28} {ms:>9.3} ms  {tf:>7.1} TFLOP/s ({:>5.1}% of bf16)  {gbs:>7.0} GB/s ({:>5.1}% of copy)",
+            100.0 * tf / BF16_TFLOPS,
+            100.0 * gbs / COPY_GBS
+        );
+    }
+
+    pub fn run() -> Result<()> {
+        let gpu = Gpu::open(0)?;
+        let big = std::env::var("CLT_BENCH_SHAPE").is_ok_and(|v| v == "1b");
+        let (l_n, d, f_n, b_n, l0) = if big {
+            (16usize, 2048usize, 8192usize, 16384usize, 64usize)
+        } else {
+            (16, 2048, 2048, 4096, 64)
+        };
+        println!(
+            "device {}; L = {l_n}, d = {d}, F = {f_n}, B = {b_n}, L0 ≈ {l0}",
+            gpu.describe()
+        );
+        let mut rng = Rng::seed(7);
+        // Random values (a 1 Mi-value random block repeated: large tensors fill fast, never zeros).
+        let base: Vec<f32> = (0..1 << 20).map(|_| rng.normal() as f32).collect();
+        let rand = |n: usize, s: f64| -> Vec<f32> {
+            base.iter()
+                .cycle()
+                .take(n)
+                .map(|v| (s * *v as f64) as f32)
+                .collect()
+        };
+        // Encoder of one layer (the middle one), thresholds set so that about L0 features fire per token.
+        let l = l_n / 2;
+        let row = l_n * d;
+        let x = gpu.upload_bf16(&rand(b_n * row, 1.0))?;
+        let w = gpu.upload_bf16(&rand(f_n * d, 1.0 / (d as f64).sqrt()))?;
+        let bias = gpu.upload(&vec![0f32; f_n])?;
+        // h ~ N(0, 1): P(h > θ) = L0 / F.
+        let z = inv_normal_tail(l0 as f64 / f_n as f64) as f32;
+        let theta = gpu.upload(&vec![z; f_n])?;
+        let inp = encode::EncodeInput {
+            x: &x,
+            x_offset: l * d,
+            x_stride: row,
+            n_tokens: b_n,
+            d,
+            w: &w,
+            bias: &bias,
+            n_features: f_n,
+        };
+        let mut codes = None;
+        let ms = median(&gpu, 5, || {
+            codes = Some(encode::jumprelu(&gpu, &inp, &theta, 0.01, 2 * l0)?);
+            Ok(())
+        })?;
+        report(
+            "encode (1 layer, JumpReLU)",
+            ms,
+            2.0 * (b_n * d * f_n) as f64,
+            (b_n * d * 2 + f_n * d * 2) as f64,
+        );
+        let (codes, window) = codes.expect("encoded");
+        let nnz = codes.to_host(&gpu)?.feat.len();
+        println!("  entries listed per token: {:.1}", nnz as f64 / b_n as f64);
+
+        // Decode: every layer with the same codes (L0 per layer), cross-layer rows.
+        let w_dec: Vec<_> = (0..l_n)
+            .map(|s| gpu.upload_bf16(&rand(f_n * (l_n - s) * d, 0.02)))
+            .collect::<Result<_>>()?;
+        let layers: Vec<decode::DecodeLayer> = (0..l_n)
+            .map(|s| decode::DecodeLayer {
+                codes: &codes,
+                w_dec: &w_dec[s],
+                row_len: (l_n - s) * d,
+            })
+            .collect();
+        let b_dec = gpu.upload(&vec![0f32; l_n * d])?;
+        let y = gpu.upload(&rand(b_n * row, 1.0))?;
+        let mut out = None;
+        let ms = median(&gpu, 5, || {
+            out = Some(decode::sparse_decode(
+                &gpu,
+                &layers,
+                &b_dec,
+                Some(&y),
+                d,
+                true,
+                2.0 / b_n as f32,
+            )?);
+            Ok(())
+        })?;
+        // Bytes it must move: y read, ŷ and r written (f32), the active rows once per (token, layer).
+        let rows_bytes: f64 = (0..l_n).map(|s| (nnz * (l_n - s) * d * 2) as f64).sum();
+        report(
+            "sparse decode (all layers)",
+            ms,
+            0.0,
+            (3 * b_n * row * 4) as f64 + rows_bytes,
+        );
+        let out = out.expect("decoded");
+        let resid = out.resid.expect("residual");
+
+        // Backward of the middle layer.
+        let xf = gpu.upload(&rand(b_n * row, 1.0))?;
+        let norms = gpu.upload(&vec![1f32; f_n])?;
+        let obj = Objective {
+            lambda: 1.0,
+            c: 1.0,
+            lambda_preact: 0.1,
+            bandwidth: 0.02,
+            threshold_grad: ThresholdGrad::Theta,
+        };
+        let inp = backward::LayerGradInput {
+            codes: &codes,
+            window: &window,
+            w_dec: &w_dec[l],
+            row_len: (l_n - l) * d,
+            n_features: f_n,
+            norms: &norms,
+            theta: &theta,
+            x: &xf,
+            resid: &resid,
+            layer: l,
+            n_layers: l_n,
+            d,
+            preact_mask: None,
+            obj,
+            jump: true,
+        };
+        let ms = median(&gpu, 5, || backward::layer_grads(&gpu, &inp).map(|_| ()))?;
+        let rl = (l_n - l) * d;
+        let bytes = (nnz * rl * (2 + 4) + nnz * d * 4 + f_n * (d + rl) * 4) as f64;
+        report("backward (1 layer)", ms, 0.0, bytes);
+
+        // Fused Adam of one decoder layer (fp32 p, m, v, g; bf16 copy).
+        let n = f_n * rl;
+        let (p, m, v, g) = (
+            gpu.upload(&rand(n, 0.02))?,
+            gpu.zeros::<f32>(n)?,
+            gpu.zeros::<f32>(n)?,
+            gpu.upload(&rand(n, 1e-3))?,
+        );
+        let coef = gpu.upload(&rand(f_n, 1e-3))?;
+        let touched = gpu.upload(&vec![1u8; f_n])?;
+        let pb = gpu.zeros::<u16>(n)?;
+        let nr = gpu.zeros::<f32>(f_n)?;
+        let k = adam::consts(&AdamHyper::default(), 1, 1e-4, 1.0);
+        let ms = median(&gpu, 5, || {
+            adam::adam_decoder(&gpu, &p, &m, &v, &g, &coef, &touched, Some(&pb), &nr, rl, k)
+        })?;
+        report("adam (1 decoder layer)", ms, 0.0, (n * 30) as f64);
+        Ok(())
+    }
+
+    /// `z` with `P(N(0,1) > z) = p` (bisection on erfc).
+    fn inv_normal_tail(p: f64) -> f64 {
+        let (mut lo, mut hi) = (-10.0f64, 10.0f64);
+        for _ in 0..100 {
+            let mid = 0.5 * (lo + hi);
+            if 0.5 * erfc(mid / std::f64::consts::SQRT_2) > p {
+                lo = mid;
+            } else {
+                hi = mid;
+            }
+        }
+        0.5 * (lo + hi)
+    }
+
+    /// Complementary error function (Numerical Recipes' erfcc, |error| < 1.2e-7).
+    fn erfc(x: f64) -> f64 {
+        let z = x.abs();
+        let t = 1.0 / (1.0 + 0.5 * z);
+        let r = t
+            * (-z * z - 1.26551223
+                + t * (1.00002368
+                    + t * (0.37409196
+                        + t * (0.09678418
+                            + t * (-0.18628806
+                                + t * (0.27886807
+                                    + t * (-1.13520398
+                                        + t * (1.48851499
+                                            + t * (-0.82215223 + t * 0.17087277)))))))))
+                .exp();
+        if x >= 0.0 { r } else { 2.0 - r }
+    }
+}

@@ -1,0 +1,315 @@
+/* Parameter structs shared by the CUDA kernels (kernels/*.cu) and Rust (src/backend/cuda/ffi.rs).
+ *
+ * Every kernel takes one of these structs by value. Device addresses are plain 64-bit integers (clt_ptr), so
+ * the header is valid C for the host compiler that checks the layout (build.rs compiles ffi/layout.c and the
+ * Rust test `ffi::tests::layout_matches_header` compares every size and offset). Fields are ordered 8-byte
+ * members first, then 4-byte members, padded to a multiple of 8: no implicit padding anywhere.
+ * Element types are named in the comments: bf16 = __nv_bfloat16 (raw u16 on the Rust side). */
+#ifndef CLT_PARAMS_H
+#define CLT_PARAMS_H
+
+#include <stdint.h>
+
+typedef uint64_t clt_ptr;
+
+/* Encoder epilogue kinds (CltEncodeParams.epilogue). */
+#define CLT_EPI_JUMPRELU 0u /* active entries h > theta, near-threshold entries, per-tile partials */
+#define CLT_EPI_DENSE 1u    /* write h = x W^T + b densely (TopK / BatchTopK select afterwards) */
+
+/* Tile sizes of the encoder (tokens x features per block; K step). */
+#define CLT_ENC_TB 64
+#define CLT_ENC_TF 64
+#define CLT_ENC_TK 32
+
+/* Encoder: h = x W^T + b over one layer, fused epilogue. Lists are ELL: token b owns slots [b*cap, b*cap+cap),
+ * count[b] entries were produced (may exceed cap: the host then re-runs with a larger cap). */
+typedef struct {
+    clt_ptr x;           /* const bf16: token b's input at x + b*x_stride (layer offset applied) */
+    clt_ptr w;           /* const bf16 [F][d] */
+    clt_ptr bias;        /* const f32 [F] */
+    clt_ptr theta;       /* const f32 [F] (JumpReLU) */
+    clt_ptr count;       /* u32 [B], zeroed before the launch */
+    clt_ptr feat;        /* u32 [B][cap] */
+    clt_ptr pre;         /* f32 [B][cap] */
+    clt_ptr act;         /* f32 [B][cap] (0 for listed near-threshold entries) */
+    clt_ptr part_preact; /* f32 [ceil(B/TB)][F]: per token tile, sum of (theta - h) over inactive tokens */
+    clt_ptr part_near;   /* u32 [ceil(B/TB)][F]: inactive near-threshold tokens */
+    clt_ptr part_near_h; /* f32 [ceil(B/TB)][F]: sum of h over them */
+    clt_ptr dense;       /* f32 [B][F] (CLT_EPI_DENSE) */
+    uint32_t n_tokens;
+    uint32_t d;
+    uint32_t n_features;
+    uint32_t x_stride;
+    uint32_t cap;
+    uint32_t epilogue;
+    float half_bandwidth;
+    uint32_t pad0;
+} CltEncodeParams;
+
+/* Sums per-tile partials of the encoder in tile order (deterministic). */
+typedef struct {
+    clt_ptr part_preact; /* f32 [n_tiles][F] */
+    clt_ptr part_near;   /* u32 [n_tiles][F] */
+    clt_ptr part_near_h; /* f32 [n_tiles][F] */
+    clt_ptr preact_sum;  /* f32 out [F] */
+    clt_ptr near_count;  /* u32 out [F] */
+    clt_ptr near_h;      /* f32 out [F] */
+    uint32_t n_tiles;
+    uint32_t n_features;
+} CltReduceParams;
+
+/* Sorts each token's ELL list by feature (ties impossible: a feature appears once per token). */
+typedef struct {
+    clt_ptr count; /* const u32 [B] */
+    clt_ptr feat;  /* u32 [B][cap] */
+    clt_ptr pre;   /* f32 [B][cap] */
+    clt_ptr act;   /* f32 [B][cap] */
+    uint32_t n_tokens;
+    uint32_t cap;
+} CltSortParams;
+
+/* One source layer's sparse codes and decoder, as the decode and backward kernels see it. */
+typedef struct {
+    clt_ptr count; /* const u32 [B] */
+    clt_ptr feat;  /* const u32 [B][cap] */
+    clt_ptr act;   /* const f32 [B][cap] */
+    clt_ptr w_dec; /* const bf16 [F][row_len]: feature f's rows for target layers l, l+1, ... contiguous */
+    uint32_t row_len;
+    uint32_t cap; /* slots per token of this layer's lists */
+} CltLayerView;
+
+/* Sparse cross-layer decode fused with the residual: for token b and target layer k,
+ * yhat = b_dec[k] + sum_{l <= k} sum_{active (b,l,f)} a * W_dec[l][f][k-l], r = scale * (yhat - y). */
+typedef struct {
+    clt_ptr layers; /* const CltLayerView [L] (device array) */
+    clt_ptr b_dec;  /* const f32 [L][d] */
+    clt_ptr y;      /* const f32 [B][L][d], or 0 */
+    clt_ptr yhat;   /* f32 out [B][L][d], or 0 */
+    clt_ptr resid;  /* f32 out [B][L][d], or 0 (needs y) */
+    clt_ptr sq_err; /* f32 out [B][L]: sum_i (yhat - y)^2, or 0 (needs y) */
+    uint32_t n_tokens;
+    uint32_t n_layers;
+    uint32_t d;
+    uint32_t cross_layer; /* 1: layer l writes to l..L-1; 0: to l only */
+    float resid_scale;
+    uint32_t pad0;
+} CltDecodeParams;
+
+/* dL/da at every listed entry of source layer l: proj = <r_b[l..], W_dec[l][f]>, and for active entries the
+ * full pre-activation gradient ge = proj + tanh_scale * c * n_f * (1 - tanh(c a n_f)^2). */
+typedef struct {
+    clt_ptr count;    /* const u32 [B] */
+    clt_ptr feat;     /* const u32 [B][cap] */
+    clt_ptr act;      /* const f32 [B][cap] */
+    clt_ptr w_dec;    /* const bf16 [F][row_len] */
+    clt_ptr norms;    /* const f32 [F] decoder norms */
+    clt_ptr resid;    /* const f32 [B][L][d] */
+    clt_ptr proj;     /* f32 out [B][cap] */
+    clt_ptr ge;       /* f32 out [B][cap] (0 for inactive entries) */
+    clt_ptr sparsity; /* f32 out [B][cap]: tanh(c a n_f) for active entries, 0 otherwise */
+    uint32_t n_tokens;
+    uint32_t cap;
+    uint32_t row_len;
+    uint32_t resid_offset; /* l * d */
+    uint32_t resid_stride; /* L * d */
+    float c;
+    float tanh_scale;
+    uint32_t pad0;
+} CltActGradParams;
+
+/* Grouping of the (token, slot) entries of one layer by feature: CSR by counting, scanning, filling and
+ * sorting each feature's segment by entry index (token order). */
+typedef struct {
+    clt_ptr count;    /* const u32 [B] entries per token */
+    clt_ptr feat;     /* const u32 [B][cap] */
+    clt_ptr fcount;   /* u32 [F + 1]: zeroed, then counts, then (scan) exclusive starts */
+    clt_ptr cursor;   /* u32 [F]: zeroed; fill cursor */
+    clt_ptr unsorted; /* u32 [nnz]: entry ids b*cap + s grouped by feature, unordered within a feature */
+    clt_ptr order;    /* u32 out [nnz]: the same, in increasing entry id within each feature */
+    uint32_t n_tokens;
+    uint32_t cap;
+    uint32_t n_features;
+    uint32_t pad0;
+} CltCsrParams;
+
+/* Per-feature gradients of one layer (one block per feature, no atomics): encoder row and bias, decoder row
+ * data term, threshold, decoder-norm coefficient. Mirrors the per-feature loop of cpu::sparse::loss_and_grad
+ * with every block in BlockMode::Near. */
+typedef struct {
+    clt_ptr order;      /* const u32 [nnz] entry ids grouped by feature (CSR) */
+    clt_ptr fstart;     /* const u32 [F + 1] */
+    clt_ptr act;        /* const f32 [B][cap] */
+    clt_ptr pre;        /* const f32 [B][cap] */
+    clt_ptr proj;       /* const f32 [B][cap] */
+    clt_ptr ge;         /* const f32 [B][cap] */
+    clt_ptr x;          /* const f32: token b's layer input at x + b*x_stride (layer offset applied) */
+    clt_ptr resid;      /* const f32: token b's residual rows l.. at resid + b*resid_stride (offset applied) */
+    clt_ptr xsum;       /* const f32 [d]: sum over the batch of x (the pre-activation term) */
+    clt_ptr norms;      /* const f32 [F] */
+    clt_ptr theta;      /* const f32 [F] */
+    clt_ptr preact_sum; /* const f32 [F] */
+    clt_ptr near_count; /* const u32 [F] */
+    clt_ptr near_h;     /* const f32 [F] */
+    clt_ptr preact_mask; /* const u8 [F] or 0 (all on) */
+    clt_ptr g_w_enc;    /* f32 out [F][d] */
+    clt_ptr g_w_dec;    /* f32 out [F][row_len] (data term; zero rows where no entry is active) */
+    clt_ptr g_b_enc;    /* f32 out [F] */
+    clt_ptr g_log_theta; /* f32 out [F] */
+    clt_ptr dec_coef;   /* f32 out [F] */
+    clt_ptr touched;    /* u8 out [F] */
+    clt_ptr active_count; /* u32 out [F] */
+    clt_ptr feat_sparsity; /* f32 out [F]: sum of tanh(c a n_f) over the feature's active entries */
+    uint32_t n_tokens;
+    uint32_t d;
+    uint32_t row_len;
+    uint32_t x_stride;
+    uint32_t resid_stride;
+    uint32_t jump;   /* JumpReLU (threshold gradient and pre-activation loss) */
+    uint32_t by_h;   /* ThresholdGrad::Preact */
+    float c;
+    float tanh_scale;   /* lambda / B */
+    float pre_scale;    /* lambda_preact / B */
+    float half_bandwidth;
+    float bandwidth;
+    uint32_t cap; /* entry id e = b * cap + slot */
+    uint32_t pad0;
+} CltFeatureGradParams;
+
+/* Column sums over tokens: out[j] = sum_b src[b*stride + j], j < n, in token order (f64 accumulation). */
+typedef struct {
+    clt_ptr src; /* const f32 (offset applied) */
+    clt_ptr out; /* f32 out [n] */
+    uint32_t n_tokens;
+    uint32_t n;
+    uint32_t stride;
+    uint32_t pad0;
+} CltColSumParams;
+
+/* Per-row top-k (ties to the lower index) with a ReLU, into ELL lists in increasing feature order. */
+typedef struct {
+    clt_ptr dense; /* const f32 [B][F] */
+    clt_ptr count; /* u32 out [B] */
+    clt_ptr feat;  /* u32 out [B][cap] */
+    clt_ptr pre;   /* f32 out [B][cap] */
+    clt_ptr act;   /* f32 out [B][cap] */
+    uint32_t n_tokens;
+    uint32_t n_features;
+    uint32_t k;
+    uint32_t cap;
+} CltTopkParams;
+
+/* BatchTopK over n values (all layers' dense pre-activations back to back): radix histogram of the keys that
+ * match `prefix` on the bits above `shift + 8`, then selection of keys > kth and of the first `ties` keys equal
+ * to it, in index order (block tie offsets from a host scan of per-block tie counts). */
+typedef struct {
+    clt_ptr values;     /* const f32 [n] */
+    clt_ptr hist;       /* u32 out [256] (zeroed) */
+    clt_ptr block_ties; /* u32 [n_blocks]: ties per block (count pass), exclusive offsets (select pass) */
+    clt_ptr mask;       /* u8 out [n]: 1 where selected and > 0 */
+    uint64_t n;
+    uint32_t prefix;    /* key bits above shift + 8 */
+    uint32_t shift;     /* 24, 16, 8, 0 */
+    uint32_t kth;       /* the k-th largest key (select / tie passes) */
+    uint32_t ties;      /* how many keys equal to kth are selected */
+} CltBatchTopkParams;
+
+/* Dense to ELL compaction of a mask (BatchTopK's selection): token b's selected features in order. */
+typedef struct {
+    clt_ptr dense; /* const f32 [B][F] */
+    clt_ptr mask;  /* const u8 [B][F] */
+    clt_ptr count; /* u32 out [B] */
+    clt_ptr feat;  /* u32 out [B][cap] */
+    clt_ptr pre;   /* f32 out [B][cap] */
+    clt_ptr act;   /* f32 out [B][cap] */
+    uint32_t n_tokens;
+    uint32_t n_features;
+    uint32_t cap;
+    uint32_t pad0;
+} CltCompactParams;
+
+/* Adam (PyTorch conventions) with the clipping factor folded into `scale`. */
+typedef struct {
+    float lr;
+    float scale;
+    float beta1;
+    float beta2;
+    float eps;
+    float bc1;      /* 1 - beta1^t */
+    float bc2_sqrt; /* sqrt(1 - beta2^t) */
+    uint32_t pad0;
+} CltAdamConsts;
+
+typedef struct {
+    clt_ptr p; /* f32 [n] */
+    clt_ptr m;
+    clt_ptr v;
+    clt_ptr g; /* const f32 [n] */
+    uint64_t n;
+    CltAdamConsts k;
+} CltAdamParams;
+
+/* The decoder's fused update: g = touched_f * gs + coef_f * p per row, Adam, bf16 copy, new row norm. */
+typedef struct {
+    clt_ptr p;       /* f32 [F][row_len] */
+    clt_ptr m;
+    clt_ptr v;
+    clt_ptr gs;      /* const f32 [F][row_len] data term */
+    clt_ptr coef;    /* const f32 [F] */
+    clt_ptr touched; /* const u8 [F] */
+    clt_ptr p_bf16;  /* bf16 out [F][row_len], or 0 */
+    clt_ptr norms;   /* f32 out [F] */
+    uint32_t n_features;
+    uint32_t row_len;
+    CltAdamConsts k;
+} CltAdamDecoderParams;
+
+/* Row norms of a [rows][row_len] f32 matrix (the decoder norms), and optionally its bf16 copy. */
+typedef struct {
+    clt_ptr w;      /* const f32 [rows][row_len] */
+    clt_ptr norms;  /* f32 out [rows] */
+    clt_ptr w_bf16; /* bf16 out, or 0 */
+    uint32_t rows;
+    uint32_t row_len;
+} CltRowNormParams;
+
+/* Sum of squares in per-block partials (the clipping norm); the decoder's rows with their norm terms. */
+typedef struct {
+    clt_ptr x;        /* const f32 [n] */
+    clt_ptr partial;  /* f64 out [gridDim.x] */
+    uint64_t n;
+} CltSumSqParams;
+
+typedef struct {
+    clt_ptr gs;      /* const f32 [F][row_len] */
+    clt_ptr w;       /* const f32 [F][row_len] */
+    clt_ptr coef;    /* const f32 [F] */
+    clt_ptr touched; /* const u8 [F] */
+    clt_ptr out;     /* f64 out [F]: ||g_f||^2 */
+    uint32_t n_features;
+    uint32_t row_len;
+} CltDecGradSqParams;
+
+/* Dequantisation of an activation-store section (src/store/codec.rs): int8 / int4 rows with one f32 absmax
+ * scale per row (all scales first, then the codes; int4 two codes per byte, low nibble first, offset by 8). */
+#define CLT_CODEC_INT8 0u
+#define CLT_CODEC_INT4 1u
+typedef struct {
+    clt_ptr section; /* const u8: the whole encoded section */
+    clt_ptr out;     /* f32 out [n_rows][d] */
+    clt_ptr out_bf16; /* bf16 out [n_rows][d], or 0 */
+    uint32_t rows;   /* rows in the section (scales come first) */
+    uint32_t d;
+    uint32_t r0;     /* first row to decode */
+    uint32_t n_rows;
+    uint32_t codec;
+    uint32_t pad0;
+} CltDequantParams;
+
+/* f32 -> bf16 conversion (round to nearest even), for inputs and weights. */
+typedef struct {
+    clt_ptr src; /* const f32 [n] */
+    clt_ptr dst; /* bf16 out [n] */
+    uint64_t n;
+} CltToBf16Params;
+
+#endif

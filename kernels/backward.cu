@@ -1,0 +1,219 @@
+// The sparse backward pass of one source layer.
+// CPU reference: src/backend/cpu/sparse.rs (loss_and_grad: the per-feature loop, the grouping of entries by
+// feature, Σ_b x_b, the decoder-bias gradient), with every encoder block in BlockMode::Near.
+//
+// 1. act_grad: one warp per listed entry, <r_b[l..], W_dec[l][f]> (the activation gradient at active indices
+//    only) and, for active entries, the pre-activation gradient with the sparsity term.
+// 2. csr_count / csr_scan / csr_fill / csr_sort: the entries grouped per feature (CSR). Counting and the fill
+//    cursor use integer atomics (exact); the sort then puts each feature's segment in entry-id order, so the
+//    sums below run in token order and give the same bits every run.
+// 3. feature_grads: one block per feature, no atomics: encoder row, decoder row data term, encoder bias,
+//    threshold, decoder-norm coefficient, active count, sparsity.
+// 4. col_sum: Σ over tokens of x (pre-activation term) or of r (decoder-bias gradient), in token order.
+#include "common.cuh"
+
+CLT_KERNEL void __launch_bounds__(256) act_grad(const CltActGradParams p) {
+    const uint32_t warp = (blockIdx.x * blockDim.x + threadIdx.x) >> 5;
+    const uint32_t lane = threadIdx.x & 31;
+    if (warp >= p.n_tokens * p.cap) return;
+    const uint32_t b = warp / p.cap, s = warp % p.cap;
+    const uint32_t n = min(ptr<const uint32_t>(p.count)[b], p.cap);
+    if (s >= n) return;
+    const uint32_t f = ptr<const uint32_t>(p.feat)[warp];
+    const __nv_bfloat16* w = ptr<const __nv_bfloat16>(p.w_dec) + (size_t)f * p.row_len;
+    const float* r = ptr<const float>(p.resid) + (size_t)b * p.resid_stride + p.resid_offset;
+    float acc = 0.f;
+    for (uint32_t j = lane; j < p.row_len; j += 32) acc = fmaf(r[j], __bfloat162float(w[j]), acc);
+    for (int o = 16; o > 0; o >>= 1) acc += __shfl_down_sync(0xffffffffu, acc, o);
+    if (lane == 0) {
+        const float a = ptr<const float>(p.act)[warp];
+        float ge = 0.f, sp = 0.f;
+        if (a != 0.f) {
+            const float nf = ptr<const float>(p.norms)[f];
+            const float t = tanhf(p.c * a * nf);
+            ge = acc + p.tanh_scale * p.c * nf * (1.f - t * t);
+            sp = t;
+        }
+        ptr<float>(p.proj)[warp] = acc;
+        ptr<float>(p.ge)[warp] = ge;
+        ptr<float>(p.sparsity)[warp] = sp;
+    }
+}
+
+CLT_KERNEL void csr_count(const CltCsrParams p) {
+    const uint32_t e = blockIdx.x * blockDim.x + threadIdx.x;
+    if (e >= p.n_tokens * p.cap) return;
+    const uint32_t b = e / p.cap, s = e % p.cap;
+    if (s >= min(ptr<const uint32_t>(p.count)[b], p.cap)) return;
+    atomicAdd(ptr<uint32_t>(p.fcount) + ptr<const uint32_t>(p.feat)[e], 1u);
+}
+
+// Exclusive scan of fcount[0..F] in place (fcount[F] becomes the total). One block of 1024 threads.
+CLT_KERNEL void __launch_bounds__(1024) csr_scan(const CltCsrParams p) {
+    __shared__ uint32_t s[1024];
+    __shared__ uint32_t carry;
+    uint32_t* c = ptr<uint32_t>(p.fcount);
+    if (threadIdx.x == 0) carry = 0;
+    for (uint32_t base = 0; base <= p.n_features; base += 1024) {
+        const uint32_t i = base + threadIdx.x;
+        const uint32_t v = (i < p.n_features) ? c[i] : 0u;
+        s[threadIdx.x] = v;
+        __syncthreads();
+        for (uint32_t o = 1; o < 1024; o <<= 1) {  // Hillis-Steele inclusive scan
+            const uint32_t add = threadIdx.x >= o ? s[threadIdx.x - o] : 0u;
+            __syncthreads();
+            s[threadIdx.x] += add;
+            __syncthreads();
+        }
+        if (i <= p.n_features) c[i] = carry + s[threadIdx.x] - v;
+        __syncthreads();
+        if (threadIdx.x == 1023) carry += s[1023];
+        __syncthreads();
+    }
+}
+
+CLT_KERNEL void csr_fill(const CltCsrParams p) {
+    const uint32_t e = blockIdx.x * blockDim.x + threadIdx.x;
+    if (e >= p.n_tokens * p.cap) return;
+    const uint32_t b = e / p.cap, s = e % p.cap;
+    if (s >= min(ptr<const uint32_t>(p.count)[b], p.cap)) return;
+    const uint32_t f = ptr<const uint32_t>(p.feat)[e];
+    const uint32_t at = ptr<const uint32_t>(p.fcount)[f] + atomicAdd(ptr<uint32_t>(p.cursor) + f, 1u);
+    ptr<uint32_t>(p.unsorted)[at] = e;
+}
+
+// One block per feature: each entry's rank within its segment is the number of smaller entry ids (ids are
+// distinct), so the sorted segment is written without a second buffer pass. O(n^2 / threads) per feature.
+CLT_KERNEL void __launch_bounds__(256) csr_sort(const CltCsrParams p) {
+    const uint32_t f = blockIdx.x;
+    if (f >= p.n_features) return;
+    const uint32_t* start = ptr<const uint32_t>(p.fcount);
+    const uint32_t s0 = start[f], n = start[f + 1] - s0;
+    const uint32_t* in = ptr<const uint32_t>(p.unsorted) + s0;
+    uint32_t* out = ptr<uint32_t>(p.order) + s0;
+    __shared__ uint32_t tile[1024];
+    for (uint32_t i0 = 0; i0 < n; i0 += blockDim.x) {
+        const uint32_t i = i0 + threadIdx.x;
+        const uint32_t mine = i < n ? in[i] : 0u;
+        uint32_t rank = 0;
+        for (uint32_t j0 = 0; j0 < n; j0 += 1024) {
+            const uint32_t m = min(n - j0, 1024u);
+            __syncthreads();
+            for (uint32_t t = threadIdx.x; t < m; t += blockDim.x) tile[t] = in[j0 + t];
+            __syncthreads();
+            if (i < n)
+                for (uint32_t t = 0; t < m; ++t) rank += tile[t] < mine;
+        }
+        if (i < n) out[rank] = mine;
+    }
+}
+
+#define FG_THREADS 256
+
+CLT_KERNEL void __launch_bounds__(FG_THREADS) feature_grads(const CltFeatureGradParams p) {
+    __shared__ float s_red[FG_THREADS / 32];
+    __shared__ uint32_t s_redu[FG_THREADS / 32];
+    __shared__ uint32_t s_tok[FG_THREADS];
+    __shared__ float s_a[FG_THREADS];
+    __shared__ float s_ge[FG_THREADS];
+    const uint32_t f = blockIdx.x;
+    const uint32_t* fstart = ptr<const uint32_t>(p.fstart);
+    const uint32_t s0 = fstart[f], n = fstart[f + 1] - s0;
+    const uint32_t* ents = ptr<const uint32_t>(p.order) + s0;
+    const float* act = ptr<const float>(p.act);
+    const float* pre = ptr<const float>(p.pre);
+    const float* proj = ptr<const float>(p.proj);
+    const float* gev = ptr<const float>(p.ge);
+    const float nf = ptr<const float>(p.norms)[f];
+    const float th = ptr<const float>(p.theta)[f];
+    const bool preact_on = p.jump && (!p.preact_mask || ptr<const uint8_t>(p.preact_mask)[f] != 0);
+    const float kappa = preact_on ? p.pre_scale * nf : 0.f;
+
+    // Scalars: each thread a strided share of the entries, then a fixed-order block reduction.
+    float dn = 0.f, dbs = 0.f, near = 0.f, spars = 0.f;
+    uint32_t n_active = 0;
+    for (uint32_t i = threadIdx.x; i < n; i += FG_THREADS) {
+        const uint32_t e = ents[i];
+        const float a = act[e], h = pre[e];
+        if (a != 0.f) {
+            const float t = tanhf(p.c * a * nf);
+            const float ge = gev[e];
+            dn += p.tanh_scale * p.c * a * (1.f - t * t);
+            dbs += ge;
+            spars += t;
+            n_active += 1;
+            if (p.jump && h - th < p.half_bandwidth) near += p.by_h ? ge * h : ge;
+        } else {
+            near += p.by_h ? proj[e] * h : proj[e];  // a listed near-threshold entry
+        }
+    }
+    dn = block_sum(dn, s_red);
+    dbs = block_sum(dbs, s_red);
+    near = block_sum(near, s_red);
+    spars = block_sum(spars, s_red);
+    n_active = block_sum(n_active, s_redu);
+
+    // Vectors: threads own output columns; entries are staged through shared memory in token order.
+    const float* x = ptr<const float>(p.x);
+    const float* r = ptr<const float>(p.resid);
+    float* g_enc = ptr<float>(p.g_w_enc) + (size_t)f * p.d;
+    float* g_dec = ptr<float>(p.g_w_dec) + (size_t)f * p.row_len;
+    const uint32_t cols = max(p.d, p.row_len);
+    for (uint32_t j0 = 0; j0 < cols; j0 += FG_THREADS) {
+        const uint32_t j = j0 + threadIdx.x;
+        float acc_enc = 0.f, acc_dec = 0.f;
+        for (uint32_t c0 = 0; c0 < n; c0 += FG_THREADS) {
+            const uint32_t m = min(n - c0, (uint32_t)FG_THREADS);
+            __syncthreads();
+            if (threadIdx.x < m) {
+                const uint32_t e = ents[c0 + threadIdx.x];
+                s_tok[threadIdx.x] = e / p.cap;
+                s_a[threadIdx.x] = act[e];
+                s_ge[threadIdx.x] = gev[e] + kappa;
+            }
+            __syncthreads();
+            for (uint32_t t = 0; t < m; ++t) {
+                const float a = s_a[t];
+                if (a == 0.f) continue;
+                const size_t b = s_tok[t];
+                if (j < p.d) acc_enc = fmaf(s_ge[t], x[b * p.x_stride + j], acc_enc);
+                if (j < p.row_len) acc_dec = fmaf(a, r[b * p.resid_stride + j], acc_dec);
+            }
+        }
+        if (j < p.d) {
+            if (kappa != 0.f) acc_enc = fmaf(-kappa, ptr<const float>(p.xsum)[j], acc_enc);
+            g_enc[j] = acc_enc;
+        }
+        if (j < p.row_len) g_dec[j] = acc_dec;
+    }
+
+    if (threadIdx.x == 0) {
+        const float n_inactive = (float)(p.n_tokens - n_active);
+        float dlt = 0.f;
+        if (p.jump) {
+            const float near_count = p.by_h ? ptr<const float>(p.near_h)[f]
+                                            : (float)ptr<const uint32_t>(p.near_count)[f];
+            near += p.tanh_scale * p.c * nf * near_count;
+            dbs -= kappa * n_inactive;
+            if (preact_on) dn += p.pre_scale * ptr<const float>(p.preact_sum)[f];
+            const float weight = p.by_h ? -1.f / p.bandwidth : -th / p.bandwidth;
+            dlt = th * (near * weight + kappa * n_inactive);
+        }
+        ptr<float>(p.g_b_enc)[f] = dbs;
+        ptr<float>(p.g_log_theta)[f] = dlt;
+        ptr<float>(p.dec_coef)[f] = nf > 0.f ? dn / nf : 0.f;
+        ptr<uint8_t>(p.touched)[f] = n_active > 0;
+        ptr<uint32_t>(p.active_count)[f] = n_active;
+        ptr<float>(p.feat_sparsity)[f] = spars;
+    }
+}
+
+// Column sums in token order with f64 accumulation: Σ_b x_b (pre-activation term) and Σ_b r_b (b_dec grad).
+CLT_KERNEL void col_sum(const CltColSumParams p) {
+    const uint32_t j = blockIdx.x * blockDim.x + threadIdx.x;
+    if (j >= p.n) return;
+    const float* src = ptr<const float>(p.src);
+    double s = 0.0;
+    for (uint32_t b = 0; b < p.n_tokens; ++b) s += src[(size_t)b * p.stride + j];
+    ptr<float>(p.out)[j] = (float)s;
+}

@@ -1,0 +1,35 @@
+#!/usr/bin/env bash
+# Runs every GPU check of gpu-pack/ in one go on the GPU machine and writes gpu-pack/gpu-log.txt (also to
+# $OUT when set, for the device tool). The tests run with CLT_REQUIRE_GPU=1: a missing driver or device
+# fails them instead of skipping. Usage: bash gpu-pack/gpu-check.sh
+set -uo pipefail
+cd "$(dirname "$0")"
+LOG=gpu-log.txt
+{
+    echo "== date: $(date -u +%Y-%m-%dT%H:%M:%SZ)"
+    echo "== commit: $(cat COMMIT 2>/dev/null)"
+    echo "== device:"
+    nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv 2>&1 || echo "nvidia-smi failed"
+} > "$LOG"
+status=0
+export CLT_REQUIRE_GPU=1 CLT_GPU_CASES=${CLT_GPU_CASES:-64}
+for t in bin/test-*; do
+    echo "== $t" | tee -a "$LOG"
+    filter=()
+    # The library's unit tests: only the CUDA ones (the others need ../shared, and ran in CI).
+    [ "$t" = bin/test-clt ] && filter=(backend::cuda)
+    if ! "$t" --test-threads=1 "${filter[@]}" 2>&1 | tee -a "$LOG"; then
+        status=1
+    fi
+done
+for shape in small 1b; do
+    echo "== bin/bench-cuda (CLT_BENCH_SHAPE=$shape)" | tee -a "$LOG"
+    if ! CLT_BENCH_SHAPE=$shape bin/bench-cuda 2>&1 | tee -a "$LOG"; then
+        status=1
+    fi
+done
+echo "== exit status: $status" | tee -a "$LOG"
+if [ -n "${OUT:-}" ]; then
+    cp "$LOG" "$OUT/" 2>/dev/null || true
+fi
+exit $status

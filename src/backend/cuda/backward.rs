@@ -1,0 +1,196 @@
+//! The sparse backward pass of one source layer: activation gradients at listed entries, the grouping of
+//! entries by feature (CSR by count, scan, fill and a per-feature sort: no float atomics), and the
+//! per-feature gradients (encoder row and bias, decoder row data term, threshold, decoder-norm coefficient).
+//!
+//! CPU reference: the per-layer loop of [`crate::backend::cpu::sparse::loss_and_grad`] with every encoder
+//! block in `BlockMode::Near`.
+
+use super::context::{Gpu, Module, grid_1d, per_item};
+use super::encode::{DeviceCodes, WindowStats};
+use super::ffi::{CltActGradParams, CltColSumParams, CltCsrParams, CltFeatureGradParams};
+use super::memory::DBuf;
+use crate::Result;
+use crate::backend::grads::{Objective, ThresholdGrad};
+
+/// Inputs of one layer's backward pass.
+pub struct LayerGradInput<'a> {
+    pub codes: &'a DeviceCodes,
+    pub window: &'a WindowStats,
+    /// bf16 `[F][row_len]`.
+    pub w_dec: &'a DBuf<u16>,
+    pub row_len: usize,
+    pub n_features: usize,
+    /// Decoder norms `[F]` and thresholds `exp(log θ)` `[F]`.
+    pub norms: &'a DBuf<f32>,
+    pub theta: &'a DBuf<f32>,
+    /// f32 inputs and residuals `[B][L][d]`; this layer is `layer`.
+    pub x: &'a DBuf<f32>,
+    pub resid: &'a DBuf<f32>,
+    pub layer: usize,
+    pub n_layers: usize,
+    pub d: usize,
+    /// `[F]` (1 = pre-activation loss on), or none for all on.
+    pub preact_mask: Option<&'a DBuf<u8>>,
+    pub obj: Objective,
+    /// JumpReLU (threshold gradient and pre-activation loss).
+    pub jump: bool,
+}
+
+/// One layer's gradients (see [`crate::backend::Grads`] for the decoder's two-part form).
+pub struct LayerGrads {
+    pub w_enc: DBuf<f32>,
+    pub w_dec: DBuf<f32>,
+    pub b_enc: DBuf<f32>,
+    pub log_theta: DBuf<f32>,
+    pub dec_coef: DBuf<f32>,
+    pub touched: DBuf<u8>,
+    pub active_count: DBuf<u32>,
+    /// Per feature, `Σ tanh(c · a · ‖W_dec‖)` over its active entries (the sparsity loss before λ/B).
+    pub sparsity: DBuf<f32>,
+}
+
+/// Column sums over tokens, `out[j] = Σ_b src[offset + b·stride + j]` for `j < n` (token order, f64).
+pub fn col_sum(
+    gpu: &Gpu,
+    src: &DBuf<f32>,
+    offset: usize,
+    stride: usize,
+    n_tokens: usize,
+    n: usize,
+) -> Result<DBuf<f32>> {
+    let out = gpu.output::<f32>(n)?;
+    let p = CltColSumParams {
+        src: src.ptr(gpu) + 4 * offset as u64,
+        out: out.ptr(gpu),
+        n_tokens: n_tokens as u32,
+        n: n as u32,
+        stride: stride as u32,
+        pad0: 0,
+    };
+    gpu.launch(Module::Backward, "col_sum", grid_1d(n, 256), &p)?;
+    Ok(out)
+}
+
+/// Entries grouped by feature: `order[fstart[f]..fstart[f + 1]]` are feature f's entry ids `b·cap + slot`,
+/// in increasing order.
+pub struct Csr {
+    pub fstart: DBuf<u32>,
+    pub order: DBuf<u32>,
+}
+
+/// Groups a layer's entries by feature.
+pub fn group_by_feature(gpu: &Gpu, codes: &DeviceCodes, n_features: usize) -> Result<Csr> {
+    let slots = codes.n_tokens * codes.cap;
+    let fstart = gpu.zeros::<u32>(n_features + 1)?;
+    let cursor = gpu.zeros::<u32>(n_features)?;
+    let unsorted = gpu.zeros::<u32>(slots)?;
+    let order = gpu.zeros::<u32>(slots)?;
+    let p = CltCsrParams {
+        count: codes.count.ptr(gpu),
+        feat: codes.feat.ptr(gpu),
+        fcount: fstart.ptr(gpu),
+        cursor: cursor.ptr(gpu),
+        unsorted: unsorted.ptr(gpu),
+        order: order.ptr(gpu),
+        n_tokens: codes.n_tokens as u32,
+        cap: codes.cap as u32,
+        n_features: n_features as u32,
+        pad0: 0,
+    };
+    gpu.launch(Module::Backward, "csr_count", grid_1d(slots, 256), &p)?;
+    gpu.launch(Module::Backward, "csr_scan", per_item(1, 1024), &p)?;
+    gpu.launch(Module::Backward, "csr_fill", grid_1d(slots, 256), &p)?;
+    gpu.launch(Module::Backward, "csr_sort", per_item(n_features, 256), &p)?;
+    gpu.sync()?; // `cursor` and `unsorted` are freed on return
+    Ok(Csr { fstart, order })
+}
+
+/// One layer's gradients.
+pub fn layer_grads(gpu: &Gpu, inp: &LayerGradInput) -> Result<LayerGrads> {
+    let (codes, d, rl, f_n) = (inp.codes, inp.d, inp.row_len, inp.n_features);
+    let (b_n, cap) = (codes.n_tokens, codes.cap);
+    let row = inp.n_layers * d;
+    let slots = b_n * cap;
+    let bf = b_n.max(1) as f32;
+    let obj = &inp.obj;
+    // 1. ∂L/∂a at every listed entry.
+    let proj = gpu.zeros::<f32>(slots)?;
+    let ge = gpu.zeros::<f32>(slots)?;
+    let spars = gpu.zeros::<f32>(slots)?;
+    let ap = CltActGradParams {
+        count: codes.count.ptr(gpu),
+        feat: codes.feat.ptr(gpu),
+        act: codes.act.ptr(gpu),
+        w_dec: inp.w_dec.ptr(gpu),
+        norms: inp.norms.ptr(gpu),
+        resid: inp.resid.ptr(gpu),
+        proj: proj.ptr(gpu),
+        ge: ge.ptr(gpu),
+        sparsity: spars.ptr(gpu),
+        n_tokens: b_n as u32,
+        cap: cap as u32,
+        row_len: rl as u32,
+        resid_offset: (inp.layer * d) as u32,
+        resid_stride: row as u32,
+        c: obj.c,
+        tanh_scale: obj.lambda / bf,
+        pad0: 0,
+    };
+    gpu.launch(Module::Backward, "act_grad", grid_1d(slots * 32, 256), &ap)?;
+    // 2. Entries by feature; Σ_b x_b.
+    let csr = group_by_feature(gpu, codes, f_n)?;
+    let xsum = col_sum(gpu, inp.x, inp.layer * d, row, b_n, d)?;
+    // 3. Per-feature gradients.
+    let g = LayerGrads {
+        w_enc: gpu.output(f_n * d)?,
+        w_dec: gpu.output(f_n * rl)?,
+        b_enc: gpu.output(f_n)?,
+        log_theta: gpu.output(f_n)?,
+        dec_coef: gpu.output(f_n)?,
+        touched: gpu.output(f_n)?,
+        active_count: gpu.output(f_n)?,
+        sparsity: gpu.output(f_n)?,
+    };
+    let fp = CltFeatureGradParams {
+        order: csr.order.ptr(gpu),
+        fstart: csr.fstart.ptr(gpu),
+        act: codes.act.ptr(gpu),
+        pre: codes.pre.ptr(gpu),
+        proj: proj.ptr(gpu),
+        ge: ge.ptr(gpu),
+        x: inp.x.ptr(gpu) + 4 * (inp.layer * d) as u64,
+        resid: inp.resid.ptr(gpu) + 4 * (inp.layer * d) as u64,
+        xsum: xsum.ptr(gpu),
+        norms: inp.norms.ptr(gpu),
+        theta: inp.theta.ptr(gpu),
+        preact_sum: inp.window.preact_sum.ptr(gpu),
+        near_count: inp.window.near_count.ptr(gpu),
+        near_h: inp.window.near_h.ptr(gpu),
+        preact_mask: inp.preact_mask.map_or(0, |m| m.ptr(gpu)),
+        g_w_enc: g.w_enc.ptr(gpu),
+        g_w_dec: g.w_dec.ptr(gpu),
+        g_b_enc: g.b_enc.ptr(gpu),
+        g_log_theta: g.log_theta.ptr(gpu),
+        dec_coef: g.dec_coef.ptr(gpu),
+        touched: g.touched.ptr(gpu),
+        active_count: g.active_count.ptr(gpu),
+        feat_sparsity: g.sparsity.ptr(gpu),
+        n_tokens: b_n as u32,
+        d: d as u32,
+        row_len: rl as u32,
+        x_stride: row as u32,
+        resid_stride: row as u32,
+        jump: inp.jump as u32,
+        by_h: (obj.threshold_grad == ThresholdGrad::Preact) as u32,
+        c: obj.c,
+        tanh_scale: obj.lambda / bf,
+        pre_scale: obj.lambda_preact / bf,
+        half_bandwidth: 0.5 * obj.bandwidth,
+        bandwidth: obj.bandwidth,
+        cap: cap as u32,
+        pad0: 0,
+    };
+    gpu.launch(Module::Backward, "feature_grads", per_item(f_n, 256), &fp)?;
+    gpu.sync()?; // the scratch buffers are freed on return
+    Ok(g)
+}

@@ -1,0 +1,222 @@
+//! The device: the driver check, the context and its stream, lazily loaded PTX modules, kernel launches.
+//!
+//! All launches go to one stream in order, so cudarc's per-buffer event tracking is switched off: kernels
+//! receive raw device addresses inside their parameter structs, and ordering comes from the stream alone.
+
+use crate::{Error, Result};
+use cudarc::driver::{
+    CudaContext, CudaFunction, CudaModule, CudaStream, DeviceRepr, LaunchConfig, PushKernelArg,
+};
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+
+/// The PTX of every kernel file, embedded at build time (`OUT_DIR/kernels.rs`, written by build.rs).
+pub mod ptx {
+    include!(concat!(env!("OUT_DIR"), "/kernels.rs"));
+}
+
+/// The kernel files, one PTX module each.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Module {
+    Encode,
+    Decode,
+    Backward,
+    Topk,
+    Adam,
+    Dequant,
+}
+
+impl Module {
+    fn ptx(self) -> &'static str {
+        match self {
+            Module::Encode => ptx::ENCODE,
+            Module::Decode => ptx::DECODE,
+            Module::Backward => ptx::BACKWARD,
+            Module::Topk => ptx::TOPK,
+            Module::Adam => ptx::ADAM,
+            Module::Dequant => ptx::DEQUANT,
+        }
+    }
+}
+
+/// Whether the CUDA driver library can be opened on this machine.
+pub fn driver_present() -> bool {
+    // SAFETY: only tries to dlopen libcuda.so (or nvcuda.dll) and closes it again; no CUDA call is made.
+    unsafe { cudarc::driver::sys::is_culib_present() }
+}
+
+/// The error for a machine without a driver.
+pub fn no_driver() -> Error {
+    Error::BackendUnavailable {
+        backend: "cuda".into(),
+        reason: "no CUDA driver found (libcuda.so); this machine has no NVIDIA driver or GPU. Use \
+                 `--backend cpu`, or run on a machine with an NVIDIA GPU and driver"
+            .into(),
+    }
+}
+
+/// A CUDA error with what was being done.
+pub fn cuda_err(what: impl Into<String>) -> impl FnOnce(cudarc::driver::DriverError) -> Error {
+    let what = what.into();
+    move |e| Error::Cuda {
+        what,
+        reason: e.to_string(),
+    }
+}
+
+/// An open device with one stream.
+pub struct Gpu {
+    ctx: Arc<CudaContext>,
+    stream: Arc<CudaStream>,
+    modules: Mutex<HashMap<Module, Arc<CudaModule>>>,
+    poison: AtomicBool,
+}
+
+impl std::fmt::Debug for Gpu {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Gpu")
+            .field("ordinal", &self.ctx.ordinal())
+            .finish()
+    }
+}
+
+impl Gpu {
+    /// Opens device `ordinal`, or explains why not (no driver, no device, context creation failed).
+    pub fn open(ordinal: usize) -> Result<Gpu> {
+        if !driver_present() {
+            return Err(no_driver());
+        }
+        // cudarc panics where the driver misbehaves (a missing symbol); turn that into an error too.
+        let ctx = std::panic::catch_unwind(|| CudaContext::new(ordinal))
+            .map_err(|_| Error::BackendUnavailable {
+                backend: "cuda".into(),
+                reason: "the CUDA driver library was found but could not be used (too old for CUDA 13.0?)"
+                    .into(),
+            })?
+            .map_err(|e| Error::BackendUnavailable {
+                backend: "cuda".into(),
+                reason: format!("cannot open CUDA device {ordinal}: {e}"),
+            })?;
+        // SAFETY: every launch and copy of this backend goes through the one stream below, in order, so
+        // the events cudarc records per buffer to order work across streams are not needed.
+        unsafe { ctx.disable_event_tracking() };
+        let stream = ctx.default_stream();
+        Ok(Gpu {
+            ctx,
+            stream,
+            modules: Mutex::new(HashMap::new()),
+            poison: AtomicBool::new(false),
+        })
+    }
+
+    /// The device's name and compute capability, e.g. "NVIDIA H100 80GB HBM3 (sm_90)".
+    pub fn describe(&self) -> String {
+        let name = self.ctx.name().unwrap_or_else(|_| "unknown device".into());
+        match self.ctx.compute_capability() {
+            Ok((a, b)) => format!("{name} (sm_{a}{b})"),
+            Err(_) => name,
+        }
+    }
+
+    /// With `on`, every kernel output buffer is filled with 0xFF bytes (NaN, `u32::MAX`) before the kernel
+    /// runs, so that tests catch elements a kernel forgot to write.
+    pub fn set_poison(&self, on: bool) {
+        self.poison.store(on, Ordering::Relaxed);
+    }
+
+    /// Whether outputs are poisoned.
+    pub fn poisoned(&self) -> bool {
+        self.poison.load(Ordering::Relaxed)
+    }
+
+    /// The stream every launch and copy goes to.
+    pub fn stream(&self) -> &Arc<CudaStream> {
+        &self.stream
+    }
+
+    /// A kernel of a module, loading the module's PTX on first use.
+    pub fn function(&self, module: Module, name: &str) -> Result<CudaFunction> {
+        let m = {
+            let mut mods = self.modules.lock().unwrap_or_else(|e| e.into_inner());
+            match mods.get(&module) {
+                Some(m) => m.clone(),
+                None => {
+                    let m = self
+                        .ctx
+                        .load_module(cudarc::nvrtc::Ptx::from_src(module.ptx()))
+                        .map_err(cuda_err(format!("loading the PTX of {module:?}")))?;
+                    mods.insert(module, m.clone());
+                    m
+                }
+            }
+        };
+        m.load_function(name)
+            .map_err(cuda_err(format!("kernel {name} in {module:?}")))
+    }
+
+    /// Launches `name` with its parameter struct.
+    pub fn launch<P: DeviceRepr>(
+        &self,
+        module: Module,
+        name: &str,
+        cfg: LaunchConfig,
+        params: &P,
+    ) -> Result<()> {
+        if cfg.grid_dim.0 == 0 || cfg.grid_dim.1 == 0 || cfg.grid_dim.2 == 0 {
+            return Ok(()); // nothing to do (an empty batch)
+        }
+        let f = self.function(module, name)?;
+        let mut b = self.stream.launch_builder(&f);
+        b.arg(params);
+        // SAFETY: every kernel takes exactly one argument, its parameter struct from ffi/clt_params.h, whose
+        // Rust mirror is checked against the C layout; the wrappers build the struct from live buffers of
+        // the lengths the kernel indexes (see each wrapper's checks), and they stay alive until the stream
+        // is synchronised by the download that reads the result.
+        unsafe { b.launch(cfg) }.map_err(cuda_err(format!("launching {name}")))?;
+        Ok(())
+    }
+
+    /// Milliseconds of device time that `work` queues on the stream, between two CUDA events.
+    pub fn time_ms(&self, work: impl FnOnce() -> Result<()>) -> Result<f32> {
+        let flags = Some(cudarc::driver::sys::CUevent_flags::CU_EVENT_DEFAULT);
+        let start = self
+            .ctx
+            .new_event(flags)
+            .map_err(cuda_err("creating an event"))?;
+        let end = self
+            .ctx
+            .new_event(flags)
+            .map_err(cuda_err("creating an event"))?;
+        start
+            .record(&self.stream)
+            .map_err(cuda_err("recording an event"))?;
+        work()?;
+        end.record(&self.stream)
+            .map_err(cuda_err("recording an event"))?;
+        start.elapsed_ms(&end).map_err(cuda_err("timing events"))
+    }
+
+    /// Waits for all queued work.
+    pub fn sync(&self) -> Result<()> {
+        self.stream.synchronize().map_err(cuda_err("synchronising"))
+    }
+}
+
+/// A 1-D launch of `n` threads in blocks of `block`.
+pub fn grid_1d(n: usize, block: u32) -> LaunchConfig {
+    LaunchConfig {
+        grid_dim: (n.div_ceil(block as usize) as u32, 1, 1),
+        block_dim: (block, 1, 1),
+        shared_mem_bytes: 0,
+    }
+}
+
+/// One block of `block` threads per item.
+pub fn per_item(n: usize, block: u32) -> LaunchConfig {
+    LaunchConfig {
+        grid_dim: (n as u32, 1, 1),
+        block_dim: (block, 1, 1),
+        shared_mem_bytes: 0,
+    }
+}

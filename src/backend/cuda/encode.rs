@@ -1,0 +1,300 @@
+//! Encoder wrappers: the tiled GEMM `h = x W_encᵀ + b_enc` with its JumpReLU epilogue (active and
+//! near-threshold entries straight into per-token ELL lists, per-feature window sums) or its dense output
+//! (for TopK / BatchTopK), the reduction of the per-tile partials, and the per-token sort.
+//!
+//! CPU reference: [`crate::backend::cpu::encode::encode_layer`] with `list_near = true` (every block in
+//! `BlockMode::Near`).
+
+use super::context::{Gpu, Module, grid_1d, per_item};
+use super::ffi::{
+    CLT_ENC_TB, CLT_ENC_TF, CLT_EPI_DENSE, CLT_EPI_JUMPRELU, CltEncodeParams, CltReduceParams,
+    CltSortParams, CltToBf16Params,
+};
+use super::memory::DBuf;
+use crate::{Error, Result};
+use cudarc::driver::LaunchConfig;
+
+/// Largest per-token list the sort handles (its shared memory holds `cap × 12` bytes).
+pub const MAX_CAP: usize = 4096;
+
+/// One layer's sparse codes on the device, as ELL lists: token `b` owns slots `b·cap .. b·cap + cap`, of
+/// which the first `min(count[b], cap)` are filled, in increasing feature order.
+pub struct DeviceCodes {
+    pub n_tokens: usize,
+    pub cap: usize,
+    pub count: DBuf<u32>,
+    pub feat: DBuf<u32>,
+    pub pre: DBuf<f32>,
+    pub act: DBuf<f32>,
+}
+
+/// The codes copied back, in the CPU's CSR form.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct HostCodes {
+    pub offsets: Vec<usize>,
+    pub feat: Vec<u32>,
+    pub pre: Vec<f32>,
+    pub act: Vec<f32>,
+}
+
+impl DeviceCodes {
+    /// Empty lists of capacity `cap` for `n_tokens` tokens.
+    pub fn alloc(gpu: &Gpu, n_tokens: usize, cap: usize) -> Result<Self> {
+        Ok(DeviceCodes {
+            n_tokens,
+            cap,
+            count: gpu.zeros(n_tokens)?,
+            feat: gpu.zeros(n_tokens * cap)?,
+            pre: gpu.zeros(n_tokens * cap)?,
+            act: gpu.zeros(n_tokens * cap)?,
+        })
+    }
+
+    /// Uploads CSR lists (e.g. the CPU encoder's) as ELL lists with `cap` = the longest list.
+    pub fn from_host(gpu: &Gpu, h: &HostCodes) -> Result<Self> {
+        let n_tokens = h.offsets.len().saturating_sub(1);
+        let cap = h
+            .offsets
+            .windows(2)
+            .map(|w| w[1] - w[0])
+            .max()
+            .unwrap_or(0)
+            .max(1);
+        let mut count = vec![0u32; n_tokens];
+        let (mut feat, mut pre, mut act) = (
+            vec![0u32; n_tokens * cap],
+            vec![0f32; n_tokens * cap],
+            vec![0f32; n_tokens * cap],
+        );
+        for b in 0..n_tokens {
+            let (s, e) = (h.offsets[b], h.offsets[b + 1]);
+            count[b] = (e - s) as u32;
+            feat[b * cap..b * cap + e - s].copy_from_slice(&h.feat[s..e]);
+            pre[b * cap..b * cap + e - s].copy_from_slice(&h.pre[s..e]);
+            act[b * cap..b * cap + e - s].copy_from_slice(&h.act[s..e]);
+        }
+        Ok(DeviceCodes {
+            n_tokens,
+            cap,
+            count: gpu.upload(&count)?,
+            feat: gpu.upload(&feat)?,
+            pre: gpu.upload(&pre)?,
+            act: gpu.upload(&act)?,
+        })
+    }
+
+    /// The largest list length produced (may exceed `cap`: the lists then were truncated).
+    pub fn max_count(&self, gpu: &Gpu) -> Result<usize> {
+        Ok(gpu.download(&self.count)?.into_iter().max().unwrap_or(0) as usize)
+    }
+
+    /// Copies the lists back as CSR (entries of token b at `offsets[b]..offsets[b + 1]`).
+    pub fn to_host(&self, gpu: &Gpu) -> Result<HostCodes> {
+        let count = gpu.download(&self.count)?;
+        let (feat, pre, act) = (
+            gpu.download(&self.feat)?,
+            gpu.download(&self.pre)?,
+            gpu.download(&self.act)?,
+        );
+        let mut h = HostCodes {
+            offsets: vec![0],
+            ..Default::default()
+        };
+        for (b, &c) in count.iter().enumerate() {
+            let n = (c as usize).min(self.cap);
+            let r = b * self.cap..b * self.cap + n;
+            h.feat.extend_from_slice(&feat[r.clone()]);
+            h.pre.extend_from_slice(&pre[r.clone()]);
+            h.act.extend_from_slice(&act[r]);
+            h.offsets.push(h.feat.len());
+        }
+        Ok(h)
+    }
+}
+
+/// Per feature, over the batch: `Σ ReLU(θ − h)`, the inactive near-threshold count and `Σ h` over them.
+pub struct WindowStats {
+    pub preact_sum: DBuf<f32>,
+    pub near_count: DBuf<u32>,
+    pub near_h: DBuf<f32>,
+}
+
+/// The encoder's inputs for one layer.
+pub struct EncodeInput<'a> {
+    /// bf16 inputs; token b's vector starts at element `x_offset + b · x_stride`.
+    pub x: &'a DBuf<u16>,
+    pub x_offset: usize,
+    pub x_stride: usize,
+    pub n_tokens: usize,
+    pub d: usize,
+    /// bf16 `[F][d]`.
+    pub w: &'a DBuf<u16>,
+    /// f32 `[F]`.
+    pub bias: &'a DBuf<f32>,
+    pub n_features: usize,
+}
+
+impl EncodeInput<'_> {
+    fn check(&self) -> Result<()> {
+        let need_x = if self.n_tokens == 0 {
+            0
+        } else {
+            self.x_offset + (self.n_tokens - 1) * self.x_stride + self.d
+        };
+        if self.x.len() < need_x
+            || self.w.len() != self.n_features * self.d
+            || self.bias.len() != self.n_features
+        {
+            return Err(Error::Shape {
+                what: "CUDA encoder inputs (x, W_enc, b_enc)".into(),
+                expected: vec![need_x, self.n_features * self.d, self.n_features],
+                got: vec![self.x.len(), self.w.len(), self.bias.len()],
+            });
+        }
+        Ok(())
+    }
+
+    fn params(&self, gpu: &Gpu) -> CltEncodeParams {
+        CltEncodeParams {
+            x: self.x.ptr(gpu) + 2 * self.x_offset as u64,
+            w: self.w.ptr(gpu),
+            bias: self.bias.ptr(gpu),
+            n_tokens: self.n_tokens as u32,
+            d: self.d as u32,
+            n_features: self.n_features as u32,
+            x_stride: self.x_stride as u32,
+            ..Default::default()
+        }
+    }
+
+    fn tiles(&self) -> LaunchConfig {
+        LaunchConfig {
+            grid_dim: (
+                self.n_features.div_ceil(CLT_ENC_TF as usize) as u32,
+                self.n_tokens.div_ceil(CLT_ENC_TB as usize) as u32,
+                1,
+            ),
+            block_dim: (256, 1, 1),
+            shared_mem_bytes: 0,
+        }
+    }
+}
+
+/// JumpReLU encoding of one layer: lists of active (`h > θ`) and near-threshold (`θ − ε/2 < h ≤ θ`,
+/// activation 0) entries, and the window statistics. `cap` is the first guess at the longest list; when a
+/// token produces more, the encoder runs again with enough room.
+pub fn jumprelu(
+    gpu: &Gpu,
+    inp: &EncodeInput,
+    theta: &DBuf<f32>,
+    half_bandwidth: f32,
+    cap: usize,
+) -> Result<(DeviceCodes, WindowStats)> {
+    inp.check()?;
+    let (b_n, f_n) = (inp.n_tokens, inp.n_features);
+    let n_tiles = b_n.div_ceil(CLT_ENC_TB as usize);
+    let part_preact = gpu.output::<f32>(n_tiles * f_n)?;
+    let part_near = gpu.output::<u32>(n_tiles * f_n)?;
+    let part_near_h = gpu.output::<f32>(n_tiles * f_n)?;
+    let mut cap = cap.clamp(1, MAX_CAP);
+    let codes = loop {
+        let codes = DeviceCodes::alloc(gpu, b_n, cap)?;
+        let p = CltEncodeParams {
+            theta: theta.ptr(gpu),
+            count: codes.count.ptr(gpu),
+            feat: codes.feat.ptr(gpu),
+            pre: codes.pre.ptr(gpu),
+            act: codes.act.ptr(gpu),
+            part_preact: part_preact.ptr(gpu),
+            part_near: part_near.ptr(gpu),
+            part_near_h: part_near_h.ptr(gpu),
+            cap: cap as u32,
+            epilogue: CLT_EPI_JUMPRELU,
+            half_bandwidth,
+            ..inp.params(gpu)
+        };
+        gpu.launch(Module::Encode, "encode_tile", inp.tiles(), &p)?;
+        let longest = codes.max_count(gpu)?;
+        if longest <= cap {
+            break codes;
+        }
+        if longest > MAX_CAP {
+            return Err(Error::Unsupported(format!(
+                "a token has {longest} active or near-threshold features in one layer; the CUDA encoder \
+                 lists at most {MAX_CAP} (lower the bandwidth or raise the threshold)"
+            )));
+        }
+        cap = longest.next_power_of_two().min(MAX_CAP);
+    };
+    let stats = WindowStats {
+        preact_sum: gpu.output(f_n)?,
+        near_count: gpu.output(f_n)?,
+        near_h: gpu.output(f_n)?,
+    };
+    let rp = CltReduceParams {
+        part_preact: part_preact.ptr(gpu),
+        part_near: part_near.ptr(gpu),
+        part_near_h: part_near_h.ptr(gpu),
+        preact_sum: stats.preact_sum.ptr(gpu),
+        near_count: stats.near_count.ptr(gpu),
+        near_h: stats.near_h.ptr(gpu),
+        n_tiles: n_tiles as u32,
+        n_features: f_n as u32,
+    };
+    gpu.launch(Module::Encode, "encode_reduce", grid_1d(f_n, 256), &rp)?;
+    sort_lists(gpu, &codes)?;
+    gpu.sync()?; // the partials are freed on return
+    Ok((codes, stats))
+}
+
+/// Sorts every token's list by feature (the encoder fills them in tile order).
+pub fn sort_lists(gpu: &Gpu, codes: &DeviceCodes) -> Result<()> {
+    let p = CltSortParams {
+        count: codes.count.ptr(gpu),
+        feat: codes.feat.ptr(gpu),
+        pre: codes.pre.ptr(gpu),
+        act: codes.act.ptr(gpu),
+        n_tokens: codes.n_tokens as u32,
+        cap: codes.cap as u32,
+    };
+    let mut cfg = per_item(codes.n_tokens, 128);
+    cfg.shared_mem_bytes = (codes.cap * 12) as u32;
+    gpu.launch(Module::Encode, "encode_sort_lists", cfg, &p)
+}
+
+/// Dense pre-activations `[B][F]` (for TopK / BatchTopK, whose selection needs the whole row or batch).
+pub fn dense(gpu: &Gpu, inp: &EncodeInput) -> Result<DBuf<f32>> {
+    let out = gpu.output::<f32>(inp.n_tokens * inp.n_features)?;
+    dense_into(gpu, inp, &out, 0)?;
+    Ok(out)
+}
+
+/// Dense pre-activations `[B][F]` written into `out` from element `offset` (BatchTopK stacks the layers).
+pub fn dense_into(gpu: &Gpu, inp: &EncodeInput, out: &DBuf<f32>, offset: usize) -> Result<()> {
+    inp.check()?;
+    if out.len() < offset + inp.n_tokens * inp.n_features {
+        return Err(Error::Shape {
+            what: "CUDA dense pre-activations".into(),
+            expected: vec![offset + inp.n_tokens * inp.n_features],
+            got: vec![out.len()],
+        });
+    }
+    let p = CltEncodeParams {
+        dense: out.ptr(gpu) + 4 * offset as u64,
+        epilogue: CLT_EPI_DENSE,
+        ..inp.params(gpu)
+    };
+    gpu.launch(Module::Encode, "encode_tile", inp.tiles(), &p)
+}
+
+/// f32 → bf16 on the device.
+pub fn to_bf16(gpu: &Gpu, src: &DBuf<f32>) -> Result<DBuf<u16>> {
+    let dst = gpu.output::<u16>(src.len())?;
+    let p = CltToBf16Params {
+        src: src.ptr(gpu),
+        dst: dst.ptr(gpu),
+        n: src.len() as u64,
+    };
+    gpu.launch(Module::Encode, "to_bf16", grid_1d(src.len(), 256), &p)?;
+    Ok(dst)
+}

@@ -1,0 +1,125 @@
+//! Device buffers: allocation, uploads, downloads, raw addresses for the parameter structs, bf16 packing.
+
+use super::context::{Gpu, cuda_err};
+use crate::Result;
+use cudarc::driver::{CudaSlice, DevicePtr, DeviceRepr, ValidAsZeroBits};
+
+/// A device buffer of `len` elements (at least one element is allocated, so empty buffers have an address).
+pub struct DBuf<T> {
+    slice: CudaSlice<T>,
+    len: usize,
+}
+
+impl<T: DeviceRepr> DBuf<T> {
+    /// Number of elements.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// True when empty.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// The device address, for a kernel's parameter struct.
+    pub fn ptr(&self, gpu: &Gpu) -> u64 {
+        let (p, _sync) = self.slice.device_ptr(gpu.stream());
+        p
+    }
+}
+
+impl Gpu {
+    /// Copies `host` to a new device buffer.
+    pub fn upload<T: DeviceRepr + Copy + Default>(&self, host: &[T]) -> Result<DBuf<T>> {
+        let slice = if host.is_empty() {
+            self.stream().clone_htod(&[T::default()][..])
+        } else {
+            self.stream().clone_htod(host)
+        }
+        .map_err(cuda_err(format!(
+            "copying {} elements to the device",
+            host.len()
+        )))?;
+        Ok(DBuf {
+            slice,
+            len: host.len(),
+        })
+    }
+
+    /// A zeroed device buffer.
+    pub fn zeros<T: DeviceRepr + ValidAsZeroBits>(&self, len: usize) -> Result<DBuf<T>> {
+        let slice = self
+            .stream()
+            .alloc_zeros::<T>(len.max(1))
+            .map_err(cuda_err(format!("allocating {len} elements")))?;
+        Ok(DBuf { slice, len })
+    }
+
+    /// A buffer for a kernel to fill completely: zeroed, or poisoned with 0xFF bytes when
+    /// [`Gpu::set_poison`] is on.
+    pub fn output<T: DeviceRepr + ValidAsZeroBits + bytemuck::Pod>(
+        &self,
+        len: usize,
+    ) -> Result<DBuf<T>> {
+        let buf = self.zeros::<T>(len)?;
+        if self.poisoned() {
+            let p = buf.ptr(self);
+            // SAFETY: `p` is the live allocation just made on this stream, at least `len.max(1)` elements
+            // long; T is plain data (Pod), valid for any bit pattern, so 0xFF bytes are a valid T.
+            unsafe {
+                cudarc::driver::result::memset_d8_async(
+                    p,
+                    0xff,
+                    len * std::mem::size_of::<T>(),
+                    self.stream().cu_stream(),
+                )
+            }
+            .map_err(cuda_err("poisoning an output buffer"))?;
+        }
+        Ok(buf)
+    }
+
+    /// A device buffer filled with `value` (tests poison outputs with NaN or `u32::MAX`).
+    pub fn filled<T: DeviceRepr + Copy + Default>(&self, len: usize, value: T) -> Result<DBuf<T>> {
+        self.upload(&vec![value; len])
+    }
+
+    /// Copies a device buffer back (waits for the stream).
+    pub fn download<T: DeviceRepr + Copy + Default>(&self, buf: &DBuf<T>) -> Result<Vec<T>> {
+        let mut v = self
+            .stream()
+            .clone_dtoh(&buf.slice)
+            .map_err(cuda_err(format!(
+                "copying {} elements to the host",
+                buf.len
+            )))?;
+        v.truncate(buf.len);
+        Ok(v)
+    }
+
+    /// Zeroes a buffer (queued on the stream).
+    pub fn clear<T: DeviceRepr + ValidAsZeroBits>(&self, buf: &mut DBuf<T>) -> Result<()> {
+        self.stream()
+            .memset_zeros(&mut buf.slice)
+            .map_err(cuda_err("clearing a buffer"))
+    }
+
+    /// Uploads f32 values as bf16 (round to nearest even, as the kernels' `__float2bfloat16_rn`).
+    pub fn upload_bf16(&self, host: &[f32]) -> Result<DBuf<u16>> {
+        self.upload(&to_bf16_bits(host))
+    }
+}
+
+/// f32 → bf16 bits, round to nearest even.
+pub fn to_bf16_bits(v: &[f32]) -> Vec<u16> {
+    v.iter()
+        .map(|x| half::bf16::from_f32(*x).to_bits())
+        .collect()
+}
+
+/// Rounds f32 values through bf16 (what the device sees of an f32 uploaded as bf16).
+pub fn round_bf16(v: &[f32]) -> Vec<f32> {
+    v.iter()
+        .map(|x| half::bf16::from_f32(*x).to_f32())
+        .collect()
+}

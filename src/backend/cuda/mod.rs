@@ -1,0 +1,24 @@
+//! The CUDA backend: hand-written kernels (`kernels/*.cu`, PTX embedded at build time) driven through cudarc.
+//!
+//! Nothing here needs a CUDA library to build or link: the driver (`libcuda.so`) is opened at run time, and
+//! [`Gpu::open`] checks for it before anything else, so a machine without a driver gets
+//! [`crate::Error::BackendUnavailable`] ("no CUDA driver found (libcuda.so); ...") instead of a panic.
+//!
+//! One module per concern: [`context`] (driver check, context, lazy module loading, launches), [`memory`]
+//! (device buffers), [`ffi`] (the kernels' parameter structs, generated from `ffi/clt_params.h`), and one
+//! wrapper per kernel family with its launch configuration: [`encode`], [`decode`], [`backward`], [`topk`],
+//! [`adam`], [`dequant`]; [`step`] chains them into a training step. Each wrapper names its CPU reference; `tests/cuda.rs` compares them.
+
+pub mod adam;
+pub mod backward;
+pub mod context;
+pub mod decode;
+pub mod dequant;
+pub mod encode;
+pub mod ffi;
+pub mod memory;
+pub mod step;
+pub mod topk;
+
+pub use context::{Gpu, driver_present};
+pub use memory::DBuf;

@@ -1,0 +1,585 @@
+//! GPU property tests: every CUDA kernel against its CPU reference on random, awkward shapes (sizes that are
+//! not multiples of the tile or block sizes, empty batches, rows with nothing or everything active), with
+//! poisoned output buffers (0xFF bytes: NaN / `u32::MAX`) so an element a kernel forgets to write fails.
+//!
+//! Without a CUDA driver the GPU tests print "skipped: no CUDA driver ..." and return; with
+//! `CLT_REQUIRE_GPU=1` (set by scripts/gpu-check.sh on the GPU machine) a missing driver or device fails
+//! them instead, so they never pass vacuously there.
+//!
+//! Tolerances are tied to the dtypes (docs/cuda.md): inputs are rounded to bf16 on the host before the CPU
+//! reference runs, so both sides multiply the same numbers and differ only by fp32 summation order:
+//! `|Δ| ≤ 4 · n · 2⁻²⁴ · Σ|terms|` for a sum of n terms (checked as `TOL_REL` on the sum of magnitudes).
+//! Selections (top-k, BatchTopK, dequantisation) must match exactly.
+
+#[cfg(not(feature = "cuda"))]
+#[test]
+fn cuda_tests_skipped_without_feature() {
+    eprintln!("skipped: built without `--features cuda` (scripts/gpu-build.sh builds them)");
+}
+
+#[cfg(feature = "cuda")]
+mod common;
+
+#[cfg(feature = "cuda")]
+mod gpu_tests {
+    use super::common::*;
+    use clt::backend::cpu::{adam as cpu_adam, encode as cpu_enc, sparse};
+    use clt::backend::cuda::memory::{round_bf16, to_bf16_bits};
+    use clt::backend::cuda::{
+        Gpu, adam, backward, decode, dequant, driver_present, encode, step, topk,
+    };
+    use clt::backend::{Backend, BackendKind, Grads, Objective, ThresholdGrad};
+    use clt::clt::params::decoder_norms;
+    use clt::clt::{Activation, CltConfig, DecoderKind, Params};
+    use clt::rng::Rng;
+    use clt::store::codec::{Codec, Section};
+    use proptest::prelude::*;
+    use std::sync::{Mutex, OnceLock};
+
+    /// Relative tolerance on sums of magnitudes (fp32 accumulation, any order, n ≤ a few thousand terms).
+    const TOL_REL: f64 = 2e-5;
+
+    /// The device, or `None` after printing (once per test) why the test is skipped. Panics under
+    /// `CLT_REQUIRE_GPU=1`.
+    fn gpu() -> Option<&'static Gpu> {
+        static GPU: OnceLock<Result<Gpu, String>> = OnceLock::new();
+        let g = GPU.get_or_init(|| {
+            Gpu::open(0).map_err(|e| e.to_string()).inspect(|g| {
+                g.set_poison(true);
+                eprintln!("CUDA tests on {}", g.describe());
+            })
+        });
+        match g {
+            Ok(g) => Some(g),
+            Err(e) => {
+                if std::env::var("CLT_REQUIRE_GPU").is_ok_and(|v| v == "1") {
+                    panic!("CLT_REQUIRE_GPU=1 but the GPU cannot be used: {e}");
+                }
+                static SKIPPED: Mutex<Vec<String>> = Mutex::new(Vec::new());
+                let name = std::thread::current().name().unwrap_or("?").to_string();
+                let mut seen = SKIPPED.lock().unwrap_or_else(|p| p.into_inner());
+                if !seen.contains(&name) {
+                    eprintln!("{name}: skipped: no CUDA driver or device ({e})");
+                    seen.push(name);
+                }
+                None
+            }
+        }
+    }
+
+    fn close(what: &str, got: f64, want: f64, scale: f64) -> Result<(), TestCaseError> {
+        let tol = TOL_REL * scale.abs() + 1e-6;
+        if got.is_nan() || (got - want).abs() > tol {
+            return Err(TestCaseError::fail(format!(
+                "{what}: got {got}, want {want} (tolerance {tol})"
+            )));
+        }
+        Ok(())
+    }
+
+    fn close_all(
+        what: &str,
+        got: &[f32],
+        want: &[f32],
+        scale: &[f64],
+    ) -> Result<(), TestCaseError> {
+        prop_assert_eq!(got.len(), want.len(), "{} length", what);
+        for i in 0..got.len() {
+            close(
+                &format!("{what}[{i}]"),
+                got[i] as f64,
+                want[i] as f64,
+                scale[i],
+            )?;
+        }
+        Ok(())
+    }
+
+    /// Rounds the parameters the device reads in bf16 (W_enc, W_dec) so the CPU sees the same numbers.
+    fn bf16_params(p: &Params) -> Params {
+        let mut q = p.clone();
+        for w in q.w_enc.iter_mut().chain(q.w_dec.iter_mut()) {
+            *w = round_bf16(w);
+        }
+        q
+    }
+
+    /// For each (token, feature) of layer l: f64 pre-activation and the sum of magnitudes of its terms.
+    fn preact_bounds(
+        cfg: &CltConfig,
+        p: &Params,
+        x: &[f32],
+        n: usize,
+        l: usize,
+    ) -> Vec<(f64, f64)> {
+        let (l_n, d, f_n) = (cfg.n_layers, cfg.d_model, cfg.n_features);
+        let mut out = Vec::with_capacity(n * f_n);
+        for b in 0..n {
+            let xs = &x[(b * l_n + l) * d..][..d];
+            for f in 0..f_n {
+                let w = &p.w_enc[l][f * d..(f + 1) * d];
+                let (mut h, mut s) = (p.b_enc[l][f] as f64, p.b_enc[l][f].abs() as f64);
+                for (a, c) in xs.iter().zip(w) {
+                    h += *a as f64 * *c as f64;
+                    s += (*a as f64 * *c as f64).abs();
+                }
+                out.push((h, s));
+            }
+        }
+        out
+    }
+
+    /// Whether any pre-activation sits so close to θ or θ − ε/2 that summation order could move it across.
+    fn ambiguous(cfg: &CltConfig, p: &Params, x: &[f32], n: usize, half: f32) -> bool {
+        let th = sparse::thresholds(p);
+        (0..cfg.n_layers).any(|l| {
+            preact_bounds(cfg, p, x, n, l)
+                .iter()
+                .enumerate()
+                .any(|(i, (h, s))| {
+                    let t = th[l][i % cfg.n_features] as f64;
+                    let tol = 4.0 * TOL_REL * s + 1e-6;
+                    (h - t).abs() <= tol || (h - (t - half as f64)).abs() <= tol
+                })
+        })
+    }
+
+    fn config(l_n: usize, d: usize, f_n: usize, per_layer: bool, act: Activation) -> CltConfig {
+        CltConfig {
+            n_layers: l_n,
+            d_model: d,
+            n_features: f_n,
+            decoder: if per_layer {
+                DecoderKind::PerLayer
+            } else {
+                DecoderKind::CrossLayer
+            },
+            activation: act,
+            skip: false,
+        }
+    }
+
+    #[test]
+    fn cuda_backend_reports_a_missing_driver_clearly() {
+        if driver_present() {
+            eprintln!(
+                "skipped: a CUDA driver is present (this test checks the message without one)"
+            );
+            return;
+        }
+        let e = Backend::new(BackendKind::Cuda).unwrap_err().to_string();
+        assert!(
+            e.contains("no CUDA driver found (libcuda.so)"),
+            "unclear error: {e}"
+        );
+    }
+
+    /// Every kernel a wrapper launches exists as an entry of the embedded PTX of its module (runs without a
+    /// GPU: a misspelt name would otherwise surface only on the GPU machine).
+    #[test]
+    fn every_launched_kernel_is_in_the_embedded_ptx() {
+        use clt::backend::cuda::context::ptx;
+        let sources = [
+            include_str!("../src/backend/cuda/encode.rs"),
+            include_str!("../src/backend/cuda/decode.rs"),
+            include_str!("../src/backend/cuda/backward.rs"),
+            include_str!("../src/backend/cuda/topk.rs"),
+            include_str!("../src/backend/cuda/adam.rs"),
+            include_str!("../src/backend/cuda/dequant.rs"),
+        ];
+        let modules = [
+            ("Encode", ptx::ENCODE),
+            ("Decode", ptx::DECODE),
+            ("Backward", ptx::BACKWARD),
+            ("Topk", ptx::TOPK),
+            ("Adam", ptx::ADAM),
+            ("Dequant", ptx::DEQUANT),
+        ];
+        let mut checked = 0;
+        for src in sources {
+            for (i, _) in src.match_indices("Module::") {
+                let rest = &src[i + 8..];
+                let module = &rest[..rest.find(',').expect("Module::X,")];
+                let q = rest.find('"').expect("kernel name");
+                let name = &rest[q + 1..q + 1 + rest[q + 1..].find('"').expect("closing quote")];
+                let (_, text) = modules
+                    .iter()
+                    .find(|(m, _)| *m == module)
+                    .unwrap_or_else(|| panic!("unknown module {module}"));
+                assert!(
+                    text.contains(&format!(".entry {name}(")),
+                    "kernel {name} is not in the PTX of {module}"
+                );
+                checked += 1;
+            }
+        }
+        assert!(checked >= 20, "only {checked} launches found");
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(cases()))]
+
+        /// Encoder GEMM + JumpReLU epilogue + sort vs `encode_layer(.., list_near = true)`.
+        #[test]
+        fn encoder_jumprelu_matches_cpu(
+            n_tokens in 0usize..150, d in 1usize..80, f_n in 1usize..150,
+            wide in any::<bool>(), seed in any::<u64>(),
+        ) {
+            let Some(gpu) = gpu() else { return Ok(()) };
+            let cfg = config(2, d, f_n, false, Activation::JumpRelu);
+            let mut rng = Rng::seed(seed);
+            let p = bf16_params(&random_params(&cfg, &mut rng));
+            let x = round_bf16(&random_batch(&cfg, n_tokens, &mut rng).0);
+            let bw = if wide { 1.0 } else { 0.05 };
+            prop_assume!(!ambiguous(&cfg, &p, &x, n_tokens, 0.5 * bw));
+            let th = sparse::thresholds(&p);
+            let l = 1;
+            let want = cpu_enc::encode_layer(&cfg, &p, l, &x, n_tokens, &th[l], bw, true);
+            let (xd, w, b, t) = (gpu.upload_bf16(&x).unwrap(), gpu.upload_bf16(&p.w_enc[l]).unwrap(),
+                gpu.upload(&p.b_enc[l]).unwrap(), gpu.upload(&th[l]).unwrap());
+            let inp = encode::EncodeInput { x: &xd, x_offset: l * d, x_stride: 2 * d, n_tokens, d,
+                w: &w, bias: &b, n_features: f_n };
+            // A small first cap exercises the re-run on overflow.
+            let (codes, win) = encode::jumprelu(gpu, &inp, &t, 0.5 * bw, 2).unwrap();
+            let got = codes.to_host(gpu).unwrap();
+            prop_assert_eq!(&got.offsets, &want.offsets);
+            prop_assert_eq!(&got.feat, &want.feat);
+            let bounds = preact_bounds(&cfg, &p, &x, n_tokens, l);
+            for b in 0..n_tokens {
+                for e in want.offsets[b]..want.offsets[b + 1] {
+                    let s = bounds[b * f_n + want.feat[e] as usize].1;
+                    close("pre", got.pre[e] as f64, want.pre[e] as f64, s)?;
+                    close("act", got.act[e] as f64, want.act[e] as f64, s)?;
+                }
+            }
+            let near = gpu.download(&win.near_count).unwrap();
+            prop_assert_eq!(&near, &want.window_inactive);
+            let ps = gpu.download(&win.preact_sum).unwrap();
+            let nh = gpu.download(&win.near_h).unwrap();
+            for f in 0..f_n {
+                let s: f64 = (0..n_tokens).map(|b| bounds[b * f_n + f].1 + th[l][f] as f64).sum();
+                close("preact_sum", ps[f] as f64, want.preact_sum[f], s)?;
+                close("near_h", nh[f] as f64, want.window_inactive_h[f], s)?;
+            }
+        }
+
+        /// Dense epilogue vs `dense_preact`; per-row top-k vs `topk_indices` + ReLU on the same values.
+        #[test]
+        fn encoder_dense_and_topk_match_cpu(
+            n_tokens in 0usize..100, d in 1usize..70, f_n in 1usize..600, k_raw in 1usize..40,
+            ties in any::<bool>(), seed in any::<u64>(),
+        ) {
+            let Some(gpu) = gpu() else { return Ok(()) };
+            let k = k_raw.min(f_n);
+            let cfg = config(1, d, f_n, false, Activation::TopK { k });
+            let mut rng = Rng::seed(seed);
+            let p = bf16_params(&random_params(&cfg, &mut rng));
+            let x = round_bf16(&random_batch(&cfg, n_tokens, &mut rng).0);
+            let want = cpu_enc::dense_preact(&cfg, &p, 0, &x, n_tokens, cpu_enc_threads());
+            let (xd, w, b) = (gpu.upload_bf16(&x).unwrap(), gpu.upload_bf16(&p.w_enc[0]).unwrap(),
+                gpu.upload(&p.b_enc[0]).unwrap());
+            let inp = encode::EncodeInput { x: &xd, x_offset: 0, x_stride: d, n_tokens, d, w: &w,
+                bias: &b, n_features: f_n };
+            let h = encode::dense(gpu, &inp).unwrap();
+            let got = gpu.download(&h).unwrap();
+            let bounds = preact_bounds(&cfg, &p, &x, n_tokens, 0);
+            let scale: Vec<f64> = bounds.iter().map(|b| b.1).collect();
+            close_all("dense h", &got, &want, &scale)?;
+            // Top-k on exactly the device's values (ties: quantise them to few levels, some negative).
+            let vals: Vec<f32> = if ties { got.iter().map(|v| (v * 2.0).round() / 2.0).collect() } else { got };
+            let hv = gpu.upload(&vals).unwrap();
+            let codes = topk::topk_rows(gpu, &hv, n_tokens, f_n, k).unwrap().to_host(gpu).unwrap();
+            for b in 0..n_tokens {
+                let row = &vals[b * f_n..(b + 1) * f_n];
+                let sel: Vec<u32> = cpu_enc::topk_indices(row, k).into_iter()
+                    .filter(|f| row[*f as usize] > 0.0).collect();
+                prop_assert_eq!(&codes.feat[codes.offsets[b]..codes.offsets[b + 1]], &sel[..]);
+                for e in codes.offsets[b]..codes.offsets[b + 1] {
+                    prop_assert_eq!(codes.act[e], row[codes.feat[e] as usize]);
+                }
+            }
+        }
+
+        /// BatchTopK (per layer and across layers) vs `batch_topk_codes` on the same values, ties included.
+        #[test]
+        fn batch_topk_matches_cpu(
+            l_n in 1usize..4, n_tokens in 0usize..40, f_n in 1usize..300, k in 1usize..20,
+            across in any::<bool>(), levels in prop_oneof![Just(0u32), Just(4u32)], seed in any::<u64>(),
+        ) {
+            let Some(gpu) = gpu() else { return Ok(()) };
+            let k = k.min(f_n);
+            let mut rng = Rng::seed(seed);
+            let pre: Vec<Vec<f32>> = (0..l_n).map(|_| (0..n_tokens * f_n).map(|_| {
+                let v = rng.normal() as f32;
+                if levels > 0 { (v * levels as f32).round() / levels as f32 } else { v }
+            }).collect()).collect();
+            let want = cpu_enc::batch_topk_codes(&pre, n_tokens, f_n, k, across);
+            let dev = gpu.upload(&pre.concat()).unwrap();
+            let got = topk::batch_topk(gpu, &dev, l_n, n_tokens, f_n, k, across).unwrap();
+            for l in 0..l_n {
+                let g = got[l].to_host(gpu).unwrap();
+                prop_assert_eq!(&g.offsets, &want[l].offsets, "layer {}", l);
+                prop_assert_eq!(&g.feat, &want[l].feat, "layer {}", l);
+                prop_assert_eq!(&g.act, &want[l].act, "layer {}", l);
+            }
+        }
+
+        /// Sparse decode + residual + squared error vs `decode` and `residual` on the CPU's own codes.
+        #[test]
+        fn decode_matches_cpu(
+            l_n in 1usize..5, d in 1usize..300, f_n in 1usize..80, n_tokens in 0usize..60,
+            per_layer in any::<bool>(), dense_codes in any::<bool>(), seed in any::<u64>(),
+        ) {
+            let Some(gpu) = gpu() else { return Ok(()) };
+            let cfg = config(l_n, d, f_n, per_layer, Activation::JumpRelu);
+            let mut rng = Rng::seed(seed);
+            let mut p = bf16_params(&random_params(&cfg, &mut rng));
+            if dense_codes {
+                // Every feature active on every token (all-active rows).
+                p.log_theta.iter_mut().for_each(|t| t.iter_mut().for_each(|v| *v = -30.0));
+                p.b_enc.iter_mut().for_each(|t| t.iter_mut().for_each(|v| *v = 100.0));
+            }
+            let (x, y) = random_batch(&cfg, n_tokens, &mut rng);
+            let codes = cpu_enc::encode_all(&cfg, &p, &x, n_tokens, &sparse::thresholds(&p), 0.1);
+            let want = sparse::decode(&cfg, &p, &codes, &x, n_tokens);
+            let (r_want, sq_want) = sparse::residual(&want, &y, n_tokens, l_n, d);
+            let dev_codes: Vec<encode::DeviceCodes> = codes.iter().map(|c| encode::DeviceCodes::from_host(gpu,
+                &encode::HostCodes { offsets: c.offsets.clone(), feat: c.feat.clone(), pre: c.pre.clone(),
+                    act: c.act.clone() }).unwrap()).collect();
+            let w: Vec<_> = p.w_dec.iter().map(|w| gpu.upload_bf16(w).unwrap()).collect();
+            let layers: Vec<decode::DecodeLayer> = (0..l_n).map(|l| decode::DecodeLayer {
+                codes: &dev_codes[l], w_dec: &w[l], row_len: cfg.dec_row_len(l) }).collect();
+            let b_dec = gpu.upload(&p.b_dec.concat()).unwrap();
+            let yd = gpu.upload(&y).unwrap();
+            let scale_r = 2.0 / n_tokens.max(1) as f32;
+            let out = decode::sparse_decode(gpu, &layers, &b_dec, Some(&yd), d, !per_layer, scale_r).unwrap();
+            let got = gpu.download(&out.yhat).unwrap();
+            // Scale: Σ |a·w| over the sum, bounded by Σ|a| · max|w| per (token, target layer).
+            let maxw = p.w_dec.iter().flatten().fold(0f32, |m, v| m.max(v.abs())) as f64;
+            let mut scale = vec![0f64; n_tokens * l_n * d];
+            for (l, c) in codes.iter().enumerate() {
+                for b in 0..n_tokens {
+                    let s: f64 = c.act[c.offsets[b]..c.offsets[b + 1]].iter().map(|a| a.abs() as f64).sum();
+                    for k in l..if per_layer { l + 1 } else { l_n } {
+                        scale[(b * l_n + k) * d..][..d].iter_mut().for_each(|v| *v += s * maxw + 1.0);
+                    }
+                }
+            }
+            close_all("yhat", &got, &want, &scale)?;
+            let r = gpu.download(out.resid.as_ref().unwrap()).unwrap();
+            let rs: Vec<f64> = scale.iter().map(|s| s * scale_r as f64).collect();
+            close_all("residual", &r, &r_want, &rs)?;
+            let sq = gpu.download(out.sq_err.as_ref().unwrap()).unwrap();
+            for k in 0..l_n {
+                let s: f64 = (0..n_tokens).map(|b| sq[b * l_n + k] as f64).sum();
+                close("sq_err", s, sq_want[k], sq_want[k] * 10.0 + 1.0)?;
+            }
+        }
+
+        /// The whole chained step (encode, decode, backward) vs the sparse CPU step, every activation.
+        #[test]
+        fn training_step_matches_cpu(
+            l_n in 1usize..4, d in 1usize..40, f_n in 1usize..90, n_tokens in 0usize..80,
+            kind in 0u8..4, k_raw in 1usize..6, per_layer in any::<bool>(),
+            bandwidth in prop_oneof![Just(1.0f32), Just(0.05f32)], by_h in any::<bool>(),
+            masked in any::<bool>(), seed in any::<u64>(),
+        ) {
+            let Some(gpu) = gpu() else { return Ok(()) };
+            let k = k_raw.min(f_n);
+            let act = match kind {
+                0 | 1 => Activation::JumpRelu,
+                2 => Activation::TopK { k },
+                _ => Activation::BatchTopK { k, across_layers: seed % 2 == 0 },
+            };
+            let cfg = config(l_n, d, f_n, per_layer, act);
+            let mut rng = Rng::seed(seed);
+            let p = bf16_params(&random_params(&cfg, &mut rng));
+            let (x, y) = random_batch(&cfg, n_tokens, &mut rng);
+            let x = round_bf16(&x);
+            prop_assume!(!ambiguous(&cfg, &p, &x, n_tokens, 0.5 * bandwidth));
+            let norms = decoder_norms(&cfg, &p.w_dec);
+            let threshold_grad = if by_h { ThresholdGrad::Preact } else { ThresholdGrad::Theta };
+            let obj = Objective { lambda: 0.9, c: 4.0, lambda_preact: 0.2, bandwidth, threshold_grad };
+            let mask: Vec<Vec<bool>> = (0..l_n).map(|_| (0..f_n).map(|_| rng.below(2) == 0).collect()).collect();
+            let mask = masked.then_some(mask.as_slice());
+            let mut gc = Grads::zeros(&cfg);
+            let sc = sparse::loss_and_grad(&cfg, &p, &norms, &x, &y, n_tokens, &obj, mask, &mut gc);
+            let mut gg = Grads::zeros(&cfg);
+            // Poison the host gradients too: every tensor must be overwritten.
+            for t in gg.p.tensors_mut() { t.iter_mut().for_each(|v| *v = f32::NAN); }
+            let sg = step::loss_and_grad(gpu, &cfg, &p, &norms, &x, &y, n_tokens, &obj, mask, &mut gg).unwrap();
+            let loss_scale = sc.loss().abs() + 1.0;
+            close("recon", sg.recon, sc.recon, loss_scale)?;
+            close("sparsity", sg.sparsity, sc.sparsity, loss_scale)?;
+            close("preact", sg.preact, sc.preact, loss_scale)?;
+            prop_assert_eq!(&sg.n_active, &sc.n_active);
+            prop_assert_eq!(&sg.active_count, &sc.active_count);
+            prop_assert_eq!(&gg.dec_touched, &gc.dec_touched);
+            // Gradients: compare the materialised full gradient, scaled by its magnitude per tensor.
+            let (mg, mc) = (gg.materialize(&cfg, &p), gc.materialize(&cfg, &p));
+            let names = p.named(&cfg);
+            for ((a, b), n) in mg.tensors().iter().zip(mc.tensors()).zip(&names) {
+                let s = b.iter().fold(0f64, |m, v| m.max(v.abs() as f64)) * 50.0 + 1.0;
+                close_all(&n.name, a, b, &vec![s; a.len()])?;
+            }
+        }
+
+        /// Fused Adam (dense and decoder rows) and decoder norms vs `adam::step`.
+        #[test]
+        fn adam_matches_cpu(
+            d in 1usize..50, f_n in 1usize..70, l_n in 1usize..3, t in 1u64..50,
+            scale in 0.1f32..1.0, seed in any::<u64>(),
+        ) {
+            let Some(gpu) = gpu() else { return Ok(()) };
+            let cfg = config(l_n, d, f_n, false, Activation::JumpRelu);
+            let mut rng = Rng::seed(seed);
+            let mut p = random_params(&cfg, &mut rng);
+            let mut st = cpu_adam::AdamState::new(&cfg);
+            st.m = random_params(&cfg, &mut rng);
+            st.v = random_params(&cfg, &mut rng);
+            st.v.tensors_mut().into_iter().for_each(|t| t.iter_mut().for_each(|v| *v = v.abs()));
+            st.t = t - 1;
+            let mut g = Grads::zeros(&cfg);
+            g.p = random_params(&cfg, &mut rng);
+            for l in 0..l_n {
+                for f in 0..f_n {
+                    g.dec_coef[l][f] = rng.normal() as f32;
+                    g.dec_touched[l][f] = rng.below(2) == 0;
+                }
+            }
+            let hp = cpu_adam::AdamHyper::default();
+            let (p0, m0, v0) = (p.clone(), st.m.clone(), st.v.clone());
+            let mut norms = decoder_norms(&cfg, &p.w_dec);
+            cpu_adam::step(&cfg, &hp, &mut p, &mut st, &g, 1e-3, scale, &mut norms);
+            let k = adam::consts(&hp, t, 1e-3, scale);
+            for l in 0..l_n {
+                let rl = cfg.dec_row_len(l);
+                let (pd, md, vd, gd) = (gpu.upload(&p0.w_enc[l]).unwrap(), gpu.upload(&m0.w_enc[l]).unwrap(),
+                    gpu.upload(&v0.w_enc[l]).unwrap(), gpu.upload(&g.p.w_enc[l]).unwrap());
+                adam::adam_dense(gpu, &pd, &md, &vd, &gd, k).unwrap();
+                close_all("w_enc", &gpu.download(&pd).unwrap(), &p.w_enc[l], &vec![1e-3; pd.len()])?;
+                close_all("m w_enc", &gpu.download(&md).unwrap(), &st.m.w_enc[l], &vec![1.0; pd.len()])?;
+                let (pd, md, vd, gs) = (gpu.upload(&p0.w_dec[l]).unwrap(), gpu.upload(&m0.w_dec[l]).unwrap(),
+                    gpu.upload(&v0.w_dec[l]).unwrap(), gpu.upload(&g.p.w_dec[l]).unwrap());
+                let coef = gpu.upload(&g.dec_coef[l]).unwrap();
+                let touched: Vec<u8> = g.dec_touched[l].iter().map(|t| *t as u8).collect();
+                let touched = gpu.upload(&touched).unwrap();
+                let nd = gpu.output::<f32>(f_n).unwrap();
+                let bf = gpu.output::<u16>(f_n * rl).unwrap();
+                adam::adam_decoder(gpu, &pd, &md, &vd, &gs, &coef, &touched, Some(&bf), &nd, rl, k).unwrap();
+                let got = gpu.download(&pd).unwrap();
+                close_all("w_dec", &got, &p.w_dec[l], &vec![1e-3; got.len()])?;
+                close_all("v w_dec", &gpu.download(&vd).unwrap(), &st.v.w_dec[l], &vec![1.0; got.len()])?;
+                prop_assert_eq!(gpu.download(&bf).unwrap(), to_bf16_bits(&got));
+                let ns: Vec<f64> = norms[l].iter().map(|n| *n as f64 * 10.0).collect();
+                close_all("norms", &gpu.download(&nd).unwrap(), &norms[l], &ns)?;
+                let rn = adam::row_norms(gpu, &pd, rl, None).unwrap();
+                close_all("row_norms", &gpu.download(&rn).unwrap(), &norms[l], &ns)?;
+            }
+        }
+
+        /// The clipping norm's pieces vs `adam::grad_norm`.
+        #[test]
+        fn grad_norm_matches_cpu(d in 1usize..40, f_n in 1usize..60, seed in any::<u64>()) {
+            let Some(gpu) = gpu() else { return Ok(()) };
+            let cfg = config(1, d, f_n, false, Activation::JumpRelu);
+            let mut rng = Rng::seed(seed);
+            let p = random_params(&cfg, &mut rng);
+            let mut g = Grads::zeros(&cfg);
+            g.p = random_params(&cfg, &mut rng);
+            for f in 0..f_n {
+                g.dec_coef[0][f] = rng.normal() as f32;
+                g.dec_touched[0][f] = rng.below(2) == 0;
+                if !g.dec_touched[0][f] {
+                    let rl = cfg.dec_row_len(0);
+                    g.p.w_dec[0][f * rl..(f + 1) * rl].iter_mut().for_each(|v| *v = 0.0);
+                }
+            }
+            let norms = decoder_norms(&cfg, &p.w_dec);
+            let want = cpu_adam::grad_norm(&cfg, &p, &g, &norms);
+            let mut total = 0.0;
+            for t in [&g.p.w_enc[0], &g.p.b_enc[0], &g.p.log_theta[0], &g.p.b_dec[0]] {
+                total += adam::sum_sq(gpu, &gpu.upload(t).unwrap()).unwrap();
+            }
+            let touched: Vec<u8> = g.dec_touched[0].iter().map(|t| *t as u8).collect();
+            total += adam::dec_grad_sq(gpu, &gpu.upload(&g.p.w_dec[0]).unwrap(), &gpu.upload(&p.w_dec[0]).unwrap(),
+                &gpu.upload(&g.dec_coef[0]).unwrap(), &gpu.upload(&touched).unwrap(), cfg.dec_row_len(0)).unwrap();
+            close("grad norm", total.sqrt(), want, want * 10.0)?;
+        }
+
+        /// int8 / int4 dequantisation vs the store's `decode_rows`: exact.
+        #[test]
+        fn dequant_matches_cpu(
+            rows in 1usize..40, d in 1usize..100, int4 in any::<bool>(), r0 in 0usize..40, n in 0usize..40,
+            seed in any::<u64>(),
+        ) {
+            let Some(gpu) = gpu() else { return Ok(()) };
+            let r0 = r0 % rows;
+            let n = n.min(rows - r0);
+            let codec = if int4 { Codec::Int4 } else { Codec::Int8 };
+            let sec = Section { codec, planes: false, rows, d, layers: 1, outliers: 0 };
+            let mut rng = Rng::seed(seed);
+            let src: Vec<f32> = (0..rows * d).map(|_| rng.normal() as f32).collect();
+            let mut bytes = Vec::new();
+            sec.encode(&src, &mut bytes);
+            let mut want = vec![0f32; n * d];
+            sec.decode_rows(&bytes, r0, &mut want);
+            let q = if int4 { dequant::Quant::Int4 } else { dequant::Quant::Int8 };
+            let dev = gpu.upload(&bytes).unwrap();
+            let got = dequant::dequant_rows(gpu, &dev, q, rows, d, r0, n, None).unwrap();
+            prop_assert_eq!(gpu.download(&got).unwrap(), want);
+        }
+
+        /// Column sums (Σ_b x_b, the decoder-bias gradient) and the per-feature grouping (CSR).
+        #[test]
+        fn col_sum_and_grouping_match_cpu(
+            n_tokens in 0usize..300, d in 1usize..50, f_n in 1usize..2000, seed in any::<u64>(),
+        ) {
+            let Some(gpu) = gpu() else { return Ok(()) };
+            let mut rng = Rng::seed(seed);
+            let x: Vec<f32> = (0..n_tokens * d).map(|_| rng.normal() as f32).collect();
+            let got = gpu.download(&backward::col_sum(gpu, &gpu.upload(&x).unwrap(), 0, d, n_tokens, d).unwrap()).unwrap();
+            for j in 0..d {
+                let want: f64 = (0..n_tokens).map(|b| x[b * d + j] as f64).sum();
+                close("col_sum", got[j] as f64, want, n_tokens as f64 * 4.0)?;
+            }
+            // Random lists (distinct increasing features per token), some tokens empty.
+            let mut h = encode::HostCodes { offsets: vec![0], ..Default::default() };
+            for _ in 0..n_tokens {
+                let n = if rng.below(5) == 0 { 0 } else { rng.below(f_n.min(40)) + 1 };
+                let mut fs: Vec<u32> = (0..n).map(|_| rng.below(f_n) as u32).collect();
+                fs.sort_unstable();
+                fs.dedup();
+                h.feat.extend(&fs);
+                h.pre.extend(fs.iter().map(|_| 1.0f32));
+                h.act.extend(fs.iter().map(|_| 1.0f32));
+                h.offsets.push(h.feat.len());
+            }
+            let codes = encode::DeviceCodes::from_host(gpu, &h).unwrap();
+            let csr = backward::group_by_feature(gpu, &codes, f_n).unwrap();
+            let start = gpu.download(&csr.fstart).unwrap();
+            let order = gpu.download(&csr.order).unwrap();
+            let mut want: Vec<Vec<u32>> = vec![Vec::new(); f_n];
+            for b in 0..n_tokens {
+                for e in h.offsets[b]..h.offsets[b + 1] {
+                    want[h.feat[e] as usize].push((b * codes.cap + e - h.offsets[b]) as u32);
+                }
+            }
+            for f in 0..f_n {
+                prop_assert_eq!(&order[start[f] as usize..start[f + 1] as usize], &want[f][..], "feature {}", f);
+            }
+        }
+    }
+
+    /// Cases per property: `CLT_GPU_CASES` (scripts/gpu-check.sh raises it), else 24.
+    fn cases() -> u32 {
+        std::env::var("CLT_GPU_CASES")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(24)
+    }
+
+    fn cpu_enc_threads() -> clt::backend::cpu::gemm::Threads {
+        clt::backend::cpu::gemm::Threads::One
+    }
+}
