@@ -114,7 +114,7 @@ fn run(
         let total = t0.elapsed().as_secs_f64();
         let t = g.timings;
         println!(
-            "{:>6} {:>8} {:>6} {:>8.2} {:>8.3} {:>8.2} {:>8.2} {:>8.2} {:>8.2} {:>9.0} {:>7.3} {:>7.3}",
+            "{:>6} {:>8} {:>6} {:>8.2} {:>8.3} {:>8.2} {:>8.2} {:>8.2} {:>8.2} {:>9.0} {:>7.3} {:>7.3} {:>8.1}",
             tokens.len(),
             g.active.len(),
             g.selected.len(),
@@ -126,7 +126,8 @@ fn run(
             prune_s,
             peak_mib(),
             s.replacement,
-            s.completeness
+            s.completeness,
+            t.flops / (t.logit_rows + t.feature_rows) / 1e9
         );
         points.push((tokens.len() as f64, total));
     }
@@ -140,6 +141,8 @@ fn run(
 }
 
 fn main() {
+    let ceiling = clt::bench::gemm_ceiling(512, 576, 576, 5);
+    println!("GEMM ceiling of this machine (512×576·576×576, all threads): {ceiling:.1} GFLOP/s");
     // `cargo bench` passes `--bench`; nothing else to parse.
     let models = std::env::var("ATTR_MODELS").unwrap_or_else(|_| "stories,smollm2".into());
     if models.contains("stories") {

@@ -162,13 +162,13 @@ impl Ragged {
 }
 
 /// Computes the adjacency rows of a batch of injections: returns `[K][columns]`, row `i` the direct effect of
-/// every source on injection `i`'s target.
+/// every source on injection `i`'s target, and the floating-point operations the products did.
 pub fn attribute_batch(
     model: &LlamaModel,
     tc: &ReplacementTranscoder,
     st: &PromptState,
     inj: &[Injection],
-) -> Vec<f32> {
+) -> (Vec<f32>, f64) {
     let c = &model.config;
     let (l_n, d, n) = (c.n_layers, c.d_model, st.n);
     let cols = Columns {
@@ -181,9 +181,10 @@ pub fn attribute_batch(
     // owns a contiguous block; transposed into input order at the end.
     let mut out = vec![0.0f32; cols.len() * k_n];
     if k_n == 0 {
-        return out;
+        return (out, 0.0);
     }
     let rg = Ragged::new(inj);
+    let mut flops = 0.0f64;
     let total = rg.pos.len();
     let top = rg.layer[0];
     let mut g = vec![0.0f32; total * d];
@@ -209,7 +210,7 @@ pub fn attribute_batch(
         // Rows injected above layer l carry gradient at its MLP output.
         let above = rg.rows_from(l + 1);
         if above > 0 {
-            emit_layer(tc, st, &cols, &rg, l, &g, above, k_n, &mut out);
+            flops += emit_layer(tc, st, &cols, &rg, l, &g, above, k_n, &mut out);
             if tc.cfg.skip {
                 skip_backward(
                     model,
@@ -224,6 +225,11 @@ pub fn attribute_batch(
         }
         inject(&mut g, l);
         let from = rg.rows_from(l);
+        let t = rg.off[from] as f64;
+        flops += 2.0 * t * (d * c.q_dim() + c.kv_dim() * d) as f64
+            + (0..from)
+                .map(|r| 2.0 * (c.n_heads * rg.len(r) * rg.len(r) * c.head_dim) as f64)
+                .sum::<f64>();
         attention_backward(
             model,
             st,
@@ -249,7 +255,7 @@ pub fn attribute_batch(
             rows[rg.order[r] * n_cols + col] = v;
         }
     }
-    rows
+    (rows, flops)
 }
 
 fn dot(a: &[f32], b: &[f32]) -> f32 {
@@ -263,7 +269,7 @@ struct Scratch {
 }
 
 /// Edges read at the output of layer `k`'s MLP for the first `rows` sorted rows: from every feature whose
-/// decoder writes to `k`, and from the error nodes of layer `k`.
+/// decoder writes to `k`, and from the error nodes of layer `k`. Returns the feature products' FLOPs.
 fn emit_layer(
     tc: &ReplacementTranscoder,
     st: &PromptState,
@@ -274,7 +280,7 @@ fn emit_layer(
     rows: usize,
     k_n: usize,
     out: &mut [f32],
-) {
+) -> f64 {
     let d = tc.cfg.d_model;
     let af = &st.features;
     let n_eff = (0..rows).map(|r| rg.len(r)).max().unwrap_or(0);
@@ -329,6 +335,10 @@ fn emit_layer(
             groups.push((l, p, block));
         }
     }
+    let flops: f64 = groups
+        .iter()
+        .map(|(l, p, _)| 2.0 * (af.group(*l, *p).len() * d * per_pos[*p].0.len()) as f64)
+        .sum();
     groups.into_par_iter().for_each_init(
         || (Vec::new(), Vec::new()),
         |(dec, tmp), (l, p, block)| {
@@ -362,6 +372,7 @@ fn emit_layer(
             }
         },
     );
+    flops
 }
 
 /// Adds the skip path's gradient, `g_mid += J_inᵀ W_skipᵀ g_post`, to the buffer rows `g`.

@@ -55,6 +55,8 @@ pub struct Timings {
     pub feature_rows: f64,
     pub ranking: f64,
     pub total: f64,
+    /// Floating-point operations of the backward passes' products (attention and feature edges).
+    pub flops: f64,
 }
 
 /// An unpruned attribution graph: circuit-tracer's `Graph`.
@@ -324,10 +326,12 @@ pub fn attribute(
     };
     // Runs `targets` (sorted by layer and position for tight causal cones) in backward batches and hands
     // each row to `sink`.
+    let flops = std::cell::Cell::new(0.0f64);
     let run = |targets: &[Target], sink: &mut dyn FnMut(Target, &[f32])| {
         for chunk in targets.chunks(k_batch) {
             let inj: Vec<Injection> = chunk.iter().map(|&t| injection(t)).collect();
-            let rows = attribute_batch(model, tc, &st, &inj);
+            let (rows, f) = attribute_batch(model, tc, &st, &inj);
+            flops.set(flops.get() + f);
             for (i, &t) in chunk.iter().enumerate() {
                 sink(t, &rows[i * cols.len()..(i + 1) * cols.len()]);
             }
@@ -418,6 +422,7 @@ pub fn attribute(
         b.finish_and_clear();
     }
     timings.total = t_start.elapsed().as_secs_f64();
+    timings.flops = flops.get();
     let PromptState {
         tokens, features, ..
     } = st;
