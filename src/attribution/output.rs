@@ -78,6 +78,16 @@ pub fn display_token(s: &str) -> String {
     s.replace('\n', "⏎").replace('\t', "→").replace('\r', "↵")
 }
 
+/// A token's text for display; special tokens (which decode to nothing, like BOS) show their piece.
+fn token_text(tok: &Tokenizer, t: u32) -> String {
+    let s = tok.decode(&[t]);
+    if s.is_empty() {
+        display_token(&tok.piece(t))
+    } else {
+        display_token(&s)
+    }
+}
+
 fn cantor(x: usize, y: usize) -> i64 {
     ((x + y) * (x + y + 1) / 2 + y) as i64
 }
@@ -145,10 +155,7 @@ fn make_node(g: &Graph, i: usize, tok: &Tokenizer, influence: f64) -> Node {
         nd.token_prob = prob;
         nd.is_target_logit = j == 0;
         nd.influence = None;
-        nd.clerp = format!(
-            "Output \"{}\" (p={prob:.3})",
-            display_token(&tok.decode(&[t]))
-        );
+        nd.clerp = format!("Output \"{}\" (p={prob:.3})", token_text(tok, t));
         nd
     }
 }
@@ -201,11 +208,7 @@ pub fn graph_json(
             slug: slug.into(),
             scan: scan.into(),
             transcoder_list: Vec::new(),
-            prompt_tokens: g
-                .tokens
-                .iter()
-                .map(|&t| display_token(&tok.decode(&[t])))
-                .collect(),
+            prompt_tokens: g.tokens.iter().map(|&t| token_text(tok, t)).collect(),
             prompt: prompt.into(),
             node_threshold,
             schema_version: 1,
