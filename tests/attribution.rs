@@ -119,6 +119,29 @@ fn measure(
 #[test]
 fn adjacency_columns_match_the_frozen_model_oracle() {
     let (m, tc, tokens) = setup();
+    oracle(m, &tc, &tokens, 100);
+}
+
+#[test]
+fn a_per_layer_transcoder_matches_the_oracle_too() {
+    // The trained CLT's same-layer decoders alone, as per-layer transcoders.
+    let (m, clt_tc, tokens) = setup();
+    let mut tc = clt_tc.clone();
+    tc.cfg.decoder = clt::clt::DecoderKind::PerLayer;
+    let d = tc.cfg.d_model;
+    for l in 0..tc.cfg.n_layers {
+        let rl = clt_tc.cfg.dec_row_len(l);
+        tc.params.w_dec[l] = clt_tc.params.w_dec[l]
+            .chunks_exact(rl)
+            .flat_map(|row| row[..d].to_vec())
+            .collect();
+    }
+    oracle(m, &tc, &tokens, 60);
+}
+
+/// Checks every error and token column and `n_feature_cols` random feature columns against the oracle.
+fn oracle(m: &LlamaModel, tc: &ReplacementTranscoder, tokens: &[u32], n_feature_cols: usize) {
+    let (tc, tokens) = (tc.clone(), tokens.to_vec());
     let g = attribute(m, &tc, &tokens, &AttributionConfig::default()).unwrap();
     let n = tokens.len();
     let l_n = m.config.n_layers;
@@ -166,7 +189,7 @@ fn adjacency_columns_match_the_frozen_model_oracle() {
     // Sources: every error and token column and 100 random feature columns.
     let mut sources: Vec<usize> = (a.n_features..a.n_sources()).collect();
     let mut rng = clt::rng::Rng::seed(3);
-    for _ in 0..100 {
+    for _ in 0..n_feature_cols {
         sources.push((rng.next_u64() % a.n_features as u64) as usize);
     }
     let (mut worst_pre, mut worst_logit) = (0.0f32, 0.0f32);
