@@ -7,31 +7,13 @@
 //! mean. `cargo bench --bench attribution` (env: `ATTR_MODELS=stories,smollm2`, `ATTR_NODES` for SmolLM2's
 //! `max_feature_nodes`, `ATTR_LONG=0` to skip the 1,024-token run).
 
-use std::path::{Path, PathBuf};
-use std::process::Command;
+mod common;
+use common::{shared, smollm2};
 use std::time::Instant;
 
 use clt::attribution::graph::{AttributionConfig, attribute};
 use clt::attribution::replacement::calibrated_transcoder;
 use clt::attribution::{prune, scores};
-
-fn shared() -> PathBuf {
-    PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../shared"))
-}
-
-fn smollm2() -> PathBuf {
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/fetch-smollm2.sh");
-    let out = Command::new("bash")
-        .arg(script)
-        .output()
-        .expect("run fetch-smollm2.sh");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    PathBuf::from(String::from_utf8(out.stdout).unwrap().trim())
-}
 
 /// Resets the peak resident set (Linux: `clear_refs` 5) so that the next reading is this graph's peak.
 fn reset_peak() {

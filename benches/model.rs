@@ -4,31 +4,13 @@
 //!
 //! `cargo bench --bench model` (SmolLM2 is fetched by `scripts/fetch-smollm2.sh` when not cached).
 
-use std::path::{Path, PathBuf};
-use std::process::Command;
+mod common;
+use common::{shared, smollm2};
 
 use clt::model::{self, ForwardOptions, Logits, llama::matmul_wt};
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
 
 const N: usize = 128;
-
-fn shared() -> PathBuf {
-    PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../shared"))
-}
-
-fn smollm2() -> PathBuf {
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/fetch-smollm2.sh");
-    let out = Command::new("bash")
-        .arg(script)
-        .output()
-        .expect("run fetch-smollm2.sh");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    PathBuf::from(String::from_utf8(out.stdout).unwrap().trim())
-}
 
 fn bench_gemm(c: &mut Criterion) {
     let (m, k, n) = (N, 576, 1536);

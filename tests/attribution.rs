@@ -261,6 +261,20 @@ fn oracle(m: &LlamaModel, tc: &ReplacementTranscoder, tokens: &[u32], n_feature_
 }
 
 #[test]
+fn a_graph_that_would_not_fit_is_refused_with_its_size() {
+    let (m, tc, tokens) = setup();
+    let cfg = AttributionConfig {
+        memory_limit: Some(1 << 10),
+        ..AttributionConfig::default()
+    };
+    let err = attribute(m, &tc, &tokens, &cfg).unwrap_err().to_string();
+    assert!(
+        err.contains("max_feature_nodes") && err.contains("GiB"),
+        "{err}"
+    );
+}
+
+#[test]
 fn explored_rows_equal_the_full_graphs_rows() {
     let (m, tc, tokens) = setup();
     let full = attribute(m, &tc, &tokens, &AttributionConfig::default()).unwrap();
@@ -482,28 +496,28 @@ fn the_attribute_and_intervene_commands_write_a_graph_and_print_logits() {
     let out = dir.path().join("graphs/lily.json");
     let model = s.join("models/stories260K/stories260K.bin");
     let tok = s.join("models/stories260K/tok512.bin");
-    let run = |args: &[&str]| {
+    // `clt <command>` with the model, tokenizer, transcoder and prompt, then `extra`.
+    let run = |command: &str, extra: &[&str]| {
         std::process::Command::new(env!("CARGO_BIN_EXE_clt"))
-            .args(args)
+            .arg(command)
+            .args(["--model", model.to_str().unwrap()])
+            .args(["--tokenizer", tok.to_str().unwrap()])
+            .args(["--transcoder", f.export.to_str().unwrap()])
+            .args(["--prompt", PROMPT])
+            .args(extra)
             .output()
             .unwrap()
     };
-    let o = run(&[
+    let o = run(
         "attribute",
-        "--model",
-        model.to_str().unwrap(),
-        "--tokenizer",
-        tok.to_str().unwrap(),
-        "--transcoder",
-        f.export.to_str().unwrap(),
-        "--prompt",
-        PROMPT,
-        "--max-feature-nodes",
-        "500",
-        "--out",
-        out.to_str().unwrap(),
-        "--quiet",
-    ]);
+        &[
+            "--max-feature-nodes",
+            "500",
+            "--out",
+            out.to_str().unwrap(),
+            "--quiet",
+        ],
+    );
     let stdout = String::from_utf8_lossy(&o.stdout);
     assert!(
         o.status.success(),
@@ -517,21 +531,7 @@ fn the_attribute_and_intervene_commands_write_a_graph_and_print_logits() {
     assert!(v["links"].as_array().unwrap().len() > 10);
     assert!(dir.path().join("graphs/lily.graph.safetensors").is_file());
 
-    let o = run(&[
-        "intervene",
-        "--model",
-        model.to_str().unwrap(),
-        "--tokenizer",
-        tok.to_str().unwrap(),
-        "--transcoder",
-        f.export.to_str().unwrap(),
-        "--prompt",
-        PROMPT,
-        "--set",
-        "0:3:1=5.0",
-        "--set",
-        "1:*:2*=0",
-    ]);
+    let o = run("intervene", &["--set", "0:3:1=5.0", "--set", "1:*:2*=0"]);
     let stdout = String::from_utf8_lossy(&o.stdout);
     assert!(
         o.status.success(),
@@ -540,19 +540,7 @@ fn the_attribute_and_intervene_commands_write_a_graph_and_print_logits() {
     );
     assert!(stdout.contains("with the edits:"), "{stdout}");
     // A bad edit names itself.
-    let o = run(&[
-        "intervene",
-        "--model",
-        model.to_str().unwrap(),
-        "--tokenizer",
-        tok.to_str().unwrap(),
-        "--transcoder",
-        f.export.to_str().unwrap(),
-        "--prompt",
-        PROMPT,
-        "--set",
-        "0:3=5",
-    ]);
+    let o = run("intervene", &["--set", "0:3=5"]);
     assert!(!o.status.success());
     assert!(String::from_utf8_lossy(&o.stderr).contains("0:3=5"));
 }

@@ -8,7 +8,7 @@
 
 use std::sync::Mutex;
 
-use super::replacement::{PromptState, ReplacementTranscoder, prompt_state};
+use super::replacement::{PromptState, ReplacementTranscoder, activation, add_skip, prompt_state};
 use crate::cache::InputHook;
 use crate::model::{ForwardOptions, Intervention, LlamaModel, Logits, MlpOverride};
 use crate::{Error, Result};
@@ -108,11 +108,7 @@ impl MlpOverride for EditedMlps<'_> {
         for p in 1..n {
             for f in 0..f_n {
                 let h = pre[p * f_n + f] + tc.params.b_enc[k][f];
-                let mut a = if h > tc.thresholds[k][f] && h > 0.0 {
-                    h
-                } else {
-                    0.0
-                };
+                let mut a = activation(h, tc.thresholds[k][f]);
                 for e in self.edits.iter().filter(|e| e.layer == k && e.feature == f) {
                     let hit = match e.positions {
                         Positions::All => true,
@@ -153,11 +149,7 @@ impl MlpOverride for EditedMlps<'_> {
         }
         if tc.cfg.skip {
             for p in 1..n {
-                let xp = &x[p * d..(p + 1) * d];
-                for i in 0..d {
-                    let w = &tc.params.w_skip[k][i * d..(i + 1) * d];
-                    out[p * d + i] += w.iter().zip(xp).map(|(a, b)| a * b).sum::<f32>();
-                }
+                add_skip(tc, k, &x[p * d..(p + 1) * d], &mut out[p * d..(p + 1) * d]);
             }
         }
         out

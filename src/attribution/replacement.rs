@@ -130,39 +130,8 @@ pub fn prompt_state(
     tokens: &[u32],
 ) -> Result<PromptState> {
     tc.check_fits(model)?;
-    let hooks = Hooks {
-        attn_pattern: true,
-        norm_scales: true,
-        mlp_out: true,
-        mlp_in_normed: tc.input_hook == InputHook::MlpInNormed,
-        resid_mid: tc.input_hook == InputHook::ResidMid,
-        ..Hooks::default()
-    };
-    let out = model.forward_with(
-        tokens,
-        &ForwardOptions {
-            hooks,
-            logits: Logits::Last,
-            ..ForwardOptions::default()
-        },
-    )?;
-    let n = out.n_tokens;
-    let mut record = out.record;
-    let mut inputs = Vec::with_capacity(record.layers.len());
-    let mut mlp_out = Vec::with_capacity(record.layers.len());
-    for r in &mut record.layers {
-        let x = match tc.input_hook {
-            InputHook::MlpInNormed => r.mlp_in_normed.take(),
-            InputHook::ResidMid => r.resid_mid.take(),
-        };
-        inputs
-            .push(x.ok_or_else(|| Error::Unsupported("forward did not record the input".into()))?);
-        mlp_out.push(
-            r.mlp_out
-                .take()
-                .ok_or_else(|| Error::Unsupported("forward did not record mlp_out".into()))?,
-        );
-    }
+    let (out, inputs, mlp_out) = forward_inputs(model, tc, tokens, true)?;
+    let (n, record) = (out.n_tokens, out.record);
     let features = encode(tc, &inputs, n);
     let errors = errors(tc, &features, &inputs, &mlp_out, n);
     Ok(PromptState {
@@ -175,6 +144,68 @@ pub fn prompt_state(
         features,
         logits: out.logits,
     })
+}
+
+/// One `[n][d]` array per layer.
+type PerLayer = Vec<Vec<f32>>;
+
+/// One forward over `tokens` recording what attribution freezes (attention patterns, norm scales), the
+/// transcoder's input at every layer and, with `full`, the MLP outputs and the last position's logits.
+/// Returns the output (its record stripped of the inputs and MLP outputs), the inputs and the MLP outputs.
+fn forward_inputs(
+    model: &LlamaModel,
+    tc: &ReplacementTranscoder,
+    tokens: &[u32],
+    full: bool,
+) -> Result<(crate::model::ForwardOutput, PerLayer, PerLayer)> {
+    let hooks = Hooks {
+        attn_pattern: full,
+        norm_scales: full,
+        mlp_out: full,
+        mlp_in_normed: tc.input_hook == InputHook::MlpInNormed,
+        resid_mid: tc.input_hook == InputHook::ResidMid,
+        ..Hooks::default()
+    };
+    let mut out = model.forward_with(
+        tokens,
+        &ForwardOptions {
+            hooks,
+            logits: if full { Logits::Last } else { Logits::None },
+            ..ForwardOptions::default()
+        },
+    )?;
+    let mut inputs = Vec::with_capacity(out.record.layers.len());
+    let mut mlp_out = Vec::with_capacity(out.record.layers.len());
+    for r in &mut out.record.layers {
+        let x = match tc.input_hook {
+            InputHook::MlpInNormed => r.mlp_in_normed.take(),
+            InputHook::ResidMid => r.resid_mid.take(),
+        };
+        inputs
+            .push(x.ok_or_else(|| Error::Unsupported("forward did not record the input".into()))?);
+        if full {
+            mlp_out.push(
+                r.mlp_out
+                    .take()
+                    .ok_or_else(|| Error::Unsupported("forward did not record mlp_out".into()))?,
+            );
+        }
+    }
+    Ok((out, inputs, mlp_out))
+}
+
+/// A feature's activation from its pre-activation `h` (bias included) and threshold `th` (0 for ReLU).
+pub fn activation(h: f32, th: f32) -> f32 {
+    if h > th && h > 0.0 { h } else { 0.0 }
+}
+
+/// Adds layer `k`'s skip path `W_skip[k] · x` to `out` (one position).
+pub fn add_skip(tc: &ReplacementTranscoder, k: usize, x: &[f32], out: &mut [f32]) {
+    let d = tc.cfg.d_model;
+    for (i, o) in out.iter_mut().enumerate() {
+        let w = &tc.params.w_skip[k][i * d..(i + 1) * d];
+        *o += w.iter().zip(x).map(|(a, b)| a * b).sum::<f32>();
+    }
 }
 
 /// The active features at positions ≥ 1 of every layer: pre-activations above their threshold.
@@ -196,12 +227,12 @@ pub fn encode(tc: &ReplacementTranscoder, inputs: &[Vec<f32>], n: usize) -> Acti
                     .zip(tc.params.b_enc[l].iter().zip(&tc.thresholds[l]))
                     .enumerate()
                 {
-                    let h = h + b;
-                    if h > th && h > 0.0 {
+                    let a = activation(h + b, th);
+                    if a > 0.0 {
                         af.layer.push(l as u32);
                         af.pos.push(p as u32);
                         af.index.push(f as u32);
-                        af.value.push(h);
+                        af.value.push(a);
                     }
                 }
             }
@@ -233,11 +264,7 @@ pub fn reconstruct(
                 }
             }
             if tc.cfg.skip {
-                let x = &inputs[k][p * d..(p + 1) * d];
-                for (i, o) in out.iter_mut().enumerate() {
-                    let w = &tc.params.w_skip[k][i * d..(i + 1) * d];
-                    *o += w.iter().zip(x).map(|(a, b)| a * b).sum::<f32>();
-                }
+                add_skip(tc, k, &inputs[k][p * d..(p + 1) * d], out);
             }
         }
     }
@@ -304,7 +331,7 @@ pub fn calibrated_transcoder(
         input_hook: InputHook::MlpInNormed,
     };
     // Thresholds: the (l0 · (n − 1))-th largest pre-activation of each layer over positions ≥ 1.
-    let st = prompt_state_unencoded(model, &tc, tokens)?;
+    let (_, st, _) = forward_inputs(model, &tc, tokens, false)?;
     let n = tokens.len();
     let mut pre = vec![0.0f32; n * n_features];
     for l in 0..l_n {
@@ -317,33 +344,4 @@ pub fn calibrated_transcoder(
         tc.params.log_theta[l].fill(theta.ln());
     }
     Ok(tc)
-}
-
-/// The transcoder inputs of every layer for `tokens`.
-fn prompt_state_unencoded(
-    model: &LlamaModel,
-    tc: &ReplacementTranscoder,
-    tokens: &[u32],
-) -> Result<Vec<Vec<f32>>> {
-    let out = model.forward_with(
-        tokens,
-        &ForwardOptions {
-            hooks: Hooks {
-                mlp_in_normed: tc.input_hook == InputHook::MlpInNormed,
-                resid_mid: tc.input_hook == InputHook::ResidMid,
-                ..Hooks::default()
-            },
-            logits: Logits::None,
-            ..ForwardOptions::default()
-        },
-    )?;
-    Ok(out
-        .record
-        .layers
-        .into_iter()
-        .map(|r| match tc.input_hook {
-            InputHook::MlpInNormed => r.mlp_in_normed.unwrap_or_default(),
-            InputHook::ResidMid => r.resid_mid.unwrap_or_default(),
-        })
-        .collect())
 }
