@@ -4,7 +4,10 @@
 //! of consecutive tokens of one document. Tokens are gathered into chunks, encoded with the trainer's blocked
 //! encoder ([`encode_all`], all threads), and every layer's features are updated in parallel:
 //! - the top-k activations, at most one per overlapping window of a document, each with its token window and
-//!   the feature's activation on every token of the window;
+//!   the feature's activation on every token of the window. Firings above the current floor go into a pool of
+//!   up to [`POOL_FACTOR`]` · k` entries; a full pool is cut back to its k largest by the trainer's TopK
+//!   selection ([`topk_indices`]: the largest values, ties to the earlier firing), which also makes the final
+//!   choice, so insertions cost O(1) amortised instead of a scan of the k kept ones;
 //! - a uniform reservoir sample of the firings (with windows), grouped afterwards into intervals of the
 //!   maximum activation: the lower-quantile examples;
 //! - the firing count and a log-spaced histogram of the nonzero activations (quantiles are read off it).
@@ -15,7 +18,7 @@
 //! whose batch-global selection then sees a slightly different batch).
 
 use super::record::{Example, ExamplesQuantile, FeatureRecord, QUANTILES, cantor};
-use crate::backend::cpu::encode::{LayerCodes, encode_all};
+use crate::backend::cpu::encode::{LayerCodes, encode_all, topk_indices};
 use crate::clt::{Activation, CltConfig, Params};
 use crate::rng::Rng;
 use crate::store::{BlockReader, Dataset};
@@ -28,6 +31,8 @@ const BINS_PER_DECADE: usize = 8;
 const LOG_MIN: i32 = -4;
 const LOG_MAX: i32 = 4;
 const N_BINS: usize = (LOG_MAX - LOG_MIN) as usize * BINS_PER_DECADE;
+/// A feature's pool of top candidates holds up to this many times `top_k` entries before it is cut to `top_k`.
+const POOL_FACTOR: usize = 4;
 
 /// How much to keep per feature.
 #[derive(Clone, Debug)]
@@ -115,8 +120,10 @@ struct LayerState {
     min: Vec<f32>,
     max: Vec<f32>,
     hist: Vec<u32>,
+    /// Each feature's pool of top candidates, in the order they were taken in.
     top: Vec<Vec<Entry>>,
-    /// The smallest activation in a full `top` list (−∞ while not full).
+    /// The smallest activation kept by the last cut of the pool (−∞ before the first): nothing at or below it
+    /// can reach the top k.
     top_floor: Vec<f32>,
     samples: Vec<Vec<Entry>>,
     rng: Rng,
@@ -262,10 +269,7 @@ impl LayerState {
         let slot = match near {
             Some(i) if top[i].act >= a => return,
             Some(i) => i,
-            None if top.len() < cfg.top_k => top.len(),
-            None => (0..top.len())
-                .min_by(|&i, &j| top[i].act.total_cmp(&top[j].act))
-                .unwrap_or(0),
+            None => top.len(),
         };
         let entry = Entry {
             act: a,
@@ -276,10 +280,32 @@ impl LayerState {
         } else {
             top[slot] = entry;
         }
-        if top.len() == cfg.top_k {
+        if top.len() >= POOL_FACTOR * cfg.top_k {
+            keep_top(top, cfg.top_k);
             self.top_floor[fi] = top.iter().map(|e| e.act).fold(f32::INFINITY, f32::min);
         }
     }
+}
+
+/// The indices (increasing) of the `k` largest activations of `pool`, by the trainer's TopK selection.
+fn top_of(pool: &[Entry], k: usize) -> Vec<u32> {
+    let acts: Vec<f32> = pool.iter().map(|e| e.act).collect();
+    topk_indices(&acts, k)
+}
+
+/// Cuts `pool` to its `k` largest activations, keeping the pool's order.
+fn keep_top(pool: &mut Vec<Entry>, k: usize) {
+    if pool.len() <= k {
+        return;
+    }
+    let keep = top_of(pool, k);
+    let mut it = keep.iter().peekable();
+    let mut i = 0usize;
+    pool.retain(|_| {
+        let kept = it.next_if(|&&j| j as usize == i).is_some();
+        i += 1;
+        kept
+    });
 }
 
 /// Per-feature results of the pass, before tokens are decoded and logit effects added.
@@ -287,6 +313,8 @@ pub struct Analysis {
     pub n_layers: usize,
     pub n_features: usize,
     pub n_tokens: u64,
+    /// Top examples kept per feature.
+    top_k: usize,
     layers: Vec<LayerState>,
 }
 
@@ -388,6 +416,7 @@ pub fn analyse(
         n_layers: l_n,
         n_features: f_n,
         n_tokens,
+        top_k: acfg.top_k,
         layers,
     })
 }
@@ -412,7 +441,10 @@ impl Analysis {
             doc_id: e.win.doc,
             position: e.win.position,
         };
-        let mut top: Vec<&Entry> = s.top[f].iter().collect();
+        let mut top: Vec<&Entry> = top_of(&s.top[f], self.top_k)
+            .into_iter()
+            .map(|i| &s.top[f][i as usize])
+            .collect();
         top.sort_by(|a, b| b.act.total_cmp(&a.act));
         let mut groups = vec![ExamplesQuantile {
             quantile_name: "Top activations".into(),
@@ -504,5 +536,40 @@ mod tests {
         assert!(bin_edge(b) <= 1.0 && 1.0 < bin_edge(b + 1));
         let b = bin_of(3.7);
         assert!(bin_edge(b) <= 3.7 && 3.7 < bin_edge(b + 1));
+    }
+
+    /// The pool's cut keeps the k largest activations (ties to the earlier entry) in pool order, whatever the
+    /// order they came in.
+    #[test]
+    fn pool_cut_keeps_the_largest_in_order() {
+        let entry = |act: f32, position: u32| Entry {
+            act,
+            win: Window {
+                token_ids: vec![],
+                acts: vec![],
+                center: 0,
+                doc: 0,
+                position,
+            },
+        };
+        let mut rng = Rng::seed(7);
+        for n in [0usize, 1, 3, 10, 41] {
+            for k in [1usize, 3, 10] {
+                // Values on a coarse grid, so ties happen.
+                let acts: Vec<f32> = (0..n).map(|_| rng.below(6) as f32 * 0.5).collect();
+                let mut pool: Vec<Entry> = acts
+                    .iter()
+                    .enumerate()
+                    .map(|(i, &a)| entry(a, i as u32))
+                    .collect();
+                keep_top(&mut pool, k);
+                let mut want: Vec<usize> = (0..n).collect();
+                want.sort_by(|&i, &j| acts[j].total_cmp(&acts[i]).then(i.cmp(&j)));
+                want.truncate(k);
+                want.sort_unstable();
+                let got: Vec<usize> = pool.iter().map(|e| e.win.position as usize).collect();
+                assert_eq!(got, want, "n {n} k {k} acts {acts:?}");
+            }
+        }
     }
 }
