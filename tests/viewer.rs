@@ -4,6 +4,7 @@
 //! The browser test needs Debian's `chromium` and `chromium-driver`; `scripts/install-browser.sh` installs them
 //! (scripts/test.sh calls it). Without them it fails, naming that script.
 
+use clt::attribution::cli::{AttributeArgs, Inputs};
 use clt::cache::{CacheConfig, InputHook, cache};
 use clt::clt::checkpoint::save_transcoder;
 use clt::clt::{Activation, CltConfig, DecoderKind, NormScales, Params, Transcoder};
@@ -24,6 +25,12 @@ struct Fixture {
     graphs: PathBuf,
     features: PathBuf,
 }
+
+/// The graph `clt attribute` writes in the fixture (the random transcoder on a TinyStories prompt).
+const ATTRIBUTED: &str = "attributed.json";
+/// Its prompt: long enough for a graph of thousands of nodes and tens of thousands of edges.
+const PROMPT: &str = "Once upon a time, there was a little girl named Lily. She loved to play outside \
+in the park with her friends. One day, she saw a big red ball under a tree";
 
 /// Builds once per test binary: a store of stories260K activations, a random CLT, its features file, and a
 /// graphs folder holding the fixture graphs.
@@ -75,7 +82,7 @@ fn fixture() -> &'static Fixture {
         save_transcoder(&tdir, &t).unwrap();
         let features = root.join("features");
         clt::features::cli::run(&FeaturesArgs {
-            transcoder: tdir,
+            transcoder: tdir.clone(),
             store,
             out: features.clone(),
             model: None, // from the store's cache.json
@@ -94,6 +101,26 @@ fn fixture() -> &'static Fixture {
         .unwrap();
         let graphs = root.join("graphs");
         std::fs::create_dir_all(&graphs).unwrap();
+        clt::attribution::cli::run_attribute(&AttributeArgs {
+            inputs: Inputs {
+                model: shared.join("models/stories260K/stories260K.bin"),
+                tokenizer: None,
+                transcoder: tdir,
+                input_hook: Some(InputHook::MlpInNormed),
+                prompt: PROMPT.into(),
+            },
+            out: graphs.join(ATTRIBUTED),
+            slug: None,
+            max_n_logits: 10,
+            desired_logit_prob: 0.95,
+            max_feature_nodes: 7500,
+            batch_size: 512,
+            update_interval: 4,
+            node_threshold: 0.99,
+            edge_threshold: 0.995,
+            quiet: true,
+        })
+        .unwrap();
         for name in ["graph-small.json", "graph-malformed.json"] {
             std::fs::copy(Path::new(FIXTURES).join(name), graphs.join(name)).unwrap();
         }
@@ -201,7 +228,10 @@ fn server_api_and_traversal() {
         .iter()
         .map(|g| g["name"].as_str().unwrap())
         .collect();
-    assert_eq!(names, ["graph-malformed.json", "graph-small.json"]);
+    assert_eq!(
+        names,
+        [ATTRIBUTED, "graph-malformed.json", "graph-small.json"]
+    );
     let (s, body) = get(&server, "/api/graphs/graph-small.json");
     assert_eq!(s, 200);
     assert!(body.contains("\"nodes\""));
@@ -334,10 +364,14 @@ fn graph_and_features_in_headless_chromium() {
     let (chromium, driver) = browser();
     let f = fixture();
     let (_driver, port) = start_driver(&driver);
-    let graph: serde_json::Value = serde_json::from_slice(
+    let small: serde_json::Value = serde_json::from_slice(
         &std::fs::read(Path::new(FIXTURES).join("graph-small.json")).unwrap(),
     )
     .unwrap();
+    let small_nodes = small["nodes"].as_array().unwrap().len();
+    // The graph the attribution command wrote: thousands of nodes (the page must draw them all).
+    let graph: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(f.graphs.join(ATTRIBUTED)).unwrap()).unwrap();
     let n_nodes = graph["nodes"].as_array().unwrap().len();
     let n_links = graph["links"].as_array().unwrap().len();
     // The first fixture feature node whose feature fired in the store, and its best context's text.
@@ -397,16 +431,44 @@ fn graph_and_features_in_headless_chromium() {
             .await
             .expect("a WebDriver session with headless chromium");
         let base = server.url();
-        c.goto(&format!("{base}/?graph=graph-small.json")).await.unwrap();
+        let t0 = Instant::now();
+        c.goto(&format!("{base}/?graph={ATTRIBUTED}")).await.unwrap();
         wait_js(&c, "return document.body.dataset.state", "ready").await;
+        let times = c
+            .execute("return [document.body.dataset.fetchMs, document.body.dataset.renderMs, document.body.dataset.readyAt]", vec![])
+            .await
+            .unwrap();
+        eprintln!(
+            "attributed graph: {n_nodes} nodes, {n_links} edges; page ready in {:.2} s, [fetch, render] ms = {times}",
+            t0.elapsed().as_secs_f64()
+        );
+        assert!(n_nodes >= 1000, "the attributed graph has only {n_nodes} nodes");
         let counts = c
             .execute(
-                "return [document.querySelectorAll('#nodes .node').length, document.querySelectorAll('#edges .edge').length]",
+                "return [document.querySelectorAll('#nodes .node').length, Number(document.getElementById('edge-canvas').dataset.drawn)]",
                 vec![],
             )
             .await
             .unwrap();
         assert_eq!(counts, serde_json::json!([n_nodes, n_links]));
+
+        // Hovering a node draws its own edges above the canvas.
+        let own = graph["links"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|l| l["source"] == node_id.as_str() || l["target"] == node_id.as_str())
+            .count();
+        let hot = c
+            .execute(
+                "document.querySelector(`[data-id=\"${arguments[0]}\"]`).dispatchEvent(new MouseEvent('mouseenter'));
+                 return document.querySelectorAll('#edges .edge.hot').length",
+                vec![serde_json::json!(node_id)],
+            )
+            .await
+            .unwrap();
+        assert!(own > 0, "node {node_id} has no edges");
+        assert_eq!(hot, serde_json::json!(own));
 
         // Click a feature node: it is pinned and its panel shows its top context.
         let node = c.find(Locator::Css(&format!("[data-id=\"{node_id}\"]"))).await.unwrap();
@@ -432,14 +494,27 @@ fn graph_and_features_in_headless_chromium() {
         assert_eq!(label, serde_json::json!("Zebra-striped test label"));
         // Search finds the node by its label.
         c.find(Locator::Id("search")).await.unwrap().send_keys("zebra-striped").await.unwrap();
+        // (the feature's node at every position where it is in the graph).
+        let prefix = format!("{}_", key.replace('/', "_"));
+        let same_feature = graph["nodes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|n| n["node_id"].as_str().unwrap().starts_with(&prefix))
+            .count();
         let hits = c.execute("return document.querySelectorAll('.node.match').length", vec![]).await.unwrap();
-        assert_eq!(hits, serde_json::json!(1));
+        assert_eq!(hits, serde_json::json!(same_feature));
         c.find(Locator::Id("pinned-only")).await.unwrap().click().await.unwrap();
         let shown = c
             .execute("return [...document.querySelectorAll('#nodes .node')].filter(e => !e.classList.contains('hidden')).length", vec![])
             .await
             .unwrap();
         assert_eq!(shown, serde_json::json!(1));
+        let drawn = c
+            .execute("return Number(document.getElementById('edge-canvas').dataset.drawn)", vec![])
+            .await
+            .unwrap();
+        assert_eq!(drawn, serde_json::json!(0), "one pinned node has no edges among pinned nodes");
         c.find(Locator::Id("pinned-only")).await.unwrap().click().await.unwrap();
 
         // A malformed graph shows an error, not a blank page.
@@ -453,7 +528,7 @@ fn graph_and_features_in_headless_chromium() {
         input.send_keys(&Path::new(FIXTURES).join("graph-small.json").display().to_string()).await.unwrap();
         wait_js(&c, "return document.body.dataset.state", "ready").await;
         let n = c.execute("return document.querySelectorAll('#nodes .node').length", vec![]).await.unwrap();
-        assert_eq!(n, serde_json::json!(n_nodes));
+        assert_eq!(n, serde_json::json!(small_nodes));
         let hidden = c.execute("return document.getElementById('error').hidden", vec![]).await.unwrap();
         assert_eq!(hidden, serde_json::json!(true));
         c.close().await.unwrap();
