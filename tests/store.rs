@@ -794,3 +794,44 @@ fn unfinished_shard_leaves_nothing_under_its_name() {
     assert!(!p.exists());
     assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0);
 }
+
+/// The fuzz target's seed (`fuzz/seeds/shard_header/minimal.clts`, a 3-token shard of 2 blocks) is a valid shard
+/// of the current format, so fuzzing starts from inputs that get past the magic and version. After a format
+/// change, rewrite it with `CLT_WRITE_FUZZ_SEED=1 cargo test --release --test store fuzz_seed`.
+#[test]
+fn fuzz_seed_is_a_valid_minimal_shard() {
+    let seed = Path::new(env!("CARGO_MANIFEST_DIR")).join("fuzz/seeds/shard_header/minimal.clts");
+    if std::env::var_os("CLT_WRITE_FUZZ_SEED").is_some() {
+        let dir = tempfile::tempdir().unwrap();
+        let dims = ActDims {
+            n_layers: 2,
+            d_model: 2,
+        };
+        let cfg = WriterConfig {
+            codec: Codec::Int8,
+            block_tokens: 2,
+            threads: 1,
+            ..Default::default()
+        };
+        let mut w =
+            DatasetWriter::create(dir.path(), dims, cfg, ShardMeta::default(), 100).unwrap();
+        let v = [
+            0.5f32, -1.0, 2.0, 0.25, 1.5, -0.75, 0.0, 3.0, -2.0, 1.0, 0.5, 0.125,
+        ];
+        let ids = TokenIds {
+            tokens: &[1, 2, 3],
+            positions: &[0, 1, 2],
+            doc_ids: &[0, 0, 0],
+        };
+        w.push(&v, &v, Some(ids)).unwrap();
+        w.finish().unwrap();
+        std::fs::create_dir_all(seed.parent().unwrap()).unwrap();
+        std::fs::copy(dir.path().join("shard-00000.clts"), &seed).unwrap();
+    }
+    let bytes = std::fs::read(&seed).unwrap_or_else(|e| panic!("{}: {e}", seed.display()));
+    let parsed = format::parse(&bytes, &seed).unwrap_or_else(|e| {
+        panic!("the fuzz seed no longer parses ({e}); rewrite it (see this test's doc)")
+    });
+    assert_eq!(parsed.blocks.len(), 2);
+    assert!(bytes.len() < 4096, "a seed is kept short for the fuzzer");
+}
