@@ -96,16 +96,43 @@ mod gpu_bench {
             n_features: f_n,
         };
         let mut codes = None;
-        let ms = median(&gpu, 5, || {
-            codes = Some(encode::jumprelu(&gpu, &inp, &theta, 0.01, 2 * l0)?);
-            Ok(())
-        })?;
-        report(
-            "encode (1 layer, JumpReLU)",
-            ms,
-            2.0 * (b_n * d * f_n) as f64,
-            (b_n * d * 2 + f_n * d * 2) as f64,
-        );
+        for (name, gemm) in [
+            ("encode SIMT (JumpReLU)", encode::Gemm::Simt),
+            ("encode mma (JumpReLU)", encode::Gemm::TensorCore),
+        ] {
+            let ms = median(&gpu, 5, || {
+                codes = Some(encode::jumprelu_with(
+                    &gpu,
+                    &inp,
+                    &theta,
+                    0.01,
+                    2 * l0,
+                    gemm,
+                )?);
+                Ok(())
+            })?;
+            report(
+                name,
+                ms,
+                2.0 * (b_n * d * f_n) as f64,
+                (b_n * d * 2 + f_n * d * 2) as f64,
+            );
+        }
+        {
+            let h = gpu.output::<f32>(b_n * f_n)?;
+            for (name, gemm) in [
+                ("encode SIMT (dense)", encode::Gemm::Simt),
+                ("encode mma (dense)", encode::Gemm::TensorCore),
+            ] {
+                let ms = median(&gpu, 5, || encode::dense_into_with(&gpu, &inp, &h, 0, gemm))?;
+                report(
+                    name,
+                    ms,
+                    2.0 * (b_n * d * f_n) as f64,
+                    (b_n * d * 2 + f_n * d * 2 + b_n * f_n * 4) as f64,
+                );
+            }
+        }
         let (codes, window) = codes.expect("encoded");
         let nnz = codes.to_host(&gpu)?.feat.len();
         println!("  entries listed per token: {:.1}", nnz as f64 / b_n as f64);

@@ -21,6 +21,14 @@ typedef uint64_t clt_ptr;
 #define CLT_ENC_TF 64
 #define CLT_ENC_TK 32
 
+/* Tile sizes of the tensor-core encoder (encode_mma): 128 tokens x 128 features per block of 256 threads, K step
+ * 32, two shared-memory stages. It reads rows with 16-byte copies, so it needs d, x_stride and the layer offset
+ * to be multiples of CLT_ENC_MMA_ALIGN elements (the wrapper falls back to encode_tile otherwise). */
+#define CLT_ENC_MMA_TB 128
+#define CLT_ENC_MMA_TF 128
+#define CLT_ENC_MMA_TK 32
+#define CLT_ENC_MMA_ALIGN 8
+
 /* Encoder: h = x W^T + b over one layer, fused epilogue. Lists are ELL: token b owns slots [b*cap, b*cap+cap),
  * count[b] entries were produced (may exceed cap: the host then re-runs with a larger cap). */
 typedef struct {
@@ -32,7 +40,8 @@ typedef struct {
     clt_ptr feat;        /* u32 [B][cap] */
     clt_ptr pre;         /* f32 [B][cap] */
     clt_ptr act;         /* f32 [B][cap] (0 for listed near-threshold entries) */
-    clt_ptr part_preact; /* f32 [ceil(B/TB)][F]: per token tile, sum of (theta - h) over inactive tokens */
+    clt_ptr part_preact; /* f32 [ceil(B/TB)][F]: per token tile, sum of (theta - h) over inactive tokens
+                          * (TB = CLT_ENC_TB for encode_tile, CLT_ENC_MMA_TB for encode_mma) */
     clt_ptr part_near;   /* u32 [ceil(B/TB)][F]: inactive near-threshold tokens */
     clt_ptr part_near_h; /* f32 [ceil(B/TB)][F]: sum of h over them */
     clt_ptr dense;       /* f32 [B][F] (CLT_EPI_DENSE) */

@@ -199,9 +199,14 @@ mod gpu_tests {
         for src in sources {
             for (i, _) in src.match_indices("Module::") {
                 let rest = &src[i + 8..];
-                let module = &rest[..rest.find(',').expect("Module::X,")];
-                let q = rest.find('"').expect("kernel name");
-                let name = &rest[q + 1..q + 1 + rest[q + 1..].find('"').expect("closing quote")];
+                let comma = rest.find(',').expect("Module::X,");
+                let module = &rest[..comma];
+                // The kernel argument: a string literal, or a name chosen at run time (checked below).
+                let arg = rest[comma + 1..].trim_start();
+                let Some(lit) = arg.strip_prefix('"') else {
+                    continue;
+                };
+                let name = &lit[..lit.find('"').expect("closing quote")];
                 let (_, text) = modules
                     .iter()
                     .find(|(m, _)| *m == module)
@@ -214,53 +219,151 @@ mod gpu_tests {
             }
         }
         assert!(checked >= 20, "only {checked} launches found");
+        // The encoder's GEMM kernels, chosen at run time (encode.rs's `Kernel::name`).
+        for name in ["encode_tile", "encode_mma"] {
+            assert!(
+                ptx::ENCODE.contains(&format!(".entry {name}(")),
+                "kernel {name} missing"
+            );
+            assert!(
+                include_str!("../src/backend/cuda/encode.rs")
+                    .contains(&format!("name: \"{name}\"")),
+                "encode.rs does not launch {name}"
+            );
+        }
+    }
+
+    /// Encoder GEMM (`gemm`) + JumpReLU epilogue + sort vs `encode_layer(.., list_near = true)`.
+    fn check_jumprelu(
+        gpu: &Gpu,
+        n_tokens: usize,
+        d: usize,
+        f_n: usize,
+        wide: bool,
+        seed: u64,
+        gemm: encode::Gemm,
+    ) -> Result<(), TestCaseError> {
+        let cfg = config(2, d, f_n, false, Activation::JumpRelu);
+        let mut rng = Rng::seed(seed);
+        let p = bf16_params(&random_params(&cfg, &mut rng));
+        let x = round_bf16(&random_batch(&cfg, n_tokens, &mut rng).0);
+        let bw = if wide { 1.0 } else { 0.05 };
+        prop_assume!(!ambiguous(&cfg, &p, &x, n_tokens, 0.5 * bw));
+        let th = sparse::thresholds(&p);
+        let l = 1;
+        let want = cpu_enc::encode_layer(&cfg, &p, l, &x, n_tokens, &th[l], bw, true);
+        let (xd, w, b, t) = (
+            gpu.upload_bf16(&x).unwrap(),
+            gpu.upload_bf16(&p.w_enc[l]).unwrap(),
+            gpu.upload(&p.b_enc[l]).unwrap(),
+            gpu.upload(&th[l]).unwrap(),
+        );
+        let inp = encode::EncodeInput {
+            x: &xd,
+            x_offset: l * d,
+            x_stride: 2 * d,
+            n_tokens,
+            d,
+            w: &w,
+            bias: &b,
+            n_features: f_n,
+        };
+        // A small first cap exercises the re-run on overflow.
+        let (codes, win) = encode::jumprelu_with(gpu, &inp, &t, 0.5 * bw, 2, gemm).unwrap();
+        let got = codes.to_host(gpu).unwrap();
+        prop_assert_eq!(&got.offsets, &want.offsets);
+        prop_assert_eq!(&got.feat, &want.feat);
+        let bounds = preact_bounds(&cfg, &p, &x, n_tokens, l);
+        for b in 0..n_tokens {
+            for e in want.offsets[b]..want.offsets[b + 1] {
+                let s = bounds[b * f_n + want.feat[e] as usize].1;
+                close("pre", got.pre[e] as f64, want.pre[e] as f64, s)?;
+                close("act", got.act[e] as f64, want.act[e] as f64, s)?;
+            }
+        }
+        let near = gpu.download(&win.near_count).unwrap();
+        prop_assert_eq!(&near, &want.window_inactive);
+        let ps = gpu.download(&win.preact_sum).unwrap();
+        let nh = gpu.download(&win.near_h).unwrap();
+        for f in 0..f_n {
+            let s: f64 = (0..n_tokens)
+                .map(|b| bounds[b * f_n + f].1 + th[l][f] as f64)
+                .sum();
+            close("preact_sum", ps[f] as f64, want.preact_sum[f], s)?;
+            close("near_h", nh[f] as f64, want.window_inactive_h[f], s)?;
+        }
+        Ok(())
+    }
+
+    /// Dense epilogue (`gemm`) vs `dense_preact`; returns the device's pre-activations.
+    fn check_dense(
+        gpu: &Gpu,
+        cfg: &CltConfig,
+        p: &Params,
+        x: &[f32],
+        n_tokens: usize,
+        gemm: encode::Gemm,
+    ) -> Result<Vec<f32>, TestCaseError> {
+        let (d, f_n) = (cfg.d_model, cfg.n_features);
+        let want = cpu_enc::dense_preact(cfg, p, 0, x, n_tokens, cpu_enc_threads());
+        let (xd, w, b) = (
+            gpu.upload_bf16(x).unwrap(),
+            gpu.upload_bf16(&p.w_enc[0]).unwrap(),
+            gpu.upload(&p.b_enc[0]).unwrap(),
+        );
+        let inp = encode::EncodeInput {
+            x: &xd,
+            x_offset: 0,
+            x_stride: d,
+            n_tokens,
+            d,
+            w: &w,
+            bias: &b,
+            n_features: f_n,
+        };
+        let h = encode::dense_with(gpu, &inp, gemm).unwrap();
+        let got = gpu.download(&h).unwrap();
+        let bounds = preact_bounds(cfg, p, x, n_tokens, 0);
+        let scale: Vec<f64> = bounds.iter().map(|b| b.1).collect();
+        close_all("dense h", &got, &want, &scale)?;
+        Ok(got)
     }
 
     proptest! {
         #![proptest_config(ProptestConfig::with_cases(cases()))]
 
-        /// Encoder GEMM + JumpReLU epilogue + sort vs `encode_layer(.., list_near = true)`.
+        /// SIMT encoder (`encode_tile`) + JumpReLU epilogue + sort vs the CPU, any d.
         #[test]
         fn encoder_jumprelu_matches_cpu(
             n_tokens in 0usize..150, d in 1usize..80, f_n in 1usize..150,
             wide in any::<bool>(), seed in any::<u64>(),
         ) {
             let Some(gpu) = gpu() else { return Ok(()) };
-            let cfg = config(2, d, f_n, false, Activation::JumpRelu);
+            check_jumprelu(gpu, n_tokens, d, f_n, wide, seed, encode::Gemm::Simt)?;
+        }
+
+        /// Tensor-core encoder (`encode_mma`, 128 × 128 × 32 tiles) + JumpReLU epilogue vs the CPU: token and
+        /// feature counts not multiples of 128, d a multiple of 8 but mostly not of 32 (the K remainder).
+        #[test]
+        fn encoder_tensor_core_jumprelu_matches_cpu(
+            n_tokens in 0usize..300, d8 in 1usize..13, f_n in 1usize..300,
+            wide in any::<bool>(), seed in any::<u64>(),
+        ) {
+            let Some(gpu) = gpu() else { return Ok(()) };
+            check_jumprelu(gpu, n_tokens, 8 * d8, f_n, wide, seed, encode::Gemm::TensorCore)?;
+        }
+
+        /// Tensor-core dense epilogue (TopK / BatchTopK) vs `dense_preact`.
+        #[test]
+        fn encoder_tensor_core_dense_matches_cpu(
+            n_tokens in 0usize..300, d8 in 1usize..13, f_n in 1usize..400, seed in any::<u64>(),
+        ) {
+            let Some(gpu) = gpu() else { return Ok(()) };
+            let cfg = config(1, 8 * d8, f_n, false, Activation::TopK { k: 1 });
             let mut rng = Rng::seed(seed);
             let p = bf16_params(&random_params(&cfg, &mut rng));
             let x = round_bf16(&random_batch(&cfg, n_tokens, &mut rng).0);
-            let bw = if wide { 1.0 } else { 0.05 };
-            prop_assume!(!ambiguous(&cfg, &p, &x, n_tokens, 0.5 * bw));
-            let th = sparse::thresholds(&p);
-            let l = 1;
-            let want = cpu_enc::encode_layer(&cfg, &p, l, &x, n_tokens, &th[l], bw, true);
-            let (xd, w, b, t) = (gpu.upload_bf16(&x).unwrap(), gpu.upload_bf16(&p.w_enc[l]).unwrap(),
-                gpu.upload(&p.b_enc[l]).unwrap(), gpu.upload(&th[l]).unwrap());
-            let inp = encode::EncodeInput { x: &xd, x_offset: l * d, x_stride: 2 * d, n_tokens, d,
-                w: &w, bias: &b, n_features: f_n };
-            // A small first cap exercises the re-run on overflow.
-            let (codes, win) = encode::jumprelu(gpu, &inp, &t, 0.5 * bw, 2).unwrap();
-            let got = codes.to_host(gpu).unwrap();
-            prop_assert_eq!(&got.offsets, &want.offsets);
-            prop_assert_eq!(&got.feat, &want.feat);
-            let bounds = preact_bounds(&cfg, &p, &x, n_tokens, l);
-            for b in 0..n_tokens {
-                for e in want.offsets[b]..want.offsets[b + 1] {
-                    let s = bounds[b * f_n + want.feat[e] as usize].1;
-                    close("pre", got.pre[e] as f64, want.pre[e] as f64, s)?;
-                    close("act", got.act[e] as f64, want.act[e] as f64, s)?;
-                }
-            }
-            let near = gpu.download(&win.near_count).unwrap();
-            prop_assert_eq!(&near, &want.window_inactive);
-            let ps = gpu.download(&win.preact_sum).unwrap();
-            let nh = gpu.download(&win.near_h).unwrap();
-            for f in 0..f_n {
-                let s: f64 = (0..n_tokens).map(|b| bounds[b * f_n + f].1 + th[l][f] as f64).sum();
-                close("preact_sum", ps[f] as f64, want.preact_sum[f], s)?;
-                close("near_h", nh[f] as f64, want.window_inactive_h[f], s)?;
-            }
+            check_dense(gpu, &cfg, &p, &x, n_tokens, encode::Gemm::TensorCore)?;
         }
 
         /// Dense epilogue vs `dense_preact`; per-row top-k vs `topk_indices` + ReLU on the same values.
@@ -275,16 +378,7 @@ mod gpu_tests {
             let mut rng = Rng::seed(seed);
             let p = bf16_params(&random_params(&cfg, &mut rng));
             let x = round_bf16(&random_batch(&cfg, n_tokens, &mut rng).0);
-            let want = cpu_enc::dense_preact(&cfg, &p, 0, &x, n_tokens, cpu_enc_threads());
-            let (xd, w, b) = (gpu.upload_bf16(&x).unwrap(), gpu.upload_bf16(&p.w_enc[0]).unwrap(),
-                gpu.upload(&p.b_enc[0]).unwrap());
-            let inp = encode::EncodeInput { x: &xd, x_offset: 0, x_stride: d, n_tokens, d, w: &w,
-                bias: &b, n_features: f_n };
-            let h = encode::dense(gpu, &inp).unwrap();
-            let got = gpu.download(&h).unwrap();
-            let bounds = preact_bounds(&cfg, &p, &x, n_tokens, 0);
-            let scale: Vec<f64> = bounds.iter().map(|b| b.1).collect();
-            close_all("dense h", &got, &want, &scale)?;
+            let got = check_dense(gpu, &cfg, &p, &x, n_tokens, encode::Gemm::Simt)?;
             // Top-k on exactly the device's values (ties: quantise them to few levels, some negative).
             let vals: Vec<f32> = if ties { got.iter().map(|v| (v * 2.0).round() / 2.0).collect() } else { got };
             let hv = gpu.upload(&vals).unwrap();
