@@ -321,4 +321,48 @@ typedef struct {
     uint64_t n;
 } CltToBf16Params;
 
+/* The dense baseline (dense.cu; the cuBLAS step a dense trainer runs, timed against the sparse step). */
+
+/* JumpReLU over dense pre-activations, with the sparsity and pre-activation loss sums. */
+typedef struct {
+    clt_ptr h;      /* f32 [B][F]; in: x W^T (cuBLAS, no bias), out: h = x W^T + b */
+    clt_ptr bias;   /* const f32 [F] */
+    clt_ptr theta;  /* const f32 [F] */
+    clt_ptr norms;  /* const f32 [F]: decoder norms */
+    clt_ptr act_bf; /* bf16 out [B][F]: a = h if h > theta else 0 */
+    clt_ptr part;   /* f64 out [gridDim.x][2]: per block, sum of tanh(c a n) over active entries and of
+                     * relu(theta - h) n over all */
+    uint64_t n;     /* B * F */
+    uint32_t n_features;
+    float c;
+} CltDenseActParams;
+
+/* The residual of the dense decode, with the squared-error sum. */
+typedef struct {
+    clt_ptr yhat;  /* f32 [B][row]; in: the decoders' sum without bias, out: r = scale (yhat + b_dec - y) */
+    clt_ptr b_dec; /* const f32 [row] */
+    clt_ptr y;     /* const f32 [B][row] */
+    clt_ptr r_bf;  /* bf16 out [B][row]: r */
+    clt_ptr part;  /* f64 out [gridDim.x]: per block, sum of (yhat + b_dec - y)^2 */
+    uint64_t n;    /* B * row */
+    uint32_t row;
+    float scale;
+} CltDenseResidParams;
+
+/* The backward of the dense JumpReLU and its loss terms (rectangle-kernel straight-through threshold). */
+typedef struct {
+    clt_ptr h;      /* f32 [B][F]; in: pre-activations, out: per-entry d loss / d log theta */
+    clt_ptr da;     /* f32 [B][F]; in: d loss / d a from the decoder, out: d loss / d h */
+    clt_ptr dh_bf;  /* bf16 out [B][F]: d loss / d h */
+    clt_ptr theta;  /* const f32 [F] */
+    clt_ptr norms;  /* const f32 [F] */
+    uint64_t n;     /* B * F */
+    uint32_t n_features;
+    float c;
+    float lambda_b;  /* lambda / B */
+    float lambda_pb; /* lambda_preact / B */
+    float bandwidth;
+    uint32_t pad0;
+} CltDenseActBackParams;
+
 #endif
