@@ -133,7 +133,7 @@ pub fn time_steps(p: &Problem, kind: BackendKind, steps: usize) -> Result<StepTi
         let t0 = Instant::now();
         let s = backend.loss_and_grad(
             cfg, &params, &norms, &p.x, &p.y, p.n_tokens, &p.obj, None, &mut grads,
-        );
+        )?;
         let gn = adam::grad_norm(cfg, &params, &grads, &norms);
         let scale = (1.0 / (gn + 1e-6)).min(1.0) as f32;
         // A tiny learning rate keeps the problem's sparsity where it was calibrated.
