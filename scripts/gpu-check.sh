@@ -33,9 +33,10 @@ for t in bin/test-*; do
         status=1
     fi
 done
-for shape in small 1b; do
-    echo "== bin/bench-cuda (CLT_BENCH_SHAPE=$shape)" | tee -a "$LOG"
-    if ! CLT_BENCH_SHAPE=$shape bin/bench-cuda 2>&1 | tee -a "$LOG"; then
+# The per-kernel bench (`clt bench --cuda`): the small shape, then the Llama-3.2-1B shape.
+for preset in small large; do
+    echo "== bin/clt bench --cuda --preset $preset" | tee -a "$LOG"
+    if ! bin/clt bench --cuda --preset "$preset" 2>&1 | tee -a "$LOG"; then
         status=1
     fi
 done

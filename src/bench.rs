@@ -118,6 +118,23 @@ fn median(mut v: Vec<f64>) -> f64 {
     v[v.len() / 2]
 }
 
+/// The per-kernel CUDA bench (`clt bench --cuda`): every kernel's time, TFLOP/s or GB/s and fraction of the
+/// ceilings (bf16 nominal, device copy measured in the same run), then the sparse step against the dense cuBLAS
+/// step. `big` picks the Llama-3.2-1B shape. See [`crate::backend::cuda::bench`].
+#[cfg(feature = "cuda")]
+pub fn cuda_kernels(big: bool) -> Result<()> {
+    crate::backend::cuda::bench::run(big)
+}
+
+/// Without the `cuda` feature: the error that says so.
+#[cfg(not(feature = "cuda"))]
+pub fn cuda_kernels(_big: bool) -> Result<()> {
+    Err(crate::Error::BackendUnavailable {
+        backend: "cuda".into(),
+        reason: "built without CUDA support (rebuild with `--features cuda`)".into(),
+    })
+}
+
 /// Times `steps` full training steps (after one warm-up step) on `kind`.
 pub fn time_steps(p: &Problem, kind: BackendKind, steps: usize) -> Result<StepTiming> {
     let backend = Backend::new(kind)?;

@@ -175,6 +175,22 @@ mod gpu_tests {
         );
     }
 
+    /// `clt bench --cuda` without a driver says so (the per-kernel bench is library code).
+    #[test]
+    fn cuda_bench_reports_a_missing_driver_clearly() {
+        if driver_present() {
+            eprintln!(
+                "skipped: a CUDA driver is present (this test checks the message without one)"
+            );
+            return;
+        }
+        let e = clt::bench::cuda_kernels(false).unwrap_err().to_string();
+        assert!(
+            e.contains("no CUDA driver found (libcuda.so)"),
+            "unclear error: {e}"
+        );
+    }
+
     /// Every kernel a wrapper launches exists as an entry of the embedded PTX of its module (runs without a
     /// GPU: a misspelt name would otherwise surface only on the GPU machine).
     #[test]
@@ -188,6 +204,7 @@ mod gpu_tests {
             include_str!("../src/backend/cuda/adam.rs"),
             include_str!("../src/backend/cuda/dequant.rs"),
             include_str!("../src/backend/cuda/dense.rs"),
+            include_str!("../src/backend/cuda/bench.rs"),
         ];
         let modules = [
             ("Encode", ptx::ENCODE),

@@ -8,10 +8,11 @@
 //! (device buffers), [`ffi`] (the kernels' parameter structs, generated from `ffi/clt_params.h`), and one
 //! wrapper per kernel family with its launch configuration: [`encode`], [`decode`], [`backward`], [`topk`],
 //! [`adam`], [`dequant`]; [`step`] chains them into a training step; [`dense`] is the dense cuBLAS step the
-//! sparse one is benchmarked against. Each wrapper names its CPU reference; `tests/cuda.rs` compares them.
+//! sparse one is benchmarked against, and [`bench`] times every kernel (`clt bench --cuda`). Each wrapper names its CPU reference; `tests/cuda.rs` compares them.
 
 pub mod adam;
 pub mod backward;
+pub mod bench;
 pub mod context;
 pub mod decode;
 pub mod dense;
