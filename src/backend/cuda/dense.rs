@@ -167,6 +167,26 @@ impl Blas {
     }
 }
 
+/// `C (n × n, f32) = A Aᵀ` for a bf16 `A` (n × n) through cuBLAS, fp32 accumulation: the bench times it for
+/// a measured bf16 GEMM rate to set the encoder against.
+pub fn gemm_square(gpu: &Gpu, blas: &Blas, a: &DBuf<u16>, c: &DBuf<f32>, n: usize) -> Result<()> {
+    let sq = |buf| Mat {
+        buf,
+        offset: 0,
+        rows: n,
+        cols: n,
+        ld: n,
+    };
+    let out = Mat {
+        buf: c,
+        offset: 0,
+        rows: n,
+        cols: n,
+        ld: n,
+    };
+    blas.gemm(gpu, "square", sq(a), false, sq(a), true, out, 0.0)
+}
+
 /// What the dense step computed: the loss terms (as [`crate::backend::StepStats`] names them) and the
 /// gradients, on the device.
 pub struct DenseStep {
