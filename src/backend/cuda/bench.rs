@@ -70,21 +70,25 @@ pub fn run(big: bool) -> Result<()> {
          nominal); bf16 ceiling {BF16_TFLOPS} TFLOP/s (nominal); percentages below are of these two",
         100.0 * copy / COPY_GBS
     );
-    let blas = dense::Blas::new(&gpu)?;
-    let gemm = {
-        let n = 8192;
-        let vals: Vec<f32> = (0..n * n)
-            .map(|i| ((i * 7919) % 1021) as f32 / 1021.0 - 0.5)
-            .collect();
-        let (a, c) = (gpu.upload_bf16(&vals)?, gpu.zeros::<f32>(n * n)?);
-        let ms = median(&gpu, 5, || dense::gemm_square(&gpu, &blas, &a, &c, n))?;
-        2.0 * (n as f64).powi(3) / ms / 1e9
-    };
-    println!(
-        "cuBLAS bf16 GEMM 8192³ (fp32 accumulate): {gemm:.0} TFLOP/s measured ({:.0}% of the nominal \
-         ceiling)",
-        100.0 * gemm / BF16_TFLOPS
-    );
+    // cuBLAS is needed only for its GEMM rate and the dense baseline: without it the kernel rows still run.
+    let blas = dense::Blas::new(&gpu);
+    match &blas {
+        Ok(blas) => {
+            let n = 8192;
+            let vals: Vec<f32> = (0..n * n)
+                .map(|i| ((i * 7919) % 1021) as f32 / 1021.0 - 0.5)
+                .collect();
+            let (a, c) = (gpu.upload_bf16(&vals)?, gpu.zeros::<f32>(n * n)?);
+            let ms = median(&gpu, 5, || dense::gemm_square(&gpu, blas, &a, &c, n))?;
+            let gemm = 2.0 * (n as f64).powi(3) / ms / 1e9;
+            println!(
+                "cuBLAS bf16 GEMM 8192³ (fp32 accumulate): {gemm:.0} TFLOP/s measured ({:.0}% of the \
+                 nominal ceiling)",
+                100.0 * gemm / BF16_TFLOPS
+            );
+        }
+        Err(e) => println!("cuBLAS: {e} (no GEMM rate, no dense baseline)"),
+    }
     let mut rng = Rng::seed(7);
     // Random values (a 1 Mi-value random block repeated: large tensors fill fast, never zeros).
     let base: Vec<f32> = (0..1 << 20).map(|_| rng.normal() as f32).collect();
@@ -284,6 +288,7 @@ pub fn run(big: bool) -> Result<()> {
         step::device_loss_and_grad(&gpu, &cfg, &dp, &batch, &obj, None).map(|_| ())
     })?;
     report("sparse step (loss + grad)", sparse_ms, 0.0, 0.0, copy);
+    let blas = blas?;
     let dense_ms = median(&gpu, 5, || {
         dense::dense_loss_and_grad(&gpu, &blas, &cfg, &dp, &batch, &obj).map(|_| ())
     })?;
