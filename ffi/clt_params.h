@@ -21,6 +21,14 @@ typedef uint64_t clt_ptr;
 #define CLT_ENC_TF 64
 #define CLT_ENC_TK 32
 
+/* Tile sizes of the tensor-core encoder (encode_mma): 128 tokens x 128 features per block of 256 threads, K step
+ * 32, two shared-memory stages. It reads rows with 16-byte copies, so it needs d, x_stride and the layer offset
+ * to be multiples of CLT_ENC_MMA_ALIGN elements (the wrapper falls back to encode_tile otherwise). */
+#define CLT_ENC_MMA_TB 128
+#define CLT_ENC_MMA_TF 128
+#define CLT_ENC_MMA_TK 32
+#define CLT_ENC_MMA_ALIGN 8
+
 /* Encoder: h = x W^T + b over one layer, fused epilogue. Lists are ELL: token b owns slots [b*cap, b*cap+cap),
  * count[b] entries were produced (may exceed cap: the host then re-runs with a larger cap). */
 typedef struct {
@@ -32,7 +40,8 @@ typedef struct {
     clt_ptr feat;        /* u32 [B][cap] */
     clt_ptr pre;         /* f32 [B][cap] */
     clt_ptr act;         /* f32 [B][cap] (0 for listed near-threshold entries) */
-    clt_ptr part_preact; /* f32 [ceil(B/TB)][F]: per token tile, sum of (theta - h) over inactive tokens */
+    clt_ptr part_preact; /* f32 [ceil(B/TB)][F]: per token tile, sum of (theta - h) over inactive tokens
+                          * (TB = CLT_ENC_TB for encode_tile, CLT_ENC_MMA_TB for encode_mma) */
     clt_ptr part_near;   /* u32 [ceil(B/TB)][F]: inactive near-threshold tokens */
     clt_ptr part_near_h; /* f32 [ceil(B/TB)][F]: sum of h over them */
     clt_ptr dense;       /* f32 [B][F] (CLT_EPI_DENSE) */
@@ -311,5 +320,49 @@ typedef struct {
     clt_ptr dst; /* bf16 out [n] */
     uint64_t n;
 } CltToBf16Params;
+
+/* The dense baseline (dense.cu; the cuBLAS step a dense trainer runs, timed against the sparse step). */
+
+/* JumpReLU over dense pre-activations, with the sparsity and pre-activation loss sums. */
+typedef struct {
+    clt_ptr h;      /* f32 [B][F]; in: x W^T (cuBLAS, no bias), out: h = x W^T + b */
+    clt_ptr bias;   /* const f32 [F] */
+    clt_ptr theta;  /* const f32 [F] */
+    clt_ptr norms;  /* const f32 [F]: decoder norms */
+    clt_ptr act_bf; /* bf16 out [B][F]: a = h if h > theta else 0 */
+    clt_ptr part;   /* f64 out [gridDim.x][2]: per block, sum of tanh(c a n) over active entries and of
+                     * relu(theta - h) n over all */
+    uint64_t n;     /* B * F */
+    uint32_t n_features;
+    float c;
+} CltDenseActParams;
+
+/* The residual of the dense decode, with the squared-error sum. */
+typedef struct {
+    clt_ptr yhat;  /* f32 [B][row]; in: the decoders' sum without bias, out: r = scale (yhat + b_dec - y) */
+    clt_ptr b_dec; /* const f32 [row] */
+    clt_ptr y;     /* const f32 [B][row] */
+    clt_ptr r_bf;  /* bf16 out [B][row]: r */
+    clt_ptr part;  /* f64 out [gridDim.x]: per block, sum of (yhat + b_dec - y)^2 */
+    uint64_t n;    /* B * row */
+    uint32_t row;
+    float scale;
+} CltDenseResidParams;
+
+/* The backward of the dense JumpReLU and its loss terms (rectangle-kernel straight-through threshold). */
+typedef struct {
+    clt_ptr h;      /* f32 [B][F]; in: pre-activations, out: per-entry d loss / d log theta */
+    clt_ptr da;     /* f32 [B][F]; in: d loss / d a from the decoder, out: d loss / d h */
+    clt_ptr dh_bf;  /* bf16 out [B][F]: d loss / d h */
+    clt_ptr theta;  /* const f32 [F] */
+    clt_ptr norms;  /* const f32 [F] */
+    uint64_t n;     /* B * F */
+    uint32_t n_features;
+    float c;
+    float lambda_b;  /* lambda / B */
+    float lambda_pb; /* lambda_preact / B */
+    float bandwidth;
+    uint32_t pad0;
+} CltDenseActBackParams;
 
 #endif

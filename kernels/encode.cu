@@ -186,3 +186,225 @@ CLT_KERNEL void to_bf16(const CltToBf16Params p) {
     const uint64_t i = (uint64_t)blockIdx.x * blockDim.x + threadIdx.x;
     if (i < p.n) ptr<__nv_bfloat16>(p.dst)[i] = __float2bfloat16_rn(ptr<const float>(p.src)[i]);
 }
+
+// ---------------------------------------------------------------------------------------------------------
+// encode_mma: the same GEMM and the same two epilogues on the tensor cores. CPU reference: as encode_tile.
+//
+// A block computes CLT_ENC_MMA_TB x CLT_ENC_MMA_TF (128 x 128) tokens x features with 8 warps in a 2 x 4
+// grid, each warp 64 tokens x 32 features as 4 x 4 tiles of mma.sync.m16n8k16 (bf16 in, fp32 accumulate).
+// K advances 32 at a time through two shared-memory stages filled by cp.async (16-byte copies; the next
+// stage loads while the tensor cores work on the current one) and read with ldmatrix. Shared rows are padded
+// to 40 bf16 (80 bytes): 16-byte aligned for cp.async/ldmatrix, and the 8 row addresses of an ldmatrix
+// phase fall on 8 distinct 4-bank groups (80 bytes = 20 banks; 20 r mod 32 is distinct for r = 0..7).
+// Out-of-range tokens, features and K columns are zero-filled by cp.async with a source size of 0 (nothing
+// is read), so any shape works as long as rows are 16-byte aligned: d, x_stride and the layer offset are
+// multiples of 8 elements (CLT_ENC_MMA_ALIGN; the wrapper checks and otherwise runs encode_tile).
+//
+// Fragment layouts (PTX ISA, mma.m16n8k16 .bf16): lane = 4 g + t. A (16 x 16, row-major): reg 0 = (row g,
+// k 2t..2t+1), reg 1 = (row g+8, same k), reg 2 = (row g, k+8), reg 3 = (row g+8, k+8); ldmatrix.x4 gives
+// exactly that when lanes 0..15 point at rows 0..15, column kk and lanes 16..31 at rows 0..15, column kk+8.
+// B (16 x 8, "col" = stored n-major with k contiguous, which is W's [F][d] layout): reg 0 = (k 2t..2t+1,
+// n g), reg 1 = (k+8); one ldmatrix.x4 loads two n8 tiles: lanes 0..7 -> n 0..7 @ kk, 8..15 -> n 0..7 @ kk+8,
+// 16..23 -> n 8..15 @ kk, 24..31 -> n 8..15 @ kk+8. C: c0, c1 = (row g, n 2t, 2t+1), c2, c3 = (row g+8).
+//
+// The JumpReLU epilogue is encode_tile's: entries go to the token lists through the per-token cursor, and
+// the per-feature sums are reduced over the 8 lanes that share a feature (shuffles), then over the 2 warps
+// that share it (shared memory), into one partial per (128-token tile, feature).
+
+#define MB CLT_ENC_MMA_TB
+#define MF CLT_ENC_MMA_TF
+#define MK CLT_ENC_MMA_TK
+#define MK_PAD (MK + 8)
+
+__device__ __forceinline__ uint32_t smem_addr(const void* p) {
+    return static_cast<uint32_t>(__cvta_generic_to_shared(p));
+}
+
+// 16 bytes global -> shared, asynchronously; with valid == false nothing is read and the 16 bytes are zeroed.
+__device__ __forceinline__ void cp_async16(uint32_t dst, const void* src, bool valid) {
+    const uint32_t n = valid ? 16u : 0u;
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src), "r"(n) : "memory");
+}
+
+__device__ __forceinline__ void cp_async_commit() {
+    asm volatile("cp.async.commit_group;\n" ::: "memory");
+}
+
+// Waits until at most N of this thread's committed groups are still in flight.
+template <int N>
+__device__ __forceinline__ void cp_async_wait() {
+    asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
+}
+
+__device__ __forceinline__ void ldmatrix_x4(uint32_t addr, uint32_t& r0, uint32_t& r1, uint32_t& r2,
+                                            uint32_t& r3) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+                 : "=r"(r0), "=r"(r1), "=r"(r2), "=r"(r3)
+                 : "r"(addr)
+                 : "memory");
+}
+
+// c += a * b for one m16n8k16 tile (bf16 inputs, fp32 accumulators).
+__device__ __forceinline__ void mma_bf16_16816(float* c, const uint32_t* a, uint32_t b0, uint32_t b1) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+        "{%0, %1, %2, %3};\n"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
+CLT_KERNEL void __launch_bounds__(256) encode_mma(const CltEncodeParams p) {
+    __shared__ __align__(16) __nv_bfloat16 xs[2][MB][MK_PAD];
+    __shared__ __align__(16) __nv_bfloat16 ws[2][MF][MK_PAD];
+    __shared__ float red_preact[2][MF];
+    __shared__ uint32_t red_near[2][MF];
+    __shared__ float red_near_h[2][MF];
+
+    const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+    const int wm = warp & 1;   // the warp's tokens: wm*64 .. wm*64+63 of the tile
+    const int wn = warp >> 1;  // the warp's features: wn*32 .. wn*32+31 of the tile
+    const uint32_t b0 = blockIdx.y * MB;
+    const uint32_t f0 = blockIdx.x * MF;
+    const __nv_bfloat16* x = ptr<const __nv_bfloat16>(p.x);
+    const __nv_bfloat16* w = ptr<const __nv_bfloat16>(p.w);
+
+    // One stage: 128 rows x 4 chunks of 8 bf16 for x and for W, 512 chunks each, 2 per thread each
+    // (chunk i = tid + 256 j: row i / 4, columns (i % 4) * 8 .. +7).
+    auto load_stage = [&](int s, uint32_t k0) {
+#pragma unroll
+        for (int j = 0; j < 2; ++j) {
+            const int i = tid + 256 * j, r = i >> 2, c = (i & 3) * 8;
+            const uint32_t k = k0 + c;  // d % 8 == 0, so k < d means all 8 columns are inside
+            const uint32_t b = b0 + r, f = f0 + r;
+            const bool okx = b < p.n_tokens && k < p.d;
+            const bool okw = f < p.n_features && k < p.d;
+            cp_async16(smem_addr(&xs[s][r][c]), okx ? x + (size_t)b * p.x_stride + k : x, okx);
+            cp_async16(smem_addr(&ws[s][r][c]), okw ? w + (size_t)f * p.d + k : w, okw);
+        }
+    };
+
+    float acc[4][4][4];  // [m16 tile][n8 tile][c0..c3]
+#pragma unroll
+    for (int mi = 0; mi < 4; ++mi)
+#pragma unroll
+        for (int ni = 0; ni < 4; ++ni)
+#pragma unroll
+            for (int c = 0; c < 4; ++c) acc[mi][ni][c] = 0.f;
+
+    const uint32_t nk = (p.d + MK - 1) / MK;
+    load_stage(0, 0);
+    cp_async_commit();
+    for (uint32_t kt = 0; kt < nk; ++kt) {
+        const int s = kt & 1;
+        // Stage s ^ 1 was last read in iteration kt - 1, which ended with __syncthreads.
+        if (kt + 1 < nk) load_stage(s ^ 1, (kt + 1) * MK);
+        cp_async_commit();   // (an empty group on the last iteration)
+        cp_async_wait<1>();  // every group but the newest has landed: stage s, for this thread's copies
+        __syncthreads();     // ... and for every thread's
+#pragma unroll
+        for (int kk = 0; kk < MK; kk += 16) {
+            uint32_t a[4][4], bw[4][2];
+#pragma unroll
+            for (int mi = 0; mi < 4; ++mi) {
+                const int r = wm * 64 + mi * 16 + (lane & 15);
+                const int c = kk + (lane >> 4) * 8;
+                ldmatrix_x4(smem_addr(&xs[s][r][c]), a[mi][0], a[mi][1], a[mi][2], a[mi][3]);
+            }
+#pragma unroll
+            for (int nj = 0; nj < 2; ++nj) {
+                const int r = wn * 32 + nj * 16 + (lane & 7) + ((lane >> 4) << 3);
+                const int c = kk + ((lane >> 3) & 1) * 8;
+                ldmatrix_x4(smem_addr(&ws[s][r][c]), bw[2 * nj][0], bw[2 * nj][1], bw[2 * nj + 1][0],
+                            bw[2 * nj + 1][1]);
+            }
+#pragma unroll
+            for (int mi = 0; mi < 4; ++mi)
+#pragma unroll
+                for (int ni = 0; ni < 4; ++ni) mma_bf16_16816(acc[mi][ni], a[mi], bw[ni][0], bw[ni][1]);
+        }
+        __syncthreads();  // stage s is refilled in iteration kt + 1
+    }
+
+    const int g = lane >> 2, t = lane & 3;
+    const float* bias = ptr<const float>(p.bias);
+    if (p.epilogue == CLT_EPI_DENSE) {
+        float* dense = ptr<float>(p.dense);
+#pragma unroll
+        for (int mi = 0; mi < 4; ++mi)
+#pragma unroll
+            for (int ni = 0; ni < 4; ++ni)
+#pragma unroll
+                for (int c = 0; c < 4; ++c) {
+                    const uint32_t b = b0 + wm * 64 + mi * 16 + g + (c >> 1) * 8;
+                    const uint32_t f = f0 + wn * 32 + ni * 8 + t * 2 + (c & 1);
+                    if (b < p.n_tokens && f < p.n_features)
+                        dense[(size_t)b * p.n_features + f] = acc[mi][ni][c] + bias[f];
+                }
+        return;
+    }
+
+    // JumpReLU epilogue (as encode_tile's).
+    const float* theta = ptr<const float>(p.theta);
+    uint32_t* count = ptr<uint32_t>(p.count);
+    uint32_t* feat = ptr<uint32_t>(p.feat);
+    float* pre = ptr<float>(p.pre);
+    float* act = ptr<float>(p.act);
+#pragma unroll
+    for (int ni = 0; ni < 4; ++ni)
+#pragma unroll
+        for (int j = 0; j < 2; ++j) {
+            const int fl = wn * 32 + ni * 8 + t * 2 + j;  // the feature within the tile
+            const uint32_t f = f0 + fl;
+            float s_pre = 0.f, s_h = 0.f;
+            uint32_t s_near = 0;
+            if (f < p.n_features) {
+                const float th = theta[f], bb = bias[f];
+#pragma unroll
+                for (int mi = 0; mi < 4; ++mi)
+#pragma unroll
+                    for (int hf = 0; hf < 2; ++hf) {
+                        const uint32_t b = b0 + wm * 64 + mi * 16 + g + hf * 8;
+                        if (b >= p.n_tokens) continue;
+                        const float h = acc[mi][ni][hf * 2 + j] + bb;
+                        const bool active = h > th;
+                        const bool near = !active && h > th - p.half_bandwidth;
+                        if (!active) s_pre += th - h;
+                        if (near) {
+                            s_near += 1;
+                            s_h += h;
+                        }
+                        if (active || near) {
+                            const uint32_t slot = atomicAdd(&count[b], 1u);
+                            if (slot < p.cap) {
+                                const size_t e = (size_t)b * p.cap + slot;
+                                feat[e] = f;
+                                pre[e] = h;
+                                act[e] = active ? h : 0.f;
+                            }
+                        }
+                    }
+            }
+            // The 8 lanes with this t (g = 0..7) hold the same feature: sum over them (whole warp takes part).
+#pragma unroll
+            for (int o = 4; o < 32; o <<= 1) {
+                s_pre += __shfl_xor_sync(0xffffffffu, s_pre, o);
+                s_near += __shfl_xor_sync(0xffffffffu, s_near, o);
+                s_h += __shfl_xor_sync(0xffffffffu, s_h, o);
+            }
+            if (g == 0) {
+                red_preact[wm][fl] = s_pre;
+                red_near[wm][fl] = s_near;
+                red_near_h[wm][fl] = s_h;
+            }
+        }
+    __syncthreads();
+    if (tid < MF) {
+        const uint32_t f = f0 + tid;
+        if (f < p.n_features) {
+            const size_t o = (size_t)blockIdx.y * p.n_features + f;
+            ptr<float>(p.part_preact)[o] = red_preact[0][tid] + red_preact[1][tid];
+            ptr<uint32_t>(p.part_near)[o] = red_near[0][tid] + red_near[1][tid];
+            ptr<float>(p.part_near_h)[o] = red_near_h[0][tid] + red_near_h[1][tid];
+        }
+    }
+}

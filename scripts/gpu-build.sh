@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Builds the GPU test and bench executables here (no GPU needed; PTX embedded) and packs them, stripped,
+# Builds the GPU test executables and clt (whose `clt bench --cuda` is the per-kernel bench) here (no GPU
+# needed; PTX embedded) and packs them, stripped,
 # with scripts/gpu-check.sh into gpu-pack/ (git-ignored, kept under 64 MiB) for the GPU machine, which has
 # no Rust toolchain. Then, on the GPU machine: `bash gpu-pack/gpu-check.sh` (see docs/cuda.md).
 set -euo pipefail
@@ -24,20 +25,8 @@ for line in sys.stdin:
 while read -r name exe; do
     cp "$exe" "gpu-pack/bin/test-$name"
 done < gpu-pack/tests.txt
-# The per-kernel bench.
-cargo bench --features cuda --bench cuda --no-run --message-format=json \
-    | python3 -c '
-import json, sys
-for line in sys.stdin:
-    try:
-        m = json.loads(line)
-    except ValueError:
-        continue
-    if m.get("reason") == "compiler-artifact" and m.get("executable") and m["target"]["name"] == "cuda":
-        print(m["executable"])
-' > gpu-pack/bench.txt
-cp "$(tail -n1 gpu-pack/bench.txt)" gpu-pack/bin/bench-cuda
-# The command line (for `clt bench` / `clt train --backend cuda` once the trainer chains the kernels).
+# The command line: `clt bench --cuda` (the per-kernel bench, the same code as `cargo bench --bench cuda`)
+# and `clt train --backend cuda`.
 cargo build --release --features cuda --bin clt
 cp target/release/clt gpu-pack/bin/clt
 strip gpu-pack/bin/* 2>/dev/null || true

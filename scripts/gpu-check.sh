@@ -11,6 +11,17 @@ LOG=gpu-log.txt
     echo "== device:"
     nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv 2>&1 || echo "nvidia-smi failed"
 } > "$LOG"
+# cuBLAS (the dense baseline) is opened at run time: put the toolkit's library folder on the loader path when
+# the system's cache does not list it.
+if ! ldconfig -p 2>/dev/null | grep -q 'libcublas\.so'; then
+    for lib in /usr/local/cuda/lib64 /usr/local/cuda/targets/*/lib /usr/local/cuda-*/lib64 /usr/lib/*/; do
+        if ls "$lib"/libcublas.so* >/dev/null 2>&1; then
+            export LD_LIBRARY_PATH="$lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+            break
+        fi
+    done
+fi
+echo "== cuBLAS: $( (ldconfig -p 2>/dev/null | grep -m1 'libcublas\.so') || echo "LD_LIBRARY_PATH=${LD_LIBRARY_PATH:-}")" >> "$LOG"
 status=0
 export CLT_REQUIRE_GPU=1 CLT_GPU_CASES=${CLT_GPU_CASES:-64}
 for t in bin/test-*; do
@@ -22,9 +33,10 @@ for t in bin/test-*; do
         status=1
     fi
 done
-for shape in small 1b; do
-    echo "== bin/bench-cuda (CLT_BENCH_SHAPE=$shape)" | tee -a "$LOG"
-    if ! CLT_BENCH_SHAPE=$shape bin/bench-cuda 2>&1 | tee -a "$LOG"; then
+# The per-kernel bench (`clt bench --cuda`): the small shape, then the Llama-3.2-1B shape.
+for preset in small large; do
+    echo "== bin/clt bench --cuda --preset $preset" | tee -a "$LOG"
+    if ! bin/clt bench --cuda --preset "$preset" 2>&1 | tee -a "$LOG"; then
         status=1
     fi
 done

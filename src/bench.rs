@@ -118,6 +118,23 @@ fn median(mut v: Vec<f64>) -> f64 {
     v[v.len() / 2]
 }
 
+/// The per-kernel CUDA bench (`clt bench --cuda`): every kernel's time, TFLOP/s or GB/s and fraction of the
+/// ceilings (bf16 nominal, device copy measured in the same run), then the sparse step against the dense cuBLAS
+/// step. `big` picks the Llama-3.2-1B shape. See [`crate::backend::cuda::bench`].
+#[cfg(feature = "cuda")]
+pub fn cuda_kernels(big: bool) -> Result<()> {
+    crate::backend::cuda::bench::run(big)
+}
+
+/// Without the `cuda` feature: the error that says so.
+#[cfg(not(feature = "cuda"))]
+pub fn cuda_kernels(_big: bool) -> Result<()> {
+    Err(crate::Error::BackendUnavailable {
+        backend: "cuda".into(),
+        reason: "built without CUDA support (rebuild with `--features cuda`)".into(),
+    })
+}
+
 /// Times `steps` full training steps (after one warm-up step) on `kind`.
 pub fn time_steps(p: &Problem, kind: BackendKind, steps: usize) -> Result<StepTiming> {
     let backend = Backend::new(kind)?;
@@ -133,7 +150,7 @@ pub fn time_steps(p: &Problem, kind: BackendKind, steps: usize) -> Result<StepTi
         let t0 = Instant::now();
         let s = backend.loss_and_grad(
             cfg, &params, &norms, &p.x, &p.y, p.n_tokens, &p.obj, None, &mut grads,
-        );
+        )?;
         let gn = adam::grad_norm(cfg, &params, &grads, &norms);
         let scale = (1.0 / (gn + 1e-6)).min(1.0) as f32;
         // A tiny learning rate keeps the problem's sparsity where it was calibrated.

@@ -3,7 +3,10 @@
 //! [`Backend`] is the only thing that knows CPU from GPU: the trainer calls its operations (a step's loss and
 //! gradient, the optimiser update), never kernels. The CPU backend is always present, in two flavours: the fast
 //! sparse path and the dense reference. The CUDA backend exists behind the `cuda` cargo feature; without it
-//! (or without a driver) asking for it returns [`Error::BackendUnavailable`].
+//! (or without a driver) asking for it returns [`crate::Error::BackendUnavailable`]. With it, the step's loss and
+//! gradient run on the device ([`cuda::step::loss_and_grad`]: parameters uploaded and gradients downloaded
+//! each step); the optimiser, the parameters and their checkpoints stay on the host, exactly the CPU's, so a
+//! run resumes on either backend.
 
 pub mod cpu;
 #[cfg(feature = "cuda")]
@@ -12,8 +15,8 @@ pub mod grads;
 
 pub use grads::{Grads, Objective, StepStats, ThresholdGrad};
 
+use crate::Result;
 use crate::clt::{CltConfig, Params};
-use crate::{Error, Result};
 
 /// Which implementation runs the training step.
 #[derive(
@@ -43,6 +46,9 @@ pub enum BackendKind {
 pub enum Backend {
     Cpu,
     CpuDense,
+    /// The device the step runs on.
+    #[cfg(feature = "cuda")]
+    Cuda(cuda::Gpu),
 }
 
 impl Backend {
@@ -51,7 +57,7 @@ impl Backend {
         match kind {
             BackendKind::Cpu => Ok(Backend::Cpu),
             BackendKind::CpuDense => Ok(Backend::CpuDense),
-            BackendKind::Cuda => Err(cuda_unavailable()?),
+            BackendKind::Cuda => cuda_backend(),
         }
     }
 
@@ -69,8 +75,8 @@ impl Backend {
         obj: &Objective,
         preact_mask: Option<&[Vec<bool>]>,
         grads: &mut Grads,
-    ) -> StepStats {
-        match self {
+    ) -> Result<StepStats> {
+        Ok(match self {
             Backend::Cpu => cpu::sparse::loss_and_grad(
                 cfg,
                 params,
@@ -85,29 +91,33 @@ impl Backend {
             Backend::CpuDense => {
                 cpu::dense::loss_and_grad(cfg, params, x, y, n_tokens, obj, preact_mask, grads)
             }
-        }
+            #[cfg(feature = "cuda")]
+            Backend::Cuda(gpu) => cuda::step::loss_and_grad(
+                gpu,
+                cfg,
+                params,
+                dec_norms,
+                x,
+                y,
+                n_tokens,
+                obj,
+                preact_mask,
+                grads,
+            )?,
+        })
     }
 }
 
 #[cfg(not(feature = "cuda"))]
-fn cuda_unavailable() -> Result<Error> {
-    Ok(Error::BackendUnavailable {
+fn cuda_backend() -> Result<Backend> {
+    Err(crate::Error::BackendUnavailable {
         backend: "cuda".into(),
         reason: "built without CUDA support (rebuild with `--features cuda`)".into(),
     })
 }
 
-/// With the feature: no driver (or no device) is reported by [`cuda::Gpu::open`]; with a device, the
-/// kernels exist (src/backend/cuda) but the trainer does not chain them yet.
+/// With the feature: device 0, or why it cannot be opened (no driver, no device).
 #[cfg(feature = "cuda")]
-fn cuda_unavailable() -> Result<Error> {
-    let gpu = cuda::Gpu::open(0)?;
-    Ok(Error::BackendUnavailable {
-        backend: "cuda".into(),
-        reason: format!(
-            "found {}, but the trainer does not chain the CUDA kernels into a training step yet \
-             (see docs/cuda.md)",
-            gpu.describe()
-        ),
-    })
+fn cuda_backend() -> Result<Backend> {
+    Ok(Backend::Cuda(cuda::Gpu::open(0)?))
 }

@@ -178,6 +178,11 @@ enum Command {
         /// Write the results as JSON here.
         #[arg(long)]
         json: Option<PathBuf>,
+        /// Time the CUDA kernels instead (needs `--features cuda` and a GPU): per kernel time, TFLOP/s or
+        /// GB/s and fraction of the ceilings, then the sparse step against the dense cuBLAS step; `--preset
+        /// large` picks the Llama-3.2-1B shape (16 layers, d = 2048, 8192 features, 16,384 tokens).
+        #[arg(long)]
+        cuda: bool,
     },
     /// Run a language model on a prompt: token ids, next-token probabilities, greedy continuation, logits dump.
     Run(clt::model::cli::RunArgs),
@@ -498,7 +503,11 @@ fn run(cli: Cli) -> clt::Result<()> {
             steps,
             dense_steps,
             json,
+            cuda,
         } => {
+            if cuda {
+                return clt::bench::cuda_kernels(matches!(preset, clt::bench::Preset::Large));
+            }
             let (l_n, d, f, b) = preset.dims();
             println!(
                 "problem: {l_n} layers, d = {d}, {f} features per layer, batch {b}, target L0 {l0}, ε = {bandwidth}"

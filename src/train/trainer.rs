@@ -256,7 +256,7 @@ impl Trainer {
             &obj,
             dead_mask.as_deref(),
             &mut self.grads,
-        );
+        )?;
         if !stats.loss().is_finite() {
             return Err(Error::NonFinite {
                 what: "loss".into(),

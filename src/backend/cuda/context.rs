@@ -25,6 +25,7 @@ pub enum Module {
     Topk,
     Adam,
     Dequant,
+    Dense,
 }
 
 impl Module {
@@ -36,6 +37,7 @@ impl Module {
             Module::Topk => ptx::TOPK,
             Module::Adam => ptx::ADAM,
             Module::Dequant => ptx::DEQUANT,
+            Module::Dense => ptx::DENSE,
         }
     }
 }

@@ -2,17 +2,35 @@
 //! near-threshold entries straight into per-token ELL lists, per-feature window sums) or its dense output
 //! (for TopK / BatchTopK), the reduction of the per-tile partials, and the per-token sort.
 //!
+//! Two GEMM kernels compute the same thing ([`Gemm`]): `encode_mma`, bf16 tensor cores (`mma.sync`
+//! m16n8k16, fp32 accumulation, 128 × 128 × 32 tiles through double-buffered `cp.async` stages), which runs
+//! whenever every row it copies is 16-byte aligned (`d`, the row stride and the layer offset multiples of 8
+//! elements, [`EncodeInput::tensor_core_ok`]), and `encode_tile`, a SIMT 64 × 64 tile, for every other shape
+//! and as the second reference.
+//!
 //! CPU reference: [`crate::backend::cpu::encode::encode_layer`] with `list_near = true` (every block in
 //! `BlockMode::Near`).
 
 use super::context::{Gpu, Module, grid_1d, per_item};
 use super::ffi::{
-    CLT_ENC_TB, CLT_ENC_TF, CLT_EPI_DENSE, CLT_EPI_JUMPRELU, CltEncodeParams, CltReduceParams,
-    CltSortParams, CltToBf16Params,
+    CLT_ENC_MMA_ALIGN, CLT_ENC_MMA_TB, CLT_ENC_MMA_TF, CLT_ENC_TB, CLT_ENC_TF, CLT_EPI_DENSE,
+    CLT_EPI_JUMPRELU, CltEncodeParams, CltReduceParams, CltSortParams, CltToBf16Params,
 };
 use super::memory::DBuf;
 use crate::{Error, Result};
 use cudarc::driver::LaunchConfig;
+
+/// Which kernel computes the encoder's GEMM.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Gemm {
+    /// The tensor-core kernel when [`EncodeInput::tensor_core_ok`], else the SIMT one.
+    #[default]
+    Auto,
+    /// `encode_tile`: SIMT fp32 FMA, any shape.
+    Simt,
+    /// `encode_mma`: bf16 tensor cores; an error when the shape does not allow it.
+    TensorCore,
+}
 
 /// Largest per-token list the sort handles (its shared memory holds `cap × 12` bytes).
 pub const MAX_CAP: usize = 4096;
@@ -167,11 +185,60 @@ impl EncodeInput<'_> {
         }
     }
 
-    fn tiles(&self) -> LaunchConfig {
+    /// Whether the tensor-core kernel can run: it copies rows of x and W_enc in 16-byte pieces, so `d`, the
+    /// row stride and the layer offset must be multiples of 8 elements (the buffers themselves start
+    /// 256-byte aligned). Tile remainders (tokens, features, K) are zero-filled, so no other rule.
+    pub fn tensor_core_ok(&self) -> bool {
+        let a = CLT_ENC_MMA_ALIGN as usize;
+        self.d.is_multiple_of(a)
+            && self.x_stride.is_multiple_of(a)
+            && self.x_offset.is_multiple_of(a)
+    }
+
+    /// The kernel `gemm` resolves to: its name and its (tokens, features) tile.
+    fn kernel(&self, gemm: Gemm) -> Result<Kernel> {
+        let tc = match gemm {
+            Gemm::Auto => self.tensor_core_ok(),
+            Gemm::Simt => false,
+            Gemm::TensorCore if self.tensor_core_ok() => true,
+            Gemm::TensorCore => {
+                return Err(Error::Unsupported(format!(
+                    "the tensor-core encoder needs d, the row stride and the layer offset to be multiples \
+                     of {CLT_ENC_MMA_ALIGN} (got d = {}, stride {}, offset {})",
+                    self.d, self.x_stride, self.x_offset
+                )));
+            }
+        };
+        Ok(if tc {
+            Kernel {
+                name: "encode_mma",
+                tile_b: CLT_ENC_MMA_TB as usize,
+                tile_f: CLT_ENC_MMA_TF as usize,
+            }
+        } else {
+            Kernel {
+                name: "encode_tile",
+                tile_b: CLT_ENC_TB as usize,
+                tile_f: CLT_ENC_TF as usize,
+            }
+        })
+    }
+}
+
+/// A resolved encoder kernel and its tile.
+#[derive(Clone, Copy, Debug)]
+struct Kernel {
+    name: &'static str,
+    tile_b: usize,
+    tile_f: usize,
+}
+
+impl Kernel {
+    fn tiles(&self, inp: &EncodeInput) -> LaunchConfig {
         LaunchConfig {
             grid_dim: (
-                self.n_features.div_ceil(CLT_ENC_TF as usize) as u32,
-                self.n_tokens.div_ceil(CLT_ENC_TB as usize) as u32,
+                inp.n_features.div_ceil(self.tile_f) as u32,
+                inp.n_tokens.div_ceil(self.tile_b) as u32,
                 1,
             ),
             block_dim: (256, 1, 1),
@@ -190,9 +257,29 @@ pub fn jumprelu(
     half_bandwidth: f32,
     cap: usize,
 ) -> Result<(DeviceCodes, WindowStats)> {
+    jumprelu_with(gpu, inp, theta, half_bandwidth, cap, Gemm::Auto)
+}
+
+/// [`jumprelu`] with the GEMM kernel chosen (tests and benches compare the two).
+pub fn jumprelu_with(
+    gpu: &Gpu,
+    inp: &EncodeInput,
+    theta: &DBuf<f32>,
+    half_bandwidth: f32,
+    cap: usize,
+    gemm: Gemm,
+) -> Result<(DeviceCodes, WindowStats)> {
     inp.check()?;
+    let kernel = inp.kernel(gemm)?;
+    if theta.len() != inp.n_features {
+        return Err(Error::Shape {
+            what: "CUDA encoder thresholds".into(),
+            expected: vec![inp.n_features],
+            got: vec![theta.len()],
+        });
+    }
     let (b_n, f_n) = (inp.n_tokens, inp.n_features);
-    let n_tiles = b_n.div_ceil(CLT_ENC_TB as usize);
+    let n_tiles = b_n.div_ceil(kernel.tile_b);
     let part_preact = gpu.output::<f32>(n_tiles * f_n)?;
     let part_near = gpu.output::<u32>(n_tiles * f_n)?;
     let part_near_h = gpu.output::<f32>(n_tiles * f_n)?;
@@ -213,7 +300,7 @@ pub fn jumprelu(
             half_bandwidth,
             ..inp.params(gpu)
         };
-        gpu.launch(Module::Encode, "encode_tile", inp.tiles(), &p)?;
+        gpu.launch(Module::Encode, kernel.name, kernel.tiles(inp), &p)?;
         let longest = codes.max_count(gpu)?;
         if longest <= cap {
             break codes;
@@ -264,14 +351,31 @@ pub fn sort_lists(gpu: &Gpu, codes: &DeviceCodes) -> Result<()> {
 
 /// Dense pre-activations `[B][F]` (for TopK / BatchTopK, whose selection needs the whole row or batch).
 pub fn dense(gpu: &Gpu, inp: &EncodeInput) -> Result<DBuf<f32>> {
+    dense_with(gpu, inp, Gemm::Auto)
+}
+
+/// [`dense`] with the GEMM kernel chosen.
+pub fn dense_with(gpu: &Gpu, inp: &EncodeInput, gemm: Gemm) -> Result<DBuf<f32>> {
     let out = gpu.output::<f32>(inp.n_tokens * inp.n_features)?;
-    dense_into(gpu, inp, &out, 0)?;
+    dense_into_with(gpu, inp, &out, 0, gemm)?;
     Ok(out)
 }
 
 /// Dense pre-activations `[B][F]` written into `out` from element `offset` (BatchTopK stacks the layers).
 pub fn dense_into(gpu: &Gpu, inp: &EncodeInput, out: &DBuf<f32>, offset: usize) -> Result<()> {
+    dense_into_with(gpu, inp, out, offset, Gemm::Auto)
+}
+
+/// [`dense_into`] with the GEMM kernel chosen.
+pub fn dense_into_with(
+    gpu: &Gpu,
+    inp: &EncodeInput,
+    out: &DBuf<f32>,
+    offset: usize,
+    gemm: Gemm,
+) -> Result<()> {
     inp.check()?;
+    let kernel = inp.kernel(gemm)?;
     if out.len() < offset + inp.n_tokens * inp.n_features {
         return Err(Error::Shape {
             what: "CUDA dense pre-activations".into(),
@@ -284,7 +388,7 @@ pub fn dense_into(gpu: &Gpu, inp: &EncodeInput, out: &DBuf<f32>, offset: usize) 
         epilogue: CLT_EPI_DENSE,
         ..inp.params(gpu)
     };
-    gpu.launch(Module::Encode, "encode_tile", inp.tiles(), &p)
+    gpu.launch(Module::Encode, kernel.name, kernel.tiles(inp), &p)
 }
 
 /// f32 → bf16 on the device.

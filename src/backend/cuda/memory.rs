@@ -97,6 +97,21 @@ impl Gpu {
         Ok(v)
     }
 
+    /// Copies `src` into the start of `dst` on the device (queued on the stream).
+    pub fn copy<T: DeviceRepr>(&self, src: &DBuf<T>, dst: &mut DBuf<T>) -> Result<()> {
+        if dst.len < src.len {
+            return Err(crate::Error::Shape {
+                what: "device copy (source, destination elements)".into(),
+                expected: vec![src.len, src.len],
+                got: vec![src.len, dst.len],
+            });
+        }
+        // The slices hold `len.max(1)` elements each, so the destination's is at least the source's.
+        self.stream()
+            .memcpy_dtod(&src.slice, &mut dst.slice)
+            .map_err(cuda_err("copying on the device"))
+    }
+
     /// Zeroes a buffer (queued on the stream).
     pub fn clear<T: DeviceRepr + ValidAsZeroBits>(&self, buf: &mut DBuf<T>) -> Result<()> {
         self.stream()

@@ -7,12 +7,15 @@
 //! One module per concern: [`context`] (driver check, context, lazy module loading, launches), [`memory`]
 //! (device buffers), [`ffi`] (the kernels' parameter structs, generated from `ffi/clt_params.h`), and one
 //! wrapper per kernel family with its launch configuration: [`encode`], [`decode`], [`backward`], [`topk`],
-//! [`adam`], [`dequant`]; [`step`] chains them into a training step. Each wrapper names its CPU reference; `tests/cuda.rs` compares them.
+//! [`adam`], [`dequant`]; [`step`] chains them into a training step; [`dense`] is the dense cuBLAS step the
+//! sparse one is benchmarked against, and [`bench`] times every kernel (`clt bench --cuda`). Each wrapper names its CPU reference; `tests/cuda.rs` compares them.
 
 pub mod adam;
 pub mod backward;
+pub mod bench;
 pub mod context;
 pub mod decode;
+pub mod dense;
 pub mod dequant;
 pub mod encode;
 pub mod ffi;

@@ -3,10 +3,12 @@
 //! CPU step reports.
 //!
 //! CPU reference: [`crate::backend::cpu::sparse::loss_and_grad`] (same arguments, same [`Grads`] form).
-//! This version uploads the parameters on every call and downloads the gradients (a correctness harness
-//! for the kernels and the basis for a resident training loop); skip connections are not supported yet.
+//! [`device_loss_and_grad`] works on parameters and a batch already on the device ([`DeviceParams`],
+//! [`DeviceBatch`]) and leaves the gradients there ([`DeviceGrads`]); [`loss_and_grad`] wraps it for host
+//! arrays (uploads the parameters, downloads the gradients: the correctness harness the tests use). Skip
+//! connections are not supported yet.
 
-use super::backward::{self, LayerGradInput, col_sum};
+use super::backward::{self, LayerGradInput, LayerGrads, col_sum};
 use super::context::Gpu;
 use super::decode::{DecodeLayer, sparse_decode};
 use super::encode::{self, DeviceCodes, EncodeInput, WindowStats};
@@ -19,6 +21,78 @@ use crate::{Error, Result};
 
 /// First guess at the longest per-token list of the JumpReLU encoder (it re-runs with more room).
 const CAP_GUESS: usize = 64;
+
+/// The parameters as the kernels read them, on the device: bf16 weights, f32 biases, thresholds and
+/// decoder norms.
+pub struct DeviceParams {
+    /// bf16 `[F][d]` per layer.
+    pub w_enc: Vec<DBuf<u16>>,
+    pub b_enc: Vec<DBuf<f32>>,
+    /// `exp(log θ)` per layer (JumpReLU; the thresholds of other activations are unused).
+    pub theta: Vec<DBuf<f32>>,
+    /// bf16 `[F][row_len]` per source layer.
+    pub w_dec: Vec<DBuf<u16>>,
+    /// Decoder norms `[F]` per layer.
+    pub norms: Vec<DBuf<f32>>,
+    /// `[L][d]`.
+    pub b_dec: DBuf<f32>,
+}
+
+impl DeviceParams {
+    /// Uploads `params` (weights rounded to bf16) with their decoder norms.
+    pub fn upload(gpu: &Gpu, params: &Params, dec_norms: &[Vec<f32>]) -> Result<Self> {
+        let up = |v: &[Vec<f32>]| -> Result<Vec<DBuf<f32>>> {
+            v.iter().map(|x| gpu.upload(x)).collect()
+        };
+        let up_bf = |v: &[Vec<f32>]| -> Result<Vec<DBuf<u16>>> {
+            v.iter().map(|x| gpu.upload_bf16(x)).collect()
+        };
+        Ok(DeviceParams {
+            w_enc: up_bf(&params.w_enc)?,
+            b_enc: up(&params.b_enc)?,
+            theta: up(&thresholds(params))?,
+            w_dec: up_bf(&params.w_dec)?,
+            norms: up(dec_norms)?,
+            b_dec: gpu.upload(&params.b_dec.concat())?,
+        })
+    }
+}
+
+/// A batch on the device: inputs `[B][L][d]` in f32 and bf16, targets `[B][L][d]` in f32.
+pub struct DeviceBatch {
+    pub n_tokens: usize,
+    pub x: DBuf<f32>,
+    pub x_bf: DBuf<u16>,
+    pub y: DBuf<f32>,
+}
+
+impl DeviceBatch {
+    /// Uploads a batch (x is converted to bf16 on the device).
+    pub fn upload(gpu: &Gpu, x: &[f32], y: &[f32], n_tokens: usize) -> Result<Self> {
+        if x.len() != y.len() || !x.len().is_multiple_of(n_tokens.max(1)) {
+            return Err(Error::Shape {
+                what: "CUDA batch (x, y)".into(),
+                expected: vec![x.len(), x.len()],
+                got: vec![x.len(), y.len()],
+            });
+        }
+        let x_dev = gpu.upload(x)?;
+        let x_bf = encode::to_bf16(gpu, &x_dev)?;
+        Ok(DeviceBatch {
+            n_tokens,
+            x: x_dev,
+            x_bf,
+            y: gpu.upload(y)?,
+        })
+    }
+}
+
+/// The gradients, left on the device: per layer as [`backward::layer_grads`] returns them, and the decoder
+/// bias per layer.
+pub struct DeviceGrads {
+    pub layers: Vec<LayerGrads>,
+    pub b_dec: Vec<DBuf<f32>>,
+}
 
 /// The step's loss and gradient, as [`crate::backend::cpu::sparse::loss_and_grad`] computes them.
 #[allow(clippy::too_many_arguments)]
@@ -34,45 +108,62 @@ pub fn loss_and_grad(
     preact_mask: Option<&[Vec<bool>]>,
     grads: &mut Grads,
 ) -> Result<StepStats> {
+    let dp = DeviceParams::upload(gpu, params, dec_norms)?;
+    let batch = DeviceBatch::upload(gpu, x, y, n_tokens)?;
+    let (mut stats, g) = device_loss_and_grad(gpu, cfg, &dp, &batch, obj, preact_mask)?;
+    stats.target_var = target_variance(y, n_tokens, cfg.n_layers, cfg.d_model);
+    for (l, lg) in g.layers.iter().enumerate() {
+        grads.p.w_enc[l] = gpu.download(&lg.w_enc)?;
+        grads.p.w_dec[l] = gpu.download(&lg.w_dec)?;
+        grads.p.b_enc[l] = gpu.download(&lg.b_enc)?;
+        grads.p.log_theta[l] = gpu.download(&lg.log_theta)?;
+        grads.dec_coef[l] = gpu.download(&lg.dec_coef)?;
+        grads.dec_touched[l] = gpu.download(&lg.touched)?.iter().map(|t| *t != 0).collect();
+    }
+    for (k, b) in g.b_dec.iter().enumerate() {
+        grads.p.b_dec[k] = gpu.download(b)?;
+    }
+    Ok(stats)
+}
+
+/// The step's loss and gradient on device-resident parameters and batch; the gradients stay on the device.
+/// The statistics are [`loss_and_grad`]'s except `target_var`, which needs the targets on the host (left
+/// empty here).
+pub fn device_loss_and_grad(
+    gpu: &Gpu,
+    cfg: &CltConfig,
+    dp: &DeviceParams,
+    batch: &DeviceBatch,
+    obj: &Objective,
+    preact_mask: Option<&[Vec<bool>]>,
+) -> Result<(StepStats, DeviceGrads)> {
     if cfg.skip {
         return Err(Error::Unsupported(
             "skip connections on the CUDA backend (use --backend cpu)".into(),
         ));
     }
     let (l_n, d, f_n) = (cfg.n_layers, cfg.d_model, cfg.n_features);
+    let n_tokens = batch.n_tokens;
     let row = l_n * d;
     let bf = n_tokens.max(1) as f32;
     let jump = cfg.has_threshold();
-    let thetas = thresholds(params);
-
-    let x_dev = gpu.upload(x)?;
-    let x_bf = encode::to_bf16(gpu, &x_dev)?;
-    let y_dev = gpu.upload(y)?;
-    let w_enc: Vec<DBuf<u16>> = params
-        .w_enc
-        .iter()
-        .map(|w| gpu.upload_bf16(w))
-        .collect::<Result<_>>()?;
-    let b_enc: Vec<DBuf<f32>> = params
-        .b_enc
-        .iter()
-        .map(|b| gpu.upload(b))
-        .collect::<Result<_>>()?;
-    let theta: Vec<DBuf<f32>> = thetas
-        .iter()
-        .map(|t| gpu.upload(t))
-        .collect::<Result<_>>()?;
-    let w_dec: Vec<DBuf<u16>> = params
-        .w_dec
-        .iter()
-        .map(|w| gpu.upload_bf16(w))
-        .collect::<Result<_>>()?;
-    let norms: Vec<DBuf<f32>> = dec_norms
-        .iter()
-        .map(|n| gpu.upload(n))
-        .collect::<Result<_>>()?;
+    if batch.x.len() != n_tokens * row || dp.w_enc.len() != l_n || dp.w_dec.len() != l_n {
+        return Err(Error::Shape {
+            what: "CUDA step (batch elements, encoder layers, decoder layers)".into(),
+            expected: vec![n_tokens * row, l_n, l_n],
+            got: vec![batch.x.len(), dp.w_enc.len(), dp.w_dec.len()],
+        });
+    }
+    let (x_bf, w_enc, b_enc, theta, w_dec, norms) = (
+        &batch.x_bf,
+        &dp.w_enc,
+        &dp.b_enc,
+        &dp.theta,
+        &dp.w_dec,
+        &dp.norms,
+    );
     let input = |l: usize| EncodeInput {
-        x: &x_bf,
+        x: x_bf,
         x_offset: l * d,
         x_stride: row,
         n_tokens,
@@ -81,7 +172,6 @@ pub fn loss_and_grad(
         bias: &b_enc[l],
         n_features: f_n,
     };
-
     // Encode.
     let empty_window = || -> Result<WindowStats> {
         Ok(WindowStats {
@@ -130,9 +220,7 @@ pub fn loss_and_grad(
             row_len: cfg.dec_row_len(l),
         })
         .collect();
-    let b_dec_host: Vec<f32> = params.b_dec.concat();
-    let b_dec = gpu.upload(&b_dec_host)?;
-    let out = sparse_decode(gpu, &views, &b_dec, Some(&y_dev), d, cross, 2.0 / bf)?;
+    let out = sparse_decode(gpu, &views, &dp.b_dec, Some(&batch.y), d, cross, 2.0 / bf)?;
     let resid = out.resid.expect("decode with targets gives residuals");
     let sq = gpu.download(
         &out.sq_err
@@ -148,7 +236,6 @@ pub fn loss_and_grad(
         n_tokens,
         recon: sq_err.iter().sum::<f64>() / bf as f64,
         sq_err,
-        target_var: target_variance(y, n_tokens, l_n, d),
         ..Default::default()
     };
 
@@ -163,6 +250,7 @@ pub fn loss_and_grad(
             .collect::<Result<_>>()?,
         None => (0..l_n).map(|_| None).collect(),
     };
+    let mut layer_grads = Vec::with_capacity(l_n);
     for (l, (codes, window)) in layers.iter().enumerate() {
         let g = backward::layer_grads(
             gpu,
@@ -174,7 +262,7 @@ pub fn loss_and_grad(
                 n_features: f_n,
                 norms: &norms[l],
                 theta: &theta[l],
-                x: &x_dev,
+                x: &batch.x,
                 resid: &resid,
                 layer: l,
                 n_layers: l_n,
@@ -184,12 +272,6 @@ pub fn loss_and_grad(
                 jump,
             },
         )?;
-        grads.p.w_enc[l] = gpu.download(&g.w_enc)?;
-        grads.p.w_dec[l] = gpu.download(&g.w_dec)?;
-        grads.p.b_enc[l] = gpu.download(&g.b_enc)?;
-        grads.p.log_theta[l] = gpu.download(&g.log_theta)?;
-        grads.dec_coef[l] = gpu.download(&g.dec_coef)?;
-        grads.dec_touched[l] = gpu.download(&g.touched)?.iter().map(|t| *t != 0).collect();
         let active = gpu.download(&g.active_count)?;
         let spars: f64 = gpu.download(&g.sparsity)?.iter().map(|v| *v as f64).sum();
         stats.sparsity += spars * obj.lambda as f64 / bf as f64;
@@ -197,7 +279,7 @@ pub fn loss_and_grad(
             let ps = gpu.download(&window.preact_sum)?;
             let p: f64 = ps
                 .iter()
-                .zip(&dec_norms[l])
+                .zip(&gpu.download(&norms[l])?)
                 .enumerate()
                 .filter(|(f, _)| preact_mask.is_none_or(|m| m[l][*f]))
                 .map(|(_, (s, n))| *s as f64 * *n as f64)
@@ -210,9 +292,16 @@ pub fn loss_and_grad(
         let near = gpu.download(&window.near_count)?;
         stats.n_window.push(near.iter().map(|v| *v as usize).sum());
         stats.active_count.push(active);
+        layer_grads.push(g);
     }
-    for k in 0..l_n {
-        grads.p.b_dec[k] = gpu.download(&col_sum(gpu, &resid, k * d, row, n_tokens, d)?)?;
-    }
-    Ok(stats)
+    let b_dec = (0..l_n)
+        .map(|k| col_sum(gpu, &resid, k * d, row, n_tokens, d))
+        .collect::<Result<_>>()?;
+    Ok((
+        stats,
+        DeviceGrads {
+            layers: layer_grads,
+            b_dec,
+        },
+    ))
 }

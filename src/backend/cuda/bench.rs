@@ -1,0 +1,336 @@
+//! Per-kernel timings of the CUDA backend on the device (`clt bench --cuda`, `cargo bench --features cuda
+//! --bench cuda`): CUDA events, median of 5 after 2 warm-ups, random data (never zeros), each kernel's
+//! TFLOP/s against the bf16 ceiling and GB/s against the device copy rate measured in the same run; then the
+//! whole sparse step against the dense cuBLAS step ([`super::dense`]) on the same parameters and batch, and
+//! their ratio. Timings include the wrappers' allocations (and, for the encoder, the count read-back), so
+//! they are upper bounds on kernel time.
+
+use super::{Gpu, adam, backward, decode, dense, encode, step};
+use crate::Result;
+use crate::backend::cpu::adam::AdamHyper;
+use crate::backend::{Objective, ThresholdGrad};
+use crate::clt::{Activation, CltConfig, DecoderKind};
+use crate::rng::Rng;
+
+/// The H100's bf16 dense matrix-product ceiling (measured on the GPU machine, ../shared/docs/gpu.md).
+pub const BF16_TFLOPS: f64 = 798.0;
+/// The H100's device copy bandwidth measured on the GPU machine (bytes read + written); the bench measures
+/// its own device's copy rate too and reports against that.
+pub const COPY_GBS: f64 = 3000.0;
+
+fn median(gpu: &Gpu, reps: usize, mut f: impl FnMut() -> Result<()>) -> Result<f64> {
+    for _ in 0..2 {
+        f()?;
+    }
+    let mut t: Vec<f64> = (0..reps)
+        .map(|_| gpu.time_ms(&mut f).map(|v| v as f64))
+        .collect::<Result<_>>()?;
+    t.sort_by(f64::total_cmp);
+    Ok(t[t.len() / 2])
+}
+
+/// The device's copy rate in GB/s (bytes read + written): device-to-device copies of 1 GiB, median of 5
+/// after 2 warm-ups.
+pub fn copy_ceiling_gbs(gpu: &Gpu) -> Result<f64> {
+    let n = 256 << 20; // f32 elements: 1 GiB
+    let src = gpu.upload(&(0..n).map(|i| (i % 977) as f32).collect::<Vec<f32>>())?;
+    let mut dst = gpu.zeros::<f32>(n)?;
+    let ms = median(gpu, 5, || gpu.copy(&src, &mut dst))?;
+    Ok(2.0 * (n * 4) as f64 / ms / 1e6)
+}
+
+/// Prints one row: time, TFLOP/s against the bf16 ceiling, GB/s against the measured copy rate `copy_gbs`.
+fn report(name: &str, ms: f64, flops: f64, bytes: f64, copy_gbs: f64) {
+    let tf = flops / ms / 1e9;
+    let gbs = bytes / ms / 1e6;
+    println!(
+        "{name:<28} {ms:>9.3} ms  {tf:>7.1} TFLOP/s ({:>5.1}% of bf16)  {gbs:>7.0} GB/s ({:>5.1}% of copy)",
+        100.0 * tf / BF16_TFLOPS,
+        100.0 * gbs / copy_gbs
+    );
+}
+
+/// Runs every kernel bench on device 0 and prints the table: the issue's Llama-3.2-1B shape with `big`
+/// (16 layers, d = 2048, 8192 features per layer, 16,384 tokens, L0 ≈ 64), else a quarter of it in tokens
+/// and features.
+pub fn run(big: bool) -> Result<()> {
+    let gpu = Gpu::open(0)?;
+    let (l_n, d, f_n, b_n, l0) = if big {
+        (16usize, 2048usize, 8192usize, 16384usize, 64usize)
+    } else {
+        (16, 2048, 2048, 4096, 64)
+    };
+    println!(
+        "device {}; L = {l_n}, d = {d}, F = {f_n}, B = {b_n}, L0 ≈ {l0}",
+        gpu.describe()
+    );
+    let copy = copy_ceiling_gbs(&gpu)?;
+    println!(
+        "device copy (1 GiB, read + write): {copy:.0} GB/s measured ({:.0}% of the {COPY_GBS:.0} GB/s \
+         nominal); bf16 ceiling {BF16_TFLOPS} TFLOP/s (nominal); percentages below are of these two",
+        100.0 * copy / COPY_GBS
+    );
+    // cuBLAS is needed only for its GEMM rate and the dense baseline: without it the kernel rows still run.
+    let blas = dense::Blas::new(&gpu);
+    match &blas {
+        Ok(blas) => {
+            let n = 8192;
+            let vals: Vec<f32> = (0..n * n)
+                .map(|i| ((i * 7919) % 1021) as f32 / 1021.0 - 0.5)
+                .collect();
+            let (a, c) = (gpu.upload_bf16(&vals)?, gpu.zeros::<f32>(n * n)?);
+            let ms = median(&gpu, 5, || dense::gemm_square(&gpu, blas, &a, &c, n))?;
+            let gemm = 2.0 * (n as f64).powi(3) / ms / 1e9;
+            println!(
+                "cuBLAS bf16 GEMM 8192³ (fp32 accumulate): {gemm:.0} TFLOP/s measured ({:.0}% of the \
+                 nominal ceiling)",
+                100.0 * gemm / BF16_TFLOPS
+            );
+        }
+        Err(e) => println!("cuBLAS: {e} (no GEMM rate, no dense baseline)"),
+    }
+    let mut rng = Rng::seed(7);
+    // Random values (a 1 Mi-value random block repeated: large tensors fill fast, never zeros).
+    let base: Vec<f32> = (0..1 << 20).map(|_| rng.normal() as f32).collect();
+    let rand = |n: usize, s: f64| -> Vec<f32> {
+        base.iter()
+            .cycle()
+            .take(n)
+            .map(|v| (s * *v as f64) as f32)
+            .collect()
+    };
+    // Encoder of one layer (the middle one), thresholds set so that about L0 features fire per token.
+    let l = l_n / 2;
+    let row = l_n * d;
+    let x = gpu.upload_bf16(&rand(b_n * row, 1.0))?;
+    let w = gpu.upload_bf16(&rand(f_n * d, 1.0 / (d as f64).sqrt()))?;
+    let bias = gpu.upload(&vec![0f32; f_n])?;
+    // h ~ N(0, 1): P(h > θ) = L0 / F.
+    let z = inv_normal_tail(l0 as f64 / f_n as f64) as f32;
+    let theta = gpu.upload(&vec![z; f_n])?;
+    let inp = encode::EncodeInput {
+        x: &x,
+        x_offset: l * d,
+        x_stride: row,
+        n_tokens: b_n,
+        d,
+        w: &w,
+        bias: &bias,
+        n_features: f_n,
+    };
+    let mut codes = None;
+    for (name, gemm) in [
+        ("encode SIMT (JumpReLU)", encode::Gemm::Simt),
+        ("encode mma (JumpReLU)", encode::Gemm::TensorCore),
+    ] {
+        let ms = median(&gpu, 5, || {
+            codes = Some(encode::jumprelu_with(
+                &gpu,
+                &inp,
+                &theta,
+                0.01,
+                2 * l0,
+                gemm,
+            )?);
+            Ok(())
+        })?;
+        report(
+            name,
+            ms,
+            2.0 * (b_n * d * f_n) as f64,
+            (b_n * d * 2 + f_n * d * 2) as f64,
+            copy,
+        );
+    }
+    {
+        let h = gpu.output::<f32>(b_n * f_n)?;
+        for (name, gemm) in [
+            ("encode SIMT (dense)", encode::Gemm::Simt),
+            ("encode mma (dense)", encode::Gemm::TensorCore),
+        ] {
+            let ms = median(&gpu, 5, || encode::dense_into_with(&gpu, &inp, &h, 0, gemm))?;
+            report(
+                name,
+                ms,
+                2.0 * (b_n * d * f_n) as f64,
+                (b_n * d * 2 + f_n * d * 2 + b_n * f_n * 4) as f64,
+                copy,
+            );
+        }
+    }
+    let (codes, window) = codes.expect("encoded");
+    let nnz = codes.to_host(&gpu)?.feat.len();
+    println!("  entries listed per token: {:.1}", nnz as f64 / b_n as f64);
+
+    // Decode: every layer with the same codes (L0 per layer), cross-layer rows.
+    let w_dec: Vec<_> = (0..l_n)
+        .map(|s| gpu.upload_bf16(&rand(f_n * (l_n - s) * d, 0.02)))
+        .collect::<Result<_>>()?;
+    let layers: Vec<decode::DecodeLayer> = (0..l_n)
+        .map(|s| decode::DecodeLayer {
+            codes: &codes,
+            w_dec: &w_dec[s],
+            row_len: (l_n - s) * d,
+        })
+        .collect();
+    let b_dec = gpu.upload(&vec![0f32; l_n * d])?;
+    let y = gpu.upload(&rand(b_n * row, 1.0))?;
+    let mut out = None;
+    let ms = median(&gpu, 5, || {
+        out = Some(decode::sparse_decode(
+            &gpu,
+            &layers,
+            &b_dec,
+            Some(&y),
+            d,
+            true,
+            2.0 / b_n as f32,
+        )?);
+        Ok(())
+    })?;
+    // Bytes it must move: y read, ŷ and r written (f32), the active rows once per (token, layer).
+    let rows_bytes: f64 = (0..l_n).map(|s| (nnz * (l_n - s) * d * 2) as f64).sum();
+    report(
+        "sparse decode (all layers)",
+        ms,
+        0.0,
+        (3 * b_n * row * 4) as f64 + rows_bytes,
+        copy,
+    );
+    let out = out.expect("decoded");
+    let resid = out.resid.expect("residual");
+
+    // Backward of the middle layer.
+    let xf = gpu.upload(&rand(b_n * row, 1.0))?;
+    let norms = gpu.upload(&vec![1f32; f_n])?;
+    let obj = Objective {
+        lambda: 1.0,
+        c: 1.0,
+        lambda_preact: 0.1,
+        bandwidth: 0.02,
+        threshold_grad: ThresholdGrad::Theta,
+    };
+    let inp = backward::LayerGradInput {
+        codes: &codes,
+        window: &window,
+        w_dec: &w_dec[l],
+        row_len: (l_n - l) * d,
+        n_features: f_n,
+        norms: &norms,
+        theta: &theta,
+        x: &xf,
+        resid: &resid,
+        layer: l,
+        n_layers: l_n,
+        d,
+        preact_mask: None,
+        obj,
+        jump: true,
+    };
+    let ms = median(&gpu, 5, || backward::layer_grads(&gpu, &inp).map(|_| ()))?;
+    let rl = (l_n - l) * d;
+    let bytes = (nnz * rl * (2 + 4) + nnz * d * 4 + f_n * (d + rl) * 4) as f64;
+    report("backward (1 layer)", ms, 0.0, bytes, copy);
+
+    // Fused Adam of one decoder layer (fp32 p, m, v, g; bf16 copy).
+    let n = f_n * rl;
+    let (p, m, v, g) = (
+        gpu.upload(&rand(n, 0.02))?,
+        gpu.zeros::<f32>(n)?,
+        gpu.zeros::<f32>(n)?,
+        gpu.upload(&rand(n, 1e-3))?,
+    );
+    let coef = gpu.upload(&rand(f_n, 1e-3))?;
+    let touched = gpu.upload(&vec![1u8; f_n])?;
+    let pb = gpu.zeros::<u16>(n)?;
+    let nr = gpu.zeros::<f32>(f_n)?;
+    let k = adam::consts(&AdamHyper::default(), 1, 1e-4, 1.0);
+    let ms = median(&gpu, 5, || {
+        adam::adam_decoder(&gpu, &p, &m, &v, &g, &coef, &touched, Some(&pb), &nr, rl, k)
+    })?;
+    report("adam (1 decoder layer)", ms, 0.0, (n * 30) as f64, copy);
+    drop((p, m, v, g, pb, resid, out.yhat, out.sq_err));
+
+    // The whole step's loss and gradient (Adam excluded from both): the sparse step on device-resident
+    // parameters and batch vs the dense cuBLAS step a dense trainer runs, same parameters, same batch.
+    let dp = step::DeviceParams {
+        w_enc: (0..l_n)
+            .map(|_| gpu.upload_bf16(&rand(f_n * d, 1.0 / (d as f64).sqrt())))
+            .collect::<Result<_>>()?,
+        b_enc: (0..l_n)
+            .map(|_| gpu.upload(&vec![0f32; f_n]))
+            .collect::<Result<_>>()?,
+        theta: (0..l_n)
+            .map(|_| gpu.upload(&vec![z; f_n]))
+            .collect::<Result<_>>()?,
+        w_dec,
+        norms: (0..l_n)
+            .map(|_| gpu.upload(&vec![1f32; f_n]))
+            .collect::<Result<_>>()?,
+        b_dec,
+    };
+    let x_bf = encode::to_bf16(&gpu, &xf)?;
+    let batch = step::DeviceBatch {
+        n_tokens: b_n,
+        x: xf,
+        x_bf,
+        y,
+    };
+    let cfg = CltConfig {
+        n_layers: l_n,
+        d_model: d,
+        n_features: f_n,
+        decoder: DecoderKind::CrossLayer,
+        activation: Activation::JumpRelu,
+        skip: false,
+    };
+    let sparse_ms = median(&gpu, 5, || {
+        step::device_loss_and_grad(&gpu, &cfg, &dp, &batch, &obj, None).map(|_| ())
+    })?;
+    report("sparse step (loss + grad)", sparse_ms, 0.0, 0.0, copy);
+    let blas = blas?;
+    let dense_ms = median(&gpu, 5, || {
+        dense::dense_loss_and_grad(&gpu, &blas, &cfg, &dp, &batch, &obj).map(|_| ())
+    })?;
+    // GEMM FLOPs: encoder forward and weight gradient; decode forward, decoder weight gradient and
+    // activation gradient, each over every (source, target) block.
+    let dec_cols: usize = (0..l_n).map(|s| (l_n - s) * d).sum();
+    let flops = 2.0 * (2 * b_n * d * f_n * l_n) as f64 + 3.0 * (2 * b_n * f_n * dec_cols) as f64;
+    report("dense cuBLAS step (baseline)", dense_ms, flops, 0.0, copy);
+    println!(
+        "dense / sparse step time: {:.2}x (issue 5 target: >= 5x)",
+        dense_ms / sparse_ms
+    );
+    Ok(())
+}
+
+/// `z` with `P(N(0,1) > z) = p` (bisection on erfc).
+fn inv_normal_tail(p: f64) -> f64 {
+    let (mut lo, mut hi) = (-10.0f64, 10.0f64);
+    for _ in 0..100 {
+        let mid = 0.5 * (lo + hi);
+        if 0.5 * erfc(mid / std::f64::consts::SQRT_2) > p {
+            lo = mid;
+        } else {
+            hi = mid;
+        }
+    }
+    0.5 * (lo + hi)
+}
+
+/// Complementary error function (Numerical Recipes' erfcc, |error| < 1.2e-7).
+fn erfc(x: f64) -> f64 {
+    let z = x.abs();
+    let t = 1.0 / (1.0 + 0.5 * z);
+    let r = t
+        * (-z * z - 1.26551223
+            + t * (1.00002368
+                + t * (0.37409196
+                    + t * (0.09678418
+                        + t * (-0.18628806
+                            + t * (0.27886807
+                                + t * (-1.13520398
+                                    + t * (1.48851499 + t * (-0.82215223 + t * 0.17087277)))))))))
+            .exp();
+    if x >= 0.0 { r } else { 2.0 - r }
+}
