@@ -146,6 +146,14 @@ fn run<C: Comm>(c: C, args: &TrainArgs) -> Result<()> {
             pct(t.stats_s),
             pct(t.data_s)
         );
+        if trainer.run.train.parallel != crate::train::Parallel::Data {
+            println!(
+                "decode and all-reduce of the partials: {:.1} ms/step (decode {:.1}, all-reduce {:.1})",
+                1e3 * (t.decode_s + t.reduce_s) / t.steps.max(1) as f64,
+                1e3 * t.decode_s / t.steps.max(1) as f64,
+                1e3 * t.reduce_s / t.steps.max(1) as f64,
+            );
+        }
         println!(
             "checkpoint: {}",
             super::checkpoint::resolve(&args.out)?.display()

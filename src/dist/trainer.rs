@@ -64,6 +64,9 @@ pub struct Timing {
     pub reduce_s: f64,
     /// The all-reduce of the shards' gradients over the replicas (grid).
     pub grads_s: f64,
+    /// The sparse decode of the partial reconstructions (feature-sharded and grid): with `reduce_s`, the
+    /// phase that `overlap` shortens.
+    pub decode_s: f64,
     /// The all-reduce of statistics and squared gradient norms.
     pub stats_s: f64,
 }
@@ -577,12 +580,15 @@ impl<C: Comm> ShardedTrainer<C> {
         let with_bias = self.feat.rank() == 0;
         let what = "all-reduce of the partial reconstructions";
         let mut yhat = if self.run.train.overlap {
-            let (yhat, reduce_s) =
+            let (yhat, decode_s, reduce_s) =
                 overlapped_partials(&self.feat, what, local, &self.params, &codes, nl, with_bias)?;
             self.timing.reduce_s += reduce_s;
+            self.timing.decode_s += decode_s;
             yhat
         } else {
+            let decode = Instant::now();
             let mut yhat = decode_features(local, &self.params, &codes, nl, with_bias);
+            self.timing.decode_s += decode.elapsed().as_secs_f64();
             let reduce = Instant::now();
             self.feat.sum_f32(what, &mut yhat)?;
             self.timing.reduce_s += reduce.elapsed().as_secs_f64();
@@ -882,7 +888,8 @@ impl<C: Comm> ShardedTrainer<C> {
 /// `l` is decoded, which completes target layer `l`, and that layer's all-reduce starts while layer `l + 1`
 /// decodes. The same bits as decoding everything and summing it at once, whenever the sum of a layer's
 /// elements over the ranks does not depend on how the buffer is cut (always with two ranks: one addition).
-/// Returns the reconstruction and the seconds spent in the collective calls but not decoding.
+/// Returns the reconstruction, the seconds spent decoding, and those spent in the collective calls but not
+/// decoding.
 fn overlapped_partials<C: Comm>(
     comm: &C,
     what: &str,
@@ -891,7 +898,7 @@ fn overlapped_partials<C: Comm>(
     codes: &[crate::backend::cpu::encode::LayerCodes],
     n: usize,
     with_bias: bool,
-) -> Result<(Vec<f32>, f64)> {
+) -> Result<(Vec<f32>, f64, f64)> {
     let (l_n, d) = (cfg.n_layers, cfg.d_model);
     let row = l_n * d;
     let mut yhat = decode_start(cfg, params, n, with_bias);
@@ -912,7 +919,7 @@ fn overlapped_partials<C: Comm>(
             yhat[b * row + l * d..b * row + (l + 1) * d].copy_from_slice(p);
         }
     }
-    Ok((yhat, reduce_s))
+    Ok((yhat, decode_s, reduce_s))
 }
 
 /// Removes all but the newest `keep` checkpoints (never `keep_latest`).
