@@ -191,6 +191,27 @@ impl MpiComm {
     }
 }
 
+impl MpiComm {
+    /// Rank 0's `buf` on every rank of the group (NCCL's unique id), with the usual deadline.
+    pub fn broadcast_bytes(&self, what: &str, buf: &mut [u8]) -> Result<()> {
+        let deadline = Instant::now() + self.timeout;
+        let root = self.group.process_at_rank(0);
+        mpi::request::scope(|scope| {
+            let mut req = Some(root.immediate_broadcast_into(scope, buf));
+            if !poll_until(deadline, || match req.take().map(|r| r.test()) {
+                Some(Ok(_)) | None => true,
+                Some(Err(r)) => {
+                    req = Some(r);
+                    false
+                }
+            }) {
+                self.timed_out(what);
+            }
+        });
+        Ok(())
+    }
+}
+
 impl Comm for MpiComm {
     fn rank(&self) -> usize {
         self.group.rank() as usize
