@@ -508,6 +508,33 @@ fn grids_of_feature_shards_and_replicas_equal_one_process() {
 }
 
 #[test]
+fn a_grid_of_one_shard_trains_topk_like_one_process() {
+    // TopK selects per token across all features: fine with one feature shard per replica.
+    let mut run = run_config();
+    run.train.parallel = clt::train::Parallel::Grid;
+    run.train.feature_shards = Some(1);
+    run.model.activation = clt::clt::Activation::TopK { k: 3 };
+    let (want, t) = single(&run, 8);
+    let out = grid_run(&run, 2, 8);
+    for (r, (reps, p, _)) in out.iter().enumerate() {
+        let losses: Vec<f64> = reps.iter().map(|r| r.stats.loss()).collect();
+        assert_loss_close(&format!("TopK grid 1 x 2, rank {r}"), &losses, &want);
+        assert_params_close(&format!("TopK grid 1 x 2, rank {r}"), p, &t.params, 1e-5);
+    }
+    // Two TopK shards are refused.
+    run.train.feature_shards = Some(2);
+    let errs = on_ranks(2, |c| {
+        ShardedTrainer::with_source(run.clone(), source(&run), c)
+            .err()
+            .map(|e| e.to_string())
+    });
+    assert!(
+        errs.iter()
+            .all(|e| e.as_ref().is_some_and(|e| e.contains("TopK")))
+    );
+}
+
+#[test]
 fn grid_checkpoints_hold_one_replica_and_reshard() {
     let mut run = run_config();
     run.train.parallel = clt::train::Parallel::Grid;
