@@ -45,3 +45,8 @@ fi
 # (The FFI layout is checked at compile time by the clippy build above; its unit test runs on the GPU machine.)
 cargo test --release --features cuda --test cuda -- --nocapture
 
+# NCCL bootstrapped by MPI (dist::nccl) exists only with both features: clippy, and its test (without a GPU
+# it checks the clear error; with one, a one-rank all-reduce).
+echo "== NCCL: clippy and test with --features cuda,mpi"
+cargo clippy --all-targets --release --features cuda,mpi -- -D warnings
+cargo test --release --features cuda,mpi --test nccl -- --nocapture

@@ -15,14 +15,18 @@ use clt::dist::comm::{Comm, SelfComm};
 use clt::dist::shard::{copy_features, feature_range};
 use clt::dist::trainer::ShardedTrainer;
 use clt::train::{RunConfig, Trainer};
+use std::collections::HashMap;
 use std::path::Path;
 use std::sync::{Arc, Barrier, Mutex};
 
 /// Ranks as threads: each collective deposits its buffer, waits for all, sums in rank order, waits again.
+/// `split` makes groups of threads the same way (the 2-D grid's axes).
 #[derive(Clone)]
 struct ThreadComm {
     rank: usize,
     shared: Arc<Shared>,
+    /// How many splits this rank has made of `shared` (every rank splits in the same order).
+    splits: std::cell::Cell<usize>,
 }
 
 struct Shared {
@@ -30,20 +34,30 @@ struct Shared {
     barrier: Barrier,
     f64s: Mutex<Vec<Vec<f64>>>,
     f32s: Mutex<Vec<Vec<f32>>>,
+    /// The groups split from this one, by (split number, color).
+    children: Mutex<HashMap<(usize, usize), Arc<Shared>>>,
 }
 
-impl ThreadComm {
-    fn group(n: usize) -> Vec<ThreadComm> {
-        let shared = Arc::new(Shared {
+impl Shared {
+    fn new(n: usize) -> Arc<Shared> {
+        Arc::new(Shared {
             n,
             barrier: Barrier::new(n),
             f64s: Mutex::new(vec![Vec::new(); n]),
             f32s: Mutex::new(vec![Vec::new(); n]),
-        });
+            children: Mutex::new(HashMap::new()),
+        })
+    }
+}
+
+impl ThreadComm {
+    fn group(n: usize) -> Vec<ThreadComm> {
+        let shared = Shared::new(n);
         (0..n)
             .map(|rank| ThreadComm {
                 rank,
                 shared: shared.clone(),
+                splits: Default::default(),
             })
             .collect()
     }
@@ -96,6 +110,34 @@ impl Comm for ThreadComm {
     fn barrier(&self, _what: &str) -> Result<()> {
         self.shared.barrier.wait();
         Ok(())
+    }
+    fn split(&self, color: usize, key: usize) -> Result<Self> {
+        let n = self.shared.n;
+        let mut buf = vec![0.0f64; 2 * n];
+        buf[2 * self.rank] = color as f64;
+        buf[2 * self.rank + 1] = key as f64;
+        self.sum_f64("split", &mut buf)?;
+        let mut members: Vec<(usize, usize)> = (0..n)
+            .filter(|r| buf[2 * r] == color as f64)
+            .map(|r| (buf[2 * r + 1] as usize, r))
+            .collect();
+        members.sort();
+        let rank = members.iter().position(|m| m.1 == self.rank).unwrap();
+        let split = self.splits.get();
+        self.splits.set(split + 1);
+        let shared = self
+            .shared
+            .children
+            .lock()
+            .unwrap()
+            .entry((split, color))
+            .or_insert_with(|| Shared::new(members.len()))
+            .clone();
+        Ok(ThreadComm {
+            rank,
+            shared,
+            splits: Default::default(),
+        })
     }
     fn abort(&self, code: i32) -> ! {
         panic!("abort({code})")
@@ -389,5 +431,166 @@ fn data_parallel_ranks_equal_one_process() {
             &t.params,
             1e-5,
         );
+    }
+}
+
+/// Ranks of a grid run on threads: per rank, the step reports, the parameters and the dead counts.
+fn grid_run(
+    run: &RunConfig,
+    n: usize,
+    steps: usize,
+) -> Vec<(Vec<clt::train::StepReport>, Params, Vec<usize>)> {
+    on_ranks(n, |c| {
+        let mut s = ShardedTrainer::with_source(run.clone(), source(run), c).unwrap();
+        let reps: Vec<_> = (0..steps).map(|_| s.step().unwrap()).collect();
+        let dead = s.dead_per_layer().unwrap();
+        (reps, s.params.clone(), dead)
+    })
+}
+
+#[test]
+fn grids_of_feature_shards_and_replicas_equal_one_process() {
+    let mut run = run_config();
+    run.train.parallel = clt::train::Parallel::Grid;
+    run.train.feature_shards = Some(2); // (one process ignores the layout)
+    let (want, t) = single(&run, 8);
+    let mut t2 = Trainer::new(run.clone()).unwrap();
+    let one = (0..8).map(|_| t2.step().unwrap()).last().unwrap();
+    // (ranks, feature shards): 2 x 2, 3 shards x 2 replicas, and the degenerate 1 x 2 and 2 x 1.
+    for (n, k) in [(4, 2), (6, 3), (2, 1), (2, 2)] {
+        run.train.feature_shards = Some(k);
+        let out = grid_run(&run, n, 8);
+        for (r, (reps, p, _)) in out.iter().enumerate() {
+            let losses: Vec<f64> = reps.iter().map(|r| r.stats.loss()).collect();
+            assert_loss_close(&format!("grid {n}/{k}, rank {r}"), &losses, &want);
+            // The replicas of a shard stay identical.
+            assert!(
+                *p == out[r % k].1,
+                "grid {n}/{k}: rank {r} differs from its replica 0"
+            );
+        }
+        let shards: Vec<Params> = out[..k].iter().map(|o| o.1.clone()).collect();
+        assert_params_close(
+            &format!("grid {n}/{k}"),
+            &assemble(&run, &shards),
+            &t.params,
+            1e-5,
+        );
+        // Rank 0 reports what one process does: firing counts, every loss term, NMSE, norm, dead features.
+        let (reps, _, dead) = &out[0];
+        let last = reps.last().unwrap();
+        let close = |a: f64, b: f64| (a - b).abs() <= 1e-5 * b.abs().max(1e-12);
+        assert_eq!(last.stats.n_active, one.stats.n_active, "grid {n}/{k}");
+        assert_eq!(last.stats.n_window, one.stats.n_window, "grid {n}/{k}");
+        assert_eq!(last.stats.n_tokens, one.stats.n_tokens, "grid {n}/{k}");
+        assert!(
+            close(last.stats.recon, one.stats.recon),
+            "grid {n}/{k}: recon"
+        );
+        assert!(
+            close(last.stats.sparsity, one.stats.sparsity),
+            "grid {n}/{k}: sparsity"
+        );
+        assert!(
+            close(last.stats.preact, one.stats.preact),
+            "grid {n}/{k}: preact"
+        );
+        assert!(
+            close(last.stats.nmse_total(), one.stats.nmse_total()),
+            "grid {n}/{k}: nmse"
+        );
+        assert!(
+            close(last.grad_norm, one.grad_norm),
+            "grid {n}/{k}: gradient norm"
+        );
+        assert_eq!(*dead, t.dead_per_layer(), "grid {n}/{k}");
+    }
+}
+
+#[test]
+fn a_grid_of_one_shard_trains_topk_like_one_process() {
+    // TopK selects per token across all features: fine with one feature shard per replica.
+    let mut run = run_config();
+    run.train.parallel = clt::train::Parallel::Grid;
+    run.train.feature_shards = Some(1);
+    run.model.activation = clt::clt::Activation::TopK { k: 3 };
+    let (want, t) = single(&run, 8);
+    let out = grid_run(&run, 2, 8);
+    for (r, (reps, p, _)) in out.iter().enumerate() {
+        let losses: Vec<f64> = reps.iter().map(|r| r.stats.loss()).collect();
+        assert_loss_close(&format!("TopK grid 1 x 2, rank {r}"), &losses, &want);
+        assert_params_close(&format!("TopK grid 1 x 2, rank {r}"), p, &t.params, 1e-5);
+    }
+    // Two TopK shards are refused.
+    run.train.feature_shards = Some(2);
+    let errs = on_ranks(2, |c| {
+        ShardedTrainer::with_source(run.clone(), source(&run), c)
+            .err()
+            .map(|e| e.to_string())
+    });
+    assert!(
+        errs.iter()
+            .all(|e| e.as_ref().is_some_and(|e| e.contains("TopK")))
+    );
+}
+
+#[test]
+fn grid_checkpoints_hold_one_replica_and_reshard() {
+    let mut run = run_config();
+    run.train.parallel = clt::train::Parallel::Grid;
+    run.train.feature_shards = Some(2);
+    let (_, t8) = single(&run, 8);
+    let dir = tempfile::tempdir().unwrap();
+    sharded_run(&run, 4, 4, dir.path());
+    let ck = checkpoint::resolve(dir.path()).unwrap();
+    assert_eq!(
+        checkpoint::read_manifest(&ck).unwrap().world,
+        2,
+        "one replica's shards"
+    );
+    // Resumed on 2 ranks (2 x 1) and on one process, each continues to one process's parameters.
+    for n in [1, 2] {
+        let p = resume_on(n, &ck, &run, 4);
+        assert_params_close(&format!("grid 4 → {n} ranks"), &p, &t8.params, 1e-5);
+    }
+}
+
+#[test]
+fn grid_sizes_that_do_not_divide_are_refused_naming_the_field() {
+    let mut run = run_config();
+    run.train.parallel = clt::train::Parallel::Grid;
+    run.train.feature_shards = Some(2);
+    let errs = on_ranks(3, |c| {
+        ShardedTrainer::with_source(run.clone(), source(&run), c)
+            .err()
+            .map(|e| e.to_string())
+    });
+    for e in &errs {
+        let e = e.as_ref().expect("2 shards on 3 ranks must fail");
+        assert!(
+            e.contains("train.feature_shards") && e.contains("3 ranks"),
+            "{e}"
+        );
+    }
+}
+
+#[test]
+fn overlapped_partials_are_the_blocking_ones_bit_for_bit() {
+    let run = run_config();
+    let mut ov = run.clone();
+    ov.train.overlap = true;
+    for n in [1, 2, 3] {
+        let go = |r: &RunConfig| {
+            on_ranks(n, |c| {
+                let mut s = ShardedTrainer::with_source(r.clone(), source(r), c).unwrap();
+                let losses: Vec<f64> = (0..8).map(|_| s.step().unwrap().stats.loss()).collect();
+                (losses, s.params.clone())
+            })
+        };
+        let (a, b) = (go(&run), go(&ov));
+        for r in 0..n {
+            assert_eq!(a[r].0, b[r].0, "{n} ranks, rank {r}: losses");
+            assert!(a[r].1 == b[r].1, "{n} ranks, rank {r}: parameters differ");
+        }
     }
 }

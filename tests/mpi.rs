@@ -175,6 +175,40 @@ fn two_ranks_feature_sharded_and_data_parallel_equal_one_process_and_checkpoints
     assert_eq!(checkpoint::read_manifest(&ck).unwrap().world, 2);
     assert_params_close("2 ranks vs 1 process", &params(&two), &want);
 
+    // The same with the partials' all-reduce overlapped with decoding (non-blocking, one per layer): the
+    // same bits as the blocking all-reduce (with two ranks each element's sum is one addition).
+    let mut ov = run.clone();
+    ov.train.overlap = true;
+    let ov_cfg = write_config(tmp.path(), "overlap.toml", &ov);
+    let ovo = tmp.path().join("overlap");
+    let (o, _) = mpirun(
+        2,
+        &[
+            "train",
+            "--config",
+            ov_cfg.to_str().unwrap(),
+            "--out",
+            ovo.to_str().unwrap(),
+            "--quiet",
+        ],
+        &[],
+    );
+    assert!(
+        o.status.success(),
+        "overlapped mpirun -n 2 failed:\n{}",
+        text(&o)
+    );
+    assert!(
+        text(&o).contains("overlapped with decoding"),
+        "{}",
+        text(&o)
+    );
+    assert_eq!(losses(&ovo), got_loss, "overlap vs blocking: losses");
+    assert!(
+        params(&ovo) == params(&two),
+        "overlap vs blocking: parameters differ"
+    );
+
     // Data-parallel, 2 ranks: the same run (one process ignores `parallel`).
     let mut dp = run.clone();
     dp.train.parallel = clt::train::Parallel::Data;
@@ -267,13 +301,93 @@ fn two_ranks_feature_sharded_and_data_parallel_equal_one_process_and_checkpoints
     assert!(text(&o).contains("NMSE"), "{}", text(&o));
 }
 
-fn failing_run(fault: &str) -> (String, Duration, PathBuf, tempfile::TempDir) {
+/// `mpirun -n <ranks> clt train` of `run` for `steps`, then the single-process run; asserts that their
+/// losses and parameters agree to 1e-5 and returns the job's output.
+fn agrees_with_one_process(run: &RunConfig, ranks: usize) -> String {
     let _job = one_job();
     let tmp = tempfile::tempdir().unwrap();
-    let cfg = write_config(tmp.path(), "run.toml", &run_config());
+    let cfg = write_config(tmp.path(), "run.toml", run);
+    let cfg = cfg.to_str().unwrap();
+    let single = tmp.path().join("single");
+    clt(&[
+        "train",
+        "--config",
+        cfg,
+        "--out",
+        single.to_str().unwrap(),
+        "--quiet",
+    ]);
+    let out = tmp.path().join("ranks");
+    let (o, _) = mpirun(
+        ranks,
+        &[
+            "train",
+            "--config",
+            cfg,
+            "--out",
+            out.to_str().unwrap(),
+            "--quiet",
+        ],
+        &[],
+    );
+    assert!(
+        o.status.success(),
+        "mpirun -n {ranks} failed:\n{}",
+        text(&o)
+    );
+    let (got, want) = (losses(&out), losses(&single));
+    assert_eq!(got.len(), want.len());
+    for (s, (g, w)) in got.iter().zip(&want).enumerate() {
+        assert!(
+            (g - w).abs() <= 1e-5 * w.abs(),
+            "{ranks} ranks: loss at step {}: {g} vs {w}",
+            s + 1
+        );
+    }
+    assert_params_close(
+        &format!("{ranks} ranks vs 1 process"),
+        &params(&out),
+        &params(&single),
+    );
+    text(&o)
+}
+
+#[test]
+fn grids_equal_one_process() {
+    let mut run = run_config();
+    run.train.steps = 8;
+    run.train.checkpoint_every = 0;
+    run.train.parallel = clt::train::Parallel::Grid;
+    // 2 feature shards x 2 replicas, the partials' all-reduce overlapped.
+    run.train.feature_shards = Some(2);
+    run.train.overlap = true;
+    let log = agrees_with_one_process(&run, 4);
+    assert!(
+        log.contains("4 rank(s) (2 feature shards x 2 replicas)"),
+        "{log}"
+    );
+    // Degenerate: 1 shard x 2 replicas (data-parallel through the grid's step).
+    run.train.feature_shards = Some(1);
+    run.train.overlap = false;
+    let log = agrees_with_one_process(&run, 2);
+    assert!(log.contains("(1 feature shards x 2 replicas)"), "{log}");
+}
+
+fn failing_run(fault: &str) -> (String, Duration, PathBuf, tempfile::TempDir) {
+    failing_run_of(&run_config(), 2, fault)
+}
+
+fn failing_run_of(
+    run: &RunConfig,
+    ranks: usize,
+    fault: &str,
+) -> (String, Duration, PathBuf, tempfile::TempDir) {
+    let _job = one_job();
+    let tmp = tempfile::tempdir().unwrap();
+    let cfg = write_config(tmp.path(), "run.toml", run);
     let out = tmp.path().join("run");
     let (o, took) = mpirun(
-        2,
+        ranks,
         &[
             "train",
             "--config",
@@ -317,6 +431,28 @@ fn a_hung_rank_stops_the_job_within_the_bound_naming_it() {
     );
     // Bound: twice the 4 s collective timeout, plus start-up and the steps before the fault.
     assert!(took < Duration::from_secs(40), "took {took:?}");
+    assert!(
+        checkpoint::resolve(&out)
+            .unwrap()
+            .ends_with("step_00000004")
+    );
+    checkpoint::load_transcoder(&out).unwrap();
+}
+
+#[test]
+fn a_hung_rank_of_an_overlapped_grid_stops_the_job_naming_it() {
+    // Rank 3 hangs: rank 2 waits in the overlapped partials' all-reduce (their replica), rank 1 in the
+    // gradients' all-reduce (their shard), rank 0 behind rank 2; every live rank answers the probe.
+    let mut run = run_config();
+    run.train.parallel = clt::train::Parallel::Grid;
+    run.train.feature_shards = Some(2);
+    run.train.overlap = true;
+    let (log, took, out, _tmp) = failing_run_of(&run, 4, "hang:3:6");
+    assert!(
+        log.contains("no answer from rank(s) [3]"),
+        "the watchdog must name rank 3 alone:\n{log}"
+    );
+    assert!(took < Duration::from_secs(45), "took {took:?}");
     assert!(
         checkpoint::resolve(&out)
             .unwrap()

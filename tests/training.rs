@@ -225,6 +225,11 @@ batch_size = 32
 kind = "synthetic"
 "#;
     assert!(RunConfig::from_toml(base).is_ok());
+    let grid = base.replace(
+        "steps = 10",
+        "steps = 10\nparallel = \"grid\"\nfeature_shards = 2\noverlap = true",
+    );
+    assert!(RunConfig::from_toml(&grid).is_ok());
     let cases = [
         ("n_features = 16", "n_features = 0", "model.n_features"),
         ("batch_size = 32", "batch_size = 0", "train.batch_size"),
@@ -255,6 +260,26 @@ kind = "synthetic"
             "n_features = 16",
             "n_features = 16\n[model.activation]\nkind = \"topk\"\nk = 40",
             "model.activation.k",
+        ),
+        (
+            "steps = 10",
+            "steps = 10\nparallel = \"grid\"",
+            "train.feature_shards",
+        ),
+        (
+            "steps = 10",
+            "steps = 10\nparallel = \"grid\"\nfeature_shards = 0",
+            "train.feature_shards",
+        ),
+        (
+            "steps = 10",
+            "steps = 10\nfeature_shards = 2",
+            "train.feature_shards",
+        ),
+        (
+            "steps = 10",
+            "steps = 10\nparallel = \"data\"\noverlap = true",
+            "train.overlap",
         ),
     ];
     for (from, to, field) in cases {

@@ -119,19 +119,41 @@ fn run<C: Comm>(c: C, args: &TrainArgs) -> Result<()> {
             }
         }
         let pct = |s: f64| 100.0 * s / t.step_s.max(1e-12);
-        let what = match trainer.run.train.parallel {
-            crate::train::Parallel::Features => "partials",
-            crate::train::Parallel::Data => "gradients",
+        let g = trainer.grid;
+        let (what, grads) = match trainer.run.train.parallel {
+            crate::train::Parallel::Features => ("partials", String::new()),
+            crate::train::Parallel::Data => ("gradients", String::new()),
+            crate::train::Parallel::Grid => {
+                ("partials", format!(", of gradients {:.1}%", pct(t.grads_s)))
+            }
+        };
+        let layout = if trainer.run.train.parallel == crate::train::Parallel::Grid {
+            format!(" ({} feature shards x {} replicas)", g.shards, g.replicas)
+        } else {
+            String::new()
+        };
+        let overlap = if trainer.run.train.overlap {
+            " (overlapped with decoding)"
+        } else {
+            ""
         };
         println!(
-            "{size} rank(s), {} steps: {:.1} ms/step; all-reduce of {what} {:.1}%, of statistics {:.1}%, \
-             data wait {:.1}% of the step (rank 0)",
+            "{size} rank(s){layout}, {} steps: {:.1} ms/step; all-reduce of {what}{overlap} {:.1}%{grads}, \
+             of statistics {:.1}%, data wait {:.1}% of the step (rank 0)",
             t.steps,
             1e3 * t.step_s / t.steps.max(1) as f64,
             pct(t.reduce_s),
             pct(t.stats_s),
             pct(t.data_s)
         );
+        if trainer.run.train.parallel != crate::train::Parallel::Data {
+            println!(
+                "decode and all-reduce of the partials: {:.1} ms/step (decode {:.1}, all-reduce {:.1})",
+                1e3 * (t.decode_s + t.reduce_s) / t.steps.max(1) as f64,
+                1e3 * t.decode_s / t.steps.max(1) as f64,
+                1e3 * t.reduce_s / t.steps.max(1) as f64,
+            );
+        }
         println!(
             "checkpoint: {}",
             super::checkpoint::resolve(&args.out)?.display()

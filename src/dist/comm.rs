@@ -5,19 +5,38 @@
 use crate::Result;
 
 /// A group of ranks that train one model together.
-pub trait Comm {
+pub trait Comm: Sized {
     /// This process's rank, `0..size()`.
     fn rank(&self) -> usize;
     /// The number of ranks.
     fn size(&self) -> usize;
     /// Element-wise sum over all ranks, in place; every rank gets the same result.
     fn sum_f32(&self, what: &str, buf: &mut [f32]) -> Result<()>;
+    /// Sums each of `parts` element-wise over all ranks, in place, part `i` first written by `fill(i, part)`.
+    /// An implementation may start summing part `i` as soon as it is filled, so that it proceeds while part
+    /// `i + 1` is being filled (MPI does, non-blocking); the results are those of [`Comm::sum_f32`] on each
+    /// part. This default fills and sums one part after the other.
+    fn sum_f32_parts(
+        &self,
+        what: &str,
+        parts: &mut [Vec<f32>],
+        fill: &mut dyn FnMut(usize, &mut [f32]),
+    ) -> Result<()> {
+        for (i, p) in parts.iter_mut().enumerate() {
+            fill(i, p);
+            self.sum_f32(what, p)?;
+        }
+        Ok(())
+    }
     /// Element-wise sum over all ranks, in place (statistics and counts; exact for integers below 2^53).
     fn sum_f64(&self, what: &str, buf: &mut [f64]) -> Result<()>;
     /// Every rank's `value`, indexed by rank.
     fn gather_u64(&self, what: &str, value: u64) -> Result<Vec<u64>>;
     /// Waits until every rank has arrived.
     fn barrier(&self, what: &str) -> Result<()>;
+    /// Splits the group (a collective): the ranks that pass the same `color` form a new group, ranked by
+    /// `key` (ties by rank here). A 2-D grid holds one such group per axis.
+    fn split(&self, color: usize, key: usize) -> Result<Self>;
     /// Ends every rank of the job at once (after an error on this one, so the others do not wait for it).
     fn abort(&self, code: i32) -> !;
 }
@@ -44,6 +63,9 @@ impl Comm for SelfComm {
     }
     fn barrier(&self, _what: &str) -> Result<()> {
         Ok(())
+    }
+    fn split(&self, _color: usize, _key: usize) -> Result<Self> {
+        Ok(SelfComm)
     }
     fn abort(&self, code: i32) -> ! {
         std::process::exit(code)

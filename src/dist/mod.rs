@@ -4,13 +4,16 @@
 //! biases, thresholds and all their decoder rows); decoder biases and skip weights are replicated. A step is
 //! a local sparse encode and decode into a partial reconstruction, one all-reduce (sum) of the `[B][L][d]`
 //! partials, then the loss and its residual, identical on every rank, a local backward and a local Adam step.
-//! See `docs/distributed.md` for the design, its communication model and measurements.
+//! Data parallelism (`parallel = "data"`) and a 2-D grid of both (`parallel = "grid"`) use the same trainer.
+//! See `docs/distributed.md` for the design and measurements, `docs/scaling.md` for the communication model.
 //!
 //! - [`comm`]: the collectives the trainer needs ([`comm::Comm`]) and the single-process one;
 //! - `mpi` (the `mpi` cargo feature): the MPI world, its timed collectives and the dead-rank watchdog;
+//! - `nccl` (the `cuda` and `mpi` features together): a device-buffer all-reduce through NCCL, bootstrapped
+//!   by MPI (not used by the trainer yet, never run on a GPU);
 //! - [`shard`]: which features a rank owns, and slicing/assembling parameters;
 //! - [`checkpoint`]: sharded checkpoints (a shard per rank, a manifest), loadable into any number of ranks;
-//! - [`trainer`]: the feature-sharded training step and loop;
+//! - [`trainer`]: the distributed training step (feature-sharded, data-parallel, grid) and loop;
 //! - [`cli`]: what `clt train` runs when launched by `mpirun` or resuming a sharded checkpoint.
 //!
 //! ```no_run
@@ -26,5 +29,7 @@ pub mod cli;
 pub mod comm;
 #[cfg(feature = "mpi")]
 pub mod mpi;
+#[cfg(all(feature = "cuda", feature = "mpi"))]
+pub mod nccl;
 pub mod shard;
 pub mod trainer;

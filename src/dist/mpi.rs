@@ -1,5 +1,6 @@
 //! The MPI world (the `mpi` feature): one RAII handle that initialises MPI and finalises it on drop, and
-//! [`MpiComm`], the trainer's collectives over `MPI_COMM_WORLD` with a deadline.
+//! [`MpiComm`], the trainer's collectives over `MPI_COMM_WORLD` (or a group split from it, one per axis of
+//! a 2-D grid) with a deadline.
 //!
 //! What is subtle here:
 //! - No collective blocks without a bound. Each one is started non-blocking (`MPI_Iallreduce`, ...) and
@@ -8,7 +9,13 @@
 //!   bound; the ranks that do not answer are named in its message, and it aborts the whole job
 //!   (`MPI_Abort`). A dead or hung rank therefore stops the job within twice the timeout, with a message
 //!   naming it. (A rank that *exits* is usually noticed sooner by the launcher itself: Open MPI's `mpirun`
-//!   ends the job and names the rank as soon as one process exits without finalising.)
+//!   ends the job and names the rank as soon as one process exits without finalising.) The probe goes to
+//!   every rank of the *world*, also from a split group's collective, and names world ranks: in a grid, a
+//!   hung rank stalls its groups' collectives, which stall the other groups a step later at most, so every
+//!   live rank times out and answers (the bound assumes the ranks drift apart by less than the timeout).
+//! - [`Comm::sum_f32_parts`] keeps one all-reduce per part in flight while the caller fills the next part;
+//!   Open MPI progresses non-blocking collectives only inside MPI calls, so each part's start also tests the
+//!   ones before it. The wait for the last ones has the same deadline as every other collective.
 //! - Only the main thread calls MPI (rayon's workers never do), so `MPI_THREAD_FUNNELED` suffices.
 //! - rsmpi's wrappers are safe; this module has no `unsafe` of its own.
 
@@ -16,7 +23,7 @@ use super::comm::Comm;
 use crate::{Error, Result};
 use mpi::collective::SystemOperation;
 use mpi::environment::Universe;
-use mpi::topology::SimpleCommunicator;
+use mpi::topology::{Color, SimpleCommunicator};
 use mpi::traits::*;
 use std::rc::Rc;
 use std::time::{Duration, Instant};
@@ -64,18 +71,37 @@ impl World {
 
     /// The collectives over the whole world.
     pub fn comm(&self) -> MpiComm {
+        let world = Rc::new(self.universe.world());
         MpiComm {
-            world: Rc::new(self.universe.world()),
+            group: world.clone(),
+            world,
             timeout: self.timeout,
         }
     }
 }
 
-/// Collectives over `MPI_COMM_WORLD`, each with a deadline.
+/// Collectives over a group of ranks (`MPI_COMM_WORLD` or a group split from it), each with a deadline.
 #[derive(Clone)]
 pub struct MpiComm {
+    /// The ranks this handle's collectives span.
+    group: Rc<SimpleCommunicator>,
+    /// The whole job: liveness probes and aborts.
     world: Rc<SimpleCommunicator>,
     timeout: Duration,
+}
+
+type PartRequest<'a, 's> = mpi::request::Request<'a, [f32], &'s mpi::request::LocalScope<'a>>;
+
+/// Tests every pending request once (which also lets MPI progress them); true when none is left.
+fn test_all(pending: &mut [Option<PartRequest<'_, '_>>]) -> bool {
+    for slot in pending.iter_mut() {
+        if let Some(r) = slot.take()
+            && let Err(r) = r.test()
+        {
+            *slot = Some(r);
+        }
+    }
+    pending.iter().all(|s| s.is_none())
 }
 
 /// Polls `test` until it reports completion or `deadline` passes; false on timeout.
@@ -101,8 +127,8 @@ impl MpiComm {
     /// The collective `what` did not finish in time: find out which ranks still answer, name the others, and
     /// end the job.
     fn timed_out(&self, what: &str) -> ! {
-        let me = self.rank();
-        let n = self.size();
+        let me = self.world.rank() as usize;
+        let n = self.world.size() as usize;
         let mine = me as u64;
         let mut replies = vec![u64::MAX; n];
         mpi::request::scope(|scope| {
@@ -165,20 +191,69 @@ impl MpiComm {
     }
 }
 
+impl MpiComm {
+    /// Rank 0's `buf` on every rank of the group (NCCL's unique id), with the usual deadline.
+    pub fn broadcast_bytes(&self, what: &str, buf: &mut [u8]) -> Result<()> {
+        let deadline = Instant::now() + self.timeout;
+        let root = self.group.process_at_rank(0);
+        mpi::request::scope(|scope| {
+            let mut req = Some(root.immediate_broadcast_into(scope, buf));
+            if !poll_until(deadline, || match req.take().map(|r| r.test()) {
+                Some(Ok(_)) | None => true,
+                Some(Err(r)) => {
+                    req = Some(r);
+                    false
+                }
+            }) {
+                self.timed_out(what);
+            }
+        });
+        Ok(())
+    }
+}
+
 impl Comm for MpiComm {
     fn rank(&self) -> usize {
-        self.world.rank() as usize
+        self.group.rank() as usize
     }
 
     fn size(&self) -> usize {
-        self.world.size() as usize
+        self.group.size() as usize
+    }
+
+    fn sum_f32_parts(
+        &self,
+        what: &str,
+        parts: &mut [Vec<f32>],
+        fill: &mut dyn FnMut(usize, &mut [f32]),
+    ) -> Result<()> {
+        let mut sends: Vec<Vec<f32>> = parts.iter().map(|p| vec![0.0; p.len()]).collect();
+        mpi::request::scope(|scope| {
+            let mut pending: Vec<Option<PartRequest<'_, '_>>> = Vec::with_capacity(parts.len());
+            for (i, (send, recv)) in sends.iter_mut().zip(parts.iter_mut()).enumerate() {
+                fill(i, send);
+                let send: &[f32] = send;
+                pending.push(Some(self.group.immediate_all_reduce_into(
+                    scope,
+                    send,
+                    &mut recv[..],
+                    SystemOperation::sum(),
+                )));
+                test_all(&mut pending);
+            }
+            let deadline = Instant::now() + self.timeout;
+            if !poll_until(deadline, || test_all(&mut pending)) {
+                self.timed_out(what);
+            }
+        });
+        Ok(())
     }
 
     fn sum_f32(&self, what: &str, buf: &mut [f32]) -> Result<()> {
         let send = buf.to_vec();
         let deadline = Instant::now() + self.timeout;
         mpi::request::scope(|scope| {
-            let mut req = Some(self.world.immediate_all_reduce_into(
+            let mut req = Some(self.group.immediate_all_reduce_into(
                 scope,
                 &send[..],
                 buf,
@@ -201,7 +276,7 @@ impl Comm for MpiComm {
         let send = buf.to_vec();
         let deadline = Instant::now() + self.timeout;
         mpi::request::scope(|scope| {
-            let mut req = Some(self.world.immediate_all_reduce_into(
+            let mut req = Some(self.group.immediate_all_reduce_into(
                 scope,
                 &send[..],
                 buf,
@@ -225,7 +300,7 @@ impl Comm for MpiComm {
         let deadline = Instant::now() + self.timeout;
         mpi::request::scope(|scope| {
             let mut req = Some(
-                self.world
+                self.group
                     .immediate_all_gather_into(scope, &value, &mut out[..]),
             );
             if !poll_until(deadline, || match req.take().map(|r| r.test()) {
@@ -243,7 +318,7 @@ impl Comm for MpiComm {
 
     fn barrier(&self, what: &str) -> Result<()> {
         let deadline = Instant::now() + self.timeout;
-        let mut req = Some(self.world.immediate_barrier());
+        let mut req = Some(self.group.immediate_barrier());
         if !poll_until(deadline, || match req.take().map(|r| r.test()) {
             Some(Ok(_)) | None => true,
             Some(Err(r)) => {
@@ -254,6 +329,31 @@ impl Comm for MpiComm {
             self.timed_out(what);
         }
         Ok(())
+    }
+
+    fn split(&self, color: usize, key: usize) -> Result<Self> {
+        let int = |v: usize, name: &str| {
+            i32::try_from(v).map_err(|_| Error::Distributed {
+                rank: self.world.rank() as usize,
+                reason: format!("communicator split: {name} {v} exceeds an MPI int"),
+            })
+        };
+        let (color, key) = (int(color, "color")?, int(key, "key")?);
+        // MPI_Comm_split blocks until every rank of the group calls it: the timed barrier first bounds that
+        // wait like every other collective's.
+        self.barrier("communicator split")?;
+        let group = self
+            .group
+            .split_by_color_with_key(Color::with_value(color), key)
+            .ok_or_else(|| Error::Distributed {
+                rank: self.world.rank() as usize,
+                reason: "MPI_Comm_split returned no communicator".into(),
+            })?;
+        Ok(MpiComm {
+            group: Rc::new(group),
+            world: self.world.clone(),
+            timeout: self.timeout,
+        })
     }
 
     fn abort(&self, code: i32) -> ! {

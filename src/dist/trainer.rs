@@ -1,6 +1,8 @@
-//! The distributed training step and loop: feature-sharded (the default) or data-parallel
+//! The distributed training step and loop: feature-sharded (the default), data-parallel
 //! (`[train] parallel = "data"`: every rank holds the whole model, takes its slice of each batch through the
-//! single-process step, and the gradients are summed across ranks, each weighted by its share of the tokens).
+//! single-process step, and the gradients are summed across ranks, each weighted by its share of the tokens),
+//! or both on a 2-D grid (`parallel = "grid"`, `feature_shards = k`: world rank `r` holds feature shard
+//! `r mod k` of replica `r / k`; see [`Grid`]).
 //!
 //! What is subtle here (feature sharding):
 //! - The step is the single-process sparse step cut in two ([`backward`] after the forward): the local
@@ -15,13 +17,24 @@
 //!   replicated tensors' squared norm is counted once. Clipping therefore uses the global norm.
 //! - Every rank runs the same sequence of collectives (logging and checkpoint decisions depend on the step
 //!   only), which is what keeps them in lock step.
+//!
+//! On a grid, the feature-sharded step runs on the replica's slice of the batch with the partials summed over
+//! the replica's feature group (`feat`); then each shard's gradient, weighted by the slice's share of the
+//! tokens, is summed over the ranks that hold the same shard (`data`), exactly as data-parallel sums whole
+//! gradients; the statistics are summed over the whole world, the quantities every shard of a replica holds
+//! (reconstruction loss, squared errors) counted by shard 0 only and those every replica holds after the
+//! gradient sum (the shard's squared gradient norm) by replica 0 only, so clipping sees the global norm and
+//! rank 0 reports what one process would. With `overlap`, the partials' all-reduce runs per target layer,
+//! each started as soon as the decode of its source layer completes it ([`Comm::sum_f32_parts`]).
 
 use super::checkpoint::{self, Manifest, ShardData};
 use super::comm::Comm;
 use super::shard::{check_shardable, feature_range, init_shard, local_config};
 use crate::backend::cpu::adam::{self, AdamHyper, AdamState};
 use crate::backend::cpu::encode::encode_all_with;
-use crate::backend::cpu::sparse::{add_skip, backward, decode_features, thresholds};
+use crate::backend::cpu::sparse::{
+    add_skip, backward, decode_features, decode_layers, decode_start, thresholds,
+};
 use crate::backend::grads::target_variance;
 use crate::backend::{BackendKind, Grads, Objective, StepStats, ThresholdGrad};
 use crate::clt::params::decoder_norms;
@@ -46,8 +59,14 @@ pub struct Timing {
     pub step_s: f64,
     /// Waiting for batches.
     pub data_s: f64,
-    /// The all-reduce of the partial reconstructions.
+    /// The all-reduce of the partial reconstructions (data-parallel: of the gradients); with `overlap`, the
+    /// time in the collective calls that is not decoding.
     pub reduce_s: f64,
+    /// The all-reduce of the shards' gradients over the replicas (grid).
+    pub grads_s: f64,
+    /// The sparse decode of the partial reconstructions (feature-sharded and grid): with `reduce_s`, the
+    /// phase that `overlap` shortens.
+    pub decode_s: f64,
     /// The all-reduce of statistics and squared gradient norms.
     pub stats_s: f64,
 }
@@ -59,6 +78,12 @@ pub struct ShardedTrainer<C: Comm> {
     pub comm: C,
     /// The features of every layer this rank owns.
     pub range: Range<usize>,
+    /// The arrangement of the ranks.
+    pub grid: Grid,
+    /// The ranks of this rank's replica (they hold its feature shards): the partials' all-reduce.
+    feat: C,
+    /// The ranks holding this rank's feature shard (one per replica): the gradients' all-reduce.
+    data: C,
     /// This rank's parameters (features `range`; replicated decoder biases and skip weights).
     pub params: Params,
     pub norms: NormScales,
@@ -137,26 +162,136 @@ fn check_backend(run: &RunConfig) -> Result<()> {
     Ok(())
 }
 
+/// How the ranks of a run are arranged: `shards` ranks share each replica's features and `replicas`
+/// replicas split each batch (feature-sharded: one replica; data-parallel: one shard). World rank `r` holds
+/// feature shard `r mod shards` of replica `r / shards`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Grid {
+    pub shards: usize,
+    pub replicas: usize,
+}
+
+impl Grid {
+    /// The arrangement of `world` ranks that `run` asks for (one process is one shard of one replica).
+    pub fn of(run: &RunConfig, world: usize) -> Grid {
+        let world = world.max(1);
+        match run.train.parallel {
+            Parallel::Features => Grid {
+                shards: world,
+                replicas: 1,
+            },
+            Parallel::Data => Grid {
+                shards: 1,
+                replicas: world,
+            },
+            Parallel::Grid => {
+                let k = run.train.feature_shards.unwrap_or(1).clamp(1, world);
+                Grid {
+                    shards: k,
+                    replicas: world / k,
+                }
+            }
+        }
+    }
+
+    /// The feature shard world rank `rank` holds.
+    pub fn shard(&self, rank: usize) -> usize {
+        rank % self.shards
+    }
+
+    /// The replica world rank `rank` belongs to.
+    pub fn replica(&self, rank: usize) -> usize {
+        rank / self.shards
+    }
+}
+
 /// The features rank `rank` of `world` holds: its shard, or all of them in data-parallel mode.
 pub fn rank_range(run: &RunConfig, rank: usize, world: usize) -> Range<usize> {
-    match run.train.parallel {
-        Parallel::Features => feature_range(run.model.n_features, rank, world),
-        Parallel::Data => 0..run.model.n_features,
-    }
+    let g = Grid::of(run, world);
+    feature_range(run.model.n_features, g.shard(rank), g.shards)
 }
 
 /// Checks that the model can be split over `world` ranks the way the configuration asks.
 fn check_split(run: &RunConfig, world: usize) -> Result<()> {
-    match run.train.parallel {
-        Parallel::Features => check_shardable(&run.model, world),
-        Parallel::Data => match run.model.activation {
-            crate::clt::Activation::BatchTopK { .. } if world > 1 => Err(Error::Unsupported(
+    if let (Parallel::Grid, Some(k)) = (run.train.parallel, run.train.feature_shards)
+        && world > 1
+        && !world.is_multiple_of(k)
+    {
+        return Err(Error::config(
+            "train.feature_shards",
+            format!("{k} feature shards do not divide the {world} ranks"),
+        ));
+    }
+    let g = Grid::of(run, world);
+    check_shardable(&run.model, g.shards)?;
+    if g.replicas > 1 {
+        if let crate::clt::Activation::BatchTopK { .. } = run.model.activation {
+            return Err(Error::Unsupported(
                 "data-parallel BatchTopK: its selection spans the whole batch, which no rank sees"
                     .into(),
-            )),
-            _ => Ok(()),
-        },
+            ));
+        }
+        if run.train.batch_size < g.replicas {
+            return Err(Error::config(
+                "train.batch_size",
+                format!(
+                    "{} tokens cannot be split over {} data-parallel replicas",
+                    run.train.batch_size, g.replicas
+                ),
+            ));
+        }
     }
+    Ok(())
+}
+
+/// The two axes of the grid as groups of `comm`: the ranks of this rank's replica (ranked by shard), and
+/// the ranks holding this rank's shard (ranked by replica).
+fn grid_axes<C: Comm>(comm: &C, grid: Grid) -> Result<(C, C)> {
+    let (shard, replica) = (grid.shard(comm.rank()), grid.replica(comm.rank()));
+    let feat = comm.split(replica, shard)?;
+    let data = comm.split(shard, replica)?;
+    Ok((feat, data))
+}
+
+/// Weights every gradient tensor (the decoder's data term and norm coefficients included) by `w`, and sums
+/// them over `comm` in one all-reduce with the touched-row flags and the per-feature firing counts. Every
+/// term of the loss is a mean over tokens, so when `w` is each rank's share of the batch the sum is the
+/// gradient of the whole batch.
+fn sum_gradients<C: Comm>(
+    comm: &C,
+    cfg: &CltConfig,
+    g: &mut Grads,
+    active_count: &mut [Vec<u32>],
+    w: f64,
+) -> Result<()> {
+    let mut buf: Vec<f32> = Vec::with_capacity(g.p.len() + 3 * cfg.n_layers * cfg.n_features);
+    for t in g.p.tensors() {
+        buf.extend(t.iter().map(|v| v * w as f32));
+    }
+    for c in &g.dec_coef {
+        buf.extend(c.iter().map(|v| v * w as f32));
+    }
+    for t in &g.dec_touched {
+        buf.extend(t.iter().map(|b| if *b { 1.0 } else { 0.0 }));
+    }
+    for c in active_count.iter() {
+        buf.extend(c.iter().map(|v| *v as f32));
+    }
+    comm.sum_f32("all-reduce of the gradients", &mut buf)?;
+    let mut it = buf.into_iter();
+    for t in g.p.tensors_mut() {
+        t.iter_mut().zip(&mut it).for_each(|(v, s)| *v = s);
+    }
+    for c in g.dec_coef.iter_mut() {
+        c.iter_mut().zip(&mut it).for_each(|(v, s)| *v = s);
+    }
+    for t in g.dec_touched.iter_mut() {
+        t.iter_mut().zip(&mut it).for_each(|(v, s)| *v = s > 0.0);
+    }
+    for c in active_count.iter_mut() {
+        c.iter_mut().zip(&mut it).for_each(|(v, s)| *v = s as u32);
+    }
+    Ok(())
 }
 
 impl<C: Comm> ShardedTrainer<C> {
@@ -187,6 +322,8 @@ impl<C: Comm> ShardedTrainer<C> {
         }
         let t = &run.train;
         let range = rank_range(&run, comm.rank(), comm.size());
+        let grid = Grid::of(&run, comm.size());
+        let (feat, data_comm) = grid_axes(&comm, grid)?;
         let local = local_config(cfg, &range);
         let mut rng = Rng::seed(t.seed);
         let (mut norms, mut calib) =
@@ -205,7 +342,16 @@ impl<C: Comm> ShardedTrainer<C> {
             params,
         };
         Ok(Self::assemble(
-            run, comm, range, data, norms, 0, 0, 0, rng, source,
+            run,
+            [comm, feat, data_comm],
+            range,
+            data,
+            norms,
+            0,
+            0,
+            0,
+            rng,
+            source,
         ))
     }
 
@@ -238,9 +384,10 @@ impl<C: Comm> ShardedTrainer<C> {
         check_same_config(&comm, &run)?;
         check_backend(&run)?;
         source.restore(&m.source_position)?;
+        let (feat, data_comm) = grid_axes(&comm, Grid::of(&run, comm.size()))?;
         Ok(Self::assemble(
             run,
-            comm,
+            [comm, feat, data_comm],
             range,
             data,
             m.norms,
@@ -255,7 +402,7 @@ impl<C: Comm> ShardedTrainer<C> {
     #[allow(clippy::too_many_arguments)]
     fn assemble(
         run: RunConfig,
-        comm: C,
+        [comm, feat, data_comm]: [C; 3],
         range: Range<usize>,
         data: ShardData,
         norms: NormScales,
@@ -291,8 +438,11 @@ impl<C: Comm> ShardedTrainer<C> {
             source,
             batch: Batch::default(),
             fault: fault_from_env(),
+            grid: Grid::of(&run, comm.size()),
             range,
             comm,
+            feat,
+            data: data_comm,
             run,
         }
     }
@@ -352,7 +502,9 @@ impl<C: Comm> ShardedTrainer<C> {
         let n = self.batch.n_tokens;
         let (clip_norm, lr) = (t.clip_norm, schedule::learning_rate(t, self.step));
         let (stats, grad_norm) = match t.parallel {
-            Parallel::Features => self.feature_sharded_grads(&obj, dead_mask.as_deref())?,
+            Parallel::Features | Parallel::Grid => {
+                self.feature_sharded_grads(&obj, dead_mask.as_deref())?
+            }
             Parallel::Data => self.data_parallel_grads(&obj, dead_mask.as_deref())?,
         };
         if !stats.loss().is_finite() {
@@ -403,31 +555,53 @@ impl<C: Comm> ShardedTrainer<C> {
         })
     }
 
-    /// The feature-sharded step's loss and gradient: local encode and decode, the partials summed across
-    /// ranks, the local backward, the per-feature statistics summed.
+    /// The feature-sharded step's loss and gradient: local encode and decode of this replica's slice of the
+    /// batch (all of it without replicas), the partials summed over the replica's ranks, the local backward,
+    /// the shard's gradient summed over the replicas (weighted by their shares of the tokens), the
+    /// statistics summed.
     fn feature_sharded_grads(
         &mut self,
         obj: &Objective,
         dead_mask: Option<&[Vec<bool>]>,
     ) -> Result<(StepStats, f64)> {
         let local = &self.local;
-        let (x, y, n) = (&self.batch.x, &self.batch.y, self.batch.n_tokens);
+        let row = local.n_layers * local.d_model;
+        let (replica, replicas) = (self.data.rank(), self.data.size());
+        let n = self.batch.n_tokens;
+        let (lo, hi) = (n * replica / replicas, n * (replica + 1) / replicas);
+        let (x, y) = (
+            &self.batch.x[lo * row..hi * row],
+            &self.batch.y[lo * row..hi * row],
+        );
+        let nl = hi - lo;
         let by_h = obj.threshold_grad == ThresholdGrad::Preact;
         let thetas = thresholds(&self.params);
-        let codes = encode_all_with(local, &self.params, x, n, &thetas, obj.bandwidth, by_h);
-        let mut yhat = decode_features(local, &self.params, &codes, n, self.comm.rank() == 0);
-        let reduce = Instant::now();
-        self.comm
-            .sum_f32("all-reduce of the partial reconstructions", &mut yhat)?;
-        self.timing.reduce_s += reduce.elapsed().as_secs_f64();
-        add_skip(local, &self.params, x, n, &mut yhat);
+        let codes = encode_all_with(local, &self.params, x, nl, &thetas, obj.bandwidth, by_h);
+        let with_bias = self.feat.rank() == 0;
+        let what = "all-reduce of the partial reconstructions";
+        let mut yhat = if self.run.train.overlap {
+            let (yhat, decode_s, reduce_s) =
+                overlapped_partials(&self.feat, what, local, &self.params, &codes, nl, with_bias)?;
+            self.timing.reduce_s += reduce_s;
+            self.timing.decode_s += decode_s;
+            yhat
+        } else {
+            let decode = Instant::now();
+            let mut yhat = decode_features(local, &self.params, &codes, nl, with_bias);
+            self.timing.decode_s += decode.elapsed().as_secs_f64();
+            let reduce = Instant::now();
+            self.feat.sum_f32(what, &mut yhat)?;
+            self.timing.reduce_s += reduce.elapsed().as_secs_f64();
+            yhat
+        };
+        add_skip(local, &self.params, x, nl, &mut yhat);
         let mut stats = backward(
             local,
             &self.params,
             &self.dec_norms,
             x,
             y,
-            n,
+            nl,
             obj,
             dead_mask,
             &thetas,
@@ -435,10 +609,26 @@ impl<C: Comm> ShardedTrainer<C> {
             yhat,
             &mut self.grads,
         );
+        // This slice's share of the batch's tokens (exactly 1 without replicas).
+        let w = nl as f64 / n.max(1) as f64;
+        if replicas > 1 {
+            let t = Instant::now();
+            sum_gradients(
+                &self.data,
+                local,
+                &mut self.grads,
+                &mut stats.active_count,
+                w,
+            )?;
+            self.timing.grads_s += t.elapsed().as_secs_f64();
+            // Every rank holds the whole batch: the target variance needs no communication.
+            stats.target_var = target_variance(&self.batch.y, n, local.n_layers, local.d_model);
+            stats.n_tokens = n;
+        }
         let (feat_sq, shared_sq) =
             adam::grad_sq_parts(local, &self.params, &self.grads, &self.dec_norms);
         let stats_t = Instant::now();
-        let grad_norm = self.reduce_stats(&mut stats, feat_sq, shared_sq)?;
+        let grad_norm = self.reduce_stats(&mut stats, feat_sq, shared_sq, w)?;
         self.timing.stats_s += stats_t.elapsed().as_secs_f64();
         Ok((stats, grad_norm))
     }
@@ -472,36 +662,9 @@ impl<C: Comm> ShardedTrainer<C> {
         // Every term of the loss is a mean over tokens: weighting each rank's mean by its share of the batch
         // and summing gives the mean over the whole batch.
         let w = (hi - lo) as f64 / n.max(1) as f64;
-        let g = &mut self.grads;
-        let mut buf: Vec<f32> = Vec::with_capacity(g.p.len() + 3 * cfg.n_layers * cfg.n_features);
-        for t in g.p.tensors() {
-            buf.extend(t.iter().map(|v| v * w as f32));
-        }
-        for c in &g.dec_coef {
-            buf.extend(c.iter().map(|v| v * w as f32));
-        }
-        for t in &g.dec_touched {
-            buf.extend(t.iter().map(|b| if *b { 1.0 } else { 0.0 }));
-        }
-        for c in &stats.active_count {
-            buf.extend(c.iter().map(|v| *v as f32));
-        }
         let reduce = Instant::now();
-        self.comm.sum_f32("all-reduce of the gradients", &mut buf)?;
+        sum_gradients(&self.comm, cfg, &mut self.grads, &mut stats.active_count, w)?;
         self.timing.reduce_s += reduce.elapsed().as_secs_f64();
-        let mut it = buf.into_iter();
-        for t in g.p.tensors_mut() {
-            t.iter_mut().zip(&mut it).for_each(|(v, s)| *v = s);
-        }
-        for c in g.dec_coef.iter_mut() {
-            c.iter_mut().zip(&mut it).for_each(|(v, s)| *v = s);
-        }
-        for t in g.dec_touched.iter_mut() {
-            t.iter_mut().zip(&mut it).for_each(|(v, s)| *v = s > 0.0);
-        }
-        for c in stats.active_count.iter_mut() {
-            c.iter_mut().zip(&mut it).for_each(|(v, s)| *v = s as u32);
-        }
         let l_n = cfg.n_layers;
         let mut sums = Vec::with_capacity(3 + 3 * l_n);
         sums.extend([stats.recon * w, stats.sparsity * w, stats.preact * w]);
@@ -527,14 +690,34 @@ impl<C: Comm> ShardedTrainer<C> {
         Ok((stats, grad_norm))
     }
 
-    /// Sums the per-feature statistics and the feature parameters' squared gradient norm across ranks (one
-    /// all-reduce); returns the global gradient norm.
-    fn reduce_stats(&self, stats: &mut StepStats, feat_sq: f64, shared_sq: f64) -> Result<f64> {
+    /// Sums the per-feature statistics and the feature parameters' squared gradient norm over the world (one
+    /// all-reduce); returns the global gradient norm. Each slice's means are weighted by its share `w` of the
+    /// tokens; with replicas, the reconstruction loss and squared errors (the same on every shard of a
+    /// replica) come from shard 0 of each replica, and the shard's squared gradient norm (the same on every
+    /// replica after the gradient sum) from replica 0.
+    fn reduce_stats(
+        &self,
+        stats: &mut StepStats,
+        feat_sq: f64,
+        shared_sq: f64,
+        w: f64,
+    ) -> Result<f64> {
         let l_n = self.local.n_layers;
-        let mut buf = Vec::with_capacity(3 + 2 * l_n);
-        buf.extend([stats.sparsity, stats.preact, feat_sq]);
+        let replicas = self.data.size();
+        let first_shard = if self.feat.rank() == 0 { 1.0 } else { 0.0 };
+        let first_replica = if self.data.rank() == 0 { 1.0 } else { 0.0 };
+        let mut buf = Vec::with_capacity(4 + 3 * l_n);
+        buf.extend([
+            stats.sparsity * w,
+            stats.preact * w,
+            feat_sq * first_replica,
+        ]);
         buf.extend(stats.n_active.iter().map(|v| *v as f64));
         buf.extend(stats.n_window.iter().map(|v| *v as f64));
+        if replicas > 1 {
+            buf.push(stats.recon * w * first_shard);
+            buf.extend(stats.sq_err.iter().map(|v| v * first_shard));
+        }
         self.comm
             .sum_f64("all-reduce of the step statistics", &mut buf)?;
         stats.sparsity = buf[0];
@@ -542,6 +725,10 @@ impl<C: Comm> ShardedTrainer<C> {
         for l in 0..l_n {
             stats.n_active[l] = buf[3 + l] as usize;
             stats.n_window[l] = buf[3 + l_n + l] as usize;
+        }
+        if replicas > 1 {
+            stats.recon = buf[3 + 2 * l_n];
+            stats.sq_err.copy_from_slice(&buf[4 + 2 * l_n..]);
         }
         Ok((buf[2] + shared_sq).sqrt())
     }
@@ -562,9 +749,10 @@ impl<C: Comm> ShardedTrainer<C> {
             .iter()
             .map(|l| l.iter().filter(|d| **d).count() as f64)
             .collect();
-        if self.run.train.parallel == Parallel::Features {
-            // Data-parallel ranks all hold every feature's clock already.
-            self.comm
+        if self.grid.shards > 1 {
+            // The replicas of a shard hold the same clocks (their firing counts are summed every step): sum
+            // over the shards of one replica.
+            self.feat
                 .sum_f64("all-reduce of dead-feature counts", &mut counts)?;
         }
         Ok(counts.into_iter().map(|c| c as usize).collect())
@@ -630,7 +818,7 @@ impl<C: Comm> ShardedTrainer<C> {
     /// Writes a sharded checkpoint of the current state into `out/checkpoints/` and points `LATEST` at it
     /// (a collective: every rank writes its shard, rank 0 the manifest).
     pub fn save_checkpoint(&self, out: &Path) -> Result<PathBuf> {
-        let (rank, world) = (self.comm.rank(), self.comm.size());
+        let rank = self.comm.rank();
         let root = out.join("checkpoints");
         let name = format!("step_{:08}", self.step);
         let final_dir = root.join(&name);
@@ -649,11 +837,8 @@ impl<C: Comm> ShardedTrainer<C> {
             v: self.adam.v.clone(),
             last_fired: self.last_fired.clone(),
         };
-        // Data-parallel ranks hold identical models: rank 0 writes the one shard.
-        let writers = match self.run.train.parallel {
-            Parallel::Features => world,
-            Parallel::Data => 1,
-        };
+        // Replicas hold identical shards: replica 0 (world ranks `0..shards`) writes them.
+        let writers = self.grid.shards;
         if rank < writers {
             checkpoint::write_shard(&tmp, &self.run.model, rank, &self.range, &data)?;
         }
@@ -697,6 +882,44 @@ impl<C: Comm> ShardedTrainer<C> {
         self.comm.barrier("checkpoint: manifest written")?;
         Ok(final_dir)
     }
+}
+
+/// The partial reconstructions of `n` tokens summed over `comm`, one target layer at a time: source layer
+/// `l` is decoded, which completes target layer `l`, and that layer's all-reduce starts while layer `l + 1`
+/// decodes. The same bits as decoding everything and summing it at once, whenever the sum of a layer's
+/// elements over the ranks does not depend on how the buffer is cut (always with two ranks: one addition).
+/// Returns the reconstruction, the seconds spent decoding, and those spent in the collective calls but not
+/// decoding.
+fn overlapped_partials<C: Comm>(
+    comm: &C,
+    what: &str,
+    cfg: &CltConfig,
+    params: &Params,
+    codes: &[crate::backend::cpu::encode::LayerCodes],
+    n: usize,
+    with_bias: bool,
+) -> Result<(Vec<f32>, f64, f64)> {
+    let (l_n, d) = (cfg.n_layers, cfg.d_model);
+    let row = l_n * d;
+    let mut yhat = decode_start(cfg, params, n, with_bias);
+    let mut parts: Vec<Vec<f32>> = (0..l_n).map(|_| vec![0.0; n * d]).collect();
+    let mut decode_s = 0.0;
+    let started = Instant::now();
+    comm.sum_f32_parts(what, &mut parts, &mut |l, part| {
+        let t = Instant::now();
+        decode_layers(cfg, params, codes, n, l..l + 1, &mut yhat);
+        for (b, p) in part.chunks_exact_mut(d).enumerate() {
+            p.copy_from_slice(&yhat[b * row + l * d..b * row + (l + 1) * d]);
+        }
+        decode_s += t.elapsed().as_secs_f64();
+    })?;
+    let reduce_s = started.elapsed().as_secs_f64() - decode_s;
+    for (l, part) in parts.iter().enumerate() {
+        for (b, p) in part.chunks_exact(d).enumerate() {
+            yhat[b * row + l * d..b * row + (l + 1) * d].copy_from_slice(p);
+        }
+    }
+    Ok((yhat, decode_s, reduce_s))
 }
 
 /// Removes all but the newest `keep` checkpoints (never `keep_latest`).

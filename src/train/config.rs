@@ -102,6 +102,10 @@ pub enum Parallel {
     Features,
     /// Each rank holds the whole model and takes 1/N of each batch; the gradients are all-reduced.
     Data,
+    /// A 2-D grid: `feature_shards` ranks share each data-parallel replica's features, and the N /
+    /// `feature_shards` replicas each take their slice of the batch (partials all-reduced within a replica,
+    /// each shard's gradients within the ranks holding that shard).
+    Grid,
 }
 
 /// Optimisation settings. Defaults follow CLT-Forge's runners (see `docs/objective.md`).
@@ -160,6 +164,13 @@ pub struct TrainConfig {
     pub backend: BackendKind,
     /// How the ranks of a distributed run divide the work (`docs/distributed.md`).
     pub parallel: Parallel,
+    /// With `parallel = "grid"`: how many ranks share a replica's features (it must divide the number of
+    /// ranks); the other modes refuse it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub feature_shards: Option<usize>,
+    /// Start the all-reduce of each layer's partial reconstruction as soon as that layer is decoded, so it
+    /// proceeds while the next layers decode (feature-sharded and grid modes; same results as without).
+    pub overlap: bool,
 }
 
 impl Default for TrainConfig {
@@ -194,6 +205,8 @@ impl Default for TrainConfig {
             keep_checkpoints: 2,
             backend: BackendKind::Cpu,
             parallel: Parallel::Features,
+            feature_shards: None,
+            overlap: false,
         }
     }
 }
@@ -297,6 +310,30 @@ impl RunConfig {
             return Err(Error::config(
                 "train.keep_checkpoints",
                 "must be at least 1",
+            ));
+        }
+        match (t.parallel, t.feature_shards) {
+            (Parallel::Grid, None) => {
+                return Err(Error::config(
+                    "train.feature_shards",
+                    "parallel = \"grid\" needs the number of ranks sharing a replica's features",
+                ));
+            }
+            (Parallel::Grid, Some(0)) => {
+                return Err(Error::config("train.feature_shards", "must be at least 1"));
+            }
+            (Parallel::Features | Parallel::Data, Some(_)) => {
+                return Err(Error::config(
+                    "train.feature_shards",
+                    "applies only to parallel = \"grid\"",
+                ));
+            }
+            _ => {}
+        }
+        if t.overlap && t.parallel == Parallel::Data {
+            return Err(Error::config(
+                "train.overlap",
+                "overlaps the partial reconstructions' all-reduce, which parallel = \"data\" does not have",
             ));
         }
         match &self.data {

@@ -101,28 +101,61 @@ pub fn decode_features(
     n_tokens: usize,
     with_bias: bool,
 ) -> Vec<f32> {
+    let mut yhat = decode_start(cfg, params, n_tokens, with_bias);
+    decode_layers(cfg, params, codes, n_tokens, 0..cfg.n_layers, &mut yhat);
+    yhat
+}
+
+/// The reconstruction before any feature is decoded, `[B][L][d]`: `b_dec` for every token, or zero.
+pub fn decode_start(
+    cfg: &CltConfig,
+    params: &Params,
+    n_tokens: usize,
+    with_bias: bool,
+) -> Vec<f32> {
     let (l_n, d) = (cfg.n_layers, cfg.d_model);
-    let row = l_n * d;
-    let mut yhat = vec![0.0f32; n_tokens * row];
-    yhat.par_chunks_mut(row).enumerate().for_each(|(b, yr)| {
-        if with_bias {
+    let mut yhat = vec![0.0f32; n_tokens * l_n * d];
+    if with_bias {
+        yhat.par_chunks_mut(l_n * d).for_each(|yr| {
             for (k, bias) in params.b_dec.iter().enumerate() {
                 yr[k * d..(k + 1) * d].copy_from_slice(bias);
             }
-        }
-        for (l, c) in codes.iter().enumerate() {
-            let rl = cfg.dec_row_len(l);
-            let w = &params.w_dec[l];
-            for e in c.offsets[b]..c.offsets[b + 1] {
-                let a = c.act[e];
-                if a != 0.0 {
-                    let f = c.feat[e] as usize;
-                    axpy(a, &w[f * rl..(f + 1) * rl], &mut yr[l * d..l * d + rl]);
+        });
+    }
+    yhat
+}
+
+/// Adds the active features of the source layers `layers` into `yhat` (`[B][L][d]`). Each element receives
+/// its terms in source-layer order, so decoding `0..L` in one call or in consecutive ranges gives the same
+/// bits; after the range `0..l + 1`, target layer `l` is complete (a source layer writes only its own and
+/// later target layers).
+pub fn decode_layers(
+    cfg: &CltConfig,
+    params: &Params,
+    codes: &[LayerCodes],
+    n_tokens: usize,
+    layers: std::ops::Range<usize>,
+    yhat: &mut [f32],
+) {
+    let (l_n, d) = (cfg.n_layers, cfg.d_model);
+    let row = l_n * d;
+    yhat[..n_tokens * row]
+        .par_chunks_mut(row)
+        .enumerate()
+        .for_each(|(b, yr)| {
+            for l in layers.clone() {
+                let c = &codes[l];
+                let rl = cfg.dec_row_len(l);
+                let w = &params.w_dec[l];
+                for e in c.offsets[b]..c.offsets[b + 1] {
+                    let a = c.act[e];
+                    if a != 0.0 {
+                        let f = c.feat[e] as usize;
+                        axpy(a, &w[f * rl..(f + 1) * rl], &mut yr[l * d..l * d + rl]);
+                    }
                 }
             }
-        }
-    });
-    yhat
+        });
 }
 
 /// `ŷ_l += W_skip[l] x_l` for every layer (nothing without skip connections).
