@@ -62,6 +62,23 @@ fn mpirun(n: usize, args: &[&str], env: &[(&str, &str)]) -> (Output, Duration) {
     (out, t.elapsed())
 }
 
+/// `mpirun -n <ranks> clt train --config <cfg> --out <out> --quiet`, which must succeed (`what` names the run in
+/// the failure); returns its output.
+fn train_job(what: &str, ranks: usize, cfg: impl AsRef<Path>, out: &Path) -> String {
+    let (cfg, out) = (cfg.as_ref().to_str().unwrap(), out.to_str().unwrap());
+    let (o, _) = mpirun(
+        ranks,
+        &["train", "--config", cfg, "--out", out, "--quiet"],
+        &[],
+    );
+    assert!(
+        o.status.success(),
+        "{what}: mpirun -n {ranks} failed:\n{}",
+        text(&o)
+    );
+    text(&o)
+}
+
 fn text(o: &Output) -> String {
     format!(
         "{}{}",
@@ -147,20 +164,8 @@ fn two_ranks_feature_sharded_and_data_parallel_equal_one_process_and_checkpoints
 
     // 2 ranks, 12 steps.
     let two = tmp.path().join("two");
-    let (o, _) = mpirun(
-        2,
-        &[
-            "train",
-            "--config",
-            cfg,
-            "--out",
-            two.to_str().unwrap(),
-            "--quiet",
-        ],
-        &[],
-    );
-    assert!(o.status.success(), "mpirun -n 2 failed:\n{}", text(&o));
-    assert!(text(&o).contains("2 rank(s), 12 steps"), "{}", text(&o));
+    let o = train_job("feature-sharded", 2, cfg, &two);
+    assert!(o.contains("2 rank(s), 12 steps"), "{o}");
     let got_loss = losses(&two);
     assert_eq!(got_loss.len(), 12, "rank 0 alone writes metrics");
     for (s, (g, w)) in got_loss.iter().zip(&want_loss).enumerate() {
@@ -181,28 +186,8 @@ fn two_ranks_feature_sharded_and_data_parallel_equal_one_process_and_checkpoints
     ov.train.overlap = true;
     let ov_cfg = write_config(tmp.path(), "overlap.toml", &ov);
     let ovo = tmp.path().join("overlap");
-    let (o, _) = mpirun(
-        2,
-        &[
-            "train",
-            "--config",
-            ov_cfg.to_str().unwrap(),
-            "--out",
-            ovo.to_str().unwrap(),
-            "--quiet",
-        ],
-        &[],
-    );
-    assert!(
-        o.status.success(),
-        "overlapped mpirun -n 2 failed:\n{}",
-        text(&o)
-    );
-    assert!(
-        text(&o).contains("overlapped with decoding"),
-        "{}",
-        text(&o)
-    );
+    let o = train_job("overlapped", 2, &ov_cfg, &ovo);
+    assert!(o.contains("overlapped with decoding"), "{o}");
     assert_eq!(losses(&ovo), got_loss, "overlap vs blocking: losses");
     assert!(
         params(&ovo) == params(&two),
@@ -214,23 +199,7 @@ fn two_ranks_feature_sharded_and_data_parallel_equal_one_process_and_checkpoints
     dp.train.parallel = clt::train::Parallel::Data;
     let dp_cfg = write_config(tmp.path(), "dp.toml", &dp);
     let dpo = tmp.path().join("dp");
-    let (o, _) = mpirun(
-        2,
-        &[
-            "train",
-            "--config",
-            dp_cfg.to_str().unwrap(),
-            "--out",
-            dpo.to_str().unwrap(),
-            "--quiet",
-        ],
-        &[],
-    );
-    assert!(
-        o.status.success(),
-        "data-parallel mpirun -n 2 failed:\n{}",
-        text(&o)
-    );
+    train_job("data-parallel", 2, &dp_cfg, &dpo);
     for (s, (g, w)) in losses(&dpo).iter().zip(&want_loss).enumerate() {
         assert!(
             (g - w).abs() <= 1e-5 * w.abs(),
@@ -318,23 +287,7 @@ fn agrees_with_one_process(run: &RunConfig, ranks: usize) -> String {
         "--quiet",
     ]);
     let out = tmp.path().join("ranks");
-    let (o, _) = mpirun(
-        ranks,
-        &[
-            "train",
-            "--config",
-            cfg,
-            "--out",
-            out.to_str().unwrap(),
-            "--quiet",
-        ],
-        &[],
-    );
-    assert!(
-        o.status.success(),
-        "mpirun -n {ranks} failed:\n{}",
-        text(&o)
-    );
+    let o = train_job(&format!("{ranks} ranks"), ranks, cfg, &out);
     let (got, want) = (losses(&out), losses(&single));
     assert_eq!(got.len(), want.len());
     for (s, (g, w)) in got.iter().zip(&want).enumerate() {
@@ -349,7 +302,7 @@ fn agrees_with_one_process(run: &RunConfig, ranks: usize) -> String {
         &params(&out),
         &params(&single),
     );
-    text(&o)
+    o
 }
 
 #[test]

@@ -23,6 +23,7 @@ use super::comm::Comm;
 use crate::{Error, Result};
 use mpi::collective::SystemOperation;
 use mpi::environment::Universe;
+use mpi::request::{Request, Scope};
 use mpi::topology::{Color, SimpleCommunicator};
 use mpi::traits::*;
 use std::rc::Rc;
@@ -124,6 +125,23 @@ fn poll_until(deadline: Instant, mut test: impl FnMut() -> bool) -> bool {
 }
 
 impl MpiComm {
+    /// Waits for the non-blocking collective `what` until its deadline; a timeout ends the job naming the ranks
+    /// that no longer answer.
+    fn wait<'a, D: ?Sized, S: Scope<'a>>(&self, what: &str, req: Request<'a, D, S>) {
+        let deadline = Instant::now() + self.timeout;
+        let mut req = Some(req);
+        let done = poll_until(deadline, || match req.take().map(|r| r.test()) {
+            Some(Ok(_)) | None => true,
+            Some(Err(r)) => {
+                req = Some(r);
+                false
+            }
+        });
+        if !done {
+            self.timed_out(what);
+        }
+    }
+
     /// The collective `what` did not finish in time: find out which ranks still answer, name the others, and
     /// end the job.
     fn timed_out(&self, what: &str) -> ! {
@@ -194,20 +212,8 @@ impl MpiComm {
 impl MpiComm {
     /// Rank 0's `buf` on every rank of the group (NCCL's unique id), with the usual deadline.
     pub fn broadcast_bytes(&self, what: &str, buf: &mut [u8]) -> Result<()> {
-        let deadline = Instant::now() + self.timeout;
         let root = self.group.process_at_rank(0);
-        mpi::request::scope(|scope| {
-            let mut req = Some(root.immediate_broadcast_into(scope, buf));
-            if !poll_until(deadline, || match req.take().map(|r| r.test()) {
-                Some(Ok(_)) | None => true,
-                Some(Err(r)) => {
-                    req = Some(r);
-                    false
-                }
-            }) {
-                self.timed_out(what);
-            }
-        });
+        mpi::request::scope(|scope| self.wait(what, root.immediate_broadcast_into(scope, buf)));
         Ok(())
     }
 }
@@ -251,83 +257,39 @@ impl Comm for MpiComm {
 
     fn sum_f32(&self, what: &str, buf: &mut [f32]) -> Result<()> {
         let send = buf.to_vec();
-        let deadline = Instant::now() + self.timeout;
         mpi::request::scope(|scope| {
-            let mut req = Some(self.group.immediate_all_reduce_into(
-                scope,
-                &send[..],
-                buf,
-                SystemOperation::sum(),
-            ));
-            if !poll_until(deadline, || match req.take().map(|r| r.test()) {
-                Some(Ok(_)) | None => true,
-                Some(Err(r)) => {
-                    req = Some(r);
-                    false
-                }
-            }) {
-                self.timed_out(what);
-            }
+            let req =
+                self.group
+                    .immediate_all_reduce_into(scope, &send[..], buf, SystemOperation::sum());
+            self.wait(what, req)
         });
         Ok(())
     }
 
     fn sum_f64(&self, what: &str, buf: &mut [f64]) -> Result<()> {
         let send = buf.to_vec();
-        let deadline = Instant::now() + self.timeout;
         mpi::request::scope(|scope| {
-            let mut req = Some(self.group.immediate_all_reduce_into(
-                scope,
-                &send[..],
-                buf,
-                SystemOperation::sum(),
-            ));
-            if !poll_until(deadline, || match req.take().map(|r| r.test()) {
-                Some(Ok(_)) | None => true,
-                Some(Err(r)) => {
-                    req = Some(r);
-                    false
-                }
-            }) {
-                self.timed_out(what);
-            }
+            let req =
+                self.group
+                    .immediate_all_reduce_into(scope, &send[..], buf, SystemOperation::sum());
+            self.wait(what, req)
         });
         Ok(())
     }
 
     fn gather_u64(&self, what: &str, value: u64) -> Result<Vec<u64>> {
         let mut out = vec![0u64; self.size()];
-        let deadline = Instant::now() + self.timeout;
         mpi::request::scope(|scope| {
-            let mut req = Some(
-                self.group
-                    .immediate_all_gather_into(scope, &value, &mut out[..]),
-            );
-            if !poll_until(deadline, || match req.take().map(|r| r.test()) {
-                Some(Ok(_)) | None => true,
-                Some(Err(r)) => {
-                    req = Some(r);
-                    false
-                }
-            }) {
-                self.timed_out(what);
-            }
+            let req = self
+                .group
+                .immediate_all_gather_into(scope, &value, &mut out[..]);
+            self.wait(what, req)
         });
         Ok(out)
     }
 
     fn barrier(&self, what: &str) -> Result<()> {
-        let deadline = Instant::now() + self.timeout;
-        let mut req = Some(self.group.immediate_barrier());
-        if !poll_until(deadline, || match req.take().map(|r| r.test()) {
-            Some(Ok(_)) | None => true,
-            Some(Err(r)) => {
-                req = Some(r);
-                false
-            }
-        }) {
-            self.timed_out(what);
-        }
+        self.wait(what, self.group.immediate_barrier());
         Ok(())
     }
 
