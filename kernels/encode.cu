@@ -14,6 +14,41 @@
 #define TF CLT_ENC_TF
 #define TK CLT_ENC_TK
 
+// The JumpReLU epilogue shared by encode_tile and encode_mma. For one pre-activation h of token b and feature f
+// (threshold th): the feature's window sums (Σ ReLU(θ − h), near count, near Σ h) and, when h is active
+// (h > θ) or near the threshold (θ − ε/2 < h ≤ θ, activation 0), an entry in token b's list through its cursor.
+struct JumpLists {
+    uint32_t* count;
+    uint32_t* feat;
+    float* pre;
+    float* act;
+};
+
+__device__ __forceinline__ JumpLists jump_lists(const CltEncodeParams& p) {
+    return {ptr<uint32_t>(p.count), ptr<uint32_t>(p.feat), ptr<float>(p.pre), ptr<float>(p.act)};
+}
+
+__device__ __forceinline__ void jump_entry(const CltEncodeParams& p, const JumpLists& o, float h, float th,
+                                           uint32_t b, uint32_t f, float& s_pre, uint32_t& s_near,
+                                           float& s_h) {
+    const bool active = h > th;
+    const bool near = !active && h > th - p.half_bandwidth;
+    if (!active) s_pre += th - h;
+    if (near) {
+        s_near += 1;
+        s_h += h;
+    }
+    if (active || near) {
+        const uint32_t slot = atomicAdd(&o.count[b], 1u);
+        if (slot < p.cap) {
+            const size_t e = (size_t)b * p.cap + slot;
+            o.feat[e] = f;
+            o.pre[e] = h;
+            o.act[e] = active ? h : 0.f;
+        }
+    }
+}
+
 CLT_KERNEL void __launch_bounds__(256) encode_tile(const CltEncodeParams p) {
     __shared__ float xs[TK][TB + 1];
     __shared__ float ws[TK][TF + 1];
@@ -77,10 +112,7 @@ CLT_KERNEL void __launch_bounds__(256) encode_tile(const CltEncodeParams p) {
 
     // JumpReLU epilogue.
     const float* theta = ptr<const float>(p.theta);
-    uint32_t* count = ptr<uint32_t>(p.count);
-    uint32_t* feat = ptr<uint32_t>(p.feat);
-    float* pre = ptr<float>(p.pre);
-    float* act = ptr<float>(p.act);
+    const JumpLists lists = jump_lists(p);
 #pragma unroll
     for (int j = 0; j < 4; ++j) {
         const uint32_t f = f0 + tx * 4 + j;
@@ -92,23 +124,7 @@ CLT_KERNEL void __launch_bounds__(256) encode_tile(const CltEncodeParams p) {
             for (int i = 0; i < 4; ++i) {
                 const uint32_t b = b0 + ty * 4 + i;
                 if (b >= p.n_tokens) continue;
-                const float h = acc[i][j] + bb;
-                const bool active = h > th;
-                const bool near = !active && h > th - p.half_bandwidth;
-                if (!active) s_pre += th - h;
-                if (near) {
-                    s_near += 1;
-                    s_h += h;
-                }
-                if (active || near) {
-                    const uint32_t slot = atomicAdd(&count[b], 1u);
-                    if (slot < p.cap) {
-                        const size_t e = (size_t)b * p.cap + slot;
-                        feat[e] = f;
-                        pre[e] = h;
-                        act[e] = active ? h : 0.f;
-                    }
-                }
+                jump_entry(p, lists, acc[i][j] + bb, th, b, f, s_pre, s_near, s_h);
             }
         }
         red_preact[ty][tx * 4 + j] = s_pre;
@@ -345,10 +361,7 @@ CLT_KERNEL void __launch_bounds__(256) encode_mma(const CltEncodeParams p) {
 
     // JumpReLU epilogue (as encode_tile's).
     const float* theta = ptr<const float>(p.theta);
-    uint32_t* count = ptr<uint32_t>(p.count);
-    uint32_t* feat = ptr<uint32_t>(p.feat);
-    float* pre = ptr<float>(p.pre);
-    float* act = ptr<float>(p.act);
+    const JumpLists lists = jump_lists(p);
 #pragma unroll
     for (int ni = 0; ni < 4; ++ni)
 #pragma unroll
@@ -365,23 +378,7 @@ CLT_KERNEL void __launch_bounds__(256) encode_mma(const CltEncodeParams p) {
                     for (int hf = 0; hf < 2; ++hf) {
                         const uint32_t b = b0 + wm * 64 + mi * 16 + g + hf * 8;
                         if (b >= p.n_tokens) continue;
-                        const float h = acc[mi][ni][hf * 2 + j] + bb;
-                        const bool active = h > th;
-                        const bool near = !active && h > th - p.half_bandwidth;
-                        if (!active) s_pre += th - h;
-                        if (near) {
-                            s_near += 1;
-                            s_h += h;
-                        }
-                        if (active || near) {
-                            const uint32_t slot = atomicAdd(&count[b], 1u);
-                            if (slot < p.cap) {
-                                const size_t e = (size_t)b * p.cap + slot;
-                                feat[e] = f;
-                                pre[e] = h;
-                                act[e] = active ? h : 0.f;
-                            }
-                        }
+                        jump_entry(p, lists, acc[mi][ni][hf * 2 + j] + bb, th, b, f, s_pre, s_near, s_h);
                     }
             }
             // The 8 lanes with this t (g = 0..7) hold the same feature: sum over them (whole warp takes part).
