@@ -31,8 +31,9 @@ const BINS_PER_DECADE: usize = 8;
 const LOG_MIN: i32 = -4;
 const LOG_MAX: i32 = 4;
 const N_BINS: usize = (LOG_MAX - LOG_MIN) as usize * BINS_PER_DECADE;
-/// A feature's pool of top candidates holds up to this many times `top_k` entries before it is cut to `top_k`.
-const POOL_FACTOR: usize = 4;
+/// A feature's pool of top candidates holds up to this many times `top_k` entries before it is cut to `top_k`
+/// (each entry holds its window, so this factor is also the top examples' memory over the k kept).
+const POOL_FACTOR: usize = 2;
 
 /// How much to keep per feature.
 #[derive(Clone, Debug)]
@@ -120,7 +121,8 @@ struct LayerState {
     min: Vec<f32>,
     max: Vec<f32>,
     hist: Vec<u32>,
-    /// Each feature's pool of top candidates, in the order they were taken in.
+    /// Each feature's pool of top candidates, in the order they were taken in (a firing that displaces an
+    /// overlapping one of the same document takes its place).
     top: Vec<Vec<Entry>>,
     /// The smallest activation kept by the last cut of the pool (−∞ before the first): nothing at or below it
     /// can reach the top k.
