@@ -47,7 +47,18 @@ struct Mat<'a, T> {
     ld: usize,
 }
 
-impl<T: DeviceRepr> Mat<'_, T> {
+impl<'a, T: DeviceRepr> Mat<'a, T> {
+    /// The `rows × cols` matrix at element `offset` of `buf`, columns `ld` elements apart.
+    fn new(buf: &'a DBuf<T>, offset: usize, rows: usize, cols: usize, ld: usize) -> Self {
+        Mat {
+            buf,
+            offset,
+            rows,
+            cols,
+            ld,
+        }
+    }
+
     /// The address of element (0, 0) after checking that every element lies inside the buffer.
     fn addr(&self, gpu: &Gpu, what: &str) -> Result<u64> {
         let need = if self.rows == 0 || self.cols == 0 {
@@ -170,20 +181,8 @@ impl Blas {
 /// `C (n × n, f32) = A Aᵀ` for a bf16 `A` (n × n) through cuBLAS, fp32 accumulation: the bench times it for
 /// a measured bf16 GEMM rate to set the encoder against.
 pub fn gemm_square(gpu: &Gpu, blas: &Blas, a: &DBuf<u16>, c: &DBuf<f32>, n: usize) -> Result<()> {
-    let sq = |buf| Mat {
-        buf,
-        offset: 0,
-        rows: n,
-        cols: n,
-        ld: n,
-    };
-    let out = Mat {
-        buf: c,
-        offset: 0,
-        rows: n,
-        cols: n,
-        ld: n,
-    };
+    let sq = |buf| Mat::new(buf, 0, n, n, n);
+    let out = Mat::new(c, 0, n, n, n);
     blas.gemm(gpu, "square", sq(a), false, sq(a), true, out, 0.0)
 }
 
@@ -269,29 +268,11 @@ pub fn dense_loss_and_grad(
         blas.gemm(
             gpu,
             "encoder",
-            Mat {
-                buf: &dp.w_enc[l],
-                offset: 0,
-                rows: d,
-                cols: f_n,
-                ld: d,
-            },
+            Mat::new(&dp.w_enc[l], 0, d, f_n, d),
             true,
-            Mat {
-                buf: &batch.x_bf,
-                offset: l * d,
-                rows: d,
-                cols: b_n,
-                ld: row,
-            },
+            Mat::new(&batch.x_bf, l * d, d, b_n, row),
             false,
-            Mat {
-                buf: &hl,
-                offset: 0,
-                rows: f_n,
-                cols: b_n,
-                ld: f_n,
-            },
+            Mat::new(&hl, 0, f_n, b_n, f_n),
             0.0,
         )?;
         let al = gpu.output::<u16>(n_bf)?;
@@ -324,29 +305,11 @@ pub fn dense_loss_and_grad(
         blas.gemm(
             gpu,
             "decoder",
-            Mat {
-                buf: &dp.w_dec[l],
-                offset: 0,
-                rows: rl,
-                cols: f_n,
-                ld: rl,
-            },
+            Mat::new(&dp.w_dec[l], 0, rl, f_n, rl),
             false,
-            Mat {
-                buf: &act[l],
-                offset: 0,
-                rows: f_n,
-                cols: b_n,
-                ld: f_n,
-            },
+            Mat::new(&act[l], 0, f_n, b_n, f_n),
             false,
-            Mat {
-                buf: &yhat,
-                offset: l * d,
-                rows: rl,
-                cols: b_n,
-                ld: row,
-            },
+            Mat::new(&yhat, l * d, rl, b_n, row),
             1.0,
         )?;
     }
@@ -387,29 +350,11 @@ pub fn dense_loss_and_grad(
         blas.gemm(
             gpu,
             "decoder weight gradient",
-            Mat {
-                buf: &r_bf,
-                offset: l * d,
-                rows: rl,
-                cols: b_n,
-                ld: row,
-            },
+            Mat::new(&r_bf, l * d, rl, b_n, row),
             false,
-            Mat {
-                buf: &act[l],
-                offset: 0,
-                rows: f_n,
-                cols: b_n,
-                ld: f_n,
-            },
+            Mat::new(&act[l], 0, f_n, b_n, f_n),
             true,
-            Mat {
-                buf: &gwd,
-                offset: 0,
-                rows: rl,
-                cols: f_n,
-                ld: rl,
-            },
+            Mat::new(&gwd, 0, rl, f_n, rl),
             0.0,
         )?;
         // ∇Aᵀ (F × B) = (W_decᵀ-as-stored (row_len × F))ᵀ · R_lᵀ-as-stored (row_len × B).
@@ -417,29 +362,11 @@ pub fn dense_loss_and_grad(
         blas.gemm(
             gpu,
             "activation gradient",
-            Mat {
-                buf: &dp.w_dec[l],
-                offset: 0,
-                rows: rl,
-                cols: f_n,
-                ld: rl,
-            },
+            Mat::new(&dp.w_dec[l], 0, rl, f_n, rl),
             true,
-            Mat {
-                buf: &r_bf,
-                offset: l * d,
-                rows: rl,
-                cols: b_n,
-                ld: row,
-            },
+            Mat::new(&r_bf, l * d, rl, b_n, row),
             false,
-            Mat {
-                buf: &da,
-                offset: 0,
-                rows: f_n,
-                cols: b_n,
-                ld: f_n,
-            },
+            Mat::new(&da, 0, f_n, b_n, f_n),
             0.0,
         )?;
         let dh_bf = gpu.output::<u16>(n_bf)?;
@@ -463,29 +390,11 @@ pub fn dense_loss_and_grad(
         blas.gemm(
             gpu,
             "encoder weight gradient",
-            Mat {
-                buf: &batch.x_bf,
-                offset: l * d,
-                rows: d,
-                cols: b_n,
-                ld: row,
-            },
+            Mat::new(&batch.x_bf, l * d, d, b_n, row),
             false,
-            Mat {
-                buf: &dh_bf,
-                offset: 0,
-                rows: f_n,
-                cols: b_n,
-                ld: f_n,
-            },
+            Mat::new(&dh_bf, 0, f_n, b_n, f_n),
             true,
-            Mat {
-                buf: &gwe,
-                offset: 0,
-                rows: d,
-                cols: f_n,
-                ld: d,
-            },
+            Mat::new(&gwe, 0, d, f_n, d),
             0.0,
         )?;
         out.w_enc.push(gwe);
