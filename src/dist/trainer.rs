@@ -487,14 +487,7 @@ impl<C: Comm> ShardedTrainer<C> {
         let data_wait_s = wait.elapsed().as_secs_f64();
         self.norms
             .apply(cfg.d_model, &mut self.batch.x, &mut self.batch.y);
-        let lambda = schedule::lambda(t, self.step);
-        let obj = Objective {
-            lambda,
-            c: t.tanh_c,
-            lambda_preact: t.lambda_preact,
-            bandwidth: t.bandwidth,
-            threshold_grad: t.threshold_grad,
-        };
+        let obj = schedule::objective(t, self.step);
         let dead_mask: Option<Vec<Vec<bool>>> = match t.preact_scope {
             PreactScope::All => None,
             PreactScope::DeadOnly => Some(self.dead_mask()),
@@ -550,7 +543,7 @@ impl<C: Comm> ShardedTrainer<C> {
             stats,
             grad_norm,
             lr,
-            lambda,
+            lambda: obj.lambda,
             data_wait_s,
         })
     }

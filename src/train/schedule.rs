@@ -1,6 +1,18 @@
 //! Learning-rate and sparsity-coefficient schedules, as functions of the step.
 
 use super::config::{LambdaRamp, TrainConfig};
+use crate::backend::Objective;
+
+/// The objective's coefficients at step `t`: the ramped λ and the run's fixed terms.
+pub fn objective(cfg: &TrainConfig, t: u64) -> Objective {
+    Objective {
+        lambda: lambda(cfg, t),
+        c: cfg.tanh_c,
+        lambda_preact: cfg.lambda_preact,
+        bandwidth: cfg.bandwidth,
+        threshold_grad: cfg.threshold_grad,
+    }
+}
 
 /// Learning rate at step `t` (0-based): linear warm-up over `warmup_steps` (reaching the peak at step
 /// `warmup_steps − 1`), constant, then a linear decay to zero over the last `decay_fraction` of the run.

@@ -11,7 +11,7 @@ use super::init::{calibrate_b_enc, default_fire_rate, estimate_norms};
 use super::metrics::{Interval, MetricsLine};
 use super::schedule;
 use crate::backend::cpu::adam::{self, AdamHyper, AdamState};
-use crate::backend::{Backend, Grads, Objective, StepStats};
+use crate::backend::{Backend, Grads, StepStats};
 use crate::clt::checkpoint::{
     TensorFile, load_transcoder, params_out, read_params, save_transcoder, write_atomic,
     write_tensors,
@@ -234,14 +234,7 @@ impl Trainer {
         let data_wait_s = wait.elapsed().as_secs_f64();
         self.norms
             .apply(cfg.d_model, &mut self.batch.x, &mut self.batch.y);
-        let lambda = schedule::lambda(t, self.step);
-        let obj = Objective {
-            lambda,
-            c: t.tanh_c,
-            lambda_preact: t.lambda_preact,
-            bandwidth: t.bandwidth,
-            threshold_grad: t.threshold_grad,
-        };
+        let obj = schedule::objective(t, self.step);
         let dead_mask: Option<Vec<Vec<bool>>> = match t.preact_scope {
             PreactScope::All => None,
             PreactScope::DeadOnly => Some(self.dead_mask()),
@@ -299,7 +292,7 @@ impl Trainer {
             stats,
             grad_norm,
             lr,
-            lambda,
+            lambda: obj.lambda,
             data_wait_s,
         })
     }
