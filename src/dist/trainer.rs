@@ -44,7 +44,7 @@ use crate::rng::Rng;
 use crate::train::init::{calibrate_b_enc, default_fire_rate, estimate_norms};
 use crate::train::metrics::{Interval, MetricsLine};
 use crate::train::trainer::make_source;
-use crate::train::{Parallel, PreactScope, RunConfig, StepReport, schedule};
+use crate::train::{Parallel, PreactScope, RunConfig, StepReport, liveness, schedule};
 use crate::{Error, Result};
 use std::io::Write;
 use std::ops::Range;
@@ -512,11 +512,7 @@ impl<C: Comm> ShardedTrainer<C> {
                 step: self.step,
             });
         }
-        let scale = if clip_norm > 0.0 {
-            (clip_norm as f64 / (grad_norm + 1e-6)).min(1.0) as f32
-        } else {
-            1.0
-        };
+        let scale = adam::clip_scale(clip_norm, grad_norm);
         adam::step(
             &self.local,
             &self.hyper,
@@ -527,13 +523,7 @@ impl<C: Comm> ShardedTrainer<C> {
             scale,
             &mut self.dec_norms,
         );
-        for (l, counts) in stats.active_count.iter().enumerate() {
-            for (f, c) in counts.iter().enumerate() {
-                if *c > 0 {
-                    self.last_fired[l][f] = self.step + 1;
-                }
-            }
-        }
+        liveness::mark_fired(&mut self.last_fired, &stats.active_count, self.step);
         self.step += 1;
         self.tokens_seen += n as u64;
         self.timing.steps += 1;
@@ -728,11 +718,7 @@ impl<C: Comm> ShardedTrainer<C> {
 
     /// Per layer, per local feature: whether it has not fired in the last `dead_window` steps.
     pub fn dead_mask(&self) -> Vec<Vec<bool>> {
-        let w = self.run.train.dead_window;
-        self.last_fired
-            .iter()
-            .map(|l| l.iter().map(|s| self.step.saturating_sub(*s) > w).collect())
-            .collect()
+        liveness::dead_mask(&self.last_fired, self.step, self.run.train.dead_window)
     }
 
     /// Dead features per layer over all ranks (a collective).

@@ -2,6 +2,7 @@
 
 pub mod config;
 pub mod init;
+pub mod liveness;
 pub mod metrics;
 pub mod schedule;
 pub mod trainer;

@@ -9,7 +9,7 @@
 use super::config::{DataConfig, PreactScope, RunConfig};
 use super::init::{calibrate_b_enc, default_fire_rate, estimate_norms};
 use super::metrics::{Interval, MetricsLine};
-use super::schedule;
+use super::{liveness, schedule};
 use crate::backend::cpu::adam::{self, AdamHyper, AdamState};
 use crate::backend::{Backend, Grads, StepStats};
 use crate::clt::checkpoint::{
@@ -263,11 +263,7 @@ impl Trainer {
                 step: self.step,
             });
         }
-        let scale = if t.clip_norm > 0.0 {
-            (t.clip_norm as f64 / (grad_norm + 1e-6)).min(1.0) as f32
-        } else {
-            1.0
-        };
+        let scale = adam::clip_scale(t.clip_norm, grad_norm);
         let lr = schedule::learning_rate(t, self.step);
         adam::step(
             cfg,
@@ -279,13 +275,7 @@ impl Trainer {
             scale,
             &mut self.dec_norms,
         );
-        for (l, counts) in stats.active_count.iter().enumerate() {
-            for (f, c) in counts.iter().enumerate() {
-                if *c > 0 {
-                    self.last_fired[l][f] = self.step + 1;
-                }
-            }
-        }
+        liveness::mark_fired(&mut self.last_fired, &stats.active_count, self.step);
         self.step += 1;
         self.tokens_seen += self.batch.n_tokens as u64;
         Ok(StepReport {
@@ -307,11 +297,7 @@ impl Trainer {
 
     /// Per layer, per feature: whether the feature has not fired in the last `dead_window` steps.
     pub fn dead_mask(&self) -> Vec<Vec<bool>> {
-        let w = self.run.train.dead_window;
-        self.last_fired
-            .iter()
-            .map(|l| l.iter().map(|s| self.step.saturating_sub(*s) > w).collect())
-            .collect()
+        liveness::dead_mask(&self.last_fired, self.step, self.run.train.dead_window)
     }
 
     /// Trains to the configured number of steps, logging to `out/metrics.jsonl` (and the terminal unless

@@ -55,6 +55,16 @@ fn sum_sq(v: &[f32]) -> f64 {
     parts.iter().sum()
 }
 
+/// The factor that clips a gradient of global norm `grad_norm` to at most `clip_norm` (1 when `clip_norm` is 0,
+/// clipping off).
+pub fn clip_scale(clip_norm: f32, grad_norm: f64) -> f32 {
+    if clip_norm > 0.0 {
+        (clip_norm as f64 / (grad_norm + 1e-6)).min(1.0) as f32
+    } else {
+        1.0
+    }
+}
+
 /// The global L2 norm of the full gradient (decoder norm terms included).
 pub fn grad_norm(cfg: &CltConfig, params: &Params, grads: &Grads, dec_norms: &[Vec<f32>]) -> f64 {
     let (features, shared) = grad_sq_parts(cfg, params, grads, dec_norms);
