@@ -371,12 +371,10 @@ fn bad_sharded_checkpoints_name_the_file() {
     );
 }
 
-#[test]
-fn topk_cannot_be_feature_sharded() {
-    let mut run = run_config();
-    run.model.activation = clt::clt::Activation::TopK { k: 4 };
+/// Starting `run` on 2 ranks fails on every rank with an error naming TopK (which cannot be feature-sharded).
+fn every_rank_refuses_topk(run: &RunConfig) {
     let errs = on_ranks(2, |c| {
-        ShardedTrainer::with_source(run.clone(), source(&run), c)
+        ShardedTrainer::with_source(run.clone(), source(run), c)
             .err()
             .map(|e| e.to_string())
     });
@@ -384,6 +382,13 @@ fn topk_cannot_be_feature_sharded() {
         errs.iter()
             .all(|e| e.as_ref().is_some_and(|e| e.contains("TopK")))
     );
+}
+
+#[test]
+fn topk_cannot_be_feature_sharded() {
+    let mut run = run_config();
+    run.model.activation = clt::clt::Activation::TopK { k: 4 };
+    every_rank_refuses_topk(&run);
 }
 
 #[test]
@@ -523,15 +528,7 @@ fn a_grid_of_one_shard_trains_topk_like_one_process() {
     }
     // Two TopK shards are refused.
     run.train.feature_shards = Some(2);
-    let errs = on_ranks(2, |c| {
-        ShardedTrainer::with_source(run.clone(), source(&run), c)
-            .err()
-            .map(|e| e.to_string())
-    });
-    assert!(
-        errs.iter()
-            .all(|e| e.as_ref().is_some_and(|e| e.contains("TopK")))
-    );
+    every_rank_refuses_topk(&run);
 }
 
 #[test]
