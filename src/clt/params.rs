@@ -171,13 +171,31 @@ impl Params {
 
 /// The norm of each feature's concatenated decoder row, `‖W_dec[l, f]‖ = sqrt(Σ_{k ≥ l} ‖W_dec[l→k][f]‖²)`,
 /// per layer.
+/// `Σ v²` of one decoder row, in eight interleaved partial sums (so it vectorises; a fixed order, so every
+/// caller, the optimizer's norm refresh included, gets the same bits).
+#[inline]
+pub fn row_sum_sq(r: &[f32]) -> f32 {
+    let mut acc = [0.0f32; 8];
+    let n8 = r.len() - r.len() % 8;
+    for c in r[..n8].chunks_exact(8) {
+        for i in 0..8 {
+            acc[i] += c[i] * c[i];
+        }
+    }
+    let mut s = ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7]));
+    for v in &r[n8..] {
+        s += v * v;
+    }
+    s
+}
+
 pub fn decoder_norms(cfg: &CltConfig, w_dec: &[Vec<f32>]) -> Vec<Vec<f32>> {
     (0..cfg.n_layers)
         .map(|l| {
             let row = cfg.dec_row_len(l);
             w_dec[l]
                 .chunks_exact(row)
-                .map(|r| r.iter().map(|v| v * v).sum::<f32>().sqrt())
+                .map(|r| row_sum_sq(r).sqrt())
                 .collect()
         })
         .collect()

@@ -5,6 +5,7 @@
 //! the row's norm for the next step, so a step reads and writes each decoder row once.
 
 use crate::backend::grads::Grads;
+use crate::clt::params::row_sum_sq;
 use crate::clt::{CltConfig, Params};
 use rayon::prelude::*;
 
@@ -217,21 +218,20 @@ pub fn step(
             .for_each(|(f, ((((p, m), v), gs), norm))| {
                 let coef = grads.dec_coef[l][f];
                 let touched = grads.dec_touched[l][f];
-                let mut sq = 0.0f32;
+                // (The norm is a second pass over the row, still in cache: folded into the update loop, its
+                // running sum would keep that loop from vectorising.)
                 if touched {
                     for j in 0..rl {
                         let g = gs[j] + coef * p[j];
                         update(&k, &mut p[j], &mut m[j], &mut v[j], g);
-                        sq += p[j] * p[j];
                     }
                 } else {
                     for j in 0..rl {
                         let g = coef * p[j];
                         update(&k, &mut p[j], &mut m[j], &mut v[j], g);
-                        sq += p[j] * p[j];
                     }
                 }
-                *norm = sq.sqrt();
+                *norm = row_sum_sq(p).sqrt();
             });
     }
 }
