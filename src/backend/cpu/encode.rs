@@ -86,18 +86,22 @@ pub fn encode_layer(
     list_near: bool,
 ) -> LayerCodes {
     let (d, f_n, l_n) = (cfg.d_model, cfg.n_features, cfg.n_layers);
-    let n_blocks = n_tokens.div_ceil(TOKEN_BLOCK);
+    // (At least two calls per thread, so that every thread has work on short batches.)
+    let per_gemm = gemm_blocks(f_n)
+        .min(n_tokens.div_ceil(TOKEN_BLOCK * 2 * rayon::current_num_threads()))
+        .max(1);
+    let n_gemms = n_tokens.div_ceil(per_gemm * TOKEN_BLOCK);
     let w = &params.w_enc[l];
     let bias = &params.b_enc[l];
-    let parts: Vec<BlockOut> = (0..n_blocks)
+    let parts: Vec<Vec<BlockOut>> = (0..n_gemms)
         .into_par_iter()
         .map_init(
-            || vec![0.0f32; TOKEN_BLOCK * f_n],
-            |buf, blk| {
-                let b0 = blk * TOKEN_BLOCK;
-                let tb = TOKEN_BLOCK.min(n_tokens - b0);
-                let xs = &x[(b0 * l_n + l) * d..];
-                let xm = Mat::strided(xs, tb, d, l_n * d);
+            || vec![0.0f32; per_gemm * TOKEN_BLOCK * f_n],
+            |buf, g| {
+                let g0 = g * per_gemm * TOKEN_BLOCK;
+                let tg = (per_gemm * TOKEN_BLOCK).min(n_tokens - g0);
+                let xs = &x[(g0 * l_n + l) * d..];
+                let xm = Mat::strided(xs, tg, d, l_n * d);
                 matmul(
                     buf,
                     f_n,
@@ -107,49 +111,79 @@ pub fn encode_layer(
                     1.0,
                     Threads::One,
                 );
-                let mut out = BlockOut::new(tb, f_n, cfg.activation);
-                if matches!(cfg.activation, Activation::JumpRelu) {
-                    // Which zero-activation list is shorter for this block? (The bias is added on the fly,
-                    // `h = (x·w) + b` exactly as the dense reference rounds it, so no pass rewrites the buffer.)
-                    let half = 0.5 * bandwidth;
-                    let (mut near, mut far) = (0usize, 0usize);
-                    for row in buf[..tb * f_n].chunks_exact(f_n) {
-                        for ((&v, &b), &th) in row.iter().zip(bias).zip(theta) {
-                            let h = v + b;
-                            near += (h <= th && h > th - half) as usize;
-                            far += (h <= th - half) as usize;
-                        }
-                    }
-                    out.mode = if list_near {
-                        BlockMode::Near
-                    } else if near.min(far) * 8 > tb * f_n {
-                        out.bits = vec![0; f_n];
-                        BlockMode::Bits
-                    } else if far < near {
-                        BlockMode::Far
-                    } else {
-                        BlockMode::Near
-                    };
-                } else {
-                    for row in buf[..tb * f_n].chunks_exact_mut(f_n) {
-                        row.iter_mut().zip(bias).for_each(|(v, b)| *v += b);
-                    }
-                }
-                for t in 0..tb {
-                    out.push_token(
-                        cfg.activation,
-                        t,
-                        &buf[t * f_n..(t + 1) * f_n],
-                        bias,
-                        theta,
-                        bandwidth,
-                    );
-                }
-                out
+                buf[..tg * f_n]
+                    .chunks_mut(TOKEN_BLOCK * f_n)
+                    .map(|block| {
+                        epilogue(
+                            cfg.activation,
+                            block,
+                            f_n,
+                            bias,
+                            theta,
+                            bandwidth,
+                            list_near,
+                        )
+                    })
+                    .collect()
             },
         )
         .collect();
+    let parts = parts.into_iter().flatten().collect();
     merge(parts, n_tokens, f_n)
+}
+
+/// How many [`TOKEN_BLOCK`]s one encoder GEMM covers for `f_n` features: up to 4, within 4 MiB of
+/// pre-activations per thread. The GEMM packs the whole `[F, d]` encoder once per call, so a 64-token call
+/// spends about a third of its time packing; four blocks per call cut that to a tenth. (The product's bits do
+/// not depend on it: each element's sum over `d` runs in the same order whatever the number of rows.)
+fn gemm_blocks(f_n: usize) -> usize {
+    ((1usize << 20) / (TOKEN_BLOCK * f_n.max(1))).clamp(1, 4)
+}
+
+/// The epilogue of one [`TOKEN_BLOCK`]: `block` holds its tokens' `x·W_encᵀ` rows (without the bias); the
+/// block's active entries and, for JumpReLU, what the threshold gradient needs of the others.
+fn epilogue(
+    activation: Activation,
+    block: &mut [f32],
+    f_n: usize,
+    bias: &[f32],
+    theta: &[f32],
+    bandwidth: f32,
+    list_near: bool,
+) -> BlockOut {
+    let tb = block.len() / f_n;
+    let mut out = BlockOut::new(tb, f_n, activation);
+    if matches!(activation, Activation::JumpRelu) {
+        // Which zero-activation list is shorter for this block? (The bias is added on the fly,
+        // `h = (x·w) + b` exactly as the dense reference rounds it, so no pass rewrites the buffer.)
+        let half = 0.5 * bandwidth;
+        let (mut near, mut far) = (0usize, 0usize);
+        for row in block.chunks_exact(f_n) {
+            for ((&v, &b), &th) in row.iter().zip(bias).zip(theta) {
+                let h = v + b;
+                near += (h <= th && h > th - half) as usize;
+                far += (h <= th - half) as usize;
+            }
+        }
+        out.mode = if list_near {
+            BlockMode::Near
+        } else if near.min(far) * 8 > tb * f_n {
+            out.bits = vec![0; f_n];
+            BlockMode::Bits
+        } else if far < near {
+            BlockMode::Far
+        } else {
+            BlockMode::Near
+        };
+    } else {
+        for row in block.chunks_exact_mut(f_n) {
+            row.iter_mut().zip(bias).for_each(|(v, b)| *v += b);
+        }
+    }
+    for (t, row) in block.chunks_exact(f_n).enumerate() {
+        out.push_token(activation, t, row, bias, theta, bandwidth);
+    }
+    out
 }
 
 /// Encodes every layer; for BatchTopK the selection is global over the batch (and over layers when
