@@ -158,3 +158,110 @@ fn every_block_mode_matches_the_dense_reference() {
         }
     }
 }
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(32))]
+    /// The tiled decode (feature by feature within tiles of tokens) gives the same bits as the plain
+    /// token-by-token gather, over the whole layer range and over consecutive sub-ranges.
+    #[test]
+    fn tiled_decode_equals_token_gather(
+        n_layers in 1usize..5,
+        d_model in 1usize..11,
+        n_features in 1usize..70,
+        n_tokens in 0usize..300,
+        kind in 0u8..2,
+        k_raw in 1usize..8,
+        split in 0usize..5,
+        seed in any::<u64>(),
+    ) {
+        let cfg = CltConfig {
+            n_layers,
+            d_model,
+            n_features,
+            decoder: DecoderKind::CrossLayer,
+            activation: activation(kind, k_raw.min(n_features)),
+            skip: false,
+        };
+        let mut rng = Rng::seed(seed);
+        let p = random_params(&cfg, &mut rng);
+        let (x, _) = random_batch(&cfg, n_tokens, &mut rng);
+        let thetas = sparse::thresholds(&p);
+        let codes = clt::backend::cpu::encode::encode_all(&cfg, &p, &x, n_tokens, &thetas, 0.05);
+        let split = split.min(n_layers);
+        let mut tiled = sparse::decode_start(&cfg, &p, n_tokens, true);
+        sparse::decode_layers(&cfg, &p, &codes, n_tokens, 0..split, &mut tiled);
+        sparse::decode_layers(&cfg, &p, &codes, n_tokens, split..n_layers, &mut tiled);
+        let mut gather = sparse::decode_start(&cfg, &p, n_tokens, true);
+        sparse::decode_layers_by_token(&cfg, &p, &codes, n_tokens, 0..n_layers, &mut gather);
+        prop_assert!(tiled.iter().zip(&gather).all(|(a, b)| a.to_bits() == b.to_bits()));
+    }
+}
+
+/// One encoder GEMM covers several 64-token blocks on long batches; the codes must be those of encoding each
+/// block alone (the same bits: a GEMM's element does not depend on how many rows the call has), and the step
+/// must still match the dense reference.
+#[test]
+fn long_batches_encode_like_single_blocks() {
+    use clt::backend::cpu::encode::encode_layer;
+    let cfg = CltConfig {
+        n_layers: 2,
+        d_model: 9,
+        n_features: 37,
+        decoder: DecoderKind::CrossLayer,
+        activation: Activation::JumpRelu,
+        skip: false,
+    };
+    let n = 64 * 11 + 13; // several blocks per GEMM call, and a short last block
+    let mut rng = Rng::seed(5);
+    let p = random_params(&cfg, &mut rng);
+    let (x, y) = random_batch(&cfg, n, &mut rng);
+    let thetas = sparse::thresholds(&p);
+    let row = cfg.n_layers * cfg.d_model;
+    for l in 0..cfg.n_layers {
+        let whole = encode_layer(&cfg, &p, l, &x, n, &thetas[l], 0.05, false);
+        for b0 in (0..n).step_by(64) {
+            let nb = 64.min(n - b0);
+            let part = encode_layer(&cfg, &p, l, &x[b0 * row..], nb, &thetas[l], 0.05, false);
+            for t in 0..nb {
+                let (w0, w1) = (whole.offsets[b0 + t], whole.offsets[b0 + t + 1]);
+                let (p0, p1) = (part.offsets[t], part.offsets[t + 1]);
+                assert_eq!(
+                    whole.feat[w0..w1],
+                    part.feat[p0..p1],
+                    "layer {l} token {}",
+                    b0 + t
+                );
+                let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+                assert_eq!(bits(&whole.pre[w0..w1]), bits(&part.pre[p0..p1]));
+                assert_eq!(bits(&whole.act[w0..w1]), bits(&part.act[p0..p1]));
+            }
+            assert_eq!(whole.block_mode[b0 / 64], part.block_mode[0]);
+        }
+    }
+    let obj = Objective {
+        lambda: 0.9,
+        c: 4.0,
+        lambda_preact: 0.2,
+        bandwidth: 0.05,
+        threshold_grad: ThresholdGrad::Theta,
+    };
+    let mut gd = Grads::zeros(&cfg);
+    dense::loss_and_grad(&cfg, &p, &x, &y, n, &obj, None, &mut gd);
+    let mut gs = Grads::zeros(&cfg);
+    sparse::loss_and_grad(
+        &cfg,
+        &p,
+        &decoder_norms(&cfg, &p.w_dec),
+        &x,
+        &y,
+        n,
+        &obj,
+        None,
+        &mut gs,
+    );
+    let (a, b) = (gs.materialize(&cfg, &p), gd.materialize(&cfg, &p));
+    for (ta, tb) in a.tensors().iter().zip(b.tensors()) {
+        let scale = tb.iter().fold(0.0f32, |m, v| m.max(v.abs()));
+        assert_close("long batch", ta, tb, 1e-4 * (1.0 + scale), 0.0);
+    }
+}
