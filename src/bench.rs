@@ -111,6 +111,109 @@ pub struct StepTiming {
     pub encoder_gflops: Option<f64>,
     pub l0_per_layer: f64,
     pub near_threshold_per_layer: f64,
+    /// Median seconds of each phase of the sparse step, timed apart (sparse path only).
+    pub phases: Option<Phases>,
+}
+
+/// The sparse CPU step phase by phase (median seconds over the timed steps).
+#[derive(Clone, Debug, Default, serde::Serialize)]
+pub struct Phases {
+    /// Encoder GEMM + JumpReLU epilogue + per-token lists.
+    pub encode_s: f64,
+    /// Sparse decode (tiled: each feature's decoder row read once per tile of tokens).
+    pub decode_s: f64,
+    /// The same decode token by token (every active entry's row gathered), for comparison.
+    pub decode_by_token_s: f64,
+    /// Residual, loss terms and the sparse backward (every parameter's gradient).
+    pub backward_s: f64,
+    /// The global gradient norm for clipping.
+    pub norm_s: f64,
+    /// Adam over every parameter, with the decoder norms refreshed.
+    pub adam_s: f64,
+    /// Bytes the decode must read: one decoder row (all its target layers) per active entry, in GB.
+    pub decode_gb: f64,
+    /// Bytes Adam must move: parameter, gradient, two moments read and parameter and moments written, in GB.
+    pub adam_gb: f64,
+}
+
+/// Times the sparse CPU step's phases apart: `steps` steps after one warm-up (same work as
+/// [`time_steps`] with the CPU backend, which runs them back to back).
+pub fn time_phases(p: &Problem, steps: usize) -> Phases {
+    use crate::backend::cpu::encode::encode_all_with;
+    use crate::backend::cpu::sparse::{backward, decode, decode_layers_by_token, decode_start};
+    let cfg = &p.cfg;
+    let mut params = p.params.clone();
+    let mut grads = Grads::zeros(cfg);
+    let mut state = AdamState::new(cfg);
+    let mut norms = decoder_norms(cfg, &params.w_dec);
+    let hyper = AdamHyper::default();
+    let by_h = p.obj.threshold_grad == crate::backend::ThresholdGrad::Preact;
+    let mut t: [Vec<f64>; 5] = Default::default();
+    let mut by_token = Vec::new();
+    let mut decode_gb = 0.0;
+    for i in 0..=steps.max(1) {
+        let clock = Instant::now();
+        let lap = |k: usize, t: &mut [Vec<f64>; 5], last: &mut f64| {
+            let now = clock.elapsed().as_secs_f64();
+            if i > 0 {
+                t[k].push(now - *last);
+            }
+            *last = now;
+        };
+        let mut last = 0.0;
+        let th = thresholds(&params);
+        let codes = encode_all_with(cfg, &params, &p.x, p.n_tokens, &th, p.obj.bandwidth, by_h);
+        lap(0, &mut t, &mut last);
+        let yhat = decode(cfg, &params, &codes, &p.x, p.n_tokens);
+        lap(1, &mut t, &mut last);
+        if i > 0 {
+            let t0 = Instant::now();
+            let mut y2 = decode_start(cfg, &params, p.n_tokens, true);
+            decode_layers_by_token(cfg, &params, &codes, p.n_tokens, 0..cfg.n_layers, &mut y2);
+            by_token.push(t0.elapsed().as_secs_f64());
+            drop(y2);
+            last = clock.elapsed().as_secs_f64();
+        }
+        decode_gb = codes
+            .iter()
+            .enumerate()
+            .map(|(l, c)| {
+                let active = c.act.iter().filter(|a| **a != 0.0).count();
+                (active * cfg.dec_row_len(l) * 4) as f64
+            })
+            .sum::<f64>()
+            / 1e9;
+        backward(
+            cfg, &params, &norms, &p.x, &p.y, p.n_tokens, &p.obj, None, &th, codes, yhat,
+            &mut grads,
+        );
+        lap(2, &mut t, &mut last);
+        let gn = adam::grad_norm(cfg, &params, &grads, &norms);
+        let scale = (1.0 / (gn + 1e-6)).min(1.0) as f32;
+        lap(3, &mut t, &mut last);
+        adam::step(
+            cfg,
+            &hyper,
+            &mut params,
+            &mut state,
+            &grads,
+            1e-7,
+            scale,
+            &mut norms,
+        );
+        lap(4, &mut t, &mut last);
+    }
+    let [encode_s, decode_s, backward_s, norm_s, adam_s] = t.map(median);
+    Phases {
+        encode_s,
+        decode_s,
+        decode_by_token_s: median(by_token),
+        backward_s,
+        norm_s,
+        adam_s,
+        decode_gb,
+        adam_gb: (params.len() * 4 * 7) as f64 / 1e9,
+    }
 }
 
 fn median(mut v: Vec<f64>) -> f64 {
@@ -192,6 +295,7 @@ pub fn time_steps(p: &Problem, kind: BackendKind, steps: usize) -> Result<StepTi
         tokens_per_s: p.n_tokens as f64 / step_s,
         encode_s,
         encoder_gflops,
+        phases: (kind == BackendKind::Cpu).then(|| time_phases(p, steps)),
         l0_per_layer: stats.n_active.iter().sum::<usize>() as f64 / p.n_tokens as f64 / l_n,
         near_threshold_per_layer: stats.n_window.iter().sum::<usize>() as f64
             / p.n_tokens as f64

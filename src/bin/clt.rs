@@ -549,6 +549,22 @@ fn run(cli: Cli) -> clt::Result<()> {
             if let Some(e) = rows[0].encoder_gflops {
                 println!("encoder at {:.0}% of the GEMM ceiling", 100.0 * e / ceiling);
             }
+            if let Some(ph) = &rows[0].phases {
+                println!(
+                    "sparse phases (s): encode {:.3}, decode {:.3} (token by token {:.3}: {:.1} GB of decoder \
+                     rows, {:.1} GB/s), backward {:.3}, clipping norm {:.3}, Adam {:.3} ({:.1} GB, {:.1} GB/s)",
+                    ph.encode_s,
+                    ph.decode_s,
+                    ph.decode_by_token_s,
+                    ph.decode_gb,
+                    ph.decode_gb / ph.decode_by_token_s,
+                    ph.backward_s,
+                    ph.norm_s,
+                    ph.adam_s,
+                    ph.adam_gb,
+                    ph.adam_gb / ph.adam_s
+                );
+            }
             if rows.len() == 2 {
                 println!(
                     "sparse step speed-up over dense: {:.1}×",
