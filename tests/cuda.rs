@@ -443,8 +443,9 @@ mod gpu_tests {
         }
     }
 
-    /// One resident step against one `cuda-host` step from the same state: the same gradient (same kernels
-    /// on the same bf16 numbers), so the parameters and Adam's moments downloaded after it agree to Adam's
+    /// One resident step against one `cuda-host` step from the same state: the same loss (to 10⁻⁵: θ and the
+    /// decoder norms are made on the device here, on the host there, a few ulp apart) and nearly the same
+    /// gradient (same kernels on the same bf16 numbers), so the parameters and Adam's moments downloaded after it agree to Adam's
     /// fp32 rounding (device vs host): `|Δ| ≤ 10⁻⁵ |p| + 10⁻³ lr` for parameters (an update is at most
     /// about lr), `10⁻⁴` relative to the tensor's largest moment for m and v; the decoder norms the
     /// resident kernels read match the norms of the downloaded decoder, and the bf16 copies are the
@@ -459,7 +460,7 @@ mod gpu_tests {
         let mut resident = Trainer::new(run).unwrap();
         let (a, b) = (host_adam.step().unwrap(), resident.step().unwrap());
         assert!(
-            (a.stats.loss() - b.stats.loss()).abs() <= 1e-6 * a.stats.loss().abs(),
+            (a.stats.loss() - b.stats.loss()).abs() <= 1e-5 * a.stats.loss().abs(),
             "first loss: resident {} vs cuda-host {} (same parameters, same batch)",
             b.stats.loss(),
             a.stats.loss()
@@ -797,7 +798,7 @@ mod gpu_tests {
 
         /// The resident trainer's device pieces: sum-of-squares partials written at offsets of one buffer
         /// and summed on the device (`sum_sq_into`, `dec_grad_sq_into`, `sum_f64`) vs the host's f64 sums;
-        /// `exp_f32` vs `f32::exp` (2 ulp); `to_bf16_into` bit-exact vs the host's rounding; `adam_dense_at`
+        /// `exp_f32` vs `f32::exp` (4 ulp: CUDA's `expf` is within 2, the host's within 1); `to_bf16_into` bit-exact vs the host's rounding; `adam_dense_at`
         /// on a slice bit-identical to `adam_dense` on that slice alone, and the rest untouched.
         #[test]
         fn resident_pieces_match_cpu(
@@ -841,7 +842,7 @@ mod gpu_tests {
             adam::exp_into(gpu, &ltd, &th).unwrap();
             for (i, (g, v)) in gpu.download(&th).unwrap().iter().zip(&lt).enumerate() {
                 let e = v.exp();
-                prop_assert!((g - e).abs() <= 2.0 * f32::EPSILON * e, "exp[{}]: {} vs {}", i, g, e);
+                prop_assert!((g - e).abs() <= 4.0 * f32::EPSILON * e, "exp[{}]: {} vs {}", i, g, e);
             }
             let bf = gpu.output::<u16>(n).unwrap();
             encode::to_bf16_into(gpu, &gpu.upload(&x).unwrap(), &bf).unwrap();
