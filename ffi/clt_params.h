@@ -298,6 +298,21 @@ typedef struct {
     uint32_t row_len;
 } CltDecGradSqParams;
 
+/* The resident trainer (src/backend/cuda/resident.rs): the sum of a buffer of f64 partials in index order by
+ * one block (the clipping norm's squared total, so only one scalar comes back), and exp of the log
+ * thresholds after Adam (theta = exp(log theta), the kernels' threshold copy). */
+typedef struct {
+    clt_ptr x;   /* const f64 [n] */
+    clt_ptr out; /* f64 out [1] */
+    uint64_t n;
+} CltSumF64Params;
+
+typedef struct {
+    clt_ptr src; /* const f32 [n] */
+    clt_ptr dst; /* f32 out [n]: expf(src) */
+    uint64_t n;
+} CltExpParams;
+
 /* Dequantisation of an activation-store section (src/store/codec.rs): int8 / int4 rows with one f32 absmax
  * scale per row (all scales first, then the codes; int4 two codes per byte, low nibble first, offset by 8). */
 #define CLT_CODEC_INT8 0u

@@ -101,3 +101,24 @@ CLT_KERNEL void __launch_bounds__(256) dec_grad_sq(const CltDecGradSqParams p) {
     s = block_sum(s, red);
     if (threadIdx.x == 0) ptr<double>(p.out)[f] = s;
 }
+
+// Σ x over a buffer of f64 partials, by one block (fixed assignment of indices to threads and a fixed
+// reduction tree, so the result is the same every run). CPU reference: `x.iter().sum::<f64>()` up to f64
+// rounding order (resident.rs's tests and the clipping norm, `cpu/adam.rs` `grad_norm`).
+CLT_KERNEL void __launch_bounds__(256) sum_f64(const CltSumF64Params p) {
+    __shared__ double red[8];
+    const double* x = ptr<const double>(p.x);
+    double s = 0.0;
+    for (uint64_t i = threadIdx.x; i < p.n; i += blockDim.x) s += x[i];
+    s = block_sum(s, red);
+    if (threadIdx.x == 0) ptr<double>(p.out)[0] = s;
+}
+
+// dst = expf(src) elementwise (thresholds from log thresholds). CPU reference: `cpu/sparse.rs` `thresholds`
+// (`f32::exp`; expf is within 2 ulp of it).
+CLT_KERNEL void exp_f32(const CltExpParams p) {
+    const uint64_t stride = (uint64_t)gridDim.x * blockDim.x;
+    const float* src = ptr<const float>(p.src);
+    float* dst = ptr<float>(p.dst);
+    for (uint64_t i = (uint64_t)blockIdx.x * blockDim.x + threadIdx.x; i < p.n; i += stride) dst[i] = expf(src[i]);
+}

@@ -3,10 +3,12 @@
 //! [`Backend`] is the only thing that knows CPU from GPU: the trainer calls its operations (a step's loss and
 //! gradient, the optimiser update), never kernels. The CPU backend is always present, in two flavours: the fast
 //! sparse path and the dense reference. The CUDA backend exists behind the `cuda` cargo feature; without it
-//! (or without a driver) asking for it returns [`crate::Error::BackendUnavailable`]. With it, the step's loss and
-//! gradient run on the device ([`cuda::step::loss_and_grad`]: parameters uploaded and gradients downloaded
-//! each step); the optimiser, the parameters and their checkpoints stay on the host, exactly the CPU's, so a
-//! run resumes on either backend.
+//! (or without a driver) asking for it returns [`crate::Error::BackendUnavailable`]. With it, `cuda` trains
+//! with everything resident on the device ([`Resident`]: parameters, Adam's moments, the whole step; the
+//! host downloads parameters and moments only for checkpoints, which are the CPU trainer's own, so a run
+//! resumes on either backend). `cuda-host` is the earlier split: only the step's loss and gradient on the
+//! device ([`cuda::step::loss_and_grad`]: parameters uploaded and gradients downloaded each step), the
+//! optimiser on the host.
 
 pub mod cpu;
 #[cfg(feature = "cuda")]
@@ -37,8 +39,12 @@ pub enum BackendKind {
     Cpu,
     /// Dense CPU reference (every feature decoded; for tests and as the benchmark baseline).
     CpuDense,
-    /// CUDA (requires the `cuda` feature and an NVIDIA driver).
+    /// CUDA (requires the `cuda` feature and an NVIDIA driver): parameters, Adam and the whole step on the
+    /// device, the next batch copied from pinned memory on a second stream while the step runs.
     Cuda,
+    /// CUDA for the step's loss and gradient only; parameters and Adam on the host (uploaded and
+    /// downloaded every step; the reference the resident trainer is tested against).
+    CudaHost,
 }
 
 /// A ready-to-use backend.
@@ -48,7 +54,7 @@ pub enum Backend {
     CpuDense,
     /// The device the step runs on.
     #[cfg(feature = "cuda")]
-    Cuda(cuda::Gpu),
+    Cuda(std::sync::Arc<cuda::Gpu>),
 }
 
 impl Backend {
@@ -57,8 +63,37 @@ impl Backend {
         match kind {
             BackendKind::Cpu => Ok(Backend::Cpu),
             BackendKind::CpuDense => Ok(Backend::CpuDense),
-            BackendKind::Cuda => cuda_backend(),
+            BackendKind::Cuda | BackendKind::CudaHost => cuda_backend(),
         }
+    }
+
+    /// The device-resident trainer state for `params` and `adam` (the `cuda` backend's training loop).
+    #[cfg(feature = "cuda")]
+    pub fn resident(
+        &self,
+        cfg: &CltConfig,
+        params: &Params,
+        adam: &cpu::adam::AdamState,
+        hyper: cpu::adam::AdamHyper,
+    ) -> Result<Resident> {
+        match self {
+            Backend::Cuda(gpu) => Resident::new(gpu.clone(), cfg, params, adam, hyper),
+            _ => Err(crate::Error::Unsupported(
+                "a resident trainer on a CPU backend".into(),
+            )),
+        }
+    }
+
+    /// Without the `cuda` feature there is no resident trainer (and no CUDA backend to ask for one).
+    #[cfg(not(feature = "cuda"))]
+    pub fn resident(
+        &self,
+        _cfg: &CltConfig,
+        _params: &Params,
+        _adam: &cpu::adam::AdamState,
+        _hyper: cpu::adam::AdamHyper,
+    ) -> Result<Resident> {
+        Err(no_cuda_support())
     }
 
     /// The step's loss and gradient on a normalised batch. `preact_mask`, when given, restricts the
@@ -108,16 +143,63 @@ impl Backend {
     }
 }
 
+/// The resident CUDA trainer ([`cuda::resident::Resident`]).
+#[cfg(feature = "cuda")]
+pub use cuda::resident::{Resident, ResidentStep};
+
+/// Without the `cuda` feature: an uninhabited stand-in for the resident CUDA trainer, so the trainer's code
+/// is the same with and without the feature.
 #[cfg(not(feature = "cuda"))]
-fn cuda_backend() -> Result<Backend> {
-    Err(crate::Error::BackendUnavailable {
+pub enum Resident {}
+
+/// What a resident step reports (the stand-in's; never constructed without the feature).
+#[cfg(not(feature = "cuda"))]
+pub struct ResidentStep {
+    pub stats: StepStats,
+    pub grad_norm: f64,
+}
+
+#[cfg(not(feature = "cuda"))]
+impl Resident {
+    pub fn adam_t(&self) -> u64 {
+        match *self {}
+    }
+    pub fn staged(&self) -> usize {
+        match *self {}
+    }
+    pub fn download(&self) -> Result<(Params, cpu::adam::AdamState)> {
+        match *self {}
+    }
+    pub fn stage(&mut self, _batch: &crate::data::Batch) -> Result<()> {
+        match *self {}
+    }
+    pub fn step(
+        &mut self,
+        _obj: &Objective,
+        _preact_mask: Option<&[Vec<bool>]>,
+        _lr: f32,
+        _clip_norm: f32,
+        _step: u64,
+    ) -> Result<ResidentStep> {
+        match *self {}
+    }
+}
+
+#[cfg(not(feature = "cuda"))]
+fn no_cuda_support() -> crate::Error {
+    crate::Error::BackendUnavailable {
         backend: "cuda".into(),
         reason: "built without CUDA support (rebuild with `--features cuda`)".into(),
-    })
+    }
+}
+
+#[cfg(not(feature = "cuda"))]
+fn cuda_backend() -> Result<Backend> {
+    Err(no_cuda_support())
 }
 
 /// With the feature: device 0, or why it cannot be opened (no driver, no device).
 #[cfg(feature = "cuda")]
 fn cuda_backend() -> Result<Backend> {
-    Ok(Backend::Cuda(cuda::Gpu::open(0)?))
+    Ok(Backend::Cuda(std::sync::Arc::new(cuda::Gpu::open(0)?)))
 }

@@ -5,13 +5,19 @@
 //! (Adam's moments) and `state.json` (step, run configuration, data position, dead-feature clocks). It is
 //! written under a temporary name and renamed when complete; then `checkpoints/LATEST` is replaced atomically
 //! to name it. A resumed run restores everything a step depends on, so it continues bit for bit.
+//!
+//! With `--backend cuda` the parameters and Adam's moments live on the device ([`Resident`]) and the step
+//! runs there whole; the host fields `params` and Adam's state are then refreshed only by
+//! [`Trainer::sync_host`] (which [`Trainer::train`] calls before returning), and checkpoints download them.
+//! Batch i+1 is fetched and its copy queued before step i runs, so the copy overlaps the step; the
+//! checkpoint then records the source's position before that staged batch, so a resumed run reads it again.
 
 use super::config::{DataConfig, PreactScope, RunConfig};
 use super::init::{calibrate_b_enc, default_fire_rate, estimate_norms};
 use super::metrics::{Interval, MetricsLine};
 use super::{liveness, schedule};
 use crate::backend::cpu::adam::{self, AdamHyper, AdamState};
-use crate::backend::{Backend, Grads, StepStats};
+use crate::backend::{Backend, BackendKind, Grads, Resident, StepStats};
 use crate::clt::checkpoint::{
     TensorFile, load_transcoder, params_out, read_params, save_transcoder, write_atomic,
     write_tensors,
@@ -22,6 +28,7 @@ use crate::data::synthetic::SyntheticGenerator;
 use crate::data::{ActDims, ActivationSource, Batch};
 use crate::rng::Rng;
 use crate::{Error, Result};
+use std::borrow::Cow;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -81,6 +88,12 @@ pub struct Trainer {
     backend: Backend,
     source: Box<dyn ActivationSource>,
     batch: Batch,
+    /// The device-resident state (`--backend cuda`), else `None`.
+    resident: Option<Resident>,
+    /// With a resident state: whether `params` and `adam` on the host may lag the device's.
+    host_stale: bool,
+    /// The source's position before the batch staged on the device for the next step (resident only).
+    staged_position: Option<serde_json::Value>,
 }
 
 /// What one step reports.
@@ -125,13 +138,14 @@ impl Trainer {
         let rate = t.init_fire_rate.unwrap_or_else(|| default_fire_rate(cfg));
         calibrate_b_enc(cfg, &mut params, &calib.x, calib.n_tokens, rate);
         let dec_norms = decoder_norms(cfg, &params.w_dec);
-        Ok(Trainer {
+        let hyper = AdamHyper {
+            beta1: t.adam_beta1,
+            beta2: t.adam_beta2,
+            eps: t.adam_eps,
+        };
+        let mut trainer = Trainer {
             adam: AdamState::new(cfg),
-            hyper: AdamHyper {
-                beta1: t.adam_beta1,
-                beta2: t.adam_beta2,
-                eps: t.adam_eps,
-            },
+            hyper,
             grads: Grads::zeros(cfg),
             last_fired: vec![vec![0; cfg.n_features]; cfg.n_layers],
             dec_norms,
@@ -143,8 +157,34 @@ impl Trainer {
             backend,
             source,
             batch: Batch::default(),
+            resident: None,
+            host_stale: false,
+            staged_position: None,
             run,
-        })
+        };
+        trainer.go_resident()?;
+        Ok(trainer)
+    }
+
+    /// With `--backend cuda`: moves the parameters and Adam's state to the device (the host keeps the
+    /// parameters, marked stale, and drops its gradient and moment buffers).
+    fn go_resident(&mut self) -> Result<()> {
+        if self.run.train.backend != BackendKind::Cuda {
+            return Ok(());
+        }
+        let cfg = &self.run.model;
+        let r = self
+            .backend
+            .resident(cfg, &self.params, &self.adam, self.hyper)?;
+        self.resident = Some(r);
+        self.host_stale = true;
+        self.grads = empty_grads();
+        self.adam = AdamState {
+            m: empty_params(),
+            v: empty_params(),
+            t: self.adam.t,
+        };
+        Ok(())
     }
 
     /// Resumes from a run directory (its latest checkpoint) or a checkpoint directory, on the source its
@@ -190,7 +230,7 @@ impl Trainer {
         source.restore(&state.source_position)?;
         let backend = Backend::new(state.run.train.backend)?;
         let tc = &state.run.train;
-        Ok(Trainer {
+        let mut trainer = Trainer {
             hyper: AdamHyper {
                 beta1: tc.adam_beta1,
                 beta2: tc.adam_beta2,
@@ -212,11 +252,17 @@ impl Trainer {
             backend,
             source,
             batch: Batch::default(),
+            resident: None,
+            host_stale: false,
+            staged_position: None,
             run: state.run,
-        })
+        };
+        trainer.go_resident()?;
+        Ok(trainer)
     }
 
-    /// The trained transcoder (a copy).
+    /// The trained transcoder (a copy). With `--backend cuda`, of the host's parameters: current after
+    /// [`Trainer::train`] or [`Trainer::sync_host`].
     pub fn transcoder(&self) -> Transcoder {
         Transcoder {
             cfg: self.run.model.clone(),
@@ -225,8 +271,100 @@ impl Trainer {
         }
     }
 
+    /// Adam's state (moments and update count). With `--backend cuda`, the host's copy: current after
+    /// [`Trainer::train`] or [`Trainer::sync_host`].
+    pub fn adam_state(&self) -> &AdamState {
+        &self.adam
+    }
+
+    /// Brings the device-resident parameters and Adam's state back to the host (`params`, the decoder
+    /// norms, the moments); nothing to do on the CPU backends or when they are current.
+    pub fn sync_host(&mut self) -> Result<()> {
+        if let (Some(r), true) = (&self.resident, self.host_stale) {
+            let (params, adam) = r.download()?;
+            self.dec_norms = decoder_norms(&self.run.model, &params.w_dec);
+            self.params = params;
+            self.adam = adam;
+            self.host_stale = false;
+        }
+        Ok(())
+    }
+
+    /// The parameters and Adam's state as of the last step (downloaded when they live on the device).
+    fn current_state(&self) -> Result<(Cow<'_, Params>, Cow<'_, AdamState>)> {
+        match &self.resident {
+            Some(r) if self.host_stale => {
+                let (p, a) = r.download()?;
+                Ok((Cow::Owned(p), Cow::Owned(a)))
+            }
+            _ => Ok((Cow::Borrowed(&self.params), Cow::Borrowed(&self.adam))),
+        }
+    }
+
+    /// Fetches the next batch from the source into `self.batch` and normalises it; returns the seconds
+    /// spent waiting for the source.
+    fn fetch_batch(&mut self) -> Result<f64> {
+        let wait = Instant::now();
+        self.source
+            .next_batch(self.run.train.batch_size, &mut self.batch)?;
+        let data_wait_s = wait.elapsed().as_secs_f64();
+        self.norms
+            .apply(self.run.model.d_model, &mut self.batch.x, &mut self.batch.y);
+        Ok(data_wait_s)
+    }
+
+    /// One step of the resident loop: stage this step's batch if the previous step did not, fetch and
+    /// stage the next one (its copy overlaps this step), then the step on the device.
+    fn step_resident(&mut self) -> Result<StepReport> {
+        let mut data_wait_s = 0.0;
+        if self.resident.as_ref().is_some_and(|r| r.staged() == 0) {
+            data_wait_s += self.fetch_batch()?;
+            if let Some(r) = self.resident.as_mut() {
+                r.stage(&self.batch)?;
+            }
+        }
+        // The staged batch is this step's from here on.
+        self.staged_position = None;
+        if self.step + 1 < self.run.train.steps {
+            let position = self.source.position();
+            data_wait_s += self.fetch_batch()?;
+            if let Some(r) = self.resident.as_mut() {
+                r.stage(&self.batch)?;
+            }
+            self.staged_position = Some(position);
+        }
+        let t = &self.run.train;
+        let obj = schedule::objective(t, self.step);
+        let dead_mask: Option<Vec<Vec<bool>>> = match t.preact_scope {
+            PreactScope::All => None,
+            PreactScope::DeadOnly => Some(self.dead_mask()),
+        };
+        let lr = schedule::learning_rate(t, self.step);
+        let (clip, step) = (t.clip_norm, self.step);
+        let Some(r) = self.resident.as_mut() else {
+            return Err(Error::Unsupported(
+                "a resident step without a device".into(),
+            ));
+        };
+        self.host_stale = true;
+        let rep = r.step(&obj, dead_mask.as_deref(), lr, clip, step)?;
+        liveness::mark_fired(&mut self.last_fired, &rep.stats.active_count, self.step);
+        self.step += 1;
+        self.tokens_seen += rep.stats.n_tokens as u64;
+        Ok(StepReport {
+            stats: rep.stats,
+            grad_norm: rep.grad_norm,
+            lr,
+            lambda: obj.lambda,
+            data_wait_s,
+        })
+    }
+
     /// Runs one optimiser step.
     pub fn step(&mut self) -> Result<StepReport> {
+        if self.resident.is_some() {
+            return self.step_resident();
+        }
         let cfg = &self.run.model;
         let t = &self.run.train;
         let wait = Instant::now();
@@ -364,6 +502,7 @@ impl Trainer {
             }
         }
         bar.finish_and_clear();
+        self.sync_host()?;
         Ok(last)
     }
 
@@ -377,19 +516,31 @@ impl Trainer {
         if tmp.exists() {
             std::fs::remove_dir_all(&tmp).map_err(|e| Error::io(&tmp, e))?;
         }
-        save_transcoder(&tmp, &self.transcoder())?;
+        let (params, adam) = self.current_state()?;
         let cfg = &self.run.model;
-        let mut opt = params_out(&self.adam.m, cfg, "adam.m.");
-        opt.extend(params_out(&self.adam.v, cfg, "adam.v."));
+        save_transcoder(
+            &tmp,
+            &Transcoder {
+                cfg: cfg.clone(),
+                params: params.into_owned(),
+                norms: self.norms.clone(),
+            },
+        )?;
+        let mut opt = params_out(&adam.m, cfg, "adam.m.");
+        opt.extend(params_out(&adam.v, cfg, "adam.v."));
         write_tensors(&tmp.join("optimizer.safetensors"), &opt, None)?;
         let state = TrainState {
             format: STATE_FORMAT.into(),
             version: STATE_VERSION,
             step: self.step,
-            adam_t: self.adam.t,
+            adam_t: adam.t,
             tokens_seen: self.tokens_seen,
             rng: self.rng.clone(),
-            source_position: self.source.position(),
+            // With a batch already staged on the device for the next step, the position before it.
+            source_position: self
+                .staged_position
+                .clone()
+                .unwrap_or_else(|| self.source.position()),
             last_fired: self.last_fired.clone(),
             run: self.run.clone(),
         };
@@ -425,6 +576,26 @@ impl Trainer {
             }
         }
         Ok(())
+    }
+}
+
+fn empty_params() -> Params {
+    Params {
+        w_enc: Vec::new(),
+        b_enc: Vec::new(),
+        log_theta: Vec::new(),
+        w_dec: Vec::new(),
+        b_dec: Vec::new(),
+        w_skip: Vec::new(),
+    }
+}
+
+/// The host gradient buffers of a resident run (unused: the gradients stay on the device).
+fn empty_grads() -> Grads {
+    Grads {
+        p: empty_params(),
+        dec_coef: Vec::new(),
+        dec_touched: Vec::new(),
     }
 }
 

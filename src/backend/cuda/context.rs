@@ -2,10 +2,13 @@
 //!
 //! All launches go to one stream in order, so cudarc's per-buffer event tracking is switched off: kernels
 //! receive raw device addresses inside their parameter structs, and ordering comes from the stream alone.
+//! The one exception is the resident trainer's copy stream ([`Gpu::new_stream`], `resident.rs`): its
+//! host-to-device copies are ordered against the compute stream by explicit events ([`Gpu::new_event`]).
 
 use crate::{Error, Result};
 use cudarc::driver::{
-    CudaContext, CudaFunction, CudaModule, CudaStream, DeviceRepr, LaunchConfig, PushKernelArg,
+    CudaContext, CudaEvent, CudaFunction, CudaModule, CudaStream, DeviceRepr, LaunchConfig,
+    PushKernelArg,
 };
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -135,6 +138,26 @@ impl Gpu {
     /// The stream every launch and copy goes to.
     pub fn stream(&self) -> &Arc<CudaStream> {
         &self.stream
+    }
+
+    /// The context (for the memory module's pinned allocations).
+    pub(crate) fn context(&self) -> &Arc<CudaContext> {
+        &self.ctx
+    }
+
+    /// A second stream (non-blocking: it does not synchronise implicitly with the compute stream, which is
+    /// the context's default stream). Work on it must be ordered against the compute stream with events.
+    pub fn new_stream(&self) -> Result<Arc<CudaStream>> {
+        self.ctx
+            .new_stream()
+            .map_err(cuda_err("creating a second stream"))
+    }
+
+    /// An event without timing (for ordering work across streams).
+    pub fn new_event(&self) -> Result<CudaEvent> {
+        self.ctx
+            .new_event(None)
+            .map_err(cuda_err("creating an event"))
     }
 
     /// A kernel of a module, loading the module's PTX on first use.

@@ -394,11 +394,24 @@ pub fn dense_into_with(
 /// f32 → bf16 on the device.
 pub fn to_bf16(gpu: &Gpu, src: &DBuf<f32>) -> Result<DBuf<u16>> {
     let dst = gpu.output::<u16>(src.len())?;
+    to_bf16_into(gpu, src, &dst)?;
+    Ok(dst)
+}
+
+/// f32 → bf16 into an existing buffer of the same length (the resident trainer's weight copies, refreshed
+/// after each update). CPU reference: [`super::memory::to_bf16_bits`].
+pub fn to_bf16_into(gpu: &Gpu, src: &DBuf<f32>, dst: &DBuf<u16>) -> Result<()> {
+    if src.len() != dst.len() {
+        return Err(Error::Shape {
+            what: "CUDA f32 -> bf16 (source, destination elements)".into(),
+            expected: vec![src.len(), src.len()],
+            got: vec![src.len(), dst.len()],
+        });
+    }
     let p = CltToBf16Params {
         src: src.ptr(gpu),
         dst: dst.ptr(gpu),
         n: src.len() as u64,
     };
-    gpu.launch(Module::Encode, "to_bf16", grid_1d(src.len(), 256), &p)?;
-    Ok(dst)
+    gpu.launch(Module::Encode, "to_bf16", grid_1d(src.len(), 256), &p)
 }

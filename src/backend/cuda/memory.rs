@@ -2,7 +2,9 @@
 
 use super::context::{Gpu, cuda_err};
 use crate::Result;
-use cudarc::driver::{CudaSlice, DevicePtr, DeviceRepr, ValidAsZeroBits};
+use cudarc::driver::{
+    CudaSlice, CudaStream, DevicePtr, DeviceRepr, PinnedHostSlice, ValidAsZeroBits,
+};
 
 /// A device buffer of `len` elements (at least one element is allocated, so empty buffers have an address).
 pub struct DBuf<T> {
@@ -122,6 +124,80 @@ impl Gpu {
     /// Uploads f32 values as bf16 (round to nearest even, as the kernels' `__float2bfloat16_rn`).
     pub fn upload_bf16(&self, host: &[f32]) -> Result<DBuf<u16>> {
         self.upload(&to_bf16_bits(host))
+    }
+}
+
+/// Page-locked (pinned) host memory of `len` elements: the staging buffers the resident trainer fills with
+/// the next batch and copies to the device asynchronously on its copy stream (see `resident.rs`).
+/// Write-combined: fast for the host to write and the device to read, slow for the host to read.
+pub struct Pinned<T> {
+    slice: PinnedHostSlice<T>,
+    len: usize,
+}
+
+impl<T: DeviceRepr + ValidAsZeroBits> Pinned<T> {
+    /// Number of elements.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// True when empty.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// The host elements, for writing; first waits until every copy queued from this buffer has finished
+    /// reading it (cudarc records an event on the copy's stream after each copy).
+    pub fn as_mut_slice(&mut self) -> Result<&mut [T]> {
+        let len = self.len;
+        let s = self
+            .slice
+            .as_mut_slice()
+            .map_err(cuda_err("waiting for a pinned buffer's copies"))?;
+        Ok(&mut s[..len])
+    }
+}
+
+impl Gpu {
+    /// Allocates `len` elements of pinned, write-combined host memory, zeroed.
+    pub fn pinned<T: DeviceRepr + ValidAsZeroBits>(&self, len: usize) -> Result<Pinned<T>> {
+        // SAFETY: the allocation is uninitialised; it is zeroed below through the raw pointer before any
+        // reference to its elements exists, and T is ValidAsZeroBits, so every element is then a valid T.
+        let mut slice = unsafe { self.context().alloc_pinned::<T>(len.max(1)) }.map_err(
+            cuda_err(format!("allocating {len} elements of pinned host memory")),
+        )?;
+        let p = slice
+            .as_mut_ptr()
+            .map_err(cuda_err("waiting for a new pinned buffer"))?;
+        // SAFETY: `p` points to `len.max(1)` elements just allocated above, owned by `slice` and not yet
+        // referenced anywhere else; writing zero bytes over them is in bounds.
+        unsafe { std::ptr::write_bytes(p, 0, len.max(1)) };
+        Ok(Pinned { slice, len })
+    }
+
+    /// Queues on `stream` the copy of the pinned buffer `src` into `dst` (same length). The copy is
+    /// asynchronous: the caller orders it against the compute stream with events, and [`Pinned::as_mut_slice`]
+    /// waits for it before the host writes `src` again.
+    pub fn copy_pinned_on<T: DeviceRepr + ValidAsZeroBits>(
+        &self,
+        stream: &std::sync::Arc<CudaStream>,
+        src: &Pinned<T>,
+        dst: &mut DBuf<T>,
+    ) -> Result<()> {
+        if src.len != dst.len {
+            return Err(crate::Error::Shape {
+                what: "pinned host-to-device copy (source, destination elements)".into(),
+                expected: vec![src.len, src.len],
+                got: vec![src.len, dst.len],
+            });
+        }
+        // Both sides hold `len.max(1)` elements (the allocations above), which cudarc's length check needs.
+        stream
+            .memcpy_htod(&src.slice, &mut dst.slice)
+            .map_err(cuda_err(format!(
+                "copying {} pinned elements to the device",
+                src.len
+            )))
     }
 }
 

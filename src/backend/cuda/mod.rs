@@ -7,7 +7,9 @@
 //! One module per concern: [`context`] (driver check, context, lazy module loading, launches), [`memory`]
 //! (device buffers), [`ffi`] (the kernels' parameter structs, generated from `ffi/clt_params.h`), and one
 //! wrapper per kernel family with its launch configuration: [`encode`], [`decode`], [`backward`], [`topk`],
-//! [`adam`], [`dequant`]; [`step`] chains them into a training step; [`dense`] is the dense cuBLAS step the
+//! [`adam`], [`dequant`]; [`step`] chains them into a training step's loss and gradient, and [`resident`]
+//! into the whole training loop on the device (parameters and Adam resident, batches staged through pinned
+//! memory on a second stream); [`dense`] is the dense cuBLAS step the
 //! sparse one is benchmarked against, and [`bench`] times every kernel (`clt bench --cuda`). Each wrapper names its CPU reference; `tests/cuda.rs` compares them.
 
 pub mod adam;
@@ -20,6 +22,7 @@ pub mod dequant;
 pub mod encode;
 pub mod ffi;
 pub mod memory;
+pub mod resident;
 pub mod step;
 pub mod topk;
 
