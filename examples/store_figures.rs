@@ -4,7 +4,8 @@
 //! whole-file zstd); also byte planes on/off for the 16-bit codecs and the shuffling loader's throughput. For int8
 //! and the predictive int8p (at 256 and 1024 tokens per block) it compares sizes and errors of inputs x, targets y
 //! and both with CLT-Forge's scheme, per layer too, and gives int8p's coefficient bytes. Decoding uses `xy_rows`
-//! (inputs and targets of a block together, as the loader does).
+//! (inputs and targets of a block together, as the loader does). With `CLT_FIGURES_QUICK=1` only int8 and int8p
+//! (256) are measured, and the loader with no workers.
 //!
 //! Run: `cargo run --release --example store_figures -- [TOKENS] [LAYERS] [D_MODEL]` (default 8192 4 512).
 //! Data: synthetic, see `synth` (per-token norm spread, 4 outlier dimensions per layer at 20–50×); or real
@@ -373,7 +374,9 @@ fn main() {
     let mut kept: Vec<(String, f64, Errs, Errs, f64)> = Vec::new();
     let mut int8_dir = None;
     let mut int8p_dir = None;
-    for (codec, planes, block) in [
+    // `CLT_FIGURES_QUICK=1`: only int8 and int8p, and the loader with no workers (a quicker run).
+    let quick = std::env::var_os("CLT_FIGURES_QUICK").is_some();
+    let all = [
         (Codec::F32, false, 256),
         (Codec::Bf16, false, 256),
         (Codec::Bf16, true, 256),
@@ -384,7 +387,10 @@ fn main() {
         (Codec::Int8p, false, 1024),
         (Codec::Int8o, false, 256),
         (Codec::Int4, false, 256),
-    ] {
+    ];
+    for (codec, planes, block) in all.into_iter().filter(|&(c, _, b)| {
+        !quick || c == Codec::Int8 || (c == Codec::Int8p && b == 256)
+    }) {
         let dir = tmp
             .path()
             .join(format!("{}-{planes}-{block}", codec.name()));
@@ -569,7 +575,10 @@ fn main() {
         ("int8p", int8p_dir.as_ref().unwrap(), 0),
         ("int8p", int8p_dir.as_ref().unwrap(), 1),
         ("int8p", int8p_dir.as_ref().unwrap(), threads),
-    ] {
+    ]
+    .into_iter()
+    .filter(|l| !quick || l.2 == 0)
+    {
         let cfg = LoaderConfig {
             seed: 1,
             window_blocks: 8,
