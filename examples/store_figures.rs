@@ -1,7 +1,11 @@
 //! Measures the activation store's figures for `docs/perf-store.md`: per codec, bytes per token against f32,
 //! relative reconstruction error ‖x − x̂‖²/‖x‖² (overall and per layer), and decode throughput (f32-equivalent
 //! GB/s, one thread and all threads), against a CLT-Forge-style baseline (one int8 scale per layer per file,
-//! whole-file zstd); also byte planes on/off for the 16-bit codecs and the shuffling loader's throughput.
+//! whole-file zstd); also byte planes on/off for the 16-bit codecs and the shuffling loader's throughput. For int8
+//! and the predictive int8p (at 256 and 1024 tokens per block) it compares sizes and errors of inputs x, targets y
+//! and both with CLT-Forge's scheme, per layer too, and gives int8p's coefficient bytes. Decoding uses `xy_rows`
+//! (inputs and targets of a block together, as the loader does). With `CLT_FIGURES_QUICK=1` only int8 and int8p
+//! (256) are measured, and the loader with no workers.
 //!
 //! Run: `cargo run --release --example store_figures -- [TOKENS] [LAYERS] [D_MODEL]` (default 8192 4 512).
 //! Data: synthetic, see `synth` (per-token norm spread, 4 outlier dimensions per layer at 20–50×); or real
@@ -105,7 +109,8 @@ fn rel_err_per_layer(x: &[f32], xh: &[f32], dims: ActDims) -> (f64, Vec<f64>) {
 }
 
 /// CLT-Forge's scheme: one absmax int8 scale per layer for the whole file, the whole file one zstd blob.
-fn forge_baseline(x: &[f32], y: &[f32], dims: ActDims, t: usize) -> (f64, Vec<f32>, f64) {
+/// Returns bytes per token, the decoded inputs and targets, and the decode throughput.
+fn forge_baseline(x: &[f32], y: &[f32], dims: ActDims, t: usize) -> (f64, Vec<f32>, Vec<f32>, f64) {
     let enc = |v: &[f32]| -> (Vec<i8>, Vec<f32>) {
         let l = dims.n_layers;
         let mut amax = vec![0f32; l];
@@ -125,30 +130,126 @@ fn forge_baseline(x: &[f32], y: &[f32], dims: ActDims, t: usize) -> (f64, Vec<f3
         (q, sc)
     };
     let (qx, sx) = enc(x);
-    let (qy, _) = enc(y);
+    let (qy, sy) = enc(y);
     let mut blob: Vec<u8> = qx.iter().chain(&qy).map(|&c| c as u8).collect();
-    blob.extend(sx.iter().flat_map(|s| s.to_le_bytes()));
+    blob.extend(sx.iter().chain(&sy).flat_map(|s| s.to_le_bytes()));
     let t0 = Instant::now();
     let comp = zstd::bulk::compress(&blob, 3).unwrap();
     let _ = t0;
-    let xh: Vec<f32> = qx
-        .chunks_exact(dims.d_model)
-        .enumerate()
-        .flat_map(|(i, row)| {
-            let s = sx[i % dims.n_layers];
-            row.iter().map(move |&c| c as f32 * s)
-        })
-        .collect();
+    let dequant = |q: &[i8], sc: &[f32]| -> Vec<f32> {
+        q.chunks_exact(dims.d_model)
+            .enumerate()
+            .flat_map(|(i, row)| {
+                let s = sc[i % dims.n_layers];
+                row.iter().map(move |&c| c as f32 * s)
+            })
+            .collect()
+    };
+    let (xh, yh) = (dequant(&qx, &sx), dequant(&qy, &sy));
     // Decode throughput of the baseline: whole-blob decompress + dequantise (1 thread).
     let t0 = Instant::now();
     let raw = zstd::bulk::decompress(&comp, blob.len()).unwrap();
-    let mut out = vec![0f32; raw.len() - 4 * sx.len()];
+    let mut out = vec![0f32; raw.len() - 8 * sx.len()];
     for (i, (o, &c)) in out.iter_mut().zip(&raw).enumerate() {
         *o = (c as i8) as f32 * sx[(i / dims.d_model) % dims.n_layers];
     }
     std::hint::black_box(&out);
     let gbs = (out.len() * 4) as f64 / t0.elapsed().as_secs_f64() / 1e9;
-    (comp.len() as f64 / t as f64, xh, gbs)
+    (comp.len() as f64 / t as f64, xh, yh, gbs)
+}
+
+/// Order-0 entropy in bits of a histogram.
+fn entropy_bits(hist: &[u64]) -> f64 {
+    let n = hist.iter().sum::<u64>() as f64;
+    hist.iter()
+        .filter(|&&k| k > 0)
+        .map(|&k| -(k as f64) * (k as f64 / n).log2())
+        .sum()
+}
+
+/// Where the bytes of a quantised dataset (int8 layout: scales, then codes, for x and y) go, and what a better
+/// entropy coder of the codes would reach: per stream, the codes' zstd rate (each block's codes compressed alone),
+/// their order-0 entropy, the entropy given the layer and given (layer, dimension) (an adaptive per-dimension
+/// coder, estimated on the whole sample, so slightly optimistic), all in bits per value; and the bytes per token
+/// the dataset would have with the codes coded at the (layer, dimension) entropy.
+fn code_stats(ds: &Dataset, name: &str) {
+    let dims = ds.dims();
+    let (l_n, d) = (dims.n_layers, dims.d_model);
+    // Histograms [stream][layer][dim][256].
+    let mut hist = vec![vec![0u64; l_n * d * 256]; 2];
+    let mut zstd_bytes = [0usize; 2];
+    let mut values = 0usize;
+    let mut total = 0u64;
+    // Rows coded as a prediction's residual (int8p: scale sign bit set), per stream and layer.
+    let mut predicted = vec![vec![0usize; l_n]; 2];
+    for s in ds.shards() {
+        total += std::fs::metadata(s.path()).unwrap().len();
+        for (b, e) in s.blocks().iter().enumerate() {
+            let raw = zstd::bulk::decompress(s.compressed(b), e.raw_len as usize).unwrap();
+            let layout = s.header().block_layout(e.n_tokens as usize);
+            let rows = layout.section.rows;
+            for (k, h) in hist.iter_mut().enumerate() {
+                let sec = &raw[layout.ranges()[k].clone()];
+                for (r, sc) in sec[..4 * rows].chunks_exact(4).enumerate() {
+                    predicted[k][r % l_n] += (sc[3] >> 7) as usize;
+                }
+                let codes = &sec[4 * rows..];
+                zstd_bytes[k] += zstd::bulk::compress(codes, 3).unwrap().len();
+                for (i, &c) in codes.iter().enumerate() {
+                    let (r, j) = (i / d, i % d);
+                    h[((r % l_n) * d + j) * 256 + c as usize] += 1;
+                }
+            }
+            values += rows * d;
+        }
+    }
+    let t = ds.n_tokens() as f64;
+    let mut saved = 0.0;
+    for (k, h) in hist.iter().enumerate() {
+        let mut all = vec![0u64; 256];
+        let mut by_layer = 0.0;
+        let mut by_dim = 0.0;
+        for l in 0..l_n {
+            let mut hl = vec![0u64; 256];
+            for j in 0..d {
+                let hd = &h[(l * d + j) * 256..][..256];
+                by_dim += entropy_bits(hd);
+                for (a, &b) in hl.iter_mut().zip(hd) {
+                    *a += b;
+                }
+            }
+            by_layer += entropy_bits(&hl);
+            for (a, &b) in all.iter_mut().zip(&hl) {
+                *a += b;
+            }
+        }
+        let v = values as f64;
+        let z = zstd_bytes[k] as f64 * 8.0 / v;
+        println!(
+            "{name} {} codes: zstd {z:.3} bits/value, entropy {:.3}, given layer {:.3}, given layer and dim {:.3}",
+            ["x", "y"][k],
+            entropy_bits(&all) / v,
+            by_layer / v,
+            by_dim / v
+        );
+        saved += zstd_bytes[k] as f64 - by_dim / 8.0;
+        if predicted[k].iter().any(|&p| p > 0) {
+            let pct: Vec<String> = predicted[k]
+                .iter()
+                .map(|&p| format!("{:.0}", 100.0 * p as f64 / t))
+                .collect();
+            println!(
+                "{name} {} rows predicted, % per layer: {}",
+                ["x", "y"][k],
+                pct.join(" ")
+            );
+        }
+    }
+    println!(
+        "{name}: {:.0} bytes/token; with the codes at their (layer, dim) entropy {:.0} bytes/token",
+        total as f64 / t,
+        (total as f64 - saved) / t
+    );
 }
 
 fn decode_all(ds: &Dataset, row: usize, threads: usize) -> f64 {
@@ -168,13 +269,13 @@ fn decode_all(ds: &Dataset, row: usize, threads: usize) -> f64 {
         let bytes: usize = pool.install(|| {
             jobs.par_iter()
                 .map_init(
-                    || (BlockReader::new().unwrap(), Vec::<f32>::new()),
-                    |(r, buf), &(s, b)| {
+                    || (BlockReader::new().unwrap(), Vec::<f32>::new(), Vec::new()),
+                    |(r, bx, by), &(s, b)| {
                         let blk = r.read(&ds.shards()[s], b).unwrap();
-                        buf.resize(blk.n_tokens() * row, 0.0);
-                        blk.x_rows(0, buf);
-                        blk.y_rows(0, buf);
-                        std::hint::black_box(&buf);
+                        bx.resize(blk.n_tokens() * row, 0.0);
+                        by.resize(blk.n_tokens() * row, 0.0);
+                        blk.xy_rows(0, bx, by);
+                        std::hint::black_box((&bx, &by));
                         blk.n_tokens() * row * 8
                     },
                 )
@@ -256,28 +357,48 @@ fn main() {
         dims.n_layers, dims.d_model
     );
     println!(
-        "| codec | planes | bytes/token | vs f32 | rel. err x | rel. err x, non-outlier dims | decode GB/s 1 thr | decode GB/s {threads} thr | write s |"
+        "| codec | planes | block | bytes/token | vs f32 | rel. err x | rel. err y | rel. err x, non-outlier dims | decode GB/s 1 thr | decode GB/s {threads} thr | write s |"
     );
-    println!("|---|---|---:|---:|---:|---:|---:|---:|---:|");
+    println!("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
+    // Errors of x and y together (the sum of both squared errors over the sum of both energies).
+    let both = |xh: &[f32], yh: &[f32]| {
+        let n = |a: &[f32], b: &[f32]| -> f64 {
+            a.iter().zip(b).map(|(p, q)| ((p - q) as f64).powi(2)).sum()
+        };
+        let e = |a: &[f32]| -> f64 { a.iter().map(|p| (*p as f64).powi(2)).sum() };
+        (n(&x, xh) + n(&y, yh)) / (e(&x) + e(&y))
+    };
     let tmp = tempfile::tempdir().unwrap();
-    let mut int8_bpt = 0.0;
-    let mut int8_err = (0.0, vec![]);
+    // Per codec of interest: bytes/token, (total, per-layer) errors of x and y.
+    type Errs = (f64, Vec<f64>);
+    let mut kept: Vec<(String, f64, Errs, Errs, f64)> = Vec::new();
     let mut int8_dir = None;
-    for (codec, planes) in [
-        (Codec::F32, false),
-        (Codec::Bf16, false),
-        (Codec::Bf16, true),
-        (Codec::F16, false),
-        (Codec::F16, true),
-        (Codec::Int8, false),
-        (Codec::Int8o, false),
-        (Codec::Int4, false),
-    ] {
-        let dir = tmp.path().join(format!("{}-{planes}", codec.name()));
+    let mut int8p_dir = None;
+    // `CLT_FIGURES_QUICK=1`: only int8 and int8p, and the loader with no workers (a quicker run).
+    let quick = std::env::var_os("CLT_FIGURES_QUICK").is_some();
+    let all = [
+        (Codec::F32, false, 256),
+        (Codec::Bf16, false, 256),
+        (Codec::Bf16, true, 256),
+        (Codec::F16, false, 256),
+        (Codec::F16, true, 256),
+        (Codec::Int8, false, 256),
+        (Codec::Int8p, false, 256),
+        (Codec::Int8p, false, 1024),
+        (Codec::Int8o, false, 256),
+        (Codec::Int4, false, 256),
+    ];
+    for (codec, planes, block) in all
+        .into_iter()
+        .filter(|&(c, _, b)| !quick || c == Codec::Int8 || (c == Codec::Int8p && b == 256))
+    {
+        let dir = tmp
+            .path()
+            .join(format!("{}-{planes}-{block}", codec.name()));
         let cfg = WriterConfig {
             codec,
             byte_planes: planes,
-            block_tokens: 256,
+            block_tokens: block,
             zstd_level: 3,
             threads: 0,
             outlier_dims: 4,
@@ -290,21 +411,31 @@ fn main() {
         let wsec = t0.elapsed().as_secs_f64();
         let bpt = m.shards.iter().map(|s| s.bytes).sum::<u64>() as f64 / t as f64;
         let ds = Dataset::open(&dir).unwrap();
-        let mut xh = Vec::with_capacity(x.len());
+        let (mut xh, mut yh) = (Vec::with_capacity(x.len()), Vec::with_capacity(y.len()));
         let mut r = BlockReader::new().unwrap();
+        let (mut coef_raw, mut coef_zstd) = (0usize, 0usize);
         for s in ds.shards() {
             for b in 0..s.blocks().len() {
                 let blk = r.read(s, b).unwrap();
                 let k = xh.len();
                 xh.resize(k + blk.n_tokens() * row, 0.0);
-                blk.x_rows(0, &mut xh[k..]);
+                yh.resize(k + blk.n_tokens() * row, 0.0);
+                blk.xy_rows(0, &mut xh[k..], &mut yh[k..]);
+                let c = blk.coef_bytes();
+                coef_raw += c.len();
+                if !c.is_empty() {
+                    coef_zstd += zstd::bulk::compress(c, 3).unwrap().len();
+                }
             }
         }
-        let err = rel_err_per_layer(&x, &xh, dims);
+        let (ex, ey) = (
+            rel_err_per_layer(&x, &xh, dims),
+            rel_err_per_layer(&y, &yh, dims),
+        );
         let g1 = decode_all(&ds, row, 1);
         let gn = decode_all(&ds, row, threads);
         println!(
-            "| {} | {} | {:.0} | {:.2}× | {:.2e} | {:.2e} | {:.2} | {:.2} | {:.2} |",
+            "| {} | {} | {block} | {:.0} | {:.2}× | {:.2e} | {:.2e} | {:.2e} | {:.2} | {:.2} | {:.2} |",
             codec.name(),
             if codec.is_16bit() {
                 planes.to_string()
@@ -313,41 +444,84 @@ fn main() {
             },
             bpt,
             f32_bpt / bpt,
-            err.0,
+            ex.0,
+            ey.0,
             rel_err_bulk(&x, &xh, dims, &xout),
             g1,
             gn,
             wsec
         );
+        if coef_raw > 0 {
+            println!(
+                "|  | (int8p coefficients: {:.0} B/token raw, {:.0} zstd'd alone = {:.1}% of the shard bytes) | | | | | | | | | |",
+                coef_raw as f64 / t as f64,
+                coef_zstd as f64 / t as f64,
+                100.0 * coef_zstd as f64 / (bpt * t as f64)
+            );
+        }
+        if codec == Codec::Int8 || codec == Codec::Int8p {
+            let eb = both(&xh, &yh);
+            kept.push((format!("{} (block {block})", codec.name()), bpt, ex, ey, eb));
+        }
         if codec == Codec::Int8 {
-            int8_bpt = bpt;
-            int8_err = err;
             int8_dir = Some(dir);
+        } else if codec == Codec::Int8p && block == 256 {
+            int8p_dir = Some(dir);
         }
     }
-    let (fb, fxh, fg) = forge_baseline(&x, &y, dims, t);
-    let ferr = rel_err_per_layer(&x, &fxh, dims);
+    let (fb, fxh, fyh, fg) = forge_baseline(&x, &y, dims, t);
+    let (fex, fey) = (
+        rel_err_per_layer(&x, &fxh, dims),
+        rel_err_per_layer(&y, &fyh, dims),
+    );
     println!(
-        "| CLT-Forge int8 (scale per layer per file, whole-file zstd) | - | {fb:.0} | {:.2}× | {:.2e} | {:.2e} | {fg:.2} | n/a (one blob) | - |",
+        "| CLT-Forge int8 (scale per layer per file, whole-file zstd) | - | file | {fb:.0} | {:.2}× | {:.2e} | {:.2e} | {:.2e} | {fg:.2} | n/a (one blob) | - |",
         f32_bpt / fb,
-        ferr.0,
+        fex.0,
+        fey.0,
         rel_err_bulk(&x, &fxh, dims, &xout)
     );
-    println!(
-        "\nint8 per-row vs CLT-Forge: size ratio {:.3}, error ratio (forge / ours) {:.1}×",
-        int8_bpt / fb,
-        ferr.0 / int8_err.0
-    );
-    println!("\n| layer | rel. err int8 per-row | rel. err CLT-Forge int8 | ratio |");
-    println!("|---:|---:|---:|---:|");
-    for l in 0..dims.n_layers {
+    let fboth = both(&fxh, &fyh);
+    println!();
+    for (name, bpt, ex, ey, eb) in &kept {
         println!(
-            "| {l} | {:.2e} | {:.2e} | {:.1}× |",
-            int8_err.1[l],
-            ferr.1[l],
-            ferr.1[l] / int8_err.1[l]
+            "{name} vs CLT-Forge: size ratio {:.3}, error ratio (forge / ours) x {:.1}×, y {:.1}×, x+y {:.1}×",
+            bpt / fb,
+            fex.0 / ex.0,
+            fey.0 / ey.0,
+            fboth / eb
         );
     }
+    println!("CLT-Forge x+y rel. err {fboth:.3e}");
+    print!("\n| layer | rel. err x CLT-Forge |");
+    for (name, ..) in &kept {
+        print!(" x {name} | ratio |");
+    }
+    print!(" rel. err y CLT-Forge |");
+    for (name, ..) in &kept {
+        print!(" y {name} | ratio |");
+    }
+    println!();
+    println!("|---:|{}", "---:|".repeat(2 + 4 * kept.len()));
+    for l in 0..dims.n_layers {
+        print!("| {l} | {:.2e} |", fex.1[l]);
+        for (_, _, ex, _, _) in &kept {
+            print!(" {:.2e} | {:.1}× |", ex.1[l], fex.1[l] / ex.1[l]);
+        }
+        print!(" {:.2e} |", fey.1[l]);
+        for (_, _, _, ey, _) in &kept {
+            print!(" {:.2e} | {:.1}× |", ey.1[l], fey.1[l] / ey.1[l]);
+        }
+        println!();
+    }
+    println!();
+    code_stats(&Dataset::open(int8_dir.as_ref().unwrap()).unwrap(), "int8");
+    code_stats(
+        &Dataset::open(int8p_dir.as_ref().unwrap()).unwrap(),
+        "int8p",
+    );
+    println!("CLT-Forge: {fb:.0} bytes/token");
+    let int8_err = kept[0].2.clone();
 
     // Outlier-aware variant (estimate, not a codec of format v1): the 4 largest-|mean square| dims of each layer kept
     // in bf16, the other dims int8 with a per-row scale over them only.
@@ -395,8 +569,17 @@ fn main() {
     );
 
     // Loader throughput: shuffled batches of 4096 tokens, workers = threads.
-    let dir = int8_dir.unwrap();
-    for workers in [0, 1, threads] {
+    for (name, dir, workers) in [
+        ("int8", int8_dir.as_ref().unwrap(), 0),
+        ("int8", int8_dir.as_ref().unwrap(), 1),
+        ("int8", int8_dir.as_ref().unwrap(), threads),
+        ("int8p", int8p_dir.as_ref().unwrap(), 0),
+        ("int8p", int8p_dir.as_ref().unwrap(), 1),
+        ("int8p", int8p_dir.as_ref().unwrap(), threads),
+    ]
+    .into_iter()
+    .filter(|l| !quick || l.2 == 0)
+    {
         let cfg = LoaderConfig {
             seed: 1,
             window_blocks: 8,
@@ -405,7 +588,7 @@ fn main() {
             rank: 0,
             world: 1,
         };
-        let mut ld = ShardLoader::open(&dir, cfg).unwrap();
+        let mut ld = ShardLoader::open(dir, cfg).unwrap();
         let mut b = Batch::default();
         ld.next_batch(4096, &mut b).unwrap();
         let n = 3 * t;
@@ -416,7 +599,7 @@ fn main() {
             done += 4096;
         }
         println!(
-            "loader int8, workers {workers}: {:.2} GB/s f32-equivalent (x+y)",
+            "loader {name}, workers {workers}: {:.2} GB/s f32-equivalent (x+y)",
             (done * row * 8) as f64 / t0.elapsed().as_secs_f64() / 1e9
         );
     }

@@ -303,8 +303,7 @@ pub fn convert(input: &Path, output: &Path, encode: &EncodeArgs) -> Result<Manif
             let n = blk.n_tokens();
             x.resize(n * row, 0.0);
             y.resize(n * row, 0.0);
-            blk.x_rows(0, &mut x);
-            blk.y_rows(0, &mut y);
+            blk.xy_rows(0, &mut x, &mut y);
             let t: Vec<u32> = blk.tokens().collect();
             let p: Vec<u32> = blk.positions().collect();
             let d: Vec<u64> = blk.doc_ids().collect();

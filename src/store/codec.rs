@@ -8,7 +8,11 @@
 //! - [`Codec::Int4`]: one f32 absmax scale per row (`scale = max|x| / 7`), values in `[-7, 7]` stored offset by 8,
 //!   two per byte (even index in the low nibble), each row padded to a whole byte;
 //! - [`Codec::Int8o`]: outlier-aware int8: per block and layer, the `k` dimensions with the largest sum of squares
-//!   are kept as bf16, and the rest quantised like int8 with a per-row scale over the remaining dimensions only.
+//!   are kept as bf16, and the rest quantised like int8 with a per-row scale over the remaining dimensions only;
+//! - [`Codec::Int8p`]: predictive int8: each row coded as the residual of a prediction from the already decoded
+//!   rows of the same token (the previous layer's input; for a target, the next and the same layer's input), at
+//!   int8's step. Its sections depend on each other and on per-block coefficients, so [`super::predict`] encodes
+//!   and decodes it; a [`Section`] alone sees only its int8-like layout (scales, then codes).
 //!
 //! Quantised sections store all the row scales first, then all the codes (int8o: outlier indices, scales, outlier
 //! values, codes). Decoding writes straight into the
@@ -30,17 +34,21 @@ pub enum Codec {
     #[serde(rename = "int8o")]
     #[value(name = "int8o")]
     Int8o = 5,
+    #[serde(rename = "int8p")]
+    #[value(name = "int8p")]
+    Int8p = 6,
 }
 
 impl Codec {
     /// All codecs, in discriminant order.
-    pub const ALL: [Codec; 6] = [
+    pub const ALL: [Codec; 7] = [
         Codec::F32,
         Codec::Bf16,
         Codec::F16,
         Codec::Int8,
         Codec::Int4,
         Codec::Int8o,
+        Codec::Int8p,
     ];
 
     /// The codec stored as byte `b`, if any.
@@ -57,6 +65,7 @@ impl Codec {
             Codec::Int8 => "int8",
             Codec::Int4 => "int4",
             Codec::Int8o => "int8o",
+            Codec::Int8p => "int8p",
         }
     }
 
@@ -67,7 +76,10 @@ impl Codec {
 
     /// True for the codecs with a per-row scale.
     pub fn is_quantised(self) -> bool {
-        matches!(self, Codec::Int8 | Codec::Int4 | Codec::Int8o)
+        matches!(
+            self,
+            Codec::Int8 | Codec::Int4 | Codec::Int8o | Codec::Int8p
+        )
     }
 
     /// Bytes of codes (without scales) for one row of `d` values.
@@ -75,7 +87,7 @@ impl Codec {
         match self {
             Codec::F32 => 4 * d,
             Codec::Bf16 | Codec::F16 => 2 * d,
-            Codec::Int8 | Codec::Int8o => d,
+            Codec::Int8 | Codec::Int8o | Codec::Int8p => d,
             Codec::Int4 => d.div_ceil(2),
         }
     }
@@ -219,6 +231,9 @@ impl Section {
     }
 
     /// Appends the encoding of `src` (`rows × d` values, all finite) to `out`.
+    ///
+    /// An int8p section encoded here alone has no prediction: every row is plain int8 (a valid int8p section
+    /// whatever the block's coefficients). The writer encodes int8p blocks with [`super::predict::encode`].
     pub fn encode(&self, src: &[f32], out: &mut Vec<u8>) {
         let d = self.d;
         debug_assert_eq!(src.len(), self.rows * d);
@@ -253,7 +268,7 @@ impl Section {
                 }
             }
             _ => {
-                let qmax = if self.codec == Codec::Int8 {
+                let qmax = if self.codec != Codec::Int4 {
                     127.0
                 } else {
                     7.0
@@ -269,7 +284,7 @@ impl Section {
                 for (row, &s) in src.chunks_exact(d.max(1)).zip(&scales) {
                     let inv = if s > 0.0 { 1.0 / s } else { 0.0 };
                     let q = |v: f32| -> i8 { (v * inv).round().clamp(-qmax, qmax) as i8 };
-                    if self.codec == Codec::Int8 {
+                    if self.codec != Codec::Int4 {
                         out.extend(row.iter().map(|&v| q(v) as u8));
                     } else {
                         for pair in row.chunks(2) {
@@ -287,7 +302,9 @@ impl Section {
     /// Decodes rows `r0 .. r0 + out.len() / d` of the encoded section `sec` into `out` (fused dequantisation).
     ///
     /// `sec` must be exactly [`bytes`](Self::bytes) long (the reader guarantees it); out-of-range rows are a
-    /// programming error and panic.
+    /// programming error and panic. For int8p this yields only the coded part of each row (its prediction, which
+    /// needs the block's other rows and coefficients, is added by [`super::predict`], as
+    /// [`super::reader::Block`] does).
     pub fn decode_rows(&self, sec: &[u8], r0: usize, out: &mut [f32]) {
         let d = self.d;
         let nr = out.len() / d;
@@ -346,14 +363,20 @@ impl Section {
                     }
                 }
             }
-            Codec::Int8 | Codec::Int4 => {
+            Codec::Int8 | Codec::Int4 | Codec::Int8p => {
                 let codes = &sec[self.scales_bytes()..];
                 let rb = self.codec.row_code_bytes(d);
                 for (i, orow) in out.chunks_exact_mut(d).enumerate() {
                     let r = r0 + i;
                     let s = f32::from_le_bytes(sec[4 * r..4 * r + 4].try_into().unwrap());
+                    // int8p marks predicted rows by the sign of their scale; the step is its magnitude.
+                    let s = if self.codec == Codec::Int8p {
+                        s.abs()
+                    } else {
+                        s
+                    };
                     let crow = &codes[r * rb..(r + 1) * rb];
-                    if self.codec == Codec::Int8 {
+                    if self.codec != Codec::Int4 {
                         for (o, &c) in orow.iter_mut().zip(crow) {
                             *o = (c as i8) as f32 * s;
                         }

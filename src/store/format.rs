@@ -131,12 +131,23 @@ impl BlockLayout {
         }
     }
 
+    /// Bytes of the block's prediction coefficients after the id columns (int8p; 0 for other codecs), or `None` on
+    /// overflow.
+    pub fn checked_coef_len(&self) -> Option<usize> {
+        if self.section.codec == Codec::Int8p {
+            super::predict::coef_bytes(self.section.layers, self.section.d)
+        } else {
+            Some(0)
+        }
+    }
+
     /// Raw bytes of the block, or `None` on overflow.
     pub fn checked_raw_len(&self) -> Option<usize> {
         self.section
             .checked_bytes()?
             .checked_mul(2)?
-            .checked_add(self.n_tokens.checked_mul(IDS_BYTES_PER_TOKEN)?)
+            .checked_add(self.n_tokens.checked_mul(IDS_BYTES_PER_TOKEN)?)?
+            .checked_add(self.checked_coef_len()?)
     }
 
     /// Raw bytes of the block.
@@ -144,16 +155,19 @@ impl BlockLayout {
         self.checked_raw_len().expect("block size overflows")
     }
 
-    /// Byte ranges of the x section, the y section, token ids, positions and document ids.
-    pub fn ranges(&self) -> [std::ops::Range<usize>; 5] {
+    /// Byte ranges of the x section, the y section, token ids, positions, document ids and prediction
+    /// coefficients (empty but for int8p).
+    pub fn ranges(&self) -> [std::ops::Range<usize>; 6] {
         let s = self.section.bytes();
         let n = self.n_tokens;
+        let e = 2 * s + 16 * n;
         [
             0..s,
             s..2 * s,
             2 * s..2 * s + 4 * n,
             2 * s + 4 * n..2 * s + 8 * n,
-            2 * s + 8 * n..2 * s + 16 * n,
+            2 * s + 8 * n..e,
+            e..e + self.checked_coef_len().expect("block size overflows"),
         ]
     }
 }

@@ -402,8 +402,7 @@ impl ActivationSource for ShardLoader {
                 let (layout, raw) = &w.blocks[j as usize];
                 let blk = Block::from_parts(*layout, raw, nl);
                 let dst = (filled + i) * row..(filled + i + 1) * row;
-                blk.x_rows(t as usize, &mut batch.x[dst.clone()]);
-                blk.y_rows(t as usize, &mut batch.y[dst]);
+                blk.xy_rows(t as usize, &mut batch.x[dst.clone()], &mut batch.y[dst]);
             }
             filled += k;
             self.cursor += k;

@@ -3,7 +3,8 @@
 //! Training reads every layer's MLP inputs and outputs for hundreds of millions of tokens; this module stores them
 //! compactly and serves them fast:
 //! - [`format`](mod@format): the versioned shard layout (header, block index, independent zstd blocks; `docs/shard-format.md`);
-//! - [`codec`]: f32, bf16, f16, and int8/int4 with one absmax scale per (token, layer) row;
+//! - [`codec`]: f32, bf16, f16, and int8/int4 with one absmax scale per (token, layer) row, int8o (outlier dims
+//!   in bf16) and int8p ([`predict`]: int8 of the residual of an inter-layer prediction);
 //! - [`writer`]: streaming, parallel, crash-safe shard and dataset writers, and the dataset [`manifest`];
 //! - [`reader`]: memory-mapped shards with O(1), checksummed block access, and datasets checked against their manifest;
 //! - [`loader`]: [`loader::ShardLoader`], the deterministic, restorable, globally shuffling
@@ -17,6 +18,7 @@ pub mod format;
 pub mod import;
 pub mod loader;
 pub mod manifest;
+pub mod predict;
 pub mod reader;
 pub mod writer;
 

@@ -11,8 +11,10 @@ use std::sync::Arc;
 
 use xxhash_rust::xxh3::xxh3_64;
 
+use super::codec::Codec;
 use super::format::{self, BlockEntry, BlockLayout, Header, ShardMeta};
 use super::manifest::{MANIFEST_FILE, Manifest, SHARD_EXT};
+use super::predict;
 use crate::data::ActDims;
 use crate::{Error, Result};
 
@@ -127,17 +129,63 @@ impl<'a> Block<'a> {
     /// Decodes the inputs of tokens `t0 .. t0 + out.len() / (L d)` into `out` (`[T][L][d]`).
     pub fn x_rows(&self, t0: usize, out: &mut [f32]) {
         let r = self.layout.ranges();
-        self.layout
-            .section
-            .decode_rows(&self.raw[r[0].clone()], t0 * self.n_layers, out);
+        let sec = &self.raw[r[0].clone()];
+        if self.layout.section.codec == Codec::Int8p {
+            let d = self.layout.section.d;
+            predict::decode_x(sec, &self.raw[r[5].clone()], self.n_layers, d, t0, out);
+        } else {
+            self.layout
+                .section
+                .decode_rows(sec, t0 * self.n_layers, out);
+        }
     }
 
-    /// Decodes the targets of tokens `t0 ..` into `out`, like [`x_rows`](Self::x_rows).
+    /// Decodes the targets of tokens `t0 ..` into `out`, like [`x_rows`](Self::x_rows). Under int8p the targets
+    /// are predicted from the decoded inputs, which this decodes again one token at a time into a per-thread
+    /// buffer: when both are wanted, [`xy_rows`](Self::xy_rows) decodes each once.
     pub fn y_rows(&self, t0: usize, out: &mut [f32]) {
+        if self.layout.section.codec != Codec::Int8p {
+            let r = self.layout.ranges();
+            self.layout
+                .section
+                .decode_rows(&self.raw[r[1].clone()], t0 * self.n_layers, out);
+            return;
+        }
+        thread_local! {
+            static XHAT: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
+        }
+        let td = self.n_layers * self.layout.section.d;
+        XHAT.with_borrow_mut(|xh| {
+            xh.resize(td, 0.0);
+            for (i, yt) in out.chunks_exact_mut(td).enumerate() {
+                self.x_rows(t0 + i, xh);
+                self.y_given_x(t0 + i, xh, yt);
+            }
+        });
+    }
+
+    /// Decodes the inputs and the targets of tokens `t0 .. t0 + x.len() / (L d)` into `x` and `y` (the same
+    /// length).
+    pub fn xy_rows(&self, t0: usize, x: &mut [f32], y: &mut [f32]) {
+        self.x_rows(t0, x);
+        if self.layout.section.codec == Codec::Int8p {
+            self.y_given_x(t0, x, y);
+        } else {
+            self.y_rows(t0, y);
+        }
+    }
+
+    /// int8p: the targets of tokens `t0 ..` given their decoded inputs `xhat`.
+    fn y_given_x(&self, t0: usize, xhat: &[f32], out: &mut [f32]) {
         let r = self.layout.ranges();
-        self.layout
-            .section
-            .decode_rows(&self.raw[r[1].clone()], t0 * self.n_layers, out);
+        let (sec, coef) = (&self.raw[r[1].clone()], &self.raw[r[5].clone()]);
+        let d = self.layout.section.d;
+        predict::decode_y(sec, coef, self.n_layers, d, t0, xhat, out);
+    }
+
+    /// The block's prediction coefficients as stored (int8p; empty for other codecs).
+    pub fn coef_bytes(&self) -> &'a [u8] {
+        &self.raw[self.layout.ranges()[5].clone()]
     }
 
     fn u32s(&self, k: usize) -> impl Iterator<Item = u32> + '_ {

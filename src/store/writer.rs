@@ -19,6 +19,7 @@ use super::format::{
     header_checksum,
 };
 use super::manifest::{MANIFEST_FILE, Manifest, ShardRecord};
+use super::predict;
 use crate::data::ActDims;
 use crate::{Error, Result};
 
@@ -288,11 +289,21 @@ impl ShardWriter {
                         e - s,
                     );
                     let mut raw = Vec::with_capacity(layout.raw_len());
-                    layout.section.encode(&px[s * row..e * row], &mut raw);
-                    layout.section.encode(&py[s * row..e * row], &mut raw);
+                    let (bx, by) = (&px[s * row..e * row], &py[s * row..e * row]);
+                    let mut coef = Vec::new();
+                    if cfg.codec == Codec::Int8p {
+                        let mut ysec = Vec::with_capacity(layout.section.bytes());
+                        let (l_n, d) = (dims.n_layers, dims.d_model);
+                        predict::encode(bx, by, l_n, d, &mut raw, &mut ysec, &mut coef);
+                        raw.extend_from_slice(&ysec);
+                    } else {
+                        layout.section.encode(bx, &mut raw);
+                        layout.section.encode(by, &mut raw);
+                    }
                     raw.extend(pids[s..e].iter().flat_map(|t| t.0.to_le_bytes()));
                     raw.extend(pids[s..e].iter().flat_map(|t| t.1.to_le_bytes()));
                     raw.extend(pids[s..e].iter().flat_map(|t| t.2.to_le_bytes()));
+                    raw.extend_from_slice(&coef);
                     debug_assert_eq!(raw.len(), layout.raw_len());
                     let comp = zstd::bulk::compress(&raw, cfg.zstd_level)?;
                     Ok((comp, raw.len() as u64, xxh3_64(&raw), (e - s) as u32))
