@@ -26,6 +26,7 @@ pub mod dist;
 pub mod error;
 pub mod eval;
 pub mod features;
+pub mod hugepages;
 pub mod model;
 pub mod rng;
 pub mod store;

@@ -13,7 +13,7 @@ use super::config::CltConfig;
 use crate::rng::Rng;
 
 /// All trainable tensors of a transcoder (also used, with the same shapes, for gradients and Adam moments).
-#[derive(Clone, Debug, PartialEq)]
+#[derive(Debug, PartialEq)]
 pub struct Params {
     pub w_enc: Vec<Vec<f32>>,
     pub b_enc: Vec<Vec<f32>>,
@@ -21,6 +21,30 @@ pub struct Params {
     pub w_dec: Vec<Vec<f32>>,
     pub b_dec: Vec<Vec<f32>>,
     pub w_skip: Vec<Vec<f32>>,
+}
+
+impl Clone for Params {
+    /// A copy whose large tensors ask for huge pages, like those of [`Params::zeros`] (see
+    /// [`crate::hugepages`]).
+    fn clone(&self) -> Self {
+        let copy = |ts: &Vec<Vec<f32>>| -> Vec<Vec<f32>> {
+            ts.iter()
+                .map(|t| {
+                    let mut c = crate::hugepages::zeroed(t.len());
+                    c.copy_from_slice(t);
+                    c
+                })
+                .collect()
+        };
+        Params {
+            w_enc: copy(&self.w_enc),
+            b_enc: self.b_enc.clone(),
+            log_theta: self.log_theta.clone(),
+            w_dec: copy(&self.w_dec),
+            b_dec: self.b_dec.clone(),
+            w_skip: copy(&self.w_skip),
+        }
+    }
 }
 
 /// A named view of one tensor.
@@ -35,11 +59,11 @@ impl Params {
     pub fn zeros(cfg: &CltConfig) -> Self {
         let (l_n, d, f) = (cfg.n_layers, cfg.d_model, cfg.n_features);
         Params {
-            w_enc: (0..l_n).map(|_| vec![0.0; f * d]).collect(),
+            w_enc: (0..l_n).map(|_| crate::hugepages::zeroed(f * d)).collect(),
             b_enc: (0..l_n).map(|_| vec![0.0; f]).collect(),
             log_theta: (0..l_n).map(|_| vec![0.0; f]).collect(),
             w_dec: (0..l_n)
-                .map(|l| vec![0.0; f * cfg.dec_row_len(l)])
+                .map(|l| crate::hugepages::zeroed(f * cfg.dec_row_len(l)))
                 .collect(),
             b_dec: (0..l_n).map(|_| vec![0.0; d]).collect(),
             w_skip: if cfg.skip {

@@ -196,7 +196,7 @@ pub fn decode_start(
     with_bias: bool,
 ) -> Vec<f32> {
     let (l_n, d) = (cfg.n_layers, cfg.d_model);
-    let mut yhat = vec![0.0f32; n_tokens * l_n * d];
+    let mut yhat = crate::hugepages::zeroed(n_tokens * l_n * d);
     if with_bias {
         yhat.par_chunks_mut(l_n * d).for_each(|yr| {
             for (k, bias) in params.b_dec.iter().enumerate() {
@@ -350,7 +350,7 @@ pub fn residual(
 ) -> (Vec<f32>, Vec<f64>) {
     let row = l_n * d;
     let scale = 2.0 / n_tokens.max(1) as f32;
-    let mut r = vec![0.0f32; yhat.len()];
+    let mut r = crate::hugepages::zeroed(yhat.len());
     let per_tok: Vec<Vec<f64>> = r
         .par_chunks_mut(row)
         .enumerate()
