@@ -130,32 +130,37 @@ fn every_block_mode_matches_the_dense_reference() {
             "{mode:?} not exercised: {:?}",
             codes[0].block_mode
         );
-        let obj = Objective {
-            lambda: 0.9,
-            c: 4.0,
-            lambda_preact: 0.2,
-            bandwidth,
-            threshold_grad: ThresholdGrad::Theta,
-        };
-        let mut gd = Grads::zeros(&cfg);
-        dense::loss_and_grad(&cfg, &p, &x, &y, n, &obj, None, &mut gd);
-        let mut gs = Grads::zeros(&cfg);
-        sparse::loss_and_grad(
-            &cfg,
-            &p,
-            &decoder_norms(&cfg, &p.w_dec),
-            &x,
-            &y,
-            n,
-            &obj,
-            None,
-            &mut gs,
-        );
-        let (a, b) = (gs.materialize(&cfg, &p), gd.materialize(&cfg, &p));
-        for (ta, tb) in a.tensors().iter().zip(b.tensors()) {
-            let scale = tb.iter().fold(0.0f32, |m, v| m.max(v.abs()));
-            assert_close(&format!("{mode:?}"), ta, tb, 1e-4 * (1.0 + scale), 0.0);
-        }
+        assert_step_matches_dense(&format!("{mode:?}"), &cfg, &p, &x, &y, n, bandwidth);
+    }
+}
+
+/// One sparse step's gradient equals the dense reference's (θ-weighted threshold gradient, no mask), every
+/// tensor within `1e-4 · (1 + its largest magnitude)`.
+fn assert_step_matches_dense(
+    what: &str,
+    cfg: &CltConfig,
+    p: &clt::clt::Params,
+    x: &[f32],
+    y: &[f32],
+    n: usize,
+    bandwidth: f32,
+) {
+    let obj = Objective {
+        lambda: 0.9,
+        c: 4.0,
+        lambda_preact: 0.2,
+        bandwidth,
+        threshold_grad: ThresholdGrad::Theta,
+    };
+    let mut gd = Grads::zeros(cfg);
+    dense::loss_and_grad(cfg, p, x, y, n, &obj, None, &mut gd);
+    let mut gs = Grads::zeros(cfg);
+    let norms = decoder_norms(cfg, &p.w_dec);
+    sparse::loss_and_grad(cfg, p, &norms, x, y, n, &obj, None, &mut gs);
+    let (a, b) = (gs.materialize(cfg, p), gd.materialize(cfg, p));
+    for (ta, tb) in a.tensors().iter().zip(b.tensors()) {
+        let scale = tb.iter().fold(0.0f32, |m, v| m.max(v.abs()));
+        assert_close(what, ta, tb, 1e-4 * (1.0 + scale), 0.0);
     }
 }
 
@@ -238,30 +243,5 @@ fn long_batches_encode_like_single_blocks() {
             assert_eq!(whole.block_mode[b0 / 64], part.block_mode[0]);
         }
     }
-    let obj = Objective {
-        lambda: 0.9,
-        c: 4.0,
-        lambda_preact: 0.2,
-        bandwidth: 0.05,
-        threshold_grad: ThresholdGrad::Theta,
-    };
-    let mut gd = Grads::zeros(&cfg);
-    dense::loss_and_grad(&cfg, &p, &x, &y, n, &obj, None, &mut gd);
-    let mut gs = Grads::zeros(&cfg);
-    sparse::loss_and_grad(
-        &cfg,
-        &p,
-        &decoder_norms(&cfg, &p.w_dec),
-        &x,
-        &y,
-        n,
-        &obj,
-        None,
-        &mut gs,
-    );
-    let (a, b) = (gs.materialize(&cfg, &p), gd.materialize(&cfg, &p));
-    for (ta, tb) in a.tensors().iter().zip(b.tensors()) {
-        let scale = tb.iter().fold(0.0f32, |m, v| m.max(v.abs()));
-        assert_close("long batch", ta, tb, 1e-4 * (1.0 + scale), 0.0);
-    }
+    assert_step_matches_dense("long batch", &cfg, &p, &x, &y, n, 0.05);
 }
