@@ -136,17 +136,58 @@ pub struct Phases {
     pub adam_gb: f64,
 }
 
+/// What a timed step updates: the parameters, their gradient, Adam's state and the decoder norms.
+struct StepState {
+    params: Params,
+    grads: Grads,
+    state: AdamState,
+    norms: Vec<Vec<f32>>,
+    hyper: AdamHyper,
+}
+
+impl StepState {
+    fn new(p: &Problem) -> Self {
+        let params = p.params.clone();
+        StepState {
+            norms: decoder_norms(&p.cfg, &params.w_dec),
+            grads: Grads::zeros(&p.cfg),
+            state: AdamState::new(&p.cfg),
+            hyper: AdamHyper::default(),
+            params,
+        }
+    }
+
+    /// The clipping factor of the current gradient (global norm clipped to 1).
+    fn clip_scale(&self, cfg: &CltConfig) -> f32 {
+        adam::clip_scale(
+            1.0,
+            adam::grad_norm(cfg, &self.params, &self.grads, &self.norms),
+        )
+    }
+
+    /// One Adam update at a tiny learning rate, which keeps the problem's sparsity where it was calibrated.
+    fn update(&mut self, cfg: &CltConfig, scale: f32) {
+        let st = &mut self.state;
+        adam::step(
+            cfg,
+            &self.hyper,
+            &mut self.params,
+            st,
+            &self.grads,
+            1e-7,
+            scale,
+            &mut self.norms,
+        );
+    }
+}
+
 /// Times the sparse CPU step's phases apart: `steps` steps after one warm-up (same work as
 /// [`time_steps`] with the CPU backend, which runs them back to back).
 pub fn time_phases(p: &Problem, steps: usize) -> Phases {
     use crate::backend::cpu::encode::encode_all_with;
     use crate::backend::cpu::sparse::{backward, decode, decode_layers_by_token, decode_start};
     let cfg = &p.cfg;
-    let mut params = p.params.clone();
-    let mut grads = Grads::zeros(cfg);
-    let mut state = AdamState::new(cfg);
-    let mut norms = decoder_norms(cfg, &params.w_dec);
-    let hyper = AdamHyper::default();
+    let mut st = StepState::new(p);
     let by_h = p.obj.threshold_grad == crate::backend::ThresholdGrad::Preact;
     let mut t: [Vec<f64>; 5] = Default::default();
     let mut by_token = Vec::new();
@@ -161,15 +202,30 @@ pub fn time_phases(p: &Problem, steps: usize) -> Phases {
             *last = now;
         };
         let mut last = 0.0;
-        let th = thresholds(&params);
-        let codes = encode_all_with(cfg, &params, &p.x, p.n_tokens, &th, p.obj.bandwidth, by_h);
+        let th = thresholds(&st.params);
+        let codes = encode_all_with(
+            cfg,
+            &st.params,
+            &p.x,
+            p.n_tokens,
+            &th,
+            p.obj.bandwidth,
+            by_h,
+        );
         lap(0, &mut t, &mut last);
-        let yhat = decode(cfg, &params, &codes, &p.x, p.n_tokens);
+        let yhat = decode(cfg, &st.params, &codes, &p.x, p.n_tokens);
         lap(1, &mut t, &mut last);
         if i > 0 {
             let t0 = Instant::now();
-            let mut y2 = decode_start(cfg, &params, p.n_tokens, true);
-            decode_layers_by_token(cfg, &params, &codes, p.n_tokens, 0..cfg.n_layers, &mut y2);
+            let mut y2 = decode_start(cfg, &st.params, p.n_tokens, true);
+            decode_layers_by_token(
+                cfg,
+                &st.params,
+                &codes,
+                p.n_tokens,
+                0..cfg.n_layers,
+                &mut y2,
+            );
             by_token.push(t0.elapsed().as_secs_f64());
             drop(y2);
             last = clock.elapsed().as_secs_f64();
@@ -184,23 +240,23 @@ pub fn time_phases(p: &Problem, steps: usize) -> Phases {
             .sum::<f64>()
             / 1e9;
         backward(
-            cfg, &params, &norms, &p.x, &p.y, p.n_tokens, &p.obj, None, &th, codes, yhat,
-            &mut grads,
+            cfg,
+            &st.params,
+            &st.norms,
+            &p.x,
+            &p.y,
+            p.n_tokens,
+            &p.obj,
+            None,
+            &th,
+            codes,
+            yhat,
+            &mut st.grads,
         );
         lap(2, &mut t, &mut last);
-        let gn = adam::grad_norm(cfg, &params, &grads, &norms);
-        let scale = (1.0 / (gn + 1e-6)).min(1.0) as f32;
+        let scale = st.clip_scale(cfg);
         lap(3, &mut t, &mut last);
-        adam::step(
-            cfg,
-            &hyper,
-            &mut params,
-            &mut state,
-            &grads,
-            1e-7,
-            scale,
-            &mut norms,
-        );
+        st.update(cfg, scale);
         lap(4, &mut t, &mut last);
     }
     let [encode_s, decode_s, backward_s, norm_s, adam_s] = t.map(median);
@@ -212,7 +268,7 @@ pub fn time_phases(p: &Problem, steps: usize) -> Phases {
         norm_s,
         adam_s,
         decode_gb,
-        adam_gb: (params.len() * 4 * 7) as f64 / 1e9,
+        adam_gb: (st.params.len() * 4 * 7) as f64 / 1e9,
     }
 }
 
@@ -242,31 +298,24 @@ pub fn cuda_kernels(_big: bool) -> Result<()> {
 pub fn time_steps(p: &Problem, kind: BackendKind, steps: usize) -> Result<StepTiming> {
     let backend = Backend::new(kind)?;
     let cfg = &p.cfg;
-    let mut params = p.params.clone();
-    let mut grads = Grads::zeros(cfg);
-    let mut state = AdamState::new(cfg);
-    let mut norms = decoder_norms(cfg, &params.w_dec);
-    let hyper = AdamHyper::default();
+    let mut st = StepState::new(p);
     let mut times = Vec::new();
     let mut stats = None;
     for i in 0..=steps.max(1) {
         let t0 = Instant::now();
         let s = backend.loss_and_grad(
-            cfg, &params, &norms, &p.x, &p.y, p.n_tokens, &p.obj, None, &mut grads,
-        )?;
-        let gn = adam::grad_norm(cfg, &params, &grads, &norms);
-        let scale = (1.0 / (gn + 1e-6)).min(1.0) as f32;
-        // A tiny learning rate keeps the problem's sparsity where it was calibrated.
-        adam::step(
             cfg,
-            &hyper,
-            &mut params,
-            &mut state,
-            &grads,
-            1e-7,
-            scale,
-            &mut norms,
-        );
+            &st.params,
+            &st.norms,
+            &p.x,
+            &p.y,
+            p.n_tokens,
+            &p.obj,
+            None,
+            &mut st.grads,
+        )?;
+        let scale = st.clip_scale(cfg);
+        st.update(cfg, scale);
         if i > 0 {
             times.push(t0.elapsed().as_secs_f64());
         }
