@@ -52,17 +52,7 @@ pub fn adam_dense(
         "CUDA Adam (p, m, v, g)",
         &[p.len(), m.len(), v.len(), g.len()],
     )?;
-    let prm = CltAdamParams {
-        p: p.ptr(gpu),
-        m: m.ptr(gpu),
-        v: v.ptr(gpu),
-        g: g.ptr(gpu),
-        n: p.len() as u64,
-        k,
-    };
-    let mut cfg = grid_1d(p.len(), 256);
-    cfg.grid_dim.0 = cfg.grid_dim.0.min(65_535);
-    gpu.launch(Module::Adam, "adam_dense", cfg, &prm)
+    adam_dense_at(gpu, p, m, v, 0, g, k)
 }
 
 /// `p, m, v ← Adam(p, m, v, g)` on elements `at..at + g.len()` of `p`, `m` and `v` (one layer's slice of
