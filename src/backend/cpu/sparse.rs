@@ -447,6 +447,7 @@ pub fn backward(
         ..Default::default()
     };
 
+    let mut xl = crate::hugepages::zeroed(n_tokens * d);
     for (l, c) in codes.iter().enumerate() {
         let rl = cfg.dec_row_len(l);
         let w_dec = &params.w_dec[l];
@@ -497,6 +498,13 @@ pub fn backward(
                 fill[f] += 1;
             }
         }
+
+        // This layer's inputs, gathered once into a contiguous `[B][d]` buffer: the encoder gradient reads a
+        // row of it per active entry, and from one small buffer (in huge pages) those reads mostly hit the
+        // cache and never miss the TLB, where the `[B][L][d]` batch spreads them over 12× the memory.
+        xl.par_chunks_mut(d)
+            .enumerate()
+            .for_each(|(b, o)| o.copy_from_slice(&x[(b * l_n + l) * d..][..d]));
 
         // Σ_b x_b for the pre-activation term.
         let mut xsum = vec![0.0f64; d];
@@ -620,7 +628,7 @@ pub fn backward(
                         let ge = proj + tanh_term;
                         dn += tanh_scale * obj.c * a * (1.0 - t * t);
                         dbs += ge;
-                        axpy(ge + kappa, &x[(b * l_n + l) * d..][..d], enc_row);
+                        axpy(ge + kappa, &xl[b * d..][..d], enc_row);
                         if jump && h - th < half {
                             near += if by_h { ge * h } else { ge };
                         }
