@@ -59,7 +59,7 @@ fn prefetch_rest(next: &[f32], from: usize) {
 }
 
 /// `y += a * x`.
-#[inline]
+#[multiversion::multiversion(targets("x86_64+avx+avx2"))]
 pub fn axpy(a: f32, x: &[f32], y: &mut [f32]) {
     for (yv, xv) in y.iter_mut().zip(x) {
         *yv += a * xv;
@@ -67,7 +67,7 @@ pub fn axpy(a: f32, x: &[f32], y: &mut [f32]) {
 }
 
 /// [`axpy`] (same result) while prefetching `next`, the row the caller gathers after `x`.
-#[inline]
+#[multiversion::multiversion(targets("x86_64+avx+avx2"))]
 pub fn axpy_ahead(a: f32, x: &[f32], y: &mut [f32], next: &[f32]) {
     let n = x.len().min(y.len());
     let nl = n - n % LINE;
@@ -94,7 +94,7 @@ pub fn dot(a: &[f32], b: &[f32]) -> f32 {
 }
 
 /// [`dot`] (same order, same bits) while prefetching `next`, the row the caller gathers after `a`.
-#[inline]
+#[multiversion::multiversion(targets("x86_64+avx+avx2"))]
 pub fn dot_ahead(a: &[f32], b: &[f32], next: &[f32]) -> f32 {
     let mut acc = [0.0f32; 8];
     let n = a.len().min(b.len());
@@ -126,7 +126,7 @@ pub fn dot_axpy(x: &[f32], w: &[f32], a: f32, y: &mut [f32]) -> f32 {
 }
 
 /// [`dot_axpy`] (same bits) while prefetching `next`, the row the caller gathers after `x`.
-#[inline]
+#[multiversion::multiversion(targets("x86_64+avx+avx2"))]
 pub fn dot_axpy_ahead(x: &[f32], w: &[f32], a: f32, y: &mut [f32], next: &[f32]) -> f32 {
     let mut acc = [0.0f32; 8];
     let n8 = x.len() - x.len() % 8;
