@@ -402,6 +402,7 @@ fn main() {
             zstd_level: 3,
             threads: 0,
             outlier_dims: 4,
+            target_rel_err: None,
         };
         let t0 = Instant::now();
         let mut w =
