@@ -15,7 +15,9 @@
 //! overflows: `x̂ = wrap8(code + round(p / step)) · step`, the error is at most half a step whatever the
 //! prediction). A row is predicted when that makes its codes cheaper (smaller Σ|code|) than the plain row's; its
 //! scale is stored negated (the sign bit marks it). Other rows (zero rows, rows the prediction does not help,
-//! every row when `d = 1`) are stored exactly as int8 would.
+//! every row when `d = 1`) are stored exactly as int8 would. With an error target ε
+//! ([`super::writer::WriterConfig::target_rel_err`]) neither step is finer than the layer's
+//! [`super::codec::target_steps`], so the error is about ε per layer instead of int8's where rows' ranges allow.
 //!
 //! **What is subtle.** The prediction is closed-loop: the encoder predicts from the *decoded* previous rows, with
 //! the bf16-rounded coefficients, through the same [`pred1`]/[`pred2`] and [`pred_code`] as the decoder, so
