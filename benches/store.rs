@@ -41,6 +41,7 @@ fn write(dir: &std::path::Path, codec: Codec, x: &[f32], y: &[f32]) {
         zstd_level: 3,
         threads: 0,
         outlier_dims: 8,
+        target_rel_err: None,
     };
     let mut w = DatasetWriter::create(dir, DIMS, cfg, ShardMeta::default(), TOKENS as u64).unwrap();
     w.push(x, y, None).unwrap();

@@ -10,7 +10,9 @@
 //! Run: `cargo run --release --example store_figures -- [TOKENS] [LAYERS] [D_MODEL]` (default 8192 4 512).
 //! Data: synthetic, see `synth` (per-token norm spread, 4 outlier dimensions per layer at 20–50×); or real
 //! activations with `-- --real DATASET [TOKENS]`: the first TOKENS tokens of an f32 (or any) store dataset
-//! written by `clt cache`, with each layer's 4 largest-RMS dimensions taken as its outliers.
+//! written by `clt cache`, with each layer's 4 largest-RMS dimensions taken as its outliers. With
+//! `CLT_FIGURES_EPS=ε1,ε2,...` it measures instead int8 and int8p at each error target (`target_rel_err`), and
+//! without, against CLT-Forge's scheme, per layer too.
 
 use std::time::Instant;
 
@@ -330,6 +332,385 @@ fn real(path: &str, t: usize) -> (ActDims, usize, Vec<f32>, Vec<f32>, Vec<Vec<us
     (dims, t, x, y, out)
 }
 
+/// Writes `x`, `y` as a dataset (256-token blocks, zstd 3, 2 shards) and returns bytes/token, the decoded inputs
+/// and targets, and the decode throughput (1 thread).
+fn write_read(
+    dir: &std::path::Path,
+    dims: ActDims,
+    cfg: WriterConfig,
+    x: &[f32],
+    y: &[f32],
+    t: usize,
+) -> (f64, Vec<f32>, Vec<f32>, f64) {
+    let row = dims.n_layers * dims.d_model;
+    let mut w =
+        DatasetWriter::create(dir, dims, cfg, ShardMeta::default(), (t / 2) as u64).unwrap();
+    w.push(x, y, None).unwrap();
+    let m = w.finish().unwrap();
+    let bpt = m.shards.iter().map(|s| s.bytes).sum::<u64>() as f64 / t as f64;
+    let ds = Dataset::open(dir).unwrap();
+    let (mut xh, mut yh) = (Vec::with_capacity(x.len()), Vec::with_capacity(y.len()));
+    let mut r = BlockReader::new().unwrap();
+    for s in ds.shards() {
+        for b in 0..s.blocks().len() {
+            let blk = r.read(s, b).unwrap();
+            let k = xh.len();
+            xh.resize(k + blk.n_tokens() * row, 0.0);
+            yh.resize(k + blk.n_tokens() * row, 0.0);
+            blk.xy_rows(0, &mut xh[k..], &mut yh[k..]);
+        }
+    }
+    let g = decode_all(&ds, row, 1);
+    (bpt, xh, yh, g)
+}
+
+/// `CLT_FIGURES_EPS=ε1,ε2,...`: int8 and int8p with each error target ε (and without), against CLT-Forge's
+/// scheme: bytes/token, size ratio, errors of x and y overall and their ratio to CLT-Forge's, the smallest and
+/// largest per-layer ratio (and the layer), and decode GB/s; then the per-layer errors of every run.
+fn eps_sweep(list: &str, dims: ActDims, t: usize, x: &[f32], y: &[f32]) {
+    let eps: Vec<Option<f64>> = std::iter::once(None)
+        .chain(list.split(',').map(|e| Some(e.parse().expect("ε list"))))
+        .collect();
+    let (fb, fxh, fyh, _) = forge_baseline(x, y, dims, t);
+    let (fex, fey) = (
+        rel_err_per_layer(x, &fxh, dims),
+        rel_err_per_layer(y, &fyh, dims),
+    );
+    println!(
+        "CLT-Forge: {fb:.0} B/token, rel. err x {:.3e}, y {:.3e}; per layer x {:.2e}..{:.2e}, y {:.2e}..{:.2e}\n",
+        fex.0,
+        fey.0,
+        fex.1.iter().cloned().fold(f64::INFINITY, f64::min),
+        fex.1.iter().cloned().fold(0.0, f64::max),
+        fey.1.iter().cloned().fold(f64::INFINITY, f64::min),
+        fey.1.iter().cloned().fold(0.0, f64::max),
+    );
+    // Rows whose range needs more than ±127 steps of Δ_l (so they keep int8's absmax step), per ε.
+    let row = dims.n_layers * dims.d_model;
+    for &e in eps.iter().flatten() {
+        let frac = |v: &[f32]| -> (f64, f64, usize) {
+            let mut per = vec![0usize; dims.n_layers];
+            for blk in v.chunks(256 * row) {
+                let st = clt::store::codec::target_steps(blk, dims.n_layers, dims.d_model, e);
+                for (r, rv) in blk.chunks_exact(dims.d_model).enumerate() {
+                    let amax = rv.iter().fold(0f32, |m, a| m.max(a.abs()));
+                    per[r % dims.n_layers] += (amax / 127.0 > st[r % dims.n_layers]) as usize;
+                }
+            }
+            let p: Vec<f64> = per.iter().map(|&k| k as f64 / t as f64).collect();
+            let lo = p.iter().cloned().fold(1.0, f64::min);
+            let below_half = p.iter().filter(|&&a| a < 0.5).count();
+            (p.iter().sum::<f64>() / p.len() as f64, lo, below_half)
+        };
+        let (fx, fy) = (frac(x), frac(y));
+        println!(
+            "ε {e:.0e}: rows keeping the absmax step: x {:.1}% (least in a layer {:.1}%, layers under half {}), y {:.1}% ({:.1}%, {})",
+            100.0 * fx.0,
+            100.0 * fx.1,
+            fx.2,
+            100.0 * fy.0,
+            100.0 * fy.1,
+            fy.2
+        );
+    }
+    println!();
+    println!(
+        "| codec | ε | B/token | vs CLT-Forge | err x | err y | ratio x | ratio y | per layer x: min ratio (layer), max | per layer y: min ratio (layer), max | max per-layer err / ε (x, y) | decode GB/s |"
+    );
+    println!("|---|---:|---:|---:|---:|---:|---:|---:|---|---|---|---:|");
+    let tmp = tempfile::tempdir().unwrap();
+    let mut per_layer = Vec::new();
+    for codec in [Codec::Int8, Codec::Int8p] {
+        for &e in &eps {
+            let dir = tmp.path().join(format!("{}-{e:?}", codec.name()));
+            let cfg = WriterConfig {
+                codec,
+                byte_planes: false,
+                block_tokens: 256,
+                zstd_level: 3,
+                threads: 0,
+                outlier_dims: 4,
+                target_rel_err: e,
+            };
+            let (bpt, xh, yh, g) = write_read(&dir, dims, cfg, x, y, t);
+            let (ex, ey) = (
+                rel_err_per_layer(x, &xh, dims),
+                rel_err_per_layer(y, &yh, dims),
+            );
+            let span = |f: &[f64], o: &[f64]| {
+                let r: Vec<f64> = f.iter().zip(o).map(|(a, b)| a / b).collect();
+                let (mut lo, mut hi) = (0, 0);
+                for (l, v) in r.iter().enumerate() {
+                    if *v < r[lo] {
+                        lo = l;
+                    }
+                    if *v > r[hi] {
+                        hi = l;
+                    }
+                }
+                format!("{:.1}× ({lo}), {:.1}× ({hi})", r[lo], r[hi])
+            };
+            let over =
+                |o: &[f64]| e.map_or(f64::NAN, |e| o.iter().cloned().fold(0.0, f64::max) / e);
+            println!(
+                "| {} | {} | {bpt:.0} | {:.3}× | {:.3e} | {:.3e} | {:.1}× | {:.1}× | {} | {} | {:.2}, {:.2} | {g:.2} |",
+                codec.name(),
+                e.map_or("-".into(), |e| format!("{e:.0e}")),
+                bpt / fb,
+                ex.0,
+                ey.0,
+                fex.0 / ex.0,
+                fey.0 / ey.0,
+                span(&fex.1, &ex.1),
+                span(&fey.1, &ey.1),
+                over(&ex.1),
+                over(&ey.1),
+            );
+            per_layer.push((format!("{} ε={e:?}", codec.name()), ex.1, ey.1));
+        }
+    }
+    // The outlier-aware estimate: one ε for every layer, and per-layer targets a tenth of CLT-Forge's errors.
+    println!(
+        "\nEstimate, int8p with one step per (block, layer, stream) and escaped residuals (no range limit):\n"
+    );
+    println!(
+        "| targets | B/token | vs CLT-Forge | err x | err y | ratio x | ratio y | per layer x: min ratio (layer), max | per layer y: min ratio (layer), max |"
+    );
+    println!("|---|---:|---:|---:|---:|---:|---:|---|---|");
+    let l_n = dims.n_layers;
+    let mut targets: Vec<(String, Vec<f64>, Vec<f64>)> = eps
+        .iter()
+        .flatten()
+        .map(|&e| (format!("ε = {e:.0e}"), vec![e; l_n], vec![e; l_n]))
+        .collect();
+    // One step for all layers of a stream (error counted over the whole stream, not per layer): ε_l = ε · Ē / E_l.
+    let energy = |v: &[f32]| -> Vec<f64> {
+        let mut e = vec![0f64; l_n];
+        for (i, r) in v.chunks_exact(dims.d_model).enumerate() {
+            e[i % l_n] += r.iter().map(|&a| a as f64 * a as f64).sum::<f64>();
+        }
+        e
+    };
+    let (enx, eny) = (energy(x), energy(y));
+    let global = |e: f64, en: &[f64]| -> Vec<f64> {
+        let mean = en.iter().sum::<f64>() / l_n as f64;
+        en.iter().map(|&a| e * mean / a).collect()
+    };
+    for &e in eps.iter().flatten() {
+        targets.push((
+            format!("one step per stream, ε = {e:.0e} overall"),
+            global(e, &enx),
+            global(e, &eny),
+        ));
+    }
+    for k in [10.0, 12.0] {
+        targets.push((
+            format!("ε_l = CLT-Forge's error of the layer / {k}"),
+            fex.1.iter().map(|e| e / k).collect(),
+            fey.1.iter().map(|e| e / k).collect(),
+        ));
+    }
+    for (name, tx, ty) in &targets {
+        let (bpt, xh, yh) = escape_estimate(x, y, dims, tx, ty);
+        let (ex, ey) = (
+            rel_err_per_layer(x, &xh, dims),
+            rel_err_per_layer(y, &yh, dims),
+        );
+        let span = |f: &[f64], o: &[f64]| {
+            let r: Vec<f64> = f.iter().zip(o).map(|(a, b)| a / b).collect();
+            let lo = (0..r.len()).min_by(|&a, &b| r[a].total_cmp(&r[b])).unwrap();
+            let hi = (0..r.len()).max_by(|&a, &b| r[a].total_cmp(&r[b])).unwrap();
+            format!("{:.1}× ({lo}), {:.1}× ({hi})", r[lo], r[hi])
+        };
+        println!(
+            "| {name} | {bpt:.0} | {:.3}× | {:.3e} | {:.3e} | {:.1}× | {:.1}× | {} | {} |",
+            bpt / fb,
+            ex.0,
+            ey.0,
+            fex.0 / ex.0,
+            fey.0 / ey.0,
+            span(&fex.1, &ex.1),
+            span(&fey.1, &ey.1),
+        );
+    }
+    println!("\nper layer, x then y: CLT-Forge, then each run");
+    for l in 0..dims.n_layers {
+        print!("{l} x {:.2e}", fex.1[l]);
+        for (_, ex, _) in &per_layer {
+            print!(" {:.2e}", ex[l]);
+        }
+        print!(" | y {:.2e}", fey.1[l]);
+        for (_, _, ey) in &per_layer {
+            print!(" {:.2e}", ey[l]);
+        }
+        println!();
+    }
+    for (i, (name, ..)) in per_layer.iter().enumerate() {
+        println!("run {i}: {name}");
+    }
+}
+
+/// Codes residuals `q − p` as int8 bytes with an escape: a residual outside ±127 is stored as byte −128 and its
+/// value as an i32 in `esc`.
+fn push_escaped(r: i64, codes: &mut Vec<u8>, esc: &mut Vec<u8>) {
+    if (-127..=127).contains(&r) {
+        codes.push(r as i8 as u8);
+    } else {
+        codes.push(0x80);
+        esc.extend_from_slice(&(r as i32).to_le_bytes());
+    }
+}
+
+/// An estimate (not a codec of the store) of an outlier-aware int8p: one step per (block, layer, stream), `Δ_l =
+/// √(12 ε_l E_l)`, for every value, with no range limit (residual codes outside ±127 escaped to an i32), the same
+/// closed-loop inter-layer prediction as int8p (bf16 least-squares coefficients per (layer, dim) per block; no
+/// per-row choice between predicted and plain), per-block zstd level 3 of codes, escapes and coefficients, plus
+/// the block's steps as f32. `eps_x[l]`, `eps_y[l]`: per-layer targets. Returns bytes/token and the decoded x, y.
+fn escape_estimate(
+    x: &[f32],
+    y: &[f32],
+    dims: ActDims,
+    eps_x: &[f64],
+    eps_y: &[f64],
+) -> (f64, Vec<f32>, Vec<f32>) {
+    let (l_n, d) = (dims.n_layers, dims.d_model);
+    let row = l_n * d;
+    let t = x.len() / row;
+    let bt = 256;
+    let bf = |a: f64| {
+        half::bf16::from_f64(if a.is_finite() {
+            a.clamp(-6e4, 6e4)
+        } else {
+            0.0
+        })
+        .to_f32()
+    };
+    let steps = |v: &[f32], eps: &[f64]| -> Vec<f32> {
+        (0..l_n)
+            .map(|l| {
+                let (mut s, mut k) = (0f64, 0usize);
+                for r in v.chunks_exact(d).skip(l).step_by(l_n) {
+                    s += r.iter().map(|&a| a as f64 * a as f64).sum::<f64>();
+                    k += d;
+                }
+                (12.0 * eps[l] * s / k as f64).sqrt() as f32
+            })
+            .collect()
+    };
+    let (mut xh, mut yh) = (vec![0f32; x.len()], vec![0f32; y.len()]);
+    let blocks: Vec<usize> = (0..t).step_by(bt).collect();
+    let sizes: Vec<usize> = blocks
+        .par_iter()
+        .map(|&s| {
+            let e = (s + bt).min(t);
+            let n = e - s;
+            let (bx, by) = (&x[s * row..e * row], &y[s * row..e * row]);
+            let mut xd = vec![0f32; n * row];
+            let mut yd = vec![0f32; n * row];
+            let (sx, sy) = (steps(bx, eps_x), steps(by, eps_y));
+            let (mut codes, mut esc, mut coef) = (Vec::new(), Vec::new(), Vec::new());
+            let at = |tk: usize, l: usize| (tk * l_n + l) * d;
+            let q = |v: f32, st: f32| -> i64 { if st > 0.0 { (v / st).round() as i64 } else { 0 } };
+            for l in 0..l_n {
+                let a: Vec<f32> = (0..d)
+                    .map(|j| {
+                        if l == 0 {
+                            return 0.0;
+                        }
+                        let (mut rr, mut ry) = (0f64, 0f64);
+                        for tk in 0..n {
+                            let p = xd[at(tk, l - 1) + j] as f64;
+                            rr += p * p;
+                            ry += p * bx[at(tk, l) + j] as f64;
+                        }
+                        bf(if rr > 0.0 { ry / rr } else { 0.0 })
+                    })
+                    .collect();
+                if l > 0 {
+                    coef.extend(
+                        a.iter()
+                            .flat_map(|c| half::bf16::from_f32(*c).to_bits().to_le_bytes()),
+                    );
+                }
+                for tk in 0..n {
+                    for j in 0..d {
+                        let o = at(tk, l) + j;
+                        let p = if l > 0 {
+                            a[j] * xd[at(tk, l - 1) + j]
+                        } else {
+                            0.0
+                        };
+                        let qv = q(bx[o], sx[l]);
+                        push_escaped(qv - q(p, sx[l]), &mut codes, &mut esc);
+                        xd[o] = qv as f32 * sx[l];
+                    }
+                }
+            }
+            for l in 0..l_n {
+                let two = l + 1 < l_n;
+                let bc: Vec<(f32, f32)> = (0..d)
+                    .map(|j| {
+                        let mut m = [0f64; 5];
+                        for tk in 0..n {
+                            let ra = if two {
+                                xd[at(tk, l + 1) + j] as f64
+                            } else {
+                                0.0
+                            };
+                            let rb = xd[at(tk, l) + j] as f64;
+                            let v = by[at(tk, l) + j] as f64;
+                            m[0] += ra * ra;
+                            m[1] += ra * rb;
+                            m[2] += rb * rb;
+                            m[3] += ra * v;
+                            m[4] += rb * v;
+                        }
+                        let det = m[0] * m[2] - m[1] * m[1];
+                        if two && m[0] > 0.0 && m[2] > 0.0 && det > 1e-9 * m[0] * m[2] {
+                            (
+                                bf((m[3] * m[2] - m[4] * m[1]) / det),
+                                bf((m[4] * m[0] - m[3] * m[1]) / det),
+                            )
+                        } else {
+                            (0.0, bf(if m[2] > 0.0 { m[4] / m[2] } else { 0.0 }))
+                        }
+                    })
+                    .collect();
+                coef.extend(bc.iter().flat_map(|c| {
+                    let mut b = half::bf16::from_f32(c.0).to_bits().to_le_bytes().to_vec();
+                    b.extend(half::bf16::from_f32(c.1).to_bits().to_le_bytes());
+                    b
+                }));
+                for tk in 0..n {
+                    for j in 0..d {
+                        let o = at(tk, l) + j;
+                        let ra = if two { xd[at(tk, l + 1) + j] } else { 0.0 };
+                        let p = bc[j].0 * ra + bc[j].1 * xd[o];
+                        let qv = q(by[o], sy[l]);
+                        push_escaped(qv - q(p, sy[l]), &mut codes, &mut esc);
+                        yd[o] = qv as f32 * sy[l];
+                    }
+                }
+            }
+            let mut raw = codes;
+            raw.extend(esc);
+            raw.extend(coef);
+            raw.extend(sx.iter().chain(&sy).flat_map(|v| v.to_le_bytes()));
+            let c = zstd::bulk::compress(&raw, 3).unwrap().len();
+            (c, xd, yd)
+        })
+        .collect::<Vec<_>>()
+        .into_iter()
+        .zip(&blocks)
+        .map(|((c, xd, yd), &s)| {
+            xh[s * row..s * row + xd.len()].copy_from_slice(&xd);
+            yh[s * row..s * row + yd.len()].copy_from_slice(&yd);
+            c
+        })
+        .collect();
+    (sizes.iter().sum::<usize>() as f64 / t as f64, xh, yh)
+}
+
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let threads = rayon::current_num_threads();
@@ -350,6 +731,10 @@ fn main() {
         let (y, _) = synth(t, dims, 2);
         (dims, t, x, y, xout)
     };
+    if let Ok(list) = std::env::var("CLT_FIGURES_EPS") {
+        eps_sweep(&list, dims, t, &x, &y);
+        return;
+    }
     let row = dims.n_layers * dims.d_model;
     let f32_bpt = (row * 8) as f64;
     println!(
@@ -402,6 +787,7 @@ fn main() {
             zstd_level: 3,
             threads: 0,
             outlier_dims: 4,
+            target_rel_err: None,
         };
         let t0 = Instant::now();
         let mut w =

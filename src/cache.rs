@@ -57,6 +57,8 @@ pub struct CacheConfig {
     pub max_tokens: Option<u64>,
     pub input_hook: InputHook,
     pub codec: Codec,
+    /// The int8/int8p error target ([`crate::store::WriterConfig::target_rel_err`]).
+    pub target_rel_err: Option<f64>,
     pub shard_tokens: u64,
     pub contexts_per_batch: usize,
     pub quiet: bool,
@@ -207,6 +209,7 @@ pub fn cache(m: &LoadedModel, cfg: &CacheConfig) -> Result<CacheRecord> {
     };
     let wcfg = WriterConfig {
         codec: cfg.codec,
+        target_rel_err: cfg.target_rel_err,
         ..WriterConfig::default()
     };
     let (mut writer, done) = DatasetWriter::resume(&cfg.out, dims, wcfg, meta, cfg.shard_tokens)?;

@@ -167,6 +167,7 @@ pub fn run_stories(demo: &StoriesDemo) -> Result<StoriesReport> {
         max_tokens: Some(demo.train_tokens),
         input_hook: InputHook::MlpInNormed,
         codec: crate::store::Codec::Int8,
+        target_rel_err: None,
         shard_tokens: 65_536,
         contexts_per_batch: 64,
         quiet: demo.quiet,

@@ -32,6 +32,7 @@ fn config(out: &Path, max_tokens: u64, codec: Codec, shard_tokens: u64) -> Cache
         max_tokens: Some(max_tokens),
         input_hook: InputHook::MlpInNormed,
         codec,
+        target_rel_err: None,
         shard_tokens,
         contexts_per_batch: 8,
         quiet: true,

@@ -60,6 +60,7 @@ fn write_ds(
         zstd_level: 3,
         threads: 2,
         outlier_dims: 8,
+        target_rel_err: None,
     };
     let meta = ShardMeta {
         model: "synthetic".into(),
@@ -603,6 +604,7 @@ fn encode_args(codec: Codec) -> clt::store::cli::EncodeArgs {
         zstd_level: 3,
         threads: 1,
         outlier_dims: 8,
+        target_rel_err: None,
     }
 }
 

@@ -271,6 +271,7 @@ fn convert_to_and_from_int8p() {
         zstd_level: 3,
         threads: 1,
         outlier_dims: 8,
+        target_rel_err: None,
     };
     let p = dir.path().join("p");
     let m = convert(&src, &p, &args(Codec::Int8p)).unwrap();

@@ -57,6 +57,7 @@ fn fixture() -> &'static Fixture {
                 max_tokens: Some(3000),
                 input_hook: InputHook::MlpInNormed,
                 codec: clt::store::Codec::F32,
+                target_rel_err: None,
                 shard_tokens: 1000,
                 contexts_per_batch: 16,
                 quiet: true,

@@ -96,6 +96,10 @@ enum Command {
         /// Storage codec.
         #[arg(long, value_enum, default_value = "int8")]
         codec: clt::store::Codec,
+        /// Error target ε of the int8 and int8p codecs: no row is quantised finer than a step that gives each
+        /// layer a relative error of about ε (rows whose range needs a coarser step keep int8's absmax step).
+        #[arg(long)]
+        target_rel_err: Option<f64>,
         /// Tokens per shard.
         #[arg(long, default_value_t = 65_536)]
         shard_tokens: u64,
@@ -390,6 +394,7 @@ fn run(cli: Cli) -> clt::Result<()> {
             max_tokens,
             input_hook,
             codec,
+            target_rel_err,
             shard_tokens,
         } => {
             let m = clt::model::load(&model, tokenizer.as_deref())?;
@@ -400,6 +405,7 @@ fn run(cli: Cli) -> clt::Result<()> {
                 max_tokens,
                 input_hook,
                 codec,
+                target_rel_err,
                 shard_tokens,
                 contexts_per_batch: 64,
                 quiet: false,

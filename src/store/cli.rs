@@ -40,6 +40,10 @@ pub struct EncodeArgs {
     /// Outlier dimensions per layer kept in bf16 (int8o codec only).
     #[arg(long, default_value_t = 8)]
     pub outlier_dims: usize,
+    /// Error target ε (int8 and int8p only): no row is quantised finer than a step that gives each layer a
+    /// relative error of about ε; rows whose range needs a coarser step keep int8's absmax step.
+    #[arg(long)]
+    pub target_rel_err: Option<f64>,
 }
 
 impl EncodeArgs {
@@ -51,6 +55,7 @@ impl EncodeArgs {
             zstd_level: self.zstd_level,
             threads: self.threads,
             outlier_dims: self.outlier_dims,
+            target_rel_err: self.target_rel_err,
         }
     }
 }

@@ -235,6 +235,13 @@ impl Section {
     /// An int8p section encoded here alone has no prediction: every row is plain int8 (a valid int8p section
     /// whatever the block's coefficients). The writer encodes int8p blocks with [`super::predict::encode`].
     pub fn encode(&self, src: &[f32], out: &mut Vec<u8>) {
+        self.encode_with(src, None, out)
+    }
+
+    /// [`encode`](Self::encode) with an optional error target `ε` (int8 only; ignored by the other codecs): each
+    /// row's step is `max(Δ_l, max|row| / 127)`, with `Δ_l` from [`target_steps`] over this section's rows of
+    /// layer `l`, instead of int8's `max|row| / 127`. The layout is int8's, so decoding is unchanged.
+    pub fn encode_with(&self, src: &[f32], target: Option<f64>, out: &mut Vec<u8>) {
         let d = self.d;
         debug_assert_eq!(src.len(), self.rows * d);
         let start = out.len();
@@ -273,10 +280,16 @@ impl Section {
                 } else {
                     7.0
                 };
+                let floors = match target {
+                    Some(eps) if self.codec == Codec::Int8 => {
+                        target_steps(src, self.layers, d, eps)
+                    }
+                    _ => vec![0.0; self.layers.max(1)],
+                };
                 let mut scales = Vec::with_capacity(self.rows);
-                for row in src.chunks_exact(d.max(1)).take(self.rows) {
+                for (r, row) in src.chunks_exact(d.max(1)).take(self.rows).enumerate() {
                     let absmax = row.iter().fold(0.0f32, |m, v| m.max(v.abs()));
-                    scales.push(absmax / qmax);
+                    scales.push((absmax / qmax).max(floors[r % floors.len()]));
                 }
                 for s in &scales {
                     out.extend_from_slice(&s.to_le_bytes());
@@ -392,6 +405,33 @@ impl Section {
             }
         }
     }
+}
+
+/// The error-targeted steps of a section, one per layer: `Δ_l = √(12 · ε · E_l)`, with `E_l` the mean square of
+/// the values of layer `l` in `src` (`rows × d`, token-major, `layers` rows per token). A uniform quantiser of step
+/// Δ has an error of Δ²/12 per value at high rate (less where values are small against Δ and round to 0), so a
+/// layer quantised at Δ_l has a relative error ‖v − v̂‖²/‖v‖² of about ε or less. At a fixed total error, the same
+/// step for every value is what minimises an entropy coder's rate (high-rate theory), unlike a per-row absmax step,
+/// which spends fine steps on rows of small range; a row whose range needs more than ±127 steps of Δ_l keeps its
+/// absmax step (finer, so its error is lower).
+pub fn target_steps(src: &[f32], layers: usize, d: usize, eps: f64) -> Vec<f32> {
+    let layers = layers.max(1);
+    let mut ss = vec![0f64; layers];
+    let mut n = vec![0usize; layers];
+    for (r, row) in src.chunks_exact(d.max(1)).enumerate() {
+        ss[r % layers] += row.iter().map(|&v| v as f64 * v as f64).sum::<f64>();
+        n[r % layers] += row.len();
+    }
+    ss.iter()
+        .zip(&n)
+        .map(|(&s, &k)| {
+            if k == 0 {
+                0.0
+            } else {
+                (12.0 * eps * s / k as f64).sqrt().min(f32::MAX as f64) as f32
+            }
+        })
+        .collect()
 }
 
 /// Checks that every value is finite (the quantised codecs and the error bounds need it).

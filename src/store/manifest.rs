@@ -38,6 +38,10 @@ pub struct Manifest {
     #[serde(default)]
     pub outlier_dims: u64,
     pub block_tokens: u64,
+    /// The writer's error target ε (int8 and int8p; absent when none). A record of how the dataset was encoded:
+    /// decoding does not need it (the rows' steps are in the blocks).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub target_rel_err: Option<f64>,
     #[serde(default)]
     pub model: String,
     pub n_tokens: u64,

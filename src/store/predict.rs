@@ -15,7 +15,9 @@
 //! overflows: `x̂ = wrap8(code + round(p / step)) · step`, the error is at most half a step whatever the
 //! prediction). A row is predicted when that makes its codes cheaper (smaller Σ|code|) than the plain row's; its
 //! scale is stored negated (the sign bit marks it). Other rows (zero rows, rows the prediction does not help,
-//! every row when `d = 1`) are stored exactly as int8 would.
+//! every row when `d = 1`) are stored exactly as int8 would. With an error target ε
+//! ([`super::writer::WriterConfig::target_rel_err`]) neither step is finer than the layer's
+//! [`super::codec::target_steps`], so the error is about ε per layer instead of int8's where rows' ranges allow.
 //!
 //! **What is subtle.** The prediction is closed-loop: the encoder predicts from the *decoded* previous rows, with
 //! the bf16-rounded coefficients, through the same [`pred1`]/[`pred2`] and [`pred_code`] as the decoder, so
@@ -86,16 +88,18 @@ fn fit2(saa: f64, sab: f64, sbb: f64, say: f64, sby: f64) -> (f64, f64) {
 
 /// Codes one row `v` given its prediction `pred` (None: nothing to predict from). Writes the codes and the decoded
 /// values (exactly as the decoder will compute them) and returns the stored scale (negative: predicted row).
-fn code_row(v: &[f32], pred: Option<&[f32]>, codes: &mut [u8], dec: &mut [f32]) -> f32 {
+/// `floor` is the error-targeted step ([`super::codec::target_steps`]; 0: none): neither step is finer.
+fn code_row(v: &[f32], pred: Option<&[f32]>, floor: f32, codes: &mut [u8], dec: &mut [f32]) -> f32 {
     let amax = v.iter().fold(0f32, |m, a| m.max(a.abs()));
-    let s = amax / 127.0;
+    let s = (amax / 127.0).max(floor);
     let inv = if s > 0.0 { 1.0 / s } else { 0.0 };
     let d = v.len();
     if let Some(p) = pred
         && s > 0.0
         && d > 1
     {
-        let sp = s * step_factor(d);
+        // With a floor, `s` may exceed int8's step; then the grid codes are smaller still.
+        let sp = (amax / 127.0 * step_factor(d)).max(floor);
         let inv_p = 1.0 / sp;
         let (mut cost_p, mut cost_0) = (0u32, 0u32);
         for (&a, &b) in v.iter().zip(p) {
@@ -157,12 +161,15 @@ fn unwrap(q: u8, p: f32, s: f32, inv: f32) -> f32 {
 }
 
 /// Encodes a block's inputs `x` and targets `y` (`n × L × d` values each, token-major, finite) under int8p:
-/// appends the x section to `xsec`, the y section to `ysec` and the coefficient area to `coef`.
+/// appends the x section to `xsec`, the y section to `ysec` and the coefficient area to `coef`. With an error
+/// target `ε`, no row's step is finer than its layer's [`super::codec::target_steps`] (per stream, over the block).
+#[allow(clippy::too_many_arguments)]
 pub fn encode(
     x: &[f32],
     y: &[f32],
     layers: usize,
     d: usize,
+    target: Option<f64>,
     xsec: &mut Vec<u8>,
     ysec: &mut Vec<u8>,
     coef: &mut Vec<u8>,
@@ -178,6 +185,11 @@ pub fn encode(
     let mut pred = vec![0f32; d];
     let (mut ca, mut cb, mut cc) = (Vec::new(), Vec::new(), Vec::new());
     let (mut s_rr, mut s_ry) = (vec![0f64; d], vec![0f64; d]);
+    let floors = |v: &[f32]| match target {
+        Some(eps) => super::codec::target_steps(v, l_n, d, eps),
+        None => vec![0.0; l_n],
+    };
+    let (fx, fy) = (floors(x), floors(y));
     // Inputs, layer by layer (each layer's fit needs the previous layer decoded for every token).
     for l in 0..l_n {
         let mut a = Vec::new();
@@ -214,7 +226,13 @@ pub fn encode(
             } else {
                 None
             };
-            scales[o / d] = code_row(&x[o..o + d], p, &mut codes[o..o + d], &mut xhat[o..o + d]);
+            scales[o / d] = code_row(
+                &x[o..o + d],
+                p,
+                fx[l],
+                &mut codes[o..o + d],
+                &mut xhat[o..o + d],
+            );
         }
     }
     write_section(&scales, &codes, xsec);
@@ -268,6 +286,7 @@ pub fn encode(
             scales[o / d] = code_row(
                 &y[o..o + d],
                 Some(&pred[..]),
+                fy[l],
                 &mut codes[o..o + d],
                 &mut ydec,
             );

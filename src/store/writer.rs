@@ -38,6 +38,12 @@ pub struct WriterConfig {
     /// Outlier dimensions per layer kept in bf16 by the int8o codec (1 ≤ k < d_model; ignored by other codecs).
     #[serde(default = "default_outliers")]
     pub outlier_dims: usize,
+    /// Error target ε of the int8 and int8p codecs (`None`: int8's absmax step per row). With ε, each row's step
+    /// is at least `Δ_l = √(12 · ε · E_l)`, `E_l` the block's mean square of that layer and stream, so each
+    /// layer's relative error ‖v − v̂‖²/‖v‖² is about ε or less ([`super::codec::target_steps`]). Only the encoder
+    /// uses it: the rows' steps are stored as always, and decoding is unchanged.
+    #[serde(default)]
+    pub target_rel_err: Option<f64>,
 }
 
 fn default_outliers() -> usize {
@@ -53,6 +59,7 @@ impl Default for WriterConfig {
             zstd_level: 3,
             threads: 0,
             outlier_dims: default_outliers(),
+            target_rel_err: None,
         }
     }
 }
@@ -111,6 +118,17 @@ fn validate_cfg(cfg: &WriterConfig, dims: ActDims) -> Result<()> {
             format!(
                 "int8o needs 1 <= outlier_dims ({}) < d_model ({}) <= 65536",
                 cfg.outlier_dims, dims.d_model
+            ),
+        ));
+    }
+    if let Some(eps) = cfg.target_rel_err
+        && !(matches!(cfg.codec, Codec::Int8 | Codec::Int8p) && eps > 0.0 && eps < 1.0)
+    {
+        return Err(Error::config(
+            "store.target_rel_err",
+            format!(
+                "{eps} with codec {}: an error target needs int8 or int8p and 0 < ε < 1",
+                cfg.codec.name()
             ),
         ));
     }
@@ -294,11 +312,12 @@ impl ShardWriter {
                     if cfg.codec == Codec::Int8p {
                         let mut ysec = Vec::with_capacity(layout.section.bytes());
                         let (l_n, d) = (dims.n_layers, dims.d_model);
-                        predict::encode(bx, by, l_n, d, &mut raw, &mut ysec, &mut coef);
+                        let eps = cfg.target_rel_err;
+                        predict::encode(bx, by, l_n, d, eps, &mut raw, &mut ysec, &mut coef);
                         raw.extend_from_slice(&ysec);
                     } else {
-                        layout.section.encode(bx, &mut raw);
-                        layout.section.encode(by, &mut raw);
+                        layout.section.encode_with(bx, cfg.target_rel_err, &mut raw);
+                        layout.section.encode_with(by, cfg.target_rel_err, &mut raw);
                     }
                     raw.extend(pids[s..e].iter().flat_map(|t| t.0.to_le_bytes()));
                     raw.extend(pids[s..e].iter().flat_map(|t| t.1.to_le_bytes()));
@@ -603,6 +622,7 @@ impl DatasetWriter {
                 0
             },
             block_tokens: self.cfg.block_tokens as u64,
+            target_rel_err: self.cfg.target_rel_err,
             model: self.meta.model.clone(),
             n_tokens: self.shards.iter().map(|s| s.n_tokens).sum(),
             shards: std::mem::take(&mut self.shards),
