@@ -215,6 +215,11 @@ pub fn validate(
 /// Overwrites the escaped values of one row (codes `q`, step `s`) with the tail's grid codes from escape `*k` on.
 #[inline(always)]
 fn patch(q: &[u8], s: f32, tail: &[u8], k: &mut usize, out: &mut [f32]) {
+    // Most rows have no escape: an OR over the row (it vectorises) skips them; the per-byte loop with its branch
+    // and store does not vectorise and cost ~30% of the decode on SmolLM2 when run on every row.
+    if q.iter().fold(0u8, |a, &c| a | (c == ESC) as u8) == 0 {
+        return;
+    }
     for (o, &c) in out.iter_mut().zip(q) {
         if c == ESC {
             *o = esc_at(tail, *k) * s;
