@@ -1,7 +1,7 @@
 //! Tests of the error-targeted predictive codec with escapes (`int8e`, `clt::store::int8e`): each layer's error
 //! about ε, every value within half a step of its layer's Δ (escaped outliers exactly on the grid), decoding bit
 //! for bit the encoder's reconstruction through every path (including the loader), typed errors on corrupt blocks
-//! and inconsistent escape indexes, the default ε in the manifest, and awkward shapes.
+//! and inconsistent escape indexes, the default ε in the manifest, `clt store convert` both ways, and awkward shapes.
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -389,4 +389,46 @@ fn awkward_shapes_round_trip() {
         escapes += esc;
     }
     assert!(escapes > 0);
+}
+
+#[test]
+fn convert_to_and_from_int8e() {
+    use clt::store::cli::{EncodeArgs, convert, verify};
+    let dir = tempfile::tempdir().unwrap();
+    let (x, y) = spiky(230, DIMS, 8);
+    let src = dir.path().join("f32");
+    let cfg = WriterConfig {
+        codec: Codec::F32,
+        block_tokens: 40,
+        ..Default::default()
+    };
+    let mut w = DatasetWriter::create(&src, DIMS, cfg, ShardMeta::default(), 500).unwrap();
+    w.push(&x, &y, None).unwrap();
+    w.finish().unwrap();
+    let args = |codec, target_rel_err| EncodeArgs {
+        codec,
+        no_byte_planes: false,
+        block_tokens: 32,
+        shard_tokens: 1000,
+        zstd_level: 3,
+        threads: 1,
+        outlier_dims: 8,
+        target_rel_err,
+    };
+    let e = dir.path().join("e");
+    let m = convert(&src, &e, &args(Codec::Int8e, Some(1e-4))).unwrap();
+    assert_eq!(
+        (m.codec, m.n_tokens, m.target_rel_err),
+        (Codec::Int8e, 230, Some(1e-4))
+    );
+    verify(&e).unwrap();
+    let (ex, ey, esc) = read(&e, false);
+    assert!(esc > 0);
+    check_grid(&x, &ex, DIMS, 32, 1e-4, "f32 -> int8e x");
+    check_grid(&y, &ey, DIMS, 32, 1e-4, "f32 -> int8e y");
+    // Back to f32: exactly the int8e reconstruction.
+    let back = dir.path().join("back");
+    convert(&e, &back, &args(Codec::F32, None)).unwrap();
+    let (bx, by, _) = read(&back, false);
+    assert_eq!((bits(&bx), bits(&by)), (bits(&ex), bits(&ey)));
 }
