@@ -12,7 +12,8 @@
 //! activations with `-- --real DATASET [TOKENS]`: the first TOKENS tokens of an f32 (or any) store dataset
 //! written by `clt cache`, with each layer's 4 largest-RMS dimensions taken as its outliers. With
 //! `CLT_FIGURES_EPS=ε1,ε2,...` it measures instead int8 and int8p at each error target (`target_rel_err`), and
-//! without, against CLT-Forge's scheme, per layer too.
+//! without, against CLT-Forge's scheme, per layer too; `CLT_FIGURES_CODECS=int8e` (a comma list) picks the codecs
+//! of that sweep (with int8e, the escape count of each run, and no estimate).
 
 use std::time::Instant;
 
@@ -364,10 +365,34 @@ fn write_read(
     (bpt, xh, yh, g)
 }
 
-/// `CLT_FIGURES_EPS=ε1,ε2,...`: int8 and int8p with each error target ε (and without), against CLT-Forge's
+/// Escapes of an int8e dataset (count, and bytes of the blocks' tails before zstd).
+fn escapes(dir: &std::path::Path) -> (usize, usize) {
+    let ds = Dataset::open(dir).unwrap();
+    let mut r = BlockReader::new().unwrap();
+    let mut tail = 0;
+    for s in ds.shards() {
+        for b in 0..s.blocks().len() {
+            tail += r.read(s, b).unwrap().layout.tail;
+        }
+    }
+    (tail / 4, tail)
+}
+
+/// `CLT_FIGURES_EPS=ε1,ε2,...`: int8 and int8p (or the codecs of `CLT_FIGURES_CODECS=a,b`; int8e only with a
+/// target) with each error target ε (and without), against CLT-Forge's
 /// scheme: bytes/token, size ratio, errors of x and y overall and their ratio to CLT-Forge's, the smallest and
 /// largest per-layer ratio (and the layer), and decode GB/s; then the per-layer errors of every run.
 fn eps_sweep(list: &str, dims: ActDims, t: usize, x: &[f32], y: &[f32]) {
+    let codecs: Vec<Codec> = std::env::var("CLT_FIGURES_CODECS")
+        .unwrap_or_else(|_| "int8,int8p".into())
+        .split(',')
+        .map(|c| {
+            Codec::ALL
+                .into_iter()
+                .find(|k| k.name() == c)
+                .expect("CLT_FIGURES_CODECS: codec names")
+        })
+        .collect();
     let eps: Vec<Option<f64>> = std::iter::once(None)
         .chain(list.split(',').map(|e| Some(e.parse().expect("ε list"))))
         .collect();
@@ -420,8 +445,11 @@ fn eps_sweep(list: &str, dims: ActDims, t: usize, x: &[f32], y: &[f32]) {
     println!("|---|---:|---:|---:|---:|---:|---:|---:|---|---|---|---:|");
     let tmp = tempfile::tempdir().unwrap();
     let mut per_layer = Vec::new();
-    for codec in [Codec::Int8, Codec::Int8p] {
+    for &codec in &codecs {
         for &e in &eps {
+            if codec == Codec::Int8e && e.is_none() {
+                continue; // int8e always has a target
+            }
             let dir = tmp.path().join(format!("{}-{e:?}", codec.name()));
             let cfg = WriterConfig {
                 codec,
@@ -466,72 +494,83 @@ fn eps_sweep(list: &str, dims: ActDims, t: usize, x: &[f32], y: &[f32]) {
                 over(&ex.1),
                 over(&ey.1),
             );
+            if codec == Codec::Int8e {
+                let (esc, tail) = escapes(&dir);
+                println!(
+                    "|  | (int8e: {esc} escapes = {:.3}% of the values; tail {:.0} B/token raw) | | | | | | | | | | |",
+                    100.0 * esc as f64 / (2 * x.len()) as f64,
+                    tail as f64 / t as f64,
+                );
+            }
             per_layer.push((format!("{} ε={e:?}", codec.name()), ex.1, ey.1));
         }
     }
-    // The outlier-aware estimate: one ε for every layer, and per-layer targets a tenth of CLT-Forge's errors.
-    println!(
-        "\nEstimate, int8p with one step per (block, layer, stream) and escaped residuals (no range limit):\n"
-    );
-    println!(
-        "| targets | B/token | vs CLT-Forge | err x | err y | ratio x | ratio y | per layer x: min ratio (layer), max | per layer y: min ratio (layer), max |"
-    );
-    println!("|---|---:|---:|---:|---:|---:|---:|---|---|");
-    let l_n = dims.n_layers;
-    let mut targets: Vec<(String, Vec<f64>, Vec<f64>)> = eps
-        .iter()
-        .flatten()
-        .map(|&e| (format!("ε = {e:.0e}"), vec![e; l_n], vec![e; l_n]))
-        .collect();
-    // One step for all layers of a stream (error counted over the whole stream, not per layer): ε_l = ε · Ē / E_l.
-    let energy = |v: &[f32]| -> Vec<f64> {
-        let mut e = vec![0f64; l_n];
-        for (i, r) in v.chunks_exact(dims.d_model).enumerate() {
-            e[i % l_n] += r.iter().map(|&a| a as f64 * a as f64).sum::<f64>();
-        }
-        e
-    };
-    let (enx, eny) = (energy(x), energy(y));
-    let global = |e: f64, en: &[f64]| -> Vec<f64> {
-        let mean = en.iter().sum::<f64>() / l_n as f64;
-        en.iter().map(|&a| e * mean / a).collect()
-    };
-    for &e in eps.iter().flatten() {
-        targets.push((
-            format!("one step per stream, ε = {e:.0e} overall"),
-            global(e, &enx),
-            global(e, &eny),
-        ));
-    }
-    for k in [10.0, 12.0] {
-        targets.push((
-            format!("ε_l = CLT-Forge's error of the layer / {k}"),
-            fex.1.iter().map(|e| e / k).collect(),
-            fey.1.iter().map(|e| e / k).collect(),
-        ));
-    }
-    for (name, tx, ty) in &targets {
-        let (bpt, xh, yh) = escape_estimate(x, y, dims, tx, ty);
-        let (ex, ey) = (
-            rel_err_per_layer(x, &xh, dims),
-            rel_err_per_layer(y, &yh, dims),
-        );
-        let span = |f: &[f64], o: &[f64]| {
-            let r: Vec<f64> = f.iter().zip(o).map(|(a, b)| a / b).collect();
-            let lo = (0..r.len()).min_by(|&a, &b| r[a].total_cmp(&r[b])).unwrap();
-            let hi = (0..r.len()).max_by(|&a, &b| r[a].total_cmp(&r[b])).unwrap();
-            format!("{:.1}× ({lo}), {:.1}× ({hi})", r[lo], r[hi])
-        };
+    // The outlier-aware estimate (not with CLT_FIGURES_CODECS=int8e: int8e is that codec, built).
+    if codecs.contains(&Codec::Int8p) {
+        // The outlier-aware estimate: one ε for every layer, and per-layer targets a tenth of CLT-Forge's errors.
         println!(
-            "| {name} | {bpt:.0} | {:.3}× | {:.3e} | {:.3e} | {:.1}× | {:.1}× | {} | {} |",
-            bpt / fb,
-            ex.0,
-            ey.0,
-            fex.0 / ex.0,
-            fey.0 / ey.0,
-            span(&fex.1, &ex.1),
-            span(&fey.1, &ey.1),
+            "\nEstimate, int8p with one step per (block, layer, stream) and escaped residuals (no range limit):\n"
         );
+        println!(
+            "| targets | B/token | vs CLT-Forge | err x | err y | ratio x | ratio y | per layer x: min ratio (layer), max | per layer y: min ratio (layer), max |"
+        );
+        println!("|---|---:|---:|---:|---:|---:|---:|---|---|");
+        let l_n = dims.n_layers;
+        let mut targets: Vec<(String, Vec<f64>, Vec<f64>)> = eps
+            .iter()
+            .flatten()
+            .map(|&e| (format!("ε = {e:.0e}"), vec![e; l_n], vec![e; l_n]))
+            .collect();
+        // One step for all layers of a stream (error counted over the whole stream, not per layer): ε_l = ε · Ē / E_l.
+        let energy = |v: &[f32]| -> Vec<f64> {
+            let mut e = vec![0f64; l_n];
+            for (i, r) in v.chunks_exact(dims.d_model).enumerate() {
+                e[i % l_n] += r.iter().map(|&a| a as f64 * a as f64).sum::<f64>();
+            }
+            e
+        };
+        let (enx, eny) = (energy(x), energy(y));
+        let global = |e: f64, en: &[f64]| -> Vec<f64> {
+            let mean = en.iter().sum::<f64>() / l_n as f64;
+            en.iter().map(|&a| e * mean / a).collect()
+        };
+        for &e in eps.iter().flatten() {
+            targets.push((
+                format!("one step per stream, ε = {e:.0e} overall"),
+                global(e, &enx),
+                global(e, &eny),
+            ));
+        }
+        for k in [10.0, 12.0] {
+            targets.push((
+                format!("ε_l = CLT-Forge's error of the layer / {k}"),
+                fex.1.iter().map(|e| e / k).collect(),
+                fey.1.iter().map(|e| e / k).collect(),
+            ));
+        }
+        for (name, tx, ty) in &targets {
+            let (bpt, xh, yh) = escape_estimate(x, y, dims, tx, ty);
+            let (ex, ey) = (
+                rel_err_per_layer(x, &xh, dims),
+                rel_err_per_layer(y, &yh, dims),
+            );
+            let span = |f: &[f64], o: &[f64]| {
+                let r: Vec<f64> = f.iter().zip(o).map(|(a, b)| a / b).collect();
+                let lo = (0..r.len()).min_by(|&a, &b| r[a].total_cmp(&r[b])).unwrap();
+                let hi = (0..r.len()).max_by(|&a, &b| r[a].total_cmp(&r[b])).unwrap();
+                format!("{:.1}× ({lo}), {:.1}× ({hi})", r[lo], r[hi])
+            };
+            println!(
+                "| {name} | {bpt:.0} | {:.3}× | {:.3e} | {:.3e} | {:.1}× | {:.1}× | {} | {} |",
+                bpt / fb,
+                ex.0,
+                ey.0,
+                fex.0 / ex.0,
+                fey.0 / ey.0,
+                span(&fex.1, &ex.1),
+                span(&fey.1, &ey.1),
+            );
+        }
     }
     println!("\nper layer, x then y: CLT-Forge, then each run");
     for l in 0..dims.n_layers {

@@ -57,7 +57,7 @@ pub struct CacheConfig {
     pub max_tokens: Option<u64>,
     pub input_hook: InputHook,
     pub codec: Codec,
-    /// The int8/int8p error target ([`crate::store::WriterConfig::target_rel_err`]).
+    /// The int8/int8p/int8e error target ([`crate::store::WriterConfig::target_rel_err`]).
     pub target_rel_err: Option<f64>,
     pub shard_tokens: u64,
     pub contexts_per_batch: usize,

@@ -118,6 +118,29 @@ fn read_all(dir: &Path) -> Contents {
     (x, y, t, p, d)
 }
 
+/// int8e's step of every row of `v` (`n` tokens written in shards of `shard` tokens, blocks of `block`): its
+/// layer's `Δ_l` over its block at the writer's default error target.
+fn int8e_steps(v: &[f32], n: usize, block: usize, shard: usize) -> Vec<f32> {
+    let (l_n, d) = (DIMS.n_layers, DIMS.d_model);
+    let mut out = vec![0f32; n * l_n];
+    for s0 in (0..n).step_by(shard) {
+        let se = (s0 + shard).min(n);
+        for b0 in (s0..se).step_by(block) {
+            let be = (b0 + block).min(se);
+            let st = clt::store::codec::target_steps(
+                &v[b0 * l_n * d..be * l_n * d],
+                l_n,
+                d,
+                clt::store::int8e::DEFAULT_EPS,
+            );
+            for (r, o) in out.iter_mut().enumerate().take(be * l_n).skip(b0 * l_n) {
+                *o = st[r % l_n];
+            }
+        }
+    }
+    out
+}
+
 #[test]
 fn round_trip_every_codec_within_its_error_bound() {
     let n = 1000;
@@ -131,7 +154,12 @@ fn round_trip_every_codec_within_its_error_bound() {
             assert_eq!(d, (0..n as u64).map(|t| t / 17).collect::<Vec<_>>());
             for (orig, back) in [(&x, &rx), (&y, &ry)] {
                 assert_eq!(orig.len(), back.len());
-                for (ro, rb) in orig.chunks(DIMS.d_model).zip(back.chunks(DIMS.d_model)) {
+                let steps = int8e_steps(orig, n, 64, 300);
+                for (r, (ro, rb)) in orig
+                    .chunks(DIMS.d_model)
+                    .zip(back.chunks(DIMS.d_model))
+                    .enumerate()
+                {
                     let absmax = ro.iter().fold(0f32, |m, v| m.max(v.abs()));
                     // Largest value outside the planted outlier dims 3 and 11 (which int8o keeps in bf16).
                     let rest = ro
@@ -151,6 +179,8 @@ fn round_trip_every_codec_within_its_error_bound() {
                             Codec::Int8o => {
                                 (rest / 127.0 * 0.5 * 1.0001).max(a.abs() * 2f32.powi(-8))
                             }
+                            // One step per (block, layer, stream), whatever the value's range.
+                            Codec::Int8e => steps[r] * 0.5 * 1.0001,
                         };
                         assert!(
                             err <= bound,

@@ -96,8 +96,9 @@ enum Command {
         /// Storage codec.
         #[arg(long, value_enum, default_value = "int8")]
         codec: clt::store::Codec,
-        /// Error target ε of the int8 and int8p codecs: no row is quantised finer than a step that gives each
-        /// layer a relative error of about ε (rows whose range needs a coarser step keep int8's absmax step).
+        /// Error target ε of the int8, int8p and int8e codecs: no row is quantised finer than a step that gives
+        /// each layer a relative error of about ε (under int8 and int8p, rows whose range needs a coarser step keep
+        /// int8's absmax step; int8e codes every value at that step, escaping codes beyond ±127; default 7e-4).
         #[arg(long)]
         target_rel_err: Option<f64>,
         /// Tokens per shard.

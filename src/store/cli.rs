@@ -40,8 +40,9 @@ pub struct EncodeArgs {
     /// Outlier dimensions per layer kept in bf16 (int8o codec only).
     #[arg(long, default_value_t = 8)]
     pub outlier_dims: usize,
-    /// Error target ε (int8 and int8p only): no row is quantised finer than a step that gives each layer a
-    /// relative error of about ε; rows whose range needs a coarser step keep int8's absmax step.
+    /// Error target ε (int8, int8p and int8e only): no row is quantised finer than a step that gives each layer a
+    /// relative error of about ε; under int8 and int8p, rows whose range needs a coarser step keep int8's absmax
+    /// step; int8e codes every value at that step (escaping codes beyond ±127), default 7e-4.
     #[arg(long)]
     pub target_rel_err: Option<f64>,
 }

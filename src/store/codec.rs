@@ -13,6 +13,9 @@
 //!   rows of the same token (the previous layer's input; for a target, the next and the same layer's input), at
 //!   int8's step. Its sections depend on each other and on per-block coefficients, so [`super::predict`] encodes
 //!   and decodes it; a [`Section`] alone sees only its int8-like layout (scales, then codes).
+//! - [`Codec::Int8e`]: int8p's prediction with one step per (block, layer, stream) set by an error target, no row
+//!   scales, and codes outside int8's range escaped to a side stream ([`super::int8e`] encodes and decodes it; a
+//!   [`Section`] alone holds only the i8 codes).
 //!
 //! Quantised sections store all the row scales first, then all the codes (int8o: outlier indices, scales, outlier
 //! values, codes). Decoding writes straight into the
@@ -37,11 +40,14 @@ pub enum Codec {
     #[serde(rename = "int8p")]
     #[value(name = "int8p")]
     Int8p = 6,
+    #[serde(rename = "int8e")]
+    #[value(name = "int8e")]
+    Int8e = 7,
 }
 
 impl Codec {
     /// All codecs, in discriminant order.
-    pub const ALL: [Codec; 7] = [
+    pub const ALL: [Codec; 8] = [
         Codec::F32,
         Codec::Bf16,
         Codec::F16,
@@ -49,6 +55,7 @@ impl Codec {
         Codec::Int4,
         Codec::Int8o,
         Codec::Int8p,
+        Codec::Int8e,
     ];
 
     /// The codec stored as byte `b`, if any.
@@ -66,6 +73,7 @@ impl Codec {
             Codec::Int4 => "int4",
             Codec::Int8o => "int8o",
             Codec::Int8p => "int8p",
+            Codec::Int8e => "int8e",
         }
     }
 
@@ -87,7 +95,7 @@ impl Codec {
         match self {
             Codec::F32 => 4 * d,
             Codec::Bf16 | Codec::F16 => 2 * d,
-            Codec::Int8 | Codec::Int8o | Codec::Int8p => d,
+            Codec::Int8 | Codec::Int8o | Codec::Int8p | Codec::Int8e => d,
             Codec::Int4 => d.div_ceil(2),
         }
     }
@@ -233,7 +241,9 @@ impl Section {
     /// Appends the encoding of `src` (`rows × d` values, all finite) to `out`.
     ///
     /// An int8p section encoded here alone has no prediction: every row is plain int8 (a valid int8p section
-    /// whatever the block's coefficients). The writer encodes int8p blocks with [`super::predict::encode`].
+    /// whatever the block's coefficients). The writer encodes int8p blocks with [`super::predict::encode`]. An
+    /// int8e section cannot be encoded alone (its codes depend on the block's steps, coefficients and escape
+    /// stream): the writer encodes it with [`super::int8e::encode`], and this panics.
     pub fn encode(&self, src: &[f32], out: &mut Vec<u8>) {
         self.encode_with(src, None, out)
     }
@@ -246,6 +256,10 @@ impl Section {
         debug_assert_eq!(src.len(), self.rows * d);
         let start = out.len();
         out.reserve(self.bytes());
+        assert!(
+            self.codec != Codec::Int8e,
+            "int8e sections are encoded by store::int8e::encode"
+        );
         if self.codec == Codec::Int8o {
             self.encode_int8o(src, out);
             debug_assert_eq!(out.len() - start, self.bytes());
@@ -317,7 +331,8 @@ impl Section {
     /// `sec` must be exactly [`bytes`](Self::bytes) long (the reader guarantees it); out-of-range rows are a
     /// programming error and panic. For int8p this yields only the coded part of each row (its prediction, which
     /// needs the block's other rows and coefficients, is added by [`super::predict`], as
-    /// [`super::reader::Block`] does).
+    /// [`super::reader::Block`] does); for int8e, whose steps, coefficients and escapes are outside the section,
+    /// the codes themselves (step 1, escapes as −128): [`super::int8e`] decodes it.
     pub fn decode_rows(&self, sec: &[u8], r0: usize, out: &mut [f32]) {
         let d = self.d;
         let nr = out.len() / d;
@@ -374,6 +389,11 @@ impl Section {
                             *o = v;
                         }
                     }
+                }
+            }
+            Codec::Int8e => {
+                for (o, &c) in out.iter_mut().zip(&sec[v0..v0 + n]) {
+                    *o = (c as i8) as f32;
                 }
             }
             Codec::Int8 | Codec::Int4 | Codec::Int8p => {

@@ -105,6 +105,9 @@ pub struct BlockEntry {
 pub struct BlockLayout {
     pub n_tokens: usize,
     pub section: Section,
+    /// Bytes of the block's variable-length tail after its fixed layout (int8e's escape stream; 0 for other
+    /// codecs). [`Header::block_layout`] gives 0; the reader sets it from the index's `raw_len`.
+    pub tail: usize,
 }
 
 impl BlockLayout {
@@ -128,21 +131,23 @@ impl BlockLayout {
                 layers: n_layers,
                 outliers: if codec == Codec::Int8o { outliers } else { 0 },
             },
+            tail: 0,
         }
     }
 
-    /// Bytes of the block's prediction coefficients after the id columns (int8p; 0 for other codecs), or `None` on
-    /// overflow.
+    /// Bytes of the block's side area after the id columns (int8p: prediction coefficients; int8e: coefficients,
+    /// steps and escape index; 0 for other codecs), or `None` on overflow.
     pub fn checked_coef_len(&self) -> Option<usize> {
-        if self.section.codec == Codec::Int8p {
-            super::predict::coef_bytes(self.section.layers, self.section.d)
-        } else {
-            Some(0)
+        let (l, d) = (self.section.layers, self.section.d);
+        match self.section.codec {
+            Codec::Int8p => super::predict::coef_bytes(l, d),
+            Codec::Int8e => super::int8e::side_bytes(l, d, self.n_tokens),
+            _ => Some(0),
         }
     }
 
-    /// Raw bytes of the block, or `None` on overflow.
-    pub fn checked_raw_len(&self) -> Option<usize> {
+    /// Bytes of the block's fixed layout (without the tail), or `None` on overflow.
+    pub fn checked_fixed_len(&self) -> Option<usize> {
         self.section
             .checked_bytes()?
             .checked_mul(2)?
@@ -150,13 +155,24 @@ impl BlockLayout {
             .checked_add(self.checked_coef_len()?)
     }
 
+    /// Raw bytes of the block (tail included), or `None` on overflow.
+    pub fn checked_raw_len(&self) -> Option<usize> {
+        self.checked_fixed_len()?.checked_add(self.tail)
+    }
+
     /// Raw bytes of the block.
     pub fn raw_len(&self) -> usize {
         self.checked_raw_len().expect("block size overflows")
     }
 
-    /// Byte ranges of the x section, the y section, token ids, positions, document ids and prediction
-    /// coefficients (empty but for int8p).
+    /// Byte range of the variable-length tail (int8e's escapes; empty for other codecs).
+    pub fn tail_range(&self) -> std::ops::Range<usize> {
+        let f = self.checked_fixed_len().expect("block size overflows");
+        f..f + self.tail
+    }
+
+    /// Byte ranges of the x section, the y section, token ids, positions, document ids and the side area
+    /// (prediction coefficients and, for int8e, steps and escape index; empty but for int8p and int8e).
     pub fn ranges(&self) -> [std::ops::Range<usize>; 6] {
         let s = self.section.bytes();
         let n = self.n_tokens;
@@ -417,7 +433,12 @@ pub fn parse(file: &[u8], path: &Path) -> Result<ParsedShard> {
         }
         tokens += b.n_tokens as u64;
         let raw = h.block_layout(b.n_tokens as usize).raw_len() as u64;
-        if b.raw_len != raw {
+        // int8e blocks end with a tail of i32 escapes after their fixed layout.
+        let tail_ok = codec == Codec::Int8e
+            && b.raw_len >= raw
+            && (b.raw_len - raw).is_multiple_of(4)
+            && b.raw_len <= MAX_BLOCK_RAW;
+        if b.raw_len != raw && !tail_ok {
             return Err(err(
                 at + 16,
                 format!(

@@ -38,7 +38,7 @@ pub struct Manifest {
     #[serde(default)]
     pub outlier_dims: u64,
     pub block_tokens: u64,
-    /// The writer's error target ε (int8 and int8p; absent when none). A record of how the dataset was encoded:
+    /// The writer's error target ε (int8, int8p, int8e; absent when none). A record of how the dataset was encoded:
     /// decoding does not need it (the rows' steps are in the blocks).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub target_rel_err: Option<f64>,

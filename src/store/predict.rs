@@ -55,7 +55,7 @@ pub fn pred2(b: f32, xa: f32, c: f32, xb: f32) -> f32 {
 }
 
 #[inline(always)]
-fn bf16_at(c: &[u8]) -> f32 {
+pub(crate) fn bf16_at(c: &[u8]) -> f32 {
     f32::from_bits((u16::from_le_bytes([c[0], c[1]]) as u32) << 16)
 }
 
@@ -174,22 +174,44 @@ pub fn encode(
     ysec: &mut Vec<u8>,
     coef: &mut Vec<u8>,
 ) {
+    let rows = x.len() / d;
+    let floors = |v: &[f32]| match target {
+        Some(eps) => super::codec::target_steps(v, layers, d, eps),
+        None => vec![0.0; layers],
+    };
+    let f = [floors(x), floors(y)];
+    let mut codes = [vec![0u8; x.len()], vec![0u8; y.len()]];
+    let mut scales = [vec![0f32; rows], vec![0f32; rows]];
+    closed_loop(x, y, layers, d, coef, |k, r, v, p, dec| {
+        let o = r * d;
+        scales[k][r] = code_row(v, p, f[k][r % layers], &mut codes[k][o..o + d], dec);
+    });
+    write_section(&scales[0], &codes[0], xsec);
+    write_section(&scales[1], &codes[1], ysec);
+}
+
+/// The closed-loop prediction shared by int8p and int8e ([`super::int8e`]): fits the coefficients layer by layer
+/// from the decoded rows, appends them to `coef` (bf16, the layout of the module doc), and calls
+/// `code(stream, row, values, prediction, decoded)` for every row, stream 0 (inputs, layer by layer, each layer
+/// for every token before the next layer's fit) then stream 1 (targets). `code` quantises the row and writes its
+/// reconstruction, exactly as the decoder will compute it, into `decoded` (for targets, a scratch row).
+pub(crate) fn closed_loop(
+    x: &[f32],
+    y: &[f32],
+    layers: usize,
+    d: usize,
+    coef: &mut Vec<u8>,
+    mut code: impl FnMut(usize, usize, &[f32], Option<&[f32]>, &mut [f32]),
+) {
     let l_n = layers;
     let rows = x.len() / d;
     let n = rows / l_n;
     debug_assert_eq!((x.len(), y.len()), (n * l_n * d, n * l_n * d));
     let at = |t: usize, l: usize| (t * l_n + l) * d;
     let mut xhat = vec![0f32; x.len()];
-    let mut codes = vec![0u8; x.len()];
-    let mut scales = vec![0f32; rows];
     let mut pred = vec![0f32; d];
     let (mut ca, mut cb, mut cc) = (Vec::new(), Vec::new(), Vec::new());
     let (mut s_rr, mut s_ry) = (vec![0f64; d], vec![0f64; d]);
-    let floors = |v: &[f32]| match target {
-        Some(eps) => super::codec::target_steps(v, l_n, d, eps),
-        None => vec![0.0; l_n],
-    };
-    let (fx, fy) = (floors(x), floors(y));
     // Inputs, layer by layer (each layer's fit needs the previous layer decoded for every token).
     for l in 0..l_n {
         let mut a = Vec::new();
@@ -226,16 +248,9 @@ pub fn encode(
             } else {
                 None
             };
-            scales[o / d] = code_row(
-                &x[o..o + d],
-                p,
-                fx[l],
-                &mut codes[o..o + d],
-                &mut xhat[o..o + d],
-            );
+            code(0, o / d, &x[o..o + d], p, &mut xhat[o..o + d]);
         }
     }
-    write_section(&scales, &codes, xsec);
     // Targets: every layer from the decoded inputs, which are final now.
     let mut ydec = vec![0f32; d];
     let mut sums = vec![[0f64; 5]; d];
@@ -283,16 +298,9 @@ pub fn encode(
                     pred[j] = pred1(bc[j].1, xb[j]);
                 }
             }
-            scales[o / d] = code_row(
-                &y[o..o + d],
-                Some(&pred[..]),
-                fy[l],
-                &mut codes[o..o + d],
-                &mut ydec,
-            );
+            code(1, o / d, &y[o..o + d], Some(&pred[..]), &mut ydec);
         }
     }
-    write_section(&scales, &codes, ysec);
     for c in ca.iter().chain(&cb).chain(&cc) {
         coef.extend_from_slice(&c.to_bits().to_le_bytes());
     }

@@ -14,7 +14,7 @@ use xxhash_rust::xxh3::xxh3_64;
 use super::codec::Codec;
 use super::format::{self, BlockEntry, BlockLayout, Header, ShardMeta};
 use super::manifest::{MANIFEST_FILE, Manifest, SHARD_EXT};
-use super::predict;
+use super::{int8e, predict};
 use crate::data::ActDims;
 use crate::{Error, Result};
 
@@ -130,9 +130,12 @@ impl<'a> Block<'a> {
     pub fn x_rows(&self, t0: usize, out: &mut [f32]) {
         let r = self.layout.ranges();
         let sec = &self.raw[r[0].clone()];
+        let d = self.layout.section.d;
         if self.layout.section.codec == Codec::Int8p {
-            let d = self.layout.section.d;
             predict::decode_x(sec, &self.raw[r[5].clone()], self.n_layers, d, t0, out);
+        } else if self.layout.section.codec == Codec::Int8e {
+            let (side, tail) = (&self.raw[r[5].clone()], &self.raw[self.layout.tail_range()]);
+            int8e::decode_x(sec, side, tail, self.n_layers, d, t0, out);
         } else {
             self.layout
                 .section
@@ -140,11 +143,11 @@ impl<'a> Block<'a> {
         }
     }
 
-    /// Decodes the targets of tokens `t0 ..` into `out`, like [`x_rows`](Self::x_rows). Under int8p the targets
-    /// are predicted from the decoded inputs, which this decodes again one token at a time into a per-thread
-    /// buffer: when both are wanted, [`xy_rows`](Self::xy_rows) decodes each once.
+    /// Decodes the targets of tokens `t0 ..` into `out`, like [`x_rows`](Self::x_rows). Under int8p and int8e
+    /// the targets are predicted from the decoded inputs, which this decodes again one token at a time into a
+    /// per-thread buffer: when both are wanted, [`xy_rows`](Self::xy_rows) decodes each once.
     pub fn y_rows(&self, t0: usize, out: &mut [f32]) {
-        if self.layout.section.codec != Codec::Int8p {
+        if !self.predicted() {
             let r = self.layout.ranges();
             self.layout
                 .section
@@ -168,22 +171,33 @@ impl<'a> Block<'a> {
     /// length).
     pub fn xy_rows(&self, t0: usize, x: &mut [f32], y: &mut [f32]) {
         self.x_rows(t0, x);
-        if self.layout.section.codec == Codec::Int8p {
+        if self.predicted() {
             self.y_given_x(t0, x, y);
         } else {
             self.y_rows(t0, y);
         }
     }
 
-    /// int8p: the targets of tokens `t0 ..` given their decoded inputs `xhat`.
+    /// True for the codecs whose targets are predicted from the decoded inputs (int8p, int8e).
+    fn predicted(&self) -> bool {
+        matches!(self.layout.section.codec, Codec::Int8p | Codec::Int8e)
+    }
+
+    /// int8p, int8e: the targets of tokens `t0 ..` given their decoded inputs `xhat`.
     fn y_given_x(&self, t0: usize, xhat: &[f32], out: &mut [f32]) {
         let r = self.layout.ranges();
         let (sec, coef) = (&self.raw[r[1].clone()], &self.raw[r[5].clone()]);
         let d = self.layout.section.d;
-        predict::decode_y(sec, coef, self.n_layers, d, t0, xhat, out);
+        if self.layout.section.codec == Codec::Int8e {
+            let (n, tail) = (self.layout.n_tokens, &self.raw[self.layout.tail_range()]);
+            int8e::decode_y(sec, coef, tail, self.n_layers, d, n, t0, xhat, out);
+        } else {
+            predict::decode_y(sec, coef, self.n_layers, d, t0, xhat, out);
+        }
     }
 
-    /// The block's prediction coefficients as stored (int8p; empty for other codecs).
+    /// The block's side area as stored (int8p: prediction coefficients; int8e: coefficients, steps, escape
+    /// index; empty for other codecs).
     pub fn coef_bytes(&self) -> &'a [u8] {
         &self.raw[self.layout.ranges()[5].clone()]
     }
@@ -293,13 +307,29 @@ fn read_block<'a>(
             ),
         ));
     }
-    let layout = shard.header.block_layout(e.n_tokens as usize);
+    let mut layout = shard.header.block_layout(e.n_tokens as usize);
+    // The index's raw length was checked against the layout at open (only int8e blocks have a tail).
+    layout.tail = raw_len - layout.raw_len();
     let r = layout.ranges();
     for k in 0..2 {
         layout
             .section
             .validate(&buf[r[k].clone()])
             .map_err(|why| shard.corrupt(b, why))?;
+    }
+    if layout.section.codec == Codec::Int8e {
+        let (l, d) = (layout.section.layers, layout.section.d);
+        let tail = &buf[layout.tail_range()];
+        int8e::validate(
+            &buf[r[0].clone()],
+            &buf[r[1].clone()],
+            &buf[r[5].clone()],
+            tail,
+            l,
+            d,
+            layout.n_tokens,
+        )
+        .map_err(|why| shard.corrupt(b, why))?;
     }
     Ok(Block {
         layout,

@@ -19,7 +19,7 @@ use super::format::{
     header_checksum,
 };
 use super::manifest::{MANIFEST_FILE, Manifest, ShardRecord};
-use super::predict;
+use super::{int8e, predict};
 use crate::data::ActDims;
 use crate::{Error, Result};
 
@@ -38,12 +38,23 @@ pub struct WriterConfig {
     /// Outlier dimensions per layer kept in bf16 by the int8o codec (1 ≤ k < d_model; ignored by other codecs).
     #[serde(default = "default_outliers")]
     pub outlier_dims: usize,
-    /// Error target ε of the int8 and int8p codecs (`None`: int8's absmax step per row). With ε, each row's step
-    /// is at least `Δ_l = √(12 · ε · E_l)`, `E_l` the block's mean square of that layer and stream, so each
-    /// layer's relative error ‖v − v̂‖²/‖v‖² is about ε or less ([`super::codec::target_steps`]). Only the encoder
-    /// uses it: the rows' steps are stored as always, and decoding is unchanged.
+    /// Error target ε of the int8, int8p and int8e codecs (`None`: int8's absmax step per row; int8e:
+    /// [`int8e::DEFAULT_EPS`]). With ε, each row's step is at least `Δ_l = √(12 · ε · E_l)`, `E_l` the block's
+    /// mean square of that layer and stream, so each layer's relative error ‖v − v̂‖²/‖v‖² is about ε or less
+    /// ([`super::codec::target_steps`]); for int8 and int8p only the encoder uses it (the rows' steps are stored
+    /// as always). int8e codes every value at exactly `Δ_l` (stored per block), so its error is about ε per layer.
     #[serde(default)]
     pub target_rel_err: Option<f64>,
+}
+
+impl WriterConfig {
+    /// The error target the encoder uses: `target_rel_err`, or int8e's default for int8e.
+    pub fn effective_target(&self) -> Option<f64> {
+        match (self.codec, self.target_rel_err) {
+            (Codec::Int8e, None) => Some(int8e::DEFAULT_EPS),
+            (_, t) => t,
+        }
+    }
 }
 
 fn default_outliers() -> usize {
@@ -122,12 +133,14 @@ fn validate_cfg(cfg: &WriterConfig, dims: ActDims) -> Result<()> {
         ));
     }
     if let Some(eps) = cfg.target_rel_err
-        && !(matches!(cfg.codec, Codec::Int8 | Codec::Int8p) && eps > 0.0 && eps < 1.0)
+        && !(matches!(cfg.codec, Codec::Int8 | Codec::Int8p | Codec::Int8e)
+            && eps > 0.0
+            && eps < 1.0)
     {
         return Err(Error::config(
             "store.target_rel_err",
             format!(
-                "{eps} with codec {}: an error target needs int8 or int8p and 0 < ε < 1",
+                "{eps} with codec {}: an error target needs int8, int8p or int8e and 0 < ε < 1",
                 cfg.codec.name()
             ),
         ));
@@ -308,8 +321,12 @@ impl ShardWriter {
                     );
                     let mut raw = Vec::with_capacity(layout.raw_len());
                     let (bx, by) = (&px[s * row..e * row], &py[s * row..e * row]);
-                    let mut coef = Vec::new();
-                    if cfg.codec == Codec::Int8p {
+                    let (mut coef, mut tail) = (Vec::new(), Vec::new());
+                    if cfg.codec == Codec::Int8e {
+                        let (l_n, d) = (dims.n_layers, dims.d_model);
+                        let eps = cfg.effective_target().unwrap_or(int8e::DEFAULT_EPS);
+                        int8e::encode(bx, by, l_n, d, eps, &mut raw, &mut coef, &mut tail);
+                    } else if cfg.codec == Codec::Int8p {
                         let mut ysec = Vec::with_capacity(layout.section.bytes());
                         let (l_n, d) = (dims.n_layers, dims.d_model);
                         let eps = cfg.target_rel_err;
@@ -323,7 +340,8 @@ impl ShardWriter {
                     raw.extend(pids[s..e].iter().flat_map(|t| t.1.to_le_bytes()));
                     raw.extend(pids[s..e].iter().flat_map(|t| t.2.to_le_bytes()));
                     raw.extend_from_slice(&coef);
-                    debug_assert_eq!(raw.len(), layout.raw_len());
+                    raw.extend_from_slice(&tail);
+                    debug_assert_eq!(raw.len(), layout.raw_len() + tail.len());
                     let comp = zstd::bulk::compress(&raw, cfg.zstd_level)?;
                     Ok((comp, raw.len() as u64, xxh3_64(&raw), (e - s) as u32))
                 })
@@ -622,7 +640,7 @@ impl DatasetWriter {
                 0
             },
             block_tokens: self.cfg.block_tokens as u64,
-            target_rel_err: self.cfg.target_rel_err,
+            target_rel_err: self.cfg.effective_target(),
             model: self.meta.model.clone(),
             n_tokens: self.shards.iter().map(|s| s.n_tokens).sum(),
             shards: std::mem::take(&mut self.shards),
