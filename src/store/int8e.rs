@@ -249,6 +249,7 @@ fn patch(q: &[u8], s: f32, tail: &[u8], k: &mut usize, out: &mut [f32]) {
 
 /// Decodes the inputs of tokens `t0 .. t0 + out.len() / (L·d)` from a block's x codes, side area and tail into
 /// `out` (`[T][L][d]`). Lengths are the reader's; rows out of range panic.
+#[multiversion::multiversion(targets("x86_64+avx+avx2"))]
 pub fn decode_x(
     codes: &[u8],
     side: &[u8],
@@ -290,6 +291,7 @@ pub fn decode_x(
 /// Decodes the targets of tokens `t0 ..` of a block of `n` tokens like [`decode_x`], given `xhat`, the decoded
 /// inputs of the same tokens.
 #[allow(clippy::too_many_arguments)]
+#[multiversion::multiversion(targets("x86_64+avx+avx2"))]
 pub fn decode_y(
     codes: &[u8],
     side: &[u8],

@@ -330,6 +330,7 @@ fn plain(out: &mut [f32], codes: &[u8], s: f32) {
 /// Decodes the inputs of tokens `t0 .. t0 + out.len() / (L·d)` from the block's x section `sec` (`rows` rows) and
 /// coefficient area `coef` into `out` (`[T][L][d]`). Lengths are the reader's (checked when the block was read);
 /// rows out of range are a programming error and panic.
+#[multiversion::multiversion(targets("x86_64+avx+avx2"))]
 pub fn decode_x(sec: &[u8], coef: &[u8], layers: usize, d: usize, t0: usize, out: &mut [f32]) {
     let rows = sec.len() / (4 + d);
     let codes = &sec[4 * rows..];
@@ -357,6 +358,7 @@ pub fn decode_x(sec: &[u8], coef: &[u8], layers: usize, d: usize, t0: usize, out
 
 /// Decodes the targets of tokens `t0 ..` like [`decode_x`], given `xhat`, the decoded inputs of the same tokens
 /// (`out.len()` values).
+#[multiversion::multiversion(targets("x86_64+avx+avx2"))]
 pub fn decode_y(
     sec: &[u8],
     coef: &[u8],
