@@ -16,22 +16,8 @@ use clt::store::{
     WriterConfig,
 };
 
-struct Rng(u64);
-
-impl Rng {
-    fn unit(&mut self) -> f32 {
-        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^= z >> 31;
-        ((z >> 40) as f32 + 0.5) / (1u64 << 24) as f32
-    }
-    fn normal(&mut self) -> f32 {
-        let (u, v) = (self.unit(), self.unit());
-        (-2.0 * u.ln()).sqrt() * (std::f32::consts::TAU * v).cos()
-    }
-}
+mod common;
+use common::SplitMix as Rng;
 
 /// A toy residual stream (as in `store_int8p.rs`: inputs correlated across layers, each output nearly a
 /// combination of the next and the same layer's input), plus rare unpredictable spikes of ±300 RMS in both

@@ -14,22 +14,8 @@ use clt::store::{
 };
 use proptest::prelude::*;
 
-struct Rng(u64);
-
-impl Rng {
-    fn unit(&mut self) -> f32 {
-        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^= z >> 31;
-        ((z >> 40) as f32 + 0.5) / (1u64 << 24) as f32
-    }
-    fn normal(&mut self) -> f32 {
-        let (u, v) = (self.unit(), self.unit());
-        (-2.0 * u.ln()).sqrt() * (std::f32::consts::TAU * v).cos()
-    }
-}
+mod common;
+use common::SplitMix as Rng;
 
 /// Independent Gaussian values with two 30× outlier dimensions (nothing to predict).
 fn random(n: usize, dims: ActDims, seed: u64) -> (Vec<f32>, Vec<f32>) {
