@@ -3,21 +3,18 @@
 //! for bit the encoder's reconstruction through every path (including the loader), typed errors on corrupt blocks
 //! and inconsistent escape indexes, the default ε in the manifest, `clt store convert` both ways, and awkward shapes.
 
-use std::collections::HashMap;
 use std::path::Path;
 
 use clt::Error;
-use clt::data::{ActDims, ActivationSource, Batch};
+use clt::data::ActDims;
 use clt::store::codec::target_steps;
 use clt::store::format::ShardMeta;
 use clt::store::int8e;
-use clt::store::{
-    BlockReader, Codec, Dataset, DatasetWriter, LoaderConfig, Shard, ShardLoader, TokenIds,
-    WriterConfig,
-};
+use clt::store::{BlockReader, Codec, DatasetWriter, Shard, TokenIds, WriterConfig};
 
 mod common;
 use common::SplitMix as Rng;
+use common::store::{assert_rows_and_loader_agree, bits, read_blocks};
 
 /// A toy residual stream (as in `store_int8p.rs`: inputs correlated across layers, each output nearly a
 /// combination of the next and the same layer's input), plus rare unpredictable spikes of ±300 RMS in both
@@ -78,34 +75,6 @@ fn write(
 
 /// All inputs and targets of a dataset, decoded with `x_rows` then `y_rows` (`split`) or `xy_rows`, and the number
 /// of escapes (from the blocks' tails).
-fn read(dir: &Path, split: bool) -> (Vec<f32>, Vec<f32>, usize) {
-    let ds = Dataset::open(dir).unwrap();
-    let row = ds.dims().n_layers * ds.dims().d_model;
-    let mut r = BlockReader::new().unwrap();
-    let (mut x, mut y, mut esc) = (Vec::new(), Vec::new(), 0);
-    for s in ds.shards() {
-        for b in 0..s.blocks().len() {
-            let blk = r.read(s, b).unwrap();
-            esc += blk.layout.tail / 4;
-            let mut bx = vec![0f32; blk.n_tokens() * row];
-            let mut by = bx.clone();
-            if split {
-                blk.x_rows(0, &mut bx);
-                blk.y_rows(0, &mut by);
-            } else {
-                blk.xy_rows(0, &mut bx, &mut by);
-            }
-            x.extend(bx);
-            y.extend(by);
-        }
-    }
-    (x, y, esc)
-}
-
-fn bits(v: &[f32]) -> Vec<u32> {
-    v.iter().map(|f| f.to_bits()).collect()
-}
-
 const DIMS: ActDims = ActDims {
     n_layers: 4,
     d_model: 24,
@@ -161,7 +130,7 @@ fn error_is_eps_per_layer_and_outliers_are_escaped_on_the_grid() {
         let dir = tempfile::tempdir().unwrap();
         let m = write(dir.path(), DIMS, &x, &y, 64, Some(eps));
         assert_eq!(m.target_rel_err, Some(eps));
-        let (bx, by, esc) = read(dir.path(), false);
+        let (bx, by, esc) = read_blocks(dir.path(), false);
         let (ex, fx) = check_grid(&x, &bx, DIMS, 64, eps, "x");
         let (ey, fy) = check_grid(&y, &by, DIMS, 64, eps, "y");
         assert!(fx > 10 && fy > 10, "too few spikes: {fx}, {fy}");
@@ -197,8 +166,8 @@ fn decoding_is_bit_exact_with_the_encoder_on_every_path() {
             std::fs::read(b.path().join(f)).unwrap()
         );
     }
-    let (x1, y1, _) = read(a.path(), false);
-    let (x2, y2, _) = read(a.path(), true);
+    let (x1, y1, _) = read_blocks(a.path(), false);
+    let (x2, y2, _) = read_blocks(a.path(), true);
     assert_eq!((bits(&x1), bits(&y1)), (bits(&x2), bits(&y2)));
     // The encoder's own reconstruction, block by block (the writer's default ε).
     for (bi, (bx, by)) in x.chunks(50 * row).zip(y.chunks(50 * row)).enumerate() {
@@ -218,39 +187,9 @@ fn decoding_is_bit_exact_with_the_encoder_on_every_path() {
         assert_eq!(bits(&ry), bits(&y1[g..g + by.len()]), "block {bi}: y");
         assert!(!tail.is_empty(), "block {bi} has no escapes");
     }
-    // Token by token from the middle of a block (escape index), as the loader does.
-    let ds = Dataset::open(a.path()).unwrap();
-    let mut r = BlockReader::new().unwrap();
-    let blk = r.read(&ds.shards()[0], 1).unwrap();
-    for t in [0, 17, 49] {
-        let (mut tx, mut ty) = (vec![0f32; row], vec![0f32; row]);
-        blk.xy_rows(t, &mut tx, &mut ty);
-        let g = (50 + t) * row;
-        assert_eq!(bits(&tx), bits(&x1[g..g + row]), "token {t}: x");
-        assert_eq!(bits(&ty), bits(&y1[g..g + row]), "token {t}: y");
-        blk.y_rows(t, &mut ty);
-        assert_eq!(bits(&ty), bits(&y1[g..g + row]), "token {t}: y alone");
-    }
-    // The shuffling loader delivers exactly the decoded rows.
-    let by_x: HashMap<Vec<u32>, Vec<u32>> = x1
-        .chunks(row)
-        .zip(y1.chunks(row))
-        .map(|(a, b)| (bits(a), bits(b)))
-        .collect();
-    let cfg = LoaderConfig {
-        seed: 3,
-        window_blocks: 2,
-        workers: 1,
-        prefetch: 2,
-        rank: 0,
-        world: 1,
-    };
-    let mut l = ShardLoader::open(a.path(), cfg).unwrap();
-    let mut batch = Batch::default();
-    l.next_batch(300, &mut batch).unwrap();
-    for (bx, byy) in batch.x.chunks(row).zip(batch.y.chunks(row)) {
-        assert_eq!(by_x.get(&bits(bx)), Some(&bits(byy)));
-    }
+    // Token by token from the middle of a block (escape index), as the loader does, and through the shuffling
+    // loader.
+    assert_rows_and_loader_agree(a.path(), &x1, &y1, 50);
 }
 
 #[test]
@@ -262,7 +201,7 @@ fn default_target_is_recorded_and_bad_targets_are_refused() {
         (m.codec, m.target_rel_err),
         (Codec::Int8e, Some(int8e::DEFAULT_EPS))
     );
-    let (bx, _, _) = read(dir.path(), false);
+    let (bx, _, _) = read_blocks(dir.path(), false);
     check_grid(&x, &bx, DIMS, 16, int8e::DEFAULT_EPS, "default ε");
     for eps in [0.0, 1.0, -1e-3, f64::NAN] {
         let cfg = WriterConfig {
@@ -367,8 +306,8 @@ fn awkward_shapes_round_trip() {
         let dir = tempfile::tempdir().unwrap();
         // A small ε, so that even short blocks (whose spikes dominate their layer's energy) need escapes.
         write(dir.path(), dims, &x, &y, block, Some(1e-5));
-        let (bx, by, esc) = read(dir.path(), false);
-        let (sx, sy, _) = read(dir.path(), true);
+        let (bx, by, esc) = read_blocks(dir.path(), false);
+        let (sx, sy, _) = read_blocks(dir.path(), true);
         assert_eq!((bits(&bx), bits(&by)), (bits(&sx), bits(&sy)));
         check_grid(&x, &bx, dims, block, 1e-5, "awkward x");
         check_grid(&y, &by, dims, block, 1e-5, "awkward y");
@@ -408,13 +347,13 @@ fn convert_to_and_from_int8e() {
         (Codec::Int8e, 230, Some(1e-4))
     );
     verify(&e).unwrap();
-    let (ex, ey, esc) = read(&e, false);
+    let (ex, ey, esc) = read_blocks(&e, false);
     assert!(esc > 0);
     check_grid(&x, &ex, DIMS, 32, 1e-4, "f32 -> int8e x");
     check_grid(&y, &ey, DIMS, 32, 1e-4, "f32 -> int8e y");
     // Back to f32: exactly the int8e reconstruction.
     let back = dir.path().join("back");
     convert(&e, &back, &args(Codec::F32, None)).unwrap();
-    let (bx, by, _) = read(&back, false);
+    let (bx, by, _) = read_blocks(&back, false);
     assert_eq!((bits(&bx), bits(&by)), (bits(&ex), bits(&ey)));
 }

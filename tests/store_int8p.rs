@@ -2,20 +2,17 @@
 //! on correlated data, bit-exact and path-independent decoding, typed errors on corrupt blocks, conversion, and
 //! awkward shapes (1 token, 1 layer, d = 1).
 
-use std::collections::HashMap;
 use std::path::Path;
 
 use clt::Error;
-use clt::data::{ActDims, ActivationSource, Batch};
+use clt::data::ActDims;
 use clt::store::format::ShardMeta;
-use clt::store::{
-    BlockReader, Codec, Dataset, DatasetWriter, LoaderConfig, Shard, ShardLoader, TokenIds,
-    WriterConfig,
-};
+use clt::store::{BlockReader, Codec, Dataset, DatasetWriter, Shard, TokenIds, WriterConfig};
 use proptest::prelude::*;
 
 mod common;
 use common::SplitMix as Rng;
+use common::store::{assert_rows_and_loader_agree, bits, read_blocks};
 
 /// Independent Gaussian values with two 30× outlier dimensions (nothing to predict).
 fn random(n: usize, dims: ActDims, seed: u64) -> (Vec<f32>, Vec<f32>) {
@@ -74,29 +71,6 @@ fn write(dir: &Path, codec: Codec, dims: ActDims, x: &[f32], y: &[f32], block: u
 }
 
 /// All inputs and targets of a dataset, decoded with `x_rows` then `y_rows` (`split`) or `xy_rows`.
-fn read(dir: &Path, split: bool) -> (Vec<f32>, Vec<f32>) {
-    let ds = Dataset::open(dir).unwrap();
-    let row = ds.dims().n_layers * ds.dims().d_model;
-    let mut r = BlockReader::new().unwrap();
-    let (mut x, mut y) = (Vec::new(), Vec::new());
-    for s in ds.shards() {
-        for b in 0..s.blocks().len() {
-            let blk = r.read(s, b).unwrap();
-            let mut bx = vec![0f32; blk.n_tokens() * row];
-            let mut by = bx.clone();
-            if split {
-                blk.x_rows(0, &mut bx);
-                blk.y_rows(0, &mut by);
-            } else {
-                blk.xy_rows(0, &mut bx, &mut by);
-            }
-            x.extend(bx);
-            y.extend(by);
-        }
-    }
-    (x, y)
-}
-
 fn rel_err(a: &[f32], b: &[f32]) -> f64 {
     let num: f64 = a.iter().zip(b).map(|(p, q)| ((p - q) as f64).powi(2)).sum();
     num / a.iter().map(|p| (*p as f64).powi(2)).sum::<f64>()
@@ -114,10 +88,6 @@ fn assert_int8_bound(orig: &[f32], back: &[f32], d: usize, what: &str) {
             );
         }
     }
-}
-
-fn bits(v: &[f32]) -> Vec<u32> {
-    v.iter().map(|f| f.to_bits()).collect()
 }
 
 const DIMS: ActDims = ActDims {
@@ -141,8 +111,8 @@ fn error_at_most_int8s_and_smaller_on_correlated_data() {
         let (dp, d8) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
         let bp = write(dp.path(), Codec::Int8p, dims, &x, &y, 64);
         let b8 = write(d8.path(), Codec::Int8, dims, &x, &y, 64);
-        let (px, py) = read(dp.path(), false);
-        let (qx, qy) = read(d8.path(), false);
+        let (px, py, _) = read_blocks(dp.path(), false);
+        let (qx, qy, _) = read_blocks(d8.path(), false);
         assert_int8_bound(&x, &px, dims.d_model, name);
         assert_int8_bound(&y, &py, dims.d_model, name);
         for (v, p, q) in [(&x, &px, &qx), (&y, &py, &qy)] {
@@ -174,43 +144,11 @@ fn decoding_is_bit_exact_and_path_independent() {
             std::fs::read(b.path().join(f)).unwrap()
         );
     }
-    let (x1, y1) = read(a.path(), false);
-    let (x2, y2) = read(a.path(), true);
+    let (x1, y1, _) = read_blocks(a.path(), false);
+    let (x2, y2, _) = read_blocks(a.path(), true);
     assert_eq!((bits(&x1), bits(&y1)), (bits(&x2), bits(&y2)));
-    // Token by token from the middle of a block, as the loader does.
-    let ds = Dataset::open(a.path()).unwrap();
-    let row = DIMS.n_layers * DIMS.d_model;
-    let mut r = BlockReader::new().unwrap();
-    let blk = r.read(&ds.shards()[0], 1).unwrap();
-    for t in [0, 17, 49] {
-        let (mut tx, mut ty) = (vec![0f32; row], vec![0f32; row]);
-        blk.xy_rows(t, &mut tx, &mut ty);
-        let g = (50 + t) * row;
-        assert_eq!(bits(&tx), bits(&x1[g..g + row]));
-        assert_eq!(bits(&ty), bits(&y1[g..g + row]));
-        blk.y_rows(t, &mut ty);
-        assert_eq!(bits(&ty), bits(&y1[g..g + row]));
-    }
-    // The shuffling loader delivers exactly the decoded rows (each token's x and y together).
-    let by_x: HashMap<Vec<u32>, Vec<u32>> = x1
-        .chunks(row)
-        .zip(y1.chunks(row))
-        .map(|(a, b)| (bits(a), bits(b)))
-        .collect();
-    let cfg = LoaderConfig {
-        seed: 3,
-        window_blocks: 2,
-        workers: 1,
-        prefetch: 2,
-        rank: 0,
-        world: 1,
-    };
-    let mut l = ShardLoader::open(a.path(), cfg).unwrap();
-    let mut batch = Batch::default();
-    l.next_batch(300, &mut batch).unwrap();
-    for (bx, byy) in batch.x.chunks(row).zip(batch.y.chunks(row)) {
-        assert_eq!(by_x.get(&bits(bx)), Some(&bits(byy)));
-    }
+    // Token by token from the middle of a block, as the loader does, and through the shuffling loader.
+    assert_rows_and_loader_agree(a.path(), &x1, &y1, 50);
 }
 
 #[test]
@@ -265,13 +203,13 @@ fn convert_to_and_from_int8p() {
         (m.codec, m.n_tokens, m.shards.len()),
         (Codec::Int8p, 230, 3)
     );
-    let (px, py) = read(&p, false);
+    let (px, py, _) = read_blocks(&p, false);
     assert_int8_bound(&x, &px, DIMS.d_model, "f32 -> int8p");
     assert_int8_bound(&y, &py, DIMS.d_model, "f32 -> int8p");
     // Back to f32: exactly the int8p reconstruction, ids kept.
     let back = dir.path().join("back");
     convert(&p, &back, &args(Codec::F32)).unwrap();
-    let (bx, by) = read(&back, false);
+    let (bx, by, _) = read_blocks(&back, false);
     assert_eq!((bits(&bx), bits(&by)), (bits(&px), bits(&py)));
     let ds = Dataset::open(&back).unwrap();
     let mut r = BlockReader::new().unwrap();
@@ -314,8 +252,8 @@ proptest! {
         }
         let dir = tempfile::tempdir().unwrap();
         write(dir.path(), Codec::Int8p, dims, &x, &y, block);
-        let (px, py) = read(dir.path(), false);
-        let (sx, sy) = read(dir.path(), true);
+        let (px, py, _) = read_blocks(dir.path(), false);
+        let (sx, sy, _) = read_blocks(dir.path(), true);
         prop_assert_eq!(bits(&px), bits(&sx));
         prop_assert_eq!(bits(&py), bits(&sy));
         assert_int8_bound(&x, &px, d, "x");

@@ -1,6 +1,8 @@
 //! Shared helpers for the integration tests: random problems and an independent f64 implementation of the loss.
 #![allow(dead_code)]
 
+pub mod store;
+
 use clt::backend::Objective;
 use clt::clt::{Activation, CltConfig, Params};
 use clt::rng::Rng;

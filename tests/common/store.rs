@@ -1,0 +1,78 @@
+//! Shared helpers for the store's codec tests (`store_int8p.rs`, `store_int8e.rs`): reading a dataset back
+//! through the block reader, and checking that every decode path gives the same bits.
+
+use std::collections::HashMap;
+use std::path::Path;
+
+use clt::data::{ActivationSource, Batch};
+use clt::store::{BlockReader, Dataset, LoaderConfig, ShardLoader};
+
+/// The bit patterns of `v` (exact comparison, NaN-safe).
+pub fn bits(v: &[f32]) -> Vec<u32> {
+    v.iter().map(|f| f.to_bits()).collect()
+}
+
+/// Decodes every block of the dataset at `dir` in order, through `x_rows` then `y_rows` (`split`) or `xy_rows`:
+/// the inputs, the targets, and the number of 4-byte values in the blocks' tails (int8e's escapes; 0 for the
+/// other codecs).
+pub fn read_blocks(dir: &Path, split: bool) -> (Vec<f32>, Vec<f32>, usize) {
+    let ds = Dataset::open(dir).unwrap();
+    let row = ds.dims().n_layers * ds.dims().d_model;
+    let mut r = BlockReader::new().unwrap();
+    let (mut x, mut y, mut tail) = (Vec::new(), Vec::new(), 0);
+    for s in ds.shards() {
+        for b in 0..s.blocks().len() {
+            let blk = r.read(s, b).unwrap();
+            tail += blk.layout.tail / 4;
+            let mut bx = vec![0f32; blk.n_tokens() * row];
+            let mut by = bx.clone();
+            if split {
+                blk.x_rows(0, &mut bx);
+                blk.y_rows(0, &mut by);
+            } else {
+                blk.xy_rows(0, &mut bx, &mut by);
+            }
+            x.extend(bx);
+            y.extend(by);
+        }
+    }
+    (x, y, tail)
+}
+
+/// Checks that the dataset at `dir` (blocks of `block` tokens, at least two in the first shard and 300 tokens in
+/// all) decodes to `x1`/`y1` (what [`read_blocks`] gave) token by token from the middle of its second block, as
+/// the loader reads it, and that the shuffling loader delivers exactly those rows, each token's x with its y.
+pub fn assert_rows_and_loader_agree(dir: &Path, x1: &[f32], y1: &[f32], block: usize) {
+    let ds = Dataset::open(dir).unwrap();
+    let row = ds.dims().n_layers * ds.dims().d_model;
+    let mut r = BlockReader::new().unwrap();
+    let blk = r.read(&ds.shards()[0], 1).unwrap();
+    for t in [0, 17, block - 1] {
+        let (mut tx, mut ty) = (vec![0f32; row], vec![0f32; row]);
+        blk.xy_rows(t, &mut tx, &mut ty);
+        let g = (block + t) * row;
+        assert_eq!(bits(&tx), bits(&x1[g..g + row]), "token {t}: x");
+        assert_eq!(bits(&ty), bits(&y1[g..g + row]), "token {t}: y");
+        blk.y_rows(t, &mut ty);
+        assert_eq!(bits(&ty), bits(&y1[g..g + row]), "token {t}: y alone");
+    }
+    let by_x: HashMap<Vec<u32>, Vec<u32>> = x1
+        .chunks(row)
+        .zip(y1.chunks(row))
+        .map(|(a, b)| (bits(a), bits(b)))
+        .collect();
+    let cfg = LoaderConfig {
+        seed: 3,
+        window_blocks: 2,
+        workers: 1,
+        prefetch: 2,
+        rank: 0,
+        world: 1,
+    };
+    let mut l = ShardLoader::open(dir, cfg).unwrap();
+    let mut batch = Batch::default();
+    l.next_batch(300, &mut batch).unwrap();
+    for (bx, byy) in batch.x.chunks(row).zip(batch.y.chunks(row)) {
+        assert_eq!(by_x.get(&bits(bx)), Some(&bits(byy)));
+    }
+}
