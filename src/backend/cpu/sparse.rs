@@ -509,10 +509,8 @@ pub fn backward(
         // Σ_b x_b for the pre-activation term.
         let mut xsum = vec![0.0f64; d];
         if jump && obj.lambda_preact != 0.0 {
-            for b in 0..n_tokens {
-                xsum.iter_mut()
-                    .zip(&x[(b * l_n + l) * d..][..d])
-                    .for_each(|(s, v)| *s += *v as f64);
+            for xr in xl.chunks_exact(d) {
+                xsum.iter_mut().zip(xr).for_each(|(s, v)| *s += *v as f64);
             }
         }
         let xsum: Vec<f32> = xsum.iter().map(|v| *v as f32).collect();
