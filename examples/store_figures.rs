@@ -112,8 +112,15 @@ fn rel_err_per_layer(x: &[f32], xh: &[f32], dims: ActDims) -> (f64, Vec<f64>) {
 }
 
 /// CLT-Forge's scheme: one absmax int8 scale per layer for the whole file, the whole file one zstd blob.
-/// Returns bytes per token, the decoded inputs and targets, and the decode throughput.
-fn forge_baseline(x: &[f32], y: &[f32], dims: ActDims, t: usize) -> (f64, Vec<f32>, Vec<f32>, f64) {
+/// Returns bytes per token (zstd level 3 as zstd ships it), the decoded inputs and targets, the decode throughput,
+/// and bytes per token with our writer's zstd parameters ([`clt::store::ZSTD_MIN_MATCH`]), for a like-for-like
+/// comparison of the schemes.
+fn forge_baseline(
+    x: &[f32],
+    y: &[f32],
+    dims: ActDims,
+    t: usize,
+) -> (f64, Vec<f32>, Vec<f32>, f64, f64) {
     let enc = |v: &[f32]| -> (Vec<i8>, Vec<f32>) {
         let l = dims.n_layers;
         let mut amax = vec![0f32; l];
@@ -139,6 +146,12 @@ fn forge_baseline(x: &[f32], y: &[f32], dims: ActDims, t: usize) -> (f64, Vec<f3
     let t0 = Instant::now();
     let comp = zstd::bulk::compress(&blob, 3).unwrap();
     let _ = t0;
+    let mut c7 = zstd::bulk::Compressor::new(3).unwrap();
+    c7.set_parameter(zstd::zstd_safe::CParameter::MinMatch(
+        clt::store::ZSTD_MIN_MATCH as u32,
+    ))
+    .unwrap();
+    let bpt7 = c7.compress(&blob).unwrap().len() as f64 / t as f64;
     let dequant = |q: &[i8], sc: &[f32]| -> Vec<f32> {
         q.chunks_exact(dims.d_model)
             .enumerate()
@@ -158,7 +171,7 @@ fn forge_baseline(x: &[f32], y: &[f32], dims: ActDims, t: usize) -> (f64, Vec<f3
     }
     std::hint::black_box(&out);
     let gbs = (out.len() * 4) as f64 / t0.elapsed().as_secs_f64() / 1e9;
-    (comp.len() as f64 / t as f64, xh, yh, gbs)
+    (comp.len() as f64 / t as f64, xh, yh, gbs, bpt7)
 }
 
 /// Order-0 entropy in bits of a histogram.
@@ -289,6 +302,104 @@ fn decode_all(ds: &Dataset, row: usize, threads: usize) -> f64 {
     best
 }
 
+/// `--decode DATASET [SECONDS]`: decodes every block of an existing dataset again and again on one thread with
+/// buffers allocated once, for about SECONDS (default 5), and prints the f32-equivalent GB/s (x + y); a loop to
+/// profile (`perf record`) the reader alone.
+fn decode_only(args: &[String]) {
+    let ds = Dataset::open(args.first().expect("--decode DATASET")).expect("open the dataset");
+    let secs: f64 = args.get(1).map_or(5.0, |s| s.parse().expect("seconds"));
+    let dims = ds.dims();
+    let row = dims.n_layers * dims.d_model;
+    let mut r = BlockReader::new().unwrap();
+    let (mut bx, mut by) = (Vec::<f32>::new(), Vec::<f32>::new());
+    let t0 = Instant::now();
+    let (mut bytes, mut passes) = (0usize, 0);
+    while passes == 0 || t0.elapsed().as_secs_f64() < secs {
+        let tp = Instant::now();
+        let mut pb = 0;
+        for s in ds.shards() {
+            for b in 0..s.blocks().len() {
+                let blk = r.read(s, b).unwrap();
+                bx.resize(blk.n_tokens() * row, 0.0);
+                by.resize(blk.n_tokens() * row, 0.0);
+                blk.xy_rows(0, &mut bx, &mut by);
+                std::hint::black_box((&bx, &by));
+                pb += blk.n_tokens() * row * 8;
+            }
+        }
+        if passes > 0 {
+            println!(
+                "pass {passes}: {:.2} GB/s",
+                pb as f64 / tp.elapsed().as_secs_f64() / 1e9
+            );
+        }
+        bytes += pb;
+        passes += 1;
+    }
+    println!(
+        "{passes} passes, {:.2} GB/s f32-equivalent (x+y), 1 thread",
+        bytes as f64 / t0.elapsed().as_secs_f64() / 1e9
+    );
+}
+
+/// `--zstd DATASET`: recompresses the dataset's decompressed blocks at zstd levels 1 and 3, with zstd's default
+/// shortest match and with the writer's ([`clt::store::ZSTD_MIN_MATCH`]), and prints each one's size against the
+/// dataset's and its decompression speed (raw GB/s, best of 5 passes, one thread; the four alternate per pass).
+fn zstd_params(path: &str) {
+    use zstd::zstd_safe::CParameter;
+    let ds = Dataset::open(path).expect("open the dataset");
+    let mut raws = Vec::new();
+    let mut stored = 0;
+    for s in ds.shards() {
+        for b in 0..s.blocks().len() {
+            let e = &s.blocks()[b];
+            raws.push(zstd::bulk::decompress(s.compressed(b), e.raw_len as usize).unwrap());
+            stored += s.compressed(b).len();
+        }
+    }
+    let raw: usize = raws.iter().map(Vec::len).sum();
+    println!(
+        "{path}: {} blocks, {raw} bytes raw, {stored} stored",
+        raws.len()
+    );
+    let mm = clt::store::ZSTD_MIN_MATCH;
+    let configs = [(1, None), (1, Some(mm)), (3, None), (3, Some(mm))];
+    let comps: Vec<Vec<Vec<u8>>> = configs
+        .iter()
+        .map(|&(level, min_match)| {
+            let mut c = zstd::bulk::Compressor::new(level).unwrap();
+            if let Some(m) = min_match {
+                c.set_parameter(CParameter::MinMatch(m as u32)).unwrap();
+            }
+            raws.iter().map(|r| c.compress(r).unwrap()).collect()
+        })
+        .collect();
+    let mut d = zstd::bulk::Decompressor::new().unwrap();
+    let mut buf = vec![0u8; raws.iter().map(Vec::len).max().unwrap_or(0)];
+    let mut best = [f64::MAX; 4];
+    for _ in 0..5 {
+        for (k, blocks) in comps.iter().enumerate() {
+            let t = Instant::now();
+            for c in blocks {
+                d.decompress_to_buffer(c, &mut buf[..]).unwrap();
+            }
+            best[k] = best[k].min(t.elapsed().as_secs_f64());
+        }
+    }
+    println!(
+        "| level | min match | bytes vs stored | decompress GB/s (raw) |\n|---:|---|---:|---:|"
+    );
+    for (k, &(level, min_match)) in configs.iter().enumerate() {
+        let size: usize = comps[k].iter().map(Vec::len).sum();
+        println!(
+            "| {level} | {} | {:.4} | {:.2} |",
+            min_match.map_or("default".to_string(), |m| m.to_string()),
+            size as f64 / stored as f64,
+            raw as f64 / best[k] / 1e9
+        );
+    }
+}
+
 /// The first `t` tokens of a store dataset (inputs, targets), and per layer the 4 dimensions of largest RMS.
 fn real(path: &str, t: usize) -> (ActDims, usize, Vec<f32>, Vec<f32>, Vec<Vec<usize>>) {
     let ds = Dataset::open(path).expect("open the dataset");
@@ -396,13 +507,14 @@ fn eps_sweep(list: &str, dims: ActDims, t: usize, x: &[f32], y: &[f32]) {
     let eps: Vec<Option<f64>> = std::iter::once(None)
         .chain(list.split(',').map(|e| Some(e.parse().expect("ε list"))))
         .collect();
-    let (fb, fxh, fyh, _) = forge_baseline(x, y, dims, t);
+    let (fb, fxh, fyh, _, fb7) = forge_baseline(x, y, dims, t);
     let (fex, fey) = (
         rel_err_per_layer(x, &fxh, dims),
         rel_err_per_layer(y, &fyh, dims),
     );
     println!(
-        "CLT-Forge: {fb:.0} B/token, rel. err x {:.3e}, y {:.3e}; per layer x {:.2e}..{:.2e}, y {:.2e}..{:.2e}\n",
+        "CLT-Forge: {fb:.0} B/token ({fb7:.0} with our zstd parameters: a ratio below is then {:.3}× higher), rel. err x {:.3e}, y {:.3e}; per layer x {:.2e}..{:.2e}, y {:.2e}..{:.2e}\n",
+        fb / fb7,
         fex.0,
         fey.0,
         fex.1.iter().cloned().fold(f64::INFINITY, f64::min),
@@ -753,6 +865,14 @@ fn escape_estimate(
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let threads = rayon::current_num_threads();
+    if args.first().map(String::as_str) == Some("--decode") {
+        decode_only(&args[1..]);
+        return;
+    }
+    if args.first().map(String::as_str) == Some("--zstd") {
+        zstd_params(args.get(1).expect("--zstd DATASET"));
+        return;
+    }
     let (dims, t, x, y, xout) = if args.first().map(String::as_str) == Some("--real") {
         let t = args
             .get(2)
@@ -894,7 +1014,7 @@ fn main() {
             int8p_dir = Some(dir);
         }
     }
-    let (fb, fxh, fyh, fg) = forge_baseline(&x, &y, dims, t);
+    let (fb, fxh, fyh, fg, _) = forge_baseline(&x, &y, dims, t);
     let (fex, fey) = (
         rel_err_per_layer(&x, &fxh, dims),
         rel_err_per_layer(&y, &fyh, dims),

@@ -28,4 +28,4 @@ pub use codec::Codec;
 pub use loader::{LoaderConfig, ShardLoader};
 pub use manifest::Manifest;
 pub use reader::{BlockReader, Dataset, Shard};
-pub use writer::{DatasetWriter, ShardWriter, TokenIds, WriterConfig};
+pub use writer::{DatasetWriter, ShardWriter, TokenIds, WriterConfig, ZSTD_MIN_MATCH};
