@@ -1,11 +1,12 @@
 //! Measures the activation store's figures for `docs/perf-store.md`: per codec, bytes per token against f32,
 //! relative reconstruction error ‖x − x̂‖²/‖x‖² (overall and per layer), and decode throughput (f32-equivalent
 //! GB/s, one thread and all threads), against a CLT-Forge-style baseline (one int8 scale per layer per file,
-//! whole-file zstd); also byte planes on/off for the 16-bit codecs and the shuffling loader's throughput. For int8
-//! and the predictive int8p (at 256 and 1024 tokens per block) it compares sizes and errors of inputs x, targets y
-//! and both with CLT-Forge's scheme, per layer too, and gives int8p's coefficient bytes. Decoding uses `xy_rows`
-//! (inputs and targets of a block together, as the loader does). With `CLT_FIGURES_QUICK=1` only int8 and int8p
-//! (256) are measured, and the loader with no workers.
+//! whole-file zstd); also byte planes on/off for the 16-bit codecs and the shuffling loader's throughput. For int8,
+//! the predictive int8p (at 256 and 1024 tokens per block) and int8e (default ε) it compares sizes and errors of
+//! inputs x, targets y and both with CLT-Forge's scheme, per layer too, and gives int8p's coefficient bytes.
+//! Decoding uses `xy_rows` (inputs and targets of a block together, as the loader does). With
+//! `CLT_FIGURES_QUICK=1` only int8, int8p (256) and int8e are measured, and the loader with no workers.
+//! `--decode DATASET` and `--zstd DATASET` measure an existing dataset's reader alone and its zstd settings.
 //!
 //! Run: `cargo run --release --example store_figures -- [TOKENS] [LAYERS] [D_MODEL]` (default 8192 4 512).
 //! Data: synthetic, see `synth` (per-token norm spread, 4 outlier dimensions per layer at 20–50×); or real
@@ -918,7 +919,8 @@ fn main() {
     let mut kept: Vec<(String, f64, Errs, Errs, f64)> = Vec::new();
     let mut int8_dir = None;
     let mut int8p_dir = None;
-    // `CLT_FIGURES_QUICK=1`: only int8 and int8p, and the loader with no workers (a quicker run).
+    let mut int8e_dir = None;
+    // `CLT_FIGURES_QUICK=1`: only int8, int8p and int8e, and the loader with no workers (a quicker run).
     let quick = std::env::var_os("CLT_FIGURES_QUICK").is_some();
     let all = [
         (Codec::F32, false, 256),
@@ -931,11 +933,11 @@ fn main() {
         (Codec::Int8p, false, 1024),
         (Codec::Int8o, false, 256),
         (Codec::Int4, false, 256),
+        (Codec::Int8e, false, 256),
     ];
-    for (codec, planes, block) in all
-        .into_iter()
-        .filter(|&(c, _, b)| !quick || c == Codec::Int8 || (c == Codec::Int8p && b == 256))
-    {
+    for (codec, planes, block) in all.into_iter().filter(|&(c, _, b)| {
+        !quick || c == Codec::Int8 || c == Codec::Int8e || (c == Codec::Int8p && b == 256)
+    }) {
         let dir = tmp
             .path()
             .join(format!("{}-{planes}-{block}", codec.name()));
@@ -1004,7 +1006,7 @@ fn main() {
                 100.0 * coef_zstd as f64 / (bpt * t as f64)
             );
         }
-        if codec == Codec::Int8 || codec == Codec::Int8p {
+        if matches!(codec, Codec::Int8 | Codec::Int8p | Codec::Int8e) {
             let eb = both(&xh, &yh);
             kept.push((format!("{} (block {block})", codec.name()), bpt, ex, ey, eb));
         }
@@ -1012,6 +1014,8 @@ fn main() {
             int8_dir = Some(dir);
         } else if codec == Codec::Int8p && block == 256 {
             int8p_dir = Some(dir);
+        } else if codec == Codec::Int8e {
+            int8e_dir = Some(dir);
         }
     }
     let (fb, fxh, fyh, fg, _) = forge_baseline(&x, &y, dims, t);
@@ -1121,6 +1125,9 @@ fn main() {
         ("int8p", int8p_dir.as_ref().unwrap(), 0),
         ("int8p", int8p_dir.as_ref().unwrap(), 1),
         ("int8p", int8p_dir.as_ref().unwrap(), threads),
+        ("int8e", int8e_dir.as_ref().unwrap(), 0),
+        ("int8e", int8e_dir.as_ref().unwrap(), 1),
+        ("int8e", int8e_dir.as_ref().unwrap(), threads),
     ]
     .into_iter()
     .filter(|l| !quick || l.2 == 0)

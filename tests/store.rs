@@ -506,6 +506,67 @@ fn restored_loader_yields_bit_identical_batches() {
 }
 
 #[test]
+fn loader_batches_ahead_follow_changing_batch_sizes() {
+    // With workers, batches are assembled ahead for the last size asked for; another size restarts assembly at
+    // the caller's position, so the stream is the same as on the caller's thread.
+    let dir = tempfile::tempdir().unwrap();
+    id_dataset(dir.path(), 700, 16, 200);
+    let sizes = [7usize, 7, 13, 7, 64, 64, 1, 13, 13, 200, 5];
+    let run = |workers| {
+        let mut l = ShardLoader::open(dir.path(), cfg(3, workers)).unwrap();
+        let mut b = Batch::default();
+        let mut out = Vec::new();
+        for &n in sizes.iter().cycle().take(40) {
+            l.next_batch(n, &mut b).unwrap();
+            assert_eq!(b.n_tokens, n);
+            out.push((ids(&b), b.y.clone(), l.position()));
+        }
+        out
+    };
+    let a = run(0);
+    assert_eq!(a, run(1));
+    assert_eq!(a, run(2));
+}
+
+#[test]
+fn loader_reports_a_corrupt_block_without_hanging_or_moving() {
+    let dir = tempfile::tempdir().unwrap();
+    id_dataset(dir.path(), 600, 16, 600);
+    let path = dir.path().join("shard-00000.clts");
+    let shard = clt::store::Shard::open(&path).unwrap();
+    let bad = 20; // of 38 blocks
+    let e = &shard.blocks()[bad];
+    let mut bytes = std::fs::read(&path).unwrap();
+    bytes[(e.offset + e.comp_len / 2) as usize] ^= 0x10;
+    drop(shard);
+    std::fs::write(&path, bytes).unwrap();
+    for workers in [0, 2] {
+        let mut l = ShardLoader::open(dir.path(), cfg(1, workers)).unwrap();
+        let mut b = Batch::default();
+        let mut last = l.position();
+        let err = loop {
+            match l.next_batch(16, &mut b) {
+                Ok(()) => last = l.position(),
+                Err(e) => break e,
+            }
+        };
+        match &err {
+            Error::Corrupt { path: p, block, .. } => {
+                assert_eq!(p, &path);
+                assert_eq!(*block, bad as u64);
+            }
+            other => panic!("workers {workers}: expected a corrupt-block error, got {other}"),
+        }
+        // The failed call did not move the stream; asking again reports the same block again.
+        assert_eq!(l.position(), last, "workers {workers}");
+        assert!(
+            matches!(l.next_batch(16, &mut b), Err(Error::Corrupt { block, .. }) if block == bad as u64)
+        );
+        assert_eq!(l.position(), last);
+    }
+}
+
+#[test]
 fn partitions_are_disjoint_and_cover_the_dataset() {
     let dir = tempfile::tempdir().unwrap();
     let n = 640;

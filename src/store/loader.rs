@@ -11,11 +11,14 @@
 //!
 //! **Pipeline.** With `workers > 0`, background threads prepare whole windows (window `g` of the stream on worker
 //! `g mod workers`): they decompress each block once into a pooled buffer, checking both checksums, and compute the
-//! window's row order; the windows travel over bounded channels (`prefetch` windows per worker). The caller's thread
-//! then dequantises each served row straight from the decompressed block into the batch (one fused pass, no
-//! intermediate f32 copy). With `workers = 0` the caller's thread also decompresses. Memory held: about
-//! `(workers × (prefetch + 1) + 1) × window_blocks` decompressed blocks (the codec's size, not f32).
-
+//! window's row order; the windows travel over bounded channels (`prefetch` windows per worker). One more thread
+//! assembles batches from them: it dequantises each row straight from its decompressed block into the batch (one
+//! fused pass, no intermediate f32 copy) and queues up to `prefetch` batches, so that the caller only swaps buffers
+//! (served batches' buffers go back to it for reuse). Batches are assembled for the size last asked for; a call with
+//! another size, or a restore, restarts assembly at the caller's position. With `workers = 0` the caller's thread
+//! decompresses and dequantises. Memory held: about `(workers × (prefetch + 1) + 2) × window_blocks` decompressed
+//! blocks (the codec's size, not f32) and, with workers, `prefetch + 2` batches of f32.
+//!
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{Receiver, SyncSender, sync_channel};
 use std::sync::{Arc, Mutex};
@@ -35,7 +38,7 @@ pub struct LoaderConfig {
     pub window_blocks: usize,
     /// Background decoding threads (0: decode on the caller's thread).
     pub workers: usize,
-    /// Decoded windows queued per worker.
+    /// Decompressed windows queued per worker, and assembled batches queued (`workers > 0`).
     pub prefetch: usize,
     /// This rank in partition mode (0 when not partitioned).
     pub rank: usize,
@@ -257,13 +260,13 @@ impl Drop for Pipeline {
 /// Serves shuffled batches from a dataset of shards; see the module documentation for the order.
 pub struct ShardLoader {
     plan: Arc<Plan>,
-    /// Window of the stream being served and the next row in it.
+    /// The consumer's position: the window and row of the stream after the last batch served.
     g: u64,
     cursor: usize,
-    current: Option<Window>,
-    pipeline: Option<Pipeline>,
-    sync_reader: Option<BlockReader>,
-    sync_epoch: Option<EpochPlan>,
+    /// `workers = 0`: the stream served on the caller's thread (started at the first batch).
+    stream: Option<Stream>,
+    /// `workers > 0`: batches assembled ahead on a background thread (started at the first batch).
+    ahead: Option<Assembler>,
 }
 
 impl ShardLoader {
@@ -318,10 +321,8 @@ impl ShardLoader {
             plan: Arc::new(plan),
             g: 0,
             cursor: 0,
-            current: None,
-            pipeline: None,
-            sync_reader: None,
-            sync_epoch: None,
+            stream: None,
+            ahead: None,
         })
     }
 
@@ -346,6 +347,15 @@ impl ShardLoader {
             .sum()
     }
 
+    /// Tokens of window `g` of the stream.
+    fn window_tokens(&self, g: u64) -> usize {
+        let (e, w) = (g / self.plan.n_windows, (g % self.plan.n_windows) as usize);
+        self.plan.epoch(e).windows[w]
+            .iter()
+            .map(|&b| self.plan.blocks[b as usize].2 as usize)
+            .sum()
+    }
+
     /// Global ids `(shard, block)` of the blocks this rank reads in `epoch`, in stream order.
     pub fn epoch_blocks(&self, epoch: u64) -> Vec<(usize, usize)> {
         self.plan
@@ -358,6 +368,33 @@ impl ShardLoader {
                 (s as usize, i as usize)
             })
             .collect()
+    }
+}
+
+/// The serving state of the stream: the window being served, the next row in it, and where windows come from
+/// (the workers' pipeline, or this thread).
+struct Stream {
+    plan: Arc<Plan>,
+    g: u64,
+    cursor: usize,
+    current: Option<Window>,
+    pipeline: Option<Pipeline>,
+    sync_reader: Option<BlockReader>,
+    sync_epoch: Option<EpochPlan>,
+}
+
+impl Stream {
+    /// A stream positioned at row `cursor` of window `g` (which it fetches when it first serves).
+    fn at(plan: &Arc<Plan>, g: u64, cursor: usize) -> Stream {
+        Stream {
+            plan: plan.clone(),
+            g,
+            cursor,
+            current: None,
+            pipeline: None,
+            sync_reader: None,
+            sync_epoch: None,
+        }
     }
 
     fn fetch(&mut self, g: u64) -> Result<Window> {
@@ -372,22 +409,13 @@ impl ShardLoader {
         if self.pipeline.is_none() {
             self.pipeline = Some(Pipeline::spawn(&self.plan, g)?);
         }
-        let r = self.pipeline.as_ref().unwrap().recv(g);
-        if r.is_err() {
-            // The workers stop at an error; a later call starts afresh from the unchanged position.
-            self.pipeline = None;
-        }
-        r
-    }
-}
-
-impl ActivationSource for ShardLoader {
-    fn dims(&self) -> ActDims {
-        self.plan.ds.dims()
+        self.pipeline.as_ref().unwrap().recv(g)
     }
 
-    fn next_batch(&mut self, n_tokens: usize, batch: &mut Batch) -> Result<()> {
-        let dims = self.dims();
+    /// Fills `batch` with the next `n_tokens` rows: each row dequantised straight from its decompressed block.
+    /// After an error the stream's state is unspecified: the caller drops it and starts another at its position.
+    fn fill(&mut self, n_tokens: usize, batch: &mut Batch) -> Result<()> {
+        let dims = self.plan.ds.dims();
         batch.resize(dims, n_tokens);
         let row = self.plan.row;
         let mut filled = 0;
@@ -397,10 +425,9 @@ impl ActivationSource for ShardLoader {
             }
             let w = self.current.as_ref().unwrap();
             let k = (w.n - self.cursor).min(n_tokens - filled);
-            let nl = self.plan.ds.dims().n_layers;
             for (i, &(j, t)) in w.src[self.cursor..self.cursor + k].iter().enumerate() {
                 let (layout, raw) = &w.blocks[j as usize];
-                let blk = Block::from_parts(*layout, raw, nl);
+                let blk = Block::from_parts(*layout, raw, dims.n_layers);
                 let dst = (filled + i) * row..(filled + i + 1) * row;
                 blk.xy_rows(t as usize, &mut batch.x[dst.clone()], &mut batch.y[dst]);
             }
@@ -414,6 +441,115 @@ impl ActivationSource for ShardLoader {
             }
         }
         Ok(())
+    }
+}
+
+/// A batch assembled ahead, with the stream's position after it.
+type Assembled = Result<(Batch, u64, usize)>;
+
+/// A background thread that fills batches of a fixed size from its own [`Stream`] (fed by the workers), so that
+/// dequantising the rows overlaps the caller's work; `prefetch` batches queue, and served batches' buffers come
+/// back for reuse.
+struct Assembler {
+    n_tokens: usize,
+    rx: Option<Receiver<Assembled>>,
+    recycle: Option<SyncSender<Batch>>,
+    stop: Arc<AtomicBool>,
+    handle: Option<JoinHandle<()>>,
+}
+
+impl Assembler {
+    fn spawn(plan: &Arc<Plan>, g: u64, cursor: usize, n_tokens: usize) -> Result<Assembler> {
+        let (tx, rx) = sync_channel::<Assembled>(plan.cfg.prefetch.max(1));
+        let (recycle, spare) = sync_channel::<Batch>(plan.cfg.prefetch.max(1) + 1);
+        let stop = Arc::new(AtomicBool::new(false));
+        let mut stream = Stream::at(plan, g, cursor);
+        let halt = stop.clone();
+        let handle = std::thread::Builder::new()
+            .name("clt-store-batches".into())
+            .spawn(move || {
+                while !halt.load(Ordering::Relaxed) {
+                    let mut b = spare.try_recv().unwrap_or_default();
+                    let r = stream
+                        .fill(n_tokens, &mut b)
+                        .map(|()| (b, stream.g, stream.cursor));
+                    let failed = r.is_err();
+                    if tx.send(r).is_err() || failed {
+                        return;
+                    }
+                }
+            })
+            .map_err(|e| Error::Source(format!("cannot start loader thread: {e}")))?;
+        Ok(Assembler {
+            n_tokens,
+            rx: Some(rx),
+            recycle: Some(recycle),
+            stop,
+            handle: Some(handle),
+        })
+    }
+
+    fn recv(&self) -> Assembled {
+        self.rx
+            .as_ref()
+            .unwrap()
+            .recv()
+            .map_err(|_| Error::Source("loader batch thread stopped unexpectedly".into()))?
+    }
+}
+
+impl Drop for Assembler {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        // Dropping the receiver unblocks the thread if it waits to send; it then stops, and its stream's pipeline
+        // stops the workers.
+        self.rx = None;
+        self.recycle = None;
+        if let Some(h) = self.handle.take() {
+            let _ = h.join();
+        }
+    }
+}
+
+impl ActivationSource for ShardLoader {
+    fn dims(&self) -> ActDims {
+        self.plan.ds.dims()
+    }
+
+    fn next_batch(&mut self, n_tokens: usize, batch: &mut Batch) -> Result<()> {
+        if self.plan.cfg.workers == 0 {
+            let stream = self
+                .stream
+                .get_or_insert_with(|| Stream::at(&self.plan, self.g, self.cursor));
+            let r = stream.fill(n_tokens, batch);
+            match r {
+                Ok(()) => (self.g, self.cursor) = (stream.g, stream.cursor),
+                // The next call starts afresh from the unchanged position.
+                Err(_) => self.stream = None,
+            }
+            return r;
+        }
+        if self.ahead.as_ref().is_some_and(|a| a.n_tokens != n_tokens) {
+            // Another batch size: batches assembled ahead are dropped and assembly restarts from here.
+            self.ahead = None;
+        }
+        if self.ahead.is_none() {
+            self.ahead = Some(Assembler::spawn(&self.plan, self.g, self.cursor, n_tokens)?);
+        }
+        let ahead = self.ahead.as_ref().unwrap();
+        match ahead.recv() {
+            Ok((mut b, g, cursor)) => {
+                std::mem::swap(batch, &mut b);
+                let _ = ahead.recycle.as_ref().unwrap().try_send(b);
+                (self.g, self.cursor) = (g, cursor);
+                Ok(())
+            }
+            Err(e) => {
+                // The thread stops at an error; a later call starts afresh from the unchanged position.
+                self.ahead = None;
+                Err(e)
+            }
+        }
     }
 
     fn position(&self) -> serde_json::Value {
@@ -470,18 +606,14 @@ impl ActivationSource for ShardLoader {
             .checked_mul(self.plan.n_windows)
             .and_then(|x| x.checked_add(w))
             .ok_or_else(|| bad("epoch out of range"))?;
-        self.pipeline = None;
-        self.current = None;
-        self.g = g;
-        self.cursor = 0;
-        if cursor > 0 {
-            let win = self.fetch(g)?;
-            if cursor >= win.n {
-                return Err(bad("cursor beyond its window"));
-            }
-            self.current = Some(win);
-            self.cursor = cursor;
+        let tokens = self.window_tokens(g);
+        if cursor >= tokens.max(1) {
+            return Err(bad("cursor beyond its window"));
         }
+        self.stream = None;
+        self.ahead = None;
+        self.g = g;
+        self.cursor = cursor;
         Ok(())
     }
 }

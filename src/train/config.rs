@@ -57,7 +57,7 @@ pub struct StoreDataConfig {
     /// Background decoding threads.
     #[serde(default = "default_workers")]
     pub workers: usize,
-    /// Decoded windows queued per worker.
+    /// Decompressed windows queued per worker, and assembled batches queued.
     #[serde(default = "default_workers")]
     pub prefetch: usize,
 }
