@@ -6,7 +6,8 @@
 //! inputs x, targets y and both with CLT-Forge's scheme, per layer too, and gives int8p's coefficient bytes.
 //! Decoding uses `xy_rows` (inputs and targets of a block together, as the loader does). With
 //! `CLT_FIGURES_QUICK=1` only int8, int8p (256) and int8e are measured, and the loader with no workers.
-//! `--decode DATASET` and `--zstd DATASET` measure an existing dataset's reader alone and its zstd settings.
+//! `--decode DATASET`, `--loader DATASET` and `--zstd DATASET` measure an existing dataset's reader alone, its
+//! loader (0, 1 and all-core workers) and its zstd settings.
 //!
 //! Run: `cargo run --release --example store_figures -- [TOKENS] [LAYERS] [D_MODEL]` (default 8192 4 512).
 //! Data: synthetic, see `synth` (per-token norm spread, 4 outlier dimensions per layer at 20–50×); or real
@@ -870,6 +871,10 @@ fn main() {
         decode_only(&args[1..]);
         return;
     }
+    if args.first().map(String::as_str) == Some("--loader") {
+        loader_only(&args[1..]);
+        return;
+    }
     if args.first().map(String::as_str) == Some("--zstd") {
         zstd_params(args.get(1).expect("--zstd DATASET"));
         return;
@@ -1132,27 +1137,44 @@ fn main() {
     .into_iter()
     .filter(|l| !quick || l.2 == 0)
     {
-        let cfg = LoaderConfig {
-            seed: 1,
-            window_blocks: 8,
-            workers,
-            prefetch: 2,
-            rank: 0,
-            world: 1,
-        };
-        let mut ld = ShardLoader::open(dir, cfg).unwrap();
-        let mut b = Batch::default();
+        let g = loader_gbs(dir, workers, 3 * t, row);
+        println!("loader {name}, workers {workers}: {g:.2} GB/s f32-equivalent (x+y)");
+    }
+}
+
+/// The shuffling loader's throughput on the dataset at `dir`: f32-equivalent GB/s (x + y) of at least `tokens`
+/// tokens served in batches of 4096 (windows of 8 blocks), after a first batch.
+fn loader_gbs(dir: &std::path::Path, workers: usize, tokens: usize, row: usize) -> f64 {
+    let cfg = LoaderConfig {
+        seed: 1,
+        window_blocks: 8,
+        workers,
+        prefetch: 2,
+        rank: 0,
+        world: 1,
+    };
+    let mut ld = ShardLoader::open(dir, cfg).unwrap();
+    let mut b = Batch::default();
+    ld.next_batch(4096, &mut b).unwrap();
+    let t0 = Instant::now();
+    let mut done = 0;
+    while done < tokens {
         ld.next_batch(4096, &mut b).unwrap();
-        let n = 3 * t;
-        let t0 = Instant::now();
-        let mut done = 0;
-        while done < n {
-            ld.next_batch(4096, &mut b).unwrap();
-            done += 4096;
-        }
-        println!(
-            "loader {name}, workers {workers}: {:.2} GB/s f32-equivalent (x+y)",
-            (done * row * 8) as f64 / t0.elapsed().as_secs_f64() / 1e9
-        );
+        done += 4096;
+    }
+    (done * row * 8) as f64 / t0.elapsed().as_secs_f64() / 1e9
+}
+
+/// `--loader DATASET [TOKENS]`: the loader's throughput on an existing dataset with 0, 1 and all-core workers.
+fn loader_only(args: &[String]) {
+    let dir = std::path::Path::new(args.first().expect("--loader DATASET"));
+    let ds = Dataset::open(dir).expect("open the dataset");
+    let row = ds.dims().n_layers * ds.dims().d_model;
+    let tokens = args
+        .get(1)
+        .map_or(3 * ds.n_tokens() as usize, |s| s.parse().expect("tokens"));
+    for workers in [0, 1, rayon::current_num_threads()] {
+        let g = loader_gbs(dir, workers, tokens, row);
+        println!("loader, workers {workers}: {g:.2} GB/s f32-equivalent (x+y)");
     }
 }

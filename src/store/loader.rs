@@ -13,7 +13,8 @@
 //! `g mod workers`): they decompress each block once into a pooled buffer, checking both checksums, and compute the
 //! window's row order; the windows travel over bounded channels (`prefetch` windows per worker). One more thread
 //! assembles batches from them: it dequantises each row straight from its decompressed block into the batch (one
-//! fused pass, no intermediate f32 copy) and queues up to `prefetch` batches, so that the caller only swaps buffers
+//! fused pass, no intermediate f32 copy; the batch's rows split among `workers` scoped threads) and queues up to
+//! `prefetch` batches, so that the caller only swaps buffers
 //! (served batches' buffers go back to it for reuse). Batches are assembled for the size last asked for; a call with
 //! another size, or a restore, restarts assembly at the caller's position. With `workers = 0` the caller's thread
 //! decompresses and dequantises. Memory held: about `(workers × (prefetch + 1) + 2) × window_blocks` decompressed
@@ -412,33 +413,57 @@ impl Stream {
         self.pipeline.as_ref().unwrap().recv(g)
     }
 
-    /// Fills `batch` with the next `n_tokens` rows: each row dequantised straight from its decompressed block.
-    /// After an error the stream's state is unspecified: the caller drops it and starts another at its position.
-    fn fill(&mut self, n_tokens: usize, batch: &mut Batch) -> Result<()> {
+    /// Fills `batch` with the next `n_tokens` rows: each row dequantised straight from its decompressed block,
+    /// the rows split among `threads` scoped threads (each row's decode is independent of the others', so the
+    /// batch does not depend on `threads`). After an error the stream's state is unspecified: the caller drops it
+    /// and starts another at its position.
+    fn fill(&mut self, n_tokens: usize, batch: &mut Batch, threads: usize) -> Result<()> {
         let dims = self.plan.ds.dims();
         batch.resize(dims, n_tokens);
-        let row = self.plan.row;
-        let mut filled = 0;
-        while filled < n_tokens {
+        // The windows the batch's rows come from (finished ones, then the current one) and, per row, its window
+        // and (block, token) in it.
+        let mut done: Vec<Window> = Vec::new();
+        let mut rows: Vec<(usize, (u32, u32))> = Vec::with_capacity(n_tokens);
+        while rows.len() < n_tokens {
             if self.current.is_none() {
                 self.current = Some(self.fetch(self.g)?);
             }
             let w = self.current.as_ref().unwrap();
-            let k = (w.n - self.cursor).min(n_tokens - filled);
-            for (i, &(j, t)) in w.src[self.cursor..self.cursor + k].iter().enumerate() {
-                let (layout, raw) = &w.blocks[j as usize];
-                let blk = Block::from_parts(*layout, raw, dims.n_layers);
-                let dst = (filled + i) * row..(filled + i + 1) * row;
-                blk.xy_rows(t as usize, &mut batch.x[dst.clone()], &mut batch.y[dst]);
-            }
-            filled += k;
+            let k = (w.n - self.cursor).min(n_tokens - rows.len());
+            let wi = done.len();
+            rows.extend(w.src[self.cursor..self.cursor + k].iter().map(|&s| (wi, s)));
             self.cursor += k;
             if self.cursor == w.n {
-                let done = self.current.take().unwrap();
-                self.plan.recycle(done);
+                done.push(self.current.take().unwrap());
                 self.cursor = 0;
                 self.g += 1;
             }
+        }
+        let wins: Vec<&Window> = done.iter().chain(self.current.as_ref()).collect();
+        let row = self.plan.row;
+        let decode = |rows: &[(usize, (u32, u32))], x: &mut [f32], y: &mut [f32]| {
+            let out = x.chunks_exact_mut(row).zip(y.chunks_exact_mut(row));
+            for (&(wi, (j, t)), (xr, yr)) in rows.iter().zip(out) {
+                let (layout, raw) = &wins[wi].blocks[j as usize];
+                Block::from_parts(*layout, raw, dims.n_layers).xy_rows(t as usize, xr, yr);
+            }
+        };
+        let per = n_tokens.div_ceil(threads.max(1)).max(1);
+        if threads <= 1 || n_tokens <= per {
+            decode(&rows, &mut batch.x, &mut batch.y);
+        } else {
+            std::thread::scope(|sc| {
+                let parts = rows
+                    .chunks(per)
+                    .zip(batch.x.chunks_mut(per * row))
+                    .zip(batch.y.chunks_mut(per * row));
+                for ((r, x), y) in parts {
+                    sc.spawn(move || decode(r, x, y));
+                }
+            });
+        }
+        for w in done {
+            self.plan.recycle(w);
         }
         Ok(())
     }
@@ -447,8 +472,8 @@ impl Stream {
 /// A batch assembled ahead, with the stream's position after it.
 type Assembled = Result<(Batch, u64, usize)>;
 
-/// A background thread that fills batches of a fixed size from its own [`Stream`] (fed by the workers), so that
-/// dequantising the rows overlaps the caller's work; `prefetch` batches queue, and served batches' buffers come
+/// A background thread that fills batches of a fixed size from its own [`Stream`] (fed by the workers; rows
+/// dequantised by `workers` scoped threads), so that dequantising the rows overlaps the caller's work; `prefetch` batches queue, and served batches' buffers come
 /// back for reuse.
 struct Assembler {
     n_tokens: usize,
@@ -464,14 +489,14 @@ impl Assembler {
         let (recycle, spare) = sync_channel::<Batch>(plan.cfg.prefetch.max(1) + 1);
         let stop = Arc::new(AtomicBool::new(false));
         let mut stream = Stream::at(plan, g, cursor);
-        let halt = stop.clone();
+        let (halt, threads) = (stop.clone(), plan.cfg.workers);
         let handle = std::thread::Builder::new()
             .name("clt-store-batches".into())
             .spawn(move || {
                 while !halt.load(Ordering::Relaxed) {
                     let mut b = spare.try_recv().unwrap_or_default();
                     let r = stream
-                        .fill(n_tokens, &mut b)
+                        .fill(n_tokens, &mut b, threads)
                         .map(|()| (b, stream.g, stream.cursor));
                     let failed = r.is_err();
                     if tx.send(r).is_err() || failed {
@@ -521,7 +546,7 @@ impl ActivationSource for ShardLoader {
             let stream = self
                 .stream
                 .get_or_insert_with(|| Stream::at(&self.plan, self.g, self.cursor));
-            let r = stream.fill(n_tokens, batch);
+            let r = stream.fill(n_tokens, batch, 1);
             match r {
                 Ok(()) => (self.g, self.cursor) = (stream.g, stream.cursor),
                 // The next call starts afresh from the unchanged position.
