@@ -6,7 +6,9 @@ use clt::attribution::intervene::{Edit, intervene};
 use clt::attribution::replacement::ReplacementTranscoder;
 use clt::attribution::{load_transcoder, prune, scores};
 use clt::cache::InputHook;
-use clt::model::{ForwardOptions, ForwardRecord, Hooks, Intervention, LlamaModel, Logits};
+use clt::model::{
+    CausalLm, ForwardOptions, ForwardRecord, Hooks, Intervention, LlamaModel, Logits,
+};
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 

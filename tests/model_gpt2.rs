@@ -7,7 +7,7 @@ use std::collections::HashMap;
 use std::path::Path;
 use std::process::Command;
 
-use clt::model::{self, ForwardOptions, Hooks, Intervention, LoadedModel, Model};
+use clt::model::{self, CausalLm, ForwardOptions, Hooks, Intervention, LoadedModel, Model};
 use safetensors::{Dtype, tensor::TensorView};
 
 const D: usize = 16;

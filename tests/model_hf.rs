@@ -5,7 +5,7 @@
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
-use clt::model::{self, LlamaModel, ModelFormat, RopeStyle};
+use clt::model::{self, CausalLm, LlamaModel, ModelFormat, RopeStyle};
 use safetensors::{Dtype, tensor::TensorView};
 
 fn shared() -> PathBuf {

@@ -16,7 +16,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::OnceLock;
 
-use clt::model::{self, LoadedModel};
+use clt::model::{self, CausalLm, LoadedModel};
 use serde_json::Value;
 
 fn shared() -> PathBuf {

@@ -4,7 +4,7 @@
 
 use std::path::PathBuf;
 
-use clt::model::{self, ForwardOptions, Hooks};
+use clt::model::{self, CausalLm, ForwardOptions, Hooks};
 use serde_json::Value;
 
 const TOL: f32 = 1e-4;

@@ -5,6 +5,7 @@ use std::io::Write;
 use std::path::PathBuf;
 use std::time::Instant;
 
+use super::CausalLm;
 use super::llama::{argmax, softmax};
 use crate::{Error, Result};
 

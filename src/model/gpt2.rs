@@ -24,7 +24,7 @@
 use std::path::Path;
 
 use super::llama::{
-    ForwardOptions, ForwardOutput, ForwardRecord, LayerRecord, Logits, argmax, causal_attention,
+    ForwardOptions, ForwardOutput, ForwardRecord, LayerRecord, causal_attention,
     check_intervention, matmul_wt, unembed,
 };
 use crate::{Error, Result};
@@ -238,43 +238,6 @@ impl Gpt2Model {
         self.output.as_deref().unwrap_or(&self.wte)
     }
 
-    /// Logits of every position, `[n_tokens, vocab_size]`.
-    pub fn forward(&self, tokens: &[u32]) -> Result<Vec<f32>> {
-        Ok(self
-            .forward_with(tokens, &ForwardOptions::default())?
-            .logits)
-    }
-
-    /// Logits of the last position, `[vocab_size]`.
-    pub fn next_logits(&self, tokens: &[u32]) -> Result<Vec<f32>> {
-        let opts = ForwardOptions {
-            logits: Logits::Last,
-            ..ForwardOptions::default()
-        };
-        Ok(self.forward_with(tokens, &opts)?.logits)
-    }
-
-    /// Appends `n_new` greedily chosen tokens to `tokens` (the first largest logit wins ties), stopping early
-    /// at `stop` or at `max_seq_len`; returns only the new tokens.
-    pub fn generate_greedy(
-        &self,
-        tokens: &[u32],
-        n_new: usize,
-        stop: Option<u32>,
-    ) -> Result<Vec<u32>> {
-        let mut seq = tokens.to_vec();
-        let mut out = Vec::new();
-        while out.len() < n_new && seq.len() < self.config.max_seq_len {
-            let next = argmax(&self.next_logits(&seq)?) as u32;
-            if Some(next) == stop {
-                break;
-            }
-            seq.push(next);
-            out.push(next);
-        }
-        Ok(out)
-    }
-
     /// Token plus position embeddings of `tokens`, `[n_tokens, d_model]`.
     pub fn embed(&self, tokens: &[u32]) -> Result<Vec<f32>> {
         let c = &self.config;
@@ -452,10 +415,20 @@ impl Gpt2Model {
     }
 }
 
+impl super::CausalLm for Gpt2Model {
+    fn max_seq_len(&self) -> usize {
+        self.config.max_seq_len
+    }
+
+    fn forward_with(&self, tokens: &[u32], opts: &ForwardOptions<'_>) -> Result<ForwardOutput> {
+        Gpt2Model::forward_with(self, tokens, opts)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::{Hooks, Intervention};
+    use crate::model::{CausalLm, Hooks, Intervention};
 
     fn tiny() -> Gpt2Model {
         let c = Gpt2Config {

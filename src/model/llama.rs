@@ -442,43 +442,6 @@ impl LlamaModel {
         self.output.as_deref().unwrap_or(&self.tok_embeddings)
     }
 
-    /// Logits of every position, `[n_tokens, vocab_size]`.
-    pub fn forward(&self, tokens: &[u32]) -> Result<Vec<f32>> {
-        Ok(self
-            .forward_with(tokens, &ForwardOptions::default())?
-            .logits)
-    }
-
-    /// Logits of the last position, `[vocab_size]`.
-    pub fn next_logits(&self, tokens: &[u32]) -> Result<Vec<f32>> {
-        let opts = ForwardOptions {
-            logits: Logits::Last,
-            ..ForwardOptions::default()
-        };
-        Ok(self.forward_with(tokens, &opts)?.logits)
-    }
-
-    /// Appends `n_new` greedily chosen tokens to `tokens` (the first largest logit wins ties), stopping early
-    /// at `stop` or at `max_seq_len`; returns only the new tokens.
-    pub fn generate_greedy(
-        &self,
-        tokens: &[u32],
-        n_new: usize,
-        stop: Option<u32>,
-    ) -> Result<Vec<u32>> {
-        let mut seq = tokens.to_vec();
-        let mut out = Vec::new();
-        while out.len() < n_new && seq.len() < self.config.max_seq_len {
-            let next = argmax(&self.next_logits(&seq)?) as u32;
-            if Some(next) == stop {
-                break;
-            }
-            seq.push(next);
-            out.push(next);
-        }
-        Ok(out)
-    }
-
     /// Embeds `tokens` into `[n_tokens, d_model]`.
     pub fn embed(&self, tokens: &[u32]) -> Result<Vec<f32>> {
         let d = self.config.d_model;
@@ -844,9 +807,20 @@ pub fn softmax(x: &[f32]) -> Vec<f32> {
     e.iter().map(|&v| (v / sum) as f32).collect()
 }
 
+impl super::CausalLm for LlamaModel {
+    fn max_seq_len(&self) -> usize {
+        self.config.max_seq_len
+    }
+
+    fn forward_with(&self, tokens: &[u32], opts: &ForwardOptions<'_>) -> Result<ForwardOutput> {
+        LlamaModel::forward_with(self, tokens, opts)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::model::CausalLm;
 
     /// A small random model with distinct, deterministic weights.
     pub(crate) fn tiny(style: RopeStyle, tied: bool) -> LlamaModel {

@@ -141,6 +141,58 @@ impl Tokenizer {
     }
 }
 
+/// A causal language model: its full forward, and what follows from it (logits of every position or of the
+/// last one, greedy generation), the same for every architecture.
+pub trait CausalLm {
+    /// Longest sequence the model accepts.
+    fn max_seq_len(&self) -> usize;
+
+    /// The full causal forward over `tokens`, with hooks and interventions.
+    fn forward_with(&self, tokens: &[u32], opts: &ForwardOptions<'_>) -> Result<ForwardOutput>;
+
+    /// Logits of every position, `[n_tokens, vocab_size]`.
+    fn forward(&self, tokens: &[u32]) -> Result<Vec<f32>> {
+        Ok(self
+            .forward_with(tokens, &ForwardOptions::default())?
+            .logits)
+    }
+
+    /// Logits of the last position, `[vocab_size]`.
+    fn next_logits(&self, tokens: &[u32]) -> Result<Vec<f32>> {
+        let opts = ForwardOptions {
+            logits: Logits::Last,
+            ..ForwardOptions::default()
+        };
+        Ok(self.forward_with(tokens, &opts)?.logits)
+    }
+
+    /// Appends `n_new` greedily chosen tokens to `tokens` (the first largest logit wins ties), stopping early
+    /// at `stop` or at `max_seq_len`; returns only the new tokens.
+    fn generate_greedy(&self, tokens: &[u32], n_new: usize, stop: Option<u32>) -> Result<Vec<u32>> {
+        let mut seq = tokens.to_vec();
+        let mut out = Vec::new();
+        while out.len() < n_new && seq.len() < self.max_seq_len() {
+            let next = llama::argmax(&self.next_logits(&seq)?) as u32;
+            if Some(next) == stop {
+                break;
+            }
+            seq.push(next);
+            out.push(next);
+        }
+        Ok(out)
+    }
+}
+
+impl CausalLm for Model {
+    fn max_seq_len(&self) -> usize {
+        Model::max_seq_len(self)
+    }
+
+    fn forward_with(&self, tokens: &[u32], opts: &ForwardOptions<'_>) -> Result<ForwardOutput> {
+        Model::forward_with(self, tokens, opts)
+    }
+}
+
 /// A model of any supported architecture.
 #[derive(Clone, Debug)]
 pub enum Model {
@@ -227,35 +279,6 @@ impl Model {
         match self {
             Model::Llama(m) => m.forward_with(tokens, opts),
             Model::Gpt2(m) => m.forward_with(tokens, opts),
-        }
-    }
-
-    /// Logits of every position, `[n_tokens, vocab_size]`.
-    pub fn forward(&self, tokens: &[u32]) -> Result<Vec<f32>> {
-        match self {
-            Model::Llama(m) => m.forward(tokens),
-            Model::Gpt2(m) => m.forward(tokens),
-        }
-    }
-
-    /// Logits of the last position, `[vocab_size]`.
-    pub fn next_logits(&self, tokens: &[u32]) -> Result<Vec<f32>> {
-        match self {
-            Model::Llama(m) => m.next_logits(tokens),
-            Model::Gpt2(m) => m.next_logits(tokens),
-        }
-    }
-
-    /// Appends up to `n_new` greedily chosen tokens (stopping at `stop` or `max_seq_len`); returns the new ones.
-    pub fn generate_greedy(
-        &self,
-        tokens: &[u32],
-        n_new: usize,
-        stop: Option<u32>,
-    ) -> Result<Vec<u32>> {
-        match self {
-            Model::Llama(m) => m.generate_greedy(tokens, n_new, stop),
-            Model::Gpt2(m) => m.generate_greedy(tokens, n_new, stop),
         }
     }
 
