@@ -4,15 +4,16 @@
 
 use std::path::Path;
 
-use clt::Error;
 use clt::data::ActDims;
 use clt::store::format::ShardMeta;
-use clt::store::{BlockReader, Codec, Dataset, DatasetWriter, Shard, TokenIds, WriterConfig};
+use clt::store::{BlockReader, Codec, Dataset, DatasetWriter, TokenIds, WriterConfig};
 use proptest::prelude::*;
 
 mod common;
 use common::SplitMix as Rng;
-use common::store::{assert_rows_and_loader_agree, bits, read_blocks};
+use common::store::{
+    assert_damage_is_a_typed_error, assert_rows_and_loader_agree, bits, read_blocks,
+};
 
 /// Independent Gaussian values with two 30× outlier dimensions (nothing to predict).
 fn random(n: usize, dims: ActDims, seed: u64) -> (Vec<f32>, Vec<f32>) {
@@ -156,28 +157,7 @@ fn corrupt_or_truncated_int8p_shards_are_typed_errors() {
     let dir = tempfile::tempdir().unwrap();
     let (x, y) = correlated(200, DIMS, 4);
     write(dir.path(), Codec::Int8p, DIMS, &x, &y, 64);
-    let p = dir.path().join("shard-00000.clts");
-    let good = std::fs::read(&p).unwrap();
-    let e = Shard::open(&p).unwrap().blocks()[2];
-    let mut bad = good.clone();
-    bad[(e.offset + e.comp_len - 3) as usize] ^= 0x40;
-    std::fs::write(&p, &bad).unwrap();
-    let shard = Shard::open(&p).unwrap();
-    let mut r = BlockReader::new().unwrap();
-    assert!(r.read(&shard, 1).is_ok());
-    match r.read(&shard, 2) {
-        Err(Error::Corrupt {
-            path,
-            block,
-            offset,
-            ..
-        }) => assert_eq!((path, block, offset), (p.clone(), 2, e.offset)),
-        other => panic!("expected a corrupt block, got {:?}", other.map(|_| ())),
-    }
-    let err = clt::store::cli::verify(dir.path()).unwrap_err();
-    assert!(matches!(err, Error::Corrupt { block: 2, .. }), "{err}");
-    std::fs::write(&p, &good[..good.len() - 5]).unwrap();
-    assert!(matches!(Shard::open(&p), Err(Error::Format { path, .. }) if path == p));
+    assert_damage_is_a_typed_error(dir.path());
 }
 
 #[test]

@@ -1,11 +1,13 @@
 //! Shared helpers for the store's codec tests (`store_int8p.rs`, `store_int8e.rs`): reading a dataset back
-//! through the block reader, and checking that every decode path gives the same bits.
+//! through the block reader, checking that every decode path gives the same bits, and that a damaged shard is a
+//! typed error.
 
 use std::collections::HashMap;
 use std::path::Path;
 
+use clt::Error;
 use clt::data::{ActivationSource, Batch};
-use clt::store::{BlockReader, Dataset, LoaderConfig, ShardLoader};
+use clt::store::{BlockReader, Dataset, LoaderConfig, Shard, ShardLoader};
 
 /// The bit patterns of `v` (exact comparison, NaN-safe).
 pub fn bits(v: &[f32]) -> Vec<u32> {
@@ -75,4 +77,33 @@ pub fn assert_rows_and_loader_agree(dir: &Path, x1: &[f32], y1: &[f32], block: u
     for (bx, byy) in batch.x.chunks(row).zip(batch.y.chunks(row)) {
         assert_eq!(by_x.get(&bits(bx)), Some(&bits(byy)));
     }
+}
+
+/// In the one-shard dataset at `dir` (at least 3 blocks): a byte flipped near the end of block 2's frame makes
+/// reading block 2 a `Corrupt` error naming the shard, the block and its offset (block 1 still reads), and
+/// `clt store verify` reports the same block; the shard cut 5 bytes short is a `Format` error naming it. Leaves
+/// the shard truncated.
+pub fn assert_damage_is_a_typed_error(dir: &Path) {
+    let p = dir.join("shard-00000.clts");
+    let good = std::fs::read(&p).unwrap();
+    let e = Shard::open(&p).unwrap().blocks()[2];
+    let mut bad = good.clone();
+    bad[(e.offset + e.comp_len - 3) as usize] ^= 0x40;
+    std::fs::write(&p, &bad).unwrap();
+    let shard = Shard::open(&p).unwrap();
+    let mut r = BlockReader::new().unwrap();
+    assert!(r.read(&shard, 1).is_ok());
+    match r.read(&shard, 2) {
+        Err(Error::Corrupt {
+            path,
+            block,
+            offset,
+            ..
+        }) => assert_eq!((path, block, offset), (p.clone(), 2, e.offset)),
+        other => panic!("expected a corrupt block, got {:?}", other.map(|_| ())),
+    }
+    let err = clt::store::cli::verify(dir).unwrap_err();
+    assert!(matches!(err, Error::Corrupt { block: 2, .. }), "{err}");
+    std::fs::write(&p, &good[..good.len() - 5]).unwrap();
+    assert!(matches!(Shard::open(&p), Err(Error::Format { path, .. }) if path == p));
 }
