@@ -43,7 +43,7 @@ use crate::data::{ActivationSource, Batch};
 use crate::rng::Rng;
 use crate::train::init::{calibrate_b_enc, default_fire_rate, estimate_norms};
 use crate::train::metrics::{Interval, MetricsLine};
-use crate::train::trainer::make_source;
+use crate::train::trainer::{fetch_batch, make_source, prune_checkpoints};
 use crate::train::{Parallel, PreactScope, RunConfig, StepReport, liveness, schedule};
 use crate::{Error, Result};
 use std::io::Write;
@@ -480,13 +480,14 @@ impl<C: Comm> ShardedTrainer<C> {
             }
             std::process::abort();
         }
-        let cfg = &self.run.model;
+        let data_wait_s = fetch_batch(
+            self.source.as_mut(),
+            &mut self.batch,
+            &self.norms,
+            self.run.train.batch_size,
+            self.run.model.d_model,
+        )?;
         let t = &self.run.train;
-        let wait = Instant::now();
-        self.source.next_batch(t.batch_size, &mut self.batch)?;
-        let data_wait_s = wait.elapsed().as_secs_f64();
-        self.norms
-            .apply(cfg.d_model, &mut self.batch.x, &mut self.batch.y);
         let obj = schedule::objective(t, self.step);
         let dead_mask: Option<Vec<Vec<bool>>> = match t.preact_scope {
             PreactScope::All => None,
@@ -856,7 +857,7 @@ impl<C: Comm> ShardedTrainer<C> {
             std::fs::rename(&tmp, &final_dir).map_err(|e| Error::io(&final_dir, e))?;
             crate::clt::checkpoint::sync_dir(&root)?;
             crate::clt::checkpoint::write_atomic(&root.join("LATEST"), name.as_bytes())?;
-            prune(&root, &name, self.run.train.keep_checkpoints)?;
+            prune_checkpoints(&root, &name, self.run.train.keep_checkpoints)?;
         }
         self.comm.barrier("checkpoint: manifest written")?;
         Ok(final_dir)
@@ -899,24 +900,4 @@ fn overlapped_partials<C: Comm>(
         }
     }
     Ok((yhat, decode_s, reduce_s))
-}
-
-/// Removes all but the newest `keep` checkpoints (never `keep_latest`).
-fn prune(root: &Path, keep_latest: &str, keep: usize) -> Result<()> {
-    let mut dirs: Vec<String> = std::fs::read_dir(root)
-        .map_err(|e| Error::io(root, e))?
-        .filter_map(|e| e.ok())
-        .map(|e| e.file_name().to_string_lossy().to_string())
-        .filter(|n| n.starts_with("step_") && n.len() == 13)
-        .collect();
-    dirs.sort();
-    if dirs.len() > keep {
-        for d in &dirs[..dirs.len() - keep] {
-            if d != keep_latest {
-                let p = root.join(d);
-                std::fs::remove_dir_all(&p).map_err(|e| Error::io(&p, e))?;
-            }
-        }
-    }
-    Ok(())
 }

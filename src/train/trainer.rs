@@ -304,13 +304,13 @@ impl Trainer {
     /// Fetches the next batch from the source into `self.batch` and normalises it; returns the seconds
     /// spent waiting for the source.
     fn fetch_batch(&mut self) -> Result<f64> {
-        let wait = Instant::now();
-        self.source
-            .next_batch(self.run.train.batch_size, &mut self.batch)?;
-        let data_wait_s = wait.elapsed().as_secs_f64();
-        self.norms
-            .apply(self.run.model.d_model, &mut self.batch.x, &mut self.batch.y);
-        Ok(data_wait_s)
+        fetch_batch(
+            self.source.as_mut(),
+            &mut self.batch,
+            &self.norms,
+            self.run.train.batch_size,
+            self.run.model.d_model,
+        )
     }
 
     /// One step of the resident loop: stage this step's batch if the previous step did not, fetch and
@@ -365,13 +365,9 @@ impl Trainer {
         if self.resident.is_some() {
             return self.step_resident();
         }
+        let data_wait_s = self.fetch_batch()?;
         let cfg = &self.run.model;
         let t = &self.run.train;
-        let wait = Instant::now();
-        self.source.next_batch(t.batch_size, &mut self.batch)?;
-        let data_wait_s = wait.elapsed().as_secs_f64();
-        self.norms
-            .apply(cfg.d_model, &mut self.batch.x, &mut self.batch.y);
         let obj = schedule::objective(t, self.step);
         let dead_mask: Option<Vec<Vec<bool>>> = match t.preact_scope {
             PreactScope::All => None,
@@ -554,29 +550,45 @@ impl Trainer {
         }
         std::fs::rename(&tmp, &final_dir).map_err(|e| Error::io(&final_dir, e))?;
         write_atomic(&root.join("LATEST"), name.as_bytes())?;
-        self.prune_checkpoints(&root, &name)?;
+        prune_checkpoints(&root, &name, self.run.train.keep_checkpoints)?;
         Ok(final_dir)
     }
+}
 
-    fn prune_checkpoints(&self, root: &Path, keep_latest: &str) -> Result<()> {
-        let mut dirs: Vec<String> = std::fs::read_dir(root)
-            .map_err(|e| Error::io(root, e))?
-            .filter_map(|e| e.ok())
-            .map(|e| e.file_name().to_string_lossy().to_string())
-            .filter(|n| n.starts_with("step_") && n.len() == 13)
-            .collect();
-        dirs.sort();
-        let keep = self.run.train.keep_checkpoints;
-        if dirs.len() > keep {
-            for d in &dirs[..dirs.len() - keep] {
-                if d != keep_latest {
-                    let p = root.join(d);
-                    std::fs::remove_dir_all(&p).map_err(|e| Error::io(&p, e))?;
-                }
+/// Removes all but the newest `keep` checkpoints (`step_*` folders) under `root`, never `keep_latest`.
+pub(crate) fn prune_checkpoints(root: &Path, keep_latest: &str, keep: usize) -> Result<()> {
+    let mut dirs: Vec<String> = std::fs::read_dir(root)
+        .map_err(|e| Error::io(root, e))?
+        .filter_map(|e| e.ok())
+        .map(|e| e.file_name().to_string_lossy().to_string())
+        .filter(|n| n.starts_with("step_") && n.len() == 13)
+        .collect();
+    dirs.sort();
+    if dirs.len() > keep {
+        for d in &dirs[..dirs.len() - keep] {
+            if d != keep_latest {
+                let p = root.join(d);
+                std::fs::remove_dir_all(&p).map_err(|e| Error::io(&p, e))?;
             }
         }
-        Ok(())
     }
+    Ok(())
+}
+
+/// Fetches the next `batch_size` tokens from `source` into `batch` and normalises them; returns the seconds
+/// spent waiting for the source.
+pub(crate) fn fetch_batch(
+    source: &mut dyn ActivationSource,
+    batch: &mut Batch,
+    norms: &NormScales,
+    batch_size: usize,
+    d_model: usize,
+) -> Result<f64> {
+    let wait = Instant::now();
+    source.next_batch(batch_size, batch)?;
+    let data_wait_s = wait.elapsed().as_secs_f64();
+    norms.apply(d_model, &mut batch.x, &mut batch.y);
+    Ok(data_wait_s)
 }
 
 fn empty_params() -> Params {
