@@ -12,6 +12,8 @@ use clt::store::{
 };
 use proptest::prelude::*;
 
+mod common;
+
 const DIMS: ActDims = ActDims {
     n_layers: 3,
     d_model: 20,
@@ -263,35 +265,28 @@ fn truncated_shard_is_a_format_error() {
 fn flipped_byte_in_a_block_names_shard_block_and_offset() {
     let dir = tempfile::tempdir().unwrap();
     let p = one_shard(dir.path());
-    let shard = Shard::open(&p).unwrap();
-    let e = shard.blocks()[2];
-    let e4 = shard.blocks()[4];
-    drop(shard);
-    let mut bytes = std::fs::read(&p).unwrap();
-    bytes[(e.offset + e.comp_len / 2) as usize] ^= 0x10;
+    // A byte flipped at the start of block 4's frame: the header and index are intact, so the shard opens;
+    // reading block 4 fails, naming it, and block 3 still reads.
+    let e4 = Shard::open(&p).unwrap().blocks()[4];
+    let good = std::fs::read(&p).unwrap();
+    let mut bytes = good.clone();
     bytes[(e4.offset + 1) as usize] ^= 0x01;
     std::fs::write(&p, &bytes).unwrap();
-    // The header and index are intact, so the shard opens; reading blocks 2 and 4 fails, the others do not.
     let shard = Shard::open(&p).unwrap();
     let mut r = BlockReader::new().unwrap();
-    assert!(r.read(&shard, 1).is_ok());
-    match r.read(&shard, 2) {
+    assert!(r.read(&shard, 3).is_ok());
+    match r.read(&shard, 4) {
         Err(Error::Corrupt {
             path,
             block,
             offset,
             ..
-        }) => {
-            assert_eq!((path, block, offset), (p.clone(), 2, e.offset));
-        }
-        other => panic!(
-            "expected a corrupt-block error, got {:?}",
-            other.map(|_| ())
-        ),
+        }) => assert_eq!((path, block, offset), (p.clone(), 4, e4.offset)),
+        other => panic!("expected a corrupt block, got {:?}", other.map(|_| ())),
     }
-    // The verify command reports the same block.
-    let err = clt::store::cli::verify(dir.path()).unwrap_err();
-    assert!(matches!(err, Error::Corrupt { block: 2, .. }), "{err}");
+    // Near the end of block 2's frame, with `clt store verify`, then the shard truncated.
+    std::fs::write(&p, &good).unwrap();
+    common::store::assert_damage_is_a_typed_error(dir.path());
 }
 
 #[test]
