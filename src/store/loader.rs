@@ -473,8 +473,8 @@ impl Stream {
 type Assembled = Result<(Batch, u64, usize)>;
 
 /// A background thread that fills batches of a fixed size from its own [`Stream`] (fed by the workers; rows
-/// dequantised by `workers` scoped threads), so that dequantising the rows overlaps the caller's work; `prefetch` batches queue, and served batches' buffers come
-/// back for reuse.
+/// dequantised by `workers` scoped threads), so that dequantising the rows overlaps the caller's work; `prefetch`
+/// batches queue, and served batches' buffers come back for reuse.
 struct Assembler {
     n_tokens: usize,
     rx: Option<Receiver<Assembled>>,
