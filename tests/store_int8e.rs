@@ -16,30 +16,15 @@ mod common;
 use common::SplitMix as Rng;
 use common::store::{
     assert_damage_is_a_typed_error, assert_rows_and_loader_agree, bits, read_blocks,
+    residual_stream,
 };
 
-/// A toy residual stream (as in `store_int8p.rs`: inputs correlated across layers, each output nearly a
+/// The toy residual stream of `tests/common/store.rs` (inputs correlated across layers, each output nearly a
 /// combination of the next and the same layer's input), plus rare unpredictable spikes of ±300 RMS in both
 /// streams (0.1% of the values), whose codes do not fit in int8 at the steps used here: they must be escaped.
 fn spiky(n: usize, dims: ActDims, seed: u64) -> (Vec<f32>, Vec<f32>) {
-    let (l_n, d) = (dims.n_layers, dims.d_model);
     let mut r = Rng(seed);
-    let gain: Vec<f32> = (0..l_n * d).map(|_| 0.5 + r.unit() * 2.0).collect();
-    let (mut x, mut y) = (Vec::new(), Vec::new());
-    for _ in 0..n {
-        let mut h: Vec<f32> = (0..d)
-            .map(|j| r.normal() * if j == 3 { 20.0 } else { 3.0 })
-            .collect();
-        for l in 0..l_n {
-            let rms = (h.iter().map(|v| v * v).sum::<f32>() / d as f32).sqrt();
-            x.extend(h.iter().enumerate().map(|(j, v)| v / rms * gain[l * d + j]));
-            let upd: Vec<f32> = (0..d).map(|_| 0.4 * r.normal()).collect();
-            for (hv, u) in h.iter_mut().zip(&upd) {
-                *hv += u + 0.05 * r.normal();
-            }
-            y.extend(upd);
-        }
-    }
+    let (mut x, mut y) = residual_stream(&mut r, n, dims);
     for v in x.iter_mut().chain(y.iter_mut()) {
         if r.unit() < 0.001 {
             *v = if r.unit() < 0.5 { 300.0 } else { -300.0 } * v.abs().max(0.5);

@@ -13,6 +13,7 @@ mod common;
 use common::SplitMix as Rng;
 use common::store::{
     assert_damage_is_a_typed_error, assert_rows_and_loader_agree, bits, read_blocks,
+    residual_stream,
 };
 
 /// Independent Gaussian values with two 30× outlier dimensions (nothing to predict).
@@ -27,29 +28,9 @@ fn random(n: usize, dims: ActDims, seed: u64) -> (Vec<f32>, Vec<f32>) {
     (one(0), one(1))
 }
 
-/// A toy residual stream: per token a state h; layer l's input is h normalised by its RMS times a per-(layer, dim)
-/// gain, its output a small random update added to h (with some attention-like noise). Inputs are strongly
-/// correlated across layers and each output is nearly a combination of the next and the same layer's input.
+/// The toy residual stream of `tests/common/store.rs` from `seed`.
 fn correlated(n: usize, dims: ActDims, seed: u64) -> (Vec<f32>, Vec<f32>) {
-    let (l_n, d) = (dims.n_layers, dims.d_model);
-    let mut r = Rng(seed);
-    let gain: Vec<f32> = (0..l_n * d).map(|_| 0.5 + r.unit() * 2.0).collect();
-    let (mut x, mut y) = (Vec::new(), Vec::new());
-    for _ in 0..n {
-        let mut h: Vec<f32> = (0..d)
-            .map(|j| r.normal() * if j == 3 { 20.0 } else { 3.0 })
-            .collect();
-        for l in 0..l_n {
-            let rms = (h.iter().map(|v| v * v).sum::<f32>() / d as f32).sqrt();
-            x.extend(h.iter().enumerate().map(|(j, v)| v / rms * gain[l * d + j]));
-            let upd: Vec<f32> = (0..d).map(|_| 0.4 * r.normal()).collect();
-            for (hv, u) in h.iter_mut().zip(&upd) {
-                *hv += u + 0.05 * r.normal();
-            }
-            y.extend(upd);
-        }
-    }
-    (x, y)
+    residual_stream(&mut Rng(seed), n, dims)
 }
 
 fn write(dir: &Path, codec: Codec, dims: ActDims, x: &[f32], y: &[f32], block: usize) -> u64 {

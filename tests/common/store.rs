@@ -6,8 +6,10 @@ use std::collections::HashMap;
 use std::path::Path;
 
 use clt::Error;
-use clt::data::{ActivationSource, Batch};
+use clt::data::{ActDims, ActivationSource, Batch};
 use clt::store::{BlockReader, Dataset, LoaderConfig, Shard, ShardLoader};
+
+use super::SplitMix;
 
 /// The bit patterns of `v` (exact comparison, NaN-safe).
 pub fn bits(v: &[f32]) -> Vec<u32> {
@@ -106,4 +108,28 @@ pub fn assert_damage_is_a_typed_error(dir: &Path) {
     assert!(matches!(err, Error::Corrupt { block: 2, .. }), "{err}");
     std::fs::write(&p, &good[..good.len() - 5]).unwrap();
     assert!(matches!(Shard::open(&p), Err(Error::Format { path, .. }) if path == p));
+}
+
+/// A toy residual stream: per token a state h; layer l's input is h normalised by its RMS times a per-(layer, dim)
+/// gain, its output a small random update added to h (with some attention-like noise). Inputs are strongly
+/// correlated across layers and each output is nearly a combination of the next and the same layer's input.
+pub fn residual_stream(r: &mut SplitMix, n: usize, dims: ActDims) -> (Vec<f32>, Vec<f32>) {
+    let (l_n, d) = (dims.n_layers, dims.d_model);
+    let gain: Vec<f32> = (0..l_n * d).map(|_| 0.5 + r.unit() * 2.0).collect();
+    let (mut x, mut y) = (Vec::new(), Vec::new());
+    for _ in 0..n {
+        let mut h: Vec<f32> = (0..d)
+            .map(|j| r.normal() * if j == 3 { 20.0 } else { 3.0 })
+            .collect();
+        for l in 0..l_n {
+            let rms = (h.iter().map(|v| v * v).sum::<f32>() / d as f32).sqrt();
+            x.extend(h.iter().enumerate().map(|(j, v)| v / rms * gain[l * d + j]));
+            let upd: Vec<f32> = (0..d).map(|_| 0.4 * r.normal()).collect();
+            for (hv, u) in h.iter_mut().zip(&upd) {
+                *hv += u + 0.05 * r.normal();
+            }
+            y.extend(upd);
+        }
+    }
+    (x, y)
 }
