@@ -10,13 +10,13 @@ use clt::data::ActDims;
 use clt::store::codec::target_steps;
 use clt::store::format::ShardMeta;
 use clt::store::int8e;
-use clt::store::{Codec, DatasetWriter, Shard, TokenIds, WriterConfig};
+use clt::store::{Codec, DatasetWriter, Shard, WriterConfig};
 
 mod common;
 use common::SplitMix as Rng;
 use common::store::{
     assert_damage_is_a_typed_error, assert_rows_and_loader_agree, bits, read_blocks,
-    residual_stream,
+    residual_stream, write_with_ids,
 };
 
 /// The toy residual stream of `tests/common/store.rs` (inputs correlated across layers, each output nearly a
@@ -48,16 +48,7 @@ fn write(
         target_rel_err: eps,
         ..Default::default()
     };
-    let mut w = DatasetWriter::create(dir, dims, cfg, ShardMeta::default(), 500).unwrap();
-    let n = x.len() / (dims.n_layers * dims.d_model);
-    let t: Vec<u32> = (0..n as u32).collect();
-    let ids = TokenIds {
-        tokens: &t,
-        positions: &t,
-        doc_ids: &vec![7; n],
-    };
-    w.push(x, y, Some(ids)).unwrap();
-    w.finish().unwrap()
+    write_with_ids(dir, dims, cfg, x, y)
 }
 
 /// All inputs and targets of a dataset, decoded with `x_rows` then `y_rows` (`split`) or `xy_rows`, and the number

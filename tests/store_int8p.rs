@@ -5,15 +5,14 @@
 use std::path::Path;
 
 use clt::data::ActDims;
-use clt::store::format::ShardMeta;
-use clt::store::{BlockReader, Codec, Dataset, DatasetWriter, TokenIds, WriterConfig};
+use clt::store::{BlockReader, Codec, Dataset, WriterConfig};
 use proptest::prelude::*;
 
 mod common;
 use common::SplitMix as Rng;
 use common::store::{
     assert_damage_is_a_typed_error, assert_rows_and_loader_agree, bits, read_blocks,
-    residual_stream,
+    residual_stream, write_with_ids,
 };
 
 /// Independent Gaussian values with two 30× outlier dimensions (nothing to predict).
@@ -40,16 +39,11 @@ fn write(dir: &Path, codec: Codec, dims: ActDims, x: &[f32], y: &[f32], block: u
         threads: 2,
         ..Default::default()
     };
-    let mut w = DatasetWriter::create(dir, dims, cfg, ShardMeta::default(), 500).unwrap();
-    let n = x.len() / (dims.n_layers * dims.d_model);
-    let t: Vec<u32> = (0..n as u32).collect();
-    let ids = TokenIds {
-        tokens: &t,
-        positions: &t,
-        doc_ids: &vec![7; n],
-    };
-    w.push(x, y, Some(ids)).unwrap();
-    w.finish().unwrap().shards.iter().map(|s| s.bytes).sum()
+    write_with_ids(dir, dims, cfg, x, y)
+        .shards
+        .iter()
+        .map(|s| s.bytes)
+        .sum()
 }
 
 /// All inputs and targets of a dataset, decoded with `x_rows` then `y_rows` (`split`) or `xy_rows`.

@@ -7,7 +7,11 @@ use std::path::Path;
 
 use clt::Error;
 use clt::data::{ActDims, ActivationSource, Batch};
-use clt::store::{BlockReader, Dataset, LoaderConfig, Shard, ShardLoader};
+use clt::store::format::ShardMeta;
+use clt::store::{
+    BlockReader, Dataset, DatasetWriter, LoaderConfig, Manifest, Shard, ShardLoader, TokenIds,
+    WriterConfig,
+};
 
 use super::SplitMix;
 
@@ -132,4 +136,25 @@ pub fn residual_stream(r: &mut SplitMix, n: usize, dims: ActDims) -> (Vec<f32>, 
         }
     }
     (x, y)
+}
+
+/// Writes `x`, `y` as a dataset at `dir` under `cfg` (500 tokens per shard) with token ids and positions `0..n`
+/// and document id 7, and returns its manifest.
+pub fn write_with_ids(
+    dir: &Path,
+    dims: ActDims,
+    cfg: WriterConfig,
+    x: &[f32],
+    y: &[f32],
+) -> Manifest {
+    let mut w = DatasetWriter::create(dir, dims, cfg, ShardMeta::default(), 500).unwrap();
+    let n = x.len() / (dims.n_layers * dims.d_model);
+    let t: Vec<u32> = (0..n as u32).collect();
+    let ids = TokenIds {
+        tokens: &t,
+        positions: &t,
+        doc_ids: &vec![7; n],
+    };
+    w.push(x, y, Some(ids)).unwrap();
+    w.finish().unwrap()
 }
