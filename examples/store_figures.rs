@@ -491,6 +491,22 @@ fn escapes(dir: &std::path::Path) -> (usize, usize) {
     (tail / 4, tail)
 }
 
+/// The smallest and largest per-layer ratio of CLT-Forge's error `f` to ours `o`, with their layers (the first
+/// such layer on a tie): `"1.1× (3), 42.6× (29)"`.
+fn ratio_span(f: &[f64], o: &[f64]) -> String {
+    let r: Vec<f64> = f.iter().zip(o).map(|(a, b)| a / b).collect();
+    let (mut lo, mut hi) = (0, 0);
+    for (l, v) in r.iter().enumerate() {
+        if *v < r[lo] {
+            lo = l;
+        }
+        if *v > r[hi] {
+            hi = l;
+        }
+    }
+    format!("{:.1}× ({lo}), {:.1}× ({hi})", r[lo], r[hi])
+}
+
 /// `CLT_FIGURES_EPS=ε1,ε2,...`: int8 and int8p (or the codecs of `CLT_FIGURES_CODECS=a,b`; int8e only with a
 /// target) with each error target ε (and without), against CLT-Forge's
 /// scheme: bytes/token, size ratio, errors of x and y overall and their ratio to CLT-Forge's, the smallest and
@@ -579,19 +595,6 @@ fn eps_sweep(list: &str, dims: ActDims, t: usize, x: &[f32], y: &[f32]) {
                 rel_err_per_layer(x, &xh, dims),
                 rel_err_per_layer(y, &yh, dims),
             );
-            let span = |f: &[f64], o: &[f64]| {
-                let r: Vec<f64> = f.iter().zip(o).map(|(a, b)| a / b).collect();
-                let (mut lo, mut hi) = (0, 0);
-                for (l, v) in r.iter().enumerate() {
-                    if *v < r[lo] {
-                        lo = l;
-                    }
-                    if *v > r[hi] {
-                        hi = l;
-                    }
-                }
-                format!("{:.1}× ({lo}), {:.1}× ({hi})", r[lo], r[hi])
-            };
             let over =
                 |o: &[f64]| e.map_or(f64::NAN, |e| o.iter().cloned().fold(0.0, f64::max) / e);
             println!(
@@ -603,8 +606,8 @@ fn eps_sweep(list: &str, dims: ActDims, t: usize, x: &[f32], y: &[f32]) {
                 ey.0,
                 fex.0 / ex.0,
                 fey.0 / ey.0,
-                span(&fex.1, &ex.1),
-                span(&fey.1, &ey.1),
+                ratio_span(&fex.1, &ex.1),
+                ratio_span(&fey.1, &ey.1),
                 over(&ex.1),
                 over(&ey.1),
             );
@@ -668,12 +671,6 @@ fn eps_sweep(list: &str, dims: ActDims, t: usize, x: &[f32], y: &[f32]) {
                 rel_err_per_layer(x, &xh, dims),
                 rel_err_per_layer(y, &yh, dims),
             );
-            let span = |f: &[f64], o: &[f64]| {
-                let r: Vec<f64> = f.iter().zip(o).map(|(a, b)| a / b).collect();
-                let lo = (0..r.len()).min_by(|&a, &b| r[a].total_cmp(&r[b])).unwrap();
-                let hi = (0..r.len()).max_by(|&a, &b| r[a].total_cmp(&r[b])).unwrap();
-                format!("{:.1}× ({lo}), {:.1}× ({hi})", r[lo], r[hi])
-            };
             println!(
                 "| {name} | {bpt:.0} | {:.3}× | {:.3e} | {:.3e} | {:.1}× | {:.1}× | {} | {} |",
                 bpt / fb,
@@ -681,8 +678,8 @@ fn eps_sweep(list: &str, dims: ActDims, t: usize, x: &[f32], y: &[f32]) {
                 ey.0,
                 fex.0 / ex.0,
                 fey.0 / ey.0,
-                span(&fex.1, &ex.1),
-                span(&fey.1, &ey.1),
+                ratio_span(&fex.1, &ex.1),
+                ratio_span(&fey.1, &ey.1),
             );
         }
     }
