@@ -26,7 +26,7 @@
 //! coefficients (as int8p), steps f32 `[x: L][y: L]`, escape index u32 `[x: n + 1][y: n + 1]` (entry `t` is the
 //! number of the stream's escapes before token `t`), and then the tail, i32 escapes, x's then y's.
 
-use super::predict::{bf16_at, closed_loop, coef_bytes, pred_code, pred1, pred2};
+use super::predict::{bf16_at, closed_loop, coef_bytes, pred_code, pred1, predict_y_row};
 
 /// The error target used when the writer is given none: on SmolLM2-135M about 1.02× the size of CLT-Forge's
 /// scheme with 11× (inputs) and 46× (targets) lower error overall (`docs/perf-store.md`).
@@ -333,22 +333,9 @@ pub fn decode_y(
             let s = f32_at(sd.steps, layers + l);
             let inv = 1.0 / s;
             let q = &codes[row_at(l, t, n) * d..][..d];
-            let xb = &xt[l * d..][..d];
-            let c = &cc[2 * l * d..][..2 * d];
-            if l + 1 < layers {
-                let xa = &xt[(l + 1) * d..][..d];
-                let b = &cb[2 * l * d..][..2 * d];
-                let coefs = b.chunks_exact(2).zip(c.chunks_exact(2));
-                let regs = xa.iter().zip(xb).zip(q);
-                for (o, ((bj, cj), ((&va, &vb), &qj))) in cur.iter_mut().zip(coefs.zip(regs)) {
-                    let p = pred2(bf16_at(bj), va, bf16_at(cj), vb);
-                    *o = ((qj as i8) as f32 + pred_code(p, inv)) * s;
-                }
-            } else {
-                for (((o, &xv), &qj), c) in cur.iter_mut().zip(xb).zip(q).zip(c.chunks_exact(2)) {
-                    *o = ((qj as i8) as f32 + pred_code(pred1(bf16_at(c), xv), inv)) * s;
-                }
-            }
+            predict_y_row(cur, q, xt, cb, cc, l, layers, |qj, p| {
+                ((qj as i8) as f32 + pred_code(p, inv)) * s
+            });
             if k < k1 {
                 patch(q, s, tail, &mut k, cur);
             }

@@ -151,6 +151,40 @@ pub fn pred_code(p: f32, inv: f32) -> f32 {
     rint((p * inv).max(-LIM).min(LIM))
 }
 
+/// Decodes target row `l` of a token (`cur`, codes `q`) from the token's decoded inputs `xt` (`[L][d]`) and the
+/// block's target coefficients `cb` (next layer's input) and `cc` (same layer's): each value is
+/// `value(code, prediction)`, the prediction from layers `l + 1` and `l` (`pred2`), or from `l` alone on the last
+/// layer (`pred1`). The walk int8p's and int8e's decoders share; each passes its own per-value formula.
+#[allow(clippy::too_many_arguments)]
+#[inline(always)]
+pub(crate) fn predict_y_row(
+    cur: &mut [f32],
+    q: &[u8],
+    xt: &[f32],
+    cb: &[u8],
+    cc: &[u8],
+    l: usize,
+    layers: usize,
+    value: impl Fn(u8, f32) -> f32,
+) {
+    let d = cur.len();
+    let xb = &xt[l * d..][..d];
+    let c = &cc[2 * l * d..][..2 * d];
+    if l + 1 < layers {
+        let xa = &xt[(l + 1) * d..][..d];
+        let b = &cb[2 * l * d..][..2 * d];
+        let coefs = b.chunks_exact(2).zip(c.chunks_exact(2));
+        let regs = xa.iter().zip(xb).zip(q);
+        for (o, ((bj, cj), ((&va, &vb), &qj))) in cur.iter_mut().zip(coefs.zip(regs)) {
+            *o = value(qj, pred2(bf16_at(bj), va, bf16_at(cj), vb));
+        }
+    } else {
+        for (((o, &xv), &qj), c) in cur.iter_mut().zip(xb).zip(q).zip(c.chunks_exact(2)) {
+            *o = value(qj, pred1(bf16_at(c), xv));
+        }
+    }
+}
+
 /// A predicted value: the code `q` is the difference, modulo 256, between the value's code on the grid (in
 /// [−127, 127]) and the prediction's, so it never overflows; the value is its grid code times the step `s`. All in
 /// f32 (integers below 2²³ are exact), so that it vectorises.
@@ -386,22 +420,8 @@ pub fn decode_y(
                 plain(cur, q, s);
                 continue;
             }
-            let xb = &xt[l * d..][..d];
-            let c = &cc[2 * l * d..][..2 * d];
             let inv = 1.0 / s;
-            if l + 1 < layers {
-                let xa = &xt[(l + 1) * d..][..d];
-                let b = &cb[2 * l * d..][..2 * d];
-                let coefs = b.chunks_exact(2).zip(c.chunks_exact(2));
-                let regs = xa.iter().zip(xb).zip(q);
-                for (o, ((bj, cj), ((&va, &vb), &qj))) in cur.iter_mut().zip(coefs.zip(regs)) {
-                    *o = unwrap(qj, pred2(bf16_at(bj), va, bf16_at(cj), vb), s, inv);
-                }
-            } else {
-                for (((o, &xv), &q), c) in cur.iter_mut().zip(xb).zip(q).zip(c.chunks_exact(2)) {
-                    *o = unwrap(q, pred1(bf16_at(c), xv), s, inv);
-                }
-            }
+            predict_y_row(cur, q, xt, cb, cc, l, layers, |q, p| unwrap(q, p, s, inv));
         }
     }
 }
