@@ -6,6 +6,11 @@
 
 #define CLT_KERNEL extern "C" __global__
 
+// The block's dynamic shared memory as a T array (the emulator's header defines its own).
+#ifndef CLT_DYNAMIC_SHARED
+#define CLT_DYNAMIC_SHARED(T, name) extern __shared__ T name[]
+#endif
+
 template <typename T>
 __device__ __forceinline__ T* ptr(clt_ptr p) {
     return reinterpret_cast<T*>(p);

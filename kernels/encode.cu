@@ -9,6 +9,7 @@
 // and written as one partial per (token tile, feature): no float atomics, summed in tile order afterwards.
 // Lists are unordered within a token until encode_sort_lists runs.
 #include "common.cuh"
+#include "ptx.cuh"
 
 #define TB CLT_ENC_TB
 #define TF CLT_ENC_TF
@@ -171,7 +172,7 @@ CLT_KERNEL void encode_reduce(const CltReduceParams p) {
 // distinct within a token, so ranks are a permutation). Launched with dynamic shared memory of
 // cap * 12 bytes. CPU reference: the lists of encode_layer are in increasing feature order per token.
 CLT_KERNEL void encode_sort_lists(const CltSortParams p) {
-    extern __shared__ uint32_t sm[];
+    CLT_DYNAMIC_SHARED(uint32_t, sm);
     const uint32_t b = blockIdx.x;
     if (b >= p.n_tokens) return;
     const uint32_t n = min(ptr<const uint32_t>(p.count)[b], p.cap);
@@ -231,43 +232,6 @@ CLT_KERNEL void to_bf16(const CltToBf16Params p) {
 #define MF CLT_ENC_MMA_TF
 #define MK CLT_ENC_MMA_TK
 #define MK_PAD (MK + 8)
-
-__device__ __forceinline__ uint32_t smem_addr(const void* p) {
-    return static_cast<uint32_t>(__cvta_generic_to_shared(p));
-}
-
-// 16 bytes global -> shared, asynchronously; with valid == false nothing is read and the 16 bytes are zeroed.
-__device__ __forceinline__ void cp_async16(uint32_t dst, const void* src, bool valid) {
-    const uint32_t n = valid ? 16u : 0u;
-    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src), "r"(n) : "memory");
-}
-
-__device__ __forceinline__ void cp_async_commit() {
-    asm volatile("cp.async.commit_group;\n" ::: "memory");
-}
-
-// Waits until at most N of this thread's committed groups are still in flight.
-template <int N>
-__device__ __forceinline__ void cp_async_wait() {
-    asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
-}
-
-__device__ __forceinline__ void ldmatrix_x4(uint32_t addr, uint32_t& r0, uint32_t& r1, uint32_t& r2,
-                                            uint32_t& r3) {
-    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
-                 : "=r"(r0), "=r"(r1), "=r"(r2), "=r"(r3)
-                 : "r"(addr)
-                 : "memory");
-}
-
-// c += a * b for one m16n8k16 tile (bf16 inputs, fp32 accumulators).
-__device__ __forceinline__ void mma_bf16_16816(float* c, const uint32_t* a, uint32_t b0, uint32_t b1) {
-    asm volatile(
-        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
-        "{%0, %1, %2, %3};\n"
-        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-}
 
 CLT_KERNEL void __launch_bounds__(256) encode_mma(const CltEncodeParams p) {
     __shared__ __align__(16) __nv_bfloat16 xs[2][MB][MK_PAD];
