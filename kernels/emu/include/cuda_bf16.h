@@ -1,0 +1,150 @@
+// The CPU emulator's stand-in for the CUDA device language (see kernels/emu/README.md).
+//
+// The kernels include <cuda_bf16.h> through common.cuh; when they are compiled as host C++ for the emulator
+// (scripts/build-emu.sh: g++ -DCLT_EMU -I kernels/emu/include), this file is found instead of CUDA's. It
+// defines what the kernels use of CUDA C++: the qualifiers, the built-in index variables, bf16, the math
+// and bit-cast intrinsics, integer atomics, warp shuffles and __syncthreads. Each thread of a block runs
+// as a fiber of the emulator (runtime.cc); the warp- and block-wide operations hand control back to its
+// scheduler, which releases them when every thread of the warp or block has arrived.
+#pragma once
+#include <cmath>
+#include <cstddef>
+#include <cstdint>
+#include <cstring>
+#include <type_traits>
+
+#ifndef CLT_EMU
+#error "kernels/emu/include/cuda_bf16.h is the CPU emulator's header; compile with -DCLT_EMU"
+#endif
+
+// Qualifiers. __shared__ variables are statics in one section, clt_shared: the emulator runs one block at a
+// time, on one host thread, under a lock, so a static is exactly one block's shared memory, and it fills
+// the whole section with 0xFF bytes before each block (shared memory starts undefined on the GPU; a read of
+// an element nobody wrote gives NaN or 0xFFFFFFFF). Shared addresses are offsets into the section.
+#define __global__
+#define __device__
+#define __host__
+#define __forceinline__ inline
+#define __shared__ static __attribute__((section("clt_shared")))
+#define __align__(n) __attribute__((aligned(n)))
+#define __launch_bounds__(...)
+#define __restrict__ __restrict
+#define CLT_DYNAMIC_SHARED(T, name) T* name = reinterpret_cast<T*>(clt_emu::dynamic_shared())
+
+struct uint3 {
+    unsigned int x, y, z;
+};
+struct dim3 {
+    unsigned int x, y, z;
+};
+
+namespace clt_emu {
+extern uint3 thread_idx, block_idx;
+// Stops the kernel with an error (the launch fails with the message); never returns.
+[[noreturn]] void fail(const char* what);
+extern dim3 block_dim, grid_dim;
+
+// Block barrier: returns once every thread of the block that has not exited has reached it.
+void syncthreads();
+// Warp collectives with the full mask: every lane of the warp (none exited) must take part.
+enum class Shfl { Down, Up, Xor, Idx };
+uint64_t shfl(Shfl kind, uint64_t bits, int arg);
+void ldmatrix_x4(uint32_t shared_addr, uint32_t out[4]);
+void mma_bf16_16816(float c[4], const uint32_t a[4], uint32_t b0, uint32_t b1);
+// cp.async: performed at once, or queued per thread and performed only when the thread waits for its group
+// (the schedule alternates, runtime.cc), so a kernel that reads the destination too early fails.
+void cp_async16(uint32_t shared_addr, const void* src, uint32_t src_bytes);
+void cp_async_commit();
+void cp_async_wait(int pending);
+// Shared-memory addresses as 32-bit offsets (what __cvta_generic_to_shared gives on the GPU).
+uint32_t to_shared(const void* p);
+void* from_shared(uint32_t addr);
+void* dynamic_shared();
+}  // namespace clt_emu
+
+#define threadIdx clt_emu::thread_idx
+#define blockIdx clt_emu::block_idx
+#define blockDim clt_emu::block_dim
+#define gridDim clt_emu::grid_dim
+
+inline void __syncthreads() { clt_emu::syncthreads(); }
+
+template <typename T>
+inline T clt_emu_shfl(clt_emu::Shfl kind, unsigned mask, T v, int arg) {
+    static_assert(sizeof(T) <= 8 && std::is_trivially_copyable<T>::value, "shuffle of a register value");
+    if (mask != 0xffffffffu) clt_emu::fail("a shuffle with a partial mask (the emulator models whole warps)");
+    uint64_t bits = 0;
+    std::memcpy(&bits, &v, sizeof(T));
+    bits = clt_emu::shfl(kind, bits, arg);
+    T out;
+    std::memcpy(&out, &bits, sizeof(T));
+    return out;
+}
+template <typename T>
+inline T __shfl_down_sync(unsigned mask, T v, unsigned delta, int = 32) {
+    return clt_emu_shfl(clt_emu::Shfl::Down, mask, v, (int)delta);
+}
+template <typename T>
+inline T __shfl_up_sync(unsigned mask, T v, unsigned delta, int = 32) {
+    return clt_emu_shfl(clt_emu::Shfl::Up, mask, v, (int)delta);
+}
+template <typename T>
+inline T __shfl_xor_sync(unsigned mask, T v, int lane_mask, int = 32) {
+    return clt_emu_shfl(clt_emu::Shfl::Xor, mask, v, lane_mask);
+}
+template <typename T>
+inline T __shfl_sync(unsigned mask, T v, int src, int = 32) {
+    return clt_emu_shfl(clt_emu::Shfl::Idx, mask, v, src);
+}
+
+// Atomics: the emulator runs one thread at a time, so a read-modify-write is atomic.
+template <typename T>
+inline T atomicAdd(T* p, T v) {
+    T old = *p;
+    *p = old + v;
+    return old;
+}
+template <typename T>
+inline T atomicMax(T* p, T v) {
+    T old = *p;
+    *p = old > v ? old : v;
+    return old;
+}
+
+// CUDA's integer min/max overloads (device code calls them unqualified).
+template <typename A, typename B>
+inline typename std::common_type<A, B>::type min(A a, B b) {
+    using C = typename std::common_type<A, B>::type;
+    return (C)a < (C)b ? (C)a : (C)b;
+}
+template <typename A, typename B>
+inline typename std::common_type<A, B>::type max(A a, B b) {
+    using C = typename std::common_type<A, B>::type;
+    return (C)a > (C)b ? (C)a : (C)b;
+}
+
+inline uint32_t __float_as_uint(float f) {
+    uint32_t u;
+    std::memcpy(&u, &f, 4);
+    return u;
+}
+inline float __uint_as_float(uint32_t u) {
+    float f;
+    std::memcpy(&f, &u, 4);
+    return f;
+}
+// expf, fabsf, fmaf, sqrtf, tanhf: the C library's (math.h through <cmath>).
+
+// bf16: the bits, with CUDA's conversions (round to nearest even; NaN stays NaN).
+struct __nv_bfloat16 {
+    uint16_t x;
+};
+inline __nv_bfloat16 __float2bfloat16_rn(float f) {
+    uint32_t u = __float_as_uint(f);
+    if ((u & 0x7fffffffu) > 0x7f800000u) return __nv_bfloat16{(uint16_t)((u >> 16) | 0x40u)};
+    u += 0x7fffu + ((u >> 16) & 1u);
+    return __nv_bfloat16{(uint16_t)(u >> 16)};
+}
+inline float __bfloat162float(__nv_bfloat16 h) { return __uint_as_float((uint32_t)h.x << 16); }
+
+inline size_t __cvta_generic_to_shared(const void* p) { return clt_emu::to_shared(p); }

@@ -1,0 +1,517 @@
+// The CPU emulator's grid runner: each thread of a block is a fiber (its own stack) on the calling host thread.
+// Blocks run one after another; within a block, warp after warp runs as far as it can (its lanes in order,
+// each until it reaches a block barrier, a warp collective, or its end; a collective is released, with
+// every lane's result computed at once as the hardware does, as soon as all 32 lanes wait at it), and the
+// block barrier is released when every live thread waits at it. Anything else that stops progress is a
+// deadlock, reported with each thread's state, and so are collectives that not every lane of a warp
+// reaches, misaligned cp.async/ldmatrix addresses, and addresses outside shared memory.
+//
+// Shared memory starts each block filled with 0xFF bytes, and the launches take turns through four
+// schedules (warps first to last or last to first; cp.async copies landing when issued or only when the
+// thread waits for them), so a missing __syncthreads or cp.async wait shows up as poison in the results.
+//
+// What the emulator checks is the kernels' logic: indexing, synchronisation within a block, the warp-level
+// data movement, the fragment layouts of ldmatrix and mma.sync (from the PTX ISA), and cp.async's group
+// semantics (copies land only when the thread waits for them). It does not model timing, the memory
+// model across blocks (blocks run one after another), or streams (every call is synchronous).
+#include "runtime.h"
+
+#include <signal.h>
+#include <sys/mman.h>
+#include <unistd.h>
+
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <map>
+#include <sstream>
+#include <vector>
+
+// The linker's bounds of the clt_shared section, which holds every kernel's __shared__ statics.
+extern "C" char __start_clt_shared[];
+extern "C" char __stop_clt_shared[];
+
+// Switching fibers: save the callee-saved registers and the floating-point control words on the current
+// stack, store its pointer in *save, load `to` and restore the same from there. (ucontext's swapcontext
+// also saves the signal mask, a system call each way, which made it 85% of the emulator's time.)
+extern "C" void clt_emu_switch(void** save, void* to);
+#if defined(__x86_64__)
+asm(R"(
+    .text
+    .globl clt_emu_switch
+    .hidden clt_emu_switch
+    .type clt_emu_switch, @function
+clt_emu_switch:
+    pushq %rbp
+    pushq %rbx
+    pushq %r12
+    pushq %r13
+    pushq %r14
+    pushq %r15
+    subq $8, %rsp
+    stmxcsr (%rsp)
+    fnstcw 4(%rsp)
+    movq %rsp, (%rdi)
+    movq %rsi, %rsp
+    ldmxcsr (%rsp)
+    fldcw 4(%rsp)
+    addq $8, %rsp
+    popq %r15
+    popq %r14
+    popq %r13
+    popq %r12
+    popq %rbx
+    popq %rbp
+    ret
+    .size clt_emu_switch, .-clt_emu_switch
+)");
+#else
+#error "the CUDA emulator's fiber switch is written for x86-64"
+#endif
+
+namespace clt_emu {
+
+uint3 thread_idx, block_idx;
+dim3 block_dim, grid_dim;
+
+namespace {
+
+std::map<std::string, Kernel>& registry() {
+    static std::map<std::string, Kernel> r;
+    return r;
+}
+
+enum class St { Ready, Block, Warp, Done, Failed };
+enum class Op { Shfl, Ldmatrix, Mma };
+
+struct Copy {
+    char* dst;
+    const char* src;
+    uint32_t n;
+};
+
+struct Fiber {
+    void* sp;  // the saved stack pointer while switched out
+    St st;
+    uint3 tid;
+    // The warp collective this thread waits at: its arguments, then its result.
+    Op op;
+    Shfl shfl;
+    uint64_t val;
+    int arg;
+    uint32_t addr;
+    uint32_t a[4], b[2];
+    float c[4];
+    uint64_t res;
+    uint32_t r4[4];
+    float d[4];
+    // cp.async: the copies not yet committed, and the committed groups not yet waited for.
+    std::vector<Copy> open;
+    std::vector<std::vector<Copy>> groups;
+};
+
+constexpr size_t kStack = 256 * 1024;
+constexpr size_t kDynamicMax = 227 * 1024;  // an H100's shared memory per block
+
+struct State {
+    const Kernel* k = nullptr;
+    const void* params = nullptr;
+    std::vector<Fiber> fibers;
+    size_t cur = 0;
+    void* main_sp = nullptr;
+    std::string error;
+    size_t dyn_bytes = 0;
+    // The schedule (see run): warps in reverse order; cp.async copies land when issued instead of when
+    // waited for.
+    bool reverse_warps = false;
+    bool eager_copies = false;
+};
+unsigned launches = 0;
+State S;
+
+alignas(16) char dynamic[kDynamicMax];
+
+Fiber& me() { return S.fibers[S.cur]; }
+
+// Fiber stacks, each above a guard page, kept from launch to launch.
+char* stacks = nullptr;
+size_t n_stacks = 0;
+
+char* stack_top(size_t i) { return stacks + (i + 1) * (kStack + 4096); }
+
+bool reserve_stacks(size_t n) {
+    if (n <= n_stacks) return true;
+    if (stacks) munmap(stacks, n_stacks * (kStack + 4096));
+    void* m = mmap(nullptr, n * (kStack + 4096), PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE,
+                   -1, 0);
+    if (m == MAP_FAILED) {
+        stacks = nullptr;
+        n_stacks = 0;
+        return false;
+    }
+    stacks = static_cast<char*>(m);
+    n_stacks = n;
+    for (size_t i = 0; i < n; ++i) mprotect(stacks + i * (kStack + 4096), 4096, PROT_NONE);
+    return true;
+}
+
+void land(const Copy& c) {
+    std::memcpy(c.dst, c.src, c.n);
+    std::memset(c.dst + c.n, 0, 16 - c.n);
+}
+
+void yield() {
+    Fiber& f = me();
+    clt_emu_switch(&f.sp, S.main_sp);
+}
+
+// A fiber's first frame: runs the kernel, then hands back to the scheduler for good.
+[[noreturn]] void entry() {
+    S.k->thunk(S.k->fn, S.params);
+    Fiber& f = me();
+    f.st = St::Done;
+    clt_emu_switch(&f.sp, S.main_sp);
+    __builtin_unreachable();
+}
+
+// A new fiber's stack as clt_emu_switch leaves one: control words, six registers, then the return address
+// (entry), placed so that entry starts with the stack aligned as after a call.
+void* fresh_stack(size_t i) {
+    uintptr_t top = reinterpret_cast<uintptr_t>(stack_top(i)) & ~(uintptr_t)15;
+    void** sp = reinterpret_cast<void**>(top);
+    *--sp = nullptr;                              // entry's (never used) return address slot
+    *--sp = reinterpret_cast<void*>(&entry);      // at an address = 0 mod 16: entry starts at 8 mod 16
+    for (int r = 0; r < 6; ++r) *--sp = nullptr;  // rbp, rbx, r12..r15
+    uint32_t* cw = reinterpret_cast<uint32_t*>(--sp);
+    cw[0] = 0x1f80;  // MXCSR: round to nearest, all exceptions masked
+    cw[1] = 0x037f;  // x87 control word
+    return sp;
+}
+
+std::string where(const Fiber& f) {
+    std::ostringstream o;
+    o << "kernel " << S.k->name << ", block (" << block_idx.x << ", " << block_idx.y << ", " << block_idx.z
+      << "), thread (" << f.tid.x << ", " << f.tid.y << ", " << f.tid.z << ")";
+    return o.str();
+}
+
+// A fault inside a kernel (a wild pointer) kills the process as an illegal address would kill the CUDA
+// context; say where it happened first.
+struct sigaction old_segv, old_bus;
+void on_fault(int sig, siginfo_t* info, void*) {
+    char buf[512];
+    int n = snprintf(buf, sizeof buf, "clt-emu: %s at address %p in kernel %s, block (%u, %u, %u), thread (%u, %u, %u)\n",
+                     sig == SIGSEGV ? "segmentation fault" : "bus error", info->si_addr,
+                     S.k ? S.k->name.c_str() : "?", block_idx.x, block_idx.y, block_idx.z, thread_idx.x,
+                     thread_idx.y, thread_idx.z);
+    if (n > 0) (void)!write(2, buf, (size_t)n);
+    sigaction(SIGSEGV, &old_segv, nullptr);
+    sigaction(SIGBUS, &old_bus, nullptr);
+}
+
+void combine(std::vector<Fiber*>& lanes) {
+    const Fiber& l0 = *lanes[0];
+    for (Fiber* f : lanes)
+        if (f->op != l0.op || (f->op == Op::Shfl && f->shfl != l0.shfl)) {
+            S.error = where(*f) + ": the lanes of a warp wait at different collectives";
+            return;
+        }
+    switch (l0.op) {
+        case Op::Shfl:
+            for (int i = 0; i < 32; ++i) {
+                const int arg = lanes[i]->arg;
+                int src = i;
+                switch (l0.shfl) {
+                    case Shfl::Down: src = i + arg < 32 ? i + arg : i; break;
+                    case Shfl::Up: src = i - arg >= 0 ? i - arg : i; break;
+                    case Shfl::Xor: src = (i ^ arg) & 31; break;
+                    case Shfl::Idx: src = arg & 31; break;
+                }
+                lanes[i]->res = lanes[src]->val;
+            }
+            break;
+        case Op::Ldmatrix: {
+            // .m8n8.x4.b16: lanes 8j .. 8j+7 give the row addresses of matrix j; lane i receives, of each
+            // matrix j, row i / 4, elements 2 (i % 4) and 2 (i % 4) + 1 (the lower one in the low half).
+            for (int i = 0; i < 32; ++i) {
+                const char* row = static_cast<const char*>(from_shared(lanes[i]->addr));
+                if (reinterpret_cast<uintptr_t>(row) % 16 != 0) {
+                    S.error = where(*lanes[i]) + ": ldmatrix row address not 16-byte aligned";
+                    return;
+                }
+            }
+            for (int i = 0; i < 32; ++i)
+                for (int j = 0; j < 4; ++j) {
+                    const char* row = static_cast<const char*>(from_shared(lanes[8 * j + i / 4]->addr));
+                    std::memcpy(&lanes[i]->r4[j], row + (i % 4) * 4, 4);
+                }
+            break;
+        }
+        case Op::Mma: {
+            // .m16n8k16.row.col.f32.bf16.bf16.f32, lane = 4 g + t. A (16 x 16): a0 = (g, 2t..2t+1),
+            // a1 = (g+8, 2t..), a2 = (g, 2t+8..), a3 = (g+8, 2t+8..). B (16 x 8, k x n): b0 = (k 2t..2t+1,
+            // n g), b1 = (k 2t+8.., n g). C, D (16 x 8): c0, c1 = (g, 2t..2t+1), c2, c3 = (g+8, 2t..).
+            float A[16][16], B[16][8], C[16][8];
+            auto lo = [](uint32_t r) { return __bfloat162float(__nv_bfloat16{(uint16_t)(r & 0xffffu)}); };
+            auto hi = [](uint32_t r) { return __bfloat162float(__nv_bfloat16{(uint16_t)(r >> 16)}); };
+            for (int i = 0; i < 32; ++i) {
+                const Fiber& f = *lanes[i];
+                const int g = i >> 2, t = i & 3;
+                for (int r = 0; r < 4; ++r) {
+                    const int row = g + (r & 1) * 8, col = 2 * t + (r >> 1) * 8;
+                    A[row][col] = lo(f.a[r]);
+                    A[row][col + 1] = hi(f.a[r]);
+                }
+                for (int r = 0; r < 2; ++r) {
+                    B[2 * t + r * 8][g] = lo(f.b[r]);
+                    B[2 * t + r * 8 + 1][g] = hi(f.b[r]);
+                }
+                for (int r = 0; r < 4; ++r) C[g + (r >> 1) * 8][2 * t + (r & 1)] = f.c[r];
+            }
+            for (int i = 0; i < 32; ++i) {
+                const int g = i >> 2, t = i & 3;
+                for (int r = 0; r < 4; ++r) {
+                    const int m = g + (r >> 1) * 8, n = 2 * t + (r & 1);
+                    float acc = C[m][n];
+                    for (int k = 0; k < 16; ++k) acc = fmaf(A[m][k], B[k][n], acc);
+                    lanes[i]->d[r] = acc;
+                }
+            }
+            break;
+        }
+    }
+    for (Fiber* f : lanes) f->st = St::Ready;
+}
+
+std::string states() {
+    std::ostringstream o;
+    const char* names[] = {"running", "at __syncthreads", "at a warp collective", "exited", "failed"};
+    for (size_t i = 0; i < S.fibers.size(); ++i) {
+        if (i > 0 && S.fibers[i].st == S.fibers[i - 1].st) continue;
+        size_t j = i;
+        while (j + 1 < S.fibers.size() && S.fibers[j + 1].st == S.fibers[i].st) ++j;
+        o << " threads " << i << ".." << j << " " << names[(int)S.fibers[i].st] << ";";
+    }
+    return o.str();
+}
+
+// Runs one block to its end. Returns false on an error (in S.error).
+bool run_block() {
+    const size_t n = S.fibers.size();
+    // Shared memory starts undefined: poison the statics and the dynamic part.
+    std::memset(__start_clt_shared, 0xff, (size_t)(__stop_clt_shared - __start_clt_shared));
+    std::memset(dynamic, 0xff, S.dyn_bytes);
+    for (size_t i = 0; i < n; ++i) {
+        Fiber& f = S.fibers[i];
+        f.st = St::Ready;
+        f.tid = uint3{(unsigned)(i % block_dim.x), (unsigned)(i / block_dim.x % block_dim.y),
+                      (unsigned)(i / (block_dim.x * block_dim.y))};
+        f.open.clear();
+        f.groups.clear();
+        f.sp = fresh_stack(i);
+    }
+    const size_t n_warps = (n + 31) / 32;
+    std::vector<Fiber*> lanes;
+    for (;;) {
+        // Warp after warp (in the launch's order), each as far as it goes: its lanes run in order until
+        // each waits or exits, its collective is released as soon as all its lanes wait at it, and only a
+        // block barrier or its end lets the next warp run. A warp that reads shared memory another warp
+        // has not written yet (a missing __syncthreads) sees the poison.
+        bool progressed = false;
+        for (size_t wi = 0; wi < n_warps; ++wi) {
+            const size_t w = S.reverse_warps ? n_warps - 1 - wi : wi;
+            const size_t lo = 32 * w, hi = lo + 32 < n ? lo + 32 : n;
+            for (;;) {
+                for (size_t i = lo; i < hi; ++i) {
+                    if (S.fibers[i].st != St::Ready) continue;
+                    S.cur = i;
+                    thread_idx = S.fibers[i].tid;
+                    clt_emu_switch(&S.main_sp, S.fibers[i].sp);
+                    progressed = true;
+                    if (!S.error.empty()) return false;
+                }
+                lanes.clear();
+                size_t waiting = 0, gone = 0;
+                for (size_t i = lo; i < hi; ++i) {
+                    lanes.push_back(&S.fibers[i]);
+                    if (S.fibers[i].st == St::Warp) ++waiting;
+                    if (S.fibers[i].st == St::Done) ++gone;
+                }
+                if (waiting == 0 || waiting + gone != lanes.size()) break;
+                if (lanes.size() < 32 || gone > 0) {
+                    S.error = where(*lanes[0]) + ": a full-warp collective that not all 32 lanes reach (" +
+                              std::to_string(lanes.size() - gone) + " do)";
+                    return false;
+                }
+                combine(lanes);
+                if (!S.error.empty()) return false;
+            }
+        }
+        size_t live = 0, at_barrier = 0;
+        for (const Fiber& f : S.fibers) {
+            if (f.st != St::Done) ++live;
+            if (f.st == St::Block) ++at_barrier;
+        }
+        if (live == 0) return true;
+        if (at_barrier == live) {
+            for (Fiber& f : S.fibers)
+                if (f.st == St::Block) f.st = St::Ready;
+        } else if (!progressed) {
+            S.error = "kernel " + S.k->name + ", block (" + std::to_string(block_idx.x) + ", " +
+                      std::to_string(block_idx.y) + ", " + std::to_string(block_idx.z) + "): deadlock:" + states();
+            return false;
+        }
+    }
+}
+
+}  // namespace
+
+void register_kernel(const char* name, void* fn, Thunk thunk, unsigned max_threads) {
+    registry()[name] = Kernel{name, fn, thunk, max_threads};
+}
+
+const Kernel* find_kernel(const std::string& name) {
+    auto it = registry().find(name);
+    return it == registry().end() ? nullptr : &it->second;
+}
+
+std::string run(const Kernel& k, const void* params, dim3 grid, dim3 block, size_t dyn) {
+    const size_t n = (size_t)block.x * block.y * block.z;
+    if (n == 0 || n > 1024 || block.x > 1024 || block.y > 1024 || block.z > 64)
+        return "kernel " + k.name + ": invalid block size";
+    if (n > k.max_threads)
+        return "kernel " + k.name + ": " + std::to_string(n) + " threads per block, over its __launch_bounds__ (" +
+               std::to_string(k.max_threads) + ")";
+    if (grid.x == 0 || grid.y == 0 || grid.z == 0 || grid.x > 2147483647u || grid.y > 65535 || grid.z > 65535)
+        return "kernel " + k.name + ": invalid grid size (" + std::to_string(grid.x) + ", " +
+               std::to_string(grid.y) + ", " + std::to_string(grid.z) + ")";
+    if (dyn > 48 * 1024)
+        return "kernel " + k.name + ": " + std::to_string(dyn) +
+               " bytes of dynamic shared memory, over the 48 KiB a kernel gets without opting in";
+    S = State{};
+    // Kernels must be right under every schedule: the launches take turns through the four, unless
+    // CLT_EMU_SCHEDULE (0..3) fixes one.
+    unsigned mode = launches++ % 4;
+    if (const char* e = getenv("CLT_EMU_SCHEDULE")) mode = (unsigned)atoi(e) % 4;
+    S.reverse_warps = mode & 1;
+    S.eager_copies = mode & 2;
+    S.k = &k;
+    S.params = params;
+    S.dyn_bytes = dyn;
+    S.fibers.resize(n);
+    if (!reserve_stacks(n)) return "kernel " + k.name + ": cannot map fiber stacks";
+
+    struct sigaction sa;
+    std::memset(&sa, 0, sizeof sa);
+    sa.sa_sigaction = on_fault;
+    sa.sa_flags = SA_SIGINFO | SA_ONSTACK;
+    sigaction(SIGSEGV, &sa, &old_segv);
+    sigaction(SIGBUS, &sa, &old_bus);
+
+    block_dim = block;
+    grid_dim = grid;
+    bool ok = true;
+    for (unsigned z = 0; ok && z < grid.z; ++z)
+        for (unsigned y = 0; ok && y < grid.y; ++y)
+            for (unsigned x = 0; ok && x < grid.x; ++x) {
+                block_idx = uint3{x, y, z};
+                ok = run_block();
+            }
+
+    sigaction(SIGSEGV, &old_segv, nullptr);
+    sigaction(SIGBUS, &old_bus, nullptr);
+    std::string e = S.error;
+    S.fibers.clear();
+    S.k = nullptr;
+    return e;
+}
+
+// ---- what the kernels call (declared in include/cuda_bf16.h) ----
+
+void fail(const char* what) {
+    Fiber& f = me();
+    S.error = where(f) + ": " + what;
+    f.st = St::Failed;
+    for (;;) yield();  // never resumed: the scheduler stops at the error
+}
+
+void syncthreads() {
+    me().st = St::Block;
+    yield();
+}
+
+uint64_t shfl(Shfl kind, uint64_t bits, int arg) {
+    Fiber& f = me();
+    f.op = Op::Shfl;
+    f.shfl = kind;
+    f.val = bits;
+    f.arg = arg;
+    f.st = St::Warp;
+    yield();
+    return f.res;
+}
+
+void ldmatrix_x4(uint32_t addr, uint32_t out[4]) {
+    Fiber& f = me();
+    from_shared(addr);  // checks the address
+    f.op = Op::Ldmatrix;
+    f.addr = addr;
+    f.st = St::Warp;
+    yield();
+    for (int j = 0; j < 4; ++j) out[j] = f.r4[j];
+}
+
+void mma_bf16_16816(float c[4], const uint32_t a[4], uint32_t b0, uint32_t b1) {
+    Fiber& f = me();
+    f.op = Op::Mma;
+    for (int j = 0; j < 4; ++j) f.a[j] = a[j], f.c[j] = c[j];
+    f.b[0] = b0;
+    f.b[1] = b1;
+    f.st = St::Warp;
+    yield();
+    for (int j = 0; j < 4; ++j) c[j] = f.d[j];
+}
+
+void cp_async16(uint32_t shared_addr, const void* src, uint32_t src_bytes) {
+    char* dst = static_cast<char*>(from_shared(shared_addr));
+    if (reinterpret_cast<uintptr_t>(dst) % 16 != 0) fail("cp.async destination not 16-byte aligned");
+    if (src_bytes > 16) fail("cp.async source size over 16 bytes");
+    if (src_bytes > 0 && reinterpret_cast<uintptr_t>(src) % 16 != 0) fail("cp.async source not 16-byte aligned");
+    const Copy c{dst, static_cast<const char*>(src), src_bytes};
+    if (S.eager_copies) land(c);
+    else me().open.push_back(c);
+}
+
+void cp_async_commit() {
+    Fiber& f = me();
+    f.groups.push_back(std::move(f.open));
+    f.open.clear();
+}
+
+void cp_async_wait(int pending) {
+    Fiber& f = me();
+    while (f.groups.size() > (size_t)pending) {
+        for (const Copy& c : f.groups.front()) land(c);
+        f.groups.erase(f.groups.begin());
+    }
+}
+
+// Shared addresses: offsets from the start of the clt_shared section; the dynamic part follows it.
+uint32_t to_shared(const void* p) {
+    const char* c = static_cast<const char*>(p);
+    if (c >= __start_clt_shared && c < __stop_clt_shared) return (uint32_t)(c - __start_clt_shared);
+    if (c >= dynamic && c < dynamic + S.dyn_bytes)
+        return (uint32_t)(__stop_clt_shared - __start_clt_shared) + (uint32_t)(c - dynamic);
+    fail("__cvta_generic_to_shared of an address outside shared memory");
+}
+
+void* from_shared(uint32_t addr) {
+    const size_t statics = (size_t)(__stop_clt_shared - __start_clt_shared);
+    if (addr < statics) return __start_clt_shared + addr;
+    if (addr - statics < S.dyn_bytes) return dynamic + (addr - statics);
+    fail("a shared-memory address outside the block's shared memory");
+}
+
+void* dynamic_shared() { return dynamic; }
+
+}  // namespace clt_emu
