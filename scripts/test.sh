@@ -44,6 +44,14 @@ if grep -E "spill (stores|loads)" target/ptxas-report.txt | grep -vqE "0 bytes s
 fi
 # (The FFI layout is checked at compile time by the clippy build above; its unit test runs on the GPU machine.)
 cargo test --release --features cuda --test cuda -- --nocapture
+# The same tests again on the CPU emulator of the CUDA driver (kernels/emu/README.md): every kernel compiled
+# as host C++ and run, block by block with each thread a fiber, through the unchanged cudarc backend; with
+# CLT_REQUIRE_GPU=1 they fail rather than skip if the emulator is not the driver they find. Then the bench's
+# code paths (`clt bench --cuda --preset tiny`; its times on the emulator mean nothing).
+echo "== CUDA on the CPU emulator: the kernel tests and the bench's code paths"
+emu=$(bash scripts/build-emu.sh)
+LD_LIBRARY_PATH="$emu" CLT_REQUIRE_GPU=1 cargo test --release --features cuda --test cuda -- --nocapture
+LD_LIBRARY_PATH="$emu" cargo run --release --features cuda --bin clt -- bench --cuda --preset tiny
 
 # NCCL bootstrapped by MPI (dist::nccl) exists only with both features: clippy, and its test (without a GPU
 # it checks the clear error; with one, a one-rank all-reduce).

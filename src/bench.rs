@@ -30,6 +30,9 @@ pub struct Problem {
 /// Named problem sizes.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 pub enum Preset {
+    /// A smoke test of the code paths, not a measurement: 2 layers, d = 64, 256 features, batch 256 (with
+    /// `--cuda`, small enough for the CPU emulator, kernels/emu/).
+    Tiny,
     /// stories260K-sized: 5 layers, d = 64, 4096 features per layer, batch 4096.
     Small,
     /// GPT-2-small-sized: 12 layers, d = 768, 3072 features per layer, batch 2048.
@@ -40,6 +43,7 @@ impl Preset {
     /// (layers, d, features, batch)
     pub fn dims(self) -> (usize, usize, usize, usize) {
         match self {
+            Preset::Tiny => (2, 64, 256, 256),
             Preset::Small => (5, 64, 4096, 4096),
             Preset::Large => (12, 768, 3072, 2048),
         }
@@ -281,13 +285,13 @@ fn median(mut v: Vec<f64>) -> f64 {
 /// ceilings (bf16 nominal, device copy measured in the same run), then the sparse step against the dense cuBLAS
 /// step. `big` picks the Llama-3.2-1B shape. See [`crate::backend::cuda::bench`].
 #[cfg(feature = "cuda")]
-pub fn cuda_kernels(big: bool) -> Result<()> {
-    crate::backend::cuda::bench::run(big)
+pub fn cuda_kernels(preset: Preset) -> Result<()> {
+    crate::backend::cuda::bench::run(preset)
 }
 
 /// Without the `cuda` feature: the error that says so.
 #[cfg(not(feature = "cuda"))]
-pub fn cuda_kernels(_big: bool) -> Result<()> {
+pub fn cuda_kernels(_preset: Preset) -> Result<()> {
     Err(crate::Error::BackendUnavailable {
         backend: "cuda".into(),
         reason: "built without CUDA support (rebuild with `--features cuda`)".into(),

@@ -2,6 +2,10 @@
 //! not multiples of the tile or block sizes, empty batches, rows with nothing or everything active), with
 //! poisoned output buffers (0xFF bytes: NaN / `u32::MAX`) so an element a kernel forgets to write fails.
 //!
+//! They run on the GPU machine (scripts/gpu-check.sh) and, in CI, on the CPU emulator of the CUDA driver
+//! (kernels/emu/: the kernels compiled as host C++, found through `LD_LIBRARY_PATH`), which checks their
+//! logic but not the hardware.
+//!
 //! Without a CUDA driver the GPU tests print "skipped: no CUDA driver ..." and return; with
 //! `CLT_REQUIRE_GPU=1` (set by scripts/gpu-check.sh on the GPU machine) a missing driver or device fails
 //! them instead, so they never pass vacuously there.
@@ -208,7 +212,9 @@ mod gpu_tests {
             );
             return;
         }
-        let e = clt::bench::cuda_kernels(false).unwrap_err().to_string();
+        let e = clt::bench::cuda_kernels(clt::bench::Preset::Small)
+            .unwrap_err()
+            .to_string();
         assert!(
             e.contains("no CUDA driver found (libcuda.so)"),
             "unclear error: {e}"
@@ -335,6 +341,80 @@ mod gpu_tests {
                 .sum();
             close("preact_sum", ps[f] as f64, want.preact_sum[f], s)?;
             close("near_h", nh[f] as f64, want.window_inactive_h[f], s)?;
+        }
+        Ok(())
+    }
+
+    /// One training step's loss and gradient on the GPU (`step::loss_and_grad`) against the CPU's.
+    #[allow(clippy::too_many_arguments)]
+    fn check_training_step(
+        gpu: &Gpu,
+        l_n: usize,
+        d: usize,
+        f_n: usize,
+        n_tokens: usize,
+        kind: u8,
+        k_raw: usize,
+        per_layer: bool,
+        bandwidth: f32,
+        by_h: bool,
+        masked: bool,
+        seed: u64,
+    ) -> Result<(), TestCaseError> {
+        let k = k_raw.min(f_n);
+        let act = match kind {
+            0 | 1 => Activation::JumpRelu,
+            2 => Activation::TopK { k },
+            _ => Activation::BatchTopK {
+                k,
+                across_layers: seed.is_multiple_of(2),
+            },
+        };
+        let cfg = config(l_n, d, f_n, per_layer, act);
+        let mut rng = Rng::seed(seed);
+        let p = bf16_params(&random_params(&cfg, &mut rng));
+        let (x, y) = random_batch(&cfg, n_tokens, &mut rng);
+        let x = round_bf16(&x);
+        prop_assume!(!ambiguous(&cfg, &p, &x, n_tokens, 0.5 * bandwidth));
+        let norms = decoder_norms(&cfg, &p.w_dec);
+        let threshold_grad = if by_h {
+            ThresholdGrad::Preact
+        } else {
+            ThresholdGrad::Theta
+        };
+        let obj = Objective {
+            lambda: 0.9,
+            c: 4.0,
+            lambda_preact: 0.2,
+            bandwidth,
+            threshold_grad,
+        };
+        let mask: Vec<Vec<bool>> = (0..l_n)
+            .map(|_| (0..f_n).map(|_| rng.below(2) == 0).collect())
+            .collect();
+        let mask = masked.then_some(mask.as_slice());
+        let mut gc = Grads::zeros(&cfg);
+        let sc = sparse::loss_and_grad(&cfg, &p, &norms, &x, &y, n_tokens, &obj, mask, &mut gc);
+        let mut gg = Grads::zeros(&cfg);
+        // Poison the host gradients too: every tensor must be overwritten.
+        for t in gg.p.tensors_mut() {
+            t.iter_mut().for_each(|v| *v = f32::NAN);
+        }
+        let sg = step::loss_and_grad(gpu, &cfg, &p, &norms, &x, &y, n_tokens, &obj, mask, &mut gg)
+            .unwrap();
+        let loss_scale = sc.loss().abs() + 1.0;
+        close("recon", sg.recon, sc.recon, loss_scale)?;
+        close("sparsity", sg.sparsity, sc.sparsity, loss_scale)?;
+        close("preact", sg.preact, sc.preact, loss_scale)?;
+        prop_assert_eq!(&sg.n_active, &sc.n_active);
+        prop_assert_eq!(&sg.active_count, &sc.active_count);
+        prop_assert_eq!(&gg.dec_touched, &gc.dec_touched);
+        // Gradients: compare the materialised full gradient, scaled by its magnitude per tensor.
+        let (mg, mc) = (gg.materialize(&cfg, &p), gc.materialize(&cfg, &p));
+        let names = p.named(&cfg);
+        for ((a, b), n) in mg.tensors().iter().zip(mc.tensors()).zip(&names) {
+            let s = b.iter().fold(0f64, |m, v| m.max(v.abs() as f64)) * 50.0 + 1.0;
+            close_all(&n.name, a, b, &vec![s; a.len()])?;
         }
         Ok(())
     }
@@ -704,43 +784,7 @@ mod gpu_tests {
             masked in any::<bool>(), seed in any::<u64>(),
         ) {
             let Some(gpu) = gpu() else { return Ok(()) };
-            let k = k_raw.min(f_n);
-            let act = match kind {
-                0 | 1 => Activation::JumpRelu,
-                2 => Activation::TopK { k },
-                _ => Activation::BatchTopK { k, across_layers: seed % 2 == 0 },
-            };
-            let cfg = config(l_n, d, f_n, per_layer, act);
-            let mut rng = Rng::seed(seed);
-            let p = bf16_params(&random_params(&cfg, &mut rng));
-            let (x, y) = random_batch(&cfg, n_tokens, &mut rng);
-            let x = round_bf16(&x);
-            prop_assume!(!ambiguous(&cfg, &p, &x, n_tokens, 0.5 * bandwidth));
-            let norms = decoder_norms(&cfg, &p.w_dec);
-            let threshold_grad = if by_h { ThresholdGrad::Preact } else { ThresholdGrad::Theta };
-            let obj = Objective { lambda: 0.9, c: 4.0, lambda_preact: 0.2, bandwidth, threshold_grad };
-            let mask: Vec<Vec<bool>> = (0..l_n).map(|_| (0..f_n).map(|_| rng.below(2) == 0).collect()).collect();
-            let mask = masked.then_some(mask.as_slice());
-            let mut gc = Grads::zeros(&cfg);
-            let sc = sparse::loss_and_grad(&cfg, &p, &norms, &x, &y, n_tokens, &obj, mask, &mut gc);
-            let mut gg = Grads::zeros(&cfg);
-            // Poison the host gradients too: every tensor must be overwritten.
-            for t in gg.p.tensors_mut() { t.iter_mut().for_each(|v| *v = f32::NAN); }
-            let sg = step::loss_and_grad(gpu, &cfg, &p, &norms, &x, &y, n_tokens, &obj, mask, &mut gg).unwrap();
-            let loss_scale = sc.loss().abs() + 1.0;
-            close("recon", sg.recon, sc.recon, loss_scale)?;
-            close("sparsity", sg.sparsity, sc.sparsity, loss_scale)?;
-            close("preact", sg.preact, sc.preact, loss_scale)?;
-            prop_assert_eq!(&sg.n_active, &sc.n_active);
-            prop_assert_eq!(&sg.active_count, &sc.active_count);
-            prop_assert_eq!(&gg.dec_touched, &gc.dec_touched);
-            // Gradients: compare the materialised full gradient, scaled by its magnitude per tensor.
-            let (mg, mc) = (gg.materialize(&cfg, &p), gc.materialize(&cfg, &p));
-            let names = p.named(&cfg);
-            for ((a, b), n) in mg.tensors().iter().zip(mc.tensors()).zip(&names) {
-                let s = b.iter().fold(0f64, |m, v| m.max(v.abs() as f64)) * 50.0 + 1.0;
-                close_all(&n.name, a, b, &vec![s; a.len()])?;
-            }
+            check_training_step(gpu, l_n, d, f_n, n_tokens, kind, k_raw, per_layer, bandwidth, by_h, masked, seed)?;
         }
 
         /// The dense cuBLAS baseline's loss equals the sparse step's (CPU reference and GPU step) on the same
@@ -978,7 +1022,8 @@ mod gpu_tests {
         /// Column sums (Σ_b x_b, the decoder-bias gradient) and the per-feature grouping (CSR).
         #[test]
         fn col_sum_and_grouping_match_cpu(
-            n_tokens in 0usize..300, d in 1usize..50, f_n in 1usize..2000, seed in any::<u64>(),
+            n_tokens in 0usize..1500, d in 1usize..50, f_n in 1usize..2000, hot in any::<bool>(),
+            seed in any::<u64>(),
         ) {
             let Some(gpu) = gpu() else { return Ok(()) };
             let mut rng = Rng::seed(seed);
@@ -988,11 +1033,15 @@ mod gpu_tests {
                 let want: f64 = (0..n_tokens).map(|b| x[b * d + j] as f64).sum();
                 close("col_sum", got[j] as f64, want, n_tokens as f64 * 4.0)?;
             }
-            // Random lists (distinct increasing features per token), some tokens empty.
+            // Random lists (distinct increasing features per token), some tokens empty; with `hot`, feature 0
+            // is on every token, so its segment (up to 1,500 entries) takes several of csr_sort's chunks.
             let mut h = encode::HostCodes { offsets: vec![0], ..Default::default() };
             for _ in 0..n_tokens {
                 let n = if rng.below(5) == 0 { 0 } else { rng.below(f_n.min(40)) + 1 };
                 let mut fs: Vec<u32> = (0..n).map(|_| rng.below(f_n) as u32).collect();
+                if hot {
+                    fs.push(0);
+                }
                 fs.sort_unstable();
                 fs.dedup();
                 h.feat.extend(&fs);
@@ -1013,6 +1062,23 @@ mod gpu_tests {
             for f in 0..f_n {
                 prop_assert_eq!(&order[start[f] as usize..start[f + 1] as usize], &want[f][..], "feature {}", f);
             }
+        }
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(cases().div_ceil(4)))]
+
+        /// The training step with long per-feature lists and wide rows: d > 256 makes about half the
+        /// features active on each token, so a feature has hundreds of entries and its gradient block
+        /// (`feature_grads`) and segment sort (`csr_sort`) go through more than one chunk of 256, as do the
+        /// columns; the small shapes of `training_step_matches_cpu` only ever take one.
+        #[test]
+        fn training_step_with_long_feature_lists_matches_cpu(
+            l_n in 1usize..3, d in 257usize..300, f_n in 1usize..6, n_tokens in 520usize..700,
+            kind in 0u8..4, k_raw in 1usize..6, seed in any::<u64>(),
+        ) {
+            let Some(gpu) = gpu() else { return Ok(()) };
+            check_training_step(gpu, l_n, d, f_n, n_tokens, kind, k_raw, false, 0.05, seed.is_multiple_of(2), false, seed)?;
         }
     }
 

@@ -185,7 +185,9 @@ enum Command {
         json: Option<PathBuf>,
         /// Time the CUDA kernels instead (needs `--features cuda` and a GPU): per kernel time, TFLOP/s or
         /// GB/s and fraction of the ceilings, then the sparse step against the dense cuBLAS step; `--preset
-        /// large` picks the Llama-3.2-1B shape (16 layers, d = 2048, 8192 features, 16,384 tokens).
+        /// large` picks the Llama-3.2-1B shape (16 layers, d = 2048, 8192 features, 16,384 tokens), `small`
+        /// a quarter of it in features and tokens, `tiny` a smoke test (2 layers, d = 64, 256 features and
+        /// tokens) that the CPU emulator runs.
         #[arg(long)]
         cuda: bool,
     },
@@ -513,7 +515,7 @@ fn run(cli: Cli) -> clt::Result<()> {
             cuda,
         } => {
             if cuda {
-                return clt::bench::cuda_kernels(matches!(preset, clt::bench::Preset::Large));
+                return clt::bench::cuda_kernels(preset);
             }
             let (l_n, d, f, b) = preset.dims();
             println!(

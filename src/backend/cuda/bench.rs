@@ -9,6 +9,7 @@ use super::{Gpu, adam, backward, decode, dense, encode, resident, step};
 use crate::Result;
 use crate::backend::cpu::adam::AdamHyper;
 use crate::backend::{Objective, ThresholdGrad};
+use crate::bench::Preset;
 use crate::clt::{Activation, CltConfig, DecoderKind};
 use crate::rng::Rng;
 
@@ -29,10 +30,9 @@ fn median(gpu: &Gpu, reps: usize, mut f: impl FnMut() -> Result<()>) -> Result<f
     Ok(t[t.len() / 2])
 }
 
-/// The device's copy rate in GB/s (bytes read + written): device-to-device copies of 1 GiB, median of 5
-/// after 2 warm-ups.
-pub fn copy_ceiling_gbs(gpu: &Gpu) -> Result<f64> {
-    let n = 256 << 20; // f32 elements: 1 GiB
+/// The device's copy rate in GB/s (bytes read + written): device-to-device copies of `n` f32 (256 Mi: 1 GiB),
+/// median of 5 after 2 warm-ups.
+pub fn copy_ceiling_gbs(gpu: &Gpu, n: usize) -> Result<f64> {
     let src = gpu.upload(&(0..n).map(|i| (i % 977) as f32).collect::<Vec<f32>>())?;
     let mut dst = gpu.zeros::<f32>(n)?;
     let ms = median(gpu, 5, || gpu.copy(&src, &mut dst))?;
@@ -50,31 +50,36 @@ fn report(name: &str, ms: f64, flops: f64, bytes: f64, copy_gbs: f64) {
     );
 }
 
-/// Runs every kernel bench on device 0 and prints the table: the issue's Llama-3.2-1B shape with `big`
-/// (16 layers, d = 2048, 8192 features per layer, 16,384 tokens, L0 ≈ 64), else a quarter of it in tokens
-/// and features.
-pub fn run(big: bool) -> Result<()> {
+/// Runs every kernel bench on device 0 and prints the table: with [`Preset::Large`] the issue's
+/// Llama-3.2-1B shape (16 layers, d = 2048, 8192 features per layer, 16,384 tokens, L0 ≈ 64), with
+/// [`Preset::Small`] a quarter of it in tokens and features, with [`Preset::Tiny`] a smoke test of every code
+/// path (2 layers, d = 64, 256 features, 256 tokens, L0 ≈ 8; its GEMM and copy are small too) that the CPU
+/// emulator (kernels/emu/) runs in seconds.
+pub fn run(preset: Preset) -> Result<()> {
     let gpu = Gpu::open(0)?;
-    let (l_n, d, f_n, b_n, l0) = if big {
-        (16usize, 2048usize, 8192usize, 16384usize, 64usize)
-    } else {
-        (16, 2048, 2048, 4096, 64)
+    let (l_n, d, f_n, b_n, l0) = match preset {
+        Preset::Large => (16usize, 2048usize, 8192usize, 16384usize, 64usize),
+        Preset::Small => (16, 2048, 2048, 4096, 64),
+        Preset::Tiny => (2, 64, 256, 256, 8),
     };
+    let tiny = preset == Preset::Tiny;
     println!(
         "device {}; L = {l_n}, d = {d}, F = {f_n}, B = {b_n}, L0 ≈ {l0}",
         gpu.describe()
     );
-    let copy = copy_ceiling_gbs(&gpu)?;
+    let copy_n = if tiny { 1 << 20 } else { 256 << 20 };
+    let copy = copy_ceiling_gbs(&gpu, copy_n)?;
     println!(
-        "device copy (1 GiB, read + write): {copy:.0} GB/s measured ({:.0}% of the {COPY_GBS:.0} GB/s \
+        "device copy ({} MiB, read + write): {copy:.0} GB/s measured ({:.0}% of the {COPY_GBS:.0} GB/s \
          nominal); bf16 ceiling {BF16_TFLOPS} TFLOP/s (nominal); percentages below are of these two",
+        (copy_n * 4) >> 20,
         100.0 * copy / COPY_GBS
     );
     // cuBLAS is needed only for its GEMM rate and the dense baseline: without it the kernel rows still run.
     let blas = dense::Blas::new(&gpu);
     match &blas {
         Ok(blas) => {
-            let n = 8192;
+            let n = if tiny { 256 } else { 8192 };
             let vals: Vec<f32> = (0..n * n)
                 .map(|i| ((i * 7919) % 1021) as f32 / 1021.0 - 0.5)
                 .collect();
@@ -82,7 +87,7 @@ pub fn run(big: bool) -> Result<()> {
             let ms = median(&gpu, 5, || dense::gemm_square(&gpu, blas, &a, &c, n))?;
             let gemm = 2.0 * (n as f64).powi(3) / ms / 1e9;
             println!(
-                "cuBLAS bf16 GEMM 8192³ (fp32 accumulate): {gemm:.0} TFLOP/s measured ({:.0}% of the \
+                "cuBLAS bf16 GEMM {n}³ (fp32 accumulate): {gemm:.0} TFLOP/s measured ({:.0}% of the \
                  nominal ceiling)",
                 100.0 * gemm / BF16_TFLOPS
             );

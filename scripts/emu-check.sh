@@ -1,0 +1,13 @@
+#!/usr/bin/env bash
+# A dry run of the GPU session on this machine: builds gpu-pack/ as for the GPU machine
+# (scripts/gpu-build.sh), builds the CPU emulator of the CUDA driver (scripts/build-emu.sh), and runs
+# gpu-pack/gpu-check.sh against the emulator, with few property cases and the tiny bench shape. It proves
+# the pack and every code path of the GPU session run to the end (no GPU figure comes from it: see
+# kernels/emu/README.md), so the scarce GPU minutes are not spent on a script or wrapper bug.
+# Writes gpu-pack/gpu-log.txt. Usage: bash scripts/emu-check.sh
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/gpu-build.sh
+emu=$(bash scripts/build-emu.sh)
+LD_LIBRARY_PATH="$emu${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}" CLT_GPU_CASES=${CLT_GPU_CASES:-4} \
+    CLT_BENCH_PRESETS=tiny bash gpu-pack/gpu-check.sh
