@@ -3,10 +3,13 @@
 // process that finds it first on LD_LIBRARY_PATH (tests/cuda.rs under scripts/test.sh) runs the crate's
 // whole CUDA backend, unchanged, on the CPU.
 //
-// Device memory is host memory: a device pointer is a host address. Every call is synchronous, so streams
+// Device memory is host memory: a device pointer is a host address, each allocation followed by an
+// inaccessible page (overruns fault) and filled with 0xFF bytes at first. Every call is synchronous, so streams
 // and events only order what is already ordered, and event times are host times. Copies are checked
 // against the allocations they touch; a kernel's failure (runtime.cc) is CUDA_ERROR_LAUNCH_FAILED, with
 // cuGetErrorString returning the emulator's message for it.
+#include <sys/mman.h>
+
 #include <chrono>
 #include <cstdio>
 #include <cstdlib>
@@ -42,7 +45,12 @@ enum : CUresult {
 };
 
 std::mutex M;                           // one call at a time (the fibers run on the caller's thread)
-std::map<uintptr_t, size_t> allocs;     // device allocations: start -> bytes
+struct Alloc {
+    size_t bytes;  // what was asked for
+    void* map;     // the mapping that holds it, and its length
+    size_t map_len;
+};
+std::map<uintptr_t, Alloc> allocs;      // device allocations, by start address
 std::string last_launch_error;          // cuGetErrorString(CUDA_ERROR_LAUNCH_FAILED)
 int ctx_token, stream_token;            // addresses used as the context and default-stream handles
 const auto t0 = std::chrono::steady_clock::now();
@@ -68,15 +76,26 @@ bool device_range(CUdeviceptr p, size_t n) {
     auto it = allocs.upper_bound((uintptr_t)p);
     if (it == allocs.begin()) return false;
     --it;
-    return (uintptr_t)p + n <= it->first + it->second;
+    return (uintptr_t)p + n <= it->first + it->second.bytes;
 }
 
+// A device allocation is 256-byte aligned (as cuMemAlloc's) and ends where an inaccessible page begins,
+// so a kernel that reads or writes past the end of a buffer (by more than the rounding to 256 bytes)
+// faults at once, and the fault handler names the kernel, block and thread (runtime.cc). Its bytes start
+// as 0xFF: device memory is not zeroed, so nothing may read what was not written.
 CUresult alloc(CUdeviceptr* p, size_t bytes) {
-    void* m = nullptr;
-    if (posix_memalign(&m, 256, bytes == 0 ? 1 : bytes) != 0) return CUDA_ERROR_OUT_OF_MEMORY;
+    const size_t page = 4096;
+    const size_t body = ((bytes == 0 ? 1 : bytes) + 255) / 256 * 256;
+    const size_t len = (body + page - 1) / page * page + page;
+    void* m = mmap(nullptr, len, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    if (m == MAP_FAILED) return CUDA_ERROR_OUT_OF_MEMORY;
+    char* guard = static_cast<char*>(m) + len - page;
+    mprotect(guard, page, PROT_NONE);
+    char* start = guard - body;
+    std::memset(start, 0xff, body);
     std::lock_guard<std::mutex> g(M);
-    allocs[(uintptr_t)m] = bytes;
-    *p = (CUdeviceptr)(uintptr_t)m;
+    allocs[(uintptr_t)start] = Alloc{bytes, m, len};
+    *p = (CUdeviceptr)(uintptr_t)start;
     return CUDA_SUCCESS;
 }
 
@@ -84,8 +103,8 @@ CUresult release(CUdeviceptr p) {
     std::lock_guard<std::mutex> g(M);
     auto it = allocs.find((uintptr_t)p);
     if (it == allocs.end()) return fail(CUDA_ERROR_INVALID_VALUE, "cuMemFree of an address that is not an allocation");
+    munmap(it->second.map, it->second.map_len);
     allocs.erase(it);
-    free((void*)(uintptr_t)p);
     return CUDA_SUCCESS;
 }
 

@@ -6,9 +6,10 @@
 // deadlock, reported with each thread's state, and so are collectives that not every lane of a warp
 // reaches, misaligned cp.async/ldmatrix addresses, and addresses outside shared memory.
 //
-// Shared memory starts each block filled with 0xFF bytes, and the launches take turns through four
+// Shared memory starts each block filled with 0xFF bytes, and the launches take turns through eight
 // schedules (warps first to last or last to first; cp.async copies landing when issued or only when the
-// thread waits for them), so a missing __syncthreads or cp.async wait shows up as poison in the results.
+// thread waits for them; blocks first to last or last to first), so a missing __syncthreads or cp.async
+// wait shows up as poison in the results, and a kernel that relies on the order of its blocks fails.
 //
 // What the emulator checks is the kernels' logic: indexing, synchronisation within a block, the warp-level
 // data movement, the fragment layouts of ldmatrix and mma.sync (from the PTX ISA), and cp.async's group
@@ -125,6 +126,7 @@ struct State {
     // waited for.
     bool reverse_warps = false;
     bool eager_copies = false;
+    bool reverse_blocks = false;
 };
 unsigned launches = 0;
 State S;
@@ -389,12 +391,13 @@ std::string run(const Kernel& k, const void* params, dim3 grid, dim3 block, size
         return "kernel " + k.name + ": " + std::to_string(dyn) +
                " bytes of dynamic shared memory, over the 48 KiB a kernel gets without opting in";
     S = State{};
-    // Kernels must be right under every schedule: the launches take turns through the four, unless
-    // CLT_EMU_SCHEDULE (0..3) fixes one.
-    unsigned mode = launches++ % 4;
-    if (const char* e = getenv("CLT_EMU_SCHEDULE")) mode = (unsigned)atoi(e) % 4;
+    // Kernels must be right under every schedule: the launches take turns through the eight, unless
+    // CLT_EMU_SCHEDULE (0..7) fixes one.
+    unsigned mode = launches++ % 8;
+    if (const char* e = getenv("CLT_EMU_SCHEDULE")) mode = (unsigned)atoi(e) % 8;
     S.reverse_warps = mode & 1;
     S.eager_copies = mode & 2;
+    S.reverse_blocks = mode & 4;
     S.k = &k;
     S.params = params;
     S.dyn_bytes = dyn;
@@ -411,12 +414,12 @@ std::string run(const Kernel& k, const void* params, dim3 grid, dim3 block, size
     block_dim = block;
     grid_dim = grid;
     bool ok = true;
-    for (unsigned z = 0; ok && z < grid.z; ++z)
-        for (unsigned y = 0; ok && y < grid.y; ++y)
-            for (unsigned x = 0; ok && x < grid.x; ++x) {
-                block_idx = uint3{x, y, z};
-                ok = run_block();
-            }
+    const uint64_t n_blocks = (uint64_t)grid.x * grid.y * grid.z;
+    for (uint64_t i = 0; ok && i < n_blocks; ++i) {
+        const uint64_t j = S.reverse_blocks ? n_blocks - 1 - i : i;
+        block_idx = uint3{(unsigned)(j % grid.x), (unsigned)(j / grid.x % grid.y), (unsigned)(j / grid.x / grid.y)};
+        ok = run_block();
+    }
 
     sigaction(SIGSEGV, &old_segv, nullptr);
     sigaction(SIGBUS, &old_bus, nullptr);
