@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Builds the CPU emulator of the CUDA backend: every kernels/*.cu compiled as host C++ (CLT_EMU) together
-# with a stand-in CUDA driver (kernels/emu/), as target/emu/libcuda.so, and the one cuBLAS call the dense
-# baseline makes as target/emu/libcublas.so. A process that finds it first on
+# with a stand-in CUDA driver (kernels/emu/), as target/emu/libcuda.so; the one cuBLAS call the dense
+# baseline makes as target/emu/libcublas.so; NCCL's all-reduce between processes as target/emu/libnccl.so. A process that finds it first on
 # LD_LIBRARY_PATH runs the crate's CUDA backend, unchanged, on the CPU:
 #   LD_LIBRARY_PATH=$PWD/target/emu cargo test --release --features cuda --test cuda
 # Prints the library's directory. Needs only a C++17 compiler ($CXX, else g++). See kernels/emu/README.md.
@@ -45,4 +45,5 @@ done
 "$CXX" -shared -o "$out/libcuda.so" "${objs[@]}"
 ln -sf libcuda.so "$out/libcuda.so.1"
 "$CXX" "${flags[@]}" -shared kernels/emu/cublas.cc -o "$out/libcublas.so"
+"$CXX" "${flags[@]}" -shared kernels/emu/nccl.cc -o "$out/libnccl.so"
 echo "$PWD/$out"

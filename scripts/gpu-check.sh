@@ -1,10 +1,14 @@
 #!/usr/bin/env bash
-# Runs every GPU check of gpu-pack/ in one go on the GPU machine and writes gpu-pack/gpu-log.txt (also to
-# $OUT when set, for the device tool). The tests run with CLT_REQUIRE_GPU=1: a missing driver or device
-# fails them instead of skipping. Usage: bash gpu-pack/gpu-check.sh
+# Runs every GPU check of gpu-pack/ in one go on the GPU machine and writes gpu-pack/gpu-log.txt, or, when
+# $OUT is set (the device tool), $OUT/gpu-log.txt as it goes: a run cut off by the tool's time limit still
+# brings back everything logged until then. The tests run with CLT_REQUIRE_GPU=1: a missing driver or
+# device fails them instead of skipping. Usage: bash gpu-pack/gpu-check.sh
 set -uo pipefail
 cd "$(dirname "$0")"
 LOG=gpu-log.txt
+if [ -n "${OUT:-}" ]; then
+    LOG="$OUT/gpu-log.txt"
+fi
 {
     echo "== date: $(date -u +%Y-%m-%dT%H:%M:%SZ)"
     echo "== commit: $(cat COMMIT 2>/dev/null)"
@@ -42,7 +46,4 @@ for preset in ${CLT_BENCH_PRESETS:-small large}; do
     fi
 done
 echo "== exit status: $status" | tee -a "$LOG"
-if [ -n "${OUT:-}" ]; then
-    cp "$LOG" "$OUT/" 2>/dev/null || true
-fi
 exit $status
