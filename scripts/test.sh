@@ -57,4 +57,7 @@ LD_LIBRARY_PATH="$emu" cargo run --release --features cuda --bin clt -- bench --
 # it checks the clear error; with one, a one-rank all-reduce).
 echo "== NCCL: clippy and test with --features cuda,mpi"
 cargo clippy --all-targets --release --features cuda,mpi -- -D warnings
-cargo test --release --features cuda,mpi --test nccl -- --nocapture
+cargo test --release --features cuda,mpi --test nccl --test dist_cuda -- --nocapture
+# ... and on the CPU emulator, whose libnccl.so sums between processes: one rank, and two under mpirun; and
+# data-parallel training on the CUDA step (cuda-host), two ranks under mpirun against one process.
+LD_LIBRARY_PATH="$emu" CLT_REQUIRE_GPU=1 cargo test --release --features cuda,mpi --test nccl --test dist_cuda -- --nocapture

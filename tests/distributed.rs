@@ -384,6 +384,49 @@ fn every_rank_refuses_topk(run: &RunConfig) {
     );
 }
 
+/// Backends the distributed trainer does not run are refused at start-up on every rank, with the reason:
+/// the feature-sharded modes run the sparse CPU step only; `cuda-host` is for data-parallel (and without
+/// the `cuda` feature or a driver, opening it says so).
+#[test]
+fn unsupported_backends_are_refused_at_start_up() {
+    use clt::backend::BackendKind;
+    use clt::train::Parallel;
+    let refused = |backend, parallel, want: &str| {
+        let mut run = run_config();
+        run.train.backend = backend;
+        run.train.parallel = parallel;
+        let errs = on_ranks(2, |c| {
+            ShardedTrainer::with_source(run.clone(), source(&run), c)
+                .err()
+                .map(|e| e.to_string())
+        });
+        for e in &errs {
+            assert!(
+                e.as_ref().is_some_and(|e| e.contains(want)),
+                "{backend:?} {parallel:?}: {e:?}"
+            );
+        }
+    };
+    refused(
+        BackendKind::CudaHost,
+        Parallel::Features,
+        "parallel = \"data\"",
+    );
+    refused(BackendKind::Cuda, Parallel::Data, "is not supported");
+    refused(
+        BackendKind::CpuDense,
+        Parallel::Features,
+        "is not supported",
+    );
+    if !cfg!(feature = "cuda") {
+        refused(
+            BackendKind::CudaHost,
+            Parallel::Data,
+            "built without CUDA support",
+        );
+    }
+}
+
 #[test]
 fn topk_cannot_be_feature_sharded() {
     let mut run = run_config();

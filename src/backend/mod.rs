@@ -58,12 +58,17 @@ pub enum Backend {
 }
 
 impl Backend {
-    /// Opens the requested backend, or explains why it cannot be had.
+    /// Opens the requested backend (a CUDA kind on device 0), or explains why it cannot be had.
     pub fn new(kind: BackendKind) -> Result<Self> {
+        Self::new_on(kind, 0)
+    }
+
+    /// Opens the requested backend, a CUDA kind on device `ordinal` (the CPU kinds ignore it).
+    pub fn new_on(kind: BackendKind, ordinal: usize) -> Result<Self> {
         match kind {
             BackendKind::Cpu => Ok(Backend::Cpu),
             BackendKind::CpuDense => Ok(Backend::CpuDense),
-            BackendKind::Cuda | BackendKind::CudaHost => cuda_backend(),
+            BackendKind::Cuda | BackendKind::CudaHost => cuda_backend(ordinal),
         }
     }
 
@@ -194,12 +199,14 @@ fn no_cuda_support() -> crate::Error {
 }
 
 #[cfg(not(feature = "cuda"))]
-fn cuda_backend() -> Result<Backend> {
+fn cuda_backend(_ordinal: usize) -> Result<Backend> {
     Err(no_cuda_support())
 }
 
-/// With the feature: device 0, or why it cannot be opened (no driver, no device).
+/// With the feature: device `ordinal`, or why it cannot be opened (no driver, no such device).
 #[cfg(feature = "cuda")]
-fn cuda_backend() -> Result<Backend> {
-    Ok(Backend::Cuda(std::sync::Arc::new(cuda::Gpu::open(0)?)))
+fn cuda_backend(ordinal: usize) -> Result<Backend> {
+    Ok(Backend::Cuda(std::sync::Arc::new(cuda::Gpu::open(
+        ordinal,
+    )?)))
 }

@@ -36,7 +36,7 @@ use crate::backend::cpu::sparse::{
     add_skip, backward, decode_features, decode_layers, decode_start, thresholds,
 };
 use crate::backend::grads::target_variance;
-use crate::backend::{BackendKind, Grads, Objective, StepStats, ThresholdGrad};
+use crate::backend::{Backend, BackendKind, Grads, Objective, StepStats, ThresholdGrad};
 use crate::clt::params::decoder_norms;
 use crate::clt::{CltConfig, NormScales, Params, Transcoder};
 use crate::data::{ActivationSource, Batch};
@@ -100,6 +100,8 @@ pub struct ShardedTrainer<C: Comm> {
     source: Box<dyn ActivationSource>,
     batch: Batch,
     fault: Option<Fault>,
+    /// The data-parallel step's backend (the feature-sharded step is the CPU's own code).
+    backend: Backend,
 }
 
 /// A fault injected for the failure tests (`CLT_DIST_FAULT=kill:RANK:STEP` or `hang:RANK:STEP`): the rank
@@ -152,14 +154,61 @@ pub fn check_same_config<C: Comm>(comm: &C, run: &RunConfig) -> Result<()> {
     Ok(())
 }
 
+/// The backends distributed training runs: the sparse CPU step in every mode, and the CUDA step with
+/// host-side parameters and Adam (`cuda-host`) in data-parallel mode, where each rank runs the
+/// single-process step on its slice of the batch. (The feature-sharded modes split the step between the
+/// decode and the residual, which the device step does not; the resident `cuda` loop keeps the optimiser on
+/// the device, which the distributed trainer does not.)
 fn check_backend(run: &RunConfig) -> Result<()> {
-    if run.train.backend != BackendKind::Cpu {
-        return Err(Error::Unsupported(format!(
-            "feature-sharded training runs the sparse CPU step; backend {:?} is not supported",
-            run.train.backend
-        )));
+    match (run.train.backend, run.train.parallel) {
+        (BackendKind::Cpu, _) | (BackendKind::CudaHost, Parallel::Data) => Ok(()),
+        (BackendKind::CudaHost, _) => Err(Error::Unsupported(
+            "feature-sharded training runs the sparse CPU step; with backend cuda-host use parallel = \"data\""
+                .into(),
+        )),
+        (kind, _) => Err(Error::Unsupported(format!(
+            "distributed training runs the sparse CPU step (any mode) or, data-parallel, cuda-host; backend \
+             {kind:?} is not supported"
+        ))),
     }
-    Ok(())
+}
+
+/// The backend this rank's step runs on. With `cuda-host`, the device is `CLT_CUDA_DEVICE` if set, else
+/// the rank's index on its node (Open MPI's `OMPI_COMM_WORLD_LOCAL_RANK`, MPICH's `MPI_LOCALRANKID`,
+/// Slurm's `SLURM_LOCALID`) modulo the node's device count, so the ranks of a node take one GPU each.
+fn step_backend(run: &RunConfig) -> Result<Backend> {
+    if run.train.backend != BackendKind::CudaHost {
+        return Backend::new(run.train.backend);
+    }
+    let env_index = |names: &[&str]| {
+        names
+            .iter()
+            .find_map(|n| std::env::var(n).ok().and_then(|v| v.parse::<usize>().ok()))
+    };
+    let ordinal = match env_index(&["CLT_CUDA_DEVICE"]) {
+        Some(d) => d,
+        None => {
+            let local = env_index(&[
+                "OMPI_COMM_WORLD_LOCAL_RANK",
+                "MPI_LOCALRANKID",
+                "SLURM_LOCALID",
+            ])
+            .unwrap_or(0);
+            local % device_count()?.max(1)
+        }
+    };
+    Backend::new_on(BackendKind::CudaHost, ordinal)
+}
+
+#[cfg(feature = "cuda")]
+fn device_count() -> Result<usize> {
+    crate::backend::cuda::context::device_count()
+}
+
+#[cfg(not(feature = "cuda"))]
+fn device_count() -> Result<usize> {
+    // Without the feature, Backend::new_on reports that CUDA is not built in.
+    Ok(1)
 }
 
 /// How the ranks of a run are arranged: `shards` ranks share each replica's features and `replicas`
@@ -310,6 +359,7 @@ impl<C: Comm> ShardedTrainer<C> {
         run.validate()?;
         check_same_config(&comm, &run)?;
         check_backend(&run)?;
+        let backend = step_backend(&run)?;
         let cfg = &run.model;
         check_split(&run, comm.size())?;
         let dims = source.dims();
@@ -347,11 +397,10 @@ impl<C: Comm> ShardedTrainer<C> {
             range,
             data,
             norms,
-            0,
-            0,
-            0,
+            [0, 0, 0],
             rng,
             source,
+            backend,
         ))
     }
 
@@ -383,6 +432,7 @@ impl<C: Comm> ShardedTrainer<C> {
         run.validate()?;
         check_same_config(&comm, &run)?;
         check_backend(&run)?;
+        let backend = step_backend(&run)?;
         source.restore(&m.source_position)?;
         let (feat, data_comm) = grid_axes(&comm, Grid::of(&run, comm.size()))?;
         Ok(Self::assemble(
@@ -391,11 +441,10 @@ impl<C: Comm> ShardedTrainer<C> {
             range,
             data,
             m.norms,
-            m.step,
-            m.adam_t,
-            m.tokens_seen,
+            [m.step, m.adam_t, m.tokens_seen],
             m.rng,
             source,
+            backend,
         ))
     }
 
@@ -406,11 +455,10 @@ impl<C: Comm> ShardedTrainer<C> {
         range: Range<usize>,
         data: ShardData,
         norms: NormScales,
-        step: u64,
-        adam_t: u64,
-        tokens_seen: u64,
+        [step, adam_t, tokens_seen]: [u64; 3],
         rng: Rng,
         source: Box<dyn ActivationSource>,
+        backend: Backend,
     ) -> Self {
         let local = local_config(&run.model, &range);
         let t = &run.train;
@@ -438,6 +486,7 @@ impl<C: Comm> ShardedTrainer<C> {
             source,
             batch: Batch::default(),
             fault: fault_from_env(),
+            backend,
             grid: Grid::of(&run, comm.size()),
             range,
             comm,
@@ -632,7 +681,7 @@ impl<C: Comm> ShardedTrainer<C> {
         let (lo, hi) = (n * rank / world, n * (rank + 1) / world);
         let x = &self.batch.x[lo * row..hi * row];
         let y = &self.batch.y[lo * row..hi * row];
-        let mut stats = crate::backend::cpu::sparse::loss_and_grad(
+        let mut stats = self.backend.loss_and_grad(
             cfg,
             &self.params,
             &self.dec_norms,
@@ -642,7 +691,7 @@ impl<C: Comm> ShardedTrainer<C> {
             obj,
             dead_mask,
             &mut self.grads,
-        );
+        )?;
         // Every term of the loss is a mean over tokens: weighting each rank's mean by its share of the batch
         // and summing gives the mean over the whole batch.
         let w = (hi - lo) as f64 / n.max(1) as f64;

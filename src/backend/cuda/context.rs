@@ -61,6 +61,17 @@ pub fn no_driver() -> Error {
     }
 }
 
+/// The number of CUDA devices, or why there are none to count (no driver).
+pub fn device_count() -> Result<usize> {
+    if !driver_present() {
+        return Err(no_driver());
+    }
+    cudarc::driver::result::init().map_err(cuda_err("initialising the CUDA driver"))?;
+    let n = cudarc::driver::result::device::get_count()
+        .map_err(cuda_err("counting the CUDA devices"))?;
+    Ok(n.max(0) as usize)
+}
+
 /// A CUDA error with what was being done.
 pub fn cuda_err(what: impl Into<String>) -> impl FnOnce(cudarc::driver::DriverError) -> Error {
     let what = what.into();
