@@ -283,7 +283,8 @@ fn median(mut v: Vec<f64>) -> f64 {
 
 /// The per-kernel CUDA bench (`clt bench --cuda`): every kernel's time, TFLOP/s or GB/s and fraction of the
 /// ceilings (bf16 nominal, device copy measured in the same run), then the sparse step against the dense cuBLAS
-/// step, at the shape `preset` names (`Large`: the Llama-3.2-1B shape; `Tiny`: a smoke test). See [`crate::backend::cuda::bench`].
+/// step, at the shape `preset` names (`Large`: the Llama-3.2-1B shape; `Tiny`: a smoke test). See
+/// [`crate::backend::cuda::bench`].
 #[cfg(feature = "cuda")]
 pub fn cuda_kernels(preset: Preset) -> Result<()> {
     crate::backend::cuda::bench::run(preset)
