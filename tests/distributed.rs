@@ -385,16 +385,18 @@ fn every_rank_refuses_topk(run: &RunConfig) {
 }
 
 /// Backends the distributed trainer does not run are refused at start-up on every rank, with the reason:
-/// the feature-sharded modes run the sparse CPU step only; `cuda-host` is for data-parallel (and without
-/// the `cuda` feature or a driver, opening it says so).
+/// the resident `cuda` loop and the dense CPU step; `cuda-host` with skip connections or with the
+/// all-reduce overlapped (and without the `cuda` feature, opening it says so).
 #[test]
 fn unsupported_backends_are_refused_at_start_up() {
     use clt::backend::BackendKind;
     use clt::train::Parallel;
-    let refused = |backend, parallel, want: &str| {
+    let refused = |backend, parallel, skip, want: &str| {
         let mut run = run_config();
         run.train.backend = backend;
         run.train.parallel = parallel;
+        run.model.skip = skip;
+        run.train.overlap = parallel == Parallel::Features;
         let errs = on_ranks(2, |c| {
             ShardedTrainer::with_source(run.clone(), source(&run), c)
                 .err()
@@ -407,21 +409,30 @@ fn unsupported_backends_are_refused_at_start_up() {
             );
         }
     };
-    refused(
-        BackendKind::CudaHost,
-        Parallel::Features,
-        "parallel = \"data\"",
-    );
-    refused(BackendKind::Cuda, Parallel::Data, "is not supported");
+    refused(BackendKind::Cuda, Parallel::Data, false, "is not supported");
     refused(
         BackendKind::CpuDense,
         Parallel::Features,
+        false,
         "is not supported",
+    );
+    refused(
+        BackendKind::CudaHost,
+        Parallel::Data,
+        true,
+        "skip connections",
+    );
+    refused(
+        BackendKind::CudaHost,
+        Parallel::Features,
+        false,
+        "overlap = true",
     );
     if !cfg!(feature = "cuda") {
         refused(
             BackendKind::CudaHost,
             Parallel::Data,
+            false,
             "built without CUDA support",
         );
     }

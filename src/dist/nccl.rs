@@ -13,14 +13,15 @@
 //! ```
 //!
 //! What is subtle here:
-//! - Nothing calls this yet: the distributed trainer runs the sparse CPU step (the CUDA training step does
-//!   not exist), so its collectives are MPI's over host memory. This is the seam the device step will use.
+//! - Nothing calls this yet: the distributed trainer's CUDA step (`--backend cuda-host`) brings each
+//!   shard's partial reconstruction to the host and sums it over MPI; summing it on the device with this is
+//!   the next step (docs/distributed.md).
 //! - NCCL is loaded at run time (cudarc's dynamic loading). Without a CUDA driver, or without libnccl,
 //!   [`NcclComm::new`] returns [`Error::BackendUnavailable`] naming what is missing, before any CUDA or NCCL
 //!   call (a call into a library that is not there would panic inside cudarc).
 //! - NCCL collectives are asynchronous on the stream: the MPI watchdog's deadline (`CLT_DIST_TIMEOUT_S`)
 //!   does not cover them; a hung peer shows as a stream synchronisation that does not return.
-//! - Never run on a GPU: the machine this was written on has none (`docs/distributed.md`).
+//! - Never run on a GPU; CI runs it on the CPU emulator's libnccl.so (kernels/emu/), one rank and two.
 
 use super::comm::Comm;
 use super::mpi::MpiComm;

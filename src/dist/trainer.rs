@@ -154,21 +154,29 @@ pub fn check_same_config<C: Comm>(comm: &C, run: &RunConfig) -> Result<()> {
     Ok(())
 }
 
-/// The backends distributed training runs: the sparse CPU step in every mode, and the CUDA step with
-/// host-side parameters and Adam (`cuda-host`) in data-parallel mode, where each rank runs the
-/// single-process step on its slice of the batch. (The feature-sharded modes split the step between the
-/// decode and the residual, which the device step does not; the resident `cuda` loop keeps the optimiser on
-/// the device, which the distributed trainer does not.)
+/// The backends distributed training runs: the sparse CPU step, and the CUDA step with host-side
+/// parameters and Adam (`cuda-host`): data-parallel, each rank runs the single-process step on its slice;
+/// feature-sharded, each rank's device encodes and decodes its features, the partial reconstructions are
+/// summed over MPI on the host, and the device runs the backward on the residual. (The resident `cuda`
+/// loop keeps the optimiser on the device, which the distributed trainer does not; the device step has no
+/// skip connections and does not overlap the all-reduce with decoding.)
 fn check_backend(run: &RunConfig) -> Result<()> {
-    match (run.train.backend, run.train.parallel) {
-        (BackendKind::Cpu, _) | (BackendKind::CudaHost, Parallel::Data) => Ok(()),
-        (BackendKind::CudaHost, _) => Err(Error::Unsupported(
-            "feature-sharded training runs the sparse CPU step; with backend cuda-host use parallel = \"data\""
-                .into(),
+    match run.train.backend {
+        BackendKind::Cpu => Ok(()),
+        BackendKind::CudaHost if run.model.skip => Err(Error::Unsupported(
+            "skip connections on the CUDA step (distributed cuda-host); use backend cpu".into(),
         )),
-        (kind, _) => Err(Error::Unsupported(format!(
-            "distributed training runs the sparse CPU step (any mode) or, data-parallel, cuda-host; backend \
-             {kind:?} is not supported"
+        BackendKind::CudaHost if run.train.overlap && run.train.parallel != Parallel::Data => {
+            Err(Error::Unsupported(
+                "overlap = true with backend cuda-host (the device step decodes all layers before the \
+                 all-reduce); set overlap = false or use backend cpu"
+                    .into(),
+            ))
+        }
+        BackendKind::CudaHost => Ok(()),
+        kind => Err(Error::Unsupported(format!(
+            "distributed training runs the sparse CPU step or the CUDA step with host-side Adam \
+             (cuda-host); backend {kind:?} is not supported"
         ))),
     }
 }
@@ -607,11 +615,36 @@ impl<C: Comm> ShardedTrainer<C> {
             &self.batch.y[lo * row..hi * row],
         );
         let nl = hi - lo;
+        let with_bias = self.feat.rank() == 0;
+        let what = "all-reduce of the partial reconstructions";
+        #[cfg(feature = "cuda")]
+        if let Backend::Cuda(gpu) = &self.backend {
+            let (feat, timing) = (&self.feat, &mut self.timing);
+            let mut sum = |yhat: &mut [f32]| -> Result<()> {
+                let t = Instant::now();
+                feat.sum_f32(what, yhat)?;
+                timing.reduce_s += t.elapsed().as_secs_f64();
+                Ok(())
+            };
+            let stats = crate::backend::cuda::step::sharded_loss_and_grad(
+                gpu,
+                local,
+                &self.params,
+                &self.dec_norms,
+                x,
+                y,
+                nl,
+                obj,
+                dead_mask,
+                with_bias,
+                &mut sum,
+                &mut self.grads,
+            )?;
+            return self.finish_sharded(stats, nl);
+        }
         let by_h = obj.threshold_grad == ThresholdGrad::Preact;
         let thetas = thresholds(&self.params);
         let codes = encode_all_with(local, &self.params, x, nl, &thetas, obj.bandwidth, by_h);
-        let with_bias = self.feat.rank() == 0;
-        let what = "all-reduce of the partial reconstructions";
         let mut yhat = if self.run.train.overlap {
             let (yhat, decode_s, reduce_s) =
                 overlapped_partials(&self.feat, what, local, &self.params, &codes, nl, with_bias)?;
@@ -628,7 +661,7 @@ impl<C: Comm> ShardedTrainer<C> {
             yhat
         };
         add_skip(local, &self.params, x, nl, &mut yhat);
-        let mut stats = backward(
+        let stats = backward(
             local,
             &self.params,
             &self.dec_norms,
@@ -642,6 +675,15 @@ impl<C: Comm> ShardedTrainer<C> {
             yhat,
             &mut self.grads,
         );
+        self.finish_sharded(stats, nl)
+    }
+
+    /// The rest of a feature shard's step, after its loss and gradient on its `nl` tokens: the gradients
+    /// summed over replicas, the statistics over the world, and the global gradient norm.
+    fn finish_sharded(&mut self, mut stats: StepStats, nl: usize) -> Result<(StepStats, f64)> {
+        let local = &self.local;
+        let replicas = self.data.size();
+        let n = self.batch.n_tokens;
         // This slice's share of the batch's tokens (exactly 1 without replicas).
         let w = nl as f64 / n.max(1) as f64;
         if replicas > 1 {

@@ -112,6 +112,54 @@ pub fn loss_and_grad(
     let batch = DeviceBatch::upload(gpu, x, y, n_tokens)?;
     let (mut stats, g) = device_loss_and_grad(gpu, cfg, &dp, &batch, obj, preact_mask)?;
     stats.target_var = target_variance(y, n_tokens, cfg.n_layers, cfg.d_model);
+    download_grads(gpu, &g, grads)?;
+    Ok(stats)
+}
+
+/// One feature shard's step (distributed training, `cuda-host`): `cfg` and `params` are the shard's
+/// features of every layer (with the replicated decoder bias, counted only where `with_bias`, the
+/// shard that adds it to the reconstruction, as the CPU's sharded step does). The device encodes and decodes
+/// the shard's features; `sum` turns the shard's partial reconstruction (on the host, `[B][L][d]`) into the
+/// whole one (an all-reduce over the shards); the residual and squared errors are computed from it on the
+/// host, and the device runs the shard's backward on that residual. The statistics are the shard's
+/// (sparsity, pre-activation term, firing counts: the caller sums them over shards) except the
+/// reconstruction, which is the whole model's.
+#[allow(clippy::too_many_arguments)]
+pub fn sharded_loss_and_grad(
+    gpu: &Gpu,
+    cfg: &CltConfig,
+    params: &Params,
+    dec_norms: &[Vec<f32>],
+    x: &[f32],
+    y: &[f32],
+    n_tokens: usize,
+    obj: &Objective,
+    preact_mask: Option<&[Vec<bool>]>,
+    with_bias: bool,
+    sum: &mut dyn FnMut(&mut [f32]) -> Result<()>,
+    grads: &mut Grads,
+) -> Result<StepStats> {
+    let mut dp = DeviceParams::upload(gpu, params, dec_norms)?;
+    if !with_bias {
+        dp.b_dec = gpu.zeros(cfg.n_layers * cfg.d_model)?;
+    }
+    let batch = DeviceBatch::upload(gpu, x, y, n_tokens)?;
+    let (mut stats, g) = step_with(
+        gpu,
+        cfg,
+        &dp,
+        &batch,
+        obj,
+        preact_mask,
+        Some(Reconstruct { y, sum }),
+    )?;
+    stats.target_var = target_variance(y, n_tokens, cfg.n_layers, cfg.d_model);
+    download_grads(gpu, &g, grads)?;
+    Ok(stats)
+}
+
+/// Copies the device gradients into the host's [`Grads`].
+fn download_grads(gpu: &Gpu, g: &DeviceGrads, grads: &mut Grads) -> Result<()> {
     for (l, lg) in g.layers.iter().enumerate() {
         grads.p.w_enc[l] = gpu.download(&lg.w_enc)?;
         grads.p.w_dec[l] = gpu.download(&lg.w_dec)?;
@@ -123,7 +171,15 @@ pub fn loss_and_grad(
     for (k, b) in g.b_dec.iter().enumerate() {
         grads.p.b_dec[k] = gpu.download(b)?;
     }
-    Ok(stats)
+    Ok(())
+}
+
+/// A feature shard's way from its partial reconstruction to the whole one (see [`sharded_loss_and_grad`]).
+struct Reconstruct<'a> {
+    /// The targets, on the host.
+    y: &'a [f32],
+    /// Sums the shards' partial reconstructions, in place.
+    sum: &'a mut dyn FnMut(&mut [f32]) -> Result<()>,
 }
 
 /// The step's loss and gradient on device-resident parameters and batch; the gradients stay on the device.
@@ -136,6 +192,21 @@ pub fn device_loss_and_grad(
     batch: &DeviceBatch,
     obj: &Objective,
     preact_mask: Option<&[Vec<bool>]>,
+) -> Result<(StepStats, DeviceGrads)> {
+    step_with(gpu, cfg, dp, batch, obj, preact_mask, None)
+}
+
+/// [`device_loss_and_grad`], or with `shard` a feature shard's step ([`sharded_loss_and_grad`]): the
+/// decode stops at the partial reconstruction, which `shard` completes, and the residual is computed from
+/// the whole one.
+fn step_with(
+    gpu: &Gpu,
+    cfg: &CltConfig,
+    dp: &DeviceParams,
+    batch: &DeviceBatch,
+    obj: &Objective,
+    preact_mask: Option<&[Vec<bool>]>,
+    shard: Option<Reconstruct>,
 ) -> Result<(StepStats, DeviceGrads)> {
     if cfg.skip {
         return Err(Error::Unsupported(
@@ -220,18 +291,30 @@ pub fn device_loss_and_grad(
             row_len: cfg.dec_row_len(l),
         })
         .collect();
-    let out = sparse_decode(gpu, &views, &dp.b_dec, Some(&batch.y), d, cross, 2.0 / bf)?;
-    let resid = out.resid.expect("decode with targets gives residuals");
-    let sq = gpu.download(
-        &out.sq_err
-            .expect("decode with targets gives squared errors"),
-    )?;
-    let mut sq_err = vec![0.0f64; l_n];
-    for b in 0..n_tokens {
-        for (k, s) in sq_err.iter_mut().enumerate() {
-            *s += sq[b * l_n + k] as f64;
+    let (resid, sq_err) = match shard {
+        None => {
+            let out = sparse_decode(gpu, &views, &dp.b_dec, Some(&batch.y), d, cross, 2.0 / bf)?;
+            let resid = out.resid.expect("decode with targets gives residuals");
+            let sq = gpu.download(
+                &out.sq_err
+                    .expect("decode with targets gives squared errors"),
+            )?;
+            let mut sq_err = vec![0.0f64; l_n];
+            for b in 0..n_tokens {
+                for (k, s) in sq_err.iter_mut().enumerate() {
+                    *s += sq[b * l_n + k] as f64;
+                }
+            }
+            (resid, sq_err)
         }
-    }
+        Some(Reconstruct { y, sum }) => {
+            let out = sparse_decode(gpu, &views, &dp.b_dec, None, d, cross, 2.0 / bf)?;
+            let mut yhat = gpu.download(&out.yhat)?;
+            sum(&mut yhat)?;
+            let (r, sq_err) = crate::backend::cpu::sparse::residual(&yhat, y, n_tokens, l_n, d);
+            (gpu.upload(&r)?, sq_err)
+        }
+    };
     let mut stats = StepStats {
         n_tokens,
         recon: sq_err.iter().sum::<f64>() / bf as f64,
