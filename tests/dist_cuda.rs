@@ -14,35 +14,18 @@
 //! a bf16 step (2⁻⁹ relative).
 #![cfg(all(feature = "cuda", feature = "mpi"))]
 
+mod common;
+
 use clt::backend::BackendKind;
 use clt::backend::cuda::context::driver_present;
 use clt::clt::Params;
 use clt::dist::checkpoint;
 use clt::train::Parallel;
+use common::runs::{assert_params_close, losses, text};
 use std::path::Path;
-use std::process::{Command, Output};
+use std::process::Command;
 
 const CLT: &str = env!("CARGO_BIN_EXE_clt");
-
-fn text(o: &Output) -> String {
-    format!(
-        "{}{}",
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    )
-}
-
-fn losses(run_dir: &Path) -> Vec<f64> {
-    std::fs::read_to_string(run_dir.join("metrics.jsonl"))
-        .unwrap()
-        .lines()
-        .map(|l| {
-            serde_json::from_str::<serde_json::Value>(l).unwrap()["loss"]
-                .as_f64()
-                .unwrap()
-        })
-        .collect()
-}
 
 #[test]
 fn two_ranks_on_cuda_host_equal_one_process() {
@@ -122,18 +105,6 @@ fn two_ranks(cfg: &Path, two: &Path, want: &[f64], want_params: &Params, paralle
         );
     }
     let got = checkpoint::load_transcoder(two).unwrap().params;
-    for (i, (g, w)) in got.tensors().iter().zip(want_params.tensors()).enumerate() {
-        let num: f64 = g
-            .iter()
-            .zip(w.iter())
-            .map(|(a, b)| ((a - b) as f64).powi(2))
-            .sum();
-        let den: f64 = w.iter().map(|b| (*b as f64).powi(2)).sum();
-        let d = (num / den.max(1e-30)).sqrt();
-        eprintln!("{parallel:?}: tensor {i} differs by {d:.1e} (relative L2)");
-        assert!(
-            d <= 1e-4,
-            "{parallel:?}: tensor {i} differs by {d:e} (relative L2)"
-        );
-    }
+    let worst = assert_params_close(&format!("{parallel:?}"), &got, want_params, 1e-4);
+    eprintln!("{parallel:?}: parameter tensors differ by at most {worst:.1e} (relative L2)");
 }

@@ -7,9 +7,12 @@
 //! process sums the features, so results differ by float rounding (about 1e-7 after these few steps).
 #![cfg(feature = "mpi")]
 
+mod common;
+
 use clt::clt::Params;
 use clt::dist::checkpoint;
 use clt::train::RunConfig;
+use common::runs::{self, losses, text};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::time::{Duration, Instant};
@@ -79,14 +82,6 @@ fn train_job(what: &str, ranks: usize, cfg: impl AsRef<Path>, out: &Path) -> Str
     text(&o)
 }
 
-fn text(o: &Output) -> String {
-    format!(
-        "{}{}",
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    )
-}
-
 fn clt(args: &[&str]) -> Output {
     let o = Command::new(CLT)
         .args(args)
@@ -97,36 +92,12 @@ fn clt(args: &[&str]) -> Output {
     o
 }
 
-fn losses(run_dir: &Path) -> Vec<f64> {
-    std::fs::read_to_string(run_dir.join("metrics.jsonl"))
-        .unwrap()
-        .lines()
-        .map(|l| {
-            serde_json::from_str::<serde_json::Value>(l).unwrap()["loss"]
-                .as_f64()
-                .unwrap()
-        })
-        .collect()
-}
-
 fn params(path: &Path) -> Params {
     checkpoint::load_transcoder(path).unwrap().params
 }
 
 fn assert_params_close(what: &str, got: &Params, want: &Params) {
-    for (i, (g, w)) in got.tensors().iter().zip(want.tensors()).enumerate() {
-        let num: f64 = g
-            .iter()
-            .zip(w.iter())
-            .map(|(a, b)| ((a - b) as f64).powi(2))
-            .sum();
-        let den: f64 = w.iter().map(|b| (*b as f64).powi(2)).sum();
-        let d = (num / den.max(1e-30)).sqrt();
-        assert!(
-            d <= 1e-5,
-            "{what}: tensor {i} differs by {d:e} (relative L2)"
-        );
-    }
+    runs::assert_params_close(what, got, want, 1e-5);
 }
 
 /// Copies checkpoint `step` of `from` into a fresh run directory `to`, named by its `LATEST`.

@@ -1,0 +1,49 @@
+//! Helpers for the tests that run `clt` (under `mpirun` or not) and compare training runs: a process's
+//! output as text, a run's losses, parameters compared tensor by tensor.
+
+use clt::clt::Params;
+use std::path::Path;
+use std::process::Output;
+
+/// A finished process's stdout and stderr, one after the other.
+pub fn text(o: &Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    )
+}
+
+/// The loss of every logged step of a run (its `metrics.jsonl`).
+pub fn losses(run_dir: &Path) -> Vec<f64> {
+    std::fs::read_to_string(run_dir.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| {
+            serde_json::from_str::<serde_json::Value>(l).unwrap()["loss"]
+                .as_f64()
+                .unwrap()
+        })
+        .collect()
+}
+
+/// Every parameter tensor of `got` within `tol` of `want`'s, relative in L2 norm; returns the largest
+/// difference.
+pub fn assert_params_close(what: &str, got: &Params, want: &Params, tol: f64) -> f64 {
+    let mut worst = 0f64;
+    for (i, (g, w)) in got.tensors().iter().zip(want.tensors()).enumerate() {
+        let num: f64 = g
+            .iter()
+            .zip(w.iter())
+            .map(|(a, b)| ((a - b) as f64).powi(2))
+            .sum();
+        let den: f64 = w.iter().map(|b| (*b as f64).powi(2)).sum();
+        let d = (num / den.max(1e-30)).sqrt();
+        assert!(
+            d <= tol,
+            "{what}: tensor {i} differs by {d:e} (relative L2)"
+        );
+        worst = worst.max(d);
+    }
+    worst
+}
