@@ -74,6 +74,37 @@ fn two_ranks_on_cuda_host_equal_one_process() {
     }
 }
 
+/// A rank that cannot open its device (here `CLT_CUDA_DEVICE=999`) stops the job at start-up with an error
+/// naming the rank and the device, before any data is read.
+#[test]
+fn a_rank_without_its_device_stops_the_job_naming_it() {
+    if !driver_present() {
+        eprintln!("skipped: no CUDA driver");
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let mut run = clt::demo::synthetic_config();
+    run.model.skip = false;
+    run.train.steps = 2;
+    run.train.backend = BackendKind::CudaHost;
+    run.train.parallel = Parallel::Data;
+    let cfg = tmp.path().join("run.toml");
+    std::fs::write(&cfg, toml::to_string(&run).unwrap()).unwrap();
+    let o = Command::new("mpirun")
+        .args(["--allow-run-as-root", "--oversubscribe", "--timeout", "120"])
+        .args(["-n", "2", CLT, "train", "--config", cfg.to_str().unwrap()])
+        .args(["--out", tmp.path().join("out").to_str().unwrap(), "--quiet"])
+        .env("CLT_CUDA_DEVICE", "999")
+        .env("OMPI_ALLOW_RUN_AS_ROOT", "1")
+        .env("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1")
+        .output()
+        .expect("mpirun not found (scripts/install-mpi.sh installs Open MPI)");
+    let log = text(&o);
+    assert!(!o.status.success(), "{log}");
+    assert!(log.contains("cannot open CUDA device 999"), "{log}");
+    assert!(log.contains("rank 0") || log.contains("rank 1"), "{log}");
+}
+
 /// `mpirun -n 2 clt train` of `cfg` into `two`, then its losses and parameters against one process's.
 fn two_ranks(cfg: &Path, two: &Path, want: &[f64], want_params: &Params, parallel: Parallel) {
     let o = Command::new("mpirun")
