@@ -333,30 +333,39 @@ CUresult cuLaunchKernel(CUfunction f, unsigned gx, unsigned gy, unsigned gz, uns
     return CUDA_SUCCESS;
 }
 
+// One row per code the emulator returns: its name and its message (a launch failure's is the emulator's
+// own message for the last failed launch).
+namespace {
+struct Code {
+    CUresult code;
+    const char* name;
+    const char* message;
+};
+const Code codes[] = {
+    {CUDA_SUCCESS, "CUDA_SUCCESS", "no error"},
+    {CUDA_ERROR_INVALID_VALUE, "CUDA_ERROR_INVALID_VALUE", "invalid argument"},
+    {CUDA_ERROR_OUT_OF_MEMORY, "CUDA_ERROR_OUT_OF_MEMORY", "out of memory"},
+    {CUDA_ERROR_INVALID_DEVICE, "CUDA_ERROR_INVALID_DEVICE", "invalid device ordinal"},
+    {CUDA_ERROR_INVALID_IMAGE, "CUDA_ERROR_INVALID_IMAGE", "device kernel image is invalid"},
+    {CUDA_ERROR_NOT_FOUND, "CUDA_ERROR_NOT_FOUND", "named symbol not found"},
+    {CUDA_ERROR_LAUNCH_FAILED, "CUDA_ERROR_LAUNCH_FAILED", nullptr},
+};
+const Code* find_code(CUresult code) {
+    for (const Code& c : codes)
+        if (c.code == code) return &c;
+    return nullptr;
+}
+}  // namespace
+
 CUresult cuGetErrorString(CUresult code, const char** s) {
-    switch (code) {
-        case CUDA_SUCCESS: *s = "no error"; break;
-        case CUDA_ERROR_INVALID_VALUE: *s = "invalid argument"; break;
-        case CUDA_ERROR_OUT_OF_MEMORY: *s = "out of memory"; break;
-        case CUDA_ERROR_INVALID_DEVICE: *s = "invalid device ordinal"; break;
-        case CUDA_ERROR_INVALID_IMAGE: *s = "device kernel image is invalid"; break;
-        case CUDA_ERROR_NOT_FOUND: *s = "named symbol not found"; break;
-        case CUDA_ERROR_LAUNCH_FAILED: *s = last_launch_error.c_str(); break;
-        default: *s = "error in the CPU emulator"; break;
-    }
+    const Code* c = find_code(code);
+    if (!c) *s = "error in the CPU emulator";
+    else *s = c->message ? c->message : last_launch_error.c_str();
     return CUDA_SUCCESS;
 }
 CUresult cuGetErrorName(CUresult code, const char** s) {
-    switch (code) {
-        case CUDA_SUCCESS: *s = "CUDA_SUCCESS"; break;
-        case CUDA_ERROR_INVALID_VALUE: *s = "CUDA_ERROR_INVALID_VALUE"; break;
-        case CUDA_ERROR_OUT_OF_MEMORY: *s = "CUDA_ERROR_OUT_OF_MEMORY"; break;
-        case CUDA_ERROR_INVALID_DEVICE: *s = "CUDA_ERROR_INVALID_DEVICE"; break;
-        case CUDA_ERROR_INVALID_IMAGE: *s = "CUDA_ERROR_INVALID_IMAGE"; break;
-        case CUDA_ERROR_NOT_FOUND: *s = "CUDA_ERROR_NOT_FOUND"; break;
-        case CUDA_ERROR_LAUNCH_FAILED: *s = "CUDA_ERROR_LAUNCH_FAILED"; break;
-        default: *s = "CUDA_ERROR_UNKNOWN"; break;
-    }
+    const Code* c = find_code(code);
+    *s = c ? c->name : "CUDA_ERROR_UNKNOWN";
     return CUDA_SUCCESS;
 }
 
