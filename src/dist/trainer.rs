@@ -154,6 +154,14 @@ pub fn check_same_config<C: Comm>(comm: &C, run: &RunConfig) -> Result<()> {
     Ok(())
 }
 
+/// Sums the shards' partial reconstructions over `feat` (the CPU and the CUDA step alike), timing it.
+fn timed_sum<C: Comm>(feat: &C, timing: &mut Timing, what: &str, yhat: &mut [f32]) -> Result<()> {
+    let t = Instant::now();
+    feat.sum_f32(what, yhat)?;
+    timing.reduce_s += t.elapsed().as_secs_f64();
+    Ok(())
+}
+
 /// The backends distributed training runs: the sparse CPU step, and the CUDA step with host-side
 /// parameters and Adam (`cuda-host`): data-parallel, each rank runs the single-process step on its slice;
 /// feature-sharded, each rank's device encodes and decodes its features, the partial reconstructions are
@@ -620,12 +628,7 @@ impl<C: Comm> ShardedTrainer<C> {
         #[cfg(feature = "cuda")]
         if let Backend::Cuda(gpu) = &self.backend {
             let (feat, timing) = (&self.feat, &mut self.timing);
-            let mut sum = |yhat: &mut [f32]| -> Result<()> {
-                let t = Instant::now();
-                feat.sum_f32(what, yhat)?;
-                timing.reduce_s += t.elapsed().as_secs_f64();
-                Ok(())
-            };
+            let mut sum = |yhat: &mut [f32]| timed_sum(feat, timing, what, yhat);
             let stats = crate::backend::cuda::step::sharded_loss_and_grad(
                 gpu,
                 local,
@@ -655,9 +658,7 @@ impl<C: Comm> ShardedTrainer<C> {
             let decode = Instant::now();
             let mut yhat = decode_features(local, &self.params, &codes, nl, with_bias);
             self.timing.decode_s += decode.elapsed().as_secs_f64();
-            let reduce = Instant::now();
-            self.feat.sum_f32(what, &mut yhat)?;
-            self.timing.reduce_s += reduce.elapsed().as_secs_f64();
+            timed_sum(&self.feat, &mut self.timing, what, &mut yhat)?;
             yhat
         };
         add_skip(local, &self.params, x, nl, &mut yhat);
