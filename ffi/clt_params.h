@@ -104,6 +104,19 @@ typedef struct {
     uint32_t pad0;
 } CltDecodeParams;
 
+/* The residual of a reconstruction summed elsewhere (a feature shard's partials after the all-reduce): for
+ * token b and layer k, r = scale * (yhat - y) and sq_err = sum_i (yhat - y)^2, as sparse_decode's epilogue. */
+typedef struct {
+    clt_ptr yhat;   /* const f32 [B][L][d] */
+    clt_ptr y;      /* const f32 [B][L][d] */
+    clt_ptr resid;  /* f32 out [B][L][d] */
+    clt_ptr sq_err; /* f32 out [B][L] */
+    uint32_t n_tokens;
+    uint32_t n_layers;
+    uint32_t d;
+    float resid_scale;
+} CltResidualParams;
+
 /* dL/da at every listed entry of source layer l: proj = <r_b[l..], W_dec[l][f]>, and for active entries the
  * full pre-activation gradient ge = proj + tanh_scale * c * n_f * (1 - tanh(c a n_f)^2). */
 typedef struct {

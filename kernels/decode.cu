@@ -1,4 +1,5 @@
-// Sparse cross-layer decode fused with the residual and the squared error.
+// Sparse cross-layer decode fused with the residual and the squared error; and the residual alone, for a
+// reconstruction summed over feature shards after their decode.
 // CPU reference: src/backend/cpu/sparse.rs (decode, residual) without the skip connection.
 //
 // One block per (token, target layer k); threads stride over the d outputs of layer k. For every source layer
@@ -64,4 +65,23 @@ CLT_KERNEL void __launch_bounds__(DEC_THREADS) sparse_decode(const CltDecodePara
         const double total = block_sum(sq, s_red);
         if (threadIdx.x == 0) ptr<float>(p.sq_err)[(size_t)b * p.n_layers + k] = (float)total;
     }
+}
+
+// The residual and squared error of a reconstruction made elsewhere (the all-reduce of the feature shards'
+// partials): the same arithmetic, per element and per (token, layer) block, as sparse_decode's epilogue.
+CLT_KERNEL void __launch_bounds__(DEC_THREADS) residual(const CltResidualParams p) {
+    __shared__ double s_red[DEC_THREADS / 32];
+    const uint32_t b = blockIdx.x, k = blockIdx.y;
+    const size_t out0 = ((size_t)b * p.n_layers + k) * p.d;
+    const float* yhat = ptr<const float>(p.yhat) + out0;
+    const float* y = ptr<const float>(p.y) + out0;
+    float* resid = ptr<float>(p.resid) + out0;
+    double sq = 0.0;
+    for (uint32_t i = threadIdx.x; i < p.d; i += DEC_THREADS) {
+        const float diff = yhat[i] - y[i];
+        sq += (double)diff * (double)diff;
+        resid[i] = p.resid_scale * diff;
+    }
+    const double total = block_sum(sq, s_red);
+    if (threadIdx.x == 0) ptr<float>(p.sq_err)[(size_t)b * p.n_layers + k] = (float)total;
 }

@@ -773,6 +773,18 @@ mod gpu_tests {
                 let s: f64 = (0..n_tokens).map(|b| sq[b * l_n + k] as f64).sum();
                 close("sq_err", s, sq_want[k], sq_want[k] * 10.0 + 1.0)?;
             }
+            // The residual alone (a feature shard's, after the all-reduce) on the decode's ŷ: the fused
+            // epilogue's bits, and the CPU residual's on the same ŷ.
+            let (r2, sq2) = decode::residual(gpu, &out.yhat, &yd, n_tokens, l_n, d, scale_r).unwrap();
+            let (r2, sq2) = (gpu.download(&r2).unwrap(), gpu.download(&sq2).unwrap());
+            prop_assert!(r2.iter().zip(&r).all(|(a, b)| a.to_bits() == b.to_bits()), "residual vs fused");
+            prop_assert!(sq2.iter().zip(&sq).all(|(a, b)| a.to_bits() == b.to_bits()), "sq_err vs fused");
+            let (r_cpu, sq_cpu) = sparse::residual(&got, &y, n_tokens, l_n, d);
+            prop_assert!(r2.iter().zip(&r_cpu).all(|(a, b)| a.to_bits() == b.to_bits()), "residual vs CPU");
+            for k in 0..l_n {
+                let s: f64 = (0..n_tokens).map(|b| sq2[b * l_n + k] as f64).sum();
+                close("sq_err (residual)", s, sq_cpu[k], sq_cpu[k])?;
+            }
         }
 
         /// The whole chained step (encode, decode, backward) vs the sparse CPU step, every activation.

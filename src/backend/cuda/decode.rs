@@ -1,12 +1,14 @@
 //! Sparse cross-layer decode fused with the residual `r = scale · (ŷ − y)` and the per-(token, layer)
-//! squared error: one block per (token, target layer), bf16 decoder rows, fp32 accumulation.
+//! squared error: one block per (token, target layer), bf16 decoder rows, fp32 accumulation. And
+//! [`residual`] alone, for a feature shard whose partial reconstruction is completed by an all-reduce
+//! between its decode and its residual.
 //!
 //! CPU reference: [`crate::backend::cpu::sparse::decode`] and [`crate::backend::cpu::sparse::residual`]
 //! (without the skip connection).
 
 use super::context::{Gpu, Module};
 use super::encode::DeviceCodes;
-use super::ffi::{CltDecodeParams, CltLayerView};
+use super::ffi::{CltDecodeParams, CltLayerView, CltResidualParams};
 use super::memory::DBuf;
 use crate::{Error, Result};
 use cudarc::driver::LaunchConfig;
@@ -98,4 +100,47 @@ pub fn sparse_decode(
         resid,
         sq_err,
     })
+}
+
+/// The residual `scale · (ŷ − y)` (`[B][L][d]`) and the per-(token, layer) squared error (`[B][L]`) of a
+/// reconstruction `yhat` made elsewhere: the arithmetic of [`sparse_decode`]'s epilogue, to the bit.
+pub fn residual(
+    gpu: &Gpu,
+    yhat: &DBuf<f32>,
+    y: &DBuf<f32>,
+    n_tokens: usize,
+    n_layers: usize,
+    d: usize,
+    resid_scale: f32,
+) -> Result<(DBuf<f32>, DBuf<f32>)> {
+    let n = n_tokens * n_layers * d;
+    if yhat.len() != n || y.len() != n {
+        return Err(Error::Shape {
+            what: "CUDA residual (yhat, y)".into(),
+            expected: vec![n, n],
+            got: vec![yhat.len(), y.len()],
+        });
+    }
+    let resid = gpu.output::<f32>(n)?;
+    let sq_err = gpu.output::<f32>(n_tokens * n_layers)?;
+    if n_tokens * n_layers == 0 {
+        return Ok((resid, sq_err));
+    }
+    let p = CltResidualParams {
+        yhat: yhat.ptr(gpu),
+        y: y.ptr(gpu),
+        resid: resid.ptr(gpu),
+        sq_err: sq_err.ptr(gpu),
+        n_tokens: n_tokens as u32,
+        n_layers: n_layers as u32,
+        d: d as u32,
+        resid_scale,
+    };
+    let cfg = LaunchConfig {
+        grid_dim: (n_tokens as u32, n_layers as u32, 1),
+        block_dim: (256, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    gpu.launch(Module::Decode, "residual", cfg, &p)?;
+    Ok((resid, sq_err))
 }
