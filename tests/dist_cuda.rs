@@ -1,8 +1,10 @@
-//! Distributed training on the CUDA step (`--backend cuda-host`; the `cuda` and `mpi` features), two ranks
+//! Distributed training on the CUDA step (`--backend cuda-host`; the `cuda` and `mpi` features), ranks
 //! under `mpirun` (each on its own device, chosen by its rank on the node) against one process running the
-//! same step on the whole model and batch: data-parallel (each rank's device step on half of every batch,
-//! the gradients all-reduced over MPI) and feature-sharded (each rank's device encodes and decodes half the
-//! features, the partial reconstructions are all-reduced, the device runs the backward on the residual).
+//! same step on the whole model and batch: data-parallel on two ranks (each rank's device step on half of
+//! every batch, the gradients all-reduced over MPI); feature-sharded on two (each rank's device encodes and
+//! decodes half the features, the partial reconstructions are all-reduced, over MPI through host memory or
+//! over NCCL on the device, and the device runs the backward on the residual; the two give the same bits);
+//! and a 2 x 2 grid on four, its partials summed by NCCL within each replica's group.
 //! Runs where a CUDA driver is present: the GPU machine, and CI on the CPU emulator (kernels/emu/, found
 //! through `LD_LIBRARY_PATH`, which `mpirun` passes on); without one it prints that it was skipped (and
 //! fails under `CLT_REQUIRE_GPU=1`).
@@ -20,15 +22,16 @@ use clt::backend::BackendKind;
 use clt::backend::cuda::context::driver_present;
 use clt::clt::Params;
 use clt::dist::checkpoint;
-use clt::train::Parallel;
+use clt::train::{Collectives, Parallel};
 use common::runs::{assert_params_close, losses, text};
 use std::path::Path;
 use std::process::Command;
+use std::time::{Duration, Instant};
 
 const CLT: &str = env!("CARGO_BIN_EXE_clt");
 
 #[test]
-fn two_ranks_on_cuda_host_equal_one_process() {
+fn ranks_on_cuda_host_equal_one_process() {
     if !driver_present() {
         assert!(
             !std::env::var("CLT_REQUIRE_GPU").is_ok_and(|v| v == "1"),
@@ -65,12 +68,44 @@ fn two_ranks_on_cuda_host_equal_one_process() {
     assert_eq!(want.len(), 6);
     let want_params = checkpoint::load_transcoder(&single).unwrap().params;
 
-    for parallel in [Parallel::Data, Parallel::Features] {
+    // (mode, collectives, ranks, how the partials are summed). The grid is 2 feature shards x 2
+    // replicas: NCCL over a group split from the world.
+    let modes = [
+        (Parallel::Data, Collectives::Auto, 2, "none"),
+        (Parallel::Features, Collectives::Mpi, 2, "mpi"),
+        (Parallel::Features, Collectives::Nccl, 2, "nccl"),
+        (Parallel::Grid, Collectives::Auto, 4, "nccl"),
+    ];
+    for (parallel, collectives, n, via) in modes {
         run.train.parallel = parallel;
-        let cfg = tmp.path().join(format!("{parallel:?}.toml"));
+        run.train.collectives = collectives;
+        run.train.feature_shards = (parallel == Parallel::Grid).then_some(2);
+        let label = format!("{parallel:?}, {collectives:?}, {n} ranks");
+        let cfg = tmp
+            .path()
+            .join(format!("{parallel:?}-{collectives:?}.toml"));
         std::fs::write(&cfg, toml::to_string(&run).unwrap()).unwrap();
-        let two = tmp.path().join(format!("{parallel:?}"));
-        two_ranks(&cfg, &two, &want, &want_params, parallel);
+        let out = tmp.path().join(format!("{parallel:?}-{collectives:?}"));
+        let log = ranks(n, &cfg, &out, &want, &want_params, &label);
+        let said = format!("summed over the feature shards with {via}");
+        assert_eq!(log.contains(&said), via != "none", "{label}: {log}");
+    }
+    // The same partials summed through host memory or on the device: for two ranks both sums are the one
+    // f32 addition a + b, and the residual kernel is the host residual's arithmetic, so every parameter
+    // is the same to the bit.
+    let via_mpi = checkpoint::load_transcoder(&tmp.path().join("Features-Mpi")).unwrap();
+    let via_nccl = checkpoint::load_transcoder(&tmp.path().join("Features-Nccl")).unwrap();
+    for (i, (a, b)) in via_mpi
+        .params
+        .tensors()
+        .into_iter()
+        .zip(via_nccl.params.tensors())
+        .enumerate()
+    {
+        assert!(
+            a.iter().zip(b).all(|(x, y)| x.to_bits() == y.to_bits()),
+            "tensor {i}: NCCL's parameters differ from MPI's"
+        );
     }
 }
 
@@ -105,37 +140,97 @@ fn a_rank_without_its_device_stops_the_job_naming_it() {
     assert!(log.contains("rank 0") || log.contains("rank 1"), "{log}");
 }
 
-/// `mpirun -n 2 clt train` of `cfg` into `two`, then its losses and parameters against one process's.
-fn two_ranks(cfg: &Path, two: &Path, want: &[f64], want_params: &Params, parallel: Parallel) {
+/// A rank that hangs before the partials' NCCL all-reduce: NCCL itself would wait for it forever; the
+/// other rank's wait has the MPI deadline (here 4 s), after which the liveness probe names the hung rank
+/// and the job ends. (On the emulator, its libnccl gives up after `CLT_EMU_NCCL_TIMEOUT_S` and returns
+/// an error, which takes the same way out.)
+#[test]
+fn a_hung_rank_in_the_nccl_sum_stops_the_job_naming_it() {
+    if !driver_present() {
+        eprintln!("skipped: no CUDA driver");
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let mut run = clt::demo::synthetic_config();
+    run.model.skip = false;
+    run.train.steps = 6;
+    run.train.batch_size = 64;
+    run.train.calibration_batches = 1;
+    run.train.backend = BackendKind::CudaHost;
+    run.train.parallel = Parallel::Features;
+    run.train.collectives = Collectives::Nccl;
+    let cfg = tmp.path().join("run.toml");
+    std::fs::write(&cfg, toml::to_string(&run).unwrap()).unwrap();
+    let started = Instant::now();
+    let o = Command::new("mpirun")
+        .args(["--allow-run-as-root", "--oversubscribe", "--timeout", "120"])
+        .args(["-n", "2", CLT, "train", "--config", cfg.to_str().unwrap()])
+        .args(["--out", tmp.path().join("out").to_str().unwrap(), "--quiet"])
+        .env("CLT_DIST_FAULT", "hang:1:3")
+        .env("CLT_DIST_TIMEOUT_S", "4")
+        .env("CLT_EMU_NCCL_TIMEOUT_S", "4")
+        .env("OMPI_ALLOW_RUN_AS_ROOT", "1")
+        .env("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1")
+        .env("RAYON_NUM_THREADS", "1")
+        .output()
+        .expect("mpirun not found (scripts/install-mpi.sh installs Open MPI)");
+    let took = started.elapsed();
+    let log = text(&o);
+    assert!(!o.status.success(), "{log}");
+    assert!(log.contains("with nccl"), "{log}");
+    assert!(
+        log.contains("all-reduce of the partial reconstructions")
+            && log.contains("no answer from rank(s) [1]"),
+        "the NCCL sum's watchdog must name rank 1:\n{log}"
+    );
+    assert!(took < Duration::from_secs(60), "took {took:?}");
+    eprintln!("took {took:.1?}:\n{log}");
+}
+
+/// `mpirun -n <n> clt train` of `cfg` into `out`, then its losses and parameters against one process's;
+/// returns the job's output.
+fn ranks(
+    n: usize,
+    cfg: &Path,
+    out: &Path,
+    want: &[f64],
+    want_params: &Params,
+    label: &str,
+) -> String {
     let o = Command::new("mpirun")
         .args(["--allow-run-as-root", "--oversubscribe", "--timeout", "300"])
-        .args(["-n", "2", CLT, "train", "--config", cfg.to_str().unwrap()])
-        .args(["--out", two.to_str().unwrap(), "--quiet"])
+        .args([
+            "-n",
+            &n.to_string(),
+            CLT,
+            "train",
+            "--config",
+            cfg.to_str().unwrap(),
+        ])
+        .args(["--out", out.to_str().unwrap(), "--quiet"])
         .env("OMPI_ALLOW_RUN_AS_ROOT", "1")
         .env("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1")
         .env("RAYON_NUM_THREADS", "1")
         .output()
         .expect("mpirun not found (scripts/install-mpi.sh installs Open MPI)");
     let log = text(&o);
-    assert!(
-        o.status.success(),
-        "{parallel:?}: mpirun -n 2 failed:\n{log}"
-    );
-    assert!(log.contains("2 rank(s), 6 steps"), "{parallel:?}: {log}");
-    let got = losses(two);
+    assert!(o.status.success(), "{label}: mpirun failed:\n{log}");
+    assert!(log.contains(&format!("{n} rank(s)")), "{label}: {log}");
+    let got = losses(out);
     assert_eq!(got.len(), 6, "rank 0 alone writes metrics");
     for (s, (g, w)) in got.iter().zip(want).enumerate() {
         eprintln!(
-            "{parallel:?}, step {}: loss one process {w:.7}, two ranks {g:.7}",
+            "{label}, step {}: loss one process {w:.7}, {n} ranks {g:.7}",
             s + 1
         );
         assert!(
             (g - w).abs() <= 1e-4 * w.abs(),
-            "{parallel:?}: loss at step {}: {g} vs {w}",
+            "{label}: loss at step {}: {g} vs {w}",
             s + 1
         );
     }
-    let got = checkpoint::load_transcoder(two).unwrap().params;
-    let worst = assert_params_close(&format!("{parallel:?}"), &got, want_params, 1e-4);
-    eprintln!("{parallel:?}: parameter tensors differ by at most {worst:.1e} (relative L2)");
+    let got = checkpoint::load_transcoder(out).unwrap().params;
+    let worst = assert_params_close(label, &got, want_params, 1e-4);
+    eprintln!("{label}: parameter tensors differ by at most {worst:.1e} (relative L2)");
+    log
 }

@@ -281,6 +281,16 @@ kind = "synthetic"
             "steps = 10\nparallel = \"data\"\noverlap = true",
             "train.overlap",
         ),
+        (
+            "steps = 10",
+            "steps = 10\ncollectives = \"nccl\"",
+            "train.collectives",
+        ),
+        (
+            "steps = 10",
+            "steps = 10\ncollectives = \"nccl\"\nbackend = \"cuda_host\"\nparallel = \"data\"",
+            "train.collectives",
+        ),
     ];
     for (from, to, field) in cases {
         let text = base.replace(from, to);

@@ -104,6 +104,12 @@ fn run<C: Comm>(c: C, args: &TrainArgs) -> Result<()> {
         }
         ShardedTrainer::new(run, c)?
     };
+    if trainer.comm.rank() == 0 && trainer.partials_via() != "none" {
+        eprintln!(
+            "partial reconstructions summed over the feature shards with {}",
+            trainer.partials_via()
+        );
+    }
     let last = trainer.train(&args.out, args.quiet)?;
     let lead = trainer.comm.rank() == 0;
     let size = trainer.comm.size();

@@ -1,8 +1,20 @@
 //! The collectives the sharded trainer needs, as a trait: MPI implements it (`dist::mpi`, the `mpi`
 //! feature), and [`SelfComm`] is the world of one process, so the sharded trainer runs and is tested without
-//! MPI. Every collective names what it is for (`what`), so a timeout can say where a run stopped.
+//! MPI. Every collective names what it is for (`what`), so a timeout can say where a run stopped. With the
+//! `cuda` feature a group may also sum device buffers ([`DeviceSum`]: NCCL, made by [`Comm::device_sum`]).
 
 use crate::Result;
+#[cfg(feature = "cuda")]
+use crate::backend::cuda::{context::Gpu, memory::DBuf};
+
+/// An element-wise sum over a group's ranks of a buffer on the device, in place, on the stream of the
+/// [`Gpu`] it was made for (NCCL: `dist::nccl`).
+#[cfg(feature = "cuda")]
+pub trait DeviceSum {
+    /// Sums `buf` over the ranks (`what` names it in errors) and waits for the result under the group's
+    /// deadline; a peer that does not join ends the job naming it, as a timed-out MPI collective does.
+    fn sum(&self, what: &str, buf: &mut DBuf<f32>) -> Result<()>;
+}
 
 /// A group of ranks that train one model together.
 pub trait Comm: Sized {
@@ -39,6 +51,14 @@ pub trait Comm: Sized {
     fn split(&self, color: usize, key: usize) -> Result<Self>;
     /// Ends every rank of the job at once (after an error on this one, so the others do not wait for it).
     fn abort(&self, code: i32) -> !;
+    /// A device-buffer sum over this group on `gpu`'s stream (a collective: every rank of the group calls
+    /// it). `None` where the group has none: the default (the world of one process, which needs none), or
+    /// where some rank of the group cannot load NCCL; with `required`, that is an error naming the ranks.
+    /// Every rank of the group gets the same answer. NCCL's unique id travels through this group.
+    #[cfg(feature = "cuda")]
+    fn device_sum(&self, _gpu: &Gpu, _required: bool) -> Result<Option<Box<dyn DeviceSum>>> {
+        Ok(None)
+    }
 }
 
 /// The world of one process: every collective is the identity.

@@ -145,6 +145,21 @@ impl MpiComm {
     /// The collective `what` did not finish in time: find out which ranks still answer, name the others, and
     /// end the job.
     fn timed_out(&self, what: &str) -> ! {
+        let why = format!(
+            "did not complete within {:.0} s",
+            self.timeout.as_secs_f64()
+        );
+        self.stop_job(what, &why)
+    }
+
+    /// The deadline of this group's collectives (`CLT_DIST_TIMEOUT_S`).
+    pub fn timeout(&self) -> Duration {
+        self.timeout
+    }
+
+    /// A collective outside MPI (NCCL's all-reduce, `what`) failed or missed its deadline (`why`): find out
+    /// which ranks still answer, name the others, and end the job, as a timed-out MPI collective does.
+    pub fn stop_job(&self, what: &str, why: &str) -> ! {
         let me = self.world.rank() as usize;
         let n = self.world.size() as usize;
         let mine = me as u64;
@@ -196,10 +211,7 @@ impl MpiComm {
                     self.timeout.as_secs_f64()
                 )
             };
-            eprintln!(
-                "error: rank {me}: {what} did not complete within {:.0} s; {msg}; aborting the job",
-                self.timeout.as_secs_f64()
-            );
+            eprintln!("error: rank {me}: {what} {why}; {msg}; aborting the job");
             // Requests still pending cannot be completed; the job ends here.
             std::mem::forget(sends);
             std::mem::forget(recvs);
@@ -320,5 +332,27 @@ impl Comm for MpiComm {
 
     fn abort(&self, code: i32) -> ! {
         self.world.abort(code)
+    }
+
+    #[cfg(feature = "cuda")]
+    fn device_sum(
+        &self,
+        gpu: &crate::backend::cuda::context::Gpu,
+        required: bool,
+    ) -> Result<Option<Box<dyn super::comm::DeviceSum>>> {
+        let here = super::nccl::nccl_present() as u64;
+        let present = self.gather_u64("check that every rank can load NCCL", here)?;
+        let missing: Vec<usize> = (0..present.len()).filter(|r| present[*r] == 0).collect();
+        match missing.first() {
+            None => super::nccl::on_gpu(self, gpu).map(Some),
+            Some(_) if !required => Ok(None),
+            Some(&first) => Err(Error::Distributed {
+                rank: if here == 0 { self.rank() } else { first },
+                reason: format!(
+                    "collectives = \"nccl\", but rank(s) {missing:?} of the group cannot load libnccl.so \
+                     (install NCCL there, or set collectives = \"mpi\" or \"auto\")"
+                ),
+            }),
+        }
     }
 }

@@ -13,24 +13,30 @@
 //! ```
 //!
 //! What is subtle here:
-//! - Nothing calls this yet: the distributed trainer's CUDA step (`--backend cuda-host`) brings each
-//!   shard's partial reconstruction to the host and sums it over MPI; summing it on the device with this is
-//!   the next step (docs/distributed.md).
+//! - The distributed trainer's CUDA step (`backend = "cuda_host"`, feature-sharded and grid) sums each
+//!   shard's partial reconstruction with this ([`NcclComm::on_stream`] on its [`Gpu`]'s stream, through
+//!   [`Comm::device_sum`]), so the partials never leave the device (docs/distributed.md).
 //! - NCCL is loaded at run time (cudarc's dynamic loading). Without a CUDA driver, or without libnccl,
 //!   [`NcclComm::new`] returns [`Error::BackendUnavailable`] naming what is missing, before any CUDA or NCCL
 //!   call (a call into a library that is not there would panic inside cudarc).
-//! - NCCL collectives are asynchronous on the stream: the MPI watchdog's deadline (`CLT_DIST_TIMEOUT_S`)
-//!   does not cover them; a hung peer shows as a stream synchronisation that does not return.
-//! - Never run on a GPU; CI runs it on the CPU emulator's libnccl.so (kernels/emu/), one rank and two.
+//! - NCCL collectives are asynchronous on the stream, and a dead or hung peer makes them wait forever. The
+//!   trainer's sum ([`DeviceSum::sum`]) therefore polls an event behind the all-reduce under the MPI
+//!   deadline (`CLT_DIST_TIMEOUT_S`), and on a timeout or an NCCL error ends the job through the same
+//!   liveness probe as a timed-out MPI collective, naming the ranks that no longer answer. The raw
+//!   [`NcclComm::sum_f32`] only queues (its caller synchronises).
+//! - Never run on a GPU; CI runs it on the CPU emulator's libnccl.so (kernels/emu/), one rank and two, and
+//!   the trainer on it with two ranks (tests/dist_cuda.rs).
 
-use super::comm::Comm;
+use super::comm::{Comm, DeviceSum};
 use super::mpi::MpiComm;
-use crate::backend::cuda::context::{cuda_err, driver_present, no_driver};
+use crate::backend::cuda::context::{Gpu, cuda_err, driver_present, no_driver};
+use crate::backend::cuda::memory::DBuf;
 use crate::{Error, Result};
 use cudarc::driver::{CudaContext, CudaSlice, CudaStream};
 use cudarc::nccl::{Comm as Nccl, Id, ReduceOp};
 use std::ffi::c_char;
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 /// Whether libnccl can be opened on this machine.
 pub fn nccl_present() -> bool {
@@ -41,7 +47,7 @@ pub fn nccl_present() -> bool {
 fn nccl_err(what: &'static str) -> impl FnOnce(cudarc::nccl::result::NcclError) -> Error {
     move |e| Error::Cuda {
         what: what.into(),
-        reason: format!("{e:?}"),
+        reason: format!("{:?}", e.0),
     }
 }
 
@@ -49,24 +55,23 @@ fn nccl_err(what: &'static str) -> impl FnOnce(cudarc::nccl::result::NcclError) 
 pub struct NcclComm {
     nccl: Nccl,
     stream: Arc<CudaStream>,
+    /// The MPI group it was made from: the deadline, and the liveness probe when a sum fails.
+    group: MpiComm,
 }
 
 impl NcclComm {
-    /// Joins the NCCL communicator of `group`'s ranks on device `ordinal` (a collective over `group`).
+    /// Joins the NCCL communicator of `group`'s ranks on device `ordinal`'s default stream (a collective
+    /// over `group`).
     pub fn new(group: &MpiComm, ordinal: usize) -> Result<Self> {
-        if !driver_present() {
-            return Err(no_driver());
-        }
-        if !nccl_present() {
-            return Err(Error::BackendUnavailable {
-                backend: "nccl".into(),
-                reason: "libnccl.so was not found; install NCCL (e.g. the nvidia-nccl-cu13 wheel, with its \
-                         lib directory on LD_LIBRARY_PATH) or keep the MPI collectives"
-                    .into(),
-            });
-        }
+        check_present()?;
         let ctx = CudaContext::new(ordinal).map_err(cuda_err("creating the CUDA context"))?;
-        let stream = ctx.default_stream();
+        Self::on_stream(group, ctx.default_stream())
+    }
+
+    /// Joins the NCCL communicator of `group`'s ranks with its collectives queued on `stream` (a collective
+    /// over `group`), so they are ordered with the kernels on that stream.
+    pub fn on_stream(group: &MpiComm, stream: Arc<CudaStream>) -> Result<Self> {
+        check_present()?;
         let mut bytes = [0u8; 128];
         if group.rank() == 0 {
             let id = Id::new().map_err(nccl_err("ncclGetUniqueId"))?;
@@ -86,7 +91,11 @@ impl NcclComm {
             Id::uninit(internal),
         )
         .map_err(nccl_err("ncclCommInitRank"))?;
-        Ok(NcclComm { nccl, stream })
+        Ok(NcclComm {
+            nccl,
+            stream,
+            group: group.clone(),
+        })
     }
 
     /// The stream the collectives are queued on.
@@ -111,4 +120,69 @@ impl NcclComm {
             .map_err(nccl_err("ncclAllReduce"))?;
         Ok(())
     }
+}
+
+impl DeviceSum for NcclComm {
+    /// Queues the all-reduce, then polls an event recorded after it until it completes or the group's
+    /// deadline (`CLT_DIST_TIMEOUT_S`) passes. NCCL's kernels wait for a dead or hung peer forever; here an
+    /// error from NCCL or a missed deadline ends the job through the MPI liveness probe, which names the
+    /// ranks that no longer answer ([`MpiComm::stop_job`]).
+    fn sum(&self, what: &str, buf: &mut DBuf<f32>) -> Result<()> {
+        if buf.is_empty() {
+            return Ok(());
+        }
+        if let Err(e) = self
+            .nccl
+            .all_reduce_in_place(&mut buf.view_mut(), &ReduceOp::Sum)
+        {
+            self.group
+                .stop_job(what, &format!("failed in NCCL ({:?})", e.0));
+        }
+        let done = self
+            .stream
+            .record_event(None)
+            .map_err(cuda_err("recording an event after the NCCL all-reduce"))?;
+        let deadline = Instant::now() + self.group.timeout();
+        let mut spins = 0u32;
+        while !done
+            .try_is_complete()
+            .map_err(cuda_err("waiting for the NCCL all-reduce"))?
+        {
+            if Instant::now() >= deadline {
+                let why = format!(
+                    "did not complete within {:.0} s (NCCL)",
+                    self.group.timeout().as_secs_f64()
+                );
+                self.group.stop_job(what, &why);
+            }
+            spins += 1;
+            if spins < 1000 {
+                std::thread::yield_now();
+            } else {
+                std::thread::sleep(Duration::from_micros(50));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The driver, then libnccl: an error naming what is missing before any call into either.
+fn check_present() -> Result<()> {
+    if !driver_present() {
+        return Err(no_driver());
+    }
+    if !nccl_present() {
+        return Err(Error::BackendUnavailable {
+            backend: "nccl".into(),
+            reason: "libnccl.so was not found; install NCCL (e.g. the nvidia-nccl-cu13 wheel, with its lib \
+                     directory on LD_LIBRARY_PATH) or keep the MPI collectives (collectives = \"mpi\")"
+                .into(),
+        });
+    }
+    Ok(())
+}
+
+/// NCCL for a group of the trainer's MPI ranks, on `gpu`'s stream ([`Comm::device_sum`]).
+pub(crate) fn on_gpu(group: &MpiComm, gpu: &Gpu) -> Result<Box<dyn DeviceSum>> {
+    Ok(Box::new(NcclComm::on_stream(group, gpu.stream().clone())?))
 }

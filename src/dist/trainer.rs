@@ -100,8 +100,12 @@ pub struct ShardedTrainer<C: Comm> {
     source: Box<dyn ActivationSource>,
     batch: Batch,
     fault: Option<Fault>,
-    /// The data-parallel step's backend (the feature-sharded step is the CPU's own code).
+    /// The step's backend: the CPU, or the CUDA step (`cuda-host`).
     backend: Backend,
+    /// The CUDA step's sum of the partial reconstructions on the device (NCCL over `feat`), where
+    /// [`partial_sum`] chose it.
+    #[cfg(feature = "cuda")]
+    device_sum: Option<Box<dyn super::comm::DeviceSum>>,
 }
 
 /// A fault injected for the failure tests (`CLT_DIST_FAULT=kill:RANK:STEP` or `hang:RANK:STEP`): the rank
@@ -225,6 +229,35 @@ fn device_count() -> Result<usize> {
 fn device_count() -> Result<usize> {
     // Without the feature, Backend::new_on reports that CUDA is not built in.
     Ok(1)
+}
+
+/// Where the CUDA step sums its partial reconstructions: on the device through NCCL over `feat` when the
+/// step runs on a GPU with more than one feature shard per replica, `collectives` allows it and (for
+/// `auto`) every rank of the group can load libnccl; otherwise on the host through MPI (`None`). A
+/// collective over `feat`: every rank reaches the same choice.
+#[cfg(feature = "cuda")]
+fn partial_sum<C: Comm>(
+    run: &RunConfig,
+    feat: &C,
+    backend: &Backend,
+) -> Result<Option<Box<dyn super::comm::DeviceSum>>> {
+    let Backend::Cuda(gpu) = backend else {
+        return Ok(None);
+    };
+    use crate::train::Collectives;
+    let required = match run.train.collectives {
+        Collectives::Mpi => return Ok(None),
+        _ if run.train.parallel == Parallel::Data || feat.size() == 1 => return Ok(None),
+        Collectives::Nccl => true,
+        Collectives::Auto => false,
+    };
+    match feat.device_sum(gpu, required)? {
+        None if required => Err(Error::Unsupported(
+            "collectives = \"nccl\" needs an MPI launch built with the `mpi` and `cuda` features"
+                .into(),
+        )),
+        sum => Ok(sum),
+    }
 }
 
 /// How the ranks of a run are arranged: `shards` ranks share each replica's features and `replicas`
@@ -407,7 +440,7 @@ impl<C: Comm> ShardedTrainer<C> {
             last_fired: vec![vec![0; range.len()]; cfg.n_layers],
             params,
         };
-        Ok(Self::assemble(
+        Self::assemble(
             run,
             [comm, feat, data_comm],
             range,
@@ -417,7 +450,7 @@ impl<C: Comm> ShardedTrainer<C> {
             rng,
             source,
             backend,
-        ))
+        )
     }
 
     /// Resumes from a run or checkpoint directory (sharded by any number of ranks, or native), on the source
@@ -451,7 +484,7 @@ impl<C: Comm> ShardedTrainer<C> {
         let backend = step_backend(&run)?;
         source.restore(&m.source_position)?;
         let (feat, data_comm) = grid_axes(&comm, Grid::of(&run, comm.size()))?;
-        Ok(Self::assemble(
+        Self::assemble(
             run,
             [comm, feat, data_comm],
             range,
@@ -461,7 +494,7 @@ impl<C: Comm> ShardedTrainer<C> {
             m.rng,
             source,
             backend,
-        ))
+        )
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -475,10 +508,12 @@ impl<C: Comm> ShardedTrainer<C> {
         rng: Rng,
         source: Box<dyn ActivationSource>,
         backend: Backend,
-    ) -> Self {
+    ) -> Result<Self> {
         let local = local_config(&run.model, &range);
+        #[cfg(feature = "cuda")]
+        let device_sum = partial_sum(&run, &feat, &backend)?;
         let t = &run.train;
-        ShardedTrainer {
+        Ok(ShardedTrainer {
             hyper: AdamHyper {
                 beta1: t.adam_beta1,
                 beta2: t.adam_beta2,
@@ -503,13 +538,29 @@ impl<C: Comm> ShardedTrainer<C> {
             batch: Batch::default(),
             fault: fault_from_env(),
             backend,
+            #[cfg(feature = "cuda")]
+            device_sum,
             grid: Grid::of(&run, comm.size()),
             range,
             comm,
             feat,
             data: data_comm,
             run,
+        })
+    }
+
+    /// How this rank's partial reconstructions are summed over its feature group: `"mpi"` (the CPU step,
+    /// and the CUDA step through host memory), `"nccl"` (the CUDA step on the device), or `"none"` where
+    /// there is nothing to sum (data-parallel, or one shard per replica).
+    pub fn partials_via(&self) -> &'static str {
+        if self.run.train.parallel == Parallel::Data || self.feat.size() == 1 {
+            return "none";
         }
+        #[cfg(feature = "cuda")]
+        if self.device_sum.is_some() {
+            return "nccl";
+        }
+        "mpi"
     }
 
     /// This rank's shard as a transcoder of `range.len()` features (the replicated tensors included).
@@ -627,8 +678,24 @@ impl<C: Comm> ShardedTrainer<C> {
         let what = "all-reduce of the partial reconstructions";
         #[cfg(feature = "cuda")]
         if let Backend::Cuda(gpu) = &self.backend {
-            let (feat, timing) = (&self.feat, &mut self.timing);
-            let mut sum = |yhat: &mut [f32]| timed_sum(feat, timing, what, yhat);
+            use crate::backend::cuda::{memory::DBuf, step::PartialSum};
+            let (feat, timing, nccl) = (&self.feat, &mut self.timing, &self.device_sum);
+            let (mut host, mut device);
+            let sum = if nccl.is_some() || feat.size() == 1 {
+                device = |yhat: &mut DBuf<f32>| -> Result<()> {
+                    if let Some(nccl) = nccl {
+                        // The decode has synchronised the stream: the time is the all-reduce's alone.
+                        let t = Instant::now();
+                        nccl.sum(what, yhat)?;
+                        timing.reduce_s += t.elapsed().as_secs_f64();
+                    }
+                    Ok(())
+                };
+                PartialSum::Device(&mut device)
+            } else {
+                host = |yhat: &mut [f32]| timed_sum(feat, timing, what, yhat);
+                PartialSum::Host(&mut host)
+            };
             let stats = crate::backend::cuda::step::sharded_loss_and_grad(
                 gpu,
                 local,
@@ -640,7 +707,7 @@ impl<C: Comm> ShardedTrainer<C> {
                 obj,
                 dead_mask,
                 with_bias,
-                &mut sum,
+                sum,
                 &mut self.grads,
             )?;
             return self.finish_sharded(stats, nl);

@@ -108,6 +108,20 @@ pub enum Parallel {
     Grid,
 }
 
+/// How a distributed CUDA step (`backend = "cuda_host"`, feature-sharded or grid) sums the shards' partial
+/// reconstructions; the CPU step always uses MPI.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Collectives {
+    /// NCCL where every rank of the group can load it, MPI otherwise (the trainer's log says which).
+    #[default]
+    Auto,
+    /// NCCL on the device (an error at start-up where a rank cannot load libnccl).
+    Nccl,
+    /// MPI through host memory: each rank downloads its partials, and uploads the sum's residual.
+    Mpi,
+}
+
 /// Optimisation settings. Defaults follow CLT-Forge's runners (see `docs/objective.md`).
 #[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -171,6 +185,8 @@ pub struct TrainConfig {
     /// Start the all-reduce of each layer's partial reconstruction as soon as that layer is decoded, so it
     /// proceeds while the next layers decode (feature-sharded and grid modes; same results as without).
     pub overlap: bool,
+    /// How the CUDA step's partial reconstructions are summed over the ranks (`docs/distributed.md`).
+    pub collectives: Collectives,
 }
 
 impl Default for TrainConfig {
@@ -207,6 +223,7 @@ impl Default for TrainConfig {
             parallel: Parallel::Features,
             feature_shards: None,
             overlap: false,
+            collectives: Collectives::Auto,
         }
     }
 }
@@ -329,6 +346,15 @@ impl RunConfig {
                 ));
             }
             _ => {}
+        }
+        if t.collectives == Collectives::Nccl
+            && (t.backend != BackendKind::CudaHost || t.parallel == Parallel::Data)
+        {
+            return Err(Error::config(
+                "train.collectives",
+                "\"nccl\" sums the partial reconstructions of the CUDA step on the device: it needs \
+                 backend = \"cuda_host\" and parallel = \"features\" or \"grid\"",
+            ));
         }
         if t.overlap && t.parallel == Parallel::Data {
             return Err(Error::config(

@@ -7,5 +7,7 @@ pub mod metrics;
 pub mod schedule;
 pub mod trainer;
 
-pub use config::{DataConfig, LambdaRamp, Parallel, PreactScope, RunConfig, TrainConfig};
+pub use config::{
+    Collectives, DataConfig, LambdaRamp, Parallel, PreactScope, RunConfig, TrainConfig,
+};
 pub use trainer::{StepReport, Trainer, resolve_checkpoint};

@@ -3,7 +3,7 @@
 use super::context::{Gpu, cuda_err};
 use crate::Result;
 use cudarc::driver::{
-    CudaSlice, CudaStream, DevicePtr, DeviceRepr, PinnedHostSlice, ValidAsZeroBits,
+    CudaSlice, CudaStream, CudaViewMut, DevicePtr, DeviceRepr, PinnedHostSlice, ValidAsZeroBits,
 };
 
 /// A device buffer of `len` elements (at least one element is allocated, so empty buffers have an address).
@@ -27,6 +27,11 @@ impl<T: DeviceRepr> DBuf<T> {
     pub fn ptr(&self, gpu: &Gpu) -> u64 {
         let (p, _sync) = self.slice.device_ptr(gpu.stream());
         p
+    }
+
+    /// The buffer's `len` elements as cudarc's mutable view (for libraries that take one: NCCL).
+    pub fn view_mut(&mut self) -> CudaViewMut<'_, T> {
+        self.slice.slice_mut(0..self.len)
     }
 }
 

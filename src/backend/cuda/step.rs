@@ -10,7 +10,7 @@
 
 use super::backward::{self, LayerGradInput, LayerGrads, col_sum};
 use super::context::Gpu;
-use super::decode::{DecodeLayer, sparse_decode};
+use super::decode::{DecodeLayer, residual, sparse_decode};
 use super::encode::{self, DeviceCodes, EncodeInput, WindowStats};
 use super::memory::DBuf;
 use super::topk;
@@ -119,11 +119,12 @@ pub fn loss_and_grad(
 /// One feature shard's step (distributed training, `cuda-host`): `cfg` and `params` are the shard's
 /// features of every layer (with the replicated decoder bias, counted only where `with_bias`, the
 /// shard that adds it to the reconstruction, as the CPU's sharded step does). The device encodes and decodes
-/// the shard's features; `sum` turns the shard's partial reconstruction (on the host, `[B][L][d]`) into the
-/// whole one (an all-reduce over the shards); the residual and squared errors are computed from it on the
-/// host, and the device runs the shard's backward on that residual. The statistics are the shard's
-/// (sparsity, pre-activation term, firing counts: the caller sums them over shards) except the
-/// reconstruction, which is the whole model's.
+/// the shard's features; `sum` turns the shard's partial reconstruction (`[B][L][d]`) into the whole one
+/// (an all-reduce over the shards: on the host through MPI, or on the device through NCCL); the residual
+/// and squared errors are computed from it (on the host or the device, where the sum is), and the device
+/// runs the shard's backward on that residual. The statistics are the shard's (sparsity, pre-activation
+/// term, firing counts: the caller sums them over shards) except the reconstruction, which is the whole
+/// model's.
 #[allow(clippy::too_many_arguments)]
 pub fn sharded_loss_and_grad(
     gpu: &Gpu,
@@ -136,7 +137,7 @@ pub fn sharded_loss_and_grad(
     obj: &Objective,
     preact_mask: Option<&[Vec<bool>]>,
     with_bias: bool,
-    sum: &mut dyn FnMut(&mut [f32]) -> Result<()>,
+    sum: PartialSum,
     grads: &mut Grads,
 ) -> Result<StepStats> {
     let mut dp = DeviceParams::upload(gpu, params, dec_norms)?;
@@ -174,12 +175,21 @@ fn download_grads(gpu: &Gpu, g: &DeviceGrads, grads: &mut Grads) -> Result<()> {
     Ok(())
 }
 
-/// A feature shard's way from its partial reconstruction to the whole one (see [`sharded_loss_and_grad`]).
-struct Reconstruct<'a> {
+/// Where a feature shard's partial reconstruction is summed over the shards ([`sharded_loss_and_grad`]).
+pub enum PartialSum<'a> {
+    /// On the host: the partials are downloaded and summed in place by the closure (MPI); the residual is
+    /// computed on the host and uploaded.
+    Host(&'a mut dyn FnMut(&mut [f32]) -> Result<()>),
+    /// On the device: the closure sums the buffer in place on the step's stream (NCCL; nothing for a
+    /// single shard); the residual kernel runs on the sum.
+    Device(&'a mut dyn FnMut(&mut DBuf<f32>) -> Result<()>),
+}
+
+/// A feature shard's way from its partial reconstruction to the whole one.
+struct Reconstruct<'a, 'b> {
     /// The targets, on the host.
     y: &'a [f32],
-    /// Sums the shards' partial reconstructions, in place.
-    sum: &'a mut dyn FnMut(&mut [f32]) -> Result<()>,
+    sum: PartialSum<'b>,
 }
 
 /// The step's loss and gradient on device-resident parameters and batch; the gradients stay on the device.
@@ -299,20 +309,26 @@ fn step_with(
                 &out.sq_err
                     .expect("decode with targets gives squared errors"),
             )?;
-            let mut sq_err = vec![0.0f64; l_n];
-            for b in 0..n_tokens {
-                for (k, s) in sq_err.iter_mut().enumerate() {
-                    *s += sq[b * l_n + k] as f64;
-                }
-            }
-            (resid, sq_err)
+            (resid, per_layer_sq_err(&sq, n_tokens, l_n))
         }
-        Some(Reconstruct { y, sum }) => {
+        Some(Reconstruct {
+            y,
+            sum: PartialSum::Host(sum),
+        }) => {
             let out = sparse_decode(gpu, &views, &dp.b_dec, None, d, cross, 2.0 / bf)?;
             let mut yhat = gpu.download(&out.yhat)?;
             sum(&mut yhat)?;
             let (r, sq_err) = crate::backend::cpu::sparse::residual(&yhat, y, n_tokens, l_n, d);
             (gpu.upload(&r)?, sq_err)
+        }
+        Some(Reconstruct {
+            sum: PartialSum::Device(sum),
+            ..
+        }) => {
+            let mut out = sparse_decode(gpu, &views, &dp.b_dec, None, d, cross, 2.0 / bf)?;
+            sum(&mut out.yhat)?;
+            let (resid, sq) = residual(gpu, &out.yhat, &batch.y, n_tokens, l_n, d, 2.0 / bf)?;
+            (resid, per_layer_sq_err(&gpu.download(&sq)?, n_tokens, l_n))
         }
     };
     let mut stats = StepStats {
@@ -387,4 +403,15 @@ fn step_with(
             b_dec,
         },
     ))
+}
+
+/// Per layer, the sum over tokens (in token order, f64) of the `[B][L]` squared errors.
+fn per_layer_sq_err(sq: &[f32], n_tokens: usize, l_n: usize) -> Vec<f64> {
+    let mut sq_err = vec![0.0f64; l_n];
+    for b in 0..n_tokens {
+        for (k, s) in sq_err.iter_mut().enumerate() {
+            *s += sq[b * l_n + k] as f64;
+        }
+    }
+    sq_err
 }
