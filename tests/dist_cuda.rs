@@ -23,7 +23,7 @@ use clt::backend::cuda::context::driver_present;
 use clt::clt::Params;
 use clt::dist::checkpoint;
 use clt::train::{Collectives, Parallel};
-use common::runs::{assert_params_close, losses, text};
+use common::runs::{assert_params_close, fork_run, losses, text};
 use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
@@ -105,6 +105,79 @@ fn ranks_on_cuda_host_equal_one_process() {
         assert!(
             a.iter().zip(b).all(|(x, y)| x.to_bits() == y.to_bits()),
             "tensor {i}: NCCL's parameters differ from MPI's"
+        );
+    }
+}
+
+/// The resident loop (`backend = "cuda"`: parameters, Adam's moments and the update on each rank's
+/// device), feature-sharded over two ranks with the partials summed by NCCL, against the single-process
+/// resident loop: losses and parameters within the same 1e-4 as the host-side step. Then a two-rank run
+/// resumed from its step-3 checkpoint finishes with the same parameters, to the bit, as the run that went
+/// straight through (the checkpoint is the device state, downloaded).
+#[test]
+fn the_resident_loop_on_two_ranks_equals_one_process_and_resumes_bit_for_bit() {
+    if !driver_present() {
+        assert!(
+            !std::env::var("CLT_REQUIRE_GPU").is_ok_and(|v| v == "1"),
+            "CLT_REQUIRE_GPU=1 but no CUDA driver"
+        );
+        eprintln!("skipped: no CUDA driver");
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let mut run = clt::demo::synthetic_config();
+    run.model.n_features = 37;
+    run.model.skip = false;
+    run.train.steps = 6;
+    run.train.batch_size = 128;
+    run.train.warmup_steps = 2;
+    run.train.log_every = 1;
+    run.train.checkpoint_every = 3;
+    run.train.keep_checkpoints = 10;
+    run.train.calibration_batches = 2;
+    run.train.backend = BackendKind::Cuda;
+    run.train.parallel = Parallel::Features;
+    let cfg = tmp.path().join("run.toml");
+    std::fs::write(&cfg, toml::to_string(&run).unwrap()).unwrap();
+
+    let single = tmp.path().join("single");
+    let o = Command::new(CLT)
+        .args(["train", "--config", cfg.to_str().unwrap()])
+        .args(["--out", single.to_str().unwrap(), "--quiet"])
+        .env("RAYON_NUM_THREADS", "1")
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "one process failed:\n{}", text(&o));
+    let want = losses(&single);
+    let want_params = checkpoint::load_transcoder(&single).unwrap().params;
+
+    let two = tmp.path().join("two");
+    let log = ranks(2, &cfg, &two, &want, &want_params, "resident, 2 ranks");
+    assert!(log.contains("with nccl"), "{log}");
+
+    let resumed = tmp.path().join("resumed");
+    fork_run(&two, 3, &resumed);
+    let o = Command::new("mpirun")
+        .args(["--allow-run-as-root", "--oversubscribe", "--timeout", "300"])
+        .args(["-n", "2", CLT, "train", "--resume"])
+        .args(["--out", resumed.to_str().unwrap(), "--quiet"])
+        .env("OMPI_ALLOW_RUN_AS_ROOT", "1")
+        .env("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1")
+        .env("RAYON_NUM_THREADS", "1")
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "resume failed:\n{}", text(&o));
+    let straight = checkpoint::load_transcoder(&two).unwrap().params;
+    let again = checkpoint::load_transcoder(&resumed).unwrap().params;
+    for (i, (a, b)) in straight
+        .tensors()
+        .into_iter()
+        .zip(again.tensors())
+        .enumerate()
+    {
+        assert!(
+            a.iter().zip(b).all(|(x, y)| x.to_bits() == y.to_bits()),
+            "tensor {i}: the resumed run's parameters differ from the straight run's"
         );
     }
 }

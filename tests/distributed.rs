@@ -409,7 +409,18 @@ fn unsupported_backends_are_refused_at_start_up() {
             );
         }
     };
-    refused(BackendKind::Cuda, Parallel::Data, false, "is not supported");
+    refused(
+        BackendKind::Cuda,
+        Parallel::Data,
+        false,
+        "feature-sharded only",
+    );
+    refused(
+        BackendKind::Cuda,
+        Parallel::Features,
+        false,
+        "overlap = true",
+    );
     refused(
         BackendKind::CpuDense,
         Parallel::Features,

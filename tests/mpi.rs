@@ -12,7 +12,7 @@ mod common;
 use clt::clt::Params;
 use clt::dist::checkpoint;
 use clt::train::RunConfig;
-use common::runs::{self, losses, text};
+use common::runs::{self, fork_run, losses, text};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::time::{Duration, Instant};
@@ -98,19 +98,6 @@ fn params(path: &Path) -> Params {
 
 fn assert_params_close(what: &str, got: &Params, want: &Params) {
     runs::assert_params_close(what, got, want, 1e-5);
-}
-
-/// Copies checkpoint `step` of `from` into a fresh run directory `to`, named by its `LATEST`.
-fn fork_run(from: &Path, step: u64, to: &Path) {
-    let name = format!("step_{step:08}");
-    let src = from.join("checkpoints").join(&name);
-    let dst = to.join("checkpoints").join(&name);
-    std::fs::create_dir_all(&dst).unwrap();
-    for e in std::fs::read_dir(&src).unwrap() {
-        let e = e.unwrap();
-        std::fs::copy(e.path(), dst.join(e.file_name())).unwrap();
-    }
-    std::fs::write(to.join("checkpoints").join("LATEST"), &name).unwrap();
 }
 
 #[test]

@@ -106,6 +106,14 @@ pub struct ShardedTrainer<C: Comm> {
     /// [`partial_sum`] chose it.
     #[cfg(feature = "cuda")]
     device_sum: Option<Box<dyn super::comm::DeviceSum>>,
+    /// The resident loop's device state (backend `cuda`): while it exists, it holds the current
+    /// parameters and Adam's state, and `params` and `adam` are refreshed from it only by
+    /// [`ShardedTrainer::sync_from_device`] (checkpoints do it themselves).
+    #[cfg(feature = "cuda")]
+    resident: Option<crate::backend::cuda::resident::Resident>,
+    /// The resident step's gradients between the loss and the update.
+    #[cfg(feature = "cuda")]
+    pending: Option<crate::backend::cuda::step::DeviceGrads>,
 }
 
 /// A fault injected for the failure tests (`CLT_DIST_FAULT=kill:RANK:STEP` or `hang:RANK:STEP`): the rank
@@ -166,39 +174,47 @@ fn timed_sum<C: Comm>(feat: &C, timing: &mut Timing, what: &str, yhat: &mut [f32
     Ok(())
 }
 
-/// The backends distributed training runs: the sparse CPU step, and the CUDA step with host-side
-/// parameters and Adam (`cuda-host`): data-parallel, each rank runs the single-process step on its slice;
-/// feature-sharded, each rank's device encodes and decodes its features, the partial reconstructions are
-/// summed over MPI on the host, and the device runs the backward on the residual. (The resident `cuda`
-/// loop keeps the optimiser on the device, which the distributed trainer does not; the device step has no
-/// skip connections and does not overlap the all-reduce with decoding.)
+/// The backends distributed training runs: the sparse CPU step; the CUDA step with host-side parameters
+/// and Adam (`cuda_host`): data-parallel, each rank runs the single-process step on its slice;
+/// feature-sharded and grid, each rank's device encodes and decodes its features, the partial
+/// reconstructions are summed (NCCL on the device, or MPI through the host), and the device runs the
+/// backward on the residual; and the resident loop (`cuda`: parameters, Adam's moments and the update on
+/// the device), feature-sharded only. The device step has no skip connections and does not overlap the
+/// all-reduce with decoding.
 fn check_backend(run: &RunConfig) -> Result<()> {
-    match run.train.backend {
+    let t = &run.train;
+    let device = matches!(t.backend, BackendKind::CudaHost | BackendKind::Cuda);
+    match t.backend {
         BackendKind::Cpu => Ok(()),
-        BackendKind::CudaHost if run.model.skip => Err(Error::Unsupported(
-            "skip connections on the CUDA step (distributed cuda-host); use backend cpu".into(),
-        )),
-        BackendKind::CudaHost if run.train.overlap && run.train.parallel != Parallel::Data => {
-            Err(Error::Unsupported(
-                "overlap = true with backend cuda-host (the device step decodes all layers before the \
+        _ if device && run.model.skip => Err(Error::Unsupported(format!(
+            "skip connections on the distributed CUDA step (backend {:?}); use backend cpu",
+            t.backend
+        ))),
+        _ if device && t.overlap && t.parallel != Parallel::Data => Err(Error::Unsupported(
+            "overlap = true with a CUDA backend (the device step decodes all layers before the \
                  all-reduce); set overlap = false or use backend cpu"
-                    .into(),
-            ))
-        }
-        BackendKind::CudaHost => Ok(()),
+                .into(),
+        )),
+        BackendKind::Cuda if t.parallel != Parallel::Features => Err(Error::Unsupported(format!(
+            "the distributed resident loop (backend cuda) is feature-sharded only; parallel = {:?} \
+             needs backend cuda_host (Adam on the host) or cpu",
+            t.parallel
+        ))),
+        BackendKind::CudaHost | BackendKind::Cuda => Ok(()),
         kind => Err(Error::Unsupported(format!(
-            "distributed training runs the sparse CPU step or the CUDA step with host-side Adam \
-             (cuda-host); backend {kind:?} is not supported"
+            "distributed training runs the sparse CPU step or a CUDA step (cuda, cuda_host); backend \
+             {kind:?} is not supported"
         ))),
     }
 }
 
-/// The backend this rank's step runs on. With `cuda-host`, the device is `CLT_CUDA_DEVICE` if set, else
+/// The backend this rank's step runs on. With a CUDA backend, the device is `CLT_CUDA_DEVICE` if set, else
 /// the rank's index on its node (Open MPI's `OMPI_COMM_WORLD_LOCAL_RANK`, MPICH's `MPI_LOCALRANKID`,
 /// Slurm's `SLURM_LOCALID`) modulo the node's device count, so the ranks of a node take one GPU each.
 fn step_backend(run: &RunConfig) -> Result<Backend> {
-    if run.train.backend != BackendKind::CudaHost {
-        return Backend::new(run.train.backend);
+    let kind = run.train.backend;
+    if !matches!(kind, BackendKind::CudaHost | BackendKind::Cuda) {
+        return Backend::new(kind);
     }
     let env_index = |names: &[&str]| {
         names
@@ -217,7 +233,7 @@ fn step_backend(run: &RunConfig) -> Result<Backend> {
             local % device_count()?.max(1)
         }
     };
-    Backend::new_on(BackendKind::CudaHost, ordinal)
+    Backend::new_on(kind, ordinal)
 }
 
 #[cfg(feature = "cuda")]
@@ -513,17 +529,32 @@ impl<C: Comm> ShardedTrainer<C> {
         #[cfg(feature = "cuda")]
         let device_sum = partial_sum(&run, &feat, &backend)?;
         let t = &run.train;
+        let hyper = AdamHyper {
+            beta1: t.adam_beta1,
+            beta2: t.adam_beta2,
+            eps: t.adam_eps,
+        };
+        let adam = AdamState {
+            m: data.m,
+            v: data.v,
+            t: adam_t,
+        };
+        #[cfg(feature = "cuda")]
+        let resident = match &backend {
+            Backend::Cuda(gpu) if t.backend == BackendKind::Cuda => {
+                Some(crate::backend::cuda::resident::Resident::new(
+                    gpu.clone(),
+                    &local,
+                    &data.params,
+                    &adam,
+                    hyper,
+                )?)
+            }
+            _ => None,
+        };
         Ok(ShardedTrainer {
-            hyper: AdamHyper {
-                beta1: t.adam_beta1,
-                beta2: t.adam_beta2,
-                eps: t.adam_eps,
-            },
-            adam: AdamState {
-                m: data.m,
-                v: data.v,
-                t: adam_t,
-            },
+            hyper,
+            adam,
             grads: Grads::zeros(&local),
             dec_norms: decoder_norms(&local, &data.params.w_dec),
             params: data.params,
@@ -540,6 +571,10 @@ impl<C: Comm> ShardedTrainer<C> {
             backend,
             #[cfg(feature = "cuda")]
             device_sum,
+            #[cfg(feature = "cuda")]
+            resident,
+            #[cfg(feature = "cuda")]
+            pending: None,
             grid: Grid::of(&run, comm.size()),
             range,
             comm,
@@ -630,16 +665,28 @@ impl<C: Comm> ShardedTrainer<C> {
             });
         }
         let scale = adam::clip_scale(clip_norm, grad_norm);
-        adam::step(
-            &self.local,
-            &self.hyper,
-            &mut self.params,
-            &mut self.adam,
-            &self.grads,
-            lr,
-            scale,
-            &mut self.dec_norms,
-        );
+        #[cfg(feature = "cuda")]
+        let on_device = match (self.resident.as_mut(), self.pending.take()) {
+            (Some(resident), Some(g)) => {
+                resident.apply(&g, lr, scale)?;
+                true
+            }
+            _ => false,
+        };
+        #[cfg(not(feature = "cuda"))]
+        let on_device = false;
+        if !on_device {
+            adam::step(
+                &self.local,
+                &self.hyper,
+                &mut self.params,
+                &mut self.adam,
+                &self.grads,
+                lr,
+                scale,
+                &mut self.dec_norms,
+            );
+        }
         liveness::mark_fired(&mut self.last_fired, &stats.active_count, self.step);
         self.step += 1;
         self.tokens_seen += n as u64;
@@ -678,7 +725,10 @@ impl<C: Comm> ShardedTrainer<C> {
         let what = "all-reduce of the partial reconstructions";
         #[cfg(feature = "cuda")]
         if let Backend::Cuda(gpu) = &self.backend {
-            use crate::backend::cuda::{memory::DBuf, step::PartialSum};
+            use crate::backend::cuda::{
+                memory::DBuf,
+                step::{PartialSum, ShardSum},
+            };
             let (feat, timing, nccl) = (&self.feat, &mut self.timing, &self.device_sum);
             let (mut host, mut device);
             let sum = if nccl.is_some() || feat.size() == 1 {
@@ -696,6 +746,18 @@ impl<C: Comm> ShardedTrainer<C> {
                 host = |yhat: &mut [f32]| timed_sum(feat, timing, what, yhat);
                 PartialSum::Host(&mut host)
             };
+            if let Some(resident) = self.resident.as_mut() {
+                // The resident loop (feature-sharded only, so the slice is the whole batch).
+                resident.stage(&self.batch)?;
+                let shard = ShardSum { y, with_bias, sum };
+                let sg = resident.shard_grads(obj, dead_mask, shard, self.step)?;
+                self.pending = Some(sg.grads);
+                let mut stats = sg.stats;
+                let stats_t = Instant::now();
+                let grad_norm = self.reduce_stats(&mut stats, sg.feature_sq, sg.shared_sq, 1.0)?;
+                self.timing.stats_s += stats_t.elapsed().as_secs_f64();
+                return Ok((stats, grad_norm));
+            }
             let stats = crate::backend::cuda::step::sharded_loss_and_grad(
                 gpu,
                 local,
@@ -951,7 +1013,31 @@ impl<C: Comm> ShardedTrainer<C> {
                 self.save_checkpoint(out)?;
             }
         }
+        self.sync_from_device()?;
         Ok(last)
+    }
+
+    /// This rank's current parameters and Adam's state: from the device in the resident loop, else the
+    /// host's (copies).
+    fn current_state(&self) -> Result<(Params, AdamState)> {
+        #[cfg(feature = "cuda")]
+        if let Some(resident) = &self.resident {
+            return resident.download();
+        }
+        Ok((self.params.clone(), self.adam.clone()))
+    }
+
+    /// Refreshes `params`, `adam` and the decoder norms from the device in the resident loop (a no-op
+    /// otherwise); [`ShardedTrainer::train`] does it when it finishes.
+    pub fn sync_from_device(&mut self) -> Result<()> {
+        #[cfg(feature = "cuda")]
+        if let Some(resident) = &self.resident {
+            let (params, adam) = resident.download()?;
+            self.dec_norms = decoder_norms(&self.local, &params.w_dec);
+            self.params = params;
+            self.adam = adam;
+        }
+        Ok(())
     }
 
     /// Writes a sharded checkpoint of the current state into `out/checkpoints/` and points `LATEST` at it
@@ -970,10 +1056,12 @@ impl<C: Comm> ShardedTrainer<C> {
             std::fs::create_dir_all(&tmp).map_err(|e| Error::io(&tmp, e))?;
         }
         self.comm.barrier("checkpoint: directory created")?;
+        let (params, adam) = self.current_state()?;
+        let adam_t = adam.t;
         let data = ShardData {
-            params: self.params.clone(),
-            m: self.adam.m.clone(),
-            v: self.adam.v.clone(),
+            params,
+            m: adam.m,
+            v: adam.v,
             last_fired: self.last_fired.clone(),
         };
         // Replicas hold identical shards: replica 0 (world ranks `0..shards`) writes them.
@@ -1001,7 +1089,7 @@ impl<C: Comm> ShardedTrainer<C> {
                 version: checkpoint::VERSION,
                 world: writers,
                 step: self.step,
-                adam_t: self.adam.t,
+                adam_t,
                 tokens_seen: self.tokens_seen,
                 rng: self.rng.clone(),
                 source_position: self.source.position(),

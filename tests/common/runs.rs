@@ -47,3 +47,16 @@ pub fn assert_params_close(what: &str, got: &Params, want: &Params, tol: f64) ->
     }
     worst
 }
+
+/// Copies checkpoint `step` of `from` into a fresh run directory `to`, named by its `LATEST`.
+pub fn fork_run(from: &Path, step: u64, to: &Path) {
+    let name = format!("step_{step:08}");
+    let src = from.join("checkpoints").join(&name);
+    let dst = to.join("checkpoints").join(&name);
+    std::fs::create_dir_all(&dst).unwrap();
+    for e in std::fs::read_dir(&src).unwrap() {
+        let e = e.unwrap();
+        std::fs::copy(e.path(), dst.join(e.file_name())).unwrap();
+    }
+    std::fs::write(to.join("checkpoints").join("LATEST"), &name).unwrap();
+}

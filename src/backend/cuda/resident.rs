@@ -31,7 +31,10 @@ use super::adam::{self, consts};
 use super::context::{Gpu, cuda_err};
 use super::encode::to_bf16_into;
 use super::memory::{DBuf, Pinned};
-use super::step::{DeviceBatch, DeviceParams, device_loss_and_grad};
+use super::step::{
+    DeviceBatch, DeviceGrads, DeviceParams, ShardSum, device_loss_and_grad,
+    device_sharded_loss_and_grad,
+};
 use crate::backend::cpu::adam::{AdamHyper, AdamState, clip_scale};
 use crate::backend::grads::{Objective, StepStats, target_variance};
 use crate::clt::{CltConfig, Params};
@@ -145,6 +148,17 @@ pub struct ResidentStep {
     pub grad_norm: f64,
 }
 
+/// A feature shard's loss and gradient before its update ([`Resident::shard_grads`]): the shard's
+/// statistics (the reconstruction the whole model's), its gradients on the device, and the squared
+/// gradient norm in two parts: the shard's feature parameters (summed over the shards) and the replicated
+/// decoder bias (the same on every shard, counted once).
+pub struct ShardGrads {
+    pub stats: StepStats,
+    pub grads: DeviceGrads,
+    pub feature_sq: f64,
+    pub shared_sq: f64,
+}
+
 /// The device-resident trainer state: parameters, Adam's moments, the staging slots and the copy stream.
 pub struct Resident {
     gpu: Arc<Gpu>,
@@ -159,6 +173,8 @@ pub struct Resident {
     t: u64,
     /// f64 partials of the squared gradient norm, and their sum.
     partials: DBuf<f64>,
+    /// The partials of the feature parameters alone (a shard's step; allocated on first use).
+    feature_partials: Option<DBuf<f64>>,
     norm_sq: DBuf<f64>,
     copy: Arc<CudaStream>,
     slots: [Option<Slot>; 2],
@@ -304,6 +320,7 @@ impl Resident {
             v,
             t,
             partials,
+            feature_partials: None,
             norm_sq,
             copy,
             slots: [None, None],
@@ -449,50 +466,16 @@ impl Resident {
         clip_norm: f32,
         step: u64,
     ) -> Result<ResidentStep> {
-        let Some(j) = self.staged.pop_front() else {
-            return Err(Error::Unsupported(
-                "a resident CUDA step with no batch staged".into(),
-            ));
-        };
+        let (stats, g) = self.loss_and_grad(obj, preact_mask, None, step)?;
         let gpu = Arc::clone(&self.gpu);
         let gpu = &*gpu;
         let cfg = &self.cfg;
-        let slot = self.slots[j].as_ref().expect("a staged slot is allocated");
-        gpu.stream()
-            .wait(&slot.copied)
-            .map_err(cuda_err("waiting for the batch copy"))?;
-        to_bf16_into(gpu, &slot.batch.x, &slot.batch.x_bf)?;
-        let (mut stats, g) =
-            device_loss_and_grad(gpu, cfg, &self.kernel, &slot.batch, obj, preact_mask)?;
-        slot.consumed
-            .record(gpu.stream())
-            .map_err(cuda_err("recording the end of a batch's use"))?;
-        stats.target_var = slot.target_var.clone();
-        if !stats.loss().is_finite() {
-            return Err(Error::NonFinite {
-                what: "loss".into(),
-                step,
-            });
-        }
 
         // The global gradient norm: every tensor's partials into one buffer, summed on the device.
-        let (d, l_n) = (cfg.d_model, cfg.n_layers);
+        let l_n = cfg.n_layers;
         let mut at = 0;
         for l in 0..l_n {
-            let lg = &g.layers[l];
-            at += adam::sum_sq_into(gpu, &lg.w_enc, &self.partials, at)?;
-            at += adam::sum_sq_into(gpu, &lg.b_enc, &self.partials, at)?;
-            at += adam::sum_sq_into(gpu, &lg.log_theta, &self.partials, at)?;
-            at += adam::dec_grad_sq_into(
-                gpu,
-                &lg.w_dec,
-                &self.master.w_dec[l],
-                &lg.dec_coef,
-                &lg.touched,
-                cfg.dec_row_len(l),
-                &self.partials,
-                at,
-            )?;
+            at += self.feature_sq_into(&g, l, &self.partials, at)?;
             at += adam::sum_sq_into(gpu, &g.b_dec[l], &self.partials, at)?;
         }
         debug_assert_eq!(at, self.partials.len());
@@ -504,10 +487,132 @@ impl Resident {
                 step,
             });
         }
+        self.apply(&g, lr, clip_scale(clip_norm, grad_norm))?;
+        Ok(ResidentStep { stats, grad_norm })
+    }
 
-        // Adam on every tensor, then the kernels' copies.
+    /// A feature shard's loss and gradient on the oldest staged batch (the distributed resident trainer):
+    /// the partial reconstruction completed by `shard`'s sum, the backward, and the two parts of the squared
+    /// gradient norm the trainer sums over the ranks. Nothing is updated: the trainer calls
+    /// [`Resident::apply`] with the clipping factor of the global norm.
+    pub fn shard_grads(
+        &mut self,
+        obj: &Objective,
+        preact_mask: Option<&[Vec<bool>]>,
+        shard: ShardSum,
+        step: u64,
+    ) -> Result<ShardGrads> {
+        let (stats, grads) = self.loss_and_grad(obj, preact_mask, Some(shard), step)?;
+        let gpu = Arc::clone(&self.gpu);
+        let gpu = &*gpu;
+        let l_n = self.cfg.n_layers;
+        if self.feature_partials.is_none() {
+            let f_n = self.cfg.n_features;
+            let d = self.cfg.d_model;
+            let n = l_n * (adam::sum_sq_blocks(f_n * d) + 2 * adam::sum_sq_blocks(f_n) + f_n);
+            self.feature_partials = Some(gpu.output::<f64>(n)?);
+        }
+        let partials = self.feature_partials.as_ref().expect("allocated above");
+        let mut at = 0;
+        for l in 0..l_n {
+            at += self.feature_sq_into(&grads, l, partials, at)?;
+        }
+        debug_assert_eq!(at, partials.len());
+        adam::sum_f64(gpu, partials, &self.norm_sq)?;
+        let feature_sq = gpu.download(&self.norm_sq)?[0];
+        let mut shared_sq = 0.0;
+        for b in &grads.b_dec {
+            shared_sq += adam::sum_sq(gpu, b)?;
+        }
+        Ok(ShardGrads {
+            stats,
+            grads,
+            feature_sq,
+            shared_sq,
+        })
+    }
+
+    /// Pops the oldest staged batch and runs the step's loss and gradient on it (a feature shard's with
+    /// `shard`). A non-finite loss is an error.
+    fn loss_and_grad(
+        &mut self,
+        obj: &Objective,
+        preact_mask: Option<&[Vec<bool>]>,
+        shard: Option<ShardSum>,
+        step: u64,
+    ) -> Result<(StepStats, DeviceGrads)> {
+        let Some(j) = self.staged.pop_front() else {
+            return Err(Error::Unsupported(
+                "a resident CUDA step with no batch staged".into(),
+            ));
+        };
+        let gpu = &*self.gpu;
+        let cfg = &self.cfg;
+        let slot = self.slots[j].as_ref().expect("a staged slot is allocated");
+        gpu.stream()
+            .wait(&slot.copied)
+            .map_err(cuda_err("waiting for the batch copy"))?;
+        to_bf16_into(gpu, &slot.batch.x, &slot.batch.x_bf)?;
+        let (mut stats, g) = match shard {
+            None => device_loss_and_grad(gpu, cfg, &self.kernel, &slot.batch, obj, preact_mask)?,
+            Some(s) => device_sharded_loss_and_grad(
+                gpu,
+                cfg,
+                &self.kernel,
+                &slot.batch,
+                obj,
+                preact_mask,
+                s,
+            )?,
+        };
+        slot.consumed
+            .record(gpu.stream())
+            .map_err(cuda_err("recording the end of a batch's use"))?;
+        stats.target_var = slot.target_var.clone();
+        if !stats.loss().is_finite() {
+            return Err(Error::NonFinite {
+                what: "loss".into(),
+                step,
+            });
+        }
+        Ok((stats, g))
+    }
+
+    /// Writes the squared-norm partials of layer `l`'s feature gradients (encoder row and bias, threshold,
+    /// decoder rows with their norm terms) into `out[at..]`; returns how many.
+    fn feature_sq_into(
+        &self,
+        g: &DeviceGrads,
+        l: usize,
+        out: &DBuf<f64>,
+        at: usize,
+    ) -> Result<usize> {
+        let gpu = &*self.gpu;
+        let lg = &g.layers[l];
+        let mut n = adam::sum_sq_into(gpu, &lg.w_enc, out, at)?;
+        n += adam::sum_sq_into(gpu, &lg.b_enc, out, at + n)?;
+        n += adam::sum_sq_into(gpu, &lg.log_theta, out, at + n)?;
+        n += adam::dec_grad_sq_into(
+            gpu,
+            &lg.w_dec,
+            &self.master.w_dec[l],
+            &lg.dec_coef,
+            &lg.touched,
+            self.cfg.dec_row_len(l),
+            out,
+            at + n,
+        )?;
+        Ok(n)
+    }
+
+    /// Adam on every tensor with gradient `g`, learning rate `lr` and clipping factor `scale`, then the
+    /// kernels' copies (bf16 weights, `θ`, decoder norms). Queued on the stream.
+    pub fn apply(&mut self, g: &DeviceGrads, lr: f32, scale: f32) -> Result<()> {
+        let gpu = &*self.gpu;
+        let cfg = &self.cfg;
+        let (d, l_n) = (cfg.d_model, cfg.n_layers);
         self.t += 1;
-        let k = consts(&self.hyper, self.t, lr, clip_scale(clip_norm, grad_norm));
+        let k = consts(&self.hyper, self.t, lr, scale);
         let (kp, ms, m, v) = (&self.kernel, &self.master, &self.m, &self.v);
         for l in 0..l_n {
             let lg = &g.layers[l];
@@ -540,7 +645,7 @@ impl Resident {
                 k,
             )?;
         }
-        Ok(ResidentStep { stats, grad_norm })
+        Ok(())
     }
 }
 

@@ -140,20 +140,10 @@ pub fn sharded_loss_and_grad(
     sum: PartialSum,
     grads: &mut Grads,
 ) -> Result<StepStats> {
-    let mut dp = DeviceParams::upload(gpu, params, dec_norms)?;
-    if !with_bias {
-        dp.b_dec = gpu.zeros(cfg.n_layers * cfg.d_model)?;
-    }
+    let dp = DeviceParams::upload(gpu, params, dec_norms)?;
     let batch = DeviceBatch::upload(gpu, x, y, n_tokens)?;
-    let (mut stats, g) = step_with(
-        gpu,
-        cfg,
-        &dp,
-        &batch,
-        obj,
-        preact_mask,
-        Some(Reconstruct { y, sum }),
-    )?;
+    let shard = ShardSum { y, with_bias, sum };
+    let (mut stats, g) = step_with(gpu, cfg, &dp, &batch, obj, preact_mask, Some(shard))?;
     stats.target_var = target_variance(y, n_tokens, cfg.n_layers, cfg.d_model);
     download_grads(gpu, &g, grads)?;
     Ok(stats)
@@ -186,10 +176,27 @@ pub enum PartialSum<'a> {
 }
 
 /// A feature shard's way from its partial reconstruction to the whole one.
-struct Reconstruct<'a, 'b> {
-    /// The targets, on the host.
-    y: &'a [f32],
-    sum: PartialSum<'b>,
+pub struct ShardSum<'a, 'b> {
+    /// The targets, on the host (read where the sum is on the host).
+    pub y: &'a [f32],
+    /// Whether this shard's partial includes the (replicated) decoder bias: one shard of each group does.
+    pub with_bias: bool,
+    pub sum: PartialSum<'b>,
+}
+
+/// One feature shard's step on device-resident parameters and batch (the distributed resident trainer):
+/// [`sharded_loss_and_grad`] without the uploads and downloads. The gradients stay on the device; the
+/// statistics leave `target_var` empty, as [`device_loss_and_grad`]'s do.
+pub fn device_sharded_loss_and_grad(
+    gpu: &Gpu,
+    cfg: &CltConfig,
+    dp: &DeviceParams,
+    batch: &DeviceBatch,
+    obj: &Objective,
+    preact_mask: Option<&[Vec<bool>]>,
+    shard: ShardSum,
+) -> Result<(StepStats, DeviceGrads)> {
+    step_with(gpu, cfg, dp, batch, obj, preact_mask, Some(shard))
 }
 
 /// The step's loss and gradient on device-resident parameters and batch; the gradients stay on the device.
@@ -216,7 +223,7 @@ fn step_with(
     batch: &DeviceBatch,
     obj: &Objective,
     preact_mask: Option<&[Vec<bool>]>,
-    shard: Option<Reconstruct>,
+    shard: Option<ShardSum>,
 ) -> Result<(StepStats, DeviceGrads)> {
     if cfg.skip {
         return Err(Error::Unsupported(
@@ -301,6 +308,15 @@ fn step_with(
             row_len: cfg.dec_row_len(l),
         })
         .collect();
+    // A shard's partial includes the replicated decoder bias only where `with_bias`.
+    let zeros;
+    let bias = match &shard {
+        Some(s) if !s.with_bias => {
+            zeros = gpu.zeros(l_n * d)?;
+            &zeros
+        }
+        _ => &dp.b_dec,
+    };
     let (resid, sq_err) = match shard {
         None => {
             let out = sparse_decode(gpu, &views, &dp.b_dec, Some(&batch.y), d, cross, 2.0 / bf)?;
@@ -311,21 +327,22 @@ fn step_with(
             )?;
             (resid, per_layer_sq_err(&sq, n_tokens, l_n))
         }
-        Some(Reconstruct {
+        Some(ShardSum {
             y,
             sum: PartialSum::Host(sum),
+            ..
         }) => {
-            let out = sparse_decode(gpu, &views, &dp.b_dec, None, d, cross, 2.0 / bf)?;
+            let out = sparse_decode(gpu, &views, bias, None, d, cross, 2.0 / bf)?;
             let mut yhat = gpu.download(&out.yhat)?;
             sum(&mut yhat)?;
             let (r, sq_err) = crate::backend::cpu::sparse::residual(&yhat, y, n_tokens, l_n, d);
             (gpu.upload(&r)?, sq_err)
         }
-        Some(Reconstruct {
+        Some(ShardSum {
             sum: PartialSum::Device(sum),
             ..
         }) => {
-            let mut out = sparse_decode(gpu, &views, &dp.b_dec, None, d, cross, 2.0 / bf)?;
+            let mut out = sparse_decode(gpu, &views, bias, None, d, cross, 2.0 / bf)?;
             sum(&mut out.yhat)?;
             let (resid, sq) = residual(gpu, &out.yhat, &batch.y, n_tokens, l_n, d, 2.0 / bf)?;
             (resid, per_layer_sq_err(&gpu.download(&sq)?, n_tokens, l_n))
