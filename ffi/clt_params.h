@@ -301,6 +301,19 @@ typedef struct {
     uint64_t n;
 } CltSumSqParams;
 
+/* Gradients to and from one packed f32 buffer (the device all-reduce of data-parallel and grid training):
+ * n elements of a tensor of kind 0 (f32, packed times scale), 1 (u8 flags: 0/1, unpacked as > 0) or
+ * 2 (u32 counts, exact below 2^24), at packed[0..n]. */
+typedef struct {
+    clt_ptr tensor; /* f32, u8 or u32 [n] */
+    clt_ptr packed; /* f32 [n] */
+    uint64_t n;
+    uint32_t kind;
+    uint32_t unpack; /* 0: tensor -> packed; 1: packed -> tensor */
+    float scale;
+    uint32_t pad0;
+} CltPackParams;
+
 typedef struct {
     clt_ptr gs;      /* const f32 [F][row_len] */
     clt_ptr w;       /* const f32 [F][row_len] */

@@ -122,3 +122,25 @@ CLT_KERNEL void exp_f32(const CltExpParams p) {
     float* dst = ptr<float>(p.dst);
     for (uint64_t i = (uint64_t)blockIdx.x * blockDim.x + threadIdx.x; i < p.n; i += stride) dst[i] = expf(src[i]);
 }
+
+// A gradient tensor to or from its slice of the packed f32 buffer that the data-parallel device all-reduce
+// sums (CPU reference: dist::trainer::sum_gradients, which packs the same way on the host).
+CLT_KERNEL void __launch_bounds__(256) pack(const CltPackParams p) {
+    float* q = ptr<float>(p.packed);
+    for (uint64_t i = (uint64_t)blockIdx.x * blockDim.x + threadIdx.x; i < p.n;
+         i += (uint64_t)gridDim.x * blockDim.x) {
+        if (!p.unpack) {
+            float v;
+            if (p.kind == 0) v = ptr<const float>(p.tensor)[i] * p.scale;
+            else if (p.kind == 1) v = ptr<const uint8_t>(p.tensor)[i] != 0 ? 1.f : 0.f;
+            else v = (float)ptr<const uint32_t>(p.tensor)[i];
+            q[i] = v;
+        } else if (p.kind == 0) {
+            ptr<float>(p.tensor)[i] = q[i];
+        } else if (p.kind == 1) {
+            ptr<uint8_t>(p.tensor)[i] = q[i] > 0.f ? 1 : 0;
+        } else {
+            ptr<uint32_t>(p.tensor)[i] = (uint32_t)q[i];
+        }
+    }
+}

@@ -30,7 +30,7 @@ mod gpu_tests {
     use clt::backend::cpu::{adam as cpu_adam, encode as cpu_enc, sparse};
     use clt::backend::cuda::memory::{round_bf16, to_bf16_bits};
     use clt::backend::cuda::{
-        Gpu, adam, backward, decode, dense, dequant, driver_present, encode, step, topk,
+        Gpu, adam, backward, decode, dense, dequant, driver_present, encode, gradsum, step, topk,
     };
     use clt::backend::{Backend, BackendKind, Grads, Objective, ThresholdGrad};
     use clt::clt::params::decoder_norms;
@@ -784,6 +784,58 @@ mod gpu_tests {
             for k in 0..l_n {
                 let s: f64 = (0..n_tokens).map(|b| sq2[b * l_n + k] as f64).sum();
                 close("sq_err (residual)", s, sq_cpu[k], sq_cpu[k])?;
+            }
+        }
+
+        /// The gradients packed for the replicas' device all-reduce (weighted by `w`), summed (here: doubled,
+        /// as two identical replicas would) and unpacked: every f32 tensor is `2 (w g)` to the bit, the
+        /// touched flags come back as they were, the firing counts doubled.
+        #[test]
+        fn gradient_packing_round_trips(
+            l_n in 1usize..4, d in 1usize..40, f_n in 1usize..90, w in 0.01f32..1.0, seed in any::<u64>(),
+        ) {
+            let Some(gpu) = gpu() else { return Ok(()) };
+            let cfg = config(l_n, d, f_n, false, Activation::JumpRelu);
+            let mut rng = Rng::seed(seed);
+            let mut normal = |n: usize| -> Vec<f32> { (0..n).map(|_| rng.normal() as f32).collect() };
+            // Per layer: w_enc, w_dec, b_enc, log_theta, dec_coef (f32); then b_dec per layer.
+            let f32s: Vec<Vec<Vec<f32>>> = (0..l_n).map(|l| vec![normal(f_n * d),
+                normal(f_n * cfg.dec_row_len(l)), normal(f_n), normal(f_n), normal(f_n)]).collect();
+            let b_dec: Vec<Vec<f32>> = (0..l_n).map(|_| normal(d)).collect();
+            let touched: Vec<Vec<u8>> = (0..l_n).map(|l| (0..f_n).map(|f| ((f * 7 + l) % 3 == 0) as u8 * (1 + f as u8 % 5)).collect()).collect();
+            let counts: Vec<Vec<u32>> = (0..l_n).map(|l| (0..f_n).map(|f| (f * 131 + l * 17) as u32 % 5000).collect()).collect();
+            let grads = |zero: bool| -> step::DeviceGrads {
+                let up = |v: &[f32]| if zero { gpu.zeros(v.len()).unwrap() } else { gpu.upload(v).unwrap() };
+                step::DeviceGrads {
+                    layers: (0..l_n).map(|l| backward::LayerGrads {
+                        w_enc: up(&f32s[l][0]), w_dec: up(&f32s[l][1]), b_enc: up(&f32s[l][2]),
+                        log_theta: up(&f32s[l][3]), dec_coef: up(&f32s[l][4]),
+                        touched: if zero { gpu.zeros(f_n).unwrap() } else { gpu.upload(&touched[l]).unwrap() },
+                        active_count: if zero { gpu.zeros(f_n).unwrap() } else { gpu.upload(&counts[l]).unwrap() },
+                        sparsity: gpu.zeros(f_n).unwrap(),
+                    }).collect(),
+                    b_dec: b_dec.iter().map(|b| up(b)).collect(),
+                }
+            };
+            let (g, back) = (grads(false), grads(true));
+            let len = gradsum::packed_len(gpu, &g);
+            let buf = gpu.zeros::<f32>(len).unwrap();
+            gradsum::pack(gpu, &g, w, &buf).unwrap();
+            let summed: Vec<f32> = gpu.download(&buf).unwrap().iter().map(|v| v * 2.0).collect();
+            gradsum::unpack(gpu, &gpu.upload(&summed).unwrap(), &back).unwrap();
+            let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+            let want = |v: &[f32]| v.iter().map(|x| (x * w) * 2.0).collect::<Vec<f32>>();
+            for (l, lg) in back.layers.iter().enumerate() {
+                for (t, got) in [&lg.w_enc, &lg.w_dec, &lg.b_enc, &lg.log_theta, &lg.dec_coef].iter().enumerate() {
+                    prop_assert_eq!(bits(&gpu.download(got).unwrap()), bits(&want(&f32s[l][t])), "layer {} tensor {}", l, t);
+                }
+                let flags: Vec<u8> = touched[l].iter().map(|t| (*t != 0) as u8).collect();
+                prop_assert_eq!(gpu.download(&lg.touched).unwrap(), flags, "layer {} touched", l);
+                let doubled: Vec<u32> = counts[l].iter().map(|c| 2 * c).collect();
+                prop_assert_eq!(gpu.download(&lg.active_count).unwrap(), doubled, "layer {} counts", l);
+            }
+            for (l, b) in back.b_dec.iter().enumerate() {
+                prop_assert_eq!(bits(&gpu.download(b).unwrap()), bits(&want(&b_dec[l])), "b_dec {}", l);
             }
         }
 

@@ -110,8 +110,9 @@ fn ranks_on_cuda_host_equal_one_process() {
 }
 
 /// The resident loop (`backend = "cuda"`: parameters, Adam's moments and the update on each rank's
-/// device), feature-sharded over two ranks with the partials summed by NCCL, against the single-process
-/// resident loop: losses and parameters within the same 1e-4 as the host-side step. Then a two-rank run
+/// device) against the single-process resident loop, losses and parameters within the same 1e-4 as the
+/// host-side step: feature-sharded over two ranks (the partials summed by NCCL), data-parallel over two and
+/// a 2 x 2 grid (the gradients summed over the replicas by NCCL). Then a two-rank feature-sharded run
 /// resumed from its step-3 checkpoint finishes with the same parameters, to the bit, as the run that went
 /// straight through (the checkpoint is the device state, downloaded).
 #[test]
@@ -152,8 +153,33 @@ fn the_resident_loop_on_two_ranks_equals_one_process_and_resumes_bit_for_bit() {
     let want_params = checkpoint::load_transcoder(&single).unwrap().params;
 
     let two = tmp.path().join("two");
-    let log = ranks(2, &cfg, &two, &want, &want_params, "resident, 2 ranks");
-    assert!(log.contains("with nccl"), "{log}");
+    let log = ranks(2, &cfg, &two, &want, &want_params, "resident, features");
+    assert!(
+        log.contains("partial reconstructions summed over the feature shards with nccl"),
+        "{log}"
+    );
+    // Data-parallel and a 2 x 2 grid: the gradients summed over the replicas on the device (packed into
+    // one buffer, one NCCL all-reduce).
+    // And once through the host (`collectives = "mpi"`: downloaded, summed over MPI, uploaded).
+    let modes = [
+        (Parallel::Data, 2, Collectives::Auto, "nccl"),
+        (Parallel::Data, 2, Collectives::Mpi, "mpi"),
+        (Parallel::Grid, 4, Collectives::Auto, "nccl"),
+    ];
+    for (parallel, n, collectives, via) in modes {
+        let mut r = run.clone();
+        r.train.parallel = parallel;
+        r.train.collectives = collectives;
+        r.train.feature_shards = (parallel == Parallel::Grid).then_some(2);
+        let name = format!("resident-{parallel:?}-{collectives:?}");
+        let cfg = tmp.path().join(format!("{name}.toml"));
+        std::fs::write(&cfg, toml::to_string(&r).unwrap()).unwrap();
+        let out = tmp.path().join(&name);
+        let label = format!("resident, {parallel:?}, {collectives:?}, {n} ranks");
+        let log = ranks(n, &cfg, &out, &want, &want_params, &label);
+        let said = format!("gradients summed over the replicas on the device with {via}");
+        assert!(log.contains(&said), "{log}");
+    }
 
     let resumed = tmp.path().join("resumed");
     fork_run(&two, 3, &resumed);

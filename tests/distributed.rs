@@ -409,12 +409,7 @@ fn unsupported_backends_are_refused_at_start_up() {
             );
         }
     };
-    refused(
-        BackendKind::Cuda,
-        Parallel::Data,
-        false,
-        "feature-sharded only",
-    );
+    refused(BackendKind::Cuda, Parallel::Data, true, "skip connections");
     refused(
         BackendKind::Cuda,
         Parallel::Features,

@@ -110,6 +110,12 @@ fn run<C: Comm>(c: C, args: &TrainArgs) -> Result<()> {
             trainer.partials_via()
         );
     }
+    if trainer.comm.rank() == 0 && trainer.gradients_via() != "none" {
+        eprintln!(
+            "gradients summed over the replicas on the device with {}",
+            trainer.gradients_via()
+        );
+    }
     let last = trainer.train(&args.out, args.quiet)?;
     let lead = trainer.comm.rank() == 0;
     let size = trainer.comm.size();

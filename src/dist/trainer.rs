@@ -103,7 +103,7 @@ pub struct ShardedTrainer<C: Comm> {
     /// The step's backend: the CPU, or the CUDA step (`cuda-host`).
     backend: Backend,
     /// The CUDA step's sum of the partial reconstructions on the device (NCCL over `feat`), where
-    /// [`partial_sum`] chose it.
+    /// [`device_sum_over`] chose it.
     #[cfg(feature = "cuda")]
     device_sum: Option<Box<dyn super::comm::DeviceSum>>,
     /// The resident loop's device state (backend `cuda`): while it exists, it holds the current
@@ -114,6 +114,12 @@ pub struct ShardedTrainer<C: Comm> {
     /// The resident step's gradients between the loss and the update.
     #[cfg(feature = "cuda")]
     pending: Option<crate::backend::cuda::step::DeviceGrads>,
+    /// The resident loop's sum of the gradients over the replicas on the device (NCCL over `data`), where
+    /// [`device_sum_over`] chose it; and the packed buffer it sums.
+    #[cfg(feature = "cuda")]
+    grad_sum: Option<Box<dyn super::comm::DeviceSum>>,
+    #[cfg(feature = "cuda")]
+    grad_buf: Option<crate::backend::cuda::memory::DBuf<f32>>,
 }
 
 /// A fault injected for the failure tests (`CLT_DIST_FAULT=kill:RANK:STEP` or `hang:RANK:STEP`): the rank
@@ -179,8 +185,8 @@ fn timed_sum<C: Comm>(feat: &C, timing: &mut Timing, what: &str, yhat: &mut [f32
 /// feature-sharded and grid, each rank's device encodes and decodes its features, the partial
 /// reconstructions are summed (NCCL on the device, or MPI through the host), and the device runs the
 /// backward on the residual; and the resident loop (`cuda`: parameters, Adam's moments and the update on
-/// the device), feature-sharded only. The device step has no skip connections and does not overlap the
-/// all-reduce with decoding.
+/// the device) in every mode, its gradients summed over replicas on the device. The device step has no
+/// skip connections and does not overlap the all-reduce with decoding.
 fn check_backend(run: &RunConfig) -> Result<()> {
     let t = &run.train;
     let device = matches!(t.backend, BackendKind::CudaHost | BackendKind::Cuda);
@@ -195,11 +201,6 @@ fn check_backend(run: &RunConfig) -> Result<()> {
                  all-reduce); set overlap = false or use backend cpu"
                 .into(),
         )),
-        BackendKind::Cuda if t.parallel != Parallel::Features => Err(Error::Unsupported(format!(
-            "the distributed resident loop (backend cuda) is feature-sharded only; parallel = {:?} \
-             needs backend cuda_host (Adam on the host) or cpu",
-            t.parallel
-        ))),
         BackendKind::CudaHost | BackendKind::Cuda => Ok(()),
         kind => Err(Error::Unsupported(format!(
             "distributed training runs the sparse CPU step or a CUDA step (cuda, cuda_host); backend \
@@ -247,27 +248,29 @@ fn device_count() -> Result<usize> {
     Ok(1)
 }
 
-/// Where the CUDA step sums its partial reconstructions: on the device through NCCL over `feat` when the
-/// step runs on a GPU with more than one feature shard per replica, `collectives` allows it and (for
-/// `auto`) every rank of the group can load libnccl; otherwise on the host through MPI (`None`). A
-/// collective over `feat`: every rank reaches the same choice.
+/// Whether a CUDA run sums device buffers over `group` (the partial reconstructions over `feat`, or the
+/// resident loop's gradients over `data`) on the device through NCCL: when the step runs on a GPU, `used`
+/// (the run has such a sum), the group has more than one rank, `collectives` allows it and (for `auto`)
+/// every rank of the group can load libnccl. Otherwise `None`, and the sum goes through the host and MPI.
+/// A collective over `group`: every rank reaches the same choice.
 #[cfg(feature = "cuda")]
-fn partial_sum<C: Comm>(
+fn device_sum_over<C: Comm>(
     run: &RunConfig,
-    feat: &C,
+    group: &C,
     backend: &Backend,
+    used: bool,
 ) -> Result<Option<Box<dyn super::comm::DeviceSum>>> {
+    use crate::train::Collectives;
     let Backend::Cuda(gpu) = backend else {
         return Ok(None);
     };
-    use crate::train::Collectives;
     let required = match run.train.collectives {
         Collectives::Mpi => return Ok(None),
-        _ if run.train.parallel == Parallel::Data || feat.size() == 1 => return Ok(None),
+        _ if !used || group.size() == 1 => return Ok(None),
         Collectives::Nccl => true,
         Collectives::Auto => false,
     };
-    match feat.device_sum(gpu, required)? {
+    match group.device_sum(gpu, required)? {
         None if required => Err(Error::Unsupported(
             "collectives = \"nccl\" needs an MPI launch built with the `mpi` and `cuda` features"
                 .into(),
@@ -527,7 +530,14 @@ impl<C: Comm> ShardedTrainer<C> {
     ) -> Result<Self> {
         let local = local_config(&run.model, &range);
         #[cfg(feature = "cuda")]
-        let device_sum = partial_sum(&run, &feat, &backend)?;
+        let (device_sum, grad_sum) = {
+            let sharded = run.train.parallel != Parallel::Data;
+            let resident = run.train.backend == BackendKind::Cuda;
+            (
+                device_sum_over(&run, &feat, &backend, sharded)?,
+                device_sum_over(&run, &data_comm, &backend, resident)?,
+            )
+        };
         let t = &run.train;
         let hyper = AdamHyper {
             beta1: t.adam_beta1,
@@ -575,6 +585,10 @@ impl<C: Comm> ShardedTrainer<C> {
             resident,
             #[cfg(feature = "cuda")]
             pending: None,
+            #[cfg(feature = "cuda")]
+            grad_sum,
+            #[cfg(feature = "cuda")]
+            grad_buf: None,
             grid: Grid::of(&run, comm.size()),
             range,
             comm,
@@ -582,6 +596,20 @@ impl<C: Comm> ShardedTrainer<C> {
             data: data_comm,
             run,
         })
+    }
+
+    /// How the resident loop's gradients are summed over the replicas: `"nccl"`, `"mpi"` (through the
+    /// host), or `"none"` (no replicas, or not the resident loop).
+    pub fn gradients_via(&self) -> &'static str {
+        #[cfg(feature = "cuda")]
+        if self.resident.is_some() && self.data.size() > 1 {
+            return if self.grad_sum.is_some() {
+                "nccl"
+            } else {
+                "mpi"
+            };
+        }
+        "none"
     }
 
     /// How this rank's partial reconstructions are summed over its feature group: `"mpi"` (the CPU step,
@@ -647,6 +675,8 @@ impl<C: Comm> ShardedTrainer<C> {
         let n = self.batch.n_tokens;
         let (clip_norm, lr) = (t.clip_norm, schedule::learning_rate(t, self.step));
         let (stats, grad_norm) = match t.parallel {
+            #[cfg(feature = "cuda")]
+            _ if self.resident.is_some() => self.resident_grads(&obj, dead_mask.as_deref())?,
             Parallel::Features | Parallel::Grid => {
                 self.feature_sharded_grads(&obj, dead_mask.as_deref())?
             }
@@ -725,10 +755,7 @@ impl<C: Comm> ShardedTrainer<C> {
         let what = "all-reduce of the partial reconstructions";
         #[cfg(feature = "cuda")]
         if let Backend::Cuda(gpu) = &self.backend {
-            use crate::backend::cuda::{
-                memory::DBuf,
-                step::{PartialSum, ShardSum},
-            };
+            use crate::backend::cuda::{memory::DBuf, step::PartialSum};
             let (feat, timing, nccl) = (&self.feat, &mut self.timing, &self.device_sum);
             let (mut host, mut device);
             let sum = if nccl.is_some() || feat.size() == 1 {
@@ -746,18 +773,6 @@ impl<C: Comm> ShardedTrainer<C> {
                 host = |yhat: &mut [f32]| timed_sum(feat, timing, what, yhat);
                 PartialSum::Host(&mut host)
             };
-            if let Some(resident) = self.resident.as_mut() {
-                // The resident loop (feature-sharded only, so the slice is the whole batch).
-                resident.stage(&self.batch)?;
-                let shard = ShardSum { y, with_bias, sum };
-                let sg = resident.shard_grads(obj, dead_mask, shard, self.step)?;
-                self.pending = Some(sg.grads);
-                let mut stats = sg.stats;
-                let stats_t = Instant::now();
-                let grad_norm = self.reduce_stats(&mut stats, sg.feature_sq, sg.shared_sq, 1.0)?;
-                self.timing.stats_s += stats_t.elapsed().as_secs_f64();
-                return Ok((stats, grad_norm));
-            }
             let stats = crate::backend::cuda::step::sharded_loss_and_grad(
                 gpu,
                 local,
@@ -870,6 +885,17 @@ impl<C: Comm> ShardedTrainer<C> {
         let reduce = Instant::now();
         sum_gradients(&self.comm, cfg, &mut self.grads, &mut stats.active_count, w)?;
         self.timing.reduce_s += reduce.elapsed().as_secs_f64();
+        self.sum_replica_stats(&mut stats, w)?;
+        let grad_norm = adam::grad_norm(&self.local, &self.params, &self.grads, &self.dec_norms);
+        Ok((stats, grad_norm))
+    }
+
+    /// Data-parallel statistics: each replica's means weighted by its share `w` of the tokens and summed
+    /// over the world with the squared errors and counts; the target variance from the whole batch every
+    /// rank holds.
+    fn sum_replica_stats(&mut self, stats: &mut StepStats, w: f64) -> Result<()> {
+        let cfg = &self.local;
+        let n = self.batch.n_tokens;
         let l_n = cfg.n_layers;
         let mut sums = Vec::with_capacity(3 + 3 * l_n);
         sums.extend([stats.recon * w, stats.sparsity * w, stats.preact * w]);
@@ -891,8 +917,138 @@ impl<C: Comm> ShardedTrainer<C> {
         // Every rank holds the whole batch: the target variance needs no communication.
         stats.target_var = target_variance(&self.batch.y, n, l_n, cfg.d_model);
         stats.n_tokens = n;
-        let grad_norm = adam::grad_norm(cfg, &self.params, &self.grads, &self.dec_norms);
+        Ok(())
+    }
+
+    /// The resident loop's loss and gradient in every mode: this replica's slice of the batch staged to
+    /// the device; the shard's step (partials summed over `feat`, on the device with NCCL or through the
+    /// host) or, data-parallel, the whole model's; with replicas, the gradients weighted by the slice's
+    /// share of the tokens and summed over `data` ([`ShardedTrainer::sum_device_grads`]); the squared
+    /// gradient norm's parts from the device; the statistics as the host-side modes reduce them. The
+    /// gradients wait in `pending` for [`crate::backend::cuda::resident::Resident::apply`].
+    #[cfg(feature = "cuda")]
+    fn resident_grads(
+        &mut self,
+        obj: &Objective,
+        dead_mask: Option<&[Vec<bool>]>,
+    ) -> Result<(StepStats, f64)> {
+        let mut resident = self.resident.take().expect("the resident loop's state");
+        let out = self.resident_grads_on(&mut resident, obj, dead_mask);
+        self.resident = Some(resident);
+        out
+    }
+
+    #[cfg(feature = "cuda")]
+    fn resident_grads_on(
+        &mut self,
+        resident: &mut crate::backend::cuda::resident::Resident,
+        obj: &Objective,
+        dead_mask: Option<&[Vec<bool>]>,
+    ) -> Result<(StepStats, f64)> {
+        use crate::backend::cuda::{
+            memory::DBuf,
+            step::{PartialSum, ShardSum},
+        };
+        let (l_n, d) = (self.local.n_layers, self.local.d_model);
+        let row = l_n * d;
+        let (replica, replicas) = (self.data.rank(), self.data.size());
+        let n = self.batch.n_tokens;
+        let (lo, hi) = (n * replica / replicas, n * (replica + 1) / replicas);
+        let w = (hi - lo) as f64 / n.max(1) as f64;
+        if replicas == 1 {
+            resident.stage(&self.batch)?;
+        } else {
+            resident.stage(&Batch {
+                n_tokens: hi - lo,
+                x: self.batch.x[lo * row..hi * row].to_vec(),
+                y: self.batch.y[lo * row..hi * row].to_vec(),
+            })?;
+        }
+        let sharded = self.run.train.parallel != Parallel::Data;
+        let (mut stats, g) = if sharded {
+            let what = "all-reduce of the partial reconstructions";
+            let (feat, timing, nccl) = (&self.feat, &mut self.timing, &self.device_sum);
+            let (mut host, mut device);
+            let sum = if nccl.is_some() || feat.size() == 1 {
+                device = |yhat: &mut DBuf<f32>| -> Result<()> {
+                    if let Some(nccl) = nccl {
+                        let t = Instant::now();
+                        nccl.sum(what, yhat)?;
+                        timing.reduce_s += t.elapsed().as_secs_f64();
+                    }
+                    Ok(())
+                };
+                PartialSum::Device(&mut device)
+            } else {
+                host = |yhat: &mut [f32]| timed_sum(feat, timing, what, yhat);
+                PartialSum::Host(&mut host)
+            };
+            let shard = ShardSum {
+                y: &self.batch.y[lo * row..hi * row],
+                with_bias: self.feat.rank() == 0,
+                sum,
+            };
+            resident.loss_and_grad(obj, dead_mask, Some(shard), self.step)?
+        } else {
+            resident.loss_and_grad(obj, dead_mask, None, self.step)?
+        };
+        if replicas > 1 {
+            let t = Instant::now();
+            self.sum_device_grads(resident.gpu(), &g, w)?;
+            let took = t.elapsed().as_secs_f64();
+            if sharded {
+                self.timing.grads_s += took;
+            } else {
+                self.timing.reduce_s += took;
+            }
+            for (l, lg) in g.layers.iter().enumerate() {
+                stats.active_count[l] = resident.gpu().download(&lg.active_count)?;
+            }
+        }
+        let (feature_sq, shared_sq) = resident.grad_sq_parts(&g)?;
+        self.pending = Some(g);
+        let stats_t = Instant::now();
+        let grad_norm = if sharded {
+            if replicas > 1 {
+                stats.target_var = target_variance(&self.batch.y, n, l_n, d);
+                stats.n_tokens = n;
+            }
+            self.reduce_stats(&mut stats, feature_sq, shared_sq, w)?
+        } else {
+            self.sum_replica_stats(&mut stats, w)?;
+            (feature_sq + shared_sq).sqrt()
+        };
+        self.timing.stats_s += stats_t.elapsed().as_secs_f64();
         Ok((stats, grad_norm))
+    }
+
+    /// Sums the device gradients `g`, each replica's weighted by `w`, over `data` (the ranks holding this
+    /// shard): packed into one buffer ([`crate::backend::cuda::gradsum`]), summed by NCCL where
+    /// `grad_sum` holds it, else downloaded, summed over MPI and uploaded, then unpacked.
+    #[cfg(feature = "cuda")]
+    fn sum_device_grads(
+        &mut self,
+        gpu: &crate::backend::cuda::Gpu,
+        g: &crate::backend::cuda::step::DeviceGrads,
+        w: f64,
+    ) -> Result<()> {
+        use crate::backend::cuda::gradsum;
+        let what = "all-reduce of the gradients";
+        let len = gradsum::packed_len(gpu, g);
+        if self.grad_buf.as_ref().is_none_or(|b| b.len() != len) {
+            self.grad_buf = Some(gpu.zeros(len)?);
+        }
+        let buf = self.grad_buf.as_mut().expect("allocated above");
+        gradsum::pack(gpu, g, w as f32, buf)?;
+        match &self.grad_sum {
+            Some(nccl) => nccl.sum(what, buf)?,
+            None => {
+                let mut host = gpu.download(buf)?;
+                self.data.sum_f32(what, &mut host)?;
+                *buf = gpu.upload(&host)?;
+            }
+        }
+        gradsum::unpack(gpu, buf, g)
     }
 
     /// Sums the per-feature statistics and the feature parameters' squared gradient norm over the world (one

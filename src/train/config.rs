@@ -108,8 +108,9 @@ pub enum Parallel {
     Grid,
 }
 
-/// How a distributed CUDA step (`backend = "cuda_host"`, feature-sharded or grid) sums the shards' partial
-/// reconstructions; the CPU step always uses MPI.
+/// How a distributed CUDA run sums device buffers over the ranks: the shards' partial reconstructions
+/// (`backend = "cuda_host"` or `"cuda"`, feature-sharded or grid) and the resident loop's gradients over
+/// the replicas (`backend = "cuda"`, data-parallel or grid). The CPU step always uses MPI.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Collectives {
@@ -185,7 +186,7 @@ pub struct TrainConfig {
     /// Start the all-reduce of each layer's partial reconstruction as soon as that layer is decoded, so it
     /// proceeds while the next layers decode (feature-sharded and grid modes; same results as without).
     pub overlap: bool,
-    /// How the CUDA step's partial reconstructions are summed over the ranks (`docs/distributed.md`).
+    /// How a CUDA run's device buffers are summed over the ranks (`docs/distributed.md`).
     pub collectives: Collectives,
 }
 
@@ -347,13 +348,17 @@ impl RunConfig {
             }
             _ => {}
         }
-        if t.collectives == Collectives::Nccl
-            && (t.backend != BackendKind::CudaHost || t.parallel == Parallel::Data)
-        {
+        let device_sums = match t.backend {
+            BackendKind::Cuda => true,
+            BackendKind::CudaHost => t.parallel != Parallel::Data,
+            _ => false,
+        };
+        if t.collectives == Collectives::Nccl && !device_sums {
             return Err(Error::config(
                 "train.collectives",
-                "\"nccl\" sums the partial reconstructions of the CUDA step on the device: it needs \
-                 backend = \"cuda_host\" and parallel = \"features\" or \"grid\"",
+                "\"nccl\" sums device buffers: the CUDA step's partial reconstructions (backend = \
+                 \"cuda_host\" with parallel = \"features\" or \"grid\") or the resident loop's \
+                 partials and gradients (backend = \"cuda\")",
             ));
         }
         if t.overlap && t.parallel == Parallel::Data {

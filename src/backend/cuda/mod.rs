@@ -21,6 +21,7 @@ pub mod dense;
 pub mod dequant;
 pub mod encode;
 pub mod ffi;
+pub mod gradsum;
 pub mod memory;
 pub mod resident;
 pub mod step;

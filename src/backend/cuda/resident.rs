@@ -148,17 +148,6 @@ pub struct ResidentStep {
     pub grad_norm: f64,
 }
 
-/// A feature shard's loss and gradient before its update ([`Resident::shard_grads`]): the shard's
-/// statistics (the reconstruction the whole model's), its gradients on the device, and the squared
-/// gradient norm in two parts: the shard's feature parameters (summed over the shards) and the replicated
-/// decoder bias (the same on every shard, counted once).
-pub struct ShardGrads {
-    pub stats: StepStats,
-    pub grads: DeviceGrads,
-    pub feature_sq: f64,
-    pub shared_sq: f64,
-}
-
 /// The device-resident trainer state: parameters, Adam's moments, the staging slots and the copy stream.
 pub struct Resident {
     gpu: Arc<Gpu>,
@@ -491,18 +480,10 @@ impl Resident {
         Ok(ResidentStep { stats, grad_norm })
     }
 
-    /// A feature shard's loss and gradient on the oldest staged batch (the distributed resident trainer):
-    /// the partial reconstruction completed by `shard`'s sum, the backward, and the two parts of the squared
-    /// gradient norm the trainer sums over the ranks. Nothing is updated: the trainer calls
-    /// [`Resident::apply`] with the clipping factor of the global norm.
-    pub fn shard_grads(
-        &mut self,
-        obj: &Objective,
-        preact_mask: Option<&[Vec<bool>]>,
-        shard: ShardSum,
-        step: u64,
-    ) -> Result<ShardGrads> {
-        let (stats, grads) = self.loss_and_grad(obj, preact_mask, Some(shard), step)?;
+    /// The squared gradient norm of `g` in two parts (the distributed resident trainer, which sums them
+    /// over the ranks for the global clipping norm): the feature parameters (encoder rows and biases,
+    /// thresholds, decoder rows with their norm terms) and the replicated decoder bias.
+    pub fn grad_sq_parts(&mut self, g: &DeviceGrads) -> Result<(f64, f64)> {
         let gpu = Arc::clone(&self.gpu);
         let gpu = &*gpu;
         let l_n = self.cfg.n_layers;
@@ -515,26 +496,23 @@ impl Resident {
         let partials = self.feature_partials.as_ref().expect("allocated above");
         let mut at = 0;
         for l in 0..l_n {
-            at += self.feature_sq_into(&grads, l, partials, at)?;
+            at += self.feature_sq_into(g, l, partials, at)?;
         }
         debug_assert_eq!(at, partials.len());
         adam::sum_f64(gpu, partials, &self.norm_sq)?;
         let feature_sq = gpu.download(&self.norm_sq)?[0];
         let mut shared_sq = 0.0;
-        for b in &grads.b_dec {
+        for b in &g.b_dec {
             shared_sq += adam::sum_sq(gpu, b)?;
         }
-        Ok(ShardGrads {
-            stats,
-            grads,
-            feature_sq,
-            shared_sq,
-        })
+        Ok((feature_sq, shared_sq))
     }
 
     /// Pops the oldest staged batch and runs the step's loss and gradient on it (a feature shard's with
-    /// `shard`). A non-finite loss is an error.
-    fn loss_and_grad(
+    /// `shard`), leaving the gradients on the device: the first half of [`Resident::step`], for the
+    /// distributed trainer, which sums what it must over the ranks and then calls [`Resident::apply`]. A
+    /// non-finite loss is an error.
+    pub fn loss_and_grad(
         &mut self,
         obj: &Objective,
         preact_mask: Option<&[Vec<bool>]>,
