@@ -6,7 +6,7 @@
 //!   error nodes);
 //! - [`backward`]: the batched linearised backward and the edges it yields;
 //! - [`graph`]: logit targets, feature exploration by influence, the adjacency;
-//! - [`prune`]: influence, node and edge pruning, replacement and completeness scores;
+//! - [`prune`](mod@prune): influence, node and edge pruning, replacement and completeness scores;
 //! - [`output`]: the frontend's graph JSON and the raw adjacency (safetensors);
 //! - [`intervene`]: the replacement model run with chosen features set or scaled;
 //! - [`cli`]: `clt attribute` and `clt intervene`.

@@ -1,7 +1,7 @@
 //! circuit-tracer's transcoder formats: export (normalisation folded into the weights) and import.
 //!
 //! Cross-layer transcoder directory (`model_kind: cross_layer_transcoder`), for each layer i:
-//! `W_enc_{i}.safetensors` with `W_enc_{i}` [F, d], `b_enc_{i}` [F], `b_dec_{i}` [d], `threshold_{i}` [F]
+//! `W_enc_{i}.safetensors` with `W_enc_{i}` `[F, d]`, `b_enc_{i}` `[F]`, `b_dec_{i}` `[d]`, `threshold_{i}` `[F]`
 //! (and, as an extension of ours, `W_skip_{i}` [d, d] when the model has skip connections), and
 //! `W_dec_{i}.safetensors` with `W_dec_{i}` [F, L − i, d]. Per-layer transcoders (`model_kind: transcoder_set`):
 //! `layer_{i}.safetensors` with `W_enc` [F, d], `W_dec` [F, d], `b_enc`, `b_dec`,

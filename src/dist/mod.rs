@@ -10,7 +10,8 @@
 //! - [`comm`]: the collectives the trainer needs ([`comm::Comm`]) and the single-process one;
 //! - `mpi` (the `mpi` cargo feature): the MPI world, its timed collectives and the dead-rank watchdog;
 //! - `nccl` (the `cuda` and `mpi` features together): a device-buffer all-reduce through NCCL, bootstrapped
-//!   by MPI (not used by the trainer yet, never run on a GPU);
+//!   by MPI, under the MPI deadline: the CUDA step's partials and the resident loop's gradients (run on the
+//!   CPU emulator's libnccl, never on a GPU);
 //! - [`shard`]: which features a rank owns, and slicing/assembling parameters;
 //! - [`checkpoint`]: sharded checkpoints (a shard per rank, a manifest), loadable into any number of ranks;
 //! - [`trainer`]: the distributed training step (feature-sharded, data-parallel, grid) and loop;

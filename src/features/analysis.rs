@@ -5,7 +5,7 @@
 //! encoder ([`encode_all`], all threads), and every layer's features are updated in parallel:
 //! - the top-k activations, at most one per overlapping window of a document, each with its token window and
 //!   the feature's activation on every token of the window. Firings above the current floor go into a pool of
-//!   up to [`POOL_FACTOR`]` · k` entries; a full pool is cut back to its k largest by the trainer's TopK
+//!   up to `POOL_FACTOR`` · k` entries; a full pool is cut back to its k largest by the trainer's TopK
 //!   selection ([`topk_indices`]: the largest values, ties to the earlier firing), which also makes the final
 //!   choice, so insertions cost O(1) amortised instead of a scan of the k kept ones;
 //! - a uniform reservoir sample of the firings (with windows), grouped afterwards into intervals of the

@@ -4,7 +4,7 @@
 //!   lower quantiles, firing density, activation histogram;
 //! - [`logits`]: logit effects (a decoder direction through the unembedding);
 //! - [`record`]: one feature's dashboard record (circuit-tracer's per-feature JSON layout, extended);
-//! - [`file`]: the indexed features file the viewer reads feature by feature (`docs/viewer.md`);
+//! - [`file`](mod@file): the indexed features file the viewer reads feature by feature (`docs/viewer.md`);
 //! - [`labels`]: short labels per feature (`labels.json`), shown by the viewer;
 //! - [`explain`]: `clt explain`, labels asked of an OpenAI-compatible endpoint;
 //! - [`cli`]: `clt features` as library code.

@@ -9,8 +9,9 @@
 //! wrapper per kernel family with its launch configuration: [`encode`], [`decode`], [`backward`], [`topk`],
 //! [`adam`], [`dequant`]; [`step`] chains them into a training step's loss and gradient, and [`resident`]
 //! into the whole training loop on the device (parameters and Adam resident, batches staged through pinned
-//! memory on a second stream); [`dense`] is the dense cuBLAS step the
-//! sparse one is benchmarked against, and [`bench`] times every kernel (`clt bench --cuda`). Each wrapper names its CPU reference; `tests/cuda.rs` compares them.
+//! memory on a second stream; its gradients packed for the replicas' all-reduce by [`gradsum`]); [`dense`]
+//! is the dense cuBLAS step the
+//! sparse one is benchmarked against, and [`bench`](mod@bench) times every kernel (`clt bench --cuda`). Each wrapper names its CPU reference; `tests/cuda.rs` compares them.
 
 pub mod adam;
 pub mod backward;

@@ -1,5 +1,8 @@
 //! The resident training loop (issue 5, item 5): parameters, Adam's moments and the step all on the device,
 //! the next batch copied host-to-device from pinned memory on a second stream while the current step runs.
+//! The distributed trainer (`dist::trainer`) runs the same state per rank, calling the step's pieces
+//! ([`Resident::loss_and_grad`], [`Resident::grad_sq_parts`], [`Resident::apply`]) with its sums over
+//! the ranks between them.
 //!
 //! What lives where:
 //! - Device, for the whole run: the fp32 master weights (`W_enc`, `log θ`, `W_dec`; `b_enc` and `b_dec` are

@@ -5,8 +5,11 @@
 //! CPU reference: [`crate::backend::cpu::sparse::loss_and_grad`] (same arguments, same [`Grads`] form).
 //! [`device_loss_and_grad`] works on parameters and a batch already on the device ([`DeviceParams`],
 //! [`DeviceBatch`]) and leaves the gradients there ([`DeviceGrads`]); [`loss_and_grad`] wraps it for host
-//! arrays (uploads the parameters, downloads the gradients: the correctness harness the tests use). Skip
-//! connections are not supported yet.
+//! arrays (uploads the parameters, downloads the gradients: the correctness harness the tests use). A
+//! feature shard's step (distributed training) is the same chain with the decode stopped at the partial
+//! reconstruction, which a [`ShardSum`] completes (NCCL on the device, or MPI through the host) before the
+//! residual: [`sharded_loss_and_grad`] on host arrays, [`device_sharded_loss_and_grad`] on device ones.
+//! Skip connections are not supported yet.
 
 use super::backward::{self, LayerGradInput, LayerGrads, col_sum};
 use super::context::Gpu;
