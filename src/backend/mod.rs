@@ -7,7 +7,7 @@
 //! with everything resident on the device ([`Resident`]: parameters, Adam's moments, the whole step; the
 //! host downloads parameters and moments only for checkpoints, which are the CPU trainer's own, so a run
 //! resumes on either backend). `cuda-host` is the earlier split: only the step's loss and gradient on the
-//! device ([`cuda::step::loss_and_grad`]: parameters uploaded and gradients downloaded each step), the
+//! device (`cuda::step::loss_and_grad`: parameters uploaded and gradients downloaded each step), the
 //! optimiser on the host.
 
 pub mod cpu;

@@ -1,7 +1,7 @@
 //! The collectives the sharded trainer needs, as a trait: MPI implements it (`dist::mpi`, the `mpi`
 //! feature), and [`SelfComm`] is the world of one process, so the sharded trainer runs and is tested without
 //! MPI. Every collective names what it is for (`what`), so a timeout can say where a run stopped. With the
-//! `cuda` feature a group may also sum device buffers ([`DeviceSum`]: NCCL, made by [`Comm::device_sum`]).
+//! `cuda` feature a group may also sum device buffers (`DeviceSum`: NCCL, made by `Comm::device_sum`).
 
 use crate::Result;
 #[cfg(feature = "cuda")]
