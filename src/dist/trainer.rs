@@ -279,6 +279,32 @@ fn device_sum_over<C: Comm>(
     }
 }
 
+/// How a CUDA step's partial reconstruction becomes the whole one: summed over `feat` on the device by
+/// `nccl`, or nothing to sum with one shard; else downloaded and summed over MPI. The time in the sum is
+/// added to `timing.reduce_s` (the decode has synchronised the stream, so it is the all-reduce's alone).
+#[cfg(feature = "cuda")]
+fn partials_sum<'a, C: Comm>(
+    feat: &'a C,
+    timing: &'a mut Timing,
+    nccl: Option<&'a dyn super::comm::DeviceSum>,
+) -> crate::backend::cuda::step::PartialSum<'a> {
+    use crate::backend::cuda::{memory::DBuf, step::PartialSum};
+    const WHAT: &str = "all-reduce of the partial reconstructions";
+    if nccl.is_none() && feat.size() > 1 {
+        return PartialSum::Host(Box::new(move |yhat: &mut [f32]| {
+            timed_sum(feat, timing, WHAT, yhat)
+        }));
+    }
+    PartialSum::Device(Box::new(move |yhat: &mut DBuf<f32>| {
+        if let Some(nccl) = nccl {
+            let t = Instant::now();
+            nccl.sum(WHAT, yhat)?;
+            timing.reduce_s += t.elapsed().as_secs_f64();
+        }
+        Ok(())
+    }))
+}
+
 /// How the ranks of a run are arranged: `shards` ranks share each replica's features and `replicas`
 /// replicas split each batch (feature-sharded: one replica; data-parallel: one shard). World rank `r` holds
 /// feature shard `r mod shards` of replica `r / shards`.
@@ -755,24 +781,7 @@ impl<C: Comm> ShardedTrainer<C> {
         let what = "all-reduce of the partial reconstructions";
         #[cfg(feature = "cuda")]
         if let Backend::Cuda(gpu) = &self.backend {
-            use crate::backend::cuda::{memory::DBuf, step::PartialSum};
-            let (feat, timing, nccl) = (&self.feat, &mut self.timing, &self.device_sum);
-            let (mut host, mut device);
-            let sum = if nccl.is_some() || feat.size() == 1 {
-                device = |yhat: &mut DBuf<f32>| -> Result<()> {
-                    if let Some(nccl) = nccl {
-                        // The decode has synchronised the stream: the time is the all-reduce's alone.
-                        let t = Instant::now();
-                        nccl.sum(what, yhat)?;
-                        timing.reduce_s += t.elapsed().as_secs_f64();
-                    }
-                    Ok(())
-                };
-                PartialSum::Device(&mut device)
-            } else {
-                host = |yhat: &mut [f32]| timed_sum(feat, timing, what, yhat);
-                PartialSum::Host(&mut host)
-            };
+            let sum = partials_sum(&self.feat, &mut self.timing, self.device_sum.as_deref());
             let stats = crate::backend::cuda::step::sharded_loss_and_grad(
                 gpu,
                 local,
@@ -945,10 +954,7 @@ impl<C: Comm> ShardedTrainer<C> {
         obj: &Objective,
         dead_mask: Option<&[Vec<bool>]>,
     ) -> Result<(StepStats, f64)> {
-        use crate::backend::cuda::{
-            memory::DBuf,
-            step::{PartialSum, ShardSum},
-        };
+        use crate::backend::cuda::step::ShardSum;
         let (l_n, d) = (self.local.n_layers, self.local.d_model);
         let row = l_n * d;
         let (replica, replicas) = (self.data.rank(), self.data.size());
@@ -966,23 +972,7 @@ impl<C: Comm> ShardedTrainer<C> {
         }
         let sharded = self.run.train.parallel != Parallel::Data;
         let (mut stats, g) = if sharded {
-            let what = "all-reduce of the partial reconstructions";
-            let (feat, timing, nccl) = (&self.feat, &mut self.timing, &self.device_sum);
-            let (mut host, mut device);
-            let sum = if nccl.is_some() || feat.size() == 1 {
-                device = |yhat: &mut DBuf<f32>| -> Result<()> {
-                    if let Some(nccl) = nccl {
-                        let t = Instant::now();
-                        nccl.sum(what, yhat)?;
-                        timing.reduce_s += t.elapsed().as_secs_f64();
-                    }
-                    Ok(())
-                };
-                PartialSum::Device(&mut device)
-            } else {
-                host = |yhat: &mut [f32]| timed_sum(feat, timing, what, yhat);
-                PartialSum::Host(&mut host)
-            };
+            let sum = partials_sum(&self.feat, &mut self.timing, self.device_sum.as_deref());
             let shard = ShardSum {
                 y: &self.batch.y[lo * row..hi * row],
                 with_bias: self.feat.rank() == 0,

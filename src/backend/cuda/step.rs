@@ -168,14 +168,19 @@ fn download_grads(gpu: &Gpu, g: &DeviceGrads, grads: &mut Grads) -> Result<()> {
     Ok(())
 }
 
+/// Sums a host buffer over the shards in place ([`PartialSum::Host`]).
+pub type HostSumFn<'a> = Box<dyn FnMut(&mut [f32]) -> Result<()> + 'a>;
+/// Sums a device buffer over the shards in place, on the step's stream ([`PartialSum::Device`]).
+pub type DeviceSumFn<'a> = Box<dyn FnMut(&mut DBuf<f32>) -> Result<()> + 'a>;
+
 /// Where a feature shard's partial reconstruction is summed over the shards ([`sharded_loss_and_grad`]).
 pub enum PartialSum<'a> {
     /// On the host: the partials are downloaded and summed in place by the closure (MPI); the residual is
     /// computed on the host and uploaded.
-    Host(&'a mut dyn FnMut(&mut [f32]) -> Result<()>),
+    Host(HostSumFn<'a>),
     /// On the device: the closure sums the buffer in place on the step's stream (NCCL; nothing for a
     /// single shard); the residual kernel runs on the sum.
-    Device(&'a mut dyn FnMut(&mut DBuf<f32>) -> Result<()>),
+    Device(DeviceSumFn<'a>),
 }
 
 /// A feature shard's way from its partial reconstruction to the whole one.
@@ -332,7 +337,7 @@ fn step_with(
         }
         Some(ShardSum {
             y,
-            sum: PartialSum::Host(sum),
+            sum: PartialSum::Host(mut sum),
             ..
         }) => {
             let out = sparse_decode(gpu, &views, bias, None, d, cross, 2.0 / bf)?;
@@ -342,7 +347,7 @@ fn step_with(
             (gpu.upload(&r)?, sq_err)
         }
         Some(ShardSum {
-            sum: PartialSum::Device(sum),
+            sum: PartialSum::Device(mut sum),
             ..
         }) => {
             let mut out = sparse_decode(gpu, &views, bias, None, d, cross, 2.0 / bf)?;
