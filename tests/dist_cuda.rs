@@ -22,110 +22,31 @@ use clt::backend::BackendKind;
 use clt::backend::cuda::context::driver_present;
 use clt::clt::Params;
 use clt::dist::checkpoint;
-use clt::train::{Collectives, Parallel};
-use common::runs::{assert_params_close, fork_run, losses, text};
+use clt::train::{Collectives, Parallel, RunConfig};
+use common::runs::{
+    CLT, assert_params_close, fork_run, losses, mpirun, mpirun_train, text, write_config,
+};
 use std::path::Path;
 use std::process::Command;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-const CLT: &str = env!("CARGO_BIN_EXE_clt");
-
-#[test]
-fn ranks_on_cuda_host_equal_one_process() {
-    if !driver_present() {
-        assert!(
-            !std::env::var("CLT_REQUIRE_GPU").is_ok_and(|v| v == "1"),
-            "CLT_REQUIRE_GPU=1 but no CUDA driver"
-        );
-        eprintln!("skipped: no CUDA driver");
-        return;
+/// Whether a CUDA driver is present; without one the test prints that it was skipped (and fails under
+/// `CLT_REQUIRE_GPU=1`, which CI sets when it runs the emulator).
+fn have_driver() -> bool {
+    if driver_present() {
+        return true;
     }
-    let tmp = tempfile::tempdir().unwrap();
-    let mut run = clt::demo::synthetic_config();
-    run.model.n_features = 37; // not a multiple of the number of ranks
-    run.model.skip = false; // (the CUDA step has no skip connections)
-    run.train.steps = 6;
-    run.train.batch_size = 128;
-    run.train.warmup_steps = 2;
-    run.train.log_every = 1;
-    run.train.checkpoint_every = 3;
-    run.train.keep_checkpoints = 10;
-    run.train.calibration_batches = 2;
-    run.train.backend = BackendKind::CudaHost;
-
-    // One process (it ignores `parallel`): the single-process trainer on the same backend.
-    let cfg = tmp.path().join("run.toml");
-    std::fs::write(&cfg, toml::to_string(&run).unwrap()).unwrap();
-    let single = tmp.path().join("single");
-    let o = Command::new(CLT)
-        .args(["train", "--config", cfg.to_str().unwrap()])
-        .args(["--out", single.to_str().unwrap(), "--quiet"])
-        .env("RAYON_NUM_THREADS", "1")
-        .output()
-        .unwrap();
-    assert!(o.status.success(), "one process failed:\n{}", text(&o));
-    let want = losses(&single);
-    assert_eq!(want.len(), 6);
-    let want_params = checkpoint::load_transcoder(&single).unwrap().params;
-
-    // (mode, collectives, ranks, how the partials are summed). The grid is 2 feature shards x 2
-    // replicas: NCCL over a group split from the world.
-    let modes = [
-        (Parallel::Data, Collectives::Auto, 2, "none"),
-        (Parallel::Features, Collectives::Mpi, 2, "mpi"),
-        (Parallel::Features, Collectives::Nccl, 2, "nccl"),
-        (Parallel::Grid, Collectives::Auto, 4, "nccl"),
-    ];
-    for (parallel, collectives, n, via) in modes {
-        run.train.parallel = parallel;
-        run.train.collectives = collectives;
-        run.train.feature_shards = (parallel == Parallel::Grid).then_some(2);
-        let label = format!("{parallel:?}, {collectives:?}, {n} ranks");
-        let cfg = tmp
-            .path()
-            .join(format!("{parallel:?}-{collectives:?}.toml"));
-        std::fs::write(&cfg, toml::to_string(&run).unwrap()).unwrap();
-        let out = tmp.path().join(format!("{parallel:?}-{collectives:?}"));
-        let log = ranks(n, &cfg, &out, &want, &want_params, &label);
-        let said = format!("summed over the feature shards with {via}");
-        assert_eq!(log.contains(&said), via != "none", "{label}: {log}");
-    }
-    // The same partials summed through host memory or on the device: for two ranks both sums are the one
-    // f32 addition a + b, and the residual kernel is the host residual's arithmetic, so every parameter
-    // is the same to the bit.
-    let via_mpi = checkpoint::load_transcoder(&tmp.path().join("Features-Mpi")).unwrap();
-    let via_nccl = checkpoint::load_transcoder(&tmp.path().join("Features-Nccl")).unwrap();
-    for (i, (a, b)) in via_mpi
-        .params
-        .tensors()
-        .into_iter()
-        .zip(via_nccl.params.tensors())
-        .enumerate()
-    {
-        assert!(
-            a.iter().zip(b).all(|(x, y)| x.to_bits() == y.to_bits()),
-            "tensor {i}: NCCL's parameters differ from MPI's"
-        );
-    }
+    assert!(
+        !std::env::var("CLT_REQUIRE_GPU").is_ok_and(|v| v == "1"),
+        "CLT_REQUIRE_GPU=1 but no CUDA driver"
+    );
+    eprintln!("skipped: no CUDA driver");
+    false
 }
 
-/// The resident loop (`backend = "cuda"`: parameters, Adam's moments and the update on each rank's
-/// device) against the single-process resident loop, losses and parameters within the same 1e-4 as the
-/// host-side step: feature-sharded over two ranks (the partials summed by NCCL), data-parallel over two and
-/// a 2 x 2 grid (the gradients summed over the replicas by NCCL). Then a two-rank feature-sharded run
-/// resumed from its step-3 checkpoint finishes with the same parameters, to the bit, as the run that went
-/// straight through (the checkpoint is the device state, downloaded).
-#[test]
-fn the_resident_loop_on_two_ranks_equals_one_process_and_resumes_bit_for_bit() {
-    if !driver_present() {
-        assert!(
-            !std::env::var("CLT_REQUIRE_GPU").is_ok_and(|v| v == "1"),
-            "CLT_REQUIRE_GPU=1 but no CUDA driver"
-        );
-        eprintln!("skipped: no CUDA driver");
-        return;
-    }
-    let tmp = tempfile::tempdir().unwrap();
+/// The runs compared here: 6 steps of a small synthetic CLT on `backend`, with 37 features (not a multiple
+/// of the number of ranks), no skip connections (the CUDA step has none), a checkpoint every 3 steps.
+fn cuda_run(backend: BackendKind) -> RunConfig {
     let mut run = clt::demo::synthetic_config();
     run.model.n_features = 37;
     run.model.skip = false;
@@ -136,12 +57,15 @@ fn the_resident_loop_on_two_ranks_equals_one_process_and_resumes_bit_for_bit() {
     run.train.checkpoint_every = 3;
     run.train.keep_checkpoints = 10;
     run.train.calibration_batches = 2;
-    run.train.backend = BackendKind::Cuda;
-    run.train.parallel = Parallel::Features;
-    let cfg = tmp.path().join("run.toml");
-    std::fs::write(&cfg, toml::to_string(&run).unwrap()).unwrap();
+    run.train.backend = backend;
+    run
+}
 
-    let single = tmp.path().join("single");
+/// `run` in one process (the single-process trainer on the same backend; it ignores `parallel`) into
+/// `dir/single`: its losses and final parameters.
+fn one_process(dir: &Path, run: &RunConfig) -> (Vec<f64>, Params) {
+    let cfg = write_config(dir, "single.toml", run);
+    let single = dir.join("single");
     let o = Command::new(CLT)
         .args(["train", "--config", cfg.to_str().unwrap()])
         .args(["--out", single.to_str().unwrap(), "--quiet"])
@@ -150,140 +74,8 @@ fn the_resident_loop_on_two_ranks_equals_one_process_and_resumes_bit_for_bit() {
         .unwrap();
     assert!(o.status.success(), "one process failed:\n{}", text(&o));
     let want = losses(&single);
-    let want_params = checkpoint::load_transcoder(&single).unwrap().params;
-
-    let two = tmp.path().join("two");
-    let log = ranks(2, &cfg, &two, &want, &want_params, "resident, features");
-    assert!(
-        log.contains("partial reconstructions summed over the feature shards with nccl"),
-        "{log}"
-    );
-    // Data-parallel and a 2 x 2 grid: the gradients summed over the replicas on the device (packed into
-    // one buffer, one NCCL all-reduce).
-    // And once through the host (`collectives = "mpi"`: downloaded, summed over MPI, uploaded).
-    let modes = [
-        (Parallel::Data, 2, Collectives::Auto, "nccl"),
-        (Parallel::Data, 2, Collectives::Mpi, "mpi"),
-        (Parallel::Grid, 4, Collectives::Auto, "nccl"),
-    ];
-    for (parallel, n, collectives, via) in modes {
-        let mut r = run.clone();
-        r.train.parallel = parallel;
-        r.train.collectives = collectives;
-        r.train.feature_shards = (parallel == Parallel::Grid).then_some(2);
-        let name = format!("resident-{parallel:?}-{collectives:?}");
-        let cfg = tmp.path().join(format!("{name}.toml"));
-        std::fs::write(&cfg, toml::to_string(&r).unwrap()).unwrap();
-        let out = tmp.path().join(&name);
-        let label = format!("resident, {parallel:?}, {collectives:?}, {n} ranks");
-        let log = ranks(n, &cfg, &out, &want, &want_params, &label);
-        let said = format!("gradients summed over the replicas on the device with {via}");
-        assert!(log.contains(&said), "{log}");
-    }
-
-    let resumed = tmp.path().join("resumed");
-    fork_run(&two, 3, &resumed);
-    let o = Command::new("mpirun")
-        .args(["--allow-run-as-root", "--oversubscribe", "--timeout", "300"])
-        .args(["-n", "2", CLT, "train", "--resume"])
-        .args(["--out", resumed.to_str().unwrap(), "--quiet"])
-        .env("OMPI_ALLOW_RUN_AS_ROOT", "1")
-        .env("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1")
-        .env("RAYON_NUM_THREADS", "1")
-        .output()
-        .unwrap();
-    assert!(o.status.success(), "resume failed:\n{}", text(&o));
-    let straight = checkpoint::load_transcoder(&two).unwrap().params;
-    let again = checkpoint::load_transcoder(&resumed).unwrap().params;
-    for (i, (a, b)) in straight
-        .tensors()
-        .into_iter()
-        .zip(again.tensors())
-        .enumerate()
-    {
-        assert!(
-            a.iter().zip(b).all(|(x, y)| x.to_bits() == y.to_bits()),
-            "tensor {i}: the resumed run's parameters differ from the straight run's"
-        );
-    }
-}
-
-/// A rank that cannot open its device (here `CLT_CUDA_DEVICE=999`) stops the job at start-up with an error
-/// naming the rank and the device, before any data is read.
-#[test]
-fn a_rank_without_its_device_stops_the_job_naming_it() {
-    if !driver_present() {
-        eprintln!("skipped: no CUDA driver");
-        return;
-    }
-    let tmp = tempfile::tempdir().unwrap();
-    let mut run = clt::demo::synthetic_config();
-    run.model.skip = false;
-    run.train.steps = 2;
-    run.train.backend = BackendKind::CudaHost;
-    run.train.parallel = Parallel::Data;
-    let cfg = tmp.path().join("run.toml");
-    std::fs::write(&cfg, toml::to_string(&run).unwrap()).unwrap();
-    let o = Command::new("mpirun")
-        .args(["--allow-run-as-root", "--oversubscribe", "--timeout", "120"])
-        .args(["-n", "2", CLT, "train", "--config", cfg.to_str().unwrap()])
-        .args(["--out", tmp.path().join("out").to_str().unwrap(), "--quiet"])
-        .env("CLT_CUDA_DEVICE", "999")
-        .env("OMPI_ALLOW_RUN_AS_ROOT", "1")
-        .env("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1")
-        .output()
-        .expect("mpirun not found (scripts/install-mpi.sh installs Open MPI)");
-    let log = text(&o);
-    assert!(!o.status.success(), "{log}");
-    assert!(log.contains("cannot open CUDA device 999"), "{log}");
-    assert!(log.contains("rank 0") || log.contains("rank 1"), "{log}");
-}
-
-/// A rank that hangs before the partials' NCCL all-reduce: NCCL itself would wait for it forever; the
-/// other rank's wait has the MPI deadline (here 4 s), after which the liveness probe names the hung rank
-/// and the job ends. (On the emulator, its libnccl gives up after `CLT_EMU_NCCL_TIMEOUT_S` and returns
-/// an error, which takes the same way out.)
-#[test]
-fn a_hung_rank_in_the_nccl_sum_stops_the_job_naming_it() {
-    if !driver_present() {
-        eprintln!("skipped: no CUDA driver");
-        return;
-    }
-    let tmp = tempfile::tempdir().unwrap();
-    let mut run = clt::demo::synthetic_config();
-    run.model.skip = false;
-    run.train.steps = 6;
-    run.train.batch_size = 64;
-    run.train.calibration_batches = 1;
-    run.train.backend = BackendKind::CudaHost;
-    run.train.parallel = Parallel::Features;
-    run.train.collectives = Collectives::Nccl;
-    let cfg = tmp.path().join("run.toml");
-    std::fs::write(&cfg, toml::to_string(&run).unwrap()).unwrap();
-    let started = Instant::now();
-    let o = Command::new("mpirun")
-        .args(["--allow-run-as-root", "--oversubscribe", "--timeout", "120"])
-        .args(["-n", "2", CLT, "train", "--config", cfg.to_str().unwrap()])
-        .args(["--out", tmp.path().join("out").to_str().unwrap(), "--quiet"])
-        .env("CLT_DIST_FAULT", "hang:1:3")
-        .env("CLT_DIST_TIMEOUT_S", "4")
-        .env("CLT_EMU_NCCL_TIMEOUT_S", "4")
-        .env("OMPI_ALLOW_RUN_AS_ROOT", "1")
-        .env("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1")
-        .env("RAYON_NUM_THREADS", "1")
-        .output()
-        .expect("mpirun not found (scripts/install-mpi.sh installs Open MPI)");
-    let took = started.elapsed();
-    let log = text(&o);
-    assert!(!o.status.success(), "{log}");
-    assert!(log.contains("with nccl"), "{log}");
-    assert!(
-        log.contains("all-reduce of the partial reconstructions")
-            && log.contains("no answer from rank(s) [1]"),
-        "the NCCL sum's watchdog must name rank 1:\n{log}"
-    );
-    assert!(took < Duration::from_secs(60), "took {took:?}");
-    eprintln!("took {took:.1?}:\n{log}");
+    assert_eq!(want.len(), 6);
+    (want, checkpoint::load_transcoder(&single).unwrap().params)
 }
 
 /// `mpirun -n <n> clt train` of `cfg` into `out`, then its losses and parameters against one process's;
@@ -292,26 +84,10 @@ fn ranks(
     n: usize,
     cfg: &Path,
     out: &Path,
-    want: &[f64],
-    want_params: &Params,
+    (want, want_params): &(Vec<f64>, Params),
     label: &str,
 ) -> String {
-    let o = Command::new("mpirun")
-        .args(["--allow-run-as-root", "--oversubscribe", "--timeout", "300"])
-        .args([
-            "-n",
-            &n.to_string(),
-            CLT,
-            "train",
-            "--config",
-            cfg.to_str().unwrap(),
-        ])
-        .args(["--out", out.to_str().unwrap(), "--quiet"])
-        .env("OMPI_ALLOW_RUN_AS_ROOT", "1")
-        .env("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1")
-        .env("RAYON_NUM_THREADS", "1")
-        .output()
-        .expect("mpirun not found (scripts/install-mpi.sh installs Open MPI)");
+    let (o, _) = mpirun_train(n, cfg, out, &[]);
     let log = text(&o);
     assert!(o.status.success(), "{label}: mpirun failed:\n{log}");
     assert!(log.contains(&format!("{n} rank(s)")), "{label}: {log}");
@@ -332,4 +108,184 @@ fn ranks(
     let worst = assert_params_close(label, &got, want_params, 1e-4);
     eprintln!("{label}: parameter tensors differ by at most {worst:.1e} (relative L2)");
     log
+}
+
+/// Every tensor of `a` equals `b`'s to the bit.
+fn assert_same_bits(what: &str, a: &Params, b: &Params) {
+    for (i, (x, y)) in a.tensors().into_iter().zip(b.tensors()).enumerate() {
+        assert!(
+            x.iter().zip(y).all(|(p, q)| p.to_bits() == q.to_bits()),
+            "tensor {i}: {what}"
+        );
+    }
+}
+
+#[test]
+fn ranks_on_cuda_host_equal_one_process() {
+    if !have_driver() {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let mut run = cuda_run(BackendKind::CudaHost);
+    let want = one_process(tmp.path(), &run);
+    // (mode, collectives, ranks, how the partials are summed). The grid is 2 feature shards x 2
+    // replicas: NCCL over a group split from the world.
+    let modes = [
+        (Parallel::Data, Collectives::Auto, 2, "none"),
+        (Parallel::Features, Collectives::Mpi, 2, "mpi"),
+        (Parallel::Features, Collectives::Nccl, 2, "nccl"),
+        (Parallel::Grid, Collectives::Auto, 4, "nccl"),
+    ];
+    for (parallel, collectives, n, via) in modes {
+        run.train.parallel = parallel;
+        run.train.collectives = collectives;
+        run.train.feature_shards = (parallel == Parallel::Grid).then_some(2);
+        let name = format!("{parallel:?}-{collectives:?}");
+        let cfg = write_config(tmp.path(), &format!("{name}.toml"), &run);
+        let label = format!("{parallel:?}, {collectives:?}, {n} ranks");
+        let log = ranks(n, &cfg, &tmp.path().join(&name), &want, &label);
+        let said = format!("summed over the feature shards with {via}");
+        assert_eq!(log.contains(&said), via != "none", "{label}: {log}");
+    }
+    // The same partials summed through host memory or on the device: for two ranks both sums are the one
+    // f32 addition a + b, and the residual kernel is the host residual's arithmetic, so every parameter
+    // is the same to the bit.
+    let via_mpi = checkpoint::load_transcoder(&tmp.path().join("Features-Mpi")).unwrap();
+    let via_nccl = checkpoint::load_transcoder(&tmp.path().join("Features-Nccl")).unwrap();
+    assert_same_bits(
+        "NCCL's parameters differ from MPI's",
+        &via_mpi.params,
+        &via_nccl.params,
+    );
+}
+
+/// The resident loop (`backend = "cuda"`: parameters, Adam's moments and the update on each rank's
+/// device) against the single-process resident loop, losses and parameters within the same 1e-4 as the
+/// host-side step: feature-sharded over two ranks (the partials summed by NCCL), data-parallel over two and
+/// a 2 x 2 grid (the gradients summed over the replicas by NCCL, and once through the host). Then a
+/// two-rank feature-sharded run resumed from its step-3 checkpoint finishes with the same parameters, to
+/// the bit, as the run that went straight through (the checkpoint is the device state, downloaded).
+#[test]
+fn the_resident_loop_on_two_ranks_equals_one_process_and_resumes_bit_for_bit() {
+    if !have_driver() {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let run = cuda_run(BackendKind::Cuda);
+    let want = one_process(tmp.path(), &run);
+    // (mode, ranks, collectives, what the log says).
+    let modes = [
+        (
+            Parallel::Features,
+            2,
+            Collectives::Auto,
+            "partial reconstructions summed over the feature shards with nccl",
+        ),
+        (
+            Parallel::Data,
+            2,
+            Collectives::Auto,
+            "gradients summed over the replicas on the device with nccl",
+        ),
+        (
+            Parallel::Data,
+            2,
+            Collectives::Mpi,
+            "gradients summed over the replicas on the device with mpi",
+        ),
+        (
+            Parallel::Grid,
+            4,
+            Collectives::Auto,
+            "gradients summed over the replicas on the device with nccl",
+        ),
+    ];
+    for (parallel, n, collectives, said) in modes {
+        let mut r = run.clone();
+        r.train.parallel = parallel;
+        r.train.collectives = collectives;
+        r.train.feature_shards = (parallel == Parallel::Grid).then_some(2);
+        let name = format!("resident-{parallel:?}-{collectives:?}");
+        let cfg = write_config(tmp.path(), &format!("{name}.toml"), &r);
+        let label = format!("resident, {parallel:?}, {collectives:?}, {n} ranks");
+        let log = ranks(n, &cfg, &tmp.path().join(&name), &want, &label);
+        assert!(log.contains(said), "{label}: {log}");
+    }
+
+    let two = tmp.path().join("resident-Features-Auto");
+    let resumed = tmp.path().join("resumed");
+    fork_run(&two, 3, &resumed);
+    let (o, _) = mpirun(
+        2,
+        &[
+            "train",
+            "--resume",
+            "--out",
+            resumed.to_str().unwrap(),
+            "--quiet",
+        ],
+        &[],
+    );
+    assert!(o.status.success(), "resume failed:\n{}", text(&o));
+    assert_same_bits(
+        "the resumed run's parameters differ from the straight run's",
+        &checkpoint::load_transcoder(&two).unwrap().params,
+        &checkpoint::load_transcoder(&resumed).unwrap().params,
+    );
+}
+
+/// A rank that cannot open its device (here `CLT_CUDA_DEVICE=999`) stops the job at start-up with an error
+/// naming the rank and the device, before any data is read.
+#[test]
+fn a_rank_without_its_device_stops_the_job_naming_it() {
+    if !have_driver() {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let mut run = cuda_run(BackendKind::CudaHost);
+    run.train.parallel = Parallel::Data;
+    let cfg = write_config(tmp.path(), "run.toml", &run);
+    let out = tmp.path().join("out");
+    let (o, _) = mpirun_train(2, &cfg, &out, &[("CLT_CUDA_DEVICE", "999")]);
+    let log = text(&o);
+    assert!(!o.status.success(), "{log}");
+    assert!(log.contains("cannot open CUDA device 999"), "{log}");
+    assert!(log.contains("rank 0") || log.contains("rank 1"), "{log}");
+}
+
+/// A rank that hangs before the partials' NCCL all-reduce: NCCL itself would wait for it forever; the
+/// other rank's wait has the MPI deadline (here 4 s), after which the liveness probe names the hung rank
+/// and the job ends. (On the emulator, its libnccl gives up after `CLT_EMU_NCCL_TIMEOUT_S` and returns
+/// an error, which takes the same way out.)
+#[test]
+fn a_hung_rank_in_the_nccl_sum_stops_the_job_naming_it() {
+    if !have_driver() {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let mut run = cuda_run(BackendKind::CudaHost);
+    run.train.parallel = Parallel::Features;
+    run.train.collectives = Collectives::Nccl;
+    let cfg = write_config(tmp.path(), "run.toml", &run);
+    let out = tmp.path().join("out");
+    let (o, took) = mpirun_train(
+        2,
+        &cfg,
+        &out,
+        &[
+            ("CLT_DIST_FAULT", "hang:1:3"),
+            ("CLT_DIST_TIMEOUT_S", "4"),
+            ("CLT_EMU_NCCL_TIMEOUT_S", "4"),
+        ],
+    );
+    let log = text(&o);
+    assert!(!o.status.success(), "{log}");
+    assert!(log.contains("with nccl"), "{log}");
+    assert!(
+        log.contains("all-reduce of the partial reconstructions")
+            && log.contains("no answer from rank(s) [1]"),
+        "the NCCL sum's watchdog must name rank 1:\n{log}"
+    );
+    assert!(took < Duration::from_secs(60), "took {took:?}");
+    eprintln!("took {took:.1?}:\n{log}");
 }

@@ -12,12 +12,10 @@ mod common;
 use clt::clt::Params;
 use clt::dist::checkpoint;
 use clt::train::RunConfig;
-use common::runs::{self, fork_run, losses, text};
+use common::runs::{self, CLT, fork_run, losses, mpirun, mpirun_train, text, write_config};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
-use std::time::{Duration, Instant};
-
-const CLT: &str = env!("CARGO_BIN_EXE_clt");
+use std::time::Duration;
 
 /// One `mpirun` job at a time (the time bounds below assume the machine is not shared with another job).
 static ONE_JOB: std::sync::Mutex<()> = std::sync::Mutex::new(());
@@ -40,40 +38,10 @@ fn run_config() -> RunConfig {
     run
 }
 
-fn write_config(dir: &Path, name: &str, run: &RunConfig) -> PathBuf {
-    let p = dir.join(name);
-    std::fs::write(&p, toml::to_string(run).unwrap()).unwrap();
-    p
-}
-
-/// `mpirun -n <n> clt <args>` as root, oversubscribed, one thread per rank, with a job time limit.
-fn mpirun(n: usize, args: &[&str], env: &[(&str, &str)]) -> (Output, Duration) {
-    let mut c = Command::new("mpirun");
-    c.args(["--allow-run-as-root", "--oversubscribe", "--timeout", "180"])
-        .args(["-n", &n.to_string(), CLT])
-        .args(args)
-        .env("OMPI_ALLOW_RUN_AS_ROOT", "1")
-        .env("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1")
-        .env("RAYON_NUM_THREADS", "1");
-    for (k, v) in env {
-        c.env(k, v);
-    }
-    let t = Instant::now();
-    let out = c.output().expect(
-        "mpirun not found: the mpi tests need Open MPI (scripts/install-mpi.sh installs it)",
-    );
-    (out, t.elapsed())
-}
-
 /// `mpirun -n <ranks> clt train --config <cfg> --out <out> --quiet`, which must succeed (`what` names the run in
 /// the failure); returns its output.
 fn train_job(what: &str, ranks: usize, cfg: impl AsRef<Path>, out: &Path) -> String {
-    let (cfg, out) = (cfg.as_ref().to_str().unwrap(), out.to_str().unwrap());
-    let (o, _) = mpirun(
-        ranks,
-        &["train", "--config", cfg, "--out", out, "--quiet"],
-        &[],
-    );
+    let (o, _) = mpirun_train(ranks, cfg.as_ref(), out, &[]);
     assert!(
         o.status.success(),
         "{what}: mpirun -n {ranks} failed:\n{}",
@@ -297,16 +265,10 @@ fn failing_run_of(
     let tmp = tempfile::tempdir().unwrap();
     let cfg = write_config(tmp.path(), "run.toml", run);
     let out = tmp.path().join("run");
-    let (o, took) = mpirun(
+    let (o, took) = mpirun_train(
         ranks,
-        &[
-            "train",
-            "--config",
-            cfg.to_str().unwrap(),
-            "--out",
-            out.to_str().unwrap(),
-            "--quiet",
-        ],
+        &cfg,
+        &out,
         &[("CLT_DIST_FAULT", fault), ("CLT_DIST_TIMEOUT_S", "4")],
     );
     assert!(

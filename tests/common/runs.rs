@@ -1,9 +1,49 @@
 //! Helpers for the tests that run `clt` (under `mpirun` or not) and compare training runs: a process's
-//! output as text, a run's losses, parameters compared tensor by tensor.
+//! output as text, a run's losses, parameters compared tensor by tensor, configurations written, jobs
+//! started under `mpirun`.
 
 use clt::clt::Params;
-use std::path::Path;
-use std::process::Output;
+use clt::train::RunConfig;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::time::{Duration, Instant};
+
+/// The `clt` binary of this build.
+pub const CLT: &str = env!("CARGO_BIN_EXE_clt");
+
+/// Writes `run` as TOML to `dir/name`.
+pub fn write_config(dir: &Path, name: &str, run: &RunConfig) -> PathBuf {
+    let p = dir.join(name);
+    std::fs::write(&p, toml::to_string(run).unwrap()).unwrap();
+    p
+}
+
+/// `mpirun -n <n> clt <args>` as root, oversubscribed, one thread per rank, with `env` and a job time
+/// limit; the output and how long it took.
+pub fn mpirun(n: usize, args: &[&str], env: &[(&str, &str)]) -> (Output, Duration) {
+    let mut c = Command::new("mpirun");
+    c.args(["--allow-run-as-root", "--oversubscribe", "--timeout", "180"])
+        .args(["-n", &n.to_string(), CLT])
+        .args(args)
+        .env("OMPI_ALLOW_RUN_AS_ROOT", "1")
+        .env("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1")
+        .env("RAYON_NUM_THREADS", "1");
+    for (k, v) in env {
+        c.env(k, v);
+    }
+    let t = Instant::now();
+    let out = c.output().expect(
+        "mpirun not found: the mpi tests need Open MPI (scripts/install-mpi.sh installs it)",
+    );
+    (out, t.elapsed())
+}
+
+/// `mpirun -n <n> clt train --config <cfg> --out <out> --quiet` with `env` (it may fail: the caller
+/// checks); the output and how long it took.
+pub fn mpirun_train(n: usize, cfg: &Path, out: &Path, env: &[(&str, &str)]) -> (Output, Duration) {
+    let (cfg, out) = (cfg.to_str().unwrap(), out.to_str().unwrap());
+    mpirun(n, &["train", "--config", cfg, "--out", out, "--quiet"], env)
+}
 
 /// A finished process's stdout and stderr, one after the other.
 pub fn text(o: &Output) -> String {
