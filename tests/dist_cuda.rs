@@ -234,6 +234,43 @@ fn the_resident_loop_on_two_ranks_equals_one_process_and_resumes_bit_for_bit() {
     );
 }
 
+/// Two ranks on one GPU (the emulator's `CLT_EMU_ONE_DEVICE=1`): NCCL refuses such a communicator, so
+/// `collectives = "auto"` sums the partials through the host instead (and says so), and `"nccl"` stops
+/// at start-up naming the ranks that share the device.
+#[test]
+fn ranks_sharing_a_gpu_fall_back_to_mpi_or_are_refused() {
+    if !have_driver() {
+        return;
+    }
+    let gpu = clt::backend::cuda::Gpu::open(0).unwrap().describe();
+    if !gpu.contains("CLT CPU emulator") {
+        eprintln!("skipped: needs the emulator's CLT_EMU_ONE_DEVICE (this is {gpu})");
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let mut run = cuda_run(BackendKind::CudaHost);
+    run.train.steps = 2;
+    run.train.parallel = Parallel::Features;
+    let one = [("CLT_EMU_ONE_DEVICE", "1")];
+    let cfg = write_config(tmp.path(), "auto.toml", &run);
+    let (o, _) = mpirun_train(2, &cfg, &tmp.path().join("auto"), &one);
+    let log = text(&o);
+    assert!(o.status.success(), "{log}");
+    assert!(
+        log.contains("summed over the feature shards with mpi"),
+        "{log}"
+    );
+    run.train.collectives = Collectives::Nccl;
+    let cfg = write_config(tmp.path(), "nccl.toml", &run);
+    let (o, _) = mpirun_train(2, &cfg, &tmp.path().join("nccl"), &one);
+    let log = text(&o);
+    assert!(!o.status.success(), "{log}");
+    assert!(
+        log.contains("rank(s) [0, 1] of the group share a GPU"),
+        "{log}"
+    );
+}
+
 /// A rank that cannot open its device (here `CLT_CUDA_DEVICE=999`) stops the job at start-up with an error
 /// naming the rank and the device, before any data is read.
 #[test]

@@ -9,6 +9,7 @@
 // against the allocations they touch; a kernel's failure (runtime.cc) is CUDA_ERROR_LAUNCH_FAILED, with
 // cuGetErrorString returning the emulator's message for it.
 #include <sys/mman.h>
+#include <unistd.h>
 
 #include <chrono>
 #include <cstdio>
@@ -182,8 +183,15 @@ CUresult cuMemGetInfo_v2(size_t* free_b, size_t* total) {
     *total = (size_t)16 << 30;
     return CUDA_SUCCESS;
 }
-CUresult cuDeviceGetUuid(char* uuid, CUdevice) {
+// Each process is its own emulated device (its memory is its own): the UUID is the process id and the
+// ordinal, so ranks on one machine see distinct devices, as ranks on distinct GPUs do. With
+// CLT_EMU_ONE_DEVICE=1 every process reports the same device, as ranks sharing one GPU would.
+CUresult cuDeviceGetUuid(char* uuid, CUdevice d) {
     std::memset(uuid, 0, 16);
+    const char* one = getenv("CLT_EMU_ONE_DEVICE");
+    const long pid = one && std::strcmp(one, "1") == 0 ? 0L : (long)getpid();
+    std::memcpy(uuid, &pid, sizeof pid);
+    std::memcpy(uuid + 8, &d, sizeof d);
     return CUDA_SUCCESS;
 }
 CUresult cuDeviceGetUuid_v2(char* uuid, CUdevice d) { return cuDeviceGetUuid(uuid, d); }

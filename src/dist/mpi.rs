@@ -343,16 +343,35 @@ impl Comm for MpiComm {
         let here = super::nccl::nccl_present() as u64;
         let present = self.gather_u64("check that every rank can load NCCL", here)?;
         let missing: Vec<usize> = (0..present.len()).filter(|r| present[*r] == 0).collect();
-        match missing.first() {
-            None => super::nccl::on_gpu(self, gpu).map(Some),
-            Some(_) if !required => Ok(None),
-            Some(&first) => Err(Error::Distributed {
-                rank: if here == 0 { self.rank() } else { first },
-                reason: format!(
-                    "collectives = \"nccl\", but rank(s) {missing:?} of the group cannot load libnccl.so \
-                     (install NCCL there, or set collectives = \"mpi\" or \"auto\")"
-                ),
-            }),
+        // NCCL refuses two ranks of one communicator on one device: compare the devices' UUIDs.
+        let device = xxhash_rust::xxh3::xxh3_64(&gpu.uuid()?);
+        let devices = self.gather_u64("check that the ranks are on distinct devices", device)?;
+        let shared: Vec<usize> = (0..devices.len())
+            .filter(|r| devices.iter().filter(|d| **d == devices[*r]).count() > 1)
+            .collect();
+        let why = if !missing.is_empty() {
+            format!("rank(s) {missing:?} of the group cannot load libnccl.so (install NCCL there")
+        } else if !shared.is_empty() {
+            format!(
+                "rank(s) {shared:?} of the group share a GPU, and NCCL needs one GPU per rank (give \
+                 each rank its own with CLT_CUDA_DEVICE or fewer ranks per node"
+            )
+        } else {
+            return super::nccl::on_gpu(self, gpu).map(Some);
+        };
+        if !required {
+            return Ok(None);
         }
+        let named: Vec<usize> = missing.iter().chain(&shared).copied().collect();
+        Err(Error::Distributed {
+            rank: if named.contains(&self.rank()) {
+                self.rank()
+            } else {
+                named[0]
+            },
+            reason: format!(
+                "collectives = \"nccl\", but {why}, or set collectives = \"mpi\" or \"auto\")"
+            ),
+        })
     }
 }

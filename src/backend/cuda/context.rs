@@ -146,6 +146,16 @@ impl Gpu {
         self.poison.load(Ordering::Relaxed)
     }
 
+    /// The device's UUID (distinct for every GPU and MIG instance): how ranks find out whether they share
+    /// a device, which NCCL does not allow within one communicator.
+    pub fn uuid(&self) -> Result<[u8; 16]> {
+        let id = self
+            .ctx
+            .uuid()
+            .map_err(cuda_err("reading the device's UUID"))?;
+        Ok(id.bytes.map(|b| b as u8))
+    }
+
     /// The stream every launch and copy goes to.
     pub fn stream(&self) -> &Arc<CudaStream> {
         &self.stream
