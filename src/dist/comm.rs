@@ -53,7 +53,8 @@ pub trait Comm: Sized {
     fn abort(&self, code: i32) -> !;
     /// A device-buffer sum over this group on `gpu`'s stream (a collective: every rank of the group calls
     /// it). `None` where the group has none: the default (the world of one process, which needs none), or
-    /// where some rank of the group cannot load NCCL; with `required`, that is an error naming the ranks.
+    /// where some rank of the group cannot load NCCL or shares its GPU with another (NCCL refuses that);
+    /// with `required`, that is an error naming the ranks.
     /// Every rank of the group gets the same answer. NCCL's unique id travels through this group.
     #[cfg(feature = "cuda")]
     fn device_sum(&self, _gpu: &Gpu, _required: bool) -> Result<Option<Box<dyn DeviceSum>>> {

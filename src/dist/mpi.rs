@@ -343,8 +343,11 @@ impl Comm for MpiComm {
         let here = super::nccl::nccl_present() as u64;
         let present = self.gather_u64("check that every rank can load NCCL", here)?;
         let missing: Vec<usize> = (0..present.len()).filter(|r| present[*r] == 0).collect();
-        // NCCL refuses two ranks of one communicator on one device: compare the devices' UUIDs.
-        let device = xxhash_rust::xxh3::xxh3_64(&gpu.uuid()?);
+        // NCCL refuses two ranks of one communicator on one device: compare the devices' UUIDs (a rank
+        // that cannot read its UUID counts as on a device of its own, and still joins the collective).
+        let device = gpu.uuid().map_or(u64::MAX - self.rank() as u64, |u| {
+            xxhash_rust::xxh3::xxh3_64(&u)
+        });
         let devices = self.gather_u64("check that the ranks are on distinct devices", device)?;
         let shared: Vec<usize> = (0..devices.len())
             .filter(|r| devices.iter().filter(|d| **d == devices[*r]).count() > 1)
