@@ -165,7 +165,7 @@ pub struct Resident {
     t: u64,
     /// f64 partials of the squared gradient norm, and their sum.
     partials: DBuf<f64>,
-    /// The partials of the feature parameters alone (a shard's step; allocated on first use).
+    /// The partials of the feature parameters alone ([`Resident::grad_sq_parts`]; allocated on first use).
     feature_partials: Option<DBuf<f64>>,
     norm_sq: DBuf<f64>,
     copy: Arc<CudaStream>,
