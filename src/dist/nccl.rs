@@ -28,7 +28,7 @@
 //!   the trainer on it with two ranks (tests/dist_cuda.rs).
 
 use super::comm::{Comm, DeviceSum};
-use super::mpi::MpiComm;
+use super::mpi::{MpiComm, poll_until};
 use crate::backend::cuda::context::{Gpu, cuda_err, driver_present, no_driver};
 use crate::backend::cuda::memory::DBuf;
 use crate::{Error, Result};
@@ -36,7 +36,7 @@ use cudarc::driver::{CudaContext, CudaSlice, CudaStream};
 use cudarc::nccl::{Comm as Nccl, Id, ReduceOp};
 use std::ffi::c_char;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 /// Whether libnccl can be opened on this machine.
 pub fn nccl_present() -> bool {
@@ -142,25 +142,22 @@ impl DeviceSum for NcclComm {
             .stream
             .record_event(None)
             .map_err(cuda_err("recording an event after the NCCL all-reduce"))?;
-        let deadline = Instant::now() + self.group.timeout();
-        let mut spins = 0u32;
-        while !done
-            .try_is_complete()
-            .map_err(cuda_err("waiting for the NCCL all-reduce"))?
-        {
-            if Instant::now() >= deadline {
-                let why = format!(
-                    "did not complete within {:.0} s (NCCL)",
-                    self.group.timeout().as_secs_f64()
-                );
-                self.group.stop_job(what, &why);
-            }
-            spins += 1;
-            if spins < 1000 {
-                std::thread::yield_now();
-            } else {
-                std::thread::sleep(Duration::from_micros(50));
-            }
+        let mut failed = None;
+        let finished = poll_until(Instant::now() + self.group.timeout(), || {
+            done.try_is_complete().unwrap_or_else(|e| {
+                failed = Some(e);
+                true
+            })
+        });
+        if let Some(e) = failed {
+            return Err(cuda_err("waiting for the NCCL all-reduce")(e));
+        }
+        if !finished {
+            let why = format!(
+                "did not complete within {:.0} s (NCCL)",
+                self.group.timeout().as_secs_f64()
+            );
+            self.group.stop_job(what, &why);
         }
         Ok(())
     }
