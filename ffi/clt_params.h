@@ -88,12 +88,14 @@ typedef struct {
 } CltLayerView;
 
 /* Sparse cross-layer decode fused with the residual: for token b and target layer k,
- * yhat = b_dec[k] + sum_{l <= k} sum_{active (b,l,f)} a * W_dec[l][f][k-l], r = scale * (yhat - y). */
+ * yhat = b_dec[k] + sum_{l <= k} sum_{active (b,l,f)} a * W_dec[l][f][k-l], r = scale * (yhat - y).
+ * A launch covers the target layers first_layer .. first_layer + gridDim.y - 1 (a feature shard decodes its
+ * partials a layer at a time, each summed over the shards while the next decodes). */
 typedef struct {
     clt_ptr layers; /* const CltLayerView [L] (device array) */
     clt_ptr b_dec;  /* const f32 [L][d] */
     clt_ptr y;      /* const f32 [B][L][d], or 0 */
-    clt_ptr yhat;   /* f32 out [B][L][d], or 0 */
+    clt_ptr yhat;   /* f32 out [B][L][d] ([L][B][d] with yhat_layer_major), or 0 */
     clt_ptr resid;  /* f32 out [B][L][d], or 0 (needs y) */
     clt_ptr sq_err; /* f32 out [B][L]: sum_i (yhat - y)^2, or 0 (needs y) */
     uint32_t n_tokens;
@@ -101,13 +103,15 @@ typedef struct {
     uint32_t d;
     uint32_t cross_layer; /* 1: layer l writes to l..L-1; 0: to l only */
     float resid_scale;
+    uint32_t first_layer;      /* the first target layer of this launch */
+    uint32_t yhat_layer_major; /* 1: yhat is [L][B][d], each target layer's block contiguous */
     uint32_t pad0;
 } CltDecodeParams;
 
 /* The residual of a reconstruction summed elsewhere (a feature shard's partials after the all-reduce): for
  * token b and layer k, r = scale * (yhat - y) and sq_err = sum_i (yhat - y)^2, as sparse_decode's epilogue. */
 typedef struct {
-    clt_ptr yhat;   /* const f32 [B][L][d] */
+    clt_ptr yhat;   /* const f32 [B][L][d] ([L][B][d] with yhat_layer_major) */
     clt_ptr y;      /* const f32 [B][L][d] */
     clt_ptr resid;  /* f32 out [B][L][d] */
     clt_ptr sq_err; /* f32 out [B][L] */
@@ -115,6 +119,8 @@ typedef struct {
     uint32_t n_layers;
     uint32_t d;
     float resid_scale;
+    uint32_t yhat_layer_major;
+    uint32_t pad0;
 } CltResidualParams;
 
 /* dL/da at every listed entry of source layer l: proj = <r_b[l..], W_dec[l][f]>, and for active entries the

@@ -2,10 +2,12 @@
 // reconstruction summed over feature shards after their decode.
 // CPU reference: src/backend/cpu/sparse.rs (decode, residual) without the skip connection.
 //
-// One block per (token, target layer k); threads stride over the d outputs of layer k. For every source layer
-// l <= k (l == k for per-layer decoders) and every active entry of (token, l), the block reads the contiguous
-// d-slice W_dec[l][f][k - l] (bf16, coalesced) and accumulates a * w in fp32. The entries are read through
-// shared memory in chunks so that each is fetched once per block.
+// One block per (token, target layer k), over the launch's range of target layers; threads stride over the d
+// outputs of layer k. For every source layer l <= k (l == k for per-layer decoders) and every active entry of
+// (token, l), the block reads the contiguous d-slice W_dec[l][f][k - l] (bf16, coalesced) and accumulates
+// a * w in fp32. The entries are read through shared memory in chunks so that each is fetched once per block.
+// A feature shard writes its partial yhat layer-major ([L][B][d]) so that each target layer's block is one
+// contiguous buffer for the all-reduce that overlaps the next layer's decode.
 #include "common.cuh"
 
 #define DEC_THREADS 256
@@ -15,12 +17,13 @@ CLT_KERNEL void __launch_bounds__(DEC_THREADS) sparse_decode(const CltDecodePara
     __shared__ uint32_t s_feat[DEC_CHUNK];
     __shared__ float s_act[DEC_CHUNK];
     __shared__ double s_red[DEC_THREADS / 32];
-    const uint32_t b = blockIdx.x, k = blockIdx.y;
+    const uint32_t b = blockIdx.x, k = p.first_layer + blockIdx.y;
     const CltLayerView* layers = ptr<const CltLayerView>(p.layers);
     const float* b_dec = ptr<const float>(p.b_dec) + (size_t)k * p.d;
     const size_t out0 = ((size_t)b * p.n_layers + k) * p.d;
+    const size_t yhat0 = p.yhat_layer_major ? ((size_t)k * p.n_tokens + b) * p.d : out0;
     const float* y = p.y ? ptr<const float>(p.y) + out0 : nullptr;
-    float* yhat = p.yhat ? ptr<float>(p.yhat) + out0 : nullptr;
+    float* yhat = p.yhat ? ptr<float>(p.yhat) + yhat0 : nullptr;
     float* resid = p.resid ? ptr<float>(p.resid) + out0 : nullptr;
     double sq = 0.0;
     const uint32_t l_first = p.cross_layer ? 0 : k;
@@ -73,7 +76,8 @@ CLT_KERNEL void __launch_bounds__(DEC_THREADS) residual(const CltResidualParams 
     __shared__ double s_red[DEC_THREADS / 32];
     const uint32_t b = blockIdx.x, k = blockIdx.y;
     const size_t out0 = ((size_t)b * p.n_layers + k) * p.d;
-    const float* yhat = ptr<const float>(p.yhat) + out0;
+    const size_t yhat0 = p.yhat_layer_major ? ((size_t)k * p.n_tokens + b) * p.d : out0;
+    const float* yhat = ptr<const float>(p.yhat) + yhat0;
     const float* y = ptr<const float>(p.y) + out0;
     float* resid = ptr<float>(p.resid) + out0;
     double sq = 0.0;

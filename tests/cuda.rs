@@ -775,7 +775,7 @@ mod gpu_tests {
             }
             // The residual alone (a feature shard's, after the all-reduce) on the decode's ŷ: the fused
             // epilogue's bits, and the CPU residual's on the same ŷ.
-            let (r2, sq2) = decode::residual(gpu, &out.yhat, &yd, n_tokens, l_n, d, scale_r).unwrap();
+            let (r2, sq2) = decode::residual(gpu, &out.yhat, false, &yd, n_tokens, l_n, d, scale_r).unwrap();
             let (r2, sq2) = (gpu.download(&r2).unwrap(), gpu.download(&sq2).unwrap());
             prop_assert!(r2.iter().zip(&r).all(|(a, b)| a.to_bits() == b.to_bits()), "residual vs fused");
             prop_assert!(sq2.iter().zip(&sq).all(|(a, b)| a.to_bits() == b.to_bits()), "sq_err vs fused");
@@ -785,6 +785,28 @@ mod gpu_tests {
                 let s: f64 = (0..n_tokens).map(|b| sq2[b * l_n + k] as f64).sum();
                 close("sq_err (residual)", s, sq_cpu[k], sq_cpu[k])?;
             }
+            // The overlapped form (a feature shard's partials decoded a target layer at a time into a
+            // poisoned layer-major buffer): every block the one-launch decode's to the bit, and the residual
+            // read from that layout the same again.
+            let lm = gpu.output::<f32>(n_tokens * l_n * d).unwrap();
+            let plan = decode::PartialDecode::new(gpu, &layers, &b_dec, d, !per_layer, &lm).unwrap();
+            for k in 0..l_n {
+                plan.layer(k).unwrap();
+            }
+            prop_assert!(plan.layer(l_n).is_err(), "a target layer past the last is refused");
+            drop(plan);
+            let lm_host = gpu.download(&lm).unwrap();
+            for b in 0..n_tokens {
+                for k in 0..l_n {
+                    let (a, t) = (&lm_host[(k * n_tokens + b) * d..][..d], &got[(b * l_n + k) * d..][..d]);
+                    prop_assert!(a.iter().zip(t).all(|(x, y)| x.to_bits() == y.to_bits()),
+                        "layer-major block (token {}, layer {}) differs from the one-launch decode", b, k);
+                }
+            }
+            let (r3, sq3) = decode::residual(gpu, &lm, true, &yd, n_tokens, l_n, d, scale_r).unwrap();
+            let (r3, sq3) = (gpu.download(&r3).unwrap(), gpu.download(&sq3).unwrap());
+            prop_assert!(r3.iter().zip(&r).all(|(a, b)| a.to_bits() == b.to_bits()), "layer-major residual");
+            prop_assert!(sq3.iter().zip(&sq).all(|(a, b)| a.to_bits() == b.to_bits()), "layer-major sq_err");
         }
 
         /// The gradients packed for the replicas' device all-reduce (weighted by `w`), summed (here: doubled,

@@ -4,7 +4,8 @@
 //! every batch, the gradients all-reduced over MPI); feature-sharded on two (each rank's device encodes and
 //! decodes half the features, the partial reconstructions are all-reduced, over MPI through host memory or
 //! over NCCL on the device, and the device runs the backward on the residual; the two give the same bits);
-//! and a 2 x 2 grid on four, its partials summed by NCCL within each replica's group.
+//! and a 2 x 2 grid on four, its partials summed by NCCL within each replica's group. With `overlap`, the
+//! partials summed a target layer at a time while the next decodes give the blocking sums' bits.
 //! Runs where a CUDA driver is present: the GPU machine, and CI on the CPU emulator (kernels/emu/, found
 //! through `LD_LIBRARY_PATH`, which `mpirun` passes on); without one it prints that it was skipped (and
 //! fails under `CLT_REQUIRE_GPU=1`).
@@ -128,24 +129,45 @@ fn ranks_on_cuda_host_equal_one_process() {
     let tmp = tempfile::tempdir().unwrap();
     let mut run = cuda_run(BackendKind::CudaHost);
     let want = one_process(tmp.path(), &run);
-    // (mode, collectives, ranks, how the partials are summed). The grid is 2 feature shards x 2
-    // replicas: NCCL over a group split from the world.
+    // (mode, collectives, ranks, how the partials are summed, overlapped with decoding). The grid is 2
+    // feature shards x 2 replicas: NCCL over a group split from the world.
     let modes = [
-        (Parallel::Data, Collectives::Auto, 2, "none"),
-        (Parallel::Features, Collectives::Mpi, 2, "mpi"),
-        (Parallel::Features, Collectives::Nccl, 2, "nccl"),
-        (Parallel::Grid, Collectives::Auto, 4, "nccl"),
+        (Parallel::Data, Collectives::Auto, 2, "none", false),
+        (Parallel::Features, Collectives::Mpi, 2, "mpi", false),
+        (Parallel::Features, Collectives::Nccl, 2, "nccl", false),
+        (Parallel::Features, Collectives::Mpi, 2, "mpi", true),
+        (Parallel::Features, Collectives::Nccl, 2, "nccl", true),
+        (Parallel::Grid, Collectives::Auto, 4, "nccl", false),
     ];
-    for (parallel, collectives, n, via) in modes {
+    for (parallel, collectives, n, via, overlap) in modes {
         run.train.parallel = parallel;
         run.train.collectives = collectives;
         run.train.feature_shards = (parallel == Parallel::Grid).then_some(2);
-        let name = format!("{parallel:?}-{collectives:?}");
+        run.train.overlap = overlap;
+        let name = format!(
+            "{parallel:?}-{collectives:?}{}",
+            if overlap { "-overlap" } else { "" }
+        );
         let cfg = write_config(tmp.path(), &format!("{name}.toml"), &run);
-        let label = format!("{parallel:?}, {collectives:?}, {n} ranks");
+        let label = format!("{name}, {n} ranks");
         let log = ranks(n, &cfg, &tmp.path().join(&name), &want, &label);
         let said = format!("summed over the feature shards with {via}");
         assert_eq!(log.contains(&said), via != "none", "{label}: {log}");
+        assert_eq!(
+            log.contains("(overlapped with decoding)"),
+            overlap,
+            "{label}: {log}"
+        );
+    }
+    // Overlapped (a target layer at a time, each layer's all-reduce while the next decodes) or not, the
+    // partials' sums are the same additions: the same bits, through the host and on the device.
+    for via in ["Mpi", "Nccl"] {
+        let load = |name: String| checkpoint::load_transcoder(&tmp.path().join(name)).unwrap();
+        assert_same_bits(
+            &format!("{via}: the overlapped run's parameters differ from the blocking run's"),
+            &load(format!("Features-{via}")).params,
+            &load(format!("Features-{via}-overlap")).params,
+        );
     }
     // The same partials summed through host memory or on the device: for two ranks both sums are the one
     // f32 addition a + b, and the residual kernel is the host residual's arithmetic, so every parameter
@@ -161,8 +183,9 @@ fn ranks_on_cuda_host_equal_one_process() {
 
 /// The resident loop (`backend = "cuda"`: parameters, Adam's moments and the update on each rank's
 /// device) against the single-process resident loop, losses and parameters within the same 1e-4 as the
-/// host-side step: feature-sharded over two ranks (the partials summed by NCCL), data-parallel over two and
-/// a 2 x 2 grid (the gradients summed over the replicas by NCCL, and once through the host). Then a
+/// host-side step: feature-sharded over two ranks (the partials summed by NCCL), a 2 x 2 grid with the
+/// partials' sums overlapped with decoding, data-parallel over two and a 2 x 2 grid (the gradients summed
+/// over the replicas by NCCL, and once through the host). Then a
 /// two-rank feature-sharded run resumed from its step-3 checkpoint finishes with the same parameters, to
 /// the bit, as the run that went straight through (the checkpoint is the device state, downloaded).
 #[test]
@@ -180,6 +203,12 @@ fn the_resident_loop_on_two_ranks_equals_one_process_and_resumes_bit_for_bit() {
             2,
             Collectives::Auto,
             "partial reconstructions summed over the feature shards with nccl",
+        ),
+        (
+            Parallel::Grid,
+            4,
+            Collectives::Auto,
+            "(overlapped with decoding)",
         ),
         (
             Parallel::Data,
@@ -200,19 +229,21 @@ fn the_resident_loop_on_two_ranks_equals_one_process_and_resumes_bit_for_bit() {
             "gradients summed over the replicas on the device with nccl",
         ),
     ];
-    for (parallel, n, collectives, said) in modes {
+    for (i, (parallel, n, collectives, said)) in modes.into_iter().enumerate() {
         let mut r = run.clone();
         r.train.parallel = parallel;
         r.train.collectives = collectives;
         r.train.feature_shards = (parallel == Parallel::Grid).then_some(2);
-        let name = format!("resident-{parallel:?}-{collectives:?}");
+        // The second run: a grid whose replicas' partials are summed a target layer at a time.
+        r.train.overlap = i == 1;
+        let name = format!("resident-{i}-{parallel:?}-{collectives:?}");
         let cfg = write_config(tmp.path(), &format!("{name}.toml"), &r);
         let label = format!("resident, {parallel:?}, {collectives:?}, {n} ranks");
         let log = ranks(n, &cfg, &tmp.path().join(&name), &want, &label);
         assert!(log.contains(said), "{label}: {log}");
     }
 
-    let two = tmp.path().join("resident-Features-Auto");
+    let two = tmp.path().join("resident-0-Features-Auto");
     let resumed = tmp.path().join("resumed");
     fork_run(&two, 3, &resumed);
     let (o, _) = mpirun(

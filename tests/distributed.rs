@@ -385,8 +385,8 @@ fn every_rank_refuses_topk(run: &RunConfig) {
 }
 
 /// Backends the distributed trainer does not run are refused at start-up on every rank, with the reason:
-/// the resident `cuda` loop and the dense CPU step; `cuda-host` with skip connections or with the
-/// all-reduce overlapped (and without the `cuda` feature, opening it says so).
+/// the dense CPU step; the CUDA steps (`cuda`, `cuda_host`) with skip connections (and without the `cuda`
+/// feature, opening one says so).
 #[test]
 fn unsupported_backends_are_refused_at_start_up() {
     use clt::backend::BackendKind;
@@ -411,12 +411,6 @@ fn unsupported_backends_are_refused_at_start_up() {
     };
     refused(BackendKind::Cuda, Parallel::Data, true, "skip connections");
     refused(
-        BackendKind::Cuda,
-        Parallel::Features,
-        false,
-        "overlap = true",
-    );
-    refused(
         BackendKind::CpuDense,
         Parallel::Features,
         false,
@@ -427,12 +421,6 @@ fn unsupported_backends_are_refused_at_start_up() {
         Parallel::Data,
         true,
         "skip connections",
-    );
-    refused(
-        BackendKind::CudaHost,
-        Parallel::Features,
-        false,
-        "overlap = true",
     );
     if !cfg!(feature = "cuda") {
         refused(

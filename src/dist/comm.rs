@@ -14,6 +14,30 @@ pub trait DeviceSum {
     /// Sums `buf` over the ranks (`what` names it in errors) and waits for the result under the group's
     /// deadline; a peer that does not join ends the job naming it, as a timed-out MPI collective does.
     fn sum(&self, what: &str, buf: &mut DBuf<f32>) -> Result<()>;
+
+    /// Sums `buf` over the ranks as `parts` equal contiguous blocks (the last takes the remainder), block
+    /// `i` after `fill(i)` has queued its writes on the [`Gpu`]'s stream; returns with the whole sum done
+    /// and ordered before later work on that stream. An implementation with a stream of its own for the
+    /// collectives (NCCL made with `own_stream`) sums block `i` there while block `i + 1` is being filled
+    /// and computed; this default fills every block, then sums the buffer once ([`DeviceSum::sum`]).
+    fn sum_parts(
+        &self,
+        what: &str,
+        buf: &mut DBuf<f32>,
+        parts: usize,
+        fill: &mut dyn FnMut(usize) -> Result<()>,
+    ) -> Result<()> {
+        for i in 0..parts {
+            fill(i)?;
+        }
+        self.sum(what, buf)
+    }
+}
+
+/// Block `i` of `parts` equal contiguous blocks of `len` elements ([`DeviceSum::sum_parts`]).
+pub fn part_range(len: usize, parts: usize, i: usize) -> std::ops::Range<usize> {
+    let parts = parts.max(1);
+    len * i / parts..len * (i + 1) / parts
 }
 
 /// A group of ranks that train one model together.
@@ -55,9 +79,16 @@ pub trait Comm: Sized {
     /// it). `None` where the group has none: the default (the world of one process, which needs none), or
     /// where some rank of the group cannot load NCCL or shares its GPU with another (NCCL refuses that);
     /// with `required`, that is an error naming the ranks.
-    /// Every rank of the group gets the same answer. NCCL's unique id travels through this group.
+    /// Every rank of the group gets the same answer. NCCL's unique id travels through this group. With
+    /// `own_stream`, the sums run on a stream of their own, ordered against `gpu`'s by events, so that
+    /// [`DeviceSum::sum_parts`] overlaps them with the work that fills the next part.
     #[cfg(feature = "cuda")]
-    fn device_sum(&self, _gpu: &Gpu, _required: bool) -> Result<Option<Box<dyn DeviceSum>>> {
+    fn device_sum(
+        &self,
+        _gpu: &Gpu,
+        _required: bool,
+        _own_stream: bool,
+    ) -> Result<Option<Box<dyn DeviceSum>>> {
         Ok(None)
     }
 }

@@ -340,6 +340,7 @@ impl Comm for MpiComm {
         &self,
         gpu: &crate::backend::cuda::context::Gpu,
         required: bool,
+        own_stream: bool,
     ) -> Result<Option<Box<dyn super::comm::DeviceSum>>> {
         let here = super::nccl::nccl_present() as u64;
         let present = self.gather_u64("check that every rank can load NCCL", here)?;
@@ -361,7 +362,7 @@ impl Comm for MpiComm {
                  each rank its own with CLT_CUDA_DEVICE or fewer ranks per node"
             )
         } else {
-            return super::nccl::on_gpu(self, gpu).map(Some);
+            return super::nccl::on_gpu(self, gpu, own_stream).map(Some);
         };
         if !required {
             return Ok(None);

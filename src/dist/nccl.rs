@@ -55,6 +55,9 @@ fn nccl_err(what: &'static str) -> impl FnOnce(cudarc::nccl::result::NcclError) 
 pub struct NcclComm {
     nccl: Nccl,
     stream: Arc<CudaStream>,
+    /// The stream whose work the sums follow and that follows them ([`DeviceSum`]): `stream` itself, or
+    /// the compute stream when the collectives have a stream of their own (ordered by events).
+    compute: Arc<CudaStream>,
     /// The MPI group it was made from: the deadline, and the liveness probe when a sum fails.
     group: MpiComm,
 }
@@ -93,6 +96,7 @@ impl NcclComm {
         .map_err(nccl_err("ncclCommInitRank"))?;
         Ok(NcclComm {
             nccl,
+            compute: stream.clone(),
             stream,
             group: group.clone(),
         })
@@ -122,22 +126,37 @@ impl NcclComm {
     }
 }
 
-impl DeviceSum for NcclComm {
-    /// Queues the all-reduce, then polls an event recorded after it until it completes or the group's
-    /// deadline (`CLT_DIST_TIMEOUT_S`) passes. NCCL's kernels wait for a dead or hung peer forever; here an
-    /// error from NCCL or a missed deadline ends the job through the MPI liveness probe, which names the
-    /// ranks that no longer answer ([`MpiComm::stop_job`]).
-    fn sum(&self, what: &str, buf: &mut DBuf<f32>) -> Result<()> {
-        if buf.is_empty() {
-            return Ok(());
+impl NcclComm {
+    /// Whether the collectives run on a stream other than the compute stream.
+    fn own_stream(&self) -> bool {
+        !Arc::ptr_eq(&self.stream, &self.compute)
+    }
+
+    /// Makes the collectives' stream wait for the work queued so far on the compute stream.
+    fn follow_compute(&self) -> Result<()> {
+        if self.own_stream() {
+            let ready = self
+                .compute
+                .record_event(None)
+                .map_err(cuda_err("recording an event before the NCCL all-reduce"))?;
+            self.stream
+                .wait(&ready)
+                .map_err(cuda_err("ordering the NCCL all-reduce after the decode"))?;
         }
-        if let Err(e) = self
-            .nccl
-            .all_reduce_in_place(&mut buf.view_mut(), &ReduceOp::Sum)
-        {
+        Ok(())
+    }
+
+    /// Queues the in-place all-reduce of `view`; an NCCL error ends the job through the liveness probe.
+    fn queue(&self, what: &str, view: &mut cudarc::driver::CudaViewMut<'_, f32>) {
+        if let Err(e) = self.nccl.all_reduce_in_place(view, &ReduceOp::Sum) {
             self.group
                 .stop_job(what, &format!("failed in NCCL ({:?})", e.0));
         }
+    }
+
+    /// Polls an event recorded after the queued all-reduces until they complete or the group's deadline
+    /// passes (then ends the job through the liveness probe); the compute stream then waits for them.
+    fn wait_done(&self, what: &str) -> Result<()> {
         let done = self
             .stream
             .record_event(None)
@@ -159,7 +178,51 @@ impl DeviceSum for NcclComm {
             );
             self.group.stop_job(what, &why);
         }
+        if self.own_stream() {
+            self.compute.wait(&done).map_err(cuda_err(
+                "ordering the compute stream after the NCCL all-reduce",
+            ))?;
+        }
         Ok(())
+    }
+}
+
+impl DeviceSum for NcclComm {
+    /// Queues the all-reduce, then polls an event recorded after it until it completes or the group's
+    /// deadline (`CLT_DIST_TIMEOUT_S`) passes. NCCL's kernels wait for a dead or hung peer forever; here an
+    /// error from NCCL or a missed deadline ends the job through the MPI liveness probe, which names the
+    /// ranks that no longer answer ([`MpiComm::stop_job`]).
+    fn sum(&self, what: &str, buf: &mut DBuf<f32>) -> Result<()> {
+        if buf.is_empty() {
+            return Ok(());
+        }
+        self.follow_compute()?;
+        self.queue(what, &mut buf.view_mut());
+        self.wait_done(what)
+    }
+
+    /// With a stream of its own, block `i`'s all-reduce is queued there behind an event on the compute
+    /// stream right after `fill(i)`, so it runs while the compute stream goes on to block `i + 1`; one wait
+    /// (under the deadline) covers them all. On the compute stream itself the blocks are still summed one
+    /// by one as they are filled (in stream order, so without overlap).
+    fn sum_parts(
+        &self,
+        what: &str,
+        buf: &mut DBuf<f32>,
+        parts: usize,
+        fill: &mut dyn FnMut(usize) -> Result<()>,
+    ) -> Result<()> {
+        let len = buf.len();
+        for i in 0..parts {
+            fill(i)?;
+            let range = super::comm::part_range(len, parts, i);
+            if range.is_empty() {
+                continue;
+            }
+            self.follow_compute()?;
+            self.queue(what, &mut buf.range_mut(range));
+        }
+        self.wait_done(what)
     }
 }
 
@@ -179,7 +242,16 @@ fn check_present() -> Result<()> {
     Ok(())
 }
 
-/// NCCL for a group of the trainer's MPI ranks, on `gpu`'s stream ([`Comm::device_sum`]).
-pub(crate) fn on_gpu(group: &MpiComm, gpu: &Gpu) -> Result<Box<dyn DeviceSum>> {
-    Ok(Box::new(NcclComm::on_stream(group, gpu.stream().clone())?))
+/// NCCL for a group of the trainer's MPI ranks ([`Comm::device_sum`]): on `gpu`'s stream, or with
+/// `own_stream` on a second stream of its device, ordered against `gpu`'s by events.
+pub(crate) fn on_gpu(group: &MpiComm, gpu: &Gpu, own_stream: bool) -> Result<Box<dyn DeviceSum>> {
+    let compute = gpu.stream().clone();
+    let stream = if own_stream {
+        gpu.new_stream()?
+    } else {
+        compute.clone()
+    };
+    let mut nccl = NcclComm::on_stream(group, stream)?;
+    nccl.compute = compute;
+    Ok(Box::new(nccl))
 }

@@ -25,7 +25,9 @@
 //! (reconstruction loss, squared errors) counted by shard 0 only and those every replica holds after the
 //! gradient sum (the shard's squared gradient norm) by replica 0 only, so clipping sees the global norm and
 //! rank 0 reports what one process would. With `overlap`, the partials' all-reduce runs per target layer,
-//! each started as soon as the decode of its source layer completes it ([`Comm::sum_f32_parts`]).
+//! each started as soon as the decode of its source layer completes it ([`Comm::sum_f32_parts`]); the CUDA
+//! steps decode a target layer at a time instead, each layer's sum (NCCL on a stream of its own, or MPI
+//! from the host) running while the next decodes (`partials_sum`).
 
 use super::checkpoint::{self, Manifest, ShardData};
 use super::comm::Comm;
@@ -60,7 +62,8 @@ pub struct Timing {
     /// Waiting for batches.
     pub data_s: f64,
     /// The all-reduce of the partial reconstructions (data-parallel: of the gradients); with `overlap`, the
-    /// time in the collective calls that is not decoding.
+    /// time in the collective calls that is not decoding (on the device with NCCL, where decode and
+    /// all-reduce are queued together, the whole span).
     pub reduce_s: f64,
     /// The all-reduce of the shards' gradients over the replicas (grid).
     pub grads_s: f64,
@@ -186,7 +189,8 @@ fn timed_sum<C: Comm>(feat: &C, timing: &mut Timing, what: &str, yhat: &mut [f32
 /// reconstructions are summed (NCCL on the device, or MPI through the host), and the device runs the
 /// backward on the residual; and the resident loop (`cuda`: parameters, Adam's moments and the update on
 /// the device) in every mode, its gradients summed over replicas on the device. The device step has no
-/// skip connections and does not overlap the all-reduce with decoding.
+/// skip connections. With `overlap`, the device decodes its partials a target layer at a time and each
+/// layer's all-reduce (NCCL on a stream of its own, or MPI from the host) runs while the next decodes.
 fn check_backend(run: &RunConfig) -> Result<()> {
     let t = &run.train;
     let device = matches!(t.backend, BackendKind::CudaHost | BackendKind::Cuda);
@@ -196,11 +200,6 @@ fn check_backend(run: &RunConfig) -> Result<()> {
             "skip connections on the distributed CUDA step (backend {:?}); use backend cpu",
             t.backend
         ))),
-        _ if device && t.overlap && t.parallel != Parallel::Data => Err(Error::Unsupported(
-            "overlap = true with a CUDA backend (the device step decodes all layers before the \
-                 all-reduce); set overlap = false or use backend cpu"
-                .into(),
-        )),
         BackendKind::CudaHost | BackendKind::Cuda => Ok(()),
         kind => Err(Error::Unsupported(format!(
             "distributed training runs the sparse CPU step or a CUDA step (cuda, cuda_host); backend \
@@ -252,13 +251,15 @@ fn device_count() -> Result<usize> {
 /// resident loop's gradients over `data`) on the device through NCCL: when the step runs on a GPU, `used`
 /// (the run has such a sum), the group has more than one rank, `collectives` allows it and (for `auto`)
 /// every rank of the group can load libnccl. Otherwise `None`, and the sum goes through the host and MPI.
-/// A collective over `group`: every rank reaches the same choice.
+/// With `own_stream` (the partials' sum under `overlap`), NCCL runs on a second stream so that its
+/// all-reduces overlap the decode. A collective over `group`: every rank reaches the same choice.
 #[cfg(feature = "cuda")]
 fn device_sum_over<C: Comm>(
     run: &RunConfig,
     group: &C,
     backend: &Backend,
     used: bool,
+    own_stream: bool,
 ) -> Result<Option<Box<dyn super::comm::DeviceSum>>> {
     use crate::train::Collectives;
     let Backend::Cuda(gpu) = backend else {
@@ -270,7 +271,7 @@ fn device_sum_over<C: Comm>(
         Collectives::Nccl => true,
         Collectives::Auto => false,
     };
-    match group.device_sum(gpu, required)? {
+    match group.device_sum(gpu, required, own_stream)? {
         None if required => Err(Error::Unsupported(
             "collectives = \"nccl\" needs an MPI launch built with the `mpi` and `cuda` features"
                 .into(),
@@ -280,29 +281,56 @@ fn device_sum_over<C: Comm>(
 }
 
 /// How a CUDA step's partial reconstruction becomes the whole one: summed over `feat` on the device by
-/// `nccl`, or nothing to sum with one shard; else downloaded and summed over MPI. The time in the sum is
-/// added to `timing.reduce_s` (the decode has synchronised the stream, so it is the all-reduce's alone).
+/// `nccl`, or nothing to sum with one shard; else downloaded and summed over MPI. With `overlap`, a target
+/// layer at a time, each layer's sum running while the next decodes ([`PartialSum::DeviceParts`],
+/// [`PartialSum::HostParts`]).
+///
+/// Timing: without `overlap` the decode has synchronised the stream, so the time in the sum, added to
+/// `timing.reduce_s`, is the all-reduce's alone. With `overlap` through the host, the decode and copy of
+/// each layer go to `timing.decode_s` and the rest of the collective's time to `reduce_s`, as on the CPU;
+/// on the device the two are queued together, so `reduce_s` takes the whole span (decode included).
 #[cfg(feature = "cuda")]
 fn partials_sum<'a, C: Comm>(
     feat: &'a C,
     timing: &'a mut Timing,
     nccl: Option<&'a dyn super::comm::DeviceSum>,
+    overlap: bool,
 ) -> crate::backend::cuda::step::PartialSum<'a> {
     use crate::backend::cuda::{memory::DBuf, step::PartialSum};
     const WHAT: &str = "all-reduce of the partial reconstructions";
-    if nccl.is_none() && feat.size() > 1 {
-        return PartialSum::Host(Box::new(move |yhat: &mut [f32]| {
-            timed_sum(feat, timing, WHAT, yhat)
-        }));
-    }
-    PartialSum::Device(Box::new(move |yhat: &mut DBuf<f32>| {
-        if let Some(nccl) = nccl {
-            let t = Instant::now();
-            nccl.sum(WHAT, yhat)?;
-            timing.reduce_s += t.elapsed().as_secs_f64();
+    match nccl {
+        None if feat.size() > 1 && overlap => {
+            PartialSum::HostParts(Box::new(move |parts, fill| {
+                let mut decode_s = 0.0;
+                let started = Instant::now();
+                feat.sum_f32_parts(WHAT, parts, &mut |l, part| {
+                    let t = Instant::now();
+                    fill(l, part);
+                    decode_s += t.elapsed().as_secs_f64();
+                })?;
+                timing.decode_s += decode_s;
+                timing.reduce_s += started.elapsed().as_secs_f64() - decode_s;
+                Ok(())
+            }))
         }
-        Ok(())
-    }))
+        None if feat.size() > 1 => PartialSum::Host(Box::new(move |yhat: &mut [f32]| {
+            timed_sum(feat, timing, WHAT, yhat)
+        })),
+        Some(nccl) if overlap => PartialSum::DeviceParts(Box::new(move |yhat, parts, decode| {
+            let t = Instant::now();
+            nccl.sum_parts(WHAT, yhat, parts, decode)?;
+            timing.reduce_s += t.elapsed().as_secs_f64();
+            Ok(())
+        })),
+        _ => PartialSum::Device(Box::new(move |yhat: &mut DBuf<f32>| {
+            if let Some(nccl) = nccl {
+                let t = Instant::now();
+                nccl.sum(WHAT, yhat)?;
+                timing.reduce_s += t.elapsed().as_secs_f64();
+            }
+            Ok(())
+        })),
+    }
 }
 
 /// How the ranks of a run are arranged: `shards` ranks share each replica's features and `replicas`
@@ -560,8 +588,8 @@ impl<C: Comm> ShardedTrainer<C> {
             let sharded = run.train.parallel != Parallel::Data;
             let resident = run.train.backend == BackendKind::Cuda;
             (
-                device_sum_over(&run, &feat, &backend, sharded)?,
-                device_sum_over(&run, &data_comm, &backend, resident)?,
+                device_sum_over(&run, &feat, &backend, sharded, run.train.overlap)?,
+                device_sum_over(&run, &data_comm, &backend, resident, false)?,
             )
         };
         let t = &run.train;
@@ -781,7 +809,12 @@ impl<C: Comm> ShardedTrainer<C> {
         let what = "all-reduce of the partial reconstructions";
         #[cfg(feature = "cuda")]
         if let Backend::Cuda(gpu) = &self.backend {
-            let sum = partials_sum(&self.feat, &mut self.timing, self.device_sum.as_deref());
+            let sum = partials_sum(
+                &self.feat,
+                &mut self.timing,
+                self.device_sum.as_deref(),
+                self.run.train.overlap,
+            );
             let stats = crate::backend::cuda::step::sharded_loss_and_grad(
                 gpu,
                 local,
@@ -972,7 +1005,12 @@ impl<C: Comm> ShardedTrainer<C> {
         }
         let sharded = self.run.train.parallel != Parallel::Data;
         let (mut stats, g) = if sharded {
-            let sum = partials_sum(&self.feat, &mut self.timing, self.device_sum.as_deref());
+            let sum = partials_sum(
+                &self.feat,
+                &mut self.timing,
+                self.device_sum.as_deref(),
+                self.run.train.overlap,
+            );
             let shard = ShardSum {
                 y: &self.batch.y[lo * row..hi * row],
                 with_bias: self.feat.rank() == 0,

@@ -1,7 +1,8 @@
 //! Sparse cross-layer decode fused with the residual `r = scale · (ŷ − y)` and the per-(token, layer)
 //! squared error: one block per (token, target layer), bf16 decoder rows, fp32 accumulation. And
 //! [`residual`] alone, for a feature shard whose partial reconstruction is completed by an all-reduce
-//! between its decode and its residual.
+//! between its decode and its residual; [`PartialDecode`], that partial decoded one target layer at a time
+//! (layer-major), so that each layer's all-reduce can run while the next decodes.
 //!
 //! CPU reference: [`crate::backend::cpu::sparse::decode`] and [`crate::backend::cpu::sparse::residual`]
 //! (without the skip connection).
@@ -40,37 +41,15 @@ pub fn sparse_decode(
     cross_layer: bool,
     resid_scale: f32,
 ) -> Result<DecodeOut> {
-    let l_n = layers.len();
-    let b_n = layers.first().map_or(0, |l| l.codes.n_tokens);
-    for (l, v) in layers.iter().enumerate() {
-        let want = if cross_layer { (l_n - l) * d } else { d };
-        if v.codes.n_tokens != b_n || v.row_len != want || v.w_dec.len() % want != 0 {
-            return Err(Error::Shape {
-                what: format!("CUDA decode layer {l} (tokens, row length)"),
-                expected: vec![b_n, want],
-                got: vec![v.codes.n_tokens, v.row_len],
-            });
-        }
-    }
-    if b_dec.len() != l_n * d || y.is_some_and(|y| y.len() != b_n * l_n * d) {
+    let (b_n, l_n) = check_layers(layers, b_dec, d, cross_layer)?;
+    if y.is_some_and(|y| y.len() != b_n * l_n * d) {
         return Err(Error::Shape {
-            what: "CUDA decode b_dec / y".into(),
-            expected: vec![l_n * d, b_n * l_n * d],
-            got: vec![b_dec.len(), y.map_or(0, |y| y.len())],
+            what: "CUDA decode y".into(),
+            expected: vec![b_n * l_n * d],
+            got: vec![y.map_or(0, |y| y.len())],
         });
     }
-    let views: Vec<CltLayerView> = layers
-        .iter()
-        .map(|v| CltLayerView {
-            count: v.codes.count.ptr(gpu),
-            feat: v.codes.feat.ptr(gpu),
-            act: v.codes.act.ptr(gpu),
-            w_dec: v.w_dec.ptr(gpu),
-            row_len: v.row_len as u32,
-            cap: v.codes.cap as u32,
-        })
-        .collect();
-    let views = gpu.upload(&views)?;
+    let views = upload_views(gpu, layers)?;
     let yhat = gpu.output::<f32>(b_n * l_n * d)?;
     let resid = y.map(|_| gpu.output::<f32>(b_n * l_n * d)).transpose()?;
     let sq_err = y.map(|_| gpu.output::<f32>(b_n * l_n)).transpose()?;
@@ -86,14 +65,11 @@ pub fn sparse_decode(
         d: d as u32,
         cross_layer: cross_layer as u32,
         resid_scale,
+        first_layer: 0,
+        yhat_layer_major: 0,
         pad0: 0,
     };
-    let cfg = LaunchConfig {
-        grid_dim: (b_n as u32, l_n as u32, 1),
-        block_dim: (256, 1, 1),
-        shared_mem_bytes: 0,
-    };
-    gpu.launch(Module::Decode, "sparse_decode", cfg, &p)?;
+    launch_decode(gpu, &p, b_n, l_n)?;
     gpu.sync()?; // `views` is freed on return
     Ok(DecodeOut {
         yhat,
@@ -102,11 +78,157 @@ pub fn sparse_decode(
     })
 }
 
+/// Checks the layers' shapes against each other and `b_dec`; returns (tokens, layers).
+fn check_layers(
+    layers: &[DecodeLayer],
+    b_dec: &DBuf<f32>,
+    d: usize,
+    cross_layer: bool,
+) -> Result<(usize, usize)> {
+    let l_n = layers.len();
+    let b_n = layers.first().map_or(0, |l| l.codes.n_tokens);
+    for (l, v) in layers.iter().enumerate() {
+        let want = if cross_layer { (l_n - l) * d } else { d };
+        if v.codes.n_tokens != b_n || v.row_len != want || v.w_dec.len() % want != 0 {
+            return Err(Error::Shape {
+                what: format!("CUDA decode layer {l} (tokens, row length)"),
+                expected: vec![b_n, want],
+                got: vec![v.codes.n_tokens, v.row_len],
+            });
+        }
+    }
+    if b_dec.len() != l_n * d {
+        return Err(Error::Shape {
+            what: "CUDA decode b_dec".into(),
+            expected: vec![l_n * d],
+            got: vec![b_dec.len()],
+        });
+    }
+    Ok((b_n, l_n))
+}
+
+/// The layers' views as the kernel reads them, on the device.
+fn upload_views(gpu: &Gpu, layers: &[DecodeLayer]) -> Result<DBuf<CltLayerView>> {
+    let views: Vec<CltLayerView> = layers
+        .iter()
+        .map(|v| CltLayerView {
+            count: v.codes.count.ptr(gpu),
+            feat: v.codes.feat.ptr(gpu),
+            act: v.codes.act.ptr(gpu),
+            w_dec: v.w_dec.ptr(gpu),
+            row_len: v.row_len as u32,
+            cap: v.codes.cap as u32,
+        })
+        .collect();
+    gpu.upload(&views)
+}
+
+/// Queues the decode of `n_targets` target layers from `p.first_layer` (one block per token and layer).
+fn launch_decode(gpu: &Gpu, p: &CltDecodeParams, b_n: usize, n_targets: usize) -> Result<()> {
+    if b_n * n_targets == 0 {
+        return Ok(());
+    }
+    let cfg = LaunchConfig {
+        grid_dim: (b_n as u32, n_targets as u32, 1),
+        block_dim: (256, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    gpu.launch(Module::Decode, "sparse_decode", cfg, p)
+}
+
+/// A feature shard's partial reconstruction decoded one target layer at a time into a layer-major `[L][B][d]`
+/// buffer, so that each layer's block is contiguous and its all-reduce over the shards can run while the next
+/// layer decodes. [`PartialDecode::layer`] only queues work on the stream; the buffer is the caller's (the
+/// plan keeps its address, so the caller may hand the buffer to the all-reduce while layers decode into it).
+pub struct PartialDecode<'g> {
+    gpu: &'g Gpu,
+    /// The device array `p.layers` points to (kept alive while launches may read it).
+    _views: DBuf<CltLayerView>,
+    p: CltDecodeParams,
+}
+
+impl<'g> PartialDecode<'g> {
+    /// A plan that decodes `layers` (with `b_dec`, which a shard passes as zeros where another adds the
+    /// bias) into `yhat`, which must hold `B·L·d` elements.
+    pub fn new(
+        gpu: &'g Gpu,
+        layers: &[DecodeLayer],
+        b_dec: &DBuf<f32>,
+        d: usize,
+        cross_layer: bool,
+        yhat: &DBuf<f32>,
+    ) -> Result<Self> {
+        let (b_n, l_n) = check_layers(layers, b_dec, d, cross_layer)?;
+        if yhat.len() != b_n * l_n * d {
+            return Err(Error::Shape {
+                what: "CUDA partial decode yhat".into(),
+                expected: vec![b_n * l_n * d],
+                got: vec![yhat.len()],
+            });
+        }
+        let views = upload_views(gpu, layers)?;
+        let p = CltDecodeParams {
+            layers: views.ptr(gpu),
+            b_dec: b_dec.ptr(gpu),
+            y: 0,
+            yhat: yhat.ptr(gpu),
+            resid: 0,
+            sq_err: 0,
+            n_tokens: b_n as u32,
+            n_layers: l_n as u32,
+            d: d as u32,
+            cross_layer: cross_layer as u32,
+            resid_scale: 0.0,
+            first_layer: 0,
+            yhat_layer_major: 1,
+            pad0: 0,
+        };
+        Ok(PartialDecode {
+            gpu,
+            _views: views,
+            p,
+        })
+    }
+
+    /// The number of target layers.
+    pub fn n_layers(&self) -> usize {
+        self.p.n_layers as usize
+    }
+
+    /// Queues the decode of target layer `k` (block `k` of the layer-major buffer).
+    pub fn layer(&self, k: usize) -> Result<()> {
+        if k >= self.n_layers() {
+            return Err(Error::Shape {
+                what: "CUDA partial decode target layer (layers, asked)".into(),
+                expected: vec![self.n_layers()],
+                got: vec![k],
+            });
+        }
+        let p = CltDecodeParams {
+            first_layer: k as u32,
+            ..self.p
+        };
+        launch_decode(self.gpu, &p, self.p.n_tokens as usize, 1)
+    }
+}
+
+impl Drop for PartialDecode<'_> {
+    fn drop(&mut self) {
+        // The queued launches read `views`, which is freed after this: wait for them (as
+        // `sparse_decode` does before it returns).
+        let _ = self.gpu.sync();
+    }
+}
+
 /// The residual `scale · (ŷ − y)` (`[B][L][d]`) and the per-(token, layer) squared error (`[B][L]`) of a
-/// reconstruction `yhat` made elsewhere: the arithmetic of [`sparse_decode`]'s epilogue, to the bit.
+/// reconstruction `yhat` made elsewhere: the arithmetic of [`sparse_decode`]'s epilogue, to the bit. With
+/// `yhat_layer_major`, `yhat` is `[L][B][d]` ([`PartialDecode`]'s layout); `y` and the outputs are
+/// token-major either way.
+#[allow(clippy::too_many_arguments)]
 pub fn residual(
     gpu: &Gpu,
     yhat: &DBuf<f32>,
+    yhat_layer_major: bool,
     y: &DBuf<f32>,
     n_tokens: usize,
     n_layers: usize,
@@ -135,6 +257,8 @@ pub fn residual(
         n_layers: n_layers as u32,
         d: d as u32,
         resid_scale,
+        yhat_layer_major: yhat_layer_major as u32,
+        pad0: 0,
     };
     let cfg = LaunchConfig {
         grid_dim: (n_tokens as u32, n_layers as u32, 1),

@@ -33,6 +33,13 @@ impl<T: DeviceRepr> DBuf<T> {
     pub fn view_mut(&mut self) -> CudaViewMut<'_, T> {
         self.slice.slice_mut(0..self.len)
     }
+
+    /// Elements `range` as cudarc's mutable view (NCCL on one part of a buffer). Panics when the range
+    /// is not inside the buffer, as slicing does.
+    pub fn range_mut(&mut self, range: std::ops::Range<usize>) -> CudaViewMut<'_, T> {
+        assert!(range.end <= self.len, "device buffer range out of bounds");
+        self.slice.slice_mut(range)
+    }
 }
 
 impl Gpu {
@@ -102,6 +109,33 @@ impl Gpu {
             )))?;
         v.truncate(buf.len);
         Ok(v)
+    }
+
+    /// Copies elements `start .. start + dst.len()` of a device buffer into `dst` (waits for the stream).
+    pub fn download_into<T: DeviceRepr + Copy + Default>(
+        &self,
+        buf: &DBuf<T>,
+        start: usize,
+        dst: &mut [T],
+    ) -> Result<()> {
+        let end = start + dst.len();
+        if end > buf.len {
+            return Err(crate::Error::Shape {
+                what: "device download (buffer elements, end of the range)".into(),
+                expected: vec![buf.len],
+                got: vec![end],
+            });
+        }
+        if dst.is_empty() {
+            return Ok(());
+        }
+        self.stream()
+            .memcpy_dtoh(&buf.slice.slice(start..end), dst)
+            .map_err(cuda_err(format!(
+                "copying {} elements to the host",
+                dst.len()
+            )))?;
+        self.sync()
     }
 
     /// Copies `src` into the start of `dst` on the device (queued on the stream).

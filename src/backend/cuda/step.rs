@@ -9,11 +9,13 @@
 //! feature shard's step (distributed training) is the same chain with the decode stopped at the partial
 //! reconstruction, which a [`ShardSum`] completes (NCCL on the device, or MPI through the host) before the
 //! residual: [`sharded_loss_and_grad`] on host arrays, [`device_sharded_loss_and_grad`] on device ones.
+//! With `[train] overlap`, the shard decodes one target layer at a time and each layer's all-reduce runs
+//! while the next decodes ([`PartialSum::DeviceParts`], [`PartialSum::HostParts`]).
 //! Skip connections are not supported yet.
 
 use super::backward::{self, LayerGradInput, LayerGrads, col_sum};
 use super::context::Gpu;
-use super::decode::{DecodeLayer, residual, sparse_decode};
+use super::decode::{DecodeLayer, PartialDecode, residual, sparse_decode};
 use super::encode::{self, DeviceCodes, EncodeInput, WindowStats};
 use super::memory::DBuf;
 use super::topk;
@@ -173,7 +175,24 @@ pub type HostSumFn<'a> = Box<dyn FnMut(&mut [f32]) -> Result<()> + 'a>;
 /// Sums a device buffer over the shards in place, on the step's stream ([`PartialSum::Device`]).
 pub type DeviceSumFn<'a> = Box<dyn FnMut(&mut DBuf<f32>) -> Result<()> + 'a>;
 
+/// Sums a shard's partials over the shards on the host one target layer at a time ([`PartialSum::HostParts`]):
+/// given `L` host blocks of `B·d` and `fill(l, block)`, which decodes target layer `l` on the device and
+/// copies it into the block, the closure calls `fill` for every layer in order and returns with every block
+/// summed; it may sum block `l` while block `l + 1` is filled (the shape of `Comm::sum_f32_parts`).
+pub type HostPartsFn<'a> =
+    Box<dyn FnMut(&mut [Vec<f32>], &mut dyn FnMut(usize, &mut [f32])) -> Result<()> + 'a>;
+/// Sums a shard's layer-major partials (`[L][B][d]`) over the shards on the device one target layer at a
+/// time ([`PartialSum::DeviceParts`]): given the buffer, `L`, and `decode(l)`, which queues target layer
+/// `l`'s decode on the step's stream, the closure calls `decode` for every layer in order, queues block
+/// `l`'s sum after it (so that it can run while layer `l + 1` decodes), and returns with the sum complete
+/// ahead of later work on the step's stream (NCCL on a stream of its own: `DeviceSum::sum_parts`).
+pub type DevicePartsFn<'a> =
+    Box<dyn FnMut(&mut DBuf<f32>, usize, &mut dyn FnMut(usize) -> Result<()>) -> Result<()> + 'a>;
+
 /// Where a feature shard's partial reconstruction is summed over the shards ([`sharded_loss_and_grad`]).
+/// The `*Parts` forms overlap the all-reduce with decoding (`[train] overlap`): the shard decodes one
+/// target layer at a time into a layer-major buffer, each layer's block summed while the next decodes. The
+/// sum is the same element by element, so the step's result is the same to the bit.
 pub enum PartialSum<'a> {
     /// On the host: the partials are downloaded and summed in place by the closure (MPI); the residual is
     /// computed on the host and uploaded.
@@ -181,6 +200,10 @@ pub enum PartialSum<'a> {
     /// On the device: the closure sums the buffer in place on the step's stream (NCCL; nothing for a
     /// single shard); the residual kernel runs on the sum.
     Device(DeviceSumFn<'a>),
+    /// [`PartialSum::Host`] a target layer at a time.
+    HostParts(HostPartsFn<'a>),
+    /// [`PartialSum::Device`] a target layer at a time.
+    DeviceParts(DevicePartsFn<'a>),
 }
 
 /// A feature shard's way from its partial reconstruction to the whole one.
@@ -352,7 +375,46 @@ fn step_with(
         }) => {
             let mut out = sparse_decode(gpu, &views, bias, None, d, cross, 2.0 / bf)?;
             sum(&mut out.yhat)?;
-            let (resid, sq) = residual(gpu, &out.yhat, &batch.y, n_tokens, l_n, d, 2.0 / bf)?;
+            let (resid, sq) =
+                residual(gpu, &out.yhat, false, &batch.y, n_tokens, l_n, d, 2.0 / bf)?;
+            (resid, per_layer_sq_err(&gpu.download(&sq)?, n_tokens, l_n))
+        }
+        Some(ShardSum {
+            y,
+            sum: PartialSum::HostParts(mut sum),
+            ..
+        }) => {
+            let yhat_dev = gpu.output::<f32>(n_tokens * row)?;
+            let plan = PartialDecode::new(gpu, &views, bias, d, cross, &yhat_dev)?;
+            let block = n_tokens * d;
+            let mut parts: Vec<Vec<f32>> = (0..l_n).map(|_| vec![0.0; block]).collect();
+            // `fill` cannot fail inside the collective (the other ranks are in it): the first error is
+            // kept and returned after it.
+            let mut failed: Option<Error> = None;
+            sum(&mut parts, &mut |l, part| {
+                if failed.is_none()
+                    && let Err(e) = plan
+                        .layer(l)
+                        .and_then(|()| gpu.download_into(&yhat_dev, l * block, part))
+                {
+                    failed = Some(e);
+                }
+            })?;
+            if let Some(e) = failed {
+                return Err(e);
+            }
+            let yhat = token_major(&parts, n_tokens, l_n, d);
+            let (r, sq_err) = crate::backend::cpu::sparse::residual(&yhat, y, n_tokens, l_n, d);
+            (gpu.upload(&r)?, sq_err)
+        }
+        Some(ShardSum {
+            sum: PartialSum::DeviceParts(mut sum),
+            ..
+        }) => {
+            let mut yhat = gpu.output::<f32>(n_tokens * row)?;
+            let plan = PartialDecode::new(gpu, &views, bias, d, cross, &yhat)?;
+            sum(&mut yhat, l_n, &mut |l| plan.layer(l))?;
+            let (resid, sq) = residual(gpu, &yhat, true, &batch.y, n_tokens, l_n, d, 2.0 / bf)?;
             (resid, per_layer_sq_err(&gpu.download(&sq)?, n_tokens, l_n))
         }
     };
@@ -428,6 +490,18 @@ fn step_with(
             b_dec,
         },
     ))
+}
+
+/// `[B][L][d]` from `L` blocks of `[B][d]`.
+fn token_major(parts: &[Vec<f32>], n_tokens: usize, l_n: usize, d: usize) -> Vec<f32> {
+    let row = l_n * d;
+    let mut out = vec![0.0; n_tokens * row];
+    for (l, part) in parts.iter().enumerate() {
+        for b in 0..n_tokens {
+            out[b * row + l * d..][..d].copy_from_slice(&part[b * d..][..d]);
+        }
+    }
+    out
 }
 
 /// Per layer, the sum over tokens (in token order, f64) of the `[B][L]` squared errors.
