@@ -123,6 +123,11 @@ pub struct ShardedTrainer<C: Comm> {
     grad_sum: Option<Box<dyn super::comm::DeviceSum>>,
     #[cfg(feature = "cuda")]
     grad_buf: Option<crate::backend::cuda::memory::DBuf<f32>>,
+    /// The resident loop's next batch, read and staged on the device during this step (its copy overlaps
+    /// the step), with the source's position before it (what a checkpoint records, so that a resumed run
+    /// reads it again).
+    #[cfg(feature = "cuda")]
+    next: Option<(Batch, serde_json::Value)>,
 }
 
 /// A fault injected for the failure tests (`CLT_DIST_FAULT=kill:RANK:STEP` or `hang:RANK:STEP`): the rank
@@ -331,6 +336,24 @@ fn partials_sum<'a, C: Comm>(
             Ok(())
         })),
     }
+}
+
+/// Replica `replica`'s slice of `batch` out of `replicas` (all of it with one), rows of `row` elements.
+#[cfg(feature = "cuda")]
+fn replica_slice(
+    batch: &Batch,
+    (replica, replicas, row): (usize, usize, usize),
+) -> std::borrow::Cow<'_, Batch> {
+    if replicas == 1 {
+        return std::borrow::Cow::Borrowed(batch);
+    }
+    let n = batch.n_tokens;
+    let (lo, hi) = (n * replica / replicas, n * (replica + 1) / replicas);
+    std::borrow::Cow::Owned(Batch {
+        n_tokens: hi - lo,
+        x: batch.x[lo * row..hi * row].to_vec(),
+        y: batch.y[lo * row..hi * row].to_vec(),
+    })
 }
 
 /// How the ranks of a run are arranged: `shards` ranks share each replica's features and `replicas`
@@ -603,6 +626,7 @@ impl<C: Comm> ShardedTrainer<C> {
             v: data.v,
             t: adam_t,
         };
+        let grads = Grads::zeros(&local);
         #[cfg(feature = "cuda")]
         let resident = match &backend {
             Backend::Cuda(gpu) if t.backend == BackendKind::Cuda => {
@@ -616,10 +640,25 @@ impl<C: Comm> ShardedTrainer<C> {
             }
             _ => None,
         };
+        // The device holds the moments and the gradients: the host keeps neither (checkpoints and
+        // `sync_from_device` download the moments when they need them).
+        #[cfg(feature = "cuda")]
+        let (grads, adam) = if resident.is_some() {
+            use crate::train::trainer::{empty_grads, empty_params};
+            let t = adam.t;
+            let none = AdamState {
+                m: empty_params(),
+                v: empty_params(),
+                t,
+            };
+            (empty_grads(), none)
+        } else {
+            (grads, adam)
+        };
         Ok(ShardedTrainer {
             hyper,
             adam,
-            grads: Grads::zeros(&local),
+            grads,
             dec_norms: decoder_norms(&local, &data.params.w_dec),
             params: data.params,
             last_fired: data.last_fired,
@@ -643,6 +682,8 @@ impl<C: Comm> ShardedTrainer<C> {
             grad_sum,
             #[cfg(feature = "cuda")]
             grad_buf: None,
+            #[cfg(feature = "cuda")]
+            next: None,
             grid: Grid::of(&run, comm.size()),
             range,
             comm,
@@ -713,13 +754,14 @@ impl<C: Comm> ShardedTrainer<C> {
             }
             std::process::abort();
         }
-        let data_wait_s = fetch_batch(
-            self.source.as_mut(),
-            &mut self.batch,
-            &self.norms,
-            self.run.train.batch_size,
-            self.run.model.d_model,
-        )?;
+        #[cfg(feature = "cuda")]
+        let data_wait_s = if self.resident.is_some() {
+            self.stage_batches()?
+        } else {
+            self.fetch_into_batch()?
+        };
+        #[cfg(not(feature = "cuda"))]
+        let data_wait_s = self.fetch_into_batch()?;
         let t = &self.run.train;
         let obj = schedule::objective(t, self.step);
         let dead_mask: Option<Vec<Vec<bool>>> = match t.preact_scope {
@@ -784,6 +826,56 @@ impl<C: Comm> ShardedTrainer<C> {
             lambda: obj.lambda,
             data_wait_s,
         })
+    }
+
+    /// Reads the next batch from the source into `self.batch`, normalised; returns the seconds spent
+    /// waiting for it.
+    fn fetch_into_batch(&mut self) -> Result<f64> {
+        fetch_batch(
+            self.source.as_mut(),
+            &mut self.batch,
+            &self.norms,
+            self.run.train.batch_size,
+            self.run.model.d_model,
+        )
+    }
+
+    /// The resident loop's batches: this step's (staged during the previous step, or read and staged now
+    /// on the first step and after a resume) becomes `self.batch`; then, unless this is the run's last
+    /// step, the next one is read and its replica slice staged, its copy to the device overlapping this
+    /// step. Returns the seconds spent waiting for the source.
+    #[cfg(feature = "cuda")]
+    fn stage_batches(&mut self) -> Result<f64> {
+        let mut wait_s = 0.0;
+        let at = (
+            self.data.rank(),
+            self.data.size(),
+            self.local.n_layers * self.local.d_model,
+        );
+        let no_device = || Error::Unsupported("a resident step without a device".into());
+        match self.next.take() {
+            Some((batch, _)) => self.batch = batch,
+            None => {
+                wait_s += self.fetch_into_batch()?;
+                let resident = self.resident.as_mut().ok_or_else(no_device)?;
+                resident.stage(&replica_slice(&self.batch, at))?;
+            }
+        }
+        if self.step + 1 < self.run.train.steps {
+            let position = self.source.position();
+            let mut next = Batch::default();
+            wait_s += fetch_batch(
+                self.source.as_mut(),
+                &mut next,
+                &self.norms,
+                self.run.train.batch_size,
+                self.run.model.d_model,
+            )?;
+            let resident = self.resident.as_mut().ok_or_else(no_device)?;
+            resident.stage(&replica_slice(&next, at))?;
+            self.next = Some((next, position));
+        }
+        Ok(wait_s)
     }
 
     /// The feature-sharded step's loss and gradient: local encode and decode of this replica's slice of the
@@ -994,15 +1086,7 @@ impl<C: Comm> ShardedTrainer<C> {
         let n = self.batch.n_tokens;
         let (lo, hi) = (n * replica / replicas, n * (replica + 1) / replicas);
         let w = (hi - lo) as f64 / n.max(1) as f64;
-        if replicas == 1 {
-            resident.stage(&self.batch)?;
-        } else {
-            resident.stage(&Batch {
-                n_tokens: hi - lo,
-                x: self.batch.x[lo * row..hi * row].to_vec(),
-                y: self.batch.y[lo * row..hi * row].to_vec(),
-            })?;
-        }
+        // This replica's slice of `self.batch` is the oldest batch staged ([`ShardedTrainer::stage_batches`]).
         let sharded = self.run.train.parallel != Parallel::Data;
         let (mut stats, g) = if sharded {
             let sum = partials_sum(
@@ -1201,6 +1285,16 @@ impl<C: Comm> ShardedTrainer<C> {
         Ok(last)
     }
 
+    /// Where a resumed run must read from: before the batch the resident loop has already read for the
+    /// next step, else where the source stands.
+    fn source_position(&self) -> serde_json::Value {
+        #[cfg(feature = "cuda")]
+        if let Some((_, position)) = &self.next {
+            return position.clone();
+        }
+        self.source.position()
+    }
+
     /// This rank's current parameters and Adam's state: from the device in the resident loop, else the
     /// host's (copies).
     fn current_state(&self) -> Result<(Params, AdamState)> {
@@ -1276,7 +1370,7 @@ impl<C: Comm> ShardedTrainer<C> {
                 adam_t,
                 tokens_seen: self.tokens_seen,
                 rng: self.rng.clone(),
-                source_position: self.source.position(),
+                source_position: self.source_position(),
                 norms: self.norms.clone(),
                 run: self.run.clone(),
                 shards,

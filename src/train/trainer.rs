@@ -591,7 +591,7 @@ pub(crate) fn fetch_batch(
     Ok(data_wait_s)
 }
 
-fn empty_params() -> Params {
+pub(crate) fn empty_params() -> Params {
     Params {
         w_enc: Vec::new(),
         b_enc: Vec::new(),
@@ -603,7 +603,7 @@ fn empty_params() -> Params {
 }
 
 /// The host gradient buffers of a resident run (unused: the gradients stay on the device).
-fn empty_grads() -> Grads {
+pub(crate) fn empty_grads() -> Grads {
     Grads {
         p: empty_params(),
         dec_coef: Vec::new(),
