@@ -5,7 +5,8 @@
 //! decodes half the features, the partial reconstructions are all-reduced, over MPI through host memory or
 //! over NCCL on the device, and the device runs the backward on the residual; the two give the same bits);
 //! and a 2 x 2 grid on four, its partials summed by NCCL within each replica's group. With `overlap`, the
-//! partials summed a target layer at a time while the next decodes give the blocking sums' bits.
+//! partials summed a target layer at a time while the next decodes give the blocking sums' bits. And the
+//! cases where NCCL cannot serve a group: ranks sharing a GPU, a rank that cannot load libnccl.
 //! Runs where a CUDA driver is present: the GPU machine, and CI on the CPU emulator (kernels/emu/, found
 //! through `LD_LIBRARY_PATH`, which `mpirun` passes on); without one it prints that it was skipped (and
 //! fails under `CLT_REQUIRE_GPU=1`).
@@ -298,6 +299,88 @@ fn ranks_sharing_a_gpu_fall_back_to_mpi_or_are_refused() {
     assert!(!o.status.success(), "{log}");
     assert!(
         log.contains("rank(s) [0, 1] of the group share a GPU"),
+        "{log}"
+    );
+}
+
+/// Rank 1 cannot load libnccl (its `LD_LIBRARY_PATH` names a copy of the emulator's directory without
+/// `libnccl.so`; rank 0 keeps it): `collectives = "auto"` sums the partials through the host instead, on
+/// every rank (the choice is collective) and with the same parameters, to the bit, as `"mpi"`; `"nccl"`
+/// stops at start-up naming rank 1.
+#[test]
+fn a_rank_without_libnccl_falls_back_to_mpi_or_is_refused() {
+    if !have_driver() {
+        return;
+    }
+    let paths = std::env::var("LD_LIBRARY_PATH").unwrap_or_default();
+    let Some(emu) = paths
+        .split(':')
+        .map(Path::new)
+        .find(|d| d.join("libnccl.so").exists() && d.join("libcuda.so").exists())
+    else {
+        eprintln!(
+            "skipped: needs the emulator's directory (libcuda.so, libnccl.so) on LD_LIBRARY_PATH"
+        );
+        return;
+    };
+    let tmp = tempfile::tempdir().unwrap();
+    let no_nccl = tmp.path().join("no-nccl");
+    std::fs::create_dir(&no_nccl).unwrap();
+    for entry in std::fs::read_dir(emu).unwrap() {
+        let path = entry.unwrap().path();
+        let name = path.file_name().unwrap().to_str().unwrap().to_string();
+        if name.starts_with("lib") && name.contains(".so") && !name.starts_with("libnccl") {
+            std::os::unix::fs::symlink(&path, no_nccl.join(&name)).unwrap();
+        }
+    }
+    let mut run = cuda_run(BackendKind::CudaHost);
+    run.train.steps = 2;
+    run.train.parallel = Parallel::Features;
+    // Each rank through a shell that gives rank 1 the directory without libnccl.
+    let script = format!(
+        "if [ \"$OMPI_COMM_WORLD_RANK\" = 1 ]; then export LD_LIBRARY_PATH={}; fi; exec {CLT} \"$@\"",
+        no_nccl.display()
+    );
+    let job = |name: &str, run: &RunConfig| {
+        let cfg = write_config(tmp.path(), &format!("{name}.toml"), run);
+        let out = tmp.path().join(name);
+        let o = Command::new("mpirun")
+            .args(["--allow-run-as-root", "--oversubscribe", "--timeout", "180"])
+            .args(["-n", "2", "sh", "-c", &script, "sh", "train", "--config"])
+            .args([
+                cfg.to_str().unwrap(),
+                "--out",
+                out.to_str().unwrap(),
+                "--quiet",
+            ])
+            .env("OMPI_ALLOW_RUN_AS_ROOT", "1")
+            .env("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1")
+            .env("RAYON_NUM_THREADS", "1")
+            .output()
+            .unwrap();
+        (o, out)
+    };
+    let (o, auto) = job("auto", &run);
+    let log = text(&o);
+    assert!(o.status.success(), "{log}");
+    assert!(
+        log.contains("summed over the feature shards with mpi"),
+        "{log}"
+    );
+    run.train.collectives = Collectives::Mpi;
+    let (o, mpi) = job("mpi", &run);
+    assert!(o.status.success(), "{}", text(&o));
+    assert_same_bits(
+        "auto without libnccl on rank 1 differs from collectives = \"mpi\"",
+        &checkpoint::load_transcoder(&auto).unwrap().params,
+        &checkpoint::load_transcoder(&mpi).unwrap().params,
+    );
+    run.train.collectives = Collectives::Nccl;
+    let (o, _) = job("nccl", &run);
+    let log = text(&o);
+    assert!(!o.status.success(), "{log}");
+    assert!(
+        log.contains("rank(s) [1] of the group cannot load libnccl.so"),
         "{log}"
     );
 }
