@@ -44,6 +44,6 @@ for src in kernels/emu/runtime.cc kernels/emu/driver.cc; do
 done
 "$CXX" -shared -o "$out/libcuda.so" "${objs[@]}"
 ln -sf libcuda.so "$out/libcuda.so.1"
-"$CXX" "${flags[@]}" -shared kernels/emu/cublas.cc -o "$out/libcublas.so"
-"$CXX" "${flags[@]}" -shared kernels/emu/nccl.cc -o "$out/libnccl.so"
+"$CXX" "${flags[@]}" -shared kernels/emu/cublas.cc -o "$out/libcublas.so" -ldl
+"$CXX" "${flags[@]}" -shared kernels/emu/nccl.cc -o "$out/libnccl.so" -ldl
 echo "$PWD/$out"

@@ -4,15 +4,31 @@
 // whole CUDA backend, unchanged, on the CPU.
 //
 // Device memory is host memory: a device pointer is a host address, each allocation followed by an
-// inaccessible page (overruns fault) and filled with 0xFF bytes at first. Every call is synchronous, so streams
-// and events only order what is already ordered, and event times are host times. Copies are checked
-// against the allocations they touch; a kernel's failure (runtime.cc) is CUDA_ERROR_LAUNCH_FAILED, with
-// cuGetErrorString returning the emulator's message for it.
+// inaccessible page (overruns fault) and filled with 0xFF bytes at first. Copies are checked against the
+// allocations they touch; a kernel's failure (runtime.cc) is CUDA_ERROR_LAUNCH_FAILED, with cuGetErrorString
+// returning the emulator's message for it.
+//
+// Streams are deferred: work queued on a stream (launches, asynchronous copies and memsets, stream-ordered
+// frees, host functions, event records) runs only when something needs it: a synchronisation of its stream,
+// of an event recorded after it, or of the context; a query of either; or another stream's work that waits
+// on such an event (cuStreamWaitEvent), when that work runs. So the work of two streams runs in the latest
+// order CUDA allows, and a missing wait between streams shows deterministically: a kernel reads a buffer
+// another stream has not written yet, a host write to pinned memory overtakes the queued copy that reads it.
+// The legacy default stream (handle 0) waits for, and is waited for by, blocking streams as in CUDA
+// (cudarc's streams are non-blocking). Copies with pageable host memory behave as CUDA's do: host-to-device
+// takes the bytes at the call, device-to-host returns once the copy is done; pinned memory (cuMemHostAlloc)
+// is read and written when the copy runs. A queued launch's failure is returned by the call that ran it and
+// then by every synchronisation (sticky, as in CUDA). CLT_EMU_STREAMS=eager runs everything at the call
+// instead (the emulator's old behaviour). Event times are host times of when the record ran.
 #include <sys/mman.h>
 #include <unistd.h>
 
 #include <chrono>
 #include <cstdio>
+#include <deque>
+#include <functional>
+#include <memory>
+#include <vector>
 #include <cstdlib>
 #include <cstring>
 #include <map>
@@ -45,7 +61,8 @@ enum : CUresult {
     CUDA_ERROR_LAUNCH_FAILED = 719,
 };
 
-std::mutex M;                           // one call at a time (the fibers run on the caller's thread)
+std::recursive_mutex M;                 // one call at a time (the fibers run on the caller's thread); queued
+                                        // work runs inside the call that needs it, under the same lock
 struct Alloc {
     size_t bytes;  // what was asked for
     void* map;     // the mapping that holds it, and its length
@@ -53,7 +70,7 @@ struct Alloc {
 };
 std::map<uintptr_t, Alloc> allocs;      // device allocations, by start address
 std::string last_launch_error;          // cuGetErrorString(CUDA_ERROR_LAUNCH_FAILED)
-int ctx_token, stream_token;            // addresses used as the context and default-stream handles
+int ctx_token;                          // its address is the context's handle
 const auto t0 = std::chrono::steady_clock::now();
 
 struct Module {
@@ -63,9 +80,91 @@ struct Function {
     const clt_emu::Kernel* k;
     int max_dynamic_shared;
 };
-struct Event {
-    double ms;
+// A stream's queue: the work not run yet, and how much was ever queued and run (positions are 1-based:
+// an event recorded as the n-th item is complete once `done >= n`).
+struct Stream {
+    explicit Stream(bool b) : blocking(b) {}
+    bool blocking;  // synchronises with the legacy default stream
+    std::deque<std::function<CUresult()>> q;
+    long queued = 0, done = 0;
 };
+Stream legacy(true);                    // handle 0 (and CU_STREAM_LEGACY, CU_STREAM_PER_THREAD)
+std::set<Stream*> streams;              // created and not destroyed (destroyed ones are kept, drained)
+CUresult sticky = CUDA_SUCCESS;         // the first failure of queued work
+std::map<uintptr_t, size_t> pinned;     // cuMemHostAlloc blocks: start, bytes
+
+struct Event {
+    std::shared_ptr<double> ms;  // set when the record runs (shared with the queued record)
+    Stream* stream = nullptr;    // the last record's stream and position
+    long at = 0;
+};
+
+Stream* stream_of(CUstream s) {
+    const uintptr_t h = (uintptr_t)s;
+    return h <= 2 ? &legacy : static_cast<Stream*>(s);
+}
+
+bool eager() {
+    static const bool e = [] {
+        const char* v = getenv("CLT_EMU_STREAMS");
+        return v && std::strcmp(v, "eager") == 0;
+    }();
+    return e;
+}
+
+CUresult run_until(Stream* s, long at);
+
+// Queues `f` on `s` (after the implicit waits of the legacy stream's semantics); returns its position.
+// Eager: runs the stream at once.
+long enqueue(Stream* s, std::function<CUresult()> f) {
+    if (s == &legacy) {
+        std::vector<std::pair<Stream*, long>> before;
+        for (Stream* b : streams)
+            if (b->blocking && b->queued > b->done) before.push_back({b, b->queued});
+        if (!before.empty()) {
+            s->q.push_back([before] {
+                for (auto& [b, at] : before) run_until(b, at);
+                return CUDA_SUCCESS;
+            });
+            ++s->queued;
+        }
+    } else if (s->blocking && legacy.queued > legacy.done) {
+        const long at = legacy.queued;
+        s->q.push_back([at] { return run_until(&legacy, at); });
+        ++s->queued;
+    }
+    s->q.push_back(std::move(f));
+    const long at = ++s->queued;
+    if (eager()) run_until(s, at);
+    return at;
+}
+
+// Runs `s`'s queued work up to position `at`; returns the sticky failure, if any.
+CUresult run_until(Stream* s, long at) {
+    while (s->done < at && !s->q.empty()) {
+        std::function<CUresult()> f = std::move(s->q.front());
+        s->q.pop_front();
+        ++s->done;
+        const CUresult r = f();
+        if (r != CUDA_SUCCESS && sticky == CUDA_SUCCESS) sticky = r;
+    }
+    return sticky;
+}
+
+CUresult run_all(Stream* s) { return run_until(s, s->queued); }
+
+CUresult run_everything() {
+    run_all(&legacy);
+    for (Stream* s : streams) run_all(s);
+    return sticky;
+}
+
+bool is_pinned(const void* p, size_t n) {
+    auto it = pinned.upper_bound((uintptr_t)p);
+    if (it == pinned.begin()) return false;
+    --it;
+    return (uintptr_t)p + n <= it->first + it->second;
+}
 
 CUresult fail(CUresult code, const std::string& what) {
     fprintf(stderr, "clt-emu: %s\n", what.c_str());
@@ -94,14 +193,14 @@ CUresult alloc(CUdeviceptr* p, size_t bytes) {
     mprotect(guard, page, PROT_NONE);
     char* start = guard - body;
     std::memset(start, 0xff, body);
-    std::lock_guard<std::mutex> g(M);
+    std::lock_guard<std::recursive_mutex> g(M);
     allocs[(uintptr_t)start] = Alloc{bytes, m, len};
     *p = (CUdeviceptr)(uintptr_t)start;
     return CUDA_SUCCESS;
 }
 
 CUresult release(CUdeviceptr p) {
-    std::lock_guard<std::mutex> g(M);
+    std::lock_guard<std::recursive_mutex> g(M);
     auto it = allocs.find((uintptr_t)p);
     if (it == allocs.end()) return fail(CUDA_ERROR_INVALID_VALUE, "cuMemFree of an address that is not an allocation");
     munmap(it->second.map, it->second.map_len);
@@ -111,7 +210,7 @@ CUresult release(CUdeviceptr p) {
 
 CUresult copy(void* dst, const void* src, size_t n, bool dst_dev, bool src_dev, const char* what) {
     {
-        std::lock_guard<std::mutex> g(M);
+        std::lock_guard<std::recursive_mutex> g(M);
         if (dst_dev && !device_range((CUdeviceptr)(uintptr_t)dst, n))
             return fail(CUDA_ERROR_INVALID_VALUE, std::string(what) + ": destination outside any device allocation");
         if (src_dev && !device_range((CUdeviceptr)(uintptr_t)src, n))
@@ -123,7 +222,7 @@ CUresult copy(void* dst, const void* src, size_t n, bool dst_dev, bool src_dev, 
 
 CUresult memset8(CUdeviceptr p, unsigned char v, size_t n) {
     {
-        std::lock_guard<std::mutex> g(M);
+        std::lock_guard<std::recursive_mutex> g(M);
         if (!device_range(p, n)) return fail(CUDA_ERROR_INVALID_VALUE, "cuMemsetD8 outside any device allocation");
     }
     std::memset((void*)(uintptr_t)p, v, n);
@@ -211,7 +310,10 @@ CUresult cuCtxPopCurrent_v2(CUcontext* c) {
     if (c) *c = &ctx_token;
     return CUDA_SUCCESS;
 }
-CUresult cuCtxSynchronize() { return CUDA_SUCCESS; }
+CUresult cuCtxSynchronize() {
+    std::lock_guard<std::recursive_mutex> g(M);
+    return run_everything();
+}
 CUresult cuCtxGetStreamPriorityRange(int* least, int* greatest) {
     *least = 0;
     *greatest = 0;
@@ -219,73 +321,169 @@ CUresult cuCtxGetStreamPriorityRange(int* least, int* greatest) {
 }
 CUresult cuCtxSetFlags(unsigned) { return CUDA_SUCCESS; }
 
-CUresult cuStreamCreate(CUstream* s, unsigned) {
-    *s = new int(0);
+CUresult cuStreamCreate(CUstream* s, unsigned flags) {
+    std::lock_guard<std::recursive_mutex> g(M);
+    auto* st = new Stream((flags & 1) == 0);  // CU_STREAM_NON_BLOCKING = 1
+    streams.insert(st);
+    *s = st;
     return CUDA_SUCCESS;
 }
 CUresult cuStreamCreateWithPriority(CUstream* s, unsigned f, int) { return cuStreamCreate(s, f); }
+// The stream's queued work still runs (as in CUDA); the object is kept, drained, so that events recorded on
+// it stay valid.
 CUresult cuStreamDestroy_v2(CUstream s) {
-    if (s != &stream_token) delete static_cast<int*>(s);
+    std::lock_guard<std::recursive_mutex> g(M);
+    Stream* st = stream_of(s);
+    run_all(st);
+    if (st != &legacy) streams.erase(st);
     return CUDA_SUCCESS;
 }
-CUresult cuStreamSynchronize(CUstream) { return CUDA_SUCCESS; }
-CUresult cuStreamQuery(CUstream) { return CUDA_SUCCESS; }
-CUresult cuStreamWaitEvent(CUstream, CUevent, unsigned) { return CUDA_SUCCESS; }
+CUresult cuStreamSynchronize(CUstream s) {
+    std::lock_guard<std::recursive_mutex> g(M);
+    return run_all(stream_of(s));
+}
+CUresult cuStreamQuery(CUstream s) { return cuStreamSynchronize(s); }
+CUresult cuStreamWaitEvent(CUstream s, CUevent e, unsigned) {
+    std::lock_guard<std::recursive_mutex> g(M);
+    const Event* ev = static_cast<Event*>(e);
+    if (!ev->stream) return CUDA_SUCCESS;  // never recorded: nothing to wait for
+    Stream* other = ev->stream;
+    const long at = ev->at;
+    enqueue(stream_of(s), [other, at] { return run_until(other, at); });
+    return CUDA_SUCCESS;
+}
 CUresult cuStreamIsCapturing(CUstream, int* status) {
     *status = 0;
     return CUDA_SUCCESS;
 }
-CUresult cuLaunchHostFunc(CUstream, void (*fn)(void*), void* data) {
-    fn(data);
+CUresult cuLaunchHostFunc(CUstream s, void (*fn)(void*), void* data) {
+    std::lock_guard<std::recursive_mutex> g(M);
+    enqueue(stream_of(s), [fn, data] {
+        fn(data);
+        return CUDA_SUCCESS;
+    });
     return CUDA_SUCCESS;
 }
 
 CUresult cuEventCreate(CUevent* e, unsigned) {
-    *e = new Event{now_ms()};
+    auto* ev = new Event;
+    ev->ms = std::make_shared<double>(now_ms());
+    *e = ev;
     return CUDA_SUCCESS;
 }
 CUresult cuEventDestroy_v2(CUevent e) {
-    delete static_cast<Event*>(e);
+    std::lock_guard<std::recursive_mutex> g(M);
+    delete static_cast<Event*>(e);  // a queued record keeps its own reference to the time
     return CUDA_SUCCESS;
 }
-CUresult cuEventRecord(CUevent e, CUstream) {
-    static_cast<Event*>(e)->ms = now_ms();
+CUresult cuEventRecord(CUevent e, CUstream s) {
+    std::lock_guard<std::recursive_mutex> g(M);
+    Event* ev = static_cast<Event*>(e);
+    auto ms = std::make_shared<double>(0.0);
+    ev->ms = ms;
+    ev->stream = stream_of(s);
+    ev->at = enqueue(ev->stream, [ms] {
+        *ms = now_ms();
+        return CUDA_SUCCESS;
+    });
     return CUDA_SUCCESS;
 }
-CUresult cuEventSynchronize(CUevent) { return CUDA_SUCCESS; }
-CUresult cuEventQuery(CUevent) { return CUDA_SUCCESS; }
+CUresult cuEventSynchronize(CUevent e) {
+    std::lock_guard<std::recursive_mutex> g(M);
+    const Event* ev = static_cast<Event*>(e);
+    return ev->stream ? run_until(ev->stream, ev->at) : sticky;
+}
+CUresult cuEventQuery(CUevent e) { return cuEventSynchronize(e); }
 CUresult cuEventElapsedTime(float* ms, CUevent a, CUevent b) {
-    *ms = (float)(static_cast<Event*>(b)->ms - static_cast<Event*>(a)->ms);
+    cuEventSynchronize(a);
+    if (const CUresult r = cuEventSynchronize(b)) return r;
+    *ms = (float)(*static_cast<Event*>(b)->ms - *static_cast<Event*>(a)->ms);
     return CUDA_SUCCESS;
 }
 CUresult cuEventElapsedTime_v2(float* ms, CUevent a, CUevent b) { return cuEventElapsedTime(ms, a, b); }
 
 CUresult cuMemAlloc_v2(CUdeviceptr* p, size_t bytes) { return alloc(p, bytes); }
 CUresult cuMemAllocAsync(CUdeviceptr* p, size_t bytes, CUstream) { return alloc(p, bytes); }
-CUresult cuMemFree_v2(CUdeviceptr p) { return release(p); }
-CUresult cuMemFreeAsync(CUdeviceptr p, CUstream) { return release(p); }
+// A synchronous free waits for all queued work (it may still use the memory); a stream-ordered one is
+// queued.
+CUresult cuMemFree_v2(CUdeviceptr p) {
+    std::lock_guard<std::recursive_mutex> g(M);
+    run_everything();
+    return release(p);
+}
+CUresult cuMemFreeAsync(CUdeviceptr p, CUstream s) {
+    std::lock_guard<std::recursive_mutex> g(M);
+    if (!allocs.count((uintptr_t)p)) return fail(CUDA_ERROR_INVALID_VALUE, "cuMemFreeAsync of an address that is not an allocation");
+    enqueue(stream_of(s), [p] { return release(p); });
+    return CUDA_SUCCESS;
+}
 CUresult cuMemHostAlloc(void** p, size_t bytes, unsigned) {
-    return posix_memalign(p, 256, bytes == 0 ? 1 : bytes) == 0 ? CUDA_SUCCESS : CUDA_ERROR_OUT_OF_MEMORY;
+    if (posix_memalign(p, 256, bytes == 0 ? 1 : bytes) != 0) return CUDA_ERROR_OUT_OF_MEMORY;
+    std::lock_guard<std::recursive_mutex> g(M);
+    pinned[(uintptr_t)*p] = bytes;
+    return CUDA_SUCCESS;
 }
 CUresult cuMemAllocHost_v2(void** p, size_t bytes) { return cuMemHostAlloc(p, bytes, 0); }
 CUresult cuMemFreeHost(void* p) {
+    std::lock_guard<std::recursive_mutex> g(M);
+    run_everything();  // queued copies may still read or write it
+    pinned.erase((uintptr_t)p);
     free(p);
     return CUDA_SUCCESS;
 }
+
+// A copy queued on `s`: checked against the allocations now, and again when it runs (a stream-ordered
+// free may come first). From pageable host memory the bytes are taken now; to pageable host memory the call
+// returns once the copy has run; pinned memory is read or written when the copy runs. `sync`: the call
+// returns once the copy has run (the synchronous copies, on the legacy stream).
+CUresult queue_copy(void* dst, const void* src, size_t n, bool dst_dev, bool src_dev, const char* what, CUstream s,
+                    bool sync) {
+    std::lock_guard<std::recursive_mutex> g(M);
+    if (dst_dev && !device_range((CUdeviceptr)(uintptr_t)dst, n))
+        return fail(CUDA_ERROR_INVALID_VALUE, std::string(what) + ": destination outside any device allocation");
+    if (src_dev && !device_range((CUdeviceptr)(uintptr_t)src, n))
+        return fail(CUDA_ERROR_INVALID_VALUE, std::string(what) + ": source outside any device allocation");
+    std::shared_ptr<std::vector<char>> staged;
+    if (!src_dev && !is_pinned(src, n)) {
+        staged = std::make_shared<std::vector<char>>(static_cast<const char*>(src), static_cast<const char*>(src) + n);
+        src = staged->data();
+    }
+    const bool wait = sync || (!dst_dev && !is_pinned(dst, n));
+    Stream* st = stream_of(s);
+    const long at = enqueue(st, [=] { return copy(dst, src, n, dst_dev, src_dev && !staged, what); });
+    return wait ? run_until(st, at) : CUDA_SUCCESS;
+}
+
+CUresult queue_memset(CUdeviceptr p, unsigned char v, size_t n, CUstream s, bool sync) {
+    std::lock_guard<std::recursive_mutex> g(M);
+    if (!device_range(p, n)) return fail(CUDA_ERROR_INVALID_VALUE, "cuMemsetD8 outside any device allocation");
+    Stream* st = stream_of(s);
+    const long at = enqueue(st, [=] { return memset8(p, v, n); });
+    return sync ? run_until(st, at) : CUDA_SUCCESS;
+}
+
 CUresult cuMemcpyHtoD_v2(CUdeviceptr d, const void* h, size_t n) {
-    return copy((void*)(uintptr_t)d, h, n, true, false, "cuMemcpyHtoD");
+    return queue_copy((void*)(uintptr_t)d, h, n, true, false, "cuMemcpyHtoD", nullptr, true);
 }
-CUresult cuMemcpyHtoDAsync_v2(CUdeviceptr d, const void* h, size_t n, CUstream) { return cuMemcpyHtoD_v2(d, h, n); }
+CUresult cuMemcpyHtoDAsync_v2(CUdeviceptr d, const void* h, size_t n, CUstream s) {
+    return queue_copy((void*)(uintptr_t)d, h, n, true, false, "cuMemcpyHtoDAsync", s, false);
+}
 CUresult cuMemcpyDtoH_v2(void* h, CUdeviceptr d, size_t n) {
-    return copy(h, (const void*)(uintptr_t)d, n, false, true, "cuMemcpyDtoH");
+    return queue_copy(h, (const void*)(uintptr_t)d, n, false, true, "cuMemcpyDtoH", nullptr, true);
 }
-CUresult cuMemcpyDtoHAsync_v2(void* h, CUdeviceptr d, size_t n, CUstream) { return cuMemcpyDtoH_v2(h, d, n); }
-CUresult cuMemcpyDtoD_v2(CUdeviceptr d, CUdeviceptr s, size_t n) {
-    return copy((void*)(uintptr_t)d, (const void*)(uintptr_t)s, n, true, true, "cuMemcpyDtoD");
+CUresult cuMemcpyDtoHAsync_v2(void* h, CUdeviceptr d, size_t n, CUstream s) {
+    return queue_copy(h, (const void*)(uintptr_t)d, n, false, true, "cuMemcpyDtoHAsync", s, false);
 }
-CUresult cuMemcpyDtoDAsync_v2(CUdeviceptr d, CUdeviceptr s, size_t n, CUstream) { return cuMemcpyDtoD_v2(d, s, n); }
-CUresult cuMemsetD8_v2(CUdeviceptr p, unsigned char v, size_t n) { return memset8(p, v, n); }
-CUresult cuMemsetD8Async(CUdeviceptr p, unsigned char v, size_t n, CUstream) { return memset8(p, v, n); }
+CUresult cuMemcpyDtoD_v2(CUdeviceptr d, CUdeviceptr src, size_t n) {
+    return queue_copy((void*)(uintptr_t)d, (const void*)(uintptr_t)src, n, true, true, "cuMemcpyDtoD", nullptr, true);
+}
+CUresult cuMemcpyDtoDAsync_v2(CUdeviceptr d, CUdeviceptr src, size_t n, CUstream s) {
+    return queue_copy((void*)(uintptr_t)d, (const void*)(uintptr_t)src, n, true, true, "cuMemcpyDtoDAsync", s, false);
+}
+CUresult cuMemsetD8_v2(CUdeviceptr p, unsigned char v, size_t n) { return queue_memset(p, v, n, nullptr, true); }
+CUresult cuMemsetD8Async(CUdeviceptr p, unsigned char v, size_t n, CUstream s) {
+    return queue_memset(p, v, n, s, false);
+}
 
 CUresult cuModuleLoadData(CUmodule* m, const void* image) {
     // The entries of the PTX text: ".entry name(".
@@ -326,19 +524,28 @@ CUresult cuFuncGetAttribute(int* v, int attr, CUfunction f) {
 }
 CUresult cuFuncSetCacheConfig(CUfunction, int) { return CUDA_SUCCESS; }
 
+// The launch is checked now and queued with a copy of its parameter struct; it runs when its stream's
+// work is needed. A failure is the result of the call that ran it (and sticky).
 CUresult cuLaunchKernel(CUfunction f, unsigned gx, unsigned gy, unsigned gz, unsigned bx, unsigned by, unsigned bz,
-                        unsigned shared, CUstream, void** params, void** extra) {
+                        unsigned shared, CUstream s, void** params, void** extra) {
     if (!f || !params || extra) return CUDA_ERROR_INVALID_VALUE;
     const Function* fn = static_cast<Function*>(f);
-    std::lock_guard<std::mutex> g(M);
+    std::lock_guard<std::recursive_mutex> g(M);
     if ((int)shared > fn->max_dynamic_shared)
         return fail(CUDA_ERROR_INVALID_VALUE, "kernel " + fn->k->name + ": dynamic shared memory over its limit");
-    const std::string e = clt_emu::run(*fn->k, params[0], dim3{gx, gy, gz}, dim3{bx, by, bz}, shared);
-    if (!e.empty()) {
+    const clt_emu::Kernel* k = fn->k;
+    auto p = std::make_shared<std::vector<unsigned char>>(static_cast<const unsigned char*>(params[0]),
+                                                          static_cast<const unsigned char*>(params[0]) + k->param_size);
+    const dim3 grid{gx, gy, gz}, block{bx, by, bz};
+    Stream* st = stream_of(s);
+    const long at = enqueue(st, [=]() -> CUresult {
+        const std::string e = clt_emu::run(*k, p->data(), grid, block, shared);
+        if (e.empty()) return CUDA_SUCCESS;
         last_launch_error = "clt-emu: " + e;
         return fail(CUDA_ERROR_LAUNCH_FAILED, e);
-    }
-    return CUDA_SUCCESS;
+    });
+    // Eager: the launch has run; report its failure here, as before.
+    return eager() ? run_until(st, at) : CUDA_SUCCESS;
 }
 
 // One row per code the emulator returns: its name and its message (a launch failure's is the emulator's

@@ -7,6 +7,12 @@
 // since every rank's n + 1 file exists) or when the communicator is destroyed. A peer that never writes
 // its file makes the call fail after CLT_EMU_NCCL_TIMEOUT_S seconds (default 60) instead of hanging.
 // Only float32 sums (what the crate uses); anything else is ncclInvalidArgument.
+//
+// Streams: the emulated driver defers each stream's work (driver.cc). An all-reduce first runs its stream's
+// queued work (so the send buffer holds what stream order says it holds: if the stream was not made to wait
+// for the kernel that writes it, that kernel has not run), exchanges at once, and queues the write of the
+// sum into the receive buffer on the stream, so that work on another stream that reads the result without
+// waiting for the all-reduce (an event) reads the old contents.
 #include <sys/stat.h>
 #include <unistd.h>
 
@@ -20,6 +26,8 @@
 #include <string>
 #include <thread>
 #include <vector>
+
+#include "driver_calls.h"
 
 namespace {
 enum : int { ncclSuccess = 0, ncclSystemError = 2, ncclInvalidArgument = 4, ncclInvalidUsage = 5 };
@@ -41,6 +49,23 @@ bool exists(const std::string& p) {
 int fail(int code, const std::string& what) {
     fprintf(stderr, "clt-emu nccl: %s\n", what.c_str());
     return code;
+}
+
+// The sum, waiting on the stream to be written into the receive buffer.
+struct Result {
+    void* recv;
+    std::vector<float> sum;
+};
+void write_result(void* p) {
+    Result* r = static_cast<Result*>(p);
+    std::memcpy(r->recv, r->sum.data(), r->sum.size() * 4);
+    delete r;
+}
+int deliver(void* recv, std::vector<float> sum, void* stream) {
+    const auto& d = clt_emu_driver::calls();
+    auto* r = new Result{recv, std::move(sum)};
+    if (!d.host_func || d.host_func(stream, write_result, r) != 0) write_result(r);
+    return ncclSuccess;
 }
 }  // namespace
 
@@ -93,13 +118,14 @@ int ncclCommCuDevice(const void*, int* d) {
 int ncclGroupStart() { return ncclSuccess; }
 int ncclGroupEnd() { return ncclSuccess; }
 
-int ncclAllReduce(const void* send, void* recv, size_t count, int type, int op, void* comm, void* /*stream*/) {
+int ncclAllReduce(const void* send, void* recv, size_t count, int type, int op, void* comm, void* stream) {
     if (type != ncclFloat32 || op != ncclSum) return fail(ncclInvalidArgument, "only float32 sums are emulated");
     Comm& c = *static_cast<Comm*>(comm);
     const size_t bytes = count * 4;
+    if (!clt_emu_driver::drain(stream)) return fail(ncclSystemError, "the stream's earlier work failed");
     if (c.nranks == 1) {
-        std::memmove(recv, send, bytes);
-        return ncclSuccess;
+        const float* s = static_cast<const float*>(send);
+        return deliver(recv, std::vector<float>(s, s + count), stream);
     }
     const long seq = c.seq++;
     const std::string mine = file(c, seq, c.rank), tmp = mine + ".tmp";
@@ -125,8 +151,7 @@ int ncclAllReduce(const void* send, void* recv, size_t count, int type, int op, 
         if (!ok) return fail(ncclSystemError, "cannot read " + file(c, seq, r) + " (a different count on that rank?)");
         for (size_t i = 0; i < count; ++i) sum[i] += part[i];
     }
-    std::memcpy(recv, sum.data(), bytes);
-    return ncclSuccess;
+    return deliver(recv, std::move(sum), stream);
 }
 
 // Destroying: the last all-reduce's file may still be read by a slower rank; leave it to the folder's

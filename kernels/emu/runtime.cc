@@ -369,8 +369,8 @@ bool run_block() {
 
 }  // namespace
 
-void register_kernel(const char* name, void* fn, Thunk thunk, unsigned max_threads) {
-    registry()[name] = Kernel{name, fn, thunk, max_threads};
+void register_kernel(const char* name, void* fn, Thunk thunk, unsigned max_threads, size_t param_size) {
+    registry()[name] = Kernel{name, fn, thunk, max_threads, param_size};
 }
 
 const Kernel* find_kernel(const std::string& name) {

@@ -16,9 +16,10 @@ struct Kernel {
     void* fn;
     Thunk thunk;
     unsigned max_threads;  // __launch_bounds__, else 1024
+    size_t param_size;     // sizeof its parameter struct (a queued launch keeps a copy)
 };
 
-void register_kernel(const char* name, void* fn, Thunk thunk, unsigned max_threads);
+void register_kernel(const char* name, void* fn, Thunk thunk, unsigned max_threads, size_t param_size);
 // The kernel called `name`, or nullptr.
 const Kernel* find_kernel(const std::string& name);
 
@@ -26,7 +27,7 @@ const Kernel* find_kernel(const std::string& name);
 struct Registrar {
     template <class P>
     Registrar(const char* name, void (*f)(P), unsigned max_threads) {
-        register_kernel(name, reinterpret_cast<void*>(f), &call<P>, max_threads);
+        register_kernel(name, reinterpret_cast<void*>(f), &call<P>, max_threads, sizeof(P));
     }
     template <class P>
     static void call(void* fn, const void* params) {
