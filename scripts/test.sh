@@ -51,6 +51,10 @@ cargo test --release --features cuda --test cuda -- --nocapture
 echo "== CUDA on the CPU emulator: the kernel tests and the bench's code paths"
 emu=$(bash scripts/build-emu.sh)
 LD_LIBRARY_PATH="$emu" CLT_REQUIRE_GPU=1 cargo test --release --features cuda --test cuda -- --nocapture
+# The emulator defers each stream's work until something waits for it (a missing wait between the copy and
+# compute streams fails above); side-first runs the side streams' work as early as their waits allow
+# instead (a copy that overwrites what queued compute work has yet to read fails here).
+LD_LIBRARY_PATH="$emu" CLT_EMU_STREAMS=side-first CLT_REQUIRE_GPU=1 cargo test --release --features cuda --test cuda
 LD_LIBRARY_PATH="$emu" cargo run --release --features cuda --bin clt -- bench --cuda --preset tiny
 
 # NCCL bootstrapped by MPI (dist::nccl) exists only with both features: clippy, and its test (without a GPU
@@ -61,3 +65,6 @@ cargo test --release --features cuda,mpi --test nccl --test dist_cuda -- --nocap
 # ... and on the CPU emulator, whose libnccl.so sums between processes: one rank, and two under mpirun; and
 # data-parallel training on the CUDA step (cuda-host), two ranks under mpirun against one process.
 LD_LIBRARY_PATH="$emu" CLT_REQUIRE_GPU=1 cargo test --release --features cuda,mpi --test nccl --test dist_cuda -- --nocapture
+# The trainer's NCCL sums (on a stream of their own with overlap) with the side streams first.
+LD_LIBRARY_PATH="$emu" CLT_EMU_STREAMS=side-first CLT_REQUIRE_GPU=1 cargo test --release --features cuda,mpi \
+    --test dist_cuda -- ranks_on_cuda_host the_resident_loop

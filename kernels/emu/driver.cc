@@ -19,7 +19,9 @@
 // takes the bytes at the call, device-to-host returns once the copy is done; pinned memory (cuMemHostAlloc)
 // is read and written when the copy runs. A queued launch's failure is returned by the call that ran it and
 // then by every synchronisation (sticky, as in CUDA). CLT_EMU_STREAMS=eager runs everything at the call
-// instead (the emulator's old behaviour). Event times are host times of when the record ran.
+// instead (the emulator's old behaviour); CLT_EMU_STREAMS=side-first runs the created streams' work at the
+// call and defers only the legacy stream's, the other extreme (see mode()). Event times are host times of
+// when the record ran.
 #include <sys/mman.h>
 #include <unistd.h>
 
@@ -104,13 +106,20 @@ Stream* stream_of(CUstream s) {
     return h <= 2 ? &legacy : static_cast<Stream*>(s);
 }
 
-bool eager() {
-    static const bool e = [] {
+// CLT_EMU_STREAMS: "deferred" (the default), "eager" (everything at the call), or "side-first" (the
+// streams a program creates run at the call, the legacy default stream, the compute stream, deferred: a
+// copy or collective on a side stream then runs as early as its waits allow, before compute work queued
+// earlier that nothing has waited for).
+int mode() {
+    static const int m = [] {
         const char* v = getenv("CLT_EMU_STREAMS");
-        return v && std::strcmp(v, "eager") == 0;
+        if (v && std::strcmp(v, "eager") == 0) return 1;
+        if (v && std::strcmp(v, "side-first") == 0) return 2;
+        return 0;
     }();
-    return e;
+    return m;
 }
+bool eager() { return mode() == 1; }
 
 CUresult run_until(Stream* s, long at);
 
@@ -135,7 +144,7 @@ long enqueue(Stream* s, std::function<CUresult()> f) {
     }
     s->q.push_back(std::move(f));
     const long at = ++s->queued;
-    if (eager()) run_until(s, at);
+    if (eager() || (mode() == 2 && s != &legacy)) run_until(s, at);
     return at;
 }
 
