@@ -101,7 +101,7 @@ pub fn group_by_feature(gpu: &Gpu, codes: &DeviceCodes, n_features: usize) -> Re
     gpu.launch(Module::Backward, "csr_scan", per_item(1, 1024), &p)?;
     gpu.launch(Module::Backward, "csr_fill", grid_1d(slots, 256), &p)?;
     gpu.launch(Module::Backward, "csr_sort", per_item(n_features, 256), &p)?;
-    gpu.sync()?; // `cursor` and `unsorted` are freed on return
+    // `cursor` and `unsorted` are freed on return: in stream order, after the kernels above (no sync).
     Ok(Csr { fstart, order })
 }
 
@@ -191,6 +191,6 @@ pub fn layer_grads(gpu: &Gpu, inp: &LayerGradInput) -> Result<LayerGrads> {
         pad0: 0,
     };
     gpu.launch(Module::Backward, "feature_grads", per_item(f_n, 256), &fp)?;
-    gpu.sync()?; // the scratch buffers are freed on return
+    // The scratch buffers are freed on return, in stream order (no sync).
     Ok(g)
 }

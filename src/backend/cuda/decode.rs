@@ -70,7 +70,7 @@ pub fn sparse_decode(
         pad0: 0,
     };
     launch_decode(gpu, &p, b_n, l_n)?;
-    gpu.sync()?; // `views` is freed on return
+    // `views` is freed on return, in stream order after the launch (no sync).
     Ok(DecodeOut {
         yhat,
         resid,
@@ -142,7 +142,7 @@ fn launch_decode(gpu: &Gpu, p: &CltDecodeParams, b_n: usize, n_targets: usize) -
 /// plan keeps its address, so the caller may hand the buffer to the all-reduce while layers decode into it).
 pub struct PartialDecode<'g> {
     gpu: &'g Gpu,
-    /// The device array `p.layers` points to (kept alive while launches may read it).
+    /// The device array `p.layers` points to (its free on drop is stream-ordered, after the launches).
     _views: DBuf<CltLayerView>,
     p: CltDecodeParams,
 }
@@ -209,14 +209,6 @@ impl<'g> PartialDecode<'g> {
             ..self.p
         };
         launch_decode(self.gpu, &p, self.p.n_tokens as usize, 1)
-    }
-}
-
-impl Drop for PartialDecode<'_> {
-    fn drop(&mut self) {
-        // The queued launches read `views`, which is freed after this: wait for them (as
-        // `sparse_decode` does before it returns).
-        let _ = self.gpu.sync();
     }
 }
 

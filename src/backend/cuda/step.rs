@@ -436,9 +436,11 @@ fn step_with(
             .collect::<Result<_>>()?,
         None => (0..l_n).map(|_| None).collect(),
     };
+    // Every layer's backward and the decoder-bias gradient are queued before any statistic is read back,
+    // so the device runs them back to back; the downloads after them wait once for the lot.
     let mut layer_grads = Vec::with_capacity(l_n);
     for (l, (codes, window)) in layers.iter().enumerate() {
-        let g = backward::layer_grads(
+        layer_grads.push(backward::layer_grads(
             gpu,
             &LayerGradInput {
                 codes,
@@ -457,7 +459,12 @@ fn step_with(
                 obj: *obj,
                 jump,
             },
-        )?;
+        )?);
+    }
+    let b_dec = (0..l_n)
+        .map(|k| col_sum(gpu, &resid, k * d, row, n_tokens, d))
+        .collect::<Result<_>>()?;
+    for (l, (g, (_, window))) in layer_grads.iter().zip(&layers).enumerate() {
         let active = gpu.download(&g.active_count)?;
         let spars: f64 = gpu.download(&g.sparsity)?.iter().map(|v| *v as f64).sum();
         stats.sparsity += spars * obj.lambda as f64 / bf as f64;
@@ -478,11 +485,7 @@ fn step_with(
         let near = gpu.download(&window.near_count)?;
         stats.n_window.push(near.iter().map(|v| *v as usize).sum());
         stats.active_count.push(active);
-        layer_grads.push(g);
     }
-    let b_dec = (0..l_n)
-        .map(|k| col_sum(gpu, &resid, k * d, row, n_tokens, d))
-        .collect::<Result<_>>()?;
     Ok((
         stats,
         DeviceGrads {

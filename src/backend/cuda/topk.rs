@@ -112,7 +112,7 @@ pub fn batch_topk_mask(
         per_item(n_blocks, 256),
         &p,
     )?;
-    gpu.sync()?;
+    // The scratch buffers are freed on return, in stream order (no sync).
     Ok(mask)
 }
 
