@@ -835,8 +835,7 @@ impl<C: Comm> ShardedTrainer<C> {
             self.source.as_mut(),
             &mut self.batch,
             &self.norms,
-            self.run.train.batch_size,
-            self.run.model.d_model,
+            &self.run,
         )
     }
 
@@ -864,13 +863,7 @@ impl<C: Comm> ShardedTrainer<C> {
         if self.step + 1 < self.run.train.steps {
             let position = self.source.position();
             let mut next = Batch::default();
-            wait_s += fetch_batch(
-                self.source.as_mut(),
-                &mut next,
-                &self.norms,
-                self.run.train.batch_size,
-                self.run.model.d_model,
-            )?;
+            wait_s += fetch_batch(self.source.as_mut(), &mut next, &self.norms, &self.run)?;
             let resident = self.resident.as_mut().ok_or_else(no_device)?;
             resident.stage(&replica_slice(&next, at))?;
             self.next = Some((next, position));

@@ -308,8 +308,7 @@ impl Trainer {
             self.source.as_mut(),
             &mut self.batch,
             &self.norms,
-            self.run.train.batch_size,
-            self.run.model.d_model,
+            &self.run,
         )
     }
 
@@ -575,19 +574,18 @@ pub(crate) fn prune_checkpoints(root: &Path, keep_latest: &str, keep: usize) -> 
     Ok(())
 }
 
-/// Fetches the next `batch_size` tokens from `source` into `batch` and normalises them; returns the seconds
-/// spent waiting for the source.
+/// Fetches the next `run.train.batch_size` tokens from `source` into `batch` and normalises them; returns
+/// the seconds spent waiting for the source.
 pub(crate) fn fetch_batch(
     source: &mut dyn ActivationSource,
     batch: &mut Batch,
     norms: &NormScales,
-    batch_size: usize,
-    d_model: usize,
+    run: &RunConfig,
 ) -> Result<f64> {
     let wait = Instant::now();
-    source.next_batch(batch_size, batch)?;
+    source.next_batch(run.train.batch_size, batch)?;
     let data_wait_s = wait.elapsed().as_secs_f64();
-    norms.apply(d_model, &mut batch.x, &mut batch.y);
+    norms.apply(run.model.d_model, &mut batch.x, &mut batch.y);
     Ok(data_wait_s)
 }
 
