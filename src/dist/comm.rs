@@ -15,8 +15,8 @@ pub trait DeviceSum {
     /// deadline; a peer that does not join ends the job naming it, as a timed-out MPI collective does.
     fn sum(&self, what: &str, buf: &mut DBuf<f32>) -> Result<()>;
 
-    /// Sums `buf` over the ranks as `parts` equal contiguous blocks (the last takes the remainder), block
-    /// `i` after `fill(i)` has queued its writes on the [`Gpu`]'s stream; returns with the whole sum done
+    /// Sums `buf` over the ranks as `parts` contiguous blocks (block `i`: elements `len·i/parts ..
+    /// len·(i+1)/parts`), block `i` after `fill(i)` has queued its writes on the [`Gpu`]'s stream; returns with the whole sum done
     /// and ordered before later work on that stream. An implementation with a stream of its own for the
     /// collectives (NCCL made with `own_stream`) sums block `i` there while block `i + 1` is being filled
     /// and computed; this default fills every block, then sums the buffer once ([`DeviceSum::sum`]).
@@ -32,12 +32,6 @@ pub trait DeviceSum {
         }
         self.sum(what, buf)
     }
-}
-
-/// Block `i` of `parts` equal contiguous blocks of `len` elements ([`DeviceSum::sum_parts`]).
-pub fn part_range(len: usize, parts: usize, i: usize) -> std::ops::Range<usize> {
-    let parts = parts.max(1);
-    len * i / parts..len * (i + 1) / parts
 }
 
 /// A group of ranks that train one model together.

@@ -124,9 +124,7 @@ impl NcclComm {
             .map_err(nccl_err("ncclAllReduce"))?;
         Ok(())
     }
-}
 
-impl NcclComm {
     /// Whether the collectives run on a stream other than the compute stream.
     fn own_stream(&self) -> bool {
         !Arc::ptr_eq(&self.stream, &self.compute)
@@ -215,7 +213,7 @@ impl DeviceSum for NcclComm {
         let len = buf.len();
         for i in 0..parts {
             fill(i)?;
-            let range = super::comm::part_range(len, parts, i);
+            let range = len * i / parts..len * (i + 1) / parts;
             if range.is_empty() {
                 continue;
             }

@@ -1412,10 +1412,6 @@ fn overlapped_partials<C: Comm>(
         decode_s += t.elapsed().as_secs_f64();
     })?;
     let reduce_s = started.elapsed().as_secs_f64() - decode_s;
-    for (l, part) in parts.iter().enumerate() {
-        for (b, p) in part.chunks_exact(d).enumerate() {
-            yhat[b * row + l * d..b * row + (l + 1) * d].copy_from_slice(p);
-        }
-    }
+    crate::backend::cpu::sparse::layer_blocks_into(&parts, d, &mut yhat);
     Ok((yhat, decode_s, reduce_s))
 }

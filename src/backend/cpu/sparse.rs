@@ -341,6 +341,17 @@ pub fn forward(
     (codes, yhat)
 }
 
+/// Writes `L` layer blocks of `[B][d]` (a layer-major reconstruction, as the overlapped all-reduce sums
+/// it) into the token-major `[B][L][d]` `yhat`.
+pub fn layer_blocks_into(parts: &[Vec<f32>], d: usize, yhat: &mut [f32]) {
+    let row = parts.len() * d;
+    for (l, part) in parts.iter().enumerate() {
+        for (b, p) in part.chunks_exact(d.max(1)).enumerate() {
+            yhat[b * row + l * d..][..p.len()].copy_from_slice(p);
+        }
+    }
+}
+
 /// Residual `r = (2/B)(ŷ − y)` and per-layer squared errors.
 pub fn residual(
     yhat: &[f32],

@@ -403,7 +403,8 @@ fn step_with(
             if let Some(e) = failed {
                 return Err(e);
             }
-            let yhat = token_major(&parts, n_tokens, l_n, d);
+            let mut yhat = vec![0.0; n_tokens * row];
+            crate::backend::cpu::sparse::layer_blocks_into(&parts, d, &mut yhat);
             let (r, sq_err) = crate::backend::cpu::sparse::residual(&yhat, y, n_tokens, l_n, d);
             (gpu.upload(&r)?, sq_err)
         }
@@ -493,18 +494,6 @@ fn step_with(
             b_dec,
         },
     ))
-}
-
-/// `[B][L][d]` from `L` blocks of `[B][d]`.
-fn token_major(parts: &[Vec<f32>], n_tokens: usize, l_n: usize, d: usize) -> Vec<f32> {
-    let row = l_n * d;
-    let mut out = vec![0.0; n_tokens * row];
-    for (l, part) in parts.iter().enumerate() {
-        for b in 0..n_tokens {
-            out[b * row + l * d..][..d].copy_from_slice(&part[b * d..][..d]);
-        }
-    }
-    out
 }
 
 /// Per layer, the sum over tokens (in token order, f64) of the `[B][L]` squared errors.
