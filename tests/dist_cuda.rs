@@ -26,7 +26,8 @@ use clt::clt::Params;
 use clt::dist::checkpoint;
 use clt::train::{Collectives, Parallel, RunConfig};
 use common::runs::{
-    CLT, assert_params_close, fork_run, losses, mpirun, mpirun_train, text, write_config,
+    CLT, assert_params_close, fork_run, losses, mpirun, mpirun_program, mpirun_train, text,
+    write_config,
 };
 use std::path::Path;
 use std::process::Command;
@@ -344,20 +345,13 @@ fn a_rank_without_libnccl_falls_back_to_mpi_or_is_refused() {
     let job = |name: &str, run: &RunConfig| {
         let cfg = write_config(tmp.path(), &format!("{name}.toml"), run);
         let out = tmp.path().join(name);
-        let o = Command::new("mpirun")
-            .args(["--allow-run-as-root", "--oversubscribe", "--timeout", "180"])
-            .args(["-n", "2", "sh", "-c", &script, "sh", "train", "--config"])
-            .args([
-                cfg.to_str().unwrap(),
-                "--out",
-                out.to_str().unwrap(),
-                "--quiet",
-            ])
-            .env("OMPI_ALLOW_RUN_AS_ROOT", "1")
-            .env("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1")
-            .env("RAYON_NUM_THREADS", "1")
-            .output()
-            .unwrap();
+        let (cfg_s, out_s) = (cfg.to_str().unwrap(), out.to_str().unwrap());
+        let (o, _) = mpirun_program(
+            2,
+            &["sh", "-c", &script, "sh"],
+            &["train", "--config", cfg_s, "--out", out_s, "--quiet"],
+            &[],
+        );
         (o, out)
     };
     let (o, auto) = job("auto", &run);

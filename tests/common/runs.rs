@@ -21,9 +21,21 @@ pub fn write_config(dir: &Path, name: &str, run: &RunConfig) -> PathBuf {
 /// `mpirun -n <n> clt <args>` as root, oversubscribed, one thread per rank, with `env` and a job time
 /// limit; the output and how long it took.
 pub fn mpirun(n: usize, args: &[&str], env: &[(&str, &str)]) -> (Output, Duration) {
+    mpirun_program(n, &[CLT], args, env)
+}
+
+/// [`mpirun`] with each rank started as `program` (a command and its first arguments, e.g. a shell that
+/// sets a rank's environment before it runs `clt`) followed by `args`.
+pub fn mpirun_program(
+    n: usize,
+    program: &[&str],
+    args: &[&str],
+    env: &[(&str, &str)],
+) -> (Output, Duration) {
     let mut c = Command::new("mpirun");
     c.args(["--allow-run-as-root", "--oversubscribe", "--timeout", "180"])
-        .args(["-n", &n.to_string(), CLT])
+        .args(["-n", &n.to_string()])
+        .args(program)
         .args(args)
         .env("OMPI_ALLOW_RUN_AS_ROOT", "1")
         .env("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1")
