@@ -358,7 +358,9 @@ typedef struct {
     uint32_t r0;     /* first row to decode */
     uint32_t n_rows;
     uint32_t codec;
-    uint32_t pad0;
+    uint32_t layers; /* rows per token (row r is layer r % layers), with layer_scale */
+    clt_ptr layer_scale; /* const f32 [layers]: every value of row r multiplied by layer_scale[r % layers]
+                          * after dequantisation (the trainer's normalisation), or 0 */
 } CltDequantParams;
 
 /* f32 -> bf16 conversion (round to nearest even), for inputs and weights. */

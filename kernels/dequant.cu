@@ -1,5 +1,6 @@
 // Dequantisation of activation-store sections on the device (int8 / int4, one f32 absmax scale per row).
-// CPU reference: src/store/codec.rs (SectionCodec::decode_rows, the Int8 and Int4 arms).
+// CPU reference: src/store/codec.rs (Section::decode_rows, the Int8 and Int4 arms), then
+// src/clt/params.rs (NormScales::apply) with a layer scale.
 #include "common.cuh"
 
 CLT_KERNEL void dequant_rows(const CltDequantParams p) {
@@ -23,6 +24,8 @@ CLT_KERNEL void dequant_rows(const CltDequantParams p) {
         const int q = (j & 1) ? (c >> 4) : (c & 0x0f);
         v = (float)(q - 8) * s;
     }
+    // Two roundings, as the host's decode then `NormScales::apply`: (code · scale) · layer scale.
+    if (p.layer_scale) v *= ptr<const float>(p.layer_scale)[r % p.layers];
     ptr<float>(p.out)[i] = v;
     if (p.out_bf16) ptr<__nv_bfloat16>(p.out_bf16)[i] = __float2bfloat16_rn(v);
 }

@@ -634,6 +634,75 @@ mod gpu_tests {
         assert_eq!(t.params.w_dec.len(), whole.params.w_dec.len());
     }
 
+    /// `--backend cuda` on a store of int8 (and int4) rows: batches staged as the store's codes and decoded
+    /// and normalised on the device (`train.device_dequant`, the default) give the run that batches decoded
+    /// and normalised on the host and staged in f32 give, bit for bit: every step's loss, the parameters
+    /// and Adam's state. (The device multiplies the same two products as the host, and the bf16 copy of x
+    /// rounds the same f32 values.)
+    #[test]
+    fn resident_decodes_store_batches_on_the_device() {
+        let Some(_gpu) = gpu() else { return };
+        for codec in [Codec::Int8, Codec::Int4] {
+            let dir = tempfile::tempdir().unwrap();
+            let mut run = small_gpu_run(5);
+            let dims = clt::data::ActDims {
+                n_layers: run.model.n_layers,
+                d_model: run.model.d_model,
+            };
+            let clt::train::config::DataConfig::Synthetic(syn) = &run.data else {
+                unreachable!("the demo's configuration is synthetic")
+            };
+            let mut source = clt::data::synthetic::SyntheticGenerator::new(dims, syn.clone());
+            let mut batch = clt::data::Batch::default();
+            clt::data::ActivationSource::next_batch(&mut source, 700, &mut batch).unwrap();
+            let cfg = clt::store::WriterConfig {
+                codec,
+                block_tokens: 64,
+                ..Default::default()
+            };
+            let meta = clt::store::format::ShardMeta::default();
+            let mut w =
+                clt::store::DatasetWriter::create(dir.path(), dims, cfg, meta, 300).unwrap();
+            w.push(&batch.x, &batch.y, None).unwrap();
+            w.finish().unwrap();
+            run.data = clt::train::config::DataConfig::Store(clt::train::config::StoreDataConfig {
+                path: dir.path().to_path_buf(),
+                seed: 3,
+                window_blocks: 2,
+                workers: 1,
+                prefetch: 2,
+            });
+            run.train.backend = BackendKind::Cuda;
+            let mut on_device = Trainer::new(run.clone()).unwrap();
+            run.train.device_dequant = false;
+            let mut on_host = Trainer::new(run).unwrap();
+            for step in 0..5 {
+                let (a, b) = (on_device.step().unwrap(), on_host.step().unwrap());
+                assert_eq!(
+                    a.stats.loss().to_bits(),
+                    b.stats.loss().to_bits(),
+                    "{codec:?} step {step}: loss {} decoded on the device, {} on the host",
+                    a.stats.loss(),
+                    b.stats.loss()
+                );
+                assert_eq!(
+                    a.stats.target_var, b.stats.target_var,
+                    "{codec:?} step {step}"
+                );
+            }
+            on_device.sync_host().unwrap();
+            on_host.sync_host().unwrap();
+            assert!(
+                on_device.params == on_host.params,
+                "{codec:?}: parameters differ"
+            );
+            assert!(
+                on_device.adam_state() == on_host.adam_state(),
+                "{codec:?}: Adam state differs"
+            );
+        }
+    }
+
     proptest! {
         #![proptest_config(ProptestConfig::with_cases(cases()))]
 
@@ -1103,6 +1172,28 @@ mod gpu_tests {
             let dev = gpu.upload(&bytes).unwrap();
             let got = dequant::dequant_rows(gpu, &dev, q, rows, d, r0, n, None).unwrap();
             prop_assert_eq!(gpu.download(&got).unwrap(), want);
+
+            // The trainer's form: all rows into existing (poisoned) buffers, each multiplied by its layer's
+            // normalisation factor (`NormScales::apply` on the host's decode), and the bf16 copy the encoder
+            // reads (`to_bf16` of the f32 values).
+            let layers = 1 + (seed % 4) as usize;
+            let scales: Vec<f32> = (0..layers).map(|_| (rng.normal() as f32).exp()).collect();
+            let mut want = vec![0f32; rows * d];
+            sec.decode_rows(&bytes, 0, &mut want);
+            for (r, row) in want.chunks_exact_mut(d).enumerate() {
+                row.iter_mut().for_each(|v| *v *= scales[r % layers]);
+            }
+            let (out, bf) = (gpu.output::<f32>(rows * d).unwrap(), gpu.output::<u16>(rows * d).unwrap());
+            let ls = gpu.upload(&scales).unwrap();
+            let dst = dequant::DequantOut { out: &out, bf16: Some(&bf), layer_scale: Some(&ls) };
+            dequant::dequant_into(gpu, &dev, q, rows, d, 0, &dst).unwrap();
+            let got = gpu.download(&out).unwrap();
+            prop_assert_eq!(
+                got.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+                want.iter().map(|v| v.to_bits()).collect::<Vec<_>>()
+            );
+            let bf_want = gpu.download(&encode::to_bf16(gpu, &out).unwrap()).unwrap();
+            prop_assert_eq!(gpu.download(&bf).unwrap(), bf_want);
         }
 
         /// Column sums (Σ_b x_b, the decoder-bias gradient) and the per-feature grouping (CSR).

@@ -524,6 +524,94 @@ fn loader_batches_ahead_follow_changing_batch_sizes() {
 }
 
 #[test]
+fn coded_batches_decode_to_the_f32_batches_in_the_same_stream() {
+    // `next_coded` serves the rows `next_batch` would, still quantised: decoded on the host (the device's
+    // reference) they are the f32 batches bit for bit, mixed calls share one stream and one position, and
+    // the result depends neither on the workers nor on which kind was asked for before.
+    for codec in [Codec::Int8, Codec::Int4] {
+        let dir = tempfile::tempdir().unwrap();
+        write_ds(dir.path(), codec, false, 613, 16, 200);
+        let kinds = [
+            true, false, true, true, false, false, true, false, true, true,
+        ];
+        let sizes = [64usize, 64, 13, 64, 1, 64, 200, 7, 7, 64];
+        let run = |workers, coded_only: bool| {
+            let mut l = ShardLoader::open(dir.path(), cfg(4, workers)).unwrap();
+            assert_eq!(l.coded(), Some(codec));
+            let (mut b, mut c) = (Batch::default(), clt::data::CodedBatch::default());
+            let mut out = Vec::new();
+            for (i, (&coded, &n)) in kinds.iter().zip(&sizes).cycle().take(30).enumerate() {
+                if coded || coded_only {
+                    l.next_coded(n, &mut c).unwrap();
+                    assert_eq!((c.n_tokens, c.codec), (n, codec));
+                    assert_eq!(c.x.len(), c.section().bytes());
+                    c.decode_into(&mut b);
+                    // The targets' variance from the codes (per layer, scaled) is the f32 batch's.
+                    let scale = [0.5f32, 1.0, 3.0];
+                    let mut scaled = b.y.clone();
+                    for (r, row) in scaled.chunks_exact_mut(DIMS.d_model).enumerate() {
+                        row.iter_mut().for_each(|v| *v *= scale[r % DIMS.n_layers]);
+                    }
+                    let want = clt::backend::grads::target_variance(
+                        &scaled,
+                        n,
+                        DIMS.n_layers,
+                        DIMS.d_model,
+                    );
+                    let got = c.target_variance(&scale);
+                    assert_eq!(
+                        got.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+                        want.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+                        "{codec:?} batch {i}: target variance"
+                    );
+                } else {
+                    l.next_batch(n, &mut b).unwrap();
+                }
+                out.push((b.x.clone(), b.y.clone(), l.position()));
+            }
+            out
+        };
+        let f32_only = {
+            let mut l = ShardLoader::open(dir.path(), cfg(4, 0)).unwrap();
+            let mut b = Batch::default();
+            sizes
+                .iter()
+                .cycle()
+                .take(30)
+                .map(|&n| {
+                    l.next_batch(n, &mut b).unwrap();
+                    (b.x.clone(), b.y.clone(), l.position())
+                })
+                .collect::<Vec<_>>()
+        };
+        for workers in [0, 1, 3] {
+            assert_eq!(
+                run(workers, false),
+                f32_only,
+                "{codec:?}, {workers} workers, mixed"
+            );
+            assert_eq!(
+                run(workers, true),
+                f32_only,
+                "{codec:?}, {workers} workers, coded"
+            );
+        }
+    }
+    // Codecs whose rows are not a scale and codes alone are not served coded.
+    for codec in [Codec::F32, Codec::Bf16, Codec::Int8p, Codec::Int8e] {
+        let dir = tempfile::tempdir().unwrap();
+        write_ds(dir.path(), codec, false, 100, 16, 200);
+        let mut l = ShardLoader::open(dir.path(), cfg(4, 0)).unwrap();
+        assert_eq!(l.coded(), None, "{codec:?}");
+        let mut c = clt::data::CodedBatch::default();
+        assert!(matches!(
+            l.next_coded(8, &mut c),
+            Err(Error::Unsupported(_))
+        ));
+    }
+}
+
+#[test]
 fn loader_reports_a_corrupt_block_without_hanging_or_moving() {
     let dir = tempfile::tempdir().unwrap();
     id_dataset(dir.path(), 600, 16, 600);

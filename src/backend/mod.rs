@@ -178,6 +178,16 @@ impl Resident {
     pub fn stage(&mut self, _batch: &crate::data::Batch) -> Result<()> {
         match *self {}
     }
+    pub fn stage_coded(
+        &mut self,
+        _batch: &crate::data::CodedBatch,
+        _norms: &crate::clt::NormScales,
+    ) -> Result<()> {
+        match *self {}
+    }
+    pub fn decodes(_codec: crate::store::Codec) -> bool {
+        false
+    }
     pub fn step(
         &mut self,
         _obj: &Objective,

@@ -7,10 +7,14 @@
 //! Layout of a [`Batch`]: token-major, `x[b][l][i]` at `(b * n_layers + l) * d_model + i` (the `[T, L, d]` layout
 //! that CLT-Forge's activation files use).
 
+pub mod coded;
 pub mod memory;
 pub mod synthetic;
 
-use crate::Result;
+pub use coded::CodedBatch;
+
+use crate::store::Codec;
+use crate::{Error, Result};
 
 /// The sizes of the activations a source produces.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -66,4 +70,20 @@ pub trait ActivationSource: Send {
 
     /// Moves the source to a position previously returned by [`position`](Self::position).
     fn restore(&mut self, position: &serde_json::Value) -> Result<()>;
+
+    /// The codec of the batches [`next_coded`](Self::next_coded) serves, when this source can serve them
+    /// still quantised (a store of int8 or int4 rows); `None` otherwise.
+    fn coded(&self) -> Option<Codec> {
+        None
+    }
+
+    /// Fills `batch` with the next `n_tokens` tokens still quantised: the tokens [`next_batch`](Self::next_batch)
+    /// would serve, in its order, advancing the position as it does; [`CodedBatch::decode_into`] gives its
+    /// values. An error when [`coded`](Self::coded) is `None`.
+    fn next_coded(&mut self, n_tokens: usize, batch: &mut CodedBatch) -> Result<()> {
+        let _ = (n_tokens, batch);
+        Err(Error::Unsupported(
+            "serving still-quantised batches from this activation source".into(),
+        ))
+    }
 }

@@ -20,14 +20,19 @@
 //! decompresses and dequantises. Memory held: about `(workers × (prefetch + 1) + 2) × window_blocks` decompressed
 //! blocks (the codec's size, not f32) and, with workers, `prefetch + 2` batches of f32.
 //!
+//! **Coded batches.** When every shard is int8 or every shard int4, [`ActivationSource::next_coded`] serves
+//! the same rows still quantised ([`CodedBatch`]: each row's scale and codes copied out of its block as
+//! they are), for a trainer that decodes them on the device; both kinds of call advance the one stream.
+//!
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{Receiver, SyncSender, sync_channel};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 
+use super::codec::Codec;
 use super::format::BlockLayout;
 use super::reader::{Block, BlockReader, Dataset};
-use crate::data::{ActDims, ActivationSource, Batch};
+use crate::data::{ActDims, ActivationSource, Batch, CodedBatch};
 use crate::{Error, Result};
 
 /// Loader settings. The stream depends on `seed`, `window_blocks`, `rank` and `world` only.
@@ -101,6 +106,8 @@ struct Plan {
     cfg: LoaderConfig,
     n_windows: u64,
     row: usize,
+    /// The codec of every shard when it is int8 or int4 throughout (batches can then be served coded).
+    coded: Option<Codec>,
     /// Decompression buffers returned by served windows, reused by the next ones.
     pool: Mutex<Vec<Vec<u8>>>,
 }
@@ -258,6 +265,14 @@ impl Drop for Pipeline {
     }
 }
 
+/// The codec of every shard of `ds` if it is the same int8 or int4 for all (the codecs whose rows are a
+/// scale and codes, nothing else, and so can be served as they are).
+fn coded_codec(ds: &Dataset) -> Option<Codec> {
+    let first = ds.shards().first()?.header().codec;
+    let same = ds.shards().iter().all(|s| s.header().codec == first);
+    (same && matches!(first, Codec::Int8 | Codec::Int4)).then_some(first)
+}
+
 /// Serves shuffled batches from a dataset of shards; see the module documentation for the order.
 pub struct ShardLoader {
     plan: Arc<Plan>,
@@ -313,6 +328,7 @@ impl ShardLoader {
         let plan = Plan {
             n_windows: mine.div_ceil(cfg.window_blocks) as u64,
             row: dims.n_layers * dims.d_model,
+            coded: coded_codec(&ds),
             pool: Mutex::new(Vec::new()),
             ds,
             blocks,
@@ -372,6 +388,60 @@ impl ShardLoader {
     }
 }
 
+impl ShardLoader {
+    /// Serves the next `n_tokens` rows into `out` (f32 or coded: the same rows, the same position after).
+    fn serve(&mut self, n_tokens: usize, out: Out<'_>) -> Result<()> {
+        if self.plan.cfg.workers == 0 {
+            let stream = self
+                .stream
+                .get_or_insert_with(|| Stream::at(&self.plan, self.g, self.cursor));
+            let r = stream.fill(n_tokens, out, 1);
+            match r {
+                Ok(()) => (self.g, self.cursor) = (stream.g, stream.cursor),
+                // The next call starts afresh from the unchanged position.
+                Err(_) => self.stream = None,
+            }
+            return r;
+        }
+        let coded = matches!(out, Out::Coded(_));
+        if self
+            .ahead
+            .as_ref()
+            .is_some_and(|a| a.n_tokens != n_tokens || a.coded != coded)
+        {
+            // Another batch size or kind: batches assembled ahead are dropped and assembly restarts from here.
+            self.ahead = None;
+        }
+        if self.ahead.is_none() {
+            self.ahead = Some(Assembler::spawn(
+                &self.plan,
+                self.g,
+                self.cursor,
+                n_tokens,
+                coded,
+            )?);
+        }
+        let ahead = self.ahead.as_ref().unwrap();
+        match ahead.recv() {
+            Ok((mut b, g, cursor)) => {
+                match (out, &mut b) {
+                    (Out::F32(o), Served::F32(s)) => std::mem::swap(o, s),
+                    (Out::Coded(o), Served::Coded(s)) => std::mem::swap(o, s),
+                    _ => unreachable!("the assembler serves the kind it was started for"),
+                }
+                let _ = ahead.recycle.as_ref().unwrap().try_send(b);
+                (self.g, self.cursor) = (g, cursor);
+                Ok(())
+            }
+            Err(e) => {
+                // The thread stops at an error; a later call starts afresh from the unchanged position.
+                self.ahead = None;
+                Err(e)
+            }
+        }
+    }
+}
+
 /// The serving state of the stream: the window being served, the next row in it, and where windows come from
 /// (the workers' pipeline, or this thread).
 struct Stream {
@@ -413,17 +483,12 @@ impl Stream {
         self.pipeline.as_ref().unwrap().recv(g)
     }
 
-    /// Fills `batch` with the next `n_tokens` rows: each row dequantised straight from its decompressed block,
-    /// the rows split among `threads` scoped threads (each row's decode is independent of the others', so the
-    /// batch does not depend on `threads`). After an error the stream's state is unspecified: the caller drops it
-    /// and starts another at its position.
-    fn fill(&mut self, n_tokens: usize, batch: &mut Batch, threads: usize) -> Result<()> {
-        let dims = self.plan.ds.dims();
-        batch.resize(dims, n_tokens);
-        // The windows the batch's rows come from (finished ones, then the current one) and, per row, its window
-        // and (block, token) in it.
+    /// Takes the next `n_tokens` rows of the stream: the windows they come from (finished ones, then the
+    /// current one) and, per row, its window and (block, token) in it. The finished windows go back to the
+    /// pool through [`Plan::recycle`] once the rows are copied out.
+    fn take(&mut self, n_tokens: usize) -> Result<(Vec<Window>, Vec<RowSource>)> {
         let mut done: Vec<Window> = Vec::new();
-        let mut rows: Vec<(usize, (u32, u32))> = Vec::with_capacity(n_tokens);
+        let mut rows: Vec<RowSource> = Vec::with_capacity(n_tokens);
         while rows.len() < n_tokens {
             if self.current.is_none() {
                 self.current = Some(self.fetch(self.g)?);
@@ -439,28 +504,95 @@ impl Stream {
                 self.g += 1;
             }
         }
+        Ok((done, rows))
+    }
+
+    /// Fills `out` with the next `n_tokens` rows, the rows split among `threads` scoped threads (each
+    /// row's copy is independent of the others', so the batch does not depend on `threads`): f32 rows
+    /// dequantised straight from their decompressed block, or coded rows copied as they are. After an
+    /// error the stream's state is unspecified: the caller drops it and starts another at its position.
+    fn fill(&mut self, n_tokens: usize, out: Out<'_>, threads: usize) -> Result<()> {
+        let dims = self.plan.ds.dims();
+        let (done, rows) = self.take(n_tokens)?;
         let wins: Vec<&Window> = done.iter().chain(self.current.as_ref()).collect();
-        let row = self.plan.row;
-        let decode = |rows: &[(usize, (u32, u32))], x: &mut [f32], y: &mut [f32]| {
-            let out = x.chunks_exact_mut(row).zip(y.chunks_exact_mut(row));
-            for (&(wi, (j, t)), (xr, yr)) in rows.iter().zip(out) {
-                let (layout, raw) = &wins[wi].blocks[j as usize];
-                Block::from_parts(*layout, raw, dims.n_layers).xy_rows(t as usize, xr, yr);
-            }
-        };
         let per = n_tokens.div_ceil(threads.max(1)).max(1);
-        if threads <= 1 || n_tokens <= per {
-            decode(&rows, &mut batch.x, &mut batch.y);
-        } else {
-            std::thread::scope(|sc| {
-                let parts = rows
-                    .chunks(per)
-                    .zip(batch.x.chunks_mut(per * row))
-                    .zip(batch.y.chunks_mut(per * row));
-                for ((r, x), y) in parts {
-                    sc.spawn(move || decode(r, x, y));
+        let split = threads > 1 && n_tokens > per;
+        match out {
+            Out::F32(batch) => {
+                batch.resize(dims, n_tokens);
+                let row = self.plan.row;
+                let decode = |rows: &[RowSource], x: &mut [f32], y: &mut [f32]| {
+                    let out = x.chunks_exact_mut(row).zip(y.chunks_exact_mut(row));
+                    for (&(wi, (j, t)), (xr, yr)) in rows.iter().zip(out) {
+                        let (layout, raw) = &wins[wi].blocks[j as usize];
+                        Block::from_parts(*layout, raw, dims.n_layers).xy_rows(t as usize, xr, yr);
+                    }
+                };
+                if !split {
+                    decode(&rows, &mut batch.x, &mut batch.y);
+                } else {
+                    std::thread::scope(|sc| {
+                        let parts = rows
+                            .chunks(per)
+                            .zip(batch.x.chunks_mut(per * row))
+                            .zip(batch.y.chunks_mut(per * row));
+                        for ((r, x), y) in parts {
+                            sc.spawn(move || decode(r, x, y));
+                        }
+                    });
                 }
-            });
+            }
+            Out::Coded(batch) => {
+                let codec = self.plan.coded.ok_or_else(|| {
+                    Error::Unsupported(
+                        "serving still-quantised batches from a dataset not all int8 or all int4"
+                            .into(),
+                    )
+                })?;
+                batch.resize(codec, dims, n_tokens);
+                // Per token: its L scales and its L rows of codes, each contiguous in its block and in the
+                // batch (the section layout: scales first, then codes).
+                let (l_n, rb) = (dims.n_layers, codec.row_code_bytes(dims.d_model));
+                let at = batch.codes_offset();
+                let copy = |rows: &[RowSource], s: [&mut [u8]; 2], c: [&mut [u8]; 2]| {
+                    let [sx, sy] = s;
+                    let [cx, cy] = c;
+                    for (i, &(wi, (j, t))) in rows.iter().enumerate() {
+                        let (layout, raw) = &wins[wi].blocks[j as usize];
+                        let ranges = layout.ranges();
+                        let block_rows = layout.section.rows;
+                        let t = t as usize;
+                        for (k, (s_out, c_out)) in [(&mut *sx, &mut *cx), (&mut *sy, &mut *cy)]
+                            .into_iter()
+                            .enumerate()
+                        {
+                            let sec = &raw[ranges[k].clone()];
+                            s_out[4 * i * l_n..4 * (i + 1) * l_n]
+                                .copy_from_slice(&sec[4 * t * l_n..4 * (t + 1) * l_n]);
+                            let codes = &sec[4 * block_rows..];
+                            c_out[i * l_n * rb..(i + 1) * l_n * rb]
+                                .copy_from_slice(&codes[t * l_n * rb..(t + 1) * l_n * rb]);
+                        }
+                    }
+                };
+                let (xs, xc) = batch.x.split_at_mut(at);
+                let (ys, yc) = batch.y.split_at_mut(at);
+                if !split {
+                    copy(&rows, [xs, ys], [xc, yc]);
+                } else {
+                    std::thread::scope(|sc| {
+                        let parts = rows
+                            .chunks(per)
+                            .zip(xs.chunks_mut(4 * per * l_n))
+                            .zip(ys.chunks_mut(4 * per * l_n))
+                            .zip(xc.chunks_mut(per * l_n * rb))
+                            .zip(yc.chunks_mut(per * l_n * rb));
+                        for ((((r, xs), ys), xc), yc) in parts {
+                            sc.spawn(move || copy(r, [xs, ys], [xc, yc]));
+                        }
+                    });
+                }
+            }
         }
         for w in done {
             self.plan.recycle(w);
@@ -469,24 +601,56 @@ impl Stream {
     }
 }
 
-/// A batch assembled ahead, with the stream's position after it.
-type Assembled = Result<(Batch, u64, usize)>;
+/// Where a served row comes from: a window of the batch (finished ones first, then the current one) and
+/// (block, token) in it.
+type RowSource = (usize, (u32, u32));
 
-/// A background thread that fills batches of a fixed size from its own [`Stream`] (fed by the workers; rows
-/// dequantised by `workers` scoped threads), so that dequantising the rows overlaps the caller's work; `prefetch`
-/// batches queue, and served batches' buffers come back for reuse.
+/// Where [`Stream::fill`] writes.
+enum Out<'a> {
+    F32(&'a mut Batch),
+    Coded(&'a mut CodedBatch),
+}
+
+/// A batch as the assembly thread serves it.
+enum Served {
+    F32(Batch),
+    Coded(CodedBatch),
+}
+
+impl Served {
+    fn out(&mut self) -> Out<'_> {
+        match self {
+            Served::F32(b) => Out::F32(b),
+            Served::Coded(b) => Out::Coded(b),
+        }
+    }
+}
+
+/// A batch assembled ahead, with the stream's position after it.
+type Assembled = Result<(Served, u64, usize)>;
+
+/// A background thread that fills batches of a fixed size and kind (f32, or coded) from its own [`Stream`]
+/// (fed by the workers; rows copied out by `workers` scoped threads), so that dequantising the rows overlaps
+/// the caller's work; `prefetch` batches queue, and served batches' buffers come back for reuse.
 struct Assembler {
     n_tokens: usize,
+    coded: bool,
     rx: Option<Receiver<Assembled>>,
-    recycle: Option<SyncSender<Batch>>,
+    recycle: Option<SyncSender<Served>>,
     stop: Arc<AtomicBool>,
     handle: Option<JoinHandle<()>>,
 }
 
 impl Assembler {
-    fn spawn(plan: &Arc<Plan>, g: u64, cursor: usize, n_tokens: usize) -> Result<Assembler> {
+    fn spawn(
+        plan: &Arc<Plan>,
+        g: u64,
+        cursor: usize,
+        n_tokens: usize,
+        coded: bool,
+    ) -> Result<Assembler> {
         let (tx, rx) = sync_channel::<Assembled>(plan.cfg.prefetch.max(1));
-        let (recycle, spare) = sync_channel::<Batch>(plan.cfg.prefetch.max(1) + 1);
+        let (recycle, spare) = sync_channel::<Served>(plan.cfg.prefetch.max(1) + 1);
         let stop = Arc::new(AtomicBool::new(false));
         let mut stream = Stream::at(plan, g, cursor);
         let (halt, threads) = (stop.clone(), plan.cfg.workers);
@@ -494,9 +658,15 @@ impl Assembler {
             .name("clt-store-batches".into())
             .spawn(move || {
                 while !halt.load(Ordering::Relaxed) {
-                    let mut b = spare.try_recv().unwrap_or_default();
+                    let mut b = spare.try_recv().unwrap_or_else(|_| {
+                        if coded {
+                            Served::Coded(CodedBatch::default())
+                        } else {
+                            Served::F32(Batch::default())
+                        }
+                    });
                     let r = stream
-                        .fill(n_tokens, &mut b, threads)
+                        .fill(n_tokens, b.out(), threads)
                         .map(|()| (b, stream.g, stream.cursor));
                     let failed = r.is_err();
                     if tx.send(r).is_err() || failed {
@@ -507,6 +677,7 @@ impl Assembler {
             .map_err(|e| Error::Source(format!("cannot start loader thread: {e}")))?;
         Ok(Assembler {
             n_tokens,
+            coded,
             rx: Some(rx),
             recycle: Some(recycle),
             stop,
@@ -542,39 +713,15 @@ impl ActivationSource for ShardLoader {
     }
 
     fn next_batch(&mut self, n_tokens: usize, batch: &mut Batch) -> Result<()> {
-        if self.plan.cfg.workers == 0 {
-            let stream = self
-                .stream
-                .get_or_insert_with(|| Stream::at(&self.plan, self.g, self.cursor));
-            let r = stream.fill(n_tokens, batch, 1);
-            match r {
-                Ok(()) => (self.g, self.cursor) = (stream.g, stream.cursor),
-                // The next call starts afresh from the unchanged position.
-                Err(_) => self.stream = None,
-            }
-            return r;
-        }
-        if self.ahead.as_ref().is_some_and(|a| a.n_tokens != n_tokens) {
-            // Another batch size: batches assembled ahead are dropped and assembly restarts from here.
-            self.ahead = None;
-        }
-        if self.ahead.is_none() {
-            self.ahead = Some(Assembler::spawn(&self.plan, self.g, self.cursor, n_tokens)?);
-        }
-        let ahead = self.ahead.as_ref().unwrap();
-        match ahead.recv() {
-            Ok((mut b, g, cursor)) => {
-                std::mem::swap(batch, &mut b);
-                let _ = ahead.recycle.as_ref().unwrap().try_send(b);
-                (self.g, self.cursor) = (g, cursor);
-                Ok(())
-            }
-            Err(e) => {
-                // The thread stops at an error; a later call starts afresh from the unchanged position.
-                self.ahead = None;
-                Err(e)
-            }
-        }
+        self.serve(n_tokens, Out::F32(batch))
+    }
+
+    fn coded(&self) -> Option<Codec> {
+        self.plan.coded
+    }
+
+    fn next_coded(&mut self, n_tokens: usize, batch: &mut CodedBatch) -> Result<()> {
+        self.serve(n_tokens, Out::Coded(batch))
     }
 
     fn position(&self) -> serde_json::Value {

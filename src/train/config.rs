@@ -188,6 +188,10 @@ pub struct TrainConfig {
     pub overlap: bool,
     /// How a CUDA run's device buffers are summed over the ranks (`docs/distributed.md`).
     pub collectives: Collectives,
+    /// With `--backend cuda` and a store of int8 or int4 rows: batches cross to the device as the store's
+    /// codes (a quarter or an eighth of the f32 bytes) and are decoded and normalised there; `false`
+    /// decodes them on the host and copies f32. The values, and so the run, are the same either way.
+    pub device_dequant: bool,
 }
 
 impl Default for TrainConfig {
@@ -225,6 +229,7 @@ impl Default for TrainConfig {
             feature_shards: None,
             overlap: false,
             collectives: Collectives::Auto,
+            device_dequant: true,
         }
     }
 }

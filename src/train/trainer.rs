@@ -25,7 +25,7 @@ use crate::clt::checkpoint::{
 use crate::clt::params::decoder_norms;
 use crate::clt::{NormScales, Params, Transcoder};
 use crate::data::synthetic::SyntheticGenerator;
-use crate::data::{ActDims, ActivationSource, Batch};
+use crate::data::{ActDims, ActivationSource, Batch, CodedBatch};
 use crate::rng::Rng;
 use crate::{Error, Result};
 use std::borrow::Cow;
@@ -88,6 +88,8 @@ pub struct Trainer {
     backend: Backend,
     source: Box<dyn ActivationSource>,
     batch: Batch,
+    /// The resident loop's batch as the store's codes, when the device decodes them.
+    coded: CodedBatch,
     /// The device-resident state (`--backend cuda`), else `None`.
     resident: Option<Resident>,
     /// With a resident state: whether `params` and `adam` on the host may lag the device's.
@@ -157,6 +159,7 @@ impl Trainer {
             backend,
             source,
             batch: Batch::default(),
+            coded: CodedBatch::default(),
             resident: None,
             host_stale: false,
             staged_position: None,
@@ -252,6 +255,7 @@ impl Trainer {
             backend,
             source,
             batch: Batch::default(),
+            coded: CodedBatch::default(),
             resident: None,
             host_stale: false,
             staged_position: None,
@@ -312,24 +316,42 @@ impl Trainer {
         )
     }
 
+    /// Fetches the next batch and stages it on the device: as the store's int8 / int4 rows, decoded and
+    /// normalised on the device, when the source serves them and `train.device_dequant` allows it; else
+    /// decoded and normalised here and staged in f32 (the same values). Returns the seconds spent waiting
+    /// for the source.
+    fn fetch_and_stage(&mut self) -> Result<f64> {
+        let coded =
+            self.run.train.device_dequant && self.source.coded().is_some_and(Resident::decodes);
+        if !coded {
+            let wait = self.fetch_batch()?;
+            if let Some(r) = self.resident.as_mut() {
+                r.stage(&self.batch)?;
+            }
+            return Ok(wait);
+        }
+        let wait = Instant::now();
+        self.source
+            .next_coded(self.run.train.batch_size, &mut self.coded)?;
+        let wait = wait.elapsed().as_secs_f64();
+        if let Some(r) = self.resident.as_mut() {
+            r.stage_coded(&self.coded, &self.norms)?;
+        }
+        Ok(wait)
+    }
+
     /// One step of the resident loop: stage this step's batch if the previous step did not, fetch and
     /// stage the next one (its copy overlaps this step), then the step on the device.
     fn step_resident(&mut self) -> Result<StepReport> {
         let mut data_wait_s = 0.0;
         if self.resident.as_ref().is_some_and(|r| r.staged() == 0) {
-            data_wait_s += self.fetch_batch()?;
-            if let Some(r) = self.resident.as_mut() {
-                r.stage(&self.batch)?;
-            }
+            data_wait_s += self.fetch_and_stage()?;
         }
         // The staged batch is this step's from here on.
         self.staged_position = None;
         if self.step + 1 < self.run.train.steps {
             let position = self.source.position();
-            data_wait_s += self.fetch_batch()?;
-            if let Some(r) = self.resident.as_mut() {
-                r.stage(&self.batch)?;
-            }
+            data_wait_s += self.fetch_and_stage()?;
             self.staged_position = Some(position);
         }
         let t = &self.run.train;

@@ -5,13 +5,14 @@
 //! their ratio. Timings include the wrappers' allocations (and, for the encoder, the count read-back), so
 //! they are upper bounds on kernel time.
 
-use super::{Gpu, adam, backward, decode, dense, encode, resident, step};
+use super::{Gpu, adam, backward, decode, dense, dequant, encode, resident, step};
 use crate::Result;
 use crate::backend::cpu::adam::AdamHyper;
 use crate::backend::{Objective, ThresholdGrad};
 use crate::bench::Preset;
 use crate::clt::{Activation, CltConfig, DecoderKind};
 use crate::rng::Rng;
+use crate::store::Codec;
 
 /// The H100's bf16 dense matrix-product ceiling (measured on the GPU machine, ../shared/docs/gpu.md).
 pub const BF16_TFLOPS: f64 = 798.0;
@@ -371,6 +372,61 @@ pub fn run(preset: Preset) -> Result<()> {
          copy were the bound",
         batch_bytes / 1e9,
         batch_bytes / wall_ms / 1e6
+    );
+
+    // The same batch as the store's int8 rows (the default codec): staged as codes, decoded and
+    // normalised on the device by `dequant_rows` (the trainer's default for an int8 store), a quarter of
+    // the bytes across the bus. First the kernel alone on x: it reads the codes and scales and writes
+    // f32 and bf16 (the bytes below).
+    let dims = crate::data::ActDims {
+        n_layers: l_n,
+        d_model: d,
+    };
+    let mut coded = crate::data::CodedBatch::default();
+    coded.resize(Codec::Int8, dims, b_n);
+    let sec = coded.section();
+    let (mut cx, mut cy) = (Vec::new(), Vec::new());
+    sec.encode(&host.x, &mut cx);
+    sec.encode(&host.y, &mut cy);
+    (coded.x, coded.y) = (cx, cy);
+    let norms = crate::clt::NormScales {
+        input: vec![1.5; l_n],
+        target: vec![0.5; l_n],
+    };
+    {
+        let codes = gpu.upload(&coded.x)?;
+        let (out, bf) = (gpu.output::<f32>(b_n * row)?, gpu.output::<u16>(b_n * row)?);
+        let scales = gpu.upload(&norms.input)?;
+        let dst = dequant::DequantOut {
+            out: &out,
+            bf16: Some(&bf),
+            layer_scale: Some(&scales),
+        };
+        let q = dequant::Quant::Int8;
+        let ms = median(&gpu, 5, || {
+            dequant::dequant_into(&gpu, &codes, q, b_n * l_n, d, 0, &dst)
+        })?;
+        let bytes = (coded.x.len() + b_n * row * 6) as f64;
+        report("dequant int8 x (+ bf16)", ms, 0.0, bytes, copy);
+    }
+    // The f32 loop left its next batch staged: step on it (untimed), then the same loop on codes.
+    r.step(&obj, None, lr, clip, steps)?;
+    r.stage_coded(&coded, &norms)?;
+    let clock = std::time::Instant::now();
+    for i in 0..steps {
+        r.stage_coded(&coded, &norms)?;
+        r.step(&obj, None, lr, clip, steps + 1 + i)?;
+    }
+    gpu.sync()?;
+    let coded_ms = clock.elapsed().as_secs_f64() * 1e3 / steps as f64;
+    let coded_bytes = (coded.x.len() + coded.y.len()) as f64;
+    println!(
+        "resident step, pipelined, batch staged as int8 codes and decoded on the device: {coded_ms:.3} ms \
+         per step ({:.2} GB across the bus, {:.1} GB/s if the copy were the bound); f32 staging / int8 \
+         staging: {:.2}x",
+        coded_bytes / 1e9,
+        coded_bytes / coded_ms / 1e6,
+        wall_ms / coded_ms
     );
     Ok(())
 }

@@ -22,7 +22,10 @@
 //! [`Resident::step`] makes the compute stream wait for `copied` of the oldest staged slot (only when it
 //! needs the batch), runs the step, and records `consumed`. The trainer stages batch i+1 before step i, so
 //! its copy overlaps step i. The host's wait before overwriting a pinned buffer is cudarc's (the event it
-//! records after each copy from pinned memory).
+//! records after each copy from pinned memory). A batch from an int8 or int4 store can be staged as the
+//! store's codes instead ([`Resident::stage_coded`]): a quarter or an eighth of the bytes cross the bus,
+//! and the step starts by decoding and normalising them on the device (`dequant_rows`), to the bits the
+//! host's decode gives.
 //!
 //! One step, as `Trainer::step` on the CPU: [`device_loss_and_grad`]; the global gradient norm (`sum_sq`
 //! and `dec_grad_sq` partials into one buffer, summed by `sum_f64`: one f64 read back); the clipping factor
@@ -32,6 +35,7 @@
 
 use super::adam::{self, consts};
 use super::context::{Gpu, cuda_err};
+use super::dequant::{DequantOut, Quant, dequant_into};
 use super::encode::to_bf16_into;
 use super::memory::{DBuf, Pinned};
 use super::step::{
@@ -40,8 +44,8 @@ use super::step::{
 };
 use crate::backend::cpu::adam::{AdamHyper, AdamState, clip_scale};
 use crate::backend::grads::{Objective, StepStats, target_variance};
-use crate::clt::{CltConfig, Params};
-use crate::data::Batch;
+use crate::clt::{CltConfig, NormScales, Params};
+use crate::data::{Batch, CodedBatch};
 use crate::{Error, Result};
 use cudarc::driver::{CudaEvent, CudaStream};
 use std::collections::VecDeque;
@@ -131,11 +135,36 @@ pub struct Masters {
     pub w_dec: Vec<DBuf<f32>>,
 }
 
+/// A slot's pinned host buffers: the batch in f32, or as the store's int8 / int4 sections (with the
+/// device buffers they are copied into, decoded into the slot's f32 batch by the step).
+enum Staging {
+    F32 {
+        x: Pinned<f32>,
+        y: Pinned<f32>,
+    },
+    Coded {
+        quant: Quant,
+        x: Pinned<u8>,
+        y: Pinned<u8>,
+        dev_x: DBuf<u8>,
+        dev_y: DBuf<u8>,
+    },
+}
+
+impl Staging {
+    /// The codec staged, `None` for f32.
+    fn quant(&self) -> Option<Quant> {
+        match self {
+            Staging::F32 { .. } => None,
+            Staging::Coded { quant, .. } => Some(*quant),
+        }
+    }
+}
+
 /// A staging slot: pinned host buffers, the device batch they are copied into, and the two events that
 /// order the slot between the copy stream and the compute stream.
 struct Slot {
-    host_x: Pinned<f32>,
-    host_y: Pinned<f32>,
+    staging: Staging,
     batch: DeviceBatch,
     /// Recorded on the copy stream after the batch's copy was queued.
     copied: CudaEvent,
@@ -174,6 +203,9 @@ pub struct Resident {
     staged: VecDeque<usize>,
     /// The slot the next batch is staged into.
     next_free: usize,
+    /// The normalisation's per-layer factors of inputs and targets, on the device for coded batches (the
+    /// host's copy, to notice a change).
+    layer_scales: Option<(NormScales, DBuf<f32>, DBuf<f32>)>,
 }
 
 impl Resident {
@@ -318,6 +350,7 @@ impl Resident {
             slots: [None, None],
             staged: VecDeque::new(),
             next_free: 0,
+            layer_scales: None,
         })
     }
 
@@ -366,13 +399,13 @@ impl Resident {
             .collect()
     }
 
-    /// Makes sure the free slot can hold `n_tokens` tokens (allocating it the first time, or again when the
-    /// batch size changes).
-    fn slot_for(&mut self, n_tokens: usize) -> Result<usize> {
+    /// Makes sure the free slot can hold `n_tokens` tokens staged as `quant` (f32 for `None`), allocating
+    /// it the first time, or again when the batch size or the staged form changes.
+    fn slot_for(&mut self, n_tokens: usize, quant: Option<Quant>) -> Result<usize> {
         let j = self.next_free;
         let fits = self.slots[j]
             .as_ref()
-            .is_some_and(|s| s.batch.n_tokens == n_tokens);
+            .is_some_and(|s| s.batch.n_tokens == n_tokens && s.staging.quant() == quant);
         if !fits {
             // The old slot's buffers may still be read by a queued copy or kernel.
             self.copy
@@ -382,9 +415,24 @@ impl Resident {
             self.slots[j] = None;
             let gpu = &*self.gpu;
             let n = n_tokens * self.cfg.n_layers * self.cfg.d_model;
+            let staging = match quant {
+                None => Staging::F32 {
+                    x: gpu.pinned(n)?,
+                    y: gpu.pinned(n)?,
+                },
+                Some(quant) => {
+                    let bytes = n_tokens * self.cfg.n_layers * quant.row_bytes(self.cfg.d_model);
+                    Staging::Coded {
+                        quant,
+                        x: gpu.pinned(bytes)?,
+                        y: gpu.pinned(bytes)?,
+                        dev_x: gpu.zeros(bytes)?,
+                        dev_y: gpu.zeros(bytes)?,
+                    }
+                }
+            };
             self.slots[j] = Some(Slot {
-                host_x: gpu.pinned(n)?,
-                host_y: gpu.pinned(n)?,
+                staging,
                 batch: DeviceBatch {
                     n_tokens,
                     x: gpu.zeros(n)?,
@@ -414,25 +462,115 @@ impl Resident {
                 got: vec![batch.x.len(), batch.y.len()],
             });
         }
+        self.check_free()?;
+        let j = self.slot_for(batch.n_tokens, None)?;
+        let gpu = Arc::clone(&self.gpu);
+        let copy = Arc::clone(&self.copy);
+        let slot = self.slots[j].as_mut().expect("slot allocated above");
+        slot.target_var = target_variance(&batch.y, batch.n_tokens, l_n, d);
+        let Staging::F32 { x, y } = &mut slot.staging else {
+            unreachable!("slot_for(_, None) stages f32")
+        };
+        x.as_mut_slice()?.copy_from_slice(&batch.x);
+        y.as_mut_slice()?.copy_from_slice(&batch.y);
+        copy.wait(&slot.consumed).map_err(cuda_err(
+            "ordering a batch copy after the step that read the slot",
+        ))?;
+        gpu.copy_pinned_on(&copy, x, &mut slot.batch.x)?;
+        gpu.copy_pinned_on(&copy, y, &mut slot.batch.y)?;
+        self.queued(j)
+    }
+
+    /// Stages a batch as the store holds it (int8 or int4 rows, see [`CodedBatch`]): writes its bytes into
+    /// the free slot's pinned buffers and queues their copy, as [`Resident::stage`] does; the step decodes
+    /// them on the device and multiplies each layer by `norms` (the trainer's normalisation), giving the
+    /// values `stage` would have been given for the decoded, normalised batch, to the bit. A quarter of
+    /// the f32 bytes cross the bus for int8, an eighth for int4.
+    pub fn stage_coded(&mut self, batch: &CodedBatch, norms: &NormScales) -> Result<()> {
+        let (l_n, d) = (self.cfg.n_layers, self.cfg.d_model);
+        let Some(quant) = Quant::of(batch.codec) else {
+            return Err(Error::Unsupported(format!(
+                "decoding {} batches on the device (int8 and int4 only)",
+                batch.codec.name()
+            )));
+        };
+        let n = batch.n_tokens * l_n * quant.row_bytes(d);
+        if batch.dims.n_layers != l_n
+            || batch.dims.d_model != d
+            || batch.x.len() != n
+            || batch.y.len() != n
+            || norms.input.len() != l_n
+            || norms.target.len() != l_n
+        {
+            return Err(Error::Shape {
+                what: "resident CUDA trainer: staged coded batch (layers, d, x bytes, y bytes, scales)"
+                    .into(),
+                expected: vec![l_n, d, n, n, l_n],
+                got: vec![
+                    batch.dims.n_layers,
+                    batch.dims.d_model,
+                    batch.x.len(),
+                    batch.y.len(),
+                    norms.input.len().min(norms.target.len()),
+                ],
+            });
+        }
+        self.check_free()?;
+        if self
+            .layer_scales
+            .as_ref()
+            .is_none_or(|(h, _, _)| h != norms)
+        {
+            // Queued kernels may read the old factors.
+            self.gpu.sync()?;
+            let (sx, sy) = (
+                self.gpu.upload(&norms.input)?,
+                self.gpu.upload(&norms.target)?,
+            );
+            self.gpu.sync()?;
+            self.layer_scales = Some((norms.clone(), sx, sy));
+        }
+        let j = self.slot_for(batch.n_tokens, Some(quant))?;
+        let gpu = Arc::clone(&self.gpu);
+        let copy = Arc::clone(&self.copy);
+        let slot = self.slots[j].as_mut().expect("slot allocated above");
+        slot.target_var = batch.target_variance(&norms.target);
+        let Staging::Coded {
+            x, y, dev_x, dev_y, ..
+        } = &mut slot.staging
+        else {
+            unreachable!("slot_for(_, Some(_)) stages codes")
+        };
+        x.as_mut_slice()?.copy_from_slice(&batch.x);
+        y.as_mut_slice()?.copy_from_slice(&batch.y);
+        copy.wait(&slot.consumed).map_err(cuda_err(
+            "ordering a batch copy after the step that read the slot",
+        ))?;
+        gpu.copy_pinned_on(&copy, x, dev_x)?;
+        gpu.copy_pinned_on(&copy, y, dev_y)?;
+        self.queued(j)
+    }
+
+    /// Whether [`Resident::stage_coded`] takes batches of `codec` (int8 and int4).
+    pub fn decodes(codec: crate::store::Codec) -> bool {
+        Quant::of(codec).is_some()
+    }
+
+    /// Refuses a third staged batch.
+    fn check_free(&self) -> Result<()> {
         if self.staged.len() >= 2 {
             return Err(Error::Unsupported(
                 "staging a third batch before stepping (two staging slots)".into(),
             ));
         }
-        let j = self.slot_for(batch.n_tokens)?;
-        let gpu = Arc::clone(&self.gpu);
-        let copy = Arc::clone(&self.copy);
-        let slot = self.slots[j].as_mut().expect("slot allocated above");
-        slot.target_var = target_variance(&batch.y, batch.n_tokens, l_n, d);
-        slot.host_x.as_mut_slice()?.copy_from_slice(&batch.x);
-        slot.host_y.as_mut_slice()?.copy_from_slice(&batch.y);
-        copy.wait(&slot.consumed).map_err(cuda_err(
-            "ordering a batch copy after the step that read the slot",
-        ))?;
-        gpu.copy_pinned_on(&copy, &slot.host_x, &mut slot.batch.x)?;
-        gpu.copy_pinned_on(&copy, &slot.host_y, &mut slot.batch.y)?;
+        Ok(())
+    }
+
+    /// Records the end of slot `j`'s copy on the copy stream and queues the slot for a step.
+    fn queued(&mut self, j: usize) -> Result<()> {
+        let slot = self.slots[j].as_ref().expect("a staged slot is allocated");
         slot.copied
-            .record(&copy)
+            .record(&self.copy)
             .map_err(cuda_err("recording a batch copy"))?;
         self.staged.push_back(j);
         self.next_free = 1 - j;
@@ -533,7 +671,37 @@ impl Resident {
         gpu.stream()
             .wait(&slot.copied)
             .map_err(cuda_err("waiting for the batch copy"))?;
-        to_bf16_into(gpu, &slot.batch.x, &slot.batch.x_bf)?;
+        match &slot.staging {
+            Staging::F32 { .. } => to_bf16_into(gpu, &slot.batch.x, &slot.batch.x_bf)?,
+            Staging::Coded {
+                quant,
+                dev_x,
+                dev_y,
+                ..
+            } => {
+                let (_, sx, sy) = self
+                    .layer_scales
+                    .as_ref()
+                    .expect("stage_coded uploads the layer scales");
+                let rows = slot.batch.n_tokens * cfg.n_layers;
+                let into = |out, bf16, layer_scale| DequantOut {
+                    out,
+                    bf16,
+                    layer_scale: Some(layer_scale),
+                };
+                let (b, d) = (&slot.batch, cfg.d_model);
+                dequant_into(
+                    gpu,
+                    dev_x,
+                    *quant,
+                    rows,
+                    d,
+                    0,
+                    &into(&b.x, Some(&b.x_bf), sx),
+                )?;
+                dequant_into(gpu, dev_y, *quant, rows, d, 0, &into(&b.y, None, sy))?;
+            }
+        }
         let (mut stats, g) = match shard {
             None => device_loss_and_grad(gpu, cfg, &self.kernel, &slot.batch, obj, preact_mask)?,
             Some(s) => device_sharded_loss_and_grad(
