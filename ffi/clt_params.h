@@ -363,11 +363,13 @@ typedef struct {
                           * after dequantisation (the trainer's normalisation), or 0 */
 } CltDequantParams;
 
-/* f32 -> bf16 conversion (round to nearest even), for inputs and weights. */
+/* f32 -> bf16 conversion (round to nearest even), for inputs and weights; with `lo`, also the rounding's
+ * remainder, so that hi + lo carries about 16 bits of the f32 (a GEMM on both is close to an f32 one). */
 typedef struct {
     clt_ptr src; /* const f32 [n] */
-    clt_ptr dst; /* bf16 out [n] */
+    clt_ptr dst; /* bf16 out [n]: hi = bf16(src) */
     uint64_t n;
+    clt_ptr lo;  /* bf16 out [n]: bf16(src - hi), or 0 */
 } CltToBf16Params;
 
 /* The dense baseline (dense.cu; the cuBLAS step a dense trainer runs, timed against the sparse step). */

@@ -201,7 +201,11 @@ CLT_KERNEL void encode_sort_lists(const CltSortParams p) {
 // f32 -> bf16 (round to nearest even).
 CLT_KERNEL void to_bf16(const CltToBf16Params p) {
     const uint64_t i = (uint64_t)blockIdx.x * blockDim.x + threadIdx.x;
-    if (i < p.n) ptr<__nv_bfloat16>(p.dst)[i] = __float2bfloat16_rn(ptr<const float>(p.src)[i]);
+    if (i >= p.n) return;
+    const float v = ptr<const float>(p.src)[i];
+    const __nv_bfloat16 hi = __float2bfloat16_rn(v);
+    ptr<__nv_bfloat16>(p.dst)[i] = hi;
+    if (p.lo) ptr<__nv_bfloat16>(p.lo)[i] = __float2bfloat16_rn(v - __bfloat162float(hi));
 }
 
 // ---------------------------------------------------------------------------------------------------------

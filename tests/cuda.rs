@@ -103,7 +103,12 @@ mod gpu_tests {
     /// Rounds the parameters the device reads in bf16 (W_enc, W_dec) so the CPU sees the same numbers.
     fn bf16_params(p: &Params) -> Params {
         let mut q = p.clone();
-        for w in q.w_enc.iter_mut().chain(q.w_dec.iter_mut()) {
+        for w in q
+            .w_enc
+            .iter_mut()
+            .chain(q.w_dec.iter_mut())
+            .chain(q.w_skip.iter_mut())
+        {
             *w = round_bf16(w);
         }
         q
@@ -359,6 +364,7 @@ mod gpu_tests {
         bandwidth: f32,
         by_h: bool,
         masked: bool,
+        skip: bool,
         seed: u64,
     ) -> Result<(), TestCaseError> {
         let k = k_raw.min(f_n);
@@ -370,7 +376,10 @@ mod gpu_tests {
                 across_layers: seed.is_multiple_of(2),
             },
         };
-        let cfg = config(l_n, d, f_n, per_layer, act);
+        let cfg = CltConfig {
+            skip,
+            ..config(l_n, d, f_n, per_layer, act)
+        };
         let mut rng = Rng::seed(seed);
         let p = bf16_params(&random_params(&cfg, &mut rng));
         let (x, y) = random_batch(&cfg, n_tokens, &mut rng);
@@ -533,7 +542,14 @@ mod gpu_tests {
     #[test]
     fn resident_step_matches_host_adam() {
         let Some(_gpu) = gpu() else { return };
+        for skip in [false, true] {
+            resident_step_matches_host_adam_with(skip);
+        }
+    }
+
+    fn resident_step_matches_host_adam_with(skip: bool) {
         let mut run = small_gpu_run(4);
+        run.model.skip = skip;
         run.train.backend = BackendKind::CudaHost;
         let mut host_adam = Trainer::new(run.clone()).unwrap();
         run.train.backend = BackendKind::Cuda;
@@ -554,7 +570,9 @@ mod gpu_tests {
             ("log_theta", &pa.log_theta, &pb.log_theta),
             ("w_dec", &pa.w_dec, &pb.w_dec),
             ("b_dec", &pa.b_dec, &pb.b_dec),
+            ("w_skip", &pa.w_skip, &pb.w_skip),
         ] {
+            assert_eq!(ta.len(), tb.len(), "{name}: layers");
             for (l, (x, y)) in ta.iter().zip(tb).enumerate() {
                 assert_eq!(x.len(), y.len(), "{name}[{l}] length");
                 for (i, (u, v)) in x.iter().zip(y).enumerate() {
@@ -578,13 +596,19 @@ mod gpu_tests {
                     );
                 }
             }
-            for (l, (x, y)) in ma.w_enc.iter().zip(&mb.w_enc).enumerate() {
-                let big = x.iter().fold(0f32, |m, u| m.max(u.abs()));
-                for (i, (u, v)) in x.iter().zip(y).enumerate() {
-                    assert!(
-                        (u - v).abs() <= 1e-4 * big + 1e-12,
-                        "{name}.w_enc[{l}][{i}]: resident {v} vs cuda-host {u}"
-                    );
+            for (t, (ta, tb)) in [
+                ("w_enc", (&ma.w_enc, &mb.w_enc)),
+                ("w_skip", (&ma.w_skip, &mb.w_skip)),
+            ] {
+                assert_eq!(ta.len(), tb.len(), "{name}.{t}: layers");
+                for (l, (x, y)) in ta.iter().zip(tb).enumerate() {
+                    let big = x.iter().fold(0f32, |m, u| m.max(u.abs()));
+                    for (i, (u, v)) in x.iter().zip(y).enumerate() {
+                        assert!(
+                            (u - v).abs() <= 1e-4 * big + 1e-12,
+                            "{name}.{t}[{l}][{i}]: resident {v} vs cuda-host {u}"
+                        );
+                    }
                 }
             }
         }
@@ -607,7 +631,14 @@ mod gpu_tests {
     #[test]
     fn resident_checkpoint_resumes_bit_for_bit() {
         let Some(_gpu) = gpu() else { return };
+        for skip in [false, true] {
+            resident_checkpoint_resumes_bit_for_bit_with(skip);
+        }
+    }
+
+    fn resident_checkpoint_resumes_bit_for_bit_with(skip: bool) {
         let mut run = small_gpu_run(6);
+        run.model.skip = skip;
         run.train.backend = BackendKind::Cuda;
         run.train.checkpoint_every = 3;
         run.train.keep_checkpoints = 4;
@@ -906,6 +937,7 @@ mod gpu_tests {
                         sparsity: gpu.zeros(f_n).unwrap(),
                     }).collect(),
                     b_dec: b_dec.iter().map(|b| up(b)).collect(),
+                    w_skip: Vec::new(),
                 }
             };
             let (g, back) = (grads(false), grads(true));
@@ -930,16 +962,19 @@ mod gpu_tests {
             }
         }
 
-        /// The whole chained step (encode, decode, backward) vs the sparse CPU step, every activation.
+        /// The whole chained step (encode, decode, backward) vs the sparse CPU step, every activation, with
+        /// and without skip connections (their GEMMs through cuBLAS: the term in the reconstruction and the
+        /// weight gradient from the residual's two bf16 parts).
         #[test]
         fn training_step_matches_cpu(
             l_n in 1usize..4, d in 1usize..40, f_n in 1usize..90, n_tokens in 0usize..80,
             kind in 0u8..4, k_raw in 1usize..6, per_layer in any::<bool>(),
             bandwidth in prop_oneof![Just(1.0f32), Just(0.05f32)], by_h in any::<bool>(),
-            masked in any::<bool>(), seed in any::<u64>(),
+            masked in any::<bool>(), skip in any::<bool>(), seed in any::<u64>(),
         ) {
             let Some(gpu) = gpu() else { return Ok(()) };
-            check_training_step(gpu, l_n, d, f_n, n_tokens, kind, k_raw, per_layer, bandwidth, by_h, masked, seed)?;
+            check_training_step(gpu, l_n, d, f_n, n_tokens, kind, k_raw, per_layer, bandwidth, by_h, masked,
+                skip, seed)?;
         }
 
         /// The dense cuBLAS baseline's loss equals the sparse step's (CPU reference and GPU step) on the same
@@ -1255,7 +1290,7 @@ mod gpu_tests {
             kind in 0u8..4, k_raw in 1usize..6, seed in any::<u64>(),
         ) {
             let Some(gpu) = gpu() else { return Ok(()) };
-            check_training_step(gpu, l_n, d, f_n, n_tokens, kind, k_raw, false, 0.05, seed.is_multiple_of(2), false, seed)?;
+            check_training_step(gpu, l_n, d, f_n, n_tokens, kind, k_raw, false, 0.05, seed.is_multiple_of(2), false, false, seed)?;
         }
     }
 

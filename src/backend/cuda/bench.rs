@@ -260,6 +260,7 @@ pub fn run(preset: Preset) -> Result<()> {
     // The whole step's loss and gradient (Adam excluded from both): the sparse step on device-resident
     // parameters and batch vs the dense cuBLAS step a dense trainer runs, same parameters, same batch.
     let dp = step::DeviceParams {
+        w_skip: Vec::new(),
         w_enc: (0..l_n)
             .map(|_| gpu.upload_bf16(&rand(f_n * d, 1.0 / (d as f64).sqrt())))
             .collect::<Result<_>>()?,
@@ -319,6 +320,7 @@ pub fn run(preset: Preset) -> Result<()> {
     // masters of the same values) and a batch of the same values staged from pinned host memory.
     let gpu = std::sync::Arc::new(gpu);
     let master = resident::Masters {
+        w_skip: Vec::new(),
         w_enc: (0..l_n)
             .map(|_| gpu.upload(&rand(f_n * d, 1.0 / (d as f64).sqrt())))
             .collect::<Result<_>>()?,

@@ -5,6 +5,7 @@
 //! The one exception is the resident trainer's copy stream ([`Gpu::new_stream`], `resident.rs`): its
 //! host-to-device copies are ordered against the compute stream by explicit events ([`Gpu::new_event`]).
 
+use super::dense::Blas;
 use crate::{Error, Result};
 use cudarc::driver::{
     CudaContext, CudaEvent, CudaFunction, CudaModule, CudaStream, DeviceRepr, LaunchConfig,
@@ -12,7 +13,7 @@ use cudarc::driver::{
 };
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 
 /// The PTX of every kernel file, embedded at build time (`OUT_DIR/kernels.rs`, written by build.rs).
 pub mod ptx {
@@ -87,6 +88,8 @@ pub struct Gpu {
     stream: Arc<CudaStream>,
     modules: Mutex<HashMap<Module, Arc<CudaModule>>>,
     poison: AtomicBool,
+    /// cuBLAS on the compute stream, opened on first use ([`Gpu::blas`]).
+    blas: OnceLock<Blas>,
 }
 
 impl std::fmt::Debug for Gpu {
@@ -123,6 +126,7 @@ impl Gpu {
             stream,
             modules: Mutex::new(HashMap::new()),
             poison: AtomicBool::new(false),
+            blas: OnceLock::new(),
         })
     }
 
@@ -154,6 +158,16 @@ impl Gpu {
             .uuid()
             .map_err(cuda_err("reading the device's UUID"))?;
         Ok(id.bytes.map(|b| b as u8))
+    }
+
+    /// cuBLAS on the compute stream (opened on the first call; an error, each time, where `libcublas.so`
+    /// cannot be loaded).
+    pub fn blas(&self) -> Result<&Blas> {
+        if let Some(b) = self.blas.get() {
+            return Ok(b);
+        }
+        let b = Blas::new(self)?;
+        Ok(self.blas.get_or_init(|| b))
     }
 
     /// The stream every launch and copy goes to.

@@ -39,7 +39,7 @@ pub struct Blas {
 }
 
 /// A column-major view of a device matrix for cuBLAS: element (i, j) at `offset + i + j·ld`.
-struct Mat<'a, T> {
+pub(super) struct Mat<'a, T> {
     buf: &'a DBuf<T>,
     offset: usize,
     rows: usize,
@@ -49,7 +49,13 @@ struct Mat<'a, T> {
 
 impl<'a, T: DeviceRepr> Mat<'a, T> {
     /// The `rows × cols` matrix at element `offset` of `buf`, columns `ld` elements apart.
-    fn new(buf: &'a DBuf<T>, offset: usize, rows: usize, cols: usize, ld: usize) -> Self {
+    pub(super) fn new(
+        buf: &'a DBuf<T>,
+        offset: usize,
+        rows: usize,
+        cols: usize,
+        ld: usize,
+    ) -> Self {
         Mat {
             buf,
             offset,
@@ -95,8 +101,8 @@ impl Blas {
         // SAFETY: only tries to dlopen libcublas.so and closes it again; no cuBLAS call is made.
         if !unsafe { blas_sys::is_culib_present() } {
             return Err(unavailable(
-                "libcublas.so not found (the dense baseline needs the CUDA toolkit's cuBLAS on the \
-                 library path)"
+                "libcublas.so not found (the dense baseline and skip connections need the CUDA \
+                 toolkit's cuBLAS on the library path)"
                     .into(),
             ));
         }
@@ -109,7 +115,7 @@ impl Blas {
 
     /// `C = op(A) op(B) + beta C` (column-major; A, B bf16, C f32, fp32 accumulation), on the stream.
     #[allow(clippy::too_many_arguments)]
-    fn gemm(
+    pub(super) fn gemm(
         &self,
         gpu: &Gpu,
         what: &str,

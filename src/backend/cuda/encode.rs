@@ -412,6 +412,25 @@ pub fn to_bf16_into(gpu: &Gpu, src: &DBuf<f32>, dst: &DBuf<u16>) -> Result<()> {
         src: src.ptr(gpu),
         dst: dst.ptr(gpu),
         n: src.len() as u64,
+        lo: 0,
     };
     gpu.launch(Module::Encode, "to_bf16", grid_1d(src.len(), 256), &p)
+}
+
+/// f32 → two bf16 buffers, `hi = bf16(v)` and `lo = bf16(v − hi)`: `hi + lo` keeps about 16 bits of each
+/// value, so a bf16 GEMM on both parts (fp32 accumulation) is within about 2⁻¹⁶ relative of an f32 one
+/// (the skip connection's weight gradient, whose f32 residual the step must not round to 8 bits).
+pub fn split_bf16(gpu: &Gpu, src: &DBuf<f32>) -> Result<(DBuf<u16>, DBuf<u16>)> {
+    let (hi, lo) = (gpu.output::<u16>(src.len())?, gpu.output::<u16>(src.len())?);
+    if src.is_empty() {
+        return Ok((hi, lo));
+    }
+    let p = CltToBf16Params {
+        src: src.ptr(gpu),
+        dst: hi.ptr(gpu),
+        n: src.len() as u64,
+        lo: lo.ptr(gpu),
+    };
+    gpu.launch(Module::Encode, "to_bf16", grid_1d(src.len(), 256), &p)?;
+    Ok((hi, lo))
 }

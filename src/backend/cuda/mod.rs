@@ -25,6 +25,7 @@ pub mod ffi;
 pub mod gradsum;
 pub mod memory;
 pub mod resident;
+pub mod skip;
 pub mod step;
 pub mod topk;
 

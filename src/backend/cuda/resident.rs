@@ -59,6 +59,8 @@ struct Moments {
     log_theta: Vec<DBuf<f32>>,
     w_dec: Vec<DBuf<f32>>,
     b_dec: DBuf<f32>,
+    /// `[d][d]` per layer with skip connections, else empty.
+    w_skip: Vec<DBuf<f32>>,
 }
 
 impl Moments {
@@ -72,6 +74,7 @@ impl Moments {
             log_theta: up(&p.log_theta)?,
             w_dec: up(&p.w_dec)?,
             b_dec: gpu.upload(&p.b_dec.concat())?,
+            w_skip: up(&p.w_skip)?,
         })
     }
 
@@ -86,6 +89,7 @@ impl Moments {
                 .map(|l| gpu.zeros(f_n * cfg.dec_row_len(l)))
                 .collect::<Result<_>>()?,
             b_dec: gpu.zeros(l_n * d)?,
+            w_skip: if cfg.skip { z(d * d)? } else { Vec::new() },
         })
     }
 
@@ -98,6 +102,7 @@ impl Moments {
             &self.log_theta,
             &self.w_dec,
             &self.b_dec,
+            &self.w_skip,
         )
     }
 }
@@ -110,6 +115,7 @@ fn download_params(
     log_theta: &[DBuf<f32>],
     w_dec: &[DBuf<f32>],
     b_dec: &DBuf<f32>,
+    w_skip: &[DBuf<f32>],
 ) -> Result<Params> {
     let down =
         |v: &[DBuf<f32>]| -> Result<Vec<Vec<f32>>> { v.iter().map(|x| gpu.download(x)).collect() };
@@ -120,7 +126,7 @@ fn download_params(
         log_theta: down(log_theta)?,
         w_dec: down(w_dec)?,
         b_dec: b.chunks(cfg.d_model.max(1)).map(<[f32]>::to_vec).collect(),
-        w_skip: Vec::new(),
+        w_skip: down(w_skip)?,
     })
 }
 
@@ -133,6 +139,8 @@ pub struct Masters {
     pub log_theta: Vec<DBuf<f32>>,
     /// `[F][row_len]` per source layer.
     pub w_dec: Vec<DBuf<f32>>,
+    /// `[d][d]` per layer with skip connections, else empty.
+    pub w_skip: Vec<DBuf<f32>>,
 }
 
 /// A slot's pinned host buffers: the batch in f32, or as the store's int8 / int4 sections (with the
@@ -217,11 +225,6 @@ impl Resident {
         state: &AdamState,
         hyper: AdamHyper,
     ) -> Result<Self> {
-        if cfg.skip {
-            return Err(Error::Unsupported(
-                "skip connections on the CUDA backend (use --backend cpu)".into(),
-            ));
-        }
         let master = Masters {
             w_enc: params
                 .w_enc
@@ -235,6 +238,11 @@ impl Resident {
                 .collect::<Result<_>>()?,
             w_dec: params
                 .w_dec
+                .iter()
+                .map(|w| gpu.upload(w))
+                .collect::<Result<_>>()?,
+            w_skip: params
+                .w_skip
                 .iter()
                 .map(|w| gpu.upload(w))
                 .collect::<Result<_>>()?,
@@ -268,6 +276,11 @@ impl Resident {
                 .map(|l| adam::row_norms(&gpu, &master.w_dec[l], cfg.dec_row_len(l), None))
                 .collect::<Result<_>>()?,
             b_dec: gpu.upload(&params.b_dec.concat())?,
+            w_skip: master
+                .w_skip
+                .iter()
+                .map(|w| super::encode::to_bf16(&gpu, w))
+                .collect::<Result<_>>()?,
         };
         let (m, v) = (
             Moments::upload(&gpu, &state.m)?,
@@ -309,7 +322,12 @@ impl Resident {
             && kernel.w_enc.len() == l_n
             && kernel.w_dec.len() == l_n
             && kernel.b_dec.len() == l_n * d;
-        if !ok || cfg.skip {
+        let n_skip = if cfg.skip { l_n } else { 0 };
+        let skip_ok = master.w_skip.len() == n_skip
+            && kernel.w_skip.len() == n_skip
+            && master.w_skip.iter().all(|w| w.len() == d * d)
+            && kernel.w_skip.iter().all(|w| w.len() == d * d);
+        if !ok || !skip_ok {
             return Err(Error::Shape {
                 what: "resident CUDA trainer: parameters vs config (layers, d, features)".into(),
                 expected: vec![l_n, d, f_n],
@@ -326,6 +344,11 @@ impl Resident {
                     + 2 * adam::sum_sq_blocks(f_n)
                     + f_n
                     + adam::sum_sq_blocks(d)
+                    + if cfg.skip {
+                        adam::sum_sq_blocks(d * d)
+                    } else {
+                        0
+                    }
             })
             .sum();
         let partials = gpu.output::<f64>(n_partials)?;
@@ -369,8 +392,7 @@ impl Resident {
         self.staged.len()
     }
 
-    /// The parameters and Adam's state, downloaded (waits for the queued work). `w_skip` is empty (skip
-    /// connections are not supported on the device).
+    /// The parameters and Adam's state, downloaded (waits for the queued work).
     pub fn download(&self) -> Result<(Params, AdamState)> {
         let (gpu, cfg) = (&*self.gpu, &self.cfg);
         let params = download_params(
@@ -381,6 +403,7 @@ impl Resident {
             &self.master.log_theta,
             &self.master.w_dec,
             &self.kernel.b_dec,
+            &self.master.w_skip,
         )?;
         let state = AdamState {
             m: self.m.download(gpu, cfg)?,
@@ -607,6 +630,9 @@ impl Resident {
         for l in 0..l_n {
             at += self.feature_sq_into(&g, l, &self.partials, at)?;
             at += adam::sum_sq_into(gpu, &g.b_dec[l], &self.partials, at)?;
+            if let Some(w) = g.w_skip.get(l) {
+                at += adam::sum_sq_into(gpu, w, &self.partials, at)?;
+            }
         }
         debug_assert_eq!(at, self.partials.len());
         adam::sum_f64(gpu, &self.partials, &self.norm_sq)?;
@@ -643,7 +669,7 @@ impl Resident {
         adam::sum_f64(gpu, partials, &self.norm_sq)?;
         let feature_sq = gpu.download(&self.norm_sq)?[0];
         let mut shared_sq = 0.0;
-        for b in &g.b_dec {
+        for b in g.b_dec.iter().chain(&g.w_skip) {
             shared_sq += adam::sum_sq(gpu, b)?;
         }
         Ok((feature_sq, shared_sq))
@@ -780,6 +806,11 @@ impl Resident {
                 adam::exp_into(gpu, &ms.log_theta[l], &kp.theta[l])?;
             }
             adam::adam_dense_at(gpu, &kp.b_dec, &m.b_dec, &v.b_dec, l * d, &g.b_dec[l], k)?;
+            if cfg.skip {
+                let (w, gw) = (&ms.w_skip[l], &g.w_skip[l]);
+                adam::adam_dense(gpu, w, &m.w_skip[l], &v.w_skip[l], gw, k)?;
+                to_bf16_into(gpu, w, &kp.w_skip[l])?;
+            }
             adam::adam_decoder(
                 gpu,
                 &ms.w_dec[l],

@@ -41,6 +41,8 @@ pub struct DeviceParams {
     pub norms: Vec<DBuf<f32>>,
     /// `[L][d]`.
     pub b_dec: DBuf<f32>,
+    /// bf16 `[d][d]` (out, in) per layer with skip connections, else empty.
+    pub w_skip: Vec<DBuf<u16>>,
 }
 
 impl DeviceParams {
@@ -59,6 +61,7 @@ impl DeviceParams {
             w_dec: up_bf(&params.w_dec)?,
             norms: up(dec_norms)?,
             b_dec: gpu.upload(&params.b_dec.concat())?,
+            w_skip: up_bf(&params.w_skip)?,
         })
     }
 }
@@ -97,6 +100,8 @@ impl DeviceBatch {
 pub struct DeviceGrads {
     pub layers: Vec<LayerGrads>,
     pub b_dec: Vec<DBuf<f32>>,
+    /// `[d][d]` per layer with skip connections, else empty.
+    pub w_skip: Vec<DBuf<f32>>,
 }
 
 /// The step's loss and gradient, as [`crate::backend::cpu::sparse::loss_and_grad`] computes them.
@@ -166,6 +171,9 @@ fn download_grads(gpu: &Gpu, g: &DeviceGrads, grads: &mut Grads) -> Result<()> {
     }
     for (k, b) in g.b_dec.iter().enumerate() {
         grads.p.b_dec[k] = gpu.download(b)?;
+    }
+    for (l, w) in g.w_skip.iter().enumerate() {
+        grads.p.w_skip[l] = gpu.download(w)?;
     }
     Ok(())
 }
@@ -256,12 +264,19 @@ fn step_with(
     preact_mask: Option<&[Vec<bool>]>,
     shard: Option<ShardSum>,
 ) -> Result<(StepStats, DeviceGrads)> {
-    if cfg.skip {
+    if cfg.skip && shard.is_some() {
         return Err(Error::Unsupported(
-            "skip connections on the CUDA backend (use --backend cpu)".into(),
+            "skip connections on the distributed CUDA step (use backend cpu)".into(),
         ));
     }
     let (l_n, d, f_n) = (cfg.n_layers, cfg.d_model, cfg.n_features);
+    if cfg.skip && (dp.w_skip.len() != l_n || dp.w_skip.iter().any(|w| w.len() != d * d)) {
+        return Err(Error::Shape {
+            what: "CUDA step: skip weights (layers, elements of the first)".into(),
+            expected: vec![l_n, d * d],
+            got: vec![dp.w_skip.len(), dp.w_skip.first().map_or(0, DBuf::len)],
+        });
+    }
     let n_tokens = batch.n_tokens;
     let row = l_n * d;
     let bf = n_tokens.max(1) as f32;
@@ -349,6 +364,14 @@ fn step_with(
         _ => &dp.b_dec,
     };
     let (resid, sq_err) = match shard {
+        None if cfg.skip => {
+            // The skip term joins the reconstruction before the residual (as on the CPU).
+            let out = sparse_decode(gpu, &views, &dp.b_dec, None, d, cross, 2.0 / bf)?;
+            super::skip::add_skip(gpu, &dp.w_skip, x_bf, &out.yhat, n_tokens, d)?;
+            let (resid, sq) =
+                residual(gpu, &out.yhat, false, &batch.y, n_tokens, l_n, d, 2.0 / bf)?;
+            (resid, per_layer_sq_err(&gpu.download(&sq)?, n_tokens, l_n))
+        }
         None => {
             let out = sparse_decode(gpu, &views, &dp.b_dec, Some(&batch.y), d, cross, 2.0 / bf)?;
             let resid = out.resid.expect("decode with targets gives residuals");
@@ -465,6 +488,11 @@ fn step_with(
     let b_dec = (0..l_n)
         .map(|k| col_sum(gpu, &resid, k * d, row, n_tokens, d))
         .collect::<Result<_>>()?;
+    let w_skip = if cfg.skip {
+        super::skip::skip_grads(gpu, &resid, x_bf, n_tokens, l_n, d)?
+    } else {
+        Vec::new()
+    };
     for (l, (g, (_, window))) in layer_grads.iter().zip(&layers).enumerate() {
         let active = gpu.download(&g.active_count)?;
         let spars: f64 = gpu.download(&g.sparsity)?.iter().map(|v| *v as f64).sum();
@@ -492,6 +520,7 @@ fn step_with(
         DeviceGrads {
             layers: layer_grads,
             b_dec,
+            w_skip,
         },
     ))
 }
