@@ -1,11 +1,12 @@
 //! Criterion benchmarks of the activation store: block decode (decompress + checksums + dequantise into f32) per
-//! codec, and the shuffling loader's batches. Throughput is in f32-equivalent bytes (inputs and targets).
+//! codec, and the shuffling loader's batches, in f32 and still coded (`next_coded`, what the CUDA trainer
+//! stages from an int8 store). Throughput is in f32-equivalent bytes (inputs and targets).
 //! Run: `cargo bench --bench store`. The figures table in docs/perf-store.md comes from
 //! `examples/store_figures.rs`, which also measures sizes, errors and the CLT-Forge baseline.
 
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
 
-use clt::data::{ActDims, ActivationSource, Batch};
+use clt::data::{ActDims, ActivationSource, Batch, CodedBatch};
 use clt::store::format::ShardMeta;
 use clt::store::{
     BlockReader, Codec, Dataset, DatasetWriter, LoaderConfig, ShardLoader, WriterConfig,
@@ -85,10 +86,15 @@ fn bench(c: &mut Criterion) {
             rank: 0,
             world: 1,
         };
-        let mut ld = ShardLoader::open(&dir, cfg).unwrap();
+        let mut ld = ShardLoader::open(&dir, cfg.clone()).unwrap();
         let mut batch = Batch::default();
         g.bench_function(format!("int8_batch1024_workers{workers}"), |bch| {
             bch.iter(|| ld.next_batch(1024, &mut batch).unwrap())
+        });
+        let mut ld = ShardLoader::open(&dir, cfg).unwrap();
+        let mut coded = CodedBatch::default();
+        g.bench_function(format!("int8_coded_batch1024_workers{workers}"), |bch| {
+            bch.iter(|| ld.next_coded(1024, &mut coded).unwrap())
         });
     }
     g.finish();

@@ -20,7 +20,23 @@ pub const BF16_TFLOPS: f64 = 798.0;
 /// its own device's copy rate too and reports against that.
 pub const COPY_GBS: f64 = 3000.0;
 
-fn median(gpu: &Gpu, reps: usize, mut f: impl FnMut() -> Result<()>) -> Result<f64> {
+/// How a row of [`run_with`] is timed. `name` is the row's name; the returned milliseconds go into the
+/// printed table (and into its ratios).
+pub trait Timer {
+    fn time(&mut self, gpu: &Gpu, name: &str, f: &mut dyn FnMut() -> Result<()>) -> Result<f64>;
+}
+
+/// `clt bench --cuda`'s timer: CUDA events around each run, the median of 5 after 2 warm-ups.
+pub struct Median;
+
+impl Timer for Median {
+    fn time(&mut self, gpu: &Gpu, _name: &str, f: &mut dyn FnMut() -> Result<()>) -> Result<f64> {
+        median(gpu, 5, f)
+    }
+}
+
+/// The median of `reps` event-timed runs of `f` after 2 warm-ups, in milliseconds.
+pub fn median(gpu: &Gpu, reps: usize, mut f: impl FnMut() -> Result<()>) -> Result<f64> {
     for _ in 0..2 {
         f()?;
     }
@@ -57,6 +73,12 @@ fn report(name: &str, ms: f64, flops: f64, bytes: f64, copy_gbs: f64) {
 /// path (2 layers, d = 64, 256 features, 256 tokens, L0 ≈ 8; its GEMM and copy are small too) that the CPU
 /// emulator (kernels/emu/) runs in seconds.
 pub fn run(preset: Preset) -> Result<()> {
+    run_with(preset, &mut Median)
+}
+
+/// [`run`] with every kernel row timed by `timer` (the criterion bench, benches/cuda.rs, passes one that
+/// hands each row to criterion as well).
+pub fn run_with(preset: Preset, timer: &mut dyn Timer) -> Result<()> {
     let gpu = Gpu::open(0)?;
     let (l_n, d, f_n, b_n, l0) = match preset {
         Preset::Large => (16usize, 2048usize, 8192usize, 16384usize, 64usize),
@@ -85,7 +107,9 @@ pub fn run(preset: Preset) -> Result<()> {
                 .map(|i| ((i * 7919) % 1021) as f32 / 1021.0 - 0.5)
                 .collect();
             let (a, c) = (gpu.upload_bf16(&vals)?, gpu.zeros::<f32>(n * n)?);
-            let ms = median(&gpu, 5, || dense::gemm_square(&gpu, blas, &a, &c, n))?;
+            let ms = timer.time(&gpu, "cuBLAS bf16 GEMM", &mut || {
+                dense::gemm_square(&gpu, blas, &a, &c, n)
+            })?;
             let gemm = 2.0 * (n as f64).powi(3) / ms / 1e9;
             println!(
                 "cuBLAS bf16 GEMM {n}³ (fp32 accumulate): {gemm:.0} TFLOP/s measured ({:.0}% of the \
@@ -129,7 +153,7 @@ pub fn run(preset: Preset) -> Result<()> {
         ("encode SIMT (JumpReLU)", encode::Gemm::Simt),
         ("encode mma (JumpReLU)", encode::Gemm::TensorCore),
     ] {
-        let ms = median(&gpu, 5, || {
+        let ms = timer.time(&gpu, name, &mut || {
             codes = Some(encode::jumprelu_with(
                 &gpu,
                 &inp,
@@ -154,7 +178,9 @@ pub fn run(preset: Preset) -> Result<()> {
             ("encode SIMT (dense)", encode::Gemm::Simt),
             ("encode mma (dense)", encode::Gemm::TensorCore),
         ] {
-            let ms = median(&gpu, 5, || encode::dense_into_with(&gpu, &inp, &h, 0, gemm))?;
+            let ms = timer.time(&gpu, name, &mut || {
+                encode::dense_into_with(&gpu, &inp, &h, 0, gemm)
+            })?;
             report(
                 name,
                 ms,
@@ -182,7 +208,7 @@ pub fn run(preset: Preset) -> Result<()> {
     let b_dec = gpu.upload(&vec![0f32; l_n * d])?;
     let y = gpu.upload(&rand(b_n * row, 1.0))?;
     let mut out = None;
-    let ms = median(&gpu, 5, || {
+    let ms = timer.time(&gpu, "sparse decode (all layers)", &mut || {
         out = Some(decode::sparse_decode(
             &gpu,
             &layers,
@@ -233,7 +259,9 @@ pub fn run(preset: Preset) -> Result<()> {
         obj,
         jump: true,
     };
-    let ms = median(&gpu, 5, || backward::layer_grads(&gpu, &inp).map(|_| ()))?;
+    let ms = timer.time(&gpu, "backward (1 layer)", &mut || {
+        backward::layer_grads(&gpu, &inp).map(|_| ())
+    })?;
     let rl = (l_n - l) * d;
     let bytes = (nnz * rl * (2 + 4) + nnz * d * 4 + f_n * (d + rl) * 4) as f64;
     report("backward (1 layer)", ms, 0.0, bytes, copy);
@@ -251,7 +279,7 @@ pub fn run(preset: Preset) -> Result<()> {
     let pb = gpu.zeros::<u16>(n)?;
     let nr = gpu.zeros::<f32>(f_n)?;
     let k = adam::consts(&AdamHyper::default(), 1, 1e-4, 1.0);
-    let ms = median(&gpu, 5, || {
+    let ms = timer.time(&gpu, "adam (1 decoder layer)", &mut || {
         adam::adam_decoder(&gpu, &p, &m, &v, &g, &coef, &touched, Some(&pb), &nr, rl, k)
     })?;
     report("adam (1 decoder layer)", ms, 0.0, (n * 30) as f64, copy);
@@ -291,13 +319,13 @@ pub fn run(preset: Preset) -> Result<()> {
         activation: Activation::JumpRelu,
         skip: false,
     };
-    let sparse_ms = median(&gpu, 5, || {
+    let sparse_ms = timer.time(&gpu, "sparse step (loss + grad)", &mut || {
         step::device_loss_and_grad(&gpu, &cfg, &dp, &batch, &obj, None).map(|_| ())
     })?;
     report("sparse step (loss + grad)", sparse_ms, 0.0, 0.0, copy);
     match &blas {
         Ok(blas) => {
-            let dense_ms = median(&gpu, 5, || {
+            let dense_ms = timer.time(&gpu, "dense cuBLAS step (baseline)", &mut || {
                 dense::dense_loss_and_grad(&gpu, blas, &cfg, &dp, &batch, &obj).map(|_| ())
             })?;
             // GEMM FLOPs: encoder forward and weight gradient; decode forward, decoder weight gradient
@@ -405,7 +433,7 @@ pub fn run(preset: Preset) -> Result<()> {
             layer_scale: Some(&scales),
         };
         let q = dequant::Quant::Int8;
-        let ms = median(&gpu, 5, || {
+        let ms = timer.time(&gpu, "dequant int8 x (+ bf16)", &mut || {
             dequant::dequant_into(&gpu, &codes, q, b_n * l_n, d, 0, &dst)
         })?;
         let bytes = (coded.x.len() + b_n * row * 6) as f64;
