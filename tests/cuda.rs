@@ -704,6 +704,7 @@ mod gpu_tests {
                 prefetch: 2,
             });
             run.train.backend = BackendKind::Cuda;
+            let run_dev = run.clone();
             let mut on_device = Trainer::new(run.clone()).unwrap();
             run.train.device_dequant = false;
             let mut on_host = Trainer::new(run).unwrap();
@@ -730,6 +731,25 @@ mod gpu_tests {
             assert!(
                 on_device.adam_state() == on_host.adam_state(),
                 "{codec:?}: Adam state differs"
+            );
+            // Checkpointed at step 2 with a coded batch staged for step 3, and resumed: the same run.
+            let mut run = run_dev;
+            run.train.checkpoint_every = 2;
+            run.train.keep_checkpoints = 4;
+            let (d1, d2) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+            let mut whole = Trainer::new(run).unwrap();
+            whole.train(d1.path(), true).unwrap();
+            assert!(
+                whole.params == on_device.params,
+                "{codec:?}: train() differs from step()"
+            );
+            let at2 = d1.path().join("checkpoints").join("step_00000002");
+            let mut resumed = Trainer::resume(&at2, None).unwrap();
+            resumed.train(d2.path(), true).unwrap();
+            assert_eq!(resumed.step, 5);
+            assert!(
+                resumed.params == whole.params,
+                "{codec:?}: resumed parameters differ from the uninterrupted run's"
             );
         }
     }
