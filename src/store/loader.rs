@@ -386,9 +386,7 @@ impl ShardLoader {
             })
             .collect()
     }
-}
 
-impl ShardLoader {
     /// Serves the next `n_tokens` rows into `out` (f32 or coded: the same rows, the same position after).
     fn serve(&mut self, n_tokens: usize, out: Out<'_>) -> Result<()> {
         if self.plan.cfg.workers == 0 {

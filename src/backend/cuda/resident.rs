@@ -544,6 +544,12 @@ impl Resident {
             .as_ref()
             .is_none_or(|(h, _, _)| h != norms)
         {
+            // A staged batch is decoded with the factors current at its step: they must not change under it.
+            if self.layer_scales.is_some() && !self.staged.is_empty() {
+                return Err(Error::Unsupported(
+                    "changing the normalisation while a coded batch is staged".into(),
+                ));
+            }
             // Queued kernels may read the old factors.
             self.gpu.sync()?;
             let (sx, sy) = (
