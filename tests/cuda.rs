@@ -944,6 +944,9 @@ mod gpu_tests {
             let f32s: Vec<Vec<Vec<f32>>> = (0..l_n).map(|l| vec![normal(f_n * d),
                 normal(f_n * cfg.dec_row_len(l)), normal(f_n), normal(f_n), normal(f_n)]).collect();
             let b_dec: Vec<Vec<f32>> = (0..l_n).map(|_| normal(d)).collect();
+            // Skip weights' gradients on every other case.
+            let skip = seed % 2 == 0;
+            let w_skip: Vec<Vec<f32>> = (0..if skip { l_n } else { 0 }).map(|_| normal(d * d)).collect();
             let touched: Vec<Vec<u8>> = (0..l_n).map(|l| (0..f_n).map(|f| ((f * 7 + l) % 3 == 0) as u8 * (1 + f as u8 % 5)).collect()).collect();
             let counts: Vec<Vec<u32>> = (0..l_n).map(|l| (0..f_n).map(|f| (f * 131 + l * 17) as u32 % 5000).collect()).collect();
             let grads = |zero: bool| -> step::DeviceGrads {
@@ -957,7 +960,7 @@ mod gpu_tests {
                         sparsity: gpu.zeros(f_n).unwrap(),
                     }).collect(),
                     b_dec: b_dec.iter().map(|b| up(b)).collect(),
-                    w_skip: Vec::new(),
+                    w_skip: w_skip.iter().map(|w| up(w)).collect(),
                 }
             };
             let (g, back) = (grads(false), grads(true));
@@ -979,6 +982,10 @@ mod gpu_tests {
             }
             for (l, b) in back.b_dec.iter().enumerate() {
                 prop_assert_eq!(bits(&gpu.download(b).unwrap()), bits(&want(&b_dec[l])), "b_dec {}", l);
+            }
+            prop_assert_eq!(back.w_skip.len(), w_skip.len());
+            for (l, b) in back.w_skip.iter().enumerate() {
+                prop_assert_eq!(bits(&gpu.download(b).unwrap()), bits(&want(&w_skip[l])), "w_skip {}", l);
             }
         }
 

@@ -48,7 +48,8 @@ fn have_driver() -> bool {
 }
 
 /// The runs compared here: 6 steps of a small synthetic CLT on `backend`, with 37 features (not a multiple
-/// of the number of ranks), no skip connections (the CUDA step has none), a checkpoint every 3 steps.
+/// of the number of ranks), no skip connections (`skip_connections_on_ranks_equal_one_process` has them), a
+/// checkpoint every 3 steps.
 fn cuda_run(backend: BackendKind) -> RunConfig {
     let mut run = clt::demo::synthetic_config();
     run.model.n_features = 37;
@@ -265,6 +266,48 @@ fn the_resident_loop_on_two_ranks_equals_one_process_and_resumes_bit_for_bit() {
         &checkpoint::load_transcoder(&two).unwrap().params,
         &checkpoint::load_transcoder(&resumed).unwrap().params,
     );
+}
+
+/// Skip connections on the distributed CUDA steps, two ranks against one process on the same backend, within
+/// the same 1e-4: the shard that adds the decoder bias to its partial adds the skip term too (on the device,
+/// a target layer at a time under `overlap`), and the skip weights' gradient, from the whole residual, is
+/// the same on every shard and summed over the replicas with the rest. Every way the partials are summed:
+/// on the device by NCCL a layer at a time (resident, overlap) and at once (`cuda_host`), through the host
+/// at once (resident, MPI) and a layer at a time (`cuda_host`, MPI, overlap); and data-parallel (the
+/// gradients packed and summed on the device).
+#[test]
+fn skip_connections_on_ranks_equal_one_process() {
+    if !have_driver() {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    for backend in [BackendKind::Cuda, BackendKind::CudaHost] {
+        let mut run = cuda_run(backend);
+        run.model.skip = true;
+        let dir = tmp.path().join(format!("{backend:?}"));
+        std::fs::create_dir_all(&dir).unwrap();
+        let want = one_process(&dir, &run);
+        let modes: &[(Parallel, Collectives, bool)] = match backend {
+            BackendKind::Cuda => &[
+                (Parallel::Features, Collectives::Nccl, true),
+                (Parallel::Features, Collectives::Mpi, false),
+                (Parallel::Data, Collectives::Auto, false),
+            ],
+            _ => &[
+                (Parallel::Features, Collectives::Mpi, true),
+                (Parallel::Features, Collectives::Nccl, false),
+            ],
+        };
+        for &(parallel, collectives, overlap) in modes {
+            let mut r = run.clone();
+            r.train.parallel = parallel;
+            r.train.collectives = collectives;
+            r.train.overlap = overlap;
+            let name = format!("skip-{backend:?}-{parallel:?}-{collectives:?}-{overlap}");
+            let cfg = write_config(&dir, &format!("{name}.toml"), &r);
+            ranks(2, &cfg, &dir.join(&name), &want, &name);
+        }
+    }
 }
 
 /// Two ranks on one GPU (the emulator's `CLT_EMU_ONE_DEVICE=1`): NCCL refuses such a communicator, so

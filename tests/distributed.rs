@@ -385,8 +385,7 @@ fn every_rank_refuses_topk(run: &RunConfig) {
 }
 
 /// Backends the distributed trainer does not run are refused at start-up on every rank, with the reason:
-/// the dense CPU step; the CUDA steps (`cuda`, `cuda_host`) with skip connections (and without the `cuda`
-/// feature, opening one says so).
+/// the dense CPU step (and without the `cuda` feature, opening a CUDA one says so).
 #[test]
 fn unsupported_backends_are_refused_at_start_up() {
     use clt::backend::BackendKind;
@@ -409,18 +408,11 @@ fn unsupported_backends_are_refused_at_start_up() {
             );
         }
     };
-    refused(BackendKind::Cuda, Parallel::Data, true, "skip connections");
     refused(
         BackendKind::CpuDense,
         Parallel::Features,
         false,
         "is not supported",
-    );
-    refused(
-        BackendKind::CudaHost,
-        Parallel::Data,
-        true,
-        "skip connections",
     );
     if !cfg!(feature = "cuda") {
         refused(

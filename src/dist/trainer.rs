@@ -193,18 +193,13 @@ fn timed_sum<C: Comm>(feat: &C, timing: &mut Timing, what: &str, yhat: &mut [f32
 /// feature-sharded and grid, each rank's device encodes and decodes its features, the partial
 /// reconstructions are summed (NCCL on the device, or MPI through the host), and the device runs the
 /// backward on the residual; and the resident loop (`cuda`: parameters, Adam's moments and the update on
-/// the device) in every mode, its gradients summed over replicas on the device. The device step has no
-/// skip connections. With `overlap`, the device decodes its partials a target layer at a time and each
+/// the device) in every mode, its gradients summed over replicas on the device. With skip connections,
+/// the shard that adds the decoder bias to its partial adds the skip term too. With `overlap`, the device decodes its partials a target layer at a time and each
 /// layer's all-reduce (NCCL on a stream of its own, or MPI from the host) runs while the next decodes.
 fn check_backend(run: &RunConfig) -> Result<()> {
     let t = &run.train;
-    let device = matches!(t.backend, BackendKind::CudaHost | BackendKind::Cuda);
     match t.backend {
         BackendKind::Cpu => Ok(()),
-        _ if device && run.model.skip => Err(Error::Unsupported(format!(
-            "skip connections on the distributed CUDA step (backend {:?}); use backend cpu",
-            t.backend
-        ))),
         BackendKind::CudaHost | BackendKind::Cuda => Ok(()),
         kind => Err(Error::Unsupported(format!(
             "distributed training runs the sparse CPU step or a CUDA step (cuda, cuda_host); backend \

@@ -40,11 +40,19 @@ pub struct Blas {
 
 /// A column-major view of a device matrix for cuBLAS: element (i, j) at `offset + i + j·ld`.
 pub(super) struct Mat<'a, T> {
-    buf: &'a DBuf<T>,
+    buf: Source<'a, T>,
     offset: usize,
     rows: usize,
     cols: usize,
     ld: usize,
+}
+
+/// Where a [`Mat`]'s elements are: a buffer, or the device address and length of one that another
+/// borrow holds (the distributed step's partials, which NCCL holds mutably while the skip GEMM of each
+/// layer writes its block, stream-ordered before NCCL reads it).
+enum Source<'a, T> {
+    Buf(&'a DBuf<T>),
+    Raw { addr: u64, len: usize },
 }
 
 impl<'a, T: DeviceRepr> Mat<'a, T> {
@@ -56,6 +64,21 @@ impl<'a, T: DeviceRepr> Mat<'a, T> {
         cols: usize,
         ld: usize,
     ) -> Self {
+        Self::at(Source::Buf(buf), offset, rows, cols, ld)
+    }
+
+    /// [`Mat::new`] in a buffer of `len` elements at device address `addr` (see [`Source`]).
+    pub(super) fn raw(
+        (addr, len): (u64, usize),
+        offset: usize,
+        rows: usize,
+        cols: usize,
+        ld: usize,
+    ) -> Self {
+        Self::at(Source::Raw { addr, len }, offset, rows, cols, ld)
+    }
+
+    fn at(buf: Source<'a, T>, offset: usize, rows: usize, cols: usize, ld: usize) -> Self {
         Mat {
             buf,
             offset,
@@ -72,14 +95,18 @@ impl<'a, T: DeviceRepr> Mat<'a, T> {
         } else {
             self.offset + (self.cols - 1) * self.ld + self.rows
         };
-        if self.ld < self.rows.max(1) || need > self.buf.len() || self.ld > i32::MAX as usize {
+        let (base, len) = match self.buf {
+            Source::Buf(b) => (b.ptr(gpu), b.len()),
+            Source::Raw { addr, len } => (addr, len),
+        };
+        if self.ld < self.rows.max(1) || need > len || self.ld > i32::MAX as usize {
             return Err(Error::Shape {
                 what: format!("cuBLAS operand {what} (rows, cols, ld, offset; buffer length)"),
                 expected: vec![self.rows, self.cols, self.ld, self.offset],
-                got: vec![self.buf.len()],
+                got: vec![len],
             });
         }
-        Ok(self.buf.ptr(gpu) + (self.offset * std::mem::size_of::<T>()) as u64)
+        Ok(base + (self.offset * std::mem::size_of::<T>()) as u64)
     }
 }
 

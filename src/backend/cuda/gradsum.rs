@@ -26,7 +26,7 @@ enum Kind {
 
 /// Every tensor of `g` in packing order, with its device address, length and kind.
 fn tensors(gpu: &Gpu, g: &DeviceGrads) -> Vec<(u64, usize, Kind)> {
-    let mut out = Vec::with_capacity(7 * g.layers.len() + g.b_dec.len());
+    let mut out = Vec::with_capacity(7 * g.layers.len() + g.b_dec.len() + g.w_skip.len());
     for lg in &g.layers {
         for t in [&lg.w_enc, &lg.w_dec, &lg.b_enc, &lg.log_theta, &lg.dec_coef] {
             out.push((t.ptr(gpu), t.len(), Kind::F32));
@@ -38,7 +38,7 @@ fn tensors(gpu: &Gpu, g: &DeviceGrads) -> Vec<(u64, usize, Kind)> {
             Kind::Counts,
         ));
     }
-    for b in &g.b_dec {
+    for b in g.b_dec.iter().chain(&g.w_skip) {
         out.push((b.ptr(gpu), b.len(), Kind::F32));
     }
     out

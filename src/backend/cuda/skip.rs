@@ -27,22 +27,40 @@ pub fn add_skip(
     n_tokens: usize,
     d: usize,
 ) -> Result<()> {
-    let blas = gpu.blas()?;
     let row = w_skip.len() * d;
-    for (l, w) in w_skip.iter().enumerate() {
-        // Ŷ_lᵀ-as-stored (d × B, ld L·d) += (W_skipᵀ-as-stored (d × d))ᵀ · X_lᵀ-as-stored (d × B, ld L·d).
-        blas.gemm(
-            gpu,
-            "skip connection",
-            Mat::new(w, 0, d, d, d),
-            true,
-            Mat::new(x_bf, l * d, d, n_tokens, row),
-            false,
-            Mat::new(yhat, l * d, d, n_tokens, row),
-            1.0,
-        )?;
+    let out = (yhat.ptr(gpu), yhat.len());
+    for l in 0..w_skip.len() {
+        add_skip_layer(gpu, w_skip, x_bf, l, (out, l * d, row), n_tokens, d)?;
     }
     Ok(())
+}
+
+/// `ŷ_l += x_l W_skip[l]ᵀ` for layer `l` alone, into `out = ((address, length), offset, stride)`, an f32
+/// buffer given by its device address and length (the distributed step's partials are held mutably by
+/// the all-reduce while each layer's term is queued; the GEMM runs on the compute stream, which NCCL's
+/// stream waits on): token `b`'s row at `offset + b · stride` (token-major `[B][L][d]`: `(l·d, L·d)`;
+/// layer-major `[L][B][d]`, the partials decoded a layer at a time: `(l·B·d, d)`).
+pub fn add_skip_layer(
+    gpu: &Gpu,
+    w_skip: &[DBuf<u16>],
+    x_bf: &DBuf<u16>,
+    l: usize,
+    (yhat, offset, stride): ((u64, usize), usize, usize),
+    n_tokens: usize,
+    d: usize,
+) -> Result<()> {
+    let row = w_skip.len() * d;
+    // Ŷ_lᵀ-as-stored (d × B, ld stride) += (W_skipᵀ-as-stored (d × d))ᵀ · X_lᵀ-as-stored (d × B, ld L·d).
+    gpu.blas()?.gemm(
+        gpu,
+        "skip connection",
+        Mat::new(&w_skip[l], 0, d, d, d),
+        true,
+        Mat::new(x_bf, l * d, d, n_tokens, row),
+        false,
+        Mat::raw(yhat, offset, d, n_tokens, stride),
+        1.0,
+    )
 }
 
 /// `∇W_skip[l] = R_lᵀ x_l` (`[d][d]` stored (out, in), f32) for each of `n_layers` layers, from the

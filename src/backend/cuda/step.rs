@@ -264,11 +264,6 @@ fn step_with(
     preact_mask: Option<&[Vec<bool>]>,
     shard: Option<ShardSum>,
 ) -> Result<(StepStats, DeviceGrads)> {
-    if cfg.skip && shard.is_some() {
-        return Err(Error::Unsupported(
-            "skip connections on the distributed CUDA step (use backend cpu)".into(),
-        ));
-    }
     let (l_n, d, f_n) = (cfg.n_layers, cfg.d_model, cfg.n_features);
     if cfg.skip && (dp.w_skip.len() != l_n || dp.w_skip.iter().any(|w| w.len() != d * d)) {
         return Err(Error::Shape {
@@ -363,6 +358,15 @@ fn step_with(
         }
         _ => &dp.b_dec,
     };
+    // A shard's partial carries the skip term where it carries the bias: the sum over the shards is then
+    // the whole reconstruction with it (the CPU adds it after the sum; the same terms).
+    let skip_here = cfg.skip && shard.as_ref().is_none_or(|s| s.with_bias);
+    let skip_layer = |l: usize, out: ((u64, usize), usize, usize)| -> Result<()> {
+        if skip_here {
+            super::skip::add_skip_layer(gpu, &dp.w_skip, x_bf, l, out, n_tokens, d)?;
+        }
+        Ok(())
+    };
     let (resid, sq_err) = match shard {
         None if cfg.skip => {
             // The skip term joins the reconstruction before the residual (as on the CPU).
@@ -387,6 +391,9 @@ fn step_with(
             ..
         }) => {
             let out = sparse_decode(gpu, &views, bias, None, d, cross, 2.0 / bf)?;
+            if skip_here {
+                super::skip::add_skip(gpu, &dp.w_skip, x_bf, &out.yhat, n_tokens, d)?;
+            }
             let mut yhat = gpu.download(&out.yhat)?;
             sum(&mut yhat)?;
             let (r, sq_err) = crate::backend::cpu::sparse::residual(&yhat, y, n_tokens, l_n, d);
@@ -397,6 +404,9 @@ fn step_with(
             ..
         }) => {
             let mut out = sparse_decode(gpu, &views, bias, None, d, cross, 2.0 / bf)?;
+            if skip_here {
+                super::skip::add_skip(gpu, &dp.w_skip, x_bf, &out.yhat, n_tokens, d)?;
+            }
             sum(&mut out.yhat)?;
             let (resid, sq) =
                 residual(gpu, &out.yhat, false, &batch.y, n_tokens, l_n, d, 2.0 / bf)?;
@@ -408,6 +418,7 @@ fn step_with(
             ..
         }) => {
             let yhat_dev = gpu.output::<f32>(n_tokens * row)?;
+            let yhat_at = (yhat_dev.ptr(gpu), yhat_dev.len());
             let plan = PartialDecode::new(gpu, &views, bias, d, cross, &yhat_dev)?;
             let block = n_tokens * d;
             let mut parts: Vec<Vec<f32>> = (0..l_n).map(|_| vec![0.0; block]).collect();
@@ -418,6 +429,7 @@ fn step_with(
                 if failed.is_none()
                     && let Err(e) = plan
                         .layer(l)
+                        .and_then(|()| skip_layer(l, (yhat_at, l * block, d)))
                         .and_then(|()| gpu.download_into(&yhat_dev, l * block, part))
                 {
                     failed = Some(e);
@@ -437,7 +449,13 @@ fn step_with(
         }) => {
             let mut yhat = gpu.output::<f32>(n_tokens * row)?;
             let plan = PartialDecode::new(gpu, &views, bias, d, cross, &yhat)?;
-            sum(&mut yhat, l_n, &mut |l| plan.layer(l))?;
+            // Each layer's skip term goes into its layer-major block (`B·d`, rows `d` apart) while the
+            // all-reduce holds the buffer: by address, queued before NCCL's stream follows the compute one.
+            let (block, yhat_at) = (n_tokens * d, (yhat.ptr(gpu), yhat.len()));
+            sum(&mut yhat, l_n, &mut |l| {
+                plan.layer(l)?;
+                skip_layer(l, (yhat_at, l * block, d))
+            })?;
             let (resid, sq) = residual(gpu, &yhat, true, &batch.y, n_tokens, l_n, d, 2.0 / bf)?;
             (resid, per_layer_sq_err(&gpu.download(&sq)?, n_tokens, l_n))
         }
