@@ -268,6 +268,83 @@ fn the_resident_loop_on_two_ranks_equals_one_process_and_resumes_bit_for_bit() {
     );
 }
 
+/// The distributed resident loop on an int8 store: batches staged as the store's codes and decoded on each
+/// rank's device (the default, `device_dequant`) give, to the bit, the run that f32 staging gives, with the
+/// same losses: feature-sharded with NCCL and overlap, feature-sharded through MPI (the host keeps f32
+/// targets for its sums), and data-parallel (each replica stages its slice of the codes).
+#[test]
+fn the_resident_loop_on_ranks_decodes_store_batches_on_the_device() {
+    if !have_driver() {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let mut run = cuda_run(BackendKind::Cuda);
+    let dims = clt::data::ActDims {
+        n_layers: run.model.n_layers,
+        d_model: run.model.d_model,
+    };
+    let clt::train::config::DataConfig::Synthetic(syn) = &run.data else {
+        unreachable!("the demo's configuration is synthetic")
+    };
+    let mut source = clt::data::synthetic::SyntheticGenerator::new(dims, syn.clone());
+    let mut batch = clt::data::Batch::default();
+    clt::data::ActivationSource::next_batch(&mut source, 900, &mut batch).unwrap();
+    let store = tmp.path().join("store");
+    let cfg = clt::store::WriterConfig {
+        block_tokens: 64,
+        ..Default::default()
+    };
+    let meta = clt::store::format::ShardMeta::default();
+    let mut w = clt::store::DatasetWriter::create(&store, dims, cfg, meta, 400).unwrap();
+    w.push(&batch.x, &batch.y, None).unwrap();
+    w.finish().unwrap();
+    run.data = clt::train::config::DataConfig::Store(clt::train::config::StoreDataConfig {
+        path: store,
+        seed: 5,
+        window_blocks: 2,
+        workers: 1,
+        prefetch: 2,
+    });
+    let modes = [
+        (Parallel::Features, Collectives::Nccl, true),
+        (Parallel::Features, Collectives::Mpi, false),
+        (Parallel::Data, Collectives::Auto, false),
+    ];
+    for (parallel, collectives, overlap) in modes {
+        let mut out = Vec::new();
+        for device_dequant in [true, false] {
+            let mut r = run.clone();
+            r.train.parallel = parallel;
+            r.train.collectives = collectives;
+            r.train.overlap = overlap;
+            r.train.device_dequant = device_dequant;
+            let name = format!("store-{parallel:?}-{collectives:?}-{device_dequant}");
+            let cfg = write_config(tmp.path(), &format!("{name}.toml"), &r);
+            let dir = tmp.path().join(&name);
+            let (o, _) = mpirun_train(2, &cfg, &dir, &[]);
+            assert!(o.status.success(), "{name}: mpirun failed:\n{}", text(&o));
+            out.push((
+                losses(&dir),
+                checkpoint::load_transcoder(&dir).unwrap().params,
+            ));
+        }
+        let label = format!("{parallel:?}, {collectives:?}");
+        assert_eq!(out[0].0.len(), 6, "{label}");
+        assert_eq!(
+            out[0].0.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+            out[1].0.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+            "{label}: losses staged as codes {:?}, as f32 {:?}",
+            out[0].0,
+            out[1].0
+        );
+        assert_same_bits(
+            &format!("{label}: parameters staged as codes differ from f32 staging's"),
+            &out[0].1,
+            &out[1].1,
+        );
+    }
+}
+
 /// Skip connections on the distributed CUDA steps, two ranks against one process on the same backend, within
 /// the same 1e-4: the shard that adds the decoder bias to its partial adds the skip term too (on the device,
 /// a target layer at a time under `overlap`), and the skip weights' gradient, from the whole residual, is

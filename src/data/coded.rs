@@ -63,6 +63,24 @@ impl CodedBatch {
         self.y.resize(n, 0);
     }
 
+    /// Tokens `lo .. hi` (a data-parallel replica's slice), copied.
+    pub fn slice(&self, lo: usize, hi: usize) -> CodedBatch {
+        let (l_n, at) = (self.dims.n_layers, self.codes_offset());
+        let rb = self.codec.row_code_bytes(self.dims.d_model);
+        let part = |v: &[u8]| {
+            let mut out = v[4 * lo * l_n..4 * hi * l_n].to_vec();
+            out.extend_from_slice(&v[at + lo * l_n * rb..at + hi * l_n * rb]);
+            out
+        };
+        CodedBatch {
+            n_tokens: hi - lo,
+            dims: self.dims,
+            codec: self.codec,
+            x: part(&self.x),
+            y: part(&self.y),
+        }
+    }
+
     /// Byte offset of the codes (after every row's scale).
     pub fn codes_offset(&self) -> usize {
         4 * self.n_tokens * self.dims.n_layers

@@ -127,7 +127,10 @@ pub struct ShardedTrainer<C: Comm> {
     /// the step), with the source's position before it (what a checkpoint records, so that a resumed run
     /// reads it again).
     #[cfg(feature = "cuda")]
-    next: Option<(Batch, serde_json::Value)>,
+    next: Option<(Batch, Option<Vec<f64>>, serde_json::Value)>,
+    /// The whole batch's target variance when the resident loop staged it as the store's codes (the host
+    /// then holds the f32 targets only where the partials are summed through it); `None` otherwise.
+    batch_var: Option<Vec<f64>>,
 }
 
 /// A fault injected for the failure tests (`CLT_DIST_FAULT=kill:RANK:STEP` or `hang:RANK:STEP`): the rank
@@ -679,6 +682,7 @@ impl<C: Comm> ShardedTrainer<C> {
             grad_buf: None,
             #[cfg(feature = "cuda")]
             next: None,
+            batch_var: None,
             grid: Grid::of(&run, comm.size()),
             range,
             comm,
@@ -846,24 +850,72 @@ impl<C: Comm> ShardedTrainer<C> {
             self.data.size(),
             self.local.n_layers * self.local.d_model,
         );
-        let no_device = || Error::Unsupported("a resident step without a device".into());
         match self.next.take() {
-            Some((batch, _)) => self.batch = batch,
+            Some((batch, var, _)) => (self.batch, self.batch_var) = (batch, var),
             None => {
-                wait_s += self.fetch_into_batch()?;
-                let resident = self.resident.as_mut().ok_or_else(no_device)?;
-                resident.stage(&replica_slice(&self.batch, at))?;
+                let (batch, var, wait) = self.fetch_staged(at)?;
+                (self.batch, self.batch_var) = (batch, var);
+                wait_s += wait;
             }
         }
         if self.step + 1 < self.run.train.steps {
             let position = self.source.position();
-            let mut next = Batch::default();
-            wait_s += fetch_batch(self.source.as_mut(), &mut next, &self.norms, &self.run)?;
-            let resident = self.resident.as_mut().ok_or_else(no_device)?;
-            resident.stage(&replica_slice(&next, at))?;
-            self.next = Some((next, position));
+            let (next, var, wait) = self.fetch_staged(at)?;
+            self.next = Some((next, var, position));
+            wait_s += wait;
         }
         Ok(wait_s)
+    }
+
+    /// Reads the next batch and stages this replica's slice of it on the device: as the store's int8 /
+    /// int4 codes, decoded and normalised there (as the single-process trainer does, `train.device_dequant`),
+    /// when the source serves them, else normalised f32. Returns the batch as the host keeps it (f32, or,
+    /// when staged as codes, only its size, plus the f32 targets where the partials are summed through
+    /// the host), the whole batch's target variance when staged as codes, and the seconds spent waiting
+    /// for the source.
+    #[cfg(feature = "cuda")]
+    fn fetch_staged(
+        &mut self,
+        at: (usize, usize, usize),
+    ) -> Result<(Batch, Option<Vec<f64>>, f64)> {
+        use crate::backend::Resident;
+        let no_device = || Error::Unsupported("a resident step without a device".into());
+        let coded =
+            self.run.train.device_dequant && self.source.coded().is_some_and(Resident::decodes);
+        if !coded {
+            let mut batch = Batch::default();
+            let wait = fetch_batch(self.source.as_mut(), &mut batch, &self.norms, &self.run)?;
+            let resident = self.resident.as_mut().ok_or_else(no_device)?;
+            resident.stage(&replica_slice(&batch, at))?;
+            return Ok((batch, None, wait));
+        }
+        let t = Instant::now();
+        let mut coded = crate::data::CodedBatch::default();
+        self.source
+            .next_coded(self.run.train.batch_size, &mut coded)?;
+        let wait = t.elapsed().as_secs_f64();
+        let var = coded.target_variance(&self.norms.target);
+        let (replica, replicas, _) = at;
+        let n = coded.n_tokens;
+        let resident = self.resident.as_mut().ok_or_else(no_device)?;
+        if replicas == 1 {
+            resident.stage_coded(&coded, &self.norms)?;
+        } else {
+            let (lo, hi) = (n * replica / replicas, n * (replica + 1) / replicas);
+            resident.stage_coded(&coded.slice(lo, hi), &self.norms)?;
+        }
+        let host_sum = self.run.train.parallel != Parallel::Data && self.device_sum.is_none();
+        let mut batch = Batch {
+            n_tokens: n,
+            x: Vec::new(),
+            y: Vec::new(),
+        };
+        if host_sum {
+            coded.decode_into(&mut batch);
+            self.norms
+                .apply(self.local.d_model, &mut batch.x, &mut batch.y);
+        }
+        Ok((batch, Some(var), wait))
     }
 
     /// The feature-sharded step's loss and gradient: local encode and decode of this replica's slice of the
@@ -964,7 +1016,7 @@ impl<C: Comm> ShardedTrainer<C> {
             )?;
             self.timing.grads_s += t.elapsed().as_secs_f64();
             // Every rank holds the whole batch: the target variance needs no communication.
-            stats.target_var = target_variance(&self.batch.y, n, local.n_layers, local.d_model);
+            stats.target_var = self.batch_target_var();
             stats.n_tokens = n;
         }
         let (feat_sq, shared_sq) =
@@ -1037,9 +1089,17 @@ impl<C: Comm> ShardedTrainer<C> {
             stats.n_window[l] = sums[3 + 2 * l_n + l] as usize;
         }
         // Every rank holds the whole batch: the target variance needs no communication.
-        stats.target_var = target_variance(&self.batch.y, n, l_n, cfg.d_model);
+        stats.target_var = self.batch_target_var();
         stats.n_tokens = n;
         Ok(())
+    }
+
+    /// The whole batch's target variance: from the codes it was staged as, else from its f32 targets.
+    fn batch_target_var(&self) -> Vec<f64> {
+        let (cfg, n) = (&self.local, self.batch.n_tokens);
+        self.batch_var
+            .clone()
+            .unwrap_or_else(|| target_variance(&self.batch.y, n, cfg.n_layers, cfg.d_model))
     }
 
     /// The resident loop's loss and gradient in every mode: this replica's slice of the batch staged to
@@ -1084,7 +1144,8 @@ impl<C: Comm> ShardedTrainer<C> {
                 self.run.train.overlap,
             );
             let shard = ShardSum {
-                y: &self.batch.y[lo * row..hi * row],
+                // Read only where the partials are summed through the host, which keeps f32 targets.
+                y: self.batch.y.get(lo * row..hi * row).unwrap_or(&[]),
                 with_bias: self.feat.rank() == 0,
                 sum,
             };
@@ -1110,7 +1171,7 @@ impl<C: Comm> ShardedTrainer<C> {
         let stats_t = Instant::now();
         let grad_norm = if sharded {
             if replicas > 1 {
-                stats.target_var = target_variance(&self.batch.y, n, l_n, d);
+                stats.target_var = self.batch_target_var();
                 stats.n_tokens = n;
             }
             self.reduce_stats(&mut stats, feature_sq, shared_sq, w)?
@@ -1277,7 +1338,7 @@ impl<C: Comm> ShardedTrainer<C> {
     /// next step, else where the source stands.
     fn source_position(&self) -> serde_json::Value {
         #[cfg(feature = "cuda")]
-        if let Some((_, position)) = &self.next {
+        if let Some((_, _, position)) = &self.next {
             return position.clone();
         }
         self.source.position()
