@@ -676,33 +676,7 @@ mod gpu_tests {
         for codec in [Codec::Int8, Codec::Int4] {
             let dir = tempfile::tempdir().unwrap();
             let mut run = small_gpu_run(5);
-            let dims = clt::data::ActDims {
-                n_layers: run.model.n_layers,
-                d_model: run.model.d_model,
-            };
-            let clt::train::config::DataConfig::Synthetic(syn) = &run.data else {
-                unreachable!("the demo's configuration is synthetic")
-            };
-            let mut source = clt::data::synthetic::SyntheticGenerator::new(dims, syn.clone());
-            let mut batch = clt::data::Batch::default();
-            clt::data::ActivationSource::next_batch(&mut source, 700, &mut batch).unwrap();
-            let cfg = clt::store::WriterConfig {
-                codec,
-                block_tokens: 64,
-                ..Default::default()
-            };
-            let meta = clt::store::format::ShardMeta::default();
-            let mut w =
-                clt::store::DatasetWriter::create(dir.path(), dims, cfg, meta, 300).unwrap();
-            w.push(&batch.x, &batch.y, None).unwrap();
-            w.finish().unwrap();
-            run.data = clt::train::config::DataConfig::Store(clt::train::config::StoreDataConfig {
-                path: dir.path().to_path_buf(),
-                seed: 3,
-                window_blocks: 2,
-                workers: 1,
-                prefetch: 2,
-            });
+            super::common::store::synthetic_store(&mut run, dir.path(), codec, 700, 300);
             run.train.backend = BackendKind::Cuda;
             let run_dev = run.clone();
             let mut on_device = Trainer::new(run.clone()).unwrap();

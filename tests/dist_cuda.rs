@@ -279,32 +279,8 @@ fn the_resident_loop_on_ranks_decodes_store_batches_on_the_device() {
     }
     let tmp = tempfile::tempdir().unwrap();
     let mut run = cuda_run(BackendKind::Cuda);
-    let dims = clt::data::ActDims {
-        n_layers: run.model.n_layers,
-        d_model: run.model.d_model,
-    };
-    let clt::train::config::DataConfig::Synthetic(syn) = &run.data else {
-        unreachable!("the demo's configuration is synthetic")
-    };
-    let mut source = clt::data::synthetic::SyntheticGenerator::new(dims, syn.clone());
-    let mut batch = clt::data::Batch::default();
-    clt::data::ActivationSource::next_batch(&mut source, 900, &mut batch).unwrap();
     let store = tmp.path().join("store");
-    let cfg = clt::store::WriterConfig {
-        block_tokens: 64,
-        ..Default::default()
-    };
-    let meta = clt::store::format::ShardMeta::default();
-    let mut w = clt::store::DatasetWriter::create(&store, dims, cfg, meta, 400).unwrap();
-    w.push(&batch.x, &batch.y, None).unwrap();
-    w.finish().unwrap();
-    run.data = clt::train::config::DataConfig::Store(clt::train::config::StoreDataConfig {
-        path: store,
-        seed: 5,
-        window_blocks: 2,
-        workers: 1,
-        prefetch: 2,
-    });
+    common::store::synthetic_store(&mut run, &store, clt::store::Codec::Int8, 900, 400);
     let modes = [
         (Parallel::Features, Collectives::Nccl, true),
         (Parallel::Features, Collectives::Mpi, false),

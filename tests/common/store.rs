@@ -158,3 +158,41 @@ pub fn write_with_ids(
     w.push(x, y, Some(ids)).unwrap();
     w.finish().unwrap()
 }
+
+/// Writes `n_tokens` of `run`'s synthetic data (its `[data]` must be synthetic) as a store of `codec` in
+/// blocks of 64 tokens and shards of `shard_tokens` under `dir`, and points `run` at it (seed 3, windows
+/// of 2 blocks, one worker): the CUDA trainers' tests of batches staged as the store's codes.
+pub fn synthetic_store(
+    run: &mut clt::train::RunConfig,
+    dir: &Path,
+    codec: clt::store::Codec,
+    n_tokens: usize,
+    shard_tokens: u64,
+) {
+    use clt::train::config::{DataConfig, StoreDataConfig};
+    let dims = ActDims {
+        n_layers: run.model.n_layers,
+        d_model: run.model.d_model,
+    };
+    let DataConfig::Synthetic(syn) = &run.data else {
+        panic!("synthetic_store needs a synthetic [data] to write")
+    };
+    let mut source = clt::data::synthetic::SyntheticGenerator::new(dims, syn.clone());
+    let mut batch = Batch::default();
+    source.next_batch(n_tokens, &mut batch).unwrap();
+    let cfg = WriterConfig {
+        codec,
+        block_tokens: 64,
+        ..Default::default()
+    };
+    let mut w = DatasetWriter::create(dir, dims, cfg, ShardMeta::default(), shard_tokens).unwrap();
+    w.push(&batch.x, &batch.y, None).unwrap();
+    w.finish().unwrap();
+    run.data = DataConfig::Store(StoreDataConfig {
+        path: dir.to_path_buf(),
+        seed: 3,
+        window_blocks: 2,
+        workers: 1,
+        prefetch: 2,
+    });
+}
