@@ -197,8 +197,9 @@ fn timed_sum<C: Comm>(feat: &C, timing: &mut Timing, what: &str, yhat: &mut [f32
 /// reconstructions are summed (NCCL on the device, or MPI through the host), and the device runs the
 /// backward on the residual; and the resident loop (`cuda`: parameters, Adam's moments and the update on
 /// the device) in every mode, its gradients summed over replicas on the device. With skip connections,
-/// the shard that adds the decoder bias to its partial adds the skip term too. With `overlap`, the device decodes its partials a target layer at a time and each
-/// layer's all-reduce (NCCL on a stream of its own, or MPI from the host) runs while the next decodes.
+/// the shard that adds the decoder bias to its partial adds the skip term too. With `overlap`, the
+/// device decodes its partials a target layer at a time and each layer's all-reduce (NCCL on a stream of
+/// its own, or MPI from the host) runs while the next decodes.
 fn check_backend(run: &RunConfig) -> Result<()> {
     let t = &run.train;
     match t.backend {
@@ -878,22 +879,17 @@ impl<C: Comm> ShardedTrainer<C> {
         &mut self,
         at: (usize, usize, usize),
     ) -> Result<(Batch, Option<Vec<f64>>, f64)> {
-        use crate::backend::Resident;
         let no_device = || Error::Unsupported("a resident step without a device".into());
-        let coded =
-            self.run.train.device_dequant && self.source.coded().is_some_and(Resident::decodes);
-        if !coded {
+        let mut coded = crate::data::CodedBatch::default();
+        let fetched =
+            crate::train::trainer::fetch_coded(self.source.as_mut(), &mut coded, &self.run)?;
+        let Some(wait) = fetched else {
             let mut batch = Batch::default();
             let wait = fetch_batch(self.source.as_mut(), &mut batch, &self.norms, &self.run)?;
             let resident = self.resident.as_mut().ok_or_else(no_device)?;
             resident.stage(&replica_slice(&batch, at))?;
             return Ok((batch, None, wait));
-        }
-        let t = Instant::now();
-        let mut coded = crate::data::CodedBatch::default();
-        self.source
-            .next_coded(self.run.train.batch_size, &mut coded)?;
-        let wait = t.elapsed().as_secs_f64();
+        };
         let var = coded.target_variance(&self.norms.target);
         let (replica, replicas, _) = at;
         let n = coded.n_tokens;

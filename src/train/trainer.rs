@@ -321,21 +321,15 @@ impl Trainer {
     /// decoded and normalised here and staged in f32 (the same values). Returns the seconds spent waiting
     /// for the source.
     fn fetch_and_stage(&mut self) -> Result<f64> {
-        let coded =
-            self.run.train.device_dequant && self.source.coded().is_some_and(Resident::decodes);
-        if !coded {
-            let wait = self.fetch_batch()?;
+        if let Some(wait) = fetch_coded(self.source.as_mut(), &mut self.coded, &self.run)? {
             if let Some(r) = self.resident.as_mut() {
-                r.stage(&self.batch)?;
+                r.stage_coded(&self.coded, &self.norms)?;
             }
             return Ok(wait);
         }
-        let wait = Instant::now();
-        self.source
-            .next_coded(self.run.train.batch_size, &mut self.coded)?;
-        let wait = wait.elapsed().as_secs_f64();
+        let wait = self.fetch_batch()?;
         if let Some(r) = self.resident.as_mut() {
-            r.stage_coded(&self.coded, &self.norms)?;
+            r.stage(&self.batch)?;
         }
         Ok(wait)
     }
@@ -609,6 +603,23 @@ pub(crate) fn fetch_batch(
     let data_wait_s = wait.elapsed().as_secs_f64();
     norms.apply(run.model.d_model, &mut batch.x, &mut batch.y);
     Ok(data_wait_s)
+}
+
+/// Fetches the next `run.train.batch_size` tokens still quantised into `coded` when the device decodes
+/// them: `train.device_dequant` is on and the source serves int8 or int4 rows ([`Resident::decodes`]).
+/// Returns the seconds spent waiting for the source, or `None`, having read nothing, when the batch must
+/// come through [`fetch_batch`] instead.
+pub(crate) fn fetch_coded(
+    source: &mut dyn ActivationSource,
+    coded: &mut CodedBatch,
+    run: &RunConfig,
+) -> Result<Option<f64>> {
+    if !(run.train.device_dequant && source.coded().is_some_and(Resident::decodes)) {
+        return Ok(None);
+    }
+    let wait = Instant::now();
+    source.next_coded(run.train.batch_size, coded)?;
+    Ok(Some(wait.elapsed().as_secs_f64()))
 }
 
 pub(crate) fn empty_params() -> Params {

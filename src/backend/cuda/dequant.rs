@@ -31,12 +31,17 @@ impl Quant {
         }
     }
 
-    /// Bytes of one encoded row of `d` values: its scale and its codes.
-    pub fn row_bytes(self, d: usize) -> usize {
-        4 + match self {
-            Quant::Int8 => d,
-            Quant::Int4 => d.div_ceil(2),
+    /// The store codec.
+    pub fn codec(self) -> Codec {
+        match self {
+            Quant::Int8 => Codec::Int8,
+            Quant::Int4 => Codec::Int4,
         }
+    }
+
+    /// Bytes of one encoded row of `d` values: its f32 scale and its codes.
+    pub fn row_bytes(self, d: usize) -> usize {
+        4 + self.codec().row_code_bytes(d)
     }
 }
 
