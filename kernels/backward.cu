@@ -5,8 +5,9 @@
 // 1. act_grad: one warp per listed entry, <r_b[l..], W_dec[l][f]> (the activation gradient at active indices
 //    only) and, for active entries, the pre-activation gradient with the sparsity term.
 // 2. csr_count / csr_scan / csr_fill / csr_sort: the entries grouped per feature (CSR). Counting and the fill
-//    cursor use integer atomics (exact); the sort then puts each feature's segment in entry-id order, so the
-//    sums below run in token order and give the same bits every run.
+//    cursor use integer atomics (exact); the sort then puts each feature's segment in entry-id order (ranks
+//    from a bitmap of the feature's tokens, linear in the segment), so the sums below run in token order and
+//    give the same bits every run.
 // 3. feature_grads: one block per feature, no atomics: encoder row, decoder row data term, encoder bias,
 //    threshold, decoder-norm coefficient, active count, sparsity.
 // 4. col_sum: Σ over tokens of x (pre-activation term) or of r (decoder-bias gradient), in token order.
@@ -82,29 +83,66 @@ CLT_KERNEL void csr_fill(const CltCsrParams p) {
     ptr<uint32_t>(p.unsorted)[at] = e;
 }
 
-// One block per feature: each entry's rank within its segment is the number of smaller entry ids (ids are
-// distinct), so the sorted segment is written without a second buffer pass. O(n^2 / threads) per feature.
-CLT_KERNEL void __launch_bounds__(256) csr_sort(const CltCsrParams p) {
+#define SORT_THREADS 256
+#define SORT_WORDS 1024  // bitmap words per tile: 32,768 tokens (8 KB of shared memory with the prefixes)
+
+// One block per feature. A token lists a feature at most once and entry ids grow with the token
+// (e = b * cap + slot), so the feature's entries in id order are its tokens in order: an entry's rank in the
+// segment is the number of the feature's tokens before its own. The block marks the feature's tokens in a
+// bitmap (a tile of 32,768 tokens at a time, in shared memory), scans the words' popcounts, and reads each
+// rank as the set bits before the entry's bit. Linear in the segment's length plus the batch's tokens / 32
+// (a feature on every token costs as much per entry as a rare one); integer operations only, so exact.
+CLT_KERNEL void __launch_bounds__(SORT_THREADS) csr_sort(const CltCsrParams p) {
+    __shared__ uint32_t bits[SORT_WORDS];
+    __shared__ uint32_t before[SORT_WORDS];  // the tile's set bits in earlier words, plus earlier tiles'
+    __shared__ uint32_t warp_total[SORT_THREADS / 32];
     const uint32_t f = blockIdx.x;
     if (f >= p.n_features) return;
     const uint32_t* start = ptr<const uint32_t>(p.fcount);
     const uint32_t s0 = start[f], n = start[f + 1] - s0;
+    if (n == 0) return;
     const uint32_t* in = ptr<const uint32_t>(p.unsorted) + s0;
     uint32_t* out = ptr<uint32_t>(p.order) + s0;
-    __shared__ uint32_t tile[1024];
-    for (uint32_t i0 = 0; i0 < n; i0 += blockDim.x) {
-        const uint32_t i = i0 + threadIdx.x;
-        const uint32_t mine = i < n ? in[i] : 0u;
-        uint32_t rank = 0;
-        for (uint32_t j0 = 0; j0 < n; j0 += 1024) {
-            const uint32_t m = min(n - j0, 1024u);
-            __syncthreads();
-            for (uint32_t t = threadIdx.x; t < m; t += blockDim.x) tile[t] = in[j0 + t];
-            __syncthreads();
-            if (i < n)
-                for (uint32_t t = 0; t < m; ++t) rank += tile[t] < mine;
+    constexpr uint32_t per = SORT_WORDS / SORT_THREADS;  // consecutive words a thread scans
+    const uint32_t lane = threadIdx.x & 31, warp = threadIdx.x >> 5, w0 = threadIdx.x * per;
+    uint32_t carry = 0;  // the feature's entries in earlier tiles
+    for (uint32_t t0 = 0; t0 < p.n_tokens; t0 += SORT_WORDS * 32) {
+        const uint32_t words = min((p.n_tokens - t0 + 31) / 32, (uint32_t)SORT_WORDS);
+        for (uint32_t w = threadIdx.x; w < words; w += SORT_THREADS) bits[w] = 0;
+        __syncthreads();
+        for (uint32_t i = threadIdx.x; i < n; i += SORT_THREADS) {
+            const uint32_t b = in[i] / p.cap - t0;  // wraps past the tile for a token before it
+            if (b < SORT_WORDS * 32) atomicOr(&bits[b >> 5], 1u << (b & 31));
         }
-        if (i < n) out[rank] = mine;
+        __syncthreads();
+        // Exclusive scan of the words' popcounts: a thread's words, then the warp, then the warps in order.
+        uint32_t mine = 0;
+        for (uint32_t k = 0; k < per; ++k)
+            if (w0 + k < words) mine += __popc(bits[w0 + k]);
+        uint32_t incl = mine;
+        for (uint32_t o = 1; o < 32; o <<= 1) {
+            const uint32_t v = __shfl_up_sync(0xffffffffu, incl, o);
+            if (lane >= o) incl += v;
+        }
+        if (lane == 31) warp_total[warp] = incl;
+        __syncthreads();
+        uint32_t run = carry + incl - mine, tile = 0;
+        for (uint32_t w = 0; w < SORT_THREADS / 32; ++w) {
+            if (w < warp) run += warp_total[w];
+            tile += warp_total[w];
+        }
+        for (uint32_t k = 0; k < per; ++k)
+            if (w0 + k < words) {
+                before[w0 + k] = run;
+                run += __popc(bits[w0 + k]);
+            }
+        __syncthreads();
+        for (uint32_t i = threadIdx.x; i < n; i += SORT_THREADS) {
+            const uint32_t e = in[i], b = e / p.cap - t0;
+            if (b < SORT_WORDS * 32) out[before[b >> 5] + __popc(bits[b >> 5] & ((1u << (b & 31)) - 1u))] = e;
+        }
+        carry += tile;
+        __syncthreads();  // every rank read before the next tile clears the bitmap
     }
 }
 

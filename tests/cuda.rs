@@ -1247,9 +1247,8 @@ mod gpu_tests {
                 close("col_sum", got[j] as f64, want, n_tokens as f64 * 4.0)?;
             }
             // Random lists (distinct increasing features per token), some tokens empty; with `hot`, feature 0
-            // is on every token, so its segment (up to 1,500 entries) takes several of csr_sort's chunks.
-            let mut h = encode::HostCodes { offsets: vec![0], ..Default::default() };
-            for _ in 0..n_tokens {
+            // is on every token, so its segment (up to 1,500 entries) takes several strides of csr_sort's block.
+            let lists = (0..n_tokens).map(|_| {
                 let n = if rng.below(5) == 0 { 0 } else { rng.below(f_n.min(40)) + 1 };
                 let mut fs: Vec<u32> = (0..n).map(|_| rng.below(f_n) as u32).collect();
                 if hot {
@@ -1257,25 +1256,72 @@ mod gpu_tests {
                 }
                 fs.sort_unstable();
                 fs.dedup();
-                h.feat.extend(&fs);
-                h.pre.extend(fs.iter().map(|_| 1.0f32));
-                h.act.extend(fs.iter().map(|_| 1.0f32));
-                h.offsets.push(h.feat.len());
+                fs
+            });
+            check_grouping(gpu, lists, f_n)?;
+        }
+    }
+
+    /// `csr_sort` ranks entries through a bitmap of a tile of 32,768 tokens: a batch of more than two tiles,
+    /// with a feature on every token, one on every third, one only in the last tile and one in none, must
+    /// come out grouped in token order across the tiles' boundaries. Lists in decreasing feature order, so
+    /// the fill's slot order differs from the features' order.
+    #[test]
+    fn grouping_spans_several_token_tiles() {
+        let Some(gpu) = gpu() else { return };
+        let n_tokens = 2 * 32_768 + 1_000;
+        let lists = (0..n_tokens).map(|b| {
+            let mut fs = vec![0u32];
+            if b % 3 == 0 {
+                fs.push(1);
             }
-            let codes = encode::DeviceCodes::from_host(gpu, &h).unwrap();
-            let csr = backward::group_by_feature(gpu, &codes, f_n).unwrap();
-            let start = gpu.download(&csr.fstart).unwrap();
-            let order = gpu.download(&csr.order).unwrap();
-            let mut want: Vec<Vec<u32>> = vec![Vec::new(); f_n];
-            for b in 0..n_tokens {
-                for e in h.offsets[b]..h.offsets[b + 1] {
-                    want[h.feat[e] as usize].push((b * codes.cap + e - h.offsets[b]) as u32);
-                }
+            if b >= 2 * 32_768 + 17 && b % 5 != 0 {
+                fs.push(2);
             }
-            for f in 0..f_n {
-                prop_assert_eq!(&order[start[f] as usize..start[f + 1] as usize], &want[f][..], "feature {}", f);
+            fs.reverse();
+            fs
+        });
+        check_grouping(gpu, lists, 4).unwrap();
+    }
+
+    /// Uploads one feature list per token and checks `group_by_feature` against the entries grouped on the
+    /// host: every feature's segment holds its entry ids `b·cap + slot` in increasing order.
+    fn check_grouping(
+        gpu: &Gpu,
+        lists: impl Iterator<Item = Vec<u32>>,
+        f_n: usize,
+    ) -> Result<(), TestCaseError> {
+        let mut h = encode::HostCodes {
+            offsets: vec![0],
+            ..Default::default()
+        };
+        for fs in lists {
+            h.feat.extend(&fs);
+            h.pre.extend(fs.iter().map(|_| 1.0f32));
+            h.act.extend(fs.iter().map(|_| 1.0f32));
+            h.offsets.push(h.feat.len());
+        }
+        let n_tokens = h.offsets.len() - 1;
+        let codes = encode::DeviceCodes::from_host(gpu, &h).unwrap();
+        let csr = backward::group_by_feature(gpu, &codes, f_n).unwrap();
+        let start = gpu.download(&csr.fstart).unwrap();
+        let order = gpu.download(&csr.order).unwrap();
+        let mut want: Vec<Vec<u32>> = vec![Vec::new(); f_n];
+        for b in 0..n_tokens {
+            for e in h.offsets[b]..h.offsets[b + 1] {
+                want[h.feat[e] as usize].push((b * codes.cap + e - h.offsets[b]) as u32);
             }
         }
+        prop_assert_eq!(start[f_n] as usize, h.feat.len());
+        for f in 0..f_n {
+            prop_assert_eq!(
+                &order[start[f] as usize..start[f + 1] as usize],
+                &want[f][..],
+                "feature {}",
+                f
+            );
+        }
+        Ok(())
     }
 
     proptest! {

@@ -105,6 +105,12 @@ inline T atomicAdd(T* p, T v) {
     return old;
 }
 template <typename T>
+inline T atomicOr(T* p, T v) {
+    T old = *p;
+    *p = old | v;
+    return old;
+}
+template <typename T>
 inline T atomicMax(T* p, T v) {
     T old = *p;
     *p = old > v ? old : v;
@@ -133,6 +139,7 @@ inline float __uint_as_float(uint32_t u) {
     std::memcpy(&f, &u, 4);
     return f;
 }
+inline int __popc(unsigned int x) { return __builtin_popcount(x); }
 // expf, fabsf, fmaf, sqrtf, tanhf: the C library's (math.h through <cmath>).
 
 // bf16: the bits, with CUDA's conversions (round to nearest even; NaN stays NaN).

@@ -266,6 +266,38 @@ pub fn run_with(preset: Preset, timer: &mut dyn Timer) -> Result<()> {
     let bytes = (nnz * rl * (2 + 4) + nnz * d * 4 + f_n * (d + rl) * 4) as f64;
     report("backward (1 layer)", ms, 0.0, bytes, copy);
 
+    // The grouping by feature inside that backward, alone, and with feature 0 added to every token's list
+    // (a feature on every token: the segment `csr_sort` orders is the whole batch). Bytes: the lists read
+    // twice (count, fill), the unsorted ids written, read twice and written sorted, 4 bytes each.
+    let listed = codes.to_host(&gpu)?;
+    let mut hot = encode::HostCodes {
+        offsets: vec![0],
+        ..Default::default()
+    };
+    for b in 0..b_n {
+        let (s, e) = (listed.offsets[b], listed.offsets[b + 1]);
+        hot.feat.extend_from_slice(&listed.feat[s..e]);
+        hot.pre.extend_from_slice(&listed.pre[s..e]);
+        hot.act.extend_from_slice(&listed.act[s..e]);
+        if !listed.feat[s..e].contains(&0) {
+            hot.feat.push(0);
+            hot.pre.push(1.0);
+            hot.act.push(1.0);
+        }
+        hot.offsets.push(hot.feat.len());
+    }
+    let hot_codes = encode::DeviceCodes::from_host(&gpu, &hot)?;
+    for (name, c, n_listed) in [
+        ("group by feature", &codes, nnz),
+        ("  one feature on every token", &hot_codes, hot.feat.len()),
+    ] {
+        let ms = timer.time(&gpu, name, &mut || {
+            backward::group_by_feature(&gpu, c, f_n).map(|_| ())
+        })?;
+        report(name, ms, 0.0, (n_listed * 4 * 6) as f64, copy);
+    }
+    drop(hot_codes);
+
     // Fused Adam of one decoder layer (fp32 p, m, v, g; bf16 copy).
     let n = f_n * rl;
     let (p, m, v, g) = (
