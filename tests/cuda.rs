@@ -728,6 +728,105 @@ mod gpu_tests {
         }
     }
 
+    /// `Resident::stage_coded` checks what it is given before touching a slot: a batch of other layers,
+    /// width or byte counts, scales for other layers and a codec the device does not decode are typed
+    /// errors that stage nothing; the normalisation cannot change while a coded batch waits (it would be
+    /// decoded with the new factors), but can once the staged batches are stepped; a third batch before a
+    /// step is refused.
+    #[test]
+    fn stage_coded_refuses_what_it_cannot_decode() {
+        use clt::Error;
+        use clt::backend::cpu::adam::{AdamHyper, AdamState};
+        use clt::backend::cuda::resident::Resident;
+        use clt::clt::NormScales;
+        use clt::data::{ActDims, CodedBatch};
+        let Some(_gpu) = gpu() else { return };
+        let (l_n, d, f_n, n) = (2usize, 5usize, 7usize, 3usize);
+        let cfg = config(l_n, d, f_n, false, Activation::JumpRelu);
+        let params = Params::init(&cfg, 0.03, &mut Rng::seed(1));
+        let gpu = std::sync::Arc::new(Gpu::open(0).unwrap());
+        let mut res = Resident::new(
+            gpu,
+            &cfg,
+            &params,
+            &AdamState::new(&cfg),
+            AdamHyper::default(),
+        )
+        .unwrap();
+        // n·L rows of d int8 codes: every row's f32 scale, then the codes.
+        let rows = n * l_n;
+        let stream = |seed: u8| -> Vec<u8> {
+            let mut v: Vec<u8> = (0..rows).flat_map(|_| 0.02f32.to_le_bytes()).collect();
+            v.extend((0..rows * d).map(|i| (i as u8).wrapping_mul(37).wrapping_add(seed)));
+            v
+        };
+        let good = CodedBatch {
+            n_tokens: n,
+            dims: ActDims {
+                n_layers: l_n,
+                d_model: d,
+            },
+            codec: Codec::Int8,
+            x: stream(1),
+            y: stream(2),
+        };
+        let norms = NormScales::identity(l_n);
+        let shape = |r: clt::Result<()>, what: &str| match r {
+            Err(Error::Shape { .. }) => {}
+            other => panic!("{what}: expected a shape error, got {other:?}"),
+        };
+        let mut b = good.clone();
+        b.dims.n_layers = l_n + 1;
+        shape(res.stage_coded(&b, &norms), "other layers");
+        let mut b = good.clone();
+        b.dims.d_model = d - 1;
+        shape(res.stage_coded(&b, &norms), "other width");
+        let mut b = good.clone();
+        b.x.pop();
+        shape(res.stage_coded(&b, &norms), "x a byte short");
+        let mut b = good.clone();
+        b.y.push(0);
+        shape(res.stage_coded(&b, &norms), "y a byte long");
+        shape(
+            res.stage_coded(&good, &NormScales::identity(l_n - 1)),
+            "scales of fewer layers",
+        );
+        let mut b = good.clone();
+        b.codec = Codec::Int8p;
+        assert!(
+            matches!(res.stage_coded(&b, &norms), Err(Error::Unsupported(_))),
+            "a codec the device does not decode"
+        );
+        assert_eq!(res.staged(), 0, "a refused batch must stage nothing");
+
+        res.stage_coded(&good, &norms).unwrap();
+        let mut other = norms.clone();
+        other.target[1] = 0.5;
+        assert!(
+            matches!(res.stage_coded(&good, &other), Err(Error::Unsupported(_))),
+            "the normalisation changed under a staged coded batch"
+        );
+        res.stage_coded(&good, &norms).unwrap();
+        assert!(
+            matches!(res.stage_coded(&good, &norms), Err(Error::Unsupported(_))),
+            "a third staged batch"
+        );
+        assert_eq!(res.staged(), 2);
+        let obj = Objective {
+            lambda: 0.1,
+            c: 1.0,
+            lambda_preact: 0.0,
+            bandwidth: 0.1,
+            threshold_grad: ThresholdGrad::Theta,
+        };
+        let first = res.step(&obj, None, 1e-3, 0.0, 0).unwrap().stats.loss();
+        res.step(&obj, None, 1e-3, 0.0, 1).unwrap();
+        assert!(first.is_finite(), "loss {first}");
+        res.stage_coded(&good, &other).unwrap();
+        assert_eq!(res.staged(), 1);
+        res.step(&obj, None, 1e-3, 0.0, 2).unwrap();
+    }
+
     proptest! {
         #![proptest_config(ProptestConfig::with_cases(cases()))]
 
