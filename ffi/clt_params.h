@@ -22,12 +22,16 @@ typedef uint64_t clt_ptr;
 #define CLT_ENC_TK 32
 
 /* Tile sizes of the tensor-core encoder (encode_mma): 128 tokens x 128 features per block of 256 threads, K step
- * 32, two shared-memory stages. It reads rows with 16-byte copies, so it needs d, x_stride and the layer offset
- * to be multiples of CLT_ENC_MMA_ALIGN elements (the wrapper falls back to encode_tile otherwise). */
+ * 32, CLT_ENC_MMA_STAGES shared-memory stages of CLT_ENC_MMA_STAGE_BYTES each (both tiles' rows padded to 40
+ * bf16), in dynamic shared memory (over the 48 KiB default: the launch opts in). It reads rows with 16-byte
+ * copies, so it needs d, x_stride and the layer offset to be multiples of CLT_ENC_MMA_ALIGN elements (the
+ * wrapper falls back to encode_tile otherwise). */
 #define CLT_ENC_MMA_TB 128
 #define CLT_ENC_MMA_TF 128
 #define CLT_ENC_MMA_TK 32
 #define CLT_ENC_MMA_ALIGN 8
+#define CLT_ENC_MMA_STAGES 4
+#define CLT_ENC_MMA_STAGE_BYTES 20480 /* (TB + TF) rows x (TK + 8) bf16, checked by encode.cu */
 
 /* Encoder: h = x W^T + b over one layer, fused epilogue. Lists are ELL: token b owns slots [b*cap, b*cap+cap),
  * count[b] entries were produced (may exceed cap: the host then re-runs with a larger cap). */

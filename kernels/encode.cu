@@ -213,8 +213,9 @@ CLT_KERNEL void to_bf16(const CltToBf16Params p) {
 //
 // A block computes CLT_ENC_MMA_TB x CLT_ENC_MMA_TF (128 x 128) tokens x features with 8 warps in a 2 x 4
 // grid, each warp 64 tokens x 32 features as 4 x 4 tiles of mma.sync.m16n8k16 (bf16 in, fp32 accumulate).
-// K advances 32 at a time through two shared-memory stages filled by cp.async (16-byte copies; the next
-// stage loads while the tensor cores work on the current one) and read with ldmatrix. Shared rows are padded
+// K advances 32 at a time through CLT_ENC_MMA_STAGES (4) shared-memory stages in dynamic shared memory, filled
+// by cp.async (16-byte copies; the next three K slices load while the tensor cores work on the current one,
+// so a slice has three slices' compute to arrive in) and read with ldmatrix. Shared rows are padded
 // to 40 bf16 (80 bytes): 16-byte aligned for cp.async/ldmatrix, and the 8 row addresses of an ldmatrix
 // phase fall on 8 distinct 4-bank groups (80 bytes = 20 banks; 20 r mod 32 is distinct for r = 0..7).
 // Out-of-range tokens, features and K columns are zero-filled by cp.async with a source size of 0 (nothing
@@ -236,10 +237,18 @@ CLT_KERNEL void to_bf16(const CltToBf16Params p) {
 #define MF CLT_ENC_MMA_TF
 #define MK CLT_ENC_MMA_TK
 #define MK_PAD (MK + 8)
+#define STAGES CLT_ENC_MMA_STAGES
+
+typedef __nv_bfloat16 MmaRow[MK_PAD];
 
 CLT_KERNEL void __launch_bounds__(256) encode_mma(const CltEncodeParams p) {
-    __shared__ __align__(16) __nv_bfloat16 xs[2][MB][MK_PAD];
-    __shared__ __align__(16) __nv_bfloat16 ws[2][MF][MK_PAD];
+    // Stage s: x rows [MB][MK_PAD] then W rows [MF][MK_PAD], at s * CLT_ENC_MMA_STAGE_BYTES.
+    CLT_DYNAMIC_SHARED(uint4, stage_mem);
+    static_assert(sizeof(MmaRow) * (MB + MF) == CLT_ENC_MMA_STAGE_BYTES, "stage size as in clt_params.h");
+    auto xs = [&](int s) {
+        return reinterpret_cast<MmaRow*>(reinterpret_cast<char*>(stage_mem) + s * CLT_ENC_MMA_STAGE_BYTES);
+    };
+    auto ws = [&](int s) { return xs(s) + MB; };
     __shared__ float red_preact[2][MF];
     __shared__ uint32_t red_near[2][MF];
     __shared__ float red_near_h[2][MF];
@@ -262,8 +271,8 @@ CLT_KERNEL void __launch_bounds__(256) encode_mma(const CltEncodeParams p) {
             const uint32_t b = b0 + r, f = f0 + r;
             const bool okx = b < p.n_tokens && k < p.d;
             const bool okw = f < p.n_features && k < p.d;
-            cp_async16(smem_addr(&xs[s][r][c]), okx ? x + (size_t)b * p.x_stride + k : x, okx);
-            cp_async16(smem_addr(&ws[s][r][c]), okw ? w + (size_t)f * p.d + k : w, okw);
+            cp_async16(smem_addr(&xs(s)[r][c]), okx ? x + (size_t)b * p.x_stride + k : x, okx);
+            cp_async16(smem_addr(&ws(s)[r][c]), okw ? w + (size_t)f * p.d + k : w, okw);
         }
     };
 
@@ -275,16 +284,21 @@ CLT_KERNEL void __launch_bounds__(256) encode_mma(const CltEncodeParams p) {
 #pragma unroll
             for (int c = 0; c < 4; ++c) acc[mi][ni][c] = 0.f;
 
+    // K slice j goes to stage j % STAGES, in commit group j (groups are committed even when empty, so the
+    // count of groups in flight is the same on every iteration).
     const uint32_t nk = (p.d + MK - 1) / MK;
-    load_stage(0, 0);
-    cp_async_commit();
+#pragma unroll
+    for (uint32_t j = 0; j < STAGES - 1; ++j) {
+        if (j < nk) load_stage(j, j * MK);
+        cp_async_commit();
+    }
     for (uint32_t kt = 0; kt < nk; ++kt) {
-        const int s = kt & 1;
-        // Stage s ^ 1 was last read in iteration kt - 1, which ended with __syncthreads.
-        if (kt + 1 < nk) load_stage(s ^ 1, (kt + 1) * MK);
-        cp_async_commit();   // (an empty group on the last iteration)
-        cp_async_wait<1>();  // every group but the newest has landed: stage s, for this thread's copies
-        __syncthreads();     // ... and for every thread's
+        const int s = kt % STAGES;
+        cp_async_wait<STAGES - 2>();  // groups 0..kt have landed: slice kt, for this thread's copies
+        __syncthreads();  // ... and for every thread's; and every warp is done with slice kt - 1's stage
+        const uint32_t next = kt + STAGES - 1;  // refills that stage, (kt - 1) % STAGES
+        if (next < nk) load_stage(next % STAGES, next * MK);
+        cp_async_commit();
 #pragma unroll
         for (int kk = 0; kk < MK; kk += 16) {
             uint32_t a[4][4], bw[4][2];
@@ -292,13 +306,13 @@ CLT_KERNEL void __launch_bounds__(256) encode_mma(const CltEncodeParams p) {
             for (int mi = 0; mi < 4; ++mi) {
                 const int r = wm * 64 + mi * 16 + (lane & 15);
                 const int c = kk + (lane >> 4) * 8;
-                ldmatrix_x4(smem_addr(&xs[s][r][c]), a[mi][0], a[mi][1], a[mi][2], a[mi][3]);
+                ldmatrix_x4(smem_addr(&xs(s)[r][c]), a[mi][0], a[mi][1], a[mi][2], a[mi][3]);
             }
 #pragma unroll
             for (int nj = 0; nj < 2; ++nj) {
                 const int r = wn * 32 + nj * 16 + (lane & 7) + ((lane >> 4) << 3);
                 const int c = kk + ((lane >> 3) & 1) * 8;
-                ldmatrix_x4(smem_addr(&ws[s][r][c]), bw[2 * nj][0], bw[2 * nj][1], bw[2 * nj + 1][0],
+                ldmatrix_x4(smem_addr(&ws(s)[r][c]), bw[2 * nj][0], bw[2 * nj][1], bw[2 * nj + 1][0],
                             bw[2 * nj + 1][1]);
             }
 #pragma unroll
@@ -306,7 +320,6 @@ CLT_KERNEL void __launch_bounds__(256) encode_mma(const CltEncodeParams p) {
 #pragma unroll
                 for (int ni = 0; ni < 4; ++ni) mma_bf16_16816(acc[mi][ni], a[mi], bw[ni][0], bw[ni][1]);
         }
-        __syncthreads();  // stage s is refilled in iteration kt + 1
     }
 
     const int g = lane >> 2, t = lane & 3;

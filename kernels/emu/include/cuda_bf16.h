@@ -37,6 +37,9 @@ struct uint3 {
 struct dim3 {
     unsigned int x, y, z;
 };
+struct alignas(16) uint4 {
+    unsigned int x, y, z, w;
+};
 
 namespace clt_emu {
 extern uint3 thread_idx, block_idx;

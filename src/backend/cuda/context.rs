@@ -7,10 +7,14 @@
 
 use super::dense::Blas;
 use crate::{Error, Result};
+use cudarc::driver::sys::CUfunction_attribute;
 use cudarc::driver::{
     CudaContext, CudaEvent, CudaFunction, CudaModule, CudaStream, DeviceRepr, LaunchConfig,
     PushKernelArg,
 };
+
+/// Dynamic shared memory a kernel may use without opting in (bytes).
+const DEFAULT_DYNAMIC_SHARED: u32 = 48 * 1024;
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
@@ -227,6 +231,18 @@ impl Gpu {
             return Ok(()); // nothing to do (an empty batch)
         }
         let f = self.function(module, name)?;
+        if cfg.shared_mem_bytes > DEFAULT_DYNAMIC_SHARED {
+            // Over 48 KiB a kernel must opt in (per function, so once for every launch is enough; it is
+            // cheap and the function handle may be fresh).
+            f.set_attribute(
+                CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                cfg.shared_mem_bytes as i32,
+            )
+            .map_err(cuda_err(format!(
+                "allowing {name} {} bytes of dynamic shared memory",
+                cfg.shared_mem_bytes
+            )))?;
+        }
         let mut b = self.stream.launch_builder(&f);
         b.arg(params);
         // SAFETY: every kernel takes exactly one argument, its parameter struct from ffi/clt_params.h, whose

@@ -13,8 +13,9 @@
 
 use super::context::{Gpu, Module, grid_1d, per_item};
 use super::ffi::{
-    CLT_ENC_MMA_ALIGN, CLT_ENC_MMA_TB, CLT_ENC_MMA_TF, CLT_ENC_TB, CLT_ENC_TF, CLT_EPI_DENSE,
-    CLT_EPI_JUMPRELU, CltEncodeParams, CltReduceParams, CltSortParams, CltToBf16Params,
+    CLT_ENC_MMA_ALIGN, CLT_ENC_MMA_STAGE_BYTES, CLT_ENC_MMA_STAGES, CLT_ENC_MMA_TB, CLT_ENC_MMA_TF,
+    CLT_ENC_TB, CLT_ENC_TF, CLT_EPI_DENSE, CLT_EPI_JUMPRELU, CltEncodeParams, CltReduceParams,
+    CltSortParams, CltToBf16Params,
 };
 use super::memory::DBuf;
 use crate::{Error, Result};
@@ -214,12 +215,14 @@ impl EncodeInput<'_> {
                 name: "encode_mma",
                 tile_b: CLT_ENC_MMA_TB as usize,
                 tile_f: CLT_ENC_MMA_TF as usize,
+                shared: CLT_ENC_MMA_STAGES * CLT_ENC_MMA_STAGE_BYTES,
             }
         } else {
             Kernel {
                 name: "encode_tile",
                 tile_b: CLT_ENC_TB as usize,
                 tile_f: CLT_ENC_TF as usize,
+                shared: 0,
             }
         })
     }
@@ -231,6 +234,8 @@ struct Kernel {
     name: &'static str,
     tile_b: usize,
     tile_f: usize,
+    /// Dynamic shared memory per block, bytes.
+    shared: u32,
 }
 
 impl Kernel {
@@ -242,7 +247,7 @@ impl Kernel {
                 1,
             ),
             block_dim: (256, 1, 1),
-            shared_mem_bytes: 0,
+            shared_mem_bytes: self.shared,
         }
     }
 }
