@@ -917,13 +917,20 @@ mod gpu_tests {
             }
         }
 
-        /// Sparse decode + residual + squared error vs `decode` and `residual` on the CPU's own codes.
+        /// Sparse decode + residual + squared error vs `decode` and `residual` on the CPU's own codes. Widths:
+        /// any (mostly the scalar path), multiples of 8 (the 16-byte vector path, one pass of 2,048 outputs
+        /// a block), and multiples of 8 around 2,048 (the vector path's second pass).
         #[test]
         fn decode_matches_cpu(
-            l_n in 1usize..5, d in 1usize..300, f_n in 1usize..80, n_tokens in 0usize..60,
+            l_n in 1usize..5, d_kind in 0u8..3, d_raw in 1usize..300, f_n in 1usize..80, n_tokens in 0usize..60,
             per_layer in any::<bool>(), dense_codes in any::<bool>(), seed in any::<u64>(),
         ) {
             let Some(gpu) = gpu() else { return Ok(()) };
+            let d = match d_kind {
+                0 => d_raw,
+                1 => 8 * (1 + d_raw % 40),
+                _ => 8 * (250 + d_raw % 16),
+            };
             let cfg = config(l_n, d, f_n, per_layer, Activation::JumpRelu);
             let mut rng = Rng::seed(seed);
             let mut p = bf16_params(&random_params(&cfg, &mut rng));

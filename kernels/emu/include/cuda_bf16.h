@@ -40,6 +40,7 @@ struct dim3 {
 struct alignas(16) uint4 {
     unsigned int x, y, z, w;
 };
+inline uint4 make_uint4(unsigned int x, unsigned int y, unsigned int z, unsigned int w) { return {x, y, z, w}; }
 
 namespace clt_emu {
 extern uint3 thread_idx, block_idx;
