@@ -363,6 +363,19 @@ pub fn run_with(preset: Preset, timer: &mut dyn Timer) -> Result<()> {
         step::device_loss_and_grad(&gpu, &cfg, &dp, &batch, &obj, None).map(|_| ())
     })?;
     report("sparse step (loss + grad)", sparse_ms, 0.0, 0.0, copy);
+    // What its gathers read (docs/cuda.md, "What today's sparse kernels gather"): per active entry the
+    // decoder slices (decode, bf16), per listed entry the decoder row and residual row (act_grad, bf16 +
+    // f32), per active entry the residual row and input row (feature_grads, f32); the lists per layer
+    // estimated by the encoder row's above (same distributions).
+    let rl_sum: usize = (0..l_n).map(|s| (l_n - s) * d).sum();
+    let gathered = (n_active * rl_sum * (2 + 4) + nnz * rl_sum * 6 + n_active * l_n * d * 4) as f64;
+    println!(
+        "  its kernels gather ≈ {:.1} GB of rows (one fetch per entry): {:.1} ms at the measured copy \
+         rate if none came from cache; the step took {:.0}% of that",
+        gathered / 1e9,
+        gathered / copy / 1e6,
+        100.0 * sparse_ms / (gathered / copy / 1e6)
+    );
     match &blas {
         Ok(blas) => {
             let dense_ms = timer.time(&gpu, "dense cuBLAS step (baseline)", &mut || {
