@@ -109,7 +109,7 @@ typedef struct {
     float resid_scale;
     uint32_t first_layer;      /* the first target layer of this launch */
     uint32_t yhat_layer_major; /* 1: yhat is [L][B][d], each target layer's block contiguous */
-    uint32_t pad0;
+    uint32_t n_features;       /* F, rows of every layer's W_dec (sparse_decode_tiled stages their slices) */
 } CltDecodeParams;
 
 /* The residual of a reconstruction summed elsewhere (a feature shard's partials after the all-reduce): for

@@ -46,11 +46,15 @@ __device__ __forceinline__ void fma8(float a, uint4 v, float* acc) {
 
 // Two ways through the same sums, in the same order (each output element adds its entries' products in
 // source-layer then list order, skipping activations of 0), so both give the same bits:
-// - vector path, when d and the row lengths are multiples of 8 and every W_dec is 16-byte aligned: a thread owns 8
-//   consecutive outputs and reads each entry's 8 weights with one 16-byte load, DEC_UNROLL entries' loads
-//   issued before their FMAs (a block reads a 2,048-wide row slice in one pass, 16 bytes a thread);
+// - vector path, when d is a multiple of 8: a thread owns 8 consecutive outputs and reads each entry's 8
+//   weights with one 16-byte load, DEC_UNROLL entries' loads issued before their FMAs (a block reads a
+//   2,048-wide row slice in one pass, 16 bytes a thread). Every W_dec starts 16-byte aligned (the wrappers
+//   check) and its rows and offsets are then multiples of 8 elements;
 // - scalar path otherwise: a thread owns one output per pass of DEC_THREADS.
-CLT_KERNEL void __launch_bounds__(DEC_THREADS) sparse_decode(const CltDecodeParams p) {
+// The `residual` kernel below assigns outputs to threads the same way, so its squared errors are these.
+// (`__launch_bounds__(.., 1)`: without a minimum of blocks, CUDA 13's ptxas held the kernel to 48 registers
+// and spilled.)
+CLT_KERNEL void __launch_bounds__(DEC_THREADS, 1) sparse_decode(const CltDecodeParams p) {
     __shared__ uint32_t s_feat[DEC_CHUNK];
     __shared__ float s_act[DEC_CHUNK];
     __shared__ double s_red[DEC_THREADS / 32];
@@ -67,9 +71,7 @@ CLT_KERNEL void __launch_bounds__(DEC_THREADS) sparse_decode(const CltDecodePara
     };
     double sq = 0.0;
     const uint32_t l_first = p.cross_layer ? 0 : k;
-    bool vec = p.d % DEC_VEC == 0;
-    for (uint32_t l = l_first; l <= k; ++l)
-        vec = vec && (layers[l].w_dec & 15u) == 0 && layers[l].row_len % DEC_VEC == 0;
+    const bool vec = p.d % DEC_VEC == 0;
     const uint32_t per_thread = vec ? DEC_VEC : 1;
 
     for (uint32_t i0 = 0; i0 < p.d; i0 += DEC_THREADS * per_thread) {
@@ -131,6 +133,78 @@ CLT_KERNEL void __launch_bounds__(DEC_THREADS) sparse_decode(const CltDecodePara
     }
 }
 
+#define DT_TOK 8        // tokens a thread owns in sparse_decode_tiled: a tile of 2,048 tokens a block
+#define DT_FCHUNK 4096  // features whose 16-byte weight slices a block stages at a time (64 KB)
+
+// sparse_decode_tiled: sparse_decode's sums, in the same order, arranged so that a weight is fetched once
+// per tile of 2,048 tokens instead of once per token that lists its feature. Grid: (d / 8 column chunks,
+// token tiles, target layers from first_layer). For each source layer l <= k and each chunk of DT_FCHUNK
+// features, the block stages every feature's 8 weights of columns c0..c0+7 of target k (16 bytes each,
+// dynamic shared memory) and each thread adds its 8 tokens' entries from there into 64 accumulators
+// (8 tokens x 8 columns, registers), each token's list read once per block through a cursor that a chunk
+// advances (lists are in increasing feature order, DeviceCodes' invariant: every encoder path sorts). An
+// output's products are added in source-layer order, then list order, so the bits are sparse_decode's.
+//
+// What it moves at the issue's 1B shape (docs/cuda.md): the staged slices, B / 2,048 = 8 times the
+// decoder (3.5e10 B), and the lists, 8 bytes an entry for every 8 columns (2.9e11 B, from L2), against
+// the gather's 16 bytes of weights an entry for every 8 columns (5.8e11 B): about half the traffic. Writes yhat = b_dec + sum (token-major, or
+// layer-major); the residual kernel gives r and the squared error. Needs d a multiple of 8 and W_dec rows
+// 16-byte aligned (the wrapper checks).
+CLT_KERNEL void __launch_bounds__(DEC_THREADS) sparse_decode_tiled(const CltDecodeParams p) {
+    CLT_DYNAMIC_SHARED(uint4, w_s);  // [min(F, DT_FCHUNK)] slices of 8 bf16
+    const uint32_t c0 = blockIdx.x * DEC_VEC;
+    const uint32_t b0 = blockIdx.y * DEC_THREADS * DT_TOK;
+    const uint32_t k = p.first_layer + blockIdx.z;
+    const CltLayerView* layers = ptr<const CltLayerView>(p.layers);
+    const uint32_t l_first = p.cross_layer ? 0 : k;
+    float acc[DT_TOK][DEC_VEC];
+#pragma unroll
+    for (int tt = 0; tt < DT_TOK; ++tt)
+#pragma unroll
+        for (int j = 0; j < DEC_VEC; ++j) acc[tt][j] = 0.f;
+    for (uint32_t l = l_first; l <= k; ++l) {
+        const CltLayerView v = layers[l];
+        const __nv_bfloat16* w = ptr<const __nv_bfloat16>(v.w_dec) + (size_t)(k - l) * p.d + c0;
+        const uint32_t* count = ptr<const uint32_t>(v.count);
+        uint32_t cur[DT_TOK];  // each token's first entry not yet added (lists are sorted by feature)
+#pragma unroll
+        for (int tt = 0; tt < DT_TOK; ++tt) cur[tt] = 0;
+        for (uint32_t f0 = 0; f0 < p.n_features; f0 += DT_FCHUNK) {
+            const uint32_t nf = min(p.n_features - f0, (uint32_t)DT_FCHUNK);
+            __syncthreads();  // every thread is done with the previous chunk
+            for (uint32_t f = threadIdx.x; f < nf; f += DEC_THREADS)
+                w_s[f] = *reinterpret_cast<const uint4*>(w + (size_t)(f0 + f) * v.row_len);
+            __syncthreads();
+#pragma unroll
+            for (int tt = 0; tt < DT_TOK; ++tt) {
+                const uint32_t b = b0 + tt * DEC_THREADS + threadIdx.x;
+                if (b >= p.n_tokens) continue;
+                const uint32_t n = min(count[b], v.cap);
+                const uint32_t* feat = ptr<const uint32_t>(v.feat) + (size_t)b * v.cap;
+                const float* act = ptr<const float>(v.act) + (size_t)b * v.cap;
+                uint32_t e = cur[tt];
+                for (; e < n; ++e) {
+                    const uint32_t f = feat[e] - f0;
+                    if (f >= nf) break;  // the next chunk's feature: every later entry is past this chunk
+                    const float a = act[e];
+                    if (a != 0.f) fma8(a, w_s[f], acc[tt]);
+                }
+                cur[tt] = e;
+            }
+        }
+    }
+    const float* b_dec = ptr<const float>(p.b_dec) + (size_t)k * p.d + c0;
+#pragma unroll
+    for (int tt = 0; tt < DT_TOK; ++tt) {
+        const uint32_t b = b0 + tt * DEC_THREADS + threadIdx.x;
+        if (b >= p.n_tokens) continue;
+        const size_t o = p.yhat_layer_major ? ((size_t)k * p.n_tokens + b) * p.d : ((size_t)b * p.n_layers + k) * p.d;
+        float* yhat = ptr<float>(p.yhat) + o + c0;
+#pragma unroll
+        for (int j = 0; j < DEC_VEC; ++j) yhat[j] = b_dec[j] + acc[tt][j];
+    }
+}
+
 // The residual and squared error of a reconstruction made elsewhere (the all-reduce of the feature shards'
 // partials): the same arithmetic, per element and per (token, layer) block, as sparse_decode's epilogue.
 CLT_KERNEL void __launch_bounds__(DEC_THREADS) residual(const CltResidualParams p) {
@@ -142,11 +216,15 @@ CLT_KERNEL void __launch_bounds__(DEC_THREADS) residual(const CltResidualParams 
     const float* y = ptr<const float>(p.y) + out0;
     float* resid = ptr<float>(p.resid) + out0;
     double sq = 0.0;
-    for (uint32_t i = threadIdx.x; i < p.d; i += DEC_THREADS) {
-        const float diff = yhat[i] - y[i];
-        sq += (double)diff * (double)diff;
-        resid[i] = p.resid_scale * diff;
-    }
+    // Outputs to threads as in sparse_decode (8 consecutive a thread where d is a multiple of 8), so the
+    // squared error is summed in the same order.
+    const uint32_t per_thread = p.d % DEC_VEC == 0 ? DEC_VEC : 1;
+    for (uint32_t i0 = threadIdx.x * per_thread; i0 < p.d; i0 += DEC_THREADS * per_thread)
+        for (uint32_t i = i0; i < i0 + per_thread; ++i) {
+            const float diff = yhat[i] - y[i];
+            sq += (double)diff * (double)diff;
+            resid[i] = p.resid_scale * diff;
+        }
     const double total = block_sum(sq, s_red);
     if (threadIdx.x == 0) ptr<float>(p.sq_err)[(size_t)b * p.n_layers + k] = (float)total;
 }

@@ -1008,6 +1008,13 @@ mod gpu_tests {
             let (r3, sq3) = (gpu.download(&r3).unwrap(), gpu.download(&sq3).unwrap());
             prop_assert!(r3.iter().zip(&r).all(|(a, b)| a.to_bits() == b.to_bits()), "layer-major residual");
             prop_assert!(sq3.iter().zip(&sq).all(|(a, b)| a.to_bits() == b.to_bits()), "layer-major sq_err");
+            // The tiled decode (weights staged in shared memory per tile of tokens): the same bits.
+            let tiled = decode::sparse_decode_tiled(gpu, &layers, &b_dec, Some(&yd), d, !per_layer, scale_r);
+            if d % 8 == 0 {
+                check_same_decode(gpu, &tiled.unwrap(), &got, &r, &sq)?;
+            } else {
+                prop_assert!(tiled.is_err(), "the tiled decode refuses d = {}", d);
+            }
         }
 
         /// The gradients packed for the replicas' device all-reduce (weighted by `w`), summed (here: doubled,
@@ -1389,6 +1396,102 @@ mod gpu_tests {
             fs
         });
         check_grouping(gpu, lists, 4).unwrap();
+    }
+
+    /// `sparse_decode_tiled` against `sparse_decode` where its loops wrap: 9,000 features (three chunks of
+    /// 4,096 staged in turn), 2,100 tokens (two tiles of 2,048, and 8 tokens a thread), three layers and
+    /// two 8-column chunks; lists sorted by feature, as the encoder leaves them. Same bits for ŷ, r and the
+    /// squared error, token-major.
+    #[test]
+    fn tiled_decode_matches_the_gather_across_chunks_and_tiles() {
+        let Some(gpu) = gpu() else { return };
+        let (l_n, d, f_n, n_tokens) = (3usize, 16usize, 9000usize, 2100usize);
+        let mut rng = Rng::seed(5);
+        let dev_codes: Vec<encode::DeviceCodes> = (0..l_n)
+            .map(|_| {
+                let mut h = encode::HostCodes {
+                    offsets: vec![0],
+                    ..Default::default()
+                };
+                for _ in 0..n_tokens {
+                    let mut fs: Vec<u32> =
+                        (0..rng.below(40)).map(|_| rng.below(f_n) as u32).collect();
+                    fs.sort_unstable();
+                    fs.dedup();
+                    for f in fs {
+                        h.feat.push(f);
+                        h.pre.push(1.0);
+                        // Some listed entries near the threshold (activation 0, skipped by both).
+                        h.act.push(if rng.below(8) == 0 {
+                            0.0
+                        } else {
+                            rng.normal() as f32
+                        });
+                    }
+                    h.offsets.push(h.feat.len());
+                }
+                encode::DeviceCodes::from_host(gpu, &h).unwrap()
+            })
+            .collect();
+        let w: Vec<_> = (0..l_n)
+            .map(|l| {
+                let v: Vec<f32> = (0..f_n * (l_n - l) * d)
+                    .map(|_| rng.normal() as f32 * 0.1)
+                    .collect();
+                gpu.upload_bf16(&v).unwrap()
+            })
+            .collect();
+        let layers: Vec<decode::DecodeLayer> = (0..l_n)
+            .map(|l| decode::DecodeLayer {
+                codes: &dev_codes[l],
+                w_dec: &w[l],
+                row_len: (l_n - l) * d,
+            })
+            .collect();
+        let b_dec = gpu
+            .upload(
+                &(0..l_n * d)
+                    .map(|_| rng.normal() as f32)
+                    .collect::<Vec<_>>(),
+            )
+            .unwrap();
+        let y = gpu
+            .upload(
+                &(0..n_tokens * l_n * d)
+                    .map(|_| rng.normal() as f32)
+                    .collect::<Vec<_>>(),
+            )
+            .unwrap();
+        let gather = decode::sparse_decode(gpu, &layers, &b_dec, Some(&y), d, true, 0.5).unwrap();
+        let tiled =
+            decode::sparse_decode_tiled(gpu, &layers, &b_dec, Some(&y), d, true, 0.5).unwrap();
+        let (g, r, sq) = (
+            gpu.download(&gather.yhat).unwrap(),
+            gpu.download(gather.resid.as_ref().unwrap()).unwrap(),
+            gpu.download(gather.sq_err.as_ref().unwrap()).unwrap(),
+        );
+        check_same_decode(gpu, &tiled, &g, &r, &sq).unwrap();
+    }
+
+    /// A decode's ŷ, residual and squared errors equal (`want_*`) to the bit.
+    fn check_same_decode(
+        gpu: &Gpu,
+        got: &decode::DecodeOut,
+        want_yhat: &[f32],
+        want_r: &[f32],
+        want_sq: &[f32],
+    ) -> Result<(), TestCaseError> {
+        let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+        let yhat = gpu.download(&got.yhat).unwrap();
+        let r = gpu.download(got.resid.as_ref().unwrap()).unwrap();
+        let sq = gpu.download(got.sq_err.as_ref().unwrap()).unwrap();
+        prop_assert!(
+            bits(&yhat) == bits(want_yhat),
+            "tiled ŷ differs from the gather's"
+        );
+        prop_assert!(bits(&r) == bits(want_r), "tiled residual differs");
+        prop_assert!(bits(&sq) == bits(want_sq), "tiled squared error differs");
+        Ok(())
     }
 
     /// Uploads one feature list per token and checks `group_by_feature` against the entries grouped on the

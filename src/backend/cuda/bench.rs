@@ -238,6 +238,20 @@ pub fn run_with(preset: Preset, timer: &mut dyn Timer) -> Result<()> {
         (3 * b_n * row * 4) as f64 + rows_bytes,
         copy,
     );
+    // The tiled decode (weights staged once per 2,048 tokens, lists read once per 8 columns): the same
+    // result; its row counts the same bytes, so the two percentages compare directly.
+    let tiled_ms = timer.time(&gpu, "sparse decode, tiled", &mut || {
+        decode::sparse_decode_tiled(&gpu, &layers, &b_dec, Some(&y), d, true, 2.0 / b_n as f32)
+            .map(|_| ())
+    })?;
+    report(
+        "sparse decode, tiled",
+        tiled_ms,
+        0.0,
+        (3 * b_n * row * 4) as f64 + rows_bytes,
+        copy,
+    );
+    println!("  gather / tiled decode time: {:.2}x", ms / tiled_ms);
     let out = out.expect("decoded");
     let resid = out.resid.expect("residual");
 

@@ -67,7 +67,7 @@ pub fn sparse_decode(
         resid_scale,
         first_layer: 0,
         yhat_layer_major: 0,
-        pad0: 0,
+        n_features: n_features(layers) as u32,
     };
     launch_decode(gpu, &p, b_n, l_n)?;
     // `views` is freed on return, in stream order after the launch (no sync).
@@ -107,8 +107,107 @@ fn check_layers(
     Ok((b_n, l_n))
 }
 
-/// The layers' views as the kernel reads them, on the device.
+/// Rows of the layers' decoders (the most of any layer; a CLT's layers all have the same).
+fn n_features(layers: &[DecodeLayer]) -> usize {
+    layers
+        .iter()
+        .map(|v| v.w_dec.len() / v.row_len.max(1))
+        .max()
+        .unwrap_or(0)
+}
+
+/// Tokens per block of `sparse_decode_tiled` (256 threads × 8 tokens each).
+const TILE_TOKENS: usize = 2048;
+/// Features whose weight slices it stages at a time.
+const TILE_FEATURES: usize = 4096;
+
+/// [`sparse_decode`]'s result through `sparse_decode_tiled`, then the `residual` kernel: the same bits
+/// (the lists must be in increasing feature order, as [`DeviceCodes`] promises). A block owns
+/// 2,048 tokens × 8 columns of one target layer and stages each feature's 8 weights in shared memory once
+/// for all its tokens, where `sparse_decode` fetches a weight once per token that lists the feature
+/// (docs/cuda.md, "What today's sparse kernels gather"). Needs `d` a multiple of 8 and every layer with the
+/// same number of features.
+pub fn sparse_decode_tiled(
+    gpu: &Gpu,
+    layers: &[DecodeLayer],
+    b_dec: &DBuf<f32>,
+    y: Option<&DBuf<f32>>,
+    d: usize,
+    cross_layer: bool,
+    resid_scale: f32,
+) -> Result<DecodeOut> {
+    let (b_n, l_n) = check_layers(layers, b_dec, d, cross_layer)?;
+    let f_n = n_features(layers);
+    if !d.is_multiple_of(8) {
+        return Err(Error::Unsupported(format!(
+            "the tiled decode needs d to be a multiple of 8 (got {d})"
+        )));
+    }
+    if let Some(l) = layers.iter().position(|v| v.w_dec.len() != f_n * v.row_len) {
+        return Err(Error::Shape {
+            what: format!("CUDA tiled decode: layer {l}'s decoder rows (features of every layer)"),
+            expected: vec![f_n * layers[l].row_len],
+            got: vec![layers[l].w_dec.len()],
+        });
+    }
+    if let Some(y) = y
+        && y.len() != b_n * l_n * d
+    {
+        return Err(Error::Shape {
+            what: "CUDA decode y".into(),
+            expected: vec![b_n * l_n * d],
+            got: vec![y.len()],
+        });
+    }
+    let views = upload_views(gpu, layers)?;
+    let yhat = gpu.output::<f32>(b_n * l_n * d)?;
+    let p = CltDecodeParams {
+        layers: views.ptr(gpu),
+        b_dec: b_dec.ptr(gpu),
+        y: 0,
+        yhat: yhat.ptr(gpu),
+        resid: 0,
+        sq_err: 0,
+        n_tokens: b_n as u32,
+        n_layers: l_n as u32,
+        d: d as u32,
+        cross_layer: cross_layer as u32,
+        resid_scale,
+        first_layer: 0,
+        yhat_layer_major: 0,
+        n_features: f_n as u32,
+    };
+    if b_n * l_n * d > 0 {
+        let cfg = LaunchConfig {
+            grid_dim: ((d / 8) as u32, b_n.div_ceil(TILE_TOKENS) as u32, l_n as u32),
+            block_dim: (256, 1, 1),
+            shared_mem_bytes: (16 * f_n.clamp(1, TILE_FEATURES)) as u32,
+        };
+        gpu.launch(Module::Decode, "sparse_decode_tiled", cfg, &p)?;
+    }
+    let (resid, sq_err) = match y {
+        Some(y) => {
+            let (r, s) = residual(gpu, &yhat, false, y, b_n, l_n, d, resid_scale)?;
+            (Some(r), Some(s))
+        }
+        None => (None, None),
+    };
+    Ok(DecodeOut {
+        yhat,
+        resid,
+        sq_err,
+    })
+}
+
+/// The layers' views as the kernel reads them, on the device. The kernels read 8 weights at a time with
+/// 16-byte loads where d is a multiple of 8, so every decoder must start 16-byte aligned (a buffer of its
+/// own always does).
 fn upload_views(gpu: &Gpu, layers: &[DecodeLayer]) -> Result<DBuf<CltLayerView>> {
+    if let Some(l) = layers.iter().position(|v| !v.w_dec.ptr(gpu).is_multiple_of(16)) {
+        return Err(Error::Unsupported(format!(
+            "decoder of layer {l} not 16-byte aligned on the device"
+        )));
+    }
     let views: Vec<CltLayerView> = layers
         .iter()
         .map(|v| CltLayerView {
@@ -181,7 +280,7 @@ impl<'g> PartialDecode<'g> {
             resid_scale: 0.0,
             first_layer: 0,
             yhat_layer_major: 1,
-            pad0: 0,
+            n_features: n_features(layers) as u32,
         };
         Ok(PartialDecode {
             gpu,
