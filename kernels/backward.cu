@@ -3,7 +3,8 @@
 // feature, Σ_b x_b, the decoder-bias gradient), with every encoder block in BlockMode::Near.
 //
 // 1. act_grad: one warp per listed entry, <r_b[l..], W_dec[l][f]> (the activation gradient at active indices
-//    only) and, for active entries, the pre-activation gradient with the sparsity term.
+//    only; 16-byte loads, 8 elements a lane, where the rows allow) and, for active entries, the
+//    pre-activation gradient with the sparsity term.
 // 2. csr_count / csr_scan / csr_fill / csr_sort: the entries grouped per feature (CSR). Counting and the fill
 //    cursor use integer atomics (exact); the sort then puts each feature's segment in entry-id order (ranks
 //    from a bitmap of the feature's tokens, linear in the segment), so the sums below run in token order and
@@ -24,7 +25,28 @@ CLT_KERNEL void __launch_bounds__(256) act_grad(const CltActGradParams p) {
     const __nv_bfloat16* w = ptr<const __nv_bfloat16>(p.w_dec) + (size_t)f * p.row_len;
     const float* r = ptr<const float>(p.resid) + (size_t)b * p.resid_stride + p.resid_offset;
     float acc = 0.f;
-    for (uint32_t j = lane; j < p.row_len; j += 32) acc = fmaf(r[j], __bfloat162float(w[j]), acc);
+    // A lane takes 8 consecutive elements at a time (one 16-byte load of weights, two of residuals) where
+    // both rows are 16-byte aligned, else one element at a time.
+    const bool vec = p.row_len % 8 == 0 && ((p.w_dec | p.resid) & 15u) == 0 && p.resid_stride % 4 == 0 &&
+                     p.resid_offset % 4 == 0;
+    if (vec) {
+#pragma unroll 4
+        for (uint32_t j = lane * 8; j < p.row_len; j += 256) {
+            const uint4 wv = *reinterpret_cast<const uint4*>(w + j);
+            const float4 r0 = *reinterpret_cast<const float4*>(r + j);
+            const float4 r1 = *reinterpret_cast<const float4*>(r + j + 4);
+            acc = fmaf(r0.x, __uint_as_float(wv.x << 16), acc);
+            acc = fmaf(r0.y, __uint_as_float(wv.x & 0xffff0000u), acc);
+            acc = fmaf(r0.z, __uint_as_float(wv.y << 16), acc);
+            acc = fmaf(r0.w, __uint_as_float(wv.y & 0xffff0000u), acc);
+            acc = fmaf(r1.x, __uint_as_float(wv.z << 16), acc);
+            acc = fmaf(r1.y, __uint_as_float(wv.z & 0xffff0000u), acc);
+            acc = fmaf(r1.z, __uint_as_float(wv.w << 16), acc);
+            acc = fmaf(r1.w, __uint_as_float(wv.w & 0xffff0000u), acc);
+        }
+    } else {
+        for (uint32_t j = lane; j < p.row_len; j += 32) acc = fmaf(r[j], __bfloat162float(w[j]), acc);
+    }
     for (int o = 16; o > 0; o >>= 1) acc += __shfl_down_sync(0xffffffffu, acc, o);
     if (lane == 0) {
         const float a = ptr<const float>(p.act)[warp];
@@ -191,15 +213,20 @@ CLT_KERNEL void __launch_bounds__(FG_THREADS) feature_grads(const CltFeatureGrad
     spars = block_sum(spars, s_red);
     n_active = block_sum(n_active, s_redu);
 
-    // Vectors: threads own output columns; entries are staged through shared memory in token order.
+    // Vectors: threads own output columns (4 consecutive ones, read with 16-byte loads, where every row is
+    // 16-byte aligned; else one); entries are staged through shared memory in token order. Either way a
+    // column adds its entries' products in token order.
     const float* x = ptr<const float>(p.x);
     const float* r = ptr<const float>(p.resid);
     float* g_enc = ptr<float>(p.g_w_enc) + (size_t)f * p.d;
     float* g_dec = ptr<float>(p.g_w_dec) + (size_t)f * p.row_len;
+    const bool vec = p.d % 4 == 0 && p.row_len % 4 == 0 && p.x_stride % 4 == 0 && p.resid_stride % 4 == 0 &&
+                     ((p.x | p.resid | p.g_w_enc | p.g_w_dec) & 15u) == 0;
+    const uint32_t per = vec ? 4 : 1;
     const uint32_t cols = max(p.d, p.row_len);
-    for (uint32_t j0 = 0; j0 < cols; j0 += FG_THREADS) {
-        const uint32_t j = j0 + threadIdx.x;
-        float acc_enc = 0.f, acc_dec = 0.f;
+    for (uint32_t j0 = 0; j0 < cols; j0 += FG_THREADS * per) {
+        const uint32_t j = j0 + threadIdx.x * per;
+        float ae[4] = {0.f, 0.f, 0.f, 0.f}, ad[4] = {0.f, 0.f, 0.f, 0.f};
         for (uint32_t c0 = 0; c0 < n; c0 += FG_THREADS) {
             const uint32_t m = min(n - c0, (uint32_t)FG_THREADS);
             __syncthreads();
@@ -214,15 +241,35 @@ CLT_KERNEL void __launch_bounds__(FG_THREADS) feature_grads(const CltFeatureGrad
                 const float a = s_a[t];
                 if (a == 0.f) continue;
                 const size_t b = s_tok[t];
-                if (j < p.d) acc_enc = fmaf(s_ge[t], x[b * p.x_stride + j], acc_enc);
-                if (j < p.row_len) acc_dec = fmaf(a, r[b * p.resid_stride + j], acc_dec);
+                const float g = s_ge[t];
+                if (vec) {
+                    if (j < p.d) {
+                        const float4 v = *reinterpret_cast<const float4*>(x + b * p.x_stride + j);
+                        ae[0] = fmaf(g, v.x, ae[0]);
+                        ae[1] = fmaf(g, v.y, ae[1]);
+                        ae[2] = fmaf(g, v.z, ae[2]);
+                        ae[3] = fmaf(g, v.w, ae[3]);
+                    }
+                    if (j < p.row_len) {
+                        const float4 v = *reinterpret_cast<const float4*>(r + b * p.resid_stride + j);
+                        ad[0] = fmaf(a, v.x, ad[0]);
+                        ad[1] = fmaf(a, v.y, ad[1]);
+                        ad[2] = fmaf(a, v.z, ad[2]);
+                        ad[3] = fmaf(a, v.w, ad[3]);
+                    }
+                } else {
+                    if (j < p.d) ae[0] = fmaf(g, x[b * p.x_stride + j], ae[0]);
+                    if (j < p.row_len) ad[0] = fmaf(a, r[b * p.resid_stride + j], ad[0]);
+                }
             }
         }
-        if (j < p.d) {
-            if (kappa != 0.f) acc_enc = fmaf(-kappa, ptr<const float>(p.xsum)[j], acc_enc);
-            g_enc[j] = acc_enc;
+#pragma unroll
+        for (uint32_t q = 0; q < 4; ++q) {
+            if (q >= per) break;
+            const uint32_t jq = j + q;
+            if (jq < p.d) g_enc[jq] = kappa != 0.f ? fmaf(-kappa, ptr<const float>(p.xsum)[jq], ae[q]) : ae[q];
+            if (jq < p.row_len) g_dec[jq] = ad[q];
         }
-        if (j < p.row_len) g_dec[j] = acc_dec;
     }
 
     if (threadIdx.x == 0) {

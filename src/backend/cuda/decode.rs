@@ -203,7 +203,10 @@ pub fn sparse_decode_tiled(
 /// 16-byte loads where d is a multiple of 8, so every decoder must start 16-byte aligned (a buffer of its
 /// own always does).
 fn upload_views(gpu: &Gpu, layers: &[DecodeLayer]) -> Result<DBuf<CltLayerView>> {
-    if let Some(l) = layers.iter().position(|v| !v.w_dec.ptr(gpu).is_multiple_of(16)) {
+    if let Some(l) = layers
+        .iter()
+        .position(|v| !v.w_dec.ptr(gpu).is_multiple_of(16))
+    {
         return Err(Error::Unsupported(format!(
             "decoder of layer {l} not 16-byte aligned on the device"
         )));
