@@ -5,7 +5,8 @@
 // One block per (token, target layer k), over the launch's range of target layers; threads stride over the d
 // outputs of layer k (8 consecutive outputs a thread where rows allow 16-byte loads). For every source layer
 // l <= k (l == k for per-layer decoders) and every active entry of (token, l), the block reads the
-// contiguous d-slice W_dec[l][f][k - l] (bf16, coalesced) and accumulates a * w in fp32. The entries are read through shared memory in chunks so that each is fetched once per block.
+// contiguous d-slice W_dec[l][f][k - l] (bf16, coalesced) and accumulates a * w in fp32. The entries are
+// read through shared memory in chunks so that each is fetched once per block.
 // A feature shard writes its partial yhat layer-major ([L][B][d]) so that each target layer's block is one
 // contiguous buffer for the all-reduce that overlaps the next layer's decode.
 #include "common.cuh"
@@ -147,9 +148,10 @@ CLT_KERNEL void __launch_bounds__(DEC_THREADS, 1) sparse_decode(const CltDecodeP
 //
 // What it moves at the issue's 1B shape (docs/cuda.md): the staged slices, B / 2,048 = 8 times the
 // decoder (3.5e10 B), and the lists, 8 bytes an entry for every 8 columns (2.9e11 B, from L2), against
-// the gather's 16 bytes of weights an entry for every 8 columns (5.8e11 B): about half the traffic. Writes yhat = b_dec + sum (token-major, or
-// layer-major); the residual kernel gives r and the squared error. Needs d a multiple of 8 and W_dec rows
-// 16-byte aligned (the wrapper checks).
+// the gather's 16 bytes of weights an entry for every 8 columns (5.8e11 B): about half the traffic.
+//
+// Writes yhat = b_dec + sum (token-major, or layer-major); the residual kernel gives r and the squared
+// error. Needs d a multiple of 8 and W_dec rows 16-byte aligned (the wrapper checks).
 CLT_KERNEL void __launch_bounds__(DEC_THREADS) sparse_decode_tiled(const CltDecodeParams p) {
     CLT_DYNAMIC_SHARED(uint4, w_s);  // [min(F, DT_FCHUNK)] slices of 8 bf16
     const uint32_t c0 = blockIdx.x * DEC_VEC;

@@ -213,9 +213,9 @@ CLT_KERNEL void to_bf16(const CltToBf16Params p) {
 //
 // A block computes CLT_ENC_MMA_TB x CLT_ENC_MMA_TF (128 x 128) tokens x features with 8 warps in a 2 x 4
 // grid, each warp 64 tokens x 32 features as 4 x 4 tiles of mma.sync.m16n8k16 (bf16 in, fp32 accumulate).
-// K advances 32 at a time through CLT_ENC_MMA_STAGES (4) shared-memory stages in dynamic shared memory, filled
-// by cp.async (16-byte copies; the next three K slices load while the tensor cores work on the current one,
-// so a slice has three slices' compute to arrive in) and read with ldmatrix. Shared rows are padded
+// K advances 32 at a time through CLT_ENC_MMA_STAGES (4) stages in dynamic shared memory, filled by
+// cp.async (16-byte copies; the next three K slices load while the tensor cores work on the current one, so
+// a slice has three slices' compute to arrive in) and read with ldmatrix. Shared rows are padded
 // to 40 bf16 (80 bytes): 16-byte aligned for cp.async/ldmatrix, and the 8 row addresses of an ldmatrix
 // phase fall on 8 distinct 4-bank groups (80 bytes = 20 banks; 20 r mod 32 is distinct for r = 0..7).
 // Out-of-range tokens, features and K columns are zero-filled by cp.async with a source size of 0 (nothing

@@ -12,12 +12,12 @@ use cudarc::driver::{
     CudaContext, CudaEvent, CudaFunction, CudaModule, CudaStream, DeviceRepr, LaunchConfig,
     PushKernelArg,
 };
-
-/// Dynamic shared memory a kernel may use without opting in (bytes).
-const DEFAULT_DYNAMIC_SHARED: u32 = 48 * 1024;
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
+
+/// Dynamic shared memory a kernel may use without opting in (bytes).
+const DEFAULT_DYNAMIC_SHARED: u32 = 48 * 1024;
 
 /// The PTX of every kernel file, embedded at build time (`OUT_DIR/kernels.rs`, written by build.rs).
 pub mod ptx {
@@ -232,8 +232,8 @@ impl Gpu {
         }
         let f = self.function(module, name)?;
         if cfg.shared_mem_bytes > DEFAULT_DYNAMIC_SHARED {
-            // Over 48 KiB a kernel must opt in (per function, so once for every launch is enough; it is
-            // cheap and the function handle may be fresh).
+            // Over 48 KiB a kernel must opt in. The attribute belongs to the function; setting it at every
+            // such launch is one cheap driver call and covers a handle loaded afresh.
             f.set_attribute(
                 CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
                 cfg.shared_mem_bytes as i32,
