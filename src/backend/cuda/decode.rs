@@ -42,32 +42,25 @@ pub fn sparse_decode(
     resid_scale: f32,
 ) -> Result<DecodeOut> {
     let (b_n, l_n) = check_layers(layers, b_dec, d, cross_layer)?;
-    if y.is_some_and(|y| y.len() != b_n * l_n * d) {
-        return Err(Error::Shape {
-            what: "CUDA decode y".into(),
-            expected: vec![b_n * l_n * d],
-            got: vec![y.map_or(0, |y| y.len())],
-        });
-    }
+    check_targets(y, b_n * l_n * d)?;
     let views = upload_views(gpu, layers)?;
     let yhat = gpu.output::<f32>(b_n * l_n * d)?;
     let resid = y.map(|_| gpu.output::<f32>(b_n * l_n * d)).transpose()?;
     let sq_err = y.map(|_| gpu.output::<f32>(b_n * l_n)).transpose()?;
     let p = CltDecodeParams {
-        layers: views.ptr(gpu),
-        b_dec: b_dec.ptr(gpu),
         y: y.map_or(0, |y| y.ptr(gpu)),
-        yhat: yhat.ptr(gpu),
         resid: resid.as_ref().map_or(0, |r| r.ptr(gpu)),
         sq_err: sq_err.as_ref().map_or(0, |r| r.ptr(gpu)),
-        n_tokens: b_n as u32,
-        n_layers: l_n as u32,
-        d: d as u32,
-        cross_layer: cross_layer as u32,
         resid_scale,
-        first_layer: 0,
-        yhat_layer_major: 0,
-        n_features: n_features(layers) as u32,
+        ..base_params(
+            gpu,
+            &views,
+            layers,
+            b_dec,
+            &yhat,
+            (b_n, l_n, d),
+            cross_layer,
+        )
     };
     launch_decode(gpu, &p, b_n, l_n)?;
     // `views` is freed on return, in stream order after the launch (no sync).
@@ -76,6 +69,18 @@ pub fn sparse_decode(
         resid,
         sq_err,
     })
+}
+
+/// Checks that the targets `y`, where given, hold `n` (= B·L·d) values.
+fn check_targets(y: Option<&DBuf<f32>>, n: usize) -> Result<()> {
+    match y {
+        Some(y) if y.len() != n => Err(Error::Shape {
+            what: "CUDA decode y".into(),
+            expected: vec![n],
+            got: vec![y.len()],
+        }),
+        _ => Ok(()),
+    }
 }
 
 /// Checks the layers' shapes against each other and `b_dec`; returns (tokens, layers).
@@ -116,6 +121,30 @@ fn n_features(layers: &[DecodeLayer]) -> usize {
         .unwrap_or(0)
 }
 
+/// What every decode launch shares: the layers' views, the bias, ŷ (token-major) and the shape `(B, L, d)`;
+/// no targets, no residual, from target layer 0.
+fn base_params(
+    gpu: &Gpu,
+    views: &DBuf<CltLayerView>,
+    layers: &[DecodeLayer],
+    b_dec: &DBuf<f32>,
+    yhat: &DBuf<f32>,
+    (b_n, l_n, d): (usize, usize, usize),
+    cross_layer: bool,
+) -> CltDecodeParams {
+    CltDecodeParams {
+        layers: views.ptr(gpu),
+        b_dec: b_dec.ptr(gpu),
+        yhat: yhat.ptr(gpu),
+        n_tokens: b_n as u32,
+        n_layers: l_n as u32,
+        d: d as u32,
+        cross_layer: cross_layer as u32,
+        n_features: n_features(layers) as u32,
+        ..Default::default()
+    }
+}
+
 /// Tokens per block of `sparse_decode_tiled` (256 threads × 8 tokens each).
 const TILE_TOKENS: usize = 2048;
 /// Features whose weight slices it stages at a time.
@@ -150,33 +179,18 @@ pub fn sparse_decode_tiled(
             got: vec![layers[l].w_dec.len()],
         });
     }
-    if let Some(y) = y
-        && y.len() != b_n * l_n * d
-    {
-        return Err(Error::Shape {
-            what: "CUDA decode y".into(),
-            expected: vec![b_n * l_n * d],
-            got: vec![y.len()],
-        });
-    }
+    check_targets(y, b_n * l_n * d)?;
     let views = upload_views(gpu, layers)?;
     let yhat = gpu.output::<f32>(b_n * l_n * d)?;
-    let p = CltDecodeParams {
-        layers: views.ptr(gpu),
-        b_dec: b_dec.ptr(gpu),
-        y: 0,
-        yhat: yhat.ptr(gpu),
-        resid: 0,
-        sq_err: 0,
-        n_tokens: b_n as u32,
-        n_layers: l_n as u32,
-        d: d as u32,
-        cross_layer: cross_layer as u32,
-        resid_scale,
-        first_layer: 0,
-        yhat_layer_major: 0,
-        n_features: f_n as u32,
-    };
+    let p = base_params(
+        gpu,
+        &views,
+        layers,
+        b_dec,
+        &yhat,
+        (b_n, l_n, d),
+        cross_layer,
+    );
     if b_n * l_n * d > 0 {
         let cfg = LaunchConfig {
             grid_dim: ((d / 8) as u32, b_n.div_ceil(TILE_TOKENS) as u32, l_n as u32),
@@ -270,20 +284,8 @@ impl<'g> PartialDecode<'g> {
         }
         let views = upload_views(gpu, layers)?;
         let p = CltDecodeParams {
-            layers: views.ptr(gpu),
-            b_dec: b_dec.ptr(gpu),
-            y: 0,
-            yhat: yhat.ptr(gpu),
-            resid: 0,
-            sq_err: 0,
-            n_tokens: b_n as u32,
-            n_layers: l_n as u32,
-            d: d as u32,
-            cross_layer: cross_layer as u32,
-            resid_scale: 0.0,
-            first_layer: 0,
             yhat_layer_major: 1,
-            n_features: n_features(layers) as u32,
+            ..base_params(gpu, &views, layers, b_dec, yhat, (b_n, l_n, d), cross_layer)
         };
         Ok(PartialDecode {
             gpu,
