@@ -184,7 +184,8 @@ typedef struct {
     clt_ptr near_h;     /* const f32 [F] */
     clt_ptr preact_mask; /* const u8 [F] or 0 (all on) */
     clt_ptr g_w_enc;    /* f32 out [F][d] */
-    clt_ptr g_w_dec;    /* f32 out [F][row_len] (data term; zero rows where no entry is active) */
+    clt_ptr g_w_dec;    /* f32 out [F][row_len] (data term; zero rows where no entry is active), or 0 where
+                         * dec_grad_tiled writes it */
     clt_ptr g_b_enc;    /* f32 out [F] */
     clt_ptr g_log_theta; /* f32 out [F] */
     clt_ptr dec_coef;   /* f32 out [F] */
@@ -206,6 +207,23 @@ typedef struct {
     uint32_t cap; /* entry id e = b * cap + slot */
     uint32_t pad0;
 } CltFeatureGradParams;
+
+/* The decoder rows' data term of one layer, tiled (dec_grad_tiled): g_w_dec[f][c] = sum over f's active
+ * entries, in token order, of a * r[b][c], the same sums as feature_grads' decoder part. A block owns 2,048
+ * features x 8 columns and stages the residual's 8 columns of 2,048 tokens at a time in shared memory. */
+typedef struct {
+    clt_ptr order;   /* const u32 [nnz] entry ids grouped by feature, token order within a feature (CSR) */
+    clt_ptr fstart;  /* const u32 [F + 1] */
+    clt_ptr act;     /* const f32 [B][cap] */
+    clt_ptr resid;   /* const f32: token b's residual rows l.. at resid + b*resid_stride (offset applied) */
+    clt_ptr g_w_dec; /* f32 out [F][row_len] */
+    uint32_t n_tokens;
+    uint32_t n_features;
+    uint32_t row_len;      /* a multiple of 8; resid and resid_stride 16-byte aligned */
+    uint32_t resid_stride;
+    uint32_t cap;          /* entry id e = b * cap + slot */
+    uint32_t pad0;
+} CltDecGradParams;
 
 /* Column sums over tokens: out[j] = sum_b src[b*stride + j], j < n, in token order (f64 accumulation). */
 typedef struct {

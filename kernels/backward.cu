@@ -11,6 +11,7 @@
 //    give the same bits every run.
 // 3. feature_grads: one block per feature, no atomics: encoder row, decoder row data term, encoder bias,
 //    threshold, decoder-norm coefficient, active count, sparsity.
+//    dec_grad_tiled: the decoder rows' part of it with the residual staged in shared memory, the same bits.
 // 4. col_sum: Σ over tokens of x (pre-activation term) or of r (decoder-bias gradient), in token order.
 #include "common.cuh"
 
@@ -232,7 +233,8 @@ CLT_KERNEL void __launch_bounds__(FG_THREADS) feature_grads(const CltFeatureGrad
     const bool vec = p.d % 4 == 0 && p.row_len % 4 == 0 && p.x_stride % 4 == 0 && p.resid_stride % 4 == 0 &&
                      ((p.x | p.resid | p.g_w_enc | p.g_w_dec) & 15u) == 0;
     const uint32_t per = vec ? 4 : 1;
-    const uint32_t cols = max(p.d, p.row_len);
+    const bool dec = p.g_w_dec != 0;  // else dec_grad_tiled writes the decoder rows
+    const uint32_t cols = dec ? max(p.d, p.row_len) : p.d;
     for (uint32_t j0 = 0; j0 < cols; j0 += FG_THREADS * per) {
         const uint32_t j = j0 + threadIdx.x * per;
         float ae[4] = {0.f, 0.f, 0.f, 0.f}, ad[4] = {0.f, 0.f, 0.f, 0.f};
@@ -253,10 +255,10 @@ CLT_KERNEL void __launch_bounds__(FG_THREADS) feature_grads(const CltFeatureGrad
                 const float g = s_ge[t];
                 if (vec) {
                     if (j < p.d) fma4(g, x + b * p.x_stride + j, ae);
-                    if (j < p.row_len) fma4(a, r + b * p.resid_stride + j, ad);
+                    if (dec && j < p.row_len) fma4(a, r + b * p.resid_stride + j, ad);
                 } else {
                     if (j < p.d) ae[0] = fmaf(g, x[b * p.x_stride + j], ae[0]);
-                    if (j < p.row_len) ad[0] = fmaf(a, r[b * p.resid_stride + j], ad[0]);
+                    if (dec && j < p.row_len) ad[0] = fmaf(a, r[b * p.resid_stride + j], ad[0]);
                 }
             }
         }
@@ -265,7 +267,7 @@ CLT_KERNEL void __launch_bounds__(FG_THREADS) feature_grads(const CltFeatureGrad
             if (q >= per) break;
             const uint32_t jq = j + q;
             if (jq < p.d) g_enc[jq] = kappa != 0.f ? fmaf(-kappa, ptr<const float>(p.xsum)[jq], ae[q]) : ae[q];
-            if (jq < p.row_len) g_dec[jq] = ad[q];
+            if (dec && jq < p.row_len) g_dec[jq] = ad[q];
         }
     }
 
@@ -287,6 +289,81 @@ CLT_KERNEL void __launch_bounds__(FG_THREADS) feature_grads(const CltFeatureGrad
         ptr<uint8_t>(p.touched)[f] = n_active > 0;
         ptr<uint32_t>(p.active_count)[f] = n_active;
         ptr<float>(p.feat_sparsity)[f] = spars;
+    }
+}
+
+#define DG_FEAT 8       // features a thread owns in dec_grad_tiled: a tile of 2,048 features a block
+#define DG_TCHUNK 2048  // tokens whose residual slices a block stages at a time (2 x 16 bytes each, 64 KB)
+
+// dec_grad_tiled: feature_grads' decoder-row data term, g_w_dec[f][c] = sum over f's active entries of
+// a * r[b][c], in token order, arranged so that a residual slice is fetched once per tile of 2,048 features
+// instead of once per active entry (the transpose of sparse_decode_tiled). Grid: (row_len / 8 column
+// chunks, feature tiles). For each chunk of DG_TCHUNK tokens the block stages every token's 8 residuals of
+// columns c0..c0+7 (dynamic shared memory) and each thread adds its 8 features' entries from there into 64
+// accumulators (8 features x 8 columns, registers), each feature's CSR segment read once per block through
+// a cursor that a chunk advances (segments are in token order: csr_sort). A column adds its entries'
+// products in token order, skipping activations of 0, as feature_grads does: the same bits.
+//
+// What it moves at the issue's 1B shape (docs/cuda.md): the staged residual slices, F / 2,048 = 4 times
+// the residual (7.3e10 B), and the segments, 8 bytes an entry (id, activation) for every 8 columns
+// (2.9e11 B, from L2), against feature_grads' 32 bytes of residual an active entry for every 8 columns
+// (1.17e12 B, mostly from DRAM: a layer's residual rows, 2 GB at that shape, do not fit in the L2).
+// Needs row_len a multiple of 8, resid and resid_stride 16-byte aligned (the wrapper checks).
+CLT_KERNEL void __launch_bounds__(FG_THREADS) dec_grad_tiled(const CltDecGradParams p) {
+    CLT_DYNAMIC_SHARED(float4, r_s);  // [2 * min(B, DG_TCHUNK)]: a token's 8 residuals, as two float4
+    const uint32_t c0 = blockIdx.x * 8;
+    const uint32_t f_base = blockIdx.y * FG_THREADS * DG_FEAT;
+    const uint32_t* fstart = ptr<const uint32_t>(p.fstart);
+    const uint32_t* order = ptr<const uint32_t>(p.order);
+    const float* act = ptr<const float>(p.act);
+    const float* r = ptr<const float>(p.resid) + c0;
+    float acc[DG_FEAT][8];
+    uint32_t cur[DG_FEAT];  // each feature's first entry not yet added
+#pragma unroll
+    for (int ff = 0; ff < DG_FEAT; ++ff) {
+        const uint32_t f = f_base + ff * FG_THREADS + threadIdx.x;
+        cur[ff] = f < p.n_features ? fstart[f] : 0;
+#pragma unroll
+        for (int j = 0; j < 8; ++j) acc[ff][j] = 0.f;
+    }
+    for (uint32_t t0 = 0; t0 < p.n_tokens; t0 += DG_TCHUNK) {
+        const uint32_t nt = min(p.n_tokens - t0, (uint32_t)DG_TCHUNK);
+        __syncthreads();  // every thread is done with the previous chunk
+        for (uint32_t t = threadIdx.x; t < 2 * nt; t += FG_THREADS)
+            r_s[t] = *reinterpret_cast<const float4*>(r + (size_t)(t0 + t / 2) * p.resid_stride + 4 * (t & 1));
+        __syncthreads();
+#pragma unroll
+        for (int ff = 0; ff < DG_FEAT; ++ff) {
+            const uint32_t f = f_base + ff * FG_THREADS + threadIdx.x;
+            if (f >= p.n_features) continue;
+            const uint32_t end = fstart[f + 1];
+            uint32_t e = cur[ff];
+            for (; e < end; ++e) {
+                const uint32_t ent = order[e];
+                const uint32_t t = ent / p.cap - t0;
+                if (t >= nt) break;  // a later chunk's token: every later entry is past this chunk
+                const float a = act[ent];
+                if (a == 0.f) continue;
+                const float4 lo = r_s[2 * t], hi = r_s[2 * t + 1];
+                acc[ff][0] = fmaf(a, lo.x, acc[ff][0]);
+                acc[ff][1] = fmaf(a, lo.y, acc[ff][1]);
+                acc[ff][2] = fmaf(a, lo.z, acc[ff][2]);
+                acc[ff][3] = fmaf(a, lo.w, acc[ff][3]);
+                acc[ff][4] = fmaf(a, hi.x, acc[ff][4]);
+                acc[ff][5] = fmaf(a, hi.y, acc[ff][5]);
+                acc[ff][6] = fmaf(a, hi.z, acc[ff][6]);
+                acc[ff][7] = fmaf(a, hi.w, acc[ff][7]);
+            }
+            cur[ff] = e;
+        }
+    }
+#pragma unroll
+    for (int ff = 0; ff < DG_FEAT; ++ff) {
+        const uint32_t f = f_base + ff * FG_THREADS + threadIdx.x;
+        if (f >= p.n_features) continue;
+        float* g = ptr<float>(p.g_w_dec) + (size_t)f * p.row_len + c0;
+        *reinterpret_cast<float4*>(g) = make_float4(acc[ff][0], acc[ff][1], acc[ff][2], acc[ff][3]);
+        *reinterpret_cast<float4*>(g + 4) = make_float4(acc[ff][4], acc[ff][5], acc[ff][6], acc[ff][7]);
     }
 }
 

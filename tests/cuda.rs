@@ -32,7 +32,7 @@ mod gpu_tests {
     use clt::backend::cuda::{
         Gpu, adam, backward, decode, dense, dequant, driver_present, encode, gradsum, step, topk,
     };
-    use clt::backend::{Backend, BackendKind, Grads, Objective, ThresholdGrad};
+    use clt::backend::{Backend, BackendKind, Grads, Objective, SparseKernels, ThresholdGrad};
     use clt::clt::params::decoder_norms;
     use clt::clt::{Activation, CltConfig, DecoderKind, Params};
     use clt::rng::Rng;
@@ -352,6 +352,21 @@ mod gpu_tests {
 
     /// One training step's loss and gradient on the GPU (`step::loss_and_grad`) against the CPU's.
     #[allow(clippy::too_many_arguments)]
+    /// A second handle on the same device whose step runs the tiled sparse kernels (the shared `gpu()`
+    /// keeps the gathers: tests run in parallel, so the choice is not switched on a shared handle).
+    fn tiled_gpu() -> Option<&'static Gpu> {
+        static TILED: OnceLock<Option<Gpu>> = OnceLock::new();
+        gpu()?;
+        TILED
+            .get_or_init(|| {
+                let g = Gpu::open(0).expect("the device opened once opens again");
+                g.set_poison(true);
+                g.set_sparse_kernels(SparseKernels::Tiled);
+                Some(g)
+            })
+            .as_ref()
+    }
+
     fn check_training_step(
         gpu: &Gpu,
         l_n: usize,
@@ -424,6 +439,41 @@ mod gpu_tests {
         for ((a, b), n) in mg.tensors().iter().zip(mc.tensors()).zip(&names) {
             let s = b.iter().fold(0f64, |m, v| m.max(v.abs() as f64)) * 50.0 + 1.0;
             close_all(&n.name, a, b, &vec![s; a.len()])?;
+        }
+        // The tiled kernels (the decode, and the decoder gradient where d is a multiple of 8) give the
+        // gathers' bits: the statistics and every gradient tensor.
+        let Some(tg) = tiled_gpu() else { return Ok(()) };
+        let mut gt = Grads::zeros(&cfg);
+        for t in gt.p.tensors_mut() {
+            t.iter_mut().for_each(|v| *v = f32::NAN);
+        }
+        let st = step::loss_and_grad(tg, &cfg, &p, &norms, &x, &y, n_tokens, &obj, mask, &mut gt)
+            .unwrap();
+        prop_assert!(
+            (
+                st.recon.to_bits(),
+                st.sparsity.to_bits(),
+                st.preact.to_bits()
+            ) == (
+                sg.recon.to_bits(),
+                sg.sparsity.to_bits(),
+                sg.preact.to_bits()
+            ),
+            "tiled step's loss differs from the gathers'"
+        );
+        prop_assert_eq!(&st.sq_err, &sg.sq_err);
+        prop_assert_eq!(&st.active_count, &sg.active_count);
+        prop_assert_eq!(&gt.dec_touched, &gg.dec_touched);
+        let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+        for ((a, b), n) in gt.p.tensors().iter().zip(gg.p.tensors()).zip(&names) {
+            prop_assert!(
+                bits(a) == bits(b),
+                "tiled {} differs from the gathers'",
+                n.name
+            );
+        }
+        for (a, b) in gt.dec_coef.iter().zip(&gg.dec_coef) {
+            prop_assert!(bits(a) == bits(b), "tiled decoder-norm coefficients differ");
         }
         Ok(())
     }
@@ -726,6 +776,41 @@ mod gpu_tests {
                 "{codec:?}: resumed parameters differ from the uninterrupted run's"
             );
         }
+    }
+
+    /// `train.sparse_kernels = "tiled"` reaches the device of a new and of a resumed trainer, and trains the
+    /// run the gathers train, bit for bit (d = 32: the tiled decode and decoder gradient both apply).
+    #[test]
+    fn tiled_kernels_train_the_gathers_run() {
+        let Some(_gpu) = gpu() else { return };
+        let mut run = small_gpu_run(4);
+        run.train.backend = BackendKind::Cuda;
+        run.train.checkpoint_every = 2;
+        let mut gather = Trainer::new(run.clone()).unwrap();
+        run.train.sparse_kernels = SparseKernels::Tiled;
+        let mut tiled = Trainer::new(run).unwrap();
+        assert_eq!(
+            gather.backend().sparse_kernels(),
+            Some(SparseKernels::Gather)
+        );
+        assert_eq!(tiled.backend().sparse_kernels(), Some(SparseKernels::Tiled));
+        let (d1, d2) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+        gather.train(d1.path(), true).unwrap();
+        tiled.train(d2.path(), true).unwrap();
+        assert!(
+            tiled.params == gather.params,
+            "tiled run's parameters differ"
+        );
+        assert!(
+            tiled.adam_state() == gather.adam_state(),
+            "tiled run's Adam state differs"
+        );
+        let at2 = d2.path().join("checkpoints").join("step_00000002");
+        let resumed = Trainer::resume(&at2, None).unwrap();
+        assert_eq!(
+            resumed.backend().sparse_kernels(),
+            Some(SparseKernels::Tiled)
+        );
     }
 
     /// `Resident::stage_coded` checks what it is given before touching a slot: a batch of other layers,
@@ -1473,6 +1558,230 @@ mod gpu_tests {
             gpu.download(gather.sq_err.as_ref().unwrap()).unwrap(),
         );
         check_same_decode(gpu, &tiled, &g, &r, &sq).unwrap();
+    }
+
+    /// One layer's backward with the decoder gradient from `dec_grad_tiled` against `feature_grads`' own,
+    /// where the tiled kernel's loops wrap: 2,100 features (two tiles of 2,048, 8 features a thread), 2,100
+    /// tokens (two chunks of 2,048 staged in turn), rows of 16 and 24 columns (two and three 8-column
+    /// chunks; source layers 1 and 0 of three), near-threshold entries (activation 0) and feature 7 on
+    /// every token. Every output of the layer, to the bit.
+    #[test]
+    fn tiled_decoder_gradient_matches_the_gather_across_tiles() {
+        let (Some(gpu), Some(tiled)) = (gpu(), tiled_gpu()) else {
+            return;
+        };
+        let (l_n, d, f_n, n_tokens) = (3usize, 8usize, 2100usize, 2100usize);
+        let mut rng = Rng::seed(11);
+        let mut h = encode::HostCodes {
+            offsets: vec![0],
+            ..Default::default()
+        };
+        for _ in 0..n_tokens {
+            let mut fs: Vec<u32> = (0..rng.below(30)).map(|_| rng.below(f_n) as u32).collect();
+            fs.push(7);
+            fs.sort_unstable();
+            fs.dedup();
+            for f in fs {
+                let near = rng.below(8) == 0;
+                h.feat.push(f);
+                h.pre.push(if near {
+                    0.49
+                } else {
+                    1.0 + rng.uniform() as f32
+                });
+                h.act.push(if near {
+                    0.0
+                } else {
+                    1.0 + rng.uniform() as f32
+                });
+            }
+            h.offsets.push(h.feat.len());
+        }
+        let row = l_n * d;
+        let x: Vec<f32> = (0..n_tokens * row).map(|_| rng.normal() as f32).collect();
+        let resid: Vec<f32> = (0..n_tokens * row).map(|_| rng.normal() as f32).collect();
+        let norms: Vec<f32> = (0..f_n).map(|_| 0.5 + rng.uniform() as f32).collect();
+        let theta = vec![0.5f32; f_n];
+        for layer in [0usize, 1] {
+            let rl = (l_n - layer) * d;
+            let w: Vec<f32> = (0..f_n * rl).map(|_| rng.normal() as f32 * 0.1).collect();
+            let run = |g: &Gpu| -> Vec<Vec<u32>> {
+                let codes = encode::DeviceCodes::from_host(g, &h).unwrap();
+                let window = encode::WindowStats {
+                    preact_sum: g.upload(&vec![0.25f32; f_n]).unwrap(),
+                    near_count: g.upload(&vec![3u32; f_n]).unwrap(),
+                    near_h: g.upload(&vec![1.5f32; f_n]).unwrap(),
+                };
+                let (w_dec, norms, theta) = (
+                    g.upload_bf16(&w).unwrap(),
+                    g.upload(&norms).unwrap(),
+                    g.upload(&theta).unwrap(),
+                );
+                let (xd, rd) = (g.upload(&x).unwrap(), g.upload(&resid).unwrap());
+                let inp = backward::LayerGradInput {
+                    codes: &codes,
+                    window: &window,
+                    w_dec: &w_dec,
+                    row_len: rl,
+                    n_features: f_n,
+                    norms: &norms,
+                    theta: &theta,
+                    x: &xd,
+                    resid: &rd,
+                    layer,
+                    n_layers: l_n,
+                    d,
+                    preact_mask: None,
+                    obj: Objective {
+                        lambda: 0.9,
+                        c: 4.0,
+                        lambda_preact: 0.2,
+                        bandwidth: 1.0,
+                        threshold_grad: ThresholdGrad::Theta,
+                    },
+                    jump: true,
+                };
+                let o = backward::layer_grads(g, &inp).unwrap();
+                let bits = |b: &clt::backend::cuda::memory::DBuf<f32>| {
+                    g.download(b)
+                        .unwrap()
+                        .iter()
+                        .map(|v| v.to_bits())
+                        .collect::<Vec<_>>()
+                };
+                vec![
+                    bits(&o.w_dec),
+                    bits(&o.w_enc),
+                    bits(&o.b_enc),
+                    bits(&o.log_theta),
+                    bits(&o.dec_coef),
+                    bits(&o.sparsity),
+                    g.download(&o.active_count).unwrap(),
+                ]
+            };
+            let (want, got) = (run(gpu), run(tiled));
+            let names = [
+                "w_dec",
+                "w_enc",
+                "b_enc",
+                "log_theta",
+                "dec_coef",
+                "sparsity",
+                "count",
+            ];
+            for ((a, b), n) in got.iter().zip(&want).zip(names) {
+                assert!(
+                    a == b,
+                    "layer {layer}: tiled {n} differs from feature_grads'"
+                );
+            }
+            // Not vacuous: feature 7's row (every token) and some rare feature's are nonzero.
+            assert!(
+                want[0][7 * rl..8 * rl]
+                    .iter()
+                    .all(|&v| f32::from_bits(v) != 0.0)
+            );
+            assert!(
+                want[0]
+                    .iter()
+                    .filter(|&&v| f32::from_bits(v) != 0.0)
+                    .count()
+                    > f_n * rl / 2
+            );
+        }
+    }
+
+    /// `dec_grad_tiled` refuses rows it cannot read 16 bytes at a time and buffers of the wrong size, and
+    /// the tiled decode refuses layers with different feature counts, before queuing anything.
+    #[test]
+    fn tiled_kernels_refuse_what_they_cannot_read() {
+        let Some(gpu) = gpu() else { return };
+        let h = encode::HostCodes {
+            offsets: vec![0, 2, 3],
+            feat: vec![0, 2, 1],
+            pre: vec![1.0; 3],
+            act: vec![1.0; 3],
+        };
+        let codes = encode::DeviceCodes::from_host(gpu, &h).unwrap();
+        let csr = backward::group_by_feature(gpu, &codes, 3).unwrap();
+        let resid = gpu.zeros::<f32>(2 * 32).unwrap();
+        let rows = |offset, stride| backward::ResidRows {
+            buf: &resid,
+            offset,
+            stride,
+        };
+        let out = |n| gpu.zeros::<f32>(n).unwrap();
+        let unsupported = |r: clt::Result<()>| matches!(r, Err(clt::Error::Unsupported(_)));
+        let shape = |r: clt::Result<()>| matches!(r, Err(clt::Error::Shape { .. }));
+        assert!(backward::dec_grad_tiled(gpu, &codes, &csr, &rows(0, 32), 16, &out(48)).is_ok());
+        assert!(unsupported(backward::dec_grad_tiled(
+            gpu,
+            &codes,
+            &csr,
+            &rows(0, 32),
+            12,
+            &out(36)
+        )));
+        assert!(unsupported(backward::dec_grad_tiled(
+            gpu,
+            &codes,
+            &csr,
+            &rows(2, 32),
+            16,
+            &out(48)
+        )));
+        assert!(unsupported(backward::dec_grad_tiled(
+            gpu,
+            &codes,
+            &csr,
+            &rows(0, 30),
+            16,
+            &out(48)
+        )));
+        assert!(shape(backward::dec_grad_tiled(
+            gpu,
+            &codes,
+            &csr,
+            &rows(0, 32),
+            16,
+            &out(40)
+        )));
+        assert!(shape(backward::dec_grad_tiled(
+            gpu,
+            &codes,
+            &csr,
+            &rows(24, 32),
+            16,
+            &out(48)
+        )));
+        assert!(shape(backward::dec_grad_tiled(
+            gpu,
+            &codes,
+            &csr,
+            &rows(0, 8),
+            16,
+            &out(48)
+        )));
+        // The tiled decode: two layers whose decoders hold different feature counts.
+        let (w0, w1) = (
+            gpu.zeros::<u16>(3 * 16).unwrap(),
+            gpu.zeros::<u16>(4 * 8).unwrap(),
+        );
+        let layers = [
+            decode::DecodeLayer {
+                codes: &codes,
+                w_dec: &w0,
+                row_len: 16,
+            },
+            decode::DecodeLayer {
+                codes: &codes,
+                w_dec: &w1,
+                row_len: 8,
+            },
+        ];
+        let b_dec = gpu.zeros::<f32>(16).unwrap();
+        let r = decode::sparse_decode_tiled(gpu, &layers, &b_dec, None, 8, true, 1.0);
+        assert!(matches!(r, Err(clt::Error::Shape { .. })), "{:?}", r.err());
     }
 
     /// A decode's ŷ, residual and squared errors equal (`want_*`) to the bit.

@@ -47,6 +47,30 @@ pub enum BackendKind {
     CudaHost,
 }
 
+/// Which sparse kernels a CUDA step runs for the decode and the decoder-weight gradient. Both give the same
+/// bits; they differ in what they fetch (docs/cuda.md, "What today's sparse kernels gather").
+#[derive(
+    Clone,
+    Copy,
+    Debug,
+    Default,
+    PartialEq,
+    Eq,
+    serde::Serialize,
+    serde::Deserialize,
+    clap::ValueEnum,
+)]
+#[serde(rename_all = "snake_case")]
+pub enum SparseKernels {
+    /// Gathers: a decoder row (decode) or residual row (decoder gradient) fetched once per entry.
+    #[default]
+    Gather,
+    /// Tiled: decoder slices staged in shared memory once per 2,048 tokens (`sparse_decode_tiled`), and
+    /// residual slices once per 2,048 features (`dec_grad_tiled`). Used where d is a multiple of 8; the
+    /// gathers otherwise, and for the feature-sharded decode that overlaps each layer's all-reduce.
+    Tiled,
+}
+
 /// A ready-to-use backend.
 #[derive(Debug)]
 pub enum Backend {
@@ -69,6 +93,25 @@ impl Backend {
             BackendKind::Cpu => Ok(Backend::Cpu),
             BackendKind::CpuDense => Ok(Backend::CpuDense),
             BackendKind::Cuda | BackendKind::CudaHost => cuda_backend(ordinal),
+        }
+    }
+
+    /// Which sparse kernels a CUDA backend's step runs (the CPU backends have one kind only).
+    pub fn set_sparse_kernels(&self, kernels: SparseKernels) {
+        #[cfg(feature = "cuda")]
+        if let Backend::Cuda(gpu) = self {
+            gpu.set_sparse_kernels(kernels);
+        }
+        #[cfg(not(feature = "cuda"))]
+        let _ = kernels;
+    }
+
+    /// The sparse kernels a CUDA backend's step runs; `None` on the CPU backends.
+    pub fn sparse_kernels(&self) -> Option<SparseKernels> {
+        match self {
+            #[cfg(feature = "cuda")]
+            Backend::Cuda(gpu) => Some(gpu.sparse_kernels()),
+            _ => None,
         }
     }
 

@@ -237,7 +237,9 @@ fn step_backend(run: &RunConfig) -> Result<Backend> {
             local % device_count()?.max(1)
         }
     };
-    Backend::new_on(kind, ordinal)
+    let backend = Backend::new_on(kind, ordinal)?;
+    backend.set_sparse_kernels(run.train.sparse_kernels);
+    Ok(backend)
 }
 
 #[cfg(feature = "cuda")]

@@ -16,7 +16,7 @@
 //! Every field of `[train]` has a default; see `docs/objective.md` for what each one means and the
 //! alternatives the other trainers use.
 
-use crate::backend::{BackendKind, ThresholdGrad};
+use crate::backend::{BackendKind, SparseKernels, ThresholdGrad};
 use crate::clt::CltConfig;
 use crate::data::synthetic::SyntheticConfig;
 use crate::{Error, Result};
@@ -192,6 +192,9 @@ pub struct TrainConfig {
     /// codes (a quarter or an eighth of the f32 bytes) and are decoded and normalised there; `false`
     /// decodes them on the host and copies f32. The values, and so the run, are the same either way.
     pub device_dequant: bool,
+    /// With a CUDA backend: the step's sparse kernels, `gather` or `tiled` (the same bits; which is
+    /// faster is the GPU's to say, docs/cuda.md).
+    pub sparse_kernels: SparseKernels,
 }
 
 impl Default for TrainConfig {
@@ -230,6 +233,7 @@ impl Default for TrainConfig {
             overlap: false,
             collectives: Collectives::Auto,
             device_dequant: true,
+            sparse_kernels: SparseKernels::Gather,
         }
     }
 }

@@ -129,6 +129,7 @@ impl Trainer {
         }
         let t = &run.train;
         let backend = Backend::new(t.backend)?;
+        backend.set_sparse_kernels(t.sparse_kernels);
         let mut rng = Rng::seed(t.seed);
         let (mut norms, mut calib) =
             estimate_norms(source.as_mut(), t.batch_size, t.calibration_batches)?;
@@ -232,6 +233,7 @@ impl Trainer {
         }
         source.restore(&state.source_position)?;
         let backend = Backend::new(state.run.train.backend)?;
+        backend.set_sparse_kernels(state.run.train.sparse_kernels);
         let tc = &state.run.train;
         let mut trainer = Trainer {
             hyper: AdamHyper {
@@ -279,6 +281,11 @@ impl Trainer {
     /// [`Trainer::train`] or [`Trainer::sync_host`].
     pub fn adam_state(&self) -> &AdamState {
         &self.adam
+    }
+
+    /// The backend the step runs on.
+    pub fn backend(&self) -> &Backend {
+        &self.backend
     }
 
     /// Brings the device-resident parameters and Adam's state back to the host (`params`, the decoder

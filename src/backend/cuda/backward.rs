@@ -1,16 +1,21 @@
 //! The sparse backward pass of one source layer: activation gradients at listed entries, the grouping of
 //! entries by feature (CSR by count, scan, fill and a per-feature sort: no float atomics), and the
-//! per-feature gradients (encoder row and bias, decoder row data term, threshold, decoder-norm coefficient).
+//! per-feature gradients (encoder row and bias, decoder row data term, threshold, decoder-norm coefficient),
+//! the decoder rows' data term optionally tiled ([`dec_grad_tiled`]).
 //!
 //! CPU reference: the per-layer loop of [`crate::backend::cpu::sparse::loss_and_grad`] with every encoder
 //! block in `BlockMode::Near`.
 
 use super::context::{Gpu, Module, grid_1d, per_item};
 use super::encode::{DeviceCodes, WindowStats};
-use super::ffi::{CltActGradParams, CltColSumParams, CltCsrParams, CltFeatureGradParams};
+use super::ffi::{
+    CltActGradParams, CltColSumParams, CltCsrParams, CltDecGradParams, CltFeatureGradParams,
+};
 use super::memory::DBuf;
-use crate::Result;
+use crate::backend::SparseKernels;
 use crate::backend::grads::{Objective, ThresholdGrad};
+use crate::{Error, Result};
+use cudarc::driver::LaunchConfig;
 
 /// Inputs of one layer's backward pass.
 pub struct LayerGradInput<'a> {
@@ -105,7 +110,84 @@ pub fn group_by_feature(gpu: &Gpu, codes: &DeviceCodes, n_features: usize) -> Re
     Ok(Csr { fstart, order })
 }
 
-/// One layer's gradients.
+/// Features a block of `dec_grad_tiled` owns, and tokens whose residual slices it stages at a time.
+const DG_TILE_FEATURES: usize = 2048;
+const DG_TILE_TOKENS: usize = 2048;
+
+/// Where the residual rows of one source layer are: token b's rows `l..` start at element
+/// `offset + b·stride` of `buf`.
+pub struct ResidRows<'a> {
+    pub buf: &'a DBuf<f32>,
+    pub offset: usize,
+    pub stride: usize,
+}
+
+/// The decoder rows' data term of one layer, `out[f][c] = Σ a · r_b[c]` over feature f's active entries
+/// in token order (`feature_grads`' decoder part, the same bits), through `dec_grad_tiled`: a block owns
+/// 2,048 features × 8 columns and stages the residual's 8 columns of 2,048 tokens at a time in shared
+/// memory, so a residual slice is fetched once per 2,048 features instead of once per active entry
+/// (docs/cuda.md, "What today's sparse kernels gather"). Needs `row_len` a multiple of 8 and the residual
+/// rows 16-byte aligned (offset and stride multiples of 4).
+pub fn dec_grad_tiled(
+    gpu: &Gpu,
+    codes: &DeviceCodes,
+    csr: &Csr,
+    resid: &ResidRows,
+    row_len: usize,
+    out: &DBuf<f32>,
+) -> Result<()> {
+    let f_n = csr.fstart.len().saturating_sub(1);
+    let b_n = codes.n_tokens;
+    if !row_len.is_multiple_of(8)
+        || !resid.offset.is_multiple_of(4)
+        || !resid.stride.is_multiple_of(4)
+    {
+        return Err(Error::Unsupported(format!(
+            "the tiled decoder gradient needs rows of a multiple of 8 (got {row_len}) at 16-byte aligned \
+             residual offsets (offset {}, stride {})",
+            resid.offset, resid.stride
+        )));
+    }
+    let resid_end = b_n
+        .checked_sub(1)
+        .map_or(0, |last| resid.offset + last * resid.stride + row_len);
+    if out.len() != f_n * row_len || resid.buf.len() < resid_end || row_len > resid.stride {
+        return Err(Error::Shape {
+            what: "CUDA tiled decoder gradient (output, residual elements, row length)".into(),
+            expected: vec![f_n * row_len, resid_end, resid.stride],
+            got: vec![out.len(), resid.buf.len(), row_len],
+        });
+    }
+    if f_n * row_len == 0 {
+        return Ok(());
+    }
+    let p = CltDecGradParams {
+        order: csr.order.ptr(gpu),
+        fstart: csr.fstart.ptr(gpu),
+        act: codes.act.ptr(gpu),
+        resid: resid.buf.ptr(gpu) + 4 * resid.offset as u64,
+        g_w_dec: out.ptr(gpu),
+        n_tokens: b_n as u32,
+        n_features: f_n as u32,
+        row_len: row_len as u32,
+        resid_stride: resid.stride as u32,
+        cap: codes.cap as u32,
+        pad0: 0,
+    };
+    let cfg = LaunchConfig {
+        grid_dim: (
+            (row_len / 8) as u32,
+            f_n.div_ceil(DG_TILE_FEATURES) as u32,
+            1,
+        ),
+        block_dim: (256, 1, 1),
+        shared_mem_bytes: (32 * b_n.clamp(1, DG_TILE_TOKENS)) as u32,
+    };
+    gpu.launch(Module::Backward, "dec_grad_tiled", cfg, &p)
+}
+
+/// One layer's gradients. The decoder rows' data term comes from `feature_grads`, or from
+/// [`dec_grad_tiled`] where the device's [`SparseKernels`] choose it and d is a multiple of 8.
 pub fn layer_grads(gpu: &Gpu, inp: &LayerGradInput) -> Result<LayerGrads> {
     let (codes, d, rl, f_n) = (inp.codes, inp.d, inp.row_len, inp.n_features);
     let (b_n, cap) = (codes.n_tokens, codes.cap);
@@ -113,6 +195,7 @@ pub fn layer_grads(gpu: &Gpu, inp: &LayerGradInput) -> Result<LayerGrads> {
     let slots = b_n * cap;
     let bf = b_n.max(1) as f32;
     let obj = &inp.obj;
+    let tiled = gpu.sparse_kernels() == SparseKernels::Tiled && d.is_multiple_of(8);
     // 1. ∂L/∂a at every listed entry.
     let proj = gpu.zeros::<f32>(slots)?;
     let ge = gpu.zeros::<f32>(slots)?;
@@ -168,7 +251,7 @@ pub fn layer_grads(gpu: &Gpu, inp: &LayerGradInput) -> Result<LayerGrads> {
         near_h: inp.window.near_h.ptr(gpu),
         preact_mask: inp.preact_mask.map_or(0, |m| m.ptr(gpu)),
         g_w_enc: g.w_enc.ptr(gpu),
-        g_w_dec: g.w_dec.ptr(gpu),
+        g_w_dec: if tiled { 0 } else { g.w_dec.ptr(gpu) },
         g_b_enc: g.b_enc.ptr(gpu),
         g_log_theta: g.log_theta.ptr(gpu),
         dec_coef: g.dec_coef.ptr(gpu),
@@ -191,6 +274,14 @@ pub fn layer_grads(gpu: &Gpu, inp: &LayerGradInput) -> Result<LayerGrads> {
         pad0: 0,
     };
     gpu.launch(Module::Backward, "feature_grads", per_item(f_n, 256), &fp)?;
+    if tiled {
+        let rows = ResidRows {
+            buf: inp.resid,
+            offset: inp.layer * d,
+            stride: row,
+        };
+        dec_grad_tiled(gpu, codes, &csr, &rows, rl, &g.w_dec)?;
+    }
     // The scratch buffers are freed on return, in stream order (no sync).
     Ok(g)
 }

@@ -6,6 +6,7 @@
 //! host-to-device copies are ordered against the compute stream by explicit events ([`Gpu::new_event`]).
 
 use super::dense::Blas;
+use crate::backend::SparseKernels;
 use crate::{Error, Result};
 use cudarc::driver::sys::CUfunction_attribute;
 use cudarc::driver::{
@@ -92,6 +93,8 @@ pub struct Gpu {
     stream: Arc<CudaStream>,
     modules: Mutex<HashMap<Module, Arc<CudaModule>>>,
     poison: AtomicBool,
+    /// The step's sparse kernels are the tiled ones ([`SparseKernels`]).
+    tiled: AtomicBool,
     /// cuBLAS on the compute stream, opened on first use ([`Gpu::blas`]).
     blas: OnceLock<Blas>,
 }
@@ -130,6 +133,7 @@ impl Gpu {
             stream,
             modules: Mutex::new(HashMap::new()),
             poison: AtomicBool::new(false),
+            tiled: AtomicBool::new(false),
             blas: OnceLock::new(),
         })
     }
@@ -152,6 +156,21 @@ impl Gpu {
     /// Whether outputs are poisoned.
     pub fn poisoned(&self) -> bool {
         self.poison.load(Ordering::Relaxed)
+    }
+
+    /// Which sparse kernels the step runs from now on (the gathers until set).
+    pub fn set_sparse_kernels(&self, kernels: SparseKernels) {
+        self.tiled
+            .store(kernels == SparseKernels::Tiled, Ordering::Relaxed);
+    }
+
+    /// Which sparse kernels the step runs.
+    pub fn sparse_kernels(&self) -> SparseKernels {
+        if self.tiled.load(Ordering::Relaxed) {
+            SparseKernels::Tiled
+        } else {
+            SparseKernels::Gather
+        }
     }
 
     /// The device's UUID (distinct for every GPU and MIG instance): how ranks find out whether they share

@@ -11,6 +11,7 @@ use super::context::{Gpu, Module};
 use super::encode::DeviceCodes;
 use super::ffi::{CltDecodeParams, CltLayerView, CltResidualParams};
 use super::memory::DBuf;
+use crate::backend::SparseKernels;
 use crate::{Error, Result};
 use cudarc::driver::LaunchConfig;
 
@@ -147,6 +148,24 @@ fn base_params(
 
 /// Tokens per block of `sparse_decode_tiled` (256 threads × 8 tokens each).
 const TILE_TOKENS: usize = 2048;
+/// The decode the device's [`SparseKernels`] choose: [`sparse_decode_tiled`] where it is chosen and `d` is
+/// a multiple of 8, else [`sparse_decode`]. The same bits either way.
+pub fn decode(
+    gpu: &Gpu,
+    layers: &[DecodeLayer],
+    b_dec: &DBuf<f32>,
+    y: Option<&DBuf<f32>>,
+    d: usize,
+    cross_layer: bool,
+    resid_scale: f32,
+) -> Result<DecodeOut> {
+    if gpu.sparse_kernels() == SparseKernels::Tiled && d.is_multiple_of(8) {
+        sparse_decode_tiled(gpu, layers, b_dec, y, d, cross_layer, resid_scale)
+    } else {
+        sparse_decode(gpu, layers, b_dec, y, d, cross_layer, resid_scale)
+    }
+}
+
 /// Features whose weight slices it stages at a time.
 const TILE_FEATURES: usize = 4096;
 

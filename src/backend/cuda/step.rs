@@ -15,7 +15,7 @@
 
 use super::backward::{self, LayerGradInput, LayerGrads, col_sum};
 use super::context::Gpu;
-use super::decode::{DecodeLayer, PartialDecode, residual, sparse_decode};
+use super::decode::{DecodeLayer, PartialDecode, decode, residual};
 use super::encode::{self, DeviceCodes, EncodeInput, WindowStats};
 use super::memory::DBuf;
 use super::topk;
@@ -370,14 +370,14 @@ fn step_with(
     let (resid, sq_err) = match shard {
         None if cfg.skip => {
             // The skip term joins the reconstruction before the residual (as on the CPU).
-            let out = sparse_decode(gpu, &views, &dp.b_dec, None, d, cross, 2.0 / bf)?;
+            let out = decode(gpu, &views, &dp.b_dec, None, d, cross, 2.0 / bf)?;
             super::skip::add_skip(gpu, &dp.w_skip, x_bf, &out.yhat, n_tokens, d)?;
             let (resid, sq) =
                 residual(gpu, &out.yhat, false, &batch.y, n_tokens, l_n, d, 2.0 / bf)?;
             (resid, per_layer_sq_err(&gpu.download(&sq)?, n_tokens, l_n))
         }
         None => {
-            let out = sparse_decode(gpu, &views, &dp.b_dec, Some(&batch.y), d, cross, 2.0 / bf)?;
+            let out = decode(gpu, &views, &dp.b_dec, Some(&batch.y), d, cross, 2.0 / bf)?;
             let resid = out.resid.expect("decode with targets gives residuals");
             let sq = gpu.download(
                 &out.sq_err
@@ -390,7 +390,7 @@ fn step_with(
             sum: PartialSum::Host(mut sum),
             ..
         }) => {
-            let out = sparse_decode(gpu, &views, bias, None, d, cross, 2.0 / bf)?;
+            let out = decode(gpu, &views, bias, None, d, cross, 2.0 / bf)?;
             if skip_here {
                 super::skip::add_skip(gpu, &dp.w_skip, x_bf, &out.yhat, n_tokens, d)?;
             }
@@ -403,7 +403,7 @@ fn step_with(
             sum: PartialSum::Device(mut sum),
             ..
         }) => {
-            let mut out = sparse_decode(gpu, &views, bias, None, d, cross, 2.0 / bf)?;
+            let mut out = decode(gpu, &views, bias, None, d, cross, 2.0 / bf)?;
             if skip_here {
                 super::skip::add_skip(gpu, &dp.w_skip, x_bf, &out.yhat, n_tokens, d)?;
             }
