@@ -4,7 +4,8 @@
 //
 // 1. act_grad: one warp per listed entry, <r_b[l..], W_dec[l][f]> (the activation gradient at active indices
 //    only; 16-byte loads, 8 elements a lane, where the rows allow) and, for active entries, the
-//    pre-activation gradient with the sparsity term.
+//    pre-activation gradient with the sparsity term. act_grad_tiled: the same with the token's residual row
+//    staged once for all its entries (a block per token), the same bits.
 // 2. csr_count / csr_scan / csr_fill / csr_sort: the entries grouped per feature (CSR). Counting and the fill
 //    cursor use integer atomics (exact); the sort then puts each feature's segment in entry-id order (ranks
 //    from a bitmap of the feature's tokens, linear in the segment), so the sums below run in token order and
@@ -14,6 +15,22 @@
 //    dec_grad_tiled: the decoder rows' part of it with the residual staged in shared memory, the same bits.
 // 4. col_sum: Σ over tokens of x (pre-activation term) or of r (decoder-bias gradient), in token order.
 #include "common.cuh"
+
+// Entry e's outputs from its dot product: the projection, and for an active entry the pre-activation
+// gradient with the sparsity term and the sparsity itself.
+__device__ __forceinline__ void act_grad_out(const CltActGradParams& p, uint32_t e, uint32_t f, float dot) {
+    const float a = ptr<const float>(p.act)[e];
+    float ge = 0.f, sp = 0.f;
+    if (a != 0.f) {
+        const float nf = ptr<const float>(p.norms)[f];
+        const float t = tanhf(p.c * a * nf);
+        ge = dot + p.tanh_scale * p.c * nf * (1.f - t * t);
+        sp = t;
+    }
+    ptr<float>(p.proj)[e] = dot;
+    ptr<float>(p.ge)[e] = ge;
+    ptr<float>(p.sparsity)[e] = sp;
+}
 
 CLT_KERNEL void __launch_bounds__(256) act_grad(const CltActGradParams p) {
     const uint32_t warp = (blockIdx.x * blockDim.x + threadIdx.x) >> 5;
@@ -49,18 +66,69 @@ CLT_KERNEL void __launch_bounds__(256) act_grad(const CltActGradParams p) {
         for (uint32_t j = lane; j < p.row_len; j += 32) acc = fmaf(r[j], __bfloat162float(w[j]), acc);
     }
     for (int o = 16; o > 0; o >>= 1) acc += __shfl_down_sync(0xffffffffu, acc, o);
-    if (lane == 0) {
-        const float a = ptr<const float>(p.act)[warp];
-        float ge = 0.f, sp = 0.f;
-        if (a != 0.f) {
-            const float nf = ptr<const float>(p.norms)[f];
-            const float t = tanhf(p.c * a * nf);
-            ge = acc + p.tanh_scale * p.c * nf * (1.f - t * t);
-            sp = t;
+    if (lane == 0) act_grad_out(p, warp, f, acc);
+}
+
+#define AG_CHUNK 2048   // residuals act_grad_tiled stages at a time (8 KB), a multiple of 256
+#define AG_PER_WARP 8  // entries a warp carries through the chunks: 64 a block per pass over the row
+
+// act_grad_tiled: act_grad's dot products with the token's residual row staged in shared memory once for
+// all its entries, instead of fetched once per entry (one block per token; 8 of its entries a warp, their
+// 8 accumulators a lane in registers while the row passes through in chunks of AG_CHUNK). A lane takes the
+// same elements in the same order as in act_grad's 16-byte path (chunks are multiples of 256 elements),
+// and the warp reduces and writes as act_grad does: the same bits. Per entry it fetches only the decoder
+// row (2 bytes an element instead of 2 + 4). Needs the rows of act_grad's vector path (the wrapper checks).
+// (`__launch_bounds__(.., 2)`: with no minimum of blocks, ptxas held it to 64 registers and spilled.)
+CLT_KERNEL void __launch_bounds__(256, 2) act_grad_tiled(const CltActGradParams p) {
+    __shared__ float4 r_s[AG_CHUNK / 4];
+    const uint32_t b = blockIdx.x;
+    const uint32_t lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    const uint32_t n = min(ptr<const uint32_t>(p.count)[b], p.cap);
+    const float* r = ptr<const float>(p.resid) + (size_t)b * p.resid_stride + p.resid_offset;
+    const uint32_t* feat = ptr<const uint32_t>(p.feat) + (size_t)b * p.cap;
+    const __nv_bfloat16* w_dec = ptr<const __nv_bfloat16>(p.w_dec);
+    for (uint32_t g0 = 0; g0 < n; g0 += 8 * AG_PER_WARP) {  // the same for every thread of the block
+        float acc[AG_PER_WARP];
+        uint32_t fk[AG_PER_WARP];
+#pragma unroll
+        for (int k = 0; k < AG_PER_WARP; ++k) {
+            const uint32_t s = g0 + warp + 8 * k;
+            acc[k] = 0.f;
+            fk[k] = s < n ? feat[s] : 0;
         }
-        ptr<float>(p.proj)[warp] = acc;
-        ptr<float>(p.ge)[warp] = ge;
-        ptr<float>(p.sparsity)[warp] = sp;
+        for (uint32_t c0 = 0; c0 < p.row_len; c0 += AG_CHUNK) {
+            const uint32_t m = min(p.row_len - c0, (uint32_t)AG_CHUNK);
+            __syncthreads();  // every warp is done with the previous chunk
+            for (uint32_t t = threadIdx.x; t < m / 4; t += 256)
+                r_s[t] = *reinterpret_cast<const float4*>(r + c0 + 4 * t);
+            __syncthreads();
+#pragma unroll
+            for (int k = 0; k < AG_PER_WARP; ++k) {
+                if (g0 + warp + 8 * k >= n) break;  // uniform in the warp
+                const __nv_bfloat16* w = w_dec + (size_t)fk[k] * p.row_len + c0;
+#pragma unroll 4
+                for (uint32_t j = lane * 8; j < m; j += 256) {
+                    const uint4 wv = *reinterpret_cast<const uint4*>(w + j);
+                    const float4 r0 = r_s[j / 4], r1 = r_s[j / 4 + 1];
+                    acc[k] = fmaf(r0.x, __uint_as_float(wv.x << 16), acc[k]);
+                    acc[k] = fmaf(r0.y, __uint_as_float(wv.x & 0xffff0000u), acc[k]);
+                    acc[k] = fmaf(r0.z, __uint_as_float(wv.y << 16), acc[k]);
+                    acc[k] = fmaf(r0.w, __uint_as_float(wv.y & 0xffff0000u), acc[k]);
+                    acc[k] = fmaf(r1.x, __uint_as_float(wv.z << 16), acc[k]);
+                    acc[k] = fmaf(r1.y, __uint_as_float(wv.z & 0xffff0000u), acc[k]);
+                    acc[k] = fmaf(r1.z, __uint_as_float(wv.w << 16), acc[k]);
+                    acc[k] = fmaf(r1.w, __uint_as_float(wv.w & 0xffff0000u), acc[k]);
+                }
+            }
+        }
+#pragma unroll
+        for (int k = 0; k < AG_PER_WARP; ++k) {
+            const uint32_t s = g0 + warp + 8 * k;
+            if (s >= n) break;
+            float a_k = acc[k];
+            for (int o = 16; o > 0; o >>= 1) a_k += __shfl_down_sync(0xffffffffu, a_k, o);
+            if (lane == 0) act_grad_out(p, b * p.cap + s, fk[k], a_k);
+        }
     }
 }
 

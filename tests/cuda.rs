@@ -1560,6 +1560,153 @@ mod gpu_tests {
         check_same_decode(gpu, &tiled, &g, &r, &sq).unwrap();
     }
 
+    /// Host inputs of one layer's backward (`backward::layer_grads`), for running it on two devices.
+    struct LayerInputs<'a> {
+        codes: &'a encode::HostCodes,
+        x: &'a [f32],
+        resid: &'a [f32],
+        norms: &'a [f32],
+        theta: &'a [f32],
+        w: &'a [f32],
+        layer: usize,
+        n_layers: usize,
+        d: usize,
+    }
+
+    /// One layer's backward on `g`: the bits of every output (decoder and encoder rows, encoder bias,
+    /// log θ, decoder-norm coefficients, sparsity, active counts).
+    fn layer_grads_bits(g: &Gpu, i: &LayerInputs) -> Vec<Vec<u32>> {
+        let f_n = i.norms.len();
+        let rl = (i.n_layers - i.layer) * i.d;
+        let codes = encode::DeviceCodes::from_host(g, i.codes).unwrap();
+        let window = encode::WindowStats {
+            preact_sum: g.upload(&vec![0.25f32; f_n]).unwrap(),
+            near_count: g.upload(&vec![3u32; f_n]).unwrap(),
+            near_h: g.upload(&vec![1.5f32; f_n]).unwrap(),
+        };
+        let (w_dec, norms, theta) = (
+            g.upload_bf16(i.w).unwrap(),
+            g.upload(i.norms).unwrap(),
+            g.upload(i.theta).unwrap(),
+        );
+        let (xd, rd) = (g.upload(i.x).unwrap(), g.upload(i.resid).unwrap());
+        let inp = backward::LayerGradInput {
+            codes: &codes,
+            window: &window,
+            w_dec: &w_dec,
+            row_len: rl,
+            n_features: f_n,
+            norms: &norms,
+            theta: &theta,
+            x: &xd,
+            resid: &rd,
+            layer: i.layer,
+            n_layers: i.n_layers,
+            d: i.d,
+            preact_mask: None,
+            obj: Objective {
+                lambda: 0.9,
+                c: 4.0,
+                lambda_preact: 0.2,
+                bandwidth: 1.0,
+                threshold_grad: ThresholdGrad::Theta,
+            },
+            jump: true,
+        };
+        let o = backward::layer_grads(g, &inp).unwrap();
+        let bits = |b: &clt::backend::cuda::memory::DBuf<f32>| {
+            g.download(b)
+                .unwrap()
+                .iter()
+                .map(|v| v.to_bits())
+                .collect::<Vec<_>>()
+        };
+        vec![
+            bits(&o.w_dec),
+            bits(&o.w_enc),
+            bits(&o.b_enc),
+            bits(&o.log_theta),
+            bits(&o.dec_coef),
+            bits(&o.sparsity),
+            g.download(&o.active_count).unwrap(),
+        ]
+    }
+
+    /// One layer's backward with `act_grad_tiled` (a block per token, its residual row staged in chunks of
+    /// 2,048) against `act_grad` where its loops wrap: rows of 2,192 and 1,096 columns (two chunks, the
+    /// second partial; one partial chunk), up to ~180 entries a token (three passes of 64 entries), empty
+    /// lists, and near-threshold entries. Every output to the bit: the activation gradients reach the
+    /// encoder rows, biases, thresholds and decoder-norm coefficients.
+    #[test]
+    fn tiled_activation_gradient_matches_the_gather_across_chunks() {
+        let (Some(gpu), Some(tiled)) = (gpu(), tiled_gpu()) else {
+            return;
+        };
+        let (l_n, d, f_n, n_tokens) = (2usize, 1096usize, 200usize, 40usize);
+        let mut rng = Rng::seed(12);
+        let mut h = encode::HostCodes {
+            offsets: vec![0],
+            ..Default::default()
+        };
+        for b in 0..n_tokens {
+            let keep = [0.0, 0.1, 0.5, 0.9][b % 4];
+            for f in 0..f_n as u32 {
+                if rng.uniform() < keep {
+                    let near = rng.below(8) == 0;
+                    h.feat.push(f);
+                    h.pre.push(if near {
+                        0.49
+                    } else {
+                        1.0 + rng.uniform() as f32
+                    });
+                    h.act.push(if near {
+                        0.0
+                    } else {
+                        1.0 + rng.uniform() as f32
+                    });
+                }
+            }
+            h.offsets.push(h.feat.len());
+        }
+        assert!((0..n_tokens).any(|b| h.offsets[b + 1] - h.offsets[b] > 128));
+        let row = l_n * d;
+        let x: Vec<f32> = (0..n_tokens * row).map(|_| rng.normal() as f32).collect();
+        let resid: Vec<f32> = (0..n_tokens * row).map(|_| rng.normal() as f32).collect();
+        let norms: Vec<f32> = (0..f_n).map(|_| 0.5 + rng.uniform() as f32).collect();
+        let theta = vec![0.5f32; f_n];
+        for layer in [0usize, 1] {
+            let rl = (l_n - layer) * d;
+            let w: Vec<f32> = (0..f_n * rl).map(|_| rng.normal() as f32 * 0.1).collect();
+            let inputs = LayerInputs {
+                codes: &h,
+                x: &x,
+                resid: &resid,
+                norms: &norms,
+                theta: &theta,
+                w: &w,
+                layer,
+                n_layers: l_n,
+                d,
+            };
+            let (want, got) = (
+                layer_grads_bits(gpu, &inputs),
+                layer_grads_bits(tiled, &inputs),
+            );
+            let names = [
+                "w_dec",
+                "w_enc",
+                "b_enc",
+                "log_theta",
+                "dec_coef",
+                "sparsity",
+                "count",
+            ];
+            for ((a, b), n) in got.iter().zip(&want).zip(names) {
+                assert!(a == b, "layer {layer}: tiled {n} differs from the gathers'");
+            }
+        }
+    }
+
     /// One layer's backward with the decoder gradient from `dec_grad_tiled` against `feature_grads`' own,
     /// where the tiled kernel's loops wrap: 2,100 features (two tiles of 2,048, 8 features a thread), 2,100
     /// tokens (two chunks of 2,048 staged in turn), rows of 16 and 24 columns (two and three 8-column
@@ -1605,61 +1752,21 @@ mod gpu_tests {
         for layer in [0usize, 1] {
             let rl = (l_n - layer) * d;
             let w: Vec<f32> = (0..f_n * rl).map(|_| rng.normal() as f32 * 0.1).collect();
-            let run = |g: &Gpu| -> Vec<Vec<u32>> {
-                let codes = encode::DeviceCodes::from_host(g, &h).unwrap();
-                let window = encode::WindowStats {
-                    preact_sum: g.upload(&vec![0.25f32; f_n]).unwrap(),
-                    near_count: g.upload(&vec![3u32; f_n]).unwrap(),
-                    near_h: g.upload(&vec![1.5f32; f_n]).unwrap(),
-                };
-                let (w_dec, norms, theta) = (
-                    g.upload_bf16(&w).unwrap(),
-                    g.upload(&norms).unwrap(),
-                    g.upload(&theta).unwrap(),
-                );
-                let (xd, rd) = (g.upload(&x).unwrap(), g.upload(&resid).unwrap());
-                let inp = backward::LayerGradInput {
-                    codes: &codes,
-                    window: &window,
-                    w_dec: &w_dec,
-                    row_len: rl,
-                    n_features: f_n,
-                    norms: &norms,
-                    theta: &theta,
-                    x: &xd,
-                    resid: &rd,
-                    layer,
-                    n_layers: l_n,
-                    d,
-                    preact_mask: None,
-                    obj: Objective {
-                        lambda: 0.9,
-                        c: 4.0,
-                        lambda_preact: 0.2,
-                        bandwidth: 1.0,
-                        threshold_grad: ThresholdGrad::Theta,
-                    },
-                    jump: true,
-                };
-                let o = backward::layer_grads(g, &inp).unwrap();
-                let bits = |b: &clt::backend::cuda::memory::DBuf<f32>| {
-                    g.download(b)
-                        .unwrap()
-                        .iter()
-                        .map(|v| v.to_bits())
-                        .collect::<Vec<_>>()
-                };
-                vec![
-                    bits(&o.w_dec),
-                    bits(&o.w_enc),
-                    bits(&o.b_enc),
-                    bits(&o.log_theta),
-                    bits(&o.dec_coef),
-                    bits(&o.sparsity),
-                    g.download(&o.active_count).unwrap(),
-                ]
+            let inputs = LayerInputs {
+                codes: &h,
+                x: &x,
+                resid: &resid,
+                norms: &norms,
+                theta: &theta,
+                w: &w,
+                layer,
+                n_layers: l_n,
+                d,
             };
-            let (want, got) = (run(gpu), run(tiled));
+            let (want, got) = (
+                layer_grads_bits(gpu, &inputs),
+                layer_grads_bits(tiled, &inputs),
+            );
             let names = [
                 "w_dec",
                 "w_enc",
@@ -1670,10 +1777,7 @@ mod gpu_tests {
                 "count",
             ];
             for ((a, b), n) in got.iter().zip(&want).zip(names) {
-                assert!(
-                    a == b,
-                    "layer {layer}: tiled {n} differs from feature_grads'"
-                );
+                assert!(a == b, "layer {layer}: tiled {n} differs from the gathers'");
             }
             // Not vacuous: feature 7's row (every token) and some rare feature's are nonzero.
             assert!(

@@ -47,8 +47,8 @@ pub enum BackendKind {
     CudaHost,
 }
 
-/// Which sparse kernels a CUDA step runs for the decode and the decoder-weight gradient. Both give the same
-/// bits; they differ in what they fetch (docs/cuda.md, "What today's sparse kernels gather").
+/// Which sparse kernels a CUDA step runs for the decode, the activation gradients and the decoder-weight
+/// gradient. Both give the same bits; they differ in what they fetch (docs/cuda.md, "What today's sparse kernels gather").
 #[derive(
     Clone,
     Copy,
@@ -65,9 +65,10 @@ pub enum SparseKernels {
     /// Gathers: a decoder row (decode) or residual row (decoder gradient) fetched once per entry.
     #[default]
     Gather,
-    /// Tiled: decoder slices staged in shared memory once per 2,048 tokens (`sparse_decode_tiled`), and
-    /// residual slices once per 2,048 features (`dec_grad_tiled`). Used where d is a multiple of 8; the
-    /// gathers otherwise, and for the feature-sharded decode that overlaps each layer's all-reduce.
+    /// Tiled: decoder slices staged in shared memory once per 2,048 tokens (`sparse_decode_tiled`),
+    /// residual slices once per 2,048 features (`dec_grad_tiled`), and a token's residual row once for all
+    /// its entries (`act_grad_tiled`). Used where d is a multiple of 8; the gathers otherwise, and for the
+    /// feature-sharded decode that overlaps each layer's all-reduce.
     Tiled,
 }
 

@@ -186,8 +186,10 @@ pub fn dec_grad_tiled(
     gpu.launch(Module::Backward, "dec_grad_tiled", cfg, &p)
 }
 
-/// One layer's gradients. The decoder rows' data term comes from `feature_grads`, or from
-/// [`dec_grad_tiled`] where the device's [`SparseKernels`] choose it and d is a multiple of 8.
+/// One layer's gradients. Where the device's [`SparseKernels`] are the tiled ones and d is a multiple of 8,
+/// the activation gradients come from `act_grad_tiled` (a block per token, its residual row staged once
+/// for all its entries) and the decoder rows' data term from [`dec_grad_tiled`]; else from `act_grad` (a
+/// warp per entry) and `feature_grads`. The same bits either way.
 pub fn layer_grads(gpu: &Gpu, inp: &LayerGradInput) -> Result<LayerGrads> {
     let (codes, d, rl, f_n) = (inp.codes, inp.d, inp.row_len, inp.n_features);
     let (b_n, cap) = (codes.n_tokens, codes.cap);
@@ -219,7 +221,12 @@ pub fn layer_grads(gpu: &Gpu, inp: &LayerGradInput) -> Result<LayerGrads> {
         tanh_scale: obj.lambda / bf,
         pad0: 0,
     };
-    gpu.launch(Module::Backward, "act_grad", grid_1d(slots * 32, 256), &ap)?;
+    if tiled {
+        // A block per token, its residual row staged once for all its entries (the same bits).
+        gpu.launch(Module::Backward, "act_grad_tiled", per_item(b_n, 256), &ap)?;
+    } else {
+        gpu.launch(Module::Backward, "act_grad", grid_1d(slots * 32, 256), &ap)?;
+    }
     // 2. Entries by feature; Σ_b x_b.
     let csr = group_by_feature(gpu, codes, f_n)?;
     let xsum = col_sum(gpu, inp.x, inp.layer * d, row, b_n, d)?;

@@ -288,21 +288,16 @@ pub fn run_with(preset: Preset, timer: &mut dyn Timer) -> Result<()> {
     let rl = (l_n - l) * d;
     let bytes = (nnz * rl * (2 + 4) + nnz * d * 4 + f_n * (d + rl) * 4) as f64;
     report("backward (1 layer)", ms, 0.0, bytes, copy);
-    // The same backward with the decoder rows' gradient from `dec_grad_tiled` (residual slices staged once
-    // per 2,048 features): the same result; its row counts the same bytes, so the two compare directly.
+    // The same backward with the tiled kernels (`act_grad_tiled`: a token's residual row staged once for
+    // its entries; `dec_grad_tiled`: residual slices staged once per 2,048 features): the same result;
+    // its row counts the same bytes, so the two compare directly.
     gpu.set_sparse_kernels(SparseKernels::Tiled);
-    let tiled_ms = timer.time(&gpu, "backward, tiled decoder gradient", &mut || {
+    let tiled_ms = timer.time(&gpu, "backward (1 layer), tiled", &mut || {
         backward::layer_grads(&gpu, &inp).map(|_| ())
     });
     gpu.set_sparse_kernels(SparseKernels::Gather);
     let tiled_ms = tiled_ms?;
-    report(
-        "backward, tiled decoder gradient",
-        tiled_ms,
-        0.0,
-        bytes,
-        copy,
-    );
+    report("backward (1 layer), tiled", tiled_ms, 0.0, bytes, copy);
     println!("  gather / tiled backward time: {:.2}x", ms / tiled_ms);
 
     // The grouping by feature inside that backward, alone, and with feature 0 added to every token's list
@@ -414,12 +409,14 @@ pub fn run_with(preset: Preset, timer: &mut dyn Timer) -> Result<()> {
     gpu.set_sparse_kernels(SparseKernels::Gather);
     let tiled_step_ms = tiled_step_ms?;
     report("sparse step, tiled kernels", tiled_step_ms, 0.0, 0.0, copy);
-    // What the tiled kernels fetch instead of the decode's and decoder gradient's gathers: the decoder
-    // staged once per 2,048 tokens and the residual once per 2,048 features, and 8 bytes of list per entry
-    // for every 8 columns in each (act_grad and the encoder rows' gathers unchanged).
+    // What the tiled kernels fetch instead: the decoder staged once per 2,048 tokens (decode) and the
+    // residual once per 2,048 features (decoder gradient), with 8 bytes of list per entry for every 8
+    // columns in each; per listed entry its decoder row, and per token its residual row once (act_grad);
+    // the encoder rows' gathers unchanged.
     let staged =
         (b_n.div_ceil(2048) * f_n * rl_sum * 2 + f_n.div_ceil(2048) * b_n * rl_sum * 4) as f64;
-    let fetched = staged + (2 * nnz * rl_sum + nnz * rl_sum * 6 + n_active * l_n * d * 4) as f64;
+    let fetched = staged
+        + (2 * nnz * rl_sum + nnz * rl_sum * 2 + b_n * rl_sum * 4 + n_active * l_n * d * 4) as f64;
     println!(
         "  the tiled kernels fetch ≈ {:.1} GB ({:.1} ms at the measured copy rate); the step took {:.0}% \
          of that",
