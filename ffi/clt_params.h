@@ -183,9 +183,9 @@ typedef struct {
     clt_ptr near_count; /* const u32 [F] */
     clt_ptr near_h;     /* const f32 [F] */
     clt_ptr preact_mask; /* const u8 [F] or 0 (all on) */
-    clt_ptr g_w_enc;    /* f32 out [F][d] */
+    clt_ptr g_w_enc;    /* f32 out [F][d], or 0 where row_grad_tiled writes it */
     clt_ptr g_w_dec;    /* f32 out [F][row_len] (data term; zero rows where no entry is active), or 0 where
-                         * dec_grad_tiled writes it */
+                         * row_grad_tiled writes it */
     clt_ptr g_b_enc;    /* f32 out [F] */
     clt_ptr g_log_theta; /* f32 out [F] */
     clt_ptr dec_coef;   /* f32 out [F] */
@@ -208,22 +208,31 @@ typedef struct {
     uint32_t pad0;
 } CltFeatureGradParams;
 
-/* The decoder rows' data term of one layer, tiled (dec_grad_tiled): g_w_dec[f][c] = sum over f's active
- * entries, in token order, of a * r[b][c], the same sums as feature_grads' decoder part. A block owns 2,048
- * features x 8 columns and stages the residual's 8 columns of 2,048 tokens at a time in shared memory. */
+/* One layer's encoder or decoder rows' gradient, tiled (row_grad_tiled): out[f][c] = sum over f's active
+ * entries, in token order, of coef(e) * src[b][c], the same sums as feature_grads' vector part. Decoder rows:
+ * coef = a, src = the residual rows l... Encoder rows: coef = ge + kappa_f, src = the layer's inputs, then
+ * out -= kappa_f * xsum[c] where kappa_f != 0 (kappa_f = pre_scale * norms[f] where the pre-activation loss
+ * is on for f). A block owns 2,048 features x 8 columns and stages the rows' 8 columns of 2,048 tokens at a
+ * time in shared memory. */
 typedef struct {
-    clt_ptr order;   /* const u32 [nnz] entry ids grouped by feature, token order within a feature (CSR) */
-    clt_ptr fstart;  /* const u32 [F + 1] */
-    clt_ptr act;     /* const f32 [B][cap] */
-    clt_ptr resid;   /* const f32: token b's residual rows l.. at resid + b*resid_stride (offset applied) */
-    clt_ptr g_w_dec; /* f32 out [F][row_len] */
+    clt_ptr order;       /* const u32 [nnz] entry ids grouped by feature, token order within a feature (CSR) */
+    clt_ptr fstart;      /* const u32 [F + 1] */
+    clt_ptr act;         /* const f32 [B][cap] */
+    clt_ptr ge;          /* const f32 [B][cap] (encoder rows; else unused) */
+    clt_ptr src;         /* const f32: token b's row at src + b*src_stride (offset applied) */
+    clt_ptr xsum;        /* const f32 [row_len] (encoder rows) */
+    clt_ptr norms;       /* const f32 [F] (encoder rows) */
+    clt_ptr preact_mask; /* const u8 [F] or 0 (all on) (encoder rows) */
+    clt_ptr out;         /* f32 out [F][row_len] */
     uint32_t n_tokens;
     uint32_t n_features;
-    uint32_t row_len;      /* a multiple of 8; resid and resid_stride 16-byte aligned */
-    uint32_t resid_stride;
-    uint32_t cap;          /* entry id e = b * cap + slot */
-    uint32_t pad0;
-} CltDecGradParams;
+    uint32_t row_len;    /* a multiple of 8; src and src_stride 16-byte aligned */
+    uint32_t src_stride;
+    uint32_t cap;        /* entry id e = b * cap + slot */
+    uint32_t encoder;    /* 1: encoder rows; 0: decoder rows */
+    uint32_t jump;       /* JumpReLU (the pre-activation loss applies) */
+    float pre_scale;     /* lambda_preact / B */
+} CltRowGradParams;
 
 /* Column sums over tokens: out[j] = sum_b src[b*stride + j], j < n, in token order (f64 accumulation). */
 typedef struct {

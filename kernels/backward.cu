@@ -12,7 +12,8 @@
 //    give the same bits every run.
 // 3. feature_grads: one block per feature, no atomics: encoder row, decoder row data term, encoder bias,
 //    threshold, decoder-norm coefficient, active count, sparsity.
-//    dec_grad_tiled: the decoder rows' part of it with the residual staged in shared memory, the same bits.
+//    row_grad_tiled: its encoder or decoder rows with the rows' slices staged in shared memory, the same
+//    bits.
 // 4. col_sum: Σ over tokens of x (pre-activation term) or of r (decoder-bias gradient), in token order.
 #include "common.cuh"
 
@@ -239,6 +240,12 @@ CLT_KERNEL void __launch_bounds__(SORT_THREADS) csr_sort(const CltCsrParams p) {
 
 #define FG_THREADS 256
 
+// The pre-activation loss's coefficient of feature f (0 where the loss is off for it).
+__device__ __forceinline__ float preact_kappa(uint32_t jump, clt_ptr mask, float pre_scale, uint32_t f, float nf) {
+    const bool on = jump && (!mask || ptr<const uint8_t>(mask)[f] != 0);
+    return on ? pre_scale * nf : 0.f;
+}
+
 // acc[0..4] += s * v[0..4], with one 16-byte load of v.
 __device__ __forceinline__ void fma4(float s, const float* v, float* acc) {
     const float4 q = *reinterpret_cast<const float4*>(v);
@@ -265,7 +272,7 @@ CLT_KERNEL void __launch_bounds__(FG_THREADS) feature_grads(const CltFeatureGrad
     const float nf = ptr<const float>(p.norms)[f];
     const float th = ptr<const float>(p.theta)[f];
     const bool preact_on = p.jump && (!p.preact_mask || ptr<const uint8_t>(p.preact_mask)[f] != 0);
-    const float kappa = preact_on ? p.pre_scale * nf : 0.f;
+    const float kappa = preact_kappa(p.jump, p.preact_mask, p.pre_scale, f, nf);
 
     // Scalars: each thread a strided share of the entries, then a fixed-order block reduction.
     float dn = 0.f, dbs = 0.f, near = 0.f, spars = 0.f;
@@ -301,8 +308,9 @@ CLT_KERNEL void __launch_bounds__(FG_THREADS) feature_grads(const CltFeatureGrad
     const bool vec = p.d % 4 == 0 && p.row_len % 4 == 0 && p.x_stride % 4 == 0 && p.resid_stride % 4 == 0 &&
                      ((p.x | p.resid | p.g_w_enc | p.g_w_dec) & 15u) == 0;
     const uint32_t per = vec ? 4 : 1;
-    const bool dec = p.g_w_dec != 0;  // else dec_grad_tiled writes the decoder rows
-    const uint32_t cols = dec ? max(p.d, p.row_len) : p.d;
+    // Either kind of row may be left to row_grad_tiled (its output pointer is then 0).
+    const bool enc = p.g_w_enc != 0, dec = p.g_w_dec != 0;
+    const uint32_t cols = max(enc ? p.d : 0u, dec ? p.row_len : 0u);
     for (uint32_t j0 = 0; j0 < cols; j0 += FG_THREADS * per) {
         const uint32_t j = j0 + threadIdx.x * per;
         float ae[4] = {0.f, 0.f, 0.f, 0.f}, ad[4] = {0.f, 0.f, 0.f, 0.f};
@@ -322,10 +330,10 @@ CLT_KERNEL void __launch_bounds__(FG_THREADS) feature_grads(const CltFeatureGrad
                 const size_t b = s_tok[t];
                 const float g = s_ge[t];
                 if (vec) {
-                    if (j < p.d) fma4(g, x + b * p.x_stride + j, ae);
+                    if (enc && j < p.d) fma4(g, x + b * p.x_stride + j, ae);
                     if (dec && j < p.row_len) fma4(a, r + b * p.resid_stride + j, ad);
                 } else {
-                    if (j < p.d) ae[0] = fmaf(g, x[b * p.x_stride + j], ae[0]);
+                    if (enc && j < p.d) ae[0] = fmaf(g, x[b * p.x_stride + j], ae[0]);
                     if (dec && j < p.row_len) ad[0] = fmaf(a, r[b * p.resid_stride + j], ad[0]);
                 }
             }
@@ -334,7 +342,7 @@ CLT_KERNEL void __launch_bounds__(FG_THREADS) feature_grads(const CltFeatureGrad
         for (uint32_t q = 0; q < 4; ++q) {
             if (q >= per) break;
             const uint32_t jq = j + q;
-            if (jq < p.d) g_enc[jq] = kappa != 0.f ? fmaf(-kappa, ptr<const float>(p.xsum)[jq], ae[q]) : ae[q];
+            if (enc && jq < p.d) g_enc[jq] = kappa != 0.f ? fmaf(-kappa, ptr<const float>(p.xsum)[jq], ae[q]) : ae[q];
             if (dec && jq < p.row_len) g_dec[jq] = ad[q];
         }
     }
@@ -360,48 +368,55 @@ CLT_KERNEL void __launch_bounds__(FG_THREADS) feature_grads(const CltFeatureGrad
     }
 }
 
-#define DG_FEAT 8       // features a thread owns in dec_grad_tiled: a tile of 2,048 features a block
-#define DG_TCHUNK 2048  // tokens whose residual slices a block stages at a time (2 x 16 bytes each, 64 KB)
+#define RG_FEAT 8       // features a thread owns in row_grad_tiled: a tile of 2,048 features a block
+#define RG_TCHUNK 2048  // tokens whose row slices a block stages at a time (2 x 16 bytes each, 64 KB)
 
-// dec_grad_tiled: feature_grads' decoder-row data term, g_w_dec[f][c] = sum over f's active entries of
-// a * r[b][c], in token order, arranged so that a residual slice is fetched once per tile of 2,048 features
-// instead of once per active entry (the transpose of sparse_decode_tiled). Grid: (row_len / 8 column
-// chunks, feature tiles). For each chunk of DG_TCHUNK tokens the block stages every token's 8 residuals of
-// columns c0..c0+7 (dynamic shared memory) and each thread adds its 8 features' entries from there into 64
-// accumulators (8 features x 8 columns, registers), each feature's CSR segment read once per block through
-// a cursor that a chunk advances (segments are in token order: csr_sort). A column adds its entries'
-// products in token order, skipping activations of 0, as feature_grads does: the same bits.
+// row_grad_tiled: feature_grads' vector part, one kind of row a launch, out[f][c] = sum over f's active
+// entries of coef * src[b][c] in token order (decoder rows: coef = a, src = the residual; encoder rows:
+// coef = ge + kappa_f, src = the input, then the pre-activation term), arranged so that a row slice is
+// fetched once per tile of 2,048 features instead of once per active entry (the transpose of
+// sparse_decode_tiled). Grid: (row_len / 8 column chunks, feature tiles). For each chunk of RG_TCHUNK
+// tokens the block stages every token's 8 values of columns c0..c0+7 (dynamic shared memory) and each
+// thread adds its 8 features' entries from there into 64 accumulators (8 features x 8 columns,
+// registers), each feature's CSR segment read once per block through a cursor that a chunk advances
+// (segments are in token order: csr_sort). A column adds its entries' products in token order, skipping
+// activations of 0, and the coefficient and epilogue are feature_grads' own: the same bits.
 //
-// What it moves at the issue's 1B shape (docs/cuda.md): the staged residual slices, F / 2,048 = 4 times
-// the residual (7.3e10 B), and the segments, 8 bytes an entry (id, activation) for every 8 columns
-// (2.9e11 B, from L2), against feature_grads' 32 bytes of residual an active entry for every 8 columns
-// (1.17e12 B, mostly from DRAM: a layer's residual rows, 2 GB at that shape, do not fit in the L2).
-// Needs row_len a multiple of 8, resid and resid_stride 16-byte aligned (the wrapper checks).
-CLT_KERNEL void __launch_bounds__(FG_THREADS) dec_grad_tiled(const CltDecGradParams p) {
-    CLT_DYNAMIC_SHARED(float4, r_s);  // [2 * min(B, DG_TCHUNK)]: a token's 8 residuals, as two float4
+// What it moves at the issue's 1B shape (docs/cuda.md): the staged slices, F / 2,048 = 4 times the rows
+// (residual: 7.3e10 B; inputs: 8.6e9 B), and the segments, 8 bytes an entry (id, activation) for every 8
+// columns, against feature_grads' 32 bytes of row an active entry for every 8 columns (residual:
+// 1.17e12 B, inputs: 1.4e11 B, mostly from DRAM: a layer's rows do not fit in the L2).
+// Needs row_len a multiple of 8, src and src_stride 16-byte aligned (the wrapper checks).
+CLT_KERNEL void __launch_bounds__(FG_THREADS) row_grad_tiled(const CltRowGradParams p) {
+    CLT_DYNAMIC_SHARED(float4, r_s);  // [2 * min(B, RG_TCHUNK)]: a token's 8 values, as two float4
     const uint32_t c0 = blockIdx.x * 8;
-    const uint32_t f_base = blockIdx.y * FG_THREADS * DG_FEAT;
+    const uint32_t f_base = blockIdx.y * FG_THREADS * RG_FEAT;
     const uint32_t* fstart = ptr<const uint32_t>(p.fstart);
     const uint32_t* order = ptr<const uint32_t>(p.order);
     const float* act = ptr<const float>(p.act);
-    const float* r = ptr<const float>(p.resid) + c0;
-    float acc[DG_FEAT][8];
-    uint32_t cur[DG_FEAT];  // each feature's first entry not yet added
+    const float* ge = ptr<const float>(p.ge);
+    const float* src = ptr<const float>(p.src) + c0;
+    float acc[RG_FEAT][8];
+    float kappa[RG_FEAT];   // encoder rows: the pre-activation term's coefficient (0 for decoder rows)
+    uint32_t cur[RG_FEAT];  // each feature's first entry not yet added
 #pragma unroll
-    for (int ff = 0; ff < DG_FEAT; ++ff) {
+    for (int ff = 0; ff < RG_FEAT; ++ff) {
         const uint32_t f = f_base + ff * FG_THREADS + threadIdx.x;
         cur[ff] = f < p.n_features ? fstart[f] : 0;
+        kappa[ff] = p.encoder && f < p.n_features
+                        ? preact_kappa(p.jump, p.preact_mask, p.pre_scale, f, ptr<const float>(p.norms)[f])
+                        : 0.f;
 #pragma unroll
         for (int j = 0; j < 8; ++j) acc[ff][j] = 0.f;
     }
-    for (uint32_t t0 = 0; t0 < p.n_tokens; t0 += DG_TCHUNK) {
-        const uint32_t nt = min(p.n_tokens - t0, (uint32_t)DG_TCHUNK);
+    for (uint32_t t0 = 0; t0 < p.n_tokens; t0 += RG_TCHUNK) {
+        const uint32_t nt = min(p.n_tokens - t0, (uint32_t)RG_TCHUNK);
         __syncthreads();  // every thread is done with the previous chunk
         for (uint32_t t = threadIdx.x; t < 2 * nt; t += FG_THREADS)
-            r_s[t] = *reinterpret_cast<const float4*>(r + (size_t)(t0 + t / 2) * p.resid_stride + 4 * (t & 1));
+            r_s[t] = *reinterpret_cast<const float4*>(src + (size_t)(t0 + t / 2) * p.src_stride + 4 * (t & 1));
         __syncthreads();
 #pragma unroll
-        for (int ff = 0; ff < DG_FEAT; ++ff) {
+        for (int ff = 0; ff < RG_FEAT; ++ff) {
             const uint32_t f = f_base + ff * FG_THREADS + threadIdx.x;
             if (f >= p.n_features) continue;
             const uint32_t end = fstart[f + 1];
@@ -412,26 +427,31 @@ CLT_KERNEL void __launch_bounds__(FG_THREADS) dec_grad_tiled(const CltDecGradPar
                 if (t >= nt) break;  // a later chunk's token: every later entry is past this chunk
                 const float a = act[ent];
                 if (a == 0.f) continue;
+                const float g = p.encoder ? ge[ent] + kappa[ff] : a;
                 const float4 lo = r_s[2 * t], hi = r_s[2 * t + 1];
-                acc[ff][0] = fmaf(a, lo.x, acc[ff][0]);
-                acc[ff][1] = fmaf(a, lo.y, acc[ff][1]);
-                acc[ff][2] = fmaf(a, lo.z, acc[ff][2]);
-                acc[ff][3] = fmaf(a, lo.w, acc[ff][3]);
-                acc[ff][4] = fmaf(a, hi.x, acc[ff][4]);
-                acc[ff][5] = fmaf(a, hi.y, acc[ff][5]);
-                acc[ff][6] = fmaf(a, hi.z, acc[ff][6]);
-                acc[ff][7] = fmaf(a, hi.w, acc[ff][7]);
+                acc[ff][0] = fmaf(g, lo.x, acc[ff][0]);
+                acc[ff][1] = fmaf(g, lo.y, acc[ff][1]);
+                acc[ff][2] = fmaf(g, lo.z, acc[ff][2]);
+                acc[ff][3] = fmaf(g, lo.w, acc[ff][3]);
+                acc[ff][4] = fmaf(g, hi.x, acc[ff][4]);
+                acc[ff][5] = fmaf(g, hi.y, acc[ff][5]);
+                acc[ff][6] = fmaf(g, hi.z, acc[ff][6]);
+                acc[ff][7] = fmaf(g, hi.w, acc[ff][7]);
             }
             cur[ff] = e;
         }
     }
+    const float* xsum = ptr<const float>(p.xsum) + c0;
 #pragma unroll
-    for (int ff = 0; ff < DG_FEAT; ++ff) {
+    for (int ff = 0; ff < RG_FEAT; ++ff) {
         const uint32_t f = f_base + ff * FG_THREADS + threadIdx.x;
         if (f >= p.n_features) continue;
-        float* g = ptr<float>(p.g_w_dec) + (size_t)f * p.row_len + c0;
-        *reinterpret_cast<float4*>(g) = make_float4(acc[ff][0], acc[ff][1], acc[ff][2], acc[ff][3]);
-        *reinterpret_cast<float4*>(g + 4) = make_float4(acc[ff][4], acc[ff][5], acc[ff][6], acc[ff][7]);
+        if (kappa[ff] != 0.f)
+#pragma unroll
+            for (int j = 0; j < 8; ++j) acc[ff][j] = fmaf(-kappa[ff], xsum[j], acc[ff][j]);
+        float* o = ptr<float>(p.out) + (size_t)f * p.row_len + c0;
+        *reinterpret_cast<float4*>(o) = make_float4(acc[ff][0], acc[ff][1], acc[ff][2], acc[ff][3]);
+        *reinterpret_cast<float4*>(o + 4) = make_float4(acc[ff][4], acc[ff][5], acc[ff][6], acc[ff][7]);
     }
 }
 

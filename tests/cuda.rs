@@ -1571,6 +1571,8 @@ mod gpu_tests {
         layer: usize,
         n_layers: usize,
         d: usize,
+        /// Per feature, whether the pre-activation loss is on (`None`: all on).
+        preact_mask: Option<&'a [u8]>,
     }
 
     /// One layer's backward on `g`: the bits of every output (decoder and encoder rows, encoder bias,
@@ -1590,6 +1592,7 @@ mod gpu_tests {
             g.upload(i.theta).unwrap(),
         );
         let (xd, rd) = (g.upload(i.x).unwrap(), g.upload(i.resid).unwrap());
+        let mask = i.preact_mask.map(|m| g.upload(m).unwrap());
         let inp = backward::LayerGradInput {
             codes: &codes,
             window: &window,
@@ -1603,7 +1606,7 @@ mod gpu_tests {
             layer: i.layer,
             n_layers: i.n_layers,
             d: i.d,
-            preact_mask: None,
+            preact_mask: mask.as_ref(),
             obj: Objective {
                 lambda: 0.9,
                 c: 4.0,
@@ -1687,6 +1690,7 @@ mod gpu_tests {
                 layer,
                 n_layers: l_n,
                 d,
+                preact_mask: None,
             };
             let (want, got) = (
                 layer_grads_bits(gpu, &inputs),
@@ -1707,13 +1711,13 @@ mod gpu_tests {
         }
     }
 
-    /// One layer's backward with the decoder gradient from `dec_grad_tiled` against `feature_grads`' own,
-    /// where the tiled kernel's loops wrap: 2,100 features (two tiles of 2,048, 8 features a thread), 2,100
+    /// One layer's backward with the encoder and decoder rows' gradients from `row_grad_tiled` against
+    /// `feature_grads`' own, where the tiled kernel's loops wrap (d = 8: one 8-column chunk of input): 2,100 features (two tiles of 2,048, 8 features a thread), 2,100
     /// tokens (two chunks of 2,048 staged in turn), rows of 16 and 24 columns (two and three 8-column
     /// chunks; source layers 1 and 0 of three), near-threshold entries (activation 0) and feature 7 on
     /// every token. Every output of the layer, to the bit.
     #[test]
-    fn tiled_decoder_gradient_matches_the_gather_across_tiles() {
+    fn tiled_row_gradients_match_the_gathers_across_tiles() {
         let (Some(gpu), Some(tiled)) = (gpu(), tiled_gpu()) else {
             return;
         };
@@ -1749,6 +1753,8 @@ mod gpu_tests {
         let resid: Vec<f32> = (0..n_tokens * row).map(|_| rng.normal() as f32).collect();
         let norms: Vec<f32> = (0..f_n).map(|_| 0.5 + rng.uniform() as f32).collect();
         let theta = vec![0.5f32; f_n];
+        // The pre-activation loss off for a third of the features (their κ is 0).
+        let mask: Vec<u8> = (0..f_n).map(|f| (f % 3 != 0) as u8).collect();
         for layer in [0usize, 1] {
             let rl = (l_n - layer) * d;
             let w: Vec<f32> = (0..f_n * rl).map(|_| rng.normal() as f32 * 0.1).collect();
@@ -1762,6 +1768,7 @@ mod gpu_tests {
                 layer,
                 n_layers: l_n,
                 d,
+                preact_mask: Some(&mask),
             };
             let (want, got) = (
                 layer_grads_bits(gpu, &inputs),
@@ -1795,7 +1802,7 @@ mod gpu_tests {
         }
     }
 
-    /// `dec_grad_tiled` refuses rows it cannot read 16 bytes at a time and buffers of the wrong size, and
+    /// `row_grad_tiled` refuses rows it cannot read 16 bytes at a time and buffers of the wrong size, and
     /// the tiled decode refuses layers with different feature counts, before queuing anything.
     #[test]
     fn tiled_kernels_refuse_what_they_cannot_read() {
@@ -1808,63 +1815,63 @@ mod gpu_tests {
         };
         let codes = encode::DeviceCodes::from_host(gpu, &h).unwrap();
         let csr = backward::group_by_feature(gpu, &codes, 3).unwrap();
-        let resid = gpu.zeros::<f32>(2 * 32).unwrap();
-        let rows = |offset, stride| backward::ResidRows {
-            buf: &resid,
+        let src = gpu.zeros::<f32>(2 * 32).unwrap();
+        let rows = |offset, stride| backward::TokenRows {
+            buf: &src,
             offset,
             stride,
         };
         let out = |n| gpu.zeros::<f32>(n).unwrap();
+        let dec = backward::RowTerm::Decoder;
+        let run = |r: backward::TokenRows, row_len, term: &backward::RowTerm, n_out| {
+            backward::row_grad_tiled(gpu, &codes, &csr, &r, row_len, term, &out(n_out))
+        };
         let unsupported = |r: clt::Result<()>| matches!(r, Err(clt::Error::Unsupported(_)));
         let shape = |r: clt::Result<()>| matches!(r, Err(clt::Error::Shape { .. }));
-        assert!(backward::dec_grad_tiled(gpu, &codes, &csr, &rows(0, 32), 16, &out(48)).is_ok());
-        assert!(unsupported(backward::dec_grad_tiled(
-            gpu,
-            &codes,
-            &csr,
-            &rows(0, 32),
-            12,
-            &out(36)
-        )));
-        assert!(unsupported(backward::dec_grad_tiled(
-            gpu,
-            &codes,
-            &csr,
-            &rows(2, 32),
+        assert!(run(rows(0, 32), 16, &dec, 48).is_ok());
+        assert!(unsupported(run(rows(0, 32), 12, &dec, 36)));
+        assert!(unsupported(run(rows(2, 32), 16, &dec, 48)));
+        assert!(unsupported(run(rows(0, 30), 16, &dec, 48)));
+        assert!(shape(run(rows(0, 32), 16, &dec, 40)));
+        assert!(shape(run(rows(24, 32), 16, &dec, 48)));
+        assert!(shape(run(rows(0, 8), 16, &dec, 48)));
+        // The encoder rows' inputs: ∂L/∂h per listed entry, Σ x over the row, norms and mask per feature.
+        let (ge, xsum, norms) = (out(2 * codes.cap), out(16), out(3));
+        let mask = gpu.zeros::<u8>(3).unwrap();
+        let enc = |ge, xsum, norms, preact_mask| backward::RowTerm::Encoder {
+            ge,
+            xsum,
+            norms,
+            preact_mask,
+            pre_scale: 0.5,
+            jump: true,
+        };
+        assert!(run(rows(0, 32), 16, &enc(&ge, &xsum, &norms, Some(&mask)), 48).is_ok());
+        let short = out(2);
+        assert!(shape(run(
+            rows(0, 32),
             16,
-            &out(48)
+            &enc(&short, &xsum, &norms, None),
+            48
         )));
-        assert!(unsupported(backward::dec_grad_tiled(
-            gpu,
-            &codes,
-            &csr,
-            &rows(0, 30),
+        assert!(shape(run(
+            rows(0, 32),
             16,
-            &out(48)
+            &enc(&ge, &short, &norms, None),
+            48
         )));
-        assert!(shape(backward::dec_grad_tiled(
-            gpu,
-            &codes,
-            &csr,
-            &rows(0, 32),
+        assert!(shape(run(
+            rows(0, 32),
             16,
-            &out(40)
+            &enc(&ge, &xsum, &short, None),
+            48
         )));
-        assert!(shape(backward::dec_grad_tiled(
-            gpu,
-            &codes,
-            &csr,
-            &rows(24, 32),
+        let short_mask = gpu.zeros::<u8>(2).unwrap();
+        assert!(shape(run(
+            rows(0, 32),
             16,
-            &out(48)
-        )));
-        assert!(shape(backward::dec_grad_tiled(
-            gpu,
-            &codes,
-            &csr,
-            &rows(0, 8),
-            16,
-            &out(48)
+            &enc(&ge, &xsum, &norms, Some(&short_mask)),
+            48
         )));
         // The tiled decode: two layers whose decoders hold different feature counts.
         let (w0, w1) = (

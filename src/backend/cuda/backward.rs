@@ -1,7 +1,7 @@
 //! The sparse backward pass of one source layer: activation gradients at listed entries, the grouping of
 //! entries by feature (CSR by count, scan, fill and a per-feature sort: no float atomics), and the
 //! per-feature gradients (encoder row and bias, decoder row data term, threshold, decoder-norm coefficient),
-//! the decoder rows' data term optionally tiled ([`dec_grad_tiled`]).
+//! the encoder and decoder rows optionally tiled ([`row_grad_tiled`]).
 //!
 //! CPU reference: the per-layer loop of [`crate::backend::cpu::sparse::loss_and_grad`] with every encoder
 //! block in `BlockMode::Near`.
@@ -9,7 +9,7 @@
 use super::context::{Gpu, Module, grid_1d, per_item};
 use super::encode::{DeviceCodes, WindowStats};
 use super::ffi::{
-    CltActGradParams, CltColSumParams, CltCsrParams, CltDecGradParams, CltFeatureGradParams,
+    CltActGradParams, CltColSumParams, CltCsrParams, CltFeatureGradParams, CltRowGradParams,
 };
 use super::memory::DBuf;
 use crate::backend::SparseKernels;
@@ -110,86 +110,148 @@ pub fn group_by_feature(gpu: &Gpu, codes: &DeviceCodes, n_features: usize) -> Re
     Ok(Csr { fstart, order })
 }
 
-/// Features a block of `dec_grad_tiled` owns, and tokens whose residual slices it stages at a time.
-const DG_TILE_FEATURES: usize = 2048;
-const DG_TILE_TOKENS: usize = 2048;
+/// Features a block of `row_grad_tiled` owns, and tokens whose row slices it stages at a time.
+const RG_TILE_FEATURES: usize = 2048;
+const RG_TILE_TOKENS: usize = 2048;
 
-/// Where the residual rows of one source layer are: token b's rows `l..` start at element
-/// `offset + b·stride` of `buf`.
-pub struct ResidRows<'a> {
+/// Rows of f32 per token: token b's row starts at element `offset + b·stride` of `buf`.
+pub struct TokenRows<'a> {
     pub buf: &'a DBuf<f32>,
     pub offset: usize,
     pub stride: usize,
 }
 
-/// The decoder rows' data term of one layer, `out[f][c] = Σ a · r_b[c]` over feature f's active entries
-/// in token order (`feature_grads`' decoder part, the same bits), through `dec_grad_tiled`: a block owns
-/// 2,048 features × 8 columns and stages the residual's 8 columns of 2,048 tokens at a time in shared
-/// memory, so a residual slice is fetched once per 2,048 features instead of once per active entry
-/// (docs/cuda.md, "What today's sparse kernels gather"). Needs `row_len` a multiple of 8 and the residual
-/// rows 16-byte aligned (offset and stride multiples of 4).
-pub fn dec_grad_tiled(
+/// Which rows' gradient [`row_grad_tiled`] computes.
+pub enum RowTerm<'a> {
+    /// The decoder rows' data term: each active entry's activation times the token's residual rows.
+    Decoder,
+    /// The encoder rows: each active entry's `∂L/∂h + κ_f` times the token's input, then `− κ_f Σ_b x_b`,
+    /// with `κ_f = pre_scale · ‖W_dec[f]‖` where the pre-activation loss is on for f (JumpReLU, `mask`).
+    Encoder {
+        /// `∂L/∂h` per listed entry `[B][cap]` (`act_grad`'s `ge`).
+        ge: &'a DBuf<f32>,
+        /// `Σ_b x_b` over the row's columns.
+        xsum: &'a DBuf<f32>,
+        norms: &'a DBuf<f32>,
+        preact_mask: Option<&'a DBuf<u8>>,
+        pre_scale: f32,
+        jump: bool,
+    },
+}
+
+/// One layer's encoder or decoder rows' gradient, `out[f][c] = Σ coef · rows_b[c]` over feature f's
+/// active entries in token order (`feature_grads`' own sums, the same bits), through `row_grad_tiled`: a
+/// block owns 2,048 features × 8 columns and stages the rows' 8 columns of 2,048 tokens at a time in
+/// shared memory, so a row slice is fetched once per 2,048 features instead of once per active entry
+/// (docs/cuda.md, "What the tiled kernels fetch"). Needs `row_len` a multiple of 8 and the rows 16-byte
+/// aligned (offset and stride multiples of 4).
+pub fn row_grad_tiled(
     gpu: &Gpu,
     codes: &DeviceCodes,
     csr: &Csr,
-    resid: &ResidRows,
+    rows: &TokenRows,
     row_len: usize,
+    term: &RowTerm,
     out: &DBuf<f32>,
 ) -> Result<()> {
     let f_n = csr.fstart.len().saturating_sub(1);
     let b_n = codes.n_tokens;
     if !row_len.is_multiple_of(8)
-        || !resid.offset.is_multiple_of(4)
-        || !resid.stride.is_multiple_of(4)
+        || !rows.offset.is_multiple_of(4)
+        || !rows.stride.is_multiple_of(4)
     {
         return Err(Error::Unsupported(format!(
-            "the tiled decoder gradient needs rows of a multiple of 8 (got {row_len}) at 16-byte aligned \
-             residual offsets (offset {}, stride {})",
-            resid.offset, resid.stride
+            "the tiled row gradient needs rows of a multiple of 8 (got {row_len}) at 16-byte aligned \
+             offsets (offset {}, stride {})",
+            rows.offset, rows.stride
         )));
     }
-    let resid_end = b_n
+    let rows_end = b_n
         .checked_sub(1)
-        .map_or(0, |last| resid.offset + last * resid.stride + row_len);
-    if out.len() != f_n * row_len || resid.buf.len() < resid_end || row_len > resid.stride {
+        .map_or(0, |last| rows.offset + last * rows.stride + row_len);
+    if out.len() != f_n * row_len || rows.buf.len() < rows_end || row_len > rows.stride {
         return Err(Error::Shape {
-            what: "CUDA tiled decoder gradient (output, residual elements, row length)".into(),
-            expected: vec![f_n * row_len, resid_end, resid.stride],
-            got: vec![out.len(), resid.buf.len(), row_len],
+            what: "CUDA tiled row gradient (output, row elements, row length)".into(),
+            expected: vec![f_n * row_len, rows_end, rows.stride],
+            got: vec![out.len(), rows.buf.len(), row_len],
         });
+    }
+    if let RowTerm::Encoder {
+        ge,
+        xsum,
+        norms,
+        preact_mask,
+        ..
+    } = term
+    {
+        let mask_len = preact_mask.map_or(f_n, |m| m.len());
+        if ge.len() != b_n * codes.cap
+            || xsum.len() != row_len
+            || norms.len() != f_n
+            || mask_len != f_n
+        {
+            return Err(Error::Shape {
+                what: "CUDA tiled encoder-row gradient (ge, xsum, norms, mask)".into(),
+                expected: vec![b_n * codes.cap, row_len, f_n, f_n],
+                got: vec![ge.len(), xsum.len(), norms.len(), mask_len],
+            });
+        }
     }
     if f_n * row_len == 0 {
         return Ok(());
     }
-    let p = CltDecGradParams {
+    let mut p = CltRowGradParams {
         order: csr.order.ptr(gpu),
         fstart: csr.fstart.ptr(gpu),
         act: codes.act.ptr(gpu),
-        resid: resid.buf.ptr(gpu) + 4 * resid.offset as u64,
-        g_w_dec: out.ptr(gpu),
+        ge: 0,
+        src: rows.buf.ptr(gpu) + 4 * rows.offset as u64,
+        xsum: 0,
+        norms: 0,
+        preact_mask: 0,
+        out: out.ptr(gpu),
         n_tokens: b_n as u32,
         n_features: f_n as u32,
         row_len: row_len as u32,
-        resid_stride: resid.stride as u32,
+        src_stride: rows.stride as u32,
         cap: codes.cap as u32,
-        pad0: 0,
+        encoder: 0,
+        jump: 0,
+        pre_scale: 0.0,
     };
+    if let RowTerm::Encoder {
+        ge,
+        xsum,
+        norms,
+        preact_mask,
+        pre_scale,
+        jump,
+    } = term
+    {
+        p.ge = ge.ptr(gpu);
+        p.xsum = xsum.ptr(gpu);
+        p.norms = norms.ptr(gpu);
+        p.preact_mask = preact_mask.map_or(0, |m| m.ptr(gpu));
+        p.encoder = 1;
+        p.jump = *jump as u32;
+        p.pre_scale = *pre_scale;
+    }
     let cfg = LaunchConfig {
         grid_dim: (
             (row_len / 8) as u32,
-            f_n.div_ceil(DG_TILE_FEATURES) as u32,
+            f_n.div_ceil(RG_TILE_FEATURES) as u32,
             1,
         ),
         block_dim: (256, 1, 1),
-        shared_mem_bytes: (32 * b_n.clamp(1, DG_TILE_TOKENS)) as u32,
+        shared_mem_bytes: (32 * b_n.clamp(1, RG_TILE_TOKENS)) as u32,
     };
-    gpu.launch(Module::Backward, "dec_grad_tiled", cfg, &p)
+    gpu.launch(Module::Backward, "row_grad_tiled", cfg, &p)
 }
 
 /// One layer's gradients. Where the device's [`SparseKernels`] are the tiled ones and d is a multiple of 8,
 /// the activation gradients come from `act_grad_tiled` (a block per token, its residual row staged once
-/// for all its entries) and the decoder rows' data term from [`dec_grad_tiled`]; else from `act_grad` (a
-/// warp per entry) and `feature_grads`. The same bits either way.
+/// for all its entries) and the encoder rows and decoder rows' data term from [`row_grad_tiled`]; else
+/// from `act_grad` (a warp per entry) and `feature_grads`. The same bits either way.
 pub fn layer_grads(gpu: &Gpu, inp: &LayerGradInput) -> Result<LayerGrads> {
     let (codes, d, rl, f_n) = (inp.codes, inp.d, inp.row_len, inp.n_features);
     let (b_n, cap) = (codes.n_tokens, codes.cap);
@@ -257,7 +319,7 @@ pub fn layer_grads(gpu: &Gpu, inp: &LayerGradInput) -> Result<LayerGrads> {
         near_count: inp.window.near_count.ptr(gpu),
         near_h: inp.window.near_h.ptr(gpu),
         preact_mask: inp.preact_mask.map_or(0, |m| m.ptr(gpu)),
-        g_w_enc: g.w_enc.ptr(gpu),
+        g_w_enc: if tiled { 0 } else { g.w_enc.ptr(gpu) },
         g_w_dec: if tiled { 0 } else { g.w_dec.ptr(gpu) },
         g_b_enc: g.b_enc.ptr(gpu),
         g_log_theta: g.log_theta.ptr(gpu),
@@ -282,12 +344,29 @@ pub fn layer_grads(gpu: &Gpu, inp: &LayerGradInput) -> Result<LayerGrads> {
     };
     gpu.launch(Module::Backward, "feature_grads", per_item(f_n, 256), &fp)?;
     if tiled {
-        let rows = ResidRows {
-            buf: inp.resid,
+        let at = |buf| TokenRows {
+            buf,
             offset: inp.layer * d,
             stride: row,
         };
-        dec_grad_tiled(gpu, codes, &csr, &rows, rl, &g.w_dec)?;
+        let enc = RowTerm::Encoder {
+            ge: &ge,
+            xsum: &xsum,
+            norms: inp.norms,
+            preact_mask: inp.preact_mask,
+            pre_scale: obj.lambda_preact / bf,
+            jump: inp.jump,
+        };
+        row_grad_tiled(gpu, codes, &csr, &at(inp.x), d, &enc, &g.w_enc)?;
+        row_grad_tiled(
+            gpu,
+            codes,
+            &csr,
+            &at(inp.resid),
+            rl,
+            &RowTerm::Decoder,
+            &g.w_dec,
+        )?;
     }
     // The scratch buffers are freed on return, in stream order (no sync).
     Ok(g)
