@@ -10,9 +10,19 @@ use clt::Error;
 use clt::backend::cuda::context::driver_present;
 use clt::dist::nccl::{NcclComm, nccl_present};
 use std::process::Command;
+use std::sync::{Mutex, MutexGuard};
+
+/// Held by each test for its whole run: the one-rank test's singleton MPI initialisation, running while
+/// the other test starts `mpirun` from the same process, made `mpirun` fail with no output about half the
+/// time (2026-11-30, Open MPI on the CI image); one after the other, they never did.
+fn one_at_a_time() -> MutexGuard<'static, ()> {
+    static LOCK: Mutex<()> = Mutex::new(());
+    LOCK.lock().unwrap_or_else(|p| p.into_inner())
+}
 
 #[test]
 fn nccl_is_a_clear_error_without_a_gpu_and_sums_with_one() {
+    let _serial = one_at_a_time();
     let world = clt::dist::mpi::World::init().unwrap();
     let comm = world.comm();
     match NcclComm::new(&comm, 0) {
@@ -52,6 +62,7 @@ fn nccl_sums_over_two_ranks() {
         two_rank_part();
         return;
     }
+    let _serial = one_at_a_time();
     if !driver_present() || !nccl_present() {
         assert!(
             !std::env::var("CLT_REQUIRE_GPU").is_ok_and(|v| v == "1"),
