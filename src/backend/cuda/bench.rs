@@ -289,7 +289,7 @@ pub fn run_with(preset: Preset, timer: &mut dyn Timer) -> Result<()> {
     let bytes = (nnz * rl * (2 + 4) + nnz * d * 4 + f_n * (d + rl) * 4) as f64;
     report("backward (1 layer)", ms, 0.0, bytes, copy);
     // The same backward with the tiled kernels (`act_grad_tiled`: a token's residual row staged once for
-    // its entries; `dec_grad_tiled`: residual slices staged once per 2,048 features): the same result;
+    // its entries; `row_grad_tiled`: residual and input slices staged once per 2,048 features): the same result;
     // its row counts the same bytes, so the two compare directly.
     gpu.set_sparse_kernels(SparseKernels::Tiled);
     let tiled_ms = timer.time(&gpu, "backward (1 layer), tiled", &mut || {
@@ -411,12 +411,12 @@ pub fn run_with(preset: Preset, timer: &mut dyn Timer) -> Result<()> {
     report("sparse step, tiled kernels", tiled_step_ms, 0.0, 0.0, copy);
     // What the tiled kernels fetch instead: the decoder staged once per 2,048 tokens (decode) and the
     // residual once per 2,048 features (decoder gradient), with 8 bytes of list per entry for every 8
-    // columns in each; per listed entry its decoder row, and per token its residual row once (act_grad);
-    // the encoder rows' gathers unchanged.
-    let staged =
-        (b_n.div_ceil(2048) * f_n * rl_sum * 2 + f_n.div_ceil(2048) * b_n * rl_sum * 4) as f64;
-    let fetched = staged
-        + (2 * nnz * rl_sum + nnz * rl_sum * 2 + b_n * rl_sum * 4 + n_active * l_n * d * 4) as f64;
+    // columns in each; the same for the encoder rows (the input staged once per 2,048 features); per
+    // listed entry its decoder row, and per token its residual row once (act_grad).
+    let staged = (b_n.div_ceil(2048) * f_n * rl_sum * 2
+        + f_n.div_ceil(2048) * b_n * (rl_sum + l_n * d) * 4) as f64;
+    let fetched =
+        staged + (2 * nnz * rl_sum + nnz * l_n * d + nnz * rl_sum * 2 + b_n * rl_sum * 4) as f64;
     println!(
         "  the tiled kernels fetch ≈ {:.1} GB ({:.1} ms at the measured copy rate); the step took {:.0}% \
          of that",
