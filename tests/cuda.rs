@@ -1093,6 +1093,18 @@ mod gpu_tests {
             let (r3, sq3) = (gpu.download(&r3).unwrap(), gpu.download(&sq3).unwrap());
             prop_assert!(r3.iter().zip(&r).all(|(a, b)| a.to_bits() == b.to_bits()), "layer-major residual");
             prop_assert!(sq3.iter().zip(&sq).all(|(a, b)| a.to_bits() == b.to_bits()), "layer-major sq_err");
+            // The same plan with the tiled kernels (the tiled decode a layer at a time where d is a multiple
+            // of 8, else the gather): the same layer-major bits.
+            let lm_t = gpu.output::<f32>(n_tokens * l_n * d).unwrap();
+            let plan = decode::PartialDecode::with_kernels(gpu, &layers, &b_dec, d, !per_layer, &lm_t,
+                SparseKernels::Tiled).unwrap();
+            for k in 0..l_n {
+                plan.layer(k).unwrap();
+            }
+            drop(plan);
+            let lm_t = gpu.download(&lm_t).unwrap();
+            prop_assert!(lm_t.iter().zip(&lm_host).all(|(a, b)| a.to_bits() == b.to_bits()),
+                "tiled layer-major decode differs from the gather's");
             // The tiled decode (weights staged in shared memory per tile of tokens): the same bits.
             let tiled = decode::sparse_decode_tiled(gpu, &layers, &b_dec, Some(&yd), d, !per_layer, scale_r);
             if d % 8 == 0 {

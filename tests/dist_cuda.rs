@@ -20,8 +20,8 @@
 
 mod common;
 
-use clt::backend::BackendKind;
 use clt::backend::cuda::context::driver_present;
+use clt::backend::{BackendKind, SparseKernels};
 use clt::clt::Params;
 use clt::dist::checkpoint;
 use clt::train::{Collectives, Parallel, RunConfig};
@@ -187,7 +187,7 @@ fn ranks_on_cuda_host_equal_one_process() {
 /// The resident loop (`backend = "cuda"`: parameters, Adam's moments and the update on each rank's
 /// device) against the single-process resident loop, losses and parameters within the same 1e-4 as the
 /// host-side step: feature-sharded over two ranks (the partials summed by NCCL), a 2 x 2 grid with the
-/// partials' sums overlapped with decoding, data-parallel over two and a 2 x 2 grid (the gradients summed
+/// partials' sums overlapped with decoding (on the tiled kernels, `sparse_kernels = "tiled"`), data-parallel over two and a 2 x 2 grid (the gradients summed
 /// over the replicas by NCCL, and once through the host). Then a
 /// two-rank feature-sharded run resumed from its step-3 checkpoint finishes with the same parameters, to
 /// the bit, as the run that went straight through (the checkpoint is the device state, downloaded).
@@ -237,8 +237,12 @@ fn the_resident_loop_on_two_ranks_equals_one_process_and_resumes_bit_for_bit() {
         r.train.parallel = parallel;
         r.train.collectives = collectives;
         r.train.feature_shards = (parallel == Parallel::Grid).then_some(2);
-        // The second run: a grid whose replicas' partials are summed a target layer at a time.
+        // The second run: a grid whose replicas' partials are summed a target layer at a time, each rank
+        // on the tiled kernels (the tiled decode a target layer at a time, and the tiled backward).
         r.train.overlap = i == 1;
+        if i == 1 {
+            r.train.sparse_kernels = SparseKernels::Tiled;
+        }
         let name = format!("resident-{i}-{parallel:?}-{collectives:?}");
         let cfg = write_config(tmp.path(), &format!("{name}.toml"), &r);
         let label = format!("resident, {parallel:?}, {collectives:?}, {n} ranks");

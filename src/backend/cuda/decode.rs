@@ -185,6 +185,37 @@ pub fn sparse_decode_tiled(
     resid_scale: f32,
 ) -> Result<DecodeOut> {
     let (b_n, l_n) = check_layers(layers, b_dec, d, cross_layer)?;
+    let f_n = check_tiled(layers, d)?;
+    check_targets(y, b_n * l_n * d)?;
+    let views = upload_views(gpu, layers)?;
+    let yhat = gpu.output::<f32>(b_n * l_n * d)?;
+    let p = base_params(
+        gpu,
+        &views,
+        layers,
+        b_dec,
+        &yhat,
+        (b_n, l_n, d),
+        cross_layer,
+    );
+    launch_decode_tiled(gpu, &p, l_n, f_n)?;
+    let (resid, sq_err) = match y {
+        Some(y) => {
+            let (r, s) = residual(gpu, &yhat, false, y, b_n, l_n, d, resid_scale)?;
+            (Some(r), Some(s))
+        }
+        None => (None, None),
+    };
+    Ok(DecodeOut {
+        yhat,
+        resid,
+        sq_err,
+    })
+}
+
+/// What the tiled decode needs beyond [`check_layers`]: d a multiple of 8 and the same number of features
+/// in every layer (which it returns).
+fn check_tiled(layers: &[DecodeLayer], d: usize) -> Result<usize> {
     let f_n = n_features(layers);
     if !d.is_multiple_of(8) {
         return Err(Error::Unsupported(format!(
@@ -198,38 +229,25 @@ pub fn sparse_decode_tiled(
             got: vec![layers[l].w_dec.len()],
         });
     }
-    check_targets(y, b_n * l_n * d)?;
-    let views = upload_views(gpu, layers)?;
-    let yhat = gpu.output::<f32>(b_n * l_n * d)?;
-    let p = base_params(
-        gpu,
-        &views,
-        layers,
-        b_dec,
-        &yhat,
-        (b_n, l_n, d),
-        cross_layer,
-    );
-    if b_n * l_n * d > 0 {
-        let cfg = LaunchConfig {
-            grid_dim: ((d / 8) as u32, b_n.div_ceil(TILE_TOKENS) as u32, l_n as u32),
-            block_dim: (256, 1, 1),
-            shared_mem_bytes: (16 * f_n.clamp(1, TILE_FEATURES)) as u32,
-        };
-        gpu.launch(Module::Decode, "sparse_decode_tiled", cfg, &p)?;
+    Ok(f_n)
+}
+
+/// Queues `sparse_decode_tiled` for `n_targets` target layers from `p.first_layer`.
+fn launch_decode_tiled(gpu: &Gpu, p: &CltDecodeParams, n_targets: usize, f_n: usize) -> Result<()> {
+    let (b_n, d) = (p.n_tokens as usize, p.d as usize);
+    if b_n * n_targets * d == 0 {
+        return Ok(());
     }
-    let (resid, sq_err) = match y {
-        Some(y) => {
-            let (r, s) = residual(gpu, &yhat, false, y, b_n, l_n, d, resid_scale)?;
-            (Some(r), Some(s))
-        }
-        None => (None, None),
+    let cfg = LaunchConfig {
+        grid_dim: (
+            (d / 8) as u32,
+            b_n.div_ceil(TILE_TOKENS) as u32,
+            n_targets as u32,
+        ),
+        block_dim: (256, 1, 1),
+        shared_mem_bytes: (16 * f_n.clamp(1, TILE_FEATURES)) as u32,
     };
-    Ok(DecodeOut {
-        yhat,
-        resid,
-        sq_err,
-    })
+    gpu.launch(Module::Decode, "sparse_decode_tiled", cfg, p)
 }
 
 /// The layers' views as the kernel reads them, on the device. The kernels read 8 weights at a time with
@@ -275,11 +293,15 @@ fn launch_decode(gpu: &Gpu, p: &CltDecodeParams, b_n: usize, n_targets: usize) -
 /// buffer, so that each layer's block is contiguous and its all-reduce over the shards can run while the next
 /// layer decodes. [`PartialDecode::layer`] only queues work on the stream; the buffer is the caller's (the
 /// plan keeps its address, so the caller may hand the buffer to the all-reduce while layers decode into it).
+/// Under the device's tiled kernels (and d a multiple of 8) each layer goes through `sparse_decode_tiled`:
+/// the same bits.
 pub struct PartialDecode<'g> {
     gpu: &'g Gpu,
     /// The device array `p.layers` points to (its free on drop is stream-ordered, after the launches).
     _views: DBuf<CltLayerView>,
     p: CltDecodeParams,
+    /// With the tiled decode, the features per layer; `None` for the gather.
+    tiled: Option<usize>,
 }
 
 impl<'g> PartialDecode<'g> {
@@ -293,6 +315,20 @@ impl<'g> PartialDecode<'g> {
         cross_layer: bool,
         yhat: &DBuf<f32>,
     ) -> Result<Self> {
+        let kernels = gpu.sparse_kernels();
+        Self::with_kernels(gpu, layers, b_dec, d, cross_layer, yhat, kernels)
+    }
+
+    /// [`PartialDecode::new`] with the kernels given rather than the device's.
+    pub fn with_kernels(
+        gpu: &'g Gpu,
+        layers: &[DecodeLayer],
+        b_dec: &DBuf<f32>,
+        d: usize,
+        cross_layer: bool,
+        yhat: &DBuf<f32>,
+        kernels: SparseKernels,
+    ) -> Result<Self> {
         let (b_n, l_n) = check_layers(layers, b_dec, d, cross_layer)?;
         if yhat.len() != b_n * l_n * d {
             return Err(Error::Shape {
@@ -301,6 +337,11 @@ impl<'g> PartialDecode<'g> {
                 got: vec![yhat.len()],
             });
         }
+        let tiled = if kernels == SparseKernels::Tiled && d.is_multiple_of(8) {
+            Some(check_tiled(layers, d)?)
+        } else {
+            None
+        };
         let views = upload_views(gpu, layers)?;
         let p = CltDecodeParams {
             yhat_layer_major: 1,
@@ -310,6 +351,7 @@ impl<'g> PartialDecode<'g> {
             gpu,
             _views: views,
             p,
+            tiled,
         })
     }
 
@@ -331,7 +373,10 @@ impl<'g> PartialDecode<'g> {
             first_layer: k as u32,
             ..self.p
         };
-        launch_decode(self.gpu, &p, self.p.n_tokens as usize, 1)
+        match self.tiled {
+            Some(f_n) => launch_decode_tiled(self.gpu, &p, 1, f_n),
+            None => launch_decode(self.gpu, &p, self.p.n_tokens as usize, 1),
+        }
     }
 }
 
