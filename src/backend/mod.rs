@@ -67,9 +67,8 @@ pub enum SparseKernels {
     Gather,
     /// Tiled: decoder slices staged in shared memory once per 2,048 tokens (`sparse_decode_tiled`),
     /// residual and input slices once per 2,048 features (`row_grad_tiled`), and a token's residual row
-    /// once for all
-    /// its entries (`act_grad_tiled`). Used where d is a multiple of 8; the gathers otherwise, and for the
-    /// feature-sharded decode that overlaps each layer's all-reduce.
+    /// once for all its entries (`act_grad_tiled`). Used where d is a multiple of 8 (the feature-sharded
+    /// decode that overlaps each layer's all-reduce included); the gathers otherwise.
     Tiled,
 }
 
