@@ -128,7 +128,8 @@ typedef struct {
 } CltResidualParams;
 
 /* dL/da at every listed entry of source layer l: proj = <r_b[l..], W_dec[l][f]>, and for active entries the
- * full pre-activation gradient ge = proj + tanh_scale * c * n_f * (1 - tanh(c a n_f)^2). */
+ * full pre-activation gradient ge = proj + tanh_scale * c * n_f * (1 - tanh(c a n_f)^2). act_grad_partial
+ * writes the dot products' sums per range of columns into `partial` and act_grad_finish adds them. */
 typedef struct {
     clt_ptr count;    /* const u32 [B] */
     clt_ptr feat;     /* const u32 [B][cap] */
@@ -146,7 +147,10 @@ typedef struct {
     uint32_t resid_stride; /* L * d */
     float c;
     float tanh_scale;
-    uint32_t pad0;
+    uint32_t n_features;  /* act_grad_partial: features whose slices it stages */
+    clt_ptr partial;      /* f32 [B][cap][n_ranges]: act_grad_partial's sums per range of columns */
+    uint32_t tile_tokens; /* act_grad_partial: tokens a block (at most 512) */
+    uint32_t n_ranges;    /* act_grad_partial: ranges of 512 columns in a row */
 } CltActGradParams;
 
 /* Grouping of the (token, slot) entries of one layer by feature: CSR by counting, scanning, filling and

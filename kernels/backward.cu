@@ -5,7 +5,8 @@
 // 1. act_grad: one warp per listed entry, <r_b[l..], W_dec[l][f]> (the activation gradient at active indices
 //    only; 16-byte loads, 8 elements a lane, where the rows allow) and, for active entries, the
 //    pre-activation gradient with the sparsity term. act_grad_tiled: the same with the token's residual row
-//    staged once for all its entries (a block per token), the same bits.
+//    staged once for all its entries (a block per token), the same bits. act_grad_partial / act_grad_finish:
+//    the same with each decoder row staged once per tile of tokens (sums in another order).
 // 2. csr_count / csr_scan / csr_fill / csr_sort: the entries grouped per feature (CSR). Counting and the fill
 //    cursor use integer atomics (exact); the sort then puts each feature's segment in entry-id order (ranks
 //    from a bitmap of the feature's tokens, linear in the segment), so the sums below run in token order and
@@ -131,6 +132,107 @@ CLT_KERNEL void __launch_bounds__(256, 2) act_grad_tiled(const CltActGradParams 
             if (lane == 0) act_grad_out(p, b * p.cap + s, fk[k], a_k);
         }
     }
+}
+
+#define AP_RANGE 512    // columns a block of act_grad_partial covers: one partial sum an entry and range
+#define AP_COLS 16      // columns a step: one 32-byte sector of a bf16 row
+#define AP_TPT 2        // tokens a thread owns: up to 512 tokens a block
+#define AP_FCHUNK 2048  // features whose 16-column slices a block stages at a time (64 KB)
+
+// act_grad_partial: act_grad's dot products arranged so that a decoder row is fetched once per tile of
+// tokens instead of once per token that lists its feature. Grid: (token tiles of tile_tokens, ranges of
+// AP_RANGE columns). A thread owns up to 2 tokens of the tile and holds their residuals of the current 16
+// columns in registers; for each chunk of AP_FCHUNK features the block stages every feature's 16 weights
+// of those columns (32 bytes, dynamic shared memory), and each thread adds <r, w> into its entries'
+// accumulators (shared memory, [cap][tile_tokens], one thread's alone), each token's list read once per
+// step through a cursor (lists are in increasing feature order, DeviceCodes' invariant). An entry's sum
+// over its range runs column by column in order; the ranges' sums are added in order by act_grad_finish.
+// The same order every run, but not act_grad's: the result differs from the gathers' by f32 rounding.
+//
+// What it moves at the issue's 1B shape (docs/cuda.md): the decoder staged once per tile of T tokens
+// (T = 512 at 64 entries a token: B / T = 32 times the decoder, 1.4e11 B, where the gathers fetch 5.9e11 B)
+// and the lists, 8 bytes an entry for every 16 columns. Needs row_len a multiple of 16, W_dec and the
+// residual rows 16-byte aligned (the wrapper checks).
+CLT_KERNEL void __launch_bounds__(256, 1) act_grad_partial(const CltActGradParams p) {
+    CLT_DYNAMIC_SHARED(uint4, sm);  // [2 * min(F, AP_FCHUNK)] weight slices, then [cap][T] accumulators
+    const uint32_t T = p.tile_tokens;
+    uint4* w_s = sm;
+    float* acc = reinterpret_cast<float*>(sm + 2 * min(p.n_features, (uint32_t)AP_FCHUNK));
+    const uint32_t b0 = blockIdx.x * T, range = blockIdx.y;
+    const uint32_t col0 = range * AP_RANGE, col1 = min(col0 + AP_RANGE, p.row_len);
+    const __nv_bfloat16* w_dec = ptr<const __nv_bfloat16>(p.w_dec);
+    uint32_t n[AP_TPT];
+#pragma unroll
+    for (int tt = 0; tt < AP_TPT; ++tt) {
+        const uint32_t tok = tt * 256 + threadIdx.x, b = b0 + tok;
+        n[tt] = tok < T && b < p.n_tokens ? min(ptr<const uint32_t>(p.count)[b], p.cap) : 0;
+        for (uint32_t e = 0; e < n[tt]; ++e) acc[e * T + tok] = 0.f;
+    }
+    for (uint32_t c0 = col0; c0 < col1; c0 += AP_COLS) {
+        float rv[AP_TPT][AP_COLS];
+#pragma unroll
+        for (int tt = 0; tt < AP_TPT; ++tt) {
+            const float* r = ptr<const float>(p.resid) + (size_t)(b0 + tt * 256 + threadIdx.x) * p.resid_stride +
+                             p.resid_offset + c0;
+#pragma unroll
+            for (int q = 0; q < AP_COLS / 4; ++q) {
+                const float4 v = n[tt] > 0 ? *reinterpret_cast<const float4*>(r + 4 * q) : make_float4(0.f, 0.f, 0.f, 0.f);
+                rv[tt][4 * q] = v.x;
+                rv[tt][4 * q + 1] = v.y;
+                rv[tt][4 * q + 2] = v.z;
+                rv[tt][4 * q + 3] = v.w;
+            }
+        }
+        uint32_t cur[AP_TPT];  // each token's first entry not yet added at these columns
+#pragma unroll
+        for (int tt = 0; tt < AP_TPT; ++tt) cur[tt] = 0;
+        for (uint32_t f0 = 0; f0 < p.n_features; f0 += AP_FCHUNK) {
+            const uint32_t nf = min(p.n_features - f0, (uint32_t)AP_FCHUNK);
+            __syncthreads();  // every thread is done with the previous chunk
+            for (uint32_t t = threadIdx.x; t < 2 * nf; t += 256)
+                w_s[t] = *reinterpret_cast<const uint4*>(w_dec + (size_t)(f0 + t / 2) * p.row_len + c0 + 8 * (t & 1));
+            __syncthreads();
+#pragma unroll
+            for (int tt = 0; tt < AP_TPT; ++tt) {
+                const uint32_t tok = tt * 256 + threadIdx.x;
+                const uint32_t* feat = ptr<const uint32_t>(p.feat) + (size_t)(b0 + tok) * p.cap;
+                uint32_t e = cur[tt];
+                for (; e < n[tt]; ++e) {
+                    const uint32_t f = feat[e] - f0;
+                    if (f >= nf) break;  // the next chunk's feature: every later entry is past this chunk
+                    const uint4 lo = w_s[2 * f], hi = w_s[2 * f + 1];
+                    const uint32_t u[8] = {lo.x, lo.y, lo.z, lo.w, hi.x, hi.y, hi.z, hi.w};
+                    float s = acc[e * T + tok];
+#pragma unroll
+                    for (int j = 0; j < 8; ++j) {
+                        s = fmaf(rv[tt][2 * j], __uint_as_float(u[j] << 16), s);
+                        s = fmaf(rv[tt][2 * j + 1], __uint_as_float(u[j] & 0xffff0000u), s);
+                    }
+                    acc[e * T + tok] = s;
+                }
+                cur[tt] = e;
+            }
+        }
+    }
+#pragma unroll
+    for (int tt = 0; tt < AP_TPT; ++tt) {
+        const uint32_t tok = tt * 256 + threadIdx.x;
+        float* out = ptr<float>(p.partial) + (size_t)(b0 + tok) * p.cap * p.n_ranges + range;
+        for (uint32_t e = 0; e < n[tt]; ++e) out[(size_t)e * p.n_ranges] = acc[e * T + tok];
+    }
+}
+
+// act_grad_finish: an entry's dot product as the sum of act_grad_partial's ranges, in order, then
+// act_grad's outputs. One thread per slot.
+CLT_KERNEL void act_grad_finish(const CltActGradParams p) {
+    const uint32_t e = blockIdx.x * blockDim.x + threadIdx.x;
+    if (e >= p.n_tokens * p.cap) return;
+    const uint32_t b = e / p.cap, s = e % p.cap;
+    if (s >= min(ptr<const uint32_t>(p.count)[b], p.cap)) return;
+    const float* part = ptr<const float>(p.partial) + (size_t)e * p.n_ranges;
+    float dot = 0.f;
+    for (uint32_t r = 0; r < p.n_ranges; ++r) dot += part[r];
+    act_grad_out(p, e, ptr<const uint32_t>(p.feat)[e], dot);
 }
 
 CLT_KERNEL void csr_count(const CltCsrParams p) {

@@ -48,7 +48,9 @@ pub enum BackendKind {
 }
 
 /// Which sparse kernels a CUDA step runs for the decode, the activation gradients and the decoder-weight
-/// gradient. Both give the same bits; they differ in what they fetch (docs/cuda.md, "What today's sparse kernels gather").
+/// gradient. They give the same bits except the activation gradients, which the tiled kernels sum in
+/// another order where rows are multiples of 16 columns (within f32 rounding); they differ in what they
+/// fetch (docs/cuda.md, "What the tiled kernels fetch").
 #[derive(
     Clone,
     Copy,
@@ -66,8 +68,9 @@ pub enum SparseKernels {
     #[default]
     Gather,
     /// Tiled: decoder slices staged in shared memory once per 2,048 tokens (`sparse_decode_tiled`),
-    /// residual and input slices once per 2,048 features (`row_grad_tiled`), and a token's residual row
-    /// once for all its entries (`act_grad_tiled`). Used where d is a multiple of 8 (the feature-sharded
+    /// residual and input slices once per 2,048 features (`row_grad_tiled`), and for the activation
+    /// gradients decoder slices once per tile of up to 512 tokens (`act_grad_partial`; where a row is not
+    /// a multiple of 16 columns, a token's residual row once for all its entries, `act_grad_tiled`). Used where d is a multiple of 8 (the feature-sharded
     /// decode that overlaps each layer's all-reduce included); the gathers otherwise.
     Tiled,
 }

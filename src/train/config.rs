@@ -192,7 +192,8 @@ pub struct TrainConfig {
     /// codes (a quarter or an eighth of the f32 bytes) and are decoded and normalised there; `false`
     /// decodes them on the host and copies f32. The values, and so the run, are the same either way.
     pub device_dequant: bool,
-    /// With a CUDA backend: the step's sparse kernels, `gather` or `tiled` (the same bits; which is
+    /// With a CUDA backend: the step's sparse kernels, `gather` or `tiled` (the same results within f32
+    /// rounding; which is
     /// faster is the GPU's to say, docs/cuda.md).
     pub sparse_kernels: SparseKernels,
 }

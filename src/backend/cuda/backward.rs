@@ -110,6 +110,12 @@ pub fn group_by_feature(gpu: &Gpu, codes: &DeviceCodes, n_features: usize) -> Re
     Ok(Csr { fstart, order })
 }
 
+/// `act_grad_partial`: columns a block covers (one partial sum per entry and range), features whose
+/// slices it stages at a time, and the accumulators its tile of tokens may hold (128 KB of f32).
+const ACT_RANGE: usize = 512;
+const ACT_TILE_FEATURES: usize = 2048;
+const ACT_TILE_ACCUMULATORS: usize = 32 * 1024;
+
 /// Features a block of `row_grad_tiled` owns, and tokens whose row slices it stages at a time.
 const RG_TILE_FEATURES: usize = 2048;
 const RG_TILE_TOKENS: usize = 2048;
@@ -249,9 +255,12 @@ pub fn row_grad_tiled(
 }
 
 /// One layer's gradients. Where the device's [`SparseKernels`] are the tiled ones and d is a multiple of 8,
-/// the activation gradients come from `act_grad_tiled` (a block per token, its residual row staged once
-/// for all its entries) and the encoder rows and decoder rows' data term from [`row_grad_tiled`]; else
-/// from `act_grad` (a warp per entry) and `feature_grads`. The same bits either way.
+/// the encoder rows and decoder rows' data term come from [`row_grad_tiled`] (the same bits as
+/// `feature_grads`), and the activation gradients from `act_grad_partial` and `act_grad_finish` (each
+/// decoder row staged once per tile of up to 512 tokens; the same sums in another order, so within f32
+/// rounding of the gather's) where the row is a multiple of 16 columns, else from `act_grad_tiled` (a
+/// block per token, its residual row staged once for all its entries; the same bits). Otherwise
+/// `act_grad` (a warp per entry) and `feature_grads`.
 pub fn layer_grads(gpu: &Gpu, inp: &LayerGradInput) -> Result<LayerGrads> {
     let (codes, d, rl, f_n) = (inp.codes, inp.d, inp.row_len, inp.n_features);
     let (b_n, cap) = (codes.n_tokens, codes.cap);
@@ -260,6 +269,8 @@ pub fn layer_grads(gpu: &Gpu, inp: &LayerGradInput) -> Result<LayerGrads> {
     let bf = b_n.max(1) as f32;
     let obj = &inp.obj;
     let tiled = gpu.sparse_kernels() == SparseKernels::Tiled && d.is_multiple_of(8);
+    // The decoder rows staged per tile of tokens (act_grad_partial) where rows are whole 16-column steps.
+    let partial = tiled && rl.is_multiple_of(16) && slots > 0;
     // 1. ∂L/∂a at every listed entry.
     let proj = gpu.zeros::<f32>(slots)?;
     let ge = gpu.zeros::<f32>(slots)?;
@@ -281,9 +292,36 @@ pub fn layer_grads(gpu: &Gpu, inp: &LayerGradInput) -> Result<LayerGrads> {
         resid_stride: row as u32,
         c: obj.c,
         tanh_scale: obj.lambda / bf,
-        pad0: 0,
+        n_features: f_n as u32,
+        partial: 0,
+        tile_tokens: 0,
+        n_ranges: 0,
     };
-    if tiled {
+    if partial {
+        // Tokens a block: their accumulators ([cap][T] f32) in 128 KB of shared memory, at most 512.
+        let t = (ACT_TILE_ACCUMULATORS / cap).clamp(1, 512);
+        let ranges = rl.div_ceil(ACT_RANGE);
+        // Freed at the end of this block, in stream order, after the two kernels (no sync).
+        let partial_sums = gpu.zeros::<f32>(slots * ranges)?;
+        let ap = CltActGradParams {
+            partial: partial_sums.ptr(gpu),
+            tile_tokens: t as u32,
+            n_ranges: ranges as u32,
+            ..ap
+        };
+        let cfg = LaunchConfig {
+            grid_dim: (b_n.div_ceil(t) as u32, ranges as u32, 1),
+            block_dim: (256, 1, 1),
+            shared_mem_bytes: (32 * f_n.clamp(1, ACT_TILE_FEATURES) + 4 * cap * t) as u32,
+        };
+        gpu.launch(Module::Backward, "act_grad_partial", cfg, &ap)?;
+        gpu.launch(
+            Module::Backward,
+            "act_grad_finish",
+            grid_1d(slots, 256),
+            &ap,
+        )?;
+    } else if tiled {
         // A block per token, its residual row staged once for all its entries (the same bits).
         gpu.launch(Module::Backward, "act_grad_tiled", per_item(b_n, 256), &ap)?;
     } else {

@@ -288,8 +288,8 @@ pub fn run_with(preset: Preset, timer: &mut dyn Timer) -> Result<()> {
     let rl = (l_n - l) * d;
     let bytes = (nnz * rl * (2 + 4) + nnz * d * 4 + f_n * (d + rl) * 4) as f64;
     report("backward (1 layer)", ms, 0.0, bytes, copy);
-    // The same backward with the tiled kernels (`act_grad_tiled`: a token's residual row staged once for
-    // its entries; `row_grad_tiled`: residual and input slices staged once per 2,048 features): the same result;
+    // The same backward with the tiled kernels (`act_grad_partial`: decoder slices staged once per tile of
+    // tokens; `row_grad_tiled`: residual and input slices staged once per 2,048 features): the same result;
     // its row counts the same bytes, so the two compare directly.
     gpu.set_sparse_kernels(SparseKernels::Tiled);
     let tiled_ms = timer.time(&gpu, "backward (1 layer), tiled", &mut || {
@@ -401,7 +401,7 @@ pub fn run_with(preset: Preset, timer: &mut dyn Timer) -> Result<()> {
         gathered / copy / 1e6,
         100.0 * sparse_ms / (gathered / copy / 1e6)
     );
-    // The same step with the tiled decode and decoder gradient (the same bits).
+    // The same step with the tiled kernels (the same result within f32 rounding).
     gpu.set_sparse_kernels(SparseKernels::Tiled);
     let tiled_step_ms = timer.time(&gpu, "sparse step, tiled kernels", &mut || {
         step::device_loss_and_grad(&gpu, &cfg, &dp, &batch, &obj, None).map(|_| ())
@@ -411,12 +411,15 @@ pub fn run_with(preset: Preset, timer: &mut dyn Timer) -> Result<()> {
     report("sparse step, tiled kernels", tiled_step_ms, 0.0, 0.0, copy);
     // What the tiled kernels fetch instead: the decoder staged once per 2,048 tokens (decode) and the
     // residual once per 2,048 features (decoder gradient), with 8 bytes of list per entry for every 8
-    // columns in each; the same for the encoder rows (the input staged once per 2,048 features); per
-    // listed entry its decoder row, and per token its residual row once (act_grad).
-    let staged = (b_n.div_ceil(2048) * f_n * rl_sum * 2
+    // columns in each; the same for the encoder rows (the input staged once per 2,048 features); the
+    // decoder staged once per tile of tokens for the activation gradients (`act_grad_partial`, tiles of
+    // 32,768 / cap tokens, at most 512), 8 bytes of list per entry for every 16 columns, and the residual
+    // once.
+    let act_tile = (32 * 1024 / codes.cap.max(1)).clamp(1, 512);
+    let staged = ((b_n.div_ceil(2048) + b_n.div_ceil(act_tile)) * f_n * rl_sum * 2
         + f_n.div_ceil(2048) * b_n * (rl_sum + l_n * d) * 4) as f64;
     let fetched =
-        staged + (2 * nnz * rl_sum + nnz * l_n * d + nnz * rl_sum * 2 + b_n * rl_sum * 4) as f64;
+        staged + (2 * nnz * rl_sum + nnz * l_n * d + nnz * rl_sum / 2 + b_n * rl_sum * 4) as f64;
     println!(
         "  the tiled kernels fetch ≈ {:.1} GB ({:.1} ms at the measured copy rate); the step took {:.0}% \
          of that",
