@@ -301,8 +301,9 @@ pub fn layer_grads(gpu: &Gpu, inp: &LayerGradInput) -> Result<LayerGrads> {
         // Tokens a block: their accumulators ([cap][T] f32) in 128 KB of shared memory, at most 512.
         let t = (ACT_TILE_ACCUMULATORS / cap).clamp(1, 512);
         let ranges = rl.div_ceil(ACT_RANGE);
-        // Freed at the end of this block, in stream order, after the two kernels (no sync).
-        let partial_sums = gpu.zeros::<f32>(slots * ranges)?;
+        // Every listed entry's ranges are written before they are read (poisoned in tests); freed at the
+        // end of this block, in stream order, after the two kernels (no sync).
+        let partial_sums = gpu.output::<f32>(slots * ranges)?;
         let ap = CltActGradParams {
             partial: partial_sums.ptr(gpu),
             tile_tokens: t as u32,
