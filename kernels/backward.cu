@@ -151,7 +151,7 @@ CLT_KERNEL void __launch_bounds__(256, 2) act_grad_tiled(const CltActGradParams 
 //
 // What it moves at the issue's 1B shape (docs/cuda.md): the decoder staged once per tile of T tokens
 // (T = 512 at 64 entries a token: B / T = 32 times the decoder, 1.4e11 B, where the gathers fetch 5.9e11 B)
-// and the lists, 8 bytes an entry for every 16 columns. Needs row_len a multiple of 16, W_dec and the
+// and the lists' feature ids, 4 bytes an entry for every 16 columns. Needs row_len a multiple of 16, W_dec and the
 // residual rows 16-byte aligned (the wrapper checks).
 CLT_KERNEL void __launch_bounds__(256, 1) act_grad_partial(const CltActGradParams p) {
     CLT_DYNAMIC_SHARED(uint4, sm);  // [2 * min(F, AP_FCHUNK)] weight slices, then [cap][T] accumulators

@@ -413,13 +413,13 @@ pub fn run_with(preset: Preset, timer: &mut dyn Timer) -> Result<()> {
     // residual once per 2,048 features (decoder gradient), with 8 bytes of list per entry for every 8
     // columns in each; the same for the encoder rows (the input staged once per 2,048 features); the
     // decoder staged once per tile of tokens for the activation gradients (`act_grad_partial`, tiles of
-    // 32,768 / cap tokens, at most 512), 8 bytes of list per entry for every 16 columns, and the residual
+    // 32,768 / cap tokens, at most 512), 4 bytes of list (the feature id) per entry for every 16 columns, and the residual
     // once.
     let act_tile = (32 * 1024 / codes.cap.max(1)).clamp(1, 512);
     let staged = ((b_n.div_ceil(2048) + b_n.div_ceil(act_tile)) * f_n * rl_sum * 2
         + f_n.div_ceil(2048) * b_n * (rl_sum + l_n * d) * 4) as f64;
     let fetched =
-        staged + (2 * nnz * rl_sum + nnz * l_n * d + nnz * rl_sum / 2 + b_n * rl_sum * 4) as f64;
+        staged + (2 * nnz * rl_sum + nnz * l_n * d + nnz * rl_sum / 4 + b_n * rl_sum * 4) as f64;
     println!(
         "  the tiled kernels fetch ≈ {:.1} GB ({:.1} ms at the measured copy rate); the step took {:.0}% \
          of that",
