@@ -1668,6 +1668,72 @@ mod gpu_tests {
         ]
     }
 
+    /// Appends one token's entries for the sorted, distinct features `fs` to `h`: one in 8 near the
+    /// threshold (listed, activation 0), the rest active.
+    fn push_token(h: &mut encode::HostCodes, fs: &[u32], rng: &mut Rng) {
+        for &f in fs {
+            let near = rng.below(8) == 0;
+            h.feat.push(f);
+            h.pre.push(if near {
+                0.49
+            } else {
+                1.0 + rng.uniform() as f32
+            });
+            h.act.push(if near {
+                0.0
+            } else {
+                1.0 + rng.uniform() as f32
+            });
+        }
+        h.offsets.push(h.feat.len());
+    }
+
+    /// Random inputs, residuals, decoder norms and decoders for the lists `h` (`l_n` layers of width `d`,
+    /// `f_n` features), and the backward of each of `layers` on the gathers' device and on the tiled one,
+    /// compared by [`same_layer_grads`] (`reordered(row_len)`: whether `act_grad_partial` runs on such a
+    /// row). Returns each layer's outputs from the gathers.
+    #[allow(clippy::too_many_arguments)]
+    fn compare_layer_grads(
+        (gpu, tiled): (&Gpu, &Gpu),
+        h: &encode::HostCodes,
+        (l_n, d, f_n): (usize, usize, usize),
+        layers: &[usize],
+        preact_mask: Option<&[u8]>,
+        reordered: fn(usize) -> bool,
+        rng: &mut Rng,
+    ) -> Vec<Vec<Vec<u32>>> {
+        let n_tokens = h.offsets.len() - 1;
+        let row = l_n * d;
+        let x: Vec<f32> = (0..n_tokens * row).map(|_| rng.normal() as f32).collect();
+        let resid: Vec<f32> = (0..n_tokens * row).map(|_| rng.normal() as f32).collect();
+        let norms: Vec<f32> = (0..f_n).map(|_| 0.5 + rng.uniform() as f32).collect();
+        let theta = vec![0.5f32; f_n];
+        let mut out = Vec::new();
+        for &layer in layers {
+            let rl = (l_n - layer) * d;
+            let w: Vec<f32> = (0..f_n * rl).map(|_| rng.normal() as f32 * 0.1).collect();
+            let inputs = LayerInputs {
+                codes: h,
+                x: &x,
+                resid: &resid,
+                norms: &norms,
+                theta: &theta,
+                w: &w,
+                layer,
+                n_layers: l_n,
+                d,
+                preact_mask,
+            };
+            let (want, got) = (
+                layer_grads_bits(gpu, &inputs),
+                layer_grads_bits(tiled, &inputs),
+            );
+            same_layer_grads(&got, &want, layer, reordered(rl));
+            out.push(want);
+        }
+        out
+    }
+
     /// `got` against `want` from [`layer_grads_bits`]: every output to the bit, except, with `reordered`
     /// (`act_grad_partial`'s sums in another order), those downstream of the activation gradients
     /// (encoder rows, biases, log θ) within f32 rounding.
@@ -1709,51 +1775,19 @@ mod gpu_tests {
         };
         for b in 0..n_tokens {
             let keep = [0.0, 0.1, 0.5, 0.9][b % 4];
-            for f in 0..f_n as u32 {
-                if rng.uniform() < keep {
-                    let near = rng.below(8) == 0;
-                    h.feat.push(f);
-                    h.pre.push(if near {
-                        0.49
-                    } else {
-                        1.0 + rng.uniform() as f32
-                    });
-                    h.act.push(if near {
-                        0.0
-                    } else {
-                        1.0 + rng.uniform() as f32
-                    });
-                }
-            }
-            h.offsets.push(h.feat.len());
+            let fs: Vec<u32> = (0..f_n as u32).filter(|_| rng.uniform() < keep).collect();
+            push_token(&mut h, &fs, &mut rng);
         }
         assert!((0..n_tokens).any(|b| h.offsets[b + 1] - h.offsets[b] > 128));
-        let row = l_n * d;
-        let x: Vec<f32> = (0..n_tokens * row).map(|_| rng.normal() as f32).collect();
-        let resid: Vec<f32> = (0..n_tokens * row).map(|_| rng.normal() as f32).collect();
-        let norms: Vec<f32> = (0..f_n).map(|_| 0.5 + rng.uniform() as f32).collect();
-        let theta = vec![0.5f32; f_n];
-        for layer in [0usize, 2] {
-            let rl = (l_n - layer) * d;
-            let w: Vec<f32> = (0..f_n * rl).map(|_| rng.normal() as f32 * 0.1).collect();
-            let inputs = LayerInputs {
-                codes: &h,
-                x: &x,
-                resid: &resid,
-                norms: &norms,
-                theta: &theta,
-                w: &w,
-                layer,
-                n_layers: l_n,
-                d,
-                preact_mask: None,
-            };
-            let (want, got) = (
-                layer_grads_bits(gpu, &inputs),
-                layer_grads_bits(tiled, &inputs),
-            );
-            same_layer_grads(&got, &want, layer, false);
-        }
+        compare_layer_grads(
+            (gpu, tiled),
+            &h,
+            (l_n, d, f_n),
+            &[0, 2],
+            None,
+            |_| false,
+            &mut rng,
+        );
     }
 
     /// One layer's backward with `act_grad_partial` (each decoder row staged once per tile of tokens, sums
@@ -1775,54 +1809,24 @@ mod gpu_tests {
             ..Default::default()
         };
         for b in 0..n_tokens {
+            let mut fs: Vec<u32> = Vec::new();
             if b % 50 != 3 {
-                let mut fs: Vec<u32> = (0..rng.below(75)).map(|_| rng.below(f_n) as u32).collect();
+                fs = (0..rng.below(75)).map(|_| rng.below(f_n) as u32).collect();
                 fs.push(7);
                 fs.sort_unstable();
                 fs.dedup();
-                for f in fs {
-                    let near = rng.below(8) == 0;
-                    h.feat.push(f);
-                    h.pre.push(if near {
-                        0.49
-                    } else {
-                        1.0 + rng.uniform() as f32
-                    });
-                    h.act.push(if near {
-                        0.0
-                    } else {
-                        1.0 + rng.uniform() as f32
-                    });
-                }
             }
-            h.offsets.push(h.feat.len());
+            push_token(&mut h, &fs, &mut rng);
         }
-        let row = l_n * d;
-        let x: Vec<f32> = (0..n_tokens * row).map(|_| rng.normal() as f32).collect();
-        let resid: Vec<f32> = (0..n_tokens * row).map(|_| rng.normal() as f32).collect();
-        let norms: Vec<f32> = (0..f_n).map(|_| 0.5 + rng.uniform() as f32).collect();
-        let theta = vec![0.5f32; f_n];
-        for layer in [0usize, 1] {
-            let rl = (l_n - layer) * d;
-            let w: Vec<f32> = (0..f_n * rl).map(|_| rng.normal() as f32 * 0.1).collect();
-            let inputs = LayerInputs {
-                codes: &h,
-                x: &x,
-                resid: &resid,
-                norms: &norms,
-                theta: &theta,
-                w: &w,
-                layer,
-                n_layers: l_n,
-                d,
-                preact_mask: None,
-            };
-            let (want, got) = (
-                layer_grads_bits(gpu, &inputs),
-                layer_grads_bits(tiled, &inputs),
-            );
-            same_layer_grads(&got, &want, layer, true);
-        }
+        compare_layer_grads(
+            (gpu, tiled),
+            &h,
+            (l_n, d, f_n),
+            &[0, 1],
+            None,
+            |_| true,
+            &mut rng,
+        );
     }
 
     /// One layer's backward with the encoder and decoder rows' gradients from `row_grad_tiled` against
@@ -1848,63 +1852,26 @@ mod gpu_tests {
             fs.push(7);
             fs.sort_unstable();
             fs.dedup();
-            for f in fs {
-                let near = rng.below(8) == 0;
-                h.feat.push(f);
-                h.pre.push(if near {
-                    0.49
-                } else {
-                    1.0 + rng.uniform() as f32
-                });
-                h.act.push(if near {
-                    0.0
-                } else {
-                    1.0 + rng.uniform() as f32
-                });
-            }
-            h.offsets.push(h.feat.len());
+            push_token(&mut h, &fs, &mut rng);
         }
-        let row = l_n * d;
-        let x: Vec<f32> = (0..n_tokens * row).map(|_| rng.normal() as f32).collect();
-        let resid: Vec<f32> = (0..n_tokens * row).map(|_| rng.normal() as f32).collect();
-        let norms: Vec<f32> = (0..f_n).map(|_| 0.5 + rng.uniform() as f32).collect();
-        let theta = vec![0.5f32; f_n];
-        // The pre-activation loss off for a third of the features (their κ is 0).
+        // The pre-activation loss off for a third of the features (their κ is 0). Layer 1's rows (16
+        // columns) take act_grad_partial.
         let mask: Vec<u8> = (0..f_n).map(|f| (f % 3 != 0) as u8).collect();
-        for layer in [0usize, 1] {
-            let rl = (l_n - layer) * d;
-            let w: Vec<f32> = (0..f_n * rl).map(|_| rng.normal() as f32 * 0.1).collect();
-            let inputs = LayerInputs {
-                codes: &h,
-                x: &x,
-                resid: &resid,
-                norms: &norms,
-                theta: &theta,
-                w: &w,
-                layer,
-                n_layers: l_n,
-                d,
-                preact_mask: Some(&mask),
-            };
-            let (want, got) = (
-                layer_grads_bits(gpu, &inputs),
-                layer_grads_bits(tiled, &inputs),
-            );
-            // Layer 1's rows (16 columns) take act_grad_partial.
-            same_layer_grads(&got, &want, layer, rl % 16 == 0);
-            // Not vacuous: feature 7's row (every token) and some rare feature's are nonzero.
-            assert!(
-                want[0][7 * rl..8 * rl]
-                    .iter()
-                    .all(|&v| f32::from_bits(v) != 0.0)
-            );
-            assert!(
-                want[0]
-                    .iter()
-                    .filter(|&&v| f32::from_bits(v) != 0.0)
-                    .count()
-                    > f_n * rl / 2
-            );
+        let shape = (l_n, d, f_n);
+        let want = compare_layer_grads(
+            (gpu, tiled),
+            &h,
+            shape,
+            &[0, 1],
+            Some(&mask),
+            |rl| rl % 16 == 0,
+            &mut rng,
+        );
+        // Not vacuous: feature 7's row (every token) and most features' rows are nonzero.
+        for (layer, w) in want.iter().enumerate() {
+            let (rl, nonzero) = ((l_n - layer) * d, |v: &u32| f32::from_bits(*v) != 0.0);
+            assert!(w[0][7 * rl..8 * rl].iter().all(nonzero));
+            assert!(w[0].iter().filter(|v| nonzero(v)).count() > f_n * rl / 2);
         }
     }
 
