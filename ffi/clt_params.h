@@ -151,6 +151,8 @@ typedef struct {
     clt_ptr partial;      /* f32 [B][cap][n_ranges]: act_grad_partial's sums per range of columns */
     uint32_t tile_tokens; /* act_grad_partial: tokens a block (at most 512) */
     uint32_t n_ranges;    /* act_grad_partial: ranges of 512 columns in a row */
+    uint32_t feature_chunk; /* act_grad_partial: features whose slices it stages at a time (<= 2048) */
+    uint32_t pad0;
 } CltActGradParams;
 
 /* Grouping of the (token, slot) entries of one layer by feature: CSR by counting, scanning, filling and

@@ -137,12 +137,11 @@ CLT_KERNEL void __launch_bounds__(256, 2) act_grad_tiled(const CltActGradParams 
 #define AP_RANGE 512    // columns a block of act_grad_partial covers: one partial sum an entry and range
 #define AP_COLS 16      // columns a step: one 32-byte sector of a bf16 row
 #define AP_TPT 2        // tokens a thread owns: up to 512 tokens a block
-#define AP_FCHUNK 2048  // features whose 16-column slices a block stages at a time (64 KB)
 
 // act_grad_partial: act_grad's dot products arranged so that a decoder row is fetched once per tile of
 // tokens instead of once per token that lists its feature. Grid: (token tiles of tile_tokens, ranges of
 // AP_RANGE columns). A thread owns up to 2 tokens of the tile and holds their residuals of the current 16
-// columns in registers; for each chunk of AP_FCHUNK features the block stages every feature's 16 weights
+// columns in registers; for each chunk of feature_chunk features the block stages every feature's 16 weights
 // of those columns (32 bytes, dynamic shared memory), and each thread adds <r, w> into its entries'
 // accumulators (shared memory, [cap][tile_tokens], one thread's alone), each token's list read once per
 // step through a cursor (lists are in increasing feature order, DeviceCodes' invariant). An entry's sum
@@ -154,10 +153,10 @@ CLT_KERNEL void __launch_bounds__(256, 2) act_grad_tiled(const CltActGradParams 
 // and the lists' feature ids, 4 bytes an entry for every 16 columns. Needs row_len a multiple of 16, W_dec and the
 // residual rows 16-byte aligned (the wrapper checks).
 CLT_KERNEL void __launch_bounds__(256, 1) act_grad_partial(const CltActGradParams p) {
-    CLT_DYNAMIC_SHARED(uint4, sm);  // [2 * min(F, AP_FCHUNK)] weight slices, then [cap][T] accumulators
+    CLT_DYNAMIC_SHARED(uint4, sm);  // [2 * min(F, feature_chunk)] weight slices, then [cap][T] accumulators
     const uint32_t T = p.tile_tokens;
     uint4* w_s = sm;
-    float* acc = reinterpret_cast<float*>(sm + 2 * min(p.n_features, (uint32_t)AP_FCHUNK));
+    float* acc = reinterpret_cast<float*>(sm + 2 * min(p.n_features, p.feature_chunk));
     const uint32_t b0 = blockIdx.x * T, range = blockIdx.y;
     const uint32_t col0 = range * AP_RANGE, col1 = min(col0 + AP_RANGE, p.row_len);
     const __nv_bfloat16* w_dec = ptr<const __nv_bfloat16>(p.w_dec);
@@ -186,8 +185,8 @@ CLT_KERNEL void __launch_bounds__(256, 1) act_grad_partial(const CltActGradParam
         uint32_t cur[AP_TPT];  // each token's first entry not yet added at these columns
 #pragma unroll
         for (int tt = 0; tt < AP_TPT; ++tt) cur[tt] = 0;
-        for (uint32_t f0 = 0; f0 < p.n_features; f0 += AP_FCHUNK) {
-            const uint32_t nf = min(p.n_features - f0, (uint32_t)AP_FCHUNK);
+        for (uint32_t f0 = 0; f0 < p.n_features; f0 += p.feature_chunk) {
+            const uint32_t nf = min(p.n_features - f0, p.feature_chunk);
             __syncthreads();  // every thread is done with the previous chunk
             for (uint32_t t = threadIdx.x; t < 2 * nf; t += 256)
                 w_s[t] = *reinterpret_cast<const uint4*>(w_dec + (size_t)(f0 + t / 2) * p.row_len + c0 + 8 * (t & 1));

@@ -374,6 +374,26 @@ mod gpu_tests {
             .as_ref()
     }
 
+    /// A third handle on the device, tiled, with `act_grad_partial`'s shared memory cut small (1,024
+    /// accumulators, 300 features a chunk): tiles of a few tokens and many feature chunks.
+    fn small_tiles_gpu() -> Option<&'static Gpu> {
+        static SMALL: OnceLock<Option<Gpu>> = OnceLock::new();
+        gpu()?;
+        SMALL
+            .get_or_init(|| {
+                let g = Gpu::open(0).expect("the device opened once opens again");
+                g.set_poison(true);
+                g.set_sparse_kernels(SparseKernels::Tiled);
+                g.set_act_tiling(backward::ActTiling {
+                    accumulators: 1024,
+                    feature_chunk: 300,
+                })
+                .unwrap();
+                Some(g)
+            })
+            .as_ref()
+    }
+
     fn check_training_step(
         gpu: &Gpu,
         l_n: usize,
@@ -1795,8 +1815,9 @@ mod gpu_tests {
     /// features (two chunks of 2,048 staged in turn), 1,000 tokens with up to ~75 entries (tiles of
     /// 32,768 / cap ≈ 430 tokens: three tiles, the last partial; two tokens a thread), rows of 2,080 and
     /// 1,040 columns (five and three ranges, the last of 32 and 16 columns), empty lists, near-threshold
-    /// entries and feature 7 on every token. The activation gradients' outputs (encoder rows, biases,
-    /// log θ) within f32 rounding, the rest to the bit.
+    /// entries and feature 7 on every token; then again with the kernel's shared memory cut small. The
+    /// activation gradients' outputs (encoder rows, biases, log θ) within f32 rounding, the rest to the
+    /// bit.
     #[test]
     fn tiled_activation_gradient_over_token_tiles_matches_the_gather() {
         let (Some(gpu), Some(tiled)) = (gpu(), tiled_gpu()) else {
@@ -1827,6 +1848,24 @@ mod gpu_tests {
             |_| true,
             &mut rng,
         );
+        // With the shared memory cut small: tiles of 1,024 / cap ≈ 13 tokens, 7 feature chunks.
+        let small = small_tiles_gpu().unwrap();
+        let shape = (l_n, d, f_n);
+        compare_layer_grads((gpu, small), &h, shape, &[0, 1], None, |_| true, &mut rng);
+        // Tilings the kernel cannot run are refused, and leave the setting as it was.
+        let bad = |accumulators, feature_chunk| backward::ActTiling {
+            accumulators,
+            feature_chunk,
+        };
+        for t in [
+            bad(0, 2048),
+            bad(1024, 0),
+            bad(1024, 2049),
+            bad(64 * 1024, 2048),
+        ] {
+            assert!(small.set_act_tiling(t).is_err(), "{t:?} accepted");
+        }
+        assert_eq!(small.act_tiling(), bad(1024, 300));
     }
 
     /// One layer's backward with the encoder and decoder rows' gradients from `row_grad_tiled` against

@@ -110,11 +110,59 @@ pub fn group_by_feature(gpu: &Gpu, codes: &DeviceCodes, n_features: usize) -> Re
     Ok(Csr { fstart, order })
 }
 
-/// `act_grad_partial`: columns a block covers (one partial sum per entry and range), features whose
-/// slices it stages at a time, and the accumulators its tile of tokens may hold (128 KB of f32).
+/// `act_grad_partial`: columns a block covers (one partial sum per entry and range).
 const ACT_RANGE: usize = 512;
-const ACT_TILE_FEATURES: usize = 2048;
-const ACT_TILE_ACCUMULATORS: usize = 32 * 1024;
+
+/// How `act_grad_partial` divides its shared memory: `accumulators` f32 for its tile of tokens' entries
+/// (the tile is `accumulators / cap` tokens, at most 512) and the 32-byte slices of `feature_chunk`
+/// features staged at a time. The default, 128 KB + 64 KB, makes the largest tiles (the fewest fetches
+/// of the decoder) with one block an SM; smaller settings let two or three blocks share an SM. Which is
+/// faster is the GPU's to say (`clt bench --cuda` times several).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ActTiling {
+    pub accumulators: usize,
+    pub feature_chunk: usize,
+}
+
+impl Default for ActTiling {
+    fn default() -> Self {
+        ActTiling {
+            accumulators: 32 * 1024,
+            feature_chunk: 2048,
+        }
+    }
+}
+
+impl ActTiling {
+    /// The shared memory a block takes with `n_features` features and lists of capacity `cap`.
+    pub fn shared_bytes(&self, n_features: usize, cap: usize) -> usize {
+        32 * n_features.clamp(1, self.feature_chunk) + 4 * cap * self.tile_tokens(cap)
+    }
+
+    /// Tokens a block, for lists of capacity `cap`.
+    pub fn tile_tokens(&self, cap: usize) -> usize {
+        (self.accumulators / cap.max(1)).clamp(1, 512)
+    }
+
+    /// Refuses a setting the kernel cannot run: no accumulators, a feature chunk outside 1..=2,048, or more
+    /// than 227 KB of shared memory at the longest lists (4,096 entries a token).
+    pub fn check(&self) -> Result<()> {
+        let worst = (1..=4096)
+            .map(|cap| 4 * cap * self.tile_tokens(cap))
+            .max()
+            .unwrap_or(0);
+        if self.accumulators == 0
+            || !(1..=2048).contains(&self.feature_chunk)
+            || 32 * self.feature_chunk + worst > 227 * 1024
+        {
+            return Err(Error::Unsupported(format!(
+                "act_grad_partial tiling {self:?}: needs accumulators > 0, a feature chunk of 1 to 2,048 \
+                 and at most 227 KB of shared memory"
+            )));
+        }
+        Ok(())
+    }
+}
 
 /// Features a block of `row_grad_tiled` owns, and tokens whose row slices it stages at a time.
 const RG_TILE_FEATURES: usize = 2048;
@@ -296,10 +344,13 @@ pub fn layer_grads(gpu: &Gpu, inp: &LayerGradInput) -> Result<LayerGrads> {
         partial: 0,
         tile_tokens: 0,
         n_ranges: 0,
+        feature_chunk: 0,
+        pad0: 0,
     };
     if partial {
-        // Tokens a block: their accumulators ([cap][T] f32) in 128 KB of shared memory, at most 512.
-        let t = (ACT_TILE_ACCUMULATORS / cap).clamp(1, 512);
+        // Tokens a block: their accumulators ([cap][T] f32) in shared memory, at most 512.
+        let tiling = gpu.act_tiling();
+        let t = tiling.tile_tokens(cap);
         let ranges = rl.div_ceil(ACT_RANGE);
         // Every listed entry's ranges are written before they are read (poisoned in tests); freed at the
         // end of this block, in stream order, after the two kernels (no sync).
@@ -308,12 +359,13 @@ pub fn layer_grads(gpu: &Gpu, inp: &LayerGradInput) -> Result<LayerGrads> {
             partial: partial_sums.ptr(gpu),
             tile_tokens: t as u32,
             n_ranges: ranges as u32,
+            feature_chunk: tiling.feature_chunk as u32,
             ..ap
         };
         let cfg = LaunchConfig {
             grid_dim: (b_n.div_ceil(t) as u32, ranges as u32, 1),
             block_dim: (256, 1, 1),
-            shared_mem_bytes: (32 * f_n.clamp(1, ACT_TILE_FEATURES) + 4 * cap * t) as u32,
+            shared_mem_bytes: tiling.shared_bytes(f_n, cap) as u32,
         };
         gpu.launch(Module::Backward, "act_grad_partial", cfg, &ap)?;
         gpu.launch(

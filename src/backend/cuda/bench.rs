@@ -299,6 +299,32 @@ pub fn run_with(preset: Preset, timer: &mut dyn Timer) -> Result<()> {
     let tiled_ms = tiled_ms?;
     report("backward (1 layer), tiled", tiled_ms, 0.0, bytes, copy);
     println!("  gather / tiled backward time: {:.2}x", ms / tiled_ms);
+    // The same with act_grad_partial's shared memory divided for two and three blocks an SM (the default
+    // above: one block, the largest token tiles).
+    for tiling in [
+        backward::ActTiling {
+            accumulators: 12 * 1024,
+            feature_chunk: 2048,
+        },
+        backward::ActTiling {
+            accumulators: 8 * 1024,
+            feature_chunk: 1024,
+        },
+    ] {
+        let name = format!(
+            "  act tiles: {} KB + {} KB",
+            tiling.accumulators * 4 / 1024,
+            tiling.feature_chunk * 32 / 1024
+        );
+        gpu.set_act_tiling(tiling)?;
+        gpu.set_sparse_kernels(SparseKernels::Tiled);
+        let t = timer.time(&gpu, &name, &mut || {
+            backward::layer_grads(&gpu, &inp).map(|_| ())
+        });
+        gpu.set_sparse_kernels(SparseKernels::Gather);
+        gpu.set_act_tiling(backward::ActTiling::default())?;
+        report(&name, t?, 0.0, bytes, copy);
+    }
 
     // The grouping by feature inside that backward, alone, and with feature 0 added to every token's list
     // (a feature on every token: the segment `csr_sort` orders is the whole batch). Bytes: the lists read

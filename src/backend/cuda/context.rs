@@ -5,6 +5,7 @@
 //! The one exception is the resident trainer's copy stream ([`Gpu::new_stream`], `resident.rs`): its
 //! host-to-device copies are ordered against the compute stream by explicit events ([`Gpu::new_event`]).
 
+use super::backward::ActTiling;
 use super::dense::Blas;
 use crate::backend::SparseKernels;
 use crate::{Error, Result};
@@ -95,6 +96,8 @@ pub struct Gpu {
     poison: AtomicBool,
     /// The step's sparse kernels are the tiled ones ([`SparseKernels`]).
     tiled: AtomicBool,
+    /// How `act_grad_partial` divides its shared memory.
+    act_tiling: Mutex<ActTiling>,
     /// cuBLAS on the compute stream, opened on first use ([`Gpu::blas`]).
     blas: OnceLock<Blas>,
 }
@@ -134,6 +137,7 @@ impl Gpu {
             modules: Mutex::new(HashMap::new()),
             poison: AtomicBool::new(false),
             tiled: AtomicBool::new(false),
+            act_tiling: Mutex::new(ActTiling::default()),
             blas: OnceLock::new(),
         })
     }
@@ -171,6 +175,19 @@ impl Gpu {
         } else {
             SparseKernels::Gather
         }
+    }
+
+    /// How `act_grad_partial` divides its shared memory from now on (the default until set); refuses a
+    /// setting it cannot run ([`ActTiling::check`]).
+    pub fn set_act_tiling(&self, tiling: ActTiling) -> Result<()> {
+        tiling.check()?;
+        *self.act_tiling.lock().unwrap_or_else(|p| p.into_inner()) = tiling;
+        Ok(())
+    }
+
+    /// How `act_grad_partial` divides its shared memory.
+    pub fn act_tiling(&self) -> ActTiling {
+        *self.act_tiling.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// The device's UUID (distinct for every GPU and MIG instance): how ranks find out whether they share
