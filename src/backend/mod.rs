@@ -64,14 +64,15 @@ pub enum BackendKind {
 )]
 #[serde(rename_all = "snake_case")]
 pub enum SparseKernels {
-    /// Gathers: a decoder row (decode) or residual row (decoder gradient) fetched once per entry.
+    /// Gathers: a decoder, residual or input row fetched once per entry that needs it.
     #[default]
     Gather,
     /// Tiled: decoder slices staged in shared memory once per 2,048 tokens (`sparse_decode_tiled`),
     /// residual and input slices once per 2,048 features (`row_grad_tiled`), and for the activation
     /// gradients decoder slices once per tile of up to 512 tokens (`act_grad_partial`; where a row is not
-    /// a multiple of 16 columns, a token's residual row once for all its entries, `act_grad_tiled`). Used where d is a multiple of 8 (the feature-sharded
-    /// decode that overlaps each layer's all-reduce included); the gathers otherwise.
+    /// a multiple of 16 columns, a token's residual row once for all its entries, `act_grad_tiled`).
+    /// Used where d is a multiple of 8 (the feature-sharded decode that overlaps each layer's all-reduce
+    /// included); the gathers otherwise.
     Tiled,
 }
 

@@ -193,8 +193,7 @@ pub struct TrainConfig {
     /// decodes them on the host and copies f32. The values, and so the run, are the same either way.
     pub device_dequant: bool,
     /// With a CUDA backend: the step's sparse kernels, `gather` or `tiled` (the same results within f32
-    /// rounding; which is
-    /// faster is the GPU's to say, docs/cuda.md).
+    /// rounding; which is faster is the GPU's to say, docs/cuda.md). The CPU backends ignore it.
     pub sparse_kernels: SparseKernels,
 }
 
