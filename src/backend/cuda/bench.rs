@@ -438,10 +438,9 @@ pub fn run_with(preset: Preset, timer: &mut dyn Timer) -> Result<()> {
     // What the tiled kernels fetch instead: the decoder staged once per 2,048 tokens (decode) and the
     // residual once per 2,048 features (decoder gradient), with 8 bytes of list per entry for every 8
     // columns in each; the same for the encoder rows (the input staged once per 2,048 features); the
-    // decoder staged once per tile of tokens for the activation gradients (`act_grad_partial`, tiles of
-    // 32,768 / cap tokens, at most 512), 4 bytes of list (the feature id) per entry for every 16 columns, and the residual
-    // once.
-    let act_tile = (32 * 1024 / codes.cap.max(1)).clamp(1, 512);
+    // decoder staged once per tile of tokens for the activation gradients (`act_grad_partial`'s default
+    // tiles), 4 bytes of list (the feature id) per entry for every 16 columns, and the residual once.
+    let act_tile = backward::ActTiling::default().tile_tokens(codes.cap);
     let staged = ((b_n.div_ceil(2048) + b_n.div_ceil(act_tile)) * f_n * rl_sum * 2
         + f_n.div_ceil(2048) * b_n * (rl_sum + l_n * d) * 4) as f64;
     let fetched =
