@@ -146,8 +146,6 @@ fn base_params(
     }
 }
 
-/// Tokens per block of `sparse_decode_tiled` (256 threads × 8 tokens each).
-const TILE_TOKENS: usize = 2048;
 /// The decode the device's [`SparseKernels`] choose: [`sparse_decode_tiled`] where it is chosen and `d` is
 /// a multiple of 8, else [`sparse_decode`]. The same bits either way.
 pub fn decode(
@@ -166,7 +164,9 @@ pub fn decode(
     }
 }
 
-/// Features whose weight slices it stages at a time.
+/// Tokens per block of `sparse_decode_tiled` (256 threads × 8 tokens each), and features whose weight
+/// slices it stages at a time.
+const TILE_TOKENS: usize = 2048;
 const TILE_FEATURES: usize = 4096;
 
 /// [`sparse_decode`]'s result through `sparse_decode_tiled`, then the `residual` kernel: the same bits
@@ -185,7 +185,7 @@ pub fn sparse_decode_tiled(
     resid_scale: f32,
 ) -> Result<DecodeOut> {
     let (b_n, l_n) = check_layers(layers, b_dec, d, cross_layer)?;
-    let f_n = check_tiled(layers, d)?;
+    check_tiled(layers, d)?;
     check_targets(y, b_n * l_n * d)?;
     let views = upload_views(gpu, layers)?;
     let yhat = gpu.output::<f32>(b_n * l_n * d)?;
@@ -198,7 +198,7 @@ pub fn sparse_decode_tiled(
         (b_n, l_n, d),
         cross_layer,
     );
-    launch_decode_tiled(gpu, &p, l_n, f_n)?;
+    launch_decode_tiled(gpu, &p, l_n)?;
     let (resid, sq_err) = match y {
         Some(y) => {
             let (r, s) = residual(gpu, &yhat, false, y, b_n, l_n, d, resid_scale)?;
@@ -214,8 +214,8 @@ pub fn sparse_decode_tiled(
 }
 
 /// What the tiled decode needs beyond [`check_layers`]: d a multiple of 8 and the same number of features
-/// in every layer (which it returns).
-fn check_tiled(layers: &[DecodeLayer], d: usize) -> Result<usize> {
+/// in every layer (so that [`base_params`]' `n_features` is every layer's).
+fn check_tiled(layers: &[DecodeLayer], d: usize) -> Result<()> {
     let f_n = n_features(layers);
     if !d.is_multiple_of(8) {
         return Err(Error::Unsupported(format!(
@@ -229,12 +229,12 @@ fn check_tiled(layers: &[DecodeLayer], d: usize) -> Result<usize> {
             got: vec![layers[l].w_dec.len()],
         });
     }
-    Ok(f_n)
+    Ok(())
 }
 
 /// Queues `sparse_decode_tiled` for `n_targets` target layers from `p.first_layer`.
-fn launch_decode_tiled(gpu: &Gpu, p: &CltDecodeParams, n_targets: usize, f_n: usize) -> Result<()> {
-    let (b_n, d) = (p.n_tokens as usize, p.d as usize);
+fn launch_decode_tiled(gpu: &Gpu, p: &CltDecodeParams, n_targets: usize) -> Result<()> {
+    let (b_n, d, f_n) = (p.n_tokens as usize, p.d as usize, p.n_features as usize);
     if b_n * n_targets * d == 0 {
         return Ok(());
     }
@@ -300,8 +300,8 @@ pub struct PartialDecode<'g> {
     /// The device array `p.layers` points to (its free on drop is stream-ordered, after the launches).
     _views: DBuf<CltLayerView>,
     p: CltDecodeParams,
-    /// With the tiled decode, the features per layer; `None` for the gather.
-    tiled: Option<usize>,
+    /// Whether each layer goes through the tiled decode.
+    tiled: bool,
 }
 
 impl<'g> PartialDecode<'g> {
@@ -337,11 +337,10 @@ impl<'g> PartialDecode<'g> {
                 got: vec![yhat.len()],
             });
         }
-        let tiled = if kernels == SparseKernels::Tiled && d.is_multiple_of(8) {
-            Some(check_tiled(layers, d)?)
-        } else {
-            None
-        };
+        let tiled = kernels == SparseKernels::Tiled && d.is_multiple_of(8);
+        if tiled {
+            check_tiled(layers, d)?;
+        }
         let views = upload_views(gpu, layers)?;
         let p = CltDecodeParams {
             yhat_layer_major: 1,
@@ -373,9 +372,10 @@ impl<'g> PartialDecode<'g> {
             first_layer: k as u32,
             ..self.p
         };
-        match self.tiled {
-            Some(f_n) => launch_decode_tiled(self.gpu, &p, 1, f_n),
-            None => launch_decode(self.gpu, &p, self.p.n_tokens as usize, 1),
+        if self.tiled {
+            launch_decode_tiled(self.gpu, &p, 1)
+        } else {
+            launch_decode(self.gpu, &p, self.p.n_tokens as usize, 1)
         }
     }
 }
