@@ -34,6 +34,19 @@ __device__ __forceinline__ void act_grad_out(const CltActGradParams& p, uint32_t
     ptr<float>(p.sparsity)[e] = sp;
 }
 
+// acc + <r, w> for 8 consecutive elements, r as two float4 and w as the 8 bf16 of one 16-byte load
+// (bf16 -> f32 is exact: the bits shifted up), added in element order.
+__device__ __forceinline__ float dot8(float4 r0, float4 r1, uint4 wv, float acc) {
+    acc = fmaf(r0.x, __uint_as_float(wv.x << 16), acc);
+    acc = fmaf(r0.y, __uint_as_float(wv.x & 0xffff0000u), acc);
+    acc = fmaf(r0.z, __uint_as_float(wv.y << 16), acc);
+    acc = fmaf(r0.w, __uint_as_float(wv.y & 0xffff0000u), acc);
+    acc = fmaf(r1.x, __uint_as_float(wv.z << 16), acc);
+    acc = fmaf(r1.y, __uint_as_float(wv.z & 0xffff0000u), acc);
+    acc = fmaf(r1.z, __uint_as_float(wv.w << 16), acc);
+    return fmaf(r1.w, __uint_as_float(wv.w & 0xffff0000u), acc);
+}
+
 CLT_KERNEL void __launch_bounds__(256) act_grad(const CltActGradParams p) {
     const uint32_t warp = (blockIdx.x * blockDim.x + threadIdx.x) >> 5;
     const uint32_t lane = threadIdx.x & 31;
@@ -55,14 +68,7 @@ CLT_KERNEL void __launch_bounds__(256) act_grad(const CltActGradParams p) {
             const uint4 wv = *reinterpret_cast<const uint4*>(w + j);
             const float4 r0 = *reinterpret_cast<const float4*>(r + j);
             const float4 r1 = *reinterpret_cast<const float4*>(r + j + 4);
-            acc = fmaf(r0.x, __uint_as_float(wv.x << 16), acc);
-            acc = fmaf(r0.y, __uint_as_float(wv.x & 0xffff0000u), acc);
-            acc = fmaf(r0.z, __uint_as_float(wv.y << 16), acc);
-            acc = fmaf(r0.w, __uint_as_float(wv.y & 0xffff0000u), acc);
-            acc = fmaf(r1.x, __uint_as_float(wv.z << 16), acc);
-            acc = fmaf(r1.y, __uint_as_float(wv.z & 0xffff0000u), acc);
-            acc = fmaf(r1.z, __uint_as_float(wv.w << 16), acc);
-            acc = fmaf(r1.w, __uint_as_float(wv.w & 0xffff0000u), acc);
+            acc = dot8(r0, r1, wv, acc);
         }
     } else {
         for (uint32_t j = lane; j < p.row_len; j += 32) acc = fmaf(r[j], __bfloat162float(w[j]), acc);
@@ -111,15 +117,7 @@ CLT_KERNEL void __launch_bounds__(256, 2) act_grad_tiled(const CltActGradParams 
 #pragma unroll 4
                 for (uint32_t j = lane * 8; j < m; j += 256) {
                     const uint4 wv = *reinterpret_cast<const uint4*>(w + j);
-                    const float4 r0 = r_s[j / 4], r1 = r_s[j / 4 + 1];
-                    acc[k] = fmaf(r0.x, __uint_as_float(wv.x << 16), acc[k]);
-                    acc[k] = fmaf(r0.y, __uint_as_float(wv.x & 0xffff0000u), acc[k]);
-                    acc[k] = fmaf(r0.z, __uint_as_float(wv.y << 16), acc[k]);
-                    acc[k] = fmaf(r0.w, __uint_as_float(wv.y & 0xffff0000u), acc[k]);
-                    acc[k] = fmaf(r1.x, __uint_as_float(wv.z << 16), acc[k]);
-                    acc[k] = fmaf(r1.y, __uint_as_float(wv.z & 0xffff0000u), acc[k]);
-                    acc[k] = fmaf(r1.z, __uint_as_float(wv.w << 16), acc[k]);
-                    acc[k] = fmaf(r1.w, __uint_as_float(wv.w & 0xffff0000u), acc[k]);
+                    acc[k] = dot8(r_s[j / 4], r_s[j / 4 + 1], wv, acc[k]);
                 }
             }
         }
@@ -347,13 +345,17 @@ __device__ __forceinline__ float preact_kappa(uint32_t jump, clt_ptr mask, float
     return on ? pre_scale * nf : 0.f;
 }
 
-// acc[0..4] += s * v[0..4], with one 16-byte load of v.
-__device__ __forceinline__ void fma4(float s, const float* v, float* acc) {
-    const float4 q = *reinterpret_cast<const float4*>(v);
+// acc[0..4] += s * q.
+__device__ __forceinline__ void fma4q(float s, float4 q, float* acc) {
     acc[0] = fmaf(s, q.x, acc[0]);
     acc[1] = fmaf(s, q.y, acc[1]);
     acc[2] = fmaf(s, q.z, acc[2]);
     acc[3] = fmaf(s, q.w, acc[3]);
+}
+
+// acc[0..4] += s * v[0..4], with one 16-byte load of v.
+__device__ __forceinline__ void fma4(float s, const float* v, float* acc) {
+    fma4q(s, *reinterpret_cast<const float4*>(v), acc);
 }
 
 CLT_KERNEL void __launch_bounds__(FG_THREADS) feature_grads(const CltFeatureGradParams p) {
@@ -529,15 +531,8 @@ CLT_KERNEL void __launch_bounds__(FG_THREADS) row_grad_tiled(const CltRowGradPar
                 const float a = act[ent];
                 if (a == 0.f) continue;
                 const float g = p.encoder ? ge[ent] + kappa[ff] : a;
-                const float4 lo = r_s[2 * t], hi = r_s[2 * t + 1];
-                acc[ff][0] = fmaf(g, lo.x, acc[ff][0]);
-                acc[ff][1] = fmaf(g, lo.y, acc[ff][1]);
-                acc[ff][2] = fmaf(g, lo.z, acc[ff][2]);
-                acc[ff][3] = fmaf(g, lo.w, acc[ff][3]);
-                acc[ff][4] = fmaf(g, hi.x, acc[ff][4]);
-                acc[ff][5] = fmaf(g, hi.y, acc[ff][5]);
-                acc[ff][6] = fmaf(g, hi.z, acc[ff][6]);
-                acc[ff][7] = fmaf(g, hi.w, acc[ff][7]);
+                fma4q(g, r_s[2 * t], acc[ff]);
+                fma4q(g, r_s[2 * t + 1], acc[ff] + 4);
             }
             cur[ff] = e;
         }
