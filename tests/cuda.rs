@@ -357,43 +357,40 @@ mod gpu_tests {
         Ok(())
     }
 
-    /// One training step's loss and gradient on the GPU (`step::loss_and_grad`) against the CPU's.
-    #[allow(clippy::too_many_arguments)]
+    /// Another handle on the device (tests run in parallel, so settings are never switched on a shared
+    /// handle): outputs poisoned, the tiled sparse kernels, and `act_grad_partial`'s `tiling` if given.
+    fn tiled_handle(tiling: Option<backward::ActTiling>) -> Gpu {
+        let g = Gpu::open(0).expect("the device opened once opens again");
+        g.set_poison(true);
+        g.set_sparse_kernels(SparseKernels::Tiled);
+        if let Some(t) = tiling {
+            g.set_act_tiling(t).unwrap();
+        }
+        g
+    }
+
     /// A second handle on the same device whose step runs the tiled sparse kernels (the shared `gpu()`
-    /// keeps the gathers: tests run in parallel, so the choice is not switched on a shared handle).
+    /// keeps the gathers).
     fn tiled_gpu() -> Option<&'static Gpu> {
-        static TILED: OnceLock<Option<Gpu>> = OnceLock::new();
+        static TILED: OnceLock<Gpu> = OnceLock::new();
         gpu()?;
-        TILED
-            .get_or_init(|| {
-                let g = Gpu::open(0).expect("the device opened once opens again");
-                g.set_poison(true);
-                g.set_sparse_kernels(SparseKernels::Tiled);
-                Some(g)
-            })
-            .as_ref()
+        Some(TILED.get_or_init(|| tiled_handle(None)))
     }
 
     /// A third handle on the device, tiled, with `act_grad_partial`'s shared memory cut small (1,024
     /// accumulators, 300 features a chunk): tiles of a few tokens and many feature chunks.
     fn small_tiles_gpu() -> Option<&'static Gpu> {
-        static SMALL: OnceLock<Option<Gpu>> = OnceLock::new();
+        static SMALL: OnceLock<Gpu> = OnceLock::new();
         gpu()?;
-        SMALL
-            .get_or_init(|| {
-                let g = Gpu::open(0).expect("the device opened once opens again");
-                g.set_poison(true);
-                g.set_sparse_kernels(SparseKernels::Tiled);
-                g.set_act_tiling(backward::ActTiling {
-                    accumulators: 1024,
-                    feature_chunk: 300,
-                })
-                .unwrap();
-                Some(g)
-            })
-            .as_ref()
+        let tiling = backward::ActTiling {
+            accumulators: 1024,
+            feature_chunk: 300,
+        };
+        Some(SMALL.get_or_init(|| tiled_handle(Some(tiling))))
     }
 
+    /// One training step's loss and gradient on the GPU (`step::loss_and_grad`) against the CPU's.
+    #[allow(clippy::too_many_arguments)]
     fn check_training_step(
         gpu: &Gpu,
         l_n: usize,
