@@ -17,6 +17,7 @@
 //    bits.
 // 4. col_sum: Σ over tokens of x (pre-activation term) or of r (decoder-bias gradient), in token order.
 #include "common.cuh"
+#include "ptx.cuh"
 
 // Entry e's outputs from its dot product: the projection, and for an active entry the pre-activation
 // gradient with the sparsity term and the sparsity itself.
@@ -135,81 +136,115 @@ CLT_KERNEL void __launch_bounds__(256, 2) act_grad_tiled(const CltActGradParams 
 #define AP_RANGE 512    // columns a block of act_grad_partial covers: one partial sum an entry and range
 #define AP_COLS 16      // columns a step: one 32-byte sector of a bf16 row
 #define AP_TPT 2        // tokens a thread owns: up to 512 tokens a block
+#define AP_AHEAD 4      // feature ids a token's walk holds loaded ahead of its cursor
+
+// Step q of act_grad_partial's staging (columns col0 + (q / n_fchunks) * AP_COLS, features from
+// (q % n_fchunks) * feature_chunk; nothing past the last step): every feature's 16 weights of those
+// columns copied into buf by cp.async, this thread's share, committed as one group (an empty one past the
+// last step).
+__device__ __forceinline__ void ap_stage(const CltActGradParams& p, uint32_t col0, uint32_t n_steps,
+                                         uint32_t n_fchunks, uint32_t q, uint4* buf) {
+    if (q < n_steps * n_fchunks) {
+        const uint32_t c0 = col0 + (q / n_fchunks) * AP_COLS, f0 = (q % n_fchunks) * p.feature_chunk;
+        const uint32_t nf = min(p.n_features - f0, p.feature_chunk);
+        const __nv_bfloat16* w = ptr<const __nv_bfloat16>(p.w_dec) + (size_t)f0 * p.row_len + c0;
+        for (uint32_t t = threadIdx.x; t < 2 * nf; t += 256)
+            cp_async16(smem_addr(buf + t), w + (size_t)(t / 2) * p.row_len + 8 * (t & 1), true);
+    }
+    cp_async_commit();
+}
 
 // act_grad_partial: act_grad's dot products arranged so that a decoder row is fetched once per tile of
 // tokens instead of once per token that lists its feature. Grid: (token tiles of tile_tokens, ranges of
 // AP_RANGE columns). A thread owns up to 2 tokens of the tile and holds their residuals of the current 16
 // columns in registers; for each chunk of feature_chunk features the block stages every feature's 16 weights
-// of those columns (32 bytes, dynamic shared memory), and each thread adds <r, w> into its entries'
-// accumulators (shared memory, [cap][tile_tokens], one thread's alone), each token's list read once per
-// step through a cursor (lists are in increasing feature order, DeviceCodes' invariant). An entry's sum
-// over its range runs column by column in order; the ranges' sums are added in order by act_grad_finish.
-// The same order every run, but not act_grad's: the result differs from the gathers' by f32 rounding.
+// of those columns (32 bytes, dynamic shared memory; cp.async into one of two buffers while the threads
+// add from the other), and each thread adds <r, w> into its entries' accumulators (shared memory,
+// [cap][tile_tokens], one thread's alone), each token's list read once per step through a cursor (lists
+// are in increasing feature order, DeviceCodes' invariant). The two tokens' walks go in step, an entry of
+// each a round, each with the features of its next AP_AHEAD entries loaded ahead (a feature id is the only
+// global load of a walk's step: weights and accumulators are in shared memory). An entry's sum over its range runs column by
+// column in order; the ranges' sums are added in order by act_grad_finish. The same order every run, but
+// not act_grad's: the result differs from the gathers' by f32 rounding.
 //
 // What it moves at the issue's 1B shape (docs/cuda.md): the decoder staged once per tile of T tokens
 // (T = 512 at 64 entries a token: B / T = 32 times the decoder, 1.4e11 B, where the gathers fetch 5.9e11 B)
 // and the lists' feature ids, 4 bytes an entry for every 16 columns. Needs row_len a multiple of 16, W_dec and the
 // residual rows 16-byte aligned (the wrapper checks).
 CLT_KERNEL void __launch_bounds__(256, 1) act_grad_partial(const CltActGradParams p) {
-    CLT_DYNAMIC_SHARED(uint4, sm);  // [2 * min(F, feature_chunk)] weight slices, then [cap][T] accumulators
+    CLT_DYNAMIC_SHARED(uint4, sm);  // 2 x [2 * min(F, feature_chunk)] weight slices, then [cap][T] accumulators
     const uint32_t T = p.tile_tokens;
-    uint4* w_s = sm;
-    float* acc = reinterpret_cast<float*>(sm + 2 * min(p.n_features, p.feature_chunk));
+    const uint32_t buf_len = 2 * min(p.n_features, p.feature_chunk);
+    float* acc = reinterpret_cast<float*>(sm + 2 * buf_len);
     const uint32_t b0 = blockIdx.x * T, range = blockIdx.y;
     const uint32_t col0 = range * AP_RANGE, col1 = min(col0 + AP_RANGE, p.row_len);
-    const __nv_bfloat16* w_dec = ptr<const __nv_bfloat16>(p.w_dec);
+    const uint32_t n_steps = (col1 - col0) / AP_COLS;
+    const uint32_t n_fchunks = (p.n_features + p.feature_chunk - 1) / p.feature_chunk;
+    ap_stage(p, col0, n_steps, n_fchunks, 0, sm);
     uint32_t n[AP_TPT];
+    const uint32_t* feat[AP_TPT];
 #pragma unroll
     for (int tt = 0; tt < AP_TPT; ++tt) {
         const uint32_t tok = tt * 256 + threadIdx.x, b = b0 + tok;
         n[tt] = tok < T && b < p.n_tokens ? min(ptr<const uint32_t>(p.count)[b], p.cap) : 0;
+        feat[tt] = ptr<const uint32_t>(p.feat) + (size_t)b * p.cap;
         for (uint32_t e = 0; e < n[tt]; ++e) acc[e * T + tok] = 0.f;
     }
-    for (uint32_t c0 = col0; c0 < col1; c0 += AP_COLS) {
-        float rv[AP_TPT][AP_COLS];
-#pragma unroll
-        for (int tt = 0; tt < AP_TPT; ++tt) {
-            const float* r = ptr<const float>(p.resid) + (size_t)(b0 + tt * 256 + threadIdx.x) * p.resid_stride +
-                             p.resid_offset + c0;
-#pragma unroll
-            for (int q = 0; q < AP_COLS / 4; ++q) {
-                const float4 v = n[tt] > 0 ? *reinterpret_cast<const float4*>(r + 4 * q) : make_float4(0.f, 0.f, 0.f, 0.f);
-                rv[tt][4 * q] = v.x;
-                rv[tt][4 * q + 1] = v.y;
-                rv[tt][4 * q + 2] = v.z;
-                rv[tt][4 * q + 3] = v.w;
-            }
-        }
-        uint32_t cur[AP_TPT];  // each token's first entry not yet added at these columns
-#pragma unroll
-        for (int tt = 0; tt < AP_TPT; ++tt) cur[tt] = 0;
-        for (uint32_t f0 = 0; f0 < p.n_features; f0 += p.feature_chunk) {
-            const uint32_t nf = min(p.n_features - f0, p.feature_chunk);
-            __syncthreads();  // every thread is done with the previous chunk
-            for (uint32_t t = threadIdx.x; t < 2 * nf; t += 256)
-                w_s[t] = *reinterpret_cast<const uint4*>(w_dec + (size_t)(f0 + t / 2) * p.row_len + c0 + 8 * (t & 1));
-            __syncthreads();
+    float rv[AP_TPT][AP_COLS];
+    // Per token, at the current columns: its cursor (first entry not yet added) and the features of the
+    // AP_AHEAD entries from there (0 past the list), so that a walk keeps AP_AHEAD loads in flight.
+    uint32_t e[AP_TPT] = {}, fe[AP_TPT][AP_AHEAD] = {};
+    for (uint32_t q = 0; q < n_steps * n_fchunks; ++q) {
+        const uint32_t c0 = col0 + (q / n_fchunks) * AP_COLS, f0 = (q % n_fchunks) * p.feature_chunk;
+        const uint32_t nf = min(p.n_features - f0, p.feature_chunk);
+        ap_stage(p, col0, n_steps, n_fchunks, q + 1, sm + ((q + 1) & 1) * buf_len);
+        if (f0 == 0) {  // new columns: the tokens' residuals there, every cursor at the head of its list
 #pragma unroll
             for (int tt = 0; tt < AP_TPT; ++tt) {
-                const uint32_t tok = tt * 256 + threadIdx.x;
-                const uint32_t* feat = ptr<const uint32_t>(p.feat) + (size_t)(b0 + tok) * p.cap;
-                uint32_t e = cur[tt];
-                for (; e < n[tt]; ++e) {
-                    const uint32_t f = feat[e] - f0;
-                    if (f >= nf) break;  // the next chunk's feature: every later entry is past this chunk
+                const float* r = ptr<const float>(p.resid) +
+                                 (size_t)(b0 + tt * 256 + threadIdx.x) * p.resid_stride + p.resid_offset + c0;
+#pragma unroll
+                for (int j = 0; j < AP_COLS / 4; ++j) {
+                    const float4 v =
+                        n[tt] > 0 ? *reinterpret_cast<const float4*>(r + 4 * j) : make_float4(0.f, 0.f, 0.f, 0.f);
+                    rv[tt][4 * j] = v.x;
+                    rv[tt][4 * j + 1] = v.y;
+                    rv[tt][4 * j + 2] = v.z;
+                    rv[tt][4 * j + 3] = v.w;
+                }
+                e[tt] = 0;
+#pragma unroll
+                for (uint32_t j = 0; j < AP_AHEAD; ++j) fe[tt][j] = j < n[tt] ? feat[tt][j] : 0;
+            }
+        }
+        cp_async_wait<1>();  // this thread's copies of step q have landed
+        __syncthreads();     // and every thread's
+        const uint4* w_s = sm + (q & 1) * buf_len;
+        for (;;) {
+            bool more = false;
+#pragma unroll
+            for (int tt = 0; tt < AP_TPT; ++tt) {
+                const uint32_t f = fe[tt][0] - f0;  // entries before f0 were added by earlier chunks
+                if (e[tt] < n[tt] && f < nf) {
+                    const uint32_t slot = e[tt]++, tok = tt * 256 + threadIdx.x;
+#pragma unroll
+                    for (int j = 0; j + 1 < AP_AHEAD; ++j) fe[tt][j] = fe[tt][j + 1];
+                    fe[tt][AP_AHEAD - 1] = slot + AP_AHEAD < n[tt] ? feat[tt][slot + AP_AHEAD] : 0;
                     const uint4 lo = w_s[2 * f], hi = w_s[2 * f + 1];
                     const uint32_t u[8] = {lo.x, lo.y, lo.z, lo.w, hi.x, hi.y, hi.z, hi.w};
-                    float s = acc[e * T + tok];
+                    float s = acc[slot * T + tok];
 #pragma unroll
                     for (int j = 0; j < 8; ++j) {
                         s = fmaf(rv[tt][2 * j], __uint_as_float(u[j] << 16), s);
                         s = fmaf(rv[tt][2 * j + 1], __uint_as_float(u[j] & 0xffff0000u), s);
                     }
-                    acc[e * T + tok] = s;
+                    acc[slot * T + tok] = s;
+                    more = true;
                 }
-                cur[tt] = e;
             }
+            if (!more) break;
         }
+        __syncthreads();  // every thread is done with buffer q & 1 before step q + 2 is copied into it
     }
 #pragma unroll
     for (int tt = 0; tt < AP_TPT; ++tt) {
@@ -471,27 +506,42 @@ CLT_KERNEL void __launch_bounds__(FG_THREADS) feature_grads(const CltFeatureGrad
     }
 }
 
-#define RG_FEAT 8       // features a thread owns in row_grad_tiled: a tile of 2,048 features a block
-#define RG_TCHUNK 2048  // tokens whose row slices a block stages at a time (2 x 16 bytes each, 64 KB)
+#define RG_FEAT 4       // features a thread owns in row_grad_tiled: a tile of 1,024 features a block
+#define RG_TCHUNK 1024  // tokens whose row slices a block stages at a time (2 x 16 bytes each; two buffers: 64 KB)
+
+// Chunk q of row_grad_tiled's row slices (tokens from q * RG_TCHUNK; nothing past the last chunk) copied into
+// buf by cp.async, this thread's share, committed as one group (an empty one past the last chunk).
+__device__ __forceinline__ void rg_stage(const CltRowGradParams& p, const float* src, uint32_t q, float4* buf) {
+    const uint32_t t0 = q * RG_TCHUNK;
+    if (t0 < p.n_tokens) {
+        const uint32_t nt = min(p.n_tokens - t0, (uint32_t)RG_TCHUNK);
+        for (uint32_t t = threadIdx.x; t < 2 * nt; t += FG_THREADS)
+            cp_async16(smem_addr(buf + t), src + (size_t)(t0 + t / 2) * p.src_stride + 4 * (t & 1), true);
+    }
+    cp_async_commit();
+}
 
 // row_grad_tiled: feature_grads' vector part, one kind of row a launch, out[f][c] = sum over f's active
 // entries of coef * src[b][c] in token order (decoder rows: coef = a, src = the residual; encoder rows:
 // coef = ge + kappa_f, src = the input, then the pre-activation term), arranged so that a row slice is
-// fetched once per tile of 2,048 features instead of once per active entry (the transpose of
+// fetched once per tile of 1,024 features instead of once per active entry (the transpose of
 // sparse_decode_tiled). Grid: (row_len / 8 column chunks, feature tiles). For each chunk of RG_TCHUNK
-// tokens the block stages every token's 8 values of columns c0..c0+7 (dynamic shared memory) and each
-// thread adds its 8 features' entries from there into 64 accumulators (8 features x 8 columns,
-// registers), each feature's CSR segment read once per block through a cursor that a chunk advances
-// (segments are in token order: csr_sort). A column adds its entries' products in token order, skipping
-// activations of 0, and the coefficient and epilogue are feature_grads' own: the same bits.
+// tokens the block stages every token's 8 values of columns c0..c0+7 (dynamic shared memory; cp.async
+// into one of two buffers while the threads add from the other) and each thread adds its 4 features'
+// entries from there into 32 accumulators (4 features x 8 columns, registers), each feature's CSR segment
+// read once per block through a cursor that a chunk advances (segments are in token order: csr_sort). The
+// 4 features' walks go in step, an entry of each a round, so that their loads are in flight together; the
+// next entry's id is loaded with this entry's activation. A column adds its entries' products in token
+// order, skipping activations of 0, and the coefficient and epilogue are feature_grads' own: the same
+// bits.
 //
-// What it moves at the issue's 1B shape (docs/cuda.md): the staged slices, F / 2,048 = 4 times the rows
-// (residual: 7.3e10 B; inputs: 8.6e9 B), and the segments, 8 bytes an entry (id, activation) for every 8
+// What it moves at the issue's 1B shape (docs/cuda.md): the staged slices, F / 1,024 = 8 times the rows
+// (residual: 1.5e11 B; inputs: 1.7e10 B), and the segments, 8 bytes an entry (id, activation) for every 8
 // columns, against feature_grads' 32 bytes of row an active entry for every 8 columns (residual:
 // 1.17e12 B, inputs: 1.4e11 B, mostly from DRAM: a layer's rows do not fit in the L2).
 // Needs row_len a multiple of 8, src and src_stride 16-byte aligned (the wrapper checks).
 CLT_KERNEL void __launch_bounds__(FG_THREADS) row_grad_tiled(const CltRowGradParams p) {
-    CLT_DYNAMIC_SHARED(float4, r_s);  // [2 * min(B, RG_TCHUNK)]: a token's 8 values, as two float4
+    CLT_DYNAMIC_SHARED(float4, r_s);  // two buffers of [2 * min(B, RG_TCHUNK)]: a token's 8 values, as two float4
     const uint32_t c0 = blockIdx.x * 8;
     const uint32_t f_base = blockIdx.y * FG_THREADS * RG_FEAT;
     const uint32_t* fstart = ptr<const uint32_t>(p.fstart);
@@ -499,43 +549,52 @@ CLT_KERNEL void __launch_bounds__(FG_THREADS) row_grad_tiled(const CltRowGradPar
     const float* act = ptr<const float>(p.act);
     const float* ge = ptr<const float>(p.ge);
     const float* src = ptr<const float>(p.src) + c0;
+    const uint32_t buf_len = 2 * min(p.n_tokens, (uint32_t)RG_TCHUNK);
     float acc[RG_FEAT][8];
-    float kappa[RG_FEAT];   // encoder rows: the pre-activation term's coefficient (0 for decoder rows)
-    uint32_t cur[RG_FEAT];  // each feature's first entry not yet added
+    float kappa[RG_FEAT];  // encoder rows: the pre-activation term's coefficient (0 for decoder rows)
+    // Per feature: its cursor (first entry of its segment not yet added), the entry id there, the
+    // segment's end.
+    uint32_t e[RG_FEAT], ent[RG_FEAT], end[RG_FEAT];
 #pragma unroll
     for (int ff = 0; ff < RG_FEAT; ++ff) {
         const uint32_t f = f_base + ff * FG_THREADS + threadIdx.x;
-        cur[ff] = f < p.n_features ? fstart[f] : 0;
+        e[ff] = f < p.n_features ? fstart[f] : 0;
+        end[ff] = f < p.n_features ? fstart[f + 1] : 0;
+        ent[ff] = e[ff] < end[ff] ? order[e[ff]] : 0;
         kappa[ff] = p.encoder && f < p.n_features
                         ? preact_kappa(p.jump, p.preact_mask, p.pre_scale, f, ptr<const float>(p.norms)[f])
                         : 0.f;
 #pragma unroll
         for (int j = 0; j < 8; ++j) acc[ff][j] = 0.f;
     }
-    for (uint32_t t0 = 0; t0 < p.n_tokens; t0 += RG_TCHUNK) {
+    rg_stage(p, src, 0, r_s);
+    for (uint32_t q = 0, t0 = 0; t0 < p.n_tokens; ++q, t0 += RG_TCHUNK) {
         const uint32_t nt = min(p.n_tokens - t0, (uint32_t)RG_TCHUNK);
-        __syncthreads();  // every thread is done with the previous chunk
-        for (uint32_t t = threadIdx.x; t < 2 * nt; t += FG_THREADS)
-            r_s[t] = *reinterpret_cast<const float4*>(src + (size_t)(t0 + t / 2) * p.src_stride + 4 * (t & 1));
-        __syncthreads();
+        rg_stage(p, src, q + 1, r_s + ((q + 1) & 1) * buf_len);
+        cp_async_wait<1>();  // this thread's copies of chunk q have landed
+        __syncthreads();     // and every thread's
+        const float4* rs = r_s + (q & 1) * buf_len;
+        for (;;) {
+            bool more = false;
 #pragma unroll
-        for (int ff = 0; ff < RG_FEAT; ++ff) {
-            const uint32_t f = f_base + ff * FG_THREADS + threadIdx.x;
-            if (f >= p.n_features) continue;
-            const uint32_t end = fstart[f + 1];
-            uint32_t e = cur[ff];
-            for (; e < end; ++e) {
-                const uint32_t ent = order[e];
-                const uint32_t t = ent / p.cap - t0;
-                if (t >= nt) break;  // a later chunk's token: every later entry is past this chunk
-                const float a = act[ent];
-                if (a == 0.f) continue;
-                const float g = p.encoder ? ge[ent] + kappa[ff] : a;
-                fma4q(g, r_s[2 * t], acc[ff]);
-                fma4q(g, r_s[2 * t + 1], acc[ff] + 4);
+            for (int ff = 0; ff < RG_FEAT; ++ff) {
+                const uint32_t t = ent[ff] / p.cap - t0;  // entries before t0 were added by earlier chunks
+                if (e[ff] < end[ff] && t < nt) {
+                    const uint32_t x = ent[ff];
+                    const float a = act[x];
+                    const float gx = p.encoder ? ge[x] : 0.f;
+                    ent[ff] = ++e[ff] < end[ff] ? order[e[ff]] : 0;
+                    if (a != 0.f) {
+                        const float g = p.encoder ? gx + kappa[ff] : a;
+                        fma4q(g, rs[2 * t], acc[ff]);
+                        fma4q(g, rs[2 * t + 1], acc[ff] + 4);
+                    }
+                    more = true;
+                }
             }
-            cur[ff] = e;
+            if (!more) break;
         }
+        __syncthreads();  // every thread is done with buffer q & 1 before chunk q + 2 is copied into it
     }
     const float* xsum = ptr<const float>(p.xsum) + c0;
 #pragma unroll

@@ -10,6 +10,7 @@
 // A feature shard writes its partial yhat layer-major ([L][B][d]) so that each target layer's block is one
 // contiguous buffer for the all-reduce that overlaps the next layer's decode.
 #include "common.cuh"
+#include "ptx.cuh"
 
 #define DEC_THREADS 256
 #define DEC_CHUNK 256
@@ -134,66 +135,97 @@ CLT_KERNEL void __launch_bounds__(DEC_THREADS, 1) sparse_decode(const CltDecodeP
     }
 }
 
-#define DT_TOK 8        // tokens a thread owns in sparse_decode_tiled: a tile of 2,048 tokens a block
-#define DT_FCHUNK 4096  // features whose 16-byte weight slices a block stages at a time (64 KB)
+#define DT_TOK 4        // tokens a thread owns in sparse_decode_tiled: a tile of 1,024 tokens a block
+#define DT_FCHUNK 2048  // features whose 16-byte weight slices a block stages at a time (two buffers: 64 KB)
+
+// Chunk q of sparse_decode_tiled's weight slices (source layer l_first + q / n_fchunks, features from
+// (q % n_fchunks) * DT_FCHUNK; nothing past the last chunk) copied into buf by cp.async, this thread's
+// share, committed as one group (an empty one past the last chunk, so that every iteration commits one).
+__device__ __forceinline__ void dt_stage(const CltDecodeParams& p, const CltLayerView* layers, uint32_t l_first,
+                                         uint32_t k, uint32_t c0, uint32_t n_fchunks, uint32_t q, uint4* buf) {
+    if (q < (k - l_first + 1) * n_fchunks) {
+        const uint32_t l = l_first + q / n_fchunks, f0 = (q % n_fchunks) * DT_FCHUNK;
+        const uint32_t nf = min(p.n_features - f0, (uint32_t)DT_FCHUNK);
+        const CltLayerView v = layers[l];
+        const __nv_bfloat16* w = ptr<const __nv_bfloat16>(v.w_dec) + (size_t)f0 * v.row_len + (size_t)(k - l) * p.d + c0;
+        for (uint32_t f = threadIdx.x; f < nf; f += DEC_THREADS)
+            cp_async16(smem_addr(buf + f), w + (size_t)f * v.row_len, true);
+    }
+    cp_async_commit();
+}
 
 // sparse_decode_tiled: sparse_decode's sums, in the same order, arranged so that a weight is fetched once
-// per tile of 2,048 tokens instead of once per token that lists its feature. Grid: (d / 8 column chunks,
+// per tile of 1,024 tokens instead of once per token that lists its feature. Grid: (d / 8 column chunks,
 // token tiles, target layers from first_layer). For each source layer l <= k and each chunk of DT_FCHUNK
 // features, the block stages every feature's 8 weights of columns c0..c0+7 of target k (16 bytes each,
-// dynamic shared memory) and each thread adds its 8 tokens' entries from there into 64 accumulators
-// (8 tokens x 8 columns, registers), each token's list read once per block through a cursor that a chunk
-// advances (lists are in increasing feature order, DeviceCodes' invariant: every encoder path sorts). An
-// output's products are added in source-layer order, then list order, so the bits are sparse_decode's.
+// dynamic shared memory; cp.async into one of two buffers while the threads add from the other) and each
+// thread adds its 4 tokens' entries from there into 32 accumulators (4 tokens x 8 columns, registers).
+// Each token's list is read once per block through a cursor that a chunk advances (lists are in increasing
+// feature order, DeviceCodes' invariant: every encoder path sorts). The 4 tokens' walks go in step, an
+// entry of each a round, so that their list loads are in flight together; the next entry's feature is
+// loaded with this entry's activation. An output's products are added in source-layer order, then list
+// order, so the bits are sparse_decode's.
 //
-// What it moves at the issue's 1B shape (docs/cuda.md): the staged slices, B / 2,048 = 8 times the
-// decoder (3.5e10 B), and the lists, 8 bytes an entry for every 8 columns (2.9e11 B, from L2), against
-// the gather's 16 bytes of weights an entry for every 8 columns (5.8e11 B): about half the traffic.
+// What it moves at the issue's 1B shape (docs/cuda.md): the staged slices, B / 1,024 = 16 times the
+// decoder (7e10 B), and the lists, 8 bytes an entry for every 8 columns (2.9e11 B, from L2), against
+// the gather's 16 bytes of weights an entry for every 8 columns (5.8e11 B).
 //
 // Writes yhat = b_dec + sum (token-major, or layer-major); the residual kernel gives r and the squared
 // error. Needs d a multiple of 8 and W_dec rows 16-byte aligned (the wrapper checks).
 CLT_KERNEL void __launch_bounds__(DEC_THREADS) sparse_decode_tiled(const CltDecodeParams p) {
-    CLT_DYNAMIC_SHARED(uint4, w_s);  // [min(F, DT_FCHUNK)] slices of 8 bf16
+    CLT_DYNAMIC_SHARED(uint4, w_s);  // two buffers of [min(F, DT_FCHUNK)] slices of 8 bf16
     const uint32_t c0 = blockIdx.x * DEC_VEC;
     const uint32_t b0 = blockIdx.y * DEC_THREADS * DT_TOK;
     const uint32_t k = p.first_layer + blockIdx.z;
     const CltLayerView* layers = ptr<const CltLayerView>(p.layers);
     const uint32_t l_first = p.cross_layer ? 0 : k;
+    const uint32_t n_fchunks = (p.n_features + DT_FCHUNK - 1) / DT_FCHUNK;
+    const uint32_t n_chunks = (k - l_first + 1) * n_fchunks;
+    const uint32_t buf_len = min(p.n_features, (uint32_t)DT_FCHUNK);
     float acc[DT_TOK][DEC_VEC];
 #pragma unroll
     for (int tt = 0; tt < DT_TOK; ++tt)
 #pragma unroll
         for (int j = 0; j < DEC_VEC; ++j) acc[tt][j] = 0.f;
-    for (uint32_t l = l_first; l <= k; ++l) {
+    // Per token, in the current source layer: its list's length, its cursor (first entry not yet added),
+    // and the feature at the cursor.
+    uint32_t n[DT_TOK] = {}, e[DT_TOK] = {}, fe[DT_TOK] = {};
+    dt_stage(p, layers, l_first, k, c0, n_fchunks, 0, w_s);
+    for (uint32_t q = 0; q < n_chunks; ++q) {
+        const uint32_t l = l_first + q / n_fchunks, f0 = (q % n_fchunks) * DT_FCHUNK;
+        const uint32_t nf = min(p.n_features - f0, (uint32_t)DT_FCHUNK);
         const CltLayerView v = layers[l];
-        const __nv_bfloat16* w = ptr<const __nv_bfloat16>(v.w_dec) + (size_t)(k - l) * p.d + c0;
-        const uint32_t* count = ptr<const uint32_t>(v.count);
-        uint32_t cur[DT_TOK];  // each token's first entry not yet added (lists are sorted by feature)
-#pragma unroll
-        for (int tt = 0; tt < DT_TOK; ++tt) cur[tt] = 0;
-        for (uint32_t f0 = 0; f0 < p.n_features; f0 += DT_FCHUNK) {
-            const uint32_t nf = min(p.n_features - f0, (uint32_t)DT_FCHUNK);
-            __syncthreads();  // every thread is done with the previous chunk
-            for (uint32_t f = threadIdx.x; f < nf; f += DEC_THREADS)
-                w_s[f] = *reinterpret_cast<const uint4*>(w + (size_t)(f0 + f) * v.row_len);
-            __syncthreads();
+        const uint32_t* feat = ptr<const uint32_t>(v.feat);
+        const float* act = ptr<const float>(v.act);
+        dt_stage(p, layers, l_first, k, c0, n_fchunks, q + 1, w_s + ((q + 1) & 1) * buf_len);
+        if (f0 == 0) {  // a new source layer: every cursor at the head of its token's list
 #pragma unroll
             for (int tt = 0; tt < DT_TOK; ++tt) {
                 const uint32_t b = b0 + tt * DEC_THREADS + threadIdx.x;
-                if (b >= p.n_tokens) continue;
-                const uint32_t n = min(count[b], v.cap);
-                const uint32_t* feat = ptr<const uint32_t>(v.feat) + (size_t)b * v.cap;
-                const float* act = ptr<const float>(v.act) + (size_t)b * v.cap;
-                uint32_t e = cur[tt];
-                for (; e < n; ++e) {
-                    const uint32_t f = feat[e] - f0;
-                    if (f >= nf) break;  // the next chunk's feature: every later entry is past this chunk
-                    const float a = act[e];
-                    if (a != 0.f) fma8(a, w_s[f], acc[tt]);
-                }
-                cur[tt] = e;
+                n[tt] = b < p.n_tokens ? min(ptr<const uint32_t>(v.count)[b], v.cap) : 0;
+                e[tt] = 0;
+                fe[tt] = n[tt] > 0 ? feat[(size_t)b * v.cap] : 0;
             }
         }
+        cp_async_wait<1>();  // this thread's copies of chunk q have landed
+        __syncthreads();     // and every thread's
+        const uint4* ws = w_s + (q & 1) * buf_len;
+        for (;;) {
+            bool more = false;
+#pragma unroll
+            for (int tt = 0; tt < DT_TOK; ++tt) {
+                const uint32_t f = fe[tt] - f0;  // entries before f0 were added by earlier chunks
+                if (e[tt] < n[tt] && f < nf) {
+                    const size_t at = (size_t)(b0 + tt * DEC_THREADS + threadIdx.x) * v.cap + e[tt];
+                    const float a = act[at];
+                    fe[tt] = ++e[tt] < n[tt] ? feat[at + 1] : 0;
+                    if (a != 0.f) fma8(a, ws[f], acc[tt]);
+                    more = true;
+                }
+            }
+            if (!more) break;
+        }
+        __syncthreads();  // every thread is done with buffer q & 1 before chunk q + 2 is copied into it
     }
     const float* b_dec = ptr<const float>(p.b_dec) + (size_t)k * p.d + c0;
 #pragma unroll

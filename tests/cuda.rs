@@ -1535,10 +1535,10 @@ mod gpu_tests {
         check_grouping(gpu, lists, 4).unwrap();
     }
 
-    /// `sparse_decode_tiled` against `sparse_decode` where its loops wrap: 9,000 features (three chunks of
-    /// 4,096 staged in turn), 2,100 tokens (two tiles of 2,048, and 8 tokens a thread), three layers and
-    /// two 8-column chunks; lists sorted by feature, as the encoder leaves them. Same bits for ŷ, r and the
-    /// squared error, token-major.
+    /// `sparse_decode_tiled` against `sparse_decode` where its loops wrap: 9,000 features (five chunks of
+    /// 2,048 staged in turn through its two buffers, for each of three source layers), 2,100 tokens (three
+    /// tiles of 1,024, and 4 tokens a thread), and two 8-column chunks; lists sorted by feature, as the
+    /// encoder leaves them. Same bits for ŷ, r and the squared error, token-major.
     #[test]
     fn tiled_decode_matches_the_gather_across_chunks_and_tiles() {
         let Some(gpu) = gpu() else { return };
@@ -1600,14 +1600,19 @@ mod gpu_tests {
             )
             .unwrap();
         let gather = decode::sparse_decode(gpu, &layers, &b_dec, Some(&y), d, true, 0.5).unwrap();
-        let tiled =
-            decode::sparse_decode_tiled(gpu, &layers, &b_dec, Some(&y), d, true, 0.5).unwrap();
         let (g, r, sq) = (
             gpu.download(&gather.yhat).unwrap(),
             gpu.download(gather.resid.as_ref().unwrap()).unwrap(),
             gpu.download(gather.sq_err.as_ref().unwrap()).unwrap(),
         );
-        check_same_decode(gpu, &tiled, &g, &r, &sq).unwrap();
+        // Four launches in a row: on the CPU emulator they take consecutive schedules, so at least two
+        // land each `cp.async` copy as it is issued, which fails a buffer refilled while a warp still reads
+        // it (kernels/emu/README.md).
+        for _ in 0..4 {
+            let tiled =
+                decode::sparse_decode_tiled(gpu, &layers, &b_dec, Some(&y), d, true, 0.5).unwrap();
+            check_same_decode(gpu, &tiled, &g, &r, &sq).unwrap();
+        }
     }
 
     /// Host inputs of one layer's backward (`backward::layer_grads`), for running it on two devices.
@@ -1809,7 +1814,8 @@ mod gpu_tests {
 
     /// One layer's backward with `act_grad_partial` (each decoder row staged once per tile of tokens, sums
     /// per 512-column range added by `act_grad_finish`) against `act_grad`, where its loops wrap: 2,100
-    /// features (two chunks of 2,048 staged in turn), 1,000 tokens with up to ~75 entries (tiles of
+    /// features (three chunks of 1,024 staged in turn through its two buffers), 1,000 tokens with up to
+    /// ~75 entries (tiles of
     /// 32,768 / cap ≈ 430 tokens: three tiles, the last partial; two tokens a thread), rows of 2,080 and
     /// 1,040 columns (five and three ranges, the last of 32 and 16 columns), empty lists, near-threshold
     /// entries and feature 7 on every token; then again with the kernel's shared memory cut small. The
@@ -1867,8 +1873,8 @@ mod gpu_tests {
 
     /// One layer's backward with the encoder and decoder rows' gradients from `row_grad_tiled` against
     /// `feature_grads`' own, where the tiled kernel's loops wrap (d = 8: one 8-column chunk of input):
-    /// 2,100 features (two tiles of 2,048, 8 features a thread), 2,100 tokens (two chunks of 2,048 staged
-    /// in turn), rows of 16 and 24 columns (two and three 8-column chunks; source layers 1 and 0 of three),
+    /// 2,100 features (three tiles of 1,024, 4 features a thread), 2,100 tokens (three chunks of 1,024
+    /// staged in turn through its two buffers), rows of 16 and 24 columns (two and three 8-column chunks; source layers 1 and 0 of three),
     /// near-threshold entries (activation 0), feature 7 on every token, and the pre-activation loss off
     /// for a third of the features. Every output of the layer to the bit, but for layer 1's activation
     /// gradients, which `act_grad_partial` sums in another order (16-column rows).

@@ -115,9 +115,10 @@ const ACT_RANGE: usize = 512;
 
 /// How `act_grad_partial` divides its shared memory: `accumulators` f32 for its tile of tokens' entries
 /// (the tile is `accumulators / cap` tokens, at most 512) and the 32-byte slices of `feature_chunk`
-/// features staged at a time. The default, 128 KB + 64 KB, makes the largest tiles (the fewest fetches
-/// of the decoder) with one block an SM; smaller settings let two or three blocks share an SM. Which is
-/// faster is the GPU's to say (`clt bench --cuda` times several).
+/// features staged at a time, in each of two buffers (one is filled while the other is read). The
+/// default, 128 KB + 2 × 32 KB, makes the largest tiles (the fewest fetches of the decoder) with one
+/// block an SM; smaller settings let two or three blocks share an SM. Which is faster is the GPU's to say
+/// (`clt bench --cuda` times several).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct ActTiling {
     pub accumulators: usize,
@@ -128,7 +129,7 @@ impl Default for ActTiling {
     fn default() -> Self {
         ActTiling {
             accumulators: 32 * 1024,
-            feature_chunk: 2048,
+            feature_chunk: 1024,
         }
     }
 }
@@ -136,7 +137,7 @@ impl Default for ActTiling {
 impl ActTiling {
     /// The shared memory a block takes with `n_features` features and lists of capacity `cap`.
     pub fn shared_bytes(&self, n_features: usize, cap: usize) -> usize {
-        32 * n_features.clamp(1, self.feature_chunk) + 4 * cap * self.tile_tokens(cap)
+        2 * 32 * n_features.clamp(1, self.feature_chunk) + 4 * cap * self.tile_tokens(cap)
     }
 
     /// Tokens a block, for lists of capacity `cap`.
@@ -153,7 +154,7 @@ impl ActTiling {
             .unwrap_or(0);
         if self.accumulators == 0
             || !(1..=2048).contains(&self.feature_chunk)
-            || 32 * self.feature_chunk + worst > 227 * 1024
+            || 2 * 32 * self.feature_chunk + worst > 227 * 1024
         {
             return Err(Error::Unsupported(format!(
                 "act_grad_partial tiling {self:?}: needs accumulators > 0, a feature chunk of 1 to 2,048 \
@@ -165,8 +166,8 @@ impl ActTiling {
 }
 
 /// Features a block of `row_grad_tiled` owns, and tokens whose row slices it stages at a time.
-const RG_TILE_FEATURES: usize = 2048;
-const RG_TILE_TOKENS: usize = 2048;
+pub const RG_TILE_FEATURES: usize = 1024;
+pub const RG_TILE_TOKENS: usize = 1024;
 
 /// Rows of f32 per token: token b's row starts at element `offset + b·stride` of `buf`.
 pub struct TokenRows<'a> {
@@ -195,8 +196,9 @@ pub enum RowTerm<'a> {
 
 /// One layer's encoder or decoder rows' gradient, `out[f][c] = Σ coef · rows_b[c]` over feature f's
 /// active entries in token order (`feature_grads`' own sums, the same bits), through `row_grad_tiled`: a
-/// block owns 2,048 features × 8 columns and stages the rows' 8 columns of 2,048 tokens at a time in
-/// shared memory, so a row slice is fetched once per 2,048 features instead of once per active entry
+/// block owns 1,024 features × 8 columns and stages the rows' 8 columns of 1,024 tokens at a time in
+/// shared memory (two buffers: one is filled while the other is read), so a row slice is fetched once
+/// per 1,024 features instead of once per active entry
 /// (docs/cuda.md, "What the tiled kernels fetch"). Needs `row_len` a multiple of 8 and the rows 16-byte
 /// aligned (offset and stride multiples of 4).
 pub fn row_grad_tiled(
@@ -297,7 +299,7 @@ pub fn row_grad_tiled(
             1,
         ),
         block_dim: (256, 1, 1),
-        shared_mem_bytes: (32 * b_n.clamp(1, RG_TILE_TOKENS)) as u32,
+        shared_mem_bytes: (2 * 32 * b_n.clamp(1, RG_TILE_TOKENS)) as u32,
     };
     gpu.launch(Module::Backward, "row_grad_tiled", cfg, &p)
 }

@@ -238,7 +238,7 @@ pub fn run_with(preset: Preset, timer: &mut dyn Timer) -> Result<()> {
         (3 * b_n * row * 4) as f64 + rows_bytes,
         copy,
     );
-    // The tiled decode (weights staged once per 2,048 tokens, lists read once per 8 columns): the same
+    // The tiled decode (weights staged once per 1,024 tokens, lists read once per 8 columns): the same
     // result; its row counts the same bytes, so the two percentages compare directly.
     let tiled_ms = timer.time(&gpu, "sparse decode, tiled", &mut || {
         decode::sparse_decode_tiled(&gpu, &layers, &b_dec, Some(&y), d, true, 2.0 / b_n as f32)
@@ -289,7 +289,7 @@ pub fn run_with(preset: Preset, timer: &mut dyn Timer) -> Result<()> {
     let bytes = (nnz * rl * (2 + 4) + nnz * d * 4 + f_n * (d + rl) * 4) as f64;
     report("backward (1 layer)", ms, 0.0, bytes, copy);
     // The same backward with the tiled kernels (`act_grad_partial`: decoder slices staged once per tile of
-    // tokens; `row_grad_tiled`: residual and input slices staged once per 2,048 features): the same result;
+    // tokens; `row_grad_tiled`: residual and input slices staged once per 1,024 features): the same result;
     // its row counts the same bytes, so the two compare directly.
     gpu.set_sparse_kernels(SparseKernels::Tiled);
     let tiled_ms = timer.time(&gpu, "backward (1 layer), tiled", &mut || {
@@ -304,15 +304,15 @@ pub fn run_with(preset: Preset, timer: &mut dyn Timer) -> Result<()> {
     for tiling in [
         backward::ActTiling {
             accumulators: 12 * 1024,
-            feature_chunk: 2048,
+            feature_chunk: 1024,
         },
         backward::ActTiling {
             accumulators: 8 * 1024,
-            feature_chunk: 1024,
+            feature_chunk: 512,
         },
     ] {
         let name = format!(
-            "  act tiles: {} KB + {} KB",
+            "  act tiles: {} KB + 2 x {} KB",
             tiling.accumulators * 4 / 1024,
             tiling.feature_chunk * 32 / 1024
         );
@@ -435,14 +435,15 @@ pub fn run_with(preset: Preset, timer: &mut dyn Timer) -> Result<()> {
     gpu.set_sparse_kernels(SparseKernels::Gather);
     let tiled_step_ms = tiled_step_ms?;
     report("sparse step, tiled kernels", tiled_step_ms, 0.0, 0.0, copy);
-    // What the tiled kernels fetch instead: the decoder staged once per 2,048 tokens (decode) and the
-    // residual once per 2,048 features (decoder gradient), with 8 bytes of list per entry for every 8
-    // columns in each; the same for the encoder rows (the input staged once per 2,048 features); the
+    // What the tiled kernels fetch instead: the decoder staged once per 1,024 tokens (decode) and the
+    // residual once per 1,024 features (decoder gradient), with 8 bytes of list per entry for every 8
+    // columns in each; the same for the encoder rows (the input staged once per 1,024 features); the
     // decoder staged once per tile of tokens for the activation gradients (`act_grad_partial`'s default
     // tiles), 4 bytes of list (the feature id) per entry for every 16 columns, and the residual once.
     let act_tile = backward::ActTiling::default().tile_tokens(codes.cap);
-    let staged = ((b_n.div_ceil(2048) + b_n.div_ceil(act_tile)) * f_n * rl_sum * 2
-        + f_n.div_ceil(2048) * b_n * (rl_sum + l_n * d) * 4) as f64;
+    let staged = ((b_n.div_ceil(decode::TILE_TOKENS) + b_n.div_ceil(act_tile)) * f_n * rl_sum * 2
+        + f_n.div_ceil(backward::RG_TILE_FEATURES) * b_n * (rl_sum + l_n * d) * 4)
+        as f64;
     let fetched =
         staged + (2 * nnz * rl_sum + nnz * l_n * d + nnz * rl_sum / 4 + b_n * rl_sum * 4) as f64;
     println!(

@@ -164,14 +164,14 @@ pub fn decode(
     }
 }
 
-/// Tokens per block of `sparse_decode_tiled` (256 threads × 8 tokens each), and features whose weight
-/// slices it stages at a time.
-const TILE_TOKENS: usize = 2048;
-const TILE_FEATURES: usize = 4096;
+/// Tokens per block of `sparse_decode_tiled` (256 threads × 4 tokens each), and features whose weight
+/// slices it stages at a time (in each of its two buffers).
+pub const TILE_TOKENS: usize = 1024;
+pub const TILE_FEATURES: usize = 2048;
 
 /// [`sparse_decode`]'s result through `sparse_decode_tiled`, then the `residual` kernel: the same bits
 /// (the lists must be in increasing feature order, as [`DeviceCodes`] promises). A block owns
-/// 2,048 tokens × 8 columns of one target layer and stages each feature's 8 weights in shared memory once
+/// 1,024 tokens × 8 columns of one target layer and stages each feature's 8 weights in shared memory once
 /// for all its tokens, where `sparse_decode` fetches a weight once per token that lists the feature
 /// (docs/cuda.md, "What today's sparse kernels gather"). Needs `d` a multiple of 8 and every layer with the
 /// same number of features.
@@ -245,7 +245,7 @@ fn launch_decode_tiled(gpu: &Gpu, p: &CltDecodeParams, n_targets: usize) -> Resu
             n_targets as u32,
         ),
         block_dim: (256, 1, 1),
-        shared_mem_bytes: (16 * f_n.clamp(1, TILE_FEATURES)) as u32,
+        shared_mem_bytes: (2 * 16 * f_n.clamp(1, TILE_FEATURES)) as u32,
     };
     gpu.launch(Module::Decode, "sparse_decode_tiled", cfg, p)
 }
