@@ -550,6 +550,7 @@ CLT_KERNEL void __launch_bounds__(FG_THREADS) row_grad_tiled(const CltRowGradPar
     const float* ge = ptr<const float>(p.ge);
     const float* src = ptr<const float>(p.src) + c0;
     const uint32_t buf_len = 2 * min(p.n_tokens, (uint32_t)RG_TCHUNK);
+    const FastDiv by_cap = fast_div(max(p.cap, 1u));  // an entry's token, once a step of every walk
     float acc[RG_FEAT][8];
     float kappa[RG_FEAT];  // encoder rows: the pre-activation term's coefficient (0 for decoder rows)
     // Per feature: its cursor (first entry of its segment not yet added), the entry id there, the
@@ -578,7 +579,7 @@ CLT_KERNEL void __launch_bounds__(FG_THREADS) row_grad_tiled(const CltRowGradPar
             bool more = false;
 #pragma unroll
             for (int ff = 0; ff < RG_FEAT; ++ff) {
-                const uint32_t t = ent[ff] / p.cap - t0;  // entries before t0 were added by earlier chunks
+                const uint32_t t = divide(ent[ff], by_cap) - t0;  // entries before t0 were added by earlier chunks
                 if (e[ff] < end[ff] && t < nt) {
                     const uint32_t x = ent[ff];
                     const float a = act[x];

@@ -35,6 +35,30 @@ __device__ __forceinline__ T block_sum(T v, T* scratch) {
     return total;
 }
 
+// n / d for any 32-bit n and a divisor d >= 1 fixed for the kernel, as a multiply-high, a subtraction and
+// three shifts instead of a general division's dozen-odd instructions (Granlund and Montgomery, "Division
+// by invariant integers using multiplication", 1994, figure 4.1: l = ceil(log2 d),
+// m = floor(2^32 (2^l - d) / d) + 1, q = (t + ((n - t) >> min(l, 1))) >> max(l - 1, 0) with
+// t = mulhi(m, n)). Exact for every n: the tiled kernels' bits depend on it.
+struct FastDiv {
+    uint32_t m, s1, s2;
+};
+
+__device__ __forceinline__ FastDiv fast_div(uint32_t d) {
+    uint32_t l = 0;
+    while (l < 32 && (1ull << l) < d) ++l;
+    FastDiv f;
+    f.m = (uint32_t)((((1ull << l) - d) << 32) / d + 1);
+    f.s1 = l < 1 ? l : 1;
+    f.s2 = l > 0 ? l - 1 : 0;
+    return f;
+}
+
+__device__ __forceinline__ uint32_t divide(uint32_t n, const FastDiv& f) {
+    const uint32_t t = __umulhi(f.m, n);
+    return (t + ((n - t) >> f.s1)) >> f.s2;
+}
+
 // Order-preserving map of a float to an unsigned key (larger float -> larger key; -0 < +0).
 __device__ __forceinline__ uint32_t float_key(float f) {
     uint32_t u = __float_as_uint(f);

@@ -43,6 +43,9 @@ for src in kernels/emu/runtime.cc kernels/emu/driver.cc; do
     objs+=("$out/obj/$name.o")
     "$CXX" "${flags[@]}" -c "$src" -o "$out/obj/$name.o"
 done
+# The kernels' fast division (common.cuh), checked against the division operator before anything uses it.
+"$CXX" "${flags[@]}" kernels/emu/fast_div_check.cc -o "$out/fast_div_check"
+"$out/fast_div_check"
 "$CXX" -shared -o "$out/libcuda.so" "${objs[@]}"
 ln -sf libcuda.so "$out/libcuda.so.1"
 "$CXX" "${flags[@]}" -shared kernels/emu/cublas.cc -o "$out/libcublas.so" -ldl
