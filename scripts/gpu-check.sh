@@ -28,12 +28,24 @@ fi
 echo "== cuBLAS: $( (ldconfig -p 2>/dev/null | grep -m1 'libcublas\.so') || echo "LD_LIBRARY_PATH=${LD_LIBRARY_PATH:-}")" >> "$LOG"
 status=0
 export CLT_REQUIRE_GPU=1 CLT_GPU_CASES=${CLT_GPU_CASES:-64}
+# Each executable runs under a time limit, so that a hang costs its own minutes, not the bench's: the
+# device tool's call is cut off at its own limit, and the figures come last. (A test's name is printed
+# before it runs, so the log names the one that hung.)
+limit=${CLT_GPU_STEP_TIMEOUT:-300}
+run_limited() {
+    timeout -k 10 "$limit" "$@" 2>&1 | tee -a "$LOG"
+    local rc=${PIPESTATUS[0]}
+    if [ "$rc" = 124 ] || [ "$rc" = 137 ]; then
+        echo "== timed out after $limit s: $*" | tee -a "$LOG"
+    fi
+    return "$rc"
+}
 for t in bin/test-*; do
     echo "== $t" | tee -a "$LOG"
     filter=()
     # The library's unit tests: only the CUDA ones (the others need ../shared, and ran in CI).
     [ "$t" = bin/test-clt ] && filter=(backend::cuda)
-    if ! "$t" --test-threads=1 "${filter[@]}" 2>&1 | tee -a "$LOG"; then
+    if ! run_limited "$t" --test-threads=1 "${filter[@]}"; then
         status=1
     fi
 done
@@ -41,7 +53,7 @@ done
 # (CLT_BENCH_PRESETS overrides the list: scripts/emu-check.sh runs "tiny" on the CPU emulator).
 for preset in ${CLT_BENCH_PRESETS:-small large}; do
     echo "== bin/clt bench --cuda --preset $preset" | tee -a "$LOG"
-    if ! bin/clt bench --cuda --preset "$preset" 2>&1 | tee -a "$LOG"; then
+    if ! run_limited bin/clt bench --cuda --preset "$preset"; then
         status=1
     fi
 done
