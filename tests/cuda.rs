@@ -1605,9 +1605,9 @@ mod gpu_tests {
             gpu.download(gather.resid.as_ref().unwrap()).unwrap(),
             gpu.download(gather.sq_err.as_ref().unwrap()).unwrap(),
         );
-        // Four launches in a row: on the CPU emulator they take consecutive schedules, so at least two
-        // land each `cp.async` copy as it is issued, which fails a buffer refilled while a warp still reads
-        // it (kernels/emu/README.md).
+        // Four launches in a row: on the CPU emulator they take consecutive schedules (unless another
+        // test's launches come between), so two of them land each `cp.async` copy as it is issued, which
+        // fails a buffer refilled while a warp still reads it (kernels/emu/README.md).
         for _ in 0..4 {
             let tiled =
                 decode::sparse_decode_tiled(gpu, &layers, &b_dec, Some(&y), d, true, 0.5).unwrap();
