@@ -132,7 +132,20 @@ struct State {
 unsigned launches = 0;
 State S;
 
-alignas(16) char dynamic[kDynamicMax];
+// Dynamic shared memory: a launch's bytes (rounded up to 16) end where a guard page begins, so a kernel
+// that runs off the end of its dynamic shared memory faults and is named (on the GPU: an out-of-range
+// shared address), whatever instruction it uses.
+constexpr size_t kDynRegion = (kDynamicMax + 4095) / 4096 * 4096;
+char* dyn_region = nullptr;  // kDynRegion bytes, then the guard page; kept from launch to launch
+char* dynamic = nullptr;     // this launch's dynamic shared memory, inside dyn_region
+
+bool reserve_dynamic() {
+    if (dyn_region) return true;
+    void* m = mmap(nullptr, kDynRegion + 4096, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    if (m == MAP_FAILED) return false;
+    dyn_region = static_cast<char*>(m);
+    return mprotect(dyn_region + kDynRegion, 4096, PROT_NONE) == 0;
+}
 
 Fiber& me() { return S.fibers[S.cur]; }
 
@@ -403,6 +416,8 @@ std::string run(const Kernel& k, const void* params, dim3 grid, dim3 block, size
     S.k = &k;
     S.params = params;
     S.dyn_bytes = dyn;
+    if (!reserve_dynamic()) return "kernel " + k.name + ": cannot map its dynamic shared memory";
+    dynamic = dyn_region + kDynRegion - (dyn + 15) / 16 * 16;
     S.fibers.resize(n);
     if (!reserve_stacks(n)) return "kernel " + k.name + ": cannot map fiber stacks";
 
