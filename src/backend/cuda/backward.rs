@@ -114,7 +114,7 @@ pub fn group_by_feature(gpu: &Gpu, codes: &DeviceCodes, n_features: usize) -> Re
 const ACT_RANGE: usize = 512;
 
 /// How `act_grad_partial` divides its shared memory: `accumulators` f32 for its tile of tokens' entries
-/// (the tile is `accumulators / cap` tokens, at most 512) and the 32-byte slices of `feature_chunk`
+/// (the tile is `accumulators / longest` tokens, at most 512, for lists of at most `longest` entries) and the 32-byte slices of `feature_chunk`
 /// features staged at a time, in each of two buffers (one is filled while the other is read). The
 /// default, 128 KB + 2 × 32 KB, makes the largest tiles (the fewest fetches of the decoder) with one
 /// block an SM; smaller settings let two or three blocks share an SM. Which is faster is the GPU's to say
@@ -135,14 +135,14 @@ impl Default for ActTiling {
 }
 
 impl ActTiling {
-    /// The shared memory a block takes with `n_features` features and lists of capacity `cap`.
-    pub fn shared_bytes(&self, n_features: usize, cap: usize) -> usize {
-        2 * 32 * n_features.clamp(1, self.feature_chunk) + 4 * cap * self.tile_tokens(cap)
+    /// The shared memory a block takes with `n_features` features and lists of at most `longest` entries.
+    pub fn shared_bytes(&self, n_features: usize, longest: usize) -> usize {
+        2 * 32 * n_features.clamp(1, self.feature_chunk) + 4 * longest * self.tile_tokens(longest)
     }
 
-    /// Tokens a block, for lists of capacity `cap`.
-    pub fn tile_tokens(&self, cap: usize) -> usize {
-        (self.accumulators / cap.max(1)).clamp(1, 512)
+    /// Tokens a block, for lists of at most `longest` entries.
+    pub fn tile_tokens(&self, longest: usize) -> usize {
+        (self.accumulators / longest.max(1)).clamp(1, 512)
     }
 
     /// Refuses a setting the kernel cannot run: no accumulators, a feature chunk outside 1..=2,048, or more
@@ -350,9 +350,11 @@ pub fn layer_grads(gpu: &Gpu, inp: &LayerGradInput) -> Result<LayerGrads> {
         pad0: 0,
     };
     if partial {
-        // Tokens a block: their accumulators ([cap][T] f32) in shared memory, at most 512.
+        // Tokens a block: their accumulators ([longest][T] f32: rows for the longest list, not for `cap`,
+        // which the encoder rounds up to a power of 2) in shared memory, at most 512.
         let tiling = gpu.act_tiling();
-        let t = tiling.tile_tokens(cap);
+        let longest = codes.longest.min(cap);
+        let t = tiling.tile_tokens(longest);
         let ranges = rl.div_ceil(ACT_RANGE);
         // Every listed entry's ranges are written before they are read (poisoned in tests); freed at the
         // end of this block, in stream order, after the two kernels (no sync).
@@ -367,7 +369,7 @@ pub fn layer_grads(gpu: &Gpu, inp: &LayerGradInput) -> Result<LayerGrads> {
         let cfg = LaunchConfig {
             grid_dim: (b_n.div_ceil(t) as u32, ranges as u32, 1),
             block_dim: (256, 1, 1),
-            shared_mem_bytes: tiling.shared_bytes(f_n, cap) as u32,
+            shared_mem_bytes: tiling.shared_bytes(f_n, longest) as u32,
         };
         gpu.launch(Module::Backward, "act_grad_partial", cfg, &ap)?;
         gpu.launch(

@@ -41,6 +41,10 @@ pub const MAX_CAP: usize = 4096;
 pub struct DeviceCodes {
     pub n_tokens: usize,
     pub cap: usize,
+    /// An upper bound on every list's length, at most `cap`: the longest list where it was measured (the
+    /// JumpReLU encoder's read-back, [`DeviceCodes::from_host`]), else `cap`. `act_grad_partial` sizes
+    /// its tiles of tokens by it: the encoder rounds `cap` up to a power of 2, which would halve them.
+    pub longest: usize,
     pub count: DBuf<u32>,
     pub feat: DBuf<u32>,
     pub pre: DBuf<f32>,
@@ -62,6 +66,7 @@ impl DeviceCodes {
         Ok(DeviceCodes {
             n_tokens,
             cap,
+            longest: cap,
             count: gpu.zeros(n_tokens)?,
             feat: gpu.zeros(n_tokens * cap)?,
             pre: gpu.zeros(n_tokens * cap)?,
@@ -95,6 +100,7 @@ impl DeviceCodes {
         Ok(DeviceCodes {
             n_tokens,
             cap,
+            longest: cap,
             count: gpu.upload(&count)?,
             feat: gpu.upload(&feat)?,
             pre: gpu.upload(&pre)?,
@@ -290,7 +296,7 @@ pub fn jumprelu_with(
     let part_near_h = gpu.output::<f32>(n_tiles * f_n)?;
     let mut cap = cap.clamp(1, MAX_CAP);
     let codes = loop {
-        let codes = DeviceCodes::alloc(gpu, b_n, cap)?;
+        let mut codes = DeviceCodes::alloc(gpu, b_n, cap)?;
         let p = CltEncodeParams {
             theta: theta.ptr(gpu),
             count: codes.count.ptr(gpu),
@@ -308,6 +314,7 @@ pub fn jumprelu_with(
         gpu.launch(Module::Encode, kernel.name, kernel.tiles(inp), &p)?;
         let longest = codes.max_count(gpu)?;
         if longest <= cap {
+            codes.longest = longest;
             break codes;
         }
         if longest > MAX_CAP {
