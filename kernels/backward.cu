@@ -160,19 +160,20 @@ __device__ __forceinline__ void ap_stage(const CltActGradParams& p, uint32_t col
 // columns in registers; for each chunk of feature_chunk features the block stages every feature's 16 weights
 // of those columns (32 bytes, dynamic shared memory; cp.async into one of two buffers while the threads
 // add from the other), and each thread adds <r, w> into its entries' accumulators (shared memory,
-// [cap][tile_tokens], one thread's alone), each token's list read once per step through a cursor (lists
-// are in increasing feature order, DeviceCodes' invariant). The two tokens' walks go in step, an entry of
-// each a round, each with the features of its next AP_AHEAD entries loaded ahead (a feature id is the only
-// global load of a walk's step: weights and accumulators are in shared memory). An entry's sum over its range runs column by
-// column in order; the ranges' sums are added in order by act_grad_finish. The same order every run, but
-// not act_grad's: the result differs from the gathers' by f32 rounding.
+// [rows][tile_tokens] with a row for each entry of the longest list, one thread's alone), each token's
+// list read once per step through a cursor (lists are in increasing feature order, DeviceCodes'
+// invariant). The two tokens' walks go in step, an entry of each a round, each with the features of its
+// next AP_AHEAD entries loaded ahead (a feature id is the only global load of a walk's step: weights and
+// accumulators are in shared memory). An entry's sum over its range runs column by column in order; the
+// ranges' sums are added in order by act_grad_finish. The same order every run, but not act_grad's: the
+// result differs from the gathers' by f32 rounding.
 //
 // What it moves at the issue's 1B shape (docs/cuda.md): the decoder staged once per tile of T tokens
-// (T = 512 at 64 entries a token: B / T = 32 times the decoder, 1.4e11 B, where the gathers fetch 5.9e11 B)
+// (T = 512 at lists of 64: B / T = 32 times the decoder, 1.4e11 B, where the gathers fetch 5.9e11 B)
 // and the lists' feature ids, 4 bytes an entry for every 16 columns. Needs row_len a multiple of 16, W_dec and the
 // residual rows 16-byte aligned (the wrapper checks).
 CLT_KERNEL void __launch_bounds__(256, 1) act_grad_partial(const CltActGradParams p) {
-    CLT_DYNAMIC_SHARED(uint4, sm);  // 2 x [2 * min(F, feature_chunk)] weight slices, then [cap][T] accumulators
+    CLT_DYNAMIC_SHARED(uint4, sm);  // 2 x [2 * min(F, feature_chunk)] weight slices, then [rows][T] accumulators
     const uint32_t T = p.tile_tokens;
     const uint32_t buf_len = 2 * min(p.n_features, p.feature_chunk);
     float* acc = reinterpret_cast<float*>(sm + 2 * buf_len);

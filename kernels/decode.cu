@@ -147,7 +147,8 @@ __device__ __forceinline__ void dt_stage(const CltDecodeParams& p, const CltLaye
         const uint32_t l = l_first + q / n_fchunks, f0 = (q % n_fchunks) * DT_FCHUNK;
         const uint32_t nf = min(p.n_features - f0, (uint32_t)DT_FCHUNK);
         const CltLayerView v = layers[l];
-        const __nv_bfloat16* w = ptr<const __nv_bfloat16>(v.w_dec) + (size_t)f0 * v.row_len + (size_t)(k - l) * p.d + c0;
+        const __nv_bfloat16* w =
+            ptr<const __nv_bfloat16>(v.w_dec) + (size_t)f0 * v.row_len + (size_t)(k - l) * p.d + c0;
         for (uint32_t f = threadIdx.x; f < nf; f += DEC_THREADS)
             cp_async16(smem_addr(buf + f), w + (size_t)f * v.row_len, true);
     }

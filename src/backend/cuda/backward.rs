@@ -114,11 +114,11 @@ pub fn group_by_feature(gpu: &Gpu, codes: &DeviceCodes, n_features: usize) -> Re
 const ACT_RANGE: usize = 512;
 
 /// How `act_grad_partial` divides its shared memory: `accumulators` f32 for its tile of tokens' entries
-/// (the tile is `accumulators / longest` tokens, at most 512, for lists of at most `longest` entries) and the 32-byte slices of `feature_chunk`
-/// features staged at a time, in each of two buffers (one is filled while the other is read). The
-/// default, 128 KB + 2 × 32 KB, makes the largest tiles (the fewest fetches of the decoder) with one
-/// block an SM; smaller settings let two or three blocks share an SM. Which is faster is the GPU's to say
-/// (`clt bench --cuda` times several).
+/// (the tile is `accumulators / longest` tokens, at most 512, for lists of at most `longest` entries)
+/// and the 32-byte slices of `feature_chunk` features staged at a time, in each of two buffers (one is
+/// filled while the other is read). The default, 128 KB + 2 × 32 KB, makes the largest tiles (the fewest
+/// fetches of the decoder) with one block an SM; smaller settings let two or three blocks share an SM.
+/// Which is faster is the GPU's to say (`clt bench --cuda` times several).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct ActTiling {
     pub accumulators: usize,
@@ -198,9 +198,8 @@ pub enum RowTerm<'a> {
 /// active entries in token order (`feature_grads`' own sums, the same bits), through `row_grad_tiled`: a
 /// block owns 1,024 features × 8 columns and stages the rows' 8 columns of 1,024 tokens at a time in
 /// shared memory (two buffers: one is filled while the other is read), so a row slice is fetched once
-/// per 1,024 features instead of once per active entry
-/// (docs/cuda.md, "What the tiled kernels fetch"). Needs `row_len` a multiple of 8 and the rows 16-byte
-/// aligned (offset and stride multiples of 4).
+/// per 1,024 features instead of once per active entry (docs/cuda.md, "What the tiled kernels fetch").
+/// Needs `row_len` a multiple of 8 and the rows 16-byte aligned (offset and stride multiples of 4).
 pub fn row_grad_tiled(
     gpu: &Gpu,
     codes: &DeviceCodes,

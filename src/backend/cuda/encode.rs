@@ -43,7 +43,7 @@ pub struct DeviceCodes {
     pub cap: usize,
     /// An upper bound on every list's length, at most `cap`: the longest list where it was measured (the
     /// JumpReLU encoder's read-back, [`DeviceCodes::from_host`]), else `cap`. `act_grad_partial` sizes
-    /// its tiles of tokens by it: the encoder rounds `cap` up to a power of 2, which would halve them.
+    /// its tiles of tokens by it: the encoder rounds `cap` up to a power of 2, up to twice the longest.
     pub longest: usize,
     pub count: DBuf<u32>,
     pub feat: DBuf<u32>,
