@@ -195,6 +195,7 @@ pub fn run_with(preset: Preset, timer: &mut dyn Timer) -> Result<()> {
     let nnz = listed.feat.len();
     // The decode reads the rows of active entries only (a near-threshold entry's activation is 0).
     let n_active = listed.act.iter().filter(|a| **a != 0.0).count();
+    let act_tile = backward::ActTiling::default().tile_tokens(codes.longest);
     println!(
         "  entries listed per token: {:.1} ({:.1} active); the longest list {} (capacity {}): \
          act_grad_partial's default tiles hold {} tokens",
@@ -202,7 +203,7 @@ pub fn run_with(preset: Preset, timer: &mut dyn Timer) -> Result<()> {
         n_active as f64 / b_n as f64,
         codes.longest,
         codes.cap,
-        backward::ActTiling::default().tile_tokens(codes.longest)
+        act_tile
     );
 
     // Decode: every layer with the same codes (L0 per layer), cross-layer rows.
@@ -444,7 +445,6 @@ pub fn run_with(preset: Preset, timer: &mut dyn Timer) -> Result<()> {
     // columns in each; the same for the encoder rows (the input staged once per 1,024 features); the
     // decoder staged once per tile of tokens for the activation gradients (`act_grad_partial`'s default
     // tiles), 4 bytes of list (the feature id) per entry for every 16 columns, and the residual once.
-    let act_tile = backward::ActTiling::default().tile_tokens(codes.longest);
     let staged = ((b_n.div_ceil(decode::TILE_TOKENS) + b_n.div_ceil(act_tile)) * f_n * rl_sum * 2
         + f_n.div_ceil(backward::RG_TILE_FEATURES) * b_n * (rl_sum + l_n * d) * 4)
         as f64;
