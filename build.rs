@@ -12,7 +12,8 @@
 //! Without the feature it does nothing, so the crate builds on machines with no CUDA at all.
 //!
 //! The compiler is `$NVCC` if set, else `nvcc` on `PATH`, else the one `scripts/install-nvcc.sh` puts in
-//! `.venv-cuda`; the architecture is `$CLT_CUDA_ARCH` (default `sm_90`).
+//! `.venv-cuda`; the architecture is `$CLT_CUDA_ARCH` (default `sm_90`), except for the files of
+//! `SM90A_ONLY` (Hopper's `wgmma`), which are always compiled for `sm_90a`.
 
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
@@ -79,11 +80,14 @@ fn find_nvcc() -> String {
     );
 }
 
+/// Kernel files compiled for `sm_90a` (they use `wgmma`), not for `$CLT_CUDA_ARCH`.
+const SM90A_ONLY: &[&str] = &["encode_wgmma"];
+
 fn kernels(out: &Path, sources: &[PathBuf]) {
     let arch = std::env::var("CLT_CUDA_ARCH").unwrap_or_else(|_| "sm_90".into());
     let nvcc = find_nvcc();
     let mut consts = String::new();
-    let mut report = format!("ptxas -v, arch {arch}\n");
+    let mut report = format!("ptxas -v, arch {arch} (sm_90a for {SM90A_ONLY:?})\n");
     let mut spills = Vec::new();
     for cu in sources
         .iter()
@@ -94,6 +98,13 @@ fn kernels(out: &Path, sources: &[PathBuf]) {
             .and_then(|s| s.to_str())
             .expect("kernel file name");
         let ptx = out.join(format!("{stem}.ptx"));
+        // Hopper's warpgroup MMA exists only in the architecture-specific sm_90a target; the backend loads
+        // that module only on a device of compute capability 9.x, whatever CLT_CUDA_ARCH says.
+        let arch = if SM90A_ONLY.contains(&stem) {
+            "sm_90a"
+        } else {
+            arch.as_str()
+        };
         let res = Command::new(&nvcc)
             .args(["--ptx", "-O3", "-std=c++17", "-I", "ffi", "-I", "kernels"])
             .arg(format!("-arch={arch}"))
@@ -120,7 +131,7 @@ fn kernels(out: &Path, sources: &[PathBuf]) {
             ptx.display().to_string()
         )
         .unwrap();
-        ptxas_report(&nvcc, &ptx, &arch, &mut report, &mut spills);
+        ptxas_report(&nvcc, &ptx, arch, &mut report, &mut spills);
     }
     std::fs::write(out.join("kernels.rs"), consts).expect("write kernels.rs");
     std::fs::write(out.join("ptxas-report.txt"), &report).expect("write ptxas report");

@@ -9,46 +9,12 @@
 // and written as one partial per (token tile, feature): no float atomics, summed in tile order afterwards.
 // Lists are unordered within a token until encode_sort_lists runs.
 #include "common.cuh"
+#include "jump_epilogue.cuh"
 #include "ptx.cuh"
 
 #define TB CLT_ENC_TB
 #define TF CLT_ENC_TF
 #define TK CLT_ENC_TK
-
-// The JumpReLU epilogue shared by encode_tile and encode_mma. For one pre-activation h of token b and feature f
-// (threshold th): the feature's window sums (Σ ReLU(θ − h), near count, near Σ h) and, when h is active
-// (h > θ) or near the threshold (θ − ε/2 < h ≤ θ, activation 0), an entry in token b's list through its cursor.
-struct JumpLists {
-    uint32_t* count;
-    uint32_t* feat;
-    float* pre;
-    float* act;
-};
-
-__device__ __forceinline__ JumpLists jump_lists(const CltEncodeParams& p) {
-    return {ptr<uint32_t>(p.count), ptr<uint32_t>(p.feat), ptr<float>(p.pre), ptr<float>(p.act)};
-}
-
-__device__ __forceinline__ void jump_entry(const CltEncodeParams& p, const JumpLists& o, float h, float th,
-                                           uint32_t b, uint32_t f, float& s_pre, uint32_t& s_near,
-                                           float& s_h) {
-    const bool active = h > th;
-    const bool near = !active && h > th - p.half_bandwidth;
-    if (!active) s_pre += th - h;
-    if (near) {
-        s_near += 1;
-        s_h += h;
-    }
-    if (active || near) {
-        const uint32_t slot = atomicAdd(&o.count[b], 1u);
-        if (slot < p.cap) {
-            const size_t e = (size_t)b * p.cap + slot;
-            o.feat[e] = f;
-            o.pre[e] = h;
-            o.act[e] = active ? h : 0.f;
-        }
-    }
-}
 
 CLT_KERNEL void __launch_bounds__(256) encode_tile(const CltEncodeParams p) {
     __shared__ float xs[TK][TB + 1];

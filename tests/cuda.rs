@@ -32,7 +32,9 @@ mod gpu_tests {
     use clt::backend::cuda::{
         Gpu, adam, backward, decode, dense, dequant, driver_present, encode, gradsum, step, topk,
     };
-    use clt::backend::{Backend, BackendKind, Grads, Objective, SparseKernels, ThresholdGrad};
+    use clt::backend::{
+        Backend, BackendKind, EncoderKernel, Grads, Objective, SparseKernels, ThresholdGrad,
+    };
     use clt::clt::params::decoder_norms;
     use clt::clt::{Activation, CltConfig, DecoderKind, Params};
     use clt::rng::Rng;
@@ -70,6 +72,24 @@ mod gpu_tests {
                 None
             }
         }
+    }
+
+    /// Whether the device runs `encode_wgmma` (compute capability 9.x); says once, per test, when not.
+    fn wgmma(gpu: &Gpu) -> bool {
+        if gpu.has_wgmma() {
+            return true;
+        }
+        static SKIPPED: Mutex<Vec<String>> = Mutex::new(Vec::new());
+        let name = std::thread::current().name().unwrap_or("?").to_string();
+        let mut seen = SKIPPED.lock().unwrap_or_else(|p| p.into_inner());
+        if !seen.contains(&name) {
+            eprintln!(
+                "{name}: skipped: {} has no wgmma (compute capability 9.x only)",
+                gpu.describe()
+            );
+            seen.push(name);
+        }
+        false
     }
 
     fn close(what: &str, got: f64, want: f64, scale: f64) -> Result<(), TestCaseError> {
@@ -851,6 +871,51 @@ mod gpu_tests {
         );
     }
 
+    /// `train.encoder_kernel = "wgmma"` reaches the device of a new and of a resumed trainer (where the
+    /// device has wgmma; elsewhere the trainer refuses it with a typed error), and it trains the run
+    /// `encode_mma` trains (d = 32, every encoder launch on the warpgroup MMA: on the GPU the tensor cores
+    /// add in another order, so within 10⁻⁴ relative L2 per tensor after 4 steps); resumed from its step-2
+    /// checkpoint it ends where it ended, to the bit.
+    #[test]
+    fn wgmma_encoder_trains_the_mma_run() {
+        let Some(gpu) = gpu() else { return };
+        let mut run = small_gpu_run(4);
+        run.train.backend = BackendKind::Cuda;
+        run.train.checkpoint_every = 2;
+        let mut mma = Trainer::new(run.clone()).unwrap();
+        run.train.encoder_kernel = EncoderKernel::Wgmma;
+        if !gpu.has_wgmma() {
+            let e = Trainer::new(run)
+                .err()
+                .expect("wgmma refused without compute capability 9.x");
+            assert!(matches!(e, clt::Error::Unsupported(_)), "{e}");
+            eprintln!(
+                "wgmma_encoder_trains_the_mma_run: {} has no wgmma: refused ({e})",
+                gpu.describe()
+            );
+            return;
+        }
+        let mut wg = Trainer::new(run).unwrap();
+        assert_eq!(mma.backend().encoder_kernel(), Some(EncoderKernel::Mma));
+        assert_eq!(wg.backend().encoder_kernel(), Some(EncoderKernel::Wgmma));
+        let (d1, d2, d3) = (
+            tempfile::tempdir().unwrap(),
+            tempfile::tempdir().unwrap(),
+            tempfile::tempdir().unwrap(),
+        );
+        mma.train(d1.path(), true).unwrap();
+        wg.train(d2.path(), true).unwrap();
+        super::common::runs::assert_params_close("wgmma run", &wg.params, &mma.params, 1e-4);
+        let at2 = d2.path().join("checkpoints").join("step_00000002");
+        let mut resumed = Trainer::resume(&at2, None).unwrap();
+        assert_eq!(
+            resumed.backend().encoder_kernel(),
+            Some(EncoderKernel::Wgmma)
+        );
+        resumed.train(d3.path(), true).unwrap();
+        assert!(resumed.params == wg.params, "the resumed wgmma run differs");
+    }
+
     /// `Resident::stage_coded` checks what it is given before touching a slot: a batch of other layers,
     /// width or byte counts, scales for other layers and a codec the device does not decode are typed
     /// errors that stage nothing; the normalisation cannot change while a coded batch waits (it would be
@@ -973,6 +1038,34 @@ mod gpu_tests {
         ) {
             let Some(gpu) = gpu() else { return Ok(()) };
             check_jumprelu(gpu, n_tokens, 8 * d8, f_n, wide, seed, encode::Gemm::TensorCore)?;
+        }
+
+        /// Warpgroup-MMA encoder (`encode_wgmma`, 128 × 256 × 64 tiles, sm_90a) + JumpReLU epilogue vs the
+        /// CPU: token and feature counts not multiples of the tile (up to two token and two feature tiles;
+        /// more pre-activations would put one within rounding of a threshold too often), d a multiple of 8
+        /// but mostly not of 64 (the K remainder), up to 392 (7 K slices: the ring of 4 stages wraps).
+        #[test]
+        fn encoder_wgmma_jumprelu_matches_cpu(
+            n_tokens in 0usize..200, d8 in 1usize..50, f_n in 1usize..320,
+            wide in any::<bool>(), seed in any::<u64>(),
+        ) {
+            let Some(gpu) = gpu() else { return Ok(()) };
+            if !wgmma(gpu) { return Ok(()) }
+            check_jumprelu(gpu, n_tokens, 8 * d8, f_n, wide, seed, encode::Gemm::Wgmma)?;
+        }
+
+        /// Warpgroup-MMA dense epilogue (TopK / BatchTopK) vs `dense_preact`.
+        #[test]
+        fn encoder_wgmma_dense_matches_cpu(
+            n_tokens in 0usize..300, d8 in 1usize..50, f_n in 1usize..600, seed in any::<u64>(),
+        ) {
+            let Some(gpu) = gpu() else { return Ok(()) };
+            if !wgmma(gpu) { return Ok(()) }
+            let cfg = config(1, 8 * d8, f_n, false, Activation::TopK { k: 1 });
+            let mut rng = Rng::seed(seed);
+            let p = bf16_params(&random_params(&cfg, &mut rng));
+            let x = round_bf16(&random_batch(&cfg, n_tokens, &mut rng).0);
+            check_dense(gpu, &cfg, &p, &x, n_tokens, encode::Gemm::Wgmma)?;
         }
 
         /// Tensor-core dense epilogue (TopK / BatchTopK) vs `dense_preact`.

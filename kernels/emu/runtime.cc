@@ -25,6 +25,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <map>
+#include <unordered_map>
 #include <sstream>
 #include <vector>
 
@@ -92,6 +93,13 @@ struct Copy {
     uint32_t n;
 };
 
+// A queued wgmma.mma_async: the thread's accumulators (n / 2 floats), the descriptors of A and B.
+struct Wgmma {
+    float* d;
+    int n;
+    uint64_t da, db;
+};
+
 struct Fiber {
     void* sp;  // the saved stack pointer while switched out
     St st;
@@ -110,6 +118,13 @@ struct Fiber {
     // cp.async: the copies not yet committed, and the committed groups not yet waited for.
     std::vector<Copy> open;
     std::vector<std::vector<Copy>> groups;
+    // wgmma: the products not yet committed, the committed groups not yet waited for, whether a wgmma.fence
+    // came since the last wait, and the 16-byte chunks its cp.async copies wrote since its last
+    // fence.proxy.async.
+    std::vector<Wgmma> wg_open;
+    std::vector<std::vector<Wgmma>> wg_groups;
+    bool wg_fenced;
+    std::vector<uintptr_t> unfenced;
 };
 
 constexpr size_t kStack = 256 * 1024;
@@ -128,6 +143,9 @@ struct State {
     bool reverse_warps = false;
     bool eager_copies = false;
     bool reverse_blocks = false;
+    // Shared 16-byte chunks written by a cp.async whose thread has not run fence.proxy.async since: the
+    // async proxy (wgmma) may not read them yet. Chunk address -> the writing thread.
+    std::unordered_map<uintptr_t, size_t> unfenced;
 };
 unsigned launches = 0;
 State S;
@@ -174,6 +192,9 @@ bool reserve_stacks(size_t n) {
 void land(const Copy& c) {
     std::memcpy(c.dst, c.src, c.n);
     std::memset(c.dst + c.n, 0, 16 - c.n);
+    const uintptr_t chunk = reinterpret_cast<uintptr_t>(c.dst);
+    S.unfenced[chunk] = S.cur;
+    S.fibers[S.cur].unfenced.push_back(chunk);
 }
 
 void yield() {
@@ -185,6 +206,7 @@ void yield() {
 [[noreturn]] void entry() {
     S.k->thunk(S.k->fn, S.params);
     Fiber& f = me();
+    if (!f.wg_open.empty() || !f.wg_groups.empty()) fail("the thread exits with wgmma products not waited for");
     f.st = St::Done;
     clt_emu_switch(&f.sp, S.main_sp);
     __builtin_unreachable();
@@ -317,6 +339,7 @@ bool run_block() {
     // Shared memory starts undefined: poison the statics and the dynamic part.
     std::memset(__start_clt_shared, 0xff, (size_t)(__stop_clt_shared - __start_clt_shared));
     std::memset(dynamic, 0xff, S.dyn_bytes);
+    S.unfenced.clear();
     for (size_t i = 0; i < n; ++i) {
         Fiber& f = S.fibers[i];
         f.st = St::Ready;
@@ -324,6 +347,10 @@ bool run_block() {
                       (unsigned)(i / (block_dim.x * block_dim.y))};
         f.open.clear();
         f.groups.clear();
+        f.wg_open.clear();
+        f.wg_groups.clear();
+        f.wg_fenced = false;
+        f.unfenced.clear();
         f.sp = fresh_stack(i);
     }
     const size_t n_warps = (n + 31) / 32;
@@ -533,5 +560,96 @@ void* from_shared(uint32_t addr) {
 }
 
 void* dynamic_shared() { return dynamic; }
+
+// ---- wgmma (kernels/wgmma.cuh) ----
+
+void wgmma_fence() { me().wg_fenced = true; }
+
+void fence_proxy_async() {
+    Fiber& f = me();
+    for (uintptr_t c : f.unfenced) {
+        auto it = S.unfenced.find(c);
+        if (it != S.unfenced.end() && it->second == S.cur) S.unfenced.erase(it);
+    }
+    f.unfenced.clear();
+}
+
+namespace {
+
+// A descriptor's field at bit `shift` (14 bits, in units of 16 bytes), in bytes.
+uint32_t desc_bytes(uint64_t d, int shift) { return (uint32_t)((d >> shift) & 0x3FFFu) << 4; }
+
+// Computes one queued product for the calling thread: its accumulators are D's rows 16 w + g and
+// 16 w + g + 8 (w: its warp within the warpgroup, lane 4 g + t), columns 8 j + 2 t and 8 j + 2 t + 1
+// (PTX ISA, wgmma .m64nNk16 D fragments); element (r, k) of a K-major operand without swizzle is at
+// start + (r / 8) SBO + (k / 8) LBO + (r % 8) 16 + (k % 8) 2 bytes (PTX ISA, canonical layouts).
+void wgmma_compute(const Wgmma& w) {
+    const Fiber& f = me();
+    const size_t lin = f.tid.x + (size_t)f.tid.y * block_dim.x + (size_t)f.tid.z * block_dim.x * block_dim.y;
+    const int wr = (int)(lin / 32 % 4), lane = (int)(lin % 32), g = lane >> 2, t = lane & 3;
+    // Row r of a K-major operand, its 16 k as floats (bf16 -> f32 is exact).
+    auto row = [&](uint64_t desc, int r, float out[16]) {
+        for (int kc = 0; kc < 2; ++kc) {
+            const uint32_t a = desc_bytes(desc, 0) + (r / 8) * desc_bytes(desc, 32) + kc * desc_bytes(desc, 16) +
+                               (r % 8) * 16;
+            const char* p = static_cast<const char*>(from_shared(a));
+            from_shared(a + 15);
+            if (S.unfenced.count(reinterpret_cast<uintptr_t>(p)))
+                fail("wgmma reads shared memory that a cp.async wrote, without a fence.proxy.async by the "
+                     "writing thread since");
+            for (int e = 0; e < 8; ++e) {
+                uint16_t v;
+                std::memcpy(&v, p + 2 * e, 2);
+                out[kc * 8 + e] = __bfloat162float(__nv_bfloat16{v});
+            }
+        }
+    };
+    float A[2][16], B[16];
+    row(w.da, 16 * wr + g, A[0]);
+    row(w.da, 16 * wr + g + 8, A[1]);
+    for (int j = 0; j < w.n / 8; ++j)
+        for (int c = 0; c < 2; ++c) {
+            row(w.db, 8 * j + 2 * t + c, B);
+            for (int h = 0; h < 2; ++h) {
+                float& d = w.d[4 * j + 2 * h + c];
+                float acc = d;
+                for (int k = 0; k < 16; ++k) acc = fmaf(A[h][k], B[k], acc);
+                d = acc;
+            }
+        }
+}
+
+void wgmma_check_desc(uint64_t d) {
+    if (d >> 62) fail("a wgmma descriptor with a swizzle mode (the emulator models the layout without swizzle)");
+    if ((d >> 49) & 7) fail("a wgmma descriptor with a base offset");
+    const uint64_t reserved = (3ull << 14) | (3ull << 30) | (7ull << 46) | (0x3FFull << 52);
+    if (d & reserved) fail("a wgmma descriptor with reserved bits set");
+}
+
+}  // namespace
+
+void wgmma_bf16(float* d, int n, uint64_t desc_a, uint64_t desc_b) {
+    Fiber& f = me();
+    if (!f.wg_fenced) fail("wgmma.mma_async without a wgmma.fence since the thread's last wgmma wait");
+    if (n % 8 != 0 || n < 8 || n > 256) fail("wgmma: N must be a multiple of 8 from 8 to 256");
+    wgmma_check_desc(desc_a);
+    wgmma_check_desc(desc_b);
+    f.wg_open.push_back(Wgmma{d, n, desc_a, desc_b});
+}
+
+void wgmma_commit() {
+    Fiber& f = me();
+    f.wg_groups.push_back(std::move(f.wg_open));
+    f.wg_open.clear();
+}
+
+void wgmma_wait(int pending) {
+    Fiber& f = me();
+    while (f.wg_groups.size() > (size_t)pending) {
+        for (const Wgmma& w : f.wg_groups.front()) wgmma_compute(w);
+        f.wg_groups.erase(f.wg_groups.begin());
+    }
+    f.wg_fenced = false;
+}
 
 }  // namespace clt_emu

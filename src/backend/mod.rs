@@ -76,6 +76,28 @@ pub enum SparseKernels {
     Tiled,
 }
 
+/// Which tensor-core kernel computes a CUDA backend's encoder GEMM where rows are 16-byte aligned.
+#[derive(
+    Clone,
+    Copy,
+    Debug,
+    Default,
+    PartialEq,
+    Eq,
+    serde::Serialize,
+    serde::Deserialize,
+    clap::ValueEnum,
+)]
+#[serde(rename_all = "snake_case")]
+pub enum EncoderKernel {
+    /// `encode_mma`: `mma.sync` m16n8k16, any device this backend runs on.
+    #[default]
+    Mma,
+    /// `encode_wgmma`: Hopper's warpgroup MMA (`wgmma.mma_async` m64n256k16); compute capability 9.x only
+    /// (elsewhere setting it is an error). The same sums in another order: within f32 rounding of `mma`.
+    Wgmma,
+}
+
 /// A ready-to-use backend.
 #[derive(Debug)]
 pub enum Backend {
@@ -109,6 +131,27 @@ impl Backend {
         }
         #[cfg(not(feature = "cuda"))]
         let _ = kernels;
+    }
+
+    /// Which tensor-core encoder a CUDA backend runs (the CPU backends ignore it); an error where the
+    /// device cannot run it.
+    pub fn set_encoder_kernel(&self, kernel: EncoderKernel) -> Result<()> {
+        #[cfg(feature = "cuda")]
+        if let Backend::Cuda(gpu) = self {
+            gpu.set_encoder_kernel(kernel)?;
+        }
+        #[cfg(not(feature = "cuda"))]
+        let _ = kernel;
+        Ok(())
+    }
+
+    /// The tensor-core encoder a CUDA backend runs; `None` on the CPU backends.
+    pub fn encoder_kernel(&self) -> Option<EncoderKernel> {
+        match self {
+            #[cfg(feature = "cuda")]
+            Backend::Cuda(gpu) => Some(gpu.encoder_kernel()),
+            _ => None,
+        }
     }
 
     /// The sparse kernels a CUDA backend's step runs; `None` on the CPU backends.

@@ -239,6 +239,7 @@ fn step_backend(run: &RunConfig) -> Result<Backend> {
     };
     let backend = Backend::new_on(kind, ordinal)?;
     backend.set_sparse_kernels(run.train.sparse_kernels);
+    backend.set_encoder_kernel(run.train.encoder_kernel)?;
     Ok(backend)
 }
 

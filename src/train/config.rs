@@ -16,7 +16,7 @@
 //! Every field of `[train]` has a default; see `docs/objective.md` for what each one means and the
 //! alternatives the other trainers use.
 
-use crate::backend::{BackendKind, SparseKernels, ThresholdGrad};
+use crate::backend::{BackendKind, EncoderKernel, SparseKernels, ThresholdGrad};
 use crate::clt::CltConfig;
 use crate::data::synthetic::SyntheticConfig;
 use crate::{Error, Result};
@@ -195,6 +195,9 @@ pub struct TrainConfig {
     /// With a CUDA backend: the step's sparse kernels, `gather` or `tiled` (the same results within f32
     /// rounding; which is faster is the GPU's to say, docs/cuda.md). The CPU backends ignore it.
     pub sparse_kernels: SparseKernels,
+    /// With a CUDA backend: the encoder's tensor-core GEMM, `mma` or `wgmma` (Hopper only; the same results
+    /// within f32 rounding; which is faster is the GPU's to say, docs/cuda.md). The CPU backends ignore it.
+    pub encoder_kernel: EncoderKernel,
 }
 
 impl Default for TrainConfig {
@@ -234,6 +237,7 @@ impl Default for TrainConfig {
             collectives: Collectives::Auto,
             device_dequant: true,
             sparse_kernels: SparseKernels::Gather,
+            encoder_kernel: EncoderKernel::Mma,
         }
     }
 }

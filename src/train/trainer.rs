@@ -130,6 +130,7 @@ impl Trainer {
         let t = &run.train;
         let backend = Backend::new(t.backend)?;
         backend.set_sparse_kernels(t.sparse_kernels);
+        backend.set_encoder_kernel(t.encoder_kernel)?;
         let mut rng = Rng::seed(t.seed);
         let (mut norms, mut calib) =
             estimate_norms(source.as_mut(), t.batch_size, t.calibration_batches)?;
@@ -234,6 +235,7 @@ impl Trainer {
         source.restore(&state.source_position)?;
         let backend = Backend::new(state.run.train.backend)?;
         backend.set_sparse_kernels(state.run.train.sparse_kernels);
+        backend.set_encoder_kernel(state.run.train.encoder_kernel)?;
         let tc = &state.run.train;
         let mut trainer = Trainer {
             hyper: AdamHyper {

@@ -64,6 +64,16 @@ void mma_bf16_16816(float c[4], const uint32_t a[4], uint32_t b0, uint32_t b1);
 void cp_async16(uint32_t shared_addr, const void* src, uint32_t src_bytes);
 void cp_async_commit();
 void cp_async_wait(int pending);
+// wgmma (sm_90a), m64nNk16 bf16 -> f32 with both operands in shared memory through descriptors (the K-major
+// layout without swizzle only). An issued product is queued per thread and computed only when the thread
+// waits for its group, reading shared memory then, so a kernel that reads its accumulators, or overwrites the
+// operands, before the wait fails. wgmma_bf16 asks for a wgmma_fence since the thread's last wait; a 16-byte
+// chunk that a cp.async wrote is readable by wgmma only after the writing thread's fence_proxy_async.
+void wgmma_fence();
+void fence_proxy_async();
+void wgmma_bf16(float* d, int n, uint64_t desc_a, uint64_t desc_b);
+void wgmma_commit();
+void wgmma_wait(int pending);
 // Shared-memory addresses as 32-bit offsets (what __cvta_generic_to_shared gives on the GPU).
 uint32_t to_shared(const void* p);
 void* from_shared(uint32_t addr);

@@ -148,11 +148,28 @@ pub fn run_with(preset: Preset, timer: &mut dyn Timer) -> Result<()> {
         bias: &bias,
         n_features: f_n,
     };
+    // encode_wgmma (sm_90a) where the device has it; encode_mma runs last: the codes below are its.
+    let wgmma = gpu.has_wgmma();
+    if !wgmma {
+        println!(
+            "  encode wgmma: skipped ({} has no wgmma: compute capability 9.x only)",
+            gpu.describe()
+        );
+    }
+    let gemms = |simt, wg, mma| {
+        let mut v = vec![(simt, encode::Gemm::Simt)];
+        if wgmma {
+            v.push((wg, encode::Gemm::Wgmma));
+        }
+        v.push((mma, encode::Gemm::TensorCore));
+        v
+    };
     let mut codes = None;
-    for (name, gemm) in [
-        ("encode SIMT (JumpReLU)", encode::Gemm::Simt),
-        ("encode mma (JumpReLU)", encode::Gemm::TensorCore),
-    ] {
+    for (name, gemm) in gemms(
+        "encode SIMT (JumpReLU)",
+        "encode wgmma (JumpReLU)",
+        "encode mma (JumpReLU)",
+    ) {
         let ms = timer.time(&gpu, name, &mut || {
             codes = Some(encode::jumprelu_with(
                 &gpu,
@@ -174,10 +191,11 @@ pub fn run_with(preset: Preset, timer: &mut dyn Timer) -> Result<()> {
     }
     {
         let h = gpu.output::<f32>(b_n * f_n)?;
-        for (name, gemm) in [
-            ("encode SIMT (dense)", encode::Gemm::Simt),
-            ("encode mma (dense)", encode::Gemm::TensorCore),
-        ] {
+        for (name, gemm) in gemms(
+            "encode SIMT (dense)",
+            "encode wgmma (dense)",
+            "encode mma (dense)",
+        ) {
             let ms = timer.time(&gpu, name, &mut || {
                 encode::dense_into_with(&gpu, &inp, &h, 0, gemm)
             })?;

@@ -7,7 +7,7 @@
 
 use super::backward::ActTiling;
 use super::dense::Blas;
-use crate::backend::SparseKernels;
+use crate::backend::{EncoderKernel, SparseKernels};
 use crate::{Error, Result};
 use cudarc::driver::sys::CUfunction_attribute;
 use cudarc::driver::{
@@ -30,6 +30,8 @@ pub mod ptx {
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum Module {
     Encode,
+    /// `encode_wgmma`, compiled for `sm_90a`: loadable on a device of compute capability 9.x only.
+    EncodeWgmma,
     Decode,
     Backward,
     Topk,
@@ -42,6 +44,7 @@ impl Module {
     fn ptx(self) -> &'static str {
         match self {
             Module::Encode => ptx::ENCODE,
+            Module::EncodeWgmma => ptx::ENCODE_WGMMA,
             Module::Decode => ptx::DECODE,
             Module::Backward => ptx::BACKWARD,
             Module::Topk => ptx::TOPK,
@@ -98,6 +101,8 @@ pub struct Gpu {
     tiled: AtomicBool,
     /// How `act_grad_partial` divides its shared memory.
     act_tiling: Mutex<ActTiling>,
+    /// The encoder's tensor-core GEMM is `encode_wgmma` ([`EncoderKernel`]).
+    wgmma: AtomicBool,
     /// cuBLAS on the compute stream, opened on first use ([`Gpu::blas`]).
     blas: OnceLock<Blas>,
 }
@@ -138,6 +143,7 @@ impl Gpu {
             poison: AtomicBool::new(false),
             tiled: AtomicBool::new(false),
             act_tiling: Mutex::new(ActTiling::default()),
+            wgmma: AtomicBool::new(false),
             blas: OnceLock::new(),
         })
     }
@@ -149,6 +155,12 @@ impl Gpu {
             Ok((a, b)) => format!("{name} (sm_{a}{b})"),
             Err(_) => name,
         }
+    }
+
+    /// Whether the device runs Hopper's warpgroup MMA (`wgmma`, compute capability 9.x: the `sm_90a`
+    /// module of `encode_wgmma`).
+    pub fn has_wgmma(&self) -> bool {
+        matches!(self.ctx.compute_capability(), Ok((9, _)))
     }
 
     /// With `on`, every kernel output buffer is filled with 0xFF bytes (NaN, `u32::MAX`) before the kernel
@@ -174,6 +186,30 @@ impl Gpu {
             SparseKernels::Tiled
         } else {
             SparseKernels::Gather
+        }
+    }
+
+    /// Which tensor-core encoder `encode::Gemm::Auto` runs from now on (`encode_mma` until set); refuses
+    /// `wgmma` on a device without it.
+    pub fn set_encoder_kernel(&self, kernel: EncoderKernel) -> Result<()> {
+        if kernel == EncoderKernel::Wgmma && !self.has_wgmma() {
+            return Err(Error::Unsupported(format!(
+                "encoder_kernel = \"wgmma\" needs a device of compute capability 9.x (Hopper's \
+                 warpgroup MMA); this one is {}: use \"mma\"",
+                self.describe()
+            )));
+        }
+        self.wgmma
+            .store(kernel == EncoderKernel::Wgmma, Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// Which tensor-core encoder `encode::Gemm::Auto` runs.
+    pub fn encoder_kernel(&self) -> EncoderKernel {
+        if self.wgmma.load(Ordering::Relaxed) {
+            EncoderKernel::Wgmma
+        } else {
+            EncoderKernel::Mma
         }
     }
 

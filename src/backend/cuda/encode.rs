@@ -2,11 +2,13 @@
 //! near-threshold entries straight into per-token ELL lists, per-feature window sums) or its dense output
 //! (for TopK / BatchTopK), the reduction of the per-tile partials, and the per-token sort.
 //!
-//! Two GEMM kernels compute the same thing ([`Gemm`]): `encode_mma`, bf16 tensor cores (`mma.sync`
-//! m16n8k16, fp32 accumulation, 128 × 128 × 32 tiles through double-buffered `cp.async` stages), which runs
+//! Three GEMM kernels compute the same thing ([`Gemm`]): `encode_mma`, bf16 tensor cores (`mma.sync`
+//! m16n8k16, fp32 accumulation, 128 × 128 × 32 tiles through four `cp.async` stages), which runs
 //! whenever every row it copies is 16-byte aligned (`d`, the row stride and the layer offset multiples of 8
-//! elements, [`EncodeInput::tensor_core_ok`]), and `encode_tile`, a SIMT 64 × 64 tile, for every other shape
-//! and as the second reference.
+//! elements, [`EncodeInput::tensor_core_ok`]); `encode_wgmma`, Hopper's warpgroup MMA (`wgmma.mma_async`
+//! m64n256k16, 128 × 256 × 64 tiles, the same alignment rule, compute capability 9.x only), chosen by
+//! [`Gemm::Wgmma`] until a GPU run says whether it beats `encode_mma`; and `encode_tile`, a SIMT 64 × 64
+//! tile, for every other shape and as the second reference.
 //!
 //! CPU reference: [`crate::backend::cpu::encode::encode_layer`] with `list_near = true` (every block in
 //! `BlockMode::Near`).
@@ -14,23 +16,29 @@
 use super::context::{Gpu, Module, grid_1d, per_item};
 use super::ffi::{
     CLT_ENC_MMA_ALIGN, CLT_ENC_MMA_STAGE_BYTES, CLT_ENC_MMA_STAGES, CLT_ENC_MMA_TB, CLT_ENC_MMA_TF,
-    CLT_ENC_TB, CLT_ENC_TF, CLT_EPI_DENSE, CLT_EPI_JUMPRELU, CltEncodeParams, CltReduceParams,
+    CLT_ENC_TB, CLT_ENC_TF, CLT_ENC_WG_STAGE_BYTES, CLT_ENC_WG_STAGES, CLT_ENC_WG_TB,
+    CLT_ENC_WG_TF, CLT_EPI_DENSE, CLT_EPI_JUMPRELU, CltEncodeParams, CltReduceParams,
     CltSortParams, CltToBf16Params,
 };
 use super::memory::DBuf;
+use crate::backend::EncoderKernel;
 use crate::{Error, Result};
 use cudarc::driver::LaunchConfig;
 
 /// Which kernel computes the encoder's GEMM.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum Gemm {
-    /// The tensor-core kernel when [`EncodeInput::tensor_core_ok`], else the SIMT one.
+    /// The tensor-core kernel the device's [`EncoderKernel`] names (`encode_mma` unless set) when
+    /// [`EncodeInput::tensor_core_ok`], else the SIMT one.
     #[default]
     Auto,
     /// `encode_tile`: SIMT fp32 FMA, any shape.
     Simt,
     /// `encode_mma`: bf16 tensor cores; an error when the shape does not allow it.
     TensorCore,
+    /// `encode_wgmma`: bf16 tensor cores through Hopper's warpgroup MMA; an error when the shape does not
+    /// allow it or the device is not of compute capability 9.x.
+    Wgmma,
 }
 
 /// Largest per-token list the sort handles (its shared memory holds `cap × 12` bytes).
@@ -202,33 +210,62 @@ impl EncodeInput<'_> {
             && self.x_offset.is_multiple_of(a)
     }
 
-    /// The kernel `gemm` resolves to: its name and its (tokens, features) tile.
-    fn kernel(&self, gemm: Gemm) -> Result<Kernel> {
-        let tc = match gemm {
-            Gemm::Auto => self.tensor_core_ok(),
-            Gemm::Simt => false,
-            Gemm::TensorCore if self.tensor_core_ok() => true,
-            Gemm::TensorCore => {
-                return Err(Error::Unsupported(format!(
-                    "the tensor-core encoder needs d, the row stride and the layer offset to be multiples \
+    /// The kernel `gemm` resolves to on `gpu`: its module, name and (tokens, features) tile.
+    fn kernel(&self, gpu: &Gpu, gemm: Gemm) -> Result<Kernel> {
+        let aligned = || {
+            if self.tensor_core_ok() {
+                Ok(())
+            } else {
+                Err(Error::Unsupported(format!(
+                    "the tensor-core encoders need d, the row stride and the layer offset to be multiples \
                      of {CLT_ENC_MMA_ALIGN} (got d = {}, stride {}, offset {})",
                     self.d, self.x_stride, self.x_offset
-                )));
+                )))
             }
         };
-        Ok(if tc {
-            Kernel {
-                name: "encode_mma",
-                tile_b: CLT_ENC_MMA_TB as usize,
-                tile_f: CLT_ENC_MMA_TF as usize,
-                shared: CLT_ENC_MMA_STAGES * CLT_ENC_MMA_STAGE_BYTES,
+        let mma = Kernel {
+            module: Module::Encode,
+            name: "encode_mma",
+            tile_b: CLT_ENC_MMA_TB as usize,
+            tile_f: CLT_ENC_MMA_TF as usize,
+            shared: CLT_ENC_MMA_STAGES * CLT_ENC_MMA_STAGE_BYTES,
+        };
+        let simt = Kernel {
+            module: Module::Encode,
+            name: "encode_tile",
+            tile_b: CLT_ENC_TB as usize,
+            tile_f: CLT_ENC_TF as usize,
+            shared: 0,
+        };
+        let gemm = match gemm {
+            Gemm::Auto if self.tensor_core_ok() && gpu.encoder_kernel() == EncoderKernel::Wgmma => {
+                Gemm::Wgmma
             }
-        } else {
-            Kernel {
-                name: "encode_tile",
-                tile_b: CLT_ENC_TB as usize,
-                tile_f: CLT_ENC_TF as usize,
-                shared: 0,
+            g => g,
+        };
+        Ok(match gemm {
+            Gemm::Auto if self.tensor_core_ok() => mma,
+            Gemm::Auto | Gemm::Simt => simt,
+            Gemm::TensorCore => {
+                aligned()?;
+                mma
+            }
+            Gemm::Wgmma => {
+                aligned()?;
+                if !gpu.has_wgmma() {
+                    return Err(Error::Unsupported(format!(
+                        "the warpgroup-MMA encoder (encode_wgmma) needs a device of compute capability 9.x \
+                         (sm_90a); this one is {}",
+                        gpu.describe()
+                    )));
+                }
+                Kernel {
+                    module: Module::EncodeWgmma,
+                    name: "encode_wgmma",
+                    tile_b: CLT_ENC_WG_TB as usize,
+                    tile_f: CLT_ENC_WG_TF as usize,
+                    shared: CLT_ENC_WG_STAGES * CLT_ENC_WG_STAGE_BYTES,
+                }
             }
         })
     }
@@ -237,6 +274,7 @@ impl EncodeInput<'_> {
 /// A resolved encoder kernel and its tile.
 #[derive(Clone, Copy, Debug)]
 struct Kernel {
+    module: Module,
     name: &'static str,
     tile_b: usize,
     tile_f: usize,
@@ -281,7 +319,7 @@ pub fn jumprelu_with(
     gemm: Gemm,
 ) -> Result<(DeviceCodes, WindowStats)> {
     inp.check()?;
-    let kernel = inp.kernel(gemm)?;
+    let kernel = inp.kernel(gpu, gemm)?;
     if theta.len() != inp.n_features {
         return Err(Error::Shape {
             what: "CUDA encoder thresholds".into(),
@@ -311,7 +349,7 @@ pub fn jumprelu_with(
             half_bandwidth,
             ..inp.params(gpu)
         };
-        gpu.launch(Module::Encode, kernel.name, kernel.tiles(inp), &p)?;
+        gpu.launch(kernel.module, kernel.name, kernel.tiles(inp), &p)?;
         let longest = codes.max_count(gpu)?;
         if longest <= cap {
             codes.longest = longest;
@@ -387,7 +425,7 @@ pub fn dense_into_with(
     gemm: Gemm,
 ) -> Result<()> {
     inp.check()?;
-    let kernel = inp.kernel(gemm)?;
+    let kernel = inp.kernel(gpu, gemm)?;
     if out.len() < offset + inp.n_tokens * inp.n_features {
         return Err(Error::Shape {
             what: "CUDA dense pre-activations".into(),
@@ -400,7 +438,7 @@ pub fn dense_into_with(
         epilogue: CLT_EPI_DENSE,
         ..inp.params(gpu)
     };
-    gpu.launch(Module::Encode, kernel.name, kernel.tiles(inp), &p)
+    gpu.launch(kernel.module, kernel.name, kernel.tiles(inp), &p)
 }
 
 /// f32 → bf16 on the device.

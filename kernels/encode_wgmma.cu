@@ -1,0 +1,177 @@
+// encode_wgmma: the encoder's GEMM h = x W^T + b and its two epilogues (encode.cu's) on Hopper's warpgroup
+// MMA. Compiled for sm_90a only (build.rs), loaded only on a device of compute capability 9.x.
+// CPU reference: src/backend/cpu/encode.rs (encode_layer, BlockOut::push_token, merge) with every block in
+// BlockMode::Near, as encode_tile and encode_mma.
+//
+// A block computes CLT_ENC_WG_TB x CLT_ENC_WG_TF (128 tokens x 256 features) with two warpgroups of 4 warps;
+// warpgroup wg owns tokens wg*64 .. wg*64+63 of the tile and all 256 features, as one m64n256 accumulator
+// (128 f32 a thread). K advances 64 at a time through CLT_ENC_WG_STAGES (4) stages of dynamic shared
+// memory, filled by cp.async (16-byte copies) and read by wgmma.mma_async through matrix descriptors, four
+// k16 steps a slice.
+//
+// Shared layout of a stage: x's 128 rows then W's 256 rows, each tile in wgmma's canonical K-major layout
+// without swizzle: core matrices of 8 rows x 8 bf16 (128 contiguous bytes, a row 16 bytes), the 8 core
+// matrices of an 8-row group along K 128 bytes apart (LBO), 8-row groups 1024 bytes apart (SBO). Chunk i of a
+// tile (16 bytes: row (i / 64) * 8 + i % 8, columns ((i / 8) % 8) * 8 .. +7) sits at byte i * 16, so the copies
+// write consecutive bytes and wgmma reads whole 128-byte core matrices (no bank conflicts either way).
+//
+// Pipeline: slices kt + 1 and kt + 2 are in flight (cp.async) while the tensor cores run slice kt, and the
+// wgmma group of slice kt - 1 may still be running when slice kt's is issued (wgmma_wait<1>). The stage that
+// slice kt + 2 overwrites held slice kt - 2, whose wgmma group every warpgroup has waited for before the
+// barrier of iteration kt. Before that barrier each thread makes its landed copies visible to the async proxy
+// (fence.proxy.async), through which wgmma reads shared memory.
+//
+// Out-of-range tokens, features and K columns are zero-filled by cp.async (source size 0), so any shape works
+// when rows are 16-byte aligned (d, x_stride and the layer offset multiples of CLT_ENC_MMA_ALIGN; the wrapper
+// checks). The JumpReLU epilogue is encode_mma's with the warpgroup's fragment layout (wgmma.cuh): the
+// per-feature sums are reduced over the 8 lanes that share a feature (shuffles), then over the 8 warps (shared
+// memory, the stages' bytes reused), into one partial per (128-token tile, feature).
+#include "common.cuh"
+#include "jump_epilogue.cuh"
+#include "ptx.cuh"
+#include "wgmma.cuh"
+
+#define WB CLT_ENC_WG_TB
+#define WF CLT_ENC_WG_TF
+#define WK CLT_ENC_WG_TK
+#define WSTAGES CLT_ENC_WG_STAGES
+
+static_assert((WB + WF) * WK * 2 == CLT_ENC_WG_STAGE_BYTES, "stage size as in clt_params.h");
+static_assert(WB == 128 && WF == 256 && WK == 64, "the copies and fragments below are written for this tile");
+static_assert(3 * 8 * WF * 4 <= WSTAGES * CLT_ENC_WG_STAGE_BYTES, "the epilogue's sums fit in the stages");
+
+#define WG_LBO 128u   // bytes between core matrices adjacent along K
+#define WG_SBO 1024u  // bytes between 8-row groups
+
+CLT_KERNEL void __launch_bounds__(256, 1) encode_wgmma(const CltEncodeParams p) {
+    CLT_DYNAMIC_SHARED(uint4, stage_mem);  // stage s: x chunks [WB * 8], then W chunks [WF * 8]
+    const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+    const int wg = warp >> 2, wr = warp & 3;  // warpgroup; warp within it (its 16 rows of the 64)
+    const uint32_t b0 = blockIdx.y * WB, f0 = blockIdx.x * WF;
+    const __nv_bfloat16* x = ptr<const __nv_bfloat16>(p.x);
+    const __nv_bfloat16* w = ptr<const __nv_bfloat16>(p.w);
+    const uint32_t smem0 = smem_addr(stage_mem);
+
+    // Slice k0 .. k0 + 63 into stage s: x's 1,024 chunks (4 a thread), W's 2,048 (8 a thread).
+    auto load_stage = [&](int s, uint32_t k0) {
+        uint4* xs = stage_mem + (size_t)s * (CLT_ENC_WG_STAGE_BYTES / 16);
+        uint4* ws = xs + WB * 8;
+#pragma unroll
+        for (int j = 0; j < 4; ++j) {
+            const int i = tid + 256 * j, r = (i >> 6) * 8 + (i & 7);
+            const uint32_t k = k0 + ((i >> 3) & 7) * 8, b = b0 + r;  // d % 8 == 0: k < d means 8 columns inside
+            const bool ok = b < p.n_tokens && k < p.d;
+            cp_async16(smem_addr(xs + i), ok ? x + (size_t)b * p.x_stride + k : x, ok);
+        }
+#pragma unroll
+        for (int j = 0; j < 8; ++j) {
+            const int i = tid + 256 * j, r = (i >> 6) * 8 + (i & 7);
+            const uint32_t k = k0 + ((i >> 3) & 7) * 8, f = f0 + r;
+            const bool ok = f < p.n_features && k < p.d;
+            cp_async16(smem_addr(ws + i), ok ? w + (size_t)f * p.d + k : w, ok);
+        }
+    };
+
+    float acc[128];
+#pragma unroll
+    for (int i = 0; i < 128; ++i) acc[i] = 0.f;
+
+    // Slice j goes to stage j % WSTAGES in commit group j (committed even when empty, so that the count of
+    // groups in flight is the same on every iteration).
+    const uint32_t nk = (p.d + WK - 1) / WK;
+#pragma unroll
+    for (uint32_t j = 0; j < 2; ++j) {
+        if (j < nk) load_stage(j, j * WK);
+        cp_async_commit();
+    }
+    for (uint32_t kt = 0; kt < nk; ++kt) {
+        const int s = kt % WSTAGES;
+        cp_async_wait<1>();   // groups 0..kt have landed: slice kt, for this thread's copies
+        fence_proxy_async();  // ... made visible to the async proxy
+        __syncthreads();      // ... for every thread's; and every warpgroup has waited for slice kt - 2's wgmma
+        const uint32_t a0 = smem0 + s * CLT_ENC_WG_STAGE_BYTES + wg * (64 / 8) * WG_SBO;
+        const uint32_t w0 = smem0 + s * CLT_ENC_WG_STAGE_BYTES + WB * 8 * 16;
+        wgmma_fence();
+        wgmma_fence_operands(acc);
+#pragma unroll
+        for (int ks = 0; ks < WK / 16; ++ks)  // k16 step ks: two core matrices along K
+            wgmma_m64n256k16(acc, wgmma_desc(a0 + ks * 2 * WG_LBO, WG_LBO, WG_SBO),
+                             wgmma_desc(w0 + ks * 2 * WG_LBO, WG_LBO, WG_SBO));
+        wgmma_commit();
+        wgmma_fence_operands(acc);
+        const uint32_t next = kt + 2;  // into the stage of slice kt - 2
+        if (next < nk) load_stage(next % WSTAGES, next * WK);
+        cp_async_commit();
+        wgmma_wait<1>();  // slice kt - 1's products are done (slice kt's may still run)
+    }
+    wgmma_wait<0>();
+    wgmma_fence_operands(acc);  // the epilogue reads the accumulators after the wait, not before
+    cp_async_wait<0>();  // (only empty groups are left)
+    __syncthreads();     // every warpgroup is done with the stages: their bytes hold the sums below
+
+    const int g = lane >> 2, t = lane & 3;
+    const float* bias = ptr<const float>(p.bias);
+    const uint32_t row0 = b0 + wg * 64 + wr * 16 + g;  // the thread's tokens: row0 and row0 + 8
+    if (p.epilogue == CLT_EPI_DENSE) {
+        float* dense = ptr<float>(p.dense);
+#pragma unroll
+        for (int j = 0; j < 32; ++j)
+#pragma unroll
+            for (int i = 0; i < 4; ++i) {
+                const uint32_t b = row0 + (i >> 1) * 8, f = f0 + 8 * j + 2 * t + (i & 1);
+                if (b < p.n_tokens && f < p.n_features) dense[(size_t)b * p.n_features + f] = acc[4 * j + i] + bias[f];
+            }
+        return;
+    }
+
+    float* red_preact = reinterpret_cast<float*>(stage_mem);  // [8 warps][WF] each
+    uint32_t* red_near = reinterpret_cast<uint32_t*>(red_preact + 8 * WF);
+    float* red_near_h = reinterpret_cast<float*>(red_near + 8 * WF);
+    const float* theta = ptr<const float>(p.theta);
+    const JumpLists lists = jump_lists(p);
+#pragma unroll
+    for (int j = 0; j < 32; ++j)
+#pragma unroll
+        for (int c = 0; c < 2; ++c) {
+            const int fl = 8 * j + 2 * t + c;  // the feature within the tile
+            const uint32_t f = f0 + fl;
+            float s_pre = 0.f, s_h = 0.f;
+            uint32_t s_near = 0;
+            if (f < p.n_features) {
+                const float th = theta[f], bb = bias[f];
+#pragma unroll
+                for (int h = 0; h < 2; ++h) {
+                    const uint32_t b = row0 + 8 * h;
+                    if (b < p.n_tokens) jump_entry(p, lists, acc[4 * j + 2 * h + c] + bb, th, b, f, s_pre, s_near, s_h);
+                }
+            }
+            // The 8 lanes with this t (g = 0..7) hold the same feature: sum over them (whole warp takes part).
+#pragma unroll
+            for (int o = 4; o < 32; o <<= 1) {
+                s_pre += __shfl_xor_sync(0xffffffffu, s_pre, o);
+                s_near += __shfl_xor_sync(0xffffffffu, s_near, o);
+                s_h += __shfl_xor_sync(0xffffffffu, s_h, o);
+            }
+            if (g == 0) {
+                red_preact[warp * WF + fl] = s_pre;
+                red_near[warp * WF + fl] = s_near;
+                red_near_h[warp * WF + fl] = s_h;
+            }
+        }
+    __syncthreads();
+    const uint32_t f = f0 + tid;  // one feature a thread: its sums over the 8 warps, in warp order
+    if (f < p.n_features) {
+        float s_pre = 0.f, s_h = 0.f;
+        uint32_t s_near = 0;
+#pragma unroll
+        for (int v = 0; v < 8; ++v) {
+            s_pre += red_preact[v * WF + tid];
+            s_near += red_near[v * WF + tid];
+            s_h += red_near_h[v * WF + tid];
+        }
+        const size_t o = (size_t)blockIdx.y * p.n_features + f;
+        ptr<float>(p.part_preact)[o] = s_pre;
+        ptr<uint32_t>(p.part_near)[o] = s_near;
+        ptr<float>(p.part_near_h)[o] = s_h;
+    }
+}
