@@ -33,15 +33,20 @@ typedef uint64_t clt_ptr;
 #define CLT_ENC_MMA_STAGES 4
 #define CLT_ENC_MMA_STAGE_BYTES 20480 /* (TB + TF) rows x (TK + 8) bf16, checked by encode.cu */
 
-/* Tile sizes of Hopper's warpgroup-MMA encoder (encode_wgmma, sm_90a only): 128 tokens x 256 features per block
- * of two warpgroups (256 threads), K step 64, CLT_ENC_WG_STAGES stages of CLT_ENC_WG_STAGE_BYTES each in
- * dynamic shared memory, both tiles in wgmma's canonical K-major layout without swizzle (8 x 16-byte core
- * matrices). The same alignment rule as encode_mma (CLT_ENC_MMA_ALIGN). */
+/* Tile sizes of Hopper's warpgroup-MMA encoders (encode_wgmma.cu, sm_90a only): 128 tokens x CLT_ENC_WG_TF
+ * features per block of two warpgroups (256 threads), K step CLT_ENC_WG_TK, CLT_ENC_WG_STAGES stages of
+ * CLT_ENC_WG_STAGE_BYTES each in dynamic shared memory, both tiles in wgmma's canonical K-major layout without
+ * swizzle (8 x 16-byte core matrices); encode_wgmma_narrow the same with the CLT_ENC_WGN_ sizes (two blocks
+ * an SM). The same alignment rule as encode_mma (CLT_ENC_MMA_ALIGN). */
 #define CLT_ENC_WG_TB 128
 #define CLT_ENC_WG_TF 256
 #define CLT_ENC_WG_TK 64
 #define CLT_ENC_WG_STAGES 4
 #define CLT_ENC_WG_STAGE_BYTES 49152 /* (TB + TF) rows x TK bf16, checked by encode_wgmma.cu */
+#define CLT_ENC_WGN_TF 128
+#define CLT_ENC_WGN_TK 32
+#define CLT_ENC_WGN_STAGES 4
+#define CLT_ENC_WGN_STAGE_BYTES 16384 /* (TB + TF) rows x TK bf16, checked by encode_wgmma.cu */
 
 /* Encoder: h = x W^T + b over one layer, fused epilogue. Lists are ELL: token b owns slots [b*cap, b*cap+cap),
  * count[b] entries were produced (may exceed cap: the host then re-runs with a larger cap). */
@@ -56,7 +61,7 @@ typedef struct {
     clt_ptr act;         /* f32 [B][cap] (0 for listed near-threshold entries) */
     clt_ptr part_preact; /* f32 [ceil(B/TB)][F]: per token tile, sum of (theta - h) over inactive tokens
                           * (TB = CLT_ENC_TB for encode_tile, CLT_ENC_MMA_TB for encode_mma,
-                          * CLT_ENC_WG_TB for encode_wgmma) */
+                          * CLT_ENC_WG_TB for encode_wgmma and encode_wgmma_narrow) */
     clt_ptr part_near;   /* u32 [ceil(B/TB)][F]: inactive near-threshold tokens */
     clt_ptr part_near_h; /* f32 [ceil(B/TB)][F]: sum of h over them */
     clt_ptr dense;       /* f32 [B][F] (CLT_EPI_DENSE) */

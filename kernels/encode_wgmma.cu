@@ -1,19 +1,24 @@
-// encode_wgmma: the encoder's GEMM h = x W^T + b and its two epilogues (encode.cu's) on Hopper's warpgroup
-// MMA. Compiled for sm_90a only (build.rs), loaded only on a device of compute capability 9.x.
-// CPU reference: src/backend/cpu/encode.rs (encode_layer, BlockOut::push_token, merge) with every block in
-// BlockMode::Near, as encode_tile and encode_mma.
+// encode_wgmma, encode_wgmma_narrow: the encoder's GEMM h = x W^T + b and its two epilogues (encode.cu's) on
+// Hopper's warpgroup MMA. Compiled for sm_90a only (build.rs), loaded only on a device of compute capability
+// 9.x. CPU reference: src/backend/cpu/encode.rs (encode_layer, BlockOut::push_token, merge) with every block
+// in BlockMode::Near, as encode_tile and encode_mma.
 //
-// A block computes CLT_ENC_WG_TB x CLT_ENC_WG_TF (128 tokens x 256 features) with two warpgroups of 4 warps;
-// warpgroup wg owns tokens wg*64 .. wg*64+63 of the tile and all 256 features, as one m64n256 accumulator
-// (128 f32 a thread). K advances 64 at a time through CLT_ENC_WG_STAGES (4) stages of dynamic shared
-// memory, filled by cp.async (16-byte copies) and read by wgmma.mma_async through matrix descriptors, four
-// k16 steps a slice.
+// A block computes 128 tokens x N features with two warpgroups of 4 warps; warpgroup wg owns tokens
+// wg*64 .. wg*64+63 of the tile and all N features, as one m64nN accumulator (N / 2 f32 a thread). K advances
+// K at a time through 4 stages of dynamic shared memory, filled by cp.async (16-byte copies) and read by
+// wgmma.mma_async through matrix descriptors, K / 16 k16 steps a slice. Two tiles (clt_params.h):
+// - encode_wgmma: N = 256, K = 64, 4 stages of 48 KB, one block an SM (182 registers): the fewest
+//   shared-memory bytes per FLOP (the operands and copies need the SM's whole shared-memory bandwidth at the
+//   tensor cores' full rate), but the epilogue runs while the SM's tensor cores idle;
+// - encode_wgmma_narrow: N = 128, K = 32, 4 stages of 16 KB, two blocks an SM: one block's epilogue and
+//   barriers overlap the other's products, at 1.25 times the shared-memory bytes per FLOP.
+// Which is faster is the GPU's to say (docs/cuda.md).
 //
-// Shared layout of a stage: x's 128 rows then W's 256 rows, each tile in wgmma's canonical K-major layout
-// without swizzle: core matrices of 8 rows x 8 bf16 (128 contiguous bytes, a row 16 bytes), the 8 core
-// matrices of an 8-row group along K 128 bytes apart (LBO), 8-row groups 1024 bytes apart (SBO). Chunk i of a
-// tile (16 bytes: row (i / 64) * 8 + i % 8, columns ((i / 8) % 8) * 8 .. +7) sits at byte i * 16, so the copies
-// write consecutive bytes and wgmma reads whole 128-byte core matrices (no bank conflicts either way).
+// Shared layout of a stage: x's 128 rows then W's N rows, each tile in wgmma's canonical K-major layout
+// without swizzle: core matrices of 8 rows x 8 bf16 (128 contiguous bytes, a row 16 bytes), the core matrices
+// of an 8-row group along K 128 bytes apart (LBO), 8-row groups K * 16 bytes apart (SBO). Chunk i of a tile
+// (16 bytes: row (i / K) * 8 + i % 8, columns ((i / 8) % (K / 8)) * 8 .. +7) sits at byte i * 16, so the
+// copies write consecutive bytes and wgmma reads whole 128-byte core matrices (no bank conflicts either way).
 //
 // Pipeline: slices kt + 1 and kt + 2 are in flight (cp.async) while the tensor cores run slice kt, and the
 // wgmma group of slice kt - 1 may still be running when slice kt's is issued (wgmma_wait<1>). The stage that
@@ -32,56 +37,59 @@
 #include "wgmma.cuh"
 
 #define WB CLT_ENC_WG_TB
-#define WF CLT_ENC_WG_TF
-#define WK CLT_ENC_WG_TK
-#define WSTAGES CLT_ENC_WG_STAGES
+#define WSTAGES 4
 
-static_assert((WB + WF) * WK * 2 == CLT_ENC_WG_STAGE_BYTES, "stage size as in clt_params.h");
-static_assert(WB == 128 && WF == 256 && WK == 64, "the copies and fragments below are written for this tile");
-static_assert(3 * 8 * WF * 4 <= WSTAGES * CLT_ENC_WG_STAGE_BYTES, "the epilogue's sums fit in the stages");
+static_assert(WB == 128, "two warpgroups of 64 tokens");
+static_assert(CLT_ENC_WG_STAGES == WSTAGES && CLT_ENC_WGN_STAGES == WSTAGES, "stages as in clt_params.h");
+static_assert((WB + CLT_ENC_WG_TF) * CLT_ENC_WG_TK * 2 == CLT_ENC_WG_STAGE_BYTES, "stage size as in clt_params.h");
+static_assert((WB + CLT_ENC_WGN_TF) * CLT_ENC_WGN_TK * 2 == CLT_ENC_WGN_STAGE_BYTES, "stage size as in clt_params.h");
 
-#define WG_LBO 128u   // bytes between core matrices adjacent along K
-#define WG_SBO 1024u  // bytes between 8-row groups
+#define WG_LBO 128u  // bytes between core matrices adjacent along K
 
-CLT_KERNEL void __launch_bounds__(256, 1) encode_wgmma(const CltEncodeParams p) {
-    CLT_DYNAMIC_SHARED(uint4, stage_mem);  // stage s: x chunks [WB * 8], then W chunks [WF * 8]
+template <int N, int K>
+__device__ __forceinline__ void encode_wgmma_body(const CltEncodeParams& p) {
+    constexpr uint32_t STAGE = (WB + N) * K * 2, SBO = K * 16;  // SBO: bytes between 8-row groups
+    constexpr int XC = WB * K / 8 / 256, WC = N * K / 8 / 256;  // 16-byte chunks a thread copies a stage
+    static_assert(K % 16 == 0 && XC * 256 == WB * K / 8 && WC * 256 == N * K / 8, "whole chunks a thread");
+    static_assert(3 * 8 * N * 4 <= WSTAGES * STAGE, "the epilogue's sums fit in the stages");
+    CLT_DYNAMIC_SHARED(uint4, stage_mem);  // stage s: x chunks [WB * K / 8], then W chunks [N * K / 8]
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
     const int wg = warp >> 2, wr = warp & 3;  // warpgroup; warp within it (its 16 rows of the 64)
-    const uint32_t b0 = blockIdx.y * WB, f0 = blockIdx.x * WF;
+    const uint32_t b0 = blockIdx.y * WB, f0 = blockIdx.x * N;
     const __nv_bfloat16* x = ptr<const __nv_bfloat16>(p.x);
     const __nv_bfloat16* w = ptr<const __nv_bfloat16>(p.w);
     const uint32_t smem0 = smem_addr(stage_mem);
 
-    // Slice k0 .. k0 + 63 into stage s: x's 1,024 chunks (4 a thread), W's 2,048 (8 a thread).
+    // Slice k0 .. k0 + K - 1 into stage s.
     auto load_stage = [&](int s, uint32_t k0) {
-        uint4* xs = stage_mem + (size_t)s * (CLT_ENC_WG_STAGE_BYTES / 16);
-        uint4* ws = xs + WB * 8;
+        uint4* xs = stage_mem + (size_t)s * (STAGE / 16);
+        uint4* ws = xs + WB * K / 8;
 #pragma unroll
-        for (int j = 0; j < 4; ++j) {
-            const int i = tid + 256 * j, r = (i >> 6) * 8 + (i & 7);
-            const uint32_t k = k0 + ((i >> 3) & 7) * 8, b = b0 + r;  // d % 8 == 0: k < d means 8 columns inside
+        for (int j = 0; j < XC; ++j) {
+            const int i = tid + 256 * j, r = (i / K) * 8 + (i & 7);
+            const uint32_t k = k0 + ((i >> 3) % (K / 8)) * 8, b = b0 + r;  // d % 8 == 0: 8 columns inside
             const bool ok = b < p.n_tokens && k < p.d;
             cp_async16(smem_addr(xs + i), ok ? x + (size_t)b * p.x_stride + k : x, ok);
         }
 #pragma unroll
-        for (int j = 0; j < 8; ++j) {
-            const int i = tid + 256 * j, r = (i >> 6) * 8 + (i & 7);
-            const uint32_t k = k0 + ((i >> 3) & 7) * 8, f = f0 + r;
+        for (int j = 0; j < WC; ++j) {
+            const int i = tid + 256 * j, r = (i / K) * 8 + (i & 7);
+            const uint32_t k = k0 + ((i >> 3) % (K / 8)) * 8, f = f0 + r;
             const bool ok = f < p.n_features && k < p.d;
             cp_async16(smem_addr(ws + i), ok ? w + (size_t)f * p.d + k : w, ok);
         }
     };
 
-    float acc[128];
+    float acc[N / 2];
 #pragma unroll
-    for (int i = 0; i < 128; ++i) acc[i] = 0.f;
+    for (int i = 0; i < N / 2; ++i) acc[i] = 0.f;
 
     // Slice j goes to stage j % WSTAGES in commit group j (committed even when empty, so that the count of
     // groups in flight is the same on every iteration).
-    const uint32_t nk = (p.d + WK - 1) / WK;
+    const uint32_t nk = (p.d + K - 1) / K;
 #pragma unroll
     for (uint32_t j = 0; j < 2; ++j) {
-        if (j < nk) load_stage(j, j * WK);
+        if (j < nk) load_stage(j, j * K);
         cp_async_commit();
     }
     for (uint32_t kt = 0; kt < nk; ++kt) {
@@ -89,25 +97,25 @@ CLT_KERNEL void __launch_bounds__(256, 1) encode_wgmma(const CltEncodeParams p) 
         cp_async_wait<1>();   // groups 0..kt have landed: slice kt, for this thread's copies
         fence_proxy_async();  // ... made visible to the async proxy
         __syncthreads();      // ... for every thread's; and every warpgroup has waited for slice kt - 2's wgmma
-        const uint32_t a0 = smem0 + s * CLT_ENC_WG_STAGE_BYTES + wg * (64 / 8) * WG_SBO;
-        const uint32_t w0 = smem0 + s * CLT_ENC_WG_STAGE_BYTES + WB * 8 * 16;
+        const uint32_t a0 = smem0 + s * STAGE + wg * (64 / 8) * SBO;
+        const uint32_t w0 = smem0 + s * STAGE + WB * K * 2;
         wgmma_fence();
-        wgmma_fence_operands(acc);
+        wgmma_fence_operands<N / 2>(acc);
 #pragma unroll
-        for (int ks = 0; ks < WK / 16; ++ks)  // k16 step ks: two core matrices along K
-            wgmma_m64n256k16(acc, wgmma_desc(a0 + ks * 2 * WG_LBO, WG_LBO, WG_SBO),
-                             wgmma_desc(w0 + ks * 2 * WG_LBO, WG_LBO, WG_SBO));
+        for (int ks = 0; ks < K / 16; ++ks)  // k16 step ks: two core matrices along K
+            wgmma_bf16<N>(acc, wgmma_desc(a0 + ks * 2 * WG_LBO, WG_LBO, SBO),
+                          wgmma_desc(w0 + ks * 2 * WG_LBO, WG_LBO, SBO));
         wgmma_commit();
-        wgmma_fence_operands(acc);
+        wgmma_fence_operands<N / 2>(acc);
         const uint32_t next = kt + 2;  // into the stage of slice kt - 2
-        if (next < nk) load_stage(next % WSTAGES, next * WK);
+        if (next < nk) load_stage(next % WSTAGES, next * K);
         cp_async_commit();
         wgmma_wait<1>();  // slice kt - 1's products are done (slice kt's may still run)
     }
     wgmma_wait<0>();
-    wgmma_fence_operands(acc);  // the epilogue reads the accumulators after the wait, not before
-    cp_async_wait<0>();  // (only empty groups are left)
-    __syncthreads();     // every warpgroup is done with the stages: their bytes hold the sums below
+    wgmma_fence_operands<N / 2>(acc);  // the epilogue reads the accumulators after the wait, not before
+    cp_async_wait<0>();                // (only empty groups are left)
+    __syncthreads();                   // every warpgroup is done with the stages: their bytes hold the sums below
 
     const int g = lane >> 2, t = lane & 3;
     const float* bias = ptr<const float>(p.bias);
@@ -115,7 +123,7 @@ CLT_KERNEL void __launch_bounds__(256, 1) encode_wgmma(const CltEncodeParams p) 
     if (p.epilogue == CLT_EPI_DENSE) {
         float* dense = ptr<float>(p.dense);
 #pragma unroll
-        for (int j = 0; j < 32; ++j)
+        for (int j = 0; j < N / 8; ++j)
 #pragma unroll
             for (int i = 0; i < 4; ++i) {
                 const uint32_t b = row0 + (i >> 1) * 8, f = f0 + 8 * j + 2 * t + (i & 1);
@@ -124,13 +132,13 @@ CLT_KERNEL void __launch_bounds__(256, 1) encode_wgmma(const CltEncodeParams p) 
         return;
     }
 
-    float* red_preact = reinterpret_cast<float*>(stage_mem);  // [8 warps][WF] each
-    uint32_t* red_near = reinterpret_cast<uint32_t*>(red_preact + 8 * WF);
-    float* red_near_h = reinterpret_cast<float*>(red_near + 8 * WF);
+    float* red_preact = reinterpret_cast<float*>(stage_mem);  // [8 warps][N] each
+    uint32_t* red_near = reinterpret_cast<uint32_t*>(red_preact + 8 * N);
+    float* red_near_h = reinterpret_cast<float*>(red_near + 8 * N);
     const float* theta = ptr<const float>(p.theta);
     const JumpLists lists = jump_lists(p);
 #pragma unroll
-    for (int j = 0; j < 32; ++j)
+    for (int j = 0; j < N / 8; ++j)
 #pragma unroll
         for (int c = 0; c < 2; ++c) {
             const int fl = 8 * j + 2 * t + c;  // the feature within the tile
@@ -153,25 +161,34 @@ CLT_KERNEL void __launch_bounds__(256, 1) encode_wgmma(const CltEncodeParams p) 
                 s_h += __shfl_xor_sync(0xffffffffu, s_h, o);
             }
             if (g == 0) {
-                red_preact[warp * WF + fl] = s_pre;
-                red_near[warp * WF + fl] = s_near;
-                red_near_h[warp * WF + fl] = s_h;
+                red_preact[warp * N + fl] = s_pre;
+                red_near[warp * N + fl] = s_near;
+                red_near_h[warp * N + fl] = s_h;
             }
         }
     __syncthreads();
-    const uint32_t f = f0 + tid;  // one feature a thread: its sums over the 8 warps, in warp order
-    if (f < p.n_features) {
+    // One feature a thread (the first N threads): its sums over the 8 warps, in warp order.
+    const uint32_t f = f0 + tid;
+    if (tid < N && f < p.n_features) {
         float s_pre = 0.f, s_h = 0.f;
         uint32_t s_near = 0;
 #pragma unroll
         for (int v = 0; v < 8; ++v) {
-            s_pre += red_preact[v * WF + tid];
-            s_near += red_near[v * WF + tid];
-            s_h += red_near_h[v * WF + tid];
+            s_pre += red_preact[v * N + tid];
+            s_near += red_near[v * N + tid];
+            s_h += red_near_h[v * N + tid];
         }
         const size_t o = (size_t)blockIdx.y * p.n_features + f;
         ptr<float>(p.part_preact)[o] = s_pre;
         ptr<uint32_t>(p.part_near)[o] = s_near;
         ptr<float>(p.part_near_h)[o] = s_h;
     }
+}
+
+CLT_KERNEL void __launch_bounds__(256, 1) encode_wgmma(const CltEncodeParams p) {
+    encode_wgmma_body<CLT_ENC_WG_TF, CLT_ENC_WG_TK>(p);
+}
+
+CLT_KERNEL void __launch_bounds__(256, 2) encode_wgmma_narrow(const CltEncodeParams p) {
+    encode_wgmma_body<CLT_ENC_WGN_TF, CLT_ENC_WGN_TK>(p);
 }

@@ -25,12 +25,13 @@ __device__ __forceinline__ void fence_proxy_async() {
     asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
 }
 
-// Pins the 128 accumulators at this point of the program for the compiler: a volatile asm that reads and
+// Pins the M accumulators at this point of the program for the compiler: a volatile asm that reads and
 // writes each one, so that no use of them moves across the wgmma issue or wait it sits beside (volatile asm
 // statements keep their order; plain register uses do not).
+template <int M>
 __device__ __forceinline__ void wgmma_fence_operands(float* d) {
 #pragma unroll
-    for (int i = 0; i < 128; ++i) asm volatile("" : "+f"(d[i])::"memory");
+    for (int i = 0; i < M; ++i) asm volatile("" : "+f"(d[i])::"memory");
 }
 
 __device__ __forceinline__ void wgmma_commit() { asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory"); }
@@ -41,11 +42,48 @@ __device__ __forceinline__ void wgmma_wait() {
     asm volatile("wgmma.wait_group.sync.aligned %0;\n" ::"n"(N) : "memory");
 }
 
-// d += A B for one m64n256k16 step of the warpgroup: A (64 x 16, K-major) and B (256 x 16, K-major: W's [F][d]
-// rows) in shared memory through their descriptors, bf16 in, fp32 accumulators. Thread (warp w of the
-// warpgroup, lane 4 g + t) holds d[4 j + 2 h + c] = D[16 w + g + 8 h][8 j + 2 t + c] (PTX ISA, wgmma D
-// fragments for .m64nNk16).
-__device__ __forceinline__ void wgmma_m64n256k16(float* d, uint64_t desc_a, uint64_t desc_b) {
+// d += A B for one m64nNk16 step of the warpgroup: A (64 x 16, K-major) and B (N x 16, K-major: W's [F][d]
+// rows) in shared memory through their descriptors, bf16 in, fp32 accumulators (N / 2 a thread). Thread (warp
+// w of the warpgroup, lane 4 g + t) holds d[4 j + 2 h + c] = D[16 w + g + 8 h][8 j + 2 t + c] (PTX ISA, wgmma
+// D fragments for .m64nNk16). The operands after the descriptors: scale-d 1 (D += A B), A and B not negated,
+// neither transposed (both K-major).
+template <int N>
+__device__ __forceinline__ void wgmma_bf16(float* d, uint64_t desc_a, uint64_t desc_b);
+
+template <>
+__device__ __forceinline__ void wgmma_bf16<128>(float* d, uint64_t desc_a, uint64_t desc_b) {
+    asm volatile(
+        "{\n"
+        "wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16 "
+        "{"
+        "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "
+        "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, "
+        "%32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, "
+        "%48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63}, "
+        "%64, %65, 1, 1, 1, 0, 0;\n"
+        "}\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]),
+          "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),
+          "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]),
+          "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]),
+          "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]),
+          "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]),
+          "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]),
+          "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]),
+          "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]),
+          "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]),
+          "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]),
+          "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]),
+          "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]),
+          "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]),
+          "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]),
+          "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63])
+        : "l"(desc_a), "l"(desc_b)
+        : "memory");
+}
+
+template <>
+__device__ __forceinline__ void wgmma_bf16<256>(float* d, uint64_t desc_a, uint64_t desc_b) {
     asm volatile(
         "{\n"
         "wgmma.mma_async.sync.aligned.m64n256k16.f32.bf16.bf16 "
@@ -100,14 +138,16 @@ __device__ __forceinline__ void wgmma_m64n256k16(float* d, uint64_t desc_a, uint
 
 inline void wgmma_fence() { clt_emu::wgmma_fence(); }
 inline void fence_proxy_async() { clt_emu::fence_proxy_async(); }
+template <int M>
 inline void wgmma_fence_operands(float*) {}
 inline void wgmma_commit() { clt_emu::wgmma_commit(); }
 template <int N>
 inline void wgmma_wait() {
     clt_emu::wgmma_wait(N);
 }
-inline void wgmma_m64n256k16(float* d, uint64_t desc_a, uint64_t desc_b) {
-    clt_emu::wgmma_bf16(d, 256, desc_a, desc_b);
+template <int N>
+inline void wgmma_bf16(float* d, uint64_t desc_a, uint64_t desc_b) {
+    clt_emu::wgmma_bf16(d, N, desc_a, desc_b);
 }
 
 #endif

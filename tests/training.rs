@@ -230,6 +230,27 @@ kind = "synthetic"
         "steps = 10\nparallel = \"grid\"\nfeature_shards = 2\noverlap = true",
     );
     assert!(RunConfig::from_toml(&grid).is_ok());
+    // The CUDA kernel choices parse by the names their errors use (the CPU backends ignore them).
+    use clt::backend::EncoderKernel;
+    for k in [
+        EncoderKernel::Mma,
+        EncoderKernel::Wgmma,
+        EncoderKernel::WgmmaNarrow,
+    ] {
+        let text = base.replace(
+            "steps = 10",
+            &format!(
+                "steps = 10\nencoder_kernel = \"{}\"\nsparse_kernels = \"tiled\"",
+                k.name()
+            ),
+        );
+        let run = RunConfig::from_toml(&text).unwrap();
+        assert_eq!(run.train.encoder_kernel, k);
+    }
+    assert!(
+        RunConfig::from_toml(&base.replace("steps = 10", "steps = 10\nencoder_kernel = \"wmma\""))
+            .is_err()
+    );
     let cases = [
         ("n_features = 16", "n_features = 0", "model.n_features"),
         ("batch_size = 32", "batch_size = 0", "train.batch_size"),

@@ -93,9 +93,23 @@ pub enum EncoderKernel {
     /// `encode_mma`: `mma.sync` m16n8k16, any device this backend runs on.
     #[default]
     Mma,
-    /// `encode_wgmma`: Hopper's warpgroup MMA (`wgmma.mma_async` m64n256k16); compute capability 9.x only
-    /// (elsewhere setting it is an error). The same sums in another order: within f32 rounding of `mma`.
+    /// `encode_wgmma`: Hopper's warpgroup MMA (`wgmma.mma_async` m64n256k16, 128 × 256 tiles, one block
+    /// an SM); compute capability 9.x only (elsewhere setting it is an error). The same sums in another
+    /// order: within f32 rounding of `mma`.
     Wgmma,
+    /// `encode_wgmma_narrow`: the same with 128 × 128 tiles (m64n128k16), two blocks an SM.
+    WgmmaNarrow,
+}
+
+impl EncoderKernel {
+    /// The setting's name in a run's TOML (`[train] encoder_kernel`).
+    pub fn name(self) -> &'static str {
+        match self {
+            EncoderKernel::Mma => "mma",
+            EncoderKernel::Wgmma => "wgmma",
+            EncoderKernel::WgmmaNarrow => "wgmma_narrow",
+        }
+    }
 }
 
 /// A ready-to-use backend.

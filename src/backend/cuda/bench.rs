@@ -148,7 +148,8 @@ pub fn run_with(preset: Preset, timer: &mut dyn Timer) -> Result<()> {
         bias: &bias,
         n_features: f_n,
     };
-    // encode_wgmma (sm_90a) where the device has it; encode_mma runs last: the codes below are its.
+    // encode_wgmma and encode_wgmma_narrow (sm_90a) where the device has them; encode_mma runs last: the
+    // codes below are its.
     let wgmma = gpu.has_wgmma();
     if !wgmma {
         println!(
@@ -156,20 +157,24 @@ pub fn run_with(preset: Preset, timer: &mut dyn Timer) -> Result<()> {
             gpu.describe()
         );
     }
-    let gemms = |simt, wg, mma| {
-        let mut v = vec![(simt, encode::Gemm::Simt)];
+    let gemms = |epilogue: &str| {
+        let mut v = vec![(format!("encode SIMT ({epilogue})"), encode::Gemm::Simt)];
         if wgmma {
-            v.push((wg, encode::Gemm::Wgmma));
+            v.push((
+                format!("encode wgmma 256 ({epilogue})"),
+                encode::Gemm::Wgmma,
+            ));
+            v.push((
+                format!("encode wgmma 128 ({epilogue})"),
+                encode::Gemm::WgmmaNarrow,
+            ));
         }
-        v.push((mma, encode::Gemm::TensorCore));
+        v.push((format!("encode mma ({epilogue})"), encode::Gemm::TensorCore));
         v
     };
     let mut codes = None;
-    for (name, gemm) in gemms(
-        "encode SIMT (JumpReLU)",
-        "encode wgmma (JumpReLU)",
-        "encode mma (JumpReLU)",
-    ) {
+    for (name, gemm) in gemms("JumpReLU") {
+        let name = name.as_str();
         let ms = timer.time(&gpu, name, &mut || {
             codes = Some(encode::jumprelu_with(
                 &gpu,
@@ -191,11 +196,8 @@ pub fn run_with(preset: Preset, timer: &mut dyn Timer) -> Result<()> {
     }
     {
         let h = gpu.output::<f32>(b_n * f_n)?;
-        for (name, gemm) in gemms(
-            "encode SIMT (dense)",
-            "encode wgmma (dense)",
-            "encode mma (dense)",
-        ) {
+        for (name, gemm) in gemms("dense") {
+            let name = name.as_str();
             let ms = timer.time(&gpu, name, &mut || {
                 encode::dense_into_with(&gpu, &inp, &h, 0, gemm)
             })?;

@@ -101,8 +101,8 @@ pub struct Gpu {
     tiled: AtomicBool,
     /// How `act_grad_partial` divides its shared memory.
     act_tiling: Mutex<ActTiling>,
-    /// The encoder's tensor-core GEMM is `encode_wgmma` ([`EncoderKernel`]).
-    wgmma: AtomicBool,
+    /// The encoder's tensor-core GEMM ([`EncoderKernel`]).
+    encoder: Mutex<EncoderKernel>,
     /// cuBLAS on the compute stream, opened on first use ([`Gpu::blas`]).
     blas: OnceLock<Blas>,
 }
@@ -143,7 +143,7 @@ impl Gpu {
             poison: AtomicBool::new(false),
             tiled: AtomicBool::new(false),
             act_tiling: Mutex::new(ActTiling::default()),
-            wgmma: AtomicBool::new(false),
+            encoder: Mutex::new(EncoderKernel::Mma),
             blas: OnceLock::new(),
         })
     }
@@ -158,7 +158,7 @@ impl Gpu {
     }
 
     /// Whether the device runs Hopper's warpgroup MMA (`wgmma`, compute capability 9.x: the `sm_90a`
-    /// module of `encode_wgmma`).
+    /// module of `encode_wgmma` and `encode_wgmma_narrow`).
     pub fn has_wgmma(&self) -> bool {
         matches!(self.ctx.compute_capability(), Ok((9, _)))
     }
@@ -190,27 +190,23 @@ impl Gpu {
     }
 
     /// Which tensor-core encoder `encode::Gemm::Auto` runs from now on (`encode_mma` until set); refuses
-    /// `wgmma` on a device without it.
+    /// the `wgmma` kernels on a device without them.
     pub fn set_encoder_kernel(&self, kernel: EncoderKernel) -> Result<()> {
-        if kernel == EncoderKernel::Wgmma && !self.has_wgmma() {
+        if kernel != EncoderKernel::Mma && !self.has_wgmma() {
             return Err(Error::Unsupported(format!(
-                "encoder_kernel = \"wgmma\" needs a device of compute capability 9.x (Hopper's \
-                 warpgroup MMA); this one is {}: use \"mma\"",
+                "encoder_kernel = \"{}\" needs a device of compute capability 9.x (Hopper's warpgroup \
+                 MMA); this one is {}: use \"mma\"",
+                kernel.name(),
                 self.describe()
             )));
         }
-        self.wgmma
-            .store(kernel == EncoderKernel::Wgmma, Ordering::Relaxed);
+        *self.encoder.lock().unwrap_or_else(|p| p.into_inner()) = kernel;
         Ok(())
     }
 
     /// Which tensor-core encoder `encode::Gemm::Auto` runs.
     pub fn encoder_kernel(&self) -> EncoderKernel {
-        if self.wgmma.load(Ordering::Relaxed) {
-            EncoderKernel::Wgmma
-        } else {
-            EncoderKernel::Mma
-        }
+        *self.encoder.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// How `act_grad_partial` divides its shared memory from now on (the default until set); refuses a

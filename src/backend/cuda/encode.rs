@@ -6,9 +6,11 @@
 //! m16n8k16, fp32 accumulation, 128 × 128 × 32 tiles through four `cp.async` stages), which runs
 //! whenever every row it copies is 16-byte aligned (`d`, the row stride and the layer offset multiples of 8
 //! elements, [`EncodeInput::tensor_core_ok`]); `encode_wgmma`, Hopper's warpgroup MMA (`wgmma.mma_async`
-//! m64n256k16, 128 × 256 × 64 tiles, the same alignment rule, compute capability 9.x only), chosen by
-//! [`Gemm::Wgmma`] until a GPU run says whether it beats `encode_mma`; and `encode_tile`, a SIMT 64 × 64
-//! tile, for every other shape and as the second reference.
+//! m64n256k16, 128 × 256 × 64 tiles, the same alignment rule, compute capability 9.x only) and
+//! `encode_wgmma_narrow` (m64n128k16, 128 × 128 × 32 tiles, two blocks an SM), chosen by [`Gemm::Wgmma`]
+//! / [`Gemm::WgmmaNarrow`] or the device's [`EncoderKernel`] until a GPU run says whether either beats
+//! `encode_mma`; and `encode_tile`, a SIMT 64 × 64 tile, for every other shape and as the second
+//! reference.
 //!
 //! CPU reference: [`crate::backend::cpu::encode::encode_layer`] with `list_near = true` (every block in
 //! `BlockMode::Near`).
@@ -17,8 +19,8 @@ use super::context::{Gpu, Module, grid_1d, per_item};
 use super::ffi::{
     CLT_ENC_MMA_ALIGN, CLT_ENC_MMA_STAGE_BYTES, CLT_ENC_MMA_STAGES, CLT_ENC_MMA_TB, CLT_ENC_MMA_TF,
     CLT_ENC_TB, CLT_ENC_TF, CLT_ENC_WG_STAGE_BYTES, CLT_ENC_WG_STAGES, CLT_ENC_WG_TB,
-    CLT_ENC_WG_TF, CLT_EPI_DENSE, CLT_EPI_JUMPRELU, CltEncodeParams, CltReduceParams,
-    CltSortParams, CltToBf16Params,
+    CLT_ENC_WG_TF, CLT_ENC_WGN_STAGE_BYTES, CLT_ENC_WGN_STAGES, CLT_ENC_WGN_TF, CLT_EPI_DENSE,
+    CLT_EPI_JUMPRELU, CltEncodeParams, CltReduceParams, CltSortParams, CltToBf16Params,
 };
 use super::memory::DBuf;
 use crate::backend::EncoderKernel;
@@ -36,9 +38,11 @@ pub enum Gemm {
     Simt,
     /// `encode_mma`: bf16 tensor cores; an error when the shape does not allow it.
     TensorCore,
-    /// `encode_wgmma`: bf16 tensor cores through Hopper's warpgroup MMA; an error when the shape does not
-    /// allow it or the device is not of compute capability 9.x.
+    /// `encode_wgmma`: bf16 tensor cores through Hopper's warpgroup MMA, 128 × 256 tiles; an error when
+    /// the shape does not allow it or the device is not of compute capability 9.x.
     Wgmma,
+    /// `encode_wgmma_narrow`: the same with 128 × 128 tiles, two blocks an SM.
+    WgmmaNarrow,
 }
 
 /// Largest per-token list the sort handles (its shared memory holds `cap × 12` bytes).
@@ -237,11 +241,27 @@ impl EncodeInput<'_> {
             tile_f: CLT_ENC_TF as usize,
             shared: 0,
         };
-        let gemm = match gemm {
-            Gemm::Auto if self.tensor_core_ok() && gpu.encoder_kernel() == EncoderKernel::Wgmma => {
-                Gemm::Wgmma
+        let gemm = match (gemm, gpu.encoder_kernel()) {
+            (Gemm::Auto, EncoderKernel::Wgmma) if self.tensor_core_ok() => Gemm::Wgmma,
+            (Gemm::Auto, EncoderKernel::WgmmaNarrow) if self.tensor_core_ok() => Gemm::WgmmaNarrow,
+            (g, _) => g,
+        };
+        let wgmma = |name, tile_f: u32, stages: u32, stage_bytes: u32| {
+            aligned()?;
+            if !gpu.has_wgmma() {
+                return Err(Error::Unsupported(format!(
+                    "the warpgroup-MMA encoder ({name}) needs a device of compute capability 9.x \
+                     (sm_90a); this one is {}",
+                    gpu.describe()
+                )));
             }
-            g => g,
+            Ok(Kernel {
+                module: Module::EncodeWgmma,
+                name,
+                tile_b: CLT_ENC_WG_TB as usize,
+                tile_f: tile_f as usize,
+                shared: stages * stage_bytes,
+            })
         };
         Ok(match gemm {
             Gemm::Auto if self.tensor_core_ok() => mma,
@@ -250,23 +270,18 @@ impl EncodeInput<'_> {
                 aligned()?;
                 mma
             }
-            Gemm::Wgmma => {
-                aligned()?;
-                if !gpu.has_wgmma() {
-                    return Err(Error::Unsupported(format!(
-                        "the warpgroup-MMA encoder (encode_wgmma) needs a device of compute capability 9.x \
-                         (sm_90a); this one is {}",
-                        gpu.describe()
-                    )));
-                }
-                Kernel {
-                    module: Module::EncodeWgmma,
-                    name: "encode_wgmma",
-                    tile_b: CLT_ENC_WG_TB as usize,
-                    tile_f: CLT_ENC_WG_TF as usize,
-                    shared: CLT_ENC_WG_STAGES * CLT_ENC_WG_STAGE_BYTES,
-                }
-            }
+            Gemm::Wgmma => wgmma(
+                "encode_wgmma",
+                CLT_ENC_WG_TF,
+                CLT_ENC_WG_STAGES,
+                CLT_ENC_WG_STAGE_BYTES,
+            )?,
+            Gemm::WgmmaNarrow => wgmma(
+                "encode_wgmma_narrow",
+                CLT_ENC_WGN_TF,
+                CLT_ENC_WGN_STAGES,
+                CLT_ENC_WGN_STAGE_BYTES,
+            )?,
         })
     }
 }
