@@ -172,6 +172,19 @@ pub fn run_with(preset: Preset, timer: &mut dyn Timer) -> Result<()> {
         v.push((format!("encode mma ({epilogue})"), encode::Gemm::TensorCore));
         v
     };
+    // Each epilogue's times by kernel, for the mma / wgmma ratio lines.
+    let ratios = |times: &[(encode::Gemm, f64)]| {
+        let mma = times.iter().find(|t| t.0 == encode::Gemm::TensorCore);
+        for (gemm, label) in [
+            (encode::Gemm::Wgmma, "wgmma 256"),
+            (encode::Gemm::WgmmaNarrow, "wgmma 128"),
+        ] {
+            if let (Some(m), Some(w)) = (mma, times.iter().find(|t| t.0 == gemm)) {
+                println!("  mma / {label} encoder time: {:.2}x", m.1 / w.1);
+            }
+        }
+    };
+    let mut times = Vec::new();
     let mut codes = None;
     for (name, gemm) in gemms("JumpReLU") {
         let name = name.as_str();
@@ -193,14 +206,18 @@ pub fn run_with(preset: Preset, timer: &mut dyn Timer) -> Result<()> {
             (b_n * d * 2 + f_n * d * 2) as f64,
             copy,
         );
+        times.push((gemm, ms));
     }
+    ratios(&times);
     {
         let h = gpu.output::<f32>(b_n * f_n)?;
+        times.clear();
         for (name, gemm) in gemms("dense") {
             let name = name.as_str();
             let ms = timer.time(&gpu, name, &mut || {
                 encode::dense_into_with(&gpu, &inp, &h, 0, gemm)
             })?;
+            times.push((gemm, ms));
             report(
                 name,
                 ms,
@@ -209,6 +226,7 @@ pub fn run_with(preset: Preset, timer: &mut dyn Timer) -> Result<()> {
                 copy,
             );
         }
+        ratios(&times);
     }
     let (codes, window) = codes.expect("encoded");
     let listed = codes.to_host(&gpu)?;
