@@ -145,7 +145,8 @@ typedef struct {
 
 /* dL/da at every listed entry of source layer l: proj = <r_b[l..], W_dec[l][f]>, and for active entries the
  * full pre-activation gradient ge = proj + tanh_scale * c * n_f * (1 - tanh(c a n_f)^2). act_grad_partial
- * writes the dot products' sums per range of columns into `partial` and act_grad_finish adds them. */
+ * writes the dot products' sums per range of columns into `partial` and act_grad_finish adds them, for the
+ * slots below `split`; act_grad covers slots split..slot_end (all of them with split = 0, slot_end = cap). */
 typedef struct {
     clt_ptr count;    /* const u32 [B] */
     clt_ptr feat;     /* const u32 [B][cap] */
@@ -168,6 +169,8 @@ typedef struct {
     uint32_t tile_tokens; /* act_grad_partial: tokens a block (at most 512) */
     uint32_t n_ranges;    /* act_grad_partial: ranges of 512 columns in a row */
     uint32_t feature_chunk; /* act_grad_partial: features whose slices it stages at a time (<= 2048) */
+    uint32_t split;    /* slots below it: act_grad_partial / act_grad_finish; act_grad: slots split..slot_end */
+    uint32_t slot_end; /* act_grad: one past the last slot it covers (cap, or the longest list) */
     uint32_t pad0;
 } CltActGradParams;
 

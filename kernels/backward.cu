@@ -48,14 +48,17 @@ __device__ __forceinline__ float dot8(float4 r0, float4 r1, uint4 wv, float acc)
     return fmaf(r1.w, __uint_as_float(wv.w & 0xffff0000u), acc);
 }
 
+// act_grad: a warp per slot split..slot_end of every token (all slots with split = 0, slot_end = cap; the
+// tail of the longest lists where act_grad_partial takes the rest), entry b * cap + s.
 CLT_KERNEL void __launch_bounds__(256) act_grad(const CltActGradParams p) {
     const uint32_t warp = (blockIdx.x * blockDim.x + threadIdx.x) >> 5;
     const uint32_t lane = threadIdx.x & 31;
-    if (warp >= p.n_tokens * p.cap) return;
-    const uint32_t b = warp / p.cap, s = warp % p.cap;
+    const uint32_t width = p.slot_end - p.split;
+    if (warp >= p.n_tokens * width) return;
+    const uint32_t b = warp / width, s = p.split + warp % width, entry = b * p.cap + s;
     const uint32_t n = min(ptr<const uint32_t>(p.count)[b], p.cap);
     if (s >= n) return;
-    const uint32_t f = ptr<const uint32_t>(p.feat)[warp];
+    const uint32_t f = ptr<const uint32_t>(p.feat)[entry];
     const __nv_bfloat16* w = ptr<const __nv_bfloat16>(p.w_dec) + (size_t)f * p.row_len;
     const float* r = ptr<const float>(p.resid) + (size_t)b * p.resid_stride + p.resid_offset;
     float acc = 0.f;
@@ -75,7 +78,7 @@ CLT_KERNEL void __launch_bounds__(256) act_grad(const CltActGradParams p) {
         for (uint32_t j = lane; j < p.row_len; j += 32) acc = fmaf(r[j], __bfloat162float(w[j]), acc);
     }
     for (int o = 16; o > 0; o >>= 1) acc += __shfl_down_sync(0xffffffffu, acc, o);
-    if (lane == 0) act_grad_out(p, warp, f, acc);
+    if (lane == 0) act_grad_out(p, entry, f, acc);
 }
 
 #define AG_CHUNK 2048   // residuals act_grad_tiled stages at a time (8 KB), a multiple of 256
@@ -160,7 +163,8 @@ __device__ __forceinline__ void ap_stage(const CltActGradParams& p, uint32_t col
 // columns in registers; for each chunk of feature_chunk features the block stages every feature's 16 weights
 // of those columns (32 bytes, dynamic shared memory; cp.async into one of two buffers while the threads
 // add from the other), and each thread adds <r, w> into its entries' accumulators (shared memory,
-// [rows][tile_tokens] with a row for each entry of the longest list, one thread's alone), each token's
+// [split][tile_tokens]: a row for each of a token's first `split` entries, one thread's alone; the host
+// chooses split so that few tokens list more, and act_grad takes their entries past it), each token's
 // list read once per step through a cursor (lists are in increasing feature order, DeviceCodes'
 // invariant). The two tokens' walks go in step, an entry of each a round, each with the features of its
 // next AP_AHEAD entries loaded ahead (a feature id is the only global load of a walk's step: weights and
@@ -187,7 +191,7 @@ CLT_KERNEL void __launch_bounds__(256, 1) act_grad_partial(const CltActGradParam
 #pragma unroll
     for (int tt = 0; tt < AP_TPT; ++tt) {
         const uint32_t tok = tt * 256 + threadIdx.x, b = b0 + tok;
-        n[tt] = tok < T && b < p.n_tokens ? min(ptr<const uint32_t>(p.count)[b], p.cap) : 0;
+        n[tt] = tok < T && b < p.n_tokens ? min(min(ptr<const uint32_t>(p.count)[b], p.cap), p.split) : 0;
         feat[tt] = ptr<const uint32_t>(p.feat) + (size_t)b * p.cap;
         for (uint32_t e = 0; e < n[tt]; ++e) acc[e * T + tok] = 0.f;
     }
@@ -256,12 +260,12 @@ CLT_KERNEL void __launch_bounds__(256, 1) act_grad_partial(const CltActGradParam
 }
 
 // act_grad_finish: an entry's dot product as the sum of act_grad_partial's ranges, in order, then
-// act_grad's outputs. One thread per slot.
+// act_grad's outputs. One thread per slot (below split).
 CLT_KERNEL void act_grad_finish(const CltActGradParams p) {
     const uint32_t e = blockIdx.x * blockDim.x + threadIdx.x;
     if (e >= p.n_tokens * p.cap) return;
     const uint32_t b = e / p.cap, s = e % p.cap;
-    if (s >= min(ptr<const uint32_t>(p.count)[b], p.cap)) return;
+    if (s >= min(min(ptr<const uint32_t>(p.count)[b], p.cap), p.split)) return;  // (slots past split: act_grad)
     const float* part = ptr<const float>(p.partial) + (size_t)e * p.n_ranges;
     float dot = 0.f;
     for (uint32_t r = 0; r < p.n_ranges; ++r) dot += part[r];

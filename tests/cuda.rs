@@ -414,8 +414,21 @@ mod gpu_tests {
         let tiling = backward::ActTiling {
             accumulators: 1024,
             feature_chunk: 300,
+            ..Default::default()
         };
         Some(SMALL.get_or_init(|| tiled_handle(Some(tiling))))
+    }
+
+    /// A fourth handle on the device, tiled, whose `act_grad_partial` leaves the lists of up to one token
+    /// in 100 past its rows to `act_grad` (`ActTiling::tail`).
+    fn tail_tiles_gpu() -> Option<&'static Gpu> {
+        static TAIL: OnceLock<Gpu> = OnceLock::new();
+        gpu()?;
+        let tiling = backward::ActTiling {
+            tail: 100,
+            ..Default::default()
+        };
+        Some(TAIL.get_or_init(|| tiled_handle(Some(tiling))))
     }
 
     /// One training step's loss and gradient on the GPU (`step::loss_and_grad`) against the CPU's.
@@ -1977,6 +1990,7 @@ mod gpu_tests {
         let bad = |accumulators, feature_chunk| backward::ActTiling {
             accumulators,
             feature_chunk,
+            ..Default::default()
         };
         for t in [
             bad(0, 2048),
@@ -1987,6 +2001,79 @@ mod gpu_tests {
             assert!(small.set_act_tiling(t).is_err(), "{t:?} accepted");
         }
         assert_eq!(small.act_tiling(), bad(1024, 300));
+    }
+
+    /// `ActTiling::rows_for`: the rows `act_grad_partial` gives a token leave at most one token in `tail`
+    /// longer (a host computation: runs without a GPU).
+    #[test]
+    fn act_tiling_rows_leave_at_most_the_tail_longer() {
+        let t = |tail| backward::ActTiling {
+            tail,
+            ..Default::default()
+        };
+        // 2,048 tokens of 60 entries, 2 of 500: at tail 1,024 the two long ones go past the rows.
+        let mut lengths = vec![0; 501];
+        lengths[60] = 2048;
+        lengths[500] = 2;
+        assert_eq!(t(1024).rows_for(&lengths), 60);
+        // A third long one (499) is one more than 2,051 / 1,024 allows: the rows reach it.
+        lengths[499] = 1;
+        assert_eq!(t(1024).rows_for(&lengths), 499);
+        // A tail of 1 lets every list be longer: one row (the least there is).
+        assert_eq!(t(1).rows_for(&lengths), 1);
+        // Lengths spread 0..=99, 100 tokens each: 10,000 / 1,024 = 9 tokens may be longer, fewer than the
+        // 100 of length 99, so the rows are 99; at a tail of 50 (200 tokens: lengths 99 and 98), 97.
+        let spread = vec![100; 100];
+        assert_eq!(t(1024).rows_for(&spread), 99);
+        assert_eq!(t(50).rows_for(&spread), 97);
+        // No tokens, or only empty lists: one row.
+        assert_eq!(t(1024).rows_for(&[]), 1);
+        assert_eq!(t(1024).rows_for(&[7]), 1);
+    }
+
+    /// One layer's backward with `act_grad_partial` holding rows for all but the 6 longest lists of 600
+    /// (`tail` = 100: at most 6 tokens may list more), whose entries past the rows `act_grad` computes, a
+    /// warp each, against the gathers: lists of up to 40 entries, and 6 of 150 to 400. The split is checked
+    /// to fall below the longest list, so the tail launch runs. Activation gradients' outputs within f32
+    /// rounding, the rest to the bit.
+    #[test]
+    fn tiled_activation_gradient_leaves_the_longest_lists_to_the_gather() {
+        let (Some(gpu), Some(tail)) = (gpu(), tail_tiles_gpu()) else {
+            return;
+        };
+        let (l_n, d, f_n, n_tokens) = (2usize, 1040usize, 2100usize, 600usize);
+        let mut rng = Rng::seed(17);
+        let mut h = encode::HostCodes {
+            offsets: vec![0],
+            ..Default::default()
+        };
+        for b in 0..n_tokens {
+            let n = if b % 100 == 37 {
+                150 + rng.below(250)
+            } else {
+                rng.below(41)
+            };
+            let mut fs: Vec<u32> = (0..n).map(|_| rng.below(f_n) as u32).collect();
+            fs.sort_unstable();
+            fs.dedup();
+            push_token(&mut h, &fs, &mut rng);
+        }
+        let codes = encode::DeviceCodes::from_host(gpu, &h).unwrap();
+        let split = tail.act_tiling().split(&codes);
+        assert!(
+            split <= 40 && split < codes.longest,
+            "split {split}, longest {}",
+            codes.longest
+        );
+        compare_layer_grads(
+            (gpu, tail),
+            &h,
+            (l_n, d, f_n),
+            &[0, 1],
+            None,
+            |_| true,
+            &mut rng,
+        );
     }
 
     /// One layer's backward with the encoder and decoder rows' gradients from `row_grad_tiled` against

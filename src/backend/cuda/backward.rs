@@ -114,15 +114,20 @@ pub fn group_by_feature(gpu: &Gpu, codes: &DeviceCodes, n_features: usize) -> Re
 const ACT_RANGE: usize = 512;
 
 /// How `act_grad_partial` divides its shared memory: `accumulators` f32 for its tile of tokens' entries
-/// (the tile is `accumulators / longest` tokens, at most 512, for lists of at most `longest` entries)
-/// and the 32-byte slices of `feature_chunk` features staged at a time, in each of two buffers (one is
-/// filled while the other is read). The default, 128 KB + 2 × 32 KB, makes the largest tiles (the fewest
-/// fetches of the decoder) with one block an SM; smaller settings let two or three blocks share an SM.
-/// Which is faster is the GPU's to say (`clt bench --cuda` times several).
+/// (the tile is `accumulators / rows` tokens, at most 512, for `rows` accumulators a token: see
+/// [`ActTiling::split`]) and the 32-byte slices of `feature_chunk` features staged at a time, in each of
+/// two buffers (one is filled while the other is read). The default, 128 KB + 2 × 32 KB, makes the largest
+/// tiles (the fewest fetches of the decoder) with one block an SM; smaller settings let two or three blocks
+/// share an SM. Which is faster is the GPU's to say (`clt bench --cuda` times several).
+///
+/// `tail`: at most one token in `tail` may list more entries than a token's rows; `act_grad` (a warp per
+/// entry) takes their entries past the rows, so that a few long lists (a sequence's first token, say) do not
+/// shrink every tile.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct ActTiling {
     pub accumulators: usize,
     pub feature_chunk: usize,
+    pub tail: usize,
 }
 
 impl Default for ActTiling {
@@ -130,19 +135,46 @@ impl Default for ActTiling {
         ActTiling {
             accumulators: 32 * 1024,
             feature_chunk: 1024,
+            tail: 1024,
         }
     }
 }
 
 impl ActTiling {
-    /// The shared memory a block takes with `n_features` features and lists of at most `longest` entries.
-    pub fn shared_bytes(&self, n_features: usize, longest: usize) -> usize {
-        2 * 32 * n_features.clamp(1, self.feature_chunk) + 4 * longest * self.tile_tokens(longest)
+    /// The shared memory a block takes with `n_features` features and `rows` accumulators a token.
+    pub fn shared_bytes(&self, n_features: usize, rows: usize) -> usize {
+        2 * 32 * n_features.clamp(1, self.feature_chunk) + 4 * rows * self.tile_tokens(rows)
     }
 
-    /// Tokens a block, for lists of at most `longest` entries.
-    pub fn tile_tokens(&self, longest: usize) -> usize {
-        (self.accumulators / longest.max(1)).clamp(1, 512)
+    /// Tokens a block, for `rows` accumulators a token.
+    pub fn tile_tokens(&self, rows: usize) -> usize {
+        (self.accumulators / rows.max(1)).clamp(1, 512)
+    }
+
+    /// The accumulators a token gets in `act_grad_partial` (its first `split` entries; the kernels'
+    /// `split`): [`ActTiling::rows_for`] the list lengths where they were measured
+    /// ([`DeviceCodes::lengths`]), else the longest list.
+    pub fn split(&self, codes: &DeviceCodes) -> usize {
+        let longest = codes.longest.min(codes.cap);
+        if codes.lengths.len() == longest + 1 {
+            self.rows_for(&codes.lengths)
+        } else {
+            longest.max(1)
+        }
+    }
+
+    /// For `lengths[n]` tokens of `n` entries each (`n` up to the longest list, `lengths.len() - 1`): the
+    /// fewest rows that the lists of at most one token in `tail` exceed. At least 1.
+    pub fn rows_for(&self, lengths: &[usize]) -> usize {
+        let n_tokens: usize = lengths.iter().sum();
+        let allowed = n_tokens / self.tail.max(1);
+        // `longer`: tokens whose lists are longer than `rows`.
+        let (mut rows, mut longer) = (lengths.len().saturating_sub(1), 0);
+        while rows > 1 && longer + lengths[rows] <= allowed {
+            longer += lengths[rows];
+            rows -= 1;
+        }
+        rows.max(1)
     }
 
     /// Refuses a setting the kernel cannot run: no accumulators, a feature chunk outside 1..=2,048, or more
@@ -153,12 +185,13 @@ impl ActTiling {
             .max()
             .unwrap_or(0);
         if self.accumulators == 0
+            || self.tail == 0
             || !(1..=2048).contains(&self.feature_chunk)
             || 2 * 32 * self.feature_chunk + worst > 227 * 1024
         {
             return Err(Error::Unsupported(format!(
-                "act_grad_partial tiling {self:?}: needs accumulators > 0, a feature chunk of 1 to 2,048 \
-                 and at most 227 KB of shared memory"
+                "act_grad_partial tiling {self:?}: needs accumulators > 0, tail > 0, a feature chunk of 1 \
+                 to 2,048 and at most 227 KB of shared memory"
             )));
         }
         Ok(())
@@ -346,14 +379,18 @@ pub fn layer_grads(gpu: &Gpu, inp: &LayerGradInput) -> Result<LayerGrads> {
         tile_tokens: 0,
         n_ranges: 0,
         feature_chunk: 0,
+        split: 0,
+        slot_end: cap as u32,
         pad0: 0,
     };
     if partial {
-        // Tokens a block: their accumulators ([longest][T] f32: rows for the longest list, not for `cap`,
-        // which the encoder rounds up to a power of 2) in shared memory, at most 512.
+        // Tokens a block: their accumulators ([split][T] f32: rows for all but the longest few lists, not
+        // for `cap`, which the encoder rounds up to a power of 2) in shared memory, at most 512. The
+        // entries past `split` of the few longer lists: act_grad, a warp each.
         let tiling = gpu.act_tiling();
         let longest = codes.longest.min(cap);
-        let t = tiling.tile_tokens(longest);
+        let split = tiling.split(codes);
+        let t = tiling.tile_tokens(split);
         let ranges = rl.div_ceil(ACT_RANGE);
         // Every listed entry's ranges are written before they are read (poisoned in tests); freed at the
         // end of this block, in stream order, after the two kernels (no sync).
@@ -363,12 +400,14 @@ pub fn layer_grads(gpu: &Gpu, inp: &LayerGradInput) -> Result<LayerGrads> {
             tile_tokens: t as u32,
             n_ranges: ranges as u32,
             feature_chunk: tiling.feature_chunk as u32,
+            split: split as u32,
+            slot_end: longest as u32,
             ..ap
         };
         let cfg = LaunchConfig {
             grid_dim: (b_n.div_ceil(t) as u32, ranges as u32, 1),
             block_dim: (256, 1, 1),
-            shared_mem_bytes: tiling.shared_bytes(f_n, longest) as u32,
+            shared_mem_bytes: tiling.shared_bytes(f_n, split) as u32,
         };
         gpu.launch(Module::Backward, "act_grad_partial", cfg, &ap)?;
         gpu.launch(
@@ -377,6 +416,10 @@ pub fn layer_grads(gpu: &Gpu, inp: &LayerGradInput) -> Result<LayerGrads> {
             grid_1d(slots, 256),
             &ap,
         )?;
+        if longest > split {
+            let tail = grid_1d(b_n * (longest - split) * 32, 256);
+            gpu.launch(Module::Backward, "act_grad", tail, &ap)?;
+        }
     } else if tiled {
         // A block per token, its residual row staged once for all its entries (the same bits).
         gpu.launch(Module::Backward, "act_grad_tiled", per_item(b_n, 256), &ap)?;

@@ -233,15 +233,18 @@ pub fn run_with(preset: Preset, timer: &mut dyn Timer) -> Result<()> {
     let nnz = listed.feat.len();
     // The decode reads the rows of active entries only (a near-threshold entry's activation is 0).
     let n_active = listed.act.iter().filter(|a| **a != 0.0).count();
-    let act_tile = backward::ActTiling::default().tile_tokens(codes.longest);
+    let act_rows = backward::ActTiling::default().split(&codes);
+    let act_tile = backward::ActTiling::default().tile_tokens(act_rows);
     println!(
         "  entries listed per token: {:.1} ({:.1} active); the longest list {} (capacity {}): \
-         act_grad_partial's default tiles hold {} tokens",
+         act_grad_partial's default tiles hold {} tokens of {} entries ({} tokens list more)",
         nnz as f64 / b_n as f64,
         n_active as f64 / b_n as f64,
         codes.longest,
         codes.cap,
-        act_tile
+        act_tile,
+        act_rows,
+        codes.lengths.iter().skip(act_rows + 1).sum::<usize>()
     );
 
     // Decode: every layer with the same codes (L0 per layer), cross-layer rows.
@@ -348,10 +351,12 @@ pub fn run_with(preset: Preset, timer: &mut dyn Timer) -> Result<()> {
         backward::ActTiling {
             accumulators: 12 * 1024,
             feature_chunk: 1024,
+            ..Default::default()
         },
         backward::ActTiling {
             accumulators: 8 * 1024,
             feature_chunk: 512,
+            ..Default::default()
         },
     ] {
         let name = format!(

@@ -57,10 +57,23 @@ pub struct DeviceCodes {
     /// JumpReLU encoder's read-back, [`DeviceCodes::from_host`]), else `cap`. `act_grad_partial` sizes
     /// its tiles of tokens by it: the encoder rounds `cap` up to a power of 2, up to twice the longest.
     pub longest: usize,
+    /// Tokens by list length (`lengths[n]` lists of `n` entries, `n` up to `longest`) where measured (as
+    /// `longest`), else empty. `act_grad_partial` gives its accumulators rows for all but the longest few
+    /// lists by it ([`super::backward::ActTiling::split`]).
+    pub lengths: Vec<usize>,
     pub count: DBuf<u32>,
     pub feat: DBuf<u32>,
     pub pre: DBuf<f32>,
     pub act: DBuf<f32>,
+}
+
+/// Tokens by list length: `[n]` = how many of `count` equal `n` (lengths over `longest` counted at it).
+fn length_histogram(count: &[u32], longest: usize) -> Vec<usize> {
+    let mut h = vec![0; longest + 1];
+    for &c in count {
+        h[(c as usize).min(longest)] += 1;
+    }
+    h
 }
 
 /// The codes copied back, in the CPU's CSR form.
@@ -79,6 +92,7 @@ impl DeviceCodes {
             n_tokens,
             cap,
             longest: cap,
+            lengths: Vec::new(),
             count: gpu.zeros(n_tokens)?,
             feat: gpu.zeros(n_tokens * cap)?,
             pre: gpu.zeros(n_tokens * cap)?,
@@ -109,10 +123,12 @@ impl DeviceCodes {
             pre[b * cap..b * cap + e - s].copy_from_slice(&h.pre[s..e]);
             act[b * cap..b * cap + e - s].copy_from_slice(&h.act[s..e]);
         }
+        let lengths = length_histogram(&count, cap);
         Ok(DeviceCodes {
             n_tokens,
             cap,
             longest: cap,
+            lengths,
             count: gpu.upload(&count)?,
             feat: gpu.upload(&feat)?,
             pre: gpu.upload(&pre)?,
@@ -123,6 +139,18 @@ impl DeviceCodes {
     /// The largest list length produced (may exceed `cap`: the lists then were truncated).
     pub fn max_count(&self, gpu: &Gpu) -> Result<usize> {
         Ok(gpu.download(&self.count)?.into_iter().max().unwrap_or(0) as usize)
+    }
+
+    /// Reads the list lengths back: sets `longest` and `lengths` and returns the largest length produced
+    /// (over `cap` when lists were truncated; `longest` and `lengths` are then left as they were).
+    pub fn measure(&mut self, gpu: &Gpu) -> Result<usize> {
+        let count = gpu.download(&self.count)?;
+        let longest = count.iter().copied().max().unwrap_or(0) as usize;
+        if longest <= self.cap {
+            self.longest = longest;
+            self.lengths = length_histogram(&count, longest);
+        }
+        Ok(longest)
     }
 
     /// Copies the lists back as CSR (entries of token b at `offsets[b]..offsets[b + 1]`).
@@ -365,9 +393,8 @@ pub fn jumprelu_with(
             ..inp.params(gpu)
         };
         gpu.launch(kernel.module, kernel.name, kernel.tiles(inp), &p)?;
-        let longest = codes.max_count(gpu)?;
+        let longest = codes.measure(gpu)?;
         if longest <= cap {
-            codes.longest = longest;
             break codes;
         }
         if longest > MAX_CAP {
