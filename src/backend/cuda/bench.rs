@@ -374,6 +374,68 @@ pub fn run_with(preset: Preset, timer: &mut dyn Timer) -> Result<()> {
         report(&name, t?, 0.0, bytes, copy);
     }
 
+    // A long tail: one token in 2,048 lists 8 times as many entries (a sequence's first token, say). The tiled
+    // backward with the default tiling (their entries past the accumulator rows go to act_grad, a warp
+    // each) and with rows for the longest list (tail = usize::MAX: no token may list more).
+    let mut tail_rng = Rng::seed(11);
+    let mut long = encode::HostCodes {
+        offsets: vec![0],
+        ..Default::default()
+    };
+    for b in 0..b_n {
+        let (s, e) = (listed.offsets[b], listed.offsets[b + 1]);
+        let mut fs: Vec<(u32, f32, f32)> = (s..e)
+            .map(|i| (listed.feat[i], listed.pre[i], listed.act[i]))
+            .collect();
+        if b % 2048 == 0 {
+            for _ in 0..7 * (e - s).max(l0) {
+                fs.push((tail_rng.below(f_n) as u32, 1.0, 1.0));
+            }
+            fs.sort_by_key(|t| t.0);
+            fs.dedup_by_key(|t| t.0);
+        }
+        for (f, pre, act) in fs {
+            long.feat.push(f);
+            long.pre.push(pre);
+            long.act.push(act);
+        }
+        long.offsets.push(long.feat.len());
+    }
+    let long_codes = encode::DeviceCodes::from_host(&gpu, &long)?;
+    let long_inp = backward::LayerGradInput {
+        codes: &long_codes,
+        ..inp
+    };
+    let n_long = long.feat.len();
+    let long_bytes = (n_long * rl * (2 + 4) + n_long * d * 4 + f_n * (d + rl) * 4) as f64;
+    let whole = backward::ActTiling {
+        tail: usize::MAX,
+        ..Default::default()
+    };
+    let split = backward::ActTiling::default().split(&long_codes);
+    println!(
+        "  long tail: the longest list {}; act_grad_partial's rows {} (tiles of {} tokens), {} with rows \
+         for the longest list",
+        long_codes.longest,
+        split,
+        backward::ActTiling::default().tile_tokens(split),
+        whole.tile_tokens(long_codes.longest)
+    );
+    for (name, tiling) in [
+        ("backward, tiled, long tail", backward::ActTiling::default()),
+        ("  rows for the longest list", whole),
+    ] {
+        gpu.set_act_tiling(tiling)?;
+        gpu.set_sparse_kernels(SparseKernels::Tiled);
+        let t = timer.time(&gpu, name, &mut || {
+            backward::layer_grads(&gpu, &long_inp).map(|_| ())
+        });
+        gpu.set_sparse_kernels(SparseKernels::Gather);
+        gpu.set_act_tiling(backward::ActTiling::default())?;
+        report(name, t?, 0.0, long_bytes, copy);
+    }
+    drop(long_codes);
+
     // The grouping by feature inside that backward, alone, and with feature 0 added to every token's list
     // (a feature on every token: the segment `csr_sort` orders is the whole batch). Bytes: the lists read
     // twice (count, fill), the unsorted ids written, read twice and written sorted, 4 bytes each.
