@@ -153,13 +153,7 @@ __device__ __forceinline__ void encode_wgmma_body(const CltEncodeParams& p) {
                     if (b < p.n_tokens) jump_entry(p, lists, acc[4 * j + 2 * h + c] + bb, th, b, f, s_pre, s_near, s_h);
                 }
             }
-            // The 8 lanes with this t (g = 0..7) hold the same feature: sum over them (whole warp takes part).
-#pragma unroll
-            for (int o = 4; o < 32; o <<= 1) {
-                s_pre += __shfl_xor_sync(0xffffffffu, s_pre, o);
-                s_near += __shfl_xor_sync(0xffffffffu, s_near, o);
-                s_h += __shfl_xor_sync(0xffffffffu, s_h, o);
-            }
+            jump_sums_over_groups(s_pre, s_near, s_h);
             if (g == 0) {
                 red_preact[warp * N + fl] = s_pre;
                 red_near[warp * N + fl] = s_near;

@@ -37,3 +37,15 @@ __device__ __forceinline__ void jump_entry(const CltEncodeParams& p, const JumpL
         }
     }
 }
+
+// The tensor-core fragments (mma.sync's and wgmma's alike) give the 8 lanes of a warp with the same
+// lane % 4 the same columns, so the same feature: each lane's window sums become their sum over those 8
+// lanes (xor shuffles over lane / 4; the whole warp takes part).
+__device__ __forceinline__ void jump_sums_over_groups(float& s_pre, uint32_t& s_near, float& s_h) {
+#pragma unroll
+    for (int o = 4; o < 32; o <<= 1) {
+        s_pre += __shfl_xor_sync(0xffffffffu, s_pre, o);
+        s_near += __shfl_xor_sync(0xffffffffu, s_near, o);
+        s_h += __shfl_xor_sync(0xffffffffu, s_h, o);
+    }
+}
