@@ -12,8 +12,9 @@
 // wait shows up as poison in the results, and a kernel that relies on the order of its blocks fails.
 //
 // What the emulator checks is the kernels' logic: indexing, synchronisation within a block, the warp-level
-// data movement, the fragment layouts of ldmatrix and mma.sync (from the PTX ISA), and cp.async's group
-// semantics (copies land only when the thread waits for them). It does not model timing, the memory
+// data movement, the fragment layouts of ldmatrix, mma.sync and wgmma (from the PTX ISA), cp.async's group
+// semantics (copies land only when the thread waits for them), and wgmma's (products computed only when the
+// thread waits for them, from shared memory made visible to the async proxy by fence.proxy.async). It does not model timing, the memory
 // model across blocks (blocks run one after another), or streams (every call is synchronous).
 #include "runtime.h"
 
