@@ -55,6 +55,9 @@ LD_LIBRARY_PATH="$emu" CLT_REQUIRE_GPU=1 cargo test --release --features cuda --
 # compute streams fails above); side-first runs the side streams' work as early as their waits allow
 # instead (a copy that overwrites what queued compute work has yet to read fails here).
 LD_LIBRARY_PATH="$emu" CLT_EMU_STREAMS=side-first CLT_REQUIRE_GPU=1 cargo test --release --features cuda --test cuda
+# As a device of compute capability 8.0: the wgmma encoders are refused with a typed error (the trainer
+# test checks it) and their kernel tests say they skip.
+LD_LIBRARY_PATH="$emu" CLT_EMU_CC=8.0 CLT_REQUIRE_GPU=1 cargo test --release --features cuda --test cuda wgmma -- --nocapture
 LD_LIBRARY_PATH="$emu" cargo run --release --features cuda --bin clt -- bench --cuda --preset tiny
 
 # NCCL bootstrapped by MPI (dist::nccl) exists only with both features: clippy, and its test (without a GPU

@@ -894,7 +894,9 @@ mod gpu_tests {
     }
 
     /// `train.encoder_kernel = "wgmma"` reaches the device of a new and of a resumed trainer (where the
-    /// device has wgmma; elsewhere the trainer refuses it with a typed error), and it trains the run
+    /// device has wgmma; elsewhere the trainer, and `Gemm::Wgmma` / `WgmmaNarrow` asked for by name, are
+    /// refused with a typed error: scripts/test.sh runs this on the emulator as compute capability 8.0),
+    /// and it trains the run
     /// `encode_mma` trains (d = 32, every encoder launch on the warpgroup MMA: on the GPU the tensor cores
     /// add in another order, so within 10⁻⁴ relative L2 per tensor after 4 steps), and so does
     /// `"wgmma_narrow"`; resumed from its step-2 checkpoint the wgmma run ends where it ended, to the bit.
@@ -911,6 +913,27 @@ mod gpu_tests {
                 .err()
                 .expect("wgmma refused without compute capability 9.x");
             assert!(matches!(e, clt::Error::Unsupported(_)), "{e}");
+            // And the kernels themselves, asked for by name.
+            let (x, w, b) = (
+                gpu.upload_bf16(&[0.5; 16]).unwrap(),
+                gpu.upload_bf16(&[0.25; 16]).unwrap(),
+                gpu.upload(&[0.0f32; 2]).unwrap(),
+            );
+            let inp = encode::EncodeInput {
+                x: &x,
+                x_offset: 0,
+                x_stride: 8,
+                n_tokens: 2,
+                d: 8,
+                w: &w,
+                bias: &b,
+                n_features: 2,
+            };
+            for g in [encode::Gemm::Wgmma, encode::Gemm::WgmmaNarrow] {
+                let e = encode::dense_with(gpu, &inp, g).err().expect("refused");
+                assert!(matches!(e, clt::Error::Unsupported(_)), "{g:?}: {e}");
+            }
+            assert!(encode::dense_with(gpu, &inp, encode::Gemm::TensorCore).is_ok());
             eprintln!(
                 "wgmma_encoder_trains_the_mma_run: {} has no wgmma: refused ({e})",
                 gpu.describe()

@@ -264,6 +264,16 @@ CUresult cuDeviceGetName(char* name, int len, CUdevice) {
     snprintf(name, (size_t)len, "CLT CPU emulator (kernels as host C++, not a GPU)");
     return CUDA_SUCCESS;
 }
+// The compute capability the emulated device reports, as 10 major + minor: 9.0 (an H100's), or
+// CLT_EMU_CC ("8.0", say) to run the tests as a device without Hopper's instructions would (the wgmma
+// kernels refused with an error, their tests skipped).
+static int emu_cc() {
+    const char* e = getenv("CLT_EMU_CC");
+    int major = 9, minor = 0;
+    if (e && sscanf(e, "%d.%d", &major, &minor) < 1) major = 9;
+    return 10 * major + minor;
+}
+
 CUresult cuDeviceGetAttribute(int* v, int attr, CUdevice) {
     switch (attr) {
         case 1: *v = 1024; break;               // max threads per block
@@ -275,8 +285,8 @@ CUresult cuDeviceGetAttribute(int* v, int attr, CUdevice) {
         case 8: *v = 48 * 1024; break;          // shared memory per block
         case 10: *v = 32; break;                // warp size
         case 16: *v = 132; break;               // multiprocessors
-        case 75: *v = 9; break;                 // compute capability major
-        case 76: *v = 0; break;                 // minor
+        case 75: *v = emu_cc() / 10; break;     // compute capability major (9, or CLT_EMU_CC's)
+        case 76: *v = emu_cc() % 10; break;     // minor
         case 115: *v = 1; break;                // memory pools supported
         default: *v = 0;
     }
