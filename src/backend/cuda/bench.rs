@@ -67,6 +67,25 @@ fn report(name: &str, ms: f64, flops: f64, bytes: f64, copy_gbs: f64) {
     );
 }
 
+/// Milliseconds of one layer's backward through the tiled kernels with `act_grad_partial`'s shared memory
+/// divided as `tiling`; the device is left on the gathers and the default tiling, as the bench keeps it.
+fn time_tiled_backward(
+    gpu: &Gpu,
+    timer: &mut dyn Timer,
+    name: &str,
+    tiling: backward::ActTiling,
+    inp: &backward::LayerGradInput,
+) -> Result<f64> {
+    gpu.set_act_tiling(tiling)?;
+    gpu.set_sparse_kernels(SparseKernels::Tiled);
+    let t = timer.time(gpu, name, &mut || {
+        backward::layer_grads(gpu, inp).map(|_| ())
+    });
+    gpu.set_sparse_kernels(SparseKernels::Gather);
+    gpu.set_act_tiling(backward::ActTiling::default())?;
+    t
+}
+
 /// Runs every kernel bench on device 0 and prints the table: with [`Preset::Large`] the issue's
 /// Llama-3.2-1B shape (16 layers, d = 2048, 8192 features per layer, 16,384 tokens, L0 ≈ 64), with
 /// [`Preset::Small`] a quarter of it in tokens and features, with [`Preset::Tiny`] a smoke test of every code
@@ -337,12 +356,13 @@ pub fn run_with(preset: Preset, timer: &mut dyn Timer) -> Result<()> {
     // The same backward with the tiled kernels (`act_grad_partial`: decoder slices staged once per tile of
     // tokens; `row_grad_tiled`: residual and input slices staged once per 1,024 features): the same result;
     // its row counts the same bytes, so the two compare directly.
-    gpu.set_sparse_kernels(SparseKernels::Tiled);
-    let tiled_ms = timer.time(&gpu, "backward (1 layer), tiled", &mut || {
-        backward::layer_grads(&gpu, &inp).map(|_| ())
-    });
-    gpu.set_sparse_kernels(SparseKernels::Gather);
-    let tiled_ms = tiled_ms?;
+    let tiled_ms = time_tiled_backward(
+        &gpu,
+        timer,
+        "backward (1 layer), tiled",
+        backward::ActTiling::default(),
+        &inp,
+    )?;
     report("backward (1 layer), tiled", tiled_ms, 0.0, bytes, copy);
     println!("  gather / tiled backward time: {:.2}x", ms / tiled_ms);
     // The same with act_grad_partial's shared memory divided for two and three blocks an SM (the default
@@ -364,14 +384,8 @@ pub fn run_with(preset: Preset, timer: &mut dyn Timer) -> Result<()> {
             tiling.accumulators * 4 / 1024,
             tiling.feature_chunk * 32 / 1024
         );
-        gpu.set_act_tiling(tiling)?;
-        gpu.set_sparse_kernels(SparseKernels::Tiled);
-        let t = timer.time(&gpu, &name, &mut || {
-            backward::layer_grads(&gpu, &inp).map(|_| ())
-        });
-        gpu.set_sparse_kernels(SparseKernels::Gather);
-        gpu.set_act_tiling(backward::ActTiling::default())?;
-        report(&name, t?, 0.0, bytes, copy);
+        let t = time_tiled_backward(&gpu, timer, &name, tiling, &inp)?;
+        report(&name, t, 0.0, bytes, copy);
     }
 
     // A long tail: one token in 2,048 lists 8 times as many entries (a sequence's first token, say). The tiled
@@ -425,14 +439,8 @@ pub fn run_with(preset: Preset, timer: &mut dyn Timer) -> Result<()> {
         ("backward, tiled, long tail", backward::ActTiling::default()),
         ("  rows for the longest list", whole),
     ] {
-        gpu.set_act_tiling(tiling)?;
-        gpu.set_sparse_kernels(SparseKernels::Tiled);
-        let t = timer.time(&gpu, name, &mut || {
-            backward::layer_grads(&gpu, &long_inp).map(|_| ())
-        });
-        gpu.set_sparse_kernels(SparseKernels::Gather);
-        gpu.set_act_tiling(backward::ActTiling::default())?;
-        report(name, t?, 0.0, long_bytes, copy);
+        let t = time_tiled_backward(&gpu, timer, name, tiling, &long_inp)?;
+        report(name, t, 0.0, long_bytes, copy);
     }
     drop(long_codes);
 

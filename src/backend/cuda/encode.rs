@@ -54,8 +54,9 @@ pub struct DeviceCodes {
     pub n_tokens: usize,
     pub cap: usize,
     /// An upper bound on every list's length, at most `cap`: the longest list where it was measured (the
-    /// JumpReLU encoder's read-back, [`DeviceCodes::from_host`]), else `cap`. `act_grad_partial` sizes
-    /// its tiles of tokens by it: the encoder rounds `cap` up to a power of 2, up to twice the longest.
+    /// encoders' read-back, [`DeviceCodes::measure`], or [`DeviceCodes::from_host`]), else `cap`.
+    /// `act_grad_partial` sizes its tiles of tokens by it (through [`DeviceCodes::lengths`] where they are
+    /// known): the encoders round `cap` up to a power of 2, up to twice the longest.
     pub longest: usize,
     /// Tokens by list length (`lengths[n]` lists of `n` entries, `n` up to `longest`) where measured (as
     /// `longest`), else empty. `act_grad_partial` gives its accumulators rows for all but the longest few
@@ -134,11 +135,6 @@ impl DeviceCodes {
             pre: gpu.upload(&pre)?,
             act: gpu.upload(&act)?,
         })
-    }
-
-    /// The largest list length produced (may exceed `cap`: the lists then were truncated).
-    pub fn max_count(&self, gpu: &Gpu) -> Result<usize> {
-        Ok(gpu.download(&self.count)?.into_iter().max().unwrap_or(0) as usize)
     }
 
     /// Reads the list lengths back: sets `longest` and `lengths` and returns the largest length produced

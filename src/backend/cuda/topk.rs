@@ -141,7 +141,7 @@ pub fn compact_mask(
     }
     let mut cap = 64usize.min(n_features.max(1));
     loop {
-        let codes = DeviceCodes::alloc(gpu, n_tokens, cap)?;
+        let mut codes = DeviceCodes::alloc(gpu, n_tokens, cap)?;
         let p = CltCompactParams {
             dense: dense.ptr(gpu) + 4 * dense_offset as u64,
             mask: mask.ptr(gpu) + mask_offset as u64,
@@ -155,7 +155,7 @@ pub fn compact_mask(
             pad0: 0,
         };
         gpu.launch(Module::Topk, "compact_mask", per_item(n_tokens, 256), &p)?;
-        let longest = codes.max_count(gpu)?;
+        let longest = codes.measure(gpu)?;
         if longest <= cap {
             return Ok(codes);
         }
