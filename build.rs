@@ -186,10 +186,12 @@ fn ptxas_report(nvcc: &str, ptx: &Path, arch: &str, report: &mut String, spills:
     }
 }
 
-/// A struct of the header: name and (type, field) pairs.
+/// A struct of the header: name, (type, field) pairs, and whether a member is `CLT_ALIGN128` (the struct is
+/// then 128-byte aligned). A field may be an array (`uint64_t opaque[16]`: type `[u64; 16]`).
 struct CStruct {
     name: String,
     fields: Vec<(String, String)>,
+    align128: bool,
 }
 
 /// Parses the typedef'd structs and `#define NAME 123u` constants of the header (its own plain style).
@@ -210,6 +212,7 @@ fn parse_header(text: &str) -> (Vec<CStruct>, Vec<(String, String)>) {
             let mut it = d.split_whitespace();
             if let (Some(n), Some(v)) = (it.next(), it.next())
                 && !n.ends_with("_H")
+                && v.trim_end_matches('u').parse::<u64>().is_ok()
             {
                 defines.push((n.to_string(), v.trim_end_matches('u').to_string()));
             }
@@ -217,16 +220,27 @@ fn parse_header(text: &str) -> (Vec<CStruct>, Vec<(String, String)>) {
             cur = Some(CStruct {
                 name: String::new(),
                 fields: Vec::new(),
+                align128: false,
             });
         } else if let Some(name) = line.strip_prefix("} ") {
             let mut c = cur.take().expect("struct end without start");
             c.name = name.trim_end_matches(';').to_string();
             structs.push(c);
         } else if let Some(c) = cur.as_mut() {
-            let decl = line.trim_end_matches(';');
+            let mut decl = line.trim_end_matches(';');
+            if let Some(rest) = decl.strip_prefix("CLT_ALIGN128 ") {
+                c.align128 = true;
+                decl = rest;
+            }
             let (ty, name) = decl.rsplit_once(' ').expect("field declaration");
-            c.fields
-                .push((ty.trim().to_string(), name.trim().to_string()));
+            let (ty, name) = match name.trim().split_once('[') {
+                Some((n, len)) => (
+                    format!("[{}; {}]", rust_type(ty.trim()), len.trim_end_matches(']')),
+                    n.to_string(),
+                ),
+                None => (ty.trim().to_string(), name.trim().to_string()),
+            };
+            c.fields.push((ty, name));
         }
     }
     (structs, defines)
@@ -237,7 +251,7 @@ fn rust_type(c: &str) -> String {
         "clt_ptr" | "uint64_t" => "u64".into(),
         "uint32_t" => "u32".into(),
         "float" => "f32".into(),
-        other if other.starts_with("Clt") => other.into(),
+        other if other.starts_with("Clt") || other.starts_with('[') => other.into(),
         other => panic!("{HEADER}: no Rust mirror for the C type `{other}`"),
     }
 }
@@ -252,8 +266,10 @@ fn ffi_bindings(out: &Path) {
     for s in &structs {
         writeln!(
             rs,
-            "/// Mirror of `{}` (ffi/clt_params.h).\n#[repr(C)]\n#[derive(Clone, Copy, Debug, Default, PartialEq)]\npub struct {} {{",
-            s.name, s.name
+            "/// Mirror of `{}` (ffi/clt_params.h).\n#[repr(C{})]\n#[derive(Clone, Copy, Debug, Default, PartialEq)]\npub struct {} {{",
+            s.name,
+            if s.align128 { ", align(128)" } else { "" },
+            s.name
         )
         .unwrap();
         for (ty, f) in &s.fields {
@@ -271,8 +287,8 @@ fn ffi_bindings(out: &Path) {
     for s in &structs {
         writeln!(
             rs,
-            "        ({:?}, \"\", std::mem::size_of::<{}>()),",
-            s.name, s.name
+            "        ({:?}, \"\", std::mem::size_of::<{}>()),\n        ({:?}, \"(align)\", std::mem::align_of::<{}>()),",
+            s.name, s.name, s.name, s.name
         )
         .unwrap();
         for (_, f) in &s.fields {
@@ -294,7 +310,7 @@ fn ffi_bindings(out: &Path) {
     for s in &structs {
         writeln!(
             c,
-            "    printf(\"(\\\"{0}\\\", \\\"\\\", %zu),\\n\", sizeof({0}));",
+            "    printf(\"(\\\"{0}\\\", \\\"\\\", %zu),\\n\", sizeof({0}));\n    printf(\"(\\\"{0}\\\", \\\"(align)\\\", %zu),\\n\", _Alignof({0}));",
             s.name
         )
         .unwrap();
@@ -341,7 +357,9 @@ fn ffi_bindings(out: &Path) {
         let [st, field, n] = parts[..] else {
             panic!("unexpected ffi_layout line: {line}")
         };
-        if field.is_empty() {
+        if field == "(align)" {
+            writeln!(asserts, "const _: () = assert!(std::mem::align_of::<{st}>() == {n}, \"alignment of {st} differs from ffi/clt_params.h\");").unwrap();
+        } else if field.is_empty() {
             writeln!(asserts, "const _: () = assert!(std::mem::size_of::<{st}>() == {n}, \"size of {st} differs from ffi/clt_params.h\");").unwrap();
         } else {
             writeln!(asserts, "const _: () = assert!(std::mem::offset_of!({st}, {field}) == {n}, \"offset of {st}.{field} differs from ffi/clt_params.h\");").unwrap();

@@ -12,6 +12,13 @@
 
 typedef uint64_t clt_ptr;
 
+/* 128-byte alignment, as CUDA 13 gives CUtensorMap (the only over-aligned member: CltTensorMap.opaque). */
+#ifdef __cplusplus
+#define CLT_ALIGN128 alignas(128)
+#else
+#define CLT_ALIGN128 _Alignas(128)
+#endif
+
 /* Encoder epilogue kinds (CltEncodeParams.epilogue). */
 #define CLT_EPI_JUMPRELU 0u /* active entries h > theta, near-threshold entries, per-tile partials */
 #define CLT_EPI_DENSE 1u    /* write h = x W^T + b densely (TopK / BatchTopK select afterwards) */
@@ -47,6 +54,18 @@ typedef uint64_t clt_ptr;
 #define CLT_ENC_WGN_TK 32
 #define CLT_ENC_WGN_STAGES 4
 #define CLT_ENC_WGN_STAGE_BYTES 16384 /* (TB + TF) rows x TK bf16, checked by encode_wgmma.cu */
+/* encode_wgmma_tma (encode_wgmma.cu, sm_90a only): encode_wgmma's 128 x 256 x 64 tile with the stages filled
+ * by the Tensor Memory Accelerator (one producer warp, cp.async.bulk.tensor, 128-byte swizzle) and handed over
+ * through mbarriers: two consumer warpgroups and the producer warp, CLT_ENC_WGT_THREADS threads a block;
+ * CLT_ENC_WGT_SHARED bytes of dynamic shared memory (the stages, and 1024 bytes to align them to the swizzle
+ * pattern). Rows of x and W_enc are read through tensor maps (CltTensorMap), whose row strides must be
+ * multiples of 16 bytes: the same alignment rule as encode_mma. */
+#define CLT_ENC_WGT_TF 256
+#define CLT_ENC_WGT_TK 64
+#define CLT_ENC_WGT_STAGES 4
+#define CLT_ENC_WGT_STAGE_BYTES 49152 /* (TB + TF) rows x TK bf16 */
+#define CLT_ENC_WGT_THREADS 288       /* two warpgroups and one warp */
+#define CLT_ENC_WGT_SHARED 197632     /* STAGES x STAGE_BYTES + 1024 */
 
 /* Encoder: h = x W^T + b over one layer, fused epilogue. Lists are ELL: token b owns slots [b*cap, b*cap+cap),
  * count[b] entries were produced (may exceed cap: the host then re-runs with a larger cap). */
@@ -74,6 +93,20 @@ typedef struct {
     float half_bandwidth;
     uint32_t pad0;
 } CltEncodeParams;
+
+/* A TMA tensor map (CUDA's CUtensorMap: 128 opaque bytes, 128-byte aligned in CUDA 13), encoded on the host
+ * by the driver's cuTensorMapEncodeTiled and handed to a kernel inside its parameter struct (a
+ * __grid_constant__ parameter, whose address the bulk-tensor copies take). */
+typedef struct {
+    CLT_ALIGN128 uint64_t opaque[16];
+} CltTensorMap;
+
+/* encode_wgmma_tma: the encoder's parameters and the tensor maps of its two operands. */
+typedef struct {
+    CltTensorMap map_x; /* x: n_tokens rows of d bf16, row stride x_stride; box 128 rows x 64 */
+    CltTensorMap map_w; /* W_enc: n_features rows of d bf16; box 256 rows x 64 */
+    CltEncodeParams p;
+} CltEncodeTmaParams;
 
 /* Sums per-tile partials of the encoder in tile order (deterministic). */
 typedef struct {

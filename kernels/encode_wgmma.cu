@@ -1,5 +1,5 @@
-// encode_wgmma, encode_wgmma_narrow: the encoder's GEMM h = x W^T + b and its two epilogues (encode.cu's) on
-// Hopper's warpgroup MMA. Compiled for sm_90a only (build.rs), loaded only on a device of compute capability
+// encode_wgmma, encode_wgmma_narrow, encode_wgmma_tma: the encoder's GEMM h = x W^T + b and its two
+// epilogues (encode.cu's) on Hopper's warpgroup MMA. Compiled for sm_90a only (build.rs), loaded only on a device of compute capability
 // 9.x. CPU reference: src/backend/cpu/encode.rs (encode_layer, BlockOut::push_token, merge) with every block
 // in BlockMode::Near, as encode_tile and encode_mma.
 //
@@ -12,7 +12,8 @@
 //   tensor cores' full rate), but the epilogue runs while the SM's tensor cores idle;
 // - encode_wgmma_narrow: N = 128, K = 32, 4 stages of 16 KB, two blocks an SM: one block's epilogue and
 //   barriers overlap the other's products, at 1.25 times the shared-memory bytes per FLOP.
-// Which is faster is the GPU's to say (docs/cuda.md).
+// Which is faster is the GPU's to say (docs/cuda.md). encode_wgmma_tma (at the end of this file) is
+// encode_wgmma's tile with its stages filled by the Tensor Memory Accelerator instead of cp.async.
 //
 // Shared layout of a stage: x's 128 rows then W's N rows, each tile in wgmma's canonical K-major layout
 // without swizzle: core matrices of 8 rows x 8 bf16 (128 contiguous bytes, a row 16 bytes), the core matrices
@@ -46,6 +47,82 @@ static_assert((WB + CLT_ENC_WGN_TF) * CLT_ENC_WGN_TK * 2 == CLT_ENC_WGN_STAGE_BY
 
 #define WG_LBO 128u  // bytes between core matrices adjacent along K
 
+// The two epilogues on a block's accumulators (tokens b0.., features f0..): bias and dense output, or the
+// JumpReLU lists and the per-tile partials. Every thread of the block calls it; the first 8 warps (the two
+// warpgroups) hold accumulators (`consumer`), any later warp only joins the barriers. The reduction reuses
+// the stages' bytes at `red` (3 x 8 x N words), after a barrier that every warpgroup reaches only once done
+// with them.
+template <int N>
+__device__ __forceinline__ void wgmma_epilogue(const CltEncodeParams& p, const float* acc, float* red, uint32_t b0,
+                                               uint32_t f0, bool consumer) {
+    __syncthreads();
+    const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+    const int wg = warp >> 2, wr = warp & 3;
+    const int g = lane >> 2, t = lane & 3;
+    const float* bias = ptr<const float>(p.bias);
+    const uint32_t row0 = b0 + wg * 64 + wr * 16 + g;  // the thread's tokens: row0 and row0 + 8
+    if (p.epilogue == CLT_EPI_DENSE) {
+        if (!consumer) return;
+        float* dense = ptr<float>(p.dense);
+#pragma unroll
+        for (int j = 0; j < N / 8; ++j)
+#pragma unroll
+            for (int i = 0; i < 4; ++i) {
+                const uint32_t b = row0 + (i >> 1) * 8, f = f0 + 8 * j + 2 * t + (i & 1);
+                if (b < p.n_tokens && f < p.n_features) dense[(size_t)b * p.n_features + f] = acc[4 * j + i] + bias[f];
+            }
+        return;
+    }
+
+    float* red_preact = red;  // [8 warps][N] each
+    uint32_t* red_near = reinterpret_cast<uint32_t*>(red_preact + 8 * N);
+    float* red_near_h = reinterpret_cast<float*>(red_near + 8 * N);
+    const float* theta = ptr<const float>(p.theta);
+    const JumpLists lists = jump_lists(p);
+    if (consumer) {
+#pragma unroll
+        for (int j = 0; j < N / 8; ++j)
+#pragma unroll
+            for (int c = 0; c < 2; ++c) {
+                const int fl = 8 * j + 2 * t + c;  // the feature within the tile
+                const uint32_t f = f0 + fl;
+                float s_pre = 0.f, s_h = 0.f;
+                uint32_t s_near = 0;
+                if (f < p.n_features) {
+                    const float th = theta[f], bb = bias[f];
+#pragma unroll
+                    for (int h = 0; h < 2; ++h) {
+                        const uint32_t b = row0 + 8 * h;
+                        if (b < p.n_tokens) jump_entry(p, lists, acc[4 * j + 2 * h + c] + bb, th, b, f, s_pre, s_near, s_h);
+                    }
+                }
+                jump_sums_over_groups(s_pre, s_near, s_h);
+                if (g == 0) {
+                    red_preact[warp * N + fl] = s_pre;
+                    red_near[warp * N + fl] = s_near;
+                    red_near_h[warp * N + fl] = s_h;
+                }
+            }
+    }
+    __syncthreads();
+    // One feature a thread (the first N threads): its sums over the 8 warps, in warp order.
+    const uint32_t f = f0 + tid;
+    if (tid < N && f < p.n_features) {
+        float s_pre = 0.f, s_h = 0.f;
+        uint32_t s_near = 0;
+#pragma unroll
+        for (int v = 0; v < 8; ++v) {
+            s_pre += red_preact[v * N + tid];
+            s_near += red_near[v * N + tid];
+            s_h += red_near_h[v * N + tid];
+        }
+        const size_t o = (size_t)blockIdx.y * p.n_features + f;
+        ptr<float>(p.part_preact)[o] = s_pre;
+        ptr<uint32_t>(p.part_near)[o] = s_near;
+        ptr<float>(p.part_near_h)[o] = s_h;
+    }
+}
+
 template <int N, int K>
 __device__ __forceinline__ void encode_wgmma_body(const CltEncodeParams& p) {
     constexpr uint32_t STAGE = (WB + N) * K * 2, SBO = K * 16;  // SBO: bytes between 8-row groups
@@ -53,8 +130,7 @@ __device__ __forceinline__ void encode_wgmma_body(const CltEncodeParams& p) {
     static_assert(K % 16 == 0 && XC * 256 == WB * K / 8 && WC * 256 == N * K / 8, "whole chunks a thread");
     static_assert(3 * 8 * N * 4 <= WSTAGES * STAGE, "the epilogue's sums fit in the stages");
     CLT_DYNAMIC_SHARED(uint4, stage_mem);  // stage s: x chunks [WB * K / 8], then W chunks [N * K / 8]
-    const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
-    const int wg = warp >> 2, wr = warp & 3;  // warpgroup; warp within it (its 16 rows of the 64)
+    const int tid = threadIdx.x, wg = tid >> 7;  // warpgroup: tokens wg * 64 .. + 63 of the tile
     const uint32_t b0 = blockIdx.y * WB, f0 = blockIdx.x * N;
     const __nv_bfloat16* x = ptr<const __nv_bfloat16>(p.x);
     const __nv_bfloat16* w = ptr<const __nv_bfloat16>(p.w);
@@ -115,68 +191,7 @@ __device__ __forceinline__ void encode_wgmma_body(const CltEncodeParams& p) {
     wgmma_wait<0>();
     wgmma_fence_operands<N / 2>(acc);  // the epilogue reads the accumulators after the wait, not before
     cp_async_wait<0>();                // (only empty groups are left)
-    __syncthreads();                   // every warpgroup is done with the stages: their bytes hold the sums below
-
-    const int g = lane >> 2, t = lane & 3;
-    const float* bias = ptr<const float>(p.bias);
-    const uint32_t row0 = b0 + wg * 64 + wr * 16 + g;  // the thread's tokens: row0 and row0 + 8
-    if (p.epilogue == CLT_EPI_DENSE) {
-        float* dense = ptr<float>(p.dense);
-#pragma unroll
-        for (int j = 0; j < N / 8; ++j)
-#pragma unroll
-            for (int i = 0; i < 4; ++i) {
-                const uint32_t b = row0 + (i >> 1) * 8, f = f0 + 8 * j + 2 * t + (i & 1);
-                if (b < p.n_tokens && f < p.n_features) dense[(size_t)b * p.n_features + f] = acc[4 * j + i] + bias[f];
-            }
-        return;
-    }
-
-    float* red_preact = reinterpret_cast<float*>(stage_mem);  // [8 warps][N] each
-    uint32_t* red_near = reinterpret_cast<uint32_t*>(red_preact + 8 * N);
-    float* red_near_h = reinterpret_cast<float*>(red_near + 8 * N);
-    const float* theta = ptr<const float>(p.theta);
-    const JumpLists lists = jump_lists(p);
-#pragma unroll
-    for (int j = 0; j < N / 8; ++j)
-#pragma unroll
-        for (int c = 0; c < 2; ++c) {
-            const int fl = 8 * j + 2 * t + c;  // the feature within the tile
-            const uint32_t f = f0 + fl;
-            float s_pre = 0.f, s_h = 0.f;
-            uint32_t s_near = 0;
-            if (f < p.n_features) {
-                const float th = theta[f], bb = bias[f];
-#pragma unroll
-                for (int h = 0; h < 2; ++h) {
-                    const uint32_t b = row0 + 8 * h;
-                    if (b < p.n_tokens) jump_entry(p, lists, acc[4 * j + 2 * h + c] + bb, th, b, f, s_pre, s_near, s_h);
-                }
-            }
-            jump_sums_over_groups(s_pre, s_near, s_h);
-            if (g == 0) {
-                red_preact[warp * N + fl] = s_pre;
-                red_near[warp * N + fl] = s_near;
-                red_near_h[warp * N + fl] = s_h;
-            }
-        }
-    __syncthreads();
-    // One feature a thread (the first N threads): its sums over the 8 warps, in warp order.
-    const uint32_t f = f0 + tid;
-    if (tid < N && f < p.n_features) {
-        float s_pre = 0.f, s_h = 0.f;
-        uint32_t s_near = 0;
-#pragma unroll
-        for (int v = 0; v < 8; ++v) {
-            s_pre += red_preact[v * N + tid];
-            s_near += red_near[v * N + tid];
-            s_h += red_near_h[v * N + tid];
-        }
-        const size_t o = (size_t)blockIdx.y * p.n_features + f;
-        ptr<float>(p.part_preact)[o] = s_pre;
-        ptr<uint32_t>(p.part_near)[o] = s_near;
-        ptr<float>(p.part_near_h)[o] = s_h;
-    }
+    wgmma_epilogue<N>(p, acc, reinterpret_cast<float*>(stage_mem), b0, f0, true);
 }
 
 CLT_KERNEL void __launch_bounds__(256, 1) encode_wgmma(const CltEncodeParams p) {
@@ -185,4 +200,75 @@ CLT_KERNEL void __launch_bounds__(256, 1) encode_wgmma(const CltEncodeParams p) 
 
 CLT_KERNEL void __launch_bounds__(256, 2) encode_wgmma_narrow(const CltEncodeParams p) {
     encode_wgmma_body<CLT_ENC_WGN_TF, CLT_ENC_WGN_TK>(p);
+}
+
+// ---- encode_wgmma_tma: encode_wgmma's tile with the stages filled by the Tensor Memory Accelerator ----
+//
+// Warps 0-7 are the two consumer warpgroups (wgmma and the epilogue, as encode_wgmma); warp 8 is the producer,
+// whose lane 0 alone copies: for slice kt it waits until stage kt % 4 is free (mbarrier `empty`), announces the
+// stage's bytes on mbarrier `full` and starts two bulk-tensor copies (x's 128 x 64 box, W's 256 x 64 box) that
+// complete their bytes on it. A consumer warpgroup waits for `full`, issues the slice's four k16 steps and,
+// once the previous slice's products are done (wgmma_wait<1>), releases that slice's stage: lane 0 of each of
+// the 8 consumer warps arrives on its `empty` (8 arrivals a phase). So the producer runs up to 4 slices ahead
+// and no thread spends instructions or registers on copies; the copies and wgmma both go through the async
+// proxy, so no proxy fence is needed between them. The tiles land with the 128-byte swizzle (a row of 64 bf16
+// is the swizzle's span), which wgmma reads through wgmma_desc_sw128; the stages start 1024-byte aligned.
+#define WT_STAGES CLT_ENC_WGT_STAGES
+static_assert((WB + CLT_ENC_WGT_TF) * CLT_ENC_WGT_TK * 2 == CLT_ENC_WGT_STAGE_BYTES, "stage size as in clt_params.h");
+static_assert(WT_STAGES * CLT_ENC_WGT_STAGE_BYTES + 1024 == CLT_ENC_WGT_SHARED, "shared size as in clt_params.h");
+static_assert(CLT_ENC_WGT_THREADS == 9 * 32, "two warpgroups and the producer warp");
+static_assert(CLT_ENC_WGT_TK * 2 == 128, "a slice's row is the 128-byte swizzle's span");
+
+CLT_KERNEL void __launch_bounds__(CLT_ENC_WGT_THREADS, 1) encode_wgmma_tma(const __grid_constant__ CltEncodeTmaParams q) {
+    constexpr int N = CLT_ENC_WGT_TF, K = CLT_ENC_WGT_TK;
+    constexpr uint32_t STAGE = CLT_ENC_WGT_STAGE_BYTES, X_BYTES = WB * K * 2, SBO = 8 * K * 2;
+    __shared__ uint64_t full[WT_STAGES], empty[WT_STAGES];
+    CLT_DYNAMIC_SHARED(uint4, raw);
+    const CltEncodeParams& p = q.p;
+    const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+    const uint32_t b0 = blockIdx.y * WB, f0 = blockIdx.x * N;
+    const uint32_t raw0 = smem_addr(raw), smem0 = (raw0 + 1023u) & ~1023u;  // the swizzle pattern's alignment
+    const uint32_t nk = (p.d + K - 1) / K;
+    if (tid == 0) {
+        for (int s = 0; s < WT_STAGES; ++s) {
+            mbar_init(smem_addr(&full[s]), 1);   // the producer's arrival, with the stage's bytes
+            mbar_init(smem_addr(&empty[s]), 8);  // lane 0 of each consumer warp
+        }
+        fence_mbar_init();
+    }
+    __syncthreads();
+
+    float acc[N / 2];
+#pragma unroll
+    for (int i = 0; i < N / 2; ++i) acc[i] = 0.f;
+    if (warp == 8) {
+        if (lane == 0)
+            for (uint32_t kt = 0; kt < nk; ++kt) {
+                const uint32_t s = kt % WT_STAGES, bar = smem_addr(&full[s]), dst = smem0 + s * STAGE;
+                // Slice kt - 4 was released in phase kt / 4 - 1 of `empty`.
+                if (kt >= WT_STAGES) mbar_wait(smem_addr(&empty[s]), (kt / WT_STAGES + 1) & 1);
+                mbar_arrive_expect_tx(bar, STAGE);
+                tma_load_2d(dst, &q.map_x, (int)(kt * K), (int)b0, bar);
+                tma_load_2d(dst + X_BYTES, &q.map_w, (int)(kt * K), (int)f0, bar);
+            }
+    } else {
+        const uint32_t wg = warp >> 2;
+        for (uint32_t kt = 0; kt < nk; ++kt) {
+            const uint32_t s = kt % WT_STAGES;
+            mbar_wait(smem_addr(&full[s]), (kt / WT_STAGES) & 1);  // slice kt has landed (phase kt / 4)
+            const uint32_t a0 = smem0 + s * STAGE + wg * 64 * K * 2, w0 = smem0 + s * STAGE + X_BYTES;
+            wgmma_fence();
+            wgmma_fence_operands<N / 2>(acc);
+#pragma unroll
+            for (int ks = 0; ks < K / 16; ++ks)  // k16 step ks: 32 bytes further along the rows
+                wgmma_bf16<N>(acc, wgmma_desc_sw128(a0 + ks * 32, SBO), wgmma_desc_sw128(w0 + ks * 32, SBO));
+            wgmma_commit();
+            wgmma_fence_operands<N / 2>(acc);
+            wgmma_wait<1>();  // slice kt - 1's products are done: its stage is free
+            if (kt > 0 && lane == 0) mbar_arrive(smem_addr(&empty[(kt - 1) % WT_STAGES]));
+        }
+        wgmma_wait<0>();
+        wgmma_fence_operands<N / 2>(acc);
+    }
+    wgmma_epilogue<N>(p, acc, reinterpret_cast<float*>(raw + (smem0 - raw0) / 16), b0, f0, warp < 8);
 }

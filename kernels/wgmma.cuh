@@ -1,5 +1,6 @@
-// The inline PTX of Hopper's warpgroup MMA (wgmma) and the proxy fence encode_wgmma needs, one wrapper per
-// instruction, for the sm_90a module only (encode_wgmma.cu). Compiled for the CPU emulator (CLT_EMU), each
+// The inline PTX of Hopper's warpgroup MMA (wgmma), the proxy fence, mbarriers and the Tensor Memory
+// Accelerator's bulk-tensor copy that encode_wgmma.cu needs, one wrapper per instruction, for the sm_90a
+// module only. Compiled for the CPU emulator (CLT_EMU), each
 // wrapper calls the emulator's model of the instruction instead (kernels/emu/runtime.cc: the descriptor
 // decoded as the PTX ISA defines it, the product computed when the thread waits for its group).
 #pragma once
@@ -12,6 +13,17 @@
 __device__ __forceinline__ uint64_t wgmma_desc(uint32_t smem, uint32_t lbo, uint32_t sbo) {
     return (uint64_t)((smem & 0x3FFFFu) >> 4) | (uint64_t)((lbo & 0x3FFFFu) >> 4) << 16 |
            (uint64_t)((sbo & 0x3FFFFu) >> 4) << 32;
+}
+
+// The same for the canonical K-major layout with the 128-byte swizzle (encode_wgmma_tma, whose tiles the
+// Tensor Memory Accelerator writes so): rows of 64 bf16 (128 bytes) one after another, 8-row groups `sbo`
+// (1024) bytes apart, the 16-byte chunk c of row r at chunk c ^ (r % 8), as a function of the shared address
+// (bits 4-6 ^= bits 7-9), so the 8-row groups start 1024-byte aligned. A k16 step within the 64 columns
+// starts 32 bytes further (the base offset stays 0: bits 7-9 of the start are 0). LBO is unused for this
+// layout (1 by convention); bits 62-63: 1, the 128-byte swizzle.
+__device__ __forceinline__ uint64_t wgmma_desc_sw128(uint32_t smem, uint32_t sbo) {
+    return (uint64_t)((smem & 0x3FFFFu) >> 4) | (uint64_t)1 << 16 | (uint64_t)((sbo & 0x3FFFFu) >> 4) << 32 |
+           (uint64_t)1 << 62;
 }
 
 #ifndef CLT_EMU
@@ -134,6 +146,51 @@ __device__ __forceinline__ void wgmma_bf16<256>(float* d, uint64_t desc_a, uint6
         : "memory");
 }
 
+// ---- mbarriers and the Tensor Memory Accelerator (encode_wgmma_tma) ----
+
+// Initialises the mbarrier at `bar` (8 bytes of shared memory) for `count` arrivals a phase.
+__device__ __forceinline__ void mbar_init(uint32_t bar, uint32_t count) {
+    asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(bar), "r"(count) : "memory");
+}
+
+// Makes the initialised mbarriers visible to the async proxy (the TMA unit completes transactions on them).
+__device__ __forceinline__ void fence_mbar_init() {
+    asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
+}
+
+// One arrival on `bar`.
+__device__ __forceinline__ void mbar_arrive(uint32_t bar) {
+    asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];\n" ::"r"(bar) : "memory");
+}
+
+// One arrival on `bar`, which also expects `bytes` more of transactions (TMA copies) in this phase.
+__device__ __forceinline__ void mbar_arrive_expect_tx(uint32_t bar, uint32_t bytes) {
+    asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" ::"r"(bar), "r"(bytes) : "memory");
+}
+
+// Waits until the phase of `bar` with parity `parity` has completed (a barrier's phases alternate in parity;
+// a fresh barrier counts its phase before the first as completed with parity 1).
+__device__ __forceinline__ void mbar_wait(uint32_t bar, uint32_t parity) {
+    uint32_t done = 0;
+    while (!done)
+        asm volatile(
+            "{\n.reg .pred p;\nmbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\nselp.u32 %0, 1, 0, p;\n}\n"
+            : "=r"(done)
+            : "r"(bar), "r"(parity)
+            : "memory");
+}
+
+// TMA: the box of the 2-D tensor `map` (a __grid_constant__ parameter's address) at element coordinates
+// (c0 along the rows, c1 the row) into shared memory at `dst`, completing its bytes as transactions on
+// `bar`; elements outside the tensor are written as zeros (and counted).
+__device__ __forceinline__ void tma_load_2d(uint32_t dst, const void* map, int c0, int c1, uint32_t bar) {
+    asm volatile(
+        "cp.async.bulk.tensor.2d.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1, {%2, %3}], [%4];\n" ::"r"(
+            dst),
+        "l"(reinterpret_cast<uint64_t>(map)), "r"(c0), "r"(c1), "r"(bar)
+        : "memory");
+}
+
 #else  // the CPU emulator
 
 inline void wgmma_fence() { clt_emu::wgmma_fence(); }
@@ -148,6 +205,14 @@ inline void wgmma_wait() {
 template <int N>
 inline void wgmma_bf16(float* d, uint64_t desc_a, uint64_t desc_b) {
     clt_emu::wgmma_bf16(d, N, desc_a, desc_b);
+}
+inline void mbar_init(uint32_t bar, uint32_t count) { clt_emu::mbar_init(bar, count); }
+inline void fence_mbar_init() { clt_emu::fence_mbar_init(); }
+inline void mbar_arrive(uint32_t bar) { clt_emu::mbar_arrive(bar, 0); }
+inline void mbar_arrive_expect_tx(uint32_t bar, uint32_t bytes) { clt_emu::mbar_arrive(bar, bytes); }
+inline void mbar_wait(uint32_t bar, uint32_t parity) { clt_emu::mbar_wait(bar, parity); }
+inline void tma_load_2d(uint32_t dst, const void* map, int c0, int c1, uint32_t bar) {
+    clt_emu::tma_load_2d(dst, map, c0, c1, bar);
 }
 
 #endif

@@ -19,7 +19,7 @@ if ! command -v "$CXX" >/dev/null 2>&1; then
 fi
 out=target/emu
 mkdir -p "$out/gen" "$out/obj"
-flags=(-std=c++17 -O2 -g -fPIC -DCLT_EMU -Wall -Wextra -Wno-unused-parameter -Wno-comment -Wno-unknown-pragmas -Werror
+flags=(-std=c++17 -O2 -g -fPIC -DCLT_EMU -Wall -Wextra -Wno-unused-parameter -Wno-comment -Wno-unknown-pragmas -Wno-psabi -Werror
        -I kernels/emu/include -I kernels/emu -I kernels -I ffi)
 objs=()
 for cu in kernels/*.cu; do

@@ -74,14 +74,12 @@ mod gpu_tests {
         }
     }
 
-    /// The warpgroup-MMA encoder with 128 × 128 tiles, or with 128 × 256.
-    fn wgmma_kernel(narrow: bool) -> encode::Gemm {
-        if narrow {
-            encode::Gemm::WgmmaNarrow
-        } else {
-            encode::Gemm::Wgmma
-        }
-    }
+    /// The warpgroup-MMA encoders: 128 × 256 tiles, 128 × 128, and 128 × 256 through the TMA.
+    const WGMMA_KERNELS: [encode::Gemm; 3] = [
+        encode::Gemm::Wgmma,
+        encode::Gemm::WgmmaNarrow,
+        encode::Gemm::WgmmaTma,
+    ];
 
     /// Whether the device runs `encode_wgmma` (compute capability 9.x); says once, per test, when not.
     fn wgmma(gpu: &Gpu) -> bool {
@@ -894,12 +892,12 @@ mod gpu_tests {
     }
 
     /// `train.encoder_kernel = "wgmma"` reaches the device of a new and of a resumed trainer (where the
-    /// device has wgmma; elsewhere the trainer, and `Gemm::Wgmma` / `WgmmaNarrow` asked for by name, are
+    /// device has wgmma; elsewhere the trainer, and the three wgmma kernels asked for by name, are
     /// refused with a typed error: scripts/test.sh runs this on the emulator as compute capability 8.0),
     /// and it trains the run
     /// `encode_mma` trains (d = 32, every encoder launch on the warpgroup MMA: on the GPU the tensor cores
     /// add in another order, so within 10⁻⁴ relative L2 per tensor after 4 steps), and so does
-    /// `"wgmma_narrow"`; resumed from its step-2 checkpoint the wgmma run ends where it ended, to the bit.
+    /// `"wgmma_narrow"` and `"wgmma_tma"`; resumed from its step-2 checkpoint the wgmma run ends where it ended, to the bit.
     #[test]
     fn wgmma_encoder_trains_the_mma_run() {
         let Some(gpu) = gpu() else { return };
@@ -929,7 +927,7 @@ mod gpu_tests {
                 bias: &b,
                 n_features: 2,
             };
-            for g in [encode::Gemm::Wgmma, encode::Gemm::WgmmaNarrow] {
+            for g in WGMMA_KERNELS {
                 let e = encode::dense_with(gpu, &inp, g).err().expect("refused");
                 assert!(matches!(e, clt::Error::Unsupported(_)), "{g:?}: {e}");
             }
@@ -942,14 +940,21 @@ mod gpu_tests {
         }
         let mut wg = Trainer::new(run.clone()).unwrap();
         run.train.encoder_kernel = EncoderKernel::WgmmaNarrow;
-        let mut narrow = Trainer::new(run).unwrap();
+        let mut narrow = Trainer::new(run.clone()).unwrap();
+        run.train.encoder_kernel = EncoderKernel::WgmmaTma;
+        let mut tma = Trainer::new(run).unwrap();
+        assert_eq!(
+            tma.backend().encoder_kernel(),
+            Some(EncoderKernel::WgmmaTma)
+        );
         assert_eq!(mma.backend().encoder_kernel(), Some(EncoderKernel::Mma));
         assert_eq!(
             narrow.backend().encoder_kernel(),
             Some(EncoderKernel::WgmmaNarrow)
         );
         assert_eq!(wg.backend().encoder_kernel(), Some(EncoderKernel::Wgmma));
-        let (d1, d2, d3, d4) = (
+        let (d1, d2, d3, d4, d5) = (
+            tempfile::tempdir().unwrap(),
             tempfile::tempdir().unwrap(),
             tempfile::tempdir().unwrap(),
             tempfile::tempdir().unwrap(),
@@ -958,6 +963,7 @@ mod gpu_tests {
         mma.train(d1.path(), true).unwrap();
         wg.train(d2.path(), true).unwrap();
         narrow.train(d4.path(), true).unwrap();
+        tma.train(d5.path(), true).unwrap();
         super::common::runs::assert_params_close("wgmma run", &wg.params, &mma.params, 1e-4);
         super::common::runs::assert_params_close(
             "wgmma_narrow run",
@@ -965,6 +971,7 @@ mod gpu_tests {
             &mma.params,
             1e-4,
         );
+        super::common::runs::assert_params_close("wgmma_tma run", &tma.params, &mma.params, 1e-4);
         let at2 = d2.path().join("checkpoints").join("step_00000002");
         let mut resumed = Trainer::resume(&at2, None).unwrap();
         assert_eq!(
@@ -1099,25 +1106,26 @@ mod gpu_tests {
             check_jumprelu(gpu, n_tokens, 8 * d8, f_n, wide, seed, encode::Gemm::TensorCore)?;
         }
 
-        /// Warpgroup-MMA encoders (sm_90a: `encode_wgmma`, 128 × 256 × 64 tiles, or `encode_wgmma_narrow`,
-        /// 128 × 128 × 32) + JumpReLU epilogue vs the CPU: token and feature counts not multiples of the tile
+        /// Warpgroup-MMA encoders (sm_90a: `encode_wgmma`, 128 × 256 × 64 tiles, `encode_wgmma_narrow`,
+        /// 128 × 128 × 32, or `encode_wgmma_tma`, 128 × 256 × 64 through the TMA) + JumpReLU epilogue vs the
+        /// CPU: token and feature counts not multiples of the tile
         /// (up to two token and three feature tiles; more pre-activations would put one within rounding of a
         /// threshold too often), d a multiple of 8 but mostly not of the K slice (the K remainder), up to 392
         /// (7 or 13 K slices: the ring of 4 stages wraps).
         #[test]
         fn encoder_wgmma_jumprelu_matches_cpu(
             n_tokens in 0usize..200, d8 in 1usize..50, f_n in 1usize..320,
-            wide in any::<bool>(), narrow in any::<bool>(), seed in any::<u64>(),
+            wide in any::<bool>(), kernel in 0usize..3, seed in any::<u64>(),
         ) {
             let Some(gpu) = gpu() else { return Ok(()) };
             if !wgmma(gpu) { return Ok(()) }
-            check_jumprelu(gpu, n_tokens, 8 * d8, f_n, wide, seed, wgmma_kernel(narrow))?;
+            check_jumprelu(gpu, n_tokens, 8 * d8, f_n, wide, seed, WGMMA_KERNELS[kernel])?;
         }
 
-        /// Warpgroup-MMA dense epilogue (TopK / BatchTopK), both tiles, vs `dense_preact`.
+        /// Warpgroup-MMA dense epilogue (TopK / BatchTopK), the three kernels, vs `dense_preact`.
         #[test]
         fn encoder_wgmma_dense_matches_cpu(
-            n_tokens in 0usize..300, d8 in 1usize..50, f_n in 1usize..600, narrow in any::<bool>(),
+            n_tokens in 0usize..300, d8 in 1usize..50, f_n in 1usize..600, kernel in 0usize..3,
             seed in any::<u64>(),
         ) {
             let Some(gpu) = gpu() else { return Ok(()) };
@@ -1126,7 +1134,7 @@ mod gpu_tests {
             let mut rng = Rng::seed(seed);
             let p = bf16_params(&random_params(&cfg, &mut rng));
             let x = round_bf16(&random_batch(&cfg, n_tokens, &mut rng).0);
-            check_dense(gpu, &cfg, &p, &x, n_tokens, wgmma_kernel(narrow))?;
+            check_dense(gpu, &cfg, &p, &x, n_tokens, WGMMA_KERNELS[kernel])?;
         }
 
         /// Tensor-core dense epilogue (TopK / BatchTopK) vs `dense_preact`.

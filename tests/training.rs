@@ -236,6 +236,7 @@ kind = "synthetic"
         EncoderKernel::Mma,
         EncoderKernel::Wgmma,
         EncoderKernel::WgmmaNarrow,
+        EncoderKernel::WgmmaTma,
     ] {
         let text = base.replace(
             "steps = 10",

@@ -567,6 +567,59 @@ CUresult cuLaunchKernel(CUfunction f, unsigned gx, unsigned gy, unsigned gz, uns
     return eager() ? run_until(st, at) : CUDA_SUCCESS;
 }
 
+// A tensor map for the Tensor Memory Accelerator (kernels/wgmma.cuh's tma_load_2d), checked as the driver
+// documents and written as the emulator's TensorMap (runtime.h). The emulator models what the crate uses:
+// rank 2, no interleave, element strides 1, zeros outside the tensor; anything else is refused by name.
+CUresult cuTensorMapEncodeTiled(void* map, int dtype, unsigned rank, void* global, const uint64_t* dim,
+                                const uint64_t* strides, const unsigned* box, const unsigned* elem_strides,
+                                int interleave, int swizzle, int l2_promotion, int oob_fill) {
+    static const unsigned elem_bytes[] = {1, 2, 4, 4, 8, 8, 2, 4, 8, 2, 4, 4, 4};  // CUtensorMapDataType 0..12
+    if (!map || (uintptr_t)map % 64 != 0)
+        return fail(CUDA_ERROR_INVALID_VALUE, "cuTensorMapEncodeTiled: the tensor map is not 64-byte aligned");
+    if (dtype < 0 || dtype > 12) return fail(CUDA_ERROR_INVALID_VALUE, "cuTensorMapEncodeTiled: unknown data type");
+    if (rank != 2 || interleave != 0 || oob_fill != 0 || !elem_strides || elem_strides[0] != 1 ||
+        elem_strides[1] != 1)
+        return fail(CUDA_ERROR_NOT_SUPPORTED,
+                    "cuTensorMapEncodeTiled: the emulator models rank 2, no interleave, element strides 1 and "
+                    "zero fill only");
+    if (swizzle < 0 || swizzle > 3 || l2_promotion < 0 || l2_promotion > 3)
+        return fail(CUDA_ERROR_INVALID_VALUE, "cuTensorMapEncodeTiled: unknown swizzle or L2 promotion");
+    const unsigned elem = elem_bytes[dtype], span = swizzle == 0 ? 0 : 16u << swizzle;
+    if ((uintptr_t)global % 16 != 0)
+        return fail(CUDA_ERROR_INVALID_VALUE, "cuTensorMapEncodeTiled: the global address is not 16-byte aligned");
+    for (int i = 0; i < 2; ++i)
+        if (dim[i] == 0 || dim[i] > (1ull << 32) || box[i] == 0 || box[i] > 256)
+            return fail(CUDA_ERROR_INVALID_VALUE,
+                        "cuTensorMapEncodeTiled: a dimension outside 1..2^32 or a box side outside 1..256");
+    if (strides[0] % 16 != 0 || strides[0] >= (1ull << 40))
+        return fail(CUDA_ERROR_INVALID_VALUE,
+                    "cuTensorMapEncodeTiled: the row stride is not a multiple of 16 bytes under 2^40");
+    if (box[0] * elem % 16 != 0)
+        return fail(CUDA_ERROR_INVALID_VALUE, "cuTensorMapEncodeTiled: the box's rows are not multiples of 16 bytes");
+    if (span != 0 && box[0] * elem > span)
+        return fail(CUDA_ERROR_INVALID_VALUE, "cuTensorMapEncodeTiled: the box's rows are longer than the swizzle");
+    {
+        std::lock_guard<std::recursive_mutex> g(M);
+        const uint64_t extent = (dim[1] - 1) * strides[0] + dim[0] * elem;
+        if (!device_range((CUdeviceptr)(uintptr_t)global, extent))
+            return fail(CUDA_ERROR_INVALID_VALUE,
+                        "cuTensorMapEncodeTiled: the tensor is not inside one device allocation");
+    }
+    clt_emu::TensorMap t{};
+    t.magic = clt_emu::kTensorMapMagic;
+    t.base = static_cast<const char*>(global);
+    t.dim[0] = dim[0];
+    t.dim[1] = dim[1];
+    t.stride = strides[0];
+    t.box[0] = box[0];
+    t.box[1] = box[1];
+    t.elem = elem;
+    t.swizzle = span;
+    std::memset(map, 0, 128);
+    std::memcpy(map, &t, sizeof t);
+    return CUDA_SUCCESS;
+}
+
 // One row per code the emulator returns: its name and its message (a launch failure's is the emulator's
 // own message for the last failed launch).
 namespace {

@@ -85,8 +85,10 @@ std::map<std::string, Kernel>& registry() {
     return r;
 }
 
-enum class St { Ready, Block, Warp, Done, Failed };
-enum class Op { Shfl, Ldmatrix, Mma };
+enum class St { Ready, Block, Warp, Done, Failed, Mbar };
+// Op::Converge: a .sync.aligned instruction with no data between lanes (wgmma.wait_group): the warp's lanes
+// pass it together, as on the GPU, where it executes converged.
+enum class Op { Shfl, Ldmatrix, Mma, Converge };
 
 struct Copy {
     char* dst;
@@ -101,6 +103,26 @@ struct Wgmma {
     uint64_t da, db;
 };
 
+// An mbarrier (kernels/wgmma.cuh): arrivals a phase, those still to come, transaction bytes still to come
+// (negative when copies landed before the bytes were announced), completed phases, the initialising thread,
+// and whether that thread has made it visible to the async proxy (fence.mbarrier_init) since.
+struct Mbar {
+    uint32_t count, pending;
+    int64_t tx;
+    uint32_t phase;
+    size_t init_thread;
+    bool visible;
+};
+
+// A bulk-tensor copy issued and not landed yet: destination, the tensor map (copied at the issue), its
+// coordinates, and the barrier it completes on.
+struct Tma {
+    uint32_t dst;
+    TensorMap map;
+    int c0, c1;
+    uint32_t bar;
+};
+
 struct Fiber {
     void* sp;  // the saved stack pointer while switched out
     St st;
@@ -110,7 +132,7 @@ struct Fiber {
     Shfl shfl;
     uint64_t val;
     int arg;
-    uint32_t addr;
+    uint32_t addr;  // also the mbarrier a thread waits at (St::Mbar), with the parity in `arg`
     uint32_t a[4], b[2];
     float c[4];
     uint64_t res;
@@ -147,7 +169,13 @@ struct State {
     // Shared 16-byte chunks written by a cp.async whose thread has not run fence.proxy.async since: the
     // async proxy (wgmma) may not read them yet. Chunk address -> the writing thread.
     std::unordered_map<uintptr_t, size_t> unfenced;
+    // The block's mbarriers by shared address, and its bulk-tensor copies in flight, in issue order.
+    std::map<uint32_t, Mbar> mbars;
+    std::vector<Tma> tmas;
+    // The barrier whose phase the running thread just completed while others wait for it (run_woken).
+    uint32_t woken = 0xFFFFFFFFu;
 };
+constexpr uint32_t kNoBarrier = 0xFFFFFFFFu;
 unsigned launches = 0;
 State S;
 
@@ -256,6 +284,8 @@ void combine(std::vector<Fiber*>& lanes) {
             return;
         }
     switch (l0.op) {
+        case Op::Converge:
+            break;
         case Op::Shfl:
             for (int i = 0; i < 32; ++i) {
                 const int arg = lanes[i]->arg;
@@ -322,9 +352,68 @@ void combine(std::vector<Fiber*>& lanes) {
     for (Fiber* f : lanes) f->st = St::Ready;
 }
 
+// ---- mbarriers and bulk-tensor copies (kernels/wgmma.cuh) ----
+
+// Completes the barrier's phase once every arrival and every announced byte has come.
+void mbar_complete(Mbar& m) {
+    if (m.pending == 0 && m.tx == 0) {
+        ++m.phase;
+        m.pending = m.count;
+    }
+}
+
+// The physical shared address of `a` under a swizzle of `span` bytes (0: none): the 16-byte chunk index
+// (bits 4..) XOR the 128-byte row index (bits 7..), over span / 16 chunks (CUTLASS's Swizzle<3,4,3> for 128).
+uint32_t swizzled(uint32_t a, uint32_t span) {
+    if (span == 0) return a;
+    const uint32_t mask = span / 16 - 1;
+    return a ^ (((a >> 7) & mask) << 4);
+}
+
+// Performs a bulk-tensor copy: every element of the box from the tensor, or 0 outside it, into shared
+// memory (row r of the box at dst + r * row bytes, swizzled), then its bytes complete on its barrier.
+// Chunks it writes are the async proxy's: a cp.async write before it no longer needs a proxy fence.
+void tma_land(const Tma& t) {
+    const TensorMap& m = t.map;
+    const uint32_t row_bytes = m.box[0] * m.elem;
+    for (uint32_t r = 0; r < m.box[1]; ++r)
+        for (uint32_t e = 0; e < m.box[0]; ++e) {
+            const int64_t x = (int64_t)t.c0 + e, y = (int64_t)t.c1 + r;
+            const uint32_t a = swizzled(t.dst + r * row_bytes + e * m.elem, m.swizzle);
+            char* dst = static_cast<char*>(from_shared(a));
+            if (x >= 0 && y >= 0 && (uint64_t)x < m.dim[0] && (uint64_t)y < m.dim[1])
+                std::memcpy(dst, m.base + (uint64_t)y * m.stride + (uint64_t)x * m.elem, m.elem);
+            else
+                std::memset(dst, 0, m.elem);
+            S.unfenced.erase(reinterpret_cast<uintptr_t>(dst) & ~(uintptr_t)15);
+        }
+    Mbar& b = S.mbars.at(t.bar);
+    b.tx -= (int64_t)row_bytes * m.box[1];
+    mbar_complete(b);
+}
+
+// Whether the phase a thread waits for (St::Mbar: barrier f.addr, parity f.arg) has completed. When every
+// arrival of the current phase has come, the copies in flight on the barrier land first (at the latest
+// moment a waiter could see them).
+bool mbar_passed(const Fiber& f) {
+    auto it = S.mbars.find(f.addr);
+    if (it == S.mbars.end()) return false;
+    Mbar& m = it->second;
+    if ((m.phase & 1) != (uint32_t)f.arg) return true;
+    if (m.pending == 0) {
+        std::vector<Tma> keep;
+        for (const Tma& t : S.tmas)
+            if (t.bar == f.addr) tma_land(t);
+            else keep.push_back(t);
+        S.tmas.swap(keep);
+    }
+    return (m.phase & 1) != (uint32_t)f.arg;
+}
+
 std::string states() {
     std::ostringstream o;
-    const char* names[] = {"running", "at __syncthreads", "at a warp collective", "exited", "failed"};
+    const char* names[] = {"running", "at __syncthreads", "at a warp collective", "exited", "failed",
+                           "at an mbarrier wait"};
     for (size_t i = 0; i < S.fibers.size(); ++i) {
         if (i > 0 && S.fibers[i].st == S.fibers[i - 1].st) continue;
         size_t j = i;
@@ -334,6 +423,32 @@ std::string states() {
     return o.str();
 }
 
+// Switches to fiber i until it waits, yields or exits.
+void run_fiber(size_t i) {
+    S.cur = i;
+    thread_idx = S.fibers[i].tid;
+    clt_emu_switch(&S.main_sp, S.fibers[i].sp);
+}
+
+// A thread whose arrival (or landed copy) completed a barrier's phase yields at once (S.woken: the barrier)
+// so that the threads waiting for that phase run before it goes on: a waiter runs as early as the hardware
+// could run it, which is how a stage released before its last reader is done gets overwritten here.
+// Returns false on an error (in S.error).
+bool run_woken() {
+    while (S.woken != kNoBarrier) {
+        const uint32_t bar = S.woken;
+        S.woken = kNoBarrier;
+        for (size_t j = 0; j < S.fibers.size(); ++j) {
+            Fiber& f = S.fibers[j];
+            if (f.st != St::Mbar || f.addr != bar || !mbar_passed(f)) continue;
+            f.st = St::Ready;
+            run_fiber(j);
+            if (!S.error.empty()) return false;
+        }
+    }
+    return true;
+}
+
 // Runs one block to its end. Returns false on an error (in S.error).
 bool run_block() {
     const size_t n = S.fibers.size();
@@ -341,6 +456,9 @@ bool run_block() {
     std::memset(__start_clt_shared, 0xff, (size_t)(__stop_clt_shared - __start_clt_shared));
     std::memset(dynamic, 0xff, S.dyn_bytes);
     S.unfenced.clear();
+    S.mbars.clear();
+    S.tmas.clear();
+    S.woken = kNoBarrier;
     for (size_t i = 0; i < n; ++i) {
         Fiber& f = S.fibers[i];
         f.st = St::Ready;
@@ -367,12 +485,12 @@ bool run_block() {
             const size_t lo = 32 * w, hi = lo + 32 < n ? lo + 32 : n;
             for (;;) {
                 for (size_t i = lo; i < hi; ++i) {
-                    if (S.fibers[i].st != St::Ready) continue;
-                    S.cur = i;
-                    thread_idx = S.fibers[i].tid;
-                    clt_emu_switch(&S.main_sp, S.fibers[i].sp);
-                    progressed = true;
+                    if (S.fibers[i].st == St::Mbar && mbar_passed(S.fibers[i])) S.fibers[i].st = St::Ready;
                     if (!S.error.empty()) return false;
+                    if (S.fibers[i].st != St::Ready) continue;
+                    run_fiber(i);
+                    progressed = true;
+                    if (!S.error.empty() || !run_woken()) return false;
                 }
                 lanes.clear();
                 size_t waiting = 0, gone = 0;
@@ -396,7 +514,15 @@ bool run_block() {
             if (f.st != St::Done) ++live;
             if (f.st == St::Block) ++at_barrier;
         }
-        if (live == 0) return true;
+        if (live == 0) {
+            if (!S.tmas.empty()) {
+                S.error = "kernel " + S.k->name + ", block (" + std::to_string(block_idx.x) + ", " +
+                          std::to_string(block_idx.y) + ", " + std::to_string(block_idx.z) +
+                          "): the block ends with bulk-tensor copies in flight (no thread waited for them)";
+                return false;
+            }
+            return true;
+        }
         if (at_barrier == live) {
             for (Fiber& f : S.fibers)
                 if (f.st == St::Block) f.st = St::Ready;
@@ -590,9 +716,11 @@ void wgmma_compute(const Wgmma& w) {
     const int wr = (int)(lin / 32 % 4), lane = (int)(lin % 32), g = lane >> 2, t = lane & 3;
     // Row r of a K-major operand, its 16 k as floats (bf16 -> f32 is exact).
     auto row = [&](uint64_t desc, int r, float out[16]) {
+        const bool sw = (desc >> 62) == 1;  // the 128-byte swizzle: rows of 128 bytes, LBO unused
         for (int kc = 0; kc < 2; ++kc) {
-            const uint32_t a = desc_bytes(desc, 0) + (r / 8) * desc_bytes(desc, 32) + kc * desc_bytes(desc, 16) +
-                               (r % 8) * 16;
+            const uint32_t a =
+                sw ? swizzled(desc_bytes(desc, 0) + (r / 8) * desc_bytes(desc, 32) + (r % 8) * 128 + kc * 16, 128)
+                   : desc_bytes(desc, 0) + (r / 8) * desc_bytes(desc, 32) + kc * desc_bytes(desc, 16) + (r % 8) * 16;
             const char* p = static_cast<const char*>(from_shared(a));
             from_shared(a + 15);
             if (S.unfenced.count(reinterpret_cast<uintptr_t>(p)))
@@ -621,8 +749,13 @@ void wgmma_compute(const Wgmma& w) {
 }
 
 void wgmma_check_desc(uint64_t d) {
-    if (d >> 62) fail("a wgmma descriptor with a swizzle mode (the emulator models the layout without swizzle)");
+    if ((d >> 62) > 1)
+        fail("a wgmma descriptor with the 64- or 32-byte swizzle (the emulator models none and 128 bytes)");
     if ((d >> 49) & 7) fail("a wgmma descriptor with a base offset");
+    // With the swizzle, base offset 0 means the pattern starts at the matrix's 1024-byte-aligned row block:
+    // the start may move along the first 128-byte row (a k16 step), not past it.
+    if ((d >> 62) == 1 && ((desc_bytes(d, 0) >> 7) & 7) != 0)
+        fail("a swizzled wgmma descriptor whose start is past the first row of its 1024-byte pattern");
     const uint64_t reserved = (3ull << 14) | (3ull << 30) | (7ull << 46) | (0x3FFull << 52);
     if (d & reserved) fail("a wgmma descriptor with reserved bits set");
 }
@@ -651,6 +784,94 @@ void wgmma_wait(int pending) {
         f.wg_groups.erase(f.wg_groups.begin());
     }
     f.wg_fenced = false;
+    // .sync.aligned: the warp's lanes leave it together (so no lane of a warp is past a wait that another
+    // lane has not reached: what lets one lane release a stage for its warp).
+    f.op = Op::Converge;
+    f.st = St::Warp;
+    yield();
+}
+
+// ---- mbarriers and the Tensor Memory Accelerator (kernels/wgmma.cuh) ----
+
+namespace {
+
+// The calling thread has completed a phase of `bar`: when another thread waits for it, yield to the
+// scheduler, which runs the waiters first (run_woken).
+void wake(uint32_t bar) {
+    for (const Fiber& f : S.fibers)
+        if (f.st == St::Mbar && f.addr == bar) {
+            S.woken = bar;
+            yield();
+            return;
+        }
+}
+
+Mbar& mbar(uint32_t bar, const char* what) {
+    from_shared(bar);
+    if (bar % 8 != 0) fail("an mbarrier not 8-byte aligned");
+    auto it = S.mbars.find(bar);
+    if (it == S.mbars.end()) fail(what);
+    return it->second;
+}
+
+}  // namespace
+
+void mbar_init(uint32_t bar, uint32_t count) {
+    from_shared(bar);
+    if (bar % 8 != 0) fail("an mbarrier not 8-byte aligned");
+    if (count == 0 || count >= (1u << 20)) fail("mbarrier.init: the count must be 1 to 2^20 - 1");
+    S.mbars[bar] = Mbar{count, count, 0, 0, S.cur, false};
+}
+
+void fence_mbar_init() {
+    for (auto& kv : S.mbars)
+        if (kv.second.init_thread == S.cur) kv.second.visible = true;
+}
+
+void mbar_arrive(uint32_t bar, uint32_t tx_bytes) {
+    Mbar& m = mbar(bar, "mbarrier.arrive on a barrier nobody initialised");
+    if (m.pending == 0) fail("mbarrier.arrive: more arrivals than the barrier's count in one phase");
+    m.tx += tx_bytes;
+    if (m.tx >= (1 << 20)) fail("mbarrier.expect_tx: over 2^20 - 1 transaction bytes pending");
+    --m.pending;
+    const uint32_t phase = m.phase;
+    mbar_complete(m);
+    if (m.phase != phase) wake(bar);
+}
+
+void mbar_wait(uint32_t bar, uint32_t parity) {
+    Fiber& f = me();
+    mbar(bar, "mbarrier.try_wait on a barrier nobody initialised");
+    f.addr = bar;
+    f.arg = (int)(parity & 1);
+    while (!mbar_passed(f)) {
+        f.st = St::Mbar;
+        yield();
+    }
+}
+
+void tma_load_2d(uint32_t dst, const void* map, int c0, int c1, uint32_t bar) {
+    TensorMap m;
+    std::memcpy(&m, map, sizeof m);
+    if (m.magic != kTensorMapMagic) fail("a bulk-tensor copy through bytes that are not a tensor map");
+    if (dst % 128 != 0) fail("a bulk-tensor copy to shared memory not 128-byte aligned");
+    const uint32_t bytes = m.box[0] * m.elem * m.box[1];
+    if (m.swizzle != 0 && m.box[0] * m.elem != m.swizzle)
+        fail("a swizzled bulk-tensor copy whose box rows are not the swizzle's span (not modelled)");
+    from_shared(dst);
+    from_shared(dst + bytes - 1);
+    Mbar& b = mbar(bar, "a bulk-tensor copy completes on a barrier nobody initialised");
+    if (!b.visible)
+        fail("a bulk-tensor copy completes on an mbarrier that its initialising thread has not made visible "
+             "to the async proxy (fence.mbarrier_init)");
+    const Tma t{dst, m, c0, c1, bar};
+    if (!S.eager_copies) {
+        S.tmas.push_back(t);
+        return;
+    }
+    const uint32_t phase = b.phase;
+    tma_land(t);
+    if (b.phase != phase) wake(bar);
 }
 
 }  // namespace clt_emu

@@ -2,6 +2,8 @@
 // registration files (one per kernel file, written by scripts/build-emu.sh).
 #pragma once
 #include <cstddef>
+#include <cstdint>
+#include <cstring>
 #include <string>
 
 #include "cuda_bf16.h"
@@ -31,11 +33,29 @@ struct Registrar {
     }
     template <class P>
     static void call(void* fn, const void* params) {
-        reinterpret_cast<void (*)(P)>(fn)(*static_cast<const P*>(params));
+        // (Copied to storage of P's alignment first: the queued copy is only 16-byte aligned, and a struct
+        // holding a tensor map is 128.)
+        alignas(P) unsigned char buf[sizeof(P)];
+        std::memcpy(buf, params, sizeof(P));
+        reinterpret_cast<void (*)(P)>(fn)(*reinterpret_cast<const P*>(buf));
     }
 };
 constexpr unsigned bound() { return 1024; }
 constexpr unsigned bound(unsigned b) { return b; }
+
+// The emulator's CUtensorMap (128 opaque bytes to the program): what cuTensorMapEncodeTiled (driver.cc)
+// checked and tma_load_2d (runtime.cc) reads. Rank 2, no interleave, element strides 1.
+struct TensorMap {
+    uint64_t magic;     // kTensorMapMagic
+    const char* base;   // the global address
+    uint64_t dim[2];    // elements a row, rows
+    uint64_t stride;    // bytes from one row to the next
+    uint32_t box[2];    // the box: elements a row, rows
+    uint32_t elem;      // bytes an element
+    uint32_t swizzle;   // the swizzle's span in bytes: 0 (none), 32, 64 or 128
+};
+constexpr uint64_t kTensorMapMagic = 0x434c542d544d4150ull;  // "CLT-TMAP"
+static_assert(sizeof(TensorMap) <= 128, "a CUtensorMap holds 128 bytes");
 
 // Runs the whole grid, block after block, each block's threads as fibers. Returns "" or what went wrong
 // (a deadlock, a warp collective some lanes skipped, a misaligned or non-shared address, ...).

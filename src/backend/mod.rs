@@ -99,6 +99,9 @@ pub enum EncoderKernel {
     Wgmma,
     /// `encode_wgmma_narrow`: the same with 128 × 128 tiles (m64n128k16), two blocks an SM.
     WgmmaNarrow,
+    /// `encode_wgmma_tma`: `wgmma`'s tile with its operands copied by the Tensor Memory Accelerator (a
+    /// producer warp and mbarriers instead of every thread's `cp.async`); compute capability 9.x only.
+    WgmmaTma,
 }
 
 impl EncoderKernel {
@@ -108,6 +111,7 @@ impl EncoderKernel {
             EncoderKernel::Mma => "mma",
             EncoderKernel::Wgmma => "wgmma",
             EncoderKernel::WgmmaNarrow => "wgmma_narrow",
+            EncoderKernel::WgmmaTma => "wgmma_tma",
         }
     }
 }

@@ -28,6 +28,7 @@
 #define __shared__ static __attribute__((section("clt_shared")))
 #define __align__(n) __attribute__((aligned(n)))
 #define __launch_bounds__(...)
+#define __grid_constant__
 #define __restrict__ __restrict
 #define CLT_DYNAMIC_SHARED(T, name) T* name = reinterpret_cast<T*>(clt_emu::dynamic_shared())
 
@@ -65,7 +66,7 @@ void cp_async16(uint32_t shared_addr, const void* src, uint32_t src_bytes);
 void cp_async_commit();
 void cp_async_wait(int pending);
 // wgmma (sm_90a), m64nNk16 bf16 -> f32 with both operands in shared memory through descriptors (the K-major
-// layout without swizzle only). An issued product is queued per thread and computed only when the thread
+// layouts without swizzle and with the 128-byte swizzle). An issued product is queued per thread and computed only when the thread
 // waits for its group, reading shared memory then, so a kernel that reads its accumulators, or overwrites the
 // operands, before the wait fails. wgmma_bf16 asks for a wgmma_fence since the thread's last wait; a 16-byte
 // chunk that a cp.async wrote is readable by wgmma only after the writing thread's fence_proxy_async.
@@ -74,6 +75,19 @@ void fence_proxy_async();
 void wgmma_bf16(float* d, int n, uint64_t desc_a, uint64_t desc_b);
 void wgmma_commit();
 void wgmma_wait(int pending);
+// mbarriers and the Tensor Memory Accelerator (sm_90). A barrier (its 8 bytes of shared memory are only its
+// address here) counts arrivals and transaction bytes a phase; mbar_arrive adds `tx_bytes` to the bytes the
+// phase expects (mbarrier.arrive.expect_tx, 0: a plain arrive). mbar_wait returns once the phase of the given
+// parity has completed (the thread waits, as at a barrier). tma_load_2d copies a box of a tensor map
+// (cuTensorMapEncodeTiled of the emulated driver) into shared memory, zeros outside the tensor, swizzled as
+// the map says, and completes its bytes on `bar`: at once, or only when a thread waits for the barrier's
+// phase and every arrival has come (the schedule alternates), so a kernel that reads a stage before its
+// barrier says so, or refills one that wgmma still reads, fails.
+void mbar_init(uint32_t bar, uint32_t count);
+void fence_mbar_init();
+void mbar_arrive(uint32_t bar, uint32_t tx_bytes);
+void mbar_wait(uint32_t bar, uint32_t parity);
+void tma_load_2d(uint32_t dst, const void* map, int c0, int c1, uint32_t bar);
 // Shared-memory addresses as 32-bit offsets (what __cvta_generic_to_shared gives on the GPU).
 uint32_t to_shared(const void* p);
 void* from_shared(uint32_t addr);

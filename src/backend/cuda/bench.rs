@@ -61,7 +61,7 @@ fn report(name: &str, ms: f64, flops: f64, bytes: f64, copy_gbs: f64) {
     let tf = flops / ms / 1e9;
     let gbs = bytes / ms / 1e6;
     println!(
-        "{name:<28} {ms:>9.3} ms  {tf:>7.1} TFLOP/s ({:>5.1}% of bf16)  {gbs:>7.0} GB/s ({:>5.1}% of copy)",
+        "{name:<34} {ms:>9.3} ms  {tf:>7.1} TFLOP/s ({:>5.1}% of bf16)  {gbs:>7.0} GB/s ({:>5.1}% of copy)",
         100.0 * tf / BF16_TFLOPS,
         100.0 * gbs / copy_gbs
     );
@@ -167,7 +167,7 @@ pub fn run_with(preset: Preset, timer: &mut dyn Timer) -> Result<()> {
         bias: &bias,
         n_features: f_n,
     };
-    // encode_wgmma and encode_wgmma_narrow (sm_90a) where the device has them; encode_mma runs last: the
+    // encode_wgmma, encode_wgmma_narrow and encode_wgmma_tma (sm_90a) where the device has them; encode_mma runs last: the
     // codes below are its.
     let wgmma = gpu.has_wgmma();
     if !wgmma {
@@ -187,6 +187,10 @@ pub fn run_with(preset: Preset, timer: &mut dyn Timer) -> Result<()> {
                 format!("encode wgmma 128 ({epilogue})"),
                 encode::Gemm::WgmmaNarrow,
             ));
+            v.push((
+                format!("encode wgmma 256 TMA ({epilogue})"),
+                encode::Gemm::WgmmaTma,
+            ));
         }
         v.push((format!("encode mma ({epilogue})"), encode::Gemm::TensorCore));
         v
@@ -197,6 +201,7 @@ pub fn run_with(preset: Preset, timer: &mut dyn Timer) -> Result<()> {
         for (gemm, label) in [
             (encode::Gemm::Wgmma, "wgmma 256"),
             (encode::Gemm::WgmmaNarrow, "wgmma 128"),
+            (encode::Gemm::WgmmaTma, "wgmma 256 TMA"),
         ] {
             if let (Some(m), Some(w)) = (mma, times.iter().find(|t| t.0 == gemm)) {
                 println!("  mma / {label} encoder time: {:.2}x", m.1 / w.1);

@@ -158,7 +158,7 @@ impl Gpu {
     }
 
     /// Whether the device runs Hopper's warpgroup MMA (`wgmma`, compute capability 9.x: the `sm_90a`
-    /// module of `encode_wgmma` and `encode_wgmma_narrow`).
+    /// module of `encode_wgmma`, `encode_wgmma_narrow` and `encode_wgmma_tma`).
     pub fn has_wgmma(&self) -> bool {
         matches!(self.ctx.compute_capability(), Ok((9, _)))
     }

@@ -19,10 +19,13 @@ use super::context::{Gpu, Module, grid_1d, per_item};
 use super::ffi::{
     CLT_ENC_MMA_ALIGN, CLT_ENC_MMA_STAGE_BYTES, CLT_ENC_MMA_STAGES, CLT_ENC_MMA_TB, CLT_ENC_MMA_TF,
     CLT_ENC_TB, CLT_ENC_TF, CLT_ENC_WG_STAGE_BYTES, CLT_ENC_WG_STAGES, CLT_ENC_WG_TB,
-    CLT_ENC_WG_TF, CLT_ENC_WGN_STAGE_BYTES, CLT_ENC_WGN_STAGES, CLT_ENC_WGN_TF, CLT_EPI_DENSE,
-    CLT_EPI_JUMPRELU, CltEncodeParams, CltReduceParams, CltSortParams, CltToBf16Params,
+    CLT_ENC_WG_TF, CLT_ENC_WG_TK, CLT_ENC_WGN_STAGE_BYTES, CLT_ENC_WGN_STAGES, CLT_ENC_WGN_TF,
+    CLT_ENC_WGT_SHARED, CLT_ENC_WGT_TF, CLT_ENC_WGT_THREADS, CLT_ENC_WGT_TK, CLT_EPI_DENSE,
+    CLT_EPI_JUMPRELU, CltEncodeParams, CltEncodeTmaParams, CltReduceParams, CltSortParams,
+    CltToBf16Params,
 };
 use super::memory::DBuf;
+use super::tensor_map;
 use crate::backend::EncoderKernel;
 use crate::{Error, Result};
 use cudarc::driver::LaunchConfig;
@@ -43,6 +46,9 @@ pub enum Gemm {
     Wgmma,
     /// `encode_wgmma_narrow`: the same with 128 × 128 tiles, two blocks an SM.
     WgmmaNarrow,
+    /// `encode_wgmma_tma`: `encode_wgmma`'s tile with its stages filled by the Tensor Memory Accelerator
+    /// (a producer warp, mbarriers, the 128-byte swizzle); the same conditions.
+    WgmmaTma,
 }
 
 /// Largest per-token list the sort handles (its shared memory holds `cap × 12` bytes).
@@ -257,6 +263,7 @@ impl EncodeInput<'_> {
             tile_b: CLT_ENC_MMA_TB as usize,
             tile_f: CLT_ENC_MMA_TF as usize,
             shared: CLT_ENC_MMA_STAGES * CLT_ENC_MMA_STAGE_BYTES,
+            threads: 256,
         };
         let simt = Kernel {
             module: Module::Encode,
@@ -264,13 +271,15 @@ impl EncodeInput<'_> {
             tile_b: CLT_ENC_TB as usize,
             tile_f: CLT_ENC_TF as usize,
             shared: 0,
+            threads: 256,
         };
         let gemm = match (gemm, gpu.encoder_kernel()) {
             (Gemm::Auto, EncoderKernel::Wgmma) if self.tensor_core_ok() => Gemm::Wgmma,
             (Gemm::Auto, EncoderKernel::WgmmaNarrow) if self.tensor_core_ok() => Gemm::WgmmaNarrow,
+            (Gemm::Auto, EncoderKernel::WgmmaTma) if self.tensor_core_ok() => Gemm::WgmmaTma,
             (g, _) => g,
         };
-        let wgmma = |name, tile_f: u32, stages: u32, stage_bytes: u32| {
+        let wgmma = |name, tile_f: u32, shared: u32, threads: u32| {
             aligned()?;
             if !gpu.has_wgmma() {
                 return Err(Error::Unsupported(format!(
@@ -284,7 +293,8 @@ impl EncodeInput<'_> {
                 name,
                 tile_b: CLT_ENC_WG_TB as usize,
                 tile_f: tile_f as usize,
-                shared: stages * stage_bytes,
+                shared,
+                threads,
             })
         };
         Ok(match gemm {
@@ -297,14 +307,20 @@ impl EncodeInput<'_> {
             Gemm::Wgmma => wgmma(
                 "encode_wgmma",
                 CLT_ENC_WG_TF,
-                CLT_ENC_WG_STAGES,
-                CLT_ENC_WG_STAGE_BYTES,
+                CLT_ENC_WG_STAGES * CLT_ENC_WG_STAGE_BYTES,
+                256,
             )?,
             Gemm::WgmmaNarrow => wgmma(
                 "encode_wgmma_narrow",
                 CLT_ENC_WGN_TF,
-                CLT_ENC_WGN_STAGES,
-                CLT_ENC_WGN_STAGE_BYTES,
+                CLT_ENC_WGN_STAGES * CLT_ENC_WGN_STAGE_BYTES,
+                256,
+            )?,
+            Gemm::WgmmaTma => wgmma(
+                "encode_wgmma_tma",
+                CLT_ENC_WGT_TF,
+                CLT_ENC_WGT_SHARED,
+                CLT_ENC_WGT_THREADS,
             )?,
         })
     }
@@ -319,6 +335,8 @@ struct Kernel {
     tile_f: usize,
     /// Dynamic shared memory per block, bytes.
     shared: u32,
+    /// Threads per block.
+    threads: u32,
 }
 
 impl Kernel {
@@ -329,9 +347,40 @@ impl Kernel {
                 inp.n_tokens.div_ceil(self.tile_b) as u32,
                 1,
             ),
-            block_dim: (256, 1, 1),
+            block_dim: (self.threads, 1, 1),
             shared_mem_bytes: self.shared,
         }
+    }
+
+    /// Launches the kernel over `inp` with parameters `p`; `encode_wgmma_tma` gets them with the tensor
+    /// maps of x (boxes of 128 tokens × 64 columns) and W_enc (256 features × 64 columns).
+    fn launch(&self, gpu: &Gpu, inp: &EncodeInput, p: CltEncodeParams) -> Result<()> {
+        if self.name != "encode_wgmma_tma" || inp.n_tokens == 0 {
+            return gpu.launch(self.module, self.name, self.tiles(inp), &p);
+        }
+        const _: () = assert!(CLT_ENC_WGT_TK == CLT_ENC_WG_TK && CLT_ENC_WGT_TF == CLT_ENC_WG_TF);
+        let q = CltEncodeTmaParams {
+            map_x: tensor_map::bf16_sw128(
+                "the encoder's inputs x",
+                p.x,
+                inp.n_tokens,
+                inp.d,
+                inp.x_stride,
+                CLT_ENC_WG_TB,
+                CLT_ENC_WGT_TK,
+            )?,
+            map_w: tensor_map::bf16_sw128(
+                "W_enc",
+                p.w,
+                inp.n_features,
+                inp.d,
+                inp.d,
+                CLT_ENC_WGT_TF,
+                CLT_ENC_WGT_TK,
+            )?,
+            p,
+        };
+        gpu.launch(self.module, self.name, self.tiles(inp), &q)
     }
 }
 
@@ -388,7 +437,7 @@ pub fn jumprelu_with(
             half_bandwidth,
             ..inp.params(gpu)
         };
-        gpu.launch(kernel.module, kernel.name, kernel.tiles(inp), &p)?;
+        kernel.launch(gpu, inp, p)?;
         let longest = codes.measure(gpu)?;
         if longest <= cap {
             break codes;
@@ -476,7 +525,7 @@ pub fn dense_into_with(
         epilogue: CLT_EPI_DENSE,
         ..inp.params(gpu)
     };
-    gpu.launch(kernel.module, kernel.name, kernel.tiles(inp), &p)
+    kernel.launch(gpu, inp, p)
 }
 
 /// f32 → bf16 on the device.

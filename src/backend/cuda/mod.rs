@@ -7,7 +7,7 @@
 //! One module per concern: [`context`] (driver check, context, lazy module loading, launches), [`memory`]
 //! (device buffers), [`ffi`] (the kernels' parameter structs, generated from `ffi/clt_params.h`), and one
 //! wrapper per kernel family with its launch configuration: [`encode`], [`decode`], [`backward`], [`topk`],
-//! [`adam`], [`dequant`]; [`step`] chains them into a training step's loss and gradient, and [`resident`]
+//! [`adam`], [`dequant`] ([`tensor_map`]: the TMA's tensor maps for `encode_wgmma_tma`); [`step`] chains them into a training step's loss and gradient, and [`resident`]
 //! into the whole training loop on the device (parameters and Adam resident, batches staged through pinned
 //! memory on a second stream; its gradients packed for the replicas' all-reduce by [`gradsum`]); [`dense`]
 //! is the dense cuBLAS step the
@@ -27,6 +27,7 @@ pub mod memory;
 pub mod resident;
 pub mod skip;
 pub mod step;
+pub mod tensor_map;
 pub mod topk;
 
 pub use context::{Gpu, driver_present};
