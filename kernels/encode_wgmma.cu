@@ -251,6 +251,7 @@ CLT_KERNEL void __launch_bounds__(CLT_ENC_WGT_THREADS, 1) encode_wgmma_tma(const
                 tma_load_2d(dst, &q.map_x, (int)(kt * K), (int)b0, bar);
                 tma_load_2d(dst + X_BYTES, &q.map_w, (int)(kt * K), (int)f0, bar);
             }
+        __syncwarp();  // the warp reconverges before the epilogue's barriers (bar.sync is .aligned)
     } else {
         const uint32_t wg = warp >> 2;
         for (uint32_t kt = 0; kt < nk; ++kt) {

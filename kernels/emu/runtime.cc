@@ -86,8 +86,8 @@ std::map<std::string, Kernel>& registry() {
 }
 
 enum class St { Ready, Block, Warp, Done, Failed, Mbar };
-// Op::Converge: a .sync.aligned instruction with no data between lanes (wgmma.wait_group): the warp's lanes
-// pass it together, as on the GPU, where it executes converged.
+// Op::Converge: a .sync.aligned instruction with no data between lanes (wgmma.wait_group, __syncwarp): the
+// warp's lanes pass it together, as on the GPU, where it executes converged.
 enum class Op { Shfl, Ldmatrix, Mma, Converge };
 
 struct Copy {
@@ -777,6 +777,13 @@ void wgmma_commit() {
     f.wg_open.clear();
 }
 
+void syncwarp() {
+    Fiber& f = me();
+    f.op = Op::Converge;
+    f.st = St::Warp;
+    yield();
+}
+
 void wgmma_wait(int pending) {
     Fiber& f = me();
     while (f.wg_groups.size() > (size_t)pending) {
@@ -786,9 +793,7 @@ void wgmma_wait(int pending) {
     f.wg_fenced = false;
     // .sync.aligned: the warp's lanes leave it together (so no lane of a warp is past a wait that another
     // lane has not reached: what lets one lane release a stage for its warp).
-    f.op = Op::Converge;
-    f.st = St::Warp;
-    yield();
+    syncwarp();
 }
 
 // ---- mbarriers and the Tensor Memory Accelerator (kernels/wgmma.cuh) ----

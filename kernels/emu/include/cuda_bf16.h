@@ -57,6 +57,8 @@ extern dim3 block_dim, grid_dim;
 void syncthreads();
 // Warp collectives with the full mask: every lane of the warp (none exited) must take part.
 enum class Shfl { Down, Up, Xor, Idx };
+// __syncwarp: the warp's lanes leave it together.
+void syncwarp();
 uint64_t shfl(Shfl kind, uint64_t bits, int arg);
 void ldmatrix_x4(uint32_t shared_addr, uint32_t out[4]);
 void mma_bf16_16816(float c[4], const uint32_t a[4], uint32_t b0, uint32_t b1);
@@ -100,6 +102,10 @@ void* dynamic_shared();
 #define gridDim clt_emu::grid_dim
 
 inline void __syncthreads() { clt_emu::syncthreads(); }
+inline void __syncwarp(unsigned mask = 0xffffffffu) {
+    if (mask != 0xffffffffu) clt_emu::fail("__syncwarp with a partial mask (the emulator models whole warps)");
+    clt_emu::syncwarp();
+}
 
 template <typename T>
 inline T clt_emu_shfl(clt_emu::Shfl kind, unsigned mask, T v, int arg) {
