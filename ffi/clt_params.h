@@ -56,16 +56,16 @@ typedef uint64_t clt_ptr;
 #define CLT_ENC_WGN_STAGE_BYTES 16384 /* (TB + TF) rows x TK bf16, checked by encode_wgmma.cu */
 /* encode_wgmma_tma (encode_wgmma.cu, sm_90a only): encode_wgmma's 128 x 256 x 64 tile with the stages filled
  * by the Tensor Memory Accelerator (one producer warp, cp.async.bulk.tensor, 128-byte swizzle) and handed over
- * through mbarriers: two consumer warpgroups and the producer warp, CLT_ENC_WGT_THREADS threads a block;
- * CLT_ENC_WGT_SHARED bytes of dynamic shared memory (the stages, and 1024 bytes to align them to the swizzle
- * pattern). Rows of x and W_enc are read through tensor maps (CltTensorMap), whose row strides must be
+ * through mbarriers, in a persistent grid (a block loops over tiles): two consumer warpgroups and the
+ * producer warp, CLT_ENC_WGT_THREADS threads a block; CLT_ENC_WGT_SHARED bytes of dynamic shared memory (the
+ * stages, the epilogue's 24 KB of sums, and 1024 bytes to align the stages to the swizzle pattern). Rows of x and W_enc are read through tensor maps (CltTensorMap), whose row strides must be
  * multiples of 16 bytes: the same alignment rule as encode_mma. */
 #define CLT_ENC_WGT_TF 256
 #define CLT_ENC_WGT_TK 64
 #define CLT_ENC_WGT_STAGES 4
 #define CLT_ENC_WGT_STAGE_BYTES 49152 /* (TB + TF) rows x TK bf16 */
 #define CLT_ENC_WGT_THREADS 288       /* two warpgroups and one warp */
-#define CLT_ENC_WGT_SHARED 197632     /* STAGES x STAGE_BYTES + 1024 */
+#define CLT_ENC_WGT_SHARED 222208     /* STAGES x STAGE_BYTES + 3 x 8 x TF x 4 + 1024 */
 
 /* Encoder: h = x W^T + b over one layer, fused epilogue. Lists are ELL: token b owns slots [b*cap, b*cap+cap),
  * count[b] entries were produced (may exceed cap: the host then re-runs with a larger cap). */

@@ -47,22 +47,26 @@ static_assert((WB + CLT_ENC_WGN_TF) * CLT_ENC_WGN_TK * 2 == CLT_ENC_WGN_STAGE_BY
 
 #define WG_LBO 128u  // bytes between core matrices adjacent along K
 
-// The two epilogues on a block's accumulators (tokens b0.., features f0..): bias and dense output, or the
-// JumpReLU lists and the per-tile partials. Every thread of the block calls it; the first 8 warps (the two
-// warpgroups) hold accumulators (`consumer`), any later warp only joins the barriers. The reduction reuses
-// the stages' bytes at `red` (3 x 8 x N words), after a barrier that every warpgroup reaches only once done
-// with them.
+// The two epilogues on a tile's accumulators (tokens b0.., features f0..; token tile `tile_b` of the
+// partials): bias and dense output, or the JumpReLU lists and the per-tile partials, reduced through `red`
+// (3 x 8 x N words of shared memory) after a barrier that every warpgroup reaches only once done with what
+// `red` held before. The two warpgroups (warps 0-7) call it; with `named`, they alone take part in its
+// barriers (bar.sync 1, 256: encode_wgmma_tma, whose producer warp does not), else the whole block does
+// (__syncthreads).
 template <int N>
 __device__ __forceinline__ void wgmma_epilogue(const CltEncodeParams& p, const float* acc, float* red, uint32_t b0,
-                                               uint32_t f0, bool consumer) {
-    __syncthreads();
+                                               uint32_t f0, uint32_t tile_b, bool named) {
+    auto sync = [&] {
+        if (named) bar_sync(1, 256);
+        else __syncthreads();
+    };
+    sync();
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
     const int wg = warp >> 2, wr = warp & 3;
     const int g = lane >> 2, t = lane & 3;
     const float* bias = ptr<const float>(p.bias);
     const uint32_t row0 = b0 + wg * 64 + wr * 16 + g;  // the thread's tokens: row0 and row0 + 8
     if (p.epilogue == CLT_EPI_DENSE) {
-        if (!consumer) return;
         float* dense = ptr<float>(p.dense);
 #pragma unroll
         for (int j = 0; j < N / 8; ++j)
@@ -79,32 +83,30 @@ __device__ __forceinline__ void wgmma_epilogue(const CltEncodeParams& p, const f
     float* red_near_h = reinterpret_cast<float*>(red_near + 8 * N);
     const float* theta = ptr<const float>(p.theta);
     const JumpLists lists = jump_lists(p);
-    if (consumer) {
 #pragma unroll
-        for (int j = 0; j < N / 8; ++j)
+    for (int j = 0; j < N / 8; ++j)
 #pragma unroll
-            for (int c = 0; c < 2; ++c) {
-                const int fl = 8 * j + 2 * t + c;  // the feature within the tile
-                const uint32_t f = f0 + fl;
-                float s_pre = 0.f, s_h = 0.f;
-                uint32_t s_near = 0;
-                if (f < p.n_features) {
-                    const float th = theta[f], bb = bias[f];
+        for (int c = 0; c < 2; ++c) {
+            const int fl = 8 * j + 2 * t + c;  // the feature within the tile
+            const uint32_t f = f0 + fl;
+            float s_pre = 0.f, s_h = 0.f;
+            uint32_t s_near = 0;
+            if (f < p.n_features) {
+                const float th = theta[f], bb = bias[f];
 #pragma unroll
-                    for (int h = 0; h < 2; ++h) {
-                        const uint32_t b = row0 + 8 * h;
-                        if (b < p.n_tokens) jump_entry(p, lists, acc[4 * j + 2 * h + c] + bb, th, b, f, s_pre, s_near, s_h);
-                    }
-                }
-                jump_sums_over_groups(s_pre, s_near, s_h);
-                if (g == 0) {
-                    red_preact[warp * N + fl] = s_pre;
-                    red_near[warp * N + fl] = s_near;
-                    red_near_h[warp * N + fl] = s_h;
+                for (int h = 0; h < 2; ++h) {
+                    const uint32_t b = row0 + 8 * h;
+                    if (b < p.n_tokens) jump_entry(p, lists, acc[4 * j + 2 * h + c] + bb, th, b, f, s_pre, s_near, s_h);
                 }
             }
-    }
-    __syncthreads();
+            jump_sums_over_groups(s_pre, s_near, s_h);
+            if (g == 0) {
+                red_preact[warp * N + fl] = s_pre;
+                red_near[warp * N + fl] = s_near;
+                red_near_h[warp * N + fl] = s_h;
+            }
+        }
+    sync();
     // One feature a thread (the first N threads): its sums over the 8 warps, in warp order.
     const uint32_t f = f0 + tid;
     if (tid < N && f < p.n_features) {
@@ -116,7 +118,7 @@ __device__ __forceinline__ void wgmma_epilogue(const CltEncodeParams& p, const f
             s_near += red_near[v * N + tid];
             s_h += red_near_h[v * N + tid];
         }
-        const size_t o = (size_t)blockIdx.y * p.n_features + f;
+        const size_t o = (size_t)tile_b * p.n_features + f;
         ptr<float>(p.part_preact)[o] = s_pre;
         ptr<uint32_t>(p.part_near)[o] = s_near;
         ptr<float>(p.part_near_h)[o] = s_h;
@@ -191,7 +193,7 @@ __device__ __forceinline__ void encode_wgmma_body(const CltEncodeParams& p) {
     wgmma_wait<0>();
     wgmma_fence_operands<N / 2>(acc);  // the epilogue reads the accumulators after the wait, not before
     cp_async_wait<0>();                // (only empty groups are left)
-    wgmma_epilogue<N>(p, acc, reinterpret_cast<float*>(stage_mem), b0, f0, true);
+    wgmma_epilogue<N>(p, acc, reinterpret_cast<float*>(stage_mem), b0, f0, blockIdx.y, false);
 }
 
 CLT_KERNEL void __launch_bounds__(256, 1) encode_wgmma(const CltEncodeParams p) {
@@ -204,18 +206,25 @@ CLT_KERNEL void __launch_bounds__(256, 2) encode_wgmma_narrow(const CltEncodePar
 
 // ---- encode_wgmma_tma: encode_wgmma's tile with the stages filled by the Tensor Memory Accelerator ----
 //
-// Warps 0-7 are the two consumer warpgroups (wgmma and the epilogue, as encode_wgmma); warp 8 is the producer,
-// whose lane 0 alone copies: for slice kt it waits until stage kt % 4 is free (mbarrier `empty`), announces the
-// stage's bytes on mbarrier `full` and starts two bulk-tensor copies (x's 128 x 64 box, W's 256 x 64 box) that
-// complete their bytes on it. A consumer warpgroup waits for `full`, issues the slice's four k16 steps and,
-// once the previous slice's products are done (wgmma_wait<1>), releases that slice's stage: lane 0 of each of
-// the 8 consumer warps arrives on its `empty` (8 arrivals a phase). So the producer runs up to 4 slices ahead
-// and no thread spends instructions or registers on copies; the copies and wgmma both go through the async
-// proxy, so no proxy fence is needed between them. The tiles land with the 128-byte swizzle (a row of 64 bf16
-// is the swizzle's span), which wgmma reads through wgmma_desc_sw128; the stages start 1024-byte aligned.
+// A persistent grid (at most one block an SM): block i computes tiles i, i + gridDim.x, ... of the
+// ceil(B / 128) x ceil(F / 256) tiles, features fastest. Warps 0-7 are the two consumer warpgroups (wgmma and
+// the epilogues, as encode_wgmma); warp 8 is the producer, whose lane 0 alone copies, slice after slice
+// through all of the block's tiles: for slice `it` (counted over the tiles) it waits until stage it % 4 is
+// free (mbarrier `empty`), announces the stage's bytes on mbarrier `full` and starts two bulk-tensor copies
+// (x's 128 x 64 box, W's 256 x 64 box) that complete their bytes on it. A consumer warpgroup waits for
+// `full`, issues the slice's four k16 steps and, once the previous slice's products are done
+// (wgmma_wait<1>), releases that slice's stage: lane 0 of each of the 8 consumer warps arrives on its
+// `empty` (8 arrivals a phase); a tile's last slice is released after its final wait. So the producer runs
+// up to 4 slices ahead, across a tile's end too: the next tile's first slices load while the consumers run
+// the epilogue, whose reduction has its own shared memory and whose barriers are the consumers' alone
+// (bar.sync 1, 256). No thread spends instructions or registers on copies, and the copies and wgmma both go
+// through the async proxy, so no proxy fence is needed between them. The tiles land with the 128-byte
+// swizzle (a row of 64 bf16 is the swizzle's span), which wgmma reads through wgmma_desc_sw128; the stages
+// start 1024-byte aligned.
 #define WT_STAGES CLT_ENC_WGT_STAGES
 static_assert((WB + CLT_ENC_WGT_TF) * CLT_ENC_WGT_TK * 2 == CLT_ENC_WGT_STAGE_BYTES, "stage size as in clt_params.h");
-static_assert(WT_STAGES * CLT_ENC_WGT_STAGE_BYTES + 1024 == CLT_ENC_WGT_SHARED, "shared size as in clt_params.h");
+static_assert(WT_STAGES * CLT_ENC_WGT_STAGE_BYTES + 3 * 8 * CLT_ENC_WGT_TF * 4 + 1024 == CLT_ENC_WGT_SHARED,
+              "shared size as in clt_params.h");
 static_assert(CLT_ENC_WGT_THREADS == 9 * 32, "two warpgroups and the producer warp");
 static_assert(CLT_ENC_WGT_TK * 2 == 128, "a slice's row is the 128-byte swizzle's span");
 
@@ -226,9 +235,10 @@ CLT_KERNEL void __launch_bounds__(CLT_ENC_WGT_THREADS, 1) encode_wgmma_tma(const
     CLT_DYNAMIC_SHARED(uint4, raw);
     const CltEncodeParams& p = q.p;
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
-    const uint32_t b0 = blockIdx.y * WB, f0 = blockIdx.x * N;
     const uint32_t raw0 = smem_addr(raw), smem0 = (raw0 + 1023u) & ~1023u;  // the swizzle pattern's alignment
-    const uint32_t nk = (p.d + K - 1) / K;
+    float* red = reinterpret_cast<float*>(raw + (smem0 - raw0 + WT_STAGES * STAGE) / 16);  // after the stages
+    const uint32_t nk = (p.d + K - 1) / K, tiles_f = (p.n_features + N - 1) / N;
+    const uint32_t tiles = tiles_f * ((p.n_tokens + WB - 1) / WB);
     if (tid == 0) {
         for (int s = 0; s < WT_STAGES; ++s) {
             mbar_init(smem_addr(&full[s]), 1);   // the producer's arrival, with the stage's bytes
@@ -238,25 +248,35 @@ CLT_KERNEL void __launch_bounds__(CLT_ENC_WGT_THREADS, 1) encode_wgmma_tma(const
     }
     __syncthreads();
 
-    float acc[N / 2];
-#pragma unroll
-    for (int i = 0; i < N / 2; ++i) acc[i] = 0.f;
     if (warp == 8) {
-        if (lane == 0)
-            for (uint32_t kt = 0; kt < nk; ++kt) {
-                const uint32_t s = kt % WT_STAGES, bar = smem_addr(&full[s]), dst = smem0 + s * STAGE;
-                // Slice kt - 4 was released in phase kt / 4 - 1 of `empty`.
-                if (kt >= WT_STAGES) mbar_wait(smem_addr(&empty[s]), (kt / WT_STAGES + 1) & 1);
-                mbar_arrive_expect_tx(bar, STAGE);
-                tma_load_2d(dst, &q.map_x, (int)(kt * K), (int)b0, bar);
-                tma_load_2d(dst + X_BYTES, &q.map_w, (int)(kt * K), (int)f0, bar);
+        if (lane == 0) {
+            uint32_t it = 0;  // slices issued, over the block's tiles
+            for (uint32_t tile = blockIdx.x; tile < tiles; tile += gridDim.x) {
+                const int f0 = (int)((tile % tiles_f) * N), b0 = (int)((tile / tiles_f) * WB);
+                for (uint32_t kt = 0; kt < nk; ++kt, ++it) {
+                    const uint32_t s = it % WT_STAGES, bar = smem_addr(&full[s]), dst = smem0 + s * STAGE;
+                    // Slice it - 4 was released in phase it / 4 - 1 of `empty`.
+                    if (it >= WT_STAGES) mbar_wait(smem_addr(&empty[s]), (it / WT_STAGES + 1) & 1);
+                    mbar_arrive_expect_tx(bar, STAGE);
+                    tma_load_2d(dst, &q.map_x, (int)(kt * K), b0, bar);
+                    tma_load_2d(dst + X_BYTES, &q.map_w, (int)(kt * K), f0, bar);
+                }
             }
-        __syncwarp();  // the warp reconverges before the epilogue's barriers (bar.sync is .aligned)
-    } else {
-        const uint32_t wg = warp >> 2;
-        for (uint32_t kt = 0; kt < nk; ++kt) {
-            const uint32_t s = kt % WT_STAGES;
-            mbar_wait(smem_addr(&full[s]), (kt / WT_STAGES) & 1);  // slice kt has landed (phase kt / 4)
+        }
+        __syncwarp();  // (lanes 1-31 wait for lane 0: the warp leaves converged)
+        return;        // the copies in flight complete on the barriers the consumers wait for
+    }
+
+    const uint32_t wg = warp >> 2;
+    uint32_t it = 0;  // slices consumed, over the block's tiles
+    for (uint32_t tile = blockIdx.x; tile < tiles; tile += gridDim.x) {
+        const uint32_t f0 = (tile % tiles_f) * N, b0 = (tile / tiles_f) * WB;
+        float acc[N / 2];
+#pragma unroll
+        for (int i = 0; i < N / 2; ++i) acc[i] = 0.f;
+        for (uint32_t kt = 0; kt < nk; ++kt, ++it) {
+            const uint32_t s = it % WT_STAGES;
+            mbar_wait(smem_addr(&full[s]), (it / WT_STAGES) & 1);  // slice it has landed (phase it / 4)
             const uint32_t a0 = smem0 + s * STAGE + wg * 64 * K * 2, w0 = smem0 + s * STAGE + X_BYTES;
             wgmma_fence();
             wgmma_fence_operands<N / 2>(acc);
@@ -265,11 +285,12 @@ CLT_KERNEL void __launch_bounds__(CLT_ENC_WGT_THREADS, 1) encode_wgmma_tma(const
                 wgmma_bf16<N>(acc, wgmma_desc_sw128(a0 + ks * 32, SBO), wgmma_desc_sw128(w0 + ks * 32, SBO));
             wgmma_commit();
             wgmma_fence_operands<N / 2>(acc);
-            wgmma_wait<1>();  // slice kt - 1's products are done: its stage is free
-            if (kt > 0 && lane == 0) mbar_arrive(smem_addr(&empty[(kt - 1) % WT_STAGES]));
+            wgmma_wait<1>();  // slice it - 1's products are done: its stage is free
+            if (kt > 0 && lane == 0) mbar_arrive(smem_addr(&empty[(it - 1) % WT_STAGES]));
         }
         wgmma_wait<0>();
         wgmma_fence_operands<N / 2>(acc);
+        if (nk > 0 && lane == 0) mbar_arrive(smem_addr(&empty[(it - 1) % WT_STAGES]));  // the tile's last slice
+        wgmma_epilogue<N>(p, acc, red, b0, f0, tile / tiles_f, true);
     }
-    wgmma_epilogue<N>(p, acc, reinterpret_cast<float*>(raw + (smem0 - raw0) / 16), b0, f0, warp < 8);
 }

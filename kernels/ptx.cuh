@@ -1,4 +1,5 @@
-// The inline PTX the tensor-core encoder uses (cp.async, ldmatrix, mma.sync), one wrapper per instruction.
+// The inline PTX the tensor-core encoders use (cp.async, ldmatrix, mma.sync, named barriers), one wrapper per
+// instruction.
 // Compiled for the CPU emulator (CLT_EMU), each wrapper calls the emulator's model of the instruction
 // instead (kernels/emu/runtime.cc), so encode_mma's own code is the same in both builds.
 #pragma once
@@ -43,6 +44,11 @@ __device__ __forceinline__ void mma_bf16_16816(float* c, const uint32_t* a, uint
         : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
 }
 
+// Named barrier `id` for `n` threads (a multiple of 32): the warps that take part wait for each other only.
+__device__ __forceinline__ void bar_sync(uint32_t id, uint32_t n) {
+    asm volatile("bar.sync %0, %1;\n" ::"r"(id), "r"(n) : "memory");
+}
+
 #else  // the CPU emulator
 
 inline void cp_async16(uint32_t dst, const void* src, bool valid) { clt_emu::cp_async16(dst, src, valid ? 16u : 0u); }
@@ -62,5 +68,6 @@ inline void ldmatrix_x4(uint32_t addr, uint32_t& r0, uint32_t& r1, uint32_t& r2,
 inline void mma_bf16_16816(float* c, const uint32_t* a, uint32_t b0, uint32_t b1) {
     clt_emu::mma_bf16_16816(c, a, b0, b1);
 }
+inline void bar_sync(uint32_t id, uint32_t n) { clt_emu::bar_sync(id, n); }
 
 #endif

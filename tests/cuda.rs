@@ -982,6 +982,42 @@ mod gpu_tests {
         assert!(resumed.params == wg.params, "the resumed wgmma run differs");
     }
 
+    /// `encode_wgmma_tma` runs a persistent grid (one block an SM; the emulator reports one SM): a block
+    /// loops over its tiles, its producer warp loading the next tile's slices while the consumers run the
+    /// epilogue. Fixed shapes of 3 tiles (along tokens, along features; few pre-activations, so that some
+    /// seed has none within rounding of a threshold) with 1, 3 and 5 K slices (fewer than the 4 stages, and
+    /// more), both epilogues, against the CPU (the JumpReLU one on the first of 32 seeds that qualifies).
+    #[test]
+    fn wgmma_tma_encoder_loops_over_tiles() {
+        let Some(gpu) = gpu() else { return };
+        if !wgmma(gpu) {
+            return;
+        }
+        for (i, &(n_tokens, d, f_n)) in [(300, 64, 8), (2, 136, 600), (260, 264, 4)]
+            .iter()
+            .enumerate()
+        {
+            for wide in [false, true] {
+                // The first seed whose pre-activations are not within rounding of a threshold.
+                let ran = (0..32).any(|seed| {
+                    match check_jumprelu(gpu, n_tokens, d, f_n, wide, seed, encode::Gemm::WgmmaTma)
+                    {
+                        Ok(()) => true,
+                        Err(TestCaseError::Reject(_)) => false,
+                        Err(e) => panic!("JumpReLU, {n_tokens} × {d} × {f_n}: {e}"),
+                    }
+                });
+                assert!(ran, "{n_tokens} × {d} × {f_n}: no unambiguous seed");
+            }
+            let cfg = config(1, d, f_n, false, Activation::TopK { k: 1 });
+            let mut rng = Rng::seed(11 + i as u64);
+            let p = bf16_params(&random_params(&cfg, &mut rng));
+            let x = round_bf16(&random_batch(&cfg, n_tokens, &mut rng).0);
+            check_dense(gpu, &cfg, &p, &x, n_tokens, encode::Gemm::WgmmaTma)
+                .unwrap_or_else(|e| panic!("dense, {n_tokens} × {d} × {f_n}: {e}"));
+        }
+    }
+
     /// `Resident::stage_coded` checks what it is given before touching a slot: a batch of other layers,
     /// width or byte counts, scales for other layers and a codec the device does not decode are typed
     /// errors that stage nothing; the normalisation cannot change while a coded batch waits (it would be

@@ -274,6 +274,13 @@ static int emu_cc() {
     return 10 * major + minor;
 }
 
+// The multiprocessors the emulated device reports: 1 (CLT_EMU_SMS overrides), so that a persistent grid
+// (one block an SM, encode_wgmma_tma) runs every tile in one block, looping, on the tests' small shapes.
+static int emu_sms() {
+    const char* e = getenv("CLT_EMU_SMS");
+    const int n = e ? atoi(e) : 1;
+    return n > 0 ? n : 1;
+}
 CUresult cuDeviceGetAttribute(int* v, int attr, CUdevice) {
     switch (attr) {
         case 1: *v = 1024; break;               // max threads per block
@@ -284,7 +291,7 @@ CUresult cuDeviceGetAttribute(int* v, int attr, CUdevice) {
         case 6: case 7: *v = 65535; break;      // y, z
         case 8: *v = 48 * 1024; break;          // shared memory per block
         case 10: *v = 32; break;                // warp size
-        case 16: *v = 132; break;               // multiprocessors
+        case 16: *v = emu_sms(); break;         // multiprocessors
         case 75: *v = emu_cc() / 10; break;     // compute capability major (9, or CLT_EMU_CC's)
         case 76: *v = emu_cc() % 10; break;     // minor
         case 115: *v = 1; break;                // memory pools supported

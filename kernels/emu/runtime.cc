@@ -133,6 +133,9 @@ struct Fiber {
     uint64_t val;
     int arg;
     uint32_t addr;  // also the mbarrier a thread waits at (St::Mbar), with the parity in `arg`
+    // The block barrier a thread waits at (St::Block): its id and thread count (0: every live thread, as
+    // __syncthreads).
+    uint32_t bar_id, bar_n;
     uint32_t a[4], b[2];
     float c[4];
     uint64_t res;
@@ -165,6 +168,9 @@ struct State {
     // waited for.
     bool reverse_warps = false;
     bool eager_copies = false;
+    // Bulk-tensor copies, when not at the issue: at the next block barrier any thread reaches (a moment in
+    // between), else only when a thread waits for them (the latest).
+    bool tma_at_barrier = false;
     bool reverse_blocks = false;
     // Shared 16-byte chunks written by a cp.async whose thread has not run fence.proxy.async since: the
     // async proxy (wgmma) may not read them yet. Chunk address -> the writing thread.
@@ -412,7 +418,7 @@ bool mbar_passed(const Fiber& f) {
 
 std::string states() {
     std::ostringstream o;
-    const char* names[] = {"running", "at __syncthreads", "at a warp collective", "exited", "failed",
+    const char* names[] = {"running", "at a block barrier", "at a warp collective", "exited", "failed",
                            "at an mbarrier wait"};
     for (size_t i = 0; i < S.fibers.size(); ++i) {
         if (i > 0 && S.fibers[i].st == S.fibers[i - 1].st) continue;
@@ -509,10 +515,11 @@ bool run_block() {
                 if (!S.error.empty()) return false;
             }
         }
-        size_t live = 0, at_barrier = 0;
+        size_t live = 0;
+        std::map<uint32_t, size_t> at_barrier;  // threads waiting, by barrier id
         for (const Fiber& f : S.fibers) {
             if (f.st != St::Done) ++live;
-            if (f.st == St::Block) ++at_barrier;
+            if (f.st == St::Block) ++at_barrier[f.bar_id];
         }
         if (live == 0) {
             if (!S.tmas.empty()) {
@@ -523,10 +530,31 @@ bool run_block() {
             }
             return true;
         }
-        if (at_barrier == live) {
+        // A barrier is released once as many threads wait at it as it counts (every live thread for
+        // __syncthreads); more than that, or waiters that disagree on the count, is an error.
+        bool released = false;
+        for (const auto& [id, waiting] : at_barrier) {
+            uint32_t n = 0xFFFFFFFFu;
+            for (const Fiber& f : S.fibers) {
+                if (f.st != St::Block || f.bar_id != id) continue;
+                if (n != 0xFFFFFFFFu && f.bar_id == id && f.bar_n != n) {
+                    S.error = where(f) + ": threads wait at barrier " + std::to_string(id) + " with different counts";
+                    return false;
+                }
+                n = f.bar_n;
+            }
+            const size_t need = n == 0 ? live : n;
+            if (waiting > need) {
+                S.error = "kernel " + S.k->name + ": " + std::to_string(waiting) + " threads at barrier " +
+                          std::to_string(id) + ", which counts " + std::to_string(need);
+                return false;
+            }
+            if (waiting < need) continue;
             for (Fiber& f : S.fibers)
-                if (f.st == St::Block) f.st = St::Ready;
-        } else if (!progressed) {
+                if (f.st == St::Block && f.bar_id == id) f.st = St::Ready;
+            released = true;
+        }
+        if (!released && !progressed) {
             S.error = "kernel " + S.k->name + ", block (" + std::to_string(block_idx.x) + ", " +
                       std::to_string(block_idx.y) + ", " + std::to_string(block_idx.z) + "): deadlock:" + states();
             return false;
@@ -567,6 +595,7 @@ std::string run(const Kernel& k, const void* params, dim3 grid, dim3 block, size
     S.reverse_warps = mode & 1;
     S.eager_copies = mode & 2;
     S.reverse_blocks = mode & 4;
+    S.tma_at_barrier = !S.eager_copies && S.reverse_blocks;
     S.k = &k;
     S.params = params;
     S.dyn_bytes = dyn;
@@ -609,8 +638,31 @@ void fail(const char* what) {
     for (;;) yield();  // never resumed: the scheduler stops at the error
 }
 
+// Under the schedules that land bulk-tensor copies at the next block barrier: lands every copy in flight.
+void land_copies_at_barrier() {
+    if (!S.tma_at_barrier) return;
+    for (const Tma& t : S.tmas) tma_land(t);
+    S.tmas.clear();
+}
+
 void syncthreads() {
-    me().st = St::Block;
+    land_copies_at_barrier();
+    Fiber& f = me();
+    f.bar_id = 0;
+    f.bar_n = 0;
+    f.st = St::Block;
+    yield();
+}
+
+void bar_sync(uint32_t id, uint32_t n) {
+    if (id >= 16) fail("bar.sync: barrier ids are 0 to 15");
+    const uint32_t threads = block_dim.x * block_dim.y * block_dim.z;
+    if (n == 0 || n % 32 != 0 || n > threads) fail("bar.sync: the count must be a multiple of 32 up to the block's size");
+    land_copies_at_barrier();
+    Fiber& f = me();
+    f.bar_id = id;
+    f.bar_n = n;
+    f.st = St::Block;
     yield();
 }
 

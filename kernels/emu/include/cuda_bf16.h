@@ -55,6 +55,8 @@ extern dim3 block_dim, grid_dim;
 
 // Block barrier: returns once every thread of the block that has not exited has reached it.
 void syncthreads();
+// Named barrier `id` for `n` threads (bar.sync id, n): returns once n threads wait at it.
+void bar_sync(uint32_t id, uint32_t n);
 // Warp collectives with the full mask: every lane of the warp (none exited) must take part.
 enum class Shfl { Down, Up, Xor, Idx };
 // __syncwarp: the warp's lanes leave it together.

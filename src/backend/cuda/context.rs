@@ -163,6 +163,17 @@ impl Gpu {
         matches!(self.ctx.compute_capability(), Ok((9, _)))
     }
 
+    /// The device's multiprocessors (the grid of a persistent kernel, `encode_wgmma_tma`).
+    pub fn sm_count(&self) -> Result<usize> {
+        let n = self
+            .ctx
+            .attribute(
+                cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT,
+            )
+            .map_err(cuda_err("reading the device's multiprocessor count"))?;
+        Ok(n.max(1) as usize)
+    }
+
     /// With `on`, every kernel output buffer is filled with 0xFF bytes (NaN, `u32::MAX`) before the kernel
     /// runs, so that tests catch elements a kernel forgot to write.
     pub fn set_poison(&self, on: bool) {

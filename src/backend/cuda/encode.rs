@@ -353,11 +353,18 @@ impl Kernel {
     }
 
     /// Launches the kernel over `inp` with parameters `p`; `encode_wgmma_tma` gets them with the tensor
-    /// maps of x (boxes of 128 tokens × 64 columns) and W_enc (256 features × 64 columns).
+    /// maps of x (boxes of 128 tokens × 64 columns) and W_enc (256 features × 64 columns), on a persistent
+    /// grid: one block an SM at most, each looping over the tiles.
     fn launch(&self, gpu: &Gpu, inp: &EncodeInput, p: CltEncodeParams) -> Result<()> {
         if self.name != "encode_wgmma_tma" || inp.n_tokens == 0 {
             return gpu.launch(self.module, self.name, self.tiles(inp), &p);
         }
+        let tiles = self.tiles(inp);
+        let n_tiles = tiles.grid_dim.0 as usize * tiles.grid_dim.1 as usize;
+        let cfg = LaunchConfig {
+            grid_dim: (n_tiles.min(gpu.sm_count()?) as u32, 1, 1),
+            ..tiles
+        };
         const _: () = assert!(CLT_ENC_WGT_TK == CLT_ENC_WG_TK && CLT_ENC_WGT_TF == CLT_ENC_WG_TF);
         let q = CltEncodeTmaParams {
             map_x: tensor_map::bf16_sw128(
@@ -380,7 +387,7 @@ impl Kernel {
             )?,
             p,
         };
-        gpu.launch(self.module, self.name, self.tiles(inp), &q)
+        gpu.launch(self.module, self.name, cfg, &q)
     }
 }
 
