@@ -537,7 +537,7 @@ bool run_block() {
             uint32_t n = 0xFFFFFFFFu;
             for (const Fiber& f : S.fibers) {
                 if (f.st != St::Block || f.bar_id != id) continue;
-                if (n != 0xFFFFFFFFu && f.bar_id == id && f.bar_n != n) {
+                if (n != 0xFFFFFFFFu && f.bar_n != n) {
                     S.error = where(f) + ": threads wait at barrier " + std::to_string(id) + " with different counts";
                     return false;
                 }

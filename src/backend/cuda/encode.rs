@@ -2,15 +2,16 @@
 //! near-threshold entries straight into per-token ELL lists, per-feature window sums) or its dense output
 //! (for TopK / BatchTopK), the reduction of the per-tile partials, and the per-token sort.
 //!
-//! Three GEMM kernels compute the same thing ([`Gemm`]): `encode_mma`, bf16 tensor cores (`mma.sync`
+//! Five GEMM kernels compute the same thing ([`Gemm`]): `encode_mma`, bf16 tensor cores (`mma.sync`
 //! m16n8k16, fp32 accumulation, 128 × 128 × 32 tiles through four `cp.async` stages), which runs
 //! whenever every row it copies is 16-byte aligned (`d`, the row stride and the layer offset multiples of 8
 //! elements, [`EncodeInput::tensor_core_ok`]); `encode_wgmma`, Hopper's warpgroup MMA (`wgmma.mma_async`
-//! m64n256k16, 128 × 256 × 64 tiles, the same alignment rule, compute capability 9.x only) and
-//! `encode_wgmma_narrow` (m64n128k16, 128 × 128 × 32 tiles, two blocks an SM), chosen by [`Gemm::Wgmma`]
-//! / [`Gemm::WgmmaNarrow`] or the device's [`EncoderKernel`] until a GPU run says whether either beats
-//! `encode_mma`; and `encode_tile`, a SIMT 64 × 64 tile, for every other shape and as the second
-//! reference.
+//! m64n256k16, 128 × 256 × 64 tiles, the same alignment rule, compute capability 9.x only),
+//! `encode_wgmma_narrow` (m64n128k16, 128 × 128 × 32 tiles, two blocks an SM) and `encode_wgmma_tma`
+//! (`encode_wgmma`'s tile, its operands copied by the Tensor Memory Accelerator through tensor maps, on a
+//! persistent grid), chosen by [`Gemm::Wgmma`] / [`Gemm::WgmmaNarrow`] / [`Gemm::WgmmaTma`] or the device's
+//! [`EncoderKernel`] until a GPU run says whether any beats `encode_mma`; and `encode_tile`, a SIMT 64 × 64
+//! tile, for every other shape and as the second reference.
 //!
 //! CPU reference: [`crate::backend::cpu::encode::encode_layer`] with `list_near = true` (every block in
 //! `BlockMode::Near`).
@@ -356,7 +357,7 @@ impl Kernel {
     /// maps of x (boxes of 128 tokens × 64 columns) and W_enc (256 features × 64 columns), on a persistent
     /// grid: one block an SM at most, each looping over the tiles.
     fn launch(&self, gpu: &Gpu, inp: &EncodeInput, p: CltEncodeParams) -> Result<()> {
-        if self.name != "encode_wgmma_tma" || inp.n_tokens == 0 {
+        if self.name != "encode_wgmma_tma" || inp.n_tokens == 0 || inp.n_features == 0 {
             return gpu.launch(self.module, self.name, self.tiles(inp), &p);
         }
         let tiles = self.tiles(inp);
