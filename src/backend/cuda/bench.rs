@@ -8,7 +8,7 @@
 use super::{Gpu, adam, backward, decode, dense, dequant, encode, resident, step};
 use crate::Result;
 use crate::backend::cpu::adam::AdamHyper;
-use crate::backend::{Objective, SparseKernels, ThresholdGrad};
+use crate::backend::{EncoderKernel, Objective, SparseKernels, ThresholdGrad};
 use crate::bench::Preset;
 use crate::clt::{Activation, CltConfig, DecoderKind};
 use crate::rng::Rng;
@@ -195,17 +195,41 @@ pub fn run_with(preset: Preset, timer: &mut dyn Timer) -> Result<()> {
         v.push((format!("encode mma ({epilogue})"), encode::Gemm::TensorCore));
         v
     };
-    // Each epilogue's times by kernel, for the mma / wgmma ratio lines.
-    let ratios = |times: &[(encode::Gemm, f64)]| {
+    // Each epilogue's times by kernel, for the mma / wgmma ratio lines and the fastest tensor-core kernel
+    // by its `[train] encoder_kernel` name.
+    let ratios = |times: &[(encode::Gemm, f64)], epilogue: &str| {
         let mma = times.iter().find(|t| t.0 == encode::Gemm::TensorCore);
-        for (gemm, label) in [
-            (encode::Gemm::Wgmma, "wgmma 256"),
-            (encode::Gemm::WgmmaNarrow, "wgmma 128"),
-            (encode::Gemm::WgmmaTma, "wgmma 256 TMA"),
-        ] {
-            if let (Some(m), Some(w)) = (mma, times.iter().find(|t| t.0 == gemm)) {
+        let choices = [
+            (encode::Gemm::TensorCore, EncoderKernel::Mma, "mma"),
+            (encode::Gemm::Wgmma, EncoderKernel::Wgmma, "wgmma 256"),
+            (
+                encode::Gemm::WgmmaNarrow,
+                EncoderKernel::WgmmaNarrow,
+                "wgmma 128",
+            ),
+            (
+                encode::Gemm::WgmmaTma,
+                EncoderKernel::WgmmaTma,
+                "wgmma 256 TMA",
+            ),
+        ];
+        let mut best: Option<(EncoderKernel, f64)> = None;
+        for (gemm, kernel, label) in choices {
+            let Some(w) = times.iter().find(|t| t.0 == gemm) else {
+                continue;
+            };
+            if let Some(m) = mma.filter(|_| gemm != encode::Gemm::TensorCore) {
                 println!("  mma / {label} encoder time: {:.2}x", m.1 / w.1);
             }
+            if best.is_none_or(|b| w.1 < b.1) {
+                best = Some((kernel, w.1));
+            }
+        }
+        if let Some((kernel, _)) = best {
+            println!(
+                "  fastest tensor-core encoder ({epilogue}): [train] encoder_kernel = \"{}\"",
+                kernel.name()
+            );
         }
     };
     let mut times = Vec::new();
@@ -232,7 +256,7 @@ pub fn run_with(preset: Preset, timer: &mut dyn Timer) -> Result<()> {
         );
         times.push((gemm, ms));
     }
-    ratios(&times);
+    ratios(&times, "JumpReLU");
     {
         let h = gpu.output::<f32>(b_n * f_n)?;
         times.clear();
@@ -250,7 +274,7 @@ pub fn run_with(preset: Preset, timer: &mut dyn Timer) -> Result<()> {
                 copy,
             );
         }
-        ratios(&times);
+        ratios(&times, "dense, TopK");
     }
     let (codes, window) = codes.expect("encoded");
     let listed = codes.to_host(&gpu)?;
