@@ -1,7 +1,7 @@
 // encode_wgmma, encode_wgmma_narrow, encode_wgmma_tma: the encoder's GEMM h = x W^T + b and its two
-// epilogues (encode.cu's) on Hopper's warpgroup MMA. Compiled for sm_90a only (build.rs), loaded only on a device of compute capability
-// 9.x. CPU reference: src/backend/cpu/encode.rs (encode_layer, BlockOut::push_token, merge) with every block
-// in BlockMode::Near, as encode_tile and encode_mma.
+// epilogues (encode.cu's) on Hopper's warpgroup MMA. Compiled for sm_90a only (build.rs), loaded only on a
+// device of compute capability 9.x. CPU reference: src/backend/cpu/encode.rs (encode_layer,
+// BlockOut::push_token, merge) with every block in BlockMode::Near, as encode_tile and encode_mma.
 //
 // A block computes 128 tokens x N features with two warpgroups of 4 warps; warpgroup wg owns tokens
 // wg*64 .. wg*64+63 of the tile and all N features, as one m64nN accumulator (N / 2 f32 a thread). K advances

@@ -1,8 +1,8 @@
 // The inline PTX of Hopper's warpgroup MMA (wgmma), the proxy fence, mbarriers and the Tensor Memory
 // Accelerator's bulk-tensor copy that encode_wgmma.cu needs, one wrapper per instruction, for the sm_90a
-// module only. Compiled for the CPU emulator (CLT_EMU), each
-// wrapper calls the emulator's model of the instruction instead (kernels/emu/runtime.cc: the descriptor
-// decoded as the PTX ISA defines it, the product computed when the thread waits for its group).
+// module only. Compiled for the CPU emulator (CLT_EMU), each wrapper calls the emulator's model of the
+// instruction instead (kernels/emu/runtime.cc: the descriptor decoded as the PTX ISA defines it, the product
+// computed when the thread waits for its group, mbarrier phases, copies landing at the issue or later).
 #pragma once
 #include "ptx.cuh"
 
