@@ -398,6 +398,16 @@ void tma_land(const Tma& t) {
     mbar_complete(b);
 }
 
+// Lands the bulk-tensor copies in flight on barrier `bar` (every copy in flight with kNoBarrier), in
+// issue order.
+void land_copies(uint32_t bar) {
+    std::vector<Tma> keep;
+    for (const Tma& t : S.tmas)
+        if (bar == kNoBarrier || t.bar == bar) tma_land(t);
+        else keep.push_back(t);
+    S.tmas.swap(keep);
+}
+
 // Whether the phase a thread waits for (St::Mbar: barrier f.addr, parity f.arg) has completed. When every
 // arrival of the current phase has come, the copies in flight on the barrier land first (at the latest
 // moment a waiter could see them).
@@ -406,13 +416,7 @@ bool mbar_passed(const Fiber& f) {
     if (it == S.mbars.end()) return false;
     Mbar& m = it->second;
     if ((m.phase & 1) != (uint32_t)f.arg) return true;
-    if (m.pending == 0) {
-        std::vector<Tma> keep;
-        for (const Tma& t : S.tmas)
-            if (t.bar == f.addr) tma_land(t);
-            else keep.push_back(t);
-        S.tmas.swap(keep);
-    }
+    if (m.pending == 0) land_copies(f.addr);
     return (m.phase & 1) != (uint32_t)f.arg;
 }
 
@@ -638,32 +642,28 @@ void fail(const char* what) {
     for (;;) yield();  // never resumed: the scheduler stops at the error
 }
 
-// Under the schedules that land bulk-tensor copies at the next block barrier: lands every copy in flight.
-void land_copies_at_barrier() {
-    if (!S.tma_at_barrier) return;
-    for (const Tma& t : S.tmas) tma_land(t);
-    S.tmas.clear();
-}
+namespace {
 
-void syncthreads() {
-    land_copies_at_barrier();
-    Fiber& f = me();
-    f.bar_id = 0;
-    f.bar_n = 0;
-    f.st = St::Block;
-    yield();
-}
-
-void bar_sync(uint32_t id, uint32_t n) {
-    if (id >= 16) fail("bar.sync: barrier ids are 0 to 15");
-    const uint32_t threads = block_dim.x * block_dim.y * block_dim.z;
-    if (n == 0 || n % 32 != 0 || n > threads) fail("bar.sync: the count must be a multiple of 32 up to the block's size");
-    land_copies_at_barrier();
+// Waits at block barrier `id` for `n` threads (0: every live thread). Under the schedules that land
+// bulk-tensor copies at the next block barrier, every copy in flight lands first.
+void wait_at_barrier(uint32_t id, uint32_t n) {
+    if (S.tma_at_barrier) land_copies(kNoBarrier);
     Fiber& f = me();
     f.bar_id = id;
     f.bar_n = n;
     f.st = St::Block;
     yield();
+}
+
+}  // namespace
+
+void syncthreads() { wait_at_barrier(0, 0); }
+
+void bar_sync(uint32_t id, uint32_t n) {
+    if (id >= 16) fail("bar.sync: barrier ids are 0 to 15");
+    const uint32_t threads = block_dim.x * block_dim.y * block_dim.z;
+    if (n == 0 || n % 32 != 0 || n > threads) fail("bar.sync: the count must be a multiple of 32 up to the block's size");
+    wait_at_barrier(id, n);
 }
 
 uint64_t shfl(Shfl kind, uint64_t bits, int arg) {
@@ -863,9 +863,14 @@ void wake(uint32_t bar) {
         }
 }
 
-Mbar& mbar(uint32_t bar, const char* what) {
+// Checks an mbarrier's address: inside shared memory, 8-byte aligned.
+void check_mbar_addr(uint32_t bar) {
     from_shared(bar);
     if (bar % 8 != 0) fail("an mbarrier not 8-byte aligned");
+}
+
+Mbar& mbar(uint32_t bar, const char* what) {
+    check_mbar_addr(bar);
     auto it = S.mbars.find(bar);
     if (it == S.mbars.end()) fail(what);
     return it->second;
@@ -874,8 +879,7 @@ Mbar& mbar(uint32_t bar, const char* what) {
 }  // namespace
 
 void mbar_init(uint32_t bar, uint32_t count) {
-    from_shared(bar);
-    if (bar % 8 != 0) fail("an mbarrier not 8-byte aligned");
+    check_mbar_addr(bar);
     if (count == 0 || count >= (1u << 20)) fail("mbarrier.init: the count must be 1 to 2^20 - 1");
     S.mbars[bar] = Mbar{count, count, 0, 0, S.cur, false};
 }
