@@ -16,7 +16,7 @@ fn main() {
 #[cfg(feature = "cuda")]
 fn main() {
     use clt::backend::cuda::Gpu;
-    use clt::backend::cuda::bench::{Timer, median, run_with};
+    use clt::backend::cuda::bench::{Timer, in_row, median, run_with};
     use criterion::Criterion;
     use std::time::Duration;
 
@@ -46,9 +46,9 @@ fn main() {
                 })
             });
             if let Some(e) = failed {
-                return Err(e);
+                return Err(in_row(name, e));
             }
-            median(gpu, 5, f)
+            median(gpu, 5, f).map_err(|e| in_row(name, e))
         }
     }
 
@@ -64,7 +64,7 @@ fn main() {
         .measurement_time(Duration::from_millis(if tiny { 50 } else { 2000 }))
         .configure_from_args();
     let mut timer = Rows { c };
-    if let Err(e) = run_with(preset, &mut timer) {
+    if let Err(e) = run_with(preset, clt::bench::CudaRows::All, &mut timer) {
         println!("skipped or failed: {e}");
         if std::env::var("CLT_REQUIRE_GPU").is_ok_and(|v| v == "1") {
             std::process::exit(1);

@@ -148,6 +148,11 @@ __device__ __forceinline__ void wgmma_bf16<256>(float* d, uint64_t desc_a, uint6
 
 // ---- mbarriers and the Tensor Memory Accelerator (encode_wgmma_tma) ----
 
+// How long an mbarrier wait may last before the watchdog in mbar_wait traps: 2 s.
+#ifndef CLT_MBAR_TIMEOUT_NS
+#define CLT_MBAR_TIMEOUT_NS 2000000000ull
+#endif
+
 // Initialises the mbarrier at `bar` (8 bytes of shared memory) for `count` arrivals a phase.
 __device__ __forceinline__ void mbar_init(uint32_t bar, uint32_t count) {
     asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(bar), "r"(count) : "memory");
@@ -168,16 +173,40 @@ __device__ __forceinline__ void mbar_arrive_expect_tx(uint32_t bar, uint32_t byt
     asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" ::"r"(bar), "r"(bytes) : "memory");
 }
 
+// Whether the phase of `bar` with parity `parity` has completed (try_wait itself waits a while, a time the
+// hardware chooses, before it answers no).
+__device__ __forceinline__ bool mbar_try_wait(uint32_t bar, uint32_t parity) {
+    uint32_t done;
+    asm volatile("{\n.reg .pred p;\nmbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\nselp.u32 %0, 1, 0, p;\n}\n"
+                 : "=r"(done)
+                 : "r"(bar), "r"(parity)
+                 : "memory");
+    return done != 0;
+}
+
+// The global nanosecond timer.
+__device__ __forceinline__ uint64_t globaltimer_ns() {
+    uint64_t t;
+    asm volatile("mov.u64 %0, %%globaltimer;\n" : "=l"(t));
+    return t;
+}
+
 // Waits until the phase of `bar` with parity `parity` has completed (a barrier's phases alternate in parity;
-// a fresh barrier counts its phase before the first as completed with parity 1).
+// a fresh barrier counts its phase before the first as completed with parity 1). A watchdog: no wait of a
+// correct launch lasts a millisecond (every block of the persistent grid is resident, and each waits only on
+// its own copies and warps), so one that lasts CLT_MBAR_TIMEOUT_NS prints the block, thread, barrier and
+// parity and traps. A hang (copies that never complete the bytes announced, a lost arrival) then fails the
+// launch within seconds, where it would otherwise hold the process until an outer time limit kills it,
+// with every later kernel's run (the CPU emulator reports the same hangs as deadlocks).
 __device__ __forceinline__ void mbar_wait(uint32_t bar, uint32_t parity) {
-    uint32_t done = 0;
-    while (!done)
-        asm volatile(
-            "{\n.reg .pred p;\nmbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\nselp.u32 %0, 1, 0, p;\n}\n"
-            : "=r"(done)
-            : "r"(bar), "r"(parity)
-            : "memory");
+    if (mbar_try_wait(bar, parity)) return;
+    const uint64_t t0 = globaltimer_ns();
+    while (!mbar_try_wait(bar, parity))
+        if (globaltimer_ns() - t0 > CLT_MBAR_TIMEOUT_NS) {
+            printf("clt: block %u thread %u: mbarrier at shared 0x%x, parity %u, not completed after %llu ns\n",
+                   blockIdx.x, threadIdx.x, bar, parity, (unsigned long long)CLT_MBAR_TIMEOUT_NS);
+            __trap();
+        }
 }
 
 // TMA: the box of the 2-D tensor `map` (a __grid_constant__ parameter's address) at element coordinates

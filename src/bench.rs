@@ -39,6 +39,20 @@ pub enum Preset {
     Large,
 }
 
+/// Which rows `clt bench --cuda` times. The Hopper wgmma encoders are the kernels most likely to fail on
+/// their first GPU run (hand-encoded descriptors, tensor maps, mbarriers), and a fault poisons the process's
+/// CUDA context: `scripts/gpu-check.sh` runs them in a process of their own, after the other rows.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum CudaRows {
+    /// Every row.
+    #[default]
+    All,
+    /// Every row but the wgmma encoders'.
+    NoWgmma,
+    /// The encoder rows only (every encoder kernel, both epilogues, the ratio and fastest-kernel lines).
+    Encoders,
+}
+
 impl Preset {
     /// (layers, d, features, batch)
     pub fn dims(self) -> (usize, usize, usize, usize) {
@@ -284,15 +298,15 @@ fn median(mut v: Vec<f64>) -> f64 {
 /// The per-kernel CUDA bench (`clt bench --cuda`): every kernel's time, TFLOP/s or GB/s and fraction of the
 /// ceilings (bf16 nominal, device copy measured in the same run), then the sparse step against the dense cuBLAS
 /// step, at the shape `preset` names (`Large`: the Llama-3.2-1B shape; `Tiny`: a smoke test). See
-/// [`crate::backend::cuda::bench`].
+/// [`crate::backend::cuda::bench`]. `rows` selects the rows.
 #[cfg(feature = "cuda")]
-pub fn cuda_kernels(preset: Preset) -> Result<()> {
-    crate::backend::cuda::bench::run(preset)
+pub fn cuda_kernels(preset: Preset, rows: CudaRows) -> Result<()> {
+    crate::backend::cuda::bench::run(preset, rows)
 }
 
 /// Without the `cuda` feature: the error that says so.
 #[cfg(not(feature = "cuda"))]
-pub fn cuda_kernels(_preset: Preset) -> Result<()> {
+pub fn cuda_kernels(_preset: Preset, _rows: CudaRows) -> Result<()> {
     Err(crate::Error::BackendUnavailable {
         backend: "cuda".into(),
         reason: "built without CUDA support (rebuild with `--features cuda`)".into(),

@@ -251,7 +251,7 @@ mod gpu_tests {
             );
             return;
         }
-        let e = clt::bench::cuda_kernels(clt::bench::Preset::Small)
+        let e = clt::bench::cuda_kernels(clt::bench::Preset::Small, clt::bench::CudaRows::All)
             .unwrap_err()
             .to_string();
         assert!(

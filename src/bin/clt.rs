@@ -190,6 +190,10 @@ enum Command {
         /// tokens) that the CPU emulator runs.
         #[arg(long)]
         cuda: bool,
+        /// With `--cuda`: which rows to time (`no-wgmma` leaves out the Hopper wgmma encoders, `encoders`
+        /// times the encoder kernels only; scripts/gpu-check.sh runs the two in separate processes).
+        #[arg(long, value_enum, default_value_t = clt::bench::CudaRows::All)]
+        cuda_rows: clt::bench::CudaRows,
     },
     /// Run a language model on a prompt: token ids, next-token probabilities, greedy continuation, logits dump.
     Run(clt::model::cli::RunArgs),
@@ -513,9 +517,10 @@ fn run(cli: Cli) -> clt::Result<()> {
             dense_steps,
             json,
             cuda,
+            cuda_rows,
         } => {
             if cuda {
-                return clt::bench::cuda_kernels(preset);
+                return clt::bench::cuda_kernels(preset, cuda_rows);
             }
             let (l_n, d, f, b) = preset.dims();
             println!(

@@ -9,7 +9,7 @@ use super::{Gpu, adam, backward, decode, dense, dequant, encode, resident, step}
 use crate::Result;
 use crate::backend::cpu::adam::AdamHyper;
 use crate::backend::{EncoderKernel, Objective, SparseKernels, ThresholdGrad};
-use crate::bench::Preset;
+use crate::bench::{CudaRows, Preset};
 use crate::clt::{Activation, CltConfig, DecoderKind};
 use crate::rng::Rng;
 use crate::store::Codec;
@@ -30,8 +30,17 @@ pub trait Timer {
 pub struct Median;
 
 impl Timer for Median {
-    fn time(&mut self, gpu: &Gpu, _name: &str, f: &mut dyn FnMut() -> Result<()>) -> Result<f64> {
-        median(gpu, 5, f)
+    fn time(&mut self, gpu: &Gpu, name: &str, f: &mut dyn FnMut() -> Result<()>) -> Result<f64> {
+        median(gpu, 5, f).map_err(|e| in_row(name, e))
+    }
+}
+
+/// A row's failure, naming the row: the bench stops at the first error (a kernel fault poisons the
+/// context), and the error alone would not say which of the kernels it timed failed.
+pub fn in_row(name: &str, e: crate::Error) -> crate::Error {
+    crate::Error::Cuda {
+        what: format!("bench row `{name}`"),
+        reason: e.to_string(),
     }
 }
 
@@ -91,13 +100,14 @@ fn time_tiled_backward(
 /// [`Preset::Small`] a quarter of it in tokens and features, with [`Preset::Tiny`] a smoke test of every code
 /// path (2 layers, d = 64, 256 features, 256 tokens, L0 ≈ 8; its GEMM and copy are small too) that the CPU
 /// emulator (kernels/emu/) runs in seconds.
-pub fn run(preset: Preset) -> Result<()> {
-    run_with(preset, &mut Median)
+/// `rows` selects the rows ([`CudaRows`]).
+pub fn run(preset: Preset, rows: CudaRows) -> Result<()> {
+    run_with(preset, rows, &mut Median)
 }
 
 /// [`run`] with every kernel row timed by `timer` (the criterion bench, benches/cuda.rs, passes one that
 /// hands each row to criterion as well).
-pub fn run_with(preset: Preset, timer: &mut dyn Timer) -> Result<()> {
+pub fn run_with(preset: Preset, rows: CudaRows, timer: &mut dyn Timer) -> Result<()> {
     let gpu = Gpu::open(0)?;
     let (l_n, d, f_n, b_n, l0) = match preset {
         Preset::Large => (16usize, 2048usize, 8192usize, 16384usize, 64usize),
@@ -169,8 +179,10 @@ pub fn run_with(preset: Preset, timer: &mut dyn Timer) -> Result<()> {
     };
     // encode_wgmma, encode_wgmma_narrow and encode_wgmma_tma (sm_90a) where the device has them; encode_mma runs last: the
     // codes below are its.
-    let wgmma = gpu.has_wgmma();
-    if !wgmma {
+    let wgmma = gpu.has_wgmma() && rows != CudaRows::NoWgmma;
+    if rows == CudaRows::NoWgmma {
+        println!("  encode wgmma: left out (--cuda-rows no-wgmma)");
+    } else if !wgmma {
         println!(
             "  encode wgmma: skipped ({} has no wgmma: compute capability 9.x only)",
             gpu.describe()
@@ -214,10 +226,12 @@ pub fn run_with(preset: Preset, timer: &mut dyn Timer) -> Result<()> {
             ),
         ];
         let mut best: Option<(EncoderKernel, f64)> = None;
+        let mut timed = 0;
         for (gemm, kernel, label) in choices {
             let Some(w) = times.iter().find(|t| t.0 == gemm) else {
                 continue;
             };
+            timed += 1;
             if let Some(m) = mma.filter(|_| gemm != encode::Gemm::TensorCore) {
                 println!("  mma / {label} encoder time: {:.2}x", m.1 / w.1);
             }
@@ -225,7 +239,8 @@ pub fn run_with(preset: Preset, timer: &mut dyn Timer) -> Result<()> {
                 best = Some((kernel, w.1));
             }
         }
-        if let Some((kernel, _)) = best {
+        // (Only when there was a choice: with the wgmma rows left out, mma is the only one.)
+        if let Some((kernel, _)) = best.filter(|_| timed > 1) {
             println!(
                 "  fastest tensor-core encoder ({epilogue}): [train] encoder_kernel = \"{}\"",
                 kernel.name()
@@ -275,6 +290,9 @@ pub fn run_with(preset: Preset, timer: &mut dyn Timer) -> Result<()> {
             );
         }
         ratios(&times, "dense, TopK");
+    }
+    if rows == CudaRows::Encoders {
+        return Ok(());
     }
     let (codes, window) = codes.expect("encoded");
     let listed = codes.to_host(&gpu)?;
