@@ -199,7 +199,8 @@ typedef struct {
     float tanh_scale;
     uint32_t n_features;  /* act_grad_partial: features whose slices it stages */
     clt_ptr partial;      /* f32 [B][cap][n_ranges]: act_grad_partial's sums per range of columns */
-    uint32_t tile_tokens; /* act_grad_partial: tokens a block (at most 512) */
+    clt_ptr plan;         /* u32 [2 + 2 * ceil(B / 32) + B]: act_plan's tiles for act_grad_partial (backward.cu) */
+    uint32_t accumulators; /* act_plan, act_grad_partial: f32 accumulators in a block's shared memory */
     uint32_t n_ranges;    /* act_grad_partial: ranges of 512 columns in a row */
     uint32_t feature_chunk; /* act_grad_partial: features whose slices it stages at a time (<= 2048) */
     uint32_t split;    /* slots below it: act_grad_partial / act_grad_finish; act_grad: slots split..slot_end */

@@ -157,43 +157,124 @@ __device__ __forceinline__ void ap_stage(const CltActGradParams& p, uint32_t col
     cp_async_commit();
 }
 
+#define AP_GROUPS (AP_TPT * 8)  // groups of 32 tokens a tile holds at most: a warp's lanes, AP_TPT a warp
+#define PLAN_CHUNK 4096          // groups act_plan packs from shared memory at a time
+#define PLAN_BINS 2048           // list lengths act_plan sorts by: 0..split (the host keeps split below)
+
+// act_plan: act_grad_partial's tiles for one layer's lists. The tokens are sorted by their lists' lengths
+// capped at `split` (and cap), shortest first: a counting sort, the order within a length as the atomics
+// fall (it changes which tile a token is in, never its sums). A group is 32 consecutive tokens of that
+// order (a warp's lanes in act_grad_partial); its rows are its longest list, the last of its 32, so a
+// group wastes little on shorter lists; its accumulators are rows x 32 f32, entry e of lane i at 32 e + i
+// (a warp's 32 lanes touch 32 consecutive words: no bank conflicts). Tiles are runs of consecutive
+// groups, packed greedily in order: a group starts a new tile when its accumulators would not fit in
+// `accumulators` with the tile's, or when the tile holds AP_GROUPS groups. So a tile's size follows its
+// own tokens' lists, not the batch's longest. Writes, with G groups: plan[0] = the number of tiles,
+// plan[1 + t] = tile t's first group (plan[1 + tiles] = G), plan[2 + G + g] = group g's offset in its
+// tile's accumulators, plan[2 + 2G + i] = the token at position i of the order. The host sizes `split` so
+// that any group fits (32 split <= accumulators) and launches act_grad_partial with a grid no smaller
+// than the tiles. One block; thread 0 scans the lengths and packs the groups (a few instructions each).
+CLT_KERNEL void __launch_bounds__(256) act_plan(const CltActGradParams p) {
+    __shared__ uint32_t bins[PLAN_BINS];  // tokens of each length, then where the next of each goes
+    __shared__ uint32_t rows[PLAN_CHUNK];
+    uint32_t* plan = ptr<uint32_t>(p.plan);
+    const uint32_t* count = ptr<const uint32_t>(p.count);
+    const uint32_t n_groups = (p.n_tokens + 31) / 32;
+    uint32_t* order = plan + 2 + 2 * n_groups;
+    const uint32_t limit = min(min(p.cap, p.split), (uint32_t)PLAN_BINS - 1);
+    for (uint32_t c = threadIdx.x; c <= limit; c += 256) bins[c] = 0;
+    __syncthreads();
+    for (uint32_t b = threadIdx.x; b < p.n_tokens; b += 256) atomicAdd(&bins[min(count[b], limit)], 1u);
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        uint32_t start = 0;
+        for (uint32_t c = 0; c <= limit; ++c) {
+            const uint32_t n = bins[c];
+            bins[c] = start;
+            start += n;
+        }
+    }
+    __syncthreads();
+    for (uint32_t b = threadIdx.x; b < p.n_tokens; b += 256)
+        order[atomicAdd(&bins[min(count[b], limit)], 1u)] = b;
+    __syncthreads();  // (the block's global writes are visible to it after the barrier)
+    uint32_t tiles = 0, used = 0, in_tile = 0;  // thread 0's packing state
+    for (uint32_t c0 = 0; c0 < n_groups; c0 += PLAN_CHUNK) {
+        const uint32_t nc = min(n_groups - c0, (uint32_t)PLAN_CHUNK);
+        for (uint32_t g = threadIdx.x; g < nc; g += 256)
+            rows[g] = min(count[order[min(32 * (c0 + g) + 31, p.n_tokens - 1)]], limit);
+        __syncthreads();
+        if (threadIdx.x == 0) {
+            for (uint32_t g = 0; g < nc; ++g) {
+                const uint32_t seg = 32 * rows[g];
+                if (c0 + g == 0 || used + seg > p.accumulators || in_tile == AP_GROUPS) {
+                    plan[1 + tiles++] = c0 + g;
+                    used = 0;
+                    in_tile = 0;
+                }
+                plan[2 + n_groups + c0 + g] = used;
+                used += seg;
+                ++in_tile;
+            }
+        }
+        __syncthreads();  // rows[] is read before the next chunk overwrites it
+    }
+    if (threadIdx.x == 0) {
+        plan[1 + tiles] = n_groups;
+        plan[0] = tiles;
+    }
+}
+
 // act_grad_partial: act_grad's dot products arranged so that a decoder row is fetched once per tile of
-// tokens instead of once per token that lists its feature. Grid: (token tiles of tile_tokens, ranges of
-// AP_RANGE columns). A thread owns up to 2 tokens of the tile and holds their residuals of the current 16
-// columns in registers; for each chunk of feature_chunk features the block stages every feature's 16 weights
-// of those columns (32 bytes, dynamic shared memory; cp.async into one of two buffers while the threads
-// add from the other), and each thread adds <r, w> into its entries' accumulators (shared memory,
-// [split][tile_tokens]: a row for each of a token's first `split` entries, one thread's alone; the host
-// chooses split so that few tokens list more, and act_grad takes their entries past it), each token's
-// list read once per step through a cursor (lists are in increasing feature order, DeviceCodes'
-// invariant). The two tokens' walks go in step, an entry of each a round, each with the features of its
-// next AP_AHEAD entries loaded ahead (a feature id is the only global load of a walk's step: weights and
-// accumulators are in shared memory). An entry's sum over its range runs column by column in order; the
-// ranges' sums are added in order by act_grad_finish. The same order every run, but not act_grad's: the
-// result differs from the gathers' by f32 rounding.
+// tokens instead of once per token that lists its feature. Grid: (at least act_plan's tiles; blocks past
+// them return at once, ranges of AP_RANGE columns). A tile is up to AP_GROUPS groups of 32 tokens in
+// act_plan's order (by list length); thread i of the block owns positions i and i + 256 of the tile (a
+// warp's lanes: one group each) and holds their tokens' residuals of the current 16 columns in registers;
+// for each chunk of feature_chunk features the block stages every feature's 16 weights of those columns
+// (32 bytes, dynamic shared memory; cp.async into one of two buffers while the threads add from the
+// other), and each thread adds <r, w> into its entries'
+// accumulators (shared memory: each group's rows x 32 at act_plan's offset, one thread's column alone; a
+// token's first `split` entries: the host chooses split so that few tokens list more, and act_grad takes
+// their entries past it), each token's list read once per step through a cursor (lists are in increasing
+// feature order, DeviceCodes' invariant). The two tokens' walks go in step, an entry of each a round, each
+// with the features of its next AP_AHEAD entries loaded ahead (a feature id is the only global load of a
+// walk's step: weights and accumulators are in shared memory). An entry's sum over its range runs column
+// by column in order; the ranges' sums are added in order by act_grad_finish. The same order every run,
+// but not act_grad's: the result differs from the gathers' by f32 rounding.
 //
-// What it moves at the issue's 1B shape (docs/cuda.md): the decoder staged once per tile of T tokens
-// (T = 512 at lists of 64: B / T = 32 times the decoder, 1.4e11 B, where the gathers fetch 5.9e11 B)
-// and the lists' feature ids, 4 bytes an entry for every 16 columns. Needs row_len a multiple of 16, W_dec and the
-// residual rows 16-byte aligned (the wrapper checks).
+// What it moves at the issue's 1B shape (docs/cuda.md): the decoder staged once per tile (a tile of up to
+// 512 tokens: 16 groups of lists of 64, or fewer where its lists are longer; B / 512 = 32 times the
+// decoder, 1.4e11 B, where the gathers fetch 5.9e11 B) and the lists' feature ids, 4 bytes an entry for
+// every 16 columns. Needs row_len a multiple of 16, W_dec and the residual rows 16-byte aligned (the
+// wrapper checks).
 CLT_KERNEL void __launch_bounds__(256, 1) act_grad_partial(const CltActGradParams p) {
-    CLT_DYNAMIC_SHARED(uint4, sm);  // 2 x [2 * min(F, feature_chunk)] weight slices, then [rows][T] accumulators
-    const uint32_t T = p.tile_tokens;
+    CLT_DYNAMIC_SHARED(uint4, sm);  // 2 x [2 * min(F, feature_chunk)] weight slices, then the accumulators
+    const uint32_t* plan = ptr<const uint32_t>(p.plan);
+    if (blockIdx.x >= plan[0]) return;  // (the whole block: the grid is an upper bound on the tiles)
+    const uint32_t n_groups = (p.n_tokens + 31) / 32;
+    const uint32_t g0 = plan[1 + blockIdx.x], T = 32 * (plan[2 + blockIdx.x] - g0);
+    const uint32_t* offset = plan + 2 + n_groups;
+    const uint32_t* order = plan + 2 + 2 * n_groups;
     const uint32_t buf_len = 2 * min(p.n_features, p.feature_chunk);
     float* acc = reinterpret_cast<float*>(sm + 2 * buf_len);
-    const uint32_t b0 = blockIdx.x * T, range = blockIdx.y;
+    const uint32_t b0 = 32 * g0, range = blockIdx.y;  // b0: the tile's first position in act_plan's order
     const uint32_t col0 = range * AP_RANGE, col1 = min(col0 + AP_RANGE, p.row_len);
     const uint32_t n_steps = (col1 - col0) / AP_COLS;
     const uint32_t n_fchunks = (p.n_features + p.feature_chunk - 1) / p.feature_chunk;
     ap_stage(p, col0, n_steps, n_fchunks, 0, sm);
-    uint32_t n[AP_TPT];
+    uint32_t n[AP_TPT], tok_b[AP_TPT];  // the thread's tokens: their entries here, their index in the batch
     const uint32_t* feat[AP_TPT];
+    uint32_t mine[AP_TPT];  // the token's accumulators: entry e at acc[mine + 32 e]
 #pragma unroll
     for (int tt = 0; tt < AP_TPT; ++tt) {
-        const uint32_t tok = tt * 256 + threadIdx.x, b = b0 + tok;
-        n[tt] = tok < T && b < p.n_tokens ? min(min(ptr<const uint32_t>(p.count)[b], p.cap), p.split) : 0;
+        const uint32_t tok = tt * 256 + threadIdx.x, at = b0 + tok;
+        const bool in = tok < T && at < p.n_tokens;
+        const uint32_t b = in ? order[at] : 0;
+        tok_b[tt] = b;
+        n[tt] = in ? min(min(ptr<const uint32_t>(p.count)[b], p.cap), p.split) : 0;
         feat[tt] = ptr<const uint32_t>(p.feat) + (size_t)b * p.cap;
-        for (uint32_t e = 0; e < n[tt]; ++e) acc[e * T + tok] = 0.f;
+        mine[tt] = (in ? offset[g0 + tok / 32] : 0) + (threadIdx.x & 31);
+        for (uint32_t e = 0; e < n[tt]; ++e) acc[mine[tt] + 32 * e] = 0.f;
     }
     float rv[AP_TPT][AP_COLS];
     // Per token, at the current columns: its cursor (first entry not yet added) and the features of the
@@ -206,8 +287,8 @@ CLT_KERNEL void __launch_bounds__(256, 1) act_grad_partial(const CltActGradParam
         if (f0 == 0) {  // new columns: the tokens' residuals there, every cursor at the head of its list
 #pragma unroll
             for (int tt = 0; tt < AP_TPT; ++tt) {
-                const float* r = ptr<const float>(p.resid) +
-                                 (size_t)(b0 + tt * 256 + threadIdx.x) * p.resid_stride + p.resid_offset + c0;
+                const float* r =
+                    ptr<const float>(p.resid) + (size_t)tok_b[tt] * p.resid_stride + p.resid_offset + c0;
 #pragma unroll
                 for (int j = 0; j < AP_COLS / 4; ++j) {
                     const float4 v =
@@ -231,19 +312,19 @@ CLT_KERNEL void __launch_bounds__(256, 1) act_grad_partial(const CltActGradParam
             for (int tt = 0; tt < AP_TPT; ++tt) {
                 const uint32_t f = fe[tt][0] - f0;  // entries before f0 were added by earlier chunks
                 if (e[tt] < n[tt] && f < nf) {
-                    const uint32_t slot = e[tt]++, tok = tt * 256 + threadIdx.x;
+                    const uint32_t slot = e[tt]++;
 #pragma unroll
                     for (int j = 0; j + 1 < AP_AHEAD; ++j) fe[tt][j] = fe[tt][j + 1];
                     fe[tt][AP_AHEAD - 1] = slot + AP_AHEAD < n[tt] ? feat[tt][slot + AP_AHEAD] : 0;
                     const uint4 lo = w_s[2 * f], hi = w_s[2 * f + 1];
                     const uint32_t u[8] = {lo.x, lo.y, lo.z, lo.w, hi.x, hi.y, hi.z, hi.w};
-                    float s = acc[slot * T + tok];
+                    float s = acc[mine[tt] + 32 * slot];
 #pragma unroll
                     for (int j = 0; j < 8; ++j) {
                         s = fmaf(rv[tt][2 * j], __uint_as_float(u[j] << 16), s);
                         s = fmaf(rv[tt][2 * j + 1], __uint_as_float(u[j] & 0xffff0000u), s);
                     }
-                    acc[slot * T + tok] = s;
+                    acc[mine[tt] + 32 * slot] = s;
                     more = true;
                 }
             }
@@ -253,9 +334,8 @@ CLT_KERNEL void __launch_bounds__(256, 1) act_grad_partial(const CltActGradParam
     }
 #pragma unroll
     for (int tt = 0; tt < AP_TPT; ++tt) {
-        const uint32_t tok = tt * 256 + threadIdx.x;
-        float* out = ptr<float>(p.partial) + (size_t)(b0 + tok) * p.cap * p.n_ranges + range;
-        for (uint32_t e = 0; e < n[tt]; ++e) out[(size_t)e * p.n_ranges] = acc[e * T + tok];
+        float* out = ptr<float>(p.partial) + (size_t)tok_b[tt] * p.cap * p.n_ranges + range;
+        for (uint32_t e = 0; e < n[tt]; ++e) out[(size_t)e * p.n_ranges] = acc[mine[tt] + 32 * e];
     }
 }
 

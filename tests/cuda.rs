@@ -405,7 +405,8 @@ mod gpu_tests {
     }
 
     /// A third handle on the device, tiled, with `act_grad_partial`'s shared memory cut small (1,024
-    /// accumulators, 300 features a chunk): tiles of a few tokens and many feature chunks.
+    /// accumulators, 300 features a chunk): a group of 32 tokens or a few a tile, lists past 32 entries
+    /// partly to `act_grad`, and many feature chunks.
     fn small_tiles_gpu() -> Option<&'static Gpu> {
         static SMALL: OnceLock<Gpu> = OnceLock::new();
         gpu()?;
@@ -2049,7 +2050,8 @@ mod gpu_tests {
             |_| true,
             &mut rng,
         );
-        // With the shared memory cut small: tiles of 1,024 / cap ≈ 13 tokens, 7 feature chunks.
+        // With the shared memory cut small: 1,024 accumulators (a token's first 32 entries; a group of 32
+        // tokens or a few a tile; act_grad takes the entries past 32), 7 feature chunks.
         let small = small_tiles_gpu().unwrap();
         let shape = (l_n, d, f_n);
         compare_layer_grads((gpu, small), &h, shape, &[0, 1], None, |_| true, &mut rng);
@@ -2068,6 +2070,101 @@ mod gpu_tests {
             assert!(small.set_act_tiling(t).is_err(), "{t:?} accepted");
         }
         assert_eq!(small.act_tiling(), bad(1024, 300));
+    }
+
+    /// `act_plan` orders a layer's tokens by list length (capped at the split) and packs them into
+    /// `act_grad_partial`'s tiles as `ActTiling::plan_host` does, and the packing itself is checked from
+    /// its definition: the order holds every token once, in nondecreasing capped length; tiles are runs
+    /// of consecutive groups of 32 tokens of that order covering every group, at most 16 groups each, each group's accumulators (32 × its longest
+    /// list, capped at the split) at the running sum of the tile's earlier ones and within the tile's
+    /// accumulators, a tile closed only when the next group would not fit or it is full, and no more tiles
+    /// than the grid `act_grad_partial` gets. Shapes: lists longer than the split, a batch not a multiple of
+    /// 32, empty lists, small accumulators (a group a tile), and more groups than `act_plan` reads at a time
+    /// (4,096).
+    #[test]
+    fn act_plan_packs_the_lists_into_tiles() {
+        let Some(gpu) = gpu() else {
+            return;
+        };
+        let mut rng = Rng::seed(23);
+        let small = backward::ActTiling {
+            accumulators: 1024,
+            ..Default::default()
+        };
+        let cases = [
+            (600usize, backward::ActTiling::default(), 90usize, 64usize),
+            (1000, small, 40, 32),
+            (1000, small, 3, 1),
+            (33, backward::ActTiling::default(), 0, 1),
+            (4096 * 32 + 77, backward::ActTiling::default(), 6, 6),
+        ];
+        for (n_tokens, tiling, longest, split) in cases {
+            let mut h = encode::HostCodes {
+                offsets: vec![0],
+                ..Default::default()
+            };
+            for b in 0..n_tokens {
+                // One token with the longest list, so that the cap covers it.
+                let n = if b == n_tokens / 2 {
+                    longest
+                } else {
+                    rng.below(longest + 1)
+                };
+                let mut fs: Vec<u32> = (0..n).map(|_| rng.below(4096) as u32).collect();
+                fs.sort_unstable();
+                fs.dedup();
+                push_token(&mut h, &fs, &mut rng);
+            }
+            let counts: Vec<u32> = h.offsets.windows(2).map(|w| (w[1] - w[0]) as u32).collect();
+            let codes = encode::DeviceCodes::from_host(gpu, &h).unwrap();
+            let plan = backward::act_plan(gpu, &codes, &tiling, split).unwrap();
+            let (starts, offsets, order) = plan.to_host(gpu).unwrap();
+            let what = format!("{n_tokens} tokens, {tiling:?}, split {split}");
+            // The order: every token once, by capped length.
+            let capped = |b: u32| (counts[b as usize] as usize).min(split).min(codes.cap);
+            let mut seen = order.clone();
+            seen.sort_unstable();
+            assert!(seen.iter().copied().eq(0..n_tokens as u32), "{what}: order");
+            assert!(
+                order.windows(2).all(|w| capped(w[0]) <= capped(w[1])),
+                "{what}: not sorted"
+            );
+            assert_eq!(
+                (starts.clone(), offsets.clone()),
+                tiling.plan_host(&counts, codes.cap, split),
+                "{what}"
+            );
+            let n_groups = n_tokens.div_ceil(32);
+            assert!(starts.len() >= 2 && starts.len() - 1 <= plan.grid, "{what}");
+            assert_eq!((starts[0], *starts.last().unwrap()), (0, n_groups as u32));
+            let rows = |g: usize| {
+                order[32 * g..(32 * g + 32).min(n_tokens)]
+                    .iter()
+                    .map(|&b| capped(b))
+                    .max()
+                    .unwrap()
+            };
+            for t in 0..starts.len() - 1 {
+                let (g0, g1) = (starts[t] as usize, starts[t + 1] as usize);
+                assert!(
+                    g0 < g1 && g1 - g0 <= backward::ACT_TILE_GROUPS,
+                    "{what}: tile {t}"
+                );
+                let mut used = 0;
+                for g in g0..g1 {
+                    assert_eq!(offsets[g] as usize, used, "{what}: group {g}");
+                    used += 32 * rows(g);
+                }
+                assert!(used <= tiling.accumulators, "{what}: tile {t} holds {used}");
+                if g1 < n_groups {
+                    assert!(
+                        g1 - g0 == backward::ACT_TILE_GROUPS
+                            || used + 32 * rows(g1) > tiling.accumulators,
+                        "{what}: tile {t} closed early"
+                    );
+                }
+            }
+        }
     }
 
     /// `ActTiling::rows_for`: the rows `act_grad_partial` gives a token leave at most one token in `tail`

@@ -114,15 +114,16 @@ pub fn group_by_feature(gpu: &Gpu, codes: &DeviceCodes, n_features: usize) -> Re
 const ACT_RANGE: usize = 512;
 
 /// How `act_grad_partial` divides its shared memory: `accumulators` f32 for its tile of tokens' entries
-/// (the tile is `accumulators / rows` tokens, at most 512, for `rows` accumulators a token: see
-/// [`ActTiling::split`]) and the 32-byte slices of `feature_chunk` features staged at a time, in each of
-/// two buffers (one is filled while the other is read). The default, 128 KB + 2 × 32 KB, makes the largest
-/// tiles (the fewest fetches of the decoder) with one block an SM; smaller settings let two or three blocks
-/// share an SM. Which is faster is the GPU's to say (`clt bench --cuda` times several).
+/// and the 32-byte slices of `feature_chunk` features staged at a time, in each of two buffers (one is
+/// filled while the other is read). A tile is up to 16 groups of 32 consecutive tokens; a group takes 32
+/// accumulators for each entry of its longest list (at most [`ActTiling::split`] entries), so the tiles
+/// follow their own lists ([`act_plan`]). The default, 128 KB + 2 × 32 KB, makes the largest tiles (the
+/// fewest fetches of the decoder) with one block an SM; smaller settings let two or three blocks share an
+/// SM. Which is faster is the GPU's to say (`clt bench --cuda` times several).
 ///
-/// `tail`: at most one token in `tail` may list more entries than a token's rows; `act_grad` (a warp per
-/// entry) takes their entries past the rows, so that a few long lists (a sequence's first token, say) do not
-/// shrink every tile.
+/// `tail`: at most one token in `tail` may list more entries than the split; `act_grad` (a warp per entry)
+/// takes their entries past it, so that a few long lists (a sequence's first token, say) do not swell
+/// their groups' accumulators.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct ActTiling {
     pub accumulators: usize,
@@ -140,27 +141,31 @@ impl Default for ActTiling {
     }
 }
 
+/// Groups of 32 tokens an `act_grad_partial` tile holds at most (its 256 threads own 2 tokens each).
+pub const ACT_TILE_GROUPS: usize = 16;
+
 impl ActTiling {
-    /// The shared memory a block takes with `n_features` features and `rows` accumulators a token.
-    pub fn shared_bytes(&self, n_features: usize, rows: usize) -> usize {
-        2 * 32 * n_features.clamp(1, self.feature_chunk) + 4 * rows * self.tile_tokens(rows)
+    /// The shared memory a block takes with `n_features` features.
+    pub fn shared_bytes(&self, n_features: usize) -> usize {
+        2 * 32 * n_features.clamp(1, self.feature_chunk) + 4 * self.accumulators
     }
 
-    /// Tokens a block, for `rows` accumulators a token.
-    pub fn tile_tokens(&self, rows: usize) -> usize {
-        (self.accumulators / rows.max(1)).clamp(1, 512)
+    /// The most entries a token can get accumulators for: a whole group of 32 such lists fills a tile.
+    pub fn max_rows(&self) -> usize {
+        (self.accumulators / 32).max(1)
     }
 
     /// The accumulators a token gets in `act_grad_partial` (its first `split` entries; the kernels'
     /// `split`): [`ActTiling::rows_for`] the list lengths where they were measured
-    /// ([`DeviceCodes::lengths`]), else the longest list.
+    /// ([`DeviceCodes::lengths`]), else the longest list; at most [`ActTiling::max_rows`].
     pub fn split(&self, codes: &DeviceCodes) -> usize {
         let longest = codes.longest.min(codes.cap);
-        if codes.lengths.len() == longest + 1 {
+        let rows = if codes.lengths.len() == longest + 1 {
             self.rows_for(&codes.lengths)
         } else {
             longest.max(1)
-        }
+        };
+        rows.min(self.max_rows())
     }
 
     /// For `lengths[n]` tokens of `n` entries each (`n` up to the longest list, `lengths.len() - 1`): the
@@ -177,25 +182,108 @@ impl ActTiling {
         rows.max(1)
     }
 
-    /// Refuses a setting the kernel cannot run: no accumulators, a feature chunk outside 1..=2,048, or more
-    /// than 227 KB of shared memory at the longest lists (4,096 entries a token).
+    /// The most tiles [`act_plan`] can make of `n_tokens` tokens at `split` (the grid of
+    /// `act_grad_partial`): every tile but the last holds at least the groups of `split`-entry lists that
+    /// fit, since the packing closes a tile only when the next group does not fit.
+    pub fn tiles_bound(&self, n_tokens: usize, split: usize) -> usize {
+        let fit = (self.accumulators / (32 * split.max(1))).clamp(1, ACT_TILE_GROUPS);
+        n_tokens.div_ceil(32).div_ceil(fit)
+    }
+
+    /// [`act_plan`] on the host, from each token's list length: (each tile's first group, then the number
+    /// of groups; each group's offset in its tile's accumulators). The tests' reference. (The order of the
+    /// tokens is the kernel's own within a length; the tiles depend only on the sorted lengths.)
+    pub fn plan_host(&self, counts: &[u32], cap: usize, split: usize) -> (Vec<u32>, Vec<u32>) {
+        let limit = cap.min(split);
+        let mut sorted: Vec<usize> = counts.iter().map(|&c| (c as usize).min(limit)).collect();
+        sorted.sort_unstable();
+        let (mut starts, mut offsets) = (Vec::new(), Vec::new());
+        let (mut used, mut in_tile) = (0usize, 0usize);
+        for (g, group) in sorted.chunks(32).enumerate() {
+            let rows = group[group.len() - 1];
+            if g == 0 || used + 32 * rows > self.accumulators || in_tile == ACT_TILE_GROUPS {
+                starts.push(g as u32);
+                used = 0;
+                in_tile = 0;
+            }
+            offsets.push(used as u32);
+            used += 32 * rows;
+            in_tile += 1;
+        }
+        starts.push(counts.len().div_ceil(32) as u32);
+        (starts, offsets)
+    }
+
+    /// Refuses a setting the kernel cannot run: fewer accumulators than a group of one-entry lists (32), a
+    /// feature chunk outside 1..=2,048, or more than 227 KB of shared memory.
     pub fn check(&self) -> Result<()> {
-        let worst = (1..=4096)
-            .map(|cap| 4 * cap * self.tile_tokens(cap))
-            .max()
-            .unwrap_or(0);
-        if self.accumulators == 0
+        if self.accumulators < 32
             || self.tail == 0
             || !(1..=2048).contains(&self.feature_chunk)
-            || 2 * 32 * self.feature_chunk + worst > 227 * 1024
+            || self.shared_bytes(self.feature_chunk) > 227 * 1024
         {
             return Err(Error::Unsupported(format!(
-                "act_grad_partial tiling {self:?}: needs accumulators > 0, tail > 0, a feature chunk of 1 \
-                 to 2,048 and at most 227 KB of shared memory"
+                "act_grad_partial tiling {self:?}: needs at least 32 accumulators, tail > 0, a feature chunk \
+                 of 1 to 2,048 and at most 227 KB of shared memory"
             )));
         }
         Ok(())
     }
+}
+
+/// `act_plan`'s tiles of one layer's lists on the device (`plan`, as backward.cu describes it) and the
+/// grid `act_grad_partial` is launched with (at least the tiles).
+pub struct ActPlan {
+    pub plan: DBuf<u32>,
+    pub grid: usize,
+    n_groups: usize,
+}
+
+impl ActPlan {
+    /// The plan read back: (each tile's first group, then the number of groups; each group's offset, as
+    /// [`ActTiling::plan_host`] gives them; the tokens in the kernel's order).
+    pub fn to_host(&self, gpu: &Gpu) -> Result<(Vec<u32>, Vec<u32>, Vec<u32>)> {
+        let v = gpu.download(&self.plan)?;
+        let (tiles, g) = (v[0] as usize, self.n_groups);
+        if tiles > self.grid {
+            return Err(Error::Cuda {
+                what: "act_plan".into(),
+                reason: format!("{tiles} tiles, more than the grid of {}", self.grid),
+            });
+        }
+        Ok((
+            v[1..2 + tiles].to_vec(),
+            v[2 + g..2 + 2 * g].to_vec(),
+            v[2 + 2 * g..].to_vec(),
+        ))
+    }
+}
+
+/// Packs one layer's lists (`codes`) into `act_grad_partial`'s tiles with `tiling` and `split` entries a
+/// token at most (the `act_plan` kernel, queued; no read-back).
+pub fn act_plan(
+    gpu: &Gpu,
+    codes: &DeviceCodes,
+    tiling: &ActTiling,
+    split: usize,
+) -> Result<ActPlan> {
+    let n_groups = codes.n_tokens.div_ceil(32);
+    let plan = gpu.zeros::<u32>(2 + 2 * n_groups + codes.n_tokens)?;
+    let p = CltActGradParams {
+        count: codes.count.ptr(gpu),
+        plan: plan.ptr(gpu),
+        n_tokens: codes.n_tokens as u32,
+        cap: codes.cap as u32,
+        accumulators: tiling.accumulators as u32,
+        split: split as u32,
+        ..Default::default()
+    };
+    gpu.launch(Module::Backward, "act_plan", per_item(1, 256), &p)?;
+    Ok(ActPlan {
+        plan,
+        grid: tiling.tiles_bound(codes.n_tokens, split),
+        n_groups,
+    })
 }
 
 /// Features a block of `row_grad_tiled` owns, and tokens whose row slices it stages at a time.
@@ -376,7 +464,8 @@ pub fn layer_grads(gpu: &Gpu, inp: &LayerGradInput) -> Result<LayerGrads> {
         tanh_scale: obj.lambda / bf,
         n_features: f_n as u32,
         partial: 0,
-        tile_tokens: 0,
+        plan: 0,
+        accumulators: 0,
         n_ranges: 0,
         feature_chunk: 0,
         split: 0,
@@ -384,30 +473,34 @@ pub fn layer_grads(gpu: &Gpu, inp: &LayerGradInput) -> Result<LayerGrads> {
         pad0: 0,
     };
     if partial {
-        // Tokens a block: their accumulators ([split][T] f32: rows for all but the longest few lists, not
-        // for `cap`, which the encoder rounds up to a power of 2) in shared memory, at most 512. The
-        // entries past `split` of the few longer lists: act_grad, a warp each.
+        // Tiles of up to 16 groups of 32 tokens, each group's accumulators (rows for its longest list,
+        // capped at `split`) in shared memory (act_plan). The entries past `split` of the few longer lists:
+        // act_grad, a warp each.
         let tiling = gpu.act_tiling();
         let longest = codes.longest.min(cap);
         let split = tiling.split(codes);
-        let t = tiling.tile_tokens(split);
         let ranges = rl.div_ceil(ACT_RANGE);
         // Every listed entry's ranges are written before they are read (poisoned in tests); freed at the
-        // end of this block, in stream order, after the two kernels (no sync).
+        // end of this block, in stream order, after the kernels (no sync); so is the plan.
         let partial_sums = gpu.output::<f32>(slots * ranges)?;
         let ap = CltActGradParams {
             partial: partial_sums.ptr(gpu),
-            tile_tokens: t as u32,
+            accumulators: tiling.accumulators as u32,
             n_ranges: ranges as u32,
             feature_chunk: tiling.feature_chunk as u32,
             split: split as u32,
             slot_end: longest as u32,
             ..ap
         };
+        let plan = act_plan(gpu, codes, &tiling, split)?;
+        let ap = CltActGradParams {
+            plan: plan.plan.ptr(gpu),
+            ..ap
+        };
         let cfg = LaunchConfig {
-            grid_dim: (b_n.div_ceil(t) as u32, ranges as u32, 1),
+            grid_dim: (plan.grid as u32, ranges as u32, 1),
             block_dim: (256, 1, 1),
-            shared_mem_bytes: tiling.shared_bytes(f_n, split) as u32,
+            shared_mem_bytes: tiling.shared_bytes(f_n) as u32,
         };
         gpu.launch(Module::Backward, "act_grad_partial", cfg, &ap)?;
         gpu.launch(

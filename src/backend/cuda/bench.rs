@@ -65,6 +65,25 @@ pub fn copy_ceiling_gbs(gpu: &Gpu, n: usize) -> Result<f64> {
     Ok(2.0 * (n * 4) as f64 / ms / 1e6)
 }
 
+/// `act_grad_partial`'s tiles of `codes` with `tiling` and `split` (`act_plan`, read back).
+fn act_tiles(
+    gpu: &Gpu,
+    codes: &encode::DeviceCodes,
+    tiling: &backward::ActTiling,
+    split: usize,
+) -> Result<usize> {
+    let (starts, _, _) = backward::act_plan(gpu, codes, tiling, split)?.to_host(gpu)?;
+    Ok(starts.len() - 1)
+}
+
+/// "N tiles of M tokens on average".
+fn tiles_text(tiles: usize, n_tokens: usize) -> String {
+    format!(
+        "{tiles} tiles of {:.0} tokens on average",
+        n_tokens as f64 / tiles.max(1) as f64
+    )
+}
+
 /// Prints one row: time, TFLOP/s against the bf16 ceiling, GB/s against the measured copy rate `copy_gbs`.
 fn report(name: &str, ms: f64, flops: f64, bytes: f64, copy_gbs: f64) {
     let tf = flops / ms / 1e9;
@@ -300,15 +319,15 @@ pub fn run_with(preset: Preset, rows: CudaRows, timer: &mut dyn Timer) -> Result
     // The decode reads the rows of active entries only (a near-threshold entry's activation is 0).
     let n_active = listed.act.iter().filter(|a| **a != 0.0).count();
     let act_rows = backward::ActTiling::default().split(&codes);
-    let act_tile = backward::ActTiling::default().tile_tokens(act_rows);
+    let act_n_tiles = act_tiles(&gpu, &codes, &backward::ActTiling::default(), act_rows)?;
     println!(
         "  entries listed per token: {:.1} ({:.1} active); the longest list {} (capacity {}): \
-         act_grad_partial's default tiles hold {} tokens of {} entries ({} tokens list more)",
+         act_grad_partial's default tiles: {} (at most {} entries a token; {} tokens list more)",
         nnz as f64 / b_n as f64,
         n_active as f64 / b_n as f64,
         codes.longest,
         codes.cap,
-        act_tile,
+        tiles_text(act_n_tiles, b_n),
         act_rows,
         codes.lengths.iter().skip(act_rows + 1).sum::<usize>()
     );
@@ -475,12 +494,18 @@ pub fn run_with(preset: Preset, rows: CudaRows, timer: &mut dyn Timer) -> Result
     };
     let split = backward::ActTiling::default().split(&long_codes);
     println!(
-        "  long tail: the longest list {}; act_grad_partial's rows {} (tiles of {} tokens), {} with rows \
-         for the longest list",
+        "  long tail: the longest list {}; act_grad_partial's split {} ({}); with a split at the longest \
+         list: {}",
         long_codes.longest,
         split,
-        backward::ActTiling::default().tile_tokens(split),
-        whole.tile_tokens(long_codes.longest)
+        tiles_text(
+            act_tiles(&gpu, &long_codes, &backward::ActTiling::default(), split)?,
+            b_n
+        ),
+        tiles_text(
+            act_tiles(&gpu, &long_codes, &whole, whole.split(&long_codes))?,
+            b_n
+        )
     );
     for (name, tiling) in [
         ("backward, tiled, long tail", backward::ActTiling::default()),
@@ -605,7 +630,7 @@ pub fn run_with(preset: Preset, rows: CudaRows, timer: &mut dyn Timer) -> Result
     // columns in each; the same for the encoder rows (the input staged once per 1,024 features); the
     // decoder staged once per tile of tokens for the activation gradients (`act_grad_partial`'s default
     // tiles), 4 bytes of list (the feature id) per entry for every 16 columns, and the residual once.
-    let staged = ((b_n.div_ceil(decode::TILE_TOKENS) + b_n.div_ceil(act_tile)) * f_n * rl_sum * 2
+    let staged = ((b_n.div_ceil(decode::TILE_TOKENS) + act_n_tiles) * f_n * rl_sum * 2
         + f_n.div_ceil(backward::RG_TILE_FEATURES) * b_n * (rl_sum + l_n * d) * 4)
         as f64;
     let fetched =
