@@ -176,6 +176,10 @@ typedef struct {
     uint32_t pad0;
 } CltResidualParams;
 
+/* act_plan sorts a layer's tokens by list length, capped at the split, in this many bins: the split must stay
+ * below it (the Rust side asserts that the largest act_grad_partial tiling keeps it there). */
+#define CLT_ACT_PLAN_BINS 2048
+
 /* dL/da at every listed entry of source layer l: proj = <r_b[l..], W_dec[l][f]>, and for active entries the
  * full pre-activation gradient ge = proj + tanh_scale * c * n_f * (1 - tanh(c a n_f)^2). act_grad_partial
  * writes the dot products' sums per range of columns into `partial` and act_grad_finish adds them, for the

@@ -159,7 +159,7 @@ __device__ __forceinline__ void ap_stage(const CltActGradParams& p, uint32_t col
 
 #define AP_GROUPS (AP_TPT * 8)  // groups of 32 tokens a tile holds at most: a warp's lanes, AP_TPT a warp
 #define PLAN_CHUNK 4096          // groups act_plan packs from shared memory at a time
-#define PLAN_BINS 2048           // list lengths act_plan sorts by: 0..split (the host keeps split below)
+#define PLAN_BINS CLT_ACT_PLAN_BINS  // list lengths act_plan sorts by: 0..split (the host keeps split below)
 
 // act_plan: act_grad_partial's tiles for one layer's lists. The tokens are sorted by their lists' lengths
 // capped at `split` (and cap), shortest first: a counting sort, the order within a length as the atomics

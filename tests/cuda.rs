@@ -2014,8 +2014,8 @@ mod gpu_tests {
     /// One layer's backward with `act_grad_partial` (each decoder row staged once per tile of tokens, sums
     /// per 512-column range added by `act_grad_finish`) against `act_grad`, where its loops wrap: 2,100
     /// features (three chunks of 1,024 staged in turn through its two buffers), 1,000 tokens with up to
-    /// ~75 entries (tiles of
-    /// 32,768 / cap ≈ 430 tokens: three tiles, the last partial; two tokens a thread), rows of 2,080 and
+    /// ~75 entries (`act_plan`'s tiles of up to 16 groups of 32 tokens sorted by list length: at least
+    /// two tiles, checked, the last partial; two tokens a thread), rows of 2,080 and
     /// 1,040 columns (five and three ranges, the last of 32 and 16 columns), empty lists, near-threshold
     /// entries and feature 7 on every token; then again with the kernel's shared memory cut small. The
     /// activation gradients' outputs (encoder rows, biases, log θ) within f32 rounding, the rest to the
@@ -2050,6 +2050,13 @@ mod gpu_tests {
             |_| true,
             &mut rng,
         );
+        let codes = encode::DeviceCodes::from_host(tiled, &h).unwrap();
+        let tiling = tiled.act_tiling();
+        let (starts, _, _) = backward::act_plan(tiled, &codes, &tiling, tiling.split(&codes))
+            .unwrap()
+            .to_host(tiled)
+            .unwrap();
+        assert!(starts.len() > 2, "{} tiles", starts.len() - 1);
         // With the shared memory cut small: 1,024 accumulators (a token's first 32 entries; a group of 32
         // tokens or a few a tile; act_grad takes the entries past 32), 7 feature chunks.
         let small = small_tiles_gpu().unwrap();

@@ -9,7 +9,8 @@
 use super::context::{Gpu, Module, grid_1d, per_item};
 use super::encode::{DeviceCodes, WindowStats};
 use super::ffi::{
-    CltActGradParams, CltColSumParams, CltCsrParams, CltFeatureGradParams, CltRowGradParams,
+    CLT_ACT_PLAN_BINS, CltActGradParams, CltColSumParams, CltCsrParams, CltFeatureGradParams,
+    CltRowGradParams,
 };
 use super::memory::DBuf;
 use crate::backend::SparseKernels;
@@ -143,6 +144,10 @@ impl Default for ActTiling {
 
 /// Groups of 32 tokens an `act_grad_partial` tile holds at most (its 256 threads own 2 tokens each).
 pub const ACT_TILE_GROUPS: usize = 16;
+
+// The split is at most `accumulators / 32` ([`ActTiling::max_rows`]), and `check` keeps the accumulators
+// within 227 KB: so the split stays below the lengths `act_plan` sorts by.
+const _: () = assert!(227 * 1024 / 4 / 32 < CLT_ACT_PLAN_BINS as usize);
 
 impl ActTiling {
     /// The shared memory a block takes with `n_features` features.

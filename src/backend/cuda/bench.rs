@@ -79,7 +79,8 @@ fn act_tiles(
 /// "N tiles of M tokens on average".
 fn tiles_text(tiles: usize, n_tokens: usize) -> String {
     format!(
-        "{tiles} tiles of {:.0} tokens on average",
+        "{tiles} tile{} of {:.0} tokens on average",
+        if tiles == 1 { "" } else { "s" },
         n_tokens as f64 / tiles.max(1) as f64
     )
 }
@@ -331,6 +332,12 @@ pub fn run_with(preset: Preset, rows: CudaRows, timer: &mut dyn Timer) -> Result
         act_rows,
         codes.lengths.iter().skip(act_rows + 1).sum::<usize>()
     );
+    // act_plan alone (one block: the sort by list length and the packing), which runs before each layer's
+    // act_grad_partial; bytes: the counts read three times, the order written.
+    let ms = timer.time(&gpu, "act_plan (1 layer)", &mut || {
+        backward::act_plan(&gpu, &codes, &backward::ActTiling::default(), act_rows).map(|_| ())
+    })?;
+    report("act_plan (1 layer)", ms, 0.0, (16 * b_n) as f64, copy);
 
     // Decode: every layer with the same codes (L0 per layer), cross-layer rows.
     let w_dec: Vec<_> = (0..l_n)

@@ -62,7 +62,7 @@ pub struct DeviceCodes {
     pub cap: usize,
     /// An upper bound on every list's length, at most `cap`: the longest list where it was measured (the
     /// encoders' read-back, [`DeviceCodes::measure`], or [`DeviceCodes::from_host`]), else `cap`.
-    /// `act_grad_partial` sizes its tiles of tokens by it (through [`DeviceCodes::lengths`] where they are
+    /// `act_grad_partial` caps its accumulator rows by it (through [`DeviceCodes::lengths`] where they are
     /// known): the encoders round `cap` up to a power of 2, up to twice the longest.
     pub longest: usize,
     /// Tokens by list length (`lengths[n]` lists of `n` entries, `n` up to `longest`) where measured (as
