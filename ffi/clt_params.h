@@ -221,6 +221,7 @@ typedef struct {
     clt_ptr cursor;   /* u32 [F]: zeroed; fill cursor */
     clt_ptr unsorted; /* u32 [nnz]: entry ids b*cap + s grouped by feature, unordered within a feature */
     clt_ptr order;    /* u32 out [nnz]: the same, in increasing entry id within each feature */
+    clt_ptr by_length; /* u32 out [F]: the features, longest segment first (feature_order) */
     uint32_t n_tokens;
     uint32_t cap;
     uint32_t n_features;
@@ -287,6 +288,7 @@ typedef struct {
     clt_ptr norms;       /* const f32 [F] (encoder rows) */
     clt_ptr preact_mask; /* const u8 [F] or 0 (all on) (encoder rows) */
     clt_ptr out;         /* f32 out [F][row_len] */
+    clt_ptr by_length;   /* const u32 [F]: the features, longest segment first (feature_order) */
     uint32_t n_tokens;
     uint32_t n_features;
     uint32_t row_len;    /* a multiple of 8; src and src_stride 16-byte aligned */

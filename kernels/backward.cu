@@ -232,15 +232,16 @@ CLT_KERNEL void __launch_bounds__(256) act_plan(const CltActGradParams p) {
 // warp's lanes: one group each) and holds their tokens' residuals of the current 16 columns in registers;
 // for each chunk of feature_chunk features the block stages every feature's 16 weights of those columns
 // (32 bytes, dynamic shared memory; cp.async into one of two buffers while the threads add from the
-// other), and each thread adds <r, w> into its entries'
-// accumulators (shared memory: each group's rows x 32 at act_plan's offset, one thread's column alone; a
-// token's first `split` entries: the host chooses split so that few tokens list more, and act_grad takes
-// their entries past it), each token's list read once per step through a cursor (lists are in increasing
-// feature order, DeviceCodes' invariant). The two tokens' walks go in step, an entry of each a round, each
-// with the features of its next AP_AHEAD entries loaded ahead (a feature id is the only global load of a
-// walk's step: weights and accumulators are in shared memory). An entry's sum over its range runs column
-// by column in order; the ranges' sums are added in order by act_grad_finish. The same order every run,
-// but not act_grad's: the result differs from the gathers' by f32 rounding.
+// other), and each thread adds <r, w> into its entries' accumulators (shared memory: each group's rows x 32
+// at act_plan's offset, one thread's column alone; a token's first `split` entries: the host chooses split
+// so that few tokens list more, and act_grad takes their entries past it), each token's list read once
+// per step through a cursor (lists are in increasing feature order, DeviceCodes' invariant). A warp's 32
+// tokens have lists of about one length (act_plan's order), so its lanes' walks end about together. The
+// two tokens' walks go in step, an entry of each a round, each with the features of its next AP_AHEAD
+// entries loaded ahead (a feature id is the only global load of a walk's step: weights and accumulators
+// are in shared memory). An entry's sum over its range runs column by column in order; the ranges' sums
+// are added in order by act_grad_finish. The same order every run, but not act_grad's: the result
+// differs from the gathers' by f32 rounding.
 //
 // What it moves at the issue's 1B shape (docs/cuda.md): the decoder staged once per tile (a tile of up to
 // 512 tokens: 16 groups of lists of 64, or fewer where its lists are longer; B / 512 = 32 times the
@@ -392,6 +393,44 @@ CLT_KERNEL void csr_fill(const CltCsrParams p) {
     const uint32_t f = ptr<const uint32_t>(p.feat)[e];
     const uint32_t at = ptr<const uint32_t>(p.fcount)[f] + atomicAdd(ptr<uint32_t>(p.cursor) + f, 1u);
     ptr<uint32_t>(p.unsorted)[at] = e;
+}
+
+#define FO_BINS 256  // feature_order's length buckets (fo_key < 240)
+
+// A segment length's bucket: itself below 16, then 8 buckets an octave (lengths in one bucket within 1/8
+// of each other).
+__device__ __forceinline__ uint32_t fo_key(uint32_t n) {
+    if (n < 16) return n;
+    const uint32_t lg = 31 - __clz((int)n);  // 4..31
+    return 16 + 8 * (lg - 4) + ((n >> (lg - 3)) & 7);
+}
+
+// feature_order: the features by their CSR segment's length, longest first (by bucket: a counting sort,
+// the order within a bucket as the atomics fall), into by_length[F]. row_grad_tiled gives a thread 4
+// features of consecutive ranks, so a warp's lanes walk segments of about one length (with real data a few
+// features are active on a large share of the tokens and most on very few: without the order, one such
+// feature keeps its warp, and at the chunk barriers its block, walking while the rest idle), and the
+// heaviest tiles are launched first. One block, after csr_scan (fcount holds the starts).
+CLT_KERNEL void __launch_bounds__(256) feature_order(const CltCsrParams p) {
+    __shared__ uint32_t bins[FO_BINS];
+    const uint32_t* fstart = ptr<const uint32_t>(p.fcount);
+    uint32_t* by_length = ptr<uint32_t>(p.by_length);
+    for (uint32_t c = threadIdx.x; c < FO_BINS; c += 256) bins[c] = 0;
+    __syncthreads();
+    for (uint32_t f = threadIdx.x; f < p.n_features; f += 256)
+        atomicAdd(&bins[FO_BINS - 1 - fo_key(fstart[f + 1] - fstart[f])], 1u);
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        uint32_t start = 0;
+        for (uint32_t c = 0; c < FO_BINS; ++c) {
+            const uint32_t n = bins[c];
+            bins[c] = start;
+            start += n;
+        }
+    }
+    __syncthreads();
+    for (uint32_t f = threadIdx.x; f < p.n_features; f += 256)
+        by_length[atomicAdd(&bins[FO_BINS - 1 - fo_key(fstart[f + 1] - fstart[f])], 1u)] = f;
 }
 
 #define SORT_THREADS 256
@@ -610,7 +649,8 @@ __device__ __forceinline__ void rg_stage(const CltRowGradParams& p, const float*
 // entries of coef * src[b][c] in token order (decoder rows: coef = a, src = the residual; encoder rows:
 // coef = ge + kappa_f, src = the input, then the pre-activation term), arranged so that a row slice is
 // fetched once per tile of 1,024 features instead of once per active entry (the transpose of
-// sparse_decode_tiled). Grid: (row_len / 8 column chunks, feature tiles). For each chunk of RG_TCHUNK
+// sparse_decode_tiled). Grid: (row_len / 8 column chunks, feature tiles of 1,024 ranks of
+// feature_order's, longest segments first; a thread owns 4 consecutive ranks). For each chunk of RG_TCHUNK
 // tokens the block stages every token's 8 values of columns c0..c0+7 (dynamic shared memory; cp.async
 // into one of two buffers while the threads add from the other) and each thread adds its 4 features'
 // entries from there into 32 accumulators (4 features x 8 columns, registers), each feature's CSR segment
@@ -628,7 +668,9 @@ __device__ __forceinline__ void rg_stage(const CltRowGradParams& p, const float*
 CLT_KERNEL void __launch_bounds__(FG_THREADS) row_grad_tiled(const CltRowGradParams p) {
     CLT_DYNAMIC_SHARED(float4, r_s);  // two buffers of [2 * min(B, RG_TCHUNK)]: a token's 8 values, as two float4
     const uint32_t c0 = blockIdx.x * 8;
-    const uint32_t f_base = blockIdx.y * FG_THREADS * RG_FEAT;
+    // The thread's features: ranks r0..r0 + 3 of feature_order's (longest segments first), so that its
+    // warp's walks are of about one length.
+    const uint32_t r0 = (blockIdx.y * FG_THREADS + threadIdx.x) * RG_FEAT;
     const uint32_t* fstart = ptr<const uint32_t>(p.fstart);
     const uint32_t* order = ptr<const uint32_t>(p.order);
     const float* act = ptr<const float>(p.act);
@@ -640,10 +682,11 @@ CLT_KERNEL void __launch_bounds__(FG_THREADS) row_grad_tiled(const CltRowGradPar
     float kappa[RG_FEAT];  // encoder rows: the pre-activation term's coefficient (0 for decoder rows)
     // Per feature: its cursor (first entry of its segment not yet added), the entry id there, the
     // segment's end.
-    uint32_t e[RG_FEAT], ent[RG_FEAT], end[RG_FEAT];
+    uint32_t e[RG_FEAT], ent[RG_FEAT], end[RG_FEAT], fid[RG_FEAT];
 #pragma unroll
     for (int ff = 0; ff < RG_FEAT; ++ff) {
-        const uint32_t f = f_base + ff * FG_THREADS + threadIdx.x;
+        const uint32_t f = r0 + ff < p.n_features ? ptr<const uint32_t>(p.by_length)[r0 + ff] : p.n_features;
+        fid[ff] = f;
         e[ff] = f < p.n_features ? fstart[f] : 0;
         end[ff] = f < p.n_features ? fstart[f + 1] : 0;
         ent[ff] = e[ff] < end[ff] ? order[e[ff]] : 0;
@@ -685,7 +728,7 @@ CLT_KERNEL void __launch_bounds__(FG_THREADS) row_grad_tiled(const CltRowGradPar
     const float* xsum = ptr<const float>(p.xsum) + c0;
 #pragma unroll
     for (int ff = 0; ff < RG_FEAT; ++ff) {
-        const uint32_t f = f_base + ff * FG_THREADS + threadIdx.x;
+        const uint32_t f = fid[ff];
         if (f >= p.n_features) continue;
         if (kappa[ff] != 0.f)
 #pragma unroll

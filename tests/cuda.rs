@@ -2408,7 +2408,9 @@ mod gpu_tests {
     }
 
     /// Uploads one feature list per token and checks `group_by_feature` against the entries grouped on the
-    /// host: every feature's segment holds its entry ids `b·cap + slot` in increasing order.
+    /// host: every feature's segment holds its entry ids `b·cap + slot` in increasing order; `by_length`
+    /// holds every feature once, longest segment first up to its buckets (a length after another is at
+    /// most it, or within an eighth of it from 16 on).
     fn check_grouping(
         gpu: &Gpu,
         lists: impl Iterator<Item = Vec<u32>>,
@@ -2442,6 +2444,24 @@ mod gpu_tests {
                 &want[f][..],
                 "feature {}",
                 f
+            );
+        }
+        let by_length = gpu.download(&csr.by_length).unwrap();
+        let mut seen = by_length.clone();
+        seen.sort_unstable();
+        prop_assert!(
+            seen.iter().copied().eq(0..f_n as u32),
+            "by_length: {:?}",
+            by_length
+        );
+        let len = |f: u32| want[f as usize].len();
+        for w in by_length.windows(2) {
+            let (prev, next) = (len(w[0]), len(w[1]));
+            prop_assert!(
+                next <= prev || (prev >= 16 && next <= prev + prev / 8),
+                "segment of {} after one of {}",
+                next,
+                prev
             );
         }
         Ok(())

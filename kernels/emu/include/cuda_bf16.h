@@ -180,6 +180,7 @@ inline float __uint_as_float(uint32_t u) {
     return f;
 }
 inline int __popc(unsigned int x) { return __builtin_popcount(x); }
+inline int __clz(int x) { return x == 0 ? 32 : __builtin_clz((unsigned int)x); }
 inline unsigned int __umulhi(unsigned int a, unsigned int b) { return (unsigned int)(((uint64_t)a * b) >> 32); }
 // expf, fabsf, fmaf, sqrtf, tanhf: the C library's (math.h through <cmath>).
 

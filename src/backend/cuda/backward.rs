@@ -78,10 +78,12 @@ pub fn col_sum(
 }
 
 /// Entries grouped by feature: `order[fstart[f]..fstart[f + 1]]` are feature f's entry ids `b·cap + slot`,
-/// in increasing order.
+/// in increasing order; `by_length`, the features by their segments' lengths, longest first (in buckets
+/// of lengths within 1/8 of each other: `feature_order`), which `row_grad_tiled` walks in.
 pub struct Csr {
     pub fstart: DBuf<u32>,
     pub order: DBuf<u32>,
+    pub by_length: DBuf<u32>,
 }
 
 /// Groups a layer's entries by feature.
@@ -91,6 +93,7 @@ pub fn group_by_feature(gpu: &Gpu, codes: &DeviceCodes, n_features: usize) -> Re
     let cursor = gpu.zeros::<u32>(n_features)?;
     let unsorted = gpu.zeros::<u32>(slots)?;
     let order = gpu.zeros::<u32>(slots)?;
+    let by_length = gpu.zeros::<u32>(n_features)?;
     let p = CltCsrParams {
         count: codes.count.ptr(gpu),
         feat: codes.feat.ptr(gpu),
@@ -98,6 +101,7 @@ pub fn group_by_feature(gpu: &Gpu, codes: &DeviceCodes, n_features: usize) -> Re
         cursor: cursor.ptr(gpu),
         unsorted: unsorted.ptr(gpu),
         order: order.ptr(gpu),
+        by_length: by_length.ptr(gpu),
         n_tokens: codes.n_tokens as u32,
         cap: codes.cap as u32,
         n_features: n_features as u32,
@@ -107,8 +111,13 @@ pub fn group_by_feature(gpu: &Gpu, codes: &DeviceCodes, n_features: usize) -> Re
     gpu.launch(Module::Backward, "csr_scan", per_item(1, 1024), &p)?;
     gpu.launch(Module::Backward, "csr_fill", grid_1d(slots, 256), &p)?;
     gpu.launch(Module::Backward, "csr_sort", per_item(n_features, 256), &p)?;
+    gpu.launch(Module::Backward, "feature_order", per_item(1, 256), &p)?;
     // `cursor` and `unsorted` are freed on return: in stream order, after the kernels above (no sync).
-    Ok(Csr { fstart, order })
+    Ok(Csr {
+        fstart,
+        order,
+        by_length,
+    })
 }
 
 /// `act_grad_partial`: columns a block covers (one partial sum per entry and range).
@@ -391,6 +400,7 @@ pub fn row_grad_tiled(
         norms: 0,
         preact_mask: 0,
         out: out.ptr(gpu),
+        by_length: csr.by_length.ptr(gpu),
         n_tokens: b_n as u32,
         n_features: f_n as u32,
         row_len: row_len as u32,

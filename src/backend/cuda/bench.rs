@@ -65,6 +65,49 @@ pub fn copy_ceiling_gbs(gpu: &Gpu, n: usize) -> Result<f64> {
     Ok(2.0 * (n * 4) as f64 / ms / 1e6)
 }
 
+/// Lists of `n_tokens` tokens with `l0` distinct features each, drawn with probability ∝ 1 / rank from
+/// `n_features` (Zipf's law, exponent 1: at 8,192 features the most frequent is on nearly every token of 64
+/// draws, the rarest on about one in a thousand), ranks mapped to features by a random permutation, in
+/// increasing feature order; activations and pre-activations in 1..2.
+fn zipf_lists(n_tokens: usize, n_features: usize, l0: usize, seed: u64) -> encode::HostCodes {
+    let mut rng = Rng::seed(seed);
+    let cdf: Vec<f64> = (0..n_features)
+        .scan(0.0, |s, r| {
+            *s += 1.0 / (r + 1) as f64;
+            Some(*s)
+        })
+        .collect();
+    let total = cdf.last().copied().unwrap_or(0.0);
+    let mut feature: Vec<u32> = (0..n_features as u32).collect();
+    for i in (1..n_features).rev() {
+        feature.swap(i, rng.below(i + 1));
+    }
+    let want = l0.min(n_features);
+    let mut h = encode::HostCodes {
+        offsets: vec![0],
+        ..Default::default()
+    };
+    let mut fs = Vec::with_capacity(want);
+    for _ in 0..n_tokens {
+        fs.clear();
+        while fs.len() < want {
+            let u = rng.uniform() * total;
+            let f = feature[cdf.partition_point(|&c| c < u).min(n_features - 1)];
+            if !fs.contains(&f) {
+                fs.push(f);
+            }
+        }
+        fs.sort_unstable();
+        for &f in &fs {
+            h.feat.push(f);
+            h.pre.push(1.0 + rng.uniform() as f32);
+            h.act.push(1.0 + rng.uniform() as f32);
+        }
+        h.offsets.push(h.feat.len());
+    }
+    h
+}
+
 /// `act_grad_partial`'s tiles of `codes` with `tiling` and `split` (`act_plan`, read back).
 fn act_tiles(
     gpu: &Gpu,
@@ -522,6 +565,46 @@ pub fn run_with(preset: Preset, rows: CudaRows, timer: &mut dyn Timer) -> Result
         report(name, t, 0.0, long_bytes, copy);
     }
     drop(long_codes);
+
+    // Lists with real data's skew (`zipf_lists`: a few features on most tokens, most on very few), L0
+    // entries a token: the gathers (a block a feature in feature_grads) and the tiled kernels, whose walks
+    // feature_order and act_plan balance.
+    let zipf = zipf_lists(b_n, f_n, l0, 11);
+    let zipf_codes = encode::DeviceCodes::from_host(&gpu, &zipf)?;
+    let zipf_inp = backward::LayerGradInput {
+        codes: &zipf_codes,
+        ..inp
+    };
+    let n_zipf = zipf.feat.len();
+    let zipf_bytes = (n_zipf * rl * (2 + 4) + n_zipf * d * 4 + f_n * (d + rl) * 4) as f64;
+    let busiest = {
+        let mut per = vec![0usize; f_n];
+        zipf.feat.iter().for_each(|&f| per[f as usize] += 1);
+        per.into_iter().max().unwrap_or(0)
+    };
+    println!(
+        "  Zipf features: {:.1} entries a token; the busiest feature on {busiest} of {b_n} tokens",
+        n_zipf as f64 / b_n as f64
+    );
+    let gather_ms = timer.time(&gpu, "backward (1 layer), Zipf features", &mut || {
+        backward::layer_grads(&gpu, &zipf_inp).map(|_| ())
+    })?;
+    report(
+        "backward (1 layer), Zipf features",
+        gather_ms,
+        0.0,
+        zipf_bytes,
+        copy,
+    );
+    let name = "backward, tiled, Zipf features";
+    let tiled_ms =
+        time_tiled_backward(&gpu, timer, name, backward::ActTiling::default(), &zipf_inp)?;
+    report(name, tiled_ms, 0.0, zipf_bytes, copy);
+    println!(
+        "  gather / tiled backward time, Zipf features: {:.2}x",
+        gather_ms / tiled_ms
+    );
+    drop(zipf_codes);
 
     // The grouping by feature inside that backward, alone, and with feature 0 added to every token's list
     // (a feature on every token: the segment `csr_sort` orders is the whole batch). Bytes: the lists read
