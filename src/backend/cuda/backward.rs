@@ -93,7 +93,7 @@ pub fn group_by_feature(gpu: &Gpu, codes: &DeviceCodes, n_features: usize) -> Re
     let cursor = gpu.zeros::<u32>(n_features)?;
     let unsorted = gpu.zeros::<u32>(slots)?;
     let order = gpu.zeros::<u32>(slots)?;
-    let by_length = gpu.zeros::<u32>(n_features)?;
+    let by_length = gpu.output::<u32>(n_features)?; // (every entry written: poisoned in tests)
     let p = CltCsrParams {
         count: codes.count.ptr(gpu),
         feat: codes.feat.ptr(gpu),
@@ -282,7 +282,9 @@ pub fn act_plan(
     split: usize,
 ) -> Result<ActPlan> {
     let n_groups = codes.n_tokens.div_ceil(32);
-    let plan = gpu.zeros::<u32>(2 + 2 * n_groups + codes.n_tokens)?;
+    // Every entry act_grad_partial reads is written (poisoned in tests; entries past the last tile's start
+    // are neither).
+    let plan = gpu.output::<u32>(2 + 2 * n_groups + codes.n_tokens)?;
     let p = CltActGradParams {
         count: codes.count.ptr(gpu),
         plan: plan.ptr(gpu),
