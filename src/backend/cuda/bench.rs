@@ -467,7 +467,10 @@ pub fn run_with(preset: Preset, rows: CudaRows, timer: &mut dyn Timer) -> Result
         backward::layer_grads(&gpu, &inp).map(|_| ())
     })?;
     let rl = (l_n - l) * d;
-    let bytes = (nnz * rl * (2 + 4) + nnz * d * 4 + f_n * (d + rl) * 4) as f64;
+    // Bytes one layer's backward must move for `n` listed entries: a decoder row (bf16) and a residual row
+    // (f32) an entry, an input row (f32) an entry, the encoder and decoder rows' gradients written (f32).
+    let backward_bytes = |n: usize| (n * rl * (2 + 4) + n * d * 4 + f_n * (d + rl) * 4) as f64;
+    let bytes = backward_bytes(nnz);
     report("backward (1 layer)", ms, 0.0, bytes, copy);
     // The same backward with the tiled kernels (`act_grad_partial`: decoder slices staged once per tile of
     // tokens; `row_grad_tiled`: residual and input slices staged once per 1,024 features): the same result;
@@ -537,7 +540,7 @@ pub fn run_with(preset: Preset, rows: CudaRows, timer: &mut dyn Timer) -> Result
         ..inp
     };
     let n_long = long.feat.len();
-    let long_bytes = (n_long * rl * (2 + 4) + n_long * d * 4 + f_n * (d + rl) * 4) as f64;
+    let long_bytes = backward_bytes(n_long);
     let whole = backward::ActTiling {
         tail: usize::MAX,
         ..Default::default()
@@ -576,7 +579,7 @@ pub fn run_with(preset: Preset, rows: CudaRows, timer: &mut dyn Timer) -> Result
         ..inp
     };
     let n_zipf = zipf.feat.len();
-    let zipf_bytes = (n_zipf * rl * (2 + 4) + n_zipf * d * 4 + f_n * (d + rl) * 4) as f64;
+    let zipf_bytes = backward_bytes(n_zipf);
     let busiest = {
         let mut per = vec![0usize; f_n];
         zipf.feat.iter().for_each(|&f| per[f as usize] += 1);
