@@ -157,6 +157,30 @@ __device__ __forceinline__ void ap_stage(const CltActGradParams& p, uint32_t col
     cp_async_commit();
 }
 
+// A counting sort by one block of 256 threads: out[0..n) = 0..n ordered by key(i) < n_bins, smallest key
+// first, items of one key in the order the shared-memory atomics fall. `bins`: n_bins words of shared
+// memory. Ends with a barrier, so the block may read `out` (global memory) after it. act_plan and
+// feature_order.
+template <class Key>
+__device__ __forceinline__ void block_counting_sort(uint32_t n, uint32_t n_bins, uint32_t* bins, Key key,
+                                                    uint32_t* out) {
+    for (uint32_t c = threadIdx.x; c < n_bins; c += 256) bins[c] = 0;
+    __syncthreads();
+    for (uint32_t i = threadIdx.x; i < n; i += 256) atomicAdd(&bins[key(i)], 1u);
+    __syncthreads();
+    if (threadIdx.x == 0) {  // exclusive starts
+        uint32_t start = 0;
+        for (uint32_t c = 0; c < n_bins; ++c) {
+            const uint32_t k = bins[c];
+            bins[c] = start;
+            start += k;
+        }
+    }
+    __syncthreads();
+    for (uint32_t i = threadIdx.x; i < n; i += 256) out[atomicAdd(&bins[key(i)], 1u)] = i;
+    __syncthreads();  // (the block's global writes are visible to it after the barrier)
+}
+
 #define AP_GROUPS (AP_TPT * 8)  // groups of 32 tokens a tile holds at most: a warp's lanes, AP_TPT a warp
 #define PLAN_CHUNK 4096          // groups act_plan packs from shared memory at a time
 #define PLAN_BINS CLT_ACT_PLAN_BINS  // list lengths act_plan sorts by: 0..split (the host keeps split below)
@@ -182,22 +206,7 @@ CLT_KERNEL void __launch_bounds__(256) act_plan(const CltActGradParams p) {
     const uint32_t n_groups = (p.n_tokens + 31) / 32;
     uint32_t* order = plan + 2 + 2 * n_groups;
     const uint32_t limit = min(min(p.cap, p.split), (uint32_t)PLAN_BINS - 1);
-    for (uint32_t c = threadIdx.x; c <= limit; c += 256) bins[c] = 0;
-    __syncthreads();
-    for (uint32_t b = threadIdx.x; b < p.n_tokens; b += 256) atomicAdd(&bins[min(count[b], limit)], 1u);
-    __syncthreads();
-    if (threadIdx.x == 0) {
-        uint32_t start = 0;
-        for (uint32_t c = 0; c <= limit; ++c) {
-            const uint32_t n = bins[c];
-            bins[c] = start;
-            start += n;
-        }
-    }
-    __syncthreads();
-    for (uint32_t b = threadIdx.x; b < p.n_tokens; b += 256)
-        order[atomicAdd(&bins[min(count[b], limit)], 1u)] = b;
-    __syncthreads();  // (the block's global writes are visible to it after the barrier)
+    block_counting_sort(p.n_tokens, limit + 1, bins, [&](uint32_t b) { return min(count[b], limit); }, order);
     uint32_t tiles = 0, used = 0, in_tile = 0;  // thread 0's packing state
     for (uint32_t c0 = 0; c0 < n_groups; c0 += PLAN_CHUNK) {
         const uint32_t nc = min(n_groups - c0, (uint32_t)PLAN_CHUNK);
@@ -415,22 +424,9 @@ CLT_KERNEL void __launch_bounds__(256) feature_order(const CltCsrParams p) {
     __shared__ uint32_t bins[FO_BINS];
     const uint32_t* fstart = ptr<const uint32_t>(p.fcount);
     uint32_t* by_length = ptr<uint32_t>(p.by_length);
-    for (uint32_t c = threadIdx.x; c < FO_BINS; c += 256) bins[c] = 0;
-    __syncthreads();
-    for (uint32_t f = threadIdx.x; f < p.n_features; f += 256)
-        atomicAdd(&bins[FO_BINS - 1 - fo_key(fstart[f + 1] - fstart[f])], 1u);
-    __syncthreads();
-    if (threadIdx.x == 0) {
-        uint32_t start = 0;
-        for (uint32_t c = 0; c < FO_BINS; ++c) {
-            const uint32_t n = bins[c];
-            bins[c] = start;
-            start += n;
-        }
-    }
-    __syncthreads();
-    for (uint32_t f = threadIdx.x; f < p.n_features; f += 256)
-        by_length[atomicAdd(&bins[FO_BINS - 1 - fo_key(fstart[f + 1] - fstart[f])], 1u)] = f;
+    block_counting_sort(
+        p.n_features, FO_BINS, bins, [&](uint32_t f) { return FO_BINS - 1 - fo_key(fstart[f + 1] - fstart[f]); },
+        by_length);
 }
 
 #define SORT_THREADS 256
