@@ -30,10 +30,12 @@ mod gpu_tests {
     use clt::backend::cpu::{adam as cpu_adam, encode as cpu_enc, sparse};
     use clt::backend::cuda::memory::{round_bf16, to_bf16_bits};
     use clt::backend::cuda::{
-        Gpu, adam, backward, decode, dense, dequant, driver_present, encode, gradsum, step, topk,
+        Gpu, adam, backward, bench, decode, dense, dequant, driver_present, encode, gradsum, step,
+        topk, tune,
     };
     use clt::backend::{
-        Backend, BackendKind, EncoderKernel, Grads, Objective, SparseKernels, ThresholdGrad,
+        Backend, BackendKind, EncoderKernel, Grads, KernelChoice, Objective, SparseKernels,
+        ThresholdGrad, tuning::Tuning,
     };
     use clt::clt::params::decoder_norms;
     use clt::clt::{Activation, CltConfig, DecoderKind, Params};
@@ -981,6 +983,227 @@ mod gpu_tests {
         );
         resumed.train(d3.path(), true).unwrap();
         assert!(resumed.params == wg.params, "the resumed wgmma run differs");
+    }
+
+    /// `encoder_kernel = "auto"` and `sparse_kernels = "auto"` (the name says wgmma: on compute capability
+    /// 9.x the candidates include the wgmma encoders, so gpu-check.sh runs it with them, last). On both CUDA
+    /// trainers, the first step times every encoder the device runs with the gathers, then the tiled
+    /// kernels with the encoder chosen; all agree with the reference here, so all are timed, and the run
+    /// keeps the fastest. `tuning.json` says so; the checkpoints record the choice; a run resumed from one
+    /// runs it from its first step, without timing anything, and ends where the whole run ended, to the
+    /// bit. With the encoder fixed, only the sparse kernels are tried.
+    #[test]
+    fn auto_kernels_time_the_wgmma_encoders_and_keep_their_choice() {
+        let Some(gpu) = gpu() else { return };
+        let encoders = if gpu.has_wgmma() { 4 } else { 1 };
+        for backend in [BackendKind::Cuda, BackendKind::CudaHost] {
+            let mut run = small_gpu_run(4);
+            run.train.backend = backend;
+            run.train.checkpoint_every = 2;
+            run.train.encoder_kernel = EncoderKernel::Auto;
+            run.train.sparse_kernels = SparseKernels::Auto;
+            let mut whole = Trainer::new(run.clone()).unwrap();
+            assert_eq!(
+                whole.kernels(),
+                None,
+                "{backend:?}: resolved before the first step"
+            );
+            let dir = tempfile::tempdir().unwrap();
+            whole.train(dir.path(), true).unwrap();
+            let chosen = whole.kernels().expect("resolved by the first step");
+            assert!(!chosen.is_auto(), "{backend:?}: {chosen}");
+            assert_eq!(whole.backend().encoder_kernel(), Some(chosen.encoder));
+            assert_eq!(whole.backend().sparse_kernels(), Some(chosen.sparse));
+            let text = std::fs::read_to_string(dir.path().join("tuning.json")).unwrap();
+            let report: Tuning = serde_json::from_str(&text).unwrap();
+            assert_eq!(report.chosen, chosen);
+            assert_eq!(report.trials.len(), encoders + 1, "{backend:?}: {text}");
+            let first = KernelChoice {
+                encoder: EncoderKernel::Mma,
+                sparse: SparseKernels::Gather,
+            };
+            assert_eq!(report.trials[0].kernels, first, "the reference runs first");
+            let mut fastest = (first, f64::INFINITY);
+            for (i, t) in report.trials.iter().enumerate() {
+                assert_eq!(t.disagrees, None, "{backend:?}: {} disagrees", t.kernels);
+                let ms = t.ms.expect("every agreeing candidate is timed");
+                assert!(ms > 0.0 && ms.is_finite(), "{}: {ms} ms", t.kernels);
+                let sparse = if i < encoders {
+                    SparseKernels::Gather
+                } else {
+                    SparseKernels::Tiled
+                };
+                assert_eq!(t.kernels.sparse, sparse, "trial {i}");
+                if ms < fastest.1 {
+                    fastest = (t.kernels, ms);
+                }
+            }
+            assert_eq!(chosen, fastest.0, "{backend:?}: not the fastest");
+            // The tiled trial runs the encoder the gathers' trials chose.
+            let by_encoder = report.trials[..encoders]
+                .iter()
+                .min_by(|a, b| a.ms.unwrap().total_cmp(&b.ms.unwrap()))
+                .unwrap();
+            assert_eq!(
+                report.trials[encoders].kernels.encoder,
+                by_encoder.kernels.encoder
+            );
+            // Resumed: the checkpoint's choice from the start, and the same run.
+            let at2 = dir.path().join("checkpoints").join("step_00000002");
+            let state = std::fs::read_to_string(at2.join("state.json")).unwrap();
+            let state: serde_json::Value = serde_json::from_str(&state).unwrap();
+            assert_eq!(state["kernels"], serde_json::to_value(chosen).unwrap());
+            let mut resumed = Trainer::resume(&at2, None).unwrap();
+            assert_eq!(resumed.kernels(), Some(chosen));
+            assert_eq!(resumed.backend().encoder_kernel(), Some(chosen.encoder));
+            assert_eq!(resumed.backend().sparse_kernels(), Some(chosen.sparse));
+            let dir2 = tempfile::tempdir().unwrap();
+            resumed.train(dir2.path(), true).unwrap();
+            assert!(
+                !dir2.path().join("tuning.json").exists(),
+                "{backend:?}: the resumed run timed the candidates again"
+            );
+            assert!(
+                resumed.params == whole.params,
+                "{backend:?}: the resumed run differs"
+            );
+        }
+        // The encoder fixed: the gathers against the tiled kernels, with that encoder.
+        let mut run = small_gpu_run(1);
+        run.train.backend = BackendKind::Cuda;
+        run.train.sparse_kernels = SparseKernels::Auto;
+        let mut t = Trainer::new(run).unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        t.train(dir.path(), true).unwrap();
+        let text = std::fs::read_to_string(dir.path().join("tuning.json")).unwrap();
+        let report: Tuning = serde_json::from_str(&text).unwrap();
+        let tried: Vec<_> = report
+            .trials
+            .iter()
+            .map(|t| t.kernels.to_string())
+            .collect();
+        assert_eq!(tried, ["mma + gather", "mma + tiled"]);
+        // Nothing auto: nothing timed.
+        let mut fixed = Trainer::new(small_gpu_run(1)).unwrap();
+        assert_eq!(
+            fixed.kernels(),
+            Some(KernelChoice {
+                encoder: EncoderKernel::Mma,
+                sparse: SparseKernels::Gather,
+            })
+        );
+        let dir = tempfile::tempdir().unwrap();
+        fixed.train(dir.path(), true).unwrap();
+        assert!(!dir.path().join("tuning.json").exists());
+    }
+
+    /// A candidate whose step disagrees with the reference's is reported and never chosen, however fast:
+    /// here the step reports a loss 1% off whenever `encode_wgmma` runs (on compute capability 9.x; the
+    /// tiled kernels elsewhere), and the timer says it is the fastest. The candidates' order and the
+    /// choice among the rest follow the timer.
+    #[test]
+    fn auto_kernels_never_choose_a_disagreeing_wgmma_candidate() {
+        let Some(_) = gpu() else { return };
+        // A handle of its own: the tuning switches its kernels (tests run in parallel).
+        let own = Gpu::open(0).unwrap();
+        own.set_poison(true);
+        let gpu = &own;
+        let cfg = config(3, 32, 40, false, Activation::JumpRelu);
+        let mut rng = Rng::seed(7);
+        let p = random_params(&cfg, &mut rng);
+        let (x, y) = random_batch(&cfg, 96, &mut rng);
+        let norms = decoder_norms(&cfg, &p.w_dec);
+        let obj = Objective {
+            lambda: 0.9,
+            c: 4.0,
+            lambda_preact: 0.2,
+            bandwidth: 1.0,
+            threshold_grad: ThresholdGrad::Theta,
+        };
+        let dp = step::DeviceParams::upload(gpu, &p, &norms).unwrap();
+        let batch = step::DeviceBatch::upload(gpu, &x, &y, 96).unwrap();
+        let broken = if gpu.has_wgmma() {
+            "wgmma + gather"
+        } else {
+            "mma + tiled"
+        };
+        // Milliseconds by candidate: the broken one fastest, then wgmma_narrow, then the rest.
+        struct Said(Vec<String>);
+        impl bench::Timer for Said {
+            fn time(
+                &mut self,
+                _gpu: &Gpu,
+                name: &str,
+                f: &mut dyn FnMut() -> clt::Result<()>,
+            ) -> clt::Result<f64> {
+                f()?;
+                self.0.push(name.to_string());
+                Ok(match name {
+                    "wgmma + gather" | "mma + tiled" => 1.0,
+                    "wgmma_narrow + gather" => 2.0,
+                    _ => 3.0,
+                })
+            }
+        }
+        let mut said = Said(Vec::new());
+        let wanted = KernelChoice {
+            encoder: EncoderKernel::Auto,
+            sparse: SparseKernels::Auto,
+        };
+        let mut run = || {
+            let (mut stats, g) = step::device_loss_and_grad(gpu, &cfg, &dp, &batch, &obj, None)?;
+            let now = KernelChoice {
+                encoder: gpu.encoder_kernel(),
+                sparse: gpu.sparse_kernels(),
+            };
+            if now.to_string() == broken {
+                stats.recon *= 1.01;
+            }
+            Ok((stats, g))
+        };
+        let report = tune::tune(gpu, wanted, &mut run, &mut said).unwrap();
+        let tried: Vec<_> = report
+            .trials
+            .iter()
+            .map(|t| t.kernels.to_string())
+            .collect();
+        let (want_tried, want_chosen): (&[&str], &str) = if gpu.has_wgmma() {
+            (
+                &[
+                    "mma + gather",
+                    "wgmma + gather",
+                    "wgmma_narrow + gather",
+                    "wgmma_tma + gather",
+                    "wgmma_narrow + tiled",
+                ],
+                "wgmma_narrow + gather",
+            )
+        } else {
+            (&["mma + gather", "mma + tiled"], "mma + gather")
+        };
+        assert_eq!(tried, want_tried);
+        assert_eq!(report.chosen.to_string(), want_chosen);
+        let bad = report
+            .trials
+            .iter()
+            .find(|t| t.kernels.to_string() == broken)
+            .unwrap();
+        let why = bad
+            .disagrees
+            .as_deref()
+            .expect("the broken candidate disagrees");
+        assert!(why.starts_with("loss"), "{why}");
+        assert_eq!(bad.ms, None, "a disagreeing candidate is not timed");
+        assert!(!said.0.iter().any(|n| n == broken), "timed: {:?}", said.0);
+        assert!(
+            report
+                .lines()
+                .iter()
+                .any(|l| l.contains("not used: disagrees"))
+        );
+        // The device is left on the choice.
+        assert_eq!(gpu.encoder_kernel(), report.chosen.encoder);
+        assert_eq!(gpu.sparse_kernels(), report.chosen.sparse);
     }
 
     /// `encode_wgmma_tma` runs a persistent grid (one block an SM; the emulator reports one SM): a block

@@ -21,7 +21,7 @@
 mod common;
 
 use clt::backend::cuda::context::driver_present;
-use clt::backend::{BackendKind, SparseKernels};
+use clt::backend::{BackendKind, EncoderKernel, KernelChoice, SparseKernels};
 use clt::clt::Params;
 use clt::dist::checkpoint;
 use clt::train::{Collectives, Parallel, RunConfig};
@@ -268,6 +268,63 @@ fn the_resident_loop_on_two_ranks_equals_one_process_and_resumes_bit_for_bit() {
     assert_same_bits(
         "the resumed run's parameters differ from the straight run's",
         &checkpoint::load_transcoder(&two).unwrap().params,
+        &checkpoint::load_transcoder(&resumed).unwrap().params,
+    );
+}
+
+/// `encoder_kernel` and `sparse_kernels` set to `auto` on two feature-sharded ranks of the resident loop:
+/// each rank times the candidates on its own shard's step, and both take the one rank 0 picks from the
+/// summed times. Rank 0 writes `tuning.json`, whose agreed choice the checkpoints record; the run resumed
+/// from its step-3 checkpoint runs that choice without timing anything again, and ends with the straight
+/// run's parameters, to the bit (which it would not if a rank had taken other kernels than before).
+#[test]
+fn auto_kernels_on_ranks_are_agreed_kept_and_resumed() {
+    if !have_driver() {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let mut run = cuda_run(BackendKind::Cuda);
+    run.train.parallel = Parallel::Features;
+    run.train.encoder_kernel = EncoderKernel::Auto;
+    run.train.sparse_kernels = SparseKernels::Auto;
+    let cfg = write_config(tmp.path(), "auto.toml", &run);
+    let out = tmp.path().join("auto");
+    let (o, _) = mpirun_train(2, &cfg, &out, &[]);
+    assert!(o.status.success(), "mpirun failed:\n{}", text(&o));
+    let report = std::fs::read_to_string(out.join("tuning.json")).unwrap();
+    let report: serde_json::Value = serde_json::from_str(&report).unwrap();
+    let agreed: KernelChoice = serde_json::from_value(report["agreed"].clone()).unwrap();
+    assert!(!agreed.is_auto(), "{report}");
+    assert!(
+        report["trials"].as_array().is_some_and(|t| t.len() >= 2),
+        "{report}"
+    );
+    let at3 = out.join("checkpoints").join("step_00000003");
+    assert_eq!(
+        checkpoint::read_manifest(&at3).unwrap().kernels,
+        Some(agreed)
+    );
+    let resumed = tmp.path().join("resumed");
+    fork_run(&out, 3, &resumed);
+    let (o, _) = mpirun(
+        2,
+        &[
+            "train",
+            "--resume",
+            "--out",
+            resumed.to_str().unwrap(),
+            "--quiet",
+        ],
+        &[],
+    );
+    assert!(o.status.success(), "resume failed:\n{}", text(&o));
+    assert!(
+        !resumed.join("tuning.json").exists(),
+        "the resumed run timed the candidates again"
+    );
+    assert_same_bits(
+        "the resumed auto run's parameters differ from the straight run's",
+        &checkpoint::load_transcoder(&out).unwrap().params,
         &checkpoint::load_transcoder(&resumed).unwrap().params,
     );
 }

@@ -8,12 +8,14 @@
 //! host downloads parameters and moments only for checkpoints, which are the CPU trainer's own, so a run
 //! resumes on either backend). `cuda-host` is the earlier split: only the step's loss and gradient on the
 //! device (`cuda::step::loss_and_grad`: parameters uploaded and gradients downloaded each step), the
-//! optimiser on the host.
+//! optimiser on the host. Which kernels a CUDA step runs is a setting ([`EncoderKernel`], [`SparseKernels`]);
+//! `auto` chooses them on the device by timing ([`tuning`]).
 
 pub mod cpu;
 #[cfg(feature = "cuda")]
 pub mod cuda;
 pub mod grads;
+pub mod tuning;
 
 pub use grads::{Grads, Objective, StepStats, ThresholdGrad};
 
@@ -74,6 +76,20 @@ pub enum SparseKernels {
     /// Used where d is a multiple of 8 (the feature-sharded decode that overlaps each layer's all-reduce
     /// included); the gathers otherwise.
     Tiled,
+    /// Whichever of the two is faster on the run's device and first batch, among those that agree with
+    /// the gathers there (`backend::cuda::tune`); the choice is kept in the run's checkpoints.
+    Auto,
+}
+
+impl SparseKernels {
+    /// The setting's name in a run's TOML (`[train] sparse_kernels`).
+    pub fn name(self) -> &'static str {
+        match self {
+            SparseKernels::Gather => "gather",
+            SparseKernels::Tiled => "tiled",
+            SparseKernels::Auto => "auto",
+        }
+    }
 }
 
 /// Which tensor-core kernel computes a CUDA backend's encoder GEMM where rows are 16-byte aligned.
@@ -102,6 +118,10 @@ pub enum EncoderKernel {
     /// `encode_wgmma_tma`: `wgmma`'s tile with its operands copied by the Tensor Memory Accelerator (a
     /// producer warp and mbarriers instead of every thread's `cp.async`); compute capability 9.x only.
     WgmmaTma,
+    /// The fastest of those the device runs (`mma`, and the `wgmma` kernels on compute capability 9.x)
+    /// on the run's first batch, among those that agree with `mma` there (`backend::cuda::tune`); the
+    /// choice is kept in the run's checkpoints.
+    Auto,
 }
 
 impl EncoderKernel {
@@ -112,7 +132,30 @@ impl EncoderKernel {
             EncoderKernel::Wgmma => "wgmma",
             EncoderKernel::WgmmaNarrow => "wgmma_narrow",
             EncoderKernel::WgmmaTma => "wgmma_tma",
+            EncoderKernel::Auto => "auto",
         }
+    }
+}
+
+/// The kernels a CUDA step runs, as `[train] encoder_kernel` and `sparse_kernels` name them: what a run
+/// set to `auto` resolved to on its device (kept in its checkpoints' `state.json`, so that a resumed run
+/// runs the same kernels and so the same sums).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct KernelChoice {
+    pub encoder: EncoderKernel,
+    pub sparse: SparseKernels,
+}
+
+impl KernelChoice {
+    /// Whether either setting is still `auto`.
+    pub fn is_auto(self) -> bool {
+        self.encoder == EncoderKernel::Auto || self.sparse == SparseKernels::Auto
+    }
+}
+
+impl std::fmt::Display for KernelChoice {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} + {}", self.encoder.name(), self.sparse.name())
     }
 }
 
@@ -141,7 +184,8 @@ impl Backend {
         }
     }
 
-    /// Which sparse kernels a CUDA backend's step runs (the CPU backends have one kind only).
+    /// Which sparse kernels a CUDA backend's step runs (the CPU backends have one kind only); `auto` runs
+    /// the gathers until the trainer has timed the candidates.
     pub fn set_sparse_kernels(&self, kernels: SparseKernels) {
         #[cfg(feature = "cuda")]
         if let Backend::Cuda(gpu) = self {
@@ -152,7 +196,7 @@ impl Backend {
     }
 
     /// Which tensor-core encoder a CUDA backend runs (the CPU backends ignore it); an error where the
-    /// device cannot run it.
+    /// device cannot run it. `auto` runs `mma` until the trainer has timed the candidates.
     pub fn set_encoder_kernel(&self, kernel: EncoderKernel) -> Result<()> {
         #[cfg(feature = "cuda")]
         if let Backend::Cuda(gpu) = self {

@@ -17,6 +17,7 @@
 //! ([`load_transcoder`]), which the exporters take. A native single-process checkpoint loads the same way.
 
 use super::shard::{copy_features, local_config};
+use crate::backend::KernelChoice;
 use crate::clt::checkpoint::{TensorFile, params_out, read_params, write_atomic, write_tensors};
 use crate::clt::{CltConfig, NormScales, Params, Transcoder};
 use crate::rng::Rng;
@@ -56,6 +57,10 @@ pub struct Manifest {
     pub norms: NormScales,
     pub run: RunConfig,
     pub shards: Vec<ShardEntry>,
+    /// The kernels the CUDA step ran: what `auto` settings resolved to (absent before the first step, and
+    /// in checkpoints of earlier versions).
+    #[serde(default)]
+    pub kernels: Option<KernelChoice>,
 }
 
 #[derive(serde::Serialize, serde::Deserialize)]
@@ -272,6 +277,8 @@ struct NativeState {
     source_position: serde_json::Value,
     last_fired: Vec<Vec<u64>>,
     run: RunConfig,
+    #[serde(default)]
+    kernels: Option<KernelChoice>,
 }
 
 /// The training state of the features `range` from either kind of checkpoint directory (a native one reads
@@ -333,6 +340,7 @@ pub fn load_state(dir: &Path, range: &Range<usize>) -> Result<(Manifest, ShardDa
             tensors: "model.safetensors".into(),
             state: "state.json".into(),
         }],
+        kernels: st.kernels,
     };
     Ok((m, data))
 }

@@ -38,14 +38,19 @@ use crate::backend::cpu::sparse::{
     add_skip, backward, decode_features, decode_layers, decode_start, thresholds,
 };
 use crate::backend::grads::target_variance;
-use crate::backend::{Backend, BackendKind, Grads, Objective, StepStats, ThresholdGrad};
+use crate::backend::tuning::{EVERY_CHOICE, Tuning};
+use crate::backend::{
+    Backend, BackendKind, Grads, KernelChoice, Objective, StepStats, ThresholdGrad,
+};
 use crate::clt::params::decoder_norms;
 use crate::clt::{CltConfig, NormScales, Params, Transcoder};
 use crate::data::{ActivationSource, Batch};
 use crate::rng::Rng;
 use crate::train::init::{calibrate_b_enc, default_fire_rate, estimate_norms};
 use crate::train::metrics::{Interval, MetricsLine};
-use crate::train::trainer::{fetch_batch, make_source, prune_checkpoints};
+use crate::train::trainer::{
+    TuningNote, fetch_batch, initial_kernels, make_source, prune_checkpoints, wanted_kernels,
+};
 use crate::train::{Parallel, PreactScope, RunConfig, StepReport, liveness, schedule};
 use crate::{Error, Result};
 use std::io::Write;
@@ -131,6 +136,12 @@ pub struct ShardedTrainer<C: Comm> {
     /// The whole batch's target variance when the resident loop staged it as the store's codes (the host
     /// then holds the f32 targets only where the partials are summed through it); `None` otherwise.
     batch_var: Option<Vec<f64>>,
+    /// The kernels the step runs, `auto` settings resolved (the same on every rank); `None` until the
+    /// first step resolves them.
+    kernels: Option<KernelChoice>,
+    /// What resolving `auto` found, until [`ShardedTrainer::train`] prints it (rank 0) and writes
+    /// `tuning.json`: the report's lines and the report.
+    tuning: Option<TuningNote>,
 }
 
 /// A fault injected for the failure tests (`CLT_DIST_FAULT=kill:RANK:STEP` or `hang:RANK:STEP`): the rank
@@ -241,6 +252,43 @@ fn step_backend(run: &RunConfig) -> Result<Backend> {
     backend.set_sparse_kernels(run.train.sparse_kernels);
     backend.set_encoder_kernel(run.train.encoder_kernel)?;
     Ok(backend)
+}
+
+/// The kernels every rank takes after timing the `auto` candidates on its own step: per candidate, the
+/// step times summed over the ranks (a candidate that a rank did not time, or found to disagree with its
+/// reference, counts as infinitely slow); rank 0 picks the least (the first of equals) and the others take
+/// its choice, so that rounding in the sums cannot split them. The reference (the first trial) is timed
+/// on every rank, so there is always a choice.
+#[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+fn agree_on_kernels<C: Comm>(comm: &C, tuning: &Tuning) -> Result<KernelChoice> {
+    let mut ms = vec![f64::INFINITY; EVERY_CHOICE.len()];
+    for t in &tuning.trials {
+        if let (Some(v), None, Some(i)) = (
+            t.ms,
+            &t.disagrees,
+            EVERY_CHOICE.iter().position(|k| *k == t.kernels),
+        ) {
+            ms[i] = v;
+        }
+    }
+    comm.sum_f64("auto kernels: the candidates' step times", &mut ms)?;
+    let mut pick = [0.0];
+    if comm.rank() == 0 {
+        let mut best: Option<(usize, f64)> = None;
+        for (i, &v) in ms.iter().enumerate() {
+            if v.is_finite() && best.is_none_or(|(_, b)| v < b) {
+                best = Some((i, v));
+            }
+        }
+        let reference = tuning.trials.first().map(|t| t.kernels);
+        let fallback = reference.and_then(|r| EVERY_CHOICE.iter().position(|k| *k == r));
+        pick[0] = best.map(|(i, _)| i).or(fallback).unwrap_or(0) as f64;
+    }
+    comm.sum_f64("auto kernels: rank 0's choice", &mut pick)?;
+    EVERY_CHOICE
+        .get(pick[0] as usize)
+        .copied()
+        .ok_or_else(|| Error::Source(format!("auto kernels: rank 0 chose {}", pick[0])))
 }
 
 #[cfg(feature = "cuda")]
@@ -547,7 +595,7 @@ impl<C: Comm> ShardedTrainer<C> {
             [0, 0, 0],
             rng,
             source,
-            backend,
+            (backend, None),
         )
     }
 
@@ -591,7 +639,7 @@ impl<C: Comm> ShardedTrainer<C> {
             [m.step, m.adam_t, m.tokens_seen],
             m.rng,
             source,
-            backend,
+            (backend, m.kernels),
         )
     }
 
@@ -605,9 +653,21 @@ impl<C: Comm> ShardedTrainer<C> {
         [step, adam_t, tokens_seen]: [u64; 3],
         rng: Rng,
         source: Box<dyn ActivationSource>,
-        backend: Backend,
+        (backend, recorded): (Backend, Option<KernelChoice>),
     ) -> Result<Self> {
         let local = local_config(&run.model, &range);
+        let (mut kernels, tuning) = initial_kernels(&backend, &run, recorded)?;
+        // A recorded `auto` choice is kept only where every rank's device runs it: else all time the
+        // candidates again (a collective), and agree.
+        let mut unresolved = [f64::from(u8::from(kernels.is_none()))];
+        comm.sum_f64(
+            "auto kernels: whether every rank keeps the recorded choice",
+            &mut unresolved,
+        )?;
+        if unresolved[0] > 0.0 && kernels.is_some() && wanted_kernels(&run).is_auto() {
+            initial_kernels(&backend, &run, None)?;
+            kernels = None;
+        }
         #[cfg(feature = "cuda")]
         let (device_sum, grad_sum) = {
             let sharded = run.train.parallel != Parallel::Data;
@@ -687,6 +747,8 @@ impl<C: Comm> ShardedTrainer<C> {
             #[cfg(feature = "cuda")]
             next: None,
             batch_var: None,
+            kernels,
+            tuning,
             grid: Grid::of(&run, comm.size()),
             range,
             comm,
@@ -771,6 +833,8 @@ impl<C: Comm> ShardedTrainer<C> {
             PreactScope::All => None,
             PreactScope::DeadOnly => Some(self.dead_mask()),
         };
+        self.resolve_kernels(&obj, dead_mask.as_deref())?;
+        let t = &self.run.train;
         let n = self.batch.n_tokens;
         let (clip_norm, lr) = (t.clip_norm, schedule::learning_rate(t, self.step));
         let (stats, grad_norm) = match t.parallel {
@@ -829,6 +893,80 @@ impl<C: Comm> ShardedTrainer<C> {
             lambda: obj.lambda,
             data_wait_s,
         })
+    }
+
+    /// The kernels the step runs, `auto` settings resolved; `None` until the first step resolves them.
+    pub fn kernels(&self) -> Option<KernelChoice> {
+        self.kernels
+    }
+
+    /// Resolves the run's `auto` kernels, once, before the first step's compute (a collective): every rank
+    /// times the candidates on its own step ([`crate::backend::cuda::tune`]), and all take the candidate
+    /// whose step times summed over the ranks are least, among those that agreed with the reference on
+    /// every rank.
+    #[cfg(feature = "cuda")]
+    fn resolve_kernels(
+        &mut self,
+        obj: &Objective,
+        preact_mask: Option<&[Vec<bool>]>,
+    ) -> Result<()> {
+        use crate::backend::cuda::step::{DeviceBatch, DeviceParams};
+        use crate::backend::cuda::tune;
+        if self.kernels.is_some() {
+            return Ok(());
+        }
+        let wanted = wanted_kernels(&self.run);
+        let (tuning, gpu) = match (self.resident.as_mut(), &self.backend) {
+            (Some(r), Backend::Cuda(gpu)) => {
+                (r.tune(wanted, obj, preact_mask, &mut tune::Steps)?, gpu)
+            }
+            (None, Backend::Cuda(gpu)) => {
+                let dp = DeviceParams::upload(gpu, &self.params, &self.dec_norms)?;
+                let b = &self.batch;
+                let batch = DeviceBatch::upload(gpu, &b.x, &b.y, b.n_tokens)?;
+                let cfg = &self.local;
+                let t = tune::tune_step(
+                    gpu,
+                    wanted,
+                    cfg,
+                    &dp,
+                    &batch,
+                    obj,
+                    preact_mask,
+                    &mut tune::Steps,
+                )?;
+                (t, gpu)
+            }
+            _ => {
+                self.kernels = Some(wanted);
+                return Ok(());
+            }
+        };
+        let chosen = agree_on_kernels(&self.comm, &tuning)?;
+        gpu.set_encoder_kernel(chosen.encoder)?;
+        gpu.set_sparse_kernels(chosen.sparse);
+        self.kernels = Some(chosen);
+        let mut lines = self.tuning.take().map(|(l, _)| l).unwrap_or_default();
+        lines.extend(tuning.lines());
+        if self.comm.size() > 1 {
+            lines.push(format!(
+                "  over {} ranks (rank 0's trials above): {chosen}, the least step time summed over the \
+                 ranks among the candidates every rank agreed on",
+                self.comm.size()
+            ));
+        }
+        let mut report = serde_json::to_value(&tuning).map_err(|e| Error::Source(e.to_string()))?;
+        report["agreed"] =
+            serde_json::to_value(chosen).map_err(|e| Error::Source(e.to_string()))?;
+        self.tuning = Some((lines, report));
+        Ok(())
+    }
+
+    /// Without the `cuda` feature no backend has kernels to choose.
+    #[cfg(not(feature = "cuda"))]
+    fn resolve_kernels(&mut self, _obj: &Objective, _mask: Option<&[Vec<bool>]>) -> Result<()> {
+        self.kernels.get_or_insert(wanted_kernels(&self.run));
+        Ok(())
     }
 
     /// Reads the next batch from the source into `self.batch`, normalised; returns the seconds spent
@@ -1298,6 +1436,21 @@ impl<C: Comm> ShardedTrainer<C> {
         let mut last = None;
         while self.step < total {
             let rep = self.step()?;
+            if let Some((lines, report)) = self.tuning.take()
+                && lead
+            {
+                let path = out.join("tuning.json");
+                let json = serde_json::to_vec_pretty(&report).map_err(|e| Error::Checkpoint {
+                    path: path.clone(),
+                    reason: e.to_string(),
+                })?;
+                crate::clt::checkpoint::write_atomic(&path, &json)?;
+                if !quiet {
+                    for line in lines {
+                        eprintln!("{line}");
+                    }
+                }
+            }
             iv.add(&rep.stats, rep.grad_norm);
             iv.data_wait_s += rep.data_wait_s;
             let t = &self.run.train;
@@ -1422,6 +1575,7 @@ impl<C: Comm> ShardedTrainer<C> {
                 norms: self.norms.clone(),
                 run: self.run.clone(),
                 shards,
+                kernels: self.kernels,
             };
             checkpoint::write_manifest(&tmp, &m)?;
             if final_dir.exists() {
@@ -1469,4 +1623,56 @@ fn overlapped_partials<C: Comm>(
     let reduce_s = started.elapsed().as_secs_f64() - decode_s;
     crate::backend::cpu::sparse::layer_blocks_into(&parts, d, &mut yhat);
     Ok((yhat, decode_s, reduce_s))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::backend::tuning::{Summary, Trial};
+    use crate::backend::{EncoderKernel, SparseKernels};
+    use crate::dist::comm::SelfComm;
+
+    /// Over one rank: the least time among the agreeing candidates, whatever the trials' order; the
+    /// reference where nothing else agreed.
+    #[test]
+    fn ranks_agree_on_the_least_time_among_agreeing_candidates() {
+        let summary = Summary {
+            loss: 1.0,
+            sq_err: vec![1.0],
+            n_active: vec![1],
+            grad_sq: vec![1.0],
+        };
+        let trial = |encoder, sparse, ms: f64, disagrees: bool| Trial {
+            kernels: KernelChoice { encoder, sparse },
+            summary: summary.clone(),
+            disagrees: disagrees.then(|| "loss".into()),
+            ms: (!disagrees).then_some(ms),
+        };
+        use EncoderKernel::{Mma, WgmmaNarrow, WgmmaTma};
+        use SparseKernels::{Gather, Tiled};
+        let mut t = Tuning {
+            wanted: KernelChoice {
+                encoder: EncoderKernel::Auto,
+                sparse: SparseKernels::Auto,
+            },
+            chosen: KernelChoice {
+                encoder: Mma,
+                sparse: Gather,
+            },
+            trials: vec![
+                trial(Mma, Gather, 5.0, false),
+                trial(WgmmaTma, Gather, 1.0, true),
+                trial(WgmmaNarrow, Gather, 4.0, false),
+                trial(WgmmaNarrow, Tiled, 3.0, false),
+            ],
+            device: "a device".into(),
+        };
+        let got = agree_on_kernels(&SelfComm, &t).unwrap();
+        assert_eq!(got, t.trials[3].kernels);
+        t.trials.truncate(2);
+        assert_eq!(
+            agree_on_kernels(&SelfComm, &t).unwrap(),
+            t.trials[0].kernels
+        );
+    }
 }

@@ -17,7 +17,7 @@ use super::init::{calibrate_b_enc, default_fire_rate, estimate_norms};
 use super::metrics::{Interval, MetricsLine};
 use super::{liveness, schedule};
 use crate::backend::cpu::adam::{self, AdamHyper, AdamState};
-use crate::backend::{Backend, BackendKind, Grads, Resident, StepStats};
+use crate::backend::{Backend, BackendKind, Grads, KernelChoice, Objective, Resident, StepStats};
 use crate::clt::checkpoint::{
     TensorFile, load_transcoder, params_out, read_params, save_transcoder, write_atomic,
     write_tensors,
@@ -48,6 +48,10 @@ struct TrainState {
     source_position: serde_json::Value,
     last_fired: Vec<Vec<u64>>,
     run: RunConfig,
+    /// The kernels the CUDA step ran: what `auto` settings resolved to (absent in checkpoints written
+    /// before the first step, or by earlier versions).
+    #[serde(default)]
+    kernels: Option<KernelChoice>,
 }
 
 /// Builds the activation source a configuration names.
@@ -96,6 +100,11 @@ pub struct Trainer {
     host_stale: bool,
     /// The source's position before the batch staged on the device for the next step (resident only).
     staged_position: Option<serde_json::Value>,
+    /// The kernels the step runs, `auto` settings resolved; `None` until the first step resolves them on
+    /// the device.
+    kernels: Option<KernelChoice>,
+    /// What resolving `auto` found, until [`Trainer::train`] prints it and writes `tuning.json`.
+    tuning: Option<TuningNote>,
 }
 
 /// What one step reports.
@@ -129,8 +138,7 @@ impl Trainer {
         }
         let t = &run.train;
         let backend = Backend::new(t.backend)?;
-        backend.set_sparse_kernels(t.sparse_kernels);
-        backend.set_encoder_kernel(t.encoder_kernel)?;
+        let (kernels, tuning) = initial_kernels(&backend, &run, None)?;
         let mut rng = Rng::seed(t.seed);
         let (mut norms, mut calib) =
             estimate_norms(source.as_mut(), t.batch_size, t.calibration_batches)?;
@@ -165,6 +173,8 @@ impl Trainer {
             resident: None,
             host_stale: false,
             staged_position: None,
+            kernels,
+            tuning,
             run,
         };
         trainer.go_resident()?;
@@ -234,8 +244,7 @@ impl Trainer {
         }
         source.restore(&state.source_position)?;
         let backend = Backend::new(state.run.train.backend)?;
-        backend.set_sparse_kernels(state.run.train.sparse_kernels);
-        backend.set_encoder_kernel(state.run.train.encoder_kernel)?;
+        let (kernels, tuning) = initial_kernels(&backend, &state.run, state.kernels)?;
         let tc = &state.run.train;
         let mut trainer = Trainer {
             hyper: AdamHyper {
@@ -263,6 +272,8 @@ impl Trainer {
             resident: None,
             host_stale: false,
             staged_position: None,
+            kernels,
+            tuning,
             run: state.run,
         };
         trainer.go_resident()?;
@@ -288,6 +299,64 @@ impl Trainer {
     /// The backend the step runs on.
     pub fn backend(&self) -> &Backend {
         &self.backend
+    }
+
+    /// The kernels the step runs (`[train] encoder_kernel` and `sparse_kernels`), `auto` settings
+    /// resolved; `None` until the first step on the device resolves them.
+    pub fn kernels(&self) -> Option<KernelChoice> {
+        self.kernels
+    }
+
+    /// Resolves the run's `auto` kernels, once, before the first step's compute: on the device, on this
+    /// step's batch (`backend::cuda::tune`). Leaves the report for [`Trainer::train`].
+    #[cfg(feature = "cuda")]
+    fn resolve_kernels(
+        &mut self,
+        obj: &Objective,
+        preact_mask: Option<&[Vec<bool>]>,
+    ) -> Result<()> {
+        use crate::backend::cuda::step::{DeviceBatch, DeviceParams};
+        use crate::backend::cuda::tune;
+        if self.kernels.is_some() {
+            return Ok(());
+        }
+        let wanted = wanted_kernels(&self.run);
+        let tuning = match (self.resident.as_mut(), &self.backend) {
+            (Some(r), _) => r.tune(wanted, obj, preact_mask, &mut tune::Steps)?,
+            (None, Backend::Cuda(gpu)) => {
+                let dp = DeviceParams::upload(gpu, &self.params, &self.dec_norms)?;
+                let b = &self.batch;
+                let batch = DeviceBatch::upload(gpu, &b.x, &b.y, b.n_tokens)?;
+                let cfg = &self.run.model;
+                tune::tune_step(
+                    gpu,
+                    wanted,
+                    cfg,
+                    &dp,
+                    &batch,
+                    obj,
+                    preact_mask,
+                    &mut tune::Steps,
+                )?
+            }
+            _ => {
+                self.kernels = Some(wanted);
+                return Ok(());
+            }
+        };
+        self.kernels = Some(tuning.chosen);
+        let mut lines = self.tuning.take().map(|(l, _)| l).unwrap_or_default();
+        lines.extend(tuning.lines());
+        let report = serde_json::to_value(&tuning).map_err(|e| Error::Source(e.to_string()))?;
+        self.tuning = Some((lines, report));
+        Ok(())
+    }
+
+    /// Without the `cuda` feature no backend has kernels to choose.
+    #[cfg(not(feature = "cuda"))]
+    fn resolve_kernels(&mut self, _obj: &Objective, _mask: Option<&[Vec<bool>]>) -> Result<()> {
+        self.kernels.get_or_insert(wanted_kernels(&self.run));
+        Ok(())
     }
 
     /// Brings the device-resident parameters and Adam's state back to the host (`params`, the decoder
@@ -365,6 +434,7 @@ impl Trainer {
         };
         let lr = schedule::learning_rate(t, self.step);
         let (clip, step) = (t.clip_norm, self.step);
+        self.resolve_kernels(&obj, dead_mask.as_deref())?;
         let Some(r) = self.resident.as_mut() else {
             return Err(Error::Unsupported(
                 "a resident step without a device".into(),
@@ -390,13 +460,15 @@ impl Trainer {
             return self.step_resident();
         }
         let data_wait_s = self.fetch_batch()?;
-        let cfg = &self.run.model;
         let t = &self.run.train;
         let obj = schedule::objective(t, self.step);
         let dead_mask: Option<Vec<Vec<bool>>> = match t.preact_scope {
             PreactScope::All => None,
             PreactScope::DeadOnly => Some(self.dead_mask()),
         };
+        self.resolve_kernels(&obj, dead_mask.as_deref())?;
+        let cfg = &self.run.model;
+        let t = &self.run.train;
         let stats = self.backend.loss_and_grad(
             cfg,
             &self.params,
@@ -487,6 +559,19 @@ impl Trainer {
         let mut last = None;
         while self.step < total {
             let rep = self.step()?;
+            if let Some((lines, report)) = self.tuning.take() {
+                let path = out.join("tuning.json");
+                let json = serde_json::to_vec_pretty(&report).map_err(|e| Error::Checkpoint {
+                    path: path.clone(),
+                    reason: e.to_string(),
+                })?;
+                write_atomic(&path, &json)?;
+                if !quiet {
+                    for line in lines {
+                        say(&bar, &line);
+                    }
+                }
+            }
             iv.add(&rep.stats, rep.grad_norm);
             iv.data_wait_s += rep.data_wait_s;
             bar.inc(1);
@@ -510,7 +595,7 @@ impl Trainer {
                     mean(&line.l0_per_layer)
                 ));
                 if !quiet {
-                    bar.println(line.summary());
+                    say(&bar, &line.summary());
                 }
                 last = Some(line);
                 iv = Interval::default();
@@ -563,6 +648,7 @@ impl Trainer {
                 .unwrap_or_else(|| self.source.position()),
             last_fired: self.last_fired.clone(),
             run: self.run.clone(),
+            kernels: self.kernels,
         };
         let json = serde_json::to_vec_pretty(&state).map_err(|e| Error::Checkpoint {
             path: tmp.clone(),
@@ -597,6 +683,53 @@ pub(crate) fn prune_checkpoints(root: &Path, keep_latest: &str, keep: usize) -> 
         }
     }
     Ok(())
+}
+
+/// What resolving a run's `auto` kernels found, for the training loop to print and write: the report's
+/// lines, and the report (`tuning.json`).
+pub(crate) type TuningNote = (Vec<String>, serde_json::Value);
+
+/// The kernels a run's configuration asks for (either may be `auto`).
+pub(crate) fn wanted_kernels(run: &RunConfig) -> KernelChoice {
+    KernelChoice {
+        encoder: run.train.encoder_kernel,
+        sparse: run.train.sparse_kernels,
+    }
+}
+
+/// Sets `backend`'s kernels for `run` and says which they are: the run's settings where neither is `auto`
+/// or the backend has no kernels to choose; else what a checkpoint `recorded` that `auto` resolved to, if
+/// the device runs it (so that a resumed run runs the same kernels); else `None`, for the first step to
+/// resolve on the device. The second value is a line for the report when a recorded choice could not be
+/// kept.
+pub(crate) fn initial_kernels(
+    backend: &Backend,
+    run: &RunConfig,
+    recorded: Option<KernelChoice>,
+) -> Result<(Option<KernelChoice>, Option<TuningNote>)> {
+    let wanted = wanted_kernels(run);
+    backend.set_sparse_kernels(wanted.sparse);
+    backend.set_encoder_kernel(wanted.encoder)?;
+    if !wanted.is_auto() || backend.sparse_kernels().is_none() {
+        return Ok((Some(wanted), None));
+    }
+    let Some(k) = recorded.filter(|k| !k.is_auto()) else {
+        return Ok((None, None));
+    };
+    match backend.set_encoder_kernel(k.encoder) {
+        Ok(()) => {
+            backend.set_sparse_kernels(k.sparse);
+            Ok((Some(k), None))
+        }
+        Err(e) => {
+            backend.set_encoder_kernel(wanted.encoder)?;
+            let line = format!(
+                "kernels: the checkpoint's auto choice ({k}) does not run here ({e}): timing the \
+                 candidates again"
+            );
+            Ok((None, Some((vec![line], serde_json::Value::Null))))
+        }
+    }
 }
 
 /// Fetches the next `run.train.batch_size` tokens from `source` into `batch` and normalises them; returns
@@ -648,6 +781,16 @@ pub(crate) fn empty_grads() -> Grads {
         p: empty_params(),
         dec_coef: Vec::new(),
         dec_touched: Vec::new(),
+    }
+}
+
+/// Prints a line above the progress bar, or to stderr where the bar is hidden (not a terminal: a log
+/// file, a batch job), which would drop it.
+fn say(bar: &indicatif::ProgressBar, line: &str) {
+    if bar.is_hidden() {
+        eprintln!("{line}");
+    } else {
+        bar.println(line);
     }
 }
 

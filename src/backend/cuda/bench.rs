@@ -45,8 +45,18 @@ pub fn in_row(name: &str, e: crate::Error) -> crate::Error {
 }
 
 /// The median of `reps` event-timed runs of `f` after 2 warm-ups, in milliseconds.
-pub fn median(gpu: &Gpu, reps: usize, mut f: impl FnMut() -> Result<()>) -> Result<f64> {
-    for _ in 0..2 {
+pub fn median(gpu: &Gpu, reps: usize, f: impl FnMut() -> Result<()>) -> Result<f64> {
+    median_after(gpu, 2, reps, f)
+}
+
+/// The median of `reps` event-timed runs of `f` after `warmups` untimed ones, in milliseconds.
+pub fn median_after(
+    gpu: &Gpu,
+    warmups: usize,
+    reps: usize,
+    mut f: impl FnMut() -> Result<()>,
+) -> Result<f64> {
+    for _ in 0..warmups {
         f()?;
     }
     let mut t: Vec<f64> = (0..reps)

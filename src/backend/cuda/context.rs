@@ -185,7 +185,7 @@ impl Gpu {
         self.poison.load(Ordering::Relaxed)
     }
 
-    /// Which sparse kernels the step runs from now on (the gathers until set).
+    /// Which sparse kernels the step runs from now on (the gathers until set, and for `auto`).
     pub fn set_sparse_kernels(&self, kernels: SparseKernels) {
         self.tiled
             .store(kernels == SparseKernels::Tiled, Ordering::Relaxed);
@@ -201,8 +201,12 @@ impl Gpu {
     }
 
     /// Which tensor-core encoder `encode::Gemm::Auto` runs from now on (`encode_mma` until set); refuses
-    /// the `wgmma` kernels on a device without them.
+    /// the `wgmma` kernels on a device without them. `auto` (for the trainer to resolve) runs `encode_mma`.
     pub fn set_encoder_kernel(&self, kernel: EncoderKernel) -> Result<()> {
+        let kernel = match kernel {
+            EncoderKernel::Auto => EncoderKernel::Mma,
+            k => k,
+        };
         if kernel != EncoderKernel::Mma && !self.has_wgmma() {
             return Err(Error::Unsupported(format!(
                 "encoder_kernel = \"{}\" needs a device of compute capability 9.x (Hopper's warpgroup \

@@ -11,7 +11,8 @@
 //! into the whole training loop on the device (parameters and Adam resident, batches staged through pinned
 //! memory on a second stream; its gradients packed for the replicas' all-reduce by [`gradsum`]); [`dense`]
 //! is the dense cuBLAS step the
-//! sparse one is benchmarked against, and [`bench`](mod@bench) times every kernel (`clt bench --cuda`). Each wrapper names its CPU reference; `tests/cuda.rs` compares them.
+//! sparse one is benchmarked against, and [`bench`](mod@bench) times every kernel (`clt bench --cuda`); [`tune`] resolves a run's `auto` kernels by
+//! timing the candidates on its first batch. Each wrapper names its CPU reference; `tests/cuda.rs` compares them.
 
 pub mod adam;
 pub mod backward;
@@ -29,6 +30,7 @@ pub mod skip;
 pub mod step;
 pub mod tensor_map;
 pub mod topk;
+pub mod tune;
 
 pub use context::{Gpu, driver_present};
 pub use memory::DBuf;

@@ -34,6 +34,7 @@
 //! [`crate::backend::cpu::adam::step`] and [`crate::backend::cpu::adam::grad_norm`].
 
 use super::adam::{self, consts};
+use super::bench::Timer;
 use super::context::{Gpu, cuda_err};
 use super::dequant::{DequantOut, Quant, dequant_into};
 use super::encode::to_bf16_into;
@@ -42,8 +43,11 @@ use super::step::{
     DeviceBatch, DeviceGrads, DeviceParams, ShardSum, device_loss_and_grad,
     device_sharded_loss_and_grad,
 };
+use super::tune;
+use crate::backend::KernelChoice;
 use crate::backend::cpu::adam::{AdamHyper, AdamState, clip_scale};
 use crate::backend::grads::{Objective, StepStats, target_variance};
+use crate::backend::tuning::Tuning;
 use crate::clt::{CltConfig, NormScales, Params};
 use crate::data::{Batch, CodedBatch};
 use crate::{Error, Result};
@@ -697,6 +701,39 @@ impl Resident {
                 "a resident CUDA step with no batch staged".into(),
             ));
         };
+        self.prepare(j)?;
+        let gpu = &*self.gpu;
+        let cfg = &self.cfg;
+        let slot = self.slots[j].as_ref().expect("a staged slot is allocated");
+        let (mut stats, g) = match shard {
+            None => device_loss_and_grad(gpu, cfg, &self.kernel, &slot.batch, obj, preact_mask)?,
+            Some(s) => device_sharded_loss_and_grad(
+                gpu,
+                cfg,
+                &self.kernel,
+                &slot.batch,
+                obj,
+                preact_mask,
+                s,
+            )?,
+        };
+        slot.consumed
+            .record(gpu.stream())
+            .map_err(cuda_err("recording the end of a batch's use"))?;
+        stats.target_var = slot.target_var.clone();
+        if !stats.loss().is_finite() {
+            return Err(Error::NonFinite {
+                what: "loss".into(),
+                step,
+            });
+        }
+        Ok((stats, g))
+    }
+
+    /// Makes staged slot `j`'s batch ready for the kernels, on the stream: waits for its copy, then writes
+    /// its bf16 inputs (from the f32 rows, or decoding the store's codes into both). The same values
+    /// each time it runs.
+    fn prepare(&self, j: usize) -> Result<()> {
         let gpu = &*self.gpu;
         let cfg = &self.cfg;
         let slot = self.slots[j].as_ref().expect("a staged slot is allocated");
@@ -734,29 +771,36 @@ impl Resident {
                 dequant_into(gpu, dev_y, *quant, rows, d, 0, &into(&b.y, None, sy))?;
             }
         }
-        let (mut stats, g) = match shard {
-            None => device_loss_and_grad(gpu, cfg, &self.kernel, &slot.batch, obj, preact_mask)?,
-            Some(s) => device_sharded_loss_and_grad(
-                gpu,
-                cfg,
-                &self.kernel,
-                &slot.batch,
-                obj,
-                preact_mask,
-                s,
-            )?,
+        Ok(())
+    }
+
+    /// Resolves `wanted`'s `auto` settings on the oldest staged batch, which stays staged for the step
+    /// ([`tune::tune_step`]: each candidate's loss and gradient checked against the reference's, then
+    /// timed); leaves the device on the chosen kernels.
+    pub fn tune(
+        &mut self,
+        wanted: KernelChoice,
+        obj: &Objective,
+        preact_mask: Option<&[Vec<bool>]>,
+        timer: &mut dyn Timer,
+    ) -> Result<Tuning> {
+        let Some(&j) = self.staged.front() else {
+            return Err(Error::Unsupported(
+                "tuning a resident CUDA step with no batch staged".into(),
+            ));
         };
-        slot.consumed
-            .record(gpu.stream())
-            .map_err(cuda_err("recording the end of a batch's use"))?;
-        stats.target_var = slot.target_var.clone();
-        if !stats.loss().is_finite() {
-            return Err(Error::NonFinite {
-                what: "loss".into(),
-                step,
-            });
-        }
-        Ok((stats, g))
+        self.prepare(j)?;
+        let slot = self.slots[j].as_ref().expect("a staged slot is allocated");
+        tune::tune_step(
+            &self.gpu,
+            wanted,
+            &self.cfg,
+            &self.kernel,
+            &slot.batch,
+            obj,
+            preact_mask,
+            timer,
+        )
     }
 
     /// Writes the squared-norm partials of layer `l`'s feature gradients (encoder row and bias, threshold,

@@ -1,0 +1,155 @@
+//! `auto` kernels on the device: which encoder GEMM (`[train] encoder_kernel`) and which sparse kernels
+//! (`sparse_kernels`) a run's step uses, chosen on the run's own device and first batch
+//! ([`crate::backend::tuning`]: the order, the check, the choice).
+//!
+//! The encoders are tried first (every one the device runs, with the sparse kernels at the gathers or
+//! as fixed), then the tiled kernels with the encoder chosen: at most five candidates. Each runs the step
+//! once for the check, and one that agrees is timed as the median of three steps after one more warm-up.
+//! A candidate whose launch fails is an error naming it: a kernel fault leaves the CUDA context unusable,
+//! so there is no trying the next one.
+
+use super::adam::sum_sq;
+use super::bench::{Timer, median_after};
+use super::context::Gpu;
+use super::step::{DeviceBatch, DeviceGrads, DeviceParams, device_loss_and_grad};
+use crate::backend::grads::{Objective, StepStats};
+use crate::backend::tuning::{Summary, Trial, Tuning, agrees, encoders, fastest};
+use crate::backend::{KernelChoice, SparseKernels};
+use crate::clt::CltConfig;
+use crate::{Error, Result};
+
+/// The summary of a step's statistics and gradients (the gradients' norms summed on the device).
+pub fn summarize(gpu: &Gpu, stats: &StepStats, g: &DeviceGrads) -> Result<Summary> {
+    let mut grad_sq = Vec::with_capacity(g.layers.len());
+    for (l, lg) in g.layers.iter().enumerate() {
+        let mut s = 0.0;
+        for buf in [&lg.w_enc, &lg.b_enc, &lg.log_theta, &lg.w_dec] {
+            s += sum_sq(gpu, buf)?;
+        }
+        if let Some(b) = g.b_dec.get(l) {
+            s += sum_sq(gpu, b)?;
+        }
+        grad_sq.push(s);
+    }
+    Ok(Summary {
+        loss: stats.loss(),
+        sq_err: stats.sq_err.clone(),
+        n_active: stats.n_active.clone(),
+        grad_sq,
+    })
+}
+
+/// Resolves `wanted` on `gpu`: each candidate's step is `run` (the loss and gradient of the same batch
+/// with the device's current kernels), checked against the reference's and timed by `timer`. Leaves the
+/// device on the chosen kernels. With nothing `auto`, runs nothing and returns `wanted`.
+pub fn tune(
+    gpu: &Gpu,
+    wanted: KernelChoice,
+    run: &mut dyn FnMut() -> Result<(StepStats, DeviceGrads)>,
+    timer: &mut dyn Timer,
+) -> Result<Tuning> {
+    let device = gpu.describe();
+    if !wanted.is_auto() {
+        return Ok(Tuning {
+            wanted,
+            chosen: wanted,
+            trials: Vec::new(),
+            device,
+        });
+    }
+    let first_sparse = match wanted.sparse {
+        SparseKernels::Auto => SparseKernels::Gather,
+        s => s,
+    };
+    let mut trials: Vec<Trial> = Vec::new();
+    let mut attempt = |kernels: KernelChoice, trials: &mut Vec<Trial>| -> Result<()> {
+        let named = |e: Error| Error::Cuda {
+            what: format!(
+                "auto kernels: the candidate {kernels} (set encoder_kernel and sparse_kernels to \
+                 avoid it)"
+            ),
+            reason: e.to_string(),
+        };
+        gpu.set_encoder_kernel(kernels.encoder)?;
+        gpu.set_sparse_kernels(kernels.sparse);
+        let summary = run()
+            .and_then(|(stats, g)| summarize(gpu, &stats, &g))
+            .map_err(named)?;
+        let disagrees = match trials.first() {
+            None => None,
+            Some(r) => agrees(&summary, &r.summary).err(),
+        };
+        let ms = match disagrees {
+            Some(_) => None,
+            None => Some(
+                timer
+                    .time(gpu, &kernels.to_string(), &mut || run().map(|_| ()))
+                    .map_err(named)?,
+            ),
+        };
+        trials.push(Trial {
+            kernels,
+            summary,
+            disagrees,
+            ms,
+        });
+        Ok(())
+    };
+    for encoder in encoders(wanted.encoder, gpu.has_wgmma()) {
+        attempt(
+            KernelChoice {
+                encoder,
+                sparse: first_sparse,
+            },
+            &mut trials,
+        )?;
+    }
+    if wanted.sparse == SparseKernels::Auto {
+        attempt(
+            KernelChoice {
+                encoder: fastest(&trials).encoder,
+                sparse: SparseKernels::Tiled,
+            },
+            &mut trials,
+        )?;
+    }
+    let chosen = fastest(&trials);
+    gpu.set_encoder_kernel(chosen.encoder)?;
+    gpu.set_sparse_kernels(chosen.sparse);
+    Ok(Tuning {
+        wanted,
+        chosen,
+        trials,
+        device,
+    })
+}
+
+/// [`tune`] on a batch and parameters on the device: each candidate runs [`device_loss_and_grad`].
+#[allow(clippy::too_many_arguments)]
+pub fn tune_step(
+    gpu: &Gpu,
+    wanted: KernelChoice,
+    cfg: &CltConfig,
+    dp: &DeviceParams,
+    batch: &DeviceBatch,
+    obj: &Objective,
+    preact_mask: Option<&[Vec<bool>]>,
+    timer: &mut dyn Timer,
+) -> Result<Tuning> {
+    tune(
+        gpu,
+        wanted,
+        &mut || device_loss_and_grad(gpu, cfg, dp, batch, obj, preact_mask),
+        timer,
+    )
+}
+
+/// The timer `auto` uses: the median of three event-timed steps after one warm-up (the check's run
+/// was the first).
+pub struct Steps;
+
+impl Timer for Steps {
+    fn time(&mut self, gpu: &Gpu, _name: &str, f: &mut dyn FnMut() -> Result<()>) -> Result<f64> {
+        median_after(gpu, 1, 3, f)
+    }
+}
