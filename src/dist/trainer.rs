@@ -910,55 +910,39 @@ impl<C: Comm> ShardedTrainer<C> {
         obj: &Objective,
         preact_mask: Option<&[Vec<bool>]>,
     ) -> Result<()> {
-        use crate::backend::cuda::step::{DeviceBatch, DeviceParams};
-        use crate::backend::cuda::tune;
+        use crate::train::trainer::{TuneOn, tune_kernels, tuning_note};
         if self.kernels.is_some() {
             return Ok(());
         }
         let wanted = wanted_kernels(&self.run);
-        let (tuning, gpu) = match (self.resident.as_mut(), &self.backend) {
-            (Some(r), Backend::Cuda(gpu)) => {
-                (r.tune(wanted, obj, preact_mask, &mut tune::Steps)?, gpu)
-            }
-            (None, Backend::Cuda(gpu)) => {
-                let dp = DeviceParams::upload(gpu, &self.params, &self.dec_norms)?;
-                let b = &self.batch;
-                let batch = DeviceBatch::upload(gpu, &b.x, &b.y, b.n_tokens)?;
-                let cfg = &self.local;
-                let t = tune::tune_step(
-                    gpu,
-                    wanted,
-                    cfg,
-                    &dp,
-                    &batch,
-                    obj,
-                    preact_mask,
-                    &mut tune::Steps,
-                )?;
-                (t, gpu)
-            }
-            _ => {
-                self.kernels = Some(wanted);
-                return Ok(());
-            }
+        let on = TuneOn {
+            resident: self.resident.as_mut(),
+            backend: &self.backend,
+            cfg: &self.local,
+            params: &self.params,
+            dec_norms: &self.dec_norms,
+            batch: &self.batch,
+        };
+        let (Some(tuning), Backend::Cuda(gpu)) =
+            (tune_kernels(wanted, on, obj, preact_mask)?, &self.backend)
+        else {
+            self.kernels = Some(wanted);
+            return Ok(());
         };
         let chosen = agree_on_kernels(&self.comm, &tuning)?;
         gpu.set_encoder_kernel(chosen.encoder)?;
         gpu.set_sparse_kernels(chosen.sparse);
         self.kernels = Some(chosen);
-        let mut lines = self.tuning.take().map(|(l, _)| l).unwrap_or_default();
-        lines.extend(tuning.lines());
-        if self.comm.size() > 1 {
-            lines.push(format!(
-                "  over {} ranks (rank 0's trials above): {chosen}, the least step time summed over the \
-                 ranks among the candidates every rank agreed on",
-                self.comm.size()
-            ));
-        }
-        let mut report = serde_json::to_value(&tuning).map_err(|e| Error::Source(e.to_string()))?;
-        report["agreed"] =
-            serde_json::to_value(chosen).map_err(|e| Error::Source(e.to_string()))?;
-        self.tuning = Some((lines, report));
+        let line = format!(
+            "  over {} rank(s) (rank 0's trials above): {chosen}, the least step time summed over the \
+             ranks among the candidates every rank agreed on",
+            self.comm.size()
+        );
+        self.tuning = Some(tuning_note(
+            self.tuning.take(),
+            &tuning,
+            Some((chosen, line)),
+        )?);
         Ok(())
     }
 

@@ -308,47 +308,31 @@ impl Trainer {
     }
 
     /// Resolves the run's `auto` kernels, once, before the first step's compute: on the device, on this
-    /// step's batch (`backend::cuda::tune`). Leaves the report for [`Trainer::train`].
+    /// step's batch ([`tune_kernels`]). Leaves the report for [`Trainer::train`].
     #[cfg(feature = "cuda")]
     fn resolve_kernels(
         &mut self,
         obj: &Objective,
         preact_mask: Option<&[Vec<bool>]>,
     ) -> Result<()> {
-        use crate::backend::cuda::step::{DeviceBatch, DeviceParams};
-        use crate::backend::cuda::tune;
         if self.kernels.is_some() {
             return Ok(());
         }
         let wanted = wanted_kernels(&self.run);
-        let tuning = match (self.resident.as_mut(), &self.backend) {
-            (Some(r), _) => r.tune(wanted, obj, preact_mask, &mut tune::Steps)?,
-            (None, Backend::Cuda(gpu)) => {
-                let dp = DeviceParams::upload(gpu, &self.params, &self.dec_norms)?;
-                let b = &self.batch;
-                let batch = DeviceBatch::upload(gpu, &b.x, &b.y, b.n_tokens)?;
-                let cfg = &self.run.model;
-                tune::tune_step(
-                    gpu,
-                    wanted,
-                    cfg,
-                    &dp,
-                    &batch,
-                    obj,
-                    preact_mask,
-                    &mut tune::Steps,
-                )?
-            }
-            _ => {
-                self.kernels = Some(wanted);
-                return Ok(());
-            }
+        let on = TuneOn {
+            resident: self.resident.as_mut(),
+            backend: &self.backend,
+            cfg: &self.run.model,
+            params: &self.params,
+            dec_norms: &self.dec_norms,
+            batch: &self.batch,
+        };
+        let Some(tuning) = tune_kernels(wanted, on, obj, preact_mask)? else {
+            self.kernels = Some(wanted);
+            return Ok(());
         };
         self.kernels = Some(tuning.chosen);
-        let mut lines = self.tuning.take().map(|(l, _)| l).unwrap_or_default();
-        lines.extend(tuning.lines());
-        let report = serde_json::to_value(&tuning).map_err(|e| Error::Source(e.to_string()))?;
-        self.tuning = Some((lines, report));
+        self.tuning = Some(tuning_note(self.tuning.take(), &tuning, None)?);
         Ok(())
     }
 
@@ -688,6 +672,62 @@ pub(crate) fn prune_checkpoints(root: &Path, keep_latest: &str, keep: usize) -> 
 /// What resolving a run's `auto` kernels found, for the training loop to print and write: the report's
 /// lines, and the report (`tuning.json`).
 pub(crate) type TuningNote = (Vec<String>, serde_json::Value);
+
+/// Where [`tune_kernels`] runs the candidates' steps: the resident state's oldest staged batch (`cuda`),
+/// or `batch` uploaded with `params` (`cuda-host`).
+#[cfg(feature = "cuda")]
+pub(crate) struct TuneOn<'a> {
+    pub resident: Option<&'a mut Resident>,
+    pub backend: &'a Backend,
+    pub cfg: &'a crate::clt::CltConfig,
+    pub params: &'a Params,
+    pub dec_norms: &'a [Vec<f32>],
+    pub batch: &'a Batch,
+}
+
+/// Times the `auto` candidates for `wanted` on this step (`backend::cuda::tune`), leaving the device on
+/// the choice; `None` where the backend has no kernels to choose.
+#[cfg(feature = "cuda")]
+pub(crate) fn tune_kernels(
+    wanted: KernelChoice,
+    on: TuneOn,
+    obj: &Objective,
+    preact_mask: Option<&[Vec<bool>]>,
+) -> Result<Option<crate::backend::tuning::Tuning>> {
+    use crate::backend::cuda::step::{DeviceBatch, DeviceParams};
+    use crate::backend::cuda::tune;
+    Ok(Some(match (on.resident, on.backend) {
+        (Some(r), _) => r.tune(wanted, obj, preact_mask, &mut tune::Steps)?,
+        (None, Backend::Cuda(gpu)) => {
+            let dp = DeviceParams::upload(gpu, on.params, on.dec_norms)?;
+            let b = on.batch;
+            let batch = DeviceBatch::upload(gpu, &b.x, &b.y, b.n_tokens)?;
+            let timer = &mut tune::Steps;
+            tune::tune_step(gpu, wanted, on.cfg, &dp, &batch, obj, preact_mask, timer)?
+        }
+        _ => return Ok(None),
+    }))
+}
+
+/// The note for the training loop: the `earlier` lines (a recorded choice that could not be kept), the
+/// report's, then `agreed`'s line; and the report, with `agreed` added where given (the ranks' common
+/// choice).
+#[cfg(feature = "cuda")]
+pub(crate) fn tuning_note(
+    earlier: Option<TuningNote>,
+    tuning: &crate::backend::tuning::Tuning,
+    agreed: Option<(KernelChoice, String)>,
+) -> Result<TuningNote> {
+    let err = |e: serde_json::Error| Error::Source(e.to_string());
+    let mut lines = earlier.map(|(l, _)| l).unwrap_or_default();
+    lines.extend(tuning.lines());
+    let mut report = serde_json::to_value(tuning).map_err(err)?;
+    if let Some((k, line)) = agreed {
+        lines.push(line);
+        report["agreed"] = serde_json::to_value(k).map_err(err)?;
+    }
+    Ok((lines, report))
+}
 
 /// The kernels a run's configuration asks for (either may be `auto`).
 pub(crate) fn wanted_kernels(run: &RunConfig) -> KernelChoice {
