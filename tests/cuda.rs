@@ -34,8 +34,8 @@ mod gpu_tests {
         topk, tune,
     };
     use clt::backend::{
-        Backend, BackendKind, EncoderKernel, Grads, KernelChoice, Objective, SparseKernels,
-        ThresholdGrad, tuning::Tuning,
+        ActBlocks, Backend, BackendKind, EncoderKernel, Grads, KernelChoice, Objective,
+        SparseKernels, ThresholdGrad, tuning::Tuning,
     };
     use clt::clt::params::decoder_norms;
     use clt::clt::{Activation, CltConfig, DecoderKind, Params};
@@ -1002,6 +1002,7 @@ mod gpu_tests {
             run.train.checkpoint_every = 2;
             run.train.encoder_kernel = EncoderKernel::Auto;
             run.train.sparse_kernels = SparseKernels::Auto;
+            run.train.act_blocks = ActBlocks::Auto;
             let mut whole = Trainer::new(run.clone()).unwrap();
             assert_eq!(
                 whole.kernels(),
@@ -1014,13 +1015,25 @@ mod gpu_tests {
             assert!(!chosen.is_auto(), "{backend:?}: {chosen}");
             assert_eq!(whole.backend().encoder_kernel(), Some(chosen.encoder));
             assert_eq!(whole.backend().sparse_kernels(), Some(chosen.sparse));
+            assert_eq!(whole.backend().act_blocks(), Some(chosen.act_blocks));
             let text = std::fs::read_to_string(dir.path().join("tuning.json")).unwrap();
             let report: Tuning = serde_json::from_str(&text).unwrap();
             assert_eq!(report.chosen, chosen);
-            assert_eq!(report.trials.len(), encoders + 1, "{backend:?}: {text}");
+            // The act_blocks trials only where the tiled kernels beat the gathers.
+            let tiled_won = {
+                let t = &report.trials;
+                t[..encoders].iter().all(|g| t[encoders].ms < g.ms)
+            };
+            let acts = if tiled_won { 2 } else { 0 };
+            assert_eq!(
+                report.trials.len(),
+                encoders + 1 + acts,
+                "{backend:?}: {text}"
+            );
             let first = KernelChoice {
                 encoder: EncoderKernel::Mma,
                 sparse: SparseKernels::Gather,
+                act_blocks: ActBlocks::One,
             };
             assert_eq!(report.trials[0].kernels, first, "the reference runs first");
             let mut fastest = (first, f64::INFINITY);
@@ -1034,6 +1047,14 @@ mod gpu_tests {
                     SparseKernels::Tiled
                 };
                 assert_eq!(t.kernels.sparse, sparse, "trial {i}");
+                let act = [ActBlocks::Two, ActBlocks::Three];
+                let act = i
+                    .checked_sub(encoders + 1)
+                    .map_or(ActBlocks::One, |j| act[j]);
+                assert_eq!(t.kernels.act_blocks, act, "trial {i}");
+                if i > encoders {
+                    assert_eq!(t.kernels.encoder, report.trials[encoders].kernels.encoder);
+                }
                 if ms < fastest.1 {
                     fastest = (t.kernels, ms);
                 }
@@ -1057,6 +1078,7 @@ mod gpu_tests {
             assert_eq!(resumed.kernels(), Some(chosen));
             assert_eq!(resumed.backend().encoder_kernel(), Some(chosen.encoder));
             assert_eq!(resumed.backend().sparse_kernels(), Some(chosen.sparse));
+            assert_eq!(resumed.backend().act_blocks(), Some(chosen.act_blocks));
             let dir2 = tempfile::tempdir().unwrap();
             resumed.train(dir2.path(), true).unwrap();
             assert!(
@@ -1067,22 +1089,54 @@ mod gpu_tests {
                 resumed.params == whole.params,
                 "{backend:?}: the resumed run differs"
             );
+            // Whatever the checkpoint records is what the resumed run sets up (here, one that the
+            // timing above may or may not have chosen).
+            let other = KernelChoice {
+                encoder: EncoderKernel::Mma,
+                sparse: SparseKernels::Tiled,
+                act_blocks: ActBlocks::Three,
+            };
+            let mut state = state;
+            state["kernels"] = serde_json::to_value(other).unwrap();
+            std::fs::write(at2.join("state.json"), state.to_string()).unwrap();
+            let resumed = Trainer::resume(&at2, None).unwrap();
+            assert_eq!(resumed.kernels(), Some(other));
+            assert_eq!(resumed.backend().encoder_kernel(), Some(other.encoder));
+            assert_eq!(resumed.backend().sparse_kernels(), Some(other.sparse));
+            assert_eq!(resumed.backend().act_blocks(), Some(other.act_blocks));
         }
-        // The encoder fixed: the gathers against the tiled kernels, with that encoder.
-        let mut run = small_gpu_run(1);
-        run.train.backend = BackendKind::Cuda;
-        run.train.sparse_kernels = SparseKernels::Auto;
-        let mut t = Trainer::new(run).unwrap();
-        let dir = tempfile::tempdir().unwrap();
-        t.train(dir.path(), true).unwrap();
-        let text = std::fs::read_to_string(dir.path().join("tuning.json")).unwrap();
-        let report: Tuning = serde_json::from_str(&text).unwrap();
-        let tried: Vec<_> = report
-            .trials
-            .iter()
-            .map(|t| t.kernels.to_string())
-            .collect();
-        assert_eq!(tried, ["mma + gather", "mma + tiled"]);
+        // The encoder fixed: the gathers against the tiled kernels, with that encoder; the tiled kernels
+        // fixed: act_grad_partial's three divisions.
+        let tried = |sparse, act_blocks| {
+            let mut run = small_gpu_run(1);
+            run.train.backend = BackendKind::Cuda;
+            run.train.sparse_kernels = sparse;
+            run.train.act_blocks = act_blocks;
+            let mut t = Trainer::new(run).unwrap();
+            let dir = tempfile::tempdir().unwrap();
+            t.train(dir.path(), true).unwrap();
+            let text = std::fs::read_to_string(dir.path().join("tuning.json")).unwrap();
+            let report: Tuning = serde_json::from_str(&text).unwrap();
+            assert_eq!(t.kernels(), Some(report.chosen));
+            let tried: Vec<_> = report
+                .trials
+                .iter()
+                .map(|t| t.kernels.to_string())
+                .collect();
+            tried
+        };
+        assert_eq!(
+            tried(SparseKernels::Auto, ActBlocks::One),
+            ["mma + gather", "mma + tiled"]
+        );
+        assert_eq!(
+            tried(SparseKernels::Tiled, ActBlocks::Auto),
+            [
+                "mma + tiled",
+                "mma + tiled, act_blocks two",
+                "mma + tiled, act_blocks three"
+            ]
+        );
         // Nothing auto: nothing timed.
         let mut fixed = Trainer::new(small_gpu_run(1)).unwrap();
         assert_eq!(
@@ -1090,6 +1144,7 @@ mod gpu_tests {
             Some(KernelChoice {
                 encoder: EncoderKernel::Mma,
                 sparse: SparseKernels::Gather,
+                act_blocks: ActBlocks::One,
             })
         );
         let dir = tempfile::tempdir().unwrap();
@@ -1149,12 +1204,14 @@ mod gpu_tests {
         let wanted = KernelChoice {
             encoder: EncoderKernel::Auto,
             sparse: SparseKernels::Auto,
+            act_blocks: ActBlocks::One,
         };
         let mut run = || {
             let (mut stats, g) = step::device_loss_and_grad(gpu, &cfg, &dp, &batch, &obj, None)?;
             let now = KernelChoice {
                 encoder: gpu.encoder_kernel(),
                 sparse: gpu.sparse_kernels(),
+                act_blocks: ActBlocks::One,
             };
             if now.to_string() == broken {
                 stats.recon *= 1.01;

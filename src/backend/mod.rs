@@ -137,25 +137,76 @@ impl EncoderKernel {
     }
 }
 
-/// The kernels a CUDA step runs, as `[train] encoder_kernel` and `sparse_kernels` name them: what a run
-/// set to `auto` resolved to on its device (kept in its checkpoints' `state.json`, so that a resumed run
-/// runs the same kernels and so the same sums).
+/// How the tiled kernels' activation gradients (`act_grad_partial`) divide an SM's shared memory: how
+/// many of their blocks share an SM. More blocks hide more of each other's latency; fewer hold larger
+/// token tiles, so the decoder is staged fewer times (docs/cuda.md, "Occupancy"). The gathers ignore it.
+#[derive(
+    Clone,
+    Copy,
+    Debug,
+    Default,
+    PartialEq,
+    Eq,
+    serde::Serialize,
+    serde::Deserialize,
+    clap::ValueEnum,
+)]
+#[serde(rename_all = "snake_case")]
+pub enum ActBlocks {
+    /// One block an SM: 128 KB of accumulators (tiles of about 512 tokens at 64 entries a token) and two
+    /// 32 KB buffers of 1,024 features' decoder slices.
+    #[default]
+    One,
+    /// Two: 48 KB of accumulators and two buffers of 32 KB.
+    Two,
+    /// Three: 32 KB of accumulators and two buffers of 16 KB (512 features).
+    Three,
+    /// The fastest of the three on the run's first batch, tried where `auto` (or the run) takes the tiled
+    /// kernels; `one` otherwise.
+    Auto,
+}
+
+impl ActBlocks {
+    /// The setting's name in a run's TOML (`[train] act_blocks`).
+    pub fn name(self) -> &'static str {
+        match self {
+            ActBlocks::One => "one",
+            ActBlocks::Two => "two",
+            ActBlocks::Three => "three",
+            ActBlocks::Auto => "auto",
+        }
+    }
+}
+
+/// The kernels a CUDA step runs, as `[train] encoder_kernel`, `sparse_kernels` and `act_blocks` name them:
+/// what a run set to `auto` resolved to on its device (kept in its checkpoints' `state.json`, so that a
+/// resumed run runs the same kernels and so the same sums).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct KernelChoice {
     pub encoder: EncoderKernel,
     pub sparse: SparseKernels,
+    /// (Absent in checkpoints written before the setting existed, which ran `one`.)
+    #[serde(default)]
+    pub act_blocks: ActBlocks,
 }
 
 impl KernelChoice {
-    /// Whether either setting is still `auto`.
+    /// Whether any setting is still `auto`.
     pub fn is_auto(self) -> bool {
-        self.encoder == EncoderKernel::Auto || self.sparse == SparseKernels::Auto
+        self.encoder == EncoderKernel::Auto
+            || self.sparse == SparseKernels::Auto
+            || self.act_blocks == ActBlocks::Auto
     }
 }
 
 impl std::fmt::Display for KernelChoice {
+    /// `mma + tiled`, with `, act_blocks two` where it is not `one`.
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{} + {}", self.encoder.name(), self.sparse.name())
+        write!(f, "{} + {}", self.encoder.name(), self.sparse.name())?;
+        if self.act_blocks != ActBlocks::One {
+            write!(f, ", act_blocks {}", self.act_blocks.name())?;
+        }
+        Ok(())
     }
 }
 
@@ -205,6 +256,33 @@ impl Backend {
         #[cfg(not(feature = "cuda"))]
         let _ = kernel;
         Ok(())
+    }
+
+    /// How a CUDA backend's `act_grad_partial` divides its shared memory (the CPU backends ignore it);
+    /// `auto` runs `one` until the trainer has timed the candidates.
+    pub fn set_act_blocks(&self, blocks: ActBlocks) -> Result<()> {
+        #[cfg(feature = "cuda")]
+        if let Backend::Cuda(gpu) = self {
+            gpu.set_act_tiling(cuda::backward::ActTiling::for_blocks(blocks))?;
+        }
+        #[cfg(not(feature = "cuda"))]
+        let _ = blocks;
+        Ok(())
+    }
+
+    /// The `act_blocks` division a CUDA backend's `act_grad_partial` runs; `None` on the CPU backends (and
+    /// for a division set otherwise, through `Gpu::set_act_tiling`).
+    pub fn act_blocks(&self) -> Option<ActBlocks> {
+        match self {
+            #[cfg(feature = "cuda")]
+            Backend::Cuda(gpu) => {
+                let now = gpu.act_tiling();
+                [ActBlocks::One, ActBlocks::Two, ActBlocks::Three]
+                    .into_iter()
+                    .find(|b| cuda::backward::ActTiling::for_blocks(*b) == now)
+            }
+            _ => None,
+        }
     }
 
     /// The tensor-core encoder a CUDA backend runs; `None` on the CPU backends.

@@ -2,15 +2,19 @@
 //! candidate's step agrees with the reference's, the choice, and the report (`tuning.json`). The CUDA
 //! side that runs and times the candidates is `backend::cuda::tune`.
 //!
+//! The candidates, in order: the encoders the device runs (`mma` first), each with the gathers (or the
+//! sparse kernels the run fixed); then the tiled kernels with the encoder chosen; then, where the tiled
+//! kernels are chosen, `act_grad_partial`'s two other divisions of shared memory ([`ActBlocks`]).
+//!
 //! Each candidate's step (the loss and gradient of the run's first batch) is checked against the first
-//! candidate's, the reference (`mma` with the gathers, or the setting the run fixed): the same sums in
+//! candidate's, the reference (`mma` with the gathers, or the settings the run fixed): the same sums in
 //! another order agree to within f32 rounding, so a candidate that does not (a kernel that computes
 //! something else on this device) is reported and never chosen. The check compares what one step
 //! reports, not every gradient element: the loss and, per layer, the squared error, the active entries and
 //! the gradient's squared norm. It catches a kernel that computes garbage, not one wrong tile among
 //! thousands; `tests/cuda.rs` is what checks the kernels.
 
-use super::{EncoderKernel, KernelChoice, SparseKernels};
+use super::{ActBlocks, EncoderKernel, KernelChoice, SparseKernels};
 
 /// Relative difference of the loss and of each layer's squared error within which a candidate agrees
 /// (f32 sums in another order differ by about 10⁻⁶; a threshold decision flipped by that rounding moves
@@ -22,24 +26,25 @@ pub const GRAD_TOLERANCE: f64 = 1e-2;
 /// decisions within rounding of θ).
 pub const ACTIVE_TOLERANCE: f64 = 0.01;
 
-/// Every pair of kernels `auto` may choose, in a fixed order (the distributed trainer's slots).
-pub const EVERY_CHOICE: [KernelChoice; 8] = {
-    const fn k(encoder: EncoderKernel, sparse: SparseKernels) -> KernelChoice {
-        KernelChoice { encoder, sparse }
-    }
+/// Every choice of kernels `auto` may make, in a fixed order (the distributed trainer's slots).
+pub fn every_choice() -> Vec<KernelChoice> {
+    use ActBlocks::{One, Three, Two};
     use EncoderKernel::{Mma, Wgmma, WgmmaNarrow, WgmmaTma};
     use SparseKernels::{Gather, Tiled};
-    [
-        k(Mma, Gather),
-        k(Mma, Tiled),
-        k(Wgmma, Gather),
-        k(Wgmma, Tiled),
-        k(WgmmaNarrow, Gather),
-        k(WgmmaNarrow, Tiled),
-        k(WgmmaTma, Gather),
-        k(WgmmaTma, Tiled),
-    ]
-};
+    let mut v = Vec::new();
+    for encoder in [Mma, Wgmma, WgmmaNarrow, WgmmaTma] {
+        for sparse in [Gather, Tiled] {
+            for act_blocks in [One, Two, Three] {
+                v.push(KernelChoice {
+                    encoder,
+                    sparse,
+                    act_blocks,
+                });
+            }
+        }
+    }
+    v
+}
 
 /// What one step reports, for comparing candidates.
 #[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
@@ -128,10 +133,11 @@ impl Tuning {
     pub fn lines(&self) -> Vec<String> {
         let mut out = vec![format!(
             "kernels (auto, timed on the first batch on {}): encoder_kernel = \"{}\", sparse_kernels = \
-             \"{}\"",
+             \"{}\", act_blocks = \"{}\"",
             self.device,
             self.chosen.encoder.name(),
-            self.chosen.sparse.name()
+            self.chosen.sparse.name(),
+            self.chosen.act_blocks.name()
         )];
         for (i, t) in self.trials.iter().enumerate() {
             let what = match (&t.disagrees, t.ms) {
@@ -140,7 +146,7 @@ impl Tuning {
                 (None, Some(ms)) => format!("{ms:.3} ms a step"),
                 (None, None) => "not timed".into(),
             };
-            out.push(format!("  {:<22} {what}", t.kernels.to_string()));
+            out.push(format!("  {:<36} {what}", t.kernels.to_string()));
         }
         out
     }
@@ -240,7 +246,11 @@ mod tests {
 
     fn trial(encoder: EncoderKernel, sparse: SparseKernels, ms: Option<f64>) -> Trial {
         Trial {
-            kernels: KernelChoice { encoder, sparse },
+            kernels: KernelChoice {
+                encoder,
+                sparse,
+                act_blocks: ActBlocks::One,
+            },
             summary: summary(),
             disagrees: ms.is_none().then(|| "loss".to_string()),
             ms,
@@ -257,35 +267,40 @@ mod tests {
             trial(WgmmaTma, Gather, Some(2.0)),
             trial(WgmmaTma, Tiled, Some(2.0)),
         ];
-        assert_eq!(
-            fastest(&trials),
-            KernelChoice {
-                encoder: WgmmaTma,
-                sparse: Gather
-            }
-        );
+        assert_eq!(fastest(&trials), trials[2].kernels);
         assert_eq!(fastest(&trials[..2]), trials[0].kernels);
         assert_eq!(fastest(&trials[1..2]), trials[1].kernels, "none timed");
         let t = Tuning {
             wanted: KernelChoice {
                 encoder: EncoderKernel::Auto,
                 sparse: SparseKernels::Auto,
+                act_blocks: ActBlocks::Auto,
             },
             chosen: fastest(&trials),
             trials: trials.to_vec(),
             device: "a device".into(),
         };
         let lines = t.lines();
-        assert!(lines[0].contains("encoder_kernel = \"wgmma_tma\", sparse_kernels = \"gather\""));
+        assert!(lines[0].contains(
+            "encoder_kernel = \"wgmma_tma\", sparse_kernels = \"gather\", act_blocks = \"one\""
+        ));
         assert!(lines[1].contains("(the reference)"), "{}", lines[1]);
         assert!(lines[2].contains("not used: disagrees"), "{}", lines[2]);
         assert_eq!(lines.len(), 5);
         // Every choice `auto` can make is in the distributed trainer's slots, once.
+        let every = every_choice();
         for e in encoders(EncoderKernel::Auto, true) {
             for sparse in [Gather, Tiled] {
-                let k = KernelChoice { encoder: e, sparse };
-                assert_eq!(EVERY_CHOICE.iter().filter(|c| **c == k).count(), 1, "{k}");
+                for act_blocks in [ActBlocks::One, ActBlocks::Two, ActBlocks::Three] {
+                    let k = KernelChoice {
+                        encoder: e,
+                        sparse,
+                        act_blocks,
+                    };
+                    assert_eq!(every.iter().filter(|c| **c == k).count(), 1, "{k}");
+                }
             }
         }
+        assert_eq!(every.len(), 24);
     }
 }

@@ -38,7 +38,7 @@ use crate::backend::cpu::sparse::{
     add_skip, backward, decode_features, decode_layers, decode_start, thresholds,
 };
 use crate::backend::grads::target_variance;
-use crate::backend::tuning::{EVERY_CHOICE, Tuning};
+use crate::backend::tuning::{Tuning, every_choice};
 use crate::backend::{
     Backend, BackendKind, Grads, KernelChoice, Objective, StepStats, ThresholdGrad,
 };
@@ -261,12 +261,13 @@ fn step_backend(run: &RunConfig) -> Result<Backend> {
 /// on every rank, so there is always a choice.
 #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
 fn agree_on_kernels<C: Comm>(comm: &C, tuning: &Tuning) -> Result<KernelChoice> {
-    let mut ms = vec![f64::INFINITY; EVERY_CHOICE.len()];
+    let every = every_choice();
+    let mut ms = vec![f64::INFINITY; every.len()];
     for t in &tuning.trials {
         if let (Some(v), None, Some(i)) = (
             t.ms,
             &t.disagrees,
-            EVERY_CHOICE.iter().position(|k| *k == t.kernels),
+            every.iter().position(|k| *k == t.kernels),
         ) {
             ms[i] = v;
         }
@@ -281,11 +282,11 @@ fn agree_on_kernels<C: Comm>(comm: &C, tuning: &Tuning) -> Result<KernelChoice> 
             }
         }
         let reference = tuning.trials.first().map(|t| t.kernels);
-        let fallback = reference.and_then(|r| EVERY_CHOICE.iter().position(|k| *k == r));
+        let fallback = reference.and_then(|r| every.iter().position(|k| *k == r));
         pick[0] = best.map(|(i, _)| i).or(fallback).unwrap_or(0) as f64;
     }
     comm.sum_f64("auto kernels: rank 0's choice", &mut pick)?;
-    EVERY_CHOICE
+    every
         .get(pick[0] as usize)
         .copied()
         .ok_or_else(|| Error::Source(format!("auto kernels: rank 0 chose {}", pick[0])))
@@ -930,8 +931,7 @@ impl<C: Comm> ShardedTrainer<C> {
             return Ok(());
         };
         let chosen = agree_on_kernels(&self.comm, &tuning)?;
-        gpu.set_encoder_kernel(chosen.encoder)?;
-        gpu.set_sparse_kernels(chosen.sparse);
+        crate::backend::cuda::tune::apply(gpu, chosen)?;
         self.kernels = Some(chosen);
         let line = format!(
             "  over {} rank(s) (rank 0's trials above): {chosen}, the least step time summed over the \
@@ -1613,7 +1613,7 @@ fn overlapped_partials<C: Comm>(
 mod tests {
     use super::*;
     use crate::backend::tuning::{Summary, Trial};
-    use crate::backend::{EncoderKernel, SparseKernels};
+    use crate::backend::{ActBlocks, EncoderKernel, SparseKernels};
     use crate::dist::comm::SelfComm;
 
     /// Over one rank: the least time among the agreeing candidates, whatever the trials' order; the
@@ -1626,33 +1626,39 @@ mod tests {
             n_active: vec![1],
             grad_sq: vec![1.0],
         };
-        let trial = |encoder, sparse, ms: f64, disagrees: bool| Trial {
-            kernels: KernelChoice { encoder, sparse },
+        let trial = |encoder, sparse, act_blocks, ms: f64, disagrees: bool| Trial {
+            kernels: KernelChoice {
+                encoder,
+                sparse,
+                act_blocks,
+            },
             summary: summary.clone(),
             disagrees: disagrees.then(|| "loss".into()),
             ms: (!disagrees).then_some(ms),
         };
+        use ActBlocks::{One, Three, Two};
         use EncoderKernel::{Mma, WgmmaNarrow, WgmmaTma};
         use SparseKernels::{Gather, Tiled};
+        let auto = KernelChoice {
+            encoder: EncoderKernel::Auto,
+            sparse: SparseKernels::Auto,
+            act_blocks: ActBlocks::Auto,
+        };
         let mut t = Tuning {
-            wanted: KernelChoice {
-                encoder: EncoderKernel::Auto,
-                sparse: SparseKernels::Auto,
-            },
-            chosen: KernelChoice {
-                encoder: Mma,
-                sparse: Gather,
-            },
+            wanted: auto,
+            chosen: auto,
             trials: vec![
-                trial(Mma, Gather, 5.0, false),
-                trial(WgmmaTma, Gather, 1.0, true),
-                trial(WgmmaNarrow, Gather, 4.0, false),
-                trial(WgmmaNarrow, Tiled, 3.0, false),
+                trial(Mma, Gather, One, 5.0, false),
+                trial(WgmmaTma, Gather, One, 1.0, true),
+                trial(WgmmaNarrow, Gather, One, 4.0, false),
+                trial(WgmmaNarrow, Tiled, One, 3.0, false),
+                trial(WgmmaNarrow, Tiled, Two, 3.5, false),
+                trial(WgmmaNarrow, Tiled, Three, 2.5, false),
             ],
             device: "a device".into(),
         };
         let got = agree_on_kernels(&SelfComm, &t).unwrap();
-        assert_eq!(got, t.trials[3].kernels);
+        assert_eq!(got, t.trials[5].kernels);
         t.trials.truncate(2);
         assert_eq!(
             agree_on_kernels(&SelfComm, &t).unwrap(),

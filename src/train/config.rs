@@ -16,7 +16,7 @@
 //! Every field of `[train]` has a default; see `docs/objective.md` for what each one means and the
 //! alternatives the other trainers use.
 
-use crate::backend::{BackendKind, EncoderKernel, SparseKernels, ThresholdGrad};
+use crate::backend::{ActBlocks, BackendKind, EncoderKernel, SparseKernels, ThresholdGrad};
 use crate::clt::CltConfig;
 use crate::data::synthetic::SyntheticConfig;
 use crate::{Error, Result};
@@ -198,6 +198,10 @@ pub struct TrainConfig {
     /// With a CUDA backend: the encoder's tensor-core GEMM, `mma` or `wgmma` (Hopper only; the same results
     /// within f32 rounding; which is faster is the GPU's to say, docs/cuda.md). The CPU backends ignore it.
     pub encoder_kernel: EncoderKernel,
+    /// With a CUDA backend and the tiled kernels: how many of `act_grad_partial`'s blocks share an SM,
+    /// `one`, `two` or `three` (the same results; which is faster is the GPU's to say). The gathers and
+    /// the CPU backends ignore it.
+    pub act_blocks: ActBlocks,
 }
 
 impl Default for TrainConfig {
@@ -238,6 +242,7 @@ impl Default for TrainConfig {
             device_dequant: true,
             sparse_kernels: SparseKernels::Gather,
             encoder_kernel: EncoderKernel::Mma,
+            act_blocks: ActBlocks::One,
         }
     }
 }

@@ -734,6 +734,7 @@ pub(crate) fn wanted_kernels(run: &RunConfig) -> KernelChoice {
     KernelChoice {
         encoder: run.train.encoder_kernel,
         sparse: run.train.sparse_kernels,
+        act_blocks: run.train.act_blocks,
     }
 }
 
@@ -749,6 +750,7 @@ pub(crate) fn initial_kernels(
 ) -> Result<(Option<KernelChoice>, Option<TuningNote>)> {
     let wanted = wanted_kernels(run);
     backend.set_sparse_kernels(wanted.sparse);
+    backend.set_act_blocks(wanted.act_blocks)?;
     backend.set_encoder_kernel(wanted.encoder)?;
     if !wanted.is_auto() || backend.sparse_kernels().is_none() {
         return Ok((Some(wanted), None));
@@ -759,10 +761,12 @@ pub(crate) fn initial_kernels(
     match backend.set_encoder_kernel(k.encoder) {
         Ok(()) => {
             backend.set_sparse_kernels(k.sparse);
+            backend.set_act_blocks(k.act_blocks)?;
             Ok((Some(k), None))
         }
         Err(e) => {
             backend.set_encoder_kernel(wanted.encoder)?;
+            backend.set_act_blocks(wanted.act_blocks)?;
             let line = format!(
                 "kernels: the checkpoint's auto choice ({k}) does not run here ({e}): timing the \
                  candidates again"

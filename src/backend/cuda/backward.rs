@@ -13,8 +13,8 @@ use super::ffi::{
     CltRowGradParams,
 };
 use super::memory::DBuf;
-use crate::backend::SparseKernels;
 use crate::backend::grads::{Objective, ThresholdGrad};
+use crate::backend::{ActBlocks, SparseKernels};
 use crate::{Error, Result};
 use cudarc::driver::LaunchConfig;
 
@@ -159,6 +159,24 @@ pub const ACT_TILE_GROUPS: usize = 16;
 const _: () = assert!(227 * 1024 / 4 / 32 < CLT_ACT_PLAN_BINS as usize);
 
 impl ActTiling {
+    /// The division `[train] act_blocks` names (`auto`: the default, until the trainer has timed the
+    /// others).
+    pub fn for_blocks(blocks: ActBlocks) -> Self {
+        match blocks {
+            ActBlocks::One | ActBlocks::Auto => ActTiling::default(),
+            ActBlocks::Two => ActTiling {
+                accumulators: 12 * 1024,
+                feature_chunk: 1024,
+                ..Default::default()
+            },
+            ActBlocks::Three => ActTiling {
+                accumulators: 8 * 1024,
+                feature_chunk: 512,
+                ..Default::default()
+            },
+        }
+    }
+
     /// The shared memory a block takes with `n_features` features.
     pub fn shared_bytes(&self, n_features: usize) -> usize {
         2 * 32 * n_features.clamp(1, self.feature_chunk) + 4 * self.accumulators

@@ -8,7 +8,7 @@
 use super::{Gpu, adam, backward, decode, dense, dequant, encode, resident, step};
 use crate::Result;
 use crate::backend::cpu::adam::AdamHyper;
-use crate::backend::{EncoderKernel, Objective, SparseKernels, ThresholdGrad};
+use crate::backend::{ActBlocks, EncoderKernel, Objective, SparseKernels, ThresholdGrad};
 use crate::bench::{CudaRows, Preset};
 use crate::clt::{Activation, CltConfig, DecoderKind};
 use crate::rng::Rng;
@@ -496,18 +496,8 @@ pub fn run_with(preset: Preset, rows: CudaRows, timer: &mut dyn Timer) -> Result
     println!("  gather / tiled backward time: {:.2}x", ms / tiled_ms);
     // The same with act_grad_partial's shared memory divided for two and three blocks an SM (the default
     // above: one block, the largest token tiles).
-    for tiling in [
-        backward::ActTiling {
-            accumulators: 12 * 1024,
-            feature_chunk: 1024,
-            ..Default::default()
-        },
-        backward::ActTiling {
-            accumulators: 8 * 1024,
-            feature_chunk: 512,
-            ..Default::default()
-        },
-    ] {
+    // (`[train] act_blocks = "two"` and `"three"`.)
+    for tiling in [ActBlocks::Two, ActBlocks::Three].map(backward::ActTiling::for_blocks) {
         let name = format!(
             "  act tiles: {} KB + 2 x {} KB",
             tiling.accumulators * 4 / 1024,

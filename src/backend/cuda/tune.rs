@@ -3,18 +3,20 @@
 //! ([`crate::backend::tuning`]: the order, the check, the choice).
 //!
 //! The encoders are tried first (every one the device runs, with the sparse kernels at the gathers or
-//! as fixed), then the tiled kernels with the encoder chosen: at most five candidates. Each runs the step
+//! as fixed), then the tiled kernels with the encoder chosen, then, where the tiled kernels are chosen,
+//! `act_grad_partial` at two and three blocks an SM: at most seven candidates. Each runs the step
 //! once for the check, and one that agrees is timed as the median of three steps after one more warm-up.
 //! A candidate whose launch fails is an error naming it: a kernel fault leaves the CUDA context unusable,
 //! so there is no trying the next one.
 
 use super::adam::sum_sq;
+use super::backward::ActTiling;
 use super::bench::{Timer, median_after};
 use super::context::Gpu;
 use super::step::{DeviceBatch, DeviceGrads, DeviceParams, device_loss_and_grad};
 use crate::backend::grads::{Objective, StepStats};
 use crate::backend::tuning::{Summary, Trial, Tuning, agrees, encoders, fastest};
-use crate::backend::{KernelChoice, SparseKernels};
+use crate::backend::{ActBlocks, KernelChoice, SparseKernels};
 use crate::clt::CltConfig;
 use crate::{Error, Result};
 
@@ -61,17 +63,20 @@ pub fn tune(
         SparseKernels::Auto => SparseKernels::Gather,
         s => s,
     };
+    let first_act = match wanted.act_blocks {
+        ActBlocks::Auto => ActBlocks::One,
+        b => b,
+    };
     let mut trials: Vec<Trial> = Vec::new();
     let mut attempt = |kernels: KernelChoice, trials: &mut Vec<Trial>| -> Result<()> {
         let named = |e: Error| Error::Cuda {
             what: format!(
-                "auto kernels: the candidate {kernels} (set encoder_kernel and sparse_kernels to \
-                 avoid it)"
+                "auto kernels: the candidate {kernels} (set encoder_kernel, sparse_kernels and \
+                 act_blocks to avoid it)"
             ),
             reason: e.to_string(),
         };
-        gpu.set_encoder_kernel(kernels.encoder)?;
-        gpu.set_sparse_kernels(kernels.sparse);
+        apply(gpu, kernels)?;
         let summary = run()
             .and_then(|(stats, g)| summarize(gpu, &stats, &g))
             .map_err(named)?;
@@ -96,32 +101,41 @@ pub fn tune(
         Ok(())
     };
     for encoder in encoders(wanted.encoder, gpu.has_wgmma()) {
-        attempt(
-            KernelChoice {
-                encoder,
-                sparse: first_sparse,
-            },
-            &mut trials,
-        )?;
+        let k = KernelChoice {
+            encoder,
+            sparse: first_sparse,
+            act_blocks: first_act,
+        };
+        attempt(k, &mut trials)?;
     }
     if wanted.sparse == SparseKernels::Auto {
-        attempt(
-            KernelChoice {
-                encoder: fastest(&trials).encoder,
-                sparse: SparseKernels::Tiled,
-            },
-            &mut trials,
-        )?;
+        let k = KernelChoice {
+            sparse: SparseKernels::Tiled,
+            ..fastest(&trials)
+        };
+        attempt(k, &mut trials)?;
+    }
+    let best = fastest(&trials);
+    if wanted.act_blocks == ActBlocks::Auto && best.sparse == SparseKernels::Tiled {
+        for act_blocks in [ActBlocks::Two, ActBlocks::Three] {
+            attempt(KernelChoice { act_blocks, ..best }, &mut trials)?;
+        }
     }
     let chosen = fastest(&trials);
-    gpu.set_encoder_kernel(chosen.encoder)?;
-    gpu.set_sparse_kernels(chosen.sparse);
+    apply(gpu, chosen)?;
     Ok(Tuning {
         wanted,
         chosen,
         trials,
         device,
     })
+}
+
+/// Sets `gpu` to run `kernels` (an `auto` setting as its default: `mma`, the gathers, one block).
+pub fn apply(gpu: &Gpu, kernels: KernelChoice) -> Result<()> {
+    gpu.set_encoder_kernel(kernels.encoder)?;
+    gpu.set_sparse_kernels(kernels.sparse);
+    gpu.set_act_tiling(ActTiling::for_blocks(kernels.act_blocks))
 }
 
 /// [`tune`] on a batch and parameters on the device: each candidate runs [`device_loss_and_grad`].
