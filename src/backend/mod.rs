@@ -8,8 +8,8 @@
 //! host downloads parameters and moments only for checkpoints, which are the CPU trainer's own, so a run
 //! resumes on either backend). `cuda-host` is the earlier split: only the step's loss and gradient on the
 //! device (`cuda::step::loss_and_grad`: parameters uploaded and gradients downloaded each step), the
-//! optimiser on the host. Which kernels a CUDA step runs is a setting ([`EncoderKernel`], [`SparseKernels`]);
-//! `auto` chooses them on the device by timing ([`tuning`]).
+//! optimiser on the host. Which kernels a CUDA step runs is a setting ([`EncoderKernel`], [`SparseKernels`],
+//! [`ActBlocks`]); `auto` chooses them on the device by timing ([`tuning`]).
 
 pub mod cpu;
 #[cfg(feature = "cuda")]

@@ -118,7 +118,7 @@ pub struct Trial {
 /// What `auto` chose, and why.
 #[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct Tuning {
-    /// What the run asked for (either setting may be `auto`).
+    /// What the run asked for (any setting may be `auto`).
     pub wanted: KernelChoice,
     /// The fastest agreeing trial's kernels.
     pub chosen: KernelChoice,

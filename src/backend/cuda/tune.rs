@@ -1,6 +1,7 @@
-//! `auto` kernels on the device: which encoder GEMM (`[train] encoder_kernel`) and which sparse kernels
-//! (`sparse_kernels`) a run's step uses, chosen on the run's own device and first batch
-//! ([`crate::backend::tuning`]: the order, the check, the choice).
+//! `auto` kernels on the device: which encoder GEMM (`[train] encoder_kernel`), which sparse kernels
+//! (`sparse_kernels`) and which division of `act_grad_partial`'s shared memory (`act_blocks`) a run's
+//! step uses, chosen on the run's own device and first batch ([`crate::backend::tuning`]: the order, the
+//! check, the choice).
 //!
 //! The encoders are tried first (every one the device runs, with the sparse kernels at the gathers or
 //! as fixed), then the tiled kernels with the encoder chosen, then, where the tiled kernels are chosen,
