@@ -424,3 +424,40 @@ fn field_at(text: &str, pos: usize) -> String {
         (false, false) => format!("{table}.{key}"),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every example in `configs/` reads and validates (a renamed field or a bad value fails here, not in
+    /// a researcher's first run); the GPU one asks for the resident loop and `auto` kernels.
+    #[test]
+    fn every_example_config_reads_and_validates() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("configs");
+        let mut names = Vec::new();
+        for e in std::fs::read_dir(&dir).unwrap() {
+            let p = e.unwrap().path();
+            if p.extension().is_some_and(|x| x == "toml") {
+                let run =
+                    RunConfig::from_file(&p).unwrap_or_else(|e| panic!("{}: {e}", p.display()));
+                run.validate()
+                    .unwrap_or_else(|e| panic!("{}: {e}", p.display()));
+                names.push(p.file_name().unwrap().to_string_lossy().to_string());
+                if names.last().is_some_and(|n| n == "smollm2-cuda.toml") {
+                    let t = &run.train;
+                    assert_eq!(t.backend, BackendKind::Cuda);
+                    assert_eq!(
+                        (t.encoder_kernel, t.sparse_kernels, t.act_blocks),
+                        (EncoderKernel::Auto, SparseKernels::Auto, ActBlocks::Auto)
+                    );
+                    assert_eq!((run.model.n_layers, run.model.d_model), (30, 576));
+                }
+            }
+        }
+        names.sort();
+        assert_eq!(
+            names,
+            ["smollm2-cuda.toml", "stories260k.toml", "synthetic.toml"]
+        );
+    }
+}
