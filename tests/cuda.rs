@@ -1107,8 +1107,9 @@ mod gpu_tests {
         }
         // The encoder fixed: the gathers against the tiled kernels, with that encoder; the tiled kernels
         // fixed: act_grad_partial's three divisions.
-        let tried = |sparse, act_blocks| {
+        let tried = |sparse, act_blocks, d| {
             let mut run = small_gpu_run(1);
+            run.model.d_model = d;
             run.train.backend = BackendKind::Cuda;
             run.train.sparse_kernels = sparse;
             run.train.act_blocks = act_blocks;
@@ -1126,11 +1127,16 @@ mod gpu_tests {
             tried
         };
         assert_eq!(
-            tried(SparseKernels::Auto, ActBlocks::One),
+            tried(SparseKernels::Auto, ActBlocks::One, 32),
             ["mma + gather", "mma + tiled"]
         );
+        // Rows of 36 columns: the tiled kernels would run the gathers, so they are not tried.
         assert_eq!(
-            tried(SparseKernels::Tiled, ActBlocks::Auto),
+            tried(SparseKernels::Auto, ActBlocks::Auto, 36),
+            ["mma + gather"]
+        );
+        assert_eq!(
+            tried(SparseKernels::Tiled, ActBlocks::Auto, 32),
             [
                 "mma + tiled",
                 "mma + tiled, act_blocks two",
@@ -1218,7 +1224,7 @@ mod gpu_tests {
             }
             Ok((stats, g))
         };
-        let report = tune::tune(gpu, wanted, &mut run, &mut said).unwrap();
+        let report = tune::tune(gpu, wanted, true, &mut run, &mut said).unwrap();
         let tried: Vec<_> = report
             .trials
             .iter()

@@ -473,7 +473,7 @@ pub fn layer_grads(gpu: &Gpu, inp: &LayerGradInput) -> Result<LayerGrads> {
     let slots = b_n * cap;
     let bf = b_n.max(1) as f32;
     let obj = &inp.obj;
-    let tiled = gpu.sparse_kernels() == SparseKernels::Tiled && d.is_multiple_of(8);
+    let tiled = gpu.sparse_kernels() == SparseKernels::Tiled && super::decode::tiled_applies(d);
     // The decoder rows staged per tile of tokens (act_grad_partial) where rows are whole 16-column steps.
     let partial = tiled && rl.is_multiple_of(16) && slots > 0;
     // 1. ∂L/∂a at every listed entry.

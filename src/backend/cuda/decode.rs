@@ -146,6 +146,12 @@ fn base_params(
     }
 }
 
+/// Whether `sparse_kernels = "tiled"` runs the tiled kernels for rows of `d` columns (the decode's and the
+/// backward's): where d is a multiple of 8 (16-byte rows of bf16); the gathers run otherwise.
+pub fn tiled_applies(d: usize) -> bool {
+    d.is_multiple_of(8)
+}
+
 /// The decode the device's [`SparseKernels`] choose: [`sparse_decode_tiled`] where it is chosen and `d` is
 /// a multiple of 8, else [`sparse_decode`]. The same bits either way.
 pub fn decode(
@@ -157,7 +163,7 @@ pub fn decode(
     cross_layer: bool,
     resid_scale: f32,
 ) -> Result<DecodeOut> {
-    if gpu.sparse_kernels() == SparseKernels::Tiled && d.is_multiple_of(8) {
+    if gpu.sparse_kernels() == SparseKernels::Tiled && tiled_applies(d) {
         sparse_decode_tiled(gpu, layers, b_dec, y, d, cross_layer, resid_scale)
     } else {
         sparse_decode(gpu, layers, b_dec, y, d, cross_layer, resid_scale)
@@ -337,7 +343,7 @@ impl<'g> PartialDecode<'g> {
                 got: vec![yhat.len()],
             });
         }
-        let tiled = kernels == SparseKernels::Tiled && d.is_multiple_of(8);
+        let tiled = kernels == SparseKernels::Tiled && tiled_applies(d);
         if tiled {
             check_tiled(layers, d)?;
         }

@@ -14,6 +14,7 @@ use super::adam::sum_sq;
 use super::backward::ActTiling;
 use super::bench::{Timer, median_after};
 use super::context::Gpu;
+use super::decode::tiled_applies;
 use super::step::{DeviceBatch, DeviceGrads, DeviceParams, device_loss_and_grad};
 use crate::backend::grads::{Objective, StepStats};
 use crate::backend::tuning::{Summary, Trial, Tuning, agrees, encoders, fastest};
@@ -44,10 +45,13 @@ pub fn summarize(gpu: &Gpu, stats: &StepStats, g: &DeviceGrads) -> Result<Summar
 
 /// Resolves `wanted` on `gpu`: each candidate's step is `run` (the loss and gradient of the same batch
 /// with the device's current kernels), checked against the reference's and timed by `timer`. Leaves the
-/// device on the chosen kernels. With nothing `auto`, runs nothing and returns `wanted`.
+/// device on the chosen kernels. With nothing `auto`, runs nothing and returns `wanted`. Where `tiled` is
+/// false (the shape's rows are not what the tiled kernels read: [`tiled_applies`]), the tiled kernels
+/// would run the gathers, so `auto` resolves to the gathers and one block without trying them.
 pub fn tune(
     gpu: &Gpu,
     wanted: KernelChoice,
+    tiled: bool,
     run: &mut dyn FnMut() -> Result<(StepStats, DeviceGrads)>,
     timer: &mut dyn Timer,
 ) -> Result<Tuning> {
@@ -64,6 +68,7 @@ pub fn tune(
         SparseKernels::Auto => SparseKernels::Gather,
         s => s,
     };
+    let try_tiled = tiled && wanted.sparse == SparseKernels::Auto;
     let first_act = match wanted.act_blocks {
         ActBlocks::Auto => ActBlocks::One,
         b => b,
@@ -109,7 +114,7 @@ pub fn tune(
         };
         attempt(k, &mut trials)?;
     }
-    if wanted.sparse == SparseKernels::Auto {
+    if try_tiled {
         let k = KernelChoice {
             sparse: SparseKernels::Tiled,
             ..fastest(&trials)
@@ -117,7 +122,7 @@ pub fn tune(
         attempt(k, &mut trials)?;
     }
     let best = fastest(&trials);
-    if wanted.act_blocks == ActBlocks::Auto && best.sparse == SparseKernels::Tiled {
+    if wanted.act_blocks == ActBlocks::Auto && best.sparse == SparseKernels::Tiled && tiled {
         for act_blocks in [ActBlocks::Two, ActBlocks::Three] {
             attempt(KernelChoice { act_blocks, ..best }, &mut trials)?;
         }
@@ -154,6 +159,7 @@ pub fn tune_step(
     tune(
         gpu,
         wanted,
+        tiled_applies(cfg.d_model),
         &mut || device_loss_and_grad(gpu, cfg, dp, batch, obj, preact_mask),
         timer,
     )
