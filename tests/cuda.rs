@@ -1104,6 +1104,31 @@ mod gpu_tests {
             assert_eq!(resumed.backend().encoder_kernel(), Some(other.encoder));
             assert_eq!(resumed.backend().sparse_kernels(), Some(other.sparse));
             assert_eq!(resumed.backend().act_blocks(), Some(other.act_blocks));
+            // A recorded wgmma encoder: kept on compute capability 9.x; elsewhere the candidates are
+            // timed again (the device would refuse it).
+            let wgmma = KernelChoice {
+                encoder: EncoderKernel::Wgmma,
+                ..other
+            };
+            state["kernels"] = serde_json::to_value(wgmma).unwrap();
+            std::fs::write(at2.join("state.json"), state.to_string()).unwrap();
+            let mut resumed = Trainer::resume(&at2, None).unwrap();
+            if gpu.has_wgmma() {
+                assert_eq!(resumed.kernels(), Some(wgmma));
+                assert_eq!(
+                    resumed.backend().encoder_kernel(),
+                    Some(EncoderKernel::Wgmma)
+                );
+            } else {
+                assert_eq!(resumed.kernels(), None, "{backend:?}: kept what cannot run");
+                assert_eq!(resumed.backend().encoder_kernel(), Some(EncoderKernel::Mma));
+                let dir3 = tempfile::tempdir().unwrap();
+                resumed.train(dir3.path(), true).unwrap();
+                let text = std::fs::read_to_string(dir3.path().join("tuning.json")).unwrap();
+                let report: Tuning = serde_json::from_str(&text).unwrap();
+                assert_eq!(resumed.kernels(), Some(report.chosen));
+                assert_eq!(report.chosen.encoder, EncoderKernel::Mma);
+            }
         }
         // The encoder fixed: the gathers against the tiled kernels, with that encoder; the tiled kernels
         // fixed: act_grad_partial's three divisions.
