@@ -659,15 +659,18 @@ impl<C: Comm> ShardedTrainer<C> {
         let local = local_config(&run.model, &range);
         let (mut kernels, tuning) = initial_kernels(&backend, &run, recorded)?;
         // A recorded `auto` choice is kept only where every rank's device runs it: else all time the
-        // candidates again (a collective), and agree.
-        let mut unresolved = [f64::from(u8::from(kernels.is_none()))];
-        comm.sum_f64(
-            "auto kernels: whether every rank keeps the recorded choice",
-            &mut unresolved,
-        )?;
-        if unresolved[0] > 0.0 && kernels.is_some() && wanted_kernels(&run).is_auto() {
-            initial_kernels(&backend, &run, None)?;
-            kernels = None;
+        // candidates again, and agree. (A collective only where there is a recorded `auto` choice: the
+        // configuration and the checkpoint are the same on every rank, so all of them take this branch.)
+        if wanted_kernels(&run).is_auto() && recorded.is_some() {
+            let mut unresolved = [f64::from(u8::from(kernels.is_none()))];
+            comm.sum_f64(
+                "auto kernels: whether every rank keeps the recorded choice",
+                &mut unresolved,
+            )?;
+            if unresolved[0] > 0.0 && kernels.is_some() {
+                initial_kernels(&backend, &run, None)?;
+                kernels = None;
+            }
         }
         #[cfg(feature = "cuda")]
         let (device_sum, grad_sum) = {

@@ -301,7 +301,7 @@ impl Trainer {
         &self.backend
     }
 
-    /// The kernels the step runs (`[train] encoder_kernel` and `sparse_kernels`), `auto` settings
+    /// The kernels the step runs (`[train] encoder_kernel`, `sparse_kernels`, `act_blocks`), `auto` settings
     /// resolved; `None` until the first step on the device resolves them.
     pub fn kernels(&self) -> Option<KernelChoice> {
         self.kernels
