@@ -151,6 +151,9 @@ typedef struct {
     clt_ptr yhat;   /* f32 out [B][L][d] ([L][B][d] with yhat_layer_major), or 0 */
     clt_ptr resid;  /* f32 out [B][L][d], or 0 (needs y) */
     clt_ptr sq_err; /* f32 out [B][L]: sum_i (yhat - y)^2, or 0 (needs y) */
+    clt_ptr order;  /* u32 [L][B]: decode_order writes, for each target layer, the tokens by the length of
+                     * their lists that it decodes, longest first; sparse_decode_tiled walks them in that
+                     * order (0: in batch order) */
     uint32_t n_tokens;
     uint32_t n_layers;
     uint32_t d;

@@ -18,6 +18,7 @@
 // 4. col_sum: Σ over tokens of x (pre-activation term) or of r (decoder-bias gradient), in token order.
 #include "common.cuh"
 #include "ptx.cuh"
+#include "sort.cuh"
 
 // Entry e's outputs from its dot product: the projection, and for an active entry the pre-activation
 // gradient with the sparsity term and the sparsity itself.
@@ -155,30 +156,6 @@ __device__ __forceinline__ void ap_stage(const CltActGradParams& p, uint32_t col
             cp_async16(smem_addr(buf + t), w + (size_t)(t / 2) * p.row_len + 8 * (t & 1), true);
     }
     cp_async_commit();
-}
-
-// A counting sort by one block of 256 threads: out[0..n) = 0..n ordered by key(i) < n_bins, smallest key
-// first, items of one key in the order the shared-memory atomics fall. `bins`: n_bins words of shared
-// memory. Ends with a barrier, so the block may read `out` (global memory) after it. act_plan and
-// feature_order.
-template <class Key>
-__device__ __forceinline__ void block_counting_sort(uint32_t n, uint32_t n_bins, uint32_t* bins, Key key,
-                                                    uint32_t* out) {
-    for (uint32_t c = threadIdx.x; c < n_bins; c += 256) bins[c] = 0;
-    __syncthreads();
-    for (uint32_t i = threadIdx.x; i < n; i += 256) atomicAdd(&bins[key(i)], 1u);
-    __syncthreads();
-    if (threadIdx.x == 0) {  // exclusive starts
-        uint32_t start = 0;
-        for (uint32_t c = 0; c < n_bins; ++c) {
-            const uint32_t k = bins[c];
-            bins[c] = start;
-            start += k;
-        }
-    }
-    __syncthreads();
-    for (uint32_t i = threadIdx.x; i < n; i += 256) out[atomicAdd(&bins[key(i)], 1u)] = i;
-    __syncthreads();  // (the block's global writes are visible to it after the barrier)
 }
 
 #define AP_GROUPS (AP_TPT * 8)  // groups of 32 tokens a tile holds at most: a warp's lanes, AP_TPT a warp
@@ -404,16 +381,6 @@ CLT_KERNEL void csr_fill(const CltCsrParams p) {
     ptr<uint32_t>(p.unsorted)[at] = e;
 }
 
-#define FO_BINS 256  // feature_order's length buckets (fo_key < 240)
-
-// A segment length's bucket: itself below 16, then 8 buckets an octave (lengths in one bucket within 1/8
-// of each other).
-__device__ __forceinline__ uint32_t fo_key(uint32_t n) {
-    if (n < 16) return n;
-    const uint32_t lg = 31 - __clz((int)n);  // 4..31
-    return 16 + 8 * (lg - 4) + ((n >> (lg - 3)) & 7);
-}
-
 // feature_order: the features by their CSR segment's length, longest first (by bucket: a counting sort,
 // the order within a bucket as the atomics fall), into by_length[F]. row_grad_tiled gives a thread 4
 // features of consecutive ranks, so a warp's lanes walk segments of about one length (with real data a few
@@ -421,11 +388,11 @@ __device__ __forceinline__ uint32_t fo_key(uint32_t n) {
 // feature keeps its warp, and at the chunk barriers its block, walking while the rest idle), and the
 // heaviest tiles are launched first. One block, after csr_scan (fcount holds the starts).
 CLT_KERNEL void __launch_bounds__(256) feature_order(const CltCsrParams p) {
-    __shared__ uint32_t bins[FO_BINS];
+    __shared__ uint32_t bins[LENGTH_BUCKETS];
     const uint32_t* fstart = ptr<const uint32_t>(p.fcount);
     uint32_t* by_length = ptr<uint32_t>(p.by_length);
     block_counting_sort(
-        p.n_features, FO_BINS, bins, [&](uint32_t f) { return FO_BINS - 1 - fo_key(fstart[f + 1] - fstart[f]); },
+        p.n_features, LENGTH_BUCKETS, bins, [&](uint32_t f) { return LENGTH_BUCKETS - 1 - length_bucket(fstart[f + 1] - fstart[f]); },
         by_length);
 }
 

@@ -11,6 +11,7 @@
 // contiguous buffer for the all-reduce that overlaps the next layer's decode.
 #include "common.cuh"
 #include "ptx.cuh"
+#include "sort.cuh"
 
 #define DEC_THREADS 256
 #define DEC_CHUNK 256
@@ -138,6 +139,25 @@ CLT_KERNEL void __launch_bounds__(DEC_THREADS, 1) sparse_decode(const CltDecodeP
 #define DT_TOK 4        // tokens a thread owns in sparse_decode_tiled: a tile of 1,024 tokens a block
 #define DT_FCHUNK 2048  // features whose 16-byte weight slices a block stages at a time (two buffers: 64 KB)
 
+// decode_order: for each target layer k of the launch (a block each), the tokens by the number of entries
+// sparse_decode_tiled walks for them (their lists' lengths, each capped at its cap, summed over the source
+// layers l_first..k), longest first by length_bucket (lengths within 1/8 of each other share a bucket): a
+// counting sort, the order within a bucket as the atomics fall. Writes order[k][0..B). At L0 ~ 64 a layer
+// most tokens fall in two or three buckets, so the sort's shared-memory atomics partly serialise (the bench
+// times it: `decode_order (all layers)`).
+CLT_KERNEL void __launch_bounds__(256) decode_order(const CltDecodeParams p) {
+    __shared__ uint32_t bins[LENGTH_BUCKETS];
+    const uint32_t k = p.first_layer + blockIdx.x;
+    const CltLayerView* layers = ptr<const CltLayerView>(p.layers);
+    const uint32_t l_first = p.cross_layer ? 0 : k;
+    const auto key = [&](uint32_t b) {
+        uint32_t n = 0;
+        for (uint32_t l = l_first; l <= k; ++l) n += min(ptr<const uint32_t>(layers[l].count)[b], layers[l].cap);
+        return LENGTH_BUCKETS - 1 - length_bucket(n);
+    };
+    block_counting_sort(p.n_tokens, LENGTH_BUCKETS, bins, key, ptr<uint32_t>(p.order) + (size_t)k * p.n_tokens);
+}
+
 // Chunk q of sparse_decode_tiled's weight slices (source layer l_first + q / n_fchunks, features from
 // (q % n_fchunks) * DT_FCHUNK; nothing past the last chunk) copied into buf by cp.async, this thread's
 // share, committed as one group (an empty one past the last chunk, so that every iteration commits one).
@@ -167,6 +187,13 @@ __device__ __forceinline__ void dt_stage(const CltDecodeParams& p, const CltLaye
 // loaded with this entry's activation. An output's products are added in source-layer order, then list
 // order, so the bits are sparse_decode's.
 //
+// The tokens: positions b0 + 4 t .. b0 + 4 t + 3 (thread t) of decode_order's order for target k (the
+// tokens by the entries this kernel walks for them, longest first), or of the batch where p.order is 0. A
+// warp's 128 walks, and a block's, are then of about one length: at each chunk a warp runs as many rounds
+// as its longest walk has entries there, and the block waits at the barriers for its slowest warp, so in
+// batch order one long list (a sequence's first tokens, rare tokens) holds its block at every chunk while
+// the other walks idle. A token's sums do not depend on its position, so the order changes no bit.
+//
 // What it moves at the issue's 1B shape (docs/cuda.md): the staged slices, B / 1,024 = 16 times the
 // decoder (7e10 B), and the lists, 8 bytes an entry for every 8 columns (2.9e11 B, from L2), against
 // the gather's 16 bytes of weights an entry for every 8 columns (5.8e11 B).
@@ -188,9 +215,15 @@ CLT_KERNEL void __launch_bounds__(DEC_THREADS) sparse_decode_tiled(const CltDeco
     for (int tt = 0; tt < DT_TOK; ++tt)
 #pragma unroll
         for (int j = 0; j < DEC_VEC; ++j) acc[tt][j] = 0.f;
-    // Per token, in the current source layer: its list's length, its cursor (first entry not yet added),
-    // and the feature at the cursor.
-    uint32_t n[DT_TOK] = {}, e[DT_TOK] = {}, fe[DT_TOK] = {};
+    // The thread's tokens (n_tokens past the batch's end); per token, in the current source layer: its
+    // list's length, its cursor (first entry not yet added), and the feature at the cursor.
+    const uint32_t* order = p.order ? ptr<const uint32_t>(p.order) + (size_t)k * p.n_tokens : nullptr;
+    uint32_t tok[DT_TOK], n[DT_TOK] = {}, e[DT_TOK] = {}, fe[DT_TOK] = {};
+#pragma unroll
+    for (int tt = 0; tt < DT_TOK; ++tt) {
+        const uint32_t pos = b0 + DT_TOK * threadIdx.x + tt;
+        tok[tt] = pos >= p.n_tokens ? p.n_tokens : order ? order[pos] : pos;
+    }
     dt_stage(p, layers, l_first, k, c0, n_fchunks, 0, w_s);
     for (uint32_t q = 0; q < n_chunks; ++q) {
         const uint32_t l = l_first + q / n_fchunks, f0 = (q % n_fchunks) * DT_FCHUNK;
@@ -202,10 +235,9 @@ CLT_KERNEL void __launch_bounds__(DEC_THREADS) sparse_decode_tiled(const CltDeco
         if (f0 == 0) {  // a new source layer: every cursor at the head of its token's list
 #pragma unroll
             for (int tt = 0; tt < DT_TOK; ++tt) {
-                const uint32_t b = b0 + tt * DEC_THREADS + threadIdx.x;
-                n[tt] = b < p.n_tokens ? min(ptr<const uint32_t>(v.count)[b], v.cap) : 0;
+                n[tt] = tok[tt] < p.n_tokens ? min(ptr<const uint32_t>(v.count)[tok[tt]], v.cap) : 0;
                 e[tt] = 0;
-                fe[tt] = n[tt] > 0 ? feat[(size_t)b * v.cap] : 0;
+                fe[tt] = n[tt] > 0 ? feat[(size_t)tok[tt] * v.cap] : 0;
             }
         }
         cp_async_wait<1>();  // this thread's copies of chunk q have landed
@@ -217,7 +249,7 @@ CLT_KERNEL void __launch_bounds__(DEC_THREADS) sparse_decode_tiled(const CltDeco
             for (int tt = 0; tt < DT_TOK; ++tt) {
                 const uint32_t f = fe[tt] - f0;  // entries before f0 were added by earlier chunks
                 if (e[tt] < n[tt] && f < nf) {
-                    const size_t at = (size_t)(b0 + tt * DEC_THREADS + threadIdx.x) * v.cap + e[tt];
+                    const size_t at = (size_t)tok[tt] * v.cap + e[tt];
                     const float a = act[at];
                     fe[tt] = ++e[tt] < n[tt] ? feat[at + 1] : 0;
                     if (a != 0.f) fma8(a, ws[f], acc[tt]);
@@ -231,7 +263,7 @@ CLT_KERNEL void __launch_bounds__(DEC_THREADS) sparse_decode_tiled(const CltDeco
     const float* b_dec = ptr<const float>(p.b_dec) + (size_t)k * p.d + c0;
 #pragma unroll
     for (int tt = 0; tt < DT_TOK; ++tt) {
-        const uint32_t b = b0 + tt * DEC_THREADS + threadIdx.x;
+        const uint32_t b = tok[tt];
         if (b >= p.n_tokens) continue;
         const size_t o = p.yhat_layer_major ? ((size_t)k * p.n_tokens + b) * p.d : ((size_t)b * p.n_layers + k) * p.d;
         float* yhat = ptr<float>(p.yhat) + o + c0;

@@ -2054,15 +2054,21 @@ mod gpu_tests {
         let Some(gpu) = gpu() else { return };
         let (l_n, d, f_n, n_tokens) = (3usize, 16usize, 9000usize, 2100usize);
         let mut rng = Rng::seed(5);
+        let mut counts = vec![Vec::new(); l_n];
         let dev_codes: Vec<encode::DeviceCodes> = (0..l_n)
-            .map(|_| {
+            .map(|l| {
                 let mut h = encode::HostCodes {
                     offsets: vec![0],
                     ..Default::default()
                 };
                 for _ in 0..n_tokens {
-                    let mut fs: Vec<u32> =
-                        (0..rng.below(40)).map(|_| rng.below(f_n) as u32).collect();
+                    // Lengths 0..40, and one token in 50 with up to 400 (decode_order's buckets).
+                    let n = if rng.below(50) == 0 {
+                        rng.below(400)
+                    } else {
+                        rng.below(40)
+                    };
+                    let mut fs: Vec<u32> = (0..n).map(|_| rng.below(f_n) as u32).collect();
                     fs.sort_unstable();
                     fs.dedup();
                     for f in fs {
@@ -2077,6 +2083,7 @@ mod gpu_tests {
                     }
                     h.offsets.push(h.feat.len());
                 }
+                counts[l] = h.offsets.windows(2).map(|w| w[1] - w[0]).collect();
                 encode::DeviceCodes::from_host(gpu, &h).unwrap()
             })
             .collect();
@@ -2122,6 +2129,65 @@ mod gpu_tests {
             let tiled =
                 decode::sparse_decode_tiled(gpu, &layers, &b_dec, Some(&y), d, true, 0.5).unwrap();
             check_same_decode(gpu, &tiled, &g, &r, &sq).unwrap();
+        }
+        // In batch order: the same bits.
+        let targets = decode::Targets {
+            y: Some(&y),
+            d,
+            cross_layer: true,
+            resid_scale: 0.5,
+        };
+        let batch = decode::sparse_decode_tiled_in(
+            gpu,
+            &layers,
+            &b_dec,
+            &targets,
+            decode::TokenOrder::Batch,
+        )
+        .unwrap();
+        check_same_decode(gpu, &batch, &g, &r, &sq).unwrap();
+        for cross_layer in [true, false] {
+            check_decode_order(gpu, &layers, &counts, cross_layer);
+        }
+    }
+
+    /// `decode::decode_order` against its definition: for each target layer k, a permutation of the tokens
+    /// whose lengths (summed over the source layers that reach k: all l <= k, or k alone) never grow, or
+    /// from 16 on grow by less than an eighth (the buckets). `counts[l][b]`: token b's list in layer l.
+    fn check_decode_order(
+        gpu: &Gpu,
+        layers: &[decode::DecodeLayer],
+        counts: &[Vec<usize>],
+        cross_layer: bool,
+    ) {
+        let (l_n, b_n) = (counts.len(), counts[0].len());
+        let order = gpu
+            .download(&decode::decode_order(gpu, layers, cross_layer).unwrap())
+            .unwrap();
+        assert_eq!(order.len(), l_n * b_n);
+        for (k, row) in order.chunks(b_n).enumerate() {
+            let mut seen = row.to_vec();
+            seen.sort_unstable();
+            assert!(
+                seen.iter().copied().eq(0..b_n as u32),
+                "target {k}: not a permutation"
+            );
+            let sources = if cross_layer { 0..=k } else { k..=k };
+            let len = |b: u32| -> usize { sources.clone().map(|l| counts[l][b as usize]).sum() };
+            let lens: Vec<usize> = row.iter().map(|&b| len(b)).collect();
+            for w in lens.windows(2) {
+                let (prev, next) = (w[0], w[1]);
+                assert!(
+                    next <= prev || (prev >= 16 && next <= prev + prev / 8),
+                    "target {k} (cross-layer {cross_layer}): a length of {next} after {prev}"
+                );
+            }
+            // The longest bucket first.
+            let (first, max) = (lens[0], *lens.iter().max().unwrap());
+            assert!(
+                first == max || (first >= 16 && max <= first + first / 8),
+                "target {k}: the first token lists {first}, the longest {max}"
+            );
         }
     }
 

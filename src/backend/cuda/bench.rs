@@ -5,6 +5,7 @@
 //! their ratio. Timings include the wrappers' allocations (and, for the encoder, the count read-back), so
 //! they are upper bounds on kernel time.
 
+use super::memory::DBuf;
 use super::{Gpu, adam, backward, decode, dense, dequant, encode, resident, step};
 use crate::Result;
 use crate::backend::cpu::adam::AdamHyper;
@@ -116,6 +117,103 @@ fn zipf_lists(n_tokens: usize, n_features: usize, l0: usize, seed: u64) -> encod
         h.offsets.push(h.feat.len());
     }
     h
+}
+
+/// Lists of `n_tokens` tokens whose lengths vary as real data's do: `l0 · g` entries (capped at half the
+/// features), g log-normal with σ = 1 and mean 1 (the median token lists 0.6 · l0, one in a hundred over
+/// 6 · l0, the longest of 16,384 about 30 · l0); distinct features drawn uniformly, in increasing order;
+/// activations and pre-activations in 1..2.
+fn uneven_lists(n_tokens: usize, n_features: usize, l0: usize, seed: u64) -> encode::HostCodes {
+    let mut rng = Rng::seed(seed);
+    let mut h = encode::HostCodes {
+        offsets: vec![0],
+        ..Default::default()
+    };
+    let mut taken = vec![false; n_features];
+    let mut fs = Vec::new();
+    for _ in 0..n_tokens {
+        let g = (rng.normal() - 0.5).exp();
+        let n = ((l0 as f64 * g).round() as usize).min(n_features / 2);
+        fs.clear();
+        while fs.len() < n {
+            let f = rng.below(n_features);
+            if !taken[f] {
+                taken[f] = true;
+                fs.push(f as u32);
+            }
+        }
+        fs.sort_unstable();
+        for &f in &fs {
+            taken[f as usize] = false;
+            h.feat.push(f);
+            h.pre.push(1.0 + rng.uniform() as f32);
+            h.act.push(1.0 + rng.uniform() as f32);
+        }
+        h.offsets.push(h.feat.len());
+    }
+    h
+}
+
+/// The decodes on [`uneven_lists`] (every layer the same lists, `layers`' decoders): the gather, and the
+/// tiled decode in decode_order's order and in batch order, whose ratio is what the order buys where list
+/// lengths vary as with real data. `(l0, copy)`: entries a token on average, the copy rate in GB/s.
+fn time_uneven_decode(
+    gpu: &Gpu,
+    timer: &mut dyn Timer,
+    layers: &[decode::DecodeLayer],
+    b_dec: &DBuf<f32>,
+    targets: &decode::Targets,
+    (l0, copy): (usize, f64),
+) -> Result<()> {
+    let (l_n, d) = (layers.len(), targets.d);
+    let b_n = layers.first().map_or(0, |v| v.codes.n_tokens);
+    let f_n = layers
+        .first()
+        .map_or(0, |v| v.w_dec.len() / v.row_len.max(1));
+    let uneven = uneven_lists(b_n, f_n, l0, 13);
+    let longest = uneven
+        .offsets
+        .windows(2)
+        .map(|w| w[1] - w[0])
+        .max()
+        .unwrap_or(0);
+    println!(
+        "  uneven lists: {:.1} entries a token, the longest {longest}",
+        uneven.feat.len() as f64 / b_n.max(1) as f64
+    );
+    let codes = encode::DeviceCodes::from_host(gpu, &uneven)?;
+    let uneven_layers: Vec<decode::DecodeLayer> = layers
+        .iter()
+        .map(|v| decode::DecodeLayer {
+            codes: &codes,
+            ..*v
+        })
+        .collect();
+    let rows_bytes: f64 = (0..l_n)
+        .map(|s| (uneven.feat.len() * (l_n - s) * d * 2) as f64)
+        .sum();
+    let bytes = (3 * b_n * l_n * d * 4) as f64 + rows_bytes;
+    let (y, cross, scale) = (targets.y, targets.cross_layer, targets.resid_scale);
+    let gather_ms = timer.time(gpu, "sparse decode, uneven lists", &mut || {
+        decode::sparse_decode(gpu, &uneven_layers, b_dec, y, d, cross, scale).map(|_| ())
+    })?;
+    report("sparse decode, uneven lists", gather_ms, 0.0, bytes, copy);
+    let mut tiled = [0.0; 2];
+    for (t, (name, order)) in tiled.iter_mut().zip([
+        ("  tiled", decode::TokenOrder::ByLength),
+        ("  tiled, in batch order", decode::TokenOrder::Batch),
+    ]) {
+        *t = timer.time(gpu, name, &mut || {
+            decode::sparse_decode_tiled_in(gpu, &uneven_layers, b_dec, targets, order).map(|_| ())
+        })?;
+        report(name, *t, 0.0, bytes, copy);
+    }
+    println!(
+        "  uneven lists: gather / tiled decode time {:.2}x; batch order / by length {:.2}x",
+        gather_ms / tiled[0],
+        tiled[1] / tiled[0]
+    );
+    Ok(())
 }
 
 /// `act_grad_partial`'s tiles of `codes` with `tiling` and `split` (`act_plan`, read back).
@@ -443,6 +541,33 @@ pub fn run_with(preset: Preset, rows: CudaRows, timer: &mut dyn Timer) -> Result
         copy,
     );
     println!("  gather / tiled decode time: {:.2}x", ms / tiled_ms);
+    // The tiled decode with the tokens in batch order instead of decode_order's (longest lists first), and
+    // decode_order alone (its bytes: the counts read twice for every (source, target) pair, the order
+    // written).
+    let targets = decode::Targets {
+        y: Some(&y),
+        d,
+        cross_layer: true,
+        resid_scale: 2.0 / b_n as f32,
+    };
+    let decode_rows = (3 * b_n * row * 4) as f64 + rows_bytes;
+    let batch_ms = timer.time(&gpu, "  in batch order", &mut || {
+        decode::sparse_decode_tiled_in(&gpu, &layers, &b_dec, &targets, decode::TokenOrder::Batch)
+            .map(|_| ())
+    })?;
+    report("  in batch order", batch_ms, 0.0, decode_rows, copy);
+    let order_ms = timer.time(&gpu, "decode_order (all layers)", &mut || {
+        decode::decode_order(&gpu, &layers, true).map(|_| ())
+    })?;
+    let order_bytes = (l_n * (l_n + 1) * b_n * 4 + l_n * b_n * 4) as f64;
+    report(
+        "decode_order (all layers)",
+        order_ms,
+        0.0,
+        order_bytes,
+        copy,
+    );
+    time_uneven_decode(&gpu, timer, &layers, &b_dec, &targets, (l0, copy))?;
     let out = out.expect("decoded");
     let resid = out.resid.expect("residual");
 

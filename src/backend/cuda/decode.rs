@@ -175,12 +175,23 @@ pub fn decode(
 pub const TILE_TOKENS: usize = 1024;
 pub const TILE_FEATURES: usize = 2048;
 
+/// The order in which `sparse_decode_tiled` hands the tokens to its threads (a thread owns 4 consecutive
+/// positions, a block 1,024). Either gives the same bits: a token's sums do not depend on its position.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TokenOrder {
+    /// [`decode_order`]'s, for each target layer: longest lists first, so that a warp's walks, and a
+    /// block's, are of about one length (the default).
+    ByLength,
+    /// The batch's (the bench's baseline).
+    Batch,
+}
+
 /// [`sparse_decode`]'s result through `sparse_decode_tiled`, then the `residual` kernel: the same bits
 /// (the lists must be in increasing feature order, as [`DeviceCodes`] promises). A block owns
 /// 1,024 tokens × 8 columns of one target layer and stages each feature's 8 weights in shared memory once
 /// for all its tokens, where `sparse_decode` fetches a weight once per token that lists the feature
-/// (docs/cuda.md, "What today's sparse kernels gather"). Needs `d` a multiple of 8 and every layer with the
-/// same number of features.
+/// (docs/cuda.md, "What today's sparse kernels gather"); the tokens in [`decode_order`]'s order. Needs `d`
+/// a multiple of 8 and every layer with the same number of features.
 pub fn sparse_decode_tiled(
     gpu: &Gpu,
     layers: &[DecodeLayer],
@@ -190,20 +201,62 @@ pub fn sparse_decode_tiled(
     cross_layer: bool,
     resid_scale: f32,
 ) -> Result<DecodeOut> {
+    let targets = Targets {
+        y,
+        d,
+        cross_layer,
+        resid_scale,
+    };
+    sparse_decode_tiled_in(gpu, layers, b_dec, &targets, TokenOrder::ByLength)
+}
+
+/// What a decode reconstructs: its targets `y` (optional, `[B][L][d]`), `d`, the decoder's kind and the
+/// residual's scale.
+pub struct Targets<'a> {
+    pub y: Option<&'a DBuf<f32>>,
+    pub d: usize,
+    pub cross_layer: bool,
+    pub resid_scale: f32,
+}
+
+/// [`sparse_decode_tiled`] with the tokens in `order`.
+pub fn sparse_decode_tiled_in(
+    gpu: &Gpu,
+    layers: &[DecodeLayer],
+    b_dec: &DBuf<f32>,
+    targets: &Targets,
+    order: TokenOrder,
+) -> Result<DecodeOut> {
+    let Targets {
+        y,
+        d,
+        cross_layer,
+        resid_scale,
+    } = *targets;
     let (b_n, l_n) = check_layers(layers, b_dec, d, cross_layer)?;
     check_tiled(layers, d)?;
     check_targets(y, b_n * l_n * d)?;
     let views = upload_views(gpu, layers)?;
     let yhat = gpu.output::<f32>(b_n * l_n * d)?;
-    let p = base_params(
-        gpu,
-        &views,
-        layers,
-        b_dec,
-        &yhat,
-        (b_n, l_n, d),
-        cross_layer,
-    );
+    let order_buf = match order {
+        TokenOrder::ByLength => Some(gpu.output::<u32>(l_n * b_n)?),
+        TokenOrder::Batch => None,
+    };
+    let p = CltDecodeParams {
+        order: order_buf.as_ref().map_or(0, |o| o.ptr(gpu)),
+        ..base_params(
+            gpu,
+            &views,
+            layers,
+            b_dec,
+            &yhat,
+            (b_n, l_n, d),
+            cross_layer,
+        )
+    };
+    if order_buf.is_some() {
+        launch_decode_order(gpu, &p, l_n)?;
+    }
     launch_decode_tiled(gpu, &p, l_n)?;
     let (resid, sq_err) = match y {
         Some(y) => {
@@ -236,6 +289,47 @@ fn check_tiled(layers: &[DecodeLayer], d: usize) -> Result<()> {
         });
     }
     Ok(())
+}
+
+/// For each target layer k, the tokens in the order `sparse_decode_tiled` walks them (`[L][B]`, row k a
+/// permutation of `0..B`): by the number of entries it adds for them (their lists' lengths, each capped at
+/// its layer's `cap`, summed over the source layers that reach k), longest first, lengths within an eighth
+/// of each other in one bucket (any order inside a bucket). Counts only: the decoders are not read.
+pub fn decode_order(gpu: &Gpu, layers: &[DecodeLayer], cross_layer: bool) -> Result<DBuf<u32>> {
+    let l_n = layers.len();
+    let b_n = layers.first().map_or(0, |l| l.codes.n_tokens);
+    if let Some(l) = layers.iter().position(|v| v.codes.n_tokens != b_n) {
+        return Err(Error::Shape {
+            what: format!("CUDA decode order: layer {l}'s tokens"),
+            expected: vec![b_n],
+            got: vec![layers[l].codes.n_tokens],
+        });
+    }
+    let views = upload_views(gpu, layers)?;
+    let order = gpu.output::<u32>(l_n * b_n)?;
+    let p = CltDecodeParams {
+        layers: views.ptr(gpu),
+        order: order.ptr(gpu),
+        n_tokens: b_n as u32,
+        n_layers: l_n as u32,
+        cross_layer: cross_layer as u32,
+        ..Default::default()
+    };
+    launch_decode_order(gpu, &p, l_n)?;
+    Ok(order)
+}
+
+/// Queues `decode_order` for `n_targets` target layers from `p.first_layer` (a block each).
+fn launch_decode_order(gpu: &Gpu, p: &CltDecodeParams, n_targets: usize) -> Result<()> {
+    if p.n_tokens as usize * n_targets == 0 {
+        return Ok(());
+    }
+    let cfg = LaunchConfig {
+        grid_dim: (n_targets as u32, 1, 1),
+        block_dim: (256, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    gpu.launch(Module::Decode, "decode_order", cfg, p)
 }
 
 /// Queues `sparse_decode_tiled` for `n_targets` target layers from `p.first_layer`.
@@ -305,6 +399,9 @@ pub struct PartialDecode<'g> {
     gpu: &'g Gpu,
     /// The device array `p.layers` points to (its free on drop is stream-ordered, after the launches).
     _views: DBuf<CltLayerView>,
+    /// `[L][B]`: the tiled decode's token order (`p.order` points to it; `decode_order` fills row k before
+    /// layer k decodes), where the layers go through the tiled decode.
+    _order: Option<DBuf<u32>>,
     p: CltDecodeParams,
     /// Whether each layer goes through the tiled decode.
     tiled: bool,
@@ -348,13 +445,16 @@ impl<'g> PartialDecode<'g> {
             check_tiled(layers, d)?;
         }
         let views = upload_views(gpu, layers)?;
+        let order = tiled.then(|| gpu.output::<u32>(l_n * b_n)).transpose()?;
         let p = CltDecodeParams {
             yhat_layer_major: 1,
+            order: order.as_ref().map_or(0, |o| o.ptr(gpu)),
             ..base_params(gpu, &views, layers, b_dec, yhat, (b_n, l_n, d), cross_layer)
         };
         Ok(PartialDecode {
             gpu,
             _views: views,
+            _order: order,
             p,
             tiled,
         })
@@ -379,6 +479,7 @@ impl<'g> PartialDecode<'g> {
             ..self.p
         };
         if self.tiled {
+            launch_decode_order(self.gpu, &p, 1)?;
             launch_decode_tiled(self.gpu, &p, 1)
         } else {
             launch_decode(self.gpu, &p, self.p.n_tokens as usize, 1)
