@@ -293,6 +293,15 @@ void combine(std::vector<Fiber*>& lanes) {
         case Op::Converge:
             break;
         case Op::Shfl:
+            if (l0.shfl == Shfl::Match) {
+                for (int i = 0; i < 32; ++i) {
+                    uint64_t peers = 0;
+                    for (int j = 0; j < 32; ++j)
+                        if (lanes[j]->val == lanes[i]->val) peers |= 1ull << j;
+                    lanes[i]->res = peers;
+                }
+                break;
+            }
             for (int i = 0; i < 32; ++i) {
                 const int arg = lanes[i]->arg;
                 int src = i;
@@ -301,6 +310,7 @@ void combine(std::vector<Fiber*>& lanes) {
                     case Shfl::Up: src = i - arg >= 0 ? i - arg : i; break;
                     case Shfl::Xor: src = (i ^ arg) & 31; break;
                     case Shfl::Idx: src = arg & 31; break;
+                    case Shfl::Match: break;  // (above)
                 }
                 lanes[i]->res = lanes[src]->val;
             }

@@ -58,7 +58,7 @@ void syncthreads();
 // Named barrier `id` for `n` threads (bar.sync id, n): returns once n threads wait at it.
 void bar_sync(uint32_t id, uint32_t n);
 // Warp collectives with the full mask: every lane of the warp (none exited) must take part.
-enum class Shfl { Down, Up, Xor, Idx };
+enum class Shfl { Down, Up, Xor, Idx, Match };  // Match: __match_any_sync (a lane gets the mask of equal values)
 // __syncwarp: the warp's lanes leave it together.
 void syncwarp();
 uint64_t shfl(Shfl kind, uint64_t bits, int arg);
@@ -136,6 +136,10 @@ template <typename T>
 inline T __shfl_sync(unsigned mask, T v, int src, int = 32) {
     return clt_emu_shfl(clt_emu::Shfl::Idx, mask, v, src);
 }
+// The lanes whose value equals this lane's (a bit per lane), over the whole warp.
+inline unsigned __match_any_sync(unsigned mask, unsigned v) {
+    return (unsigned)clt_emu_shfl(clt_emu::Shfl::Match, mask, (uint64_t)v, 0);
+}
 
 // Atomics: the emulator runs one thread at a time, so a read-modify-write is atomic.
 template <typename T>
@@ -180,6 +184,7 @@ inline float __uint_as_float(uint32_t u) {
     return f;
 }
 inline int __popc(unsigned int x) { return __builtin_popcount(x); }
+inline int __ffs(int x) { return __builtin_ffs(x); }
 inline int __clz(int x) { return x == 0 ? 32 : __builtin_clz((unsigned int)x); }
 inline unsigned int __umulhi(unsigned int a, unsigned int b) { return (unsigned int)(((uint64_t)a * b) >> 32); }
 // expf, fabsf, fmaf, sqrtf, tanhf: the C library's (math.h through <cmath>).
