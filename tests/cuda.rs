@@ -386,6 +386,15 @@ mod gpu_tests {
         Ok(())
     }
 
+    /// The device's default memory pool keeps what the backend frees (its release threshold at the
+    /// maximum, set by `Gpu::open`), so that a step's temporaries reuse the last step's memory instead of
+    /// being unmapped at every synchronisation and mapped again. (The emulator records the attribute.)
+    #[test]
+    fn the_device_pool_keeps_freed_memory() {
+        let Some(gpu) = gpu() else { return };
+        assert_eq!(gpu.pool_release_threshold().unwrap(), Some(u64::MAX));
+    }
+
     /// Another handle on the device (tests run in parallel, so settings are never switched on a shared
     /// handle): outputs poisoned, the tiled sparse kernels, and `act_grad_partial`'s `tiling` if given.
     fn tiled_handle(tiling: Option<backward::ActTiling>) -> Gpu {

@@ -443,6 +443,28 @@ CUresult cuMemFreeAsync(CUdeviceptr p, CUstream s) {
     enqueue(stream_of(s), [p] { return release(p); });
     return CUDA_SUCCESS;
 }
+// The device's default memory pool: one handle, and of its attributes only the release threshold
+// (CU_MEMPOOL_ATTR_RELEASE_THRESHOLD = 4, a cuuint64_t; 0 by default, as on the GPU), which the backend sets
+// and a test reads back. The emulator's allocations never go back to a driver, whatever it says.
+static uint64_t pool_release_threshold = 0;
+static int default_pool_handle = 0;
+CUresult cuDeviceGetDefaultMemPool(void** pool, CUdevice d) {
+    if (d != 0) return fail(CUDA_ERROR_INVALID_VALUE, "cuDeviceGetDefaultMemPool of a device that is not 0");
+    *pool = &default_pool_handle;
+    return CUDA_SUCCESS;
+}
+CUresult cuMemPoolSetAttribute(void* pool, int attr, void* value) {
+    if (pool != &default_pool_handle) return fail(CUDA_ERROR_INVALID_VALUE, "cuMemPoolSetAttribute of an unknown pool");
+    if (attr != 4) return fail(CUDA_ERROR_INVALID_VALUE, "cuMemPoolSetAttribute: only the release threshold (4) is emulated");
+    std::memcpy(&pool_release_threshold, value, sizeof pool_release_threshold);
+    return CUDA_SUCCESS;
+}
+CUresult cuMemPoolGetAttribute(void* pool, int attr, void* value) {
+    if (pool != &default_pool_handle) return fail(CUDA_ERROR_INVALID_VALUE, "cuMemPoolGetAttribute of an unknown pool");
+    if (attr != 4) return fail(CUDA_ERROR_INVALID_VALUE, "cuMemPoolGetAttribute: only the release threshold (4) is emulated");
+    std::memcpy(value, &pool_release_threshold, sizeof pool_release_threshold);
+    return CUDA_SUCCESS;
+}
 CUresult cuMemHostAlloc(void** p, size_t bytes, unsigned) {
     if (posix_memalign(p, 256, bytes == 0 ? 1 : bytes) != 0) return CUDA_ERROR_OUT_OF_MEMORY;
     std::lock_guard<std::recursive_mutex> g(M);

@@ -9,7 +9,7 @@ use super::backward::ActTiling;
 use super::dense::Blas;
 use crate::backend::{EncoderKernel, SparseKernels};
 use crate::{Error, Result};
-use cudarc::driver::sys::CUfunction_attribute;
+use cudarc::driver::sys::{CUdevice_attribute, CUfunction_attribute, CUmemPool_attribute};
 use cudarc::driver::{
     CudaContext, CudaEvent, CudaFunction, CudaModule, CudaStream, DeviceRepr, LaunchConfig,
     PushKernelArg,
@@ -115,6 +115,60 @@ impl std::fmt::Debug for Gpu {
     }
 }
 
+/// The device's default memory pool, where it has memory pools (`None` otherwise: cudarc then allocates
+/// with `cuMemAlloc`). `ordinal` names the device in errors.
+fn default_pool(
+    ctx: &CudaContext,
+    ordinal: usize,
+) -> Result<Option<cudarc::driver::sys::CUmemoryPool>> {
+    let pools = ctx
+        .attribute(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MEMORY_POOLS_SUPPORTED)
+        .map_err(cuda_err(format!(
+            "asking whether CUDA device {ordinal} has memory pools"
+        )))?;
+    if pools == 0 {
+        return Ok(None);
+    }
+    // SAFETY: the device handle is the context's own, a device the driver returned.
+    let pool = unsafe { cudarc::driver::result::device::get_default_mem_pool(ctx.cu_device()) }
+        .map_err(cuda_err(format!(
+            "getting CUDA device {ordinal}'s default memory pool"
+        )))?;
+    Ok(Some(pool))
+}
+
+/// Keeps the memory that the backend frees in the device's default pool instead of handing it back to
+/// the driver. Every buffer here is allocated and freed in stream order (`cuMemAllocAsync`,
+/// `cuMemFreeAsync`) from that pool, and a step allocates and frees its temporaries (at the 1B shape, ŷ and
+/// the residual alone are 2 GB each). The pool's release threshold is 0 by default: at each
+/// synchronisation (every step downloads its losses) the driver unmaps all the pool's free memory, and the
+/// next step's allocations must map it again. With the threshold at `u64::MAX` the pool keeps what it
+/// has, and a step's allocations reuse the last step's memory, as a caching allocator would.
+fn keep_freed_memory(ctx: &CudaContext, ordinal: usize) -> Result<()> {
+    set_release_threshold(ctx, ordinal, u64::MAX)
+}
+
+/// Sets the release threshold of the device's default memory pool (bytes of free memory it keeps at a
+/// synchronisation); nothing where the device has no memory pools.
+fn set_release_threshold(ctx: &CudaContext, ordinal: usize, bytes: u64) -> Result<()> {
+    let Some(pool) = default_pool(ctx, ordinal)? else {
+        return Ok(());
+    };
+    let mut value = bytes;
+    // SAFETY: `pool` is the device's default pool; the release threshold is a cuuint64_t, which `value`
+    // is, and the driver only reads it.
+    unsafe {
+        cudarc::driver::result::mem_pool::set_attribute(
+            pool,
+            CUmemPool_attribute::CU_MEMPOOL_ATTR_RELEASE_THRESHOLD,
+            (&mut value as *mut u64).cast(),
+        )
+    }
+    .map_err(cuda_err(format!(
+        "setting the release threshold of CUDA device {ordinal}'s memory pool"
+    )))
+}
+
 impl Gpu {
     /// Opens device `ordinal`, or explains why not (no driver, no device, context creation failed).
     pub fn open(ordinal: usize) -> Result<Gpu> {
@@ -135,6 +189,15 @@ impl Gpu {
         // SAFETY: every launch and copy of this backend goes through the one stream below, in order, so
         // the events cudarc records per buffer to order work across streams are not needed.
         unsafe { ctx.disable_event_tracking() };
+        // (A driver without memory pools' entry points would make cudarc panic: an error as above.)
+        std::panic::catch_unwind(|| keep_freed_memory(&ctx, ordinal)).map_err(|_| {
+            Error::BackendUnavailable {
+                backend: "cuda".into(),
+                reason:
+                    "the CUDA driver library lacks the memory pool calls (too old for CUDA 13.0?)"
+                        .into(),
+            }
+        })??;
         let stream = ctx.default_stream();
         Ok(Gpu {
             ctx,
@@ -161,6 +224,33 @@ impl Gpu {
     /// module of `encode_wgmma`, `encode_wgmma_narrow` and `encode_wgmma_tma`).
     pub fn has_wgmma(&self) -> bool {
         matches!(self.ctx.compute_capability(), Ok((9, _)))
+    }
+
+    /// Sets the release threshold of the device's default memory pool: the bytes of free memory it keeps
+    /// at a synchronisation ([`Gpu::open`] sets `u64::MAX`: all; the driver's default is 0). The bench
+    /// times the resident step both ways. Nothing where the device has no memory pools.
+    pub fn set_pool_release_threshold(&self, bytes: u64) -> Result<()> {
+        set_release_threshold(&self.ctx, self.ctx.ordinal(), bytes)
+    }
+
+    /// The release threshold of the device's default memory pool, in bytes (`u64::MAX` once
+    /// [`Gpu::open`] has set it: see `keep_freed_memory`); `None` where the device has no memory pools.
+    pub fn pool_release_threshold(&self) -> Result<Option<u64>> {
+        let Some(pool) = default_pool(&self.ctx, self.ctx.ordinal())? else {
+            return Ok(None);
+        };
+        let mut value: u64 = 0;
+        // SAFETY: `pool` is the device's default pool, valid for the context's life; the release
+        // threshold is a cuuint64_t, which `value` is, and the call writes only that.
+        unsafe {
+            cudarc::driver::result::mem_pool::get_attribute(
+                pool,
+                CUmemPool_attribute::CU_MEMPOOL_ATTR_RELEASE_THRESHOLD,
+                (&mut value as *mut u64).cast(),
+            )
+        }
+        .map_err(cuda_err("reading the memory pool's release threshold"))?;
+        Ok(Some(value))
     }
 
     /// The device's multiprocessors (the grid of a persistent kernel, `encode_wgmma_tma`).
