@@ -2057,7 +2057,8 @@ mod gpu_tests {
     /// `sparse_decode_tiled` against `sparse_decode` where its loops wrap: 9,000 features (five chunks of
     /// 2,048 staged in turn through its two buffers, for each of three source layers), 2,100 tokens (three
     /// tiles of 1,024, and 4 tokens a thread), and two 8-column chunks; lists sorted by feature, as the
-    /// encoder leaves them. Same bits for ŷ, r and the squared error, token-major.
+    /// encoder leaves them. Same bits for ŷ, r and the squared error, token-major, with the tokens in
+    /// `decode_order`'s order and in batch order; and `decode_order` against its definition.
     #[test]
     fn tiled_decode_matches_the_gather_across_chunks_and_tiles() {
         let Some(gpu) = gpu() else { return };
