@@ -9,6 +9,9 @@ LOG=gpu-log.txt
 if [ -n "${OUT:-}" ]; then
     LOG="$OUT/gpu-log.txt"
 fi
+# The bench's figures as JSON (`clt bench --cuda --json`), beside the log: scripts/gpu-figures.py turns them
+# into docs/perf.md's tables.
+FIGS=$(dirname "$LOG")
 {
     echo "== date: $(date -u +%Y-%m-%dT%H:%M:%SZ)"
     echo "== commit: $(cat COMMIT 2>/dev/null)"
@@ -68,7 +71,8 @@ done
 presets=${CLT_BENCH_PRESETS:-small large}
 for preset in $presets; do
     step "bin/clt bench --cuda --preset $preset --cuda-rows no-wgmma"
-    if ! run_limited bin/clt bench --cuda --preset "$preset" --cuda-rows no-wgmma; then
+    if ! run_limited bin/clt bench --cuda --preset "$preset" --cuda-rows no-wgmma \
+        --json "$FIGS/bench-$preset-no-wgmma.json"; then
         status=1
     fi
 done
@@ -80,7 +84,8 @@ if [ -x bin/test-cuda ]; then
 fi
 for preset in $presets; do
     step "bin/clt bench --cuda --preset $preset --cuda-rows encoders"
-    if ! run_limited bin/clt bench --cuda --preset "$preset" --cuda-rows encoders; then
+    if ! run_limited bin/clt bench --cuda --preset "$preset" --cuda-rows encoders \
+        --json "$FIGS/bench-$preset-encoders.json"; then
         status=1
     fi
 done

@@ -58,7 +58,14 @@ LD_LIBRARY_PATH="$emu" CLT_EMU_STREAMS=side-first CLT_REQUIRE_GPU=1 cargo test -
 # As a device of compute capability 8.0: the wgmma encoders are refused with a typed error (the trainer
 # test checks it) and their kernel tests say they skip.
 LD_LIBRARY_PATH="$emu" CLT_EMU_CC=8.0 CLT_REQUIRE_GPU=1 cargo test --release --features cuda --test cuda wgmma -- --nocapture
-LD_LIBRARY_PATH="$emu" cargo run --release --features cuda --bin clt -- bench --cuda --preset tiny
+LD_LIBRARY_PATH="$emu" cargo run --release --features cuda --bin clt -- bench --cuda --preset tiny \
+    --json target/bench-cuda-tiny.json
+# Its JSON record, as docs/perf.md's tables (scripts/gpu-figures.py: what the GPU session's figures go through).
+python3 scripts/gpu-figures.py --commit "$(git rev-parse --short HEAD 2>/dev/null || echo unknown)" \
+    target/bench-cuda-tiny.json > target/bench-cuda-tiny.md
+for row in "| sparse decode, tiled |" "| ↳ tiled, in batch order |" "| resident step (+ clip, Adam) |" "- dense / sparse step time"; do
+    grep -qF -- "$row" target/bench-cuda-tiny.md || { echo "gpu-figures: no '$row' in target/bench-cuda-tiny.md" >&2; exit 1; }
+done
 
 # NCCL bootstrapped by MPI (dist::nccl) exists only with both features: clippy, and its test (without a GPU
 # it checks the clear error; with one, a one-rank all-reduce).

@@ -298,15 +298,27 @@ fn median(mut v: Vec<f64>) -> f64 {
 /// The per-kernel CUDA bench (`clt bench --cuda`): every kernel's time, TFLOP/s or GB/s and fraction of the
 /// ceilings (bf16 nominal, device copy measured in the same run), then the sparse step against the dense cuBLAS
 /// step, at the shape `preset` names (`Large`: the Llama-3.2-1B shape; `Tiny`: a smoke test). See
-/// [`crate::backend::cuda::bench`]. `rows` selects the rows.
+/// [`crate::backend::cuda::bench`]. `rows` selects the rows. With `json`, the rows and every other line
+/// printed are written there too ([`crate::backend::cuda::bench::Record`]), for docs/perf.md
+/// (`scripts/gpu-figures.py` makes its tables).
 #[cfg(feature = "cuda")]
-pub fn cuda_kernels(preset: Preset, rows: CudaRows) -> Result<()> {
-    crate::backend::cuda::bench::run(preset, rows)
+pub fn cuda_kernels(preset: Preset, rows: CudaRows, json: Option<&std::path::Path>) -> Result<()> {
+    let record = crate::backend::cuda::bench::run(preset, rows)?;
+    if let Some(path) = json {
+        let text = serde_json::to_vec_pretty(&record)
+            .map_err(|e| crate::Error::io(path, std::io::Error::other(e)))?;
+        std::fs::write(path, text).map_err(|e| crate::Error::io(path, e))?;
+    }
+    Ok(())
 }
 
 /// Without the `cuda` feature: the error that says so.
 #[cfg(not(feature = "cuda"))]
-pub fn cuda_kernels(_preset: Preset, _rows: CudaRows) -> Result<()> {
+pub fn cuda_kernels(
+    _preset: Preset,
+    _rows: CudaRows,
+    _json: Option<&std::path::Path>,
+) -> Result<()> {
     Err(crate::Error::BackendUnavailable {
         backend: "cuda".into(),
         reason: "built without CUDA support (rebuild with `--features cuda`)".into(),

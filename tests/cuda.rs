@@ -253,9 +253,10 @@ mod gpu_tests {
             );
             return;
         }
-        let e = clt::bench::cuda_kernels(clt::bench::Preset::Small, clt::bench::CudaRows::All)
-            .unwrap_err()
-            .to_string();
+        let e =
+            clt::bench::cuda_kernels(clt::bench::Preset::Small, clt::bench::CudaRows::All, None)
+                .unwrap_err()
+                .to_string();
         assert!(
             e.contains("no CUDA driver found (libcuda.so)"),
             "unclear error: {e}"

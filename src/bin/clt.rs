@@ -180,7 +180,7 @@ enum Command {
         /// Timed dense steps (0 skips the dense reference).
         #[arg(long, default_value_t = 2)]
         dense_steps: usize,
-        /// Write the results as JSON here.
+        /// Write the results as JSON here (with `--cuda`: every kernel row and every other line printed).
         #[arg(long)]
         json: Option<PathBuf>,
         /// Time the CUDA kernels instead (needs `--features cuda` and a GPU): per kernel time, TFLOP/s or
@@ -520,7 +520,7 @@ fn run(cli: Cli) -> clt::Result<()> {
             cuda_rows,
         } => {
             if cuda {
-                return clt::bench::cuda_kernels(preset, cuda_rows);
+                return clt::bench::cuda_kernels(preset, cuda_rows, json.as_deref());
             }
             let (l_n, d, f, b) = preset.dims();
             println!(

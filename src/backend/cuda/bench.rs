@@ -156,14 +156,15 @@ fn uneven_lists(n_tokens: usize, n_features: usize, l0: usize, seed: u64) -> enc
 
 /// The decodes on [`uneven_lists`] (every layer the same lists, `layers`' decoders): the gather, and the
 /// tiled decode in decode_order's order and in batch order, whose ratio is what the order buys where list
-/// lengths vary as with real data. `(l0, copy)`: entries a token on average, the copy rate in GB/s.
+/// lengths vary as with real data. `l0`: entries a token on average.
 fn time_uneven_decode(
     gpu: &Gpu,
     timer: &mut dyn Timer,
+    rec: &mut Record,
     layers: &[decode::DecodeLayer],
     b_dec: &DBuf<f32>,
     targets: &decode::Targets,
-    (l0, copy): (usize, f64),
+    l0: usize,
 ) -> Result<()> {
     let (l_n, d) = (layers.len(), targets.d);
     let b_n = layers.first().map_or(0, |v| v.codes.n_tokens);
@@ -177,10 +178,10 @@ fn time_uneven_decode(
         .map(|w| w[1] - w[0])
         .max()
         .unwrap_or(0);
-    println!(
+    rec.say(format!(
         "  uneven lists: {:.1} entries a token, the longest {longest}",
         uneven.feat.len() as f64 / b_n.max(1) as f64
-    );
+    ));
     let codes = encode::DeviceCodes::from_host(gpu, &uneven)?;
     let uneven_layers: Vec<decode::DecodeLayer> = layers
         .iter()
@@ -197,7 +198,7 @@ fn time_uneven_decode(
     let gather_ms = timer.time(gpu, "sparse decode, uneven lists", &mut || {
         decode::sparse_decode(gpu, &uneven_layers, b_dec, y, d, cross, scale).map(|_| ())
     })?;
-    report("sparse decode, uneven lists", gather_ms, 0.0, bytes, copy);
+    rec.report("sparse decode, uneven lists", gather_ms, 0.0, bytes);
     let mut tiled = [0.0; 2];
     for (t, (name, order)) in tiled.iter_mut().zip([
         ("  tiled", decode::TokenOrder::ByLength),
@@ -206,13 +207,13 @@ fn time_uneven_decode(
         *t = timer.time(gpu, name, &mut || {
             decode::sparse_decode_tiled_in(gpu, &uneven_layers, b_dec, targets, order).map(|_| ())
         })?;
-        report(name, *t, 0.0, bytes, copy);
+        rec.report(name, *t, 0.0, bytes);
     }
-    println!(
+    rec.say(format!(
         "  uneven lists: gather / tiled decode time {:.2}x; batch order / by length {:.2}x",
         gather_ms / tiled[0],
         tiled[1] / tiled[0]
-    );
+    ));
     Ok(())
 }
 
@@ -236,15 +237,66 @@ fn tiles_text(tiles: usize, n_tokens: usize) -> String {
     )
 }
 
-/// Prints one row: time, TFLOP/s against the bf16 ceiling, GB/s against the measured copy rate `copy_gbs`.
-fn report(name: &str, ms: f64, flops: f64, bytes: f64, copy_gbs: f64) {
-    let tf = flops / ms / 1e9;
-    let gbs = bytes / ms / 1e6;
-    println!(
-        "{name:<34} {ms:>9.3} ms  {tf:>7.1} TFLOP/s ({:>5.1}% of bf16)  {gbs:>7.0} GB/s ({:>5.1}% of copy)",
-        100.0 * tf / BF16_TFLOPS,
-        100.0 * gbs / copy_gbs
-    );
+/// One kernel row of the bench: its time, and its rates against the bf16 ceiling and the copy rate
+/// measured in the same run.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct Row {
+    pub name: String,
+    pub ms: f64,
+    pub tflops: f64,
+    pub pct_of_bf16: f64,
+    pub gbs: f64,
+    pub pct_of_copy: f64,
+}
+
+/// What a run of the bench printed (`clt bench --cuda --json` writes it): the device, the shape, the
+/// ceilings, each kernel row, and every other line (ratios, choices, notes) in order.
+#[derive(Clone, Debug, Default, serde::Serialize)]
+pub struct Record {
+    pub device: String,
+    pub preset: String,
+    /// `--cuda-rows`: which rows ran (`all`, `no-wgmma`, `encoders`).
+    pub cuda_rows: String,
+    /// Seconds since the Unix epoch when the run began.
+    pub unix_time: u64,
+    /// (layers, d, features per layer, tokens, L0).
+    pub shape: (usize, usize, usize, usize, usize),
+    /// The device copy rate measured at the start (GB/s, bytes read + written).
+    pub copy_gbs: f64,
+    /// The bf16 ceiling the percentages are of (nominal, [`BF16_TFLOPS`]).
+    pub bf16_tflops: f64,
+    pub rows: Vec<Row>,
+    pub lines: Vec<String>,
+}
+
+impl Record {
+    /// Prints one row (time, TFLOP/s against the bf16 ceiling, GB/s against the measured copy rate) and
+    /// keeps it.
+    fn report(&mut self, name: &str, ms: f64, flops: f64, bytes: f64) {
+        let tflops = flops / ms / 1e9;
+        let gbs = bytes / ms / 1e6;
+        let row = Row {
+            name: name.to_string(),
+            ms,
+            tflops,
+            pct_of_bf16: 100.0 * tflops / BF16_TFLOPS,
+            gbs,
+            pct_of_copy: 100.0 * gbs / self.copy_gbs,
+        };
+        println!(
+            "{name:<34} {ms:>9.3} ms  {tflops:>7.1} TFLOP/s ({:>5.1}% of bf16)  {gbs:>7.0} GB/s ({:>5.1}% of \
+             copy)",
+            row.pct_of_bf16, row.pct_of_copy
+        );
+        self.rows.push(row);
+    }
+
+    /// Prints a line and keeps it.
+    fn say(&mut self, line: impl Into<String>) {
+        let line = line.into();
+        println!("{line}");
+        self.lines.push(line);
+    }
 }
 
 /// Milliseconds of one layer's backward through the tiled kernels with `act_grad_partial`'s shared memory
@@ -271,14 +323,14 @@ fn time_tiled_backward(
 /// [`Preset::Small`] a quarter of it in tokens and features, with [`Preset::Tiny`] a smoke test of every code
 /// path (2 layers, d = 64, 256 features, 256 tokens, L0 ≈ 8; its GEMM and copy are small too) that the CPU
 /// emulator (kernels/emu/) runs in seconds.
-/// `rows` selects the rows ([`CudaRows`]).
-pub fn run(preset: Preset, rows: CudaRows) -> Result<()> {
+/// `rows` selects the rows ([`CudaRows`]). Returns what it printed ([`Record`]: `clt bench --cuda --json`).
+pub fn run(preset: Preset, rows: CudaRows) -> Result<Record> {
     run_with(preset, rows, &mut Median)
 }
 
 /// [`run`] with every kernel row timed by `timer` (the criterion bench, benches/cuda.rs, passes one that
 /// hands each row to criterion as well).
-pub fn run_with(preset: Preset, rows: CudaRows, timer: &mut dyn Timer) -> Result<()> {
+pub fn run_with(preset: Preset, rows: CudaRows, timer: &mut dyn Timer) -> Result<Record> {
     let gpu = Gpu::open(0)?;
     let (l_n, d, f_n, b_n, l0) = match preset {
         Preset::Large => (16usize, 2048usize, 8192usize, 16384usize, 64usize),
@@ -286,18 +338,31 @@ pub fn run_with(preset: Preset, rows: CudaRows, timer: &mut dyn Timer) -> Result
         Preset::Tiny => (2, 64, 256, 256, 8),
     };
     let tiny = preset == Preset::Tiny;
-    println!(
+    let mut rec = Record {
+        device: gpu.describe(),
+        preset: format!("{preset:?}").to_lowercase(),
+        cuda_rows: clap::ValueEnum::to_possible_value(&rows)
+            .map_or_else(|| format!("{rows:?}"), |v| v.get_name().to_string()),
+        unix_time: std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |t| t.as_secs()),
+        shape: (l_n, d, f_n, b_n, l0),
+        bf16_tflops: BF16_TFLOPS,
+        ..Default::default()
+    };
+    rec.say(format!(
         "device {}; L = {l_n}, d = {d}, F = {f_n}, B = {b_n}, L0 ≈ {l0}",
         gpu.describe()
-    );
+    ));
     let copy_n = if tiny { 1 << 20 } else { 256 << 20 };
     let copy = copy_ceiling_gbs(&gpu, copy_n)?;
-    println!(
+    rec.copy_gbs = copy;
+    rec.say(format!(
         "device copy ({} MiB, read + write): {copy:.0} GB/s measured ({:.0}% of the {COPY_GBS:.0} GB/s \
          nominal); bf16 ceiling {BF16_TFLOPS} TFLOP/s (nominal); percentages below are of these two",
         (copy_n * 4) >> 20,
         100.0 * copy / COPY_GBS
-    );
+    ));
     // cuBLAS is needed only for its GEMM rate and the dense baseline: without it the kernel rows still run.
     let blas = dense::Blas::new(&gpu);
     match &blas {
@@ -311,13 +376,13 @@ pub fn run_with(preset: Preset, rows: CudaRows, timer: &mut dyn Timer) -> Result
                 dense::gemm_square(&gpu, blas, &a, &c, n)
             })?;
             let gemm = 2.0 * (n as f64).powi(3) / ms / 1e9;
-            println!(
+            rec.say(format!(
                 "cuBLAS bf16 GEMM {n}³ (fp32 accumulate): {gemm:.0} TFLOP/s measured ({:.0}% of the \
                  nominal ceiling)",
                 100.0 * gemm / BF16_TFLOPS
-            );
+            ));
         }
-        Err(e) => println!("cuBLAS: {e} (no GEMM rate, no dense baseline)"),
+        Err(e) => rec.say(format!("cuBLAS: {e} (no GEMM rate, no dense baseline)")),
     }
     let mut rng = Rng::seed(7);
     // Random values (a 1 Mi-value random block repeated: large tensors fill fast, never zeros).
@@ -352,12 +417,12 @@ pub fn run_with(preset: Preset, rows: CudaRows, timer: &mut dyn Timer) -> Result
     // codes below are its.
     let wgmma = gpu.has_wgmma() && rows != CudaRows::NoWgmma;
     if rows == CudaRows::NoWgmma {
-        println!("  encode wgmma: left out (--cuda-rows no-wgmma)");
+        rec.say("  encode wgmma: left out (--cuda-rows no-wgmma)");
     } else if !wgmma {
-        println!(
+        rec.say(format!(
             "  encode wgmma: skipped ({} has no wgmma: compute capability 9.x only)",
             gpu.describe()
-        );
+        ));
     }
     let gemms = |epilogue: &str| {
         let mut v = vec![(format!("encode SIMT ({epilogue})"), encode::Gemm::Simt)];
@@ -380,7 +445,7 @@ pub fn run_with(preset: Preset, rows: CudaRows, timer: &mut dyn Timer) -> Result
     };
     // Each epilogue's times by kernel, for the mma / wgmma ratio lines and the fastest tensor-core kernel
     // by its `[train] encoder_kernel` name.
-    let ratios = |times: &[(encode::Gemm, f64)], epilogue: &str| {
+    let ratios = |rec: &mut Record, times: &[(encode::Gemm, f64)], epilogue: &str| {
         let mma = times.iter().find(|t| t.0 == encode::Gemm::TensorCore);
         let choices = [
             (encode::Gemm::TensorCore, EncoderKernel::Mma, "mma"),
@@ -404,7 +469,7 @@ pub fn run_with(preset: Preset, rows: CudaRows, timer: &mut dyn Timer) -> Result
             };
             timed += 1;
             if let Some(m) = mma.filter(|_| gemm != encode::Gemm::TensorCore) {
-                println!("  mma / {label} encoder time: {:.2}x", m.1 / w.1);
+                rec.say(format!("  mma / {label} encoder time: {:.2}x", m.1 / w.1));
             }
             if best.is_none_or(|b| w.1 < b.1) {
                 best = Some((kernel, w.1));
@@ -412,10 +477,10 @@ pub fn run_with(preset: Preset, rows: CudaRows, timer: &mut dyn Timer) -> Result
         }
         // (Only when there was a choice: with the wgmma rows left out, mma is the only one.)
         if let Some((kernel, _)) = best.filter(|_| timed > 1) {
-            println!(
+            rec.say(format!(
                 "  fastest tensor-core encoder ({epilogue}): [train] encoder_kernel = \"{}\"",
                 kernel.name()
-            );
+            ));
         }
     };
     let mut times = Vec::new();
@@ -433,16 +498,15 @@ pub fn run_with(preset: Preset, rows: CudaRows, timer: &mut dyn Timer) -> Result
             )?);
             Ok(())
         })?;
-        report(
+        rec.report(
             name,
             ms,
             2.0 * (b_n * d * f_n) as f64,
             (b_n * d * 2 + f_n * d * 2) as f64,
-            copy,
         );
         times.push((gemm, ms));
     }
-    ratios(&times, "JumpReLU");
+    ratios(&mut rec, &times, "JumpReLU");
     {
         let h = gpu.output::<f32>(b_n * f_n)?;
         times.clear();
@@ -452,18 +516,17 @@ pub fn run_with(preset: Preset, rows: CudaRows, timer: &mut dyn Timer) -> Result
                 encode::dense_into_with(&gpu, &inp, &h, 0, gemm)
             })?;
             times.push((gemm, ms));
-            report(
+            rec.report(
                 name,
                 ms,
                 2.0 * (b_n * d * f_n) as f64,
                 (b_n * d * 2 + f_n * d * 2 + b_n * f_n * 4) as f64,
-                copy,
             );
         }
-        ratios(&times, "dense, TopK");
+        ratios(&mut rec, &times, "dense, TopK");
     }
     if rows == CudaRows::Encoders {
-        return Ok(());
+        return Ok(rec);
     }
     let (codes, window) = codes.expect("encoded");
     let listed = codes.to_host(&gpu)?;
@@ -472,7 +535,7 @@ pub fn run_with(preset: Preset, rows: CudaRows, timer: &mut dyn Timer) -> Result
     let n_active = listed.act.iter().filter(|a| **a != 0.0).count();
     let act_rows = backward::ActTiling::default().split(&codes);
     let act_n_tiles = act_tiles(&gpu, &codes, &backward::ActTiling::default(), act_rows)?;
-    println!(
+    rec.say(format!(
         "  entries listed per token: {:.1} ({:.1} active); the longest list {} (capacity {}): \
          act_grad_partial's default tiles: {} (at most {} entries a token; {} tokens list more)",
         nnz as f64 / b_n as f64,
@@ -482,13 +545,13 @@ pub fn run_with(preset: Preset, rows: CudaRows, timer: &mut dyn Timer) -> Result
         tiles_text(act_n_tiles, b_n),
         act_rows,
         codes.lengths.iter().skip(act_rows + 1).sum::<usize>()
-    );
+    ));
     // act_plan alone (one block: the sort by list length and the packing), which runs before each layer's
     // act_grad_partial; bytes: the counts read three times, the order written.
     let ms = timer.time(&gpu, "act_plan (1 layer)", &mut || {
         backward::act_plan(&gpu, &codes, &backward::ActTiling::default(), act_rows).map(|_| ())
     })?;
-    report("act_plan (1 layer)", ms, 0.0, (16 * b_n) as f64, copy);
+    rec.report("act_plan (1 layer)", ms, 0.0, (16 * b_n) as f64);
 
     // Decode: every layer with the same codes (L0 per layer), cross-layer rows.
     let w_dec: Vec<_> = (0..l_n)
@@ -520,12 +583,11 @@ pub fn run_with(preset: Preset, rows: CudaRows, timer: &mut dyn Timer) -> Result
     let rows_bytes: f64 = (0..l_n)
         .map(|s| (n_active * (l_n - s) * d * 2) as f64)
         .sum();
-    report(
+    rec.report(
         "sparse decode (all layers)",
         ms,
         0.0,
         (3 * b_n * row * 4) as f64 + rows_bytes,
-        copy,
     );
     // The tiled decode (weights staged once per 1,024 tokens, lists read once per 8 columns): the same
     // result; its row counts the same bytes, so the two percentages compare directly.
@@ -533,14 +595,16 @@ pub fn run_with(preset: Preset, rows: CudaRows, timer: &mut dyn Timer) -> Result
         decode::sparse_decode_tiled(&gpu, &layers, &b_dec, Some(&y), d, true, 2.0 / b_n as f32)
             .map(|_| ())
     })?;
-    report(
+    rec.report(
         "sparse decode, tiled",
         tiled_ms,
         0.0,
         (3 * b_n * row * 4) as f64 + rows_bytes,
-        copy,
     );
-    println!("  gather / tiled decode time: {:.2}x", ms / tiled_ms);
+    rec.say(format!(
+        "  gather / tiled decode time: {:.2}x",
+        ms / tiled_ms
+    ));
     // The tiled decode with the tokens in batch order instead of decode_order's (longest lists first), and
     // decode_order alone (its bytes: the counts read twice for every (source, target) pair, the order
     // written).
@@ -555,19 +619,13 @@ pub fn run_with(preset: Preset, rows: CudaRows, timer: &mut dyn Timer) -> Result
         decode::sparse_decode_tiled_in(&gpu, &layers, &b_dec, &targets, decode::TokenOrder::Batch)
             .map(|_| ())
     })?;
-    report("  in batch order", batch_ms, 0.0, decode_rows, copy);
+    rec.report("  in batch order", batch_ms, 0.0, decode_rows);
     let order_ms = timer.time(&gpu, "decode_order (all layers)", &mut || {
         decode::decode_order(&gpu, &layers, true).map(|_| ())
     })?;
     let order_bytes = (l_n * (l_n + 1) * b_n * 4 + l_n * b_n * 4) as f64;
-    report(
-        "decode_order (all layers)",
-        order_ms,
-        0.0,
-        order_bytes,
-        copy,
-    );
-    time_uneven_decode(&gpu, timer, &layers, &b_dec, &targets, (l0, copy))?;
+    rec.report("decode_order (all layers)", order_ms, 0.0, order_bytes);
+    time_uneven_decode(&gpu, timer, &mut rec, &layers, &b_dec, &targets, l0)?;
     let out = out.expect("decoded");
     let resid = out.resid.expect("residual");
 
@@ -606,7 +664,7 @@ pub fn run_with(preset: Preset, rows: CudaRows, timer: &mut dyn Timer) -> Result
     // (f32) an entry, an input row (f32) an entry, the encoder and decoder rows' gradients written (f32).
     let backward_bytes = |n: usize| (n * rl * (2 + 4) + n * d * 4 + f_n * (d + rl) * 4) as f64;
     let bytes = backward_bytes(nnz);
-    report("backward (1 layer)", ms, 0.0, bytes, copy);
+    rec.report("backward (1 layer)", ms, 0.0, bytes);
     // The same backward with the tiled kernels (`act_grad_partial`: decoder slices staged once per tile of
     // tokens; `row_grad_tiled`: residual and input slices staged once per 1,024 features): the same result;
     // its row counts the same bytes, so the two compare directly.
@@ -617,8 +675,11 @@ pub fn run_with(preset: Preset, rows: CudaRows, timer: &mut dyn Timer) -> Result
         backward::ActTiling::default(),
         &inp,
     )?;
-    report("backward (1 layer), tiled", tiled_ms, 0.0, bytes, copy);
-    println!("  gather / tiled backward time: {:.2}x", ms / tiled_ms);
+    rec.report("backward (1 layer), tiled", tiled_ms, 0.0, bytes);
+    rec.say(format!(
+        "  gather / tiled backward time: {:.2}x",
+        ms / tiled_ms
+    ));
     // The same with act_grad_partial's shared memory divided for two and three blocks an SM (the default
     // above: one block, the largest token tiles).
     // (`[train] act_blocks = "two"` and `"three"`.)
@@ -629,7 +690,7 @@ pub fn run_with(preset: Preset, rows: CudaRows, timer: &mut dyn Timer) -> Result
             tiling.feature_chunk * 32 / 1024
         );
         let t = time_tiled_backward(&gpu, timer, &name, tiling, &inp)?;
-        report(&name, t, 0.0, bytes, copy);
+        rec.report(&name, t, 0.0, bytes);
     }
 
     // A long tail: one token in 2,048 lists 8 times as many entries (a sequence's first token, say). The tiled
@@ -671,7 +732,7 @@ pub fn run_with(preset: Preset, rows: CudaRows, timer: &mut dyn Timer) -> Result
         ..Default::default()
     };
     let split = backward::ActTiling::default().split(&long_codes);
-    println!(
+    rec.say(format!(
         "  long tail: the longest list {}; act_grad_partial's split {} ({}); with a split at the longest \
          list: {}",
         long_codes.longest,
@@ -684,13 +745,13 @@ pub fn run_with(preset: Preset, rows: CudaRows, timer: &mut dyn Timer) -> Result
             act_tiles(&gpu, &long_codes, &whole, whole.split(&long_codes))?,
             b_n
         )
-    );
+    ));
     for (name, tiling) in [
         ("backward, tiled, long tail", backward::ActTiling::default()),
         ("  rows for the longest list", whole),
     ] {
         let t = time_tiled_backward(&gpu, timer, name, tiling, &long_inp)?;
-        report(name, t, 0.0, long_bytes, copy);
+        rec.report(name, t, 0.0, long_bytes);
     }
     drop(long_codes);
 
@@ -710,28 +771,27 @@ pub fn run_with(preset: Preset, rows: CudaRows, timer: &mut dyn Timer) -> Result
         zipf.feat.iter().for_each(|&f| per[f as usize] += 1);
         per.into_iter().max().unwrap_or(0)
     };
-    println!(
+    rec.say(format!(
         "  Zipf features: {:.1} entries a token; the busiest feature on {busiest} of {b_n} tokens",
         n_zipf as f64 / b_n as f64
-    );
+    ));
     let gather_ms = timer.time(&gpu, "backward (1 layer), Zipf features", &mut || {
         backward::layer_grads(&gpu, &zipf_inp).map(|_| ())
     })?;
-    report(
+    rec.report(
         "backward (1 layer), Zipf features",
         gather_ms,
         0.0,
         zipf_bytes,
-        copy,
     );
     let name = "backward, tiled, Zipf features";
     let tiled_ms =
         time_tiled_backward(&gpu, timer, name, backward::ActTiling::default(), &zipf_inp)?;
-    report(name, tiled_ms, 0.0, zipf_bytes, copy);
-    println!(
+    rec.report(name, tiled_ms, 0.0, zipf_bytes);
+    rec.say(format!(
         "  gather / tiled backward time, Zipf features: {:.2}x",
         gather_ms / tiled_ms
-    );
+    ));
     drop(zipf_codes);
 
     // The grouping by feature inside that backward, alone, and with feature 0 added to every token's list
@@ -761,7 +821,7 @@ pub fn run_with(preset: Preset, rows: CudaRows, timer: &mut dyn Timer) -> Result
         let ms = timer.time(&gpu, name, &mut || {
             backward::group_by_feature(&gpu, c, f_n).map(|_| ())
         })?;
-        report(name, ms, 0.0, (n_listed * 4 * 6) as f64, copy);
+        rec.report(name, ms, 0.0, (n_listed * 4 * 6) as f64);
     }
     drop(hot_codes);
 
@@ -781,7 +841,7 @@ pub fn run_with(preset: Preset, rows: CudaRows, timer: &mut dyn Timer) -> Result
     let ms = timer.time(&gpu, "adam (1 decoder layer)", &mut || {
         adam::adam_decoder(&gpu, &p, &m, &v, &g, &coef, &touched, Some(&pb), &nr, rl, k)
     })?;
-    report("adam (1 decoder layer)", ms, 0.0, (n * 30) as f64, copy);
+    rec.report("adam (1 decoder layer)", ms, 0.0, (n * 30) as f64);
     drop((p, m, v, g, pb, resid, out.yhat, out.sq_err));
 
     // The whole step's loss and gradient (Adam excluded from both): the sparse step on device-resident
@@ -821,20 +881,20 @@ pub fn run_with(preset: Preset, rows: CudaRows, timer: &mut dyn Timer) -> Result
     let sparse_ms = timer.time(&gpu, "sparse step (loss + grad)", &mut || {
         step::device_loss_and_grad(&gpu, &cfg, &dp, &batch, &obj, None).map(|_| ())
     })?;
-    report("sparse step (loss + grad)", sparse_ms, 0.0, 0.0, copy);
+    rec.report("sparse step (loss + grad)", sparse_ms, 0.0, 0.0);
     // What its gathers read (docs/cuda.md, "What today's sparse kernels gather"): per active entry the
     // decoder slices (decode, bf16), per listed entry the decoder row and residual row (act_grad, bf16 +
     // f32), per active entry the residual row and input row (feature_grads, f32); the lists per layer
     // estimated by the encoder row's above (same distributions).
     let rl_sum: usize = (0..l_n).map(|s| (l_n - s) * d).sum();
     let gathered = (n_active * rl_sum * (2 + 4) + nnz * rl_sum * 6 + n_active * l_n * d * 4) as f64;
-    println!(
+    rec.say(format!(
         "  its kernels gather ≈ {:.1} GB of rows (one fetch per entry): {:.1} ms at the measured copy \
          rate if none came from cache; the step took {:.0}% of that",
         gathered / 1e9,
         gathered / copy / 1e6,
         100.0 * sparse_ms / (gathered / copy / 1e6)
-    );
+    ));
     // The same step with the tiled kernels (the same result within f32 rounding).
     gpu.set_sparse_kernels(SparseKernels::Tiled);
     let tiled_step_ms = timer.time(&gpu, "sparse step, tiled kernels", &mut || {
@@ -842,7 +902,7 @@ pub fn run_with(preset: Preset, rows: CudaRows, timer: &mut dyn Timer) -> Result
     });
     gpu.set_sparse_kernels(SparseKernels::Gather);
     let tiled_step_ms = tiled_step_ms?;
-    report("sparse step, tiled kernels", tiled_step_ms, 0.0, 0.0, copy);
+    rec.report("sparse step, tiled kernels", tiled_step_ms, 0.0, 0.0);
     // What the tiled kernels fetch instead: the decoder staged once per 1,024 tokens (decode) and the
     // residual once per 1,024 features (decoder gradient), with 8 bytes of list per entry for every 8
     // columns in each; the same for the encoder rows (the input staged once per 1,024 features); the
@@ -853,13 +913,13 @@ pub fn run_with(preset: Preset, rows: CudaRows, timer: &mut dyn Timer) -> Result
         as f64;
     let fetched =
         staged + (2 * nnz * rl_sum + nnz * l_n * d + nnz * rl_sum / 4 + b_n * rl_sum * 4) as f64;
-    println!(
+    rec.say(format!(
         "  the tiled kernels fetch ≈ {:.1} GB ({:.1} ms at the measured copy rate); the step took {:.0}% \
          of that",
         fetched / 1e9,
         fetched / copy / 1e6,
         100.0 * tiled_step_ms / (fetched / copy / 1e6)
-    );
+    ));
     match &blas {
         Ok(blas) => {
             let dense_ms = timer.time(&gpu, "dense cuBLAS step (baseline)", &mut || {
@@ -870,15 +930,15 @@ pub fn run_with(preset: Preset, rows: CudaRows, timer: &mut dyn Timer) -> Result
             let dec_cols: usize = (0..l_n).map(|s| (l_n - s) * d).sum();
             let flops =
                 2.0 * (2 * b_n * d * f_n * l_n) as f64 + 3.0 * (2 * b_n * f_n * dec_cols) as f64;
-            report("dense cuBLAS step (baseline)", dense_ms, flops, 0.0, copy);
-            println!(
+            rec.report("dense cuBLAS step (baseline)", dense_ms, flops, 0.0);
+            rec.say(format!(
                 "dense / sparse step time: {:.2}x with the gathers, {:.2}x with the tiled kernels \
                  (issue 5 target: >= 5x)",
                 dense_ms / sparse_ms,
                 dense_ms / tiled_step_ms
-            );
+            ));
         }
-        Err(e) => println!("dense cuBLAS step: skipped ({e})"),
+        Err(e) => rec.say(format!("dense cuBLAS step: skipped ({e})")),
     }
     drop((batch, x));
 
@@ -918,11 +978,11 @@ pub fn run_with(preset: Preset, rows: CudaRows, timer: &mut dyn Timer) -> Result
     }
     times.sort_by(f64::total_cmp);
     let resident_ms = times[times.len() / 2];
-    report("resident step (+ clip, Adam)", resident_ms, 0.0, 0.0, copy);
-    println!(
+    rec.report("resident step (+ clip, Adam)", resident_ms, 0.0, 0.0);
+    rec.say(format!(
         "  resident step / sparse loss + grad: {:.2}x (the difference is the clipping norm and Adam)",
         resident_ms / sparse_ms
-    );
+    ));
     // Pipelined wall-clock: each step stages the next batch (host writes the pinned buffer, the copy
     // runs on the second stream) before stepping, as the trainer does.
     r.stage(&host)?;
@@ -935,13 +995,13 @@ pub fn run_with(preset: Preset, rows: CudaRows, timer: &mut dyn Timer) -> Result
     gpu.sync()?;
     let wall_ms = clock.elapsed().as_secs_f64() * 1e3 / steps as f64;
     let batch_bytes = (2 * b_n * row * 4) as f64;
-    println!(
+    rec.say(format!(
         "resident step, pipelined (host staging + copy on a second stream), wall clock: {wall_ms:.3} ms \
          per step; the batch is {:.2} GB of f32 x and y, i.e. {:.1} GB/s of host-to-device copy if the \
          copy were the bound",
         batch_bytes / 1e9,
         batch_bytes / wall_ms / 1e6
-    );
+    ));
 
     // The same batch as the store's int8 rows (the default codec): staged as codes, decoded and
     // normalised on the device by `dequant_rows` (the trainer's default for an int8 store), a quarter of
@@ -976,7 +1036,7 @@ pub fn run_with(preset: Preset, rows: CudaRows, timer: &mut dyn Timer) -> Result
             dequant::dequant_into(&gpu, &codes, q, b_n * l_n, d, 0, &dst)
         })?;
         let bytes = (coded.x.len() + b_n * row * 6) as f64;
-        report("dequant int8 x (+ bf16)", ms, 0.0, bytes, copy);
+        rec.report("dequant int8 x (+ bf16)", ms, 0.0, bytes);
     }
     // The f32 loop left its next batch staged: step on it (untimed), then the same loop on codes.
     r.step(&obj, None, lr, clip, steps)?;
@@ -989,14 +1049,14 @@ pub fn run_with(preset: Preset, rows: CudaRows, timer: &mut dyn Timer) -> Result
     gpu.sync()?;
     let coded_ms = clock.elapsed().as_secs_f64() * 1e3 / steps as f64;
     let coded_bytes = (coded.x.len() + coded.y.len()) as f64;
-    println!(
+    rec.say(format!(
         "resident step, pipelined, batch staged as int8 codes and decoded on the device: {coded_ms:.3} ms \
          per step ({:.2} GB across the bus, {:.1} GB/s if the copy were the bound); f32 staging / int8 \
          staging: {:.2}x",
         coded_bytes / 1e9,
         coded_bytes / coded_ms / 1e6,
         wall_ms / coded_ms
-    );
+    ));
 
     // The f32 loop again with the device's memory pool at the driver's default: its free memory handed
     // back at each synchronisation (release threshold 0), so that every step maps its temporaries again,
@@ -1015,13 +1075,13 @@ pub fn run_with(preset: Preset, rows: CudaRows, timer: &mut dyn Timer) -> Result
         gpu.set_pool_release_threshold(u64::MAX)?;
         run?;
         synced?;
-        println!(
+        rec.say(format!(
             "resident step, pipelined, f32 staging, the memory pool trimmed at each synchronisation (the \
              driver's default): {trimmed_ms:.3} ms per step; trimmed / kept: {:.2}x",
             trimmed_ms / wall_ms
-        );
+        ));
     }
-    Ok(())
+    Ok(rec)
 }
 
 /// `z` with `P(N(0,1) > z) = p` (bisection on erfc).
