@@ -2,7 +2,9 @@
 //! squared error: one block per (token, target layer), bf16 decoder rows, fp32 accumulation. And
 //! [`residual`] alone, for a feature shard whose partial reconstruction is completed by an all-reduce
 //! between its decode and its residual; [`PartialDecode`], that partial decoded one target layer at a time
-//! (layer-major), so that each layer's all-reduce can run while the next decodes.
+//! (layer-major), so that each layer's all-reduce can run while the next decodes. Under the tiled kernels,
+//! [`sparse_decode_tiled`] stages decoder slices in shared memory and walks the tokens in [`decode_order`]'s
+//! order (longest lists first), with the same bits as the gather.
 //!
 //! CPU reference: [`crate::backend::cpu::sparse::decode`] and [`crate::backend::cpu::sparse::residual`]
 //! (without the skip connection).
