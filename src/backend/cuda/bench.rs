@@ -794,6 +794,48 @@ pub fn run_with(preset: Preset, rows: CudaRows, timer: &mut dyn Timer) -> Result
     ));
     drop(zipf_codes);
 
+    // Lists whose lengths vary as real data's do (`uneven_lists`, as in the decode rows): the gathers and
+    // the tiled kernels, whose tiles act_plan packs by list length.
+    let uneven = uneven_lists(b_n, f_n, l0, 13);
+    let uneven_codes = encode::DeviceCodes::from_host(&gpu, &uneven)?;
+    let uneven_inp = backward::LayerGradInput {
+        codes: &uneven_codes,
+        ..inp
+    };
+    let uneven_bytes = backward_bytes(uneven.feat.len());
+    let split = backward::ActTiling::default().split(&uneven_codes);
+    rec.say(format!(
+        "  uneven lists: the longest {}; act_grad_partial's split {split} ({})",
+        uneven_codes.longest,
+        tiles_text(
+            act_tiles(&gpu, &uneven_codes, &backward::ActTiling::default(), split)?,
+            b_n
+        )
+    ));
+    let gather_ms = timer.time(&gpu, "backward (1 layer), uneven lists", &mut || {
+        backward::layer_grads(&gpu, &uneven_inp).map(|_| ())
+    })?;
+    rec.report(
+        "backward (1 layer), uneven lists",
+        gather_ms,
+        0.0,
+        uneven_bytes,
+    );
+    let name = "backward, tiled, uneven lists";
+    let tiled_ms = time_tiled_backward(
+        &gpu,
+        timer,
+        name,
+        backward::ActTiling::default(),
+        &uneven_inp,
+    )?;
+    rec.report(name, tiled_ms, 0.0, uneven_bytes);
+    rec.say(format!(
+        "  gather / tiled backward time, uneven lists: {:.2}x",
+        gather_ms / tiled_ms
+    ));
+    drop(uneven_codes);
+
     // The grouping by feature inside that backward, alone, and with feature 0 added to every token's list
     // (a feature on every token: the segment `csr_sort` orders is the whole batch). Bytes: the lists read
     // twice (count, fill), the unsorted ids written, read twice and written sorted, 4 bytes each.
