@@ -143,8 +143,8 @@ CLT_KERNEL void __launch_bounds__(DEC_THREADS, 1) sparse_decode(const CltDecodeP
 // sparse_decode_tiled walks for them (their lists' lengths, each capped at its cap, summed over the source
 // layers l_first..k), longest first by length_bucket (lengths within 1/8 of each other share a bucket): a
 // counting sort, the order within a bucket as the atomics fall. Writes order[k][0..B). At L0 ~ 64 a layer
-// most tokens fall in two or three buckets, so the sort's shared-memory atomics partly serialise (the bench
-// times it: `decode_order (all layers)`).
+// most tokens fall in two or three buckets, which is why the sort aggregates its atomics by warp
+// (sort.cuh). The bench times it: `decode_order (all layers)`.
 CLT_KERNEL void __launch_bounds__(256) decode_order(const CltDecodeParams p) {
     __shared__ uint32_t bins[LENGTH_BUCKETS];
     const uint32_t k = p.first_layer + blockIdx.x;
