@@ -2772,6 +2772,34 @@ mod gpu_tests {
         let b_dec = gpu.zeros::<f32>(16).unwrap();
         let r = decode::sparse_decode_tiled(gpu, &layers, &b_dec, None, 8, true, 1.0);
         assert!(matches!(r, Err(clt::Error::Shape { .. })), "{:?}", r.err());
+        // decode_order: layers whose lists cover different numbers of tokens.
+        let three = encode::DeviceCodes::from_host(
+            gpu,
+            &encode::HostCodes {
+                offsets: vec![0, 1, 1, 2],
+                feat: vec![0, 1],
+                pre: vec![1.0; 2],
+                act: vec![1.0; 2],
+            },
+        )
+        .unwrap();
+        let uneven = [
+            decode::DecodeLayer {
+                codes: &codes,
+                w_dec: &w0,
+                row_len: 16,
+            },
+            decode::DecodeLayer {
+                codes: &three,
+                w_dec: &w0,
+                row_len: 16,
+            },
+        ];
+        let r = decode::decode_order(gpu, &uneven, true);
+        match r {
+            Err(clt::Error::Shape { what, .. }) => assert!(what.contains("layer 1"), "{what}"),
+            other => panic!("expected a shape error, got {:?}", other.err()),
+        }
     }
 
     /// A decode's ŷ, residual and squared errors equal (`want_*`) to the bit.
