@@ -318,6 +318,32 @@ fn time_tiled_backward(
     t
 }
 
+/// One layer's backward on `inp`'s lists through the gathers and through the tiled kernels (default
+/// tiling): the rows `backward (1 layer), {label}` and `backward, tiled, {label}`, counting `bytes` each,
+/// and their ratio.
+fn time_backward_both(
+    gpu: &Gpu,
+    timer: &mut dyn Timer,
+    rec: &mut Record,
+    label: &str,
+    inp: &backward::LayerGradInput,
+    bytes: f64,
+) -> Result<()> {
+    let name = format!("backward (1 layer), {label}");
+    let gather_ms = timer.time(gpu, &name, &mut || {
+        backward::layer_grads(gpu, inp).map(|_| ())
+    })?;
+    rec.report(&name, gather_ms, 0.0, bytes);
+    let name = format!("backward, tiled, {label}");
+    let tiled_ms = time_tiled_backward(gpu, timer, &name, backward::ActTiling::default(), inp)?;
+    rec.report(&name, tiled_ms, 0.0, bytes);
+    rec.say(format!(
+        "  gather / tiled backward time, {label}: {:.2}x",
+        gather_ms / tiled_ms
+    ));
+    Ok(())
+}
+
 /// Runs every kernel bench on device 0 and prints the table: with [`Preset::Large`] the issue's
 /// Llama-3.2-1B shape (16 layers, d = 2048, 8192 features per layer, 16,384 tokens, L0 ≈ 64), with
 /// [`Preset::Small`] a quarter of it in tokens and features, with [`Preset::Tiny`] a smoke test of every code
@@ -775,23 +801,14 @@ pub fn run_with(preset: Preset, rows: CudaRows, timer: &mut dyn Timer) -> Result
         "  Zipf features: {:.1} entries a token; the busiest feature on {busiest} of {b_n} tokens",
         n_zipf as f64 / b_n as f64
     ));
-    let gather_ms = timer.time(&gpu, "backward (1 layer), Zipf features", &mut || {
-        backward::layer_grads(&gpu, &zipf_inp).map(|_| ())
-    })?;
-    rec.report(
-        "backward (1 layer), Zipf features",
-        gather_ms,
-        0.0,
+    time_backward_both(
+        &gpu,
+        timer,
+        &mut rec,
+        "Zipf features",
+        &zipf_inp,
         zipf_bytes,
-    );
-    let name = "backward, tiled, Zipf features";
-    let tiled_ms =
-        time_tiled_backward(&gpu, timer, name, backward::ActTiling::default(), &zipf_inp)?;
-    rec.report(name, tiled_ms, 0.0, zipf_bytes);
-    rec.say(format!(
-        "  gather / tiled backward time, Zipf features: {:.2}x",
-        gather_ms / tiled_ms
-    ));
+    )?;
     drop(zipf_codes);
 
     // Lists whose lengths vary as real data's do (`uneven_lists`, as in the decode rows): the gathers and
@@ -812,28 +829,14 @@ pub fn run_with(preset: Preset, rows: CudaRows, timer: &mut dyn Timer) -> Result
             b_n
         )
     ));
-    let gather_ms = timer.time(&gpu, "backward (1 layer), uneven lists", &mut || {
-        backward::layer_grads(&gpu, &uneven_inp).map(|_| ())
-    })?;
-    rec.report(
-        "backward (1 layer), uneven lists",
-        gather_ms,
-        0.0,
-        uneven_bytes,
-    );
-    let name = "backward, tiled, uneven lists";
-    let tiled_ms = time_tiled_backward(
+    time_backward_both(
         &gpu,
         timer,
-        name,
-        backward::ActTiling::default(),
+        &mut rec,
+        "uneven lists",
         &uneven_inp,
+        uneven_bytes,
     )?;
-    rec.report(name, tiled_ms, 0.0, uneven_bytes);
-    rec.say(format!(
-        "  gather / tiled backward time, uneven lists: {:.2}x",
-        gather_ms / tiled_ms
-    ));
     drop(uneven_codes);
 
     // The grouping by feature inside that backward, alone, and with feature 0 added to every token's list
