@@ -156,7 +156,7 @@ fn uneven_lists(n_tokens: usize, n_features: usize, l0: usize, seed: u64) -> enc
 
 /// The decodes on [`uneven_lists`] (every layer the same lists, `layers`' decoders): the gather, and the
 /// tiled decode in decode_order's order and in batch order, whose ratio is what the order buys where list
-/// lengths vary as with real data. `l0`: entries a token on average.
+/// lengths vary as with real data. `(codes, n_entries)`: the lists on the device and their entries.
 fn time_uneven_decode(
     gpu: &Gpu,
     timer: &mut dyn Timer,
@@ -164,34 +164,20 @@ fn time_uneven_decode(
     layers: &[decode::DecodeLayer],
     b_dec: &DBuf<f32>,
     targets: &decode::Targets,
-    l0: usize,
+    (codes, n_entries): (&encode::DeviceCodes, usize),
 ) -> Result<()> {
-    let (l_n, d) = (layers.len(), targets.d);
-    let b_n = layers.first().map_or(0, |v| v.codes.n_tokens);
-    let f_n = layers
-        .first()
-        .map_or(0, |v| v.w_dec.len() / v.row_len.max(1));
-    let uneven = uneven_lists(b_n, f_n, l0, 13);
-    let longest = uneven
-        .offsets
-        .windows(2)
-        .map(|w| w[1] - w[0])
-        .max()
-        .unwrap_or(0);
+    let (l_n, d, b_n) = (layers.len(), targets.d, codes.n_tokens);
     rec.say(format!(
-        "  uneven lists: {:.1} entries a token, the longest {longest}",
-        uneven.feat.len() as f64 / b_n.max(1) as f64
+        "  uneven lists: {:.1} entries a token, the longest {}",
+        n_entries as f64 / b_n.max(1) as f64,
+        codes.longest
     ));
-    let codes = encode::DeviceCodes::from_host(gpu, &uneven)?;
     let uneven_layers: Vec<decode::DecodeLayer> = layers
         .iter()
-        .map(|v| decode::DecodeLayer {
-            codes: &codes,
-            ..*v
-        })
+        .map(|v| decode::DecodeLayer { codes, ..*v })
         .collect();
     let rows_bytes: f64 = (0..l_n)
-        .map(|s| (uneven.feat.len() * (l_n - s) * d * 2) as f64)
+        .map(|s| (n_entries * (l_n - s) * d * 2) as f64)
         .sum();
     let bytes = (3 * b_n * l_n * d * 4) as f64 + rows_bytes;
     let (y, cross, scale) = (targets.y, targets.cross_layer, targets.resid_scale);
@@ -651,7 +637,14 @@ pub fn run_with(preset: Preset, rows: CudaRows, timer: &mut dyn Timer) -> Result
     })?;
     let order_bytes = (l_n * (l_n + 1) * b_n * 4 + l_n * b_n * 4) as f64;
     rec.report("decode_order (all layers)", order_ms, 0.0, order_bytes);
-    time_uneven_decode(&gpu, timer, &mut rec, &layers, &b_dec, &targets, l0)?;
+    // Lists whose lengths vary as real data's do (`uneven_lists`), for the decode here and the backward
+    // below.
+    let uneven = uneven_lists(b_n, f_n, l0, 13);
+    let uneven_codes = encode::DeviceCodes::from_host(&gpu, &uneven)?;
+    let uneven_entries = uneven.feat.len();
+    drop(uneven);
+    let uneven_at = (&uneven_codes, uneven_entries);
+    time_uneven_decode(&gpu, timer, &mut rec, &layers, &b_dec, &targets, uneven_at)?;
     let out = out.expect("decoded");
     let resid = out.resid.expect("residual");
 
@@ -811,15 +804,13 @@ pub fn run_with(preset: Preset, rows: CudaRows, timer: &mut dyn Timer) -> Result
     )?;
     drop(zipf_codes);
 
-    // Lists whose lengths vary as real data's do (`uneven_lists`, as in the decode rows): the gathers and
-    // the tiled kernels, whose tiles act_plan packs by list length.
-    let uneven = uneven_lists(b_n, f_n, l0, 13);
-    let uneven_codes = encode::DeviceCodes::from_host(&gpu, &uneven)?;
+    // The uneven lists of the decode rows: the gathers and the tiled kernels, whose tiles act_plan packs
+    // by list length.
     let uneven_inp = backward::LayerGradInput {
         codes: &uneven_codes,
         ..inp
     };
-    let uneven_bytes = backward_bytes(uneven.feat.len());
+    let uneven_bytes = backward_bytes(uneven_entries);
     let split = backward::ActTiling::default().split(&uneven_codes);
     rec.say(format!(
         "  uneven lists: the longest {}; act_grad_partial's split {split} ({})",
