@@ -2,7 +2,7 @@
 //! (the distributed resident loop, `parallel = "data"` or `"grid"`), and unpacked from the sum: one NCCL
 //! call per step instead of one per tensor.
 //!
-//! CPU reference: `dist::trainer::sum_gradients`, which packs the host's gradients the same way. Each
+//! CPU reference: `dist::trainer::grads::sum_gradients`, which packs the host's gradients the same way. Each
 //! replica weights its gradients by its share `w` of the batch's tokens while packing (every term of the
 //! loss is a mean over tokens, so the sum is the whole batch's gradient); the decoder's touched-row flags
 //! travel as 0/1 and come back as "touched anywhere"; the firing counts travel as f32, exact below 2²⁴.
