@@ -7,7 +7,7 @@
 mod common;
 use common::{shared, smollm2};
 
-use clt::model::{self, ForwardOptions, Logits, llama::matmul_wt};
+use clt::model::{self, ForwardOptions, Logits, forward::matmul_wt};
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
 
 const N: usize = 128;

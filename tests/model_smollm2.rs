@@ -143,7 +143,7 @@ fn logits_match_the_dequantised_reference_and_llama_cpp() {
             let want = top[0][0].as_u64().unwrap() as usize;
             let row = &logits[t * v..(t + 1) * v];
             assert_eq!(
-                clt::model::llama::argmax(row),
+                clt::model::forward::argmax(row),
                 want,
                 "prompt {p} position {t}: argmax"
             );
@@ -179,7 +179,7 @@ fn greedy_continuations_match_llama_cpp() {
         let logits = m.model.forward(&all[..all.len() - 1]).unwrap();
         for (i, &w) in want.iter().enumerate() {
             let row = &logits[(prompt.len() - 1 + i) * v..(prompt.len() + i) * v];
-            let ours = clt::model::llama::argmax(row);
+            let ours = clt::model::forward::argmax(row);
             if ours != w as usize {
                 let margin = row[ours] - row[w as usize];
                 assert!(

@@ -103,7 +103,7 @@ impl MlpOverride for EditedMlps<'_> {
         };
         // This layer's features from the current stream, then the edits.
         let mut pre = vec![0.0f32; n * f_n];
-        crate::model::llama::matmul_wt(x, n, d, &tc.params.w_enc[k], f_n, &mut pre);
+        crate::model::forward::matmul_wt(x, n, d, &tc.params.w_enc[k], f_n, &mut pre);
         let mut layer_acts = Vec::new();
         for p in 1..n {
             for f in 0..f_n {

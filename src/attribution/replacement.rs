@@ -8,7 +8,7 @@
 
 use crate::cache::InputHook;
 use crate::clt::{Activation, CltConfig, Params, Transcoder};
-use crate::model::{ForwardOptions, ForwardRecord, Hooks, LlamaModel, Logits, llama};
+use crate::model::{ForwardOptions, ForwardRecord, Hooks, LlamaModel, Logits, forward};
 use crate::{Error, Result};
 
 /// A transcoder in the model's raw units (normalisation scalars folded in), with the hook it reads.
@@ -218,7 +218,7 @@ pub fn encode(tc: &ReplacementTranscoder, inputs: &[Vec<f32>], n: usize) -> Acti
     };
     let mut pre = vec![0.0f32; n * f_n];
     for (l, x) in inputs.iter().enumerate() {
-        llama::matmul_wt(x, n, d, &tc.params.w_enc[l], f_n, &mut pre);
+        forward::matmul_wt(x, n, d, &tc.params.w_enc[l], f_n, &mut pre);
         for p in 0..n {
             if p > 0 {
                 let row = &pre[p * f_n..(p + 1) * f_n];
@@ -335,7 +335,7 @@ pub fn calibrated_transcoder(
     let n = tokens.len();
     let mut pre = vec![0.0f32; n * n_features];
     for l in 0..l_n {
-        llama::matmul_wt(&st[l], n, d, &tc.params.w_enc[l], n_features, &mut pre);
+        forward::matmul_wt(&st[l], n, d, &tc.params.w_enc[l], n_features, &mut pre);
         let mut v: Vec<f32> = pre[n_features..].to_vec();
         let k = (l0 * (n - 1)).clamp(1, v.len());
         v.select_nth_unstable_by(k - 1, |a, b| b.total_cmp(a));

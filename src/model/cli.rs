@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use std::time::Instant;
 
 use super::CausalLm;
-use super::llama::{argmax, softmax};
+use super::forward::{argmax, softmax};
 use crate::{Error, Result};
 
 /// Arguments of `clt run`.

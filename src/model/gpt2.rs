@@ -5,7 +5,7 @@
 //! with biases, `ln_2`, an MLP with the tanh-approximated GELU, `gelu_new`), a final `ln_f` and an unembedding
 //! tied to the token embedding (or a separate `lm_head` when the checkpoint has one).
 //!
-//! Layouts are those of [`llama`](super::llama): activations `[n_tokens, width]` row-major, weight matrices
+//! Layouts are those of [`forward`](super::forward): activations `[n_tokens, width]` row-major, weight matrices
 //! `(out, in)` row-major. Hugging Face stores GPT-2's `Conv1D` weights as `(in, out)`; the loader transposes
 //! them.
 //!
@@ -23,9 +23,8 @@
 
 use std::path::Path;
 
-use super::llama::{
-    ForwardOptions, ForwardOutput, ForwardRecord, LayerRecord, causal_attention,
-    check_intervention, matmul_wt, unembed,
+use super::forward::{
+    Blocks, Dims, ForwardOptions, ForwardOutput, Norm, causal_attention, matmul_wt, run_blocks,
 };
 use crate::{Error, Result};
 
@@ -277,142 +276,107 @@ impl Gpt2Model {
     /// include the position embeddings).
     pub fn forward_embedded(
         &self,
-        mut x: Vec<f32>,
+        x: Vec<f32>,
         opts: &ForwardOptions<'_>,
     ) -> Result<ForwardOutput> {
+        run_blocks(self, x, opts)
+    }
+}
+
+/// The GPT-2 block: LayerNorm, fused-QKV multi-head attention with biases, a GELU MLP.
+impl Blocks for Gpt2Model {
+    type Scratch = Gpt2Scratch;
+
+    fn dims(&self) -> Dims {
+        let c = &self.config;
+        Dims {
+            n_layers: c.n_layers,
+            d_model: c.d_model,
+            n_heads: c.n_heads,
+            vocab_size: c.vocab_size,
+        }
+    }
+
+    fn scratch(&self, n: usize) -> Gpt2Scratch {
         let c = &self.config;
         let d = c.d_model;
-        if x.is_empty() || !x.len().is_multiple_of(d) {
-            return Err(Error::Shape {
-                what: "input embeddings".into(),
-                expected: vec![x.len() / d.max(1), d],
-                got: vec![x.len()],
-            });
+        Gpt2Scratch {
+            q: vec![0.0; n * d],
+            k: vec![0.0; n * d],
+            v: vec![0.0; n * d],
+            attn: vec![0.0; n * d],
+            hidden: vec![0.0; n * c.d_mlp],
         }
-        let n = x.len() / d;
-        check_intervention(n, c.n_layers, c.n_heads, d, &opts.intervention)?;
-        if opts.intervention.mlp_fn.is_some() {
-            return Err(Error::Unsupported(
-                "an MLP override (feature interventions) on GPT-2: only the Llama forward has it"
-                    .into(),
-            ));
-        }
-        let hooks = opts.hooks;
-        let frozen = opts.intervention.frozen;
-        let hd = c.head_dim();
-
-        let mut normed = vec![0.0f32; n * d];
-        let mut q = vec![0.0f32; n * d];
-        let mut k = vec![0.0f32; n * d];
-        let mut v = vec![0.0f32; n * d];
-        let mut attn = vec![0.0f32; n * d];
-        let mut proj = vec![0.0f32; n * d];
-        let mut hidden = vec![0.0f32; n * c.d_mlp];
-        let mut record = ForwardRecord::default();
-
-        for (l, w) in self.layers.iter().enumerate() {
-            let mut rec = LayerRecord::default();
-            let fl = frozen.map(|f| &f.layers[l]);
-            if hooks.resid_pre {
-                rec.resid_pre = Some(x.clone());
-            }
-            // Attention.
-            let s = layer_norm(
-                &x,
-                d,
-                &w.ln_1_w,
-                &w.ln_1_b,
-                c.norm_eps,
-                fl.and_then(|f| f.attn_norm_scale.as_deref()),
-                &mut normed,
-            );
-            if hooks.norm_scales {
-                rec.attn_norm_scale = Some(s);
-            }
-            for (i, buf) in [&mut q, &mut k, &mut v].into_iter().enumerate() {
-                matmul_wt(&normed, n, d, &w.w_qkv[i * d * d..(i + 1) * d * d], d, buf);
-                add_bias(buf, &w.b_qkv[i * d..(i + 1) * d]);
-            }
-            rec.attn_pattern = causal_attention(
-                n,
-                c.n_heads,
-                c.n_heads,
-                hd,
-                &q,
-                &k,
-                &v,
-                fl.and_then(|f| f.attn_pattern.as_deref()),
-                hooks.attn_pattern,
-                &mut attn,
-            );
-            matmul_wt(&attn, n, d, &w.w_o, d, &mut proj);
-            add_bias(&mut proj, &w.b_o);
-            for (xi, pi) in x.iter_mut().zip(&proj) {
-                *xi += pi;
-            }
-            if hooks.resid_mid {
-                rec.resid_mid = Some(x.clone());
-            }
-            // MLP.
-            let s = layer_norm(
-                &x,
-                d,
-                &w.ln_2_w,
-                &w.ln_2_b,
-                c.norm_eps,
-                fl.and_then(|f| f.mlp_norm_scale.as_deref()),
-                &mut normed,
-            );
-            if hooks.norm_scales {
-                rec.mlp_norm_scale = Some(s);
-            }
-            if hooks.mlp_in_normed {
-                rec.mlp_in_normed = Some(normed.clone());
-            }
-            let mlp_out: &[f32] = match opts.intervention.mlp_out {
-                Some(repl) => &repl[l],
-                None => {
-                    matmul_wt(&normed, n, d, &w.w_fc, c.d_mlp, &mut hidden);
-                    add_bias(&mut hidden, &w.b_fc);
-                    for h in hidden.iter_mut() {
-                        *h = gelu_new(*h);
-                    }
-                    matmul_wt(&hidden, n, c.d_mlp, &w.w_proj, d, &mut proj);
-                    add_bias(&mut proj, &w.b_proj);
-                    &proj
-                }
-            };
-            for (xi, mi) in x.iter_mut().zip(mlp_out) {
-                *xi += mi;
-            }
-            if hooks.mlp_out {
-                rec.mlp_out = Some(mlp_out.to_vec());
-            }
-            record.layers.push(rec);
-        }
-
-        // Final LayerNorm and unembedding.
-        let final_frozen = frozen.and_then(|f| f.final_norm_scale.as_deref());
-        let s = layer_norm(
-            &x,
-            d,
-            &self.ln_f_w,
-            &self.ln_f_b,
-            c.norm_eps,
-            final_frozen,
-            &mut normed,
-        );
-        if hooks.norm_scales {
-            record.final_norm_scale = Some(s);
-        }
-        let logits = unembed(&normed, n, d, self.unembedding(), c.vocab_size, opts.logits);
-        Ok(ForwardOutput {
-            n_tokens: n,
-            logits,
-            resid_final: x,
-            record,
-        })
     }
+
+    fn norm(&self, which: Norm, x: &[f32], frozen: Option<&[f32]>, out: &mut [f32]) -> Vec<f32> {
+        let (w, b) = match which {
+            Norm::Attn(l) => (&self.layers[l].ln_1_w, &self.layers[l].ln_1_b),
+            Norm::Mlp(l) => (&self.layers[l].ln_2_w, &self.layers[l].ln_2_b),
+            Norm::Final => (&self.ln_f_w, &self.ln_f_b),
+        };
+        let c = &self.config;
+        layer_norm(x, c.d_model, w, b, c.norm_eps, frozen, out)
+    }
+
+    fn attention(
+        &self,
+        l: usize,
+        normed: &[f32],
+        n: usize,
+        frozen: Option<&[f32]>,
+        record: bool,
+        s: &mut Gpt2Scratch,
+        out: &mut [f32],
+    ) -> Option<Vec<f32>> {
+        let (c, w) = (&self.config, &self.layers[l]);
+        let d = c.d_model;
+        for (i, buf) in [&mut s.q, &mut s.k, &mut s.v].into_iter().enumerate() {
+            matmul_wt(normed, n, d, &w.w_qkv[i * d * d..(i + 1) * d * d], d, buf);
+            add_bias(buf, &w.b_qkv[i * d..(i + 1) * d]);
+        }
+        let pattern = causal_attention(
+            n,
+            c.n_heads,
+            c.n_heads,
+            c.head_dim(),
+            &s.q,
+            &s.k,
+            &s.v,
+            frozen,
+            record,
+            &mut s.attn,
+        );
+        matmul_wt(&s.attn, n, d, &w.w_o, d, out);
+        add_bias(out, &w.b_o);
+        pattern
+    }
+
+    fn mlp(&self, l: usize, normed: &[f32], n: usize, s: &mut Gpt2Scratch, out: &mut [f32]) {
+        let (c, w) = (&self.config, &self.layers[l]);
+        let d = c.d_model;
+        matmul_wt(normed, n, d, &w.w_fc, c.d_mlp, &mut s.hidden);
+        add_bias(&mut s.hidden, &w.b_fc);
+        for h in s.hidden.iter_mut() {
+            *h = gelu_new(*h);
+        }
+        matmul_wt(&s.hidden, n, c.d_mlp, &w.w_proj, d, out);
+        add_bias(out, &w.b_proj);
+    }
+
+    fn unembedding(&self) -> &[f32] {
+        Gpt2Model::unembedding(self)
+    }
+}
+
+/// [`Gpt2Model`]'s buffers for a forward over some number of tokens: Q, K, V, the heads' outputs and
+/// the MLP's hidden layer.
+pub(crate) struct Gpt2Scratch {
+    q: Vec<f32>,
+    k: Vec<f32>,
+    v: Vec<f32>,
+    attn: Vec<f32>,
+    hidden: Vec<f32>,
 }
 
 impl super::CausalLm for Gpt2Model {
@@ -532,6 +496,95 @@ mod tests {
         broken.layers[1].b_fc.pop();
         let e = broken.validate(Path::new("x")).unwrap_err().to_string();
         assert!(e.contains("h.1.mlp.c_fc.bias"), "{e}");
+    }
+
+    /// An MLP override that runs GPT-2's own MLP on the normed input it is given (or, `zero`, returns
+    /// zeros, or, `short`, one value too few), and keeps what it was called with.
+    #[derive(Debug)]
+    struct OwnMlp<'a> {
+        model: &'a Gpt2Model,
+        zero: bool,
+        short: bool,
+        calls: std::sync::Mutex<Vec<Call>>,
+    }
+
+    /// A call to the override: the layer, `resid_mid` and the normed input.
+    type Call = (usize, Vec<f32>, Vec<f32>);
+
+    impl crate::model::MlpOverride for OwnMlp<'_> {
+        fn mlp_out(&self, layer: usize, resid_mid: &[f32], normed: &[f32]) -> Vec<f32> {
+            let mut calls = self.calls.lock().unwrap();
+            calls.push((layer, resid_mid.to_vec(), normed.to_vec()));
+            let n = normed.len() / self.model.config.d_model;
+            let mut out = vec![0.0; normed.len() - usize::from(self.short)];
+            if !self.zero && !self.short {
+                let mut s = self.model.scratch(n);
+                self.model.mlp(layer, normed, n, &mut s, &mut out);
+            }
+            out
+        }
+    }
+
+    /// The MLP override (feature interventions) on GPT-2: called once a layer, in order, with that layer's
+    /// `resid_mid` and normed MLP input; its own MLP through it gives the plain forward's logits; zeros
+    /// through it give what zero `mlp_out` replacements give; an output of the wrong size is an error that
+    /// names the layer.
+    #[test]
+    fn mlp_override_runs_in_the_loop() {
+        let m = tiny();
+        let toks = [1u32, 5, 3, 12, 2, 7];
+        let all = ForwardOptions {
+            hooks: Hooks::all(),
+            ..Default::default()
+        };
+        let clean = m.forward_with(&toks, &all).unwrap();
+        let with = |o: &OwnMlp| {
+            m.forward_with(
+                &toks,
+                &ForwardOptions {
+                    intervention: Intervention {
+                        mlp_fn: Some(o),
+                        ..Default::default()
+                    },
+                    ..Default::default()
+                },
+            )
+        };
+        let own = |zero, short| OwnMlp {
+            model: &m,
+            zero,
+            short,
+            calls: Default::default(),
+        };
+        let same = own(false, false);
+        let out = with(&same).unwrap();
+        assert!(max_diff(&clean.logits, &out.logits) < 1e-6);
+        let calls = same.calls.into_inner().unwrap();
+        assert_eq!(calls.len(), m.config.n_layers);
+        for (l, (layer, resid_mid, normed)) in calls.iter().enumerate() {
+            let rec = &clean.record.layers[l];
+            assert_eq!(*layer, l);
+            assert!(max_diff(resid_mid, rec.resid_mid.as_ref().unwrap()) < 1e-6);
+            assert!(max_diff(normed, rec.mlp_in_normed.as_ref().unwrap()) < 1e-6);
+        }
+        let zeros = vec![vec![0.0f32; toks.len() * m.config.d_model]; m.config.n_layers];
+        let replaced = m
+            .forward_with(
+                &toks,
+                &ForwardOptions {
+                    intervention: Intervention {
+                        mlp_out: Some(&zeros),
+                        ..Default::default()
+                    },
+                    ..Default::default()
+                },
+            )
+            .unwrap();
+        let zeroed = with(&own(true, false)).unwrap();
+        assert_eq!(zeroed.logits, replaced.logits);
+        assert!(max_diff(&zeroed.logits, &clean.logits) > 1e-3);
+        let e = with(&own(false, true)).unwrap_err().to_string();
+        assert!(e.contains("mlp_fn output of layer 0"), "{e}");
     }
 
     #[test]

@@ -5,22 +5,16 @@
 //! grouped-query causal attention, a SwiGLU MLP and a tied or separate unembedding. It runs the full sequence
 //! in one go (no KV cache), with every projection a batched GEMM over all positions.
 //!
-//! Two things make it usable for interpretability work:
-//! - **hooks** ([`Hooks`]): per layer it can record `resid_pre`, `resid_mid`, `mlp_in_normed`, `mlp_out`, the
-//!   attention patterns and the norm scales (`1/rms` per position of the attention norm, the MLP norm and the
-//!   final norm), each only when asked for, into a [`ForwardRecord`];
-//! - **interventions** ([`Intervention`]): the same forward can run with the attention patterns and the norm
-//!   scales frozen to the values of an earlier record (so that the model becomes linear in the residual
-//!   stream between MLPs) and with the MLP outputs replaced by given values (as a replacement model does).
-//!
-//! Layouts: all activations are token-major, `[n_tokens, width]` row-major; weight matrices are `(out, in)`
-//! row-major, as in PyTorch, llama2.c and GGUF; an attention pattern is `[n_heads, n_tokens, n_tokens]`,
-//! `pattern[h][t][s]` the weight query position `t` gives key position `s` (zero for `s > t`).
+//! Hooks and interventions (recording the stream, freezing attention and norms, replacing the MLPs) are
+//! those of the shared loop, `run_blocks` in [`forward`](super::forward); this module supplies the
+//! Llama block to it (`Blocks`). Weight matrices are `(out, in)` row-major, as in PyTorch, llama2.c and
+//! GGUF.
 
 use std::path::Path;
 
-use rayon::prelude::*;
-
+use super::forward::{
+    Blocks, Dims, ForwardOptions, ForwardOutput, Norm, causal_attention, matmul_wt, run_blocks,
+};
 use crate::{Error, Result};
 
 /// How rotary embeddings pair up the dimensions of a head.
@@ -154,166 +148,6 @@ pub struct LlamaModel {
     pub final_norm: Vec<f32>,
     /// Separate unembedding `[vocab_size, d_model]`; `None` when it is tied to `tok_embeddings`.
     pub output: Option<Vec<f32>>,
-}
-
-/// Which intermediate values a forward records. `Default` records nothing.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct Hooks {
-    pub resid_pre: bool,
-    pub resid_mid: bool,
-    pub mlp_in_normed: bool,
-    pub mlp_out: bool,
-    pub attn_pattern: bool,
-    /// `1/rms` per position of the attention norm, the MLP norm and the final norm.
-    pub norm_scales: bool,
-}
-
-impl Hooks {
-    /// Records everything.
-    pub fn all() -> Self {
-        Hooks {
-            resid_pre: true,
-            resid_mid: true,
-            mlp_in_normed: true,
-            mlp_out: true,
-            attn_pattern: true,
-            norm_scales: true,
-        }
-    }
-
-    /// Records what an intervention needs to freeze the nonlinearities: attention patterns and norm scales.
-    pub fn frozen_state() -> Self {
-        Hooks {
-            attn_pattern: true,
-            norm_scales: true,
-            ..Hooks::default()
-        }
-    }
-}
-
-/// Which positions get logits.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub enum Logits {
-    /// Every position: `[n_tokens, vocab_size]`.
-    #[default]
-    All,
-    /// The last position only: `[vocab_size]` (generation).
-    Last,
-    /// None: skip the unembedding (activation caching).
-    None,
-}
-
-/// What one block recorded; a field is `Some` exactly when its hook was on.
-#[derive(Clone, Debug, Default, PartialEq)]
-pub struct LayerRecord {
-    /// Residual stream entering the block, `[n_tokens, d_model]`.
-    pub resid_pre: Option<Vec<f32>>,
-    /// `resid_pre` + attention output, `[n_tokens, d_model]`.
-    pub resid_mid: Option<Vec<f32>>,
-    /// RMSNorm(`resid_mid`) × MLP norm weight: the MLP input, `[n_tokens, d_model]`.
-    pub mlp_in_normed: Option<Vec<f32>>,
-    /// The MLP output added to the residual stream, `[n_tokens, d_model]`.
-    pub mlp_out: Option<Vec<f32>>,
-    /// Softmax attention weights, `[n_heads, n_tokens, n_tokens]` (zero above the diagonal).
-    pub attn_pattern: Option<Vec<f32>>,
-    /// `1/rms` of `resid_pre` per position (attention norm), `[n_tokens]`.
-    pub attn_norm_scale: Option<Vec<f32>>,
-    /// `1/rms` of `resid_mid` per position (MLP norm), `[n_tokens]`.
-    pub mlp_norm_scale: Option<Vec<f32>>,
-}
-
-/// Everything a forward recorded.
-#[derive(Clone, Debug, Default, PartialEq)]
-pub struct ForwardRecord {
-    /// One entry per block.
-    pub layers: Vec<LayerRecord>,
-    /// `1/rms` of the final residual stream per position, `[n_tokens]` (with the `norm_scales` hook).
-    pub final_norm_scale: Option<Vec<f32>>,
-}
-
-/// Changes to the computation, for linearised and replacement-model forwards.
-///
-/// - `frozen`: an earlier record (made with at least [`Hooks::frozen_state`] on the same tokens) whose
-///   attention patterns and norm scales are used instead of being recomputed; every attention norm, MLP norm,
-///   the final norm and every softmax then become fixed linear maps.
-/// - `mlp_out`: per layer, `[n_tokens, d_model]` values that replace the MLP's output (the MLP is not run).
-/// - `mlp_fn`: computes each layer's MLP output from that layer's inputs instead (a replacement model whose
-///   features respond to the stream, as in feature interventions); `mlp_out` wins when both are given.
-#[derive(Clone, Copy, Debug, Default)]
-pub struct Intervention<'a> {
-    pub frozen: Option<&'a ForwardRecord>,
-    pub mlp_out: Option<&'a [Vec<f32>]>,
-    pub mlp_fn: Option<&'a dyn MlpOverride>,
-}
-
-/// A replacement for the MLPs, called once per layer in order during a forward.
-pub trait MlpOverride: Sync + std::fmt::Debug {
-    /// The MLP output `[n_tokens, d_model]` of `layer`, given the residual stream before the MLP
-    /// (`resid_mid`) and the MLP's normed input, both `[n_tokens, d_model]`.
-    fn mlp_out(&self, layer: usize, resid_mid: &[f32], normed: &[f32]) -> Vec<f32>;
-}
-
-/// Options of [`LlamaModel::forward_with`].
-#[derive(Clone, Copy, Debug, Default)]
-pub struct ForwardOptions<'a> {
-    pub hooks: Hooks,
-    pub logits: Logits,
-    pub intervention: Intervention<'a>,
-}
-
-/// The result of a forward.
-#[derive(Clone, Debug, Default)]
-pub struct ForwardOutput {
-    pub n_tokens: usize,
-    /// `[n_tokens, vocab]`, `[vocab]` or empty, per [`Logits`].
-    pub logits: Vec<f32>,
-    /// The residual stream after the last block, `[n_tokens, d_model]` (before the final norm).
-    pub resid_final: Vec<f32>,
-    pub record: ForwardRecord,
-}
-
-/// `out[m, n] = x[m, k] · wᵀ` with `w` `(n, k)` row-major; `out` is overwritten.
-pub fn matmul_wt(x: &[f32], m: usize, k: usize, w: &[f32], n: usize, out: &mut [f32]) {
-    assert!(x.len() >= m * k && w.len() >= n * k && out.len() >= m * n);
-    if m == 0 || n == 0 {
-        return;
-    }
-    if k == 0 {
-        out[..m * n].fill(0.0);
-        return;
-    }
-    let work = m * n * k;
-    let parallelism = if work >= 1 << 18 && rayon::current_num_threads() > 1 {
-        gemm::Parallelism::Rayon(rayon::current_num_threads())
-    } else {
-        gemm::Parallelism::None
-    };
-    // SAFETY: the assertion above guarantees every index the strides describe is inside the slices:
-    // dst (m, n) with row stride n, lhs (m, k) with row stride k, rhs = wᵀ (k, n) read as w[j * k + p];
-    // `out` is borrowed mutably, so it aliases neither input.
-    unsafe {
-        gemm::gemm(
-            m,
-            n,
-            k,
-            out.as_mut_ptr(),
-            1,
-            n as isize,
-            false,
-            x.as_ptr(),
-            1,
-            k as isize,
-            w.as_ptr(),
-            k as isize,
-            1,
-            0.0f32,
-            1.0f32,
-            false,
-            false,
-            false,
-            parallelism,
-        );
-    }
 }
 
 /// RMSNorm of each row of `x` (`[rows, d]`) into `out`, with weight `w`; returns or uses `1/rms` per row.
@@ -477,334 +311,126 @@ impl LlamaModel {
     /// The forward from given input embeddings `[n_tokens, d_model]` (e.g. [`LlamaModel::embed`]'s).
     pub fn forward_embedded(
         &self,
-        mut x: Vec<f32>,
+        x: Vec<f32>,
         opts: &ForwardOptions<'_>,
     ) -> Result<ForwardOutput> {
+        run_blocks(self, x, opts)
+    }
+}
+
+/// The Llama-family block: RMSNorm, rotary grouped-query attention without biases, a SwiGLU MLP.
+impl Blocks for LlamaModel {
+    /// Q, K, V and the heads' outputs; the MLP's gate and up projections; the rotary tables.
+    type Scratch = LlamaScratch;
+
+    fn dims(&self) -> Dims {
         let c = &self.config;
-        let d = c.d_model;
-        if x.is_empty() || !x.len().is_multiple_of(d) {
-            return Err(Error::Shape {
-                what: "input embeddings".into(),
-                expected: vec![x.len() / d.max(1), d],
-                got: vec![x.len()],
-            });
+        Dims {
+            n_layers: c.n_layers,
+            d_model: c.d_model,
+            n_heads: c.n_heads,
+            vocab_size: c.vocab_size,
         }
-        let n = x.len() / d;
-        check_intervention(n, c.n_layers, c.n_heads, d, &opts.intervention)?;
-        let hooks = opts.hooks;
-        let frozen = opts.intervention.frozen;
+    }
+
+    fn scratch(&self, n: usize) -> LlamaScratch {
+        let c = &self.config;
         let (cos, sin) = rope_tables(n, c.head_dim, c.rope_theta);
-
-        let mut normed = vec![0.0f32; n * d];
-        let mut q = vec![0.0f32; n * c.q_dim()];
-        let mut k = vec![0.0f32; n * c.kv_dim()];
-        let mut v = vec![0.0f32; n * c.kv_dim()];
-        let mut attn = vec![0.0f32; n * c.q_dim()];
-        let mut proj = vec![0.0f32; n * d];
-        let mut gate = vec![0.0f32; n * c.hidden_dim];
-        let mut up = vec![0.0f32; n * c.hidden_dim];
-        let mut record = ForwardRecord::default();
-
-        for (l, w) in self.layers.iter().enumerate() {
-            let mut rec = LayerRecord::default();
-            let fl = frozen.map(|f| &f.layers[l]);
-            if hooks.resid_pre {
-                rec.resid_pre = Some(x.clone());
-            }
-            // Attention.
-            let s = rms_norm(
-                &x,
-                d,
-                &w.attn_norm,
-                c.norm_eps,
-                fl.and_then(|f| f.attn_norm_scale.as_deref()),
-                &mut normed,
-            );
-            if hooks.norm_scales {
-                rec.attn_norm_scale = Some(s);
-            }
-            matmul_wt(&normed, n, d, &w.wq, c.q_dim(), &mut q);
-            matmul_wt(&normed, n, d, &w.wk, c.kv_dim(), &mut k);
-            matmul_wt(&normed, n, d, &w.wv, c.kv_dim(), &mut v);
-            apply_rope(&mut q, c.n_heads, c.head_dim, c.rope_style, &cos, &sin);
-            apply_rope(&mut k, c.n_kv_heads, c.head_dim, c.rope_style, &cos, &sin);
-            let pattern = causal_attention(
-                n,
-                c.n_heads,
-                c.n_kv_heads,
-                c.head_dim,
-                &q,
-                &k,
-                &v,
-                fl.and_then(|f| f.attn_pattern.as_deref()),
-                hooks.attn_pattern,
-                &mut attn,
-            );
-            rec.attn_pattern = pattern;
-            matmul_wt(&attn, n, c.q_dim(), &w.wo, d, &mut proj);
-            for (xi, pi) in x.iter_mut().zip(&proj) {
-                *xi += pi;
-            }
-            if hooks.resid_mid {
-                rec.resid_mid = Some(x.clone());
-            }
-            // MLP.
-            let s = rms_norm(
-                &x,
-                d,
-                &w.mlp_norm,
-                c.norm_eps,
-                fl.and_then(|f| f.mlp_norm_scale.as_deref()),
-                &mut normed,
-            );
-            if hooks.norm_scales {
-                rec.mlp_norm_scale = Some(s);
-            }
-            if hooks.mlp_in_normed {
-                rec.mlp_in_normed = Some(normed.clone());
-            }
-            let replaced;
-            let mlp_out: &[f32] = match (opts.intervention.mlp_out, opts.intervention.mlp_fn) {
-                (Some(repl), _) => &repl[l],
-                (None, Some(f)) => {
-                    replaced = f.mlp_out(l, &x, &normed);
-                    if replaced.len() != n * d {
-                        return Err(Error::Shape {
-                            what: format!("mlp_fn output of layer {l}"),
-                            expected: vec![n, d],
-                            got: vec![replaced.len()],
-                        });
-                    }
-                    &replaced
-                }
-                (None, None) => {
-                    matmul_wt(&normed, n, d, &w.w_gate, c.hidden_dim, &mut gate);
-                    matmul_wt(&normed, n, d, &w.w_up, c.hidden_dim, &mut up);
-                    for (g, u) in gate.iter_mut().zip(&up) {
-                        *g = silu(*g) * u;
-                    }
-                    matmul_wt(&gate, n, c.hidden_dim, &w.w_down, d, &mut proj);
-                    &proj
-                }
-            };
-            for (xi, mi) in x.iter_mut().zip(mlp_out) {
-                *xi += mi;
-            }
-            if hooks.mlp_out {
-                rec.mlp_out = Some(mlp_out.to_vec());
-            }
-            record.layers.push(rec);
+        LlamaScratch {
+            q: vec![0.0; n * c.q_dim()],
+            k: vec![0.0; n * c.kv_dim()],
+            v: vec![0.0; n * c.kv_dim()],
+            attn: vec![0.0; n * c.q_dim()],
+            gate: vec![0.0; n * c.hidden_dim],
+            up: vec![0.0; n * c.hidden_dim],
+            cos,
+            sin,
         }
+    }
 
-        // Final norm and unembedding.
-        let final_frozen = frozen.and_then(|f| f.final_norm_scale.as_deref());
-        let s = rms_norm(
-            &x,
-            d,
-            &self.final_norm,
-            c.norm_eps,
-            final_frozen,
-            &mut normed,
+    fn norm(&self, which: Norm, x: &[f32], frozen: Option<&[f32]>, out: &mut [f32]) -> Vec<f32> {
+        let w = match which {
+            Norm::Attn(l) => &self.layers[l].attn_norm,
+            Norm::Mlp(l) => &self.layers[l].mlp_norm,
+            Norm::Final => &self.final_norm,
+        };
+        let c = &self.config;
+        rms_norm(x, c.d_model, w, c.norm_eps, frozen, out)
+    }
+
+    fn attention(
+        &self,
+        l: usize,
+        normed: &[f32],
+        n: usize,
+        frozen: Option<&[f32]>,
+        record: bool,
+        s: &mut LlamaScratch,
+        out: &mut [f32],
+    ) -> Option<Vec<f32>> {
+        let (c, w) = (&self.config, &self.layers[l]);
+        let d = c.d_model;
+        matmul_wt(normed, n, d, &w.wq, c.q_dim(), &mut s.q);
+        matmul_wt(normed, n, d, &w.wk, c.kv_dim(), &mut s.k);
+        matmul_wt(normed, n, d, &w.wv, c.kv_dim(), &mut s.v);
+        apply_rope(
+            &mut s.q,
+            c.n_heads,
+            c.head_dim,
+            c.rope_style,
+            &s.cos,
+            &s.sin,
         );
-        if hooks.norm_scales {
-            record.final_norm_scale = Some(s);
-        }
-        let logits = unembed(&normed, n, d, self.unembedding(), c.vocab_size, opts.logits);
-        Ok(ForwardOutput {
-            n_tokens: n,
-            logits,
-            resid_final: x,
+        apply_rope(
+            &mut s.k,
+            c.n_kv_heads,
+            c.head_dim,
+            c.rope_style,
+            &s.cos,
+            &s.sin,
+        );
+        let pattern = causal_attention(
+            n,
+            c.n_heads,
+            c.n_kv_heads,
+            c.head_dim,
+            &s.q,
+            &s.k,
+            &s.v,
+            frozen,
             record,
-        })
-    }
-}
-
-/// Checks an intervention fits a forward over `n` tokens of a model with these sizes.
-/// The logits of the positions `mode` asks for: the final-normed stream `[n, d]` times the unembedding
-/// `[vocab, d]` transposed.
-pub(crate) fn unembed(
-    normed: &[f32],
-    n: usize,
-    d: usize,
-    unembedding: &[f32],
-    vocab: usize,
-    mode: Logits,
-) -> Vec<f32> {
-    let rows = match mode {
-        Logits::All => 0..n,
-        Logits::Last => n - 1..n,
-        Logits::None => n..n,
-    };
-    let m = rows.len();
-    let mut logits = vec![0.0f32; m * vocab];
-    if m > 0 {
-        matmul_wt(
-            &normed[rows.start * d..rows.end * d],
-            m,
-            d,
-            unembedding,
-            vocab,
-            &mut logits,
+            &mut s.attn,
         );
+        matmul_wt(&s.attn, n, c.q_dim(), &w.wo, d, out);
+        pattern
     }
-    logits
+
+    fn mlp(&self, l: usize, normed: &[f32], n: usize, s: &mut LlamaScratch, out: &mut [f32]) {
+        let (c, w) = (&self.config, &self.layers[l]);
+        let d = c.d_model;
+        matmul_wt(normed, n, d, &w.w_gate, c.hidden_dim, &mut s.gate);
+        matmul_wt(normed, n, d, &w.w_up, c.hidden_dim, &mut s.up);
+        for (g, u) in s.gate.iter_mut().zip(&s.up) {
+            *g = silu(*g) * u;
+        }
+        matmul_wt(&s.gate, n, c.hidden_dim, &w.w_down, d, out);
+    }
+
+    fn unembedding(&self) -> &[f32] {
+        LlamaModel::unembedding(self)
+    }
 }
 
-pub(crate) fn check_intervention(
-    n: usize,
-    n_layers: usize,
-    n_heads: usize,
-    d_model: usize,
-    iv: &Intervention<'_>,
-) -> Result<()> {
-    let shape = |what: String, expected: Vec<usize>, got: usize| Error::Shape {
-        what,
-        expected,
-        got: vec![got],
-    };
-    if let Some(f) = iv.frozen {
-        if f.layers.len() != n_layers {
-            return Err(shape(
-                "frozen record layers".into(),
-                vec![n_layers],
-                f.layers.len(),
-            ));
-        }
-        let final_len = f.final_norm_scale.as_ref().map_or(0, Vec::len);
-        if final_len != n {
-            return Err(shape("frozen final_norm_scale".into(), vec![n], final_len));
-        }
-        for (l, r) in f.layers.iter().enumerate() {
-            let p = r.attn_pattern.as_ref().map_or(0, Vec::len);
-            if p != n_heads * n * n {
-                return Err(shape(
-                    format!("frozen attn_pattern of layer {l}"),
-                    vec![n_heads, n, n],
-                    p,
-                ));
-            }
-            for (name, s) in [
-                ("attn_norm_scale", &r.attn_norm_scale),
-                ("mlp_norm_scale", &r.mlp_norm_scale),
-            ] {
-                let len = s.as_ref().map_or(0, Vec::len);
-                if len != n {
-                    return Err(shape(format!("frozen {name} of layer {l}"), vec![n], len));
-                }
-            }
-        }
-    }
-    if let Some(m) = iv.mlp_out {
-        if m.len() != n_layers {
-            return Err(shape(
-                "mlp_out replacement layers".into(),
-                vec![n_layers],
-                m.len(),
-            ));
-        }
-        for (l, r) in m.iter().enumerate() {
-            if r.len() != n * d_model {
-                return Err(shape(
-                    format!("mlp_out replacement of layer {l}"),
-                    vec![n, d_model],
-                    r.len(),
-                ));
-            }
-        }
-    }
-    Ok(())
-}
-
-/// Causal grouped-query attention: writes the concatenated head outputs `[n, q_dim]` into `out`;
-/// uses `frozen` (`[n_heads, n, n]`) as the pattern when given; returns the pattern when `record`.
-pub(crate) fn causal_attention(
-    n: usize,
-    n_heads: usize,
-    n_kv_heads: usize,
-    hd: usize,
-    q: &[f32],
-    k: &[f32],
-    v: &[f32],
-    frozen: Option<&[f32]>,
-    record: bool,
-    out: &mut [f32],
-) -> Option<Vec<f32>> {
-    let (qd, kvd) = (n_heads * hd, n_kv_heads * hd);
-    let group = n_heads / n_kv_heads;
-    let scale = 1.0 / (hd as f32).sqrt();
-    // Per head: pattern [n, n] and output [n, hd].
-    let per_head: Vec<(Vec<f32>, Vec<f32>)> = (0..n_heads)
-        .into_par_iter()
-        .map(|h| {
-            let kvh = h / group;
-            let mut pat = vec![0.0f32; n * n];
-            match frozen {
-                Some(f) => pat.copy_from_slice(&f[h * n * n..(h + 1) * n * n]),
-                None => {
-                    for t in 0..n {
-                        let qt = &q[t * qd + h * hd..t * qd + (h + 1) * hd];
-                        let row = &mut pat[t * n..t * n + t + 1];
-                        let mut max = f32::NEG_INFINITY;
-                        for (s, r) in row.iter_mut().enumerate() {
-                            let ks = &k[s * kvd + kvh * hd..s * kvd + (kvh + 1) * hd];
-                            let dot: f32 = qt.iter().zip(ks).map(|(a, b)| a * b).sum();
-                            *r = dot * scale;
-                            max = max.max(*r);
-                        }
-                        let mut sum = 0.0f32;
-                        for r in row.iter_mut() {
-                            *r = (*r - max).exp();
-                            sum += *r;
-                        }
-                        for r in row.iter_mut() {
-                            *r /= sum;
-                        }
-                    }
-                }
-            }
-            let mut o = vec![0.0f32; n * hd];
-            for t in 0..n {
-                let ot = &mut o[t * hd..(t + 1) * hd];
-                for s in 0..=t {
-                    let p = pat[t * n + s];
-                    let vs = &v[s * kvd + kvh * hd..s * kvd + (kvh + 1) * hd];
-                    for (oi, vi) in ot.iter_mut().zip(vs) {
-                        *oi += p * vi;
-                    }
-                }
-            }
-            (pat, o)
-        })
-        .collect();
-    let mut patterns = record.then(|| Vec::with_capacity(n_heads * n * n));
-    for (h, (pat, o)) in per_head.into_iter().enumerate() {
-        for t in 0..n {
-            out[t * qd + h * hd..t * qd + (h + 1) * hd].copy_from_slice(&o[t * hd..(t + 1) * hd]);
-        }
-        if let Some(p) = patterns.as_mut() {
-            p.extend_from_slice(&pat);
-        }
-    }
-    patterns
-}
-
-/// Index of the first largest value (NaN never wins).
-pub fn argmax(x: &[f32]) -> usize {
-    let mut best = 0;
-    for (i, &v) in x.iter().enumerate() {
-        if v > x[best] || x[best].is_nan() {
-            best = i;
-        }
-    }
-    best
-}
-
-/// Softmax of `x` in f64 for reporting probabilities.
-pub fn softmax(x: &[f32]) -> Vec<f32> {
-    let max = x.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-    let e: Vec<f64> = x.iter().map(|&v| ((v - max) as f64).exp()).collect();
-    let sum: f64 = e.iter().sum();
-    e.iter().map(|&v| (v / sum) as f32).collect()
+/// [`LlamaModel`]'s buffers for a forward over some number of tokens.
+pub(crate) struct LlamaScratch {
+    q: Vec<f32>,
+    k: Vec<f32>,
+    v: Vec<f32>,
+    attn: Vec<f32>,
+    gate: Vec<f32>,
+    up: Vec<f32>,
+    cos: Vec<f32>,
+    sin: Vec<f32>,
 }
 
 impl super::CausalLm for LlamaModel {
@@ -820,7 +446,7 @@ impl super::CausalLm for LlamaModel {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::CausalLm;
+    use crate::model::{CausalLm, ForwardRecord, Hooks, Intervention};
 
     /// A small random model with distinct, deterministic weights.
     pub(crate) fn tiny(style: RopeStyle, tied: bool) -> LlamaModel {
@@ -877,21 +503,6 @@ mod tests {
             .zip(b)
             .map(|(x, y)| (x - y).abs())
             .fold(0.0, f32::max)
-    }
-
-    #[test]
-    fn matmul_matches_naive() {
-        let (m, k, n) = (5, 7, 3);
-        let x: Vec<f32> = (0..m * k).map(|i| (i as f32 * 0.37).sin()).collect();
-        let w: Vec<f32> = (0..n * k).map(|i| (i as f32 * 0.11).cos()).collect();
-        let mut out = vec![0.0; m * n];
-        matmul_wt(&x, m, k, &w, n, &mut out);
-        for i in 0..m {
-            for j in 0..n {
-                let want: f32 = (0..k).map(|p| x[i * k + p] * w[j * k + p]).sum();
-                assert!((out[i * n + j] - want).abs() < 1e-5);
-            }
-        }
     }
 
     #[test]

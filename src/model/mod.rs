@@ -1,7 +1,8 @@
 //! Running the language models that CLTs are trained on and attribute through.
 //!
-//! - [`llama`]: the Llama-family forward on the CPU, with hooks and interventions;
-//! - [`gpt2`]: the GPT-2 forward, with the same hooks and interventions;
+//! - [`forward`]: the forward loop both architectures share, with its hooks and interventions;
+//! - [`llama`]: the Llama-family block (RMSNorm, rotary grouped-query attention, SwiGLU);
+//! - [`gpt2`]: the GPT-2 block (LayerNorm, attention with biases, GELU);
 //! - [`llama2c`]: llama2.c checkpoints and tokenizers;
 //! - [`hf`]: Hugging Face model directories (`config.json`, `*.safetensors`, `tokenizer.json`; Llama, Mistral
 //!   and GPT-2);
@@ -13,6 +14,7 @@
 
 pub mod bpe;
 pub mod cli;
+pub mod forward;
 pub mod gguf;
 pub mod gpt2;
 pub mod hf;
@@ -24,11 +26,12 @@ use std::path::{Path, PathBuf};
 
 use crate::{Error, Result};
 pub use bpe::BpeTokenizer;
-pub use gpt2::{Gpt2Config, Gpt2LayerWeights, Gpt2Model};
-pub use llama::{
-    ForwardOptions, ForwardOutput, ForwardRecord, Hooks, Intervention, LayerRecord, LayerWeights,
-    LlamaConfig, LlamaModel, Logits, MlpOverride, RopeStyle,
+pub use forward::{
+    ForwardOptions, ForwardOutput, ForwardRecord, Hooks, Intervention, LayerRecord, Logits,
+    MlpOverride,
 };
+pub use gpt2::{Gpt2Config, Gpt2LayerWeights, Gpt2Model};
+pub use llama::{LayerWeights, LlamaConfig, LlamaModel, RopeStyle};
 pub use llama2c::Llama2cTokenizer;
 
 /// The kinds of model file the engine reads.
@@ -172,7 +175,7 @@ pub trait CausalLm {
         let mut seq = tokens.to_vec();
         let mut out = Vec::new();
         while out.len() < n_new && seq.len() < self.max_seq_len() {
-            let next = llama::argmax(&self.next_logits(&seq)?) as u32;
+            let next = forward::argmax(&self.next_logits(&seq)?) as u32;
             if Some(next) == stop {
                 break;
             }
@@ -369,7 +372,7 @@ pub fn load(path: &Path, tokenizer: Option<&Path>) -> Result<LoadedModel> {
 
 /// The `k` most probable tokens of `logits` under the softmax, most probable first (ties: lower id first).
 pub fn softmax_top(logits: &[f32], k: usize) -> Vec<(usize, f32)> {
-    let p = llama::softmax(logits);
+    let p = forward::softmax(logits);
     let mut order: Vec<usize> = (0..p.len()).collect();
     order.sort_by(|&a, &b| p[b].total_cmp(&p[a]).then(a.cmp(&b)));
     order.into_iter().take(k).map(|t| (t, p[t])).collect()
