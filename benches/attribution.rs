@@ -14,6 +14,7 @@ use std::time::Instant;
 use clt::attribution::graph::{AttributionConfig, attribute};
 use clt::attribution::replacement::calibrated_transcoder;
 use clt::attribution::{prune, scores};
+use clt::cache::InputHook;
 
 /// Resets the peak resident set (Linux: `clear_refs` 5) so that the next reading is this graph's peak.
 fn reset_peak() {
@@ -81,7 +82,8 @@ fn run(
     let mut points = Vec::new();
     for &n in lengths {
         let tokens = &all[..n.min(all.len())];
-        let tc = calibrated_transcoder(llama, tokens, n_features, l0, 1).unwrap();
+        let tc = calibrated_transcoder(llama, tokens, n_features, l0, 1, InputHook::MlpInNormed)
+            .unwrap();
         reset_peak();
         let t0 = Instant::now();
         let cfg = AttributionConfig {

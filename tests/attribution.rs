@@ -1,13 +1,15 @@
-//! Attribution graphs on stories260K with a CLT trained in the test, checked against the oracle: perturb one
-//! source in the frozen model, run it forward, and compare the change of every target with the adjacency.
+//! Attribution graphs on stories260K with a CLT trained in the test, and on random GPT-2 models with random
+//! transcoders, checked against the oracle: perturb one source in the frozen model, run it forward, and
+//! compare the change of every target with the adjacency.
 
 use clt::attribution::graph::{AttributionConfig, Graph, attribute};
 use clt::attribution::intervene::{Edit, intervene};
-use clt::attribution::replacement::ReplacementTranscoder;
-use clt::attribution::{load_transcoder, prune, scores};
+use clt::attribution::replacement::{ReplacementTranscoder, calibrated_transcoder};
+use clt::attribution::{Attributable, load_transcoder, prune, scores};
 use clt::cache::InputHook;
 use clt::model::{
-    CausalLm, ForwardOptions, ForwardRecord, Hooks, Intervention, LlamaModel, Logits,
+    CausalLm, ForwardOptions, ForwardRecord, Gpt2Config, Gpt2LayerWeights, Gpt2Model, Hooks,
+    Intervention, LlamaModel, Logits, MlpOverride,
 };
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
@@ -75,13 +77,64 @@ struct Measured {
     logits: Vec<f32>,
 }
 
+/// The transcoder's input at every layer of a forward's record, as `tc` reads it.
+fn inputs(tc: &ReplacementTranscoder, record: &ForwardRecord) -> Vec<Vec<f32>> {
+    record
+        .layers
+        .iter()
+        .map(|r| match tc.input_hook {
+            InputHook::MlpInNormed => r.mlp_in_normed.clone().unwrap(),
+            InputHook::ResidMid => r.resid_mid.clone().unwrap(),
+        })
+        .collect()
+}
+
+/// The frozen model's MLPs: the clean outputs with the perturbation added (`mlp`), plus, for a transcoder
+/// with skip connections, the skip path of the input's change from the clean run (the one part of the
+/// replacement model's MLP that the linearisation keeps differentiable).
+#[derive(Debug)]
+struct FrozenMlps<'a> {
+    tc: &'a ReplacementTranscoder,
+    mlp: &'a [Vec<f32>],
+    clean_inputs: &'a [Vec<f32>],
+}
+
+impl MlpOverride for FrozenMlps<'_> {
+    fn mlp_out(&self, layer: usize, resid_mid: &[f32], normed: &[f32]) -> Vec<f32> {
+        let mut out = self.mlp[layer].clone();
+        if self.tc.cfg.skip {
+            let x = match self.tc.input_hook {
+                InputHook::MlpInNormed => normed,
+                InputHook::ResidMid => resid_mid,
+            };
+            let d = self.tc.cfg.d_model;
+            let w = &self.tc.params.w_skip[layer];
+            for (p, o) in out.chunks_exact_mut(d).enumerate() {
+                let dx: Vec<f32> = x[p * d..(p + 1) * d]
+                    .iter()
+                    .zip(&self.clean_inputs[layer][p * d..(p + 1) * d])
+                    .map(|(a, b)| a - b)
+                    .collect();
+                for (i, o) in o.iter_mut().enumerate() {
+                    *o += w[i * d..(i + 1) * d]
+                        .iter()
+                        .zip(&dx)
+                        .map(|(a, b)| a * b)
+                        .sum::<f32>();
+                }
+            }
+        }
+        out
+    }
+}
+
 fn measure(
-    m: &LlamaModel,
+    m: &dyn Attributable,
     tc: &ReplacementTranscoder,
     g: &Graph,
     frozen: &ForwardRecord,
     emb: Vec<f32>,
-    mlp: &[Vec<f32>],
+    mlps: &FrozenMlps,
 ) -> Measured {
     let out = m
         .forward_embedded(
@@ -89,22 +142,24 @@ fn measure(
             &ForwardOptions {
                 hooks: Hooks {
                     mlp_in_normed: true,
+                    resid_mid: true,
                     ..Hooks::default()
                 },
                 logits: Logits::Last,
                 intervention: Intervention {
                     frozen: Some(frozen),
-                    mlp_out: Some(mlp),
-                    mlp_fn: None,
+                    mlp_out: None,
+                    mlp_fn: Some(mlps),
                 },
             },
         )
         .unwrap();
-    let d = m.config.d_model;
+    let d = m.linear().d_model;
+    let xs = inputs(tc, &out.record);
     let pre = (0..g.selected.len())
         .map(|i| {
             let (l, p, f, _) = g.feature(i);
-            let x = &out.record.layers[l].mlp_in_normed.as_ref().unwrap()[p * d..(p + 1) * d];
+            let x = &xs[l][p * d..(p + 1) * d];
             let w = &tc.params.w_enc[l][f * d..(f + 1) * d];
             x.iter().zip(w).map(|(a, b)| a * b).sum()
         })
@@ -141,13 +196,116 @@ fn a_per_layer_transcoder_matches_the_oracle_too() {
     oracle(m, &tc, &tokens, 60);
 }
 
+/// A random GPT-2 (LayerNorms with weights and biases, attention and MLP biases, position embeddings) of
+/// `n_layers` blocks, and prompt token ids for it.
+fn random_gpt2(n_layers: usize, seed: u64) -> (Gpt2Model, Vec<u32>) {
+    let c = Gpt2Config {
+        d_model: 24,
+        d_mlp: 96,
+        n_layers,
+        n_heads: 4,
+        vocab_size: 40,
+        max_seq_len: 16,
+        norm_eps: 1e-5,
+    };
+    let mut rng = clt::rng::Rng::seed(seed);
+    let mut r =
+        |len: usize, s: f64| -> Vec<f32> { (0..len).map(|_| (rng.normal() * s) as f32).collect() };
+    let (d, h, v) = (c.d_model, c.d_mlp, c.vocab_size);
+    let sd = 1.0 / (d as f64).sqrt();
+    let layers = (0..n_layers)
+        .map(|_| Gpt2LayerWeights {
+            ln_1_w: r(d, 0.2).iter().map(|x| x + 1.0).collect(),
+            ln_1_b: r(d, 0.1),
+            w_qkv: r(3 * d * d, 2.0 * sd),
+            b_qkv: r(3 * d, 0.1),
+            w_o: r(d * d, sd),
+            b_o: r(d, 0.1),
+            ln_2_w: r(d, 0.2).iter().map(|x| x + 1.0).collect(),
+            ln_2_b: r(d, 0.1),
+            w_fc: r(h * d, sd),
+            b_fc: r(h, 0.1),
+            w_proj: r(d * h, 1.0 / (h as f64).sqrt()),
+            b_proj: r(d, 0.1),
+        })
+        .collect();
+    let m = Gpt2Model {
+        wte: r(v * d, 1.0),
+        wpe: r(c.max_seq_len * d, 0.3),
+        ln_f_w: r(d, 0.2).iter().map(|x| x + 1.0).collect(),
+        ln_f_b: r(d, 0.1),
+        output: None,
+        layers,
+        config: c,
+    };
+    let tokens = (0..12u64).map(|i| ((i * 7 + 3) % 40) as u32).collect();
+    (m, tokens)
+}
+
+/// GPT-2's linearisation (frozen LayerNorms, which centre as well as scale; biases; position embeddings)
+/// against the oracle, with a cross-layer transcoder reading the normed MLP input.
+#[test]
+fn gpt2_adjacency_columns_match_the_frozen_model_oracle() {
+    let (m, tokens) = random_gpt2(3, 11);
+    let tc = calibrated_transcoder(&m, &tokens, 48, 6, 5, InputHook::MlpInNormed).unwrap();
+    oracle(&m, &tc, &tokens, 80);
+    // Interventions run through GPT-2's MLP override: a no-op edit is the model itself, silencing the
+    // last position's features moves its logits.
+    let clean = m.next_logits(&tokens).unwrap();
+    let last = tokens.len() - 1;
+    let noop: Edit = format!("0:{last}:0*=1").parse().unwrap();
+    let r = intervene(&m, &tc, &tokens, &[noop]).unwrap();
+    let diff = |a: &[f32]| {
+        a.iter()
+            .zip(&clean)
+            .map(|(a, b)| (a - b).abs())
+            .fold(0.0f32, f32::max)
+    };
+    assert!(diff(&r.logits) < 1e-4, "no-op edit: {}", diff(&r.logits));
+    let silence: Vec<Edit> = (0..tc.cfg.n_layers)
+        .flat_map(|l| (0..tc.cfg.n_features).map(move |f| (l, f)))
+        .map(|(l, f)| format!("{l}:{last}:{f}=0").parse().unwrap())
+        .collect();
+    let r = intervene(&m, &tc, &tokens, &silence).unwrap();
+    assert!(diff(&r.logits) > 1e-3, "silenced: {}", diff(&r.logits));
+}
+
+/// The skip path (the part of the replacement model's MLPs that stays differentiable) through both
+/// norms: a transcoder with skip connections reading `resid_mid` on GPT-2 and `mlp_in_normed` (through
+/// the frozen LayerNorm and the frozen RMSNorm) on GPT-2 and stories260K.
+#[test]
+fn skip_connections_match_the_oracle_through_either_norm() {
+    let with_skip = |mut tc: ReplacementTranscoder, seed: u64| {
+        let d = tc.cfg.d_model;
+        let mut rng = clt::rng::Rng::seed(seed);
+        tc.cfg.skip = true;
+        tc.params.w_skip = (0..tc.cfg.n_layers)
+            .map(|_| {
+                (0..d * d)
+                    .map(|_| (rng.normal() * 0.3 / (d as f64).sqrt()) as f32)
+                    .collect()
+            })
+            .collect();
+        tc
+    };
+    let (g2, tokens) = random_gpt2(2, 12);
+    for hook in [InputHook::ResidMid, InputHook::MlpInNormed] {
+        let tc = calibrated_transcoder(&g2, &tokens, 40, 6, 7, hook).unwrap();
+        oracle(&g2, &with_skip(tc, 8), &tokens, 40);
+    }
+    let (m, _, tokens) = setup();
+    let tc = calibrated_transcoder(m, &tokens, 64, 4, 9, InputHook::MlpInNormed).unwrap();
+    oracle(m, &with_skip(tc, 10), &tokens, 40);
+}
+
 /// Checks every error and token column and `n_feature_cols` random feature columns against the oracle.
-fn oracle(m: &LlamaModel, tc: &ReplacementTranscoder, tokens: &[u32], n_feature_cols: usize) {
+fn oracle(m: &dyn Attributable, tc: &ReplacementTranscoder, tokens: &[u32], n_feature_cols: usize) {
     let (tc, tokens) = (tc.clone(), tokens.to_vec());
     let g = attribute(m, &tc, &tokens, &AttributionConfig::default()).unwrap();
     let n = tokens.len();
-    let l_n = m.config.n_layers;
-    let d = m.config.d_model;
+    let lin = m.linear();
+    let l_n = lin.n_layers;
+    let d = lin.d_model;
     let a = &g.adjacency;
     assert!(
         g.selected.len() > 100,
@@ -171,6 +329,7 @@ fn oracle(m: &LlamaModel, tc: &ReplacementTranscoder, tokens: &[u32], n_feature_
                 hooks: Hooks {
                     mlp_out: true,
                     mlp_in_normed: true,
+                    resid_mid: true,
                     ..Hooks::frozen_state()
                 },
                 logits: Logits::Last,
@@ -185,7 +344,13 @@ fn oracle(m: &LlamaModel, tc: &ReplacementTranscoder, tokens: &[u32], n_feature_
         .map(|r| r.mlp_out.clone().unwrap())
         .collect();
     let emb = m.embed(&tokens).unwrap();
-    let clean = measure(m, &tc, &g, &base.record, emb.clone(), &mlp);
+    let clean_inputs = inputs(&tc, &base.record);
+    let frozen = FrozenMlps {
+        tc: &tc,
+        mlp: &mlp,
+        clean_inputs: &clean_inputs,
+    };
+    let clean = measure(m, &tc, &g, &base.record, emb.clone(), &frozen);
     let st = clt::attribution::prompt_state(m, &tc, &tokens).unwrap();
 
     // Sources: every error and token column and 100 random feature columns.
@@ -221,12 +386,22 @@ fn oracle(m: &LlamaModel, tc: &ReplacementTranscoder, tokens: &[u32], n_feature_
             let t = tokens[p] as usize;
             for (o, e) in emb2[p * d..(p + 1) * d]
                 .iter_mut()
-                .zip(&m.tok_embeddings[t * d..(t + 1) * d])
+                .zip(&lin.token_embedding[t * d..(t + 1) * d])
             {
                 *o += e;
             }
         }
-        let got = measure(m, &tc, &g, &base.record, emb2, &mlp2);
+        let got = measure(
+            m,
+            &tc,
+            &g,
+            &base.record,
+            emb2,
+            &FrozenMlps {
+                mlp: &mlp2,
+                ..frozen
+            },
+        );
         for (t, (after, before)) in got.pre.iter().zip(&clean.pre).enumerate() {
             let (delta, want) = (after - before, a.get(t, c));
             let err = (delta - want).abs();

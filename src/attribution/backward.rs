@@ -16,10 +16,10 @@
 
 use rayon::prelude::*;
 
+use super::linear::Linear;
 use super::replacement::{PromptState, ReplacementTranscoder};
 use crate::backend::cpu::gemm::{Mat, Threads, matmul};
 use crate::cache::InputHook;
-use crate::model::LlamaModel;
 
 /// A vector entering the linearised model.
 #[derive(Clone, Debug)]
@@ -35,7 +35,7 @@ pub struct Injection {
 /// The residual-stream vector whose dot product with `resid_mid` of (`layer`, `pos`) is feature `f`'s
 /// pre-activation (minus its bias), through the frozen input norm when the transcoder reads the normed input.
 pub fn feature_vector(
-    model: &LlamaModel,
+    lin: &Linear,
     tc: &ReplacementTranscoder,
     st: &PromptState,
     layer: usize,
@@ -51,38 +51,29 @@ pub fn feature_vector(
                 .mlp_norm_scale
                 .as_ref()
                 .expect("recorded")[pos];
-            let g = &model.layers[layer].mlp_norm;
-            w.iter().zip(g).map(|(w, g)| w * g * s).collect()
+            lin.norm_backward(lin.layers[layer].mlp_norm, s, w)
         }
     }
 }
 
 /// The final residual-stream vector whose dot product gives token `v`'s demeaned logit at the last position
 /// (through the frozen final norm). `mean_unembed` is the unembedding's mean over the vocabulary.
-pub fn logit_vector(
-    model: &LlamaModel,
-    st: &PromptState,
-    v: usize,
-    mean_unembed: &[f32],
-) -> Vec<f32> {
-    let d = model.config.d_model;
+pub fn logit_vector(lin: &Linear, st: &PromptState, v: usize, mean_unembed: &[f32]) -> Vec<f32> {
+    let d = lin.d_model;
     let s = st.record.final_norm_scale.as_ref().expect("recorded")[st.n - 1];
-    let u = &model.unembedding()[v * d..(v + 1) * d];
-    u.iter()
-        .zip(mean_unembed)
-        .zip(&model.final_norm)
-        .map(|((u, m), g)| (u - m) * g * s)
-        .collect()
+    let u = &lin.unembedding[v * d..(v + 1) * d];
+    let demeaned: Vec<f32> = u.iter().zip(mean_unembed).map(|(u, m)| u - m).collect();
+    lin.norm_backward(lin.final_norm, s, &demeaned)
 }
 
 /// The unembedding's mean row, `[d]` (f64 accumulation).
-pub fn mean_unembedding(model: &LlamaModel) -> Vec<f32> {
-    let d = model.config.d_model;
+pub fn mean_unembedding(lin: &Linear) -> Vec<f32> {
+    let d = lin.d_model;
     let mut acc = vec![0.0f64; d];
-    for row in model.unembedding().chunks_exact(d) {
+    for row in lin.unembedding.chunks_exact(d) {
         acc.iter_mut().zip(row).for_each(|(a, &v)| *a += v as f64);
     }
-    let v = model.config.vocab_size as f64;
+    let v = lin.vocab_size as f64;
     acc.iter().map(|a| (a / v) as f32).collect()
 }
 
@@ -164,12 +155,12 @@ impl Ragged {
 /// Computes the adjacency rows of a batch of injections: returns `[K][columns]`, row `i` the direct effect of
 /// every source on injection `i`'s target, and the floating-point operations the products did.
 pub fn attribute_batch(
-    model: &LlamaModel,
+    lin: &Linear,
     tc: &ReplacementTranscoder,
     st: &PromptState,
     inj: &[Injection],
 ) -> (Vec<f32>, f64) {
-    let c = &model.config;
+    let c = lin;
     let (l_n, d, n) = (c.n_layers, c.d_model, st.n);
     let cols = Columns {
         n_features: st.features.len(),
@@ -213,7 +204,7 @@ pub fn attribute_batch(
             flops += emit_layer(tc, st, &cols, &rg, l, &g, above, k_n, &mut out);
             if tc.cfg.skip {
                 skip_backward(
-                    model,
+                    lin,
                     tc,
                     st,
                     &rg,
@@ -231,7 +222,7 @@ pub fn attribute_batch(
                 .map(|r| 2.0 * (c.n_heads * rg.len(r) * rg.len(r) * c.head_dim) as f64)
                 .sum::<f64>();
         attention_backward(
-            model,
+            lin,
             st,
             &rg,
             l,
@@ -241,7 +232,7 @@ pub fn attribute_batch(
         );
     }
     // Token embeddings.
-    let emb = &model.tok_embeddings;
+    let emb = lin.token_embedding;
     for (t, gt) in g.chunks_exact(d).enumerate() {
         let p = rg.pos[t];
         let tok = st.tokens[p] as usize;
@@ -377,7 +368,7 @@ fn emit_layer(
 
 /// Adds the skip path's gradient, `g_mid += J_inᵀ W_skipᵀ g_post`, to the buffer rows `g`.
 fn skip_backward(
-    model: &LlamaModel,
+    lin: &Linear,
     tc: &ReplacementTranscoder,
     st: &PromptState,
     rg: &Ragged,
@@ -397,41 +388,23 @@ fn skip_backward(
         1.0,
         Threads::All,
     );
-    let (scale, gamma) = input_jacobian(model, tc, st, l);
+    // Through the transcoder's input: the frozen MLP norm (`mlp_in_normed`), or nothing (`resid_mid`).
+    let scale = match tc.input_hook {
+        InputHook::ResidMid => None,
+        InputHook::MlpInNormed => st.record.layers[l].mlp_norm_scale.as_deref(),
+    };
     for (i, (gr, tr)) in g.chunks_exact_mut(d).zip(t.chunks_exact(d)).enumerate() {
-        let sp = scale.map_or(1.0, |s| s[rg.pos[i]]);
-        match gamma {
-            Some(gm) => gr
-                .iter_mut()
-                .zip(tr)
-                .zip(gm)
-                .for_each(|((g, t), w)| *g += t * w * sp),
+        match scale {
+            Some(s) => lin.norm_backward_add(lin.layers[l].mlp_norm, s[rg.pos[i]], tr, gr),
             None => gr.iter_mut().zip(tr).for_each(|(g, t)| *g += t),
         }
-    }
-}
-
-/// The frozen input norm of layer `l`'s transcoder input: per-position scale and weight (none for
-/// `resid_mid`).
-fn input_jacobian<'a>(
-    model: &'a LlamaModel,
-    tc: &ReplacementTranscoder,
-    st: &'a PromptState,
-    l: usize,
-) -> (Option<&'a [f32]>, Option<&'a [f32]>) {
-    match tc.input_hook {
-        InputHook::ResidMid => (None, None),
-        InputHook::MlpInNormed => (
-            st.record.layers[l].mlp_norm_scale.as_deref(),
-            Some(&model.layers[l].mlp_norm),
-        ),
     }
 }
 
 /// `g_pre = g_mid + Attnᵀ(g_mid)` through layer `l`'s attention with its pattern and norm scale frozen, for
 /// the first `rows` sorted rows (`g` is their part of the buffer).
 fn attention_backward(
-    model: &LlamaModel,
+    lin: &Linear,
     st: &PromptState,
     rg: &Ragged,
     l: usize,
@@ -439,8 +412,8 @@ fn attention_backward(
     rows: usize,
     s: &mut Scratch,
 ) {
-    let c = &model.config;
-    let w = &model.layers[l];
+    let c = lin;
+    let w = &lin.layers[l];
     let (d, qd, kvd, hd, n) = (c.d_model, c.q_dim(), c.kv_dim(), c.head_dim, st.n);
     let group = c.n_heads / c.n_kv_heads;
     let total = g.len() / d;
@@ -456,7 +429,7 @@ fn attention_backward(
         abar,
         qd,
         Mat::rows(g, total, d),
-        Mat::rows(&w.wo, d, qd),
+        Mat::rows(w.wo, d, qd),
         0.0,
         1.0,
         Threads::All,
@@ -488,16 +461,12 @@ fn attention_backward(
         nbar,
         d,
         Mat::rows(vbar, total, kvd),
-        Mat::rows(&w.wv, kvd, d),
+        Mat::rows(w.wv, kvd, d),
         0.0,
         1.0,
         Threads::All,
     );
     for (t, (gr, nr)) in g.chunks_exact_mut(d).zip(nbar.chunks_exact(d)).enumerate() {
-        let sp = scale[rg.pos[t]];
-        gr.iter_mut()
-            .zip(nr)
-            .zip(&w.attn_norm)
-            .for_each(|((g, v), w)| *g += v * w * sp);
+        lin.norm_backward_add(w.attn_norm, scale[rg.pos[t]], nr, gr);
     }
 }

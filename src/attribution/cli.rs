@@ -82,19 +82,12 @@ fn open(inputs: &Inputs) -> Result<(LoadedModel, ReplacementTranscoder, String, 
     let lt = load_transcoder(&inputs.transcoder, inputs.input_hook)?;
     let tc = ReplacementTranscoder::new(&lt.transcoder, lt.input_hook)?;
     let tokens = m.tokenizer.encode(&inputs.prompt)?;
-    if m.model.as_llama().is_none() {
-        return Err(Error::Unsupported(format!(
-            "attribution through {} models: the Llama family is supported",
-            m.model.architecture()
-        )));
-    }
     Ok((m, tc, lt.name, tokens))
 }
 
 /// `clt attribute`.
 pub fn run_attribute(args: &AttributeArgs) -> Result<()> {
     let (m, tc, name, tokens) = open(&args.inputs)?;
-    let llama = m.model.as_llama().expect("checked");
     let cfg = AttributionConfig {
         max_n_logits: args.max_n_logits,
         desired_logit_prob: args.desired_logit_prob,
@@ -104,7 +97,7 @@ pub fn run_attribute(args: &AttributeArgs) -> Result<()> {
         progress: !args.quiet,
         ..AttributionConfig::default()
     };
-    let g = attribute(llama, &tc, &tokens, &cfg)?;
+    let g = attribute(&m.model, &tc, &tokens, &cfg)?;
     let slug = args.slug.clone().unwrap_or_else(|| {
         args.out
             .file_stem()
@@ -197,13 +190,12 @@ pub fn write_graph(
 /// `clt intervene`.
 pub fn run_intervene(args: &IntervenArgs) -> Result<()> {
     let (m, tc, _, tokens) = open(&args.inputs)?;
-    let llama = m.model.as_llama().expect("checked");
     let edits: Vec<Edit> = args
         .edits
         .iter()
         .map(|s| s.parse())
         .collect::<Result<_>>()?;
-    let r = intervene(llama, &tc, &tokens, &edits)?;
+    let r = intervene(&m.model, &tc, &tokens, &edits)?;
     let show = |title: &str, logits: &[f32]| {
         println!("{title}");
         for (t, p) in softmax_top(logits, args.top) {

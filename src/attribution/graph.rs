@@ -6,9 +6,9 @@ use std::time::Instant;
 use super::backward::{
     Columns, Injection, attribute_batch, feature_vector, logit_vector, mean_unembedding,
 };
+use super::linear::Attributable;
 use super::prune::Adjacency;
 use super::replacement::{ActiveFeatures, PromptState, ReplacementTranscoder, prompt_state};
-use crate::model::LlamaModel;
 use crate::{Error, Result};
 
 /// The options of [`attribute`], with circuit-tracer's defaults.
@@ -241,7 +241,7 @@ fn available_memory() -> Option<u64> {
 
 /// Computes the attribution graph of `tokens` (which should start with the model's BOS token).
 pub fn attribute(
-    model: &LlamaModel,
+    model: &dyn Attributable,
     tc: &ReplacementTranscoder,
     tokens: &[u32],
     cfg: &AttributionConfig,
@@ -260,7 +260,8 @@ pub fn attribute(
     };
     let (logit_tokens, logit_probs) =
         select_logits(&st.logits, cfg.max_n_logits, cfg.desired_logit_prob)?;
-    let l_n = model.config.n_layers;
+    let lin = model.linear();
+    let l_n = lin.n_layers;
     let n = st.n;
     let n_act = st.features.len();
     let cols = Columns {
@@ -296,11 +297,10 @@ pub fn attribute(
     let k_batch = if cfg.backward_batch > 0 {
         cfg.backward_batch
     } else {
-        let c = &model.config;
-        let per = 4 * (n * c.d_model.max(c.q_dim()) * 3 + cols.len() * 2);
+        let per = 4 * (n * lin.d_model.max(lin.q_dim()) * 3 + cols.len() * 2);
         ((256usize << 20) / per.max(1)).clamp(1, 256)
     };
-    let mean_u = mean_unembedding(model);
+    let mean_u = mean_unembedding(&lin);
     let bar = progress_bar(cfg.progress, n_rows as u64);
 
     let injection = |t: Target| -> Injection {
@@ -308,7 +308,7 @@ pub fn attribute(
             Target::Logit(j) => Injection {
                 layer: l_n,
                 pos: n - 1,
-                vector: logit_vector(model, &st, logit_tokens[j] as usize, &mean_u),
+                vector: logit_vector(&lin, &st, logit_tokens[j] as usize, &mean_u),
             },
             Target::Feature(s) => {
                 let (l, p, f) = (
@@ -319,7 +319,7 @@ pub fn attribute(
                 Injection {
                     layer: l,
                     pos: p,
-                    vector: feature_vector(model, tc, &st, l, p, f),
+                    vector: feature_vector(&lin, tc, &st, l, p, f),
                 }
             }
         }
@@ -330,7 +330,7 @@ pub fn attribute(
     let run = |targets: &[Target], sink: &mut dyn FnMut(Target, &[f32])| {
         for chunk in targets.chunks(k_batch) {
             let inj: Vec<Injection> = chunk.iter().map(|&t| injection(t)).collect();
-            let (rows, f) = attribute_batch(model, tc, &st, &inj);
+            let (rows, f) = attribute_batch(&lin, tc, &st, &inj);
             flops.set(flops.get() + f);
             for (i, &t) in chunk.iter().enumerate() {
                 sink(t, &rows[i * cols.len()..(i + 1) * cols.len()]);

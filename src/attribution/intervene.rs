@@ -8,9 +8,10 @@
 
 use std::sync::Mutex;
 
+use super::linear::Attributable;
 use super::replacement::{PromptState, ReplacementTranscoder, activation, add_skip, prompt_state};
 use crate::cache::InputHook;
-use crate::model::{ForwardOptions, Intervention, LlamaModel, Logits, MlpOverride};
+use crate::model::{ForwardOptions, Intervention, Logits, MlpOverride};
 use crate::{Error, Result};
 
 /// Which positions an edit applies to.
@@ -165,7 +166,7 @@ pub struct InterventionResult {
 
 /// Runs the replacement model over `tokens` with `edits`.
 pub fn intervene(
-    model: &LlamaModel,
+    model: &dyn Attributable,
     tc: &ReplacementTranscoder,
     tokens: &[u32],
     edits: &[Edit],

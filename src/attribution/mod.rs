@@ -2,6 +2,7 @@
 //! through which paths — computed exactly as circuit-tracer defines them, on the engine's own forward and
 //! kernels.
 //!
+//! - [`linear`]: what attribution reads of a model (Llama or GPT-2) beyond its forward: its linearisation;
 //! - [`replacement`]: the local replacement model of a prompt (forward with frozen state, active features,
 //!   error nodes);
 //! - [`backward`]: the batched linearised backward and the edges it yields;
@@ -17,6 +18,7 @@ pub mod backward;
 pub mod cli;
 pub mod graph;
 pub mod intervene;
+pub mod linear;
 pub mod output;
 pub mod prune;
 pub mod replacement;
@@ -27,6 +29,7 @@ use crate::cache::InputHook;
 use crate::clt::Transcoder;
 use crate::{Error, Result};
 pub use graph::{AttributionConfig, Graph, attribute, select_logits};
+pub use linear::{Attributable, Linear};
 pub use prune::{Adjacency, Pruned, Scores, prune, scores};
 pub use replacement::{ReplacementTranscoder, prompt_state};
 

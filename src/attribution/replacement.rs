@@ -6,9 +6,10 @@
 //! and the skip path) and an error term (true output − reconstruction). Position 0 (the beginning-of-sequence
 //! token) keeps no features and a zero error, as in circuit-tracer.
 
+use super::linear::Attributable;
 use crate::cache::InputHook;
 use crate::clt::{Activation, CltConfig, Params, Transcoder};
-use crate::model::{ForwardOptions, ForwardRecord, Hooks, LlamaModel, Logits, forward};
+use crate::model::{ForwardOptions, ForwardRecord, Hooks, Logits, forward};
 use crate::{Error, Result};
 
 /// A transcoder in the model's raw units (normalisation scalars folded in), with the hook it reads.
@@ -47,8 +48,9 @@ impl ReplacementTranscoder {
     }
 
     /// Checks the transcoder fits `model`.
-    pub fn check_fits(&self, model: &LlamaModel) -> Result<()> {
-        let (l, d) = (model.config.n_layers, model.config.d_model);
+    pub fn check_fits(&self, model: &dyn Attributable) -> Result<()> {
+        let lin = model.linear();
+        let (l, d) = (lin.n_layers, lin.d_model);
         if self.cfg.n_layers != l || self.cfg.d_model != d {
             return Err(Error::Shape {
                 what: "transcoder (layers, d_model) against the model's".into(),
@@ -125,7 +127,7 @@ pub struct PromptState {
 
 /// Runs the model over `tokens` and computes the replacement model's state.
 pub fn prompt_state(
-    model: &LlamaModel,
+    model: &dyn Attributable,
     tc: &ReplacementTranscoder,
     tokens: &[u32],
 ) -> Result<PromptState> {
@@ -153,7 +155,7 @@ type PerLayer = Vec<Vec<f32>>;
 /// transcoder's input at every layer and, with `full`, the MLP outputs and the last position's logits.
 /// Returns the output (its record stripped of the inputs and MLP outputs), the inputs and the MLP outputs.
 fn forward_inputs(
-    model: &LlamaModel,
+    model: &dyn Attributable,
     tc: &ReplacementTranscoder,
     tokens: &[u32],
     full: bool,
@@ -290,17 +292,20 @@ fn errors(
 }
 
 /// A random JumpReLU CLT for `model` whose thresholds are set, layer by layer, so that about `l0` features
-/// per token fire on `tokens`: for timing and memory figures, whose cost depends on the number of active
-/// features and the shapes, not on what the features mean. Encoder rows are random unit vectors, decoder
-/// rows random with norm ~0.1, biases zero.
+/// per token fire on `tokens`, reading `input_hook`: for timing and memory figures, whose cost depends on
+/// the number of active features and the shapes, not on what the features mean, and for the oracle tests
+/// on random models. Encoder rows are random unit vectors, decoder rows random with norm ~0.1, biases
+/// zero.
 pub fn calibrated_transcoder(
-    model: &LlamaModel,
+    model: &dyn Attributable,
     tokens: &[u32],
     n_features: usize,
     l0: usize,
     seed: u64,
+    input_hook: InputHook,
 ) -> Result<ReplacementTranscoder> {
-    let (l_n, d) = (model.config.n_layers, model.config.d_model);
+    let lin = model.linear();
+    let (l_n, d) = (lin.n_layers, lin.d_model);
     let cfg = CltConfig {
         n_layers: l_n,
         d_model: d,
@@ -328,7 +333,7 @@ pub fn calibrated_transcoder(
         cfg,
         params: p,
         thresholds: vec![vec![0.0; n_features]; l_n],
-        input_hook: InputHook::MlpInNormed,
+        input_hook,
     };
     // Thresholds: the (l0 · (n − 1))-th largest pre-activation of each layer over positions ≥ 1.
     let (_, st, _) = forward_inputs(model, &tc, tokens, false)?;
