@@ -428,3 +428,62 @@ fn clt_run_reports_gpt2() {
     );
     assert!(text.contains("generated ids"), "{text}");
 }
+
+/// `clt attribute` and `clt intervene` on a GPT-2 directory, with a random transcoder exported in
+/// circuit-tracer's format (reading `ln2.hook_normalized`): the graph's JSON is written with token,
+/// feature and logit nodes, and the edits print the logits before and after. (The oracle for GPT-2's
+/// edges is in `tests/attribution.rs`.)
+#[test]
+fn the_attribute_and_intervene_commands_run_on_gpt2() {
+    use clt::attribution::replacement::calibrated_transcoder;
+    use clt::cache::InputHook;
+    let (dir, m) = load("");
+    let prompt = "abaabbabab";
+    let tokens = m.tokenizer.encode(prompt).unwrap();
+    let tc = calibrated_transcoder(&m.model, &tokens, 32, 4, 3, InputHook::MlpInNormed).unwrap();
+    let t = clt::clt::Transcoder {
+        norms: clt::clt::NormScales::identity(tc.cfg.n_layers),
+        cfg: tc.cfg,
+        params: tc.params,
+    };
+    let ct = dir.path().join("transcoder");
+    let meta = clt::clt::export::ExportMeta {
+        model_name: "gpt2-tiny".into(),
+        feature_input_hook: "ln2.hook_normalized".into(),
+        feature_output_hook: "hook_mlp_out".into(),
+    };
+    clt::clt::export::export_circuit_tracer(&t, &ct, &meta).unwrap();
+    let out = dir.path().join("g.json");
+    let run = |command: &str, extra: &[&str]| {
+        let o = Command::new(env!("CARGO_BIN_EXE_clt"))
+            .arg(command)
+            .args(["--model", dir.path().to_str().unwrap()])
+            .args(["--transcoder", ct.to_str().unwrap()])
+            .args(["--prompt", prompt])
+            .args(extra)
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&o.stdout).to_string();
+        assert!(
+            o.status.success(),
+            "{text}{}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+        text
+    };
+    let text = run("attribute", &["--out", out.to_str().unwrap(), "--quiet"]);
+    assert!(text.contains("replacement score"), "{text}");
+    let v: serde_json::Value = serde_json::from_slice(&std::fs::read(&out).unwrap()).unwrap();
+    let kinds: Vec<&str> = v["nodes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|n| n["feature_type"].as_str().unwrap())
+        .collect();
+    for kind in ["embedding", "cross layer transcoder", "logit"] {
+        assert!(kinds.contains(&kind), "no {kind} node in {kinds:?}");
+    }
+    assert!(!v["links"].as_array().unwrap().is_empty());
+    let text = run("intervene", &["--set", "1:*:0*=0", "--set", "0:4:3=2.5"]);
+    assert!(text.contains("with the edits:"), "{text}");
+}
