@@ -508,9 +508,50 @@ impl GgufFile {
             norm_eps: f(k("attention.layer_norm_rms_epsilon"), 1e-5),
             rope_theta: f(k("rope.freq_base"), 10000.0),
             rope_style: RopeStyle::AdjacentPairs,
+            rope_freq_factors: self.rope_freq_factors(&arch, head_dim)?,
         };
         c.validate(&self.path)?;
         Ok(c)
+    }
+
+    /// The divisors of the rotary frequencies: `{arch}.rope.scaling.type` `linear` divides them all by
+    /// `{arch}.rope.scaling.factor`, and a `rope_freqs.weight` tensor (`[head_dim / 2]`, which llama.cpp's
+    /// converter writes for Llama 3's scaling) divides each by its own; both apply when both are there, as
+    /// in llama.cpp. None without either; other scaling types (YaRN) are refused, naming the type.
+    fn rope_freq_factors(&self, arch: &str, head_dim: usize) -> Result<Vec<f32>> {
+        let key = |s: &str| format!("{arch}.rope.scaling.{s}");
+        let kind = self.metadata.get(&key("type")).and_then(Value::as_str);
+        let mut factors = match kind {
+            None | Some("none") => Vec::new(),
+            Some("linear") => {
+                let factor = self
+                    .metadata
+                    .get(&key("factor"))
+                    .and_then(Value::as_f64)
+                    .filter(|v| v.is_finite() && *v > 0.0)
+                    .ok_or_else(|| Error::Format {
+                        path: self.path.clone(),
+                        offset: 0,
+                        reason: format!("`{}` is missing or not positive", key("factor")),
+                    })?;
+                vec![factor as f32; head_dim / 2]
+            }
+            Some(other) => {
+                return Err(Error::Unsupported(format!(
+                    "{}: RoPE scaling of type `{other}` (supported: linear, and Llama 3's `rope_freqs`)",
+                    self.path.display()
+                )));
+            }
+        };
+        if self.tensor_info("rope_freqs.weight").is_some() {
+            let per = self.tensor_shaped("rope_freqs.weight", &[head_dim / 2])?;
+            if factors.is_empty() {
+                factors = per;
+            } else {
+                factors.iter_mut().zip(&per).for_each(|(f, p)| *f *= p);
+            }
+        }
+        Ok(factors)
     }
 
     /// The Llama model in this file, dequantised to f32.
@@ -609,13 +650,26 @@ impl GgufFile {
 mod tests {
     use super::*;
 
+    /// A metadata value of a test file.
+    #[derive(Clone, Copy)]
+    enum Meta<'a> {
+        Str(&'a str),
+        U32(u32),
+        F32(f32),
+    }
+
     /// A minimal GGUF with one metadata key and the given tensors (name, dims, type, payload).
     fn build(tensors: &[(&str, Vec<u64>, u32, Vec<u8>)]) -> Vec<u8> {
+        build_with(&[], tensors)
+    }
+
+    /// The same with more metadata keys after `general.architecture`.
+    fn build_with(meta: &[(&str, Meta)], tensors: &[(&str, Vec<u64>, u32, Vec<u8>)]) -> Vec<u8> {
         let mut b = Vec::new();
         b.extend(MAGIC);
         b.extend(3u32.to_le_bytes());
         b.extend((tensors.len() as u64).to_le_bytes());
-        b.extend(1u64.to_le_bytes());
+        b.extend((1 + meta.len() as u64).to_le_bytes());
         let s = |b: &mut Vec<u8>, s: &str| {
             b.extend((s.len() as u64).to_le_bytes());
             b.extend(s.as_bytes());
@@ -623,6 +677,23 @@ mod tests {
         s(&mut b, "general.architecture");
         b.extend(8u32.to_le_bytes());
         s(&mut b, "llama");
+        for (key, v) in meta {
+            s(&mut b, key);
+            match v {
+                Meta::Str(v) => {
+                    b.extend(8u32.to_le_bytes());
+                    s(&mut b, v);
+                }
+                Meta::U32(v) => {
+                    b.extend(4u32.to_le_bytes());
+                    b.extend(v.to_le_bytes());
+                }
+                Meta::F32(v) => {
+                    b.extend(6u32.to_le_bytes());
+                    b.extend(v.to_le_bytes());
+                }
+            }
+        }
         let mut off = 0u64;
         for (name, dims, ty, data) in tensors {
             s(&mut b, name);
@@ -716,5 +787,49 @@ mod tests {
         );
         let g = GgufFile::parse(Path::new("t.gguf"), file).unwrap();
         assert!(g.llama_config().is_err());
+    }
+
+    /// RoPE scaling in a GGUF file: `rope_freqs.weight` gives each frequency's divisor (Llama 3), linear
+    /// scaling multiplies them by its factor, a misshapen tensor is named, and another scaling type is
+    /// refused by name.
+    #[test]
+    fn rope_scaling_comes_from_rope_freqs_and_the_scaling_type() {
+        let sizes = [
+            ("llama.embedding_length", Meta::U32(16)),
+            ("llama.attention.head_count", Meta::U32(2)),
+            ("llama.feed_forward_length", Meta::U32(32)),
+            ("llama.block_count", Meta::U32(1)),
+            ("llama.context_length", Meta::U32(64)),
+            ("llama.vocab_size", Meta::U32(10)),
+        ];
+        let freqs = |v: &[f32]| -> (&'static str, Vec<u64>, u32, Vec<u8>) {
+            let bytes = v.iter().flat_map(|x| x.to_le_bytes()).collect();
+            ("rope_freqs.weight", vec![v.len() as u64], 0, bytes)
+        };
+        let config = |extra: Vec<(&str, Meta)>, tensors: &[(&str, Vec<u64>, u32, Vec<u8>)]| {
+            let mut meta = sizes.to_vec();
+            meta.extend(extra);
+            let g = GgufFile::parse(Path::new("r.gguf"), build_with(&meta, tensors)).unwrap();
+            g.llama_config()
+        };
+        // head_dim 8: four frequencies.
+        assert!(config(vec![], &[]).unwrap().rope_freq_factors.is_empty());
+        let per = [1.0, 1.0, 2.5, 8.0];
+        let c = config(vec![], &[freqs(&per)]).unwrap();
+        assert_eq!(c.rope_freq_factors, per);
+        let linear = vec![
+            ("llama.rope.scaling.type", Meta::Str("linear")),
+            ("llama.rope.scaling.factor", Meta::F32(4.0)),
+        ];
+        let c = config(linear, &[freqs(&per)]).unwrap();
+        assert_eq!(c.rope_freq_factors, [4.0, 4.0, 10.0, 32.0]);
+        let e = config(vec![], &[freqs(&per[..3])]).unwrap_err().to_string();
+        assert!(
+            e.contains("rope_freqs.weight") && e.contains("r.gguf"),
+            "{e}"
+        );
+        let yarn = vec![("llama.rope.scaling.type", Meta::Str("yarn"))];
+        let e = config(yarn, &[]).unwrap_err().to_string();
+        assert!(e.contains("yarn") && e.contains("r.gguf"), "{e}");
     }
 }

@@ -2,8 +2,9 @@
 //! (memory-mapped; F32, F16 or BF16) and `tokenizer.json`.
 //!
 //! Hugging Face checkpoints keep Q/K rows in the order `transformers` rotates them, so these models use
-//! [`RopeStyle::HalfSplit`]. Architectures with attention biases (Qwen2), Q/K norms (Qwen3) or RoPE scaling
-//! (Llama 3.1+) are refused with an "unsupported" error rather than run wrongly.
+//! [`RopeStyle::HalfSplit`]. RoPE scaling of Llama 3.1+ (`rope_type: "llama3"`) and linear scaling are
+//! applied; other scalings (dynamic, YaRN, ...) and architectures with attention biases (Qwen2) or Q/K norms
+//! (Qwen3) are refused with an "unsupported" error rather than run wrongly.
 //!
 //! `model_type: "gpt2"` loads a [`Gpt2Model`] (tensor names with or without `transformer.`; `Conv1D` weights
 //! transposed to `(out, in)`); GPT-2 variants with another activation, `scale_attn_by_inverse_layer_idx` or
@@ -18,7 +19,7 @@ use safetensors::{Dtype, SafeTensors};
 use super::Model;
 use super::bpe::BpeTokenizer;
 use super::gpt2::{Gpt2Config, Gpt2LayerWeights, Gpt2Model};
-use super::llama::{LayerWeights, LlamaConfig, LlamaModel, RopeStyle};
+use super::llama::{LayerWeights, LlamaConfig, LlamaModel, RopeStyle, llama3_rope_factors};
 use crate::{Error, Result};
 
 /// Whether `dir` looks like a Hugging Face model directory.
@@ -47,12 +48,6 @@ pub fn config(dir: &Path) -> Result<(LlamaConfig, bool)> {
             path.display()
         )));
     }
-    if !j["rope_scaling"].is_null() {
-        return Err(Error::Unsupported(format!(
-            "{}: rope_scaling is not supported",
-            path.display()
-        )));
-    }
     if j["attention_bias"].as_bool() == Some(true) || j["mlp_bias"].as_bool() == Some(true) {
         return Err(Error::Unsupported(format!(
             "{}: attention or MLP biases",
@@ -61,6 +56,12 @@ pub fn config(dir: &Path) -> Result<(LlamaConfig, bool)> {
     }
     let d = int("hidden_size")?;
     let n_heads = int("num_attention_heads")?;
+    let head_dim = if j["head_dim"].is_null() {
+        d / n_heads
+    } else {
+        int("head_dim")?
+    };
+    let rope_theta = j["rope_theta"].as_f64().unwrap_or(10000.0) as f32;
     let c = LlamaConfig {
         d_model: d,
         hidden_dim: int("intermediate_size")?,
@@ -71,16 +72,13 @@ pub fn config(dir: &Path) -> Result<(LlamaConfig, bool)> {
         } else {
             int("num_key_value_heads")?
         },
-        head_dim: if j["head_dim"].is_null() {
-            d / n_heads
-        } else {
-            int("head_dim")?
-        },
+        head_dim,
         vocab_size: int("vocab_size")?,
         max_seq_len: int("max_position_embeddings")?,
         norm_eps: j["rms_norm_eps"].as_f64().unwrap_or(1e-6) as f32,
-        rope_theta: j["rope_theta"].as_f64().unwrap_or(10000.0) as f32,
+        rope_theta,
         rope_style: RopeStyle::HalfSplit,
+        rope_freq_factors: rope_scaling(&path, &j["rope_scaling"], head_dim, rope_theta)?,
     };
     c.validate(&path)?;
     Ok((c, j["tie_word_embeddings"].as_bool().unwrap_or(false)))
@@ -184,6 +182,59 @@ impl Tensors {
 }
 
 /// Reads `dir/config.json`.
+/// The divisors of the rotary frequencies that `config.json`'s `rope_scaling` asks for: none when it is
+/// null (or `rope_type: "default"`), Llama 3's (`"llama3"`, [`llama3_rope_factors`]) or linear scaling's (every
+/// frequency divided by `factor`); any other kind is refused, naming it.
+fn rope_scaling(
+    path: &Path,
+    s: &serde_json::Value,
+    head_dim: usize,
+    theta: f32,
+) -> Result<Vec<f32>> {
+    if s.is_null() {
+        return Ok(Vec::new());
+    }
+    let kind = s["rope_type"].as_str().or_else(|| s["type"].as_str());
+    let num = |k: &str| {
+        s[k].as_f64()
+            .filter(|v| v.is_finite() && *v > 0.0)
+            .ok_or_else(|| Error::Format {
+                path: path.to_path_buf(),
+                offset: 0,
+                reason: format!("rope_scaling.{k} is missing or not a positive number"),
+            })
+    };
+    match kind {
+        Some("default") => Ok(Vec::new()),
+        Some("linear") => Ok(vec![num("factor")? as f32; head_dim / 2]),
+        Some("llama3") => {
+            let (low, high) = (num("low_freq_factor")?, num("high_freq_factor")?);
+            if high <= low {
+                return Err(Error::Format {
+                    path: path.to_path_buf(),
+                    offset: 0,
+                    reason: format!(
+                        "rope_scaling: high_freq_factor {high} is not above low_freq_factor {low}"
+                    ),
+                });
+            }
+            Ok(llama3_rope_factors(
+                head_dim,
+                theta,
+                num("factor")?,
+                low,
+                high,
+                num("original_max_position_embeddings")?,
+            ))
+        }
+        other => Err(Error::Unsupported(format!(
+            "{}: rope_scaling of type `{}` (supported: llama3, linear)",
+            path.display(),
+            other.unwrap_or("none given")
+        ))),
+    }
+}
+
 fn config_json(dir: &Path) -> Result<(PathBuf, serde_json::Value)> {
     let path = dir.join("config.json");
     let text = std::fs::read_to_string(&path).map_err(|e| Error::io(&path, e))?;

@@ -46,6 +46,11 @@ pub struct LlamaConfig {
     /// RoPE base frequency.
     pub rope_theta: f32,
     pub rope_style: RopeStyle,
+    /// RoPE scaling: a divisor for each of a head's `head_dim / 2` rotary frequencies (Llama 3's
+    /// `rope_type: "llama3"`, computed by [`llama3_rope_factors`], or a GGUF file's `rope_freqs.weight`;
+    /// `linear` scaling divides them all by its factor). Empty: no scaling.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub rope_freq_factors: Vec<f32>,
 }
 
 impl LlamaConfig {
@@ -93,6 +98,18 @@ impl LlamaConfig {
         }
         if !(self.rope_theta.is_finite() && self.rope_theta > 0.0) {
             return Err(bad(format!("rope_theta {} is invalid", self.rope_theta)));
+        }
+        let f = &self.rope_freq_factors;
+        if !f.is_empty() && f.len() != self.head_dim / 2 {
+            return Err(bad(format!(
+                "{} RoPE frequency factors for head_dim {} (want {})",
+                f.len(),
+                self.head_dim,
+                self.head_dim / 2
+            )));
+        }
+        if let Some(v) = f.iter().find(|v| !(v.is_finite() && **v > 0.0)) {
+            return Err(bad(format!("RoPE frequency factor {v} is invalid")));
         }
         Ok(())
     }
@@ -179,14 +196,54 @@ fn rms_norm(
     scales
 }
 
-/// Cosine and sine tables `[n, head_dim/2]` for rotary embeddings.
-fn rope_tables(n: usize, head_dim: usize, theta: f32) -> (Vec<f32>, Vec<f32>) {
+/// Llama 3's RoPE scaling (`rope_scaling` with `rope_type: "llama3"` in a Hugging Face config) as a
+/// divisor of each rotary frequency `θ^(−2i/head_dim)`: 1 for wavelengths under
+/// `original_max_position_embeddings / high_freq_factor`, `factor` for wavelengths over
+/// `original_max_position_embeddings / low_freq_factor`, and between them the divisor that interpolates
+/// the two frequencies linearly in `original_max_position_embeddings / wavelength`. This is
+/// `transformers`' `_compute_llama3_parameters`, and the `rope_freqs.weight` that llama.cpp's converter
+/// writes into GGUF files.
+pub fn llama3_rope_factors(
+    head_dim: usize,
+    theta: f32,
+    factor: f64,
+    low_freq_factor: f64,
+    high_freq_factor: f64,
+    original_max_position_embeddings: f64,
+) -> Vec<f32> {
+    let (low_wavelen, high_wavelen) = (
+        original_max_position_embeddings / low_freq_factor,
+        original_max_position_embeddings / high_freq_factor,
+    );
+    (0..head_dim / 2)
+        .map(|i| {
+            let freq = 1.0 / (theta as f64).powf((2 * i) as f64 / head_dim as f64);
+            let wavelen = 2.0 * std::f64::consts::PI / freq;
+            if wavelen < high_wavelen {
+                1.0
+            } else if wavelen > low_wavelen {
+                factor as f32
+            } else {
+                let smooth = (original_max_position_embeddings / wavelen - low_freq_factor)
+                    / (high_freq_factor - low_freq_factor);
+                (1.0 / ((1.0 - smooth) / factor + smooth)) as f32
+            }
+        })
+        .collect()
+}
+
+/// Cosine and sine tables `[n, head_dim/2]` for rotary embeddings, each frequency divided by its factor
+/// in `factors` when there are any.
+fn rope_tables(n: usize, head_dim: usize, theta: f32, factors: &[f32]) -> (Vec<f32>, Vec<f32>) {
     let half = head_dim / 2;
     let mut cos = Vec::with_capacity(n * half);
     let mut sin = Vec::with_capacity(n * half);
     for pos in 0..n {
         for i in 0..half {
-            let freq = 1.0 / (theta as f64).powf((2 * i) as f64 / head_dim as f64);
+            let mut freq = 1.0 / (theta as f64).powf((2 * i) as f64 / head_dim as f64);
+            if let Some(&f) = factors.get(i) {
+                freq /= f as f64;
+            }
             let a = pos as f64 * freq;
             cos.push(a.cos() as f32);
             sin.push(a.sin() as f32);
@@ -335,7 +392,7 @@ impl Blocks for LlamaModel {
 
     fn scratch(&self, n: usize) -> LlamaScratch {
         let c = &self.config;
-        let (cos, sin) = rope_tables(n, c.head_dim, c.rope_theta);
+        let (cos, sin) = rope_tables(n, c.head_dim, c.rope_theta, &c.rope_freq_factors);
         LlamaScratch {
             q: vec![0.0; n * c.q_dim()],
             k: vec![0.0; n * c.kv_dim()],
@@ -462,6 +519,7 @@ mod tests {
             norm_eps: 1e-5,
             rope_theta: 10000.0,
             rope_style: style,
+            rope_freq_factors: Vec::new(),
         };
         let mut seed = 0x9e3779b97f4a7c15u64;
         let mut r = |len: usize, s: f32| -> Vec<f32> {
@@ -607,6 +665,57 @@ mod tests {
         let (l0, l2) = (run(&zero), run(&twice));
         let mid: Vec<f32> = l0.iter().zip(&l2).map(|(a, b)| (a + b) / 2.0).collect();
         assert!(max_diff(&mid, &base.logits) < 1e-4);
+    }
+
+    /// Llama 3.2's RoPE scaling (θ = 500000, head_dim 64, factor 32, low and high frequency factors 1 and
+    /// 4, 8192 original positions): 1 for the 15 fastest frequencies, 32 from the 19th on, and between
+    /// them the ratio of `transformers`' frequency to its smoothed one (values from a Python transcription
+    /// of `_compute_llama3_parameters`).
+    #[test]
+    fn llama3_rope_factors_match_transformers() {
+        let f = llama3_rope_factors(64, 500_000.0, 32.0, 1.0, 4.0, 8192.0);
+        assert_eq!(f.len(), 32);
+        assert!(f[..15].iter().all(|&v| v == 1.0), "{f:?}");
+        assert!(f[18..].iter().all(|&v| v == 32.0), "{f:?}");
+        for (i, want) in [(15, 1.651329), (16, 3.292262), (17, 9.666729)] {
+            assert!((f[i] - want).abs() < 1e-5, "{i}: {} vs {want}", f[i]);
+        }
+    }
+
+    /// The factors divide the rotary frequencies: a head's pair `i` turns by `pos · θ^(−2i/hd) / f_i`;
+    /// factors of one change no bit; a factor list of the wrong length, or a factor of zero, is refused.
+    #[test]
+    fn rope_factors_divide_the_frequencies() {
+        let (hd, theta, n) = (8, 10_000.0f32, 5);
+        let factors = [1.0f32, 2.5, 7.0, 32.0];
+        let (cos, sin) = rope_tables(n, hd, theta, &factors);
+        for pos in 0..n {
+            for i in 0..hd / 2 {
+                let freq =
+                    1.0 / (theta as f64).powf((2 * i) as f64 / hd as f64) / factors[i] as f64;
+                let a = pos as f64 * freq;
+                assert!((cos[pos * hd / 2 + i] as f64 - a.cos()).abs() < 1e-6);
+                assert!((sin[pos * hd / 2 + i] as f64 - a.sin()).abs() < 1e-6);
+            }
+        }
+        let m = tiny(RopeStyle::HalfSplit, true);
+        let toks = [1u32, 4, 2, 9, 3, 7];
+        let plain = m.forward(&toks).unwrap();
+        let mut ones = m.clone();
+        ones.config.rope_freq_factors = vec![1.0; m.config.head_dim / 2];
+        assert_eq!(ones.forward(&toks).unwrap(), plain);
+        let mut scaled = m.clone();
+        scaled.config.rope_freq_factors = vec![1.0, 4.0];
+        assert_ne!(scaled.forward(&toks).unwrap(), plain);
+        for bad in [vec![1.0], vec![1.0, 0.0]] {
+            let mut c = m.config.clone();
+            c.rope_freq_factors = bad;
+            let e = c.validate(Path::new("cfg")).unwrap_err().to_string();
+            assert!(
+                e.contains("RoPE frequency factor") && e.contains("cfg"),
+                "{e}"
+            );
+        }
     }
 
     #[test]

@@ -69,6 +69,7 @@ fn config_from_header(path: &Path, bytes: &[u8]) -> Result<(LlamaConfig, bool)> 
         norm_eps: 1e-5,
         rope_theta: 10000.0,
         rope_style: RopeStyle::AdjacentPairs,
+        rope_freq_factors: Vec::new(),
     };
     c.validate(path)?;
     Ok((c, vocab > 0))
