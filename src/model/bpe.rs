@@ -3,12 +3,14 @@
 
 use std::path::Path;
 
+use tokenizers::SplitDelimiterBehavior;
 use tokenizers::decoders::byte_level::ByteLevel as ByteLevelDecoder;
 use tokenizers::models::bpe::BPE;
 use tokenizers::pre_tokenizers::PreTokenizerWrapper;
 use tokenizers::pre_tokenizers::byte_level::ByteLevel;
 use tokenizers::pre_tokenizers::digits::Digits;
 use tokenizers::pre_tokenizers::sequence::Sequence;
+use tokenizers::pre_tokenizers::split::{Split, SplitPattern};
 use tokenizers::{AddedToken, Tokenizer};
 
 use crate::{Error, Result};
@@ -35,10 +37,30 @@ impl std::fmt::Debug for BpeTokenizer {
     }
 }
 
+/// Llama 3's pre-tokenizer pattern (llama.cpp's `LLAMA_VOCAB_PRE_TYPE_LLAMA3`, the `Split` of Llama 3's
+/// `tokenizer.json`): contractions, letters with one leading non-letter, digits in threes, punctuation
+/// runs with their line breaks, line breaks, and spaces (the last one left to the next word).
+const LLAMA3_PATTERN: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
+
 /// How a GGUF `tokenizer.ggml.pre` name splits text before BPE.
 fn pre_tokenizer(path: &Path, pre: &str) -> Result<PreTokenizerWrapper> {
     let byte_level = ByteLevel::new(false, true, true);
     match pre {
+        // Llama 3's pattern, then bytes mapped without GPT-2's regex.
+        "llama3" | "llama-v3" | "llama-bpe" => {
+            let split = Split::new(
+                SplitPattern::Regex(LLAMA3_PATTERN.into()),
+                SplitDelimiterBehavior::Isolated,
+                false,
+            )
+            .map_err(|e| Error::Format {
+                path: path.to_path_buf(),
+                offset: 0,
+                reason: format!("Llama 3 pre-tokenizer: {e}"),
+            })?;
+            let bytes = ByteLevel::new(false, true, false);
+            Ok(Sequence::new(vec![split.into(), bytes.into()]).into())
+        }
         // GPT-2's regex alone.
         "default" | "gpt2" | "gpt-2" => Ok(byte_level.into()),
         // Digits one by one, then GPT-2's regex (llama.cpp: "\p{N}" then the GPT-2 pattern).
@@ -145,5 +167,42 @@ impl BpeTokenizer {
 
     pub fn vocab_size(&self) -> usize {
         self.inner.get_vocab_size(true)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokenizers::{OffsetReferential, OffsetType, PreTokenizedString, PreTokenizer};
+
+    fn split(pre: &str, text: &str) -> Vec<String> {
+        let p = pre_tokenizer(Path::new("t.gguf"), pre).unwrap();
+        let mut s = PreTokenizedString::from(text);
+        p.pre_tokenize(&mut s).unwrap();
+        s.get_splits(OffsetReferential::Original, OffsetType::Byte)
+            .into_iter()
+            .map(|(piece, _, _)| piece.to_string())
+            .collect()
+    }
+
+    /// Llama 3's pre-tokenizer: a contraction on its own, digits in threes, a space before digits on its
+    /// own, punctuation with its line breaks, and of two spaces the last one kept for the next word (bytes
+    /// shown as byte-level BPE maps them: space `Ġ`, line feed `Ċ`). GPT-2's splits the same text otherwise,
+    /// and an unknown name is refused.
+    #[test]
+    fn llama3_pre_tokenizer_splits_as_its_pattern_says() {
+        let text = "Hello world's 12345 test!!\n\nok  x";
+        assert_eq!(
+            split("llama-bpe", text),
+            [
+                "Hello", "Ġworld", "'s", "Ġ", "123", "45", "Ġtest", "!!ĊĊ", "ok", "Ġ", "Ġx"
+            ]
+        );
+        assert_eq!(split("llama3", "I'LL 7"), ["I", "'LL", "Ġ", "7"]);
+        assert_ne!(split("gpt2", text), split("llama-bpe", text));
+        let e = pre_tokenizer(Path::new("t.gguf"), "tekken")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("tekken") && e.contains("t.gguf"), "{e}");
     }
 }
