@@ -48,6 +48,12 @@ pub fn config(dir: &Path) -> Result<(LlamaConfig, bool)> {
             path.display()
         )));
     }
+    if let Some(act) = j["hidden_act"].as_str().filter(|a| *a != "silu") {
+        return Err(Error::Unsupported(format!(
+            "{}: hidden_act `{act}` (the Llama MLP is SwiGLU: silu)",
+            path.display()
+        )));
+    }
     if j["attention_bias"].as_bool() == Some(true) || j["mlp_bias"].as_bool() == Some(true) {
         return Err(Error::Unsupported(format!(
             "{}: attention or MLP biases",
@@ -427,4 +433,60 @@ pub fn load_tokenizer(dir: &Path, tokenizer: Option<&Path>) -> Result<BpeTokeniz
     }
     .map(|v| v as u32);
     BpeTokenizer::from_file(&path, eos)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `config.json`'s fields that change the computation: an MLP activation other than SiLU and a RoPE
+    /// scaling other than Llama 3's or linear are refused by name; Llama 3's is read.
+    #[test]
+    fn config_refuses_what_the_forward_would_run_wrongly() {
+        let dir = tempfile::tempdir().unwrap();
+        let write = |extra: serde_json::Value| {
+            let mut j = serde_json::json!({
+                "model_type": "llama", "hidden_size": 64, "intermediate_size": 128,
+                "num_hidden_layers": 2, "num_attention_heads": 4, "vocab_size": 100,
+                "max_position_embeddings": 256, "rope_theta": 500000.0
+            });
+            for (k, v) in extra.as_object().unwrap() {
+                j[k] = v.clone();
+            }
+            std::fs::write(dir.path().join("config.json"), j.to_string()).unwrap();
+            config(dir.path())
+        };
+        assert!(
+            write(serde_json::json!({}))
+                .unwrap()
+                .0
+                .rope_freq_factors
+                .is_empty()
+        );
+        let llama3 = serde_json::json!({"rope_scaling": {
+            "rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 8192
+        }});
+        let (c, _) = write(llama3).unwrap();
+        assert_eq!(
+            c.rope_freq_factors,
+            llama3_rope_factors(16, 500000.0, 32.0, 1.0, 4.0, 8192.0)
+        );
+        let linear = serde_json::json!({"rope_scaling": {"type": "linear", "factor": 2.0}});
+        assert_eq!(write(linear).unwrap().0.rope_freq_factors, vec![2.0; 8]);
+        for (extra, name) in [
+            (serde_json::json!({"hidden_act": "gelu"}), "gelu"),
+            (
+                serde_json::json!({"rope_scaling": {"rope_type": "dynamic", "factor": 2.0}}),
+                "dynamic",
+            ),
+            (
+                serde_json::json!({"rope_scaling": {"rope_type": "llama3", "factor": 8.0}}),
+                "low_freq_factor",
+            ),
+        ] {
+            let e = write(extra).unwrap_err().to_string();
+            assert!(e.contains(name) && e.contains("config.json"), "{e}");
+        }
+    }
 }
