@@ -483,6 +483,19 @@ fn the_attribute_and_intervene_commands_run_on_gpt2() {
     for kind in ["embedding", "cross layer transcoder", "logit"] {
         assert!(kinds.contains(&kind), "no {kind} node in {kinds:?}");
     }
+    // The prompt does not start with a special token: `<|endoftext|>` (63 here) is put first, as
+    // circuit-tracer does, so the prompt's first word keeps its features.
+    let ids: Vec<&str> = v["nodes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|n| n["node_id"].as_str().unwrap())
+        .collect();
+    assert!(ids.contains(&"E_63_0"), "{ids:?}");
+    assert!(
+        ids.contains(&format!("E_{}_1", tokens[0]).as_str()),
+        "{ids:?}"
+    );
     assert!(!v["links"].as_array().unwrap().is_empty());
     let text = run("intervene", &["--set", "1:*:0*=0", "--set", "0:4:3=2.5"]);
     assert!(text.contains("with the edits:"), "{text}");

@@ -26,7 +26,8 @@ pub struct Inputs {
     /// The hook the transcoder reads (default: from its config.yaml or its training cache).
     #[arg(long, value_enum)]
     pub input_hook: Option<InputHook>,
-    /// The prompt (the model's beginning-of-sequence token is prepended).
+    /// The prompt (a special token is put first when the tokens do not start with one: the model's BOS, else
+    /// its EOS, as circuit-tracer does).
     #[arg(long)]
     pub prompt: String,
 }
@@ -81,7 +82,7 @@ fn open(inputs: &Inputs) -> Result<(LoadedModel, ReplacementTranscoder, String, 
     let m = crate::model::load(&inputs.model, inputs.tokenizer.as_deref())?;
     let lt = load_transcoder(&inputs.transcoder, inputs.input_hook)?;
     let tc = ReplacementTranscoder::new(&lt.transcoder, lt.input_hook)?;
-    let tokens = m.tokenizer.encode(&inputs.prompt)?;
+    let tokens = m.tokenizer.encode_prompt(&inputs.prompt)?;
     Ok((m, tc, lt.name, tokens))
 }
 

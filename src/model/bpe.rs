@@ -155,6 +155,17 @@ impl BpeTokenizer {
         Ok(ids)
     }
 
+    /// Whether `token` is BOS, EOS or a special added token.
+    pub fn is_special(&self, token: u32) -> bool {
+        Some(token) == self.bos
+            || Some(token) == self.eos
+            || self
+                .inner
+                .get_added_tokens_decoder()
+                .get(&token)
+                .is_some_and(|t| t.special)
+    }
+
     /// The text of `tokens`, special tokens dropped.
     pub fn decode(&self, tokens: &[u32]) -> String {
         self.inner.decode(tokens, true).unwrap_or_default()

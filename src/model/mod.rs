@@ -104,6 +104,29 @@ impl Tokenizer {
         }
     }
 
+    /// The token ids of a prompt to attribute: [`encode`](Self::encode)'s, with a special token put first
+    /// when the first one is not special, as circuit-tracer does (`ensure_tokenized`): position 0 keeps
+    /// no features, so it should hold a special token rather than the prompt's first word. The model's
+    /// BOS, else its EOS (GPT-2's `<|endoftext|>`); nothing when it has neither.
+    pub fn encode_prompt(&self, text: &str) -> Result<Vec<u32>> {
+        let mut ids = self.encode(text)?;
+        if ids.first().is_some_and(|&t| self.is_special(t)) {
+            return Ok(ids);
+        }
+        if let Some(first) = self.bos().or(self.eos()) {
+            ids.insert(0, first);
+        }
+        Ok(ids)
+    }
+
+    /// Whether `token` is one of the tokenizer's special tokens (BOS, EOS, or a special added token).
+    pub fn is_special(&self, token: u32) -> bool {
+        match self {
+            Tokenizer::Llama2c(_) => token == llama2c::BOS || token == llama2c::EOS,
+            Tokenizer::Bpe(t) => t.is_special(token),
+        }
+    }
+
     /// The text of `tokens` (special tokens dropped).
     pub fn decode(&self, tokens: &[u32]) -> String {
         match self {
