@@ -4,6 +4,7 @@
 use super::analysis::{AnalysisConfig, analyse};
 use super::file::{FeatureFileWriter, FeaturesMeta, RecordEncoder};
 use super::logits::{LogitEffects, logit_effects, slot_name};
+use crate::attribution::linear::{Attributable, NormKind};
 use crate::clt::Transcoder;
 use crate::clt::checkpoint::load_transcoder;
 use crate::clt::export::{fold_norms, import_circuit_tracer};
@@ -118,13 +119,8 @@ pub fn run(args: &FeaturesArgs) -> Result<PathBuf> {
     let analysis = analyse(&t.cfg, &params, &ds, &acfg)?;
     let effects: Option<Vec<Vec<LogitEffects>>> = match &model {
         Some(m) => {
-            let (wu, gain) = match (m.model.as_llama(), m.model.as_gpt2()) {
-                (Some(ll), _) => (ll.unembedding(), Some(ll.final_norm.as_slice())),
-                (None, Some(g)) => (g.unembedding(), None),
-                (None, None) => {
-                    return Err(Error::Unsupported("logit effects for this model".into()));
-                }
-            };
+            let lin = m.model.linear();
+            let centre = lin.norm == NormKind::Layer;
             if m.model.d_model() != t.cfg.d_model {
                 return Err(Error::Shape {
                     what: "model width against the transcoder's d_model".into(),
@@ -132,7 +128,14 @@ pub fn run(args: &FeaturesArgs) -> Result<PathBuf> {
                     got: vec![m.model.d_model()],
                 });
             }
-            Some(logit_effects(&t.cfg, &params, wu, gain, args.logits)?)
+            Some(logit_effects(
+                &t.cfg,
+                &params,
+                lin.unembedding,
+                Some(lin.final_norm),
+                centre,
+                args.logits,
+            )?)
         }
         None => None,
     };

@@ -3,9 +3,9 @@
 //!
 //! A feature's direction is its decoder row for one target layer: its own layer for per-layer transcoders, the
 //! last layer's slot for cross-layer transcoders (the slot that writes closest to the unembedding). The effect
-//! on token `v` is `Σ_i W_U[v, i] · g_i · w_dec[i]`, with `g` the final norm's gain when the model has one
-//! (Llama); the final norm's data-dependent scale is left out, so values compare within a feature, not across
-//! models. The top and bottom tokens are selected with the trainer's TopK selection ([`topk_indices`]).
+//! on token `v` is `Σ_i W_U[v, i] · g_i · w_dec[i]`, with `g` the final norm's gain; through a LayerNorm
+//! (GPT-2) the direction is centred first (`w_dec − mean(w_dec)`), as the norm's linear part does. The final
+//! norm's data-dependent scale is left out, so values compare within a feature, not across models. The top and bottom tokens are selected with the trainer's TopK selection ([`topk_indices`]).
 
 use crate::backend::cpu::encode::topk_indices;
 use crate::backend::cpu::gemm::{Mat, Threads, matmul};
@@ -29,12 +29,14 @@ pub fn slot_name(cfg: &CltConfig) -> &'static str {
 }
 
 /// Logit effects of every feature, `[layer][feature]`. `unembedding` is `[vocab][d]`; `gain` the final norm's
-/// `[d]` weights, if any. Features are processed in parallel blocks (one GEMM each).
+/// `[d]` weights, if any; `centre` whether that norm subtracts the mean (a LayerNorm). Features are processed
+/// in parallel blocks (one GEMM each).
 pub fn logit_effects(
     cfg: &CltConfig,
     params: &Params,
     unembedding: &[f32],
     gain: Option<&[f32]>,
+    centre: bool,
     n: usize,
 ) -> Result<Vec<Vec<LogitEffects>>> {
     let (l_n, d, f_n) = (cfg.n_layers, cfg.d_model, cfg.n_features);
@@ -71,12 +73,17 @@ pub fn logit_effects(
                 for i in 0..fb {
                     let src = &w[(f0 + i) * rl + slot * d..][..d];
                     let dst = &mut dirs[i * d..(i + 1) * d];
+                    let mean = if centre {
+                        src.iter().sum::<f32>() / d as f32
+                    } else {
+                        0.0
+                    };
                     match gain {
                         Some(g) => dst
                             .iter_mut()
                             .zip(src.iter().zip(g))
-                            .for_each(|(o, (a, b))| *o = a * b),
-                        None => dst.copy_from_slice(src),
+                            .for_each(|(o, (a, b))| *o = (a - mean) * b),
+                        None => dst.iter_mut().zip(src).for_each(|(o, a)| *o = a - mean),
                     }
                 }
                 let mut logits = vec![0.0f32; fb * vocab];
@@ -129,11 +136,16 @@ mod tests {
         // Layer 0 feature 1, last-layer slot (1): direction (1, 0, -1).
         p.w_dec[0][3 * 2 + 3..3 * 2 + 6].copy_from_slice(&[1.0, 0.0, -1.0]);
         let wu = [1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0, 2.0, 0.0, 0.0];
-        let e = logit_effects(&cfg, &p, &wu, None, 2).unwrap();
+        let e = logit_effects(&cfg, &p, &wu, None, false, 2).unwrap();
         assert_eq!(e[0][1].top, vec![(3, 2.0), (0, 1.0)]);
         assert_eq!(e[0][1].bottom, vec![(2, -1.0), (1, 0.0)]);
         let g = [1.0, 1.0, 3.0];
-        let e = logit_effects(&cfg, &p, &wu, Some(&g), 1).unwrap();
+        let e = logit_effects(&cfg, &p, &wu, Some(&g), false, 1).unwrap();
         assert_eq!(e[0][1].bottom, vec![(2, -3.0)]);
+        // Through a LayerNorm: feature 0's direction (2, 2, 5) centred to (-1, -1, 2), times the gain.
+        p.w_dec[0][3..6].copy_from_slice(&[2.0, 2.0, 5.0]);
+        let e = logit_effects(&cfg, &p, &wu, Some(&g), true, 1).unwrap();
+        assert_eq!(e[0][0].top, vec![(2, 6.0)]);
+        assert_eq!(e[0][0].bottom, vec![(3, -2.0)]);
     }
 }
