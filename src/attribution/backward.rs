@@ -1,7 +1,8 @@
 //! The linearised backward pass of the replacement model, batched over many injected vectors, and the edge
 //! weights it yields.
 //!
-//! With attention patterns, norm scales and MLP outputs frozen, the model is linear in the residual stream.
+//! With attention patterns, norm scales and MLP outputs frozen, the model is linear in the residual stream
+//! (affine with GPT-2's biases, which move no edge); the weights it reads are a model's [`Linear`] view.
 //! A target's row of the adjacency is one backward pass: inject the target's vector (a feature's encoder
 //! direction at its input hook, or a demeaned unembedding column at the final norm's output), propagate the
 //! gradient down through the frozen blocks, and at the output of every layer `k`'s MLP read off
