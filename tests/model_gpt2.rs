@@ -500,3 +500,75 @@ fn the_attribute_and_intervene_commands_run_on_gpt2() {
     let text = run("intervene", &["--set", "1:*:0*=0", "--set", "0:4:3=2.5"]);
     assert!(text.contains("with the edits:"), "{text}");
 }
+
+/// Activation caching from GPT-2: with no BOS, every position of a context is cached (position 0
+/// included), and each row is the forward's `ln_2` output and MLP output at that token.
+#[test]
+fn gpt2_activations_cache_as_its_hooks() {
+    use clt::cache::{CacheConfig, InputHook, cache};
+    use clt::store::{BlockReader, Codec, Dataset};
+    let (dir, m) = load("");
+    let corpus = dir.path().join("corpus.txt");
+    std::fs::write(&corpus, "abababbaababaabbababab\n\nbbbaaabababbbab\n").unwrap();
+    let out = dir.path().join("store");
+    let cfg = CacheConfig {
+        corpus: vec![corpus.clone()],
+        out: out.clone(),
+        context: 8,
+        max_tokens: Some(12),
+        input_hook: InputHook::MlpInNormed,
+        codec: Codec::F32,
+        target_rel_err: None,
+        shard_tokens: 1 << 20,
+        contexts_per_batch: 2,
+        quiet: true,
+    };
+    let rec = cache(&m, &cfg).unwrap();
+    assert_eq!(rec.n_tokens, 12);
+    let ds = Dataset::open(&out).unwrap();
+    let row = ds.dims().n_layers * ds.dims().d_model;
+    let (mut toks, mut xs, mut ys, mut pos) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    let mut reader = BlockReader::new().unwrap();
+    for shard in ds.shards() {
+        for b in 0..shard.blocks().len() {
+            let block = reader.read(shard, b).unwrap();
+            let n = block.n_tokens();
+            let (mut x, mut y) = (vec![0.0; n * row], vec![0.0; n * row]);
+            block.x_rows(0, &mut x);
+            block.y_rows(0, &mut y);
+            toks.extend(block.tokens());
+            pos.extend(block.positions());
+            xs.extend(x);
+            ys.extend(y);
+        }
+    }
+    let docs = clt::cache::read_documents(&[corpus]).unwrap();
+    let ids = m.tokenizer.encode(&docs[0]).unwrap();
+    let ctx = &ids[..8];
+    let fwd = m
+        .model
+        .forward_with(
+            ctx,
+            &ForwardOptions {
+                hooks: Hooks {
+                    mlp_in_normed: true,
+                    mlp_out: true,
+                    ..Hooks::default()
+                },
+                logits: clt::model::Logits::None,
+                ..Default::default()
+            },
+        )
+        .unwrap();
+    assert_eq!(&toks[..8], ctx);
+    assert_eq!(&pos[..8], &(0..8).collect::<Vec<u32>>());
+    for p in 0..8 {
+        for (l, r) in fwd.record.layers.iter().enumerate() {
+            let at = p * row + l * D;
+            let x = &r.mlp_in_normed.as_ref().unwrap()[p * D..(p + 1) * D];
+            let y = &r.mlp_out.as_ref().unwrap()[p * D..(p + 1) * D];
+            assert_eq!(&xs[at..at + D], x, "x at position {p}, layer {l}");
+            assert_eq!(&ys[at..at + D], y, "y at position {p}, layer {l}");
+        }
+    }
+}
