@@ -1,8 +1,9 @@
 //! Reading GGUF v3 files: metadata, the tensor index, tensors dequantised to f32, and the Llama models and
 //! byte-level BPE tokenizers they hold.
 //!
-//! Supported tensor types: F32, F16, BF16, Q8_0 and Q4_1 (dequantised on load); any other type is refused with
-//! an "unsupported tensor type" error naming the tensor. llama.cpp's converter permutes the Q and K weights of
+//! Supported tensor types: those of [`ggml_quants`](super::ggml_quants) (F32, F16, BF16, Q4_0, Q4_1, Q5_0,
+//! Q5_1, Q8_0, Q4_K, Q5_K, Q6_K; dequantised on load); any other type is refused with an "unsupported tensor
+//! type" error naming the tensor. llama.cpp's converter permutes the Q and K weights of
 //! Llama models so that its rotary embedding rotates adjacent pairs, so GGUF Llama models use
 //! [`RopeStyle::AdjacentPairs`].
 
@@ -13,6 +14,7 @@ use half::{bf16, f16};
 use rayon::prelude::*;
 
 use super::bpe::BpeTokenizer;
+use super::ggml_quants::{SUPPORTED, block_layout, dequantize_block};
 use super::llama::{LayerWeights, LlamaConfig, LlamaModel, RopeStyle};
 use crate::{Error, Result};
 
@@ -103,18 +105,6 @@ pub fn type_name(t: u32) -> &'static str {
         "IQ3_S", "IQ2_S", "IQ4_XS", "I8", "I16", "I32", "I64", "F64", "IQ1_M", "BF16",
     ];
     NAMES.get(t as usize).copied().unwrap_or("unknown")
-}
-
-/// (elements per block, bytes per block) of the supported types.
-fn block_layout(t: u32) -> Option<(u64, u64)> {
-    match t {
-        0 => Some((1, 4)),   // F32
-        1 => Some((1, 2)),   // F16
-        30 => Some((1, 2)),  // BF16
-        8 => Some((32, 34)), // Q8_0: f16 d, 32 × i8
-        3 => Some((32, 20)), // Q4_1: f16 d, f16 m, 16 bytes of nibbles
-        _ => None,
-    }
 }
 
 /// A parsed GGUF file held in memory.
@@ -317,7 +307,7 @@ impl GgufFile {
             self.tensor_err(
                 name,
                 format!(
-                    "unsupported tensor type {} ({}); supported: F32, F16, BF16, Q8_0, Q4_1",
+                    "unsupported tensor type {} ({}); supported: {SUPPORTED}",
                     type_name(info.ggml_type),
                     info.ggml_type
                 ),
@@ -383,27 +373,10 @@ impl GgufFile {
                     }
                 })
             }
-            8 => out
-                .par_chunks_mut(32)
-                .zip(raw.par_chunks(34))
-                .for_each(|(o, b)| {
-                    let d = f16::from_le_bytes([b[0], b[1]]).to_f32();
-                    for (v, &q) in o.iter_mut().zip(&b[2..]) {
-                        *v = d * (q as i8) as f32;
-                    }
-                }),
-            3 => out
-                .par_chunks_mut(32)
-                .zip(raw.par_chunks(20))
-                .for_each(|(o, b)| {
-                    let d = f16::from_le_bytes([b[0], b[1]]).to_f32();
-                    let m = f16::from_le_bytes([b[2], b[3]]).to_f32();
-                    for (j, &q) in b[4..20].iter().enumerate() {
-                        o[j] = (q & 0x0F) as f32 * d + m;
-                        o[j + 16] = (q >> 4) as f32 * d + m;
-                    }
-                }),
-            _ => unreachable!("block_layout accepted only the types handled here"),
+            t => out
+                .par_chunks_mut(block as usize)
+                .zip(raw.par_chunks(block_bytes as usize))
+                .for_each(|(o, b)| dequantize_block(t, b, o)),
         }
         Ok((out, info.dims.clone()))
     }
@@ -737,13 +710,20 @@ mod tests {
             .iter()
             .flat_map(|&v| bf16::from_f32(v).to_le_bytes())
             .collect();
+        // Two Q6_K super-blocks (the k-quant path; every type's arithmetic is checked against ggml in
+        // ggml_quants).
+        let mut q6k: Vec<u8> = (0..420u32).map(|i| (i * 37 % 251) as u8).collect();
+        for at in [208, 418] {
+            q6k[at..at + 2].copy_from_slice(&f16::from_f32(0.01).to_le_bytes());
+        }
         let file = build(&[
             ("a", vec![32], 3, q41),
             ("b", vec![32], 8, q80),
             ("c", vec![2], 0, f32s),
             ("d", vec![2], 1, f16s),
             ("e", vec![2], 30, bf16s),
-            ("f", vec![32], 2, vec![0; 18]),
+            ("f", vec![256], 10, vec![0; 84]),
+            ("g", vec![512], 14, q6k.clone()),
         ]);
         let g = GgufFile::parse(Path::new("t.gguf"), file).unwrap();
         assert_eq!(g.metadata["general.architecture"].as_str(), Some("llama"));
@@ -760,10 +740,16 @@ mod tests {
         }
         let e = g.tensor_f32("f").unwrap_err().to_string();
         assert!(
-            e.contains("unsupported tensor type Q4_0") && e.contains("`f`") && e.contains("t.gguf"),
+            e.contains("unsupported tensor type Q2_K") && e.contains("`f`") && e.contains("t.gguf"),
             "{e}"
         );
         assert!(matches!(g.tensor_f32("zz"), Err(Error::Tensor { .. })));
+        let mut want = vec![0.0f32; 512];
+        for (o, b) in want.chunks_mut(256).zip(q6k.chunks(210)) {
+            crate::model::ggml_quants::dequantize_block(14, b, o);
+        }
+        assert_eq!(g.tensor_f32("g").unwrap().0, want);
+        assert!(want.iter().any(|v| *v != 0.0));
     }
 
     #[test]

@@ -15,6 +15,7 @@
 pub mod bpe;
 pub mod cli;
 pub mod forward;
+pub mod ggml_quants;
 pub mod gguf;
 pub mod gpt2;
 pub mod hf;

@@ -1,0 +1,167 @@
+#!/usr/bin/env python3
+"""ggml's reference dequantisation (ggml-quants.c, dequantize_row_*), transcribed line for line, in float64.
+
+Reads {"type": GGML type id, "blocks": [hex string of one block, ...]} on stdin and writes one list of
+floats per block on stdout. Used by src/model/ggml_quants.rs's unit test as an independent oracle.
+Standard library only.
+"""
+import json
+import struct
+import sys
+
+QK_K = 256
+
+
+def f16(b, at):
+    return struct.unpack_from("<e", b, at)[0]
+
+
+def q4_0(b):
+    d = f16(b, 0)
+    qs = b[2:18]
+    y = [0.0] * 32
+    for j in range(16):
+        x0 = (qs[j] & 0x0F) - 8
+        x1 = (qs[j] >> 4) - 8
+        y[j + 0] = x0 * d
+        y[j + 16] = x1 * d
+    return y
+
+
+def q4_1(b):
+    d, m = f16(b, 0), f16(b, 2)
+    qs = b[4:20]
+    y = [0.0] * 32
+    for j in range(16):
+        x0 = qs[j] & 0x0F
+        x1 = qs[j] >> 4
+        y[j + 0] = x0 * d + m
+        y[j + 16] = x1 * d + m
+    return y
+
+
+def q5(b, with_min):
+    d = f16(b, 0)
+    m = f16(b, 2) if with_min else 0.0
+    at = 4 if with_min else 2
+    (qh,) = struct.unpack_from("<I", b, at)
+    qs = b[at + 4:at + 20]
+    y = [0.0] * 32
+    for j in range(16):
+        xh_0 = ((qh >> (j + 0)) << 4) & 0x10
+        xh_1 = ((qh >> (j + 12))) & 0x10
+        x0 = (qs[j] & 0x0F) | xh_0
+        x1 = (qs[j] >> 4) | xh_1
+        if with_min:
+            y[j + 0] = x0 * d + m
+            y[j + 16] = x1 * d + m
+        else:
+            y[j + 0] = (x0 - 16) * d
+            y[j + 16] = (x1 - 16) * d
+    return y
+
+
+def q8_0(b):
+    d = f16(b, 0)
+    return [d * struct.unpack_from("<b", b, 2 + j)[0] for j in range(32)]
+
+
+def get_scale_min_k4(j, q):
+    if j < 4:
+        return q[j] & 63, q[j + 4] & 63
+    d = (q[j + 4] & 0xF) | ((q[j - 4] >> 6) << 4)
+    m = (q[j + 4] >> 4) | ((q[j - 0] >> 6) << 4)
+    return d, m
+
+
+def q4_k(b):
+    d, dmin = f16(b, 0), f16(b, 2)
+    scales = b[4:16]
+    q = b[16:144]
+    y = []
+    qo = 0
+    is_ = 0
+    for _ in range(0, QK_K, 64):
+        sc, m = get_scale_min_k4(is_ + 0, scales)
+        d1, m1 = d * sc, dmin * m
+        sc, m = get_scale_min_k4(is_ + 1, scales)
+        d2, m2 = d * sc, dmin * m
+        for l in range(32):
+            y.append(d1 * (q[qo + l] & 0xF) - m1)
+        for l in range(32):
+            y.append(d2 * (q[qo + l] >> 4) - m2)
+        qo += 32
+        is_ += 2
+    return y
+
+
+def q5_k(b):
+    d, dmin = f16(b, 0), f16(b, 2)
+    scales = b[4:16]
+    qh = b[16:48]
+    ql = b[48:176]
+    y = []
+    qo = 0
+    is_ = 0
+    u1, u2 = 1, 2
+    for _ in range(0, QK_K, 64):
+        sc, m = get_scale_min_k4(is_ + 0, scales)
+        d1, m1 = d * sc, dmin * m
+        sc, m = get_scale_min_k4(is_ + 1, scales)
+        d2, m2 = d * sc, dmin * m
+        for l in range(32):
+            y.append(d1 * ((ql[qo + l] & 0xF) + (16 if qh[l] & u1 else 0)) - m1)
+        for l in range(32):
+            y.append(d2 * ((ql[qo + l] >> 4) + (16 if qh[l] & u2 else 0)) - m2)
+        qo += 32
+        is_ += 2
+        u1 <<= 2
+        u2 <<= 2
+    return y
+
+
+def q6_k(b):
+    ql = b[0:128]
+    qh = b[128:192]
+    sc = [struct.unpack_from("<b", b, 192 + i)[0] for i in range(16)]
+    d = f16(b, 208)
+    y = [0.0] * QK_K
+    yo = qlo = qho = sco = 0
+    for _ in range(0, QK_K, 128):
+        for l in range(32):
+            is_ = l // 16
+            q1 = ((ql[qlo + l + 0] & 0xF) | (((qh[qho + l] >> 0) & 3) << 4)) - 32
+            q2 = ((ql[qlo + l + 32] & 0xF) | (((qh[qho + l] >> 2) & 3) << 4)) - 32
+            q3 = ((ql[qlo + l + 0] >> 4) | (((qh[qho + l] >> 4) & 3) << 4)) - 32
+            q4 = ((ql[qlo + l + 32] >> 4) | (((qh[qho + l] >> 6) & 3) << 4)) - 32
+            y[yo + l + 0] = d * sc[sco + is_ + 0] * q1
+            y[yo + l + 32] = d * sc[sco + is_ + 2] * q2
+            y[yo + l + 64] = d * sc[sco + is_ + 4] * q3
+            y[yo + l + 96] = d * sc[sco + is_ + 6] * q4
+        yo += 128
+        qlo += 64
+        qho += 32
+        sco += 8
+    return y
+
+
+DEQUANT = {
+    2: q4_0,
+    3: q4_1,
+    6: lambda b: q5(b, False),
+    7: lambda b: q5(b, True),
+    8: q8_0,
+    12: q4_k,
+    13: q5_k,
+    14: q6_k,
+}
+
+
+def main():
+    req = json.load(sys.stdin)
+    f = DEQUANT[req["type"]]
+    json.dump([f(bytes.fromhex(h)) for h in req["blocks"]], sys.stdout)
+
+
+if __name__ == "__main__":
+    main()
