@@ -187,7 +187,6 @@ impl Tensors {
     }
 }
 
-/// Reads `dir/config.json`.
 /// The divisors of the rotary frequencies that `config.json`'s `rope_scaling` asks for: none when it is
 /// null (or `rope_type: "default"`), Llama 3's (`"llama3"`, [`llama3_rope_factors`]) or linear scaling's (every
 /// frequency divided by `factor`); any other kind is refused, naming it.
@@ -241,6 +240,7 @@ fn rope_scaling(
     }
 }
 
+/// Reads `dir/config.json`.
 fn config_json(dir: &Path) -> Result<(PathBuf, serde_json::Value)> {
     let path = dir.join("config.json");
     let text = std::fs::read_to_string(&path).map_err(|e| Error::io(&path, e))?;
