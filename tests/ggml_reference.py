@@ -66,6 +66,64 @@ def q8_0(b):
     return [d * struct.unpack_from("<b", b, 2 + j)[0] for j in range(32)]
 
 
+def q2_k(b):
+    scales = b[0:16]
+    q = b[16:80]
+    d, dmin = f16(b, 80), f16(b, 82)
+    y = []
+    qo = 0
+    is_ = 0
+    for _ in range(0, QK_K, 128):
+        shift = 0
+        for _j in range(4):
+            sc = scales[is_]
+            is_ += 1
+            dl, ml = d * (sc & 0xF), dmin * (sc >> 4)
+            for l in range(16):
+                y.append(dl * ((q[qo + l] >> shift) & 3) - ml)
+            sc = scales[is_]
+            is_ += 1
+            dl, ml = d * (sc & 0xF), dmin * (sc >> 4)
+            for l in range(16):
+                y.append(dl * ((q[qo + l + 16] >> shift) & 3) - ml)
+            shift += 2
+        qo += 32
+    return y
+
+
+def q3_k(b):
+    kmask1, kmask2 = 0x03030303, 0x0F0F0F0F
+    hm = b[0:32]
+    q = b[32:96]
+    d_all = f16(b, 108)
+    aux = list(struct.unpack_from("<3I", b, 96)) + [0]
+    tmp = aux[2]
+    aux[2] = ((aux[0] >> 4) & kmask2) | (((tmp >> 4) & kmask1) << 4)
+    aux[3] = ((aux[1] >> 4) & kmask2) | (((tmp >> 6) & kmask1) << 4)
+    aux[0] = (aux[0] & kmask2) | (((tmp >> 0) & kmask1) << 4)
+    aux[1] = (aux[1] & kmask2) | (((tmp >> 2) & kmask1) << 4)
+    scales = struct.unpack("<16b", struct.pack("<4I", *aux))
+    y = []
+    qo = 0
+    is_ = 0
+    m = 1
+    for _ in range(0, QK_K, 128):
+        shift = 0
+        for _j in range(4):
+            dl = d_all * (scales[is_] - 32)
+            is_ += 1
+            for l in range(16):
+                y.append(dl * (((q[qo + l + 0] >> shift) & 3) - (0 if hm[l + 0] & m else 4)))
+            dl = d_all * (scales[is_] - 32)
+            is_ += 1
+            for l in range(16):
+                y.append(dl * (((q[qo + l + 16] >> shift) & 3) - (0 if hm[l + 16] & m else 4)))
+            shift += 2
+            m <<= 1
+        qo += 32
+    return y
+
+
 def get_scale_min_k4(j, q):
     if j < 4:
         return q[j] & 63, q[j + 4] & 63
@@ -151,6 +209,8 @@ DEQUANT = {
     6: lambda b: q5(b, False),
     7: lambda b: q5(b, True),
     8: q8_0,
+    10: q2_k,
+    11: q3_k,
     12: q4_k,
     13: q5_k,
     14: q6_k,

@@ -1,7 +1,8 @@
 //! The GGML block formats that GGUF tensors are stored in, and their dequantisation to f32 as ggml's
 //! reference `dequantize_row_*` functions (ggml-quants.c) define it: F32, F16 and BF16; the 32-element
-//! blocks Q4_0, Q4_1, Q5_0, Q5_1 and Q8_0; and the 256-element k-quant super-blocks Q4_K, Q5_K and Q6_K
-//! (what llama.cpp's `Q4_K_M`, `Q5_K_M` and `Q6_K` files hold). Every other type is refused by the reader.
+//! blocks Q4_0, Q4_1, Q5_0, Q5_1 and Q8_0; and the 256-element k-quant super-blocks Q2_K, Q3_K, Q4_K, Q5_K
+//! and Q6_K (what llama.cpp's `Q2_K` to `Q6_K` files, `_S`/`_M`/`_L` alike, hold). Every other type (the
+//! `IQ` formats among them) is refused by the reader.
 //!
 //! `tests/ggml_reference.py` transcribes ggml's C line for line; a unit test compares the two on random
 //! blocks.
@@ -9,7 +10,8 @@
 use half::{bf16, f16};
 
 /// The types [`block_layout`] accepts, for error messages.
-pub const SUPPORTED: &str = "F32, F16, BF16, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q5_K, Q6_K";
+pub const SUPPORTED: &str =
+    "F32, F16, BF16, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q2_K, Q3_K, Q4_K, Q5_K, Q6_K";
 
 /// Elements of a k-quant super-block.
 const QK_K: usize = 256;
@@ -24,6 +26,8 @@ pub fn block_layout(t: u32) -> Option<(u64, u64)> {
         6 => Some((32, 22)),    // Q5_0: f16 d, 32 high bits, 16 bytes of nibbles
         7 => Some((32, 24)),    // Q5_1: f16 d, f16 m, 32 high bits, 16 bytes of nibbles
         8 => Some((32, 34)),    // Q8_0: f16 d, 32 × i8
+        10 => Some((256, 84)), // Q2_K: 16 bytes of 4-bit scales and mins, 64 of 2-bit quants, f16 d, dmin
+        11 => Some((256, 110)), // Q3_K: 32 bytes of high bits, 64 of 2-bit quants, 12 of 6-bit scales, f16 d
         12 => Some((256, 144)), // Q4_K: f16 d, f16 dmin, 12 bytes of 6-bit scales and mins, 128 of nibbles
         13 => Some((256, 176)), // Q5_K: as Q4_K, with 32 bytes of high bits before the nibbles
         14 => Some((256, 210)), // Q6_K: 128 bytes of low nibbles, 64 of high pairs, 16 i8 scales, f16 d
@@ -81,9 +85,63 @@ pub fn dequantize_block(t: u32, b: &[u8], out: &mut [f32]) {
                 *v = d * (q as i8) as f32;
             }
         }
+        10 => q2_k(b, out),
+        11 => q3_k(b, out),
         12 | 13 => k_quant_4_5(t == 13, b, out),
         14 => q6_k(b, out),
         _ => unreachable!("block_layout accepts only the types handled here"),
+    }
+}
+
+/// Q2_K: 16 sub-blocks of 16 elements, each `d · scale · q − dmin · min` with 2-bit `q` and a 4-bit scale
+/// and minimum per sub-block.
+fn q2_k(b: &[u8], out: &mut [f32]) {
+    let (scales, q) = (&b[0..16], &b[16..80]);
+    let (d, dmin) = (half_at(b, 80), half_at(b, 82));
+    for (half, y) in out.chunks_exact_mut(128).enumerate() {
+        let q = &q[32 * half..32 * half + 32];
+        for (j, y) in y.chunks_exact_mut(32).enumerate() {
+            let shift = 2 * j;
+            for (part, y) in y.chunks_exact_mut(16).enumerate() {
+                let sc = scales[8 * half + 2 * j + part];
+                let (dl, ml) = (d * (sc & 0x0F) as f32, dmin * (sc >> 4) as f32);
+                for (l, v) in y.iter_mut().enumerate() {
+                    *v = dl * ((q[16 * part + l] >> shift) & 3) as f32 - ml;
+                }
+            }
+        }
+    }
+}
+
+/// Q3_K: 16 sub-blocks of 16 elements, each `d · (scale − 32) · q` with 3-bit signed `q` (2 low bits in
+/// `qs`, the third in `hmask`, set meaning "not minus 4") and 6-bit scales (4 low bits in the first 8
+/// bytes, 2 high in the last 4).
+fn q3_k(b: &[u8], out: &mut [f32]) {
+    let (hmask, q, packed) = (&b[0..32], &b[32..96], &b[96..108]);
+    let d = half_at(b, 108);
+    let scale = |j: usize| {
+        let low = if j < 8 {
+            packed[j] & 0x0F
+        } else {
+            packed[j - 8] >> 4
+        };
+        let high = (packed[8 + j % 4] >> (2 * (j / 4))) & 3;
+        (low | (high << 4)) as i32 - 32
+    };
+    for (half, y) in out.chunks_exact_mut(128).enumerate() {
+        let q = &q[32 * half..32 * half + 32];
+        for (j, y) in y.chunks_exact_mut(32).enumerate() {
+            let (shift, m) = (2 * j, 1u8 << (4 * half + j));
+            for (part, y) in y.chunks_exact_mut(16).enumerate() {
+                let dl = d * scale(8 * half + 2 * j + part) as f32;
+                for (l, v) in y.iter_mut().enumerate() {
+                    let i = 16 * part + l;
+                    let lo = ((q[i] >> shift) & 3) as i32;
+                    let minus = if hmask[i] & m != 0 { 0 } else { 4 };
+                    *v = dl * (lo - minus) as f32;
+                }
+            }
+        }
     }
 }
 
@@ -167,7 +225,7 @@ mod tests {
             seed ^= seed << 17;
             seed
         };
-        for t in [2u32, 3, 6, 7, 8, 12, 13, 14] {
+        for t in [2u32, 3, 6, 7, 8, 10, 11, 12, 13, 14] {
             let (n, bytes) = block_layout(t).unwrap();
             let (n, bytes) = (n as usize, bytes as usize);
             let mut blocks = Vec::new();
@@ -176,6 +234,8 @@ mod tests {
                 // The f16 fields: d (and m or dmin) at the start, Q6_K's d at the end.
                 let halves: &[usize] = match t {
                     2 | 6 | 8 => &[0],
+                    10 => &[80, 82],
+                    11 => &[108],
                     14 => &[208],
                     _ => &[0, 2],
                 };

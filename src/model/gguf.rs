@@ -2,7 +2,7 @@
 //! byte-level BPE tokenizers they hold.
 //!
 //! Supported tensor types: those of [`ggml_quants`](super::ggml_quants) (F32, F16, BF16, Q4_0, Q4_1, Q5_0,
-//! Q5_1, Q8_0, Q4_K, Q5_K, Q6_K; dequantised on load); any other type is refused with an "unsupported tensor
+//! Q5_1, Q8_0, Q2_K to Q6_K; dequantised on load); any other type is refused with an "unsupported tensor
 //! type" error naming the tensor. llama.cpp's converter permutes the Q and K weights of
 //! Llama models so that its rotary embedding rotates adjacent pairs, so GGUF Llama models use
 //! [`RopeStyle::AdjacentPairs`].
@@ -722,7 +722,7 @@ mod tests {
             ("c", vec![2], 0, f32s),
             ("d", vec![2], 1, f16s),
             ("e", vec![2], 30, bf16s),
-            ("f", vec![256], 10, vec![0; 84]),
+            ("f", vec![32], 20, vec![0; 18]),
             ("g", vec![512], 14, q6k.clone()),
         ]);
         let g = GgufFile::parse(Path::new("t.gguf"), file).unwrap();
@@ -740,7 +740,9 @@ mod tests {
         }
         let e = g.tensor_f32("f").unwrap_err().to_string();
         assert!(
-            e.contains("unsupported tensor type Q2_K") && e.contains("`f`") && e.contains("t.gguf"),
+            e.contains("unsupported tensor type IQ4_NL")
+                && e.contains("`f`")
+                && e.contains("t.gguf"),
             "{e}"
         );
         assert!(matches!(g.tensor_f32("zz"), Err(Error::Tensor { .. })));
