@@ -8,6 +8,7 @@
 //! blocks.
 
 use half::{bf16, f16};
+use rayon::prelude::*;
 
 /// The types [`block_layout`] accepts, for error messages.
 pub const SUPPORTED: &str =
@@ -37,6 +38,22 @@ pub fn block_layout(t: u32) -> Option<(u64, u64)> {
 
 fn half_at(b: &[u8], at: usize) -> f32 {
     f16::from_le_bytes([b[at], b[at + 1]]).to_f32()
+}
+
+/// Dequantises a whole tensor of type `t` (`raw`: its bytes) into `out` (its elements), in parallel: the
+/// element types (F32, F16, BF16) in runs of 4,096 elements, the block types a block at a time. `t` must be
+/// one [`block_layout`] accepts, and the lengths must agree with it.
+pub fn dequantize(t: u32, raw: &[u8], out: &mut [f32]) {
+    let (block, bytes) = block_layout(t).expect("a type block_layout accepts");
+    let (block, bytes) = (block as usize, bytes as usize);
+    let per_task = if block == 1 { 4096 } else { 1 };
+    out.par_chunks_mut(block * per_task)
+        .zip(raw.par_chunks(bytes * per_task))
+        .for_each(|(o, b)| {
+            for (o, b) in o.chunks_mut(block).zip(b.chunks(bytes)) {
+                dequantize_block(t, b, o);
+            }
+        });
 }
 
 /// Dequantises one block of type `t` (`b`: exactly its bytes) into `out` (exactly its elements).

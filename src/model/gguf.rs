@@ -10,11 +10,8 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
-use half::{bf16, f16};
-use rayon::prelude::*;
-
 use super::bpe::BpeTokenizer;
-use super::ggml_quants::{SUPPORTED, block_layout, dequantize_block};
+use super::ggml_quants::{SUPPORTED, block_layout, dequantize};
 use super::llama::{LayerWeights, LlamaConfig, LlamaModel, RopeStyle};
 use crate::{Error, Result};
 
@@ -346,38 +343,7 @@ impl GgufFile {
         };
         let raw = &self.bytes[start..end];
         let mut out = vec![0.0f32; n as usize];
-        let chunk = 4096usize;
-        match info.ggml_type {
-            0 => out.par_chunks_mut(chunk).enumerate().for_each(|(i, o)| {
-                let src = &raw[i * chunk * 4..];
-                for (j, v) in o.iter_mut().enumerate() {
-                    *v = f32::from_le_bytes([
-                        src[4 * j],
-                        src[4 * j + 1],
-                        src[4 * j + 2],
-                        src[4 * j + 3],
-                    ]);
-                }
-            }),
-            1 | 30 => {
-                let bf = info.ggml_type == 30;
-                out.par_chunks_mut(chunk).enumerate().for_each(|(i, o)| {
-                    let src = &raw[i * chunk * 2..];
-                    for (j, v) in o.iter_mut().enumerate() {
-                        let b = [src[2 * j], src[2 * j + 1]];
-                        *v = if bf {
-                            bf16::from_le_bytes(b).to_f32()
-                        } else {
-                            f16::from_le_bytes(b).to_f32()
-                        };
-                    }
-                })
-            }
-            t => out
-                .par_chunks_mut(block as usize)
-                .zip(raw.par_chunks(block_bytes as usize))
-                .for_each(|(o, b)| dequantize_block(t, b, o)),
-        }
+        dequantize(info.ggml_type, raw, &mut out);
         Ok((out, info.dims.clone()))
     }
 
@@ -622,6 +588,7 @@ impl GgufFile {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use half::{bf16, f16};
 
     /// A metadata value of a test file.
     #[derive(Clone, Copy)]
