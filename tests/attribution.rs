@@ -4,7 +4,7 @@
 
 use clt::attribution::graph::{AttributionConfig, Graph, attribute};
 use clt::attribution::intervene::{Edit, intervene};
-use clt::attribution::replacement::{ReplacementTranscoder, calibrated_transcoder};
+use clt::attribution::replacement::{ReplacementTranscoder, add_skip, calibrated_transcoder};
 use clt::attribution::{Attributable, load_transcoder, prune, scores};
 use clt::cache::InputHook;
 use clt::model::{
@@ -108,20 +108,13 @@ impl MlpOverride for FrozenMlps<'_> {
                 InputHook::ResidMid => resid_mid,
             };
             let d = self.tc.cfg.d_model;
-            let w = &self.tc.params.w_skip[layer];
             for (p, o) in out.chunks_exact_mut(d).enumerate() {
                 let dx: Vec<f32> = x[p * d..(p + 1) * d]
                     .iter()
                     .zip(&self.clean_inputs[layer][p * d..(p + 1) * d])
                     .map(|(a, b)| a - b)
                     .collect();
-                for (i, o) in o.iter_mut().enumerate() {
-                    *o += w[i * d..(i + 1) * d]
-                        .iter()
-                        .zip(&dx)
-                        .map(|(a, b)| a * b)
-                        .sum::<f32>();
-                }
+                add_skip(self.tc, layer, &dx, o);
             }
         }
         out

@@ -161,8 +161,7 @@ pub fn attribute_batch(
     st: &PromptState,
     inj: &[Injection],
 ) -> (Vec<f32>, f64) {
-    let c = lin;
-    let (l_n, d, n) = (c.n_layers, c.d_model, st.n);
+    let (l_n, d, n) = (lin.n_layers, lin.d_model, st.n);
     let cols = Columns {
         n_features: st.features.len(),
         n_layers: l_n,
@@ -193,7 +192,7 @@ pub fn attribute_batch(
         }
     };
     inject(&mut g, l_n);
-    let width = c.q_dim().max(c.kv_dim()).max(d);
+    let width = lin.q_dim().max(lin.kv_dim()).max(d);
     let mut scratch = Scratch {
         a: vec![0.0; total * width],
         b: vec![0.0; total * width],
@@ -218,9 +217,9 @@ pub fn attribute_batch(
         inject(&mut g, l);
         let from = rg.rows_from(l);
         let t = rg.off[from] as f64;
-        flops += 2.0 * t * (d * c.q_dim() + c.kv_dim() * d) as f64
+        flops += 2.0 * t * (d * lin.q_dim() + lin.kv_dim() * d) as f64
             + (0..from)
-                .map(|r| 2.0 * (c.n_heads * rg.len(r) * rg.len(r) * c.head_dim) as f64)
+                .map(|r| 2.0 * (lin.n_heads * rg.len(r) * rg.len(r) * lin.head_dim) as f64)
                 .sum::<f64>();
         attention_backward(
             lin,
@@ -413,10 +412,9 @@ fn attention_backward(
     rows: usize,
     s: &mut Scratch,
 ) {
-    let c = lin;
     let w = &lin.layers[l];
-    let (d, qd, kvd, hd, n) = (c.d_model, c.q_dim(), c.kv_dim(), c.head_dim, st.n);
-    let group = c.n_heads / c.n_kv_heads;
+    let (d, qd, kvd, hd, n) = (lin.d_model, lin.q_dim(), lin.kv_dim(), lin.head_dim, st.n);
+    let group = lin.n_heads / lin.n_kv_heads;
     let total = g.len() / d;
     if total == 0 {
         return;
@@ -448,7 +446,7 @@ fn attention_backward(
         let len = rg.len(r);
         let ai = &abar[rg.off[r] * qd..rg.off[r + 1] * qd];
         vb.fill(0.0);
-        for h in 0..c.n_heads {
+        for h in 0..lin.n_heads {
             let kvh = h / group;
             let p = Mat::strided(&pattern[h * n * n..], len, len, n).t();
             let a = Mat::strided(&ai[h * hd..], len, hd, qd);
