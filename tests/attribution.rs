@@ -1,6 +1,6 @@
-//! Attribution graphs on stories260K with a CLT trained in the test, and on random GPT-2 models with random
-//! transcoders, checked against the oracle: perturb one source in the frozen model, run it forward, and
-//! compare the change of every target with the adjacency.
+//! Attribution graphs on stories260K with a CLT trained in the test, and on random GPT-2 and Gemma-2 models
+//! with random transcoders, checked against the oracle: perturb one source in the frozen model, run it
+//! forward, and compare the change of every target with the adjacency.
 
 use clt::attribution::graph::{AttributionConfig, Graph, attribute};
 use clt::attribution::intervene::{Edit, intervene};
@@ -8,8 +8,9 @@ use clt::attribution::replacement::{ReplacementTranscoder, add_skip, calibrated_
 use clt::attribution::{Attributable, load_transcoder, prune, scores};
 use clt::cache::InputHook;
 use clt::model::{
-    CausalLm, ForwardOptions, ForwardRecord, Gpt2Config, Gpt2LayerWeights, Gpt2Model, Hooks,
-    Intervention, LlamaModel, Logits, MlpOverride,
+    CausalLm, ForwardOptions, ForwardRecord, Gemma2Config, Gemma2Model, Gemma2PostNorms,
+    Gpt2Config, Gpt2LayerWeights, Gpt2Model, Hooks, Intervention, LayerWeights, LlamaConfig,
+    LlamaModel, Logits, MlpOverride, RopeStyle,
 };
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
@@ -157,11 +158,20 @@ fn measure(
             x.iter().zip(w).map(|(a, b)| a * b).sum()
         })
         .collect();
-    let mean = out.logits.iter().map(|&v| v as f64).sum::<f64>() / out.logits.len() as f64;
+    // Logit nodes are the logits before a soft cap (Gemma-2's): undo it.
+    let raw: Vec<f64> = out
+        .logits
+        .iter()
+        .map(|&v| match m.linear().logit_softcap {
+            Some(c) => c as f64 * (v as f64 / c as f64).atanh(),
+            None => v as f64,
+        })
+        .collect();
+    let mean = raw.iter().sum::<f64>() / raw.len() as f64;
     let logits = g
         .logit_tokens
         .iter()
-        .map(|&t| (out.logits[t as usize] as f64 - mean) as f32)
+        .map(|&t| (raw[t as usize] - mean) as f32)
         .collect();
     Measured { pre, logits }
 }
@@ -261,6 +271,100 @@ fn gpt2_adjacency_columns_match_the_frozen_model_oracle() {
         .collect();
     let r = intervene(&m, &tc, &tokens, &silence).unwrap();
     assert!(diff(&r.logits) > 1e-3, "silenced: {}", diff(&r.logits));
+}
+
+/// A random Gemma-2 of `n_layers` blocks (grouped-query attention with `head_dim` unlike `d / n_heads`,
+/// `query_pre_attn_scalar` unlike `head_dim`, soft caps that bite, a window of 4 on the even layers, norms
+/// after the attention and the MLP), and prompt token ids for it.
+fn random_gemma2(n_layers: usize, seed: u64) -> (Gemma2Model, Vec<u32>) {
+    let c = LlamaConfig {
+        d_model: 24,
+        hidden_dim: 40,
+        n_layers,
+        n_heads: 4,
+        n_kv_heads: 2,
+        head_dim: 8,
+        vocab_size: 40,
+        max_seq_len: 32,
+        norm_eps: 1e-6,
+        rope_theta: 10000.0,
+        rope_style: RopeStyle::HalfSplit,
+        rope_freq_factors: Vec::new(),
+    };
+    let mut rng = clt::rng::Rng::seed(seed);
+    let mut r =
+        |len: usize, s: f64| -> Vec<f32> { (0..len).map(|_| (rng.normal() * s) as f32).collect() };
+    let (d, h, v, q, kv) = (c.d_model, c.hidden_dim, c.vocab_size, c.q_dim(), c.kv_dim());
+    let sd = 1.0 / (d as f64).sqrt();
+    let gain = |r: &mut dyn FnMut(usize, f64) -> Vec<f32>| -> Vec<f32> {
+        r(d, 0.2).iter().map(|x| x + 1.0).collect()
+    };
+    let mut layers = Vec::new();
+    let mut post_norms = Vec::new();
+    for _ in 0..n_layers {
+        layers.push(LayerWeights {
+            attn_norm: gain(&mut r),
+            wq: r(q * d, 3.0 * sd),
+            wk: r(kv * d, 3.0 * sd),
+            wv: r(kv * d, sd),
+            wo: r(d * q, 1.0 / (q as f64).sqrt()),
+            mlp_norm: gain(&mut r),
+            w_gate: r(h * d, sd),
+            w_up: r(h * d, sd),
+            w_down: r(d * h, 1.0 / (h as f64).sqrt()),
+        });
+        post_norms.push(Gemma2PostNorms {
+            attn: gain(&mut r),
+            mlp: gain(&mut r),
+        });
+    }
+    let base = LlamaModel {
+        tok_embeddings: r(v * d, sd),
+        final_norm: gain(&mut r),
+        output: None,
+        layers,
+        config: c,
+    };
+    let m = Gemma2Model {
+        base,
+        gemma: Gemma2Config {
+            query_pre_attn_scalar: 12.0,
+            attn_logit_softcapping: Some(3.0),
+            final_logit_softcapping: Some(8.0),
+            sliding_window: Some(4),
+            sliding_layers: (0..n_layers).map(|l| l % 2 == 0).collect(),
+        },
+        post_norms,
+    };
+    m.validate(Path::new("random gemma2")).unwrap();
+    let tokens = (0..12u64).map(|i| ((i * 11 + 5) % 40) as u32).collect();
+    (m, tokens)
+}
+
+/// Gemma-2's linearisation (the frozen post-attention norms, the scaled token embeddings, logits before
+/// the soft cap) against the oracle; interventions run through it.
+#[test]
+fn gemma2_adjacency_columns_match_the_frozen_model_oracle() {
+    let (m, tokens) = random_gemma2(3, 21);
+    let tc = calibrated_transcoder(&m, &tokens, 48, 6, 5, InputHook::MlpInNormed).unwrap();
+    oracle(&m, &tc, &tokens, 80);
+    let clean = m.next_logits(&tokens).unwrap();
+    let last = tokens.len() - 1;
+    let noop: Edit = format!("0:{last}:0*=1").parse().unwrap();
+    let r = intervene(&m, &tc, &tokens, &[noop]).unwrap();
+    let moved = |a: &[f32]| {
+        a.iter()
+            .zip(&clean)
+            .map(|(a, b)| (a - b).abs())
+            .fold(0.0f32, f32::max)
+    };
+    assert!(moved(&r.logits) < 1e-4, "no-op edit: {}", moved(&r.logits));
+    let silence: Vec<Edit> = (0..tc.cfg.n_layers)
+        .flat_map(|l| (0..tc.cfg.n_features).map(move |f| (l, f)))
+        .map(|(l, f)| format!("{l}:{last}:{f}=0").parse().unwrap())
+        .collect();
+    let r = intervene(&m, &tc, &tokens, &silence).unwrap();
+    assert!(moved(&r.logits) > 1e-3, "silenced: {}", moved(&r.logits));
 }
 
 /// The skip path (the part of the replacement model's MLPs that stays differentiable) through both
@@ -379,7 +483,7 @@ fn oracle(m: &dyn Attributable, tc: &ReplacementTranscoder, tokens: &[u32], n_fe
             let t = tokens[p] as usize;
             for (o, e) in emb2[p * d..(p + 1) * d]
                 .iter_mut()
-                .zip(&lin.token_embedding[t * d..(t + 1) * d])
+                .zip(&lin.token_vector(t))
             {
                 *o += e;
             }

@@ -3,12 +3,16 @@
 //! through `clt::model::load`, and its logits and hooks are compared with `tests/gpt2_reference.py`, a
 //! pure-Python (standard library, float64) forward that reads the same files.
 
-use std::collections::HashMap;
+mod common;
+
 use std::path::Path;
 use std::process::Command;
 
 use clt::model::{self, CausalLm, ForwardOptions, Hooks, Intervention, LoadedModel, Model};
-use safetensors::{Dtype, tensor::TensorView};
+use common::hf::{
+    Rng, Tensor, assert_matches_reference, max_diff, python_reference, write_safetensors,
+    write_toy_tokenizer,
+};
 
 const D: usize = 16;
 const N_HEAD: usize = 4;
@@ -18,24 +22,8 @@ const N_POS: usize = 32;
 /// Largest absolute difference allowed between the Rust (f32) and Python (f64) values.
 const TOL: f32 = 1e-4;
 
-/// Deterministic uniform values in `[-s/2, s/2)`.
-struct Rng(u64);
-
-impl Rng {
-    fn vals(&mut self, len: usize, s: f32) -> Vec<f32> {
-        (0..len)
-            .map(|_| {
-                self.0 ^= self.0 << 13;
-                self.0 ^= self.0 >> 7;
-                self.0 ^= self.0 << 17;
-                ((self.0 >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * s
-            })
-            .collect()
-    }
-}
-
 /// The tensors of a tiny random GPT-2, HF names without prefix, with shapes.
-fn tiny_tensors() -> Vec<(String, Vec<f32>, Vec<usize>)> {
+fn tiny_tensors() -> Vec<Tensor> {
     let mut r = Rng(0x853c49e6748fea9b);
     let mut t = vec![
         (
@@ -82,27 +70,8 @@ fn tiny_tensors() -> Vec<(String, Vec<f32>, Vec<usize>)> {
 }
 
 /// Writes a GPT-2 directory with these tensors, their names prefixed with `prefix`.
-fn write_dir(dir: &Path, tensors: &[(String, Vec<f32>, Vec<usize>)], prefix: &str) {
-    let bytes: Vec<(String, Vec<u8>, Vec<usize>)> = tensors
-        .iter()
-        .map(|(n, v, s)| {
-            (
-                format!("{prefix}{n}"),
-                v.iter().flat_map(|x| x.to_le_bytes()).collect(),
-                s.clone(),
-            )
-        })
-        .collect();
-    let views: HashMap<String, TensorView<'_>> = bytes
-        .iter()
-        .map(|(n, data, s)| {
-            (
-                n.clone(),
-                TensorView::new(Dtype::F32, s.clone(), data).unwrap(),
-            )
-        })
-        .collect();
-    safetensors::serialize_to_file(views, None, &dir.join("model.safetensors")).unwrap();
+fn write_dir(dir: &Path, tensors: &[Tensor], prefix: &str) {
+    write_safetensors(dir, tensors, prefix, &[]);
     let cfg = serde_json::json!({
         "model_type": "gpt2", "architectures": ["GPT2LMHeadModel"], "n_embd": D, "n_layer": N_LAYER,
         "n_head": N_HEAD, "n_inner": null, "vocab_size": VOCAB, "n_positions": N_POS, "n_ctx": N_POS,
@@ -110,21 +79,7 @@ fn write_dir(dir: &Path, tensors: &[(String, Vec<f32>, Vec<usize>)], prefix: &st
         "bos_token_id": 63, "tie_word_embeddings": true
     });
     std::fs::write(dir.join("config.json"), cfg.to_string()).unwrap();
-    // A toy tokenizer.json: characters a, b and the merge "ab".
-    let vocab: tokenizers::models::bpe::Vocab = [
-        ("a".to_string(), 0u32),
-        ("b".to_string(), 1),
-        ("ab".to_string(), 2),
-    ]
-    .into_iter()
-    .collect();
-    let bpe = tokenizers::models::bpe::BPE::builder()
-        .vocab_and_merges(vocab, vec![("a".into(), "b".into())])
-        .build()
-        .unwrap();
-    tokenizers::Tokenizer::new(bpe)
-        .save(dir.join("tokenizer.json"), false)
-        .unwrap();
+    write_toy_tokenizer(dir);
 }
 
 fn seqs() -> Vec<Vec<u32>> {
@@ -138,37 +93,7 @@ fn seqs() -> Vec<Vec<u32>> {
 }
 
 fn reference(dir: &Path, seqs: &[Vec<u32>]) -> serde_json::Value {
-    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/gpt2_reference.py");
-    let out = Command::new("python3")
-        .arg(script)
-        .arg(dir)
-        .arg(serde_json::to_string(seqs).unwrap())
-        .output()
-        .unwrap_or_else(|e| {
-            panic!("running python3 {script} (the GPT-2 oracle needs python3): {e}")
-        });
-    assert!(
-        out.status.success(),
-        "{script} failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    serde_json::from_slice(&out.stdout).unwrap()
-}
-
-/// A nested JSON array of numbers, flattened.
-fn flat(v: &serde_json::Value) -> Vec<f32> {
-    match v {
-        serde_json::Value::Array(a) => a.iter().flat_map(flat).collect(),
-        x => vec![x.as_f64().unwrap() as f32],
-    }
-}
-
-fn max_diff(a: &[f32], b: &[f32]) -> f32 {
-    assert_eq!(a.len(), b.len());
-    a.iter()
-        .zip(b)
-        .map(|(x, y)| (x - y).abs())
-        .fold(0.0, f32::max)
+    python_reference("gpt2_reference.py", dir, seqs)
 }
 
 fn load(prefix: &str) -> (tempfile::TempDir, LoadedModel) {
@@ -195,72 +120,7 @@ fn logits_and_hooks_match_the_python_reference() {
     );
     let seqs = seqs();
     let want = reference(dir.path(), &seqs);
-    let mut worst: HashMap<&str, f32> = HashMap::new();
-    for (i, toks) in seqs.iter().enumerate() {
-        let run = &want["runs"][i];
-        let out = m
-            .model
-            .forward_with(
-                toks,
-                &ForwardOptions {
-                    hooks: Hooks::all(),
-                    ..Default::default()
-                },
-            )
-            .unwrap();
-        let mut cmp = |what: &'static str, got: &[f32], want: &serde_json::Value| {
-            let e = max_diff(got, &flat(want));
-            assert!(e < TOL, "sequence {i}: {what} differs by {e}");
-            let w = worst.entry(what).or_default();
-            *w = w.max(e);
-        };
-        cmp("logits", &out.logits, &run["logits"]);
-        cmp(
-            "final_norm_scale",
-            out.record.final_norm_scale.as_ref().unwrap(),
-            &run["final_norm_scale"],
-        );
-        for (l, rec) in out.record.layers.iter().enumerate() {
-            let r = &run["layers"][l];
-            cmp(
-                "resid_pre",
-                rec.resid_pre.as_ref().unwrap(),
-                &r["resid_pre"],
-            );
-            cmp(
-                "resid_mid",
-                rec.resid_mid.as_ref().unwrap(),
-                &r["resid_mid"],
-            );
-            cmp(
-                "mlp_in_normed",
-                rec.mlp_in_normed.as_ref().unwrap(),
-                &r["mlp_in_normed"],
-            );
-            cmp("mlp_out", rec.mlp_out.as_ref().unwrap(), &r["mlp_out"]);
-            cmp(
-                "attn_pattern",
-                rec.attn_pattern.as_ref().unwrap(),
-                &r["attn_pattern"],
-            );
-            cmp(
-                "attn_norm_scale",
-                rec.attn_norm_scale.as_ref().unwrap(),
-                &r["attn_norm_scale"],
-            );
-            cmp(
-                "mlp_norm_scale",
-                rec.mlp_norm_scale.as_ref().unwrap(),
-                &r["mlp_norm_scale"],
-            );
-        }
-        // The plain forward and greedy generation agree with the hooked one.
-        assert!(max_diff(&m.model.forward(toks).unwrap(), &out.logits) < 1e-6);
-        let last = m.model.next_logits(toks).unwrap();
-        assert!(max_diff(&last, &out.logits[(toks.len() - 1) * VOCAB..]) < 1e-6);
-    }
-    let mut worst: Vec<_> = worst.into_iter().collect();
-    worst.sort_by(|a, b| a.0.cmp(b.0));
+    let worst = assert_matches_reference(&m.model, &seqs, &want, TOL);
     eprintln!("largest |rust - python| per value: {worst:?}");
     let g = m.model.generate_greedy(&[1, 2, 3], 5, None).unwrap();
     assert_eq!(g.len(), 5);

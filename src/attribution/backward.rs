@@ -236,7 +236,8 @@ pub fn attribute_batch(
     for (t, gt) in g.chunks_exact(d).enumerate() {
         let p = rg.pos[t];
         let tok = st.tokens[p] as usize;
-        out[cols.token(p) * k_n + rg.row[t]] = dot(&emb[tok * d..(tok + 1) * d], gt);
+        out[cols.token(p) * k_n + rg.row[t]] =
+            lin.embed_scale * dot(&emb[tok * d..(tok + 1) * d], gt);
     }
     // [columns][sorted rows] → [input rows][columns].
     let n_cols = cols.len();
@@ -401,8 +402,9 @@ fn skip_backward(
     }
 }
 
-/// `g_pre = g_mid + Attnᵀ(g_mid)` through layer `l`'s attention with its pattern and norm scale frozen, for
-/// the first `rows` sorted rows (`g` is their part of the buffer).
+/// `g_pre = g_mid + Attnᵀ(g_mid)` through layer `l`'s attention with its pattern and norm scales frozen
+/// (the attention norm's, and the post-attention norm's where the model has one), for the first `rows`
+/// sorted rows (`g` is their part of the buffer).
 fn attention_backward(
     lin: &Linear,
     st: &PromptState,
@@ -422,12 +424,25 @@ fn attention_backward(
     let rec = &st.record.layers[l];
     let pattern = rec.attn_pattern.as_ref().expect("recorded");
     let scale = rec.attn_norm_scale.as_ref().expect("recorded");
+    // The gradient at the attention output: through the frozen post-attention norm, if any.
+    let gout: &[f32] = match w.attn_post_norm {
+        None => g,
+        Some(gamma) => {
+            let post = rec.attn_post_norm_scale.as_ref().expect("recorded");
+            let gp = &mut s.b[..total * d];
+            gp.fill(0.0);
+            for (t, (o, gr)) in gp.chunks_exact_mut(d).zip(g.chunks_exact(d)).enumerate() {
+                lin.norm_backward_add(gamma, post[rg.pos[t]], gr, o);
+            }
+            gp
+        }
+    };
     // ā = g · Wo : [total, q_dim]
     let abar = &mut s.a[..total * qd];
     matmul(
         abar,
         qd,
-        Mat::rows(g, total, d),
+        Mat::rows(gout, total, d),
         Mat::rows(w.wo, d, qd),
         0.0,
         1.0,

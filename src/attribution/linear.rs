@@ -6,14 +6,22 @@
 //!   (LayerNorm, GPT-2: the mean is still the current input's, since centring is linear, as in
 //!   circuit-tracer). The gradient through it is `s γ ⊙ g`, or `s · centre(γ ⊙ g)` for the LayerNorm
 //!   ([`Linear::norm_backward_add`]);
-//! - attention with a frozen pattern is linear in its values, so its backward needs only `W_V` and `W_O`;
+//! - attention with a frozen pattern is linear in its values, so its backward needs only `W_V` and `W_O`
+//!   (and, for Gemma-2, the frozen norm on the attention output, `s γ ⊙ x` like any frozen RMSNorm);
 //! - biases (GPT-2's projections and LayerNorms) and position embeddings are constants: they move no edge,
 //!   and no node carries them, as in circuit-tracer.
 //!
-//! A token node's vector is the token's embedding row (without position embeddings).
+//! A token node's vector is the token's embedding row (without position embeddings), times Gemma-2's
+//! `sqrt(d_model)`.
+//!
+//! Gemma-2's soft-capped logits `c · tanh(z / c)` are attributed before the cap: a logit node is the
+//! demeaned raw logit `z`, a linear function of the final stream, as in circuit-tracer (the cap is monotone
+//! and comes after everything the graph explains); the logits' probabilities are the model's, capped.
 
 use crate::Result;
-use crate::model::{CausalLm, ForwardOptions, ForwardOutput, Gpt2Model, LlamaModel, Model};
+use crate::model::{
+    CausalLm, ForwardOptions, ForwardOutput, Gemma2Model, Gpt2Model, LlamaModel, Model,
+};
 
 /// How a model normalises (each frozen the same way: the scale recorded, the rest linear).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -35,6 +43,9 @@ pub struct LinearLayer<'a> {
     pub wo: &'a [f32],
     /// The MLP norm's weight `γ`, `[d]`.
     pub mlp_norm: &'a [f32],
+    /// The weight `γ` of the RMSNorm on the attention output (Gemma-2's `post_attention_layernorm`, its
+    /// scales recorded as `attn_post_norm_scale`), `[d]`; `None` for models without one.
+    pub attn_post_norm: Option<&'a [f32]>,
 }
 
 /// A model's linearisation: its sizes, its norms' kind and weights, its value and output projections, its
@@ -53,11 +64,24 @@ pub struct Linear<'a> {
     pub final_norm: &'a [f32],
     /// The token embedding, `[vocab, d]`.
     pub token_embedding: &'a [f32],
+    /// The factor of the token embedding in the input embeddings (Gemma-2's `sqrt(d)`; 1 otherwise).
+    pub embed_scale: f32,
+    /// The soft cap the model applies to its logits (Gemma-2), which attribution does not go through.
+    pub logit_softcap: Option<f32>,
     /// The unembedding, `[vocab, d]`.
     pub unembedding: &'a [f32],
 }
 
 impl Linear<'_> {
+    /// A token node's vector: token `t`'s embedding row times [`Linear::embed_scale`], `[d]`.
+    pub fn token_vector(&self, t: usize) -> Vec<f32> {
+        let d = self.d_model;
+        self.token_embedding[t * d..(t + 1) * d]
+            .iter()
+            .map(|v| v * self.embed_scale)
+            .collect()
+    }
+
     pub fn q_dim(&self) -> usize {
         self.n_heads * self.head_dim
     }
@@ -133,10 +157,13 @@ impl Attributable for LlamaModel {
                     wv: &w.wv,
                     wo: &w.wo,
                     mlp_norm: &w.mlp_norm,
+                    attn_post_norm: None,
                 })
                 .collect(),
             final_norm: &self.final_norm,
             token_embedding: &self.tok_embeddings,
+            embed_scale: 1.0,
+            logit_softcap: None,
             unembedding: self.unembedding(),
         }
     }
@@ -171,12 +198,37 @@ impl Attributable for Gpt2Model {
                     wv: &w.w_qkv[2 * d * d..3 * d * d],
                     wo: &w.w_o,
                     mlp_norm: &w.ln_2_w,
+                    attn_post_norm: None,
                 })
                 .collect(),
             final_norm: &self.ln_f_w,
             token_embedding: &self.wte,
+            embed_scale: 1.0,
+            logit_softcap: None,
             unembedding: self.unembedding(),
         }
+    }
+}
+
+impl Attributable for Gemma2Model {
+    fn embed(&self, tokens: &[u32]) -> Result<Vec<f32>> {
+        Gemma2Model::embed(self, tokens)
+    }
+
+    fn forward_embedded(&self, x: Vec<f32>, opts: &ForwardOptions<'_>) -> Result<ForwardOutput> {
+        Gemma2Model::forward_embedded(self, x, opts)
+    }
+
+    /// Llama's view (its norm weights are Gemma's `1 + w`), the post-attention norms, the embedding
+    /// scale and the logit cap. The post-MLP norms are inside what a transcoder replaces.
+    fn linear(&self) -> Linear<'_> {
+        let mut lin = self.base.linear();
+        for (l, p) in lin.layers.iter_mut().zip(&self.post_norms) {
+            l.attn_post_norm = Some(&p.attn);
+        }
+        lin.embed_scale = self.embed_scale();
+        lin.logit_softcap = self.gemma.final_logit_softcapping;
+        lin
     }
 }
 
@@ -185,6 +237,7 @@ impl Attributable for Model {
         match self {
             Model::Llama(m) => m.embed(tokens),
             Model::Gpt2(m) => m.embed(tokens),
+            Model::Gemma2(m) => m.embed(tokens),
         }
     }
 
@@ -192,6 +245,7 @@ impl Attributable for Model {
         match self {
             Model::Llama(m) => m.forward_embedded(x, opts),
             Model::Gpt2(m) => m.forward_embedded(x, opts),
+            Model::Gemma2(m) => m.forward_embedded(x, opts),
         }
     }
 
@@ -199,6 +253,7 @@ impl Attributable for Model {
         match self {
             Model::Llama(m) => m.linear(),
             Model::Gpt2(m) => m.linear(),
+            Model::Gemma2(m) => m.linear(),
         }
     }
 }
@@ -236,6 +291,8 @@ mod tests {
                 layers: Vec::new(),
                 final_norm: &[],
                 token_embedding: &[],
+                embed_scale: 1.0,
+                logit_softcap: None,
                 unembedding: &[],
             };
             let got = lin.norm_backward(&gamma, s, &g);

@@ -4,7 +4,9 @@
 //! residual add, then the MLP norm, the MLP (or its replacement) and its residual add, with the hooks
 //! recorded and the interventions applied in one place; then the final norm and the unembedding. An
 //! architecture supplies its norms and its blocks' arithmetic through `Blocks` (`llama.rs`: RMSNorm,
-//! rotary grouped-query attention, SwiGLU; `gpt2.rs`: LayerNorm, attention with biases, GELU).
+//! rotary grouped-query attention, SwiGLU; `gpt2.rs`: LayerNorm, attention with biases, GELU;
+//! `gemma2.rs`: Llama's block plus norms after the attention and the MLP, soft-capped attention scores and
+//! logits, sliding-window layers).
 //!
 //! Beside it: the hooks ([`Hooks`]) and what they record ([`ForwardRecord`]), the interventions
 //! ([`Intervention`]: frozen attention patterns and norm scales, replaced MLP outputs, an MLP override),
@@ -27,7 +29,7 @@ pub struct Hooks {
     pub mlp_out: bool,
     pub attn_pattern: bool,
     /// The norms' scales per position (`1/rms` for RMSNorm, `1/σ` for LayerNorm) of the attention norm, the
-    /// MLP norm and the final norm.
+    /// MLP norm, the final norm, and the norms after the attention and the MLP where the model has them.
     pub norm_scales: bool,
 }
 
@@ -76,7 +78,8 @@ pub struct LayerRecord {
     /// The MLP norm of `resid_mid` (its weight, and its bias if it has one, applied): the MLP input,
     /// `[n_tokens, d_model]`.
     pub mlp_in_normed: Option<Vec<f32>>,
-    /// The MLP output added to the residual stream, `[n_tokens, d_model]`.
+    /// The MLP output added to the residual stream (after the post-MLP norm where the model has one),
+    /// `[n_tokens, d_model]`.
     pub mlp_out: Option<Vec<f32>>,
     /// Softmax attention weights, `[n_heads, n_tokens, n_tokens]` (zero above the diagonal).
     pub attn_pattern: Option<Vec<f32>>,
@@ -84,6 +87,13 @@ pub struct LayerRecord {
     pub attn_norm_scale: Option<Vec<f32>>,
     /// The MLP norm's scale of `resid_mid` per position, `[n_tokens]`.
     pub mlp_norm_scale: Option<Vec<f32>>,
+    /// The scale per position of the norm applied to the attention output before its residual add
+    /// (Gemma-2's `post_attention_layernorm`), `[n_tokens]`; `None` for models without one.
+    pub attn_post_norm_scale: Option<Vec<f32>>,
+    /// The scale per position of the norm applied to the MLP output before its residual add (Gemma-2's
+    /// `post_feedforward_layernorm`), `[n_tokens]`; `None` for models without one, and when the MLP was
+    /// replaced (the replacement stands for the MLP and its norm).
+    pub mlp_post_norm_scale: Option<Vec<f32>>,
 }
 
 /// Everything a forward recorded.
@@ -100,8 +110,9 @@ pub struct ForwardRecord {
 ///
 /// - `frozen`: an earlier record (made with at least [`Hooks::frozen_state`] on the same tokens) whose
 ///   attention patterns and norm scales are used instead of being recomputed; every attention norm, MLP norm,
-///   the final norm and every softmax then become fixed linear maps.
-/// - `mlp_out`: per layer, `[n_tokens, d_model]` values that replace the MLP's output (the MLP is not run).
+///   post-attention and post-MLP norm, the final norm and every softmax then become fixed linear maps.
+/// - `mlp_out`: per layer, `[n_tokens, d_model]` values that replace the MLP's output, the value added to the
+///   residual stream (the MLP, and its post-MLP norm where the model has one, are not run).
 /// - `mlp_fn`: computes each layer's MLP output from that layer's inputs instead (a replacement model whose
 ///   features respond to the stream, as in feature interventions); `mlp_out` wins when both are given.
 #[derive(Clone, Copy, Debug, Default)]
@@ -212,13 +223,16 @@ pub(crate) fn unembed(
 }
 
 /// Checks an intervention fits a forward over `n` tokens of a model with these sizes.
-pub(crate) fn check_intervention(
-    n: usize,
-    n_layers: usize,
-    n_heads: usize,
-    d_model: usize,
-    iv: &Intervention<'_>,
-) -> Result<()> {
+pub(crate) fn check_intervention(n: usize, dims: &Dims, iv: &Intervention<'_>) -> Result<()> {
+    let Dims {
+        n_layers,
+        d_model,
+        n_heads,
+        post_norms,
+        ..
+    } = *dims;
+    // The MLPs run (and need their post-norm scales) unless a replacement stands for them.
+    let mlp_runs = iv.mlp_out.is_none() && iv.mlp_fn.is_none();
     let shape = |what: String, expected: Vec<usize>, got: usize| Error::Shape {
         what,
         expected,
@@ -245,10 +259,22 @@ pub(crate) fn check_intervention(
                     p,
                 ));
             }
-            for (name, s) in [
-                ("attn_norm_scale", &r.attn_norm_scale),
-                ("mlp_norm_scale", &r.mlp_norm_scale),
-            ] {
+            let post = [
+                ("attn_post_norm_scale", &r.attn_post_norm_scale, post_norms),
+                (
+                    "mlp_post_norm_scale",
+                    &r.mlp_post_norm_scale,
+                    post_norms && mlp_runs,
+                ),
+            ];
+            for (name, s, _) in [
+                ("attn_norm_scale", &r.attn_norm_scale, true),
+                ("mlp_norm_scale", &r.mlp_norm_scale, true),
+            ]
+            .iter()
+            .chain(&post)
+            .filter(|(_, _, needed)| *needed)
+            {
                 let len = s.as_ref().map_or(0, Vec::len);
                 if len != n {
                     return Err(shape(format!("frozen {name} of layer {l}"), vec![n], len));
@@ -277,13 +303,42 @@ pub(crate) fn check_intervention(
     Ok(())
 }
 
+/// How attention scores are formed and which keys a query sees.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub(crate) struct AttnScores {
+    /// The factor of `q · k` (`1/sqrt(head_dim)`, Gemma-2's `query_pre_attn_scalar^-1/2`).
+    pub scale: f32,
+    /// Scores become `cap · tanh(score / cap)` before the softmax (Gemma-2's `attn_logit_softcapping`).
+    pub softcap: Option<f32>,
+    /// Query `t` sees key `s` only when `t − s < window` (sliding-window layers).
+    pub window: Option<usize>,
+}
+
+impl AttnScores {
+    /// `q · k / sqrt(head_dim)` over every earlier position.
+    pub fn plain(head_dim: usize) -> Self {
+        AttnScores {
+            scale: 1.0 / (head_dim as f32).sqrt(),
+            softcap: None,
+            window: None,
+        }
+    }
+}
+
+/// `cap · tanh(x / cap)`: Gemma-2's soft capping of attention scores and logits.
+pub(crate) fn softcap(x: f32, cap: f32) -> f32 {
+    (x / cap).tanh() * cap
+}
+
 /// Causal grouped-query attention: writes the concatenated head outputs `[n, q_dim]` into `out`;
 /// uses `frozen` (`[n_heads, n, n]`) as the pattern when given; returns the pattern when `record`.
+#[allow(clippy::too_many_arguments)]
 pub(crate) fn causal_attention(
     n: usize,
     n_heads: usize,
     n_kv_heads: usize,
     hd: usize,
+    scores: AttnScores,
     q: &[f32],
     k: &[f32],
     v: &[f32],
@@ -293,7 +348,11 @@ pub(crate) fn causal_attention(
 ) -> Option<Vec<f32>> {
     let (qd, kvd) = (n_heads * hd, n_kv_heads * hd);
     let group = n_heads / n_kv_heads;
-    let scale = 1.0 / (hd as f32).sqrt();
+    let AttnScores {
+        scale,
+        softcap: cap,
+        window,
+    } = scores;
     // Per head: pattern [n, n] and output [n, hd].
     let per_head: Vec<(Vec<f32>, Vec<f32>)> = (0..n_heads)
         .into_par_iter()
@@ -305,12 +364,18 @@ pub(crate) fn causal_attention(
                 None => {
                     for t in 0..n {
                         let qt = &q[t * qd + h * hd..t * qd + (h + 1) * hd];
-                        let row = &mut pat[t * n..t * n + t + 1];
+                        // The keys query t sees: s in first..=t.
+                        let first = window.map_or(0, |w| (t + 1).saturating_sub(w.max(1)));
+                        let row = &mut pat[t * n + first..t * n + t + 1];
                         let mut max = f32::NEG_INFINITY;
-                        for (s, r) in row.iter_mut().enumerate() {
+                        for (i, r) in row.iter_mut().enumerate() {
+                            let s = first + i;
                             let ks = &k[s * kvd + kvh * hd..s * kvd + (kvh + 1) * hd];
                             let dot: f32 = qt.iter().zip(ks).map(|(a, b)| a * b).sum();
                             *r = dot * scale;
+                            if let Some(c) = cap {
+                                *r = softcap(*r, c);
+                            }
                             max = max.max(*r);
                         }
                         let mut sum = 0.0f32;
@@ -376,6 +441,10 @@ pub(crate) enum Norm {
     Attn(usize),
     /// Before layer `l`'s MLP.
     Mlp(usize),
+    /// On layer `l`'s attention output, before its residual add (only with [`Blocks::post_norms`]).
+    PostAttn(usize),
+    /// On layer `l`'s MLP output, before its residual add (only with [`Blocks::post_norms`]).
+    PostMlp(usize),
     /// After the last block.
     Final,
 }
@@ -387,6 +456,9 @@ pub(crate) struct Dims {
     pub d_model: usize,
     pub n_heads: usize,
     pub vocab_size: usize,
+    /// Whether the attention and MLP outputs are normed before their residual adds
+    /// ([`Norm::PostAttn`], [`Norm::PostMlp`]).
+    pub post_norms: bool,
 }
 
 /// What an architecture supplies to [`run_blocks`]: its norms and its blocks' attention and MLP.
@@ -422,6 +494,11 @@ pub(crate) trait Blocks {
 
     /// The unembedding matrix `[vocab_size, d_model]`.
     fn unembedding(&self) -> &[f32];
+
+    /// Logits become `cap · tanh(logit / cap)` (Gemma-2's `final_logit_softcapping`).
+    fn logit_softcap(&self) -> Option<f32> {
+        None
+    }
 }
 
 /// The forward of `model` from input embeddings `x` (`[n_tokens, d_model]`), with the hooks and the
@@ -441,12 +518,14 @@ pub(crate) fn run_blocks<B: Blocks>(
         });
     }
     let n = x.len() / d;
-    check_intervention(n, c.n_layers, c.n_heads, d, &opts.intervention)?;
+    check_intervention(n, &c, &opts.intervention)?;
     let hooks = opts.hooks;
     let frozen = opts.intervention.frozen;
     let mut scratch = model.scratch(n);
     let mut normed = vec![0.0f32; n * d];
     let mut proj = vec![0.0f32; n * d];
+    // The post-norms' output (models with `post_norms` only).
+    let mut post = vec![0.0f32; if c.post_norms { n * d } else { 0 }];
     let mut record = ForwardRecord::default();
 
     for l in 0..c.n_layers {
@@ -470,6 +549,14 @@ pub(crate) fn run_blocks<B: Blocks>(
             &mut scratch,
             &mut proj,
         );
+        if c.post_norms {
+            let frozen_scale = fl.and_then(|f| f.attn_post_norm_scale.as_deref());
+            let s = model.norm(Norm::PostAttn(l), &proj, frozen_scale, &mut post);
+            std::mem::swap(&mut proj, &mut post);
+            if hooks.norm_scales {
+                rec.attn_post_norm_scale = Some(s);
+            }
+        }
         for (xi, pi) in x.iter_mut().zip(&proj) {
             *xi += pi;
         }
@@ -501,6 +588,14 @@ pub(crate) fn run_blocks<B: Blocks>(
             }
             (None, None) => {
                 model.mlp(l, &normed, n, &mut scratch, &mut proj);
+                if c.post_norms {
+                    let frozen_scale = fl.and_then(|f| f.mlp_post_norm_scale.as_deref());
+                    let s = model.norm(Norm::PostMlp(l), &proj, frozen_scale, &mut post);
+                    std::mem::swap(&mut proj, &mut post);
+                    if hooks.norm_scales {
+                        rec.mlp_post_norm_scale = Some(s);
+                    }
+                }
                 &proj
             }
         };
@@ -519,7 +614,7 @@ pub(crate) fn run_blocks<B: Blocks>(
     if hooks.norm_scales {
         record.final_norm_scale = Some(s);
     }
-    let logits = unembed(
+    let mut logits = unembed(
         &normed,
         n,
         d,
@@ -527,6 +622,9 @@ pub(crate) fn run_blocks<B: Blocks>(
         c.vocab_size,
         opts.logits,
     );
+    if let Some(cap) = model.logit_softcap() {
+        logits.iter_mut().for_each(|v| *v = softcap(*v, cap));
+    }
     Ok(ForwardOutput {
         n_tokens: n,
         logits,

@@ -24,7 +24,8 @@
 use std::path::Path;
 
 use super::forward::{
-    Blocks, Dims, ForwardOptions, ForwardOutput, Norm, causal_attention, matmul_wt, run_blocks,
+    AttnScores, Blocks, Dims, ForwardOptions, ForwardOutput, Norm, causal_attention, matmul_wt,
+    run_blocks,
 };
 use crate::{Error, Result};
 
@@ -294,6 +295,7 @@ impl Blocks for Gpt2Model {
             d_model: c.d_model,
             n_heads: c.n_heads,
             vocab_size: c.vocab_size,
+            post_norms: false,
         }
     }
 
@@ -314,6 +316,7 @@ impl Blocks for Gpt2Model {
             Norm::Attn(l) => (&self.layers[l].ln_1_w, &self.layers[l].ln_1_b),
             Norm::Mlp(l) => (&self.layers[l].ln_2_w, &self.layers[l].ln_2_b),
             Norm::Final => (&self.ln_f_w, &self.ln_f_b),
+            Norm::PostAttn(_) | Norm::PostMlp(_) => unreachable!("GPT-2 has no post-norms"),
         };
         let c = &self.config;
         layer_norm(x, c.d_model, w, b, c.norm_eps, frozen, out)
@@ -340,6 +343,7 @@ impl Blocks for Gpt2Model {
             c.n_heads,
             c.n_heads,
             c.head_dim(),
+            AttnScores::plain(c.head_dim()),
             &s.q,
             &s.k,
             &s.v,

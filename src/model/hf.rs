@@ -1,10 +1,12 @@
-//! Loading Hugging Face Llama-family and GPT-2 model directories: `config.json`, one or more `*.safetensors`
+//! Loading Hugging Face Llama-family, Gemma-2 and GPT-2 model directories: `config.json`, one or more `*.safetensors`
 //! (memory-mapped; F32, F16 or BF16) and `tokenizer.json`.
 //!
 //! Hugging Face checkpoints keep Q/K rows in the order `transformers` rotates them, so these models use
 //! [`RopeStyle::HalfSplit`]. RoPE scaling of Llama 3.1+ (`rope_type: "llama3"`) and linear scaling are
 //! applied; other scalings (dynamic, YaRN, ...) and architectures with attention biases (Qwen2) or Q/K norms
 //! (Qwen3) are refused with an "unsupported" error rather than run wrongly.
+//!
+//! `model_type: "gemma2"` loads a [`Gemma2Model`] (norm weights stored as `1 + w`; the tanh-GELU MLP only).
 //!
 //! `model_type: "gpt2"` loads a [`Gpt2Model`] (tensor names with or without `transformer.`; `Conv1D` weights
 //! transposed to `(out, in)`); GPT-2 variants with another activation, `scale_attn_by_inverse_layer_idx` or
@@ -18,6 +20,7 @@ use safetensors::{Dtype, SafeTensors};
 
 use super::Model;
 use super::bpe::BpeTokenizer;
+use super::gemma2::{Gemma2Config, Gemma2Model, Gemma2PostNorms};
 use super::gpt2::{Gpt2Config, Gpt2LayerWeights, Gpt2Model};
 use super::llama::{LayerWeights, LlamaConfig, LlamaModel, RopeStyle, llama3_rope_factors};
 use crate::{Error, Result};
@@ -30,21 +33,10 @@ pub fn is_model_dir(dir: &Path) -> bool {
 /// The Llama configuration in `config.json`, and whether the unembedding is tied.
 pub fn config(dir: &Path) -> Result<(LlamaConfig, bool)> {
     let (path, j) = config_json(dir)?;
-    let field = |k: &str| Error::Format {
-        path: path.clone(),
-        offset: 0,
-        reason: format!("`{k}` is missing or not a positive integer"),
-    };
-    let int = |k: &str| {
-        j[k].as_u64()
-            .filter(|&v| v > 0)
-            .map(|v| v as usize)
-            .ok_or_else(|| field(k))
-    };
     let model_type = j["model_type"].as_str().unwrap_or("");
     if !matches!(model_type, "llama" | "mistral") {
         return Err(Error::Unsupported(format!(
-            "{}: model_type `{model_type}` (supported: llama, mistral, gpt2)",
+            "{}: model_type `{model_type}` (supported: llama, mistral, gpt2, gemma2)",
             path.display()
         )));
     }
@@ -60,6 +52,24 @@ pub fn config(dir: &Path) -> Result<(LlamaConfig, bool)> {
             path.display()
         )));
     }
+    let c = llama_sizes(&path, &j)?;
+    c.validate(&path)?;
+    Ok((c, j["tie_word_embeddings"].as_bool().unwrap_or(false)))
+}
+
+/// The sizes, norm epsilon and RoPE of a Llama-shaped `config.json` (Llama, Mistral, Gemma-2), validated.
+fn llama_sizes(path: &Path, j: &serde_json::Value) -> Result<LlamaConfig> {
+    let field = |k: &str| Error::Format {
+        path: path.to_path_buf(),
+        offset: 0,
+        reason: format!("`{k}` is missing or not a positive integer"),
+    };
+    let int = |k: &str| {
+        j[k].as_u64()
+            .filter(|&v| v > 0)
+            .map(|v| v as usize)
+            .ok_or_else(|| field(k))
+    };
     let d = int("hidden_size")?;
     let n_heads = int("num_attention_heads")?;
     let head_dim = if j["head_dim"].is_null() {
@@ -67,7 +77,15 @@ pub fn config(dir: &Path) -> Result<(LlamaConfig, bool)> {
     } else {
         int("head_dim")?
     };
-    let rope_theta = j["rope_theta"].as_f64().unwrap_or(10000.0) as f32;
+    // transformers 5 writes `rope_parameters` (theta, type and scaling in one object); earlier versions
+    // `rope_theta` and `rope_scaling`.
+    let rope = &j["rope_parameters"];
+    let (rope_theta, scaling) = if rope.is_object() {
+        (rope["rope_theta"].as_f64(), rope)
+    } else {
+        (j["rope_theta"].as_f64(), &j["rope_scaling"])
+    };
+    let rope_theta = rope_theta.unwrap_or(10000.0) as f32;
     let c = LlamaConfig {
         d_model: d,
         hidden_dim: int("intermediate_size")?,
@@ -84,10 +102,114 @@ pub fn config(dir: &Path) -> Result<(LlamaConfig, bool)> {
         norm_eps: j["rms_norm_eps"].as_f64().unwrap_or(1e-6) as f32,
         rope_theta,
         rope_style: RopeStyle::HalfSplit,
-        rope_freq_factors: rope_scaling(&path, &j["rope_scaling"], head_dim, rope_theta)?,
+        rope_freq_factors: rope_scaling(path, scaling, head_dim, rope_theta)?,
     };
-    c.validate(&path)?;
-    Ok((c, j["tie_word_embeddings"].as_bool().unwrap_or(false)))
+    c.validate(path)?;
+    Ok(c)
+}
+
+/// The Gemma-2 configuration in `config.json`: the Llama-shaped sizes and what Gemma-2 adds
+/// (`query_pre_attn_scalar`, the two soft caps, `sliding_window` and which layers use it). A key that is
+/// absent takes `transformers`' `Gemma2Config` default (`head_dim` and `query_pre_attn_scalar` 256, soft caps
+/// 50 and 30, `sliding_window` 4096); an explicit `null` cap or window turns it off. An MLP activation other
+/// than the tanh GELU is refused.
+pub fn gemma2_config(dir: &Path) -> Result<(LlamaConfig, Gemma2Config)> {
+    let (path, mut j) = config_json(dir)?;
+    for (key, default) in [
+        ("head_dim", serde_json::json!(256)),
+        ("query_pre_attn_scalar", serde_json::json!(256)),
+        ("attn_logit_softcapping", serde_json::json!(50.0)),
+        ("final_logit_softcapping", serde_json::json!(30.0)),
+        ("sliding_window", serde_json::json!(4096)),
+    ] {
+        if j.get(key).is_none() {
+            j[key] = default;
+        }
+    }
+    let j = j;
+    let model_type = j["model_type"].as_str().unwrap_or("");
+    if model_type != "gemma2" {
+        return Err(Error::Unsupported(format!(
+            "{}: model_type `{model_type}` is not gemma2",
+            path.display()
+        )));
+    }
+    for key in ["hidden_activation", "hidden_act"] {
+        if let Some(act) = j[key]
+            .as_str()
+            .filter(|a| !matches!(*a, "gelu_pytorch_tanh" | "gelu_new" | "gelu_tanh"))
+        {
+            return Err(Error::Unsupported(format!(
+                "{}: {key} `{act}` (Gemma-2's MLP runs the tanh GELU, gelu_pytorch_tanh)",
+                path.display()
+            )));
+        }
+        // `hidden_activation` wins when both are given, as in transformers.
+        if j[key].is_string() {
+            break;
+        }
+    }
+    if j["attention_bias"].as_bool() == Some(true) {
+        return Err(Error::Unsupported(format!(
+            "{}: attention biases",
+            path.display()
+        )));
+    }
+    let c = llama_sizes(&path, &j)?;
+    let bad = |reason: String| Error::Format {
+        path: path.clone(),
+        offset: 0,
+        reason,
+    };
+    let positive = |k: &str| -> Result<Option<f32>> {
+        match &j[k] {
+            serde_json::Value::Null => Ok(None),
+            v => v
+                .as_f64()
+                .filter(|v| v.is_finite() && *v > 0.0)
+                .map(|v| Some(v as f32))
+                .ok_or_else(|| bad(format!("`{k}` is not a positive number"))),
+        }
+    };
+    let query_pre_attn_scalar = positive("query_pre_attn_scalar")?
+        .ok_or_else(|| bad("`query_pre_attn_scalar` is null".into()))?;
+    let sliding_window = match &j["sliding_window"] {
+        serde_json::Value::Null => None,
+        v => Some(
+            v.as_u64()
+                .filter(|&w| w > 0)
+                .ok_or_else(|| bad("`sliding_window` is not a positive integer".into()))?
+                as usize,
+        ),
+    };
+    // transformers: `layer_types` when given, else every even layer slides.
+    let sliding_layers = match &j["layer_types"] {
+        serde_json::Value::Null => (0..c.n_layers).map(|l| l % 2 == 0).collect(),
+        serde_json::Value::Array(a) if a.len() == c.n_layers => a
+            .iter()
+            .map(|t| match t.as_str() {
+                Some("sliding_attention") => Ok(true),
+                Some("full_attention") => Ok(false),
+                _ => Err(bad(format!(
+                    "`layer_types` entry {t} is not sliding_attention or full_attention"
+                ))),
+            })
+            .collect::<Result<Vec<bool>>>()?,
+        _ => {
+            return Err(bad(format!(
+                "`layer_types` is not a list of {} layer types",
+                c.n_layers
+            )));
+        }
+    };
+    let g = Gemma2Config {
+        query_pre_attn_scalar,
+        attn_logit_softcapping: positive("attn_logit_softcapping")?,
+        final_logit_softcapping: positive("final_logit_softcapping")?,
+        sliding_window,
+        sliding_layers,
+    };
+    Ok((c, g))
 }
 
 /// The memory-mapped `*.safetensors` files of a model directory, with an index from tensor name to file.
@@ -252,14 +374,73 @@ fn config_json(dir: &Path) -> Result<(PathBuf, serde_json::Value)> {
     Ok((path, j))
 }
 
-/// Loads the model in `dir`: GPT-2 when `config.json` says `model_type: "gpt2"`, else a Llama-family model.
+/// Loads the model in `dir`: GPT-2 or Gemma-2 when `config.json`'s `model_type` says so, else a
+/// Llama-family model.
 pub fn load_model(dir: &Path) -> Result<Model> {
     let (_, j) = config_json(dir)?;
-    if j["model_type"].as_str() == Some("gpt2") {
-        Ok(Model::Gpt2(load_gpt2(dir)?))
-    } else {
-        Ok(Model::Llama(load_llama(dir)?))
+    match j["model_type"].as_str() {
+        Some("gpt2") => Ok(Model::Gpt2(load_gpt2(dir)?)),
+        Some("gemma2") => Ok(Model::Gemma2(load_gemma2(dir)?)),
+        _ => Ok(Model::Llama(load_llama(dir)?)),
     }
+}
+
+/// Loads the Gemma-2 model in `dir`: tensor names with or without `model.`; every norm's weight `w` stored as
+/// `1 + w` (Gemma's RMSNorm multiplies by it); the unembedding tied to the embedding unless the directory
+/// has an `lm_head.weight` and `tie_word_embeddings` is false.
+pub fn load_gemma2(dir: &Path) -> Result<Gemma2Model> {
+    let (c, gemma) = gemma2_config(dir)?;
+    let (_, j) = config_json(dir)?;
+    let tied = j["tie_word_embeddings"].as_bool().unwrap_or(true);
+    let st = Tensors::open(dir)?;
+    let prefix = if st.contains("model.embed_tokens.weight") {
+        "model."
+    } else {
+        ""
+    };
+    let tensor = |name: &str, shape: &[usize]| st.get(&format!("{prefix}{name}"), shape);
+    let gain = |name: &str, d: usize| -> Result<Vec<f32>> {
+        Ok(tensor(name, &[d])?.into_iter().map(|w| 1.0 + w).collect())
+    };
+    let (d, h, q, kv, v) = (c.d_model, c.hidden_dim, c.q_dim(), c.kv_dim(), c.vocab_size);
+    let mut layers = Vec::with_capacity(c.n_layers);
+    let mut post_norms = Vec::with_capacity(c.n_layers);
+    for l in 0..c.n_layers {
+        let p = |s: &str| format!("layers.{l}.{s}.weight");
+        layers.push(LayerWeights {
+            attn_norm: gain(&p("input_layernorm"), d)?,
+            wq: tensor(&p("self_attn.q_proj"), &[q, d])?,
+            wk: tensor(&p("self_attn.k_proj"), &[kv, d])?,
+            wv: tensor(&p("self_attn.v_proj"), &[kv, d])?,
+            wo: tensor(&p("self_attn.o_proj"), &[d, q])?,
+            mlp_norm: gain(&p("pre_feedforward_layernorm"), d)?,
+            w_gate: tensor(&p("mlp.gate_proj"), &[h, d])?,
+            w_up: tensor(&p("mlp.up_proj"), &[h, d])?,
+            w_down: tensor(&p("mlp.down_proj"), &[d, h])?,
+        });
+        post_norms.push(Gemma2PostNorms {
+            attn: gain(&p("post_attention_layernorm"), d)?,
+            mlp: gain(&p("post_feedforward_layernorm"), d)?,
+        });
+    }
+    let output = if tied || !st.contains("lm_head.weight") {
+        None
+    } else {
+        Some(st.get("lm_head.weight", &[v, d])?)
+    };
+    let model = Gemma2Model {
+        base: LlamaModel {
+            tok_embeddings: tensor("embed_tokens.weight", &[v, d])?,
+            final_norm: gain("norm.weight", d)?,
+            output,
+            layers,
+            config: c,
+        },
+        gemma,
+        post_norms,
+    };
+    model.validate(dir)?;
+    Ok(model)
 }
 
 /// Loads the Llama model in `dir`.

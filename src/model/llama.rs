@@ -13,7 +13,8 @@
 use std::path::Path;
 
 use super::forward::{
-    Blocks, Dims, ForwardOptions, ForwardOutput, Norm, causal_attention, matmul_wt, run_blocks,
+    AttnScores, Blocks, Dims, ForwardOptions, ForwardOutput, Norm, causal_attention, matmul_wt,
+    run_blocks,
 };
 use crate::{Error, Result};
 
@@ -169,7 +170,7 @@ pub struct LlamaModel {
 
 /// RMSNorm of each row of `x` (`[rows, d]`) into `out`, with weight `w`; returns or uses `1/rms` per row.
 /// When `frozen` is given its scales are used instead of being computed.
-fn rms_norm(
+pub(crate) fn rms_norm(
     x: &[f32],
     d: usize,
     w: &[f32],
@@ -373,53 +374,16 @@ impl LlamaModel {
     ) -> Result<ForwardOutput> {
         run_blocks(self, x, opts)
     }
-}
 
-/// The Llama-family block: RMSNorm, rotary grouped-query attention without biases, a SwiGLU MLP.
-impl Blocks for LlamaModel {
-    /// Q, K, V and the heads' outputs; the MLP's gate and up projections; the rotary tables.
-    type Scratch = LlamaScratch;
-
-    fn dims(&self) -> Dims {
-        let c = &self.config;
-        Dims {
-            n_layers: c.n_layers,
-            d_model: c.d_model,
-            n_heads: c.n_heads,
-            vocab_size: c.vocab_size,
-        }
-    }
-
-    fn scratch(&self, n: usize) -> LlamaScratch {
-        let c = &self.config;
-        let (cos, sin) = rope_tables(n, c.head_dim, c.rope_theta, &c.rope_freq_factors);
-        LlamaScratch {
-            q: vec![0.0; n * c.q_dim()],
-            k: vec![0.0; n * c.kv_dim()],
-            v: vec![0.0; n * c.kv_dim()],
-            attn: vec![0.0; n * c.q_dim()],
-            gate: vec![0.0; n * c.hidden_dim],
-            up: vec![0.0; n * c.hidden_dim],
-            cos,
-            sin,
-        }
-    }
-
-    fn norm(&self, which: Norm, x: &[f32], frozen: Option<&[f32]>, out: &mut [f32]) -> Vec<f32> {
-        let w = match which {
-            Norm::Attn(l) => &self.layers[l].attn_norm,
-            Norm::Mlp(l) => &self.layers[l].mlp_norm,
-            Norm::Final => &self.final_norm,
-        };
-        let c = &self.config;
-        rms_norm(x, c.d_model, w, c.norm_eps, frozen, out)
-    }
-
-    fn attention(
+    /// Layer `l`'s rotary grouped-query attention of the normed stream `[n, d]`, projected by `W_O` into
+    /// `out`, with the scores formed as `scores` says (the Llama block's and Gemma-2's).
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn attend(
         &self,
         l: usize,
         normed: &[f32],
         n: usize,
+        scores: AttnScores,
         frozen: Option<&[f32]>,
         record: bool,
         s: &mut LlamaScratch,
@@ -451,6 +415,7 @@ impl Blocks for LlamaModel {
             c.n_heads,
             c.n_kv_heads,
             c.head_dim,
+            scores,
             &s.q,
             &s.k,
             &s.v,
@@ -462,15 +427,86 @@ impl Blocks for LlamaModel {
         pattern
     }
 
-    fn mlp(&self, l: usize, normed: &[f32], n: usize, s: &mut LlamaScratch, out: &mut [f32]) {
+    /// Layer `l`'s gated MLP `W_down (act(W_gate x) ⊙ W_up x)` of the normed stream `[n, d]` into `out`
+    /// (SwiGLU with `silu`; Gemma-2's GeGLU with the tanh GELU).
+    pub(crate) fn gated_mlp(
+        &self,
+        l: usize,
+        normed: &[f32],
+        n: usize,
+        act: fn(f32) -> f32,
+        s: &mut LlamaScratch,
+        out: &mut [f32],
+    ) {
         let (c, w) = (&self.config, &self.layers[l]);
         let d = c.d_model;
         matmul_wt(normed, n, d, &w.w_gate, c.hidden_dim, &mut s.gate);
         matmul_wt(normed, n, d, &w.w_up, c.hidden_dim, &mut s.up);
         for (g, u) in s.gate.iter_mut().zip(&s.up) {
-            *g = silu(*g) * u;
+            *g = act(*g) * u;
         }
         matmul_wt(&s.gate, n, c.hidden_dim, &w.w_down, d, out);
+    }
+}
+
+/// The Llama-family block: RMSNorm, rotary grouped-query attention without biases, a SwiGLU MLP.
+impl Blocks for LlamaModel {
+    /// Q, K, V and the heads' outputs; the MLP's gate and up projections; the rotary tables.
+    type Scratch = LlamaScratch;
+
+    fn dims(&self) -> Dims {
+        let c = &self.config;
+        Dims {
+            n_layers: c.n_layers,
+            d_model: c.d_model,
+            n_heads: c.n_heads,
+            vocab_size: c.vocab_size,
+            post_norms: false,
+        }
+    }
+
+    fn scratch(&self, n: usize) -> LlamaScratch {
+        let c = &self.config;
+        let (cos, sin) = rope_tables(n, c.head_dim, c.rope_theta, &c.rope_freq_factors);
+        LlamaScratch {
+            q: vec![0.0; n * c.q_dim()],
+            k: vec![0.0; n * c.kv_dim()],
+            v: vec![0.0; n * c.kv_dim()],
+            attn: vec![0.0; n * c.q_dim()],
+            gate: vec![0.0; n * c.hidden_dim],
+            up: vec![0.0; n * c.hidden_dim],
+            cos,
+            sin,
+        }
+    }
+
+    fn norm(&self, which: Norm, x: &[f32], frozen: Option<&[f32]>, out: &mut [f32]) -> Vec<f32> {
+        let w = match which {
+            Norm::Attn(l) => &self.layers[l].attn_norm,
+            Norm::Mlp(l) => &self.layers[l].mlp_norm,
+            Norm::Final => &self.final_norm,
+            Norm::PostAttn(_) | Norm::PostMlp(_) => unreachable!("Llama has no post-norms"),
+        };
+        let c = &self.config;
+        rms_norm(x, c.d_model, w, c.norm_eps, frozen, out)
+    }
+
+    fn attention(
+        &self,
+        l: usize,
+        normed: &[f32],
+        n: usize,
+        frozen: Option<&[f32]>,
+        record: bool,
+        s: &mut LlamaScratch,
+        out: &mut [f32],
+    ) -> Option<Vec<f32>> {
+        let scores = AttnScores::plain(self.config.head_dim);
+        self.attend(l, normed, n, scores, frozen, record, s, out)
+    }
+
+    fn mlp(&self, l: usize, normed: &[f32], n: usize, s: &mut LlamaScratch, out: &mut [f32]) {
+        self.gated_mlp(l, normed, n, silu, s, out);
     }
 
     fn unembedding(&self) -> &[f32] {

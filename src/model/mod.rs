@@ -3,9 +3,11 @@
 //! - [`forward`]: the forward loop both architectures share, with its hooks and interventions;
 //! - [`llama`]: the Llama-family block (RMSNorm, rotary grouped-query attention, SwiGLU);
 //! - [`gpt2`]: the GPT-2 block (LayerNorm, attention with biases, GELU);
+//! - [`gemma2`]: the Gemma-2 block (Llama's, with norms after the attention and the MLP, GeGLU, soft caps and
+//!   sliding-window layers);
 //! - [`llama2c`]: llama2.c checkpoints and tokenizers;
-//! - [`hf`]: Hugging Face model directories (`config.json`, `*.safetensors`, `tokenizer.json`; Llama, Mistral
-//!   and GPT-2);
+//! - [`hf`]: Hugging Face model directories (`config.json`, `*.safetensors`, `tokenizer.json`; Llama, Mistral,
+//!   GPT-2 and Gemma-2);
 //! - [`gguf`]: GGUF v3 files (metadata, tensors, Llama models) and [`bpe`], their byte-level BPE tokenizers;
 //! - [`cli`]: `clt run`, which tokenises a prompt, runs the model and prints or dumps the logits.
 //!
@@ -15,6 +17,7 @@
 pub mod bpe;
 pub mod cli;
 pub mod forward;
+pub mod gemma2;
 pub mod ggml_quants;
 pub mod gguf;
 pub mod gpt2;
@@ -31,6 +34,7 @@ pub use forward::{
     ForwardOptions, ForwardOutput, ForwardRecord, Hooks, Intervention, LayerRecord, Logits,
     MlpOverride,
 };
+pub use gemma2::{Gemma2Config, Gemma2Model, Gemma2PostNorms};
 pub use gpt2::{Gpt2Config, Gpt2LayerWeights, Gpt2Model};
 pub use llama::{LayerWeights, LlamaConfig, LlamaModel, RopeStyle};
 pub use llama2c::Llama2cTokenizer;
@@ -225,6 +229,7 @@ impl CausalLm for Model {
 pub enum Model {
     Llama(LlamaModel),
     Gpt2(Gpt2Model),
+    Gemma2(Gemma2Model),
 }
 
 impl From<LlamaModel> for Model {
@@ -239,12 +244,19 @@ impl From<Gpt2Model> for Model {
     }
 }
 
+impl From<Gemma2Model> for Model {
+    fn from(m: Gemma2Model) -> Self {
+        Model::Gemma2(m)
+    }
+}
+
 impl Model {
-    /// The architecture's name: `llama` or `gpt2`.
+    /// The architecture's name: `llama`, `gpt2` or `gemma2`.
     pub fn architecture(&self) -> &'static str {
         match self {
             Model::Llama(_) => "llama",
             Model::Gpt2(_) => "gpt2",
+            Model::Gemma2(_) => "gemma2",
         }
     }
 
@@ -252,6 +264,7 @@ impl Model {
         match self {
             Model::Llama(m) => m.config.n_layers,
             Model::Gpt2(m) => m.config.n_layers,
+            Model::Gemma2(m) => m.base.config.n_layers,
         }
     }
 
@@ -260,6 +273,7 @@ impl Model {
         match self {
             Model::Llama(m) => m.config.d_model,
             Model::Gpt2(m) => m.config.d_model,
+            Model::Gemma2(m) => m.base.config.d_model,
         }
     }
 
@@ -267,6 +281,7 @@ impl Model {
         match self {
             Model::Llama(m) => m.config.n_heads,
             Model::Gpt2(m) => m.config.n_heads,
+            Model::Gemma2(m) => m.base.config.n_heads,
         }
     }
 
@@ -275,6 +290,7 @@ impl Model {
         match self {
             Model::Llama(m) => m.config.n_kv_heads,
             Model::Gpt2(m) => m.config.n_heads,
+            Model::Gemma2(m) => m.base.config.n_kv_heads,
         }
     }
 
@@ -282,6 +298,7 @@ impl Model {
         match self {
             Model::Llama(m) => m.config.vocab_size,
             Model::Gpt2(m) => m.config.vocab_size,
+            Model::Gemma2(m) => m.base.config.vocab_size,
         }
     }
 
@@ -290,6 +307,7 @@ impl Model {
         match self {
             Model::Llama(m) => m.config.max_seq_len,
             Model::Gpt2(m) => m.config.max_seq_len,
+            Model::Gemma2(m) => m.base.config.max_seq_len,
         }
     }
 
@@ -298,6 +316,7 @@ impl Model {
         match self {
             Model::Llama(m) => m.config.forward_flops(n, n_logits),
             Model::Gpt2(m) => m.config.forward_flops(n, n_logits),
+            Model::Gemma2(m) => m.base.config.forward_flops(n, n_logits),
         }
     }
 
@@ -306,6 +325,7 @@ impl Model {
         match self {
             Model::Llama(m) => m.forward_with(tokens, opts),
             Model::Gpt2(m) => m.forward_with(tokens, opts),
+            Model::Gemma2(m) => m.forward_with(tokens, opts),
         }
     }
 
@@ -313,7 +333,7 @@ impl Model {
     pub fn as_llama(&self) -> Option<&LlamaModel> {
         match self {
             Model::Llama(m) => Some(m),
-            Model::Gpt2(_) => None,
+            Model::Gpt2(_) | Model::Gemma2(_) => None,
         }
     }
 
@@ -321,7 +341,15 @@ impl Model {
     pub fn as_gpt2(&self) -> Option<&Gpt2Model> {
         match self {
             Model::Gpt2(m) => Some(m),
-            Model::Llama(_) => None,
+            Model::Llama(_) | Model::Gemma2(_) => None,
+        }
+    }
+
+    /// The Gemma-2 model, when it is one.
+    pub fn as_gemma2(&self) -> Option<&Gemma2Model> {
+        match self {
+            Model::Gemma2(m) => Some(m),
+            Model::Llama(_) | Model::Gpt2(_) => None,
         }
     }
 }
