@@ -2,7 +2,7 @@
 //! (`../shared/reference/stories260K`): token ids exact, logits and per-layer activations within 1e-4, and
 //! the greedy continuation of "Once upon a time" as `run.c` prints it.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use clt::model::{self, CausalLm, ForwardOptions, Hooks};
 use serde_json::Value;
@@ -243,4 +243,69 @@ fn tokenizer_only() -> &'static model::Llama2cTokenizer {
     T.get_or_init(|| {
         model::Llama2cTokenizer::load(&shared().join("models/stories260K/tok512.bin"), 512).unwrap()
     })
+}
+
+/// The SentencePiece BPE that GGUF's `llama` vocabularies load into (`BpeTokenizer::from_spm`), built from
+/// stories260K's pieces and scores, encodes as llama2.c's own merge loop does: every line of the
+/// TinyStories and WikiText heads, and text whose characters have no piece (byte fallback); and decodes
+/// back to the text.
+#[test]
+fn spm_tokenizer_from_the_llama2c_vocabulary_encodes_as_llama2c() {
+    let t = tokenizer_only();
+    let pieces: Vec<String> = t
+        .pieces
+        .iter()
+        .enumerate()
+        .map(|(i, p)| match i {
+            0 => "<unk>".to_string(),
+            1 => "<s>".to_string(),
+            2 => "</s>".to_string(),
+            _ => String::from_utf8(p.clone()).unwrap().replace(' ', "▁"),
+        })
+        .collect();
+    let types: Vec<u32> = (0..pieces.len())
+        .map(|i| match i {
+            0 => 2,
+            1 | 2 => 3,
+            3..=258 => 6,
+            _ => 1,
+        })
+        .collect();
+    let spm = model::BpeTokenizer::from_spm(
+        Path::new("tok512"),
+        pieces,
+        &t.scores,
+        &types,
+        true,
+        None,
+        Some(2),
+    )
+    .unwrap();
+    let mut lines: Vec<String> = Vec::new();
+    for f in ["tinystories_valid_head.txt", "wikitext2_valid.txt"] {
+        let text = std::fs::read_to_string(shared().join("corpus").join(f)).unwrap();
+        lines.extend(
+            text.lines()
+                .filter(|l| !l.trim().is_empty())
+                .take(300)
+                .map(str::to_string),
+        );
+    }
+    lines.extend(
+        [
+            "naïve café: 東京 🙂",
+            "  two leading spaces,\ttabs and\nnew lines  ",
+            "x",
+        ]
+        .map(str::to_string),
+    );
+    let mut n_tokens = 0;
+    for line in &lines {
+        let want = t.encode(line, false);
+        let got = spm.encode(line).unwrap();
+        assert_eq!(got, want, "{line:?}");
+        assert_eq!(spm.decode(&got), *line, "decoding {line:?}");
+        n_tokens += got.len();
+    }
+    assert!(n_tokens > 20_000, "{n_tokens} tokens compared");
 }

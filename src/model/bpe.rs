@@ -1,11 +1,19 @@
 //! Tokenizers built with the `tokenizers` crate: the byte-level BPE (GPT-2 style) of a GGUF file's vocabulary
-//! and merges, and any Hugging Face `tokenizer.json`.
+//! and merges, the SentencePiece BPE of a GGUF file's `llama` vocabulary and scores (Llama 1/2, Mistral,
+//! Gemma), and any Hugging Face `tokenizer.json`.
 
 use std::path::Path;
 
 use tokenizers::SplitDelimiterBehavior;
+use tokenizers::decoders::byte_fallback::ByteFallback;
 use tokenizers::decoders::byte_level::ByteLevel as ByteLevelDecoder;
+use tokenizers::decoders::fuse::Fuse;
+use tokenizers::decoders::sequence::Sequence as DecoderSequence;
+use tokenizers::decoders::strip::Strip;
 use tokenizers::models::bpe::BPE;
+use tokenizers::normalizers::prepend::Prepend;
+use tokenizers::normalizers::replace::Replace;
+use tokenizers::normalizers::utils::Sequence as NormalizerSequence;
 use tokenizers::pre_tokenizers::PreTokenizerWrapper;
 use tokenizers::pre_tokenizers::byte_level::ByteLevel;
 use tokenizers::pre_tokenizers::digits::Digits;
@@ -118,6 +126,113 @@ impl BpeTokenizer {
         let mut inner = Tokenizer::new(bpe);
         inner.with_pre_tokenizer(Some(pre_tokenizer(path, pre)?));
         inner.with_decoder(Some(ByteLevelDecoder::default()));
+        inner
+            .add_special_tokens(specials)
+            .map_err(|e| err(format!("cannot add the special tokens: {e}")))?;
+        Ok(BpeTokenizer {
+            inner,
+            bos,
+            eos,
+            add_special: false,
+        })
+    }
+
+    /// Builds a SentencePiece BPE tokenizer (a GGUF file's `tokenizer.ggml.model = "llama"`) from its pieces
+    /// (`▁` for a space, `<0xAB>` byte pieces), their scores and their types (1 normal, 2 unknown, 3 control,
+    /// 4 user-defined, 6 byte), as llama.cpp's SPM tokenizer runs it: spaces become `▁` (and one is put first
+    /// when `add_space_prefix`), then adjacent pieces merge, the merge whose result has the highest score
+    /// first, and characters with no piece fall back to their bytes. The merges are every split of a normal
+    /// piece into two pieces, ranked by the whole piece's score (how `transformers` converts SentencePiece
+    /// models); control and user-defined pieces are matched as whole strings.
+    #[allow(clippy::too_many_arguments)]
+    pub fn from_spm(
+        path: &Path,
+        pieces: Vec<String>,
+        scores: &[f32],
+        types: &[u32],
+        add_space_prefix: bool,
+        bos: Option<u32>,
+        eos: Option<u32>,
+    ) -> Result<Self> {
+        let err = |reason: String| Error::Format {
+            path: path.to_path_buf(),
+            offset: 0,
+            reason,
+        };
+        if scores.len() != pieces.len() || types.len() != pieces.len() {
+            return Err(err(format!(
+                "{} tokens but {} scores and {} token types",
+                pieces.len(),
+                scores.len(),
+                types.len()
+            )));
+        }
+        let index: std::collections::HashMap<&str, u32> = pieces
+            .iter()
+            .enumerate()
+            .map(|(i, p)| (p.as_str(), i as u32))
+            .collect();
+        // (score of the merged piece, left id, right id).
+        let mut ranked: Vec<(f32, u32, u32)> = Vec::new();
+        for (i, p) in pieces.iter().enumerate() {
+            if types[i] != 1 {
+                continue;
+            }
+            for (k, _) in p.char_indices().skip(1) {
+                if let (Some(&a), Some(&b)) = (index.get(&p[..k]), index.get(&p[k..])) {
+                    ranked.push((scores[i], a, b));
+                }
+            }
+        }
+        ranked.sort_by(|x, y| y.0.total_cmp(&x.0).then(x.1.cmp(&y.1)).then(x.2.cmp(&y.2)));
+        let merges: Vec<(String, String)> = ranked
+            .iter()
+            .map(|&(_, a, b)| (pieces[a as usize].clone(), pieces[b as usize].clone()))
+            .collect();
+        let specials: Vec<AddedToken> = types
+            .iter()
+            .enumerate()
+            .filter(|(_, t)| matches!(t, 3 | 4))
+            .map(|(i, _)| AddedToken::from(pieces[i].clone(), true))
+            .collect();
+        let unk = types
+            .iter()
+            .position(|&t| t == 2)
+            .map(|i| pieces[i].clone());
+        let vocab: tokenizers::models::bpe::Vocab = pieces
+            .into_iter()
+            .enumerate()
+            .map(|(i, t)| (t, i as u32))
+            .collect();
+        let mut builder = BPE::builder()
+            .vocab_and_merges(vocab, merges)
+            .byte_fallback(true);
+        if let Some(u) = unk {
+            builder = builder.unk_token(u);
+        }
+        let bpe = builder
+            .build()
+            .map_err(|e| err(format!("cannot build the SentencePiece BPE model: {e}")))?;
+        let mut inner = Tokenizer::new(bpe);
+        let space = Replace::new(" ", "▁").map_err(|e| err(format!("normalizer: {e}")))?;
+        let mut normalizers = Vec::new();
+        if add_space_prefix {
+            normalizers.push(Prepend::new("▁".into()).into());
+        }
+        normalizers.push(space.into());
+        inner
+            .with_normalizer(Some(NormalizerSequence::new(normalizers)))
+            .map_err(|e| err(format!("normalizer: {e}")))?;
+        let unspace = Replace::new("▁", " ").map_err(|e| err(format!("decoder: {e}")))?;
+        let mut decoders = vec![
+            unspace.into(),
+            ByteFallback::new().into(),
+            Fuse::new().into(),
+        ];
+        if add_space_prefix {
+            decoders.push(Strip::new(' ', 1, 0).into());
+        }
+        inner.with_decoder(Some(DecoderSequence::new(decoders)));
         inner
             .add_special_tokens(specials)
             .map_err(|e| err(format!("cannot add the special tokens: {e}")))?;

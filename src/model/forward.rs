@@ -259,7 +259,9 @@ pub(crate) fn check_intervention(n: usize, dims: &Dims, iv: &Intervention<'_>) -
                     p,
                 ));
             }
-            let post = [
+            let scales = [
+                ("attn_norm_scale", &r.attn_norm_scale, true),
+                ("mlp_norm_scale", &r.mlp_norm_scale, true),
                 ("attn_post_norm_scale", &r.attn_post_norm_scale, post_norms),
                 (
                     "mlp_post_norm_scale",
@@ -267,14 +269,7 @@ pub(crate) fn check_intervention(n: usize, dims: &Dims, iv: &Intervention<'_>) -
                     post_norms && mlp_runs,
                 ),
             ];
-            for (name, s, _) in [
-                ("attn_norm_scale", &r.attn_norm_scale, true),
-                ("mlp_norm_scale", &r.mlp_norm_scale, true),
-            ]
-            .iter()
-            .chain(&post)
-            .filter(|(_, _, needed)| *needed)
-            {
+            for (name, s, _) in scales.into_iter().filter(|&(_, _, needed)| needed) {
                 let len = s.as_ref().map_or(0, Vec::len);
                 if len != n {
                     return Err(shape(format!("frozen {name} of layer {l}"), vec![n], len));
@@ -441,9 +436,9 @@ pub(crate) enum Norm {
     Attn(usize),
     /// Before layer `l`'s MLP.
     Mlp(usize),
-    /// On layer `l`'s attention output, before its residual add (only with [`Blocks::post_norms`]).
+    /// On layer `l`'s attention output, before its residual add (only with [`Dims::post_norms`]).
     PostAttn(usize),
-    /// On layer `l`'s MLP output, before its residual add (only with [`Blocks::post_norms`]).
+    /// On layer `l`'s MLP output, before its residual add (only with [`Dims::post_norms`]).
     PostMlp(usize),
     /// After the last block.
     Final,

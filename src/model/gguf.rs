@@ -531,15 +531,83 @@ impl GgufFile {
         Ok(model)
     }
 
-    /// The byte-level BPE tokenizer in the metadata (`tokenizer.ggml.model = "gpt2"`).
+    /// An array of numbers in the metadata, as `f64`.
+    fn meta_numbers(&self, key: &str) -> Result<Vec<f64>> {
+        let bad = || Error::Format {
+            path: self.path.clone(),
+            offset: 0,
+            reason: format!("metadata key `{key}` is not an array of numbers"),
+        };
+        match self.meta(key)? {
+            Value::Array(a) => a.iter().map(|v| v.as_f64().ok_or_else(bad)).collect(),
+            _ => Err(bad()),
+        }
+    }
+
+    /// The tokenizer in the metadata: byte-level BPE (`tokenizer.ggml.model = "gpt2"`) or SentencePiece
+    /// BPE (`"llama"`: Llama 1/2, Mistral, Gemma).
     pub fn tokenizer(&self) -> Result<BpeTokenizer> {
         let kind = self.meta("tokenizer.ggml.model")?.as_str().unwrap_or("");
-        if kind != "gpt2" {
-            return Err(Error::Unsupported(format!(
-                "{}: GGUF tokenizer model `{kind}` (only the byte-level BPE `gpt2` is supported)",
+        match kind {
+            "gpt2" => self.bpe_tokenizer(),
+            "llama" => self.spm_tokenizer(),
+            _ => Err(Error::Unsupported(format!(
+                "{}: GGUF tokenizer model `{kind}` (supported: the byte-level BPE `gpt2`, the \
+                 SentencePiece `llama`)",
                 self.path.display()
-            )));
+            ))),
         }
+    }
+
+    /// A token id in the metadata, if present.
+    fn token_id(&self, key: &str) -> Option<u32> {
+        self.metadata
+            .get(key)
+            .and_then(Value::as_u64)
+            .map(|v| v as u32)
+    }
+
+    /// The SentencePiece tokenizer: pieces, scores and token types; `add_space_prefix` and
+    /// `add_bos_token` default to true, as llama.cpp's SPM vocabulary does.
+    fn spm_tokenizer(&self) -> Result<BpeTokenizer> {
+        let pieces = self.meta_strings("tokenizer.ggml.tokens")?;
+        let scores: Vec<f32> = self
+            .meta_numbers("tokenizer.ggml.scores")?
+            .into_iter()
+            .map(|v| v as f32)
+            .collect();
+        let types: Vec<u32> = match self.metadata.get("tokenizer.ggml.token_type") {
+            Some(_) => self
+                .meta_numbers("tokenizer.ggml.token_type")?
+                .into_iter()
+                .map(|v| v as u32)
+                .collect(),
+            None => vec![1; pieces.len()],
+        };
+        let flag = |key: &str| {
+            self.metadata
+                .get(key)
+                .and_then(Value::as_bool)
+                .unwrap_or(true)
+        };
+        let bos = if flag("tokenizer.ggml.add_bos_token") {
+            self.token_id("tokenizer.ggml.bos_token_id")
+        } else {
+            None
+        };
+        BpeTokenizer::from_spm(
+            &self.path,
+            pieces,
+            &scores,
+            &types,
+            flag("tokenizer.ggml.add_space_prefix"),
+            bos,
+            self.token_id("tokenizer.ggml.eos_token_id"),
+        )
+    }
+
+    /// The byte-level BPE tokenizer: tokens, merges, special tokens and the pre-tokenizer.
+    fn bpe_tokenizer(&self) -> Result<BpeTokenizer> {
         let tokens = self.meta_strings("tokenizer.ggml.tokens")?;
         let merges = self.meta_strings("tokenizer.ggml.merges")?;
         let special: Vec<u32> = match self.metadata.get("tokenizer.ggml.token_type") {
@@ -557,12 +625,7 @@ impl GgufFile {
             .get("tokenizer.ggml.pre")
             .and_then(Value::as_str)
             .unwrap_or("default");
-        let id = |key: &str| {
-            self.metadata
-                .get(key)
-                .and_then(Value::as_u64)
-                .map(|v| v as u32)
-        };
+        let id = |key: &str| self.token_id(key);
         let add_bos = self
             .metadata
             .get("tokenizer.ggml.add_bos_token")
