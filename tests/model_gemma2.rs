@@ -471,3 +471,117 @@ fn the_attribute_and_intervene_commands_run_on_gemma2() {
     let text = run("intervene", &["--set", "1:*:0*=0", "--set", "0:4:3=2.5"]);
     assert!(text.contains("with the edits:"), "{text}");
 }
+
+/// The tiny model as llama.cpp's converter writes it: architecture `gemma2`, ggml's names, norm weights
+/// stored as `1 + w`, Q/K not permuted, and a SentencePiece vocabulary (`tokenizer.ggml.model = "llama"`,
+/// no space prefix, as Gemma's).
+fn write_gguf_of_tiny(path: &Path) {
+    use common::gguf::{Meta, write_gguf};
+    let names = [
+        ("input_layernorm", "attn_norm"),
+        ("self_attn.q_proj", "attn_q"),
+        ("self_attn.k_proj", "attn_k"),
+        ("self_attn.v_proj", "attn_v"),
+        ("self_attn.o_proj", "attn_output"),
+        ("post_attention_layernorm", "post_attention_norm"),
+        ("pre_feedforward_layernorm", "ffn_norm"),
+        ("mlp.gate_proj", "ffn_gate"),
+        ("mlp.up_proj", "ffn_up"),
+        ("mlp.down_proj", "ffn_down"),
+        ("post_feedforward_layernorm", "post_ffw_norm"),
+    ];
+    let tensors: Vec<(String, Vec<u64>, Vec<f32>)> = tiny_tensors()
+        .into_iter()
+        .map(|(name, mut v, shape)| {
+            let gguf = if name == "embed_tokens.weight" {
+                // As the HF directory stores it: in BF16.
+                v.iter_mut()
+                    .for_each(|x| *x = half::bf16::from_f32(*x).to_f32());
+                "token_embd.weight".to_string()
+            } else if name == "norm.weight" {
+                "output_norm.weight".to_string()
+            } else {
+                let (l, rest) = name["layers.".len()..].split_once('.').unwrap();
+                let hf = rest.strip_suffix(".weight").unwrap();
+                let (_, g) = names.iter().find(|(h, _)| *h == hf).unwrap();
+                format!("blk.{l}.{g}.weight")
+            };
+            if name.ends_with("norm.weight") {
+                v.iter_mut().for_each(|x| *x += 1.0);
+            }
+            let ne = shape.iter().rev().map(|&s| s as u64).collect();
+            (gguf, ne, v)
+        })
+        .collect();
+    let mut pieces: Vec<String> = ["<unk>", "<s>", "</s>", "▁", "a", "b", "ab", "▁a", "▁ab"]
+        .map(str::to_string)
+        .to_vec();
+    while pieces.len() < VOCAB {
+        pieces.push(format!("x{}", pieces.len()));
+    }
+    let scores: Vec<f32> = (0..VOCAB).map(|i| -(i as f32)).collect();
+    let types: Vec<i32> = (0..VOCAB)
+        .map(|i| match i {
+            0 => 2,
+            1 | 2 => 3,
+            _ => 1,
+        })
+        .collect();
+    let u = |v: usize| Meta::U32(v as u32);
+    let meta = [
+        ("general.architecture", Meta::Str("gemma2".into())),
+        ("gemma2.context_length", u(N_POS)),
+        ("gemma2.embedding_length", u(D)),
+        ("gemma2.block_count", u(N_LAYER)),
+        ("gemma2.feed_forward_length", u(INTER)),
+        ("gemma2.attention.head_count", u(N_HEAD)),
+        ("gemma2.attention.head_count_kv", u(N_KV)),
+        ("gemma2.attention.key_length", u(HEAD_DIM)),
+        ("gemma2.attention.value_length", u(HEAD_DIM)),
+        ("gemma2.attention.layer_norm_rms_epsilon", Meta::F32(1e-6)),
+        ("gemma2.rope.freq_base", Meta::F32(10000.0)),
+        ("gemma2.attn_logit_softcapping", Meta::F32(2.0)),
+        ("gemma2.final_logit_softcapping", Meta::F32(3.0)),
+        ("gemma2.attention.sliding_window", u(WINDOW)),
+        ("tokenizer.ggml.model", Meta::Str("llama".into())),
+        ("tokenizer.ggml.tokens", Meta::Strs(pieces)),
+        ("tokenizer.ggml.scores", Meta::F32s(scores)),
+        ("tokenizer.ggml.token_type", Meta::I32s(types)),
+        ("tokenizer.ggml.bos_token_id", u(1)),
+        ("tokenizer.ggml.eos_token_id", u(2)),
+        ("tokenizer.ggml.add_bos_token", Meta::Bool(true)),
+        ("tokenizer.ggml.add_space_prefix", Meta::Bool(false)),
+    ];
+    write_gguf(path, &meta, &tensors);
+}
+
+/// A Gemma-2 GGUF file loads to the same model as the Hugging Face directory (GGUF has no
+/// `query_pre_attn_scalar`: llama.cpp's `head_dim` is used, so the directory here says the same): the
+/// same logits and hooks, bit for bit; its SentencePiece vocabulary puts BOS first and merges by score.
+#[test]
+fn a_gguf_file_loads_the_same_model_as_the_directory() {
+    let mut cfg = tiny_config();
+    cfg["query_pre_attn_scalar"] = serde_json::json!(HEAD_DIM);
+    let (_dir, hf) = load_with("model.", &cfg);
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("tiny-gemma2.gguf");
+    write_gguf_of_tiny(&path);
+    let g = model::load(&path, None).unwrap();
+    assert_eq!(g.format, model::ModelFormat::Gguf);
+    assert_eq!(g.model.architecture(), "gemma2");
+    let gm = g.model.as_gemma2().unwrap();
+    assert_eq!(gm.gemma, hf.model.as_gemma2().unwrap().gemma);
+    for toks in seqs() {
+        let all = ForwardOptions {
+            hooks: Hooks::all(),
+            ..Default::default()
+        };
+        let a = hf.model.forward_with(&toks, &all).unwrap();
+        let b = g.model.forward_with(&toks, &all).unwrap();
+        assert_eq!(a.logits, b.logits);
+        assert_eq!(a.record, b.record);
+    }
+    // "ab ab" is "ab▁ab" (no space prefix): "ab" (score −6) merges first, then "▁" + "ab" into "▁ab" (−8).
+    assert_eq!(g.tokenizer.encode("ab ab").unwrap(), vec![1, 6, 8]);
+    assert_eq!(g.tokenizer.decode(&[1, 6, 8]), "ab ab");
+}

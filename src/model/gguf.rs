@@ -1,16 +1,19 @@
-//! Reading GGUF v3 files: metadata, the tensor index, tensors dequantised to f32, and the Llama models and
-//! byte-level BPE tokenizers they hold.
+//! Reading GGUF v3 files: metadata, the tensor index, tensors dequantised to f32, and the Llama and Gemma-2
+//! models and the byte-level BPE and SentencePiece tokenizers they hold.
 //!
 //! Supported tensor types: those of [`ggml_quants`](super::ggml_quants) (F32, F16, BF16, Q4_0, Q4_1, Q5_0,
 //! Q5_1, Q8_0, Q2_K to Q6_K; dequantised on load); any other type is refused with an "unsupported tensor
 //! type" error naming the tensor. llama.cpp's converter permutes the Q and K weights of
 //! Llama models so that its rotary embedding rotates adjacent pairs, so GGUF Llama models use
-//! [`RopeStyle::AdjacentPairs`].
+//! [`RopeStyle::AdjacentPairs`]; it leaves Gemma-2's as they are (llama.cpp rotates them NeoX-style,
+//! [`RopeStyle::HalfSplit`]), and stores Gemma's norm weights as `1 + w` already.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
+use super::Model;
 use super::bpe::BpeTokenizer;
+use super::gemma2::{Gemma2Config, Gemma2Model, Gemma2PostNorms};
 use super::ggml_quants::{SUPPORTED, block_layout, dequantize};
 use super::llama::{LayerWeights, LlamaConfig, LlamaModel, RopeStyle};
 use crate::{Error, Result};
@@ -399,19 +402,41 @@ impl GgufFile {
         }
     }
 
-    /// The Llama configuration in the metadata (architecture `llama`).
-    pub fn llama_config(&self) -> Result<LlamaConfig> {
-        let arch = self
+    /// The architecture in the metadata (`general.architecture`).
+    pub fn architecture(&self) -> Result<String> {
+        Ok(self
             .meta("general.architecture")?
             .as_str()
             .unwrap_or("")
-            .to_string();
+            .to_string())
+    }
+
+    /// The model in this file, dequantised to f32: `llama` or `gemma2`; other architectures are refused.
+    pub fn model(&self) -> Result<Model> {
+        match self.architecture()?.as_str() {
+            "llama" => Ok(Model::Llama(self.llama_model()?)),
+            "gemma2" => Ok(Model::Gemma2(self.gemma2_model()?)),
+            other => Err(Error::Unsupported(format!(
+                "{}: GGUF architecture `{other}` (supported: llama, gemma2)",
+                self.path.display()
+            ))),
+        }
+    }
+
+    /// The Llama configuration in the metadata (architecture `llama`).
+    pub fn llama_config(&self) -> Result<LlamaConfig> {
+        let arch = self.architecture()?;
         if arch != "llama" {
             return Err(Error::Unsupported(format!(
-                "{}: GGUF architecture `{arch}` (only `llama` is supported)",
+                "{}: GGUF architecture `{arch}` (not llama)",
                 self.path.display()
             )));
         }
+        self.llama_shaped_config(&arch, RopeStyle::AdjacentPairs)
+    }
+
+    /// The Llama-shaped sizes, norm epsilon and RoPE under `{arch}.` keys.
+    fn llama_shaped_config(&self, arch: &str, rope_style: RopeStyle) -> Result<LlamaConfig> {
         let k = |s: &str| format!("{arch}.{s}");
         let d = self.meta_usize(&k("embedding_length"))?;
         let n_heads = self.meta_usize(&k("attention.head_count"))?;
@@ -446,8 +471,8 @@ impl GgufFile {
             max_seq_len: self.meta_usize(&k("context_length"))?,
             norm_eps: f(k("attention.layer_norm_rms_epsilon"), 1e-5),
             rope_theta: f(k("rope.freq_base"), 10000.0),
-            rope_style: RopeStyle::AdjacentPairs,
-            rope_freq_factors: self.rope_freq_factors(&arch, head_dim)?,
+            rope_style,
+            rope_freq_factors: self.rope_freq_factors(arch, head_dim)?,
         };
         c.validate(&self.path)?;
         Ok(c)
@@ -495,7 +520,70 @@ impl GgufFile {
 
     /// The Llama model in this file, dequantised to f32.
     pub fn llama_model(&self) -> Result<LlamaModel> {
-        let c = self.llama_config()?;
+        self.llama_shaped_model(self.llama_config()?)
+    }
+
+    /// The Gemma-2 model in this file (architecture `gemma2`), dequantised to f32. GGUF has no
+    /// `query_pre_attn_scalar`: as llama.cpp, it is `head_dim`, except for the 46-layer 27B model, whose is
+    /// `d_model / n_heads`. The soft caps default to Gemma-2's 50 and 30 and the window to 4096 when their
+    /// keys are absent; the even layers slide.
+    pub fn gemma2_model(&self) -> Result<Gemma2Model> {
+        let arch = self.architecture()?;
+        if arch != "gemma2" {
+            return Err(Error::Unsupported(format!(
+                "{}: GGUF architecture `{arch}` (not gemma2)",
+                self.path.display()
+            )));
+        }
+        let c = self.llama_shaped_config(&arch, RopeStyle::HalfSplit)?;
+        let number = |key: &str, default: f64| -> Result<f64> {
+            let key = format!("{arch}.{key}");
+            match self.metadata.get(&key) {
+                None => Ok(default),
+                Some(v) => v
+                    .as_f64()
+                    .filter(|v| v.is_finite() && *v > 0.0)
+                    .ok_or_else(|| Error::Format {
+                        path: self.path.clone(),
+                        offset: 0,
+                        reason: format!("`{key}` is not a positive number"),
+                    }),
+            }
+        };
+        let query_pre_attn_scalar = if c.n_layers == 46 {
+            (c.d_model / c.n_heads) as f32
+        } else {
+            c.head_dim as f32
+        };
+        let gemma = Gemma2Config {
+            query_pre_attn_scalar,
+            attn_logit_softcapping: Some(number("attn_logit_softcapping", 50.0)? as f32),
+            final_logit_softcapping: Some(number("final_logit_softcapping", 30.0)? as f32),
+            sliding_window: Some(number("attention.sliding_window", 4096.0)? as usize),
+            sliding_layers: (0..c.n_layers).map(|l| l % 2 == 0).collect(),
+        };
+        let d = c.d_model;
+        let post_norms = (0..c.n_layers)
+            .map(|l| {
+                let t = |name: &str| self.tensor_shaped(&format!("blk.{l}.{name}.weight"), &[d]);
+                Ok(Gemma2PostNorms {
+                    attn: t("post_attention_norm")?,
+                    mlp: t("post_ffw_norm")?,
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let model = Gemma2Model {
+            base: self.llama_shaped_model(c)?,
+            gemma,
+            post_norms,
+        };
+        model.validate(&self.path)?;
+        Ok(model)
+    }
+
+    /// The Llama-shaped weights of a model with this configuration (Gemma-2's `ffn_norm` is its
+    /// `pre_feedforward_layernorm`).
+    fn llama_shaped_model(&self, c: LlamaConfig) -> Result<LlamaModel> {
         let (d, h, q, kv, v) = (c.d_model, c.hidden_dim, c.q_dim(), c.kv_dim(), c.vocab_size);
         let tok_embeddings = self.tensor_shaped("token_embd.weight", &[d, v])?;
         let final_norm = self.tensor_shaped("output_norm.weight", &[d])?;

@@ -410,10 +410,10 @@ pub fn load(path: &Path, tokenizer: Option<&Path>) -> Result<LoadedModel> {
                 )));
             }
             let file = gguf::GgufFile::open(path)?;
-            let model = file.llama_model()?;
+            let model = file.model()?;
             let tok = file.tokenizer()?;
             Ok(LoadedModel {
-                model: Model::Llama(model),
+                model,
                 tokenizer: Tokenizer::Bpe(Box::new(tok)),
                 format,
                 path: path.to_path_buf(),

@@ -1,6 +1,7 @@
 //! Shared helpers for the integration tests: random problems and an independent f64 implementation of the loss.
 #![allow(dead_code)]
 
+pub mod gguf;
 pub mod hf;
 pub mod runs;
 pub mod store;
