@@ -252,25 +252,29 @@ fn gpt2_adjacency_columns_match_the_frozen_model_oracle() {
     let (m, tokens) = random_gpt2(3, 11);
     let tc = calibrated_transcoder(&m, &tokens, 48, 6, 5, InputHook::MlpInNormed).unwrap();
     oracle(&m, &tc, &tokens, 80);
-    // Interventions run through GPT-2's MLP override: a no-op edit is the model itself, silencing the
-    // last position's features moves its logits.
-    let clean = m.next_logits(&tokens).unwrap();
+    interventions_move_the_logits(&m, &tc, &tokens);
+}
+
+/// Interventions through a model's MLP override: a no-op edit is the model itself, silencing the last
+/// position's features moves its logits.
+fn interventions_move_the_logits(m: &dyn Attributable, tc: &ReplacementTranscoder, tokens: &[u32]) {
+    let clean = m.next_logits(tokens).unwrap();
     let last = tokens.len() - 1;
-    let noop: Edit = format!("0:{last}:0*=1").parse().unwrap();
-    let r = intervene(&m, &tc, &tokens, &[noop]).unwrap();
-    let diff = |a: &[f32]| {
+    let moved = |a: &[f32]| {
         a.iter()
             .zip(&clean)
             .map(|(a, b)| (a - b).abs())
             .fold(0.0f32, f32::max)
     };
-    assert!(diff(&r.logits) < 1e-4, "no-op edit: {}", diff(&r.logits));
+    let noop: Edit = format!("0:{last}:0*=1").parse().unwrap();
+    let r = intervene(m, tc, tokens, &[noop]).unwrap();
+    assert!(moved(&r.logits) < 1e-4, "no-op edit: {}", moved(&r.logits));
     let silence: Vec<Edit> = (0..tc.cfg.n_layers)
         .flat_map(|l| (0..tc.cfg.n_features).map(move |f| (l, f)))
         .map(|(l, f)| format!("{l}:{last}:{f}=0").parse().unwrap())
         .collect();
-    let r = intervene(&m, &tc, &tokens, &silence).unwrap();
-    assert!(diff(&r.logits) > 1e-3, "silenced: {}", diff(&r.logits));
+    let r = intervene(m, tc, tokens, &silence).unwrap();
+    assert!(moved(&r.logits) > 1e-3, "silenced: {}", moved(&r.logits));
 }
 
 /// A random Gemma-2 of `n_layers` blocks (grouped-query attention with `head_dim` unlike `d / n_heads`,
@@ -348,23 +352,7 @@ fn gemma2_adjacency_columns_match_the_frozen_model_oracle() {
     let (m, tokens) = random_gemma2(3, 21);
     let tc = calibrated_transcoder(&m, &tokens, 48, 6, 5, InputHook::MlpInNormed).unwrap();
     oracle(&m, &tc, &tokens, 80);
-    let clean = m.next_logits(&tokens).unwrap();
-    let last = tokens.len() - 1;
-    let noop: Edit = format!("0:{last}:0*=1").parse().unwrap();
-    let r = intervene(&m, &tc, &tokens, &[noop]).unwrap();
-    let moved = |a: &[f32]| {
-        a.iter()
-            .zip(&clean)
-            .map(|(a, b)| (a - b).abs())
-            .fold(0.0f32, f32::max)
-    };
-    assert!(moved(&r.logits) < 1e-4, "no-op edit: {}", moved(&r.logits));
-    let silence: Vec<Edit> = (0..tc.cfg.n_layers)
-        .flat_map(|l| (0..tc.cfg.n_features).map(move |f| (l, f)))
-        .map(|(l, f)| format!("{l}:{last}:{f}=0").parse().unwrap())
-        .collect();
-    let r = intervene(&m, &tc, &tokens, &silence).unwrap();
-    assert!(moved(&r.logits) > 1e-3, "silenced: {}", moved(&r.logits));
+    interventions_move_the_logits(&m, &tc, &tokens);
 }
 
 /// The skip path (the part of the replacement model's MLPs that stays differentiable) through both

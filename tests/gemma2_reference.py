@@ -3,7 +3,7 @@
 
 Usage: gemma2_reference.py MODEL_DIR '[[token, ...], ...]'
 
-Reads config.json and every *.safetensors file (header parsed with json + struct; F32, F16, BF16 and F64), runs
+Reads config.json and every *.safetensors file (safetensors_reader.py: F32, F16, BF16, F64), runs
 Gemma-2 as transformers' modeling_gemma2.py defines it with eager attention (embeddings scaled by
 sqrt(hidden_size), Gemma RMSNorm x / sqrt(mean(x^2) + eps) * (1 + weight), sandwich norms around attention and
 MLP, grouped-query attention with rotate_half RoPE, scores scaled by query_pre_attn_scalar**-0.5 and optionally
@@ -21,12 +21,14 @@ Config keys absent from config.json take transformers' Gemma2Config defaults (so
 means 50.0 / 30.0, while an explicit null disables it).
 """
 
-import glob
 import json
 import math
 import os
-import struct
 import sys
+
+sys.dont_write_bytecode = True
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from safetensors_reader import matrix, read_dir, vector  # noqa: E402
 
 # transformers' Gemma2Config defaults, used only for keys that config.json omits.
 DEFAULTS = {
@@ -40,46 +42,6 @@ DEFAULTS = {
     "hidden_activation": "gelu_pytorch_tanh",
     "tie_word_embeddings": True,
 }
-
-
-def read_safetensors(path):
-    with open(path, "rb") as f:
-        data = f.read()
-    (n,) = struct.unpack("<Q", data[:8])
-    header = json.loads(data[8 : 8 + n].decode("utf-8"))
-    base = 8 + n
-    out = {}
-    for name, info in header.items():
-        if name == "__metadata__":
-            continue
-        a, b = info["data_offsets"]
-        raw = data[base + a : base + b]
-        dtype = info["dtype"]
-        if dtype == "F32":
-            vals = list(struct.unpack("<%df" % (len(raw) // 4), raw))
-        elif dtype == "F16":
-            vals = list(struct.unpack("<%de" % (len(raw) // 2), raw))
-        elif dtype == "BF16":
-            halves = struct.unpack("<%dH" % (len(raw) // 2), raw)
-            vals = [struct.unpack("<f", struct.pack("<I", h << 16))[0] for h in halves]
-        elif dtype == "F64":
-            vals = list(struct.unpack("<%dd" % (len(raw) // 8), raw))
-        else:
-            raise SystemExit("%s: %s has unsupported dtype %s" % (path, name, dtype))
-        if len(vals) != math.prod(info["shape"]):
-            raise SystemExit("%s: %s has %d values for shape %s" % (path, name, len(vals), info["shape"]))
-        out[name] = (info["shape"], vals)
-    return out
-
-
-def matrix(shape_vals):
-    """A 2-D tensor as a list of rows."""
-    (rows, cols), vals = shape_vals
-    return [vals[r * cols : (r + 1) * cols] for r in range(rows)]
-
-
-def vector(shape_vals):
-    return list(shape_vals[1])
 
 
 def dot(a, b):
@@ -224,9 +186,7 @@ def main():
     cfg = read_config(model_dir)
     d, inter, hd, vocab = cfg["d"], cfg["inter"], cfg["head_dim"], cfg["vocab"]
     n_head, n_kv = cfg["n_head"], cfg["n_kv"]
-    tensors = {}
-    for p in sorted(glob.glob(os.path.join(model_dir, "*.safetensors"))):
-        tensors.update(read_safetensors(p))
+    tensors = read_dir(model_dir)
 
     def t(name, shape):
         """The tensor `name` (also found without its leading "model."), checked against `shape`."""

@@ -3,7 +3,7 @@
 
 Usage: gpt2_reference.py MODEL_DIR '[[token, ...], ...]'
 
-Reads config.json and every *.safetensors file (header parsed with json + struct; F32, F16 and BF16), runs
+Reads config.json and every *.safetensors file (safetensors_reader.py: F32, F16, BF16, F64), runs
 GPT-2 (learned positions, pre-LayerNorm blocks, fused QKV Conv1D attention, gelu_new MLP, ln_f, unembedding
 tied to wte unless lm_head.weight exists) in float64 on each token sequence, and prints one JSON object:
 {"runs": [{"logits": [[...]], "layers": [{"resid_pre", "resid_mid", "mlp_in_normed", "mlp_out",
@@ -12,48 +12,14 @@ Activations are [n_tokens][d_model]; attn_pattern is [n_heads][n_tokens][n_token
 norm scales are 1/sqrt(var + eps) per position.
 """
 
-import glob
 import json
 import math
 import os
-import struct
 import sys
 
-
-def read_safetensors(path):
-    with open(path, "rb") as f:
-        data = f.read()
-    (n,) = struct.unpack("<Q", data[:8])
-    header = json.loads(data[8 : 8 + n].decode("utf-8"))
-    base = 8 + n
-    out = {}
-    for name, info in header.items():
-        if name == "__metadata__":
-            continue
-        a, b = info["data_offsets"]
-        raw = data[base + a : base + b]
-        dtype = info["dtype"]
-        if dtype == "F32":
-            vals = list(struct.unpack("<%df" % (len(raw) // 4), raw))
-        elif dtype == "F16":
-            vals = list(struct.unpack("<%de" % (len(raw) // 2), raw))
-        elif dtype == "BF16":
-            halves = struct.unpack("<%dH" % (len(raw) // 2), raw)
-            vals = [struct.unpack("<f", struct.pack("<I", h << 16))[0] for h in halves]
-        else:
-            raise SystemExit("%s: %s has unsupported dtype %s" % (path, name, dtype))
-        out[name] = (info["shape"], vals)
-    return out
-
-
-def matrix(shape_vals):
-    """A 2-D tensor as a list of rows."""
-    (rows, cols), vals = shape_vals
-    return [vals[r * cols : (r + 1) * cols] for r in range(rows)]
-
-
-def vector(shape_vals):
-    return list(shape_vals[1])
+sys.dont_write_bytecode = True
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from safetensors_reader import matrix, read_dir, vector  # noqa: E402
 
 
 def conv1d(x, w, b):
@@ -97,9 +63,7 @@ def main():
     assert cfg["model_type"] == "gpt2", cfg["model_type"]
     d, n_layer, n_head = cfg["n_embd"], cfg["n_layer"], cfg["n_head"]
     eps = cfg.get("layer_norm_epsilon", 1e-5)
-    tensors = {}
-    for p in sorted(glob.glob(os.path.join(model_dir, "*.safetensors"))):
-        tensors.update(read_safetensors(p))
+    tensors = read_dir(model_dir)
 
     def t(name):
         if name in tensors:

@@ -9,12 +9,11 @@
 mod common;
 
 use std::path::Path;
-use std::process::Command;
 
 use clt::model::{self, CausalLm, ForwardOptions, Hooks, Intervention, LoadedModel, Model};
 use common::hf::{
-    Rng, Tensor, assert_matches_reference, max_diff, python_reference, write_safetensors,
-    write_toy_tokenizer,
+    Rng, Tensor, assert_matches_reference, max_diff, python_reference, run_attribute_and_intervene,
+    write_safetensors, write_toy_tokenizer,
 };
 
 const D: usize = 16;
@@ -427,49 +426,7 @@ fn the_attribute_and_intervene_commands_run_on_gemma2() {
     for w in &mut tc.params.w_dec {
         w.iter_mut().for_each(|v| *v *= 30.0);
     }
-    let t = clt::clt::Transcoder {
-        norms: clt::clt::NormScales::identity(tc.cfg.n_layers),
-        cfg: tc.cfg,
-        params: tc.params,
-    };
-    let ct = dir.path().join("transcoder");
-    let meta = clt::clt::export::ExportMeta {
-        model_name: "gemma2-tiny".into(),
-        feature_input_hook: "ln2.hook_normalized".into(),
-        feature_output_hook: "hook_mlp_out".into(),
-    };
-    clt::clt::export::export_circuit_tracer(&t, &ct, &meta).unwrap();
-    let out = dir.path().join("g.json");
-    let run = |command: &str, extra: &[&str]| {
-        let o = Command::new(env!("CARGO_BIN_EXE_clt"))
-            .arg(command)
-            .args(["--model", dir.path().to_str().unwrap()])
-            .args(["--transcoder", ct.to_str().unwrap()])
-            .args(["--prompt", prompt])
-            .args(extra)
-            .output()
-            .unwrap();
-        let text = String::from_utf8_lossy(&o.stdout).to_string();
-        assert!(
-            o.status.success(),
-            "{text}{}",
-            String::from_utf8_lossy(&o.stderr)
-        );
-        text
-    };
-    let text = run("attribute", &["--out", out.to_str().unwrap(), "--quiet"]);
-    assert!(text.contains("replacement score"), "{text}");
-    let v: serde_json::Value = serde_json::from_slice(&std::fs::read(&out).unwrap()).unwrap();
-    let nodes = v["nodes"].as_array().unwrap();
-    for kind in ["embedding", "cross layer transcoder", "logit"] {
-        assert!(
-            nodes.iter().any(|n| n["feature_type"] == kind),
-            "no {kind} node"
-        );
-    }
-    assert!(!v["links"].as_array().unwrap().is_empty());
-    let text = run("intervene", &["--set", "1:*:0*=0", "--set", "0:4:3=2.5"]);
-    assert!(text.contains("with the edits:"), "{text}");
+    run_attribute_and_intervene(dir.path(), "gemma2-tiny", tc, prompt);
 }
 
 /// The tiny model as llama.cpp's converter writes it: architecture `gemma2`, ggml's names, norm weights

@@ -6,12 +6,11 @@
 mod common;
 
 use std::path::Path;
-use std::process::Command;
 
 use clt::model::{self, CausalLm, ForwardOptions, Hooks, Intervention, LoadedModel, Model};
 use common::hf::{
-    Rng, Tensor, assert_matches_reference, max_diff, python_reference, write_safetensors,
-    write_toy_tokenizer,
+    Rng, Tensor, assert_matches_reference, max_diff, python_reference, run_attribute_and_intervene,
+    write_safetensors, write_toy_tokenizer,
 };
 
 const D: usize = 16;
@@ -301,48 +300,7 @@ fn the_attribute_and_intervene_commands_run_on_gpt2() {
     let prompt = "abaabbabab";
     let tokens = m.tokenizer.encode(prompt).unwrap();
     let tc = calibrated_transcoder(&m.model, &tokens, 32, 4, 3, InputHook::MlpInNormed).unwrap();
-    let t = clt::clt::Transcoder {
-        norms: clt::clt::NormScales::identity(tc.cfg.n_layers),
-        cfg: tc.cfg,
-        params: tc.params,
-    };
-    let ct = dir.path().join("transcoder");
-    let meta = clt::clt::export::ExportMeta {
-        model_name: "gpt2-tiny".into(),
-        feature_input_hook: "ln2.hook_normalized".into(),
-        feature_output_hook: "hook_mlp_out".into(),
-    };
-    clt::clt::export::export_circuit_tracer(&t, &ct, &meta).unwrap();
-    let out = dir.path().join("g.json");
-    let run = |command: &str, extra: &[&str]| {
-        let o = Command::new(env!("CARGO_BIN_EXE_clt"))
-            .arg(command)
-            .args(["--model", dir.path().to_str().unwrap()])
-            .args(["--transcoder", ct.to_str().unwrap()])
-            .args(["--prompt", prompt])
-            .args(extra)
-            .output()
-            .unwrap();
-        let text = String::from_utf8_lossy(&o.stdout).to_string();
-        assert!(
-            o.status.success(),
-            "{text}{}",
-            String::from_utf8_lossy(&o.stderr)
-        );
-        text
-    };
-    let text = run("attribute", &["--out", out.to_str().unwrap(), "--quiet"]);
-    assert!(text.contains("replacement score"), "{text}");
-    let v: serde_json::Value = serde_json::from_slice(&std::fs::read(&out).unwrap()).unwrap();
-    let kinds: Vec<&str> = v["nodes"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|n| n["feature_type"].as_str().unwrap())
-        .collect();
-    for kind in ["embedding", "cross layer transcoder", "logit"] {
-        assert!(kinds.contains(&kind), "no {kind} node in {kinds:?}");
-    }
+    let v = run_attribute_and_intervene(dir.path(), "gpt2-tiny", tc, prompt);
     // The prompt does not start with a special token: `<|endoftext|>` (63 here) is put first, as
     // circuit-tracer does, so the prompt's first word keeps its features.
     let ids: Vec<&str> = v["nodes"]
@@ -356,9 +314,6 @@ fn the_attribute_and_intervene_commands_run_on_gpt2() {
         ids.contains(&format!("E_{}_1", tokens[0]).as_str()),
         "{ids:?}"
     );
-    assert!(!v["links"].as_array().unwrap().is_empty());
-    let text = run("intervene", &["--set", "1:*:0*=0", "--set", "0:4:3=2.5"]);
-    assert!(text.contains("with the edits:"), "{text}");
 }
 
 /// Activation caching from GPT-2: with no BOS, every position of a context is cached (position 0

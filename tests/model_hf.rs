@@ -2,6 +2,8 @@
 //! permuted into `transformers`' half-split RoPE order, as `convert_llama_weights_to_hf.py` does): its logits
 //! must equal the llama2.c checkpoint's, which checks the half-split RoPE path on a real model.
 
+mod common;
+
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
@@ -97,21 +99,7 @@ fn write_hf_dir(m: &LlamaModel, dir: &Path, intermediate: usize, rope_scaling: s
         "rope_theta": 10000.0, "tie_word_embeddings": true, "rope_scaling": rope_scaling, "eos_token_id": 2
     });
     std::fs::write(dir.join("config.json"), cfg.to_string()).unwrap();
-    // A toy tokenizer.json: characters a, b and the merge "ab".
-    let vocab: tokenizers::models::bpe::Vocab = [
-        ("a".to_string(), 0u32),
-        ("b".to_string(), 1),
-        ("ab".to_string(), 2),
-    ]
-    .into_iter()
-    .collect();
-    let bpe = tokenizers::models::bpe::BPE::builder()
-        .vocab_and_merges(vocab, vec![("a".into(), "b".into())])
-        .build()
-        .unwrap();
-    tokenizers::Tokenizer::new(bpe)
-        .save(dir.join("tokenizer.json"), false)
-        .unwrap();
+    common::hf::write_toy_tokenizer(dir);
 }
 
 #[test]

@@ -179,3 +179,59 @@ pub fn assert_matches_reference(
     worst.sort_by(|a, b| a.0.cmp(b.0));
     worst
 }
+
+/// Exports `tc` in circuit-tracer's format (reading `ln2.hook_normalized`) into `model_dir/transcoder`,
+/// runs `clt attribute` on `prompt` (the graph into `model_dir/g.json`) and `clt intervene` with two edits,
+/// checks that the graph has token, feature and logit nodes and links and that the edits print the logits
+/// after them; returns the graph's JSON.
+pub fn run_attribute_and_intervene(
+    model_dir: &Path,
+    model_name: &str,
+    tc: clt::attribution::replacement::ReplacementTranscoder,
+    prompt: &str,
+) -> serde_json::Value {
+    let t = clt::clt::Transcoder {
+        norms: clt::clt::NormScales::identity(tc.cfg.n_layers),
+        cfg: tc.cfg,
+        params: tc.params,
+    };
+    let ct = model_dir.join("transcoder");
+    let meta = clt::clt::export::ExportMeta {
+        model_name: model_name.into(),
+        feature_input_hook: "ln2.hook_normalized".into(),
+        feature_output_hook: "hook_mlp_out".into(),
+    };
+    clt::clt::export::export_circuit_tracer(&t, &ct, &meta).unwrap();
+    let out = model_dir.join("g.json");
+    let run = |command: &str, extra: &[&str]| {
+        let o = Command::new(env!("CARGO_BIN_EXE_clt"))
+            .arg(command)
+            .args(["--model", model_dir.to_str().unwrap()])
+            .args(["--transcoder", ct.to_str().unwrap()])
+            .args(["--prompt", prompt])
+            .args(extra)
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&o.stdout).to_string();
+        assert!(
+            o.status.success(),
+            "{text}{}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+        text
+    };
+    let text = run("attribute", &["--out", out.to_str().unwrap(), "--quiet"]);
+    assert!(text.contains("replacement score"), "{text}");
+    let v: serde_json::Value = serde_json::from_slice(&std::fs::read(&out).unwrap()).unwrap();
+    let nodes = v["nodes"].as_array().unwrap();
+    for kind in ["embedding", "cross layer transcoder", "logit"] {
+        assert!(
+            nodes.iter().any(|n| n["feature_type"] == kind),
+            "no {kind} node"
+        );
+    }
+    assert!(!v["links"].as_array().unwrap().is_empty());
+    let text = run("intervene", &["--set", "1:*:0*=0", "--set", "0:4:3=2.5"]);
+    assert!(text.contains("with the edits:"), "{text}");
+    v
+}
