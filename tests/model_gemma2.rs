@@ -407,6 +407,14 @@ fn clt_run_reports_gemma2() {
     assert!(text.contains("generated ids"), "{text}");
 }
 
+/// Activation caching from Gemma-2: each cached row is the normed MLP input and the post-normed MLP output
+/// (what the stream receives) at that token.
+#[test]
+fn gemma2_activations_cache_as_its_hooks() {
+    let (dir, m) = load();
+    common::store::toy_corpus_caches_as_hooks(&m, dir.path());
+}
+
 /// `clt attribute` and `clt intervene` on a Gemma-2 directory, with a random transcoder exported in
 /// circuit-tracer's format: the graph's JSON has token, feature and logit nodes, and the edits print the
 /// logits before and after. (The oracle for Gemma-2's edges is in `tests/attribution.rs`.)

@@ -14,6 +14,8 @@ use proptest::prelude::*;
 
 mod common;
 
+use common::store::read_all;
+
 const DIMS: ActDims = ActDims {
     n_layers: 3,
     d_model: 20,
@@ -92,32 +94,6 @@ fn write_ds(
     let m = w.finish().unwrap();
     assert_eq!(m.n_tokens, n_tokens as u64);
     (x, y)
-}
-
-/// Reads the whole dataset back in order.
-/// Inputs, targets, token ids, positions and document ids of a whole dataset.
-type Contents = (Vec<f32>, Vec<f32>, Vec<u32>, Vec<u32>, Vec<u64>);
-
-fn read_all(dir: &Path) -> Contents {
-    let ds = Dataset::open(dir).unwrap();
-    let row = DIMS.n_layers * DIMS.d_model;
-    let mut r = BlockReader::new().unwrap();
-    let (mut x, mut y, mut t, mut p, mut d) = (vec![], vec![], vec![], vec![], vec![]);
-    for s in ds.shards() {
-        for b in 0..s.blocks().len() {
-            let blk = r.read(s, b).unwrap();
-            let mut bx = vec![0f32; blk.n_tokens() * row];
-            let mut by = bx.clone();
-            blk.x_rows(0, &mut bx);
-            blk.y_rows(0, &mut by);
-            x.extend(bx);
-            y.extend(by);
-            t.extend(blk.tokens());
-            p.extend(blk.positions());
-            d.extend(blk.doc_ids());
-        }
-    }
-    (x, y, t, p, d)
 }
 
 /// int8e's step of every row of `v` (`n` tokens written in shards of `shard` tokens, blocks of `block`): its

@@ -1,6 +1,6 @@
-//! Shared helpers for the store's codec tests (`store_int8p.rs`, `store_int8e.rs`): reading a dataset back
-//! through the block reader, checking that every decode path gives the same bits, and that a damaged shard is a
-//! typed error.
+//! Shared helpers for the store's tests: reading a dataset back through the block reader, checking that every
+//! decode path gives the same bits, that a damaged shard is a typed error, and that cached rows are the
+//! model's hooks.
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -20,14 +20,18 @@ pub fn bits(v: &[f32]) -> Vec<u32> {
     v.iter().map(|f| f.to_bits()).collect()
 }
 
-/// Decodes every block of the dataset at `dir` in order, through `x_rows` then `y_rows` (`split`) or `xy_rows`:
-/// the inputs, the targets, and the number of 4-byte values in the blocks' tails (int8e's escapes; 0 for the
-/// other codecs).
-pub fn read_blocks(dir: &Path, split: bool) -> (Vec<f32>, Vec<f32>, usize) {
+/// Inputs `[n][L·d]`, targets, token ids, positions and document ids of a whole dataset, in order.
+pub type Contents = (Vec<f32>, Vec<f32>, Vec<u32>, Vec<u32>, Vec<u64>);
+
+/// Decodes every block of the dataset at `dir` in order, through `x_rows` then `y_rows` (`split`) or
+/// `xy_rows`; with the number of 4-byte values in the blocks' tails (int8e's escapes; 0 for the other
+/// codecs).
+fn decode_all(dir: &Path, split: bool) -> (Contents, usize) {
     let ds = Dataset::open(dir).unwrap();
     let row = ds.dims().n_layers * ds.dims().d_model;
     let mut r = BlockReader::new().unwrap();
-    let (mut x, mut y, mut tail) = (Vec::new(), Vec::new(), 0);
+    let (mut x, mut y, mut t, mut p, mut d) = (vec![], vec![], vec![], vec![], vec![]);
+    let mut tail = 0;
     for s in ds.shards() {
         for b in 0..s.blocks().len() {
             let blk = r.read(s, b).unwrap();
@@ -42,9 +46,58 @@ pub fn read_blocks(dir: &Path, split: bool) -> (Vec<f32>, Vec<f32>, usize) {
             }
             x.extend(bx);
             y.extend(by);
+            t.extend(blk.tokens());
+            p.extend(blk.positions());
+            d.extend(blk.doc_ids());
         }
     }
+    ((x, y, t, p, d), tail)
+}
+
+/// The whole dataset at `dir`, read back in order.
+pub fn read_all(dir: &Path) -> Contents {
+    decode_all(dir, true).0
+}
+
+/// The inputs and targets of every block of the dataset at `dir`, decoded through `x_rows` then `y_rows`
+/// (`split`) or `xy_rows`, and the number of 4-byte values in the blocks' tails.
+pub fn read_blocks(dir: &Path, split: bool) -> (Vec<f32>, Vec<f32>, usize) {
+    let ((x, y, ..), tail) = decode_all(dir, split);
     (x, y, tail)
+}
+
+/// Checks that the dataset at `dir` (cached from `model`, reading `mlp_in_normed`) begins with the context
+/// `ctx` of document 0 from position `first` on (the positions before it, a BOS, are not cached): each row is
+/// the forward's MLP input and output at that token, bit for bit.
+pub fn assert_cached_as_hooks(model: &clt::model::Model, dir: &Path, ctx: &[u32], first: usize) {
+    use clt::model::{ForwardOptions, Hooks, Logits};
+    let (x, y, tokens, positions, docs) = read_all(dir);
+    let opts = ForwardOptions {
+        hooks: Hooks {
+            mlp_in_normed: true,
+            mlp_out: true,
+            ..Hooks::default()
+        },
+        logits: Logits::None,
+        ..Default::default()
+    };
+    let out = model.forward_with(ctx, &opts).unwrap();
+    let (l_n, d) = (model.n_layers(), model.d_model());
+    for p in first..ctx.len() {
+        let i = p - first;
+        assert_eq!(
+            (tokens[i], positions[i], docs[i]),
+            (ctx[p], p as u32, 0),
+            "row {i}"
+        );
+        for (l, r) in out.record.layers.iter().enumerate() {
+            let at = i * l_n * d + l * d;
+            let xin = &r.mlp_in_normed.as_ref().unwrap()[p * d..(p + 1) * d];
+            let yout = &r.mlp_out.as_ref().unwrap()[p * d..(p + 1) * d];
+            assert_eq!(&x[at..at + d], xin, "x at position {p}, layer {l}");
+            assert_eq!(&y[at..at + d], yout, "y at position {p}, layer {l}");
+        }
+    }
 }
 
 /// Checks that the dataset at `dir` (blocks of `block` tokens, at least two in the first shard and 300 tokens in
@@ -195,4 +248,31 @@ pub fn synthetic_store(
         workers: 1,
         prefetch: 2,
     });
+}
+
+/// Caches 12 tokens of a corpus of a's and b's (contexts of 8, no BOS: the toy `tokenizer.json` of
+/// [`super::hf::write_toy_tokenizer`]) from `m` into `dir/store` and checks the first context's rows are the
+/// model's hooks at every position, position 0 included.
+pub fn toy_corpus_caches_as_hooks(m: &clt::model::LoadedModel, dir: &Path) {
+    use clt::cache::{CacheConfig, InputHook, cache};
+    use clt::store::Codec;
+    let corpus = dir.join("corpus.txt");
+    std::fs::write(&corpus, "abababbaababaabbababab\n\nbbbaaabababbbab\n").unwrap();
+    let out = dir.join("store");
+    let cfg = CacheConfig {
+        corpus: vec![corpus.clone()],
+        out: out.clone(),
+        context: 8,
+        max_tokens: Some(12),
+        input_hook: InputHook::MlpInNormed,
+        codec: Codec::F32,
+        target_rel_err: None,
+        shard_tokens: 1 << 20,
+        contexts_per_batch: 2,
+        quiet: true,
+    };
+    assert_eq!(cache(m, &cfg).unwrap().n_tokens, 12);
+    let docs = clt::cache::read_documents(&[corpus]).unwrap();
+    let ids = m.tokenizer.encode(&docs[0]).unwrap();
+    assert_cached_as_hooks(&m.model, &out, &ids[..8], 0);
 }
