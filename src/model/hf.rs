@@ -53,7 +53,6 @@ pub fn config(dir: &Path) -> Result<(LlamaConfig, bool)> {
         )));
     }
     let c = llama_sizes(&path, &j)?;
-    c.validate(&path)?;
     Ok((c, j["tie_word_embeddings"].as_bool().unwrap_or(false)))
 }
 
@@ -115,6 +114,14 @@ fn llama_sizes(path: &Path, j: &serde_json::Value) -> Result<LlamaConfig> {
 /// than the tanh GELU is refused.
 pub fn gemma2_config(dir: &Path) -> Result<(LlamaConfig, Gemma2Config)> {
     let (path, mut j) = config_json(dir)?;
+    // Checked first: a `gemma2` model type makes `j` an object, which the defaults below need.
+    let model_type = j["model_type"].as_str().unwrap_or("");
+    if model_type != "gemma2" {
+        return Err(Error::Unsupported(format!(
+            "{}: model_type `{model_type}` is not gemma2",
+            path.display()
+        )));
+    }
     for (key, default) in [
         ("head_dim", serde_json::json!(256)),
         ("query_pre_attn_scalar", serde_json::json!(256)),
@@ -127,13 +134,6 @@ pub fn gemma2_config(dir: &Path) -> Result<(LlamaConfig, Gemma2Config)> {
         }
     }
     let j = j;
-    let model_type = j["model_type"].as_str().unwrap_or("");
-    if model_type != "gemma2" {
-        return Err(Error::Unsupported(format!(
-            "{}: model_type `{model_type}` is not gemma2",
-            path.display()
-        )));
-    }
     for key in ["hidden_activation", "hidden_act"] {
         if let Some(act) = j[key]
             .as_str()
