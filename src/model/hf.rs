@@ -655,6 +655,17 @@ mod tests {
         );
         let linear = serde_json::json!({"rope_scaling": {"type": "linear", "factor": 2.0}});
         assert_eq!(write(linear).unwrap().0.rope_freq_factors, vec![2.0; 8]);
+        // transformers 5: theta and scaling in `rope_parameters`, which wins over `rope_theta`.
+        let v5 = serde_json::json!({"rope_theta": null, "rope_parameters": {
+            "rope_type": "llama3", "rope_theta": 250000.0, "factor": 32.0, "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0, "original_max_position_embeddings": 8192
+        }});
+        let (c, _) = write(v5).unwrap();
+        assert_eq!(c.rope_theta, 250000.0);
+        assert_eq!(
+            c.rope_freq_factors,
+            llama3_rope_factors(16, 250000.0, 32.0, 1.0, 4.0, 8192.0)
+        );
         for (extra, name) in [
             (serde_json::json!({"hidden_act": "gelu"}), "gelu"),
             (
