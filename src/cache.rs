@@ -10,7 +10,8 @@
 //! cache resumes by skipping as many tokens as its complete shards hold.
 
 use crate::data::ActDims;
-use crate::model::{ForwardOptions, Hooks, LoadedModel, Logits};
+use crate::model::forward::NormKind;
+use crate::model::{ForwardOptions, Hooks, LayerRecord, LoadedModel, Logits, MlpInputs};
 use crate::store::format::ShardMeta;
 use crate::store::{Codec, DatasetWriter, TokenIds, WriterConfig};
 use crate::{Error, Result};
@@ -18,6 +19,10 @@ use rayon::prelude::*;
 use std::path::{Path, PathBuf};
 
 /// Which hook feeds the transcoder's encoders (targets are always the MLP outputs).
+///
+/// TransformerLens names differ by norm: its LayerNorm records `ln2.hook_normalized` with the weight and
+/// bias applied (the MLP's input, [`InputHook::MlpInNormed`]), its RMSNorm before the weight
+/// ([`InputHook::MlpInUnweighted`]); [`InputHook::from_hook_name`] resolves a name for a model's norm.
 #[derive(
     Clone,
     Copy,
@@ -31,19 +36,94 @@ use std::path::{Path, PathBuf};
 )]
 #[serde(rename_all = "snake_case")]
 pub enum InputHook {
-    /// The MLP's input after its norm (CLT-Forge's `ln2.hook_normalized`).
+    /// The MLP's input: its norm of `resid_mid`, the norm's weight (and bias) applied (circuit-tracer's
+    /// `mlp.hook_in`; `ln2.hook_normalized` of a LayerNorm model).
     #[default]
     MlpInNormed,
     /// The residual stream before the MLP's norm (circuit-tracer's Llama configs).
     ResidMid,
+    /// The MLP's norm of `resid_mid` before its weight: `resid_mid / rms` (TransformerLens's
+    /// `ln2.hook_normalized` of an RMSNorm model: Gemma Scope's transcoders on Gemma-2), or
+    /// `(resid_mid − mean) / σ` for a LayerNorm.
+    MlpInUnweighted,
 }
 
 impl InputHook {
-    /// The TransformerLens-style hook name recorded in the store.
+    /// The TransformerLens-style hook name recorded in the store's `cache.json`.
     pub fn hook_name(self, layer: usize) -> String {
         match self {
-            InputHook::MlpInNormed => format!("blocks.{layer}.ln2.hook_normalized"),
+            InputHook::MlpInNormed => format!("blocks.{layer}.mlp.hook_in"),
             InputHook::ResidMid => format!("blocks.{layer}.hook_resid_mid"),
+            InputHook::MlpInUnweighted => format!("blocks.{layer}.ln2.hook_normalized"),
+        }
+    }
+
+    /// The `feature_input_hook` of a circuit-tracer `config.yaml` that reads this hook on a model whose
+    /// norm is `norm`; `None` for the unweighted LayerNorm, which circuit-tracer cannot hook (it loads
+    /// models with the norms' weights unfolded).
+    pub fn circuit_tracer_name(self, norm: NormKind) -> Option<&'static str> {
+        match (self, norm) {
+            (InputHook::MlpInNormed, _) => Some("mlp.hook_in"),
+            (InputHook::ResidMid, _) => Some("hook_resid_mid"),
+            (InputHook::MlpInUnweighted, NormKind::Rms) => Some("ln2.hook_normalized"),
+            (InputHook::MlpInUnweighted, NormKind::Layer) => None,
+        }
+    }
+
+    /// The hook a circuit-tracer / TransformerLens `feature_input_hook` name reads on a model whose norm is
+    /// `norm` (`blocks.{l}.` prefixes allowed; TransformerLens's `hook_mlp_in`, taken before `ln2`, is
+    /// `resid_mid`); `None` for a name the engine does not record.
+    pub fn from_hook_name(name: &str, norm: NormKind) -> Option<InputHook> {
+        let n = name.trim();
+        if n.ends_with("mlp.hook_in") {
+            Some(InputHook::MlpInNormed)
+        } else if n.ends_with("hook_resid_mid") || n.ends_with("hook_mlp_in") {
+            // TransformerLens's `hook_mlp_in` is a copy of `resid_mid` taken before `ln2`.
+            Some(InputHook::ResidMid)
+        } else if n.ends_with("ln2.hook_normalized") {
+            Some(match norm {
+                NormKind::Rms => InputHook::MlpInUnweighted,
+                NormKind::Layer => InputHook::MlpInNormed,
+            })
+        } else {
+            None
+        }
+    }
+
+    /// The forward hooks that record this input (and nothing else).
+    pub fn hooks(self) -> Hooks {
+        Hooks {
+            mlp_in_normed: self == InputHook::MlpInNormed,
+            resid_mid: self == InputHook::ResidMid,
+            mlp_in_unweighted: self == InputHook::MlpInUnweighted,
+            ..Hooks::default()
+        }
+    }
+
+    /// This input in a layer's record (`None` when its hook was off).
+    pub fn recorded(self, rec: &LayerRecord) -> Option<&Vec<f32>> {
+        match self {
+            InputHook::MlpInNormed => rec.mlp_in_normed.as_ref(),
+            InputHook::ResidMid => rec.resid_mid.as_ref(),
+            InputHook::MlpInUnweighted => rec.mlp_in_unweighted.as_ref(),
+        }
+    }
+
+    /// Takes this input out of a layer's record.
+    pub fn take(self, rec: &mut LayerRecord) -> Option<Vec<f32>> {
+        match self {
+            InputHook::MlpInNormed => rec.mlp_in_normed.take(),
+            InputHook::ResidMid => rec.resid_mid.take(),
+            InputHook::MlpInUnweighted => rec.mlp_in_unweighted.take(),
+        }
+    }
+
+    /// This input among what an MLP override is handed.
+    pub fn of<'a>(self, inputs: &MlpInputs<'a>) -> &'a [f32] {
+        match self {
+            InputHook::MlpInNormed => inputs.normed,
+            InputHook::ResidMid => inputs.resid_mid,
+            InputHook::MlpInUnweighted => inputs.unweighted,
         }
     }
 }
@@ -74,6 +154,10 @@ pub struct CacheRecord {
     pub corpus: Vec<String>,
     pub context: usize,
     pub input_hook: InputHook,
+    /// The model's norm (which decides the circuit-tracer name of `input_hook`); absent in stores written
+    /// before it was recorded.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub norm: Option<NormKind>,
     pub hooks_in: Vec<String>,
     pub hooks_out: Vec<String>,
     pub n_tokens: u64,
@@ -187,6 +271,7 @@ pub fn cache(m: &LoadedModel, cfg: &CacheConfig) -> Result<CacheRecord> {
             corpus: cfg.corpus.iter().map(|p| p.display().to_string()).collect(),
             context: cfg.context,
             input_hook: cfg.input_hook,
+            norm: Some(m.model.norm()),
             hooks_in: hooks_in.clone(),
             hooks_out: hooks_out.clone(),
             n_tokens,
@@ -242,10 +327,8 @@ pub fn cache(m: &LoadedModel, cfg: &CacheConfig) -> Result<CacheRecord> {
     bar.set_position(done.min(total));
 
     let hooks = Hooks {
-        mlp_in_normed: cfg.input_hook == InputHook::MlpInNormed,
-        resid_mid: cfg.input_hook == InputHook::ResidMid,
         mlp_out: true,
-        ..Hooks::default()
+        ..cfg.input_hook.hooks()
     };
     let opts = ForwardOptions {
         hooks,
@@ -266,10 +349,7 @@ pub fn cache(m: &LoadedModel, cfg: &CacheConfig) -> Result<CacheRecord> {
                 let mut x = vec![0.0f32; t * l_n * d];
                 let mut y = vec![0.0f32; t * l_n * d];
                 for (l, rec) in out.record.layers.iter().enumerate() {
-                    let xin = match cfg.input_hook {
-                        InputHook::MlpInNormed => rec.mlp_in_normed.as_ref(),
-                        InputHook::ResidMid => rec.resid_mid.as_ref(),
-                    };
+                    let xin = cfg.input_hook.recorded(rec);
                     let (Some(xin), Some(yout)) = (xin, rec.mlp_out.as_ref()) else {
                         return Err(Error::Unsupported(
                             "the model did not record the requested hooks".into(),
@@ -321,4 +401,49 @@ pub fn cache(m: &LoadedModel, cfg: &CacheConfig) -> Result<CacheRecord> {
     })?;
     crate::clt::checkpoint::write_atomic(&cfg.out.join("cache.json"), &json)?;
     Ok(rec)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every hook's circuit-tracer name reads back as that hook on a model with the same norm;
+    /// `ln2.hook_normalized` is the MLP's input on a LayerNorm model (TransformerLens's LayerNorm applies
+    /// its weight and bias before the hook) and the norm before its weight on an RMSNorm model.
+    #[test]
+    fn hook_names_resolve_by_the_models_norm() {
+        use InputHook::*;
+        for norm in [NormKind::Rms, NormKind::Layer] {
+            for hook in [MlpInNormed, ResidMid, MlpInUnweighted] {
+                if let Some(name) = hook.circuit_tracer_name(norm) {
+                    assert_eq!(InputHook::from_hook_name(name, norm), Some(hook));
+                    let prefixed = format!("blocks.3.{name}");
+                    assert_eq!(InputHook::from_hook_name(&prefixed, norm), Some(hook));
+                }
+            }
+        }
+        let ln2 = "ln2.hook_normalized";
+        assert_eq!(
+            InputHook::from_hook_name(ln2, NormKind::Layer),
+            Some(MlpInNormed)
+        );
+        assert_eq!(
+            InputHook::from_hook_name(ln2, NormKind::Rms),
+            Some(MlpInUnweighted)
+        );
+        for norm in [NormKind::Rms, NormKind::Layer] {
+            assert_eq!(
+                InputHook::from_hook_name("blocks.0.hook_mlp_in", norm),
+                Some(ResidMid)
+            );
+        }
+        assert_eq!(MlpInUnweighted.circuit_tracer_name(NormKind::Layer), None);
+        assert_eq!(
+            InputHook::from_hook_name("hook_resid_pre", NormKind::Rms),
+            None
+        );
+        // The store's record names each hook as TransformerLens would with the norms' weights folded.
+        assert_eq!(MlpInNormed.hook_name(2), "blocks.2.mlp.hook_in");
+        assert_eq!(MlpInUnweighted.hook_name(2), "blocks.2.ln2.hook_normalized");
+    }
 }

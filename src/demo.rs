@@ -225,7 +225,10 @@ pub fn run_stories(demo: &StoriesDemo) -> Result<StoriesReport> {
     let export = demo.out.join("circuit-tracer");
     let meta = crate::clt::export::ExportMeta {
         model_name: "stories260K".into(),
-        feature_input_hook: "ln2.hook_normalized".into(),
+        feature_input_hook: InputHook::MlpInNormed
+            .circuit_tracer_name(m.model.norm())
+            .unwrap_or_default()
+            .into(),
         feature_output_hook: "hook_mlp_out".into(),
     };
     crate::clt::export::export_circuit_tracer(&t, &export, &meta)?;

@@ -4,13 +4,14 @@
 
 use clt::attribution::graph::{AttributionConfig, Graph, attribute};
 use clt::attribution::intervene::{Edit, intervene};
+use clt::attribution::linear::NormKind;
 use clt::attribution::replacement::{ReplacementTranscoder, add_skip, calibrated_transcoder};
 use clt::attribution::{Attributable, load_transcoder, prune, scores};
 use clt::cache::InputHook;
 use clt::model::{
     CausalLm, ForwardOptions, ForwardRecord, Gemma2Config, Gemma2Model, Gemma2PostNorms,
     Gpt2Config, Gpt2LayerWeights, Gpt2Model, Hooks, Intervention, LayerWeights, LlamaConfig,
-    LlamaModel, Logits, MlpOverride, RopeStyle,
+    LlamaModel, Logits, MlpInputs, MlpOverride, RopeStyle,
 };
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
@@ -60,7 +61,7 @@ const PROMPT: &str = "Once upon a time, there was a little girl named Lily. She"
 
 fn setup() -> (&'static LlamaModel, ReplacementTranscoder, Vec<u32>) {
     let f = fixture();
-    let lt = load_transcoder(&f.checkpoint, None).unwrap();
+    let lt = load_transcoder(&f.checkpoint, None, NormKind::Rms).unwrap();
     assert_eq!(
         lt.input_hook,
         InputHook::MlpInNormed,
@@ -83,10 +84,7 @@ fn inputs(tc: &ReplacementTranscoder, record: &ForwardRecord) -> Vec<Vec<f32>> {
     record
         .layers
         .iter()
-        .map(|r| match tc.input_hook {
-            InputHook::MlpInNormed => r.mlp_in_normed.clone().unwrap(),
-            InputHook::ResidMid => r.resid_mid.clone().unwrap(),
-        })
+        .map(|r| tc.input_hook.recorded(r).unwrap().clone())
         .collect()
 }
 
@@ -101,13 +99,10 @@ struct FrozenMlps<'a> {
 }
 
 impl MlpOverride for FrozenMlps<'_> {
-    fn mlp_out(&self, layer: usize, resid_mid: &[f32], normed: &[f32]) -> Vec<f32> {
+    fn mlp_out(&self, layer: usize, inputs: &MlpInputs<'_>) -> Vec<f32> {
         let mut out = self.mlp[layer].clone();
         if self.tc.cfg.skip {
-            let x = match self.tc.input_hook {
-                InputHook::MlpInNormed => normed,
-                InputHook::ResidMid => resid_mid,
-            };
+            let x = self.tc.input_hook.of(inputs);
             let d = self.tc.cfg.d_model;
             for (p, o) in out.chunks_exact_mut(d).enumerate() {
                 let dx: Vec<f32> = x[p * d..(p + 1) * d]
@@ -134,11 +129,7 @@ fn measure(
         .forward_embedded(
             emb,
             &ForwardOptions {
-                hooks: Hooks {
-                    mlp_in_normed: true,
-                    resid_mid: true,
-                    ..Hooks::default()
-                },
+                hooks: tc.input_hook.hooks(),
                 logits: Logits::Last,
                 intervention: Intervention {
                     frozen: Some(frozen),
@@ -355,26 +346,44 @@ fn gemma2_adjacency_columns_match_the_frozen_model_oracle() {
     interventions_move_the_logits(&m, &tc, &tokens);
 }
 
+/// Gemma Scope's convention on Gemma-2: a transcoder reading the MLP norm before its weight
+/// (`mlp_in_unweighted`, TransformerLens's `ln2.hook_normalized` on an RMSNorm), with skip connections
+/// through the same frozen unweighted norm, against the oracle; interventions run through it.
+#[test]
+fn gemma2_with_the_unweighted_norm_hook_matches_the_oracle() {
+    let (m, tokens) = random_gemma2(2, 22);
+    let tc = calibrated_transcoder(&m, &tokens, 40, 6, 6, InputHook::MlpInUnweighted).unwrap();
+    interventions_move_the_logits(&m, &tc, &tokens);
+    oracle(&m, &with_skip(tc, 23), &tokens, 60);
+}
+
+/// `tc` with random skip connections `W_skip` (`[d, d]` per layer, entries ~0.3/√d).
+fn with_skip(mut tc: ReplacementTranscoder, seed: u64) -> ReplacementTranscoder {
+    let d = tc.cfg.d_model;
+    let mut rng = clt::rng::Rng::seed(seed);
+    tc.cfg.skip = true;
+    tc.params.w_skip = (0..tc.cfg.n_layers)
+        .map(|_| {
+            (0..d * d)
+                .map(|_| (rng.normal() * 0.3 / (d as f64).sqrt()) as f32)
+                .collect()
+        })
+        .collect();
+    tc
+}
+
 /// The skip path (the part of the replacement model's MLPs that stays differentiable) through both
-/// norms: a transcoder with skip connections reading `resid_mid` on GPT-2 and `mlp_in_normed` (through
-/// the frozen LayerNorm and the frozen RMSNorm) on GPT-2 and stories260K.
+/// norms: a transcoder with skip connections reading `resid_mid`, `mlp_in_normed` and `mlp_in_unweighted`
+/// on GPT-2 (through the frozen LayerNorm, with and without its weight) and `mlp_in_normed` on
+/// stories260K (through the frozen RMSNorm).
 #[test]
 fn skip_connections_match_the_oracle_through_either_norm() {
-    let with_skip = |mut tc: ReplacementTranscoder, seed: u64| {
-        let d = tc.cfg.d_model;
-        let mut rng = clt::rng::Rng::seed(seed);
-        tc.cfg.skip = true;
-        tc.params.w_skip = (0..tc.cfg.n_layers)
-            .map(|_| {
-                (0..d * d)
-                    .map(|_| (rng.normal() * 0.3 / (d as f64).sqrt()) as f32)
-                    .collect()
-            })
-            .collect();
-        tc
-    };
     let (g2, tokens) = random_gpt2(2, 12);
-    for hook in [InputHook::ResidMid, InputHook::MlpInNormed] {
+    for hook in [
+        InputHook::ResidMid,
+        InputHook::MlpInNormed,
+        InputHook::MlpInUnweighted,
+    ] {
         let tc = calibrated_transcoder(&g2, &tokens, 40, 6, 7, hook).unwrap();
         oracle(&g2, &with_skip(tc, 8), &tokens, 40);
     }
@@ -413,9 +422,9 @@ fn oracle(m: &dyn Attributable, tc: &ReplacementTranscoder, tokens: &[u32], n_fe
             &ForwardOptions {
                 hooks: Hooks {
                     mlp_out: true,
-                    mlp_in_normed: true,
-                    resid_mid: true,
-                    ..Hooks::frozen_state()
+                    attn_pattern: true,
+                    norm_scales: true,
+                    ..tc.input_hook.hooks()
                 },
                 logits: Logits::Last,
                 ..ForwardOptions::default()
@@ -583,7 +592,7 @@ fn explored_rows_equal_the_full_graphs_rows() {
 fn circuit_tracer_export_gives_the_same_graph_and_json() {
     let (m, tc, tokens) = setup();
     let f = fixture();
-    let lt = load_transcoder(&f.export, None).unwrap();
+    let lt = load_transcoder(&f.export, None, NormKind::Rms).unwrap();
     assert_eq!(lt.input_hook, InputHook::MlpInNormed);
     let tc2 = ReplacementTranscoder::new(&lt.transcoder, lt.input_hook).unwrap();
     let a = attribute(m, &tc, &tokens, &AttributionConfig::default()).unwrap();
@@ -677,17 +686,23 @@ fn damaged_transcoder_files_name_the_tensor() {
         clt::clt::checkpoint::write_tensors(&path, &t, None).unwrap();
     };
     write(None);
-    let err = load_transcoder(dir.path(), None).unwrap_err().to_string();
+    let err = load_transcoder(dir.path(), None, NormKind::Rms)
+        .unwrap_err()
+        .to_string();
     assert!(
         err.contains("b_enc_2") && err.contains("W_enc_2.safetensors"),
         "{err}"
     );
     write(Some(vec![0.0; 7]));
-    let err = load_transcoder(dir.path(), None).unwrap_err().to_string();
+    let err = load_transcoder(dir.path(), None, NormKind::Rms)
+        .unwrap_err()
+        .to_string();
     assert!(err.contains("b_enc_2"), "{err}");
     // A transcoder for another model: wrong width.
     let (m, _, tokens) = setup();
-    let mut t = load_transcoder(&f.checkpoint, None).unwrap().transcoder;
+    let mut t = load_transcoder(&f.checkpoint, None, NormKind::Rms)
+        .unwrap()
+        .transcoder;
     t.cfg.n_layers -= 1;
     t.params.w_enc.pop();
     let tc = ReplacementTranscoder {

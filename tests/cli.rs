@@ -66,7 +66,15 @@ fn train_resume_eval_export_import_info() {
         ct.to_str().unwrap(),
     ]);
     assert!(ok, "{err}");
-    assert!(ct.join("config.yaml").exists() && ct.join("W_dec_3.safetensors").exists());
+    assert!(ct.join("W_dec_3.safetensors").exists());
+    // A synthetic run has no store to name its hook: the MLP's input is written, and said so.
+    let yaml = std::fs::read_to_string(ct.join("config.yaml")).unwrap();
+    assert!(yaml.contains("feature_input_hook: mlp.hook_in\n"), "{yaml}");
+    assert!(
+        yaml.contains("feature_output_hook: hook_mlp_out\n"),
+        "{yaml}"
+    );
+    assert!(err.contains("no cache.json found"), "{err}");
     let native = tmp.path().join("native");
     let (ok, out, err) = clt(&[
         "import",

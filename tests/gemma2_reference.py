@@ -10,11 +10,13 @@ MLP, grouped-query attention with rotate_half RoPE, scores scaled by query_pre_a
 tanh-softcapped, causal mask plus a sliding window on sliding layers, gelu_pytorch_tanh gated MLP, final norm,
 unembedding tied to embed_tokens unless tie_word_embeddings is false and lm_head.weight exists, optional final
 logit softcapping) in float64 on each token sequence, and prints one JSON object:
-{"runs": [{"logits": [[...]], "layers": [{"resid_pre", "resid_mid", "mlp_in_normed", "mlp_out",
-"attn_pattern", "attn_norm_scale", "attn_post_norm_scale", "mlp_norm_scale", "mlp_post_norm_scale"}, ...],
+{"runs": [{"logits": [[...]], "layers": [{"resid_pre", "resid_mid", "mlp_in_normed", "mlp_in_unweighted",
+"mlp_out", "attn_pattern", "attn_norm_scale", "attn_post_norm_scale", "mlp_norm_scale", "mlp_post_norm_scale"}, ...],
 "final_norm_scale": [...]}, ...]}.
 Activations are [n_tokens][d_model]: resid_mid = resid_pre + post_attention_layernorm(attention output),
-mlp_in_normed = pre_feedforward_layernorm(resid_mid), mlp_out = post_feedforward_layernorm(MLP output).
+mlp_in_normed = pre_feedforward_layernorm(resid_mid), mlp_in_unweighted = that norm before its weight
+(Gemma2RMSNorm._norm: resid_mid / sqrt(mean(resid_mid^2) + eps), TransformerLens's ln2.hook_normalized),
+mlp_out = post_feedforward_layernorm(MLP output).
 attn_pattern is [n_heads][n_tokens][n_tokens] (zero where masked: above the diagonal, and outside the sliding
 window on sliding layers); norm scales are 1/sqrt(mean(x^2) + eps) per position of each norm's input.
 Config keys absent from config.json take transformers' Gemma2Config defaults (so an absent softcapping key
@@ -62,6 +64,11 @@ def rms_norm(x, weight, eps):
         scales.append(s)
         out.append([v * s * (1.0 + weight[i]) for i, v in enumerate(row)])
     return out, scales
+
+
+def rms_normalize(x, eps):
+    """Gemma2RMSNorm._norm, the norm before its weight: x / sqrt(mean(x^2) + eps) per row."""
+    return [[v / math.sqrt(sum(u * u for u in row) / len(row) + eps) for v in row] for row in x]
 
 
 def gelu_tanh(x):
@@ -240,6 +247,7 @@ def main():
             rec["resid_mid"] = x
             h, rec["mlp_norm_scale"] = rms_norm(x, w["pre_ff_ln"], eps)
             rec["mlp_in_normed"] = h
+            rec["mlp_in_unweighted"] = rms_normalize(x, eps)
             gate, up = linear(h, w["gate"]), linear(h, w["up"])
             hidden = [[gelu_tanh(g) * u for g, u in zip(gr, ur)] for gr, ur in zip(gate, up)]
             m, rec["mlp_post_norm_scale"] = rms_norm(linear(hidden, w["down"]), w["post_ff_ln"], eps)

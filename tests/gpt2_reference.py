@@ -6,10 +6,11 @@ Usage: gpt2_reference.py MODEL_DIR '[[token, ...], ...]'
 Reads config.json and every *.safetensors file (safetensors_reader.py: F32, F16, BF16, F64), runs
 GPT-2 (learned positions, pre-LayerNorm blocks, fused QKV Conv1D attention, gelu_new MLP, ln_f, unembedding
 tied to wte unless lm_head.weight exists) in float64 on each token sequence, and prints one JSON object:
-{"runs": [{"logits": [[...]], "layers": [{"resid_pre", "resid_mid", "mlp_in_normed", "mlp_out",
-"attn_pattern", "attn_norm_scale", "mlp_norm_scale"}, ...], "final_norm_scale": [...]}, ...]}.
-Activations are [n_tokens][d_model]; attn_pattern is [n_heads][n_tokens][n_tokens] (zero above the diagonal);
-norm scales are 1/sqrt(var + eps) per position.
+{"runs": [{"logits": [[...]], "layers": [{"resid_pre", "resid_mid", "mlp_in_normed", "mlp_in_unweighted",
+"mlp_out", "attn_pattern", "attn_norm_scale", "mlp_norm_scale"}, ...], "final_norm_scale": [...]}, ...]}.
+Activations are [n_tokens][d_model]; mlp_in_normed = ln_2(resid_mid), mlp_in_unweighted = ln_2 before its
+weight and bias, (resid_mid - mean) / sqrt(var + eps); attn_pattern is [n_heads][n_tokens][n_tokens] (zero
+above the diagonal); norm scales are 1/sqrt(var + eps) per position.
 """
 
 import json
@@ -46,6 +47,16 @@ def layer_norm(x, g, b, eps):
         scales.append(s)
         out.append([(v - mean) * s * g[i] + b[i] for i, v in enumerate(row)])
     return out, scales
+
+
+def layer_normalize(x, eps):
+    """LayerNorm before its weight and bias: (x - mean) / sqrt(var + eps) per row."""
+    out = []
+    for row in x:
+        mean = sum(row) / len(row)
+        var = sum((v - mean) ** 2 for v in row) / len(row)
+        out.append([(v - mean) / math.sqrt(var + eps) for v in row])
+    return out
 
 
 def gelu_new(x):
@@ -109,6 +120,7 @@ def main():
             h, s2 = layer_norm(x, vector(t(p + "ln_2.weight")), vector(t(p + "ln_2.bias")), eps)
             rec["mlp_norm_scale"] = s2
             rec["mlp_in_normed"] = h
+            rec["mlp_in_unweighted"] = layer_normalize(x, eps)
             hidden = conv1d(h, matrix(t(p + "mlp.c_fc.weight")), vector(t(p + "mlp.c_fc.bias")))
             hidden = [[gelu_new(v) for v in row] for row in hidden]
             mlp_out = conv1d(hidden, matrix(t(p + "mlp.c_proj.weight")), vector(t(p + "mlp.c_proj.bias")))

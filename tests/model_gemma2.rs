@@ -397,17 +397,20 @@ fn clt_run_reports_gemma2() {
     assert!(text.contains("generated ids"), "{text}");
 }
 
-/// Activation caching from Gemma-2: each cached row is the normed MLP input and the post-normed MLP output
-/// (what the stream receives) at that token.
+/// Activation caching from Gemma-2 with Gemma Scope's input: each cached row is the MLP norm before its
+/// weight and the post-normed MLP output (what the stream receives) at that token.
 #[test]
 fn gemma2_activations_cache_as_its_hooks() {
     let (dir, m) = load();
-    common::store::toy_corpus_caches_as_hooks(&m, dir.path());
+    let hook = clt::cache::InputHook::MlpInUnweighted;
+    common::store::toy_corpus_caches_as_hooks(&m, dir.path(), hook);
 }
 
 /// `clt attribute` and `clt intervene` on a Gemma-2 directory, with a random transcoder exported in
-/// circuit-tracer's format: the graph's JSON has token, feature and logit nodes, and the edits print the
-/// logits before and after. (The oracle for Gemma-2's edges is in `tests/attribution.rs`.)
+/// circuit-tracer's format reading `ln2.hook_normalized` as Gemma Scope's transcoders do (on an RMSNorm
+/// model, the norm before its weight): the command encodes the features here found, the graph's JSON has
+/// token, feature and logit nodes, and the edits print the logits before and after. (The oracle for
+/// Gemma-2's edges is in `tests/attribution.rs`.)
 #[test]
 fn the_attribute_and_intervene_commands_run_on_gemma2() {
     use clt::attribution::replacement::calibrated_transcoder;
@@ -418,13 +421,20 @@ fn the_attribute_and_intervene_commands_run_on_gemma2() {
     let tokens = m.tokenizer.encode_prompt(prompt).unwrap();
     assert_eq!(tokens[0], 63);
     let mut tc =
-        calibrated_transcoder(&m.model, &tokens, 32, 4, 3, InputHook::MlpInNormed).unwrap();
+        calibrated_transcoder(&m.model, &tokens, 32, 4, 3, InputHook::MlpInUnweighted).unwrap();
     // Gemma-2's post-normed MLP outputs are ~1 per element: decoders of norm ~3 (not the calibrated ~0.1)
     // give features a share of the influence that the errors would otherwise take whole.
     for w in &mut tc.params.w_dec {
         w.iter_mut().for_each(|v| *v *= 30.0);
     }
-    run_attribute_and_intervene(dir.path(), "gemma2-tiny", tc, prompt);
+    run_attribute_and_intervene(
+        dir.path(),
+        &m,
+        "gemma2-tiny",
+        tc,
+        "ln2.hook_normalized",
+        prompt,
+    );
 }
 
 /// The tiny model as llama.cpp's converter writes it: architecture `gemma2`, ggml's names, norm weights

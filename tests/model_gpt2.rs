@@ -279,9 +279,10 @@ fn clt_run_reports_gpt2() {
 }
 
 /// `clt attribute` and `clt intervene` on a GPT-2 directory, with a random transcoder exported in
-/// circuit-tracer's format (reading `ln2.hook_normalized`): the graph's JSON is written with token,
-/// feature and logit nodes, and the edits print the logits before and after. (The oracle for GPT-2's
-/// edges is in `tests/attribution.rs`.)
+/// circuit-tracer's format reading `ln2.hook_normalized` (on GPT-2's LayerNorm, TransformerLens records
+/// it with the weight and bias applied: the MLP's input): the command encodes the features here found, the
+/// graph's JSON is written with token, feature and logit nodes, and the edits print the logits before and
+/// after. (The oracle for GPT-2's edges is in `tests/attribution.rs`.)
 #[test]
 fn the_attribute_and_intervene_commands_run_on_gpt2() {
     use clt::attribution::replacement::calibrated_transcoder;
@@ -290,7 +291,14 @@ fn the_attribute_and_intervene_commands_run_on_gpt2() {
     let prompt = "abaabbabab";
     let tokens = m.tokenizer.encode(prompt).unwrap();
     let tc = calibrated_transcoder(&m.model, &tokens, 32, 4, 3, InputHook::MlpInNormed).unwrap();
-    let v = run_attribute_and_intervene(dir.path(), "gpt2-tiny", tc, prompt);
+    let v = run_attribute_and_intervene(
+        dir.path(),
+        &m,
+        "gpt2-tiny",
+        tc,
+        "ln2.hook_normalized",
+        prompt,
+    );
     // The prompt does not start with a special token: `<|endoftext|>` (63 here) is put first, as
     // circuit-tracer does, so the prompt's first word keeps its features.
     let ids: Vec<&str> = v["nodes"]
@@ -311,5 +319,6 @@ fn the_attribute_and_intervene_commands_run_on_gpt2() {
 #[test]
 fn gpt2_activations_cache_as_its_hooks() {
     let (dir, m) = load("");
-    common::store::toy_corpus_caches_as_hooks(&m, dir.path());
+    let hook = clt::cache::InputHook::MlpInNormed;
+    common::store::toy_corpus_caches_as_hooks(&m, dir.path(), hook);
 }

@@ -54,7 +54,7 @@ fn cached_activations_are_the_models_hooks() {
     let ids = m.tokenizer.encode(&docs[0]).unwrap();
     let ctx = &ids[..64.min(ids.len())];
     // BOS (position 0) is not cached.
-    assert_cached_as_hooks(&m.model, dir.path(), ctx, 1);
+    assert_cached_as_hooks(&m.model, dir.path(), InputHook::MlpInNormed, ctx, 1);
 }
 
 #[test]
@@ -109,4 +109,17 @@ fn the_real_pipeline_trains_a_clt_from_cached_stories260k_activations() {
     assert!(r.export.join("W_dec_4.safetensors").exists());
     let back = clt::clt::export::import_circuit_tracer(&r.export).unwrap();
     assert_eq!(back.cfg.n_layers, 5);
+    // The run's store is found from its checkpoint: `clt export` names its hook as circuit-tracer does,
+    // and the export reads back as the hook the CLT was trained on.
+    assert_eq!(
+        clt::attribution::exported_input_hook(&r.checkpoint).unwrap(),
+        Some("mlp.hook_in")
+    );
+    let yaml = std::fs::read_to_string(r.export.join("config.yaml")).unwrap();
+    assert!(yaml.contains("feature_input_hook: mlp.hook_in\n"), "{yaml}");
+    let norm = clt::attribution::linear::NormKind::Rms;
+    let lt = clt::attribution::load_transcoder(&r.export, None, norm).unwrap();
+    assert_eq!(lt.input_hook, InputHook::MlpInNormed);
+    let lt = clt::attribution::load_transcoder(&r.checkpoint, None, norm).unwrap();
+    assert_eq!(lt.input_hook, InputHook::MlpInNormed);
 }

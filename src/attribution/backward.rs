@@ -45,15 +45,35 @@ pub fn feature_vector(
 ) -> Vec<f32> {
     let d = tc.cfg.d_model;
     let w = &tc.params.w_enc[layer][f * d..(f + 1) * d];
-    match tc.input_hook {
-        InputHook::ResidMid => w.to_vec(),
+    let mut out = vec![0.0; d];
+    input_backward_add(lin, tc.input_hook, st, layer, pos, w, &mut out);
+    out
+}
+
+/// `out += J_inᵀ g`: a gradient `g` on the transcoder's input at (`layer`, `pos`) taken back to
+/// `resid_mid` through the frozen MLP norm (with its weight for `mlp_in_normed`, without it for
+/// `mlp_in_unweighted`), or as it is (`resid_mid`).
+fn input_backward_add(
+    lin: &Linear,
+    hook: InputHook,
+    st: &PromptState,
+    layer: usize,
+    pos: usize,
+    g: &[f32],
+    out: &mut [f32],
+) {
+    let scale = || {
+        st.record.layers[layer]
+            .mlp_norm_scale
+            .as_ref()
+            .expect("recorded")[pos]
+    };
+    match hook {
+        InputHook::ResidMid => out.iter_mut().zip(g).for_each(|(o, g)| *o += g),
         InputHook::MlpInNormed => {
-            let s = st.record.layers[layer]
-                .mlp_norm_scale
-                .as_ref()
-                .expect("recorded")[pos];
-            lin.norm_backward(lin.layers[layer].mlp_norm, s, w)
+            lin.norm_backward_add(lin.layers[layer].mlp_norm, scale(), g, out)
         }
+        InputHook::MlpInUnweighted => lin.norm_backward_unweighted_add(scale(), g, out),
     }
 }
 
@@ -389,16 +409,8 @@ fn skip_backward(
         1.0,
         Threads::All,
     );
-    // Through the transcoder's input: the frozen MLP norm (`mlp_in_normed`), or nothing (`resid_mid`).
-    let scale = match tc.input_hook {
-        InputHook::ResidMid => None,
-        InputHook::MlpInNormed => st.record.layers[l].mlp_norm_scale.as_deref(),
-    };
     for (i, (gr, tr)) in g.chunks_exact_mut(d).zip(t.chunks_exact(d)).enumerate() {
-        match scale {
-            Some(s) => lin.norm_backward_add(lin.layers[l].mlp_norm, s[rg.pos[i]], tr, gr),
-            None => gr.iter_mut().zip(tr).for_each(|(g, t)| *g += t),
-        }
+        input_backward_add(lin, tc.input_hook, st, l, rg.pos[i], tr, gr);
     }
 }
 

@@ -10,8 +10,7 @@ use std::sync::Mutex;
 
 use super::linear::Attributable;
 use super::replacement::{PromptState, ReplacementTranscoder, activation, add_skip, prompt_state};
-use crate::cache::InputHook;
-use crate::model::{ForwardOptions, Intervention, Logits, MlpOverride};
+use crate::model::{ForwardOptions, Intervention, Logits, MlpInputs, MlpOverride};
 use crate::{Error, Result};
 
 /// Which positions an edit applies to.
@@ -95,13 +94,10 @@ struct EditedMlps<'a> {
 }
 
 impl MlpOverride for EditedMlps<'_> {
-    fn mlp_out(&self, k: usize, resid_mid: &[f32], normed: &[f32]) -> Vec<f32> {
+    fn mlp_out(&self, k: usize, inputs: &MlpInputs<'_>) -> Vec<f32> {
         let tc = self.tc;
         let (d, f_n, n) = (tc.cfg.d_model, tc.cfg.n_features, self.clean.n);
-        let x = match tc.input_hook {
-            InputHook::MlpInNormed => normed,
-            InputHook::ResidMid => resid_mid,
-        };
+        let x = tc.input_hook.of(inputs);
         // This layer's features from the current stream, then the edits.
         let mut pre = vec![0.0f32; n * f_n];
         crate::model::forward::matmul_wt(x, n, d, &tc.params.w_enc[k], f_n, &mut pre);

@@ -23,14 +23,7 @@ use crate::model::{
     CausalLm, ForwardOptions, ForwardOutput, Gemma2Model, Gpt2Model, LlamaModel, Model,
 };
 
-/// How a model normalises (each frozen the same way: the scale recorded, the rest linear).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum NormKind {
-    /// `γ ⊙ x / rms(x)`.
-    Rms,
-    /// `γ ⊙ (x − mean(x)) / σ(x) + β`.
-    Layer,
-}
+pub use crate::model::forward::NormKind;
 
 /// The weights of one block that the linearised backward reads, matrices `(out, in)` row-major.
 #[derive(Clone, Copy, Debug)]
@@ -107,6 +100,18 @@ impl Linear<'_> {
                     .for_each(|((o, g), w)| *o += (g * w - mean) * s);
             }
         }
+    }
+
+    /// [`Linear::norm_backward_add`] for the norm without its weight (`γ = 1`): `s g`, or for a LayerNorm
+    /// `s (g − mean(g))`.
+    pub fn norm_backward_unweighted_add(&self, s: f32, g: &[f32], out: &mut [f32]) {
+        let mean = match self.norm {
+            NormKind::Rms => 0.0,
+            NormKind::Layer => g.iter().sum::<f32>() / g.len() as f32,
+        };
+        out.iter_mut()
+            .zip(g)
+            .for_each(|(o, g)| *o += (g - mean) * s);
     }
 
     /// [`Linear::norm_backward_add`] into a new vector.
@@ -303,6 +308,19 @@ mod tests {
                 let col = frozen(&e);
                 let want: f32 = col.iter().zip(&g).map(|(a, b)| a * b).sum();
                 assert!((got - want).abs() < 1e-5, "{norm:?} {i}: {got} vs {want}");
+            }
+            // Without the weight: the transpose of the forward's unweighted norm (scale frozen).
+            let mut got = vec![0.0f32; d];
+            lin.norm_backward_unweighted_add(s, &g, &mut got);
+            for (i, got) in got.iter().enumerate() {
+                let mut e = vec![0.0f32; d];
+                e[i] = 1.0;
+                let col = norm.unweighted(&e, &[s], d);
+                let want: f32 = col.iter().zip(&g).map(|(a, b)| a * b).sum();
+                assert!(
+                    (got - want).abs() < 1e-5,
+                    "{norm:?} unweighted {i}: {got} vs {want}"
+                );
             }
         }
     }

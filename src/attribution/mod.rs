@@ -27,26 +27,12 @@ use std::path::Path;
 
 use crate::cache::InputHook;
 use crate::clt::Transcoder;
+use crate::model::forward::NormKind;
 use crate::{Error, Result};
 pub use graph::{AttributionConfig, Graph, attribute, select_logits};
 pub use linear::{Attributable, Linear};
 pub use prune::{Adjacency, Pruned, Scores, prune, scores};
 pub use replacement::{ReplacementTranscoder, prompt_state};
-
-/// Maps a circuit-tracer / TransformerLens feature-input hook name to the hook the engine records.
-pub fn input_hook_of(name: &str) -> Option<InputHook> {
-    let n = name.trim();
-    if n.ends_with("ln2.hook_normalized")
-        || n.ends_with("mlp.hook_in")
-        || n.ends_with("hook_mlp_in")
-    {
-        Some(InputHook::MlpInNormed)
-    } else if n.ends_with("hook_resid_mid") {
-        Some(InputHook::ResidMid)
-    } else {
-        None
-    }
-}
 
 /// A transcoder read from any supported place, with the hook it reads and a name for the graph's `scan`.
 #[derive(Clone, Debug)]
@@ -56,10 +42,15 @@ pub struct LoadedTranscoder {
     pub name: String,
 }
 
-/// Reads a transcoder for attribution: a circuit-tracer directory (`config.yaml`: its `feature_input_hook`
-/// decides the hook), or one of our checkpoints or run directories (the hook from the cache the run trained
-/// on, when it can be found; else `mlp_in_normed`). `hook` overrides either.
-pub fn load_transcoder(path: &Path, hook: Option<InputHook>) -> Result<LoadedTranscoder> {
+/// Reads a transcoder for attribution through a model whose norms are `norm`: a circuit-tracer directory
+/// (`config.yaml`: its `feature_input_hook` decides the hook, [`InputHook::from_hook_name`]), or one of our
+/// checkpoints or run directories (the hook from the cache the run trained on, when it can be found; else
+/// `mlp_in_normed`). `hook` overrides either.
+pub fn load_transcoder(
+    path: &Path,
+    hook: Option<InputHook>,
+    norm: NormKind,
+) -> Result<LoadedTranscoder> {
     let name = path
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())
@@ -73,12 +64,12 @@ pub fn load_transcoder(path: &Path, hook: Option<InputHook>) -> Result<LoadedTra
             Some(h) => h,
             None => {
                 let h = get("feature_input_hook").unwrap_or_default();
-                input_hook_of(&h).ok_or_else(|| Error::Format {
+                InputHook::from_hook_name(&h, norm).ok_or_else(|| Error::Format {
                     path: yaml.clone(),
                     offset: 0,
                     reason: format!(
-                        "feature_input_hook `{h}` is not one the engine records (ln2.hook_normalized, \
-                         mlp.hook_in or hook_resid_mid); pass --input-hook"
+                        "feature_input_hook `{h}` is not one the engine records (mlp.hook_in, \
+                         ln2.hook_normalized or hook_resid_mid); pass --input-hook"
                     ),
                 })?
             }
@@ -102,8 +93,8 @@ pub fn load_transcoder(path: &Path, hook: Option<InputHook>) -> Result<LoadedTra
     })
 }
 
-/// The input hook of the store a checkpoint's run trained on, from its `cache.json`.
-fn hook_of_run(dir: &Path) -> Option<InputHook> {
+/// The `cache.json` of the store a checkpoint's run trained on, when it can be found.
+fn cache_record_of_run(dir: &Path) -> Option<crate::cache::CacheRecord> {
     let run = crate::train::trainer::run_config_of(dir).ok()?;
     let crate::train::DataConfig::Store(s) = run.data else {
         return None;
@@ -114,6 +105,44 @@ fn hook_of_run(dir: &Path) -> Option<InputHook> {
         s.path.parent()?.to_path_buf()
     };
     let text = std::fs::read_to_string(base.join("cache.json")).ok()?;
-    let rec: crate::cache::CacheRecord = serde_json::from_str(&text).ok()?;
-    Some(rec.input_hook)
+    serde_json::from_str(&text).ok()
+}
+
+/// The input hook of the store a checkpoint's run trained on, from its `cache.json`.
+fn hook_of_run(dir: &Path) -> Option<InputHook> {
+    cache_record_of_run(dir).map(|r| r.input_hook)
+}
+
+/// The `feature_input_hook` a checkpoint (or run directory) exports under to circuit-tracer: the
+/// circuit-tracer name of the hook its run's store recorded ([`InputHook::circuit_tracer_name`]); `None`
+/// when no such store can be found (a synthetic run, a moved store, a sharded checkpoint). An error when the
+/// hook has no circuit-tracer name (a LayerNorm model's unweighted norm), or the store predates recording its
+/// model's norm and the name depends on it.
+pub fn exported_input_hook(path: &Path) -> Result<Option<&'static str>> {
+    let Some(rec) = cache_record_of_run(path) else {
+        return Ok(None);
+    };
+    let no_name = |why: &str| {
+        Error::config(
+            "input_hook",
+            format!(
+                "the run trained on `{}` ({why}); pass --input-hook with the name to write",
+                serde_json::to_string(&rec.input_hook).unwrap_or_default()
+            ),
+        )
+    };
+    let norm = match (rec.input_hook, rec.norm) {
+        (InputHook::MlpInUnweighted, None) => {
+            return Err(no_name(
+                "its cache.json does not say whether the model uses RMSNorm or LayerNorm",
+            ));
+        }
+        (_, norm) => norm.unwrap_or(NormKind::Rms),
+    };
+    match rec.input_hook.circuit_tracer_name(norm) {
+        Some(name) => Ok(Some(name)),
+        None => Err(no_name(
+            "circuit-tracer has no hook for a LayerNorm before its weight and bias",
+        )),
+    }
 }

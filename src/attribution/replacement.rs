@@ -164,9 +164,7 @@ fn forward_inputs(
         attn_pattern: full,
         norm_scales: full,
         mlp_out: full,
-        mlp_in_normed: tc.input_hook == InputHook::MlpInNormed,
-        resid_mid: tc.input_hook == InputHook::ResidMid,
-        ..Hooks::default()
+        ..tc.input_hook.hooks()
     };
     let mut out = model.forward_with(
         tokens,
@@ -179,10 +177,7 @@ fn forward_inputs(
     let mut inputs = Vec::with_capacity(out.record.layers.len());
     let mut mlp_out = Vec::with_capacity(out.record.layers.len());
     for r in &mut out.record.layers {
-        let x = match tc.input_hook {
-            InputHook::MlpInNormed => r.mlp_in_normed.take(),
-            InputHook::ResidMid => r.resid_mid.take(),
-        };
+        let x = tc.input_hook.take(r);
         inputs
             .push(x.ok_or_else(|| Error::Unsupported("forward did not record the input".into()))?);
         if full {
@@ -345,8 +340,11 @@ pub fn calibrated_transcoder(
         let k = (l0 * (n - 1)).clamp(1, v.len());
         v.select_nth_unstable_by(k - 1, |a, b| b.total_cmp(a));
         let theta = v[k - 1].max(1e-6);
-        tc.thresholds[l].fill(theta * (1.0 - 1e-6));
-        tc.params.log_theta[l].fill(theta.ln());
+        // θ just below the k-th value, stored as `log_theta` and read back through `exp` as
+        // `ReplacementTranscoder::new` does, so an exported copy has the same active features.
+        let log_theta = (theta * (1.0 - 1e-6)).ln();
+        tc.params.log_theta[l].fill(log_theta);
+        tc.thresholds[l].fill(log_theta.exp());
     }
     Ok(tc)
 }

@@ -90,7 +90,8 @@ enum Command {
         /// Stop after this many cached tokens.
         #[arg(long)]
         max_tokens: Option<u64>,
-        /// The encoder input hook.
+        /// The encoder input hook: the MLP's input (`mlp-in-normed`), the residual stream before the MLP's
+        /// norm (`resid-mid`), or that norm before its weight (`mlp-in-unweighted`: Gemma Scope's transcoders).
         #[arg(long, value_enum, default_value = "mlp-in-normed")]
         input_hook: clt::cache::InputHook,
         /// Storage codec.
@@ -132,11 +133,14 @@ enum Command {
         /// Model name written to config.yaml.
         #[arg(long, default_value = "unknown")]
         model_name: String,
-        /// Feature input hook written to config.yaml.
-        #[arg(long, default_value = "hook_resid_mid")]
-        input_hook: String,
-        /// Feature output hook written to config.yaml.
-        #[arg(long, default_value = "mlp.hook_out")]
+        /// Feature input hook written to config.yaml (default: the circuit-tracer name of the hook the run's
+        /// store recorded: `mlp.hook_in`, `hook_resid_mid` or `ln2.hook_normalized`; `mlp.hook_in` when the
+        /// store is not found).
+        #[arg(long)]
+        input_hook: Option<String>,
+        /// Feature output hook written to config.yaml (`hook_mlp_out`: the MLP's output as added to the
+        /// residual stream, after Gemma-2's post-MLP norm, which is what the engine caches as targets).
+        #[arg(long, default_value = "hook_mlp_out")]
         output_hook: String,
     },
     /// Import a transcoder in circuit-tracer's format as a native checkpoint.
@@ -467,6 +471,22 @@ fn run(cli: Cli) -> clt::Result<()> {
         } => {
             // Native or sharded (assembled from its shards).
             let t = clt::dist::checkpoint::load_transcoder(&checkpoint)?;
+            let input_hook = match input_hook {
+                Some(h) => h,
+                None => match clt::attribution::exported_input_hook(&checkpoint)? {
+                    Some(h) => h.to_string(),
+                    None => {
+                        let h = clt::cache::InputHook::default()
+                            .circuit_tracer_name(clt::attribution::linear::NormKind::Rms)
+                            .unwrap_or_default();
+                        eprintln!(
+                            "no cache.json found for the store this run trained on: writing \
+                             feature_input_hook {h} (pass --input-hook to choose)"
+                        );
+                        h.to_string()
+                    }
+                },
+            };
             let meta = ExportMeta {
                 model_name,
                 feature_input_hook: input_hook,

@@ -16,7 +16,8 @@ use super::{Activation, CltConfig, DecoderKind, NormScales, Params, Transcoder};
 use crate::{Error, Result};
 use std::path::Path;
 
-/// Hook names recorded in `config.yaml`.
+/// Hook names recorded in `config.yaml` (default: the engine's default input, the MLP's input
+/// `mlp.hook_in`, and its output `hook_mlp_out`).
 #[derive(Clone, Debug)]
 pub struct ExportMeta {
     pub model_name: String,
@@ -28,8 +29,8 @@ impl Default for ExportMeta {
     fn default() -> Self {
         ExportMeta {
             model_name: "unknown".into(),
-            feature_input_hook: "hook_resid_mid".into(),
-            feature_output_hook: "mlp.hook_out".into(),
+            feature_input_hook: "mlp.hook_in".into(),
+            feature_output_hook: "hook_mlp_out".into(),
         }
     }
 }

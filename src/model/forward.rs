@@ -26,6 +26,7 @@ pub struct Hooks {
     pub resid_pre: bool,
     pub resid_mid: bool,
     pub mlp_in_normed: bool,
+    pub mlp_in_unweighted: bool,
     pub mlp_out: bool,
     pub attn_pattern: bool,
     /// The norms' scales per position (`1/rms` for RMSNorm, `1/σ` for LayerNorm) of the attention norm, the
@@ -40,6 +41,7 @@ impl Hooks {
             resid_pre: true,
             resid_mid: true,
             mlp_in_normed: true,
+            mlp_in_unweighted: true,
             mlp_out: true,
             attn_pattern: true,
             norm_scales: true,
@@ -78,6 +80,10 @@ pub struct LayerRecord {
     /// The MLP norm of `resid_mid` (its weight, and its bias if it has one, applied): the MLP input,
     /// `[n_tokens, d_model]`.
     pub mlp_in_normed: Option<Vec<f32>>,
+    /// The MLP norm of `resid_mid` without its weight (or bias): `resid_mid / rms` for RMSNorm,
+    /// `(resid_mid − mean) / σ` for LayerNorm (TransformerLens's `ln2.hook_normalized` on RMSNorm models),
+    /// `[n_tokens, d_model]`.
+    pub mlp_in_unweighted: Option<Vec<f32>>,
     /// The MLP output added to the residual stream (after the post-MLP norm where the model has one),
     /// `[n_tokens, d_model]`.
     pub mlp_out: Option<Vec<f32>>,
@@ -122,11 +128,21 @@ pub struct Intervention<'a> {
     pub mlp_fn: Option<&'a dyn MlpOverride>,
 }
 
+/// What a layer's MLP could read, each `[n_tokens, d_model]`, handed to an [`MlpOverride`].
+#[derive(Clone, Copy, Debug)]
+pub struct MlpInputs<'a> {
+    /// The residual stream before the MLP's norm.
+    pub resid_mid: &'a [f32],
+    /// The MLP's input: the norm with its weight (and bias) applied.
+    pub normed: &'a [f32],
+    /// The norm without its weight or bias ([`LayerRecord::mlp_in_unweighted`]).
+    pub unweighted: &'a [f32],
+}
+
 /// A replacement for the MLPs, called once per layer in order during a forward.
 pub trait MlpOverride: Sync + std::fmt::Debug {
-    /// The MLP output `[n_tokens, d_model]` of `layer`, given the residual stream before the MLP
-    /// (`resid_mid`) and the MLP's normed input, both `[n_tokens, d_model]`.
-    fn mlp_out(&self, layer: usize, resid_mid: &[f32], normed: &[f32]) -> Vec<f32>;
+    /// The MLP output `[n_tokens, d_model]` of `layer`, given what the MLP could read.
+    fn mlp_out(&self, layer: usize, inputs: &MlpInputs<'_>) -> Vec<f32>;
 }
 
 /// Options of a forward ([`crate::model::LlamaModel::forward_with`], [`crate::model::Gpt2Model::forward_with`]).
@@ -444,6 +460,32 @@ pub(crate) enum Norm {
     Final,
 }
 
+/// How a model normalises (each frozen the same way: the scale recorded, the rest linear).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum NormKind {
+    /// `γ ⊙ x / rms(x)`.
+    Rms,
+    /// `γ ⊙ (x − mean(x)) / σ(x) + β`.
+    Layer,
+}
+
+impl NormKind {
+    /// The norm of each row of `x` (`[n, d]`) with its scale `s` (`[n]`, `1/rms` or `1/σ`) and without
+    /// its weight or bias: `x · s`, or `(x − mean(x)) · s`.
+    pub fn unweighted(self, x: &[f32], s: &[f32], d: usize) -> Vec<f32> {
+        let mut out = Vec::with_capacity(x.len());
+        for (row, &s) in x.chunks_exact(d).zip(s) {
+            let mean = match self {
+                NormKind::Rms => 0.0,
+                NormKind::Layer => row.iter().sum::<f32>() / d as f32,
+            };
+            out.extend(row.iter().map(|v| (v - mean) * s));
+        }
+        out
+    }
+}
+
 /// The sizes [`run_blocks`] checks inputs against.
 #[derive(Clone, Copy, Debug)]
 pub(crate) struct Dims {
@@ -454,6 +496,7 @@ pub(crate) struct Dims {
     /// Whether the attention and MLP outputs are normed before their residual adds
     /// ([`Norm::PostAttn`], [`Norm::PostMlp`]).
     pub post_norms: bool,
+    pub norm: NormKind,
 }
 
 /// What an architecture supplies to [`run_blocks`]: its norms and its blocks' attention and MLP.
@@ -561,6 +604,8 @@ pub(crate) fn run_blocks<B: Blocks>(
         // MLP.
         let frozen_scale = fl.and_then(|f| f.mlp_norm_scale.as_deref());
         let s = model.norm(Norm::Mlp(l), &x, frozen_scale, &mut normed);
+        let unweighted = (hooks.mlp_in_unweighted || opts.intervention.mlp_fn.is_some())
+            .then(|| c.norm.unweighted(&x, &s, d));
         if hooks.norm_scales {
             rec.mlp_norm_scale = Some(s);
         }
@@ -571,7 +616,12 @@ pub(crate) fn run_blocks<B: Blocks>(
         let mlp_out: &[f32] = match (opts.intervention.mlp_out, opts.intervention.mlp_fn) {
             (Some(repl), _) => &repl[l],
             (None, Some(f)) => {
-                replaced = f.mlp_out(l, &x, &normed);
+                let inputs = MlpInputs {
+                    resid_mid: &x,
+                    normed: &normed,
+                    unweighted: unweighted.as_deref().unwrap_or_default(),
+                };
+                replaced = f.mlp_out(l, &inputs);
                 if replaced.len() != n * d {
                     return Err(Error::Shape {
                         what: format!("mlp_fn output of layer {l}"),
@@ -599,6 +649,9 @@ pub(crate) fn run_blocks<B: Blocks>(
         }
         if hooks.mlp_out {
             rec.mlp_out = Some(mlp_out.to_vec());
+        }
+        if hooks.mlp_in_unweighted {
+            rec.mlp_in_unweighted = unweighted;
         }
         record.layers.push(rec);
     }

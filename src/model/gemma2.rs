@@ -14,10 +14,11 @@
 //! - the logits are soft-capped with `final_logit_softcapping`.
 //!
 //! Hooks: `resid_mid` = `resid_pre` + the post-normed attention output; `mlp_in_normed` =
-//! `pre_feedforward_layernorm(resid_mid)`; `mlp_out` = `post_feedforward_layernorm(MLP)`, the value added to
-//! the stream (TransformerLens's `hook_mlp_out`). A replaced MLP output (`Intervention::mlp_out`, `mlp_fn`)
-//! stands for the MLP and its post-norm together, which is what a transcoder trained from `mlp_in_normed` to
-//! `mlp_out` replaces. The post-norms' scales are recorded as `attn_post_norm_scale` and
+//! `pre_feedforward_layernorm(resid_mid)`; `mlp_in_unweighted` = that norm before its `(1 + w)` (Gemma
+//! Scope's transcoder input, TransformerLens's `ln2.hook_normalized`); `mlp_out` =
+//! `post_feedforward_layernorm(MLP)`, the value added to the stream (TransformerLens's `hook_mlp_out`). A
+//! replaced MLP output (`Intervention::mlp_out`, `mlp_fn`) stands for the MLP and its post-norm together,
+//! which is what a transcoder trained from either norm hook to `mlp_out` replaces. The post-norms' scales are recorded as `attn_post_norm_scale` and
 //! `mlp_post_norm_scale`, and frozen like every other norm's.
 
 use std::path::Path;

@@ -24,8 +24,8 @@
 use std::path::Path;
 
 use super::forward::{
-    AttnScores, Blocks, Dims, ForwardOptions, ForwardOutput, Norm, causal_attention, matmul_wt,
-    run_blocks,
+    AttnScores, Blocks, Dims, ForwardOptions, ForwardOutput, Norm, NormKind, causal_attention,
+    matmul_wt, run_blocks,
 };
 use crate::{Error, Result};
 
@@ -296,6 +296,7 @@ impl Blocks for Gpt2Model {
             n_heads: c.n_heads,
             vocab_size: c.vocab_size,
             post_norms: false,
+            norm: NormKind::Layer,
         }
     }
 
@@ -512,13 +513,19 @@ mod tests {
         calls: std::sync::Mutex<Vec<Call>>,
     }
 
-    /// A call to the override: the layer, `resid_mid` and the normed input.
-    type Call = (usize, Vec<f32>, Vec<f32>);
+    /// A call to the override: the layer, `resid_mid`, the normed input and the unweighted norm.
+    type Call = (usize, Vec<f32>, Vec<f32>, Vec<f32>);
 
     impl crate::model::MlpOverride for OwnMlp<'_> {
-        fn mlp_out(&self, layer: usize, resid_mid: &[f32], normed: &[f32]) -> Vec<f32> {
+        fn mlp_out(&self, layer: usize, inputs: &crate::model::MlpInputs<'_>) -> Vec<f32> {
+            let normed = inputs.normed;
             let mut calls = self.calls.lock().unwrap();
-            calls.push((layer, resid_mid.to_vec(), normed.to_vec()));
+            calls.push((
+                layer,
+                inputs.resid_mid.to_vec(),
+                normed.to_vec(),
+                inputs.unweighted.to_vec(),
+            ));
             let n = normed.len() / self.model.config.d_model;
             let mut out = vec![0.0; normed.len() - usize::from(self.short)];
             if !self.zero && !self.short {
@@ -530,7 +537,8 @@ mod tests {
     }
 
     /// The MLP override (feature interventions) on GPT-2: called once a layer, in order, with that layer's
-    /// `resid_mid` and normed MLP input; its own MLP through it gives the plain forward's logits; zeros
+    /// `resid_mid`, normed MLP input and unweighted norm (`(x − mean) / sqrt(var + eps)`, recorded the
+    /// same by the `mlp_in_unweighted` hook); its own MLP through it gives the plain forward's logits; zeros
     /// through it give what zero `mlp_out` replacements give; an output of the wrong size is an error that
     /// names the layer.
     #[test]
@@ -565,11 +573,23 @@ mod tests {
         assert!(max_diff(&clean.logits, &out.logits) < 1e-6);
         let calls = same.calls.into_inner().unwrap();
         assert_eq!(calls.len(), m.config.n_layers);
-        for (l, (layer, resid_mid, normed)) in calls.iter().enumerate() {
+        let d = m.config.d_model;
+        for (l, (layer, resid_mid, normed, unweighted)) in calls.iter().enumerate() {
             let rec = &clean.record.layers[l];
             assert_eq!(*layer, l);
             assert!(max_diff(resid_mid, rec.resid_mid.as_ref().unwrap()) < 1e-6);
             assert!(max_diff(normed, rec.mlp_in_normed.as_ref().unwrap()) < 1e-6);
+            assert!(max_diff(unweighted, rec.mlp_in_unweighted.as_ref().unwrap()) < 1e-6);
+            let want: Vec<f32> = resid_mid
+                .chunks_exact(d)
+                .flat_map(|x| {
+                    let mean = x.iter().sum::<f32>() / d as f32;
+                    let var = x.iter().map(|v| (v - mean) * (v - mean)).sum::<f32>() / d as f32;
+                    let s = 1.0 / (var + m.config.norm_eps).sqrt();
+                    x.iter().map(move |v| (v - mean) * s).collect::<Vec<_>>()
+                })
+                .collect();
+            assert!(max_diff(unweighted, &want) < 1e-5);
         }
         let zeros = vec![vec![0.0f32; toks.len() * m.config.d_model]; m.config.n_layers];
         let replaced = m

@@ -13,8 +13,8 @@
 use std::path::Path;
 
 use super::forward::{
-    AttnScores, Blocks, Dims, ForwardOptions, ForwardOutput, Norm, causal_attention, matmul_wt,
-    run_blocks,
+    AttnScores, Blocks, Dims, ForwardOptions, ForwardOutput, Norm, NormKind, causal_attention,
+    matmul_wt, run_blocks,
 };
 use crate::{Error, Result};
 
@@ -462,6 +462,7 @@ impl Blocks for LlamaModel {
             n_heads: c.n_heads,
             vocab_size: c.vocab_size,
             post_norms: false,
+            norm: NormKind::Rms,
         }
     }
 

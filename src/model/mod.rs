@@ -32,7 +32,7 @@ use crate::{Error, Result};
 pub use bpe::BpeTokenizer;
 pub use forward::{
     ForwardOptions, ForwardOutput, ForwardRecord, Hooks, Intervention, LayerRecord, Logits,
-    MlpOverride,
+    MlpInputs, MlpOverride,
 };
 pub use gemma2::{Gemma2Config, Gemma2Model, Gemma2PostNorms};
 pub use gpt2::{Gpt2Config, Gpt2LayerWeights, Gpt2Model};
@@ -308,6 +308,16 @@ impl Model {
             Model::Llama(m) => m.config.max_seq_len,
             Model::Gpt2(m) => m.config.max_seq_len,
             Model::Gemma2(m) => m.base.config.max_seq_len,
+        }
+    }
+
+    /// How the model normalises: RMSNorm (Llama, Gemma-2) or LayerNorm (GPT-2).
+    pub fn norm(&self) -> forward::NormKind {
+        use forward::Blocks;
+        match self {
+            Model::Llama(m) => m.dims().norm,
+            Model::Gpt2(m) => m.dims().norm,
+            Model::Gemma2(m) => m.dims().norm,
         }
     }
 

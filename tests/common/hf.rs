@@ -159,6 +159,7 @@ pub fn assert_matches_reference(
                 ("resid_pre", &rec.resid_pre),
                 ("resid_mid", &rec.resid_mid),
                 ("mlp_in_normed", &rec.mlp_in_normed),
+                ("mlp_in_unweighted", &rec.mlp_in_unweighted),
                 ("mlp_out", &rec.mlp_out),
                 ("attn_pattern", &rec.attn_pattern),
                 ("attn_norm_scale", &rec.attn_norm_scale),
@@ -180,16 +181,38 @@ pub fn assert_matches_reference(
     worst
 }
 
-/// Exports `tc` in circuit-tracer's format (reading `ln2.hook_normalized`) into `model_dir/transcoder`,
-/// runs `clt attribute` on `prompt` (the graph into `model_dir/g.json`) and `clt intervene` with two edits,
-/// checks that the graph has token, feature and logit nodes and links and that the edits print the logits
-/// after them; returns the graph's JSON.
+/// Exports `tc` in circuit-tracer's format with `feature_input_hook` (a name that must resolve to
+/// `tc.input_hook` on `m`) into `model_dir/transcoder`, runs `clt attribute` on `prompt` (the graph into
+/// `model_dir/g.json`) and `clt intervene` with two edits. Checks that the command found as many active
+/// features as the replacement model here (which differs under the other MLP-norm hook, so a name read as
+/// the wrong hook fails), that the graph has token, feature and logit nodes and links, and that the edits
+/// print the logits after them; returns the graph's JSON.
 pub fn run_attribute_and_intervene(
     model_dir: &Path,
+    m: &clt::model::LoadedModel,
     model_name: &str,
     tc: clt::attribution::replacement::ReplacementTranscoder,
+    feature_input_hook: &str,
     prompt: &str,
 ) -> serde_json::Value {
+    use clt::attribution::replacement::prompt_state;
+    use clt::cache::InputHook;
+    let tokens = m.tokenizer.encode_prompt(prompt).unwrap();
+    let active = |hook: InputHook| {
+        let mut tc = tc.clone();
+        tc.input_hook = hook;
+        prompt_state(&m.model, &tc, &tokens).unwrap().features.len()
+    };
+    let want = active(tc.input_hook);
+    let other = match tc.input_hook {
+        InputHook::MlpInUnweighted => InputHook::MlpInNormed,
+        _ => InputHook::MlpInUnweighted,
+    };
+    assert_ne!(
+        want,
+        active(other),
+        "the test cannot tell the two norm hooks apart"
+    );
     let t = clt::clt::Transcoder {
         norms: clt::clt::NormScales::identity(tc.cfg.n_layers),
         cfg: tc.cfg,
@@ -198,7 +221,7 @@ pub fn run_attribute_and_intervene(
     let ct = model_dir.join("transcoder");
     let meta = clt::clt::export::ExportMeta {
         model_name: model_name.into(),
-        feature_input_hook: "ln2.hook_normalized".into(),
+        feature_input_hook: feature_input_hook.into(),
         feature_output_hook: "hook_mlp_out".into(),
     };
     clt::clt::export::export_circuit_tracer(&t, &ct, &meta).unwrap();
@@ -222,6 +245,10 @@ pub fn run_attribute_and_intervene(
     };
     let text = run("attribute", &["--out", out.to_str().unwrap(), "--quiet"]);
     assert!(text.contains("replacement score"), "{text}");
+    assert!(
+        text.contains(&format!(" {want} active features")),
+        "{feature_input_hook} should give {want} active features: {text}"
+    );
     let v: serde_json::Value = serde_json::from_slice(&std::fs::read(&out).unwrap()).unwrap();
     let nodes = v["nodes"].as_array().unwrap();
     for kind in ["embedding", "cross layer transcoder", "logit"] {

@@ -66,17 +66,22 @@ pub fn read_blocks(dir: &Path, split: bool) -> (Vec<f32>, Vec<f32>, usize) {
     (x, y, tail)
 }
 
-/// Checks that the dataset at `dir` (cached from `model`, reading `mlp_in_normed`) begins with the context
-/// `ctx` of document 0 from position `first` on (the positions before it, a BOS, are not cached): each row is
-/// the forward's MLP input and output at that token, bit for bit.
-pub fn assert_cached_as_hooks(model: &clt::model::Model, dir: &Path, ctx: &[u32], first: usize) {
+/// Checks that the dataset at `dir` (cached from `model`, reading `hook`) begins with the context `ctx` of
+/// document 0 from position `first` on (the positions before it, a BOS, are not cached): each row is the
+/// forward's input hook and MLP output at that token, bit for bit.
+pub fn assert_cached_as_hooks(
+    model: &clt::model::Model,
+    dir: &Path,
+    hook: clt::cache::InputHook,
+    ctx: &[u32],
+    first: usize,
+) {
     use clt::model::{ForwardOptions, Hooks, Logits};
     let (x, y, tokens, positions, docs) = read_all(dir);
     let opts = ForwardOptions {
         hooks: Hooks {
-            mlp_in_normed: true,
             mlp_out: true,
-            ..Hooks::default()
+            ..hook.hooks()
         },
         logits: Logits::None,
         ..Default::default()
@@ -92,7 +97,7 @@ pub fn assert_cached_as_hooks(model: &clt::model::Model, dir: &Path, ctx: &[u32]
         );
         for (l, r) in out.record.layers.iter().enumerate() {
             let at = i * l_n * d + l * d;
-            let xin = &r.mlp_in_normed.as_ref().unwrap()[p * d..(p + 1) * d];
+            let xin = &hook.recorded(r).unwrap()[p * d..(p + 1) * d];
             let yout = &r.mlp_out.as_ref().unwrap()[p * d..(p + 1) * d];
             assert_eq!(&x[at..at + d], xin, "x at position {p}, layer {l}");
             assert_eq!(&y[at..at + d], yout, "y at position {p}, layer {l}");
@@ -251,10 +256,15 @@ pub fn synthetic_store(
 }
 
 /// Caches 12 tokens of a corpus of a's and b's (contexts of 8, no BOS: the toy `tokenizer.json` of
-/// [`super::hf::write_toy_tokenizer`]) from `m` into `dir/store` and checks the first context's rows are the
-/// model's hooks at every position, position 0 included.
-pub fn toy_corpus_caches_as_hooks(m: &clt::model::LoadedModel, dir: &Path) {
-    use clt::cache::{CacheConfig, InputHook, cache};
+/// [`super::hf::write_toy_tokenizer`]) from `m` into `dir/store`, reading `hook`, and checks the first
+/// context's rows are the model's hooks at every position, position 0 included, and that `cache.json`
+/// names the hook and the model's norm.
+pub fn toy_corpus_caches_as_hooks(
+    m: &clt::model::LoadedModel,
+    dir: &Path,
+    hook: clt::cache::InputHook,
+) {
+    use clt::cache::{CacheConfig, cache};
     use clt::store::Codec;
     let corpus = dir.join("corpus.txt");
     std::fs::write(&corpus, "abababbaababaabbababab\n\nbbbaaabababbbab\n").unwrap();
@@ -264,15 +274,22 @@ pub fn toy_corpus_caches_as_hooks(m: &clt::model::LoadedModel, dir: &Path) {
         out: out.clone(),
         context: 8,
         max_tokens: Some(12),
-        input_hook: InputHook::MlpInNormed,
+        input_hook: hook,
         codec: Codec::F32,
         target_rel_err: None,
         shard_tokens: 1 << 20,
         contexts_per_batch: 2,
         quiet: true,
     };
-    assert_eq!(cache(m, &cfg).unwrap().n_tokens, 12);
+    let rec = cache(m, &cfg).unwrap();
+    assert_eq!(rec.n_tokens, 12);
+    let text = std::fs::read_to_string(out.join("cache.json")).unwrap();
+    let written: clt::cache::CacheRecord = serde_json::from_str(&text).unwrap();
+    assert_eq!(
+        (written.input_hook, written.norm, &written.hooks_in[1]),
+        (hook, Some(m.model.norm()), &hook.hook_name(1))
+    );
     let docs = clt::cache::read_documents(&[corpus]).unwrap();
     let ids = m.tokenizer.encode(&docs[0]).unwrap();
-    assert_cached_as_hooks(&m.model, &out, &ids[..8], 0);
+    assert_cached_as_hooks(&m.model, &out, hook, &ids[..8], 0);
 }
