@@ -23,6 +23,7 @@ use crate::model::{
     CausalLm, ForwardOptions, ForwardOutput, Gemma2Model, Gpt2Model, LlamaModel, Model,
 };
 
+use crate::model::forward::Blocks;
 pub use crate::model::forward::NormKind;
 
 /// The weights of one block that the linearised backward reads, matrices `(out, in)` row-major.
@@ -42,7 +43,7 @@ pub struct LinearLayer<'a> {
 }
 
 /// A model's linearisation: its sizes, its norms' kind and weights, its value and output projections, its
-/// embeddings and unembedding.
+/// embeddings and unembedding. The sizes and the norm are the forward's (`Blocks::dims`).
 #[derive(Clone, Debug)]
 pub struct Linear<'a> {
     pub n_layers: usize,
@@ -145,15 +146,15 @@ impl Attributable for LlamaModel {
     }
 
     fn linear(&self) -> Linear<'_> {
-        let c = &self.config;
+        let (c, dims) = (&self.config, Blocks::dims(self));
         Linear {
-            n_layers: c.n_layers,
-            d_model: c.d_model,
-            n_heads: c.n_heads,
+            n_layers: dims.n_layers,
+            d_model: dims.d_model,
+            n_heads: dims.n_heads,
             n_kv_heads: c.n_kv_heads,
             head_dim: c.head_dim,
-            vocab_size: c.vocab_size,
-            norm: NormKind::Rms,
+            vocab_size: dims.vocab_size,
+            norm: dims.norm,
             layers: self
                 .layers
                 .iter()
@@ -184,16 +185,16 @@ impl Attributable for Gpt2Model {
     }
 
     fn linear(&self) -> Linear<'_> {
-        let c = &self.config;
-        let d = c.d_model;
+        let (c, dims) = (&self.config, Blocks::dims(self));
+        let d = dims.d_model;
         Linear {
-            n_layers: c.n_layers,
+            n_layers: dims.n_layers,
             d_model: d,
-            n_heads: c.n_heads,
-            n_kv_heads: c.n_heads,
+            n_heads: dims.n_heads,
+            n_kv_heads: dims.n_heads,
             head_dim: c.head_dim(),
-            vocab_size: c.vocab_size,
-            norm: NormKind::Layer,
+            vocab_size: dims.vocab_size,
+            norm: dims.norm,
             layers: self
                 .layers
                 .iter()
