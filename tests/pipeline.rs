@@ -122,4 +122,22 @@ fn the_real_pipeline_trains_a_clt_from_cached_stories260k_activations() {
     assert_eq!(lt.input_hook, InputHook::MlpInNormed);
     let lt = clt::attribution::load_transcoder(&r.checkpoint, None, norm).unwrap();
     assert_eq!(lt.input_hook, InputHook::MlpInNormed);
+    // A sharded checkpoint of the same run (one rank, one step): its manifest leads to the store too, and
+    // attribution reads it whole.
+    let mut run = clt::dist::checkpoint::run_config(&r.checkpoint).unwrap();
+    run.train.steps = 1;
+    let mut s = clt::dist::trainer::ShardedTrainer::new(run, clt::dist::comm::SelfComm).unwrap();
+    s.step().unwrap();
+    let sharded = out.path().join("sharded");
+    s.save_checkpoint(&sharded).unwrap();
+    assert!(clt::dist::checkpoint::is_sharded(
+        &clt::dist::checkpoint::resolve(&sharded).unwrap()
+    ));
+    assert_eq!(
+        clt::attribution::exported_input_hook(&sharded).unwrap(),
+        Some("mlp.hook_in")
+    );
+    let lt = clt::attribution::load_transcoder(&sharded, None, norm).unwrap();
+    assert_eq!(lt.input_hook, InputHook::MlpInNormed);
+    assert_eq!(lt.transcoder.cfg.n_layers, 5);
 }

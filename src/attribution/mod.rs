@@ -44,8 +44,8 @@ pub struct LoadedTranscoder {
 
 /// Reads a transcoder for attribution through a model whose norms are `norm`: a circuit-tracer directory
 /// (`config.yaml`: its `feature_input_hook` decides the hook, [`InputHook::from_hook_name`]), or one of our
-/// checkpoints or run directories (the hook from the cache the run trained on, when it can be found; else
-/// `mlp_in_normed`). `hook` overrides either.
+/// checkpoints (native or sharded) or run directories (the hook from the cache the run trained on, when it
+/// can be found; else `mlp_in_normed`). `hook` overrides either.
 pub fn load_transcoder(
     path: &Path,
     hook: Option<InputHook>,
@@ -83,8 +83,8 @@ pub fn load_transcoder(
             name,
         });
     }
-    let dir = crate::train::resolve_checkpoint(path)?;
-    let t = crate::clt::checkpoint::load_transcoder(&dir)?;
+    let dir = crate::dist::checkpoint::resolve(path)?;
+    let t = crate::dist::checkpoint::load_transcoder(&dir)?;
     let input_hook = hook.unwrap_or_else(|| hook_of_run(&dir).unwrap_or_default());
     Ok(LoadedTranscoder {
         transcoder: t,
@@ -95,7 +95,7 @@ pub fn load_transcoder(
 
 /// The `cache.json` of the store a checkpoint's run trained on, when it can be found.
 fn cache_record_of_run(dir: &Path) -> Option<crate::cache::CacheRecord> {
-    let run = crate::train::trainer::run_config_of(dir).ok()?;
+    let run = crate::dist::checkpoint::run_config(dir).ok()?;
     let crate::train::DataConfig::Store(s) = run.data else {
         return None;
     };
@@ -115,7 +115,7 @@ fn hook_of_run(dir: &Path) -> Option<InputHook> {
 
 /// The `feature_input_hook` a checkpoint (or run directory) exports under to circuit-tracer: the
 /// circuit-tracer name of the hook its run's store recorded ([`InputHook::circuit_tracer_name`]); `None`
-/// when no such store can be found (a synthetic run, a moved store, a sharded checkpoint). An error when the
+/// when no such store can be found (a synthetic run, a moved store). An error when the
 /// hook has no circuit-tracer name (a LayerNorm model's unweighted norm), or the store predates recording its
 /// model's norm and the name depends on it.
 pub fn exported_input_hook(path: &Path) -> Result<Option<&'static str>> {
