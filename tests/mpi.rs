@@ -338,10 +338,7 @@ fn mismatched_configurations_are_reported_at_start_up() {
     other.train.lr *= 2.0;
     let b = write_config(tmp.path(), "b.toml", &other);
     let out = tmp.path().join("run");
-    let mut c = Command::new("mpirun");
-    c.args(["--allow-run-as-root", "--oversubscribe", "--timeout", "120"])
-        .env("OMPI_ALLOW_RUN_AS_ROOT", "1")
-        .env("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1");
+    let (mut c, _session) = runs::mpirun_command(120);
     for cfg in [&a, &b] {
         c.args(["-n", "1", CLT, "train", "--config", cfg.to_str().unwrap()])
             .args(["--out", out.to_str().unwrap(), "--quiet"]);

@@ -18,6 +18,21 @@ pub fn write_config(dir: &Path, name: &str, run: &RunConfig) -> PathBuf {
     p
 }
 
+/// `mpirun` as root, oversubscribed, with a job time limit of `timeout_s`, and its session directory under
+/// a fresh temporary directory (returned: keep it until the job ends). Open MPI 4.1 makes
+/// `/tmp/ompi.<host>.<uid>` for every job, and a job fails at start-up ("Directory: /tmp/ompi.vm.0 Error:
+/// File exists") when another starting at the same moment wins the race to create it.
+pub fn mpirun_command(timeout_s: u32) -> (Command, tempfile::TempDir) {
+    let session = tempfile::tempdir().unwrap();
+    let mut c = Command::new("mpirun");
+    c.args(["--allow-run-as-root", "--oversubscribe", "--timeout"])
+        .arg(timeout_s.to_string())
+        .env("OMPI_ALLOW_RUN_AS_ROOT", "1")
+        .env("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1")
+        .env("OMPI_MCA_orte_tmpdir_base", session.path());
+    (c, session)
+}
+
 /// `mpirun -n <n> clt <args>` as root, oversubscribed, one thread per rank, with `env` and a job time
 /// limit; the output and how long it took.
 pub fn mpirun(n: usize, args: &[&str], env: &[(&str, &str)]) -> (Output, Duration) {
@@ -32,13 +47,10 @@ pub fn mpirun_program(
     args: &[&str],
     env: &[(&str, &str)],
 ) -> (Output, Duration) {
-    let mut c = Command::new("mpirun");
-    c.args(["--allow-run-as-root", "--oversubscribe", "--timeout", "180"])
-        .args(["-n", &n.to_string()])
+    let (mut c, _session) = mpirun_command(180);
+    c.args(["-n", &n.to_string()])
         .args(program)
         .args(args)
-        .env("OMPI_ALLOW_RUN_AS_ROOT", "1")
-        .env("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1")
         .env("RAYON_NUM_THREADS", "1");
     for (k, v) in env {
         c.env(k, v);
