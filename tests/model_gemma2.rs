@@ -550,3 +550,54 @@ fn a_gguf_file_loads_the_same_model_as_the_directory() {
     assert_eq!(g.tokenizer.encode("ab ab").unwrap(), vec![1, 6, 8]);
     assert_eq!(g.tokenizer.decode(&[1, 6, 8]), "ab ab");
 }
+
+/// A Gemma Scope transcoder set as circuit-tracer's Gemma config names it (`params.npz` per layer behind
+/// `hf://` URIs, encoders stored `[d, F]`, `feature_input_hook: ln2.hook_normalized`) runs `clt attribute`
+/// and `clt intervene` on Gemma-2: read from the norm before its weight, with the features found here.
+#[test]
+fn a_gemma_scope_transcoder_set_attributes_on_gemma2() {
+    use clt::attribution::replacement::{ReplacementTranscoder, calibrated_transcoder};
+    use clt::cache::InputHook;
+    use clt::clt::{CltConfig, DecoderKind, Params};
+    use common::npz::{Layer, write_gemma_scope_set};
+    let (dir, m) = load();
+    let prompt = "abaabbabab";
+    let tokens = m.tokenizer.encode_prompt(prompt).unwrap();
+    // The calibrated encoders, each with its cross-layer decoder's first target as its one decoder row
+    // (scaled as in the CLT test above).
+    let clt =
+        calibrated_transcoder(&m.model, &tokens, 32, 4, 5, InputHook::MlpInUnweighted).unwrap();
+    let (l_n, d, f) = (clt.cfg.n_layers, clt.cfg.d_model, clt.cfg.n_features);
+    let cfg = CltConfig {
+        decoder: DecoderKind::PerLayer,
+        ..clt.cfg.clone()
+    };
+    let mut params = Params::zeros(&cfg);
+    for l in 0..l_n {
+        params.w_enc[l] = clt.params.w_enc[l].clone();
+        params.b_enc[l] = clt.params.b_enc[l].clone();
+        params.log_theta[l] = clt.params.log_theta[l].clone();
+        let rows = clt.params.w_dec[l].chunks_exact((l_n - l) * d);
+        params.w_dec[l] = rows.flat_map(|r| r[..d].iter().map(|v| v * 30.0)).collect();
+        params.b_dec[l] = (0..d).map(|i| 0.01 * i as f32).collect();
+    }
+    let tc = ReplacementTranscoder {
+        cfg,
+        params,
+        thresholds: clt.thresholds.clone(),
+        input_hook: InputHook::MlpInUnweighted,
+    };
+    let layers: Vec<Layer> = (0..l_n)
+        .map(|l| Layer {
+            w_enc: &tc.params.w_enc[l],
+            w_dec: &tc.params.w_dec[l],
+            b_enc: &tc.params.b_enc[l],
+            b_dec: &tc.params.b_dec[l],
+            threshold: &tc.thresholds[l],
+        })
+        .collect();
+    let set = dir.path().join("gemma-scope");
+    write_gemma_scope_set(&set, &layers, "ln2.hook_normalized");
+    assert_eq!(f, tc.params.b_enc[0].len());
+    common::hf::attribute_and_intervene_on(dir.path(), &m, &tc, &set, prompt);
+}

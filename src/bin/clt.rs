@@ -145,7 +145,9 @@ enum Command {
     },
     /// Import a transcoder in circuit-tracer's format as a native checkpoint.
     Import {
-        /// The circuit-tracer transcoder directory.
+        /// The circuit-tracer transcoder directory: a CLT, or a transcoder set (`layer_{i}.safetensors`, or
+        /// the files its config's `transcoders:` list names: Gemma Scope's `params.npz` and Gemma Scope 2's
+        /// files included; `hf://org/repo/path` entries are read from `path` under this directory).
         #[arg(long)]
         from: PathBuf,
         /// The native checkpoint directory to write.

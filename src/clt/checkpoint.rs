@@ -75,10 +75,13 @@ pub fn write_tensors(
     write_atomic(path, &bytes)
 }
 
+/// f32 tensors by name: `(shape, data)`.
+pub type Tensors = HashMap<String, (Vec<usize>, Vec<f32>)>;
+
 /// The f32 tensors of a safetensors file, read in full, by name.
 pub struct TensorFile {
     pub path: PathBuf,
-    tensors: HashMap<String, (Vec<usize>, Vec<f32>)>,
+    tensors: Tensors,
 }
 
 impl TensorFile {
@@ -122,6 +125,14 @@ impl TensorFile {
             path: path.into(),
             tensors,
         })
+    }
+
+    /// Tensors read elsewhere (a NumPy archive).
+    pub fn from_tensors(path: &Path, tensors: Tensors) -> Self {
+        TensorFile {
+            path: path.into(),
+            tensors,
+        }
     }
 
     /// Whether a tensor is present.

@@ -5,7 +5,8 @@
 //! (and, as an extension of ours, `W_skip_{i}` [d, d] when the model has skip connections), and
 //! `W_dec_{i}.safetensors` with `W_dec_{i}` [F, L − i, d]. Per-layer transcoders (`model_kind: transcoder_set`):
 //! `layer_{i}.safetensors` with `W_enc` [F, d], `W_dec` [F, d], `b_enc`, `b_dec`,
-//! `activation_function.threshold`, optional `W_skip` [d, d]. Both come with a `config.yaml`.
+//! `activation_function.threshold`, optional `W_skip` [d, d]; on import, also the files a `transcoders:` list
+//! names, Gemma Scope's `params.npz` among them ([`super::transcoder_set`]). Both come with a `config.yaml`.
 //!
 //! Folding: the transcoder was trained on `x' = s_in x` and `y' = s_out y`. In raw units the encoder rows are
 //! multiplied by `s_in[l]`, decoder rows and biases of target k divided by `s_out[k]`, skip weights multiplied
@@ -294,12 +295,16 @@ fn import_clt(dir: &Path) -> Result<Transcoder> {
 }
 
 fn import_plt(dir: &Path, items: &[String]) -> Result<Transcoder> {
+    use super::transcoder_set::{read_layer, resolve};
     let files: Vec<std::path::PathBuf> = if items.is_empty() {
         (0..count_layers(dir, "layer_"))
             .map(|i| dir.join(format!("layer_{i}.safetensors")))
             .collect()
     } else {
-        items.iter().map(|i| dir.join(i)).collect()
+        items
+            .iter()
+            .map(|i| resolve(dir, i))
+            .collect::<Result<_>>()?
     };
     if files.is_empty() {
         return Err(Error::Format {
@@ -308,47 +313,52 @@ fn import_plt(dir: &Path, items: &[String]) -> Result<Transcoder> {
             reason: "missing".into(),
         });
     }
-    let first = TensorFile::read(&files[0])?;
-    let shape = first.shape("W_enc").map(|s| s.to_vec()).unwrap_or_default();
-    if shape.len() != 2 {
-        return Err(Error::Tensor {
-            path: files[0].clone(),
-            tensor: "W_enc".into(),
-            reason: format!("missing or shape {shape:?} is not [F, d]"),
-        });
-    }
-    let (f, d) = (shape[0], shape[1]);
-    let cfg = CltConfig {
-        n_layers: files.len(),
-        d_model: d,
-        n_features: f,
-        decoder: DecoderKind::PerLayer,
-        activation: Activation::JumpRelu,
-        skip: first.has("W_skip"),
-    };
-    cfg.validate()?;
-    let mut p = Params::zeros(&cfg);
+    let mut set: Option<(CltConfig, Params)> = None;
     for (l, path) in files.iter().enumerate() {
-        let mut t = TensorFile::read(path)?;
-        p.w_enc[l] = t.take("W_enc", &[f, d])?;
-        p.w_dec[l] = t.take("W_dec", &[f, d])?;
-        p.b_enc[l] = t.take("b_enc", &[f])?;
-        p.b_dec[l] = t.take("b_dec", &[d])?;
-        p.log_theta[l] = if t.has("activation_function.threshold") {
-            t.take("activation_function.threshold", &[f])?
-                .iter()
-                .map(|v| v.ln())
-                .collect()
-        } else {
-            vec![f32::NEG_INFINITY; f]
+        let layer = read_layer(path)?;
+        let (f, d) = (layer.n_features, layer.d_model);
+        let (cfg, p) = set.get_or_insert_with(|| {
+            let cfg = CltConfig {
+                n_layers: files.len(),
+                d_model: d,
+                n_features: f,
+                decoder: DecoderKind::PerLayer,
+                activation: Activation::JumpRelu,
+                skip: layer.w_skip.is_some(),
+            };
+            let p = Params::zeros(&cfg);
+            (cfg, p)
+        });
+        if (f, d, layer.w_skip.is_some()) != (cfg.n_features, cfg.d_model, cfg.skip) {
+            return Err(Error::Tensor {
+                path: path.clone(),
+                tensor: "W_enc".into(),
+                reason: format!(
+                    "layer {l} has {f} features of width {d} (skip: {}), layer 0 {} of width {} (skip: {})",
+                    layer.w_skip.is_some(),
+                    cfg.n_features,
+                    cfg.d_model,
+                    cfg.skip
+                ),
+            });
+        }
+        p.w_enc[l] = layer.w_enc;
+        p.w_dec[l] = layer.w_dec;
+        p.b_enc[l] = layer.b_enc;
+        p.b_dec[l] = layer.b_dec;
+        p.log_theta[l] = match layer.threshold {
+            Some(t) => t.iter().map(|v| v.ln()).collect(),
+            None => vec![f32::NEG_INFINITY; f],
         };
-        if cfg.skip {
-            p.w_skip[l] = t.take("W_skip", &[d, d])?;
+        if let Some(w) = layer.w_skip {
+            p.w_skip[l] = w;
         }
     }
+    let (cfg, params) = set.expect("at least one layer");
+    cfg.validate()?;
     Ok(Transcoder {
         norms: NormScales::identity(cfg.n_layers),
         cfg,
-        params: p,
+        params,
     })
 }

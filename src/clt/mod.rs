@@ -7,6 +7,7 @@ pub mod config;
 pub mod convert;
 pub mod export;
 pub mod params;
+pub mod transcoder_set;
 
 pub use config::{Activation, CltConfig, DecoderKind};
 pub use params::{NormScales, Params};

@@ -182,17 +182,41 @@ pub fn assert_matches_reference(
 }
 
 /// Exports `tc` in circuit-tracer's format with `feature_input_hook` (a name that must resolve to
-/// `tc.input_hook` on `m`) into `model_dir/transcoder`, runs `clt attribute` on `prompt` (the graph into
-/// `model_dir/g.json`) and `clt intervene` with two edits. Checks that the command found as many active
-/// features as the replacement model here (which differs under the other MLP-norm hook, so a name read as
-/// the wrong hook fails), that the graph has token, feature and logit nodes and links, and that the edits
-/// print the logits after them; returns the graph's JSON.
+/// `tc.input_hook` on `m`) into `model_dir/transcoder` and runs [`attribute_and_intervene_on`] with it.
 pub fn run_attribute_and_intervene(
     model_dir: &Path,
     m: &clt::model::LoadedModel,
     model_name: &str,
     tc: clt::attribution::replacement::ReplacementTranscoder,
     feature_input_hook: &str,
+    prompt: &str,
+) -> serde_json::Value {
+    let t = clt::clt::Transcoder {
+        norms: clt::clt::NormScales::identity(tc.cfg.n_layers),
+        cfg: tc.cfg.clone(),
+        params: tc.params.clone(),
+    };
+    let ct = model_dir.join("transcoder");
+    let meta = clt::clt::export::ExportMeta {
+        model_name: model_name.into(),
+        feature_input_hook: feature_input_hook.into(),
+        feature_output_hook: "hook_mlp_out".into(),
+    };
+    clt::clt::export::export_circuit_tracer(&t, &ct, &meta).unwrap();
+    attribute_and_intervene_on(model_dir, m, &tc, &ct, prompt)
+}
+
+/// Runs `clt attribute` on `prompt` with the circuit-tracer transcoder directory `ct` (which must hold `tc`
+/// under a hook name that resolves to `tc.input_hook` on `m`; the graph into `model_dir/g.json`) and
+/// `clt intervene` with two edits. Checks that the command found as many active features as the replacement
+/// model `tc` here (which differs under the other MLP-norm hook, so a name read as the wrong hook fails),
+/// that the graph has token, feature and logit nodes and links, and that the edits print the logits after
+/// them; returns the graph's JSON.
+pub fn attribute_and_intervene_on(
+    model_dir: &Path,
+    m: &clt::model::LoadedModel,
+    tc: &clt::attribution::replacement::ReplacementTranscoder,
+    ct: &Path,
     prompt: &str,
 ) -> serde_json::Value {
     use clt::attribution::replacement::prompt_state;
@@ -213,18 +237,6 @@ pub fn run_attribute_and_intervene(
         active(other),
         "the test cannot tell the two norm hooks apart"
     );
-    let t = clt::clt::Transcoder {
-        norms: clt::clt::NormScales::identity(tc.cfg.n_layers),
-        cfg: tc.cfg,
-        params: tc.params,
-    };
-    let ct = model_dir.join("transcoder");
-    let meta = clt::clt::export::ExportMeta {
-        model_name: model_name.into(),
-        feature_input_hook: feature_input_hook.into(),
-        feature_output_hook: "hook_mlp_out".into(),
-    };
-    clt::clt::export::export_circuit_tracer(&t, &ct, &meta).unwrap();
     let out = model_dir.join("g.json");
     let run = |command: &str, extra: &[&str]| {
         let o = Command::new(env!("CARGO_BIN_EXE_clt"))
@@ -247,7 +259,9 @@ pub fn run_attribute_and_intervene(
     assert!(text.contains("replacement score"), "{text}");
     assert!(
         text.contains(&format!(" {want} active features")),
-        "{feature_input_hook} should give {want} active features: {text}"
+        "{} should be read as {:?}, giving {want} active features: {text}",
+        ct.display(),
+        tc.input_hook
     );
     let v: serde_json::Value = serde_json::from_slice(&std::fs::read(&out).unwrap()).unwrap();
     let nodes = v["nodes"].as_array().unwrap();
