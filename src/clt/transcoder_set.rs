@@ -1,11 +1,11 @@
 //! The per-layer files of a circuit-tracer transcoder set (`model_kind: transcoder_set`), in the three
 //! layouts circuit-tracer reads, each read into circuit-tracer's own names and shapes:
-//! - its own `layer_{i}.safetensors`: `W_enc` [F, d], `W_dec` [F, d], `b_enc` [F], `b_dec` [d],
-//!   `activation_function.threshold` [F] (absent: a ReLU transcoder), optional `W_skip` [d, d];
-//! - Gemma Scope's `params.npz` (a NumPy archive): `W_enc` [d, F] (transposed on reading), `W_dec` [F, d],
-//!   `b_enc`, `b_dec`, `threshold`;
-//! - Gemma Scope 2's `params.safetensors`: `w_enc` [d, F] (transposed), `w_dec` [F, d], `b_enc`, `b_dec`,
-//!   `threshold`, optional `affine_skip_connection` [d, d] (transposed into `W_skip`).
+//! - its own `layer_{i}.safetensors`: `W_enc` `[F, d]`, `W_dec` `[F, d]`, `b_enc` `[F]`, `b_dec` `[d]`,
+//!   `activation_function.threshold` `[F]` (absent: a ReLU transcoder), optional `W_skip` `[d, d]`;
+//! - Gemma Scope's `params.npz` (a NumPy archive): `W_enc` `[d, F]` (transposed on reading),
+//!   `W_dec` `[F, d]`, `b_enc`, `b_dec`, `threshold`;
+//! - Gemma Scope 2's `params.safetensors`: `w_enc` `[d, F]` (transposed), `w_dec` `[F, d]`, `b_enc`,
+//!   `b_dec`, `threshold`, optional `affine_skip_connection` `[d, d]` (transposed into `W_skip`).
 //!
 //! The config's `transcoders:` list names one file per layer: a path (relative to the set's directory, or
 //! absolute) or an `hf://org/repo/path[?revision=…]` URI, which is read from `path` under the directory (the
