@@ -435,6 +435,31 @@ fn the_attribute_and_intervene_commands_run_on_gemma2() {
         "ln2.hook_normalized",
         prompt,
     );
+    // The same transcoder said to write `mlp.hook_out` (the MLP's output before Gemma-2's post-MLP norm)
+    // is refused, naming the hook.
+    let yaml = dir.path().join("transcoder/config.yaml");
+    let text = std::fs::read_to_string(&yaml).unwrap();
+    std::fs::write(&yaml, text.replace("hook_mlp_out", "mlp.hook_out")).unwrap();
+    let o = std::process::Command::new(env!("CARGO_BIN_EXE_clt"))
+        .args(["attribute", "--model", dir.path().to_str().unwrap()])
+        .args([
+            "--transcoder",
+            dir.path().join("transcoder").to_str().unwrap(),
+        ])
+        .args([
+            "--prompt",
+            prompt,
+            "--out",
+            dir.path().join("h.json").to_str().unwrap(),
+        ])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success(), "{err}");
+    assert!(
+        err.contains("feature_output_hook `mlp.hook_out`") && err.contains("post-MLP norm"),
+        "{err}"
+    );
 }
 
 /// The tiny model as llama.cpp's converter writes it: architecture `gemma2`, ggml's names, norm weights

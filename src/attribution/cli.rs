@@ -81,6 +81,9 @@ pub struct IntervenArgs {
 fn open(inputs: &Inputs) -> Result<(LoadedModel, ReplacementTranscoder, String, Vec<u32>)> {
     let m = crate::model::load(&inputs.model, inputs.tokenizer.as_deref())?;
     let lt = load_transcoder(&inputs.transcoder, inputs.input_hook, m.model.norm())?;
+    if let Some((hook, yaml)) = &lt.output_hook {
+        super::check_output_hook(hook, m.model.post_mlp_norm(), yaml)?;
+    }
     let tc = ReplacementTranscoder::new(&lt.transcoder, lt.input_hook)?;
     let tokens = m.tokenizer.encode_prompt(&inputs.prompt)?;
     Ok((m, tc, lt.name, tokens))

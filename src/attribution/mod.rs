@@ -40,6 +40,33 @@ pub struct LoadedTranscoder {
     pub transcoder: Transcoder,
     pub input_hook: InputHook,
     pub name: String,
+    /// A circuit-tracer directory's `feature_output_hook` and its `config.yaml` (checked against the model
+    /// by [`check_output_hook`]); `None` for our checkpoints, which always write `hook_mlp_out`.
+    pub output_hook: Option<(String, std::path::PathBuf)>,
+}
+
+/// Checks that a circuit-tracer `feature_output_hook` (from `yaml`) names what the engine's replacement
+/// writes: the MLP's output as the residual stream receives it (`hook_mlp_out`). circuit-tracer's
+/// `mlp.hook_out` is the MLP module's own output, the same on models without a norm after the MLP
+/// (Llama, GPT-2) but not on Gemma-2 (`post_mlp_norm`), where it comes before that norm.
+pub fn check_output_hook(name: &str, post_mlp_norm: bool, yaml: &Path) -> Result<()> {
+    let n = name.trim();
+    let reason = if n.ends_with("hook_mlp_out") || (n.ends_with("mlp.hook_out") && !post_mlp_norm) {
+        return Ok(());
+    } else if n.ends_with("mlp.hook_out") {
+        "mlp.hook_out is the MLP's output before the model's post-MLP norm; the engine's transcoders write \
+         what the residual stream receives after it (hook_mlp_out)"
+            .to_string()
+    } else {
+        "the engine's transcoders write the MLP's output (hook_mlp_out, or mlp.hook_out where no norm \
+         follows the MLP)"
+            .to_string()
+    };
+    Err(Error::Format {
+        path: yaml.into(),
+        offset: 0,
+        reason: format!("feature_output_hook `{name}`: {reason}"),
+    })
 }
 
 /// Reads a transcoder for attribution through a model whose norms are `norm`: a circuit-tracer directory
@@ -81,6 +108,7 @@ pub fn load_transcoder(
             transcoder: t,
             input_hook,
             name,
+            output_hook: get("feature_output_hook").map(|h| (h, yaml.clone())),
         });
     }
     let dir = crate::dist::checkpoint::resolve(path)?;
@@ -90,6 +118,7 @@ pub fn load_transcoder(
         transcoder: t,
         input_hook,
         name,
+        output_hook: None,
     })
 }
 
@@ -144,5 +173,30 @@ pub fn exported_input_hook(path: &Path) -> Result<Option<&'static str>> {
         None => Err(no_name(
             "circuit-tracer has no hook for a LayerNorm before its weight and bias",
         )),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `hook_mlp_out` is what the engine writes on every model; `mlp.hook_out` only where no norm follows
+    /// the MLP; anything else is refused naming the file and the hook.
+    #[test]
+    fn output_hooks_must_be_what_the_stream_receives() {
+        let yaml = Path::new("/t/config.yaml");
+        for post in [false, true] {
+            assert!(check_output_hook("hook_mlp_out", post, yaml).is_ok());
+            assert!(check_output_hook("blocks.4.hook_mlp_out", post, yaml).is_ok());
+            let e = check_output_hook("hook_resid_post", post, yaml).unwrap_err();
+            assert!(
+                e.to_string().contains("/t/config.yaml")
+                    && e.to_string().contains("hook_resid_post"),
+                "{e}"
+            );
+        }
+        assert!(check_output_hook("mlp.hook_out", false, yaml).is_ok());
+        let e = check_output_hook("mlp.hook_out", true, yaml).unwrap_err();
+        assert!(e.to_string().contains("post-MLP norm"), "{e}");
     }
 }

@@ -321,6 +321,16 @@ impl Model {
         }
     }
 
+    /// Whether a norm follows the MLP before the residual add (Gemma-2's `post_feedforward_layernorm`).
+    pub fn post_mlp_norm(&self) -> bool {
+        use forward::Blocks;
+        match self {
+            Model::Llama(m) => m.dims().post_norms,
+            Model::Gpt2(m) => m.dims().post_norms,
+            Model::Gemma2(m) => m.dims().post_norms,
+        }
+    }
+
     /// FLOPs of one forward over `n` tokens with `n_logits` unembedded positions.
     pub fn forward_flops(&self, n: usize, n_logits: usize) -> f64 {
         match self {
