@@ -75,6 +75,10 @@ fn train_resume_eval_export_import_info() {
         "{yaml}"
     );
     assert!(err.contains("no cache.json found"), "{err}");
+    // Imported with other hook names, the native checkpoint keeps them: attribution reads `resid_mid`
+    // and export writes the names back.
+    let yaml = yaml.replace("mlp.hook_in", "hook_resid_mid");
+    std::fs::write(ct.join("config.yaml"), &yaml).unwrap();
     let native = tmp.path().join("native");
     let (ok, out, err) = clt(&[
         "import",
@@ -86,6 +90,24 @@ fn train_resume_eval_export_import_info() {
     assert!(ok && out.contains("4 layers × 64 features"), "{out}{err}");
     let (ok, out, _) = clt(&["info", "--checkpoint", native.to_str().unwrap()]);
     assert!(ok && out.contains("\"n_features\": 64"), "{out}");
+    let norm = clt::attribution::linear::NormKind::Rms;
+    let lt = clt::attribution::load_transcoder(&native, None, norm).unwrap();
+    assert_eq!(lt.input_hook, clt::cache::InputHook::ResidMid);
+    assert_eq!(lt.output_hook.unwrap().0, "hook_mlp_out");
+    let back = tmp.path().join("ct2");
+    let (ok, _, err) = clt(&[
+        "export",
+        "--checkpoint",
+        native.to_str().unwrap(),
+        "--out",
+        back.to_str().unwrap(),
+    ]);
+    assert!(ok && !err.contains("no cache.json"), "{err}");
+    let again = std::fs::read_to_string(back.join("config.yaml")).unwrap();
+    assert!(
+        again.contains("feature_input_hook: hook_resid_mid\n"),
+        "{again}"
+    );
 }
 
 #[test]

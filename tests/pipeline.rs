@@ -113,7 +113,7 @@ fn the_real_pipeline_trains_a_clt_from_cached_stories260k_activations() {
     // and the export reads back as the hook the CLT was trained on.
     assert_eq!(
         clt::attribution::exported_input_hook(&r.checkpoint).unwrap(),
-        Some("mlp.hook_in")
+        Some("mlp.hook_in".to_string())
     );
     let yaml = std::fs::read_to_string(r.export.join("config.yaml")).unwrap();
     assert!(yaml.contains("feature_input_hook: mlp.hook_in\n"), "{yaml}");
@@ -135,7 +135,7 @@ fn the_real_pipeline_trains_a_clt_from_cached_stories260k_activations() {
     ));
     assert_eq!(
         clt::attribution::exported_input_hook(&sharded).unwrap(),
-        Some("mlp.hook_in")
+        Some("mlp.hook_in".to_string())
     );
     let lt = clt::attribution::load_transcoder(&sharded, None, norm).unwrap();
     assert_eq!(lt.input_hook, InputHook::MlpInNormed);

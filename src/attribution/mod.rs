@@ -27,6 +27,7 @@ use std::path::Path;
 
 use crate::cache::InputHook;
 use crate::clt::Transcoder;
+use crate::clt::export::{IMPORTED_HOOKS, read_imported_hooks};
 use crate::model::forward::NormKind;
 use crate::{Error, Result};
 pub use graph::{AttributionConfig, Graph, attribute, select_logits};
@@ -89,17 +90,7 @@ pub fn load_transcoder(
         let get = |k: &str| keys.iter().find(|(a, _)| a == k).map(|(_, v)| v.clone());
         let input_hook = match hook {
             Some(h) => h,
-            None => {
-                let h = get("feature_input_hook").unwrap_or_default();
-                InputHook::from_hook_name(&h, norm).ok_or_else(|| Error::Format {
-                    path: yaml.clone(),
-                    offset: 0,
-                    reason: format!(
-                        "feature_input_hook `{h}` is not one the engine records (mlp.hook_in, \
-                         ln2.hook_normalized or hook_resid_mid); pass --input-hook"
-                    ),
-                })?
-            }
+            None => hook_named(&get("feature_input_hook").unwrap_or_default(), norm, &yaml)?,
         };
         let name = get("model_name")
             .map(|m| format!("{m}-{name}"))
@@ -113,12 +104,33 @@ pub fn load_transcoder(
     }
     let dir = crate::dist::checkpoint::resolve(path)?;
     let t = crate::dist::checkpoint::load_transcoder(&dir)?;
-    let input_hook = hook.unwrap_or_else(|| hook_of_run(&dir).unwrap_or_default());
+    // A checkpoint `clt import`ed from circuit-tracer keeps the names it was made for.
+    let kept = dir.join(IMPORTED_HOOKS);
+    let imported = read_imported_hooks(&dir)?;
+    let input_hook = match (hook, hook_of_run(&dir), &imported) {
+        (Some(h), _, _) | (None, Some(h), _) => h,
+        (None, None, Some(m)) => hook_named(&m.feature_input_hook, norm, &kept)?,
+        (None, None, None) => InputHook::default(),
+    };
     Ok(LoadedTranscoder {
         transcoder: t,
         input_hook,
         name,
-        output_hook: None,
+        output_hook: imported
+            .map(|m| (m.feature_output_hook, kept))
+            .filter(|(h, _)| !h.is_empty()),
+    })
+}
+
+/// The hook a `feature_input_hook` name (read from `path`) reads on a model whose norm is `norm`.
+fn hook_named(name: &str, norm: NormKind, path: &Path) -> Result<InputHook> {
+    InputHook::from_hook_name(name, norm).ok_or_else(|| Error::Format {
+        path: path.into(),
+        offset: 0,
+        reason: format!(
+            "feature_input_hook `{name}` is not one the engine records (mlp.hook_in, \
+             ln2.hook_normalized or hook_resid_mid); pass --input-hook"
+        ),
     })
 }
 
@@ -143,13 +155,19 @@ fn hook_of_run(dir: &Path) -> Option<InputHook> {
 }
 
 /// The `feature_input_hook` a checkpoint (or run directory) exports under to circuit-tracer: the
-/// circuit-tracer name of the hook its run's store recorded ([`InputHook::circuit_tracer_name`]); `None`
-/// when no such store can be found (a synthetic run, a moved store). An error when the
-/// hook has no circuit-tracer name (a LayerNorm model's unweighted norm), or the store predates recording its
-/// model's norm and the name depends on it.
-pub fn exported_input_hook(path: &Path) -> Result<Option<&'static str>> {
+/// circuit-tracer name of the hook its run's store recorded ([`InputHook::circuit_tracer_name`]), or the
+/// name it was imported with; `None` when neither is found (a synthetic run, a moved store). An error when
+/// the hook has no circuit-tracer name (a LayerNorm model's unweighted norm), or the store predates
+/// recording its model's norm and the name depends on it.
+pub fn exported_input_hook(path: &Path) -> Result<Option<String>> {
     let Some(rec) = cache_record_of_run(path) else {
-        return Ok(None);
+        let imported = match crate::dist::checkpoint::resolve(path) {
+            Ok(dir) => read_imported_hooks(&dir)?,
+            Err(_) => None,
+        };
+        return Ok(imported
+            .map(|m| m.feature_input_hook)
+            .filter(|h| !h.is_empty()));
     };
     let no_name = |why: &str| {
         Error::config(
@@ -169,7 +187,7 @@ pub fn exported_input_hook(path: &Path) -> Result<Option<&'static str>> {
         (_, norm) => norm.unwrap_or(NormKind::Rms),
     };
     match rec.input_hook.circuit_tracer_name(norm) {
-        Some(name) => Ok(Some(name)),
+        Some(name) => Ok(Some(name.into())),
         None => Err(no_name(
             "circuit-tracer has no hook for a LayerNorm before its weight and bias",
         )),

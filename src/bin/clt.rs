@@ -476,14 +476,14 @@ fn run(cli: Cli) -> clt::Result<()> {
             let input_hook = match input_hook {
                 Some(h) => h,
                 None => match clt::attribution::exported_input_hook(&checkpoint)? {
-                    Some(h) => h.to_string(),
+                    Some(h) => h,
                     None => {
                         let h = clt::cache::InputHook::default()
                             .circuit_tracer_name(clt::attribution::linear::NormKind::Rms)
                             .unwrap_or_default();
                         eprintln!(
-                            "no cache.json found for the store this run trained on: writing \
-                             feature_input_hook {h} (pass --input-hook to choose)"
+                            "no cache.json found for the store this run trained on, and not \
+                             imported: writing feature_input_hook {h} (pass --input-hook to choose)"
                         );
                         h.to_string()
                     }
@@ -501,6 +501,9 @@ fn run(cli: Cli) -> clt::Result<()> {
         Command::Import { from, out } => {
             let t = import_circuit_tracer(&from)?;
             save_transcoder(&out, &t)?;
+            // The hook names, so that attribute and export read and write the hooks it was made for.
+            let meta = clt::clt::export::read_export_meta(&from)?;
+            clt::clt::export::write_imported_hooks(&out, &meta)?;
             println!(
                 "imported {} layers × {} features (d = {}) into {}",
                 t.cfg.n_layers,

@@ -18,8 +18,9 @@ use crate::{Error, Result};
 use std::path::Path;
 
 /// Hook names recorded in `config.yaml` (default: the engine's default input, the MLP's input
-/// `mlp.hook_in`, and its output `hook_mlp_out`).
-#[derive(Clone, Debug)]
+/// `mlp.hook_in`, and its output `hook_mlp_out`); `clt import` keeps them beside the native checkpoint
+/// ([`IMPORTED_HOOKS`]).
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct ExportMeta {
     pub model_name: String,
     pub feature_input_hook: String,
@@ -34,6 +35,50 @@ impl Default for ExportMeta {
             feature_output_hook: "hook_mlp_out".into(),
         }
     }
+}
+
+/// The file beside a native checkpoint imported from circuit-tracer that keeps its `config.yaml`'s names
+/// (an [`ExportMeta`] as JSON), so attribution reads, and export writes, the hooks it was made for.
+pub const IMPORTED_HOOKS: &str = "circuit_tracer_hooks.json";
+
+/// The names in a circuit-tracer directory's `config.yaml` (empty where a key is absent).
+pub fn read_export_meta(dir: &Path) -> Result<ExportMeta> {
+    let (keys, _) = read_yaml(&dir.join("config.yaml"))?;
+    let get = |k: &str| {
+        keys.iter()
+            .find(|(a, _)| a == k)
+            .map(|(_, v)| v.clone())
+            .unwrap_or_default()
+    };
+    Ok(ExportMeta {
+        model_name: get("model_name"),
+        feature_input_hook: get("feature_input_hook"),
+        feature_output_hook: get("feature_output_hook"),
+    })
+}
+
+/// Keeps `meta` beside the native checkpoint at `dir` ([`IMPORTED_HOOKS`]).
+pub fn write_imported_hooks(dir: &Path, meta: &ExportMeta) -> Result<()> {
+    let json = serde_json::to_vec_pretty(meta).map_err(|e| Error::Checkpoint {
+        path: dir.join(IMPORTED_HOOKS),
+        reason: e.to_string(),
+    })?;
+    write_atomic(&dir.join(IMPORTED_HOOKS), &json)
+}
+
+/// The names a native checkpoint at `dir` was imported with; `None` when it was not imported.
+pub fn read_imported_hooks(dir: &Path) -> Result<Option<ExportMeta>> {
+    let path = dir.join(IMPORTED_HOOKS);
+    if !path.is_file() {
+        return Ok(None);
+    }
+    let text = std::fs::read_to_string(&path).map_err(|e| Error::io(&path, e))?;
+    serde_json::from_str(&text)
+        .map(Some)
+        .map_err(|e| Error::Checkpoint {
+            path,
+            reason: format!("bad {IMPORTED_HOOKS}: {e}"),
+        })
 }
 
 /// The parameters in raw (unnormalised) units, normalisation scalars folded in.
