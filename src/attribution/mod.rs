@@ -41,8 +41,9 @@ pub struct LoadedTranscoder {
     pub transcoder: Transcoder,
     pub input_hook: InputHook,
     pub name: String,
-    /// A circuit-tracer directory's `feature_output_hook` and its `config.yaml` (checked against the model
-    /// by [`check_output_hook`]); `None` for our checkpoints, which always write `hook_mlp_out`.
+    /// The `feature_output_hook` of a circuit-tracer directory or an imported checkpoint, and the file it
+    /// was read from (checked against the model by [`check_output_hook`]); `None` for our own checkpoints,
+    /// which always write `hook_mlp_out`.
     pub output_hook: Option<(String, std::path::PathBuf)>,
 }
 
@@ -73,7 +74,7 @@ pub fn check_output_hook(name: &str, post_mlp_norm: bool, yaml: &Path) -> Result
 /// Reads a transcoder for attribution through a model whose norms are `norm`: a circuit-tracer directory
 /// (`config.yaml`: its `feature_input_hook` decides the hook, [`InputHook::from_hook_name`]), or one of our
 /// checkpoints (native or sharded) or run directories (the hook from the cache the run trained on, when it
-/// can be found; else `mlp_in_normed`). `hook` overrides either.
+/// can be found, else the name it was imported with, else `mlp_in_normed`). `hook` overrides either.
 pub fn load_transcoder(
     path: &Path,
     hook: Option<InputHook>,
