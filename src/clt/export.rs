@@ -218,12 +218,14 @@ pub fn export_circuit_tracer(t: &Transcoder, dir: &Path, meta: &ExportMeta) -> R
     write_atomic(&dir.join("config.yaml"), yaml.as_bytes())
 }
 
-/// The `key: value` pairs and list items of a flat `config.yaml` (the subset circuit-tracer writes).
+/// The `key: value` pairs of a flat `config.yaml`.
 pub(crate) type YamlPairs = Vec<(String, String)>;
 
+/// The `key: value` pairs of a flat `config.yaml` (the subset circuit-tracer writes) and the items of its
+/// `transcoders:` list (other lists, such as a list of scans, are skipped).
 pub(crate) fn read_yaml(path: &Path) -> Result<(YamlPairs, Vec<String>)> {
     let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
-    let mut keys = Vec::new();
+    let mut keys: YamlPairs = Vec::new();
     let mut items = Vec::new();
     for line in text.lines() {
         let t = line.trim();
@@ -231,11 +233,17 @@ pub(crate) fn read_yaml(path: &Path) -> Result<(YamlPairs, Vec<String>)> {
             continue;
         }
         if let Some(item) = t.strip_prefix("- ") {
-            items.push(
-                item.trim()
-                    .trim_matches(|c| c == '"' || c == '\'')
-                    .to_string(),
-            );
+            // Only the `transcoders:` list (the files of a transcoder set) is read.
+            if keys
+                .last()
+                .is_some_and(|(k, v)| k == "transcoders" && v.is_empty())
+            {
+                items.push(
+                    item.trim()
+                        .trim_matches(|c| c == '"' || c == '\'')
+                        .to_string(),
+                );
+            }
         } else if let Some((k, v)) = t.split_once(':') {
             keys.push((
                 k.trim().to_string(),

@@ -75,11 +75,12 @@ pub struct Layer<'a> {
 
 /// Writes a Gemma Scope transcoder set into `dir`: `layer_{l}/width_{F}/params.npz` per layer (encoder
 /// stored `[d, F]`, as Gemma Scope stores it) and a `config.yaml` naming them by `hf://` URIs of Gemma
-/// Scope's repository, as circuit-tracer's Gemma config does, reading `feature_input_hook`.
+/// Scope's repository, as circuit-tracer's Gemma config does, reading `feature_input_hook` (and a list of
+/// two scans before them, which is not a list of files).
 pub fn write_gemma_scope_set(dir: &Path, layers: &[Layer<'_>], feature_input_hook: &str) {
     let mut yaml = format!(
         "model_name: gemma-tiny\nmodel_kind: transcoder_set\nfeature_input_hook: \"{feature_input_hook}\"\n\
-         feature_output_hook: \"hook_mlp_out\"\nscan: gemma-tiny\ntranscoders:\n"
+         feature_output_hook: \"hook_mlp_out\"\nscan:\n  - gemma-tiny\n  - gemma-tiny-2\ntranscoders:\n"
     );
     for (l, t) in layers.iter().enumerate() {
         let (f, d) = (t.b_enc.len(), t.b_dec.len());
