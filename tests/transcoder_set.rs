@@ -92,6 +92,16 @@ fn bad_archives_name_the_member() {
         let e = read_layer(&path).unwrap_err().to_string();
         assert!(e.contains("params.npz") && e.contains(want), "{want}: {e}");
     }
+    // Gemma Scope's archives are JumpReLU: a missing threshold is an error, not a ReLU transcoder.
+    let no_threshold = vec![
+        good("W_enc", &[d, f]),
+        good("W_dec", &[f, d]),
+        good("b_enc", &[f]),
+        good("b_dec", &[d]),
+    ];
+    write_npz(&path, &no_threshold, false);
+    let e = read_layer(&path).unwrap_err().to_string();
+    assert!(e.contains("threshold") && e.contains("missing"), "{e}");
     std::fs::write(&path, b"not a zip").unwrap();
     let e = read_layer(&path).unwrap_err().to_string();
     assert!(e.contains("not a NumPy archive"), "{e}");

@@ -111,7 +111,8 @@ pub fn read_layer(path: &Path) -> Result<LayerFile> {
         w_dec: t.take(dec, &[f, d])?,
         b_enc: t.take("b_enc", &[f])?,
         b_dec: t.take("b_dec", &[d])?,
-        threshold: if t.has(thr) {
+        // Gemma Scope's layouts are JumpReLU only (circuit-tracer's loaders require the threshold).
+        threshold: if t.has(thr) || transposed {
             Some(t.take(thr, &[f])?)
         } else {
             None
