@@ -203,6 +203,40 @@ def q6_k(b):
     return y
 
 
+# ggml-quants.c's kvalues_iq4nl: the non-linear 4-bit codebook of IQ4_NL and IQ4_XS.
+KVALUES_IQ4NL = [-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113]
+
+
+def iq4_nl(b):
+    # block_iq4_nl: ggml_half d; uint8_t qs[16]
+    d = f16(b, 0)
+    qs = b[2:18]
+    y = [0.0] * 32
+    for j in range(16):
+        y[j + 0] = d * KVALUES_IQ4NL[qs[j] & 0xF]
+        y[j + 16] = d * KVALUES_IQ4NL[qs[j] >> 4]
+    return y
+
+
+def iq4_xs(b):
+    # block_iq4_xs: ggml_half d; uint16_t scales_h; uint8_t scales_l[4]; uint8_t qs[128]
+    d = f16(b, 0)
+    scales_h = struct.unpack_from("<H", b, 2)[0]
+    scales_l = b[4:8]
+    qs = b[8:136]
+    y = [0.0] * QK_K
+    yo = qo = 0
+    for ib in range(QK_K // 32):
+        ls = ((scales_l[ib // 2] >> 4 * (ib % 2)) & 0xF) | (((scales_h >> 2 * ib) & 3) << 4)
+        dl = d * (ls - 32)
+        for j in range(16):
+            y[yo + j + 0] = dl * KVALUES_IQ4NL[qs[qo + j] & 0xF]
+            y[yo + j + 16] = dl * KVALUES_IQ4NL[qs[qo + j] >> 4]
+        yo += 32
+        qo += 16
+    return y
+
+
 DEQUANT = {
     2: q4_0,
     3: q4_1,
@@ -214,6 +248,8 @@ DEQUANT = {
     12: q4_k,
     13: q5_k,
     14: q6_k,
+    20: iq4_nl,
+    23: iq4_xs,
 }
 
 

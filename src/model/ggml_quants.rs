@@ -1,8 +1,9 @@
 //! The GGML block formats that GGUF tensors are stored in, and their dequantisation to f32 as ggml's
 //! reference `dequantize_row_*` functions (ggml-quants.c) define it: F32, F16 and BF16; the 32-element
 //! blocks Q4_0, Q4_1, Q5_0, Q5_1 and Q8_0; and the 256-element k-quant super-blocks Q2_K, Q3_K, Q4_K, Q5_K
-//! and Q6_K (what llama.cpp's `Q2_K` to `Q6_K` files, `_S`/`_M`/`_L` alike, hold). Every other type (the
-//! `IQ` formats among them) is refused by the reader.
+//! and Q6_K (what llama.cpp's `Q2_K` to `Q6_K` files, `_S`/`_M`/`_L` alike, hold); and the non-linear 4-bit
+//! IQ4_NL (32-element blocks) and IQ4_XS (256-element super-blocks with 6-bit sub-block scales). Every other
+//! type (the lattice `IQ1`–`IQ3` formats among them) is refused by the reader.
 //!
 //! `tests/ggml_reference.py` transcribes ggml's C line for line; a unit test compares the two on random
 //! blocks.
@@ -12,7 +13,12 @@ use rayon::prelude::*;
 
 /// The types [`block_layout`] accepts, for error messages.
 pub const SUPPORTED: &str =
-    "F32, F16, BF16, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q2_K, Q3_K, Q4_K, Q5_K, Q6_K";
+    "F32, F16, BF16, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q2_K, Q3_K, Q4_K, Q5_K, Q6_K, IQ4_NL, IQ4_XS";
+
+/// ggml's `kvalues_iq4nl`: the codebook a 4-bit IQ4_NL / IQ4_XS quant indexes.
+const KVALUES_IQ4NL: [i8; 16] = [
+    -127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113,
+];
 
 /// Elements of a k-quant super-block.
 const QK_K: usize = 256;
@@ -32,6 +38,8 @@ pub fn block_layout(t: u32) -> Option<(u64, u64)> {
         12 => Some((256, 144)), // Q4_K: f16 d, f16 dmin, 12 bytes of 6-bit scales and mins, 128 of nibbles
         13 => Some((256, 176)), // Q5_K: as Q4_K, with 32 bytes of high bits before the nibbles
         14 => Some((256, 210)), // Q6_K: 128 bytes of low nibbles, 64 of high pairs, 16 i8 scales, f16 d
+        20 => Some((32, 18)),   // IQ4_NL: f16 d, 16 bytes of codebook nibbles
+        23 => Some((256, 136)), // IQ4_XS: f16 d, u16 high scale bits, 4 bytes of low scale nibbles, 128 of nibbles
         _ => None,
     }
 }
@@ -106,7 +114,29 @@ pub fn dequantize_block(t: u32, b: &[u8], out: &mut [f32]) {
         11 => q3_k(b, out),
         12 | 13 => k_quant_4_5(t == 13, b, out),
         14 => q6_k(b, out),
+        20 => iq4_nibbles(half_at(b, 0), &b[2..18], out),
+        23 => {
+            let d = half_at(b, 0);
+            let scales_h = u16::from_le_bytes([b[2], b[3]]);
+            for (ib, (o, qs)) in out
+                .chunks_exact_mut(32)
+                .zip(b[8..136].chunks_exact(16))
+                .enumerate()
+            {
+                let low = (b[4 + ib / 2] >> (4 * (ib % 2))) & 0x0F;
+                let ls = low as i32 | ((((scales_h >> (2 * ib)) & 3) as i32) << 4);
+                iq4_nibbles(d * (ls - 32) as f32, qs, o);
+            }
+        }
         _ => unreachable!("block_layout accepts only the types handled here"),
+    }
+}
+
+/// 32 elements from 16 bytes of codebook indices (low nibbles first, as Q4_0), scaled by `d`.
+fn iq4_nibbles(d: f32, qs: &[u8], out: &mut [f32]) {
+    for (j, &q) in qs.iter().enumerate() {
+        out[j] = d * KVALUES_IQ4NL[(q & 0x0F) as usize] as f32;
+        out[j + 16] = d * KVALUES_IQ4NL[(q >> 4) as usize] as f32;
     }
 }
 
@@ -242,7 +272,7 @@ mod tests {
             seed ^= seed << 17;
             seed
         };
-        for t in [2u32, 3, 6, 7, 8, 10, 11, 12, 13, 14] {
+        for t in [2u32, 3, 6, 7, 8, 10, 11, 12, 13, 14, 20, 23] {
             let (n, bytes) = block_layout(t).unwrap();
             let (n, bytes) = (n as usize, bytes as usize);
             let mut blocks = Vec::new();
@@ -250,7 +280,7 @@ mod tests {
                 let mut b: Vec<u8> = (0..bytes).map(|_| next() as u8).collect();
                 // The f16 fields: d (and m or dmin) at the start, Q6_K's d at the end.
                 let halves: &[usize] = match t {
-                    2 | 6 | 8 => &[0],
+                    2 | 6 | 8 | 20 | 23 => &[0],
                     10 => &[80, 82],
                     11 => &[108],
                     14 => &[208],

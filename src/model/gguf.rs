@@ -2,7 +2,7 @@
 //! models and the byte-level BPE and SentencePiece tokenizers they hold.
 //!
 //! Supported tensor types: those of [`ggml_quants`](super::ggml_quants) (F32, F16, BF16, Q4_0, Q4_1, Q5_0,
-//! Q5_1, Q8_0, Q2_K to Q6_K; dequantised on load); any other type is refused with an "unsupported tensor
+//! Q5_1, Q8_0, Q2_K to Q6_K, IQ4_NL, IQ4_XS; dequantised on load); any other type is refused with an "unsupported tensor
 //! type" error naming the tensor. llama.cpp's converter permutes the Q and K weights of
 //! Llama models so that its rotary embedding rotates adjacent pairs, so GGUF Llama models use
 //! [`RopeStyle::AdjacentPairs`]; it leaves Gemma-2's as they are (llama.cpp rotates them NeoX-style,
@@ -834,13 +834,17 @@ mod tests {
         for at in [208, 418] {
             q6k[at..at + 2].copy_from_slice(&f16::from_f32(0.01).to_le_bytes());
         }
+        // One IQ4_NL block: d = 0.5, every byte 0x8F (low nibble 15 → 113, high nibble 8 → 1).
+        let mut iq4nl = f16::from_f32(0.5).to_le_bytes().to_vec();
+        iq4nl.extend([0x8Fu8; 16]);
         let file = build(&[
             ("a", vec![32], 3, q41),
             ("b", vec![32], 8, q80),
             ("c", vec![2], 0, f32s),
             ("d", vec![2], 1, f16s),
             ("e", vec![2], 30, bf16s),
-            ("f", vec![32], 20, vec![0; 18]),
+            ("f", vec![256], 16, vec![0; 66]),
+            ("h", vec![32], 20, iq4nl),
             ("g", vec![512], 14, q6k.clone()),
         ]);
         let g = GgufFile::parse(Path::new("t.gguf"), file).unwrap();
@@ -858,11 +862,13 @@ mod tests {
         }
         let e = g.tensor_f32("f").unwrap_err().to_string();
         assert!(
-            e.contains("unsupported tensor type IQ4_NL")
+            e.contains("unsupported tensor type IQ2_XXS")
                 && e.contains("`f`")
                 && e.contains("t.gguf"),
             "{e}"
         );
+        let h = g.tensor_f32("h").unwrap().0;
+        assert_eq!((h[0], h[15], h[16], h[31]), (56.5, 56.5, 0.5, 0.5));
         assert!(matches!(g.tensor_f32("zz"), Err(Error::Tensor { .. })));
         let mut want = vec![0.0f32; 512];
         for (o, b) in want.chunks_mut(256).zip(q6k.chunks(210)) {
