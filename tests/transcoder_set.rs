@@ -236,3 +236,70 @@ fn gemma_scope_2_and_relu_layer_files_read() {
     let l = read_layer(&path).unwrap();
     assert_eq!((l.w_enc, l.threshold, l.w_skip), (w_enc, None, Some(skip)));
 }
+
+/// circuit-tracer's `activation` key: `topk` with `k` imports a TopK set (which attribution then refuses
+/// with its message, not as a ReLU), `relu` ignores thresholds the files hold, and an unknown activation
+/// or a `topk` without `k` is an error naming the config.
+#[test]
+fn the_activation_key_decides_the_activation() {
+    use clt::clt::Activation;
+    let (f, d) = (4, 3);
+    let dir = tempfile::tempdir().unwrap();
+    for l in 0..2 {
+        let w = ramp(f * d, 0.5);
+        let (b, bd, th) = (ramp(f, 0.1), ramp(d, 0.2), vec![0.25f32; f]);
+        let out = [
+            ("W_enc", vec![f, d], &w),
+            ("W_dec", vec![f, d], &w),
+            ("b_enc", vec![f], &b),
+            ("b_dec", vec![d], &bd),
+            ("activation_function.threshold", vec![f], &th),
+        ];
+        let out: Vec<TensorOut> = out
+            .iter()
+            .map(|(n, s, data)| TensorOut {
+                name: n.to_string(),
+                shape: s.clone(),
+                data,
+            })
+            .collect();
+        let path = dir.path().join(format!("layer_{l}.safetensors"));
+        clt::clt::checkpoint::write_tensors(&path, &out, None).unwrap();
+    }
+    let config = |extra: &str| {
+        let yaml = format!(
+            "model_kind: transcoder_set\nfeature_input_hook: mlp.hook_in\n\
+             feature_output_hook: mlp.hook_out\n{extra}"
+        );
+        std::fs::write(dir.path().join("config.yaml"), yaml).unwrap();
+        import_circuit_tracer(dir.path())
+    };
+    let t = config("").unwrap();
+    assert_eq!(t.cfg.activation, Activation::JumpRelu);
+    assert!(
+        t.params.log_theta[1]
+            .iter()
+            .all(|v| (v.exp() - 0.25).abs() < 1e-6)
+    );
+    let t = config("activation: relu\n").unwrap();
+    assert!(
+        t.params
+            .log_theta
+            .iter()
+            .flatten()
+            .all(|v| *v == f32::NEG_INFINITY)
+    );
+    let t = config("activation: topk\nk: 3\n").unwrap();
+    assert_eq!(t.cfg.activation, Activation::TopK { k: 3 });
+    let e = clt::attribution::ReplacementTranscoder::new(&t, clt::cache::InputHook::MlpInNormed)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("JumpReLU"), "{e}");
+    for bad in ["activation: topk\n", "activation: gelu\n"] {
+        let e = config(bad).unwrap_err().to_string();
+        assert!(
+            e.contains("config.yaml") && e.contains("activation"),
+            "{bad}: {e}"
+        );
+    }
+}

@@ -266,7 +266,7 @@ pub fn import_circuit_tracer(dir: &Path) -> Result<Transcoder> {
         .unwrap_or("");
     match kind {
         "cross_layer_transcoder" => import_clt(dir),
-        "transcoder_set" => import_plt(dir, &items),
+        "transcoder_set" => import_plt(dir, &keys, &items),
         other => Err(Error::Format {
             path: yaml_path,
             offset: 0,
@@ -347,8 +347,33 @@ fn import_clt(dir: &Path) -> Result<Transcoder> {
     })
 }
 
-fn import_plt(dir: &Path, items: &[String]) -> Result<Transcoder> {
+fn import_plt(dir: &Path, keys: &YamlPairs, items: &[String]) -> Result<Transcoder> {
     use super::transcoder_set::{read_layer, resolve};
+    // circuit-tracer's `activation` key: `relu` ignores any thresholds, `topk` (with `k`) selects the k
+    // largest per token; absent, the files' thresholds (JumpReLU) or none (ReLU).
+    let get = |k: &str| keys.iter().find(|(a, _)| a == k).map(|(_, v)| v.as_str());
+    let yaml = dir.join("config.yaml");
+    let (activation, relu) = match get("activation").unwrap_or("") {
+        "" | "jumprelu" => (Activation::JumpRelu, false),
+        "relu" => (Activation::JumpRelu, true),
+        "topk" => {
+            let k = get("k")
+                .and_then(|k| k.parse::<usize>().ok())
+                .ok_or_else(|| Error::Format {
+                    path: yaml.clone(),
+                    offset: 0,
+                    reason: "activation topk without a k".into(),
+                })?;
+            (Activation::TopK { k }, true)
+        }
+        other => {
+            return Err(Error::Format {
+                path: yaml,
+                offset: 0,
+                reason: format!("activation `{other}` is not jumprelu, relu or topk"),
+            });
+        }
+    };
     let files: Vec<std::path::PathBuf> = if items.is_empty() {
         (0..count_layers(dir, "layer_"))
             .map(|i| dir.join(format!("layer_{i}.safetensors")))
@@ -376,7 +401,7 @@ fn import_plt(dir: &Path, items: &[String]) -> Result<Transcoder> {
                 d_model: d,
                 n_features: f,
                 decoder: DecoderKind::PerLayer,
-                activation: Activation::JumpRelu,
+                activation,
                 skip: layer.w_skip.is_some(),
             };
             let p = Params::zeros(&cfg);
@@ -400,8 +425,8 @@ fn import_plt(dir: &Path, items: &[String]) -> Result<Transcoder> {
         p.b_enc[l] = layer.b_enc;
         p.b_dec[l] = layer.b_dec;
         p.log_theta[l] = match layer.threshold {
-            Some(t) => t.iter().map(|v| v.ln()).collect(),
-            None => vec![f32::NEG_INFINITY; f],
+            Some(t) if !relu => t.iter().map(|v| v.ln()).collect(),
+            _ => vec![f32::NEG_INFINITY; f],
         };
         if let Some(w) = layer.w_skip {
             p.w_skip[l] = w;
