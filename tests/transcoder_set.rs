@@ -15,10 +15,11 @@ fn ramp(n: usize, scale: f32) -> Vec<f32> {
 }
 
 /// A Gemma Scope archive (encoder stored [d, F]; one member Fortran-ordered, one float64; stored or
-/// deflated) reads back in circuit-tracer's shapes, the encoder transposed.
+/// deflated) reads back in circuit-tracer's shapes, the encoder transposed, element for element.
 #[test]
 fn gemma_scope_archives_read_transposed() {
-    let (f, d) = (5, 3);
+    // Wider than the reader's 64 × 64 transpose tiles, and not a multiple of them.
+    let (f, d) = (150, 67);
     let w_enc = ramp(f * d, 0.5); // [F, d], what circuit-tracer holds
     let w_dec = ramp(f * d, -0.25);
     let stored_enc = transpose(&w_enc, f, d); // [d, F], as Gemma Scope stores it

@@ -121,12 +121,18 @@ pub fn read_layer(path: &Path) -> Result<LayerFile> {
     })
 }
 
-/// `[r, c]` row-major into `[c, r]`.
+/// `[r, c]` row-major into `[c, r]`, in 64 × 64 tiles (a Gemma Scope encoder is 2304 × 16384 and more:
+/// element by element, every write would land on another cache line).
 fn transpose(a: &[f32], r: usize, c: usize) -> Vec<f32> {
+    const T: usize = 64;
     let mut out = vec![0.0; a.len()];
-    for i in 0..r {
-        for j in 0..c {
-            out[j * r + i] = a[i * c + j];
+    for i0 in (0..r).step_by(T) {
+        for j0 in (0..c).step_by(T) {
+            for i in i0..(i0 + T).min(r) {
+                for j in j0..(j0 + T).min(c) {
+                    out[j * r + i] = a[i * c + j];
+                }
+            }
         }
     }
     out
