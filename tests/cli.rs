@@ -70,6 +70,7 @@ fn train_resume_eval_export_import_info() {
     // A synthetic run has no store to name its hook: the MLP's input is written, and said so.
     let yaml = std::fs::read_to_string(ct.join("config.yaml")).unwrap();
     assert!(yaml.contains("feature_input_hook: mlp.hook_in\n"), "{yaml}");
+    assert!(yaml.contains("\nscan: unknown\n"), "{yaml}");
     assert!(
         yaml.contains("feature_output_hook: hook_mlp_out\n"),
         "{yaml}"

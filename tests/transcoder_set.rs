@@ -277,6 +277,13 @@ fn the_activation_key_decides_the_activation() {
     };
     let t = config("").unwrap();
     assert_eq!(t.cfg.activation, Activation::JumpRelu);
+    // The graph's scan: the config's own where it has one (as circuit-tracer's graphs carry it).
+    let norm = clt::attribution::linear::NormKind::Rms;
+    let lt = clt::attribution::load_transcoder(dir.path(), None, norm).unwrap();
+    assert_ne!(lt.name, "llama-3.2-1b");
+    config("scan: llama-3.2-1b\n").unwrap();
+    let lt = clt::attribution::load_transcoder(dir.path(), None, norm).unwrap();
+    assert_eq!(lt.name, "llama-3.2-1b");
     assert!(
         t.params.log_theta[1]
             .iter()

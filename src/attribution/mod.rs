@@ -35,7 +35,8 @@ pub use linear::{Attributable, Linear};
 pub use prune::{Adjacency, Pruned, Scores, prune, scores};
 pub use replacement::{ReplacementTranscoder, prompt_state};
 
-/// A transcoder read from any supported place, with the hook it reads and a name for the graph's `scan`.
+/// A transcoder read from any supported place, with the hook it reads and a name for the graph's `scan` (a
+/// circuit-tracer config's own `scan` where it has one).
 #[derive(Clone, Debug)]
 pub struct LoadedTranscoder {
     pub transcoder: Transcoder,
@@ -93,9 +94,12 @@ pub fn load_transcoder(
             Some(h) => h,
             None => hook_named(&get("feature_input_hook").unwrap_or_default(), norm, &yaml)?,
         };
-        let name = get("model_name")
-            .map(|m| format!("{m}-{name}"))
-            .unwrap_or(name);
+        // circuit-tracer's graphs carry the config's `scan` (what Neuronpedia looks features up by).
+        let name = match (get("scan").filter(|s| !s.is_empty()), get("model_name")) {
+            (Some(scan), _) => scan,
+            (None, Some(m)) => format!("{m}-{name}"),
+            (None, None) => name,
+        };
         return Ok(LoadedTranscoder {
             transcoder: t,
             input_hook,

@@ -205,8 +205,9 @@ pub fn export_circuit_tracer(t: &Transcoder, dir: &Path, meta: &ExportMeta) -> R
             }
         }
     }
+    // circuit-tracer's loader requires a `scan` (the name its graphs carry); the model's name stands in.
     let mut yaml = format!(
-        "model_kind: {kind}\nmodel_name: {}\nfeature_input_hook: {}\nfeature_output_hook: {}\n",
+        "model_kind: {kind}\nmodel_name: {0}\nscan: {0}\nfeature_input_hook: {1}\nfeature_output_hook: {2}\n",
         meta.model_name, meta.feature_input_hook, meta.feature_output_hook
     );
     if cfg.decoder == DecoderKind::PerLayer {
