@@ -310,4 +310,6 @@ fn the_activation_key_decides_the_activation() {
             "{bad}: {e}"
         );
     }
+    let e = config("activation: topk\nk: 9\n").unwrap_err().to_string();
+    assert!(e.contains("must be in 1..=4"), "{e}");
 }

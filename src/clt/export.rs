@@ -408,6 +408,9 @@ fn import_plt(dir: &Path, keys: &YamlPairs, items: &[String]) -> Result<Transcod
             let p = Params::zeros(&cfg);
             (cfg, p)
         });
+        if l == 0 {
+            cfg.validate()?;
+        }
         if (f, d, layer.w_skip.is_some()) != (cfg.n_features, cfg.d_model, cfg.skip) {
             return Err(Error::Tensor {
                 path: path.clone(),
@@ -434,7 +437,6 @@ fn import_plt(dir: &Path, keys: &YamlPairs, items: &[String]) -> Result<Transcod
         }
     }
     let (cfg, params) = set.expect("at least one layer");
-    cfg.validate()?;
     Ok(Transcoder {
         norms: NormScales::identity(cfg.n_layers),
         cfg,
