@@ -103,6 +103,22 @@ fn bad_archives_name_the_member() {
     write_npz(&path, &no_threshold, false);
     let e = read_layer(&path).unwrap_err().to_string();
     assert!(e.contains("threshold") && e.contains("missing"), "{e}");
+    // A shape whose size overflows is an error, not an allocation or a wrapped size.
+    let mut huge = npy(&[2], &[1.0, 2.0], false, false);
+    let end = 10 + u16::from_le_bytes([huge[8], huge[9]]) as usize;
+    let header = String::from_utf8(huge[10..end].to_vec()).unwrap();
+    let (from, to) = ("(2,), }", "(4294967296, 4294967296, 4294967296), }");
+    let spaces = to.len() - from.len();
+    let header = header
+        .replacen(from, to, 1)
+        .replacen(&" ".repeat(spaces), "", 1);
+    huge.splice(10..end, header.into_bytes());
+    write_npz(&path, &[("b_enc", huge)], false);
+    let e = read_layer(&path).unwrap_err().to_string();
+    assert!(
+        e.contains("member b_enc.npy") && e.contains("shape overflows"),
+        "{e}"
+    );
     std::fs::write(&path, b"not a zip").unwrap();
     let e = read_layer(&path).unwrap_err().to_string();
     assert!(e.contains("not a NumPy archive"), "{e}");

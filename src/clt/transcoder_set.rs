@@ -156,7 +156,8 @@ pub fn read_npz(path: &Path) -> Result<Tensors> {
         let Some(name) = member.name().strip_suffix(".npy").map(str::to_owned) else {
             continue;
         };
-        let mut bytes = Vec::with_capacity(member.size() as usize);
+        // (The declared size is only a hint: a corrupt archive must not make us allocate it.)
+        let mut bytes = Vec::with_capacity((member.size() as usize).min(1 << 28));
         member
             .read_to_end(&mut bytes)
             .map_err(|e| bad(format!("member {name}.npy: {e}")))?;
@@ -223,15 +224,17 @@ fn parse_npy(b: &[u8]) -> std::result::Result<(Vec<usize>, Vec<f32>), (u64, Stri
             )));
         }
     };
-    let n: usize = shape.iter().product();
+    let want = shape
+        .iter()
+        .try_fold(size, |a: usize, &b| a.checked_mul(b))
+        .ok_or_else(|| hdr_err("shape overflows"))?;
     let data = &b[end..];
-    if data.len() != n * size {
+    if data.len() != want {
         return Err((
             end as u64,
             format!(
-                "{} data bytes for shape {shape:?} of {descr} ({} expected): truncated or corrupt",
+                "{} data bytes for shape {shape:?} of {descr} ({want} expected): truncated or corrupt",
                 data.len(),
-                n * size
             ),
         ));
     }
