@@ -626,3 +626,58 @@ fn a_gemma_scope_transcoder_set_attributes_on_gemma2() {
     assert_eq!(f, tc.params.b_enc[0].len());
     common::hf::attribute_and_intervene_on(dir.path(), &m, &tc, &set, prompt);
 }
+
+/// Feature dashboards over a Gemma-2 store cached from the norm before its weight: a Gemma Scope set
+/// (`ln2.hook_normalized`, the same input) is analysed; the same set named for `mlp.hook_in` (the MLP's
+/// input) is refused, naming the store and both hooks.
+#[test]
+fn feature_dashboards_check_the_stores_hook() {
+    use common::npz::{Layer, write_gemma_scope_set};
+    let (dir, m) = load();
+    common::store::toy_corpus_caches_as_hooks(
+        &m,
+        dir.path(),
+        clt::cache::InputHook::MlpInUnweighted,
+    );
+    let (f, d) = (8, D);
+    let w: Vec<f32> = (0..f * d)
+        .map(|i| ((i * 7 % 13) as f32 - 6.0) * 0.1)
+        .collect();
+    let (b, bd, th) = (vec![0.0f32; f], vec![0.0f32; d], vec![0.05f32; f]);
+    let layers: Vec<Layer> = (0..N_LAYER)
+        .map(|_| Layer {
+            w_enc: &w,
+            w_dec: &w,
+            b_enc: &b,
+            b_dec: &bd,
+            threshold: &th,
+        })
+        .collect();
+    let run = |hook: &str| {
+        let set = dir.path().join(format!("set-{}", hook.replace('.', "-")));
+        write_gemma_scope_set(&set, &layers, hook);
+        clt::features::cli::run(&clt::features::cli::FeaturesArgs {
+            transcoder: set,
+            store: dir.path().join("store"),
+            out: dir.path().join(format!("features-{hook}")),
+            model: Some(dir.path().to_path_buf()),
+            tokenizer: None,
+            top_k: 4,
+            samples: 2,
+            before: 2,
+            after: 1,
+            logits: 3,
+            max_tokens: None,
+            chunk_tokens: 64,
+            scan: None,
+            json: false,
+            quiet: true,
+        })
+    };
+    run("ln2.hook_normalized").unwrap();
+    let e = run("mlp.hook_in").unwrap_err().to_string();
+    assert!(
+        e.contains("MlpInNormed") && e.contains("MlpInUnweighted") && e.contains("store"),
+        "{e}"
+    );
+}

@@ -92,7 +92,7 @@ pub fn load_transcoder(
         let get = |k: &str| keys.iter().find(|(a, _)| a == k).map(|(_, v)| v.clone());
         let input_hook = match hook {
             Some(h) => h,
-            None => hook_named(&get("feature_input_hook").unwrap_or_default(), norm, &yaml)?,
+            None => recorded_input_hook(path, norm)?.unwrap_or_default(),
         };
         // circuit-tracer's graphs carry the config's `scan` (what Neuronpedia looks features up by).
         let name = match (get("scan").filter(|s| !s.is_empty()), get("model_name")) {
@@ -109,14 +109,12 @@ pub fn load_transcoder(
     }
     let dir = crate::dist::checkpoint::resolve(path)?;
     let t = crate::dist::checkpoint::load_transcoder(&dir)?;
-    // A checkpoint `clt import`ed from circuit-tracer keeps the names it was made for.
+    let input_hook = match hook {
+        Some(h) => h,
+        None => recorded_input_hook(&dir, norm)?.unwrap_or_default(),
+    };
     let kept = dir.join(IMPORTED_HOOKS);
     let imported = read_imported_hooks(&dir)?;
-    let input_hook = match (hook, hook_of_run(&dir), &imported) {
-        (Some(h), _, _) | (None, Some(h), _) => h,
-        (None, None, Some(m)) => hook_named(&m.feature_input_hook, norm, &kept)?,
-        (None, None, None) => InputHook::default(),
-    };
     Ok(LoadedTranscoder {
         transcoder: t,
         input_hook,
@@ -125,6 +123,30 @@ pub fn load_transcoder(
             .map(|m| (m.feature_output_hook, kept))
             .filter(|(h, _)| !h.is_empty()),
     })
+}
+
+/// The input hook a transcoder at `path` says it reads on a model whose norm is `norm`, without loading its
+/// weights: a circuit-tracer directory's `feature_input_hook`; for our checkpoints, the hook of the store
+/// its run trained on, else the name a `clt import`ed checkpoint kept; `None` when nothing records it (a
+/// synthetic run).
+pub fn recorded_input_hook(path: &Path, norm: NormKind) -> Result<Option<InputHook>> {
+    let yaml = path.join("config.yaml");
+    if yaml.is_file() {
+        let (keys, _) = crate::clt::export::read_yaml(&yaml)?;
+        let name = keys
+            .iter()
+            .find(|(k, _)| k == "feature_input_hook")
+            .map_or("", |(_, v)| v.as_str());
+        return hook_named(name, norm, &yaml).map(Some);
+    }
+    let dir = crate::dist::checkpoint::resolve(path)?;
+    if let Some(h) = hook_of_run(&dir) {
+        return Ok(Some(h));
+    }
+    match read_imported_hooks(&dir)? {
+        Some(m) => hook_named(&m.feature_input_hook, norm, &dir.join(IMPORTED_HOOKS)).map(Some),
+        None => Ok(None),
+    }
 }
 
 /// The hook a `feature_input_hook` name (read from `path`) reads on a model whose norm is `norm`.

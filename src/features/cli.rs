@@ -6,7 +6,6 @@ use super::file::{FeatureFileWriter, FeaturesMeta, RecordEncoder};
 use super::logits::{LogitEffects, logit_effects, slot_name};
 use crate::attribution::linear::{Attributable, NormKind};
 use crate::clt::Transcoder;
-use crate::clt::checkpoint::load_transcoder;
 use crate::clt::export::{fold_norms, import_circuit_tracer};
 use crate::model::LoadedModel;
 use crate::store::Dataset;
@@ -67,13 +66,42 @@ pub struct FeaturesArgs {
     pub quiet: bool,
 }
 
-/// Loads a transcoder directory of either kind: circuit-tracer's (config.yaml) or ours (a checkpoint, or a run
-/// directory whose latest checkpoint is taken).
+/// Refuses a transcoder that says it reads another hook than the one the store's `cache.json` recorded:
+/// its dashboards would be computed from activations it was not made for. (Stores without a cache.json, or
+/// one that predates recording the model's norm, are not checked.)
+fn check_input_hook(args: &FeaturesArgs) -> Result<()> {
+    let Ok(text) = std::fs::read_to_string(args.store.join("cache.json")) else {
+        return Ok(());
+    };
+    let Ok(rec) = serde_json::from_str::<crate::cache::CacheRecord>(&text) else {
+        return Ok(());
+    };
+    let Some(norm) = rec.norm else {
+        return Ok(());
+    };
+    match crate::attribution::recorded_input_hook(&args.transcoder, norm)? {
+        Some(h) if h != rec.input_hook => Err(Error::config(
+            "transcoder",
+            format!(
+                "{} reads {h:?} but the store {} holds {:?} ({}): the dashboards would be computed from \
+                 activations it was not made for",
+                args.transcoder.display(),
+                args.store.display(),
+                rec.input_hook,
+                rec.input_hook.hook_name(0)
+            ),
+        )),
+        _ => Ok(()),
+    }
+}
+
+/// Loads a transcoder directory of either kind: circuit-tracer's (config.yaml) or ours (a checkpoint, native
+/// or sharded, or a run directory whose latest checkpoint is taken).
 pub fn load_any_transcoder(path: &Path) -> Result<Transcoder> {
     if path.join("config.yaml").exists() {
         import_circuit_tracer(path)
     } else {
-        load_transcoder(&crate::train::resolve_checkpoint(path)?)
+        crate::dist::checkpoint::load_transcoder(path)
     }
 }
 
@@ -103,6 +131,7 @@ fn find_model(args: &FeaturesArgs) -> Result<Option<LoadedModel>> {
 /// Runs `clt features`; returns the path of the features file.
 pub fn run(args: &FeaturesArgs) -> Result<PathBuf> {
     let t = load_any_transcoder(&args.transcoder)?;
+    check_input_hook(args)?;
     let ds = Dataset::open(&args.store)?;
     let model = find_model(args)?;
     let params = fold_norms(&t);
