@@ -14,6 +14,19 @@ fn ramp(n: usize, scale: f32) -> Vec<f32> {
         .collect()
 }
 
+/// Writes `(name, shape, data)` tensors as an f32 safetensors file.
+fn write_safetensors(path: &std::path::Path, tensors: &[(&str, Vec<usize>, Vec<f32>)]) {
+    let out: Vec<TensorOut> = tensors
+        .iter()
+        .map(|(n, s, data)| TensorOut {
+            name: n.to_string(),
+            shape: s.clone(),
+            data,
+        })
+        .collect();
+    clt::clt::checkpoint::write_tensors(path, &out, None).unwrap();
+}
+
 /// A Gemma Scope archive (encoder stored [d, F]; one member Fortran-ordered, one float64; stored or
 /// deflated) reads back in circuit-tracer's shapes, the encoder transposed, element for element.
 #[test]
@@ -213,15 +226,7 @@ fn gemma_scope_2_and_relu_layer_files_read() {
     let dir = tempfile::tempdir().unwrap();
     let write = |name: &str, tensors: &[(&str, Vec<usize>, Vec<f32>)]| {
         let path = dir.path().join(name);
-        let out: Vec<TensorOut> = tensors
-            .iter()
-            .map(|(n, s, data)| TensorOut {
-                name: n.to_string(),
-                shape: s.clone(),
-                data,
-            })
-            .collect();
-        clt::clt::checkpoint::write_tensors(&path, &out, None).unwrap();
+        write_safetensors(&path, tensors);
         path
     };
     let path = write(
@@ -264,24 +269,16 @@ fn the_activation_key_decides_the_activation() {
     let dir = tempfile::tempdir().unwrap();
     for l in 0..2 {
         let w = ramp(f * d, 0.5);
-        let (b, bd, th) = (ramp(f, 0.1), ramp(d, 0.2), vec![0.25f32; f]);
-        let out = [
-            ("W_enc", vec![f, d], &w),
-            ("W_dec", vec![f, d], &w),
-            ("b_enc", vec![f], &b),
-            ("b_dec", vec![d], &bd),
-            ("activation_function.threshold", vec![f], &th),
-        ];
-        let out: Vec<TensorOut> = out
-            .iter()
-            .map(|(n, s, data)| TensorOut {
-                name: n.to_string(),
-                shape: s.clone(),
-                data,
-            })
-            .collect();
-        let path = dir.path().join(format!("layer_{l}.safetensors"));
-        clt::clt::checkpoint::write_tensors(&path, &out, None).unwrap();
+        write_safetensors(
+            &dir.path().join(format!("layer_{l}.safetensors")),
+            &[
+                ("W_enc", vec![f, d], w.clone()),
+                ("W_dec", vec![f, d], w),
+                ("b_enc", vec![f], ramp(f, 0.1)),
+                ("b_dec", vec![d], ramp(d, 0.2)),
+                ("activation_function.threshold", vec![f], vec![0.25f32; f]),
+            ],
+        );
     }
     let config = |extra: &str| {
         let yaml = format!(
