@@ -311,24 +311,24 @@ impl Model {
         }
     }
 
-    /// How the model normalises: RMSNorm (Llama, Gemma-2) or LayerNorm (GPT-2).
-    pub fn norm(&self) -> forward::NormKind {
+    /// The sizes and norm layout the shared forward runs with.
+    fn dims(&self) -> forward::Dims {
         use forward::Blocks;
         match self {
-            Model::Llama(m) => m.dims().norm,
-            Model::Gpt2(m) => m.dims().norm,
-            Model::Gemma2(m) => m.dims().norm,
+            Model::Llama(m) => m.dims(),
+            Model::Gpt2(m) => m.dims(),
+            Model::Gemma2(m) => m.dims(),
         }
+    }
+
+    /// How the model normalises: RMSNorm (Llama, Gemma-2) or LayerNorm (GPT-2).
+    pub fn norm(&self) -> forward::NormKind {
+        self.dims().norm
     }
 
     /// Whether a norm follows the MLP before the residual add (Gemma-2's `post_feedforward_layernorm`).
     pub fn post_mlp_norm(&self) -> bool {
-        use forward::Blocks;
-        match self {
-            Model::Llama(m) => m.dims().post_norms,
-            Model::Gpt2(m) => m.dims().post_norms,
-            Model::Gemma2(m) => m.dims().post_norms,
-        }
+        self.dims().post_norms
     }
 
     /// FLOPs of one forward over `n` tokens with `n_logits` unembedded positions.
