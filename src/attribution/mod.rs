@@ -88,8 +88,8 @@ pub fn load_transcoder(
     let yaml = path.join("config.yaml");
     if yaml.is_file() {
         let t = crate::clt::export::import_circuit_tracer(path)?;
-        let (keys, _) = crate::clt::export::read_yaml(&yaml)?;
-        let get = |k: &str| keys.iter().find(|(a, _)| a == k).map(|(_, v)| v.clone());
+        let config = crate::clt::export::read_yaml(&yaml)?;
+        let get = |k: &str| config.get(k).map(str::to_string);
         let input_hook = match hook {
             Some(h) => h,
             None => recorded_input_hook(path, norm)?.unwrap_or_default(),
@@ -132,11 +132,8 @@ pub fn load_transcoder(
 pub fn recorded_input_hook(path: &Path, norm: NormKind) -> Result<Option<InputHook>> {
     let yaml = path.join("config.yaml");
     if yaml.is_file() {
-        let (keys, _) = crate::clt::export::read_yaml(&yaml)?;
-        let name = keys
-            .iter()
-            .find(|(k, _)| k == "feature_input_hook")
-            .map_or("", |(_, v)| v.as_str());
+        let config = crate::clt::export::read_yaml(&yaml)?;
+        let name = config.get("feature_input_hook").unwrap_or("");
         return hook_named(name, norm, &yaml).map(Some);
     }
     let dir = crate::dist::checkpoint::resolve(path)?;

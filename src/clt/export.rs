@@ -43,13 +43,8 @@ pub const IMPORTED_HOOKS: &str = "circuit_tracer_hooks.json";
 
 /// The names in a circuit-tracer directory's `config.yaml` (empty where a key is absent).
 pub fn read_export_meta(dir: &Path) -> Result<ExportMeta> {
-    let (keys, _) = read_yaml(&dir.join("config.yaml"))?;
-    let get = |k: &str| {
-        keys.iter()
-            .find(|(a, _)| a == k)
-            .map(|(_, v)| v.clone())
-            .unwrap_or_default()
-    };
+    let yaml = read_yaml(&dir.join("config.yaml"))?;
+    let get = |k: &str| yaml.get(k).unwrap_or_default().to_string();
     Ok(ExportMeta {
         model_name: get("model_name"),
         feature_input_hook: get("feature_input_hook"),
@@ -219,15 +214,29 @@ pub fn export_circuit_tracer(t: &Transcoder, dir: &Path, meta: &ExportMeta) -> R
     write_atomic(&dir.join("config.yaml"), yaml.as_bytes())
 }
 
-/// The `key: value` pairs of a flat `config.yaml`.
-pub(crate) type YamlPairs = Vec<(String, String)>;
+/// A circuit-tracer `config.yaml`: its flat `key: value` pairs (the subset circuit-tracer writes) and the
+/// items of its `transcoders:` list (other lists, such as a list of scans, are skipped).
+pub(crate) struct YamlConfig {
+    pairs: Vec<(String, String)>,
+    /// The files of a transcoder set, as written.
+    pub transcoders: Vec<String>,
+}
 
-/// The `key: value` pairs of a flat `config.yaml` (the subset circuit-tracer writes) and the items of its
-/// `transcoders:` list (other lists, such as a list of scans, are skipped).
-pub(crate) fn read_yaml(path: &Path) -> Result<(YamlPairs, Vec<String>)> {
+impl YamlConfig {
+    /// The value of `key` (quotes stripped); `None` when the key is absent.
+    pub fn get(&self, key: &str) -> Option<&str> {
+        self.pairs
+            .iter()
+            .find(|(k, _)| k == key)
+            .map(|(_, v)| v.as_str())
+    }
+}
+
+/// Reads the `config.yaml` at `path`.
+pub(crate) fn read_yaml(path: &Path) -> Result<YamlConfig> {
     let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
-    let mut keys: YamlPairs = Vec::new();
-    let mut items = Vec::new();
+    let mut pairs: Vec<(String, String)> = Vec::new();
+    let mut transcoders = Vec::new();
     for line in text.lines() {
         let t = line.trim();
         if t.is_empty() || t.starts_with('#') {
@@ -235,39 +244,34 @@ pub(crate) fn read_yaml(path: &Path) -> Result<(YamlPairs, Vec<String>)> {
         }
         if let Some(item) = t.strip_prefix("- ") {
             // Only the `transcoders:` list (the files of a transcoder set) is read.
-            if keys
+            if pairs
                 .last()
                 .is_some_and(|(k, v)| k == "transcoders" && v.is_empty())
             {
-                items.push(
+                transcoders.push(
                     item.trim()
                         .trim_matches(|c| c == '"' || c == '\'')
                         .to_string(),
                 );
             }
         } else if let Some((k, v)) = t.split_once(':') {
-            keys.push((
+            pairs.push((
                 k.trim().to_string(),
                 v.trim().trim_matches(|c| c == '"' || c == '\'').to_string(),
             ));
         }
     }
-    Ok((keys, items))
+    Ok(YamlConfig { pairs, transcoders })
 }
 
 /// Reads a circuit-tracer transcoder directory (no normalisation: scales of one). Layers are counted from the
 /// files present; every tensor's shape is checked and a missing or misshapen one is named in the error.
 pub fn import_circuit_tracer(dir: &Path) -> Result<Transcoder> {
     let yaml_path = dir.join("config.yaml");
-    let (keys, items) = read_yaml(&yaml_path)?;
-    let kind = keys
-        .iter()
-        .find(|(k, _)| k == "model_kind")
-        .map(|(_, v)| v.as_str())
-        .unwrap_or("");
-    match kind {
+    let yaml = read_yaml(&yaml_path)?;
+    match yaml.get("model_kind").unwrap_or("") {
         "cross_layer_transcoder" => import_clt(dir),
-        "transcoder_set" => import_plt(dir, &keys, &items),
+        "transcoder_set" => import_plt(dir, &yaml),
         other => Err(Error::Format {
             path: yaml_path,
             offset: 0,
@@ -348,17 +352,17 @@ fn import_clt(dir: &Path) -> Result<Transcoder> {
     })
 }
 
-fn import_plt(dir: &Path, keys: &YamlPairs, items: &[String]) -> Result<Transcoder> {
+fn import_plt(dir: &Path, config: &YamlConfig) -> Result<Transcoder> {
     use super::transcoder_set::{read_layer, resolve};
     // circuit-tracer's `activation` key: `relu` ignores any thresholds, `topk` (with `k`) selects the k
     // largest per token; absent, the files' thresholds (JumpReLU) or none (ReLU).
-    let get = |k: &str| keys.iter().find(|(a, _)| a == k).map(|(_, v)| v.as_str());
     let yaml = dir.join("config.yaml");
-    let (activation, relu) = match get("activation").unwrap_or("") {
+    let (activation, relu) = match config.get("activation").unwrap_or("") {
         "" | "jumprelu" => (Activation::JumpRelu, false),
         "relu" => (Activation::JumpRelu, true),
         "topk" => {
-            let k = get("k")
+            let k = config
+                .get("k")
                 .and_then(|k| k.parse::<usize>().ok())
                 .ok_or_else(|| Error::Format {
                     path: yaml.clone(),
@@ -375,12 +379,13 @@ fn import_plt(dir: &Path, keys: &YamlPairs, items: &[String]) -> Result<Transcod
             });
         }
     };
-    let files: Vec<std::path::PathBuf> = if items.is_empty() {
+    let files: Vec<std::path::PathBuf> = if config.transcoders.is_empty() {
         (0..count_layers(dir, "layer_"))
             .map(|i| dir.join(format!("layer_{i}.safetensors")))
             .collect()
     } else {
-        items
+        config
+            .transcoders
             .iter()
             .map(|i| resolve(dir, i))
             .collect::<Result<_>>()?
