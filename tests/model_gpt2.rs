@@ -322,3 +322,148 @@ fn gpt2_activations_cache_as_its_hooks() {
     let hook = clt::cache::InputHook::MlpInNormed;
     common::store::toy_corpus_caches_as_hooks(&m, dir.path(), hook);
 }
+
+/// The tiny model as llama.cpp's converter writes a GPT-2: architecture `gpt2`, ggml's names, the `Conv1D`
+/// weights transposed to `(out, in)`, the tied embedding written again as `output.weight`, and a byte-level
+/// BPE vocabulary (`tokenizer.ggml.model = "gpt2"`) whose last token is `<|endoftext|>`. `edit` may change
+/// the tensors `(name, ggml dims, values)` before they are written.
+fn write_gguf_of_tiny(path: &Path, edit: impl FnOnce(&mut Vec<(String, Vec<u64>, Vec<f32>)>)) {
+    use common::gguf::{Meta, write_gguf};
+    let names = [
+        ("ln_1", "attn_norm"),
+        ("attn.c_attn", "attn_qkv"),
+        ("attn.c_proj", "attn_output"),
+        ("ln_2", "ffn_norm"),
+        ("mlp.c_fc", "ffn_up"),
+        ("mlp.c_proj", "ffn_down"),
+    ];
+    let mut tensors: Vec<(String, Vec<u64>, Vec<f32>)> = Vec::new();
+    for (name, v, shape) in tiny_tensors() {
+        let (stem, kind) = name.rsplit_once('.').unwrap();
+        let gguf = match stem {
+            "wte" => "token_embd".to_string(),
+            "wpe" => "position_embd".to_string(),
+            "ln_f" => "output_norm".to_string(),
+            _ => {
+                let (l, rest) = stem["h.".len()..].split_once('.').unwrap();
+                let (_, g) = names.iter().find(|(h, _)| *h == rest).unwrap();
+                format!("blk.{l}.{g}")
+            }
+        };
+        let conv = stem.starts_with("h.") && kind == "weight" && shape.len() == 2;
+        let (ne, v) = if conv {
+            // HF's `(in, out)` rows become `(out, in)` rows: ggml's dims are then `[in, out]`.
+            let (n_in, n_out) = (shape[0], shape[1]);
+            let t = (0..n_out * n_in)
+                .map(|i| v[(i % n_in) * n_out + i / n_in])
+                .collect();
+            (vec![n_in as u64, n_out as u64], t)
+        } else {
+            (shape.iter().rev().map(|&s| s as u64).collect(), v)
+        };
+        if gguf == "token_embd" {
+            tensors.push(("output.weight".into(), ne.clone(), v.clone()));
+        }
+        tensors.push((format!("{gguf}.{kind}"), ne, v));
+    }
+    edit(&mut tensors);
+    let mut pieces: Vec<String> = ["a", "b", "ab", "Ġ", "Ġab"].map(str::to_string).to_vec();
+    while pieces.len() < VOCAB - 1 {
+        pieces.push(format!("x{}", pieces.len()));
+    }
+    pieces.push("<|endoftext|>".into());
+    let types: Vec<i32> = (0..VOCAB)
+        .map(|i| if i == VOCAB - 1 { 3 } else { 1 })
+        .collect();
+    let u = |v: usize| Meta::U32(v as u32);
+    let meta = [
+        ("general.architecture", Meta::Str("gpt2".into())),
+        ("gpt2.context_length", u(N_POS)),
+        ("gpt2.embedding_length", u(D)),
+        ("gpt2.feed_forward_length", u(4 * D)),
+        ("gpt2.block_count", u(N_LAYER)),
+        ("gpt2.attention.head_count", u(N_HEAD)),
+        ("gpt2.attention.layer_norm_epsilon", Meta::F32(1e-5)),
+        ("tokenizer.ggml.model", Meta::Str("gpt2".into())),
+        ("tokenizer.ggml.pre", Meta::Str("gpt-2".into())),
+        ("tokenizer.ggml.tokens", Meta::Strs(pieces)),
+        ("tokenizer.ggml.token_type", Meta::I32s(types)),
+        (
+            "tokenizer.ggml.merges",
+            Meta::Strs(vec!["a b".into(), "Ġ ab".into()]),
+        ),
+        ("tokenizer.ggml.bos_token_id", u(VOCAB - 1)),
+        ("tokenizer.ggml.eos_token_id", u(VOCAB - 1)),
+    ];
+    write_gguf(path, &meta, &tensors);
+}
+
+/// A GPT-2 GGUF file loads to the same model as the Hugging Face directory: the same logits and hooks,
+/// bit for bit, tied as it is (the converter's copy of the embedding is not kept twice); its byte-level
+/// vocabulary merges by rank and ends sequences with `<|endoftext|>`.
+#[test]
+fn a_gguf_file_loads_the_same_model_as_the_directory() {
+    let (_dir, hf) = load("");
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("tiny-gpt2.gguf");
+    write_gguf_of_tiny(&path, |_| {});
+    let g = model::load(&path, None).unwrap();
+    assert_eq!(g.format, model::ModelFormat::Gguf);
+    assert_eq!(g.model.architecture(), "gpt2");
+    let gm = g.model.as_gpt2().unwrap();
+    assert_eq!(gm.config, hf.model.as_gpt2().unwrap().config);
+    assert!(gm.output.is_none(), "the tied unembedding was kept twice");
+    for toks in seqs() {
+        let all = ForwardOptions {
+            hooks: Hooks::all(),
+            ..Default::default()
+        };
+        let a = hf.model.forward_with(&toks, &all).unwrap();
+        let b = g.model.forward_with(&toks, &all).unwrap();
+        assert_eq!(a.logits, b.logits);
+        assert_eq!(a.record, b.record);
+    }
+    // " ab" is "Ġab": "a b" (rank 0) merges first, then "Ġ ab".
+    assert_eq!(g.tokenizer.encode("ab ab").unwrap(), vec![2, 4]);
+    assert_eq!(g.tokenizer.decode(&[2, 4]), "ab ab");
+
+    // An unembedding of its own is kept, and used.
+    let untied = dir.path().join("untied.gguf");
+    write_gguf_of_tiny(&untied, |t| {
+        let out = t.iter_mut().find(|(n, _, _)| n == "output.weight").unwrap();
+        out.2.iter_mut().for_each(|v| *v *= -0.5);
+    });
+    let u = model::load(&untied, None).unwrap();
+    assert!(u.model.as_gpt2().unwrap().output.is_some());
+    let toks = &seqs()[1];
+    assert_ne!(
+        u.model.forward(toks).unwrap(),
+        g.model.forward(toks).unwrap()
+    );
+}
+
+/// A GPT-2 GGUF file with a misshapen or missing tensor is refused, naming the tensor and the file.
+#[test]
+fn a_misshapen_gguf_tensor_names_itself_and_the_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("bad.gguf");
+    write_gguf_of_tiny(&path, |t| {
+        let qkv = t
+            .iter_mut()
+            .find(|(n, _, _)| n == "blk.1.attn_qkv.weight")
+            .unwrap();
+        qkv.1.reverse(); // HF's Conv1D layout, not transposed
+    });
+    let e = model::load(&path, None).unwrap_err().to_string();
+    assert!(
+        e.contains("blk.1.attn_qkv.weight") && e.contains("bad.gguf"),
+        "{e}"
+    );
+    assert!(e.contains("[48, 16]") && e.contains("[16, 48]"), "{e}");
+    write_gguf_of_tiny(&path, |t| t.retain(|(n, _, _)| n != "output_norm.bias"));
+    let e = model::load(&path, None).unwrap_err().to_string();
+    assert!(
+        e.contains("output_norm.bias") && e.contains("missing"),
+        "{e}"
+    );
+}

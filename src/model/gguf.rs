@@ -1,12 +1,13 @@
-//! Reading GGUF v3 files: metadata, the tensor index, tensors dequantised to f32, and the Llama and Gemma-2
-//! models and the byte-level BPE and SentencePiece tokenizers they hold.
+//! Reading GGUF v3 files: metadata, the tensor index, tensors dequantised to f32, and the Llama, Gemma-2 and
+//! GPT-2 models and the byte-level BPE and SentencePiece tokenizers they hold.
 //!
 //! Supported tensor types: those of [`ggml_quants`](super::ggml_quants) (F32, F16, BF16, Q4_0, Q4_1, Q5_0,
 //! Q5_1, Q8_0, Q2_K to Q6_K, IQ4_NL, IQ4_XS; dequantised on load); any other type is refused with an "unsupported tensor
 //! type" error naming the tensor. llama.cpp's converter permutes the Q and K weights of
 //! Llama models so that its rotary embedding rotates adjacent pairs, so GGUF Llama models use
 //! [`RopeStyle::AdjacentPairs`]; it leaves Gemma-2's as they are (llama.cpp rotates them NeoX-style,
-//! [`RopeStyle::HalfSplit`]), and stores Gemma's norm weights as `1 + w` already.
+//! [`RopeStyle::HalfSplit`]), and stores Gemma's norm weights as `1 + w` already. It transposes GPT-2's
+//! `Conv1D` weights to `(out, in)` and writes the tied unembedding again as `output.weight`.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -15,6 +16,7 @@ use super::Model;
 use super::bpe::BpeTokenizer;
 use super::gemma2::{Gemma2Config, Gemma2Model, Gemma2PostNorms};
 use super::ggml_quants::{SUPPORTED, block_layout, dequantize};
+use super::gpt2::{Gpt2Config, Gpt2LayerWeights, Gpt2Model};
 use super::llama::{LayerWeights, LlamaConfig, LlamaModel, RopeStyle};
 use crate::{Error, Result};
 
@@ -411,13 +413,15 @@ impl GgufFile {
             .to_string())
     }
 
-    /// The model in this file, dequantised to f32: `llama` or `gemma2`; other architectures are refused.
+    /// The model in this file, dequantised to f32: `llama`, `gemma2` or `gpt2`; other architectures are
+    /// refused.
     pub fn model(&self) -> Result<Model> {
         match self.architecture()?.as_str() {
             "llama" => Ok(Model::Llama(self.llama_model()?)),
             "gemma2" => Ok(Model::Gemma2(self.gemma2_model()?)),
+            "gpt2" => Ok(Model::Gpt2(self.gpt2_model()?)),
             other => Err(Error::Unsupported(format!(
-                "{}: GGUF architecture `{other}` (supported: llama, gemma2)",
+                "{}: GGUF architecture `{other}` (supported: llama, gemma2, gpt2)",
                 self.path.display()
             ))),
         }
@@ -576,6 +580,82 @@ impl GgufFile {
             base: self.llama_shaped_model(c)?,
             gemma,
             post_norms,
+        };
+        model.validate(&self.path)?;
+        Ok(model)
+    }
+
+    /// The GPT-2 model in this file (architecture `gpt2`), dequantised to f32. The vocabulary's size is the
+    /// token embedding's; an `output.weight` equal to it (llama.cpp's converter writes the tied one again)
+    /// is dropped, so the model stays tied as Hugging Face's.
+    pub fn gpt2_model(&self) -> Result<Gpt2Model> {
+        let arch = self.architecture()?;
+        if arch != "gpt2" {
+            return Err(Error::Unsupported(format!(
+                "{}: GGUF architecture `{arch}` (not gpt2)",
+                self.path.display()
+            )));
+        }
+        let k = |s: &str| format!("gpt2.{s}");
+        let d = self.meta_usize(&k("embedding_length"))?;
+        let eps_key = k("attention.layer_norm_epsilon");
+        let norm_eps = match self.metadata.get(&eps_key) {
+            None => 1e-5,
+            Some(v) => v.as_f64().ok_or_else(|| Error::Format {
+                path: self.path.clone(),
+                offset: 0,
+                reason: format!("metadata key `{eps_key}` is not a number"),
+            })? as f32,
+        };
+        let vocab_size = self
+            .tensor_info("token_embd.weight")
+            .ok_or_else(|| self.tensor_err("token_embd.weight", "missing".into()))?
+            .dims
+            .get(1)
+            .map_or(0, |&v| v as usize);
+        let c = Gpt2Config {
+            d_model: d,
+            d_mlp: self.meta_usize(&k("feed_forward_length"))?,
+            n_layers: self.meta_usize(&k("block_count"))?,
+            n_heads: self.meta_usize(&k("attention.head_count"))?,
+            vocab_size,
+            max_seq_len: self.meta_usize(&k("context_length"))?,
+            norm_eps,
+        };
+        c.validate(&self.path)?;
+        let (h, v) = (c.d_mlp, c.vocab_size);
+        let mut layers = Vec::with_capacity(c.n_layers);
+        for l in 0..c.n_layers {
+            let t =
+                |name: &str, dims: &[usize]| self.tensor_shaped(&format!("blk.{l}.{name}"), dims);
+            layers.push(Gpt2LayerWeights {
+                ln_1_w: t("attn_norm.weight", &[d])?,
+                ln_1_b: t("attn_norm.bias", &[d])?,
+                w_qkv: t("attn_qkv.weight", &[d, 3 * d])?,
+                b_qkv: t("attn_qkv.bias", &[3 * d])?,
+                w_o: t("attn_output.weight", &[d, d])?,
+                b_o: t("attn_output.bias", &[d])?,
+                ln_2_w: t("ffn_norm.weight", &[d])?,
+                ln_2_b: t("ffn_norm.bias", &[d])?,
+                w_fc: t("ffn_up.weight", &[d, h])?,
+                b_fc: t("ffn_up.bias", &[h])?,
+                w_proj: t("ffn_down.weight", &[h, d])?,
+                b_proj: t("ffn_down.bias", &[d])?,
+            });
+        }
+        let wte = self.tensor_shaped("token_embd.weight", &[d, v])?;
+        let output = match self.tensor_info("output.weight") {
+            Some(_) => Some(self.tensor_shaped("output.weight", &[d, v])?).filter(|o| *o != wte),
+            None => None,
+        };
+        let model = Gpt2Model {
+            wte,
+            wpe: self.tensor_shaped("position_embd.weight", &[d, c.max_seq_len])?,
+            ln_f_w: self.tensor_shaped("output_norm.weight", &[d])?,
+            ln_f_b: self.tensor_shaped("output_norm.bias", &[d])?,
+            output,
+            layers,
+            config: c,
         };
         model.validate(&self.path)?;
         Ok(model)

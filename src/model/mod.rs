@@ -8,7 +8,8 @@
 //! - [`llama2c`]: llama2.c checkpoints and tokenizers;
 //! - [`hf`]: Hugging Face model directories (`config.json`, `*.safetensors`, `tokenizer.json`; Llama, Mistral,
 //!   GPT-2 and Gemma-2);
-//! - [`gguf`]: GGUF v3 files (metadata, tensors, Llama models) and [`bpe`], their byte-level BPE tokenizers;
+//! - [`gguf`]: GGUF v3 files (metadata, tensors; Llama, Gemma-2 and GPT-2 models) and [`bpe`], their
+//!   byte-level BPE and SentencePiece tokenizers;
 //! - [`cli`]: `clt run`, which tokenises a prompt, runs the model and prints or dumps the logits.
 //!
 //! [`load`] opens a model file of any supported kind (detected by its magic bytes and its extension) together
