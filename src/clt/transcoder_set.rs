@@ -146,6 +146,12 @@ pub fn read_npz(path: &Path) -> Result<Tensors> {
         reason,
     };
     let file = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
+    // No member can inflate to more than deflate's largest ratio (1032:1) of the whole archive.
+    let most = file
+        .metadata()
+        .map_err(|e| Error::io(path, e))?
+        .len()
+        .saturating_mul(1032);
     let mut zip = zip::ZipArchive::new(std::io::BufReader::new(file))
         .map_err(|e| bad(format!("not a NumPy archive (zip): {e}")))?;
     let mut out = Tensors::new();
@@ -157,7 +163,7 @@ pub fn read_npz(path: &Path) -> Result<Tensors> {
             continue;
         };
         // (The declared size is only a hint: a corrupt archive must not make us allocate it.)
-        let mut bytes = Vec::with_capacity((member.size() as usize).min(1 << 28));
+        let mut bytes = Vec::with_capacity(member.size().min(most).min(1 << 32) as usize);
         member
             .read_to_end(&mut bytes)
             .map_err(|e| bad(format!("member {name}.npy: {e}")))?;

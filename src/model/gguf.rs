@@ -389,6 +389,24 @@ impl GgufFile {
             })
     }
 
+    /// The number of blocks under `key`, refused when the tensor index has no tensors of the last one
+    /// (`blk.{n - 1}.*`): a corrupted count is an error here, not an allocation sized by it.
+    fn block_count(&self, key: &str) -> Result<usize> {
+        let n = self.meta_usize(key)?;
+        let last = format!("blk.{}.", n.saturating_sub(1));
+        if n > self.tensors.len() || !self.tensors.iter().any(|t| t.name.starts_with(&last)) {
+            return Err(Error::Format {
+                path: self.path.clone(),
+                offset: 0,
+                reason: format!(
+                    "`{key}` is {n}, but the file has no tensors of block {}",
+                    n.saturating_sub(1)
+                ),
+            });
+        }
+        Ok(n)
+    }
+
     fn meta_strings(&self, key: &str) -> Result<Vec<String>> {
         let bad = || Error::Format {
             path: self.path.clone(),
@@ -464,10 +482,29 @@ impl GgufFile {
                 .and_then(Value::as_f64)
                 .unwrap_or(default) as f32
         };
+        // The width the heads imply is checked against the query weight's before anything is sized by it
+        // (the RoPE factors below are head_dim / 2 long).
+        let q_name = "blk.0.attn_q.weight";
+        let q_dims = &self
+            .tensor_info(q_name)
+            .ok_or_else(|| self.tensor_err(q_name, "missing".into()))?
+            .dims;
+        let q = n_heads.checked_mul(head_dim);
+        if q_dims.len() != 2 || q.map(|q| q as u64) != Some(q_dims[1]) {
+            return Err(self.tensor_err(
+                q_name,
+                format!(
+                    "dims {q_dims:?} disagree with {n_heads} heads of width {head_dim} \
+                     (`{}`, `{}`)",
+                    k("attention.head_count"),
+                    k("attention.key_length")
+                ),
+            ));
+        }
         let c = LlamaConfig {
             d_model: d,
             hidden_dim: self.meta_usize(&k("feed_forward_length"))?,
-            n_layers: self.meta_usize(&k("block_count"))?,
+            n_layers: self.block_count(&k("block_count"))?,
             n_heads,
             n_kv_heads: n_kv,
             head_dim,
@@ -616,7 +653,7 @@ impl GgufFile {
         let c = Gpt2Config {
             d_model: d,
             d_mlp: self.meta_usize(&k("feed_forward_length"))?,
-            n_layers: self.meta_usize(&k("block_count"))?,
+            n_layers: self.block_count(&k("block_count"))?,
             n_heads: self.meta_usize(&k("attention.head_count"))?,
             vocab_size,
             max_seq_len: self.meta_usize(&k("context_length"))?,
@@ -998,10 +1035,13 @@ mod tests {
             let bytes = v.iter().flat_map(|x| x.to_le_bytes()).collect();
             ("rope_freqs.weight", vec![v.len() as u64], 0, bytes)
         };
+        // (The query weight's width is checked against the heads', and block 0 must have tensors.)
         let config = |extra: Vec<(&str, Meta)>, tensors: &[(&str, Vec<u64>, u32, Vec<u8>)]| {
             let mut meta = sizes.to_vec();
             meta.extend(extra);
-            let g = GgufFile::parse(Path::new("r.gguf"), build_with(&meta, tensors)).unwrap();
+            let mut tensors = tensors.to_vec();
+            tensors.push(("blk.0.attn_q.weight", vec![16, 16], 0, vec![0; 1024]));
+            let g = GgufFile::parse(Path::new("r.gguf"), build_with(&meta, &tensors)).unwrap();
             g.llama_config()
         };
         // head_dim 8: four frequencies.
@@ -1023,5 +1063,41 @@ mod tests {
         let yarn = vec![("llama.rope.scaling.type", Meta::Str("yarn"))];
         let e = config(yarn, &[]).unwrap_err().to_string();
         assert!(e.contains("yarn") && e.contains("r.gguf"), "{e}");
+    }
+
+    /// Sizes that disagree with the tensor index are refused before anything is sized by them: a block
+    /// count past the blocks the file holds, heads whose width is not the query weight's.
+    #[test]
+    fn counts_beyond_the_tensor_index_are_refused() {
+        let sizes = |layers: u32, key_length: u32| {
+            vec![
+                ("llama.embedding_length", Meta::U32(16)),
+                ("llama.attention.head_count", Meta::U32(2)),
+                ("llama.attention.key_length", Meta::U32(key_length)),
+                ("llama.feed_forward_length", Meta::U32(32)),
+                ("llama.block_count", Meta::U32(layers)),
+                ("llama.context_length", Meta::U32(64)),
+                ("llama.vocab_size", Meta::U32(10)),
+            ]
+        };
+        let q = [("blk.0.attn_q.weight", vec![16, 16], 0, vec![0; 1024])];
+        let config = |meta: &[(&str, Meta)]| {
+            GgufFile::parse(Path::new("c.gguf"), build_with(meta, &q))
+                .unwrap()
+                .llama_config()
+        };
+        assert_eq!(config(&sizes(1, 8)).unwrap().n_layers, 1);
+        let e = config(&sizes(0xffff_fff0, 8)).unwrap_err().to_string();
+        assert!(
+            e.contains("llama.block_count") && e.contains("4294967280") && e.contains("c.gguf"),
+            "{e}"
+        );
+        let e = config(&sizes(2, 8)).unwrap_err().to_string();
+        assert!(e.contains("no tensors of block 1"), "{e}");
+        let e = config(&sizes(1, 0x7fff_fff0)).unwrap_err().to_string();
+        assert!(
+            e.contains("blk.0.attn_q.weight") && e.contains("llama.attention.key_length"),
+            "{e}"
+        );
     }
 }

@@ -20,14 +20,18 @@ fn string(b: &mut Vec<u8>, s: &str) {
 
 /// Writes a GGUF file with these metadata keys (in order) and F32 tensors `(name, ne, values)`, where `ne`
 /// lists ggml's dimensions, fastest first (a PyTorch `(out, in)` matrix is `[in, out]`).
-pub fn write_gguf(path: &Path, meta: &[(&str, Meta)], tensors: &[(String, Vec<u64>, Vec<f32>)]) {
+pub fn write_gguf<K: AsRef<str>>(
+    path: &Path,
+    meta: &[(K, Meta)],
+    tensors: &[(String, Vec<u64>, Vec<f32>)],
+) {
     let mut b = Vec::new();
     b.extend(b"GGUF");
     b.extend(3u32.to_le_bytes());
     b.extend((tensors.len() as u64).to_le_bytes());
     b.extend((meta.len() as u64).to_le_bytes());
     for (key, v) in meta {
-        string(&mut b, key);
+        string(&mut b, key.as_ref());
         match v {
             Meta::Str(s) => {
                 b.extend(8u32.to_le_bytes());

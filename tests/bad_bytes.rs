@@ -1,0 +1,545 @@
+//! Corrupt input files never panic nor abort: random byte edits, planted extreme integers and truncations of
+//! valid files (a GGUF model with its vocabulary, a llama2.c checkpoint and tokenizer, a Gemma Scope
+//! `params.npz` layer, a circuit-tracer `layer_0.safetensors`) give a value or a typed error, and whatever
+//! loads also runs (a forward, a tokenisation). An allocation sized by a corrupted count aborts the process
+//! (this binary's allocator refuses anything over 64 MiB): these tests then fail by dying, not by returning.
+//!
+//! The edits go mostly where the counts and sizes are (headers, metadata, tensor index), so that the loaders'
+//! checks, not only the checksums and the magic bytes, are what stands between the bytes and the model.
+
+mod common;
+
+use std::alloc::{GlobalAlloc, Layout, System};
+use std::path::{Path, PathBuf};
+
+use clt::model::{CausalLm, gguf::GgufFile, llama2c};
+use proptest::prelude::*;
+
+/// The largest allocation this test binary grants. The inputs are a few kilobytes (the stories260K
+/// checkpoint 1 MB), so a larger request is memory sized by a corrupted count: refused, it aborts the
+/// process (the test fails loudly) even where the machine could have given it.
+const ALLOC_CAP: usize = 64 << 20;
+
+/// The system allocator, refusing requests over [`ALLOC_CAP`].
+struct Capped;
+
+// SAFETY: every call is forwarded to the system allocator with the caller's own arguments (whose contracts
+// the caller upholds), or answered with null, which `GlobalAlloc` allows for any request it cannot serve.
+unsafe impl GlobalAlloc for Capped {
+    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+        if layout.size() > ALLOC_CAP {
+            return std::ptr::null_mut();
+        }
+        // SAFETY: forwarded with the caller's layout.
+        unsafe { System.alloc(layout) }
+    }
+
+    unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
+        if layout.size() > ALLOC_CAP {
+            return std::ptr::null_mut();
+        }
+        // SAFETY: forwarded with the caller's layout.
+        unsafe { System.alloc_zeroed(layout) }
+    }
+
+    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
+        if new_size > ALLOC_CAP {
+            return std::ptr::null_mut();
+        }
+        // SAFETY: `ptr` was allocated by `System` (every grant above is), with `layout`.
+        unsafe { System.realloc(ptr, layout, new_size) }
+    }
+
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+        // SAFETY: `ptr` was allocated by `System` with `layout`.
+        unsafe { System.dealloc(ptr, layout) }
+    }
+}
+
+#[global_allocator]
+static ALLOCATOR: Capped = Capped;
+
+/// One change to a file's bytes; positions are fractions of the region they fall in.
+#[derive(Clone, Debug)]
+enum Edit {
+    /// Overwrite one byte (in the head region when `head`, else anywhere).
+    Byte { at: f64, head: bool, value: u8 },
+    /// Write an extreme value as a little-endian integer: into one of the file's integer fields when they
+    /// are known (then `width` is the field's), else of `width` bytes at a 4-aligned place in the head.
+    Word { at: f64, width: usize, value: u64 },
+    /// Cut the file short.
+    Cut { at: f64 },
+}
+
+/// Values a corrupted count or size tends to take.
+const EXTREMES: [u64; 14] = [
+    0,
+    1,
+    2,
+    3,
+    7,
+    0x7f,
+    0xff,
+    0xffff,
+    0x7fff_ffff,
+    0xffff_ffff,
+    1 << 32,
+    1 << 40,
+    1 << 62,
+    u64::MAX,
+];
+
+fn edit() -> impl Strategy<Value = Edit> {
+    prop_oneof![
+        4 => (0.0..1.0f64, prop::bool::weighted(0.8), any::<u8>())
+            .prop_map(|(at, head, value)| Edit::Byte { at, head, value }),
+        3 => (0.0..1.0f64, prop_oneof![Just(4usize), Just(8)], prop::sample::select(EXTREMES.to_vec()))
+            .prop_map(|(at, width, value)| Edit::Word { at, width, value }),
+        1 => (0.0..1.0f64).prop_map(|at| Edit::Cut { at }),
+    ]
+}
+
+/// `bytes` with `edits` applied; `head` is the length of the region where the counts and sizes are.
+fn apply(bytes: &[u8], head: usize, edits: &[Edit]) -> Vec<u8> {
+    apply_to_fields(bytes, head, &[], edits)
+}
+
+/// The same, with the file's integer fields as (offset, width) for the `Word` edits.
+fn apply_to_fields(
+    bytes: &[u8],
+    head: usize,
+    fields: &[(usize, usize)],
+    edits: &[Edit],
+) -> Vec<u8> {
+    let mut b = bytes.to_vec();
+    for e in edits {
+        if b.is_empty() {
+            break;
+        }
+        let head = head.min(b.len());
+        let pick = |at: f64, n: usize| ((at * n as f64) as usize).min(n.saturating_sub(1));
+        match *e {
+            Edit::Byte { at, head: h, value } => {
+                let i = pick(at, if h { head } else { b.len() });
+                b[i] = value;
+            }
+            Edit::Word { at, width, value } => {
+                let (i, width) = match fields.len() {
+                    0 => (pick(at, head) / 4 * 4, width),
+                    n => fields[pick(at, n)],
+                };
+                let i = i.min(b.len());
+                let end = (i + width).min(b.len());
+                b[i..end].copy_from_slice(&value.to_le_bytes()[..end - i]);
+            }
+            Edit::Cut { at } => b.truncate(pick(at, b.len())),
+        }
+    }
+    b
+}
+
+fn config() -> ProptestConfig {
+    ProptestConfig {
+        cases: 400,
+        failure_persistence: None,
+        ..ProptestConfig::default()
+    }
+}
+
+// ---- GGUF ----------------------------------------------------------------------------------------------
+
+const D: usize = 8;
+const VOCAB: usize = 16;
+
+/// A tiny GGUF model of architecture `arch` (`llama`: 2 layers, d 8, 2 heads of width 4 sharing one
+/// key/value head, linear RoPE scaling; `gpt2`: 2 layers, d 8, 2 heads, learned positions) with a byte-level
+/// BPE vocabulary of 16, and the length of its header (metadata and tensor index).
+fn tiny_gguf(arch: &str) -> (Vec<u8>, usize) {
+    use common::gguf::{Meta, write_gguf};
+    let (h, n_pos) = (16usize, 16usize);
+    let mut r = common::hf::Rng(7);
+    let mut t: Vec<(String, Vec<u64>, Vec<f32>)> = Vec::new();
+    let mut add = |name: String, ne: &[usize]| {
+        let n = ne.iter().product();
+        t.push((name, ne.iter().map(|&x| x as u64).collect(), r.vals(n, 0.5)));
+    };
+    add("token_embd.weight".into(), &[D, VOCAB]);
+    add("output_norm.weight".into(), &[D]);
+    let u = |v: usize| Meta::U32(v as u32);
+    let k = |s: &str| format!("{arch}.{s}");
+    let mut meta = vec![
+        (k("context_length"), u(n_pos)),
+        (k("embedding_length"), u(D)),
+        (k("feed_forward_length"), u(h)),
+        (k("block_count"), u(2)),
+        (k("attention.head_count"), u(2)),
+    ];
+    if arch == "gpt2" {
+        add("position_embd.weight".into(), &[D, n_pos]);
+        add("output_norm.bias".into(), &[D]);
+        for l in 0..2 {
+            for (name, ne) in [
+                ("attn_norm", vec![D]),
+                ("attn_qkv", vec![D, 3 * D]),
+                ("attn_output", vec![D, D]),
+                ("ffn_norm", vec![D]),
+                ("ffn_up", vec![D, h]),
+                ("ffn_down", vec![h, D]),
+            ] {
+                let out = ne.last().copied().unwrap();
+                add(format!("blk.{l}.{name}.weight"), &ne);
+                add(format!("blk.{l}.{name}.bias"), &[out]);
+            }
+        }
+        meta.push((k("attention.layer_norm_epsilon"), Meta::F32(1e-5)));
+    } else {
+        let (q, kv) = (D, 4usize);
+        for l in 0..2 {
+            for (name, ne) in [
+                ("attn_norm", vec![D]),
+                ("attn_q", vec![D, q]),
+                ("attn_k", vec![D, kv]),
+                ("attn_v", vec![D, kv]),
+                ("attn_output", vec![q, D]),
+                ("ffn_norm", vec![D]),
+                ("ffn_gate", vec![D, h]),
+                ("ffn_up", vec![D, h]),
+                ("ffn_down", vec![h, D]),
+            ] {
+                add(format!("blk.{l}.{name}.weight"), &ne);
+            }
+        }
+        meta.extend([
+            (k("attention.head_count_kv"), u(1)),
+            (k("attention.key_length"), u(4)),
+            (k("attention.layer_norm_rms_epsilon"), Meta::F32(1e-5)),
+            (k("rope.freq_base"), Meta::F32(10000.0)),
+            (k("rope.scaling.type"), Meta::Str("linear".into())),
+            (k("rope.scaling.factor"), Meta::F32(2.0)),
+        ]);
+    }
+    let mut pieces: Vec<String> = ["a", "b", "ab", "Ġ", "Ġab", "Ċ"]
+        .map(str::to_string)
+        .to_vec();
+    while pieces.len() < VOCAB - 1 {
+        pieces.push(format!("x{}", pieces.len()));
+    }
+    pieces.push("<|eot|>".into());
+    meta.extend([
+        ("tokenizer.ggml.model".into(), Meta::Str("gpt2".into())),
+        ("tokenizer.ggml.pre".into(), Meta::Str("llama-bpe".into())),
+        ("tokenizer.ggml.tokens".into(), Meta::Strs(pieces)),
+        (
+            "tokenizer.ggml.token_type".into(),
+            Meta::I32s(
+                (0..VOCAB as i32)
+                    .map(|i| if i == 15 { 3 } else { 1 })
+                    .collect(),
+            ),
+        ),
+        (
+            "tokenizer.ggml.merges".into(),
+            Meta::Strs(vec!["a b".into(), "Ġ ab".into()]),
+        ),
+        ("tokenizer.ggml.bos_token_id".into(), u(VOCAB - 1)),
+        ("tokenizer.ggml.eos_token_id".into(), u(VOCAB - 1)),
+        ("tokenizer.ggml.add_bos_token".into(), Meta::Bool(true)),
+    ]);
+    meta.insert(0, ("general.architecture".into(), Meta::Str(arch.into())));
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("tiny.gguf");
+    write_gguf(&path, &meta, &t);
+    let bytes = std::fs::read(&path).unwrap();
+    let data: usize = t
+        .iter()
+        .map(|(_, _, v)| (v.len() * 4).div_ceil(32) * 32)
+        .sum();
+    (bytes.clone(), bytes.len() - data)
+}
+
+/// The two architectures whose GGUF files [`tiny_gguf`] writes.
+const ARCHS: [&str; 2] = ["llama", "gpt2"];
+
+/// The integer fields of a GGUF file's header as (offset, width): the counts, every key's and string's
+/// length, the value types, the numbers, the arrays' types and lengths, each tensor's name length,
+/// dimension count, dimensions, type and offset (the format's layout, walked independently of the crate).
+fn gguf_fields(b: &[u8]) -> Vec<(usize, usize)> {
+    let u32_at = |i: usize| u32::from_le_bytes(b[i..i + 4].try_into().unwrap());
+    let u64_at = |i: usize| u64::from_le_bytes(b[i..i + 8].try_into().unwrap()) as usize;
+    let mut f = vec![(8, 8), (16, 8)];
+    let (n_tensors, n_kv) = (u64_at(8), u64_at(16));
+    let mut i = 24;
+    let string = |f: &mut Vec<(usize, usize)>, i: &mut usize| {
+        f.push((*i, 8));
+        *i += 8 + u64_at(*i);
+    };
+    // The size of a scalar of each value type (0–7 and 10–12); 8 is a string, 9 an array.
+    let scalar = |t: u32| [1, 1, 2, 2, 4, 4, 4, 1, 0, 0, 8, 8, 8][t as usize];
+    for _ in 0..n_kv {
+        string(&mut f, &mut i);
+        let t = u32_at(i);
+        f.push((i, 4));
+        i += 4;
+        match t {
+            8 => string(&mut f, &mut i),
+            9 => {
+                let et = u32_at(i);
+                f.extend([(i, 4), (i + 4, 8)]);
+                let n = u64_at(i + 4);
+                i += 12;
+                for _ in 0..n {
+                    if et == 8 {
+                        string(&mut f, &mut i);
+                    } else {
+                        f.push((i, scalar(et)));
+                        i += scalar(et);
+                    }
+                }
+            }
+            t => {
+                f.push((i, scalar(t)));
+                i += scalar(t);
+            }
+        }
+    }
+    for _ in 0..n_tensors {
+        string(&mut f, &mut i);
+        let nd = u32_at(i) as usize;
+        f.push((i, 4));
+        i += 4;
+        for _ in 0..nd {
+            f.push((i, 8));
+            i += 8;
+        }
+        f.extend([(i, 4), (i + 4, 8)]);
+        i += 12;
+    }
+    f
+}
+
+/// Loads what it can of `bytes` as a GGUF file and runs it: a forward of three tokens, a tokenisation and
+/// its decoding.
+fn exercise_gguf(bytes: Vec<u8>) {
+    let Ok(g) = GgufFile::parse(Path::new("fuzzed.gguf"), bytes) else {
+        return;
+    };
+    if let Ok(m) = g.model() {
+        let _ = m.forward(&[0, 1, 2]);
+    }
+    if let Ok(t) = g.tokenizer()
+        && let Ok(ids) = t.encode("ab ab\n")
+    {
+        let _ = t.decode(&ids);
+    }
+}
+
+#[test]
+fn the_unedited_ggufs_load_run_and_tokenise() {
+    for arch in ARCHS {
+        let (bytes, head) = tiny_gguf(arch);
+        assert!(head > 0 && head < bytes.len());
+        // The walk of the header ends where the tensor index does (before the alignment padding).
+        let (at, width) = *gguf_fields(&bytes).last().unwrap();
+        assert!(
+            at + width <= head && head - (at + width) < 32,
+            "{at} {width} {head}"
+        );
+        let g = GgufFile::parse(Path::new("tiny.gguf"), bytes).unwrap();
+        let m = g.model().unwrap();
+        assert_eq!(m.architecture(), arch);
+        assert_eq!(m.forward(&[0, 1, 2]).unwrap().len(), 3 * VOCAB);
+        assert_eq!(g.tokenizer().unwrap().encode("ab ab").unwrap(), [15, 2, 4]);
+    }
+}
+
+/// Every integer field of the header, one at a time, set to every extreme value (a sweep, so that no count
+/// is left to chance).
+#[test]
+fn every_gguf_header_field_at_every_extreme_gives_a_model_or_an_error() {
+    for arch in ARCHS {
+        let (bytes, head) = tiny_gguf(arch);
+        let fields = gguf_fields(&bytes);
+        for at in 0..fields.len() {
+            for value in EXTREMES {
+                let edit = Edit::Word {
+                    at: (at as f64 + 0.5) / fields.len() as f64,
+                    width: 0,
+                    value,
+                };
+                exercise_gguf(apply_to_fields(&bytes, head, &fields, &[edit]));
+            }
+        }
+    }
+}
+
+proptest! {
+    #![proptest_config(config())]
+    #[test]
+    fn edited_gguf_files_give_a_model_or_an_error(
+        arch in prop::sample::select(ARCHS.to_vec()),
+        edits in prop::collection::vec(edit(), 1..6),
+    ) {
+        let (bytes, head) = tiny_gguf(arch);
+        exercise_gguf(apply_to_fields(&bytes, head, &gguf_fields(&bytes), &edits));
+    }
+}
+
+// ---- llama2.c ------------------------------------------------------------------------------------------
+
+/// A file of the stories260K fixture (read-only, shared with CI); a missing one fails the test, naming it.
+fn fixture(name: &str) -> Vec<u8> {
+    let path: PathBuf = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../shared/models/stories260K")
+        .join(name);
+    std::fs::read(&path)
+        .unwrap_or_else(|e| panic!("{} is needed by this test: {e}", path.display()))
+}
+
+/// Each of the checkpoint's 7 header integers at every extreme value.
+#[test]
+fn every_llama2c_header_field_at_every_extreme_gives_a_model_or_an_error() {
+    let bytes = fixture("stories260K.bin");
+    for i in 0..7 {
+        for value in EXTREMES {
+            let edit = Edit::Word {
+                at: (i as f64 + 0.5) / 7.0,
+                width: 4,
+                value,
+            };
+            let b = apply(&bytes, 28, &[edit]);
+            if let Ok(m) = llama2c::parse_checkpoint(Path::new("fuzzed.bin"), &b) {
+                let _ = m.forward(&[1, 2, 3]);
+            }
+        }
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 200, ..config() })]
+    /// The checkpoint's header is 7 integers (28 bytes); the edits go there, and some anywhere.
+    #[test]
+    fn edited_llama2c_checkpoints_give_a_model_or_an_error(
+        edits in prop::collection::vec(edit(), 1..4)
+    ) {
+        let bytes = apply(&fixture("stories260K.bin"), 28, &edits);
+        if let Ok(m) = llama2c::parse_checkpoint(Path::new("fuzzed.bin"), &bytes) {
+            let _ = m.forward(&[1, 2, 3]);
+        }
+    }
+
+    /// The tokenizer file is a header integer, then (score, length, bytes) per piece.
+    #[test]
+    fn edited_llama2c_tokenizers_give_a_tokenizer_or_an_error(
+        edits in prop::collection::vec(edit(), 1..6)
+    ) {
+        let bytes = apply(&fixture("tok512.bin"), 256, &edits);
+        if let Ok(t) = llama2c::Llama2cTokenizer::parse(Path::new("fuzzed.bin"), &bytes, 512) {
+            let ids = t.encode("ab ab\n", true);
+            let _ = t.decode(&ids);
+        }
+    }
+}
+
+// ---- transcoder layers ---------------------------------------------------------------------------------
+
+/// A Gemma Scope layer's members (`.npy` bytes, encoder stored `[d, F]`) for d 4 and F 6.
+fn npz_members() -> Vec<(&'static str, Vec<u8>)> {
+    use common::npz::npy;
+    let (d, f) = (4, 6);
+    let mut r = common::hf::Rng(11);
+    vec![
+        ("W_enc", npy(&[d, f], &r.vals(d * f, 1.0), false, false)),
+        ("W_dec", npy(&[f, d], &r.vals(f * d, 1.0), true, false)),
+        ("b_enc", npy(&[f], &r.vals(f, 1.0), false, true)),
+        ("b_dec", npy(&[d], &r.vals(d, 1.0), false, false)),
+        ("threshold", npy(&[f], &r.vals(f, 1.0), false, false)),
+    ]
+}
+
+fn read_layer_of(bytes: &[u8], name: &str) {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join(name);
+    std::fs::write(&path, bytes).unwrap();
+    let _ = clt::clt::transcoder_set::read_layer(&path);
+}
+
+#[test]
+fn the_unedited_layers_load() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("params.npz");
+    common::npz::write_npz(&path, &npz_members(), false);
+    let l = clt::clt::transcoder_set::read_layer(&path).unwrap();
+    assert_eq!((l.n_features, l.d_model), (6, 4));
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 200, ..config() })]
+    /// Edits inside one `.npy` member (its header first: magic, version, header length, the dictionary),
+    /// archived intact, so the archive's checksums do not stop them before the NumPy parser.
+    #[test]
+    fn edited_npy_members_give_a_layer_or_an_error(
+        member in 0usize..5,
+        edits in prop::collection::vec(edit(), 1..5),
+        deflate in any::<bool>(),
+    ) {
+        let mut members = npz_members();
+        members[member].1 = apply(&members[member].1, 80, &edits);
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("params.npz");
+        common::npz::write_npz(&path, &members, deflate);
+        let _ = clt::clt::transcoder_set::read_layer(&path);
+    }
+
+    /// Edits to the archive itself (local headers, central directory at the end).
+    #[test]
+    fn edited_npz_archives_give_a_layer_or_an_error(edits in prop::collection::vec(edit(), 1..5)) {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("params.npz");
+        common::npz::write_npz(&path, &npz_members(), true);
+        let mut bytes = std::fs::read(&path).unwrap();
+        // The central directory is at the end: reverse, edit the head, reverse back.
+        let half = edits.len() / 2;
+        bytes = apply(&bytes, 256, &edits[..half]);
+        bytes.reverse();
+        bytes = apply(&bytes, 256, &edits[half..]);
+        bytes.reverse();
+        read_layer_of(&bytes, "params.npz");
+    }
+
+    /// Edits to a circuit-tracer `layer_0.safetensors` (its JSON header first).
+    #[test]
+    fn edited_safetensors_layers_give_a_layer_or_an_error(edits in prop::collection::vec(edit(), 1..5)) {
+        let bytes = safetensors_layer();
+        read_layer_of(&apply(&bytes, 400, &edits), "layer_0.safetensors");
+    }
+}
+
+/// A circuit-tracer per-layer transcoder file for d 4 and F 6, as bytes.
+fn safetensors_layer() -> Vec<u8> {
+    let (d, f) = (4, 6);
+    let mut r = common::hf::Rng(13);
+    let tensors: Vec<common::hf::Tensor> = vec![
+        ("W_enc".into(), r.vals(f * d, 1.0), vec![f, d]),
+        ("W_dec".into(), r.vals(f * d, 1.0), vec![f, d]),
+        ("b_enc".into(), r.vals(f, 1.0), vec![f]),
+        ("b_dec".into(), r.vals(d, 1.0), vec![d]),
+        (
+            "activation_function.threshold".into(),
+            r.vals(f, 1.0),
+            vec![f],
+        ),
+    ];
+    let dir = tempfile::tempdir().unwrap();
+    common::hf::write_safetensors(dir.path(), &tensors, "", &[]);
+    std::fs::read(dir.path().join("model.safetensors")).unwrap()
+}
+
+#[test]
+fn the_unedited_safetensors_layer_loads() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("layer_0.safetensors");
+    std::fs::write(&path, safetensors_layer()).unwrap();
+    let l = clt::clt::transcoder_set::read_layer(&path).unwrap();
+    assert_eq!((l.n_features, l.d_model), (6, 4));
+    assert!(l.threshold.is_some());
+}
