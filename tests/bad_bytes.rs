@@ -543,3 +543,65 @@ fn the_unedited_safetensors_layer_loads() {
     assert_eq!((l.n_features, l.d_model), (6, 4));
     assert!(l.threshold.is_some());
 }
+
+// ---- native checkpoints --------------------------------------------------------------------------------
+
+/// A native checkpoint directory of a 3-layer cross-layer transcoder (d 4, F 6, skip connections).
+fn checkpoint() -> tempfile::TempDir {
+    use clt::clt::{Activation, CltConfig, DecoderKind, NormScales, Transcoder};
+    let cfg = CltConfig {
+        n_layers: 3,
+        d_model: 4,
+        n_features: 6,
+        decoder: DecoderKind::CrossLayer,
+        activation: Activation::JumpRelu,
+        skip: true,
+    };
+    let params = common::random_params(&cfg, &mut clt::rng::Rng::seed(5));
+    let t = Transcoder {
+        norms: NormScales::identity(3),
+        cfg,
+        params,
+    };
+    let dir = tempfile::tempdir().unwrap();
+    clt::clt::checkpoint::save_transcoder(dir.path(), &t).unwrap();
+    dir
+}
+
+/// Each size in `config.json` at every extreme value: the checkpoint loads or is refused, never sized by
+/// the claim.
+#[test]
+fn every_checkpoint_size_at_every_extreme_gives_a_transcoder_or_an_error() {
+    let dir = checkpoint();
+    let path = dir.path().join("config.json");
+    let text = std::fs::read_to_string(&path).unwrap();
+    assert!(clt::clt::checkpoint::load_transcoder(dir.path()).is_ok());
+    let mut refused = 0;
+    for key in ["n_layers", "d_model", "n_features"] {
+        for value in EXTREMES {
+            let mut v: serde_json::Value = serde_json::from_str(&text).unwrap();
+            v["model"][key] = value.into();
+            std::fs::write(&path, v.to_string()).unwrap();
+            if clt::clt::checkpoint::load_transcoder(dir.path()).is_err() {
+                refused += 1;
+            }
+        }
+    }
+    // Every value but the checkpoint's own is refused.
+    assert!(refused >= 3 * (EXTREMES.len() - 1), "{refused}");
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 200, ..config() })]
+    /// Edits to a native checkpoint's `model.safetensors` (its JSON header first).
+    #[test]
+    fn edited_checkpoint_tensors_give_a_transcoder_or_an_error(
+        edits in prop::collection::vec(edit(), 1..5)
+    ) {
+        let dir = checkpoint();
+        let path = dir.path().join("model.safetensors");
+        let bytes = std::fs::read(&path).unwrap();
+        std::fs::write(&path, apply(&bytes, 1200, &edits)).unwrap();
+        let _ = clt::clt::checkpoint::load_transcoder(dir.path());
+    }
+}

@@ -172,8 +172,27 @@ struct ModelMeta {
 }
 
 /// Reads tensors named as in [`Params::named`] (with an optional name prefix) from a file into `Params`.
+/// Memory is sized by the file's tensors, never by `cfg` alone: a configuration that claims more layers
+/// than the file holds is refused, naming the first tensor missing.
 pub fn read_params(file: &mut TensorFile, cfg: &CltConfig, prefix: &str) -> Result<Params> {
-    let mut p = Params::zeros(cfg);
+    let l_n = cfg.n_layers;
+    let last = format!("{prefix}W_enc.{}", l_n.saturating_sub(1));
+    if l_n > file.tensors.len() || !file.has(&last) {
+        return Err(Error::Tensor {
+            path: file.path.clone(),
+            tensor: last,
+            reason: format!("missing (the configuration says {l_n} layers)"),
+        });
+    }
+    let empty = |n: usize| vec![Vec::new(); n];
+    let mut p = Params {
+        w_enc: empty(l_n),
+        b_enc: empty(l_n),
+        log_theta: empty(l_n),
+        w_dec: empty(l_n),
+        b_dec: empty(l_n),
+        w_skip: empty(if cfg.skip { l_n } else { 0 }),
+    };
     let shapes: Vec<(String, Vec<usize>)> = p
         .named(cfg)
         .into_iter()
