@@ -605,3 +605,165 @@ proptest! {
         let _ = clt::clt::checkpoint::load_transcoder(dir.path());
     }
 }
+
+// ---- Hugging Face directories --------------------------------------------------------------------------
+
+/// The three architectures a Hugging Face directory may hold.
+const HF_TYPES: [&str; 3] = ["llama", "gemma2", "gpt2"];
+
+/// A tiny Hugging Face directory of `model_type` (2 layers, d 8, 2 heads of width 4, vocabulary 16; Llama
+/// with one key/value head and Llama 3's RoPE scaling, Gemma-2 with a window of 4) and a toy tokenizer.
+fn hf_dir(model_type: &str) -> tempfile::TempDir {
+    let (d, h, v, n_pos) = (8usize, 16usize, 16usize, 16usize);
+    let mut r = common::hf::Rng(17);
+    let mut t: Vec<common::hf::Tensor> = Vec::new();
+    let mut add = |name: String, shape: &[usize]| {
+        t.push((name, r.vals(shape.iter().product(), 0.5), shape.to_vec()));
+    };
+    let cfg = if model_type == "gpt2" {
+        add("wte.weight".into(), &[v, d]);
+        add("wpe.weight".into(), &[n_pos, d]);
+        for l in 0..2 {
+            for (name, n_in, n_out) in [
+                ("ln_1", 0, d),
+                ("attn.c_attn", d, 3 * d),
+                ("attn.c_proj", d, d),
+                ("ln_2", 0, d),
+                ("mlp.c_fc", d, 4 * d),
+                ("mlp.c_proj", 4 * d, d),
+            ] {
+                let w = if n_in == 0 {
+                    vec![n_out]
+                } else {
+                    vec![n_in, n_out]
+                };
+                add(format!("h.{l}.{name}.weight"), &w);
+                add(format!("h.{l}.{name}.bias"), &[n_out]);
+            }
+        }
+        add("ln_f.weight".into(), &[d]);
+        add("ln_f.bias".into(), &[d]);
+        serde_json::json!({
+            "model_type": "gpt2", "n_embd": d, "n_layer": 2, "n_head": 2, "n_inner": null,
+            "vocab_size": v, "n_positions": n_pos, "layer_norm_epsilon": 1e-5, "eos_token_id": 15
+        })
+    } else {
+        let gemma = model_type == "gemma2";
+        let (q, kv) = (8usize, if gemma { 8 } else { 4 });
+        add("model.embed_tokens.weight".into(), &[v, d]);
+        add("model.norm.weight".into(), &[d]);
+        for l in 0..2 {
+            let mut names = vec![
+                ("input_layernorm", vec![d]),
+                ("self_attn.q_proj", vec![q, d]),
+                ("self_attn.k_proj", vec![kv, d]),
+                ("self_attn.v_proj", vec![kv, d]),
+                ("self_attn.o_proj", vec![d, q]),
+                ("post_attention_layernorm", vec![d]),
+                ("mlp.gate_proj", vec![h, d]),
+                ("mlp.up_proj", vec![h, d]),
+                ("mlp.down_proj", vec![d, h]),
+            ];
+            if gemma {
+                names.push(("pre_feedforward_layernorm", vec![d]));
+                names.push(("post_feedforward_layernorm", vec![d]));
+            }
+            for (name, shape) in names {
+                add(format!("model.layers.{l}.{name}.weight"), &shape);
+            }
+        }
+        let mut c = serde_json::json!({
+            "model_type": model_type, "hidden_size": d, "num_attention_heads": 2, "head_dim": 4,
+            "num_key_value_heads": if gemma { 2 } else { 1 }, "intermediate_size": h,
+            "num_hidden_layers": 2, "vocab_size": v, "max_position_embeddings": n_pos,
+            "rms_norm_eps": 1e-5, "rope_theta": 10000.0, "tie_word_embeddings": true, "eos_token_id": 15
+        });
+        if gemma {
+            c["query_pre_attn_scalar"] = 4.into();
+            c["sliding_window"] = 4.into();
+            c["hidden_activation"] = "gelu_pytorch_tanh".into();
+        } else {
+            c["hidden_act"] = "silu".into();
+            c["rope_scaling"] = serde_json::json!({
+                "rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0,
+                "high_freq_factor": 4.0, "original_max_position_embeddings": 8
+            });
+        }
+        c
+    };
+    let dir = tempfile::tempdir().unwrap();
+    common::hf::write_safetensors(dir.path(), &t, "", &[]);
+    std::fs::write(dir.path().join("config.json"), cfg.to_string()).unwrap();
+    common::hf::write_toy_tokenizer(dir.path());
+    dir
+}
+
+/// The integer keys of a `config.json` (top level and one object deep), as JSON pointers.
+fn integer_keys(v: &serde_json::Value) -> Vec<String> {
+    let mut out = Vec::new();
+    for (k, x) in v.as_object().unwrap() {
+        if x.is_u64() {
+            out.push(format!("/{k}"));
+        }
+        if let Some(o) = x.as_object() {
+            out.extend(
+                o.iter()
+                    .filter(|(_, y)| y.is_u64())
+                    .map(|(k2, _)| format!("/{k}/{k2}")),
+            );
+        }
+    }
+    out
+}
+
+#[test]
+fn the_unedited_hf_dirs_load_and_run() {
+    for t in HF_TYPES {
+        let dir = hf_dir(t);
+        let m = clt::model::load(dir.path(), None).unwrap();
+        assert_eq!(m.model.architecture(), t);
+        assert_eq!(m.model.forward(&[0, 1, 2]).unwrap().len(), 3 * 16);
+    }
+}
+
+/// Every integer of each `config.json` at every extreme value: the model loads (and runs) or is refused,
+/// never sized by the claim.
+#[test]
+fn every_hf_config_integer_at_every_extreme_gives_a_model_or_an_error() {
+    for t in HF_TYPES {
+        let dir = hf_dir(t);
+        let path = dir.path().join("config.json");
+        let text = std::fs::read_to_string(&path).unwrap();
+        let original: serde_json::Value = serde_json::from_str(&text).unwrap();
+        let keys = integer_keys(&original);
+        assert!(keys.len() >= 6, "{t}: {keys:?}");
+        for key in &keys {
+            for value in EXTREMES {
+                let mut v = original.clone();
+                *v.pointer_mut(key).unwrap() = value.into();
+                std::fs::write(&path, v.to_string()).unwrap();
+                if let Ok(m) = clt::model::load(dir.path(), None) {
+                    let _ = m.model.forward(&[0, 1, 2]);
+                }
+            }
+        }
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 150, ..config() })]
+    /// Edits to a Hugging Face directory's `model.safetensors` (memory-mapped; its JSON header first).
+    #[test]
+    fn edited_hf_weights_give_a_model_or_an_error(
+        model_type in prop::sample::select(HF_TYPES.to_vec()),
+        edits in prop::collection::vec(edit(), 1..5),
+    ) {
+        let dir = hf_dir(model_type);
+        let path = dir.path().join("model.safetensors");
+        let bytes = std::fs::read(&path).unwrap();
+        std::fs::write(&path, apply(&bytes, 2000, &edits)).unwrap();
+        if let Ok(m) = clt::model::load(dir.path(), None) {
+            let _ = m.model.forward(&[0, 1, 2]);
+        }
+    }
+}

@@ -25,6 +25,35 @@ use super::gpt2::{Gpt2Config, Gpt2LayerWeights, Gpt2Model};
 use super::llama::{LayerWeights, LlamaConfig, LlamaModel, RopeStyle, llama3_rope_factors};
 use crate::{Error, Result};
 
+/// The most layers a `config.json` may state (llama.cpp allows 512): more is a corrupt file, refused before
+/// anything is sized by it.
+const MAX_LAYERS: usize = 4096;
+/// The widest size (hidden, MLP, head, vocabulary, head count) a `config.json` may state, for the same
+/// reason: 2^24, beyond any released model by two orders of magnitude.
+const MAX_WIDTH: usize = 1 << 24;
+
+/// The positive integer `j[k]` of the `config.json` at `path`, at most `max`.
+fn size(path: &Path, j: &serde_json::Value, k: &str, max: usize) -> Result<usize> {
+    let v = j[k]
+        .as_u64()
+        .filter(|&v| v > 0)
+        .ok_or_else(|| Error::Format {
+            path: path.to_path_buf(),
+            offset: 0,
+            reason: format!("`{k}` is missing or not a positive integer"),
+        })?;
+    if v > max as u64 {
+        return Err(Error::Format {
+            path: path.to_path_buf(),
+            offset: 0,
+            reason: format!(
+                "`{k}` is {v}, more than any model has (at most {max}): a corrupt file?"
+            ),
+        });
+    }
+    Ok(v as usize)
+}
+
 /// Whether `dir` looks like a Hugging Face model directory.
 pub fn is_model_dir(dir: &Path) -> bool {
     dir.join("config.json").is_file()
@@ -58,17 +87,7 @@ pub fn config(dir: &Path) -> Result<(LlamaConfig, bool)> {
 
 /// The sizes, norm epsilon and RoPE of a Llama-shaped `config.json` (Llama, Mistral, Gemma-2), validated.
 fn llama_sizes(path: &Path, j: &serde_json::Value) -> Result<LlamaConfig> {
-    let field = |k: &str| Error::Format {
-        path: path.to_path_buf(),
-        offset: 0,
-        reason: format!("`{k}` is missing or not a positive integer"),
-    };
-    let int = |k: &str| {
-        j[k].as_u64()
-            .filter(|&v| v > 0)
-            .map(|v| v as usize)
-            .ok_or_else(|| field(k))
-    };
+    let int = |k: &str| size(path, j, k, MAX_WIDTH);
     let d = int("hidden_size")?;
     let n_heads = int("num_attention_heads")?;
     let head_dim = if j["head_dim"].is_null() {
@@ -88,7 +107,7 @@ fn llama_sizes(path: &Path, j: &serde_json::Value) -> Result<LlamaConfig> {
     let c = LlamaConfig {
         d_model: d,
         hidden_dim: int("intermediate_size")?,
-        n_layers: int("num_hidden_layers")?,
+        n_layers: size(path, j, "num_hidden_layers", MAX_LAYERS)?,
         n_heads,
         n_kv_heads: if j["num_key_value_heads"].is_null() {
             n_heads
@@ -97,7 +116,8 @@ fn llama_sizes(path: &Path, j: &serde_json::Value) -> Result<LlamaConfig> {
         },
         head_dim,
         vocab_size: int("vocab_size")?,
-        max_seq_len: int("max_position_embeddings")?,
+        // (Not a width: the RoPE tables are sized by the prompt.)
+        max_seq_len: size(path, j, "max_position_embeddings", usize::MAX)?,
         norm_eps: j["rms_norm_eps"].as_f64().unwrap_or(1e-6) as f32,
         rope_theta,
         rope_style: RopeStyle::HalfSplit,
@@ -484,16 +504,7 @@ pub fn load_llama(dir: &Path) -> Result<LlamaModel> {
 /// `n_positions`, `layer_norm_epsilon`); variants this forward does not implement are refused.
 pub fn gpt2_config(dir: &Path) -> Result<Gpt2Config> {
     let (path, j) = config_json(dir)?;
-    let int = |k: &str| {
-        j[k].as_u64()
-            .filter(|&v| v > 0)
-            .map(|v| v as usize)
-            .ok_or_else(|| Error::Format {
-                path: path.clone(),
-                offset: 0,
-                reason: format!("`{k}` is missing or not a positive integer"),
-            })
-    };
+    let int = |k: &str| size(&path, &j, k, MAX_WIDTH);
     let model_type = j["model_type"].as_str().unwrap_or("");
     if model_type != "gpt2" {
         return Err(Error::Unsupported(format!(
@@ -527,7 +538,7 @@ pub fn gpt2_config(dir: &Path) -> Result<Gpt2Config> {
         } else {
             int("n_inner")?
         },
-        n_layers: int("n_layer")?,
+        n_layers: size(&path, &j, "n_layer", MAX_LAYERS)?,
         n_heads: int("n_head")?,
         vocab_size: int("vocab_size")?,
         max_seq_len: int("n_positions")?,
