@@ -28,6 +28,7 @@ pub mod eval;
 pub mod features;
 pub mod hugepages;
 pub mod model;
+pub mod npy;
 pub mod rng;
 pub mod store;
 pub mod train;

@@ -767,3 +767,53 @@ proptest! {
         }
     }
 }
+
+// ---- activation import ---------------------------------------------------------------------------------
+
+/// `.npy` inputs and targets `[8, 2, 4]`, as bytes.
+fn npy_activations() -> (Vec<u8>, Vec<u8>) {
+    let (n, l, d) = (8, 2, 4);
+    let mut r = common::hf::Rng(19);
+    let x = common::npz::npy(&[n, l, d], &r.vals(n * l * d, 1.0), false, false);
+    let y = common::npz::npy(&[n, l, d], &r.vals(n * l * d, 1.0), false, false);
+    (x, y)
+}
+
+/// `clt store import` of these inputs and targets into a new store; its token count.
+fn import_npy(x: &[u8], y: &[u8]) -> clt::Result<u64> {
+    use clt::store::cli::{EncodeArgs, import};
+    use clt::store::import::ImportSource;
+    let dir = tempfile::tempdir().unwrap();
+    let (xp, yp) = (dir.path().join("x.npy"), dir.path().join("y.npy"));
+    std::fs::write(&xp, x).unwrap();
+    std::fs::write(&yp, y).unwrap();
+    let args = EncodeArgs {
+        codec: clt::store::Codec::Int8,
+        no_byte_planes: false,
+        block_tokens: 4,
+        shard_tokens: 100,
+        zstd_level: 1,
+        threads: 1,
+        outlier_dims: 0,
+        target_rel_err: None,
+    };
+    let src = ImportSource::npy(&xp, &yp, None)?;
+    Ok(import(&[src], &dir.path().join("out"), &args, "m")?.n_tokens)
+}
+
+#[test]
+fn unedited_npy_activations_import() {
+    let (x, y) = npy_activations();
+    assert_eq!(import_npy(&x, &y).unwrap(), 8);
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 100, ..config() })]
+    /// `clt store import` of `.npy` activations whose input file is edited (its header first): the import
+    /// writes a store or is refused.
+    #[test]
+    fn edited_npy_activations_import_or_give_an_error(edits in prop::collection::vec(edit(), 1..4)) {
+        let (x, y) = npy_activations();
+        let _ = import_npy(&apply(&x, 128, &edits), &y);
+    }
+}

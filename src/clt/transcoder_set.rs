@@ -180,41 +180,20 @@ pub fn read_npz(path: &Path) -> Result<Tensors> {
 /// A `.npy` file's shape and data (float16/32/64, either byte order, C or Fortran order) as f32 in C order;
 /// errors carry the byte offset in the member.
 fn parse_npy(b: &[u8]) -> std::result::Result<(Vec<usize>, Vec<f32>), (u64, String)> {
-    if b.len() < 10 || &b[..6] != b"\x93NUMPY" {
-        return Err((0, "no .npy magic".into()));
-    }
-    let (header_len, start) = match b[6] {
-        1 => (u16::from_le_bytes([b[8], b[9]]) as usize, 10),
-        2 | 3 if b.len() >= 12 => (u32::from_le_bytes([b[8], b[9], b[10], b[11]]) as usize, 12),
-        v => return Err((6, format!(".npy version {v} is not 1, 2 or 3"))),
+    let (
+        crate::npy::Header {
+            descr,
+            fortran_order: fortran,
+            shape,
+        },
+        end,
+    ) = crate::npy::read(b)?;
+    let hdr_err = |what: &str| {
+        (
+            end as u64,
+            format!("{descr} array of shape {shape:?}: {what}"),
+        )
     };
-    let end = start + header_len;
-    let header = b
-        .get(start..end)
-        .and_then(|h| std::str::from_utf8(h).ok())
-        .ok_or((start as u64, "truncated or non-text header".to_string()))?;
-    let hdr_err = |what: &str| (start as u64, format!("header {header:?}: {what}"));
-    let value_of = |key: &str| {
-        let at = header.find(&format!("'{key}'"))? + key.len() + 2;
-        Some(header[at..].trim_start().strip_prefix(':')?.trim_start())
-    };
-    let descr = value_of("descr")
-        .and_then(|v| v.strip_prefix('\'')?.split('\'').next())
-        .ok_or_else(|| hdr_err("no descr"))?;
-    let fortran = match value_of("fortran_order") {
-        Some(v) if v.starts_with("True") => true,
-        Some(v) if v.starts_with("False") => false,
-        _ => return Err(hdr_err("no fortran_order")),
-    };
-    let shape: Vec<usize> = value_of("shape")
-        .and_then(|v| v.strip_prefix('(')?.split(')').next())
-        .ok_or_else(|| hdr_err("no shape"))?
-        .split(',')
-        .map(str::trim)
-        .filter(|s| !s.is_empty())
-        .map(|s| s.parse::<usize>())
-        .collect::<std::result::Result<_, _>>()
-        .map_err(|_| hdr_err("shape is not a tuple of integers"))?;
     let (big, kind) = match descr.as_bytes() {
         [b'<' | b'|' | b'=', rest @ ..] => (false, rest),
         [b'>', rest @ ..] => (true, rest),

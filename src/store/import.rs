@@ -165,50 +165,26 @@ fn fmt_err(path: &Path, offset: u64, reason: impl Into<String>) -> Error {
 /// Parses the header of a `.npy` file.
 pub fn open_npy(path: &Path) -> Result<ArrayFile> {
     let mut f = File::open(path).map_err(|e| Error::io(path, e))?;
-    let mut pre = [0u8; 10];
-    f.read_exact(&mut pre)
+    let fault = |(offset, reason): crate::npy::Fault| fmt_err(path, offset, reason);
+    let mut pre = [0u8; 12];
+    f.read_exact(&mut pre[..10])
         .map_err(|_| fmt_err(path, 0, "truncated: no .npy preamble"))?;
-    if &pre[0..6] != b"\x93NUMPY" {
-        return Err(fmt_err(path, 0, "bad magic (not a .npy file)"));
-    }
-    let (hlen, start) = match pre[6] {
-        1 => (u16::from_le_bytes([pre[8], pre[9]]) as usize, 10),
-        2 | 3 => {
-            let mut more = [0u8; 2];
-            f.read_exact(&mut more)
-                .map_err(|_| fmt_err(path, 10, "truncated header"))?;
-            (
-                u32::from_le_bytes([pre[8], pre[9], more[0], more[1]]) as usize,
-                12,
-            )
-        }
-        v => {
-            return Err(fmt_err(
-                path,
-                6,
-                format!(".npy format version {v} is not supported"),
-            ));
-        }
-    };
-    if hlen > 1 << 20 {
-        return Err(fmt_err(path, 8, "header longer than 1 MiB"));
-    }
+    let n = crate::npy::preamble_len(pre[6]);
+    f.read_exact(&mut pre[10..n])
+        .map_err(|_| fmt_err(path, 10, "truncated preamble"))?;
+    let (start, hlen) = crate::npy::preamble(&pre[..n]).map_err(fault)?;
     let mut h = vec![0u8; hlen];
     f.read_exact(&mut h)
         .map_err(|_| fmt_err(path, start as u64, "truncated header"))?;
-    let h = String::from_utf8_lossy(&h);
-    let field = |key: &str| -> Option<&str> {
-        let i = h.find(&format!("'{key}'"))? + key.len() + 2;
-        let rest = h[i..].trim_start().strip_prefix(':')?.trim_start();
-        Some(rest)
+    let header = crate::npy::parse_header(&h, start).map_err(fault)?;
+    let bad = |why: &str| {
+        fmt_err(
+            path,
+            start as u64,
+            format!("{} array of shape {:?}: {why}", header.descr, header.shape),
+        )
     };
-    let bad = |why: &str| fmt_err(path, start as u64, format!("header {h:?}: {why}"));
-    let descr = field("descr").ok_or_else(|| bad("no descr"))?;
-    let descr = descr
-        .strip_prefix('\'')
-        .and_then(|d| d.split('\'').next())
-        .ok_or_else(|| bad("bad descr"))?;
-    let dtype = match descr {
+    let dtype = match header.descr.as_str() {
         "<f8" => DType::F64,
         "<f4" => DType::F32,
         "<f2" => DType::F16,
@@ -224,20 +200,10 @@ pub fn open_npy(path: &Path) -> Result<ArrayFile> {
             )));
         }
     };
-    if field("fortran_order").is_none_or(|v| !v.starts_with("False")) {
+    if header.fortran_order {
         return Err(bad("only C-order arrays are supported"));
     }
-    let shape = field("shape").ok_or_else(|| bad("no shape"))?;
-    let shape = shape
-        .strip_prefix('(')
-        .and_then(|s| s.split(')').next())
-        .ok_or_else(|| bad("bad shape"))?;
-    let shape: Vec<usize> = shape
-        .split(',')
-        .map(str::trim)
-        .filter(|s| !s.is_empty())
-        .map(|s| s.parse().map_err(|_| bad("bad shape")))
-        .collect::<Result<_>>()?;
+    let shape = header.shape;
     Ok(ArrayFile {
         path: path.to_path_buf(),
         name: path
