@@ -431,6 +431,18 @@ impl GgufFile {
             .to_string())
     }
 
+    /// The architecture in the metadata, refused unless it is `want`.
+    fn require_architecture(&self, want: &str) -> Result<String> {
+        let arch = self.architecture()?;
+        if arch != want {
+            return Err(Error::Unsupported(format!(
+                "{}: GGUF architecture `{arch}` (not {want})",
+                self.path.display()
+            )));
+        }
+        Ok(arch)
+    }
+
     /// The model in this file, dequantised to f32: `llama`, `gemma2` or `gpt2`; other architectures are
     /// refused.
     pub fn model(&self) -> Result<Model> {
@@ -447,13 +459,7 @@ impl GgufFile {
 
     /// The Llama configuration in the metadata (architecture `llama`).
     pub fn llama_config(&self) -> Result<LlamaConfig> {
-        let arch = self.architecture()?;
-        if arch != "llama" {
-            return Err(Error::Unsupported(format!(
-                "{}: GGUF architecture `{arch}` (not llama)",
-                self.path.display()
-            )));
-        }
+        let arch = self.require_architecture("llama")?;
         self.llama_shaped_config(&arch, RopeStyle::AdjacentPairs)
     }
 
@@ -569,13 +575,7 @@ impl GgufFile {
     /// `d_model / n_heads`. The soft caps default to Gemma-2's 50 and 30 and the window to 4096 when their
     /// keys are absent; the even layers slide.
     pub fn gemma2_model(&self) -> Result<Gemma2Model> {
-        let arch = self.architecture()?;
-        if arch != "gemma2" {
-            return Err(Error::Unsupported(format!(
-                "{}: GGUF architecture `{arch}` (not gemma2)",
-                self.path.display()
-            )));
-        }
+        let arch = self.require_architecture("gemma2")?;
         let c = self.llama_shaped_config(&arch, RopeStyle::HalfSplit)?;
         let number = |key: &str, default: f64| -> Result<f64> {
             let key = format!("{arch}.{key}");
@@ -626,14 +626,8 @@ impl GgufFile {
     /// token embedding's; an `output.weight` equal to it (llama.cpp's converter writes the tied one again)
     /// is dropped, so the model stays tied as Hugging Face's.
     pub fn gpt2_model(&self) -> Result<Gpt2Model> {
-        let arch = self.architecture()?;
-        if arch != "gpt2" {
-            return Err(Error::Unsupported(format!(
-                "{}: GGUF architecture `{arch}` (not gpt2)",
-                self.path.display()
-            )));
-        }
-        let k = |s: &str| format!("gpt2.{s}");
+        let arch = self.require_architecture("gpt2")?;
+        let k = |s: &str| format!("{arch}.{s}");
         let d = self.meta_usize(&k("embedding_length"))?;
         let eps_key = k("attention.layer_norm_epsilon");
         let norm_eps = match self.metadata.get(&eps_key) {
