@@ -379,11 +379,7 @@ fn config_defaults_refusals_and_damaged_tensors() {
 fn unprefixed_names_load_the_same_model() {
     let (_d1, a) = load();
     let (_d2, b) = load_with("", &tiny_config());
-    let toks = &seqs()[1];
-    assert_eq!(
-        a.model.forward(toks).unwrap(),
-        b.model.forward(toks).unwrap()
-    );
+    common::hf::assert_same_forward(&a.model, &b.model, &seqs());
 }
 
 #[test]
@@ -561,16 +557,7 @@ fn a_gguf_file_loads_the_same_model_as_the_directory() {
     assert_eq!(g.model.architecture(), "gemma2");
     let gm = g.model.as_gemma2().unwrap();
     assert_eq!(gm.gemma, hf.model.as_gemma2().unwrap().gemma);
-    for toks in seqs() {
-        let all = ForwardOptions {
-            hooks: Hooks::all(),
-            ..Default::default()
-        };
-        let a = hf.model.forward_with(&toks, &all).unwrap();
-        let b = g.model.forward_with(&toks, &all).unwrap();
-        assert_eq!(a.logits, b.logits);
-        assert_eq!(a.record, b.record);
-    }
+    common::hf::assert_same_forward(&hf.model, &g.model, &seqs());
     // "ab ab" is "ab▁ab" (no space prefix): "ab" (score −6) merges first, then "▁" + "ab" into "▁ab" (−8).
     assert_eq!(g.tokenizer.encode("ab ab").unwrap(), vec![1, 6, 8]);
     assert_eq!(g.tokenizer.decode(&[1, 6, 8]), "ab ab");

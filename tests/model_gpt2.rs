@@ -132,11 +132,7 @@ fn logits_and_hooks_match_the_python_reference() {
 fn transformer_prefix_loads_the_same_model() {
     let (_d1, a) = load("");
     let (_d2, b) = load("transformer.");
-    let toks = &seqs()[1];
-    assert_eq!(
-        a.model.forward(toks).unwrap(),
-        b.model.forward(toks).unwrap()
-    );
+    common::hf::assert_same_forward(&a.model, &b.model, &seqs());
 }
 
 #[test]
@@ -413,16 +409,7 @@ fn a_gguf_file_loads_the_same_model_as_the_directory() {
     let gm = g.model.as_gpt2().unwrap();
     assert_eq!(gm.config, hf.model.as_gpt2().unwrap().config);
     assert!(gm.output.is_none(), "the tied unembedding was kept twice");
-    for toks in seqs() {
-        let all = ForwardOptions {
-            hooks: Hooks::all(),
-            ..Default::default()
-        };
-        let a = hf.model.forward_with(&toks, &all).unwrap();
-        let b = g.model.forward_with(&toks, &all).unwrap();
-        assert_eq!(a.logits, b.logits);
-        assert_eq!(a.record, b.record);
-    }
+    common::hf::assert_same_forward(&hf.model, &g.model, &seqs());
     // " ab" is "Ġab": "a b" (rank 0) merges first, then "Ġ ab".
     assert_eq!(g.tokenizer.encode("ab ab").unwrap(), vec![2, 4]);
     assert_eq!(g.tokenizer.decode(&[2, 4]), "ab ab");

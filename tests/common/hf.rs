@@ -111,6 +111,24 @@ pub fn max_diff(a: &[f32], b: &[f32]) -> f32 {
         .fold(0.0, f32::max)
 }
 
+/// Asserts that two loadings of one model are the same model: on each sequence, the same logits and every
+/// hook's record, bit for bit.
+pub fn assert_same_forward(a: &clt::model::Model, b: &clt::model::Model, seqs: &[Vec<u32>]) {
+    use clt::model::{ForwardOptions, Hooks};
+    let all = ForwardOptions {
+        hooks: Hooks::all(),
+        ..Default::default()
+    };
+    for toks in seqs {
+        let (x, y) = (
+            a.forward_with(toks, &all).unwrap(),
+            b.forward_with(toks, &all).unwrap(),
+        );
+        assert_eq!(x.logits, y.logits, "logits of {toks:?}");
+        assert_eq!(x.record, y.record, "hooks of {toks:?}");
+    }
+}
+
 /// Runs `m` with every hook over each sequence and compares its logits and records with the reference's
 /// runs (`want["runs"][i]`), each value within `tol`; the post-norm scales are compared where the model
 /// records them, and must be recorded exactly when the reference has them. Returns the largest difference
