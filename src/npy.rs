@@ -20,10 +20,11 @@ pub type Fault = (u64, String);
 /// file would claim).
 pub const MAX_HEADER: usize = 1 << 20;
 
-/// The bytes of the preamble of a file whose version byte (`b[6]`) is `version`: 10 for version 1, 12 for
-/// versions 2 and 3 (their header length has four bytes).
+/// The bytes of the preamble of a file whose version byte (`b[6]`) is `version`: 12 for versions 2 and 3
+/// (their header length has four bytes), else 10 (version 1; any other is refused by [`preamble`] from
+/// those 10 bytes, so a short file of an unknown version is reported as such, not as truncated).
 pub fn preamble_len(version: u8) -> usize {
-    if version == 1 { 10 } else { 12 }
+    if matches!(version, 2 | 3) { 12 } else { 10 }
 }
 
 /// The header's offset and length from the file's first bytes (at least [`preamble_len`] of them).
@@ -128,6 +129,7 @@ mod tests {
         let err = |b: &[u8]| read(b).unwrap_err();
         assert_eq!(err(b"\x93NUMP").0, 0);
         assert_eq!(err(&file(4, ok)).0, 6);
+        assert_eq!(err(&file(4, ok)[..preamble_len(4)]).0, 6);
         assert_eq!(err(&file(2, ok)[..11]).0, 10);
         let mut long = file(2, ok);
         long[8..12].copy_from_slice(&(MAX_HEADER as u32 + 1).to_le_bytes());
