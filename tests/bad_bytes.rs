@@ -817,3 +817,81 @@ proptest! {
         let _ = import_npy(&apply(&x, 128, &edits), &y);
     }
 }
+
+// ---- fuzz seeds ----------------------------------------------------------------------------------------
+
+/// A llama2.c checkpoint of 2 layers, d 8, 2 query heads sharing one key/value head, hidden 16, a vocabulary
+/// of 16 (tied) and 8 positions: the 7 header integers, then the weights in llama2.c's order.
+fn tiny_llama2c() -> Vec<u8> {
+    let (d, h, l, heads, kv_heads, vocab, seq) = (8usize, 16, 2, 2, 1, 16, 8);
+    let kv = d / heads * kv_heads;
+    let mut b: Vec<u8> = [d, h, l, heads, kv_heads, vocab, seq]
+        .iter()
+        .flat_map(|&v| (v as i32).to_le_bytes())
+        .collect();
+    let floats = vocab * d
+        + l * d
+        + l * d * d
+        + 2 * l * kv * d
+        + l * d * d
+        + l * d
+        + 3 * l * h * d
+        + d
+        + seq * (d / heads);
+    let mut r = common::hf::Rng(17);
+    b.extend(r.vals(floats, 0.5).iter().flat_map(|v| v.to_le_bytes()));
+    b
+}
+
+/// The seeds of `fuzz/`'s targets `gguf` and `llama2c` (the first byte of a `llama2c` input picks the
+/// checkpoint, even, or the tokenizer, odd), by file name under `fuzz/seeds/`.
+fn fuzz_seeds() -> Vec<(String, Vec<u8>)> {
+    let mut seeds: Vec<(String, Vec<u8>)> = ARCHS
+        .iter()
+        .map(|arch| (format!("gguf/{arch}.gguf"), tiny_gguf(arch).0))
+        .collect();
+    seeds.push((
+        "llama2c/checkpoint.bin".into(),
+        [&[0u8][..], &tiny_llama2c()].concat(),
+    ));
+    seeds.push((
+        "llama2c/tok512.bin".into(),
+        [&[1u8][..], &fixture("tok512.bin")].concat(),
+    ));
+    seeds
+}
+
+/// The committed fuzz seeds are the files these tests write, and each still loads, so a fuzzer starts from
+/// inputs that reach the models and tokenizers. `CLT_WRITE_FUZZ_SEEDS=1` rewrites them.
+#[test]
+fn the_fuzz_seeds_are_current_and_load() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("fuzz/seeds");
+    let write = std::env::var_os("CLT_WRITE_FUZZ_SEEDS").is_some();
+    for (name, bytes) in fuzz_seeds() {
+        let path = dir.join(&name);
+        if write {
+            std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+            std::fs::write(&path, &bytes).unwrap();
+        }
+        let committed = std::fs::read(&path).unwrap_or_else(|e| {
+            panic!("{}: {e} (CLT_WRITE_FUZZ_SEEDS=1 writes it)", path.display())
+        });
+        assert!(
+            committed == bytes,
+            "{} is stale (CLT_WRITE_FUZZ_SEEDS=1 rewrites it)",
+            path.display()
+        );
+        let p = Path::new("seed");
+        if name.starts_with("gguf/") {
+            let g = GgufFile::parse(p, bytes).unwrap();
+            g.model().unwrap().forward(&[0, 1, 2]).unwrap();
+        } else if bytes[0] == 0 {
+            llama2c::parse_checkpoint(p, &bytes[1..])
+                .unwrap()
+                .forward(&[1, 2, 3])
+                .unwrap();
+        } else {
+            llama2c::Llama2cTokenizer::parse(p, &bytes[1..], 512).unwrap();
+        }
+    }
+}

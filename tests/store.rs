@@ -950,11 +950,11 @@ fn unfinished_shard_leaves_nothing_under_its_name() {
 
 /// The fuzz target's seed (`fuzz/seeds/shard_header/minimal.clts`, a 3-token shard of 2 blocks) is a valid shard
 /// of the current format, so fuzzing starts from inputs that get past the magic and version. After a format
-/// change, rewrite it with `CLT_WRITE_FUZZ_SEED=1 cargo test --release --test store fuzz_seed`.
+/// change, rewrite it with `CLT_WRITE_FUZZ_SEEDS=1 cargo test --release --test store fuzz_seed`.
 #[test]
 fn fuzz_seed_is_a_valid_minimal_shard() {
     let seed = Path::new(env!("CARGO_MANIFEST_DIR")).join("fuzz/seeds/shard_header/minimal.clts");
-    if std::env::var_os("CLT_WRITE_FUZZ_SEED").is_some() {
+    if std::env::var_os("CLT_WRITE_FUZZ_SEEDS").is_some() {
         let dir = tempfile::tempdir().unwrap();
         let dims = ActDims {
             n_layers: 2,
@@ -987,4 +987,65 @@ fn fuzz_seed_is_a_valid_minimal_shard() {
     });
     assert_eq!(parsed.blocks.len(), 2);
     assert!(bytes.len() < 4096, "a seed is kept short for the fuzzer");
+}
+
+/// The seeds of the `shard_blocks` fuzz target (`fuzz/seeds/shard_blocks/`): one 5-token shard of blocks of 2
+/// per codec, each still a valid shard whose blocks decode to its data within the codec's error, so that
+/// fuzzing starts from blocks every codec's decoder reads. Rewrite them with
+/// `CLT_WRITE_FUZZ_SEEDS=1 cargo test --release --test store fuzz_seed`.
+#[test]
+fn block_fuzz_seeds_are_valid_shards_of_every_codec() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("fuzz/seeds/shard_blocks");
+    let (x, y) = synth(5, 3);
+    for codec in Codec::ALL {
+        let seed = dir.join(format!("{}.clts", codec.name()));
+        if std::env::var_os("CLT_WRITE_FUZZ_SEEDS").is_some() {
+            let tmp = tempfile::tempdir().unwrap();
+            let cfg = WriterConfig {
+                codec,
+                block_tokens: 2,
+                threads: 1,
+                outlier_dims: 2,
+                ..Default::default()
+            };
+            let mut w =
+                DatasetWriter::create(tmp.path(), DIMS, cfg, ShardMeta::default(), 100).unwrap();
+            w.push(&x, &y, None).unwrap();
+            w.finish().unwrap();
+            std::fs::create_dir_all(&dir).unwrap();
+            std::fs::copy(tmp.path().join("shard-00000.clts"), &seed).unwrap();
+        }
+        let shard = Shard::open(&seed).unwrap_or_else(|e| {
+            panic!("{}: {e} (rewrite it: see this test's doc)", seed.display())
+        });
+        assert_eq!(shard.header().codec, codec);
+        assert_eq!((shard.blocks().len(), shard.n_tokens()), (3, 5));
+        let mut reader = BlockReader::new().unwrap();
+        let td = DIMS.n_layers * DIMS.d_model;
+        let (mut xs, mut ys) = (Vec::new(), Vec::new());
+        for b in 0..3 {
+            let block = reader.read(&shard, b).unwrap();
+            let (mut bx, mut by) = (
+                vec![0.0; block.n_tokens() * td],
+                vec![0.0; block.n_tokens() * td],
+            );
+            block.xy_rows(0, &mut bx, &mut by);
+            xs.extend(bx);
+            ys.extend(by);
+        }
+        let rel = |a: &[f32], b: &[f32]| {
+            let e: f32 = a.iter().zip(b).map(|(p, q)| (p - q).powi(2)).sum();
+            e / b.iter().map(|q| q * q).sum::<f32>()
+        };
+        // int4 has 15 levels per row (and rows here hold a 30× outlier); the others at least 255.
+        let tol = if codec == Codec::Int4 { 0.05 } else { 0.01 };
+        let (ex, ey) = (rel(&xs, &x), rel(&ys, &y));
+        assert!(ex < tol && ey < tol, "{}: {ex} {ey}", codec.name());
+        let bytes = std::fs::metadata(&seed).unwrap().len();
+        assert!(
+            bytes < 8192,
+            "{}: {bytes} bytes; a seed is kept short",
+            seed.display()
+        );
+    }
 }

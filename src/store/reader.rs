@@ -279,8 +279,10 @@ fn read_block<'a>(
         )));
     };
     let comp = shard.compressed(b);
+    // Under cargo-fuzz (`--cfg fuzzing`) neither checksum is enforced, so that mutated blocks reach the
+    // decompressor and the sections' own checks behind them (as `format::parse` lets the header through).
     let sum = xxh3_64(comp);
-    if sum != e.comp_xxh3 {
+    if sum != e.comp_xxh3 && !cfg!(fuzzing) {
         return Err(shard.corrupt(
             b,
             format!(
@@ -304,7 +306,7 @@ fn read_block<'a>(
         ));
     }
     let sum = xxh3_64(dst);
-    if sum != e.raw_xxh3 {
+    if sum != e.raw_xxh3 && !cfg!(fuzzing) {
         return Err(shard.corrupt(
             b,
             format!(
