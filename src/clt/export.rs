@@ -16,6 +16,7 @@ use super::checkpoint::{TensorFile, TensorOut, write_atomic, write_tensors};
 use super::{Activation, CltConfig, DecoderKind, NormScales, Params, Transcoder};
 use crate::{Error, Result};
 use std::path::Path;
+use yaml_rust2::{Yaml, YamlLoader};
 
 /// Hook names recorded in `config.yaml` (default: the engine's default input, the MLP's input
 /// `mlp.hook_in`, and its output `hook_mlp_out`); `clt import` keeps them beside the native checkpoint
@@ -203,7 +204,9 @@ pub fn export_circuit_tracer(t: &Transcoder, dir: &Path, meta: &ExportMeta) -> R
     // circuit-tracer's loader requires a `scan` (the name its graphs carry); the model's name stands in.
     let mut yaml = format!(
         "model_kind: {kind}\nmodel_name: {0}\nscan: {0}\nfeature_input_hook: {1}\nfeature_output_hook: {2}\n",
-        meta.model_name, meta.feature_input_hook, meta.feature_output_hook
+        yaml_string(&meta.model_name),
+        yaml_string(&meta.feature_input_hook),
+        yaml_string(&meta.feature_output_hook)
     );
     if cfg.decoder == DecoderKind::PerLayer {
         yaml.push_str("transcoders:\n");
@@ -214,8 +217,8 @@ pub fn export_circuit_tracer(t: &Transcoder, dir: &Path, meta: &ExportMeta) -> R
     write_atomic(&dir.join("config.yaml"), yaml.as_bytes())
 }
 
-/// A circuit-tracer `config.yaml`: its flat `key: value` pairs (the subset circuit-tracer writes) and the
-/// items of its `transcoders:` list (other lists, such as a list of scans, are skipped).
+/// A circuit-tracer `config.yaml` (circuit-tracer reads it with `yaml.safe_load`): its top-level scalar
+/// values as text, and the items of its `transcoders:` list (other lists and mappings are not read).
 pub(crate) struct YamlConfig {
     pairs: Vec<(String, String)>,
     /// The files of a transcoder set, as written.
@@ -223,7 +226,8 @@ pub(crate) struct YamlConfig {
 }
 
 impl YamlConfig {
-    /// The value of `key` (quotes stripped); `None` when the key is absent.
+    /// The value of `key` as text (`64` for an integer, `true` for a boolean); `None` when the key is
+    /// absent or null.
     pub fn get(&self, key: &str) -> Option<&str> {
         self.pairs
             .iter()
@@ -232,33 +236,96 @@ impl YamlConfig {
     }
 }
 
-/// Reads the `config.yaml` at `path`.
+/// `s` as a YAML value that reads back as the string `s`: as written where it is a name (letters, digits,
+/// `._-/`) that is a plain string both to YAML 1.2 and to PyYAML's YAML 1.1 (which circuit-tracer reads
+/// with), else double-quoted (a JSON string is a valid YAML double-quoted scalar). So `7b`, `yes`, `null`,
+/// `a: b` or `x # y` stay names.
+fn yaml_string(s: &str) -> String {
+    let reads_back = matches!(
+        YamlLoader::load_from_str(&format!("k: {s}")).as_deref(),
+        Ok([Yaml::Hash(m)]) if m.len() == 1
+            && m.get(&Yaml::String("k".into())) == Some(&Yaml::String(s.into()))
+    );
+    // YAML 1.1's booleans, and anything numeric-looking (1.1 also reads `1_000`, `0x1f`, `1:30`).
+    let yaml11 = matches!(
+        s.to_ascii_lowercase().as_str(),
+        "y" | "n" | "yes" | "no" | "on" | "off" | "true" | "false" | "null" | "~"
+    ) || s
+        .trim_start_matches(['+', '-', '.'])
+        .starts_with(|c: char| c.is_ascii_digit());
+    // Plain only for names of letters, digits and `._-/` (PyYAML refuses some plain scalars YAML 1.2 takes).
+    let simple = s.starts_with(char::is_alphanumeric)
+        && s.chars().all(|c| c.is_alphanumeric() || "._-/".contains(c));
+    if simple && reads_back && !yaml11 {
+        s.to_string()
+    } else {
+        serde_json::Value::String(s.into()).to_string()
+    }
+}
+
+/// A YAML scalar as text; `None` for null, lists and mappings.
+fn yaml_scalar(v: &Yaml) -> Option<String> {
+    match v {
+        Yaml::String(s) | Yaml::Real(s) => Some(s.clone()),
+        Yaml::Integer(i) => Some(i.to_string()),
+        Yaml::Boolean(b) => Some(b.to_string()),
+        _ => None,
+    }
+}
+
+/// Reads the `config.yaml` at `path` (any YAML: quoting, comments, flow lists); a file that is not YAML, or
+/// whose top level is not a mapping, or whose `transcoders:` is not a list of names, is an error naming it.
 pub(crate) fn read_yaml(path: &Path) -> Result<YamlConfig> {
     let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
-    let mut pairs: Vec<(String, String)> = Vec::new();
-    let mut transcoders = Vec::new();
-    for line in text.lines() {
-        let t = line.trim();
-        if t.is_empty() || t.starts_with('#') {
-            continue;
-        }
-        if let Some(item) = t.strip_prefix("- ") {
-            // Only the `transcoders:` list (the files of a transcoder set) is read.
-            if pairs
-                .last()
-                .is_some_and(|(k, v)| k == "transcoders" && v.is_empty())
-            {
-                transcoders.push(
-                    item.trim()
-                        .trim_matches(|c| c == '"' || c == '\'')
-                        .to_string(),
-                );
-            }
-        } else if let Some((k, v)) = t.split_once(':') {
-            pairs.push((
-                k.trim().to_string(),
-                v.trim().trim_matches(|c| c == '"' || c == '\'').to_string(),
+    let bad = |offset: usize, reason: String| Error::Format {
+        path: path.to_path_buf(),
+        offset: offset as u64,
+        reason,
+    };
+    let docs = YamlLoader::load_from_str(&text).map_err(|e| {
+        let m = e.marker();
+        bad(
+            m.index(),
+            format!(
+                "not YAML (line {}, column {}): {}",
+                m.line(),
+                m.col() + 1,
+                e.info()
+            ),
+        )
+    })?;
+    let map = match docs.into_iter().next() {
+        Some(Yaml::Hash(map)) => map,
+        None | Some(Yaml::Null) => Default::default(),
+        Some(other) => {
+            return Err(bad(
+                0,
+                format!("the top level is not a mapping of keys to values: {other:?}"),
             ));
+        }
+    };
+    let mut pairs = Vec::new();
+    let mut transcoders = Vec::new();
+    for (k, v) in &map {
+        let Some(key) = yaml_scalar(k) else {
+            continue;
+        };
+        if key == "transcoders" {
+            let items = match v {
+                Yaml::Array(items) => items.as_slice(),
+                Yaml::Null => &[],
+                _ => return Err(bad(0, format!("`transcoders` is not a list: {v:?}"))),
+            };
+            for (i, item) in items.iter().enumerate() {
+                transcoders.push(yaml_scalar(item).ok_or_else(|| {
+                    bad(
+                        0,
+                        format!("`transcoders` item {i} is not a file name: {item:?}"),
+                    )
+                })?);
+            }
+        } else if let Some(value) = yaml_scalar(v) {
+            pairs.push((key, value));
         }
     }
     Ok(YamlConfig { pairs, transcoders })
@@ -447,4 +514,121 @@ fn import_plt(dir: &Path, config: &YamlConfig) -> Result<Transcoder> {
         cfg,
         params,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn read(text: &str) -> Result<YamlConfig> {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("config.yaml");
+        std::fs::write(&path, text).unwrap();
+        read_yaml(&path)
+    }
+
+    /// circuit-tracer's own layout, and what a person editing it may write: quotes, comments, a flow list,
+    /// numbers, nested mappings (not read), a document marker.
+    #[test]
+    fn configs_read_as_yaml() {
+        let c = read(
+            "---\nmodel_name: \"google/gemma-2-2b\"  # the base model\nmodel_kind: transcoder_set\n\
+             feature_input_hook: 'ln2.hook_normalized'\nactivation: topk\nk: 64\n\
+             extra:\n  nested: 1\ntranscoders:\n  - \"hf://org/repo/layer_0/params.npz\"\n  # a comment\n\
+             \x20 - layer_1.safetensors\n",
+        )
+        .unwrap();
+        assert_eq!(c.get("model_name"), Some("google/gemma-2-2b"));
+        assert_eq!(c.get("model_kind"), Some("transcoder_set"));
+        assert_eq!(c.get("feature_input_hook"), Some("ln2.hook_normalized"));
+        assert_eq!(c.get("k"), Some("64"));
+        assert_eq!(
+            (c.get("extra"), c.get("nested"), c.get("absent")),
+            (None, None, None)
+        );
+        assert_eq!(
+            c.transcoders,
+            ["hf://org/repo/layer_0/params.npz", "layer_1.safetensors"]
+        );
+        let flow = read("model_kind: transcoder_set\ntranscoders: [a.npz, 'b.npz']\n").unwrap();
+        assert_eq!(flow.transcoders, ["a.npz", "b.npz"]);
+        assert!(read("").unwrap().transcoders.is_empty());
+        assert!(read("transcoders:\n").unwrap().transcoders.is_empty());
+    }
+
+    #[test]
+    fn configs_that_are_not_yaml_or_not_a_mapping_are_named() {
+        for (text, says) in [
+            ("model_kind: [unclosed\n", "not YAML (line"),
+            ("- a\n- b\n", "top level is not a mapping"),
+            (
+                "transcoders: layer_0.safetensors\n",
+                "`transcoders` is not a list",
+            ),
+            (
+                "transcoders:\n  - {a: 1}\n",
+                "`transcoders` item 0 is not a file name",
+            ),
+        ] {
+            let e = read(text).err().unwrap().to_string();
+            assert!(
+                e.contains("config.yaml") && e.contains(says),
+                "{text:?}: {e}"
+            );
+        }
+    }
+
+    /// Every name written into an exported `config.yaml` reads back as itself; ordinary names are written
+    /// plain.
+    #[test]
+    fn written_names_read_back_as_themselves() {
+        for s in [
+            "mlp.hook_in",
+            "google/gemma-2-2b",
+            "blocks.0.hook_mlp_out",
+            "stories260K",
+            "",
+            "yes",
+            "No",
+            "null",
+            "~",
+            "7b",
+            "1e3",
+            "-1",
+            ".5",
+            "a: b",
+            "x # y",
+            "#tag",
+            " padded ",
+            "[list]",
+            "{map}",
+            "'quoted'",
+            "\"dq\"",
+            "back\\slash",
+            "tab\there",
+            "line\nbreak",
+            "é ✓",
+            "*alias",
+            "&anchor",
+            "!tag",
+            "- dash",
+            "?q",
+            "%pct",
+            "@at",
+            "`tick",
+            "|pipe",
+            ">gt",
+        ] {
+            let c = read(&format!("k: {}\n", yaml_string(s))).unwrap();
+            assert_eq!(c.get("k"), Some(s), "{s:?} written as {}", yaml_string(s));
+        }
+        for s in [
+            "mlp.hook_in",
+            "google/gemma-2-2b",
+            "blocks.0.hook_mlp_out",
+            "stories260K",
+        ] {
+            assert_eq!(yaml_string(s), s);
+        }
+    }
 }
