@@ -15,6 +15,7 @@ fuzz_target!(|data: &[u8]| {
     };
     let path = Path::new("fuzz.bin");
     if pick & 1 == 0 {
+        let _ = llama2c::looks_like_checkpoint(bytes, bytes.len() as u64);
         if let Ok(m) = llama2c::parse_checkpoint(path, bytes) {
             let _ = m.forward(&[1, 2, 3]);
         }

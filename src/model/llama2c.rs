@@ -84,26 +84,25 @@ pub fn looks_like_checkpoint(bytes: &[u8], file_len: u64) -> bool {
     }
 }
 
+/// The length of a checkpoint of config `c`; `None` where it does not fit in a `u64` (each size in a header
+/// may be 2^24, so the sum is taken in `u128`, where it cannot overflow).
 fn expected_len(c: &LlamaConfig, tied: bool) -> Option<u64> {
-    let (d, h, l, kv, v, t) = (
+    let [d, h, l, kv, v, t, hd] = [
         c.d_model,
         c.hidden_dim,
         c.n_layers,
         c.kv_dim(),
         c.vocab_size,
         c.max_seq_len,
-    );
+        c.head_dim,
+    ]
+    .map(|x| x as u128);
     let floats = v * d
-        + l * d
-        + l * d * d
-        + 2 * l * kv * d
-        + l * d * d
-        + l * d
-        + 3 * l * h * d
+        + l * (d + d * d + 2 * kv * d + d * d + d + 3 * h * d)
         + d
-        + t * c.head_dim
+        + t * hd
         + if tied { 0 } else { v * d };
-    Some(HEADER_BYTES as u64 + 4 * floats as u64)
+    u64::try_from(HEADER_BYTES as u128 + 4 * floats).ok()
 }
 
 /// Loads a llama2.c v0 checkpoint.
@@ -408,6 +407,27 @@ mod tests {
             bytes.extend(p);
         }
         Llama2cTokenizer::parse(Path::new("toy.bin"), &bytes, pieces.len()).unwrap()
+    }
+
+    /// A header of the largest sizes accepted describes more than 2^64 bytes: no length, so no file looks
+    /// like it (the sum wrapped around before, and could have matched some file's length).
+    #[test]
+    fn the_largest_header_has_no_length() {
+        let h: Vec<u8> = [1 << 24, 1 << 24, 1 << 24, 1, 1, -(1 << 24), 1 << 24]
+            .iter()
+            .flat_map(|v: &i32| v.to_le_bytes())
+            .collect();
+        let (c, tied) = config_from_header(Path::new("big.bin"), &h).unwrap();
+        assert_eq!(expected_len(&c, tied), None);
+        assert!(!looks_like_checkpoint(&h, u64::MAX));
+        // A small one's length is the header and its floats.
+        let small: Vec<u8> = [8, 16, 2, 2, 1, 16, 8]
+            .iter()
+            .flat_map(|v: &i32| v.to_le_bytes())
+            .collect();
+        let (c, tied) = config_from_header(Path::new("small.bin"), &small).unwrap();
+        let floats = 16 * 8 + 2 * (8 + 64 + 2 * 4 * 8 + 64 + 8 + 3 * 16 * 8) + 8 + 8 * 4;
+        assert_eq!(expected_len(&c, tied), Some(28 + 4 * floats));
     }
 
     #[test]
