@@ -843,8 +843,9 @@ fn tiny_llama2c() -> Vec<u8> {
     b
 }
 
-/// The seeds of `fuzz/`'s targets `gguf` and `llama2c` (the first byte of a `llama2c` input picks the
-/// checkpoint, even, or the tokenizer, odd), by file name under `fuzz/seeds/`.
+/// The seeds of `fuzz/`'s targets `gguf`, `llama2c` and `transcoder_layer` (the first byte of a `llama2c`
+/// input picks the checkpoint, even, or the tokenizer, odd; of a `transcoder_layer` input, a safetensors
+/// layer or an archive's members), by file name under `fuzz/seeds/`.
 fn fuzz_seeds() -> Vec<(String, Vec<u8>)> {
     let mut seeds: Vec<(String, Vec<u8>)> = ARCHS
         .iter()
@@ -858,11 +859,36 @@ fn fuzz_seeds() -> Vec<(String, Vec<u8>)> {
         "llama2c/tok512.bin".into(),
         [&[1u8][..], &fixture("tok512.bin")].concat(),
     ));
+    seeds.push((
+        "transcoder_layer/layer_0.safetensors".into(),
+        [&[0u8][..], &safetensors_layer()].concat(),
+    ));
+    let members: Vec<u8> = npz_members().into_iter().flat_map(|(_, b)| b).collect();
+    seeds.push((
+        "transcoder_layer/params.npz.members".into(),
+        [&[1u8][..], &members].concat(),
+    ));
     seeds
 }
 
+/// What the `transcoder_layer` target makes of its input (after the first byte) for an archive: the bytes
+/// split before each `.npy` magic, named in the order of [`npz_members`].
+fn members_of(bytes: &[u8]) -> Vec<(&'static str, Vec<u8>)> {
+    const MAGIC: &[u8] = b"\x93NUMPY";
+    let mut starts: Vec<usize> = (1..bytes.len().saturating_sub(MAGIC.len() - 1))
+        .filter(|&i| bytes[i..].starts_with(MAGIC))
+        .collect();
+    starts.insert(0, 0);
+    starts.push(bytes.len());
+    npz_members()
+        .iter()
+        .zip(starts.windows(2))
+        .map(|((name, _), w)| (*name, bytes[w[0]..w[1]].to_vec()))
+        .collect()
+}
+
 /// The committed fuzz seeds are the files these tests write, and each still loads, so a fuzzer starts from
-/// inputs that reach the models and tokenizers. `CLT_WRITE_FUZZ_SEEDS=1` rewrites them.
+/// inputs that reach the models, tokenizers and layers. `CLT_WRITE_FUZZ_SEEDS=1` rewrites them.
 #[test]
 fn the_fuzz_seeds_are_current_and_load() {
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("fuzz/seeds");
@@ -885,6 +911,21 @@ fn the_fuzz_seeds_are_current_and_load() {
         if name.starts_with("gguf/") {
             let g = GgufFile::parse(p, bytes).unwrap();
             g.model().unwrap().forward(&[0, 1, 2]).unwrap();
+        } else if name.starts_with("transcoder_layer/") {
+            // As the target reads it: the file itself, or the members archived in order.
+            let tmp = tempfile::tempdir().unwrap();
+            let path = if bytes[0] == 0 {
+                let path = tmp.path().join("layer_0.safetensors");
+                std::fs::write(&path, &bytes[1..]).unwrap();
+                path
+            } else {
+                assert_eq!(members_of(&bytes[1..]), npz_members());
+                let path = tmp.path().join("params.npz");
+                common::npz::write_npz(&path, &members_of(&bytes[1..]), false);
+                path
+            };
+            let l = clt::clt::transcoder_set::read_layer(&path).unwrap();
+            assert_eq!((l.n_features, l.d_model), (6, 4));
         } else if bytes[0] == 0 {
             llama2c::parse_checkpoint(p, &bytes[1..])
                 .unwrap()
