@@ -843,6 +843,36 @@ fn tiny_llama2c() -> Vec<u8> {
     b
 }
 
+/// The GGML types the loader dequantises (all but the element types).
+const QUANT_TYPES: [u32; 12] = [2, 3, 6, 7, 8, 10, 11, 12, 13, 14, 20, 23];
+
+/// A GGUF file of no model: one 512-element tensor `t{type}` of each block type, of random bytes whose f16
+/// scales are small numbers, so that the `gguf` fuzz target starts each dequantiser from a block it reads.
+fn quant_gguf() -> Vec<u8> {
+    use clt::model::ggml_quants::block_layout;
+    use common::gguf::{Meta, RawTensor, write_gguf_raw};
+    let mut r = common::hf::Rng(19);
+    let tensors: Vec<RawTensor> = QUANT_TYPES
+        .iter()
+        .map(|&t| {
+            let (block, bytes) = block_layout(t).unwrap();
+            let n = (512 / block * bytes) as usize;
+            // Bytes of the form 0x3?: any f16 made of two of them is between 0.1 and 1.1.
+            let b = r
+                .vals(n, 1.0)
+                .iter()
+                .map(|v| 0x30 | (v.to_bits() as u8 & 0x0f))
+                .collect();
+            (format!("t{t}"), vec![512], t, b)
+        })
+        .collect();
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("quants.gguf");
+    let meta = [("general.architecture", Meta::Str("llama".into()))];
+    write_gguf_raw(&path, &meta, &tensors);
+    std::fs::read(&path).unwrap()
+}
+
 /// The seeds of `fuzz/`'s targets `gguf`, `llama2c` and `transcoder_layer` (the first byte of a `llama2c`
 /// input picks the checkpoint, even, or the tokenizer, odd; of a `transcoder_layer` input, a safetensors
 /// layer or an archive's members), by file name under `fuzz/seeds/`.
@@ -859,6 +889,7 @@ fn fuzz_seeds() -> Vec<(String, Vec<u8>)> {
         "llama2c/tok512.bin".into(),
         [&[1u8][..], &fixture("tok512.bin")].concat(),
     ));
+    seeds.push(("gguf/quants.gguf".into(), quant_gguf()));
     seeds.push((
         "transcoder_layer/layer_0.safetensors".into(),
         [&[0u8][..], &safetensors_layer()].concat(),
@@ -908,7 +939,16 @@ fn the_fuzz_seeds_are_current_and_load() {
             path.display()
         );
         let p = Path::new("seed");
-        if name.starts_with("gguf/") {
+        if name == "gguf/quants.gguf" {
+            let g = GgufFile::parse(p, bytes).unwrap();
+            for t in QUANT_TYPES {
+                let (v, _) = g.tensor_f32(&format!("t{t}")).unwrap();
+                assert!(
+                    v.len() == 512 && v.iter().all(|x| x.is_finite()),
+                    "type {t}"
+                );
+            }
+        } else if name.starts_with("gguf/") {
             let g = GgufFile::parse(p, bytes).unwrap();
             g.model().unwrap().forward(&[0, 1, 2]).unwrap();
         } else if name.starts_with("transcoder_layer/") {

@@ -1,4 +1,5 @@
-//! A minimal GGUF v3 writer for tests: metadata of the kinds model files use, and F32 tensors.
+//! A minimal GGUF v3 writer for tests: metadata of the kinds model files use, and F32 tensors (or tensors of
+//! any type, as bytes).
 
 use std::path::Path;
 
@@ -25,6 +26,22 @@ pub fn write_gguf<K: AsRef<str>>(
     meta: &[(K, Meta)],
     tensors: &[(String, Vec<u64>, Vec<f32>)],
 ) {
+    let raw: Vec<RawTensor> = tensors
+        .iter()
+        .map(|(name, ne, v)| {
+            assert_eq!(ne.iter().product::<u64>() as usize, v.len(), "{name}");
+            let bytes = v.iter().flat_map(|x| x.to_le_bytes()).collect();
+            (name.clone(), ne.clone(), 0, bytes)
+        })
+        .collect();
+    write_gguf_raw(path, meta, &raw);
+}
+
+/// A tensor as stored: name, ggml dimensions (fastest first), ggml type id, its bytes.
+pub type RawTensor = (String, Vec<u64>, u32, Vec<u8>);
+
+/// Writes a GGUF file with these metadata keys and tensors of any type, their bytes as given.
+pub fn write_gguf_raw<K: AsRef<str>>(path: &Path, meta: &[(K, Meta)], tensors: &[RawTensor]) {
     let mut b = Vec::new();
     b.extend(b"GGUF");
     b.extend(3u32.to_le_bytes());
@@ -70,20 +87,19 @@ pub fn write_gguf<K: AsRef<str>>(
         }
     }
     let mut off = 0u64;
-    for (name, ne, data) in tensors {
-        assert_eq!(ne.iter().product::<u64>() as usize, data.len(), "{name}");
+    for (name, ne, ty, data) in tensors {
         string(&mut b, name);
         b.extend((ne.len() as u32).to_le_bytes());
         ne.iter().for_each(|d| b.extend(d.to_le_bytes()));
-        b.extend(0u32.to_le_bytes()); // F32
+        b.extend(ty.to_le_bytes());
         b.extend(off.to_le_bytes());
-        off += (data.len() as u64 * 4).div_ceil(32) * 32;
+        off += (data.len() as u64).div_ceil(32) * 32;
     }
     while b.len() % 32 != 0 {
         b.push(0);
     }
-    for (_, _, data) in tensors {
-        data.iter().for_each(|v| b.extend(v.to_le_bytes()));
+    for (_, _, _, data) in tensors {
+        b.extend(data);
         while b.len() % 32 != 0 {
             b.push(0);
         }
