@@ -246,16 +246,16 @@ fn yaml_string(s: &str) -> String {
         Ok([Yaml::Hash(m)]) if m.len() == 1
             && m.get(&Yaml::String("k".into())) == Some(&Yaml::String(s.into()))
     );
-    // YAML 1.1's booleans, and anything numeric-looking (1.1 also reads `1_000`, `0x1f`, `1:30`).
+    // Plain only for names of letters, digits and `._-/` (PyYAML refuses some plain scalars YAML 1.2 takes),
+    // starting with a letter or digit (so no sign or dot).
+    let simple = s.starts_with(char::is_alphanumeric)
+        && s.chars().all(|c| c.is_alphanumeric() || "._-/".contains(c));
+    // YAML 1.1's booleans and nulls, and anything starting with a digit (1.1 also reads `1_000`, `0x1f`,
+    // `1:30` as numbers).
     let yaml11 = matches!(
         s.to_ascii_lowercase().as_str(),
         "y" | "n" | "yes" | "no" | "on" | "off" | "true" | "false" | "null" | "~"
-    ) || s
-        .trim_start_matches(['+', '-', '.'])
-        .starts_with(|c: char| c.is_ascii_digit());
-    // Plain only for names of letters, digits and `._-/` (PyYAML refuses some plain scalars YAML 1.2 takes).
-    let simple = s.starts_with(char::is_alphanumeric)
-        && s.chars().all(|c| c.is_alphanumeric() || "._-/".contains(c));
+    ) || s.starts_with(|c: char| c.is_ascii_digit());
     if simple && reads_back && !yaml11 {
         s.to_string()
     } else {
