@@ -152,3 +152,94 @@ fn bad_input_is_reported_not_panicked() {
     ]);
     assert!(!ok && err.contains("CUDA"), "{err}");
 }
+
+/// `clt eval --data`: every token of a held-out store once, across the evaluator's 4,096-token batches,
+/// however many `--tokens` asks for; the figures match one direct pass over all tokens.
+#[test]
+fn eval_reads_each_held_out_token_once() {
+    use clt::data::ActDims;
+    use clt::store::{Codec, DatasetWriter, WriterConfig, format::ShardMeta};
+    let tmp = tempfile::tempdir().unwrap();
+    let run = tmp.path().join("run");
+    let cfg = Path::new(env!("CARGO_MANIFEST_DIR")).join("configs/synthetic.toml");
+    let (ok, _, err) = clt(&[
+        "train",
+        "--config",
+        cfg.to_str().unwrap(),
+        "--out",
+        run.to_str().unwrap(),
+        "--steps",
+        "30",
+        "--quiet",
+    ]);
+    assert!(ok, "{err}");
+    let t = clt::dist::checkpoint::load_transcoder(&run).unwrap();
+    let (l_n, d) = (t.cfg.n_layers, t.cfg.d_model);
+    // Targets with a per-layer offset, which the variance about the mean must remove.
+    let n = 5_000;
+    let mut rng = clt::rng::Rng::seed(3);
+    let x: Vec<f32> = (0..n * l_n * d).map(|_| rng.normal() as f32).collect();
+    let y: Vec<f32> = (0..n * l_n * d)
+        .map(|i| 3.0 * ((i / d) % l_n) as f32 + rng.normal() as f32)
+        .collect();
+    let store = tmp.path().join("held-out");
+    let wcfg = WriterConfig {
+        codec: Codec::F32,
+        block_tokens: 256,
+        ..WriterConfig::default()
+    };
+    let dims = ActDims {
+        n_layers: l_n,
+        d_model: d,
+    };
+    let mut w = DatasetWriter::create(&store, dims, wcfg, ShardMeta::default(), 2_000).unwrap();
+    w.push(&x, &y, None).unwrap();
+    w.finish().unwrap();
+
+    let (ok, out, err) = clt(&[
+        "eval",
+        "--checkpoint",
+        run.to_str().unwrap(),
+        "--data",
+        store.to_str().unwrap(),
+        "--tokens",
+        "100000",
+    ]);
+    assert!(ok, "{err}");
+    assert!(out.contains("over 5000 tokens"), "{out}");
+    assert!(err.contains("holds 5000 tokens"), "{err}");
+    assert!(!err.contains("not held out"), "{err}");
+
+    // One pass over all 5,000 tokens, in store order.
+    let (mut xn, mut yn) = (x.clone(), y.clone());
+    t.norms.apply(d, &mut xn, &mut yn);
+    let (_, yhat) = clt::backend::cpu::sparse::forward(&t.cfg, &t.params, &xn, n, 1.0);
+    let (_, sq) = clt::backend::cpu::sparse::residual(&yhat, &yn, n, l_n, d);
+    let var = clt::backend::grads::target_variance(&yn, n, l_n, d);
+    let want = sq.iter().sum::<f64>() / var.iter().sum::<f64>();
+    let got: f64 = out
+        .lines()
+        .find_map(|l| l.strip_prefix("NMSE "))
+        .and_then(|l| l.split_whitespace().next())
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!(
+        (got - want).abs() < 1e-4,
+        "NMSE {got} printed, {want} in one pass"
+    );
+    for (l, line) in out
+        .lines()
+        .skip_while(|l| !l.starts_with("layer"))
+        .skip(1)
+        .take(l_n)
+        .enumerate()
+    {
+        let printed: f64 = line.split_whitespace().nth(1).unwrap().parse().unwrap();
+        let want = sq[l] / var[l];
+        assert!(
+            (printed - want).abs() < 1e-4,
+            "layer {l}: {printed} vs {want}"
+        );
+    }
+}

@@ -115,7 +115,7 @@ enum Command {
         /// A held-out activation-store dataset (e.g. `clt cache` over other text).
         #[arg(long)]
         data: Option<PathBuf>,
-        /// Tokens to evaluate on.
+        /// Tokens to evaluate on (at most what the --data store holds; read 4,096 at a time).
         #[arg(long, default_value_t = 4096)]
         tokens: usize,
     },
@@ -444,9 +444,25 @@ fn run(cli: Cli) -> clt::Result<()> {
             let t = clt::dist::checkpoint::load_transcoder(&checkpoint)?;
             let run = clt::dist::checkpoint::run_config(&checkpoint)?;
             let r = match (data, &run.data) {
-                (Some(path), _) => {
+                (Some(path), data) => {
+                    if let clt::train::DataConfig::Store(s) = data
+                        && same_dir(&s.path, &path)
+                    {
+                        eprintln!(
+                            "warning: {} is the store this run trained on: these figures are not held out",
+                            path.display()
+                        );
+                    }
                     let mut src = clt::store::ShardLoader::open(&path, Default::default())?;
-                    clt::eval::evaluate(&t, &mut src, tokens, 0)?
+                    // The loader would start another epoch past the store's end and count tokens twice.
+                    let held = usize::try_from(src.epoch_tokens(0)).unwrap_or(usize::MAX);
+                    if tokens > held {
+                        eprintln!(
+                            "{} holds {held} tokens (fewer than --tokens {tokens}): evaluating on all of them",
+                            path.display()
+                        );
+                    }
+                    clt::eval::evaluate(&t, &mut src, tokens.min(held), 0)?
                 }
                 (None, clt::train::DataConfig::Synthetic(_)) => {
                     let mut src = make_source(&run)?;
@@ -639,6 +655,14 @@ fn run(cli: Cli) -> clt::Result<()> {
             println!("parameters: {}", t.params.len());
             Ok(())
         }
+    }
+}
+
+/// Whether two paths name the same directory (as given, when either cannot be resolved).
+fn same_dir(a: &std::path::Path, b: &std::path::Path) -> bool {
+    match (a.canonicalize(), b.canonicalize()) {
+        (Ok(a), Ok(b)) => a == b,
+        _ => a == b,
     }
 }
 
