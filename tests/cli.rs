@@ -243,3 +243,116 @@ fn eval_reads_each_held_out_token_once() {
         );
     }
 }
+
+/// `clt convert-batchtopk`'s output keeps what its run trained on: `eval` finds the synthetic held-out
+/// region or asks for a store, `export` and `attribute` read the hook the store recorded (here
+/// `resid_mid`, not the default); an imported transcoder, which records nothing, is told to pass --data.
+#[test]
+fn a_converted_checkpoint_keeps_its_runs_data_and_hook() {
+    let shared = Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared");
+    assert!(
+        shared.is_dir(),
+        "../shared is missing: this test needs the stories260K fixture and the corpus"
+    );
+    let s = |p: &str| shared.join(p).to_str().unwrap().to_string();
+    let tmp = tempfile::tempdir().unwrap();
+    let p = |name: &str| tmp.path().join(name).to_str().unwrap().to_string();
+    let (ok, _, err) = clt(&[
+        "cache",
+        "--model",
+        &s("models/stories260K/stories260K.bin"),
+        "--tokenizer",
+        &s("models/stories260K/tok512.bin"),
+        "--corpus",
+        &s("corpus/tinystories_valid_head.txt"),
+        "--out",
+        &p("acts"),
+        "--max-tokens",
+        "3000",
+        "--input-hook",
+        "resid-mid",
+    ]);
+    assert!(ok, "{err}");
+    let toml = "[model]\nn_layers = 5\nd_model = 64\nn_features = 128\n\
+                [model.activation]\nkind = \"batchtopk\"\nk = 8\n\
+                [train]\nsteps = 20\nbatch_size = 256\n\
+                [data]\nkind = \"store\"\npath = \"ACTS\"\n"
+        .replace("ACTS", &p("acts"));
+    std::fs::write(tmp.path().join("btk.toml"), toml).unwrap();
+    let (ok, _, err) = clt(&[
+        "train",
+        "--config",
+        &p("btk.toml"),
+        "--out",
+        &p("btk"),
+        "--quiet",
+    ]);
+    assert!(ok, "{err}");
+    let (ok, out, err) = clt(&[
+        "convert-batchtopk",
+        "--checkpoint",
+        &p("btk"),
+        "--out",
+        &p("j"),
+        "--batches",
+        "2",
+        "--batch-size",
+        "512",
+    ]);
+    assert!(ok, "{out}{err}");
+
+    let (ok, _, err) = clt(&["eval", "--checkpoint", &p("j")]);
+    assert!(!ok && err.contains("needs --data"), "{err}");
+    let (ok, out, err) = clt(&["eval", "--checkpoint", &p("j"), "--data", &p("acts")]);
+    assert!(ok && out.contains("over 3000 tokens"), "{out}{err}");
+    assert!(err.contains("not held out"), "{err}");
+    let (ok, _, err) = clt(&["export", "--checkpoint", &p("j"), "--out", &p("ct")]);
+    assert!(ok && !err.contains("no cache.json"), "{err}");
+    let yaml = std::fs::read_to_string(tmp.path().join("ct/config.yaml")).unwrap();
+    assert!(
+        yaml.contains("feature_input_hook: hook_resid_mid\n"),
+        "{yaml}"
+    );
+    let norm = clt::attribution::linear::NormKind::Rms;
+    let lt = clt::attribution::load_transcoder(&tmp.path().join("j"), None, norm).unwrap();
+    assert_eq!(lt.input_hook, clt::cache::InputHook::ResidMid);
+
+    let (ok, _, err) = clt(&["import", "--from", &p("ct"), "--out", &p("imported")]);
+    assert!(ok, "{err}");
+    let (ok, _, err) = clt(&["eval", "--checkpoint", &p("imported")]);
+    assert!(!ok && err.contains("records no training data"), "{err}");
+    let (ok, out, err) = clt(&["eval", "--checkpoint", &p("imported"), "--data", &p("acts")]);
+    assert!(ok && out.contains("over 3000 tokens"), "{out}{err}");
+
+    // A converted synthetic run is evaluated on its generator's held-out region.
+    let cfg = Path::new(env!("CARGO_MANIFEST_DIR")).join("configs/synthetic.toml");
+    let synth = std::fs::read_to_string(cfg)
+        .unwrap()
+        .replace("kind = \"jumprelu\"", "kind = \"topk\"\nk = 4");
+    std::fs::write(tmp.path().join("synth.toml"), synth).unwrap();
+    let (ok, _, err) = clt(&[
+        "train",
+        "--config",
+        &p("synth.toml"),
+        "--out",
+        &p("topk"),
+        "--steps",
+        "20",
+        "--quiet",
+    ]);
+    assert!(ok, "{err}");
+    let (ok, out, err) = clt(&[
+        "convert-batchtopk",
+        "--checkpoint",
+        &p("topk"),
+        "--out",
+        &p("tj"),
+        "--batches",
+        "2",
+        "--batch-size",
+        "256",
+    ]);
+    assert!(ok, "{out}{err}");
+    let (ok, out, err) = clt(&["eval", "--checkpoint", &p("tj"), "--tokens", "300"]);
+    assert!(ok && out.contains("over 300 tokens"), "{out}{err}");
+}

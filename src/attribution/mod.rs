@@ -160,8 +160,8 @@ fn hook_named(name: &str, norm: NormKind, path: &Path) -> Result<InputHook> {
 
 /// The `cache.json` of the store a checkpoint's run trained on, when it can be found.
 fn cache_record_of_run(dir: &Path) -> Option<crate::cache::CacheRecord> {
-    let run = crate::dist::checkpoint::run_config(dir).ok()?;
-    let crate::train::DataConfig::Store(s) = run.data else {
+    let data = crate::dist::checkpoint::data_config(dir).ok()??;
+    let crate::train::DataConfig::Store(s) = data else {
         return None;
     };
     let base = if s.path.is_dir() {

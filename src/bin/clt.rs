@@ -440,12 +440,12 @@ fn run(cli: Cli) -> clt::Result<()> {
             data,
             tokens,
         } => {
-            // Native or sharded checkpoints (`clt::dist::checkpoint` reads both).
+            // Native or sharded checkpoints (`clt::dist::checkpoint` reads both), or converted ones.
             let t = clt::dist::checkpoint::load_transcoder(&checkpoint)?;
-            let run = clt::dist::checkpoint::run_config(&checkpoint)?;
-            let r = match (data, &run.data) {
-                (Some(path), data) => {
-                    if let clt::train::DataConfig::Store(s) = data
+            let trained_on = clt::dist::checkpoint::data_config(&checkpoint)?;
+            let r = match (data, &trained_on) {
+                (Some(path), trained_on) => {
+                    if let Some(clt::train::DataConfig::Store(s)) = trained_on
                         && same_dir(&s.path, &path)
                     {
                         eprintln!(
@@ -464,14 +464,28 @@ fn run(cli: Cli) -> clt::Result<()> {
                     }
                     clt::eval::evaluate(&t, &mut src, tokens.min(held), 0)?
                 }
-                (None, clt::train::DataConfig::Synthetic(_)) => {
-                    let mut src = make_source(&run)?;
+                (None, Some(synthetic @ clt::train::DataConfig::Synthetic(_))) => {
+                    let dims = clt::data::ActDims {
+                        n_layers: t.cfg.n_layers,
+                        d_model: t.cfg.d_model,
+                    };
+                    let mut src = clt::train::trainer::data_source(dims, synthetic)?;
                     clt::eval::evaluate(&t, src.as_mut(), tokens, 1u64 << 40)?
                 }
-                (None, clt::train::DataConfig::Store(_)) => {
+                (None, Some(clt::train::DataConfig::Store(_))) => {
                     return Err(clt::Error::config(
                         "data",
                         "a run trained on a store dataset needs --data DIR with held-out activations",
+                    ));
+                }
+                (None, None) => {
+                    return Err(clt::Error::config(
+                        "data",
+                        format!(
+                            "{} records no training data (an imported transcoder): pass --data DIR \
+                             with held-out activations",
+                            checkpoint.display()
+                        ),
                     ));
                 }
             };
@@ -536,10 +550,13 @@ fn run(cli: Cli) -> clt::Result<()> {
             batch_size,
         } => {
             let t = clt::dist::checkpoint::load_transcoder(&checkpoint)?;
-            let mut source = make_source(&clt::dist::checkpoint::run_config(&checkpoint)?)?;
+            let run = clt::dist::checkpoint::run_config(&checkpoint)?;
+            let mut source = make_source(&run)?;
             let (j, rep) =
                 clt::clt::convert::batchtopk_to_jumprelu(&t, source.as_mut(), batch_size, batches)?;
             save_transcoder(&out, &j)?;
+            // What it trained on goes with it: eval's synthetic held-out region, the hook its store recorded.
+            clt::dist::checkpoint::write_source_data(&out, &run.data)?;
             println!("layer  target L0  JumpReLU L0  threshold scale");
             for l in 0..rep.scale.len() {
                 println!(

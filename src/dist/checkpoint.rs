@@ -21,7 +21,7 @@ use crate::backend::KernelChoice;
 use crate::clt::checkpoint::{TensorFile, params_out, read_params, write_atomic, write_tensors};
 use crate::clt::{CltConfig, NormScales, Params, Transcoder};
 use crate::rng::Rng;
-use crate::train::RunConfig;
+use crate::train::{DataConfig, RunConfig};
 use crate::{Error, Result};
 use std::ops::Range;
 use std::path::{Path, PathBuf};
@@ -372,6 +372,41 @@ pub fn load_transcoder(path: &Path) -> Result<Transcoder> {
         params: data.params,
         norms: m.norms,
     })
+}
+
+/// The file in which a checkpoint derived from a run's (`clt convert-batchtopk`'s output, which has no
+/// training state) keeps the data configuration of that run.
+pub const SOURCE_DATA: &str = "source_data.json";
+
+/// Records in a derived checkpoint `dir` the data its source run trained on (see [`data_config`]).
+pub fn write_source_data(dir: &Path, data: &DataConfig) -> Result<()> {
+    let path = dir.join(SOURCE_DATA);
+    let json = serde_json::to_vec_pretty(data).map_err(|e| Error::Checkpoint {
+        path: path.clone(),
+        reason: e.to_string(),
+    })?;
+    write_atomic(&path, &json)
+}
+
+/// The data the transcoder of a checkpoint (or run directory) was trained on: its run's, for a training
+/// checkpoint of either kind; for a derived one, what [`write_source_data`] recorded; `None` when nothing
+/// records it (a `clt import`ed transcoder).
+pub fn data_config(path: &Path) -> Result<Option<DataConfig>> {
+    let dir = resolve(path)?;
+    if is_sharded(&dir) || dir.join("state.json").is_file() {
+        return run_config(&dir).map(|r| Some(r.data));
+    }
+    let path = dir.join(SOURCE_DATA);
+    if !path.is_file() {
+        return Ok(None);
+    }
+    let text = std::fs::read_to_string(&path).map_err(|e| Error::io(&path, e))?;
+    serde_json::from_str(&text)
+        .map(Some)
+        .map_err(|e| Error::Checkpoint {
+            path,
+            reason: format!("bad {SOURCE_DATA}: {e}"),
+        })
 }
 
 /// The run configuration of a checkpoint of either kind (a checkpoint or run directory).

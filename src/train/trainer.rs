@@ -60,7 +60,12 @@ pub fn make_source(run: &RunConfig) -> Result<Box<dyn ActivationSource>> {
         n_layers: run.model.n_layers,
         d_model: run.model.d_model,
     };
-    match &run.data {
+    data_source(dims, &run.data)
+}
+
+/// The activation source a data configuration names, for activations of `dims`.
+pub fn data_source(dims: ActDims, data: &DataConfig) -> Result<Box<dyn ActivationSource>> {
+    match data {
         DataConfig::Synthetic(s) => Ok(Box::new(SyntheticGenerator::new(dims, s.clone()))),
         DataConfig::Store(s) => {
             let cfg = crate::store::LoaderConfig {
