@@ -1,13 +1,15 @@
 //! Activation caching: run a language model over a corpus and write every layer's MLP inputs and outputs
 //! into the activation store.
 //!
-//! Documents are the blank-line-separated blocks of plain-text files, or the `"text"` field of each line of a
-//! `.jsonl` file. Each document is tokenised with the model's beginning-of-sequence token (when it has one)
+//! Documents ([`crate::corpus`]: the blocks of plain-text files between blank lines, or the `"text"` field
+//! of each line of a `.jsonl` file) are read one at a time and tokenised a batch's worth at a time, in
+//! parallel, as the forward needs them: caching reads only as much of the corpus as it caches. Each
+//! document is tokenised with the model's beginning-of-sequence token (when it has one)
 //! and cut into contexts of at most `context` tokens; every context after a document's first starts again with
 //! that token, so every context looks like the start of a sequence to the model. The BOS position itself is
 //! not cached (its activations are outliers that no transcoder should spend features on, and attribution
 //! zeroes it). Contexts are run in parallel batches; tokens reach the store in corpus order, so an interrupted
-//! cache resumes by skipping as many tokens as its complete shards hold.
+//! cache resumes by skipping as many tokens as its complete shards hold (tokenised again, not run).
 
 use crate::data::ActDims;
 use crate::model::forward::NormKind;
@@ -161,46 +163,13 @@ pub struct CacheRecord {
     pub hooks_in: Vec<String>,
     pub hooks_out: Vec<String>,
     pub n_tokens: u64,
+    /// Contexts this call ran through the model (not in `cache.json`): a resumed cache runs only those
+    /// past its complete shards.
+    #[serde(skip)]
+    pub contexts_run: u64,
 }
 
-/// Reads the documents of the corpus files.
-pub fn read_documents(paths: &[PathBuf]) -> Result<Vec<String>> {
-    let mut docs = Vec::new();
-    for p in paths {
-        let text = std::fs::read_to_string(p).map_err(|e| Error::io(p, e))?;
-        if p.extension().is_some_and(|e| e == "jsonl") {
-            for (i, line) in text
-                .lines()
-                .enumerate()
-                .filter(|(_, l)| !l.trim().is_empty())
-            {
-                let v: serde_json::Value =
-                    serde_json::from_str(line).map_err(|e| Error::Format {
-                        path: p.clone(),
-                        offset: i as u64,
-                        reason: format!("line {}: not JSON: {e}", i + 1),
-                    })?;
-                let t = v
-                    .get("text")
-                    .and_then(|t| t.as_str())
-                    .ok_or_else(|| Error::Format {
-                        path: p.clone(),
-                        offset: i as u64,
-                        reason: format!("line {}: no \"text\" string field", i + 1),
-                    })?;
-                docs.push(t.to_string());
-            }
-        } else {
-            docs.extend(
-                text.split("\n\n")
-                    .map(str::trim)
-                    .filter(|d| !d.is_empty())
-                    .map(String::from),
-            );
-        }
-    }
-    Ok(docs)
-}
+pub use crate::corpus::{Documents, read_documents};
 
 /// One context: its tokens, the document it comes from and the position of its first token in the document.
 struct Context {
@@ -209,27 +178,61 @@ struct Context {
     start: u32,
 }
 
-fn contexts(m: &LoadedModel, docs: &[String], context: usize) -> Result<Vec<Context>> {
+/// The contexts of document `doc` (its index in the corpus): BOS, then up to `context − 1` tokens of its body.
+fn doc_contexts(m: &LoadedModel, doc: u64, text: &str, context: usize) -> Result<Vec<Context>> {
+    let ids = m.tokenizer.encode(text)?;
+    let bos = m.tokenizer.bos().filter(|b| ids.first() == Some(b));
+    let body = if bos.is_some() { &ids[1..] } else { &ids[..] };
+    let room = if bos.is_some() { context - 1 } else { context };
     let mut out = Vec::new();
-    for (i, doc) in docs.iter().enumerate() {
-        let ids = m.tokenizer.encode(doc)?;
-        let bos = m.tokenizer.bos().filter(|b| ids.first() == Some(b));
-        let body = if bos.is_some() { &ids[1..] } else { &ids[..] };
-        let room = if bos.is_some() { context - 1 } else { context };
-        for (c, chunk) in body.chunks(room.max(1)).enumerate() {
-            let mut tokens = Vec::with_capacity(context);
-            tokens.extend(bos);
-            tokens.extend_from_slice(chunk);
-            if tokens.len() > bos.is_some() as usize {
-                out.push(Context {
-                    tokens,
-                    doc: i as u64,
-                    start: (c * room) as u32,
-                });
-            }
+    for (c, chunk) in body.chunks(room.max(1)).enumerate() {
+        let mut tokens = Vec::with_capacity(context);
+        tokens.extend(bos);
+        tokens.extend_from_slice(chunk);
+        if tokens.len() > bos.is_some() as usize {
+            out.push(Context {
+                tokens,
+                doc,
+                start: (c * room) as u32,
+            });
         }
     }
     Ok(out)
+}
+
+/// The corpus's contexts in order, tokenised `group` documents at a time in parallel as they are needed.
+struct ContextStream<'a> {
+    m: &'a LoadedModel,
+    docs: Documents,
+    next_doc: u64,
+    context: usize,
+    group: usize,
+    ready: std::collections::VecDeque<Context>,
+    docs_done: bool,
+}
+
+impl ContextStream<'_> {
+    /// Up to `n` next contexts (fewer only at the corpus's end).
+    fn take(&mut self, n: usize) -> Result<Vec<Context>> {
+        while self.ready.len() < n && !self.docs_done {
+            let mut texts = Vec::with_capacity(self.group);
+            for doc in self.docs.by_ref().take(self.group) {
+                texts.push((self.next_doc, doc?));
+                self.next_doc += 1;
+            }
+            self.docs_done = texts.len() < self.group;
+            let (m, context) = (self.m, self.context);
+            let ctxs: Vec<Result<Vec<Context>>> = texts
+                .par_iter()
+                .map(|(i, t)| doc_contexts(m, *i, t, context))
+                .collect();
+            for c in ctxs {
+                self.ready.extend(c?);
+            }
+        }
+        let n = n.min(self.ready.len());
+        Ok(self.ready.drain(..n).collect())
+    }
 }
 
 fn checksum_file(path: &Path) -> Result<String> {
@@ -275,6 +278,7 @@ pub fn cache(m: &LoadedModel, cfg: &CacheConfig) -> Result<CacheRecord> {
             hooks_in: hooks_in.clone(),
             hooks_out: hooks_out.clone(),
             n_tokens,
+            contexts_run: 0,
         })
     };
     if cfg.out.join(crate::store::manifest::MANIFEST_FILE).exists() {
@@ -302,29 +306,43 @@ pub fn cache(m: &LoadedModel, cfg: &CacheConfig) -> Result<CacheRecord> {
         eprintln!("resuming: {done} tokens already in complete shards");
     }
 
-    let docs = read_documents(&cfg.corpus)?;
-    let ctxs = contexts(m, &docs, cfg.context)?;
-    let cached_per_ctx = |c: &Context| {
-        (c.tokens.len()
-            - m.tokenizer
-                .bos()
-                .filter(|b| c.tokens[0] == *b)
-                .map_or(0, |_| 1)) as u64
+    let batch_n = cfg.contexts_per_batch.max(1);
+    let mut stream = ContextStream {
+        m,
+        docs: Documents::open(&cfg.corpus)?,
+        next_doc: 0,
+        context: cfg.context,
+        group: batch_n,
+        ready: Default::default(),
+        docs_done: false,
     };
-    let available: u64 = ctxs.iter().map(cached_per_ctx).sum();
-    let total = cfg.max_tokens.map_or(available, |t| t.min(available));
+    // Tokens to stop at (the corpus may end first): with a budget, the bar counts tokens; without, the
+    // corpus's bytes read.
+    let total = cfg.max_tokens.unwrap_or(u64::MAX);
     let bar = if cfg.quiet {
         indicatif::ProgressBar::hidden()
-    } else {
-        indicatif::ProgressBar::new(total)
-    };
-    bar.set_style(
-        indicatif::ProgressStyle::with_template(
-            "{bar:30} {pos}/{len} tokens  {per_sec}  [{elapsed_precise} < {eta_precise}]",
+    } else if let Some(t) = cfg.max_tokens {
+        indicatif::ProgressBar::new(t).with_style(
+            indicatif::ProgressStyle::with_template(
+                "{bar:30} {pos}/{len} tokens  {per_sec}  [{elapsed_precise} < {eta_precise}]",
+            )
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
         )
-        .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
-    );
-    bar.set_position(done.min(total));
+    } else {
+        indicatif::ProgressBar::new(stream.docs.total_bytes()).with_style(
+            indicatif::ProgressStyle::with_template(
+                "{bar:30} {bytes}/{total_bytes} of the corpus  [{elapsed_precise} < {eta_precise}]",
+            )
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+        )
+    };
+    let show = |bar: &indicatif::ProgressBar, written: u64, stream: &ContextStream| {
+        bar.set_position(match cfg.max_tokens {
+            Some(t) => written.min(t),
+            None => stream.docs.bytes_read(),
+        })
+    };
+    show(&bar, done, &stream);
 
     let hooks = Hooks {
         mlp_out: true,
@@ -335,15 +353,32 @@ pub fn cache(m: &LoadedModel, cfg: &CacheConfig) -> Result<CacheRecord> {
         logits: Logits::None,
         ..Default::default()
     };
+    let skip_bos = |c: &Context| m.tokenizer.bos().is_some_and(|b| c.tokens[0] == b) as usize;
     let mut seen = 0u64; // tokens of the stream passed so far (cached earlier or now)
     let mut written = done;
-    for batch in ctxs.chunks(cfg.contexts_per_batch.max(1)) {
-        if written >= total {
+    let mut contexts_run = 0u64;
+    while written < total {
+        let batch = stream.take(batch_n)?;
+        if batch.is_empty() {
             break;
         }
-        let outs: Vec<Result<(Vec<f32>, Vec<f32>)>> = batch
+        // Per context, the tokens to write: past those already in the store (resume), within the budget.
+        // Contexts with none are not run.
+        let mut work = Vec::with_capacity(batch.len());
+        let mut planned = written;
+        for c in &batch {
+            let n = c.tokens.len() - skip_bos(c);
+            let already = done.saturating_sub(seen).min(n as u64) as usize;
+            seen += n as u64;
+            let take = (n - already).min((total - planned) as usize);
+            if take > 0 {
+                planned += take as u64;
+                work.push((c, skip_bos(c) + already, take));
+            }
+        }
+        let outs: Vec<Result<(Vec<f32>, Vec<f32>)>> = work
             .par_iter()
-            .map(|c| {
+            .map(|(c, _, _)| {
                 let out = m.model.forward_with(&c.tokens, &opts)?;
                 let t = c.tokens.len();
                 let mut x = vec![0.0f32; t * l_n * d];
@@ -363,38 +398,32 @@ pub fn cache(m: &LoadedModel, cfg: &CacheConfig) -> Result<CacheRecord> {
                 Ok((x, y))
             })
             .collect();
-        for (c, res) in batch.iter().zip(outs) {
+        contexts_run += work.len() as u64;
+        for ((c, s, take), res) in work.iter().zip(outs) {
             let (x, y) = res?;
-            let skip_bos = m.tokenizer.bos().is_some_and(|b| c.tokens[0] == b) as usize;
-            let n = c.tokens.len() - skip_bos;
-            // Tokens of this context already in the store (resume) or beyond the budget.
-            let already = done.saturating_sub(seen).min(n as u64) as usize;
-            seen += n as u64;
-            let budget = (total - written.min(total)) as usize;
-            let take = (n - already).min(budget);
-            if take > 0 {
-                let s = skip_bos + already;
-                let e = s + take;
-                let row = l_n * d;
-                let positions: Vec<u32> = (s..e).map(|p| c.start + p as u32).collect();
-                let doc_ids = vec![c.doc; take];
-                writer.push(
-                    &x[s * row..e * row],
-                    &y[s * row..e * row],
-                    Some(TokenIds {
-                        tokens: &c.tokens[s..e],
-                        positions: &positions,
-                        doc_ids: &doc_ids,
-                    }),
-                )?;
-                written += take as u64;
-                bar.set_position(written);
-            }
+            let (s, e) = (*s, s + take);
+            let row = l_n * d;
+            let positions: Vec<u32> = (s..e).map(|p| c.start + p as u32).collect();
+            let doc_ids = vec![c.doc; *take];
+            writer.push(
+                &x[s * row..e * row],
+                &y[s * row..e * row],
+                Some(TokenIds {
+                    tokens: &c.tokens[s..e],
+                    positions: &positions,
+                    doc_ids: &doc_ids,
+                }),
+            )?;
+            written += *take as u64;
         }
+        show(&bar, written, &stream);
     }
     bar.finish_and_clear();
     let manifest = writer.finish()?;
-    let rec = record(manifest.n_tokens)?;
+    let rec = CacheRecord {
+        contexts_run,
+        ..record(manifest.n_tokens)?
+    };
     let json = serde_json::to_vec_pretty(&rec).map_err(|e| Error::InvalidData {
         what: "cache.json".into(),
         reason: e.to_string(),

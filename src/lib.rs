@@ -20,6 +20,7 @@ pub mod backend;
 pub mod bench;
 pub mod cache;
 pub mod clt;
+pub mod corpus;
 pub mod data;
 pub mod demo;
 pub mod dist;

@@ -61,7 +61,7 @@ fn cached_activations_are_the_models_hooks() {
 fn interrupted_cache_resumes_to_the_same_dataset() {
     let m = model();
     let full = tempfile::tempdir().unwrap();
-    cache(&m, &config(full.path(), 2500, Codec::Int8, 1000)).unwrap();
+    let whole = cache(&m, &config(full.path(), 2500, Codec::Int8, 1000)).unwrap();
     let want = read_all(full.path());
     assert_eq!(want.2.len(), 2500);
 
@@ -73,18 +73,22 @@ fn interrupted_cache_resumes_to_the_same_dataset() {
     }
     let rec = cache(&m, &config(part.path(), 2500, Codec::Int8, 1000)).unwrap();
     assert_eq!(rec.n_tokens, 2500);
+    // Only the contexts past the two complete shards are run again: those of 500 of the 2,500 tokens
+    // (a fifth of the contexts, give or take a context cut by a shard's end).
+    assert!(
+        rec.contexts_run > 0 && rec.contexts_run * 3 < whole.contexts_run,
+        "resumed: {} contexts run, whole: {}",
+        rec.contexts_run,
+        whole.contexts_run
+    );
     let got = read_all(part.path());
     assert!(
         got == want,
         "the resumed dataset differs from the uninterrupted one"
     );
     // A finished dataset is left alone.
-    assert_eq!(
-        cache(&m, &config(part.path(), 2500, Codec::Int8, 1000))
-            .unwrap()
-            .n_tokens,
-        2500
-    );
+    let again = cache(&m, &config(part.path(), 2500, Codec::Int8, 1000)).unwrap();
+    assert_eq!((again.n_tokens, again.contexts_run), (2500, 0));
 }
 
 #[test]
