@@ -78,7 +78,8 @@ enum Command {
         /// The tokenizer, for llama2.c checkpoints.
         #[arg(long)]
         tokenizer: Option<PathBuf>,
-        /// Corpus files: plain text (blank-line-separated documents) or .jsonl with a "text" field.
+        /// Corpus files: plain text (blank-line-separated documents) or .jsonl with a "text" field, either
+        /// compressed with zstd (.zst) or gzip (.gz) or not; read as needed, a document at a time.
         #[arg(long, required = true, num_args = 1..)]
         corpus: Vec<PathBuf>,
         /// The dataset directory to write.
