@@ -20,6 +20,8 @@ pub struct EvalReport {
     pub nmse: f64,
     pub nmse_per_layer: Vec<f64>,
     pub l0_per_layer: Vec<f64>,
+    /// Features of each layer that fired on none of the evaluated tokens.
+    pub dead_per_layer: Vec<usize>,
 }
 
 /// Per layer and dimension: the count, mean and sum of squared deviations of the targets seen so far.
@@ -89,6 +91,7 @@ pub fn evaluate(
     let mut moments = TargetMoments::new(l_n, d);
     let mut sq = vec![0.0f64; l_n];
     let mut active = vec![0usize; l_n];
+    let mut fired = vec![vec![0u64; cfg.n_features]; l_n];
     let mut batch = Batch::default();
     let mut done = 0;
     while done < n_tokens {
@@ -102,6 +105,11 @@ pub fn evaluate(
             .iter_mut()
             .zip(&codes)
             .for_each(|(a, c)| *a += c.n_active());
+        for (f, c) in fired.iter_mut().zip(&codes) {
+            f.iter_mut()
+                .zip(&c.active_count)
+                .for_each(|(f, a)| *f += *a as u64);
+        }
         moments.add(&batch.y, n);
         done += n;
     }
@@ -113,6 +121,10 @@ pub fn evaluate(
         l0_per_layer: active
             .iter()
             .map(|a| *a as f64 / n_tokens.max(1) as f64)
+            .collect(),
+        dead_per_layer: fired
+            .iter()
+            .map(|f| f.iter().filter(|c| **c == 0).count())
             .collect(),
     })
 }

@@ -213,7 +213,7 @@ fn eval_reads_each_held_out_token_once() {
     // One pass over all 5,000 tokens, in store order.
     let (mut xn, mut yn) = (x.clone(), y.clone());
     t.norms.apply(d, &mut xn, &mut yn);
-    let (_, yhat) = clt::backend::cpu::sparse::forward(&t.cfg, &t.params, &xn, n, 1.0);
+    let (codes, yhat) = clt::backend::cpu::sparse::forward(&t.cfg, &t.params, &xn, n, 1.0);
     let (_, sq) = clt::backend::cpu::sparse::residual(&yhat, &yn, n, l_n, d);
     let var = clt::backend::grads::target_variance(&yn, n, l_n, d);
     let want = sq.iter().sum::<f64>() / var.iter().sum::<f64>();
@@ -235,12 +235,16 @@ fn eval_reads_each_held_out_token_once() {
         .take(l_n)
         .enumerate()
     {
-        let printed: f64 = line.split_whitespace().nth(1).unwrap().parse().unwrap();
+        let cols: Vec<&str> = line.split_whitespace().collect();
+        let printed: f64 = cols[1].parse().unwrap();
         let want = sq[l] / var[l];
         assert!(
             (printed - want).abs() < 1e-4,
             "layer {l}: {printed} vs {want}"
         );
+        // Dead: features that fired on none of the 5,000 tokens.
+        let dead = codes[l].active_count.iter().filter(|c| **c == 0).count();
+        assert_eq!(cols[4], dead.to_string(), "layer {l}: {line}");
     }
 }
 

@@ -361,7 +361,11 @@ fn run(cli: Cli) -> clt::Result<()> {
                 "trained in {:.1} s; held-out evaluation on {} tokens:",
                 r.train_seconds, r.eval.n_tokens
             );
-            print_layers(&r.eval.nmse_per_layer, &r.eval.l0_per_layer, &[]);
+            print_layers(
+                &r.eval.nmse_per_layer,
+                &r.eval.l0_per_layer,
+                &r.eval.dead_per_layer,
+            );
             println!("NMSE {:.4}", r.eval.nmse);
             println!("checkpoint {}", r.checkpoint.display());
             println!("circuit-tracer export {}", r.export.display());
@@ -490,7 +494,7 @@ fn run(cli: Cli) -> clt::Result<()> {
                     ));
                 }
             };
-            print_layers(&r.nmse_per_layer, &r.l0_per_layer, &[]);
+            print_layers(&r.nmse_per_layer, &r.l0_per_layer, &r.dead_per_layer);
             println!("NMSE {:.4} over {} tokens", r.nmse, r.n_tokens);
             Ok(())
         }
