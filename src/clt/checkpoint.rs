@@ -216,6 +216,15 @@ pub fn params_out<'a>(p: &'a Params, cfg: &CltConfig, prefix: &str) -> Vec<Tenso
         .collect()
 }
 
+/// Reads a JSON file of ours (a manifest, a record kept beside a checkpoint); errors name the file.
+pub fn read_json<T: serde::de::DeserializeOwned>(path: &Path) -> Result<T> {
+    let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+    serde_json::from_str(&text).map_err(|e| Error::Checkpoint {
+        path: path.into(),
+        reason: format!("bad JSON: {e}"),
+    })
+}
+
 /// Saves a transcoder as a native checkpoint directory (created if needed).
 pub fn save_transcoder(dir: &Path, t: &Transcoder) -> Result<()> {
     std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;

@@ -68,13 +68,7 @@ pub fn read_imported_hooks(dir: &Path) -> Result<Option<ExportMeta>> {
     if !path.is_file() {
         return Ok(None);
     }
-    let text = std::fs::read_to_string(&path).map_err(|e| Error::io(&path, e))?;
-    serde_json::from_str(&text)
-        .map(Some)
-        .map_err(|e| Error::Checkpoint {
-            path,
-            reason: format!("bad {IMPORTED_HOOKS}: {e}"),
-        })
+    crate::clt::checkpoint::read_json(&path).map(Some)
 }
 
 /// The parameters in raw (unnormalised) units, normalisation scalars folded in.

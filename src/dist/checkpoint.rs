@@ -18,7 +18,9 @@
 
 use super::shard::{copy_features, local_config};
 use crate::backend::KernelChoice;
-use crate::clt::checkpoint::{TensorFile, params_out, read_params, write_atomic, write_tensors};
+use crate::clt::checkpoint::{
+    TensorFile, params_out, read_json, read_params, write_atomic, write_tensors,
+};
 use crate::clt::{CltConfig, NormScales, Params, Transcoder};
 use crate::rng::Rng;
 use crate::train::{DataConfig, RunConfig};
@@ -131,14 +133,6 @@ fn write_json<T: serde::Serialize>(path: &Path, v: &T) -> Result<()> {
         reason: e.to_string(),
     })?;
     write_atomic(path, &json)
-}
-
-fn read_json<T: serde::de::DeserializeOwned>(path: &Path) -> Result<T> {
-    let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
-    serde_json::from_str(&text).map_err(|e| Error::Checkpoint {
-        path: path.into(),
-        reason: format!("bad JSON: {e}"),
-    })
 }
 
 /// Whether `dir` is a sharded checkpoint.
@@ -400,13 +394,7 @@ pub fn data_config(path: &Path) -> Result<Option<DataConfig>> {
     if !path.is_file() {
         return Ok(None);
     }
-    let text = std::fs::read_to_string(&path).map_err(|e| Error::io(&path, e))?;
-    serde_json::from_str(&text)
-        .map(Some)
-        .map_err(|e| Error::Checkpoint {
-            path,
-            reason: format!("bad {SOURCE_DATA}: {e}"),
-        })
+    read_json(&path).map(Some)
 }
 
 /// The run configuration of a checkpoint of either kind (a checkpoint or run directory).
