@@ -319,21 +319,22 @@ pub fn cache(m: &LoadedModel, cfg: &CacheConfig) -> Result<CacheRecord> {
     // Tokens to stop at (the corpus may end first): with a budget, the bar counts tokens; without, the
     // corpus's bytes read.
     let total = cfg.max_tokens.unwrap_or(u64::MAX);
+    let (len, template) = match cfg.max_tokens {
+        Some(t) => (
+            t,
+            "{bar:30} {pos}/{len} tokens  {per_sec}  [{elapsed_precise} < {eta_precise}]",
+        ),
+        None => (
+            stream.docs.total_bytes(),
+            "{bar:30} {bytes}/{total_bytes} of the corpus  [{elapsed_precise} < {eta_precise}]",
+        ),
+    };
     let bar = if cfg.quiet {
         indicatif::ProgressBar::hidden()
-    } else if let Some(t) = cfg.max_tokens {
-        indicatif::ProgressBar::new(t).with_style(
-            indicatif::ProgressStyle::with_template(
-                "{bar:30} {pos}/{len} tokens  {per_sec}  [{elapsed_precise} < {eta_precise}]",
-            )
-            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
-        )
     } else {
-        indicatif::ProgressBar::new(stream.docs.total_bytes()).with_style(
-            indicatif::ProgressStyle::with_template(
-                "{bar:30} {bytes}/{total_bytes} of the corpus  [{elapsed_precise} < {eta_precise}]",
-            )
-            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+        indicatif::ProgressBar::new(len).with_style(
+            indicatif::ProgressStyle::with_template(template)
+                .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
         )
     };
     let show = |bar: &indicatif::ProgressBar, written: u64, stream: &ContextStream| {
@@ -367,13 +368,14 @@ pub fn cache(m: &LoadedModel, cfg: &CacheConfig) -> Result<CacheRecord> {
         let mut work = Vec::with_capacity(batch.len());
         let mut planned = written;
         for c in &batch {
-            let n = c.tokens.len() - skip_bos(c);
+            let bos = skip_bos(c);
+            let n = c.tokens.len() - bos;
             let already = done.saturating_sub(seen).min(n as u64) as usize;
             seen += n as u64;
             let take = (n - already).min((total - planned) as usize);
             if take > 0 {
                 planned += take as u64;
-                work.push((c, skip_bos(c) + already, take));
+                work.push((c, bos + already, take));
             }
         }
         let outs: Vec<Result<(Vec<f32>, Vec<f32>)>> = work

@@ -334,13 +334,21 @@ impl Llama2cTokenizer {
         tokens
     }
 
-    /// The piece `a` followed by `b` concatenate to, with its score (`-0.0` read as `0.0`, as `>` does).
-    fn pair(&self, a: u32, b: u32, buf: &mut Vec<u8>) -> Option<(f32, u32)> {
+    /// The merge of symbols `l` and `r` (adjacent in `tok`) when their pieces concatenate to a piece, scored
+    /// by it (`-0.0` read as `0.0`, as run.c's `>` does).
+    fn candidate(&self, tok: &[u32], l: usize, r: usize, buf: &mut Vec<u8>) -> Option<Candidate> {
+        let pair = (tok[l], tok[r]);
         buf.clear();
-        buf.extend_from_slice(&self.pieces[a as usize]);
-        buf.extend_from_slice(&self.pieces[b as usize]);
+        buf.extend_from_slice(&self.pieces[pair.0 as usize]);
+        buf.extend_from_slice(&self.pieces[pair.1 as usize]);
         let &id = self.lookup.get(buf.as_slice())?;
-        Some((self.scores[id as usize] + 0.0, id))
+        Some(Candidate {
+            score: self.scores[id as usize] + 0.0,
+            left: l,
+            right: r,
+            pair,
+            id,
+        })
     }
 
     /// Merges the symbols as run.c does (see [`Self::encode`]), through a heap of candidate pairs.
@@ -357,15 +365,7 @@ impl Llama2cTokenizer {
         let mut heap = std::collections::BinaryHeap::new();
         let mut buf = Vec::with_capacity(64);
         for i in 0..n - 1 {
-            if let Some((score, id)) = self.pair(tok[i], tok[i + 1], &mut buf) {
-                heap.push(Candidate {
-                    score,
-                    left: i,
-                    right: i + 1,
-                    pair: (tok[i], tok[i + 1]),
-                    id,
-                });
-            }
+            heap.extend(self.candidate(&tok, i, i + 1, &mut buf));
         }
         while let Some(c) = heap.pop() {
             let (i, j) = (c.left, c.right);
@@ -380,27 +380,10 @@ impl Llama2cTokenizer {
             next[j] = NONE;
             if k != NONE {
                 prev[k] = i;
-                if let Some((score, id)) = self.pair(tok[i], tok[k], &mut buf) {
-                    heap.push(Candidate {
-                        score,
-                        left: i,
-                        right: k,
-                        pair: (tok[i], tok[k]),
-                        id,
-                    });
-                }
+                heap.extend(self.candidate(&tok, i, k, &mut buf));
             }
-            let p = prev[i];
-            if p != NONE
-                && let Some((score, id)) = self.pair(tok[p], tok[i], &mut buf)
-            {
-                heap.push(Candidate {
-                    score,
-                    left: p,
-                    right: i,
-                    pair: (tok[p], tok[i]),
-                    id,
-                });
+            if prev[i] != NONE {
+                heap.extend(self.candidate(&tok, prev[i], i, &mut buf));
             }
         }
         // Symbol 0 is never a right symbol, so it is always live: walk the list from it.
