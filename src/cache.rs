@@ -1,10 +1,11 @@
 //! Activation caching: run a language model over a corpus and write every layer's MLP inputs and outputs
 //! into the activation store.
 //!
-//! Documents ([`crate::corpus`]: the blocks of plain-text files between blank lines, or the `"text"` field
-//! of each line of a `.jsonl` file) are read one at a time and tokenised a batch's worth at a time, in
-//! parallel, as the forward needs them: caching reads only as much of the corpus as it caches. Each
-//! document is tokenised with the model's beginning-of-sequence token (when it has one)
+//! Documents ([`crate::corpus`]: the blocks of plain-text files between blank lines, the text or token-id
+//! field of each line of a `.jsonl` file, or the text or token-id column of each row of a `.parquet` file)
+//! are read one at a time and tokenised a batch's worth at a time, in parallel, as the forward needs them:
+//! caching reads only as much of the corpus as it caches. Each document is tokenised with the model's
+//! beginning-of-sequence token (when it has one; a pretokenised document gets it when it lacks it)
 //! and cut into contexts of at most `context` tokens; every context after a document's first starts again with
 //! that token, so every context looks like the start of a sequence to the model. The BOS position itself is
 //! not cached (its activations are outliers that no transcoder should spend features on, and attribution
@@ -134,6 +135,8 @@ impl InputHook {
 #[derive(Clone, Debug)]
 pub struct CacheConfig {
     pub corpus: Vec<PathBuf>,
+    /// The JSON field or Parquet column holding each document (`None`: `text`, `input_ids` or `tokens`).
+    pub column: Option<String>,
     pub out: PathBuf,
     pub context: usize,
     pub max_tokens: Option<u64>,
@@ -154,6 +157,9 @@ pub struct CacheRecord {
     pub model_checksum: String,
     pub tokenizer: String,
     pub corpus: Vec<String>,
+    /// The JSON field or Parquet column given for the documents (absent: the default names).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub column: Option<String>,
     pub context: usize,
     pub input_hook: InputHook,
     /// The model's norm (which decides the circuit-tracer name of `input_hook`); absent in stores written
@@ -169,7 +175,7 @@ pub struct CacheRecord {
     pub contexts_run: u64,
 }
 
-pub use crate::corpus::{Documents, read_documents};
+pub use crate::corpus::{CorpusOptions, Document, Documents, read_documents};
 
 /// One context: its tokens, the document it comes from and the position of its first token in the document.
 struct Context {
@@ -179,8 +185,24 @@ struct Context {
 }
 
 /// The contexts of document `doc` (its index in the corpus): BOS, then up to `context − 1` tokens of its body.
-fn doc_contexts(m: &LoadedModel, doc: u64, text: &str, context: usize) -> Result<Vec<Context>> {
-    let ids = m.tokenizer.encode(text)?;
+/// A pretokenised document is taken as its body, after the BOS it may start with (so every context starts
+/// with the model's BOS, as a text document's do).
+fn doc_contexts(
+    m: &LoadedModel,
+    doc: u64,
+    document: &Document,
+    context: usize,
+) -> Result<Vec<Context>> {
+    let ids = match document {
+        Document::Text(text) => m.tokenizer.encode(text)?,
+        Document::Tokens(ids) => {
+            let bos = m.tokenizer.bos();
+            bos.filter(|b| ids.first() != Some(b))
+                .into_iter()
+                .chain(ids.iter().copied())
+                .collect()
+        }
+    };
     let bos = m.tokenizer.bos().filter(|b| ids.first() == Some(b));
     let body = if bos.is_some() { &ids[1..] } else { &ids[..] };
     let room = if bos.is_some() { context - 1 } else { context };
@@ -215,14 +237,14 @@ impl ContextStream<'_> {
     /// Up to `n` next contexts (fewer only at the corpus's end).
     fn take(&mut self, n: usize) -> Result<Vec<Context>> {
         while self.ready.len() < n && !self.docs_done {
-            let mut texts = Vec::with_capacity(self.group);
+            let mut docs = Vec::with_capacity(self.group);
             for doc in self.docs.by_ref().take(self.group) {
-                texts.push((self.next_doc, doc?));
+                docs.push((self.next_doc, doc?));
                 self.next_doc += 1;
             }
-            self.docs_done = texts.len() < self.group;
+            self.docs_done = docs.len() < self.group;
             let (m, context) = (self.m, self.context);
-            let ctxs: Vec<Result<Vec<Context>>> = texts
+            let ctxs: Vec<Result<Vec<Context>>> = docs
                 .par_iter()
                 .map(|(i, t)| doc_contexts(m, *i, t, context))
                 .collect();
@@ -272,6 +294,7 @@ pub fn cache(m: &LoadedModel, cfg: &CacheConfig) -> Result<CacheRecord> {
             model_checksum: checksum_file(&m.path)?,
             tokenizer: format!("{:?}", m.format),
             corpus: cfg.corpus.iter().map(|p| p.display().to_string()).collect(),
+            column: cfg.column.clone(),
             context: cfg.context,
             input_hook: cfg.input_hook,
             norm: Some(m.model.norm()),
@@ -309,7 +332,13 @@ pub fn cache(m: &LoadedModel, cfg: &CacheConfig) -> Result<CacheRecord> {
     let batch_n = cfg.contexts_per_batch.max(1);
     let mut stream = ContextStream {
         m,
-        docs: Documents::open(&cfg.corpus)?,
+        docs: Documents::open_with(
+            &cfg.corpus,
+            CorpusOptions {
+                column: cfg.column.clone(),
+                vocab: Some(m.model.vocab_size().min(u32::MAX as usize) as u32),
+            },
+        )?,
         next_doc: 0,
         context: cfg.context,
         group: batch_n,

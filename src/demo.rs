@@ -162,6 +162,7 @@ pub fn run_stories(demo: &StoriesDemo) -> Result<StoriesReport> {
     let t0 = std::time::Instant::now();
     let base = CacheConfig {
         corpus: vec![demo.train_corpus.clone()],
+        column: None,
         out: acts.clone(),
         context: 128,
         max_tokens: Some(demo.train_tokens),
@@ -177,6 +178,7 @@ pub fn run_stories(demo: &StoriesDemo) -> Result<StoriesReport> {
         &m,
         &CacheConfig {
             corpus: vec![demo.eval_corpus.clone()],
+            column: None,
             out: held_out.clone(),
             max_tokens: Some(8192),
             ..base.clone()

@@ -1,7 +1,7 @@
 //! Corrupt input files never panic nor abort: random byte edits, planted extreme integers and truncations of
 //! valid files (a GGUF model with its vocabulary, a llama2.c checkpoint and tokenizer, a Gemma Scope
-//! `params.npz` layer, a circuit-tracer `layer_0.safetensors`) give a value or a typed error, and whatever
-//! loads also runs (a forward, a tokenisation). An allocation sized by a corrupted count aborts the process
+//! `params.npz` layer, a circuit-tracer `layer_0.safetensors`, pyarrow's Parquet corpus files) give a value
+//! or a typed error, and whatever loads also runs (a forward, a tokenisation). An allocation sized by a corrupted count aborts the process
 //! (this binary's allocator refuses anything over 64 MiB): these tests then fail by dying, not by returning.
 //!
 //! The edits go mostly where the counts and sizes are (headers, metadata, tensor index), so that the loaders'
@@ -12,6 +12,7 @@ mod common;
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::path::{Path, PathBuf};
 
+use clt::corpus::Documents;
 use clt::model::{CausalLm, gguf::GgufFile, llama2c};
 use proptest::prelude::*;
 
@@ -818,6 +819,56 @@ proptest! {
     }
 }
 
+// ---- Parquet corpora -------------------------------------------------------------------------------------
+
+fn parquet_fixture(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures")
+        .join(name)
+}
+
+/// Damaged Parquet corpus files (pyarrow's, truncated or with bits flipped anywhere: footer, page headers,
+/// levels, dictionaries, values) give documents or an error naming the file, never a panic (the `parquet`
+/// crate panics on some; `clt::corpus` catches them) nor an allocation over the cap.
+#[test]
+fn damaged_parquet_corpora_give_documents_or_an_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut rng = clt::rng::Rng::seed(7);
+    let mut errors = 0;
+    for name in [
+        "hf-text.parquet",
+        "hf-input-ids.parquet",
+        "legacy-tokens.parquet",
+    ] {
+        let good = std::fs::read(parquet_fixture(name)).unwrap();
+        let bad = dir.path().join(format!("bad-{name}"));
+        for trial in 0..2000 {
+            let mut bytes = good.clone();
+            if trial % 10 == 0 {
+                bytes.truncate(rng.below(good.len()));
+            } else {
+                for _ in 0..1 + trial % 3 {
+                    let i = rng.below(good.len());
+                    bytes[i] ^= 1 << rng.below(8);
+                }
+            }
+            std::fs::write(&bad, &bytes).unwrap();
+            let got = std::panic::catch_unwind(|| {
+                Documents::open(std::slice::from_ref(&bad))?.collect::<clt::Result<Vec<_>>>()
+            });
+            match got {
+                Ok(Ok(_)) => {}
+                Ok(Err(e)) => {
+                    errors += 1;
+                    assert!(e.to_string().contains(&format!("bad-{name}")), "{e}");
+                }
+                Err(_) => panic!("{name}, trial {trial}: the reader panicked"),
+            }
+        }
+    }
+    assert!(errors > 100, "{errors}");
+}
+
 // ---- fuzz seeds ----------------------------------------------------------------------------------------
 
 /// A llama2.c checkpoint of 2 layers, d 8, 2 query heads sharing one key/value head, hidden 16, a vocabulary
@@ -899,6 +950,14 @@ fn fuzz_seeds() -> Vec<(String, Vec<u8>)> {
         "transcoder_layer/params.npz.members".into(),
         [&[1u8][..], &members].concat(),
     ));
+    for name in [
+        "hf-text.parquet",
+        "hf-input-ids.parquet",
+        "legacy-tokens.parquet",
+    ] {
+        let bytes = std::fs::read(parquet_fixture(name)).unwrap();
+        seeds.push((format!("corpus_parquet/{name}"), bytes));
+    }
     seeds
 }
 
@@ -966,6 +1025,10 @@ fn the_fuzz_seeds_are_current_and_load() {
             };
             let l = clt::clt::transcoder_set::read_layer(&path).unwrap();
             assert_eq!((l.n_features, l.d_model), (6, 4));
+        } else if name.starts_with("corpus_parquet/") {
+            let docs = Documents::open(&[dir.join(&name)]).unwrap();
+            let docs: Vec<_> = docs.collect::<clt::Result<_>>().unwrap();
+            assert!(docs.len() > 5);
         } else if bytes[0] == 0 {
             llama2c::parse_checkpoint(p, &bytes[1..])
                 .unwrap()

@@ -29,6 +29,7 @@ fn model() -> clt::model::LoadedModel {
 fn config(out: &Path, max_tokens: u64, codec: Codec, shard_tokens: u64) -> CacheConfig {
     CacheConfig {
         corpus: vec![shared().join("corpus/tinystories_valid_head.txt")],
+        column: None,
         out: out.to_path_buf(),
         context: 64,
         max_tokens: Some(max_tokens),
@@ -51,7 +52,7 @@ fn cached_activations_are_the_models_hooks() {
     // The first document's first context, run directly.
     let docs =
         clt::cache::read_documents(&[shared().join("corpus/tinystories_valid_head.txt")]).unwrap();
-    let ids = m.tokenizer.encode(&docs[0]).unwrap();
+    let ids = m.tokenizer.encode(docs[0].as_text().unwrap()).unwrap();
     let ctx = &ids[..64.min(ids.len())];
     // BOS (position 0) is not cached.
     assert_cached_as_hooks(&m.model, dir.path(), InputHook::MlpInNormed, ctx, 1);
@@ -89,6 +90,126 @@ fn interrupted_cache_resumes_to_the_same_dataset() {
     // A finished dataset is left alone.
     let again = cache(&m, &config(part.path(), 2500, Codec::Int8, 1000)).unwrap();
     assert_eq!((again.n_tokens, again.contexts_run), (2500, 0));
+}
+
+/// A Parquet file of one column, `name`: text (`optional binary (UTF8)`) or token ids (the standard
+/// three-level `LIST` of `int32` with optional elements, as pyarrow writes `list<int32>`), `per_group` rows
+/// per row group, snappy-compressed.
+fn write_parquet(path: &Path, name: &str, texts: &[String], ids: &[Vec<u32>], per_group: usize) {
+    use parquet::data_type::{ByteArray, ByteArrayType, Int32Type};
+    use parquet::file::properties::WriterProperties;
+    use parquet::file::writer::SerializedFileWriter;
+    let schema = if ids.is_empty() {
+        format!("message schema {{ optional binary {name} (UTF8); }}")
+    } else {
+        format!(
+            "message schema {{ optional group {name} (LIST) {{ repeated group list {{ optional int32 element; }} }} }}"
+        )
+    };
+    let schema = std::sync::Arc::new(parquet::schema::parser::parse_message_type(&schema).unwrap());
+    let props = WriterProperties::builder()
+        .set_compression(parquet::basic::Compression::SNAPPY)
+        .build();
+    let file = std::fs::File::create(path).unwrap();
+    let mut w = SerializedFileWriter::new(file, schema, std::sync::Arc::new(props)).unwrap();
+    let rows = texts.len().max(ids.len());
+    for start in (0..rows).step_by(per_group) {
+        let end = (start + per_group).min(rows);
+        let mut g = w.next_row_group().unwrap();
+        let mut col = g.next_column().unwrap().unwrap();
+        if ids.is_empty() {
+            let values: Vec<ByteArray> = texts[start..end]
+                .iter()
+                .map(|t| t.as_str().into())
+                .collect();
+            let def = vec![1i16; values.len()];
+            col.typed::<ByteArrayType>()
+                .write_batch(&values, Some(&def), None)
+                .unwrap();
+        } else {
+            let (mut values, mut def, mut rep) = (Vec::new(), Vec::new(), Vec::new());
+            for row in &ids[start..end] {
+                for (i, &id) in row.iter().enumerate() {
+                    values.push(id as i32);
+                    def.push(3i16);
+                    rep.push(if i == 0 { 0i16 } else { 1 });
+                }
+            }
+            col.typed::<Int32Type>()
+                .write_batch(&values, Some(&def), Some(&rep))
+                .unwrap();
+        }
+        col.close().unwrap();
+        g.close().unwrap();
+    }
+    w.close().unwrap();
+}
+
+/// A corpus given as a Parquet text column, or pretokenised as a Parquet column of token ids (with or
+/// without BOS), caches exactly what the plain-text corpus does: the same tokens, positions, documents
+/// and activations, across row groups and shards. Ids outside the model's vocabulary stop the cache with
+/// the file and row named.
+#[test]
+fn parquet_corpora_cache_as_the_text_does() {
+    let m = model();
+    let txt = shared().join("corpus/tinystories_valid_head.txt");
+    let docs: Vec<String> = clt::cache::read_documents(std::slice::from_ref(&txt))
+        .unwrap()
+        .into_iter()
+        .take(40)
+        .map(|d| d.as_text().unwrap().to_string())
+        .collect();
+    let ids: Vec<Vec<u32>> = docs
+        .iter()
+        .enumerate()
+        .map(|(i, d)| {
+            let ids = m.tokenizer.encode(d).unwrap();
+            assert_eq!(ids[0], m.tokenizer.bos().unwrap());
+            // Every other document without its BOS: the cache adds it.
+            ids[i % 2..].to_vec()
+        })
+        .collect();
+    let dir = tempfile::tempdir().unwrap();
+    let text_pq = dir.path().join("text.parquet");
+    let ids_pq = dir.path().join("ids.parquet");
+    write_parquet(&text_pq, "text", &docs, &[], 7);
+    write_parquet(&ids_pq, "input_ids", &[], &ids, 5);
+
+    let run = |corpus: &Path, column: Option<&str>, name: &str| {
+        let out = dir.path().join(name);
+        let cfg = CacheConfig {
+            corpus: vec![corpus.to_path_buf()],
+            column: column.map(str::to_string),
+            ..config(&out, 3000, Codec::Int8, 1000)
+        };
+        cache(&m, &cfg).map(|rec| (rec, read_all(&out)))
+    };
+    let (_, want) = run(&txt, None, "txt").unwrap();
+    assert_eq!(want.2.len(), 3000);
+    let (_, got) = run(&text_pq, None, "text-pq").unwrap();
+    assert!(
+        got == want,
+        "the Parquet text column caches other activations"
+    );
+    let (rec, got) = run(&ids_pq, Some("input_ids"), "ids-pq").unwrap();
+    assert!(
+        got == want,
+        "the pretokenised column caches other activations"
+    );
+    assert_eq!(rec.column.as_deref(), Some("input_ids"));
+
+    // A dataset tokenised for a larger vocabulary: row 12's third id is beyond stories260K's 512.
+    let mut bad = ids.clone();
+    bad[12][2] = 600;
+    let bad_pq = dir.path().join("bad.parquet");
+    write_parquet(&bad_pq, "input_ids", &[], &bad, 5);
+    let err = run(&bad_pq, None, "bad").err().unwrap().to_string();
+    assert!(
+        err.contains("bad.parquet")
+            && err.contains("row 12: \"input_ids\"[2]")
+            && err.contains("512"),
+        "{err}"
+    );
 }
 
 #[test]

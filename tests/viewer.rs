@@ -52,6 +52,7 @@ fn fixture() -> &'static Fixture {
             &m,
             &CacheConfig {
                 corpus: vec![shared.join("corpus/tinystories_valid_head.txt")],
+                column: None,
                 out: store.clone(),
                 context: 64,
                 max_tokens: Some(3000),

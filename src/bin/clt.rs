@@ -78,10 +78,15 @@ enum Command {
         /// The tokenizer, for llama2.c checkpoints.
         #[arg(long)]
         tokenizer: Option<PathBuf>,
-        /// Corpus files: plain text (blank-line-separated documents) or .jsonl with a "text" field, either
-        /// compressed with zstd (.zst) or gzip (.gz) or not; read as needed, a document at a time.
+        /// Corpus files: plain text (blank-line-separated documents), .jsonl (a document per line) or
+        /// .parquet (a document per row; Hugging Face datasets' files), text files compressed with zstd
+        /// (.zst) or gzip (.gz) or not; read as needed, a document at a time.
         #[arg(long, required = true, num_args = 1..)]
         corpus: Vec<PathBuf>,
+        /// The JSON field or Parquet column of each document: text, or token ids of a pretokenised dataset
+        /// (default: the first of `text`, `input_ids` and `tokens` present).
+        #[arg(long)]
+        column: Option<String>,
         /// The dataset directory to write.
         #[arg(long)]
         out: PathBuf,
@@ -407,6 +412,7 @@ fn run(cli: Cli) -> clt::Result<()> {
             model,
             tokenizer,
             corpus,
+            column,
             out,
             context,
             max_tokens,
@@ -418,6 +424,7 @@ fn run(cli: Cli) -> clt::Result<()> {
             let m = clt::model::load(&model, tokenizer.as_deref())?;
             let cfg = clt::cache::CacheConfig {
                 corpus,
+                column,
                 out: out.clone(),
                 context,
                 max_tokens,

@@ -271,6 +271,7 @@ pub fn toy_corpus_caches_as_hooks(
     let out = dir.join("store");
     let cfg = CacheConfig {
         corpus: vec![corpus.clone()],
+        column: None,
         out: out.clone(),
         context: 8,
         max_tokens: Some(12),
@@ -290,6 +291,6 @@ pub fn toy_corpus_caches_as_hooks(
         (hook, Some(m.model.norm()), &hook.hook_name(1))
     );
     let docs = clt::cache::read_documents(&[corpus]).unwrap();
-    let ids = m.tokenizer.encode(&docs[0]).unwrap();
+    let ids = m.tokenizer.encode(docs[0].as_text().unwrap()).unwrap();
     assert_cached_as_hooks(&m.model, &out, hook, &ids[..8], 0);
 }
