@@ -137,6 +137,9 @@ pub struct CacheConfig {
     pub corpus: Vec<PathBuf>,
     /// The JSON field or Parquet column holding each document (`None`: `text`, `input_ids` or `tokens`).
     pub column: Option<String>,
+    /// Documents at the corpus's start left out (read, not tokenised): a held-out store from the same
+    /// corpus as a training store that stopped before them. Document ids stay the corpus's.
+    pub skip_documents: u64,
     pub out: PathBuf,
     pub context: usize,
     pub max_tokens: Option<u64>,
@@ -160,6 +163,9 @@ pub struct CacheRecord {
     /// The JSON field or Parquet column given for the documents (absent: the default names).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub column: Option<String>,
+    /// Documents left out at the corpus's start.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub skip_documents: u64,
     pub context: usize,
     pub input_hook: InputHook,
     /// The model's norm (which decides the circuit-tracer name of `input_hook`); absent in stores written
@@ -169,10 +175,18 @@ pub struct CacheRecord {
     pub hooks_in: Vec<String>,
     pub hooks_out: Vec<String>,
     pub n_tokens: u64,
+    /// The corpus index just past the last document the store holds tokens of: `skip_documents` for a
+    /// held-out store from the same corpus (absent in stores written before it was recorded).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub documents_end: Option<u64>,
     /// Contexts this call ran through the model (not in `cache.json`): a resumed cache runs only those
     /// past its complete shards.
     #[serde(skip)]
     pub contexts_run: u64,
+}
+
+fn is_zero(n: &u64) -> bool {
+    *n == 0
 }
 
 pub use crate::corpus::{CorpusOptions, Document, Documents, read_documents};
@@ -288,19 +302,21 @@ pub fn cache(m: &LoadedModel, cfg: &CacheConfig) -> Result<CacheRecord> {
         .map(|l| format!("blocks.{l}.hook_mlp_out"))
         .collect();
     let model_name = m.path.display().to_string();
-    let record = |n_tokens| -> Result<CacheRecord> {
+    let record = |n_tokens, documents_end| -> Result<CacheRecord> {
         Ok(CacheRecord {
             model: model_name.clone(),
             model_checksum: checksum_file(&m.path)?,
             tokenizer: format!("{:?}", m.format),
             corpus: cfg.corpus.iter().map(|p| p.display().to_string()).collect(),
             column: cfg.column.clone(),
+            skip_documents: cfg.skip_documents,
             context: cfg.context,
             input_hook: cfg.input_hook,
             norm: Some(m.model.norm()),
             hooks_in: hooks_in.clone(),
             hooks_out: hooks_out.clone(),
             n_tokens,
+            documents_end,
             contexts_run: 0,
         })
     };
@@ -311,7 +327,10 @@ pub fn cache(m: &LoadedModel, cfg: &CacheConfig) -> Result<CacheRecord> {
             cfg.out.display(),
             ds.n_tokens()
         );
-        return record(ds.n_tokens());
+        // The record written when it completed says which documents it holds.
+        let written: Option<CacheRecord> =
+            crate::clt::checkpoint::read_json(&cfg.out.join("cache.json")).ok();
+        return record(ds.n_tokens(), written.and_then(|w| w.documents_end));
     }
     let meta = ShardMeta {
         model: model_name.clone(),
@@ -330,16 +349,28 @@ pub fn cache(m: &LoadedModel, cfg: &CacheConfig) -> Result<CacheRecord> {
     }
 
     let batch_n = cfg.contexts_per_batch.max(1);
+    let mut docs = Documents::open_with(
+        &cfg.corpus,
+        CorpusOptions {
+            column: cfg.column.clone(),
+            vocab: Some(m.model.vocab_size().min(u32::MAX as usize) as u32),
+        },
+    )?;
+    for skipped in 0..cfg.skip_documents {
+        if docs.next().transpose()?.is_none() {
+            return Err(Error::config(
+                "cache.skip_documents",
+                format!(
+                    "the corpus has only {skipped} documents, so skipping {} leaves none",
+                    cfg.skip_documents
+                ),
+            ));
+        }
+    }
     let mut stream = ContextStream {
         m,
-        docs: Documents::open_with(
-            &cfg.corpus,
-            CorpusOptions {
-                column: cfg.column.clone(),
-                vocab: Some(m.model.vocab_size().min(u32::MAX as usize) as u32),
-            },
-        )?,
-        next_doc: 0,
+        docs,
+        next_doc: cfg.skip_documents,
         context: cfg.context,
         group: batch_n,
         ready: Default::default(),
@@ -387,6 +418,7 @@ pub fn cache(m: &LoadedModel, cfg: &CacheConfig) -> Result<CacheRecord> {
     let mut seen = 0u64; // tokens of the stream passed so far (cached earlier or now)
     let mut written = done;
     let mut contexts_run = 0u64;
+    let mut documents_end = None;
     while written < total {
         let batch = stream.take(batch_n)?;
         if batch.is_empty() {
@@ -402,6 +434,9 @@ pub fn cache(m: &LoadedModel, cfg: &CacheConfig) -> Result<CacheRecord> {
             let already = done.saturating_sub(seen).min(n as u64) as usize;
             seen += n as u64;
             let take = (n - already).min((total - planned) as usize);
+            if already + take > 0 {
+                documents_end = Some(c.doc + 1);
+            }
             if take > 0 {
                 planned += take as u64;
                 work.push((c, bos + already, take));
@@ -453,7 +488,7 @@ pub fn cache(m: &LoadedModel, cfg: &CacheConfig) -> Result<CacheRecord> {
     let manifest = writer.finish()?;
     let rec = CacheRecord {
         contexts_run,
-        ..record(manifest.n_tokens)?
+        ..record(manifest.n_tokens, documents_end)?
     };
     let json = serde_json::to_vec_pretty(&rec).map_err(|e| Error::InvalidData {
         what: "cache.json".into(),

@@ -163,6 +163,7 @@ pub fn run_stories(demo: &StoriesDemo) -> Result<StoriesReport> {
     let base = CacheConfig {
         corpus: vec![demo.train_corpus.clone()],
         column: None,
+        skip_documents: 0,
         out: acts.clone(),
         context: 128,
         max_tokens: Some(demo.train_tokens),
@@ -179,6 +180,7 @@ pub fn run_stories(demo: &StoriesDemo) -> Result<StoriesReport> {
         &CacheConfig {
             corpus: vec![demo.eval_corpus.clone()],
             column: None,
+            skip_documents: 0,
             out: held_out.clone(),
             max_tokens: Some(8192),
             ..base.clone()

@@ -30,6 +30,7 @@ fn config(out: &Path, max_tokens: u64, codec: Codec, shard_tokens: u64) -> Cache
     CacheConfig {
         corpus: vec![shared().join("corpus/tinystories_valid_head.txt")],
         column: None,
+        skip_documents: 0,
         out: out.to_path_buf(),
         context: 64,
         max_tokens: Some(max_tokens),
@@ -90,6 +91,52 @@ fn interrupted_cache_resumes_to_the_same_dataset() {
     // A finished dataset is left alone.
     let again = cache(&m, &config(part.path(), 2500, Codec::Int8, 1000)).unwrap();
     assert_eq!((again.n_tokens, again.contexts_run), (2500, 0));
+}
+
+/// `skip_documents` caches a held-out store from the same corpus: exactly the full store's rows of the
+/// documents past those skipped (document ids kept), and `documents_end` says where a store stopped.
+#[test]
+fn skipped_documents_make_a_held_out_store_of_the_same_corpus() {
+    let m = model();
+    let dir = tempfile::tempdir().unwrap();
+    let run = |name: &str, max_tokens: u64, skip: u64| {
+        let out = dir.path().join(name);
+        let cfg = CacheConfig {
+            skip_documents: skip,
+            ..config(&out, max_tokens, Codec::F32, 1000)
+        };
+        cache(&m, &cfg).map(|rec| (rec, read_all(&out)))
+    };
+    let (full_rec, full) = run("full", 4000, 0).unwrap();
+    let (x, y, tokens, positions, docs) = &full;
+    assert_eq!(full_rec.documents_end, Some(docs[docs.len() - 1] + 1));
+    let skip = 4;
+    let (rec, held) = run("held", 1500, skip).unwrap();
+    assert_eq!(rec.skip_documents, skip);
+    let first = docs.iter().position(|&d| d >= skip).unwrap();
+    assert!(first > 0 && first + 1500 <= docs.len(), "{first}");
+    let row = x.len() / docs.len();
+    let rows = first..first + 1500;
+    let want = (
+        x[rows.start * row..rows.end * row].to_vec(),
+        y[rows.start * row..rows.end * row].to_vec(),
+        tokens[rows.clone()].to_vec(),
+        positions[rows.clone()].to_vec(),
+        docs[rows.clone()].to_vec(),
+    );
+    assert!(
+        held == want,
+        "the held-out store is not the full store's later rows"
+    );
+    assert_eq!(rec.documents_end, Some(docs[rows.end - 1] + 1));
+    // The record is written, and a finished store reports it again.
+    let again = run("held", 1500, skip).unwrap().0;
+    assert_eq!(again.documents_end, rec.documents_end);
+    let err = run("none", 100, 1_000_000).err().unwrap().to_string();
+    assert!(
+        err.contains("skip_documents") && err.contains("only"),
+        "{err}"
+    );
 }
 
 /// A Parquet file of one column, `name`: text (`optional binary (UTF8)`) or token ids (the standard

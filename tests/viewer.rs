@@ -53,6 +53,7 @@ fn fixture() -> &'static Fixture {
             &CacheConfig {
                 corpus: vec![shared.join("corpus/tinystories_valid_head.txt")],
                 column: None,
+                skip_documents: 0,
                 out: store.clone(),
                 context: 64,
                 max_tokens: Some(3000),

@@ -87,6 +87,11 @@ enum Command {
         /// (default: the first of `text`, `input_ids` and `tokens` present).
         #[arg(long)]
         column: Option<String>,
+        /// Leave out the corpus's first N documents (read, not run): a held-out store from the corpus a
+        /// training store was cached from, past the documents that store reached (`clt cache` prints the
+        /// number; its `cache.json` keeps it as `documents_end`).
+        #[arg(long, default_value_t = 0)]
+        skip_documents: u64,
         /// The dataset directory to write.
         #[arg(long)]
         out: PathBuf,
@@ -413,6 +418,7 @@ fn run(cli: Cli) -> clt::Result<()> {
             tokenizer,
             corpus,
             column,
+            skip_documents,
             out,
             context,
             max_tokens,
@@ -425,6 +431,7 @@ fn run(cli: Cli) -> clt::Result<()> {
             let cfg = clt::cache::CacheConfig {
                 corpus,
                 column,
+                skip_documents,
                 out: out.clone(),
                 context,
                 max_tokens,
@@ -445,6 +452,12 @@ fn run(cli: Cli) -> clt::Result<()> {
                 s,
                 rec.n_tokens as f64 / s
             );
+            if let Some(end) = rec.documents_end {
+                println!(
+                    "documents {}..{end} of the corpus (a held-out store from the same corpus: --skip-documents {end})",
+                    rec.skip_documents
+                );
+            }
             Ok(())
         }
         Command::Eval {

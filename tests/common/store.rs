@@ -272,6 +272,7 @@ pub fn toy_corpus_caches_as_hooks(
     let cfg = CacheConfig {
         corpus: vec![corpus.clone()],
         column: None,
+        skip_documents: 0,
         out: out.clone(),
         context: 8,
         max_tokens: Some(12),
