@@ -16,7 +16,7 @@ use super::{CorpusOptions, Document, quoted};
 use crate::{Error, Result};
 use ::parquet::basic::{Repetition, Type as Physical};
 use ::parquet::column::reader::{ColumnReader, ColumnReaderImpl};
-use ::parquet::data_type::{ByteArray, ByteArrayType, Int32Type, Int64Type};
+use ::parquet::data_type::{ByteArray, ByteArrayType, DataType, Int32Type, Int64Type};
 use ::parquet::file::reader::{FileReader, SerializedFileReader};
 use std::collections::VecDeque;
 use std::path::{Path, PathBuf};
@@ -226,24 +226,8 @@ impl ParquetDocuments {
                     let (n, _, levels) = r.read_records(BATCH, Some(def), Some(rep), &mut v)?;
                     Ok((n, levels, Values::Text(v)))
                 }
-                Leaf::I32(r) => {
-                    let mut v: Vec<i32> = Vec::new();
-                    let (n, _, levels) = r.read_records(BATCH, Some(def), Some(rep), &mut v)?;
-                    Ok((
-                        n,
-                        levels,
-                        Values::Ids(v.into_iter().map(i128::from).collect()),
-                    ))
-                }
-                Leaf::I64(r) => {
-                    let mut v: Vec<i64> = Vec::new();
-                    let (n, _, levels) = r.read_records(BATCH, Some(def), Some(rep), &mut v)?;
-                    Ok((
-                        n,
-                        levels,
-                        Values::Ids(v.into_iter().map(i128::from).collect()),
-                    ))
-                }
+                Leaf::I32(r) => read_ids(r, def, rep),
+                Leaf::I64(r) => read_ids(r, def, rep),
             });
             let (records, levels, values) = read.map_err(|e| self.error(e))?;
             if records == 0 {
@@ -339,6 +323,24 @@ impl ParquetDocuments {
         }
         Ok(())
     }
+}
+
+/// Up to [`BATCH`] rows of a token-id column: rows, levels, and the ids widened (i32 and i64 alike).
+fn read_ids<T: DataType>(
+    r: &mut ColumnReaderImpl<T>,
+    def: &mut Vec<i16>,
+    rep: &mut Vec<i16>,
+) -> ::parquet::errors::Result<(usize, usize, Values)>
+where
+    T::T: Into<i128>,
+{
+    let mut v: Vec<T::T> = Vec::new();
+    let (n, _, levels) = r.read_records(BATCH, Some(def), Some(rep), &mut v)?;
+    Ok((
+        n,
+        levels,
+        Values::Ids(v.into_iter().map(Into::into).collect()),
+    ))
 }
 
 /// A batch's values.
