@@ -5,7 +5,7 @@
 //! The transcoder is a random CLT calibrated to `L0` active features per layer per token on each prompt
 //! (`calibrated_transcoder`): the cost depends on the active count and the shapes, not on what features
 //! mean. `cargo bench --bench attribution` (env: `ATTR_MODELS=stories,smollm2`, `ATTR_NODES` for SmolLM2's
-//! `max_feature_nodes`, `ATTR_LONG=0` to skip the 1,024-token run).
+//! `max_feature_nodes`, `ATTR_LONG=0` to skip the 1,024-token run, `ATTR_LONG_LENGTHS=1024,2048` for other long lengths).
 
 mod common;
 use common::{shared, smollm2};
@@ -143,10 +143,15 @@ fn main() {
         let nodes = env_usize("ATTR_NODES", 1000);
         run("SmolLM2-135M", &m, &[16, 64, 256], 2304, 16, nodes);
         if env_usize("ATTR_LONG", 1) == 1 {
+            let long: Vec<usize> = std::env::var("ATTR_LONG_LENGTHS")
+                .unwrap_or_else(|_| "1024".into())
+                .split(',')
+                .map(|v| v.trim().parse().expect("ATTR_LONG_LENGTHS: token counts"))
+                .collect();
             run(
                 "SmolLM2-135M (long)",
                 &m,
-                &[1024],
+                &long,
                 2304,
                 16,
                 env_usize("ATTR_LONG_NODES", 256),

@@ -534,8 +534,22 @@ fn oracle(m: &dyn Attributable, tc: &ReplacementTranscoder, tokens: &[u32], n_fe
 #[test]
 fn a_graph_that_would_not_fit_is_refused_with_its_size() {
     let (m, tc, tokens) = setup();
+    // Too little for the recorded forward: refused before it runs, naming the prompt's length.
     let cfg = AttributionConfig {
         memory_limit: Some(1 << 10),
+        ..AttributionConfig::default()
+    };
+    let err = attribute(m, &tc, &tokens, &cfg).unwrap_err().to_string();
+    assert!(
+        err.contains(&format!("a prompt of {} tokens", tokens.len()))
+            && err.contains("recorded forward")
+            && err.contains("GiB"),
+        "{err}"
+    );
+    // Enough for the forward, not for the adjacency.
+    let record = clt::attribution::graph::recorded_bytes(&m.linear(), tokens.len());
+    let cfg = AttributionConfig {
+        memory_limit: Some(record + (1 << 10)),
         ..AttributionConfig::default()
     };
     let err = attribute(m, &tc, &tokens, &cfg).unwrap_err().to_string();

@@ -180,7 +180,7 @@ fn the_window_and_the_caps_hold() {
         )
         .unwrap();
     for (l, rec) in out.record.layers.iter().enumerate() {
-        let p = rec.attn_pattern.as_ref().unwrap();
+        let p = rec.attn_pattern.as_ref().unwrap().to_dense();
         for h in 0..N_HEAD {
             for t in 0..n {
                 let row = &p[(h * n + t) * n..(h * n + t + 1) * n];

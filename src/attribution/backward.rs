@@ -427,7 +427,7 @@ fn attention_backward(
     s: &mut Scratch,
 ) {
     let w = &lin.layers[l];
-    let (d, qd, kvd, hd, n) = (lin.d_model, lin.q_dim(), lin.kv_dim(), lin.head_dim, st.n);
+    let (d, qd, kvd, hd) = (lin.d_model, lin.q_dim(), lin.kv_dim(), lin.head_dim);
     let group = lin.n_heads / lin.n_kv_heads;
     let total = g.len() / d;
     if total == 0 {
@@ -475,9 +475,10 @@ fn attention_backward(
         vb.fill(0.0);
         for h in 0..lin.n_heads {
             let kvh = h / group;
-            let p = Mat::strided(&pattern[h * n * n..], len, len, n).t();
             let a = Mat::strided(&ai[h * hd..], len, hd, qd);
-            matmul(&mut vb[kvh * hd..], kvd, p, a, 1.0, 1.0, Threads::One);
+            pattern
+                .head(h)
+                .t_matmul_add(len, a, &mut vb[kvh * hd..], kvd);
         }
     });
     // normed̄ = v̄ · Wv : [total, d], then through the frozen norm into the residual.

@@ -6,9 +6,10 @@ use std::time::Instant;
 use super::backward::{
     Columns, Injection, attribute_batch, feature_vector, logit_vector, mean_unembedding,
 };
-use super::linear::Attributable;
+use super::linear::{Attributable, Linear};
 use super::prune::Adjacency;
 use super::replacement::{ActiveFeatures, PromptState, ReplacementTranscoder, prompt_state};
+use crate::model::AttnPattern;
 use crate::{Error, Result};
 
 /// The options of [`attribute`], with circuit-tracer's defaults.
@@ -26,7 +27,8 @@ pub struct AttributionConfig {
     pub update_interval: usize,
     /// Targets per backward pass; 0 picks from the prompt's size (memory for the gradients ≈ 256 MiB).
     pub backward_batch: usize,
-    /// Refuse to start when the adjacency would need more bytes than this.
+    /// Refuse to start when the prompt's recorded forward, or then the adjacency, would need more bytes than
+    /// this (default: 90% of the memory available at each check).
     pub memory_limit: Option<u64>,
     /// Show a progress bar.
     pub progress: bool,
@@ -231,6 +233,19 @@ fn partial_influence(store: &RowStore, cols: &Columns, probs: &[f32]) -> Result<
     })
 }
 
+/// Bytes of what the prompt's forward records for `n` positions: every layer's attention pattern
+/// ([`AttnPattern::bytes_for`]) and, per layer and position, the transcoder's input, the MLP's output and the
+/// error node's vector (`d` floats each).
+pub fn recorded_bytes(lin: &Linear, n: usize) -> u64 {
+    let per_layer =
+        AttnPattern::bytes_for(lin.n_heads, n) as u64 + 3 * 4 * (n * lin.d_model) as u64;
+    lin.n_layers as u64 * per_layer
+}
+
+fn gib(bytes: u64) -> f64 {
+    bytes as f64 / (1u64 << 30) as f64
+}
+
 /// Bytes free for the graph: the `MemAvailable` of /proc/meminfo, when readable.
 fn available_memory() -> Option<u64> {
     let text = std::fs::read_to_string("/proc/meminfo").ok()?;
@@ -253,6 +268,29 @@ pub fn attribute(
             "batch_size and update_interval must be at least 1",
         ));
     }
+    // The forward keeps every layer's attention pattern and per-position vectors: refuse a prompt too long
+    // for them before running it, rather than end in the allocator.
+    let lin = model.linear();
+    let need = recorded_bytes(&lin, tokens.len());
+    if let Some(limit) = cfg
+        .memory_limit
+        .or_else(|| available_memory().map(|b| b / 10 * 9))
+        && need > limit
+    {
+        return Err(Error::config(
+            "prompt",
+            format!(
+                "a prompt of {} tokens needs about {:.1} GiB for its recorded forward (attention patterns of \
+                 {} layers × {} heads, the MLPs' inputs and outputs), more than the {:.1} GiB available: \
+                 shorten the prompt",
+                tokens.len(),
+                gib(need),
+                lin.n_layers,
+                lin.n_heads,
+                gib(limit)
+            ),
+        ));
+    }
     let st = prompt_state(model, tc, tokens)?;
     let mut timings = Timings {
         forward: t_start.elapsed().as_secs_f64(),
@@ -260,7 +298,6 @@ pub fn attribute(
     };
     let (logit_tokens, logit_probs) =
         select_logits(&st.logits, cfg.max_n_logits, cfg.desired_logit_prob)?;
-    let lin = model.linear();
     let l_n = lin.n_layers;
     let n = st.n;
     let n_act = st.features.len();
@@ -289,8 +326,8 @@ pub fn attribute(
             format!(
                 "{n_sel} feature nodes of {n_act} active over {n} positions need about {:.1} GiB for the \
                  adjacency, more than the {:.1} GiB available: lower --max-feature-nodes",
-                bytes as f64 / (1u64 << 30) as f64,
-                limit as f64 / (1u64 << 30) as f64
+                gib(bytes),
+                gib(limit)
             ),
         ));
     }

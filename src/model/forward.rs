@@ -13,11 +13,14 @@
 //! and the kernels both architectures use (the GEMM, causal attention, the unembedding).
 //!
 //! Layouts: all activations are token-major, `[n_tokens, width]` row-major; weight matrices are `(out, in)`
-//! row-major, as in PyTorch, llama2.c and GGUF; an attention pattern is `[n_heads, n_tokens, n_tokens]`,
-//! `pattern[h][t][s]` the weight query position `t` gives key position `s` (zero for `s > t`).
+//! row-major, as in PyTorch, llama2.c and GGUF; an attention pattern is an [`AttnPattern`], `P[h][t][s]` the
+//! weight query position `t` gives key position `s` (zero for `s > t`), stored as the tiles of its lower
+//! triangle.
 
 use rayon::prelude::*;
 
+use super::pattern::{AttnPattern, tile_for};
+use crate::backend::cpu::gemm::{Mat, Threads, matmul};
 use crate::{Error, Result};
 
 /// Which intermediate values a forward records. `Default` records nothing.
@@ -87,8 +90,9 @@ pub struct LayerRecord {
     /// The MLP output added to the residual stream (after the post-MLP norm where the model has one),
     /// `[n_tokens, d_model]`.
     pub mlp_out: Option<Vec<f32>>,
-    /// Softmax attention weights, `[n_heads, n_tokens, n_tokens]` (zero above the diagonal).
-    pub attn_pattern: Option<Vec<f32>>,
+    /// Softmax attention weights, `[n_heads, n_tokens, n_tokens]` (zero above the diagonal), as lower-triangular
+    /// tiles ([`AttnPattern::to_dense`] gives the dense array).
+    pub attn_pattern: Option<AttnPattern>,
     /// The attention norm's scale of `resid_pre` per position (`1/rms` or `1/σ`), `[n_tokens]`.
     pub attn_norm_scale: Option<Vec<f32>>,
     /// The MLP norm's scale of `resid_mid` per position, `[n_tokens]`.
@@ -267,13 +271,16 @@ pub(crate) fn check_intervention(n: usize, dims: &Dims, iv: &Intervention<'_>) -
             return Err(shape("frozen final_norm_scale".into(), vec![n], final_len));
         }
         for (l, r) in f.layers.iter().enumerate() {
-            let p = r.attn_pattern.as_ref().map_or(0, Vec::len);
-            if p != n_heads * n * n {
-                return Err(shape(
-                    format!("frozen attn_pattern of layer {l}"),
-                    vec![n_heads, n, n],
-                    p,
-                ));
+            let dims = r
+                .attn_pattern
+                .as_ref()
+                .map_or(vec![0, 0], |p| vec![p.n_heads(), p.n()]);
+            if dims != [n_heads, n] {
+                return Err(Error::Shape {
+                    what: format!("frozen attn_pattern of layer {l} (heads, positions)"),
+                    expected: vec![n_heads, n],
+                    got: dims,
+                });
             }
             let scales = [
                 ("attn_norm_scale", &r.attn_norm_scale, true),
@@ -342,7 +349,12 @@ pub(crate) fn softcap(x: f32, cap: f32) -> f32 {
 }
 
 /// Causal grouped-query attention: writes the concatenated head outputs `[n, q_dim]` into `out`;
-/// uses `frozen` (`[n_heads, n, n]`) as the pattern when given; returns the pattern when `record`.
+/// uses `frozen` as the pattern when given; returns the pattern when `record`.
+///
+/// Heads run in parallel; within a head, a row block of [`super::pattern::TILE`] queries at a time: its scores
+/// against every earlier key block (one product per tile), the mask, soft cap and softmax of each row, then
+/// its output `P·V` (one product per tile). Without `record` or `frozen`, a head holds only the row block it
+/// is on, so attention over `n` tokens needs `O(n)` memory, not `O(n²)`.
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn causal_attention(
     n: usize,
@@ -353,77 +365,150 @@ pub(crate) fn causal_attention(
     q: &[f32],
     k: &[f32],
     v: &[f32],
-    frozen: Option<&[f32]>,
+    frozen: Option<&AttnPattern>,
     record: bool,
     out: &mut [f32],
-) -> Option<Vec<f32>> {
+) -> Option<AttnPattern> {
     let (qd, kvd) = (n_heads * hd, n_kv_heads * hd);
     let group = n_heads / n_kv_heads;
+    let mut pattern = (record && frozen.is_none()).then(|| AttnPattern::zeros(n_heads, n));
+    let tl = tile_for(n);
+    let blocks = n.div_ceil(tl);
+    // Each head's tiles: in the pattern it records, or (with nothing to keep) in one row block's worth of
+    // scratch; none with a frozen pattern.
+    let mut scratch: Vec<f32>;
+    let heads: Vec<&mut [f32]> = match (pattern.as_mut(), frozen) {
+        (Some(p), _) => p.heads_mut().collect(),
+        (None, Some(_)) => (0..n_heads).map(|_| <&mut [f32]>::default()).collect(),
+        (None, None) => {
+            scratch = vec![0.0f32; n_heads * blocks * tl * tl];
+            scratch.chunks_mut((blocks * tl * tl).max(1)).collect()
+        }
+    };
+    let per_head: Vec<Vec<f32>> = heads
+        .into_par_iter()
+        .enumerate()
+        .map(|(h, store)| {
+            let kvh = h / group;
+            let mut o = vec![0.0f32; n * hd];
+            let vm = Mat::strided(&v[kvh * hd..], n, hd, kvd);
+            if let Some(f) = frozen {
+                f.head(h).matmul(vm, &mut o, hd);
+                return o;
+            }
+            let mut off = 0;
+            for i in 0..blocks {
+                let rows = tl.min(n - i * tl);
+                let len = (i + 1) * tl * tl;
+                let block = if record {
+                    let b = &mut store[off..off + len];
+                    off += len;
+                    b
+                } else {
+                    &mut store[..len]
+                };
+                softmax_block(i, tl, n, hd, (h, kvh), (qd, kvd), scores, q, k, block);
+                for j in 0..=i {
+                    let cols = tl.min(n - j * tl);
+                    matmul(
+                        &mut o[i * tl * hd..],
+                        hd,
+                        Mat::strided(&block[j * tl * tl..], rows, cols, tl),
+                        Mat::strided(&v[j * tl * kvd + kvh * hd..], cols, hd, kvd),
+                        if j == 0 { 0.0 } else { 1.0 },
+                        1.0,
+                        Threads::One,
+                    );
+                }
+            }
+            o
+        })
+        .collect();
+    for (h, o) in per_head.iter().enumerate() {
+        for (t, ot) in o.chunks_exact(hd.max(1)).enumerate() {
+            out[t * qd + h * hd..t * qd + (h + 1) * hd].copy_from_slice(ot);
+        }
+    }
+    if record {
+        pattern.or_else(|| frozen.cloned())
+    } else {
+        None
+    }
+}
+
+/// The softmax weights of row block `i` (queries `i·tl..`) of head `h` (key/value head `kvh`) into its
+/// `(i + 1)` tiles of `tl × tl` in `block`: scores `q·k` times the scale (one product per tile), soft-capped
+/// where the model caps them, keys after the query or outside its window masked, each row's softmax.
+#[allow(clippy::too_many_arguments)]
+fn softmax_block(
+    i: usize,
+    tl: usize,
+    n: usize,
+    hd: usize,
+    (h, kvh): (usize, usize),
+    (qd, kvd): (usize, usize),
+    scores: AttnScores,
+    q: &[f32],
+    k: &[f32],
+    block: &mut [f32],
+) {
     let AttnScores {
         scale,
         softcap: cap,
         window,
     } = scores;
-    // Per head: pattern [n, n] and output [n, hd].
-    let per_head: Vec<(Vec<f32>, Vec<f32>)> = (0..n_heads)
-        .into_par_iter()
-        .map(|h| {
-            let kvh = h / group;
-            let mut pat = vec![0.0f32; n * n];
-            match frozen {
-                Some(f) => pat.copy_from_slice(&f[h * n * n..(h + 1) * n * n]),
-                None => {
-                    for t in 0..n {
-                        let qt = &q[t * qd + h * hd..t * qd + (h + 1) * hd];
-                        // The keys query t sees: s in first..=t.
-                        let first = window.map_or(0, |w| (t + 1).saturating_sub(w.max(1)));
-                        let row = &mut pat[t * n + first..t * n + t + 1];
-                        let mut max = f32::NEG_INFINITY;
-                        for (i, r) in row.iter_mut().enumerate() {
-                            let s = first + i;
-                            let ks = &k[s * kvd + kvh * hd..s * kvd + (kvh + 1) * hd];
-                            let dot: f32 = qt.iter().zip(ks).map(|(a, b)| a * b).sum();
-                            *r = dot * scale;
-                            if let Some(c) = cap {
-                                *r = softcap(*r, c);
-                            }
-                            max = max.max(*r);
-                        }
-                        let mut sum = 0.0f32;
-                        for r in row.iter_mut() {
-                            *r = (*r - max).exp();
-                            sum += *r;
-                        }
-                        for r in row.iter_mut() {
-                            *r /= sum;
-                        }
+    let rows = tl.min(n - i * tl);
+    for j in 0..=i {
+        let cols = tl.min(n - j * tl);
+        matmul(
+            &mut block[j * tl * tl..],
+            tl,
+            Mat::strided(&q[i * tl * qd + h * hd..], rows, hd, qd),
+            Mat::strided(&k[j * tl * kvd + kvh * hd..], cols, hd, kvd).t(),
+            0.0,
+            scale,
+            Threads::One,
+        );
+    }
+    for r in 0..rows {
+        let t = i * tl + r;
+        // The keys query t sees: s in first..=t.
+        let first = window.map_or(0, |w| (t + 1).saturating_sub(w.max(1)));
+        let seen = |s: usize| s >= first && s <= t;
+        let mut max = f32::NEG_INFINITY;
+        for j in 0..=i {
+            let cols = tl.min(n - j * tl);
+            for (c, x) in block[j * tl * tl + r * tl..][..tl].iter_mut().enumerate() {
+                let s = j * tl + c;
+                if c < cols && seen(s) {
+                    if let Some(cap) = cap {
+                        *x = softcap(*x, cap);
                     }
+                    max = max.max(*x);
+                } else {
+                    *x = 0.0;
                 }
             }
-            let mut o = vec![0.0f32; n * hd];
-            for t in 0..n {
-                let ot = &mut o[t * hd..(t + 1) * hd];
-                for s in 0..=t {
-                    let p = pat[t * n + s];
-                    let vs = &v[s * kvd + kvh * hd..s * kvd + (kvh + 1) * hd];
-                    for (oi, vi) in ot.iter_mut().zip(vs) {
-                        *oi += p * vi;
-                    }
-                }
-            }
-            (pat, o)
-        })
-        .collect();
-    let mut patterns = record.then(|| Vec::with_capacity(n_heads * n * n));
-    for (h, (pat, o)) in per_head.into_iter().enumerate() {
-        for t in 0..n {
-            out[t * qd + h * hd..t * qd + (h + 1) * hd].copy_from_slice(&o[t * hd..(t + 1) * hd]);
         }
-        if let Some(p) = patterns.as_mut() {
-            p.extend_from_slice(&pat);
+        let mut sum = 0.0f32;
+        for j in 0..=i {
+            for (c, x) in block[j * tl * tl + r * tl..][..tl].iter_mut().enumerate() {
+                if seen(j * tl + c) && c < tl.min(n - j * tl) {
+                    *x = (*x - max).exp();
+                    sum += *x;
+                }
+            }
+        }
+        for j in 0..=i {
+            for x in &mut block[j * tl * tl + r * tl..][..tl] {
+                *x /= sum;
+            }
         }
     }
-    patterns
+    // The padding rows of the last block (past n) stay zero.
+    for j in 0..=i {
+        block[j * tl * tl + rows * tl..(j + 1) * tl * tl].fill(0.0);
+    }
 }
 
 /// Index of the first largest value (NaN never wins).
@@ -521,11 +606,11 @@ pub(crate) trait Blocks {
         l: usize,
         normed: &[f32],
         n: usize,
-        frozen: Option<&[f32]>,
+        frozen: Option<&AttnPattern>,
         record: bool,
         scratch: &mut Self::Scratch,
         out: &mut [f32],
-    ) -> Option<Vec<f32>>;
+    ) -> Option<AttnPattern>;
 
     /// Layer `l`'s MLP of the normed stream `[n, d]` into `out` (`[n, d]`).
     fn mlp(&self, l: usize, normed: &[f32], n: usize, scratch: &mut Self::Scratch, out: &mut [f32]);
@@ -582,7 +667,7 @@ pub(crate) fn run_blocks<B: Blocks>(
             l,
             &normed,
             n,
-            fl.and_then(|f| f.attn_pattern.as_deref()),
+            fl.and_then(|f| f.attn_pattern.as_ref()),
             hooks.attn_pattern,
             &mut scratch,
             &mut proj,

@@ -26,6 +26,7 @@ use std::path::Path;
 use super::forward::{AttnScores, Blocks, Dims, ForwardOptions, ForwardOutput, Norm, run_blocks};
 use super::gpt2::gelu_new;
 use super::llama::{LlamaModel, LlamaScratch, rms_norm};
+use super::pattern::AttnPattern;
 use crate::{Error, Result};
 
 /// What Gemma-2 adds to the Llama hyper-parameters.
@@ -202,11 +203,11 @@ impl Blocks for Gemma2Model {
         l: usize,
         normed: &[f32],
         n: usize,
-        frozen: Option<&[f32]>,
+        frozen: Option<&AttnPattern>,
         record: bool,
         s: &mut LlamaScratch,
         out: &mut [f32],
-    ) -> Option<Vec<f32>> {
+    ) -> Option<AttnPattern> {
         self.base
             .attend(l, normed, n, self.scores(l), frozen, record, s, out)
     }

@@ -27,6 +27,7 @@ use super::forward::{
     AttnScores, Blocks, Dims, ForwardOptions, ForwardOutput, Norm, NormKind, causal_attention,
     matmul_wt, run_blocks,
 };
+use super::pattern::AttnPattern;
 use crate::{Error, Result};
 
 /// The hyper-parameters of a GPT-2 model.
@@ -328,11 +329,11 @@ impl Blocks for Gpt2Model {
         l: usize,
         normed: &[f32],
         n: usize,
-        frozen: Option<&[f32]>,
+        frozen: Option<&AttnPattern>,
         record: bool,
         s: &mut Gpt2Scratch,
         out: &mut [f32],
-    ) -> Option<Vec<f32>> {
+    ) -> Option<AttnPattern> {
         let (c, w) = (&self.config, &self.layers[l]);
         let d = c.d_model;
         for (i, buf) in [&mut s.q, &mut s.k, &mut s.v].into_iter().enumerate() {

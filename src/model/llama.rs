@@ -16,6 +16,7 @@ use super::forward::{
     AttnScores, Blocks, Dims, ForwardOptions, ForwardOutput, Norm, NormKind, causal_attention,
     matmul_wt, run_blocks,
 };
+use super::pattern::AttnPattern;
 use crate::{Error, Result};
 
 /// How rotary embeddings pair up the dimensions of a head.
@@ -384,11 +385,11 @@ impl LlamaModel {
         normed: &[f32],
         n: usize,
         scores: AttnScores,
-        frozen: Option<&[f32]>,
+        frozen: Option<&AttnPattern>,
         record: bool,
         s: &mut LlamaScratch,
         out: &mut [f32],
-    ) -> Option<Vec<f32>> {
+    ) -> Option<AttnPattern> {
         let (c, w) = (&self.config, &self.layers[l]);
         let d = c.d_model;
         matmul_wt(normed, n, d, &w.wq, c.q_dim(), &mut s.q);
@@ -497,11 +498,11 @@ impl Blocks for LlamaModel {
         l: usize,
         normed: &[f32],
         n: usize,
-        frozen: Option<&[f32]>,
+        frozen: Option<&AttnPattern>,
         record: bool,
         s: &mut LlamaScratch,
         out: &mut [f32],
-    ) -> Option<Vec<f32>> {
+    ) -> Option<AttnPattern> {
         let scores = AttnScores::plain(self.config.head_dim);
         self.attend(l, normed, n, scores, frozen, record, s, out)
     }
@@ -630,7 +631,7 @@ mod tests {
                 .collect();
             assert!(max_diff(&sum, l1.resid_pre.as_ref().unwrap()) < 1e-6);
             // Attention rows sum to one and are causal.
-            let p = l0.attn_pattern.as_ref().unwrap();
+            let p = l0.attn_pattern.as_ref().unwrap().to_dense();
             let n = toks.len();
             for h in 0..4 {
                 for t in 0..n {

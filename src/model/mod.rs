@@ -25,6 +25,7 @@ pub mod gpt2;
 pub mod hf;
 pub mod llama;
 pub mod llama2c;
+pub mod pattern;
 
 use std::io::Read;
 use std::path::{Path, PathBuf};
@@ -39,6 +40,7 @@ pub use gemma2::{Gemma2Config, Gemma2Model, Gemma2PostNorms};
 pub use gpt2::{Gpt2Config, Gpt2LayerWeights, Gpt2Model};
 pub use llama::{LayerWeights, LlamaConfig, LlamaModel, RopeStyle};
 pub use llama2c::Llama2cTokenizer;
+pub use pattern::AttnPattern;
 
 /// The kinds of model file the engine reads.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -173,13 +173,14 @@ pub fn assert_matches_reference(
         );
         for (l, rec) in out.record.layers.iter().enumerate() {
             let r = &run["layers"][l];
+            let pattern = rec.attn_pattern.as_ref().map(|p| p.to_dense());
             for (what, got) in [
                 ("resid_pre", &rec.resid_pre),
                 ("resid_mid", &rec.resid_mid),
                 ("mlp_in_normed", &rec.mlp_in_normed),
                 ("mlp_in_unweighted", &rec.mlp_in_unweighted),
                 ("mlp_out", &rec.mlp_out),
-                ("attn_pattern", &rec.attn_pattern),
+                ("attn_pattern", &pattern),
                 ("attn_norm_scale", &rec.attn_norm_scale),
                 ("mlp_norm_scale", &rec.mlp_norm_scale),
                 ("attn_post_norm_scale", &rec.attn_post_norm_scale),
