@@ -238,8 +238,9 @@ pub fn attribute_batch(
         let from = rg.rows_from(l);
         let t = rg.off[from] as f64;
         flops += 2.0 * t * (d * lin.q_dim() + lin.kv_dim() * d) as f64
+            // Pᵀ·ā over the causal triangle, the products the tiles do (less their diagonal tiles' upper halves).
             + (0..from)
-                .map(|r| 2.0 * (lin.n_heads * rg.len(r) * rg.len(r) * lin.head_dim) as f64)
+                .map(|r| (lin.n_heads * rg.len(r) * (rg.len(r) + 1) * lin.head_dim) as f64)
                 .sum::<f64>();
         attention_backward(
             lin,
