@@ -11,6 +11,7 @@ use crate::cache::InputHook;
 use crate::clt::{Activation, CltConfig, Params, Transcoder};
 use crate::model::{ForwardOptions, ForwardRecord, Hooks, Logits, forward};
 use crate::{Error, Result};
+use rayon::prelude::*;
 
 /// A transcoder in the model's raw units (normalisation scalars folded in), with the hook it reads.
 #[derive(Clone, Debug)]
@@ -247,22 +248,40 @@ pub fn reconstruct(
     n: usize,
 ) -> Vec<Vec<f32>> {
     let (l_n, d) = (tc.cfg.n_layers, tc.cfg.d_model);
-    let mut recon = vec![vec![0.0f32; n * d]; l_n];
-    for (k, rk) in recon.iter_mut().enumerate() {
-        for p in 1..n {
-            let out = &mut rk[p * d..(p + 1) * d];
-            out.copy_from_slice(&tc.params.b_dec[k]);
-            for l in 0..=k {
+    // Position by position in parallel, each into its `[L][d]` row: every active feature's decoder row for
+    // all its target layers is contiguous, and so are those layers in the row. Each element gets the decoder
+    // bias, then its terms by source layer and feature, then the skip path.
+    let row = l_n * d;
+    let mut by_pos = vec![0.0f32; n * row];
+    by_pos
+        .par_chunks_mut(row.max(1))
+        .enumerate()
+        .skip(1)
+        .for_each(|(p, out)| {
+            for (k, o) in out.chunks_exact_mut(d).enumerate() {
+                o.copy_from_slice(&tc.params.b_dec[k]);
+            }
+            for l in 0..l_n {
+                let rl = tc.cfg.dec_row_len(l);
+                let w = &tc.params.w_dec[l];
                 for s in af.group(l, p) {
-                    if let Some(row) = tc.dec_row(l, af.index[s] as usize, k) {
-                        let a = af.value[s];
-                        out.iter_mut().zip(row).for_each(|(o, w)| *o += a * w);
-                    }
+                    let (f, a) = (af.index[s] as usize, af.value[s]);
+                    out[l * d..l * d + rl]
+                        .iter_mut()
+                        .zip(&w[f * rl..(f + 1) * rl])
+                        .for_each(|(o, w)| *o += a * w);
                 }
             }
             if tc.cfg.skip {
-                add_skip(tc, k, &inputs[k][p * d..(p + 1) * d], out);
+                for (k, o) in out.chunks_exact_mut(d).enumerate() {
+                    add_skip(tc, k, &inputs[k][p * d..(p + 1) * d], o);
+                }
             }
+        });
+    let mut recon = vec![vec![0.0f32; n * d]; l_n];
+    for (p, r) in by_pos.chunks_exact(row.max(1)).enumerate().skip(1) {
+        for (k, rk) in recon.iter_mut().enumerate() {
+            rk[p * d..(p + 1) * d].copy_from_slice(&r[k * d..(k + 1) * d]);
         }
     }
     recon
