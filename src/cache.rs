@@ -2,7 +2,8 @@
 //! into the activation store.
 //!
 //! Documents ([`crate::corpus`]: the blocks of plain-text files between blank lines, the text or token-id
-//! field of each line of a `.jsonl` file, or the text or token-id column of each row of a `.parquet` file)
+//! field of each line of a `.jsonl` file, or the text or token-id column of each row of a `.parquet` or
+//! `.arrow` file)
 //! are read one at a time and tokenised a batch's worth at a time, in parallel, as the forward needs them:
 //! caching reads only as much of the corpus as it caches. Each document is tokenised with the model's
 //! beginning-of-sequence token (when it has one; a pretokenised document gets it when it lacks it)
@@ -135,7 +136,8 @@ impl InputHook {
 #[derive(Clone, Debug)]
 pub struct CacheConfig {
     pub corpus: Vec<PathBuf>,
-    /// The JSON field or Parquet column holding each document (`None`: `text`, `input_ids` or `tokens`).
+    /// The JSON field or Parquet/Arrow column holding each document (`None`: `text`, `input_ids` or
+    /// `tokens`).
     pub column: Option<String>,
     /// Documents at the corpus's start left out (read, not tokenised): a held-out store from the same
     /// corpus as a training store that stopped before them. Document ids stay the corpus's.
@@ -160,7 +162,7 @@ pub struct CacheRecord {
     pub model_checksum: String,
     pub tokenizer: String,
     pub corpus: Vec<String>,
-    /// The JSON field or Parquet column given for the documents (absent: the default names).
+    /// The JSON field or Parquet/Arrow column given for the documents (absent: the default names).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub column: Option<String>,
     /// Documents left out at the corpus's start.

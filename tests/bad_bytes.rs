@@ -819,9 +819,9 @@ proptest! {
     }
 }
 
-// ---- Parquet corpora -------------------------------------------------------------------------------------
+// ---- Parquet and Arrow corpora -----------------------------------------------------------------------------
 
-fn parquet_fixture(name: &str) -> PathBuf {
+fn corpus_fixture(name: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
         .join("tests/fixtures")
         .join(name)
@@ -832,15 +832,33 @@ fn parquet_fixture(name: &str) -> PathBuf {
 /// crate panics on some; `clt::corpus` catches them) nor an allocation over the cap.
 #[test]
 fn damaged_parquet_corpora_give_documents_or_an_error() {
-    let dir = tempfile::tempdir().unwrap();
-    let mut rng = clt::rng::Rng::seed(7);
-    let mut errors = 0;
-    for name in [
+    damaged_corpora_give_documents_or_an_error(&[
         "hf-text.parquet",
         "hf-input-ids.parquet",
         "legacy-tokens.parquet",
-    ] {
-        let good = std::fs::read(parquet_fixture(name)).unwrap();
+    ]);
+}
+
+/// Damaged Arrow IPC corpus files (datasets' streams, compressed buffers, the file format with its footer)
+/// likewise.
+#[test]
+fn damaged_arrow_corpora_give_documents_or_an_error() {
+    damaged_corpora_give_documents_or_an_error(&[
+        "hf-text.arrow",
+        "hf-input-ids.arrow",
+        "tokens-file.arrow",
+    ]);
+}
+
+/// 2,000 damaged copies of each fixture (a tenth truncated, the rest with one to three bits flipped), each
+/// read to its end: documents or an error naming the file, no panic, no allocation over the cap; and
+/// enough of them errors that the damage is seen.
+fn damaged_corpora_give_documents_or_an_error(names: &[&str]) {
+    let dir = tempfile::tempdir().unwrap();
+    let mut rng = clt::rng::Rng::seed(7);
+    let mut errors = 0;
+    for name in names {
+        let good = std::fs::read(corpus_fixture(name)).unwrap();
         let bad = dir.path().join(format!("bad-{name}"));
         for trial in 0..2000 {
             let mut bytes = good.clone();
@@ -955,8 +973,12 @@ fn fuzz_seeds() -> Vec<(String, Vec<u8>)> {
         "hf-input-ids.parquet",
         "legacy-tokens.parquet",
     ] {
-        let bytes = std::fs::read(parquet_fixture(name)).unwrap();
+        let bytes = std::fs::read(corpus_fixture(name)).unwrap();
         seeds.push((format!("corpus_parquet/{name}"), bytes));
+    }
+    for name in ["hf-text.arrow", "hf-input-ids.arrow", "tokens-file.arrow"] {
+        let bytes = std::fs::read(corpus_fixture(name)).unwrap();
+        seeds.push((format!("corpus_arrow/{name}"), bytes));
     }
     seeds
 }
@@ -1025,7 +1047,7 @@ fn the_fuzz_seeds_are_current_and_load() {
             };
             let l = clt::clt::transcoder_set::read_layer(&path).unwrap();
             assert_eq!((l.n_features, l.d_model), (6, 4));
-        } else if name.starts_with("corpus_parquet/") {
+        } else if name.starts_with("corpus_parquet/") || name.starts_with("corpus_arrow/") {
             let docs = Documents::open(&[dir.join(&name)]).unwrap();
             let docs: Vec<_> = docs.collect::<clt::Result<_>>().unwrap();
             assert!(docs.len() > 5);

@@ -139,6 +139,34 @@ fn skipped_documents_make_a_held_out_store_of_the_same_corpus() {
     );
 }
 
+/// An Arrow IPC stream as Hugging Face datasets' `save_to_disk` writes it: a text column, or an `int32`
+/// token-list column (datasets' `Sequence(Value("int32"))`), in record batches of `per_batch` rows.
+fn write_arrow(path: &Path, name: &str, texts: &[String], ids: &[Vec<u32>], per_batch: usize) {
+    use arrow_array::builder::{Int32Builder, ListBuilder};
+    use arrow_array::{ArrayRef, RecordBatch, StringArray};
+    let rows = texts.len().max(ids.len());
+    let mut batches = Vec::new();
+    for start in (0..rows).step_by(per_batch) {
+        let end = (start + per_batch).min(rows);
+        let column: ArrayRef = if ids.is_empty() {
+            std::sync::Arc::new(StringArray::from_iter_values(&texts[start..end]))
+        } else {
+            let mut b = ListBuilder::new(Int32Builder::new());
+            for row in &ids[start..end] {
+                b.append_value(row.iter().map(|&id| Some(id as i32)));
+            }
+            std::sync::Arc::new(b.finish())
+        };
+        batches.push(RecordBatch::try_from_iter([(name, column)]).unwrap());
+    }
+    let file = std::fs::File::create(path).unwrap();
+    let mut w = arrow_ipc::writer::StreamWriter::try_new(file, &batches[0].schema()).unwrap();
+    for b in &batches {
+        w.write(b).unwrap();
+    }
+    w.finish().unwrap();
+}
+
 /// A Parquet file of one column, `name`: text (`optional binary (UTF8)`) or token ids (the standard
 /// three-level `LIST` of `int32` with optional elements, as pyarrow writes `list<int32>`), `per_group` rows
 /// per row group, snappy-compressed.
@@ -197,7 +225,7 @@ fn write_parquet(path: &Path, name: &str, texts: &[String], ids: &[Vec<u32>], pe
 /// and activations, across row groups and shards. Ids outside the model's vocabulary stop the cache with
 /// the file and row named.
 #[test]
-fn parquet_corpora_cache_as_the_text_does() {
+fn parquet_and_arrow_corpora_cache_as_the_text_does() {
     let m = model();
     let txt = shared().join("corpus/tinystories_valid_head.txt");
     let docs: Vec<String> = clt::cache::read_documents(std::slice::from_ref(&txt))
@@ -244,6 +272,21 @@ fn parquet_corpora_cache_as_the_text_does() {
         "the pretokenised column caches other activations"
     );
     assert_eq!(rec.column.as_deref(), Some("input_ids"));
+    // The same documents as Arrow IPC streams (datasets' `save_to_disk`).
+    let text_arrow = dir.path().join("text.arrow");
+    let ids_arrow = dir.path().join("ids.arrow");
+    write_arrow(&text_arrow, "text", &docs, &[], 6);
+    write_arrow(&ids_arrow, "input_ids", &[], &ids, 4);
+    let (_, got) = run(&text_arrow, None, "text-arrow").unwrap();
+    assert!(
+        got == want,
+        "the Arrow text column caches other activations"
+    );
+    let (_, got) = run(&ids_arrow, None, "ids-arrow").unwrap();
+    assert!(
+        got == want,
+        "the pretokenised Arrow column caches other activations"
+    );
 
     // A dataset tokenised for a larger vocabulary: row 12's third id is beyond stories260K's 512.
     let mut bad = ids.clone();

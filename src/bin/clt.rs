@@ -78,12 +78,13 @@ enum Command {
         /// The tokenizer, for llama2.c checkpoints.
         #[arg(long)]
         tokenizer: Option<PathBuf>,
-        /// Corpus files: plain text (blank-line-separated documents), .jsonl (a document per line) or
-        /// .parquet (a document per row; Hugging Face datasets' files), text files compressed with zstd
-        /// (.zst) or gzip (.gz) or not; read as needed, a document at a time.
+        /// Corpus files: plain text (blank-line-separated documents), .jsonl (a document per line),
+        /// .parquet or .arrow (a document per row; Hugging Face datasets' files, Arrow IPC as its
+        /// `save_to_disk` and cache write), text files compressed with zstd (.zst) or gzip (.gz) or not;
+        /// read as needed, a document at a time.
         #[arg(long, required = true, num_args = 1..)]
         corpus: Vec<PathBuf>,
-        /// The JSON field or Parquet column of each document: text, or token ids of a pretokenised dataset
+        /// The JSON field or Parquet/Arrow column of each document: text, or token ids of a pretokenised dataset
         /// (default: the first of `text`, `input_ids` and `tokens` present).
         #[arg(long)]
         column: Option<String>,

@@ -9,7 +9,9 @@
 //!   integers (a pretokenised dataset);
 //! - one per row of a `.parquet` file (Hugging Face datasets' own format): its text column (strings) or
 //!   token-id column (lists of integers), read a row group at a time (`corpus/parquet.rs`); null and empty rows
-//!   are skipped.
+//!   are skipped;
+//! - likewise one per row of an `.arrow` file (Arrow IPC, stream or file format: what datasets'
+//!   `save_to_disk` writes and its cache holds), read a record batch at a time (`corpus/arrow.rs`).
 //!
 //! The field or column is [`CorpusOptions::column`]; by default the first of `text`, `input_ids` and
 //! `tokens` present (SAELens's and Hugging Face's names). Token ids must be below
@@ -19,6 +21,7 @@
 //! 2026-12-02 only an empty line separated documents, so a whole WikiText file was one document; a cache
 //! begun then over such a corpus resumes with other document boundaries.)
 
+mod arrow;
 mod parquet;
 
 use crate::{Error, Result};
@@ -50,7 +53,7 @@ pub const DEFAULT_COLUMNS: [&str; 3] = ["text", "input_ids", "tokens"];
 /// How the corpus's records are read.
 #[derive(Clone, Debug, Default)]
 pub struct CorpusOptions {
-    /// The JSON field or Parquet column holding each document; `None`: the first of [`DEFAULT_COLUMNS`]
+    /// The JSON field or Parquet/Arrow column holding each document; `None`: the first of [`DEFAULT_COLUMNS`]
     /// present.
     pub column: Option<String>,
     /// Token ids must be below this (the model's vocabulary size); `None` checks only that they fit `u32`.
@@ -77,6 +80,24 @@ impl CorpusOptions {
             ))
         } else {
             Err(format!("{id} is not a token id"))
+        }
+    }
+}
+
+/// Runs a call into a file-format decoder (the `parquet` and `arrow-ipc` crates), its panic on damaged
+/// bytes caught and returned as an error, like the errors it returns.
+fn guarded<T, E: std::fmt::Display>(
+    f: impl FnOnce() -> std::result::Result<T, E>,
+) -> std::result::Result<T, String> {
+    match std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)) {
+        Ok(r) => r.map_err(|e| e.to_string()),
+        Err(panic) => {
+            let what = panic
+                .downcast_ref::<&str>()
+                .map(|s| s.to_string())
+                .or_else(|| panic.downcast_ref::<String>().cloned())
+                .unwrap_or_default();
+            Err(format!("the decoder failed on damaged data ({what})"))
         }
     }
 }
@@ -109,6 +130,7 @@ enum Layout {
     Text,
     JsonLines,
     Parquet,
+    Arrow,
 }
 
 /// The file's compression and layout.
@@ -126,6 +148,7 @@ fn kind(path: &Path) -> (Compression, Layout) {
     let layout = match ext(&inner).as_deref() {
         Some("jsonl") => Layout::JsonLines,
         Some("parquet") => Layout::Parquet,
+        Some("arrow") => Layout::Arrow,
         _ => Layout::Text,
     };
     (c, layout)
@@ -142,6 +165,7 @@ enum Open {
         offset: u64,
     },
     Parquet(Box<parquet::ParquetDocuments>),
+    Arrow(Box<arrow::ArrowDocuments>),
 }
 
 /// The documents of a list of corpus files, in order (an iterator; see the module documentation).
@@ -177,13 +201,21 @@ impl Documents {
                 });
             }
             let (c, layout) = kind(p);
-            if layout == Layout::Parquet && c != Compression::None {
-                return Err(Error::Format {
-                    path: p.clone(),
-                    offset: 0,
-                    reason: "a Parquet file compresses its own pages: decompress the file first"
-                        .into(),
-                });
+            if c != Compression::None {
+                let what = match layout {
+                    Layout::Parquet => "a Parquet file compresses its own pages",
+                    Layout::Arrow => {
+                        "an Arrow IPC file is read as written (its buffers may be compressed)"
+                    }
+                    Layout::Text | Layout::JsonLines => "",
+                };
+                if !what.is_empty() {
+                    return Err(Error::Format {
+                        path: p.clone(),
+                        offset: 0,
+                        reason: format!("{what}: decompress the file first"),
+                    });
+                }
             }
             total_bytes += meta.len();
         }
@@ -221,6 +253,12 @@ impl Documents {
             self.open = Some(Open::Parquet(Box::new(docs)));
             return Ok(());
         }
+        if layout == Layout::Arrow {
+            let docs =
+                arrow::ArrowDocuments::open(path, self.options.clone(), self.disk_read.clone())?;
+            self.open = Some(Open::Arrow(Box::new(docs)));
+            return Ok(());
+        }
         let file = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
         let raw = Counted {
             file,
@@ -255,6 +293,7 @@ impl Documents {
         };
         let (reader, jsonl, line, offset) = match open {
             Open::Parquet(p) => return p.next_document(),
+            Open::Arrow(a) => return a.next_document(),
             Open::Lines {
                 reader,
                 jsonl,
@@ -682,6 +721,103 @@ mod tests {
         let err = text_documents(&[fake]).unwrap_err().to_string();
         assert!(
             err.contains("fake.parquet") && err.contains("not a readable Parquet"),
+            "{err}"
+        );
+    }
+
+    /// Arrow IPC files (datasets' `save_to_disk` streams, with zstd- or lz4-compressed buffers, and the IPC
+    /// file format) give the documents of their Parquet twins, across record batches; the progress counts
+    /// each file whole.
+    #[test]
+    fn arrow_rows_are_documents() {
+        for name in ["hf-text", "hf-input-ids"] {
+            let arrow = fixture(&format!("{name}.arrow"));
+            let parquet = fixture(&format!("{name}.parquet"));
+            let docs = read_documents(std::slice::from_ref(&arrow)).unwrap();
+            assert_eq!(docs, read_documents(&[parquet]).unwrap(), "{name}");
+            assert_eq!(docs.len(), if name == "hf-text" { 48 } else { 38 });
+        }
+        let file = fixture("tokens-file.arrow");
+        let tokens = all(
+            std::slice::from_ref(&file),
+            CorpusOptions {
+                column: Some("tokens".into()),
+                vocab: Some(512),
+            },
+        )
+        .unwrap();
+        let want: Vec<Document> = (1..9).map(|i| Document::Tokens(fixture_ids(i))).collect();
+        assert_eq!(tokens, want);
+        // Its default column is the large_string text.
+        let texts = read_documents(std::slice::from_ref(&file)).unwrap();
+        assert_eq!(texts[2], Document::Text(fixture_text(3)));
+        let paths = [file, fixture("hf-text.arrow")];
+        let mut it = Documents::open(&paths).unwrap();
+        assert_eq!(it.by_ref().count(), 8 + 48);
+        assert_eq!(it.bytes_read(), it.total_bytes());
+    }
+
+    /// Arrow's errors name the file, the record batch, the row and the column, as Parquet's do.
+    #[test]
+    fn arrow_errors_name_the_row_and_column() {
+        let ids = fixture("hf-input-ids.arrow");
+        let row = (0..40)
+            .find(|&i| i != 3 && i != 5 && fixture_ids(i).iter().any(|&t| t >= 500))
+            .unwrap();
+        let at = fixture_ids(row).iter().position(|&t| t >= 500).unwrap();
+        let err = all(
+            std::slice::from_ref(&ids),
+            CorpusOptions {
+                column: None,
+                vocab: Some(500),
+            },
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            err.contains("hf-input-ids.arrow")
+                && err.contains(&format!("record batch {}", row / 13))
+                && err.contains(&format!("row {row}: \"input_ids\"[{at}]"))
+                && err.contains("vocabulary of 500"),
+            "{err}"
+        );
+        let err = text_documents(&[fixture("null-token.arrow")])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("record batch 1") && err.contains("row 1: \"input_ids\"[1] is null"),
+            "{err}"
+        );
+        let err = text_documents(&[fixture("nested-text.arrow")])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("column \"text\" is List("), "{err}");
+        let named = |c: &str| CorpusOptions {
+            column: Some(c.into()),
+            vocab: None,
+        };
+        let text = fixture("hf-text.arrow");
+        let err = all(std::slice::from_ref(&text), named("id"))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("column \"id\" is Int64"), "{err}");
+        let err = all(std::slice::from_ref(&text), named("story"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("no \"story\" column") && err.contains("columns: id, text"),
+            "{err}"
+        );
+        let dir = tempfile::tempdir().unwrap();
+        let zst = dir.path().join("x.arrow.zst");
+        std::fs::write(&zst, b"").unwrap();
+        let err = Documents::open(&[zst]).err().unwrap().to_string();
+        assert!(err.contains("decompress the file first"), "{err}");
+        let fake = dir.path().join("fake.arrow");
+        std::fs::write(&fake, "{\"text\": \"json, named .arrow\"}\n").unwrap();
+        let err = text_documents(&[fake]).unwrap_err().to_string();
+        assert!(
+            err.contains("fake.arrow") && err.contains("not a readable Arrow IPC"),
             "{err}"
         );
     }

@@ -12,7 +12,7 @@
 //! others, found by flipping bits in the fixtures); every call into it goes through [`guarded`], which
 //! turns such a panic into an error naming the file and the column chunk.
 
-use super::{CorpusOptions, Document, quoted};
+use super::{CorpusOptions, Document, guarded, quoted};
 use crate::{Error, Result};
 use ::parquet::basic::{Repetition, Type as Physical};
 use ::parquet::column::reader::{ColumnReader, ColumnReaderImpl};
@@ -58,23 +58,6 @@ pub(super) struct ParquetDocuments {
     file_len: u64,
     def: Vec<i16>,
     rep: Vec<i16>,
-}
-
-/// Runs a call into the `parquet` crate, its panic (on a damaged file) caught as an error.
-fn guarded<T>(f: impl FnOnce() -> ::parquet::errors::Result<T>) -> std::result::Result<T, String> {
-    match std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)) {
-        Ok(r) => r.map_err(|e| e.to_string()),
-        Err(panic) => {
-            let what = panic
-                .downcast_ref::<&str>()
-                .map(|s| s.to_string())
-                .or_else(|| panic.downcast_ref::<String>().cloned())
-                .unwrap_or_default();
-            Err(format!(
-                "the Parquet decoder failed on damaged data ({what})"
-            ))
-        }
-    }
 }
 
 fn format_error(path: &Path, offset: u64, reason: String) -> Error {
@@ -204,7 +187,11 @@ impl ParquetDocuments {
                         .dictionary_page_offset()
                         .unwrap_or(chunk.data_page_offset());
                     let size = meta.compressed_size();
-                    Ok((size, start, rg.get_column_reader(leaf_index)?))
+                    Ok::<_, ::parquet::errors::ParquetError>((
+                        size,
+                        start,
+                        rg.get_column_reader(leaf_index)?,
+                    ))
                 })
                 .map_err(|e| format_error(&self.path, 0, format!("row group {g}: {e}")))?;
                 self.chunk_offset = offset.max(0) as u64;
