@@ -834,4 +834,31 @@ fn the_attribute_and_intervene_commands_write_a_graph_and_print_logits() {
     let o = run("intervene", &["--set", "0:3=5"]);
     assert!(!o.status.success());
     assert!(String::from_utf8_lossy(&o.stderr).contains("0:3=5"));
+
+    // The prompt from a file (its final line break not part of it) gives the same logits; a missing file
+    // is named; a prompt given both ways is refused.
+    let with_file = |file: &Path, both: bool| {
+        let mut c = std::process::Command::new(env!("CARGO_BIN_EXE_clt"));
+        c.arg("intervene")
+            .args(["--model", model.to_str().unwrap()])
+            .args(["--tokenizer", tok.to_str().unwrap()])
+            .args(["--transcoder", f.export.to_str().unwrap()])
+            .args(["--prompt-file", file.to_str().unwrap()])
+            .args(["--set", "0:3:1=5.0"]);
+        if both {
+            c.args(["--prompt", PROMPT]);
+        }
+        c.output().unwrap()
+    };
+    let file = dir.path().join("prompt.txt");
+    std::fs::write(&file, format!("{PROMPT}\n")).unwrap();
+    let by_file = with_file(&file, false);
+    assert!(by_file.status.success());
+    let by_arg = run("intervene", &["--set", "0:3:1=5.0"]);
+    assert_eq!(by_file.stdout, by_arg.stdout);
+    let o = with_file(&dir.path().join("absent.txt"), false);
+    assert!(String::from_utf8_lossy(&o.stderr).contains("absent.txt"));
+    let o = with_file(&file, true);
+    assert!(!o.status.success());
+    assert!(String::from_utf8_lossy(&o.stderr).contains("cannot be used with"));
 }

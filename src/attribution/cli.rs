@@ -28,8 +28,44 @@ pub struct Inputs {
     pub input_hook: Option<InputHook>,
     /// The prompt (a special token is put first when the tokens do not start with one: the model's BOS, else
     /// its EOS, as circuit-tracer does).
+    #[arg(
+        long,
+        required_unless_present = "prompt_file",
+        conflicts_with = "prompt_file"
+    )]
+    pub prompt: Option<String>,
+    /// A file holding the prompt instead (UTF-8; one final line break, `\n` or `\r\n`, is not part of it):
+    /// for long prompts.
     #[arg(long)]
-    pub prompt: String,
+    pub prompt_file: Option<PathBuf>,
+}
+
+impl Inputs {
+    /// The prompt's text: `--prompt`, or `--prompt-file`'s contents less one final line break.
+    pub fn prompt_text(&self) -> Result<String> {
+        match (&self.prompt, &self.prompt_file) {
+            (Some(p), _) => Ok(p.clone()),
+            (None, Some(f)) => {
+                let bytes = std::fs::read(f).map_err(|e| crate::Error::io(f, e))?;
+                let mut text = String::from_utf8(bytes).map_err(|e| crate::Error::Format {
+                    path: f.clone(),
+                    offset: e.utf8_error().valid_up_to() as u64,
+                    reason: "the prompt file is not UTF-8".into(),
+                })?;
+                for end in ["\r\n", "\n"] {
+                    if text.ends_with(end) {
+                        text.truncate(text.len() - end.len());
+                        break;
+                    }
+                }
+                Ok(text)
+            }
+            (None, None) => Err(crate::Error::config(
+                "prompt",
+                "give --prompt or --prompt-file",
+            )),
+        }
+    }
 }
 
 #[derive(clap::Args, Clone, Debug)]
@@ -78,20 +114,22 @@ pub struct IntervenArgs {
     pub top: usize,
 }
 
-fn open(inputs: &Inputs) -> Result<(LoadedModel, ReplacementTranscoder, String, Vec<u32>)> {
+/// The model, the transcoder, its name, the prompt and its tokens.
+fn open(inputs: &Inputs) -> Result<(LoadedModel, ReplacementTranscoder, String, String, Vec<u32>)> {
+    let prompt = inputs.prompt_text()?;
     let m = crate::model::load(&inputs.model, inputs.tokenizer.as_deref())?;
     let lt = load_transcoder(&inputs.transcoder, inputs.input_hook, m.model.norm())?;
     if let Some((hook, yaml)) = &lt.output_hook {
         super::check_output_hook(hook, m.model.post_mlp_norm(), yaml)?;
     }
     let tc = ReplacementTranscoder::new(&lt.transcoder, lt.input_hook)?;
-    let tokens = m.tokenizer.encode_prompt(&inputs.prompt)?;
-    Ok((m, tc, lt.name, tokens))
+    let tokens = m.tokenizer.encode_prompt(&prompt)?;
+    Ok((m, tc, lt.name, prompt, tokens))
 }
 
 /// `clt attribute`.
 pub fn run_attribute(args: &AttributeArgs) -> Result<()> {
-    let (m, tc, name, tokens) = open(&args.inputs)?;
+    let (m, tc, name, prompt, tokens) = open(&args.inputs)?;
     let cfg = AttributionConfig {
         max_n_logits: args.max_n_logits,
         desired_logit_prob: args.desired_logit_prob,
@@ -111,7 +149,7 @@ pub fn run_attribute(args: &AttributeArgs) -> Result<()> {
     let w = write_graph(
         &g,
         &m.tokenizer,
-        &args.inputs.prompt,
+        &prompt,
         &args.out,
         &slug,
         &name,
@@ -193,7 +231,7 @@ pub fn write_graph(
 
 /// `clt intervene`.
 pub fn run_intervene(args: &IntervenArgs) -> Result<()> {
-    let (m, tc, _, tokens) = open(&args.inputs)?;
+    let (m, tc, _, _, tokens) = open(&args.inputs)?;
     let edits: Vec<Edit> = args
         .edits
         .iter()
