@@ -7,6 +7,8 @@
 //! token) keeps no features and a zero error, as in circuit-tracer.
 
 use super::linear::Attributable;
+use crate::backend::cpu::encode::LayerCodes;
+use crate::backend::cpu::sparse;
 use crate::cache::InputHook;
 use crate::clt::{Activation, CltConfig, Params, Transcoder};
 use crate::model::{ForwardOptions, ForwardRecord, Hooks, Logits, forward};
@@ -248,36 +250,37 @@ pub fn reconstruct(
     n: usize,
 ) -> Vec<Vec<f32>> {
     let (l_n, d) = (tc.cfg.n_layers, tc.cfg.d_model);
-    // Position by position in parallel, each into its `[L][d]` row: every active feature's decoder row for
-    // all its target layers is contiguous, and so are those layers in the row. Each element gets the decoder
-    // bias, then its terms by source layer and feature, then the skip path.
+    // The training step's sparse decode (`[n][L][d]`, tiles of positions, each active feature's decoder row
+    // read once per tile): the active features as its per-layer codes, by position, then feature index.
+    let codes: Vec<LayerCodes> = (0..l_n)
+        .map(|l| {
+            let all = af.layer_range(l);
+            LayerCodes {
+                offsets: (0..n)
+                    .map(|p| af.group(l, p).start - all.start)
+                    .chain([all.len()])
+                    .collect(),
+                feat: af.index[all.clone()].to_vec(),
+                act: af.value[all].to_vec(),
+                ..LayerCodes::default()
+            }
+        })
+        .collect();
+    let mut by_pos = sparse::decode_start(&tc.cfg, &tc.params, n, true);
+    sparse::decode_layers(&tc.cfg, &tc.params, &codes, n, 0..l_n, &mut by_pos);
     let row = l_n * d;
-    let mut by_pos = vec![0.0f32; n * row];
-    by_pos
-        .par_chunks_mut(row.max(1))
-        .enumerate()
-        .skip(1)
-        .for_each(|(p, out)| {
-            for (k, o) in out.chunks_exact_mut(d).enumerate() {
-                o.copy_from_slice(&tc.params.b_dec[k]);
-            }
-            for l in 0..l_n {
-                let rl = tc.cfg.dec_row_len(l);
-                let w = &tc.params.w_dec[l];
-                for s in af.group(l, p) {
-                    let (f, a) = (af.index[s] as usize, af.value[s]);
-                    out[l * d..l * d + rl]
-                        .iter_mut()
-                        .zip(&w[f * rl..(f + 1) * rl])
-                        .for_each(|(o, w)| *o += a * w);
-                }
-            }
-            if tc.cfg.skip {
+    if tc.cfg.skip {
+        by_pos
+            .par_chunks_mut(row.max(1))
+            .enumerate()
+            .skip(1)
+            .for_each(|(p, out)| {
                 for (k, o) in out.chunks_exact_mut(d).enumerate() {
                     add_skip(tc, k, &inputs[k][p * d..(p + 1) * d], o);
                 }
-            }
-        });
+            });
+    }
+    // Layer by layer; position 0 (the special token) has none.
     let mut recon = vec![vec![0.0f32; n * d]; l_n];
     for (p, r) in by_pos.chunks_exact(row.max(1)).enumerate().skip(1) {
         for (k, rk) in recon.iter_mut().enumerate() {
