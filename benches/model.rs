@@ -2,6 +2,10 @@
 //! SmolLM2-135M, against the GEMM ceiling of the same machine (one 128×576 · 576×1536 product, the SmolLM2
 //! MLP shape). Throughput is reported in FLOP/s ("elem/s"); tokens/s = 128 / time.
 //!
+//! `forward_2048_tokens`: SmolLM2 over 2,048 tokens (the last position's logits), bare and recording every
+//! attention pattern as attribution does, where causal attention (tile GEMMs, `model::AttnPattern`) is a
+//! large part of the work.
+//!
 //! `cargo bench --bench model` (SmolLM2 is fetched by `scripts/fetch-smollm2.sh` when not cached).
 
 mod common;
@@ -54,5 +58,29 @@ fn bench_forward(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(benches, bench_gemm, bench_forward);
+fn bench_long_forward(c: &mut Criterion) {
+    const LONG: usize = 2048;
+    let loaded = model::load(&smollm2(), None).unwrap_or_else(|e| panic!("{e}"));
+    let m = &loaded.model;
+    let v = m.vocab_size() as u32;
+    let toks: Vec<u32> = (0..LONG as u32).map(|i| (i * 7919 + 3) % v).collect();
+    let mut g = c.benchmark_group("forward_2048_tokens");
+    g.sample_size(10);
+    g.throughput(Throughput::Elements(m.forward_flops(LONG, 1) as u64));
+    for record in [false, true] {
+        let opts = ForwardOptions {
+            logits: Logits::Last,
+            hooks: model::Hooks {
+                attn_pattern: record,
+                ..Default::default()
+            },
+            ..Default::default()
+        };
+        let name = if record { "recording_patterns" } else { "bare" };
+        g.bench_function(name, |b| b.iter(|| m.forward_with(&toks, &opts).unwrap()));
+    }
+    g.finish();
+}
+
+criterion_group!(benches, bench_gemm, bench_forward, bench_long_forward);
 criterion_main!(benches);
