@@ -13,7 +13,7 @@
 //! declares, or for LZ4 at most what LZ4 can expand to (255 bytes per byte, plus a block). Every call into the
 //! decoder also runs under [`super::guarded`], so a panic on damaged bytes is an error naming the file.
 
-use super::{CorpusOptions, Document, guarded, quoted};
+use super::{CorpusOptions, Counted, Document, format_error, guarded};
 use crate::{Error, Result};
 use arrow_array::cast::AsArray;
 use arrow_array::types::{
@@ -34,23 +34,6 @@ const FILE_MAGIC: &[u8; 6] = b"ARROW1";
 const FILE_HEADER: u64 = 8;
 /// A message's leading marker (older writers omit it).
 const CONTINUATION: [u8; 4] = [0xff; 4];
-
-/// The file's bytes, counted into the corpus's progress as they are read.
-struct Counted {
-    file: std::fs::File,
-    disk_read: Arc<AtomicU64>,
-    /// This file's bytes read so far.
-    read: u64,
-}
-
-impl Read for Counted {
-    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
-        let n = self.file.read(buf)?;
-        self.read += n as u64;
-        self.disk_read.fetch_add(n as u64, Ordering::Relaxed);
-        Ok(n)
-    }
-}
 
 /// The documents of one Arrow IPC file, in row order.
 pub(super) struct ArrowDocuments {
@@ -73,14 +56,6 @@ pub(super) struct ArrowDocuments {
     pending: VecDeque<Document>,
 }
 
-fn format_error(path: &Path, offset: u64, reason: String) -> Error {
-    Error::Format {
-        path: path.to_path_buf(),
-        offset,
-        reason,
-    }
-}
-
 impl ArrowDocuments {
     /// Opens the file and finds the documents' column (the schema, its first message, read now).
     pub(super) fn open(
@@ -97,7 +72,7 @@ impl ArrowDocuments {
                 1 << 20,
                 Counted {
                     file,
-                    disk_read: disk_read.clone(),
+                    count: disk_read.clone(),
                     read: 0,
                 },
             ),
@@ -138,22 +113,9 @@ impl ArrowDocuments {
         let decoder = &mut docs.decoder;
         guarded(|| decoder.decode(&mut message)).map_err(not_arrow)?;
         let fields = schema.fields();
-        let names = docs.options.columns();
-        let Some((index, field)) = names
-            .iter()
-            .find_map(|n| fields.iter().enumerate().find(|(_, f)| f.name() == n))
-        else {
-            let have: Vec<&str> = fields.iter().map(|f| f.name().as_str()).collect();
-            return Err(format_error(
-                path,
-                0,
-                format!(
-                    "no {} column (its columns: {}; name one with --column)",
-                    quoted(&names),
-                    have.join(", ")
-                ),
-            ));
-        };
+        let have: Vec<&str> = fields.iter().map(|f| f.name().as_str()).collect();
+        let index = docs.options.pick_column(path, &have)?;
+        let field = &fields[index];
         if !usable(field.data_type()) {
             return Err(format_error(
                 path,

@@ -69,6 +69,26 @@ impl CorpusOptions {
         }
     }
 
+    /// The index in `have` (a file's column names) of the documents' column: the first of the names to look
+    /// for that is there; else an error naming `path` and listing its columns.
+    fn pick_column(&self, path: &Path, have: &[&str]) -> Result<usize> {
+        let names = self.columns();
+        names
+            .iter()
+            .find_map(|n| have.iter().position(|h| h == n))
+            .ok_or_else(|| {
+                format_error(
+                    path,
+                    0,
+                    format!(
+                        "no {} column (its columns: {}; name one with --column)",
+                        quoted(&names),
+                        have.join(", ")
+                    ),
+                )
+            })
+    }
+
     /// Checks a document's token id; `Err` says why it is not one.
     fn token(&self, id: i128) -> std::result::Result<u32, String> {
         let bound = self.vocab.map_or(u32::MAX as i128 + 1, |v| v as i128);
@@ -81,6 +101,15 @@ impl CorpusOptions {
         } else {
             Err(format!("{id} is not a token id"))
         }
+    }
+}
+
+/// An error in the corpus file `path` at byte `offset`.
+fn format_error(path: &Path, offset: u64, reason: String) -> Error {
+    Error::Format {
+        path: path.to_path_buf(),
+        offset,
+        reason,
     }
 }
 
@@ -106,11 +135,14 @@ fn guarded<T, E: std::fmt::Display>(
 struct Counted {
     file: std::fs::File,
     count: Arc<AtomicU64>,
+    /// This file's bytes read so far.
+    read: u64,
 }
 
 impl Read for Counted {
     fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
         let n = self.file.read(buf)?;
+        self.read += n as u64;
         self.count.fetch_add(n as u64, Ordering::Relaxed);
         Ok(n)
     }
@@ -263,6 +295,7 @@ impl Documents {
         let raw = Counted {
             file,
             count: self.disk_read.clone(),
+            read: 0,
         };
         const BUF: usize = 1 << 20;
         let reader: Box<dyn BufRead + Send> = match compression {

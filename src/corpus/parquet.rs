@@ -12,7 +12,7 @@
 //! others, found by flipping bits in the fixtures); every call into it goes through [`guarded`], which
 //! turns such a panic into an error naming the file and the column chunk.
 
-use super::{CorpusOptions, Document, guarded, quoted};
+use super::{CorpusOptions, Document, format_error, guarded};
 use crate::{Error, Result};
 use ::parquet::basic::{Repetition, Type as Physical};
 use ::parquet::column::reader::{ColumnReader, ColumnReaderImpl};
@@ -60,14 +60,6 @@ pub(super) struct ParquetDocuments {
     rep: Vec<i16>,
 }
 
-fn format_error(path: &Path, offset: u64, reason: String) -> Error {
-    Error::Format {
-        path: path.to_path_buf(),
-        offset,
-        reason,
-    }
-}
-
 impl ParquetDocuments {
     /// Opens the file and finds the documents' column (its footer and schema read now).
     pub(super) fn open(
@@ -81,23 +73,8 @@ impl ParquetDocuments {
             .map_err(|e| format_error(path, 0, format!("not a readable Parquet file: {e}")))?;
         let schema = reader.metadata().file_metadata().schema_descr_ptr();
         let fields = schema.root_schema().get_fields();
-        let names = options.columns();
-        let Some(name) = names
-            .iter()
-            .find(|n| fields.iter().any(|f| f.name() == **n))
-            .map(|n| n.to_string())
-        else {
-            let have: Vec<&str> = fields.iter().map(|f| f.name()).collect();
-            return Err(format_error(
-                path,
-                0,
-                format!(
-                    "no {} column (its columns: {}; name one with --column)",
-                    quoted(&names),
-                    have.join(", ")
-                ),
-            ));
-        };
+        let have: Vec<&str> = fields.iter().map(|f| f.name()).collect();
+        let name = have[options.pick_column(path, &have)?].to_string();
         let leaves: Vec<usize> = (0..schema.num_columns())
             .filter(|&i| schema.column(i).path().parts().first() == Some(&name))
             .collect();
