@@ -19,7 +19,7 @@
 
 use rayon::prelude::*;
 
-use super::pattern::{AttnPattern, tile_for};
+use super::pattern::{AttnPattern, block_matmul, tile_for};
 use crate::backend::cpu::gemm::{Mat, Threads, matmul};
 use crate::{Error, Result};
 
@@ -398,7 +398,6 @@ pub(crate) fn causal_attention(
             }
             let mut off = 0;
             for i in 0..blocks {
-                let rows = tl.min(n - i * tl);
                 let len = (i + 1) * tl * tl;
                 let block = if record {
                     let b = &mut store[off..off + len];
@@ -408,18 +407,7 @@ pub(crate) fn causal_attention(
                     &mut store[..len]
                 };
                 softmax_block(i, tl, n, hd, (h, kvh), (qd, kvd), scores, q, k, block);
-                for j in 0..=i {
-                    let cols = tl.min(n - j * tl);
-                    matmul(
-                        &mut o[i * tl * hd..],
-                        hd,
-                        Mat::strided(&block[j * tl * tl..], rows, cols, tl),
-                        Mat::strided(&v[j * tl * kvd + kvh * hd..], cols, hd, kvd),
-                        if j == 0 { 0.0 } else { 1.0 },
-                        1.0,
-                        Threads::One,
-                    );
-                }
+                block_matmul(block, i, tl, n, vm, &mut o, hd);
             }
             o
         })
