@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Writes the Arrow IPC corpus fixtures in tests/fixtures/ the way Hugging Face datasets writes its
 `save_to_disk` and cache files (pyarrow's IPC stream writer; `pip install pyarrow`), plus one in the IPC file
-format. The rows are those of scripts/make-parquet-fixtures.py (the same formulas), so src/corpus/mod.rs's
+format. The rows are those of scripts/make-parquet-fixtures.py (scripts/corpus_fixture_rows.py), so src/corpus/mod.rs's
 tests check that each .arrow file gives the documents of its .parquet twin.
 
   python3 scripts/make-arrow-fixtures.py            # from the repository root
@@ -10,16 +10,9 @@ import json
 
 import pyarrow as pa
 
+from corpus_fixture_rows import ids, text
+
 OUT = "tests/fixtures/"
-
-
-def text(i):
-    return f"Document {i}: the café ☕ opens at {i % 12} o'clock.\nSecond line {i}."
-
-
-def ids(i):
-    n = 3000 if i == 0 else i % 7 + 1
-    return [(i * 31 + j * 17) % 512 for j in range(n)]
 
 
 def stream(path, table, batch_rows, compression=None):

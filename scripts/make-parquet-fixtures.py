@@ -7,17 +7,9 @@
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from corpus_fixture_rows import ids, text
+
 OUT = "tests/fixtures/"
-
-
-def text(i):
-    return f"Document {i}: the café ☕ opens at {i % 12} o'clock.\nSecond line {i}."
-
-
-def ids(i):
-    # Row i: i % 7 + 1 ids below 512; row 0 is long enough to span several data pages.
-    n = 3000 if i == 0 else i % 7 + 1
-    return [(i * 31 + j * 17) % 512 for j in range(n)]
 
 
 # Text, snappy (pyarrow's default, as the Hub's files), row groups of 16 rows, an id column beside it;

@@ -620,7 +620,8 @@ mod tests {
     }
 
     /// `tests/fixtures/NAME`: Parquet files written by pyarrow as Hugging Face datasets' are
-    /// (`scripts/make-parquet-fixtures.py`, whose formulas `fixture_text` and `fixture_ids` repeat).
+    /// (`scripts/make-parquet-fixtures.py`; the Arrow ones by `scripts/make-arrow-fixtures.py`; their rows from
+    /// `scripts/corpus_fixture_rows.py`, whose formulas `fixture_text` and `fixture_ids` repeat).
     fn fixture(name: &str) -> PathBuf {
         Path::new(env!("CARGO_MANIFEST_DIR"))
             .join("tests/fixtures")
