@@ -691,71 +691,103 @@ mod tests {
         assert_eq!(masks[0], Document::Tokens(vec![1; 3000]));
     }
 
-    /// Ids outside the vocabulary, null ids, and columns that hold no documents are errors naming the file,
-    /// the row and the column; a missing column lists those the file has.
-    #[test]
-    fn parquet_errors_name_the_row_and_column() {
-        let ids = fixture("hf-input-ids.parquet");
-        // The first row (counting null and empty ones, as pyarrow numbers them) with an id ≥ 500.
+    /// The errors of one format's bad inputs, from its fixtures (`ext`: `parquet` or `arrow`).
+    struct BadInputs {
+        /// The first row (counting null and empty ones, as pyarrow numbers them) of hf-input-ids with an
+        /// id ≥ 500, and that id's index.
+        row: usize,
+        at: usize,
+        /// hf-input-ids read with a vocabulary of 500.
+        vocab: String,
+        /// null-token (a null inside a list) and nested-text (lists of strings).
+        null_id: String,
+        nested: String,
+        /// hf-text's integer `id` column named, and a column it lacks.
+        int_column: String,
+        missing: String,
+        /// The format's file compressed with gzip and with zstd, and JSON named as the format.
+        compressed: [String; 2],
+        foreign: String,
+    }
+
+    fn bad_inputs(ext: &str) -> BadInputs {
         let row = (0..40)
             .find(|&i| i != 3 && i != 5 && fixture_ids(i).iter().any(|&t| t >= 500))
             .unwrap();
         let at = fixture_ids(row).iter().position(|&t| t >= 500).unwrap();
-        let vocab = |v| CorpusOptions {
-            column: None,
-            vocab: Some(v),
+        let error = |name: &str, column: Option<&str>, vocab: Option<u32>| {
+            let options = CorpusOptions {
+                column: column.map(str::to_string),
+                vocab,
+            };
+            all(&[fixture(&format!("{name}.{ext}"))], options)
+                .unwrap_err()
+                .to_string()
         };
-        let err = all(std::slice::from_ref(&ids), vocab(500))
-            .unwrap_err()
-            .to_string();
-        assert!(
-            err.contains("hf-input-ids.parquet")
-                && err.contains(&format!("row {row}: \"input_ids\"[{at}]"))
-                && err.contains("vocabulary of 500"),
-            "{err}"
-        );
-        assert_eq!(
-            all(std::slice::from_ref(&ids), vocab(512)).unwrap().len(),
-            38
-        );
-
-        let err = text_documents(&[fixture("null-token.parquet")])
-            .unwrap_err()
-            .to_string();
-        assert!(err.contains("row 1: \"input_ids\"[1] is null"), "{err}");
-        let err = text_documents(&[fixture("nested-text.parquet")])
-            .unwrap_err()
-            .to_string();
-        assert!(err.contains("nested strings"), "{err}");
-        let named = |c: &str| CorpusOptions {
-            column: Some(c.into()),
-            vocab: None,
-        };
-        let text = fixture("hf-text.parquet");
-        let err = all(std::slice::from_ref(&text), named("id"))
-            .unwrap_err()
-            .to_string();
-        assert!(err.contains("one integer per row"), "{err}");
-        let err = all(std::slice::from_ref(&text), named("story"))
-            .unwrap_err()
-            .to_string();
-        assert!(
-            err.contains("no \"story\" column") && err.contains("columns: id, text"),
-            "{err}"
-        );
-
-        // A compressed Parquet file, and a file that is not Parquet at all.
         let dir = tempfile::tempdir().unwrap();
-        let gz = dir.path().join("x.parquet.gz");
-        std::fs::write(&gz, b"").unwrap();
-        let err = Documents::open(&[gz]).err().unwrap().to_string();
-        assert!(err.contains("decompress the file first"), "{err}");
-        let fake = dir.path().join("fake.parquet");
-        std::fs::write(&fake, "{\"text\": \"json, named .parquet\"}\n").unwrap();
-        let err = text_documents(&[fake]).unwrap_err().to_string();
+        let compressed = ["gz", "zst"].map(|c| {
+            let path = dir.path().join(format!("x.{ext}.{c}"));
+            std::fs::write(&path, b"").unwrap();
+            Documents::open(&[path]).err().unwrap().to_string()
+        });
+        let fake = dir.path().join(format!("fake.{ext}"));
+        std::fs::write(&fake, format!("{{\"text\": \"json, named .{ext}\"}}\n")).unwrap();
+        BadInputs {
+            row,
+            at,
+            vocab: error("hf-input-ids", None, Some(500)),
+            null_id: error("null-token", None, None),
+            nested: error("nested-text", None, None),
+            int_column: error("hf-text", Some("id"), None),
+            missing: error("hf-text", Some("story"), None),
+            compressed,
+            foreign: text_documents(&[fake]).unwrap_err().to_string(),
+        }
+    }
+
+    /// Ids outside the vocabulary, null ids, and columns that hold no documents are errors naming the file,
+    /// the row and the column; a missing column lists those the file has; a compressed Parquet file, and a
+    /// file that is not Parquet at all, are refused.
+    #[test]
+    fn parquet_errors_name_the_row_and_column() {
+        let e = bad_inputs("parquet");
+        let (row, at) = (e.row, e.at);
         assert!(
-            err.contains("fake.parquet") && err.contains("not a readable Parquet"),
-            "{err}"
+            e.vocab.contains("hf-input-ids.parquet")
+                && e.vocab.contains(&format!("row {row}: \"input_ids\"[{at}]"))
+                && e.vocab.contains("vocabulary of 500"),
+            "{}",
+            e.vocab
+        );
+        let ids = fixture("hf-input-ids.parquet");
+        let vocab = CorpusOptions {
+            column: None,
+            vocab: Some(512),
+        };
+        assert_eq!(all(std::slice::from_ref(&ids), vocab).unwrap().len(), 38);
+        assert!(
+            e.null_id.contains("row 1: \"input_ids\"[1] is null"),
+            "{}",
+            e.null_id
+        );
+        assert!(e.nested.contains("nested strings"), "{}", e.nested);
+        assert!(
+            e.int_column.contains("one integer per row"),
+            "{}",
+            e.int_column
+        );
+        assert!(
+            e.missing.contains("no \"story\" column") && e.missing.contains("columns: id, text"),
+            "{}",
+            e.missing
+        );
+        for err in &e.compressed {
+            assert!(err.contains("decompress the file first"), "{err}");
+        }
+        assert!(
+            e.foreign.contains("fake.parquet") && e.foreign.contains("not a readable Parquet"),
+            "{}",
+            e.foreign
         );
     }
 
@@ -794,65 +826,44 @@ mod tests {
     /// Arrow's errors name the file, the record batch, the row and the column, as Parquet's do.
     #[test]
     fn arrow_errors_name_the_row_and_column() {
-        let ids = fixture("hf-input-ids.arrow");
-        let row = (0..40)
-            .find(|&i| i != 3 && i != 5 && fixture_ids(i).iter().any(|&t| t >= 500))
-            .unwrap();
-        let at = fixture_ids(row).iter().position(|&t| t >= 500).unwrap();
-        let err = all(
-            std::slice::from_ref(&ids),
-            CorpusOptions {
-                column: None,
-                vocab: Some(500),
-            },
-        )
-        .unwrap_err()
-        .to_string();
+        let e = bad_inputs("arrow");
+        let (row, at) = (e.row, e.at);
         assert!(
-            err.contains("hf-input-ids.arrow")
-                && err.contains(&format!("record batch {}", row / 13))
-                && err.contains(&format!("row {row}: \"input_ids\"[{at}]"))
-                && err.contains("vocabulary of 500"),
-            "{err}"
+            e.vocab.contains("hf-input-ids.arrow")
+                && e.vocab.contains(&format!("record batch {}", row / 13))
+                && e.vocab.contains(&format!("row {row}: \"input_ids\"[{at}]"))
+                && e.vocab.contains("vocabulary of 500"),
+            "{}",
+            e.vocab
         );
-        let err = text_documents(&[fixture("null-token.arrow")])
-            .unwrap_err()
-            .to_string();
         assert!(
-            err.contains("record batch 1") && err.contains("row 1: \"input_ids\"[1] is null"),
-            "{err}"
+            e.null_id.contains("record batch 1")
+                && e.null_id.contains("row 1: \"input_ids\"[1] is null"),
+            "{}",
+            e.null_id
         );
-        let err = text_documents(&[fixture("nested-text.arrow")])
-            .unwrap_err()
-            .to_string();
-        assert!(err.contains("column \"text\" is List("), "{err}");
-        let named = |c: &str| CorpusOptions {
-            column: Some(c.into()),
-            vocab: None,
-        };
-        let text = fixture("hf-text.arrow");
-        let err = all(std::slice::from_ref(&text), named("id"))
-            .unwrap_err()
-            .to_string();
-        assert!(err.contains("column \"id\" is Int64"), "{err}");
-        let err = all(std::slice::from_ref(&text), named("story"))
-            .unwrap_err()
-            .to_string();
         assert!(
-            err.contains("no \"story\" column") && err.contains("columns: id, text"),
-            "{err}"
+            e.nested.contains("column \"text\" is List("),
+            "{}",
+            e.nested
         );
-        let dir = tempfile::tempdir().unwrap();
-        let zst = dir.path().join("x.arrow.zst");
-        std::fs::write(&zst, b"").unwrap();
-        let err = Documents::open(&[zst]).err().unwrap().to_string();
-        assert!(err.contains("decompress the file first"), "{err}");
-        let fake = dir.path().join("fake.arrow");
-        std::fs::write(&fake, "{\"text\": \"json, named .arrow\"}\n").unwrap();
-        let err = text_documents(&[fake]).unwrap_err().to_string();
         assert!(
-            err.contains("fake.arrow") && err.contains("not a readable Arrow IPC"),
-            "{err}"
+            e.int_column.contains("column \"id\" is Int64"),
+            "{}",
+            e.int_column
+        );
+        assert!(
+            e.missing.contains("no \"story\" column") && e.missing.contains("columns: id, text"),
+            "{}",
+            e.missing
+        );
+        for err in &e.compressed {
+            assert!(err.contains("decompress the file first"), "{err}");
+        }
+        assert!(
+            e.foreign.contains("fake.arrow") && e.foreign.contains("not a readable Arrow IPC"),
+            "{}",
+            e.foreign
         );
     }
 
