@@ -44,8 +44,7 @@ pub(super) struct ArrowDocuments {
     /// The documents' column (its index in the schema) and its name.
     index: usize,
     name: String,
-    /// Bytes read, the file's size, and where the message being decoded starts.
-    pos: u64,
+    /// The file's size, and where the message being decoded starts.
     file_len: u64,
     at: u64,
     disk_read: Arc<AtomicU64>,
@@ -79,7 +78,6 @@ impl ArrowDocuments {
             decoder: StreamDecoder::new(),
             index: 0,
             name: String::new(),
-            pos: 0,
             file_len,
             at: 0,
             disk_read,
@@ -132,6 +130,11 @@ impl ArrowDocuments {
         Ok(docs)
     }
 
+    /// Bytes of the file consumed: read from disk, less what the buffer holds.
+    fn pos(&self) -> u64 {
+        self.reader.get_ref().read - self.reader.buffer().len() as u64
+    }
+
     /// Reads into `buf` until it is full or the file ends; the bytes read.
     fn fill(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
         let mut n = 0;
@@ -141,7 +144,6 @@ impl ArrowDocuments {
                 k => n += k,
             }
         }
-        self.pos += n as u64;
         Ok(n)
     }
 
@@ -152,7 +154,7 @@ impl ArrowDocuments {
         &mut self,
         first: Vec<u8>,
     ) -> std::result::Result<Option<arrow_buffer::Buffer>, String> {
-        self.at = self.pos - first.len() as u64;
+        self.at = self.pos() - first.len() as u64;
         let mut word = [0u8; 4];
         let mut have = first;
         let mut take = |docs: &mut Self, out: &mut [u8]| -> std::result::Result<bool, String> {
@@ -174,7 +176,7 @@ impl ArrowDocuments {
         if meta_len == 0 {
             return Ok(None);
         }
-        let left = |docs: &Self| docs.file_len.saturating_sub(docs.pos);
+        let left = |docs: &Self| docs.file_len.saturating_sub(docs.pos());
         if meta_len > left(self) {
             return Err(format!(
                 "a message's metadata of {meta_len} bytes runs past the file's end"
