@@ -19,7 +19,7 @@
 
 use rayon::prelude::*;
 
-use super::pattern::{AttnPattern, block_matmul, tile_for};
+use super::pattern::{AttnPattern, block_matmul, block_start, tile_for};
 use crate::backend::cpu::gemm::{Mat, Threads, matmul};
 use crate::{Error, Result};
 
@@ -396,16 +396,10 @@ pub(crate) fn causal_attention(
                 f.head(h).matmul(vm, &mut o, hd);
                 return o;
             }
-            let mut off = 0;
             for i in 0..blocks {
-                let len = (i + 1) * tl * tl;
-                let block = if record {
-                    let b = &mut store[off..off + len];
-                    off += len;
-                    b
-                } else {
-                    &mut store[..len]
-                };
+                // Row block i's tiles: where the pattern keeps them, or the start of the scratch.
+                let start = if record { block_start(i) * tl * tl } else { 0 };
+                let block = &mut store[start..start + (i + 1) * tl * tl];
                 softmax_block(i, tl, n, hd, (h, kvh), (qd, kvd), scores, q, k, block);
                 block_matmul(block, i, tl, n, vm, &mut o, hd);
             }

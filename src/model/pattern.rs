@@ -42,7 +42,7 @@ pub(crate) fn tile_for(n: usize) -> usize {
 }
 
 /// Offset of row block `i`'s first tile within a head (in tiles).
-fn block_start(i: usize) -> usize {
+pub(crate) fn block_start(i: usize) -> usize {
     i * (i + 1) / 2
 }
 
