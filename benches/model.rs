@@ -6,12 +6,17 @@
 //! attention pattern as attribution does, where causal attention (tile GEMMs, `model::AttnPattern`) is a
 //! large part of the work.
 //!
+//! `generate_16_after_256`: SmolLM2's greedy continuation of a 256-token prompt by 16 tokens, through the KV
+//! cache (`CausalLm::generate_greedy`: the prompt's forward, then one position per token) and the way it ran
+//! before the cache (a full forward over the growing sequence per token); `one_token_after_256`: one cached
+//! step alone, in bytes of weights read per second.
+//!
 //! `cargo bench --bench model` (SmolLM2 is fetched by `scripts/fetch-smollm2.sh` when not cached).
 
 mod common;
 use common::{shared, smollm2};
 
-use clt::model::{self, ForwardOptions, Logits, forward::matmul_wt};
+use clt::model::{self, CausalLm, ForwardOptions, KvCache, Logits, forward::matmul_wt};
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
 
 const N: usize = 128;
@@ -82,5 +87,55 @@ fn bench_long_forward(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(benches, bench_gemm, bench_forward, bench_long_forward);
+fn bench_generation(c: &mut Criterion) {
+    const PROMPT: usize = 256;
+    const NEW: usize = 16;
+    let loaded = model::load(&smollm2(), None).unwrap_or_else(|e| panic!("{e}"));
+    let m = &loaded.model;
+    let v = m.vocab_size() as u32;
+    let toks: Vec<u32> = (0..PROMPT as u32).map(|i| (i * 7919 + 3) % v).collect();
+    let uncached = || {
+        let mut seq = toks.clone();
+        for _ in 0..NEW {
+            let l = m.next_logits(&seq).unwrap();
+            seq.push(model::forward::argmax(&l) as u32);
+        }
+        seq.split_off(PROMPT)
+    };
+    assert_eq!(m.generate_greedy(&toks, NEW, None).unwrap(), uncached());
+    let mut g = c.benchmark_group("generate_16_after_256");
+    g.sample_size(10);
+    g.bench_function("kv_cache", |b| {
+        b.iter(|| m.generate_greedy(&toks, NEW, None).unwrap())
+    });
+    g.bench_function("full_forward_per_token", |b| b.iter(uncached));
+    g.finish();
+
+    // One cached step alone: it reads every weight once (4 bytes per 2 FLOPs of its products).
+    let mut cache = KvCache::new();
+    let opts = ForwardOptions {
+        logits: Logits::Last,
+        ..Default::default()
+    };
+    m.forward_cached(&toks, &mut cache, &opts).unwrap();
+    let mut g = c.benchmark_group("one_token_after_256");
+    g.sample_size(20);
+    g.throughput(Throughput::Bytes(2 * m.forward_flops(1, 1) as u64));
+    g.bench_function("kv_cache_step", |b| {
+        b.iter(|| {
+            let out = m.forward_cached(&[7], &mut cache, &opts).unwrap();
+            cache.truncate(PROMPT);
+            out
+        })
+    });
+    g.finish();
+}
+
+criterion_group!(
+    benches,
+    bench_gemm,
+    bench_forward,
+    bench_long_forward,
+    bench_generation
+);
 criterion_main!(benches);

@@ -135,6 +135,16 @@ fn transformer_prefix_loads_the_same_model() {
     common::hf::assert_same_forward(&a.model, &b.model, &seqs());
 }
 
+/// The KV-cached forward (generation) gives the full forward's logits however the sequence is split,
+/// and greedy generation picks the same tokens: positions past the cached ones take their own position embeddings.
+#[test]
+fn cached_forward_matches_the_full_forward() {
+    let (_dir, m) = load("");
+    let seq = &seqs()[2];
+    let worst = common::kv::assert_cached_forward_matches(&m.model, seq, TOL);
+    eprintln!("largest logit difference, cached vs full: {worst}");
+}
+
 #[test]
 fn frozen_state_forward_reproduces_the_plain_forward() {
     let (_dir, m) = load("");

@@ -2,6 +2,8 @@
 //! (`../shared/reference/stories260K`): token ids exact, logits and per-layer activations within 1e-4, and
 //! the greedy continuation of "Once upon a time" as `run.c` prints it.
 
+mod common;
+
 use std::path::{Path, PathBuf};
 
 use clt::model::{self, CausalLm, ForwardOptions, Hooks};
@@ -138,6 +140,22 @@ fn greedy_continuation_matches_run_c() {
     ids.extend(new);
     let text = loaded.tokenizer.decode(&ids);
     assert_eq!(text.trim_end(), r["text"].as_str().unwrap().trim_end());
+}
+
+/// Generation through the KV cache on the real model: the full forward's logits at every position however
+/// the prompt is split, and the same greedy continuation as full forwards.
+#[test]
+fn cached_forward_matches_the_full_forward_on_the_real_model() {
+    let m = load();
+    let seq = m
+        .tokenizer
+        .encode("Once upon a time, there was a little girl named Lily. She loved to play")
+        .unwrap();
+    let worst = common::kv::assert_cached_forward_matches(&m.model, &seq, TOL);
+    eprintln!(
+        "{} tokens: largest logit difference, cached vs full: {worst}",
+        seq.len()
+    );
 }
 
 #[test]

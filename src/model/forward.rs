@@ -19,6 +19,7 @@
 
 use rayon::prelude::*;
 
+use super::kv::{KvCache, LayerKv, cached_attention};
 use super::pattern::{AttnPattern, block_matmul, block_start, tile_for};
 use crate::backend::cpu::gemm::{Mat, Threads, matmul};
 use crate::{Error, Result};
@@ -135,18 +136,30 @@ pub struct Intervention<'a> {
 /// What a layer's MLP could read, each `[n_tokens, d_model]`, handed to an [`MlpOverride`].
 #[derive(Clone, Copy, Debug)]
 pub struct MlpInputs<'a> {
+    /// The position of the first row (past the cached positions in a [`KvCache`] forward; else 0).
+    pub first_position: usize,
     /// The residual stream before the MLP's norm.
     pub resid_mid: &'a [f32],
     /// The MLP's input: the norm with its weight (and bias) applied.
     pub normed: &'a [f32],
     /// The norm without its weight or bias ([`LayerRecord::mlp_in_unweighted`]).
     pub unweighted: &'a [f32],
+    /// The model's own MLP output for these rows (after its post-MLP norm where it has one), when
+    /// [`MlpOverride::wants_model_mlp`] asked for it.
+    pub model_mlp: Option<&'a [f32]>,
 }
 
 /// A replacement for the MLPs, called once per layer in order during a forward.
 pub trait MlpOverride: Sync + std::fmt::Debug {
     /// The MLP output `[n_tokens, d_model]` of `layer`, given what the MLP could read.
     fn mlp_out(&self, layer: usize, inputs: &MlpInputs<'_>) -> Vec<f32>;
+
+    /// Whether [`mlp_out`](Self::mlp_out) needs the model's own MLP output ([`MlpInputs::model_mlp`]) for
+    /// the `n` rows from `first_position`; the forward then runs the MLP too.
+    fn wants_model_mlp(&self, first_position: usize, n: usize) -> bool {
+        let _ = (first_position, n);
+        false
+    }
 }
 
 /// Options of a forward ([`crate::model::LlamaModel::forward_with`], [`crate::model::Gpt2Model::forward_with`]).
@@ -240,6 +253,24 @@ pub(crate) fn unembed(
         );
     }
     logits
+}
+
+/// Checks a forward over `n` new tokens after `past` cached ones fits a model that accepts `max_seq_len`.
+pub(crate) fn check_length(n: usize, past: usize, max_seq_len: usize) -> Result<()> {
+    if n == 0 {
+        return Err(Error::Unsupported("a forward over zero tokens".into()));
+    }
+    if past + n > max_seq_len {
+        let what = if past == 0 {
+            format!("a sequence of {n} tokens")
+        } else {
+            format!("{n} tokens after {past} cached ones")
+        };
+        return Err(Error::Unsupported(format!(
+            "{what} exceeds the model's max_seq_len {max_seq_len}"
+        )));
+    }
+    Ok(())
 }
 
 /// Checks an intervention fits a forward over `n` tokens of a model with these sizes.
@@ -573,8 +604,8 @@ pub(crate) trait Blocks {
 
     fn dims(&self) -> Dims;
 
-    /// Buffers for a forward over `n` tokens.
-    fn scratch(&self, n: usize) -> Self::Scratch;
+    /// Buffers for a forward over the `n` tokens at positions `first..first + n`.
+    fn scratch(&self, n: usize, first: usize) -> Self::Scratch;
 
     /// Normalises each row of `x` (`[n, d]`) into `out` with `which` norm's weights; returns the scale of
     /// each row, or uses `frozen`'s when given.
@@ -582,6 +613,8 @@ pub(crate) trait Blocks {
 
     /// Layer `l`'s attention of the normed stream `[n, d]`, projected back into `out` (`[n, d]`, the
     /// residual stream's update): with the pattern `frozen` when given; returns the pattern when `record`.
+    /// With `kv`, the new positions' keys and values are appended to it and the queries attend over all of
+    /// them ([`attend_over`]; `frozen` and `record` then only with an empty cache).
     #[allow(clippy::too_many_arguments)]
     fn attention(
         &self,
@@ -590,6 +623,7 @@ pub(crate) trait Blocks {
         n: usize,
         frozen: Option<&AttnPattern>,
         record: bool,
+        kv: Option<&mut LayerKv>,
         scratch: &mut Self::Scratch,
         out: &mut [f32],
     ) -> Option<AttnPattern>;
@@ -610,8 +644,69 @@ pub(crate) trait Blocks {
 /// interventions of `opts`.
 pub(crate) fn run_blocks<B: Blocks>(
     model: &B,
+    x: Vec<f32>,
+    opts: &ForwardOptions<'_>,
+) -> Result<ForwardOutput> {
+    forward_blocks(model, x, opts, None)
+}
+
+/// [`run_blocks`] for the positions after those `cache` holds (`x`'s embeddings must be of those
+/// positions), appending their keys and values; on an error the cache is left as it was.
+pub(crate) fn run_blocks_cached<B: Blocks>(
+    model: &B,
+    x: Vec<f32>,
+    opts: &ForwardOptions<'_>,
+    cache: &mut KvCache,
+) -> Result<ForwardOutput> {
+    let mark = cache.mark();
+    let out = forward_blocks(model, x, opts, Some(&mut *cache));
+    if out.is_err() {
+        cache.restore(mark);
+    }
+    out
+}
+
+/// The attention step every block shares once its queries, keys and values (`[n, ·]`) are formed: without
+/// a cache [`causal_attention`]; with one, the new keys and values appended to it and the queries attending
+/// over every cached position (by the tiled [`causal_attention`] when the cache was empty, the prompt's
+/// forward; by [`cached_attention`] after).
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn attend_over(
+    n: usize,
+    (n_heads, n_kv_heads, hd): (usize, usize, usize),
+    scores: AttnScores,
+    (q, k, v): (&[f32], &[f32], &[f32]),
+    frozen: Option<&AttnPattern>,
+    record: bool,
+    kv: Option<&mut LayerKv>,
+    out: &mut [f32],
+) -> Option<AttnPattern> {
+    let kvd = n_kv_heads * hd;
+    let past = match kv {
+        None => 0,
+        Some(c) => {
+            let past = c.k.len() / kvd.max(1);
+            c.k.extend_from_slice(&k[..n * kvd]);
+            c.v.extend_from_slice(&v[..n * kvd]);
+            if past > 0 {
+                let (ck, cv) = (&c.k, &c.v);
+                cached_attention(past, n, n_heads, n_kv_heads, hd, scores, q, ck, cv, out);
+                return None;
+            }
+            past
+        }
+    };
+    debug_assert_eq!(past, 0);
+    causal_attention(
+        n, n_heads, n_kv_heads, hd, scores, q, k, v, frozen, record, out,
+    )
+}
+
+fn forward_blocks<B: Blocks>(
+    model: &B,
     mut x: Vec<f32>,
     opts: &ForwardOptions<'_>,
+    mut cache: Option<&mut KvCache>,
 ) -> Result<ForwardOutput> {
     let c = model.dims();
     let d = c.d_model;
@@ -623,10 +718,30 @@ pub(crate) fn run_blocks<B: Blocks>(
         });
     }
     let n = x.len() / d;
-    check_intervention(n, &c, &opts.intervention)?;
     let hooks = opts.hooks;
     let frozen = opts.intervention.frozen;
-    let mut scratch = model.scratch(n);
+    let past = cache.as_ref().map_or(0, |k| k.len);
+    if let Some(k) = cache.as_mut() {
+        if k.layers.is_empty() && k.len == 0 {
+            k.layers = vec![LayerKv::default(); c.n_layers];
+        }
+        if k.layers.len() != c.n_layers {
+            return Err(Error::Shape {
+                what: "KV cache layers (a cache filled by another model?)".into(),
+                expected: vec![c.n_layers],
+                got: vec![k.layers.len()],
+            });
+        }
+        if past > 0 && (frozen.is_some() || hooks.attn_pattern) {
+            return Err(Error::Unsupported(
+                "frozen or recorded attention patterns in a forward after cached positions (they \
+                 cover every position: run the whole sequence without a cache)"
+                    .into(),
+            ));
+        }
+    }
+    check_intervention(n, &c, &opts.intervention)?;
+    let mut scratch = model.scratch(n, past);
     let mut normed = vec![0.0f32; n * d];
     let mut proj = vec![0.0f32; n * d];
     // The post-norms' output (models with `post_norms` only).
@@ -651,6 +766,7 @@ pub(crate) fn run_blocks<B: Blocks>(
             n,
             fl.and_then(|f| f.attn_pattern.as_ref()),
             hooks.attn_pattern,
+            cache.as_mut().map(|k| &mut k.layers[l]),
             &mut scratch,
             &mut proj,
         );
@@ -683,10 +799,21 @@ pub(crate) fn run_blocks<B: Blocks>(
         let mlp_out: &[f32] = match (opts.intervention.mlp_out, opts.intervention.mlp_fn) {
             (Some(repl), _) => &repl[l],
             (None, Some(f)) => {
+                let wants = f.wants_model_mlp(past, n);
+                if wants {
+                    model.mlp(l, &normed, n, &mut scratch, &mut proj);
+                    if c.post_norms {
+                        model.norm(Norm::PostMlp(l), &proj, None, &mut post);
+                        std::mem::swap(&mut proj, &mut post);
+                    }
+                }
+                let model_mlp = wants.then_some(proj.as_slice());
                 let inputs = MlpInputs {
+                    first_position: past,
                     resid_mid: &x,
                     normed: &normed,
                     unweighted: unweighted.as_deref().unwrap_or_default(),
+                    model_mlp,
                 };
                 replaced = f.mlp_out(l, &inputs);
                 if replaced.len() != n * d {
@@ -721,6 +848,9 @@ pub(crate) fn run_blocks<B: Blocks>(
             rec.mlp_in_unweighted = unweighted;
         }
         record.layers.push(rec);
+    }
+    if let Some(k) = cache {
+        k.len += n;
     }
 
     // Final norm and unembedding.

@@ -23,8 +23,12 @@
 
 use std::path::Path;
 
-use super::forward::{AttnScores, Blocks, Dims, ForwardOptions, ForwardOutput, Norm, run_blocks};
+use super::forward::{
+    AttnScores, Blocks, Dims, ForwardOptions, ForwardOutput, Norm, check_length, run_blocks,
+    run_blocks_cached,
+};
 use super::gpt2::gelu_new;
+use super::kv::{KvCache, LayerKv};
 use super::llama::{LlamaModel, LlamaScratch, rms_norm};
 use super::pattern::AttnPattern;
 use crate::{Error, Result};
@@ -136,18 +140,22 @@ impl Gemma2Model {
 
     /// The full causal forward over `tokens`, with hooks and interventions.
     pub fn forward_with(&self, tokens: &[u32], opts: &ForwardOptions<'_>) -> Result<ForwardOutput> {
-        if tokens.is_empty() {
-            return Err(Error::Unsupported("a forward over zero tokens".into()));
-        }
-        if tokens.len() > self.base.config.max_seq_len {
-            return Err(Error::Unsupported(format!(
-                "a sequence of {} tokens exceeds the model's max_seq_len {}",
-                tokens.len(),
-                self.base.config.max_seq_len
-            )));
-        }
+        check_length(tokens.len(), 0, self.base.config.max_seq_len)?;
         let x = self.embed(tokens)?;
         self.forward_embedded(x, opts)
+    }
+
+    /// The forward of `tokens` at the positions after those `cache` holds, appending their keys and
+    /// values ([`KvCache`]); hooks and interventions as in [`forward_with`](Self::forward_with).
+    pub fn forward_cached(
+        &self,
+        tokens: &[u32],
+        cache: &mut KvCache,
+        opts: &ForwardOptions<'_>,
+    ) -> Result<ForwardOutput> {
+        check_length(tokens.len(), cache.len(), self.base.config.max_seq_len)?;
+        let x = self.embed(tokens)?;
+        run_blocks_cached(self, x, opts, cache)
     }
 
     /// The forward from given input embeddings `[n_tokens, d_model]` (already scaled, as
@@ -182,8 +190,8 @@ impl Blocks for Gemma2Model {
         }
     }
 
-    fn scratch(&self, n: usize) -> LlamaScratch {
-        self.base.scratch(n)
+    fn scratch(&self, n: usize, first: usize) -> LlamaScratch {
+        self.base.scratch(n, first)
     }
 
     fn norm(&self, which: Norm, x: &[f32], frozen: Option<&[f32]>, out: &mut [f32]) -> Vec<f32> {
@@ -205,11 +213,13 @@ impl Blocks for Gemma2Model {
         n: usize,
         frozen: Option<&AttnPattern>,
         record: bool,
+        kv: Option<&mut LayerKv>,
         s: &mut LlamaScratch,
         out: &mut [f32],
     ) -> Option<AttnPattern> {
+        let scores = self.scores(l);
         self.base
-            .attend(l, normed, n, self.scores(l), frozen, record, s, out)
+            .attend(l, normed, n, scores, frozen, record, kv, s, out)
     }
 
     fn mlp(&self, l: usize, normed: &[f32], n: usize, s: &mut LlamaScratch, out: &mut [f32]) {
@@ -232,5 +242,14 @@ impl super::CausalLm for Gemma2Model {
 
     fn forward_with(&self, tokens: &[u32], opts: &ForwardOptions<'_>) -> Result<ForwardOutput> {
         Gemma2Model::forward_with(self, tokens, opts)
+    }
+
+    fn forward_cached(
+        &self,
+        tokens: &[u32],
+        cache: &mut KvCache,
+        opts: &ForwardOptions<'_>,
+    ) -> Result<ForwardOutput> {
+        Gemma2Model::forward_cached(self, tokens, cache, opts)
     }
 }

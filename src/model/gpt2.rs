@@ -24,9 +24,10 @@
 use std::path::Path;
 
 use super::forward::{
-    AttnScores, Blocks, Dims, ForwardOptions, ForwardOutput, Norm, NormKind, causal_attention,
-    matmul_wt, run_blocks,
+    AttnScores, Blocks, Dims, ForwardOptions, ForwardOutput, Norm, NormKind, attend_over,
+    check_length, matmul_wt, run_blocks, run_blocks_cached,
 };
+use super::kv::{KvCache, LayerKv};
 use super::pattern::AttnPattern;
 use crate::{Error, Result};
 
@@ -241,17 +242,22 @@ impl Gpt2Model {
 
     /// Token plus position embeddings of `tokens`, `[n_tokens, d_model]`.
     pub fn embed(&self, tokens: &[u32]) -> Result<Vec<f32>> {
+        self.embed_at(tokens, 0)
+    }
+
+    /// Token plus position embeddings of `tokens` at the positions `first..`, `[n_tokens, d_model]`.
+    pub fn embed_at(&self, tokens: &[u32], first: usize) -> Result<Vec<f32>> {
         let c = &self.config;
         let d = c.d_model;
-        if tokens.len() > c.max_seq_len {
+        if first + tokens.len() > c.max_seq_len {
             return Err(Error::Unsupported(format!(
                 "a sequence of {} tokens exceeds the model's max_seq_len {}",
-                tokens.len(),
+                first + tokens.len(),
                 c.max_seq_len
             )));
         }
         let mut x = Vec::with_capacity(tokens.len() * d);
-        for (pos, &t) in tokens.iter().enumerate() {
+        for (pos, &t) in (first..).zip(tokens) {
             if t as usize >= c.vocab_size {
                 return Err(Error::TokenOutOfRange {
                     id: t,
@@ -267,11 +273,22 @@ impl Gpt2Model {
 
     /// The full causal forward over `tokens`, with hooks and interventions.
     pub fn forward_with(&self, tokens: &[u32], opts: &ForwardOptions<'_>) -> Result<ForwardOutput> {
-        if tokens.is_empty() {
-            return Err(Error::Unsupported("a forward over zero tokens".into()));
-        }
+        check_length(tokens.len(), 0, self.config.max_seq_len)?;
         let x = self.embed(tokens)?;
         self.forward_embedded(x, opts)
+    }
+
+    /// The forward of `tokens` at the positions after those `cache` holds, appending their keys and
+    /// values ([`KvCache`]); hooks and interventions as in [`forward_with`](Self::forward_with).
+    pub fn forward_cached(
+        &self,
+        tokens: &[u32],
+        cache: &mut KvCache,
+        opts: &ForwardOptions<'_>,
+    ) -> Result<ForwardOutput> {
+        check_length(tokens.len(), cache.len(), self.config.max_seq_len)?;
+        let x = self.embed_at(tokens, cache.len())?;
+        run_blocks_cached(self, x, opts, cache)
     }
 
     /// The forward from given input embeddings `[n_tokens, d_model]` (e.g. [`Gpt2Model::embed`]'s, which
@@ -301,7 +318,7 @@ impl Blocks for Gpt2Model {
         }
     }
 
-    fn scratch(&self, n: usize) -> Gpt2Scratch {
+    fn scratch(&self, n: usize, _first: usize) -> Gpt2Scratch {
         let c = &self.config;
         let d = c.d_model;
         Gpt2Scratch {
@@ -331,6 +348,7 @@ impl Blocks for Gpt2Model {
         n: usize,
         frozen: Option<&AttnPattern>,
         record: bool,
+        kv: Option<&mut LayerKv>,
         s: &mut Gpt2Scratch,
         out: &mut [f32],
     ) -> Option<AttnPattern> {
@@ -340,17 +358,14 @@ impl Blocks for Gpt2Model {
             matmul_wt(normed, n, d, &w.w_qkv[i * d * d..(i + 1) * d * d], d, buf);
             add_bias(buf, &w.b_qkv[i * d..(i + 1) * d]);
         }
-        let pattern = causal_attention(
+        let pattern = attend_over(
             n,
-            c.n_heads,
-            c.n_heads,
-            c.head_dim(),
+            (c.n_heads, c.n_heads, c.head_dim()),
             AttnScores::plain(c.head_dim()),
-            &s.q,
-            &s.k,
-            &s.v,
+            (&s.q, &s.k, &s.v),
             frozen,
             record,
+            kv,
             &mut s.attn,
         );
         matmul_wt(&s.attn, n, d, &w.w_o, d, out);
@@ -392,6 +407,15 @@ impl super::CausalLm for Gpt2Model {
 
     fn forward_with(&self, tokens: &[u32], opts: &ForwardOptions<'_>) -> Result<ForwardOutput> {
         Gpt2Model::forward_with(self, tokens, opts)
+    }
+
+    fn forward_cached(
+        &self,
+        tokens: &[u32],
+        cache: &mut KvCache,
+        opts: &ForwardOptions<'_>,
+    ) -> Result<ForwardOutput> {
+        Gpt2Model::forward_cached(self, tokens, cache, opts)
     }
 }
 
@@ -530,7 +554,7 @@ mod tests {
             let n = normed.len() / self.model.config.d_model;
             let mut out = vec![0.0; normed.len() - usize::from(self.short)];
             if !self.zero && !self.short {
-                let mut s = self.model.scratch(n);
+                let mut s = self.model.scratch(n, 0);
                 self.model.mlp(layer, normed, n, &mut s, &mut out);
             }
             out

@@ -3,7 +3,8 @@
 //! This is the forward pass the engine caches activations from and computes attribution graphs through:
 //! RMSNorm, rotary position embeddings (adjacent-pair or half-split convention, chosen by the loader),
 //! grouped-query causal attention, a SwiGLU MLP and a tied or separate unembedding. It runs the full sequence
-//! in one go (no KV cache), with every projection a batched GEMM over all positions.
+//! in one go, with every projection a batched GEMM over all positions, or (generation) the positions after
+//! those of a [`KvCache`].
 //!
 //! Hooks and interventions (recording the stream, freezing attention and norms, replacing the MLPs) are
 //! those of the shared loop, `run_blocks` in [`forward`](super::forward); this module supplies the
@@ -13,9 +14,10 @@
 use std::path::Path;
 
 use super::forward::{
-    AttnScores, Blocks, Dims, ForwardOptions, ForwardOutput, Norm, NormKind, causal_attention,
-    matmul_wt, run_blocks,
+    AttnScores, Blocks, Dims, ForwardOptions, ForwardOutput, Norm, NormKind, attend_over,
+    check_length, matmul_wt, run_blocks, run_blocks_cached,
 };
+use super::kv::{KvCache, LayerKv};
 use super::pattern::AttnPattern;
 use crate::{Error, Result};
 
@@ -234,13 +236,19 @@ pub fn llama3_rope_factors(
         .collect()
 }
 
-/// Cosine and sine tables `[n, head_dim/2]` for rotary embeddings, each frequency divided by its factor
-/// in `factors` when there are any.
-fn rope_tables(n: usize, head_dim: usize, theta: f32, factors: &[f32]) -> (Vec<f32>, Vec<f32>) {
+/// Cosine and sine tables `[n, head_dim/2]` for rotary embeddings of the positions `first..first + n`,
+/// each frequency divided by its factor in `factors` when there are any.
+fn rope_tables(
+    first: usize,
+    n: usize,
+    head_dim: usize,
+    theta: f32,
+    factors: &[f32],
+) -> (Vec<f32>, Vec<f32>) {
     let half = head_dim / 2;
     let mut cos = Vec::with_capacity(n * half);
     let mut sin = Vec::with_capacity(n * half);
-    for pos in 0..n {
+    for pos in first..first + n {
         for i in 0..half {
             let mut freq = 1.0 / (theta as f64).powf((2 * i) as f64 / head_dim as f64);
             if let Some(&f) = factors.get(i) {
@@ -353,18 +361,22 @@ impl LlamaModel {
 
     /// The full causal forward over `tokens`, with hooks and interventions.
     pub fn forward_with(&self, tokens: &[u32], opts: &ForwardOptions<'_>) -> Result<ForwardOutput> {
-        let n = tokens.len();
-        if n == 0 {
-            return Err(Error::Unsupported("a forward over zero tokens".into()));
-        }
-        if n > self.config.max_seq_len {
-            return Err(Error::Unsupported(format!(
-                "a sequence of {n} tokens exceeds the model's max_seq_len {}",
-                self.config.max_seq_len
-            )));
-        }
+        check_length(tokens.len(), 0, self.config.max_seq_len)?;
         let x = self.embed(tokens)?;
         self.forward_embedded(x, opts)
+    }
+
+    /// The forward of `tokens` at the positions after those `cache` holds, appending their keys and
+    /// values ([`KvCache`]); hooks and interventions as in [`forward_with`](Self::forward_with).
+    pub fn forward_cached(
+        &self,
+        tokens: &[u32],
+        cache: &mut KvCache,
+        opts: &ForwardOptions<'_>,
+    ) -> Result<ForwardOutput> {
+        check_length(tokens.len(), cache.len(), self.config.max_seq_len)?;
+        let x = self.embed(tokens)?;
+        run_blocks_cached(self, x, opts, cache)
     }
 
     /// The forward from given input embeddings `[n_tokens, d_model]` (e.g. [`LlamaModel::embed`]'s).
@@ -387,6 +399,7 @@ impl LlamaModel {
         scores: AttnScores,
         frozen: Option<&AttnPattern>,
         record: bool,
+        kv: Option<&mut LayerKv>,
         s: &mut LlamaScratch,
         out: &mut [f32],
     ) -> Option<AttnPattern> {
@@ -411,17 +424,14 @@ impl LlamaModel {
             &s.cos,
             &s.sin,
         );
-        let pattern = causal_attention(
+        let pattern = attend_over(
             n,
-            c.n_heads,
-            c.n_kv_heads,
-            c.head_dim,
+            (c.n_heads, c.n_kv_heads, c.head_dim),
             scores,
-            &s.q,
-            &s.k,
-            &s.v,
+            (&s.q, &s.k, &s.v),
             frozen,
             record,
+            kv,
             &mut s.attn,
         );
         matmul_wt(&s.attn, n, c.q_dim(), &w.wo, d, out);
@@ -467,9 +477,9 @@ impl Blocks for LlamaModel {
         }
     }
 
-    fn scratch(&self, n: usize) -> LlamaScratch {
+    fn scratch(&self, n: usize, first: usize) -> LlamaScratch {
         let c = &self.config;
-        let (cos, sin) = rope_tables(n, c.head_dim, c.rope_theta, &c.rope_freq_factors);
+        let (cos, sin) = rope_tables(first, n, c.head_dim, c.rope_theta, &c.rope_freq_factors);
         LlamaScratch {
             q: vec![0.0; n * c.q_dim()],
             k: vec![0.0; n * c.kv_dim()],
@@ -500,11 +510,12 @@ impl Blocks for LlamaModel {
         n: usize,
         frozen: Option<&AttnPattern>,
         record: bool,
+        kv: Option<&mut LayerKv>,
         s: &mut LlamaScratch,
         out: &mut [f32],
     ) -> Option<AttnPattern> {
         let scores = AttnScores::plain(self.config.head_dim);
-        self.attend(l, normed, n, scores, frozen, record, s, out)
+        self.attend(l, normed, n, scores, frozen, record, kv, s, out)
     }
 
     fn mlp(&self, l: usize, normed: &[f32], n: usize, s: &mut LlamaScratch, out: &mut [f32]) {
@@ -535,6 +546,15 @@ impl super::CausalLm for LlamaModel {
 
     fn forward_with(&self, tokens: &[u32], opts: &ForwardOptions<'_>) -> Result<ForwardOutput> {
         LlamaModel::forward_with(self, tokens, opts)
+    }
+
+    fn forward_cached(
+        &self,
+        tokens: &[u32],
+        cache: &mut KvCache,
+        opts: &ForwardOptions<'_>,
+    ) -> Result<ForwardOutput> {
+        LlamaModel::forward_cached(self, tokens, cache, opts)
     }
 }
 
@@ -726,7 +746,7 @@ mod tests {
     fn rope_factors_divide_the_frequencies() {
         let (hd, theta, n) = (8, 10_000.0f32, 5);
         let factors = [1.0f32, 2.5, 7.0, 32.0];
-        let (cos, sin) = rope_tables(n, hd, theta, &factors);
+        let (cos, sin) = rope_tables(0, n, hd, theta, &factors);
         for pos in 0..n {
             for i in 0..hd / 2 {
                 let freq =

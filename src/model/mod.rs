@@ -10,6 +10,7 @@
 //!   GPT-2 and Gemma-2);
 //! - [`gguf`]: GGUF v3 files (metadata, tensors; Llama, Gemma-2 and GPT-2 models) and [`bpe`], their
 //!   byte-level BPE and SentencePiece tokenizers;
+//! - [`kv`]: the keys and values of positions already read, for generation a token at a time;
 //! - [`cli`]: `clt run`, which tokenises a prompt, runs the model and prints or dumps the logits.
 //!
 //! [`load`] opens a model file of any supported kind (detected by its magic bytes and its extension) together
@@ -23,6 +24,7 @@ pub mod ggml_quants;
 pub mod gguf;
 pub mod gpt2;
 pub mod hf;
+pub mod kv;
 pub mod llama;
 pub mod llama2c;
 pub mod pattern;
@@ -38,6 +40,7 @@ pub use forward::{
 };
 pub use gemma2::{Gemma2Config, Gemma2Model, Gemma2PostNorms};
 pub use gpt2::{Gpt2Config, Gpt2LayerWeights, Gpt2Model};
+pub use kv::KvCache;
 pub use llama::{LayerWeights, LlamaConfig, LlamaModel, RopeStyle};
 pub use llama2c::Llama2cTokenizer;
 pub use pattern::AttnPattern;
@@ -184,6 +187,17 @@ pub trait CausalLm {
     /// The full causal forward over `tokens`, with hooks and interventions.
     fn forward_with(&self, tokens: &[u32], opts: &ForwardOptions<'_>) -> Result<ForwardOutput>;
 
+    /// The forward of `tokens` at the positions after those `cache` holds, appending their keys and values
+    /// (an empty cache: the prompt); hooks and interventions as in [`forward_with`](Self::forward_with),
+    /// except frozen or recorded attention patterns once the cache holds positions. On an error the cache
+    /// is left as it was.
+    fn forward_cached(
+        &self,
+        tokens: &[u32],
+        cache: &mut KvCache,
+        opts: &ForwardOptions<'_>,
+    ) -> Result<ForwardOutput>;
+
     /// Logits of every position, `[n_tokens, vocab_size]`.
     fn forward(&self, tokens: &[u32]) -> Result<Vec<f32>> {
         Ok(self
@@ -201,20 +215,39 @@ pub trait CausalLm {
     }
 
     /// Appends `n_new` greedily chosen tokens to `tokens` (the first largest logit wins ties), stopping early
-    /// at `stop` or at `max_seq_len`; returns only the new tokens.
+    /// at `stop` or at `max_seq_len`; returns only the new tokens. One forward over the prompt, then one
+    /// position at a time over a [`KvCache`].
     fn generate_greedy(&self, tokens: &[u32], n_new: usize, stop: Option<u32>) -> Result<Vec<u32>> {
-        let mut seq = tokens.to_vec();
-        let mut out = Vec::new();
-        while out.len() < n_new && seq.len() < self.max_seq_len() {
-            let next = forward::argmax(&self.next_logits(&seq)?) as u32;
-            if Some(next) == stop {
-                break;
-            }
-            seq.push(next);
-            out.push(next);
-        }
-        Ok(out)
+        generate_with(self, tokens, n_new, stop, &ForwardOptions::default())
     }
+}
+
+/// Greedy generation as [`CausalLm::generate_greedy`], every forward run with `opts` (e.g. an MLP
+/// override whose edits should hold for the new tokens too); `opts.logits` is overridden.
+pub fn generate_with<M: CausalLm + ?Sized>(
+    model: &M,
+    tokens: &[u32],
+    n_new: usize,
+    stop: Option<u32>,
+    opts: &ForwardOptions<'_>,
+) -> Result<Vec<u32>> {
+    let opts = ForwardOptions {
+        logits: Logits::Last,
+        ..*opts
+    };
+    let mut cache = KvCache::new();
+    let mut out = Vec::new();
+    let mut input = tokens.to_vec();
+    while out.len() < n_new && tokens.len() + out.len() < model.max_seq_len() {
+        let logits = model.forward_cached(&input, &mut cache, &opts)?.logits;
+        let next = forward::argmax(&logits) as u32;
+        if Some(next) == stop {
+            break;
+        }
+        out.push(next);
+        input = vec![next];
+    }
+    Ok(out)
 }
 
 impl CausalLm for Model {
@@ -224,6 +257,19 @@ impl CausalLm for Model {
 
     fn forward_with(&self, tokens: &[u32], opts: &ForwardOptions<'_>) -> Result<ForwardOutput> {
         Model::forward_with(self, tokens, opts)
+    }
+
+    fn forward_cached(
+        &self,
+        tokens: &[u32],
+        cache: &mut KvCache,
+        opts: &ForwardOptions<'_>,
+    ) -> Result<ForwardOutput> {
+        match self {
+            Model::Llama(m) => m.forward_cached(tokens, cache, opts),
+            Model::Gpt2(m) => m.forward_cached(tokens, cache, opts),
+            Model::Gemma2(m) => m.forward_cached(tokens, cache, opts),
+        }
     }
 }
 

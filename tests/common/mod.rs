@@ -3,6 +3,7 @@
 
 pub mod gguf;
 pub mod hf;
+pub mod kv;
 pub mod npz;
 pub mod runs;
 pub mod store;
