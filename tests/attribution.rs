@@ -3,9 +3,11 @@
 //! forward, and compare the change of every target with the adjacency.
 
 use clt::attribution::graph::{AttributionConfig, Graph, attribute};
-use clt::attribution::intervene::{Edit, intervene};
+use clt::attribution::intervene::{Edit, intervene, intervene_and_generate};
 use clt::attribution::linear::NormKind;
-use clt::attribution::replacement::{ReplacementTranscoder, add_skip, calibrated_transcoder};
+use clt::attribution::replacement::{
+    ReplacementTranscoder, activation, add_skip, calibrated_transcoder,
+};
 use clt::attribution::{Attributable, load_transcoder, prune, scores};
 use clt::cache::InputHook;
 use clt::model::{
@@ -266,6 +268,106 @@ fn interventions_move_the_logits(m: &dyn Attributable, tc: &ReplacementTranscode
         .collect();
     let r = intervene(m, tc, tokens, &silence).unwrap();
     assert!(moved(&r.logits) > 1e-3, "silenced: {}", moved(&r.logits));
+    interventions_generate(m, tc, tokens);
+}
+
+/// Generation with edits (through the KV cache): a no-op edit at every position continues as the model
+/// does; each new token is the argmax of its step's logits, the first step's being the edited logits; and
+/// a steering edit of a last-layer feature at every position moves the first generated position's logits
+/// as the model does with that position's MLP output changed by exactly (set value − the feature's own
+/// activation) × its decoder row (the oracle: the model run with its recorded MLP outputs, that one row
+/// changed).
+fn interventions_generate(m: &dyn Attributable, tc: &ReplacementTranscoder, tokens: &[u32]) {
+    let n_new = 6.min(m.max_seq_len() - tokens.len());
+    assert!(n_new >= 2, "room to generate after the prompt");
+    let noop: Edit = "0:*:0*=1".parse().unwrap();
+    let r = intervene_and_generate(m, tc, tokens, &[noop], n_new, None).unwrap();
+    assert_eq!(
+        r.clean_continuation,
+        m.generate_greedy(tokens, n_new, None).unwrap()
+    );
+    assert_eq!(r.continuation, r.clean_continuation, "a no-op edit");
+    assert_eq!(r.continuation.len(), n_new);
+
+    let (k, d) = (tc.cfg.n_layers - 1, tc.cfg.d_model);
+    let vocab = r.logits.len();
+    // The last layer's feature with the largest decoder row, set far above its activations.
+    let norm = |f: usize| {
+        tc.dec_row(k, f, k)
+            .unwrap()
+            .iter()
+            .map(|w| w * w)
+            .sum::<f32>()
+    };
+    let f = (0..tc.cfg.n_features)
+        .max_by(|&a, &b| norm(a).total_cmp(&norm(b)))
+        .unwrap();
+    let v = 4.0 / norm(f).sqrt();
+    let edit: Edit = format!("{k}:*:{f}={v}").parse().unwrap();
+    let r = intervene_and_generate(m, tc, tokens, &[edit], 2, None).unwrap();
+    assert_eq!(r.continuation.len(), 2);
+    assert_eq!(r.step_logits.len(), 2 * vocab);
+    assert_eq!(&r.step_logits[..vocab], &r.logits[..]);
+    for (i, &t) in r.continuation.iter().enumerate() {
+        let row = &r.step_logits[i * vocab..(i + 1) * vocab];
+        assert_eq!(t as usize, clt::model::forward::argmax(row));
+    }
+
+    let mut seq = tokens.to_vec();
+    seq.push(r.continuation[0]);
+    let g = tokens.len();
+    let all = ForwardOptions {
+        hooks: Hooks::all(),
+        ..ForwardOptions::default()
+    };
+    let clean = m.forward_with(&seq, &all).unwrap();
+    let x = &tc.input_hook.recorded(&clean.record.layers[k]).unwrap()[g * d..(g + 1) * d];
+    let w = &tc.params.w_enc[k][f * d..(f + 1) * d];
+    let h = x.iter().zip(w).map(|(a, b)| a * b).sum::<f32>() + tc.params.b_enc[k][f];
+    let a = activation(h, tc.thresholds[k][f]);
+    let mut outs: Vec<Vec<f32>> = clean
+        .record
+        .layers
+        .iter()
+        .map(|l| l.mlp_out.clone().unwrap())
+        .collect();
+    let row = tc.dec_row(k, f, k).unwrap();
+    outs[k][g * d..(g + 1) * d]
+        .iter_mut()
+        .zip(row)
+        .for_each(|(o, w)| *o += (v - a) * w);
+    let want = m
+        .forward_with(
+            &seq,
+            &ForwardOptions {
+                logits: Logits::Last,
+                intervention: Intervention {
+                    mlp_out: Some(&outs),
+                    ..Intervention::default()
+                },
+                ..ForwardOptions::default()
+            },
+        )
+        .unwrap()
+        .logits;
+    let got = &r.step_logits[vocab..];
+    let diff = |a: &[f32], b: &[f32]| {
+        a.iter()
+            .zip(b)
+            .map(|(a, b)| (a - b).abs())
+            .fold(0.0f32, f32::max)
+    };
+    let clean_next = &clean.logits[g * vocab..];
+    assert!(
+        diff(&want, clean_next) > 1e-2,
+        "the edit moves the generated position's logits: {}",
+        diff(&want, clean_next)
+    );
+    assert!(
+        diff(got, &want) < 1e-4,
+        "the generated position's logits against the oracle: {}",
+        diff(got, &want)
+    );
 }
 
 /// A random Gemma-2 of `n_layers` blocks (grouped-query attention with `head_dim` unlike `d / n_heads`,
@@ -384,8 +486,13 @@ fn skip_connections_match_the_oracle_through_either_norm() {
         InputHook::MlpInNormed,
         InputHook::MlpInUnweighted,
     ] {
-        let tc = calibrated_transcoder(&g2, &tokens, 40, 6, 7, hook).unwrap();
-        oracle(&g2, &with_skip(tc, 8), &tokens, 40);
+        let tc = with_skip(
+            calibrated_transcoder(&g2, &tokens, 40, 6, 7, hook).unwrap(),
+            8,
+        );
+        oracle(&g2, &tc, &tokens, 40);
+        // Generation: positions after the prompt run the model's MLP, the skip path not added twice.
+        interventions_generate(&g2, &tc, &tokens);
     }
     let (m, _, tokens) = setup();
     let tc = calibrated_transcoder(m, &tokens, 64, 4, 9, InputHook::MlpInNormed).unwrap();
@@ -777,6 +884,7 @@ fn interventions_without_edits_reproduce_the_model_and_edits_move_the_logits() {
     }
     let far: Edit = format!("{l}:{}:{f}=1", tokens.len()).parse().unwrap();
     assert!(intervene(m, &tc, &tokens, &[far]).is_err());
+    interventions_generate(m, &tc, &tokens);
 }
 
 #[test]
@@ -830,6 +938,17 @@ fn the_attribute_and_intervene_commands_write_a_graph_and_print_logits() {
         String::from_utf8_lossy(&o.stderr)
     );
     assert!(stdout.contains("with the edits:"), "{stdout}");
+    assert!(!stdout.contains("continuation"), "{stdout}");
+    // With `--generate`, both continuations, quoted.
+    let o = run(
+        "intervene",
+        &["--set", "0:*:1=5.0", "--set", "1:*:2*=0", "--generate", "8"],
+    );
+    let stdout = String::from_utf8_lossy(&o.stdout);
+    assert!(o.status.success(), "{stdout}");
+    for head in ["clean continuation: \"", "continuation with the edits: \""] {
+        assert!(stdout.contains(head), "{stdout}");
+    }
     // A bad edit names itself.
     let o = run("intervene", &["--set", "0:3=5"]);
     assert!(!o.status.success());

@@ -4,7 +4,7 @@
 use std::path::{Path, PathBuf};
 
 use super::graph::{AttributionConfig, Graph, attribute};
-use super::intervene::{Edit, intervene};
+use super::intervene::{Edit, intervene_and_generate};
 use super::output::{display_token, graph_json, write_json, write_raw};
 use super::{ReplacementTranscoder, Scores, load_transcoder, prune, scores};
 use crate::cache::InputHook;
@@ -106,12 +106,16 @@ pub struct IntervenArgs {
     #[command(flatten)]
     pub inputs: Inputs,
     /// `LAYER:POS:FEATURE=VALUE` sets a feature's activation (0 silences it, a negative value flips it, a
-    /// value where it is inactive steers); `LAYER:POS:FEATURE*=FACTOR` scales it; `POS` may be `*`.
+    /// value where it is inactive steers); `LAYER:POS:FEATURE*=FACTOR` scales it; `POS` may be `*` (every
+    /// position after the first, the generated ones included).
     #[arg(long = "set", required = true)]
     pub edits: Vec<String>,
     /// Top logits to print.
     #[arg(long, default_value_t = 10)]
     pub top: usize,
+    /// Also generate this many tokens greedily, without and with the edits, and print both continuations.
+    #[arg(long, default_value_t = 0)]
+    pub generate: usize,
 }
 
 /// The model, the transcoder, its name, the prompt and its tokens.
@@ -237,7 +241,14 @@ pub fn run_intervene(args: &IntervenArgs) -> Result<()> {
         .iter()
         .map(|s| s.parse())
         .collect::<Result<_>>()?;
-    let r = intervene(&m.model, &tc, &tokens, &edits)?;
+    let r = intervene_and_generate(
+        &m.model,
+        &tc,
+        &tokens,
+        &edits,
+        args.generate,
+        m.tokenizer.eos(),
+    )?;
     let show = |title: &str, logits: &[f32]| {
         println!("{title}");
         for (t, p) in softmax_top(logits, args.top) {
@@ -251,5 +262,10 @@ pub fn run_intervene(args: &IntervenArgs) -> Result<()> {
     };
     show("clean:", &r.clean_logits);
     show("with the edits:", &r.logits);
+    if args.generate > 0 {
+        let text = |ids: &[u32]| m.tokenizer.decode(ids);
+        println!("clean continuation: {:?}", text(&r.clean_continuation));
+        println!("continuation with the edits: {:?}", text(&r.continuation));
+    }
     Ok(())
 }
