@@ -14,8 +14,9 @@ use std::sync::Mutex;
 
 use super::linear::Attributable;
 use super::replacement::{PromptState, ReplacementTranscoder, activation, add_skip, prompt_state};
-use crate::model::forward::argmax;
-use crate::model::{ForwardOptions, Intervention, KvCache, Logits, MlpInputs, MlpOverride};
+use crate::model::{
+    ForwardOptions, Intervention, KvCache, Logits, MlpInputs, MlpOverride, continue_greedy,
+};
 use crate::{Error, Result};
 
 /// Which positions an edit applies to.
@@ -294,25 +295,12 @@ pub fn intervene_and_generate(
     let mut cache = KvCache::new();
     let logits = model.forward_cached(tokens, &mut cache, &opts)?.logits;
     let clean_continuation = model.generate_greedy(tokens, n_new, stop)?;
-    let (mut continuation, mut step_logits) = (Vec::new(), Vec::new());
-    let room = n_new.min(model.max_seq_len().saturating_sub(tokens.len()));
-    let mut last = logits.clone();
-    while continuation.len() < room {
-        let next = argmax(&last) as u32;
-        if Some(next) == stop {
-            break;
-        }
-        continuation.push(next);
-        step_logits.extend_from_slice(&last);
-        if continuation.len() < room {
-            last = model.forward_cached(&[next], &mut cache, &opts)?.logits;
-        }
-    }
+    let c = continue_greedy(model, &mut cache, logits.clone(), n_new, stop, &opts)?;
     Ok(InterventionResult {
         clean_logits: clean.logits.clone(),
         logits,
         clean_continuation,
-        continuation,
-        step_logits,
+        continuation: c.tokens,
+        step_logits: c.logits,
     })
 }

@@ -5,8 +5,8 @@ use std::io::Write;
 use std::path::PathBuf;
 use std::time::Instant;
 
-use super::CausalLm;
-use super::forward::{argmax, softmax};
+use super::forward::softmax;
+use super::{CausalLm, ForwardOptions, KvCache, continue_greedy};
 use crate::{Error, Result};
 
 /// Arguments of `clt run`.
@@ -69,7 +69,11 @@ pub fn run_to(args: &RunArgs, out: &mut dyn Write) -> Result<()> {
         ));
     }
     let t1 = Instant::now();
-    let logits = model.forward(&ids)?;
+    // Through a cache, so that a continuation goes on from this forward.
+    let mut cache = KvCache::new();
+    let logits = model
+        .forward_cached(&ids, &mut cache, &ForwardOptions::default())?
+        .logits;
     let dt = t1.elapsed().as_secs_f64();
     writeln!(
         out,
@@ -107,16 +111,24 @@ pub fn run_to(args: &RunArgs, out: &mut dyn Write) -> Result<()> {
         writeln!(out, "logits written to {}", path.display()).map_err(io)?;
     }
     if args.generate > 0 {
-        let first = argmax(last) as u32;
-        let mut new = Vec::new();
-        if Some(first) != tok.eos() {
-            new.push(first);
-            let mut seq = ids.clone();
-            seq.push(first);
-            if args.generate > 1 {
-                new.extend(model.generate_greedy(&seq, args.generate - 1, tok.eos())?);
-            }
-        }
+        let t2 = Instant::now();
+        let new = continue_greedy(
+            model,
+            &mut cache,
+            last.to_vec(),
+            args.generate,
+            tok.eos(),
+            &ForwardOptions::default(),
+        )?
+        .tokens;
+        let dt = t2.elapsed().as_secs_f64();
+        writeln!(
+            out,
+            "generated {} tokens in {dt:.3} s ({:.1} tokens/s)",
+            new.len(),
+            new.len() as f64 / dt.max(1e-9)
+        )
+        .map_err(io)?;
         let all: Vec<u32> = ids.iter().chain(&new).copied().collect();
         writeln!(out, "generated ids: {new:?}").map_err(io)?;
         writeln!(out, "continuation: {}", tok.decode(&all)).map_err(io)?;

@@ -231,23 +231,56 @@ pub fn generate_with<M: CausalLm + ?Sized>(
     stop: Option<u32>,
     opts: &ForwardOptions<'_>,
 ) -> Result<Vec<u32>> {
+    if n_new == 0 || tokens.len() >= model.max_seq_len() {
+        return Ok(Vec::new());
+    }
     let opts = ForwardOptions {
         logits: Logits::Last,
         ..*opts
     };
     let mut cache = KvCache::new();
-    let mut out = Vec::new();
-    let mut input = tokens.to_vec();
-    while out.len() < n_new && tokens.len() + out.len() < model.max_seq_len() {
-        let logits = model.forward_cached(&input, &mut cache, &opts)?.logits;
-        let next = forward::argmax(&logits) as u32;
+    let logits = model.forward_cached(tokens, &mut cache, &opts)?.logits;
+    Ok(continue_greedy(model, &mut cache, logits, n_new, stop, &opts)?.tokens)
+}
+
+/// A greedy continuation and the logits each of its tokens was chosen from.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Continuation {
+    pub tokens: Vec<u32>,
+    /// `[tokens.len(), vocab]`.
+    pub logits: Vec<f32>,
+}
+
+/// Continues greedily the sequence `cache` holds, whose last position's logits are `last_logits`: up to
+/// `n_new` tokens (the first largest logit wins ties), stopping early at `stop` or at the model's longest
+/// sequence, each new token run through `cache` with `opts` (`opts.logits` is overridden).
+pub fn continue_greedy<M: CausalLm + ?Sized>(
+    model: &M,
+    cache: &mut KvCache,
+    last_logits: Vec<f32>,
+    n_new: usize,
+    stop: Option<u32>,
+    opts: &ForwardOptions<'_>,
+) -> Result<Continuation> {
+    let opts = ForwardOptions {
+        logits: Logits::Last,
+        ..*opts
+    };
+    let room = n_new.min(model.max_seq_len().saturating_sub(cache.len()));
+    let mut c = Continuation::default();
+    let mut last = last_logits;
+    while c.tokens.len() < room {
+        let next = forward::argmax(&last) as u32;
         if Some(next) == stop {
             break;
         }
-        out.push(next);
-        input = vec![next];
+        c.tokens.push(next);
+        c.logits.extend_from_slice(&last);
+        if c.tokens.len() < room {
+            last = model.forward_cached(&[next], cache, &opts)?.logits;
+        }
     }
-    Ok(out)
+    Ok(c)
 }
 
 impl CausalLm for Model {
