@@ -3,7 +3,7 @@
 //! forward, and compare the change of every target with the adjacency.
 
 use clt::attribution::graph::{AttributionConfig, Graph, attribute};
-use clt::attribution::intervene::{Edit, intervene, intervene_and_generate};
+use clt::attribution::intervene::{Edit, Mode, intervene, intervene_and_generate};
 use clt::attribution::linear::NormKind;
 use clt::attribution::replacement::{
     ReplacementTranscoder, activation, add_skip, calibrated_transcoder,
@@ -137,6 +137,7 @@ fn measure(
                     frozen: Some(frozen),
                     mlp_out: None,
                     mlp_fn: Some(mlps),
+                    patterns_only: false,
                 },
             },
         )
@@ -248,8 +249,16 @@ fn gpt2_adjacency_columns_match_the_frozen_model_oracle() {
     interventions_move_the_logits(&m, &tc, &tokens);
 }
 
-/// Interventions through a model's MLP override: a no-op edit is the model itself, silencing the last
-/// position's features moves its logits.
+/// Every intervention mode.
+const MODES: [Mode; 4] = [
+    Mode::FrozenAttention,
+    Mode::Live,
+    Mode::Replacement,
+    Mode::Direct,
+];
+
+/// Interventions through a model's MLP override, in every mode: a no-op edit is the model itself,
+/// silencing the last position's features moves its logits.
 fn interventions_move_the_logits(m: &dyn Attributable, tc: &ReplacementTranscoder, tokens: &[u32]) {
     let clean = m.next_logits(tokens).unwrap();
     let last = tokens.len() - 1;
@@ -260,14 +269,24 @@ fn interventions_move_the_logits(m: &dyn Attributable, tc: &ReplacementTranscode
             .fold(0.0f32, f32::max)
     };
     let noop: Edit = format!("0:{last}:0*=1").parse().unwrap();
-    let r = intervene(m, tc, tokens, &[noop]).unwrap();
-    assert!(moved(&r.logits) < 1e-4, "no-op edit: {}", moved(&r.logits));
     let silence: Vec<Edit> = (0..tc.cfg.n_layers)
         .flat_map(|l| (0..tc.cfg.n_features).map(move |f| (l, f)))
         .map(|(l, f)| format!("{l}:{last}:{f}=0").parse().unwrap())
         .collect();
-    let r = intervene(m, tc, tokens, &silence).unwrap();
-    assert!(moved(&r.logits) > 1e-3, "silenced: {}", moved(&r.logits));
+    for mode in MODES {
+        let r = intervene(m, tc, tokens, &[noop], mode).unwrap();
+        assert!(
+            moved(&r.logits) < 1e-4,
+            "{mode:?}, no-op edit: {}",
+            moved(&r.logits)
+        );
+        let r = intervene(m, tc, tokens, &silence, mode).unwrap();
+        assert!(
+            moved(&r.logits) > 1e-3,
+            "{mode:?}, silenced: {}",
+            moved(&r.logits)
+        );
+    }
     interventions_generate(m, tc, tokens);
 }
 
@@ -281,16 +300,27 @@ fn interventions_generate(m: &dyn Attributable, tc: &ReplacementTranscoder, toke
     let n_new = 6.min(m.max_seq_len() - tokens.len());
     assert!(n_new >= 2, "room to generate after the prompt");
     let noop: Edit = "0:*:0*=1".parse().unwrap();
-    let r = intervene_and_generate(m, tc, tokens, &[noop], n_new, None).unwrap();
-    assert_eq!(
-        r.clean_continuation,
-        m.generate_greedy(tokens, n_new, None).unwrap()
-    );
-    assert_eq!(r.continuation, r.clean_continuation, "a no-op edit");
-    assert_eq!(r.continuation.len(), n_new);
+    let own = m.generate_greedy(tokens, n_new, None).unwrap();
+    assert_eq!(own.len(), n_new);
+    for mode in MODES {
+        let r = intervene_and_generate(m, tc, tokens, &[noop], mode, n_new, None).unwrap();
+        assert_eq!(r.clean_continuation, own);
+        assert_eq!(r.continuation, own, "{mode:?}, a no-op edit");
+    }
+    for mode in MODES {
+        generated_position_oracle(m, tc, tokens, mode);
+    }
+}
 
+/// The first generated position's logits under a last-layer feature set at every position, against the
+/// model run with that position's recorded MLP output changed by (value − own activation) × decoder row.
+fn generated_position_oracle(
+    m: &dyn Attributable,
+    tc: &ReplacementTranscoder,
+    tokens: &[u32],
+    mode: Mode,
+) {
     let (k, d) = (tc.cfg.n_layers - 1, tc.cfg.d_model);
-    let vocab = r.logits.len();
     // The last layer's feature with the largest decoder row, set far above its activations.
     let norm = |f: usize| {
         tc.dec_row(k, f, k)
@@ -304,7 +334,8 @@ fn interventions_generate(m: &dyn Attributable, tc: &ReplacementTranscoder, toke
         .unwrap();
     let v = 4.0 / norm(f).sqrt();
     let edit: Edit = format!("{k}:*:{f}={v}").parse().unwrap();
-    let r = intervene_and_generate(m, tc, tokens, &[edit], 2, None).unwrap();
+    let r = intervene_and_generate(m, tc, tokens, &[edit], mode, 2, None).unwrap();
+    let vocab = r.logits.len();
     assert_eq!(r.continuation.len(), 2);
     assert_eq!(r.step_logits.len(), 2 * vocab);
     assert_eq!(&r.step_logits[..vocab], &r.logits[..]);
@@ -365,7 +396,7 @@ fn interventions_generate(m: &dyn Attributable, tc: &ReplacementTranscoder, toke
     );
     assert!(
         diff(got, &want) < 1e-4,
-        "the generated position's logits against the oracle: {}",
+        "{mode:?}: the generated position's logits against the oracle: {}",
         diff(got, &want)
     );
 }
@@ -627,6 +658,39 @@ fn oracle(m: &dyn Attributable, tc: &ReplacementTranscoder, tokens: &[u32], n_fe
         sources.len()
     );
 
+    // `clt intervene --mode direct` is the same linear model: doubling a feature moves each (demeaned,
+    // uncapped) logit by its edge.
+    let demeaned = |logits: &[f32]| -> Vec<f32> {
+        let raw: Vec<f64> = logits
+            .iter()
+            .map(|&v| match lin.logit_softcap {
+                Some(c) => c as f64 * (v as f64 / c as f64).atanh(),
+                None => v as f64,
+            })
+            .collect();
+        let mean = raw.iter().sum::<f64>() / raw.len() as f64;
+        g.logit_tokens
+            .iter()
+            .map(|&t| (raw[t as usize] - mean) as f32)
+            .collect()
+    };
+    let mut worst_direct = 0.0f32;
+    for &c in sources.iter().filter(|&&c| c < a.n_features).take(12) {
+        let (l, p, f, _) = g.feature(c);
+        let double: Edit = format!("{l}:{p}:{f}*=2").parse().unwrap();
+        let r = intervene(m, &tc, &tokens, &[double], Mode::Direct).unwrap();
+        let (after, before) = (demeaned(&r.logits), demeaned(&r.clean_logits));
+        for (j, (x, y)) in after.iter().zip(&before).enumerate() {
+            let (delta, want) = (x - y, a.get(a.n_sources() + j, c));
+            worst_direct = worst_direct.max((delta - want).abs());
+            assert!(
+                (delta - want).abs() <= 1e-4 + 1e-3 * want.abs(),
+                "direct intervention on source {c}, logit {j}: {delta} against the edge {want}"
+            );
+        }
+    }
+    eprintln!("direct interventions against the logit edges: worst |Δ − A| {worst_direct:.2e}");
+
     // The graph's scores are shares.
     let s = scores(a, &g.logit_probs).unwrap();
     assert!((0.0..=1.0).contains(&s.replacement), "{s:?}");
@@ -846,17 +910,16 @@ fn interventions_without_edits_reproduce_the_model_and_edits_move_the_logits() {
     let g = attribute(m, &tc, &tokens, &AttributionConfig::default()).unwrap();
     let (l, p, f, act) = g.feature(g.selected.len() - 1);
     let noop: Edit = format!("{l}:{p}:{f}*=1").parse().unwrap();
-    let r = intervene(m, &tc, &tokens, &[noop]).unwrap();
-    let diff = r
-        .logits
-        .iter()
-        .zip(&clean)
-        .map(|(a, b)| (a - b).abs())
-        .fold(0.0f32, f32::max);
-    assert!(
-        diff < 1e-4,
-        "replacement model differs from the model by {diff}"
-    );
+    for mode in MODES {
+        let r = intervene(m, &tc, &tokens, &[noop], mode).unwrap();
+        let diff = r
+            .logits
+            .iter()
+            .zip(&clean)
+            .map(|(a, b)| (a - b).abs())
+            .fold(0.0f32, f32::max);
+        assert!(diff < 1e-4, "{mode:?} differs from the model by {diff}");
+    }
     // Silencing every feature at the last position changes the prediction.
     let last = tokens.len() - 1;
     let edits: Vec<Edit> = (0..g.selected.len())
@@ -865,7 +928,7 @@ fn interventions_without_edits_reproduce_the_model_and_edits_move_the_logits() {
         .map(|(l, p, f, _)| format!("{l}:{p}:{f}=0").parse().unwrap())
         .collect();
     assert!(!edits.is_empty());
-    let r = intervene(m, &tc, &tokens, &edits).unwrap();
+    let r = intervene(m, &tc, &tokens, &edits, Mode::default()).unwrap();
     let moved = r
         .logits
         .iter()
@@ -883,8 +946,130 @@ fn interventions_without_edits_reproduce_the_model_and_edits_move_the_logits() {
         assert!(bad.parse::<Edit>().is_err(), "{bad}");
     }
     let far: Edit = format!("{l}:{}:{f}=1", tokens.len()).parse().unwrap();
-    assert!(intervene(m, &tc, &tokens, &[far]).is_err());
+    assert!(intervene(m, &tc, &tokens, &[far], Mode::default()).is_err());
     interventions_generate(m, &tc, &tokens);
+}
+
+/// circuit-tracer's rule written out independently: the model's own MLP plus, for each set feature, its
+/// change of activation (from the current stream) times its decoder rows to this and later layers.
+#[derive(Debug)]
+struct ModelPlusChanges<'a> {
+    tc: &'a ReplacementTranscoder,
+    /// (layer, position, feature, value).
+    sets: Vec<(usize, usize, usize, f32)>,
+    /// This forward's (layer, position, feature, change) so far.
+    changes: std::sync::Mutex<Vec<(usize, usize, usize, f32)>>,
+}
+
+impl MlpOverride for ModelPlusChanges<'_> {
+    fn mlp_out(&self, k: usize, inputs: &MlpInputs<'_>) -> Vec<f32> {
+        let (tc, d) = (self.tc, self.tc.cfg.d_model);
+        let x = tc.input_hook.of(inputs);
+        let mut changes = self.changes.lock().unwrap();
+        if k == 0 {
+            changes.clear();
+        }
+        for &(l, p, f, v) in self.sets.iter().filter(|s| s.0 == k) {
+            let w = &tc.params.w_enc[l][f * d..(f + 1) * d];
+            let h: f32 = x[p * d..(p + 1) * d]
+                .iter()
+                .zip(w)
+                .map(|(a, b)| a * b)
+                .sum();
+            let a = activation(h + tc.params.b_enc[l][f], tc.thresholds[l][f]);
+            changes.push((l, p, f, v - a));
+        }
+        let mut out = inputs.model_mlp.unwrap().to_vec();
+        for &(l, p, f, c) in changes.iter() {
+            for (o, w) in out[p * d..(p + 1) * d]
+                .iter_mut()
+                .zip(tc.dec_row(l, f, k).unwrap())
+            {
+                *o += c * w;
+            }
+        }
+        out
+    }
+
+    fn wants_model_mlp(&self, _: usize, _: usize) -> bool {
+        true
+    }
+}
+
+/// The default mode is circuit-tracer's `feature_intervention` (attention patterns frozen at the clean
+/// run's, the model's MLPs plus the set features' changes) and `live` the same with attention recomputed:
+/// both against the rule written out above, on stories260K with features set at early positions (whose
+/// effect on the last position goes through attention, so freezing the patterns matters).
+#[test]
+fn frozen_attention_and_live_modes_are_circuit_tracers() {
+    let (m, tc, tokens) = setup();
+    let g = attribute(m, &tc, &tokens, &AttributionConfig::default()).unwrap();
+    let sets: Vec<(usize, usize, usize, f32)> = (0..g.selected.len())
+        .map(|i| g.feature(i))
+        .filter(|&(l, p, _, _)| l == 0 && (1..4).contains(&p))
+        .take(6)
+        .map(|(l, p, f, a)| (l, p, f, 10.0 * a))
+        .collect();
+    assert!(!sets.is_empty());
+    let edits: Vec<Edit> = sets
+        .iter()
+        .map(|(l, p, f, v)| format!("{l}:{p}:{f}={v}").parse().unwrap())
+        .collect();
+    let clean = m
+        .forward_with(
+            &tokens,
+            &ForwardOptions {
+                hooks: Hooks::frozen_state(),
+                ..ForwardOptions::default()
+            },
+        )
+        .unwrap();
+    let diff = |a: &[f32], b: &[f32]| {
+        a.iter()
+            .zip(b)
+            .map(|(a, b)| (a - b).abs())
+            .fold(0.0f32, f32::max)
+    };
+    let mut got = Vec::new();
+    for (mode, frozen) in [(Mode::FrozenAttention, true), (Mode::Live, false)] {
+        let rule = ModelPlusChanges {
+            tc: &tc,
+            sets: sets.clone(),
+            changes: Default::default(),
+        };
+        let want = m
+            .forward_with(
+                &tokens,
+                &ForwardOptions {
+                    logits: Logits::Last,
+                    intervention: Intervention {
+                        frozen: frozen.then_some(&clean.record),
+                        patterns_only: true,
+                        mlp_fn: Some(&rule),
+                        ..Intervention::default()
+                    },
+                    ..ForwardOptions::default()
+                },
+            )
+            .unwrap()
+            .logits;
+        let r = intervene(m, &tc, &tokens, &edits, mode).unwrap();
+        assert!(
+            diff(&r.logits, &want) < 1e-4,
+            "{mode:?} against the rule: {}",
+            diff(&r.logits, &want)
+        );
+        assert!(
+            diff(&r.logits, &r.clean_logits) > 1e-2,
+            "{mode:?} moves the logits"
+        );
+        got.push(r.logits);
+    }
+    assert!(
+        diff(&got[0], &got[1]) > 1e-3,
+        "freezing the patterns matters here: {}",
+        diff(&got[0], &got[1])
+    );
 }
 
 #[test]
@@ -949,6 +1134,14 @@ fn the_attribute_and_intervene_commands_write_a_graph_and_print_logits() {
     for head in ["clean continuation: \"", "continuation with the edits: \""] {
         assert!(stdout.contains(head), "{stdout}");
     }
+    // Each mode runs; an unknown one is refused with the choices.
+    for mode in ["frozen-attention", "live", "replacement", "direct"] {
+        let o = run("intervene", &["--set", "0:3:1=5.0", "--mode", mode]);
+        assert!(o.status.success(), "{mode}: {}", String::from_utf8_lossy(&o.stderr));
+    }
+    let o = run("intervene", &["--set", "0:3:1=5.0", "--mode", "frozen"]);
+    assert!(!o.status.success());
+    assert!(String::from_utf8_lossy(&o.stderr).contains("frozen-attention"));
     // A bad edit names itself.
     let o = run("intervene", &["--set", "0:3=5"]);
     assert!(!o.status.success());

@@ -238,6 +238,7 @@ fn frozen_state_forward_reproduces_the_plain_forward() {
         frozen: Some(&base.record),
         mlp_out,
         mlp_fn: None,
+        patterns_only: false,
     };
     for iv in [
         frozen(None),
@@ -301,6 +302,7 @@ fn frozen_state_forward_reproduces_the_plain_forward() {
             frozen: Some(&partial),
             mlp_out: Some(&mlp),
             mlp_fn: None,
+            patterns_only: false,
         })
         .is_ok()
     );

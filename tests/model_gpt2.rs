@@ -182,16 +182,19 @@ fn frozen_state_forward_reproduces_the_plain_forward() {
             frozen: Some(&base.record),
             mlp_out: None,
             mlp_fn: None,
+            patterns_only: false,
         },
         Intervention {
             frozen: Some(&base.record),
             mlp_out: Some(&mlp),
             mlp_fn: None,
+            patterns_only: false,
         },
         Intervention {
             frozen: None,
             mlp_out: Some(&mlp),
             mlp_fn: None,
+            patterns_only: false,
         },
     ] {
         let again = run(iv);
@@ -213,12 +216,14 @@ fn frozen_state_forward_reproduces_the_plain_forward() {
         frozen: Some(&base.record),
         mlp_out: Some(&zero),
         mlp_fn: None,
+        patterns_only: false,
     })
     .logits;
     let l2 = run(Intervention {
         frozen: Some(&base.record),
         mlp_out: Some(&twice),
         mlp_fn: None,
+        patterns_only: false,
     })
     .logits;
     let mid: Vec<f32> = l0.iter().zip(&l2).map(|(a, b)| (a + b) / 2.0).collect();
@@ -237,6 +242,7 @@ fn frozen_state_forward_reproduces_the_plain_forward() {
                     frozen: Some(&bare.record),
                     mlp_out: None,
                     mlp_fn: None,
+                    patterns_only: false,
                 },
                 ..Default::default()
             },

@@ -190,6 +190,7 @@ fn frozen_forward_reproduces_logits_on_the_real_model() {
             frozen: Some(&base.record),
             mlp_out: Some(&mlp),
             mlp_fn: None,
+            patterns_only: false,
         },
         ..Default::default()
     };

@@ -4,7 +4,7 @@
 use std::path::{Path, PathBuf};
 
 use super::graph::{AttributionConfig, Graph, attribute};
-use super::intervene::{Edit, intervene_and_generate};
+use super::intervene::{Edit, Mode, intervene_and_generate};
 use super::output::{display_token, graph_json, write_json, write_raw};
 use super::{ReplacementTranscoder, Scores, load_transcoder, prune, scores};
 use crate::cache::InputHook;
@@ -116,6 +116,12 @@ pub struct IntervenArgs {
     /// Also generate this many tokens greedily, without and with the edits, and print both continuations.
     #[arg(long, default_value_t = 0)]
     pub generate: usize,
+    /// What runs around the edits: `frozen-attention` (circuit-tracer's default: the model's MLPs plus the
+    /// edited features' changes, attention patterns frozen), `live` (the same, attention recomputed),
+    /// `replacement` (every feature recomputed, clean error nodes), `direct` (direct effects only: the
+    /// attribution graph's linear model).
+    #[arg(long, value_enum, default_value_t = Mode::FrozenAttention)]
+    pub mode: Mode,
 }
 
 /// The model, the transcoder, its name, the prompt and its tokens.
@@ -246,6 +252,7 @@ pub fn run_intervene(args: &IntervenArgs) -> Result<()> {
         &tc,
         &tokens,
         &edits,
+        args.mode,
         args.generate,
         m.tokenizer.eos(),
     )?;

@@ -1,10 +1,11 @@
-//! Feature interventions: run the replacement model with chosen features set or scaled and see what the
-//! model predicts.
+//! Feature interventions: run the model with chosen features set or scaled and see what it predicts.
 //!
-//! The replacement model here is the model with every MLP replaced by the transcoder's output plus the error
-//! of the clean run (so that without edits it reproduces the clean run exactly). Attention and norms run
-//! normally, and features of later layers are recomputed from the edited stream, so an edit's effect
-//! propagates through the features it excites or silences. Position 0 keeps its clean MLP output.
+//! [`Mode`] says what runs around the edits: by default circuit-tracer's (the model's own MLPs, each edited
+//! feature adding its change of activation times its decoder rows, attention patterns frozen at the clean
+//! run's), or with attention recomputed, or the local replacement model (every feature recomputed from the
+//! edited stream plus the clean run's error nodes), or direct effects only (everything frozen but the
+//! edits: the attribution graph's linear model). Without edits every mode reproduces the clean run.
+//! Position 0 keeps its clean MLP output.
 //!
 //! [`intervene_and_generate`] goes on to generate greedily with the edits in place, one token at a time
 //! over a KV cache; positions after the prompt have no clean run, so there an edit adds its change of
@@ -89,22 +90,44 @@ impl std::str::FromStr for Edit {
     }
 }
 
-/// The replacement MLPs with edits, called layer by layer by the forward.
+/// How the model runs around the edits: circuit-tracer's `feature_intervention` options, and the local
+/// replacement model.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum Mode {
+    /// The model's own MLPs on the edited stream, each edited feature adding its change of activation
+    /// times its decoder rows; attention patterns frozen at the clean run's (circuit-tracer's default,
+    /// `freeze_attention=True`).
+    #[default]
+    FrozenAttention,
+    /// The same with attention recomputed (`freeze_attention=False`).
+    Live,
+    /// The local replacement model: every feature recomputed from the edited stream, its reconstruction
+    /// plus the clean run's error nodes as the MLP outputs, attention recomputed.
+    Replacement,
+    /// Direct effects only (circuit-tracer's `constrained_layers` over every layer): attention patterns,
+    /// norm scales and MLP outputs frozen at the clean run's, plus each edited feature's change from its
+    /// clean activation times its decoder rows (and, for a skip transcoder, the skip path of the input's
+    /// change): the linear model the attribution graph describes, so doubling a feature moves each logit
+    /// by its edge.
+    Direct,
+}
+
+/// The MLPs with edits, called layer by layer by the forward.
 ///
-/// At the prompt's positions (`< clean.n`) every feature is recomputed from the edited stream and the
-/// MLP output is the transcoder's reconstruction plus the clean run's error. Positions after the prompt
-/// (generation) have no clean run: there the MLP output is the model's own MLP on the edited stream plus,
-/// for each edited feature, `(edited − unedited activation) × its decoder rows`, i.e. the reconstruction
-/// of the edited features plus that position's own error (as circuit-tracer's
-/// `feature_intervention_generate` does). Without edits both give the model's own forward.
+/// At the prompt's positions (`< clean.n`) each [`Mode`] has its rule. Positions after the prompt
+/// (generation) have no clean run: there, whatever the mode, the MLP output is the model's own MLP on the
+/// edited stream plus, for each edited feature, `(edited − unedited activation) × its decoder rows`, as
+/// circuit-tracer's `feature_intervention_generate` does. Without edits every rule gives the model's own
+/// forward. Position 0 has no features and keeps the model's MLP output.
 #[derive(Debug)]
 struct EditedMlps<'a> {
     tc: &'a ReplacementTranscoder,
     clean: &'a PromptState,
     edits: &'a [Edit],
-    /// This forward's layers so far: per layer, the (row, feature, activation) list of its prompt rows
-    /// and the (row, feature, activation change) list of its later rows.
-    acts: Mutex<Vec<(LayerActs, LayerActs)>>,
+    mode: Mode,
+    /// This forward's layers so far: per layer, the (row, feature, value) triples its decoders add
+    /// (activations under [`Mode::Replacement`], changes of activation otherwise).
+    acts: Mutex<Vec<LayerActs>>,
 }
 
 /// (row of the forward, feature, value) triples of one layer.
@@ -127,76 +150,107 @@ impl EditedMlps<'_> {
         }
         a
     }
-}
 
-impl MlpOverride for EditedMlps<'_> {
-    fn mlp_out(&self, k: usize, inputs: &MlpInputs<'_>) -> Vec<f32> {
+    /// The (row, feature, change) triples of layer `k`'s edited features at the given rows, each row's
+    /// activation computed from its transcoder input `x` (`[d]`); position 0 has no features.
+    fn changes<'x>(
+        &self,
+        k: usize,
+        rows: impl Iterator<Item = (usize, usize, &'x [f32])>,
+    ) -> LayerActs {
         let tc = self.tc;
-        let (d, f_n) = (tc.cfg.d_model, tc.cfg.n_features);
-        let (p0, rows) = (inputs.first_position, inputs.normed.len() / d);
-        // Rows 0..prompt are the prompt's positions, the rest come after it.
-        let prompt = self.clean.n.saturating_sub(p0).min(rows);
-        let x = tc.input_hook.of(inputs);
-        // The prompt rows' features from the current stream, then the edits.
-        let mut pre = vec![0.0f32; prompt * f_n];
-        crate::model::forward::matmul_wt(x, prompt, d, &tc.params.w_enc[k], f_n, &mut pre);
-        let mut layer_acts = Vec::new();
-        for r in (0..prompt).filter(|&r| p0 + r > 0) {
-            for f in 0..f_n {
-                let h = pre[r * f_n + f] + tc.params.b_enc[k][f];
-                let a = self.edited(k, p0 + r, f, activation(h, tc.thresholds[k][f]));
-                if a != 0.0 {
-                    layer_acts.push((r, f, a));
-                }
-            }
-        }
-        // The later rows: only the edited features, as changes of their activation.
-        let mut edited_features: Vec<usize> = self
+        let d = tc.cfg.d_model;
+        let mut features: Vec<usize> = self
             .edits
             .iter()
             .filter(|e| e.layer == k)
             .map(|e| e.feature)
             .collect();
-        edited_features.sort_unstable();
-        edited_features.dedup();
-        let mut layer_changes = Vec::new();
-        for r in prompt..rows {
-            let xr = &x[r * d..(r + 1) * d];
-            for &f in &edited_features {
+        features.sort_unstable();
+        features.dedup();
+        let mut out = Vec::new();
+        for (r, p, x) in rows.filter(|&(_, p, _)| p > 0) {
+            for &f in &features {
                 let w = &tc.params.w_enc[k][f * d..(f + 1) * d];
-                let h = xr.iter().zip(w).map(|(a, b)| a * b).sum::<f32>() + tc.params.b_enc[k][f];
+                let h = x.iter().zip(w).map(|(a, b)| a * b).sum::<f32>() + tc.params.b_enc[k][f];
                 let a = activation(h, tc.thresholds[k][f]);
-                let change = self.edited(k, p0 + r, f, a) - a;
+                let change = self.edited(k, p, f, a) - a;
                 if change != 0.0 {
-                    layer_changes.push((r, f, change));
+                    out.push((r, f, change));
                 }
             }
         }
+        out
+    }
+
+    /// Layer `k`'s prompt rows under [`Mode::Replacement`]: every feature's activation from the current
+    /// stream `x`, edited, as (row, feature, activation).
+    fn replacement_acts(&self, k: usize, p0: usize, prompt: usize, x: &[f32]) -> LayerActs {
+        let tc = self.tc;
+        let (d, f_n) = (tc.cfg.d_model, tc.cfg.n_features);
+        let mut pre = vec![0.0f32; prompt * f_n];
+        crate::model::forward::matmul_wt(x, prompt, d, &tc.params.w_enc[k], f_n, &mut pre);
+        let mut acts = Vec::new();
+        for r in (0..prompt).filter(|&r| p0 + r > 0) {
+            for f in 0..f_n {
+                let h = pre[r * f_n + f] + tc.params.b_enc[k][f];
+                let a = self.edited(k, p0 + r, f, activation(h, tc.thresholds[k][f]));
+                if a != 0.0 {
+                    acts.push((r, f, a));
+                }
+            }
+        }
+        acts
+    }
+}
+
+impl MlpOverride for EditedMlps<'_> {
+    fn mlp_out(&self, k: usize, inputs: &MlpInputs<'_>) -> Vec<f32> {
+        let (tc, clean) = (self.tc, self.clean);
+        let d = tc.cfg.d_model;
+        let (p0, rows) = (inputs.first_position, inputs.normed.len() / d);
+        // Rows 0..prompt are the prompt's positions, the rest come after it.
+        let prompt = clean.n.saturating_sub(p0).min(rows);
+        let x = tc.input_hook.of(inputs);
+        let current = |r: usize| (r, p0 + r, &x[r * d..(r + 1) * d]);
+        let clean_row = |r: usize| {
+            let p = p0 + r;
+            (r, p, &clean.inputs[k][p * d..(p + 1) * d])
+        };
+        // What this layer's decoders add: per mode on the prompt rows, changes on the later ones.
+        let mut layer = match self.mode {
+            Mode::Replacement => self.replacement_acts(k, p0, prompt, x),
+            Mode::Direct => self.changes(k, (0..prompt).map(clean_row)),
+            Mode::FrozenAttention | Mode::Live => self.changes(k, (0..prompt).map(current)),
+        };
+        layer.extend(self.changes(k, (prompt..rows).map(current)));
         let mut acts = self.acts.lock().unwrap_or_else(|e| e.into_inner());
         if k == 0 {
             acts.clear();
         }
-        acts.push((layer_acts, layer_changes));
+        acts.push(layer);
+
+        // The base each row's decoded values are added to.
         let mut out = vec![0.0f32; rows * d];
-        for r in 0..prompt {
+        let model_mlp = inputs.model_mlp;
+        for r in 0..rows {
             let (p, o) = (p0 + r, &mut out[r * d..(r + 1) * d]);
-            if p == 0 {
-                o.copy_from_slice(&self.clean.mlp_out[k][..d]);
-                continue;
+            let uses_model = r >= prompt || matches!(self.mode, Mode::FrozenAttention | Mode::Live);
+            if uses_model {
+                let m = model_mlp.expect("wants_model_mlp asked for these rows");
+                o.copy_from_slice(&m[r * d..(r + 1) * d]);
+            } else if p == 0 || self.mode == Mode::Direct {
+                o.copy_from_slice(&clean.mlp_out[k][p * d..(p + 1) * d]);
+            } else {
+                // Replacement: the decoder bias and the clean error; the features are added below.
+                o.iter_mut()
+                    .zip(&tc.params.b_dec[k])
+                    .zip(&clean.errors[k][p * d..(p + 1) * d])
+                    .for_each(|((o, b), e)| *o = b + e);
             }
-            o.iter_mut()
-                .zip(&tc.params.b_dec[k])
-                .zip(&self.clean.errors[k][p * d..(p + 1) * d])
-                .for_each(|((o, b), e)| *o = b + e);
         }
-        if rows > prompt {
-            let model_mlp = inputs
-                .model_mlp
-                .expect("wants_model_mlp asked for the rows after the prompt");
-            out[prompt * d..].copy_from_slice(&model_mlp[prompt * d..rows * d]);
-        }
-        for (l, (la, lc)) in acts.iter().enumerate() {
-            for &(r, f, a) in la.iter().chain(lc) {
+        for (l, la) in acts.iter().enumerate() {
+            for &(r, f, a) in la {
                 if let Some(row) = tc.dec_row(l, f, k) {
                     out[r * d..(r + 1) * d]
                         .iter_mut()
@@ -207,14 +261,32 @@ impl MlpOverride for EditedMlps<'_> {
         }
         if tc.cfg.skip {
             for r in (0..prompt).filter(|&r| p0 + r > 0) {
-                add_skip(tc, k, &x[r * d..(r + 1) * d], &mut out[r * d..(r + 1) * d]);
+                let o = &mut out[r * d..(r + 1) * d];
+                match self.mode {
+                    Mode::Replacement => add_skip(tc, k, &x[r * d..(r + 1) * d], o),
+                    // The skip path of the input's change from the clean run.
+                    Mode::Direct => {
+                        let (_, _, c) = clean_row(r);
+                        let dx: Vec<f32> = x[r * d..(r + 1) * d]
+                            .iter()
+                            .zip(c)
+                            .map(|(a, b)| a - b)
+                            .collect();
+                        add_skip(tc, k, &dx, o);
+                    }
+                    // The model's MLP already responds to the input.
+                    Mode::FrozenAttention | Mode::Live => {}
+                }
             }
         }
         out
     }
 
     fn wants_model_mlp(&self, first_position: usize, n: usize) -> bool {
-        first_position + n > self.clean.n
+        match self.mode {
+            Mode::FrozenAttention | Mode::Live => true,
+            Mode::Replacement | Mode::Direct => first_position + n > self.clean.n,
+        }
     }
 }
 
@@ -234,24 +306,27 @@ pub struct InterventionResult {
     pub step_logits: Vec<f32>,
 }
 
-/// Runs the replacement model over `tokens` with `edits`.
+/// Runs the model over `tokens` with `edits` as `mode` says.
 pub fn intervene(
     model: &dyn Attributable,
     tc: &ReplacementTranscoder,
     tokens: &[u32],
     edits: &[Edit],
+    mode: Mode,
 ) -> Result<InterventionResult> {
-    intervene_and_generate(model, tc, tokens, edits, 0, None)
+    intervene_and_generate(model, tc, tokens, edits, mode, 0, None)
 }
 
 /// [`intervene`], then `n_new` greedily chosen tokens (stopping early at `stop` or the model's longest
-/// sequence) without and with the edits, each through a [`KvCache`]: one forward over the prompt, then
-/// one position per token.
+/// sequence) without and with the edits, each through a [`KvCache`]: one forward over the prompt (with the
+/// clean run's patterns or state frozen as `mode` says), then one position per token (nothing frozen:
+/// the new positions have no clean run).
 pub fn intervene_and_generate(
     model: &dyn Attributable,
     tc: &ReplacementTranscoder,
     tokens: &[u32],
     edits: &[Edit],
+    mode: Mode,
     n_new: usize,
     stop: Option<u32>,
 ) -> Result<InterventionResult> {
@@ -282,9 +357,10 @@ pub fn intervene_and_generate(
         tc,
         clean: &clean,
         edits,
+        mode,
         acts: Mutex::new(Vec::new()),
     };
-    let opts = ForwardOptions {
+    let steps = ForwardOptions {
         logits: Logits::Last,
         intervention: Intervention {
             mlp_fn: Some(&mlps),
@@ -292,10 +368,18 @@ pub fn intervene_and_generate(
         },
         ..ForwardOptions::default()
     };
+    let prompt = ForwardOptions {
+        intervention: Intervention {
+            frozen: matches!(mode, Mode::FrozenAttention | Mode::Direct).then_some(&clean.record),
+            patterns_only: mode == Mode::FrozenAttention,
+            ..steps.intervention
+        },
+        ..steps
+    };
     let mut cache = KvCache::new();
-    let logits = model.forward_cached(tokens, &mut cache, &opts)?.logits;
+    let logits = model.forward_cached(tokens, &mut cache, &prompt)?.logits;
     let clean_continuation = model.generate_greedy(tokens, n_new, stop)?;
-    let c = continue_greedy(model, &mut cache, logits.clone(), n_new, stop, &opts)?;
+    let c = continue_greedy(model, &mut cache, logits.clone(), n_new, stop, &steps)?;
     Ok(InterventionResult {
         clean_logits: clean.logits.clone(),
         logits,

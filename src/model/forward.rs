@@ -126,11 +126,14 @@ pub struct ForwardRecord {
 ///   residual stream (the MLP, and its post-MLP norm where the model has one, are not run).
 /// - `mlp_fn`: computes each layer's MLP output from that layer's inputs instead (a replacement model whose
 ///   features respond to the stream, as in feature interventions); `mlp_out` wins when both are given.
+/// - `patterns_only`: with `frozen`, only its attention patterns are used (the record needs nothing
+///   else); the norms run normally (circuit-tracer's `freeze_attention`).
 #[derive(Clone, Copy, Debug, Default)]
 pub struct Intervention<'a> {
     pub frozen: Option<&'a ForwardRecord>,
     pub mlp_out: Option<&'a [Vec<f32>]>,
     pub mlp_fn: Option<&'a dyn MlpOverride>,
+    pub patterns_only: bool,
 }
 
 /// What a layer's MLP could read, each `[n_tokens, d_model]`, handed to an [`MlpOverride`].
@@ -298,7 +301,7 @@ pub(crate) fn check_intervention(n: usize, dims: &Dims, iv: &Intervention<'_>) -
             ));
         }
         let final_len = f.final_norm_scale.as_ref().map_or(0, Vec::len);
-        if final_len != n {
+        if final_len != n && !iv.patterns_only {
             return Err(shape("frozen final_norm_scale".into(), vec![n], final_len));
         }
         for (l, r) in f.layers.iter().enumerate() {
@@ -323,7 +326,8 @@ pub(crate) fn check_intervention(n: usize, dims: &Dims, iv: &Intervention<'_>) -
                     post_norms && mlp_runs,
                 ),
             ];
-            for (name, s, _) in scales.into_iter().filter(|&(_, _, needed)| needed) {
+            let scales = scales.into_iter().filter(|_| !iv.patterns_only);
+            for (name, s, _) in scales.filter(|&(_, _, needed)| needed) {
                 let len = s.as_ref().map_or(0, Vec::len);
                 if len != n {
                     return Err(shape(format!("frozen {name} of layer {l}"), vec![n], len));
@@ -720,6 +724,8 @@ fn forward_blocks<B: Blocks>(
     let n = x.len() / d;
     let hooks = opts.hooks;
     let frozen = opts.intervention.frozen;
+    // The record whose norm scales are used (none when only the patterns are frozen).
+    let frozen_norms = frozen.filter(|_| !opts.intervention.patterns_only);
     let past = cache.as_ref().map_or(0, |k| k.len);
     if let Some(k) = cache.as_mut() {
         if k.layers.is_empty() && k.len == 0 {
@@ -751,11 +757,12 @@ fn forward_blocks<B: Blocks>(
     for l in 0..c.n_layers {
         let mut rec = LayerRecord::default();
         let fl = frozen.map(|f| &f.layers[l]);
+        let fnorm = frozen_norms.map(|f| &f.layers[l]);
         if hooks.resid_pre {
             rec.resid_pre = Some(x.clone());
         }
         // Attention.
-        let frozen_scale = fl.and_then(|f| f.attn_norm_scale.as_deref());
+        let frozen_scale = fnorm.and_then(|f| f.attn_norm_scale.as_deref());
         let s = model.norm(Norm::Attn(l), &x, frozen_scale, &mut normed);
         if hooks.norm_scales {
             rec.attn_norm_scale = Some(s);
@@ -771,7 +778,7 @@ fn forward_blocks<B: Blocks>(
             &mut proj,
         );
         if c.post_norms {
-            let frozen_scale = fl.and_then(|f| f.attn_post_norm_scale.as_deref());
+            let frozen_scale = fnorm.and_then(|f| f.attn_post_norm_scale.as_deref());
             let s = model.norm(Norm::PostAttn(l), &proj, frozen_scale, &mut post);
             std::mem::swap(&mut proj, &mut post);
             if hooks.norm_scales {
@@ -785,7 +792,7 @@ fn forward_blocks<B: Blocks>(
             rec.resid_mid = Some(x.clone());
         }
         // MLP.
-        let frozen_scale = fl.and_then(|f| f.mlp_norm_scale.as_deref());
+        let frozen_scale = fnorm.and_then(|f| f.mlp_norm_scale.as_deref());
         let s = model.norm(Norm::Mlp(l), &x, frozen_scale, &mut normed);
         let unweighted = (hooks.mlp_in_unweighted || opts.intervention.mlp_fn.is_some())
             .then(|| c.norm.unweighted(&x, &s, d));
@@ -828,7 +835,7 @@ fn forward_blocks<B: Blocks>(
             (None, None) => {
                 model.mlp(l, &normed, n, &mut scratch, &mut proj);
                 if c.post_norms {
-                    let frozen_scale = fl.and_then(|f| f.mlp_post_norm_scale.as_deref());
+                    let frozen_scale = fnorm.and_then(|f| f.mlp_post_norm_scale.as_deref());
                     let s = model.norm(Norm::PostMlp(l), &proj, frozen_scale, &mut post);
                     std::mem::swap(&mut proj, &mut post);
                     if hooks.norm_scales {
@@ -854,7 +861,7 @@ fn forward_blocks<B: Blocks>(
     }
 
     // Final norm and unembedding.
-    let frozen_scale = frozen.and_then(|f| f.final_norm_scale.as_deref());
+    let frozen_scale = frozen_norms.and_then(|f| f.final_norm_scale.as_deref());
     let s = model.norm(Norm::Final, &x, frozen_scale, &mut normed);
     if hooks.norm_scales {
         record.final_norm_scale = Some(s);

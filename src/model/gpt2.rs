@@ -509,6 +509,7 @@ mod tests {
                         frozen: Some(&full.record),
                         mlp_out: Some(&mlp),
                         mlp_fn: None,
+                        patterns_only: false,
                     },
                     ..Default::default()
                 },

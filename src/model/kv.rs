@@ -6,7 +6,7 @@
 //! positions after the cached ones and appends their keys and values (per layer, after the rotary
 //! embedding where the model has one). The first forward into an empty cache runs the ordinary tiled
 //! attention ([`super::forward`]), so a prompt costs what an uncached forward costs; later forwards attend
-//! each new query over every cached key ([`cached_attention`]): per token `O(position · heads · head_dim)`
+//! each new query over every cached key (`cached_attention`): per token `O(position · heads · head_dim)`
 //! work against the `O(position²)` of the full forward. The logits agree with the full forward's to
 //! rounding (the dot products are summed in another order).
 

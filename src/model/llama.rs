@@ -692,6 +692,7 @@ mod tests {
                         frozen: Some(&base.record),
                         mlp_out: Some(&mlp),
                         mlp_fn: None,
+                        patterns_only: false,
                     },
                     ..Default::default()
                 },
@@ -713,6 +714,7 @@ mod tests {
                         frozen: Some(&base.record),
                         mlp_out: Some(r),
                         mlp_fn: None,
+                        patterns_only: false,
                     },
                     ..Default::default()
                 },
@@ -790,6 +792,7 @@ mod tests {
                 frozen: Some(&bad),
                 mlp_out: None,
                 mlp_fn: None,
+                patterns_only: false,
             },
             ..Default::default()
         };
