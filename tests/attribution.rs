@@ -1137,8 +1137,42 @@ fn the_attribute_and_intervene_commands_write_a_graph_and_print_logits() {
     // Each mode runs; an unknown one is refused with the choices.
     for mode in ["frozen-attention", "live", "replacement", "direct"] {
         let o = run("intervene", &["--set", "0:3:1=5.0", "--mode", mode]);
-        assert!(o.status.success(), "{mode}: {}", String::from_utf8_lossy(&o.stderr));
+        assert!(
+            o.status.success(),
+            "{mode}: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
     }
+    // The JSON record.
+    let json = dir.path().join("iv/result.json");
+    let o = run(
+        "intervene",
+        &[
+            "--set",
+            "0:*:1=5.0",
+            "--generate",
+            "4",
+            "--top",
+            "3",
+            "--mode",
+            "direct",
+            "--json",
+            json.to_str().unwrap(),
+        ],
+    );
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&std::fs::read(&json).unwrap()).unwrap();
+    assert_eq!(v["mode"], "direct");
+    assert_eq!(v["edits"][0], "0:*:1=5.0");
+    assert_eq!(v["top"].as_array().unwrap().len(), 3);
+    assert_eq!(v["clean_top"].as_array().unwrap().len(), 3);
+    let cont = &v["continuation"];
+    assert_eq!(cont["tokens"].as_array().unwrap().len(), 4);
+    assert_eq!(cont["probs"].as_array().unwrap().len(), 4);
+    assert!(cont["text"].as_str().is_some());
+    let p0 = v["top"][0]["prob"].as_f64().unwrap();
+    assert_eq!(cont["tokens"][0], v["top"][0]["token"]);
+    assert!((cont["probs"][0].as_f64().unwrap() - p0).abs() < 1e-6);
     let o = run("intervene", &["--set", "0:3:1=5.0", "--mode", "frozen"]);
     assert!(!o.status.success());
     assert!(String::from_utf8_lossy(&o.stderr).contains("frozen-attention"));

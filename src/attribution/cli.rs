@@ -4,7 +4,7 @@
 use std::path::{Path, PathBuf};
 
 use super::graph::{AttributionConfig, Graph, attribute};
-use super::intervene::{Edit, Mode, intervene_and_generate};
+use super::intervene::{Edit, InterventionResult, Mode, intervene_and_generate};
 use super::output::{display_token, graph_json, write_json, write_raw};
 use super::{ReplacementTranscoder, Scores, load_transcoder, prune, scores};
 use crate::cache::InputHook;
@@ -122,6 +122,10 @@ pub struct IntervenArgs {
     /// attribution graph's linear model).
     #[arg(long, value_enum, default_value_t = Mode::FrozenAttention)]
     pub mode: Mode,
+    /// Also write the result as JSON: the prompt's tokens, the mode and edits, the top logits before and
+    /// after, and the continuations with each chosen token's probability.
+    #[arg(long)]
+    pub json: Option<PathBuf>,
 }
 
 /// The model, the transcoder, its name, the prompt and its tokens.
@@ -274,5 +278,56 @@ pub fn run_intervene(args: &IntervenArgs) -> Result<()> {
         println!("clean continuation: {:?}", text(&r.clean_continuation));
         println!("continuation with the edits: {:?}", text(&r.continuation));
     }
+    if let Some(path) = &args.json {
+        let j = intervention_json(&m.tokenizer, &tokens, args, &r);
+        let bytes = serde_json::to_vec_pretty(&j).map_err(|e| Error::InvalidData {
+            what: "intervention JSON".into(),
+            reason: e.to_string(),
+        })?;
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+        }
+        crate::clt::checkpoint::write_atomic(path, &bytes)?;
+        println!("-> {}", path.display());
+    }
     Ok(())
+}
+
+/// `clt intervene --json`'s record.
+fn intervention_json(
+    tok: &Tokenizer,
+    tokens: &[u32],
+    args: &IntervenArgs,
+    r: &InterventionResult,
+) -> serde_json::Value {
+    use serde_json::json;
+    let top = |logits: &[f32]| -> Vec<serde_json::Value> {
+        softmax_top(logits, args.top)
+            .into_iter()
+            .map(|(t, p)| json!({"token": t, "text": tok.decode(&[t as u32]), "prob": p, "logit": logits[t]}))
+            .collect()
+    };
+    let vocab = r.logits.len().max(1);
+    // The probability each continuation token had at its step (with the edits).
+    let probs: Vec<f32> = r
+        .step_logits
+        .chunks_exact(vocab)
+        .zip(&r.continuation)
+        .map(|(l, &t)| crate::model::forward::softmax(l)[t as usize])
+        .collect();
+    let mode = clap::ValueEnum::to_possible_value(&args.mode).map(|v| v.get_name().to_string());
+    json!({
+        "tokens": tokens,
+        "pieces": tokens.iter().map(|&t| tok.piece(t)).collect::<Vec<_>>(),
+        "mode": mode,
+        "edits": args.edits,
+        "clean_top": top(&r.clean_logits),
+        "top": top(&r.logits),
+        "clean_continuation": {"tokens": r.clean_continuation, "text": tok.decode(&r.clean_continuation)},
+        "continuation": {
+            "tokens": r.continuation,
+            "text": tok.decode(&r.continuation),
+            "probs": probs,
+        },
+    })
 }
