@@ -11,7 +11,7 @@ use clt::clt::{Activation, CltConfig, DecoderKind, NormScales, Params, Transcode
 use clt::features::FeatureFile;
 use clt::features::cli::{FEATURES_FILE, FeaturesArgs};
 use clt::rng::Rng;
-use clt::viewer::{ServeConfig, Server};
+use clt::viewer::{InterveneSource, ServeConfig, Server};
 use fantoccini::{ClientBuilder, Locator};
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
@@ -24,6 +24,8 @@ const FIXTURES: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures");
 struct Fixture {
     graphs: PathBuf,
     features: PathBuf,
+    transcoder: PathBuf,
+    model: PathBuf,
 }
 
 /// The graph `clt attribute` writes in the fixture (the random transcoder on a TinyStories prompt).
@@ -108,7 +110,7 @@ fn fixture() -> &'static Fixture {
             inputs: Inputs {
                 model: shared.join("models/stories260K/stories260K.bin"),
                 tokenizer: None,
-                transcoder: tdir,
+                transcoder: tdir.clone(),
                 input_hook: Some(InputHook::MlpInNormed),
                 prompt: Some(PROMPT.into()),
                 prompt_file: None,
@@ -129,7 +131,12 @@ fn fixture() -> &'static Fixture {
             std::fs::copy(Path::new(FIXTURES).join(name), graphs.join(name)).unwrap();
         }
         std::fs::write(root.join("secret.json"), "{\"secret\": true}").unwrap();
-        Fixture { graphs, features }
+        Fixture {
+            graphs,
+            features,
+            transcoder: tdir,
+            model: shared.join("models/stories260K/stories260K.bin"),
+        }
     })
 }
 
@@ -140,6 +147,7 @@ fn serve() -> Server {
         features: Some(f.features.clone()),
         host: "127.0.0.1".into(),
         port: 0,
+        intervene: None,
     })
     .unwrap()
 }
@@ -165,6 +173,130 @@ fn get(server: &Server, path: &str) -> (u16, String) {
         .map(|(_, b)| b.to_string())
         .unwrap_or_default();
     (status, body)
+}
+
+/// The fixture's model and transcoder, for the viewer's interventions.
+fn intervene_source() -> InterveneSource {
+    let f = fixture();
+    InterveneSource {
+        model: f.model.clone(),
+        tokenizer: None,
+        transcoder: f.transcoder.clone(),
+    }
+}
+
+/// A raw HTTP/1.1 POST of a JSON body: status and body.
+fn post(server: &Server, path: &str, body: &str) -> (u16, String) {
+    let mut s = std::net::TcpStream::connect(server.addr()).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
+    write!(
+        s,
+        "POST {path} HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n\
+         Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    )
+    .unwrap();
+    let mut text = String::new();
+    s.read_to_string(&mut text).unwrap();
+    let status = text
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    let body = text
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default();
+    (status, body)
+}
+
+/// `POST /api/intervene` answers what `clt intervene` computes for the same prompt and edits; bad requests
+/// are 400s that say what is wrong; a server without the model has no interventions.
+#[test]
+fn the_intervention_api_runs_clt_intervene() {
+    let f = fixture();
+    let plain = serve();
+    let (status, body) = get(&plain, "/api/intervene");
+    assert_eq!(status, 200);
+    assert_eq!(body, r#"{"available":false}"#);
+    let (status, body) = post(&plain, "/api/intervene", r#"{"prompt":"x","edits":[]}"#);
+    assert_eq!(status, 404, "{body}");
+    assert!(body.contains("--model"), "{body}");
+    drop(plain);
+
+    let server = clt::viewer::start(&ServeConfig {
+        graphs: f.graphs.clone(),
+        features: None,
+        host: "127.0.0.1".into(),
+        port: 0,
+        intervene: Some(intervene_source()),
+    })
+    .unwrap();
+    let (status, body) = get(&server, "/api/intervene");
+    assert_eq!(status, 200);
+    let info: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(info["available"], true);
+    assert_eq!(info["n_layers"], 5);
+    assert_eq!(info["n_features"], 40);
+
+    let edits = ["1:*:3=4.0", "0:2:5*=-1"];
+    let req = serde_json::json!({
+        "prompt": PROMPT, "edits": edits, "mode": "live", "generate": 6, "top": 4
+    });
+    let (status, body) = post(&server, "/api/intervene", &req.to_string());
+    assert_eq!(status, 200, "{body}");
+    let got: serde_json::Value = serde_json::from_str(&body).unwrap();
+    // The library on the same inputs.
+    let (m, tc, _) =
+        clt::attribution::cli::load_replacement(&f.model, None, &f.transcoder, None).unwrap();
+    let tokens = m.tokenizer.encode_prompt(PROMPT).unwrap();
+    let parsed: Vec<clt::attribution::intervene::Edit> =
+        edits.iter().map(|e| e.parse().unwrap()).collect();
+    let mode = clt::attribution::intervene::Mode::Live;
+    let r = clt::attribution::intervene::intervene_and_generate(
+        &m.model,
+        &tc,
+        &tokens,
+        &parsed,
+        mode,
+        6,
+        m.tokenizer.eos(),
+    )
+    .unwrap();
+    let edits: Vec<String> = edits.iter().map(|e| e.to_string()).collect();
+    let want = clt::attribution::cli::intervention_json(&m.tokenizer, &tokens, mode, &edits, 4, &r);
+    // (through text, as the server's answer went: f32s print as their shortest decimals)
+    let want: serde_json::Value = serde_json::from_str(&want.to_string()).unwrap();
+    assert_eq!(got, want);
+    assert_eq!(got["mode"], "live");
+    assert_eq!(got["top"].as_array().unwrap().len(), 4);
+    assert_eq!(got["continuation"]["tokens"].as_array().unwrap().len(), 6);
+
+    for (body, says) in [
+        (r#"{"prompt":"x","edits":["1:2"]}"#.to_string(), "1:2"),
+        (
+            r#"{"prompt":"x","edits":[],"mode":"sideways"}"#.to_string(),
+            "sideways",
+        ),
+        (
+            r#"{"prompt":"x","edits":[],"generate":100000}"#.to_string(),
+            "at most",
+        ),
+        (
+            r#"{"prompt":"x","edits":["9:1:0=1"]}"#.to_string(),
+            "outside the transcoder",
+        ),
+        (
+            r#"{"prompt":"x","edits":["0:40:0=1"]}"#.to_string(),
+            "position 40",
+        ),
+        (r#"{"edits":[]}"#.to_string(), "prompt"),
+        ("not json".to_string(), "bad request"),
+    ] {
+        let (status, text) = post(&server, "/api/intervene", &body);
+        assert_eq!(status, 400, "{body}: {text}");
+        assert!(text.contains(says), "{body}: {text}");
+    }
 }
 
 #[test]
@@ -413,6 +545,7 @@ fn graph_and_features_in_headless_chromium() {
         features: Some(feats),
         host: "127.0.0.1".into(),
         port: 0,
+        intervene: Some(intervene_source()),
     })
     .unwrap();
 
@@ -520,6 +653,25 @@ fn graph_and_features_in_headless_chromium() {
             .unwrap();
         assert_eq!(drawn, serde_json::json!(0), "one pinned node has no edges among pinned nodes");
         c.find(Locator::Id("pinned-only")).await.unwrap().click().await.unwrap();
+
+        // Interventions from the page: the node's "silence here" edit, run, both tops and continuations shown.
+        node.click().await.unwrap();
+        let node = c.find(Locator::Css(&format!("[data-id=\"{node_id}\"]"))).await.unwrap();
+        node.click().await.unwrap();
+        c.find(Locator::Css("#node-panel button[data-edit-kind=silence]")).await.unwrap().click().await.unwrap();
+        let edits = c.execute("return [...document.querySelectorAll('#intervene-panel .edit-list li')].map(e => e.firstChild.textContent)", vec![]).await.unwrap();
+        let (nl, nf, np) = {
+            let mut parts = node_id.split('_');
+            (parts.next().unwrap().to_string(), parts.next().unwrap().to_string(), parts.next().unwrap().to_string())
+        };
+        assert_eq!(edits, serde_json::json!([format!("{nl}:{np}:{nf}=0")]));
+        c.find(Locator::Id("intervene-run")).await.unwrap().click().await.unwrap();
+        wait_js(&c, "return document.body.dataset.intervened", "done").await;
+        let result = c.find(Locator::Id("intervene-result")).await.unwrap().text().await.unwrap();
+        assert!(result.contains("with the edits"), "{result}");
+        assert!(result.contains("clean continuation"), "{result}");
+        let tops = c.execute("return document.querySelectorAll('#intervene-result .logits li').length", vec![]).await.unwrap();
+        assert_eq!(tops, serde_json::json!(10));
 
         // A malformed graph shows an error, not a blank page.
         c.goto(&format!("{base}/?graph=graph-malformed.json")).await.unwrap();
@@ -639,6 +791,7 @@ fn explain_labels_features_through_a_local_endpoint_and_the_server_shows_them() 
         features: Some(dir.clone()),
         host: "127.0.0.1".into(),
         port: 0,
+        intervene: None,
     })
     .unwrap();
     let (s, body) = get(&server, &format!("/api/features/1/{}", fired[0]));

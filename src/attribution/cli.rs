@@ -131,14 +131,31 @@ pub struct IntervenArgs {
 /// The model, the transcoder, its name, the prompt and its tokens.
 fn open(inputs: &Inputs) -> Result<(LoadedModel, ReplacementTranscoder, String, String, Vec<u32>)> {
     let prompt = inputs.prompt_text()?;
-    let m = crate::model::load(&inputs.model, inputs.tokenizer.as_deref())?;
-    let lt = load_transcoder(&inputs.transcoder, inputs.input_hook, m.model.norm())?;
+    let (m, tc, name) = load_replacement(
+        &inputs.model,
+        inputs.tokenizer.as_deref(),
+        &inputs.transcoder,
+        inputs.input_hook,
+    )?;
+    let tokens = m.tokenizer.encode_prompt(&prompt)?;
+    Ok((m, tc, name, prompt, tokens))
+}
+
+/// The model and the transcoder attribution and interventions run with (its output hook checked against
+/// the model), and the transcoder's name.
+pub fn load_replacement(
+    model: &Path,
+    tokenizer: Option<&Path>,
+    transcoder: &Path,
+    input_hook: Option<InputHook>,
+) -> Result<(LoadedModel, ReplacementTranscoder, String)> {
+    let m = crate::model::load(model, tokenizer)?;
+    let lt = load_transcoder(transcoder, input_hook, m.model.norm())?;
     if let Some((hook, yaml)) = &lt.output_hook {
         super::check_output_hook(hook, m.model.post_mlp_norm(), yaml)?;
     }
     let tc = ReplacementTranscoder::new(&lt.transcoder, lt.input_hook)?;
-    let tokens = m.tokenizer.encode_prompt(&prompt)?;
-    Ok((m, tc, lt.name, prompt, tokens))
+    Ok((m, tc, lt.name))
 }
 
 /// `clt attribute`.
@@ -279,7 +296,7 @@ pub fn run_intervene(args: &IntervenArgs) -> Result<()> {
         println!("continuation with the edits: {:?}", text(&r.continuation));
     }
     if let Some(path) = &args.json {
-        let j = intervention_json(&m.tokenizer, &tokens, args, &r);
+        let j = intervention_json(&m.tokenizer, &tokens, args.mode, &args.edits, args.top, &r);
         let bytes = serde_json::to_vec_pretty(&j).map_err(|e| Error::InvalidData {
             what: "intervention JSON".into(),
             reason: e.to_string(),
@@ -293,16 +310,19 @@ pub fn run_intervene(args: &IntervenArgs) -> Result<()> {
     Ok(())
 }
 
-/// `clt intervene --json`'s record.
-fn intervention_json(
+/// The record of an intervention (`clt intervene --json`, the viewer's `/api/intervene`): the prompt's
+/// tokens and pieces, the mode and edits, the `top` logits before and after, both continuations.
+pub fn intervention_json(
     tok: &Tokenizer,
     tokens: &[u32],
-    args: &IntervenArgs,
+    mode: Mode,
+    edits: &[String],
+    top: usize,
     r: &InterventionResult,
 ) -> serde_json::Value {
     use serde_json::json;
     let top = |logits: &[f32]| -> Vec<serde_json::Value> {
-        softmax_top(logits, args.top)
+        softmax_top(logits, top)
             .into_iter()
             .map(|(t, p)| json!({"token": t, "text": tok.decode(&[t as u32]), "prob": p, "logit": logits[t]}))
             .collect()
@@ -315,12 +335,12 @@ fn intervention_json(
         .zip(&r.continuation)
         .map(|(l, &t)| crate::model::forward::softmax(l)[t as usize])
         .collect();
-    let mode = clap::ValueEnum::to_possible_value(&args.mode).map(|v| v.get_name().to_string());
+    let mode = clap::ValueEnum::to_possible_value(&mode).map(|v| v.get_name().to_string());
     json!({
         "tokens": tokens,
         "pieces": tokens.iter().map(|&t| tok.piece(t)).collect::<Vec<_>>(),
         "mode": mode,
-        "edits": args.edits,
+        "edits": edits,
         "clean_top": top(&r.clean_logits),
         "top": top(&r.logits),
         "clean_continuation": {"tokens": r.clean_continuation, "text": tok.decode(&r.clean_continuation)},

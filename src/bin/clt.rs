@@ -405,12 +405,22 @@ fn run(cli: Cli) -> clt::Result<()> {
                     features: Some(features),
                     port: 8041,
                     host: "127.0.0.1".into(),
+                    model: Some(demo.model.clone()),
+                    tokenizer: demo.tokenizer.clone(),
+                    transcoder: Some(r.export.clone()),
                 });
             }
             println!(
-                "view them: clt serve --graphs {} --features {}",
+                "view them (and intervene on their features): clt serve --graphs {} --features {} \
+                 --model {}{} --transcoder {}",
                 graphs.display(),
-                features.display()
+                features.display(),
+                demo.model.display(),
+                demo.tokenizer
+                    .as_ref()
+                    .map(|t| format!(" --tokenizer {}", t.display()))
+                    .unwrap_or_default(),
+                r.export.display()
             );
             Ok(())
         }

@@ -1,6 +1,6 @@
 //! `clt serve` as library code.
 
-use super::server::{ServeConfig, start};
+use super::server::{InterveneSource, ServeConfig, start};
 use crate::Result;
 use std::path::PathBuf;
 
@@ -19,6 +19,16 @@ pub struct ServeArgs {
     /// Address to listen on; the default serves this machine only.
     #[arg(long, default_value = "127.0.0.1")]
     pub host: String,
+    /// The model the graphs were made with: with `--transcoder`, the page can run interventions on a
+    /// graph's features (as `clt intervene`).
+    #[arg(long, requires = "transcoder")]
+    pub model: Option<PathBuf>,
+    /// The model's tokenizer, when not stored with or beside it.
+    #[arg(long, requires = "model")]
+    pub tokenizer: Option<PathBuf>,
+    /// The transcoder the graphs were made with (with `--model`).
+    #[arg(long, requires = "model")]
+    pub transcoder: Option<PathBuf>,
 }
 
 /// Serves until the process is stopped.
@@ -28,6 +38,14 @@ pub fn run(args: &ServeArgs) -> Result<()> {
         features: args.features.clone(),
         host: args.host.clone(),
         port: args.port,
+        intervene: match (&args.model, &args.transcoder) {
+            (Some(model), Some(transcoder)) => Some(InterveneSource {
+                model: model.clone(),
+                tokenizer: args.tokenizer.clone(),
+                transcoder: transcoder.clone(),
+            }),
+            _ => None,
+        },
     })?;
     println!("viewer on {} (Ctrl-C to stop)", server.url());
     server.wait();

@@ -1,6 +1,7 @@
 //! The web viewer: attribution graphs and feature dashboards in one self-contained page (`clt serve`).
 //!
-//! - [`server`]: the HTTP routes (axum) over a graphs folder and a features file;
+//! - [`server`]: the HTTP routes (axum) over a graphs folder and a features file, and interventions on a
+//!   graph's features when it has the model and transcoder;
 //! - [`paths`]: file names from clients resolved strictly inside the served folder;
 //! - [`assets`]: the page (HTML, vanilla JavaScript drawing SVG, CSS), embedded with `include_str!`;
 //! - [`cli`]: `clt serve` as library code.
@@ -12,4 +13,4 @@ pub mod cli;
 pub mod paths;
 pub mod server;
 
-pub use server::{ServeConfig, Server, start};
+pub use server::{InterveneSource, ServeConfig, Server, start};

@@ -7,14 +7,22 @@
 //! - `GET /api/features`: the features file's metadata, or 404 without one;
 //! - `GET /api/labels`: every feature label, `{"labels": {"{layer}/{feature}": "…"}}` (empty without any);
 //! - `GET /api/features/{layer}/{feature}`: one feature's record, with its `label` when labels exist;
-//! - `GET /features/{scan}/{index}.json`: the same by circuit-tracer's path (`index` the Cantor id).
+//! - `GET /features/{scan}/{index}.json`: the same by circuit-tracer's path (`index` the Cantor id);
+//! - `GET /api/intervene`: whether interventions are available (`clt serve --model --transcoder`), with the
+//!   transcoder's name and sizes;
+//! - `POST /api/intervene`: `{prompt, edits: ["L:P:F=V", ...], mode?, generate?, top?}` runs
+//!   [`crate::attribution::intervene::intervene_and_generate`] and answers `clt intervene --json`'s record.
 //!
 //! Errors are JSON `{"error": "…"}` with a 4xx/5xx status, so the page can show them.
 
 use super::assets;
+use crate::attribution::ReplacementTranscoder;
+use crate::attribution::cli::{intervention_json, load_replacement};
+use crate::attribution::intervene::{Edit, Mode, intervene_and_generate};
 use crate::features::cli::FEATURES_FILE;
 use crate::features::labels::Labels;
 use crate::features::{FeatureFile, file::FeaturesMeta};
+use crate::model::LoadedModel;
 use crate::{Error, Result};
 use axum::Router;
 use axum::extract::{Path as UrlPath, State};
@@ -35,13 +43,35 @@ pub struct ServeConfig {
     pub host: String,
     /// 0 picks a free port.
     pub port: u16,
+    /// The model and transcoder the page's interventions run with; none: interventions are off.
+    pub intervene: Option<InterveneSource>,
+}
+
+/// Where the viewer's interventions get their model and transcoder (as `clt intervene` does).
+#[derive(Clone, Debug)]
+pub struct InterveneSource {
+    pub model: PathBuf,
+    pub tokenizer: Option<PathBuf>,
+    pub transcoder: PathBuf,
+}
+
+/// The loaded model and transcoder of [`InterveneSource`].
+struct Intervener {
+    model: LoadedModel,
+    tc: ReplacementTranscoder,
+    name: String,
 }
 
 struct AppState {
     graphs: PathBuf,
     features: Option<FeatureFile>,
     labels: Labels,
+    intervener: Option<Intervener>,
 }
+
+/// The most tokens one `/api/intervene` request may generate, and the most top logits it may ask for.
+const MAX_GENERATE: usize = 256;
+const MAX_TOP: usize = 100;
 
 /// A running server; dropping it stops the server and waits for its thread.
 pub struct Server {
@@ -107,10 +137,19 @@ pub fn start(cfg: &ServeConfig) -> Result<Server> {
         }
         None => (None, Labels::default()),
     };
+    let intervener = match &cfg.intervene {
+        Some(src) => {
+            let (model, tc, name) =
+                load_replacement(&src.model, src.tokenizer.as_deref(), &src.transcoder, None)?;
+            Some(Intervener { model, tc, name })
+        }
+        None => None,
+    };
     let state = Arc::new(AppState {
         graphs: cfg.graphs.clone(),
         features,
         labels,
+        intervener,
     });
     let bind_err =
         |e: std::io::Error| Error::config("serve.host", format!("{}:{}: {e}", cfg.host, cfg.port));
@@ -164,6 +203,7 @@ fn router(state: Arc<AppState>) -> Router {
         .route("/api/labels", get(labels))
         .route("/api/features/{layer}/{feature}", get(feature))
         .route("/features/{scan}/{file}", get(feature_by_cantor))
+        .route("/api/intervene", get(intervene_info).post(intervene_run))
         .fallback(|| async { error(StatusCode::NOT_FOUND, "no such route".into()) })
         .with_state(state)
 }
@@ -334,6 +374,84 @@ async fn feature(
         ),
         Ok(Err(e @ Error::InvalidData { .. })) => error(StatusCode::NOT_FOUND, e.to_string()),
         Ok(Err(e)) => error(status_of(&e), e.to_string()),
+        Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
+    }
+}
+
+async fn intervene_info(State(s): State<Arc<AppState>>) -> Response {
+    let v = match &s.intervener {
+        Some(iv) => serde_json::json!({
+            "available": true,
+            "transcoder": iv.name,
+            "architecture": iv.model.model.architecture(),
+            "n_layers": iv.tc.cfg.n_layers,
+            "n_features": iv.tc.cfg.n_features,
+            "max_generate": MAX_GENERATE,
+        }),
+        None => serde_json::json!({ "available": false }),
+    };
+    axum::Json(v).into_response()
+}
+
+/// The body of `POST /api/intervene`.
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct InterveneRequest {
+    prompt: String,
+    edits: Vec<String>,
+    #[serde(default)]
+    mode: Option<String>,
+    #[serde(default)]
+    generate: usize,
+    #[serde(default)]
+    top: Option<usize>,
+}
+
+async fn intervene_run(State(s): State<Arc<AppState>>, body: axum::body::Bytes) -> Response {
+    if s.intervener.is_none() {
+        return error(
+            StatusCode::NOT_FOUND,
+            "the server was started without --model and --transcoder: no interventions".into(),
+        );
+    }
+    let req: InterveneRequest = match serde_json::from_slice(&body) {
+        Ok(r) => r,
+        Err(e) => return error(StatusCode::BAD_REQUEST, format!("bad request: {e}")),
+    };
+    let run = tokio::task::spawn_blocking(move || -> Result<serde_json::Value> {
+        let Some(iv) = &s.intervener else {
+            return Err(Error::Unsupported("no interventions".into()));
+        };
+        let mode = match &req.mode {
+            None => Mode::default(),
+            Some(m) => <Mode as clap::ValueEnum>::from_str(m, true).map_err(|_| {
+                Error::config(
+                    "mode",
+                    format!("unknown mode {m:?} (frozen-attention, live, replacement, direct)"),
+                )
+            })?,
+        };
+        if req.generate > MAX_GENERATE {
+            return Err(Error::config(
+                "generate",
+                format!("{} tokens asked for; at most {MAX_GENERATE}", req.generate),
+            ));
+        }
+        let top = req.top.unwrap_or(5).clamp(1, MAX_TOP);
+        let edits: Vec<Edit> = req.edits.iter().map(|e| e.parse()).collect::<Result<_>>()?;
+        let (m, tok) = (&iv.model.model, &iv.model.tokenizer);
+        let tokens = tok.encode_prompt(&req.prompt)?;
+        let r = intervene_and_generate(m, &iv.tc, &tokens, &edits, mode, req.generate, tok.eos())?;
+        Ok(intervention_json(tok, &tokens, mode, &req.edits, top, &r))
+    })
+    .await;
+    match run {
+        Ok(Ok(v)) => axum::Json(v).into_response(),
+        // Everything but a failure of the machine comes from the request.
+        Ok(Err(e @ (Error::Io { .. } | Error::Cuda { .. }))) => {
+            error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string())
+        }
+        Ok(Err(e)) => error(StatusCode::BAD_REQUEST, e.to_string()),
         Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
     }
 }

@@ -6,7 +6,9 @@
 
 const SVGNS = "http://www.w3.org/2000/svg";
 const $ = (id) => document.getElementById(id);
-const state = { graph: null, name: "", pinned: new Set(), features: false, labels: {} };
+const state = { graph: null, name: "", pinned: new Set(), features: false, labels: {},
+  // Interventions (when the server has the model and transcoder): the edits to run, "L:P:F=V" strings.
+  intervene: { available: false, edits: [] } };
 
 // A node's label: the graph's own (clerp), else the feature's label from `clt explain`.
 function labelOf(n) {
@@ -108,6 +110,7 @@ function clearGraph() {
   $("node-panel").replaceChildren(el("p", { class: "hint" }, "Hover a node to see it; click to pin it."));
   $("pinned-panel").replaceChildren();
   $("feature-panel").replaceChildren();
+  $("intervene-panel").hidden = true;
 }
 
 function render(g, name) {
@@ -207,6 +210,10 @@ function render(g, name) {
   for (const id of [...state.pinned]) if (!byId.has(id)) state.pinned.delete(id);
   refreshPins();
   applySearch();
+  state.intervene.edits = [];
+  const result = $("intervene-result");
+  if (result) result.replaceChildren();
+  renderIntervene();
 }
 
 function describe(n) {
@@ -222,7 +229,116 @@ function describe(n) {
     const es = state.graph.edgesOf.get(n.node_id) || [];
     box.appendChild(el("div", {}, `edges: ${es.length}`));
   }
+  const f = featureOf(n);
+  const pos = Number(n.ctx_idx);
+  if (f && state.intervene.available && Number.isInteger(pos)) {
+    // Edits of this feature for the intervention panel (clt intervene's syntax).
+    const bar = el("div", { class: "edit-buttons" });
+    const act = typeof n.activation === "number" ? n.activation : 1;
+    for (const [kind, text, edit] of [
+      ["silence", "silence here", `${f.layer}:${pos}:${f.feature}=0`],
+      ["double", "×2 here", `${f.layer}:${pos}:${f.feature}*=2`],
+      ["flip", "flip here", `${f.layer}:${pos}:${f.feature}*=-1`],
+      ["steer", "steer everywhere", `${f.layer}:*:${f.feature}=${+(2 * act).toPrecision(4)}`],
+    ]) {
+      const b = el("button", { type: "button", "data-edit-kind": kind, title: edit }, text);
+      b.addEventListener("click", () => addEdit(edit));
+      bar.appendChild(b);
+    }
+    box.appendChild(bar);
+  }
   return box;
+}
+
+// ---- interventions ----
+
+function addEdit(edit) {
+  if (!state.intervene.edits.includes(edit)) state.intervene.edits.push(edit);
+  renderIntervene();
+}
+
+// The intervention panel: the edits, the mode, how many tokens to generate, and the last result.
+function renderIntervene() {
+  const panel = $("intervene-panel");
+  panel.hidden = !(state.intervene.available && state.graph);
+  if (panel.hidden) return;
+  const keep = $("intervene-result");
+  const parts = [el("h3", {}, "Intervene")];
+  const iv = state.intervene;
+  if (iv.edits.length === 0) {
+    parts.push(el("p", { class: "hint" }, "Add edits from a feature node (hover or click it), or type one: LAYER:POS:FEATURE=VALUE, *=FACTOR to scale, POS * for every position."));
+  }
+  const ul = el("ul", { class: "edit-list" });
+  iv.edits.forEach((e, i) => {
+    const li = el("li", {}, e);
+    const rm = el("button", { type: "button", title: "remove" }, "×");
+    rm.addEventListener("click", () => { iv.edits.splice(i, 1); renderIntervene(); });
+    li.appendChild(rm);
+    ul.appendChild(li);
+  });
+  parts.push(ul);
+  const typed = el("input", { type: "text", id: "intervene-edit", placeholder: "3:7:118=0" });
+  const add = el("button", { type: "button" }, "add");
+  add.addEventListener("click", () => { if (typed.value.trim()) addEdit(typed.value.trim()); });
+  const mode = el("select", { id: "intervene-mode" });
+  for (const m of ["frozen-attention", "live", "replacement", "direct"]) mode.appendChild(el("option", { value: m }, m));
+  mode.value = iv.mode || "frozen-attention";
+  mode.addEventListener("change", () => { iv.mode = mode.value; });
+  const gen = el("input", { type: "number", id: "intervene-generate", min: "0", max: String(iv.maxGenerate || 256),
+    value: String(iv.generate === undefined ? 10 : iv.generate) });
+  gen.addEventListener("change", () => { iv.generate = Number(gen.value) || 0; });
+  const run = el("button", { type: "button", id: "intervene-run" }, "run");
+  run.disabled = iv.edits.length === 0;
+  run.addEventListener("click", runIntervention);
+  const controls = el("div", { class: "intervene-controls" });
+  controls.append(typed, add, el("label", {}, "mode "), mode, el("label", {}, "generate "), gen, run);
+  parts.push(controls);
+  parts.push(keep || el("div", { id: "intervene-result" }));
+  panel.replaceChildren(...parts);
+}
+
+function topList(title, top) {
+  const col = el("div");
+  col.appendChild(el("div", {}, title));
+  const ol = el("ol");
+  for (const t of top) ol.appendChild(el("li", {}, `${JSON.stringify(t.text)} ${(+t.prob).toPrecision(3)}`));
+  col.appendChild(ol);
+  return col;
+}
+
+async function runIntervention() {
+  const iv = state.intervene;
+  const out = $("intervene-result");
+  const meta = (state.graph && state.graph.g.metadata) || {};
+  if (typeof meta.prompt !== "string") {
+    out.replaceChildren(el("p", { class: "feature-error" }, "This graph's metadata has no prompt to intervene on."));
+    document.body.dataset.intervened = "error";
+    return;
+  }
+  document.body.dataset.intervened = "running";
+  out.replaceChildren(el("p", { class: "hint" }, "running…"));
+  const body = { prompt: meta.prompt, edits: iv.edits, mode: iv.mode || "frozen-attention",
+    generate: iv.generate === undefined ? 10 : iv.generate, top: 5 };
+  let r;
+  try {
+    const resp = await fetch("/api/intervene", { method: "POST", headers: { "Content-Type": "application/json" },
+      body: JSON.stringify(body) });
+    r = await resp.json();
+    if (!resp.ok) throw new Error(r && r.error ? r.error : `HTTP ${resp.status}`);
+  } catch (e) {
+    out.replaceChildren(el("p", { class: "feature-error" }, `Intervention failed: ${e.message}`));
+    document.body.dataset.intervened = "error";
+    return;
+  }
+  const box = el("div", { class: "logits" });
+  box.append(topList("clean", r.clean_top || []), topList("with the edits", r.top || []));
+  const parts = [el("h3", {}, `Result (${r.mode})`), box];
+  if ((r.continuation.tokens || []).length) {
+    parts.push(el("div", {}, "clean continuation"), el("div", { class: "cont" }, r.clean_continuation.text));
+    parts.push(el("div", {}, "with the edits"), el("div", { class: "cont" }, r.continuation.text));
+  }
+  out.replaceChildren(...parts);
+  document.body.dataset.intervened = "done";
 }
 
 function hover(n, ev, on) {
@@ -501,6 +617,13 @@ async function init() {
     state.labels = (await fetchJson("/api/labels")).labels || {};
   } catch (e) {
     state.features = false;
+  }
+  try {
+    const info = await fetchJson("/api/intervene");
+    state.intervene.available = info.available === true;
+    state.intervene.maxGenerate = info.max_generate;
+  } catch (e) {
+    state.intervene.available = false;
   }
   const want = new URLSearchParams(location.search).get("graph") || (list[0] && list[0].name);
   if (want) await loadGraphByName(want);
