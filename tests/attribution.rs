@@ -249,6 +249,33 @@ fn gpt2_adjacency_columns_match_the_frozen_model_oracle() {
     interventions_move_the_logits(&m, &tc, &tokens);
 }
 
+/// A KV cache filled by one model is refused by another with as many layers but other key widths (an
+/// error naming the mismatch, not a panic or a read past its keys); the first model goes on with it.
+#[test]
+fn a_kv_cache_from_another_model_is_refused() {
+    let (gpt2, tokens) = random_gpt2(2, 31);
+    let (gemma, _) = random_gemma2(2, 32);
+    let mut cache = clt::model::KvCache::new();
+    let opts = ForwardOptions::default();
+    gpt2.forward_cached(&tokens[..4], &mut cache, &opts)
+        .unwrap();
+    let e = gemma
+        .forward_cached(&tokens[4..5], &mut cache, &opts)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("another model"), "{e}");
+    assert_eq!(cache.len(), 4);
+    let (gpt2_3, _) = random_gpt2(3, 33);
+    let e = gpt2_3
+        .forward_cached(&tokens[4..5], &mut cache, &opts)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("another model"), "{e}");
+    gpt2.forward_cached(&tokens[4..5], &mut cache, &opts)
+        .unwrap();
+    assert_eq!(cache.len(), 5);
+}
+
 /// Every intervention mode.
 const MODES: [Mode; 4] = [
     Mode::FrozenAttention,

@@ -611,6 +611,9 @@ pub(crate) trait Blocks {
     /// Buffers for a forward over the `n` tokens at positions `first..first + n`.
     fn scratch(&self, n: usize, first: usize) -> Self::Scratch;
 
+    /// The width of one position's keys (and values) in a layer: key/value heads × head size.
+    fn kv_width(&self) -> usize;
+
     /// Normalises each row of `x` (`[n, d]`) into `out` with `which` norm's weights; returns the scale of
     /// each row, or uses `frozen`'s when given.
     fn norm(&self, which: Norm, x: &[f32], frozen: Option<&[f32]>, out: &mut [f32]) -> Vec<f32>;
@@ -685,22 +688,17 @@ pub(crate) fn attend_over(
     kv: Option<&mut LayerKv>,
     out: &mut [f32],
 ) -> Option<AttnPattern> {
-    let kvd = n_kv_heads * hd;
-    let past = match kv {
-        None => 0,
-        Some(c) => {
-            let past = c.k.len() / kvd.max(1);
-            c.k.extend_from_slice(&k[..n * kvd]);
-            c.v.extend_from_slice(&v[..n * kvd]);
-            if past > 0 {
-                let (ck, cv) = (&c.k, &c.v);
-                cached_attention(past, n, n_heads, n_kv_heads, hd, scores, q, ck, cv, out);
-                return None;
-            }
-            past
+    if let Some(c) = kv {
+        let kvd = n_kv_heads * hd;
+        let past = c.k.len() / kvd.max(1);
+        c.k.extend_from_slice(&k[..n * kvd]);
+        c.v.extend_from_slice(&v[..n * kvd]);
+        if past > 0 {
+            let (ck, cv) = (&c.k, &c.v);
+            cached_attention(past, n, n_heads, n_kv_heads, hd, scores, q, ck, cv, out);
+            return None;
         }
-    };
-    debug_assert_eq!(past, 0);
+    }
     causal_attention(
         n, n_heads, n_kv_heads, hd, scores, q, k, v, frozen, record, out,
     )
@@ -731,11 +729,14 @@ fn forward_blocks<B: Blocks>(
         if k.layers.is_empty() && k.len == 0 {
             k.layers = vec![LayerKv::default(); c.n_layers];
         }
-        if k.layers.len() != c.n_layers {
+        let width = model.kv_width();
+        let fits = |l: &LayerKv| l.k.len() == past * width && l.v.len() == past * width;
+        if k.layers.len() != c.n_layers || !k.layers.iter().all(fits) {
             return Err(Error::Shape {
-                what: "KV cache layers (a cache filled by another model?)".into(),
-                expected: vec![c.n_layers],
-                got: vec![k.layers.len()],
+                what: "KV cache (layers, positions × key width): a cache filled by another model?"
+                    .into(),
+                expected: vec![c.n_layers, past * width],
+                got: vec![k.layers.len(), k.layers.first().map_or(0, |l| l.k.len())],
             });
         }
         if past > 0 && (frozen.is_some() || hooks.attn_pattern) {

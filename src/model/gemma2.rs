@@ -190,6 +190,10 @@ impl Blocks for Gemma2Model {
         }
     }
 
+    fn kv_width(&self) -> usize {
+        self.base.config.kv_dim()
+    }
+
     fn scratch(&self, n: usize, first: usize) -> LlamaScratch {
         self.base.scratch(n, first)
     }

@@ -318,6 +318,10 @@ impl Blocks for Gpt2Model {
         }
     }
 
+    fn kv_width(&self) -> usize {
+        self.config.d_model
+    }
+
     fn scratch(&self, n: usize, _first: usize) -> Gpt2Scratch {
         let c = &self.config;
         let d = c.d_model;

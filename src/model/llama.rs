@@ -477,6 +477,10 @@ impl Blocks for LlamaModel {
         }
     }
 
+    fn kv_width(&self) -> usize {
+        self.config.kv_dim()
+    }
+
     fn scratch(&self, n: usize, first: usize) -> LlamaScratch {
         let c = &self.config;
         let (cos, sin) = rope_tables(first, n, c.head_dim, c.rope_theta, &c.rope_freq_factors);
