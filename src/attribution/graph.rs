@@ -254,6 +254,31 @@ fn available_memory() -> Option<u64> {
     Some(kb * 1024)
 }
 
+/// Refuses, before it runs, a prompt of `n` tokens whose recorded forward ([`recorded_bytes`]: every layer's
+/// attention pattern and per-position vectors, what attribution and interventions keep) would not fit in
+/// `limit` bytes (default: 90% of the memory available), rather than end in the allocator.
+pub fn check_recorded_fits(model: &dyn Attributable, n: usize, limit: Option<u64>) -> Result<()> {
+    let lin = model.linear();
+    let need = recorded_bytes(&lin, n);
+    if let Some(limit) = limit.or_else(|| available_memory().map(|b| b / 10 * 9))
+        && need > limit
+    {
+        return Err(Error::config(
+            "prompt",
+            format!(
+                "a prompt of {n} tokens needs about {:.1} GiB for its recorded forward (attention patterns of \
+                 {} layers × {} heads, the MLPs' inputs and outputs), more than the {:.1} GiB available: \
+                 shorten the prompt",
+                gib(need),
+                lin.n_layers,
+                lin.n_heads,
+                gib(limit)
+            ),
+        ));
+    }
+    Ok(())
+}
+
 /// Computes the attribution graph of `tokens` (which should start with the model's BOS token).
 pub fn attribute(
     model: &dyn Attributable,
@@ -268,29 +293,8 @@ pub fn attribute(
             "batch_size and update_interval must be at least 1",
         ));
     }
-    // The forward keeps every layer's attention pattern and per-position vectors: refuse a prompt too long
-    // for them before running it, rather than end in the allocator.
+    check_recorded_fits(model, tokens.len(), cfg.memory_limit)?;
     let lin = model.linear();
-    let need = recorded_bytes(&lin, tokens.len());
-    if let Some(limit) = cfg
-        .memory_limit
-        .or_else(|| available_memory().map(|b| b / 10 * 9))
-        && need > limit
-    {
-        return Err(Error::config(
-            "prompt",
-            format!(
-                "a prompt of {} tokens needs about {:.1} GiB for its recorded forward (attention patterns of \
-                 {} layers × {} heads, the MLPs' inputs and outputs), more than the {:.1} GiB available: \
-                 shorten the prompt",
-                tokens.len(),
-                gib(need),
-                lin.n_layers,
-                lin.n_heads,
-                gib(limit)
-            ),
-        ));
-    }
     let st = prompt_state(model, tc, tokens)?;
     let mut timings = Timings {
         forward: t_start.elapsed().as_secs_f64(),

@@ -352,6 +352,7 @@ pub fn intervene_and_generate(
             ));
         }
     }
+    super::graph::check_recorded_fits(model, tokens.len(), None)?;
     let clean = prompt_state(model, tc, tokens)?;
     let mlps = EditedMlps {
         tc,
