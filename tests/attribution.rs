@@ -276,6 +276,62 @@ fn a_kv_cache_from_another_model_is_refused() {
     assert_eq!(cache.len(), 5);
 }
 
+/// Chosen logit targets (circuit-tracer's `attribution_targets`): the top two tokens named as targets give
+/// the automatic graph's logit rows and weights; a difference target's row is the difference of its tokens'
+/// rows, numbered past the vocabulary with weight 1.
+#[test]
+fn chosen_and_difference_targets_are_the_automatic_rows() {
+    use clt::attribution::graph::LogitTarget::{Difference, Token};
+    let (m, tc, tokens) = setup();
+    let auto = attribute(m, &tc, &tokens, &AttributionConfig::default()).unwrap();
+    assert!(auto.logit_tokens.len() >= 2, "{:?}", auto.logit_tokens);
+    let (a, b) = (auto.logit_tokens[0], auto.logit_tokens[1]);
+    let cfg = AttributionConfig {
+        targets: vec![Token(b), Difference(a, b), Token(a)],
+        ..AttributionConfig::default()
+    };
+    let g = attribute(m, &tc, &tokens, &cfg).unwrap();
+    let vocab = m.config.vocab_size as u32;
+    assert_eq!(g.logit_tokens, vec![b, vocab + 1, a]);
+    assert_eq!(
+        g.logit_probs,
+        vec![auto.logit_probs[1], 1.0, auto.logit_probs[0]]
+    );
+    let (ga, aa) = (&g.adjacency, &auto.adjacency);
+    assert_eq!(
+        ga.n_sources(),
+        aa.n_sources(),
+        "every active feature is a node in both"
+    );
+    let row = |adj: &clt::attribution::Adjacency, j: usize| -> Vec<f32> {
+        (0..adj.n_sources())
+            .map(|c| adj.get(adj.n_sources() + j, c))
+            .collect()
+    };
+    let close = |x: &[f32], y: &[f32], what: &str| {
+        for (c, (p, q)) in x.iter().zip(y).enumerate() {
+            assert!(
+                (p - q).abs() <= 1e-5 + 1e-4 * q.abs(),
+                "{what}, source {c}: {p} against {q}"
+            );
+        }
+    };
+    close(&row(ga, 0), &row(aa, 1), "token b");
+    close(&row(ga, 2), &row(aa, 0), "token a");
+    let want: Vec<f32> = row(aa, 0)
+        .iter()
+        .zip(row(aa, 1))
+        .map(|(x, y)| x - y)
+        .collect();
+    close(&row(ga, 1), &want, "a − b");
+    let bad = AttributionConfig {
+        targets: vec![Token(vocab)],
+        ..AttributionConfig::default()
+    };
+    let e = attribute(m, &tc, &tokens, &bad).unwrap_err().to_string();
+    assert!(e.contains("outside the vocabulary"), "{e}");
+}
+
 /// Every intervention mode.
 const MODES: [Mode; 4] = [
     Mode::FrozenAttention,
@@ -1141,6 +1197,54 @@ fn the_attribute_and_intervene_commands_write_a_graph_and_print_logits() {
     assert_eq!(v["metadata"]["slug"], "lily");
     assert!(v["links"].as_array().unwrap().len() > 10);
     assert!(dir.path().join("graphs/lily.graph.safetensors").is_file());
+
+    // Chosen logit targets: a token by its text and by its id, and a logit difference.
+    let diff = dir.path().join("graphs/diff.json");
+    let o = run(
+        "attribute",
+        &[
+            "--max-feature-nodes",
+            "100",
+            "--target",
+            "Lily",
+            "--versus",
+            "#298",
+            "--target",
+            "#426",
+            "--versus",
+            "day",
+            "--out",
+            diff.to_str().unwrap(),
+            "--quiet",
+        ],
+    );
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&std::fs::read(&diff).unwrap()).unwrap();
+    let logits: Vec<String> = v["nodes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|n| n["feature_type"] == "logit")
+        .map(|n| n["clerp"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(logits.len(), 2, "{logits:?}");
+    assert!(logits.iter().all(|c| c.contains("\" − \"")), "{logits:?}");
+    for (args, says) in [
+        (vec!["--target", "a little girl"], "not one"),
+        (vec!["--target", "#99999"], "outside the vocabulary"),
+        (
+            vec!["--target", "girl", "--target", "boy", "--versus", "dog"],
+            "1 --versus for 2 --target",
+        ),
+        (vec!["--target", "Lily", "--versus", "#317"], "with itself"),
+    ] {
+        let mut all = args.clone();
+        all.extend(["--out", diff.to_str().unwrap(), "--quiet"]);
+        let o = run("attribute", &all);
+        assert!(!o.status.success(), "{args:?}");
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(err.contains(says), "{args:?}: {err}");
+    }
 
     let o = run("intervene", &["--set", "0:3:1=5.0", "--set", "1:*:2*=0"]);
     let stdout = String::from_utf8_lossy(&o.stdout);

@@ -125,6 +125,8 @@ fn fixture() -> &'static Fixture {
             node_threshold: 0.99,
             edge_threshold: 0.995,
             quiet: true,
+            targets: Vec::new(),
+            versus: Vec::new(),
         })
         .unwrap();
         for name in ["graph-small.json", "graph-malformed.json"] {

@@ -3,7 +3,7 @@
 
 use std::path::{Path, PathBuf};
 
-use super::graph::{AttributionConfig, Graph, attribute};
+use super::graph::{AttributionConfig, Graph, LogitTarget, attribute};
 use super::intervene::{Edit, InterventionResult, Mode, intervene_and_generate};
 use super::output::{display_token, graph_json, write_json, write_raw};
 use super::{ReplacementTranscoder, Scores, load_transcoder, prune, scores};
@@ -99,6 +99,15 @@ pub struct AttributeArgs {
     /// No progress bar.
     #[arg(long)]
     pub quiet: bool,
+    /// Attribute this token's logit instead of the top ones (repeatable; circuit-tracer's
+    /// `attribution_targets`): `#ID`, or its text as the tokenizer reads it alone (it must be one token;
+    /// llama2.c and SentencePiece tokenizers put a space before it).
+    #[arg(long = "target")]
+    pub targets: Vec<String>,
+    /// Attribute `logit(target) − logit(versus)` instead (a logit difference), each `--versus` paired with
+    /// the `--target` in the same place.
+    #[arg(long = "versus", requires = "targets")]
+    pub versus: Vec<String>,
 }
 
 #[derive(clap::Args, Clone, Debug)]
@@ -141,6 +150,35 @@ fn open(inputs: &Inputs) -> Result<(LoadedModel, ReplacementTranscoder, String, 
     Ok((m, tc, name, prompt, tokens))
 }
 
+/// The logit targets `--target` and `--versus` name (none: the top tokens).
+fn logit_targets(
+    tok: &Tokenizer,
+    targets: &[String],
+    versus: &[String],
+) -> Result<Vec<LogitTarget>> {
+    if !versus.is_empty() && versus.len() != targets.len() {
+        return Err(Error::config(
+            "versus",
+            format!(
+                "{} --versus for {} --target: give one for each target, or none",
+                versus.len(),
+                targets.len()
+            ),
+        ));
+    }
+    targets
+        .iter()
+        .enumerate()
+        .map(|(i, t)| {
+            let a = tok.single_token(t)?;
+            match versus.get(i) {
+                Some(v) => Ok(LogitTarget::Difference(a, tok.single_token(v)?)),
+                None => Ok(LogitTarget::Token(a)),
+            }
+        })
+        .collect()
+}
+
 /// The model and the transcoder attribution and interventions run with (its output hook checked against
 /// the model), and the transcoder's name.
 pub fn load_replacement(
@@ -168,8 +206,18 @@ pub fn run_attribute(args: &AttributeArgs) -> Result<()> {
         batch_size: args.batch_size,
         update_interval: args.update_interval,
         progress: !args.quiet,
+        targets: logit_targets(&m.tokenizer, &args.targets, &args.versus)?,
         ..AttributionConfig::default()
     };
+    for t in &cfg.targets {
+        let piece = |t: u32| format!("{:?} (#{t})", m.tokenizer.piece(t));
+        match *t {
+            LogitTarget::Token(a) => println!("target: the logit of {}", piece(a)),
+            LogitTarget::Difference(a, b) => {
+                println!("target: the logit of {} minus that of {}", piece(a), piece(b))
+            }
+        }
+    }
     let g = attribute(&m.model, &tc, &tokens, &cfg)?;
     let slug = args.slug.clone().unwrap_or_else(|| {
         args.out

@@ -32,6 +32,17 @@ pub struct AttributionConfig {
     pub memory_limit: Option<u64>,
     /// Show a progress bar.
     pub progress: bool,
+    /// The logit rows to attribute; empty: the top tokens (`max_n_logits`, `desired_logit_prob`).
+    pub targets: Vec<LogitTarget>,
+}
+
+/// What a logit row attributes (circuit-tracer's `attribution_targets`): one token's demeaned logit, or the
+/// difference of two tokens' logits (a custom target such as `W_U[Austin] − W_U[Dallas]`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LogitTarget {
+    Token(u32),
+    /// `logit(a) − logit(b)`.
+    Difference(u32, u32),
 }
 
 impl Default for AttributionConfig {
@@ -45,6 +56,7 @@ impl Default for AttributionConfig {
             backward_batch: 0,
             memory_limit: None,
             progress: false,
+            targets: Vec::new(),
         }
     }
 }
@@ -70,8 +82,13 @@ pub struct Graph {
     pub active: ActiveFeatures,
     /// The feature nodes, as indices into `active`, ascending.
     pub selected: Vec<usize>,
+    /// Per logit row: its token, or for a [`LogitTarget::Difference`] the id `vocab_size + row` (as
+    /// circuit-tracer numbers custom targets).
     pub logit_tokens: Vec<u32>,
+    /// Per logit row: its weight in pruning and the scores (a token's probability; 1 for a difference).
     pub logit_probs: Vec<f32>,
+    /// What each logit row attributes.
+    pub logit_targets: Vec<LogitTarget>,
     pub adjacency: Adjacency,
     pub timings: Timings,
 }
@@ -126,6 +143,49 @@ pub fn select_logits(logits: &[f32], max_n: usize, desired: f64) -> Result<(Vec<
         order.iter().map(|&t| t as u32).collect(),
         order.iter().map(|&t| (e[t] / z) as f32).collect(),
     ))
+}
+
+/// The logit rows of explicit `targets`: each one's token id (`vocab + row` for a difference), and its
+/// weight (a token's probability under `logits`; 1 for a difference).
+fn resolve_targets(
+    targets: &[LogitTarget],
+    logits: &[f32],
+) -> Result<(Vec<LogitTarget>, Vec<u32>, Vec<f32>)> {
+    let vocab = logits.len();
+    let probs = crate::model::forward::softmax(logits);
+    let check = |t: u32| -> Result<()> {
+        if (t as usize) < vocab {
+            Ok(())
+        } else {
+            Err(Error::config(
+                "target",
+                format!("token {t} is outside the vocabulary of {vocab}"),
+            ))
+        }
+    };
+    let (mut ids, mut weights) = (Vec::new(), Vec::new());
+    for (j, &t) in targets.iter().enumerate() {
+        match t {
+            LogitTarget::Token(t) => {
+                check(t)?;
+                ids.push(t);
+                weights.push(probs[t as usize]);
+            }
+            LogitTarget::Difference(a, b) => {
+                check(a)?;
+                check(b)?;
+                if a == b {
+                    return Err(Error::config(
+                        "target",
+                        format!("the difference of token {a} with itself is zero"),
+                    ));
+                }
+                ids.push((vocab + j) as u32);
+                weights.push(1.0);
+            }
+        }
+    }
+    Ok((targets.to_vec(), ids, weights))
 }
 
 /// A target row to compute.
@@ -300,8 +360,12 @@ pub fn attribute(
         forward: t_start.elapsed().as_secs_f64(),
         ..Timings::default()
     };
-    let (logit_tokens, logit_probs) =
-        select_logits(&st.logits, cfg.max_n_logits, cfg.desired_logit_prob)?;
+    let (logit_kinds, logit_tokens, logit_probs) = if cfg.targets.is_empty() {
+        let (t, p) = select_logits(&st.logits, cfg.max_n_logits, cfg.desired_logit_prob)?;
+        (t.iter().map(|&t| LogitTarget::Token(t)).collect(), t, p)
+    } else {
+        resolve_targets(&cfg.targets, &st.logits)?
+    };
     let l_n = lin.n_layers;
     let n = st.n;
     let n_act = st.features.len();
@@ -349,7 +413,14 @@ pub fn attribute(
             Target::Logit(j) => Injection {
                 layer: l_n,
                 pos: n - 1,
-                vector: logit_vector(&lin, &st, logit_tokens[j] as usize, &mean_u),
+                vector: match logit_kinds[j] {
+                    LogitTarget::Token(t) => logit_vector(&lin, &st, t as usize, &mean_u),
+                    LogitTarget::Difference(a, b) => {
+                        let va = logit_vector(&lin, &st, a as usize, &mean_u);
+                        let vb = logit_vector(&lin, &st, b as usize, &mean_u);
+                        va.iter().zip(&vb).map(|(x, y)| x - y).collect()
+                    }
+                },
             },
             Target::Feature(s) => {
                 let (l, p, f) = (
@@ -474,6 +545,7 @@ pub fn attribute(
         selected,
         logit_tokens,
         logit_probs,
+        logit_targets: logit_kinds,
         adjacency,
         timings,
     })

@@ -7,7 +7,7 @@ use std::path::Path;
 use safetensors::tensor::{Dtype, TensorView};
 use serde::Serialize;
 
-use super::graph::Graph;
+use super::graph::{Graph, LogitTarget};
 use super::prune::{Pruned, Scores};
 use crate::clt::checkpoint::write_atomic;
 use crate::model::Tokenizer;
@@ -143,6 +143,12 @@ fn make_node(g: &Graph, i: usize, tok: &Tokenizer, influence: f64) -> Node {
     } else {
         let j = i - a.n_sources();
         let (t, prob) = (g.logit_tokens[j], g.logit_probs[j] as f64);
+        let what = match g.logit_targets.get(j) {
+            Some(&LogitTarget::Difference(a, b)) => {
+                format!("\"{}\" − \"{}\"", token_text(tok, a), token_text(tok, b))
+            }
+            _ => format!("\"{}\" (p={prob:.3})", token_text(tok, t)),
+        };
         let layer = (g.n_layers + 1).to_string();
         let mut nd = base(
             format!("{layer}_{t}_{}", n - 1),
@@ -155,7 +161,7 @@ fn make_node(g: &Graph, i: usize, tok: &Tokenizer, influence: f64) -> Node {
         nd.token_prob = prob;
         nd.is_target_logit = j == 0;
         nd.influence = None;
-        nd.clerp = format!("Output \"{}\" (p={prob:.3})", token_text(tok, t));
+        nd.clerp = format!("Output {what}");
         nd
     }
 }

@@ -170,6 +170,36 @@ impl Tokenizer {
         }
     }
 
+    /// The one token `spec` names: `#ID`, or a text the tokenizer reads (alone, special tokens dropped) as
+    /// exactly one token. SentencePiece and llama2.c tokenizers put a space before a text, so `Paris` is
+    /// `▁Paris`.
+    pub fn single_token(&self, spec: &str) -> Result<u32> {
+        let bad = |why: String| Error::config("token", format!("{spec:?}: {why}"));
+        if let Some(id) = spec.strip_prefix('#') {
+            let id: u32 = id.parse().map_err(|_| bad("not a token id".into()))?;
+            if id as usize >= self.vocab_size() {
+                return Err(bad(format!(
+                    "outside the vocabulary of {}",
+                    self.vocab_size()
+                )));
+            }
+            return Ok(id);
+        }
+        let ids: Vec<u32> = self
+            .encode(spec)?
+            .into_iter()
+            .filter(|&t| !self.is_special(t))
+            .collect();
+        match ids[..] {
+            [t] => Ok(t),
+            _ => Err(bad(format!(
+                "{} tokens ({:?}), not one; name it as #ID",
+                ids.len(),
+                ids.iter().map(|&t| self.piece(t)).collect::<Vec<_>>()
+            ))),
+        }
+    }
+
     pub fn vocab_size(&self) -> usize {
         match self {
             Tokenizer::Llama2c(t) => t.vocab_size(),
