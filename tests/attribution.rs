@@ -1287,13 +1287,31 @@ fn the_attribute_and_intervene_commands_write_a_graph_and_print_logits() {
             "3",
             "--mode",
             "direct",
+            "--watch",
+            "Lily",
+            "--watch",
+            "#426",
             "--json",
             json.to_str().unwrap(),
         ],
     );
+    let stdout = String::from_utf8_lossy(&o.stdout);
+    assert!(
+        stdout.contains("watched (clean -> with the edits):"),
+        "{stdout}"
+    );
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let v: serde_json::Value = serde_json::from_slice(&std::fs::read(&json).unwrap()).unwrap();
     assert_eq!(v["mode"], "direct");
+    let watch = v["watch"].as_array().unwrap();
+    assert_eq!(watch.len(), 2);
+    assert_eq!(watch[0]["token"], 317);
+    assert_eq!(watch[1]["token"], 426);
+    for w in watch {
+        for k in ["clean_prob", "prob", "clean_logit", "logit"] {
+            assert!(w[k].as_f64().is_some(), "{w}");
+        }
+    }
     assert_eq!(v["edits"][0], "0:*:1=5.0");
     assert_eq!(v["top"].as_array().unwrap().len(), 3);
     assert_eq!(v["clean_top"].as_array().unwrap().len(), 3);

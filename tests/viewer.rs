@@ -243,7 +243,7 @@ fn the_intervention_api_runs_clt_intervene() {
 
     let edits = ["1:*:3=4.0", "0:2:5*=-1"];
     let req = serde_json::json!({
-        "prompt": PROMPT, "edits": edits, "mode": "live", "generate": 6, "top": 4
+        "prompt": PROMPT, "edits": edits, "mode": "live", "generate": 6, "top": 4, "watch": ["#426"]
     });
     let (status, body) = post(&server, "/api/intervene", &req.to_string());
     assert_eq!(status, 200, "{body}");
@@ -266,13 +266,22 @@ fn the_intervention_api_runs_clt_intervene() {
     )
     .unwrap();
     let edits: Vec<String> = edits.iter().map(|e| e.to_string()).collect();
-    let want = clt::attribution::cli::intervention_json(&m.tokenizer, &tokens, mode, &edits, 4, &r);
+    let want = clt::attribution::cli::intervention_json(
+        &m.tokenizer,
+        &tokens,
+        mode,
+        &edits,
+        4,
+        &[426],
+        &r,
+    );
     // (through text, as the server's answer went: f32s print as their shortest decimals)
     let want: serde_json::Value = serde_json::from_str(&want.to_string()).unwrap();
     assert_eq!(got, want);
     assert_eq!(got["mode"], "live");
     assert_eq!(got["top"].as_array().unwrap().len(), 4);
     assert_eq!(got["continuation"]["tokens"].as_array().unwrap().len(), 6);
+    assert_eq!(got["watch"][0]["token"], 426);
 
     for (body, says) in [
         (r#"{"prompt":"x","edits":["1:2"]}"#.to_string(), "1:2"),
@@ -293,6 +302,10 @@ fn the_intervention_api_runs_clt_intervene() {
             "position 40",
         ),
         (r#"{"edits":[]}"#.to_string(), "prompt"),
+        (
+            r##"{"prompt":"x","edits":[],"watch":["#99999"]}"##.to_string(),
+            "outside the vocabulary",
+        ),
         ("not json".to_string(), "bad request"),
     ] {
         let (status, text) = post(&server, "/api/intervene", &body);

@@ -135,6 +135,10 @@ pub struct IntervenArgs {
     /// after, and the continuations with each chosen token's probability.
     #[arg(long)]
     pub json: Option<PathBuf>,
+    /// Also show this token's probability and logit before and after (repeatable): `#ID`, or a text the
+    /// tokenizer reads alone as one token (as `clt attribute --target`).
+    #[arg(long = "watch")]
+    pub watch: Vec<String>,
 }
 
 /// The model, the transcoder, its name, the prompt and its tokens.
@@ -214,7 +218,11 @@ pub fn run_attribute(args: &AttributeArgs) -> Result<()> {
         match *t {
             LogitTarget::Token(a) => println!("target: the logit of {}", piece(a)),
             LogitTarget::Difference(a, b) => {
-                println!("target: the logit of {} minus that of {}", piece(a), piece(b))
+                println!(
+                    "target: the logit of {} minus that of {}",
+                    piece(a),
+                    piece(b)
+                )
             }
         }
     }
@@ -316,6 +324,11 @@ pub fn run_intervene(args: &IntervenArgs) -> Result<()> {
         .iter()
         .map(|s| s.parse())
         .collect::<Result<_>>()?;
+    let watch: Vec<u32> = args
+        .watch
+        .iter()
+        .map(|w| m.tokenizer.single_token(w))
+        .collect::<Result<_>>()?;
     let r = intervene_and_generate(
         &m.model,
         &tc,
@@ -338,13 +351,35 @@ pub fn run_intervene(args: &IntervenArgs) -> Result<()> {
     };
     show("clean:", &r.clean_logits);
     show("with the edits:", &r.logits);
+    if !watch.is_empty() {
+        println!("watched (clean -> with the edits):");
+        for w in watched(&m.tokenizer, &watch, &r) {
+            println!(
+                "  {:>7} {:<16} p {:.4} -> {:.4}, logit {:.3} -> {:.3}",
+                w.token,
+                format!("{:?}", display_token(&w.text)),
+                w.clean_prob,
+                w.prob,
+                w.clean_logit,
+                w.logit
+            );
+        }
+    }
     if args.generate > 0 {
         let text = |ids: &[u32]| m.tokenizer.decode(ids);
         println!("clean continuation: {:?}", text(&r.clean_continuation));
         println!("continuation with the edits: {:?}", text(&r.continuation));
     }
     if let Some(path) = &args.json {
-        let j = intervention_json(&m.tokenizer, &tokens, args.mode, &args.edits, args.top, &r);
+        let j = intervention_json(
+            &m.tokenizer,
+            &tokens,
+            args.mode,
+            &args.edits,
+            args.top,
+            &watch,
+            &r,
+        );
         let bytes = serde_json::to_vec_pretty(&j).map_err(|e| Error::InvalidData {
             what: "intervention JSON".into(),
             reason: e.to_string(),
@@ -358,14 +393,49 @@ pub fn run_intervene(args: &IntervenArgs) -> Result<()> {
     Ok(())
 }
 
+/// A watched token's probability and logit before and after an intervention.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct Watched {
+    pub token: u32,
+    pub text: String,
+    pub clean_prob: f32,
+    pub prob: f32,
+    pub clean_logit: f32,
+    pub logit: f32,
+}
+
+/// The `watch` tokens' probabilities and logits in `r`, before and after.
+pub fn watched(tok: &Tokenizer, watch: &[u32], r: &InterventionResult) -> Vec<Watched> {
+    let (pc, pe) = (
+        crate::model::forward::softmax(&r.clean_logits),
+        crate::model::forward::softmax(&r.logits),
+    );
+    watch
+        .iter()
+        .map(|&t| {
+            let i = t as usize;
+            Watched {
+                token: t,
+                text: tok.decode(&[t]),
+                clean_prob: pc[i],
+                prob: pe[i],
+                clean_logit: r.clean_logits[i],
+                logit: r.logits[i],
+            }
+        })
+        .collect()
+}
+
 /// The record of an intervention (`clt intervene --json`, the viewer's `/api/intervene`): the prompt's
-/// tokens and pieces, the mode and edits, the `top` logits before and after, both continuations.
+/// tokens and pieces, the mode and edits, the `top` logits before and after, the `watch` tokens', both
+/// continuations.
 pub fn intervention_json(
     tok: &Tokenizer,
     tokens: &[u32],
     mode: Mode,
     edits: &[String],
     top: usize,
+    watch: &[u32],
     r: &InterventionResult,
 ) -> serde_json::Value {
     use serde_json::json;
@@ -391,6 +461,7 @@ pub fn intervention_json(
         "edits": edits,
         "clean_top": top(&r.clean_logits),
         "top": top(&r.logits),
+        "watch": watched(tok, watch, r),
         "clean_continuation": {"tokens": r.clean_continuation, "text": tok.decode(&r.clean_continuation)},
         "continuation": {
             "tokens": r.continuation,

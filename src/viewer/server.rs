@@ -10,7 +10,7 @@
 //! - `GET /features/{scan}/{index}.json`: the same by circuit-tracer's path (`index` the Cantor id);
 //! - `GET /api/intervene`: whether interventions are available (`clt serve --model --transcoder`), with the
 //!   transcoder's name and sizes;
-//! - `POST /api/intervene`: `{prompt, edits: ["L:P:F=V", ...], mode?, generate?, top?}` runs
+//! - `POST /api/intervene`: `{prompt, edits: ["L:P:F=V", ...], mode?, generate?, top?, watch?}` runs
 //!   [`crate::attribution::intervene::intervene_and_generate`] and answers `clt intervene --json`'s record.
 //!
 //! Errors are JSON `{"error": "…"}` with a 4xx/5xx status, so the page can show them.
@@ -405,6 +405,9 @@ struct InterveneRequest {
     generate: usize,
     #[serde(default)]
     top: Option<usize>,
+    /// Tokens whose probability to report (`#ID` or one-token texts).
+    #[serde(default)]
+    watch: Vec<String>,
 }
 
 async fn intervene_run(State(s): State<Arc<AppState>>, body: axum::body::Bytes) -> Response {
@@ -440,9 +443,16 @@ async fn intervene_run(State(s): State<Arc<AppState>>, body: axum::body::Bytes) 
         let top = req.top.unwrap_or(5).clamp(1, MAX_TOP);
         let edits: Vec<Edit> = req.edits.iter().map(|e| e.parse()).collect::<Result<_>>()?;
         let (m, tok) = (&iv.model.model, &iv.model.tokenizer);
+        let watch: Vec<u32> = req
+            .watch
+            .iter()
+            .map(|w| tok.single_token(w))
+            .collect::<Result<_>>()?;
         let tokens = tok.encode_prompt(&req.prompt)?;
         let r = intervene_and_generate(m, &iv.tc, &tokens, &edits, mode, req.generate, tok.eos())?;
-        Ok(intervention_json(tok, &tokens, mode, &req.edits, top, &r))
+        Ok(intervention_json(
+            tok, &tokens, mode, &req.edits, top, &watch, &r,
+        ))
     })
     .await;
     match run {
