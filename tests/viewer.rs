@@ -154,15 +154,12 @@ fn serve() -> Server {
     .unwrap()
 }
 
-/// A raw HTTP/1.1 GET (no client-side path normalisation): status and body.
-fn get(server: &Server, path: &str) -> (u16, String) {
+/// Sends one raw HTTP/1.1 request (no client-side path normalisation) and reads the answer until the
+/// server closes: status and body.
+fn exchange(server: &Server, request: &str, timeout: Duration) -> (u16, String) {
     let mut s = std::net::TcpStream::connect(server.addr()).unwrap();
-    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-    write!(
-        s,
-        "GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n"
-    )
-    .unwrap();
+    s.set_read_timeout(Some(timeout)).unwrap();
+    s.write_all(request.as_bytes()).unwrap();
     let mut text = String::new();
     s.read_to_string(&mut text).unwrap();
     let status = text
@@ -175,6 +172,12 @@ fn get(server: &Server, path: &str) -> (u16, String) {
         .map(|(_, b)| b.to_string())
         .unwrap_or_default();
     (status, body)
+}
+
+/// A raw HTTP/1.1 GET: status and body.
+fn get(server: &Server, path: &str) -> (u16, String) {
+    let request = format!("GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n");
+    exchange(server, &request, Duration::from_secs(10))
 }
 
 /// The fixture's model and transcoder, for the viewer's interventions.
@@ -189,27 +192,12 @@ fn intervene_source() -> InterveneSource {
 
 /// A raw HTTP/1.1 POST of a JSON body: status and body.
 fn post(server: &Server, path: &str, body: &str) -> (u16, String) {
-    let mut s = std::net::TcpStream::connect(server.addr()).unwrap();
-    s.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
-    write!(
-        s,
+    let request = format!(
         "POST {path} HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n\
          Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
         body.len()
-    )
-    .unwrap();
-    let mut text = String::new();
-    s.read_to_string(&mut text).unwrap();
-    let status = text
-        .split_whitespace()
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .unwrap_or(0);
-    let body = text
-        .split_once("\r\n\r\n")
-        .map(|(_, b)| b.to_string())
-        .unwrap_or_default();
-    (status, body)
+    );
+    exchange(server, &request, Duration::from_secs(60))
 }
 
 /// `POST /api/intervene` answers what `clt intervene` computes for the same prompt and edits; bad requests
