@@ -368,6 +368,11 @@ pub(crate) struct AttnScores {
 }
 
 impl AttnScores {
+    /// The first key query position `t` sees (it sees `first_key(t)..=t`).
+    pub fn first_key(&self, t: usize) -> usize {
+        self.window.map_or(0, |w| (t + 1).saturating_sub(w.max(1)))
+    }
+
     /// `q · k / sqrt(head_dim)` over every earlier position.
     pub fn plain(head_dim: usize) -> Self {
         AttnScores {
@@ -472,7 +477,7 @@ fn softmax_block(
     let AttnScores {
         scale,
         softcap: cap,
-        window,
+        ..
     } = scores;
     let rows = tl.min(n - i * tl);
     for j in 0..=i {
@@ -490,7 +495,7 @@ fn softmax_block(
     for r in 0..rows {
         let t = i * tl + r;
         // The keys query t sees: s in first..=t.
-        let first = window.map_or(0, |w| (t + 1).saturating_sub(w.max(1)));
+        let first = scores.first_key(t);
         let seen = |s: usize| s >= first && s <= t;
         let mut max = f32::NEG_INFINITY;
         for j in 0..=i {

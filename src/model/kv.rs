@@ -116,9 +116,7 @@ pub(crate) fn cached_attention(
             let (r, h) = (i / n_heads, i % n_heads);
             let kvh = h / group;
             let t = past + r;
-            let first = scores
-                .window
-                .map_or(0, |w| (t + 1).saturating_sub(w.max(1)));
+            let first = scores.first_key(t);
             let qh = &q[r * qd + h * hd..][..hd];
             let mut w: Vec<f32> = (first..=t)
                 .map(|s| {
