@@ -1357,3 +1357,295 @@ fn the_attribute_and_intervene_commands_write_a_graph_and_print_logits() {
     assert!(!o.status.success());
     assert!(String::from_utf8_lossy(&o.stderr).contains("cannot be used with"));
 }
+
+/// `prompt_activations` against everything written out here: the active features from the encoder rows
+/// and thresholds, each layer's fit from a reconstruction summed feature by feature, the traces'
+/// pre-activations; with and without skip connections.
+#[test]
+fn prompt_activations_are_the_encoders_and_the_fit_is_the_error_nodes() {
+    use clt::attribution::activations::prompt_activations;
+    let (m, tc, tokens) = setup();
+    for tc in [tc.clone(), with_skip(tc, 31)] {
+        let (l_n, d, f_n) = (tc.cfg.n_layers, tc.cfg.d_model, tc.cfg.n_features);
+        let n = tokens.len();
+        let out = m
+            .forward_with(
+                &tokens,
+                &ForwardOptions {
+                    hooks: Hooks {
+                        mlp_out: true,
+                        ..tc.input_hook.hooks()
+                    },
+                    ..ForwardOptions::default()
+                },
+            )
+            .unwrap();
+        let xs = inputs(&tc, &out.record);
+        let pre = |l: usize, p: usize, f: usize| -> f32 {
+            let w = &tc.params.w_enc[l][f * d..(f + 1) * d];
+            let x = &xs[l][p * d..(p + 1) * d];
+            x.iter().zip(w).map(|(a, b)| a * b).sum::<f32>() + tc.params.b_enc[l][f]
+        };
+        // A feature that fires somewhere, the strongest of a middle position, and one that never fires.
+        let mut firing = (0, 0);
+        let mut silent = None;
+        for l in 0..l_n {
+            for f in 0..f_n {
+                let acts: Vec<f32> = (1..n)
+                    .map(|p| activation(pre(l, p, f), tc.thresholds[l][f]))
+                    .collect();
+                if acts.iter().all(|&a| a == 0.0) {
+                    silent.get_or_insert((l, f));
+                } else if firing == (0, 0) && l > 0 {
+                    firing = (l, f);
+                }
+            }
+        }
+        let silent = silent.expect("some feature never fires");
+        let watch = [firing, silent, (0, 3)];
+        let pa = prompt_activations(m, &tc, &tokens, &watch).unwrap();
+        // The graph's features, exactly.
+        let st = clt::attribution::prompt_state(m, &tc, &tokens).unwrap();
+        assert_eq!(pa.features, st.features);
+        assert_eq!(pa.tokens, tokens);
+        // Against the encoder rows: every active feature, and no other (but at the threshold's edge).
+        let af = &pa.features;
+        let mut listed = std::collections::HashSet::new();
+        for i in 0..af.len() {
+            let (l, p, f) = (
+                af.layer[i] as usize,
+                af.pos[i] as usize,
+                af.index[i] as usize,
+            );
+            assert!(p > 0, "position 0 keeps no features");
+            let want = pre(l, p, f);
+            assert!(
+                (af.value[i] - want).abs() <= 1e-4 * want.abs().max(1.0),
+                "{l}:{p}:{f}: {} vs {want}",
+                af.value[i]
+            );
+            listed.insert((l, p, f));
+        }
+        for l in 0..l_n {
+            for p in 1..n {
+                for f in 0..f_n {
+                    let h = pre(l, p, f);
+                    let th = tc.thresholds[l][f];
+                    if activation(h, th) > 0.0 && !listed.contains(&(l, p, f)) {
+                        assert!((h - th.max(0.0)).abs() < 1e-4, "{l}:{p}:{f} fires unlisted");
+                    }
+                }
+            }
+        }
+        // The fit: the reconstruction summed here, feature by feature.
+        for (k, fit) in pa.layers.iter().enumerate() {
+            let y = out.record.layers[k].mlp_out.as_ref().unwrap();
+            let (mut err_sq, mut out_sq) = (0.0f64, 0.0f64);
+            let mut mean = vec![0.0f64; d];
+            for p in 1..n {
+                for (j, m) in mean.iter_mut().enumerate() {
+                    *m += y[p * d + j] as f64 / (n - 1) as f64;
+                }
+            }
+            let mut var = 0.0f64;
+            for p in 1..n {
+                let mut yhat = tc.params.b_dec[k].clone();
+                for i in 0..af.len() {
+                    let (l, q, f) = (
+                        af.layer[i] as usize,
+                        af.pos[i] as usize,
+                        af.index[i] as usize,
+                    );
+                    if q == p
+                        && let Some(row) = tc.dec_row(l, f, k)
+                    {
+                        yhat.iter_mut()
+                            .zip(row)
+                            .for_each(|(o, w)| *o += af.value[i] * w);
+                    }
+                }
+                if tc.cfg.skip {
+                    add_skip(&tc, k, &xs[k][p * d..(p + 1) * d], &mut yhat);
+                }
+                let yp = &y[p * d..(p + 1) * d];
+                let es: f64 = yp
+                    .iter()
+                    .zip(&yhat)
+                    .map(|(a, b)| (*a as f64 - *b as f64).powi(2))
+                    .sum();
+                let ys: f64 = yp.iter().map(|a| (*a as f64).powi(2)).sum();
+                var += yp
+                    .iter()
+                    .zip(&mean)
+                    .map(|(a, m)| (*a as f64 - m).powi(2))
+                    .sum::<f64>();
+                err_sq += es;
+                out_sq += ys;
+                let by_pos = (es / ys).sqrt();
+                assert!(
+                    (fit.error_by_position[p] as f64 - by_pos).abs() <= 1e-4 * by_pos.max(1e-3),
+                    "layer {k} position {p}: {} vs {by_pos}",
+                    fit.error_by_position[p]
+                );
+            }
+            assert_eq!(fit.error_by_position[0], 0.0);
+            let close = |a: f64, b: f64| (a - b).abs() <= 1e-4 * b.abs().max(1e-6);
+            assert!(
+                close(fit.error_share, err_sq / out_sq),
+                "layer {k}: {fit:?}"
+            );
+            assert!(close(fit.nmse, err_sq / var), "layer {k}: {fit:?}");
+            let active = (0..af.len()).filter(|&i| af.layer[i] as usize == k).count();
+            assert_eq!(fit.l0, active as f64 / (n - 1) as f64);
+        }
+        // The traces, in the order asked: pre-activations everywhere, the list's activations.
+        assert_eq!(pa.traces.len(), watch.len());
+        for (t, &(l, f)) in pa.traces.iter().zip(&watch) {
+            assert_eq!((t.layer, t.feature), (l, f));
+            assert_eq!(t.threshold, tc.thresholds[l][f]);
+            assert_eq!(t.activation[0], 0.0);
+            for p in 0..n {
+                let want = pre(l, p, f);
+                assert!((t.pre[p] - want).abs() <= 1e-5 * want.abs().max(1.0));
+                let listed = (0..af.len()).find(|&i| {
+                    (
+                        af.layer[i] as usize,
+                        af.pos[i] as usize,
+                        af.index[i] as usize,
+                    ) == (l, p, f)
+                });
+                assert_eq!(t.activation[p], listed.map_or(0.0, |i| af.value[i]));
+            }
+        }
+        assert!(pa.traces[0].activation.iter().any(|&a| a > 0.0));
+        assert!(pa.traces[1].activation.iter().all(|&a| a == 0.0));
+        // The strongest features of each position: sorted, and the position's largest first.
+        for p in 0..n {
+            let top = pa.top_at(p, 4);
+            let at: Vec<usize> = (0..af.len()).filter(|&i| af.pos[i] as usize == p).collect();
+            assert_eq!(top.len(), at.len().min(4));
+            assert!(top.iter().all(|&i| af.pos[i] as usize == p));
+            assert!(top.windows(2).all(|w| af.value[w[0]] >= af.value[w[1]]));
+            if let Some(&first) = top.first() {
+                let max = at.iter().map(|&i| af.value[i]).fold(f32::MIN, f32::max);
+                assert_eq!(af.value[first], max);
+            }
+        }
+        // A feature outside the transcoder is refused.
+        let e = prompt_activations(m, &tc, &tokens, &[(l_n, 0)]).unwrap_err();
+        assert!(e.to_string().contains(&format!("{l_n}:0")), "{e}");
+    }
+}
+
+#[test]
+fn the_activations_command_lists_features_traces_and_labels() {
+    let f = fixture();
+    let s = shared();
+    let dir = tempfile::tempdir().unwrap();
+    let model = s.join("models/stories260K/stories260K.bin");
+    let tok = s.join("models/stories260K/tok512.bin");
+    let feats = dir.path().join("feats");
+    std::fs::create_dir_all(&feats).unwrap();
+    let mut labels = clt::features::labels::Labels::default();
+    labels.insert(2, 7, "a label for 2:7".into());
+    labels.write(&feats).unwrap();
+    let run = |extra: &[&str]| {
+        std::process::Command::new(env!("CARGO_BIN_EXE_clt"))
+            .arg("activations")
+            .args(["--model", model.to_str().unwrap()])
+            .args(["--tokenizer", tok.to_str().unwrap()])
+            .args(["--transcoder", f.export.to_str().unwrap()])
+            .args(["--prompt", PROMPT])
+            .args(extra)
+            .output()
+            .unwrap()
+    };
+    let json = dir.path().join("acts/lily.json");
+    let o = run(&[
+        "--top",
+        "3",
+        "--feature",
+        "2:7",
+        "--feature",
+        "4:100",
+        "--labels",
+        feats.to_str().unwrap(),
+        "--json",
+        json.to_str().unwrap(),
+    ]);
+    let stdout = String::from_utf8_lossy(&o.stdout);
+    assert!(
+        o.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    for want in [
+        "layer      L0      NMSE  error share",
+        "strongest features",
+        "feature 2:7 \"a label for 2:7\" (θ ",
+        "feature 4:100 (θ ",
+        "fires at ",
+    ] {
+        assert!(stdout.contains(want), "{want}: {stdout}");
+    }
+    // The JSON is the library's result.
+    let (m, tc, tokens) = setup();
+    let pa =
+        clt::attribution::activations::prompt_activations(m, &tc, &tokens, &[(2, 7), (4, 100)])
+            .unwrap();
+    let v: serde_json::Value = serde_json::from_slice(&std::fs::read(&json).unwrap()).unwrap();
+    assert_eq!(v["tokens"].as_array().unwrap().len(), tokens.len());
+    assert_eq!(v["pieces"].as_array().unwrap().len(), tokens.len());
+    assert_eq!(v["layers"].as_array().unwrap().len(), tc.cfg.n_layers);
+    for (l, fit) in pa.layers.iter().enumerate() {
+        assert_eq!(v["layers"][l]["l0"].as_f64().unwrap(), fit.l0);
+        assert!((v["layers"][l]["error_share"].as_f64().unwrap() - fit.error_share).abs() < 1e-12);
+    }
+    let active = &v["active"];
+    assert_eq!(
+        active["feature"].as_array().unwrap().len(),
+        pa.features.len()
+    );
+    assert_eq!(
+        active["position"].as_array().unwrap().len(),
+        pa.features.len()
+    );
+    let top = v["top"].as_array().unwrap();
+    assert_eq!(top.len(), tokens.len());
+    assert!(
+        top[0].as_array().unwrap().is_empty(),
+        "position 0 keeps none"
+    );
+    for (p, t) in top.iter().enumerate().skip(1) {
+        let want = pa.top_at(p, 3);
+        let got = t.as_array().unwrap();
+        assert_eq!(got.len(), want.len());
+        for (g, &i) in got.iter().zip(&want) {
+            assert_eq!(g["layer"], pa.features.layer[i]);
+            assert_eq!(g["feature"], pa.features.index[i]);
+        }
+    }
+    let traces = v["traces"].as_array().unwrap();
+    assert_eq!(traces[0]["label"], "a label for 2:7");
+    assert!(traces[1]["label"].is_null());
+    assert_eq!(
+        traces[1]["activation"].as_array().unwrap().len(),
+        tokens.len()
+    );
+    // Bad requests name themselves.
+    for (args, says) in [
+        (vec!["--feature", "5:1"], "past the transcoder's 5 layers"),
+        (vec!["--feature", "1:99999"], "features per layer"),
+        (vec!["--feature", "1-2"], "LAYER:FEATURE"),
+        (vec!["--feature", "x:2"], "`x`"),
+        (
+            vec!["--labels", "/nonexistent/feats"],
+            "not a features directory",
+        ),
+    ] {
+        let o = run(&args);
+        assert!(!o.status.success(), "{args:?}");
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(err.contains(says), "{args:?}: {err}");
+    }
+}

@@ -1,8 +1,10 @@
-//! `clt attribute` (a prompt's attribution graph, pruned, as the frontend's JSON plus the raw adjacency)
-//! and `clt intervene` (the replacement model with features set or scaled: the new top logits).
+//! `clt attribute` (a prompt's attribution graph, pruned, as the frontend's JSON plus the raw adjacency),
+//! `clt intervene` (the replacement model with features set or scaled: the new top logits) and `clt
+//! activations` (which features fire where on a prompt, and how well the transcoder fits it).
 
 use std::path::{Path, PathBuf};
 
+use super::activations::{activations_json, parse_feature, prompt_activations};
 use super::graph::{AttributionConfig, Graph, LogitTarget, attribute};
 use super::intervene::{Edit, InterventionResult, Mode, intervene_and_generate};
 use super::output::{display_token, graph_json, write_json, write_raw};
@@ -139,6 +141,26 @@ pub struct IntervenArgs {
     /// tokenizer reads alone as one token (as `clt attribute --target`).
     #[arg(long = "watch")]
     pub watch: Vec<String>,
+}
+
+#[derive(clap::Args, Clone, Debug)]
+pub struct ActivationsArgs {
+    #[command(flatten)]
+    pub inputs: Inputs,
+    /// The strongest features listed at each position (over all layers, by activation).
+    #[arg(long, default_value_t = 5)]
+    pub top: usize,
+    /// Follow this feature over every position, its pre-activation and activation (repeatable):
+    /// `LAYER:FEATURE`.
+    #[arg(long = "feature")]
+    pub features: Vec<String>,
+    /// A features directory (`clt features --out`) whose labels (`clt explain`) name the features shown.
+    #[arg(long)]
+    pub labels: Option<PathBuf>,
+    /// Also write the result as JSON: tokens, each layer's fit, the strongest features at each position,
+    /// the traces, and every active feature (layer, position, feature, activation).
+    #[arg(long)]
+    pub json: Option<PathBuf>,
 }
 
 /// The model, the transcoder, its name, the prompt and its tokens.
@@ -380,14 +402,100 @@ pub fn run_intervene(args: &IntervenArgs) -> Result<()> {
             &watch,
             &r,
         );
-        let bytes = serde_json::to_vec_pretty(&j).map_err(|e| Error::InvalidData {
-            what: "intervention JSON".into(),
-            reason: e.to_string(),
-        })?;
-        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-            std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+        write_record(path, "intervention JSON", &j)?;
+        println!("-> {}", path.display());
+    }
+    Ok(())
+}
+
+/// Writes a command's JSON record to `path` (its directory made), atomically.
+fn write_record(path: &Path, what: &str, j: &serde_json::Value) -> Result<()> {
+    let bytes = serde_json::to_vec_pretty(j).map_err(|e| Error::InvalidData {
+        what: what.into(),
+        reason: e.to_string(),
+    })?;
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+    }
+    crate::clt::checkpoint::write_atomic(path, &bytes)
+}
+
+/// `clt activations`.
+pub fn run_activations(args: &ActivationsArgs) -> Result<()> {
+    let (m, tc, _, _, tokens) = open(&args.inputs)?;
+    let watch: Vec<(usize, usize)> = args
+        .features
+        .iter()
+        .map(|s| parse_feature(s, &tc))
+        .collect::<Result<_>>()?;
+    let labels = match &args.labels {
+        Some(dir) if !dir.is_dir() => {
+            return Err(Error::config(
+                "labels",
+                format!("{} is not a features directory", dir.display()),
+            ));
         }
-        crate::clt::checkpoint::write_atomic(path, &bytes)?;
+        Some(dir) => Some(crate::features::labels::Labels::read(dir)?),
+        None => None,
+    };
+    let pa = prompt_activations(&m.model, &tc, &tokens, &watch)?;
+    let tok = &m.tokenizer;
+    let piece = |p: usize| format!("{:?}", display_token(&tok.decode(&tokens[p..p + 1])));
+    let named = |l: usize, f: usize| match labels.as_ref().and_then(|ls| ls.get(l, f)) {
+        Some(text) => format!("{l}:{f} {text:?}"),
+        None => format!("{l}:{f}"),
+    };
+    println!(
+        "{} tokens; position 0 ({}) keeps no features",
+        tokens.len(),
+        piece(0)
+    );
+    println!("layer      L0      NMSE  error share");
+    for (l, fit) in pa.layers.iter().enumerate() {
+        println!(
+            "{l:>5} {:>7.1} {:>9.4} {:>12.4}",
+            fit.l0, fit.nmse, fit.error_share
+        );
+    }
+    if args.top > 0 {
+        println!("position  token             strongest features (layer:feature activation)");
+        let af = &pa.features;
+        for p in 1..tokens.len() {
+            let list: Vec<String> = pa
+                .top_at(p, args.top)
+                .into_iter()
+                .map(|i| {
+                    let (l, f) = (af.layer[i] as usize, af.index[i] as usize);
+                    format!("{} {:.3}", named(l, f), af.value[i])
+                })
+                .collect();
+            println!("{p:>8}  {:<16}  {}", piece(p), list.join(", "));
+        }
+    }
+    for t in &pa.traces {
+        let fired: Vec<usize> = (0..tokens.len())
+            .filter(|&p| t.activation[p] > 0.0)
+            .collect();
+        println!(
+            "feature {} (θ {:.4}): fires at {} of {} positions",
+            named(t.layer, t.feature),
+            t.threshold,
+            fired.len(),
+            tokens.len() - 1
+        );
+        println!("  position  token                  pre  activation");
+        for p in 1..tokens.len() {
+            let act = if t.activation[p] > 0.0 {
+                format!("{:>11.4} *", t.activation[p])
+            } else {
+                String::new()
+            };
+            println!("  {p:>8}  {:<16} {:>9.4} {act}", piece(p), t.pre[p]);
+        }
+    }
+    if let Some(path) = &args.json {
+        let j = activations_json(tok, &pa, args.top, labels.as_ref(), true);
+        write_record(path, "activations JSON", &j)?;
         println!("-> {}", path.display());
     }
     Ok(())

@@ -10,10 +10,12 @@
 //! - [`prune`](mod@prune): influence, node and edge pruning, replacement and completeness scores;
 //! - [`output`]: the frontend's graph JSON and the raw adjacency (safetensors);
 //! - [`intervene`]: the replacement model run with chosen features set or scaled;
-//! - [`cli`]: `clt attribute` and `clt intervene`.
+//! - [`activations`]: which features fire where on a prompt, and how well the transcoder fits it;
+//! - [`cli`]: `clt attribute`, `clt intervene` and `clt activations`.
 //!
 //! The algorithm and formats are described in `docs/attribution.md`.
 
+pub mod activations;
 pub mod backward;
 pub mod cli;
 pub mod graph;

@@ -135,7 +135,7 @@ pub fn prompt_state(
     tokens: &[u32],
 ) -> Result<PromptState> {
     tc.check_fits(model)?;
-    let (out, inputs, mlp_out) = forward_inputs(model, tc, tokens, true)?;
+    let (out, inputs, mlp_out) = forward_inputs(model, tc, tokens, Record::Frozen)?;
     let (n, record) = (out.n_tokens, out.record);
     let features = encode(tc, &inputs, n);
     let errors = errors(tc, &features, &inputs, &mlp_out, n);
@@ -154,26 +154,40 @@ pub fn prompt_state(
 /// One `[n][d]` array per layer.
 type PerLayer = Vec<Vec<f32>>;
 
-/// One forward over `tokens` recording what attribution freezes (attention patterns, norm scales), the
-/// transcoder's input at every layer and, with `full`, the MLP outputs and the last position's logits.
-/// Returns the output (its record stripped of the inputs and MLP outputs), the inputs and the MLP outputs.
-fn forward_inputs(
+/// What [`forward_inputs`] records besides the transcoder's input at every layer.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum Record {
+    /// Nothing else.
+    Inputs,
+    /// The MLP outputs too (the error nodes need them).
+    Outputs,
+    /// The MLP outputs, what attribution freezes (attention patterns, norm scales) and the last position's
+    /// logits.
+    Frozen,
+}
+
+/// One forward over `tokens` recording the transcoder's input at every layer and what `what` asks for.
+/// Returns the output (its record stripped of the inputs and MLP outputs), the inputs and the MLP outputs
+/// (empty with [`Record::Inputs`]).
+pub(super) fn forward_inputs(
     model: &dyn Attributable,
     tc: &ReplacementTranscoder,
     tokens: &[u32],
-    full: bool,
+    what: Record,
 ) -> Result<(crate::model::ForwardOutput, PerLayer, PerLayer)> {
+    let frozen = what == Record::Frozen;
+    let outputs = what != Record::Inputs;
     let hooks = Hooks {
-        attn_pattern: full,
-        norm_scales: full,
-        mlp_out: full,
+        attn_pattern: frozen,
+        norm_scales: frozen,
+        mlp_out: outputs,
         ..tc.input_hook.hooks()
     };
     let mut out = model.forward_with(
         tokens,
         &ForwardOptions {
             hooks,
-            logits: if full { Logits::Last } else { Logits::None },
+            logits: if frozen { Logits::Last } else { Logits::None },
             ..ForwardOptions::default()
         },
     )?;
@@ -183,7 +197,7 @@ fn forward_inputs(
         let x = tc.input_hook.take(r);
         inputs
             .push(x.ok_or_else(|| Error::Unsupported("forward did not record the input".into()))?);
-        if full {
+        if outputs {
             mlp_out.push(
                 r.mlp_out
                     .take()
@@ -290,7 +304,8 @@ pub fn reconstruct(
     recon
 }
 
-fn errors(
+/// The error nodes: per layer, the true MLP output − the transcoder's output, zero at position 0.
+pub(super) fn errors(
     tc: &ReplacementTranscoder,
     af: &ActiveFeatures,
     inputs: &[Vec<f32>],
@@ -353,7 +368,7 @@ pub fn calibrated_transcoder(
         input_hook,
     };
     // Thresholds: the (l0 · (n − 1))-th largest pre-activation of each layer over positions ≥ 1.
-    let (_, st, _) = forward_inputs(model, &tc, tokens, false)?;
+    let (_, st, _) = forward_inputs(model, &tc, tokens, Record::Inputs)?;
     let n = tokens.len();
     let mut pre = vec![0.0f32; n * n_features];
     for l in 0..l_n {

@@ -48,6 +48,9 @@ enum Command {
     Attribute(clt::attribution::cli::AttributeArgs),
     /// Run the replacement model with chosen features set or scaled and print the new top logits.
     Intervene(clt::attribution::cli::IntervenArgs),
+    /// Show which transcoder features fire where on a prompt (the strongest at each position, chosen
+    /// features' pre-activations everywhere) and how well the transcoder fits each layer there.
+    Activations(clt::attribution::cli::ActivationsArgs),
     /// Run a demonstration end to end: by default the real pipeline on stories260K and TinyStories (cache →
     /// train → evaluate → export); with --synthetic, training on planted ground truth.
     Demo {
@@ -689,6 +692,7 @@ fn run(cli: Cli) -> clt::Result<()> {
         Command::Store(cmd) => clt::store::cli::run(cmd),
         Command::Attribute(args) => clt::attribution::cli::run_attribute(&args),
         Command::Intervene(args) => clt::attribution::cli::run_intervene(&args),
+        Command::Activations(args) => clt::attribution::cli::run_activations(&args),
         Command::Run(args) => clt::model::cli::run(args),
         Command::Features(args) => {
             clt::features::cli::run(&args).map(|p| println!("wrote {}", p.display()))
