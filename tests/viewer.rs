@@ -203,7 +203,7 @@ fn post(server: &Server, path: &str, body: &str) -> (u16, String) {
 /// `POST /api/intervene` answers what `clt intervene` computes for the same prompt and edits; bad requests
 /// are 400s that say what is wrong; a server without the model has no interventions.
 #[test]
-fn the_intervention_api_runs_clt_intervene() {
+fn the_intervention_and_activations_apis_run_their_commands() {
     let f = fixture();
     let plain = serve();
     let (status, body) = get(&plain, "/api/intervene");
@@ -300,6 +300,61 @@ fn the_intervention_api_runs_clt_intervene() {
         assert_eq!(status, 400, "{body}: {text}");
         assert!(text.contains(says), "{body}: {text}");
     }
+
+    // `/api/activations` is `clt activations --json`'s record, every feature only when asked.
+    let req =
+        serde_json::json!({"prompt": PROMPT, "features": ["2:7", "0:39"], "top": 3, "all": true});
+    let (status, body) = post(&server, "/api/activations", &req.to_string());
+    assert_eq!(status, 200, "{body}");
+    let got: serde_json::Value = serde_json::from_str(&body).unwrap();
+    let pa = clt::attribution::activations::prompt_activations(
+        &m.model,
+        &tc,
+        &tokens,
+        &[(2, 7), (0, 39)],
+    )
+    .unwrap();
+    let want = clt::attribution::activations::activations_json(
+        &m.tokenizer,
+        &pa,
+        3,
+        Some(&Default::default()),
+        true,
+    );
+    let want: serde_json::Value = serde_json::from_str(&want.to_string()).unwrap();
+    assert_eq!(got, want);
+    assert_eq!(got["traces"].as_array().unwrap().len(), 2);
+    assert_eq!(
+        got["active"]["feature"].as_array().unwrap().len(),
+        pa.features.len()
+    );
+    let (status, body) = post(
+        &server,
+        "/api/activations",
+        &format!(r#"{{"prompt":{PROMPT:?}}}"#),
+    );
+    assert_eq!(status, 200, "{body}");
+    let got: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert!(got.get("active").is_none(), "{got}");
+    assert_eq!(
+        got["top"][1].as_array().unwrap().len(),
+        pa.top_at(1, 5).len()
+    );
+    for (body, says) in [
+        (r#"{"prompt":"x","features":["5:0"]}"#, "5 layers"),
+        (r#"{"prompt":"x","features":["0:40"]}"#, "40 features"),
+        (r#"{"prompt":"x","features":["07"]}"#, "LAYER:FEATURE"),
+        (r#"{"prompt":"x","top":"many"}"#, "bad request"),
+        (r#"{"features":[]}"#, "prompt"),
+    ] {
+        let (status, text) = post(&server, "/api/activations", body);
+        assert_eq!(status, 400, "{body}: {text}");
+        assert!(text.contains(says), "{body}: {text}");
+    }
+    drop(server);
+    let plain = serve();
+    let (status, body) = post(&plain, "/api/activations", r#"{"prompt":"x"}"#);
+    assert_eq!(status, 404, "{body}");
 }
 
 #[test]
@@ -675,6 +730,32 @@ fn graph_and_features_in_headless_chromium() {
         assert!(result.contains("clean continuation"), "{result}");
         let tops = c.execute("return document.querySelectorAll('#intervene-result .logits li').length", vec![]).await.unwrap();
         assert_eq!(tops, serde_json::json!(10));
+
+        // The feature on its graph's prompt from its panel: shaded where the library finds it firing.
+        let prompt = graph["metadata"]["prompt"].as_str().unwrap();
+        let (m, tc, _) = clt::attribution::cli::load_replacement(&f.model, None, &f.transcoder, None).unwrap();
+        let tokens = m.tokenizer.encode_prompt(prompt).unwrap();
+        let pa = clt::attribution::activations::prompt_activations(
+            &m.model,
+            &tc,
+            &tokens,
+            &[(nl.parse().unwrap(), nf.parse().unwrap())],
+        )
+        .unwrap();
+        let fired = pa.traces[0].activation.iter().filter(|&&a| a > 0.0).count();
+        assert!(fired >= 1, "the node's feature fires at its position");
+        wait_js(&c, "return document.body.dataset.feature", &key).await;
+        let typed = c.execute("return document.getElementById('test-prompt').value", vec![]).await.unwrap();
+        assert_eq!(typed, serde_json::json!(prompt));
+        c.find(Locator::Id("test-run")).await.unwrap().click().await.unwrap();
+        wait_js(&c, "return document.body.dataset.tested", &fired.to_string()).await;
+        let shaded = c
+            .execute("return [...document.querySelectorAll('#test-result .tok')].filter(e => e.style.backgroundColor).length", vec![])
+            .await
+            .unwrap();
+        assert_eq!(shaded, serde_json::json!(fired));
+        let toks = c.execute("return document.querySelectorAll('#test-result .tok').length", vec![]).await.unwrap();
+        assert_eq!(toks, serde_json::json!(tokens.len()));
 
         // A malformed graph shows an error, not a blank page.
         c.goto(&format!("{base}/?graph=graph-malformed.json")).await.unwrap();

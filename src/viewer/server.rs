@@ -11,12 +11,16 @@
 //! - `GET /api/intervene`: whether interventions are available (`clt serve --model --transcoder`), with the
 //!   transcoder's name and sizes;
 //! - `POST /api/intervene`: `{prompt, edits: ["L:P:F=V", ...], mode?, generate?, top?, watch?}` runs
-//!   [`crate::attribution::intervene::intervene_and_generate`] and answers `clt intervene --json`'s record.
+//!   [`crate::attribution::intervene::intervene_and_generate`] and answers `clt intervene --json`'s record;
+//! - `POST /api/activations`: `{prompt, features?: ["L:F", ...], top?, all?}` runs
+//!   [`crate::attribution::activations::prompt_activations`] and answers `clt activations --json`'s record
+//!   (every active feature only with `all`), features labelled.
 //!
 //! Errors are JSON `{"error": "…"}` with a 4xx/5xx status, so the page can show them.
 
 use super::assets;
 use crate::attribution::ReplacementTranscoder;
+use crate::attribution::activations::{activations_json, parse_feature, prompt_activations};
 use crate::attribution::cli::{intervention_json, load_replacement};
 use crate::attribution::intervene::{Edit, Mode, intervene_and_generate};
 use crate::features::cli::FEATURES_FILE;
@@ -204,6 +208,7 @@ fn router(state: Arc<AppState>) -> Router {
         .route("/api/features/{layer}/{feature}", get(feature))
         .route("/features/{scan}/{file}", get(feature_by_cantor))
         .route("/api/intervene", get(intervene_info).post(intervene_run))
+        .route("/api/activations", axum::routing::post(activations_run))
         .fallback(|| async { error(StatusCode::NOT_FOUND, "no such route".into()) })
         .with_state(state)
 }
@@ -411,20 +416,7 @@ struct InterveneRequest {
 }
 
 async fn intervene_run(State(s): State<Arc<AppState>>, body: axum::body::Bytes) -> Response {
-    if s.intervener.is_none() {
-        return error(
-            StatusCode::NOT_FOUND,
-            "the server was started without --model and --transcoder: no interventions".into(),
-        );
-    }
-    let req: InterveneRequest = match serde_json::from_slice(&body) {
-        Ok(r) => r,
-        Err(e) => return error(StatusCode::BAD_REQUEST, format!("bad request: {e}")),
-    };
-    let run = tokio::task::spawn_blocking(move || -> Result<serde_json::Value> {
-        let Some(iv) = &s.intervener else {
-            return Err(Error::Unsupported("no interventions".into()));
-        };
+    with_model(s, body, |iv, _, req: InterveneRequest| {
         let mode = match &req.mode {
             None => Mode::default(),
             Some(m) => <Mode as clap::ValueEnum>::from_str(m, true).map_err(|_| {
@@ -453,6 +445,62 @@ async fn intervene_run(State(s): State<Arc<AppState>>, body: axum::body::Bytes) 
         Ok(intervention_json(
             tok, &tokens, mode, &req.edits, top, &watch, &r,
         ))
+    })
+    .await
+}
+
+/// The body of `POST /api/activations`.
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ActivationsRequest {
+    prompt: String,
+    /// Features to trace over every position (`"L:F"`).
+    #[serde(default)]
+    features: Vec<String>,
+    /// The strongest features listed per position (default 5; 0 lists none).
+    #[serde(default)]
+    top: Option<usize>,
+    /// Every active feature too.
+    #[serde(default)]
+    all: bool,
+}
+
+async fn activations_run(State(s): State<Arc<AppState>>, body: axum::body::Bytes) -> Response {
+    with_model(s, body, |iv, labels, req: ActivationsRequest| {
+        let top = req.top.unwrap_or(5).min(MAX_TOP);
+        let watch: Vec<(usize, usize)> = req
+            .features
+            .iter()
+            .map(|f| parse_feature(f, &iv.tc))
+            .collect::<Result<_>>()?;
+        let (m, tok) = (&iv.model.model, &iv.model.tokenizer);
+        let tokens = tok.encode_prompt(&req.prompt)?;
+        let pa = prompt_activations(m, &iv.tc, &tokens, &watch)?;
+        Ok(activations_json(tok, &pa, top, Some(labels), req.all))
+    })
+    .await
+}
+
+/// Runs `f` with the server's model and transcoder and the labels on the request `body` (JSON of `R`), off the async
+/// threads: 404 without a model, 400 for a bad body and for every error but the machine's.
+async fn with_model<R, F>(s: Arc<AppState>, body: axum::body::Bytes, f: F) -> Response
+where
+    R: serde::de::DeserializeOwned + Send + 'static,
+    F: FnOnce(&Intervener, &Labels, R) -> Result<serde_json::Value> + Send + 'static,
+{
+    if s.intervener.is_none() {
+        return error(
+            StatusCode::NOT_FOUND,
+            "the server was started without --model and --transcoder: no model to run".into(),
+        );
+    }
+    let req: R = match serde_json::from_slice(&body) {
+        Ok(r) => r,
+        Err(e) => return error(StatusCode::BAD_REQUEST, format!("bad request: {e}")),
+    };
+    let run = tokio::task::spawn_blocking(move || match &s.intervener {
+        Some(iv) => f(iv, &s.labels, req),
+        None => Err(Error::Unsupported("no model".into())),
     })
     .await;
     match run {

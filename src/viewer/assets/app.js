@@ -496,6 +496,7 @@ async function loadFeature(layer, feature, node) {
   if (!state.features) {
     panel.replaceChildren(el("h3", {}, `Layer ${layer}, feature ${feature}`),
       el("p", { class: "hint" }, "No feature dashboards: start clt serve with --features DIR."));
+    if (state.intervene.available) panel.appendChild(testOnText(layer, feature, 0));
     return;
   }
   let rec;
@@ -532,8 +533,56 @@ async function loadFeature(layer, feature, node) {
     for (const ex of q.examples) sec.appendChild(contextEl(ex, rec.act_max));
     parts.push(sec);
   }
+  if (state.intervene.available) parts.push(testOnText(layer, feature, rec.act_max));
   panel.replaceChildren(...parts);
   document.body.dataset.feature = `${layer}/${feature}`;
+}
+
+// The feature run on a text of one's own (POST /api/activations, `clt activations --feature L:F`): the
+// prompt's tokens shaded by its activation (scaled to `actMax`, the dashboards' largest, when known).
+function testOnText(layer, feature, actMax) {
+  const sec = el("section", { id: "test-text" });
+  sec.appendChild(el("h3", {}, "Test on text"));
+  const meta = (state.graph && state.graph.g.metadata) || {};
+  const input = el("input", { type: "text", id: "test-prompt", placeholder: "a prompt" });
+  input.value = typeof meta.prompt === "string" ? meta.prompt : "";
+  const run = el("button", { type: "button", id: "test-run" }, "run");
+  const out = el("div", { id: "test-result" });
+  run.addEventListener("click", async () => {
+    document.body.dataset.tested = "running";
+    out.replaceChildren(el("p", { class: "hint" }, "running…"));
+    let r;
+    try {
+      const resp = await fetch("/api/activations", { method: "POST", headers: { "Content-Type": "application/json" },
+        body: JSON.stringify({ prompt: input.value, features: [`${layer}:${feature}`], top: 0 }) });
+      r = await resp.json();
+      if (!resp.ok) throw new Error(r && r.error ? r.error : `HTTP ${resp.status}`);
+    } catch (e) {
+      out.replaceChildren(el("p", { class: "feature-error" }, `Failed: ${e.message}`));
+      document.body.dataset.tested = "error";
+      return;
+    }
+    const t = r.traces[0], acts = t.activation, pieces = r.pieces || [];
+    const max = Math.max(0, ...acts);
+    const scale = actMax > 0 ? actMax : max;
+    const fired = acts.filter((a) => a > 0).length;
+    const div = el("div", { class: "context" });
+    pieces.forEach((piece, i) => {
+      const a = acts[i] || 0;
+      const sp = el("span", { class: i === 0 ? "tok special" : "tok" }, piece);
+      if (a > 0 && scale > 0) sp.style.backgroundColor = `rgba(255, 140, 0, ${Math.min(1, a / scale).toFixed(3)})`;
+      sp.title = i === 0 ? "position 0 keeps no features" :
+        `activation ${(+a).toPrecision(3)}, pre-activation ${(+t.pre[i]).toPrecision(3)} (θ ${(+t.threshold).toPrecision(3)})`;
+      div.appendChild(sp);
+    });
+    out.replaceChildren(el("p", {}, `Fires at ${fired} of ${Math.max(pieces.length - 1, 0)} positions` +
+      (fired ? `, most ${max.toPrecision(3)}.` : ".")), div);
+    document.body.dataset.tested = String(fired);
+  });
+  const controls = el("div", { class: "intervene-controls" });
+  controls.append(input, run);
+  sec.append(controls, out);
+  return sec;
 }
 
 // ---- loading ----
