@@ -440,7 +440,7 @@ pub fn run_activations(args: &ActivationsArgs) -> Result<()> {
     };
     let pa = prompt_activations(&m.model, &tc, &tokens, &watch)?;
     let tok = &m.tokenizer;
-    let piece = |p: usize| format!("{:?}", display_token(&tok.decode(&tokens[p..p + 1])));
+    let piece = |p: usize| format!("{:?}", display_token(&tok.piece(tokens[p])));
     let named = |l: usize, f: usize| match labels.as_ref().and_then(|ls| ls.get(l, f)) {
         Some(text) => format!("{l}:{f} {text:?}"),
         None => format!("{l}:{f}"),

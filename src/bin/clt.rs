@@ -413,17 +413,26 @@ fn run(cli: Cli) -> clt::Result<()> {
                     transcoder: Some(r.export.clone()),
                 });
             }
-            println!(
-                "view them (and intervene on their features): clt serve --graphs {} --features {} \
-                 --model {}{} --transcoder {}",
-                graphs.display(),
-                features.display(),
+            let model_args = format!(
+                "--model {}{} --transcoder {}",
                 demo.model.display(),
                 demo.tokenizer
                     .as_ref()
                     .map(|t| format!(" --tokenizer {}", t.display()))
                     .unwrap_or_default(),
                 r.export.display()
+            );
+            println!(
+                "view them (and intervene on their features, or test one on any text): clt serve \
+                 --graphs {} --features {} {model_args}",
+                graphs.display(),
+                features.display(),
+            );
+            println!(
+                "which features fire where on a prompt: clt activations {model_args} --labels {} \
+                 --prompt {:?}",
+                features.display(),
+                clt::demo::DEMO_PROMPT
             );
             Ok(())
         }
