@@ -1649,3 +1649,128 @@ fn the_activations_command_lists_features_traces_and_labels() {
         assert!(err.contains(says), "{args:?}: {err}");
     }
 }
+
+/// `clt attribute --prompts`: one graph per prompt, each the graph `--prompt` writes; a prompt that fails
+/// is recorded and does not stop the others; the prompts file's errors name their line.
+#[test]
+fn attribute_with_many_prompts_writes_each_graph_and_a_summary() {
+    use clt::attribution::cli::read_prompts;
+    let f = fixture();
+    let s = shared();
+    let dir = tempfile::tempdir().unwrap();
+    let model = s.join("models/stories260K/stories260K.bin");
+    let tok = s.join("models/stories260K/tok512.bin");
+    let run = |extra: &[&str]| {
+        std::process::Command::new(env!("CARGO_BIN_EXE_clt"))
+            .arg("attribute")
+            .args(["--model", model.to_str().unwrap()])
+            .args(["--tokenizer", tok.to_str().unwrap()])
+            .args(["--transcoder", f.export.to_str().unwrap()])
+            .args(["--max-feature-nodes", "200", "--quiet"])
+            .args(extra)
+            .output()
+            .unwrap()
+    };
+    let park = "Lily went to the park.\nShe";
+    let file = dir.path().join("prompts.jsonl");
+    let lines = [
+        serde_json::json!({"prompt": park, "slug": "park"}),
+        serde_json::json!({"prompt": vec!["dog"; 700].join(" ")}),
+        serde_json::json!({"prompt": PROMPT}),
+    ];
+    let text: String = lines.iter().map(|l| format!("{l}\n")).collect();
+    std::fs::write(&file, text).unwrap();
+    let out = dir.path().join("graphs");
+    let o = run(&[
+        "--prompts",
+        file.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    let stderr = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success(), "one prompt is too long");
+    assert!(
+        stderr.contains("1 of 3 prompts failed (002-dog-dog-dog-dog-dog)"),
+        "{stderr}"
+    );
+    let summary: Vec<serde_json::Value> = std::fs::read_to_string(out.join("summary.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(summary.len(), 3);
+    assert!(
+        summary[1]["error"]
+            .as_str()
+            .unwrap()
+            .contains("max_seq_len")
+    );
+    let slugs = ["park", "003-once-upon-a-time-there"];
+    for (line, slug) in [&summary[0], &summary[2]].into_iter().zip(slugs) {
+        assert_eq!(line["slug"], slug);
+        assert_eq!(line["graph"], format!("{slug}.json"));
+        assert!(line["replacement_score"].as_f64().unwrap() > 0.0);
+        assert!(out.join(format!("{slug}.graph.safetensors")).is_file());
+    }
+    assert!(!out.join("002-dog-dog-dog-dog-dog.json").exists());
+    // Each graph is the one a single `--prompt` run writes.
+    let single = dir.path().join("single");
+    for (prompt, slug) in [(park, "park"), (PROMPT, slugs[1])] {
+        let one = single.join(format!("{slug}.json"));
+        let o = run(&["--prompt", prompt, "--out", one.to_str().unwrap()]);
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        let read = |p: &Path| -> serde_json::Value {
+            serde_json::from_slice(&std::fs::read(p).unwrap()).unwrap()
+        };
+        let (a, b) = (read(&out.join(format!("{slug}.json"))), read(&one));
+        assert_eq!(a["nodes"], b["nodes"], "{slug}");
+        assert_eq!(a["links"], b["links"], "{slug}");
+        assert_eq!(a["metadata"]["prompt"], prompt);
+    }
+    // Plain text: a prompt a line, blank lines skipped, slugs by line number.
+    let txt = dir.path().join("prompts.txt");
+    std::fs::write(&txt, "Once upon a time\r\n\nThe cat sat. It\n").unwrap();
+    let got = read_prompts(&txt).unwrap();
+    let pairs: Vec<(&str, &str)> = got
+        .iter()
+        .map(|p| (p.slug.as_str(), p.prompt.as_str()))
+        .collect();
+    assert_eq!(
+        pairs,
+        [
+            ("001-once-upon-a-time", "Once upon a time"),
+            ("003-the-cat-sat-it", "The cat sat. It")
+        ]
+    );
+    // Bad files name the line.
+    for (body, says) in [
+        (
+            "{\"prompt\": \"a\"}\n{\"prompt\": \"b\", \"slug\": \"../x\"}\n",
+            "line 2: slug \"../x\"",
+        ),
+        (
+            "{\"prompt\": \"a\", \"slug\": \"s\"}\n{\"prompt\": \"b\", \"slug\": \"s\"}\n",
+            "line 2: slug \"s\" is used twice",
+        ),
+        ("{\"prompt\": \"\"}\n", "line 1: an empty prompt"),
+        ("{\"prompt\": \"a\"}\nnot json\n", "line 2: not a"),
+        ("{\"text\": \"a\"}\n", "line 1: not a"),
+        ("\n\n", "no prompts"),
+    ] {
+        std::fs::write(&file, body).unwrap();
+        let e = read_prompts(&file).unwrap_err().to_string();
+        assert!(
+            e.contains(says) && e.contains("prompts.jsonl"),
+            "{body:?}: {e}"
+        );
+    }
+    let o = run(&[
+        "--prompts",
+        file.to_str().unwrap(),
+        "--prompt",
+        "x",
+        "--out",
+        "y",
+    ]);
+    assert!(String::from_utf8_lossy(&o.stderr).contains("cannot be used with"));
+}

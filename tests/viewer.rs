@@ -117,6 +117,7 @@ fn fixture() -> &'static Fixture {
             },
             out: graphs.join(ATTRIBUTED),
             slug: None,
+            prompts: None,
             max_n_logits: 10,
             desired_logit_prob: 0.95,
             max_feature_nodes: 7500,

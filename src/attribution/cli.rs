@@ -30,11 +30,7 @@ pub struct Inputs {
     pub input_hook: Option<InputHook>,
     /// The prompt (a special token is put first when the tokens do not start with one: the model's BOS, else
     /// its EOS, as circuit-tracer does).
-    #[arg(
-        long,
-        required_unless_present = "prompt_file",
-        conflicts_with = "prompt_file"
-    )]
+    #[arg(long, conflicts_with = "prompt_file")]
     pub prompt: Option<String>,
     /// A file holding the prompt instead (UTF-8; one final line break, `\n` or `\r\n`, is not part of it):
     /// for long prompts.
@@ -75,7 +71,7 @@ pub struct AttributeArgs {
     #[command(flatten)]
     pub inputs: Inputs,
     /// The graph JSON to write (circuit-tracer's frontend format); the raw adjacency goes beside it as
-    /// `<stem>.graph.safetensors`.
+    /// `<stem>.graph.safetensors`. With `--prompts`, the folder the graphs go into.
     #[arg(long)]
     pub out: PathBuf,
     /// The graph's name in the JSON (default: the file stem).
@@ -106,6 +102,11 @@ pub struct AttributeArgs {
     /// llama2.c and SentencePiece tokenizers put a space before it).
     #[arg(long = "target")]
     pub targets: Vec<String>,
+    /// Many prompts, one graph each, written into the folder `--out` as `<slug>.json` with a
+    /// `summary.jsonl` (the model and transcoder loaded once): JSON lines `{"prompt": "...", "slug"?: "..."}`
+    /// where the file ends in `.jsonl`, else one prompt per non-empty line.
+    #[arg(long, conflicts_with_all = ["prompt", "prompt_file", "slug"])]
+    pub prompts: Option<PathBuf>,
     /// Attribute `logit(target) − logit(versus)` instead (a logit difference), each `--versus` paired with
     /// the `--target` in the same place.
     #[arg(long = "versus", requires = "targets")]
@@ -224,30 +225,11 @@ pub fn load_replacement(
 
 /// `clt attribute`.
 pub fn run_attribute(args: &AttributeArgs) -> Result<()> {
-    let (m, tc, name, prompt, tokens) = open(&args.inputs)?;
-    let cfg = AttributionConfig {
-        max_n_logits: args.max_n_logits,
-        desired_logit_prob: args.desired_logit_prob,
-        max_feature_nodes: Some(args.max_feature_nodes),
-        batch_size: args.batch_size,
-        update_interval: args.update_interval,
-        progress: !args.quiet,
-        targets: logit_targets(&m.tokenizer, &args.targets, &args.versus)?,
-        ..AttributionConfig::default()
-    };
-    for t in &cfg.targets {
-        let piece = |t: u32| format!("{:?} (#{t})", m.tokenizer.piece(t));
-        match *t {
-            LogitTarget::Token(a) => println!("target: the logit of {}", piece(a)),
-            LogitTarget::Difference(a, b) => {
-                println!(
-                    "target: the logit of {} minus that of {}",
-                    piece(a),
-                    piece(b)
-                )
-            }
-        }
+    if args.prompts.is_some() {
+        return run_attribute_many(args);
     }
+    let (m, tc, name, prompt, tokens) = open(&args.inputs)?;
+    let cfg = attribution_config(args, &m.tokenizer)?;
     let g = attribute(&m.model, &tc, &tokens, &cfg)?;
     let slug = args.slug.clone().unwrap_or_else(|| {
         args.out
@@ -292,6 +274,212 @@ pub fn run_attribute(args: &AttributeArgs) -> Result<()> {
     );
     println!("raw adjacency -> {}", w.raw.display());
     Ok(())
+}
+
+/// A prompt of `--prompts` and the name of its graph.
+#[derive(Clone, Debug, PartialEq)]
+pub struct NamedPrompt {
+    pub slug: String,
+    pub prompt: String,
+}
+
+/// Reads a `--prompts` file: JSON lines `{"prompt", "slug"?}` for a `.jsonl` file, else one prompt per
+/// non-empty line (trailing `\r` dropped). Prompts without a slug are named `NNN-first-words` (their
+/// 1-based line number and up to five words of the prompt, lower-cased, letters and digits only). Errors
+/// name the file and line: a bad line, an empty prompt, a slug that is not a plain file name, or one used
+/// twice.
+pub fn read_prompts(path: &Path) -> Result<Vec<NamedPrompt>> {
+    let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+    let jsonl = path.extension().is_some_and(|e| e == "jsonl");
+    let bad = |line: usize, reason: String| Error::Format {
+        path: path.to_path_buf(),
+        offset: line as u64,
+        reason: format!("line {line}: {reason}"),
+    };
+    #[derive(serde::Deserialize)]
+    #[serde(deny_unknown_fields)]
+    struct Line {
+        prompt: String,
+        #[serde(default)]
+        slug: Option<String>,
+    }
+    let mut out: Vec<NamedPrompt> = Vec::new();
+    for (i, line) in text.lines().enumerate() {
+        let n = i + 1;
+        let line = line.strip_suffix('\r').unwrap_or(line);
+        if line.trim().is_empty() {
+            continue;
+        }
+        let (prompt, slug) = if jsonl {
+            let l: Line = serde_json::from_str(line)
+                .map_err(|e| bad(n, format!("not a {{\"prompt\", \"slug\"?}} object: {e}")))?;
+            (l.prompt, l.slug)
+        } else {
+            (line.to_string(), None)
+        };
+        if prompt.is_empty() {
+            return Err(bad(n, "an empty prompt".into()));
+        }
+        let slug = match slug {
+            Some(s) => {
+                let plain = !s.is_empty()
+                    && !s.starts_with('.')
+                    && s.chars().all(|c| c.is_alphanumeric() || "-_ .".contains(c));
+                if !plain {
+                    return Err(bad(
+                        n,
+                        format!(
+                            "slug {s:?} is not a plain file name (letters, digits, - _ . and spaces)"
+                        ),
+                    ));
+                }
+                s
+            }
+            None => default_slug(n, &prompt),
+        };
+        if out.iter().any(|p| p.slug == slug) {
+            return Err(bad(n, format!("slug {slug:?} is used twice")));
+        }
+        out.push(NamedPrompt { slug, prompt });
+    }
+    if out.is_empty() {
+        return Err(bad(0, "no prompts".into()));
+    }
+    Ok(out)
+}
+
+/// `NNN-first-words` for the prompt on line `line`.
+fn default_slug(line: usize, prompt: &str) -> String {
+    let words: Vec<String> = prompt
+        .split(|c: char| !c.is_alphanumeric())
+        .filter(|w| !w.is_empty())
+        .take(5)
+        .map(str::to_lowercase)
+        .collect();
+    if words.is_empty() {
+        format!("{line:03}")
+    } else {
+        format!("{line:03}-{}", words.join("-"))
+    }
+}
+
+/// `clt attribute --prompts`: every prompt's graph into the folder `--out`, one line each in
+/// `summary.jsonl` (its scores and sizes, or the error that stopped it); a prompt that fails does not stop
+/// the others, and the command fails at the end naming how many did.
+fn run_attribute_many(args: &AttributeArgs) -> Result<()> {
+    let file = args.prompts.as_deref().unwrap_or(Path::new(""));
+    let prompts = read_prompts(file)?;
+    let i = &args.inputs;
+    let (m, tc, name) = load_replacement(
+        &i.model,
+        i.tokenizer.as_deref(),
+        &i.transcoder,
+        i.input_hook,
+    )?;
+    let cfg = attribution_config(args, &m.tokenizer)?;
+    let dir = &args.out;
+    std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+    let mut summary = String::new();
+    let mut failed = Vec::new();
+    for p in &prompts {
+        let t0 = std::time::Instant::now();
+        let out = dir.join(format!("{}.json", p.slug));
+        let run = || -> Result<(Graph, Written)> {
+            let tokens = m.tokenizer.encode_prompt(&p.prompt)?;
+            let g = attribute(&m.model, &tc, &tokens, &cfg)?;
+            let w = write_graph(
+                &g,
+                &m.tokenizer,
+                &p.prompt,
+                &out,
+                &p.slug,
+                &name,
+                args.node_threshold,
+                args.edge_threshold,
+            )?;
+            Ok((g, w))
+        };
+        let line = match run() {
+            Ok((g, w)) => {
+                println!(
+                    "{}: {} tokens, {} feature nodes, replacement {:.4}, completeness {:.4}, {} nodes, {} \
+                     links, {:.2} s -> {}",
+                    p.slug,
+                    g.tokens.len(),
+                    g.selected.len(),
+                    w.scores.replacement,
+                    w.scores.completeness,
+                    w.nodes,
+                    w.links,
+                    t0.elapsed().as_secs_f64(),
+                    out.display()
+                );
+                serde_json::json!({
+                    "slug": p.slug, "prompt": p.prompt, "graph": format!("{}.json", p.slug),
+                    "tokens": g.tokens.len(), "feature_nodes": g.selected.len(),
+                    "replacement_score": w.scores.replacement, "completeness_score": w.scores.completeness,
+                    "nodes": w.nodes, "links": w.links, "seconds": t0.elapsed().as_secs_f64(),
+                })
+            }
+            Err(e) => {
+                eprintln!("{}: failed: {e}", p.slug);
+                failed.push(p.slug.clone());
+                serde_json::json!({"slug": p.slug, "prompt": p.prompt, "error": e.to_string()})
+            }
+        };
+        summary.push_str(&line.to_string());
+        summary.push('\n');
+        // Rewritten after every prompt, so that a run stopped part-way records what it finished.
+        crate::clt::checkpoint::write_atomic(&dir.join("summary.jsonl"), summary.as_bytes())?;
+    }
+    println!(
+        "{} of {} graphs -> {} (summary.jsonl)",
+        prompts.len() - failed.len(),
+        prompts.len(),
+        dir.display()
+    );
+    if failed.is_empty() {
+        Ok(())
+    } else {
+        Err(Error::config(
+            "prompts",
+            format!(
+                "{} of {} prompts failed ({}); their errors are in {}",
+                failed.len(),
+                prompts.len(),
+                failed.join(", "),
+                dir.join("summary.jsonl").display()
+            ),
+        ))
+    }
+}
+
+/// The attribution settings of `args` (the targets printed).
+fn attribution_config(args: &AttributeArgs, tok: &Tokenizer) -> Result<AttributionConfig> {
+    let cfg = AttributionConfig {
+        max_n_logits: args.max_n_logits,
+        desired_logit_prob: args.desired_logit_prob,
+        max_feature_nodes: Some(args.max_feature_nodes),
+        batch_size: args.batch_size,
+        update_interval: args.update_interval,
+        progress: !args.quiet,
+        targets: logit_targets(tok, &args.targets, &args.versus)?,
+        ..AttributionConfig::default()
+    };
+    for t in &cfg.targets {
+        let piece = |t: u32| format!("{:?} (#{t})", tok.piece(t));
+        match *t {
+            LogitTarget::Token(a) => println!("target: the logit of {}", piece(a)),
+            LogitTarget::Difference(a, b) => {
+                println!(
+                    "target: the logit of {} minus that of {}",
+                    piece(a),
+                    piece(b)
+                )
+            }
+        }
+    }
+    Ok(cfg)
 }
 
 /// What [`write_graph`] wrote.
