@@ -214,6 +214,9 @@ function render(g, name) {
   const result = $("intervene-result");
   if (result) result.replaceChildren();
   renderIntervene();
+  // The prompt panel starts from the graph's prompt until one is typed.
+  const typed = $("prompt-input");
+  if (typed && !typed.value && g.metadata && typeof g.metadata.prompt === "string") typed.value = g.metadata.prompt;
 }
 
 function describe(n) {
@@ -297,6 +300,58 @@ function renderIntervene() {
   panel.replaceChildren(...parts);
 }
 
+// POSTs `body` as JSON to `url`; the answer's JSON, or an Error with the server's message.
+async function postJson(url, body) {
+  const resp = await fetch(url, { method: "POST", headers: { "Content-Type": "application/json" },
+    body: JSON.stringify(body) });
+  const r = await resp.json();
+  if (!resp.ok) throw new Error(r && r.error ? r.error : `HTTP ${resp.status}`);
+  return r;
+}
+
+// "Features on a prompt" (POST /api/activations, `clt activations`): the strongest features at each
+// position of any prompt, each a button that opens its dashboard, and each layer's error share there.
+function renderPromptPanel() {
+  const panel = $("prompt-panel");
+  panel.hidden = !state.intervene.available;
+  if (panel.hidden || panel.childElementCount) return;
+  const input = el("input", { type: "text", id: "prompt-input", placeholder: "a prompt" });
+  const run = el("button", { type: "button", id: "prompt-run" }, "run");
+  const out = el("div", { id: "prompt-result" });
+  run.addEventListener("click", async () => {
+    document.body.dataset.prompted = "running";
+    out.replaceChildren(el("p", { class: "hint" }, "running…"));
+    let r;
+    try {
+      r = await postJson("/api/activations", { prompt: input.value, top: 3 });
+    } catch (e) {
+      out.replaceChildren(el("p", { class: "feature-error" }, `Failed: ${e.message}`));
+      document.body.dataset.prompted = "error";
+      return;
+    }
+    const shares = (r.layers || []).map((l) => (+l.error_share).toFixed(3)).join(" ");
+    const rows = el("table", { class: "prompt-top" });
+    (r.pieces || []).forEach((piece, p) => {
+      if (p === 0) return;
+      const cell = el("td");
+      for (const f of r.top[p] || []) {
+        const b = el("button", { type: "button", class: "feature-link", "data-feature": `${f.layer}/${f.feature}`,
+          title: f.label || "" }, `${f.layer}:${f.feature} ${(+f.activation).toPrecision(3)}`);
+        b.addEventListener("click", () => loadFeature(f.layer, f.feature, null));
+        cell.appendChild(b);
+      }
+      const tr = el("tr");
+      tr.append(el("td", { class: "pos" }, String(p)), el("td", { class: "piece" }, JSON.stringify(piece)), cell);
+      rows.appendChild(tr);
+    });
+    out.replaceChildren(el("p", {}, `error share by layer: ${shares}`), rows);
+    document.body.dataset.prompted = "done";
+  });
+  const controls = el("div", { class: "intervene-controls" });
+  controls.append(input, run);
+  panel.append(el("h3", {}, "Features on a prompt"), controls, out);
+}
+
 function topList(title, top) {
   const col = el("div");
   col.appendChild(el("div", {}, title));
@@ -321,10 +376,7 @@ async function runIntervention() {
     generate: iv.generate === undefined ? 10 : iv.generate, top: 5 };
   let r;
   try {
-    const resp = await fetch("/api/intervene", { method: "POST", headers: { "Content-Type": "application/json" },
-      body: JSON.stringify(body) });
-    r = await resp.json();
-    if (!resp.ok) throw new Error(r && r.error ? r.error : `HTTP ${resp.status}`);
+    r = await postJson("/api/intervene", body);
   } catch (e) {
     out.replaceChildren(el("p", { class: "feature-error" }, `Intervention failed: ${e.message}`));
     document.body.dataset.intervened = "error";
@@ -553,10 +605,7 @@ function testOnText(layer, feature, actMax) {
     out.replaceChildren(el("p", { class: "hint" }, "running…"));
     let r;
     try {
-      const resp = await fetch("/api/activations", { method: "POST", headers: { "Content-Type": "application/json" },
-        body: JSON.stringify({ prompt: input.value, features: [`${layer}:${feature}`], top: 0 }) });
-      r = await resp.json();
-      if (!resp.ok) throw new Error(r && r.error ? r.error : `HTTP ${resp.status}`);
+      r = await postJson("/api/activations", { prompt: input.value, features: [`${layer}:${feature}`], top: 0 });
     } catch (e) {
       out.replaceChildren(el("p", { class: "feature-error" }, `Failed: ${e.message}`));
       document.body.dataset.tested = "error";
@@ -674,6 +723,7 @@ async function init() {
   } catch (e) {
     state.intervene.available = false;
   }
+  renderPromptPanel();
   const want = new URLSearchParams(location.search).get("graph") || (list[0] && list[0].name);
   if (want) await loadGraphByName(want);
   else if (document.body.dataset.state !== "error") document.body.dataset.state = "empty";
