@@ -1549,16 +1549,20 @@ fn the_activations_command_lists_features_traces_and_labels() {
     let mut labels = clt::features::labels::Labels::default();
     labels.insert(2, 7, "a label for 2:7".into());
     labels.write(&feats).unwrap();
-    let run = |extra: &[&str]| {
+    let run_many = |extra: &[&str]| {
         std::process::Command::new(env!("CARGO_BIN_EXE_clt"))
             .arg("activations")
             .args(["--model", model.to_str().unwrap()])
             .args(["--tokenizer", tok.to_str().unwrap()])
             .args(["--transcoder", f.export.to_str().unwrap()])
-            .args(["--prompt", PROMPT])
             .args(extra)
             .output()
             .unwrap()
+    };
+    let run = |extra: &[&str]| {
+        let mut all = vec!["--prompt", PROMPT];
+        all.extend(extra);
+        run_many(&all)
     };
     let json = dir.path().join("acts/lily.json");
     let o = run(&[
@@ -1631,6 +1635,56 @@ fn the_activations_command_lists_features_traces_and_labels() {
     assert_eq!(
         traces[1]["activation"].as_array().unwrap().len(),
         tokens.len()
+    );
+    // Many prompts: a JSON line each, the single prompt's record; a failing one recorded, the rest run.
+    let file = dir.path().join("prompts.jsonl");
+    let long = vec!["dog"; 700].join(" ");
+    std::fs::write(
+        &file,
+        format!(
+            "{}\n{}\n",
+            serde_json::json!({"prompt": long, "slug": "long"}),
+            serde_json::json!({"prompt": PROMPT, "slug": "lily"})
+        ),
+    )
+    .unwrap();
+    let lines_file = dir.path().join("many.jsonl");
+    let o = run_many(&[
+        "--prompts",
+        file.to_str().unwrap(),
+        "--feature",
+        "2:7",
+        "--json",
+        lines_file.to_str().unwrap(),
+    ]);
+    let stdout = String::from_utf8_lossy(&o.stdout);
+    assert!(!o.status.success());
+    assert!(String::from_utf8_lossy(&o.stderr).contains("1 of 2 prompts failed (long)"));
+    assert!(
+        stdout.contains("lily: ") && stdout.contains("  2:7 "),
+        "{stdout}"
+    );
+    let lines: Vec<serde_json::Value> = std::fs::read_to_string(&lines_file)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(lines.len(), 2);
+    assert_eq!(lines[0]["slug"], "long");
+    assert!(lines[0]["error"].as_str().unwrap().contains("max_seq_len"));
+    assert_eq!(lines[1]["slug"], "lily");
+    assert_eq!(lines[1]["prompt"], PROMPT);
+    let want = pa.traces[0]
+        .activation
+        .iter()
+        .map(|&a| serde_json::json!(a))
+        .collect::<Vec<_>>();
+    let got: Vec<serde_json::Value> =
+        serde_json::from_str(&lines[1]["traces"][0]["activation"].to_string()).unwrap();
+    assert_eq!(got, want);
+    assert_eq!(
+        lines[1]["active"]["feature"].as_array().unwrap().len(),
+        pa.features.len()
     );
     // Bad requests name themselves.
     for (args, says) in [

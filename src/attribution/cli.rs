@@ -159,9 +159,14 @@ pub struct ActivationsArgs {
     #[arg(long)]
     pub labels: Option<PathBuf>,
     /// Also write the result as JSON: tokens, each layer's fit, the strongest features at each position,
-    /// the traces, and every active feature (layer, position, feature, activation).
+    /// the traces, and every active feature (layer, position, feature, activation); with `--prompts`, a
+    /// JSON line per prompt.
     #[arg(long)]
     pub json: Option<PathBuf>,
+    /// Many prompts (as `clt attribute --prompts` reads them): a line each, with where each `--feature`
+    /// fires most.
+    #[arg(long, conflicts_with_all = ["prompt", "prompt_file"])]
+    pub prompts: Option<PathBuf>,
 }
 
 /// The model, the transcoder, its name, the prompt and its tokens.
@@ -610,7 +615,20 @@ fn write_record(path: &Path, what: &str, j: &serde_json::Value) -> Result<()> {
 
 /// `clt activations`.
 pub fn run_activations(args: &ActivationsArgs) -> Result<()> {
-    let (m, tc, _, _, tokens) = open(&args.inputs)?;
+    let i = &args.inputs;
+    let prompts = match &args.prompts {
+        Some(file) => read_prompts(file)?,
+        None => vec![NamedPrompt {
+            slug: String::new(),
+            prompt: i.prompt_text()?,
+        }],
+    };
+    let (m, tc, _) = load_replacement(
+        &i.model,
+        i.tokenizer.as_deref(),
+        &i.transcoder,
+        i.input_hook,
+    )?;
     let watch: Vec<(usize, usize)> = args
         .features
         .iter()
@@ -626,6 +644,10 @@ pub fn run_activations(args: &ActivationsArgs) -> Result<()> {
         Some(dir) => Some(crate::features::labels::Labels::read(dir)?),
         None => None,
     };
+    if args.prompts.is_some() {
+        return activations_many(args, &prompts, &m, &tc, &watch, labels.as_ref());
+    }
+    let tokens = m.tokenizer.encode_prompt(&prompts[0].prompt)?;
     let pa = prompt_activations(&m.model, &tc, &tokens, &watch)?;
     let tok = &m.tokenizer;
     let piece = |p: usize| format!("{:?}", display_token(&tok.piece(tokens[p])));
@@ -687,6 +709,99 @@ pub fn run_activations(args: &ActivationsArgs) -> Result<()> {
         println!("-> {}", path.display());
     }
     Ok(())
+}
+
+/// `clt activations --prompts`: a line per prompt (its tokens, mean L0 and error share over the layers, and
+/// where each traced feature fires most), and with `--json` a JSON line each (the single prompt's record
+/// with every active feature, plus `slug` and `prompt`; or the error). A prompt that fails does not stop the
+/// others; the command then fails naming them.
+fn activations_many(
+    args: &ActivationsArgs,
+    prompts: &[NamedPrompt],
+    m: &LoadedModel,
+    tc: &ReplacementTranscoder,
+    watch: &[(usize, usize)],
+    labels: Option<&crate::features::labels::Labels>,
+) -> Result<()> {
+    let tok = &m.tokenizer;
+    let mut lines = String::new();
+    let mut failed = Vec::new();
+    for p in prompts {
+        let run = || -> Result<(Vec<u32>, super::activations::PromptActivations)> {
+            let tokens = tok.encode_prompt(&p.prompt)?;
+            let pa = prompt_activations(&m.model, tc, &tokens, watch)?;
+            Ok((tokens, pa))
+        };
+        let mut j = match run() {
+            Ok((tokens, pa)) => {
+                let n_l = pa.layers.len().max(1) as f64;
+                let l0 = pa.layers.iter().map(|f| f.l0).sum::<f64>() / n_l;
+                let share = pa.layers.iter().map(|f| f.error_share).sum::<f64>() / n_l;
+                println!(
+                    "{}: {} tokens, L0 {l0:.1} a layer, error share {share:.4} (mean over layers)",
+                    p.slug,
+                    tokens.len()
+                );
+                for t in &pa.traces {
+                    let (at, most) = t
+                        .activation
+                        .iter()
+                        .enumerate()
+                        .fold((0, 0.0f32), |b, (i, &a)| if a > b.1 { (i, a) } else { b });
+                    let name = format!("{}:{}", t.layer, t.feature);
+                    if most > 0.0 {
+                        let fired = t.activation.iter().filter(|&&a| a > 0.0).count();
+                        println!(
+                            "  {name} fires at {fired} of {} positions, most {most:.4} at {at} {:?}",
+                            tokens.len() - 1,
+                            display_token(&tok.piece(tokens[at]))
+                        );
+                    } else {
+                        let top = t
+                            .pre
+                            .iter()
+                            .skip(1)
+                            .copied()
+                            .fold(f32::NEG_INFINITY, f32::max);
+                        println!(
+                            "  {name} silent (pre-activation at most {top:.4}, θ {:.4})",
+                            t.threshold
+                        );
+                    }
+                }
+                activations_json(tok, &pa, args.top, labels, true)
+            }
+            Err(e) => {
+                eprintln!("{}: failed: {e}", p.slug);
+                failed.push(p.slug.clone());
+                serde_json::json!({ "error": e.to_string() })
+            }
+        };
+        j["slug"] = p.slug.clone().into();
+        j["prompt"] = p.prompt.clone().into();
+        lines.push_str(&j.to_string());
+        lines.push('\n');
+    }
+    if let Some(path) = &args.json {
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+        }
+        crate::clt::checkpoint::write_atomic(path, lines.as_bytes())?;
+        println!("-> {} (a JSON line per prompt)", path.display());
+    }
+    if failed.is_empty() {
+        Ok(())
+    } else {
+        Err(Error::config(
+            "prompts",
+            format!(
+                "{} of {} prompts failed ({})",
+                failed.len(),
+                prompts.len(),
+                failed.join(", ")
+            ),
+        ))
+    }
 }
 
 /// A watched token's probability and logit before and after an intervention.
