@@ -760,11 +760,11 @@ fn graph_and_features_in_headless_chromium() {
 
         // Features on a prompt: the graph's prompt by default, each position's three strongest features as
         // the library ranks them, and a feature's button opens its dashboard.
-        let typed = c.execute("return document.getElementById('prompt-input').value", vec![]).await.unwrap();
+        let typed = c.execute("return document.getElementById('probe-prompt').value", vec![]).await.unwrap();
         assert_eq!(typed, serde_json::json!(prompt));
-        c.find(Locator::Id("prompt-run")).await.unwrap().click().await.unwrap();
+        c.find(Locator::Id("probe-run")).await.unwrap().click().await.unwrap();
         wait_js(&c, "return document.body.dataset.prompted", "done").await;
-        let rows = c.execute("return document.querySelectorAll('#prompt-result tr').length", vec![]).await.unwrap();
+        let rows = c.execute("return document.querySelectorAll('#probe-result tr').length", vec![]).await.unwrap();
         assert_eq!(rows, serde_json::json!(tokens.len() - 1));
         let all = clt::attribution::activations::prompt_activations(&m.model, &tc, &tokens, &[]).unwrap();
         let af = &all.features;
@@ -773,7 +773,7 @@ fn graph_and_features_in_headless_chromium() {
                 all.top_at(p, 3).iter().map(|&i| format!("{}/{}", af.layer[i], af.index[i])).collect();
             let got = c
                 .execute(
-                    "return [...document.querySelectorAll('#prompt-result tr')[arguments[0] - 1].querySelectorAll('.feature-link')].map(b => b.dataset.feature)",
+                    "return [...document.querySelectorAll('#probe-result tr')[arguments[0] - 1].querySelectorAll('.feature-link')].map(b => b.dataset.feature)",
                     vec![serde_json::json!(p)],
                 )
                 .await
@@ -781,7 +781,7 @@ fn graph_and_features_in_headless_chromium() {
             assert_eq!(got, serde_json::json!(want), "position {p}");
         }
         let first = all.top_at(1, 1)[0];
-        c.find(Locator::Css("#prompt-result .feature-link")).await.unwrap().click().await.unwrap();
+        c.find(Locator::Css("#probe-result .feature-link")).await.unwrap().click().await.unwrap();
         wait_js(&c, "return document.body.dataset.feature", &format!("{}/{}", af.layer[first], af.index[first])).await;
 
         // A malformed graph shows an error, not a blank page.

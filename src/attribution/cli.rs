@@ -39,6 +39,16 @@ pub struct Inputs {
 }
 
 impl Inputs {
+    /// The model and transcoder (as [`load_replacement`]) and the transcoder's name.
+    pub fn load(&self) -> Result<(LoadedModel, ReplacementTranscoder, String)> {
+        load_replacement(
+            &self.model,
+            self.tokenizer.as_deref(),
+            &self.transcoder,
+            self.input_hook,
+        )
+    }
+
     /// The prompt's text: `--prompt`, or `--prompt-file`'s contents less one final line break.
     pub fn prompt_text(&self) -> Result<String> {
         match (&self.prompt, &self.prompt_file) {
@@ -172,12 +182,7 @@ pub struct ActivationsArgs {
 /// The model, the transcoder, its name, the prompt and its tokens.
 fn open(inputs: &Inputs) -> Result<(LoadedModel, ReplacementTranscoder, String, String, Vec<u32>)> {
     let prompt = inputs.prompt_text()?;
-    let (m, tc, name) = load_replacement(
-        &inputs.model,
-        inputs.tokenizer.as_deref(),
-        &inputs.transcoder,
-        inputs.input_hook,
-    )?;
+    let (m, tc, name) = inputs.load()?;
     let tokens = m.tokenizer.encode_prompt(&prompt)?;
     Ok((m, tc, name, prompt, tokens))
 }
@@ -374,13 +379,7 @@ fn default_slug(line: usize, prompt: &str) -> String {
 fn run_attribute_many(args: &AttributeArgs) -> Result<()> {
     let file = args.prompts.as_deref().unwrap_or(Path::new(""));
     let prompts = read_prompts(file)?;
-    let i = &args.inputs;
-    let (m, tc, name) = load_replacement(
-        &i.model,
-        i.tokenizer.as_deref(),
-        &i.transcoder,
-        i.input_hook,
-    )?;
+    let (m, tc, name) = args.inputs.load()?;
     let cfg = attribution_config(args, &m.tokenizer)?;
     let dir = &args.out;
     std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
@@ -623,12 +622,7 @@ pub fn run_activations(args: &ActivationsArgs) -> Result<()> {
             prompt: i.prompt_text()?,
         }],
     };
-    let (m, tc, _) = load_replacement(
-        &i.model,
-        i.tokenizer.as_deref(),
-        &i.transcoder,
-        i.input_hook,
-    )?;
+    let (m, tc, _) = i.load()?;
     let watch: Vec<(usize, usize)> = args
         .features
         .iter()

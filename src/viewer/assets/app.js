@@ -215,7 +215,7 @@ function render(g, name) {
   if (result) result.replaceChildren();
   renderIntervene();
   // The prompt panel starts from the graph's prompt until one is typed.
-  const typed = $("prompt-input");
+  const typed = $("probe-prompt");
   if (typed && !typed.value && g.metadata && typeof g.metadata.prompt === "string") typed.value = g.metadata.prompt;
 }
 
@@ -315,20 +315,7 @@ function renderPromptPanel() {
   const panel = $("prompt-panel");
   panel.hidden = !state.intervene.available;
   if (panel.hidden || panel.childElementCount) return;
-  const input = el("input", { type: "text", id: "prompt-input", placeholder: "a prompt" });
-  const run = el("button", { type: "button", id: "prompt-run" }, "run");
-  const out = el("div", { id: "prompt-result" });
-  run.addEventListener("click", async () => {
-    document.body.dataset.prompted = "running";
-    out.replaceChildren(el("p", { class: "hint" }, "running…"));
-    let r;
-    try {
-      r = await postJson("/api/activations", { prompt: input.value, top: 3 });
-    } catch (e) {
-      out.replaceChildren(el("p", { class: "feature-error" }, `Failed: ${e.message}`));
-      document.body.dataset.prompted = "error";
-      return;
-    }
+  const box = promptRunner("probe", "prompted", "", (prompt) => ({ prompt, top: 3 }), (r) => {
     const shares = (r.layers || []).map((l) => (+l.error_share).toFixed(3)).join(" ");
     const rows = el("table", { class: "prompt-top" });
     (r.pieces || []).forEach((piece, p) => {
@@ -344,12 +331,37 @@ function renderPromptPanel() {
       tr.append(el("td", { class: "pos" }, String(p)), el("td", { class: "piece" }, JSON.stringify(piece)), cell);
       rows.appendChild(tr);
     });
-    out.replaceChildren(el("p", {}, `error share by layer: ${shares}`), rows);
-    document.body.dataset.prompted = "done";
+    return [[el("p", {}, `error share by layer: ${shares}`), rows], "done"];
+  });
+  panel.append(el("h3", {}, "Features on a prompt"), ...box);
+}
+
+// A prompt box that POSTs `request(prompt)` to /api/activations and shows `show(answer)`: `[elements,
+// state]`. Its elements are `#${id}-prompt` (starting as `prompt`), `#${id}-run` and `#${id}-result`;
+// `document.body.dataset[flag]` is "running", then "error" or `show`'s state (what the browser test waits on).
+function promptRunner(id, flag, prompt, request, show) {
+  const input = el("input", { type: "text", id: `${id}-prompt`, placeholder: "a prompt" });
+  input.value = prompt;
+  const run = el("button", { type: "button", id: `${id}-run` }, "run");
+  const out = el("div", { id: `${id}-result` });
+  run.addEventListener("click", async () => {
+    document.body.dataset[flag] = "running";
+    out.replaceChildren(el("p", { class: "hint" }, "running…"));
+    let r;
+    try {
+      r = await postJson("/api/activations", request(input.value));
+    } catch (e) {
+      out.replaceChildren(el("p", { class: "feature-error" }, `Failed: ${e.message}`));
+      document.body.dataset[flag] = "error";
+      return;
+    }
+    const [parts, done] = show(r);
+    out.replaceChildren(...parts);
+    document.body.dataset[flag] = done;
   });
   const controls = el("div", { class: "intervene-controls" });
   controls.append(input, run);
-  panel.append(el("h3", {}, "Features on a prompt"), controls, out);
+  return [controls, out];
 }
 
 function topList(title, top) {
@@ -596,21 +608,9 @@ function testOnText(layer, feature, actMax) {
   const sec = el("section", { id: "test-text" });
   sec.appendChild(el("h3", {}, "Test on text"));
   const meta = (state.graph && state.graph.g.metadata) || {};
-  const input = el("input", { type: "text", id: "test-prompt", placeholder: "a prompt" });
-  input.value = typeof meta.prompt === "string" ? meta.prompt : "";
-  const run = el("button", { type: "button", id: "test-run" }, "run");
-  const out = el("div", { id: "test-result" });
-  run.addEventListener("click", async () => {
-    document.body.dataset.tested = "running";
-    out.replaceChildren(el("p", { class: "hint" }, "running…"));
-    let r;
-    try {
-      r = await postJson("/api/activations", { prompt: input.value, features: [`${layer}:${feature}`], top: 0 });
-    } catch (e) {
-      out.replaceChildren(el("p", { class: "feature-error" }, `Failed: ${e.message}`));
-      document.body.dataset.tested = "error";
-      return;
-    }
+  const prompt = typeof meta.prompt === "string" ? meta.prompt : "";
+  const request = (p) => ({ prompt: p, features: [`${layer}:${feature}`], top: 0 });
+  sec.append(...promptRunner("test", "tested", prompt, request, (r) => {
     const t = r.traces[0], acts = t.activation, pieces = r.pieces || [];
     const max = Math.max(0, ...acts);
     const scale = actMax > 0 ? actMax : max;
@@ -624,13 +624,9 @@ function testOnText(layer, feature, actMax) {
         `activation ${(+a).toPrecision(3)}, pre-activation ${(+t.pre[i]).toPrecision(3)} (θ ${(+t.threshold).toPrecision(3)})`;
       div.appendChild(sp);
     });
-    out.replaceChildren(el("p", {}, `Fires at ${fired} of ${Math.max(pieces.length - 1, 0)} positions` +
-      (fired ? `, most ${max.toPrecision(3)}.` : ".")), div);
-    document.body.dataset.tested = String(fired);
-  });
-  const controls = el("div", { class: "intervene-controls" });
-  controls.append(input, run);
-  sec.append(controls, out);
+    const says = `Fires at ${fired} of ${Math.max(pieces.length - 1, 0)} positions` + (fired ? `, most ${max.toPrecision(3)}.` : ".");
+    return [[el("p", {}, says), div], String(fired)];
+  }));
   return sec;
 }
 
