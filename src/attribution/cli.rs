@@ -442,20 +442,11 @@ fn run_attribute_many(args: &AttributeArgs) -> Result<()> {
         prompts.len(),
         dir.display()
     );
-    if failed.is_empty() {
-        Ok(())
-    } else {
-        Err(Error::config(
-            "prompts",
-            format!(
-                "{} of {} prompts failed ({}); their errors are in {}",
-                failed.len(),
-                prompts.len(),
-                failed.join(", "),
-                dir.join("summary.jsonl").display()
-            ),
-        ))
-    }
+    let more = format!(
+        "; their errors are in {}",
+        dir.join("summary.jsonl").display()
+    );
+    all_ran(&failed, prompts.len(), &more)
 }
 
 /// The attribution settings of `args` (the targets printed).
@@ -606,10 +597,15 @@ fn write_record(path: &Path, what: &str, j: &serde_json::Value) -> Result<()> {
         what: what.into(),
         reason: e.to_string(),
     })?;
+    write_file(path, &bytes)
+}
+
+/// Writes `bytes` to `path` (its directory made), atomically.
+fn write_file(path: &Path, bytes: &[u8]) -> Result<()> {
     if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
         std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
     }
-    crate::clt::checkpoint::write_atomic(path, &bytes)
+    crate::clt::checkpoint::write_atomic(path, bytes)
 }
 
 /// `clt activations`.
@@ -777,25 +773,25 @@ fn activations_many(
         lines.push('\n');
     }
     if let Some(path) = &args.json {
-        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-            std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
-        }
-        crate::clt::checkpoint::write_atomic(path, lines.as_bytes())?;
+        write_file(path, lines.as_bytes())?;
         println!("-> {} (a JSON line per prompt)", path.display());
     }
+    all_ran(&failed, prompts.len(), "")
+}
+
+/// Ok when no prompt of `n` failed, else an error naming the ones that did (`more`: where to read why).
+fn all_ran(failed: &[String], n: usize, more: &str) -> Result<()> {
     if failed.is_empty() {
-        Ok(())
-    } else {
-        Err(Error::config(
-            "prompts",
-            format!(
-                "{} of {} prompts failed ({})",
-                failed.len(),
-                prompts.len(),
-                failed.join(", ")
-            ),
-        ))
+        return Ok(());
     }
+    Err(Error::config(
+        "prompts",
+        format!(
+            "{} of {n} prompts failed ({}){more}",
+            failed.len(),
+            failed.join(", ")
+        ),
+    ))
 }
 
 /// A watched token's probability and logit before and after an intervention.
