@@ -209,6 +209,23 @@ fn cached_forward_matches_the_full_forward() {
     eprintln!("largest logit difference, cached vs full: {worst}");
 }
 
+/// The same over 230 positions with a window of 70: the full forward's attention runs in four row blocks
+/// of 58-position tiles, and the later blocks' first key tiles lie wholly outside the window, while a
+/// window of 200 reaches back across tiles; the cached forward attends one query at a time over the keys
+/// it sees.
+#[test]
+fn a_window_across_tiles_matches_the_cached_forward() {
+    for window in [70, 200] {
+        let mut config = tiny_config();
+        config["max_position_embeddings"] = 256.into();
+        config["sliding_window"] = window.into();
+        let (_dir, m) = load_with("model.", &config);
+        let seq: Vec<u32> = (0..230u32).map(|i| (i * 37 + 11) % VOCAB as u32).collect();
+        let worst = common::kv::assert_cached_forward_matches(&m.model, &seq, TOL);
+        eprintln!("window {window}: largest logit difference, cached vs full: {worst}");
+    }
+}
+
 #[test]
 fn frozen_state_forward_reproduces_the_plain_forward() {
     let (_dir, m) = load();

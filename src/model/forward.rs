@@ -441,7 +441,7 @@ pub(crate) fn causal_attention(
                 let start = if record { block_start(i) * tl * tl } else { 0 };
                 let block = &mut store[start..start + (i + 1) * tl * tl];
                 softmax_block(i, tl, n, hd, (h, kvh), (qd, kvd), scores, q, k, block);
-                block_matmul(block, i, tl, n, vm, &mut o, hd);
+                block_matmul(block, i, first_tile(scores, i, tl), tl, n, vm, &mut o, hd);
             }
             o
         })
@@ -456,6 +456,12 @@ pub(crate) fn causal_attention(
     } else {
         None
     }
+}
+
+/// The first key tile row block `i` (queries `i·tl..`) sees: the tile of its first query's first key (later
+/// queries' windows start later). Earlier tiles lie wholly outside every window of the block.
+fn first_tile(scores: AttnScores, i: usize, tl: usize) -> usize {
+    scores.first_key(i * tl) / tl.max(1)
 }
 
 /// The softmax weights of row block `i` (queries `i·tl..`) of head `h` (key/value head `kvh`) into its
@@ -480,7 +486,8 @@ fn softmax_block(
         ..
     } = scores;
     let rows = tl.min(n - i * tl);
-    for j in 0..=i {
+    // Key tiles wholly before the block's first query's window get no scores: the mask below zeroes them.
+    for j in first_tile(scores, i, tl)..=i {
         let cols = tl.min(n - j * tl);
         matmul(
             &mut block[j * tl * tl..],

@@ -185,7 +185,7 @@ impl<'a> HeadTiles<'a> {
         let (n, tl) = (self.n, self.tile);
         assert!(v.rows >= n, "pattern product: too few value rows");
         for i in 0..n.div_ceil(tl) {
-            block_matmul(self.block(i), i, tl, n, v, out, ldo);
+            block_matmul(self.block(i), i, 0, tl, n, v, out, ldo);
         }
     }
 
@@ -220,11 +220,14 @@ impl<'a> HeadTiles<'a> {
 
 /// Row block `i`'s part of `P·V`: `out[t, :] = Σ_s P[t, s] v[s, :]` for its queries `t` (rows `i·tl..` of
 /// `out`, whatever they held), from its `(i + 1)` tiles of `tl × tl` in `block` (the layout of
-/// [`HeadTiles::block`]); `n` positions, `v` an `n × w` view, `out` of row stride `ldo`. The forward computes
-/// a row block's weights and then this, one block at a time.
+/// [`HeadTiles::block`]); `n` positions, `v` an `n × w` view, `out` of row stride `ldo`. Tiles before
+/// `first` are zero (keys outside every query's sliding window) and skipped. The forward computes a row
+/// block's weights and then this, one block at a time.
+#[allow(clippy::too_many_arguments)]
 pub(crate) fn block_matmul(
     block: &[f32],
     i: usize,
+    first: usize,
     tl: usize,
     n: usize,
     v: Mat<'_>,
@@ -232,14 +235,14 @@ pub(crate) fn block_matmul(
     ldo: usize,
 ) {
     let rows = tl.min(n - i * tl);
-    for j in 0..=i {
+    for j in first.min(i)..=i {
         let cols = tl.min(n - j * tl);
         matmul(
             &mut out[i * tl * ldo..],
             ldo,
             Mat::strided(&block[j * tl * tl..], rows, cols, tl),
             sub_rows(v, j * tl, cols),
-            if j == 0 { 0.0 } else { 1.0 },
+            if j == first.min(i) { 0.0 } else { 1.0 },
             1.0,
             Threads::One,
         );
