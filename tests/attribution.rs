@@ -562,6 +562,18 @@ fn gemma2_adjacency_columns_match_the_frozen_model_oracle() {
     interventions_move_the_logits(&m, &tc, &tokens);
 }
 
+/// The same oracle over 150 positions with a window of 40: the recorded patterns span three row blocks of
+/// 50-position tiles, the last block's first key tile wholly outside its window.
+#[test]
+fn gemma2_windows_across_tiles_match_the_oracle() {
+    let (mut m, _) = random_gemma2(2, 24);
+    m.base.config.max_seq_len = 160;
+    m.gemma.sliding_window = Some(40);
+    let tokens: Vec<u32> = (0..150u64).map(|i| ((i * 11 + 5) % 40) as u32).collect();
+    let tc = calibrated_transcoder(&m, &tokens, 40, 4, 7, InputHook::MlpInNormed).unwrap();
+    oracle(&m, &tc, &tokens, 40);
+}
+
 /// Gemma Scope's convention on Gemma-2: a transcoder reading the MLP norm before its weight
 /// (`mlp_in_unweighted`, TransformerLens's `ln2.hook_normalized` on an RMSNorm), with skip connections
 /// through the same frozen unweighted norm, against the oracle; interventions run through it.

@@ -451,6 +451,9 @@ pub(crate) fn causal_attention(
             out[t * qd + h * hd..t * qd + (h + 1) * hd].copy_from_slice(ot);
         }
     }
+    if let Some(p) = pattern.as_mut() {
+        p.find_leading_zeros();
+    }
     if record {
         pattern.or_else(|| frozen.cloned())
     } else {

@@ -25,6 +25,9 @@ pub struct AttnPattern {
     n: usize,
     tile: usize,
     data: Vec<f32>,
+    /// Per row block, a tile before which every head's tiles of the block are zero (the key tiles outside a
+    /// sliding window), which products skip: 0 until [`AttnPattern::find_leading_zeros`] looks.
+    first: Vec<usize>,
 }
 
 /// One head's tiles, read-only.
@@ -33,6 +36,7 @@ pub struct HeadTiles<'a> {
     data: &'a [f32],
     n: usize,
     tile: usize,
+    first: &'a [usize],
 }
 
 /// The tile side for `n` positions: at most [`TILE`], and as even as the blocks allow, so that the last row
@@ -56,7 +60,26 @@ impl AttnPattern {
             n,
             tile,
             data: vec![0.0; n_heads * per_head],
+            first: vec![0; n.div_ceil(tile)],
         }
+    }
+
+    /// Records, per row block, how many of its leading key tiles are zero in every head (never the
+    /// diagonal one), so that products skip them: call after writing the pattern.
+    pub(crate) fn find_leading_zeros(&mut self) {
+        let (tl, len) = (self.tile, self.head_len());
+        let tt = tl * tl;
+        self.first = (0..self.n.div_ceil(tl))
+            .map(|i| {
+                let zero = |j: usize| {
+                    (0..self.n_heads).all(|h| {
+                        let at = h * len + (block_start(i) + j) * tt;
+                        self.data[at..at + tt].iter().all(|&v| v == 0.0)
+                    })
+                };
+                (0..i).find(|&j| !zero(j)).unwrap_or(i)
+            })
+            .collect();
     }
 
     /// Bytes of the pattern of `n_heads` heads over `n` positions, before making it.
@@ -93,6 +116,7 @@ impl AttnPattern {
                 }
             }
         }
+        p.find_leading_zeros();
         Ok(p)
     }
 
@@ -162,10 +186,12 @@ impl AttnPattern {
             data: &self.data[h * len..(h + 1) * len],
             n: self.n,
             tile: self.tile,
+            first: &self.first,
         }
     }
 
-    /// Every head's storage, in parallel (each of [`AttnPattern::head`]'s length).
+    /// Every head's storage, in parallel (each of [`AttnPattern::head`]'s length); call
+    /// [`AttnPattern::find_leading_zeros`] after writing it.
     pub(crate) fn heads_mut(&mut self) -> rayon::slice::ChunksMut<'_, f32> {
         let len = self.head_len().max(1);
         self.data.par_chunks_mut(len)
@@ -185,7 +211,7 @@ impl<'a> HeadTiles<'a> {
         let (n, tl) = (self.n, self.tile);
         assert!(v.rows >= n, "pattern product: too few value rows");
         for i in 0..n.div_ceil(tl) {
-            block_matmul(self.block(i), i, 0, tl, n, v, out, ldo);
+            block_matmul(self.block(i), i, self.first[i], tl, n, v, out, ldo);
         }
     }
 
@@ -202,7 +228,7 @@ impl<'a> HeadTiles<'a> {
             let rows = tl.min(len - i * tl);
             let block = self.block(i);
             let ai = sub_rows(a, i * tl, rows);
-            for j in 0..=i {
+            for j in self.first[i]..=i {
                 let cols = tl.min(len - j * tl);
                 matmul(
                     &mut out[j * tl * ldo..],
@@ -310,12 +336,37 @@ mod tests {
         assert!(e.contains("head 1, query 1") && e.contains("key 3"), "{e}");
     }
 
+    /// Also with a sliding window of 40, whose leading zero tiles the products skip.
     #[test]
     fn products_match_the_dense_pattern() {
         let w = 5;
-        for n in [1, 3, 64, 65, 150] {
-            let d = dense(2, n);
+        for (n, window) in [1, 3, 64, 65, 150, 150, 200]
+            .into_iter()
+            .zip([0, 0, 0, 0, 0, 40, 40])
+        {
+            let mut d = dense(2, n);
+            if window > 0 {
+                for (i, v) in d.iter_mut().enumerate() {
+                    let (t, s) = ((i / n) % n, i % n);
+                    if s + window <= t {
+                        *v = 0.0;
+                    }
+                }
+            }
             let p = AttnPattern::from_dense(2, n, &d).unwrap();
+            // Row block i of tiles T sees keys from iT + 1 − 40 on: its first tile is (iT − 39) / T.
+            let tl = p.tile();
+            let first: Vec<usize> = (0..n.div_ceil(tl))
+                .map(|i| {
+                    if window > 0 {
+                        (i * tl + 1).saturating_sub(window) / tl
+                    } else {
+                        0
+                    }
+                })
+                .collect();
+            assert_eq!(p.first, first, "n = {n}, window {window}");
+            assert!(window == 0 || first.iter().any(|&f| f > 0));
             // A value / gradient matrix with a row stride wider than its width.
             let ld = w + 3;
             let v: Vec<f32> = (0..n * ld)
