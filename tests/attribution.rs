@@ -1819,7 +1819,7 @@ fn attribute_with_many_prompts_writes_each_graph_and_a_summary() {
             "line 2: slug \"s\" is used twice",
         ),
         ("{\"prompt\": \"\"}\n", "line 1: an empty prompt"),
-        ("{\"prompt\": \"a\"}\nnot json\n", "line 2: not a"),
+        ("{\"prompt\": \"a\"}\nnot json\n", "byte 16: line 2: not a"),
         ("{\"text\": \"a\"}\n", "line 1: not a"),
         ("\n\n", "no prompts"),
     ] {

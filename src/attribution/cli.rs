@@ -301,9 +301,10 @@ pub struct NamedPrompt {
 pub fn read_prompts(path: &Path) -> Result<Vec<NamedPrompt>> {
     let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
     let jsonl = path.extension().is_some_and(|e| e == "jsonl");
-    let bad = |line: usize, reason: String| Error::Format {
+    // The error names the line and its first byte.
+    let bad = |line: usize, at: usize, reason: String| Error::Format {
         path: path.to_path_buf(),
-        offset: line as u64,
+        offset: at as u64,
         reason: format!("line {line}: {reason}"),
     };
     #[derive(serde::Deserialize)]
@@ -314,21 +315,25 @@ pub fn read_prompts(path: &Path) -> Result<Vec<NamedPrompt>> {
         slug: Option<String>,
     }
     let mut out: Vec<NamedPrompt> = Vec::new();
-    for (i, line) in text.lines().enumerate() {
-        let n = i + 1;
+    let mut at = 0;
+    for (i, raw) in text.split_inclusive('\n').enumerate() {
+        let (n, start) = (i + 1, at);
+        at += raw.len();
+        let bad = |reason: String| bad(n, start, reason);
+        let line = raw.strip_suffix('\n').unwrap_or(raw);
         let line = line.strip_suffix('\r').unwrap_or(line);
         if line.trim().is_empty() {
             continue;
         }
         let (prompt, slug) = if jsonl {
             let l: Line = serde_json::from_str(line)
-                .map_err(|e| bad(n, format!("not a {{\"prompt\", \"slug\"?}} object: {e}")))?;
+                .map_err(|e| bad(format!("not a {{\"prompt\", \"slug\"?}} object: {e}")))?;
             (l.prompt, l.slug)
         } else {
             (line.to_string(), None)
         };
         if prompt.is_empty() {
-            return Err(bad(n, "an empty prompt".into()));
+            return Err(bad("an empty prompt".into()));
         }
         let slug = match slug {
             Some(s) => {
@@ -336,24 +341,21 @@ pub fn read_prompts(path: &Path) -> Result<Vec<NamedPrompt>> {
                     && !s.starts_with('.')
                     && s.chars().all(|c| c.is_alphanumeric() || "-_ .".contains(c));
                 if !plain {
-                    return Err(bad(
-                        n,
-                        format!(
-                            "slug {s:?} is not a plain file name (letters, digits, - _ . and spaces)"
-                        ),
-                    ));
+                    return Err(bad(format!(
+                        "slug {s:?} is not a plain file name (letters, digits, - _ . and spaces)"
+                    )));
                 }
                 s
             }
             None => default_slug(n, &prompt),
         };
         if out.iter().any(|p| p.slug == slug) {
-            return Err(bad(n, format!("slug {slug:?} is used twice")));
+            return Err(bad(format!("slug {slug:?} is used twice")));
         }
         out.push(NamedPrompt { slug, prompt });
     }
     if out.is_empty() {
-        return Err(bad(0, "no prompts".into()));
+        return Err(bad(0, 0, "no prompts".into()));
     }
     Ok(out)
 }
