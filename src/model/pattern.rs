@@ -7,7 +7,8 @@
 //! `iT..iT + T`) are contiguous, tile `j` of them at `j·T²`, each row-major. That is `n²/2 + nT/2` floats per
 //! head instead of `n²`, and every product with the pattern is a sequence of dense tile products
 //! ([`HeadTiles::matmul`] for the forward's `P·V`, [`HeadTiles::t_matmul_add`] for attribution's `Pᵀ·ā`),
-//! which skip the zero tiles above the diagonal.
+//! which skip the zero tiles above the diagonal, and the leading tiles of a row block that are zero in every
+//! head (keys outside a sliding window, found once the pattern is written).
 //!
 //! Entries of a stored tile that lie above the diagonal or past `n` are zero.
 

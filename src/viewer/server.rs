@@ -481,8 +481,8 @@ async fn activations_run(State(s): State<Arc<AppState>>, body: axum::body::Bytes
     .await
 }
 
-/// Runs `f` with the server's model and transcoder and the labels on the request `body` (JSON of `R`), off the async
-/// threads: 404 without a model, 400 for a bad body and for every error but the machine's.
+/// Runs `f` with the server's model and transcoder and the labels on the request `body` (JSON of `R`),
+/// off the async threads: 404 without a model, 400 for a bad body and for every error but the machine's.
 async fn with_model<R, F>(s: Arc<AppState>, body: axum::body::Bytes, f: F) -> Response
 where
     R: serde::de::DeserializeOwned + Send + 'static,
