@@ -359,6 +359,7 @@ function promptRunner(id, flag, prompt, request, show) {
     out.replaceChildren(...parts);
     document.body.dataset[flag] = done;
   });
+  input.addEventListener("keydown", (ev) => { if (ev.key === "Enter") run.click(); });
   const controls = el("div", { class: "intervene-controls" });
   controls.append(input, run);
   return [controls, out];
