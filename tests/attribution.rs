@@ -1167,25 +1167,30 @@ fn frozen_attention_and_live_modes_are_circuit_tracers() {
     );
 }
 
-#[test]
-fn the_attribute_and_intervene_commands_write_a_graph_and_print_logits() {
-    let f = fixture();
-    let s = shared();
-    let dir = tempfile::tempdir().unwrap();
-    let out = dir.path().join("graphs/lily.json");
+/// `clt <command>` on the fixture's model, tokenizer and exported transcoder, then `extra`.
+fn clt_on_fixture(command: &str, extra: &[&str]) -> std::process::Output {
+    let (f, s) = (fixture(), shared());
     let model = s.join("models/stories260K/stories260K.bin");
     let tok = s.join("models/stories260K/tok512.bin");
-    // `clt <command>` with the model, tokenizer, transcoder and prompt, then `extra`.
+    std::process::Command::new(env!("CARGO_BIN_EXE_clt"))
+        .arg(command)
+        .args(["--model", model.to_str().unwrap()])
+        .args(["--tokenizer", tok.to_str().unwrap()])
+        .args(["--transcoder", f.export.to_str().unwrap()])
+        .args(extra)
+        .output()
+        .unwrap()
+}
+
+#[test]
+fn the_attribute_and_intervene_commands_write_a_graph_and_print_logits() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("graphs/lily.json");
+    // `clt <command>` with the prompt, then `extra`.
     let run = |command: &str, extra: &[&str]| {
-        std::process::Command::new(env!("CARGO_BIN_EXE_clt"))
-            .arg(command)
-            .args(["--model", model.to_str().unwrap()])
-            .args(["--tokenizer", tok.to_str().unwrap()])
-            .args(["--transcoder", f.export.to_str().unwrap()])
-            .args(["--prompt", PROMPT])
-            .args(extra)
-            .output()
-            .unwrap()
+        let mut all = vec!["--prompt", PROMPT];
+        all.extend(extra);
+        clt_on_fixture(command, &all)
     };
     let o = run(
         "attribute",
@@ -1345,17 +1350,16 @@ fn the_attribute_and_intervene_commands_write_a_graph_and_print_logits() {
     // The prompt from a file (its final line break not part of it) gives the same logits; a missing file
     // is named; a prompt given both ways is refused.
     let with_file = |file: &Path, both: bool| {
-        let mut c = std::process::Command::new(env!("CARGO_BIN_EXE_clt"));
-        c.arg("intervene")
-            .args(["--model", model.to_str().unwrap()])
-            .args(["--tokenizer", tok.to_str().unwrap()])
-            .args(["--transcoder", f.export.to_str().unwrap()])
-            .args(["--prompt-file", file.to_str().unwrap()])
-            .args(["--set", "0:3:1=5.0"]);
+        let mut extra = vec![
+            "--prompt-file",
+            file.to_str().unwrap(),
+            "--set",
+            "0:3:1=5.0",
+        ];
         if both {
-            c.args(["--prompt", PROMPT]);
+            extra.extend(["--prompt", PROMPT]);
         }
-        c.output().unwrap()
+        clt_on_fixture("intervene", &extra)
     };
     let file = dir.path().join("prompt.txt");
     std::fs::write(&file, format!("{PROMPT}\n")).unwrap();
@@ -1551,26 +1555,13 @@ fn prompt_activations_are_the_encoders_and_the_fit_is_the_error_nodes() {
 
 #[test]
 fn the_activations_command_lists_features_traces_and_labels() {
-    let f = fixture();
-    let s = shared();
     let dir = tempfile::tempdir().unwrap();
-    let model = s.join("models/stories260K/stories260K.bin");
-    let tok = s.join("models/stories260K/tok512.bin");
     let feats = dir.path().join("feats");
     std::fs::create_dir_all(&feats).unwrap();
     let mut labels = clt::features::labels::Labels::default();
     labels.insert(2, 7, "a label for 2:7".into());
     labels.write(&feats).unwrap();
-    let run_many = |extra: &[&str]| {
-        std::process::Command::new(env!("CARGO_BIN_EXE_clt"))
-            .arg("activations")
-            .args(["--model", model.to_str().unwrap()])
-            .args(["--tokenizer", tok.to_str().unwrap()])
-            .args(["--transcoder", f.export.to_str().unwrap()])
-            .args(extra)
-            .output()
-            .unwrap()
-    };
+    let run_many = |extra: &[&str]| clt_on_fixture("activations", extra);
     let run = |extra: &[&str]| {
         let mut all = vec!["--prompt", PROMPT];
         all.extend(extra);
@@ -1721,21 +1712,11 @@ fn the_activations_command_lists_features_traces_and_labels() {
 #[test]
 fn attribute_with_many_prompts_writes_each_graph_and_a_summary() {
     use clt::attribution::cli::read_prompts;
-    let f = fixture();
-    let s = shared();
     let dir = tempfile::tempdir().unwrap();
-    let model = s.join("models/stories260K/stories260K.bin");
-    let tok = s.join("models/stories260K/tok512.bin");
     let run = |extra: &[&str]| {
-        std::process::Command::new(env!("CARGO_BIN_EXE_clt"))
-            .arg("attribute")
-            .args(["--model", model.to_str().unwrap()])
-            .args(["--tokenizer", tok.to_str().unwrap()])
-            .args(["--transcoder", f.export.to_str().unwrap()])
-            .args(["--max-feature-nodes", "200", "--quiet"])
-            .args(extra)
-            .output()
-            .unwrap()
+        let mut all = vec!["--max-feature-nodes", "200", "--quiet"];
+        all.extend(extra);
+        clt_on_fixture("attribute", &all)
     };
     let park = "Lily went to the park.\nShe";
     let file = dir.path().join("prompts.jsonl");
