@@ -471,6 +471,164 @@ fn server_api_and_traversal() {
     assert_eq!(get(&server, "/assets/app.js").0, 200);
 }
 
+/// A copy of the fixture's graphs folder under `name` (for tests that write into it).
+fn graphs_copy(name: &str) -> PathBuf {
+    let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(name);
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    for e in std::fs::read_dir(&fixture().graphs).unwrap() {
+        let e = e.unwrap();
+        std::fs::copy(e.path(), dir.join(e.file_name())).unwrap();
+    }
+    dir
+}
+
+/// Two feature nodes of a graph that both send a link to one third node (the first such target in the
+/// file's order): `(first, second, target)`.
+fn two_into_one(graph: &serde_json::Value) -> (String, String, String) {
+    let feature: std::collections::HashSet<&str> = graph["nodes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|n| n["feature_type"] == "cross layer transcoder")
+        .map(|n| n["node_id"].as_str().unwrap())
+        .collect();
+    let mut into: std::collections::HashMap<&str, Vec<&str>> = Default::default();
+    for l in graph["links"].as_array().unwrap() {
+        let (s, t) = (l["source"].as_str().unwrap(), l["target"].as_str().unwrap());
+        if feature.contains(s) {
+            into.entry(t).or_default().push(s);
+        }
+    }
+    let (t, s) = graph["nodes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|n| n["node_id"].as_str().unwrap())
+        .find_map(|t| into.get(t).filter(|s| s.len() >= 2).map(|s| (t, s)))
+        .expect("a node with links from two features");
+    (s[0].into(), s[1].into(), t.into())
+}
+
+/// `POST /save_graph/{slug}` writes the page's subgraph into the graph file (circuit-tracer's local server
+/// route): only `qParams` changes, the server then serves the new file, and an id that is not the graph's,
+/// a malformed body, a missing graph or a path are refused with the file left as it was.
+#[test]
+fn saving_a_subgraph_rewrites_only_its_qparams() {
+    let dir = graphs_copy("viewer-test-save");
+    std::fs::write(dir.parent().unwrap().join("secret.json"), "{\"nodes\": []}").unwrap();
+    let server = clt::viewer::start(&ServeConfig {
+        graphs: dir.clone(),
+        features: None,
+        host: "127.0.0.1".into(),
+        port: 0,
+        intervene: None,
+    })
+    .unwrap();
+    let path = dir.join(ATTRIBUTED);
+    let before: serde_json::Value = serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
+    let (a, b, t) = two_into_one(&before);
+    let slug = ATTRIBUTED.trim_end_matches(".json");
+    let q = serde_json::json!({"pinnedIds": [a, b, t], "supernodes": [["pair", a, b]],
+                               "linkType": "both", "clickedId": t, "sg_pos": ""});
+    let (s, body) = post(
+        &server,
+        &format!("/save_graph/{slug}"),
+        &serde_json::json!({"qParams": q}).to_string(),
+    );
+    assert_eq!(s, 200, "{body}");
+    let answer: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(
+        answer,
+        serde_json::json!({"saved": ATTRIBUTED, "pinned": 3, "supernodes": 1})
+    );
+    let after: serde_json::Value = serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
+    assert_eq!(after["qParams"], q);
+    for key in ["metadata", "nodes", "links"] {
+        assert_eq!(after[key], before[key], "{key} changed");
+    }
+    assert_eq!(
+        after.as_object().unwrap().len(),
+        before.as_object().unwrap().len()
+    );
+    let (s, served) = get(&server, &format!("/api/graphs/{ATTRIBUTED}"));
+    assert_eq!(s, 200);
+    assert_eq!(served.as_bytes(), std::fs::read(&path).unwrap().as_slice());
+
+    let saved = std::fs::read(&path).unwrap();
+    for (route, body, status, says) in [
+        (
+            format!("/save_graph/{slug}"),
+            serde_json::json!({"qParams": {"pinnedIds": [a, "99_1_1"]}}).to_string(),
+            400,
+            "\"99_1_1\" is not a node",
+        ),
+        (
+            format!("/save_graph/{slug}"),
+            serde_json::json!({"qParams": {"supernodes": [["g", "E_999999_0"]]}}).to_string(),
+            400,
+            "supernodes[0]",
+        ),
+        (
+            format!("/save_graph/{slug}"),
+            serde_json::json!({"qParams": {"supernodes": [[1, a]]}}).to_string(),
+            400,
+            "label",
+        ),
+        (
+            format!("/save_graph/{slug}"),
+            serde_json::json!({"pinnedIds": [a]}).to_string(),
+            400,
+            "qParams",
+        ),
+        (
+            format!("/save_graph/{slug}"),
+            "not json".into(),
+            400,
+            "bad request",
+        ),
+        (
+            "/save_graph/missing".into(),
+            serde_json::json!({"qParams": {}}).to_string(),
+            404,
+            "missing.json",
+        ),
+        (
+            "/save_graph/..%2Fsecret".into(),
+            serde_json::json!({"qParams": {}}).to_string(),
+            400,
+            "file name",
+        ),
+        (
+            "/save_graph/graph-malformed".into(),
+            serde_json::json!({"qParams": {}}).to_string(),
+            400,
+            "graph-malformed.json",
+        ),
+    ] {
+        let (s, answer) = post(&server, &route, &body);
+        assert_eq!(s, status, "{route} {body}: {answer}");
+        let said: serde_json::Value = serde_json::from_str(&answer).unwrap();
+        let said = said["error"].as_str().unwrap_or_default();
+        assert!(said.contains(says), "{route} {body}: {answer}");
+    }
+    assert_eq!(
+        std::fs::read(&path).unwrap(),
+        saved,
+        "a refused save changed the file"
+    );
+    assert_eq!(
+        std::fs::read_to_string(dir.parent().unwrap().join("secret.json")).unwrap(),
+        "{\"nodes\": []}"
+    );
+    let names: Vec<String> = std::fs::read_dir(&dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with('.'))
+        .collect();
+    assert!(names.is_empty(), "temporary files left: {names:?}");
+}
+
 /// Kills chromedriver when the test ends, however it ends.
 struct Driver(Child);
 
@@ -599,8 +757,10 @@ fn graph_and_features_in_headless_chromium() {
         "Zebra-striped test label".into(),
     );
     labels.write(&feats).unwrap();
+    // (A copy of the graphs: the page saves a subgraph into one.)
+    let graphs = graphs_copy("viewer-test-browser-graphs");
     let server = clt::viewer::start(&ServeConfig {
-        graphs: f.graphs.clone(),
+        graphs: graphs.clone(),
         features: Some(feats),
         host: "127.0.0.1".into(),
         port: 0,
@@ -783,6 +943,92 @@ fn graph_and_features_in_headless_chromium() {
         let first = all.top_at(1, 1)[0];
         c.find(Locator::Css("#probe-result .feature-link")).await.unwrap().click().await.unwrap();
         wait_js(&c, "return document.body.dataset.feature", &format!("{}/{}", af.layer[first], af.index[first])).await;
+
+        // The subgraph: two features feeding one node grouped into a supernode, the pinned subgraph drawing it
+        // as one box with the summed edge, saved into the file, and restored from it and from a link.
+        let (a, b, t) = two_into_one(&graph);
+        c.find(Locator::Id("clear-pins")).await.unwrap().click().await.unwrap();
+        for id in [&a, &b, &t] {
+            c.execute(
+                "document.querySelector(`[data-id=\"${arguments[0]}\"]`).dispatchEvent(new MouseEvent('click'))",
+                vec![serde_json::json!(id)],
+            )
+            .await
+            .unwrap();
+        }
+        for id in [&a, &b] {
+            c.execute(
+                "document.querySelector(`.group-check[data-id=\"${arguments[0]}\"]`).click()",
+                vec![serde_json::json!(id)],
+            )
+            .await
+            .unwrap();
+        }
+        c.find(Locator::Id("group-label")).await.unwrap().send_keys("Zebra pair").await.unwrap();
+        c.find(Locator::Id("group-make")).await.unwrap().click().await.unwrap();
+        let items = c.execute("return [...document.querySelectorAll('.supernode-item')].map(e => e.firstChild.textContent)", vec![]).await.unwrap();
+        assert_eq!(items, serde_json::json!([format!("Zebra pair (2): {a}, {b}")]));
+        // The units' summed edges, computed here from the file.
+        let unit = |id: &str| if id == a || id == b { "S".to_string() } else { id.to_string() };
+        let mut sums: std::collections::BTreeMap<(String, String), f64> = Default::default();
+        for l in graph["links"].as_array().unwrap() {
+            let (s, d) = (l["source"].as_str().unwrap(), l["target"].as_str().unwrap());
+            let pinned = |x: &str| x == a || x == b || x == t;
+            if pinned(s) && pinned(d) && unit(s) != unit(d) {
+                *sums.entry((unit(s), unit(d))).or_default() += l["weight"].as_f64().unwrap();
+            }
+        }
+        let into_t = sums[&("S".to_string(), t.clone())];
+        c.find(Locator::Id("pinned-only")).await.unwrap().click().await.unwrap();
+        let drawn = c
+            .execute(
+                "return [Number(document.getElementById('edge-canvas').dataset.drawn),
+                         [...document.querySelectorAll('#nodes .node')].filter(e => !e.classList.contains('hidden')).length,
+                         [...document.querySelectorAll('#supernodes .supernode text')].map(e => e.textContent)]",
+                vec![],
+            )
+            .await
+            .unwrap();
+        assert_eq!(drawn, serde_json::json!([sums.len(), 1, ["Zebra pair"]]));
+        let row = c
+            .execute(
+                "const r = document.querySelector(`#unit-edges tr[data-source=\"s0\"][data-target=\"${arguments[0]}\"]`);
+                 return r ? Number(r.dataset.weight) : null",
+                vec![serde_json::json!(t)],
+            )
+            .await
+            .unwrap();
+        let png = c.screenshot().await.unwrap();
+        std::fs::write(shot.with_file_name("viewer-subgraph.png"), png).unwrap();
+        let got = row.as_f64().expect("a row for the supernode's edge into its target");
+        assert!((got - into_t).abs() <= 1e-9 * into_t.abs().max(1e-30), "summed edge {got}, want {into_t}");
+        c.find(Locator::Id("pinned-only")).await.unwrap().click().await.unwrap();
+        c.find(Locator::Id("save-subgraph")).await.unwrap().click().await.unwrap();
+        wait_js(&c, "return document.body.dataset.saved", "done").await;
+        let saved: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(graphs.join(ATTRIBUTED)).unwrap()).unwrap();
+        assert_eq!(saved["qParams"]["pinnedIds"], serde_json::json!([a, b, t]));
+        assert_eq!(saved["qParams"]["supernodes"], serde_json::json!([["Zebra pair", a, b]]));
+        assert_eq!(saved["links"], graph["links"]);
+        c.goto(&format!("{base}/?graph={ATTRIBUTED}")).await.unwrap();
+        wait_js(&c, "return document.body.dataset.state", "ready").await;
+        let restored = c
+            .execute("return [document.querySelectorAll('.node.pinned').length, [...document.querySelectorAll('.supernode-item')].map(e => e.firstChild.textContent)]", vec![])
+            .await
+            .unwrap();
+        assert_eq!(restored, serde_json::json!([3, [format!("Zebra pair (2): {a}, {b}")]]));
+        // Neuronpedia's link form: the URL's subgraph instead of the file's.
+        let link = format!(
+            "{base}/?graph={ATTRIBUTED}&pinnedIds={t}&supernodes={}",
+            serde_json::json!([["Via link", a]]).to_string().replace('"', "%22").replace('[', "%5B").replace(']', "%5D")
+        );
+        c.goto(&link).await.unwrap();
+        wait_js(&c, "return document.body.dataset.state", "ready").await;
+        let from_link = c
+            .execute("return [document.querySelectorAll('.node.pinned').length, [...document.querySelectorAll('.supernode-item')].map(e => e.firstChild.textContent)]", vec![])
+            .await
+            .unwrap();
+        assert_eq!(from_link, serde_json::json!([2, [format!("Via link (1): {a}")]]));
 
         // A malformed graph shows an error, not a blank page.
         c.goto(&format!("{base}/?graph=graph-malformed.json")).await.unwrap();

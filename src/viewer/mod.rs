@@ -2,6 +2,7 @@
 //!
 //! - [`server`]: the HTTP routes (axum) over a graphs folder and a features file, and interventions on a
 //!   graph's features when it has the model and transcoder;
+//! - [`subgraph`]: a graph's pinned nodes and supernodes (`qParams`) checked and saved into its file;
 //! - [`paths`]: file names from clients resolved strictly inside the served folder;
 //! - [`assets`]: the page (HTML, vanilla JavaScript drawing SVG, CSS), embedded with `include_str!`;
 //! - [`cli`]: `clt serve` as library code.
@@ -12,5 +13,6 @@ pub mod assets;
 pub mod cli;
 pub mod paths;
 pub mod server;
+pub mod subgraph;
 
 pub use server::{InterveneSource, ServeConfig, Server, start};

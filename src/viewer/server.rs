@@ -14,7 +14,11 @@
 //!   [`crate::attribution::intervene::intervene_and_generate`] and answers `clt intervene --json`'s record;
 //! - `POST /api/activations`: `{prompt, features?: ["L:F", ...], top?, all?}` runs
 //!   [`crate::attribution::activations::prompt_activations`] and answers `clt activations --json`'s record
-//!   (every active feature only with `all`), features labelled.
+//!   (every active feature only with `all`), features labelled;
+//! - `POST /save_graph/{slug}`: `{qParams}` (the pinned nodes and supernodes of the page's subgraph) written
+//!   into the graph file `{slug}.json`, as circuit-tracer's local server does ([`super::subgraph`]): every id
+//!   checked against the graph's nodes, everything else in the file kept byte for byte, the file replaced
+//!   atomically.
 //!
 //! Errors are JSON `{"error": "…"}` with a 4xx/5xx status, so the page can show them.
 
@@ -71,6 +75,8 @@ struct AppState {
     features: Option<FeatureFile>,
     labels: Labels,
     intervener: Option<Intervener>,
+    /// One save at a time (each rewrites a whole file through one temporary name).
+    saving: std::sync::Mutex<()>,
 }
 
 /// The most tokens one `/api/intervene` request may generate, and the most top logits it may ask for.
@@ -154,6 +160,7 @@ pub fn start(cfg: &ServeConfig) -> Result<Server> {
         features,
         labels,
         intervener,
+        saving: std::sync::Mutex::new(()),
     });
     let bind_err =
         |e: std::io::Error| Error::config("serve.host", format!("{}:{}: {e}", cfg.host, cfg.port));
@@ -209,6 +216,7 @@ fn router(state: Arc<AppState>) -> Router {
         .route("/features/{scan}/{file}", get(feature_by_cantor))
         .route("/api/intervene", get(intervene_info).post(intervene_run))
         .route("/api/activations", axum::routing::post(activations_run))
+        .route("/save_graph/{slug}", axum::routing::post(save_graph))
         .fallback(|| async { error(StatusCode::NOT_FOUND, "no such route".into()) })
         .with_state(state)
 }
@@ -292,6 +300,47 @@ async fn graph(State(s): State<Arc<AppState>>, UrlPath(name): UrlPath<String>) -
         Ok(Ok(bytes)) => json_bytes(bytes),
         // Do not echo server paths: the name the client sent is enough.
         Ok(Err(e)) => error(status_of(&e), short(&e)),
+        Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
+    }
+}
+
+/// The body of `POST /save_graph/{slug}` (circuit-tracer's frontend sends more; only `qParams` is read).
+#[derive(serde::Deserialize)]
+struct SaveRequest {
+    #[serde(rename = "qParams")]
+    q_params: serde_json::Value,
+}
+
+async fn save_graph(
+    State(s): State<Arc<AppState>>,
+    UrlPath(slug): UrlPath<String>,
+    body: axum::body::Bytes,
+) -> Response {
+    let req: SaveRequest = match serde_json::from_slice(&body) {
+        Ok(r) => r,
+        Err(e) => return error(StatusCode::BAD_REQUEST, format!("bad request: {e}")),
+    };
+    let name = format!("{slug}.json");
+    let file = name.clone();
+    let saved = tokio::task::spawn_blocking(move || -> Result<serde_json::Value> {
+        let name = file;
+        let path = super::paths::resolve(&s.graphs, &name)?;
+        let _one = s.saving.lock().unwrap_or_else(|p| p.into_inner());
+        let (pinned, supernodes) = super::subgraph::save_qparams(&path, &name, &req.q_params)?;
+        Ok(serde_json::json!({ "saved": name, "pinned": pinned, "supernodes": supernodes }))
+    })
+    .await;
+    match saved {
+        Ok(Ok(v)) => axum::Json(v).into_response(),
+        // Not found, or not writable (a read-only folder): named without the server's paths.
+        Ok(Err(Error::Io { source, .. })) if source.kind() == std::io::ErrorKind::NotFound => {
+            error(StatusCode::NOT_FOUND, format!("graph {name} not found"))
+        }
+        Ok(Err(Error::Io { source, .. })) => error(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            format!("could not save {name}: {source}"),
+        ),
+        Ok(Err(e)) => error(status_of(&e), e.to_string()),
         Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
     }
 }

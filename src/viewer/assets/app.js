@@ -7,6 +7,10 @@
 const SVGNS = "http://www.w3.org/2000/svg";
 const $ = (id) => document.getElementById(id);
 const state = { graph: null, name: "", pinned: new Set(), features: false, labels: {},
+  // The subgraph: supernodes ({label, ids}, circuit-tracer's `qParams.supernodes`), the pinned nodes ticked
+  // for grouping, whether the graph came from the server's folder (then it can be saved there), and the
+  // URL's `pinnedIds`/`supernodes` (Neuronpedia's link form), used once by the graph the URL names.
+  supernodes: [], checked: new Set(), fromServer: false, urlQ: null,
   // Interventions (when the server has the model and transcoder): the edits to run, "L:P:F=V" strings.
   intervene: { available: false, edits: [] } };
 
@@ -107,6 +111,8 @@ function clearGraph() {
   canvas.height = 0;
   canvas.dataset.drawn = "0";
   $("graph-title").textContent = "";
+  state.supernodes = [];
+  state.checked.clear();
   $("node-panel").replaceChildren(el("p", { class: "hint" }, "Hover a node to see it; click to pin it."));
   $("pinned-panel").replaceChildren();
   $("feature-panel").replaceChildren();
@@ -199,15 +205,22 @@ function render(g, name) {
   }
   svg.appendChild(nodeLayer);
 
-  state.graph = { g, byId, edges, edgesOf, nodeEls, width, height };
+  svg.appendChild(el("svg:g", { id: "supernodes" }));
+
+  state.graph = { g, byId, edges, edgesOf, nodeEls, width, height, pos };
   state.name = name;
   const prompt = typeof meta.prompt === "string" ? meta.prompt : tokens.join("");
   $("graph-title").textContent = `${name}: ${nodes.length} nodes, ${links.length} edges. Prompt: ${prompt}`;
-  const q = g.qParams || {};
+  // The file's subgraph, or the URL's when it names this graph.
+  let q = g.qParams || {};
+  if (state.urlQ && state.urlQ.graph === name && state.fromServer) q = state.urlQ;
+  state.urlQ = null;
   let pins = q.pinnedIds || [];
   if (typeof pins === "string") pins = pins.split(",").filter(Boolean);
   for (const id of pins) if (byId.has(id)) state.pinned.add(id);
   for (const id of [...state.pinned]) if (!byId.has(id)) state.pinned.delete(id);
+  state.supernodes = parseSupernodes(q.supernodes, byId);
+  for (const s of state.supernodes) for (const id of s.ids) state.pinned.add(id);
   refreshPins();
   applySearch();
   state.intervene.edits = [];
@@ -432,7 +445,7 @@ function hover(n, ev, on) {
 }
 
 function togglePin(n) {
-  if (state.pinned.has(n.node_id)) state.pinned.delete(n.node_id);
+  if (state.pinned.has(n.node_id)) unpin(n.node_id);
   else {
     state.pinned.add(n.node_id);
     const f = featureOf(n);
@@ -442,10 +455,11 @@ function togglePin(n) {
   refreshPins();
 }
 
-// Draws the edges that pass `keep` on the canvas under the nodes: one path per colour and width class, so even
-// hundreds of thousands of edges draw in a fraction of a second. The canvas says how many it drew.
-function drawEdges(keep) {
-  const { edges, width, height } = state.graph;
+// Draws `edges` ({a, b, pos, width}: end points, sign, stroke width) on the canvas under the nodes: one path
+// per colour and width class, so even hundreds of thousands of edges draw in a fraction of a second. The
+// canvas says how many it drew.
+function drawEdges(edges) {
+  const { width, height } = state.graph;
   const canvas = $("edge-canvas");
   // Device pixels, within the browser's largest canvas side.
   const scale = Math.min(window.devicePixelRatio || 1, 32000 / Math.max(width, 1), 32000 / Math.max(height, 1));
@@ -461,7 +475,6 @@ function drawEdges(keep) {
   const classes = 8, paths = new Map();
   let drawn = 0;
   for (const e of edges) {
-    if (!keep(e)) continue;
     const c = Math.min(classes - 1, Math.floor((e.width - 0.4) / 3.6 * classes));
     const key = `${e.pos ? 1 : 0}:${c}`;
     if (!paths.has(key)) paths.set(key, new Path2D());
@@ -479,31 +492,206 @@ function drawEdges(keep) {
   canvas.dataset.drawn = String(drawn);
 }
 
+function unpin(id) {
+  state.pinned.delete(id);
+  state.checked.delete(id);
+  for (const s of state.supernodes) s.ids = s.ids.filter((x) => x !== id);
+  state.supernodes = state.supernodes.filter((s) => s.ids.length > 0);
+}
+
+// ---- the subgraph: pinned nodes and supernodes ----
+
+// Supernodes from `qParams.supernodes` (lists [label, node id, ...], or that list as a JSON string, as in
+// Neuronpedia's URLs), keeping this graph's nodes, each node in its first group only.
+function parseSupernodes(v, byId) {
+  if (typeof v === "string") {
+    try { v = JSON.parse(v); } catch (e) { return []; }
+  }
+  if (!Array.isArray(v)) return [];
+  const out = [], seen = new Set();
+  for (const g of v) {
+    if (!Array.isArray(g) || typeof g[0] !== "string") continue;
+    const ids = g.slice(1).filter((id) => typeof id === "string" && byId.has(id) && !seen.has(id));
+    ids.forEach((id) => seen.add(id));
+    if (ids.length) out.push({ label: g[0], ids });
+  }
+  return out;
+}
+
+// The subgraph's units: each supernode ("s0", "s1", ...) and each pinned node outside them (its id).
+function unitOf(id) {
+  const i = state.supernodes.findIndex((s) => s.ids.includes(id));
+  return i >= 0 ? `s${i}` : id;
+}
+
+function unitName(u) {
+  const m = /^s(\d+)$/.exec(u);
+  if (m && state.supernodes[Number(m[1])]) return state.supernodes[Number(m[1])].label;
+  const n = state.graph.byId.get(u);
+  return n && labelOf(n) ? `${u}: ${labelOf(n)}` : u;
+}
+
+// The edges between the subgraph's units: each link between two pinned nodes of different units, summed
+// per (source unit, target unit). A link's weight is its target's direct input from its source, so the sum
+// is what the source unit's nodes put into the target unit's nodes altogether; links inside a supernode drop.
+function unitEdges() {
+  const unit = new Map([...state.pinned].map((id) => [id, unitOf(id)]));
+  const sums = new Map();
+  for (const l of state.graph.g.links) {
+    const a = unit.get(l.source), b = unit.get(l.target);
+    if (a === undefined || b === undefined || a === b) continue;
+    const key = `${a}\u0000${b}`;
+    sums.set(key, (sums.get(key) || 0) + l.weight);
+  }
+  return [...sums].map(([key, weight]) => {
+    const [source, target] = key.split("\u0000");
+    return { source, target, weight };
+  });
+}
+
+// Where a unit is drawn in the pinned subgraph: its node, or the middle of its supernode's nodes.
+function unitPos(u) {
+  const m = /^s(\d+)$/.exec(u);
+  if (!m) return state.graph.pos.get(u);
+  const ps = state.supernodes[Number(m[1])].ids.map((id) => state.graph.pos.get(id));
+  return { x: ps.reduce((a, p) => a + p.x, 0) / ps.length, y: ps.reduce((a, p) => a + p.y, 0) / ps.length };
+}
+
+function groupChecked() {
+  const ids = [...state.pinned].filter((id) => state.checked.has(id) && unitOf(id) === id);
+  if (ids.length === 0) return;
+  const typed = $("group-label").value.trim();
+  state.supernodes.push({ label: typed || `group ${state.supernodes.length + 1}`, ids });
+  state.checked.clear();
+  refreshPins();
+}
+
+// Writes the subgraph into the graph's file on the server (circuit-tracer's POST /save_graph/{slug}).
+async function saveSubgraph() {
+  const g = state.graph.g, out = $("save-status");
+  const q = Object.assign({}, g.qParams || {}, { pinnedIds: [...state.pinned],
+    supernodes: state.supernodes.map((s) => [s.label, ...s.ids]) });
+  document.body.dataset.saved = "running";
+  out.textContent = "saving…";
+  try {
+    const r = await postJson(`/save_graph/${encodeURIComponent(state.name.replace(/\.json$/, ""))}`, { qParams: q });
+    g.qParams = q;
+    out.textContent = `saved to ${r.saved}: ${r.pinned} pinned, ${r.supernodes} supernodes`;
+    document.body.dataset.saved = "done";
+  } catch (e) {
+    out.textContent = `Not saved: ${e.message}`;
+    document.body.dataset.saved = "error";
+  }
+}
+
+// The page's address names the graph and its subgraph (Neuronpedia's pinnedIds and supernodes), so a
+// link opens the same view.
+function updateUrl() {
+  if (!state.fromServer) return;
+  const p = new URLSearchParams({ graph: state.name });
+  if (state.pinned.size) p.set("pinnedIds", [...state.pinned].join(","));
+  if (state.supernodes.length) p.set("supernodes", JSON.stringify(state.supernodes.map((s) => [s.label, ...s.ids])));
+  history.replaceState(null, "", `?${p}`);
+}
+
+function describeUnit(u, edges) {
+  const box = el("div");
+  const s = state.supernodes[Number(u.slice(1))];
+  box.appendChild(el("h3", {}, `Supernode: ${s.label}`));
+  const ul = el("ul", { class: "pin-list" });
+  for (const id of s.ids) ul.appendChild(el("li", {}, unitName(id)));
+  box.appendChild(ul);
+  for (const e of edges.filter((e) => e.source === u || e.target === u)) {
+    box.appendChild(el("div", {}, e.source === u ? `→ ${unitName(e.target)}: ${+e.weight.toPrecision(4)}`
+      : `← ${unitName(e.source)}: ${+e.weight.toPrecision(4)}`));
+  }
+  return box;
+}
+
 function refreshPins() {
   if (!state.graph) return;
-  const { nodeEls, g } = state.graph;
+  const { nodeEls, byId } = state.graph;
   for (const [id, e] of nodeEls) e.classList.toggle("pinned", state.pinned.has(id));
   const only = $("pinned-only").checked && state.pinned.size > 0;
-  for (const [id, e] of nodeEls) e.classList.toggle("hidden", only && !state.pinned.has(id));
-  drawEdges(only ? (e) => state.pinned.has(e.source) && state.pinned.has(e.target) : () => true);
+  const grouped = new Set(state.supernodes.flatMap((s) => s.ids));
+  // The pinned subgraph shows each supernode as one box over its nodes' middle, and the units' summed edges.
+  for (const [id, e] of nodeEls) e.classList.toggle("hidden", only && (!state.pinned.has(id) || grouped.has(id)));
+  const ue = unitEdges();
+  const layer = $("supernodes");
+  layer.replaceChildren();
+  if (only) {
+    const maxW = ue.reduce((m, e) => Math.max(m, Math.abs(e.weight)), 0) || 1;
+    drawEdges(ue.map((e) => ({ a: unitPos(e.source), b: unitPos(e.target), pos: e.weight >= 0,
+      width: 0.4 + 3.6 * Math.abs(e.weight) / maxW })));
+    state.supernodes.forEach((s, i) => {
+      const p = unitPos(`s${i}`), w = 12 + 6.5 * s.label.length;
+      const box = el("svg:g", { class: "supernode", "data-unit": `s${i}` });
+      box.append(el("svg:rect", { x: p.x - w / 2, y: p.y - 10, width: w, height: 20, rx: 6 }),
+        el("svg:text", { x: p.x, y: p.y + 4, "text-anchor": "middle" }, s.label),
+        el("svg:title", {}, s.ids.join(", ")));
+      box.addEventListener("click", () => $("node-panel").replaceChildren(describeUnit(`s${i}`, ue)));
+      layer.appendChild(box);
+    });
+  } else {
+    drawEdges(state.graph.edges);
+  }
+  updateUrl();
   const panel = $("pinned-panel");
   panel.replaceChildren();
   if (state.pinned.size === 0) return;
-  panel.appendChild(el("h3", {}, `Pinned (${state.pinned.size})`));
+  panel.appendChild(el("h3", {}, `Subgraph: ${state.pinned.size} pinned, ${state.supernodes.length} supernodes`));
+  const groups = el("ul", { class: "supernode-list" });
+  state.supernodes.forEach((s, i) => {
+    const li = el("li", { class: "supernode-item" }, `${s.label} (${s.ids.length}): ${s.ids.join(", ")}`);
+    const rm = el("button", { type: "button", title: "ungroup", class: "ungroup" }, "×");
+    rm.addEventListener("click", () => { state.supernodes.splice(i, 1); refreshPins(); });
+    li.appendChild(rm);
+    groups.appendChild(li);
+  });
+  panel.appendChild(groups);
   const ul = el("ul", { class: "pin-list" });
   for (const id of state.pinned) {
-    const n = state.graph.byId.get(id);
-    const li = el("li", {}, labelOf(n) ? `${id}: ${labelOf(n)}` : id);
-    li.addEventListener("click", () => {
+    if (grouped.has(id)) continue;
+    const n = byId.get(id);
+    const li = el("li");
+    const box = el("input", { type: "checkbox", class: "group-check", "data-id": id });
+    box.checked = state.checked.has(id);
+    box.addEventListener("change", () => { if (box.checked) state.checked.add(id); else state.checked.delete(id); });
+    const text = el("span", {}, labelOf(n) ? `${id}: ${labelOf(n)}` : id);
+    text.addEventListener("click", () => {
       $("node-panel").replaceChildren(describe(n));
       const f = featureOf(n);
       if (f) loadFeature(f.layer, f.feature, n);
     });
+    li.append(box, text);
     ul.appendChild(li);
   }
   panel.appendChild(ul);
-  const sub = g.links.filter((l) => state.pinned.has(l.source) && state.pinned.has(l.target));
-  panel.appendChild(el("div", {}, `${sub.length} edges among pinned nodes`));
+  const controls = el("div", { class: "intervene-controls" });
+  const make = el("button", { type: "button", id: "group-make" }, "group ticked");
+  make.addEventListener("click", groupChecked);
+  controls.append(el("input", { type: "text", id: "group-label", placeholder: "supernode label" }), make);
+  panel.appendChild(controls);
+  const inside = state.graph.g.links.filter((l) => state.pinned.has(l.source) && state.pinned.has(l.target));
+  panel.appendChild(el("div", {}, `${inside.length} edges among pinned nodes`));
+  if (ue.length) {
+    // The strongest summed edges between units, as the pinned subgraph draws them.
+    const table = el("table", { id: "unit-edges", class: "prompt-top" });
+    for (const e of [...ue].sort((a, b) => Math.abs(b.weight) - Math.abs(a.weight)).slice(0, 15)) {
+      const tr = el("tr", { "data-source": e.source, "data-target": e.target, "data-weight": String(e.weight) });
+      tr.append(el("td", {}, unitName(e.source)), el("td", {}, "→"), el("td", {}, unitName(e.target)),
+        el("td", { class: e.weight >= 0 ? "pos" : "neg" }, String(+e.weight.toPrecision(4))));
+      table.appendChild(tr);
+    }
+    panel.appendChild(table);
+  }
+  if (state.fromServer) {
+    const save = el("button", { type: "button", id: "save-subgraph" }, `save into ${state.name}`);
+    save.addEventListener("click", saveSubgraph);
+    const row = el("div", { class: "intervene-controls" });
+    row.append(save, el("span", { id: "save-status" }));
+    panel.appendChild(row);
+  }
 }
 
 function applySearch() {
@@ -633,7 +821,8 @@ function testOnText(layer, feature, actMax) {
 
 // ---- loading ----
 
-function loadGraphText(text, name) {
+function loadGraphText(text, name, fromServer) {
+  state.fromServer = fromServer === true;
   let g;
   try {
     g = JSON.parse(text);
@@ -677,13 +866,18 @@ async function loadGraphByName(name) {
     showError(`Could not load ${name}: ${e.message}`);
     return;
   }
-  loadGraphText(text, name);
+  loadGraphText(text, name, true);
 }
 
 async function init() {
   $("search").addEventListener("input", applySearch);
   $("pinned-only").addEventListener("change", refreshPins);
-  $("clear-pins").addEventListener("click", () => { state.pinned.clear(); refreshPins(); });
+  $("clear-pins").addEventListener("click", () => {
+    state.pinned.clear();
+    state.supernodes = [];
+    state.checked.clear();
+    refreshPins();
+  });
   $("graph-select").addEventListener("change", (ev) => {
     const name = ev.target.value;
     if (!name) return;
@@ -721,7 +915,11 @@ async function init() {
     state.intervene.available = false;
   }
   renderPromptPanel();
-  const want = new URLSearchParams(location.search).get("graph") || (list[0] && list[0].name);
+  const url = new URLSearchParams(location.search);
+  const want = url.get("graph") || (list[0] && list[0].name);
+  if (url.has("pinnedIds") || url.has("supernodes")) {
+    state.urlQ = { graph: want, pinnedIds: url.get("pinnedIds") || "", supernodes: url.get("supernodes") || "[]" };
+  }
   if (want) await loadGraphByName(want);
   else if (document.body.dataset.state !== "error") document.body.dataset.state = "empty";
 }
