@@ -193,6 +193,47 @@ fn is_zero(n: &u64) -> bool {
 
 pub use crate::corpus::{CorpusOptions, Document, Documents, read_documents};
 
+/// The token ids of the corpus's contexts in order, as `clt cache` makes them (each the model's BOS, then up
+/// to `context − 1` tokens of one document), after the first `skip_documents` documents: for other passes
+/// over the same text (`clt splice`). Documents are read and tokenised as the iterator is consumed.
+pub fn corpus_contexts<'a>(
+    m: &'a LoadedModel,
+    corpus: &[PathBuf],
+    column: Option<String>,
+    skip_documents: u64,
+    context: usize,
+) -> Result<impl Iterator<Item = Result<Vec<u32>>> + 'a> {
+    if context < 2 {
+        return Err(Error::config(
+            "context",
+            format!("{context} tokens leave no room after the special token"),
+        ));
+    }
+    let mut docs = Documents::open_with(
+        corpus,
+        CorpusOptions {
+            column,
+            vocab: Some(m.model.vocab_size().min(u32::MAX as usize) as u32),
+        },
+    )?;
+    for skipped in 0..skip_documents {
+        if docs.next().transpose()?.is_none() {
+            return Err(Error::config(
+                "skip_documents",
+                format!(
+                    "the corpus has only {skipped} documents, so skipping {skip_documents} leaves none"
+                ),
+            ));
+        }
+    }
+    Ok(docs.enumerate().flat_map(move |(i, d)| {
+        match d.and_then(|d| doc_contexts(m, skip_documents + i as u64, &d, context)) {
+            Ok(cs) => cs.into_iter().map(|c| Ok(c.tokens)).collect::<Vec<_>>(),
+            Err(e) => vec![Err(e)],
+        }
+    }))
+}
+
 /// One context: its tokens, the document it comes from and the position of its first token in the document.
 struct Context {
     tokens: Vec<u32>,

@@ -138,6 +138,8 @@ pub struct StoriesReport {
     pub cache_seconds: f64,
     pub train_seconds: f64,
     pub eval: crate::eval::EvalReport,
+    /// The CLT spliced into the model on the held-out text: next-token loss against the model's.
+    pub splice: crate::attribution::splice::SpliceReport,
     pub checkpoint: std::path::PathBuf,
     pub export: std::path::PathBuf,
     /// The attribution graph of [`DEMO_PROMPT`].
@@ -250,6 +252,16 @@ pub fn run_stories(demo: &StoriesDemo) -> Result<StoriesReport> {
         ..Default::default()
     };
     let g = crate::attribution::attribute(llama, &tc, &tokens, &cfg)?;
+    // The CLT spliced in, on the held-out text the evaluation read (its first 8,192 predictions).
+    let mut planned = 0u64;
+    let contexts =
+        crate::cache::corpus_contexts(&m, std::slice::from_ref(&demo.eval_corpus), None, 0, 128)?
+            .take_while(move |c| {
+                let go = planned < 8192;
+                planned += c.as_ref().map_or(0, |t| t.len().saturating_sub(2) as u64);
+                go
+            });
+    let splice = crate::attribution::splice::splice_eval(llama, &tc, contexts, false, |_| {})?;
     let graph = crate::attribution::cli::write_graph(
         &g,
         &m.tokenizer,
@@ -287,6 +299,7 @@ pub fn run_stories(demo: &StoriesDemo) -> Result<StoriesReport> {
         cache_seconds,
         train_seconds,
         eval,
+        splice,
         checkpoint: crate::train::resolve_checkpoint(&run_dir)?,
         export,
     })

@@ -1821,3 +1821,283 @@ fn attribute_with_many_prompts_writes_each_graph_and_a_summary() {
     ]);
     assert!(String::from_utf8_lossy(&o.stderr).contains("cannot be used with"));
 }
+
+/// A spliced forward computed independently: the transcoder's output at every layer from the inputs a
+/// forward with those outputs records (the attribution path's batch `encode` and `reconstruct`), iterated
+/// until it no longer changes (layer `k`'s output depends on layers `< k` only, so `L + 1` rounds reach the
+/// fixed point); position 0 keeps the model's MLP output.
+fn spliced_reference(m: &dyn Attributable, tc: &ReplacementTranscoder, tokens: &[u32]) -> Vec<f32> {
+    let (n, d) = (tokens.len(), tc.cfg.d_model);
+    let hooks = Hooks {
+        mlp_out: true,
+        ..tc.input_hook.hooks()
+    };
+    let clean = m
+        .forward_with(
+            tokens,
+            &ForwardOptions {
+                hooks,
+                ..ForwardOptions::default()
+            },
+        )
+        .unwrap();
+    let model_out: Vec<Vec<f32>> = clean
+        .record
+        .layers
+        .iter()
+        .map(|r| r.mlp_out.clone().unwrap())
+        .collect();
+    let mut outs = model_out.clone();
+    for _ in 0..=tc.cfg.n_layers {
+        let opts = ForwardOptions {
+            hooks: tc.input_hook.hooks(),
+            intervention: Intervention {
+                mlp_out: Some(&outs),
+                ..Intervention::default()
+            },
+            ..ForwardOptions::default()
+        };
+        let rec = m.forward_with(tokens, &opts).unwrap().record;
+        let xs = inputs(tc, &rec);
+        let af = clt::attribution::replacement::encode(tc, &xs, n);
+        let mut next = clt::attribution::replacement::reconstruct(tc, &af, &xs, n);
+        for (o, c) in next.iter_mut().zip(&model_out) {
+            o[..d].copy_from_slice(&c[..d]);
+        }
+        outs = next;
+    }
+    let opts = ForwardOptions {
+        intervention: Intervention {
+            mlp_out: Some(&outs),
+            ..Intervention::default()
+        },
+        ..ForwardOptions::default()
+    };
+    m.forward_with(tokens, &opts).unwrap().logits
+}
+
+/// The model with one layer's MLP output replaced by `fixed` (others its own, on the changed stream).
+#[derive(Debug)]
+struct OneLayer {
+    layer: usize,
+    fixed: Vec<f32>,
+}
+
+impl MlpOverride for OneLayer {
+    fn mlp_out(&self, layer: usize, inputs: &MlpInputs<'_>) -> Vec<f32> {
+        if layer == self.layer {
+            self.fixed.clone()
+        } else {
+            inputs.model_mlp.unwrap().to_vec()
+        }
+    }
+    fn wants_model_mlp(&self, _: usize, _: usize) -> bool {
+        true
+    }
+}
+
+fn max_diff(a: &[f32], b: &[f32]) -> f32 {
+    assert_eq!(a.len(), b.len());
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, f32::max)
+}
+
+/// Checks the three kinds of spliced forward against independent computations on `m`.
+fn splices_match(m: &dyn Attributable, tc: &ReplacementTranscoder, tokens: &[u32], what: &str) {
+    use clt::attribution::splice::{Splice, spliced_logits};
+    let (n, d) = (tokens.len(), tc.cfg.d_model);
+    let clean = m.forward(tokens).unwrap();
+    let spliced = spliced_logits(m, tc, tokens, Splice::All).unwrap();
+    let want = spliced_reference(m, tc, tokens);
+    let scale = want.iter().fold(0.0f32, |s, v| s.max(v.abs()));
+    let moved = max_diff(&spliced, &clean);
+    let err = max_diff(&spliced, &want);
+    eprintln!(
+        "{what}: spliced logits off the reference by {err:.2e} (scale {scale:.1}); moved {moved:.3} from the model's"
+    );
+    assert!(moved > 1e-2, "{what}: splicing changed nothing");
+    assert!(
+        err <= 2e-5 * scale.max(1.0),
+        "{what}: {err} from the reference"
+    );
+    // Each layer alone: its transcoder output from the clean inputs (nothing before it changed).
+    let hooks = Hooks {
+        mlp_out: true,
+        ..tc.input_hook.hooks()
+    };
+    let rec = m
+        .forward_with(
+            tokens,
+            &ForwardOptions {
+                hooks,
+                ..ForwardOptions::default()
+            },
+        )
+        .unwrap()
+        .record;
+    let xs = inputs(tc, &rec);
+    let recon = clt::attribution::replacement::reconstruct(
+        tc,
+        &clt::attribution::replacement::encode(tc, &xs, n),
+        &xs,
+        n,
+    );
+    for l in 0..tc.cfg.n_layers {
+        let mut fixed = recon[l].clone();
+        fixed[..d].copy_from_slice(&rec.layers[l].mlp_out.as_ref().unwrap()[..d]);
+        let one = OneLayer { layer: l, fixed };
+        let opts = ForwardOptions {
+            intervention: Intervention {
+                mlp_fn: Some(&one),
+                ..Intervention::default()
+            },
+            ..ForwardOptions::default()
+        };
+        let want = m.forward_with(tokens, &opts).unwrap().logits;
+        let got = spliced_logits(m, tc, tokens, Splice::Layer(l)).unwrap();
+        let err = max_diff(&got, &want);
+        assert!(
+            err <= 2e-5 * scale.max(1.0),
+            "{what}: layer {l} alone off by {err}"
+        );
+    }
+    // The ablation: every MLP output zero after position 0.
+    let zeros: Vec<Vec<f32>> = rec
+        .layers
+        .iter()
+        .map(|r| {
+            let mut z = vec![0.0f32; n * d];
+            z[..d].copy_from_slice(&r.mlp_out.as_ref().unwrap()[..d]);
+            z
+        })
+        .collect();
+    let opts = ForwardOptions {
+        intervention: Intervention {
+            mlp_out: Some(&zeros),
+            ..Intervention::default()
+        },
+        ..ForwardOptions::default()
+    };
+    let want = m.forward_with(tokens, &opts).unwrap().logits;
+    let got = spliced_logits(m, tc, tokens, Splice::Zero).unwrap();
+    assert!(
+        max_diff(&got, &want) <= 2e-5 * scale.max(1.0),
+        "{what}: ablation"
+    );
+    assert!(spliced_logits(m, tc, tokens, Splice::Layer(tc.cfg.n_layers)).is_err());
+}
+
+/// `clt splice`'s forwards: the trained CLT on stories260K (with and without skip connections), random
+/// GPT-2 and Gemma-2 models with random transcoders (Gemma-2's MLP output is the post-MLP norm's), each
+/// against the fixed point computed by the attribution path.
+#[test]
+fn spliced_forwards_are_the_transcoder_on_its_own_stream() {
+    let (m, tc, tokens) = setup();
+    splices_match(m, &tc, &tokens, "stories260K, trained CLT");
+    splices_match(m, &with_skip(tc, 21), &tokens, "stories260K, with skip");
+    let (g2, tokens) = random_gpt2(3, 31);
+    let tc = calibrated_transcoder(&g2, &tokens, 48, 6, 32, InputHook::ResidMid).unwrap();
+    splices_match(&g2, &tc, &tokens, "GPT-2, resid_mid");
+    let (gm, tokens) = random_gemma2(3, 33);
+    let tc = calibrated_transcoder(&gm, &tokens, 48, 6, 34, InputHook::MlpInNormed).unwrap();
+    splices_match(&gm, &tc, &tokens, "Gemma-2");
+}
+
+/// The scores over contexts: the model's cross-entropy as computed here from its logits, the spliced one
+/// from the spliced logits, KL zero only for the model, the loss recovered by its formula; and the command
+/// on held-out TinyStories (JSON and table), with bad arguments refused by name.
+#[test]
+fn splice_scores_and_the_splice_command() {
+    use clt::attribution::splice::{Splice, splice_eval, spliced_logits};
+    let (m, tc, _) = setup();
+    let f = fixture();
+    let texts = [
+        "Once upon a time, there was a dog named Max. Max liked to run in the park.",
+        "Tom had a red ball. He gave it to his sister, and she was very happy.",
+    ];
+    let contexts: Vec<Vec<u32>> = texts
+        .iter()
+        .map(|t| f.model.tokenizer.encode(t).unwrap())
+        .collect();
+    let r = splice_eval(m, &tc, contexts.iter().cloned().map(Ok), true, |_| {}).unwrap();
+    let ce = |logits: &[f32], t: &[u32]| -> (f64, usize) {
+        let v = logits.len() / t.len();
+        let mut sum = 0.0;
+        for p in 1..t.len() - 1 {
+            let row = &logits[p * v..(p + 1) * v];
+            let lse = row.iter().map(|&x| (x as f64).exp()).sum::<f64>().ln();
+            sum += lse - row[t[p + 1] as usize] as f64;
+        }
+        (sum, t.len() - 2)
+    };
+    let (mut model_ce, mut spliced_ce, mut n) = (0.0, 0.0, 0);
+    for t in &contexts {
+        let (a, k) = ce(&m.forward(t).unwrap(), t);
+        let (b, _) = ce(&spliced_logits(m, &tc, t, Splice::All).unwrap(), t);
+        model_ce += a;
+        spliced_ce += b;
+        n += k;
+    }
+    assert_eq!((r.contexts, r.model.n as usize), (2, n));
+    assert!((r.model.mean_ce() - model_ce / n as f64).abs() < 1e-9);
+    assert!((r.spliced.mean_ce() - spliced_ce / n as f64).abs() < 1e-9);
+    assert_eq!((r.model.kl, r.model.top1 as usize), (0.0, n));
+    assert!(r.spliced.kl > 0.0 && r.zero.mean_ce() > r.spliced.mean_ce());
+    let want = (r.zero.mean_ce() - r.spliced.mean_ce()) / (r.zero.mean_ce() - r.model.mean_ce());
+    assert_eq!(r.loss_recovered(), want);
+    assert_eq!(r.per_layer.len(), tc.cfg.n_layers);
+    eprintln!("{}", clt::attribution::cli::splice_table(&r, "fixture"));
+
+    let dir = tempfile::tempdir().unwrap();
+    let json = dir.path().join("splice.json");
+    let corpus = shared().join("corpus/tinystories_valid_head.txt");
+    let out = clt_on_fixture(
+        "splice",
+        &[
+            "--corpus",
+            corpus.to_str().unwrap(),
+            "--tokens",
+            "300",
+            "--context",
+            "64",
+            "--quiet",
+            "--json",
+            json.to_str().unwrap(),
+        ],
+    );
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{}\n{stdout}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&std::fs::read(&json).unwrap()).unwrap();
+    let preds = v["predictions"].as_u64().unwrap();
+    // Whole contexts of at most 64 tokens (62 predictions each) until 300 predictions.
+    assert!((300..300 + 62).contains(&preds), "{preds}");
+    let lr = v["loss_recovered"].as_f64().unwrap();
+    assert!(
+        stdout.contains(&format!("loss recovered: {lr:.4}")),
+        "{stdout}"
+    );
+    assert_eq!(v["per_layer"], serde_json::json!([]));
+    for (args, says) in [
+        (
+            vec!["--corpus", corpus.to_str().unwrap(), "--context", "1"],
+            "no room",
+        ),
+        (
+            vec!["--corpus", "/nonexistent/corpus.txt"],
+            "/nonexistent/corpus.txt",
+        ),
+    ] {
+        let out = clt_on_fixture("splice", &args);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            !out.status.success() && err.contains(says),
+            "{args:?}: {err}"
+        );
+    }
+}

@@ -179,6 +179,136 @@ pub struct ActivationsArgs {
     pub prompts: Option<PathBuf>,
 }
 
+#[derive(clap::Args, Clone, Debug)]
+pub struct SpliceArgs {
+    /// The model (llama2.c `.bin`, GGUF or a Hugging Face directory).
+    #[arg(long)]
+    pub model: PathBuf,
+    /// Its tokenizer, when not stored with or beside the model.
+    #[arg(long)]
+    pub tokenizer: Option<PathBuf>,
+    /// The transcoder: a circuit-tracer directory (config.yaml) or one of our checkpoints or run directories.
+    #[arg(long)]
+    pub transcoder: PathBuf,
+    /// The hook the transcoder reads (default: from its config.yaml or its training cache).
+    #[arg(long, value_enum)]
+    pub input_hook: Option<InputHook>,
+    /// The text to score on (files as `clt cache` reads them), cut into contexts as `clt cache` cuts it.
+    #[arg(long, num_args = 1.., required = true)]
+    pub corpus: Vec<PathBuf>,
+    /// The JSON field or Parquet/Arrow column holding each document.
+    #[arg(long)]
+    pub column: Option<String>,
+    /// Documents at the corpus's start left out: text the transcoder was not trained on (the number a
+    /// training store's `clt cache` printed).
+    #[arg(long, default_value_t = 0)]
+    pub skip_documents: u64,
+    /// Tokens per context, the special token first.
+    #[arg(long, default_value_t = 128)]
+    pub context: usize,
+    /// Stop after the context that brings the predictions scored to this many.
+    #[arg(long, default_value_t = 8192)]
+    pub tokens: u64,
+    /// Also splice each layer alone (one more forward per layer and context).
+    #[arg(long)]
+    pub per_layer: bool,
+    /// Also write the report as JSON.
+    #[arg(long)]
+    pub json: Option<PathBuf>,
+    /// No progress line.
+    #[arg(long)]
+    pub quiet: bool,
+}
+
+/// `clt splice`: the transcoder spliced into the model, scored on a corpus ([`super::splice`]).
+pub fn run_splice(args: &SpliceArgs) -> Result<super::splice::SpliceReport> {
+    let (m, tc, name) = load_replacement(
+        &args.model,
+        args.tokenizer.as_deref(),
+        &args.transcoder,
+        args.input_hook,
+    )?;
+    let contexts = crate::cache::corpus_contexts(
+        &m,
+        &args.corpus,
+        args.column.clone(),
+        args.skip_documents,
+        args.context,
+    )?;
+    // Whole contexts until the predictions reach `tokens` (each context of n tokens scores n − 2).
+    let mut planned = 0u64;
+    let contexts = contexts
+        .filter(|c| c.as_ref().map_or(true, |t| t.len() >= 3))
+        .take_while(move |c| {
+            let go = planned < args.tokens;
+            planned += c.as_ref().map_or(0, |t| t.len() as u64 - 2);
+            go
+        });
+    // A progress line, rewritten at most twice a second, on a terminal only.
+    use std::io::IsTerminal;
+    let show = !args.quiet && std::io::stderr().is_terminal();
+    let (t0, mut shown) = (std::time::Instant::now(), 0.0);
+    let r = super::splice::splice_eval(&m.model, &tc, contexts, args.per_layer, |r| {
+        let t = t0.elapsed().as_secs_f64();
+        if show && t - shown >= 0.5 {
+            shown = t;
+            eprint!(
+                "\r{} contexts, {} predictions, {t:.1} s   ",
+                r.contexts, r.model.n
+            );
+        }
+    })?;
+    if show {
+        eprintln!();
+    }
+    if r.model.n == 0 {
+        return Err(Error::config(
+            "corpus",
+            "no context of three tokens or more to score".to_string(),
+        ));
+    }
+    println!("{}", splice_table(&r, &name));
+    if let Some(path) = &args.json {
+        let mut v = r.to_json();
+        v["transcoder"] = serde_json::json!(name);
+        v["context"] = serde_json::json!(args.context);
+        write_file(path, format!("{v:#}\n").as_bytes())?;
+    }
+    Ok(r)
+}
+
+/// `clt splice`'s printed report.
+pub fn splice_table(r: &super::splice::SpliceReport, name: &str) -> String {
+    let mut out = format!(
+        "{name} spliced into the model: {} predictions over {} contexts\n\
+         {:<28} {:>9} {:>10} {:>8}\n",
+        r.model.n, r.contexts, "", "CE (nats)", "KL", "top-1"
+    );
+    for (what, s) in [
+        ("model", &r.model),
+        ("transcoder spliced in", &r.spliced),
+        ("MLPs zero-ablated", &r.zero),
+    ] {
+        out += &format!(
+            "{what:<28} {:>9.4} {:>10.5} {:>8.4}\n",
+            s.mean_ce(),
+            s.mean_kl(),
+            s.top1_agreement()
+        );
+    }
+    out += &format!("loss recovered: {:.4}", r.loss_recovered());
+    for (l, s) in r.per_layer.iter().enumerate() {
+        out += &format!(
+            "\n  layer {l:>2} alone: CE {:.4} (+{:.4}), KL {:.5}, top-1 {:.4}",
+            s.mean_ce(),
+            s.mean_ce() - r.model.mean_ce(),
+            s.mean_kl(),
+            s.top1_agreement()
+        );
+    }
+    out
+}
+
 /// The model, the transcoder, its name, the prompt and its tokens.
 fn open(inputs: &Inputs) -> Result<(LoadedModel, ReplacementTranscoder, String, String, Vec<u32>)> {
     let prompt = inputs.prompt_text()?;

@@ -11,7 +11,8 @@
 //! - [`output`]: the frontend's graph JSON and the raw adjacency (safetensors);
 //! - [`intervene`]: the replacement model run with chosen features set or scaled;
 //! - [`activations`]: which features fire where on a prompt, and how well the transcoder fits it;
-//! - [`cli`]: `clt attribute`, `clt intervene` and `clt activations`.
+//! - [`splice`]: the transcoder spliced into the model, its next-token loss on text against the model's;
+//! - [`cli`]: `clt attribute`, `clt intervene`, `clt activations` and `clt splice`.
 //!
 //! The algorithm and formats are described in `docs/attribution.md`.
 
@@ -24,6 +25,7 @@ pub mod linear;
 pub mod output;
 pub mod prune;
 pub mod replacement;
+pub mod splice;
 
 use std::path::Path;
 

@@ -51,6 +51,9 @@ enum Command {
     /// Show which transcoder features fire where on a prompt (the strongest at each position, chosen
     /// features' pre-activations everywhere) and how well the transcoder fits each layer there.
     Activations(clt::attribution::cli::ActivationsArgs),
+    /// Score the transcoder spliced into the model on text: the next-token loss with every MLP replaced
+    /// by the transcoder, against the model and against the MLPs zero-ablated (loss recovered, KL, top-1).
+    Splice(clt::attribution::cli::SpliceArgs),
     /// Run a demonstration end to end: by default the real pipeline on stories260K and TinyStories (cache →
     /// train → evaluate → export); with --synthetic, training on planted ground truth.
     Demo {
@@ -381,6 +384,19 @@ fn run(cli: Cli) -> clt::Result<()> {
                 &r.eval.dead_per_layer,
             );
             println!("NMSE {:.4}", r.eval.nmse);
+            let sp = &r.splice;
+            println!(
+                "spliced into the model on the held-out text ({} predictions): next-token loss {:.3} nats \
+                 against the model's {:.3} and {:.3} with the MLPs zero-ablated: {:.1}% of the loss \
+                 recovered; KL {:.3}, top-1 agreement {:.3} (clt splice)",
+                sp.model.n,
+                sp.spliced.mean_ce(),
+                sp.model.mean_ce(),
+                sp.zero.mean_ce(),
+                100.0 * sp.loss_recovered(),
+                sp.spliced.mean_kl(),
+                sp.spliced.top1_agreement()
+            );
             println!("checkpoint {}", r.checkpoint.display());
             println!("circuit-tracer export {}", r.export.display());
             println!(
@@ -702,6 +718,7 @@ fn run(cli: Cli) -> clt::Result<()> {
         Command::Attribute(args) => clt::attribution::cli::run_attribute(&args),
         Command::Intervene(args) => clt::attribution::cli::run_intervene(&args),
         Command::Activations(args) => clt::attribution::cli::run_activations(&args),
+        Command::Splice(args) => clt::attribution::cli::run_splice(&args).map(|_| ()),
         Command::Run(args) => clt::model::cli::run(args),
         Command::Features(args) => {
             clt::features::cli::run(&args).map(|p| println!("wrote {}", p.display()))

@@ -1,0 +1,366 @@
+//! The transcoder spliced into the model and scored on text: the model's next-token loss with its MLPs
+//! replaced by the transcoder, against the model itself and against the MLPs ablated. NMSE says how well
+//! the transcoder fits each MLP's output; this says how much of the model's behaviour the replacement keeps
+//! when its errors compound through the layers (SAELens' "CE loss score", the spliced-in loss of
+//! Anthropic's CLT papers).
+//!
+//! A spliced forward runs the model with every MLP output (the value added to the residual stream) replaced
+//! by the transcoder's output: each layer's features are encoded from the spliced stream itself, as the
+//! layer's MLP would have read it, and decoded with every earlier layer's active features whose decoders
+//! reach it, plus the decoder bias and the skip path: the replacement model without its error nodes.
+//! Position 0 (the special token) keeps the model's own MLP output at every layer, as in attribution,
+//! where it has no features. The baseline replaces every MLP output at positions ≥ 1 by zero.
+//!
+//! Scores are over the predictions made at positions ≥ 1 (position 0's logits are the same in every run):
+//! the mean cross-entropy of the next token (nats), the mean KL divergence `KL(model ‖ spliced)` of the
+//! next-token distributions, top-1 agreement with the model, and the fraction of the loss recovered,
+//! `(CE_zero − CE_spliced) / (CE_zero − CE_model)` (1: as good as the model; 0: no better than no MLPs).
+//! With `per_layer`, each layer is also spliced alone (the other MLPs the model's own, on the changed
+//! stream), which shows where the replacement's loss comes from.
+
+use super::linear::Attributable;
+use super::replacement::{ReplacementTranscoder, activation, add_skip};
+use crate::model::{ForwardOptions, Intervention, MlpInputs, MlpOverride, forward};
+use crate::{Error, Result};
+use rayon::prelude::*;
+use std::sync::Mutex;
+
+/// Which MLP outputs a spliced forward replaces (at positions ≥ 1).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Splice {
+    /// Every layer's: the transcoder's output.
+    All,
+    /// Only this layer's (its features, and those of earlier layers whose decoders reach it, encoded from
+    /// the stream).
+    Layer(usize),
+    /// Every layer's, by zero (the ablation baseline).
+    Zero,
+}
+
+/// Per row of a forward: the (feature, activation) pairs of one layer.
+type RowActs = Vec<Vec<(u32, f32)>>;
+
+/// The MLPs of a spliced forward, called layer by layer.
+#[derive(Debug)]
+struct SplicedMlps<'a> {
+    tc: &'a ReplacementTranscoder,
+    splice: Splice,
+    /// The active features of this forward's layers so far.
+    acts: Mutex<Vec<RowActs>>,
+}
+
+impl SplicedMlps<'_> {
+    /// Layer `k`'s active features at each row, from its transcoder input `x` (`[rows, d]`); none at
+    /// position 0.
+    fn encode(&self, k: usize, first: usize, x: &[f32], rows: usize) -> RowActs {
+        let tc = self.tc;
+        let (d, f_n) = (tc.cfg.d_model, tc.cfg.n_features);
+        let mut pre = vec![0.0f32; rows * f_n];
+        forward::matmul_wt(x, rows, d, &tc.params.w_enc[k], f_n, &mut pre);
+        let (b, th) = (&tc.params.b_enc[k], &tc.thresholds[k]);
+        pre.par_chunks(f_n.max(1))
+            .take(rows)
+            .enumerate()
+            .map(|(r, h)| {
+                if first + r == 0 {
+                    return Vec::new();
+                }
+                h.iter()
+                    .zip(b.iter().zip(th))
+                    .enumerate()
+                    .filter_map(|(f, (&h, (&b, &t)))| {
+                        let a = activation(h + b, t);
+                        (a > 0.0).then_some((f as u32, a))
+                    })
+                    .collect()
+            })
+            .collect()
+    }
+}
+
+impl MlpOverride for SplicedMlps<'_> {
+    fn mlp_out(&self, k: usize, inputs: &MlpInputs<'_>) -> Vec<f32> {
+        let tc = self.tc;
+        let d = tc.cfg.d_model;
+        let (first, rows) = (inputs.first_position, inputs.normed.len() / d);
+        let model = inputs
+            .model_mlp
+            .expect("a spliced forward asks for the model's MLP output");
+        let mut out = model[..rows * d].to_vec();
+        let replaced = match self.splice {
+            Splice::Zero => {
+                out.par_chunks_mut(d)
+                    .enumerate()
+                    .filter(|&(r, _)| first + r > 0)
+                    .for_each(|(_, o)| o.fill(0.0));
+                return out;
+            }
+            Splice::All => true,
+            Splice::Layer(l) => l == k,
+        };
+        let mut acts = self.acts.lock().unwrap_or_else(|e| e.into_inner());
+        if k == 0 {
+            acts.clear();
+        }
+        // Every layer up to the last one replaced is encoded: their decoders reach it.
+        let needed = match self.splice {
+            Splice::Layer(l) => k <= l,
+            _ => true,
+        };
+        let x = tc.input_hook.of(inputs);
+        acts.push(if needed {
+            self.encode(k, first, x, rows)
+        } else {
+            Vec::new()
+        });
+        if !replaced {
+            return out;
+        }
+        let acts = &*acts;
+        out.par_chunks_mut(d)
+            .enumerate()
+            .filter(|&(r, _)| first + r > 0)
+            .for_each(|(r, o)| {
+                o.copy_from_slice(&tc.params.b_dec[k]);
+                for (l, layer) in acts.iter().enumerate().take(k + 1) {
+                    for &(f, a) in &layer[r] {
+                        if let Some(row) = tc.dec_row(l, f as usize, k) {
+                            o.iter_mut().zip(row).for_each(|(o, w)| *o += a * w);
+                        }
+                    }
+                }
+                if tc.cfg.skip {
+                    add_skip(tc, k, &x[r * d..(r + 1) * d], o);
+                }
+            });
+        out
+    }
+
+    fn wants_model_mlp(&self, _first_position: usize, _n: usize) -> bool {
+        // Position 0 keeps it; a single-layer splice keeps it at the other layers.
+        true
+    }
+}
+
+/// The logits of every position, `[n, vocab]`, of `tokens` with `splice` applied.
+pub fn spliced_logits(
+    model: &dyn Attributable,
+    tc: &ReplacementTranscoder,
+    tokens: &[u32],
+    splice: Splice,
+) -> Result<Vec<f32>> {
+    tc.check_fits(model)?;
+    if let Splice::Layer(l) = splice
+        && l >= tc.cfg.n_layers
+    {
+        return Err(Error::InvalidData {
+            what: format!("spliced layer {l}"),
+            reason: format!("the transcoder has {} layers", tc.cfg.n_layers),
+        });
+    }
+    let mlps = SplicedMlps {
+        tc,
+        splice,
+        acts: Mutex::new(Vec::new()),
+    };
+    let opts = ForwardOptions {
+        intervention: Intervention {
+            mlp_fn: Some(&mlps),
+            ..Intervention::default()
+        },
+        ..ForwardOptions::default()
+    };
+    Ok(model.forward_with(tokens, &opts)?.logits)
+}
+
+/// Sums of next-token scores of one kind of forward against the model's, over predictions.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct Scores {
+    /// Predictions scored.
+    pub n: u64,
+    /// Σ cross-entropy of the next token (nats).
+    pub ce: f64,
+    /// Σ KL(model ‖ this forward) of the next-token distributions (nats).
+    pub kl: f64,
+    /// Predictions whose most likely token is the model's.
+    pub top1: u64,
+}
+
+impl Scores {
+    pub fn mean_ce(&self) -> f64 {
+        self.ce / self.n.max(1) as f64
+    }
+    pub fn mean_kl(&self) -> f64 {
+        self.kl / self.n.max(1) as f64
+    }
+    pub fn top1_agreement(&self) -> f64 {
+        self.top1 as f64 / self.n.max(1) as f64
+    }
+}
+
+/// `log softmax(row)` in f64.
+fn log_softmax(row: &[f32]) -> Vec<f64> {
+    let max = row.iter().fold(f64::NEG_INFINITY, |m, &v| m.max(v as f64));
+    let lse = max
+        + row
+            .iter()
+            .map(|&v| (v as f64 - max).exp())
+            .sum::<f64>()
+            .ln();
+    row.iter().map(|&v| v as f64 - lse).collect()
+}
+
+fn argmax(row: &[f32]) -> usize {
+    row.iter()
+        .enumerate()
+        .fold((0, f32::NEG_INFINITY), |(bi, bv), (i, &v)| {
+            if v > bv { (i, v) } else { (bi, bv) }
+        })
+        .0
+}
+
+/// Adds the predictions of positions `1..n − 1` of `logits` (`[n, vocab]`; position `p` predicts
+/// `tokens[p + 1]`) to `s`, against the model's `clean` logits.
+pub fn score(clean: &[f32], logits: &[f32], tokens: &[u32], vocab: usize, s: &mut Scores) {
+    let n = tokens.len();
+    let rows: Vec<(f64, f64, bool)> = (1..n.saturating_sub(1))
+        .into_par_iter()
+        .map(|p| {
+            let (c, o) = (
+                &clean[p * vocab..(p + 1) * vocab],
+                &logits[p * vocab..(p + 1) * vocab],
+            );
+            let (lc, lo) = (log_softmax(c), log_softmax(o));
+            let ce = -lo[tokens[p + 1] as usize];
+            let kl = lc
+                .iter()
+                .zip(&lo)
+                .map(|(a, b)| a.exp() * (a - b))
+                .sum::<f64>();
+            (ce, kl.max(0.0), argmax(c) == argmax(o))
+        })
+        .collect();
+    for (ce, kl, same) in rows {
+        s.n += 1;
+        s.ce += ce;
+        s.kl += kl;
+        s.top1 += same as u64;
+    }
+}
+
+/// What [`splice_eval`] measured.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct SpliceReport {
+    pub contexts: u64,
+    /// The model itself (its KL is 0 and its agreement 1 by definition).
+    pub model: Scores,
+    /// Every MLP replaced by the transcoder.
+    pub spliced: Scores,
+    /// Every MLP output zero.
+    pub zero: Scores,
+    /// Each layer replaced alone (empty unless asked for).
+    pub per_layer: Vec<Scores>,
+}
+
+impl SpliceReport {
+    /// `(CE_zero − CE_spliced) / (CE_zero − CE_model)`.
+    pub fn loss_recovered(&self) -> f64 {
+        let (m, s, z) = (
+            self.model.mean_ce(),
+            self.spliced.mean_ce(),
+            self.zero.mean_ce(),
+        );
+        (z - s) / (z - m)
+    }
+
+    /// The report as JSON (means per prediction).
+    pub fn to_json(&self) -> serde_json::Value {
+        let scores = |s: &Scores| serde_json::json!({ "ce": s.mean_ce(), "kl": s.mean_kl(), "top1_agreement": s.top1_agreement() });
+        serde_json::json!({
+            "contexts": self.contexts,
+            "predictions": self.model.n,
+            "model": { "ce": self.model.mean_ce() },
+            "spliced": scores(&self.spliced),
+            "zero_ablated": scores(&self.zero),
+            "loss_recovered": self.loss_recovered(),
+            "per_layer": self.per_layer.iter().map(scores).collect::<Vec<_>>(),
+        })
+    }
+}
+
+/// Scores the model, the transcoder spliced in, and the MLPs ablated on every context `contexts` yields
+/// (token ids, each starting with the model's special token), and each layer spliced alone with
+/// `per_layer`. `progress` is called after each context with the report so far.
+pub fn splice_eval(
+    model: &dyn Attributable,
+    tc: &ReplacementTranscoder,
+    contexts: impl IntoIterator<Item = Result<Vec<u32>>>,
+    per_layer: bool,
+    mut progress: impl FnMut(&SpliceReport),
+) -> Result<SpliceReport> {
+    tc.check_fits(model)?;
+    let mut r = SpliceReport {
+        per_layer: vec![Scores::default(); if per_layer { tc.cfg.n_layers } else { 0 }],
+        ..SpliceReport::default()
+    };
+    for tokens in contexts {
+        let tokens = tokens?;
+        if tokens.len() < 3 {
+            continue;
+        }
+        let clean = model.forward(&tokens)?;
+        let vocab = clean.len() / tokens.len();
+        score(&clean, &clean, &tokens, vocab, &mut r.model);
+        let spliced = spliced_logits(model, tc, &tokens, Splice::All)?;
+        score(&clean, &spliced, &tokens, vocab, &mut r.spliced);
+        let zero = spliced_logits(model, tc, &tokens, Splice::Zero)?;
+        score(&clean, &zero, &tokens, vocab, &mut r.zero);
+        for l in 0..r.per_layer.len() {
+            let one = spliced_logits(model, tc, &tokens, Splice::Layer(l))?;
+            score(&clean, &one, &tokens, vocab, &mut r.per_layer[l]);
+        }
+        r.contexts += 1;
+        progress(&r);
+    }
+    Ok(r)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn scores_of_known_distributions() {
+        // Two predictions (positions 1 and 2 of four tokens), vocabulary 3.
+        let tokens = [0u32, 1, 2, 0];
+        let clean = [
+            0.0f32, 0.0, 0.0, /**/ 0.0, 0.0, 0.0, /**/ 1.0, 0.0, 0.0, /**/ 0.0, 0.0,
+            0.0,
+        ];
+        let other = [
+            9.0f32, 9.0, 9.0, /**/ 0.0, 0.0, 0.0, /**/ 0.0, 0.0, 1.0, /**/ 5.0, 0.0,
+            0.0,
+        ];
+        let mut s = Scores::default();
+        score(&clean, &other, &tokens, 3, &mut s);
+        assert_eq!(s.n, 2);
+        let lse1 = (3.0f64).ln();
+        let lse2 = (2.0 + 1f64.exp()).ln();
+        // Position 1 predicts token 2 under uniform logits; position 2 predicts token 0 with its logit 0.
+        assert!((s.ce - (lse1 + lse2)).abs() < 1e-12, "{}", s.ce);
+        // Position 1: both uniform (KL 0); position 2: clean favours token 0, other token 2.
+        let pc = [1f64.exp(), 1.0, 1.0].map(|v| v / (2.0 + 1f64.exp()));
+        let kl: f64 = pc
+            .iter()
+            .zip([1.0, 0.0, 0.0])
+            .zip([0.0, 0.0, 1.0])
+            .map(|((p, c), o)| p * ((c - lse2) - (o - lse2)))
+            .sum();
+        assert!((s.kl - kl).abs() < 1e-12, "{} against {kl}", s.kl);
+        // Uniform rows agree (both argmax 0); the second does not.
+        assert_eq!(s.top1, 1);
+        let mut same = Scores::default();
+        score(&clean, &clean, &tokens, 3, &mut same);
+        assert_eq!((same.kl, same.top1), (0.0, 2));
+    }
+}
