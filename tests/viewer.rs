@@ -4,7 +4,7 @@
 //! The browser test needs Debian's `chromium` and `chromium-driver`; `scripts/install-browser.sh` installs them
 //! (scripts/test.sh calls it). Without them it fails, naming that script.
 
-use clt::attribution::cli::{AttributeArgs, Inputs};
+use clt::attribution::cli::{AttributeArgs, Inputs, ModelArgs};
 use clt::cache::{CacheConfig, InputHook, cache};
 use clt::clt::checkpoint::save_transcoder;
 use clt::clt::{Activation, CltConfig, DecoderKind, NormScales, Params, Transcoder};
@@ -108,10 +108,12 @@ fn fixture() -> &'static Fixture {
         std::fs::create_dir_all(&graphs).unwrap();
         clt::attribution::cli::run_attribute(&AttributeArgs {
             inputs: Inputs {
-                model: shared.join("models/stories260K/stories260K.bin"),
-                tokenizer: None,
-                transcoder: tdir.clone(),
-                input_hook: Some(InputHook::MlpInNormed),
+                source: ModelArgs {
+                    model: shared.join("models/stories260K/stories260K.bin"),
+                    tokenizer: None,
+                    transcoder: tdir.clone(),
+                    input_hook: Some(InputHook::MlpInNormed),
+                },
                 prompt: Some(PROMPT.into()),
                 prompt_file: None,
             },

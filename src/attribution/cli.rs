@@ -13,9 +13,9 @@ use crate::cache::InputHook;
 use crate::model::{LoadedModel, Tokenizer, softmax_top};
 use crate::{Error, Result};
 
-/// Where the model and transcoder come from (shared by both commands).
+/// Where the model and transcoder come from (every command of this module).
 #[derive(clap::Args, Clone, Debug)]
-pub struct Inputs {
+pub struct ModelArgs {
     /// The model (llama2.c `.bin`, GGUF or a Hugging Face directory).
     #[arg(long)]
     pub model: PathBuf,
@@ -28,6 +28,25 @@ pub struct Inputs {
     /// The hook the transcoder reads (default: from its config.yaml or its training cache).
     #[arg(long, value_enum)]
     pub input_hook: Option<InputHook>,
+}
+
+impl ModelArgs {
+    /// The model and transcoder (as [`load_replacement`]) and the transcoder's name.
+    pub fn load(&self) -> Result<(LoadedModel, ReplacementTranscoder, String)> {
+        load_replacement(
+            &self.model,
+            self.tokenizer.as_deref(),
+            &self.transcoder,
+            self.input_hook,
+        )
+    }
+}
+
+/// The model, the transcoder and a prompt (`attribute`, `intervene`, `activations`).
+#[derive(clap::Args, Clone, Debug)]
+pub struct Inputs {
+    #[command(flatten)]
+    pub source: ModelArgs,
     /// The prompt (a special token is put first when the tokens do not start with one: the model's BOS, else
     /// its EOS, as circuit-tracer does).
     #[arg(long, conflicts_with = "prompt_file")]
@@ -41,12 +60,7 @@ pub struct Inputs {
 impl Inputs {
     /// The model and transcoder (as [`load_replacement`]) and the transcoder's name.
     pub fn load(&self) -> Result<(LoadedModel, ReplacementTranscoder, String)> {
-        load_replacement(
-            &self.model,
-            self.tokenizer.as_deref(),
-            &self.transcoder,
-            self.input_hook,
-        )
+        self.source.load()
     }
 
     /// The prompt's text: `--prompt`, or `--prompt-file`'s contents less one final line break.
@@ -181,18 +195,8 @@ pub struct ActivationsArgs {
 
 #[derive(clap::Args, Clone, Debug)]
 pub struct SpliceArgs {
-    /// The model (llama2.c `.bin`, GGUF or a Hugging Face directory).
-    #[arg(long)]
-    pub model: PathBuf,
-    /// Its tokenizer, when not stored with or beside the model.
-    #[arg(long)]
-    pub tokenizer: Option<PathBuf>,
-    /// The transcoder: a circuit-tracer directory (config.yaml) or one of our checkpoints or run directories.
-    #[arg(long)]
-    pub transcoder: PathBuf,
-    /// The hook the transcoder reads (default: from its config.yaml or its training cache).
-    #[arg(long, value_enum)]
-    pub input_hook: Option<InputHook>,
+    #[command(flatten)]
+    pub source: ModelArgs,
     /// The text to score on (files as `clt cache` reads them), cut into contexts as `clt cache` cuts it.
     #[arg(long, num_args = 1.., required = true)]
     pub corpus: Vec<PathBuf>,
@@ -222,12 +226,7 @@ pub struct SpliceArgs {
 
 /// `clt splice`: the transcoder spliced into the model, scored on a corpus ([`super::splice`]).
 pub fn run_splice(args: &SpliceArgs) -> Result<super::splice::SpliceReport> {
-    let (m, tc, name) = load_replacement(
-        &args.model,
-        args.tokenizer.as_deref(),
-        &args.transcoder,
-        args.input_hook,
-    )?;
+    let (m, tc, name) = args.source.load()?;
     let contexts = crate::cache::corpus_contexts(
         &m,
         &args.corpus,
