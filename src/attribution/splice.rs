@@ -20,7 +20,9 @@
 
 use super::linear::Attributable;
 use super::replacement::{ReplacementTranscoder, activation, add_skip};
-use crate::model::{ForwardOptions, Intervention, MlpInputs, MlpOverride, forward};
+use crate::backend::cpu::encode::LayerCodes;
+use crate::backend::cpu::sparse;
+use crate::model::{ForwardOptions, Hooks, Intervention, MlpInputs, MlpOverride, forward};
 use crate::{Error, Result};
 use rayon::prelude::*;
 use std::sync::Mutex;
@@ -37,28 +39,39 @@ pub enum Splice {
     Zero,
 }
 
-/// Per row of a forward: the (feature, activation) pairs of one layer.
-type RowActs = Vec<Vec<(u32, f32)>>;
+/// What a spliced forward has computed so far: each source layer's active features (as the training
+/// step's codes) and their decoded sum into every target layer, `[rows][L][d]` from the decoder bias.
+#[derive(Debug, Default)]
+struct Decoded {
+    codes: Vec<LayerCodes>,
+    yhat: Vec<f32>,
+}
 
 /// The MLPs of a spliced forward, called layer by layer.
 #[derive(Debug)]
 struct SplicedMlps<'a> {
     tc: &'a ReplacementTranscoder,
     splice: Splice,
-    /// The active features of this forward's layers so far.
-    acts: Mutex<Vec<RowActs>>,
+    /// The model's MLP output at position 0 of each layer (`[d]`), when the caller has it from the model's
+    /// own run: position 0 sees only itself and keeps the model's MLPs, so its outputs are the same in every
+    /// spliced forward, and the forward then need not run the model's MLPs at all (for [`Splice::All`] and
+    /// [`Splice::Zero`]: most of a forward's work).
+    position0: Option<&'a [Vec<f32>]>,
+    /// The layers so far of the forward in progress.
+    decoded: Mutex<Decoded>,
 }
 
 impl SplicedMlps<'_> {
-    /// Layer `k`'s active features at each row, from its transcoder input `x` (`[rows, d]`); none at
-    /// position 0.
-    fn encode(&self, k: usize, first: usize, x: &[f32], rows: usize) -> RowActs {
+    /// Layer `k`'s active features at each row (by row, then feature index), from its transcoder input
+    /// `x` (`[rows, d]`); none at position 0.
+    fn encode(&self, k: usize, first: usize, x: &[f32], rows: usize) -> LayerCodes {
         let tc = self.tc;
         let (d, f_n) = (tc.cfg.d_model, tc.cfg.n_features);
         let mut pre = vec![0.0f32; rows * f_n];
         forward::matmul_wt(x, rows, d, &tc.params.w_enc[k], f_n, &mut pre);
         let (b, th) = (&tc.params.b_enc[k], &tc.thresholds[k]);
-        pre.par_chunks(f_n.max(1))
+        let by_row: Vec<Vec<(u32, f32)>> = pre
+            .par_chunks(f_n.max(1))
             .take(rows)
             .enumerate()
             .map(|(r, h)| {
@@ -74,7 +87,19 @@ impl SplicedMlps<'_> {
                     })
                     .collect()
             })
-            .collect()
+            .collect();
+        let mut codes = LayerCodes {
+            offsets: vec![0],
+            ..LayerCodes::default()
+        };
+        for row in by_row {
+            for (f, a) in row {
+                codes.feat.push(f);
+                codes.act.push(a);
+            }
+            codes.offsets.push(codes.feat.len());
+        }
+        codes
     }
 }
 
@@ -83,10 +108,17 @@ impl MlpOverride for SplicedMlps<'_> {
         let tc = self.tc;
         let d = tc.cfg.d_model;
         let (first, rows) = (inputs.first_position, inputs.normed.len() / d);
-        let model = inputs
-            .model_mlp
-            .expect("a spliced forward asks for the model's MLP output");
-        let mut out = model[..rows * d].to_vec();
+        let mut out = match (inputs.model_mlp, self.position0) {
+            (Some(model), _) => model[..rows * d].to_vec(),
+            (None, Some(p0)) => {
+                let mut out = vec![0.0f32; rows * d];
+                if first == 0 && rows > 0 {
+                    out[..d].copy_from_slice(&p0[k][..d]);
+                }
+                out
+            }
+            (None, None) => unreachable!("wants_model_mlp asked for the model's MLP output"),
+        };
         let replaced = match self.splice {
             Splice::Zero => {
                 out.par_chunks_mut(d)
@@ -98,38 +130,35 @@ impl MlpOverride for SplicedMlps<'_> {
             Splice::All => true,
             Splice::Layer(l) => l == k,
         };
-        let mut acts = self.acts.lock().unwrap_or_else(|e| e.into_inner());
+        let (cfg, params) = (&tc.cfg, &tc.params);
+        let mut dec = self.decoded.lock().unwrap_or_else(|e| e.into_inner());
         if k == 0 {
-            acts.clear();
+            dec.codes = vec![LayerCodes::default(); cfg.n_layers];
+            dec.yhat = sparse::decode_start(cfg, params, rows, true);
         }
-        // Every layer up to the last one replaced is encoded: their decoders reach it.
+        // Every layer up to the last one replaced is encoded: their decoders reach it. Each is decoded
+        // into every later target at once, by the training step's tiled decode (a feature's decoder row
+        // read once per tile of positions): target k is complete once layers 0..=k are in.
         let needed = match self.splice {
             Splice::Layer(l) => k <= l,
             _ => true,
         };
         let x = tc.input_hook.of(inputs);
-        acts.push(if needed {
-            self.encode(k, first, x, rows)
-        } else {
-            Vec::new()
-        });
+        if needed {
+            dec.codes[k] = self.encode(k, first, x, rows);
+            let Decoded { codes, yhat } = &mut *dec;
+            sparse::decode_layers(cfg, params, codes, rows, k..k + 1, yhat);
+        }
         if !replaced {
             return out;
         }
-        let acts = &*acts;
+        let (yhat, row) = (&dec.yhat, cfg.n_layers * d);
         out.par_chunks_mut(d)
             .enumerate()
             .filter(|&(r, _)| first + r > 0)
             .for_each(|(r, o)| {
-                o.copy_from_slice(&tc.params.b_dec[k]);
-                for (l, layer) in acts.iter().enumerate().take(k + 1) {
-                    for &(f, a) in &layer[r] {
-                        if let Some(row) = tc.dec_row(l, f as usize, k) {
-                            o.iter_mut().zip(row).for_each(|(o, w)| *o += a * w);
-                        }
-                    }
-                }
-                if tc.cfg.skip {
+                o.copy_from_slice(&yhat[r * row + k * d..r * row + (k + 1) * d]);
+                if cfg.skip {
                     add_skip(tc, k, &x[r * d..(r + 1) * d], o);
                 }
             });
@@ -137,8 +166,8 @@ impl MlpOverride for SplicedMlps<'_> {
     }
 
     fn wants_model_mlp(&self, _first_position: usize, _n: usize) -> bool {
-        // Position 0 keeps it; a single-layer splice keeps it at the other layers.
-        true
+        // Position 0 keeps it (unless given); a single-layer splice keeps it at the other layers.
+        self.position0.is_none() || matches!(self.splice, Splice::Layer(_))
     }
 }
 
@@ -148,6 +177,19 @@ pub fn spliced_logits(
     tc: &ReplacementTranscoder,
     tokens: &[u32],
     splice: Splice,
+) -> Result<Vec<f32>> {
+    spliced_logits_with(model, tc, tokens, splice, None)
+}
+
+/// [`spliced_logits`], given the model's MLP outputs at position 0 (per layer, `[d]` or more) when the
+/// caller has them from the model's own forward over the same tokens: then [`Splice::All`] and
+/// [`Splice::Zero`] do not run the model's MLPs.
+pub fn spliced_logits_with(
+    model: &dyn Attributable,
+    tc: &ReplacementTranscoder,
+    tokens: &[u32],
+    splice: Splice,
+    position0: Option<&[Vec<f32>]>,
 ) -> Result<Vec<f32>> {
     tc.check_fits(model)?;
     if let Splice::Layer(l) = splice
@@ -161,7 +203,8 @@ pub fn spliced_logits(
     let mlps = SplicedMlps {
         tc,
         splice,
-        acts: Mutex::new(Vec::new()),
+        position0,
+        decoded: Mutex::new(Decoded::default()),
     };
     let opts = ForwardOptions {
         intervention: Intervention {
@@ -308,12 +351,27 @@ pub fn splice_eval(
         if tokens.len() < 3 {
             continue;
         }
-        let clean = model.forward(&tokens)?;
+        let hooks = Hooks {
+            mlp_out: true,
+            ..Hooks::default()
+        };
+        let run = model.forward_with(
+            &tokens,
+            &ForwardOptions {
+                hooks,
+                ..ForwardOptions::default()
+            },
+        )?;
+        let (clean, d) = (run.logits, tc.cfg.d_model);
+        let position0: Vec<Vec<f32>> = (run.record.layers.iter())
+            .map(|l| l.mlp_out.as_ref().map_or(Vec::new(), |o| o[..d].to_vec()))
+            .collect();
         let vocab = clean.len() / tokens.len();
         score(&clean, &clean, &tokens, vocab, &mut r.model);
-        let spliced = spliced_logits(model, tc, &tokens, Splice::All)?;
+        let p0 = Some(position0.as_slice());
+        let spliced = spliced_logits_with(model, tc, &tokens, Splice::All, p0)?;
         score(&clean, &spliced, &tokens, vocab, &mut r.spliced);
-        let zero = spliced_logits(model, tc, &tokens, Splice::Zero)?;
+        let zero = spliced_logits_with(model, tc, &tokens, Splice::Zero, p0)?;
         score(&clean, &zero, &tokens, vocab, &mut r.zero);
         for l in 0..r.per_layer.len() {
             let one = spliced_logits(model, tc, &tokens, Splice::Layer(l))?;
