@@ -196,6 +196,7 @@ fn eval_reads_each_held_out_token_once() {
     w.push(&x, &y, None).unwrap();
     w.finish().unwrap();
 
+    let json = tmp.path().join("eval.json");
     let (ok, out, err) = clt(&[
         "eval",
         "--checkpoint",
@@ -204,6 +205,8 @@ fn eval_reads_each_held_out_token_once() {
         store.to_str().unwrap(),
         "--tokens",
         "100000",
+        "--json",
+        json.to_str().unwrap(),
     ]);
     assert!(ok, "{err}");
     assert!(out.contains("over 5000 tokens"), "{out}");
@@ -245,6 +248,18 @@ fn eval_reads_each_held_out_token_once() {
         // Dead: features that fired on none of the 5,000 tokens.
         let dead = codes[l].active_count.iter().filter(|c| **c == 0).count();
         assert_eq!(cols[4], dead.to_string(), "layer {l}: {line}");
+    }
+    // The same report as JSON, unrounded.
+    let v: serde_json::Value = serde_json::from_slice(&std::fs::read(&json).unwrap()).unwrap();
+    assert_eq!(v["n_tokens"], 5000);
+    assert!((v["nmse"].as_f64().unwrap() - want).abs() < 1e-6, "{v}");
+    assert!((v["explained_variance"].as_f64().unwrap() - (1.0 - want)).abs() < 1e-6);
+    for l in 0..l_n {
+        let nmse = v["nmse_per_layer"][l].as_f64().unwrap();
+        assert!((nmse - sq[l] / var[l]).abs() < 1e-6, "layer {l}: {nmse}");
+        let dead = codes[l].active_count.iter().filter(|c| **c == 0).count();
+        assert_eq!(v["dead_per_layer"][l], dead, "layer {l}");
+        assert!(v["l0_per_layer"][l].as_f64().unwrap() >= 0.0);
     }
 }
 

@@ -136,6 +136,10 @@ enum Command {
         /// Tokens to evaluate on (at most what the --data store holds; read 4,096 at a time).
         #[arg(long, default_value_t = 4096)]
         tokens: usize,
+        /// Also write the report as JSON (tokens, NMSE, explained variance, and per layer NMSE, L0 and
+        /// dead features).
+        #[arg(long)]
+        json: Option<PathBuf>,
     },
     /// Export a checkpoint to another tool's format.
     Export {
@@ -503,6 +507,7 @@ fn run(cli: Cli) -> clt::Result<()> {
             checkpoint,
             data,
             tokens,
+            json,
         } => {
             // Native or sharded checkpoints (`clt::dist::checkpoint` reads both), or converted ones.
             let t = clt::dist::checkpoint::load_transcoder(&checkpoint)?;
@@ -555,6 +560,13 @@ fn run(cli: Cli) -> clt::Result<()> {
             };
             print_layers(&r.nmse_per_layer, &r.l0_per_layer, &r.dead_per_layer);
             println!("NMSE {:.4} over {} tokens", r.nmse, r.n_tokens);
+            if let Some(path) = json {
+                let mut v = serde_json::to_value(&r)
+                    .map_err(|e| clt::Error::Unsupported(format!("the evaluation as JSON: {e}")))?;
+                v["explained_variance"] = serde_json::json!(1.0 - r.nmse);
+                v["checkpoint"] = serde_json::json!(checkpoint.display().to_string());
+                clt::clt::checkpoint::write_atomic(&path, format!("{v:#}\n").as_bytes())?;
+            }
             Ok(())
         }
         Command::Export {
