@@ -241,16 +241,14 @@ impl Scores {
     }
 }
 
-/// `log softmax(row)` in f64.
-fn log_softmax(row: &[f32]) -> Vec<f64> {
+/// `log Σ exp(row)` in f64.
+fn log_sum_exp(row: &[f32]) -> f64 {
     let max = row.iter().fold(f64::NEG_INFINITY, |m, &v| m.max(v as f64));
-    let lse = max
-        + row
-            .iter()
-            .map(|&v| (v as f64 - max).exp())
-            .sum::<f64>()
-            .ln();
-    row.iter().map(|&v| v as f64 - lse).collect()
+    max + row
+        .iter()
+        .map(|&v| (v as f64 - max).exp())
+        .sum::<f64>()
+        .ln()
 }
 
 fn argmax(row: &[f32]) -> usize {
@@ -262,33 +260,89 @@ fn argmax(row: &[f32]) -> usize {
         .0
 }
 
+/// The model's next-token distributions over one context's scored positions (`1..n − 1`), kept so that
+/// each other forward is scored with one pass of exponentials over its logits: with `p` the model's
+/// probabilities and `o` the other logits, `KL = Σ p log p − Σ p·o + log Σ exp(o)`.
+pub struct Reference {
+    vocab: usize,
+    /// Per scored position: the model's probabilities, `[vocab]` each.
+    p: Vec<f64>,
+    /// Per scored position: `Σ p log p`, the model's cross-entropy of the next token, its top token.
+    neg_entropy: Vec<f64>,
+    ce: Vec<f64>,
+    top: Vec<usize>,
+}
+
+impl Reference {
+    /// From the model's logits `[n, vocab]` of `tokens`.
+    pub fn new(clean: &[f32], tokens: &[u32], vocab: usize) -> Self {
+        let n = tokens.len();
+        let rows: Vec<(Vec<f64>, f64, f64, usize)> = (1..n.saturating_sub(1))
+            .into_par_iter()
+            .map(|p| {
+                let c = &clean[p * vocab..(p + 1) * vocab];
+                let lse = log_sum_exp(c);
+                let probs: Vec<f64> = c.iter().map(|&v| (v as f64 - lse).exp()).collect();
+                let h = c
+                    .iter()
+                    .zip(&probs)
+                    .map(|(&v, q)| q * (v as f64 - lse))
+                    .sum();
+                (probs, h, lse - c[tokens[p + 1] as usize] as f64, argmax(c))
+            })
+            .collect();
+        let mut r = Reference {
+            vocab,
+            p: Vec::with_capacity(rows.len() * vocab),
+            neg_entropy: Vec::new(),
+            ce: Vec::new(),
+            top: Vec::new(),
+        };
+        for (probs, h, ce, top) in rows {
+            r.p.extend(probs);
+            r.neg_entropy.push(h);
+            r.ce.push(ce);
+            r.top.push(top);
+        }
+        r
+    }
+
+    /// Adds the model's own predictions to `s` (its KL is 0 and its agreement 1 by definition).
+    pub fn add_model(&self, s: &mut Scores) {
+        s.n += self.ce.len() as u64;
+        s.ce += self.ce.iter().sum::<f64>();
+        s.top1 += self.ce.len() as u64;
+    }
+
+    /// Adds the predictions of `logits` (`[n, vocab]` over the same tokens) to `s`.
+    pub fn score(&self, logits: &[f32], tokens: &[u32], s: &mut Scores) {
+        let v = self.vocab;
+        let rows: Vec<(f64, f64, bool)> = (0..self.ce.len())
+            .into_par_iter()
+            .map(|i| {
+                let pos = i + 1;
+                let o = &logits[pos * v..(pos + 1) * v];
+                let lse = log_sum_exp(o);
+                let p = &self.p[i * v..(i + 1) * v];
+                let po: f64 = p.iter().zip(o).map(|(q, &x)| q * x as f64).sum();
+                let kl = self.neg_entropy[i] - po + lse;
+                let ce = lse - o[tokens[pos + 1] as usize] as f64;
+                (ce, kl.max(0.0), argmax(o) == self.top[i])
+            })
+            .collect();
+        for (ce, kl, same) in rows {
+            s.n += 1;
+            s.ce += ce;
+            s.kl += kl;
+            s.top1 += same as u64;
+        }
+    }
+}
+
 /// Adds the predictions of positions `1..n − 1` of `logits` (`[n, vocab]`; position `p` predicts
 /// `tokens[p + 1]`) to `s`, against the model's `clean` logits.
 pub fn score(clean: &[f32], logits: &[f32], tokens: &[u32], vocab: usize, s: &mut Scores) {
-    let n = tokens.len();
-    let rows: Vec<(f64, f64, bool)> = (1..n.saturating_sub(1))
-        .into_par_iter()
-        .map(|p| {
-            let (c, o) = (
-                &clean[p * vocab..(p + 1) * vocab],
-                &logits[p * vocab..(p + 1) * vocab],
-            );
-            let (lc, lo) = (log_softmax(c), log_softmax(o));
-            let ce = -lo[tokens[p + 1] as usize];
-            let kl = lc
-                .iter()
-                .zip(&lo)
-                .map(|(a, b)| a.exp() * (a - b))
-                .sum::<f64>();
-            (ce, kl.max(0.0), argmax(c) == argmax(o))
-        })
-        .collect();
-    for (ce, kl, same) in rows {
-        s.n += 1;
-        s.ce += ce;
-        s.kl += kl;
-        s.top1 += same as u64;
-    }
+    Reference::new(clean, tokens, vocab).score(logits, tokens, s);
 }
 
 /// What [`splice_eval`] measured.
@@ -366,16 +420,16 @@ pub fn splice_eval(
         let position0: Vec<Vec<f32>> = (run.record.layers.iter())
             .map(|l| l.mlp_out.as_ref().map_or(Vec::new(), |o| o[..d].to_vec()))
             .collect();
-        let vocab = clean.len() / tokens.len();
-        score(&clean, &clean, &tokens, vocab, &mut r.model);
+        let reference = Reference::new(&clean, &tokens, clean.len() / tokens.len());
+        reference.add_model(&mut r.model);
         let p0 = Some(position0.as_slice());
         let spliced = spliced_logits_with(model, tc, &tokens, Splice::All, p0)?;
-        score(&clean, &spliced, &tokens, vocab, &mut r.spliced);
+        reference.score(&spliced, &tokens, &mut r.spliced);
         let zero = spliced_logits_with(model, tc, &tokens, Splice::Zero, p0)?;
-        score(&clean, &zero, &tokens, vocab, &mut r.zero);
+        reference.score(&zero, &tokens, &mut r.zero);
         for l in 0..r.per_layer.len() {
             let one = spliced_logits(model, tc, &tokens, Splice::Layer(l))?;
-            score(&clean, &one, &tokens, vocab, &mut r.per_layer[l]);
+            reference.score(&one, &tokens, &mut r.per_layer[l]);
         }
         r.contexts += 1;
         progress(&r);
@@ -419,6 +473,10 @@ mod tests {
         assert_eq!(s.top1, 1);
         let mut same = Scores::default();
         score(&clean, &clean, &tokens, 3, &mut same);
-        assert_eq!((same.kl, same.top1), (0.0, 2));
+        assert!(same.kl.abs() < 1e-12 && same.top1 == 2, "{same:?}");
+        let mut model = Scores::default();
+        Reference::new(&clean, &tokens, 3).add_model(&mut model);
+        assert_eq!((model.n, model.kl, model.top1), (2, 0.0, 2));
+        assert!((model.ce - same.ce).abs() < 1e-12);
     }
 }
