@@ -514,59 +514,46 @@ fn run_attribute_many(args: &AttributeArgs) -> Result<()> {
     let cfg = attribution_config(args, &m.tokenizer)?;
     let dir = &args.out;
     std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
-    let mut summary = String::new();
-    let mut failed = Vec::new();
-    for p in &prompts {
+    let summary_path = dir.join("summary.jsonl");
+    let one = |p: &NamedPrompt| -> Result<serde_json::Value> {
         let t0 = std::time::Instant::now();
         let out = dir.join(format!("{}.json", p.slug));
-        let run = || -> Result<(Graph, Written)> {
-            let tokens = m.tokenizer.encode_prompt(&p.prompt)?;
-            let g = attribute(&m.model, &tc, &tokens, &cfg)?;
-            let w = write_graph(
-                &g,
-                &m.tokenizer,
-                &p.prompt,
-                &out,
-                &p.slug,
-                &name,
-                args.node_threshold,
-                args.edge_threshold,
-            )?;
-            Ok((g, w))
-        };
-        let line = match run() {
-            Ok((g, w)) => {
-                println!(
-                    "{}: {} tokens, {} feature nodes, replacement {:.4}, completeness {:.4}, {} nodes, {} \
+        let tokens = m.tokenizer.encode_prompt(&p.prompt)?;
+        let g = attribute(&m.model, &tc, &tokens, &cfg)?;
+        let w = write_graph(
+            &g,
+            &m.tokenizer,
+            &p.prompt,
+            &out,
+            &p.slug,
+            &name,
+            args.node_threshold,
+            args.edge_threshold,
+        )?;
+        println!(
+            "{}: {} tokens, {} feature nodes, replacement {:.4}, completeness {:.4}, {} nodes, {} \
                      links, {:.2} s -> {}",
-                    p.slug,
-                    g.tokens.len(),
-                    g.selected.len(),
-                    w.scores.replacement,
-                    w.scores.completeness,
-                    w.nodes,
-                    w.links,
-                    t0.elapsed().as_secs_f64(),
-                    out.display()
-                );
-                serde_json::json!({
-                    "slug": p.slug, "prompt": p.prompt, "graph": format!("{}.json", p.slug),
-                    "tokens": g.tokens.len(), "feature_nodes": g.selected.len(),
-                    "replacement_score": w.scores.replacement, "completeness_score": w.scores.completeness,
-                    "nodes": w.nodes, "links": w.links, "seconds": t0.elapsed().as_secs_f64(),
-                })
-            }
-            Err(e) => {
-                eprintln!("{}: failed: {e}", p.slug);
-                failed.push(p.slug.clone());
-                serde_json::json!({"slug": p.slug, "prompt": p.prompt, "error": e.to_string()})
-            }
-        };
-        summary.push_str(&line.to_string());
-        summary.push('\n');
-        // Rewritten after every prompt, so that a run stopped part-way records what it finished.
-        crate::clt::checkpoint::write_atomic(&dir.join("summary.jsonl"), summary.as_bytes())?;
-    }
+            p.slug,
+            g.tokens.len(),
+            g.selected.len(),
+            w.scores.replacement,
+            w.scores.completeness,
+            w.nodes,
+            w.links,
+            t0.elapsed().as_secs_f64(),
+            out.display()
+        );
+        Ok(serde_json::json!({
+            "graph": format!("{}.json", p.slug),
+            "tokens": g.tokens.len(), "feature_nodes": g.selected.len(),
+            "replacement_score": w.scores.replacement, "completeness_score": w.scores.completeness,
+            "nodes": w.nodes, "links": w.links, "seconds": t0.elapsed().as_secs_f64(),
+        }))
+    };
+    // The summary is rewritten after every prompt, so that a run stopped part-way records what it finished.
+    let (_, failed) = for_each_prompt(&prompts, one, |lines| {
+        crate::clt::checkpoint::write_atomic(&summary_path, lines.as_bytes())
+    })?;
     println!(
         "{} of {} graphs -> {} (summary.jsonl)",
         prompts.len() - failed.len(),
@@ -845,69 +832,76 @@ fn activations_many(
     labels: Option<&crate::features::labels::Labels>,
 ) -> Result<()> {
     let tok = &m.tokenizer;
-    let mut lines = String::new();
-    let mut failed = Vec::new();
-    for p in prompts {
-        let run = || -> Result<(Vec<u32>, super::activations::PromptActivations)> {
-            let tokens = tok.encode_prompt(&p.prompt)?;
-            let pa = prompt_activations(&m.model, tc, &tokens, watch)?;
-            Ok((tokens, pa))
-        };
-        let mut j = match run() {
-            Ok((tokens, pa)) => {
-                let n_l = pa.layers.len().max(1) as f64;
-                let l0 = pa.layers.iter().map(|f| f.l0).sum::<f64>() / n_l;
-                let share = pa.layers.iter().map(|f| f.error_share).sum::<f64>() / n_l;
+    let one = |p: &NamedPrompt| -> Result<serde_json::Value> {
+        let tokens = tok.encode_prompt(&p.prompt)?;
+        let pa = prompt_activations(&m.model, tc, &tokens, watch)?;
+        let n_l = pa.layers.len().max(1) as f64;
+        let l0 = pa.layers.iter().map(|f| f.l0).sum::<f64>() / n_l;
+        let share = pa.layers.iter().map(|f| f.error_share).sum::<f64>() / n_l;
+        println!(
+            "{}: {} tokens, L0 {l0:.1} a layer, error share {share:.4} (mean over layers)",
+            p.slug,
+            tokens.len()
+        );
+        for t in &pa.traces {
+            let (at, most) = t
+                .activation
+                .iter()
+                .enumerate()
+                .fold((0, 0.0f32), |b, (i, &a)| if a > b.1 { (i, a) } else { b });
+            let name = format!("{}:{}", t.layer, t.feature);
+            if most > 0.0 {
+                let fired = t.activation.iter().filter(|&&a| a > 0.0).count();
                 println!(
-                    "{}: {} tokens, L0 {l0:.1} a layer, error share {share:.4} (mean over layers)",
-                    p.slug,
-                    tokens.len()
+                    "  {name} fires at {fired} of {} positions, most {most:.4} at {at} {:?}",
+                    tokens.len() - 1,
+                    display_token(&tok.piece(tokens[at]))
                 );
-                for t in &pa.traces {
-                    let (at, most) = t
-                        .activation
-                        .iter()
-                        .enumerate()
-                        .fold((0, 0.0f32), |b, (i, &a)| if a > b.1 { (i, a) } else { b });
-                    let name = format!("{}:{}", t.layer, t.feature);
-                    if most > 0.0 {
-                        let fired = t.activation.iter().filter(|&&a| a > 0.0).count();
-                        println!(
-                            "  {name} fires at {fired} of {} positions, most {most:.4} at {at} {:?}",
-                            tokens.len() - 1,
-                            display_token(&tok.piece(tokens[at]))
-                        );
-                    } else {
-                        let top = t
-                            .pre
-                            .iter()
-                            .skip(1)
-                            .copied()
-                            .fold(f32::NEG_INFINITY, f32::max);
-                        println!(
-                            "  {name} silent (pre-activation at most {top:.4}, θ {:.4})",
-                            t.threshold
-                        );
-                    }
-                }
-                activations_json(tok, &pa, args.top, labels, true)
+            } else {
+                let top = t
+                    .pre
+                    .iter()
+                    .skip(1)
+                    .copied()
+                    .fold(f32::NEG_INFINITY, f32::max);
+                println!(
+                    "  {name} silent (pre-activation at most {top:.4}, θ {:.4})",
+                    t.threshold
+                );
             }
-            Err(e) => {
-                eprintln!("{}: failed: {e}", p.slug);
-                failed.push(p.slug.clone());
-                serde_json::json!({ "error": e.to_string() })
-            }
-        };
-        j["slug"] = p.slug.clone().into();
-        j["prompt"] = p.prompt.clone().into();
-        lines.push_str(&j.to_string());
-        lines.push('\n');
-    }
+        }
+        Ok(activations_json(tok, &pa, args.top, labels, true))
+    };
+    let (lines, failed) = for_each_prompt(prompts, one, |_| Ok(()))?;
     if let Some(path) = &args.json {
         write_file(path, lines.as_bytes())?;
         println!("-> {} (a JSON line per prompt)", path.display());
     }
     all_ran(&failed, prompts.len(), "")
+}
+
+/// Runs `one` on every prompt, each giving its JSON line (`slug` and `prompt` added), or failing: then the
+/// failure is printed and its line is `{"slug", "prompt", "error"}`, and the other prompts run on. `after`
+/// sees the lines so far after each prompt. Returns the lines and the slugs of the prompts that failed.
+fn for_each_prompt(
+    prompts: &[NamedPrompt],
+    mut one: impl FnMut(&NamedPrompt) -> Result<serde_json::Value>,
+    mut after: impl FnMut(&str) -> Result<()>,
+) -> Result<(String, Vec<String>)> {
+    let (mut lines, mut failed) = (String::new(), Vec::new());
+    for p in prompts {
+        let mut j = one(p).unwrap_or_else(|e| {
+            eprintln!("{}: failed: {e}", p.slug);
+            failed.push(p.slug.clone());
+            serde_json::json!({ "error": e.to_string() })
+        });
+        j["slug"] = p.slug.clone().into();
+        j["prompt"] = p.prompt.clone().into();
+        lines.push_str(&j.to_string());
+        lines.push('\n');
+        after(&lines)?;
+    }
+    Ok((lines, failed))
 }
 
 /// Ok when no prompt of `n` failed, else an error naming the ones that did (`more`: where to read why).
