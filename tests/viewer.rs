@@ -614,6 +614,15 @@ fn saving_a_subgraph_rewrites_only_its_qparams() {
         let said = said["error"].as_str().unwrap_or_default();
         assert!(said.contains(says), "{route} {body}: {answer}");
     }
+    // Only as JSON: a form or text body (what another site's page can send without asking) is refused.
+    let body = serde_json::json!({"qParams": {"pinnedIds": [a]}}).to_string();
+    let request = format!(
+        "POST /save_graph/{slug} HTTP/1.1\r\nHost: localhost\r\nContent-Type: text/plain\r\n\
+         Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    let (s, answer) = exchange(&server, &request, Duration::from_secs(10));
+    assert_eq!(s, 415, "{answer}");
     assert_eq!(
         std::fs::read(&path).unwrap(),
         saved,

@@ -314,8 +314,25 @@ struct SaveRequest {
 async fn save_graph(
     State(s): State<Arc<AppState>>,
     UrlPath(slug): UrlPath<String>,
+    headers: axum::http::HeaderMap,
     body: axum::body::Bytes,
 ) -> Response {
+    // The one route that writes: it takes JSON only, which a page of another site cannot send here without
+    // the browser asking this server first (CORS), and this server allows no other origin.
+    let json = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| {
+            v.trim_start()
+                .to_ascii_lowercase()
+                .starts_with("application/json")
+        });
+    if !json {
+        return error(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "a save is a JSON body sent as Content-Type: application/json".into(),
+        );
+    }
     let req: SaveRequest = match serde_json::from_slice(&body) {
         Ok(r) => r,
         Err(e) => return error(StatusCode::BAD_REQUEST, format!("bad request: {e}")),
