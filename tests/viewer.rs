@@ -1055,6 +1055,41 @@ fn graph_and_features_in_headless_chromium() {
         assert_eq!(n, serde_json::json!(small_nodes));
         let hidden = c.execute("return document.getElementById('error').hidden", vec![]).await.unwrap();
         assert_eq!(hidden, serde_json::json!(true));
+        // A graph from disk cannot be saved on the server: it is downloaded with its subgraph instead
+        // (the blob the page hands the browser, caught on its way).
+        let first = small["nodes"][1]["node_id"].as_str().unwrap().to_string();
+        let downloaded = c
+            .execute_async(
+                "const done = arguments[arguments.length - 1];
+                 const blobs = [];
+                 const orig = URL.createObjectURL;
+                 URL.createObjectURL = (b) => { blobs.push(b); return orig(b); };
+                 document.getElementById('clear-pins').click();
+                 document.querySelector(`[data-id=\"${arguments[0]}\"]`).dispatchEvent(new MouseEvent('click'));
+                 document.getElementById('download-subgraph').click();
+                 blobs[0].text().then(done);",
+                vec![serde_json::json!(first)],
+            )
+            .await
+            .unwrap();
+        let back: serde_json::Value = serde_json::from_str(downloaded.as_str().unwrap()).unwrap();
+        assert_eq!(back["qParams"]["pinnedIds"], serde_json::json!([first]));
+        assert_eq!(back["qParams"]["supernodes"], serde_json::json!([]));
+        // (JavaScript writes 0.0 as 0: the nodes and links are compared by id and value.)
+        let ids = |g: &serde_json::Value| -> Vec<String> {
+            g["nodes"].as_array().unwrap().iter().map(|n| n["node_id"].to_string()).collect()
+        };
+        let links = |g: &serde_json::Value| -> Vec<(String, String, f64)> {
+            g["links"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|l| (l["source"].to_string(), l["target"].to_string(), l["weight"].as_f64().unwrap()))
+                .collect()
+        };
+        assert_eq!((ids(&back), links(&back)), (ids(&small), links(&small)));
+        assert_eq!(back["metadata"]["prompt"], small["metadata"]["prompt"]);
+        assert!(c.find(Locator::Id("save-subgraph")).await.is_err(), "no save for a graph from disk");
         c.close().await.unwrap();
     });
 }

@@ -569,8 +569,7 @@ function groupChecked() {
 // Writes the subgraph into the graph's file on the server (circuit-tracer's POST /save_graph/{slug}).
 async function saveSubgraph() {
   const g = state.graph.g, out = $("save-status");
-  const q = Object.assign({}, g.qParams || {}, { pinnedIds: [...state.pinned],
-    supernodes: state.supernodes.map((s) => [s.label, ...s.ids]) });
+  const q = withSubgraph(g).qParams;
   document.body.dataset.saved = "running";
   out.textContent = "saving…";
   try {
@@ -582,6 +581,24 @@ async function saveSubgraph() {
     out.textContent = `Not saved: ${e.message}`;
     document.body.dataset.saved = "error";
   }
+}
+
+// The graph with its subgraph in `qParams`.
+function withSubgraph(g) {
+  const q = Object.assign({}, g.qParams || {}, { pinnedIds: [...state.pinned],
+    supernodes: state.supernodes.map((s) => [s.label, ...s.ids]) });
+  return Object.assign({}, g, { qParams: q });
+}
+
+// The graph with its subgraph, downloaded under its own name (a graph opened from disk).
+function downloadSubgraph() {
+  const blob = new Blob([JSON.stringify(withSubgraph(state.graph.g))], { type: "application/json" });
+  const url = URL.createObjectURL(blob);
+  const a = el("a", { href: url, download: state.name });
+  document.body.appendChild(a);
+  a.click();
+  a.remove();
+  setTimeout(() => URL.revokeObjectURL(url), 10000);
 }
 
 // The page's address names the graph and its subgraph (Neuronpedia's pinnedIds and supernodes), so a
@@ -685,13 +702,18 @@ function refreshPins() {
     }
     panel.appendChild(table);
   }
+  const row = el("div", { class: "intervene-controls" });
   if (state.fromServer) {
     const save = el("button", { type: "button", id: "save-subgraph" }, `save into ${state.name}`);
     save.addEventListener("click", saveSubgraph);
-    const row = el("div", { class: "intervene-controls" });
     row.append(save, el("span", { id: "save-status" }));
-    panel.appendChild(row);
+  } else {
+    // A graph opened from disk is not in the server's folder: it is handed back as a file instead.
+    const down = el("button", { type: "button", id: "download-subgraph" }, `download ${state.name} with it`);
+    down.addEventListener("click", downloadSubgraph);
+    row.append(down);
   }
+  panel.appendChild(row);
 }
 
 function applySearch() {
