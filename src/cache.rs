@@ -209,6 +209,24 @@ pub fn corpus_contexts<'a>(
             format!("{context} tokens leave no room after the special token"),
         ));
     }
+    let docs = open_corpus(m, corpus, column, skip_documents, "skip_documents")?;
+    Ok(docs.enumerate().flat_map(move |(i, d)| {
+        match d.and_then(|d| doc_contexts(m, skip_documents + i as u64, &d, context)) {
+            Ok(cs) => cs.into_iter().map(|c| Ok(c.tokens)).collect::<Vec<_>>(),
+            Err(e) => vec![Err(e)],
+        }
+    }))
+}
+
+/// The corpus's documents for `m` (token ids checked against its vocabulary) after the first `skip`
+/// (read, not tokenised); `key` names the setting in the error when the corpus holds no more than `skip`.
+fn open_corpus(
+    m: &LoadedModel,
+    corpus: &[PathBuf],
+    column: Option<String>,
+    skip: u64,
+    key: &str,
+) -> Result<Documents> {
     let mut docs = Documents::open_with(
         corpus,
         CorpusOptions {
@@ -216,22 +234,15 @@ pub fn corpus_contexts<'a>(
             vocab: Some(m.model.vocab_size().min(u32::MAX as usize) as u32),
         },
     )?;
-    for skipped in 0..skip_documents {
+    for skipped in 0..skip {
         if docs.next().transpose()?.is_none() {
             return Err(Error::config(
-                "skip_documents",
-                format!(
-                    "the corpus has only {skipped} documents, so skipping {skip_documents} leaves none"
-                ),
+                key,
+                format!("the corpus has only {skipped} documents, so skipping {skip} leaves none"),
             ));
         }
     }
-    Ok(docs.enumerate().flat_map(move |(i, d)| {
-        match d.and_then(|d| doc_contexts(m, skip_documents + i as u64, &d, context)) {
-            Ok(cs) => cs.into_iter().map(|c| Ok(c.tokens)).collect::<Vec<_>>(),
-            Err(e) => vec![Err(e)],
-        }
-    }))
+    Ok(docs)
 }
 
 /// One context: its tokens, the document it comes from and the position of its first token in the document.
@@ -392,24 +403,13 @@ pub fn cache(m: &LoadedModel, cfg: &CacheConfig) -> Result<CacheRecord> {
     }
 
     let batch_n = cfg.contexts_per_batch.max(1);
-    let mut docs = Documents::open_with(
+    let docs = open_corpus(
+        m,
         &cfg.corpus,
-        CorpusOptions {
-            column: cfg.column.clone(),
-            vocab: Some(m.model.vocab_size().min(u32::MAX as usize) as u32),
-        },
+        cfg.column.clone(),
+        cfg.skip_documents,
+        "cache.skip_documents",
     )?;
-    for skipped in 0..cfg.skip_documents {
-        if docs.next().transpose()?.is_none() {
-            return Err(Error::config(
-                "cache.skip_documents",
-                format!(
-                    "the corpus has only {skipped} documents, so skipping {} leaves none",
-                    cfg.skip_documents
-                ),
-            ));
-        }
-    }
     let mut stream = ContextStream {
         m,
         docs,

@@ -253,14 +253,11 @@ pub fn run_stories(demo: &StoriesDemo) -> Result<StoriesReport> {
     };
     let g = crate::attribution::attribute(llama, &tc, &tokens, &cfg)?;
     // The CLT spliced in, on the held-out text the evaluation read (its first 8,192 predictions).
-    let mut planned = 0u64;
-    let contexts =
-        crate::cache::corpus_contexts(&m, std::slice::from_ref(&demo.eval_corpus), None, 0, 128)?
-            .take_while(move |c| {
-                let go = planned < 8192;
-                planned += c.as_ref().map_or(0, |t| t.len().saturating_sub(2) as u64);
-                go
-            });
+    let corpus = std::slice::from_ref(&demo.eval_corpus);
+    let contexts = crate::attribution::splice::first_predictions(
+        crate::cache::corpus_contexts(&m, corpus, None, 0, 128)?,
+        8192,
+    );
     let splice = crate::attribution::splice::splice_eval(llama, &tc, contexts, false, |_| {})?;
     let graph = crate::attribution::cli::write_graph(
         &g,

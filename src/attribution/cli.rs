@@ -234,15 +234,7 @@ pub fn run_splice(args: &SpliceArgs) -> Result<super::splice::SpliceReport> {
         args.skip_documents,
         args.context,
     )?;
-    // Whole contexts until the predictions reach `tokens` (each context of n tokens scores n − 2).
-    let mut planned = 0u64;
-    let contexts = contexts
-        .filter(|c| c.as_ref().map_or(true, |t| t.len() >= 3))
-        .take_while(move |c| {
-            let go = planned < args.tokens;
-            planned += c.as_ref().map_or(0, |t| t.len() as u64 - 2);
-            go
-        });
+    let contexts = super::splice::first_predictions(contexts, args.tokens);
     // A progress line, rewritten at most twice a second, on a terminal only.
     use std::io::IsTerminal;
     let show = !args.quiet && std::io::stderr().is_terminal();

@@ -222,33 +222,52 @@ pub fn add_skip(tc: &ReplacementTranscoder, k: usize, x: &[f32], out: &mut [f32]
     }
 }
 
+/// Layer `k`'s active features at each of `rows` positions starting at position `first`, from the
+/// transcoder's input `x` (`[rows, d]`): per row, (feature, activation) by feature index; none at position 0.
+pub fn encode_layer(
+    tc: &ReplacementTranscoder,
+    k: usize,
+    x: &[f32],
+    rows: usize,
+    first: usize,
+) -> Vec<Vec<(u32, f32)>> {
+    let (d, f_n) = (tc.cfg.d_model, tc.cfg.n_features);
+    let mut pre = vec![0.0f32; rows * f_n];
+    forward::matmul_wt(x, rows, d, &tc.params.w_enc[k], f_n, &mut pre);
+    let (b, th) = (&tc.params.b_enc[k], &tc.thresholds[k]);
+    pre.par_chunks(f_n.max(1))
+        .take(rows)
+        .enumerate()
+        .map(|(r, h)| {
+            if first + r == 0 {
+                return Vec::new();
+            }
+            h.iter()
+                .zip(b.iter().zip(th))
+                .enumerate()
+                .filter_map(|(f, (&h, (&b, &t)))| {
+                    let a = activation(h + b, t);
+                    (a > 0.0).then_some((f as u32, a))
+                })
+                .collect()
+        })
+        .collect()
+}
+
 /// The active features at positions ≥ 1 of every layer: pre-activations above their threshold.
 pub fn encode(tc: &ReplacementTranscoder, inputs: &[Vec<f32>], n: usize) -> ActiveFeatures {
-    let (d, f_n) = (tc.cfg.d_model, tc.cfg.n_features);
     let mut af = ActiveFeatures {
         n_pos: n,
         starts: vec![0],
         ..ActiveFeatures::default()
     };
-    let mut pre = vec![0.0f32; n * f_n];
     for (l, x) in inputs.iter().enumerate() {
-        forward::matmul_wt(x, n, d, &tc.params.w_enc[l], f_n, &mut pre);
-        for p in 0..n {
-            if p > 0 {
-                let row = &pre[p * f_n..(p + 1) * f_n];
-                for (f, (&h, (&b, &th))) in row
-                    .iter()
-                    .zip(tc.params.b_enc[l].iter().zip(&tc.thresholds[l]))
-                    .enumerate()
-                {
-                    let a = activation(h + b, th);
-                    if a > 0.0 {
-                        af.layer.push(l as u32);
-                        af.pos.push(p as u32);
-                        af.index.push(f as u32);
-                        af.value.push(a);
-                    }
-                }
+        for (p, row) in encode_layer(tc, l, x, n, 0).into_iter().enumerate() {
+            for (f, a) in row {
+                af.layer.push(l as u32);
+                af.pos.push(p as u32);
+                af.index.push(f);
+                af.value.push(a);
             }
             af.starts.push(af.index.len());
         }

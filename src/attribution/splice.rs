@@ -19,10 +19,10 @@
 //! stream), which shows where the replacement's loss comes from.
 
 use super::linear::Attributable;
-use super::replacement::{ReplacementTranscoder, activation, add_skip};
+use super::replacement::{ReplacementTranscoder, add_skip, encode_layer};
 use crate::backend::cpu::encode::LayerCodes;
 use crate::backend::cpu::sparse;
-use crate::model::{ForwardOptions, Hooks, Intervention, MlpInputs, MlpOverride, forward};
+use crate::model::{ForwardOptions, Hooks, Intervention, MlpInputs, MlpOverride};
 use crate::{Error, Result};
 use rayon::prelude::*;
 use std::sync::Mutex;
@@ -62,37 +62,14 @@ struct SplicedMlps<'a> {
 }
 
 impl SplicedMlps<'_> {
-    /// Layer `k`'s active features at each row (by row, then feature index), from its transcoder input
-    /// `x` (`[rows, d]`); none at position 0.
+    /// Layer `k`'s active features at each row as the training step's codes (by row, then feature
+    /// index), from its transcoder input `x` (`[rows, d]`); none at position 0.
     fn encode(&self, k: usize, first: usize, x: &[f32], rows: usize) -> LayerCodes {
-        let tc = self.tc;
-        let (d, f_n) = (tc.cfg.d_model, tc.cfg.n_features);
-        let mut pre = vec![0.0f32; rows * f_n];
-        forward::matmul_wt(x, rows, d, &tc.params.w_enc[k], f_n, &mut pre);
-        let (b, th) = (&tc.params.b_enc[k], &tc.thresholds[k]);
-        let by_row: Vec<Vec<(u32, f32)>> = pre
-            .par_chunks(f_n.max(1))
-            .take(rows)
-            .enumerate()
-            .map(|(r, h)| {
-                if first + r == 0 {
-                    return Vec::new();
-                }
-                h.iter()
-                    .zip(b.iter().zip(th))
-                    .enumerate()
-                    .filter_map(|(f, (&h, (&b, &t)))| {
-                        let a = activation(h + b, t);
-                        (a > 0.0).then_some((f as u32, a))
-                    })
-                    .collect()
-            })
-            .collect();
         let mut codes = LayerCodes {
             offsets: vec![0],
             ..LayerCodes::default()
         };
-        for row in by_row {
+        for row in encode_layer(self.tc, k, x, rows, first) {
             for (f, a) in row {
                 codes.feat.push(f);
                 codes.act.push(a);
@@ -383,6 +360,22 @@ impl SpliceReport {
             "per_layer": self.per_layer.iter().map(scores).collect::<Vec<_>>(),
         })
     }
+}
+
+/// The contexts of `contexts` that [`splice_eval`] scores (three tokens or more), whole, until they make
+/// at least `predictions` predictions (`n − 2` for a context of `n` tokens); errors pass through.
+pub fn first_predictions(
+    contexts: impl Iterator<Item = Result<Vec<u32>>>,
+    predictions: u64,
+) -> impl Iterator<Item = Result<Vec<u32>>> {
+    let mut planned = 0u64;
+    contexts
+        .filter(|c| c.as_ref().map_or(true, |t| t.len() >= 3))
+        .take_while(move |c| {
+            let go = planned < predictions;
+            planned += c.as_ref().map_or(0, |t| t.len() as u64 - 2);
+            go
+        })
 }
 
 /// Scores the model, the transcoder spliced in, and the MLPs ablated on every context `contexts` yields
