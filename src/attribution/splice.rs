@@ -238,13 +238,17 @@ fn argmax(row: &[f32]) -> usize {
 }
 
 /// The model's next-token distributions over one context's scored positions (`1..n − 1`), kept so that
-/// each other forward is scored with one pass of exponentials over its logits: with `p` the model's
-/// probabilities and `o` the other logits, `KL = Σ p log p − Σ p·o + log Σ exp(o)`.
+/// each other forward is scored with one pass over its logits: with `p` the model's probabilities and `o`
+/// the other logits, `KL = Σ p log p − Σ p·o + log Σ exp(o)`. It holds the model's logits (f32, as the
+/// forward returned them) and each position's `log Σ exp`, and recomputes `p` from them when scoring: no
+/// `[positions × vocab]` copy in f64 (1 GB for a 1,024-token context of a 128k vocabulary).
 pub struct Reference {
     vocab: usize,
-    /// Per scored position: the model's probabilities, `[vocab]` each.
-    p: Vec<f64>,
-    /// Per scored position: `Σ p log p`, the model's cross-entropy of the next token, its top token.
+    /// The model's logits `[n, vocab]`.
+    clean: Vec<f32>,
+    /// Per scored position: the model's `log Σ exp`, `Σ p log p`, cross-entropy of the next token and top
+    /// token.
+    lse: Vec<f64>,
     neg_entropy: Vec<f64>,
     ce: Vec<f64>,
     top: Vec<usize>,
@@ -252,31 +256,33 @@ pub struct Reference {
 
 impl Reference {
     /// From the model's logits `[n, vocab]` of `tokens`.
-    pub fn new(clean: &[f32], tokens: &[u32], vocab: usize) -> Self {
+    pub fn new(clean: Vec<f32>, tokens: &[u32], vocab: usize) -> Self {
         let n = tokens.len();
-        let rows: Vec<(Vec<f64>, f64, f64, usize)> = (1..n.saturating_sub(1))
+        let rows: Vec<(f64, f64, f64, usize)> = (1..n.saturating_sub(1))
             .into_par_iter()
             .map(|p| {
                 let c = &clean[p * vocab..(p + 1) * vocab];
                 let lse = log_sum_exp(c);
-                let probs: Vec<f64> = c.iter().map(|&v| (v as f64 - lse).exp()).collect();
                 let h = c
                     .iter()
-                    .zip(&probs)
-                    .map(|(&v, q)| q * (v as f64 - lse))
+                    .map(|&v| {
+                        let lp = v as f64 - lse;
+                        lp.exp() * lp
+                    })
                     .sum();
-                (probs, h, lse - c[tokens[p + 1] as usize] as f64, argmax(c))
+                (lse, h, lse - c[tokens[p + 1] as usize] as f64, argmax(c))
             })
             .collect();
         let mut r = Reference {
             vocab,
-            p: Vec::with_capacity(rows.len() * vocab),
-            neg_entropy: Vec::new(),
-            ce: Vec::new(),
-            top: Vec::new(),
+            clean,
+            lse: Vec::with_capacity(rows.len()),
+            neg_entropy: Vec::with_capacity(rows.len()),
+            ce: Vec::with_capacity(rows.len()),
+            top: Vec::with_capacity(rows.len()),
         };
-        for (probs, h, ce, top) in rows {
-            r.p.extend(probs);
+        for (lse, h, ce, top) in rows {
+            r.lse.push(lse);
             r.neg_entropy.push(h);
             r.ce.push(ce);
             r.top.push(top);
@@ -300,8 +306,12 @@ impl Reference {
                 let pos = i + 1;
                 let o = &logits[pos * v..(pos + 1) * v];
                 let lse = log_sum_exp(o);
-                let p = &self.p[i * v..(i + 1) * v];
-                let po: f64 = p.iter().zip(o).map(|(q, &x)| q * x as f64).sum();
+                let (c, lse_c) = (&self.clean[pos * v..(pos + 1) * v], self.lse[i]);
+                let po: f64 = c
+                    .iter()
+                    .zip(o)
+                    .map(|(&q, &x)| (q as f64 - lse_c).exp() * x as f64)
+                    .sum();
                 let kl = self.neg_entropy[i] - po + lse;
                 let ce = lse - o[tokens[pos + 1] as usize] as f64;
                 (ce, kl.max(0.0), argmax(o) == self.top[i])
@@ -319,7 +329,7 @@ impl Reference {
 /// Adds the predictions of positions `1..n − 1` of `logits` (`[n, vocab]`; position `p` predicts
 /// `tokens[p + 1]`) to `s`, against the model's `clean` logits.
 pub fn score(clean: &[f32], logits: &[f32], tokens: &[u32], vocab: usize, s: &mut Scores) {
-    Reference::new(clean, tokens, vocab).score(logits, tokens, s);
+    Reference::new(clean.to_vec(), tokens, vocab).score(logits, tokens, s);
 }
 
 /// What [`splice_eval`] measured.
@@ -413,7 +423,8 @@ pub fn splice_eval(
         let position0: Vec<Vec<f32>> = (run.record.layers.iter())
             .map(|l| l.mlp_out.as_ref().map_or(Vec::new(), |o| o[..d].to_vec()))
             .collect();
-        let reference = Reference::new(&clean, &tokens, clean.len() / tokens.len());
+        let vocab = clean.len() / tokens.len();
+        let reference = Reference::new(clean, &tokens, vocab);
         reference.add_model(&mut r.model);
         let p0 = Some(position0.as_slice());
         let spliced = spliced_logits_with(model, tc, &tokens, Splice::All, p0)?;
@@ -468,7 +479,7 @@ mod tests {
         score(&clean, &clean, &tokens, 3, &mut same);
         assert!(same.kl.abs() < 1e-12 && same.top1 == 2, "{same:?}");
         let mut model = Scores::default();
-        Reference::new(&clean, &tokens, 3).add_model(&mut model);
+        Reference::new(clean.to_vec(), &tokens, 3).add_model(&mut model);
         assert_eq!((model.n, model.kl, model.top1), (2, 0.0, 2));
         assert!((model.ce - same.ce).abs() < 1e-12);
     }
