@@ -989,6 +989,7 @@ fn damaged_transcoder_files_name_the_tensor() {
         cfg: t.cfg.clone(),
         params: t.params.clone(),
         thresholds: vec![],
+        topk: None,
         input_hook: InputHook::MlpInNormed,
     };
     let err = attribute(m, &tc, &tokens, &AttributionConfig::default())
@@ -1045,6 +1046,30 @@ fn interventions_without_edits_reproduce_the_model_and_edits_move_the_logits() {
     interventions_generate(m, &tc, &tokens);
 }
 
+/// Feature `f`'s activation in layer `l` at a position whose transcoder input is `x` (`[d]`), written out:
+/// its pre-activation against its threshold, or, for a TopK transcoder, whether it is among the `k` largest
+/// of the position's pre-activations (all of them sorted; ties to the lower index) and positive.
+fn written_out_activation(tc: &ReplacementTranscoder, l: usize, x: &[f32], f: usize) -> f32 {
+    let d = tc.cfg.d_model;
+    let pre = |g: usize| -> f32 {
+        let w = &tc.params.w_enc[l][g * d..(g + 1) * d];
+        x.iter().zip(w).map(|(a, b)| a * b).sum::<f32>() + tc.params.b_enc[l][g]
+    };
+    match tc.topk {
+        None => activation(pre(f), tc.thresholds[l][f]),
+        Some(k) => {
+            let h: Vec<f32> = (0..tc.cfg.n_features).map(pre).collect();
+            let mut order: Vec<usize> = (0..h.len()).collect();
+            order.sort_by(|&a, &b| h[b].total_cmp(&h[a]).then(a.cmp(&b)));
+            if order[..k].contains(&f) {
+                h[f].max(0.0)
+            } else {
+                0.0
+            }
+        }
+    }
+}
+
 /// circuit-tracer's rule written out independently: the model's own MLP plus, for each set feature, its
 /// change of activation (from the current stream) times its decoder rows to this and later layers.
 #[derive(Debug)]
@@ -1065,13 +1090,7 @@ impl MlpOverride for ModelPlusChanges<'_> {
             changes.clear();
         }
         for &(l, p, f, v) in self.sets.iter().filter(|s| s.0 == k) {
-            let w = &tc.params.w_enc[l][f * d..(f + 1) * d];
-            let h: f32 = x[p * d..(p + 1) * d]
-                .iter()
-                .zip(w)
-                .map(|(a, b)| a * b)
-                .sum();
-            let a = activation(h + tc.params.b_enc[l][f], tc.thresholds[l][f]);
+            let a = written_out_activation(tc, l, &x[p * d..(p + 1) * d], f);
             changes.push((l, p, f, v - a));
         }
         let mut out = inputs.model_mlp.unwrap().to_vec();
@@ -1098,14 +1117,27 @@ impl MlpOverride for ModelPlusChanges<'_> {
 #[test]
 fn frozen_attention_and_live_modes_are_circuit_tracers() {
     let (m, tc, tokens) = setup();
+    modes_follow_the_rule(m, &tc, &tokens, &[]);
+}
+
+/// [`Mode::FrozenAttention`] and [`Mode::Live`] against [`ModelPlusChanges`], with features of layer 0 at
+/// positions 1–3 set to ten times their activation, and the (layer, position, feature, value) sets `more`.
+fn modes_follow_the_rule(
+    m: &dyn Attributable,
+    tc: &ReplacementTranscoder,
+    tokens: &[u32],
+    more: &[(usize, usize, usize, f32)],
+) {
+    let (tc, tokens) = (tc.clone(), tokens.to_vec());
     let g = attribute(m, &tc, &tokens, &AttributionConfig::default()).unwrap();
-    let sets: Vec<(usize, usize, usize, f32)> = (0..g.selected.len())
+    let mut sets: Vec<(usize, usize, usize, f32)> = (0..g.selected.len())
         .map(|i| g.feature(i))
         .filter(|&(l, p, _, _)| l == 0 && (1..4).contains(&p))
         .take(6)
         .map(|(l, p, f, a)| (l, p, f, 10.0 * a))
         .collect();
     assert!(!sets.is_empty());
+    sets.extend_from_slice(more);
     let edits: Vec<Edit> = sets
         .iter()
         .map(|(l, p, f, v)| format!("{l}:{p}:{f}={v}").parse().unwrap())
@@ -2003,6 +2035,93 @@ fn spliced_forwards_are_the_transcoder_on_its_own_stream() {
     let (gm, tokens) = random_gemma2(3, 33);
     let tc = calibrated_transcoder(&gm, &tokens, 48, 6, 34, InputHook::MlpInNormed).unwrap();
     splices_match(&gm, &tc, &tokens, "Gemma-2");
+}
+
+/// The trained CLT's weights read as a TopK transcoder with `k` features per position and layer (or another
+/// activation function).
+fn reread_as(activation: clt::clt::Activation) -> clt::Result<ReplacementTranscoder> {
+    let mut lt = load_transcoder(&fixture().checkpoint, None, NormKind::Rms).unwrap();
+    lt.transcoder.cfg.activation = activation;
+    ReplacementTranscoder::new(&lt.transcoder, lt.input_hook)
+}
+
+/// A TopK transcoder (`clt train` makes them, circuit-tracer's files hold them) on every path of the
+/// replacement model: each position's active features are the `k` largest positive pre-activations (sorted
+/// out here), the graph matches the oracle, the spliced forwards their fixed point, interventions
+/// circuit-tracer's rule and, without edits, the model; BatchTopK is refused with the conversion named.
+#[test]
+fn topk_transcoders_attribute_splice_and_intervene() {
+    use clt::clt::Activation;
+    let (m, _, tokens) = setup();
+    let k = 6;
+    let tc = reread_as(Activation::TopK { k }).unwrap();
+    let (n, d) = (tokens.len(), tc.cfg.d_model);
+    let opts = ForwardOptions {
+        hooks: tc.input_hook.hooks(),
+        ..ForwardOptions::default()
+    };
+    let xs = inputs(&tc, &m.forward_with(&tokens, &opts).unwrap().record);
+    let af = clt::attribution::replacement::encode(&tc, &xs, n);
+    let mut full = 0;
+    for l in 0..tc.cfg.n_layers {
+        assert!(af.group(l, 0).is_empty(), "position 0 has no features");
+        for p in 1..n {
+            let want: Vec<(u32, f32)> = (0..tc.cfg.n_features)
+                .map(|f| {
+                    let a = written_out_activation(&tc, l, &xs[l][p * d..(p + 1) * d], f);
+                    (f as u32, a)
+                })
+                .filter(|&(_, a)| a > 0.0)
+                .collect();
+            let got: Vec<(u32, f32)> = af.group(l, p).map(|i| (af.index[i], af.value[i])).collect();
+            let ids = |v: &[(u32, f32)]| v.iter().map(|e| e.0).collect::<Vec<_>>();
+            assert_eq!(ids(&got), ids(&want), "layer {l}, position {p}");
+            for (g, w) in got.iter().zip(&want) {
+                assert!(
+                    (g.1 - w.1).abs() <= 1e-4 * w.1.abs().max(1.0),
+                    "{g:?} against {w:?}"
+                );
+            }
+            full += (got.len() == k) as usize;
+        }
+    }
+    // Mostly k per position (fewer only where fewer than k pre-activations are positive).
+    assert!(
+        full * 2 > tc.cfg.n_layers * (n - 1),
+        "{full} of {} positions have {k} features",
+        tc.cfg.n_layers * (n - 1)
+    );
+    oracle(m, &tc, &tokens, 60);
+    splices_match(m, &tc, &tokens, "stories260K, the CLT as TopK");
+    // Also set a feature whose pre-activation is positive but not among the k largest: its change of
+    // activation is the whole value (the feature is off), not the value less its ReLU.
+    let x1 = &xs[0][d..2 * d];
+    let outside = (0..tc.cfg.n_features)
+        .find(|&f| {
+            let w = &tc.params.w_enc[0][f * d..(f + 1) * d];
+            let h = x1.iter().zip(w).map(|(a, b)| a * b).sum::<f32>() + tc.params.b_enc[0][f];
+            h > 0.05 && written_out_activation(&tc, 0, x1, f) == 0.0
+        })
+        .expect("a positive pre-activation outside the top k at layer 0, position 1");
+    modes_follow_the_rule(m, &tc, &tokens, &[(0, 1, outside, 2.0)]);
+    // A no-op edit: every mode, the replacement model's (every feature recomputed) included, is the model.
+    let clean = m.next_logits(&tokens).unwrap();
+    let last = af.len() - 1;
+    let noop: Edit = format!("{}:{}:{}*=1", af.layer[last], af.pos[last], af.index[last])
+        .parse()
+        .unwrap();
+    for mode in MODES {
+        let r = intervene(m, &tc, &tokens, &[noop], mode).unwrap();
+        let diff = max_diff(&r.logits, &clean);
+        assert!(diff < 1e-4, "{mode:?} differs from the model by {diff}");
+    }
+    let err = reread_as(Activation::BatchTopK {
+        k,
+        across_layers: false,
+    })
+    .unwrap_err()
+    .to_string();
+    assert!(err.contains("clt convert-batchtopk"), "{err}");
 }
 
 /// The scores over contexts: the model's cross-entropy as computed here from its logits, the spliced one

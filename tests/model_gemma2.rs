@@ -626,6 +626,7 @@ fn a_gemma_scope_transcoder_set_attributes_on_gemma2() {
         cfg,
         params,
         thresholds: clt.thresholds.clone(),
+        topk: None,
         input_hook: InputHook::MlpInUnweighted,
     };
     let layers: Vec<Layer> = (0..l_n)

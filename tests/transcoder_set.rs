@@ -312,10 +312,11 @@ fn the_activation_key_decides_the_activation() {
     );
     let t = config("activation: topk\nk: 3\n").unwrap();
     assert_eq!(t.cfg.activation, Activation::TopK { k: 3 });
-    let e = clt::attribution::ReplacementTranscoder::new(&t, clt::cache::InputHook::MlpInNormed)
-        .unwrap_err()
-        .to_string();
-    assert!(e.contains("JumpReLU"), "{e}");
+    // Attributed as TopK, as circuit-tracer does (its thresholds unused).
+    let r = clt::attribution::ReplacementTranscoder::new(&t, clt::cache::InputHook::MlpInNormed)
+        .unwrap();
+    assert_eq!(r.topk, Some(3));
+    assert!(r.thresholds.iter().flatten().all(|&v| v == 0.0));
     for bad in ["activation: topk\n", "activation: gelu\n"] {
         let e = config(bad).unwrap_err().to_string();
         assert!(

@@ -32,7 +32,8 @@ pub struct LayerFit {
 pub struct FeatureTrace {
     pub layer: usize,
     pub feature: usize,
-    /// Its threshold θ (0 for a ReLU transcoder): it fires where its pre-activation exceeds θ and 0.
+    /// Its threshold θ (0 for a ReLU or TopK transcoder): it fires where its pre-activation exceeds θ and 0
+    /// (and, for TopK, is among the position's k largest).
     pub threshold: f32,
     /// Its pre-activation `x · W_enc + b_enc` at every position (position 0 included).
     pub pre: Vec<f32>,

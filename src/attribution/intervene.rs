@@ -168,12 +168,23 @@ impl EditedMlps<'_> {
             .collect();
         features.sort_unstable();
         features.dedup();
+        let pre = |x: &[f32], f: usize| {
+            let w = &tc.params.w_enc[k][f * d..(f + 1) * d];
+            x.iter().zip(w).map(|(a, b)| a * b).sum::<f32>() + tc.params.b_enc[k][f]
+        };
         let mut out = Vec::new();
+        let mut row = Vec::new();
         for (r, p, x) in rows.filter(|&(_, p, _)| p > 0) {
+            // A TopK feature's activation depends on the whole row's pre-activations.
+            if tc.topk.is_some() && !features.is_empty() {
+                row = (0..tc.cfg.n_features).map(|f| pre(x, f)).collect();
+                tc.activate(k, &mut row);
+            }
             for &f in &features {
-                let w = &tc.params.w_enc[k][f * d..(f + 1) * d];
-                let h = x.iter().zip(w).map(|(a, b)| a * b).sum::<f32>() + tc.params.b_enc[k][f];
-                let a = activation(h, tc.thresholds[k][f]);
+                let a = match tc.topk {
+                    None => activation(pre(x, f), tc.thresholds[k][f]),
+                    Some(_) => row[f],
+                };
                 let change = self.edited(k, p, f, a) - a;
                 if change != 0.0 {
                     out.push((r, f, change));
@@ -192,9 +203,13 @@ impl EditedMlps<'_> {
         crate::model::forward::matmul_wt(x, prompt, d, &tc.params.w_enc[k], f_n, &mut pre);
         let mut acts = Vec::new();
         for r in (0..prompt).filter(|&r| p0 + r > 0) {
-            for f in 0..f_n {
-                let h = pre[r * f_n + f] + tc.params.b_enc[k][f];
-                let a = self.edited(k, p0 + r, f, activation(h, tc.thresholds[k][f]));
+            let h = &mut pre[r * f_n..(r + 1) * f_n];
+            h.iter_mut()
+                .zip(&tc.params.b_enc[k])
+                .for_each(|(v, b)| *v += b);
+            tc.activate(k, h);
+            for (f, &a) in h.iter().enumerate() {
+                let a = self.edited(k, p0 + r, f, a);
                 if a != 0.0 {
                     acts.push((r, f, a));
                 }

@@ -7,7 +7,7 @@
 //! token) keeps no features and a zero error, as in circuit-tracer.
 
 use super::linear::Attributable;
-use crate::backend::cpu::encode::LayerCodes;
+use crate::backend::cpu::encode::{LayerCodes, topk_indices};
 use crate::backend::cpu::sparse;
 use crate::cache::InputHook;
 use crate::clt::{Activation, CltConfig, Params, Transcoder};
@@ -20,34 +20,70 @@ use rayon::prelude::*;
 pub struct ReplacementTranscoder {
     pub cfg: CltConfig,
     pub params: Params,
-    /// θ per feature per layer (0 for a ReLU transcoder).
+    /// θ per feature per layer (0 for a ReLU or TopK transcoder).
     pub thresholds: Vec<Vec<f32>>,
+    /// A TopK transcoder's `k`: at each position the layer's `k` largest pre-activations fire (through a
+    /// ReLU, ties to the lower index, as in training) instead of those above their threshold.
+    pub topk: Option<usize>,
     pub input_hook: InputHook,
 }
 
 impl ReplacementTranscoder {
-    /// Folds `t`'s normalisation into its weights; refuses activation functions without a per-feature
-    /// threshold (attribution needs each feature's activation to depend on its own pre-activation only).
+    /// Folds `t`'s normalisation into its weights. JumpReLU (or ReLU) and TopK transcoders: each
+    /// position's features depend on that position's pre-activations only. BatchTopK is refused: its
+    /// selection depends on the other tokens of the batch, which a prompt does not have (convert it to
+    /// JumpReLU, as its authors do for inference).
     pub fn new(t: &Transcoder, input_hook: InputHook) -> Result<Self> {
-        if !matches!(t.cfg.activation, Activation::JumpRelu) {
-            return Err(Error::Unsupported(
-                "attribution needs a JumpReLU or ReLU transcoder: convert a TopK/BatchTopK model first \
-                 (`clt convert-batchtopk`)"
-                    .into(),
-            ));
-        }
+        let topk = match t.cfg.activation {
+            Activation::JumpRelu => None,
+            Activation::TopK { k } => Some(k),
+            Activation::BatchTopK { .. } => {
+                return Err(Error::Unsupported(
+                    "a BatchTopK transcoder selects features over a whole batch, which a prompt does not \
+                     have: convert it to JumpReLU first (`clt convert-batchtopk`)"
+                        .into(),
+                ));
+            }
+        };
         let params = crate::clt::export::fold_norms(t);
-        let thresholds = params
-            .log_theta
-            .iter()
-            .map(|l| l.iter().map(|v| v.exp()).collect())
-            .collect();
+        let thresholds = match topk {
+            None => params
+                .log_theta
+                .iter()
+                .map(|l| l.iter().map(|v| v.exp()).collect())
+                .collect(),
+            Some(_) => vec![vec![0.0; t.cfg.n_features]; t.cfg.n_layers],
+        };
         Ok(ReplacementTranscoder {
             cfg: t.cfg.clone(),
             params,
             thresholds,
+            topk,
             input_hook,
         })
+    }
+
+    /// Layer `k`'s activations at one position, in place, from its pre-activations `h` (`[F]`, encoder
+    /// bias included): [`activation`] against each feature's threshold, or the `k` largest through a ReLU
+    /// for a TopK transcoder.
+    pub fn activate(&self, k: usize, h: &mut [f32]) {
+        match self.topk {
+            None => h
+                .iter_mut()
+                .zip(&self.thresholds[k])
+                .for_each(|(v, &t)| *v = activation(*v, t)),
+            Some(top) => {
+                let keep = topk_indices(h, top);
+                let mut next = keep.iter().peekable();
+                for (f, v) in h.iter_mut().enumerate() {
+                    if next.next_if(|&&i| i as usize == f).is_some() {
+                        *v = v.max(0.0);
+                    } else {
+                        *v = 0.0;
+                    }
+                }
+            }
+        }
     }
 
     /// Checks the transcoder fits `model`.
@@ -234,21 +270,20 @@ pub fn encode_layer(
     let (d, f_n) = (tc.cfg.d_model, tc.cfg.n_features);
     let mut pre = vec![0.0f32; rows * f_n];
     forward::matmul_wt(x, rows, d, &tc.params.w_enc[k], f_n, &mut pre);
-    let (b, th) = (&tc.params.b_enc[k], &tc.thresholds[k]);
-    pre.par_chunks(f_n.max(1))
+    let b = &tc.params.b_enc[k];
+    pre.par_chunks_mut(f_n.max(1))
         .take(rows)
         .enumerate()
         .map(|(r, h)| {
             if first + r == 0 {
                 return Vec::new();
             }
+            h.iter_mut().zip(b).for_each(|(v, b)| *v += b);
+            tc.activate(k, h);
             h.iter()
-                .zip(b.iter().zip(th))
                 .enumerate()
-                .filter_map(|(f, (&h, (&b, &t)))| {
-                    let a = activation(h + b, t);
-                    (a > 0.0).then_some((f as u32, a))
-                })
+                .filter(|&(_, &a)| a > 0.0)
+                .map(|(f, &a)| (f as u32, a))
                 .collect()
         })
         .collect()
@@ -384,6 +419,7 @@ pub fn calibrated_transcoder(
         cfg,
         params: p,
         thresholds: vec![vec![0.0; n_features]; l_n],
+        topk: None,
         input_hook,
     };
     // Thresholds: the (l0 · (n − 1))-th largest pre-activation of each layer over positions ≥ 1.
@@ -403,4 +439,40 @@ pub fn calibrated_transcoder(
         tc.thresholds[l].fill(log_theta.exp());
     }
     Ok(tc)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn topk(k: usize, f_n: usize) -> ReplacementTranscoder {
+        let cfg = CltConfig {
+            n_layers: 1,
+            d_model: 1,
+            n_features: f_n,
+            decoder: crate::clt::DecoderKind::CrossLayer,
+            activation: Activation::TopK { k },
+            skip: false,
+        };
+        let t = Transcoder {
+            params: Params::zeros(&cfg),
+            norms: crate::clt::NormScales::identity(1),
+            cfg,
+        };
+        ReplacementTranscoder::new(&t, InputHook::MlpInNormed).unwrap()
+    }
+
+    #[test]
+    fn topk_keeps_the_k_largest_ties_to_the_lower_index_then_a_relu() {
+        let tc = topk(3, 6);
+        assert_eq!(tc.topk, Some(3));
+        assert!(tc.thresholds[0].iter().all(|&t| t == 0.0));
+        let mut h = [0.5f32, 2.0, 0.5, -1.0, 0.5, 1.0];
+        tc.activate(0, &mut h);
+        assert_eq!(h, [0.5, 2.0, 0.0, 0.0, 0.0, 1.0]);
+        // Fewer than k positive: the selected negatives are off.
+        let mut h = [-3.0f32, 0.25, -1.0, -2.0, -0.5, -4.0];
+        tc.activate(0, &mut h);
+        assert_eq!(h, [0.0, 0.25, 0.0, 0.0, 0.0, 0.0]);
+    }
 }
