@@ -477,19 +477,6 @@ fn sync_dir(path: &Path) -> Result<()> {
     Ok(())
 }
 
-/// Writes `bytes` to `path` through a temporary name, fsynced and renamed.
-pub(crate) fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
-    let mut tmp = path.to_path_buf().into_os_string();
-    tmp.push(".tmp");
-    let tmp = PathBuf::from(tmp);
-    let mut f = File::create(&tmp).map_err(io_err(&tmp))?;
-    f.write_all(bytes).map_err(io_err(&tmp))?;
-    f.sync_all().map_err(io_err(&tmp))?;
-    drop(f);
-    std::fs::rename(&tmp, path).map_err(io_err(path))?;
-    sync_dir(path)
-}
-
 /// Streams tokens into a dataset directory of shards `shard-NNNNN.clts` plus `manifest.json`.
 pub struct DatasetWriter {
     dir: PathBuf,
@@ -655,7 +642,7 @@ impl DatasetWriter {
             what: "manifest".into(),
             reason: e.to_string(),
         })?;
-        write_atomic(&self.dir.join(MANIFEST_FILE), &bytes)?;
+        crate::clt::checkpoint::write_atomic(&self.dir.join(MANIFEST_FILE), &bytes)?;
         Ok(m)
     }
 }
