@@ -107,6 +107,17 @@ impl Comm for ThreadComm {
             .map(|c| ((c[0] as u64) << 32) | c[1] as u64)
             .collect())
     }
+    fn gather_u32(&self, what: &str, buf: &[u32]) -> Result<Vec<u32>> {
+        // Exact through f64: each rank fills its own block of zeros.
+        let len = buf.len();
+        let mut all = vec![0.0f64; len * self.shared.n];
+        all[self.rank * len..(self.rank + 1) * len]
+            .iter_mut()
+            .zip(buf)
+            .for_each(|(a, &b)| *a = b as f64);
+        self.sum_f64(what, &mut all)?;
+        Ok(all.into_iter().map(|v| v as u32).collect())
+    }
     fn barrier(&self, _what: &str) -> Result<()> {
         self.shared.barrier.wait();
         Ok(())
@@ -371,7 +382,8 @@ fn bad_sharded_checkpoints_name_the_file() {
     );
 }
 
-/// Starting `run` on 2 ranks fails on every rank with an error naming TopK (which cannot be feature-sharded).
+/// Starting `run` on 2 ranks fails on every rank with an error naming TopK (which the CUDA steps cannot
+/// feature-shard).
 fn every_rank_refuses_topk(run: &RunConfig) {
     let errs = on_ranks(2, |c| {
         ShardedTrainer::with_source(run.clone(), source(run), c)
@@ -424,11 +436,48 @@ fn unsupported_backends_are_refused_at_start_up() {
     }
 }
 
+/// TopK and BatchTopK (per layer and across layers) select across every shard's features
+/// (`dist::select`): 2 and 3 ranks train as one process does, with the same number of features active
+/// in every layer at every step; BatchTopK's selection is `k · B` over the batch, so it takes every rank's
+/// candidates, TopK's `k` per token.
 #[test]
-fn topk_cannot_be_feature_sharded() {
-    let mut run = run_config();
-    run.model.activation = clt::clt::Activation::TopK { k: 4 };
-    every_rank_refuses_topk(&run);
+fn topk_and_batchtopk_shard_like_one_process() {
+    use clt::clt::Activation;
+    let steps = 6;
+    for activation in [
+        Activation::TopK { k: 3 },
+        Activation::BatchTopK {
+            k: 3,
+            across_layers: false,
+        },
+        Activation::BatchTopK {
+            k: 2,
+            across_layers: true,
+        },
+    ] {
+        let mut run = run_config();
+        run.model.activation = activation;
+        let mut t = Trainer::new(run.clone()).unwrap();
+        let one: Vec<_> = (0..steps).map(|_| t.step().unwrap()).collect();
+        let want: Vec<f64> = one.iter().map(|r| r.stats.loss()).collect();
+        for n in [2, 3] {
+            let out = on_ranks(n, |c| {
+                let mut s = ShardedTrainer::with_source(run.clone(), source(&run), c).unwrap();
+                let reps: Vec<_> = (0..steps).map(|_| s.step().unwrap()).collect();
+                (reps, s.params.clone())
+            });
+            let what = format!("{activation:?} on {n} ranks");
+            for (r, (reps, _)) in out.iter().enumerate() {
+                let losses: Vec<f64> = reps.iter().map(|r| r.stats.loss()).collect();
+                assert_loss_close(&format!("{what}, rank {r}"), &losses, &want);
+                for (s, (a, b)) in reps.iter().zip(&one).enumerate() {
+                    assert_eq!(a.stats.n_active, b.stats.n_active, "{what}: step {s}");
+                }
+            }
+            let shards: Vec<Params> = out.iter().map(|o| o.1.clone()).collect();
+            assert_params_close(&what, &assemble(&run, &shards), &t.params, 1e-5);
+        }
+    }
 }
 
 #[test]
@@ -553,8 +602,9 @@ fn grids_of_feature_shards_and_replicas_equal_one_process() {
 }
 
 #[test]
-fn a_grid_of_one_shard_trains_topk_like_one_process() {
-    // TopK selects per token across all features: fine with one feature shard per replica.
+fn grids_train_topk_like_one_process() {
+    // TopK selects per token across all features: one feature shard per replica, or two that gather their
+    // candidates.
     let mut run = run_config();
     run.train.parallel = clt::train::Parallel::Grid;
     run.train.feature_shards = Some(1);
@@ -566,8 +616,17 @@ fn a_grid_of_one_shard_trains_topk_like_one_process() {
         assert_loss_close(&format!("TopK grid 1 x 2, rank {r}"), &losses, &want);
         assert_params_close(&format!("TopK grid 1 x 2, rank {r}"), p, &t.params, 1e-5);
     }
-    // Two TopK shards are refused.
+    // Two TopK shards of two replicas each.
     run.train.feature_shards = Some(2);
+    let out = grid_run(&run, 4, 8);
+    for (r, (reps, _, _)) in out.iter().enumerate() {
+        let losses: Vec<f64> = reps.iter().map(|r| r.stats.loss()).collect();
+        assert_loss_close(&format!("TopK grid 2 x 2, rank {r}"), &losses, &want);
+    }
+    let shards: Vec<Params> = out[..2].iter().map(|o| o.1.clone()).collect();
+    assert_params_close("TopK grid 2 x 2", &assemble(&run, &shards), &t.params, 1e-5);
+    // The CUDA steps do not gather the selection: refused at start-up, naming it.
+    run.train.backend = clt::backend::BackendKind::CudaHost;
     every_rank_refuses_topk(&run);
 }
 

@@ -252,6 +252,26 @@ fn grids_equal_one_process() {
     assert!(log.contains("(1 feature shards x 2 replicas)"), "{log}");
 }
 
+/// TopK and BatchTopK (across layers) feature-sharded over 2 ranks: each rank's candidates gathered by
+/// MPI (`dist::select`), the same selection, losses and parameters as one process.
+#[test]
+fn topk_and_batchtopk_shards_equal_one_process() {
+    let mut run = run_config();
+    run.train.steps = 6;
+    run.train.checkpoint_every = 0;
+    for activation in [
+        clt::clt::Activation::TopK { k: 3 },
+        clt::clt::Activation::BatchTopK {
+            k: 2,
+            across_layers: true,
+        },
+    ] {
+        run.model.activation = activation;
+        let log = agrees_with_one_process(&run, 2);
+        assert!(log.contains("selection across shards"), "{log}");
+    }
+}
+
 fn failing_run(fault: &str) -> (String, Duration, PathBuf, tempfile::TempDir) {
     failing_run_of(&run_config(), 2, fault)
 }

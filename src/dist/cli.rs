@@ -178,6 +178,13 @@ fn run<C: Comm>(c: C, args: &TrainArgs) -> Result<()> {
                 1e3 * t.reduce_s / t.steps.max(1) as f64,
             );
         }
+        if t.select_s > 0.0 {
+            println!(
+                "encoding with the {:?} selection across shards: {:.1} ms/step",
+                trainer.run.model.activation,
+                1e3 * t.select_s / t.steps.max(1) as f64,
+            );
+        }
         println!(
             "checkpoint: {}",
             super::checkpoint::resolve(&args.out)?.display()

@@ -62,6 +62,9 @@ pub trait Comm: Sized {
     fn sum_f64(&self, what: &str, buf: &mut [f64]) -> Result<()>;
     /// Every rank's `value`, indexed by rank.
     fn gather_u64(&self, what: &str, value: u64) -> Result<Vec<u64>>;
+    /// Every rank's `buf` (the same length on every rank), concatenated in rank order: the candidates of a
+    /// selection across feature shards (`dist::select`).
+    fn gather_u32(&self, what: &str, buf: &[u32]) -> Result<Vec<u32>>;
     /// Waits until every rank has arrived.
     fn barrier(&self, what: &str) -> Result<()>;
     /// Splits the group (a collective): the ranks that pass the same `color` form a new group, ranked by
@@ -106,6 +109,9 @@ impl Comm for SelfComm {
     }
     fn gather_u64(&self, _what: &str, value: u64) -> Result<Vec<u64>> {
         Ok(vec![value])
+    }
+    fn gather_u32(&self, _what: &str, buf: &[u32]) -> Result<Vec<u32>> {
+        Ok(buf.to_vec())
     }
     fn barrier(&self, _what: &str) -> Result<()> {
         Ok(())

@@ -13,6 +13,7 @@
 //!   by MPI, under the MPI deadline: the CUDA step's partials and the resident loop's gradients (run on the
 //!   CPU emulator's libnccl, never on a GPU);
 //! - [`shard`]: which features a rank owns, and slicing/assembling parameters;
+//! - [`select`]: TopK and BatchTopK selection across feature shards (each rank's best candidates gathered);
 //! - [`checkpoint`]: sharded checkpoints (a shard per rank, a manifest), loadable into any number of ranks;
 //! - [`trainer`]: the distributed training step (feature-sharded, data-parallel, grid) and loop;
 //! - [`cli`]: what `clt train` runs when launched by `mpirun` or resuming a sharded checkpoint.
@@ -32,5 +33,6 @@ pub mod comm;
 pub mod mpi;
 #[cfg(all(feature = "cuda", feature = "mpi"))]
 pub mod nccl;
+pub mod select;
 pub mod shard;
 pub mod trainer;

@@ -301,6 +301,17 @@ impl Comm for MpiComm {
         Ok(out)
     }
 
+    fn gather_u32(&self, what: &str, buf: &[u32]) -> Result<Vec<u32>> {
+        let mut out = vec![0u32; buf.len() * self.size()];
+        mpi::request::scope(|scope| {
+            let req = self
+                .group
+                .immediate_all_gather_into(scope, buf, &mut out[..]);
+            self.wait(what, req)
+        });
+        Ok(out)
+    }
+
     fn barrier(&self, what: &str) -> Result<()> {
         self.wait(what, self.group.immediate_barrier());
         Ok(())

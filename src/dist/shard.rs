@@ -6,6 +6,7 @@
 //! tensors (`W_enc`, `b_enc`, `log_threshold`, `W_dec`) are feature-major, so a range is one contiguous
 //! slice of each; `b_dec` and `W_skip` are replicated.
 
+use crate::backend::BackendKind;
 use crate::clt::{CltConfig, Params};
 use crate::rng::Rng;
 use crate::{Error, Result};
@@ -26,12 +27,15 @@ pub fn local_config(cfg: &CltConfig, range: &Range<usize>) -> CltConfig {
     }
 }
 
-/// Checks that a model can be feature-sharded over `world` ranks.
-pub fn check_shardable(cfg: &CltConfig, world: usize) -> Result<()> {
-    if world > 1 && !cfg.has_threshold() {
+/// Checks that a model can be feature-sharded over `world` ranks on `backend`: TopK and BatchTopK
+/// select across every shard's features, which the CPU step does (`dist::select`) and the CUDA steps do
+/// not.
+pub fn check_shardable(cfg: &CltConfig, world: usize, backend: BackendKind) -> Result<()> {
+    if world > 1 && !cfg.has_threshold() && backend != BackendKind::Cpu {
         return Err(Error::Unsupported(format!(
-            "feature-sharded training of a {:?} transcoder: TopK and BatchTopK select across all \
-             features of a token, which a feature shard does not see (train JumpReLU, or on one rank)",
+            "feature-sharded training of a {:?} transcoder on the {backend:?} backend: its selection \
+             spans every shard's features, which only the CPU step gathers (train JumpReLU, on one \
+             rank, or with backend = \"cpu\")",
             cfg.activation
         )));
     }

@@ -74,6 +74,9 @@ pub struct Timing {
     pub decode_s: f64,
     /// The all-reduce of statistics and squared gradient norms.
     pub stats_s: f64,
+    /// A TopK or BatchTopK shard's encoding with the selection across shards (its candidates' all-gather
+    /// included).
+    pub select_s: f64,
 }
 
 /// A feature-sharded training run on one rank.
@@ -194,9 +197,9 @@ impl<C: Comm> ShardedTrainer<C> {
         run.validate()?;
         check_same_config(&comm, &run)?;
         check_backend(&run)?;
+        check_split(&run, comm.size())?;
         let backend = step_backend(&run)?;
         let cfg = &run.model;
-        check_split(&run, comm.size())?;
         let dims = source.dims();
         if dims.n_layers != cfg.n_layers || dims.d_model != cfg.d_model {
             return Err(Error::Shape {

@@ -318,32 +318,41 @@ pub fn batch_topk_codes(
         }
     }
     (0..l_n)
-        .map(|l| {
-            let mut c = LayerCodes {
-                offsets: vec![0],
-                active_count: vec![0; f_n],
-                preact_sum: vec![0.0; f_n],
-                window_inactive: vec![0; f_n],
-                window_inactive_h: vec![0.0; f_n],
-                block_mode: vec![BlockMode::Near; n_tokens.div_ceil(TOKEN_BLOCK)],
-                block_bits: vec![Vec::new(); n_tokens.div_ceil(TOKEN_BLOCK)],
-                ..Default::default()
-            };
-            for b in 0..n_tokens {
-                for f in 0..f_n {
-                    let i = b * f_n + f;
-                    if selected[l][i] {
-                        c.feat.push(f as u32);
-                        c.pre.push(pre[l][i]);
-                        c.act.push(pre[l][i]);
-                        c.active_count[f] += 1;
-                    }
-                }
-                c.offsets.push(c.feat.len());
-            }
-            c
-        })
+        .map(|l| codes_of_selected(&pre[l], &selected[l], n_tokens, f_n))
         .collect()
+}
+
+/// The codes of a selection over dense `[B][F]` pre-activations: the selected entries, each active with its
+/// pre-activation (a BatchTopK or TopK selection, the ReLU already applied by the caller's choice).
+pub fn codes_of_selected(
+    pre: &[f32],
+    selected: &[bool],
+    n_tokens: usize,
+    f_n: usize,
+) -> LayerCodes {
+    let mut c = LayerCodes {
+        offsets: vec![0],
+        active_count: vec![0; f_n],
+        preact_sum: vec![0.0; f_n],
+        window_inactive: vec![0; f_n],
+        window_inactive_h: vec![0.0; f_n],
+        block_mode: vec![BlockMode::Near; n_tokens.div_ceil(TOKEN_BLOCK)],
+        block_bits: vec![Vec::new(); n_tokens.div_ceil(TOKEN_BLOCK)],
+        ..Default::default()
+    };
+    for b in 0..n_tokens {
+        for f in 0..f_n {
+            let i = b * f_n + f;
+            if selected[i] {
+                c.feat.push(f as u32);
+                c.pre.push(pre[i]);
+                c.act.push(pre[i]);
+                c.active_count[f] += 1;
+            }
+        }
+        c.offsets.push(c.feat.len());
+    }
+    c
 }
 
 /// What one token block produces.

@@ -123,7 +123,23 @@ impl<C: Comm> ShardedTrainer<C> {
         }
         let by_h = obj.threshold_grad == ThresholdGrad::Preact;
         let thetas = thresholds(&self.params);
-        let codes = encode_all_with(local, &self.params, x, nl, &thetas, obj.bandwidth, by_h);
+        let codes = if local.has_threshold() || self.feat.size() == 1 {
+            encode_all_with(local, &self.params, x, nl, &thetas, obj.bandwidth, by_h)
+        } else {
+            // TopK / BatchTopK: the selection ranks every shard's features.
+            let t = Instant::now();
+            let codes = crate::dist::select::sharded_codes(
+                &self.feat,
+                local,
+                &self.params,
+                x,
+                nl,
+                self.range.start,
+                self.run.model.n_features,
+            )?;
+            self.timing.select_s += t.elapsed().as_secs_f64();
+            codes
+        };
         let mut yhat = if self.run.train.overlap {
             let (yhat, decode_s, reduce_s) =
                 overlapped_partials(&self.feat, what, local, &self.params, &codes, nl, with_bias)?;

@@ -68,7 +68,7 @@ pub(super) fn check_split(run: &RunConfig, world: usize) -> Result<()> {
         ));
     }
     let g = Grid::of(run, world);
-    check_shardable(&run.model, g.shards)?;
+    check_shardable(&run.model, g.shards, run.train.backend)?;
     if g.replicas > 1 {
         if let crate::clt::Activation::BatchTopK { .. } = run.model.activation {
             return Err(Error::Unsupported(
