@@ -528,6 +528,56 @@ fn data_parallel_ranks_equal_one_process() {
     }
 }
 
+/// BatchTopK's budget is over the whole batch: data-parallel replicas (2 and 3) and a 2 x 2 grid gather
+/// every rank's candidates and train as one process does, the same number of features active in every
+/// layer at every step; the CUDA steps refuse it with more than one replica, naming it.
+#[test]
+fn batchtopk_spans_the_replicas_batch_slices() {
+    use clt::clt::Activation;
+    use clt::train::Parallel;
+    let steps = 6;
+    for (across_layers, k) in [(false, 3), (true, 2)] {
+        let mut run = run_config();
+        run.model.activation = Activation::BatchTopK { k, across_layers };
+        let mut t = Trainer::new(run.clone()).unwrap();
+        let one: Vec<_> = (0..steps).map(|_| t.step().unwrap()).collect();
+        let want: Vec<f64> = one.iter().map(|r| r.stats.loss()).collect();
+        for (parallel, n, shards) in [
+            (Parallel::Data, 2, 1),
+            (Parallel::Data, 3, 1),
+            (Parallel::Grid, 4, 2),
+        ] {
+            run.train.parallel = parallel;
+            run.train.feature_shards = (parallel == Parallel::Grid).then_some(shards);
+            let what = format!("BatchTopK (across layers: {across_layers}), {parallel:?} on {n}");
+            let out = grid_run(&run, n, steps);
+            for (r, (reps, _, _)) in out.iter().enumerate() {
+                let losses: Vec<f64> = reps.iter().map(|r| r.stats.loss()).collect();
+                assert_loss_close(&format!("{what}, rank {r}"), &losses, &want);
+                for (s, (a, b)) in reps.iter().zip(&one).enumerate() {
+                    assert_eq!(a.stats.n_active, b.stats.n_active, "{what}: step {s}");
+                }
+            }
+            let shards: Vec<Params> = out[..shards].iter().map(|o| o.1.clone()).collect();
+            assert_params_close(&what, &assemble(&run, &shards), &t.params, 1e-5);
+        }
+        run.train.backend = clt::backend::BackendKind::CudaHost;
+        run.train.parallel = Parallel::Data;
+        run.train.feature_shards = None;
+        let errs = on_ranks(2, |c| {
+            ShardedTrainer::with_source(run.clone(), source(&run), c)
+                .err()
+                .map(|e| e.to_string())
+        });
+        assert!(
+            errs.iter().all(|e| e
+                .as_ref()
+                .is_some_and(|e| e.contains("data-parallel BatchTopK"))),
+            "{errs:?}"
+        );
+    }
+}
+
 /// Ranks of a grid run on threads: per rank, the step reports, the parameters and the dead counts.
 fn grid_run(
     run: &RunConfig,

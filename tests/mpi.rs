@@ -252,8 +252,9 @@ fn grids_equal_one_process() {
     assert!(log.contains("(1 feature shards x 2 replicas)"), "{log}");
 }
 
-/// TopK and BatchTopK (across layers) feature-sharded over 2 ranks: each rank's candidates gathered by
-/// MPI (`dist::select`), the same selection, losses and parameters as one process.
+/// TopK and BatchTopK (across layers) feature-sharded over 2 ranks, and BatchTopK data-parallel: each
+/// rank's candidates gathered by MPI (`dist::select`), the same selection, losses and parameters as one
+/// process.
 #[test]
 fn topk_and_batchtopk_shards_equal_one_process() {
     let mut run = run_config();
@@ -270,6 +271,10 @@ fn topk_and_batchtopk_shards_equal_one_process() {
         let log = agrees_with_one_process(&run, 2);
         assert!(log.contains("selection across shards"), "{log}");
     }
+    // BatchTopK data-parallel: the batch's budget gathered over the replicas' slices.
+    run.train.parallel = clt::train::Parallel::Data;
+    let log = agrees_with_one_process(&run, 2);
+    assert!(log.contains("selection across shards"), "{log}");
 }
 
 fn failing_run(fault: &str) -> (String, Duration, PathBuf, tempfile::TempDir) {

@@ -180,7 +180,7 @@ fn run<C: Comm>(c: C, args: &TrainArgs) -> Result<()> {
         }
         if t.select_s > 0.0 {
             println!(
-                "encoding with the {:?} selection across shards: {:.1} ms/step",
+                "encoding with the {:?} selection across shards (or replicas): {:.1} ms/step",
                 trainer.run.model.activation,
                 1e3 * t.select_s / t.steps.max(1) as f64,
             );

@@ -8,6 +8,9 @@
 //! whole model, for any number of ranks: the step then decodes, sums the partials and runs the backward as
 //! for JumpReLU (the selected entries pass their gradient straight through).
 //!
+//! BatchTopK's budget is over the whole batch, so with data-parallel replicas (each holding a slice of the
+//! tokens) the same exchange spans the replicas too, positions numbered over the batch.
+//!
 //! Traffic per rank and step: the world's candidates, 12 bytes each (value, 64-bit position): `N·B·L·k`
 //! for TopK, `N·k·B·L` for BatchTopK, gathered by every rank.
 
@@ -64,20 +67,30 @@ fn kept(c: &Cand, last: Option<&Cand>) -> bool {
     c.v > 0.0 && last.is_none_or(|t| order(c, t) != Ordering::Greater)
 }
 
-/// The codes of this rank's features (`params`, `cfg` the shard's configuration, its first feature the
-/// model's `first`, out of `n_features`) for a TopK or BatchTopK transcoder, selected over the features of
-/// every rank of `comm`.
-#[allow(clippy::too_many_arguments)]
+/// Where a rank's part of the selection lies: its features are the model's `first_feature..` (out of
+/// `n_features`), its tokens the batch's `first_token..` (out of `batch_tokens`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Part {
+    pub first_feature: usize,
+    pub n_features: usize,
+    pub first_token: usize,
+    pub batch_tokens: usize,
+}
+
+/// The codes of this rank's features (`params`, `cfg` the shard's configuration) on its `n_tokens` tokens
+/// (`x`) for a TopK or BatchTopK transcoder, selected over the parts of every rank of `comm`: for TopK the
+/// ranks holding the other features of the same tokens, for BatchTopK every rank holding a part of the
+/// batch.
 pub fn sharded_codes<C: Comm>(
     comm: &C,
     cfg: &CltConfig,
     params: &Params,
     x: &[f32],
     n_tokens: usize,
-    first: usize,
-    n_features: usize,
+    part: Part,
 ) -> Result<Vec<LayerCodes>> {
     let f_n = cfg.n_features;
+    let (first, n_features) = (part.first_feature, part.n_features);
     let pre: Vec<Vec<f32>> = (0..cfg.n_layers)
         .map(|l| dense_preact(cfg, params, l, x, n_tokens, Threads::All))
         .collect();
@@ -123,16 +136,18 @@ pub fn sharded_codes<C: Comm>(
             } else {
                 (0..l_n).map(|l| vec![l]).collect()
             };
-            let span = (n_tokens * n_features) as u64;
+            // Positions as one process numbers them: layer, then token × F + feature over the batch.
+            let batch = part.batch_tokens;
+            let span = (batch * n_features) as u64;
             for g in groups {
-                let budget = (k * n_tokens * g.len()).min(n_tokens * n_features * g.len());
+                let budget = (k * batch * g.len()).min(batch * n_features * g.len());
                 let mut mine: Vec<Cand> = Vec::with_capacity(n_tokens * f_n * g.len());
                 for &l in &g {
                     mine.extend(pre[l].iter().enumerate().map(|(i, &v)| {
-                        let (b, f) = (i / f_n, i % f_n);
+                        let (b, f) = (part.first_token + i / f_n, first + i % f_n);
                         Cand {
                             v,
-                            pos: l as u64 * span + (b * n_features + first + f) as u64,
+                            pos: l as u64 * span + (b * n_features + f) as u64,
                         }
                     }));
                 }
@@ -148,7 +163,8 @@ pub fn sharded_codes<C: Comm>(
                 let last = last_selected(&mut world, budget);
                 for e in mine.iter().filter(|e| kept(e, last.as_ref())) {
                     let (l, i) = ((e.pos / span) as usize, (e.pos % span) as usize);
-                    let (b, f) = (i / n_features, i % n_features - first);
+                    let b = i / n_features - part.first_token;
+                    let f = i % n_features - first;
                     selected[l][b * f_n + f] = true;
                 }
             }

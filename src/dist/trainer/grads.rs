@@ -13,12 +13,13 @@ use crate::backend::Backend;
 use crate::backend::cpu::adam;
 use crate::backend::cpu::encode::encode_all_with;
 use crate::backend::cpu::sparse::{
-    add_skip, backward, decode_features, decode_layers, decode_start, thresholds,
+    add_skip, backward, decode, decode_features, decode_layers, decode_start, thresholds,
 };
 use crate::backend::grads::target_variance;
 use crate::backend::{Grads, Objective, StepStats, ThresholdGrad};
-use crate::clt::{CltConfig, Params};
+use crate::clt::{Activation, CltConfig, Params};
 use crate::dist::comm::Comm;
+use crate::dist::select::{Part, sharded_codes};
 use std::time::Instant;
 
 /// Sums the shards' partial reconstructions over `feat` (the CPU and the CUDA step alike), timing it.
@@ -123,22 +124,12 @@ impl<C: Comm> ShardedTrainer<C> {
         }
         let by_h = obj.threshold_grad == ThresholdGrad::Preact;
         let thetas = thresholds(&self.params);
-        let codes = if local.has_threshold() || self.feat.size() == 1 {
-            encode_all_with(local, &self.params, x, nl, &thetas, obj.bandwidth, by_h)
-        } else {
-            // TopK / BatchTopK: the selection ranks every shard's features.
-            let t = Instant::now();
-            let codes = crate::dist::select::sharded_codes(
-                &self.feat,
-                local,
-                &self.params,
-                x,
-                nl,
-                self.range.start,
-                self.run.model.n_features,
-            )?;
-            self.timing.select_s += t.elapsed().as_secs_f64();
-            codes
+        let codes = match self.exchanged_codes(x, lo, nl)? {
+            Some((codes, secs)) => {
+                self.timing.select_s += secs;
+                codes
+            }
+            None => encode_all_with(local, &self.params, x, nl, &thetas, obj.bandwidth, by_h),
         };
         let mut yhat = if self.run.train.overlap {
             let (yhat, decode_s, reduce_s) =
@@ -169,6 +160,32 @@ impl<C: Comm> ShardedTrainer<C> {
             &mut self.grads,
         );
         self.finish_sharded(stats, nl)
+    }
+
+    /// The codes of this rank's features on its `nl` tokens from `lo` (`x`) when its selection spans other
+    /// ranks (`dist::select`): TopK over several feature shards (the replica's ranks), BatchTopK over
+    /// several ranks of any kind (the batch's budget spans every shard and replica); `None` when the
+    /// rank's own encode selects alone. With the seconds it took.
+    fn exchanged_codes(
+        &self,
+        x: &[f32],
+        lo: usize,
+        nl: usize,
+    ) -> Result<Option<(Vec<crate::backend::cpu::encode::LayerCodes>, f64)>> {
+        let group = match self.local.activation {
+            Activation::TopK { .. } if self.feat.size() > 1 => &self.feat,
+            Activation::BatchTopK { .. } if self.comm.size() > 1 => &self.comm,
+            _ => return Ok(None),
+        };
+        let part = Part {
+            first_feature: self.range.start,
+            n_features: self.run.model.n_features,
+            first_token: lo,
+            batch_tokens: self.batch.n_tokens,
+        };
+        let t = Instant::now();
+        let codes = sharded_codes(group, &self.local, &self.params, x, nl, part)?;
+        Ok(Some((codes, t.elapsed().as_secs_f64())))
     }
 
     /// The rest of a feature shard's step, after its loss and gradient on its `nl` tokens: the gradients
@@ -216,17 +233,38 @@ impl<C: Comm> ShardedTrainer<C> {
         let (lo, hi) = (n * rank / world, n * (rank + 1) / world);
         let x = &self.batch.x[lo * row..hi * row];
         let y = &self.batch.y[lo * row..hi * row];
-        let mut stats = self.backend.loss_and_grad(
-            cfg,
-            &self.params,
-            &self.dec_norms,
-            x,
-            y,
-            hi - lo,
-            obj,
-            dead_mask,
-            &mut self.grads,
-        )?;
+        let mut stats = match self.exchanged_codes(x, lo, hi - lo)? {
+            // BatchTopK: the batch's selection, then the single-process step's decode and backward.
+            Some((codes, secs)) => {
+                self.timing.select_s += secs;
+                let yhat = decode(cfg, &self.params, &codes, x, hi - lo);
+                backward(
+                    cfg,
+                    &self.params,
+                    &self.dec_norms,
+                    x,
+                    y,
+                    hi - lo,
+                    obj,
+                    dead_mask,
+                    &thresholds(&self.params),
+                    codes,
+                    yhat,
+                    &mut self.grads,
+                )
+            }
+            None => self.backend.loss_and_grad(
+                cfg,
+                &self.params,
+                &self.dec_norms,
+                x,
+                y,
+                hi - lo,
+                obj,
+                dead_mask,
+                &mut self.grads,
+            )?,
+        };
         // Every term of the loss is a mean over tokens: weighting each rank's mean by its share of the batch
         // and summing gives the mean over the whole batch.
         let w = (hi - lo) as f64 / n.max(1) as f64;

@@ -70,11 +70,14 @@ pub(super) fn check_split(run: &RunConfig, world: usize) -> Result<()> {
     let g = Grid::of(run, world);
     check_shardable(&run.model, g.shards, run.train.backend)?;
     if g.replicas > 1 {
-        if let crate::clt::Activation::BatchTopK { .. } = run.model.activation {
-            return Err(Error::Unsupported(
-                "data-parallel BatchTopK: its selection spans the whole batch, which no rank sees"
-                    .into(),
-            ));
+        if let crate::clt::Activation::BatchTopK { .. } = run.model.activation
+            && run.train.backend != crate::backend::BackendKind::Cpu
+        {
+            return Err(Error::Unsupported(format!(
+                "data-parallel BatchTopK on the {:?} backend: its selection spans the whole batch, \
+                 which only the CPU step gathers across replicas (backend = \"cpu\")",
+                run.train.backend
+            )));
         }
         if run.train.batch_size < g.replicas {
             return Err(Error::config(
