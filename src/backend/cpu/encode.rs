@@ -292,12 +292,16 @@ pub fn batch_topk_codes(
         (0..l_n).map(|l| vec![l]).collect()
     };
     for g in groups {
+        // Only positive values are candidates: everything ranked before a positive value is positive, so
+        // the non-positive ones cannot change which positive ones are among the largest, and the ReLU
+        // drops them anyway (most pre-activations are negative: the selection sorts far fewer).
         let mut cand: Vec<(f32, u32, u32)> = Vec::new(); // (value, layer, flat index)
         for &l in &g {
             cand.extend(
                 pre[l]
                     .iter()
                     .enumerate()
+                    .filter(|&(_, &v)| v > 0.0)
                     .map(|(i, &v)| (v, l as u32, i as u32)),
             );
         }
@@ -489,4 +493,50 @@ fn merge(parts: Vec<BlockOut>, n_tokens: usize, f_n: usize) -> LayerCodes {
         c.block_bits.push(p.bits);
     }
     c
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// BatchTopK against the rule written out: every value of the group sorted (larger first, ties by layer
+    /// then flat index), the first `k · B · |group|` taken, the non-positive ones dropped. Values on a coarse
+    /// grid, mostly negative, so that ties and groups with fewer positives than the budget both occur.
+    #[test]
+    fn batch_topk_is_the_sorted_rule() {
+        let mut rng = crate::rng::Rng::seed(5);
+        for case in 0..40 {
+            let (l_n, n, f_n) = (1 + rng.below(3), 1 + rng.below(9), 1 + rng.below(12));
+            let k = 1 + rng.below(f_n);
+            let across = case % 2 == 1;
+            let pre: Vec<Vec<f32>> = (0..l_n)
+                .map(|_| {
+                    (0..n * f_n)
+                        .map(|_| (rng.below(9) as f32 - 6.0) * 0.5)
+                        .collect()
+                })
+                .collect();
+            let got = batch_topk_codes(&pre, n, f_n, k, across);
+            let groups: Vec<Vec<usize>> = if across {
+                vec![(0..l_n).collect()]
+            } else {
+                (0..l_n).map(|l| vec![l]).collect()
+            };
+            let mut want = vec![vec![false; n * f_n]; l_n];
+            for g in groups {
+                let mut all: Vec<(f32, usize, usize)> = g
+                    .iter()
+                    .flat_map(|&l| pre[l].iter().enumerate().map(move |(i, &v)| (v, l, i)))
+                    .collect();
+                all.sort_by(|a, b| b.0.total_cmp(&a.0).then((a.1, a.2).cmp(&(b.1, b.2))));
+                for &(v, l, i) in all.iter().take(k * n * g.len()) {
+                    want[l][i] = v > 0.0;
+                }
+            }
+            for l in 0..l_n {
+                let want = codes_of_selected(&pre[l], &want[l], n, f_n);
+                assert_eq!(got[l], want, "case {case}, layer {l}");
+            }
+        }
+    }
 }
