@@ -4,9 +4,11 @@
 //! (`k` per token; `k·B` per layer, or `k·B·L` across layers), so each rank sends its own best candidates up
 //! to the budget, every rank merges the world's under the single-process order (the larger value first,
 //! ties to the lower global position: `topk_indices`, `batch_topk_codes`), and keeps its entries that rank
-//! at or before the last selected one, then the ReLU. That is the selection one process makes over the
-//! whole model, for any number of ranks: the step then decodes, sums the partials and runs the backward as
-//! for JumpReLU (the selected entries pass their gradient straight through).
+//! at or before the last selected one, then the ReLU. Only positive values are candidates: whatever ranks
+//! before a positive value is positive, so the others cannot change which positive ones are selected, and
+//! the ReLU drops them anyway. That is the selection one process makes over the whole model, for any
+//! number of ranks: the step then decodes, sums the partials and runs the backward as for JumpReLU (the
+//! selected entries pass their gradient straight through).
 //!
 //! BatchTopK's budget is over the whole batch, so with data-parallel replicas (each holding a slice of the
 //! tokens) the same exchange spans the replicas too, positions numbered over the batch.
@@ -15,10 +17,11 @@
 //! for TopK, `N·k·B·L` for BatchTopK, gathered by every rank.
 
 use crate::Result;
-use crate::backend::cpu::encode::{LayerCodes, codes_of_selected, dense_preact, topk_indices};
+use crate::backend::cpu::encode::{LayerCodes, codes_of_selected, dense_preact, encode_layer};
 use crate::backend::cpu::gemm::Threads;
 use crate::clt::{Activation, CltConfig, Params};
 use crate::dist::comm::Comm;
+use rayon::prelude::*;
 use std::cmp::Ordering;
 
 /// A candidate: its pre-activation and its position in the single-process order's tie-break (TopK: the
@@ -89,87 +92,145 @@ pub fn sharded_codes<C: Comm>(
     n_tokens: usize,
     part: Part,
 ) -> Result<Vec<LayerCodes>> {
-    let f_n = cfg.n_features;
+    match cfg.activation {
+        Activation::TopK { k } => topk_codes(comm, cfg, params, x, n_tokens, part.first_feature, k),
+        Activation::BatchTopK { k, across_layers } => {
+            batch_topk_codes(comm, cfg, params, x, n_tokens, part, k, across_layers)
+        }
+        Activation::JumpRelu => unreachable!("JumpReLU selects per feature: no exchange"),
+    }
+}
+
+/// TopK: the shard's own encoder (the training step's, its TopK epilogue fused with the GEMM) lists each
+/// token's best `k` of the shard that are positive, which are the candidates: a feature ranked before a
+/// positive one is positive too, so the non-positive ones cannot change which positive ones are in the
+/// world's top `k`. The token's entries are then those the world's selection keeps.
+fn topk_codes<C: Comm>(
+    comm: &C,
+    cfg: &CltConfig,
+    params: &Params,
+    x: &[f32],
+    n_tokens: usize,
+    first: usize,
+    k: usize,
+) -> Result<Vec<LayerCodes>> {
+    let thetas = crate::backend::cpu::sparse::thresholds(params);
+    let mut out = Vec::with_capacity(cfg.n_layers);
+    for l in 0..cfg.n_layers {
+        let codes = encode_layer(cfg, params, l, x, n_tokens, &thetas[l], 0.0, false);
+        let cand = |e: usize| Cand {
+            v: codes.pre[e],
+            pos: (first + codes.feat[e] as usize) as u64,
+        };
+        let mut send = Vec::with_capacity(3 * n_tokens * k);
+        for b in 0..n_tokens {
+            let mine: Vec<Cand> = (codes.offsets[b]..codes.offsets[b + 1]).map(cand).collect();
+            pack(&mine, k, &mut send);
+        }
+        let all = comm.gather_u32("all-gather of the TopK candidates", &send)?;
+        let (per_rank, world_n) = (3 * n_tokens * k, comm.size());
+        let keep: Vec<Vec<bool>> = (0..n_tokens)
+            .into_par_iter()
+            .map(|b| {
+                let mut world: Vec<Cand> = (0..world_n)
+                    .flat_map(|r| {
+                        let at = r * per_rank + 3 * b * k;
+                        all[at..at + 3 * k].chunks_exact(3).filter_map(unpack)
+                    })
+                    .collect();
+                let last = last_selected(&mut world, k);
+                (codes.offsets[b]..codes.offsets[b + 1])
+                    .map(|e| kept(&cand(e), last.as_ref()))
+                    .collect()
+            })
+            .collect();
+        out.push(keep_entries(&codes, &keep));
+    }
+    Ok(out)
+}
+
+/// `codes` with only the entries `keep` marks (per token, in entry order), the firing counts recounted.
+fn keep_entries(codes: &LayerCodes, keep: &[Vec<bool>]) -> LayerCodes {
+    let mut c = LayerCodes {
+        offsets: vec![0],
+        active_count: vec![0; codes.active_count.len()],
+        ..codes.clone()
+    };
+    (c.feat, c.pre, c.act) = (Vec::new(), Vec::new(), Vec::new());
+    for (b, k) in keep.iter().enumerate() {
+        for (e, _) in (codes.offsets[b]..codes.offsets[b + 1])
+            .zip(k)
+            .filter(|(_, k)| **k)
+        {
+            c.feat.push(codes.feat[e]);
+            c.pre.push(codes.pre[e]);
+            c.act.push(codes.act[e]);
+            c.active_count[codes.feat[e] as usize] += 1;
+        }
+        c.offsets.push(c.feat.len());
+    }
+    c
+}
+
+/// BatchTopK: the shard's dense pre-activations of its tokens, its best positive ones up to the budget
+/// sent (as for TopK, only positive candidates can decide which positive ones are selected).
+#[allow(clippy::too_many_arguments)]
+fn batch_topk_codes<C: Comm>(
+    comm: &C,
+    cfg: &CltConfig,
+    params: &Params,
+    x: &[f32],
+    n_tokens: usize,
+    part: Part,
+    k: usize,
+    across_layers: bool,
+) -> Result<Vec<LayerCodes>> {
+    let (f_n, l_n) = (cfg.n_features, cfg.n_layers);
     let (first, n_features) = (part.first_feature, part.n_features);
-    let pre: Vec<Vec<f32>> = (0..cfg.n_layers)
+    let pre: Vec<Vec<f32>> = (0..l_n)
         .map(|l| dense_preact(cfg, params, l, x, n_tokens, Threads::All))
         .collect();
     let mut selected: Vec<Vec<bool>> = pre.iter().map(|p| vec![false; p.len()]).collect();
-    match cfg.activation {
-        Activation::TopK { k } => {
-            for (l, h) in pre.iter().enumerate() {
-                let mine: Vec<Vec<Cand>> = h
-                    .chunks_exact(f_n)
-                    .map(|row| {
-                        (topk_indices(row, k).into_iter())
-                            .map(|f| Cand {
-                                v: row[f as usize],
-                                pos: (first + f as usize) as u64,
-                            })
-                            .collect()
-                    })
-                    .collect();
-                let mut send = Vec::with_capacity(3 * n_tokens * k);
-                for c in &mine {
-                    pack(c, k, &mut send);
-                }
-                let all = comm.gather_u32("all-gather of the TopK candidates", &send)?;
-                let per_rank = 3 * n_tokens * k;
-                for (b, c) in mine.iter().enumerate() {
-                    let mut world: Vec<Cand> = (0..comm.size())
-                        .flat_map(|r| {
-                            let at = r * per_rank + 3 * b * k;
-                            all[at..at + 3 * k].chunks_exact(3).filter_map(unpack)
-                        })
-                        .collect();
-                    let last = last_selected(&mut world, k);
-                    for e in c.iter().filter(|e| kept(e, last.as_ref())) {
-                        selected[l][b * f_n + e.pos as usize - first] = true;
-                    }
-                }
-            }
-        }
-        Activation::BatchTopK { k, across_layers } => {
-            let l_n = cfg.n_layers;
-            let groups: Vec<Vec<usize>> = if across_layers {
-                vec![(0..l_n).collect()]
-            } else {
-                (0..l_n).map(|l| vec![l]).collect()
-            };
-            // Positions as one process numbers them: layer, then token × F + feature over the batch.
-            let batch = part.batch_tokens;
-            let span = (batch * n_features) as u64;
-            for g in groups {
-                let budget = (k * batch * g.len()).min(batch * n_features * g.len());
-                let mut mine: Vec<Cand> = Vec::with_capacity(n_tokens * f_n * g.len());
-                for &l in &g {
-                    mine.extend(pre[l].iter().enumerate().map(|(i, &v)| {
+    let groups: Vec<Vec<usize>> = if across_layers {
+        vec![(0..l_n).collect()]
+    } else {
+        (0..l_n).map(|l| vec![l]).collect()
+    };
+    // Positions as one process numbers them: layer, then token × F + feature over the batch.
+    let batch = part.batch_tokens;
+    let span = (batch * n_features) as u64;
+    for g in groups {
+        let budget = (k * batch * g.len()).min(batch * n_features * g.len());
+        let mut mine: Vec<Cand> = Vec::new();
+        for &l in &g {
+            mine.extend(
+                (pre[l].iter().enumerate())
+                    .filter(|&(_, &v)| v > 0.0)
+                    .map(|(i, &v)| {
                         let (b, f) = (part.first_token + i / f_n, first + i % f_n);
                         Cand {
                             v,
                             pos: l as u64 * span + (b * n_features + f) as u64,
                         }
-                    }));
-                }
-                // Only this rank's best `budget` can be selected.
-                if mine.len() > budget && budget > 0 {
-                    mine.select_nth_unstable_by(budget - 1, order);
-                }
-                mine.truncate(budget);
-                let mut send = Vec::with_capacity(3 * budget);
-                pack(&mine, budget, &mut send);
-                let all = comm.gather_u32("all-gather of the BatchTopK candidates", &send)?;
-                let mut world: Vec<Cand> = all.chunks_exact(3).filter_map(unpack).collect();
-                let last = last_selected(&mut world, budget);
-                for e in mine.iter().filter(|e| kept(e, last.as_ref())) {
-                    let (l, i) = ((e.pos / span) as usize, (e.pos % span) as usize);
-                    let b = i / n_features - part.first_token;
-                    let f = i % n_features - first;
-                    selected[l][b * f_n + f] = true;
-                }
-            }
+                    }),
+            );
         }
-        Activation::JumpRelu => unreachable!("JumpReLU selects per feature: no exchange"),
+        // Only this rank's best `budget` can be selected.
+        if mine.len() > budget && budget > 0 {
+            mine.select_nth_unstable_by(budget - 1, order);
+        }
+        mine.truncate(budget);
+        let mut send = Vec::with_capacity(3 * budget);
+        pack(&mine, budget, &mut send);
+        let all = comm.gather_u32("all-gather of the BatchTopK candidates", &send)?;
+        let mut world: Vec<Cand> = all.chunks_exact(3).filter_map(unpack).collect();
+        let last = last_selected(&mut world, budget);
+        for e in mine.iter().filter(|e| kept(e, last.as_ref())) {
+            let (l, i) = ((e.pos / span) as usize, (e.pos % span) as usize);
+            let b = i / n_features - part.first_token;
+            let f = i % n_features - first;
+            selected[l][b * f_n + f] = true;
+        }
     }
     Ok(pre
         .iter()
