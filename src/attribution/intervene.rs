@@ -14,7 +14,9 @@
 use std::sync::Mutex;
 
 use super::linear::Attributable;
-use super::replacement::{PromptState, ReplacementTranscoder, activation, add_skip, prompt_state};
+use super::replacement::{
+    PromptState, ReplacementTranscoder, activation, add_skip, encode_layer, prompt_state,
+};
 use crate::model::{
     ForwardOptions, Intervention, KvCache, Logits, MlpInputs, MlpOverride, continue_greedy,
 };
@@ -173,17 +175,17 @@ impl EditedMlps<'_> {
             x.iter().zip(w).map(|(a, b)| a * b).sum::<f32>() + tc.params.b_enc[k][f]
         };
         let mut out = Vec::new();
-        let mut row = Vec::new();
+        let mut active: Vec<(u32, f32)> = Vec::new();
         for (r, p, x) in rows.filter(|&(_, p, _)| p > 0) {
-            // A TopK feature's activation depends on the whole row's pre-activations.
+            // A TopK feature's activation depends on the whole row: the encoder's own selection.
             if tc.topk.is_some() && !features.is_empty() {
-                row = (0..tc.cfg.n_features).map(|f| pre(x, f)).collect();
-                tc.activate(k, &mut row);
+                active = encode_layer(tc, k, x, 1, p).pop().unwrap_or_default();
             }
             for &f in &features {
                 let a = match tc.topk {
                     None => activation(pre(x, f), tc.thresholds[k][f]),
-                    Some(_) => row[f],
+                    Some(_) => (active.binary_search_by_key(&(f as u32), |e| e.0))
+                        .map_or(0.0, |i| active[i].1),
                 };
                 let change = self.edited(k, p, f, a) - a;
                 if change != 0.0 {

@@ -73,15 +73,11 @@ impl ReplacementTranscoder {
                 .zip(&self.thresholds[k])
                 .for_each(|(v, &t)| *v = activation(*v, t)),
             Some(top) => {
-                let keep = topk_indices(h, top);
-                let mut next = keep.iter().peekable();
-                for (f, v) in h.iter_mut().enumerate() {
-                    if next.next_if(|&&i| i as usize == f).is_some() {
-                        *v = v.max(0.0);
-                    } else {
-                        *v = 0.0;
-                    }
-                }
+                let keep: Vec<(u32, f32)> = (topk_indices(h, top).into_iter())
+                    .map(|f| (f, h[f as usize].max(0.0)))
+                    .collect();
+                h.fill(0.0);
+                keep.into_iter().for_each(|(f, a)| h[f as usize] = a);
             }
         }
     }
