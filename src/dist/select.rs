@@ -17,7 +17,9 @@
 //! for TopK, `N·k·B·L` for BatchTopK, gathered by every rank.
 
 use crate::Result;
-use crate::backend::cpu::encode::{LayerCodes, codes_of_selected, dense_preact, encode_layer};
+use crate::backend::cpu::encode::{
+    LayerCodes, batch_topk_groups, codes_of_selected, dense_preact, encode_layer,
+};
 use crate::backend::cpu::gemm::Threads;
 use crate::clt::{Activation, CltConfig, Params};
 use crate::dist::comm::Comm;
@@ -114,10 +116,10 @@ fn topk_codes<C: Comm>(
     first: usize,
     k: usize,
 ) -> Result<Vec<LayerCodes>> {
-    let thetas = crate::backend::cpu::sparse::thresholds(params);
     let mut out = Vec::with_capacity(cfg.n_layers);
     for l in 0..cfg.n_layers {
-        let codes = encode_layer(cfg, params, l, x, n_tokens, &thetas[l], 0.0, false);
+        // (TopK reads no thresholds and no bandwidth.)
+        let codes = encode_layer(cfg, params, l, x, n_tokens, &[], 0.0, false);
         let cand = |e: usize| Cand {
             v: codes.pre[e],
             pos: (first + codes.feat[e] as usize) as u64,
@@ -144,32 +146,30 @@ fn topk_codes<C: Comm>(
                     .collect()
             })
             .collect();
-        out.push(keep_entries(&codes, &keep));
+        out.push(keep_entries(codes, &keep));
     }
     Ok(out)
 }
 
 /// `codes` with only the entries `keep` marks (per token, in entry order), the firing counts recounted.
-fn keep_entries(codes: &LayerCodes, keep: &[Vec<bool>]) -> LayerCodes {
-    let mut c = LayerCodes {
-        offsets: vec![0],
-        active_count: vec![0; codes.active_count.len()],
-        ..codes.clone()
-    };
-    (c.feat, c.pre, c.act) = (Vec::new(), Vec::new(), Vec::new());
+fn keep_entries(mut codes: LayerCodes, keep: &[Vec<bool>]) -> LayerCodes {
+    let (feat, pre, act) = (
+        std::mem::take(&mut codes.feat),
+        std::mem::take(&mut codes.pre),
+        std::mem::take(&mut codes.act),
+    );
+    let offsets = std::mem::replace(&mut codes.offsets, vec![0]);
+    codes.active_count.fill(0);
     for (b, k) in keep.iter().enumerate() {
-        for (e, _) in (codes.offsets[b]..codes.offsets[b + 1])
-            .zip(k)
-            .filter(|(_, k)| **k)
-        {
-            c.feat.push(codes.feat[e]);
-            c.pre.push(codes.pre[e]);
-            c.act.push(codes.act[e]);
-            c.active_count[codes.feat[e] as usize] += 1;
+        for (e, _) in (offsets[b]..offsets[b + 1]).zip(k).filter(|(_, k)| **k) {
+            codes.feat.push(feat[e]);
+            codes.pre.push(pre[e]);
+            codes.act.push(act[e]);
+            codes.active_count[feat[e] as usize] += 1;
         }
-        c.offsets.push(c.feat.len());
+        codes.offsets.push(codes.feat.len());
     }
-    c
+    codes
 }
 
 /// BatchTopK: the shard's dense pre-activations of its tokens, its best positive ones up to the budget
@@ -191,15 +191,10 @@ fn batch_topk_codes<C: Comm>(
         .map(|l| dense_preact(cfg, params, l, x, n_tokens, Threads::All))
         .collect();
     let mut selected: Vec<Vec<bool>> = pre.iter().map(|p| vec![false; p.len()]).collect();
-    let groups: Vec<Vec<usize>> = if across_layers {
-        vec![(0..l_n).collect()]
-    } else {
-        (0..l_n).map(|l| vec![l]).collect()
-    };
     // Positions as one process numbers them: layer, then token × F + feature over the batch.
     let batch = part.batch_tokens;
     let span = (batch * n_features) as u64;
-    for g in groups {
+    for g in batch_topk_groups(l_n, across_layers) {
         let budget = (k * batch * g.len()).min(batch * n_features * g.len());
         let mut mine: Vec<Cand> = Vec::new();
         for &l in &g {

@@ -286,12 +286,7 @@ pub fn batch_topk_codes(
 ) -> Vec<LayerCodes> {
     let l_n = pre.len();
     let mut selected: Vec<Vec<bool>> = pre.iter().map(|p| vec![false; p.len()]).collect();
-    let groups: Vec<Vec<usize>> = if across_layers {
-        vec![(0..l_n).collect()]
-    } else {
-        (0..l_n).map(|l| vec![l]).collect()
-    };
-    for g in groups {
+    for g in batch_topk_groups(l_n, across_layers) {
         // Only positive values are candidates: everything ranked before a positive value is positive, so
         // the non-positive ones cannot change which positive ones are among the largest, and the ReLU
         // drops them anyway (most pre-activations are negative: the selection sorts far fewer).
@@ -324,6 +319,16 @@ pub fn batch_topk_codes(
     (0..l_n)
         .map(|l| codes_of_selected(&pre[l], &selected[l], n_tokens, f_n))
         .collect()
+}
+
+/// The groups of layers a BatchTopK selection ranks together: all `l_n` at once (`across_layers`), or each
+/// alone.
+pub fn batch_topk_groups(l_n: usize, across_layers: bool) -> Vec<Vec<usize>> {
+    if across_layers {
+        vec![(0..l_n).collect()]
+    } else {
+        (0..l_n).map(|l| vec![l]).collect()
+    }
 }
 
 /// The codes of a selection over dense `[B][F]` pre-activations: the selected entries, each active with its

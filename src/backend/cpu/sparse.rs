@@ -405,6 +405,37 @@ pub fn loss_and_grad(
     let by_h = obj.threshold_grad == ThresholdGrad::Preact;
     let thetas = thresholds(params);
     let codes = encode_all_with(cfg, params, x, n_tokens, &thetas, obj.bandwidth, by_h);
+    loss_and_grad_of(
+        cfg,
+        params,
+        dec_norms,
+        x,
+        y,
+        n_tokens,
+        obj,
+        preact_mask,
+        &thetas,
+        codes,
+        grads,
+    )
+}
+
+/// [`loss_and_grad`] from given `codes` (a selection made elsewhere: across ranks, `dist::select`): the
+/// decode and the [`backward`]. `thetas` are [`thresholds`] of `params`.
+#[allow(clippy::too_many_arguments)]
+pub fn loss_and_grad_of(
+    cfg: &CltConfig,
+    params: &Params,
+    dec_norms: &[Vec<f32>],
+    x: &[f32],
+    y: &[f32],
+    n_tokens: usize,
+    obj: &Objective,
+    preact_mask: Option<&[Vec<bool>]>,
+    thetas: &[Vec<f32>],
+    codes: Vec<LayerCodes>,
+    grads: &mut Grads,
+) -> StepStats {
     let yhat = decode(cfg, params, &codes, x, n_tokens);
     backward(
         cfg,
@@ -415,7 +446,7 @@ pub fn loss_and_grad(
         n_tokens,
         obj,
         preact_mask,
-        &thetas,
+        thetas,
         codes,
         yhat,
         grads,

@@ -13,7 +13,7 @@ use crate::backend::Backend;
 use crate::backend::cpu::adam;
 use crate::backend::cpu::encode::encode_all_with;
 use crate::backend::cpu::sparse::{
-    add_skip, backward, decode, decode_features, decode_layers, decode_start, thresholds,
+    add_skip, backward, decode_features, decode_layers, decode_start, loss_and_grad_of, thresholds,
 };
 use crate::backend::grads::target_variance;
 use crate::backend::{Grads, Objective, StepStats, ThresholdGrad};
@@ -237,8 +237,7 @@ impl<C: Comm> ShardedTrainer<C> {
             // BatchTopK: the batch's selection, then the single-process step's decode and backward.
             Some((codes, secs)) => {
                 self.timing.select_s += secs;
-                let yhat = decode(cfg, &self.params, &codes, x, hi - lo);
-                backward(
+                loss_and_grad_of(
                     cfg,
                     &self.params,
                     &self.dec_norms,
@@ -249,7 +248,6 @@ impl<C: Comm> ShardedTrainer<C> {
                     dead_mask,
                     &thresholds(&self.params),
                     codes,
-                    yhat,
                     &mut self.grads,
                 )
             }
